@@ -1,0 +1,84 @@
+//! `conlogd`: loads the configuration and runs the daemon.
+
+use clap::Parser;
+use conlog::config::{Config, LogFormat, Overrides};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tracing_subscriber::EnvFilter;
+
+/// Keeps every byte a VM prints in size-capped logs and serves its consoles.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// YAML configuration file (embedded defaults when absent).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// TCP address of the Console service (default 127.0.0.1:7770).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Directory of conlogd.sock, fd.sock and console sockets.
+    #[arg(long)]
+    runtime_dir: Option<PathBuf>,
+    /// Directory of persistent state (and of logs/ unless --log-dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Directory of log files.
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// Address of the Prometheus /metrics endpoint (default 127.0.0.1:7771).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Take over from a running daemon through handover.sock.
+    #[arg(long)]
+    takeover: bool,
+    /// Print the effective configuration as YAML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let overrides = Overrides {
+        listen: args.listen,
+        metrics: args.metrics,
+        runtime_dir: args.runtime_dir,
+        data_dir: args.data_dir,
+        log_dir: args.log_dir,
+    };
+    let config = match Config::load(args.config.as_deref(), overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("conlogd: {e}");
+            std::process::exit(2);
+        }
+    };
+    if args.print_config {
+        print!("{}", config.to_yaml());
+        return Ok(());
+    }
+    init_tracing(&config);
+    if args.takeover {
+        eprintln!("conlogd: --takeover is not implemented yet (issue 5)");
+        std::process::exit(2);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    if let Err(e) = runtime.block_on(conlog::daemon::run(config)) {
+        eprintln!("conlogd: {e}");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn init_tracing(config: &Config) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Plain => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

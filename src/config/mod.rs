@@ -1,0 +1,417 @@
+//! The daemon's configuration: embedded defaults, the YAML file, and command-line overrides.
+//!
+//! Owns the schema (design section 6), default paths (design section 2) and validation of every
+//! value. It never opens sockets or files other than the config file itself; the daemon takes a
+//! validated [`Config`] and trusts it.
+
+mod units;
+
+pub use units::{ByteSize, HumanDuration};
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Why a configuration could not be used. Each message fits on one line.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("Cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// YAML syntax, an unknown key or a badly formed value, with line and column.
+    #[error("Invalid config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    /// A well-formed value outside its allowed range.
+    #[error("Invalid config value {key}: {message}")]
+    Value { key: &'static str, message: String },
+}
+
+/// How a log file is capped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogMode {
+    /// `<stream>.log` is renamed to `.log.1` (older ones shift up) when full.
+    Rotate,
+    /// The single file restarts at zero length when full.
+    Truncate,
+}
+
+/// Format of the daemon's own diagnostics on stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// Default limits of every stream's log; a request may override them per stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogDefaults {
+    /// Size at which the current file is rotated or truncated.
+    pub max_size: ByteSize,
+    /// Rotated files kept (`.log.1` … `.log.N`).
+    pub max_backups: u32,
+    /// Rotate or truncate.
+    pub mode: LogMode,
+}
+
+impl Default for LogDefaults {
+    fn default() -> Self {
+        Self {
+            max_size: ByteSize(2 << 20),
+            max_backups: 3,
+            mode: LogMode::Rotate,
+        }
+    }
+}
+
+/// The FD hand-off of log pipes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandoffConfig {
+    /// How long a hand-off token stays valid.
+    pub token_ttl: HumanDuration,
+    /// Kernel buffer of each log pipe (F_SETPIPE_SZ); larger buffers absorb bursts.
+    pub pipe_buffer: ByteSize,
+    /// How long a client of fd.sock may take to send its token line.
+    pub read_timeout: HumanDuration,
+}
+
+impl Default for HandoffConfig {
+    fn default() -> Self {
+        Self {
+            token_ttl: HumanDuration(Duration::from_secs(30)),
+            pipe_buffer: ByteSize(256 << 10),
+            read_timeout: HumanDuration(Duration::from_secs(5)),
+        }
+    }
+}
+
+/// Limits that protect the node. Hitting one is `RESOURCE_EXHAUSTED` naming it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Guests one daemon serves.
+    pub guests: u32,
+    /// Streams (pipes and consoles) per guest.
+    pub streams_per_guest: u32,
+    /// Hand-off tokens that may be outstanding at once.
+    pub pending_handoffs: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            guests: 10_000,
+            streams_per_guest: 16,
+            pending_handoffs: 1024,
+        }
+    }
+}
+
+/// The effective configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// TCP listener for the Console service (gRPC).
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` HTTP listener; `null` disables it.
+    pub metrics: Option<SocketAddr>,
+    /// Sockets: conlogd.sock, fd.sock, handover.sock, consoles/.
+    pub runtime_dir: Option<PathBuf>,
+    /// Persistent state (`state/`) and, unless `log_dir` is set, `logs/`.
+    pub data_dir: Option<PathBuf>,
+    /// Where `<guest>/<stream>.log` files go.
+    pub log_dir: Option<PathBuf>,
+    /// Group owning conlogd.sock (name or number); the socket is mode 0660.
+    pub socket_group: Option<String>,
+    /// Allow plaintext TCP on a non-loopback address.
+    pub insecure: bool,
+    /// `plain` or `json` diagnostics on stderr.
+    pub log_format: LogFormat,
+    /// Default diagnostics filter (overridden by `RUST_LOG`).
+    pub log_level: String,
+    /// Default log limits per stream.
+    pub logs: LogDefaults,
+    /// Log pipe hand-off.
+    pub handoff: HandoffConfig,
+    /// Node protection limits.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7770)),
+            metrics: Some(SocketAddr::from(([127, 0, 0, 1], 7771))),
+            runtime_dir: None,
+            data_dir: None,
+            log_dir: None,
+            socket_group: None,
+            insecure: false,
+            log_format: LogFormat::Plain,
+            log_level: "info".into(),
+            logs: LogDefaults::default(),
+            handoff: HandoffConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Values from the command line that override the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+    pub runtime_dir: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub log_dir: Option<PathBuf>,
+}
+
+/// Smallest `max_size` accepted: one page, so that a file always holds a useful amount.
+pub const MIN_MAX_SIZE: u64 = 4096;
+/// Largest number of backups accepted.
+pub const MAX_BACKUPS: u32 = 1000;
+
+impl Config {
+    /// Parses YAML text; `origin` names it in errors (a file path or "embedded defaults").
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Loads the file (if any), applies overrides, fills default paths and validates.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Self::from_yaml(&text, &path.display().to_string())?
+            }
+            None => Self::default(),
+        };
+        config.apply(overrides);
+        config.resolve_paths();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(&mut self, o: Overrides) {
+        if let Some(v) = o.listen {
+            self.listen = v;
+        }
+        if let Some(v) = o.metrics {
+            self.metrics = Some(v);
+        }
+        if let Some(v) = o.runtime_dir {
+            self.runtime_dir = Some(v);
+        }
+        if let Some(v) = o.data_dir {
+            self.data_dir = Some(v);
+        }
+        if let Some(v) = o.log_dir {
+            self.log_dir = Some(v);
+        }
+    }
+
+    /// Fills unset directories with design section 2's defaults for this user.
+    pub fn resolve_paths(&mut self) {
+        let root = rustix::process::geteuid().is_root();
+        let env_dir = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        if self.runtime_dir.is_none() {
+            self.runtime_dir = Some(if root {
+                PathBuf::from("/run/conlog")
+            } else if let Some(dir) = env_dir("XDG_RUNTIME_DIR") {
+                dir.join("conlog")
+            } else {
+                PathBuf::from(format!(
+                    "/tmp/conlog-{}",
+                    rustix::process::geteuid().as_raw()
+                ))
+            });
+        }
+        if self.data_dir.is_none() {
+            self.data_dir = Some(if root {
+                PathBuf::from("/var/lib/conlog")
+            } else if let Some(dir) = env_dir("XDG_STATE_HOME") {
+                dir.join("conlog")
+            } else {
+                env_dir("HOME")
+                    .unwrap_or_else(|| PathBuf::from("/tmp"))
+                    .join(".local/state/conlog")
+            });
+        }
+        if self.log_dir.is_none() {
+            // Root on the default data dir logs to /var/log as a system daemon would; a data dir
+            // chosen by the user keeps its logs inside it.
+            self.log_dir = Some(
+                if root && self.data_dir.as_deref() == Some(Path::new("/var/lib/conlog")) {
+                    PathBuf::from("/var/log/conlog")
+                } else {
+                    self.data_dir().join("logs")
+                },
+            );
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let value = |key, message: String| Err(ConfigError::Value { key, message });
+        if self.logs.max_size.bytes() < MIN_MAX_SIZE {
+            return value(
+                "logs.max_size",
+                format!("must be at least 4KiB (got {})", self.logs.max_size),
+            );
+        }
+        if self.logs.max_backups > MAX_BACKUPS {
+            return value(
+                "logs.max_backups",
+                format!(
+                    "must be at most {MAX_BACKUPS} (got {})",
+                    self.logs.max_backups
+                ),
+            );
+        }
+        if self.handoff.token_ttl.get().is_zero() {
+            return value("handoff.token_ttl", "must be longer than 0s".into());
+        }
+        if self.handoff.read_timeout.get().is_zero() {
+            return value("handoff.read_timeout", "must be longer than 0s".into());
+        }
+        if !(4096..=(1 << 30)).contains(&self.handoff.pipe_buffer.bytes()) {
+            return value(
+                "handoff.pipe_buffer",
+                format!(
+                    "must be between 4KiB and 1GiB (got {})",
+                    self.handoff.pipe_buffer
+                ),
+            );
+        }
+        for (key, limit) in [
+            ("limits.guests", self.limits.guests),
+            ("limits.streams_per_guest", self.limits.streams_per_guest),
+            ("limits.pending_handoffs", self.limits.pending_handoffs),
+        ] {
+            if limit == 0 {
+                return value(key, "must be at least 1".into());
+            }
+        }
+        for (key, dir) in [
+            ("runtime_dir", &self.runtime_dir),
+            ("data_dir", &self.data_dir),
+            ("log_dir", &self.log_dir),
+        ] {
+            if let Some(dir) = dir {
+                if !dir.is_absolute() {
+                    return value(
+                        key,
+                        format!("must be an absolute path (got {})", dir.display()),
+                    );
+                }
+            }
+        }
+        if !self.listen.ip().is_loopback() && !self.insecure {
+            return value(
+                "listen",
+                format!(
+                    "{} is not a loopback address; plaintext TCP is only allowed on loopback. \
+                     Listen on 127.0.0.1 or set `insecure: true` in the config",
+                    self.listen
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The resolved runtime directory.
+    pub fn runtime_dir(&self) -> &Path {
+        self.runtime_dir
+            .as_deref()
+            .expect("paths resolved by Config::load")
+    }
+
+    /// The resolved data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir
+            .as_deref()
+            .expect("paths resolved by Config::load")
+    }
+
+    /// The resolved log directory.
+    pub fn log_dir(&self) -> &Path {
+        self.log_dir
+            .as_deref()
+            .expect("paths resolved by Config::load")
+    }
+
+    /// The effective configuration as YAML, as `--print-config` shows it.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("config always serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_yaml() {
+        let mut config = Config::default();
+        config.resolve_paths();
+        let yaml = config.to_yaml();
+        assert!(yaml.contains("max_size: 2MiB"), "{yaml}");
+        assert!(yaml.contains("token_ttl: 30s"), "{yaml}");
+        assert_eq!(Config::from_yaml(&yaml, "test").unwrap(), config);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let err =
+            Config::from_yaml("logs:\n  max_size: 1MiB\n  max_sise: 3\n", "test.yaml").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("max_sise"), "{text}");
+        assert!(text.contains("line 3 column 3"), "{text}");
+        assert!(!text.contains('\n'), "{text}");
+    }
+
+    #[test]
+    fn bad_values_are_one_line_errors() {
+        let err = Config::from_yaml("logs:\n  max_size: 2XB\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unit") && err.contains("line 2"), "{err}");
+        let err = Config::from_yaml("logs:\n  mode: sideways\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rotate") && err.contains("truncate"), "{err}");
+
+        let mut config = Config::from_yaml("logs:\n  max_size: 1KiB\n", "t").unwrap();
+        config.resolve_paths();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("logs.max_size") && err.contains("4KiB"),
+            "{err}"
+        );
+
+        let mut config = Config::from_yaml("listen: 0.0.0.0:7770\n", "t").unwrap();
+        config.resolve_paths();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("insecure: true"), "{err}");
+    }
+}

@@ -1,0 +1,376 @@
+//! The registry of guests and their streams, and its persistent record in `state/guests/`.
+//!
+//! Owns the map guest → stream → actor handle, the per-stream record files
+//! (`state/guests/<guest>/<stream>.json`: kind and limits) and the limits on how many guests and
+//! streams exist. It starts and stops stream actors but never touches their data path. The
+//! position records (`<stream>.pos`) beside the stream records belong to [`crate::logfile`]; they
+//! are kept when a guest is removed, so a guest created again with the same name continues its
+//! offsets.
+
+use crate::config::{Config, LogMode};
+use crate::error::{Error, Result};
+use crate::logfile::{LogFile, LogLimits};
+use crate::metrics::Metrics;
+use crate::names;
+use crate::stream::StreamHandle;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use tokio::sync::Mutex;
+
+/// What feeds a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamKind {
+    Pipe,
+    Console,
+}
+
+/// A client's optional override of the default limits.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LimitsOverride {
+    pub max_size: Option<u64>,
+    pub max_backups: Option<u32>,
+    pub mode: Option<LogMode>,
+}
+
+impl LimitsOverride {
+    /// True when the request changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.max_size.is_none() && self.max_backups.is_none() && self.mode.is_none()
+    }
+
+    fn apply(&self, base: LogLimits) -> Result<LogLimits> {
+        let limits = LogLimits {
+            max_size: self.max_size.unwrap_or(base.max_size),
+            max_backups: self.max_backups.unwrap_or(base.max_backups),
+            mode: self.mode.unwrap_or(base.mode),
+        };
+        if limits.max_size < crate::config::MIN_MAX_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "limits.max_size must be at least {} bytes (got {})",
+                crate::config::MIN_MAX_SIZE,
+                limits.max_size
+            )));
+        }
+        if limits.max_backups > crate::config::MAX_BACKUPS {
+            return Err(Error::InvalidArgument(format!(
+                "limits.max_backups must be at most {} (got {})",
+                crate::config::MAX_BACKUPS,
+                limits.max_backups
+            )));
+        }
+        Ok(limits)
+    }
+}
+
+/// The persisted description of a stream.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct StreamRecord {
+    kind: StreamKind,
+    limits: LogLimits,
+    log_path: PathBuf,
+}
+
+/// A point-in-time view of one stream, for `ListGuests`.
+#[derive(Clone, Debug)]
+pub struct StreamSnapshot {
+    pub name: String,
+    pub kind: StreamKind,
+    pub log_path: PathBuf,
+    pub limits: LogLimits,
+    pub end_offset: u64,
+    pub first_offset: u64,
+    pub bytes_on_disk: u64,
+    pub writers: u64,
+    pub dropped: u64,
+    pub rotations: u64,
+}
+
+struct StreamEntry {
+    kind: StreamKind,
+    log_path: PathBuf,
+    limits: LogLimits,
+    handle: StreamHandle,
+}
+
+/// All guests of this daemon.
+pub struct Guests {
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    guests: Mutex<BTreeMap<String, BTreeMap<String, StreamEntry>>>,
+}
+
+impl Guests {
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            metrics,
+            guests: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.config.data_dir().join("state/guests")
+    }
+
+    fn record_path(&self, guest: &str, stream: &str) -> PathBuf {
+        self.state_dir().join(guest).join(format!("{stream}.json"))
+    }
+
+    fn position_path(&self, guest: &str, stream: &str) -> PathBuf {
+        self.state_dir().join(guest).join(format!("{stream}.pos"))
+    }
+
+    /// The log path of a stream: `<log_dir>/<guest>/<stream>.log`.
+    pub fn log_path(&self, guest: &str, stream: &str) -> PathBuf {
+        self.config
+            .log_dir()
+            .join(guest)
+            .join(format!("{stream}.log"))
+    }
+
+    fn default_limits(&self) -> LogLimits {
+        LogLimits {
+            max_size: self.config.logs.max_size.bytes(),
+            max_backups: self.config.logs.max_backups,
+            mode: self.config.logs.mode,
+        }
+    }
+
+    /// Brings back every stream recorded in the state directory (pipes come back closed).
+    pub async fn restore(&self) -> Result<usize> {
+        let dir = self.state_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(Error::io(format!("cannot read {}", dir.display()), e)),
+        };
+        let mut restored = 0;
+        let mut guests = self.guests.lock().await;
+        for guest_dir in entries.flatten() {
+            let guest = guest_dir.file_name().to_string_lossy().into_owned();
+            if names::validate_guest(&guest).is_err() {
+                continue;
+            }
+            let Ok(files) = std::fs::read_dir(guest_dir.path()) else {
+                continue;
+            };
+            for file in files.flatten() {
+                let path = file.path();
+                let Some(stream) = record_stream_name(&path) else {
+                    continue;
+                };
+                match self.restore_stream(&guest, &stream, &path) {
+                    Ok(entry) => {
+                        guests
+                            .entry(guest.clone())
+                            .or_default()
+                            .insert(stream, entry);
+                        restored += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(guest, stream, error = %crate::error::error_chain(&e), "cannot restore stream")
+                    }
+                }
+            }
+        }
+        self.update_gauges(&guests);
+        Ok(restored)
+    }
+
+    fn restore_stream(&self, guest: &str, stream: &str, record_path: &Path) -> Result<StreamEntry> {
+        let bytes = std::fs::read(record_path)
+            .map_err(|e| Error::io(format!("cannot read {}", record_path.display()), e))?;
+        let record: StreamRecord = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::io(
+                format!("corrupt stream record {}", record_path.display()),
+                e.into(),
+            )
+        })?;
+        let log = LogFile::open(
+            &record.log_path,
+            &self.position_path(guest, stream),
+            record.limits,
+        )
+        .map_err(|e| Error::io(format!("cannot open {}", record.log_path.display()), e))?;
+        Ok(StreamEntry {
+            kind: record.kind,
+            log_path: record.log_path,
+            limits: record.limits,
+            handle: StreamHandle::spawn(log, self.metrics.clone()),
+        })
+    }
+
+    /// Returns the pipe stream `guest/stream`, creating it (and the guest) if needed. Limits
+    /// given for an existing stream replace its current ones.
+    pub async fn pipe_stream(
+        &self,
+        guest: &str,
+        stream: &str,
+        limits: LimitsOverride,
+    ) -> Result<(StreamHandle, PathBuf)> {
+        let mut guests = self.guests.lock().await;
+        let guest_count = guests.len();
+        if let Some(entry) = guests.get_mut(guest).and_then(|g| g.get_mut(stream)) {
+            if entry.kind != StreamKind::Pipe {
+                return Err(Error::FailedPrecondition(format!(
+                    "{guest}/{stream} is a console, not a log pipe"
+                )));
+            }
+            if !limits.is_empty() {
+                let new_limits = limits.apply(entry.limits)?;
+                entry
+                    .handle
+                    .set_limits(new_limits)
+                    .await
+                    .map_err(|e| Error::io("cannot apply new limits", e))?;
+                entry.limits = new_limits;
+                self.write_record(guest, stream, entry)?;
+            }
+            return Ok((entry.handle.clone(), entry.log_path.clone()));
+        }
+        let limits = limits.apply(self.default_limits())?;
+        let is_new_guest = !guests.contains_key(guest);
+        if is_new_guest && guest_count >= self.config.limits.guests as usize {
+            return Err(Error::LimitReached {
+                limit: "limits.guests",
+                value: self.config.limits.guests.into(),
+            });
+        }
+        let streams = guests.get(guest).map_or(0, |g| g.len());
+        if streams >= self.config.limits.streams_per_guest as usize {
+            return Err(Error::LimitReached {
+                limit: "limits.streams_per_guest",
+                value: self.config.limits.streams_per_guest.into(),
+            });
+        }
+        let log_path = self.log_path(guest, stream);
+        let log = LogFile::open(&log_path, &self.position_path(guest, stream), limits)
+            .map_err(|e| Error::io(format!("cannot open {}", log_path.display()), e))?;
+        let entry = StreamEntry {
+            kind: StreamKind::Pipe,
+            log_path: log_path.clone(),
+            limits,
+            handle: StreamHandle::spawn(log, self.metrics.clone()),
+        };
+        self.write_record(guest, stream, &entry)?;
+        let handle = entry.handle.clone();
+        guests
+            .entry(guest.to_owned())
+            .or_default()
+            .insert(stream.to_owned(), entry);
+        self.update_gauges(&guests);
+        tracing::info!(guest, stream, log = %log_path.display(), "log stream created");
+        Ok((handle, log_path))
+    }
+
+    fn write_record(&self, guest: &str, stream: &str, entry: &StreamEntry) -> Result<()> {
+        let record = StreamRecord {
+            kind: entry.kind,
+            limits: entry.limits,
+            log_path: entry.log_path.clone(),
+        };
+        let path = self.record_path(guest, stream);
+        let bytes = serde_json::to_vec_pretty(&record).expect("stream record serializes");
+        crate::logfile::write_atomically(&path, &bytes)
+            .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
+    }
+
+    /// Closes every stream of `guest` (draining pipes) and forgets it. Logs stay on disk.
+    pub async fn remove_guest(&self, guest: &str) -> Result<u32> {
+        let mut guests = self.guests.lock().await;
+        let Some(streams) = guests.remove(guest) else {
+            return Err(Error::NotFound(format!("No guest named {guest:?}")));
+        };
+        for (stream, entry) in &streams {
+            entry.handle.close().await;
+            let _ = std::fs::remove_file(self.record_path(guest, stream));
+        }
+        self.update_gauges(&guests);
+        tracing::info!(guest, streams = streams.len(), "guest removed");
+        Ok(streams.len() as u32)
+    }
+
+    /// Snapshots of every guest (or only `filter`), sorted by name.
+    pub async fn list(&self, filter: Option<&str>) -> Result<Vec<(String, Vec<StreamSnapshot>)>> {
+        let handles: Vec<(
+            String,
+            Vec<(String, StreamKind, PathBuf, LogLimits, StreamHandle)>,
+        )> = {
+            let guests = self.guests.lock().await;
+            if let Some(name) = filter {
+                if !guests.contains_key(name) {
+                    return Err(Error::NotFound(format!("No guest named {name:?}")));
+                }
+            }
+            guests
+                .iter()
+                .filter(|(name, _)| filter.is_none_or(|f| f == name.as_str()))
+                .map(|(name, streams)| {
+                    let streams = streams
+                        .iter()
+                        .map(|(s, e)| {
+                            (
+                                s.clone(),
+                                e.kind,
+                                e.log_path.clone(),
+                                e.limits,
+                                e.handle.clone(),
+                            )
+                        })
+                        .collect();
+                    (name.clone(), streams)
+                })
+                .collect()
+        };
+        let mut out = Vec::with_capacity(handles.len());
+        for (guest, streams) in handles {
+            let mut snapshots = Vec::with_capacity(streams.len());
+            for (name, kind, log_path, limits, handle) in streams {
+                let (bytes_on_disk, first_offset) = handle.disk_usage().await.unwrap_or((0, 0));
+                let stats = &handle.stats;
+                snapshots.push(StreamSnapshot {
+                    name,
+                    kind,
+                    log_path,
+                    limits,
+                    end_offset: stats.end_offset.load(Relaxed),
+                    first_offset,
+                    bytes_on_disk,
+                    writers: stats.writers.load(Relaxed),
+                    dropped: stats.dropped.load(Relaxed),
+                    rotations: stats.rotations.load(Relaxed),
+                });
+            }
+            out.push((guest, snapshots));
+        }
+        Ok(out)
+    }
+
+    /// Drains and closes every stream (shutdown).
+    pub async fn close_all(&self) {
+        let guests = self.guests.lock().await;
+        let closing = guests
+            .values()
+            .flat_map(|streams| streams.values())
+            .map(|entry| entry.handle.close());
+        futures::future::join_all(closing).await;
+    }
+
+    fn update_gauges(&self, guests: &BTreeMap<String, BTreeMap<String, StreamEntry>>) {
+        self.metrics.guests.set(guests.len() as i64);
+        self.metrics
+            .streams
+            .set(guests.values().map(|s| s.len() as i64).sum());
+    }
+}
+
+/// `<stream>.json` → `stream`, for valid stream names only.
+fn record_stream_name(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?.strip_suffix(".json")?;
+    names::validate_stream(name).ok()?;
+    Some(name.to_owned())
+}

@@ -1,0 +1,142 @@
+//! Validation of guest and stream names (design section 2).
+//!
+//! Owns the naming rules and nothing else. Every name that reaches a path goes through here
+//! first, so no name can reach outside the log, state or runtime directory: the allowed
+//! alphabets contain no `/` and no NUL, and a name cannot start with `.`.
+
+use thiserror::Error;
+
+/// Default stream of a log pipe.
+pub const DEFAULT_PIPE_STREAM: &str = "qemu";
+/// Default device of a console.
+pub const DEFAULT_CONSOLE_DEVICE: &str = "serial0";
+
+/// Rule for guest names, as shown to clients.
+pub const GUEST_RULE: &str = "guest names match [A-Za-z0-9][A-Za-z0-9._-]{0,63}";
+/// Rule for stream and device names, as shown to clients.
+pub const STREAM_RULE: &str = "stream and device names match [a-z0-9][a-z0-9_-]{0,31}";
+
+/// A name that breaks its rule.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("Invalid {what} {name:?}: {rule}")]
+pub struct NameError {
+    /// "guest name" or "stream name".
+    pub what: &'static str,
+    /// The offending name, escaped when shown.
+    pub name: String,
+    /// The rule that was broken.
+    pub rule: &'static str,
+}
+
+/// Checks a guest name: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`.
+pub fn validate_guest(name: &str) -> Result<(), NameError> {
+    let ok = matches_rule(
+        name,
+        64,
+        |c| c.is_ascii_alphanumeric(),
+        |c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'),
+    );
+    if ok {
+        Ok(())
+    } else {
+        Err(NameError {
+            what: "guest name",
+            name: name.to_owned(),
+            rule: GUEST_RULE,
+        })
+    }
+}
+
+/// Checks a stream or device name: `[a-z0-9][a-z0-9_-]{0,31}`.
+pub fn validate_stream(name: &str) -> Result<(), NameError> {
+    let lower_or_digit = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let ok = matches_rule(name, 32, lower_or_digit, |c| {
+        lower_or_digit(c) || matches!(c, b'_' | b'-')
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(NameError {
+            what: "stream name",
+            name: name.to_owned(),
+            rule: STREAM_RULE,
+        })
+    }
+}
+
+/// Returns `name`, or `default` when it is empty, after validating it as a stream name.
+pub fn stream_or_default<'a>(name: &'a str, default: &'a str) -> Result<&'a str, NameError> {
+    let name = if name.is_empty() { default } else { name };
+    validate_stream(name)?;
+    Ok(name)
+}
+
+fn matches_rule(
+    name: &str,
+    max_len: usize,
+    first: impl Fn(u8) -> bool,
+    rest: impl Fn(u8) -> bool,
+) -> bool {
+    let bytes = name.as_bytes();
+    match bytes.split_first() {
+        Some((head, tail)) => {
+            bytes.len() <= max_len && first(*head) && tail.iter().all(|c| rest(*c))
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_names() {
+        for good in [
+            "vm1",
+            "instance-0000001a",
+            "3f2a9c1e-8d7b-4e5f-9a0b-1c2d3e4f5a6b",
+            "A.b_c-d",
+        ] {
+            assert!(validate_guest(good).is_ok(), "{good}");
+        }
+        let long = "a".repeat(65);
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "-a",
+            ".hidden",
+            "a\0b",
+            "é",
+            long.as_str(),
+            "a b",
+        ] {
+            let err = validate_guest(bad).unwrap_err();
+            assert_eq!(err.rule, GUEST_RULE, "{bad}");
+        }
+        assert!(validate_guest(&"a".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn stream_names() {
+        for good in ["qemu", "serial0", "a", "console-1", "x_y"] {
+            assert!(validate_stream(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "Serial0",
+            "_a",
+            "-a",
+            "a.b",
+            "a/b",
+            "..",
+            &"a".repeat(33),
+        ] {
+            assert!(validate_stream(bad).is_err(), "{bad}");
+        }
+        assert_eq!(stream_or_default("", "qemu"), Ok("qemu"));
+    }
+}

@@ -1,0 +1,283 @@
+//! The actor that owns one log-pipe stream: its pipes' read ends, its [`LogFile`] and counters.
+//!
+//! One task per stream; the rest of the daemon talks to it through [`StreamHandle`] (a bounded
+//! command channel) and reads its counters from [`StreamStats`] (atomics, never a lock). The
+//! actor never waits on anything but its pipes and its own file: guest → log is lossless while
+//! the disk accepts writes; when the disk refuses, bytes are read out of the pipe anyway (so the
+//! guest never blocks) and counted as dropped.
+//!
+//! Several pipes may feed one stream (each `CreateLogPipe` adds one; a writer may also duplicate
+//! its descriptor). Each `splice` moves at most what the pipe holds, and pipe writes of up to
+//! `PIPE_BUF` bytes are atomic, so lines of different writers are not torn.
+
+use crate::logfile::{LogFile, LogLimits, Moved};
+use crate::metrics::Metrics;
+use std::future::poll_fn;
+use std::io::{self, ErrorKind};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::Poll;
+use tokio::net::unix::pipe::Receiver;
+use tokio::sync::{mpsc, oneshot};
+
+/// Bytes moved from one pipe before the actor looks at its commands and other pipes again.
+const BUDGET_PER_WAKE: usize = 8 << 20;
+/// Largest single splice.
+const SPLICE_MAX: usize = 1 << 20;
+/// Copy buffer for file systems without splice and for discarding.
+const COPY_BUFFER: usize = 64 << 10;
+
+/// Counters of one stream, readable without asking the actor.
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    /// Absolute offset of the next byte (bytes ever logged).
+    pub end_offset: AtomicU64,
+    /// Pipes (pending hand-offs included) feeding the stream.
+    pub writers: AtomicU64,
+    /// Bytes that could not be written.
+    pub dropped: AtomicU64,
+    /// Rotations since the daemon started.
+    pub rotations: AtomicU64,
+}
+
+/// What the actor is asked to do.
+enum Command {
+    AddPipe(OwnedFd, oneshot::Sender<io::Result<u64>>),
+    SetLimits(LogLimits, oneshot::Sender<io::Result<()>>),
+    DiskUsage(oneshot::Sender<(u64, u64)>),
+    /// Drain what the pipes hold, sync, and stop.
+    Close(oneshot::Sender<()>),
+}
+
+/// A cheap, cloneable handle to a stream actor.
+#[derive(Clone)]
+pub struct StreamHandle {
+    commands: mpsc::Sender<Command>,
+    /// The stream's counters.
+    pub stats: Arc<StreamStats>,
+}
+
+fn gone() -> io::Error {
+    io::Error::new(ErrorKind::BrokenPipe, "stream actor has stopped")
+}
+
+impl StreamHandle {
+    /// Starts the actor that owns `log`.
+    pub fn spawn(log: LogFile, metrics: Arc<Metrics>) -> Self {
+        let stats = Arc::new(StreamStats::default());
+        stats.end_offset.store(log.end_offset(), Relaxed);
+        let (commands, receiver) = mpsc::channel(16);
+        let actor = StreamActor {
+            log,
+            pipes: Vec::new(),
+            stats: stats.clone(),
+            metrics,
+            buffer: vec![0; COPY_BUFFER].into_boxed_slice(),
+        };
+        tokio::spawn(actor.run(receiver));
+        Self { commands, stats }
+    }
+
+    /// Adds a pipe read end (made non-blocking by the caller); returns the offset its first
+    /// byte will get.
+    pub async fn add_pipe(&self, read_end: OwnedFd) -> io::Result<u64> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::AddPipe(read_end, reply))
+            .await
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// Replaces the stream's limits.
+    pub async fn set_limits(&self, limits: LogLimits) -> io::Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::SetLimits(limits, reply))
+            .await
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// Bytes on disk and first offset still on disk.
+    pub async fn disk_usage(&self) -> io::Result<(u64, u64)> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::DiskUsage(reply))
+            .await
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())
+    }
+
+    /// Drains the pipes, syncs the log and stops the actor.
+    pub async fn close(&self) {
+        let (reply, answer) = oneshot::channel();
+        if self.commands.send(Command::Close(reply)).await.is_ok() {
+            let _ = answer.await;
+        }
+    }
+}
+
+struct StreamActor {
+    log: LogFile,
+    pipes: Vec<Receiver>,
+    stats: Arc<StreamStats>,
+    metrics: Arc<Metrics>,
+    buffer: Box<[u8]>,
+}
+
+/// What woke the actor on the pipe side.
+enum PipeEvent {
+    /// Bytes were moved; look at commands, then continue.
+    Progress,
+    /// Pipe `index` has no writer left (or failed).
+    Finished(usize),
+}
+
+impl StreamActor {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        loop {
+            tokio::select! {
+                biased;
+                command = commands.recv() => match command {
+                    Some(Command::Close(reply)) => {
+                        self.shutdown();
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(command) => self.handle(command),
+                    None => {
+                        self.shutdown();
+                        return;
+                    }
+                },
+                event = self.pump() => {
+                    if let PipeEvent::Finished(index) = event {
+                        self.pipes.swap_remove(index);
+                        self.stats.writers.fetch_sub(1, Relaxed);
+                        self.metrics.pipe_writers.dec();
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::AddPipe(fd, reply) => {
+                let result = Receiver::from_owned_fd(fd).map(|fd| {
+                    self.pipes.push(fd);
+                    self.stats.writers.fetch_add(1, Relaxed);
+                    self.metrics.pipe_writers.inc();
+                    self.log.end_offset()
+                });
+                let _ = reply.send(result);
+            }
+            Command::SetLimits(limits, reply) => {
+                let rotations = self.log.rotations();
+                let result = self.log.set_limits(limits);
+                self.account_rotations(rotations);
+                let _ = reply.send(result);
+            }
+            Command::DiskUsage(reply) => {
+                let _ = reply.send(self.log.disk_usage());
+            }
+            Command::Close(_) => unreachable!("handled by run"),
+        }
+    }
+
+    /// Waits until some pipe is readable and moves its bytes into the log.
+    async fn pump(&mut self) -> PipeEvent {
+        let Self {
+            log,
+            pipes,
+            stats,
+            metrics,
+            buffer,
+        } = self;
+        if pipes.is_empty() {
+            return std::future::pending().await;
+        }
+        poll_fn(|cx| {
+            for (index, pipe) in pipes.iter().enumerate() {
+                let mut moved = 0usize;
+                loop {
+                    match pipe.poll_read_ready(cx) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(_)) => return Poll::Ready(PipeEvent::Finished(index)),
+                        Poll::Pending => break,
+                    }
+                    let rotations = log.rotations();
+                    let result = pipe.try_io(|| log.move_from_pipe(pipe.as_fd(), SPLICE_MAX, buffer));
+                    count_rotations(stats, metrics, log.rotations() - rotations);
+                    match result {
+                        // Readiness was cleared; poll again to register the waker.
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+                        Ok(Moved::Logged(n)) => {
+                            moved += n;
+                            stats.end_offset.store(log.end_offset(), Relaxed);
+                            metrics.bytes_logged.inc_by(n as u64);
+                        }
+                        Ok(Moved::Dropped(n)) => {
+                            moved += n;
+                            stats.dropped.fetch_add(n as u64, Relaxed);
+                            metrics.bytes_dropped.inc_by(n as u64);
+                        }
+                        Ok(Moved::Eof) => return Poll::Ready(PipeEvent::Finished(index)),
+                        Err(e) => {
+                            tracing::warn!(path = %log.path().display(), error = %e, "pipe read failed");
+                            return Poll::Ready(PipeEvent::Finished(index));
+                        }
+                    }
+                    if moved >= BUDGET_PER_WAKE {
+                        return Poll::Ready(PipeEvent::Progress);
+                    }
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn account_rotations(&self, before: u64) {
+        count_rotations(&self.stats, &self.metrics, self.log.rotations() - before);
+    }
+
+    /// Moves whatever the pipes still hold into the log, then syncs it.
+    fn shutdown(&mut self) {
+        for pipe in &self.pipes {
+            loop {
+                let rotations = self.log.rotations();
+                let moved = self
+                    .log
+                    .move_from_pipe(pipe.as_fd(), SPLICE_MAX, &mut self.buffer);
+                self.account_rotations(rotations);
+                match moved {
+                    Ok(Moved::Logged(n)) => {
+                        self.metrics.bytes_logged.inc_by(n as u64);
+                    }
+                    Ok(Moved::Dropped(n)) => {
+                        self.stats.dropped.fetch_add(n as u64, Relaxed);
+                        self.metrics.bytes_dropped.inc_by(n as u64);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        self.stats.end_offset.store(self.log.end_offset(), Relaxed);
+        self.metrics.pipe_writers.dec_by(self.pipes.len() as i64);
+        self.stats.writers.store(0, Relaxed);
+        self.pipes.clear();
+        if let Err(e) = self.log.sync() {
+            tracing::warn!(path = %self.log.path().display(), error = %e, "cannot sync log");
+        }
+    }
+}
+
+fn count_rotations(stats: &StreamStats, metrics: &Metrics, delta: u64) {
+    if delta > 0 {
+        stats.rotations.fetch_add(delta, Relaxed);
+        metrics.rotations.inc_by(delta);
+    }
+}
