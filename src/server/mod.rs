@@ -8,12 +8,14 @@
 //! in [`crate::error`].
 
 pub mod agent;
+mod authority;
 pub mod console;
 
 use crate::proto;
 use std::future::Future;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
@@ -60,7 +62,10 @@ pub async fn serve_local(
         .add_service(reflection_v1alpha)
         .add_service(proto::agent_server::AgentServer::new(agent))
         .add_service(proto::console_server::ConsoleServer::new(console))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener).map(|stream| stream.map(authority::AuthorityFix::new)),
+            shutdown,
+        )
         .await
 }
 
