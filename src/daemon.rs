@@ -54,6 +54,7 @@ pub enum StartError {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), StartError> {
     let config = Arc::new(config);
+    raise_descriptor_limit();
     let runtime_dir = config.runtime_dir().to_owned();
     for dir in [config.runtime_dir(), config.data_dir(), config.log_dir()] {
         fs::create_dir_all(dir).map_err(|source| StartError::Directory {
@@ -165,6 +166,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let _ = fs::remove_file(&fd_socket);
     tracing::info!("every log flushed; bye");
     Ok(())
+}
+
+/// Every guest costs several descriptors (pipe read ends, log files, sockets); raise the soft
+/// RLIMIT_NOFILE to the hard limit so the configured guest limit, not the default 1024, binds.
+fn raise_descriptor_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "cannot raise the descriptor limit");
+        }
+    }
+    tracing::debug!(nofile = ?getrlimit(Resource::Nofile).current, "descriptor limit");
 }
 
 async fn wait_for_stop_signal() -> &'static str {

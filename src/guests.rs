@@ -89,6 +89,7 @@ pub struct StreamSnapshot {
     pub rotations: u64,
 }
 
+#[derive(Clone)]
 struct StreamEntry {
     kind: StreamKind,
     log_path: PathBuf,
@@ -296,10 +297,7 @@ impl Guests {
 
     /// Snapshots of every guest (or only `filter`), sorted by name.
     pub async fn list(&self, filter: Option<&str>) -> Result<Vec<(String, Vec<StreamSnapshot>)>> {
-        let handles: Vec<(
-            String,
-            Vec<(String, StreamKind, PathBuf, LogLimits, StreamHandle)>,
-        )> = {
+        let entries: Vec<(String, Vec<(String, StreamEntry)>)> = {
             let guests = self.guests.lock().await;
             if let Some(name) = filter {
                 if !guests.contains_key(name) {
@@ -312,31 +310,24 @@ impl Guests {
                 .map(|(name, streams)| {
                     let streams = streams
                         .iter()
-                        .map(|(s, e)| {
-                            (
-                                s.clone(),
-                                e.kind,
-                                e.log_path.clone(),
-                                e.limits,
-                                e.handle.clone(),
-                            )
-                        })
+                        .map(|(s, e)| (s.clone(), e.clone()))
                         .collect();
                     (name.clone(), streams)
                 })
                 .collect()
         };
-        let mut out = Vec::with_capacity(handles.len());
-        for (guest, streams) in handles {
+        let mut out = Vec::with_capacity(entries.len());
+        for (guest, streams) in entries {
             let mut snapshots = Vec::with_capacity(streams.len());
-            for (name, kind, log_path, limits, handle) in streams {
-                let (bytes_on_disk, first_offset) = handle.disk_usage().await.unwrap_or((0, 0));
-                let stats = &handle.stats;
+            for (name, entry) in streams {
+                let (bytes_on_disk, first_offset) =
+                    entry.handle.disk_usage().await.unwrap_or((0, 0));
+                let stats = &entry.handle.stats;
                 snapshots.push(StreamSnapshot {
                     name,
-                    kind,
-                    log_path,
-                    limits,
+                    kind: entry.kind,
+                    log_path: entry.log_path,
+                    limits: entry.limits,
                     end_offset: stats.end_offset.load(Relaxed),
                     first_offset,
                     bytes_on_disk,

@@ -32,6 +32,40 @@ use tokio::net::{UnixListener, UnixStream};
 /// Longest token line accepted on fd.sock.
 const MAX_LINE: usize = 128;
 
+/// Outstanding tokens, and recently expired ones (their write ends already closed).
+#[derive(Default)]
+struct Tokens {
+    live: HashMap<String, Pending>,
+    expired: HashMap<String, Instant>,
+}
+
+impl Tokens {
+    /// Closes the write ends of expired tokens and remembers their names for a while.
+    fn expire(&mut self, now: Instant) {
+        let expired: Vec<String> = self
+            .live
+            .iter()
+            .filter(|(_, p)| p.expires <= now)
+            .map(|(token, _)| token.clone())
+            .collect();
+        for token in expired {
+            self.live.remove(&token);
+            self.expired.insert(token, now);
+        }
+        if self.expired.len() > REMEMBER_EXPIRED {
+            let mut by_age: Vec<(Instant, String)> =
+                self.expired.drain().map(|(t, at)| (at, t)).collect();
+            by_age.sort_unstable();
+            self.expired = by_age
+                .into_iter()
+                .rev()
+                .take(REMEMBER_EXPIRED / 2)
+                .map(|(at, t)| (t, at))
+                .collect();
+        }
+    }
+}
+
 /// A pipe's write end waiting for its client.
 struct Pending {
     guest: String,
@@ -40,9 +74,13 @@ struct Pending {
     expires: Instant,
 }
 
+/// How many expired tokens are remembered, so a late client is told "expired" rather than
+/// "unknown".
+const REMEMBER_EXPIRED: usize = 4096;
+
 /// The table of outstanding hand-off tokens.
 pub struct Handoffs {
-    pending: Mutex<HashMap<String, Pending>>,
+    pending: Mutex<Tokens>,
     ttl: Duration,
     max_pending: usize,
     metrics: Arc<Metrics>,
@@ -73,7 +111,7 @@ pub fn create_pipe(buffer: usize) -> io::Result<NewPipe> {
 impl Handoffs {
     pub fn new(ttl: Duration, max_pending: usize, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Tokens::default()),
             ttl,
             max_pending,
             metrics,
@@ -85,14 +123,14 @@ impl Handoffs {
         let token = new_token().map_err(|e| Error::io("cannot generate a hand-off token", e))?;
         let mut pending = self.pending.lock().expect("hand-off table poisoned");
         let now = Instant::now();
-        pending.retain(|_, p| p.expires > now);
-        if pending.len() >= self.max_pending {
+        pending.expire(now);
+        if pending.live.len() >= self.max_pending {
             return Err(Error::LimitReached {
                 limit: "limits.pending_handoffs",
                 value: self.max_pending as u64,
             });
         }
-        pending.insert(
+        pending.live.insert(
             token.clone(),
             Pending {
                 guest: guest.to_owned(),
@@ -112,20 +150,20 @@ impl Handoffs {
     /// Takes the write end for `token` if it exists and has not expired.
     fn claim(&self, token: &str) -> std::result::Result<Pending, &'static str> {
         let mut pending = self.pending.lock().expect("hand-off table poisoned");
-        match pending.remove(token) {
-            Some(p) if p.expires > Instant::now() => Ok(p),
-            Some(_) => Err("hand-off token expired"),
+        pending.expire(Instant::now());
+        match pending.live.remove(token) {
+            Some(p) => Ok(p),
+            None if pending.expired.contains_key(token) => Err("hand-off token expired"),
             None => Err("unknown or already used hand-off token"),
         }
     }
 
     /// Closes the write ends of expired tokens. Called periodically.
     pub fn sweep(&self) {
-        let now = Instant::now();
         self.pending
             .lock()
             .expect("hand-off table poisoned")
-            .retain(|_, p| p.expires > now);
+            .expire(Instant::now());
     }
 
     /// Forgets the pending hand-offs of a guest (it was removed).
@@ -133,6 +171,7 @@ impl Handoffs {
         self.pending
             .lock()
             .expect("hand-off table poisoned")
+            .live
             .retain(|_, p| p.guest != guest);
     }
 

@@ -59,7 +59,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let binary = SIZE_UNITS.iter().filter(|(name, _)| name.ends_with("iB"));
         for (name, factor) in binary {
-            if self.0 >= *factor && self.0 % factor == 0 {
+            if self.0 >= *factor && self.0.is_multiple_of(*factor) {
                 return write!(f, "{}{name}", self.0 / factor);
             }
         }
@@ -107,7 +107,7 @@ impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let millis = self.0.as_millis() as u64;
         for (name, factor) in DURATION_UNITS {
-            if millis >= factor && millis % factor == 0 {
+            if millis >= factor && millis.is_multiple_of(factor) {
                 return write!(f, "{}{name}", millis / factor);
             }
         }

@@ -87,7 +87,9 @@ impl AuthorityFix {
             if self.raw.len() < FRAME_HEADER {
                 return;
             }
-            let length = (usize::from(self.raw[0]) << 16) | (usize::from(self.raw[1]) << 8) | usize::from(self.raw[2]);
+            let length = (usize::from(self.raw[0]) << 16)
+                | (usize::from(self.raw[1]) << 8)
+                | usize::from(self.raw[2]);
             if self.raw.len() < FRAME_HEADER + length {
                 return;
             }
@@ -99,13 +101,20 @@ impl AuthorityFix {
             }
             let mut frame = self.raw.split_to(FRAME_HEADER + length);
             let flags = frame[4];
-            let stream_id = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
+            let stream_id =
+                u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
             frame.advance(FRAME_HEADER);
             if !self.header_frame(kind, flags, stream_id, &frame) {
                 // Not something we understand: hand it on as it came and stop rewriting.
                 self.passthrough = true;
                 let mut original = BytesMut::with_capacity(FRAME_HEADER + length);
-                original.put_slice(&[(length >> 16) as u8, (length >> 8) as u8, length as u8, kind, flags]);
+                original.put_slice(&[
+                    (length >> 16) as u8,
+                    (length >> 8) as u8,
+                    length as u8,
+                    kind,
+                    flags,
+                ]);
                 original.put_u32(stream_id);
                 original.put(frame);
                 self.ready.put(original);
@@ -121,7 +130,9 @@ impl AuthorityFix {
             }
             let mut pad = 0;
             if flags & PADDED != 0 {
-                let Some((&p, rest)) = payload.split_first() else { return false };
+                let Some((&p, rest)) = payload.split_first() else {
+                    return false;
+                };
                 pad = usize::from(p);
                 payload = rest;
             }
@@ -144,7 +155,9 @@ impl AuthorityFix {
             });
         } else {
             match &mut self.pending {
-                Some(p) if p.stream_id == stream_id && p.block.len() + payload.len() <= MAX_BLOCK => {
+                Some(p)
+                    if p.stream_id == stream_id && p.block.len() + payload.len() <= MAX_BLOCK =>
+                {
                     p.block.extend_from_slice(payload)
                 }
                 _ => return false,
@@ -160,7 +173,9 @@ impl AuthorityFix {
         let fixed: Vec<(Vec<u8>, Vec<u8>)> = headers
             .into_iter()
             .map(|(name, value)| {
-                if name == b":authority" && http::uri::Authority::try_from(value.as_slice()).is_err() {
+                if name == b":authority"
+                    && http::uri::Authority::try_from(value.as_slice()).is_err()
+                {
                     (name, b"localhost".to_vec())
                 } else {
                     (name, value)
@@ -189,7 +204,13 @@ impl AuthorityFix {
         if rest.is_empty() {
             flags |= END_HEADERS;
         }
-        put_frame_header(&mut self.ready, first.len() + priority_len, HEADERS, flags, pending.stream_id);
+        put_frame_header(
+            &mut self.ready,
+            first.len() + priority_len,
+            HEADERS,
+            flags,
+            pending.stream_id,
+        );
         if let Some(priority) = pending.priority {
             self.ready.put_slice(&priority);
         }
@@ -206,12 +227,22 @@ impl AuthorityFix {
 }
 
 fn put_frame_header(out: &mut BytesMut, length: usize, kind: u8, flags: u8, stream_id: u32) {
-    out.put_slice(&[(length >> 16) as u8, (length >> 8) as u8, length as u8, kind, flags]);
+    out.put_slice(&[
+        (length >> 16) as u8,
+        (length >> 8) as u8,
+        length as u8,
+        kind,
+        flags,
+    ]);
     out.put_u32(stream_id);
 }
 
 impl AsyncRead for AuthorityFix {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
             if !this.ready.is_empty() {
@@ -247,7 +278,11 @@ impl AsyncRead for AuthorityFix {
 }
 
 impl AsyncWrite for AuthorityFix {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -305,7 +340,7 @@ mod tests {
         let block = client_encoder.encode(request.iter().copied());
         let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         wire.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]); // empty SETTINGS
-        // Split the block over HEADERS + CONTINUATION.
+                                                  // Split the block over HEADERS + CONTINUATION.
         let (a, b) = block.split_at(5);
         wire.extend(headers_frame(a, END_STREAM, 1));
         let mut cont = BytesMut::new();
@@ -325,10 +360,14 @@ mod tests {
         let mut decoder = loona_hpack::Decoder::new();
         let mut rest = &out[33..];
         for stream in [1u32, 3] {
-            let len = (usize::from(rest[0]) << 16) | (usize::from(rest[1]) << 8) | usize::from(rest[2]);
+            let len =
+                (usize::from(rest[0]) << 16) | (usize::from(rest[1]) << 8) | usize::from(rest[2]);
             assert_eq!(rest[3], HEADERS);
             assert_eq!(rest[4], END_STREAM | END_HEADERS);
-            assert_eq!(u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]), stream);
+            assert_eq!(
+                u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]),
+                stream
+            );
             let headers = decoder.decode(&rest[9..9 + len]).unwrap();
             assert_eq!(headers[1], (b":authority".to_vec(), b"localhost".to_vec()));
             assert_eq!(headers[2].1, b"/conlog.v1.Agent/ListGuests".to_vec());

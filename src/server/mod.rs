@@ -63,7 +63,8 @@ pub async fn serve_local(
         .add_service(proto::agent_server::AgentServer::new(agent))
         .add_service(proto::console_server::ConsoleServer::new(console))
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener).map(|stream| stream.map(authority::AuthorityFix::new)),
+            UnixListenerStream::new(listener)
+                .map(|stream| stream.map(authority::AuthorityFix::new)),
             shutdown,
         )
         .await
