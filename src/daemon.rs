@@ -113,7 +113,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         handoffs: handoffs.clone(),
         fd_socket: fd_socket.clone(),
     };
-    let console = ConsoleService::default();
+    let console = ConsoleService::new(guests.clone());
     let tcp_address = tcp.local_addr().map_err(|source| StartError::Bind {
         what: "TCP",
         address: config.listen.to_string(),
@@ -161,7 +161,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     if tokio::time::timeout(DRAIN_TIMEOUT, servers).await.is_err() {
         tracing::warn!("gRPC calls still running after {DRAIN_TIMEOUT:?}; closing them");
     }
-    guests.close_all().await;
+    guests
+        .close_all("conlogd is shutting down; reconnect and resume by offset")
+        .await;
     let _ = fs::remove_file(&socket_path);
     let _ = fs::remove_file(&fd_socket);
     tracing::info!("every log flushed; bye");

@@ -120,7 +120,8 @@ impl Handoffs {
 
     /// Keeps `write_end` for the client that presents the returned token.
     pub fn register(&self, guest: &str, stream: &str, write_end: OwnedFd) -> Result<String> {
-        let token = new_token().map_err(|e| Error::io("cannot generate a hand-off token", e))?;
+        let token = crate::ids::random_id()
+            .map_err(|e| Error::io("cannot generate a hand-off token", e))?;
         let mut pending = self.pending.lock().expect("hand-off table poisoned");
         let now = Instant::now();
         pending.expire(now);
@@ -292,17 +293,6 @@ async fn send_bytes(stream: &UnixStream, mut bytes: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// 128 random bits as 32 hex digits.
-fn new_token() -> io::Result<String> {
-    let mut bytes = [0u8; 16];
-    let mut filled = 0;
-    while filled < bytes.len() {
-        filled +=
-            rustix::rand::getrandom(&mut bytes[filled..], rustix::rand::GetRandomFlags::empty())?;
-    }
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Aborts a background task when its owner goes away.

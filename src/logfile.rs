@@ -63,6 +63,14 @@ pub struct Position {
     pub end: u64,
 }
 
+/// One file of a stream on disk: it holds the absolute offsets `start .. start + len`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub path: PathBuf,
+    pub start: u64,
+    pub len: u64,
+}
+
 /// The outcome of moving bytes from a pipe into the log.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Moved {
@@ -158,11 +166,28 @@ impl LogFile {
 
     /// Bytes of this stream on disk (current file and backups) and the first offset still there.
     pub fn disk_usage(&self) -> (u64, u64) {
-        let backups: u64 = backups_of(&self.path, self.limits.backups_kept())
-            .iter()
-            .map(|(_, size)| size)
-            .sum();
-        (self.size + backups, self.start.saturating_sub(backups))
+        let segments = self.segments();
+        let bytes = segments.iter().map(|s| s.len).sum();
+        (bytes, segments.first().map_or(self.start, |s| s.start))
+    }
+
+    /// The files of this stream on disk, oldest first, with the absolute offsets they hold.
+    pub fn segments(&self) -> Vec<Segment> {
+        let mut start = self.start;
+        let mut segments: Vec<Segment> = backups_of(&self.path, self.limits.backups_kept())
+            .into_iter()
+            .map_while(|(path, len)| {
+                start = start.checked_sub(len)?;
+                Some(Segment { path, start, len })
+            })
+            .collect();
+        segments.reverse();
+        segments.push(Segment {
+            path: self.path.clone(),
+            start: self.start,
+            len: self.size,
+        });
+        segments
     }
 
     /// Appends `data`, rotating whenever the current file is full.
