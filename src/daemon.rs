@@ -113,7 +113,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         handoffs: handoffs.clone(),
         fd_socket: fd_socket.clone(),
     };
-    let console = ConsoleService::new(guests.clone());
+    let console = ConsoleService::new(guests.clone(), config.history.chunk_size.bytes() as usize);
     let tcp_address = tcp.local_addr().map_err(|source| StartError::Bind {
         what: "TCP",
         address: config.listen.to_string(),

@@ -138,6 +138,25 @@ impl Actor {
         }
     }
 
+    /// Opens the files holding offsets from `from` on.
+    pub async fn open_segments(
+        &self,
+        from: u64,
+    ) -> std::io::Result<Vec<crate::logfile::OpenSegment>> {
+        match self {
+            Actor::Pipe(h) => h.open_segments(from).await,
+            Actor::Console(h) => h.open_segments(from).await,
+        }
+    }
+
+    /// The end offset, for readers that follow; closed when the stream's actor stops.
+    pub fn offsets(&self) -> tokio::sync::watch::Receiver<u64> {
+        match self {
+            Actor::Pipe(h) => h.offsets.clone(),
+            Actor::Console(h) => h.offsets.clone(),
+        }
+    }
+
     async fn close(&self, reason: &str, removed: bool) {
         match self {
             Actor::Pipe(h) => h.close().await,
@@ -364,6 +383,26 @@ impl Guests {
         self.update_gauges(&guests);
         tracing::info!(guest, stream, kind = kind.noun(), log = %log_path.display(), "stream created");
         Ok(Stream { actor, log_path })
+    }
+
+    /// The stream `guest/name`; with no name, the guest's `serial0` console if it has one,
+    /// else its `qemu` pipe. Returns the stream name chosen.
+    pub async fn stream(&self, guest: &str, name: Option<&str>) -> Result<(String, Actor)> {
+        let guests = self.guests.lock().await;
+        let streams = guests
+            .get(guest)
+            .ok_or_else(|| Error::NotFound(format!("No guest named {guest:?}")))?;
+        let name = match name {
+            Some(name) => name,
+            None if streams.contains_key(names::DEFAULT_CONSOLE_DEVICE) => {
+                names::DEFAULT_CONSOLE_DEVICE
+            }
+            None => names::DEFAULT_PIPE_STREAM,
+        };
+        streams
+            .get(name)
+            .map(|e| (name.to_owned(), e.actor.clone()))
+            .ok_or_else(|| Error::NotFound(format!("Guest {guest:?} has no stream {name:?}")))
     }
 
     /// The console `guest/device`.

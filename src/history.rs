@@ -1,12 +1,269 @@
-//! Reading a stream's bytes back from its files on disk by absolute offset.
+//! Reading a stream's bytes back from its files on disk by absolute offset: `ReadHistory`
+//! and console replay.
 //!
-//! Owns the mapping from absolute offsets to the rotated files that hold them (via
-//! [`Segment`]s described by the log's owner). It only reads; it never writes, renames or
-//! deletes a log file, and it never holds more than the range it was asked for.
+//! Owns the mapping from absolute offsets to the rotated files that hold them, start-position
+//! resolution (`from_offset`, `tail_bytes`, `tail_lines`), and following a stream live. It only
+//! reads; it never writes, renames or deletes a log file, and it never holds more than one chunk
+//! per reader in memory (plus a small bounded queue towards the client).
+//!
+//! Consistency under rotation: a reader never opens log files by path itself. It asks the
+//! stream's actor for [`OpenSegment`]s, descriptors opened by the actor between two of its own
+//! writes, each with the exact offset range it held then. Those descriptors stay valid through
+//! any later rotation or truncation (a renamed or unlinked file keeps its data while open), so a
+//! chunk is never torn or mixed. When a reader has read all it holds it asks again from its
+//! position; if the oldest file offered starts after that position, the bytes in between were
+//! rotated away meanwhile and the reader reports exactly that gap.
 
-use crate::logfile::Segment;
+use crate::error::{Error, Result};
+use crate::guests::Actor;
+use crate::logfile::{OpenSegment, Segment};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use tokio::sync::mpsc;
+
+/// Where a history read starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// The oldest byte still on disk.
+    Oldest,
+    /// An exact absolute offset (resume).
+    Offset(u64),
+    /// The last N bytes.
+    TailBytes(u64),
+    /// The last N lines, counting `\n` (a final line without one counts too).
+    TailLines(u64),
+}
+
+/// A history read.
+#[derive(Clone, Copy, Debug)]
+pub struct HistoryRequest {
+    pub start: Start,
+    pub follow: bool,
+    /// Stop after this many bytes.
+    pub limit: Option<u64>,
+    /// Largest chunk.
+    pub chunk_size: usize,
+    /// Cut chunks at UTF-8 character boundaries where possible (for text rendering).
+    pub utf8_boundaries: bool,
+}
+
+/// One item of a history stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HistoryItem {
+    /// Offsets `from .. to` are no longer on disk.
+    Gap { from: u64, to: u64 },
+    /// Bytes at an absolute offset.
+    Data { offset: u64, data: Vec<u8> },
+}
+
+/// Chunks buffered towards a slow client before the reader waits.
+const QUEUE: usize = 4;
+
+/// Starts a history read of `actor`'s stream. Errors about the start position are returned
+/// here, before anything is streamed.
+pub async fn read(
+    actor: Actor,
+    request: HistoryRequest,
+) -> Result<mpsc::Receiver<Result<HistoryItem>>> {
+    let gone = |e: io::Error| Error::io("cannot open the stream's files", e);
+    let offsets = actor.offsets();
+    let segments = actor.open_segments(0).await.map_err(gone)?;
+    let end = segments
+        .last()
+        .map_or(*offsets.borrow(), |s| s.start + s.len);
+    let first = segments.first().map_or(end, |s| s.start);
+    let position = match request.start {
+        Start::Oldest => first,
+        Start::Offset(offset) if offset > end && !request.follow => {
+            return Err(Error::OutOfRange(format!(
+                "from_offset {offset} is beyond the end of the stream ({end}); use follow to wait for it"
+            )))
+        }
+        Start::Offset(offset) => offset,
+        Start::TailBytes(n) => end.saturating_sub(n).max(first),
+        Start::TailLines(n) => tail_lines_start(&segments, n).map_err(gone)?,
+    };
+    let (sender, receiver) = mpsc::channel(QUEUE);
+    let reader = Reader {
+        actor,
+        offsets,
+        segments: segments.into(),
+        position,
+        remaining: request.limit.unwrap_or(u64::MAX),
+        request,
+        sender,
+    };
+    tokio::spawn(reader.run());
+    Ok(receiver)
+}
+
+struct Reader {
+    actor: Actor,
+    offsets: tokio::sync::watch::Receiver<u64>,
+    segments: VecDeque<OpenSegment>,
+    position: u64,
+    remaining: u64,
+    request: HistoryRequest,
+    sender: mpsc::Sender<Result<HistoryItem>>,
+}
+
+impl Reader {
+    async fn run(mut self) {
+        if let Err(e) = self.pump().await {
+            let _ = self.sender.send(Err(e)).await;
+        }
+    }
+
+    /// Streams until the limit, the end (without follow), the client leaving, or the stream
+    /// going away.
+    async fn pump(&mut self) -> Result<()> {
+        let mut buffer = vec![0u8; self.request.chunk_size];
+        while self.remaining > 0 {
+            let Some(segment) = self.segments.front() else {
+                if !self.refill().await? {
+                    return Ok(());
+                }
+                continue;
+            };
+            let seg_end = segment.start + segment.len;
+            if self.position >= seg_end {
+                self.segments.pop_front();
+                continue;
+            }
+            if self.position < segment.start {
+                // Our position was rotated away between two snapshots.
+                let gap = HistoryItem::Gap {
+                    from: self.position,
+                    to: segment.start,
+                };
+                self.position = segment.start;
+                if self.sender.send(Ok(gap)).await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+            let want = (seg_end - self.position)
+                .min(self.remaining)
+                .min(buffer.len() as u64) as usize;
+            let read = segment
+                .file
+                .read_at(&mut buffer[..want], self.position - segment.start)
+                .map_err(|e| Error::io("cannot read a log file", e))?;
+            if read == 0 {
+                // Shorter than the actor said: cut behind our back. Ask again.
+                self.segments.pop_front();
+                continue;
+            }
+            let mut take = read;
+            if self.request.utf8_boundaries
+                && read == want
+                && self.position + (read as u64) < seg_end
+            {
+                take = utf8_cut(&buffer[..read]);
+            }
+            let item = HistoryItem::Data {
+                offset: self.position,
+                data: buffer[..take].to_vec(),
+            };
+            self.position += take as u64;
+            self.remaining -= take as u64;
+            if self.sender.send(Ok(item)).await.is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Gets the files holding data from our position, waiting for new data when following.
+    /// False when the read is over.
+    async fn refill(&mut self) -> Result<bool> {
+        loop {
+            let end = *self.offsets.borrow_and_update();
+            if self.position < end {
+                match self.actor.open_segments(self.position).await {
+                    Ok(segments) if !segments.is_empty() => {
+                        self.segments = segments.into();
+                        return Ok(true);
+                    }
+                    Ok(_) => {}
+                    Err(_) => return Ok(false),
+                }
+            }
+            if !self.request.follow {
+                return Ok(false);
+            }
+            tokio::select! {
+                changed = self.offsets.changed() => if changed.is_err() {
+                    // The stream's actor stopped (removed, or the daemon is going away).
+                    return Ok(false);
+                },
+                _ = self.sender.closed() => return Ok(false),
+            }
+        }
+    }
+}
+
+/// The offset just after the `n`-th `\n` counted back from the end (a trailing `\n` ends the
+/// last line and is not counted), or the oldest offset if there are fewer lines.
+fn tail_lines_start(segments: &[OpenSegment], n: u64) -> io::Result<u64> {
+    let end = segments.last().map_or(0, |s| s.start + s.len);
+    let first = segments.first().map_or(end, |s| s.start);
+    if n == 0 {
+        return Ok(end);
+    }
+    let mut found = 0;
+    let mut skip_final_newline = true;
+    let mut block = vec![0u8; 64 << 10];
+    for segment in segments.iter().rev() {
+        let mut stop = segment.len;
+        while stop > 0 {
+            let start = stop.saturating_sub(block.len() as u64);
+            let len = (stop - start) as usize;
+            segment.file.read_exact_at(&mut block[..len], start)?;
+            for (i, byte) in block[..len].iter().enumerate().rev() {
+                if *byte != b'\n' {
+                    skip_final_newline = false;
+                    continue;
+                }
+                if skip_final_newline {
+                    skip_final_newline = false;
+                    continue;
+                }
+                found += 1;
+                if found == n {
+                    return Ok(segment.start + start + i as u64 + 1);
+                }
+            }
+            stop = start;
+        }
+    }
+    Ok(first)
+}
+
+/// The length of `data` without an incomplete UTF-8 character at its end (unless that would
+/// leave nothing).
+fn utf8_cut(data: &[u8]) -> usize {
+    for back in 1..=3.min(data.len()) {
+        let byte = data[data.len() - back];
+        if byte & 0b1100_0000 == 0b1000_0000 {
+            continue; // continuation byte: keep looking for the lead byte
+        }
+        let needed = match byte {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => return data.len(),
+        };
+        return if needed > back && data.len() > back {
+            data.len() - back
+        } else {
+            data.len()
+        };
+    }
+    data.len()
+}
 
 /// Reads the last `n` bytes held by `segments` (oldest first). Returns the offset of the first
 /// byte returned and the bytes; fewer than `n` if less is on disk.
@@ -43,6 +300,43 @@ pub fn read_range(segments: &[Segment], from: u64, to: u64) -> io::Result<Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utf8_cut_keeps_whole_characters() {
+        assert_eq!(utf8_cut(b"abc"), 3);
+        assert_eq!(utf8_cut("aé".as_bytes()), 3);
+        assert_eq!(utf8_cut(&"aé".as_bytes()[..2]), 1);
+        assert_eq!(utf8_cut(&"a€".as_bytes()[..3]), 1);
+        assert_eq!(utf8_cut(&"€".as_bytes()[..2]), 2);
+    }
+
+    #[test]
+    fn tail_lines_counts_from_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = LogLimits {
+            max_size: 4096,
+            max_backups: 3,
+            mode: LogMode::Rotate,
+        };
+        let mut log =
+            LogFile::open(&dir.path().join("s.log"), &dir.path().join("s.pos"), limits).unwrap();
+        let text: String = (0..2000).map(|i| format!("line {i}\n")).collect();
+        log.append(text.as_bytes()).unwrap();
+        let segments = log.open_segments(0).unwrap();
+        let start = tail_lines_start(&segments, 3).unwrap() as usize;
+        assert_eq!(&text[start..], "line 1997\nline 1998\nline 1999\n");
+        log.append(b"partial").unwrap();
+        let segments = log.open_segments(0).unwrap();
+        let start = tail_lines_start(&segments, 2).unwrap() as usize;
+        let all = format!("{text}partial");
+        assert_eq!(&all[start..], "line 1999\npartial");
+        assert_eq!(tail_lines_start(&segments, 0).unwrap(), all.len() as u64);
+        // More lines than on disk: the oldest byte.
+        assert_eq!(
+            tail_lines_start(&segments, 1_000_000).unwrap(),
+            segments[0].start
+        );
+    }
     use crate::config::LogMode;
     use crate::logfile::{LogFile, LogLimits};
 

@@ -71,6 +71,14 @@ pub struct Segment {
     pub len: u64,
 }
 
+/// An open file of a stream, holding offsets `start .. start + len` (as of when it was opened).
+#[derive(Debug)]
+pub struct OpenSegment {
+    pub file: File,
+    pub start: u64,
+    pub len: u64,
+}
+
 /// The outcome of moving bytes from a pipe into the log.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Moved {
@@ -188,6 +196,29 @@ impl LogFile {
             len: self.size,
         });
         segments
+    }
+
+    /// Opens (read-only) every file holding offsets at or after `from`, oldest first. The
+    /// descriptors stay valid whatever rotations happen later, so a reader outside the owning
+    /// actor reads a consistent snapshot: never a torn or mixed chunk.
+    pub fn open_segments(&self, from: u64) -> io::Result<Vec<OpenSegment>> {
+        let mut open = Vec::new();
+        for segment in self.segments() {
+            if segment.start + segment.len <= from && segment.len > 0 {
+                continue;
+            }
+            match File::open(&segment.path) {
+                Ok(file) => open.push(OpenSegment {
+                    file,
+                    start: segment.start,
+                    len: segment.len,
+                }),
+                // A backup removed behind our back: its bytes are gone, the reader reports a gap.
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(open)
     }
 
     /// Appends `data`, rotating whenever the current file is full.

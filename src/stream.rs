@@ -10,7 +10,7 @@
 //! its descriptor). Each `splice` moves at most what the pipe holds, and pipe writes of up to
 //! `PIPE_BUF` bytes are atomic, so lines of different writers are not torn.
 
-use crate::logfile::{LogFile, LogLimits, Moved};
+use crate::logfile::{LogFile, LogLimits, Moved, OpenSegment};
 use crate::metrics::Metrics;
 use std::future::poll_fn;
 use std::io::{self, ErrorKind};
@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::Poll;
 use tokio::net::unix::pipe::Receiver;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Bytes moved from one pipe before the actor looks at its commands and other pipes again.
 const BUDGET_PER_WAKE: usize = 8 << 20;
@@ -46,6 +46,7 @@ enum Command {
     AddPipe(OwnedFd, oneshot::Sender<io::Result<u64>>),
     SetLimits(LogLimits, oneshot::Sender<io::Result<()>>),
     DiskUsage(oneshot::Sender<(u64, u64)>),
+    OpenSegments(u64, oneshot::Sender<io::Result<Vec<OpenSegment>>>),
     /// Drain what the pipes hold, sync, and stop.
     Close(oneshot::Sender<()>),
 }
@@ -56,6 +57,29 @@ pub struct StreamHandle {
     commands: mpsc::Sender<Command>,
     /// The stream's counters.
     pub stats: Arc<StreamStats>,
+    /// The end offset, for readers that follow; closed when the actor stops.
+    pub offsets: watch::Receiver<u64>,
+}
+
+/// Publishes a stream's end offset: to the counters, and to readers following it.
+pub struct OffsetPublisher {
+    stats: Arc<StreamStats>,
+    sender: watch::Sender<u64>,
+}
+
+impl OffsetPublisher {
+    /// A publisher starting at `end`, and the receiver template for handles.
+    pub fn new(stats: Arc<StreamStats>, end: u64) -> (Self, watch::Receiver<u64>) {
+        stats.end_offset.store(end, Relaxed);
+        let (sender, receiver) = watch::channel(end);
+        (Self { stats, sender }, receiver)
+    }
+
+    /// Announces a new end offset.
+    pub fn publish(&self, end: u64) {
+        self.stats.end_offset.store(end, Relaxed);
+        self.sender.send_replace(end);
+    }
 }
 
 fn gone() -> io::Error {
@@ -66,17 +90,22 @@ impl StreamHandle {
     /// Starts the actor that owns `log`.
     pub fn spawn(log: LogFile, metrics: Arc<Metrics>) -> Self {
         let stats = Arc::new(StreamStats::default());
-        stats.end_offset.store(log.end_offset(), Relaxed);
+        let (publisher, offsets) = OffsetPublisher::new(stats.clone(), log.end_offset());
         let (commands, receiver) = mpsc::channel(16);
         let actor = StreamActor {
             log,
             pipes: Vec::new(),
             stats: stats.clone(),
+            publisher,
             metrics,
             buffer: vec![0; COPY_BUFFER].into_boxed_slice(),
         };
         tokio::spawn(actor.run(receiver));
-        Self { commands, stats }
+        Self {
+            commands,
+            stats,
+            offsets,
+        }
     }
 
     /// Adds a pipe read end (made non-blocking by the caller); returns the offset its first
@@ -110,6 +139,16 @@ impl StreamHandle {
         answer.await.map_err(|_| gone())
     }
 
+    /// Opens the files holding offsets from `from` on (see [`LogFile::open_segments`]).
+    pub async fn open_segments(&self, from: u64) -> io::Result<Vec<OpenSegment>> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::OpenSegments(from, reply))
+            .await
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
     /// Drains the pipes, syncs the log and stops the actor.
     pub async fn close(&self) {
         let (reply, answer) = oneshot::channel();
@@ -123,6 +162,7 @@ struct StreamActor {
     log: LogFile,
     pipes: Vec<Receiver>,
     stats: Arc<StreamStats>,
+    publisher: OffsetPublisher,
     metrics: Arc<Metrics>,
     buffer: Box<[u8]>,
 }
@@ -183,6 +223,9 @@ impl StreamActor {
             Command::DiskUsage(reply) => {
                 let _ = reply.send(self.log.disk_usage());
             }
+            Command::OpenSegments(from, reply) => {
+                let _ = reply.send(self.log.open_segments(from));
+            }
             Command::Close(_) => unreachable!("handled by run"),
         }
     }
@@ -193,6 +236,7 @@ impl StreamActor {
             log,
             pipes,
             stats,
+            publisher,
             metrics,
             buffer,
         } = self;
@@ -216,7 +260,7 @@ impl StreamActor {
                         Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
                         Ok(Moved::Logged(n)) => {
                             moved += n;
-                            stats.end_offset.store(log.end_offset(), Relaxed);
+                            publisher.publish(log.end_offset());
                             metrics.bytes_logged.inc_by(n as u64);
                         }
                         Ok(Moved::Dropped(n)) => {
@@ -265,7 +309,7 @@ impl StreamActor {
                 }
             }
         }
-        self.stats.end_offset.store(self.log.end_offset(), Relaxed);
+        self.publisher.publish(self.log.end_offset());
         self.metrics.pipe_writers.dec_by(self.pipes.len() as i64);
         self.stats.writers.store(0, Relaxed);
         self.pipes.clear();

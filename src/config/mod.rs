@@ -112,6 +112,22 @@ impl Default for ConsoleConfig {
     }
 }
 
+/// History reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Largest chunk of a ReadHistory reply.
+    pub chunk_size: ByteSize,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            chunk_size: ByteSize(64 << 10),
+        }
+    }
+}
+
 /// Limits that protect the node. Hitting one is `RESOURCE_EXHAUSTED` naming it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -165,6 +181,8 @@ pub struct Config {
     pub handoff: HandoffConfig,
     /// Console clients.
     pub consoles: ConsoleConfig,
+    /// History reads.
+    pub history: HistoryConfig,
     /// Node protection limits.
     pub limits: Limits,
 }
@@ -184,6 +202,7 @@ impl Default for Config {
             logs: LogDefaults::default(),
             handoff: HandoffConfig::default(),
             consoles: ConsoleConfig::default(),
+            history: HistoryConfig::default(),
             limits: Limits::default(),
         }
     }
@@ -345,6 +364,15 @@ impl Config {
             return value(
                 "consoles.client_queue",
                 format!("must be at least 4KiB (got {})", self.consoles.client_queue),
+            );
+        }
+        if !(1024..=(4 << 20)).contains(&self.history.chunk_size.bytes()) {
+            return value(
+                "history.chunk_size",
+                format!(
+                    "must be between 1KiB and 4MiB (got {})",
+                    self.history.chunk_size
+                ),
             );
         }
         for (key, dir) in [

@@ -12,6 +12,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::logfile::LogFile;
 use crate::metrics::Metrics;
+use crate::stream::OffsetPublisher;
 use bytes::{Buf, Bytes, BytesMut};
 use std::collections::BTreeMap;
 use std::io::ErrorKind;
@@ -31,6 +32,7 @@ struct Client {
 pub(super) struct ConsoleActor {
     handle: ConsoleHandle,
     log: LogFile,
+    publisher: OffsetPublisher,
     guest_listener: UnixListener,
     client_listener: UnixListener,
     guest: Option<UnixStream>,
@@ -48,6 +50,7 @@ impl ConsoleActor {
     pub(super) fn start(
         handle: ConsoleHandle,
         log: LogFile,
+        publisher: OffsetPublisher,
         guest_listener: UnixListener,
         client_listener: UnixListener,
         settings: ConsoleSettings,
@@ -55,10 +58,10 @@ impl ConsoleActor {
         commands: mpsc::Receiver<Command>,
         input: mpsc::Receiver<Input>,
     ) {
-        handle.stats.end_offset.store(log.end_offset(), Relaxed);
         let actor = Self {
             handle,
             log,
+            publisher,
             guest_listener,
             client_listener,
             guest: None,
@@ -136,6 +139,9 @@ impl ConsoleActor {
             Command::DiskUsage(reply) => {
                 let _ = reply.send(self.log.disk_usage());
             }
+            Command::OpenSegments(from, reply) => {
+                let _ = reply.send(self.log.open_segments(from));
+            }
             Command::Close { .. } => unreachable!("handled by run"),
         }
     }
@@ -156,10 +162,12 @@ impl ConsoleActor {
             (Mode::WriterIfFree, holder) => holder.is_none(),
             (Mode::ReadWrite, None) => true,
             (Mode::ReadWrite, Some(_)) if request.force => true,
-            (Mode::ReadWrite, Some(holder)) => return Err(Error::FailedPrecondition(format!(
+            (Mode::ReadWrite, Some(holder)) => {
+                return Err(Error::FailedPrecondition(format!(
                 "Console {} has a writer ({holder}); attach READ_ONLY, or set force to take over",
                 self.handle.name
-            ))),
+            )))
+            }
         };
         let id = self.next_id;
         self.next_id += 1;
@@ -273,10 +281,7 @@ impl ConsoleActor {
         if logged == 0 {
             return;
         }
-        self.handle
-            .stats
-            .end_offset
-            .store(self.log.end_offset(), Relaxed);
+        self.publisher.publish(self.log.end_offset());
         self.metrics.bytes_logged.inc_by(logged as u64);
         let data = Bytes::copy_from_slice(&self.buffer[..logged]);
         let mut gone = Vec::new();

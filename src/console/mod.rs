@@ -27,16 +27,16 @@ pub mod sessions;
 pub use clients::{ClientReceiver, Event};
 
 use crate::error::{Error, Result};
-use crate::logfile::{LogFile, LogLimits};
+use crate::logfile::{LogFile, LogLimits, OpenSegment};
 use crate::metrics::Metrics;
-use crate::stream::StreamStats;
+use crate::stream::{OffsetPublisher, StreamStats};
 use bytes::Bytes;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use tokio::net::UnixListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Most bytes of input waiting to be written to the guest before input is no longer read.
 pub const MAX_PENDING_INPUT: usize = 64 << 10;
@@ -106,6 +106,7 @@ enum Command {
     Detach(u64),
     SetLimits(LogLimits, oneshot::Sender<std::io::Result<()>>),
     DiskUsage(oneshot::Sender<(u64, u64)>),
+    OpenSegments(u64, oneshot::Sender<std::io::Result<Vec<OpenSegment>>>),
     Close {
         reason: String,
         removed: bool,
@@ -129,6 +130,8 @@ pub struct ConsoleHandle {
     /// `guest/device`, for messages.
     pub name: Arc<str>,
     pub stats: Arc<StreamStats>,
+    /// The end offset, for readers that follow; closed when the actor stops.
+    pub offsets: watch::Receiver<u64>,
     pub console: Arc<ConsoleStats>,
     pub paths: Arc<ConsolePaths>,
 }
@@ -152,17 +155,20 @@ impl ConsoleHandle {
         let (commands, command_rx) = mpsc::channel(64);
         let (input, input_rx) = mpsc::channel(64);
         let stats = Arc::new(StreamStats::default());
+        let (publisher, offsets) = OffsetPublisher::new(stats.clone(), log.end_offset());
         let handle = Self {
             commands,
             input,
             name: format!("{guest}/{device}").into(),
             stats: stats.clone(),
+            offsets,
             console: Arc::new(ConsoleStats::default()),
             paths: Arc::new(paths),
         };
         actor::ConsoleActor::start(
             handle.clone(),
             log,
+            publisher,
             guest_listener,
             client_listener,
             settings,
@@ -238,6 +244,17 @@ impl ConsoleHandle {
             .await
             .map_err(|_| closed())?;
         answer.await.map_err(|_| closed())
+    }
+
+    /// Opens the files holding offsets from `from` on (see [`LogFile::open_segments`]).
+    pub async fn open_segments(&self, from: u64) -> std::io::Result<Vec<OpenSegment>> {
+        let (reply, answer) = oneshot::channel();
+        let closed = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "console has stopped");
+        self.commands
+            .send(Command::OpenSegments(from, reply))
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
     }
 
     /// Tells every client why, closes the sockets (removing their files), syncs the log and

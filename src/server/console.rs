@@ -3,21 +3,22 @@
 //! They validate requests, find the console in [`crate::guests`], attach through
 //! [`crate::console`] and map its [`Event`]s to `ServerFrame`s. A console that closes ends the
 //! stream with `UNAVAILABLE` (shutdown, upgrade: reconnect and resume by offset) or `NOT_FOUND`
-//! (removed). History (issue 4) is not served yet and answers `UNIMPLEMENTED`.
+//! (removed). `ReadHistory` streams from [`crate::history`].
 
 use crate::console::sessions::{SessionGuard, Sessions};
 use crate::console::{AttachRequest, Attachment, Event, Mode};
 use crate::error::{Error, Result};
 use crate::guests::Guests;
+use crate::history::{self, HistoryItem, HistoryRequest, Start};
 use crate::names;
 use crate::proto::{
-    self, attach, client_frame, console_server::Console, server_frame, ClientFrame, HistoryChunk,
-    ReadHistoryRequest, SendConsoleInputRequest, SendConsoleInputResponse, ServerFrame,
-    WatchConsoleRequest,
+    self, attach, client_frame, console_server::Console, read_history_request, server_frame,
+    ClientFrame, HistoryChunk, ReadHistoryRequest, SendConsoleInputRequest,
+    SendConsoleInputResponse, ServerFrame, WatchConsoleRequest,
 };
 use std::pin::Pin;
 use std::sync::Arc;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::{TcpConnectInfo, UdsConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -29,13 +30,15 @@ pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 's
 pub struct ConsoleService {
     guests: Arc<Guests>,
     sessions: Arc<Sessions>,
+    history_chunk: usize,
 }
 
 impl ConsoleService {
-    pub fn new(guests: Arc<Guests>) -> Self {
+    pub fn new(guests: Arc<Guests>, history_chunk: usize) -> Self {
         Self {
             guests,
             sessions: Arc::new(Sessions::default()),
+            history_chunk,
         }
     }
 
@@ -231,8 +234,57 @@ impl Console for ConsoleService {
 
     async fn read_history(
         &self,
-        _request: Request<ReadHistoryRequest>,
+        request: Request<ReadHistoryRequest>,
     ) -> Result<Response<Self::ReadHistoryStream>, Status> {
-        Err(Error::Unimplemented("Console.ReadHistory").into())
+        let r = request.into_inner();
+        names::validate_guest(&r.guest)?;
+        let stream = if r.stream.is_empty() {
+            None
+        } else {
+            names::validate_stream(&r.stream)?;
+            Some(r.stream.as_str())
+        };
+        let (_, actor) = self.guests.stream(&r.guest, stream).await?;
+        let start = match r.start {
+            None => Start::Oldest,
+            Some(read_history_request::Start::FromOffset(offset)) => Start::Offset(offset),
+            Some(read_history_request::Start::TailBytes(n)) => Start::TailBytes(n),
+            Some(read_history_request::Start::TailLines(n)) => Start::TailLines(n),
+        };
+        let items = history::read(
+            actor,
+            HistoryRequest {
+                start,
+                follow: r.follow,
+                limit: (r.limit_bytes > 0).then_some(r.limit_bytes),
+                chunk_size: self.history_chunk,
+                utf8_boundaries: r.text,
+            },
+        )
+        .await?;
+        let text = r.text;
+        let chunks =
+            tokio_stream::wrappers::ReceiverStream::new(items).map(move |item| match item {
+                Ok(HistoryItem::Data { offset, data }) => Ok(HistoryChunk {
+                    offset,
+                    text: if text {
+                        String::from_utf8_lossy(&data).into_owned()
+                    } else {
+                        String::new()
+                    },
+                    data,
+                    gap: None,
+                }),
+                Ok(HistoryItem::Gap { from, to }) => Ok(HistoryChunk {
+                    offset: to,
+                    gap: Some(proto::Gap {
+                        from_offset: from,
+                        to_offset: to,
+                    }),
+                    ..Default::default()
+                }),
+                Err(e) => Err(Status::from(e)),
+            });
+        Ok(Response::new(Box::pin(chunks)))
     }
 }
