@@ -255,13 +255,32 @@ impl ConsoleActor {
         self.broadcast(Event::Guest { connected: false });
     }
 
+    /// Reads everything the guest has sent so far (QEMU writes one byte per write(), so a
+    /// wake-up often finds several), then logs and forwards it as one chunk: coalescing without
+    /// adding latency.
     fn read_guest(&mut self) {
         let Some(guest) = &self.guest else { return };
-        match guest.try_read(&mut self.buffer) {
-            Ok(0) => self.guest_disconnected("end of stream"),
-            Ok(n) => self.guest_output(n),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(_) => self.guest_disconnected("read error"),
+        let mut filled = 0;
+        let mut ended = None;
+        while filled < self.buffer.len() {
+            match guest.try_read(&mut self.buffer[filled..]) {
+                Ok(0) => {
+                    ended = Some("end of stream");
+                    break;
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    ended = Some("read error");
+                    break;
+                }
+            }
+        }
+        if filled > 0 {
+            self.guest_output(filled);
+        }
+        if let Some(why) = ended {
+            self.guest_disconnected(why);
         }
     }
 
