@@ -229,9 +229,16 @@ impl Config {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: origin.to_owned(),
-            message: e.to_string(),
+        serde_yaml::from_str(text).map_err(|e| {
+            let mut message = e.to_string();
+            // serde_yaml leaves the position out of its message at line 1 column 1.
+            if let (Some(at), false) = (e.location(), message.contains(" at line ")) {
+                message.push_str(&format!(" at line {} column {}", at.line(), at.column()));
+            }
+            ConfigError::Parse {
+                origin: origin.to_owned(),
+                message,
+            }
         })
     }
 

@@ -1,0 +1,141 @@
+//! `conlogd`'s configuration as a user meets it: `--print-config`, and one-line errors for
+//! unknown keys, bad values and an unsafe listen address.
+
+mod support;
+
+use std::process::{Command, Output};
+use support::*;
+
+/// Runs `conlogd` with `args`, optionally with `yaml` as its config file, on throw-away
+/// directories (so that a daemon that wrongly starts touches nothing shared).
+async fn conlogd(yaml: Option<&str>, args: &[&str]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(conlogd_bin());
+    cmd.arg("--runtime-dir")
+        .arg(dir.path().join("run"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--metrics", "127.0.0.1:0"])
+        .env("NO_COLOR", "1")
+        .args(args);
+    if let Some(yaml) = yaml {
+        let path = dir.path().join("conlogd.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        cmd.arg("--config").arg(path);
+    }
+    run_bounded_async(cmd).await
+}
+
+/// A refused configuration: non-zero exit, one line on stderr, returned.
+fn one_line_error(output: &Output) -> String {
+    assert!(
+        !output.status.success(),
+        "conlogd accepted a bad configuration: {}",
+        describe(output)
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let text = strip_ansi(stderr.trim_end());
+    assert!(
+        !text.is_empty() && !text.contains('\n'),
+        "not a one-line error: {}",
+        describe(output)
+    );
+    text
+}
+
+#[tokio::test]
+async fn print_config_shows_the_effective_yaml() {
+    let output = conlogd(None, &["--print-config", "--listen", "127.0.0.1:0"]).await;
+    assert!(output.status.success(), "{}", describe(&output));
+    let yaml = String::from_utf8_lossy(&output.stdout);
+    for expected in [
+        "max_size: 2MiB",
+        "max_backups: 3",
+        "mode: rotate",
+        "token_ttl: 30s",
+        "listen: 127.0.0.1:0",
+    ] {
+        assert!(yaml.contains(expected), "missing {expected:?} in:\n{yaml}");
+    }
+
+    // A file and flags combine; the result is printed in the same units.
+    let output = conlogd(
+        Some("logs:\n  max_size: 8KiB\n  mode: truncate\nhandoff:\n  token_ttl: 2m\n"),
+        &["--print-config"],
+    )
+    .await;
+    assert!(output.status.success(), "{}", describe(&output));
+    let yaml = String::from_utf8_lossy(&output.stdout);
+    for expected in ["max_size: 8KiB", "mode: truncate", "token_ttl: 2m"] {
+        assert!(yaml.contains(expected), "missing {expected:?} in:\n{yaml}");
+    }
+}
+
+#[tokio::test]
+async fn unknown_keys_are_refused_with_line_and_column() {
+    let output = conlogd(
+        Some("logs:\n  max_size: 1MiB\n  max_sise: 3\n"),
+        &["--listen", "127.0.0.1:0"],
+    )
+    .await;
+    let text = one_line_error(&output);
+    for expected in ["max_sise", "line", "column"] {
+        assert!(text.contains(expected), "missing {expected:?}: {text}");
+    }
+    assert!(text.contains("line 3"), "{text}");
+
+    let output = conlogd(Some("log_level: info\nlsten: 127.0.0.1:0\n"), &[]).await;
+    let text = one_line_error(&output);
+    assert!(text.contains("lsten") && text.contains("line 2"), "{text}");
+}
+
+/// The very first key of the file is where a typo is most likely; its position is reported
+/// too (serde_yaml leaves out "line 1 column 1", so the daemon has to add it).
+#[tokio::test]
+async fn unknown_key_on_the_first_line_names_line_1() {
+    let output = conlogd(Some("lsten: 127.0.0.1:0\n"), &[]).await;
+    let text = one_line_error(&output);
+    assert!(text.contains("lsten"), "{text}");
+    assert!(
+        text.contains("line 1") && text.contains("column 1"),
+        "{text}"
+    );
+}
+
+/// Every bad value is a one-line error that names the key and what is wrong with it.
+#[tokio::test]
+async fn bad_values_are_one_line_errors() {
+    for (yaml, expected) in [
+        (
+            "logs:\n  max_size: 2XB\n",
+            &["logs.max_size", "2XB", "line 2"][..],
+        ),
+        ("logs:\n  max_size: 1KiB\n", &["logs.max_size", "4KiB"]),
+        (
+            "logs:\n  mode: sideways\n",
+            &["sideways", "rotate", "truncate"],
+        ),
+        ("logs:\n  max_backups: -1\n", &["max_backups", "line 2"]),
+        ("handoff:\n  token_ttl: soon\n", &["token_ttl", "soon"]),
+        ("handoff:\n  token_ttl: 0s\n", &["handoff.token_ttl"]),
+        ("listen: not-an-address\n", &["listen", "line 1"]),
+        ("insecure: maybe\n", &["insecure", "line 1"]),
+    ] {
+        let output = conlogd(Some(yaml), &["--listen", "127.0.0.1:0"]).await;
+        let text = one_line_error(&output);
+        for word in expected {
+            assert!(text.contains(word), "{yaml:?}: missing {word:?} in {text}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn non_loopback_listen_needs_insecure() {
+    let output = conlogd(None, &["--listen", "0.0.0.0:0"]).await;
+    let text = one_line_error(&output);
+    assert!(text.contains("insecure: true"), "{text}");
+
+    let output = conlogd(Some("listen: 0.0.0.0:0\n"), &[]).await;
+    let text = one_line_error(&output);
+    assert!(text.contains("insecure: true"), "{text}");
+}

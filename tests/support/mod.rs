@@ -1,0 +1,298 @@
+//! Shared harness of the integration tests: starts the real `conlogd` on a fresh temporary
+//! directory (loopback, port 0), talks to it over its real sockets and reads its log files.
+//!
+//! Every test binary includes this module with `mod support;` and uses only part of it.
+#![allow(dead_code)]
+
+mod pipes;
+mod process;
+
+// Not every test binary uses every helper.
+#[allow(unused_imports)]
+pub use pipes::*;
+#[allow(unused_imports)]
+pub use process::*;
+
+use conlog::proto::agent_client::AgentClient;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use tonic::transport::Channel;
+
+/// How long anything the daemon does may take before a test gives up.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+/// Pause between two polls.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// Path of the daemon binary built for these tests.
+pub fn conlogd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_conlogd")
+}
+
+/// Path of the command-line binary built for these tests.
+pub fn conlogctl_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_conlogctl")
+}
+
+/// The repository root (for `proto/` and `tests/python/`).
+pub fn repo_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A running (or stopped) `conlogd` on its own temporary directories.
+pub struct Daemon {
+    dir: TempDir,
+    runtime_dir: PathBuf,
+    data_dir: PathBuf,
+    config: Option<PathBuf>,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+    stderr_path: PathBuf,
+    starts: u32,
+    /// TCP address of the Console service of the current run.
+    pub tcp: SocketAddr,
+    /// Address of the metrics endpoint of the current run.
+    pub metrics: SocketAddr,
+}
+
+impl Daemon {
+    /// Starts a daemon on embedded defaults (plus fresh directories and port 0).
+    pub async fn start() -> Self {
+        Self::start_with(None, &[]).await
+    }
+
+    /// Starts a daemon with `config_yaml` as its `--config` file (if any) and extra flags.
+    pub async fn start_with(config_yaml: Option<&str>, extra_args: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("conlog-test-")
+            .tempdir()
+            .expect("temporary directory");
+        let config = config_yaml.map(|yaml| {
+            let path = dir.path().join("config.yaml");
+            std::fs::write(&path, yaml).expect("write config file");
+            path
+        });
+        let mut daemon = Self {
+            runtime_dir: dir.path().join("run"),
+            data_dir: dir.path().join("data"),
+            stderr_path: dir.path().join("conlogd.0.stderr"),
+            dir,
+            config,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            starts: 0,
+            tcp: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        daemon.spawn_and_wait_ready().await;
+        daemon
+    }
+
+    /// A `conlogd` command on this daemon's directories and config (port 0), not started.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(conlogd_bin());
+        cmd.arg("--runtime-dir")
+            .arg(&self.runtime_dir)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]);
+        if let Some(config) = &self.config {
+            cmd.arg("--config").arg(config);
+        }
+        cmd.args(&self.extra_args)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    async fn spawn_and_wait_ready(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        self.starts += 1;
+        self.stderr_path = self
+            .dir
+            .path()
+            .join(format!("conlogd.{}.stderr", self.starts));
+        let stderr = File::create(&self.stderr_path).expect("create stderr file");
+        let stdout = stderr.try_clone().expect("dup stderr file");
+        let child = self
+            .command()
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn conlogd");
+        self.child = Some(child);
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let text = self.stderr();
+            if let Some(line) = text.lines().find(|l| l.contains("conlogd ready")) {
+                self.tcp = field(line, "tcp=").unwrap_or_else(|| panic!("no tcp= in {line:?}"));
+                self.metrics =
+                    field(line, "metrics=").unwrap_or_else(|| panic!("no metrics= in {line:?}"));
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
+                self.child = None;
+                panic!("conlogd exited before it was ready ({status}); stderr:\n{text}");
+            }
+            if Instant::now() > deadline {
+                panic!("conlogd not ready after {DEADLINE:?}; stderr:\n{text}");
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Runtime directory (sockets).
+    pub fn runtime_dir(&self) -> &Path {
+        &self.runtime_dir
+    }
+
+    /// Data directory (state and logs).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The local gRPC socket.
+    pub fn socket(&self) -> PathBuf {
+        self.runtime_dir.join("conlogd.sock")
+    }
+
+    /// The hand-off socket.
+    pub fn fd_socket(&self) -> PathBuf {
+        self.runtime_dir.join("fd.sock")
+    }
+
+    /// `<data_dir>/logs`.
+    pub fn log_dir(&self) -> PathBuf {
+        self.data_dir.join("logs")
+    }
+
+    /// `<log_dir>/<guest>/<stream>.log`.
+    pub fn log_path(&self, guest: &str, stream: &str) -> PathBuf {
+        self.log_dir().join(guest).join(format!("{stream}.log"))
+    }
+
+    /// Process id of the current run.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    /// Diagnostics (stderr and stdout) of the current run so far, without colour codes.
+    pub fn stderr(&self) -> String {
+        strip_ansi(&std::fs::read_to_string(&self.stderr_path).unwrap_or_default())
+    }
+
+    /// Diagnostics of every run of this daemon so far, oldest first, for failure messages.
+    pub fn all_stderr(&self) -> String {
+        (1..=self.starts)
+            .map(|n| {
+                let path = self.dir.path().join(format!("conlogd.{n}.stderr"));
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                format!("--- conlogd run {n} ---\n{}", strip_ansi(&text))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// An `Agent` client over the local UNIX socket.
+    pub async fn agent(&self) -> AgentClient<Channel> {
+        let channel = conlog::client::connect_local(&self.socket())
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.socket().display()));
+        AgentClient::new(channel)
+    }
+
+    /// A plaintext channel to the TCP listener.
+    pub async fn tcp_channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.tcp))
+            .expect("valid URI")
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.tcp))
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the process to exit.
+    pub async fn stop(&mut self) -> ExitStatus {
+        self.signal(rustix::process::Signal::TERM);
+        self.wait_exit().await
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let child = self.child.as_ref().expect("daemon running");
+        rustix::process::kill_process(rustix::process::Pid::from_child(child), signal)
+            .expect("signal conlogd");
+    }
+
+    /// Waits (bounded) until the process has exited and returns its status.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        let child = self.child.as_mut().expect("daemon running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "conlogd did not exit within {DEADLINE:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// SIGKILL, as a crash would; waits for the process to be gone.
+    pub async fn kill(&mut self) {
+        self.signal(rustix::process::Signal::KILL);
+        let status = self.wait_exit().await;
+        assert!(
+            status.code().is_none(),
+            "killed daemon exited with {status}"
+        );
+    }
+
+    /// Starts the daemon again on the same directories and config (after stop or kill).
+    pub async fn restart(&mut self) {
+        self.spawn_and_wait_ready().await;
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `key=VALUE` of a tracing line, parsed.
+fn field<T: std::str::FromStr>(line: &str, key: &str) -> Option<T> {
+    let start = line.find(key)? + key.len();
+    line[start..].split_whitespace().next()?.parse().ok()
+}
+
+/// Removes ANSI escape sequences (`ESC [ … letter`).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
