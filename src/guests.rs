@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::logfile::{LogFile, LogLimits};
 use crate::metrics::Metrics;
 use crate::names;
-use crate::stream::{StreamHandle, StreamStats};
+use crate::stream::{Figures, StreamHandle, StreamStats};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -92,14 +92,8 @@ pub struct StreamSnapshot {
     pub kind: StreamKind,
     pub log_path: PathBuf,
     pub limits: LogLimits,
-    pub end_offset: u64,
-    pub first_offset: u64,
-    pub bytes_on_disk: u64,
-    pub writers: u64,
-    pub dropped: u64,
-    pub rotations: u64,
-    pub clients: u64,
-    pub guest_connected: bool,
+    /// Taken by the stream's actor at one instant.
+    pub figures: Figures,
 }
 
 /// The actor owning a stream.
@@ -124,10 +118,10 @@ impl Actor {
         }
     }
 
-    async fn disk_usage(&self) -> std::io::Result<(u64, u64)> {
+    async fn figures(&self) -> std::io::Result<Figures> {
         match self {
-            Actor::Pipe(h) => h.disk_usage().await,
-            Actor::Console(h) => h.disk_usage().await,
+            Actor::Pipe(h) => h.figures().await,
+            Actor::Console(h) => h.figures().await,
         }
     }
 
@@ -483,29 +477,20 @@ impl Guests {
         for (guest, streams) in entries {
             let mut snapshots = Vec::with_capacity(streams.len());
             for (name, entry) in streams {
-                let (bytes_on_disk, first_offset) =
-                    entry.actor.disk_usage().await.unwrap_or((0, 0));
-                let stats = entry.actor.stats();
-                let (clients, guest_connected) = match &entry.actor {
-                    Actor::Console(h) => (
-                        h.console.clients.load(Relaxed),
-                        h.console.guest_connected.load(Relaxed),
-                    ),
-                    Actor::Pipe(_) => (0, false),
+                // An actor that stopped meanwhile (removed) still shows its last counters.
+                let figures = match entry.actor.figures().await {
+                    Ok(figures) => figures,
+                    Err(_) => Figures {
+                        end_offset: entry.actor.stats().end_offset.load(Relaxed),
+                        ..Figures::default()
+                    },
                 };
                 snapshots.push(StreamSnapshot {
                     name,
                     kind: entry.actor.kind(),
                     log_path: entry.log_path,
                     limits: entry.limits,
-                    end_offset: stats.end_offset.load(Relaxed),
-                    first_offset,
-                    bytes_on_disk,
-                    writers: stats.writers.load(Relaxed),
-                    dropped: stats.dropped.load(Relaxed),
-                    rotations: stats.rotations.load(Relaxed),
-                    clients,
-                    guest_connected,
+                    figures,
                 });
             }
             out.push((guest, snapshots));

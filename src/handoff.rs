@@ -26,7 +26,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, Interest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 
 /// Longest token line accepted on fd.sock.
@@ -226,6 +226,13 @@ impl Handoffs {
                 tracing::warn!(reason, "hand-off refused");
                 let line = format!("error: {reason}\n");
                 let _ = send_bytes(&stream, line.as_bytes()).await;
+                // Read what the client still sends (an over-long line) before closing, so the
+                // close does not reset the connection and destroy the error text in flight.
+                let _ = stream.shutdown().await;
+                let mut sink = [0u8; 4096];
+                let drain =
+                    async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} };
+                let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
             }
         }
     }

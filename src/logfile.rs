@@ -61,6 +61,10 @@ pub struct Position {
     pub next_start: Option<u64>,
     #[serde(default)]
     pub end: u64,
+    /// A writer (pipe) was feeding the stream; still true after a stop means the writer was
+    /// lost with the daemon (the stream is "broken" until a new pipe comes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub open: bool,
 }
 
 /// One file of a stream on disk: it holds the absolute offsets `start .. start + len`.
@@ -102,6 +106,10 @@ pub struct LogFile {
     size: u64,
     rotations: u64,
     splice_works: bool,
+    /// Whether a writer feeds the stream, as persisted in the position record.
+    open: bool,
+    /// `open` as found in the record when this file was opened.
+    was_open: bool,
 }
 
 impl LogFile {
@@ -134,6 +142,8 @@ impl LogFile {
             size: meta.len(),
             rotations: 0,
             splice_works: true,
+            open: record.as_ref().is_some_and(|r| r.open),
+            was_open: record.as_ref().is_some_and(|r| r.open),
         };
         log.save_position(None)?;
         log.enforce_limits()?;
@@ -158,6 +168,20 @@ impl LogFile {
     /// The limits in force.
     pub fn limits(&self) -> LogLimits {
         self.limits
+    }
+
+    /// Records whether a writer feeds the stream (persisted, so a crash leaves a trace).
+    pub fn set_open(&mut self, open: bool) -> io::Result<()> {
+        if self.open == open {
+            return Ok(());
+        }
+        self.open = open;
+        self.save_position(None)
+    }
+
+    /// Whether the record said a writer was feeding the stream when this file was opened.
+    pub fn was_open(&self) -> bool {
+        self.was_open
     }
 
     /// Rotations done since this file was opened.
@@ -350,6 +374,7 @@ impl LogFile {
             start: self.start,
             next_start,
             end: self.start + self.size,
+            open: self.open,
         };
         write_atomically(&self.position_path, &serde_json::to_vec(&record)?)
     }

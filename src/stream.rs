@@ -41,11 +41,48 @@ pub struct StreamStats {
     pub rotations: AtomicU64,
 }
 
+/// A consistent view of a stream's figures, taken by its actor at one instant.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Figures {
+    /// Bytes ever logged.
+    pub end_offset: u64,
+    /// Oldest byte still on disk.
+    pub first_offset: u64,
+    /// Current file plus backups.
+    pub bytes_on_disk: u64,
+    /// Pipes feeding the stream (pipes), or 0.
+    pub writers: u64,
+    pub dropped: u64,
+    pub rotations: u64,
+    /// Attached clients (consoles), or 0.
+    pub clients: u64,
+    /// QEMU connected (consoles).
+    pub guest_connected: bool,
+    /// The writer was lost when the daemon stopped; no new pipe since.
+    pub broken: bool,
+}
+
+impl Figures {
+    /// The figures every stream has, from its log and counters.
+    pub fn of(log: &LogFile, stats: &StreamStats) -> Self {
+        let (bytes_on_disk, first_offset) = log.disk_usage();
+        Self {
+            end_offset: log.end_offset(),
+            first_offset,
+            bytes_on_disk,
+            writers: stats.writers.load(Relaxed),
+            dropped: stats.dropped.load(Relaxed),
+            rotations: stats.rotations.load(Relaxed),
+            ..Self::default()
+        }
+    }
+}
+
 /// What the actor is asked to do.
 enum Command {
     AddPipe(OwnedFd, oneshot::Sender<io::Result<u64>>),
     SetLimits(LogLimits, oneshot::Sender<io::Result<()>>),
-    DiskUsage(oneshot::Sender<(u64, u64)>),
+    Figures(oneshot::Sender<Figures>),
     OpenSegments(u64, oneshot::Sender<io::Result<Vec<OpenSegment>>>),
     /// Drain what the pipes hold, sync, and stop.
     Close(oneshot::Sender<()>),
@@ -93,6 +130,7 @@ impl StreamHandle {
         let (publisher, offsets) = OffsetPublisher::new(stats.clone(), log.end_offset());
         let (commands, receiver) = mpsc::channel(16);
         let actor = StreamActor {
+            broken: log.was_open(),
             log,
             pipes: Vec::new(),
             stats: stats.clone(),
@@ -129,11 +167,11 @@ impl StreamHandle {
         answer.await.map_err(|_| gone())?
     }
 
-    /// Bytes on disk and first offset still on disk.
-    pub async fn disk_usage(&self) -> io::Result<(u64, u64)> {
+    /// The stream's figures at one instant.
+    pub async fn figures(&self) -> io::Result<Figures> {
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Command::DiskUsage(reply))
+            .send(Command::Figures(reply))
             .await
             .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())
@@ -160,6 +198,8 @@ impl StreamHandle {
 
 struct StreamActor {
     log: LogFile,
+    /// The pipe was lost when the daemon last stopped, and no new one came since.
+    broken: bool,
     pipes: Vec<Receiver>,
     stats: Arc<StreamStats>,
     publisher: OffsetPublisher,
@@ -197,6 +237,11 @@ impl StreamActor {
                         self.pipes.swap_remove(index);
                         self.stats.writers.fetch_sub(1, Relaxed);
                         self.metrics.pipe_writers.dec();
+                        if self.pipes.is_empty() {
+                            if let Err(e) = self.log.set_open(false) {
+                                tracing::warn!(path = %self.log.path().display(), error = %e, "cannot record the closed pipe");
+                            }
+                        }
                     }
                 }
             }
@@ -206,6 +251,10 @@ impl StreamActor {
     fn handle(&mut self, command: Command) {
         match command {
             Command::AddPipe(fd, reply) => {
+                self.broken = false;
+                if let Err(e) = self.log.set_open(true) {
+                    tracing::warn!(path = %self.log.path().display(), error = %e, "cannot record the open pipe");
+                }
                 let result = Receiver::from_owned_fd(fd).map(|fd| {
                     self.pipes.push(fd);
                     self.stats.writers.fetch_add(1, Relaxed);
@@ -220,8 +269,11 @@ impl StreamActor {
                 self.account_rotations(rotations);
                 let _ = reply.send(result);
             }
-            Command::DiskUsage(reply) => {
-                let _ = reply.send(self.log.disk_usage());
+            Command::Figures(reply) => {
+                let _ = reply.send(Figures {
+                    broken: self.broken,
+                    ..Figures::of(&self.log, &self.stats)
+                });
             }
             Command::OpenSegments(from, reply) => {
                 let _ = reply.send(self.log.open_segments(from));
@@ -239,6 +291,7 @@ impl StreamActor {
             publisher,
             metrics,
             buffer,
+            ..
         } = self;
         if pipes.is_empty() {
             return std::future::pending().await;

@@ -12,7 +12,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::logfile::LogFile;
 use crate::metrics::Metrics;
-use crate::stream::OffsetPublisher;
+use crate::stream::{Figures, OffsetPublisher};
 use bytes::{Buf, Bytes, BytesMut};
 use std::collections::BTreeMap;
 use std::io::ErrorKind;
@@ -136,8 +136,12 @@ impl ConsoleActor {
                 self.count_rotations(before);
                 let _ = reply.send(result);
             }
-            Command::DiskUsage(reply) => {
-                let _ = reply.send(self.log.disk_usage());
+            Command::Figures(reply) => {
+                let _ = reply.send(Figures {
+                    clients: self.clients.len() as u64,
+                    guest_connected: self.guest.is_some(),
+                    ..Figures::of(&self.log, &self.handle.stats)
+                });
             }
             Command::OpenSegments(from, reply) => {
                 let _ = reply.send(self.log.open_segments(from));

@@ -29,7 +29,7 @@ pub use clients::{ClientReceiver, Event};
 use crate::error::{Error, Result};
 use crate::logfile::{LogFile, LogLimits, OpenSegment};
 use crate::metrics::Metrics;
-use crate::stream::{OffsetPublisher, StreamStats};
+use crate::stream::{Figures, OffsetPublisher, StreamStats};
 use bytes::Bytes;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -105,7 +105,7 @@ enum Command {
     ),
     Detach(u64),
     SetLimits(LogLimits, oneshot::Sender<std::io::Result<()>>),
-    DiskUsage(oneshot::Sender<(u64, u64)>),
+    Figures(oneshot::Sender<Figures>),
     OpenSegments(u64, oneshot::Sender<std::io::Result<Vec<OpenSegment>>>),
     Close {
         reason: String,
@@ -235,12 +235,12 @@ impl ConsoleHandle {
         answer.await.map_err(|_| closed())?
     }
 
-    /// Bytes on disk and first offset still on disk.
-    pub async fn disk_usage(&self) -> std::io::Result<(u64, u64)> {
+    /// The console's figures at one instant.
+    pub async fn figures(&self) -> std::io::Result<Figures> {
         let (reply, answer) = oneshot::channel();
         let closed = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "console has stopped");
         self.commands
-            .send(Command::DiskUsage(reply))
+            .send(Command::Figures(reply))
             .await
             .map_err(|_| closed())?;
         answer.await.map_err(|_| closed())

@@ -70,30 +70,28 @@ fn stream_info(s: StreamSnapshot) -> proto::StreamInfo {
         LogMode::Rotate => proto::LogMode::Rotate,
         LogMode::Truncate => proto::LogMode::Truncate,
     };
-    let kind = match s.kind {
-        StreamKind::Pipe => proto::StreamKind::Pipe,
-        StreamKind::Console => proto::StreamKind::Console,
+    let (kind, open) = match s.kind {
+        StreamKind::Pipe => (proto::StreamKind::Pipe, s.figures.writers > 0),
+        StreamKind::Console => (proto::StreamKind::Console, true),
     };
+    let f = s.figures;
     proto::StreamInfo {
         name: s.name,
         kind: kind.into(),
-        offset: s.end_offset,
-        first_offset: s.first_offset,
-        open: match s.kind {
-            StreamKind::Pipe => s.writers > 0,
-            StreamKind::Console => true,
-        },
+        offset: f.end_offset,
+        first_offset: f.first_offset,
+        open,
         log_path: s.log_path.display().to_string(),
-        bytes_on_disk: s.bytes_on_disk,
+        bytes_on_disk: f.bytes_on_disk,
         max_size: s.limits.max_size,
         max_backups: s.limits.max_backups,
         mode: mode.into(),
-        writers: s.writers as u32,
-        clients: s.clients as u32,
-        guest_connected: s.guest_connected,
-        dropped_bytes: s.dropped,
-        rotations: s.rotations,
-        broken: false,
+        writers: f.writers as u32,
+        clients: f.clients as u32,
+        guest_connected: f.guest_connected,
+        dropped_bytes: f.dropped,
+        rotations: f.rotations,
+        broken: f.broken,
     }
 }
 
