@@ -147,7 +147,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         "conlogd ready"
     );
 
+    notify_systemd("READY=1");
+
     let signal_name = wait_for_stop_signal().await;
+    notify_systemd("STOPPING=1");
     tracing::info!(signal = signal_name, "shutting down");
     let _ = stop_tx.send(true);
     fd_server.abort();
@@ -168,6 +171,26 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let _ = fs::remove_file(&fd_socket);
     tracing::info!("every log flushed; bye");
     Ok(())
+}
+
+/// Tells systemd (Type=notify) about the daemon's state through `$NOTIFY_SOCKET`, if set.
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let address = match path.to_str().and_then(|p| p.strip_prefix('@')) {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()),
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    let message = format!("{state}\nMAINPID={}\n", std::process::id());
+    let sent = address.and_then(|address| {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        socket.send_to_addr(message.as_bytes(), &address)
+    });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
 }
 
 /// Every guest costs several descriptors (pipe read ends, log files, sockets); raise the soft
