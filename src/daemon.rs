@@ -157,6 +157,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     if let Some(server) = metrics_server {
         server.abort();
     }
+    // Close the streams first: consoles end their clients' calls with UNAVAILABLE and
+    // followers of history end too, so the gRPC servers can drain at once.
+    guests
+        .close_all("conlogd is shutting down; reconnect and resume by offset")
+        .await;
     let servers = async {
         let _ = local_server.await;
         let _ = tcp_server.await;
@@ -164,9 +169,6 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     if tokio::time::timeout(DRAIN_TIMEOUT, servers).await.is_err() {
         tracing::warn!("gRPC calls still running after {DRAIN_TIMEOUT:?}; closing them");
     }
-    guests
-        .close_all("conlogd is shutting down; reconnect and resume by offset")
-        .await;
     let _ = fs::remove_file(&socket_path);
     let _ = fs::remove_file(&fd_socket);
     tracing::info!("every log flushed; bye");

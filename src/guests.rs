@@ -111,7 +111,8 @@ impl Actor {
         }
     }
 
-    fn stats(&self) -> &StreamStats {
+    /// The stream's counters.
+    pub fn stats(&self) -> &StreamStats {
         match self {
             Actor::Pipe(h) => &h.stats,
             Actor::Console(h) => &h.stats,
@@ -152,6 +153,7 @@ impl Actor {
     }
 
     async fn close(&self, reason: &str, removed: bool) {
+        self.stats().removed.store(removed, Relaxed);
         match self {
             Actor::Pipe(h) => h.close().await,
             Actor::Console(h) => h.close(reason, removed).await,

@@ -90,6 +90,7 @@ pub async fn read(
         actor,
         offsets,
         segments: segments.into(),
+        last: None,
         position,
         remaining: request.limit.unwrap_or(u64::MAX),
         request,
@@ -103,6 +104,8 @@ struct Reader {
     actor: Actor,
     offsets: tokio::sync::watch::Receiver<u64>,
     segments: VecDeque<OpenSegment>,
+    /// The last file read to its end, kept open in case it grows.
+    last: Option<OpenSegment>,
     position: u64,
     remaining: u64,
     request: HistoryRequest,
@@ -119,7 +122,7 @@ impl Reader {
     /// Streams until the limit, the end (without follow), the client leaving, or the stream
     /// going away.
     async fn pump(&mut self) -> Result<()> {
-        let mut buffer = vec![0u8; self.request.chunk_size];
+        let mut buffer = vec![0u8; self.request.chunk_size + 3];
         while self.remaining > 0 {
             let Some(segment) = self.segments.front() else {
                 if !self.refill().await? {
@@ -129,7 +132,9 @@ impl Reader {
             };
             let seg_end = segment.start + segment.len;
             if self.position >= seg_end {
-                self.segments.pop_front();
+                // Keep the file open: it may still grow (it was the current one), and then the
+                // next bytes come from it without asking the actor.
+                self.last = self.segments.pop_front();
                 continue;
             }
             if self.position < segment.start {
@@ -146,7 +151,7 @@ impl Reader {
             }
             let want = (seg_end - self.position)
                 .min(self.remaining)
-                .min(buffer.len() as u64) as usize;
+                .min(self.request.chunk_size as u64) as usize;
             let read = segment
                 .file
                 .read_at(&mut buffer[..want], self.position - segment.start)
@@ -156,24 +161,83 @@ impl Reader {
                 self.segments.pop_front();
                 continue;
             }
-            let mut take = read;
-            if self.request.utf8_boundaries
-                && read == want
-                && self.position + (read as u64) < seg_end
-            {
-                take = utf8_cut(&buffer[..read]);
-            }
+            let take = if self.request.utf8_boundaries {
+                self.whole_characters(&mut buffer, read, seg_end)?
+            } else {
+                read
+            };
             let item = HistoryItem::Data {
                 offset: self.position,
                 data: buffer[..take].to_vec(),
             };
             self.position += take as u64;
-            self.remaining -= take as u64;
+            self.remaining = self.remaining.saturating_sub(take as u64);
             if self.sender.send(Ok(item)).await.is_err() {
                 return Ok(());
             }
         }
         Ok(())
+    }
+
+    /// Adjusts a chunk of `read` bytes at our position so it ends on a character boundary: an
+    /// incomplete character at the end of a file is completed from the next file (a log file
+    /// can end mid-character), one in the middle of a file is left for the next chunk.
+    fn whole_characters(&self, buffer: &mut [u8], read: usize, seg_end: u64) -> Result<usize> {
+        let Some((have, missing)) = incomplete_tail(&buffer[..read]) else {
+            return Ok(read);
+        };
+        if self.position + read as u64 == seg_end {
+            let next = self
+                .segments
+                .get(1)
+                .filter(|next| next.start == seg_end && next.len >= missing as u64);
+            match next {
+                // Room left in this chunk: complete the character from the next file.
+                Some(next) if read + missing <= self.request.chunk_size => {
+                    next.file
+                        .read_exact_at(&mut buffer[read..read + missing], 0)
+                        .map_err(|e| Error::io("cannot read a log file", e))?;
+                    return Ok(read + missing);
+                }
+                // No room: the next chunk starts with this character and completes it.
+                Some(_) if read > have => return Ok(read - have),
+                // The rest of the character is not written yet (or never will be).
+                _ => return Ok(read),
+            }
+        }
+        Ok(if read > have { read - have } else { read })
+    }
+
+    /// The stream's actor stopped: a removed stream ends the read; a daemon going away (shutdown
+    /// or upgrade) is `UNAVAILABLE`, so the client resumes from its offset later.
+    fn stream_stopped(&self) -> Result<bool> {
+        if self.actor.stats().removed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(false);
+        }
+        Err(Error::Unavailable(format!(
+            "conlogd is going away; resume with from_offset {}",
+            self.position
+        )))
+    }
+
+    /// If the file we finished has grown past our position, reads on from it: log files are
+    /// append-only and a rotated or truncated-away file keeps its bytes while we hold it, so
+    /// whatever it holds beyond the length we were told is exactly the stream's next bytes.
+    fn grow_last(&mut self) -> Result<bool> {
+        let Some(last) = &mut self.last else {
+            return Ok(false);
+        };
+        let len = last
+            .file
+            .metadata()
+            .map_err(|e| Error::io("cannot stat a log file", e))?
+            .len();
+        if last.start + len <= self.position {
+            return Ok(false);
+        }
+        last.len = len;
+        self.segments.push_front(self.last.take().expect("checked above"));
+        Ok(true)
     }
 
     /// Gets the files holding data from our position, waiting for new data when following.
@@ -182,13 +246,16 @@ impl Reader {
         loop {
             let end = *self.offsets.borrow_and_update();
             if self.position < end {
+                if self.grow_last()? {
+                    return Ok(true);
+                }
                 match self.actor.open_segments(self.position).await {
                     Ok(segments) if !segments.is_empty() => {
                         self.segments = segments.into();
                         return Ok(true);
                     }
                     Ok(_) => {}
-                    Err(_) => return Ok(false),
+                    Err(_) => return self.stream_stopped(),
                 }
             }
             if !self.request.follow {
@@ -196,8 +263,7 @@ impl Reader {
             }
             tokio::select! {
                 changed = self.offsets.changed() => if changed.is_err() {
-                    // The stream's actor stopped (removed, or the daemon is going away).
-                    return Ok(false);
+                    return self.stream_stopped();
                 },
                 _ = self.sender.closed() => return Ok(false),
             }
@@ -242,27 +308,23 @@ fn tail_lines_start(segments: &[OpenSegment], n: u64) -> io::Result<u64> {
     Ok(first)
 }
 
-/// The length of `data` without an incomplete UTF-8 character at its end (unless that would
-/// leave nothing).
-fn utf8_cut(data: &[u8]) -> usize {
-    for back in 1..=3.min(data.len()) {
-        let byte = data[data.len() - back];
+/// If `data` ends inside a UTF-8 character: how many of its bytes are there and how many are
+/// missing. Invalid bytes are not "incomplete": they stay as they are.
+fn incomplete_tail(data: &[u8]) -> Option<(usize, usize)> {
+    for have in 1..=3.min(data.len()) {
+        let byte = data[data.len() - have];
         if byte & 0b1100_0000 == 0b1000_0000 {
-            continue; // continuation byte: keep looking for the lead byte
+            continue; // a continuation byte: look further back for the lead byte
         }
         let needed = match byte {
             0xC0..=0xDF => 2,
             0xE0..=0xEF => 3,
             0xF0..=0xF7 => 4,
-            _ => return data.len(),
+            _ => return None,
         };
-        return if needed > back && data.len() > back {
-            data.len() - back
-        } else {
-            data.len()
-        };
+        return (needed > have).then_some((have, needed - have));
     }
-    data.len()
+    None
 }
 
 /// Reads the last `n` bytes held by `segments` (oldest first). Returns the offset of the first
@@ -302,12 +364,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn utf8_cut_keeps_whole_characters() {
-        assert_eq!(utf8_cut(b"abc"), 3);
-        assert_eq!(utf8_cut("aé".as_bytes()), 3);
-        assert_eq!(utf8_cut(&"aé".as_bytes()[..2]), 1);
-        assert_eq!(utf8_cut(&"a€".as_bytes()[..3]), 1);
-        assert_eq!(utf8_cut(&"€".as_bytes()[..2]), 2);
+    fn incomplete_characters_at_the_end() {
+        assert_eq!(incomplete_tail(b"abc"), None);
+        assert_eq!(incomplete_tail("aé".as_bytes()), None);
+        assert_eq!(incomplete_tail(&"aé".as_bytes()[..2]), Some((1, 1)));
+        assert_eq!(incomplete_tail(&"a€".as_bytes()[..3]), Some((2, 1)));
+        assert_eq!(incomplete_tail(&"😀".as_bytes()[..1]), Some((1, 3)));
+        assert_eq!(incomplete_tail(&[b'a', 0xFF]), None);
     }
 
     #[test]

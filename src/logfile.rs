@@ -86,12 +86,20 @@ pub struct OpenSegment {
 /// The outcome of moving bytes from a pipe into the log.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Moved {
-    /// This many bytes were logged.
-    Logged(usize),
-    /// This many bytes were read but could not be written (counted as dropped).
-    Dropped(usize),
+    /// Bytes taken from the pipe: `logged` reached the file, `dropped` could not be written.
+    Bytes { logged: usize, dropped: usize },
     /// The pipe has no writer left.
     Eof,
+}
+
+impl Moved {
+    fn logged(logged: usize) -> Self {
+        Moved::Bytes { logged, dropped: 0 }
+    }
+
+    fn dropped(dropped: usize) -> Self {
+        Moved::Bytes { logged: 0, dropped }
+    }
 }
 
 /// An open, capped log.
@@ -273,11 +281,13 @@ impl LogFile {
         max: usize,
         buffer: &mut [u8],
     ) -> io::Result<Moved> {
-        let room = match self.make_room() {
-            Ok(room) => room,
-            Err(_) => return discard(pipe, buffer),
-        };
-        let len = room.min(max as u64) as usize;
+        // A full (or lost) file is only rotated once there is data for the next one: read it
+        // first, then append. Rotating on speculation would empty a truncate-mode file that
+        // readers still want, and leave an empty current file behind in rotate mode.
+        if self.file.is_none() || self.size >= self.limits.max_size {
+            return self.copy_from_pipe(pipe, max, buffer);
+        }
+        let len = (self.limits.max_size - self.size).min(max as u64) as usize;
         if self.splice_works {
             let file = self.file.as_ref().expect("make_room opened the file");
             let flags = rustix::pipe::SpliceFlags::NONBLOCK | rustix::pipe::SpliceFlags::MOVE;
@@ -285,7 +295,7 @@ impl LogFile {
                 Ok(0) => return Ok(Moved::Eof),
                 Ok(n) => {
                     self.size += n as u64;
-                    return Ok(Moved::Logged(n));
+                    return Ok(Moved::logged(n));
                 }
                 Err(rustix::io::Errno::AGAIN) => return Err(ErrorKind::WouldBlock.into()),
                 Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOSYS) => {
@@ -297,13 +307,27 @@ impl LogFile {
                 Err(_) => return discard(pipe, buffer),
             }
         }
-        let len = len.min(buffer.len());
+        self.copy_from_pipe(pipe, len, buffer)
+    }
+
+    /// Reads up to `max` bytes from the pipe into `buffer` and appends them (rotating as needed).
+    fn copy_from_pipe(&mut self, pipe: BorrowedFd<'_>, max: usize, buffer: &mut [u8]) -> io::Result<Moved> {
+        let len = max.min(buffer.len());
         match rustix::io::read(pipe, &mut buffer[..len]) {
             Ok(0) => Ok(Moved::Eof),
-            Ok(n) => match self.append(&buffer[..n]) {
-                Ok(()) => Ok(Moved::Logged(n)),
-                Err(_) => Ok(Moved::Dropped(n)),
-            },
+            Ok(n) => {
+                let before = self.end_offset();
+                // What did reach the file counts as logged; the rest is dropped.
+                let result = self.append(&buffer[..n]);
+                let logged = (self.end_offset() - before) as usize;
+                if let Err(e) = result {
+                    tracing::debug!(path = %self.path.display(), error = %e, "log write failed");
+                }
+                Ok(Moved::Bytes {
+                    logged,
+                    dropped: n - logged,
+                })
+            }
             Err(rustix::io::Errno::AGAIN) => Err(ErrorKind::WouldBlock.into()),
             Err(e) => Err(e.into()),
         }
@@ -331,7 +355,8 @@ impl LogFile {
 
     fn enforce_limits(&mut self) -> io::Result<()> {
         remove_backups_beyond(&self.path, self.limits.backups_kept());
-        if self.size >= self.limits.max_size {
+        // Only a file over the cap (limits shrank) is rotated now; a full one waits for data.
+        if self.size > self.limits.max_size {
             self.rotate()?;
         }
         Ok(())
@@ -476,7 +501,7 @@ fn rename_if_exists(from: &Path, to: &Path) -> io::Result<()> {
 fn discard(pipe: BorrowedFd<'_>, buffer: &mut [u8]) -> io::Result<Moved> {
     match rustix::io::read(pipe, buffer) {
         Ok(0) => Ok(Moved::Eof),
-        Ok(n) => Ok(Moved::Dropped(n)),
+        Ok(n) => Ok(Moved::dropped(n)),
         Err(rustix::io::Errno::AGAIN) => Err(ErrorKind::WouldBlock.into()),
         Err(e) => Err(e.into()),
     }

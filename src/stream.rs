@@ -39,6 +39,9 @@ pub struct StreamStats {
     pub dropped: AtomicU64,
     /// Rotations since the daemon started.
     pub rotations: AtomicU64,
+    /// Set before the actor stops if the stream was removed (rather than the daemon stopping),
+    /// so readers following it can tell "ended" from "come back later".
+    pub removed: std::sync::atomic::AtomicBool,
 }
 
 /// A consistent view of a stream's figures, taken by its actor at one instant.
@@ -311,15 +314,9 @@ impl StreamActor {
                     match result {
                         // Readiness was cleared; poll again to register the waker.
                         Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-                        Ok(Moved::Logged(n)) => {
-                            moved += n;
-                            publisher.publish(log.end_offset());
-                            metrics.bytes_logged.inc_by(n as u64);
-                        }
-                        Ok(Moved::Dropped(n)) => {
-                            moved += n;
-                            stats.dropped.fetch_add(n as u64, Relaxed);
-                            metrics.bytes_dropped.inc_by(n as u64);
+                        Ok(Moved::Bytes { logged, dropped }) => {
+                            moved += logged + dropped;
+                            count_moved(log, stats, publisher, metrics, logged, dropped);
                         }
                         Ok(Moved::Eof) => return Poll::Ready(PipeEvent::Finished(index)),
                         Err(e) => {
@@ -351,12 +348,8 @@ impl StreamActor {
                     .move_from_pipe(pipe.as_fd(), SPLICE_MAX, &mut self.buffer);
                 self.account_rotations(rotations);
                 match moved {
-                    Ok(Moved::Logged(n)) => {
-                        self.metrics.bytes_logged.inc_by(n as u64);
-                    }
-                    Ok(Moved::Dropped(n)) => {
-                        self.stats.dropped.fetch_add(n as u64, Relaxed);
-                        self.metrics.bytes_dropped.inc_by(n as u64);
+                    Ok(Moved::Bytes { logged, dropped }) => {
+                        count_moved(&self.log, &self.stats, &self.publisher, &self.metrics, logged, dropped)
                     }
                     _ => break,
                 }
@@ -369,6 +362,25 @@ impl StreamActor {
         if let Err(e) = self.log.sync() {
             tracing::warn!(path = %self.log.path().display(), error = %e, "cannot sync log");
         }
+    }
+}
+
+/// Publishes what one move did: new end offset, logged and dropped bytes.
+fn count_moved(
+    log: &LogFile,
+    stats: &StreamStats,
+    publisher: &OffsetPublisher,
+    metrics: &Metrics,
+    logged: usize,
+    dropped: usize,
+) {
+    if logged > 0 {
+        publisher.publish(log.end_offset());
+        metrics.bytes_logged.inc_by(logged as u64);
+    }
+    if dropped > 0 {
+        stats.dropped.fetch_add(dropped as u64, Relaxed);
+        metrics.bytes_dropped.inc_by(dropped as u64);
     }
 }
 
