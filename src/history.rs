@@ -211,7 +211,12 @@ impl Reader {
     /// The stream's actor stopped: a removed stream ends the read; a daemon going away (shutdown
     /// or upgrade) is `UNAVAILABLE`, so the client resumes from its offset later.
     fn stream_stopped(&self) -> Result<bool> {
-        if self.actor.stats().removed.load(std::sync::atomic::Ordering::Relaxed) {
+        if self
+            .actor
+            .stats()
+            .removed
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
             return Ok(false);
         }
         Err(Error::Unavailable(format!(
@@ -236,7 +241,8 @@ impl Reader {
             return Ok(false);
         }
         last.len = len;
-        self.segments.push_front(self.last.take().expect("checked above"));
+        self.segments
+            .push_front(self.last.take().expect("checked above"));
         Ok(true)
     }
 

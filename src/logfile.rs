@@ -311,7 +311,12 @@ impl LogFile {
     }
 
     /// Reads up to `max` bytes from the pipe into `buffer` and appends them (rotating as needed).
-    fn copy_from_pipe(&mut self, pipe: BorrowedFd<'_>, max: usize, buffer: &mut [u8]) -> io::Result<Moved> {
+    fn copy_from_pipe(
+        &mut self,
+        pipe: BorrowedFd<'_>,
+        max: usize,
+        buffer: &mut [u8],
+    ) -> io::Result<Moved> {
         let len = max.min(buffer.len());
         match rustix::io::read(pipe, &mut buffer[..len]) {
             Ok(0) => Ok(Moved::Eof),

@@ -348,9 +348,14 @@ impl StreamActor {
                     .move_from_pipe(pipe.as_fd(), SPLICE_MAX, &mut self.buffer);
                 self.account_rotations(rotations);
                 match moved {
-                    Ok(Moved::Bytes { logged, dropped }) => {
-                        count_moved(&self.log, &self.stats, &self.publisher, &self.metrics, logged, dropped)
-                    }
+                    Ok(Moved::Bytes { logged, dropped }) => count_moved(
+                        &self.log,
+                        &self.stats,
+                        &self.publisher,
+                        &self.metrics,
+                        logged,
+                        dropped,
+                    ),
                     _ => break,
                 }
             }
