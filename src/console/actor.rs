@@ -85,8 +85,9 @@ impl ConsoleActor {
             let connected = self.guest.is_some();
             let want_input = self.to_guest.len() < MAX_PENDING_INPUT;
             let want_write = connected && !self.to_guest.is_empty();
+            // Not biased: a guest flooding output must not starve input or commands, and a
+            // fast typist must not starve the guest's output.
             tokio::select! {
-                biased;
                 command = commands.recv() => match command {
                     Some(Command::Close { reason, removed, done }) => {
                         self.close(&reason, removed);
