@@ -235,21 +235,25 @@ impl Guests {
         log_path: &Path,
         limits: LogLimits,
     ) -> Result<Actor> {
+        // Check what can be refused before anything is created on disk.
+        let paths = match kind {
+            StreamKind::Console => {
+                Some(ConsolePaths::new(self.config.runtime_dir(), guest, stream)?)
+            }
+            StreamKind::Pipe => None,
+        };
         let log = LogFile::open(log_path, &self.position_path(guest, stream), limits)
             .map_err(|e| Error::io(format!("cannot open {}", log_path.display()), e))?;
-        Ok(match kind {
-            StreamKind::Pipe => Actor::Pipe(StreamHandle::spawn(log, self.metrics.clone())),
-            StreamKind::Console => {
-                let paths = ConsolePaths::new(self.config.runtime_dir(), guest, stream);
-                Actor::Console(ConsoleHandle::spawn(
-                    guest,
-                    stream,
-                    paths,
-                    log,
-                    self.console_settings(),
-                    self.metrics.clone(),
-                )?)
-            }
+        Ok(match paths {
+            None => Actor::Pipe(StreamHandle::spawn(log, self.metrics.clone())),
+            Some(paths) => Actor::Console(ConsoleHandle::spawn(
+                guest,
+                stream,
+                paths,
+                log,
+                self.console_settings(),
+                self.metrics.clone(),
+            )?),
         })
     }
 

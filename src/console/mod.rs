@@ -88,13 +88,25 @@ pub struct ConsolePaths {
 }
 
 impl ConsolePaths {
-    /// `<runtime>/consoles/<guest>/<device>.{guest,client}.sock`
-    pub fn new(runtime_dir: &Path, guest: &str, device: &str) -> Self {
+    /// `<runtime>/consoles/<guest>/<device>.{guest,client}.sock`, refused if too long for a
+    /// UNIX socket address.
+    pub fn new(runtime_dir: &Path, guest: &str, device: &str) -> Result<Self> {
         let dir = runtime_dir.join("consoles").join(guest);
-        Self {
+        let paths = Self {
             guest_socket: dir.join(format!("{device}.guest.sock")),
             client_socket: dir.join(format!("{device}.client.sock")),
+        };
+        for path in [&paths.guest_socket, &paths.client_socket] {
+            let shown = path.display().to_string();
+            if shown.len() > MAX_SOCKET_PATH {
+                return Err(Error::InvalidArgument(format!(
+                    "Console socket path {shown} is {} bytes; UNIX sockets allow {MAX_SOCKET_PATH}: \
+                     use a shorter runtime_dir, guest or device name",
+                    shown.len()
+                )));
+            }
         }
+        Ok(paths)
     }
 }
 
@@ -302,14 +314,7 @@ impl Drop for DetachGuard {
 
 /// Binds a console socket (mode 0660), creating its directory and replacing a stale file.
 fn bind(path: &Path) -> Result<UnixListener> {
-    let shown = path.display().to_string();
-    if shown.len() > MAX_SOCKET_PATH {
-        return Err(Error::InvalidArgument(format!(
-            "Console socket path {shown} is {} bytes; UNIX sockets allow {MAX_SOCKET_PATH}: use a shorter runtime_dir, guest or device name",
-            shown.len()
-        )));
-    }
-    let io = |e| Error::io(format!("cannot bind {shown}"), e);
+    let io = |e| Error::io(format!("cannot bind {}", path.display()), e);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }

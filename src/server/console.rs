@@ -134,25 +134,40 @@ fn frame(event: Event, session_id: &str) -> std::result::Result<ServerFrame, Sta
     Ok(ServerFrame { frame: Some(frame) })
 }
 
-/// The client's frames; keeps the attachment (and session) alive while the stream is.
-fn frames(attachment: Attachment, session: Option<SessionGuard>) -> BoxStream<ServerFrame> {
+/// What a client's response stream keeps alive: its attachment (the lease), its session, and
+/// the sender whose drop tells the call's input task to stop.
+struct Held {
+    attachment: Attachment,
+    _session: Option<SessionGuard>,
+    _call: Option<tokio::sync::oneshot::Sender<()>>,
+    finished: bool,
+}
+
+/// The client's frames; everything in [`Held`] lives exactly as long as the stream.
+fn frames(
+    attachment: Attachment,
+    session: Option<SessionGuard>,
+    call: Option<tokio::sync::oneshot::Sender<()>>,
+) -> BoxStream<ServerFrame> {
     let session_id = session.as_ref().map(|s| s.id.clone()).unwrap_or_default();
-    let state = (attachment, session, false);
-    Box::pin(futures::stream::unfold(
-        state,
-        move |(mut attachment, session, finished)| {
-            let session_id = session_id.clone();
-            async move {
-                if finished {
-                    return None;
-                }
-                let event = attachment.events.recv().await?;
-                let item = frame(event, &session_id);
-                let finished = item.is_err();
-                Some((item, (attachment, session, finished)))
+    let held = Held {
+        attachment,
+        _session: session,
+        _call: call,
+        finished: false,
+    };
+    Box::pin(futures::stream::unfold(held, move |mut held| {
+        let session_id = session_id.clone();
+        async move {
+            if held.finished {
+                return None;
             }
-        },
-    ))
+            let event = held.attachment.events.recv().await?;
+            let item = frame(event, &session_id);
+            held.finished = item.is_err();
+            Some((item, held))
+        }
+    }))
 }
 
 #[tonic::async_trait]
@@ -184,8 +199,16 @@ impl Console for ConsoleService {
         };
         let (console, attachment) = self.attach(fields, label).await?;
         let client = attachment.id;
+        // The input task ends with the call: when the client stops sending, or when the
+        // response stream is dropped (console closed or removed, client gone).
+        let (ended, mut call_over) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
-            while let Ok(Some(frame)) = inbound.message().await {
+            loop {
+                let frame = tokio::select! {
+                    frame = inbound.message() => frame,
+                    _ = &mut call_over => break,
+                };
+                let Ok(Some(frame)) = frame else { break };
                 match frame.frame {
                     Some(client_frame::Frame::Input(input)) => {
                         if console.input(client, input.data.into()).await.is_err() {
@@ -199,7 +222,7 @@ impl Console for ConsoleService {
                 }
             }
         });
-        Ok(Response::new(frames(attachment, None)))
+        Ok(Response::new(frames(attachment, None, Some(ended))))
     }
 
     async fn watch_console(
@@ -217,7 +240,7 @@ impl Console for ConsoleService {
         };
         let (console, attachment) = self.attach(fields, label).await?;
         let session = self.sessions.open(console, attachment.id)?;
-        Ok(Response::new(frames(attachment, Some(session))))
+        Ok(Response::new(frames(attachment, Some(session), None)))
     }
 
     async fn send_console_input(

@@ -10,6 +10,8 @@
 //! - [`Frames`]: a server-frame stream that checks offsets as it goes (every output frame must
 //!   start where the previous one ended, or where a `lagged` frame says it resumes) and keeps
 //!   the output and the other frames for assertions.
+//! - Small helpers: [`local_channel`] (a new connection of its own), [`wait_clients`],
+//!   [`wait_guest_connected`], [`assert_socket`], [`expect_code`], [`rss_bytes`], [`bounded`].
 //!
 //! Every wait is bounded by [`DEADLINE`] and panics with what it was waiting for and what it
 //! had seen. Nothing here sleeps for a fixed time.
@@ -673,20 +675,42 @@ impl Session {
 
     /// Sends an input frame with `data`.
     pub async fn send(&self, data: &[u8]) {
+        self.input().send(data).await;
+    }
+
+    /// Sends any client frame.
+    pub async fn send_frame(&self, frame: proto::ClientFrame) {
+        self.input().send_frame(frame).await;
+    }
+
+    /// A handle that sends input on this call from another task (for typing while reading).
+    /// The request stream stays open while any handle lives.
+    pub fn input(&self) -> SessionInput {
+        SessionInput(self.input.clone().expect("input already closed"))
+    }
+
+    /// Ends the client stream (half-close) unless an [`input`](Self::input) handle still
+    /// lives; server frames keep coming.
+    pub fn close_input(&mut self) {
+        self.input = None;
+    }
+}
+
+/// Sends client frames on an AttachConsole call (see [`Session::input`]).
+#[derive(Clone, Debug)]
+pub struct SessionInput(mpsc::Sender<proto::ClientFrame>);
+
+impl SessionInput {
+    /// Sends an input frame with `data`.
+    pub async fn send(&self, data: &[u8]) {
         self.send_frame(input_frame(data)).await;
     }
 
     /// Sends any client frame.
     pub async fn send_frame(&self, frame: proto::ClientFrame) {
-        let input = self.input.as_ref().expect("input already closed");
-        bounded("send a client frame", input.send(frame))
+        bounded("send a client frame", self.0.send(frame))
             .await
             .expect("AttachConsole request stream closed");
-    }
-
-    /// Ends the client stream (half-close); server frames keep coming.
-    pub fn close_input(&mut self) {
-        self.input = None;
     }
 }
 
