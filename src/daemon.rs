@@ -113,7 +113,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         handoffs: handoffs.clone(),
         fd_socket: fd_socket.clone(),
     };
-    let console = ConsoleService::default();
+    let console = ConsoleService::new(guests.clone(), config.history.chunk_size.bytes() as usize);
     let tcp_address = tcp.local_addr().map_err(|source| StartError::Bind {
         what: "TCP",
         address: config.listen.to_string(),
@@ -147,13 +147,21 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         "conlogd ready"
     );
 
+    notify_systemd("READY=1");
+
     let signal_name = wait_for_stop_signal().await;
+    notify_systemd("STOPPING=1");
     tracing::info!(signal = signal_name, "shutting down");
     let _ = stop_tx.send(true);
     fd_server.abort();
     if let Some(server) = metrics_server {
         server.abort();
     }
+    // Close the streams first: consoles end their clients' calls with UNAVAILABLE and
+    // followers of history end too, so the gRPC servers can drain at once.
+    guests
+        .close_all("conlogd is shutting down; reconnect and resume by offset")
+        .await;
     let servers = async {
         let _ = local_server.await;
         let _ = tcp_server.await;
@@ -161,11 +169,30 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     if tokio::time::timeout(DRAIN_TIMEOUT, servers).await.is_err() {
         tracing::warn!("gRPC calls still running after {DRAIN_TIMEOUT:?}; closing them");
     }
-    guests.close_all().await;
     let _ = fs::remove_file(&socket_path);
     let _ = fs::remove_file(&fd_socket);
     tracing::info!("every log flushed; bye");
     Ok(())
+}
+
+/// Tells systemd (Type=notify) about the daemon's state through `$NOTIFY_SOCKET`, if set.
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let address = match path.to_str().and_then(|p| p.strip_prefix('@')) {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()),
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    let message = format!("{state}\nMAINPID={}\n", std::process::id());
+    let sent = address.and_then(|address| {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        socket.send_to_addr(message.as_bytes(), &address)
+    });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
 }
 
 /// Every guest costs several descriptors (pipe read ends, log files, sockets); raise the soft

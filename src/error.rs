@@ -22,6 +22,9 @@ pub enum Error {
     /// A configured limit was hit; `limit` is its config key.
     #[error("Limit {limit} reached ({value})")]
     LimitReached { limit: &'static str, value: u64 },
+    /// A position outside what exists.
+    #[error("{0}")]
+    OutOfRange(String),
     /// The request conflicts with the current state.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -63,6 +66,7 @@ impl From<Error> for tonic::Status {
             Error::NotFound(_) => Status::not_found(error.to_string()),
             Error::LimitReached { .. } => Status::resource_exhausted(error.to_string()),
             Error::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
+            Error::OutOfRange(_) => Status::out_of_range(error.to_string()),
             Error::Unavailable(_) => Status::unavailable(error.to_string()),
             Error::Unimplemented(_) => Status::unimplemented(error.to_string()),
             Error::Io { .. } => {
@@ -83,4 +87,10 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = inner.source();
     }
     text
+}
+
+impl From<NameError> for tonic::Status {
+    fn from(error: NameError) -> Self {
+        Error::from(error).into()
+    }
 }

@@ -8,11 +8,12 @@
 //! offsets.
 
 use crate::config::{Config, LogMode};
+use crate::console::{ConsoleHandle, ConsolePaths, ConsoleSettings};
 use crate::error::{Error, Result};
 use crate::logfile::{LogFile, LogLimits};
 use crate::metrics::Metrics;
 use crate::names;
-use crate::stream::StreamHandle;
+use crate::stream::{Figures, StreamHandle, StreamStats};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,16 @@ use tokio::sync::Mutex;
 pub enum StreamKind {
     Pipe,
     Console,
+}
+
+impl StreamKind {
+    /// "log pipe" or "console", for messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            StreamKind::Pipe => "log pipe",
+            StreamKind::Console => "console",
+        }
+    }
 }
 
 /// A client's optional override of the default limits.
@@ -81,20 +92,80 @@ pub struct StreamSnapshot {
     pub kind: StreamKind,
     pub log_path: PathBuf,
     pub limits: LogLimits,
-    pub end_offset: u64,
-    pub first_offset: u64,
-    pub bytes_on_disk: u64,
-    pub writers: u64,
-    pub dropped: u64,
-    pub rotations: u64,
+    /// Taken by the stream's actor at one instant.
+    pub figures: Figures,
+}
+
+/// The actor owning a stream.
+#[derive(Clone)]
+pub enum Actor {
+    Pipe(StreamHandle),
+    Console(ConsoleHandle),
+}
+
+impl Actor {
+    fn kind(&self) -> StreamKind {
+        match self {
+            Actor::Pipe(_) => StreamKind::Pipe,
+            Actor::Console(_) => StreamKind::Console,
+        }
+    }
+
+    /// The stream's counters.
+    pub fn stats(&self) -> &StreamStats {
+        match self {
+            Actor::Pipe(h) => &h.stats,
+            Actor::Console(h) => &h.stats,
+        }
+    }
+
+    async fn figures(&self) -> std::io::Result<Figures> {
+        match self {
+            Actor::Pipe(h) => h.figures().await,
+            Actor::Console(h) => h.figures().await,
+        }
+    }
+
+    async fn set_limits(&self, limits: LogLimits) -> std::io::Result<()> {
+        match self {
+            Actor::Pipe(h) => h.set_limits(limits).await,
+            Actor::Console(h) => h.set_limits(limits).await,
+        }
+    }
+
+    /// Opens the files holding offsets from `from` on.
+    pub async fn open_segments(
+        &self,
+        from: u64,
+    ) -> std::io::Result<Vec<crate::logfile::OpenSegment>> {
+        match self {
+            Actor::Pipe(h) => h.open_segments(from).await,
+            Actor::Console(h) => h.open_segments(from).await,
+        }
+    }
+
+    /// The end offset, for readers that follow; closed when the stream's actor stops.
+    pub fn offsets(&self) -> tokio::sync::watch::Receiver<u64> {
+        match self {
+            Actor::Pipe(h) => h.offsets.clone(),
+            Actor::Console(h) => h.offsets.clone(),
+        }
+    }
+
+    async fn close(&self, reason: &str, removed: bool) {
+        self.stats().removed.store(removed, Relaxed);
+        match self {
+            Actor::Pipe(h) => h.close().await,
+            Actor::Console(h) => h.close(reason, removed).await,
+        }
+    }
 }
 
 #[derive(Clone)]
 struct StreamEntry {
-    kind: StreamKind,
     log_path: PathBuf,
     limits: LogLimits,
-    handle: StreamHandle,
+    actor: Actor,
 }
 
 /// All guests of this daemon.
@@ -102,6 +173,12 @@ pub struct Guests {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     guests: Mutex<BTreeMap<String, BTreeMap<String, StreamEntry>>>,
+}
+
+/// A stream that was asked for: its actor and log path.
+pub struct Stream {
+    pub actor: Actor,
+    pub log_path: PathBuf,
 }
 
 impl Guests {
@@ -141,7 +218,47 @@ impl Guests {
         }
     }
 
-    /// Brings back every stream recorded in the state directory (pipes come back closed).
+    fn console_settings(&self) -> ConsoleSettings {
+        ConsoleSettings {
+            client_queue: self.config.consoles.client_queue.bytes() as usize,
+            max_replay: self.config.consoles.max_replay.bytes(),
+            max_clients: self.config.limits.clients_per_console as usize,
+        }
+    }
+
+    /// Opens the log and starts the actor of a stream.
+    fn start_actor(
+        &self,
+        guest: &str,
+        stream: &str,
+        kind: StreamKind,
+        log_path: &Path,
+        limits: LogLimits,
+    ) -> Result<Actor> {
+        // Check what can be refused before anything is created on disk.
+        let paths = match kind {
+            StreamKind::Console => {
+                Some(ConsolePaths::new(self.config.runtime_dir(), guest, stream)?)
+            }
+            StreamKind::Pipe => None,
+        };
+        let log = LogFile::open(log_path, &self.position_path(guest, stream), limits)
+            .map_err(|e| Error::io(format!("cannot open {}", log_path.display()), e))?;
+        Ok(match paths {
+            None => Actor::Pipe(StreamHandle::spawn(log, self.metrics.clone())),
+            Some(paths) => Actor::Console(ConsoleHandle::spawn(
+                guest,
+                stream,
+                paths,
+                log,
+                self.console_settings(),
+                self.metrics.clone(),
+            )?),
+        })
+    }
+
+    /// Brings back every stream recorded in the state directory: consoles listen again at the
+    /// same paths, pipes come back closed.
     pub async fn restore(&self) -> Result<usize> {
         let dir = self.state_dir();
         let entries = match std::fs::read_dir(&dir) {
@@ -191,51 +308,51 @@ impl Guests {
                 e.into(),
             )
         })?;
-        let log = LogFile::open(
-            &record.log_path,
-            &self.position_path(guest, stream),
-            record.limits,
-        )
-        .map_err(|e| Error::io(format!("cannot open {}", record.log_path.display()), e))?;
+        let actor =
+            self.start_actor(guest, stream, record.kind, &record.log_path, record.limits)?;
         Ok(StreamEntry {
-            kind: record.kind,
             log_path: record.log_path,
             limits: record.limits,
-            handle: StreamHandle::spawn(log, self.metrics.clone()),
+            actor,
         })
     }
 
-    /// Returns the pipe stream `guest/stream`, creating it (and the guest) if needed. Limits
-    /// given for an existing stream replace its current ones.
-    pub async fn pipe_stream(
+    /// Returns the stream `guest/stream` of `kind`, creating it (and the guest) if needed.
+    /// Limits given for an existing stream replace its current ones.
+    pub async fn open_stream(
         &self,
         guest: &str,
         stream: &str,
+        kind: StreamKind,
         limits: LimitsOverride,
-    ) -> Result<(StreamHandle, PathBuf)> {
+    ) -> Result<Stream> {
         let mut guests = self.guests.lock().await;
         let guest_count = guests.len();
         if let Some(entry) = guests.get_mut(guest).and_then(|g| g.get_mut(stream)) {
-            if entry.kind != StreamKind::Pipe {
+            if entry.actor.kind() != kind {
                 return Err(Error::FailedPrecondition(format!(
-                    "{guest}/{stream} is a console, not a log pipe"
+                    "{guest}/{stream} is a {}, not a {}",
+                    entry.actor.kind().noun(),
+                    kind.noun()
                 )));
             }
             if !limits.is_empty() {
                 let new_limits = limits.apply(entry.limits)?;
                 entry
-                    .handle
+                    .actor
                     .set_limits(new_limits)
                     .await
                     .map_err(|e| Error::io("cannot apply new limits", e))?;
                 entry.limits = new_limits;
                 self.write_record(guest, stream, entry)?;
             }
-            return Ok((entry.handle.clone(), entry.log_path.clone()));
+            return Ok(Stream {
+                actor: entry.actor.clone(),
+                log_path: entry.log_path.clone(),
+            });
         }
         let limits = limits.apply(self.default_limits())?;
-        let is_new_guest = !guests.contains_key(guest);
-        if is_new_guest && guest_count >= self.config.limits.guests as usize {
+        if !guests.contains_key(guest) && guest_count >= self.config.limits.guests as usize {
             return Err(Error::LimitReached {
                 limit: "limits.guests",
                 value: self.config.limits.guests.into(),
@@ -249,47 +366,93 @@ impl Guests {
             });
         }
         let log_path = self.log_path(guest, stream);
-        let log = LogFile::open(&log_path, &self.position_path(guest, stream), limits)
-            .map_err(|e| Error::io(format!("cannot open {}", log_path.display()), e))?;
+        let actor = self.start_actor(guest, stream, kind, &log_path, limits)?;
         let entry = StreamEntry {
-            kind: StreamKind::Pipe,
             log_path: log_path.clone(),
             limits,
-            handle: StreamHandle::spawn(log, self.metrics.clone()),
+            actor: actor.clone(),
         };
-        self.write_record(guest, stream, &entry)?;
-        let handle = entry.handle.clone();
+        if let Err(e) = self.write_record(guest, stream, &entry) {
+            actor.close("cannot record the stream", true).await;
+            return Err(e);
+        }
         guests
             .entry(guest.to_owned())
             .or_default()
             .insert(stream.to_owned(), entry);
         self.update_gauges(&guests);
-        tracing::info!(guest, stream, log = %log_path.display(), "log stream created");
-        Ok((handle, log_path))
+        tracing::info!(guest, stream, kind = kind.noun(), log = %log_path.display(), "stream created");
+        Ok(Stream { actor, log_path })
+    }
+
+    /// The stream `guest/name`; with no name, the guest's `serial0` console if it has one,
+    /// else its `qemu` pipe. Returns the stream name chosen.
+    pub async fn stream(&self, guest: &str, name: Option<&str>) -> Result<(String, Actor)> {
+        let guests = self.guests.lock().await;
+        let streams = guests
+            .get(guest)
+            .ok_or_else(|| Error::NotFound(format!("No guest named {guest:?}")))?;
+        let name = match name {
+            Some(name) => name,
+            None if streams.contains_key(names::DEFAULT_CONSOLE_DEVICE) => {
+                names::DEFAULT_CONSOLE_DEVICE
+            }
+            None => names::DEFAULT_PIPE_STREAM,
+        };
+        streams
+            .get(name)
+            .map(|e| (name.to_owned(), e.actor.clone()))
+            .ok_or_else(|| Error::NotFound(format!("Guest {guest:?} has no stream {name:?}")))
+    }
+
+    /// The console `guest/device`.
+    pub async fn console(&self, guest: &str, device: &str) -> Result<ConsoleHandle> {
+        let guests = self.guests.lock().await;
+        let streams = guests
+            .get(guest)
+            .ok_or_else(|| Error::NotFound(format!("No guest named {guest:?}")))?;
+        match streams.get(device).map(|e| &e.actor) {
+            Some(Actor::Console(handle)) => Ok(handle.clone()),
+            Some(Actor::Pipe(_)) => Err(Error::FailedPrecondition(format!(
+                "{guest}/{device} is a log pipe, not a console"
+            ))),
+            None => Err(Error::NotFound(format!(
+                "Guest {guest:?} has no console {device:?}"
+            ))),
+        }
     }
 
     fn write_record(&self, guest: &str, stream: &str, entry: &StreamEntry) -> Result<()> {
         let record = StreamRecord {
-            kind: entry.kind,
+            kind: entry.actor.kind(),
             limits: entry.limits,
             log_path: entry.log_path.clone(),
         };
         let path = self.record_path(guest, stream);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        }
         let bytes = serde_json::to_vec_pretty(&record).expect("stream record serializes");
         crate::logfile::write_atomically(&path, &bytes)
             .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
     }
 
-    /// Closes every stream of `guest` (draining pipes) and forgets it. Logs stay on disk.
+    /// Closes every stream of `guest` (draining pipes, removing console sockets) and forgets
+    /// it. Logs stay on disk.
     pub async fn remove_guest(&self, guest: &str) -> Result<u32> {
         let mut guests = self.guests.lock().await;
         let Some(streams) = guests.remove(guest) else {
             return Err(Error::NotFound(format!("No guest named {guest:?}")));
         };
         for (stream, entry) in &streams {
-            entry.handle.close().await;
+            entry
+                .actor
+                .close(&format!("guest {guest} was removed"), true)
+                .await;
             let _ = std::fs::remove_file(self.record_path(guest, stream));
         }
+        let _ = std::fs::remove_dir(self.config.runtime_dir().join("consoles").join(guest));
         self.update_gauges(&guests);
         tracing::info!(guest, streams = streams.len(), "guest removed");
         Ok(streams.len() as u32)
@@ -320,20 +483,20 @@ impl Guests {
         for (guest, streams) in entries {
             let mut snapshots = Vec::with_capacity(streams.len());
             for (name, entry) in streams {
-                let (bytes_on_disk, first_offset) =
-                    entry.handle.disk_usage().await.unwrap_or((0, 0));
-                let stats = &entry.handle.stats;
+                // An actor that stopped meanwhile (removed) still shows its last counters.
+                let figures = match entry.actor.figures().await {
+                    Ok(figures) => figures,
+                    Err(_) => Figures {
+                        end_offset: entry.actor.stats().end_offset.load(Relaxed),
+                        ..Figures::default()
+                    },
+                };
                 snapshots.push(StreamSnapshot {
                     name,
-                    kind: entry.kind,
+                    kind: entry.actor.kind(),
                     log_path: entry.log_path,
                     limits: entry.limits,
-                    end_offset: stats.end_offset.load(Relaxed),
-                    first_offset,
-                    bytes_on_disk,
-                    writers: stats.writers.load(Relaxed),
-                    dropped: stats.dropped.load(Relaxed),
-                    rotations: stats.rotations.load(Relaxed),
+                    figures,
                 });
             }
             out.push((guest, snapshots));
@@ -341,13 +504,13 @@ impl Guests {
         Ok(out)
     }
 
-    /// Drains and closes every stream (shutdown).
-    pub async fn close_all(&self) {
+    /// Drains and closes every stream (shutdown); consoles tell their clients `reason`.
+    pub async fn close_all(&self, reason: &str) {
         let guests = self.guests.lock().await;
         let closing = guests
             .values()
             .flat_map(|streams| streams.values())
-            .map(|entry| entry.handle.close());
+            .map(|entry| entry.actor.close(reason, false));
         futures::future::join_all(closing).await;
     }
 

@@ -26,7 +26,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, Interest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 
 /// Longest token line accepted on fd.sock.
@@ -120,7 +120,8 @@ impl Handoffs {
 
     /// Keeps `write_end` for the client that presents the returned token.
     pub fn register(&self, guest: &str, stream: &str, write_end: OwnedFd) -> Result<String> {
-        let token = new_token().map_err(|e| Error::io("cannot generate a hand-off token", e))?;
+        let token = crate::ids::random_id()
+            .map_err(|e| Error::io("cannot generate a hand-off token", e))?;
         let mut pending = self.pending.lock().expect("hand-off table poisoned");
         let now = Instant::now();
         pending.expire(now);
@@ -225,6 +226,13 @@ impl Handoffs {
                 tracing::warn!(reason, "hand-off refused");
                 let line = format!("error: {reason}\n");
                 let _ = send_bytes(&stream, line.as_bytes()).await;
+                // Read what the client still sends (an over-long line) before closing, so the
+                // close does not reset the connection and destroy the error text in flight.
+                let _ = stream.shutdown().await;
+                let mut sink = [0u8; 4096];
+                let drain =
+                    async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} };
+                let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
             }
         }
     }
@@ -292,17 +300,6 @@ async fn send_bytes(stream: &UnixStream, mut bytes: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// 128 random bits as 32 hex digits.
-fn new_token() -> io::Result<String> {
-    let mut bytes = [0u8; 16];
-    let mut filled = 0;
-    while filled < bytes.len() {
-        filled +=
-            rustix::rand::getrandom(&mut bytes[filled..], rustix::rand::GetRandomFlags::empty())?;
-    }
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Aborts a background task when its owner goes away.

@@ -6,10 +6,13 @@
 
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod daemon;
 pub mod error;
 pub mod guests;
 pub mod handoff;
+pub mod history;
+pub mod ids;
 pub mod logfile;
 pub mod metrics;
 pub mod names;

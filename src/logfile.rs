@@ -61,17 +61,45 @@ pub struct Position {
     pub next_start: Option<u64>,
     #[serde(default)]
     pub end: u64,
+    /// A writer (pipe) was feeding the stream; still true after a stop means the writer was
+    /// lost with the daemon (the stream is "broken" until a new pipe comes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub open: bool,
+}
+
+/// One file of a stream on disk: it holds the absolute offsets `start .. start + len`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub path: PathBuf,
+    pub start: u64,
+    pub len: u64,
+}
+
+/// An open file of a stream, holding offsets `start .. start + len` (as of when it was opened).
+#[derive(Debug)]
+pub struct OpenSegment {
+    pub file: File,
+    pub start: u64,
+    pub len: u64,
 }
 
 /// The outcome of moving bytes from a pipe into the log.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Moved {
-    /// This many bytes were logged.
-    Logged(usize),
-    /// This many bytes were read but could not be written (counted as dropped).
-    Dropped(usize),
+    /// Bytes taken from the pipe: `logged` reached the file, `dropped` could not be written.
+    Bytes { logged: usize, dropped: usize },
     /// The pipe has no writer left.
     Eof,
+}
+
+impl Moved {
+    fn logged(logged: usize) -> Self {
+        Moved::Bytes { logged, dropped: 0 }
+    }
+
+    fn dropped(dropped: usize) -> Self {
+        Moved::Bytes { logged: 0, dropped }
+    }
 }
 
 /// An open, capped log.
@@ -86,6 +114,10 @@ pub struct LogFile {
     size: u64,
     rotations: u64,
     splice_works: bool,
+    /// Whether a writer feeds the stream, as persisted in the position record.
+    open: bool,
+    /// `open` as found in the record when this file was opened.
+    was_open: bool,
 }
 
 impl LogFile {
@@ -118,6 +150,8 @@ impl LogFile {
             size: meta.len(),
             rotations: 0,
             splice_works: true,
+            open: record.as_ref().is_some_and(|r| r.open),
+            was_open: record.as_ref().is_some_and(|r| r.open),
         };
         log.save_position(None)?;
         log.enforce_limits()?;
@@ -144,6 +178,20 @@ impl LogFile {
         self.limits
     }
 
+    /// Records whether a writer feeds the stream (persisted, so a crash leaves a trace).
+    pub fn set_open(&mut self, open: bool) -> io::Result<()> {
+        if self.open == open {
+            return Ok(());
+        }
+        self.open = open;
+        self.save_position(None)
+    }
+
+    /// Whether the record said a writer was feeding the stream when this file was opened.
+    pub fn was_open(&self) -> bool {
+        self.was_open
+    }
+
     /// Rotations done since this file was opened.
     pub fn rotations(&self) -> u64 {
         self.rotations
@@ -158,11 +206,51 @@ impl LogFile {
 
     /// Bytes of this stream on disk (current file and backups) and the first offset still there.
     pub fn disk_usage(&self) -> (u64, u64) {
-        let backups: u64 = backups_of(&self.path, self.limits.backups_kept())
-            .iter()
-            .map(|(_, size)| size)
-            .sum();
-        (self.size + backups, self.start.saturating_sub(backups))
+        let segments = self.segments();
+        let bytes = segments.iter().map(|s| s.len).sum();
+        (bytes, segments.first().map_or(self.start, |s| s.start))
+    }
+
+    /// The files of this stream on disk, oldest first, with the absolute offsets they hold.
+    pub fn segments(&self) -> Vec<Segment> {
+        let mut start = self.start;
+        let mut segments: Vec<Segment> = backups_of(&self.path, self.limits.backups_kept())
+            .into_iter()
+            .map_while(|(path, len)| {
+                start = start.checked_sub(len)?;
+                Some(Segment { path, start, len })
+            })
+            .collect();
+        segments.reverse();
+        segments.push(Segment {
+            path: self.path.clone(),
+            start: self.start,
+            len: self.size,
+        });
+        segments
+    }
+
+    /// Opens (read-only) every file holding offsets at or after `from`, oldest first. The
+    /// descriptors stay valid whatever rotations happen later, so a reader outside the owning
+    /// actor reads a consistent snapshot: never a torn or mixed chunk.
+    pub fn open_segments(&self, from: u64) -> io::Result<Vec<OpenSegment>> {
+        let mut open = Vec::new();
+        for segment in self.segments() {
+            if segment.start + segment.len <= from && segment.len > 0 {
+                continue;
+            }
+            match File::open(&segment.path) {
+                Ok(file) => open.push(OpenSegment {
+                    file,
+                    start: segment.start,
+                    len: segment.len,
+                }),
+                // A backup removed behind our back: its bytes are gone, the reader reports a gap.
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(open)
     }
 
     /// Appends `data`, rotating whenever the current file is full.
@@ -193,11 +281,13 @@ impl LogFile {
         max: usize,
         buffer: &mut [u8],
     ) -> io::Result<Moved> {
-        let room = match self.make_room() {
-            Ok(room) => room,
-            Err(_) => return discard(pipe, buffer),
-        };
-        let len = room.min(max as u64) as usize;
+        // A full (or lost) file is only rotated once there is data for the next one: read it
+        // first, then append. Rotating on speculation would empty a truncate-mode file that
+        // readers still want, and leave an empty current file behind in rotate mode.
+        if self.file.is_none() || self.size >= self.limits.max_size {
+            return self.copy_from_pipe(pipe, max, buffer);
+        }
+        let len = (self.limits.max_size - self.size).min(max as u64) as usize;
         if self.splice_works {
             let file = self.file.as_ref().expect("make_room opened the file");
             let flags = rustix::pipe::SpliceFlags::NONBLOCK | rustix::pipe::SpliceFlags::MOVE;
@@ -205,7 +295,7 @@ impl LogFile {
                 Ok(0) => return Ok(Moved::Eof),
                 Ok(n) => {
                     self.size += n as u64;
-                    return Ok(Moved::Logged(n));
+                    return Ok(Moved::logged(n));
                 }
                 Err(rustix::io::Errno::AGAIN) => return Err(ErrorKind::WouldBlock.into()),
                 Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOSYS) => {
@@ -217,13 +307,32 @@ impl LogFile {
                 Err(_) => return discard(pipe, buffer),
             }
         }
-        let len = len.min(buffer.len());
+        self.copy_from_pipe(pipe, len, buffer)
+    }
+
+    /// Reads up to `max` bytes from the pipe into `buffer` and appends them (rotating as needed).
+    fn copy_from_pipe(
+        &mut self,
+        pipe: BorrowedFd<'_>,
+        max: usize,
+        buffer: &mut [u8],
+    ) -> io::Result<Moved> {
+        let len = max.min(buffer.len());
         match rustix::io::read(pipe, &mut buffer[..len]) {
             Ok(0) => Ok(Moved::Eof),
-            Ok(n) => match self.append(&buffer[..n]) {
-                Ok(()) => Ok(Moved::Logged(n)),
-                Err(_) => Ok(Moved::Dropped(n)),
-            },
+            Ok(n) => {
+                let before = self.end_offset();
+                // What did reach the file counts as logged; the rest is dropped.
+                let result = self.append(&buffer[..n]);
+                let logged = (self.end_offset() - before) as usize;
+                if let Err(e) = result {
+                    tracing::debug!(path = %self.path.display(), error = %e, "log write failed");
+                }
+                Ok(Moved::Bytes {
+                    logged,
+                    dropped: n - logged,
+                })
+            }
             Err(rustix::io::Errno::AGAIN) => Err(ErrorKind::WouldBlock.into()),
             Err(e) => Err(e.into()),
         }
@@ -251,7 +360,8 @@ impl LogFile {
 
     fn enforce_limits(&mut self) -> io::Result<()> {
         remove_backups_beyond(&self.path, self.limits.backups_kept());
-        if self.size >= self.limits.max_size {
+        // Only a file over the cap (limits shrank) is rotated now; a full one waits for data.
+        if self.size > self.limits.max_size {
             self.rotate()?;
         }
         Ok(())
@@ -294,6 +404,7 @@ impl LogFile {
             start: self.start,
             next_start,
             end: self.start + self.size,
+            open: self.open,
         };
         write_atomically(&self.position_path, &serde_json::to_vec(&record)?)
     }
@@ -395,7 +506,7 @@ fn rename_if_exists(from: &Path, to: &Path) -> io::Result<()> {
 fn discard(pipe: BorrowedFd<'_>, buffer: &mut [u8]) -> io::Result<Moved> {
     match rustix::io::read(pipe, buffer) {
         Ok(0) => Ok(Moved::Eof),
-        Ok(n) => Ok(Moved::Dropped(n)),
+        Ok(n) => Ok(Moved::dropped(n)),
         Err(rustix::io::Errno::AGAIN) => Err(ErrorKind::WouldBlock.into()),
         Err(e) => Err(e.into()),
     }

@@ -10,7 +10,7 @@
 //! its descriptor). Each `splice` moves at most what the pipe holds, and pipe writes of up to
 //! `PIPE_BUF` bytes are atomic, so lines of different writers are not torn.
 
-use crate::logfile::{LogFile, LogLimits, Moved};
+use crate::logfile::{LogFile, LogLimits, Moved, OpenSegment};
 use crate::metrics::Metrics;
 use std::future::poll_fn;
 use std::io::{self, ErrorKind};
@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::Poll;
 use tokio::net::unix::pipe::Receiver;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Bytes moved from one pipe before the actor looks at its commands and other pipes again.
 const BUDGET_PER_WAKE: usize = 8 << 20;
@@ -39,13 +39,54 @@ pub struct StreamStats {
     pub dropped: AtomicU64,
     /// Rotations since the daemon started.
     pub rotations: AtomicU64,
+    /// Set before the actor stops if the stream was removed (rather than the daemon stopping),
+    /// so readers following it can tell "ended" from "come back later".
+    pub removed: std::sync::atomic::AtomicBool,
+}
+
+/// A consistent view of a stream's figures, taken by its actor at one instant.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Figures {
+    /// Bytes ever logged.
+    pub end_offset: u64,
+    /// Oldest byte still on disk.
+    pub first_offset: u64,
+    /// Current file plus backups.
+    pub bytes_on_disk: u64,
+    /// Pipes feeding the stream (pipes), or 0.
+    pub writers: u64,
+    pub dropped: u64,
+    pub rotations: u64,
+    /// Attached clients (consoles), or 0.
+    pub clients: u64,
+    /// QEMU connected (consoles).
+    pub guest_connected: bool,
+    /// The writer was lost when the daemon stopped; no new pipe since.
+    pub broken: bool,
+}
+
+impl Figures {
+    /// The figures every stream has, from its log and counters.
+    pub fn of(log: &LogFile, stats: &StreamStats) -> Self {
+        let (bytes_on_disk, first_offset) = log.disk_usage();
+        Self {
+            end_offset: log.end_offset(),
+            first_offset,
+            bytes_on_disk,
+            writers: stats.writers.load(Relaxed),
+            dropped: stats.dropped.load(Relaxed),
+            rotations: stats.rotations.load(Relaxed),
+            ..Self::default()
+        }
+    }
 }
 
 /// What the actor is asked to do.
 enum Command {
     AddPipe(OwnedFd, oneshot::Sender<io::Result<u64>>),
     SetLimits(LogLimits, oneshot::Sender<io::Result<()>>),
-    DiskUsage(oneshot::Sender<(u64, u64)>),
+    Figures(oneshot::Sender<Figures>),
+    OpenSegments(u64, oneshot::Sender<io::Result<Vec<OpenSegment>>>),
     /// Drain what the pipes hold, sync, and stop.
     Close(oneshot::Sender<()>),
 }
@@ -56,6 +97,29 @@ pub struct StreamHandle {
     commands: mpsc::Sender<Command>,
     /// The stream's counters.
     pub stats: Arc<StreamStats>,
+    /// The end offset, for readers that follow; closed when the actor stops.
+    pub offsets: watch::Receiver<u64>,
+}
+
+/// Publishes a stream's end offset: to the counters, and to readers following it.
+pub struct OffsetPublisher {
+    stats: Arc<StreamStats>,
+    sender: watch::Sender<u64>,
+}
+
+impl OffsetPublisher {
+    /// A publisher starting at `end`, and the receiver template for handles.
+    pub fn new(stats: Arc<StreamStats>, end: u64) -> (Self, watch::Receiver<u64>) {
+        stats.end_offset.store(end, Relaxed);
+        let (sender, receiver) = watch::channel(end);
+        (Self { stats, sender }, receiver)
+    }
+
+    /// Announces a new end offset.
+    pub fn publish(&self, end: u64) {
+        self.stats.end_offset.store(end, Relaxed);
+        self.sender.send_replace(end);
+    }
 }
 
 fn gone() -> io::Error {
@@ -66,17 +130,23 @@ impl StreamHandle {
     /// Starts the actor that owns `log`.
     pub fn spawn(log: LogFile, metrics: Arc<Metrics>) -> Self {
         let stats = Arc::new(StreamStats::default());
-        stats.end_offset.store(log.end_offset(), Relaxed);
+        let (publisher, offsets) = OffsetPublisher::new(stats.clone(), log.end_offset());
         let (commands, receiver) = mpsc::channel(16);
         let actor = StreamActor {
+            broken: log.was_open(),
             log,
             pipes: Vec::new(),
             stats: stats.clone(),
+            publisher,
             metrics,
             buffer: vec![0; COPY_BUFFER].into_boxed_slice(),
         };
         tokio::spawn(actor.run(receiver));
-        Self { commands, stats }
+        Self {
+            commands,
+            stats,
+            offsets,
+        }
     }
 
     /// Adds a pipe read end (made non-blocking by the caller); returns the offset its first
@@ -100,14 +170,24 @@ impl StreamHandle {
         answer.await.map_err(|_| gone())?
     }
 
-    /// Bytes on disk and first offset still on disk.
-    pub async fn disk_usage(&self) -> io::Result<(u64, u64)> {
+    /// The stream's figures at one instant.
+    pub async fn figures(&self) -> io::Result<Figures> {
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Command::DiskUsage(reply))
+            .send(Command::Figures(reply))
             .await
             .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())
+    }
+
+    /// Opens the files holding offsets from `from` on (see [`LogFile::open_segments`]).
+    pub async fn open_segments(&self, from: u64) -> io::Result<Vec<OpenSegment>> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::OpenSegments(from, reply))
+            .await
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
     }
 
     /// Drains the pipes, syncs the log and stops the actor.
@@ -121,8 +201,11 @@ impl StreamHandle {
 
 struct StreamActor {
     log: LogFile,
+    /// The pipe was lost when the daemon last stopped, and no new one came since.
+    broken: bool,
     pipes: Vec<Receiver>,
     stats: Arc<StreamStats>,
+    publisher: OffsetPublisher,
     metrics: Arc<Metrics>,
     buffer: Box<[u8]>,
 }
@@ -157,6 +240,11 @@ impl StreamActor {
                         self.pipes.swap_remove(index);
                         self.stats.writers.fetch_sub(1, Relaxed);
                         self.metrics.pipe_writers.dec();
+                        if self.pipes.is_empty() {
+                            if let Err(e) = self.log.set_open(false) {
+                                tracing::warn!(path = %self.log.path().display(), error = %e, "cannot record the closed pipe");
+                            }
+                        }
                     }
                 }
             }
@@ -166,6 +254,10 @@ impl StreamActor {
     fn handle(&mut self, command: Command) {
         match command {
             Command::AddPipe(fd, reply) => {
+                self.broken = false;
+                if let Err(e) = self.log.set_open(true) {
+                    tracing::warn!(path = %self.log.path().display(), error = %e, "cannot record the open pipe");
+                }
                 let result = Receiver::from_owned_fd(fd).map(|fd| {
                     self.pipes.push(fd);
                     self.stats.writers.fetch_add(1, Relaxed);
@@ -180,8 +272,14 @@ impl StreamActor {
                 self.account_rotations(rotations);
                 let _ = reply.send(result);
             }
-            Command::DiskUsage(reply) => {
-                let _ = reply.send(self.log.disk_usage());
+            Command::Figures(reply) => {
+                let _ = reply.send(Figures {
+                    broken: self.broken,
+                    ..Figures::of(&self.log, &self.stats)
+                });
+            }
+            Command::OpenSegments(from, reply) => {
+                let _ = reply.send(self.log.open_segments(from));
             }
             Command::Close(_) => unreachable!("handled by run"),
         }
@@ -193,8 +291,10 @@ impl StreamActor {
             log,
             pipes,
             stats,
+            publisher,
             metrics,
             buffer,
+            ..
         } = self;
         if pipes.is_empty() {
             return std::future::pending().await;
@@ -214,15 +314,9 @@ impl StreamActor {
                     match result {
                         // Readiness was cleared; poll again to register the waker.
                         Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-                        Ok(Moved::Logged(n)) => {
-                            moved += n;
-                            stats.end_offset.store(log.end_offset(), Relaxed);
-                            metrics.bytes_logged.inc_by(n as u64);
-                        }
-                        Ok(Moved::Dropped(n)) => {
-                            moved += n;
-                            stats.dropped.fetch_add(n as u64, Relaxed);
-                            metrics.bytes_dropped.inc_by(n as u64);
+                        Ok(Moved::Bytes { logged, dropped }) => {
+                            moved += logged + dropped;
+                            count_moved(log, stats, publisher, metrics, logged, dropped);
                         }
                         Ok(Moved::Eof) => return Poll::Ready(PipeEvent::Finished(index)),
                         Err(e) => {
@@ -254,24 +348,44 @@ impl StreamActor {
                     .move_from_pipe(pipe.as_fd(), SPLICE_MAX, &mut self.buffer);
                 self.account_rotations(rotations);
                 match moved {
-                    Ok(Moved::Logged(n)) => {
-                        self.metrics.bytes_logged.inc_by(n as u64);
-                    }
-                    Ok(Moved::Dropped(n)) => {
-                        self.stats.dropped.fetch_add(n as u64, Relaxed);
-                        self.metrics.bytes_dropped.inc_by(n as u64);
-                    }
+                    Ok(Moved::Bytes { logged, dropped }) => count_moved(
+                        &self.log,
+                        &self.stats,
+                        &self.publisher,
+                        &self.metrics,
+                        logged,
+                        dropped,
+                    ),
                     _ => break,
                 }
             }
         }
-        self.stats.end_offset.store(self.log.end_offset(), Relaxed);
+        self.publisher.publish(self.log.end_offset());
         self.metrics.pipe_writers.dec_by(self.pipes.len() as i64);
         self.stats.writers.store(0, Relaxed);
         self.pipes.clear();
         if let Err(e) = self.log.sync() {
             tracing::warn!(path = %self.log.path().display(), error = %e, "cannot sync log");
         }
+    }
+}
+
+/// Publishes what one move did: new end offset, logged and dropped bytes.
+fn count_moved(
+    log: &LogFile,
+    stats: &StreamStats,
+    publisher: &OffsetPublisher,
+    metrics: &Metrics,
+    logged: usize,
+    dropped: usize,
+) {
+    if logged > 0 {
+        publisher.publish(log.end_offset());
+        metrics.bytes_logged.inc_by(logged as u64);
+    }
+    if dropped > 0 {
+        stats.dropped.fetch_add(dropped as u64, Relaxed);
+        metrics.bytes_dropped.inc_by(dropped as u64);
     }
 }
 

@@ -129,6 +129,10 @@ async fn restart_after_sigkill_continues_offsets() {
         .await
         .expect("the stream is listed after a crash");
     assert!(!info.open, "a pipe cannot survive a crash: {info:?}");
+    assert!(
+        info.broken,
+        "a pipe lost in a crash is listed as broken: {info:?}"
+    );
     assert_eq!(info.offset, first, "offset after the crash");
     let log = read_log(&daemon.log_dir(), GUEST, STREAM);
     assert_eq!(
@@ -144,9 +148,18 @@ async fn restart_after_sigkill_continues_offsets() {
     let (reply, pipe) = open_pipe(&mut agent, GUEST, STREAM, None).await;
     assert_eq!(reply.offset, first);
     write_and_close(pipe, pattern(first, 1000)).await;
-    wait_closed(&mut agent, GUEST, STREAM, first + 1000).await;
+    let info = wait_closed(&mut agent, GUEST, STREAM, first + 1000).await;
+    assert!(!info.broken, "a new pipe repairs the stream: {info:?}");
     let log = read_log(&daemon.log_dir(), GUEST, STREAM);
     assert!(log == pattern(0, first as usize + 1000));
+    // A pipe that ended normally is not broken after a restart either.
+    daemon.stop().await;
+    daemon.restart().await;
+    let mut agent = daemon.agent().await;
+    let info = find_stream(&mut agent, GUEST, STREAM)
+        .await
+        .expect("listed");
+    assert!(!info.broken, "closed normally, so not broken: {info:?}");
 }
 
 /// SIGTERM while a writer still holds the pipe: the daemon exits 0 and the log has every byte

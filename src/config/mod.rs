@@ -93,6 +93,41 @@ impl Default for HandoffConfig {
     }
 }
 
+/// Console clients.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Output queued for one client before it is skipped ahead (and told what it missed).
+    pub client_queue: ByteSize,
+    /// Most recent output replayed to a client that attaches.
+    pub max_replay: ByteSize,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            client_queue: ByteSize(1 << 20),
+            max_replay: ByteSize(1 << 20),
+        }
+    }
+}
+
+/// History reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Largest chunk of a ReadHistory reply.
+    pub chunk_size: ByteSize,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            chunk_size: ByteSize(64 << 10),
+        }
+    }
+}
+
 /// Limits that protect the node. Hitting one is `RESOURCE_EXHAUSTED` naming it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -103,6 +138,8 @@ pub struct Limits {
     pub streams_per_guest: u32,
     /// Hand-off tokens that may be outstanding at once.
     pub pending_handoffs: u32,
+    /// Clients attached to one console at once.
+    pub clients_per_console: u32,
 }
 
 impl Default for Limits {
@@ -111,6 +148,7 @@ impl Default for Limits {
             guests: 10_000,
             streams_per_guest: 16,
             pending_handoffs: 1024,
+            clients_per_console: 64,
         }
     }
 }
@@ -141,6 +179,10 @@ pub struct Config {
     pub logs: LogDefaults,
     /// Log pipe hand-off.
     pub handoff: HandoffConfig,
+    /// Console clients.
+    pub consoles: ConsoleConfig,
+    /// History reads.
+    pub history: HistoryConfig,
     /// Node protection limits.
     pub limits: Limits,
 }
@@ -159,6 +201,8 @@ impl Default for Config {
             log_level: "info".into(),
             logs: LogDefaults::default(),
             handoff: HandoffConfig::default(),
+            consoles: ConsoleConfig::default(),
+            history: HistoryConfig::default(),
             limits: Limits::default(),
         }
     }
@@ -314,10 +358,29 @@ impl Config {
             ("limits.guests", self.limits.guests),
             ("limits.streams_per_guest", self.limits.streams_per_guest),
             ("limits.pending_handoffs", self.limits.pending_handoffs),
+            (
+                "limits.clients_per_console",
+                self.limits.clients_per_console,
+            ),
         ] {
             if limit == 0 {
                 return value(key, "must be at least 1".into());
             }
+        }
+        if self.consoles.client_queue.bytes() < 4096 {
+            return value(
+                "consoles.client_queue",
+                format!("must be at least 4KiB (got {})", self.consoles.client_queue),
+            );
+        }
+        if !(1024..=(4 << 20)).contains(&self.history.chunk_size.bytes()) {
+            return value(
+                "history.chunk_size",
+                format!(
+                    "must be between 1KiB and 4MiB (got {})",
+                    self.history.chunk_size
+                ),
+            );
         }
         for (key, dir) in [
             ("runtime_dir", &self.runtime_dir),

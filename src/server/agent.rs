@@ -6,7 +6,7 @@
 
 use crate::config::{Config, LogMode};
 use crate::error::{Error, Result};
-use crate::guests::{Guests, LimitsOverride, StreamKind, StreamSnapshot};
+use crate::guests::{Actor, Guests, LimitsOverride, StreamKind, StreamSnapshot};
 use crate::handoff::{create_pipe, Handoffs};
 use crate::names;
 use crate::proto::{self, agent_server::Agent};
@@ -70,27 +70,28 @@ fn stream_info(s: StreamSnapshot) -> proto::StreamInfo {
         LogMode::Rotate => proto::LogMode::Rotate,
         LogMode::Truncate => proto::LogMode::Truncate,
     };
-    let kind = match s.kind {
-        StreamKind::Pipe => proto::StreamKind::Pipe,
-        StreamKind::Console => proto::StreamKind::Console,
+    let (kind, open) = match s.kind {
+        StreamKind::Pipe => (proto::StreamKind::Pipe, s.figures.writers > 0),
+        StreamKind::Console => (proto::StreamKind::Console, true),
     };
+    let f = s.figures;
     proto::StreamInfo {
         name: s.name,
         kind: kind.into(),
-        offset: s.end_offset,
-        first_offset: s.first_offset,
-        open: s.writers > 0,
+        offset: f.end_offset,
+        first_offset: f.first_offset,
+        open,
         log_path: s.log_path.display().to_string(),
-        bytes_on_disk: s.bytes_on_disk,
+        bytes_on_disk: f.bytes_on_disk,
         max_size: s.limits.max_size,
         max_backups: s.limits.max_backups,
         mode: mode.into(),
-        writers: s.writers as u32,
-        clients: 0,
-        guest_connected: false,
-        dropped_bytes: s.dropped,
-        rotations: s.rotations,
-        broken: false,
+        writers: f.writers as u32,
+        clients: f.clients as u32,
+        guest_connected: f.guest_connected,
+        dropped_bytes: f.dropped,
+        rotations: f.rotations,
+        broken: f.broken,
     }
 }
 
@@ -102,10 +103,13 @@ impl AgentService {
         names::validate_guest(&request.guest)?;
         let stream = names::stream_or_default(&request.stream, names::DEFAULT_PIPE_STREAM)?;
         let limits = limits_from_proto(request.limits)?;
-        let (handle, log_path) = self
+        let opened = self
             .guests
-            .pipe_stream(&request.guest, stream, limits)
+            .open_stream(&request.guest, stream, StreamKind::Pipe, limits)
             .await?;
+        let (Actor::Pipe(handle), log_path) = (opened.actor, opened.log_path) else {
+            unreachable!("open_stream returns the kind asked for");
+        };
         let pipe = create_pipe(self.config.handoff.pipe_buffer.bytes() as usize)
             .map_err(|e| Error::io("cannot create a pipe", e))?;
         let offset = handle
@@ -146,6 +150,31 @@ impl AgentService {
         })
     }
 
+    async fn create_console(
+        &self,
+        request: proto::CreateConsoleRequest,
+    ) -> Result<proto::CreateConsoleResponse> {
+        names::validate_guest(&request.guest)?;
+        let device = names::stream_or_default(&request.device, names::DEFAULT_CONSOLE_DEVICE)?;
+        let limits = limits_from_proto(request.limits)?;
+        let opened = self
+            .guests
+            .open_stream(&request.guest, device, StreamKind::Console, limits)
+            .await?;
+        let Actor::Console(handle) = opened.actor else {
+            unreachable!("open_stream returns the kind asked for");
+        };
+        Ok(proto::CreateConsoleResponse {
+            guest_socket: handle.paths.guest_socket.display().to_string(),
+            client_socket: handle.paths.client_socket.display().to_string(),
+            log_path: opened.log_path.display().to_string(),
+            offset: handle
+                .stats
+                .end_offset
+                .load(std::sync::atomic::Ordering::Relaxed),
+        })
+    }
+
     async fn remove_guest(
         &self,
         request: proto::RemoveGuestRequest,
@@ -174,7 +203,9 @@ impl Agent for AgentService {
         request: Request<proto::CreateConsoleRequest>,
     ) -> Result<Response<proto::CreateConsoleResponse>, Status> {
         log_peer(&request, "CreateConsole");
-        Err(Error::Unimplemented("Agent.CreateConsole").into())
+        Ok(Response::new(
+            self.create_console(request.into_inner()).await?,
+        ))
     }
 
     async fn remove_guest(

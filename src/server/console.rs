@@ -1,24 +1,174 @@
 //! Handlers of the `conlog.v1.Console` service.
 //!
-//! Consoles (issue 3) and history (issue 4) are not built yet; every RPC answers
-//! `UNIMPLEMENTED` with a message saying so, so clients written against the API get a clear
-//! answer instead of a transport error.
+//! They validate requests, find the console in [`crate::guests`], attach through
+//! [`crate::console`] and map its [`Event`]s to `ServerFrame`s. A console that closes ends the
+//! stream with `UNAVAILABLE` (shutdown, upgrade: reconnect and resume by offset) or `NOT_FOUND`
+//! (removed). `ReadHistory` streams from [`crate::history`].
 
-use crate::error::Error;
+use crate::console::sessions::{SessionGuard, Sessions};
+use crate::console::{AttachRequest, Attachment, Event, Mode};
+use crate::error::{Error, Result};
+use crate::guests::Guests;
+use crate::history::{self, HistoryItem, HistoryRequest, Start};
+use crate::names;
 use crate::proto::{
-    console_server::Console, ClientFrame, HistoryChunk, ReadHistoryRequest,
-    SendConsoleInputRequest, SendConsoleInputResponse, ServerFrame, WatchConsoleRequest,
+    self, attach, client_frame, console_server::Console, read_history_request, server_frame,
+    ClientFrame, HistoryChunk, ReadHistoryRequest, SendConsoleInputRequest,
+    SendConsoleInputResponse, ServerFrame, WatchConsoleRequest,
 };
 use std::pin::Pin;
-use tokio_stream::Stream;
+use std::sync::Arc;
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::server::{TcpConnectInfo, UdsConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 
 /// A boxed server stream.
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// The Console service.
-#[derive(Clone, Default)]
-pub struct ConsoleService {}
+#[derive(Clone)]
+pub struct ConsoleService {
+    guests: Arc<Guests>,
+    sessions: Arc<Sessions>,
+    history_chunk: usize,
+}
+
+impl ConsoleService {
+    pub fn new(guests: Arc<Guests>, history_chunk: usize) -> Self {
+        Self {
+            guests,
+            sessions: Arc::new(Sessions::default()),
+            history_chunk,
+        }
+    }
+
+    async fn attach(
+        &self,
+        fields: AttachFields,
+        label: String,
+    ) -> Result<(crate::console::ConsoleHandle, Attachment)> {
+        names::validate_guest(&fields.guest)?;
+        let device = names::stream_or_default(&fields.device, names::DEFAULT_CONSOLE_DEVICE)?;
+        let mode = match attach::Mode::try_from(fields.mode) {
+            Ok(attach::Mode::ReadWrite) => Mode::ReadWrite,
+            Ok(attach::Mode::ReadOnly | attach::Mode::Unspecified) => Mode::ReadOnly,
+            Err(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "mode {} is not an Attach.Mode (READ_ONLY = 1, READ_WRITE = 2)",
+                    fields.mode
+                )))
+            }
+        };
+        let console = self.guests.console(&fields.guest, device).await?;
+        let attachment = console
+            .attach(AttachRequest {
+                mode,
+                force: fields.force,
+                replay_bytes: fields.replay_bytes,
+                label,
+            })
+            .await?;
+        Ok((console, attachment))
+    }
+}
+
+/// The attach parameters common to AttachConsole and WatchConsole.
+struct AttachFields {
+    guest: String,
+    device: String,
+    mode: i32,
+    force: bool,
+    replay_bytes: u64,
+}
+
+/// "grpc 127.0.0.1:5555" or "grpc local pid 42", for logs and the writer-held message.
+fn peer_label<T>(request: &Request<T>) -> String {
+    if let Some(info) = request.extensions().get::<TcpConnectInfo>() {
+        if let Some(addr) = info.remote_addr() {
+            return format!("grpc {addr}");
+        }
+    }
+    if let Some(cred) = request
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+    {
+        return format!("grpc local pid {}", cred.pid().unwrap_or(-1));
+    }
+    "grpc client".to_owned()
+}
+
+fn frame(event: Event, session_id: &str) -> std::result::Result<ServerFrame, Status> {
+    let frame = match event {
+        Event::Attached {
+            offset,
+            writer,
+            guest_connected,
+        } => server_frame::Frame::Attached(proto::Attached {
+            offset,
+            writer,
+            session_id: session_id.to_owned(),
+            guest_connected,
+        }),
+        Event::Output { offset, data } => server_frame::Frame::Output(proto::Output {
+            offset,
+            data: data.to_vec(),
+        }),
+        Event::Lagged { from, to } => server_frame::Frame::Lagged(proto::Lagged {
+            from_offset: from,
+            to_offset: to,
+        }),
+        Event::Guest { connected } => server_frame::Frame::Guest(proto::GuestState { connected }),
+        Event::WriterRevoked { reason } => {
+            server_frame::Frame::WriterRevoked(proto::WriterRevoked { reason })
+        }
+        Event::Closed {
+            reason,
+            removed: true,
+        } => return Err(Status::not_found(reason)),
+        Event::Closed {
+            reason,
+            removed: false,
+        } => return Err(Status::unavailable(reason)),
+    };
+    Ok(ServerFrame { frame: Some(frame) })
+}
+
+/// What a client's response stream keeps alive: its attachment (the lease), its session, and
+/// the sender whose drop tells the call's input task to stop.
+struct Held {
+    attachment: Attachment,
+    _session: Option<SessionGuard>,
+    _call: Option<tokio::sync::oneshot::Sender<()>>,
+    finished: bool,
+}
+
+/// The client's frames; everything in [`Held`] lives exactly as long as the stream.
+fn frames(
+    attachment: Attachment,
+    session: Option<SessionGuard>,
+    call: Option<tokio::sync::oneshot::Sender<()>>,
+) -> BoxStream<ServerFrame> {
+    let session_id = session.as_ref().map(|s| s.id.clone()).unwrap_or_default();
+    let held = Held {
+        attachment,
+        _session: session,
+        _call: call,
+        finished: false,
+    };
+    Box::pin(futures::stream::unfold(held, move |mut held| {
+        let session_id = session_id.clone();
+        async move {
+            if held.finished {
+                return None;
+            }
+            let event = held.attachment.events.recv().await?;
+            let item = frame(event, &session_id);
+            held.finished = item.is_err();
+            Some((item, held))
+        }
+    }))
+}
 
 #[tonic::async_trait]
 impl Console for ConsoleService {
@@ -28,29 +178,136 @@ impl Console for ConsoleService {
 
     async fn attach_console(
         &self,
-        _request: Request<Streaming<ClientFrame>>,
+        request: Request<Streaming<ClientFrame>>,
     ) -> Result<Response<Self::AttachConsoleStream>, Status> {
-        Err(Error::Unimplemented("Console.AttachConsole").into())
+        let label = peer_label(&request);
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Error::InvalidArgument("The stream ended before its attach frame".into())
+        })?;
+        let Some(client_frame::Frame::Attach(a)) = first.frame else {
+            return Err(
+                Error::InvalidArgument("The first ClientFrame must be attach".into()).into(),
+            );
+        };
+        let fields = AttachFields {
+            guest: a.guest,
+            device: a.device,
+            mode: a.mode,
+            force: a.force,
+            replay_bytes: a.replay_bytes,
+        };
+        let (console, attachment) = self.attach(fields, label).await?;
+        let client = attachment.id;
+        // The input task ends with the call: when the client stops sending, or when the
+        // response stream is dropped (console closed or removed, client gone).
+        let (ended, mut call_over) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    frame = inbound.message() => frame,
+                    _ = &mut call_over => break,
+                };
+                let Ok(Some(frame)) = frame else { break };
+                match frame.frame {
+                    Some(client_frame::Frame::Input(input)) => {
+                        if console.input(client, input.data.into()).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(client_frame::Frame::Resize(_)) | None => {}
+                    Some(client_frame::Frame::Attach(_)) => {
+                        tracing::debug!(console = %console.name, "ignoring a second attach frame");
+                    }
+                }
+            }
+        });
+        Ok(Response::new(frames(attachment, None, Some(ended))))
     }
 
     async fn watch_console(
         &self,
-        _request: Request<WatchConsoleRequest>,
+        request: Request<WatchConsoleRequest>,
     ) -> Result<Response<Self::WatchConsoleStream>, Status> {
-        Err(Error::Unimplemented("Console.WatchConsole").into())
+        let label = format!("{} (watch session)", peer_label(&request));
+        let r = request.into_inner();
+        let fields = AttachFields {
+            guest: r.guest,
+            device: r.device,
+            mode: r.mode,
+            force: r.force,
+            replay_bytes: r.replay_bytes,
+        };
+        let (console, attachment) = self.attach(fields, label).await?;
+        let session = self.sessions.open(console, attachment.id)?;
+        Ok(Response::new(frames(attachment, Some(session), None)))
     }
 
     async fn send_console_input(
         &self,
-        _request: Request<SendConsoleInputRequest>,
+        request: Request<SendConsoleInputRequest>,
     ) -> Result<Response<SendConsoleInputResponse>, Status> {
-        Err(Error::Unimplemented("Console.SendConsoleInput").into())
+        let r = request.into_inner();
+        let (console, client) = self.sessions.get(&r.session_id)?;
+        let accepted = console.input_checked(client, r.data.into()).await?;
+        Ok(Response::new(SendConsoleInputResponse {
+            accepted_bytes: accepted as u64,
+        }))
     }
 
     async fn read_history(
         &self,
-        _request: Request<ReadHistoryRequest>,
+        request: Request<ReadHistoryRequest>,
     ) -> Result<Response<Self::ReadHistoryStream>, Status> {
-        Err(Error::Unimplemented("Console.ReadHistory").into())
+        let r = request.into_inner();
+        names::validate_guest(&r.guest)?;
+        let stream = if r.stream.is_empty() {
+            None
+        } else {
+            names::validate_stream(&r.stream)?;
+            Some(r.stream.as_str())
+        };
+        let (_, actor) = self.guests.stream(&r.guest, stream).await?;
+        let start = match r.start {
+            None => Start::Oldest,
+            Some(read_history_request::Start::FromOffset(offset)) => Start::Offset(offset),
+            Some(read_history_request::Start::TailBytes(n)) => Start::TailBytes(n),
+            Some(read_history_request::Start::TailLines(n)) => Start::TailLines(n),
+        };
+        let items = history::read(
+            actor,
+            HistoryRequest {
+                start,
+                follow: r.follow,
+                limit: (r.limit_bytes > 0).then_some(r.limit_bytes),
+                chunk_size: self.history_chunk,
+                utf8_boundaries: r.text,
+            },
+        )
+        .await?;
+        let text = r.text;
+        let chunks =
+            tokio_stream::wrappers::ReceiverStream::new(items).map(move |item| match item {
+                Ok(HistoryItem::Data { offset, data }) => Ok(HistoryChunk {
+                    offset,
+                    text: if text {
+                        String::from_utf8_lossy(&data).into_owned()
+                    } else {
+                        String::new()
+                    },
+                    data,
+                    gap: None,
+                }),
+                Ok(HistoryItem::Gap { from, to }) => Ok(HistoryChunk {
+                    offset: to,
+                    gap: Some(proto::Gap {
+                        from_offset: from,
+                        to_offset: to,
+                    }),
+                    ..Default::default()
+                }),
+                Err(e) => Err(Status::from(e)),
+            });
+        Ok(Response::new(Box::pin(chunks)))
     }
 }

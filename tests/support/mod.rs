@@ -4,10 +4,13 @@
 //! Every test binary includes this module with `mod support;` and uses only part of it.
 #![allow(dead_code)]
 
+mod console;
 mod pipes;
 mod process;
 
 // Not every test binary uses every helper.
+#[allow(unused_imports)]
+pub use console::*;
 #[allow(unused_imports)]
 pub use pipes::*;
 #[allow(unused_imports)]

@@ -1,0 +1,392 @@
+//! `conlogctl`: the command line of conlogd.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use conlog::proto::{self, agent_client::AgentClient, console_client::ConsoleClient};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use tonic::transport::{Channel, Endpoint};
+
+mod terminal;
+
+/// Command line of conlogd: log pipes, guests, consoles and history.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// conlogd's local socket (default: <runtime_dir>/conlogd.sock).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Reach the Console service over TCP instead, e.g. http://127.0.0.1:7770 (console and
+    /// history only).
+    #[arg(long, global = true)]
+    server: Option<String>,
+    /// Token for --server (sent as `authorization: Bearer <token>`).
+    #[arg(long, global = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run CMD with its stdout and stderr going into a log pipe; exit with CMD's status.
+    Run {
+        /// Guest name.
+        #[arg(long)]
+        guest: String,
+        /// Stream name (default "qemu").
+        #[arg(long, default_value = "")]
+        stream: String,
+        /// Override the stream's file size cap (bytes).
+        #[arg(long)]
+        max_size: Option<u64>,
+        /// Override the number of rotated files kept.
+        #[arg(long)]
+        max_backups: Option<u32>,
+        /// Truncate instead of rotating.
+        #[arg(long)]
+        truncate: bool,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List guests and their streams with offsets and sizes.
+    Guests {
+        /// Only this guest.
+        guest: Option<String>,
+    },
+    /// Create (or show) a console; prints the socket path QEMU connects to.
+    CreateConsole {
+        /// Guest name.
+        guest: String,
+        /// Console device (default "serial0").
+        #[arg(long, default_value = "")]
+        device: String,
+    },
+    /// Attach to a console: a raw terminal (Ctrl-] leaves), or stdin's bytes when it is a pipe.
+    Console {
+        /// Guest name.
+        guest: String,
+        /// Console device (default "serial0").
+        #[arg(long, default_value = "serial0")]
+        device: String,
+        /// Watch without taking the writer lease.
+        #[arg(long)]
+        read_only: bool,
+        /// Take the writer lease from its holder.
+        #[arg(long)]
+        force: bool,
+        /// Recent output to show first, in bytes.
+        #[arg(long, default_value_t = 4096)]
+        replay: u64,
+        /// With a pipe on stdin: how long to keep printing output after its end (e.g. 1s, 500ms).
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        drain: std::time::Duration,
+    },
+    /// Print a stream's history (raw bytes) to stdout.
+    History {
+        /// Guest name.
+        guest: String,
+        /// Stream or device (default: serial0 if the guest has that console, else qemu).
+        #[arg(long, default_value = "")]
+        stream: String,
+        /// Start this many bytes before the end.
+        #[arg(long, conflicts_with_all = ["tail_lines", "from"])]
+        tail_bytes: Option<u64>,
+        /// Start this many lines before the end.
+        #[arg(long, conflicts_with = "from")]
+        tail_lines: Option<u64>,
+        /// Start at this absolute offset.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Keep printing new output, like tail -f.
+        #[arg(short, long)]
+        follow: bool,
+        /// Stop after this many bytes.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Close every stream of a guest and forget it (its logs stay).
+    Remove {
+        /// Guest name.
+        guest: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts");
+    match runtime.block_on(run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("conlogctl: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    conlog::config::HumanDuration::parse(text).map(|d| d.get())
+}
+
+async fn local_channel(socket: Option<PathBuf>) -> Result<Channel> {
+    let socket = socket.unwrap_or_else(conlog::client::default_socket);
+    conlog::client::connect_local(&socket)
+        .await
+        .with_context(|| format!("cannot connect to conlogd at {}", socket.display()))
+}
+
+/// The channel for Console calls: TCP with --server, else the local socket.
+async fn console_channel(args: &Args) -> Result<Channel> {
+    match &args.server {
+        Some(url) => Endpoint::from_shared(url.clone())
+            .with_context(|| format!("invalid --server URL {url}"))?
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {url}")),
+        None => local_channel(args.socket.clone()).await,
+    }
+}
+
+async fn run(args: Args) -> Result<ExitCode> {
+    match &args.command {
+        Cmd::Console {
+            guest,
+            device,
+            read_only,
+            force,
+            replay,
+            drain,
+        } => {
+            let options = terminal::Options {
+                guest: guest.clone(),
+                device: device.clone(),
+                read_only: *read_only,
+                force: *force,
+                replay: *replay,
+                drain: *drain,
+            };
+            terminal::run(console_channel(&args).await?, args.token.clone(), options).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::History {
+            guest,
+            stream,
+            tail_bytes,
+            tail_lines,
+            from,
+            follow,
+            limit,
+        } => {
+            use conlog::proto::read_history_request::Start;
+            let start = match (tail_bytes, tail_lines, from) {
+                (Some(n), _, _) => Some(Start::TailBytes(*n)),
+                (_, Some(n), _) => Some(Start::TailLines(*n)),
+                (_, _, Some(offset)) => Some(Start::FromOffset(*offset)),
+                _ => None,
+            };
+            let request = proto::ReadHistoryRequest {
+                guest: guest.clone(),
+                stream: stream.clone(),
+                start,
+                follow: *follow,
+                limit_bytes: limit.unwrap_or(0),
+                text: false,
+            };
+            print_history(console_channel(&args).await?, args.token.clone(), request).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
+    let mut agent = AgentClient::new(local_channel(args.socket).await?);
+    match args.command {
+        Cmd::Run {
+            guest,
+            stream,
+            max_size,
+            max_backups,
+            truncate,
+            command,
+        } => {
+            let limits = (max_size.is_some() || max_backups.is_some() || truncate).then(|| {
+                proto::LogLimits {
+                    max_size,
+                    max_backups,
+                    mode: if truncate {
+                        proto::LogMode::Truncate.into()
+                    } else {
+                        0
+                    },
+                }
+            });
+            let reply = agent
+                .create_log_pipe(proto::CreateLogPipeRequest {
+                    guest,
+                    stream,
+                    limits,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let fd_socket = PathBuf::from(&reply.fd_socket);
+            let token = reply.handoff_token.clone();
+            let pipe = tokio::task::spawn_blocking(move || {
+                conlog::client::receive_pipe(&fd_socket, &token)
+            })
+            .await?
+            .context("cannot receive the log pipe")?;
+            run_attached(pipe, &command)
+        }
+        Cmd::Guests { guest } => {
+            let reply = agent
+                .list_guests(proto::ListGuestsRequest {
+                    guest: guest.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_guests(&reply);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::CreateConsole { guest, device } => {
+            let reply = agent
+                .create_console(proto::CreateConsoleRequest {
+                    guest,
+                    device,
+                    limits: None,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{}", reply.guest_socket);
+            eprintln!(
+                "client socket: {}\nlog: {}",
+                reply.client_socket, reply.log_path
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Console { .. } | Cmd::History { .. } => unreachable!("handled above"),
+        Cmd::Remove { guest } => {
+            let reply = agent
+                .remove_guest(proto::RemoveGuestRequest {
+                    guest: guest.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "removed {guest} ({} streams); its logs stay on disk",
+                reply.streams_removed
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to a request when a token was given.
+pub fn with_token<T>(message: T, token: &Option<String>) -> Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .context("the token is not valid header text")?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(request)
+}
+
+/// Streams history to stdout; gaps are reported on stderr.
+async fn print_history(
+    channel: Channel,
+    token: Option<String>,
+    request: proto::ReadHistoryRequest,
+) -> Result<()> {
+    use std::io::Write;
+    let mut client = ConsoleClient::new(channel);
+    let mut chunks = client
+        .read_history(with_token(request, &token)?)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut stdout = std::io::stdout().lock();
+    while let Some(chunk) = chunks.message().await.map_err(status_error)? {
+        if let Some(gap) = chunk.gap {
+            eprintln!(
+                "[conlog: offsets {}..{} are no longer on disk]",
+                gap.from_offset, gap.to_offset
+            );
+        }
+        if stdout
+            .write_all(&chunk.data)
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            break; // stdout closed (e.g. `| head`)
+        }
+    }
+    Ok(())
+}
+
+pub fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+/// Runs `command` with stdout and stderr on `pipe`; returns its exit status (128+signal when
+/// killed, as a shell reports it).
+fn run_attached(pipe: OwnedFd, command: &[String]) -> Result<ExitCode> {
+    let Some((program, args)) = command.split_first() else {
+        bail!("no command given after --");
+    };
+    let stderr = pipe.try_clone().context("cannot duplicate the pipe")?;
+    let status = Command::new(program)
+        .args(args)
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::from(pipe))
+        .stderr(Stdio::from(stderr))
+        .status()
+        .with_context(|| format!("cannot run {program}"))?;
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1);
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+fn print_guests(reply: &proto::ListGuestsResponse) {
+    println!(
+        "{:<24} {:<10} {:<8} {:<8} {:>7} {:>14} {:>12} {:>10}  LOG",
+        "GUEST", "STREAM", "KIND", "STATE", "CLIENTS", "OFFSET", "ON-DISK", "MAX-SIZE"
+    );
+    for guest in &reply.guests {
+        for s in &guest.streams {
+            let kind = match proto::StreamKind::try_from(s.kind) {
+                Ok(proto::StreamKind::Console) => "console",
+                _ => "pipe",
+            };
+            let state = match kind {
+                _ if s.broken => "broken",
+                "console" if s.guest_connected => "guest-up",
+                "console" => "waiting",
+                _ if s.open => "open",
+                _ => "closed",
+            };
+            println!(
+                "{:<24} {:<10} {:<8} {:<8} {:>7} {:>14} {:>12} {:>10}  {}",
+                guest.name,
+                s.name,
+                kind,
+                state,
+                s.clients,
+                s.offset,
+                s.bytes_on_disk,
+                s.max_size,
+                s.log_path
+            );
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Serial consoles: one actor per console owns the guest connection, the log, the clients and
+//! the writer lease.
+//!
+//! A console listens on `consoles/<guest>/<device>.guest.sock` (QEMU connects with
+//! `-chardev socket,path=…,reconnect=1`) and on `<device>.client.sock` (raw bytes for `socat`
+//! and `nc -U`). Everything the guest writes is appended to the capped log first and then
+//! offered to every attached client with its absolute offset.
+//!
+//! Backpressure, decided once:
+//! - guest → log: lossless; the actor writes each chunk before reading the next (a refused write
+//!   is counted as dropped, never retried forever).
+//! - guest → clients: never waits. Each client has a queue bounded in bytes
+//!   ([`clients`]); a client that falls behind is skipped ahead and told the exact gap.
+//! - client → guest: a bounded channel that the actor only reads while the bytes pending for the
+//!   guest are under [`MAX_PENDING_INPUT`], so a slow guest pushes back on the typist through
+//!   HTTP/2 flow control, and never on the guest's output.
+//!
+//! Only the client holding the writer lease reaches the guest; input from anyone else is
+//! dropped (and refused, for `SendConsoleInput`). This module never touches gRPC types: the
+//! server maps [`Event`]s to frames.
+
+mod actor;
+pub mod clients;
+mod raw;
+pub mod sessions;
+
+pub use clients::{ClientReceiver, Event};
+
+use crate::error::{Error, Result};
+use crate::logfile::{LogFile, LogLimits, OpenSegment};
+use crate::metrics::Metrics;
+use crate::stream::{Figures, OffsetPublisher, StreamStats};
+use bytes::Bytes;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Most bytes of input waiting to be written to the guest before input is no longer read.
+pub const MAX_PENDING_INPUT: usize = 64 << 10;
+/// Longest UNIX socket path (sun_path is 108 bytes with the terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// How a client wants to attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Watch only.
+    ReadOnly,
+    /// Take the writer lease (refused if held, unless `force`).
+    ReadWrite,
+    /// Take the lease if nobody holds it, else watch (raw `client.sock` connections).
+    WriterIfFree,
+}
+
+/// An attach request.
+#[derive(Clone, Debug)]
+pub struct AttachRequest {
+    pub mode: Mode,
+    pub force: bool,
+    /// Recent output to send before going live (bounded by `consoles.max_replay`).
+    pub replay_bytes: u64,
+    /// Who this is, for logs and for the "has a writer" message.
+    pub label: String,
+}
+
+/// Tunables of every console.
+#[derive(Clone, Copy, Debug)]
+pub struct ConsoleSettings {
+    pub client_queue: usize,
+    pub max_replay: u64,
+    pub max_clients: usize,
+}
+
+/// Counters of a console readable without asking the actor.
+#[derive(Debug, Default)]
+pub struct ConsoleStats {
+    pub clients: AtomicU64,
+    pub guest_connected: AtomicBool,
+}
+
+/// Socket paths of a console.
+#[derive(Clone, Debug)]
+pub struct ConsolePaths {
+    pub guest_socket: PathBuf,
+    pub client_socket: PathBuf,
+}
+
+impl ConsolePaths {
+    /// `<runtime>/consoles/<guest>/<device>.{guest,client}.sock`, refused if too long for a
+    /// UNIX socket address.
+    pub fn new(runtime_dir: &Path, guest: &str, device: &str) -> Result<Self> {
+        let dir = runtime_dir.join("consoles").join(guest);
+        let paths = Self {
+            guest_socket: dir.join(format!("{device}.guest.sock")),
+            client_socket: dir.join(format!("{device}.client.sock")),
+        };
+        for path in [&paths.guest_socket, &paths.client_socket] {
+            let shown = path.display().to_string();
+            if shown.len() > MAX_SOCKET_PATH {
+                return Err(Error::InvalidArgument(format!(
+                    "Console socket path {shown} is {} bytes; UNIX sockets allow {MAX_SOCKET_PATH}: \
+                     use a shorter runtime_dir, guest or device name",
+                    shown.len()
+                )));
+            }
+        }
+        Ok(paths)
+    }
+}
+
+enum Command {
+    Attach(
+        AttachRequest,
+        oneshot::Sender<Result<(u64, ClientReceiver)>>,
+    ),
+    Detach(u64),
+    SetLimits(LogLimits, oneshot::Sender<std::io::Result<()>>),
+    Figures(oneshot::Sender<Figures>),
+    OpenSegments(u64, oneshot::Sender<std::io::Result<Vec<OpenSegment>>>),
+    Close {
+        reason: String,
+        removed: bool,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Input for the guest from client `client`.
+struct Input {
+    client: u64,
+    data: Bytes,
+    /// Set for `SendConsoleInput`, which reports whether the input was taken.
+    reply: Option<oneshot::Sender<Result<usize>>>,
+}
+
+/// A cheap, cloneable handle to a console actor.
+#[derive(Clone)]
+pub struct ConsoleHandle {
+    commands: mpsc::Sender<Command>,
+    input: mpsc::Sender<Input>,
+    /// `guest/device`, for messages.
+    pub name: Arc<str>,
+    pub stats: Arc<StreamStats>,
+    /// The end offset, for readers that follow; closed when the actor stops.
+    pub offsets: watch::Receiver<u64>,
+    pub console: Arc<ConsoleStats>,
+    pub paths: Arc<ConsolePaths>,
+}
+
+fn gone(name: &str) -> Error {
+    Error::Unavailable(format!("Console {name} is closing"))
+}
+
+impl ConsoleHandle {
+    /// Binds the console's sockets and starts its actor.
+    pub fn spawn(
+        guest: &str,
+        device: &str,
+        paths: ConsolePaths,
+        log: LogFile,
+        settings: ConsoleSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let guest_listener = bind(&paths.guest_socket)?;
+        let client_listener = bind(&paths.client_socket)?;
+        let (commands, command_rx) = mpsc::channel(64);
+        let (input, input_rx) = mpsc::channel(64);
+        let stats = Arc::new(StreamStats::default());
+        let (publisher, offsets) = OffsetPublisher::new(stats.clone(), log.end_offset());
+        let handle = Self {
+            commands,
+            input,
+            name: format!("{guest}/{device}").into(),
+            stats: stats.clone(),
+            offsets,
+            console: Arc::new(ConsoleStats::default()),
+            paths: Arc::new(paths),
+        };
+        actor::ConsoleActor::start(
+            handle.clone(),
+            log,
+            publisher,
+            guest_listener,
+            client_listener,
+            settings,
+            metrics,
+            command_rx,
+            input_rx,
+        );
+        Ok(handle)
+    }
+
+    /// Attaches a client. The first event it receives is [`Event::Attached`].
+    pub async fn attach(&self, request: AttachRequest) -> Result<Attachment> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Attach(request, reply))
+            .await
+            .map_err(|_| gone(&self.name))?;
+        let (id, events) = answer.await.map_err(|_| gone(&self.name))??;
+        Ok(Attachment {
+            id,
+            events,
+            guard: DetachGuard {
+                commands: self.commands.clone(),
+                id,
+            },
+        })
+    }
+
+    /// Sends input of client `client` to the guest; waits while the guest is slow. Input of
+    /// a client that is not the writer is dropped.
+    pub async fn input(&self, client: u64, data: Bytes) -> Result<()> {
+        self.input
+            .send(Input {
+                client,
+                data,
+                reply: None,
+            })
+            .await
+            .map_err(|_| gone(&self.name))
+    }
+
+    /// Like [`input`](Self::input), but reports whether the bytes were taken.
+    pub async fn input_checked(&self, client: u64, data: Bytes) -> Result<usize> {
+        let (reply, answer) = oneshot::channel();
+        self.input
+            .send(Input {
+                client,
+                data,
+                reply: Some(reply),
+            })
+            .await
+            .map_err(|_| gone(&self.name))?;
+        answer.await.map_err(|_| gone(&self.name))?
+    }
+
+    /// Replaces the log limits.
+    pub async fn set_limits(&self, limits: LogLimits) -> std::io::Result<()> {
+        let (reply, answer) = oneshot::channel();
+        let closed = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "console has stopped");
+        self.commands
+            .send(Command::SetLimits(limits, reply))
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// The console's figures at one instant.
+    pub async fn figures(&self) -> std::io::Result<Figures> {
+        let (reply, answer) = oneshot::channel();
+        let closed = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "console has stopped");
+        self.commands
+            .send(Command::Figures(reply))
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())
+    }
+
+    /// Opens the files holding offsets from `from` on (see [`LogFile::open_segments`]).
+    pub async fn open_segments(&self, from: u64) -> std::io::Result<Vec<OpenSegment>> {
+        let (reply, answer) = oneshot::channel();
+        let closed = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "console has stopped");
+        self.commands
+            .send(Command::OpenSegments(from, reply))
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// Tells every client why, closes the sockets (removing their files), syncs the log and
+    /// stops the actor. `removed` says the console will not come back.
+    pub async fn close(&self, reason: &str, removed: bool) {
+        let (done, finished) = oneshot::channel();
+        let command = Command::Close {
+            reason: reason.to_owned(),
+            removed,
+            done,
+        };
+        if self.commands.send(command).await.is_ok() {
+            let _ = finished.await;
+        }
+    }
+}
+
+/// An attached client: its id, its events, and a guard that detaches it when dropped.
+pub struct Attachment {
+    pub id: u64,
+    pub events: ClientReceiver,
+    pub guard: DetachGuard,
+}
+
+/// Detaches a client (releasing its writer lease) when dropped.
+pub struct DetachGuard {
+    commands: mpsc::Sender<Command>,
+    id: u64,
+}
+
+impl Drop for DetachGuard {
+    fn drop(&mut self) {
+        if let Err(mpsc::error::TrySendError::Full(command)) =
+            self.commands.try_send(Command::Detach(self.id))
+        {
+            let commands = self.commands.clone();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = commands.send(command).await;
+                });
+            }
+        }
+    }
+}
+
+/// Binds a console socket (mode 0660), creating its directory and replacing a stale file.
+fn bind(path: &Path) -> Result<UnixListener> {
+    let io = |e| Error::io(format!("cannot bind {}", path.display()), e);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
+    Ok(listener)
+}

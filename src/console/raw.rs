@@ -1,0 +1,83 @@
+//! Raw clients of `client.sock`: bytes both ways, for `socat - UNIX-CONNECT:…` and `nc -U`.
+//!
+//! Each connection is a client of the console like any gRPC one: it takes the writer lease if
+//! nobody holds it, else it watches. It receives guest output as raw bytes (no frames; gaps of a
+//! lagging connection are simply skipped) and what it sends goes to the guest only while it
+//! holds the lease. One task per connection, so a slow reader only ever waits on itself.
+
+use super::{AttachRequest, ConsoleHandle, Event, Mode};
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// Serves one raw connection on its own task.
+pub(super) fn spawn(console: ConsoleHandle, stream: UnixStream) {
+    tokio::spawn(async move {
+        let label = match stream.peer_cred() {
+            Ok(cred) => format!("client.sock pid {}", cred.pid().unwrap_or(-1)),
+            Err(_) => "client.sock".to_owned(),
+        };
+        let request = AttachRequest {
+            mode: Mode::WriterIfFree,
+            force: false,
+            replay_bytes: 0,
+            label: label.clone(),
+        };
+        let mut attachment = match console.attach(request).await {
+            Ok(attachment) => attachment,
+            Err(e) => {
+                let (_, mut write) = stream.into_split();
+                let _ = write
+                    .write_all(format!("conlogd: {e}\r\n").as_bytes())
+                    .await;
+                return;
+            }
+        };
+        let (mut read, mut write) = stream.into_split();
+        let mut hangup_check = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut buffer = vec![0u8; 4096];
+        // After the peer shuts down its sending side it may still watch; keep writing to it.
+        let mut reading = true;
+        loop {
+            tokio::select! {
+                event = attachment.events.recv() => match event {
+                    Some(Event::Output { data, .. }) => {
+                        if write.write_all(&data).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Event::Closed { .. }) | None => break,
+                    Some(_) => {}
+                },
+                // A half-closed peer is still a watcher; notice when it goes away entirely even
+                // if the console is quiet.
+                _ = hangup_check.tick(), if !reading => {
+                    if peer_hung_up(write.as_ref()) {
+                        break;
+                    }
+                },
+                n = read.read(&mut buffer), if reading => match n {
+                    Ok(0) => reading = false,
+                    Err(_) => break,
+                    Ok(n) => {
+                        if console.input(attachment.id, Bytes::copy_from_slice(&buffer[..n])).await.is_err() {
+                            break;
+                        }
+                    }
+                },
+            }
+        }
+        tracing::debug!(console = %console.name, client = %label, "raw client gone");
+    });
+}
+
+/// True when the peer has closed both directions (POLLHUP).
+fn peer_hung_up(stream: &UnixStream) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(stream, PollFlags::empty())];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&zero)).is_ok() && fds[0].revents().contains(PollFlags::HUP)
+}

@@ -1,0 +1,438 @@
+//! Reading a stream's bytes back from its files on disk by absolute offset: `ReadHistory`
+//! and console replay.
+//!
+//! Owns the mapping from absolute offsets to the rotated files that hold them, start-position
+//! resolution (`from_offset`, `tail_bytes`, `tail_lines`), and following a stream live. It only
+//! reads; it never writes, renames or deletes a log file, and it never holds more than one chunk
+//! per reader in memory (plus a small bounded queue towards the client).
+//!
+//! Consistency under rotation: a reader never opens log files by path itself. It asks the
+//! stream's actor for [`OpenSegment`]s, descriptors opened by the actor between two of its own
+//! writes, each with the exact offset range it held then. Those descriptors stay valid through
+//! any later rotation or truncation (a renamed or unlinked file keeps its data while open), so a
+//! chunk is never torn or mixed. When a reader has read all it holds it asks again from its
+//! position; if the oldest file offered starts after that position, the bytes in between were
+//! rotated away meanwhile and the reader reports exactly that gap.
+
+use crate::error::{Error, Result};
+use crate::guests::Actor;
+use crate::logfile::{OpenSegment, Segment};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use tokio::sync::mpsc;
+
+/// Where a history read starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// The oldest byte still on disk.
+    Oldest,
+    /// An exact absolute offset (resume).
+    Offset(u64),
+    /// The last N bytes.
+    TailBytes(u64),
+    /// The last N lines, counting `\n` (a final line without one counts too).
+    TailLines(u64),
+}
+
+/// A history read.
+#[derive(Clone, Copy, Debug)]
+pub struct HistoryRequest {
+    pub start: Start,
+    pub follow: bool,
+    /// Stop after this many bytes.
+    pub limit: Option<u64>,
+    /// Largest chunk.
+    pub chunk_size: usize,
+    /// Cut chunks at UTF-8 character boundaries where possible (for text rendering).
+    pub utf8_boundaries: bool,
+}
+
+/// One item of a history stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HistoryItem {
+    /// Offsets `from .. to` are no longer on disk.
+    Gap { from: u64, to: u64 },
+    /// Bytes at an absolute offset.
+    Data { offset: u64, data: Vec<u8> },
+}
+
+/// Chunks buffered towards a slow client before the reader waits.
+const QUEUE: usize = 4;
+
+/// Starts a history read of `actor`'s stream. Errors about the start position are returned
+/// here, before anything is streamed.
+pub async fn read(
+    actor: Actor,
+    request: HistoryRequest,
+) -> Result<mpsc::Receiver<Result<HistoryItem>>> {
+    let gone = |e: io::Error| Error::io("cannot open the stream's files", e);
+    let offsets = actor.offsets();
+    let segments = actor.open_segments(0).await.map_err(gone)?;
+    let end = segments
+        .last()
+        .map_or(*offsets.borrow(), |s| s.start + s.len);
+    let first = segments.first().map_or(end, |s| s.start);
+    let position = match request.start {
+        Start::Oldest => first,
+        Start::Offset(offset) if offset > end && !request.follow => {
+            return Err(Error::OutOfRange(format!(
+                "from_offset {offset} is beyond the end of the stream ({end}); use follow to wait for it"
+            )))
+        }
+        Start::Offset(offset) => offset,
+        Start::TailBytes(n) => end.saturating_sub(n).max(first),
+        Start::TailLines(n) => tail_lines_start(&segments, n).map_err(gone)?,
+    };
+    let (sender, receiver) = mpsc::channel(QUEUE);
+    let reader = Reader {
+        actor,
+        offsets,
+        segments: segments.into(),
+        last: None,
+        position,
+        remaining: request.limit.unwrap_or(u64::MAX),
+        request,
+        sender,
+    };
+    tokio::spawn(reader.run());
+    Ok(receiver)
+}
+
+struct Reader {
+    actor: Actor,
+    offsets: tokio::sync::watch::Receiver<u64>,
+    segments: VecDeque<OpenSegment>,
+    /// The last file read to its end, kept open in case it grows.
+    last: Option<OpenSegment>,
+    position: u64,
+    remaining: u64,
+    request: HistoryRequest,
+    sender: mpsc::Sender<Result<HistoryItem>>,
+}
+
+impl Reader {
+    async fn run(mut self) {
+        if let Err(e) = self.pump().await {
+            let _ = self.sender.send(Err(e)).await;
+        }
+    }
+
+    /// Streams until the limit, the end (without follow), the client leaving, or the stream
+    /// going away.
+    async fn pump(&mut self) -> Result<()> {
+        let mut buffer = vec![0u8; self.request.chunk_size + 3];
+        while self.remaining > 0 {
+            let Some(segment) = self.segments.front() else {
+                if !self.refill().await? {
+                    return Ok(());
+                }
+                continue;
+            };
+            let seg_end = segment.start + segment.len;
+            if self.position >= seg_end {
+                // Keep the file open: it may still grow (it was the current one), and then the
+                // next bytes come from it without asking the actor.
+                self.last = self.segments.pop_front();
+                continue;
+            }
+            if self.position < segment.start {
+                // Our position was rotated away between two snapshots.
+                let gap = HistoryItem::Gap {
+                    from: self.position,
+                    to: segment.start,
+                };
+                self.position = segment.start;
+                if self.sender.send(Ok(gap)).await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+            let want = (seg_end - self.position)
+                .min(self.remaining)
+                .min(self.request.chunk_size as u64) as usize;
+            let read = segment
+                .file
+                .read_at(&mut buffer[..want], self.position - segment.start)
+                .map_err(|e| Error::io("cannot read a log file", e))?;
+            if read == 0 {
+                // Shorter than the actor said: cut behind our back. Ask again.
+                self.segments.pop_front();
+                continue;
+            }
+            let take = if self.request.utf8_boundaries {
+                self.whole_characters(&mut buffer, read, seg_end)?
+            } else {
+                read
+            };
+            let item = HistoryItem::Data {
+                offset: self.position,
+                data: buffer[..take].to_vec(),
+            };
+            self.position += take as u64;
+            self.remaining = self.remaining.saturating_sub(take as u64);
+            if self.sender.send(Ok(item)).await.is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Adjusts a chunk of `read` bytes at our position so it ends on a character boundary: an
+    /// incomplete character at the end of a file is completed from the next file (a log file
+    /// can end mid-character), one in the middle of a file is left for the next chunk.
+    fn whole_characters(&self, buffer: &mut [u8], read: usize, seg_end: u64) -> Result<usize> {
+        let Some((have, missing)) = incomplete_tail(&buffer[..read]) else {
+            return Ok(read);
+        };
+        if self.position + read as u64 == seg_end {
+            let next = self
+                .segments
+                .get(1)
+                .filter(|next| next.start == seg_end && next.len >= missing as u64);
+            match next {
+                // Room left in this chunk: complete the character from the next file.
+                Some(next) if read + missing <= self.request.chunk_size => {
+                    next.file
+                        .read_exact_at(&mut buffer[read..read + missing], 0)
+                        .map_err(|e| Error::io("cannot read a log file", e))?;
+                    return Ok(read + missing);
+                }
+                // No room: the next chunk starts with this character and completes it.
+                Some(_) if read > have => return Ok(read - have),
+                // The rest of the character is not written yet (or never will be).
+                _ => return Ok(read),
+            }
+        }
+        Ok(if read > have { read - have } else { read })
+    }
+
+    /// The stream's actor stopped: a removed stream ends the read; a daemon going away (shutdown
+    /// or upgrade) is `UNAVAILABLE`, so the client resumes from its offset later.
+    fn stream_stopped(&self) -> Result<bool> {
+        if self
+            .actor
+            .stats()
+            .removed
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(false);
+        }
+        Err(Error::Unavailable(format!(
+            "conlogd is going away; resume with from_offset {}",
+            self.position
+        )))
+    }
+
+    /// If the file we finished has grown past our position, reads on from it: log files are
+    /// append-only and a rotated or truncated-away file keeps its bytes while we hold it, so
+    /// whatever it holds beyond the length we were told is exactly the stream's next bytes.
+    fn grow_last(&mut self) -> Result<bool> {
+        let Some(last) = &mut self.last else {
+            return Ok(false);
+        };
+        let len = last
+            .file
+            .metadata()
+            .map_err(|e| Error::io("cannot stat a log file", e))?
+            .len();
+        if last.start + len <= self.position {
+            return Ok(false);
+        }
+        last.len = len;
+        self.segments
+            .push_front(self.last.take().expect("checked above"));
+        Ok(true)
+    }
+
+    /// Gets the files holding data from our position, waiting for new data when following.
+    /// False when the read is over.
+    async fn refill(&mut self) -> Result<bool> {
+        loop {
+            let end = *self.offsets.borrow_and_update();
+            if self.position < end {
+                if self.grow_last()? {
+                    return Ok(true);
+                }
+                match self.actor.open_segments(self.position).await {
+                    Ok(segments) if !segments.is_empty() => {
+                        self.segments = segments.into();
+                        return Ok(true);
+                    }
+                    Ok(_) => {}
+                    Err(_) => return self.stream_stopped(),
+                }
+            }
+            if !self.request.follow {
+                return Ok(false);
+            }
+            tokio::select! {
+                changed = self.offsets.changed() => if changed.is_err() {
+                    return self.stream_stopped();
+                },
+                _ = self.sender.closed() => return Ok(false),
+            }
+        }
+    }
+}
+
+/// The offset just after the `n`-th `\n` counted back from the end (a trailing `\n` ends the
+/// last line and is not counted), or the oldest offset if there are fewer lines.
+fn tail_lines_start(segments: &[OpenSegment], n: u64) -> io::Result<u64> {
+    let end = segments.last().map_or(0, |s| s.start + s.len);
+    let first = segments.first().map_or(end, |s| s.start);
+    if n == 0 {
+        return Ok(end);
+    }
+    let mut found = 0;
+    let mut skip_final_newline = true;
+    let mut block = vec![0u8; 64 << 10];
+    for segment in segments.iter().rev() {
+        let mut stop = segment.len;
+        while stop > 0 {
+            let start = stop.saturating_sub(block.len() as u64);
+            let len = (stop - start) as usize;
+            segment.file.read_exact_at(&mut block[..len], start)?;
+            for (i, byte) in block[..len].iter().enumerate().rev() {
+                if *byte != b'\n' {
+                    skip_final_newline = false;
+                    continue;
+                }
+                if skip_final_newline {
+                    skip_final_newline = false;
+                    continue;
+                }
+                found += 1;
+                if found == n {
+                    return Ok(segment.start + start + i as u64 + 1);
+                }
+            }
+            stop = start;
+        }
+    }
+    Ok(first)
+}
+
+/// If `data` ends inside a UTF-8 character: how many of its bytes are there and how many are
+/// missing. Invalid bytes are not "incomplete": they stay as they are.
+fn incomplete_tail(data: &[u8]) -> Option<(usize, usize)> {
+    for have in 1..=3.min(data.len()) {
+        let byte = data[data.len() - have];
+        if byte & 0b1100_0000 == 0b1000_0000 {
+            continue; // a continuation byte: look further back for the lead byte
+        }
+        let needed = match byte {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => return None,
+        };
+        return (needed > have).then_some((have, needed - have));
+    }
+    None
+}
+
+/// Reads the last `n` bytes held by `segments` (oldest first). Returns the offset of the first
+/// byte returned and the bytes; fewer than `n` if less is on disk.
+pub fn read_tail(segments: &[Segment], n: u64) -> io::Result<(u64, Vec<u8>)> {
+    let end = segments.last().map_or(0, |s| s.start + s.len);
+    let first = segments.first().map_or(end, |s| s.start);
+    let from = end.saturating_sub(n).max(first);
+    Ok((from, read_range(segments, from, end)?))
+}
+
+/// Reads the bytes of offsets `from .. to` from `segments`. A segment that turns out shorter
+/// than described (truncated behind our back) ends the read early.
+pub fn read_range(segments: &[Segment], from: u64, to: u64) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(to.saturating_sub(from) as usize);
+    for segment in segments {
+        let seg_end = segment.start + segment.len;
+        if seg_end <= from || segment.start >= to {
+            continue;
+        }
+        let start = from.max(segment.start);
+        let stop = to.min(seg_end);
+        let mut file = File::open(&segment.path)?;
+        file.seek(SeekFrom::Start(start - segment.start))?;
+        let wanted = (stop - start) as usize;
+        let before = out.len();
+        file.take(wanted as u64).read_to_end(&mut out)?;
+        if out.len() - before < wanted {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incomplete_characters_at_the_end() {
+        assert_eq!(incomplete_tail(b"abc"), None);
+        assert_eq!(incomplete_tail("aé".as_bytes()), None);
+        assert_eq!(incomplete_tail(&"aé".as_bytes()[..2]), Some((1, 1)));
+        assert_eq!(incomplete_tail(&"a€".as_bytes()[..3]), Some((2, 1)));
+        assert_eq!(incomplete_tail(&"😀".as_bytes()[..1]), Some((1, 3)));
+        assert_eq!(incomplete_tail(&[b'a', 0xFF]), None);
+    }
+
+    #[test]
+    fn tail_lines_counts_from_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = LogLimits {
+            max_size: 4096,
+            max_backups: 3,
+            mode: LogMode::Rotate,
+        };
+        let mut log =
+            LogFile::open(&dir.path().join("s.log"), &dir.path().join("s.pos"), limits).unwrap();
+        let text: String = (0..2000).map(|i| format!("line {i}\n")).collect();
+        log.append(text.as_bytes()).unwrap();
+        let segments = log.open_segments(0).unwrap();
+        let start = tail_lines_start(&segments, 3).unwrap() as usize;
+        assert_eq!(&text[start..], "line 1997\nline 1998\nline 1999\n");
+        log.append(b"partial").unwrap();
+        let segments = log.open_segments(0).unwrap();
+        let start = tail_lines_start(&segments, 2).unwrap() as usize;
+        let all = format!("{text}partial");
+        assert_eq!(&all[start..], "line 1999\npartial");
+        assert_eq!(tail_lines_start(&segments, 0).unwrap(), all.len() as u64);
+        // More lines than on disk: the oldest byte.
+        assert_eq!(
+            tail_lines_start(&segments, 1_000_000).unwrap(),
+            segments[0].start
+        );
+    }
+    use crate::config::LogMode;
+    use crate::logfile::{LogFile, LogLimits};
+
+    #[test]
+    fn tail_spans_rotated_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = LogLimits {
+            max_size: 4096,
+            max_backups: 3,
+            mode: LogMode::Rotate,
+        };
+        let mut log =
+            LogFile::open(&dir.path().join("s.log"), &dir.path().join("s.pos"), limits).unwrap();
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        log.append(&data).unwrap();
+        let segments = log.segments();
+        assert_eq!(segments.len(), 4);
+        let (from, tail) = read_tail(&segments, 5000).unwrap();
+        assert_eq!(from, 15_000);
+        assert_eq!(tail, &data[15_000..]);
+        // More than is on disk: everything from the oldest byte.
+        let (from, all) = read_tail(&segments, 1 << 20).unwrap();
+        assert_eq!(from, segments[0].start);
+        assert_eq!(all, &data[from as usize..]);
+        assert_eq!(
+            read_range(&segments, 12_000, 12_100).unwrap(),
+            &data[12_000..12_100]
+        );
+    }
+}
