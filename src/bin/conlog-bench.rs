@@ -1,1 +1,110 @@
-fn main() {}
+//! `conlog-bench`: measures a real `conlogd` from outside, as its clients would, against a
+//! baseline run on the same machine in the same invocation (these machines are shared and noisy,
+//! so only ratios mean something). Figures go to `docs/performance.md`.
+//!
+//! One subcommand per scenario of issue 7; each lives in its own module and uses the shared
+//! pieces: [`daemon`] (start, stop and observe a `conlogd`), [`procfs`] (memory, CPU, disk and
+//! machine facts from `/proc`), [`data`] (the bytes written and their check) and [`report`]
+//! (medians, tables in text and markdown).
+//!
+//! Not a test: it exits non-zero when a run is wrong (bytes lost, cap exceeded), never because a
+//! target was missed.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+// The modules live in `src/bin/conlog-bench/` (a directory without `main.rs`, so Cargo does not
+// take it for a second binary).
+#[path = "conlog-bench/daemon.rs"]
+mod daemon;
+#[path = "conlog-bench/data.rs"]
+mod data;
+#[path = "conlog-bench/pipe.rs"]
+mod pipe;
+#[path = "conlog-bench/procfs.rs"]
+mod procfs;
+#[path = "conlog-bench/report.rs"]
+mod report;
+
+/// Benchmarks conlogd from outside against a baseline measured in the same run.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+/// Options every scenario understands.
+#[derive(clap::Args)]
+pub struct Common {
+    /// The conlogd binary (default: `conlogd` next to this executable).
+    #[arg(long, global = true, value_name = "PATH")]
+    conlogd: Option<PathBuf>,
+    /// Where the scratch directory goes; the daemon's logs and the baseline's files are written
+    /// there, so both land on the same file system (default: $TMPDIR or /tmp).
+    #[arg(long, global = true, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+}
+
+impl Common {
+    /// The conlogd binary to run.
+    pub fn conlogd(&self) -> anyhow::Result<PathBuf> {
+        let path = match &self.conlogd {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .map(|dir| dir.join("conlogd"))
+                .unwrap_or_else(|| PathBuf::from("conlogd")),
+        };
+        if !path.is_file() {
+            anyhow::bail!(
+                "conlogd not found at {}: build it with `cargo build --release --bins` or pass --conlogd PATH",
+                path.display()
+            );
+        }
+        Ok(path)
+    }
+
+    /// The parent of the scratch directory.
+    pub fn work_parent(&self) -> PathBuf {
+        self.work_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Log pipe throughput (issue 2, issue 7 scenario 1): N bytes through one log pipe with
+    /// rotation on, against `cat` from a pipe into a file.
+    Pipe(pipe::PipeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("conlog-bench: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = match &cli.scenario {
+        Scenario::Pipe(args) => pipe::run(&runtime, &cli.common, args),
+    };
+    match outcome {
+        Ok(report::Verdict::Correct) => ExitCode::SUCCESS,
+        Ok(report::Verdict::Wrong) => {
+            eprintln!("conlog-bench: some runs were WRONG (see above)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("conlog-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

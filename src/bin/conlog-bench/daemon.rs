@@ -1,0 +1,173 @@
+//! A real `conlogd` started for one measurement: its own directories under the scratch
+//! directory, ephemeral TCP ports, and nothing shared with any other daemon on the machine.
+//!
+//! Started with `--runtime-dir`, `--data-dir`, `--listen 127.0.0.1:0 --metrics 127.0.0.1:0`, it is
+//! ready when it prints `conlogd ready` on stderr. Its stderr is drained on a thread for its
+//! whole life (a full stderr pipe would block it) and the last lines are kept for error
+//! messages. Stopped with SIGTERM (it drains and syncs every log); killed if it does not exit.
+
+use anyhow::{bail, Context};
+use conlog::proto::agent_client::AgentClient;
+use std::collections::VecDeque;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// How long the daemon may take to print its ready line.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long it may take to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Lines of stderr kept for error messages.
+const STDERR_LINES: usize = 40;
+
+/// A running conlogd.
+pub struct Daemon {
+    child: Option<Child>,
+    /// `conlogd.sock`.
+    pub socket: PathBuf,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Daemon {
+    /// Starts `binary` with its directories under `dir` (created; removing it is the caller's
+    /// business) and waits until it is ready.
+    pub fn start(binary: &Path, dir: &Path) -> anyhow::Result<Self> {
+        let runtime_dir = dir.join("run");
+        let data_dir = dir.join("data");
+        for d in [&runtime_dir, &data_dir] {
+            fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+        }
+        let mut child = Command::new(binary)
+            .arg("--runtime-dir")
+            .arg(&runtime_dir)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+            .env("NO_COLOR", "1")
+            // The ready line is logged at info; a RUST_LOG of the caller could hide it.
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_LINES)));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        {
+            let tail = stderr_tail.clone();
+            thread::spawn(move || {
+                let mut ready = Some(ready_tx);
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if line.contains("conlogd ready") {
+                        if let Some(ready) = ready.take() {
+                            let _ = ready.send(());
+                        }
+                    }
+                    let mut tail = tail.lock().expect("stderr tail poisoned");
+                    if tail.len() == STDERR_LINES {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
+                }
+            });
+        }
+        let mut daemon = Self {
+            child: Some(child),
+            socket: runtime_dir.join("conlogd.sock"),
+            stderr_tail,
+        };
+        match ready_rx.recv_timeout(READY_TIMEOUT) {
+            Ok(()) => Ok(daemon),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                daemon.kill();
+                bail!(
+                    "conlogd did not print \"conlogd ready\" within {READY_TIMEOUT:?}; its stderr:\n{}",
+                    daemon.stderr_tail()
+                )
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = daemon.kill();
+                bail!(
+                    "conlogd exited before it was ready ({status}); its stderr:\n{}",
+                    daemon.stderr_tail()
+                )
+            }
+        }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// A client of its `Agent` service over the local socket.
+    pub async fn agent(&self) -> anyhow::Result<AgentClient<Channel>> {
+        let channel = conlog::client::connect_local(&self.socket)
+            .await
+            .with_context(|| format!("cannot connect to {}", self.socket.display()))?;
+        Ok(AgentClient::new(channel))
+    }
+
+    /// The last lines it printed on stderr.
+    pub fn stderr_tail(&self) -> String {
+        let tail = self.stderr_tail.lock().expect("stderr tail poisoned");
+        tail.iter().map(|line| format!("  | {line}\n")).collect()
+    }
+
+    /// Stops it with SIGTERM and waits; an error if it exits badly or has to be killed.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                if status.success() {
+                    return Ok(());
+                }
+                bail!(
+                    "conlogd exited with {status} after SIGTERM; its stderr:\n{}",
+                    self.stderr_tail()
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "conlogd did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed. Its stderr:\n{}",
+                    self.stderr_tail()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills it at once; how it ended.
+    fn kill(&mut self) -> String {
+        match self.child.take() {
+            Some(mut child) => {
+                let _ = child.kill();
+                child
+                    .wait()
+                    .map_or_else(|e| e.to_string(), |status| status.to_string())
+            }
+            None => "not running".to_owned(),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
