@@ -89,6 +89,8 @@ enum Command {
     OpenSegments(u64, oneshot::Sender<io::Result<Vec<OpenSegment>>>),
     /// Drain what the pipes hold, sync, and stop.
     Close(oneshot::Sender<()>),
+    /// Stop reading (unread bytes stay in the pipes), sync, and hand the pipes back.
+    Freeze(oneshot::Sender<Vec<OwnedFd>>),
 }
 
 /// A cheap, cloneable handle to a stream actor.
@@ -190,6 +192,16 @@ impl StreamHandle {
         answer.await.map_err(|_| gone())?
     }
 
+    /// Stops the actor without reading further and returns its pipes' read ends (for an
+    /// upgrade). The log is synced; the position record keeps saying a writer is attached.
+    pub async fn freeze(&self) -> Vec<OwnedFd> {
+        let (reply, answer) = oneshot::channel();
+        if self.commands.send(Command::Freeze(reply)).await.is_err() {
+            return Vec::new();
+        }
+        answer.await.unwrap_or_default()
+    }
+
     /// Drains the pipes, syncs the log and stops the actor.
     pub async fn close(&self) {
         let (reply, answer) = oneshot::channel();
@@ -227,6 +239,10 @@ impl StreamActor {
                     Some(Command::Close(reply)) => {
                         self.shutdown();
                         let _ = reply.send(());
+                        return;
+                    }
+                    Some(Command::Freeze(reply)) => {
+                        let _ = reply.send(self.freeze());
                         return;
                     }
                     Some(command) => self.handle(command),
@@ -281,7 +297,7 @@ impl StreamActor {
             Command::OpenSegments(from, reply) => {
                 let _ = reply.send(self.log.open_segments(from));
             }
-            Command::Close(_) => unreachable!("handled by run"),
+            Command::Close(_) | Command::Freeze(_) => unreachable!("handled by run"),
         }
     }
 
@@ -336,6 +352,21 @@ impl StreamActor {
 
     fn account_rotations(&self, before: u64) {
         count_rotations(&self.stats, &self.metrics, self.log.rotations() - before);
+    }
+
+    /// Hands the pipes back without reading them; syncs the log.
+    fn freeze(&mut self) -> Vec<OwnedFd> {
+        let pipes: Vec<OwnedFd> = self
+            .pipes
+            .drain(..)
+            .filter_map(|pipe| pipe.into_nonblocking_fd().ok())
+            .collect();
+        self.metrics.pipe_writers.dec_by(pipes.len() as i64);
+        self.stats.writers.store(0, Relaxed);
+        if let Err(e) = self.log.sync() {
+            tracing::warn!(path = %self.log.path().display(), error = %e, "cannot sync log");
+        }
+        pipes
     }
 
     /// Moves whatever the pipes still hold into the log, then syncs it.

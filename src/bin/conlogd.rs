@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use conlog::config::{Config, LogFormat, Overrides};
+use conlog::daemon::Start;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tracing_subscriber::EnvFilter;
@@ -34,10 +35,20 @@ struct Args {
     /// Print the effective configuration as YAML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Print the upgrade snapshot format this binary reads and exit (used before an upgrade).
+    #[arg(long, hide = true)]
+    snapshot_format: bool,
 }
 
 fn main() -> anyhow::Result<()> {
+    // First, before anything opens a descriptor: an upgraded image adopts what it carries and
+    // closes everything else it inherited.
+    let inherited = conlog::upgrade::exec::inherited();
     let args = Args::parse();
+    if args.snapshot_format {
+        println!("{}", conlog::upgrade::snapshot::FORMAT_VERSION);
+        return Ok(());
+    }
     let overrides = Overrides {
         listen: args.listen,
         metrics: args.metrics,
@@ -57,14 +68,20 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     init_tracing(&config);
-    if args.takeover {
-        eprintln!("conlogd: --takeover is not implemented yet (issue 5)");
-        std::process::exit(2);
-    }
+    let start = match inherited {
+        Ok(Some(state)) => Start::Upgraded(state),
+        Ok(None) if args.takeover => Start::Takeover,
+        Ok(None) => Start::Fresh,
+        Err(why) => {
+            tracing::error!(error = %why, "the upgrade snapshot is unusable; starting from the state directory");
+            Start::Fresh
+        }
+    };
+    let image = conlog::upgrade::exec::Image::current();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if let Err(e) = runtime.block_on(conlog::daemon::run(config)) {
+    if let Err(e) = runtime.block_on(conlog::daemon::run(config, start, image)) {
         eprintln!("conlogd: {e}");
         std::process::exit(1);
     }
