@@ -322,14 +322,35 @@ impl Guests {
         record_path: &Path,
         carried: Option<StreamFds>,
     ) -> Result<StreamEntry> {
-        let bytes = std::fs::read(record_path)
-            .map_err(|e| Error::io(format!("cannot read {}", record_path.display()), e))?;
-        let record: StreamRecord = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::io(
-                format!("corrupt stream record {}", record_path.display()),
-                e.into(),
-            )
-        })?;
+        let mut repaired = false;
+        let record = match read_record(record_path) {
+            Ok(record) => record,
+            Err(why) => {
+                repaired = true;
+                // A torn or foreign record must not cost the stream: its log and position
+                // record are still there. It comes back as a closed pipe with default limits.
+                let log_path = self.log_path(guest, stream);
+                if !log_path.exists() {
+                    return Err(Error::io(
+                        format!(
+                            "refusing {} ({why}); no log file to restore from",
+                            record_path.display()
+                        ),
+                        std::io::Error::other(why),
+                    ));
+                }
+                tracing::error!(
+                    file = %record_path.display(),
+                    error = %why,
+                    "refusing a torn or foreign stream record; restoring the stream from its log file"
+                );
+                StreamRecord {
+                    kind: StreamKind::Pipe,
+                    limits: self.default_limits(),
+                    log_path,
+                }
+            }
+        };
         let (pipes, console) = carried.map_or((Vec::new(), None), |c| (c.pipes, c.console));
         let actor = self.start_actor(
             guest,
@@ -339,6 +360,14 @@ impl Guests {
             record.limits,
             console,
         )?;
+        let entry = StreamEntry {
+            log_path: record.log_path.clone(),
+            limits: record.limits,
+            actor: actor.clone(),
+        };
+        if repaired {
+            self.write_record(guest, stream, &entry)?;
+        }
         if let Actor::Pipe(handle) = &actor {
             for pipe in pipes {
                 handle
@@ -347,11 +376,7 @@ impl Guests {
                     .map_err(|e| Error::io("cannot adopt a carried pipe", e))?;
             }
         }
-        Ok(StreamEntry {
-            log_path: record.log_path,
-            limits: record.limits,
-            actor,
-        })
+        Ok(entry)
     }
 
     /// Freezes every stream for an upgrade and forgets them: returns what each carries.
@@ -579,6 +604,18 @@ impl Guests {
             .streams
             .set(guests.values().map(|s| s.len() as i64).sum());
     }
+}
+
+/// Reads and parses a stream record; the error says what is wrong with it.
+fn read_record(path: &Path) -> std::result::Result<StreamRecord, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    if bytes.len() > 64 << 10 {
+        return Err(format!(
+            "{} bytes is too large for a stream record",
+            bytes.len()
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
 
 /// `<stream>.json` → `stream`, for valid stream names only.

@@ -42,6 +42,29 @@ pub struct StreamStats {
     /// Set before the actor stops if the stream was removed (rather than the daemon stopping),
     /// so readers following it can tell "ended" from "come back later".
     pub removed: std::sync::atomic::AtomicBool,
+    /// Bytes are being dropped (the disk refuses writes); for one warning per episode.
+    pub dropping: std::sync::atomic::AtomicBool,
+}
+
+impl StreamStats {
+    /// Counts bytes that could not be logged; warns once when dropping starts.
+    pub fn record_dropped(&self, path: &std::path::Path, dropped: u64, metrics: &Metrics) {
+        if dropped == 0 {
+            return;
+        }
+        let total = self.dropped.fetch_add(dropped, Relaxed) + dropped;
+        metrics.bytes_dropped.inc_by(dropped);
+        if !self.dropping.swap(true, Relaxed) {
+            tracing::warn!(log = %path.display(), total_dropped = total, "cannot write the log (disk full?): dropping output, the guest keeps running");
+        }
+    }
+
+    /// Notes that a write succeeded; reports the end of a dropping episode.
+    pub fn record_logged(&self, path: &std::path::Path) {
+        if self.dropping.swap(false, Relaxed) {
+            tracing::info!(log = %path.display(), total_dropped = self.dropped.load(Relaxed), "logging again");
+        }
+    }
 }
 
 /// A consistent view of a stream's figures, taken by its actor at one instant.
@@ -413,11 +436,9 @@ fn count_moved(
     if logged > 0 {
         publisher.publish(log.end_offset());
         metrics.bytes_logged.inc_by(logged as u64);
+        stats.record_logged(log.path());
     }
-    if dropped > 0 {
-        stats.dropped.fetch_add(dropped as u64, Relaxed);
-        metrics.bytes_dropped.inc_by(dropped as u64);
-    }
+    stats.record_dropped(log.path(), dropped as u64, metrics);
 }
 
 fn count_rotations(stats: &StreamStats, metrics: &Metrics, delta: u64) {

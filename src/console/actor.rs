@@ -306,14 +306,15 @@ impl ConsoleActor {
         self.count_rotations(rotations);
         let logged = (self.log.end_offset() - offset) as usize;
         if let Err(e) = result {
-            let dropped = (n - logged) as u64;
-            self.handle.stats.dropped.fetch_add(dropped, Relaxed);
-            self.metrics.bytes_dropped.inc_by(dropped);
-            tracing::warn!(console = %self.handle.name, error = %e, dropped, "cannot write console log");
+            tracing::debug!(console = %self.handle.name, error = %e, "console log write failed");
+            self.handle
+                .stats
+                .record_dropped(self.log.path(), (n - logged) as u64, &self.metrics);
         }
         if logged == 0 {
             return;
         }
+        self.handle.stats.record_logged(self.log.path());
         self.publisher.publish(self.log.end_offset());
         self.metrics.bytes_logged.inc_by(logged as u64);
         let data = Bytes::copy_from_slice(&self.buffer[..logged]);
