@@ -29,7 +29,8 @@ struct Args {
     /// Address of the Prometheus /metrics endpoint (default 127.0.0.1:7771).
     #[arg(long)]
     metrics: Option<SocketAddr>,
-    /// Take over from a running daemon through handover.sock.
+    /// Take over from the daemon running on the same runtime dir through handover.sock
+    /// (start fresh if there is none).
     #[arg(long)]
     takeover: bool,
     /// Print the effective configuration as YAML and exit.

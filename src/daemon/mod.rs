@@ -112,12 +112,17 @@ pub async fn run(config: Config, start: Start, image: Image) -> Result<(), Start
     let (state, mut successor_of) = match start {
         Start::Fresh => (None, None),
         Start::Upgraded(state) => (Some(state), None),
-        Start::Takeover => {
-            let (state, connection) = handover::receive(config.runtime_dir())
-                .await
-                .map_err(StartError::Takeover)?;
-            (Some(state), Some(connection))
-        }
+        Start::Takeover => match handover::receive(config.runtime_dir()).await {
+            Ok((state, connection)) => (Some(state), Some(connection)),
+            // Nobody to take over from (first start on this node): start fresh. Anything else
+            // (a daemon that answers but fails the protocol) is an error: two daemons must
+            // never serve one runtime directory.
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+                tracing::info!(error = %e, "no running daemon to take over from; starting fresh");
+                (None, None)
+            }
+            Err(e) => return Err(StartError::Takeover(e)),
+        },
     };
     let mut listeners = match state {
         None => {
