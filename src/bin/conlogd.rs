@@ -33,6 +33,10 @@ struct Args {
     /// (start fresh if there is none).
     #[arg(long)]
     takeover: bool,
+    /// After handing over to a successor, stay idle until SIGTERM instead of exiting (for
+    /// supervisors that restart an exited process, such as Kubernetes).
+    #[arg(long)]
+    linger_after_handover: bool,
     /// Print the effective configuration as YAML and exit.
     #[arg(long)]
     print_config: bool,
@@ -82,7 +86,14 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if let Err(e) = runtime.block_on(conlog::daemon::run(config, start, image)) {
+    if let Err(e) = runtime.block_on(conlog::daemon::run(
+        config,
+        start,
+        image,
+        conlog::daemon::RunOptions {
+            linger_after_handover: args.linger_after_handover,
+        },
+    )) {
         eprintln!("conlogd: {e}");
         std::process::exit(1);
     }

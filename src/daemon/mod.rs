@@ -82,6 +82,15 @@ pub enum Start {
     Takeover,
 }
 
+/// Behaviour switches from the command line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// After handing over to a successor, stay alive (holding nothing) until SIGTERM instead of
+    /// exiting. Kubernetes restarts a container that exits, even with status 0; a restarted
+    /// old pod would take the daemon back from the new one.
+    pub linger_after_handover: bool,
+}
+
 /// An upgrade request from `Agent.Upgrade`; the answer is this pid, or why not.
 pub type UpgradeRequest = oneshot::Sender<Result<u32, String>>;
 
@@ -93,7 +102,12 @@ enum Event {
 }
 
 /// Runs the daemon until it stops or hands over.
-pub async fn run(config: Config, start: Start, image: Image) -> Result<(), StartError> {
+pub async fn run(
+    config: Config,
+    start: Start,
+    image: Image,
+    options: RunOptions,
+) -> Result<(), StartError> {
     let config = Arc::new(config);
     raise_descriptor_limit();
     for dir in [config.runtime_dir(), config.data_dir(), config.log_dir()] {
@@ -117,7 +131,12 @@ pub async fn run(config: Config, start: Start, image: Image) -> Result<(), Start
             // Nobody to take over from (first start on this node): start fresh. Anything else
             // (a daemon that answers but fails the protocol) is an error: two daemons must
             // never serve one runtime directory.
-            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
                 tracing::info!(error = %e, "no running daemon to take over from; starting fresh");
                 (None, None)
             }
@@ -213,6 +232,13 @@ pub async fn run(config: Config, start: Start, image: Image) -> Result<(), Start
                 let state = serving.freeze(listeners, &guests, &handoffs).await;
                 match handover::send(&mut connection, state).await {
                     Ok(()) => {
+                        if options.linger_after_handover {
+                            tracing::info!("handed over to the successor; idle until SIGTERM");
+                            tokio::select! {
+                                _ = signals.term.recv() => {}
+                                _ = signals.int.recv() => {}
+                            }
+                        }
                         tracing::info!("handed over to the successor; bye");
                         return Ok(());
                     }
