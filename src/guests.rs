@@ -344,8 +344,15 @@ impl Guests {
                     error = %why,
                     "refusing a torn or foreign stream record; restoring the stream from its log file"
                 );
+                // A console leaves its guest socket behind; that tells the kind.
+                let console = ConsolePaths::new(self.config.runtime_dir(), guest, stream)
+                    .is_ok_and(|paths| paths.guest_socket.exists());
                 StreamRecord {
-                    kind: StreamKind::Pipe,
+                    kind: if console {
+                        StreamKind::Console
+                    } else {
+                        StreamKind::Pipe
+                    },
                     limits: self.default_limits(),
                     log_path,
                 }
@@ -487,6 +494,11 @@ impl Guests {
             .get(name)
             .map(|e| (name.to_owned(), e.actor.clone()))
             .ok_or_else(|| Error::NotFound(format!("Guest {guest:?} has no stream {name:?}")))
+    }
+
+    /// How many streams exist.
+    pub async fn count(&self) -> usize {
+        self.guests.lock().await.values().map(|s| s.len()).sum()
     }
 
     /// The console `guest/device`.

@@ -377,7 +377,7 @@ impl StreamActor {
         count_rotations(&self.stats, &self.metrics, self.log.rotations() - before);
     }
 
-    /// Hands the pipes back without reading them; syncs the log.
+    /// Hands the pipes back without reading them.
     fn freeze(&mut self) -> Vec<OwnedFd> {
         let pipes: Vec<OwnedFd> = self
             .pipes
@@ -386,9 +386,8 @@ impl StreamActor {
             .collect();
         self.metrics.pipe_writers.dec_by(pipes.len() as i64);
         self.stats.writers.store(0, Relaxed);
-        if let Err(e) = self.log.sync() {
-            tracing::warn!(path = %self.log.path().display(), error = %e, "cannot sync log");
-        }
+        // No fsync: the next image runs on this host and shares the page cache; the position
+        // record is saved when the log is dropped.
         pipes
     }
 

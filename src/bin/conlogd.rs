@@ -50,10 +50,7 @@ fn main() -> anyhow::Result<()> {
     // closes everything else it inherited.
     let inherited = conlog::upgrade::exec::inherited();
     let args = Args::parse();
-    if args.snapshot_format {
-        println!("{}", conlog::upgrade::snapshot::FORMAT_VERSION);
-        return Ok(());
-    }
+
     let overrides = Overrides {
         listen: args.listen,
         metrics: args.metrics,
@@ -68,6 +65,12 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
+    // The upgrade preflight: this binary starts, accepts the same flags and config, and reads
+    // this snapshot format.
+    if args.snapshot_format {
+        println!("{}", conlog::upgrade::snapshot::FORMAT_VERSION);
+        return Ok(());
+    }
     if args.print_config {
         print!("{}", config.to_yaml());
         return Ok(());

@@ -384,7 +384,7 @@ impl ConsoleActor {
         }
     }
 
-    /// Ends every client with "come back", syncs the log, and returns the sockets (still open,
+    /// Ends every client with "come back" and returns the sockets (still open,
     /// files still in place) and the input not yet written to the guest.
     fn freeze(mut self) -> Option<ConsoleFds> {
         self.broadcast(Event::Closed {
@@ -393,9 +393,7 @@ impl ConsoleActor {
         });
         self.clients.clear();
         self.count_clients();
-        if let Err(e) = self.log.sync() {
-            tracing::warn!(console = %self.handle.name, error = %e, "cannot sync console log");
-        }
+        // No fsync: the next image shares this host's page cache.
         let owned = |result: std::io::Result<std::os::fd::OwnedFd>| {
             result
                 .map_err(|e| tracing::error!(console = %self.handle.name, error = %e, "cannot hand over a console socket"))

@@ -145,8 +145,9 @@ pub async fn run(
     };
     let mut listeners = match state {
         None => {
+            let listeners = Listeners::bind(&config)?;
             guests.restore(Vec::new()).await?;
-            Listeners::bind(&config)?
+            listeners
         }
         Some(state) => thaw(state, &guests, &handoffs).await?,
     };
@@ -166,6 +167,7 @@ pub async fn run(
             socket = %config.runtime_dir().join("conlogd.sock").display(),
             tcp = %serving.tcp_address,
             metrics = %serving.metrics_address.map_or("off".into(), |a| a.to_string()),
+            restored_streams = guests.count().await,
             pid = std::process::id(),
             "conlogd ready"
         );

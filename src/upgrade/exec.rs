@@ -53,8 +53,12 @@ impl Image {
 
 /// Checks that the binary at the image's path starts and reads our snapshot format.
 pub async fn preflight(image: &Image) -> Result<(), String> {
+    // With the daemon's own arguments, so a config the new binary refuses is caught here too.
     let run = tokio::process::Command::new(&image.path)
+        .args(&image.args)
         .arg("--snapshot-format")
+        .env_remove(SNAPSHOT_ENV)
+        .env_remove(FALLBACK_ENV)
         .kill_on_drop(true)
         .output();
     let output = match tokio::time::timeout(Duration::from_secs(10), run).await {
@@ -72,10 +76,11 @@ pub async fn preflight(image: &Image) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{} does not read snapshot format {FORMAT_VERSION} (answered {:?}, {})",
+            "{} does not start with this daemon's arguments or does not read snapshot format {FORMAT_VERSION} (answered {:?}, {}; {})",
             image.path.display(),
             answer.trim(),
-            output.status
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
         ))
     }
 }
@@ -129,23 +134,30 @@ pub fn inherited() -> Result<Option<State>, String> {
     let Some(raw) = std::env::var_os(SNAPSHOT_ENV) else {
         return Ok(None);
     };
+    let fallback_mark = std::env::var_os(FALLBACK_MARK_ENV);
+    let fallback =
+        std::env::var_os(FALLBACK_ENV).and_then(|v| v.to_str().and_then(|s| s.parse::<i32>().ok()));
+    // Not for our children (the next preflight) nor the next image: they get fresh values.
+    // Still single-threaded here, so changing the environment is sound.
+    for name in [SNAPSHOT_ENV, FALLBACK_ENV, FALLBACK_MARK_ENV] {
+        std::env::remove_var(name);
+    }
     let raw: i32 = raw
         .to_str()
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("{SNAPSHOT_ENV} is not a descriptor number"))?;
     let memfd = fds::adopt(raw).map_err(|e| format!("cannot adopt the snapshot: {e}"))?;
-    let fallback =
-        std::env::var_os(FALLBACK_ENV).and_then(|v| v.to_str().and_then(|s| s.parse::<i32>().ok()));
     let decoded = read_all(&memfd)
         .map_err(|e| e.to_string())
         .and_then(|bytes| snapshot::decode(&bytes).map_err(|e| e.to_string()));
     let envelope = match decoded {
         Ok(envelope) => envelope,
         Err(reason) => {
-            if let (Some(exe), None) = (fallback, std::env::var_os(FALLBACK_MARK_ENV)) {
+            if let (Some(exe), None) = (fallback, fallback_mark) {
                 eprintln!("conlogd: cannot read the upgrade snapshot ({reason}); handing back to the previous binary");
                 let error = Command::new(format!("/proc/self/fd/{exe}"))
                     .args(std::env::args_os().skip(1))
+                    .env(SNAPSHOT_ENV, raw.to_string())
                     .env(FALLBACK_MARK_ENV, "1")
                     .exec();
                 eprintln!("conlogd: cannot execute the previous binary: {error}");
