@@ -18,7 +18,7 @@ use crate::config::LogMode;
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -92,16 +92,6 @@ pub enum Moved {
     Eof,
 }
 
-impl Moved {
-    fn logged(logged: usize) -> Self {
-        Moved::Bytes { logged, dropped: 0 }
-    }
-
-    fn dropped(dropped: usize) -> Self {
-        Moved::Bytes { logged: 0, dropped }
-    }
-}
-
 /// An open, capped log.
 #[derive(Debug)]
 pub struct LogFile {
@@ -114,7 +104,6 @@ pub struct LogFile {
     start: u64,
     size: u64,
     rotations: u64,
-    splice_works: bool,
     /// Whether a writer feeds the stream, as persisted in the position record.
     open: bool,
     /// `open` as found in the record when this file was opened.
@@ -150,7 +139,6 @@ impl LogFile {
             start,
             size: meta.len(),
             rotations: 0,
-            splice_works: true,
             open: record.as_ref().is_some_and(|r| r.open),
             was_open: record.as_ref().is_some_and(|r| r.open),
         };
@@ -273,42 +261,28 @@ impl LogFile {
         Ok(())
     }
 
-    /// Moves up to `max` bytes from a non-blocking pipe into the log: with `splice(2)` (no
-    /// copy through user space) where the file system supports it, else through `buffer`.
-    /// Returns `WouldBlock` when the pipe is empty.
+    /// Moves up to `max` bytes from a non-blocking pipe into the log through `buffer`, cut at
+    /// the room left in the current file. Returns `WouldBlock` when the pipe is empty.
+    ///
+    /// `read` + `write`, not `splice(2)`: splicing into a file holds the pipe's lock while the
+    /// page cache is written, so the guest's next write waits for it; copying lets both run at
+    /// once, and measured faster (docs/performance.md).
     pub fn move_from_pipe(
         &mut self,
         pipe: BorrowedFd<'_>,
         max: usize,
         buffer: &mut [u8],
     ) -> io::Result<Moved> {
-        // A full (or lost) file is only rotated once there is data for the next one: read it
-        // first, then append. Rotating on speculation would empty a truncate-mode file that
-        // readers still want, and leave an empty current file behind in rotate mode.
-        if self.file.is_none() || self.size >= self.limits.max_size {
-            return self.copy_from_pipe(pipe, max, buffer);
-        }
-        let len = (self.limits.max_size - self.size).min(max as u64) as usize;
-        if self.splice_works {
-            let file = self.file.as_ref().expect("make_room opened the file");
-            let flags = rustix::pipe::SpliceFlags::NONBLOCK | rustix::pipe::SpliceFlags::MOVE;
-            match rustix::pipe::splice(pipe, None, file.as_fd(), None, len, flags) {
-                Ok(0) => return Ok(Moved::Eof),
-                Ok(n) => {
-                    self.size += n as u64;
-                    return Ok(Moved::logged(n));
-                }
-                Err(rustix::io::Errno::AGAIN) => return Err(ErrorKind::WouldBlock.into()),
-                Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOSYS) => {
-                    tracing::debug!(path = %self.path.display(), "splice unsupported, copying instead");
-                    self.splice_works = false;
-                }
-                // The disk refused: the data is still in the pipe; read it out so the guest
-                // never blocks, and report it dropped.
-                Err(_) => return discard(pipe, buffer),
+        // A full (or lost) file is only rotated once there is data for the next one (the read
+        // comes first, then the append rotates): rotating on speculation would empty a
+        // truncate-mode file that readers still want.
+        let room = match &self.file {
+            Some(_) if self.size < self.limits.max_size => {
+                (self.limits.max_size - self.size) as usize
             }
-        }
-        self.copy_from_pipe(pipe, len, buffer)
+            _ => max,
+        };
+        self.copy_from_pipe(pipe, max.min(room), buffer)
     }
 
     /// Reads up to `max` bytes from the pipe into `buffer` and appends them (rotating as needed).
@@ -523,15 +497,6 @@ fn rename_if_exists(from: &Path, to: &Path) -> io::Result<()> {
     match fs::rename(from, to) {
         Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
         _ => Ok(()),
-    }
-}
-
-fn discard(pipe: BorrowedFd<'_>, buffer: &mut [u8]) -> io::Result<Moved> {
-    match rustix::io::read(pipe, buffer) {
-        Ok(0) => Ok(Moved::Eof),
-        Ok(n) => Ok(Moved::dropped(n)),
-        Err(rustix::io::Errno::AGAIN) => Err(ErrorKind::WouldBlock.into()),
-        Err(e) => Err(e.into()),
     }
 }
 

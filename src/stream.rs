@@ -24,9 +24,21 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// Bytes moved from one pipe before the actor looks at its commands and other pipes again.
 const BUDGET_PER_WAKE: usize = 8 << 20;
 /// Largest single splice.
-const SPLICE_MAX: usize = 1 << 20;
-/// Copy buffer for file systems without splice and for discarding.
-const COPY_BUFFER: usize = 64 << 10;
+const MOVE_MAX: usize = COPY_BUFFER_LEN;
+/// Size of the copy buffer between pipe and file.
+const COPY_BUFFER_LEN: usize = 128 << 10;
+
+thread_local! {
+    /// One copy buffer per runtime thread, not per stream: moves are synchronous inside a poll,
+    /// so two actors never use it at once, and thousands of idle streams hold no buffer.
+    static COPY_BUFFER: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; COPY_BUFFER_LEN].into_boxed_slice());
+}
+
+/// Moves bytes from `pipe` into `log` through this thread's copy buffer.
+fn move_bytes(log: &mut LogFile, pipe: std::os::fd::BorrowedFd<'_>) -> io::Result<Moved> {
+    COPY_BUFFER.with(|buffer| log.move_from_pipe(pipe, MOVE_MAX, &mut buffer.borrow_mut()))
+}
 
 /// Counters of one stream, readable without asking the actor.
 #[derive(Debug, Default)]
@@ -164,7 +176,6 @@ impl StreamHandle {
             stats: stats.clone(),
             publisher,
             metrics,
-            buffer: vec![0; COPY_BUFFER].into_boxed_slice(),
         };
         tokio::spawn(actor.run(receiver));
         Self {
@@ -242,7 +253,6 @@ struct StreamActor {
     stats: Arc<StreamStats>,
     publisher: OffsetPublisher,
     metrics: Arc<Metrics>,
-    buffer: Box<[u8]>,
 }
 
 /// What woke the actor on the pipe side.
@@ -332,7 +342,6 @@ impl StreamActor {
             stats,
             publisher,
             metrics,
-            buffer,
             ..
         } = self;
         if pipes.is_empty() {
@@ -348,7 +357,7 @@ impl StreamActor {
                         Poll::Pending => break,
                     }
                     let rotations = log.rotations();
-                    let result = pipe.try_io(|| log.move_from_pipe(pipe.as_fd(), SPLICE_MAX, buffer));
+                    let result = pipe.try_io(|| move_bytes(log, pipe.as_fd()));
                     count_rotations(stats, metrics, log.rotations() - rotations);
                     match result {
                         // Readiness was cleared; poll again to register the waker.
@@ -396,9 +405,7 @@ impl StreamActor {
         for pipe in &self.pipes {
             loop {
                 let rotations = self.log.rotations();
-                let moved = self
-                    .log
-                    .move_from_pipe(pipe.as_fd(), SPLICE_MAX, &mut self.buffer);
+                let moved = move_bytes(&mut self.log, pipe.as_fd());
                 self.account_rotations(rotations);
                 match moved {
                     Ok(Moved::Bytes { logged, dropped }) => count_moved(
