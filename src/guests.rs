@@ -14,8 +14,10 @@ use crate::logfile::{LogFile, LogLimits};
 use crate::metrics::Metrics;
 use crate::names;
 use crate::stream::{Figures, StreamHandle, StreamStats};
+use crate::upgrade::{ConsoleFds, StreamFds};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -234,6 +236,7 @@ impl Guests {
         kind: StreamKind,
         log_path: &Path,
         limits: LogLimits,
+        carried_console: Option<ConsoleFds>,
     ) -> Result<Actor> {
         // Check what can be refused before anything is created on disk.
         let paths = match kind {
@@ -253,22 +256,27 @@ impl Guests {
                 log,
                 self.console_settings(),
                 self.metrics.clone(),
+                carried_console,
             )?),
         })
     }
 
     /// Brings back every stream recorded in the state directory: consoles listen again at the
     /// same paths, pipes come back closed.
-    pub async fn restore(&self) -> Result<usize> {
+    pub async fn restore(&self, inherited: Vec<StreamFds>) -> Result<usize> {
+        let mut inherited: HashMap<(String, String), StreamFds> = inherited
+            .into_iter()
+            .map(|fds| ((fds.guest.clone(), fds.stream.clone()), fds))
+            .collect();
         let dir = self.state_dir();
         let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Ok(entries) => entries.flatten().collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(Error::io(format!("cannot read {}", dir.display()), e)),
         };
         let mut restored = 0;
         let mut guests = self.guests.lock().await;
-        for guest_dir in entries.flatten() {
+        for guest_dir in entries {
             let guest = guest_dir.file_name().to_string_lossy().into_owned();
             if names::validate_guest(&guest).is_err() {
                 continue;
@@ -281,7 +289,8 @@ impl Guests {
                 let Some(stream) = record_stream_name(&path) else {
                     continue;
                 };
-                match self.restore_stream(&guest, &stream, &path) {
+                let carried = inherited.remove(&(guest.clone(), stream.clone()));
+                match self.restore_stream(&guest, &stream, &path, carried).await {
                     Ok(entry) => {
                         guests
                             .entry(guest.clone())
@@ -295,26 +304,108 @@ impl Guests {
                 }
             }
         }
+        for ((guest, stream), _) in inherited {
+            tracing::warn!(
+                guest,
+                stream,
+                "carried descriptors of an unrecorded stream dropped"
+            );
+        }
         self.update_gauges(&guests);
         Ok(restored)
     }
 
-    fn restore_stream(&self, guest: &str, stream: &str, record_path: &Path) -> Result<StreamEntry> {
-        let bytes = std::fs::read(record_path)
-            .map_err(|e| Error::io(format!("cannot read {}", record_path.display()), e))?;
-        let record: StreamRecord = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::io(
-                format!("corrupt stream record {}", record_path.display()),
-                e.into(),
-            )
-        })?;
-        let actor =
-            self.start_actor(guest, stream, record.kind, &record.log_path, record.limits)?;
-        Ok(StreamEntry {
-            log_path: record.log_path,
+    async fn restore_stream(
+        &self,
+        guest: &str,
+        stream: &str,
+        record_path: &Path,
+        carried: Option<StreamFds>,
+    ) -> Result<StreamEntry> {
+        let mut repaired = false;
+        let record = match read_record(record_path) {
+            Ok(record) => record,
+            Err(why) => {
+                repaired = true;
+                // A torn or foreign record must not cost the stream: its log and position
+                // record are still there. It comes back as a closed pipe with default limits.
+                let log_path = self.log_path(guest, stream);
+                if !log_path.exists() {
+                    return Err(Error::io(
+                        format!(
+                            "refusing {} ({why}); no log file to restore from",
+                            record_path.display()
+                        ),
+                        std::io::Error::other(why),
+                    ));
+                }
+                tracing::error!(
+                    file = %record_path.display(),
+                    error = %why,
+                    "refusing a torn or foreign stream record; restoring the stream from its log file"
+                );
+                // A console leaves its guest socket behind; that tells the kind.
+                let console = ConsolePaths::new(self.config.runtime_dir(), guest, stream)
+                    .is_ok_and(|paths| paths.guest_socket.exists());
+                StreamRecord {
+                    kind: if console {
+                        StreamKind::Console
+                    } else {
+                        StreamKind::Pipe
+                    },
+                    limits: self.default_limits(),
+                    log_path,
+                }
+            }
+        };
+        let (pipes, console) = carried.map_or((Vec::new(), None), |c| (c.pipes, c.console));
+        let actor = self.start_actor(
+            guest,
+            stream,
+            record.kind,
+            &record.log_path,
+            record.limits,
+            console,
+        )?;
+        let entry = StreamEntry {
+            log_path: record.log_path.clone(),
             limits: record.limits,
-            actor,
-        })
+            actor: actor.clone(),
+        };
+        if repaired {
+            self.write_record(guest, stream, &entry)?;
+        }
+        if let Actor::Pipe(handle) = &actor {
+            for pipe in pipes {
+                handle
+                    .add_pipe(pipe)
+                    .await
+                    .map_err(|e| Error::io("cannot adopt a carried pipe", e))?;
+            }
+        }
+        Ok(entry)
+    }
+
+    /// Freezes every stream for an upgrade and forgets them: returns what each carries.
+    pub async fn freeze_all(&self) -> Vec<StreamFds> {
+        let mut guests = self.guests.lock().await;
+        let mut frozen = Vec::new();
+        for (guest, streams) in std::mem::take(&mut *guests) {
+            for (stream, entry) in streams {
+                let (pipes, console) = match &entry.actor {
+                    Actor::Pipe(handle) => (handle.freeze().await, None),
+                    Actor::Console(handle) => (Vec::new(), handle.freeze().await),
+                };
+                frozen.push(StreamFds {
+                    guest: guest.clone(),
+                    stream,
+                    pipes,
+                    console,
+                });
+            }
+        }
+        self.update_gauges(&guests);
+        frozen
     }
 
     /// Returns the stream `guest/stream` of `kind`, creating it (and the guest) if needed.
@@ -366,7 +457,7 @@ impl Guests {
             });
         }
         let log_path = self.log_path(guest, stream);
-        let actor = self.start_actor(guest, stream, kind, &log_path, limits)?;
+        let actor = self.start_actor(guest, stream, kind, &log_path, limits, None)?;
         let entry = StreamEntry {
             log_path: log_path.clone(),
             limits,
@@ -403,6 +494,11 @@ impl Guests {
             .get(name)
             .map(|e| (name.to_owned(), e.actor.clone()))
             .ok_or_else(|| Error::NotFound(format!("Guest {guest:?} has no stream {name:?}")))
+    }
+
+    /// How many streams exist.
+    pub async fn count(&self) -> usize {
+        self.guests.lock().await.values().map(|s| s.len()).sum()
     }
 
     /// The console `guest/device`.
@@ -520,6 +616,18 @@ impl Guests {
             .streams
             .set(guests.values().map(|s| s.len() as i64).sum());
     }
+}
+
+/// Reads and parses a stream record; the error says what is wrong with it.
+fn read_record(path: &Path) -> std::result::Result<StreamRecord, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    if bytes.len() > 64 << 10 {
+        return Err(format!(
+            "{} bytes is too large for a stream record",
+            bytes.len()
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
 
 /// `<stream>.json` → `stream`, for valid stream names only.

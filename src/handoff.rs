@@ -167,6 +167,41 @@ impl Handoffs {
             .expire(Instant::now());
     }
 
+    /// Takes every pending hand-off (for an upgrade), with the time each has left.
+    pub fn take_all(&self) -> Vec<crate::upgrade::HandoffFds> {
+        let mut tokens = self.pending.lock().expect("hand-off table poisoned");
+        let now = Instant::now();
+        tokens.expire(now);
+        tokens
+            .live
+            .drain()
+            .map(|(token, p)| crate::upgrade::HandoffFds {
+                token,
+                guest: p.guest,
+                stream: p.stream,
+                write_end: p.write_end,
+                expires_in: p.expires.saturating_duration_since(now),
+            })
+            .collect()
+    }
+
+    /// Takes over pending hand-offs carried by an upgrade; their tokens stay valid.
+    pub fn adopt(&self, carried: Vec<crate::upgrade::HandoffFds>) {
+        let mut tokens = self.pending.lock().expect("hand-off table poisoned");
+        let now = Instant::now();
+        for h in carried {
+            tokens.live.insert(
+                h.token,
+                Pending {
+                    guest: h.guest,
+                    stream: h.stream,
+                    write_end: h.write_end,
+                    expires: now + h.expires_in,
+                },
+            );
+        }
+    }
+
     /// Forgets the pending hand-offs of a guest (it was removed).
     pub fn forget_guest(&self, guest: &str) {
         self.pending

@@ -24,9 +24,21 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// Bytes moved from one pipe before the actor looks at its commands and other pipes again.
 const BUDGET_PER_WAKE: usize = 8 << 20;
 /// Largest single splice.
-const SPLICE_MAX: usize = 1 << 20;
-/// Copy buffer for file systems without splice and for discarding.
-const COPY_BUFFER: usize = 64 << 10;
+const MOVE_MAX: usize = COPY_BUFFER_LEN;
+/// Size of the copy buffer between pipe and file.
+const COPY_BUFFER_LEN: usize = 128 << 10;
+
+thread_local! {
+    /// One copy buffer per runtime thread, not per stream: moves are synchronous inside a poll,
+    /// so two actors never use it at once, and thousands of idle streams hold no buffer.
+    static COPY_BUFFER: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; COPY_BUFFER_LEN].into_boxed_slice());
+}
+
+/// Moves bytes from `pipe` into `log` through this thread's copy buffer.
+fn move_bytes(log: &mut LogFile, pipe: std::os::fd::BorrowedFd<'_>) -> io::Result<Moved> {
+    COPY_BUFFER.with(|buffer| log.move_from_pipe(pipe, MOVE_MAX, &mut buffer.borrow_mut()))
+}
 
 /// Counters of one stream, readable without asking the actor.
 #[derive(Debug, Default)]
@@ -42,6 +54,29 @@ pub struct StreamStats {
     /// Set before the actor stops if the stream was removed (rather than the daemon stopping),
     /// so readers following it can tell "ended" from "come back later".
     pub removed: std::sync::atomic::AtomicBool,
+    /// Bytes are being dropped (the disk refuses writes); for one warning per episode.
+    pub dropping: std::sync::atomic::AtomicBool,
+}
+
+impl StreamStats {
+    /// Counts bytes that could not be logged; warns once when dropping starts.
+    pub fn record_dropped(&self, path: &std::path::Path, dropped: u64, metrics: &Metrics) {
+        if dropped == 0 {
+            return;
+        }
+        let total = self.dropped.fetch_add(dropped, Relaxed) + dropped;
+        metrics.bytes_dropped.inc_by(dropped);
+        if !self.dropping.swap(true, Relaxed) {
+            tracing::warn!(log = %path.display(), total_dropped = total, "cannot write the log (disk full?): dropping output, the guest keeps running");
+        }
+    }
+
+    /// Notes that a write succeeded; reports the end of a dropping episode.
+    pub fn record_logged(&self, path: &std::path::Path) {
+        if self.dropping.swap(false, Relaxed) {
+            tracing::info!(log = %path.display(), total_dropped = self.dropped.load(Relaxed), "logging again");
+        }
+    }
 }
 
 /// A consistent view of a stream's figures, taken by its actor at one instant.
@@ -89,6 +124,8 @@ enum Command {
     OpenSegments(u64, oneshot::Sender<io::Result<Vec<OpenSegment>>>),
     /// Drain what the pipes hold, sync, and stop.
     Close(oneshot::Sender<()>),
+    /// Stop reading (unread bytes stay in the pipes), sync, and hand the pipes back.
+    Freeze(oneshot::Sender<Vec<OwnedFd>>),
 }
 
 /// A cheap, cloneable handle to a stream actor.
@@ -139,7 +176,6 @@ impl StreamHandle {
             stats: stats.clone(),
             publisher,
             metrics,
-            buffer: vec![0; COPY_BUFFER].into_boxed_slice(),
         };
         tokio::spawn(actor.run(receiver));
         Self {
@@ -190,6 +226,16 @@ impl StreamHandle {
         answer.await.map_err(|_| gone())?
     }
 
+    /// Stops the actor without reading further and returns its pipes' read ends (for an
+    /// upgrade). The log is synced; the position record keeps saying a writer is attached.
+    pub async fn freeze(&self) -> Vec<OwnedFd> {
+        let (reply, answer) = oneshot::channel();
+        if self.commands.send(Command::Freeze(reply)).await.is_err() {
+            return Vec::new();
+        }
+        answer.await.unwrap_or_default()
+    }
+
     /// Drains the pipes, syncs the log and stops the actor.
     pub async fn close(&self) {
         let (reply, answer) = oneshot::channel();
@@ -207,7 +253,6 @@ struct StreamActor {
     stats: Arc<StreamStats>,
     publisher: OffsetPublisher,
     metrics: Arc<Metrics>,
-    buffer: Box<[u8]>,
 }
 
 /// What woke the actor on the pipe side.
@@ -227,6 +272,10 @@ impl StreamActor {
                     Some(Command::Close(reply)) => {
                         self.shutdown();
                         let _ = reply.send(());
+                        return;
+                    }
+                    Some(Command::Freeze(reply)) => {
+                        let _ = reply.send(self.freeze());
                         return;
                     }
                     Some(command) => self.handle(command),
@@ -281,7 +330,7 @@ impl StreamActor {
             Command::OpenSegments(from, reply) => {
                 let _ = reply.send(self.log.open_segments(from));
             }
-            Command::Close(_) => unreachable!("handled by run"),
+            Command::Close(_) | Command::Freeze(_) => unreachable!("handled by run"),
         }
     }
 
@@ -293,7 +342,6 @@ impl StreamActor {
             stats,
             publisher,
             metrics,
-            buffer,
             ..
         } = self;
         if pipes.is_empty() {
@@ -309,7 +357,7 @@ impl StreamActor {
                         Poll::Pending => break,
                     }
                     let rotations = log.rotations();
-                    let result = pipe.try_io(|| log.move_from_pipe(pipe.as_fd(), SPLICE_MAX, buffer));
+                    let result = pipe.try_io(|| move_bytes(log, pipe.as_fd()));
                     count_rotations(stats, metrics, log.rotations() - rotations);
                     match result {
                         // Readiness was cleared; poll again to register the waker.
@@ -338,14 +386,26 @@ impl StreamActor {
         count_rotations(&self.stats, &self.metrics, self.log.rotations() - before);
     }
 
+    /// Hands the pipes back without reading them.
+    fn freeze(&mut self) -> Vec<OwnedFd> {
+        let pipes: Vec<OwnedFd> = self
+            .pipes
+            .drain(..)
+            .filter_map(|pipe| pipe.into_nonblocking_fd().ok())
+            .collect();
+        self.metrics.pipe_writers.dec_by(pipes.len() as i64);
+        self.stats.writers.store(0, Relaxed);
+        // No fsync: the next image runs on this host and shares the page cache; the position
+        // record is saved when the log is dropped.
+        pipes
+    }
+
     /// Moves whatever the pipes still hold into the log, then syncs it.
     fn shutdown(&mut self) {
         for pipe in &self.pipes {
             loop {
                 let rotations = self.log.rotations();
-                let moved = self
-                    .log
-                    .move_from_pipe(pipe.as_fd(), SPLICE_MAX, &mut self.buffer);
+                let moved = move_bytes(&mut self.log, pipe.as_fd());
                 self.account_rotations(rotations);
                 match moved {
                     Ok(Moved::Bytes { logged, dropped }) => count_moved(
@@ -382,11 +442,9 @@ fn count_moved(
     if logged > 0 {
         publisher.publish(log.end_offset());
         metrics.bytes_logged.inc_by(logged as u64);
+        stats.record_logged(log.path());
     }
-    if dropped > 0 {
-        stats.dropped.fetch_add(dropped as u64, Relaxed);
-        metrics.bytes_dropped.inc_by(dropped as u64);
-    }
+    stats.record_dropped(log.path(), dropped as u64, metrics);
 }
 
 fn count_rotations(stats: &StreamStats, metrics: &Metrics, delta: u64) {

@@ -1,7 +1,9 @@
 //! End to end with a real guest: QEMU (TCG) boots Debian's cloud kernel and a busybox initramfs
 //! with its serial port on a console's guest socket. Boot output reaches the log and two attached
 //! clients with contiguous offsets, a command typed through `AttachConsole` runs in the guest and
-//! its output comes back, and a watcher's input never reaches the guest.
+//! its output comes back, and a watcher's input never reaches the guest. A second test takes the
+//! running guest through an in-place upgrade of conlogd (QEMU's connection is carried) and a
+//! `kill -9` (QEMU, with `reconnect=1`, comes back by itself).
 //!
 //! The guest is built (and cached under `<target dir>/qemu-guest`) by `tests/qemu/build-guest.sh`,
 //! which fetches two .deb files from Debian's registry the first time. QEMU itself must be
@@ -577,5 +579,274 @@ async fn real_qemu_guest_boots_logs_and_runs_typed_commands() {
          {booted:.1?}, command round trip {round_trip:.1?}, {total} bytes of console output, \
          test {:.1?}",
         started.elapsed()
+    );
+}
+
+/// Waits (bounded by `deadline`) until `ListGuests` shows whether QEMU is connected to the
+/// console; fails at once if QEMU exits.
+async fn wait_qemu_connected(scene: &mut Scene, connected: bool, deadline: Duration) {
+    let until = Instant::now() + deadline;
+    loop {
+        let listed = match conlog::client::connect_local(&scene.daemon.socket()).await {
+            Ok(channel) => proto::agent_client::AgentClient::new(channel)
+                .list_guests(proto::ListGuestsRequest {
+                    guest: GUEST.into(),
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner()),
+            Err(_) => None,
+        };
+        let stream = listed
+            .iter()
+            .flat_map(|l| &l.guests)
+            .flat_map(|g| &g.streams)
+            .find(|s| s.name == DEVICE)
+            .cloned();
+        if stream
+            .as_ref()
+            .is_some_and(|s| s.guest_connected == connected)
+        {
+            return;
+        }
+        if let Some(status) = scene.qemu.as_mut().and_then(Qemu::exited) {
+            panic!(
+                "{QEMU} exited ({status}) while waiting for guest_connected == {connected}:\n{}\n{}",
+                scene.qemu.as_ref().map(Qemu::output).unwrap_or_default(),
+                scene.context()
+            );
+        }
+        if Instant::now() > until {
+            panic!(
+                "guest_connected != {connected} after {deadline:?} (last seen {stream:?})\nQEMU \
+                 output:\n{}\n{}",
+                scene.qemu.as_ref().map(Qemu::output).unwrap_or_default(),
+                scene.context()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The sockets a process holds (`socket:[inode]` of each descriptor): QEMU's connection to the
+/// guest socket is one of them, so a reconnect changes the set.
+fn sockets_of(qemu: &Qemu) -> std::collections::BTreeSet<String> {
+    let pid = qemu.child.as_ref().expect("QEMU running").id();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/fd: {e}"))
+        .flatten()
+        .filter_map(|entry| std::fs::read_link(entry.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .filter(|target| target.starts_with("socket:"))
+        .collect()
+}
+
+/// The console as `ListGuests` shows it.
+async fn stream_info(daemon: &Daemon) -> proto::StreamInfo {
+    let reply = daemon
+        .agent()
+        .await
+        .list_guests(proto::ListGuestsRequest {
+            guest: GUEST.into(),
+        })
+        .await
+        .expect("ListGuests")
+        .into_inner();
+    reply
+        .guests
+        .iter()
+        .flat_map(|g| &g.streams)
+        .find(|s| s.name == DEVICE)
+        .cloned()
+        .unwrap_or_else(|| panic!("ListGuests lacks {GUEST}/{DEVICE}: {reply:?}"))
+}
+
+/// Attaches a new writer (after the previous one was ended), pushed to the scene's clients;
+/// returns its index.
+async fn attach_writer(scene: &mut Scene, name: &'static str) -> usize {
+    let channel = conlog::client::connect_local(&scene.daemon.socket())
+        .await
+        .expect("connect to the local socket");
+    let client = Client::attach(channel, name, proto::attach::Mode::ReadWrite).await;
+    assert!(
+        client.attached.writer,
+        "{name} holds the writer lease: {:?}",
+        client.attached
+    );
+    scene.clients.push(client);
+    scene.clients.len() - 1
+}
+
+/// Types `command` (whose output the guest's shell computes) on client `index` and waits for
+/// `answer` on it.
+async fn run_command(scene: &mut Scene, index: usize, command: &str, answer: &str) {
+    scene.clients[index]
+        .type_text(&format!("{command}\n"))
+        .await;
+    scene
+        .wait(
+            &format!("{answer} from the guest on {}", scene.clients[index].name),
+            COMMAND_DEADLINE,
+            |s| s.client_has(index, answer),
+        )
+        .await;
+}
+
+/// A real QEMU guest through an in-place upgrade and a crash of conlogd:
+/// - SIGUSR1 while QEMU runs: the attached client ends with UNAVAILABLE, a new one attaches
+///   and the shell still answers; QEMU's connection was carried (conlogd never saw it
+///   disconnect nor connect again, QEMU printed nothing) and the log goes on.
+/// - `kill -9` and a restart on the same directories: QEMU (`reconnect=1`, retrying every
+///   second) comes back by itself, a client sees the guest connected and a typed command's
+///   output, and the log continues after the crash at the offset where it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_reconnects_after_conlogd_is_killed() {
+    let started = Instant::now();
+    require_qemu();
+    let (kernel, initrd) = build_guest().await;
+
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let console = agent
+        .create_console(proto::CreateConsoleRequest {
+            guest: GUEST.into(),
+            device: DEVICE.into(),
+            limits: None,
+        })
+        .await
+        .unwrap_or_else(|s| panic!("CreateConsole: {s:?}"))
+        .into_inner();
+    drop(agent);
+    let guest_socket = PathBuf::from(&console.guest_socket);
+    let mut scene = Scene {
+        log_path: daemon.log_path(GUEST, DEVICE),
+        daemon,
+        qemu: None,
+        clients: Vec::new(),
+    };
+    let first = attach_writer(&mut scene, "first writer").await;
+    scene.qemu = Some(Qemu::start(&kernel, &initrd, &guest_socket));
+    scene
+        .wait("the shell prompt", BOOT_DEADLINE, |s| {
+            s.client_has(first, PROMPT)
+        })
+        .await;
+    run_command(&mut scene, first, "echo before-$((2*3))", "before-6").await;
+    let booted = started.elapsed();
+
+    // In-place upgrade while QEMU runs.
+    let qemu_output = scene.qemu.as_ref().unwrap().output();
+    let qemu_sockets = sockets_of(scene.qemu.as_ref().unwrap());
+    assert!(!qemu_sockets.is_empty(), "QEMU holds its chardev socket");
+    scene.daemon.signal(rustix::process::Signal::USR1);
+    scene
+        .wait("the first writer ended by the upgrade", DEADLINE, |s| {
+            s.clients[first].snapshot(|t| t.ended.is_some())
+        })
+        .await;
+    let ended = scene.clients[first].snapshot(|t| t.ended.clone().unwrap());
+    assert!(
+        ended.contains("Unavailable"),
+        "{ended}\n{}",
+        scene.context()
+    );
+    scene
+        .wait("the upgraded daemon's ready line", DEADLINE, |s| {
+            s.daemon.stderr().matches("conlogd ready").count() == 2
+        })
+        .await;
+    let upgraded = attach_writer(&mut scene, "writer after the upgrade").await;
+    assert!(
+        scene.clients[upgraded].attached.guest_connected,
+        "QEMU's connection was carried across the upgrade: {:?}\n{}",
+        scene.clients[upgraded].attached,
+        scene.context()
+    );
+    run_command(&mut scene, upgraded, "echo upgraded-$((3*3))", "upgraded-9").await;
+    let diagnostics = scene.daemon.stderr();
+    assert_eq!(
+        (
+            diagnostics.matches("guest connected").count(),
+            diagnostics.matches("guest disconnected").count()
+        ),
+        (1, 0),
+        "QEMU did not reconnect across the upgrade\n{}",
+        scene.context()
+    );
+    assert_eq!(
+        scene.qemu.as_ref().unwrap().output(),
+        qemu_output,
+        "QEMU noticed nothing of the upgrade"
+    );
+    assert_eq!(
+        sockets_of(scene.qemu.as_ref().unwrap()),
+        qemu_sockets,
+        "QEMU still holds the connection it had before the upgrade"
+    );
+    assert!(
+        scene.clients[upgraded].snapshot(|t| t.guest_states.is_empty() && t.problems.is_empty()),
+        "{}",
+        scene.context()
+    );
+
+    // Crash and restart: QEMU comes back by itself.
+    let before_crash = scene.log().len() as u64;
+    scene.daemon.kill().await;
+    let killed = Instant::now();
+    scene.daemon.restart().await;
+    let restarted = stream_info(&scene.daemon).await;
+    assert_eq!(
+        restarted.offset,
+        before_crash,
+        "the offset continues from the file: {restarted:?}\n{}",
+        scene.context()
+    );
+    wait_qemu_connected(&mut scene, true, BOOT_DEADLINE).await;
+    let reconnected = killed.elapsed();
+    assert_ne!(
+        sockets_of(scene.qemu.as_ref().unwrap()),
+        qemu_sockets,
+        "QEMU connected again after the crash, with a new socket"
+    );
+    let after = attach_writer(&mut scene, "writer after the crash").await;
+    run_command(&mut scene, after, "echo back-$((4*4))", "back-16").await;
+
+    // The log holds the whole story in order, offsets continuing across the crash.
+    let log = scene.log();
+    let text = String::from_utf8_lossy(&log);
+    let positions: Vec<Option<usize>> = [PROMPT, "before-6", "upgraded-9", "back-16"]
+        .iter()
+        .map(|needle| text.find(needle))
+        .collect();
+    assert!(
+        positions.iter().all(Option::is_some) && positions.windows(2).all(|w| w[0] < w[1]),
+        "the log lacks something or has it out of order: {positions:?}\n{}",
+        scene.context()
+    );
+    assert!(
+        contains(&log[..before_crash as usize], b"upgraded-9")
+            && contains(&log[before_crash as usize..], b"back-16"),
+        "the log written after the restart continues at offset {before_crash}\n{}",
+        scene.context()
+    );
+    let total = log.len() as u64;
+    let client_end = scene.clients[after].snapshot(|t| t.next);
+    assert!(client_end <= total, "{}", scene.context());
+    scene.clients[after].snapshot(|t| {
+        let start = t.start as usize;
+        assert!(
+            log[start..].starts_with(&t.data),
+            "the client after the crash received bytes that differ from the log\n{}",
+            scene.context()
+        );
+        assert!(t.problems.is_empty(), "{}", scene.context());
+    });
+    for client in &scene.clients {
+        client.task.abort();
+    }
+    eprintln!(
+        "qemu through an upgrade and a crash: booted and ran a command after {booted:.1?}, \
+         QEMU reconnected {reconnected:.1?} after the kill, {total} bytes logged, test {:.1?}",
+        started.elapsed(),
     );
 }

@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use conlog::config::{Config, LogFormat, Overrides};
+use conlog::daemon::Start;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tracing_subscriber::EnvFilter;
@@ -28,16 +29,28 @@ struct Args {
     /// Address of the Prometheus /metrics endpoint (default 127.0.0.1:7771).
     #[arg(long)]
     metrics: Option<SocketAddr>,
-    /// Take over from a running daemon through handover.sock.
+    /// Take over from the daemon running on the same runtime dir through handover.sock
+    /// (start fresh if there is none).
     #[arg(long)]
     takeover: bool,
+    /// After handing over to a successor, stay idle until SIGTERM instead of exiting (for
+    /// supervisors that restart an exited process, such as Kubernetes).
+    #[arg(long)]
+    linger_after_handover: bool,
     /// Print the effective configuration as YAML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Print the upgrade snapshot format this binary reads and exit (used before an upgrade).
+    #[arg(long, hide = true)]
+    snapshot_format: bool,
 }
 
 fn main() -> anyhow::Result<()> {
+    // First, before anything opens a descriptor: an upgraded image adopts what it carries and
+    // closes everything else it inherited.
+    let inherited = conlog::upgrade::exec::inherited();
     let args = Args::parse();
+
     let overrides = Overrides {
         listen: args.listen,
         metrics: args.metrics,
@@ -52,19 +65,38 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
+    // The upgrade preflight: this binary starts, accepts the same flags and config, and reads
+    // this snapshot format.
+    if args.snapshot_format {
+        println!("{}", conlog::upgrade::snapshot::FORMAT_VERSION);
+        return Ok(());
+    }
     if args.print_config {
         print!("{}", config.to_yaml());
         return Ok(());
     }
     init_tracing(&config);
-    if args.takeover {
-        eprintln!("conlogd: --takeover is not implemented yet (issue 5)");
-        std::process::exit(2);
-    }
+    let start = match inherited {
+        Ok(Some(state)) => Start::Upgraded(state),
+        Ok(None) if args.takeover => Start::Takeover,
+        Ok(None) => Start::Fresh,
+        Err(why) => {
+            tracing::error!(error = %why, "the upgrade snapshot is unusable; starting from the state directory");
+            Start::Fresh
+        }
+    };
+    let image = conlog::upgrade::exec::Image::current();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if let Err(e) = runtime.block_on(conlog::daemon::run(config)) {
+    if let Err(e) = runtime.block_on(conlog::daemon::run(
+        config,
+        start,
+        image,
+        conlog::daemon::RunOptions {
+            linger_after_handover: args.linger_after_handover,
+        },
+    )) {
         eprintln!("conlogd: {e}");
         std::process::exit(1);
     }

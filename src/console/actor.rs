@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::logfile::LogFile;
 use crate::metrics::Metrics;
 use crate::stream::{Figures, OffsetPublisher};
+use crate::upgrade::ConsoleFds;
 use bytes::{Buf, Bytes, BytesMut};
 use std::collections::BTreeMap;
 use std::io::ErrorKind;
@@ -53,6 +54,8 @@ impl ConsoleActor {
         publisher: OffsetPublisher,
         guest_listener: UnixListener,
         client_listener: UnixListener,
+        guest: Option<UnixStream>,
+        pending_input: Vec<u8>,
         settings: ConsoleSettings,
         metrics: Arc<Metrics>,
         commands: mpsc::Receiver<Command>,
@@ -64,8 +67,8 @@ impl ConsoleActor {
             publisher,
             guest_listener,
             client_listener,
-            guest: None,
-            to_guest: BytesMut::new(),
+            guest,
+            to_guest: BytesMut::from(&pending_input[..]),
             clients: BTreeMap::new(),
             writer: None,
             next_id: 1,
@@ -92,6 +95,12 @@ impl ConsoleActor {
                     Some(Command::Close { reason, removed, done }) => {
                         self.close(&reason, removed);
                         let _ = done.send(());
+                        return;
+                    }
+                    Some(Command::Freeze(reply)) => {
+                        if let Some(fds) = self.freeze() {
+                            let _ = reply.send(fds);
+                        }
                         return;
                     }
                     Some(command) => self.handle_command(command),
@@ -147,7 +156,7 @@ impl ConsoleActor {
             Command::OpenSegments(from, reply) => {
                 let _ = reply.send(self.log.open_segments(from));
             }
-            Command::Close { .. } => unreachable!("handled by run"),
+            Command::Close { .. } | Command::Freeze(_) => unreachable!("handled by run"),
         }
     }
 
@@ -297,14 +306,15 @@ impl ConsoleActor {
         self.count_rotations(rotations);
         let logged = (self.log.end_offset() - offset) as usize;
         if let Err(e) = result {
-            let dropped = (n - logged) as u64;
-            self.handle.stats.dropped.fetch_add(dropped, Relaxed);
-            self.metrics.bytes_dropped.inc_by(dropped);
-            tracing::warn!(console = %self.handle.name, error = %e, dropped, "cannot write console log");
+            tracing::debug!(console = %self.handle.name, error = %e, "console log write failed");
+            self.handle
+                .stats
+                .record_dropped(self.log.path(), (n - logged) as u64, &self.metrics);
         }
         if logged == 0 {
             return;
         }
+        self.handle.stats.record_logged(self.log.path());
         self.publisher.publish(self.log.end_offset());
         self.metrics.bytes_logged.inc_by(logged as u64);
         let data = Bytes::copy_from_slice(&self.buffer[..logged]);
@@ -372,6 +382,32 @@ impl ConsoleActor {
             self.handle.stats.rotations.fetch_add(delta, Relaxed);
             self.metrics.rotations.inc_by(delta);
         }
+    }
+
+    /// Ends every client with "come back" and returns the sockets (still open,
+    /// files still in place) and the input not yet written to the guest.
+    fn freeze(mut self) -> Option<ConsoleFds> {
+        self.broadcast(Event::Closed {
+            reason: "conlogd is upgrading; reconnect and resume by offset".into(),
+            removed: false,
+        });
+        self.clients.clear();
+        self.count_clients();
+        // No fsync: the next image shares this host's page cache.
+        let owned = |result: std::io::Result<std::os::fd::OwnedFd>| {
+            result
+                .map_err(|e| tracing::error!(console = %self.handle.name, error = %e, "cannot hand over a console socket"))
+                .ok()
+        };
+        let guest_listener = owned(self.guest_listener.into_std().map(Into::into))?;
+        let client_listener = owned(self.client_listener.into_std().map(Into::into))?;
+        let guest_connection = self.guest.and_then(|g| owned(g.into_std().map(Into::into)));
+        Some(ConsoleFds {
+            guest_listener,
+            client_listener,
+            guest_connection,
+            pending_input: self.to_guest.to_vec(),
+        })
     }
 
     fn close(&mut self, reason: &str, removed: bool) {

@@ -30,7 +30,9 @@ use crate::error::{Error, Result};
 use crate::logfile::{LogFile, LogLimits, OpenSegment};
 use crate::metrics::Metrics;
 use crate::stream::{Figures, OffsetPublisher, StreamStats};
+use crate::upgrade::ConsoleFds;
 use bytes::Bytes;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -124,6 +126,8 @@ enum Command {
         removed: bool,
         done: oneshot::Sender<()>,
     },
+    /// Stop (clients are told to come back), keep the sockets open and hand them back.
+    Freeze(oneshot::Sender<ConsoleFds>),
 }
 
 /// Input for the guest from client `client`.
@@ -154,6 +158,8 @@ fn gone(name: &str) -> Error {
 
 impl ConsoleHandle {
     /// Binds the console's sockets and starts its actor.
+    /// With `inherited` (an upgrade), the carried sockets are used instead of binding new ones,
+    /// so QEMU's connection and the listening sockets stay the same.
     pub fn spawn(
         guest: &str,
         device: &str,
@@ -161,9 +167,31 @@ impl ConsoleHandle {
         log: LogFile,
         settings: ConsoleSettings,
         metrics: Arc<Metrics>,
+        inherited: Option<ConsoleFds>,
     ) -> Result<Self> {
-        let guest_listener = bind(&paths.guest_socket)?;
-        let client_listener = bind(&paths.client_socket)?;
+        let adopt = |e| {
+            Error::io(
+                format!("cannot adopt the sockets of console {guest}/{device}"),
+                e,
+            )
+        };
+        let (guest_listener, client_listener, guest_connection, pending_input) = match inherited {
+            Some(fds) => (
+                listener_from(fds.guest_listener).map_err(adopt)?,
+                listener_from(fds.client_listener).map_err(adopt)?,
+                fds.guest_connection
+                    .map(stream_from)
+                    .transpose()
+                    .map_err(adopt)?,
+                fds.pending_input,
+            ),
+            None => (
+                bind(&paths.guest_socket)?,
+                bind(&paths.client_socket)?,
+                None,
+                Vec::new(),
+            ),
+        };
         let (commands, command_rx) = mpsc::channel(64);
         let (input, input_rx) = mpsc::channel(64);
         let stats = Arc::new(StreamStats::default());
@@ -183,6 +211,8 @@ impl ConsoleHandle {
             publisher,
             guest_listener,
             client_listener,
+            guest_connection,
+            pending_input,
             settings,
             metrics,
             command_rx,
@@ -269,6 +299,14 @@ impl ConsoleHandle {
         answer.await.map_err(|_| closed())?
     }
 
+    /// Stops the actor for an upgrade and returns its sockets and pending input. Clients end
+    /// with `UNAVAILABLE` and resume by offset; the socket files stay.
+    pub async fn freeze(&self) -> Option<ConsoleFds> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Freeze(reply)).await.ok()?;
+        answer.await.ok()
+    }
+
     /// Tells every client why, closes the sockets (removing their files), syncs the log and
     /// stops the actor. `removed` says the console will not come back.
     pub async fn close(&self, reason: &str, removed: bool) {
@@ -325,4 +363,16 @@ fn bind(path: &Path) -> Result<UnixListener> {
     let listener = UnixListener::bind(path).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
     Ok(listener)
+}
+
+fn listener_from(fd: OwnedFd) -> std::io::Result<UnixListener> {
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
+}
+
+fn stream_from(fd: OwnedFd) -> std::io::Result<tokio::net::UnixStream> {
+    let stream = std::os::unix::net::UnixStream::from(fd);
+    stream.set_nonblocking(true)?;
+    tokio::net::UnixStream::from_std(stream)
 }

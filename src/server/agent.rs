@@ -23,6 +23,8 @@ pub struct AgentService {
     pub handoffs: Arc<Handoffs>,
     /// Absolute path of fd.sock, returned to clients.
     pub fd_socket: PathBuf,
+    /// Where `Upgrade` requests go (the daemon's main loop).
+    pub upgrades: tokio::sync::mpsc::Sender<crate::daemon::UpgradeRequest>,
 }
 
 /// Logs who called `method` (pid, uid, gid of the local peer).
@@ -238,6 +240,13 @@ impl Agent for AgentService {
         request: Request<proto::UpgradeRequest>,
     ) -> Result<Response<proto::UpgradeResponse>, Status> {
         log_peer(&request, "Upgrade");
-        Err(Error::Unimplemented("Agent.Upgrade").into())
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let unavailable =
+            || Error::Unavailable("The daemon is already stopping or upgrading".into());
+        self.upgrades.send(reply).await.map_err(|_| unavailable())?;
+        match answer.await.map_err(|_| unavailable())? {
+            Ok(pid) => Ok(Response::new(proto::UpgradeResponse { pid })),
+            Err(why) => Err(Error::FailedPrecondition(format!("Upgrade refused: {why}")).into()),
+        }
     }
 }

@@ -107,6 +107,8 @@ enum Cmd {
         #[arg(long)]
         limit: Option<u64>,
     },
+    /// Upgrade conlogd in place (re-exec its binary; same as SIGUSR1).
+    Upgrade,
     /// Close every stream of a guest and forget it (its logs stay).
     Remove {
         /// Guest name.
@@ -232,6 +234,8 @@ async fn run(args: Args) -> Result<ExitCode> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
+            // The command may run for days: close the connection to the daemon now.
+            drop(agent);
             let fd_socket = PathBuf::from(&reply.fd_socket);
             let token = reply.handoff_token.clone();
             let pipe = tokio::task::spawn_blocking(move || {
@@ -267,6 +271,15 @@ async fn run(args: Args) -> Result<ExitCode> {
                 "client socket: {}\nlog: {}",
                 reply.client_socket, reply.log_path
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Upgrade => {
+            let reply = agent
+                .upgrade(proto::UpgradeRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("conlogd (pid {}) is upgrading in place", reply.pid);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Console { .. } | Cmd::History { .. } => unreachable!("handled above"),

@@ -1,0 +1,188 @@
+//! The daemon-wide descriptors: the single-instance lock and every listening socket.
+//!
+//! Owns binding them on a fresh start (mode 0660 sockets, replacing stale files), adopting them
+//! after an upgrade, and handing out clones to the servers. The originals stay here for the
+//! whole life of the process, so an upgrade can carry them while the servers' clones are
+//! dropped: the sockets never close, and connections wait in their backlogs meanwhile.
+
+use super::StartError;
+use crate::config::Config;
+use crate::upgrade::ListenerFds;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+
+/// The lock and the listening sockets of the daemon.
+pub struct Listeners {
+    /// `conlogd.lock`, flock'ed: whoever holds it is the daemon of this runtime directory.
+    pub lock: File,
+    /// `conlogd.sock`: the local gRPC API.
+    pub local: UnixListener,
+    /// `fd.sock`: log pipe hand-off.
+    pub fd_sock: UnixListener,
+    /// `handover.sock`: takeover by a successor (mode 0600).
+    pub handover: UnixListener,
+    /// The Console service over TCP.
+    pub tcp: std::net::TcpListener,
+    /// `/metrics`.
+    pub metrics: Option<std::net::TcpListener>,
+}
+
+impl Listeners {
+    /// Takes the lock and binds every socket.
+    pub fn bind(config: &Config) -> Result<Self, StartError> {
+        let runtime_dir = config.runtime_dir();
+        let socket_path = runtime_dir.join("conlogd.sock");
+        let lock = acquire_lock(runtime_dir, &socket_path)?;
+        let group = resolve_group(config.socket_group.as_deref())?;
+        let tcp_error = |what, address: String| {
+            move |source| StartError::Bind {
+                what,
+                address,
+                source,
+            }
+        };
+        Ok(Self {
+            lock,
+            local: bind_unix(&socket_path, group, 0o660)?,
+            fd_sock: bind_unix(&runtime_dir.join("fd.sock"), group, 0o660)?,
+            handover: bind_unix(&runtime_dir.join("handover.sock"), None, 0o600)?,
+            tcp: std::net::TcpListener::bind(config.listen)
+                .map_err(tcp_error("TCP", config.listen.to_string()))?,
+            metrics: match config.metrics {
+                Some(address) => Some(
+                    std::net::TcpListener::bind(address)
+                        .map_err(tcp_error("metrics", address.to_string()))?,
+                ),
+                None => None,
+            },
+        })
+    }
+
+    /// The carried descriptors of a previous image.
+    pub fn adopt(fds: ListenerFds) -> Self {
+        Self {
+            lock: File::from(fds.lock),
+            local: UnixListener::from(fds.local),
+            fd_sock: UnixListener::from(fds.fd_sock),
+            handover: UnixListener::from(fds.handover),
+            tcp: std::net::TcpListener::from(fds.tcp),
+            metrics: fds.metrics.map(std::net::TcpListener::from),
+        }
+    }
+
+    /// Gives the descriptors up for an upgrade.
+    pub fn into_fds(self) -> ListenerFds {
+        ListenerFds {
+            lock: OwnedFd::from(self.lock),
+            local: OwnedFd::from(self.local),
+            fd_sock: OwnedFd::from(self.fd_sock),
+            handover: OwnedFd::from(self.handover),
+            tcp: OwnedFd::from(self.tcp),
+            metrics: self.metrics.map(OwnedFd::from),
+        }
+    }
+}
+
+/// A tokio listener sharing the socket of `listener` (the original stays open here).
+pub fn tokio_unix(listener: &UnixListener) -> io::Result<tokio::net::UnixListener> {
+    let clone = listener.try_clone()?;
+    clone.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(clone)
+}
+
+/// A tokio listener sharing the socket of `listener`.
+pub fn tokio_tcp(listener: &std::net::TcpListener) -> io::Result<tokio::net::TcpListener> {
+    let clone = listener.try_clone()?;
+    clone.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(clone)
+}
+
+/// Takes `conlogd.lock` (flock) in the runtime dir, or explains who holds it. A socket left by a
+/// daemon that died is removed once the lock is ours.
+fn acquire_lock(runtime_dir: &Path, socket_path: &Path) -> Result<File, StartError> {
+    let path = runtime_dir.join("conlogd.lock");
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(&path)
+        .map_err(|source| StartError::Directory {
+            path: path.clone(),
+            source,
+        })?;
+    if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        let mut pid = String::new();
+        let _ = file.read_to_string(&mut pid);
+        let pid = pid.trim();
+        return Err(StartError::AlreadyRunning {
+            pid: if pid.is_empty() {
+                String::new()
+            } else {
+                format!(" (pid {pid})")
+            },
+            socket: socket_path.to_owned(),
+        });
+    }
+    // Nobody holds the lock, so any socket here is stale, unless a daemon of an older layout
+    // without the lock still answers on it.
+    if socket_path.exists() {
+        if std::os::unix::net::UnixStream::connect(socket_path).is_ok() {
+            return Err(StartError::AlreadyRunning {
+                pid: String::new(),
+                socket: socket_path.to_owned(),
+            });
+        }
+        tracing::info!(socket = %socket_path.display(), "removing stale socket");
+    }
+    file.set_len(0).ok();
+    let _ = writeln!(file, "{}", std::process::id());
+    Ok(file)
+}
+
+/// Binds a UNIX socket with `mode` (and group `group`), replacing a stale file.
+fn bind_unix(path: &Path, group: Option<u32>, mode: u32) -> Result<UnixListener, StartError> {
+    let bind_error = |source| StartError::Bind {
+        what: "UNIX socket",
+        address: path.display().to_string(),
+        source,
+    };
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(bind_error(e)),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path).map_err(bind_error)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(bind_error)?;
+    if let Some(gid) = group {
+        rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
+            .map_err(|e| bind_error(e.into()))?;
+    }
+    Ok(listener)
+}
+
+/// A group name or number → gid.
+fn resolve_group(group: Option<&str>) -> Result<Option<u32>, StartError> {
+    let Some(group) = group else {
+        return Ok(None);
+    };
+    if let Ok(gid) = group.parse() {
+        return Ok(Some(gid));
+    }
+    let table = fs::read_to_string("/etc/group").unwrap_or_default();
+    table
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let gid = fields.nth(1)?.parse().ok()?;
+            (name == group).then_some(gid)
+        })
+        .next()
+        .map(Some)
+        .ok_or_else(|| StartError::Group(group.to_owned()))
+}

@@ -1,0 +1,435 @@
+//! Assembly and lifecycle of `conlogd`: directories, listeners, services, signals, upgrades and
+//! clean shutdown.
+//!
+//! Owns the order of start-up, upgrade and shutdown and nothing else: every resource it creates
+//! is handed to the module that owns it. The daemon starts fresh (binding everything), from the
+//! state carried by an in-place upgrade, or by taking over from a running daemon. Then it serves
+//! until one of:
+//! - SIGTERM/SIGINT: stop accepting, end console clients and followers with `UNAVAILABLE`, let
+//!   gRPC calls finish (bounded), drain every pipe into its log, sync, remove the sockets, exit.
+//! - SIGUSR1 or `Agent.Upgrade`: check the binary, freeze, `execve` it with the carried state
+//!   ([`crate::upgrade::exec`]); if that fails, thaw and serve on.
+//! - a successor on `handover.sock`: freeze, send the state ([`crate::upgrade::handover`]),
+//!   exit 0 once it confirms; if it does not, thaw and serve on.
+
+mod listeners;
+
+use crate::config::Config;
+use crate::guests::Guests;
+use crate::handoff::Handoffs;
+use crate::metrics::Metrics;
+use crate::server::{self, agent::AgentService, console::ConsoleService};
+use crate::upgrade::{self, exec::Image, handover, State};
+use listeners::{tokio_tcp, tokio_unix, Listeners};
+use std::fs;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::net::UnixStream;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// How long gRPC calls may take to finish after a shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long they may take during an upgrade, while writers wait (only short unary calls are
+/// left by then: console clients and followers were ended by the freeze).
+const UPGRADE_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Why the daemon could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    /// A directory could not be created.
+    #[error("Cannot create directory {path}: {source}")]
+    Directory { path: PathBuf, source: io::Error },
+    /// Another daemon holds the runtime directory.
+    #[error("Another conlogd{pid} is already serving {socket}; stop it first, or use --takeover to replace it")]
+    AlreadyRunning { pid: String, socket: PathBuf },
+    /// A listener could not be bound.
+    #[error("Cannot listen on {what} {address}: {source}")]
+    Bind {
+        what: &'static str,
+        address: String,
+        source: io::Error,
+    },
+    /// The socket group does not exist.
+    #[error("Invalid config value socket_group: no group named {0:?}")]
+    Group(String),
+    /// Restoring the registry failed.
+    #[error("Cannot restore state: {0}")]
+    Restore(#[from] crate::error::Error),
+    /// A gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    /// Taking over from the running daemon failed.
+    #[error("Cannot take over from the running daemon: {0}")]
+    Takeover(io::Error),
+    /// The listeners could not be served.
+    #[error("Cannot serve: {0}")]
+    Listen(io::Error),
+}
+
+/// How this process begins.
+pub enum Start {
+    /// Bind everything; restore streams from the state directory.
+    Fresh,
+    /// `execve`'d by an upgrade: adopt the carried state.
+    Upgraded(State),
+    /// Take over from the daemon serving the runtime directory (`--takeover`).
+    Takeover,
+}
+
+/// Behaviour switches from the command line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// After handing over to a successor, stay alive (holding nothing) until SIGTERM instead of
+    /// exiting. Kubernetes restarts a container that exits, even with status 0; a restarted
+    /// old pod would take the daemon back from the new one.
+    pub linger_after_handover: bool,
+}
+
+/// An upgrade request from `Agent.Upgrade`; the answer is this pid, or why not.
+pub type UpgradeRequest = oneshot::Sender<Result<u32, String>>;
+
+/// What ends a period of serving.
+enum Event {
+    Stop(&'static str),
+    Upgrade(Option<UpgradeRequest>),
+    Takeover(UnixStream),
+}
+
+/// Runs the daemon until it stops or hands over.
+pub async fn run(
+    config: Config,
+    start: Start,
+    image: Image,
+    options: RunOptions,
+) -> Result<(), StartError> {
+    let config = Arc::new(config);
+    raise_descriptor_limit();
+    for dir in [config.runtime_dir(), config.data_dir(), config.log_dir()] {
+        fs::create_dir_all(dir).map_err(|source| StartError::Directory {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    let metrics = Arc::new(Metrics::default());
+    let guests = Guests::new(config.clone(), metrics.clone());
+    let handoffs = Handoffs::new(
+        config.handoff.token_ttl.get(),
+        config.limits.pending_handoffs as usize,
+        metrics.clone(),
+    );
+    let (state, mut successor_of) = match start {
+        Start::Fresh => (None, None),
+        Start::Upgraded(state) => (Some(state), None),
+        Start::Takeover => match handover::receive(config.runtime_dir()).await {
+            Ok((state, connection)) => (Some(state), Some(connection)),
+            // Nobody to take over from (first start on this node): start fresh. Anything else
+            // (a daemon that answers but fails the protocol) is an error: two daemons must
+            // never serve one runtime directory.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                tracing::info!(error = %e, "no running daemon to take over from; starting fresh");
+                (None, None)
+            }
+            Err(e) => return Err(StartError::Takeover(e)),
+        },
+    };
+    let mut listeners = match state {
+        None => {
+            let listeners = Listeners::bind(&config)?;
+            guests.restore(Vec::new()).await?;
+            listeners
+        }
+        Some(state) => thaw(state, &guests, &handoffs).await?,
+    };
+    let (upgrade_tx, mut upgrade_rx) = mpsc::channel::<UpgradeRequest>(4);
+    let mut signals = Signals::new();
+    loop {
+        let mut serving = Serving::start(
+            &config,
+            &listeners,
+            &guests,
+            &handoffs,
+            &metrics,
+            upgrade_tx.clone(),
+        )
+        .map_err(StartError::Listen)?;
+        tracing::info!(
+            socket = %config.runtime_dir().join("conlogd.sock").display(),
+            tcp = %serving.tcp_address,
+            metrics = %serving.metrics_address.map_or("off".into(), |a| a.to_string()),
+            restored_streams = guests.count().await,
+            pid = std::process::id(),
+            "conlogd ready"
+        );
+        if let Some(mut connection) = successor_of.take() {
+            handover::confirm(&mut connection)
+                .await
+                .map_err(StartError::Takeover)?;
+            tracing::info!("took over from the previous daemon");
+        }
+        notify_systemd("READY=1");
+        let event = loop {
+            let event = tokio::select! {
+                _ = signals.term.recv() => Event::Stop("SIGTERM"),
+                _ = signals.int.recv() => Event::Stop("SIGINT"),
+                _ = signals.usr1.recv() => Event::Upgrade(None),
+                Some(reply) = upgrade_rx.recv() => Event::Upgrade(Some(reply)),
+                Some(connection) = serving.successors.recv() => Event::Takeover(connection),
+            };
+            match event {
+                Event::Upgrade(reply) => match upgrade::exec::preflight(&image).await {
+                    Ok(()) => {
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Ok(std::process::id()));
+                        }
+                        break Event::Upgrade(None);
+                    }
+                    Err(why) => {
+                        tracing::error!(error = %why, "upgrade refused; serving on");
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Err(why));
+                        }
+                    }
+                },
+                Event::Takeover(mut connection) => {
+                    match handover::read_hello(&mut connection).await {
+                        Ok(()) => break Event::Takeover(connection),
+                        Err(e) => tracing::warn!(error = %e, "ignoring a bad takeover request"),
+                    }
+                }
+                stop => break stop,
+            }
+        };
+        match event {
+            Event::Stop(name) => {
+                notify_systemd("STOPPING=1");
+                tracing::info!(signal = name, "shutting down");
+                serving.stop(&guests).await;
+                for name in ["conlogd.sock", "fd.sock", "handover.sock"] {
+                    let _ = fs::remove_file(config.runtime_dir().join(name));
+                }
+                tracing::info!("every log flushed; bye");
+                return Ok(());
+            }
+            Event::Upgrade(_) => {
+                tracing::info!(binary = %image.path.display(), "upgrading in place");
+                let state = serving.freeze(listeners, &guests, &handoffs).await;
+                metrics.upgrades.inc();
+                let (state, error) = upgrade::exec::exec(&image, state);
+                tracing::error!(error = %error, "cannot execute the new binary; serving on");
+                listeners = thaw(state, &guests, &handoffs).await?;
+            }
+            Event::Takeover(mut connection) => {
+                tracing::info!("a successor is taking over");
+                let state = serving.freeze(listeners, &guests, &handoffs).await;
+                match handover::send(&mut connection, state).await {
+                    Ok(()) => {
+                        if options.linger_after_handover {
+                            tracing::info!("handed over to the successor; idle until SIGTERM");
+                            tokio::select! {
+                                _ = signals.term.recv() => {}
+                                _ = signals.int.recv() => {}
+                            }
+                        }
+                        tracing::info!("handed over to the successor; bye");
+                        return Ok(());
+                    }
+                    Err((state, e)) => {
+                        tracing::error!(error = %e, "takeover failed; serving on");
+                        listeners = thaw(state, &guests, &handoffs).await?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adopts carried state: listeners, pending hand-offs, and every stream with its descriptors.
+async fn thaw(state: State, guests: &Guests, handoffs: &Handoffs) -> Result<Listeners, StartError> {
+    handoffs.adopt(state.handoffs);
+    guests.restore(state.streams).await?;
+    Ok(Listeners::adopt(state.listeners))
+}
+
+/// The servers of one period of serving.
+struct Serving {
+    stop: watch::Sender<bool>,
+    grpc: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+    tasks: Vec<JoinHandle<()>>,
+    successors: mpsc::Receiver<UnixStream>,
+    tcp_address: SocketAddr,
+    metrics_address: Option<SocketAddr>,
+}
+
+impl Serving {
+    fn start(
+        config: &Arc<Config>,
+        listeners: &Listeners,
+        guests: &Arc<Guests>,
+        handoffs: &Arc<Handoffs>,
+        metrics: &Arc<Metrics>,
+        upgrades: mpsc::Sender<UpgradeRequest>,
+    ) -> io::Result<Self> {
+        let (stop, stop_rx) = watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        };
+        let agent = AgentService {
+            config: config.clone(),
+            guests: guests.clone(),
+            handoffs: handoffs.clone(),
+            fd_socket: config.runtime_dir().join("fd.sock"),
+            upgrades,
+        };
+        let console =
+            ConsoleService::new(guests.clone(), config.history.chunk_size.bytes() as usize);
+        let tcp = tokio_tcp(&listeners.tcp)?;
+        let tcp_address = tcp.local_addr()?;
+        let grpc = vec![
+            tokio::spawn(server::serve_local(
+                tokio_unix(&listeners.local)?,
+                agent,
+                console.clone(),
+                stopped(),
+            )),
+            tokio::spawn(server::serve_tcp(tcp, console, stopped())),
+        ];
+        let mut tasks = vec![tokio::spawn(handoffs.clone().serve(
+            tokio_unix(&listeners.fd_sock)?,
+            config.handoff.read_timeout.get(),
+        ))];
+        let mut metrics_address = None;
+        if let Some(listener) = &listeners.metrics {
+            let listener = tokio_tcp(listener)?;
+            metrics_address = listener.local_addr().ok();
+            tasks.push(tokio::spawn(crate::metrics::serve(
+                listener,
+                Arc::new(metrics.registry()),
+            )));
+        }
+        let (successor_tx, successors) = mpsc::channel(1);
+        let handover = tokio_unix(&listeners.handover)?;
+        tasks.push(tokio::spawn(async move {
+            while let Ok((connection, _)) = handover.accept().await {
+                if successor_tx.send(connection).await.is_err() {
+                    break;
+                }
+            }
+        }));
+        Ok(Self {
+            stop,
+            grpc,
+            tasks,
+            successors,
+            tcp_address,
+            metrics_address,
+        })
+    }
+
+    /// Stops accepting and ends the background tasks (their listener clones close; the
+    /// originals stay open in [`Listeners`]).
+    fn stop_accepting(&mut self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Waits (bounded) for the gRPC servers to finish their calls.
+    async fn drain(&mut self, timeout: Duration) {
+        let servers = futures::future::join_all(self.grpc.drain(..));
+        if tokio::time::timeout(timeout, servers).await.is_err() {
+            tracing::warn!("gRPC calls or connections still open after {timeout:?}; closing them");
+        }
+    }
+
+    /// Shutdown: streams close first (consoles end their clients with UNAVAILABLE, followers
+    /// end), so the servers can drain at once; pipes are drained into their logs.
+    async fn stop(mut self, guests: &Guests) {
+        self.stop_accepting();
+        guests
+            .close_all("conlogd is shutting down; reconnect and resume by offset")
+            .await;
+        self.drain(DRAIN_TIMEOUT).await;
+    }
+
+    /// Upgrade: freezes every stream (clients are told to come back), drains the servers and
+    /// collects everything to carry.
+    async fn freeze(mut self, listeners: Listeners, guests: &Guests, handoffs: &Handoffs) -> State {
+        self.stop_accepting();
+        let mut streams = guests.freeze_all().await;
+        self.drain(UPGRADE_DRAIN_TIMEOUT).await;
+        // Streams created by calls that were still running during the drain.
+        streams.extend(guests.freeze_all().await);
+        State {
+            listeners: listeners.into_fds(),
+            streams,
+            handoffs: handoffs.take_all(),
+        }
+    }
+}
+
+/// The signals the daemon acts on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Self {
+        let install = |kind| signal(kind).expect("signal handlers install");
+        Self {
+            term: install(SignalKind::terminate()),
+            int: install(SignalKind::interrupt()),
+            usr1: install(SignalKind::user_defined1()),
+        }
+    }
+}
+
+/// Tells systemd (Type=notify) about the daemon's state through `$NOTIFY_SOCKET`, if set.
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let address = match path.to_str().and_then(|p| p.strip_prefix('@')) {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()),
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    let message = format!("{state}\nMAINPID={}\n", std::process::id());
+    let sent = address.and_then(|address| {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        socket.send_to_addr(message.as_bytes(), &address)
+    });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Every guest costs several descriptors (pipe read ends, log files, sockets); raise the soft
+/// RLIMIT_NOFILE to the hard limit so the configured guest limit, not the default 1024, binds.
+fn raise_descriptor_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "cannot raise the descriptor limit");
+        }
+    }
+    tracing::debug!(nofile = ?getrlimit(Resource::Nofile).current, "descriptor limit");
+}

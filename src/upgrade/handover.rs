@@ -1,0 +1,210 @@
+//! Takeover by a successor process through `handover.sock`.
+//!
+//! # Wire protocol (SOCK_STREAM UNIX socket, `<runtime_dir>/handover.sock`, mode 0600)
+//!
+//! 1. successor → daemon: the line `CONLOG-TAKEOVER 1\n` (the snapshot format it reads).
+//! 2. The daemon freezes every stream (nothing more is read from pipes or guests; unread bytes
+//!    wait in the kernel) and stops its gRPC servers (pending connections wait in the listening
+//!    sockets' backlogs, which are carried, so no connection is refused).
+//! 3. daemon → successor: the snapshot envelope (see [`super::snapshot`]; `inherited` is null,
+//!    `descriptors` is N).
+//! 4. daemon → successor: ⌈N / 253⌉ messages, each 4 bytes of data (the little-endian count k,
+//!    1 ≤ k ≤ 253, the kernel's SCM_MAX_FD) with k descriptors attached as SCM_RIGHTS, in
+//!    snapshot order.
+//! 5. successor → daemon: `OK\n` once it serves. The daemon exits 0 without removing any socket.
+//!    On anything else, end of stream, or 30 s of silence, the daemon thaws its state and keeps
+//!    serving; the successor must then exit.
+
+use super::snapshot::{self, Envelope, FORMAT_VERSION};
+use super::State;
+use std::io::{self, ErrorKind, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
+use tokio::net::UnixStream;
+
+/// Most descriptors in one SCM_RIGHTS message (the kernel's SCM_MAX_FD).
+pub const BATCH: usize = 253;
+/// How long either side waits for the other.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn hello() -> String {
+    format!("CONLOG-TAKEOVER {FORMAT_VERSION}\n")
+}
+
+/// Daemon side, step 1: reads the successor's hello line.
+pub async fn read_hello(stream: &mut UnixStream) -> io::Result<()> {
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(&mut *stream).take(64);
+    tokio::time::timeout(TIMEOUT, reader.read_until(b'\n', &mut line))
+        .await
+        .map_err(|_| io::Error::new(ErrorKind::TimedOut, "no hello from the successor"))??;
+    if line != hello().as_bytes() {
+        return Err(io::Error::other(format!(
+            "unexpected hello {:?} (this daemon speaks {:?})",
+            String::from_utf8_lossy(&line),
+            hello().trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Daemon side, steps 3–5: sends the state and waits for the confirmation. On failure the state
+/// comes back so the daemon can thaw it.
+pub async fn send(stream: &mut UnixStream, state: State) -> Result<(), (State, io::Error)> {
+    let (snapshot, carried) = state.into_parts();
+    let envelope = Envelope {
+        snapshot,
+        descriptors: carried.len(),
+        inherited: None,
+    };
+    let result = tokio::time::timeout(TIMEOUT, send_parts(stream, &envelope, &carried)).await;
+    let error = match result {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => e,
+        Err(_) => io::Error::new(ErrorKind::TimedOut, "the successor did not confirm in time"),
+    };
+    let state =
+        State::from_parts(envelope.snapshot, carried).expect("indexes we just made are valid");
+    Err((state, error))
+}
+
+async fn send_parts(
+    stream: &mut UnixStream,
+    envelope: &Envelope,
+    carried: &[OwnedFd],
+) -> io::Result<()> {
+    stream.write_all(&snapshot::encode(envelope)).await?;
+    for batch in carried.chunks(BATCH) {
+        send_batch(stream, batch).await?;
+    }
+    let mut answer = [0u8; 3];
+    stream.read_exact(&mut answer).await?;
+    if &answer != b"OK\n" {
+        return Err(io::Error::other(format!(
+            "the successor answered {:?}",
+            String::from_utf8_lossy(&answer)
+        )));
+    }
+    Ok(())
+}
+
+async fn send_batch(stream: &UnixStream, batch: &[OwnedFd]) -> io::Result<()> {
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let count = (batch.len() as u32).to_le_bytes();
+    let borrowed: Vec<_> = batch.iter().map(|fd| fd.as_fd()).collect();
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(BATCH))];
+    loop {
+        stream.writable().await?;
+        let sent = stream.try_io(Interest::WRITABLE, || {
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            control.push(SendAncillaryMessage::ScmRights(&borrowed));
+            sendmsg(
+                stream,
+                &[IoSlice::new(&count)],
+                &mut control,
+                SendFlags::NOSIGNAL,
+            )
+            .map_err(io::Error::from)
+        });
+        match sent {
+            Ok(4) => return Ok(()),
+            Ok(n) => return Err(io::Error::other(format!("sent {n} of 4 count bytes"))),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Successor side, steps 1 and 3–4: connects and receives the state. Confirm with [`confirm`]
+/// once serving.
+pub async fn receive(runtime_dir: &Path) -> io::Result<(State, UnixStream)> {
+    let path = runtime_dir.join("handover.sock");
+    let mut stream = UnixStream::connect(&path).await.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot connect to {}: {e}", path.display()),
+        )
+    })?;
+    stream.write_all(hello().as_bytes()).await?;
+    let state = tokio::time::timeout(TIMEOUT, receive_parts(&mut stream))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                ErrorKind::TimedOut,
+                "the running daemon did not send its state",
+            )
+        })??;
+    Ok((state, stream))
+}
+
+async fn receive_parts(stream: &mut UnixStream) -> io::Result<State> {
+    let mut header = vec![0u8; snapshot::HEADER_LEN];
+    stream.read_exact(&mut header).await?;
+    let total = snapshot::announced_len(&header).map_err(io::Error::other)?;
+    let mut bytes = header;
+    bytes.resize(total, 0);
+    stream
+        .read_exact(&mut bytes[snapshot::HEADER_LEN..])
+        .await?;
+    let envelope = snapshot::decode(&bytes).map_err(io::Error::other)?;
+    let mut carried = Vec::with_capacity(envelope.descriptors);
+    while carried.len() < envelope.descriptors {
+        let batch = receive_batch(stream).await?;
+        carried.extend(batch);
+    }
+    if carried.len() != envelope.descriptors {
+        return Err(io::Error::other("more descriptors arrived than announced"));
+    }
+    super::State::from_parts(envelope.snapshot, carried).map_err(io::Error::other)
+}
+
+async fn receive_batch(stream: &UnixStream) -> io::Result<Vec<OwnedFd>> {
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(BATCH))];
+    loop {
+        stream.readable().await?;
+        let mut count = [0u8; 4];
+        let received = stream.try_io(Interest::READABLE, || {
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let got = recvmsg(
+                stream,
+                &mut [IoSliceMut::new(&mut count)],
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC,
+            )
+            .map_err(io::Error::from)?;
+            let fds: Vec<OwnedFd> = control
+                .drain()
+                .filter_map(|m| match m {
+                    RecvAncillaryMessage::ScmRights(fds) => Some(fds),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            Ok((got.bytes, got.flags, fds))
+        });
+        let (bytes, flags, fds) = match received {
+            Ok(r) => r,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+            return Err(io::Error::other("descriptors were truncated in transit"));
+        }
+        if bytes != 4 || u32::from_le_bytes(count) as usize != fds.len() {
+            return Err(io::Error::other(format!(
+                "bad descriptor batch: {bytes} count bytes, {} descriptors",
+                fds.len()
+            )));
+        }
+        return Ok(fds);
+    }
+}
+
+/// Successor side, step 5.
+pub async fn confirm(stream: &mut UnixStream) -> io::Result<()> {
+    stream.write_all(b"OK\n").await
+}
