@@ -194,6 +194,55 @@ mod tests {
         }
     }
 
+    /// Decoding arbitrary damage never panics: truncations, bit flips and random bytes at
+    /// every position, with the checksum both kept and recomputed (so the JSON decoder sees the
+    /// damage too).
+    #[test]
+    fn fuzzed_decoding_never_panics() {
+        let good = encode(&envelope());
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut accepted = 0;
+        for round in 0..20_000 {
+            let mut bytes = good.clone();
+            match round % 4 {
+                0 => bytes.truncate((next() as usize) % (good.len() + 1)),
+                1 => {
+                    let at = (next() as usize) % bytes.len();
+                    bytes[at] ^= 1 << (next() % 8);
+                }
+                2 => {
+                    let len = (next() as usize) % 64;
+                    bytes = (0..len).map(|_| next() as u8).collect();
+                    if round % 8 == 2 {
+                        bytes.splice(0..0, MAGIC.iter().copied());
+                    }
+                }
+                _ => {
+                    // Damage the payload and fix the checksum, so serde_json meets it.
+                    let at = HEADER + (next() as usize) % (bytes.len() - HEADER);
+                    bytes[at] = next() as u8;
+                    let crc = crc32fast::hash(&bytes[HEADER..]);
+                    bytes[20..24].copy_from_slice(&crc.to_le_bytes());
+                }
+            }
+            if decode(&bytes).is_ok() {
+                accepted += 1;
+            }
+            let _ = announced_len(&bytes);
+        }
+        // Only damage that happens to keep valid JSON with the same meaning is accepted.
+        assert!(
+            accepted < 20_000 / 4,
+            "{accepted} damaged snapshots accepted"
+        );
+    }
+
     #[test]
     fn round_trip_and_every_kind_of_damage() {
         let bytes = encode(&envelope());
