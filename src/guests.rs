@@ -386,6 +386,17 @@ impl Guests {
         Ok(entry)
     }
 
+    /// Ends every console client (before an upgrade, so the gRPC servers can drain while the
+    /// streams still log).
+    pub async fn end_console_clients(&self, reason: &str) {
+        let guests = self.guests.lock().await;
+        for entry in guests.values().flat_map(|s| s.values()) {
+            if let Actor::Console(handle) = &entry.actor {
+                handle.end_clients(reason).await;
+            }
+        }
+    }
+
     /// Freezes every stream for an upgrade and forgets them: returns what each carries.
     pub async fn freeze_all(&self) -> Vec<StreamFds> {
         let mut guests = self.guests.lock().await;

@@ -16,16 +16,22 @@ use std::process::ExitCode;
 
 // The modules live in `src/bin/conlog-bench/` (a directory without `main.rs`, so Cargo does not
 // take it for a second binary).
+#[path = "conlog-bench/console.rs"]
+mod console;
 #[path = "conlog-bench/daemon.rs"]
 mod daemon;
 #[path = "conlog-bench/data.rs"]
 mod data;
+#[path = "conlog-bench/history.rs"]
+mod history;
 #[path = "conlog-bench/pipe.rs"]
 mod pipe;
 #[path = "conlog-bench/procfs.rs"]
 mod procfs;
 #[path = "conlog-bench/report.rs"]
 mod report;
+#[path = "conlog-bench/upgrade.rs"]
+mod upgrade;
 
 /// Benchmarks conlogd from outside against a baseline measured in the same run.
 #[derive(Parser)]
@@ -79,6 +85,15 @@ enum Scenario {
     /// Log pipe throughput (issue 2, issue 7 scenario 1): N bytes through one log pipe with
     /// rotation on, against `cat` from a pipe into a file.
     Pipe(pipe::PipeArgs),
+    /// Console latency and throughput (issue 3): echo round trips against socat relaying two
+    /// UNIX sockets; guest throughput with 0, 1, 10 and 100 attached clients.
+    Console(console::ConsoleArgs),
+    /// History streaming (issue 4): ReadHistory of a large rotated log to a client that
+    /// discards it, against the same bytes over loopback TCP with socat.
+    History(history::HistoryArgs),
+    /// Upgrade pause (issue 5): how long logging stops during an in-place upgrade and during a
+    /// takeover, with 1, 100 and 2,000 guests.
+    Upgrade(upgrade::UpgradeArgs),
 }
 
 fn main() -> ExitCode {
@@ -95,6 +110,9 @@ fn main() -> ExitCode {
     };
     let outcome = match &cli.scenario {
         Scenario::Pipe(args) => pipe::run(&runtime, &cli.common, args),
+        Scenario::Console(args) => console::run(&runtime, &cli.common, args),
+        Scenario::History(args) => history::run(&runtime, &cli.common, args),
+        Scenario::Upgrade(args) => upgrade::run(&runtime, &cli.common, args),
     };
     match outcome {
         Ok(report::Verdict::Correct) => ExitCode::SUCCESS,

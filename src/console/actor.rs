@@ -156,6 +156,16 @@ impl ConsoleActor {
             Command::OpenSegments(from, reply) => {
                 let _ = reply.send(self.log.open_segments(from));
             }
+            Command::EndClients(reason, done) => {
+                self.broadcast(Event::Closed {
+                    reason,
+                    removed: false,
+                });
+                self.clients.clear();
+                self.writer = None;
+                self.count_clients();
+                let _ = done.send(());
+            }
             Command::Close { .. } | Command::Freeze(_) => unreachable!("handled by run"),
         }
     }

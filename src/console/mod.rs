@@ -128,6 +128,8 @@ enum Command {
     },
     /// Stop (clients are told to come back), keep the sockets open and hand them back.
     Freeze(oneshot::Sender<ConsoleFds>),
+    /// End every client's stream (they are told why), keep serving the guest.
+    EndClients(String, oneshot::Sender<()>),
 }
 
 /// Input for the guest from client `client`.
@@ -301,6 +303,20 @@ impl ConsoleHandle {
 
     /// Stops the actor for an upgrade and returns its sockets and pending input. Clients end
     /// with `UNAVAILABLE` and resume by offset; the socket files stay.
+    /// Ends every attached client (gRPC streams end with `UNAVAILABLE`, raw connections close)
+    /// while the guest stays connected and logged; new clients may still attach.
+    pub async fn end_clients(&self, reason: &str) {
+        let (done, finished) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::EndClients(reason.to_owned(), done))
+            .await
+            .is_ok()
+        {
+            let _ = finished.await;
+        }
+    }
+
     pub async fn freeze(&self) -> Option<ConsoleFds> {
         let (reply, answer) = oneshot::channel();
         self.commands.send(Command::Freeze(reply)).await.ok()?;

@@ -369,11 +369,15 @@ impl Serving {
     /// Upgrade: freezes every stream (clients are told to come back), drains the servers and
     /// collects everything to carry.
     async fn freeze(mut self, listeners: Listeners, guests: &Guests, handoffs: &Handoffs) -> State {
+        // Logging goes on while the servers drain (console clients are told to come back so
+        // their calls end; idle connections and followers are bounded by the timeout); the
+        // streams freeze only after, so the pause of logging is the freeze, exec and restore.
         self.stop_accepting();
-        let mut streams = guests.freeze_all().await;
+        guests
+            .end_console_clients("conlogd is upgrading; reconnect and resume by offset")
+            .await;
         self.drain(UPGRADE_DRAIN_TIMEOUT).await;
-        // Streams created by calls that were still running during the drain.
-        streams.extend(guests.freeze_all().await);
+        let streams = guests.freeze_all().await;
         State {
             listeners: listeners.into_fds(),
             streams,

@@ -37,6 +37,12 @@ impl Daemon {
     /// Starts `binary` with its directories under `dir` (created; removing it is the caller's
     /// business) and waits until it is ready.
     pub fn start(binary: &Path, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(binary, dir, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra flags (e.g. `--takeover`: the new process takes
+    /// over from the daemon serving `dir`, which then exits).
+    pub fn start_with(binary: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
         let runtime_dir = dir.join("run");
         let data_dir = dir.join("data");
         for d in [&runtime_dir, &data_dir] {
@@ -48,6 +54,7 @@ impl Daemon {
             .arg("--data-dir")
             .arg(&data_dir)
             .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+            .args(extra)
             .env("NO_COLOR", "1")
             // The ready line is logged at info; a RUST_LOG of the caller could hide it.
             .env("RUST_LOG", "info")

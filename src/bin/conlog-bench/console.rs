@@ -1,0 +1,907 @@
+//! Scenario `console` (issue 3's benchmark): interactive console latency and guest throughput
+//! with attached clients.
+//!
+//! Latency: the bench plays QEMU on the console's guest socket with an echoing guest (a thread
+//! doing blocking `read` / `write_all`), and one `AttachConsole` READ_WRITE client over the
+//! local UNIX socket sends one byte of input and waits for it to come back in an output frame:
+//! client → daemon → guest → daemon → client. `--round-trips` of them after `--warm-up`.
+//! Baseline, same run, same echoing guest thread: `socat UNIX-LISTEN:B UNIX-CONNECT:A` relays
+//! between the guest listening on A and a client connected to B that writes one byte and reads
+//! it back. The two alternate (conlogd first in odd runs).
+//!
+//! Throughput: for 0, 1, 10 and 100 attached READ_ONLY clients (tokio tasks of this process,
+//! spread over a few HTTP/2 connections), a fresh daemon and a guest thread writing `--size`
+//! bytes in 64 KiB writes as fast as the socket takes them; the clock runs from the first write
+//! until `ListGuests` shows every byte logged. Every client checks that its output frames are
+//! contiguous (or skipped exactly as a `lagged` frame says); the first one also checks every
+//! byte against what was written. Clients that lagged are counted, not failed.
+//!
+//! Everything (daemon, guest thread, 100 clients) shares the machine: on 2 CPUs the clients'
+//! work is taken from the daemon's.
+
+use crate::daemon::Daemon;
+use crate::data::Pattern;
+use crate::procfs::{self, Machine};
+use crate::report::{median, met, mib_per_s, size, Table, Verdict};
+use crate::Common;
+use anyhow::{bail, Context};
+use conlog::config::ByteSize;
+use conlog::proto::agent_client::AgentClient;
+use conlog::proto::console_client::ConsoleClient;
+use conlog::proto::server_frame::Frame;
+use conlog::proto::{
+    attach::Mode, client_frame, Attach, ClientFrame, CreateConsoleRequest, Input,
+    ListGuestsRequest, LogLimits, LogMode, StreamInfo,
+};
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic::Streaming;
+
+const GUEST: &str = "bench";
+const DEVICE: &str = "serial0";
+/// Guest write size in the throughput runs.
+const GUEST_WRITE: usize = 64 << 10;
+/// Clients attached in the throughput runs.
+const CLIENT_COUNTS: [usize; 4] = [0, 1, 10, 100];
+/// HTTP/2 connections the clients are spread over.
+const CHANNELS: usize = 4;
+/// Longest any single wait may take.
+const DEADLINE: Duration = Duration::from_secs(120);
+/// After every byte is logged, how long clients get to catch up.
+const CATCH_UP: Duration = Duration::from_secs(20);
+/// Targets of issue 3.
+const TARGET_P99_RATIO: f64 = 1.5;
+const TARGET_THROUGHPUT_RATIO: f64 = 0.8;
+
+/// Options of `conlog-bench console`.
+#[derive(clap::Args)]
+pub struct ConsoleArgs {
+    /// Echo round trips measured per run [default: 2000, or 200 with --quick].
+    #[arg(long)]
+    round_trips: Option<usize>,
+    /// Round trips before measuring [default: 200, or 20 with --quick].
+    #[arg(long)]
+    warm_up: Option<usize>,
+    /// Bytes the guest writes per throughput run [default: 1GiB, or 64MiB with --quick].
+    #[arg(long, value_parser = ByteSize::parse)]
+    size: Option<ByteSize>,
+    /// Runs of each measurement [default: 1].
+    #[arg(long, default_value_t = 1)]
+    runs: u32,
+    /// Seconds for CI: fewer round trips, 64MiB per throughput run.
+    #[arg(long)]
+    quick: bool,
+    /// Only the latency part.
+    #[arg(long, conflicts_with = "throughput_only")]
+    latency_only: bool,
+    /// Only the throughput part.
+    #[arg(long)]
+    throughput_only: bool,
+}
+
+struct Settings {
+    round_trips: usize,
+    warm_up: usize,
+    size: u64,
+    runs: u32,
+    latency: bool,
+    throughput: bool,
+}
+
+/// A scratch directory removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn create(parent: &Path, name: &str) -> anyhow::Result<Self> {
+        let dir = parent.join(format!("conlog-bench-{name}.{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `guest/stream` as `ListGuests` shows it.
+pub async fn stream_info(
+    agent: &mut AgentClient<Channel>,
+    guest: &str,
+    stream: &str,
+) -> anyhow::Result<StreamInfo> {
+    let guests = agent
+        .list_guests(ListGuestsRequest {
+            guest: guest.into(),
+        })
+        .await
+        .context("ListGuests failed")?
+        .into_inner();
+    guests
+        .guests
+        .into_iter()
+        .flat_map(|g| g.streams)
+        .find(|s| s.name == stream)
+        .with_context(|| format!("{guest}/{stream} is missing from ListGuests"))
+}
+
+/// Polls `ListGuests` every `poll` until `done` holds (bounded by [`DEADLINE`]).
+pub async fn wait_stream(
+    agent: &mut AgentClient<Channel>,
+    guest: &str,
+    stream: &str,
+    poll: Duration,
+    what: &str,
+    done: impl Fn(&StreamInfo) -> bool,
+) -> anyhow::Result<StreamInfo> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let info = stream_info(agent, guest, stream).await?;
+        if done(&info) {
+            return Ok(info);
+        }
+        if Instant::now() > deadline {
+            bail!("{guest}/{stream}: not {what} after {DEADLINE:?}: {info:?}");
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// The conlogd version line, for the report.
+pub fn version(binary: &Path) -> String {
+    Command::new(binary)
+        .arg("--version")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// `limits.clients_per_console` for the runs (the default, 64, is below 100 clients).
+const CLIENT_LIMIT: u32 = 128;
+
+/// A wrapper script that execs `binary` with a config raising the client limit (so the pid
+/// stays the daemon's); the shared daemon starter passes no config of its own.
+fn with_client_limit(binary: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let config = dir.join("conlogd.yaml");
+    fs::write(
+        &config,
+        format!("limits:\n  clients_per_console: {CLIENT_LIMIT}\n"),
+    )?;
+    let script = dir.join("conlogd");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec '{}' --config '{}' \"$@\"\n",
+            binary.display(),
+            config.display()
+        ),
+    )?;
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755))?;
+    Ok(script)
+}
+
+/// Connects to a UNIX socket, retrying while it does not exist yet.
+fn connect_retry(path: &Path) -> anyhow::Result<UnixStream> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(stream) => return Ok(stream),
+            Err(e) if Instant::now() > deadline => {
+                bail!("cannot connect to {}: {e}", path.display())
+            }
+            Err(_) => thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// A guest that writes back everything it reads, on its own thread, until EOF.
+fn spawn_echo(mut stream: UnixStream) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buffer = [0u8; 4096];
+        loop {
+            match stream.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if stream.write_all(&buffer[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Round-trip times of one latency run, microseconds.
+struct Latencies {
+    target: &'static str,
+    micros: Vec<f64>,
+}
+
+impl Latencies {
+    fn percentile(&self, p: f64) -> f64 {
+        percentile(&self.micros, p)
+    }
+}
+
+/// The `p`-th percentile (nearest rank) of `values`.
+fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// One throughput run.
+struct Throughput {
+    clients: usize,
+    seconds: f64,
+    daemon_cpu: Duration,
+    /// Clients that saw every byte.
+    complete: usize,
+    /// Clients that got at least one `lagged` frame.
+    lagged: usize,
+    /// Bytes skipped over all clients.
+    lagged_bytes: u64,
+    /// Clients neither complete nor told they lagged when the run ended.
+    incomplete: usize,
+    /// Time from the first write until the last client had everything (complete clients only).
+    clients_seconds: f64,
+    problems: Vec<String>,
+}
+
+/// Runs the scenario and prints its report.
+pub fn run(runtime: &Runtime, common: &Common, args: &ConsoleArgs) -> anyhow::Result<Verdict> {
+    let settings = Settings {
+        round_trips: args
+            .round_trips
+            .unwrap_or(if args.quick { 200 } else { 2000 }),
+        warm_up: args.warm_up.unwrap_or(if args.quick { 20 } else { 200 }),
+        size: args
+            .size
+            .map_or(if args.quick { 64 << 20 } else { 1 << 30 }, ByteSize::bytes),
+        runs: args.runs.max(1),
+        latency: !args.throughput_only,
+        throughput: !args.latency_only,
+    };
+    if settings.round_trips == 0 || settings.size == 0 {
+        bail!("--round-trips and --size must be at least 1");
+    }
+    let real_conlogd = common.conlogd()?;
+    let scratch = Scratch::create(&common.work_parent(), "console")?;
+    let conlogd = with_client_limit(&real_conlogd, &scratch.0)?;
+    let machine = Machine::probe();
+    println!(
+        "conlog-bench console: latency {} round trips (+{} warm-up) vs socat; throughput {} in {} guest writes with {:?} clients; {} run(s)",
+        settings.round_trips,
+        settings.warm_up,
+        size(settings.size),
+        size(GUEST_WRITE as u64),
+        CLIENT_COUNTS,
+        settings.runs
+    );
+    println!("machine: {machine} (daemon, guest, clients and socat all share it)");
+    println!(
+        "conlogd: {} ({}) with limits.clients_per_console {CLIENT_LIMIT}",
+        real_conlogd.display(),
+        version(&real_conlogd)
+    );
+    println!();
+
+    let mut latencies = Vec::new();
+    let mut throughputs = Vec::new();
+    for run in 1..=settings.runs {
+        if settings.latency {
+            let order: [bool; 2] = if run % 2 == 1 {
+                [true, false]
+            } else {
+                [false, true]
+            };
+            for conlog_side in order {
+                let dir = scratch.0.join(format!("latency-{run}-{conlog_side}"));
+                let sample = if conlog_side {
+                    latency_conlogd(runtime, &conlogd, &dir, &settings)
+                } else {
+                    latency_socat(runtime, &dir, &settings)
+                };
+                let _ = fs::remove_dir_all(&dir);
+                let sample = sample?;
+                println!(
+                    "run {run} latency {:<7} p50 {:>7.1} µs  p99 {:>7.1} µs  max {:>8.1} µs",
+                    sample.target,
+                    sample.percentile(50.0),
+                    sample.percentile(99.0),
+                    sample.percentile(100.0)
+                );
+                latencies.push(sample);
+            }
+        }
+        if settings.throughput {
+            for clients in CLIENT_COUNTS {
+                let dir = scratch.0.join(format!("throughput-{run}-{clients}"));
+                let sample = throughput_run(runtime, &conlogd, &dir, &settings, clients);
+                let _ = fs::remove_dir_all(&dir);
+                let sample = sample?;
+                println!(
+                    "run {run} throughput {:>3} clients {:>8.1} MiB/s  {:.3} s  daemon CPU {:.2} s  complete {}  lagged {} ({} skipped)  incomplete {}  all clients done {:.3} s  {}",
+                    sample.clients,
+                    mib_per_s(settings.size, sample.seconds),
+                    sample.seconds,
+                    sample.daemon_cpu.as_secs_f64(),
+                    sample.complete,
+                    sample.lagged,
+                    size(sample.lagged_bytes),
+                    sample.incomplete,
+                    sample.clients_seconds,
+                    if sample.problems.is_empty() {
+                        "ok".to_owned()
+                    } else {
+                        format!("WRONG: {}", sample.problems.join("; "))
+                    }
+                );
+                throughputs.push(sample);
+            }
+        }
+    }
+    print_report(&settings, &machine, &latencies, &throughputs);
+    Ok(if throughputs.iter().any(|s| !s.problems.is_empty()) {
+        Verdict::Wrong
+    } else {
+        Verdict::Correct
+    })
+}
+
+fn input_frame(data: &[u8]) -> ClientFrame {
+    ClientFrame {
+        frame: Some(client_frame::Frame::Input(Input {
+            data: data.to_vec(),
+        })),
+    }
+}
+
+fn attach_frame(mode: Mode) -> ClientFrame {
+    ClientFrame {
+        frame: Some(client_frame::Frame::Attach(Attach {
+            guest: GUEST.into(),
+            device: DEVICE.into(),
+            mode: mode.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+/// `AttachConsole` on `channel`: the input sender and the server frames after `attached`, with
+/// the attach offset.
+async fn attach(
+    channel: Channel,
+    mode: Mode,
+) -> anyhow::Result<(
+    mpsc::Sender<ClientFrame>,
+    Streaming<conlog::proto::ServerFrame>,
+    u64,
+)> {
+    let (sender, receiver) = mpsc::channel(16);
+    sender
+        .send(attach_frame(mode))
+        .await
+        .context("request stream closed")?;
+    let mut frames = ConsoleClient::new(channel)
+        .attach_console(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+        .context("AttachConsole failed")?
+        .into_inner();
+    match frames.message().await?.and_then(|f| f.frame) {
+        Some(Frame::Attached(attached)) => Ok((sender, frames, attached.offset)),
+        other => bail!("first ServerFrame is not attached: {other:?}"),
+    }
+}
+
+/// Creates the console `bench/serial0` with a bounded log; its guest socket.
+async fn create_console(agent: &mut AgentClient<Channel>) -> anyhow::Result<PathBuf> {
+    let created = agent
+        .create_console(CreateConsoleRequest {
+            guest: GUEST.into(),
+            device: DEVICE.into(),
+            limits: Some(LogLimits {
+                max_size: Some(64 << 20),
+                max_backups: Some(1),
+                mode: LogMode::Rotate.into(),
+            }),
+        })
+        .await
+        .context("CreateConsole failed")?
+        .into_inner();
+    Ok(PathBuf::from(created.guest_socket))
+}
+
+fn latency_conlogd(
+    runtime: &Runtime,
+    binary: &Path,
+    dir: &Path,
+    settings: &Settings,
+) -> anyhow::Result<Latencies> {
+    let daemon = Daemon::start(binary, dir)?;
+    let micros = runtime.block_on(async {
+        let mut agent = daemon.agent().await?;
+        let guest_socket = create_console(&mut agent).await?;
+        let guest = connect_retry(&guest_socket)?;
+        let echo = spawn_echo(guest.try_clone()?);
+        wait_stream(
+            &mut agent,
+            GUEST,
+            DEVICE,
+            Duration::from_millis(5),
+            "guest connected",
+            |s| s.guest_connected,
+        )
+        .await?;
+        let channel = conlog::client::connect_local(&daemon.socket).await?;
+        let (input, mut frames, mut next) = attach(channel, Mode::ReadWrite).await?;
+        let mut micros = Vec::with_capacity(settings.round_trips);
+        for i in 0..settings.warm_up + settings.round_trips {
+            let byte = b'a' + (i % 26) as u8;
+            let start = Instant::now();
+            input
+                .send(input_frame(&[byte]))
+                .await
+                .context("input stream closed")?;
+            loop {
+                let frame = tokio::time::timeout(DEADLINE, frames.message())
+                    .await
+                    .context("no echo")??
+                    .and_then(|f| f.frame);
+                match frame {
+                    Some(Frame::Output(out)) => {
+                        if out.offset != next || out.data != [byte] {
+                            bail!(
+                                "echo {i}: got {:?} at {}, expected {:?} at {next}",
+                                out.data,
+                                out.offset,
+                                [byte]
+                            );
+                        }
+                        next += 1;
+                        break;
+                    }
+                    Some(Frame::Guest(_)) => {}
+                    other => bail!("echo {i}: unexpected frame {other:?}"),
+                }
+            }
+            if i >= settings.warm_up {
+                micros.push(start.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        drop(input);
+        drop(frames);
+        let _ = guest.shutdown(std::net::Shutdown::Both);
+        let _ = echo.join();
+        drop(agent);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        anyhow::Ok(micros)
+    })?;
+    daemon.stop()?;
+    Ok(Latencies {
+        target: "conlogd",
+        micros,
+    })
+}
+
+/// socat relaying UNIX-LISTEN:B ↔ UNIX-CONNECT:A, killed when dropped.
+struct Socat(Child);
+
+impl Drop for Socat {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn latency_socat(runtime: &Runtime, dir: &Path, settings: &Settings) -> anyhow::Result<Latencies> {
+    fs::create_dir_all(dir)?;
+    let guest_path = dir.join("guest.sock");
+    let client_path = dir.join("client.sock");
+    let listener = UnixListener::bind(&guest_path)?;
+    let socat = Socat(
+        Command::new("socat")
+            .arg(format!("UNIX-LISTEN:{}", client_path.display()))
+            .arg(format!("UNIX-CONNECT:{}", guest_path.display()))
+            .stdin(Stdio::null())
+            .spawn()
+            .context("cannot start socat (is it installed?)")?,
+    );
+    let micros = runtime.block_on(async {
+        let mut client = {
+            let deadline = Instant::now() + DEADLINE;
+            loop {
+                match tokio::net::UnixStream::connect(&client_path).await {
+                    Ok(stream) => break stream,
+                    Err(e) if Instant::now() > deadline => bail!("cannot connect to socat: {e}"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        };
+        // socat connects to A once a client connected to B.
+        let (guest, _) = listener.accept()?;
+        let echo = spawn_echo(guest);
+        let mut micros = Vec::with_capacity(settings.round_trips);
+        let mut buffer = [0u8; 1];
+        for i in 0..settings.warm_up + settings.round_trips {
+            let byte = b'a' + (i % 26) as u8;
+            let start = Instant::now();
+            client.write_all(&[byte]).await?;
+            client.read_exact(&mut buffer).await?;
+            if buffer[0] != byte {
+                bail!("socat echo {i}: got {:?}, expected {byte:?}", buffer[0]);
+            }
+            if i >= settings.warm_up {
+                micros.push(start.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        drop(client);
+        let _ = echo.join();
+        anyhow::Ok(micros)
+    })?;
+    drop(socat);
+    Ok(Latencies {
+        target: "socat",
+        micros,
+    })
+}
+
+/// What one throughput client saw.
+#[derive(Default)]
+struct ClientResult {
+    bytes: u64,
+    lagged_frames: u64,
+    lagged_bytes: u64,
+    complete: bool,
+    done_at: Option<Instant>,
+    problems: Vec<String>,
+}
+
+/// Reads every frame until offset `total` is reached (or the run is stopped).
+async fn read_client(
+    mut frames: Streaming<conlog::proto::ServerFrame>,
+    mut next: u64,
+    total: u64,
+    pattern: Option<Arc<Pattern>>,
+    stop: Arc<AtomicBool>,
+) -> ClientResult {
+    let mut result = ClientResult::default();
+    while next < total {
+        let message = tokio::select! {
+            message = frames.message() => message,
+            () = async {
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            } => break,
+        };
+        let frame = match message {
+            Ok(Some(frame)) => frame.frame,
+            Ok(None) => {
+                result.problems.push(format!("stream ended at {next}"));
+                break;
+            }
+            Err(status) => {
+                result
+                    .problems
+                    .push(format!("stream failed at {next}: {status}"));
+                break;
+            }
+        };
+        match frame {
+            Some(Frame::Output(out)) => {
+                if out.offset != next {
+                    result.problems.push(format!(
+                        "output frame at {} where {next} was expected",
+                        out.offset
+                    ));
+                    break;
+                }
+                // Only the bytes below `total` are the pattern's (then the guest's trailer).
+                let len = out.data.len() as u64;
+                let ours = (total - next).min(len) as usize;
+                if let Some(pattern) = &pattern {
+                    if let Err(at) = pattern.check(out.offset, &out.data[..ours]) {
+                        result
+                            .problems
+                            .push(format!("byte at offset {at} differs from the byte written"));
+                        break;
+                    }
+                }
+                next += len;
+                result.bytes += ours as u64;
+            }
+            Some(Frame::Lagged(lagged)) => {
+                if lagged.from_offset != next || lagged.to_offset < next {
+                    result.problems.push(format!(
+                        "lagged {}..{} where output stopped at {next}",
+                        lagged.from_offset, lagged.to_offset
+                    ));
+                    break;
+                }
+                result.lagged_frames += 1;
+                result.lagged_bytes += lagged.to_offset - lagged.from_offset;
+                next = lagged.to_offset;
+            }
+            Some(Frame::Guest(_)) => {}
+            other => {
+                result.problems.push(format!("unexpected frame {other:?}"));
+                break;
+            }
+        }
+    }
+    if next >= total {
+        result.complete = result.lagged_frames == 0;
+        result.done_at = Some(Instant::now());
+    }
+    result
+}
+
+fn throughput_run(
+    runtime: &Runtime,
+    binary: &Path,
+    dir: &Path,
+    settings: &Settings,
+    clients: usize,
+) -> anyhow::Result<Throughput> {
+    let daemon = Daemon::start(binary, dir)?;
+    let pid = daemon.pid();
+    let pattern = Arc::new(Pattern::new(GUEST_WRITE));
+    let total = settings.size;
+    let sample = runtime.block_on(async {
+        let mut agent = daemon.agent().await?;
+        let guest_socket = create_console(&mut agent).await?;
+        let guest = connect_retry(&guest_socket)?;
+        wait_stream(
+            &mut agent,
+            GUEST,
+            DEVICE,
+            Duration::from_millis(5),
+            "guest connected",
+            |s| s.guest_connected,
+        )
+        .await?;
+        let mut channels = Vec::new();
+        for _ in 0..CHANNELS.min(clients) {
+            channels.push(conlog::client::connect_local(&daemon.socket).await?);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        let mut senders = Vec::new();
+        for i in 0..clients {
+            let (sender, frames, offset) =
+                attach(channels[i % channels.len()].clone(), Mode::ReadOnly).await?;
+            if offset != 0 {
+                bail!("client {i} attached at offset {offset}, expected 0");
+            }
+            senders.push(sender);
+            let check = (i == 0).then(|| pattern.clone());
+            tasks.push(tokio::spawn(read_client(
+                frames,
+                offset,
+                total,
+                check,
+                stop.clone(),
+            )));
+        }
+        wait_stream(
+            &mut agent,
+            GUEST,
+            DEVICE,
+            Duration::from_millis(5),
+            "with every client attached",
+            |s| s.clients as usize == clients,
+        )
+        .await?;
+
+        // The guest: the bytes in 64 KiB writes, then a newline every 50 ms until stopped, so
+        // a client that lagged at the very end is told so.
+        let written = Arc::new(AtomicBool::new(false));
+        let stop_guest = Arc::new(AtomicBool::new(false));
+        let cpu_before = procfs::cpu_time(pid)?;
+        let start = Instant::now();
+        let writer = {
+            let (pattern, written, stop_guest) =
+                (pattern.clone(), written.clone(), stop_guest.clone());
+            let mut guest = guest;
+            thread::spawn(move || -> std::io::Result<()> {
+                pattern.write(&mut guest, total, GUEST_WRITE)?;
+                written.store(true, Ordering::Release);
+                while !stop_guest.load(Ordering::Relaxed) {
+                    thread::sleep(Duration::from_millis(50));
+                    guest.write_all(b"\n")?;
+                }
+                Ok(())
+            })
+        };
+        while !written.load(Ordering::Acquire) {
+            if start.elapsed() > DEADLINE {
+                bail!("the guest could not write {total} bytes within {DEADLINE:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        wait_stream(
+            &mut agent,
+            GUEST,
+            DEVICE,
+            Duration::from_millis(1),
+            "fully logged",
+            |s| s.offset >= total,
+        )
+        .await?;
+        let seconds = start.elapsed().as_secs_f64();
+        let daemon_cpu = procfs::cpu_time(pid)?.saturating_sub(cpu_before);
+
+        let catch_up = Instant::now() + CATCH_UP;
+        while !tasks.iter().all(|t| t.is_finished()) && Instant::now() < catch_up {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut results = Vec::new();
+        for task in tasks {
+            results.push(task.await?);
+        }
+        stop_guest.store(true, Ordering::Relaxed);
+        match writer.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!("guest write failed: {e}"),
+            Err(_) => bail!("guest thread panicked"),
+        }
+        drop(senders);
+        drop(channels);
+        drop(agent);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+
+        let mut problems = Vec::new();
+        for (i, r) in results.iter().enumerate() {
+            for p in &r.problems {
+                problems.push(format!("client {i}: {p}"));
+            }
+            if r.complete && r.bytes != total {
+                problems.push(format!("client {i}: {} bytes of {total}", r.bytes));
+            }
+        }
+        let clients_seconds = results
+            .iter()
+            .filter_map(|r| r.done_at)
+            .max()
+            .map_or(0.0, |t| (t - start).as_secs_f64());
+        anyhow::Ok(Throughput {
+            clients,
+            seconds,
+            daemon_cpu,
+            complete: results.iter().filter(|r| r.complete).count(),
+            lagged: results.iter().filter(|r| r.lagged_frames > 0).count(),
+            lagged_bytes: results.iter().map(|r| r.lagged_bytes).sum(),
+            incomplete: results
+                .iter()
+                .filter(|r| r.done_at.is_none() && r.lagged_frames == 0)
+                .count(),
+            clients_seconds,
+            problems,
+        })
+    })?;
+    daemon.stop()?;
+    Ok(sample)
+}
+
+fn print_report(
+    settings: &Settings,
+    machine: &Machine,
+    latencies: &[Latencies],
+    throughputs: &[Throughput],
+) {
+    let mut summary = Table::new(&["measure", "value", "baseline", "ratio", "target", "verdict"]);
+    if !latencies.is_empty() {
+        let pooled = |target: &str| -> Vec<f64> {
+            latencies
+                .iter()
+                .filter(|l| l.target == target)
+                .flat_map(|l| l.micros.iter().copied())
+                .collect()
+        };
+        let (c, s) = (pooled("conlogd"), pooled("socat"));
+        let (c50, c99) = (percentile(&c, 50.0), percentile(&c, 99.0));
+        let (s50, s99) = (percentile(&s, 50.0), percentile(&s, 99.0));
+        summary.row(vec![
+            "echo latency p50, µs (conlogd vs socat)".into(),
+            format!("{c50:.1}"),
+            format!("{s50:.1}"),
+            format!("{:.2}×", c50 / s50),
+            String::new(),
+            String::new(),
+        ]);
+        summary.row(vec![
+            "echo latency p99, µs (conlogd vs socat)".into(),
+            format!("{c99:.1}"),
+            format!("{s99:.1}"),
+            format!("{:.2}×", c99 / s99),
+            format!("≤ {TARGET_P99_RATIO}×"),
+            met(c99 / s99 <= TARGET_P99_RATIO).into(),
+        ]);
+    }
+    if !throughputs.is_empty() {
+        let mib = |clients: usize| {
+            let values: Vec<f64> = throughputs
+                .iter()
+                .filter(|t| t.clients == clients)
+                .map(|t| mib_per_s(settings.size, t.seconds))
+                .collect();
+            median(&values)
+        };
+        let base = mib(0);
+        for clients in CLIENT_COUNTS {
+            let value = mib(clients);
+            let lagged: usize = throughputs
+                .iter()
+                .filter(|t| t.clients == clients)
+                .map(|t| t.lagged + t.incomplete)
+                .max()
+                .unwrap_or(0);
+            let last = clients == *CLIENT_COUNTS.last().expect("client counts");
+            summary.row(vec![
+                format!("guest throughput, MiB/s, {clients} clients ({lagged} lagged)"),
+                format!("{value:.0}"),
+                format!("{base:.0}"),
+                format!("{:.2}×", value / base),
+                if last {
+                    format!("≥ {TARGET_THROUGHPUT_RATIO}×")
+                } else {
+                    String::new()
+                },
+                if last {
+                    met(value / base >= TARGET_THROUGHPUT_RATIO).into()
+                } else {
+                    String::new()
+                },
+            ]);
+        }
+    }
+    println!();
+    print!("{}", summary.text());
+    println!();
+    println!("---- markdown ----");
+    println!(
+        "Latency: {} echo round trips (after {} warm-up) per run, pooled over {} run(s); throughput: {} per run in {} guest writes, median of {} run(s). Machine: {machine}.",
+        settings.round_trips,
+        settings.warm_up,
+        settings.runs,
+        size(settings.size),
+        size(GUEST_WRITE as u64),
+        settings.runs
+    );
+    println!();
+    print!("{}", summary.markdown());
+    println!("---- end ----");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&values, 50.0), 50.0);
+        assert_eq!(percentile(&values, 99.0), 99.0);
+        assert_eq!(percentile(&values, 100.0), 100.0);
+    }
+}
