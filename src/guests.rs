@@ -175,6 +175,9 @@ pub struct Guests {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     guests: Mutex<BTreeMap<String, BTreeMap<String, StreamEntry>>>,
+    /// True while the daemon is about to hand its streams over (an upgrade): readers that follow
+    /// history end with `UNAVAILABLE` so the gRPC servers can drain before the freeze.
+    going_away: tokio::sync::watch::Sender<bool>,
 }
 
 /// A stream that was asked for: its actor and log path.
@@ -189,7 +192,18 @@ impl Guests {
             config,
             metrics,
             guests: Mutex::new(BTreeMap::new()),
+            going_away: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Announces (or, after a failed upgrade, withdraws) that the streams are about to go.
+    pub fn set_going_away(&self, going: bool) {
+        self.going_away.send_replace(going);
+    }
+
+    /// For readers: becomes true when the daemon is about to hand its streams over.
+    pub fn going_away(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.going_away.subscribe()
     }
 
     fn state_dir(&self) -> PathBuf {

@@ -66,6 +66,7 @@ const QUEUE: usize = 4;
 pub async fn read(
     actor: Actor,
     request: HistoryRequest,
+    going_away: tokio::sync::watch::Receiver<bool>,
 ) -> Result<mpsc::Receiver<Result<HistoryItem>>> {
     let gone = |e: io::Error| Error::io("cannot open the stream's files", e);
     let offsets = actor.offsets();
@@ -91,6 +92,7 @@ pub async fn read(
         offsets,
         segments: segments.into(),
         last: None,
+        going_away,
         position,
         remaining: request.limit.unwrap_or(u64::MAX),
         request,
@@ -106,6 +108,8 @@ struct Reader {
     segments: VecDeque<OpenSegment>,
     /// The last file read to its end, kept open in case it grows.
     last: Option<OpenSegment>,
+    /// Set when the daemon is about to hand over (upgrade): end with "come back".
+    going_away: tokio::sync::watch::Receiver<bool>,
     position: u64,
     remaining: u64,
     request: HistoryRequest,
@@ -124,6 +128,9 @@ impl Reader {
     async fn pump(&mut self) -> Result<()> {
         let mut buffer = vec![0u8; self.request.chunk_size + 3];
         while self.remaining > 0 {
+            if *self.going_away.borrow() {
+                return self.stream_stopped().map(|_| ());
+            }
             let Some(segment) = self.segments.front() else {
                 if !self.refill().await? {
                     return Ok(());
@@ -267,11 +274,20 @@ impl Reader {
             if !self.request.follow {
                 return Ok(false);
             }
-            tokio::select! {
-                changed = self.offsets.changed() => if changed.is_err() {
-                    return self.stream_stopped();
-                },
-                _ = self.sender.closed() => return Ok(false),
+            enum Woke {
+                Data,
+                Stopped,
+                ClientGone,
+            }
+            let woke = tokio::select! {
+                changed = self.offsets.changed() => if changed.is_ok() { Woke::Data } else { Woke::Stopped },
+                _ = self.sender.closed() => Woke::ClientGone,
+                _ = self.going_away.wait_for(|going| *going) => Woke::Stopped,
+            };
+            match woke {
+                Woke::Data => {}
+                Woke::Stopped => return self.stream_stopped(),
+                Woke::ClientGone => return Ok(false),
             }
         }
     }

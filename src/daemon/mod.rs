@@ -256,6 +256,7 @@ pub async fn run(
 
 /// Adopts carried state: listeners, pending hand-offs, and every stream with its descriptors.
 async fn thaw(state: State, guests: &Guests, handoffs: &Handoffs) -> Result<Listeners, StartError> {
+    guests.set_going_away(false);
     handoffs.adopt(state.handoffs);
     guests.restore(state.streams).await?;
     Ok(Listeners::adopt(state.listeners))
@@ -373,6 +374,7 @@ impl Serving {
         // their calls end; idle connections and followers are bounded by the timeout); the
         // streams freeze only after, so the pause of logging is the freeze, exec and restore.
         self.stop_accepting();
+        guests.set_going_away(true);
         guests
             .end_console_clients("conlogd is upgrading; reconnect and resume by offset")
             .await;

@@ -274,6 +274,7 @@ impl Console for ConsoleService {
             Some(read_history_request::Start::TailBytes(n)) => Start::TailBytes(n),
             Some(read_history_request::Start::TailLines(n)) => Start::TailLines(n),
         };
+        let going_away = self.guests.going_away();
         let items = history::read(
             actor,
             HistoryRequest {
@@ -283,6 +284,7 @@ impl Console for ConsoleService {
                 chunk_size: self.history_chunk,
                 utf8_boundaries: r.text,
             },
+            going_away,
         )
         .await?;
         let text = r.text;

@@ -164,15 +164,26 @@ fn measure(
         signals.push(Instant::now());
         let pid = rustix::process::Pid::from_raw(daemon.pid() as i32).context("daemon pid")?;
         rustix::process::kill_process(pid, rustix::process::Signal::USR1)?;
-        wait_serving(runtime, &socket, guests)?;
+        wait_serving(runtime, &socket, guests).with_context(|| {
+            format!(
+                "after an in-place upgrade; conlogd's stderr:\n{}",
+                daemon.stderr_tail()
+            )
+        })?;
         std::thread::sleep(Duration::from_millis(100));
     }
     let mut takeover_signals = Vec::new();
     let mut successors = Vec::new();
     for _ in 0..upgrades {
         takeover_signals.push(Instant::now());
-        successors.push(Daemon::start_with(binary, dir, &["--takeover"])?);
-        wait_serving(runtime, &socket, guests)?;
+        let successor = Daemon::start_with(binary, dir, &["--takeover"])?;
+        wait_serving(runtime, &socket, guests).with_context(|| {
+            format!(
+                "after a takeover; the successor's stderr:\n{}",
+                successor.stderr_tail()
+            )
+        })?;
+        successors.push(successor);
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(100));
