@@ -153,6 +153,9 @@ pub async fn run(
     };
     let (upgrade_tx, mut upgrade_rx) = mpsc::channel::<UpgradeRequest>(4);
     let mut signals = Signals::new();
+    // An upgraded image starts with these signals blocked (see upgrade::exec); its handlers
+    // exist now, so take what is pending. Harmless on a fresh start.
+    upgrade::exec::unblock_signals();
     loop {
         let mut serving = Serving::start(
             &config,
@@ -227,6 +230,7 @@ pub async fn run(
                 metrics.upgrades.inc();
                 let (state, error) = upgrade::exec::exec(&image, state);
                 tracing::error!(error = %error, "cannot execute the new binary; serving on");
+                upgrade::exec::unblock_signals();
                 listeners = thaw(state, &guests, &handoffs).await?;
             }
             Event::Takeover(mut connection) => {

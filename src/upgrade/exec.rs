@@ -108,6 +108,11 @@ pub fn exec(image: &Image, state: State) -> (State, io::Error) {
             None => command.env_remove(FALLBACK_ENV),
         };
         command.env_remove(FALLBACK_MARK_ENV);
+        // Signals that arrive between execve and the new image's handlers would take their
+        // default action (SIGUSR1 and SIGTERM terminate). Keep them blocked across the exec: they
+        // stay pending and the new image unblocks them once its handlers are in place
+        // ([`unblock_signals`]). std resets the signal mask before exec, so block it last.
+        block_signals_at_exec(&mut command);
         Err(command.exec())
     });
     let error = result.expect_err("exec returns only on failure");
@@ -117,6 +122,39 @@ pub fn exec(image: &Image, state: State) -> (State, io::Error) {
     let state =
         State::from_parts(envelope.snapshot, carried).expect("indexes we just made are valid");
     (state, error)
+}
+
+/// The signals the daemon handles (see `daemon::Signals`).
+fn handled_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for signal in [
+        Signal::SIGUSR1,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        set.add(signal);
+    }
+    set
+}
+
+#[allow(unsafe_code)]
+fn block_signals_at_exec(command: &mut Command) {
+    // SAFETY: the closure runs between std's own preparations and execve, in this process
+    // (exec does not fork), and only calls pthread_sigmask, which is async-signal-safe and
+    // allocates nothing.
+    unsafe {
+        command.pre_exec(|| handled_signals().thread_block().map_err(io::Error::from));
+    }
+}
+
+/// In an upgraded image, once its signal handlers are installed: delivers the signals that
+/// arrived during the exec and lets new ones in.
+pub fn unblock_signals() {
+    if let Err(e) = handled_signals().thread_unblock() {
+        tracing::warn!(error = %e, "cannot unblock signals");
+    }
 }
 
 fn write_memfd(bytes: &[u8]) -> io::Result<OwnedFd> {
