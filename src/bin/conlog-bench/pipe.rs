@@ -18,6 +18,7 @@
 //! `max_size × (max_backups + 1)` and at least what rotation must keep, and every byte still
 //! on disk equal to what was written at that offset. The baseline's file is checked too.
 
+use crate::console::Scratch;
 use crate::daemon::Daemon;
 use crate::data::Pattern;
 use crate::procfs::{self, CpuShares, Machine, MachineCpu, RssSampler};
@@ -30,7 +31,7 @@ use conlog::proto::{CreateLogPipeRequest, ListGuestsRequest, LogLimits, LogMode,
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
@@ -169,24 +170,6 @@ impl Sample {
     }
 }
 
-/// A scratch directory removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn create(parent: &Path) -> anyhow::Result<Self> {
-        let dir = parent.join(format!("conlog-bench.{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Runs the scenario and prints its report.
 pub fn run(runtime: &Runtime, common: &Common, args: &PipeArgs) -> anyhow::Result<Verdict> {
     let settings = Settings::from_args(args)?;
@@ -202,7 +185,7 @@ pub fn run(runtime: &Runtime, common: &Common, args: &PipeArgs) -> anyhow::Resul
             FREE_SPACE_FACTOR
         );
     }
-    let scratch = Scratch::create(&parent)?;
+    let scratch = Scratch::create(&parent, "pipe")?;
     let pattern = Pattern::new(settings.chunk);
 
     let machine = Machine::probe();
@@ -732,6 +715,7 @@ fn print_report(settings: &Settings, machine: &Machine, filesystem: &str, sample
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn settings(size: u64) -> Settings {
         Settings {
