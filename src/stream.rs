@@ -71,6 +71,14 @@ impl StreamStats {
         }
     }
 
+    /// Counts rotations done by the stream's log.
+    pub fn record_rotations(&self, delta: u64, metrics: &Metrics) {
+        if delta > 0 {
+            self.rotations.fetch_add(delta, Relaxed);
+            metrics.rotations.inc_by(delta);
+        }
+    }
+
     /// Notes that a write succeeded; reports the end of a dropping episode.
     pub fn record_logged(&self, path: &std::path::Path) {
         if self.dropping.swap(false, Relaxed) {
@@ -358,7 +366,7 @@ impl StreamActor {
                     }
                     let rotations = log.rotations();
                     let result = pipe.try_io(|| move_bytes(log, pipe.as_fd()));
-                    count_rotations(stats, metrics, log.rotations() - rotations);
+                    stats.record_rotations(log.rotations() - rotations, metrics);
                     match result {
                         // Readiness was cleared; poll again to register the waker.
                         Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
@@ -383,7 +391,8 @@ impl StreamActor {
     }
 
     fn account_rotations(&self, before: u64) {
-        count_rotations(&self.stats, &self.metrics, self.log.rotations() - before);
+        self.stats
+            .record_rotations(self.log.rotations() - before, &self.metrics);
     }
 
     /// Hands the pipes back without reading them.
@@ -445,11 +454,4 @@ fn count_moved(
         stats.record_logged(log.path());
     }
     stats.record_dropped(log.path(), dropped as u64, metrics);
-}
-
-fn count_rotations(stats: &StreamStats, metrics: &Metrics, delta: u64) {
-    if delta > 0 {
-        stats.rotations.fetch_add(delta, Relaxed);
-        metrics.rotations.inc_by(delta);
-    }
 }

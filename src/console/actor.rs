@@ -387,11 +387,9 @@ impl ConsoleActor {
     }
 
     fn count_rotations(&self, before: u64) {
-        let delta = self.log.rotations() - before;
-        if delta > 0 {
-            self.handle.stats.rotations.fetch_add(delta, Relaxed);
-            self.metrics.rotations.inc_by(delta);
-        }
+        self.handle
+            .stats
+            .record_rotations(self.log.rotations() - before, &self.metrics);
     }
 
     /// Ends every client with "come back" and returns the sockets (still open,
