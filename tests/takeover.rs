@@ -192,7 +192,10 @@ async fn takeover_loses_no_byte_and_refuses_no_connection() {
         &written[1],
     );
     for (what, story) in [("console client", &story), ("follower", &follow_story)] {
-        assert_eq!(story.ends.len(), TAKEOVERS, "{what}: {story:?}");
+        // At least one "come back" per takeover. A client that comes back while the old daemon
+        // is still draining is told again (same offset), so more ends are legitimate; the bytes
+        // it collected are checked exactly above.
+        assert!(story.ends.len() >= TAKEOVERS, "{what}: {story:?}");
         assert!(
             story
                 .ends

@@ -255,10 +255,11 @@ async fn twenty_upgrades_lose_no_byte() {
         ("AttachConsole client", &story),
         ("ReadHistory follower", &follow_story),
     ] {
-        assert_eq!(
-            story.ends.len(),
-            UPGRADES,
-            "{what}: one end per upgrade: {story:?}"
+        // At least one "come back" per upgrade; a client that returns while the old image is
+        // still draining is told again (its bytes are checked exactly above).
+        assert!(
+            story.ends.len() >= UPGRADES,
+            "{what}: at least one end per upgrade: {story:?}"
         );
         assert!(
             story
