@@ -28,6 +28,12 @@ pub enum Error {
     /// The request conflicts with the current state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// No valid credentials: no token, a bad signature, an expired token.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Valid credentials that do not cover the request.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The daemon is going away (shutdown or upgrade); retry.
     #[error("{0}")]
     Unavailable(String),
@@ -68,6 +74,8 @@ impl From<Error> for tonic::Status {
             Error::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
             Error::OutOfRange(_) => Status::out_of_range(error.to_string()),
             Error::Unavailable(_) => Status::unavailable(error.to_string()),
+            Error::Unauthenticated(_) => Status::unauthenticated(error.to_string()),
+            Error::PermissionDenied(_) => Status::permission_denied(error.to_string()),
             Error::Unimplemented(_) => Status::unimplemented(error.to_string()),
             Error::Io { .. } => {
                 tracing::error!(error = %error_chain(&error), "internal error");

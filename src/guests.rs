@@ -171,10 +171,22 @@ struct StreamEntry {
 }
 
 /// All guests of this daemon.
+/// Guest → stream → entry.
+type Registry = BTreeMap<String, BTreeMap<String, StreamEntry>>;
+
+/// The sum of every stream's disk cap.
+fn reserved_disk(guests: &Registry) -> u64 {
+    guests
+        .values()
+        .flat_map(|streams| streams.values())
+        .map(|entry| entry.limits.disk_cap())
+        .fold(0, u64::saturating_add)
+}
+
 pub struct Guests {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
-    guests: Mutex<BTreeMap<String, BTreeMap<String, StreamEntry>>>,
+    guests: Mutex<Registry>,
     /// True while the daemon is about to hand its streams over (an upgrade): readers that follow
     /// history end with `UNAVAILABLE` so the gRPC servers can drain before the freeze.
     going_away: tokio::sync::watch::Sender<bool>,
@@ -204,6 +216,19 @@ impl Guests {
     /// For readers: becomes true when the daemon is about to hand its streams over.
     pub fn going_away(&self) -> tokio::sync::watch::Receiver<bool> {
         self.going_away.subscribe()
+    }
+
+    /// Refuses a stream cap of `new_cap` when the other streams' caps (`reserved`) leave less
+    /// than that of `limits.total_log_bytes`. Restored streams are never refused.
+    fn check_disk_budget(&self, reserved: u64, new_cap: u64) -> Result<()> {
+        let budget = self.config.limits.total_log_bytes.bytes();
+        if reserved.saturating_add(new_cap) > budget {
+            return Err(Error::LimitReached {
+                limit: "limits.total_log_bytes",
+                value: budget,
+            });
+        }
+        Ok(())
     }
 
     fn state_dir(&self) -> PathBuf {
@@ -239,6 +264,7 @@ impl Guests {
             client_queue: self.config.consoles.client_queue.bytes() as usize,
             max_replay: self.config.consoles.max_replay.bytes(),
             max_clients: self.config.limits.clients_per_console as usize,
+            input_rate: self.config.limits.input_rate.bytes(),
         }
     }
 
@@ -444,6 +470,7 @@ impl Guests {
     ) -> Result<Stream> {
         let mut guests = self.guests.lock().await;
         let guest_count = guests.len();
+        let reserved = reserved_disk(&guests);
         if let Some(entry) = guests.get_mut(guest).and_then(|g| g.get_mut(stream)) {
             if entry.actor.kind() != kind {
                 return Err(Error::FailedPrecondition(format!(
@@ -454,6 +481,8 @@ impl Guests {
             }
             if !limits.is_empty() {
                 let new_limits = limits.apply(entry.limits)?;
+                let old_cap = entry.limits.disk_cap();
+                self.check_disk_budget(reserved.saturating_sub(old_cap), new_limits.disk_cap())?;
                 entry
                     .actor
                     .set_limits(new_limits)
@@ -481,6 +510,7 @@ impl Guests {
                 value: self.config.limits.streams_per_guest.into(),
             });
         }
+        self.check_disk_budget(reserved, limits.disk_cap())?;
         let log_path = self.log_path(guest, stream);
         let actor = self.start_actor(guest, stream, kind, &log_path, limits, None)?;
         let entry = StreamEntry {

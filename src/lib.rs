@@ -18,6 +18,8 @@ pub mod metrics;
 pub mod names;
 pub mod server;
 pub mod stream;
+pub mod tls;
+pub mod tokens;
 pub mod upgrade;
 
 /// Generated protobuf types and gRPC stubs of `conlog.v1`, and the descriptor sets served by

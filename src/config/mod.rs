@@ -4,7 +4,10 @@
 //! value. It never opens sockets or files other than the config file itself; the daemon takes a
 //! validated [`Config`] and trusts it.
 
+mod security;
 mod units;
+
+pub use security::{Limits, TlsConfig, TokenConfig};
 
 pub use units::{ByteSize, HumanDuration};
 
@@ -128,31 +131,6 @@ impl Default for HistoryConfig {
     }
 }
 
-/// Limits that protect the node. Hitting one is `RESOURCE_EXHAUSTED` naming it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Limits {
-    /// Guests one daemon serves.
-    pub guests: u32,
-    /// Streams (pipes and consoles) per guest.
-    pub streams_per_guest: u32,
-    /// Hand-off tokens that may be outstanding at once.
-    pub pending_handoffs: u32,
-    /// Clients attached to one console at once.
-    pub clients_per_console: u32,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            guests: 10_000,
-            streams_per_guest: 16,
-            pending_handoffs: 1024,
-            clients_per_console: 64,
-        }
-    }
-}
-
 /// The effective configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -171,6 +149,10 @@ pub struct Config {
     pub socket_group: Option<String>,
     /// Allow plaintext TCP on a non-loopback address.
     pub insecure: bool,
+    /// TLS for the TCP listener; `null`: plaintext (loopback only unless `insecure`).
+    pub tls: Option<TlsConfig>,
+    /// Console access tokens for TCP clients.
+    pub tokens: TokenConfig,
     /// `plain` or `json` diagnostics on stderr.
     pub log_format: LogFormat,
     /// Default diagnostics filter (overridden by `RUST_LOG`).
@@ -197,6 +179,8 @@ impl Default for Config {
             log_dir: None,
             socket_group: None,
             insecure: false,
+            tls: None,
+            tokens: TokenConfig::default(),
             log_format: LogFormat::Plain,
             log_level: "info".into(),
             logs: LogDefaults::default(),
@@ -354,18 +338,10 @@ impl Config {
                 ),
             );
         }
-        for (key, limit) in [
-            ("limits.guests", self.limits.guests),
-            ("limits.streams_per_guest", self.limits.streams_per_guest),
-            ("limits.pending_handoffs", self.limits.pending_handoffs),
-            (
-                "limits.clients_per_console",
-                self.limits.clients_per_console,
-            ),
-        ] {
-            if limit == 0 {
-                return value(key, "must be at least 1".into());
-            }
+        self.limits.validate()?;
+        self.tokens.validate()?;
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
         }
         if self.consoles.client_queue.bytes() < 4096 {
             return value(
@@ -396,12 +372,13 @@ impl Config {
                 }
             }
         }
-        if !self.listen.ip().is_loopback() && !self.insecure {
+        if !self.listen.ip().is_loopback() && !self.insecure && self.tls.is_none() {
             return value(
                 "listen",
                 format!(
-                    "{} is not a loopback address; plaintext TCP is only allowed on loopback. \
-                     Listen on 127.0.0.1 or set `insecure: true` in the config",
+                    "{} is not a loopback address and TLS is not configured; plaintext TCP is \
+                     only allowed on loopback. Set tls.cert and tls.key (see SECURITY.md), listen \
+                     on 127.0.0.1, or set `insecure: true` in the config",
                     self.listen
                 ),
             );

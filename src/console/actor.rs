@@ -114,7 +114,7 @@ impl ConsoleActor {
                     Err(e) => tracing::warn!(console = %self.handle.name, error = %e, "guest accept failed"),
                 },
                 accepted = self.client_listener.accept() => match accepted {
-                    Ok((stream, _)) => super::raw::spawn(self.handle.clone(), stream),
+                    Ok((stream, _)) => super::raw::spawn(self.handle.clone(), stream, self.settings.input_rate),
                     Err(e) => tracing::warn!(console = %self.handle.name, error = %e, "client accept failed"),
                 },
                 readable = readable(&self.guest) => match readable {

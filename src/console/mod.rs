@@ -21,6 +21,7 @@
 
 mod actor;
 pub mod clients;
+pub mod pacing;
 mod raw;
 pub mod sessions;
 
@@ -73,6 +74,8 @@ pub struct ConsoleSettings {
     pub client_queue: usize,
     pub max_replay: u64,
     pub max_clients: usize,
+    /// Bytes per second one writer may type (`limits.input_rate`).
+    pub input_rate: u64,
 }
 
 /// Counters of a console readable without asking the actor.
@@ -152,6 +155,14 @@ pub struct ConsoleHandle {
     pub offsets: watch::Receiver<u64>,
     pub console: Arc<ConsoleStats>,
     pub paths: Arc<ConsolePaths>,
+}
+
+impl ConsoleHandle {
+    /// The guest and device this console belongs to.
+    pub fn guest_and_device(&self) -> (&str, &str) {
+        // Names never contain '/' (crate::names), so the split is exact.
+        self.name.split_once('/').unwrap_or((&self.name, ""))
+    }
 }
 
 fn gone(name: &str) -> Error {

@@ -5,13 +5,14 @@
 //! lagging connection are simply skipped) and what it sends goes to the guest only while it
 //! holds the lease. One task per connection, so a slow reader only ever waits on itself.
 
+use super::pacing::InputPacer;
 use super::{AttachRequest, ConsoleHandle, Event, Mode};
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 /// Serves one raw connection on its own task.
-pub(super) fn spawn(console: ConsoleHandle, stream: UnixStream) {
+pub(super) fn spawn(console: ConsoleHandle, stream: UnixStream, input_rate: u64) {
     tokio::spawn(async move {
         let label = match stream.peer_cred() {
             Ok(cred) => format!("client.sock pid {}", cred.pid().unwrap_or(-1)),
@@ -36,6 +37,7 @@ pub(super) fn spawn(console: ConsoleHandle, stream: UnixStream) {
         let (mut read, mut write) = stream.into_split();
         let mut hangup_check = tokio::time::interval(std::time::Duration::from_secs(1));
         let mut buffer = vec![0u8; 4096];
+        let mut pacer = InputPacer::new(input_rate);
         // After the peer shuts down its sending side it may still watch; keep writing to it.
         let mut reading = true;
         loop {
@@ -56,10 +58,13 @@ pub(super) fn spawn(console: ConsoleHandle, stream: UnixStream) {
                         break;
                     }
                 },
-                n = read.read(&mut buffer), if reading => match n {
+                // Over the input rate: stop reading (the peer sees a full socket) until allowed.
+                _ = tokio::time::sleep_until(pacer.ready_at()), if reading && !pacer.is_ready() => {},
+                n = read.read(&mut buffer), if reading && pacer.is_ready() => match n {
                     Ok(0) => reading = false,
                     Err(_) => break,
                     Ok(n) => {
+                        pacer.record(n);
                         if console.input(attachment.id, Bytes::copy_from_slice(&buffer[..n])).await.is_err() {
                             break;
                         }

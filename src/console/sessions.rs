@@ -5,34 +5,52 @@
 //! client; a session lives exactly as long as its watch stream. It never decides who may write:
 //! the console actor does, by client id.
 
+use super::pacing::InputPacer;
 use super::ConsoleHandle;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// One live session: the attached client, and the pacing of its input.
+#[derive(Clone)]
+pub struct Session {
+    pub console: ConsoleHandle,
+    pub client: u64,
+    pub pacer: Arc<tokio::sync::Mutex<InputPacer>>,
+}
+
 /// Live sessions.
 #[derive(Default)]
 pub struct Sessions {
-    sessions: Mutex<HashMap<String, (ConsoleHandle, u64)>>,
+    sessions: Mutex<HashMap<String, Session>>,
 }
 
 impl Sessions {
     /// Registers client `client` of `console`; the session ends when the guard drops.
-    pub fn open(self: &Arc<Self>, console: ConsoleHandle, client: u64) -> Result<SessionGuard> {
+    pub fn open(
+        self: &Arc<Self>,
+        console: ConsoleHandle,
+        client: u64,
+        input_rate: u64,
+    ) -> Result<SessionGuard> {
         let id =
             crate::ids::random_id().map_err(|e| Error::io("cannot generate a session id", e))?;
-        self.sessions
-            .lock()
-            .expect("sessions poisoned")
-            .insert(id.clone(), (console, client));
+        self.sessions.lock().expect("sessions poisoned").insert(
+            id.clone(),
+            Session {
+                console,
+                client,
+                pacer: Arc::new(tokio::sync::Mutex::new(InputPacer::new(input_rate))),
+            },
+        );
         Ok(SessionGuard {
             sessions: self.clone(),
             id,
         })
     }
 
-    /// The console and client of session `id`.
-    pub fn get(&self, id: &str) -> Result<(ConsoleHandle, u64)> {
+    /// Session `id`.
+    pub fn get(&self, id: &str) -> Result<Session> {
         self.sessions
             .lock()
             .expect("sessions poisoned")

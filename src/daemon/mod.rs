@@ -18,7 +18,9 @@ use crate::config::Config;
 use crate::guests::Guests;
 use crate::handoff::Handoffs;
 use crate::metrics::Metrics;
-use crate::server::{self, agent::AgentService, console::ConsoleService};
+use crate::server::{self, agent::AgentService, console::ConsoleService, Protection};
+use crate::tls::Tls;
+use crate::tokens::TokenKey;
 use crate::upgrade::{self, exec::Image, handover, State};
 use listeners::{tokio_tcp, tokio_unix, Listeners};
 use std::fs;
@@ -70,6 +72,57 @@ pub enum StartError {
     /// The listeners could not be served.
     #[error("Cannot serve: {0}")]
     Listen(io::Error),
+    /// The TLS files named in the config could not be used.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+    /// The token key could not be read or created.
+    #[error("Cannot use the token key {path}: {source}")]
+    TokenKey { path: PathBuf, source: io::Error },
+}
+
+/// What guards the listeners; built once, kept across upgrades that fail.
+struct Security {
+    tls: Option<Arc<Tls>>,
+    tokens: Arc<TokenKey>,
+    protection: Protection,
+}
+
+impl Security {
+    fn load(config: &Config) -> Result<Self, StartError> {
+        let path = TokenKey::path_in(&config.data_dir().join("state"));
+        let tokens = TokenKey::load_or_create(&path)
+            .map_err(|source| StartError::TokenKey { path, source })?;
+        let tls = match &config.tls {
+            Some(tls) => Some(Arc::new(Tls::load(tls)?)),
+            None => None,
+        };
+        if config.insecure && tls.is_none() {
+            tracing::warn!(
+                listen = %config.listen,
+                "insecure: true — console traffic and tokens on TCP are not encrypted; \
+                 configure tls.cert and tls.key"
+            );
+        }
+        Ok(Self {
+            tls,
+            tokens: Arc::new(tokens),
+            protection: Protection::new(&config.limits),
+        })
+    }
+
+    /// SIGHUP: reads the TLS files again; on error the old certificates stay.
+    fn reload(&self) {
+        let Some(tls) = &self.tls else {
+            tracing::info!("SIGHUP: no TLS configured, nothing to reload");
+            return;
+        };
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the previous certificates")
+            }
+        }
+    }
 }
 
 /// How this process begins.
@@ -116,6 +169,7 @@ pub async fn run(
             source,
         })?;
     }
+    let security = Security::load(&config)?;
     let metrics = Arc::new(Metrics::default());
     let guests = Guests::new(config.clone(), metrics.clone());
     let handoffs = Handoffs::new(
@@ -164,11 +218,13 @@ pub async fn run(
             &handoffs,
             &metrics,
             upgrade_tx.clone(),
+            &security,
         )
         .map_err(StartError::Listen)?;
         tracing::info!(
             socket = %config.runtime_dir().join("conlogd.sock").display(),
             tcp = %serving.tcp_address,
+            tls = security.tls.as_ref().map_or("off", |t| if t.mutual() { "mutual" } else { "on" }),
             metrics = %serving.metrics_address.map_or("off".into(), |a| a.to_string()),
             restored_streams = guests.count().await,
             pid = std::process::id(),
@@ -186,6 +242,10 @@ pub async fn run(
                 _ = signals.term.recv() => Event::Stop("SIGTERM"),
                 _ = signals.int.recv() => Event::Stop("SIGINT"),
                 _ = signals.usr1.recv() => Event::Upgrade(None),
+                _ = signals.hup.recv() => {
+                    security.reload();
+                    continue;
+                }
                 Some(reply) = upgrade_rx.recv() => Event::Upgrade(Some(reply)),
                 Some(connection) = serving.successors.recv() => Event::Takeover(connection),
             };
@@ -284,6 +344,7 @@ impl Serving {
         handoffs: &Arc<Handoffs>,
         metrics: &Arc<Metrics>,
         upgrades: mpsc::Sender<UpgradeRequest>,
+        security: &Security,
     ) -> io::Result<Self> {
         let (stop, stop_rx) = watch::channel(false);
         let stopped = move || {
@@ -298,9 +359,13 @@ impl Serving {
             handoffs: handoffs.clone(),
             fd_socket: config.runtime_dir().join("fd.sock"),
             upgrades,
+            tokens: security.tokens.clone(),
         };
-        let console =
-            ConsoleService::new(guests.clone(), config.history.chunk_size.bytes() as usize);
+        let console = ConsoleService::new(
+            guests.clone(),
+            config.history.chunk_size.bytes() as usize,
+            config.limits.input_rate.bytes(),
+        );
         let tcp = tokio_tcp(&listeners.tcp)?;
         let tcp_address = tcp.local_addr()?;
         let grpc = vec![
@@ -308,9 +373,17 @@ impl Serving {
                 tokio_unix(&listeners.local)?,
                 agent,
                 console.clone(),
+                security.protection.clone(),
                 stopped(),
             )),
-            tokio::spawn(server::serve_tcp(tcp, console, stopped())),
+            tokio::spawn(server::serve_tcp(
+                tcp,
+                console,
+                security.tls.clone(),
+                security.tokens.clone(),
+                security.protection.clone(),
+                stopped(),
+            )),
         ];
         let mut tasks = vec![tokio::spawn(handoffs.clone().serve(
             tokio_unix(&listeners.fd_sock)?,
@@ -397,6 +470,7 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     usr1: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -406,6 +480,7 @@ impl Signals {
             term: install(SignalKind::terminate()),
             int: install(SignalKind::interrupt()),
             usr1: install(SignalKind::user_defined1()),
+            hup: install(SignalKind::hangup()),
         }
     }
 }

@@ -4,15 +4,16 @@
 //! that owns the work: [`crate::guests`] for streams, [`crate::handoff`] for pipes. Handlers
 //! hold no state of their own.
 
+use super::conn::{ConnInfo, Peer};
 use crate::config::{Config, LogMode};
 use crate::error::{Error, Result};
 use crate::guests::{Actor, Guests, LimitsOverride, StreamKind, StreamSnapshot};
 use crate::handoff::{create_pipe, Handoffs};
 use crate::names;
 use crate::proto::{self, agent_server::Agent};
+use crate::tokens::{Access, Grant, TokenKey};
 use std::path::PathBuf;
 use std::sync::Arc;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 /// The Agent service.
@@ -25,23 +26,25 @@ pub struct AgentService {
     pub fd_socket: PathBuf,
     /// Where `Upgrade` requests go (the daemon's main loop).
     pub upgrades: tokio::sync::mpsc::Sender<crate::daemon::UpgradeRequest>,
+    /// Signs console tokens.
+    pub tokens: Arc<TokenKey>,
 }
 
-/// Logs who called `method` (pid, uid, gid of the local peer).
+/// Logs who called `method` (pid, uid, gid of the local peer from SO_PEERCRED).
 fn log_peer<T>(request: &Request<T>, method: &'static str) {
-    let cred = request
+    match request
         .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|info| info.peer_cred);
-    match cred {
-        Some(cred) => tracing::info!(
+        .get::<ConnInfo>()
+        .map(|info| &info.peer)
+    {
+        Some(Peer::Local { pid, uid, gid }) => tracing::info!(
             method,
-            peer_pid = cred.pid().unwrap_or(-1),
-            peer_uid = cred.uid(),
-            peer_gid = cred.gid(),
+            peer_pid = pid.unwrap_or(-1),
+            peer_uid = uid.map_or(-1, i64::from),
+            peer_gid = gid.map_or(-1, i64::from),
             "agent call"
         ),
-        None => tracing::info!(method, "agent call from unidentified peer"),
+        _ => tracing::info!(method, "agent call from unidentified peer"),
     }
 }
 
@@ -98,6 +101,48 @@ fn stream_info(s: StreamSnapshot) -> proto::StreamInfo {
 }
 
 impl AgentService {
+    fn issue_token(&self, request: proto::IssueTokenRequest) -> Result<proto::IssueTokenResponse> {
+        names::validate_guest(&request.guest)?;
+        let device = if request.device.is_empty() {
+            None
+        } else {
+            names::validate_stream(&request.device)?;
+            Some(request.device)
+        };
+        let access = match proto::Access::try_from(request.access) {
+            Ok(proto::Access::Read) => Access::Read,
+            Ok(proto::Access::ReadWrite) => Access::ReadWrite,
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "access {} is not an Access (READ = 1, READ_WRITE = 2)",
+                    request.access
+                )))
+            }
+        };
+        let max_ttl = self.config.tokens.max_ttl.get().as_secs();
+        if !(1..=max_ttl).contains(&request.ttl_seconds) {
+            return Err(Error::InvalidArgument(format!(
+                "ttl_seconds must be between 1 and {max_ttl} (tokens.max_ttl; got {})",
+                request.ttl_seconds
+            )));
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let expires_unix = now + request.ttl_seconds;
+        let token = self.tokens.issue(Grant {
+            guest: request.guest,
+            device,
+            access,
+            expires_unix,
+            key_id: String::new(),
+        });
+        Ok(proto::IssueTokenResponse {
+            token,
+            expires_at_unix: expires_unix,
+        })
+    }
+
     async fn create_log_pipe(
         &self,
         request: proto::CreateLogPipeRequest,
@@ -232,7 +277,23 @@ impl Agent for AgentService {
         request: Request<proto::IssueTokenRequest>,
     ) -> Result<Response<proto::IssueTokenResponse>, Status> {
         log_peer(&request, "IssueToken");
-        Err(Error::Unimplemented("Agent.IssueToken").into())
+        Ok(Response::new(self.issue_token(request.into_inner())?))
+    }
+
+    async fn rotate_token_key(
+        &self,
+        request: Request<proto::RotateTokenKeyRequest>,
+    ) -> Result<Response<proto::RotateTokenKeyResponse>, Status> {
+        log_peer(&request, "RotateTokenKey");
+        let key_id = self
+            .tokens
+            .rotate()
+            .map_err(|e| Error::io("cannot write a new token key", e))?;
+        tracing::warn!(
+            key_id,
+            "token key rotated: every token issued before is revoked"
+        );
+        Ok(Response::new(proto::RotateTokenKeyResponse { key_id }))
     }
 
     async fn upgrade(

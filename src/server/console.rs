@@ -5,6 +5,9 @@
 //! stream with `UNAVAILABLE` (shutdown, upgrade: reconnect and resume by offset) or `NOT_FOUND`
 //! (removed). `ReadHistory` streams from [`crate::history`].
 
+use super::auth::{self, Caller, Need};
+use super::conn::ConnInfo;
+use crate::console::pacing::InputPacer;
 use crate::console::sessions::{SessionGuard, Sessions};
 use crate::console::{AttachRequest, Attachment, Event, Mode};
 use crate::error::{Error, Result};
@@ -19,7 +22,6 @@ use crate::proto::{
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
-use tonic::transport::server::{TcpConnectInfo, UdsConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 
 /// A boxed server stream.
@@ -31,14 +33,16 @@ pub struct ConsoleService {
     guests: Arc<Guests>,
     sessions: Arc<Sessions>,
     history_chunk: usize,
+    input_rate: u64,
 }
 
 impl ConsoleService {
-    pub fn new(guests: Arc<Guests>, history_chunk: usize) -> Self {
+    pub fn new(guests: Arc<Guests>, history_chunk: usize, input_rate: u64) -> Self {
         Self {
             guests,
             sessions: Arc::new(Sessions::default()),
             history_chunk,
+            input_rate,
         }
     }
 
@@ -46,6 +50,7 @@ impl ConsoleService {
         &self,
         fields: AttachFields,
         label: String,
+        caller: Option<&Caller>,
     ) -> Result<(crate::console::ConsoleHandle, Attachment)> {
         names::validate_guest(&fields.guest)?;
         let device = names::stream_or_default(&fields.device, names::DEFAULT_CONSOLE_DEVICE)?;
@@ -59,6 +64,12 @@ impl ConsoleService {
                 )))
             }
         };
+        let need = if mode == Mode::ReadWrite || fields.force {
+            Need::Write
+        } else {
+            Need::Read
+        };
+        auth::authorize(caller, &fields.guest, device, need)?;
         let console = self.guests.console(&fields.guest, device).await?;
         let attachment = console
             .attach(AttachRequest {
@@ -81,21 +92,12 @@ struct AttachFields {
     replay_bytes: u64,
 }
 
-/// "grpc 127.0.0.1:5555" or "grpc local pid 42", for logs and the writer-held message.
+/// Who is calling, for logs and the writer-held message.
 fn peer_label<T>(request: &Request<T>) -> String {
-    if let Some(info) = request.extensions().get::<TcpConnectInfo>() {
-        if let Some(addr) = info.remote_addr() {
-            return format!("grpc {addr}");
-        }
-    }
-    if let Some(cred) = request
+    request
         .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|i| i.peer_cred)
-    {
-        return format!("grpc local pid {}", cred.pid().unwrap_or(-1));
-    }
-    "grpc client".to_owned()
+        .get::<ConnInfo>()
+        .map_or_else(|| "grpc client".to_owned(), ConnInfo::label)
 }
 
 fn frame(event: Event, session_id: &str) -> std::result::Result<ServerFrame, Status> {
@@ -140,20 +142,24 @@ struct Held {
     attachment: Attachment,
     _session: Option<SessionGuard>,
     _call: Option<tokio::sync::oneshot::Sender<()>>,
+    input_failed: Option<tokio::sync::oneshot::Receiver<Status>>,
     finished: bool,
 }
 
-/// The client's frames; everything in [`Held`] lives exactly as long as the stream.
+/// The client's frames; everything in [`Held`] lives exactly as long as the stream. A status
+/// from `input_failed` (the client's input broke a limit) ends the stream with it.
 fn frames(
     attachment: Attachment,
     session: Option<SessionGuard>,
     call: Option<tokio::sync::oneshot::Sender<()>>,
+    input_failed: Option<tokio::sync::oneshot::Receiver<Status>>,
 ) -> BoxStream<ServerFrame> {
     let session_id = session.as_ref().map(|s| s.id.clone()).unwrap_or_default();
     let held = Held {
         attachment,
         _session: session,
         _call: call,
+        input_failed,
         finished: false,
     };
     Box::pin(futures::stream::unfold(held, move |mut held| {
@@ -162,7 +168,23 @@ fn frames(
             if held.finished {
                 return None;
             }
-            let event = held.attachment.events.recv().await?;
+            let event = match held.input_failed.as_mut() {
+                Some(failed) => tokio::select! {
+                    event = held.attachment.events.recv() => event?,
+                    status = failed => match status {
+                        Ok(status) => {
+                            held.finished = true;
+                            return Some((Err(status), held));
+                        }
+                        // The input task ended normally; only events matter now.
+                        Err(_) => {
+                            held.input_failed = None;
+                            held.attachment.events.recv().await?
+                        }
+                    },
+                },
+                None => held.attachment.events.recv().await?,
+            };
             let item = frame(event, &session_id);
             held.finished = item.is_err();
             Some((item, held))
@@ -181,6 +203,7 @@ impl Console for ConsoleService {
         request: Request<Streaming<ClientFrame>>,
     ) -> Result<Response<Self::AttachConsoleStream>, Status> {
         let label = peer_label(&request);
+        let caller = auth::caller(&request);
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             Error::InvalidArgument("The stream ended before its attach frame".into())
@@ -197,8 +220,10 @@ impl Console for ConsoleService {
             force: a.force,
             replay_bytes: a.replay_bytes,
         };
-        let (console, attachment) = self.attach(fields, label).await?;
+        let (console, attachment) = self.attach(fields, label, caller.as_ref()).await?;
         let client = attachment.id;
+        let mut pacer = InputPacer::new(self.input_rate);
+        let (fail, input_failed) = tokio::sync::oneshot::channel::<Status>();
         // The input task ends with the call: when the client stops sending, or when the
         // response stream is dropped (console closed or removed, client gone).
         let (ended, mut call_over) = tokio::sync::oneshot::channel::<()>();
@@ -208,12 +233,23 @@ impl Console for ConsoleService {
                     frame = inbound.message() => frame,
                     _ = &mut call_over => break,
                 };
-                let Ok(Some(frame)) = frame else { break };
+                let frame = match frame {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(status) => {
+                        if let Some(status) = super::limits::message_size_status(&status) {
+                            let _ = fail.send(status);
+                        }
+                        break;
+                    }
+                };
                 match frame.frame {
                     Some(client_frame::Frame::Input(input)) => {
+                        let bytes = input.data.len();
                         if console.input(client, input.data.into()).await.is_err() {
                             break;
                         }
+                        pacer.pace(bytes).await;
                     }
                     Some(client_frame::Frame::Resize(_)) | None => {}
                     Some(client_frame::Frame::Attach(_)) => {
@@ -222,7 +258,12 @@ impl Console for ConsoleService {
                 }
             }
         });
-        Ok(Response::new(frames(attachment, None, Some(ended))))
+        Ok(Response::new(frames(
+            attachment,
+            None,
+            Some(ended),
+            Some(input_failed),
+        )))
     }
 
     async fn watch_console(
@@ -230,6 +271,7 @@ impl Console for ConsoleService {
         request: Request<WatchConsoleRequest>,
     ) -> Result<Response<Self::WatchConsoleStream>, Status> {
         let label = format!("{} (watch session)", peer_label(&request));
+        let caller = auth::caller(&request);
         let r = request.into_inner();
         let fields = AttachFields {
             guest: r.guest,
@@ -238,18 +280,28 @@ impl Console for ConsoleService {
             force: r.force,
             replay_bytes: r.replay_bytes,
         };
-        let (console, attachment) = self.attach(fields, label).await?;
-        let session = self.sessions.open(console, attachment.id)?;
-        Ok(Response::new(frames(attachment, Some(session), None)))
+        let (console, attachment) = self.attach(fields, label, caller.as_ref()).await?;
+        let session = self
+            .sessions
+            .open(console, attachment.id, self.input_rate)?;
+        Ok(Response::new(frames(attachment, Some(session), None, None)))
     }
 
     async fn send_console_input(
         &self,
         request: Request<SendConsoleInputRequest>,
     ) -> Result<Response<SendConsoleInputResponse>, Status> {
+        let caller = auth::caller(&request);
         let r = request.into_inner();
-        let (console, client) = self.sessions.get(&r.session_id)?;
-        let accepted = console.input_checked(client, r.data.into()).await?;
+        let session = self.sessions.get(&r.session_id)?;
+        let (guest, device) = session.console.guest_and_device();
+        auth::authorize(caller.as_ref(), guest, device, Need::Write)?;
+        let bytes = r.data.len();
+        let accepted = session
+            .console
+            .input_checked(session.client, r.data.into())
+            .await?;
+        session.pacer.lock().await.pace(bytes).await;
         Ok(Response::new(SendConsoleInputResponse {
             accepted_bytes: accepted as u64,
         }))
@@ -259,15 +311,21 @@ impl Console for ConsoleService {
         &self,
         request: Request<ReadHistoryRequest>,
     ) -> Result<Response<Self::ReadHistoryStream>, Status> {
+        let caller = auth::caller(&request);
         let r = request.into_inner();
         names::validate_guest(&r.guest)?;
         let stream = if r.stream.is_empty() {
-            None
+            // A token limited to one device reads that device by default.
+            auth::granted_device(caller.as_ref())
         } else {
             names::validate_stream(&r.stream)?;
             Some(r.stream.as_str())
         };
-        let (_, actor) = self.guests.stream(&r.guest, stream).await?;
+        // The guest is checked before it is looked up: a token for another guest learns
+        // nothing, not even whether this one exists.
+        auth::authorize_guest(caller.as_ref(), &r.guest)?;
+        let (stream_name, actor) = self.guests.stream(&r.guest, stream).await?;
+        auth::authorize(caller.as_ref(), &r.guest, &stream_name, Need::Read)?;
         let start = match r.start {
             None => Start::Oldest,
             Some(read_history_request::Start::FromOffset(offset)) => Start::Offset(offset),

@@ -5,19 +5,66 @@
 //! console API only, so the `Agent` service cannot be called or even discovered over the
 //! network. Handlers live in [`agent`] and [`console`] and do no work of their own beyond
 //! validating requests and calling the owning module. The single `Error → Status` mapping is
-//! in [`crate::error`].
+//! in [`crate::error`]. On TCP every `Console` call needs a bearer token ([`auth`]); on both,
+//! calls in progress and message sizes are limited ([`limits`]).
 
 pub mod agent;
+pub mod auth;
 mod authority;
+pub mod conn;
 pub mod console;
+pub mod limits;
 
 use crate::proto;
+use crate::tls::Tls;
+use crate::tokens::TokenKey;
+use conn::Conn;
+use limits::{CallLimits, CallLimitsLayer};
 use std::future::Future;
+use std::sync::Arc;
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
+
+/// What protects both listeners: call limits and the largest message accepted.
+#[derive(Clone)]
+pub struct Protection {
+    pub calls: Arc<CallLimits>,
+    pub message_size: usize,
+    pub calls_per_connection: u32,
+}
+
+impl Protection {
+    pub fn new(limits: &crate::config::Limits) -> Self {
+        Self {
+            calls: CallLimits::new(limits),
+            message_size: limits.message_size.bytes() as usize,
+            calls_per_connection: limits.calls_per_connection,
+        }
+    }
+
+    /// A server builder with these limits. HTTP/2's own stream cap sits above the call
+    /// limit, so that a client over it gets `RESOURCE_EXHAUSTED` naming the limit rather than
+    /// silently waiting for a stream.
+    fn server(
+        &self,
+    ) -> Server<tower::layer::util::Stack<CallLimitsLayer, tower::layer::util::Identity>> {
+        Server::builder()
+            .max_concurrent_streams(self.calls_per_connection.saturating_mul(2))
+            .layer(CallLimitsLayer(self.calls.clone()))
+    }
+
+    fn console(
+        &self,
+        console: console::ConsoleService,
+    ) -> proto::console_server::ConsoleServer<console::ConsoleService> {
+        proto::console_server::ConsoleServer::new(console)
+            .max_decoding_message_size(self.message_size)
+    }
+}
 
 const AGENT_SERVICE: &str = "conlog.v1.Agent";
 const CONSOLE_SERVICE: &str = "conlog.v1.Console";
@@ -48,6 +95,7 @@ pub async fn serve_local(
     listener: UnixListener,
     agent: agent::AgentService,
     console: console::ConsoleService,
+    protection: Protection,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let reflection_v1 = reflection(proto::FILE_DESCRIPTOR_SET)
@@ -56,24 +104,38 @@ pub async fn serve_local(
     let reflection_v1alpha = reflection(proto::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("embedded descriptors are valid");
-    Server::builder()
+    protection
+        .server()
         .add_service(health(&[AGENT_SERVICE, CONSOLE_SERVICE]).await)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(proto::agent_server::AgentServer::new(agent))
-        .add_service(proto::console_server::ConsoleServer::new(console))
+        .add_service(
+            proto::agent_server::AgentServer::new(agent)
+                .max_decoding_message_size(protection.message_size),
+        )
+        .add_service(InterceptedService::new(
+            protection.console(console),
+            auth::LocalTrust,
+        ))
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener)
-                .map(|stream| stream.map(authority::AuthorityFix::new)),
+            UnixListenerStream::new(listener).map(|stream| {
+                stream.map(|stream| {
+                    let cred = stream.peer_cred().ok();
+                    Conn::local(authority::AuthorityFix::new(stream), cred)
+                })
+            }),
             shutdown,
         )
         .await
 }
 
-/// Serves the console API on TCP until `shutdown` resolves.
+/// Serves the console API on TCP (with TLS when `tls` is set) until `shutdown` resolves.
 pub async fn serve_tcp(
     listener: TcpListener,
     console: console::ConsoleService,
+    tls: Option<Arc<Tls>>,
+    tokens: Arc<TokenKey>,
+    protection: Protection,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let reflection_v1 = reflection(proto::CONSOLE_FILE_DESCRIPTOR_SET)
@@ -82,11 +144,66 @@ pub async fn serve_tcp(
     let reflection_v1alpha = reflection(proto::CONSOLE_FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("embedded descriptors are valid");
-    Server::builder()
+    let router = protection
+        .server()
         .add_service(health(&[CONSOLE_SERVICE]).await)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(proto::console_server::ConsoleServer::new(console))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+        .add_service(InterceptedService::new(
+            protection.console(console),
+            auth::BearerTokens(tokens),
+        ));
+    match tls {
+        None => {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
+                stream.map(|stream| {
+                    let address = stream
+                        .peer_addr()
+                        .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+                    Conn::remote(stream, address, false)
+                })
+            });
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls_incoming(listener, tls), shutdown)
+                .await
+        }
+    }
+}
+
+type TlsConn = Conn<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+
+/// Accepted TLS connections. Each handshake runs on its own task (with a timeout), so a client
+/// that never finishes one delays nobody. The accept loop ends when the stream is dropped.
+fn tls_incoming(listener: TcpListener, tls: Arc<Tls>) -> ReceiverStream<std::io::Result<TlsConn>> {
+    let (ready, incoming) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, address) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TCP accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = ready.closed() => break,
+            };
+            let (tls, ready) = (tls.clone(), ready.clone());
+            tokio::spawn(async move {
+                match tls.accept(tcp).await {
+                    Ok(stream) => {
+                        let _ = ready.send(Ok(Conn::remote(stream, address, true))).await;
+                    }
+                    Err(e) => tracing::info!(peer = %address, error = %e, "TLS handshake failed"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(incoming)
 }

@@ -24,6 +24,15 @@ struct Args {
     /// Token for --server (sent as `authorization: Bearer <token>`).
     #[arg(long, global = true)]
     token: Option<String>,
+    /// CA certificate (PEM) that signed the server's certificate, for an https:// --server.
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a server that requires mutual TLS; needs --key.
+    #[arg(long, global = true, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, global = true, requires = "cert")]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -107,6 +116,22 @@ enum Cmd {
         #[arg(long)]
         limit: Option<u64>,
     },
+    /// Issue a token for a remote console client; prints it.
+    Token {
+        /// Guest name.
+        guest: String,
+        /// Limit the token to one device or stream.
+        #[arg(long, default_value = "")]
+        device: String,
+        /// What the token allows.
+        #[arg(long, value_enum, default_value = "read")]
+        access: TokenAccess,
+        /// How long it is valid, e.g. 10m, 1h.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+    },
+    /// Replace the token signing key: every token issued so far stops working.
+    RotateTokenKey,
     /// Upgrade conlogd in place (re-exec its binary; same as SIGUSR1).
     Upgrade,
     /// Close every stream of a guest and forget it (its logs stay).
@@ -114,6 +139,12 @@ enum Cmd {
         /// Guest name.
         guest: String,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TokenAccess {
+    Read,
+    ReadWrite,
 }
 
 fn main() -> ExitCode {
@@ -144,14 +175,38 @@ async fn local_channel(socket: Option<PathBuf>) -> Result<Channel> {
 
 /// The channel for Console calls: TCP with --server, else the local socket.
 async fn console_channel(args: &Args) -> Result<Channel> {
-    match &args.server {
-        Some(url) => Endpoint::from_shared(url.clone())
-            .with_context(|| format!("invalid --server URL {url}"))?
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {url}")),
-        None => local_channel(args.socket.clone()).await,
+    let Some(url) = &args.server else {
+        return local_channel(args.socket.clone()).await;
+    };
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("invalid --server URL {url}"))?;
+    if url.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(client_tls(args)?)
+            .context("cannot set up TLS")?;
+    } else if args.ca.is_some() || args.cert.is_some() {
+        bail!("--ca and --cert need an https:// --server");
     }
+    endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))
+}
+
+/// TLS settings from --ca, --cert and --key.
+fn client_tls(args: &Args) -> Result<tonic::transport::ClientTlsConfig> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |path: &PathBuf| {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let Some(ca) = &args.ca else {
+        bail!("an https:// --server needs --ca FILE (the CA that signed its certificate)");
+    };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+    if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(tls)
 }
 
 async fn run(args: Args) -> Result<ExitCode> {
@@ -244,6 +299,41 @@ async fn run(args: Args) -> Result<ExitCode> {
             .await?
             .context("cannot receive the log pipe")?;
             run_attached(pipe, &command)
+        }
+        Cmd::Token {
+            guest,
+            device,
+            access,
+            ttl,
+        } => {
+            let access = match access {
+                TokenAccess::Read => proto::Access::Read,
+                TokenAccess::ReadWrite => proto::Access::ReadWrite,
+            };
+            let reply = agent
+                .issue_token(proto::IssueTokenRequest {
+                    guest,
+                    device,
+                    access: access.into(),
+                    ttl_seconds: ttl.as_secs().max(1),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{}", reply.token);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::RotateTokenKey => {
+            let reply = agent
+                .rotate_token_key(proto::RotateTokenKeyRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            eprintln!(
+                "new token key {}: every token issued before is revoked",
+                reply.key_id
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Guests { guest } => {
             let reply = agent

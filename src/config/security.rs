@@ -1,0 +1,158 @@
+//! The security part of the schema: node protection limits, TLS files and token lifetimes
+//! (design section 4), with their validation. Nothing here reads the files it names.
+
+use super::{ByteSize, ConfigError, HumanDuration};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+fn refuse<T>(key: &'static str, message: String) -> Result<T, ConfigError> {
+    Err(ConfigError::Value { key, message })
+}
+
+/// Limits that protect the node. Hitting one is `RESOURCE_EXHAUSTED` naming it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Guests one daemon serves.
+    pub guests: u32,
+    /// Streams (pipes and consoles) per guest.
+    pub streams_per_guest: u32,
+    /// Hand-off tokens that may be outstanding at once.
+    pub pending_handoffs: u32,
+    /// Clients attached to one console at once.
+    pub clients_per_console: u32,
+    /// gRPC calls in progress on one connection (streams count until they end).
+    pub calls_per_connection: u32,
+    /// gRPC calls in progress on all connections together.
+    pub calls_total: u32,
+    /// Bytes per second one writer may type into a console; faster input is paced, not lost.
+    pub input_rate: ByteSize,
+    /// Largest gRPC message the daemon accepts.
+    pub message_size: ByteSize,
+    /// Disk all logs may use together: the sum over streams of `max_size × (1 + max_backups)`
+    /// (`max_size` in truncate mode). A stream that would push the sum over it is refused.
+    pub total_log_bytes: ByteSize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            guests: 10_000,
+            streams_per_guest: 16,
+            pending_handoffs: 1024,
+            clients_per_console: 64,
+            calls_per_connection: 256,
+            calls_total: 16_384,
+            input_rate: ByteSize(256 << 10),
+            message_size: ByteSize(1 << 20),
+            // 10,000 guests × two streams × the default 2MiB × (1 + 3 backups).
+            total_log_bytes: ByteSize(160 << 30),
+        }
+    }
+}
+
+impl Limits {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        for (key, limit) in [
+            ("limits.guests", self.guests),
+            ("limits.streams_per_guest", self.streams_per_guest),
+            ("limits.pending_handoffs", self.pending_handoffs),
+            ("limits.clients_per_console", self.clients_per_console),
+            ("limits.calls_per_connection", self.calls_per_connection),
+            ("limits.calls_total", self.calls_total),
+        ] {
+            if limit == 0 {
+                return refuse(key, "must be at least 1".into());
+            }
+        }
+        if self.input_rate.bytes() < 64 {
+            return refuse(
+                "limits.input_rate",
+                format!("must be at least 64B (got {})", self.input_rate),
+            );
+        }
+        if !(4096..=(64 << 20)).contains(&self.message_size.bytes()) {
+            return refuse(
+                "limits.message_size",
+                format!("must be between 4KiB and 64MiB (got {})", self.message_size),
+            );
+        }
+        if self.total_log_bytes.bytes() < super::MIN_MAX_SIZE {
+            return refuse(
+                "limits.total_log_bytes",
+                format!("must be at least 4KiB (got {})", self.total_log_bytes),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// TLS of the TCP listener. Files are PEM; they are read at start and again on SIGHUP.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key of the leaf (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA bundle: when set, clients must present a certificate it signed (mutual TLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// How long a TLS handshake may take before the connection is dropped.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: HumanDuration,
+}
+
+fn default_handshake_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+impl TlsConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let files = [
+            ("tls.cert", Some(&self.cert)),
+            ("tls.key", Some(&self.key)),
+            ("tls.client_ca", self.client_ca.as_ref()),
+        ];
+        for (key, path) in files {
+            if let Some(path) = path {
+                if !path.is_absolute() {
+                    return refuse(
+                        key,
+                        format!("must be an absolute path (got {})", path.display()),
+                    );
+                }
+            }
+        }
+        if self.handshake_timeout.get().is_zero() {
+            return refuse("tls.handshake_timeout", "must be longer than 0s".into());
+        }
+        Ok(())
+    }
+}
+
+/// Console access tokens (`Agent.IssueToken`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// Longest lifetime a token may be issued with.
+    pub max_ttl: HumanDuration,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            max_ttl: HumanDuration(Duration::from_secs(24 * 3600)),
+        }
+    }
+}
+
+impl TokenConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_ttl.get() < Duration::from_secs(1) {
+            return refuse("tokens.max_ttl", "must be at least 1s".into());
+        }
+        Ok(())
+    }
+}

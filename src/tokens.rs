@@ -1,0 +1,322 @@
+//! Console access tokens for remote clients, and the key that signs them.
+//!
+//! Owns the signing key (`<data_dir>/state/token.key`, created mode 0600 on first start, read
+//! again by every start and upgrade, replaced by [`TokenKey::rotate`]) and the token format.
+//! It never decides what a grant allows for a given call: `server::auth` does.
+//!
+//! # Format
+//!
+//! `conlog1.<payload>.<mac>`: `payload` is base64url (no padding) of a JSON object
+//! `{"g": guest, "d": device or null, "a": "read" | "read-write", "e": expiry (Unix seconds),
+//! "k": key id}`, `mac` is base64url of HMAC-SHA256(key, `conlog1.<payload>`). The MAC is checked
+//! before anything of the payload is decoded, so unsigned bytes are never parsed. Rotating the
+//! key revokes every token at once.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use ring::hmac;
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use thiserror::Error;
+
+const PREFIX: &str = "conlog1.";
+/// Longest token accepted; anything longer is refused before any work.
+pub const MAX_TOKEN_LEN: usize = 1024;
+const KEY_BYTES: usize = 32;
+
+/// What a token lets its bearer do on one guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Access {
+    #[serde(rename = "read")]
+    Read,
+    #[serde(rename = "read-write")]
+    ReadWrite,
+}
+
+/// The verified content of a token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    #[serde(rename = "g")]
+    pub guest: String,
+    /// One device (stream) of the guest, or all of them.
+    #[serde(rename = "d")]
+    pub device: Option<String>,
+    #[serde(rename = "a")]
+    pub access: Access,
+    /// Unix seconds after which the token is refused.
+    #[serde(rename = "e")]
+    pub expires_unix: u64,
+    /// Id of the key that signed it (which rotation it belongs to).
+    #[serde(rename = "k")]
+    pub key_id: String,
+}
+
+/// Why a token was refused (all `UNAUTHENTICATED`).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("the token is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("the token's signature does not match (forged, or its key was rotated)")]
+    BadSignature,
+    #[error("the token expired at {0} (Unix time)")]
+    Expired(u64),
+}
+
+struct Key {
+    hmac: hmac::Key,
+    id: String,
+}
+
+impl Key {
+    fn from_bytes(bytes: &[u8]) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+        let id = digest.as_ref()[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Self {
+            hmac: hmac::Key::new(hmac::HMAC_SHA256, bytes),
+            id,
+        }
+    }
+}
+
+/// The signing key of this node's tokens.
+pub struct TokenKey {
+    path: PathBuf,
+    key: RwLock<Key>,
+}
+
+impl TokenKey {
+    /// Where the key of a daemon with state directory `state_dir` lives.
+    pub fn path_in(state_dir: &Path) -> PathBuf {
+        state_dir.join("token.key")
+    }
+
+    /// Reads the key at `path`, creating it (0600) if there is none. A key readable by others
+    /// has its mode tightened, with a warning.
+    pub fn load_or_create(path: &Path) -> io::Result<Self> {
+        let bytes = match fs::read(path) {
+            Ok(text) => {
+                let mode = fs::metadata(path)?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777),
+                        "token key was readable by others; setting mode 0600");
+                    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+                }
+                decode_key_file(&text).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{} is not a token key ({} hex digits expected); delete it to make \
+                             a new one (this revokes every token)",
+                            path.display(),
+                            KEY_BYTES * 2
+                        ),
+                    )
+                })?
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => write_new_key(path)?,
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            path: path.to_owned(),
+            key: RwLock::new(Key::from_bytes(&bytes)),
+        })
+    }
+
+    /// Replaces the key on disk and in memory; every token issued so far stops working.
+    /// Returns the new key id.
+    pub fn rotate(&self) -> io::Result<String> {
+        let bytes = write_new_key(&self.path)?;
+        let key = Key::from_bytes(&bytes);
+        let id = key.id.clone();
+        *self.key.write().expect("token key poisoned") = key;
+        Ok(id)
+    }
+
+    /// The id of the current key.
+    pub fn key_id(&self) -> String {
+        self.key.read().expect("token key poisoned").id.clone()
+    }
+
+    /// Signs a token for `grant` (its `key_id` is replaced by the current key's).
+    pub fn issue(&self, mut grant: Grant) -> String {
+        let key = self.key.read().expect("token key poisoned");
+        grant.key_id = key.id.clone();
+        let payload = serde_json::to_vec(&grant).expect("grants serialize");
+        let signed = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(payload));
+        let mac = hmac::sign(&key.hmac, signed.as_bytes());
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(mac.as_ref()))
+    }
+
+    /// Checks `token`'s signature and expiry at `now_unix` and returns its grant.
+    pub fn verify(&self, token: &str, now_unix: u64) -> Result<Grant, TokenError> {
+        let (signed, mac) = split_token(token)?;
+        {
+            let key = self.key.read().expect("token key poisoned");
+            hmac::verify(&key.hmac, signed.as_bytes(), &mac)
+                .map_err(|_| TokenError::BadSignature)?;
+        }
+        let payload = URL_SAFE_NO_PAD
+            .decode(&signed[PREFIX.len()..])
+            .map_err(|_| TokenError::Malformed("payload is not base64url"))?;
+        let grant: Grant = serde_json::from_slice(&payload)
+            .map_err(|_| TokenError::Malformed("payload is not a grant"))?;
+        if now_unix >= grant.expires_unix {
+            return Err(TokenError::Expired(grant.expires_unix));
+        }
+        Ok(grant)
+    }
+}
+
+/// Splits `conlog1.<payload>.<mac>` into the signed part and the decoded MAC.
+fn split_token(token: &str) -> Result<(&str, Vec<u8>), TokenError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(TokenError::Malformed("longer than 1024 bytes"));
+    }
+    if !token.starts_with(PREFIX) {
+        return Err(TokenError::Malformed("it does not start with conlog1."));
+    }
+    let (signed, mac) = token
+        .rsplit_once('.')
+        .filter(|(signed, _)| signed.len() > PREFIX.len())
+        .ok_or(TokenError::Malformed(
+            "expected conlog1.<payload>.<signature>",
+        ))?;
+    let mac = URL_SAFE_NO_PAD
+        .decode(mac)
+        .map_err(|_| TokenError::Malformed("signature is not base64url"))?;
+    Ok((signed, mac))
+}
+
+fn decode_key_file(text: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(text).ok()?.trim();
+    if text.len() != KEY_BYTES * 2 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..KEY_BYTES)
+        .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok())
+        .collect()
+}
+
+/// Writes a fresh random key next to `path` and renames it into place (0600 from creation).
+fn write_new_key(path: &Path) -> io::Result<Vec<u8>> {
+    let mut bytes = vec![0u8; KEY_BYTES];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        filled +=
+            rustix::rand::getrandom(&mut bytes[filled..], rustix::rand::GetRandomFlags::empty())?;
+    }
+    let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let temporary = path.with_extension("key.new");
+    let _ = fs::remove_file(&temporary);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)?;
+    file.write_all(format!("{text}\n").as_bytes())?;
+    file.sync_all()?;
+    fs::rename(&temporary, path)?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn grant(expires_unix: u64) -> Grant {
+        Grant {
+            guest: "vm1".into(),
+            device: Some("serial0".into()),
+            access: Access::Read,
+            expires_unix,
+            key_id: String::new(),
+        }
+    }
+
+    fn key(dir: &tempfile::TempDir) -> TokenKey {
+        TokenKey::load_or_create(&dir.path().join("token.key")).unwrap()
+    }
+
+    #[test]
+    fn issued_tokens_verify_until_expiry_and_not_after_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = key(&dir);
+        let mode = fs::metadata(dir.path().join("token.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let token = key.issue(grant(100));
+        let got = key.verify(&token, 99).unwrap();
+        assert_eq!((got.guest.as_str(), got.access), ("vm1", Access::Read));
+        assert_eq!(key.verify(&token, 100), Err(TokenError::Expired(100)));
+
+        // The same file read again (a restart) accepts it; a rotation does not.
+        let again = TokenKey::load_or_create(&dir.path().join("token.key")).unwrap();
+        assert!(again.verify(&token, 1).is_ok());
+        let old_id = again.key_id();
+        assert_ne!(again.rotate().unwrap(), old_id);
+        assert_eq!(again.verify(&token, 1), Err(TokenError::BadSignature));
+    }
+
+    #[test]
+    fn tampering_is_a_bad_signature() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = key(&dir);
+        let token = key.issue(grant(100));
+        let (signed, mac) = token.rsplit_once('.').unwrap();
+        let mut payload: Grant =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&signed[PREFIX.len()..]).unwrap())
+                .unwrap();
+        payload.access = Access::ReadWrite;
+        let forged = format!(
+            "{PREFIX}{}.{mac}",
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&payload).unwrap())
+        );
+        assert_eq!(key.verify(&forged, 1), Err(TokenError::BadSignature));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Arbitrary text never panics and is never accepted.
+        #[test]
+        fn arbitrary_tokens_are_refused(text in ".{0,300}") {
+            let dir = tempfile::tempdir().unwrap();
+            prop_assert!(key(&dir).verify(&text, 0).is_err());
+        }
+
+        /// A valid token with any one byte changed is refused.
+        #[test]
+        fn mutated_tokens_are_refused(at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let dir = tempfile::tempdir().unwrap();
+            let key = key(&dir);
+            let token = key.issue(grant(u64::MAX));
+            let mut bytes = token.clone().into_bytes();
+            let i = at.index(bytes.len());
+            prop_assume!(bytes[i] != byte);
+            bytes[i] = byte;
+            if let Ok(text) = String::from_utf8(bytes) {
+                // Base64 padding bits can make two texts decode alike; the MAC still decides.
+                if let Ok(grant) = key.verify(&text, 0) {
+                    prop_assert_eq!(Some(grant), key.verify(&token, 0).ok());
+                }
+            }
+        }
+    }
+}
