@@ -8,12 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use support::*;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic::Code;
 
 /// Attaches READ_WRITE without force, retrying (bounded) while the lease is still held: a
 /// client that went away releases it once the daemon has noticed.
-async fn attach_when_lease_free(channel: Channel, guest: &str) -> Session {
+async fn attach_when_lease_free(channel: ConsoleChannel, guest: &str) -> Session {
     let deadline = Instant::now() + DEADLINE;
     loop {
         match Session::attach(channel.clone(), attach(guest, Mode::ReadWrite)).await {
@@ -63,7 +62,7 @@ async fn fan_out_to_twenty_clients_gives_identical_bytes_and_offsets() {
         let channel = if i % 2 == 0 {
             local_channel(&daemon).await
         } else {
-            daemon.tcp_channel().await
+            daemon.tcp_channel("vm-f").await
         };
         let mode = if i == 0 {
             Mode::ReadWrite
@@ -170,9 +169,12 @@ async fn writer_lease_force_and_watcher_input() {
     let mut guest = FakeGuest::connect(&reply.guest_socket).await;
     wait_guest_connected(&mut agent, "vm-w", "serial0", true).await;
 
-    let mut a = Session::attach(daemon.tcp_channel().await, attach("vm-w", Mode::ReadWrite))
-        .await
-        .unwrap();
+    let mut a = Session::attach(
+        daemon.tcp_channel("vm-w").await,
+        attach("vm-w", Mode::ReadWrite),
+    )
+    .await
+    .unwrap();
     assert!(
         a.attached.writer && a.attached.guest_connected,
         "{:?}",
@@ -236,7 +238,7 @@ async fn writer_lease_force_and_watcher_input() {
 
     // The writer leaves; the lease is free again without force.
     drop(b);
-    let mut e = attach_when_lease_free(daemon.tcp_channel().await, "vm-w").await;
+    let mut e = attach_when_lease_free(daemon.tcp_channel("vm-w").await, "vm-w").await;
     assert!(e.attached.writer);
     e.send(b"from-e\n").await;
     guest.wait_for(b"from-e\n").await;
@@ -269,7 +271,7 @@ async fn watch_sessions_take_input_only_as_writer() {
     let mut agent = daemon.agent().await;
     let reply = open_console(&mut agent, "vm-x").await;
     let local = local_channel(&daemon).await;
-    let tcp = daemon.tcp_channel().await;
+    let tcp = daemon.tcp_channel("vm-x").await;
 
     let mut w1 = watch(tcp.clone(), watch_request("vm-x", Mode::ReadWrite))
         .await

@@ -72,7 +72,7 @@ async fn stuck_client_lags_while_the_guest_floods_and_others_get_every_byte() {
 
     // The stuck client: attached over TCP, then not polled at all until the flood is over.
     let mut stuck = Session::attach(
-        daemon.tcp_channel().await,
+        daemon.tcp_channel("vm-flood").await,
         attach("vm-flood", Mode::ReadOnly),
     )
     .await

@@ -29,9 +29,12 @@ async fn raw_client_socket_writes_if_lease_free_else_watches() {
     .expect_err("the raw client holds the lease");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("client.sock"), "{status:?}");
-    let mut watcher = Session::attach(daemon.tcp_channel().await, attach("vm-raw", Mode::ReadOnly))
-        .await
-        .unwrap();
+    let mut watcher = Session::attach(
+        daemon.tcp_channel("vm-raw").await,
+        attach("vm-raw", Mode::ReadOnly),
+    )
+    .await
+    .unwrap();
 
     raw1.write(b"raw-in\n").await;
     guest.wait_for(b"raw-in\n").await;
@@ -107,9 +110,12 @@ async fn writer_input_reaches_the_guest_byte_for_byte() {
     let total = 2 << 20;
     let data = pattern(0, total);
 
-    let session = Session::attach(daemon.tcp_channel().await, attach("vm-in", Mode::ReadWrite))
-        .await
-        .unwrap();
+    let session = Session::attach(
+        daemon.tcp_channel("vm-in").await,
+        attach("vm-in", Mode::ReadWrite),
+    )
+    .await
+    .unwrap();
     assert!(session.attached.writer);
     let sender = {
         let data = data.clone();
@@ -154,7 +160,7 @@ async fn writer_input_reaches_the_guest_byte_for_byte() {
     let more = pattern(total as u64, 1 << 20);
     let sender = {
         let more = more.clone();
-        let channel = daemon.tcp_channel().await;
+        let channel = daemon.tcp_channel("vm-in").await;
         let session_id = watcher.attached.session_id.clone();
         tokio::spawn(async move {
             for chunk in more.chunks(100_000) {
@@ -180,9 +186,12 @@ async fn guest_reconnect_keeps_clients_and_continues_offsets() {
     let daemon = Daemon::start().await;
     let mut agent = daemon.agent().await;
     let reply = open_console(&mut agent, "vm-q").await;
-    let mut a = Session::attach(daemon.tcp_channel().await, attach("vm-q", Mode::ReadOnly))
-        .await
-        .unwrap();
+    let mut a = Session::attach(
+        daemon.tcp_channel("vm-q").await,
+        attach("vm-q", Mode::ReadOnly),
+    )
+    .await
+    .unwrap();
     let mut w = watch(
         local_channel(&daemon).await,
         watch_request("vm-q", Mode::ReadWrite),
@@ -282,7 +291,7 @@ async fn replay_sends_recent_output_then_live() {
     a.wait_offset(total).await;
     check(&a, total - 30_000);
     // More than max_replay: the last 64 KiB.
-    let mut b = Session::attach(daemon.tcp_channel().await, replay(10 << 20))
+    let mut b = Session::attach(daemon.tcp_channel("vm-p").await, replay(10 << 20))
         .await
         .unwrap();
     b.wait_offset(total).await;

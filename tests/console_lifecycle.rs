@@ -16,9 +16,12 @@ async fn shutdown_ends_client_streams_with_unavailable() {
     let mut agent = daemon.agent().await;
     let reply = open_console(&mut agent, "vm-s").await;
     let mut guest = FakeGuest::connect(&reply.guest_socket).await;
-    let mut session = Session::attach(daemon.tcp_channel().await, attach("vm-s", Mode::ReadWrite))
-        .await
-        .unwrap();
+    let mut session = Session::attach(
+        daemon.tcp_channel("vm-s").await,
+        attach("vm-s", Mode::ReadWrite),
+    )
+    .await
+    .unwrap();
     let mut watcher = watch(
         local_channel(&daemon).await,
         watch_request("vm-s", Mode::ReadOnly),
@@ -116,9 +119,12 @@ async fn restart_restores_the_console_at_the_same_paths() {
         "{info:?}"
     );
 
-    let mut session = Session::attach(daemon.tcp_channel().await, attach("vm-t", Mode::ReadWrite))
-        .await
-        .unwrap();
+    let mut session = Session::attach(
+        daemon.tcp_channel("vm-t").await,
+        attach("vm-t", Mode::ReadWrite),
+    )
+    .await
+    .unwrap();
     assert_eq!(session.attached.offset, 7);
     assert!(session.attached.writer);
     let mut guest = guest.reconnect().await;

@@ -83,7 +83,7 @@ async fn create_console_returns_stable_paths_and_list_guests_shows_it() {
     assert_eq!(session.attached.offset, 6);
     assert!(session.attached.guest_connected);
     let watcher = watch(
-        daemon.tcp_channel().await,
+        daemon.tcp_channel("vm-a").await,
         watch_request("vm-a", Mode::ReadOnly),
     )
     .await
@@ -153,7 +153,10 @@ async fn bad_requests_get_precise_codes() {
         "CreateLogPipe over a console",
     );
 
-    for channel in [local_channel(&daemon).await, daemon.tcp_channel().await] {
+    for (channel, tcp) in [
+        (local_channel(&daemon).await, false),
+        (daemon.tcp_channel("vm-b").await, true),
+    ] {
         let open = |first| Session::open(channel.clone(), first);
         expect_code(
             open(Some(input_frame(b"x"))).await,
@@ -185,7 +188,12 @@ async fn bad_requests_get_precise_codes() {
             ),
             (
                 attach("vm-none", Mode::ReadWrite),
-                Code::NotFound,
+                // A token for vm-b learns nothing about other guests.
+                if tcp {
+                    Code::PermissionDenied
+                } else {
+                    Code::NotFound
+                },
                 "unknown guest",
             ),
             (
@@ -215,7 +223,11 @@ async fn bad_requests_get_precise_codes() {
         );
         expect_code(
             watch(channel.clone(), watch_request("vm-none", Mode::ReadOnly)).await,
-            Code::NotFound,
+            if tcp {
+                Code::PermissionDenied
+            } else {
+                Code::NotFound
+            },
             "WatchConsole unknown guest",
         );
         for session in ["", "no-such-session"] {
@@ -230,9 +242,12 @@ async fn bad_requests_get_precise_codes() {
     // Nothing of that attached anything, and the console still works.
     let info = find_stream(&mut agent, "vm-b", "serial0").await.unwrap();
     assert_eq!(info.clients, 0, "{info:?}");
-    let mut session = Session::attach(daemon.tcp_channel().await, attach("vm-b", Mode::ReadWrite))
-        .await
-        .expect("attach after refused requests");
+    let mut session = Session::attach(
+        daemon.tcp_channel("vm-b").await,
+        attach("vm-b", Mode::ReadWrite),
+    )
+    .await
+    .expect("attach after refused requests");
     assert!(session.attached.writer);
     let mut guest = FakeGuest::connect(&reply.guest_socket).await;
     session.wait_guest(true).await;
@@ -255,7 +270,7 @@ async fn clients_per_console_limit_is_resource_exhausted() {
     .await
     .expect("first client");
     let second = watch(
-        daemon.tcp_channel().await,
+        daemon.tcp_channel("vm-l").await,
         watch_request("vm-l", Mode::ReadOnly),
     )
     .await
@@ -271,7 +286,7 @@ async fn clients_per_console_limit_is_resource_exhausted() {
     assert!(message.contains("limits.clients_per_console"), "{message}");
     let message = expect_code(
         watch(
-            daemon.tcp_channel().await,
+            daemon.tcp_channel("vm-l").await,
             watch_request("vm-l", Mode::ReadOnly),
         )
         .await,
@@ -310,7 +325,7 @@ async fn remove_guest_ends_clients_with_not_found_and_keeps_the_log() {
     .await
     .unwrap();
     let mut watcher = watch(
-        daemon.tcp_channel().await,
+        daemon.tcp_channel("vm-r").await,
         watch_request("vm-r", Mode::ReadOnly),
     )
     .await

@@ -135,7 +135,7 @@ async fn crash_recovery_after_kill_9() {
     let mut agent = daemon.agent().await;
     wait_guest_connected(&mut agent, "vm-con", DEVICE, true).await;
     let mut client = Session::attach(
-        daemon.tcp_channel().await,
+        daemon.tcp_channel("vm-con").await,
         attach("vm-con", Mode::ReadWrite),
     )
     .await

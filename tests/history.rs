@@ -45,11 +45,7 @@ async fn rotated() -> Daemon {
 
 /// Reads `start` on `vm1/qemu` and checks the reply is exactly `pattern(from, TOTAL - from)`,
 /// contiguous, without gaps.
-async fn assert_reads_from(
-    client: &mut conlog::proto::console_client::ConsoleClient<tonic::transport::Channel>,
-    start: Option<Start>,
-    from: u64,
-) {
+async fn assert_reads_from(client: &mut Console, start: Option<Start>, from: u64) {
     let chunks = read_ok(client, request("vm1", "qemu", start)).await;
     let got = Received::of(&chunks, DEFAULT_CHUNK);
     assert!(
@@ -321,7 +317,7 @@ async fn resume_after_a_disconnect_is_byte_exact() {
         let mut client = if round % 2 == 0 {
             local_console(&daemon).await
         } else {
-            tcp_console(&daemon).await
+            tcp_console(&daemon, "vm1").await
         };
         let start = next_offset.map(Start::FromOffset);
         let mut req = request("vm1", "qemu", start);
@@ -422,7 +418,20 @@ async fn bad_names_and_unknown_streams() {
         ("vm2", ""),
         ("vm2", "qemu"),
     ];
-    for mut client in [local_console(&daemon).await, tcp_console(&daemon).await] {
+    // Over TCP each request carries a token for its guest (invalid names are refused before
+    // any token is looked at).
+    let client_for = |tcp: bool, guest: &'static str| {
+        let daemon = &daemon;
+        async move {
+            if tcp {
+                tcp_console(daemon, guest).await
+            } else {
+                local_console(daemon).await
+            }
+        }
+    };
+    for tcp in [false, true] {
+        let mut client = client_for(tcp, "vm1").await;
         for (guest, stream) in bad {
             for start in [None, Some(Start::TailLines(1))] {
                 expect_error(
@@ -436,13 +445,19 @@ async fn bad_names_and_unknown_streams() {
         for (guest, stream) in missing {
             let mut req = request(guest, stream, None);
             req.follow = true;
-            expect_error(&mut client, req, Code::NotFound).await;
+            expect_error(&mut client_for(tcp, guest).await, req, Code::NotFound).await;
         }
         // The longest valid names are fine (NOT_FOUND, not INVALID_ARGUMENT).
-        let guest = "g".repeat(64);
+        let guest: &'static str = "g".repeat(64).leak();
         let stream = "s".repeat(32);
-        expect_error(&mut client, request(&guest, &stream, None), Code::NotFound).await;
+        expect_error(
+            &mut client_for(tcp, guest).await,
+            request(guest, &stream, None),
+            Code::NotFound,
+        )
+        .await;
         // And the good ones work.
+        let mut client = client_for(tcp, "vm2").await;
         let got = Received::of(
             &read_ok(&mut client, request("vm2", "serial-out", None)).await,
             DEFAULT_CHUNK,
@@ -456,7 +471,7 @@ async fn bad_names_and_unknown_streams() {
 async fn unix_socket_and_tcp_serve_the_same_history() {
     let daemon = rotated().await;
     let mut local = local_console(&daemon).await;
-    let mut tcp = tcp_console(&daemon).await;
+    let mut tcp = tcp_console(&daemon, "vm1").await;
     let requests = [
         request("vm1", "qemu", None),
         request("vm1", "", Some(Start::FromOffset(3))),

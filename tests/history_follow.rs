@@ -5,17 +5,13 @@
 mod history_common;
 mod support;
 
-use conlog::proto::{
-    console_client::ConsoleClient, read_history_request::Start, HistoryChunk, LogMode,
-    ReadHistoryRequest,
-};
+use conlog::proto::{read_history_request::Start, HistoryChunk, LogMode, ReadHistoryRequest};
 use history_common::*;
 use std::fs::File;
 use std::io::Write;
 use std::time::Duration;
 use support::*;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 const MAX_SIZE: u64 = 4096;
@@ -97,7 +93,7 @@ async fn follow_across_40_rotations_gets_every_byte() {
     )
     .await;
     let mut local = local_console(&daemon).await;
-    let mut tcp = tcp_console(&daemon).await;
+    let mut tcp = tcp_console(&daemon, GUEST).await;
     let from_zero = open(
         &mut local,
         follow(GUEST, "qemu", Some(Start::FromOffset(0))),
@@ -372,7 +368,7 @@ async fn follow_ends_cleanly_when_the_guest_is_removed() {
     write_now(&mut pipe, &pattern(0, 10_000));
     wait_offset(&mut agent, GUEST, "qemu", 10_000).await;
     let mut local = local_console(&daemon).await;
-    let mut tcp = tcp_console(&daemon).await;
+    let mut tcp = tcp_console(&daemon, GUEST).await;
     let mut followers = vec![
         (
             open(&mut local, follow(GUEST, "qemu", None)).await.unwrap(),
@@ -523,7 +519,7 @@ async fn follow_ends_when_the_daemon_stops() {
         &pattern(0, 500),
     )
     .await;
-    let mut client: ConsoleClient<Channel> = tcp_console(&daemon).await;
+    let mut client = tcp_console(&daemon, "vm1").await;
     let mut chunks = open(&mut client, follow("vm1", "qemu", None))
         .await
         .unwrap();

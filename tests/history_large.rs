@@ -88,7 +88,10 @@ async fn a_250_mib_history_streams_with_flat_daemon_memory() {
     let max = Arc::new(AtomicU64::new(before));
     let sampler = sample_rss(pid, stop.clone(), max.clone());
 
-    let mut clients = [local_console(&daemon).await, tcp_console(&daemon).await];
+    let mut clients = [
+        local_console(&daemon).await,
+        tcp_console(&daemon, GUEST).await,
+    ];
     for client in &mut clients {
         let mut chunks = open(client, request(GUEST, "qemu", None))
             .await

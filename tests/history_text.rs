@@ -67,7 +67,7 @@ async fn text_chunks_are_cut_at_character_boundaries() {
     );
     assert_clean_text(&chunks, 1024, &data);
     // The same over TCP, and with tail_lines (which starts at a line, hence a character).
-    let chunks = read_ok(&mut tcp_console(&daemon).await, req).await;
+    let chunks = read_ok(&mut tcp_console(&daemon, "vm1").await, req).await;
     assert_clean_text(&chunks, 1024, &data);
     let req = conlog::proto::ReadHistoryRequest {
         text: true,

@@ -121,9 +121,14 @@ async fn grpcurl_reads_the_last_lines_as_text_over_unix_and_tcp() {
     .await;
     assert_grpcurl_tail(&output, &data, &daemon);
 
+    // Over TCP with a read-only token, as a remote operator would.
     let address = daemon.tcp.to_string();
+    let token = daemon.token("vm1", "", conlog::proto::Access::Read, 600).await;
+    let authorization = format!("authorization: Bearer {token}");
     let output = run_grpcurl(&[
         "-plaintext",
+        "-H",
+        &authorization,
         "-d",
         body,
         &address,
@@ -139,6 +144,8 @@ async fn grpcurl_reads_the_last_lines_as_text_over_unix_and_tcp() {
     );
     let output = run_grpcurl(&[
         "-plaintext",
+        "-H",
+        &authorization,
         "-d",
         &body,
         &address,
@@ -197,11 +204,35 @@ async fn conlogctl_history_writes_the_raw_bytes() {
     let socket = daemon.socket();
     let socket = socket.to_str().unwrap();
     let server = format!("http://{}", daemon.tcp);
-    for via in [["--socket", socket], ["--server", server.as_str()]] {
+    // Over TCP, each guest's reads carry a read-only token `conlogctl token` issued for it.
+    let mut tokens = std::collections::HashMap::new();
+    for guest in ["vm1", "vm2", "nosuch"] {
+        let output = ctl(&["--socket", socket], &["token", guest, "--ttl", "10m"]).await;
+        assert!(
+            output.status.success(),
+            "conlogctl token: {}",
+            describe(&output)
+        );
+        let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+        tokens.insert(guest, token);
+    }
+    for tcp in [false, true] {
+        let via = |guest: &str| -> Vec<&str> {
+            if tcp {
+                vec![
+                    "--server",
+                    server.as_str(),
+                    "--token",
+                    tokens[guest].as_str(),
+                ]
+            } else {
+                vec!["--socket", socket]
+            }
+        };
         for n in [1usize, 2, 10, 40] {
             let n_text = n.to_string();
             let output = ctl(
-                &via,
+                &via("vm1"),
                 &[
                     "history",
                     "vm1",
@@ -215,13 +246,13 @@ async fn conlogctl_history_writes_the_raw_bytes() {
             assert_stdout(
                 &output,
                 last_lines(&text, n),
-                &format!("{via:?} --tail-lines {n}"),
+                &format!("tcp={tcp} --tail-lines {n}"),
             );
             assert!(output.stderr.is_empty(), "{}", describe(&output));
         }
-        let output = ctl(&via, &["history", "vm1", "--tail-lines", "100000"]).await;
+        let output = ctl(&via("vm1"), &["history", "vm1", "--tail-lines", "100000"]).await;
         assert_stdout(&output, &text[oldest..], "more lines than on disk");
-        let output = ctl(&via, &["history", "vm1", "--tail-bytes", "5000"]).await;
+        let output = ctl(&via("vm1"), &["history", "vm1", "--tail-bytes", "5000"]).await;
         assert_stdout(
             &output,
             &text[text.len() - 5000..],
@@ -230,13 +261,17 @@ async fn conlogctl_history_writes_the_raw_bytes() {
 
         let from = (bin_oldest + 4321).to_string();
         let output = ctl(
-            &via,
+            &via("vm2"),
             &["history", "vm2", "--stream", "qemu", "--from", &from],
         )
         .await;
         assert_stdout(&output, &binary[bin_oldest + 4321..], "--from inside");
 
-        let output = ctl(&via, &["history", "vm2", "--from", &from, "--limit", "777"]).await;
+        let output = ctl(
+            &via("vm2"),
+            &["history", "vm2", "--from", &from, "--limit", "777"],
+        )
+        .await;
         assert_stdout(
             &output,
             &binary[bin_oldest + 4321..bin_oldest + 4321 + 777],
@@ -244,7 +279,7 @@ async fn conlogctl_history_writes_the_raw_bytes() {
         );
 
         let output = ctl(
-            &via,
+            &via("vm2"),
             &["history", "vm2", "--stream", "qemu", "--from", "10"],
         )
         .await;
@@ -260,11 +295,11 @@ async fn conlogctl_history_writes_the_raw_bytes() {
             describe(&output)
         );
 
-        let output = ctl(&via, &["history", "vm2"]).await;
+        let output = ctl(&via("vm2"), &["history", "vm2"]).await;
         assert_stdout(&output, &binary[bin_oldest..], "everything on disk");
 
         let beyond = (binary.len() + 1).to_string();
-        let output = ctl(&via, &["history", "vm2", "--from", &beyond]).await;
+        let output = ctl(&via("vm2"), &["history", "vm2", "--from", &beyond]).await;
         assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
         assert!(output.stdout.is_empty());
         assert!(
@@ -273,7 +308,7 @@ async fn conlogctl_history_writes_the_raw_bytes() {
             describe(&output)
         );
 
-        let output = ctl(&via, &["history", "nosuch"]).await;
+        let output = ctl(&via("nosuch"), &["history", "nosuch"]).await;
         assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
         assert!(
             String::from_utf8_lossy(&output.stderr).contains("NotFound"),

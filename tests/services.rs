@@ -139,7 +139,7 @@ async fn health(channel: tonic::transport::Channel, service: &str) -> Result<i32
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_service_is_not_served_on_tcp() {
     let daemon = Daemon::start().await;
-    let tcp = daemon.tcp_channel().await;
+    let tcp = daemon.plain_tcp_channel().await;
 
     let status = AgentClient::new(tcp.clone())
         .list_guests(proto::ListGuestsRequest::default())

@@ -11,24 +11,26 @@ use conlog::proto::{
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
-use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 /// The default `history.chunk_size`.
 pub const DEFAULT_CHUNK: usize = 64 << 10;
 
 /// A Console client over the local UNIX socket.
-pub async fn local_console(daemon: &Daemon) -> ConsoleClient<Channel> {
+pub async fn local_console(daemon: &Daemon) -> Console {
     let channel = conlog::client::connect_local(&daemon.socket())
         .await
         .unwrap_or_else(|e| panic!("connect to {}: {e}", daemon.socket().display()));
-    ConsoleClient::new(channel)
+    channel.console()
 }
 
-/// A Console client over TCP.
-pub async fn tcp_console(daemon: &Daemon) -> ConsoleClient<Channel> {
-    ConsoleClient::new(daemon.tcp_channel().await)
+/// A Console client over TCP with a read-write token for `guest`.
+pub async fn tcp_console(daemon: &Daemon, guest: &str) -> Console {
+    daemon.tcp_channel(guest).await.console()
 }
+
+/// A Console client as the history tests use it.
+pub type Console = ConsoleClient<ConsoleChannel>;
 
 /// A request for `guest/stream` starting at `start`.
 pub fn request(guest: &str, stream: &str, start: Option<Start>) -> ReadHistoryRequest {
@@ -42,7 +44,7 @@ pub fn request(guest: &str, stream: &str, start: Option<Start>) -> ReadHistoryRe
 
 /// Starts a `ReadHistory` call (bounded).
 pub async fn open(
-    client: &mut ConsoleClient<Channel>,
+    client: &mut Console,
     request: ReadHistoryRequest,
 ) -> Result<Streaming<HistoryChunk>, Status> {
     let what = format!("{request:?}");
@@ -61,7 +63,7 @@ pub async fn next(chunks: &mut Streaming<HistoryChunk>) -> Result<Option<History
 
 /// Every chunk of a reply that ends by itself (no `follow`).
 pub async fn read_all(
-    client: &mut ConsoleClient<Channel>,
+    client: &mut Console,
     request: ReadHistoryRequest,
 ) -> Result<Vec<HistoryChunk>, Status> {
     let mut chunks = open(client, request).await?;
@@ -73,10 +75,7 @@ pub async fn read_all(
 }
 
 /// Like [`read_all`], but the call must succeed.
-pub async fn read_ok(
-    client: &mut ConsoleClient<Channel>,
-    request: ReadHistoryRequest,
-) -> Vec<HistoryChunk> {
+pub async fn read_ok(client: &mut Console, request: ReadHistoryRequest) -> Vec<HistoryChunk> {
     let what = format!("{request:?}");
     read_all(client, request)
         .await
@@ -84,11 +83,7 @@ pub async fn read_ok(
 }
 
 /// Asserts that a call fails with `code` (before or while streaming).
-pub async fn expect_error(
-    client: &mut ConsoleClient<Channel>,
-    request: ReadHistoryRequest,
-    code: Code,
-) -> Status {
+pub async fn expect_error(client: &mut Console, request: ReadHistoryRequest, code: Code) -> Status {
     let what = format!("{request:?}");
     match read_all(client, request).await {
         Ok(chunks) => panic!(

@@ -17,8 +17,7 @@
 //! had seen. Nothing here sleeps for a fixed time.
 
 use conlog::proto::{
-    self, agent_client::AgentClient, attach::Mode, client_frame, console_client::ConsoleClient,
-    server_frame::Frame,
+    self, agent_client::AgentClient, attach::Mode, client_frame, server_frame::Frame,
 };
 use std::future::Future;
 use std::ops::{Deref, DerefMut};
@@ -30,7 +29,8 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
-use super::{Daemon, DEADLINE, POLL};
+use super::{Bearer, ConsoleChannel, Daemon, IntoConsole, DEADLINE, POLL};
+use tonic::service::interceptor::InterceptedService;
 
 /// The default console device.
 pub const DEVICE: &str = "serial0";
@@ -75,13 +75,14 @@ pub async fn open_console(
 
 /// A new connection (its own HTTP/2 connection, so its flow control is its own) to the
 /// daemon's local socket.
-pub async fn local_channel(daemon: &Daemon) -> Channel {
-    bounded("connect to the local socket", async {
+pub async fn local_channel(daemon: &Daemon) -> ConsoleChannel {
+    let channel = bounded("connect to the local socket", async {
         conlog::client::connect_local(&daemon.socket())
             .await
             .unwrap_or_else(|e| panic!("connect to {}: {e}", daemon.socket().display()))
     })
-    .await
+    .await;
+    InterceptedService::new(channel, Bearer(None))
 }
 
 /// Waits (bounded) until `ListGuests` shows `guest/device` with `clients` attached clients.
@@ -645,13 +646,16 @@ pub struct Session {
 impl Session {
     /// `AttachConsole` on `channel` with `attach` as the first frame; returns once the
     /// `attached` frame arrived, or the call's error status.
-    pub async fn attach(channel: Channel, attach: proto::Attach) -> Result<Self, Status> {
+    pub async fn attach(channel: impl IntoConsole, attach: proto::Attach) -> Result<Self, Status> {
         Self::open(channel, Some(attach_frame(attach))).await
     }
 
     /// `AttachConsole` whose first frame is `first`; with `None` the client stream ends
     /// without any frame.
-    pub async fn open(channel: Channel, first: Option<proto::ClientFrame>) -> Result<Self, Status> {
+    pub async fn open(
+        channel: impl IntoConsole,
+        first: Option<proto::ClientFrame>,
+    ) -> Result<Self, Status> {
         let (sender, receiver) = mpsc::channel(64);
         let input = match first {
             Some(frame) => {
@@ -665,7 +669,8 @@ impl Session {
         };
         let response = bounded(
             "AttachConsole",
-            ConsoleClient::new(channel)
+            channel
+                .console()
                 .attach_console(tokio_stream::wrappers::ReceiverStream::new(receiver)),
         )
         .await?;
@@ -742,14 +747,10 @@ pub fn watch_request(guest: &str, mode: Mode) -> proto::WatchConsoleRequest {
 /// `WatchConsole`: returns once the `attached` frame (with the session id) arrived. Dropping
 /// the frames cancels the call, which ends the session.
 pub async fn watch(
-    channel: Channel,
+    channel: impl IntoConsole,
     request: proto::WatchConsoleRequest,
 ) -> Result<Frames, Status> {
-    let response = bounded(
-        "WatchConsole",
-        ConsoleClient::new(channel).watch_console(request),
-    )
-    .await?;
+    let response = bounded("WatchConsole", channel.console().watch_console(request)).await?;
     let frames = Frames::start(response.into_inner()).await?;
     assert!(
         !frames.attached.session_id.is_empty(),
@@ -760,13 +761,19 @@ pub async fn watch(
 }
 
 /// `SendConsoleInput(session_id, data)`; returns `accepted_bytes`.
-pub async fn send_input(channel: Channel, session_id: &str, data: &[u8]) -> Result<u64, Status> {
+pub async fn send_input(
+    channel: impl IntoConsole,
+    session_id: &str,
+    data: &[u8],
+) -> Result<u64, Status> {
     bounded(
         "SendConsoleInput",
-        ConsoleClient::new(channel).send_console_input(proto::SendConsoleInputRequest {
-            session_id: session_id.into(),
-            data: data.to_vec(),
-        }),
+        channel
+            .console()
+            .send_console_input(proto::SendConsoleInputRequest {
+                session_id: session_id.into(),
+                data: data.to_vec(),
+            }),
     )
     .await
     .map(|r| r.into_inner().accepted_bytes)

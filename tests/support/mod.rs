@@ -17,18 +17,68 @@ pub use pipes::*;
 pub use process::*;
 
 use conlog::proto::agent_client::AgentClient;
+use conlog::proto::console_client::ConsoleClient;
+use conlog::proto::Access;
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::Channel;
 
 /// How long anything the daemon does may take before a test gives up.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 /// Pause between two polls.
 pub const POLL: Duration = Duration::from_millis(20);
+
+/// Adds `authorization: Bearer <token>` to every call (nothing when `None`).
+#[derive(Clone)]
+pub struct Bearer(pub Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel to the Console service, with the caller's credentials.
+pub type ConsoleChannel = InterceptedService<Channel, Bearer>;
+
+/// `channel` with `token` on every call.
+pub fn with_token(channel: Channel, token: &str) -> ConsoleChannel {
+    let value = format!("Bearer {token}").parse().expect("tokens are ASCII");
+    InterceptedService::new(channel, Bearer(Some(value)))
+}
+
+/// Anything a Console client can be made from: a bare channel (the local socket, or TCP
+/// without credentials) or a [`ConsoleChannel`].
+pub trait IntoConsole {
+    fn console(self) -> ConsoleClient<ConsoleChannel>;
+}
+
+impl IntoConsole for Channel {
+    fn console(self) -> ConsoleClient<ConsoleChannel> {
+        ConsoleClient::new(InterceptedService::new(self, Bearer(None)))
+    }
+}
+
+impl IntoConsole for ConsoleChannel {
+    fn console(self) -> ConsoleClient<ConsoleChannel> {
+        ConsoleClient::new(self)
+    }
+}
 
 /// Path of the daemon binary built for these tests.
 pub fn conlogd_bin() -> &'static str {
@@ -208,13 +258,41 @@ impl Daemon {
         AgentClient::new(channel)
     }
 
-    /// A plaintext channel to the TCP listener.
-    pub async fn tcp_channel(&self) -> Channel {
+    /// A plaintext channel to the TCP listener, without credentials.
+    pub async fn plain_tcp_channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.tcp))
             .expect("valid URI")
             .connect()
             .await
             .unwrap_or_else(|e| panic!("connect to {}: {e}", self.tcp))
+    }
+
+    /// A token from `Agent.IssueToken`.
+    pub async fn token(
+        &self,
+        guest: &str,
+        device: &str,
+        access: Access,
+        ttl_seconds: u64,
+    ) -> String {
+        self.agent()
+            .await
+            .issue_token(conlog::proto::IssueTokenRequest {
+                guest: guest.into(),
+                device: device.into(),
+                access: access.into(),
+                ttl_seconds,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("IssueToken for {guest}: {e}"))
+            .into_inner()
+            .token
+    }
+
+    /// A channel to the TCP listener carrying a read-write token for every device of `guest`.
+    pub async fn tcp_channel(&self, guest: &str) -> ConsoleChannel {
+        let token = self.token(guest, "", Access::ReadWrite, 3600).await;
+        with_token(self.plain_tcp_channel().await, &token)
     }
 
     /// Sends SIGTERM and waits (bounded) for the process to exit.

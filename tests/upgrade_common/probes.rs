@@ -2,7 +2,7 @@
 
 use super::PACE;
 use crate::support::*;
-use conlog::proto::{self, agent_client::AgentClient, console_client::ConsoleClient};
+use conlog::proto::{self, agent_client::AgentClient};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
@@ -139,6 +139,23 @@ impl CallProbe {
             let stop = stop.clone();
             async move {
                 let mut stats = CallStats::default();
+                // Issued once, before any upgrade: tokens must survive them.
+                let token = {
+                    let channel = conlog::client::connect_local(&socket)
+                        .await
+                        .expect("connect to the local socket");
+                    AgentClient::new(channel)
+                        .issue_token(proto::IssueTokenRequest {
+                            guest: "no-such-guest".into(),
+                            access: proto::Access::Read.into(),
+                            ttl_seconds: 3600,
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("IssueToken")
+                        .into_inner()
+                        .token
+                };
                 while !stop.load(SeqCst) {
                     let local = async {
                         let channel = conlog::client::connect_local(&socket)
@@ -160,7 +177,8 @@ impl CallProbe {
                             guest: "no-such-guest".into(),
                             ..Default::default()
                         };
-                        match ConsoleClient::new(channel).read_history(request).await {
+                        let mut client = with_token(channel, &token).console();
+                        match client.read_history(request).await {
                             Err(s) if s.code() == Code::NotFound => Ok(()),
                             other => Err(format!("ReadHistory over TCP: {other:?}")),
                         }

@@ -173,10 +173,11 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HistoryArgs) -> anyhow::Re
                 ttl_seconds: 3600,
             })
             .await
-            .map(|r| r.into_inner().token)
-            .ok();
+            .context("IssueToken")?
+            .into_inner()
+            .token;
         drop(agent);
-        anyhow::Ok(token)
+        anyhow::Ok(Some(token))
     })?;
 
     let mut samples = Vec::new();
