@@ -103,6 +103,14 @@ impl ConsoleActor {
                         }
                         return;
                     }
+                    Some(Command::Detach(id)) => {
+                        // What the client typed before it left (already queued: its input is
+                        // sent before its detach) still goes to the guest.
+                        while let Ok(received) = input.try_recv() {
+                            self.take_input(received);
+                        }
+                        self.detach(id);
+                    }
                     Some(command) => self.handle_command(command),
                     None => {
                         self.close("console handle dropped", false);
@@ -139,7 +147,6 @@ impl ConsoleActor {
             Command::Attach(request, reply) => {
                 let _ = reply.send(self.attach(request));
             }
-            Command::Detach(id) => self.detach(id),
             Command::SetLimits(limits, reply) => {
                 let before = self.log.rotations();
                 let result = self.log.set_limits(limits);
@@ -166,7 +173,9 @@ impl ConsoleActor {
                 self.count_clients();
                 let _ = done.send(());
             }
-            Command::Close { .. } | Command::Freeze(_) => unreachable!("handled by run"),
+            Command::Close { .. } | Command::Freeze(_) | Command::Detach(_) => {
+                unreachable!("handled by run")
+            }
         }
     }
 

@@ -224,6 +224,22 @@ impl SocketPeer {
         &self.received
     }
 
+    /// Reads whatever arrives within `wait` (possibly nothing); returns how many bytes.
+    pub async fn read_some(&mut self, wait: std::time::Duration) -> usize {
+        let mut buffer = vec![0u8; 64 << 10];
+        match tokio::time::timeout(wait, self.stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                self.eof = true;
+                0
+            }
+            Ok(Ok(n)) => {
+                self.received.extend_from_slice(&buffer[..n]);
+                n
+            }
+            Err(_) => 0,
+        }
+    }
+
     /// Forgets what was read so far.
     pub fn clear_received(&mut self) {
         self.received.clear();

@@ -1,0 +1,345 @@
+//! Node protection limits: each refusal is `RESOURCE_EXHAUSTED` naming its config key, nothing
+//! already logged is touched, and the limit frees up again when the load goes away.
+
+mod support;
+
+use conlog::proto::{self, attach::Mode, LogMode};
+use std::time::{Duration, Instant};
+use support::*;
+use tonic::Code;
+
+/// Asserts `result` is `RESOURCE_EXHAUSTED` naming `limit`.
+fn expect_limit<T: std::fmt::Debug>(result: Result<T, tonic::Status>, limit: &str) {
+    let message = expect_code(result, Code::ResourceExhausted, limit);
+    assert!(message.contains(limit), "{limit}: {message}");
+}
+
+fn follow_request(guest: &str) -> proto::ReadHistoryRequest {
+    proto::ReadHistoryRequest {
+        guest: guest.into(),
+        follow: true,
+        ..Default::default()
+    }
+}
+
+/// A following `ReadHistory` on `channel` whose first reply arrived (so the call is counted).
+async fn follower(
+    channel: ConsoleChannel,
+    guest: &str,
+) -> Result<tonic::Streaming<proto::HistoryChunk>, tonic::Status> {
+    let mut stream = channel
+        .console()
+        .read_history(follow_request(guest))
+        .await?
+        .into_inner();
+    stream.message().await?;
+    Ok(stream)
+}
+
+/// `limits.calls_per_connection` and `limits.calls_total`: the call over the limit is refused,
+/// other connections (per-connection limit) and health checks are not, and a finished call
+/// frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_limited_per_connection_and_in_total() {
+    let daemon = Daemon::start_with(
+        Some("limits:\n  calls_per_connection: 3\n  calls_total: 5\n"),
+        &[],
+    )
+    .await;
+    let mut agent = daemon.agent().await;
+    let (_, pipe) = open_pipe(&mut agent, "vm1", "qemu", None).await;
+    write_and_close(pipe, b"hello\n".to_vec()).await;
+    wait_closed(&mut agent, "vm1", "qemu", 6).await;
+    drop(agent);
+
+    // Channels (and their tokens: IssueToken is a call too) are made before the limits bite.
+    let one = daemon.tcp_channel("vm1").await;
+    let three = daemon.tcp_channel("vm1").await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(follower(one.clone(), "vm1").await.expect("within the limit"));
+    }
+    expect_limit(
+        follower(one.clone(), "vm1").await,
+        "limits.calls_per_connection",
+    );
+    // Health checks are never counted or refused.
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(daemon.plain_tcp_channel().await);
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("health check at the limit");
+
+    // Another connection may open calls until the total is reached: 3 + 2 = 5.
+    let two = local_channel(&daemon).await;
+    held.push(follower(two.clone(), "vm1").await.unwrap());
+    held.push(follower(two.clone(), "vm1").await.unwrap());
+    expect_limit(follower(two.clone(), "vm1").await, "limits.calls_total");
+    expect_limit(
+        three.console().read_history(follow_request("vm1")).await,
+        "limits.calls_total",
+    );
+
+    // A finished call frees its place (the count drops when its stream is gone).
+    held.truncate(2);
+    let deadline = Instant::now() + DEADLINE;
+    let again = loop {
+        match follower(one.clone(), "vm1").await {
+            Ok(stream) => break stream,
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(Instant::now() < deadline, "places never freed: {status:?}");
+                tokio::time::sleep(POLL).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    };
+    drop(again);
+}
+
+/// `limits.message_size`: a message over it is `RESOURCE_EXHAUSTED` naming it, for a unary
+/// call and inside an `AttachConsole` stream; one at the limit's edge passes; the guest gets
+/// exactly the accepted bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_over_the_size_limit_are_refused() {
+    let daemon = Daemon::start_with(Some("limits:\n  message_size: 4KiB\n"), &[]).await;
+    let mut agent = daemon.agent().await;
+    let reply = open_console(&mut agent, "vm1").await;
+    let mut guest = FakeGuest::connect(&reply.guest_socket).await;
+    wait_guest_connected(&mut agent, "vm1", "serial0", true).await;
+
+    let mut request = watch_request("vm1", Mode::ReadWrite);
+    request.force = true;
+    let session = watch(daemon.tcp_channel("vm1").await, request)
+        .await
+        .unwrap();
+    let id = session.attached.session_id.clone();
+    // The request's other fields and protobuf framing take a few bytes of the 4 KiB.
+    let fits = pattern(0, 4000);
+    assert_eq!(
+        send_input(daemon.tcp_channel("vm1").await, &id, &fits)
+            .await
+            .unwrap(),
+        4000
+    );
+    expect_limit(
+        send_input(daemon.tcp_channel("vm1").await, &id, &pattern(0, 5000)).await,
+        "limits.message_size",
+    );
+    // The same over the local socket.
+    expect_limit(
+        send_input(local_channel(&daemon).await, &id, &pattern(0, 5000)).await,
+        "limits.message_size",
+    );
+    drop(session);
+    wait_clients(&mut agent, "vm1", "serial0", 0).await;
+
+    // Inside a stream: the call ends with the status; nothing of the big frame is typed.
+    let mut attach_request = attach("vm1", Mode::ReadWrite);
+    attach_request.force = true;
+    let mut writer = Session::attach(daemon.tcp_channel("vm1").await, attach_request)
+        .await
+        .unwrap();
+    writer.send(b"small").await;
+    writer.send(&pattern(0, 8000)).await;
+    let status = writer.wait_end().await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("limits.message_size"),
+        "{status:?}"
+    );
+    let mut expected = fits.clone();
+    expected.extend_from_slice(b"small");
+    assert_eq!(guest.wait_len(expected.len()).await, expected.as_slice());
+    // Nothing more arrives.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(guest.received().len(), expected.len());
+}
+
+/// `limits.total_log_bytes`: streams whose caps would exceed it are refused; existing ones log
+/// on; removing a guest frees its share; a restart restores everything even over the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sum_of_log_caps_is_bounded() {
+    // Each stream: 256 KiB × (1 + 1 backup) = 512 KiB; the budget holds two.
+    let mut daemon = Daemon::start_with(
+        Some(
+            "logs:\n  max_size: 256KiB\n  max_backups: 1\nlimits:\n  total_log_bytes: 1MiB\n",
+        ),
+        &[],
+    )
+    .await;
+    let mut agent = daemon.agent().await;
+    let (_, first) = open_pipe(&mut agent, "vm1", "qemu", None).await;
+    open_console(&mut agent, "vm2").await;
+    expect_limit(
+        create_pipe(&mut agent, "vm3", "qemu", None).await,
+        "limits.total_log_bytes",
+    );
+    expect_limit(
+        create_console(&mut agent, "vm1", "serial0", None).await,
+        "limits.total_log_bytes",
+    );
+    // A smaller cap that fits is fine... no: the budget is full, even 4 KiB is over it.
+    expect_limit(
+        create_pipe(
+            &mut agent,
+            "vm3",
+            "qemu",
+            Some(limits(4096, 0, LogMode::Truncate)),
+        )
+        .await,
+        "limits.total_log_bytes",
+    );
+    // Raising an existing stream's cap is refused too; lowering it frees room.
+    expect_limit(
+        create_pipe(
+            &mut agent,
+            "vm1",
+            "qemu",
+            Some(limits(1 << 20, 1, LogMode::Rotate)),
+        )
+        .await,
+        "limits.total_log_bytes",
+    );
+    create_pipe(
+        &mut agent,
+        "vm1",
+        "qemu",
+        Some(limits(128 << 10, 1, LogMode::Rotate)),
+    )
+    .await
+    .expect("lowering a cap");
+    create_pipe(
+        &mut agent,
+        "vm3",
+        "qemu",
+        Some(limits(256 << 10, 0, LogMode::Truncate)),
+    )
+    .await
+    .expect("fits in the room freed");
+
+    // The first stream still logs.
+    // (The stream keeps a writer: the pipes of the two CreateLogPipe calls above wait for
+    // their hand-off.)
+    write_and_close(first, b"still logging\n".to_vec()).await;
+    wait_offset(&mut agent, "vm1", "qemu", 14).await;
+    assert_eq!(read_log(&daemon.log_dir(), "vm1", "qemu"), b"still logging\n");
+
+    // Removing vm2 frees its 512 KiB.
+    agent
+        .remove_guest(proto::RemoveGuestRequest {
+            guest: "vm2".into(),
+        })
+        .await
+        .unwrap();
+    open_console(&mut agent, "vm4").await;
+
+    // A restart with a smaller budget restores every stream, and refuses new ones.
+    daemon.stop().await;
+    let config = daemon.data_dir().parent().unwrap().join("config.yaml");
+    std::fs::write(
+        &config,
+        "logs:\n  max_size: 256KiB\n  max_backups: 1\nlimits:\n  total_log_bytes: 64KiB\n",
+    )
+    .unwrap();
+    daemon.restart().await;
+    let mut agent = daemon.agent().await;
+    let listed = agent
+        .list_guests(proto::ListGuestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = listed.guests.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["vm1", "vm3", "vm4"]);
+    expect_limit(
+        create_pipe(&mut agent, "vm5", "qemu", None).await,
+        "limits.total_log_bytes",
+    );
+}
+
+/// `limits.guests`, `limits.streams_per_guest` and `limits.pending_handoffs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_streams_and_handoffs_are_limited() {
+    let daemon = Daemon::start_with(
+        Some("limits:\n  guests: 2\n  streams_per_guest: 2\n  pending_handoffs: 3\n"),
+        &[],
+    )
+    .await;
+    let mut agent = daemon.agent().await;
+    let first = create_pipe(&mut agent, "vm1", "qemu", None).await.unwrap();
+    create_pipe(&mut agent, "vm1", "other", None).await.unwrap();
+    expect_limit(
+        create_pipe(&mut agent, "vm1", "third", None).await,
+        "limits.streams_per_guest",
+    );
+    create_pipe(&mut agent, "vm2", "qemu", None).await.unwrap();
+    expect_limit(
+        create_pipe(&mut agent, "vm3", "qemu", None).await,
+        "limits.guests",
+    );
+    // Three hand-offs are pending (none was claimed): another pipe, even on an existing
+    // stream, is refused until one is claimed.
+    expect_limit(
+        create_pipe(&mut agent, "vm2", "qemu", None).await,
+        "limits.pending_handoffs",
+    );
+    let pipe = claim(&first).await.expect("claim a pending hand-off");
+    create_pipe(&mut agent, "vm2", "qemu", None)
+        .await
+        .expect("a hand-off place was freed");
+    drop(pipe);
+    let listed = agent
+        .list_guests(proto::ListGuestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.guests.len(), 2);
+}
+
+/// `limits.input_rate`: a writer typing faster is paced, never dropped. The guest never
+/// receives more than the one-second burst plus the rate times the time elapsed (an upper
+/// bound, which a slow machine can only make easier to meet), and in the end it has every byte
+/// in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_is_paced_to_the_rate_without_loss() {
+    const RATE: usize = 16 << 10;
+    let daemon = Daemon::start_with(Some("limits:\n  input_rate: 16KiB\n"), &[]).await;
+    let mut agent = daemon.agent().await;
+    let reply = open_console(&mut agent, "vm1").await;
+    let mut guest = FakeGuest::connect(&reply.guest_socket).await;
+    wait_guest_connected(&mut agent, "vm1", "serial0", true).await;
+    let writer = Session::attach(
+        daemon.tcp_channel("vm1").await,
+        attach("vm1", Mode::ReadWrite),
+    )
+    .await
+    .unwrap();
+    let data = pattern(0, 3 * RATE);
+    let start = Instant::now();
+    let sender = {
+        let input = writer.input();
+        let data = data.clone();
+        tokio::spawn(async move {
+            for chunk in data.chunks(1024) {
+                input.send(chunk).await;
+            }
+        })
+    };
+    let mut samples = 0;
+    while guest.received().len() < data.len() {
+        guest.read_some(Duration::from_millis(100)).await;
+        let allowed = RATE + (RATE as f64 * start.elapsed().as_secs_f64()) as usize + 1024;
+        assert!(
+            guest.received().len() <= allowed,
+            "{} bytes after {:?}: faster than the rate allows ({allowed})",
+            guest.received().len(),
+            start.elapsed()
+        );
+        samples += 1;
+        assert!(start.elapsed() < DEADLINE, "input never arrived");
+    }
+    assert!(samples > 3, "too few samples to see pacing");
+    assert!(guest.received() == data.as_slice(), "input bytes differ");
+    sender.await.unwrap();
+    drop(writer);
+}
