@@ -54,6 +54,18 @@ async fn print_config_shows_the_effective_yaml() {
         "mode: rotate",
         "token_ttl: 30s",
         "listen: 127.0.0.1:0",
+        // Every limit of design section 4, with its default.
+        "guests: 10000",
+        "streams_per_guest: 16",
+        "clients_per_console: 64",
+        "pending_handoffs: 1024",
+        "calls_per_connection: 256",
+        "calls_total: 16384",
+        "input_rate: 256KiB",
+        "message_size: 1MiB",
+        "total_log_bytes: 160GiB",
+        "max_ttl: 1d",
+        "tls: null",
     ] {
         assert!(yaml.contains(expected), "missing {expected:?} in:\n{yaml}");
     }
@@ -130,10 +142,26 @@ async fn bad_values_are_one_line_errors() {
 }
 
 #[tokio::test]
-async fn non_loopback_listen_needs_insecure() {
+async fn non_loopback_listen_needs_tls_or_insecure() {
     let output = conlogd(None, &["--listen", "0.0.0.0:0"]).await;
     let text = one_line_error(&output);
     assert!(text.contains("insecure: true"), "{text}");
+    assert!(text.contains("tls.cert"), "{text}");
+
+    // Security values are checked like every other.
+    for (yaml, key) in [
+        ("limits:\n  calls_total: 0\n", "limits.calls_total"),
+        ("limits:\n  message_size: 1KiB\n", "limits.message_size"),
+        ("limits:\n  input_rate: 10B\n", "limits.input_rate"),
+        ("limits:\n  total_log_bytes: 1KiB\n", "limits.total_log_bytes"),
+        ("tokens:\n  max_ttl: 0s\n", "tokens.max_ttl"),
+        ("tls:\n  cert: cert.pem\n  key: /k.pem\n", "tls.cert"),
+        ("tls:\n  key: /k.pem\n", "cert"),
+    ] {
+        let output = conlogd(Some(yaml), &["--print-config"]).await;
+        let text = one_line_error(&output);
+        assert!(text.contains(key), "{yaml:?}: {text}");
+    }
 
     let output = conlogd(Some("listen: 0.0.0.0:0\n"), &[]).await;
     let text = one_line_error(&output);

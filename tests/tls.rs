@@ -919,3 +919,33 @@ async fn bad_tls_setups_and_plaintext_on_the_network_are_refused_at_start() {
         assert!(yaml.contains(&expected), "missing {expected:?} in:\n{yaml}");
     }
 }
+
+// SCRATCH: experiment, to be removed
+async fn scratch_upgrade(tls: bool) -> Outcome {
+    let files = Files::new();
+    let ca = Ca::new("conlog test CA");
+    let server = ca.server();
+    let cert = files.write("server.pem", &server.cert);
+    let key = files.write("server.key", &server.key);
+    let yaml = if tls { tls_yaml(&cert, &key, None, "10s") } else { "log_level: info\n".into() };
+    let daemon = Daemon::start_with(Some(&yaml), &[]).await;
+    let data = b"upgrade\n".repeat(10);
+    log(&daemon, "vm1", &data).await;
+    let token = daemon.token("vm1", "", Access::Read, 3600).await;
+    let ep = |d: &Daemon| if tls { endpoint(d, &ca.pem(), None) } else { Endpoint::from_shared(format!("http://{}", d.tcp)).unwrap() };
+    let channel = ep(&daemon).connect().await.unwrap();
+    let mut client = with_token(channel, &token).console();
+    let mut followed = open(&mut client, ReadHistoryRequest { follow: true, ..request("vm1", "qemu", None) }).await.unwrap();
+    let _ = next(&mut followed).await;
+    daemon.signal(rustix::process::Signal::USR1);
+    wait_lines(&daemon, "upgrading in place", 1).await;
+    let outcome = try_read(ep(&daemon), Some(&token), "vm1").await;
+    wait_lines(&daemon, "conlogd ready", 2).await;
+    eprintln!("tls={tls} outcome={outcome:?}\n{}", daemon.stderr());
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scratch_upgrade_plain() { scratch_upgrade(false).await; }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scratch_upgrade_tls() { scratch_upgrade(true).await; }

@@ -68,6 +68,7 @@ fn main() -> anyhow::Result<()> {
     // The upgrade preflight: this binary starts, accepts the same flags and config, and reads
     // this snapshot format.
     if args.snapshot_format {
+        conlog::daemon::preflight(&config)?;
         println!("{}", conlog::upgrade::snapshot::FORMAT_VERSION);
         return Ok(());
     }

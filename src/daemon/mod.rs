@@ -80,6 +80,12 @@ pub enum StartError {
     TokenKey { path: PathBuf, source: io::Error },
 }
 
+/// Checks what a start would need beyond the config (TLS files, the token key), so that an
+/// upgrade to a binary or config that could not start is refused before the old image ends.
+pub fn preflight(config: &Config) -> Result<(), StartError> {
+    Security::load(config).map(drop)
+}
+
 /// What guards the listeners; built once, kept across upgrades that fail.
 struct Security {
     tls: Option<Arc<Tls>>,
