@@ -90,6 +90,8 @@ impl Key {
 pub struct TokenKey {
     path: PathBuf,
     key: RwLock<Key>,
+    /// Counts rotations, so that calls made with older tokens can end when one happens.
+    rotations: tokio::sync::watch::Sender<u64>,
 }
 
 impl TokenKey {
@@ -127,6 +129,7 @@ impl TokenKey {
         Ok(Self {
             path: path.to_owned(),
             key: RwLock::new(Key::from_bytes(&bytes)),
+            rotations: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -137,7 +140,13 @@ impl TokenKey {
         let key = Key::from_bytes(&bytes);
         let id = key.id.clone();
         *self.key.write().expect("token key poisoned") = key;
+        self.rotations.send_modify(|n| *n += 1);
         Ok(id)
+    }
+
+    /// Changes when the key is rotated.
+    pub fn rotations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.rotations.subscribe()
     }
 
     /// The id of the current key.

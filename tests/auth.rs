@@ -375,3 +375,55 @@ async fn agent_calls_log_the_peer() {
         tokio::time::sleep(POLL).await;
     }
 }
+
+/// A rotation revokes calls in progress too: remote streams end with `UNAUTHENTICATED`;
+/// local clients (no token) carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_ends_remote_calls_in_progress() {
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let reply = open_console(&mut agent, GUEST).await;
+    let mut guest = FakeGuest::connect(&reply.guest_socket).await;
+    guest.write(b"boot\n").await;
+    wait_offset(&mut agent, GUEST, DEVICE, 5).await;
+
+    let mut remote = Session::attach(
+        daemon.tcp_channel(GUEST).await,
+        attach(GUEST, Mode::ReadOnly),
+    )
+    .await
+    .unwrap();
+    let mut follower = daemon
+        .tcp_channel(GUEST)
+        .await
+        .console()
+        .read_history(proto::ReadHistoryRequest {
+            guest: GUEST.into(),
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    follower.message().await.unwrap().expect("the logged bytes");
+    let mut local = Session::attach(local_channel(&daemon).await, attach(GUEST, Mode::ReadOnly))
+        .await
+        .unwrap();
+
+    agent
+        .rotate_token_key(proto::RotateTokenKeyRequest {})
+        .await
+        .unwrap();
+    let status = remote.wait_end().await;
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let status = loop {
+        match follower.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the follower ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    guest.write(b"after\n").await;
+    local.wait_output(b"after\n").await;
+}

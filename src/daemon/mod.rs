@@ -371,6 +371,7 @@ impl Serving {
             guests.clone(),
             config.history.chunk_size.bytes() as usize,
             config.limits.input_rate.bytes(),
+            security.tokens.clone(),
         );
         let tcp = tokio_tcp(&listeners.tcp)?;
         let tcp_address = tcp.local_addr()?;

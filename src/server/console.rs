@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::guests::Guests;
 use crate::history::{self, HistoryItem, HistoryRequest, Start};
 use crate::names;
+use crate::tokens::TokenKey;
 use crate::proto::{
     self, attach, client_frame, console_server::Console, read_history_request, server_frame,
     ClientFrame, HistoryChunk, ReadHistoryRequest, SendConsoleInputRequest,
@@ -34,16 +35,52 @@ pub struct ConsoleService {
     sessions: Arc<Sessions>,
     history_chunk: usize,
     input_rate: u64,
+    tokens: Arc<TokenKey>,
 }
 
 impl ConsoleService {
-    pub fn new(guests: Arc<Guests>, history_chunk: usize, input_rate: u64) -> Self {
+    pub fn new(
+        guests: Arc<Guests>,
+        history_chunk: usize,
+        input_rate: u64,
+        tokens: Arc<TokenKey>,
+    ) -> Self {
         Self {
             guests,
             sessions: Arc::new(Sessions::default()),
             history_chunk,
             input_rate,
+            tokens,
         }
+    }
+
+    /// `stream`, ended with `UNAUTHENTICATED` if the token key is rotated while it runs and
+    /// the caller came with a token: a rotation revokes calls in progress too.
+    fn revocable<T: Send + 'static>(
+        &self,
+        caller: Option<&Caller>,
+        stream: BoxStream<T>,
+    ) -> BoxStream<T> {
+        if !matches!(caller, Some(Caller::Remote(_))) {
+            return stream;
+        }
+        let mut rotations = self.tokens.rotations();
+        rotations.mark_unchanged();
+        Box::pin(futures::stream::unfold(
+            Some((stream, rotations)),
+            |state| async move {
+                let (mut stream, mut rotations) = state?;
+                tokio::select! {
+                    item = stream.next() => item.map(|item| (item, Some((stream, rotations)))),
+                    _ = rotations.changed() => Some((
+                        Err(Status::unauthenticated(
+                            "The token key was rotated: this call's token is revoked",
+                        )),
+                        None,
+                    )),
+                }
+            },
+        ))
     }
 
     async fn attach(
@@ -258,12 +295,8 @@ impl Console for ConsoleService {
                 }
             }
         });
-        Ok(Response::new(frames(
-            attachment,
-            None,
-            Some(ended),
-            Some(input_failed),
-        )))
+        let frames = frames(attachment, None, Some(ended), Some(input_failed));
+        Ok(Response::new(self.revocable(caller.as_ref(), frames)))
     }
 
     async fn watch_console(
@@ -284,7 +317,8 @@ impl Console for ConsoleService {
         let session = self
             .sessions
             .open(console, attachment.id, self.input_rate)?;
-        Ok(Response::new(frames(attachment, Some(session), None, None)))
+        let frames = frames(attachment, Some(session), None, None);
+        Ok(Response::new(self.revocable(caller.as_ref(), frames)))
     }
 
     async fn send_console_input(
@@ -368,6 +402,6 @@ impl Console for ConsoleService {
                 }),
                 Err(e) => Err(Status::from(e)),
             });
-        Ok(Response::new(Box::pin(chunks)))
+        Ok(Response::new(self.revocable(caller.as_ref(), Box::pin(chunks))))
     }
 }
