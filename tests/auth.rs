@@ -193,7 +193,9 @@ async fn authorization_matrix() {
             let got = attempt(&daemon, call, token.as_deref()).await;
             let want = expected(credential, call);
             if got != want {
-                wrong.push(format!("{credential:?} × {call:?}: got {got:?}, want {want:?}"));
+                wrong.push(format!(
+                    "{credential:?} × {call:?}: got {got:?}, want {want:?}"
+                ));
             }
             // Every client of the attempt is gone before the next one (the writer lease too).
             wait_clients(&mut agent, GUEST, DEVICE, 0).await;

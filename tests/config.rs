@@ -153,7 +153,10 @@ async fn non_loopback_listen_needs_tls_or_insecure() {
         ("limits:\n  calls_total: 0\n", "limits.calls_total"),
         ("limits:\n  message_size: 1KiB\n", "limits.message_size"),
         ("limits:\n  input_rate: 10B\n", "limits.input_rate"),
-        ("limits:\n  total_log_bytes: 1KiB\n", "limits.total_log_bytes"),
+        (
+            "limits:\n  total_log_bytes: 1KiB\n",
+            "limits.total_log_bytes",
+        ),
         ("tokens:\n  max_ttl: 0s\n", "tokens.max_ttl"),
         ("tls:\n  cert: cert.pem\n  key: /k.pem\n", "tls.cert"),
         ("tls:\n  key: /k.pem\n", "cert"),

@@ -123,7 +123,9 @@ async fn grpcurl_reads_the_last_lines_as_text_over_unix_and_tcp() {
 
     // Over TCP with a read-only token, as a remote operator would.
     let address = daemon.tcp.to_string();
-    let token = daemon.token("vm1", "", conlog::proto::Access::Read, 600).await;
+    let token = daemon
+        .token("vm1", "", conlog::proto::Access::Read, 600)
+        .await;
     let authorization = format!("authorization: Bearer {token}");
     let output = run_grpcurl(&[
         "-plaintext",

@@ -57,7 +57,11 @@ async fn calls_are_limited_per_connection_and_in_total() {
     let three = daemon.tcp_channel("vm1").await;
     let mut held = Vec::new();
     for _ in 0..3 {
-        held.push(follower(one.clone(), "vm1").await.expect("within the limit"));
+        held.push(
+            follower(one.clone(), "vm1")
+                .await
+                .expect("within the limit"),
+        );
     }
     expect_limit(
         follower(one.clone(), "vm1").await,
@@ -162,9 +166,7 @@ async fn messages_over_the_size_limit_are_refused() {
 async fn the_sum_of_log_caps_is_bounded() {
     // Each stream: 256 KiB × (1 + 1 backup) = 512 KiB; the budget holds two.
     let mut daemon = Daemon::start_with(
-        Some(
-            "logs:\n  max_size: 256KiB\n  max_backups: 1\nlimits:\n  total_log_bytes: 1MiB\n",
-        ),
+        Some("logs:\n  max_size: 256KiB\n  max_backups: 1\nlimits:\n  total_log_bytes: 1MiB\n"),
         &[],
     )
     .await;
@@ -223,7 +225,10 @@ async fn the_sum_of_log_caps_is_bounded() {
     // their hand-off.)
     write_and_close(first, b"still logging\n".to_vec()).await;
     wait_offset(&mut agent, "vm1", "qemu", 14).await;
-    assert_eq!(read_log(&daemon.log_dir(), "vm1", "qemu"), b"still logging\n");
+    assert_eq!(
+        read_log(&daemon.log_dir(), "vm1", "qemu"),
+        b"still logging\n"
+    );
 
     // Removing vm2 frees its 512 KiB.
     agent

@@ -14,12 +14,12 @@ use crate::error::{Error, Result};
 use crate::guests::Guests;
 use crate::history::{self, HistoryItem, HistoryRequest, Start};
 use crate::names;
-use crate::tokens::TokenKey;
 use crate::proto::{
     self, attach, client_frame, console_server::Console, read_history_request, server_frame,
     ClientFrame, HistoryChunk, ReadHistoryRequest, SendConsoleInputRequest,
     SendConsoleInputResponse, ServerFrame, WatchConsoleRequest,
 };
+use crate::tokens::TokenKey;
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
@@ -402,6 +402,8 @@ impl Console for ConsoleService {
                 }),
                 Err(e) => Err(Status::from(e)),
             });
-        Ok(Response::new(self.revocable(caller.as_ref(), Box::pin(chunks))))
+        Ok(Response::new(
+            self.revocable(caller.as_ref(), Box::pin(chunks)),
+        ))
     }
 }
