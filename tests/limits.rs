@@ -348,3 +348,40 @@ async fn input_is_paced_to_the_rate_without_loss() {
     sender.await.unwrap();
     drop(writer);
 }
+
+/// Oversized credentials (a 20 KiB header, a 2 KiB token) are refused without harm: the
+/// daemon serves the next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_and_tokens_are_refused() {
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let (_, pipe) = open_pipe(&mut agent, "vm1", "qemu", None).await;
+    write_and_close(pipe, b"hello\n".to_vec()).await;
+    wait_closed(&mut agent, "vm1", "qemu", 6).await;
+    for size in [2 << 10, 20 << 10] {
+        let token = "x".repeat(size);
+        let result = with_token(daemon.plain_tcp_channel().await, &token)
+            .console()
+            .read_history(follow_request("vm1"))
+            .await;
+        let status = match result {
+            Err(status) => status,
+            Ok(response) => response
+                .into_inner()
+                .message()
+                .await
+                .expect_err("an oversized token"),
+        };
+        assert!(
+            // Over the header limit HTTP/2 answers 431 before gRPC sees the call.
+            matches!(status.code(), Code::Unauthenticated | Code::Unknown),
+            "{size}: {status:?}"
+        );
+        if size < 16 << 10 {
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        }
+    }
+    follower(daemon.tcp_channel("vm1").await, "vm1")
+        .await
+        .expect("served after the oversized calls");
+}

@@ -74,8 +74,9 @@ impl Ca {
 
     /// A server certificate for `localhost` and `127.0.0.1`.
     fn server(&self) -> Leaf {
-        let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .expect("server params");
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .expect("server params");
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.sign(params, "conlogd test server")
@@ -169,7 +170,6 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 /// How one attempt to read a history went.
-#[derive(Debug)]
 enum Outcome {
     /// The call succeeded with these bytes.
     Read(Vec<u8>),
@@ -182,6 +182,23 @@ enum Outcome {
         transport: bool,
         message: String,
     },
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Read(data) => write!(f, "read {} bytes", data.len()),
+            Outcome::ConnectFailed(why) => write!(f, "connect failed: {why}"),
+            Outcome::CallFailed {
+                code,
+                transport,
+                message,
+            } => write!(
+                f,
+                "call failed with {code:?} (transport: {transport}): {message}"
+            ),
+        }
+    }
 }
 
 impl Outcome {
@@ -265,7 +282,7 @@ fn assert_read(outcome: Outcome, expected: &[u8], what: &str, daemon: &Daemon) {
             expected.len()
         ),
         other => panic!(
-            "{what}: expected to read, got {other:?}\n--- conlogd ---\n{}",
+            "{what}: expected to read, got {other}\n--- conlogd ---\n{}",
             daemon.stderr()
         ),
     }
@@ -277,7 +294,7 @@ fn assert_read(outcome: Outcome, expected: &[u8], what: &str, daemon: &Daemon) {
 async fn assert_refused(outcome: Outcome, what: &str, daemon: &Daemon, failures_before: usize) {
     assert!(
         outcome.refused_by_transport(),
-        "{what}: expected a TLS failure, got {outcome:?}\n--- conlogd ---\n{}",
+        "{what}: expected a TLS failure, got {outcome}\n--- conlogd ---\n{}",
         daemon.stderr()
     );
     wait_lines(daemon, HANDSHAKE_FAILED, failures_before + 1).await;
@@ -293,14 +310,15 @@ fn ready_line(daemon: &Daemon) -> String {
         .to_owned()
 }
 
-/// Asserts that the ready line says `tls=<mode>`.
+/// Asserts that the ready line says `tls=<mode>`, as documented (`tls=off|on|mutual`, like
+/// `tcp=` and `metrics=`: unquoted).
 fn assert_tls_mode(daemon: &Daemon, mode: &str) {
     let line = ready_line(daemon);
     let value = line
         .split_whitespace()
         .find_map(|field| field.strip_prefix("tls="))
         .unwrap_or_else(|| panic!("no tls= in the ready line {line:?}"));
-    assert_eq!(value.trim_matches('"'), mode, "tls= in the ready line {line:?}"); // TEMP
+    assert_eq!(value, mode, "tls= in the ready line {line:?}");
 }
 
 /// `conlogctl` with `args`, bounded.
@@ -347,7 +365,6 @@ async fn tls_serves_clients_that_trust_the_ca_and_only_them() {
     // A handshake timeout longer than any test: a client that never finishes its handshake
     // must not hold up the others.
     let daemon = Daemon::start_with(Some(&tls_yaml(&cert, &key, None, "1h")), &[]).await;
-    assert_tls_mode(&daemon, "on");
 
     let data = b"[    0.000000] Linux version 6.1\r\nlogin: \xff\x00binary\n".repeat(50);
     log(&daemon, "vm1", &data).await;
@@ -364,7 +381,7 @@ async fn tls_serves_clients_that_trust_the_ca_and_only_them() {
     assert_eq!(
         (outcome.code(), outcome.refused_by_transport()),
         (Some(Code::Unauthenticated), false),
-        "TLS without a token: {outcome:?}"
+        "TLS without a token: {outcome}"
     );
 
     // Plaintext HTTP/2 to the TLS port.
@@ -377,7 +394,12 @@ async fn tls_serves_clients_that_trust_the_ca_and_only_them() {
 
     // A client that trusts another CA refuses the server's certificate.
     let failures = count_lines(&daemon, HANDSHAKE_FAILED);
-    let outcome = try_read(endpoint(&daemon, &other_ca.pem(), None), Some(&token), "vm1").await;
+    let outcome = try_read(
+        endpoint(&daemon, &other_ca.pem(), None),
+        Some(&token),
+        "vm1",
+    )
+    .await;
     assert_refused(outcome, "client trusting another CA", &daemon, failures).await;
 
     // conlogctl over https://, by IP address (the certificate names 127.0.0.1 too).
@@ -423,6 +445,8 @@ async fn tls_serves_clients_that_trust_the_ca_and_only_them() {
     let outcome = try_read(endpoint(&daemon, &ca.pem(), None), Some(&token), "vm1").await;
     assert_read(outcome, &data, "TLS client after the others", &daemon);
     drop(idle);
+    // Last, so that a mismatch here does not hide the checks above.
+    assert_tls_mode(&daemon, "on");
 }
 
 // 2. Mutual TLS
@@ -447,15 +471,18 @@ async fn mutual_tls_needs_a_client_certificate_from_the_client_ca_and_a_token() 
     let client_key = files.write("client.key", &client.key);
     let stranger_cert = files.write("stranger.pem", &stranger.cert);
     let stranger_key = files.write("stranger.key", &stranger.key);
-    let daemon =
-        Daemon::start_with(Some(&tls_yaml(&cert, &key, Some(&ca_path), "1s")), &[]).await;
-    assert_tls_mode(&daemon, "mutual");
+    let daemon = Daemon::start_with(Some(&tls_yaml(&cert, &key, Some(&ca_path), "1s")), &[]).await;
 
     let data = b"mutual TLS console output\n".repeat(100);
     log(&daemon, "vm1", &data).await;
     let token = daemon.token("vm1", "", Access::Read, 3600).await;
 
-    let outcome = try_read(endpoint(&daemon, &ca.pem(), Some(&client)), Some(&token), "vm1").await;
+    let outcome = try_read(
+        endpoint(&daemon, &ca.pem(), Some(&client)),
+        Some(&token),
+        "vm1",
+    )
+    .await;
     assert_read(outcome, &data, "client certificate from the CA", &daemon);
 
     // A valid certificate is not a credential: the token is still needed.
@@ -463,7 +490,7 @@ async fn mutual_tls_needs_a_client_certificate_from_the_client_ca_and_a_token() 
     assert_eq!(
         (outcome.code(), outcome.refused_by_transport()),
         (Some(Code::Unauthenticated), false),
-        "client certificate without a token: {outcome:?}"
+        "client certificate without a token: {outcome}"
     );
     // And a token for another guest does not open this one.
     let other_token = daemon.token("vm2", "", Access::Read, 3600).await;
@@ -476,7 +503,7 @@ async fn mutual_tls_needs_a_client_certificate_from_the_client_ca_and_a_token() 
     assert_eq!(
         (outcome.code(), outcome.refused_by_transport()),
         (Some(Code::PermissionDenied), false),
-        "a token for vm2 reading vm1: {outcome:?}"
+        "a token for vm2 reading vm1: {outcome}"
     );
 
     for (what, identity) in [
@@ -561,13 +588,24 @@ async fn mutual_tls_needs_a_client_certificate_from_the_client_ca_and_a_token() 
     );
 
     // Everything above left the daemon serving.
-    let outcome = try_read(endpoint(&daemon, &ca.pem(), Some(&client)), Some(&token), "vm1").await;
-    assert_read(outcome, &data, "client certificate from the CA, at the end", &daemon);
+    let outcome = try_read(
+        endpoint(&daemon, &ca.pem(), Some(&client)),
+        Some(&token),
+        "vm1",
+    )
+    .await;
+    assert_read(
+        outcome,
+        &data,
+        "client certificate from the CA, at the end",
+        &daemon,
+    );
+    assert_tls_mode(&daemon, "mutual");
 }
 
 // 3. Reloading on SIGHUP
 
-/// A `ReadHistory` with `follow` on `vm-reload/qemu` from offset 0.
+/// A `ReadHistory` with `follow` on `guest/qemu` from offset 0.
 fn follow_request(guest: &str) -> ReadHistoryRequest {
     ReadHistoryRequest {
         follow: true,
@@ -590,7 +628,11 @@ async fn follow_until(
         assert_pattern(offset, got.push(&chunk));
     }
     assert_eq!(got.position, Some(until), "followed past the data written");
-    assert!(got.gaps.is_empty(), "gaps in a followed reply: {:?}", got.gaps);
+    assert!(
+        got.gaps.is_empty(),
+        "gaps in a followed reply: {:?}",
+        got.gaps
+    );
 }
 
 /// SIGHUP reloads `tls.cert`/`tls.key`: new connections get the new certificate (clients that
@@ -609,7 +651,6 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     let cert = files.write("server.pem", &server_a.cert);
     let key = files.write("server.key", &server_a.key);
     let daemon = Daemon::start_with(Some(&tls_yaml(&cert, &key, None, "10s")), &[]).await;
-    assert_tls_mode(&daemon, "on");
 
     let mut agent = daemon.agent().await;
     let (_, mut pipe) = open_pipe(
@@ -630,9 +671,12 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     let token = daemon.token(GUEST, "", Access::Read, 3600).await;
 
     // A long-lived connection made with certificate A.
-    let old_channel = bounded("connect with CA A", endpoint(&daemon, &ca_a.pem(), None).connect())
-        .await
-        .unwrap_or_else(|e| panic!("connect with CA A: {}", error_chain(&e)));
+    let old_channel = bounded(
+        "connect with CA A",
+        endpoint(&daemon, &ca_a.pem(), None).connect(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connect with CA A: {}", error_chain(&e)));
     let mut old = with_token(old_channel, &token).console();
     let mut followed = open(&mut old, follow_request(GUEST))
         .await
@@ -649,7 +693,12 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     let expect_b = async |what: &str| {
         let data = pattern(0, written_now(&daemon, GUEST).await as usize);
         let outcome = try_read(endpoint(&daemon, &ca_b.pem(), None), Some(&token), GUEST).await;
-        assert_read(outcome, &data, &format!("{what}: client trusting CA B"), &daemon);
+        assert_read(
+            outcome,
+            &data,
+            &format!("{what}: client trusting CA B"),
+            &daemon,
+        );
         let failures = count_lines(&daemon, HANDSHAKE_FAILED);
         let outcome = try_read(endpoint(&daemon, &ca_a.pem(), None), Some(&token), GUEST).await;
         assert_refused(
@@ -675,10 +724,25 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     // Files that cannot be used: the error names the file; B stays.
     let garbage_block = "-----BEGIN CERTIFICATE-----\nZ2FyYmFnZSwgbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n";
     let cases: [(&str, &str, &str, &str); 5] = [
-        ("garbage in both files", "garbage\n", "garbage\n", "tls.cert"),
-        ("a certificate block that is no certificate", garbage_block, &server_b.key, "tls.cert"),
+        (
+            "garbage in both files",
+            "garbage\n",
+            "garbage\n",
+            "tls.cert",
+        ),
+        (
+            "a certificate block that is no certificate",
+            garbage_block,
+            &server_b.key,
+            "tls.cert",
+        ),
         ("a garbage key", &server_b.cert, "not a key\n", "tls.key"),
-        ("the key of another certificate", &server_b.cert, &server_a.key, "tls.key"),
+        (
+            "the key of another certificate",
+            &server_b.cert,
+            &server_a.key,
+            "tls.key",
+        ),
         ("an empty certificate file", "", &server_b.key, "tls.cert"),
     ];
     for (n, (what, cert_text, key_text, names)) in cases.into_iter().enumerate() {
@@ -693,9 +757,19 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
             .nth(n)
             .expect("the reload error")
             .to_owned();
-        assert!(line.contains("ERROR"), "{what}: not logged as an error: {line}");
-        assert!(line.contains(names), "{what}: {names} is not named in {line}");
-        assert_eq!(count_lines(&daemon, RELOADED), 1, "{what}: reported as reloaded");
+        assert!(
+            line.contains("ERROR"),
+            "{what}: not logged as an error: {line}"
+        );
+        assert!(
+            line.contains(names),
+            "{what}: {names} is not named in {line}"
+        );
+        assert_eq!(
+            count_lines(&daemon, RELOADED),
+            1,
+            "{what}: reported as reloaded"
+        );
         assert_alive(&daemon).await;
         expect_b(what).await;
         let end = write(&mut pipe, 100);
@@ -712,11 +786,17 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     assert_read(outcome, &data, "after the reload back to A", &daemon);
     let failures = count_lines(&daemon, HANDSHAKE_FAILED);
     let outcome = try_read(endpoint(&daemon, &ca_b.pem(), None), Some(&token), GUEST).await;
-    assert_refused(outcome, "client trusting only CA B after the reload to A", &daemon, failures)
-        .await;
+    assert_refused(
+        outcome,
+        "client trusting only CA B after the reload to A",
+        &daemon,
+        failures,
+    )
+    .await;
     let end = write(&mut pipe, 2000);
     follow_until(&mut followed, &mut got, end).await;
     drop(pipe);
+    assert_tls_mode(&daemon, "on");
 }
 
 /// The offset of `guest/qemu` as listed.
@@ -741,17 +821,24 @@ async fn sighup_reloads_the_client_ca() {
     let client_ca = files.write("client-ca.pem", &ca_1.pem());
     let daemon =
         Daemon::start_with(Some(&tls_yaml(&cert, &key, Some(&client_ca), "10s")), &[]).await;
-    assert_tls_mode(&daemon, "mutual");
     let data = b"client CA reload\n".repeat(20);
     log(&daemon, "vm1", &data).await;
     let token = daemon.token("vm1", "", Access::Read, 3600).await;
 
-    let outcome =
-        try_read(endpoint(&daemon, &server_ca.pem(), Some(&client_1)), Some(&token), "vm1").await;
+    let outcome = try_read(
+        endpoint(&daemon, &server_ca.pem(), Some(&client_1)),
+        Some(&token),
+        "vm1",
+    )
+    .await;
     assert_read(outcome, &data, "client 1 before the reload", &daemon);
     let failures = count_lines(&daemon, HANDSHAKE_FAILED);
-    let outcome =
-        try_read(endpoint(&daemon, &server_ca.pem(), Some(&client_2)), Some(&token), "vm1").await;
+    let outcome = try_read(
+        endpoint(&daemon, &server_ca.pem(), Some(&client_2)),
+        Some(&token),
+        "vm1",
+    )
+    .await;
     assert_refused(outcome, "client 2 before the reload", &daemon, failures).await;
 
     let old_channel = bounded(
@@ -767,16 +854,25 @@ async fn sighup_reloads_the_client_ca() {
     daemon.signal(rustix::process::Signal::HUP);
     wait_lines(&daemon, "TLS certificates reloaded", 1).await;
 
-    let outcome =
-        try_read(endpoint(&daemon, &server_ca.pem(), Some(&client_2)), Some(&token), "vm1").await;
+    let outcome = try_read(
+        endpoint(&daemon, &server_ca.pem(), Some(&client_2)),
+        Some(&token),
+        "vm1",
+    )
+    .await;
     assert_read(outcome, &data, "client 2 after the reload", &daemon);
     let failures = count_lines(&daemon, HANDSHAKE_FAILED);
-    let outcome =
-        try_read(endpoint(&daemon, &server_ca.pem(), Some(&client_1)), Some(&token), "vm1").await;
+    let outcome = try_read(
+        endpoint(&daemon, &server_ca.pem(), Some(&client_1)),
+        Some(&token),
+        "vm1",
+    )
+    .await;
     assert_refused(outcome, "client 1 after the reload", &daemon, failures).await;
     // The connection client 1 made before the reload is still served.
     let chunks = read_ok(&mut old, request("vm1", "", None)).await;
     assert!(Received::of(&chunks, DEFAULT_CHUNK).data == data);
+    assert_tls_mode(&daemon, "mutual");
 }
 
 // 4. Start-up errors
@@ -880,7 +976,10 @@ async fn bad_tls_setups_and_plaintext_on_the_network_are_refused_at_start() {
     let (output, bound) = conlogd("tls:\n  cert: server.pem\n  key: server.key\n", &loopback).await;
     let line = refusal(&output, bound, "relative tls.cert");
     assert_eq!(output.status.code(), Some(2), "{}", describe(&output));
-    assert!(line.contains("tls.cert") && line.contains("absolute"), "{line}");
+    assert!(
+        line.contains("tls.cert") && line.contains("absolute"),
+        "{line}"
+    );
 
     // Plaintext on a non-loopback address: refused before binding anything.
     let (output, bound) = conlogd("log_level: info\n", &["--listen", "0.0.0.0:0"]).await;
@@ -892,7 +991,11 @@ async fn bad_tls_setups_and_plaintext_on_the_network_are_refused_at_start() {
 
     // insecure: true makes it a valid config (only printed here: nothing may listen beyond
     // loopback in tests).
-    let (output, bound) = conlogd("insecure: true\n", &["--listen", "0.0.0.0:0", "--print-config"]).await;
+    let (output, bound) = conlogd(
+        "insecure: true\n",
+        &["--listen", "0.0.0.0:0", "--print-config"],
+    )
+    .await;
     assert!(output.status.success() && !bound, "{}", describe(&output));
     let yaml = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -919,33 +1022,3 @@ async fn bad_tls_setups_and_plaintext_on_the_network_are_refused_at_start() {
         assert!(yaml.contains(&expected), "missing {expected:?} in:\n{yaml}");
     }
 }
-
-// SCRATCH: experiment, to be removed
-async fn scratch_upgrade(tls: bool) -> Outcome {
-    let files = Files::new();
-    let ca = Ca::new("conlog test CA");
-    let server = ca.server();
-    let cert = files.write("server.pem", &server.cert);
-    let key = files.write("server.key", &server.key);
-    let yaml = if tls { tls_yaml(&cert, &key, None, "10s") } else { "log_level: info\n".into() };
-    let daemon = Daemon::start_with(Some(&yaml), &[]).await;
-    let data = b"upgrade\n".repeat(10);
-    log(&daemon, "vm1", &data).await;
-    let token = daemon.token("vm1", "", Access::Read, 3600).await;
-    let ep = |d: &Daemon| if tls { endpoint(d, &ca.pem(), None) } else { Endpoint::from_shared(format!("http://{}", d.tcp)).unwrap() };
-    let channel = ep(&daemon).connect().await.unwrap();
-    let mut client = with_token(channel, &token).console();
-    let mut followed = open(&mut client, ReadHistoryRequest { follow: true, ..request("vm1", "qemu", None) }).await.unwrap();
-    let _ = next(&mut followed).await;
-    daemon.signal(rustix::process::Signal::USR1);
-    wait_lines(&daemon, "upgrading in place", 1).await;
-    let outcome = try_read(ep(&daemon), Some(&token), "vm1").await;
-    wait_lines(&daemon, "conlogd ready", 2).await;
-    eprintln!("tls={tls} outcome={outcome:?}\n{}", daemon.stderr());
-    outcome
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scratch_upgrade_plain() { scratch_upgrade(false).await; }
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scratch_upgrade_tls() { scratch_upgrade(true).await; }

@@ -230,7 +230,7 @@ pub async fn run(
         tracing::info!(
             socket = %config.runtime_dir().join("conlogd.sock").display(),
             tcp = %serving.tcp_address,
-            tls = security.tls.as_ref().map_or("off", |t| if t.mutual() { "mutual" } else { "on" }),
+            tls = %security.tls.as_ref().map_or("off", |t| if t.mutual() { "mutual" } else { "on" }),
             metrics = %serving.metrics_address.map_or("off".into(), |a| a.to_string()),
             restored_streams = guests.count().await,
             pid = std::process::id(),

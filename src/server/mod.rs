@@ -48,12 +48,17 @@ impl Protection {
 
     /// A server builder with these limits. HTTP/2's own stream cap sits above the call
     /// limit, so that a client over it gets `RESOURCE_EXHAUSTED` naming the limit rather than
-    /// silently waiting for a stream.
+    /// silently waiting for a stream. Keepalive pings find peers that vanished without a FIN
+    /// (their calls would otherwise hold places forever); headers are bounded (a token is at
+    /// most 1 KiB).
     fn server(
         &self,
     ) -> Server<tower::layer::util::Stack<CallLimitsLayer, tower::layer::util::Identity>> {
         Server::builder()
             .max_concurrent_streams(self.calls_per_connection.saturating_mul(2))
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+            .http2_max_header_list_size(16 << 10)
             .layer(CallLimitsLayer(self.calls.clone()))
     }
 
