@@ -151,8 +151,10 @@ mod tests {
             const PIECES: [&str; 10] = [".", "..", "/", "\0", "_", "-", " ", "é", "A", "z"];
             let piece = (any::<u8>(), any::<char>()).prop_map(|(pick, c)| match pick % 16 {
                 0..=9 => PIECES[usize::from(pick % 10)].to_owned(),
-                10..=13 => char::from(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                    [usize::from(pick) % 62])
+                10..=13 => char::from(
+                    b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                        [usize::from(pick) % 62],
+                )
                 .to_string(),
                 _ => c.to_string(),
             });

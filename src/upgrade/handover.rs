@@ -8,9 +8,9 @@
 //!    delays neither a real successor nor the daemon's own loop; it is dropped at its first
 //!    wrong byte, at end of stream or after 30 s, and nothing is frozen for it.
 //! 2. Only if the hello was exact and the successor is still connected with nothing more sent
-//!    ([`check_quiet`]), the daemon freezes every stream (nothing more is read from pipes or guests; unread bytes
-//!    wait in the kernel) and stops its gRPC servers (pending connections wait in the listening
-//!    sockets' backlogs, which are carried, so no connection is refused).
+//!    ([`check_quiet`]), the daemon freezes every stream (nothing more is read from pipes or
+//!    guests; unread bytes wait in the kernel) and stops its gRPC servers (pending connections
+//!    wait in the listening sockets' backlogs, which are carried, so no connection is refused).
 //! 3. daemon → successor: the snapshot envelope (see [`super::snapshot`]; `inherited` is null,
 //!    `descriptors` is N).
 //! 4. daemon → successor: ⌈N / 253⌉ messages, each 4 bytes of data (the little-endian count k,

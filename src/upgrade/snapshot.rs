@@ -47,7 +47,10 @@ pub enum SnapshotError {
     #[error("Snapshot refers to descriptor #{0}, which did not arrive")]
     MissingDescriptor(usize),
     #[error("Snapshot announces {descriptors} descriptors but lists {inherited} inherited ones")]
-    Inconsistent { descriptors: usize, inherited: usize },
+    Inconsistent {
+        descriptors: usize,
+        inherited: usize,
+    },
 }
 
 /// Indexes of the daemon-wide descriptors.
@@ -263,52 +266,77 @@ mod tests {
         }
 
         fn listeners() -> impl Strategy<Value = ListenerIndexes> {
-            (index(), index(), index(), index(), index(), option::of(index())).prop_map(
-                |(lock, local, fd_sock, handover, tcp, metrics)| ListenerIndexes {
-                    lock,
-                    local,
-                    fd_sock,
-                    handover,
-                    tcp,
-                    metrics,
-                },
+            (
+                index(),
+                index(),
+                index(),
+                index(),
+                index(),
+                option::of(index()),
             )
+                .prop_map(|(lock, local, fd_sock, handover, tcp, metrics)| {
+                    ListenerIndexes {
+                        lock,
+                        local,
+                        fd_sock,
+                        handover,
+                        tcp,
+                        metrics,
+                    }
+                })
         }
 
         fn console() -> impl Strategy<Value = ConsoleEntry> {
-            (index(), index(), option::of(index()), vec(any::<u8>(), 0..32)).prop_map(
-                |(guest_listener, client_listener, guest_connection, pending_input)| {
-                    ConsoleEntry {
-                        guest_listener,
-                        client_listener,
-                        guest_connection,
-                        pending_input,
-                    }
-                },
+            (
+                index(),
+                index(),
+                option::of(index()),
+                vec(any::<u8>(), 0..32),
             )
+                .prop_map(
+                    |(guest_listener, client_listener, guest_connection, pending_input)| {
+                        ConsoleEntry {
+                            guest_listener,
+                            client_listener,
+                            guest_connection,
+                            pending_input,
+                        }
+                    },
+                )
         }
 
         fn stream() -> impl Strategy<Value = StreamEntry> {
-            (".{0,12}", "[a-z0-9_-]{1,8}", vec(index(), 0..4), option::of(console())).prop_map(
-                |(guest, stream, pipes, console)| StreamEntry {
+            (
+                ".{0,12}",
+                "[a-z0-9_-]{1,8}",
+                vec(index(), 0..4),
+                option::of(console()),
+            )
+                .prop_map(|(guest, stream, pipes, console)| StreamEntry {
                     guest,
                     stream,
                     pipes,
                     console,
-                },
-            )
+                })
         }
 
         fn handoff() -> impl Strategy<Value = HandoffEntry> {
-            ("[0-9a-f]{32}", ".{0,12}", "[a-z]{1,8}", index(), any::<u64>()).prop_map(
-                |(token, guest, stream, write_end, expires_in_ms)| HandoffEntry {
-                    token,
-                    guest,
-                    stream,
-                    write_end,
-                    expires_in_ms,
-                },
+            (
+                "[0-9a-f]{32}",
+                ".{0,12}",
+                "[a-z]{1,8}",
+                index(),
+                any::<u64>(),
             )
+                .prop_map(|(token, guest, stream, write_end, expires_in_ms)| {
+                    HandoffEntry {
+                        token,
+                        guest,
+                        stream,
+                        write_end,
+                        expires_in_ms,
+                    }
+                })
         }
 
         pub fn envelope() -> impl Strategy<Value = Envelope> {
