@@ -36,15 +36,21 @@ pub async fn connect_local(socket: &Path) -> Result<Channel, tonic::transport::E
 /// Claims a log pipe's write end from `fd_socket` with `token` (the `fd.sock` protocol, see
 /// [`crate::handoff`]). Blocking; the descriptor comes back close-on-exec.
 pub fn receive_pipe(fd_socket: &Path, token: &str) -> io::Result<OwnedFd> {
-    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     let mut stream = UnixStream::connect(fd_socket)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     stream.write_all(format!("{token}\n").as_bytes())?;
+    receive_handoff_answer(&stream)
+}
+
+/// The client's side of step 2 or 3 of the `fd.sock` protocol, once the token line is sent:
+/// the write end, or the server's `error: ` text as an error. Blocking.
+pub fn receive_handoff_answer(stream: &UnixStream) -> io::Result<OwnedFd> {
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut status = [0u8; 1];
     let received = recvmsg(
-        &stream,
+        stream,
         &mut [io::IoSliceMut::new(&mut status)],
         &mut control,
         RecvFlags::CMSG_CLOEXEC,
@@ -61,7 +67,8 @@ pub fn receive_pipe(fd_socket: &Path, token: &str) -> io::Result<OwnedFd> {
         )),
         _ => {
             let mut text = vec![status[0]];
-            let _ = stream.read_to_end(&mut text);
+            let mut reader = stream;
+            let _ = reader.read_to_end(&mut text);
             let text = String::from_utf8_lossy(&text);
             Err(io::Error::other(format!(
                 "hand-off refused: {}",

@@ -8,12 +8,23 @@
 //! # Wire protocol of `fd.sock` (SOCK_STREAM UNIX socket)
 //!
 //! 1. The client connects and sends the hand-off token returned by `Agent.CreateLogPipe`,
-//!    followed by `\n` (at most 128 bytes in all, within `handoff.read_timeout`).
+//!    followed by `\n`: 1 to 127 printable ASCII bytes (`0x21..=0x7e`), an optional `\r`
+//!    before the `\n`, at most [`MAX_LINE`] (128) bytes in all, and the whole line within
+//!    `handoff.read_timeout` (a total, not per read). The line may arrive in any number of
+//!    writes; anything after the `\n` is ignored.
 //! 2. On success the server sends exactly one byte, `0x00`, with one descriptor attached as
 //!    `SCM_RIGHTS` ancillary data: the pipe's write end (blocking, close-on-exec set on the
 //!    receiving side by `MSG_CMSG_CLOEXEC` if the client asks for it). The token is consumed.
-//! 3. On failure the server sends a line of UTF-8 text starting with `error: ` and no descriptor.
+//!    If the descriptor cannot be sent (the client went away first), the token stays valid
+//!    until it expires.
+//! 3. On failure (any other byte before the `\n`, which is refused as soon as it arrives; a
+//!    line too long; end of stream or the timeout before the `\n`; an unknown, used or expired
+//!    token) the server sends a line of UTF-8 text starting with `error: ` and no descriptor.
 //! 4. Either way the server then closes the connection. One token per connection.
+//!
+//! Every connection is served on its own task and holds one descriptor for at most the read
+//! timeout plus about a second, so silent, trickling or garbage-sending clients never delay
+//! another client and leave nothing behind.
 //!
 //! A Python agent does: `sock.sendall(token.encode() + b"\n")`, then
 //! `msg, fds, _, _ = socket.recv_fds(sock, 1024, 1)` and checks `msg == b"\0" and fds`.
@@ -29,8 +40,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 
-/// Longest token line accepted on fd.sock.
-const MAX_LINE: usize = 128;
+/// Longest token line accepted on fd.sock, `\n` included.
+pub const MAX_LINE: usize = 128;
+/// How long a refused client is given to take its error line before the connection closes.
+const REFUSAL_GRACE: Duration = Duration::from_secs(1);
 
 /// Outstanding tokens, and recently expired ones (their write ends already closed).
 #[derive(Default)]
@@ -240,59 +253,114 @@ impl Handoffs {
     }
 
     async fn serve_one(&self, mut stream: UnixStream, read_timeout: Duration) {
-        let outcome = match tokio::time::timeout(read_timeout, read_token(&mut stream)).await {
+        let claimed = match tokio::time::timeout(read_timeout, read_token(&mut stream)).await {
             Err(_) => Err("timed out waiting for the token line".to_owned()),
             Ok(Err(e)) => Err(e),
-            Ok(Ok(token)) => self.claim(&token).map_err(str::to_owned),
-        };
-        match outcome {
-            Ok(pending) => match send_fd(&stream, &pending.write_end).await {
-                Ok(()) => {
-                    self.metrics.handoffs.inc();
-                    tracing::info!(guest = %pending.guest, stream = %pending.stream, "log pipe handed over");
-                }
-                Err(e) => {
-                    self.metrics.handoff_failures.inc();
-                    tracing::warn!(guest = %pending.guest, stream = %pending.stream, error = %e, "hand-off send failed");
-                }
+            Ok(Ok(token)) => match self.claim(&token) {
+                Ok(pending) => Ok((token, pending)),
+                Err(reason) => Err(reason.to_owned()),
             },
+        };
+        let (token, pending) = match claimed {
+            Ok(claimed) => claimed,
             Err(reason) => {
                 self.metrics.handoff_failures.inc();
                 tracing::warn!(reason, "hand-off refused");
-                let line = format!("error: {reason}\n");
-                let _ = send_bytes(&stream, line.as_bytes()).await;
-                // Read what the client still sends (an over-long line) before closing, so the
-                // close does not reset the connection and destroy the error text in flight.
-                let _ = stream.shutdown().await;
-                let mut sink = [0u8; 4096];
-                let drain =
-                    async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} };
-                let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+                let _ = tokio::time::timeout(REFUSAL_GRACE, refuse(&mut stream, &reason)).await;
+                return;
+            }
+        };
+        let sent = tokio::time::timeout(read_timeout, send_fd(&stream, &pending.write_end)).await;
+        match sent.unwrap_or_else(|_| Err(io::Error::from(ErrorKind::TimedOut))) {
+            Ok(()) => {
+                self.metrics.handoffs.inc();
+                tracing::info!(guest = %pending.guest, stream = %pending.stream, "log pipe handed over");
+            }
+            Err(e) => {
+                self.metrics.handoff_failures.inc();
+                tracing::warn!(guest = %pending.guest, stream = %pending.stream, error = %e, "hand-off send failed; the token stays valid");
+                self.unclaim(token, pending);
             }
         }
     }
+
+    /// Puts back a hand-off whose descriptor was not delivered (`sendmsg` with SCM_RIGHTS
+    /// delivers all or nothing), so its client can try again until the token expires.
+    fn unclaim(&self, token: String, pending: Pending) {
+        let mut tokens = self.pending.lock().expect("hand-off table poisoned");
+        tokens.live.insert(token, pending);
+        tokens.expire(Instant::now());
+    }
 }
 
-/// Reads one `token\n` line of at most [`MAX_LINE`] bytes.
+/// Sends the `error: ` line, then reads what the client still sends (an over-long line)
+/// before the caller closes, so the close does not reset the connection and destroy the
+/// error text in flight. The caller bounds the time this takes.
+async fn refuse(stream: &mut UnixStream, reason: &str) {
+    let line = format!("error: {reason}\n");
+    if send_bytes(stream, line.as_bytes()).await.is_err() {
+        return;
+    }
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+}
+
+/// Why a token line was refused (the text after `error: ` on the wire).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LineError {
+    /// No `\n` within [`MAX_LINE`] bytes.
+    #[error("token line longer than {MAX_LINE} bytes")]
+    TooLong,
+    /// A byte that cannot be part of a token.
+    #[error("byte 0x{0:02x} in the token line (tokens are printable ASCII)")]
+    BadByte(u8),
+    /// The line has no token.
+    #[error("empty token line")]
+    Empty,
+}
+
+/// Parses the bytes received so far on an `fd.sock` connection: `Ok(Some(token))` once a
+/// well-formed line (see the module doc) is complete, `Ok(None)` while it may still become one,
+/// and an error as soon as it cannot. `Ok(None)` implies fewer than [`MAX_LINE`] bytes.
+pub fn parse_token_line(received: &[u8]) -> std::result::Result<Option<&str>, LineError> {
+    let window = &received[..received.len().min(MAX_LINE)];
+    let end = window.iter().position(|b| *b == b'\n');
+    let line = &window[..end.unwrap_or(window.len())];
+    // A `\r` may only come last, right before the `\n` (or as the last byte received so far).
+    let token = line.strip_suffix(b"\r").unwrap_or(line);
+    if let Some(bad) = token.iter().find(|b| !b.is_ascii_graphic()) {
+        return Err(LineError::BadByte(*bad));
+    }
+    match end {
+        Some(_) if token.is_empty() => Err(LineError::Empty),
+        // Printable ASCII is UTF-8.
+        Some(_) => std::str::from_utf8(token)
+            .map(Some)
+            .map_err(|e| LineError::BadByte(token[e.valid_up_to()])),
+        None if window.len() >= MAX_LINE => Err(LineError::TooLong),
+        None => Ok(None),
+    }
+}
+
+/// Reads one token line (see [`parse_token_line`]).
 async fn read_token(stream: &mut UnixStream) -> std::result::Result<String, String> {
-    let mut line = Vec::with_capacity(MAX_LINE);
-    let mut buf = [0u8; MAX_LINE];
+    let mut received = [0u8; MAX_LINE];
+    let mut len = 0;
     loop {
+        // `parse_token_line` answered `Ok(None)`, so there is room left.
         let n = stream
-            .read(&mut buf[..MAX_LINE - line.len()])
+            .read(&mut received[len..])
             .await
             .map_err(|e| format!("read failed: {e}"))?;
         if n == 0 {
             return Err("connection closed before the token line ended".into());
         }
-        line.extend_from_slice(&buf[..n]);
-        if let Some(end) = line.iter().position(|b| *b == b'\n') {
-            line.truncate(end);
-            let token = String::from_utf8(line).map_err(|_| "token is not UTF-8".to_owned())?;
-            return Ok(token.trim_end_matches('\r').to_owned());
-        }
-        if line.len() >= MAX_LINE {
-            return Err(format!("token line longer than {MAX_LINE} bytes"));
+        len += n;
+        match parse_token_line(&received[..len]) {
+            Ok(Some(token)) => return Ok(token.to_owned()),
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
         }
     }
 }
@@ -343,5 +411,131 @@ pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    /// Bytes that reach every branch of the parser: mostly token bytes, some line ends, and
+    /// anything (mapped from plain integers: much cheaper to generate than a union).
+    fn bytes(len: std::ops::Range<usize>) -> impl Strategy<Value = Vec<u8>> {
+        vec(any::<u16>(), len).prop_map(|raw| {
+            raw.into_iter()
+                .map(|r| {
+                    let value = (r >> 4) as u8;
+                    match r % 16 {
+                        0 => b'\n',
+                        1 => b'\r',
+                        2 | 3 => value,
+                        _ => b'!' + value % 94,
+                    }
+                })
+                .collect()
+        })
+    }
+
+    #[test]
+    fn real_tokens_parse() {
+        let token = crate::ids::random_id().unwrap();
+        let line = format!("{token}\n");
+        assert_eq!(parse_token_line(line.as_bytes()), Ok(Some(token.as_str())));
+        let line = format!("{token}\r\n");
+        assert_eq!(parse_token_line(line.as_bytes()), Ok(Some(token.as_str())));
+        assert_eq!(parse_token_line(b""), Ok(None));
+        assert_eq!(parse_token_line(b"\n"), Err(LineError::Empty));
+        assert_eq!(parse_token_line(b"\r\n"), Err(LineError::Empty));
+        assert_eq!(parse_token_line(b"ab\0"), Err(LineError::BadByte(0)));
+        assert_eq!(parse_token_line(&[b'a'; MAX_LINE]), Err(LineError::TooLong));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Arbitrary bytes never panic; an accepted token is a well-formed line's, and an
+        /// incomplete answer means the bytes can still become one.
+        #[test]
+        fn arbitrary_bytes_are_accepted_only_as_well_formed_lines(
+            bytes in bytes(0..2 * MAX_LINE),
+        ) {
+            match parse_token_line(&bytes) {
+                Ok(Some(token)) => {
+                    prop_assert!(!token.is_empty());
+                    prop_assert!(token.bytes().all(|b| b.is_ascii_graphic()));
+                    prop_assert!(bytes.starts_with(token.as_bytes()));
+                    let end = match &bytes[token.len()..] {
+                        [b'\n', ..] => 1,
+                        [b'\r', b'\n', ..] => 2,
+                        other => return Err(TestCaseError::fail(format!(
+                            "token {token:?} followed by {other:?}"
+                        ))),
+                    };
+                    prop_assert!(token.len() + end <= MAX_LINE);
+                }
+                Ok(None) => {
+                    prop_assert!(bytes.len() < MAX_LINE);
+                    let body = bytes.strip_suffix(b"\r").unwrap_or(&bytes);
+                    prop_assert!(body.iter().all(u8::is_ascii_graphic));
+                }
+                Err(_) => {}
+            }
+        }
+
+        /// A well-formed line is accepted with its token whatever follows it; each of its
+        /// prefixes is incomplete, never refused (a line may arrive in pieces).
+        #[test]
+        fn well_formed_lines_are_accepted_in_pieces(
+            token in "[!-~]{1,127}",
+            cr: bool,
+            rest in vec(any::<u8>(), 0..64),
+        ) {
+            let mut line = token.clone().into_bytes();
+            if cr {
+                line.push(b'\r');
+            }
+            line.push(b'\n');
+            let whole = [line.as_slice(), &rest].concat();
+            if line.len() <= MAX_LINE {
+                prop_assert_eq!(parse_token_line(&whole), Ok(Some(token.as_str())));
+            } else {
+                prop_assert_eq!(parse_token_line(&whole), Err(LineError::TooLong));
+            }
+            for cut in 0..line.len() {
+                let expected = if cut < MAX_LINE { Ok(None) } else { Err(LineError::TooLong) };
+                prop_assert_eq!(parse_token_line(&line[..cut]), expected, "prefix of {}", cut);
+            }
+        }
+
+        /// One byte that is not printable ASCII anywhere in a token is refused as soon as it
+        /// arrives, newline or not (a `\r` is only allowed last).
+        #[test]
+        fn a_bad_byte_is_refused_at_once(
+            token in "[!-~]{1,100}",
+            at: Index,
+            bad in any::<u8>().prop_filter("not a token byte", |b| !b.is_ascii_graphic()),
+            newline: bool,
+        ) {
+            let mut bytes = token.into_bytes();
+            let at = at.index(bytes.len());
+            let last = at == bytes.len() - 1;
+            bytes[at] = bad;
+            if newline {
+                bytes.push(b'\n');
+            }
+            let expected = match bad {
+                b'\n' | b'\r' if at == 0 && (bad == b'\n' || last && newline) => {
+                    Err(LineError::Empty)
+                }
+                b'\n' => Ok(Some(at)),
+                b'\r' if last && newline => Ok(Some(at)),
+                b'\r' if last => Ok(None),
+                _ => Err(LineError::BadByte(bad)),
+            };
+            prop_assert_eq!(parse_token_line(&bytes).map(|t| t.map(str::len)), expected);
+        }
     }
 }

@@ -139,4 +139,93 @@ mod tests {
         }
         assert_eq!(stream_or_default("", "qemu"), Ok("qemu"));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use std::path::{Component, Path};
+
+        /// Names built from the characters that matter to the rules, and any others (mapped
+        /// from plain integers: much cheaper to generate than a union of regexes).
+        fn name() -> impl Strategy<Value = String> {
+            const PIECES: [&str; 10] = [".", "..", "/", "\0", "_", "-", " ", "é", "A", "z"];
+            let piece = (any::<u8>(), any::<char>()).prop_map(|(pick, c)| match pick % 16 {
+                0..=9 => PIECES[usize::from(pick % 10)].to_owned(),
+                10..=13 => char::from(
+                    b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                        [usize::from(pick) % 62],
+                )
+                .to_string(),
+                _ => c.to_string(),
+            });
+            prop_oneof![
+                proptest::collection::vec(piece, 0..80).prop_map(|p| p.concat()),
+                any::<String>(),
+            ]
+        }
+
+        /// What every accepted name must be: one normal path component, of at most `max`
+        /// bytes, from the rule's alphabet, not starting with `.`.
+        fn assert_safe(name: &str, max: usize, alphabet: impl Fn(char) -> bool) {
+            let components: Vec<_> = Path::new(name).components().collect();
+            assert_eq!(components, [Component::Normal(name.as_ref())], "{name:?}");
+            assert!(!name.is_empty() && name.len() <= max, "{name:?}");
+            assert!(!name.starts_with(['.', '-', '_']), "{name:?}");
+            assert!(!name.contains(['/', '\0']), "{name:?}");
+            assert!(name.chars().all(alphabet), "{name:?}");
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            /// Any string is judged without panicking; an accepted guest name obeys
+            /// GUEST_RULE and stays one path component.
+            #[test]
+            fn accepted_guest_names_obey_the_rule(name in name()) {
+                match validate_guest(&name) {
+                    Ok(()) => assert_safe(&name, 64, |c| {
+                        c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+                    }),
+                    Err(e) => {
+                        prop_assert_eq!(&e.name, &name);
+                        prop_assert!(e.to_string().contains(GUEST_RULE));
+                    }
+                }
+            }
+
+            /// The same for stream and device names and STREAM_RULE.
+            #[test]
+            fn accepted_stream_names_obey_the_rule(name in name()) {
+                match validate_stream(&name) {
+                    Ok(()) => assert_safe(&name, 32, |c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-')
+                    }),
+                    Err(e) => prop_assert!(e.to_string().contains(STREAM_RULE)),
+                }
+            }
+
+            /// A `/` or NUL anywhere, a leading `..` and more than the longest length are
+            /// refused, even around otherwise valid characters.
+            #[test]
+            fn poisoned_names_are_refused(
+                valid in "[a-z0-9][a-z0-9_-]{0,31}",
+                poison in prop_oneof![Just("/"), Just("\0"), Just("/../"), Just("\0..")],
+                at in any::<proptest::sample::Index>(),
+                padding in 33usize..200,
+            ) {
+                let at = at.index(valid.len() + 1);
+                let poisoned = format!("{}{poison}{}", &valid[..at], &valid[at..]);
+                let parent = format!("..{valid}");
+                let long = format!("{valid}{}", "a".repeat(padding));
+                for bad in [&poisoned, &parent, &format!("../{valid}")] {
+                    prop_assert!(validate_guest(bad).is_err(), "guest {:?}", bad);
+                    prop_assert!(validate_stream(bad).is_err(), "stream {:?}", bad);
+                }
+                prop_assert!(validate_stream(&long).is_err());
+                prop_assert_eq!(validate_guest(&long).is_ok(), long.len() <= 64);
+                let longer = format!("{long}{}", "b".repeat(64));
+                prop_assert!(validate_guest(&longer).is_err());
+            }
+        }
+    }
 }

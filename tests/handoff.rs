@@ -4,42 +4,9 @@
 mod support;
 
 use conlog::proto::{self, LogMode};
-use std::io::{ErrorKind, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::time::Duration;
 use support::*;
 use tonic::Code;
-
-/// Sends `line` on a raw `fd.sock` connection and returns everything the daemon answers.
-///
-/// When the daemon closes with bytes of ours still unread (an over-long line), the kernel
-/// reports ECONNRESET after the answer; that ends the answer like end-of-file.
-fn raw_fd_sock(daemon: &Daemon, line: &[u8]) -> String {
-    let mut stream = UnixStream::connect(daemon.fd_socket()).expect("connect to fd.sock");
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    stream.write_all(line).unwrap();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 1024];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset && !answer.is_empty() => break,
-            Err(e) => panic!("read the answer to {line:?}: {e}"),
-        }
-    }
-    String::from_utf8_lossy(&answer).into_owned()
-}
-
-/// The daemon still hands out working pipes.
-async fn assert_still_serves(daemon: &Daemon, guest: &str) {
-    let mut agent = daemon.agent().await;
-    let (reply, pipe) = open_pipe(&mut agent, guest, "qemu", None).await;
-    write_and_close(pipe, b"still alive\n".to_vec()).await;
-    wait_closed(&mut agent, guest, "qemu", reply.offset + 12).await;
-    let log = read_log(&daemon.log_dir(), guest, "qemu");
-    assert!(log.ends_with(b"still alive\n"), "{log:?}");
-}
 
 /// A token is single use; garbage tokens and over-long lines are refused with an `error: `
 /// line, and the daemon keeps serving.

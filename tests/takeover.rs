@@ -128,13 +128,7 @@ async fn takeover_loses_no_byte_and_refuses_no_connection() {
                 .last()
                 .map_or_else(|| daemon.stderr(), Successor::stderr)
         );
-        assert!(
-            successor
-                .stderr()
-                .contains("took over from the previous daemon"),
-            "{}",
-            successor.stderr()
-        );
+        successor.assert_took_over();
         console_reader.wait_attaches(n as u32 + 1).await;
         history_reader.wait_attaches(n as u32 + 1).await;
         let now = wait_list(

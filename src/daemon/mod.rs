@@ -9,8 +9,9 @@
 //!   gRPC calls finish (bounded), drain every pipe into its log, sync, remove the sockets, exit.
 //! - SIGUSR1 or `Agent.Upgrade`: check the binary, freeze, `execve` it with the carried state
 //!   ([`crate::upgrade::exec`]); if that fails, thaw and serve on.
-//! - a successor on `handover.sock`: freeze, send the state ([`crate::upgrade::handover`]),
-//!   exit 0 once it confirms; if it does not, thaw and serve on.
+//! - a successor on `handover.sock` (one whose hello was exact; anything else is dropped
+//!   without freezing anything): freeze, send the state ([`crate::upgrade::handover`]), exit 0
+//!   once it confirms; if it does not, thaw and serve on.
 
 mod listeners;
 
@@ -270,12 +271,10 @@ pub async fn run(
                         }
                     }
                 },
-                Event::Takeover(mut connection) => {
-                    match handover::read_hello(&mut connection).await {
-                        Ok(()) => break Event::Takeover(connection),
-                        Err(e) => tracing::warn!(error = %e, "ignoring a bad takeover request"),
-                    }
-                }
+                Event::Takeover(connection) => match handover::check_quiet(&connection) {
+                    Ok(()) => break Event::Takeover(connection),
+                    Err(e) => tracing::warn!(error = %e, "ignoring a bad takeover request"),
+                },
                 stop => break stop,
             }
         };
@@ -406,14 +405,10 @@ impl Serving {
             )));
         }
         let (successor_tx, successors) = mpsc::channel(1);
-        let handover = tokio_unix(&listeners.handover)?;
-        tasks.push(tokio::spawn(async move {
-            while let Ok((connection, _)) = handover.accept().await {
-                if successor_tx.send(connection).await.is_err() {
-                    break;
-                }
-            }
-        }));
+        tasks.push(tokio::spawn(handover::accept(
+            tokio_unix(&listeners.handover)?,
+            successor_tx,
+        )));
         Ok(Self {
             stop,
             grpc,

@@ -2,10 +2,15 @@
 //!
 //! # Wire protocol (SOCK_STREAM UNIX socket, `<runtime_dir>/handover.sock`, mode 0600)
 //!
-//! 1. successor → daemon: the line `CONLOG-TAKEOVER 1\n` (the snapshot format it reads).
-//! 2. The daemon freezes every stream (nothing more is read from pipes or guests; unread bytes
-//!    wait in the kernel) and stops its gRPC servers (pending connections wait in the listening
-//!    sockets' backlogs, which are carried, so no connection is refused).
+//! 1. successor → daemon: the line `CONLOG-TAKEOVER 1\n` (the snapshot format it reads), within
+//!    30 s, and nothing more until step 5. The daemon reads every connection's hello on a task
+//!    of its own ([`accept`]), so a client that is silent, trickles bytes or sends garbage
+//!    delays neither a real successor nor the daemon's own loop; it is dropped at its first
+//!    wrong byte, at end of stream or after 30 s, and nothing is frozen for it.
+//! 2. Only if the hello was exact and the successor is still connected with nothing more sent
+//!    ([`check_quiet`]), the daemon freezes every stream (nothing more is read from pipes or
+//!    guests; unread bytes wait in the kernel) and stops its gRPC servers (pending connections
+//!    wait in the listening sockets' backlogs, which are carried, so no connection is refused).
 //! 3. daemon → successor: the snapshot envelope (see [`super::snapshot`]; `inherited` is null,
 //!    `descriptors` is N).
 //! 4. daemon → successor: ⌈N / 253⌉ messages, each 4 bytes of data (the little-endian count k,
@@ -22,8 +27,10 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
-use tokio::net::UnixStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 /// Most descriptors in one SCM_RIGHTS message (the kernel's SCM_MAX_FD).
 pub const BATCH: usize = 253;
@@ -34,21 +41,90 @@ fn hello() -> String {
     format!("CONLOG-TAKEOVER {FORMAT_VERSION}\n")
 }
 
-/// Daemon side, step 1: reads the successor's hello line.
-pub async fn read_hello(stream: &mut UnixStream) -> io::Result<()> {
-    let mut line = Vec::new();
-    let mut reader = BufReader::new(&mut *stream).take(64);
-    tokio::time::timeout(TIMEOUT, reader.read_until(b'\n', &mut line))
-        .await
-        .map_err(|_| io::Error::new(ErrorKind::TimedOut, "no hello from the successor"))??;
-    if line != hello().as_bytes() {
-        return Err(io::Error::other(format!(
-            "unexpected hello {:?} (this daemon speaks {:?})",
-            String::from_utf8_lossy(&line),
-            hello().trim()
-        )));
+/// Daemon side, step 1: accepts connections on `handover.sock` until the task is dropped,
+/// reads each one's hello on a task of its own, and passes on only the connections that sent
+/// an exact hello. Dropping this task drops the connections still saying hello.
+pub async fn accept(listener: UnixListener, successors: mpsc::Sender<UnixStream>) {
+    let mut greeting = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((mut stream, _)) => {
+                    greeting.spawn(async move {
+                        let said = read_hello(&mut stream).await;
+                        (stream, said)
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "handover.sock accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(greeted) = greeting.join_next() => match greeted {
+                Ok((stream, Ok(()))) => {
+                    if successors.send(stream).await.is_err() {
+                        return;
+                    }
+                }
+                Ok((_, Err(e))) => tracing::warn!(error = %e, "ignoring a bad takeover request"),
+                Err(e) => tracing::error!(error = %e, "reading a takeover request failed"),
+            },
+        }
     }
-    Ok(())
+}
+
+/// Reads exactly the hello's length (never past it), refusing at the first wrong byte.
+async fn read_hello(stream: &mut UnixStream) -> io::Result<()> {
+    let expected = hello().into_bytes();
+    let mut got = Vec::with_capacity(expected.len());
+    let read = async {
+        let mut buf = [0u8; 64];
+        while got.len() < expected.len() {
+            let n = stream.read(&mut buf[..expected.len() - got.len()]).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "connection closed during the hello",
+                ));
+            }
+            got.extend_from_slice(&buf[..n]);
+            if !expected.starts_with(&got) {
+                return Err(io::Error::other("unexpected hello"));
+            }
+        }
+        Ok(())
+    };
+    let result = tokio::time::timeout(TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(ErrorKind::TimedOut, "no hello in time")));
+    result.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "{e} after {:?} (this daemon speaks {:?})",
+                String::from_utf8_lossy(&got),
+                hello().trim()
+            ),
+        )
+    })
+}
+
+/// Daemon side, between steps 1 and 2: the successor must still be connected and must not
+/// have sent anything after its hello. Checked right before freezing, so a client that said
+/// hello and then more, or went away, freezes nothing.
+pub fn check_quiet(stream: &UnixStream) -> io::Result<()> {
+    use rustix::net::{recv, RecvFlags};
+    let mut byte = [0u8; 1];
+    // A non-blocking peek asks the kernel directly (not the reactor's cached readiness).
+    match recv(stream, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        Err(rustix::io::Errno::AGAIN) => Ok(()),
+        Err(e) => Err(e.into()),
+        Ok((0, _)) => Err(io::Error::new(
+            ErrorKind::UnexpectedEof,
+            "the successor went away after its hello",
+        )),
+        Ok(_) => Err(io::Error::other("the successor sent more than its hello")),
+    }
 }
 
 /// Daemon side, steps 3–5: sends the state and waits for the confirmation. On failure the state

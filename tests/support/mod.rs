@@ -7,6 +7,7 @@
 mod console;
 mod pipes;
 mod process;
+mod slow;
 
 // Not every test binary uses every helper.
 #[allow(unused_imports)]
@@ -15,6 +16,8 @@ pub use console::*;
 pub use pipes::*;
 #[allow(unused_imports)]
 pub use process::*;
+#[allow(unused_imports)]
+pub use slow::*;
 
 use conlog::proto::agent_client::AgentClient;
 use conlog::proto::console_client::ConsoleClient;
@@ -293,6 +296,14 @@ impl Daemon {
     pub async fn tcp_channel(&self, guest: &str) -> ConsoleChannel {
         let token = self.token(guest, "", Access::ReadWrite, 3600).await;
         with_token(self.plain_tcp_channel().await, &token)
+    }
+
+    /// Panics (with its diagnostics) if the process has exited.
+    pub fn assert_running(&mut self) {
+        let child = self.child.as_mut().expect("daemon started");
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("conlogd exited ({status}); stderr:\n{}", self.stderr());
+        }
     }
 
     /// Sends SIGTERM and waits (bounded) for the process to exit.

@@ -1,15 +1,17 @@
-//! Log pipes through the real API (`CreateLogPipe`, `fd.sock`, `ListGuests`), the
-//! deterministic test data, and reading a stream's files on disk.
+//! Log pipes through the real API (`CreateLogPipe`, `fd.sock`, `ListGuests`), raw exchanges
+//! on the daemon's UNIX sockets, the deterministic test data, comparing bytes, and reading a
+//! stream's files on disk.
 
 use conlog::proto::{self, agent_client::AgentClient};
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tonic::transport::Channel;
 
-use super::{DEADLINE, POLL};
+use super::{Daemon, DEADLINE, POLL};
 
 /// Log limits for a request.
 pub fn limits(max_size: u64, max_backups: u32, mode: proto::LogMode) -> proto::LogLimits {
@@ -75,6 +77,61 @@ pub async fn write_and_close(pipe: File, data: Vec<u8>) {
     })
     .await
     .expect("writer thread");
+}
+
+/// Sends `line` on a raw `fd.sock` connection of `daemon` and returns everything it answers.
+pub fn raw_fd_sock(daemon: &Daemon, line: &[u8]) -> String {
+    fd_sock_exchange(&daemon.fd_socket(), line, false)
+}
+
+/// Sends `line` on a new `fd.sock` connection (see [`raw_exchange`]) and returns the answer
+/// as text. Blocking.
+pub fn fd_sock_exchange(fd_socket: &Path, line: &[u8], half_close: bool) -> String {
+    String::from_utf8_lossy(&raw_exchange(fd_socket, line, half_close)).into_owned()
+}
+
+/// Sends `bytes` on a new connection to the UNIX socket `path` (from a thread, so a huge line
+/// the daemon stops reading cannot block the exchange; write errors are ignored), then
+/// half-closes if `half_close`, and returns everything the daemon sends until it closes
+/// (bounded by [`DEADLINE`]). Blocking.
+///
+/// When the daemon closes with bytes of ours still unread (an over-long line), the kernel
+/// reports ECONNRESET after the answer; that ends the answer like end-of-file.
+pub fn raw_exchange(path: &Path, bytes: &[u8], half_close: bool) -> Vec<u8> {
+    let mut stream =
+        UnixStream::connect(path).unwrap_or_else(|e| panic!("connect to {}: {e}", path.display()));
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut writer = stream.try_clone().expect("clone the connection");
+    let bytes = bytes.to_vec();
+    let shown = bytes[..bytes.len().min(40)].escape_ascii().to_string();
+    let writing = std::thread::spawn(move || {
+        if writer.write_all(&bytes).is_ok() && half_close {
+            let _ = writer.shutdown(std::net::Shutdown::Write);
+        }
+    });
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("{}: read the answer to {shown}: {e}", path.display()),
+        }
+    }
+    drop(stream);
+    writing.join().expect("writer thread");
+    answer
+}
+
+/// The daemon still hands out working pipes: a new pipe of `guest` logs a line.
+pub async fn assert_still_serves(daemon: &Daemon, guest: &str) {
+    let mut agent = daemon.agent().await;
+    let (reply, pipe) = open_pipe(&mut agent, guest, "qemu", None).await;
+    write_and_close(pipe, b"still alive\n".to_vec()).await;
+    wait_closed(&mut agent, guest, "qemu", reply.offset + 12).await;
+    let log = read_log(&daemon.log_dir(), guest, "qemu");
+    assert!(log.ends_with(b"still alive\n"), "{log:?}");
 }
 
 /// The stream `guest/stream` as `ListGuests` shows it, if listed.
@@ -161,6 +218,33 @@ pub fn pattern(start: u64, len: usize) -> Vec<u8> {
 
 /// Odd chunk sizes, around page and pipe-buffer boundaries, cycled by writers.
 pub const ODD_CHUNKS: &[usize] = &[1, 7, 4095, 4097, 333, 65537, 2, 8191, 8193, 100_000, 4096];
+
+/// Where two byte strings first differ, with some context, for failure messages.
+pub fn first_difference(got: &[u8], want: &[u8]) -> String {
+    let at = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    let around = |data: &[u8]| {
+        let start = at.saturating_sub(80);
+        let end = (at + 80).min(data.len());
+        data[start.min(end)..end].escape_ascii().to_string()
+    };
+    format!(
+        "lengths {} (got) vs {} (want), first difference at byte {at}\n  got:  \"{}\"\n  want: \"{}\"",
+        got.len(),
+        want.len(),
+        around(got),
+        around(want)
+    )
+}
+
+/// Asserts that `got` equals `want`, showing the first difference otherwise.
+#[track_caller]
+pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    assert!(got == want, "{what}: {}", first_difference(got, want));
+}
 
 /// The log files of a stream, oldest first: `.log.N` … `.log.1`, then `.log`.
 pub fn log_files(log_dir: &Path, guest: &str, stream: &str) -> Vec<PathBuf> {

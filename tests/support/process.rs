@@ -1,4 +1,4 @@
-//! Child processes with a deadline, and plain HTTP.
+//! Child processes with a deadline, a process's descriptors, and plain HTTP.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -57,6 +57,31 @@ pub fn describe(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
+}
+
+/// Number of open descriptors of process `pid`.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/fd: {e}"))
+        .count()
+}
+
+/// A description of the descriptors of `pid` (what each points to, counted), for messages.
+pub fn describe_fds(pid: u32) -> String {
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    if let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for entry in entries.flatten() {
+            let target = std::fs::read_link(entry.path())
+                .map(|t| t.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let kind = match target.split_once(':') {
+                Some((kind, _)) if !target.starts_with('/') => kind.to_owned(),
+                _ => target,
+            };
+            *kinds.entry(kind).or_default() += 1;
+        }
+    }
+    format!("{kinds:?}")
 }
 
 /// `GET path` over plain HTTP/1.1; returns the status line and body.

@@ -1,4 +1,4 @@
-//! Test data, the writers that push it (log pipes, a fake guest), and comparing bytes.
+//! Test data and the writers that push it (log pipes, a fake guest).
 
 use crate::support::*;
 use std::fs::File;
@@ -24,33 +24,6 @@ pub fn line(tag: &str, n: u64) -> Vec<u8> {
 /// Lines `0..count` of writer `tag`, concatenated.
 pub fn lines(tag: &str, count: u64) -> Vec<u8> {
     (0..count).flat_map(|n| line(tag, n)).collect()
-}
-
-/// Where two byte strings first differ, with some context, for failure messages.
-pub fn first_difference(got: &[u8], want: &[u8]) -> String {
-    let at = got
-        .iter()
-        .zip(want)
-        .position(|(a, b)| a != b)
-        .unwrap_or(got.len().min(want.len()));
-    let around = |data: &[u8]| {
-        let start = at.saturating_sub(80);
-        let end = (at + 80).min(data.len());
-        String::from_utf8_lossy(&data[start.min(end)..end]).into_owned()
-    };
-    format!(
-        "lengths {} (got) vs {} (want), first difference at byte {at}\n  got:  {:?}\n  want: {:?}",
-        got.len(),
-        want.len(),
-        around(got),
-        around(want)
-    )
-}
-
-/// Asserts that `got` equals `want`, showing the first difference otherwise.
-#[track_caller]
-pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
-    assert!(got == want, "{what}: {}", first_difference(got, want));
 }
 
 // Writers

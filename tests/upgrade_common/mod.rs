@@ -1,9 +1,10 @@
 //! Helpers of the upgrade, takeover and crash-recovery tests (`tests/upgrade.rs`,
-//! `tests/upgrade_failures.rs`, `tests/takeover.rs`, `tests/crash_recovery.rs`):
+//! `tests/upgrade_failures.rs`, `tests/takeover.rs`, `tests/crash_recovery.rs`,
+//! `tests/hostile_handover.rs`):
 //!
 //! - [`data`]: deterministic numbered lines ([`line`], [`lines`]) pushed continuously into log
 //!   pipes by writer threads ([`PipeWriter`]) and into a console by a fake guest
-//!   ([`GuestPrinter`]); [`assert_same`] shows where two byte strings first differ.
+//!   ([`GuestPrinter`]); `support::assert_same` shows where two byte strings first differ.
 //! - [`agent`]: agent calls that retry while the daemon is between two images
 //!   ([`list_guests`], [`wait_list`], [`agent()`]).
 //! - [`readers`]: clients that reconnect by offset after every end of their call ([`Reader`]):
@@ -12,8 +13,9 @@
 //! - [`probes`]: raw `connect()`s to every listening socket ([`ConnectProbe`]) and gRPC calls on
 //!   new connections ([`CallProbe`]), over and over, to show no connection is refused.
 //! - [`processes`]: a `conlogd --takeover` on the directories and ports of a running daemon
-//!   ([`Successor`]), "conlogd ready" lines ([`ready_lines`]), a process's descriptors
-//!   ([`open_fds`]) and the daemon's own timestamps ([`intervals`], for reports only).
+//!   ([`Successor`]), "conlogd ready" lines ([`ready_lines`]) and the daemon's own timestamps
+//!   ([`intervals`], for reports only). A process's descriptors are counted by
+//!   `support::open_fds`.
 //!
 //! Every wait is bounded by `support::DEADLINE`; nothing sleeps for a fixed time to let
 //! something happen (writers pace themselves with short sleeps so that they write for the whole

@@ -1,4 +1,4 @@
-//! Daemon processes: a successor (`--takeover`), ready lines, descriptors, log timestamps.
+//! Daemon processes: a successor (`--takeover`), ready lines, log timestamps.
 
 use crate::support::*;
 use std::fs::File;
@@ -38,31 +38,6 @@ pub async fn wait_ready_count(what: &str, count: usize, text: impl Fn() -> Strin
         }
         tokio::time::sleep(POLL).await;
     }
-}
-
-/// Number of open descriptors of process `pid`.
-pub fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap_or_else(|e| panic!("read /proc/{pid}/fd: {e}"))
-        .count()
-}
-
-/// A description of the descriptors of `pid` (what each points to, counted), for messages.
-pub fn describe_fds(pid: u32) -> String {
-    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
-    if let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
-        for entry in entries.flatten() {
-            let target = std::fs::read_link(entry.path())
-                .map(|t| t.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let kind = match target.split_once(':') {
-                Some((kind, _)) if !target.starts_with('/') => kind.to_owned(),
-                _ => target,
-            };
-            *kinds.entry(kind).or_default() += 1;
-        }
-    }
-    format!("{kinds:?}")
 }
 
 /// The inode of a file (to show a socket is the same one).
@@ -150,6 +125,15 @@ impl Successor {
             );
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// Panics unless it logged that it took over from the previous daemon.
+    pub fn assert_took_over(&self) {
+        let stderr = self.stderr();
+        assert!(
+            stderr.contains("took over from the previous daemon"),
+            "{stderr}"
+        );
     }
 
     pub fn signal(&self, signal: rustix::process::Signal) {
