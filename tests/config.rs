@@ -60,6 +60,7 @@ async fn print_config_shows_the_effective_yaml() {
         "clients_per_console: 64",
         "pending_handoffs: 1024",
         "calls_per_connection: 256",
+        "tcp_connections: 4096",
         "calls_total: 16384",
         "input_rate: 256KiB",
         "message_size: 1MiB",

@@ -385,3 +385,50 @@ async fn oversized_headers_and_tokens_are_refused() {
         .await
         .expect("served after the oversized calls");
 }
+
+/// `limits.tcp_connections`: connections over it are closed at once (idle ones count, as a
+/// TLS handshake that never finishes would); a closed connection gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_are_limited() {
+    let daemon = Daemon::start_with(Some("limits:\n  tcp_connections: 2\n"), &[]).await;
+    let health = |channel| async move {
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+    };
+    let first = tokio::net::TcpStream::connect(daemon.tcp).await.unwrap();
+    let second = tokio::net::TcpStream::connect(daemon.tcp).await.unwrap();
+    // The third is accepted by the kernel and closed by the daemon.
+    let result = async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", daemon.tcp))
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        health(channel).await
+    }
+    .await;
+    assert!(result.is_err(), "a third connection was served: {result:?}");
+    let deadline = Instant::now() + DEADLINE;
+    while !daemon.stderr().contains("limits.tcp_connections reached") {
+        assert!(
+            Instant::now() < deadline,
+            "no warning:\n{}",
+            daemon.stderr()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+
+    drop(first);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match health(daemon.plain_tcp_channel().await).await {
+            Ok(_) => break,
+            Err(status) => {
+                assert!(Instant::now() < deadline, "place never freed: {status:?}");
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    }
+    drop(second);
+}

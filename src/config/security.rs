@@ -22,6 +22,8 @@ pub struct Limits {
     pub pending_handoffs: u32,
     /// Clients attached to one console at once.
     pub clients_per_console: u32,
+    /// TCP connections open at once (TLS handshakes included); more are closed on accept.
+    pub tcp_connections: u32,
     /// gRPC calls in progress on one connection (streams count until they end).
     pub calls_per_connection: u32,
     /// gRPC calls in progress on all connections together.
@@ -42,6 +44,7 @@ impl Default for Limits {
             streams_per_guest: 16,
             pending_handoffs: 1024,
             clients_per_console: 64,
+            tcp_connections: 4096,
             calls_per_connection: 256,
             calls_total: 16_384,
             input_rate: ByteSize(256 << 10),
@@ -59,6 +62,7 @@ impl Limits {
             ("limits.streams_per_guest", self.streams_per_guest),
             ("limits.pending_handoffs", self.pending_handoffs),
             ("limits.clients_per_console", self.clients_per_console),
+            ("limits.tcp_connections", self.tcp_connections),
             ("limits.calls_per_connection", self.calls_per_connection),
             ("limits.calls_total", self.calls_total),
         ] {

@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
 use tonic::transport::server::Connected;
 
 /// Who is on the other end of a connection.
@@ -61,6 +62,8 @@ impl ConnInfo {
 pub struct Conn<IO> {
     io: IO,
     info: ConnInfo,
+    /// The connection's place under `limits.tcp_connections`, given back when it closes.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl<IO> Conn<IO> {
@@ -74,14 +77,16 @@ impl<IO> Conn<IO> {
         Self {
             io,
             info: ConnInfo::new(peer),
+            _slot: None,
         }
     }
 
-    /// A TCP connection (plain or TLS) from `address`.
-    pub fn remote(io: IO, address: SocketAddr, tls: bool) -> Self {
+    /// A TCP connection (plain or TLS) from `address`, holding its place `slot`.
+    pub fn remote(io: IO, address: SocketAddr, tls: bool, slot: OwnedSemaphorePermit) -> Self {
         Self {
             io,
             info: ConnInfo::new(Peer::Remote { address, tls }),
+            _slot: Some(slot),
         }
     }
 }

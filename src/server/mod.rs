@@ -35,6 +35,8 @@ pub struct Protection {
     pub calls: Arc<CallLimits>,
     pub message_size: usize,
     pub calls_per_connection: u32,
+    /// Places for TCP connections (`limits.tcp_connections`).
+    pub tcp_connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl Protection {
@@ -43,6 +45,7 @@ impl Protection {
             calls: CallLimits::new(limits),
             message_size: limits.message_size.bytes() as usize,
             calls_per_connection: limits.calls_per_connection,
+            tcp_connections: Arc::new(tokio::sync::Semaphore::new(limits.tcp_connections as usize)),
         }
     }
 
@@ -158,35 +161,44 @@ pub async fn serve_tcp(
             protection.console(console),
             auth::BearerTokens(tokens),
         ));
+    let slots = protection.tcp_connections.clone();
     match tls {
         None => {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
-                stream.map(|stream| {
-                    let address = stream
-                        .peer_addr()
-                        .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-                    Conn::remote(stream, address, false)
-                })
-            });
+            let incoming = tcp_incoming(listener, slots, false, |tcp| async move { Ok(tcp) });
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
         }
         Some(tls) => {
+            let incoming = tcp_incoming(listener, slots, true, move |tcp| {
+                let tls = tls.clone();
+                async move { tls.accept(tcp).await }
+            });
             router
-                .serve_with_incoming_shutdown(tls_incoming(listener, tls), shutdown)
+                .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
         }
     }
 }
 
-type TlsConn = Conn<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
-
-/// Accepted TLS connections. Each handshake runs on its own task (with a timeout), so a client
-/// that never finishes one delays nobody. The accept loop ends when the stream is dropped.
-fn tls_incoming(listener: TcpListener, tls: Arc<Tls>) -> ReceiverStream<std::io::Result<TlsConn>> {
+/// Accepted TCP connections, after `handshake` (TLS, or nothing). Each handshake runs on its
+/// own task, so a client that never finishes one delays nobody; a connection over
+/// `limits.tcp_connections` (handshakes included) is closed at once. The accept loop ends when
+/// the stream is dropped.
+fn tcp_incoming<IO, H, F>(
+    listener: TcpListener,
+    slots: Arc<tokio::sync::Semaphore>,
+    tls: bool,
+    handshake: H,
+) -> ReceiverStream<std::io::Result<Conn<IO>>>
+where
+    IO: Send + 'static,
+    H: Fn(tokio::net::TcpStream) -> F + Send + 'static,
+    F: Future<Output = std::io::Result<IO>> + Send + 'static,
+{
     let (ready, incoming) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
+        let mut refused = 0u64;
         loop {
             let (tcp, address) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -199,11 +211,18 @@ fn tls_incoming(listener: TcpListener, tls: Arc<Tls>) -> ReceiverStream<std::io:
                 },
                 _ = ready.closed() => break,
             };
-            let (tls, ready) = (tls.clone(), ready.clone());
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                refused += 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(peer = %address, refused, "limits.tcp_connections reached; closing new connections");
+                }
+                continue;
+            };
+            let (connection, ready) = (handshake(tcp), ready.clone());
             tokio::spawn(async move {
-                match tls.accept(tcp).await {
-                    Ok(stream) => {
-                        let _ = ready.send(Ok(Conn::remote(stream, address, true))).await;
+                match connection.await {
+                    Ok(io) => {
+                        let _ = ready.send(Ok(Conn::remote(io, address, tls, slot))).await;
                     }
                     Err(e) => tracing::info!(peer = %address, error = %e, "TLS handshake failed"),
                 }
