@@ -171,3 +171,22 @@ async fn non_loopback_listen_needs_tls_or_insecure() {
     let text = one_line_error(&output);
     assert!(text.contains("insecure: true"), "{text}");
 }
+
+/// `insecure: true` is allowed, and said loudly at every start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insecure_is_a_warning_at_every_start() {
+    let mut daemon = Daemon::start_with(Some("insecure: true\n"), &[]).await;
+    for run in 0..2 {
+        let stderr = daemon.stderr();
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains("WARN") && l.contains("insecure: true")),
+            "run {run}: no warning:\n{stderr}"
+        );
+        daemon.stop().await;
+        if run == 0 {
+            daemon.restart().await;
+        }
+    }
+}
