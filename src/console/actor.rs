@@ -25,6 +25,14 @@ use tokio::sync::mpsc;
 /// Guest output read at once.
 const READ_CHUNK: usize = 64 << 10;
 
+thread_local! {
+    /// The read buffer of every console actor running on this thread: actors read and forward
+    /// a chunk without awaiting in between, so one buffer per thread serves them all (a buffer
+    /// per console would cost 64 KiB per guest at rest).
+    static READ_BUFFER: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+}
+
 struct Client {
     queue: ClientQueue,
     label: String,
@@ -43,7 +51,6 @@ pub(super) struct ConsoleActor {
     next_id: u64,
     settings: ConsoleSettings,
     metrics: Arc<Metrics>,
-    buffer: Box<[u8]>,
 }
 
 impl ConsoleActor {
@@ -74,7 +81,6 @@ impl ConsoleActor {
             next_id: 1,
             settings,
             metrics,
-            buffer: vec![0; READ_CHUNK].into_boxed_slice(),
         };
         tokio::spawn(actor.run(commands, input));
     }
@@ -292,36 +298,43 @@ impl ConsoleActor {
     /// wake-up often finds several), then logs and forwards it as one chunk: coalescing without
     /// adding latency.
     fn read_guest(&mut self) {
-        let Some(guest) = &self.guest else { return };
-        let mut filled = 0;
-        let mut ended = None;
-        while filled < self.buffer.len() {
-            match guest.try_read(&mut self.buffer[filled..]) {
-                Ok(0) => {
-                    ended = Some("end of stream");
-                    break;
-                }
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    ended = Some("read error");
-                    break;
+        if self.guest.is_none() {
+            return;
+        }
+        let ended = READ_BUFFER.with_borrow_mut(|buffer| {
+            let guest = self.guest.as_ref().expect("checked above");
+            let mut filled = 0;
+            let mut ended = None;
+            while filled < buffer.len() {
+                match guest.try_read(&mut buffer[filled..]) {
+                    Ok(0) => {
+                        ended = Some("end of stream");
+                        break;
+                    }
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        ended = Some("read error");
+                        break;
+                    }
                 }
             }
-        }
-        if filled > 0 {
-            self.guest_output(filled);
-        }
+            if filled > 0 {
+                self.guest_output(&buffer[..filled]);
+            }
+            ended
+        });
         if let Some(why) = ended {
             self.guest_disconnected(why);
         }
     }
 
-    /// Logs `buffer[..n]`, then offers what was logged to every client.
-    fn guest_output(&mut self, n: usize) {
+    /// Logs `output`, then offers what was logged to every client.
+    fn guest_output(&mut self, output: &[u8]) {
+        let n = output.len();
         let offset = self.log.end_offset();
         let rotations = self.log.rotations();
-        let result = self.log.append(&self.buffer[..n]);
+        let result = self.log.append(output);
         self.count_rotations(rotations);
         let logged = (self.log.end_offset() - offset) as usize;
         if let Err(e) = result {
@@ -336,7 +349,7 @@ impl ConsoleActor {
         self.handle.stats.record_logged(self.log.path());
         self.publisher.publish(self.log.end_offset());
         self.metrics.bytes_logged.inc_by(logged as u64);
-        let data = Bytes::copy_from_slice(&self.buffer[..logged]);
+        let data = Bytes::copy_from_slice(&output[..logged]);
         let mut gone = Vec::new();
         for (id, client) in &mut self.clients {
             match client.queue.offer(offset, &data) {
@@ -429,12 +442,14 @@ impl ConsoleActor {
 
     fn close(&mut self, reason: &str, removed: bool) {
         // Read what the guest already sent, so nothing it wrote before the close is lost.
-        while self.guest.is_some() {
-            match self.guest.as_ref().map(|g| g.try_read(&mut self.buffer)) {
-                Some(Ok(n)) if n > 0 => self.guest_output(n),
-                _ => break,
+        READ_BUFFER.with_borrow_mut(|buffer| {
+            while let Some(Ok(n)) = self.guest.as_ref().map(|g| g.try_read(buffer)) {
+                if n == 0 {
+                    break;
+                }
+                self.guest_output(&buffer[..n]);
             }
-        }
+        });
         self.broadcast(Event::Closed {
             reason: reason.to_owned(),
             removed,
