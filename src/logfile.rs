@@ -96,8 +96,10 @@ pub enum Moved {
 #[derive(Debug)]
 pub struct LogFile {
     path: PathBuf,
-    /// The position record, overwritten in place (see [`POSITION_RECORD_LEN`]).
-    position_file: File,
+    /// The position record, overwritten in place (see [`POSITION_RECORD_LEN`]). Opened for
+    /// each save rather than held: saves are rare (open, rotation, close) and a descriptor per
+    /// stream is what limits how many guests a node can serve.
+    position_path: PathBuf,
     file: Option<File>,
     inode: u64,
     limits: LogLimits,
@@ -132,7 +134,7 @@ impl LogFile {
         };
         let mut log = Self {
             path: path.to_owned(),
-            position_file: open_position(position_path)?,
+            position_path: position_path.to_owned(),
             file: Some(file),
             inode: meta.ino(),
             limits,
@@ -387,7 +389,7 @@ impl LogFile {
         // One pwrite of a fixed-size record at offset 0: no temporary file, no rename, no block
         // freed and discarded per rotation; a process crash cannot tear a single write.
         use std::os::unix::fs::FileExt;
-        self.position_file.write_all_at(&bytes, 0)
+        open_position(&self.position_path)?.write_all_at(&bytes, 0)
     }
 }
 

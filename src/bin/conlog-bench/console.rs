@@ -53,9 +53,9 @@ const DEVICE: &str = "serial0";
 /// Guest write size in the throughput runs.
 const GUEST_WRITE: usize = 64 << 10;
 /// Clients attached in the throughput runs.
-const CLIENT_COUNTS: [usize; 4] = [0, 1, 10, 100];
-/// HTTP/2 connections the clients are spread over.
-const CHANNELS: usize = 4;
+const CLIENT_COUNTS: [usize; 5] = [0, 1, 10, 100, 1000];
+/// HTTP/2 connections the clients are spread over (each under `limits.calls_per_connection`).
+const CHANNELS: usize = 8;
 /// Longest any single wait may take.
 const DEADLINE: Duration = Duration::from_secs(120);
 /// After every byte is logged, how long clients get to catch up.
@@ -88,6 +88,10 @@ pub struct ConsoleArgs {
     /// Only the throughput part.
     #[arg(long)]
     throughput_only: bool,
+    /// Bytes per second the guest writes in the throughput runs [default: as fast as it can].
+    /// At a rate clients can follow, the report shows whether every one got every byte.
+    #[arg(long, value_parser = ByteSize::parse)]
+    rate: Option<ByteSize>,
 }
 
 struct Settings {
@@ -97,6 +101,32 @@ struct Settings {
     runs: u32,
     latency: bool,
     throughput: bool,
+    rate: Option<u64>,
+}
+
+/// A writer that keeps to `rate` bytes per second (sleeping before a write that would be
+/// early), for a guest printing at a given speed.
+struct Paced<W> {
+    inner: W,
+    rate: u64,
+    start: Instant,
+    written: u64,
+}
+
+impl<W: Write> Write for Paced<W> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let due = Duration::from_secs_f64(self.written as f64 / self.rate as f64);
+        if let Some(early) = due.checked_sub(self.start.elapsed()) {
+            thread::sleep(early);
+        }
+        let n = self.inner.write(data)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// A scratch directory removed when dropped.
@@ -170,7 +200,7 @@ pub fn version(binary: &Path) -> String {
 }
 
 /// `limits.clients_per_console` for the runs (the default, 64, is below 100 clients).
-const CLIENT_LIMIT: u32 = 128;
+const CLIENT_LIMIT: u32 = 1024;
 
 /// A wrapper script that execs `binary` with a config raising the client limit (so the pid
 /// stays the daemon's); the shared daemon starter passes no config of its own.
@@ -279,6 +309,7 @@ pub fn run(runtime: &Runtime, common: &Common, args: &ConsoleArgs) -> anyhow::Re
         runs: args.runs.max(1),
         latency: !args.throughput_only,
         throughput: !args.latency_only,
+        rate: args.rate.map(ByteSize::bytes),
     };
     if settings.round_trips == 0 || settings.size == 0 {
         bail!("--round-trips and --size must be at least 1");
@@ -718,12 +749,26 @@ fn throughput_run(
         let stop_guest = Arc::new(AtomicBool::new(false));
         let cpu_before = procfs::cpu_time(pid)?;
         let start = Instant::now();
+        let rate = settings.rate;
         let writer = {
             let (pattern, written, stop_guest) =
                 (pattern.clone(), written.clone(), stop_guest.clone());
             let mut guest = guest;
             thread::spawn(move || -> std::io::Result<()> {
-                pattern.write(&mut guest, total, GUEST_WRITE)?;
+                match rate {
+                    None => pattern.write(&mut guest, total, GUEST_WRITE)?,
+                    // Writes of a hundredth of a second's worth: a steady stream.
+                    Some(rate) => {
+                        let chunk = ((rate / 100) as usize).clamp(1, GUEST_WRITE);
+                        let mut paced = Paced {
+                            inner: &mut guest,
+                            rate,
+                            start: Instant::now(),
+                            written: 0,
+                        };
+                        pattern.write(&mut paced, total, chunk)?
+                    }
+                }
                 written.store(true, Ordering::Release);
                 while !stop_guest.load(Ordering::Relaxed) {
                     thread::sleep(Duration::from_millis(50));
