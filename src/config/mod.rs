@@ -139,6 +139,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Prometheus `/metrics` HTTP listener; `null` disables it.
     pub metrics: Option<SocketAddr>,
+    /// Plaintext gRPC listener serving only `grpc.health.v1.Health`, for probes that cannot
+    /// speak TLS (Kubernetes); `null` disables it. It reveals serving status only, so a
+    /// non-loopback address needs neither TLS nor `insecure`.
+    pub health: Option<SocketAddr>,
     /// Sockets: conlogd.sock, fd.sock, handover.sock, consoles/.
     pub runtime_dir: Option<PathBuf>,
     /// Persistent state (`state/`) and, unless `log_dir` is set, `logs/`.
@@ -174,6 +178,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7770)),
             metrics: Some(SocketAddr::from(([127, 0, 0, 1], 7771))),
+            health: None,
             runtime_dir: None,
             data_dir: None,
             log_dir: None,
@@ -460,5 +465,15 @@ mod tests {
         config.resolve_paths();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("insecure: true"), "{err}");
+    }
+
+    #[test]
+    fn health_is_off_by_default_and_any_address_needs_no_tls() {
+        assert_eq!(Config::default().health, None);
+        let mut config = Config::from_yaml("health: 0.0.0.0:7772\n", "t").unwrap();
+        config.resolve_paths();
+        config.validate().unwrap();
+        assert_eq!(config.health, Some(SocketAddr::from(([0, 0, 0, 0], 7772))));
+        assert!(config.to_yaml().contains("health: 0.0.0.0:7772"));
     }
 }

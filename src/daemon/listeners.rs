@@ -4,12 +4,18 @@
 //! after an upgrade, and handing out clones to the servers. The originals stay here for the
 //! whole life of the process, so an upgrade can carry them while the servers' clones are
 //! dropped: the sockets never close, and connections wait in their backlogs meanwhile.
+//!
+//! Carried listeners keep their addresses whatever the next image's config says, except the
+//! health listener, which follows the config at every upgrade and takeover ([`Listeners::adopt`]):
+//! probes are pointed at it, and a roll from an image without it must not leave the new pod
+//! unready.
 
 use super::StartError;
 use crate::config::Config;
 use crate::upgrade::ListenerFds;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
@@ -29,6 +35,8 @@ pub struct Listeners {
     pub tcp: std::net::TcpListener,
     /// `/metrics`.
     pub metrics: Option<std::net::TcpListener>,
+    /// Plaintext `grpc.health.v1` only, for probes (config `health`).
+    pub health: Option<std::net::TcpListener>,
 }
 
 impl Listeners {
@@ -59,11 +67,19 @@ impl Listeners {
                 ),
                 None => None,
             },
+            health: match config.health {
+                Some(address) => Some(
+                    std::net::TcpListener::bind(address)
+                        .map_err(tcp_error("health", address.to_string()))?,
+                ),
+                None => None,
+            },
         })
     }
 
-    /// The carried descriptors of a previous image.
-    pub fn adopt(fds: ListenerFds) -> Self {
+    /// The carried descriptors of a previous image (or of this one, after an upgrade that
+    /// failed). The health listener follows `config`: see [`follow_health`].
+    pub fn adopt(fds: ListenerFds, config: &Config) -> Self {
         Self {
             lock: File::from(fds.lock),
             local: UnixListener::from(fds.local),
@@ -71,6 +87,7 @@ impl Listeners {
             handover: UnixListener::from(fds.handover),
             tcp: std::net::TcpListener::from(fds.tcp),
             metrics: fds.metrics.map(std::net::TcpListener::from),
+            health: follow_health(fds.health.map(std::net::TcpListener::from), config.health),
         }
     }
 
@@ -83,6 +100,41 @@ impl Listeners {
             handover: OwnedFd::from(self.handover),
             tcp: OwnedFd::from(self.tcp),
             metrics: self.metrics.map(OwnedFd::from),
+            health: self.health.map(OwnedFd::from),
+        }
+    }
+}
+
+/// The health listener an adopting image serves: the carried one while it is where `wanted`
+/// says (port 0: any port on that address), a new one when the previous image had none (it
+/// predates the key, or had it off) or had it elsewhere, none when the config turns it off.
+/// Never fails: a bind error here would end an upgrade that carries every pipe, so it is
+/// logged and whatever was carried is kept.
+fn follow_health(
+    carried: Option<std::net::TcpListener>,
+    wanted: Option<SocketAddr>,
+) -> Option<std::net::TcpListener> {
+    let Some(wanted) = wanted else {
+        if carried.is_some() {
+            tracing::info!("health is off in the config; closing the carried health listener");
+        }
+        return None;
+    };
+    let at = carried.as_ref().and_then(|l| l.local_addr().ok());
+    let same = |at: SocketAddr| {
+        at.ip() == wanted.ip() && (wanted.port() == 0 || wanted.port() == at.port())
+    };
+    if at.is_some_and(same) {
+        return carried;
+    }
+    match std::net::TcpListener::bind(wanted) {
+        Ok(listener) => {
+            tracing::info!(health = %wanted, previous = ?at, "health listener bound");
+            Some(listener)
+        }
+        Err(e) => {
+            tracing::error!(health = %wanted, previous = ?at, error = %e, "cannot bind the health listener; keeping the carried one, if any");
+            carried
         }
     }
 }

@@ -210,7 +210,7 @@ pub async fn run(
             guests.restore(Vec::new()).await?;
             listeners
         }
-        Some(state) => thaw(state, &guests, &handoffs).await?,
+        Some(state) => thaw(state, &config, &guests, &handoffs).await?,
     };
     let (upgrade_tx, mut upgrade_rx) = mpsc::channel::<UpgradeRequest>(4);
     let mut signals = Signals::new();
@@ -233,6 +233,7 @@ pub async fn run(
             tcp = %serving.tcp_address,
             tls = %security.tls.as_ref().map_or("off", |t| if t.mutual() { "mutual" } else { "on" }),
             metrics = %serving.metrics_address.map_or("off".into(), |a| a.to_string()),
+            health = %serving.health_address.map_or("off".into(), |a| a.to_string()),
             restored_streams = guests.count().await,
             pid = std::process::id(),
             "conlogd ready"
@@ -296,7 +297,7 @@ pub async fn run(
                 let (state, error) = upgrade::exec::exec(&image, state);
                 tracing::error!(error = %error, "cannot execute the new binary; serving on");
                 upgrade::exec::unblock_signals();
-                listeners = thaw(state, &guests, &handoffs).await?;
+                listeners = thaw(state, &config, &guests, &handoffs).await?;
             }
             Event::Takeover(mut connection) => {
                 tracing::info!("a successor is taking over");
@@ -315,7 +316,7 @@ pub async fn run(
                     }
                     Err((state, e)) => {
                         tracing::error!(error = %e, "takeover failed; serving on");
-                        listeners = thaw(state, &guests, &handoffs).await?;
+                        listeners = thaw(state, &config, &guests, &handoffs).await?;
                     }
                 }
             }
@@ -323,12 +324,18 @@ pub async fn run(
     }
 }
 
-/// Adopts carried state: listeners, pending hand-offs, and every stream with its descriptors.
-async fn thaw(state: State, guests: &Guests, handoffs: &Handoffs) -> Result<Listeners, StartError> {
+/// Adopts carried state: listeners (the health listener as `config` wants it), pending
+/// hand-offs, and every stream with its descriptors.
+async fn thaw(
+    state: State,
+    config: &Config,
+    guests: &Guests,
+    handoffs: &Handoffs,
+) -> Result<Listeners, StartError> {
     guests.set_going_away(false);
     handoffs.adopt(state.handoffs);
     guests.restore(state.streams).await?;
-    Ok(Listeners::adopt(state.listeners))
+    Ok(Listeners::adopt(state.listeners, config))
 }
 
 /// The servers of one period of serving.
@@ -339,6 +346,7 @@ struct Serving {
     successors: mpsc::Receiver<UnixStream>,
     tcp_address: SocketAddr,
     metrics_address: Option<SocketAddr>,
+    health_address: Option<SocketAddr>,
 }
 
 impl Serving {
@@ -374,7 +382,7 @@ impl Serving {
         );
         let tcp = tokio_tcp(&listeners.tcp)?;
         let tcp_address = tcp.local_addr()?;
-        let grpc = vec![
+        let mut grpc = vec![
             tokio::spawn(server::serve_local(
                 tokio_unix(&listeners.local)?,
                 agent,
@@ -391,6 +399,17 @@ impl Serving {
                 stopped(),
             )),
         ];
+        let mut health_address = None;
+        if let Some(listener) = &listeners.health {
+            let listener = tokio_tcp(listener)?;
+            health_address = listener.local_addr().ok();
+            grpc.push(tokio::spawn(server::serve_health(
+                listener,
+                security.protection.clone(),
+                config.limits.tcp_connections as usize,
+                stopped(),
+            )));
+        }
         let mut tasks = vec![tokio::spawn(handoffs.clone().serve(
             tokio_unix(&listeners.fd_sock)?,
             config.handoff.read_timeout.get(),
@@ -416,6 +435,7 @@ impl Serving {
             successors,
             tcp_address,
             metrics_address,
+            health_address,
         })
     }
 

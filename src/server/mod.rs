@@ -181,6 +181,28 @@ pub async fn serve_tcp(
     }
 }
 
+/// Serves only `grpc.health.v1.Health`, in plaintext, on the health listener (config
+/// `health`) until `shutdown` resolves: for probes that cannot speak TLS, such as the
+/// kubelet's native gRPC probes. It answers `""` and `conlog.v1.Console`; neither `Console`
+/// nor reflection is registered, so every other method is `UNIMPLEMENTED` and nothing but
+/// serving status is revealed. The call limits and HTTP/2 settings are the other listeners';
+/// connections are capped at `max_connections` with a budget of their own, so that a flood of
+/// console connections cannot fail the liveness probe (nor a flood here take console places).
+pub async fn serve_health(
+    listener: TcpListener,
+    protection: Protection,
+    max_connections: usize,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let incoming = tcp_incoming(listener, slots, false, |tcp| async move { Ok(tcp) });
+    protection
+        .server()
+        .add_service(health(&[CONSOLE_SERVICE]).await)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
 /// Accepted TCP connections, after `handshake` (TLS, or nothing). Each handshake runs on its
 /// own task, so a client that never finishes one delays nobody; a connection over
 /// `limits.tcp_connections` (handshakes included) is closed at once. The accept loop ends when

@@ -59,6 +59,7 @@ pub struct ListenerFds {
     pub handover: OwnedFd,
     pub tcp: OwnedFd,
     pub metrics: Option<OwnedFd>,
+    pub health: Option<OwnedFd>,
 }
 
 /// Everything carried from one image to the next.
@@ -85,6 +86,7 @@ impl State {
             handover: push(l.handover),
             tcp: push(l.tcp),
             metrics: l.metrics.map(&mut push),
+            health: l.health.map(&mut push),
         };
         let streams = self
             .streams
@@ -138,6 +140,7 @@ impl State {
             handover: take(l.handover)?,
             tcp: take(l.tcp)?,
             metrics: l.metrics.map(&mut take).transpose()?,
+            health: l.health.map(&mut take).transpose()?,
         };
         let mut streams = Vec::with_capacity(snapshot.streams.len());
         for s in snapshot.streams {

@@ -54,6 +54,12 @@ pub enum SnapshotError {
 }
 
 /// Indexes of the daemon-wide descriptors.
+///
+/// `health` came after format 1 was first written, and stays within format 1 on purpose: an
+/// image that predates it reads a snapshot without the field as "no health listener" (the
+/// next image binds one if its config asks), and an older image ignores the field (serde skips
+/// unknown fields here) and closes the descriptor it does not adopt. Neither side is refused,
+/// so upgrades and takeovers work in both directions across that change.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ListenerIndexes {
     pub lock: usize,
@@ -62,6 +68,9 @@ pub struct ListenerIndexes {
     pub handover: usize,
     pub tcp: usize,
     pub metrics: Option<usize>,
+    /// The plaintext health listener (config `health`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<usize>,
 }
 
 /// One stream's carried descriptors.
@@ -196,6 +205,7 @@ mod tests {
                     handover: 3,
                     tcp: 4,
                     metrics: None,
+                    health: None,
                 },
                 streams: vec![StreamEntry {
                     guest: "vm1".into(),
@@ -254,6 +264,41 @@ mod tests {
         ));
     }
 
+    /// A snapshot written before the health listener existed (same format version) is read
+    /// as having none, and one that has it is still read by a decoder that does not know the
+    /// field (serde ignores unknown fields of these structs).
+    #[test]
+    fn health_listener_index_is_optional_in_format_1() {
+        let mut old = envelope();
+        let json = serde_json::to_value(&old).unwrap();
+        assert!(json["snapshot"]["listeners"].get("health").is_none());
+        let back = decode(&encode(&old)).unwrap();
+        assert_eq!(back.snapshot.listeners.health, None);
+
+        old.snapshot.listeners.health = Some(8);
+        old.descriptors = 9;
+        old.inherited = Some((3..12).collect());
+        let bytes = encode(&old);
+        assert_eq!(decode(&bytes).unwrap().snapshot.listeners.health, Some(8));
+
+        // The struct as it was before `health`.
+        #[derive(Deserialize)]
+        struct Before {
+            lock: usize,
+            local: usize,
+            fd_sock: usize,
+            handover: usize,
+            tcp: usize,
+            metrics: Option<usize>,
+        }
+        let json = serde_json::to_value(&old.snapshot.listeners).unwrap();
+        let b: Before = serde_json::from_value(json).unwrap();
+        assert_eq!(
+            (b.lock, b.local, b.fd_sock, b.handover, b.tcp, b.metrics),
+            (0, 1, 2, 3, 4, None)
+        );
+    }
+
     /// Strategies for random envelopes.
     mod arb {
         use super::*;
@@ -273,8 +318,9 @@ mod tests {
                 index(),
                 index(),
                 option::of(index()),
+                option::of(index()),
             )
-                .prop_map(|(lock, local, fd_sock, handover, tcp, metrics)| {
+                .prop_map(|(lock, local, fd_sock, handover, tcp, metrics, health)| {
                     ListenerIndexes {
                         lock,
                         local,
@@ -282,6 +328,7 @@ mod tests {
                         handover,
                         tcp,
                         metrics,
+                        health,
                     }
                 })
         }
