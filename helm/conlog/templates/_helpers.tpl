@@ -69,23 +69,65 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/* Where the TLS Secret, and a separate client CA Secret, are mounted. */}}
+{{- define "conlog.tlsDir" -}}/etc/conlog/tls{{- end }}
+{{- define "conlog.clientCADir" -}}/etc/conlog/client-ca{{- end }}
+
 {{/*
-conlogd's configuration file. The values' `config` map, verbatim: conlogd refuses unknown keys,
-so nothing else is ever added (TLS is mounted but not configured here until the daemon has TLS
-keys, issue 6). A key set to null in a user's values file is dropped by Helm; `metrics: null`
-means "no metrics endpoint", so it is put back as null rather than left to the daemon's default.
+conlogd's configuration file: the values' `config` map, with every key conlogd has and nothing
+else (it refuses unknown keys). Two keys are the chart's: `tls` is null unless `tls.enabled`
+(whose Secret holds the files), and its `client_ca` follows `tls.mutual`. A key set to null in a
+user's values file is dropped by Helm; `metrics: null` means "no metrics endpoint", so it is put
+back as null rather than left to the daemon's default. Settings that would keep conlogd from
+starting, or the probes from reaching it, fail here with a message instead.
 */}}
 {{- define "conlog.config" -}}
 {{- $config := deepCopy .Values.config }}
 {{- if not (hasKey $config "metrics") }}
 {{- $_ := set $config "metrics" nil }}
 {{- end }}
+{{- if not $config.health }}
+{{- fail "config.health is required: the kubelet's gRPC probes cannot speak TLS, so they go to this plaintext health-only listener (e.g. 0.0.0.0:7772)" }}
+{{- end }}
+{{- if .Values.tls.enabled }}
+{{- $tls := deepCopy (required "tls.enabled needs config.tls (cert and key)" $config.tls) }}
+{{- $dir := include "conlog.tlsDir" . }}
+{{- range $key := list "cert" "key" }}
+{{- if not (hasPrefix (printf "%s/" $dir) (toString (get $tls $key))) }}
+{{- fail (printf "config.tls.%s must be a file of the TLS Secret, mounted at %s (got %v)" $key $dir (get $tls $key)) }}
+{{- end }}
+{{- end }}
+{{- if get $tls "client_ca" }}
+{{- fail "config.tls.client_ca is set by the chart: use tls.mutual (and tls.clientCASecretName)" }}
+{{- end }}
+{{- if .Values.tls.mutual }}
+{{- $caDir := ternary (include "conlog.clientCADir" .) $dir (ne .Values.tls.clientCASecretName "") }}
+{{- $_ := set $tls "client_ca" (printf "%s/ca.crt" $caDir) }}
+{{- else }}
+{{- $_ := set $tls "client_ca" nil }}
+{{- end }}
+{{- if not (hasKey $tls "handshake_timeout") }}
+{{- $_ := set $tls "handshake_timeout" "10s" }}
+{{- end }}
+{{- $_ := set $config "tls" $tls }}
+{{- else }}
+{{- $_ := set $config "tls" nil }}
+{{- $listen := toString $config.listen }}
+{{- if not (or $config.insecure (hasPrefix "127." $listen) (hasPrefix "[::1]:" $listen)) }}
+{{- fail (printf "config.listen %s is not loopback and tls.enabled is false: enable TLS, or set config.insecure: true for a plaintext demo" $listen) }}
+{{- end }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
-{{/* The TCP port of the gRPC listener (the probes' port), from config.listen "HOST:PORT". */}}
+{{/* The TCP port of the Console listener, from config.listen "HOST:PORT". */}}
 {{- define "conlog.grpcPort" -}}
 {{- .Values.config.listen | toString | splitList ":" | last | int }}
+{{- end }}
+
+{{/* The port of the health listener (the probes' port), from config.health "HOST:PORT". */}}
+{{- define "conlog.healthPort" -}}
+{{- .Values.config.health | toString | splitList ":" | last | int }}
 {{- end }}
 
 {{/* The port of the metrics endpoint, or nothing when metrics are off. */}}
