@@ -338,6 +338,26 @@ fn check_manifests(objects: &[Value], origin: &str, helm: bool) -> Value {
     for mount in mounts {
         volume(str_of(&mount["name"], "volumeMount name"));
     }
+    // Nothing is mounted inside a ConfigMap or Secret mount: the kubelet keeps those volumes
+    // read-only, so the runtime could not create the inner mount point (the pod would never
+    // start).
+    for outer in mounts {
+        let outer_path = str_of(&outer["mountPath"], "mountPath");
+        let source = volume(str_of(&outer["name"], "name"));
+        if ["configMap", "secret", "projected", "downwardAPI"]
+            .iter()
+            .all(|kind| source[*kind].is_null())
+        {
+            continue;
+        }
+        for inner in mounts {
+            let inner_path = str_of(&inner["mountPath"], "mountPath");
+            assert!(
+                !inner_path.starts_with(&format!("{outer_path}/")),
+                "{origin}: {inner_path} is mounted inside the read-only volume at {outer_path}"
+            );
+        }
+    }
     let args: Vec<&str> = seq(&container["args"])
         .iter()
         .map(|a| str_of(a, "arg"))
@@ -866,7 +886,7 @@ fn helm_values_document_every_config_key_and_the_schema_refuses_others() {
             "a certificate outside the Secret",
         ),
         (
-            "config.tls.client_ca=/etc/conlog/tls/ca.crt",
+            "config.tls.client_ca=/etc/conlog-tls/ca.crt",
             "client_ca without tls.mutual",
         ),
     ] {
@@ -907,7 +927,7 @@ fn helm_values_document_every_config_key_and_the_schema_refuses_others() {
     fs::write(&mutual, "tls:\n  mutual: true\n").unwrap();
     let objects = documents(&render(Some(&mutual)), "mutual TLS");
     let config = check_manifests(&objects, "helm/conlog with tls.mutual: true", true);
-    assert_eq!(config["tls"]["client_ca"], "/etc/conlog/tls/ca.crt");
+    assert_eq!(config["tls"]["client_ca"], "/etc/conlog-tls/ca.crt");
 }
 
 #[test]

@@ -69,9 +69,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* Where the TLS Secret, and a separate client CA Secret, are mounted. */}}
-{{- define "conlog.tlsDir" -}}/etc/conlog/tls{{- end }}
-{{- define "conlog.clientCADir" -}}/etc/conlog/client-ca{{- end }}
+{{/*
+Where the TLS Secret, and a separate client CA Secret, are mounted: beside /etc/conlog, never
+inside it (the ConfigMap volume there is read-only, so no mount point can be made in it).
+*/}}
+{{- define "conlog.tlsDir" -}}/etc/conlog-tls{{- end }}
+{{- define "conlog.clientCADir" -}}/etc/conlog-client-ca{{- end }}
 
 {{/*
 conlogd's configuration file: the values' `config` map, with every key conlogd has and nothing
