@@ -1,0 +1,361 @@
+// One browser console session: WatchConsole for output, SendConsoleInput for keystrokes,
+// ReadHistory for the last screen and for any range the live stream did not deliver.
+//
+// Every byte the guest printed has an absolute offset (design section 2). `next` is the offset
+// of the first byte the terminal has not shown yet: output below it is dropped (a replay after a
+// reconnect, history read after attaching), output above it first fills the hole from history
+// (a reconnect after an upgrade, a `lagged` skip). So the terminal shows each byte once, in
+// order, whatever the connection does.
+
+import { Code, ConnectError, createClient, type Client, type Interceptor } from "@connectrpc/connect";
+import { createGrpcWebTransport } from "@connectrpc/connect-web";
+import { Attach_Mode, Console, type Attached } from "./gen/conlog/v1/console_pb";
+
+export type ConnectionState = "connecting" | "live" | "reconnecting" | "ended";
+export type Access = "unknown" | "read-write" | "read-only";
+/** Why the page cannot type: the token is READ, another client holds the keyboard, or it was
+ * taken from this page. */
+export type ReadOnlyReason = "token" | "held" | "revoked";
+
+/** What the session shows; the page implements it. */
+export interface View {
+  /** Bytes (or a conlog notice) for the terminal. */
+  write(data: Uint8Array | string): void;
+  connection(state: ConnectionState, detail: string): void;
+  guest(connected: boolean): void;
+  access(access: Access, reason: ReadOnlyReason | null, detail: string): void;
+  notice(text: string): void;
+  /** What the session did, for diagnostics (`window.conlog.events`). */
+  event(what: string, detail: string): void;
+}
+
+export interface Options {
+  /** Where the Console service is (the daemon serving the page, by default). */
+  baseUrl: string;
+  guest: string;
+  device: string;
+  token: string;
+  /** Lines of history shown before live output. */
+  tailLines: number;
+}
+
+/** Output replayed by the daemon on a reconnect; anything older comes from history. */
+const REPLAY_BYTES = 64n << 10n;
+/** Input kept while (re)connecting; typing more than this is refused with a notice. */
+const MAX_PENDING_INPUT = 64 << 10;
+const FIRST_RETRY_MS = 250;
+const LAST_RETRY_MS = 5000;
+
+/** How one WatchConsole call ended. */
+type Outcome =
+  | { kind: "retry"; attached: boolean; message: string }
+  | { kind: "again" }
+  | { kind: "final"; message: string };
+
+const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.length;
+  }
+  return out;
+}
+
+export class ConsoleSession {
+  private readonly client: Client<typeof Console>;
+  /** Offset of the next byte the terminal needs; unknown until the first attach. */
+  private next: bigint | undefined;
+  private sessionId = "";
+  private writer = false;
+  /** Ask for the writer lease when attaching (false once the token proved read-only). */
+  private wantWrite = true;
+  private readOnly: ReadOnlyReason | null = null;
+  private force = false;
+  private current: AbortController | null = null;
+  private restart = false;
+  private pending: Uint8Array[] = [];
+  private pendingBytes = 0;
+  private sending = false;
+  private attaches = 0;
+  private ended = false;
+
+  constructor(
+    private readonly options: Options,
+    private readonly view: View,
+  ) {
+    const bearer: Interceptor = (next) => (request) => {
+      request.header.set("authorization", `Bearer ${options.token}`);
+      return next(request);
+    };
+    this.client = createClient(
+      Console,
+      createGrpcWebTransport({ baseUrl: options.baseUrl, interceptors: [bearer] }),
+    );
+  }
+
+  /** Offset of the next byte to show (for tests and the status line). */
+  get offset(): bigint | undefined {
+    return this.next;
+  }
+
+  /** Times the page attached again after its first attach. */
+  get reconnects(): number {
+    return Math.max(0, this.attaches - 1);
+  }
+
+  /** Connects, and reconnects until the console or the token is gone. */
+  async run(): Promise<void> {
+    let delay = FIRST_RETRY_MS;
+    while (!this.ended) {
+      this.view.connection(this.attaches ? "reconnecting" : "connecting", "attaching…");
+      const outcome = await this.watch();
+      if (outcome.kind === "again") continue;
+      if (outcome.kind === "final") {
+        this.ended = true;
+        this.view.connection("ended", outcome.message);
+        return;
+      }
+      if (outcome.attached) delay = FIRST_RETRY_MS;
+      this.view.connection(
+        "reconnecting",
+        `${outcome.message}; reconnecting in ${(delay / 1000).toFixed(1)} s`,
+      );
+      await sleep(delay);
+      delay = Math.min(delay * 2, LAST_RETRY_MS);
+    }
+  }
+
+  /** Takes the writer lease from whoever holds it (Attach.force). */
+  takeOver(): void {
+    if (this.readOnly === "token") return;
+    this.wantWrite = true;
+    this.force = true;
+    this.restart = true;
+    this.current?.abort();
+  }
+
+  /** Keystrokes from the terminal. */
+  input(data: Uint8Array): void {
+    if (this.readOnly) {
+      this.view.notice("Read-only: your input was not sent");
+      return;
+    }
+    if (this.pendingBytes + data.length > MAX_PENDING_INPUT) {
+      this.view.notice("Not connected: input dropped");
+      return;
+    }
+    this.pending.push(data);
+    this.pendingBytes += data.length;
+    void this.flushInput();
+  }
+
+  private async watch(): Promise<Outcome> {
+    const abort = new AbortController();
+    this.current = abort;
+    this.restart = false;
+    const mode = this.wantWrite ? Attach_Mode.READ_WRITE : Attach_Mode.READ_ONLY;
+    const force = this.force;
+    this.force = false;
+    let attached = false;
+    try {
+      const frames = this.client.watchConsole(
+        {
+          guest: this.options.guest,
+          device: this.options.device,
+          mode,
+          force,
+          replayBytes: this.next === undefined ? 0n : REPLAY_BYTES,
+        },
+        { signal: abort.signal },
+      );
+      for await (const { frame } of frames) {
+        switch (frame.case) {
+          case "attached":
+            await this.attached(frame.value, abort.signal);
+            attached = true;
+            break;
+          case "output":
+            await this.show(frame.value.offset, frame.value.data, abort.signal);
+            break;
+          case "lagged":
+            // The next output starts at to_offset; show() fills the hole from history.
+            break;
+          case "guest":
+            this.view.guest(frame.value.connected);
+            break;
+          case "writerRevoked":
+            this.writer = false;
+            this.setReadOnly("revoked", frame.value.reason || "another client took the keyboard");
+            break;
+        }
+      }
+      return { kind: "retry", attached, message: "The daemon ended the stream" };
+    } catch (e) {
+      if (this.restart) return { kind: "again" };
+      const error = ConnectError.from(e);
+      const message = error.rawMessage || Code[error.code];
+      if (!attached && mode === Attach_Mode.READ_WRITE) {
+        if (error.code === Code.PermissionDenied) {
+          // A READ token: watch without the lease.
+          this.setReadOnly("token", message);
+          this.wantWrite = false;
+          return { kind: "again" };
+        }
+        if (error.code === Code.FailedPrecondition) {
+          this.setReadOnly("held", message);
+          this.wantWrite = false;
+          return { kind: "again" };
+        }
+      }
+      switch (error.code) {
+        case Code.Unauthenticated:
+          return { kind: "final", message: `Token refused: ${message}` };
+        case Code.PermissionDenied:
+          return { kind: "final", message: `Not allowed: ${message}` };
+        case Code.NotFound:
+          return { kind: "final", message: `No such console: ${message}` };
+        case Code.InvalidArgument:
+          return { kind: "final", message: `Bad request: ${message}` };
+        default:
+          return { kind: "retry", attached, message: `Connection lost (${message})` };
+      }
+    } finally {
+      this.current = null;
+      this.sessionId = "";
+      this.writer = false;
+    }
+  }
+
+  private async attached(attached: Attached, signal: AbortSignal): Promise<void> {
+    this.sessionId = attached.sessionId;
+    this.writer = attached.writer;
+    this.view.guest(attached.guestConnected);
+    if (attached.writer) {
+      this.readOnly = null;
+      this.view.access("read-write", null, "you hold the keyboard");
+    } else if (!this.readOnly) {
+      this.setReadOnly("held", "watching without the keyboard");
+    } else {
+      this.view.access("read-only", this.readOnly, "");
+    }
+    if (this.next === undefined) {
+      // First attach: the last screen from history (read after attaching, so it reaches at
+      // least attached.offset), then live output after it.
+      let end: bigint | undefined;
+      const chunks = this.client.readHistory(
+        {
+          guest: this.options.guest,
+          stream: this.options.device,
+          start: { case: "tailLines", value: BigInt(this.options.tailLines) },
+        },
+        { signal },
+      );
+      for await (const chunk of chunks) {
+        if (chunk.gap) {
+          end = chunk.gap.toOffset;
+        } else if (chunk.data.length > 0) {
+          this.view.write(chunk.data);
+          end = chunk.offset + BigInt(chunk.data.length);
+        }
+      }
+      this.next = end ?? attached.offset;
+    }
+    if (attached.offset > this.next) {
+      await this.fill(attached.offset, signal);
+    }
+    this.attaches += 1;
+    this.view.connection("live", this.attaches > 1 ? `reconnected at offset ${this.next}` : "");
+    void this.flushInput();
+  }
+
+  /** Shows output at `offset`: only what the terminal has not shown, after any hole. */
+  private async show(offset: bigint, data: Uint8Array, signal: AbortSignal): Promise<void> {
+    if (this.next === undefined) this.next = offset;
+    if (offset > this.next) await this.fill(offset, signal);
+    this.put(offset, data);
+  }
+
+  private put(offset: bigint, data: Uint8Array): void {
+    const next = this.next ?? offset;
+    const end = offset + BigInt(data.length);
+    if (end <= next || offset > next) return;
+    this.view.write(data.subarray(Number(next - offset)));
+    this.next = end;
+  }
+
+  /** Shows [next, to) from history; what is no longer on disk is marked as such. */
+  private async fill(to: bigint, signal: AbortSignal): Promise<void> {
+    const from = this.next ?? to;
+    this.view.event("history", `filling ${from}..${to} from history`);
+    const chunks = this.client.readHistory(
+      {
+        guest: this.options.guest,
+        stream: this.options.device,
+        start: { case: "fromOffset", value: from },
+        limitBytes: to - from,
+      },
+      { signal },
+    );
+    for await (const chunk of chunks) {
+      if (chunk.gap) {
+        this.skip(chunk.gap.toOffset, "no longer on disk");
+      } else {
+        this.put(chunk.offset, chunk.data);
+      }
+    }
+    this.skip(to, "missing from history");
+  }
+
+  private skip(to: bigint, why: string): void {
+    if (this.next === undefined || to <= this.next) return;
+    this.view.write(`\r\n\x1b[7m[conlog: ${to - this.next} bytes ${why}]\x1b[0m\r\n`);
+    this.next = to;
+  }
+
+  private setReadOnly(reason: ReadOnlyReason, detail: string): void {
+    this.readOnly = reason;
+    this.view.access("read-only", reason, detail);
+    if (this.pending.length) {
+      this.view.notice(`Read-only: ${this.pendingBytes} bytes of input were not sent`);
+      this.pending = [];
+      this.pendingBytes = 0;
+    }
+  }
+
+  /** Sends queued input in order, one call at a time, while this page holds the keyboard. */
+  private async flushInput(): Promise<void> {
+    if (this.sending) return;
+    this.sending = true;
+    try {
+      while (this.pending.length && this.sessionId && this.writer) {
+        const batch = concat(this.pending);
+        this.pending = [];
+        this.pendingBytes = 0;
+        try {
+          await this.client.sendConsoleInput({ sessionId: this.sessionId, data: batch });
+        } catch (e) {
+          const error = ConnectError.from(e);
+          const message = error.rawMessage || Code[error.code];
+          if (error.code === Code.NotFound) {
+            // The session ended with its stream; the next attach sends it.
+            this.pending.unshift(batch);
+            this.pendingBytes += batch.length;
+            break;
+          } else if (error.code === Code.PermissionDenied) {
+            this.wantWrite = false;
+            this.setReadOnly("token", message);
+          } else if (error.code === Code.FailedPrecondition) {
+            this.setReadOnly("revoked", message);
+          } else {
+            this.view.notice(`${batch.length} bytes of input may not have reached the guest: ${message}`);
+          }
+        }
+      }
+    } finally {
+      this.sending = false;
+    }
+  }
+}
