@@ -77,7 +77,7 @@ fn build(config: &TlsConfig) -> Result<ServerConfig, TlsError> {
     let mut server = builder
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Setup(format!("tls.cert and tls.key: {e}")))?;
-    server.alpn_protocols = vec![b"h2".to_vec()];
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(server)
 }
 

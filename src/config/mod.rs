@@ -131,6 +131,84 @@ impl Default for HistoryConfig {
     }
 }
 
+/// The browser side of the TCP listener: the console page (`/console/`) and gRPC-web.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// Origins (`https://host[:port]`) of other web pages allowed to call the Console service
+    /// with gRPC-web from a browser (CORS). The daemon's own console page, served from the
+    /// listener itself, needs no entry; every other origin is refused.
+    pub allowed_origins: Vec<String>,
+}
+
+/// A web origin: scheme, host and port (the scheme's default port when none is written).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub scheme: &'static str,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Origin {
+    /// Parses `http://host[:port]` or `https://host[:port]` (what browsers send in `Origin`):
+    /// no path, no user, no trailing slash. Host names are compared without case.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (scheme, rest) = if let Some(rest) = text.strip_prefix("https://") {
+            ("https", rest)
+        } else if let Some(rest) = text.strip_prefix("http://") {
+            ("http", rest)
+        } else {
+            return Err(format!(
+                "{text:?} is not an origin: it must start with http:// or https://"
+            ));
+        };
+        if rest.is_empty() || rest.contains(['/', '?', '#', '@', '*']) {
+            return Err(format!(
+                "{text:?} is not an origin: write scheme://host[:port] only, like \
+                 https://console.example.com"
+            ));
+        }
+        Self::with_authority(scheme, rest)
+            .ok_or_else(|| format!("{text:?} is not an origin: bad host or port"))
+    }
+
+    /// The origin of a request made with `scheme` to `authority` (a `Host` header).
+    pub fn with_authority(scheme: &'static str, authority: &str) -> Option<Self> {
+        let authority: http::uri::Authority = authority.parse().ok()?;
+        let host = authority.host();
+        if host.is_empty() || authority.as_str().contains('@') {
+            return None;
+        }
+        let port = match authority.as_str().get(host.len()..)? {
+            "" => {
+                if scheme == "https" {
+                    443
+                } else {
+                    80
+                }
+            }
+            written => written.strip_prefix(':')?.parse().ok()?,
+        };
+        Some(Self {
+            scheme,
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl WebConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for origin in &self.allowed_origins {
+            Origin::parse(origin).map_err(|message| ConfigError::Value {
+                key: "web.allowed_origins",
+                message,
+            })?;
+        }
+        Ok(())
+    }
+}
+
 /// The effective configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -171,6 +249,8 @@ pub struct Config {
     pub history: HistoryConfig,
     /// Node protection limits.
     pub limits: Limits,
+    /// The console page and gRPC-web on the TCP listener.
+    pub web: WebConfig,
 }
 
 impl Default for Config {
@@ -193,6 +273,7 @@ impl Default for Config {
             consoles: ConsoleConfig::default(),
             history: HistoryConfig::default(),
             limits: Limits::default(),
+            web: WebConfig::default(),
         }
     }
 }
@@ -348,6 +429,7 @@ impl Config {
         if let Some(tls) = &self.tls {
             tls.validate()?;
         }
+        self.web.validate()?;
         if self.consoles.client_queue.bytes() < 4096 {
             return value(
                 "consoles.client_queue",
@@ -465,6 +547,51 @@ mod tests {
         config.resolve_paths();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("insecure: true"), "{err}");
+    }
+
+    #[test]
+    fn web_allowed_origins_are_checked_origins() {
+        assert!(Config::default().web.allowed_origins.is_empty());
+        let yaml = "web:\n  allowed_origins: [https://console.example.com, 'http://[::1]:8080']\n";
+        let mut config = Config::from_yaml(yaml, "t").unwrap();
+        config.resolve_paths();
+        config.validate().unwrap();
+        assert!(config.to_yaml().contains("https://console.example.com"));
+        for bad in [
+            "console.example.com",
+            "https://console.example.com/",
+            "https://console.example.com/path",
+            "https://user@console.example.com",
+            "ftp://console.example.com",
+            "*",
+            "https://*.example.com",
+            "https://host:99999",
+            "null",
+        ] {
+            let mut config = Config::default();
+            config.web.allowed_origins = vec![bad.into()];
+            config.resolve_paths();
+            let err = match config.validate() {
+                Ok(()) => panic!("{bad} accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                err.contains("web.allowed_origins") && !err.contains('\n'),
+                "{bad}: {err}"
+            );
+        }
+        assert_eq!(
+            Origin::parse("https://Console.Example.com").unwrap(),
+            Origin {
+                scheme: "https",
+                host: "console.example.com".into(),
+                port: 443
+            }
+        );
+        assert_eq!(
+            Origin::parse("http://127.0.0.1:7770"),
+            Ok(Origin::with_authority("http", "127.0.0.1:7770").unwrap())
+        );
     }
 
     #[test]

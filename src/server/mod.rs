@@ -6,7 +6,11 @@
 //! network. Handlers live in [`agent`] and [`console`] and do no work of their own beyond
 //! validating requests and calling the owning module. The single `Error → Status` mapping is
 //! in [`crate::error`]. On TCP every `Console` call needs a bearer token ([`auth`]); on both,
-//! calls in progress and message sizes are limited ([`limits`]).
+//! calls in progress and message sizes are limited ([`limits`]). TCP also speaks gRPC-web
+//! (binary and text, over HTTP/1.1 or HTTP/2) and serves the console page at `/console/`
+//! ([`web`]); its layers run, outermost first: [`web::WebLayer`] (page, CORS), tonic-web's
+//! translation into gRPC, [`limits::CallLimitsLayer`], then the services behind their
+//! interceptors, so a gRPC-web call is a gRPC call by the time limits and tokens see it.
 
 pub mod agent;
 pub mod auth;
@@ -14,6 +18,7 @@ mod authority;
 pub mod conn;
 pub mod console;
 pub mod limits;
+pub mod web;
 
 use crate::proto;
 use crate::tls::Tls;
@@ -37,6 +42,8 @@ pub struct Protection {
     pub calls_per_connection: u32,
     /// Places for TCP connections (`limits.tcp_connections`).
     pub tcp_connections: Arc<tokio::sync::Semaphore>,
+    /// Origins allowed to call over gRPC-web from other pages (`web`).
+    pub web: web::WebOptions,
 }
 
 impl Protection {
@@ -46,7 +53,14 @@ impl Protection {
             message_size: limits.message_size.bytes() as usize,
             calls_per_connection: limits.calls_per_connection,
             tcp_connections: Arc::new(tokio::sync::Semaphore::new(limits.tcp_connections as usize)),
+            web: web::WebOptions::new(limits.message_size.bytes() as usize),
         }
+    }
+
+    /// The same, with the `web` section's allowed origins for the TCP listener.
+    pub fn with_web(mut self, config: &crate::config::WebConfig) -> Self {
+        self.web = self.web.with_origins(config);
+        self
     }
 
     /// A server builder with these limits. HTTP/2's own stream cap sits above the call
@@ -57,12 +71,15 @@ impl Protection {
     fn server(
         &self,
     ) -> Server<tower::layer::util::Stack<CallLimitsLayer, tower::layer::util::Identity>> {
+        self.builder().layer(CallLimitsLayer(self.calls.clone()))
+    }
+
+    fn builder(&self) -> Server {
         Server::builder()
             .max_concurrent_streams(self.calls_per_connection.saturating_mul(2))
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-            .http2_max_header_list_size(16 << 10)
-            .layer(CallLimitsLayer(self.calls.clone()))
+            .http2_max_header_list_size(web::MAX_HEADER_BYTES as u32)
     }
 
     fn console(
@@ -137,7 +154,8 @@ pub async fn serve_local(
         .await
 }
 
-/// Serves the console API on TCP (with TLS when `tls` is set) until `shutdown` resolves.
+/// Serves the console API on TCP (with TLS when `tls` is set) until `shutdown` resolves:
+/// native gRPC over HTTP/2, gRPC-web over HTTP/1.1 or HTTP/2, and the console page.
 pub async fn serve_tcp(
     listener: TcpListener,
     console: console::ConsoleService,
@@ -153,7 +171,11 @@ pub async fn serve_tcp(
         .build_v1alpha()
         .expect("embedded descriptors are valid");
     let router = protection
-        .server()
+        .builder()
+        .accept_http1(true)
+        .layer(web::WebLayer(protection.web.clone()))
+        .layer(tonic_web::GrpcWebLayer::new())
+        .layer(CallLimitsLayer(protection.calls.clone()))
         .add_service(health(&[CONSOLE_SERVICE]).await)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
