@@ -22,6 +22,8 @@ mod console;
 mod daemon;
 #[path = "conlog-bench/data.rs"]
 mod data;
+#[path = "conlog-bench/guests.rs"]
+mod guests;
 #[path = "conlog-bench/history.rs"]
 mod history;
 #[path = "conlog-bench/pipe.rs"]
@@ -91,6 +93,9 @@ enum Scenario {
     /// History streaming (issue 4): ReadHistory of a large rotated log to a client that
     /// discards it, against the same bytes over loopback TCP with socat.
     History(history::HistoryArgs),
+    /// Many guests and restart (issue 7 scenarios 2 and 6): memory and CPU with N guests, each
+    /// with a log pipe and a connected console, 10% writing; restart time with N registered.
+    Guests(guests::GuestsArgs),
     /// Upgrade pause (issue 5): how long logging stops during an in-place upgrade and during a
     /// takeover, with 1, 100 and 2,000 guests.
     Upgrade(upgrade::UpgradeArgs),
@@ -113,6 +118,7 @@ fn main() -> ExitCode {
         Scenario::Console(args) => console::run(&runtime, &cli.common, args),
         Scenario::History(args) => history::run(&runtime, &cli.common, args),
         Scenario::Upgrade(args) => upgrade::run(&runtime, &cli.common, args),
+        Scenario::Guests(args) => guests::run(&runtime, &cli.common, args),
     };
     match outcome {
         Ok(report::Verdict::Correct) => ExitCode::SUCCESS,
