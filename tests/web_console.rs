@@ -787,13 +787,46 @@ async fn console_page_in_headless_chromium() {
     screenshot(&mut browser, "rw", "read-write").await;
     screenshot(&mut browser, "ro", "read-only").await;
 
-    // 6. Rotating the token key ends both pages, and they say why.
+    // 6. A second read-write page finds the keyboard held, takes it (force), and the first
+    // page says it lost it.
+    browser.open("rw2", &url(&read_write)).await;
+    browser.wait("rw2", LIVE).await;
+    let held = "document.getElementById('access').textContent";
+    assert_eq!(
+        browser.eval("rw2", held).await,
+        "read-only: another client has the keyboard"
+    );
+    browser.click("rw2", "#takeover").await;
+    browser
+        .wait("rw2", "document.body.dataset.access === 'read-write'")
+        .await;
+    browser
+        .wait(
+            "rw",
+            "document.getElementById('access').textContent === \
+             'read-only: another client took the keyboard' && \
+             !document.getElementById('takeover').hidden",
+        )
+        .await;
+    screenshot(&mut browser, "rw", "keyboard-taken").await;
+    guest.clear_received();
+    browser.click("rw2", "#terminal").await;
+    browser.type_text("rw2", "from the second page").await;
+    browser.press("rw2", "Enter").await;
+    guest.wait_for(b"from the second page\r").await;
+    assert_same(
+        "input of the page that took the keyboard",
+        guest.received(),
+        b"from the second page\r",
+    );
+
+    // 7. Rotating the token key ends the pages, and they say why.
     agent = daemon.agent().await;
     agent
         .rotate_token_key(proto::RotateTokenKeyRequest {})
         .await
         .expect("RotateTokenKey");
-    for page in ["rw", "ro"] {
+    for page in ["rw", "ro", "rw2"] {
         browser
             .wait(
                 page,

@@ -187,7 +187,9 @@ export class ConsoleSession {
             this.view.guest(frame.value.connected);
             break;
           case "writerRevoked":
+            // Watch on; take the keyboard back only when asked (takeOver), not at a reconnect.
             this.writer = false;
+            this.wantWrite = false;
             this.setReadOnly("revoked", frame.value.reason || "another client took the keyboard");
             break;
         }
@@ -348,6 +350,7 @@ export class ConsoleSession {
             this.wantWrite = false;
             this.setReadOnly("token", message);
           } else if (error.code === Code.FailedPrecondition) {
+            this.wantWrite = false;
             this.setReadOnly("revoked", message);
           } else {
             this.view.notice(`${batch.length} bytes of input may not have reached the guest: ${message}`);
