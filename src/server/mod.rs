@@ -225,6 +225,20 @@ pub async fn serve_health(
         .await
 }
 
+/// TCP keepalive on an accepted connection: a peer that vanished without a FIN (a laptop put
+/// to sleep) is found within about two minutes even on HTTP/1.1, where a gRPC-web stream has no
+/// HTTP/2 ping to find it, so its call and its console place are given back.
+fn keep_alive(tcp: &tokio::net::TcpStream) {
+    use rustix::net::sockopt;
+    let set = sockopt::set_socket_keepalive(tcp, true)
+        .and_then(|()| sockopt::set_tcp_keepidle(tcp, std::time::Duration::from_secs(60)))
+        .and_then(|()| sockopt::set_tcp_keepintvl(tcp, std::time::Duration::from_secs(15)))
+        .and_then(|()| sockopt::set_tcp_keepcnt(tcp, 4));
+    if let Err(e) = set {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+}
+
 /// Accepted TCP connections, after `handshake` (TLS, or nothing). Each handshake runs on its
 /// own task, so a client that never finishes one delays nobody; a connection over
 /// `limits.tcp_connections` (handshakes included) is closed at once. The accept loop ends when
@@ -262,6 +276,7 @@ where
                 }
                 continue;
             };
+            keep_alive(&tcp);
             let (connection, ready) = (handshake(tcp), ready.clone());
             tokio::spawn(async move {
                 match connection.await {
