@@ -433,8 +433,8 @@ impl StreamActor {
         self.metrics.pipe_writers.dec_by(self.pipes.len() as i64);
         self.stats.writers.store(0, Relaxed);
         self.pipes.clear();
-        if let Err(e) = self.log.sync() {
-            tracing::warn!(path = %self.log.path().display(), error = %e, "cannot sync log");
+        if let Err(e) = self.log.checkpoint() {
+            tracing::warn!(path = %self.log.path().display(), error = %e, "cannot record the log position");
         }
     }
 }

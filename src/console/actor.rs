@@ -466,8 +466,8 @@ impl ConsoleActor {
         if let Some(dir) = self.handle.paths.guest_socket.parent() {
             let _ = std::fs::remove_dir(dir);
         }
-        if let Err(e) = self.log.sync() {
-            tracing::warn!(console = %self.handle.name, error = %e, "cannot sync console log");
+        if let Err(e) = self.log.checkpoint() {
+            tracing::warn!(console = %self.handle.name, error = %e, "cannot record the console log position");
         }
     }
 }

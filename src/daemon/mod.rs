@@ -283,7 +283,7 @@ pub async fn run(
             Event::Stop(name) => {
                 notify_systemd("STOPPING=1");
                 tracing::info!(signal = name, "shutting down");
-                serving.stop(&guests).await;
+                serving.stop(&guests, &config).await;
                 for name in ["conlogd.sock", "fd.sock", "handover.sock"] {
                     let _ = fs::remove_file(config.runtime_dir().join(name));
                 }
@@ -458,12 +458,17 @@ impl Serving {
 
     /// Shutdown: streams close first (consoles end their clients with UNAVAILABLE, followers
     /// end), so the servers can drain at once; pipes are drained into their logs.
-    async fn stop(mut self, guests: &Guests) {
+    async fn stop(mut self, guests: &Guests, config: &Config) {
         self.stop_accepting();
         guests
             .close_all("conlogd is shutting down; reconnect and resume by offset")
             .await;
+        let dirs = [config.log_dir().to_owned(), config.data_dir().to_owned()];
+        let synced = tokio::task::spawn_blocking(move || sync_file_systems(&dirs));
         self.drain(DRAIN_TIMEOUT).await;
+        if let Ok(Err(e)) = synced.await {
+            tracing::warn!(error = %e, "cannot sync the logs to stable storage");
+        }
     }
 
     /// Upgrade: freezes every stream (clients are told to come back), drains the servers and
@@ -485,6 +490,21 @@ impl Serving {
             handoffs: handoffs.take_all(),
         }
     }
+}
+
+/// Flushes the file systems holding `dirs` to stable storage: one `syncfs` each, instead of an
+/// `fdatasync` per log.
+fn sync_file_systems(dirs: &[PathBuf]) -> io::Result<()> {
+    let mut devices = Vec::new();
+    for dir in dirs {
+        let handle = fs::File::open(dir)?;
+        let device = std::os::unix::fs::MetadataExt::dev(&handle.metadata()?);
+        if !devices.contains(&device) {
+            devices.push(device);
+            rustix::fs::syncfs(&handle)?;
+        }
+    }
+    Ok(())
 }
 
 /// The signals the daemon acts on.
