@@ -15,7 +15,7 @@ use futures::stream;
 use rustix::process::Signal;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use support::*;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
@@ -183,11 +183,11 @@ async fn health_listener_serves_only_health_in_plaintext_beside_tls() {
 
     // The TCP listener's three places taken by connections that never finish a TLS handshake:
     // the probe still gets through.
-    let held_tcp = hold(daemon.tcp, 3).await;
+    let held_tcp = hold(daemon.tcp, 3, false).await;
     assert_serving(health, "with every TCP place taken").await;
     // The health listener's own three places taken: the next connection is closed at accept, and
     // a place given back serves again.
-    let mut held_health = hold(health, 3).await;
+    let mut held_health = hold(health, 3, true).await;
     let over = check(health, "").await;
     assert!(
         over.is_err(),
@@ -209,9 +209,10 @@ async fn health_listener_serves_only_health_in_plaintext_beside_tls() {
 
 /// `count` idle connections to `address` that the daemon kept (a connection closed at accept,
 /// because a place was still held by one that is ending, is replaced): each holds one place
-/// under `limits.tcp_connections`. A kept connection is silent (TLS waits for the client's
-/// hello) or greets with HTTP/2 settings; a refused one reads end of stream at once.
-async fn hold(address: SocketAddr, count: usize) -> Vec<TcpStream> {
+/// under `limits.tcp_connections`. A refused connection reads end of stream. A kept one greets
+/// with HTTP/2 settings when `greets` (plaintext gRPC; anything else is retried), or stays
+/// silent (TLS waits for the client's hello).
+async fn hold(address: SocketAddr, count: usize, greets: bool) -> Vec<TcpStream> {
     tokio::task::spawn_blocking(move || {
         use std::io::{ErrorKind, Read};
         let deadline = Instant::now() + DEADLINE;
@@ -222,16 +223,22 @@ async fn hold(address: SocketAddr, count: usize) -> Vec<TcpStream> {
                 "{address} keeps closing new connections"
             );
             let mut stream = TcpStream::connect(address).expect("connect");
-            stream
-                .set_read_timeout(Some(std::time::Duration::from_millis(300)))
-                .unwrap();
+            let wait = if greets {
+                DEADLINE
+            } else {
+                Duration::from_millis(500)
+            };
+            stream.set_read_timeout(Some(wait)).unwrap();
             match stream.read(&mut [0u8; 256]) {
                 Ok(0) => std::thread::sleep(POLL),
-                Ok(_) => held.push(stream),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                Ok(_) if greets => held.push(stream),
+                Err(e)
+                    if !greets
+                        && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                {
                     held.push(stream)
                 }
-                Err(_) => std::thread::sleep(POLL),
+                _ => std::thread::sleep(POLL),
             }
         }
         held
