@@ -215,7 +215,6 @@ async fn page_is_served_and_foreign_origins_are_refused() {
 /// `web.allowed_origins` reaches the listener: a configured origin gets its preflight
 /// answered and CORS headers on calls.
 #[tokio::test]
-#[ignore = "needs src/daemon/mod.rs to build Protection with .with_web(&config.web)"]
 async fn configured_origins_get_cors() {
     let daemon = Daemon::start_with(
         Some("web:\n  allowed_origins: [https://dash.example.com]\n"),

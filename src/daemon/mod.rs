@@ -113,7 +113,7 @@ impl Security {
         Ok(Self {
             tls,
             tokens: Arc::new(tokens),
-            protection: Protection::new(&config.limits),
+            protection: Protection::new(&config.limits).with_web(&config.web),
         })
     }
 
