@@ -2,26 +2,40 @@
 //! discards it.
 //!
 //! Setup: a fresh daemon, a log pipe with rotation at 64 MiB keeping 20 backups (so 1 GiB stays
-//! on disk), `--size` bytes written through it and waited for until logged. The log files are
-//! then read once with `cat > /dev/null` so every side starts from the page cache.
+//! on disk), `--size` bytes written through it and waited for until logged. That daemon is then
+//! stopped, and the log files are read once with `cat > /dev/null` so every side starts from the
+//! page cache. A CA and a server certificate for `localhost` and `127.0.0.1` are made with
+//! `rcgen` in the scratch directory.
+//!
+//! One daemon serves its TCP port either in plaintext or with TLS, so the reads are served by
+//! daemons started on the filled directories (never the one that wrote them): a plaintext one
+//! for the UNIX socket and TCP targets, one with `tls:` in its config for the TLS target. They
+//! take turns on the same data directory: the same files, the same page cache pages, the same
+//! binary, each having restored the stream from its state at start. Before a read the running
+//! daemon is stopped and the other started when the target needs the other kind; with the
+//! order of the targets reversed every other run, that is one switch per run.
 //!
 //! Measured, alternating per run:
 //! - `ReadHistory` from offset 0 over the local UNIX socket, the client counting bytes and
 //!   checking every chunk starts where the previous one ended (no gap); every 64th chunk's
 //!   bytes are also checked against what was written. The clock runs from the call until the
-//!   stream ends.
-//! - The same over the daemon's TCP listener (127.0.0.1).
+//!   stream ends (the connection is made before).
+//! - The same over the daemon's TCP listener (127.0.0.1), in plaintext.
+//! - The same over TLS (tonic client trusting the generated CA, `localhost` as server name);
+//!   the handshake is part of the connection, made and timed before the clock starts.
 //! - Baseline: `cat <the log files, oldest first> | socat -u STDIN TCP:127.0.0.1:PORT` to a
 //!   reader thread of this process that reads into a 64 KiB buffer and discards; the clock runs
 //!   from spawning the pipeline until the reader sees EOF.
 //!
-//! The daemon's VmRSS is sampled every 20 ms during its reads (and its VmHWM reset before);
-//! growth is the peak minus the value before the read.
+//! CPU: the daemon's (or cat's and socat's) user + system time during the read, and this
+//! process's (the client: decoding, TLS decryption, or the baseline's reader thread). The
+//! daemon's VmRSS is sampled every 20 ms during its reads (and its VmHWM reset before); growth
+//! is the peak minus the value before the read.
 
 use crate::console::{version, wait_stream, Scratch};
 use crate::daemon::Daemon;
 use crate::data::Pattern;
-use crate::procfs::{self, Machine, RssSampler};
+use crate::procfs::{self, CpuShares, Machine, MachineCpu, RssSampler};
 use crate::report::{median, met, mib_per_s, size, Table, Verdict};
 use crate::Common;
 use anyhow::{bail, Context};
@@ -31,14 +45,19 @@ use conlog::proto::{
     read_history_request::Start, Access, CreateLogPipeRequest, IssueTokenRequest, LogLimits,
     LogMode, ReadHistoryRequest,
 };
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
 use std::fs::{self, File};
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 const GUEST: &str = "bench";
 const STREAM: &str = "qemu";
@@ -68,17 +87,37 @@ pub struct HistoryArgs {
 enum Target {
     Local,
     Tcp,
+    Tls,
     Socat,
 }
 
 impl Target {
+    const ALL: [Target; 4] = [Target::Local, Target::Tcp, Target::Tls, Target::Socat];
+
     fn name(self) -> &'static str {
         match self {
             Target::Local => "conlogd unix",
             Target::Tcp => "conlogd tcp",
+            Target::Tls => "conlogd tls",
             Target::Socat => "cat→socat tcp",
         }
     }
+
+    /// The kind of daemon that serves it (none for the baseline).
+    fn mode(self) -> Option<Mode> {
+        match self {
+            Target::Local | Target::Tcp => Some(Mode::Plain),
+            Target::Tls => Some(Mode::Tls),
+            Target::Socat => None,
+        }
+    }
+}
+
+/// How a daemon serves its TCP port.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Plain,
+    Tls,
 }
 
 struct Sample {
@@ -88,9 +127,148 @@ struct Sample {
     chunks: u64,
     /// CPU of the daemon (or of cat + socat) during the read.
     cpu: Duration,
+    /// CPU of this process during the read: the client (or the baseline's reader thread).
+    client_cpu: Duration,
+    /// Time to connect (TCP, TLS and HTTP/2 handshakes), outside the clock; none for socat.
+    connect: Option<Duration>,
+    /// CPUs kept busy by other processes during the read, on average.
+    others: f64,
+    /// Share of the machine's CPU time the hypervisor took during the read.
+    steal: f64,
     rss_before_kib: u64,
     rss_peak_kib: u64,
     problems: Vec<String>,
+}
+
+/// The certificates of the TLS target, in the scratch directory.
+struct TlsFiles {
+    /// The CA the client trusts (PEM).
+    ca_pem: String,
+    /// The CA as DER, for the handshake probe.
+    ca_der: rustls::pki_types::CertificateDer<'static>,
+    /// The daemon's config file enabling TLS with the server certificate.
+    config: PathBuf,
+}
+
+impl TlsFiles {
+    /// A CA and a server certificate for `localhost` and `127.0.0.1` signed by it (ECDSA
+    /// P-256 keys, rcgen's default), written to `dir` with a config file naming them.
+    fn create(dir: &Path) -> anyhow::Result<Self> {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        // The config wants absolute paths; --work-dir may be relative.
+        let dir = fs::canonicalize(dir)?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "conlog-bench CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_key = KeyPair::generate()?;
+        let ca = ca_params.self_signed(&ca_key)?;
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "conlog-bench server");
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &ca, &ca_key)?;
+        let (cert_path, key_path) = (dir.join("server.pem"), dir.join("server.key"));
+        fs::write(dir.join("ca.pem"), ca.pem())?;
+        fs::write(&cert_path, cert.pem())?;
+        fs::write(&key_path, key.serialize_pem())?;
+        let config = dir.join("conlogd-tls.yaml");
+        fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:0\ntls:\n  cert: {}\n  key: {}\n",
+                cert_path.display(),
+                key_path.display()
+            ),
+        )?;
+        Ok(Self {
+            ca_pem: ca.pem(),
+            ca_der: ca.der().clone(),
+            config,
+        })
+    }
+}
+
+/// A daemon serving the filled directories, with what its clients need.
+struct Serving {
+    daemon: Daemon,
+    mode: Mode,
+    pid: u32,
+    tcp: SocketAddr,
+    /// A read token for the guest, issued by this daemon.
+    token: String,
+}
+
+impl Serving {
+    /// Starts a daemon of `mode` on `dir` (the directories of the daemon that wrote the
+    /// history), checks it restored the whole stream, and issues a token.
+    fn start(
+        runtime: &Runtime,
+        conlogd: &Path,
+        dir: &Path,
+        mode: Mode,
+        tls: &TlsFiles,
+        total: u64,
+    ) -> anyhow::Result<Self> {
+        let daemon = match mode {
+            Mode::Plain => Daemon::start(conlogd, dir)?,
+            Mode::Tls => {
+                let config = tls.config.to_string_lossy();
+                Daemon::start_with(conlogd, dir, &["--config", &config])?
+            }
+        };
+        let (tcp, tls_field) = ready_fields(&daemon)?;
+        let tcp: SocketAddr = tcp.parse().context("bad tcp= address in the ready line")?;
+        let expected = if mode == Mode::Tls { "on" } else { "off" };
+        if tls_field != expected {
+            bail!("a {mode:?} daemon reports tls={tls_field}");
+        }
+        let token = runtime.block_on(async {
+            let mut agent = daemon.agent().await?;
+            let info = wait_stream(
+                &mut agent,
+                GUEST,
+                STREAM,
+                Duration::from_millis(5),
+                "restored with every byte",
+                |s| s.offset >= total,
+            )
+            .await?;
+            if info.offset != total || info.first_offset != 0 || info.dropped_bytes != 0 {
+                bail!("after a restart the stream is {info:?}; expected all {total} bytes");
+            }
+            let token = agent
+                .issue_token(IssueTokenRequest {
+                    guest: GUEST.into(),
+                    device: String::new(),
+                    access: Access::Read.into(),
+                    ttl_seconds: 3600,
+                })
+                .await
+                .context("IssueToken")?
+                .into_inner()
+                .token;
+            anyhow::Ok(token)
+        })?;
+        Ok(Self {
+            pid: daemon.pid(),
+            daemon,
+            mode,
+            tcp,
+            token,
+        })
+    }
 }
 
 /// Runs the scenario and prints its report.
@@ -135,19 +313,12 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HistoryArgs) -> anyhow::Re
     );
     println!("conlogd: {} ({})", conlogd.display(), version(&conlogd));
 
-    let daemon = Daemon::start(&conlogd, &scratch.0.join("daemon"))?;
-    let pid = daemon.pid();
-    // The ready line reaches the kept tail just after the daemon is reported ready.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let tcp = loop {
-        match tcp_address(&daemon.stderr_tail()) {
-            Ok(tcp) => break tcp,
-            Err(e) if Instant::now() > deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    };
+    let dir = scratch.0.join("daemon");
+    let daemon = Daemon::start(&conlogd, &dir)?;
     let pattern = Pattern::new(WRITE_CHUNK);
     let files = runtime.block_on(fill(&daemon, &pattern, total))?;
+    // The daemons that serve the reads are started on these directories afterwards.
+    daemon.stop()?;
     // Warm the page cache for every side alike.
     let status = Command::new("cat")
         .args(&files)
@@ -156,57 +327,57 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HistoryArgs) -> anyhow::Re
     if !status.success() {
         bail!("cat of the log files failed: {status}");
     }
+    let tls = TlsFiles::create(&scratch.0.join("tls"))?;
     println!(
-        "{} written and logged in {} files; daemon TCP {tcp}",
+        "{} written and logged in {} files; read by daemons started on them: plaintext (unix, tcp) and TLS (tls), switched when the next target needs the other",
         size(total),
         files.len()
     );
+    // Run 1 starts with the UNIX socket.
+    let mut serving = Serving::start(runtime, &conlogd, &dir, Mode::Plain, &tls, total)?;
+    let mut starts = 1;
+    let mut negotiated = None;
     println!();
-
-    let token = runtime.block_on(async {
-        let mut agent = daemon.agent().await?;
-        let token = agent
-            .issue_token(IssueTokenRequest {
-                guest: GUEST.into(),
-                device: String::new(),
-                access: Access::Read.into(),
-                ttl_seconds: 3600,
-            })
-            .await
-            .context("IssueToken")?
-            .into_inner()
-            .token;
-        drop(agent);
-        anyhow::Ok(Some(token))
-    })?;
 
     let mut samples = Vec::new();
     for run in 1..=runs {
         let order = if run % 2 == 1 {
-            [Target::Local, Target::Tcp, Target::Socat]
+            [Target::Local, Target::Tcp, Target::Tls, Target::Socat]
         } else {
-            [Target::Socat, Target::Tcp, Target::Local]
+            [Target::Socat, Target::Tls, Target::Tcp, Target::Local]
         };
         for target in order {
+            if let Some(mode) = target.mode() {
+                if serving.mode != mode {
+                    serving.daemon.stop()?;
+                    serving = Serving::start(runtime, &conlogd, &dir, mode, &tls, total)?;
+                    starts += 1;
+                }
+                if mode == Mode::Tls && negotiated.is_none() {
+                    negotiated = Some(
+                        runtime
+                            .block_on(probe_tls(serving.tcp, &tls))
+                            .unwrap_or_else(|e| format!("handshake probe failed: {e:#}")),
+                    );
+                }
+            }
             let sample = match target {
                 Target::Socat => run_socat(&files, total)?,
-                _ => runtime.block_on(run_conlogd(
-                    &daemon,
-                    pid,
-                    target,
-                    tcp,
-                    token.as_deref(),
-                    &pattern,
-                    total,
-                ))?,
+                _ => runtime.block_on(run_conlogd(&serving, target, &tls, &pattern, total))?,
             };
             println!(
-                "run {run} {:<14} {:>8.1} MiB/s  {:.3} s  {} chunks  CPU {:.2} s  RSS {} → {} KiB  {}",
+                "run {run} {:<14} {:>8.1} MiB/s  {:.3} s  {} chunks  CPU {:.2} s, client {:.2} s  others {:.2} CPUs, steal {:.0}%  {}RSS {} → {} KiB  {}",
                 target.name(),
                 mib_per_s(sample.bytes, sample.seconds),
                 sample.seconds,
                 sample.chunks,
                 sample.cpu.as_secs_f64(),
+                sample.client_cpu.as_secs_f64(),
+                sample.others,
+                sample.steal * 100.0,
+                sample
+                    .connect
+                    .map_or(String::new(), |c| format!("connect {:.1} ms  ", c.as_secs_f64() * 1e3)),
                 sample.rss_before_kib,
                 sample.rss_peak_kib,
                 if sample.problems.is_empty() {
@@ -218,8 +389,13 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HistoryArgs) -> anyhow::Re
             samples.push(sample);
         }
     }
-    daemon.stop()?;
-    print_report(total, runs, &machine, &samples);
+    serving.daemon.stop()?;
+    let tls_text = format!(
+        "TLS {}, server key ECDSA P-256",
+        negotiated.as_deref().unwrap_or("not probed")
+    );
+    println!("{starts} daemon start(s) on the filled directories; {tls_text}");
+    print_report(total, runs, &machine, &tls_text, &samples);
     Ok(if samples.iter().any(|s| !s.problems.is_empty()) {
         Verdict::Wrong
     } else {
@@ -227,19 +403,66 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HistoryArgs) -> anyhow::Re
     })
 }
 
-/// The daemon's TCP address from its ready line (`tcp=ADDR`).
-fn tcp_address(stderr: &str) -> anyhow::Result<SocketAddr> {
-    let line = stderr
-        .lines()
-        .find(|l| l.contains("conlogd ready"))
-        .context("no ready line in the daemon's stderr")?;
-    let start = line.find("tcp=").context("no tcp= in the ready line")? + 4;
-    line[start..]
+/// `tcp=` and `tls=` of the daemon's ready line.
+fn ready_fields(daemon: &Daemon) -> anyhow::Result<(String, String)> {
+    // The ready line reaches the kept tail just after the daemon is reported ready.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stderr = daemon.stderr_tail();
+        let found = stderr
+            .lines()
+            .find(|l| l.contains("conlogd ready"))
+            .context("no ready line in the daemon's stderr")
+            .and_then(|line| Ok((field(line, "tcp")?, field(line, "tls")?)));
+        match found {
+            Ok(fields) => return Ok(fields),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// The value of `name=VALUE` in a log line.
+fn field(line: &str, name: &str) -> anyhow::Result<String> {
+    let key = format!(" {name}=");
+    let start = line
+        .find(&key)
+        .with_context(|| format!("no {name}= in the ready line"))?
+        + key.len();
+    Ok(line[start..]
         .split_whitespace()
         .next()
-        .context("empty tcp=")?
-        .parse()
-        .context("bad tcp= address")
+        .with_context(|| format!("empty {name}="))?
+        .to_owned())
+}
+
+/// One TLS handshake with the daemon, with the client settings tonic uses (rustls, ring
+/// provider, safe defaults, ALPN h2): what was negotiated.
+async fn probe_tls(tcp: SocketAddr, tls: &TlsFiles) -> anyhow::Result<String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(tls.ca_der.clone())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let stream = tokio::net::TcpStream::connect(tcp).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let stream = connector.connect(name, stream).await?;
+    let (_, connection) = stream.get_ref();
+    Ok(format!(
+        "{:?}, {:?}",
+        connection
+            .protocol_version()
+            .context("no protocol version")?,
+        connection
+            .negotiated_cipher_suite()
+            .context("no cipher suite")?
+            .suite()
+    ))
 }
 
 /// Writes `total` bytes through a new log pipe and waits until they are logged; the stream's
@@ -310,23 +533,32 @@ async fn fill(daemon: &Daemon, pattern: &Pattern, total: u64) -> anyhow::Result<
     Ok(files)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run_conlogd(
-    daemon: &Daemon,
-    pid: u32,
+    serving: &Serving,
     target: Target,
-    tcp: SocketAddr,
-    token: Option<&str>,
+    tls: &TlsFiles,
     pattern: &Pattern,
     total: u64,
 ) -> anyhow::Result<Sample> {
+    let (pid, tcp) = (serving.pid, serving.tcp);
+    let connecting = Instant::now();
     let channel = match target {
-        Target::Local => conlog::client::connect_local(&daemon.socket).await?,
+        Target::Local => conlog::client::connect_local(&serving.daemon.socket).await?,
+        Target::Tls => Endpoint::from_shared(format!("https://{tcp}"))?
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+                    .domain_name("localhost"),
+            )?
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {tcp} with TLS"))?,
         _ => Channel::from_shared(format!("http://{tcp}"))?
             .connect()
             .await
             .with_context(|| format!("cannot connect to {tcp}"))?,
     };
+    let connect = connecting.elapsed();
     let mut client = ConsoleClient::new(channel).max_decoding_message_size(16 << 20);
     let mut request = tonic::Request::new(ReadHistoryRequest {
         guest: GUEST.into(),
@@ -334,17 +566,20 @@ async fn run_conlogd(
         start: Some(Start::FromOffset(0)),
         ..Default::default()
     });
-    if let (Target::Tcp, Some(token)) = (target, token) {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse()?);
+    if target != Target::Local {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", serving.token).parse()?,
+        );
     }
     // Let the connection settle before the clock starts.
     tokio::time::sleep(Duration::from_millis(50)).await;
     procfs::reset_peak_rss(pid)?;
     let rss_before_kib = procfs::rss_kib(pid)?;
     let cpu_before = procfs::cpu_time(pid)?;
+    let client_cpu_before = procfs::cpu_time(std::process::id())?;
     let sampler = RssSampler::start(pid, SAMPLE);
+    let machine_before = MachineCpu::read();
     let start = Instant::now();
     let mut chunks = client
         .read_history(request)
@@ -384,7 +619,9 @@ async fn run_conlogd(
         count += 1;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let machine = MachineCpu::read().since(&machine_before);
     let cpu = procfs::cpu_time(pid)?.saturating_sub(cpu_before);
+    let client_cpu = procfs::cpu_time(std::process::id())?.saturating_sub(client_cpu_before);
     let peak = sampler
         .finish()
         .max(procfs::status_kib(pid, "VmHWM").unwrap_or(0));
@@ -400,6 +637,10 @@ async fn run_conlogd(
         bytes: next,
         chunks: count,
         cpu,
+        client_cpu,
+        connect: (target != Target::Local).then_some(connect),
+        others: others(machine, seconds, cpu + client_cpu),
+        steal: machine.steal,
         rss_before_kib,
         rss_peak_kib: peak,
         problems,
@@ -408,6 +649,7 @@ async fn run_conlogd(
 
 /// `cat FILES | socat -u STDIN TCP:127.0.0.1:PORT` into a discarding reader of this process.
 fn run_socat(files: &[PathBuf], total: u64) -> anyhow::Result<Sample> {
+    let client_cpu_before = procfs::cpu_time(std::process::id())?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
     let reader = std::thread::spawn(move || -> std::io::Result<(u64, u64, Instant)> {
@@ -429,6 +671,7 @@ fn run_socat(files: &[PathBuf], total: u64) -> anyhow::Result<Sample> {
         .spawn()
         .context("cannot start cat")?;
     let cat_out = cat.stdout.take().expect("stdout is piped");
+    let machine_before = MachineCpu::read();
     let start = Instant::now();
     let mut socat = Command::new("socat")
         .args(["-u", "STDIN", &format!("TCP:127.0.0.1:{port}")])
@@ -441,6 +684,9 @@ fn run_socat(files: &[PathBuf], total: u64) -> anyhow::Result<Sample> {
     let outcome = reader
         .join()
         .map_err(|_| anyhow::anyhow!("reader panicked"))?;
+    let machine = MachineCpu::read().since(&machine_before);
+    // This process is the reader thread meanwhile (the main thread waits in `join`).
+    let client_cpu = procfs::cpu_time(std::process::id())?.saturating_sub(client_cpu_before);
     for pid in [cat_pid, socat_pid] {
         // A zombie still has its CPU times in /proc until reaped.
         cpu += procfs::cpu_time(pid).unwrap_or_default();
@@ -448,6 +694,7 @@ fn run_socat(files: &[PathBuf], total: u64) -> anyhow::Result<Sample> {
     let cat_status = cat.wait()?;
     let socat_status = socat.wait()?;
     let (bytes, reads, end) = outcome.context("the reader failed")?;
+    let seconds = (end - start).as_secs_f64();
     let mut problems = Vec::new();
     if !cat_status.success() || !socat_status.success() {
         problems.push(format!("cat {cat_status}, socat {socat_status}"));
@@ -457,24 +704,43 @@ fn run_socat(files: &[PathBuf], total: u64) -> anyhow::Result<Sample> {
     }
     Ok(Sample {
         target: Target::Socat,
-        seconds: (end - start).as_secs_f64(),
+        seconds,
         bytes,
         chunks: reads,
         cpu,
+        client_cpu,
+        connect: None,
+        others: others(machine, seconds, cpu + client_cpu),
+        steal: machine.steal,
         rss_before_kib: 0,
         rss_peak_kib: 0,
         problems,
     })
 }
 
-fn print_report(total: u64, runs: u32, machine: &Machine, samples: &[Sample]) {
+/// CPUs kept busy by others during a read of `seconds`: the machine's busy time (not idle,
+/// iowait or stolen) less `ours`, per second. Ticks are 10 ms, so short reads are rough.
+fn others(machine: CpuShares, seconds: f64, ours: Duration) -> f64 {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let busy = (1.0 - machine.idle - machine.iowait - machine.steal) * cpus * seconds;
+    ((busy - ours.as_secs_f64()) / seconds.max(1e-9)).max(0.0)
+}
+
+fn print_report(total: u64, runs: u32, machine: &Machine, tls: &str, samples: &[Sample]) {
     let of = |target: Target| samples.iter().filter(move |s| s.target == target);
-    let mib = |target: Target| {
-        let values: Vec<f64> = of(target).map(|s| mib_per_s(s.bytes, s.seconds)).collect();
+    let rates = |target: Target| -> Vec<f64> {
+        of(target).map(|s| mib_per_s(s.bytes, s.seconds)).collect()
+    };
+    let mib = |target: Target| median(&rates(target));
+    // CPU seconds per GiB moved, so that --quick figures compare with 1 GiB ones.
+    let per_gib =
+        |cpu: Duration, bytes: u64| cpu.as_secs_f64() * (1u64 << 30) as f64 / bytes.max(1) as f64;
+    let cpu = |target: Target| {
+        let values: Vec<f64> = of(target).map(|s| per_gib(s.cpu, s.bytes)).collect();
         median(&values)
     };
-    let cpu = |target: Target| {
-        let values: Vec<f64> = of(target).map(|s| s.cpu.as_secs_f64()).collect();
+    let client_cpu = |target: Target| {
+        let values: Vec<f64> = of(target).map(|s| per_gib(s.client_cpu, s.bytes)).collect();
         median(&values)
     };
     let growth = |target: Target| {
@@ -484,23 +750,38 @@ fn print_report(total: u64, runs: u32, machine: &Machine, samples: &[Sample]) {
             .unwrap_or(0)
     };
     let base = mib(Target::Socat);
+    let plain = mib(Target::Tcp);
     let mut summary = Table::new(&[
         "measure",
         "MiB/s",
-        "CPU s",
+        "runs",
+        "CPU s/GiB",
+        "client CPU s/GiB",
         "vs cat→socat",
+        "vs conlogd tcp",
         "target",
         "verdict",
         "daemon RSS growth KiB",
     ]);
-    for target in [Target::Local, Target::Tcp, Target::Socat] {
+    for target in Target::ALL {
         let value = mib(target);
         let conlog = target != Target::Socat;
         summary.row(vec![
             format!("{} (median of {runs})", target.name()),
             format!("{value:.0}"),
+            rates(target)
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(" / "),
             format!("{:.2}", cpu(target)),
+            format!("{:.2}", client_cpu(target)),
             format!("{:.2}×", value / base),
+            if matches!(target, Target::Tcp | Target::Tls) {
+                format!("{:.2}×", value / plain)
+            } else {
+                String::new()
+            },
             if target == Target::Local {
                 format!("≥ {TARGET_RATIO}×, RSS flat")
             } else {
@@ -522,9 +803,14 @@ fn print_report(total: u64, runs: u32, machine: &Machine, samples: &[Sample]) {
     println!();
     print!("{}", summary.text());
     println!();
+    println!("CPU: the daemon's (cat + socat for the baseline); client: this process (the baseline's reader thread).");
+    let busiest = samples.iter().map(|s| s.others).fold(0.0, f64::max);
+    println!(
+        "Other processes kept up to {busiest:.2} CPUs busy during a read (see the runs above)."
+    );
     println!("---- markdown ----");
     println!(
-        "{} of history in {} rotated files read from offset 0, {runs} run(s) each side, alternating; page cache warm. Machine: {machine}.",
+        "{} of history in {} rotated files read from offset 0, {runs} run(s) each side, alternating; page cache warm; {tls}; other processes kept up to {busiest:.2} CPUs busy during a read. Machine: {machine}.",
         size(total),
         total.div_ceil(MAX_SIZE)
     );
