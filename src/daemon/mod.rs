@@ -272,7 +272,7 @@ pub async fn run(
                         }
                     }
                 },
-                Event::Takeover(connection) => match handover::check_quiet(&connection) {
+                Event::Takeover(connection) => match handover::check_quiet(&connection).await {
                     Ok(()) => break Event::Takeover(connection),
                     Err(e) => tracing::warn!(error = %e, "ignoring a bad takeover request"),
                 },

@@ -112,7 +112,18 @@ async fn read_hello(stream: &mut UnixStream) -> io::Result<()> {
 /// Daemon side, between steps 1 and 2: the successor must still be connected and must not
 /// have sent anything after its hello. Checked right before freezing, so a client that said
 /// hello and then more, or went away, freezes nothing.
-pub fn check_quiet(stream: &UnixStream) -> io::Result<()> {
+pub async fn check_quiet(stream: &UnixStream) -> io::Result<()> {
+    // A peer that sends its hello and then closes or keeps talking shows it within moments; a
+    // real successor stays silent until it has the state. The grace is taken while the daemon
+    // still serves, so it lengthens no pause.
+    let _ = tokio::time::timeout(QUIET_GRACE, stream.readable()).await;
+    peek_quiet(stream)
+}
+
+/// How long [`check_quiet`] watches a peer after its hello.
+const QUIET_GRACE: Duration = Duration::from_millis(100);
+
+fn peek_quiet(stream: &UnixStream) -> io::Result<()> {
     use rustix::net::{recv, RecvFlags};
     let mut byte = [0u8; 1];
     // A non-blocking peek asks the kernel directly (not the reactor's cached readiness).
