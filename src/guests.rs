@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::names;
 use crate::stream::{Figures, StreamHandle, StreamStats};
 use crate::upgrade::{ConsoleFds, StreamFds};
+use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -673,29 +674,30 @@ impl Guests {
                 })
                 .collect()
         };
-        let mut out = Vec::with_capacity(entries.len());
-        for (guest, streams) in entries {
-            let mut snapshots = Vec::with_capacity(streams.len());
-            for (name, entry) in streams {
-                // An actor that stopped meanwhile (removed) still shows its last counters.
-                let figures = match entry.actor.figures().await {
-                    Ok(figures) => figures,
-                    Err(_) => Figures {
-                        end_offset: entry.actor.stats().end_offset.load(Relaxed),
-                        ..Figures::default()
-                    },
-                };
-                snapshots.push(StreamSnapshot {
-                    name,
-                    kind: entry.actor.kind(),
-                    log_path: entry.log_path,
-                    limits: entry.limits,
-                    figures,
-                });
+        // Every actor is asked at once: one after another, 20,000 round trips made the first
+        // listing after a restart take a tenth of a second.
+        let snapshot = |(name, entry): (String, StreamEntry)| async move {
+            // An actor that stopped meanwhile (removed) still shows its last counters.
+            let figures = match entry.actor.figures().await {
+                Ok(figures) => figures,
+                Err(_) => Figures {
+                    end_offset: entry.actor.stats().end_offset.load(Relaxed),
+                    ..Figures::default()
+                },
+            };
+            StreamSnapshot {
+                name,
+                kind: entry.actor.kind(),
+                log_path: entry.log_path,
+                limits: entry.limits,
+                figures,
             }
-            out.push((guest, snapshots));
-        }
-        Ok(out)
+        };
+        let guests = entries.into_iter().map(|(guest, streams)| async move {
+            let snapshots = join_all(streams.into_iter().map(snapshot)).await;
+            (guest, snapshots)
+        });
+        Ok(join_all(guests).await)
     }
 
     /// Drains and closes every stream (shutdown); consoles tell their clients `reason`.
@@ -705,7 +707,7 @@ impl Guests {
             .values()
             .flat_map(|streams| streams.values())
             .map(|entry| entry.actor.close(reason, false));
-        futures::future::join_all(closing).await;
+        join_all(closing).await;
     }
 
     fn update_gauges(&self, guests: &BTreeMap<String, BTreeMap<String, StreamEntry>>) {
@@ -718,11 +720,15 @@ impl Guests {
 
 /// Reads and parses a stream record; the error says what is wrong with it.
 fn read_record(path: &Path) -> std::result::Result<StreamRecord, String> {
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    if bytes.len() > 64 << 10 {
+    const MAX_RECORD: u64 = 64 << 10;
+    // `take` rather than `fs::read`: no size query first (a restart reads thousands).
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::with_capacity(1024);
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_RECORD + 1), &mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_RECORD {
         return Err(format!(
-            "{} bytes is too large for a stream record",
-            bytes.len()
+            "more than {MAX_RECORD} bytes is too large for a stream record"
         ));
     }
     serde_json::from_slice(&bytes).map_err(|e| e.to_string())

@@ -110,19 +110,18 @@ pub struct LogFile {
     open: bool,
     /// `open` as found in the record when this file was opened.
     was_open: bool,
+    /// The record as last read or written: a save that would not change it is skipped.
+    saved: Option<Position>,
 }
 
 impl LogFile {
     /// Opens (or creates) the log at `path`, continuing the offsets recorded at `position_path`.
     pub fn open(path: &Path, position_path: &Path, limits: LogLimits) -> io::Result<Self> {
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir)?;
-        }
-        if let Some(dir) = position_path.parent() {
-            fs::create_dir_all(dir)?;
-        }
-        let record = read_position(position_path)?;
-        let file = open_log(path)?;
+        // A restart opens thousands of these: a few system calls each, directories created
+        // only when missing (docs/performance.md, "Where the restart time goes").
+        let position_file = creating_parent(position_path, open_position)?;
+        let record = read_position(&position_file, position_path)?;
+        let file = creating_parent(path, open_log)?;
         let meta = file.metadata()?;
         let start = match &record {
             Some(r) if r.inode == meta.ino() => r.start,
@@ -143,8 +142,10 @@ impl LogFile {
             rotations: 0,
             open: record.as_ref().is_some_and(|r| r.open),
             was_open: record.as_ref().is_some_and(|r| r.open),
+            saved: record,
         };
-        log.save_position(None)?;
+        log.save_position_to(&position_file, None)?;
+        drop(position_file);
         log.enforce_limits()?;
         Ok(log)
     }
@@ -315,9 +316,10 @@ impl LogFile {
         }
     }
 
-    /// Records the end offset (when a stream closes). It does not flush the file to stable
-    /// storage: a daemon that stops syncs each file system once, after every stream closed
-    /// (thousands of `fdatasync` calls in a row made a restart take seconds).
+    /// Records the end offset (when a stream closes), if it changed since the last save. It
+    /// does not flush the file to stable storage: a restarted daemon reads the same page cache,
+    /// and a power cut loses what the kernel had not yet written back whether the daemon was
+    /// running or not (docs/operations.md, "Durability").
     pub fn checkpoint(&mut self) -> io::Result<()> {
         self.save_position(None)
     }
@@ -374,21 +376,39 @@ impl LogFile {
         self.save_position(None)
     }
 
-    fn save_position(&self, next_start: Option<u64>) -> io::Result<()> {
-        let record = Position {
-            inode: self.inode,
-            start: self.start,
-            next_start,
-            end: self.start + self.size,
-            open: self.open,
-        };
+    fn save_position(&mut self, next_start: Option<u64>) -> io::Result<()> {
+        if self.saved.as_ref() == Some(&self.position(next_start)) {
+            return Ok(());
+        }
+        let file = open_position(&self.position_path)?;
+        self.save_position_to(&file, next_start)
+    }
+
+    /// Writes the record into the open record `file`, unless it already says the same.
+    fn save_position_to(&mut self, file: &File, next_start: Option<u64>) -> io::Result<()> {
+        let record = self.position(next_start);
+        if self.saved.as_ref() == Some(&record) {
+            return Ok(());
+        }
         let mut bytes = serde_json::to_vec(&record)?;
         bytes.resize(POSITION_RECORD_LEN - 1, b' ');
         bytes.push(b'\n');
         // One pwrite of a fixed-size record at offset 0: no temporary file, no rename, no block
         // freed and discarded per rotation; a process crash cannot tear a single write.
         use std::os::unix::fs::FileExt;
-        open_position(&self.position_path)?.write_all_at(&bytes, 0)
+        file.write_all_at(&bytes, 0)?;
+        self.saved = Some(record);
+        Ok(())
+    }
+
+    fn position(&self, next_start: Option<u64>) -> Position {
+        Position {
+            inode: self.inode,
+            start: self.start,
+            next_start,
+            end: self.start + self.size,
+            open: self.open,
+        }
     }
 }
 
@@ -462,18 +482,34 @@ fn open_log(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
-fn read_position(path: &Path) -> io::Result<Option<Position>> {
-    match fs::read(path) {
-        Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Ok(None),
-        Ok(bytes) => match serde_json::from_slice(bytes.trim_ascii_end()) {
-            Ok(record) => Ok(Some(record)),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable position record");
-                Ok(None)
+/// Reads the open position record at `path` (empty or unreadable: none).
+fn read_position(file: &File, path: &Path) -> io::Result<Option<Position>> {
+    // Not `read_to_end` on the file itself: that asks for the size first (one more system
+    // call per stream at a restart) for a record of 256 bytes.
+    let mut bytes = Vec::with_capacity(POSITION_RECORD_LEN + 1);
+    io::Read::read_to_end(&mut io::Read::take(file, 64 << 10), &mut bytes)?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    match serde_json::from_slice(bytes.trim_ascii_end()) {
+        Ok(record) => Ok(Some(record)),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable position record");
+            Ok(None)
+        }
+    }
+}
+
+/// Opens `path` with `open`, creating its parent directories only if they are missing.
+fn creating_parent(path: &Path, open: fn(&Path) -> io::Result<File>) -> io::Result<File> {
+    match open(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir)?;
             }
-        },
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+            open(path)
+        }
+        result => result,
     }
 }
 
@@ -608,5 +644,44 @@ mod tests {
         log.set_limits(limits(4096, 1, LogMode::Rotate)).unwrap();
         assert_eq!(backups_of(&path, 10).len(), 1);
         assert_eq!(log.end_offset(), 4096 * 6);
+    }
+
+    #[test]
+    fn position_record_is_written_only_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g/s.log");
+        let pos = dir.path().join("state/g/s.pos");
+        let lim = limits(4096, 1, LogMode::Rotate);
+        let mut log = LogFile::open(&path, &pos, lim).unwrap();
+        log.append(b"hello").unwrap();
+        drop(log);
+        let written = fs::read(&pos).unwrap();
+        assert_eq!(written.len(), POSITION_RECORD_LEN);
+        // Mark the record: a later save that rewrote it would change the modification time.
+        let long_ago = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30);
+        let mark = |t| {
+            File::options()
+                .write(true)
+                .open(&pos)
+                .unwrap()
+                .set_modified(t)
+                .unwrap()
+        };
+        let modified = || fs::metadata(&pos).unwrap().modified().unwrap();
+        mark(long_ago);
+        // A restart and a stop with nothing logged in between write nothing.
+        let mut log = LogFile::open(&path, &pos, lim).unwrap();
+        log.checkpoint().unwrap();
+        drop(log);
+        assert_eq!(modified(), long_ago);
+        assert_eq!(fs::read(&pos).unwrap(), written);
+        // New bytes change the end: the next checkpoint records them, and offsets continue.
+        let mut log = LogFile::open(&path, &pos, lim).unwrap();
+        log.append(b" world").unwrap();
+        log.checkpoint().unwrap();
+        assert_ne!(modified(), long_ago);
+        drop(log);
+        let log = LogFile::open(&path, &pos, lim).unwrap();
+        assert_eq!(log.end_offset(), 11);
     }
 }

@@ -378,16 +378,25 @@ impl Drop for DetachGuard {
 }
 
 /// Binds a console socket (mode 0660), creating its directory and replacing a stale file.
+/// The common case (directory there, no file) is one `bind`: a restart binds thousands.
 fn bind(path: &Path) -> Result<UnixListener> {
     let io = |e| Error::io(format!("cannot bind {}", path.display()), e);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-        _ => {}
-    }
-    let listener = UnixListener::bind(path).map_err(io)?;
+    let listener = match UnixListener::bind(path) {
+        Ok(listener) => listener,
+        // A socket left by a daemon that did not stop cleanly (the state lock says no
+        // other daemon serves this runtime directory).
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            std::fs::remove_file(path).map_err(io)?;
+            UnixListener::bind(path).map_err(io)?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(io)?;
+            }
+            UnixListener::bind(path).map_err(io)?
+        }
+        Err(e) => return Err(io(e)),
+    };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
     Ok(listener)
 }

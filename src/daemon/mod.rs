@@ -283,7 +283,7 @@ pub async fn run(
             Event::Stop(name) => {
                 notify_systemd("STOPPING=1");
                 tracing::info!(signal = name, "shutting down");
-                serving.stop(&guests, &config).await;
+                serving.stop(&guests).await;
                 for name in ["conlogd.sock", "fd.sock", "handover.sock"] {
                     let _ = fs::remove_file(config.runtime_dir().join(name));
                 }
@@ -458,17 +458,16 @@ impl Serving {
 
     /// Shutdown: streams close first (consoles end their clients with UNAVAILABLE, followers
     /// end), so the servers can drain at once; pipes are drained into their logs.
-    async fn stop(mut self, guests: &Guests, config: &Config) {
+    async fn stop(mut self, guests: &Guests) {
         self.stop_accepting();
         guests
             .close_all("conlogd is shutting down; reconnect and resume by offset")
             .await;
-        let dirs = [config.log_dir().to_owned(), config.data_dir().to_owned()];
-        let synced = tokio::task::spawn_blocking(move || sync_file_systems(&dirs));
+        // No sync to stable storage: the next daemon reads the same page cache, and a power
+        // cut costs what the kernel had not written back whether or not conlogd had stopped.
+        // (`syncfs` was tried: it also flushes every other process's dirty data on the file
+        // system, so a stop took as long as, say, a guest disk image's writeback.)
         self.drain(DRAIN_TIMEOUT).await;
-        if let Ok(Err(e)) = synced.await {
-            tracing::warn!(error = %e, "cannot sync the logs to stable storage");
-        }
     }
 
     /// Upgrade: freezes every stream (clients are told to come back), drains the servers and
@@ -490,21 +489,6 @@ impl Serving {
             handoffs: handoffs.take_all(),
         }
     }
-}
-
-/// Flushes the file systems holding `dirs` to stable storage: one `syncfs` each, instead of an
-/// `fdatasync` per log.
-fn sync_file_systems(dirs: &[PathBuf]) -> io::Result<()> {
-    let mut devices = Vec::new();
-    for dir in dirs {
-        let handle = fs::File::open(dir)?;
-        let device = std::os::unix::fs::MetadataExt::dev(&handle.metadata()?);
-        if !devices.contains(&device) {
-            devices.push(device);
-            rustix::fs::syncfs(&handle)?;
-        }
-    }
-    Ok(())
 }
 
 /// The signals the daemon acts on.
