@@ -28,6 +28,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
 
     tonic_prost_build::configure()
+        // `bytes` fields as `bytes::Bytes`: a chunk of console output is shared by every
+        // client it goes to (a reference count each), not copied per client before encoding.
+        .bytes(".")
         .build_server(true)
         .build_client(true)
         .compile_fds(full)?;

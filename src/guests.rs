@@ -16,6 +16,7 @@ use crate::names;
 use crate::stream::{Figures, StreamHandle, StreamStats};
 use crate::upgrade::{ConsoleFds, StreamFds};
 use futures::future::join_all;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -173,6 +174,9 @@ struct StreamEntry {
 }
 
 /// All guests of this daemon.
+/// Streams whose figures `list` asks for at once.
+const LIST_CONCURRENCY: usize = 64;
+
 /// Gives a restored pipe stream the read ends the previous image carried for it.
 async fn adopt_pipes(actor: &Actor, pipes: Vec<OwnedFd>) -> Result<()> {
     if let Actor::Pipe(handle) = actor {
@@ -674,8 +678,9 @@ impl Guests {
                 })
                 .collect()
         };
-        // Every actor is asked at once: one after another, 20,000 round trips made the first
-        // listing after a restart take a tenth of a second.
+        // Up to LIST_CONCURRENCY actors are asked at once: one after another, 20,000 round trips
+        // took a tenth of a second; all at once, the pending answers cost 1.4 KiB per guest of
+        // memory that malloc keeps.
         let snapshot = |(name, entry): (String, StreamEntry)| async move {
             // An actor that stopped meanwhile (removed) still shows its last counters.
             let figures = match entry.actor.figures().await {
@@ -693,11 +698,24 @@ impl Guests {
                 figures,
             }
         };
-        let guests = entries.into_iter().map(|(guest, streams)| async move {
-            let snapshots = join_all(streams.into_iter().map(snapshot)).await;
-            (guest, snapshots)
-        });
-        Ok(join_all(guests).await)
+        let mut guests = Vec::with_capacity(entries.len());
+        let mut streams = Vec::new();
+        for (guest, entries) in entries {
+            guests.push((guest, entries.len()));
+            streams.extend(entries);
+        }
+        let mut snapshots = futures::stream::iter(streams)
+            .map(snapshot)
+            .buffered(LIST_CONCURRENCY);
+        let mut out = Vec::with_capacity(guests.len());
+        for (guest, count) in guests {
+            let mut listed = Vec::with_capacity(count);
+            for _ in 0..count {
+                listed.push(snapshots.next().await.expect("one snapshot per stream"));
+            }
+            out.push((guest, listed));
+        }
+        Ok(out)
     }
 
     /// Drains and closes every stream (shutdown); consoles tell their clients `reason`.

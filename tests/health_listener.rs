@@ -77,6 +77,29 @@ async fn assert_serving(address: SocketAddr, what: &str) {
     }
 }
 
+/// The status that `ServerReflectionInfo` listing services at `$address` ends with, in the
+/// reflection API `$version` (`v1` or `v1alpha`: the same calls in two generated modules, hence
+/// a macro). Panics if it answers.
+macro_rules! reflection_status {
+    ($version:ident, $address:expr) => {{
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut client = ServerReflectionClient::new(channel($address).await.unwrap());
+        match client.server_reflection_info(stream::iter([request])).await {
+            Err(status) => status.code(),
+            Ok(response) => match response.into_inner().message().await {
+                Err(status) => status.code(),
+                Ok(message) => panic!("reflection {} answered: {message:?}", stringify!($version)),
+            },
+        }
+    }};
+}
+
 /// A config file of this test's own, passed with `--config` (so it can be rewritten between
 /// upgrades).
 struct ConfigFile {
@@ -171,12 +194,12 @@ async fn health_listener_serves_only_health_in_plaintext_beside_tls() {
         .expect_err("no Agent service on the health listener");
     assert_eq!(status.code(), Code::Unimplemented, "Agent: {status:?}");
     assert_eq!(
-        reflection_v1(health).await,
+        reflection_status!(v1, health),
         Code::Unimplemented,
         "reflection v1"
     );
     assert_eq!(
-        reflection_v1alpha(health).await,
+        reflection_status!(v1alpha, health),
         Code::Unimplemented,
         "reflection v1alpha"
     );
@@ -245,44 +268,6 @@ async fn hold(address: SocketAddr, count: usize, greets: bool) -> Vec<TcpStream>
     })
     .await
     .expect("hold task")
-}
-
-/// `ServerReflectionInfo` (v1) listing services: the status it ends with.
-async fn reflection_v1(address: SocketAddr) -> Code {
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut client = ServerReflectionClient::new(channel(address).await.unwrap());
-    match client.server_reflection_info(stream::iter([request])).await {
-        Err(status) => status.code(),
-        Ok(response) => match response.into_inner().message().await {
-            Err(status) => status.code(),
-            Ok(message) => panic!("reflection v1 answered: {message:?}"),
-        },
-    }
-}
-
-/// `ServerReflectionInfo` (v1alpha) listing services: the status it ends with.
-async fn reflection_v1alpha(address: SocketAddr) -> Code {
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut client = ServerReflectionClient::new(channel(address).await.unwrap());
-    match client.server_reflection_info(stream::iter([request])).await {
-        Err(status) => status.code(),
-        Ok(response) => match response.into_inner().message().await {
-            Err(status) => status.code(),
-            Ok(message) => panic!("reflection v1alpha answered: {message:?}"),
-        },
-    }
 }
 
 const UPGRADES: usize = 3;

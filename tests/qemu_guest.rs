@@ -287,7 +287,7 @@ impl Client {
         self.input
             .send(ClientFrame {
                 frame: Some(client_frame::Frame::Input(proto::Input {
-                    data: text.as_bytes().to_vec(),
+                    data: text.as_bytes().to_vec().into(),
                 })),
             })
             .await

@@ -11,10 +11,6 @@ use support::*;
 use tonic::Code;
 use upgrade_common::*;
 
-const PIPES: [&str; 3] = ["vm-a", "vm-b", "vm-c"];
-const CONSOLE: &str = "vm-console";
-/// A cap that is never reached: every byte stays in one file.
-const HUGE: u64 = 1 << 30;
 /// Successive takeovers: the daemon started by the harness, then each successor in turn.
 const TAKEOVERS: usize = 4;
 
@@ -31,43 +27,17 @@ async fn takeover_loses_no_byte_and_refuses_no_connection() {
     let mut daemon = Daemon::start().await;
     let socket = daemon.socket();
     let (tcp, metrics) = (daemon.tcp, daemon.metrics);
-    let mut agent = daemon.agent().await;
-    let mut writers = Vec::new();
-    for guest in PIPES {
-        let (_, pipe) = open_pipe(
-            &mut agent,
-            guest,
-            "qemu",
-            Some(limits(HUGE, 1, LogMode::Rotate)),
-        )
-        .await;
-        writers.push(PipeWriter::start(guest, pipe));
-    }
-    let console = create_console(
-        &mut agent,
-        CONSOLE,
-        "",
-        Some(limits(HUGE, 1, LogMode::Rotate)),
+    let Workload {
+        console,
+        writers,
+        console_reader,
+        history_reader,
+    } = Workload::start(
+        &daemon,
+        [limits(HUGE, 1, LogMode::Rotate); PIPES.len()],
+        PIPES[1],
     )
-    .await
-    .unwrap();
-    drop(agent);
-    let console_reader = Reader::start(
-        &socket,
-        Source::Console {
-            guest: CONSOLE.into(),
-        },
-    );
-    let history_reader = Reader::start(
-        &socket,
-        Source::History {
-            guest: PIPES[1].into(),
-            stream: "qemu".into(),
-        },
-    );
-    console_reader.wait_attaches(1).await;
-    history_reader.wait_attaches(1).await;
-    let printer = GuestPrinter::start("console", FakeGuest::connect(&console.guest_socket).await);
+    .await;
 
     let sockets = ["conlogd.sock", "fd.sock", "handover.sock"].map(|name| {
         let path = daemon.runtime_dir().join(name);
@@ -150,20 +120,14 @@ async fn takeover_loses_no_byte_and_refuses_no_connection() {
         successors.push(successor);
     }
 
-    let mut written = Vec::new();
-    for writer in writers {
-        written.push(writer.finish().await);
-    }
-    let (_guest, printed) = printer.finish().await;
+    let Written {
+        pipes: written,
+        guest: _guest,
+        printed,
+        ..
+    } = writers.stop(&socket).await;
     let (connects, refused) = connect_probe.finish().await;
     let calls = call_probe.finish().await;
-    wait_list(&socket, "every byte logged", |r| {
-        PIPES.iter().zip(&written).all(|(g, w)| {
-            let s = get(r, g, "qemu");
-            !s.open && s.offset == w.len() as u64
-        }) && get(r, CONSOLE, DEVICE).offset == printed.len() as u64
-    })
-    .await;
     let log_dir = daemon.log_dir();
     for (guest, wrote) in PIPES.iter().zip(&written) {
         assert_same(

@@ -29,6 +29,8 @@ use tonic::Code;
 
 /// A certificate authority made for one test.
 struct Ca {
+    /// Its common name, for messages.
+    name: String,
     cert: rcgen::Certificate,
     key: KeyPair,
 }
@@ -52,7 +54,11 @@ impl Ca {
         ];
         let key = KeyPair::generate().expect("CA key");
         let cert = params.self_signed(&key).expect("self-signed CA");
-        Self { cert, key }
+        Self {
+            name: name.to_owned(),
+            cert,
+            key,
+        }
     }
 
     fn pem(&self) -> String {
@@ -141,11 +147,11 @@ fn tls_yaml(cert: &Path, key: &Path, client_ca: Option<&Path>, handshake_timeout
 
 // Clients
 
-/// An `https://` endpoint to the daemon's TCP listener that trusts `ca` (PEM) and presents
+/// An `https://` endpoint to the daemon's TCP listener that trusts `ca` and presents
 /// `identity` if given.
-fn endpoint(daemon: &Daemon, ca: &str, identity: Option<&Leaf>) -> Endpoint {
+fn endpoint(daemon: &Daemon, ca: &Ca, identity: Option<&Leaf>) -> Endpoint {
     let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
+        .ca_certificate(Certificate::from_pem(ca.pem()))
         .domain_name("localhost");
     if let Some(leaf) = identity {
         tls = tls.identity(Identity::from_pem(&leaf.cert, &leaf.key));
@@ -272,32 +278,61 @@ async fn wait_lines(daemon: &Daemon, needle: &str, n: usize) {
 
 const HANDSHAKE_FAILED: &str = "TLS handshake failed";
 
-/// Asserts that `outcome` read exactly `expected`.
-fn assert_read(outcome: Outcome, expected: &[u8], what: &str, daemon: &Daemon) {
-    match outcome {
-        Outcome::Read(data) => assert!(
-            data == expected,
-            "{what}: read {} bytes, not the expected {}",
-            data.len(),
-            expected.len()
-        ),
-        other => panic!(
-            "{what}: expected to read, got {other}\n--- conlogd ---\n{}",
-            daemon.stderr()
-        ),
-    }
+/// Reads of one guest's history over the TCP listener ([`try_read`]: a new connection each),
+/// made with `token` (none when `None`); each `expect_` method makes one and asserts how it
+/// went, `what` naming it in the failure message.
+#[derive(Clone, Copy)]
+struct Reads<'a> {
+    daemon: &'a Daemon,
+    guest: &'a str,
+    token: Option<&'a str>,
 }
 
-/// Asserts that `outcome` was refused by TLS: no connection, or a call that failed in the
-/// transport (never a status the service answered with), and that the daemon logged a failed
-/// handshake after the `failures_before` it had logged before the attempt.
-async fn assert_refused(outcome: Outcome, what: &str, daemon: &Daemon, failures_before: usize) {
-    assert!(
-        outcome.refused_by_transport(),
-        "{what}: expected a TLS failure, got {outcome}\n--- conlogd ---\n{}",
-        daemon.stderr()
-    );
-    wait_lines(daemon, HANDSHAKE_FAILED, failures_before + 1).await;
+impl<'a> Reads<'a> {
+    /// The same reads, made with `token` instead.
+    fn with_token(self, token: Option<&'a str>) -> Self {
+        Self { token, ..self }
+    }
+
+    /// A read through `endpoint` succeeds with exactly `expected`.
+    async fn expect_served(self, endpoint: Endpoint, expected: &[u8], what: &str) {
+        match try_read(endpoint, self.token, self.guest).await {
+            Outcome::Read(data) => assert!(
+                data == expected,
+                "{what}: read {} bytes, not the expected {}",
+                data.len(),
+                expected.len()
+            ),
+            other => panic!(
+                "{what}: expected to read, got {other}\n--- conlogd ---\n{}",
+                self.daemon.stderr()
+            ),
+        }
+    }
+
+    /// A read through `endpoint` is refused by TLS: no connection, or a call that failed in the
+    /// transport (never a status the service answered with); and the daemon logs one more failed
+    /// handshake than it had before the attempt.
+    async fn expect_refused_by_tls(self, endpoint: Endpoint, what: &str) {
+        let failures_before = count_lines(self.daemon, HANDSHAKE_FAILED);
+        let outcome = try_read(endpoint, self.token, self.guest).await;
+        assert!(
+            outcome.refused_by_transport(),
+            "{what}: expected a TLS failure, got {outcome}\n--- conlogd ---\n{}",
+            self.daemon.stderr()
+        );
+        wait_lines(self.daemon, HANDSHAKE_FAILED, failures_before + 1).await;
+    }
+
+    /// A read through `endpoint` gets through TLS and the service answers it with `code`.
+    async fn expect_refused_by_service(self, endpoint: Endpoint, code: Code, what: &str) {
+        let outcome = try_read(endpoint, self.token, self.guest).await;
+        assert_eq!(
+            (outcome.code(), outcome.refused_by_transport()),
+            (Some(code), false),
+            "{what}: {outcome}"
+        );
+    }
 }
 
 /// The `conlogd ready` line of the current run.
@@ -373,34 +408,26 @@ async fn tls_serves_clients_that_trust_the_ca_and_only_them() {
     // A TCP connection that says nothing, open during everything below.
     let idle = std::net::TcpStream::connect(daemon.tcp).expect("raw TCP connection");
 
-    let outcome = try_read(endpoint(&daemon, &ca.pem(), None), Some(&token), "vm1").await;
-    assert_read(outcome, &data, "TLS client trusting the CA", &daemon);
-
+    let vm1 = Reads {
+        daemon: &daemon,
+        guest: "vm1",
+        token: Some(&token),
+    };
+    let trusting = |ca: &Ca| endpoint(&daemon, ca, None);
+    vm1.expect_served(trusting(&ca), &data, "TLS client trusting the CA")
+        .await;
     // The same client without a token is turned away by the service, not by TLS.
-    let outcome = try_read(endpoint(&daemon, &ca.pem(), None), None, "vm1").await;
-    assert_eq!(
-        (outcome.code(), outcome.refused_by_transport()),
-        (Some(Code::Unauthenticated), false),
-        "TLS without a token: {outcome}"
-    );
-
+    vm1.with_token(None)
+        .expect_refused_by_service(trusting(&ca), Code::Unauthenticated, "TLS without a token")
+        .await;
     // Plaintext HTTP/2 to the TLS port.
-    let failures = count_lines(&daemon, HANDSHAKE_FAILED);
     let plain = Endpoint::from_shared(format!("http://{}", daemon.tcp))
         .expect("valid URI")
         .connect_timeout(DEADLINE);
-    let outcome = try_read(plain, Some(&token), "vm1").await;
-    assert_refused(outcome, "plaintext client", &daemon, failures).await;
-
+    vm1.expect_refused_by_tls(plain, "plaintext client").await;
     // A client that trusts another CA refuses the server's certificate.
-    let failures = count_lines(&daemon, HANDSHAKE_FAILED);
-    let outcome = try_read(
-        endpoint(&daemon, &other_ca.pem(), None),
-        Some(&token),
-        "vm1",
-    )
-    .await;
-    assert_refused(outcome, "client trusting another CA", &daemon, failures).await;
+    vm1.expect_refused_by_tls(trusting(&other_ca), "client trusting another CA")
+        .await;
 
     // conlogctl over https://, by IP address (the certificate names 127.0.0.1 too).
     let server_url = format!("https://{}", daemon.tcp);
@@ -442,8 +469,8 @@ async fn tls_serves_clients_that_trust_the_ca_and_only_them() {
     wait_lines(&daemon, HANDSHAKE_FAILED, failures + 1).await;
 
     // The silent connection is still open (1h handshake timeout) and still delays no one.
-    let outcome = try_read(endpoint(&daemon, &ca.pem(), None), Some(&token), "vm1").await;
-    assert_read(outcome, &data, "TLS client after the others", &daemon);
+    vm1.expect_served(trusting(&ca), &data, "TLS client after the others")
+        .await;
     drop(idle);
     // Last, so that a mismatch here does not hide the checks above.
     assert_tls_mode(&daemon, "on");
@@ -477,43 +504,33 @@ async fn mutual_tls_needs_a_client_certificate_from_the_client_ca_and_a_token() 
     log(&daemon, "vm1", &data).await;
     let token = daemon.token("vm1", "", Access::Read, 3600).await;
 
-    let outcome = try_read(
-        endpoint(&daemon, &ca.pem(), Some(&client)),
-        Some(&token),
-        "vm1",
-    )
-    .await;
-    assert_read(outcome, &data, "client certificate from the CA", &daemon);
-
+    let vm1 = Reads {
+        daemon: &daemon,
+        guest: "vm1",
+        token: Some(&token),
+    };
+    let presenting = |identity: Option<&Leaf>| endpoint(&daemon, &ca, identity);
+    let as_operator = || presenting(Some(&client));
+    vm1.expect_served(as_operator(), &data, "client certificate from the CA")
+        .await;
     // A valid certificate is not a credential: the token is still needed.
-    let outcome = try_read(endpoint(&daemon, &ca.pem(), Some(&client)), None, "vm1").await;
-    assert_eq!(
-        (outcome.code(), outcome.refused_by_transport()),
-        (Some(Code::Unauthenticated), false),
-        "client certificate without a token: {outcome}"
-    );
+    let what = "client certificate without a token";
+    vm1.with_token(None)
+        .expect_refused_by_service(as_operator(), Code::Unauthenticated, what)
+        .await;
     // And a token for another guest does not open this one.
     let other_token = daemon.token("vm2", "", Access::Read, 3600).await;
-    let outcome = try_read(
-        endpoint(&daemon, &ca.pem(), Some(&client)),
-        Some(&other_token),
-        "vm1",
-    )
-    .await;
-    assert_eq!(
-        (outcome.code(), outcome.refused_by_transport()),
-        (Some(Code::PermissionDenied), false),
-        "a token for vm2 reading vm1: {outcome}"
-    );
+    let what = "a token for vm2 reading vm1";
+    vm1.with_token(Some(&other_token))
+        .expect_refused_by_service(as_operator(), Code::PermissionDenied, what)
+        .await;
 
     for (what, identity) in [
         ("no client certificate", None),
         ("a client certificate from another CA", Some(&stranger)),
         ("an expired client certificate", Some(&expired)),
     ] {
-        let failures = count_lines(&daemon, HANDSHAKE_FAILED);
-        let outcome = try_read(endpoint(&daemon, &ca.pem(), identity), Some(&token), "vm1").await;
-        assert_refused(outcome, what, &daemon, failures).await;
+        vm1.expect_refused_by_tls(presenting(identity), what).await;
     }
 
     // conlogctl with --cert/--key, then with a certificate of another CA, then without one.
@@ -588,18 +605,12 @@ async fn mutual_tls_needs_a_client_certificate_from_the_client_ca_and_a_token() 
     );
 
     // Everything above left the daemon serving.
-    let outcome = try_read(
-        endpoint(&daemon, &ca.pem(), Some(&client)),
-        Some(&token),
-        "vm1",
-    )
-    .await;
-    assert_read(
-        outcome,
+    vm1.expect_served(
+        as_operator(),
         &data,
         "client certificate from the CA, at the end",
-        &daemon,
-    );
+    )
+    .await;
     assert_tls_mode(&daemon, "mutual");
 }
 
@@ -673,7 +684,7 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     // A long-lived connection made with certificate A.
     let old_channel = bounded(
         "connect with CA A",
-        endpoint(&daemon, &ca_a.pem(), None).connect(),
+        endpoint(&daemon, &ca_a, None).connect(),
     )
     .await
     .unwrap_or_else(|e| panic!("connect with CA A: {}", error_chain(&e)));
@@ -690,26 +701,24 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     daemon.signal(rustix::process::Signal::HUP);
     wait_lines(&daemon, RELOADED, 1).await;
 
-    let expect_b = async |what: &str| {
-        let data = pattern(0, written_now(&daemon, GUEST).await as usize);
-        let outcome = try_read(endpoint(&daemon, &ca_b.pem(), None), Some(&token), GUEST).await;
-        assert_read(
-            outcome,
-            &data,
-            &format!("{what}: client trusting CA B"),
-            &daemon,
-        );
-        let failures = count_lines(&daemon, HANDSHAKE_FAILED);
-        let outcome = try_read(endpoint(&daemon, &ca_a.pem(), None), Some(&token), GUEST).await;
-        assert_refused(
-            outcome,
-            &format!("{what}: client trusting only CA A"),
-            &daemon,
-            failures,
-        )
-        .await;
+    let reads = Reads {
+        daemon: &daemon,
+        guest: GUEST,
+        token: Some(&token),
     };
-    expect_b("after the reload to B").await;
+    // New clients trusting `current` read everything written so far; those trusting only
+    // `previous` are refused.
+    let expect_certificate_of = async |current: &Ca, previous: &Ca, what: &str| {
+        let data = pattern(0, written_now(&daemon, GUEST).await as usize);
+        let trusting = |ca: &Ca| endpoint(&daemon, ca, None);
+        let served = format!("{what}: client trusting {}", current.name);
+        reads.expect_served(trusting(current), &data, &served).await;
+        let refused = format!("{what}: client trusting only {}", previous.name);
+        reads
+            .expect_refused_by_tls(trusting(previous), &refused)
+            .await;
+    };
+    expect_certificate_of(&ca_b, &ca_a, "after the reload to B").await;
 
     // The connection made with A carries on: the followed reply gets new output, and a new
     // call on the same channel works (a new connection would fail: it trusts only CA A).
@@ -771,7 +780,7 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
             "{what}: reported as reloaded"
         );
         assert_alive(&daemon).await;
-        expect_b(what).await;
+        expect_certificate_of(&ca_b, &ca_a, what).await;
         let end = write(&mut pipe, 100);
         follow_until(&mut followed, &mut got, end).await;
     }
@@ -781,18 +790,7 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     files.write("server.key", &server_a.key);
     daemon.signal(rustix::process::Signal::HUP);
     wait_lines(&daemon, RELOADED, 2).await;
-    let data = pattern(0, written_now(&daemon, GUEST).await as usize);
-    let outcome = try_read(endpoint(&daemon, &ca_a.pem(), None), Some(&token), GUEST).await;
-    assert_read(outcome, &data, "after the reload back to A", &daemon);
-    let failures = count_lines(&daemon, HANDSHAKE_FAILED);
-    let outcome = try_read(endpoint(&daemon, &ca_b.pem(), None), Some(&token), GUEST).await;
-    assert_refused(
-        outcome,
-        "client trusting only CA B after the reload to A",
-        &daemon,
-        failures,
-    )
-    .await;
+    expect_certificate_of(&ca_a, &ca_b, "after the reload back to A").await;
     let end = write(&mut pipe, 2000);
     follow_until(&mut followed, &mut got, end).await;
     drop(pipe);
@@ -825,28 +823,20 @@ async fn sighup_reloads_the_client_ca() {
     log(&daemon, "vm1", &data).await;
     let token = daemon.token("vm1", "", Access::Read, 3600).await;
 
-    let outcome = try_read(
-        endpoint(&daemon, &server_ca.pem(), Some(&client_1)),
-        Some(&token),
-        "vm1",
-    )
-    .await;
-    assert_read(outcome, &data, "client 1 before the reload", &daemon);
-    let failures = count_lines(&daemon, HANDSHAKE_FAILED);
-    let outcome = try_read(
-        endpoint(&daemon, &server_ca.pem(), Some(&client_2)),
-        Some(&token),
-        "vm1",
-    )
-    .await;
-    assert_refused(outcome, "client 2 before the reload", &daemon, failures).await;
+    let vm1 = Reads {
+        daemon: &daemon,
+        guest: "vm1",
+        token: Some(&token),
+    };
+    let presenting = |leaf: &Leaf| endpoint(&daemon, &server_ca, Some(leaf));
+    vm1.expect_served(presenting(&client_1), &data, "client 1 before the reload")
+        .await;
+    vm1.expect_refused_by_tls(presenting(&client_2), "client 2 before the reload")
+        .await;
 
-    let old_channel = bounded(
-        "connect as client 1",
-        endpoint(&daemon, &server_ca.pem(), Some(&client_1)).connect(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("connect as client 1: {}", error_chain(&e)));
+    let old_channel = bounded("connect as client 1", presenting(&client_1).connect())
+        .await
+        .unwrap_or_else(|e| panic!("connect as client 1: {}", error_chain(&e)));
     let mut old = with_token(old_channel, &token).console();
     assert!(read_ok(&mut old, request("vm1", "", None)).await.len() == 1);
 
@@ -854,21 +844,10 @@ async fn sighup_reloads_the_client_ca() {
     daemon.signal(rustix::process::Signal::HUP);
     wait_lines(&daemon, "TLS certificates reloaded", 1).await;
 
-    let outcome = try_read(
-        endpoint(&daemon, &server_ca.pem(), Some(&client_2)),
-        Some(&token),
-        "vm1",
-    )
-    .await;
-    assert_read(outcome, &data, "client 2 after the reload", &daemon);
-    let failures = count_lines(&daemon, HANDSHAKE_FAILED);
-    let outcome = try_read(
-        endpoint(&daemon, &server_ca.pem(), Some(&client_1)),
-        Some(&token),
-        "vm1",
-    )
-    .await;
-    assert_refused(outcome, "client 1 after the reload", &daemon, failures).await;
+    vm1.expect_served(presenting(&client_2), &data, "client 2 after the reload")
+        .await;
+    vm1.expect_refused_by_tls(presenting(&client_1), "client 1 after the reload")
+        .await;
     // The connection client 1 made before the reload is still served.
     let chunks = read_ok(&mut old, request("vm1", "", None)).await;
     assert!(Received::of(&chunks, DEFAULT_CHUNK).data == data);

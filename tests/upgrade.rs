@@ -59,10 +59,6 @@ async fn trigger(trigger: Trigger, pid: u32, socket: &Path) {
     }
 }
 
-const PIPES: [&str; 3] = ["vm-a", "vm-b", "vm-c"];
-const CONSOLE: &str = "vm-console";
-/// A cap that is never reached: every byte stays in one file.
-const HUGE: u64 = 1 << 30;
 /// vm-c rotates often, with enough backups that nothing is rotated away.
 const SMALL: u64 = 64 << 10;
 
@@ -77,46 +73,17 @@ async fn twenty_upgrades_lose_no_byte() {
     let daemon = Daemon::start().await;
     let socket = daemon.socket();
     let pid = daemon.pid();
-    let mut agent = daemon.agent().await;
 
-    let mut writers = Vec::new();
-    for (i, guest) in PIPES.iter().enumerate() {
-        let cap = if i == 2 {
-            limits(SMALL, 1000, LogMode::Rotate)
-        } else {
-            limits(HUGE, 1, LogMode::Rotate)
-        };
-        let (_, pipe) = open_pipe(&mut agent, guest, "qemu", Some(cap)).await;
-        writers.push(PipeWriter::start(guest, pipe));
-    }
-    let console = create_console(
-        &mut agent,
-        CONSOLE,
-        "",
-        Some(limits(HUGE, 1, LogMode::Rotate)),
-    )
-    .await
-    .unwrap();
-    // Both readers start at offset 0: the console client attaches before the guest connects,
-    // the follower reads from offset 0.
-    let console_reader = Reader::start(
-        &socket,
-        Source::Console {
-            guest: CONSOLE.into(),
-        },
-    );
-    let history_reader = Reader::start(
-        &socket,
-        Source::History {
-            guest: PIPES[0].into(),
-            stream: "qemu".into(),
-        },
-    );
-    console_reader.wait_attaches(1).await;
-    history_reader.wait_attaches(1).await;
-    let guest = FakeGuest::connect(&console.guest_socket).await;
-    let printer = GuestPrinter::start("console", guest);
-    drop(agent);
+    // vm-a and vm-b never rotate, vm-c often. Both readers start at offset 0: the console
+    // client attaches before the guest connects, the follower (of vm-a) reads from offset 0.
+    let unrotated = limits(HUGE, 1, LogMode::Rotate);
+    let pipe_limits = [unrotated, unrotated, limits(SMALL, 1000, LogMode::Rotate)];
+    let Workload {
+        writers,
+        console_reader,
+        history_reader,
+        ..
+    } = Workload::start(&daemon, pipe_limits, PIPES[0]).await;
 
     // Everything flows before the first upgrade.
     let everything_advanced = |before: &proto::ListGuestsResponse| {
@@ -198,18 +165,12 @@ async fn twenty_upgrades_lose_no_byte() {
     let fds_after_text = describe_fds(pid);
 
     // Stop every writer and the guest; wait until the daemon logged all they wrote.
-    let mut written = Vec::new();
-    for writer in writers {
-        written.push(writer.finish().await);
-    }
-    let (_guest, printed) = printer.finish().await;
-    let last = wait_list(&socket, "every byte logged", |r| {
-        PIPES.iter().zip(&written).all(|(g, w)| {
-            let s = get(r, g, "qemu");
-            !s.open && s.offset == w.len() as u64
-        }) && get(r, CONSOLE, DEVICE).offset == printed.len() as u64
-    })
-    .await;
+    let Written {
+        pipes: written,
+        guest: _guest,
+        printed,
+        listing: last,
+    } = writers.stop(&socket).await;
 
     let log_dir = daemon.log_dir();
     for (guest, wrote) in PIPES.iter().zip(&written) {

@@ -149,10 +149,9 @@ fn frame(event: Event, session_id: &str) -> std::result::Result<ServerFrame, Sta
             session_id: session_id.to_owned(),
             guest_connected,
         }),
-        Event::Output { offset, data } => server_frame::Frame::Output(proto::Output {
-            offset,
-            data: data.to_vec(),
-        }),
+        Event::Output { offset, data } => {
+            server_frame::Frame::Output(proto::Output { offset, data })
+        }
         Event::Lagged { from, to } => server_frame::Frame::Lagged(proto::Lagged {
             from_offset: from,
             to_offset: to,
@@ -283,7 +282,7 @@ impl Console for ConsoleService {
                 match frame.frame {
                     Some(client_frame::Frame::Input(input)) => {
                         let bytes = input.data.len();
-                        if console.input(client, input.data.into()).await.is_err() {
+                        if console.input(client, input.data).await.is_err() {
                             break;
                         }
                         pacer.pace(bytes).await;
@@ -333,7 +332,7 @@ impl Console for ConsoleService {
         let bytes = r.data.len();
         let accepted = session
             .console
-            .input_checked(session.client, r.data.into())
+            .input_checked(session.client, r.data)
             .await?;
         session.pacer.lock().await.pace(bytes).await;
         Ok(Response::new(SendConsoleInputResponse {
@@ -389,7 +388,7 @@ impl Console for ConsoleService {
                     } else {
                         String::new()
                     },
-                    data,
+                    data: data.into(),
                     gap: None,
                 }),
                 Ok(HistoryItem::Gap { from, to }) => Ok(HistoryChunk {

@@ -646,7 +646,7 @@ pub fn attach_frame(attach: proto::Attach) -> proto::ClientFrame {
 pub fn input_frame(data: &[u8]) -> proto::ClientFrame {
     proto::ClientFrame {
         frame: Some(client_frame::Frame::Input(proto::Input {
-            data: data.to_vec(),
+            data: data.to_vec().into(),
         })),
     }
 }
@@ -788,7 +788,7 @@ pub async fn send_input(
             .console()
             .send_console_input(proto::SendConsoleInputRequest {
                 session_id: session_id.into(),
-                data: data.to_vec(),
+                data: data.to_vec().into(),
             }),
     )
     .await

@@ -1,6 +1,6 @@
 //! Helpers of the upgrade, takeover and crash-recovery tests (`tests/upgrade.rs`,
 //! `tests/upgrade_failures.rs`, `tests/takeover.rs`, `tests/crash_recovery.rs`,
-//! `tests/hostile_handover.rs`):
+//! `tests/hostile_handover.rs`, `tests/health_listener.rs`):
 //!
 //! - [`data`]: deterministic numbered lines ([`line`], [`lines`]) pushed continuously into log
 //!   pipes by writer threads ([`PipeWriter`]) and into a console by a fake guest
@@ -16,6 +16,10 @@
 //!   ([`Successor`]), "conlogd ready" lines ([`ready_lines`]) and the daemon's own timestamps
 //!   ([`intervals`], for reports only). A process's descriptors are counted by
 //!   `support::open_fds`.
+//! - [`workload`]: the busy daemon of `upgrade.rs` and `takeover.rs` ([`Workload`]): writers in
+//!   the log pipes of [`PIPES`], a fake guest printing on the console of [`CONSOLE`], an
+//!   `AttachConsole` client and a `ReadHistory` follower; [`Writers::stop`] waits until the
+//!   daemon logged everything written.
 //!
 //! Every wait is bounded by `support::DEADLINE`; nothing sleeps for a fixed time to let
 //! something happen (writers pace themselves with short sleeps so that they write for the whole
@@ -27,6 +31,7 @@ mod data;
 mod probes;
 mod processes;
 mod readers;
+mod workload;
 
 // Not every test binary uses every helper.
 #[allow(unused_imports)]
@@ -39,3 +44,5 @@ pub use probes::*;
 pub use processes::*;
 #[allow(unused_imports)]
 pub use readers::*;
+#[allow(unused_imports)]
+pub use workload::*;

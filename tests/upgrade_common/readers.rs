@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::Code;
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
 
 // Readers that reconnect by offset
 
@@ -195,19 +196,11 @@ async fn read_loop(
             }
             Source::History { guest, stream } => {
                 let request = proto::ReadHistoryRequest {
-                    guest: guest.clone(),
-                    stream: stream.clone(),
-                    start: Some(Start::FromOffset(data.len() as u64)),
                     follow: true,
-                    ..Default::default()
+                    ..history_from(guest, stream, data.len() as u64)
                 };
-                let mut chunks = match bounded(
-                    "ReadHistory",
-                    ConsoleClient::new(channel).read_history(request),
-                )
-                .await
-                {
-                    Ok(response) => response.into_inner(),
+                let mut chunks = match read_history(channel, request).await {
+                    Ok(chunks) => chunks,
                     Err(status) => {
                         note(&|p| p.failed_attempts.push(format!("ReadHistory: {status:?}")));
                         failing_since.get_or_insert_with(Instant::now);
@@ -228,15 +221,7 @@ async fn read_loop(
                                 "ReadHistory follower of {guest}/{stream}: nothing for {DEADLINE:?} at offset {}",
                                 data.len()
                             ),
-                            Ok(Ok(Some(chunk))) => {
-                                assert!(chunk.gap.is_none(), "history gap {chunk:?}");
-                                assert_eq!(
-                                    chunk.offset,
-                                    data.len() as u64,
-                                    "history chunk of {guest}/{stream} out of place"
-                                );
-                                data.extend_from_slice(&chunk.data);
-                            }
+                            Ok(Ok(Some(chunk))) => append_chunk(&mut data, &chunk, guest, stream),
                             Ok(Ok(None)) => {
                                 note(&|p| p.ends.push((Code::Ok, "end of stream".into())));
                                 break;
@@ -270,19 +255,11 @@ pub async fn fill_gap(socket: &Path, guest: &str, stream: &str, data: &mut Vec<u
             continue;
         };
         let request = proto::ReadHistoryRequest {
-            guest: guest.into(),
-            stream: stream.into(),
-            start: Some(Start::FromOffset(data.len() as u64)),
             limit_bytes: end - data.len() as u64,
-            ..Default::default()
+            ..history_from(guest, stream, data.len() as u64)
         };
-        let mut chunks = match bounded(
-            "ReadHistory",
-            ConsoleClient::new(channel).read_history(request),
-        )
-        .await
-        {
-            Ok(response) => response.into_inner(),
+        let mut chunks = match read_history(channel, request).await {
+            Ok(chunks) => chunks,
             Err(status) => {
                 errors.push(status);
                 tokio::time::sleep(POLL).await;
@@ -291,15 +268,7 @@ pub async fn fill_gap(socket: &Path, guest: &str, stream: &str, data: &mut Vec<u
         };
         loop {
             match bounded("a HistoryChunk", chunks.message()).await {
-                Ok(Some(chunk)) => {
-                    assert!(chunk.gap.is_none(), "history gap {chunk:?}");
-                    assert_eq!(
-                        chunk.offset,
-                        data.len() as u64,
-                        "history chunk out of place"
-                    );
-                    data.extend_from_slice(&chunk.data);
-                }
+                Ok(Some(chunk)) => append_chunk(data, &chunk, guest, stream),
                 Ok(None) => break,
                 Err(status) => {
                     errors.push(status);
@@ -309,4 +278,43 @@ pub async fn fill_gap(socket: &Path, guest: &str, stream: &str, data: &mut Vec<u
         }
     }
     assert_eq!(data.len() as u64, end, "ReadHistory read past its limit");
+}
+
+/// A `ReadHistory` of `guest/stream` from offset `from`, to be completed (`follow`,
+/// `limit_bytes`).
+fn history_from(guest: &str, stream: &str, from: u64) -> proto::ReadHistoryRequest {
+    proto::ReadHistoryRequest {
+        guest: guest.into(),
+        stream: stream.into(),
+        start: Some(Start::FromOffset(from)),
+        ..Default::default()
+    }
+}
+
+/// Starts `request` (bounded) on `channel`: the chunks, or the status it was refused with.
+async fn read_history(
+    channel: Channel,
+    request: proto::ReadHistoryRequest,
+) -> Result<Streaming<proto::HistoryChunk>, Status> {
+    bounded(
+        "ReadHistory",
+        ConsoleClient::new(channel).read_history(request),
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Appends a chunk of `guest/stream` to `data`, which it must continue: no gap, at the offset
+/// `data` ends at.
+fn append_chunk(data: &mut Vec<u8>, chunk: &proto::HistoryChunk, guest: &str, stream: &str) {
+    assert!(
+        chunk.gap.is_none(),
+        "history gap in {guest}/{stream}: {chunk:?}"
+    );
+    assert_eq!(
+        chunk.offset,
+        data.len() as u64,
+        "history chunk of {guest}/{stream} out of place"
+    );
+    data.extend_from_slice(&chunk.data);
 }

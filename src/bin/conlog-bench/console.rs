@@ -401,7 +401,7 @@ pub fn run(runtime: &Runtime, common: &Common, args: &ConsoleArgs) -> anyhow::Re
 fn input_frame(data: &[u8]) -> ClientFrame {
     ClientFrame {
         frame: Some(client_frame::Frame::Input(Input {
-            data: data.to_vec(),
+            data: data.to_vec().into(),
         })),
     }
 }
@@ -499,7 +499,7 @@ fn latency_conlogd(
                     .and_then(|f| f.frame);
                 match frame {
                     Some(Frame::Output(out)) => {
-                        if out.offset != next || out.data != [byte] {
+                        if out.offset != next || out.data[..] != [byte] {
                             bail!(
                                 "echo {i}: got {:?} at {}, expected {:?} at {next}",
                                 out.data,

@@ -182,7 +182,7 @@ async fn send_input(frames: &mpsc::Sender<proto::ClientFrame>, bytes: &[u8], rea
     }
     let frame = proto::ClientFrame {
         frame: Some(client_frame::Frame::Input(proto::Input {
-            data: bytes.to_vec(),
+            data: bytes.to_vec().into(),
         })),
     };
     let _ = frames.send(frame).await;
