@@ -198,12 +198,15 @@ impl ConsoleHandle {
                     .map_err(adopt)?,
                 fds.pending_input,
             ),
-            None => (
-                bind(&paths.guest_socket)?,
-                bind(&paths.client_socket)?,
-                None,
-                Vec::new(),
-            ),
+            None => {
+                create_socket_dir(&paths.guest_socket)?;
+                (
+                    bind(&paths.guest_socket)?,
+                    bind(&paths.client_socket)?,
+                    None,
+                    Vec::new(),
+                )
+            }
         };
         let (commands, command_rx) = mpsc::channel(64);
         let (input, input_rx) = mpsc::channel(64);
@@ -377,8 +380,25 @@ impl Drop for DetachGuard {
     }
 }
 
-/// Binds a console socket (mode 0660), creating its directory and replacing a stale file.
-/// The common case (directory there, no file) is one `bind`: a restart binds thousands.
+/// Creates the directory of a console's sockets: one `mkdir` when its parent exists (a stop
+/// removes it, so a restart creates thousands).
+fn create_socket_dir(socket: &Path) -> Result<()> {
+    let Some(dir) = socket.parent() else {
+        return Ok(());
+    };
+    let io = |e| Error::io(format!("cannot create {}", dir.display()), e);
+    match std::fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(io)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// Binds a console socket (mode 0660) in its existing directory, replacing a stale file: one
+/// `bind` in the common case.
 fn bind(path: &Path) -> Result<UnixListener> {
     let io = |e| Error::io(format!("cannot bind {}", path.display()), e);
     let listener = match UnixListener::bind(path) {
@@ -387,12 +407,6 @@ fn bind(path: &Path) -> Result<UnixListener> {
         // other daemon serves this runtime directory).
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
             std::fs::remove_file(path).map_err(io)?;
-            UnixListener::bind(path).map_err(io)?
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(io)?;
-            }
             UnixListener::bind(path).map_err(io)?
         }
         Err(e) => return Err(io(e)),

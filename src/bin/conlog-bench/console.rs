@@ -54,6 +54,8 @@ const DEVICE: &str = "serial0";
 const GUEST_WRITE: usize = 64 << 10;
 /// Clients attached in the throughput runs.
 const CLIENT_COUNTS: [usize; 5] = [0, 1, 10, 100, 1000];
+/// The client count the throughput target applies to.
+const TARGET_CLIENTS: usize = 100;
 /// HTTP/2 connections the clients are spread over (each under `limits.calls_per_connection`).
 const CHANNELS: usize = 8;
 /// Longest any single wait may take.
@@ -901,18 +903,19 @@ fn print_report(
                 .map(|t| t.lagged + t.incomplete)
                 .max()
                 .unwrap_or(0);
-            let last = clients == *CLIENT_COUNTS.last().expect("client counts");
+            // Issue 7 sets the target at 100 clients; 1,000 is reported as it comes.
+            let targeted = clients == TARGET_CLIENTS;
             summary.row(vec![
                 format!("guest throughput, MiB/s, {clients} clients ({lagged} lagged)"),
                 format!("{value:.0}"),
                 format!("{base:.0}"),
                 format!("{:.2}×", value / base),
-                if last {
+                if targeted {
                     format!("≥ {TARGET_THROUGHPUT_RATIO}×")
                 } else {
                     String::new()
                 },
-                if last {
+                if targeted {
                     met(value / base >= TARGET_THROUGHPUT_RATIO).into()
                 } else {
                     String::new()
