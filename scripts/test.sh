@@ -70,3 +70,5 @@ cargo test --all-targets
 # The benchmark harness at a small size, so it cannot rot (figures are not judged here).
 cargo run --quiet --bin conlog-bench -- pipe --quick
 cargo run --quiet --bin conlog-bench -- guests --quick
+cargo run --quiet --bin conlog-bench -- console --quick
+cargo run --quiet --bin conlog-bench -- history --quick
