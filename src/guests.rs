@@ -518,7 +518,11 @@ impl Guests {
     ) -> Result<Stream> {
         let mut guests = self.guests.lock().await;
         let guest_count = guests.len();
-        let reserved = reserved_disk(&guests);
+        // The caps are summed (O(streams)) only when one may change: a new stream or new limits,
+        // not for the common request that finds its stream as it is.
+        let unchanged =
+            limits.is_empty() && guests.get(guest).is_some_and(|g| g.contains_key(stream));
+        let reserved = if unchanged { 0 } else { reserved_disk(&guests) };
         if let Some(entry) = guests.get_mut(guest).and_then(|g| g.get_mut(stream)) {
             if entry.actor.kind() != kind {
                 return Err(Error::FailedPrecondition(format!(
