@@ -409,6 +409,11 @@ fn bind(path: &Path) -> Result<UnixListener> {
             std::fs::remove_file(path).map_err(io)?;
             UnixListener::bind(path).map_err(io)?
         }
+        // The directory went away meanwhile (the guest's last other console closed).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            create_socket_dir(path)?;
+            UnixListener::bind(path).map_err(io)?
+        }
         Err(e) => return Err(io(e)),
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;

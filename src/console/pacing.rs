@@ -47,10 +47,13 @@ impl InputPacer {
         self.ready_at() <= Instant::now()
     }
 
-    /// Counts `bytes` and waits until more input may be taken.
+    /// Counts `bytes` and waits until more input may be taken (within the burst, not at all:
+    /// no timer is touched on the keystroke path).
     pub async fn pace(&mut self, bytes: usize) {
         self.record(bytes);
-        tokio::time::sleep_until(self.ready_at()).await;
+        if !self.is_ready() {
+            tokio::time::sleep_until(self.ready_at()).await;
+        }
     }
 }
 
