@@ -115,26 +115,41 @@ async fn read_hello(stream: &mut UnixStream) -> io::Result<()> {
 pub async fn check_quiet(stream: &UnixStream) -> io::Result<()> {
     // A peer that sends its hello and then closes or keeps talking shows it within moments; a
     // real successor stays silent until it has the state. The grace is taken while the daemon
-    // still serves, so it lengthens no pause.
-    let _ = tokio::time::timeout(QUIET_GRACE, stream.readable()).await;
-    peek_quiet(stream)
+    // still serves, so it lengthens no pause. The whole grace is waited for: readiness left
+    // over from reading the hello is cleared by the first peek, not taken as news.
+    let deadline = tokio::time::Instant::now() + QUIET_GRACE;
+    loop {
+        match stream.try_io(tokio::io::Interest::READABLE, || peek(stream)) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+            Ok(0) => {
+                return Err(io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "the successor went away after its hello",
+                ))
+            }
+            Ok(_) => return Err(io::Error::other("the successor sent more than its hello")),
+        }
+        if tokio::time::timeout_at(deadline, stream.readable())
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
 }
 
 /// How long [`check_quiet`] watches a peer after its hello.
 const QUIET_GRACE: Duration = Duration::from_millis(100);
 
-fn peek_quiet(stream: &UnixStream) -> io::Result<()> {
+/// Peeks at one byte without waiting: `WouldBlock` when the peer has sent nothing more.
+fn peek(stream: &UnixStream) -> io::Result<usize> {
     use rustix::net::{recv, RecvFlags};
     let mut byte = [0u8; 1];
-    // A non-blocking peek asks the kernel directly (not the reactor's cached readiness).
     match recv(stream, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
-        Err(rustix::io::Errno::AGAIN) => Ok(()),
+        Ok((n, _)) => Ok(n),
+        Err(rustix::io::Errno::AGAIN) => Err(ErrorKind::WouldBlock.into()),
         Err(e) => Err(e.into()),
-        Ok((0, _)) => Err(io::Error::new(
-            ErrorKind::UnexpectedEof,
-            "the successor went away after its hello",
-        )),
-        Ok(_) => Err(io::Error::other("the successor sent more than its hello")),
     }
 }
 
