@@ -144,7 +144,9 @@ impl LogFile {
             was_open: record.as_ref().is_some_and(|r| r.open),
             saved: record,
         };
-        log.save_position_to(&position_file, None)?;
+        if let Some(record) = log.changed_position(None) {
+            log.write_position(&position_file, record)?;
+        }
         drop(position_file);
         log.enforce_limits()?;
         Ok(log)
@@ -377,19 +379,20 @@ impl LogFile {
     }
 
     fn save_position(&mut self, next_start: Option<u64>) -> io::Result<()> {
-        if self.saved.as_ref() == Some(&self.position(next_start)) {
-            return Ok(());
+        match self.changed_position(next_start) {
+            Some(record) => self.write_position(&open_position(&self.position_path)?, record),
+            None => Ok(()),
         }
-        let file = open_position(&self.position_path)?;
-        self.save_position_to(&file, next_start)
     }
 
-    /// Writes the record into the open record `file`, unless it already says the same.
-    fn save_position_to(&mut self, file: &File, next_start: Option<u64>) -> io::Result<()> {
+    /// The record to write, or `None` when it would say what was last read or written.
+    fn changed_position(&self, next_start: Option<u64>) -> Option<Position> {
         let record = self.position(next_start);
-        if self.saved.as_ref() == Some(&record) {
-            return Ok(());
-        }
+        (self.saved.as_ref() != Some(&record)).then_some(record)
+    }
+
+    /// Writes `record` into the open position record `file`.
+    fn write_position(&mut self, file: &File, record: Position) -> io::Result<()> {
         let mut bytes = serde_json::to_vec(&record)?;
         bytes.resize(POSITION_RECORD_LEN - 1, b' ');
         bytes.push(b'\n');

@@ -36,10 +36,9 @@ fn revocations(frames: &Frames) -> usize {
 }
 
 /// Twenty clients (AttachConsole and WatchConsole, over the local socket and TCP) receive the
-/// same bytes at the same offsets, equal to the log, in contiguous frames; the guest writes the
+/// same bytes in the same frames at the same offsets, equal to the log; the guest writes the
 /// first part one byte per write like QEMU, then odd-sized chunks. The guest is paced by the
-/// slowest client so that no client can legitimately lag. (Frame boundaries may differ: output
-/// that queued up behind a busy client comes merged.)
+/// slowest client so that no client can legitimately lag.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fan_out_to_twenty_clients_gives_identical_bytes_and_offsets() {
     const CLIENTS: usize = 20;
@@ -145,17 +144,9 @@ async fn fan_out_to_twenty_clients_gives_identical_bytes_and_offsets() {
         assert!(events.is_empty(), "client {i} got events: {events:?}");
         assert!(output == &data, "client {i}: output differs");
         assert_eq!(
-            chunks.first().map(|c| c.0),
-            first_chunks.first().map(|c| c.0),
-            "client {i}: first frame's offset differs from client 0's"
+            chunks, first_chunks,
+            "client {i}: frames differ from client 0's"
         );
-        for pair in chunks.windows(2) {
-            assert_eq!(
-                pair[0].0 + pair[0].1 as u64,
-                pair[1].0,
-                "client {i}: frames not contiguous: {pair:?}"
-            );
-        }
     }
     let mut expected = b"boot\n".to_vec();
     expected.extend(&data);

@@ -538,6 +538,13 @@ impl Browser {
             .await;
     }
 
+    /// Clicks the page's terminal, types `text` and presses Enter.
+    async fn type_line(&mut self, page: &str, text: &str) {
+        self.click(page, "#terminal").await;
+        self.type_text(page, text).await;
+        self.press(page, "Enter").await;
+    }
+
     async fn click(&mut self, page: &str, selector: &str) {
         self.call(json!({"op": "click", "page": page, "selector": selector}))
             .await;
@@ -699,18 +706,9 @@ async fn console_page_in_headless_chromium() {
         takeover, true,
         "no way to take the keyboard with a READ token"
     );
-    browser.click("ro", "#terminal").await;
-    browser.type_text("ro", "ro-secret").await;
-    browser.press("ro", "Enter").await;
-    browser.click("rw", "#terminal").await;
-    browser.type_text("rw", "rw-marker").await;
-    browser.press("rw", "Enter").await;
-    guest.wait_for(b"rw-marker\r").await;
-    assert_same(
-        "only the read-write page's input",
-        guest.received(),
-        b"rw-marker\r",
-    );
+    browser.type_line("ro", "ro-secret").await;
+    browser.type_line("rw", "rw-marker").await;
+    expect_typed(&mut guest, "only the read-write page's input", "rw-marker").await;
     guest.write(b"for both pages\r\n").await;
     for page in ["rw", "ro"] {
         browser
@@ -773,15 +771,8 @@ async fn console_page_in_headless_chromium() {
     }
     assert_eq!(browser.dataset("ro", "access").await, "read-only");
     guest.clear_received();
-    browser.click("rw", "#terminal").await;
-    browser.type_text("rw", "after the upgrade").await;
-    browser.press("rw", "Enter").await;
-    guest.wait_for(b"after the upgrade\r").await;
-    assert_same(
-        "input after the reconnect",
-        guest.received(),
-        b"after the upgrade\r",
-    );
+    browser.type_line("rw", "after the upgrade").await;
+    expect_typed(&mut guest, "input after the reconnect", "after the upgrade").await;
 
     screenshot(&mut browser, "rw", "read-write").await;
     screenshot(&mut browser, "ro", "read-only").await;
@@ -809,15 +800,13 @@ async fn console_page_in_headless_chromium() {
         .await;
     screenshot(&mut browser, "rw", "keyboard-taken").await;
     guest.clear_received();
-    browser.click("rw2", "#terminal").await;
-    browser.type_text("rw2", "from the second page").await;
-    browser.press("rw2", "Enter").await;
-    guest.wait_for(b"from the second page\r").await;
-    assert_same(
+    browser.type_line("rw2", "from the second page").await;
+    expect_typed(
+        &mut guest,
         "input of the page that took the keyboard",
-        guest.received(),
-        b"from the second page\r",
-    );
+        "from the second page",
+    )
+    .await;
 
     // 7. Rotating the token key ends the pages, and they say why.
     agent = daemon.agent().await;
@@ -836,4 +825,12 @@ async fn console_page_in_headless_chromium() {
     }
     browser.exit().await;
     eprintln!("console page in Chromium: {:?}", started.elapsed());
+}
+
+/// Waits until the guest has read `line` and Enter, and checks it read exactly that (nothing
+/// else since its last `clear_received`).
+async fn expect_typed(guest: &mut FakeGuest, what: &str, line: &str) {
+    let want = format!("{line}\r");
+    guest.wait_for(want.as_bytes()).await;
+    assert_same(what, guest.received(), want.as_bytes());
 }

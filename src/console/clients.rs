@@ -7,7 +7,7 @@
 //! client can fetch it from history. The actor never blocks and a stuck client holds at most its
 //! bound in memory.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -78,11 +78,7 @@ pub fn queue(bound: usize) -> (ClientQueue, ClientReceiver) {
             bound,
             lagging_since: None,
         },
-        ClientReceiver {
-            receiver,
-            queued,
-            held: None,
-        },
+        ClientReceiver { receiver, queued },
     )
 }
 
@@ -131,19 +127,10 @@ impl ClientQueue {
 }
 
 /// The client's end: a stream of events that frees queue room as it is consumed.
-///
-/// Output that has piled up (the client fell behind the guest) comes out merged, up to
-/// [`MERGED_OUTPUT`] bytes per event: a frame costs the server far more than its bytes, so a
-/// client that is behind catches up with fewer, larger frames instead of falling further back.
 pub struct ClientReceiver {
     receiver: mpsc::UnboundedReceiver<Event>,
     queued: Arc<AtomicUsize>,
-    /// An event taken while merging output that did not belong to it; it comes next.
-    held: Option<Event>,
 }
-
-/// The most output bytes merged into one event.
-pub const MERGED_OUTPUT: usize = 64 << 10;
 
 impl ClientReceiver {
     /// The next event, or `None` when the console dropped this client.
@@ -152,54 +139,11 @@ impl ClientReceiver {
     }
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
-        let event = match self.held.take() {
-            Some(event) => event,
-            None => match self.receiver.poll_recv(cx) {
-                Poll::Ready(Some(event)) => self.taken(event),
-                other => return other,
-            },
-        };
-        Poll::Ready(Some(self.merge_queued_output(event)))
-    }
-
-    fn taken(&self, event: Event) -> Event {
-        self.queued.fetch_sub(event.cost(), Relaxed);
-        event
-    }
-
-    /// Appends the output already queued right behind `event` (contiguous offsets only).
-    fn merge_queued_output(&mut self, event: Event) -> Event {
-        let Event::Output { offset, data } = event else {
-            return event;
-        };
-        let mut merged: Option<BytesMut> = None;
-        let mut len = data.len();
-        while len < MERGED_OUTPUT {
-            let Ok(next) = self.receiver.try_recv() else {
-                break;
-            };
-            match self.taken(next) {
-                Event::Output {
-                    offset: next_offset,
-                    data: next_data,
-                } if next_offset == offset + len as u64
-                    && len + next_data.len() <= MERGED_OUTPUT =>
-                {
-                    merged
-                        .get_or_insert_with(|| BytesMut::from(&data[..]))
-                        .extend_from_slice(&next_data);
-                    len += next_data.len();
-                }
-                other => {
-                    self.held = Some(other);
-                    break;
-                }
-            }
+        let polled = self.receiver.poll_recv(cx);
+        if let Poll::Ready(Some(event)) = &polled {
+            self.queued.fetch_sub(event.cost(), Relaxed);
         }
-        Event::Output {
-            offset,
-            data: merged.map_or(data, BytesMut::freeze),
-        }
+        polled
     }
 }
 
@@ -238,13 +182,19 @@ mod tests {
                 Offer::Skipped(false)
             ]
         );
-        // The client catches up (the two queued outputs come merged), then the next output
-        // comes with the gap report.
+        // The client catches up, then the next output comes with the gap report.
         assert_eq!(
             receiver.recv().await.unwrap(),
             Event::Output {
                 offset: 0,
-                data: [&chunk[..], &chunk[..]].concat().into()
+                data: chunk.clone()
+            }
+        );
+        assert_eq!(
+            receiver.recv().await.unwrap(),
+            Event::Output {
+                offset: 300,
+                data: chunk.clone()
             }
         );
         assert_eq!(queue.offer(offset, &chunk), Offer::Queued);
@@ -264,38 +214,5 @@ mod tests {
         );
         drop(receiver);
         assert_eq!(queue.offer(2100, &Bytes::from_static(b"y")), Offer::Gone);
-    }
-
-    #[tokio::test]
-    async fn queued_output_is_merged_up_to_the_limit_and_never_across_other_events() {
-        let (mut queue, mut receiver) = queue(1 << 20);
-        let piece = Bytes::from(vec![b'a'; 24 << 10]);
-        let mut offset = 0;
-        for _ in 0..4 {
-            assert_eq!(queue.offer(offset, &piece), Offer::Queued);
-            offset += piece.len() as u64;
-        }
-        assert!(queue.control(Event::Guest { connected: false }));
-        assert_eq!(queue.offer(offset, &piece), Offer::Queued);
-        // 2 × 24 KiB fit in one event, a third would pass 64 KiB.
-        let expect_output = |at: u64, pieces: usize| Event::Output {
-            offset: at,
-            data: vec![b'a'; pieces * piece.len()].into(),
-        };
-        assert_eq!(receiver.recv().await.unwrap(), expect_output(0, 2));
-        assert_eq!(
-            receiver.recv().await.unwrap(),
-            expect_output(2 * piece.len() as u64, 2)
-        );
-        assert_eq!(
-            receiver.recv().await.unwrap(),
-            Event::Guest { connected: false }
-        );
-        assert_eq!(
-            receiver.recv().await.unwrap(),
-            expect_output(4 * piece.len() as u64, 1)
-        );
-        // Every merged byte was released from the queue's account.
-        assert_eq!(queue.queued.load(Relaxed), 0);
     }
 }
