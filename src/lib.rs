@@ -9,6 +9,7 @@ pub mod config;
 pub mod console;
 pub mod daemon;
 pub mod error;
+pub mod fault;
 pub mod guests;
 pub mod handoff;
 pub mod history;
