@@ -58,8 +58,10 @@ pub enum HistoryItem {
     Data { offset: u64, data: Vec<u8> },
 }
 
-/// Chunks buffered towards a slow client before the reader waits.
-const QUEUE: usize = 4;
+/// Chunks buffered towards a slow client before the reader waits. One: a reader that stops
+/// reading costs a fixed amount (this chunk, the one it waits to send, the one being encoded),
+/// and HTTP/2 flow control holds the rest back on disk, not in memory.
+const QUEUE: usize = 1;
 
 /// Starts a history read of `actor`'s stream. Errors about the start position are returned
 /// here, before anything is streamed.
@@ -90,7 +92,7 @@ pub async fn read(
     let reader = Reader {
         actor,
         offsets,
-        segments: segments.into(),
+        segments: first_needed(segments, position),
         last: None,
         going_away,
         position,
@@ -126,7 +128,6 @@ impl Reader {
     /// Streams until the limit, the end (without follow), the client leaving, or the stream
     /// going away.
     async fn pump(&mut self) -> Result<()> {
-        let mut buffer = vec![0u8; self.request.chunk_size + 3];
         while self.remaining > 0 {
             if *self.going_away.borrow() {
                 return self.stream_stopped().map(|_| ());
@@ -159,6 +160,8 @@ impl Reader {
             let want = (seg_end - self.position)
                 .min(self.remaining)
                 .min(self.request.chunk_size as u64) as usize;
+            // A buffer per chunk, sent as it is: nothing is kept between chunks.
+            let mut buffer = vec![0u8; want + 3];
             let read = segment
                 .file
                 .read_at(&mut buffer[..want], self.position - segment.start)
@@ -168,14 +171,26 @@ impl Reader {
                 self.segments.pop_front();
                 continue;
             }
+            let cut_at_file_end = self.position + read as u64 == seg_end
+                && self.segments.len() == 1
+                && incomplete_tail(&buffer[..read]).is_some();
+            if self.request.utf8_boundaries && cut_at_file_end {
+                // The character goes on in the next file: open it now (it is read next
+                // anyway), so that it can be completed.
+                if let Ok(next) = self.actor.open_segments(seg_end).await {
+                    self.segments
+                        .extend(next.into_iter().find(|s| s.start == seg_end));
+                }
+            }
             let take = if self.request.utf8_boundaries {
                 self.whole_characters(&mut buffer, read, seg_end)?
             } else {
                 read
             };
+            buffer.truncate(take);
             let item = HistoryItem::Data {
                 offset: self.position,
-                data: buffer[..take].to_vec(),
+                data: buffer,
             };
             self.position += take as u64;
             self.remaining = self.remaining.saturating_sub(take as u64);
@@ -264,7 +279,9 @@ impl Reader {
                 }
                 match self.actor.open_segments(self.position).await {
                     Ok(segments) if !segments.is_empty() => {
-                        self.segments = segments.into();
+                        self.segments = first_needed(segments, self.position);
+                        // The finished file is not needed once a newer one is open.
+                        self.last = None;
                         return Ok(true);
                     }
                     Ok(_) => {}
@@ -291,6 +308,17 @@ impl Reader {
             }
         }
     }
+}
+
+/// Of the files the actor opened, the one holding `position` (or the first after it, when
+/// `position` was rotated away): a reader holds one log file open at a time and asks again
+/// for the next when it is done, so its descriptors do not grow with `max_backups`.
+fn first_needed(segments: Vec<OpenSegment>, position: u64) -> VecDeque<OpenSegment> {
+    segments
+        .into_iter()
+        .find(|s| s.start + s.len > position || s.start >= position)
+        .into_iter()
+        .collect()
 }
 
 /// The offset just after the `n`-th `\n` counted back from the end (a trailing `\n` ends the

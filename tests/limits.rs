@@ -36,13 +36,14 @@ async fn follower(
     Ok(stream)
 }
 
-/// `limits.calls_per_connection` and `limits.calls_total`: the call over the limit is refused,
-/// other connections (per-connection limit) and health checks are not, and a finished call
-/// frees its place.
+/// `limits.calls_per_connection`, `limits.remote_calls_total` and `limits.calls_total`: the
+/// call over a limit is refused, other connections (per-connection limit) and health checks are
+/// not, the local socket's budget is its own (TCP at its limit takes nothing from it, nor the
+/// other way round), and a finished call frees its place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_are_limited_per_connection_and_in_total() {
     let daemon = Daemon::start_with(
-        Some("limits:\n  calls_per_connection: 3\n  calls_total: 5\n"),
+        Some("limits:\n  calls_per_connection: 3\n  calls_total: 5\n  remote_calls_total: 4\n"),
         &[],
     )
     .await;
@@ -67,23 +68,55 @@ async fn calls_are_limited_per_connection_and_in_total() {
         follower(one.clone(), "vm1").await,
         "limits.calls_per_connection",
     );
-    // Health checks are never counted or refused.
+    // Another TCP connection may open calls until TCP's total is reached: 3 + 1 = 4.
+    held.push(follower(three.clone(), "vm1").await.unwrap());
+    expect_limit(
+        three.clone().console().read_history(follow_request("vm1")).await,
+        "limits.remote_calls_total",
+    );
+
+    // The local socket is not charged for any of them: 5 calls of its own, then its limit.
+    let two = local_channel(&daemon).await;
+    let four = local_channel(&daemon).await;
+    let mut local = Vec::new();
+    for channel in [&two, &two, &two, &four, &four] {
+        local.push(
+            follower(channel.clone(), "vm1")
+                .await
+                .expect("the local budget is untouched by TCP's calls"),
+        );
+    }
+    expect_limit(follower(four.clone(), "vm1").await, "limits.calls_total");
+    // And a full local budget takes nothing from TCP: a TCP place freed is TCP's again.
+    held.pop();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match follower(three.clone(), "vm1").await {
+            Ok(stream) => {
+                held.push(stream);
+                break;
+            }
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(
+                    status.message().contains("limits.remote_calls_total"),
+                    "{status:?}"
+                );
+                assert!(
+                    Instant::now() < deadline,
+                    "TCP place never freed: {status:?}"
+                );
+                tokio::time::sleep(POLL).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+    // Health checks are never counted or refused, with both budgets full.
     let mut health =
         tonic_health::pb::health_client::HealthClient::new(daemon.plain_tcp_channel().await);
     health
         .check(tonic_health::pb::HealthCheckRequest::default())
         .await
         .expect("health check at the limit");
-
-    // Another connection may open calls until the total is reached: 3 + 2 = 5.
-    let two = local_channel(&daemon).await;
-    held.push(follower(two.clone(), "vm1").await.unwrap());
-    held.push(follower(two.clone(), "vm1").await.unwrap());
-    expect_limit(follower(two.clone(), "vm1").await, "limits.calls_total");
-    expect_limit(
-        three.console().read_history(follow_request("vm1")).await,
-        "limits.calls_total",
-    );
 
     // A finished call frees its place (the count drops when its stream is gone).
     held.truncate(2);

@@ -24,10 +24,27 @@ pub struct Limits {
     pub clients_per_console: u32,
     /// TCP connections open at once (TLS handshakes included); more are closed on accept.
     pub tcp_connections: u32,
+    /// TCP connections open at once from one peer address.
+    pub connections_per_peer: u32,
     /// gRPC calls in progress on one connection (streams count until they end).
     pub calls_per_connection: u32,
-    /// gRPC calls in progress on all connections together.
+    /// gRPC calls in progress on the local socket together (the agent's own budget: remote
+    /// callers never take from it).
     pub calls_total: u32,
+    /// gRPC calls in progress on TCP together.
+    pub remote_calls_total: u32,
+    /// TCP calls in progress from one peer address.
+    pub calls_per_peer: u32,
+    /// TCP calls in progress with tokens of one guest (whoever holds them, from wherever).
+    pub calls_per_guest: u32,
+    /// A TCP connection with no call in progress (one that never sent a request, a slow-loris
+    /// header, an HTTP/2 connection with no open stream) is closed after this long.
+    pub idle_timeout: HumanDuration,
+    /// Longest time an HTTP/1.1 gRPC-web request body may take to arrive.
+    pub body_timeout: HumanDuration,
+    /// HTTP/1.1 gRPC-web request bodies held in memory at once, all connections together
+    /// (only after their token was verified).
+    pub web_body_bytes: ByteSize,
     /// Bytes per second one writer may type into a console; faster input is paced, not lost.
     pub input_rate: ByteSize,
     /// Largest gRPC message the daemon accepts.
@@ -44,9 +61,16 @@ impl Default for Limits {
             streams_per_guest: 16,
             pending_handoffs: 1024,
             clients_per_console: 64,
-            tcp_connections: 4096,
+            tcp_connections: 1024,
+            connections_per_peer: 64,
             calls_per_connection: 256,
             calls_total: 16_384,
+            remote_calls_total: 1024,
+            calls_per_peer: 256,
+            calls_per_guest: 64,
+            idle_timeout: HumanDuration(Duration::from_secs(20)),
+            body_timeout: HumanDuration(Duration::from_secs(10)),
+            web_body_bytes: ByteSize(16 << 20),
             input_rate: ByteSize(256 << 10),
             message_size: ByteSize(1 << 20),
             // 10,000 guests × two streams × the default 2MiB × (1 + 3 backups).
@@ -65,6 +89,10 @@ impl Limits {
             ("limits.tcp_connections", self.tcp_connections),
             ("limits.calls_per_connection", self.calls_per_connection),
             ("limits.calls_total", self.calls_total),
+            ("limits.connections_per_peer", self.connections_per_peer),
+            ("limits.remote_calls_total", self.remote_calls_total),
+            ("limits.calls_per_peer", self.calls_per_peer),
+            ("limits.calls_per_guest", self.calls_per_guest),
         ] {
             if limit == 0 {
                 return refuse(key, "must be at least 1".into());
@@ -80,6 +108,25 @@ impl Limits {
             return refuse(
                 "limits.message_size",
                 format!("must be between 4KiB and 64MiB (got {})", self.message_size),
+            );
+        }
+        for (key, timeout) in [
+            ("limits.idle_timeout", self.idle_timeout),
+            ("limits.body_timeout", self.body_timeout),
+        ] {
+            if timeout.get() < Duration::from_secs(1) {
+                return refuse(key, format!("must be at least 1s (got {timeout})"));
+            }
+        }
+        // A whole request body of the largest message (base64 included) must fit.
+        let largest_body = self.message_size.bytes().saturating_mul(4) / 3 + (64 << 10);
+        if self.web_body_bytes.bytes() < largest_body {
+            return refuse(
+                "limits.web_body_bytes",
+                format!(
+                    "must hold one request of limits.message_size as base64, at least {largest_body}B (got {})",
+                    self.web_body_bytes
+                ),
             );
         }
         if self.total_log_bytes.bytes() < super::MIN_MAX_SIZE {

@@ -110,10 +110,11 @@ impl Security {
                  configure tls.cert and tls.key"
             );
         }
+        let tokens = Arc::new(tokens);
         Ok(Self {
             tls,
-            tokens: Arc::new(tokens),
-            protection: Protection::new(&config.limits).with_web(&config.web),
+            protection: Protection::new(&config.limits, tokens.clone()).with_web(&config.web),
+            tokens,
         })
     }
 
@@ -379,7 +380,8 @@ impl Serving {
             config.history.chunk_size.bytes() as usize,
             config.limits.input_rate.bytes(),
             security.tokens.clone(),
-        );
+        )
+        .with_remote_descriptors(security.protection.remote_descriptors.clone());
         let tcp = tokio_tcp(&listeners.tcp)?;
         let tcp_address = tcp.local_addr()?;
         let mut grpc = vec![
@@ -418,9 +420,11 @@ impl Serving {
         if let Some(listener) = &listeners.metrics {
             let listener = tokio_tcp(listener)?;
             metrics_address = listener.local_addr().ok();
+            let mut registry = metrics.registry();
+            registry.register_collector(Box::new(security.protection.figures()));
             tasks.push(tokio::spawn(crate::metrics::serve(
                 listener,
-                Arc::new(metrics.registry()),
+                Arc::new(registry),
             )));
         }
         let (successor_tx, successors) = mpsc::channel(1);

@@ -36,6 +36,8 @@ pub struct ConsoleService {
     history_chunk: usize,
     input_rate: u64,
     tokens: Arc<TokenKey>,
+    /// The descriptors remote callers may hold: a remote history reader holds one log file.
+    remote_descriptors: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl ConsoleService {
@@ -51,7 +53,31 @@ impl ConsoleService {
             history_chunk,
             input_rate,
             tokens,
+            remote_descriptors: None,
         }
+    }
+
+    /// Remote history readers take their log file's descriptor from `share` (see
+    /// `Protection::remote_descriptors`).
+    pub fn with_remote_descriptors(mut self, share: Arc<tokio::sync::Semaphore>) -> Self {
+        self.remote_descriptors = Some(share);
+        self
+    }
+
+    /// A remote caller's place for one more descriptor, or the refusal naming the limit.
+    fn remote_descriptor(
+        &self,
+        caller: Option<&Caller>,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Status> {
+        let (Some(Caller::Remote(_)), Some(share)) = (caller, &self.remote_descriptors) else {
+            return Ok(None);
+        };
+        share.clone().try_acquire_owned().map(Some).map_err(|_| {
+            Status::resource_exhausted(
+                "Limit reached: remote callers hold their share of RLIMIT_NOFILE (a quarter); \
+                 try again when other calls end",
+            )
+        })
     }
 
     /// `stream`, ended with `UNAUTHENTICATED` if the token key is rotated while it runs and
@@ -359,6 +385,7 @@ impl Console for ConsoleService {
         auth::authorize_guest(caller.as_ref(), &r.guest)?;
         let (stream_name, actor) = self.guests.stream(&r.guest, stream).await?;
         auth::authorize(caller.as_ref(), &r.guest, &stream_name, Need::Read)?;
+        let descriptor = self.remote_descriptor(caller.as_ref())?;
         let start = match r.start {
             None => Start::Oldest,
             Some(read_history_request::Start::FromOffset(offset)) => Start::Offset(offset),
@@ -379,8 +406,10 @@ impl Console for ConsoleService {
         )
         .await?;
         let text = r.text;
-        let chunks =
-            tokio_stream::wrappers::ReceiverStream::new(items).map(move |item| match item {
+        let chunks = tokio_stream::wrappers::ReceiverStream::new(items).map(move |item| {
+            // Held as long as the stream is.
+            let _descriptor = &descriptor;
+            match item {
                 Ok(HistoryItem::Data { offset, data }) => Ok(HistoryChunk {
                     offset,
                     text: if text {
@@ -400,7 +429,8 @@ impl Console for ConsoleService {
                     ..Default::default()
                 }),
                 Err(e) => Err(Status::from(e)),
-            });
+            }
+        });
         Ok(Response::new(
             self.revocable(caller.as_ref(), Box::pin(chunks)),
         ))

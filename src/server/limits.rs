@@ -1,19 +1,26 @@
-//! Call limits of the gRPC listeners: calls in progress per connection and in total, and the
-//! status of messages over the size limit.
+//! Call limits of the gRPC listeners: calls in progress per connection, per listener, and on
+//! TCP per peer address and per guest, and the status of messages over the size limit.
 //!
 //! Owns the tower layer every listener's routes are wrapped in. A call counts from its request
 //! until its response body is dropped (the end of a stream), on its connection's counter (in
-//! [`ConnInfo`]) and on the shared total; a call over either limit gets `RESOURCE_EXHAUSTED`
-//! naming the limit without reaching a handler. Health checks are exempt: a busy daemon must
-//! not be restarted by its liveness probe. tonic reports a message over
-//! `limits.message_size` as `OUT_OF_RANGE`; this layer turns that into `RESOURCE_EXHAUSTED`
-//! naming the limit. It never looks at message contents.
+//! [`ConnInfo`]), on its listener's total — the local socket and TCP have separate budgets, so
+//! remote callers can never take the agent's places — and, on TCP, on its peer address and on
+//! the guest its token is for (a token whose signature does not verify is charged to its peer
+//! address only; the interceptor refuses it a moment later). A call over any limit gets
+//! `RESOURCE_EXHAUSTED` naming the limit without reaching a handler. Health checks are exempt:
+//! a busy daemon must not be restarted by its liveness probe (they still count as activity of
+//! their connection). tonic reports a message over `limits.message_size` as `OUT_OF_RANGE`;
+//! this layer turns that into `RESOURCE_EXHAUSTED` naming the limit. It never looks at message
+//! contents.
 
-use super::conn::ConnInfo;
+use super::conn::{Activity, ConnInfo};
+use super::tally::{Place, Tally};
 use crate::config::Limits;
 use crate::error::Error;
+use crate::tokens::TokenKey;
 use futures::future::BoxFuture;
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -24,47 +31,104 @@ use tower::{Layer, Service};
 
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 
-/// The counters and limits shared by every connection of a listener set.
+/// The counters and limits of one listener's calls.
 pub struct CallLimits {
     per_connection: u32,
+    /// The config key of the listener's total.
+    total_key: &'static str,
     total_limit: u32,
     total: Arc<AtomicU32>,
+    /// TCP only: per peer address and per guest.
+    remote: Option<RemoteLimits>,
+}
+
+struct RemoteLimits {
+    per_peer: Arc<Tally<IpAddr>>,
+    per_guest: Arc<Tally<String>>,
+    tokens: Arc<TokenKey>,
 }
 
 impl CallLimits {
-    pub fn new(limits: &Limits) -> Arc<Self> {
+    /// The local socket's limits (`limits.calls_total`).
+    pub fn local(limits: &Limits) -> Arc<Self> {
         Arc::new(Self {
             per_connection: limits.calls_per_connection,
+            total_key: "limits.calls_total",
             total_limit: limits.calls_total,
             total: Arc::new(AtomicU32::new(0)),
+            remote: None,
         })
     }
 
-    /// Calls in progress on all connections.
+    /// TCP's limits (`limits.remote_calls_total`, per peer, per guest); `tokens` tells which
+    /// guest a call's token is for.
+    pub fn remote(limits: &Limits, tokens: Arc<TokenKey>) -> Arc<Self> {
+        Arc::new(Self {
+            per_connection: limits.calls_per_connection,
+            total_key: "limits.remote_calls_total",
+            total_limit: limits.remote_calls_total,
+            total: Arc::new(AtomicU32::new(0)),
+            remote: Some(RemoteLimits {
+                per_peer: Tally::new(limits.calls_per_peer),
+                per_guest: Tally::new(limits.calls_per_guest),
+                tokens,
+            }),
+        })
+    }
+
+    /// Calls in progress on this listener.
     pub fn in_progress(&self) -> u32 {
         self.total.load(Ordering::Relaxed)
     }
 
     /// Counts one more call, or names the limit it would break.
-    fn admit(&self, connection: Option<&ConnInfo>) -> Result<CallGuard, Error> {
-        let total = Counted::take(&self.total, self.total_limit).ok_or(Error::LimitReached {
-            limit: "limits.calls_total",
-            value: self.total_limit.into(),
-        })?;
-        let on_connection = match connection {
-            Some(info) => Some(Counted::take(&info.calls, self.per_connection).ok_or(
-                Error::LimitReached {
-                    limit: "limits.calls_per_connection",
-                    value: self.per_connection.into(),
-                },
-            )?),
-            None => None,
+    fn admit(&self, request: &http::Request<Body>) -> Result<CallGuard, Error> {
+        let refused = |limit: &'static str, value: u32| Error::LimitReached {
+            limit,
+            value: value.into(),
         };
-        Ok(CallGuard {
-            _total: total,
-            _connection: on_connection,
-        })
+        let connection = request.extensions().get::<ConnInfo>();
+        let total = Counted::take(&self.total, self.total_limit)
+            .ok_or_else(|| refused(self.total_key, self.total_limit))?;
+        let mut guard = CallGuard {
+            _total: Some(total),
+            ..CallGuard::default()
+        };
+        if let Some(info) = connection {
+            guard.connection = Some(
+                ConnCall::take(&info.activity, self.per_connection)
+                    .ok_or_else(|| refused("limits.calls_per_connection", self.per_connection))?,
+            );
+        }
+        let Some(remote) = &self.remote else {
+            return Ok(guard);
+        };
+        if let Some(ip) = connection.and_then(ConnInfo::remote_ip) {
+            guard._peer = Some(
+                remote
+                    .per_peer
+                    .take(ip)
+                    .ok_or_else(|| refused("limits.calls_per_peer", remote.per_peer.limit()))?,
+            );
+        }
+        if let Some(guest) = token_guest(request, &remote.tokens) {
+            guard._guest = Some(
+                remote
+                    .per_guest
+                    .take(guest)
+                    .ok_or_else(|| refused("limits.calls_per_guest", remote.per_guest.limit()))?,
+            );
+        }
+        Ok(guard)
     }
+}
+
+/// The guest of the request's bearer token, if its signature verifies (expiry is the
+/// interceptor's to judge: an expired token is charged to its guest like a valid one).
+fn token_guest(request: &http::Request<Body>, tokens: &TokenKey) -> Option<String> {
+    let value = request.headers().get(http::header::AUTHORIZATION)?;
+    let token = value.to_str().ok()?.strip_prefix("Bearer ")?.trim();
+    tokens.verify(token, 0).ok().map(|grant| grant.guest)
 }
 
 /// One unit of a counter, given back on drop.
@@ -87,10 +151,34 @@ impl Drop for Counted {
     }
 }
 
-/// Holds a call's place until its response body is dropped.
+/// One call of a connection, ended on drop (the connection's idle time starts at the last).
+struct ConnCall(Arc<Activity>);
+
+impl ConnCall {
+    fn take(activity: &Arc<Activity>, limit: u32) -> Option<Self> {
+        activity
+            .calls
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(activity.clone()))
+    }
+}
+
+impl Drop for ConnCall {
+    fn drop(&mut self) {
+        self.0.call_ended();
+    }
+}
+
+/// Holds a call's places until its response body is dropped.
+#[derive(Default)]
 struct CallGuard {
-    _total: Counted,
-    _connection: Option<Counted>,
+    _total: Option<Counted>,
+    connection: Option<ConnCall>,
+    _peer: Option<Place<IpAddr>>,
+    _guest: Option<Place<String>>,
 }
 
 /// The layer, for `Server::layer`.
@@ -129,9 +217,25 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         if request.uri().path().starts_with(HEALTH_PREFIX) {
-            return Box::pin(self.inner.call(request));
+            // Not limited, but activity of its connection while it runs.
+            let guard = CallGuard {
+                connection: request
+                    .extensions()
+                    .get::<ConnInfo>()
+                    .and_then(|info| ConnCall::take(&info.activity, u32::MAX)),
+                ..CallGuard::default()
+            };
+            let response = self.inner.call(request);
+            return Box::pin(async move {
+                Ok(response.await?.map(|body| {
+                    Body::new(Guarded {
+                        inner: body,
+                        _guard: guard,
+                    })
+                }))
+            });
         }
-        let guard = match self.limits.admit(request.extensions().get::<ConnInfo>()) {
+        let guard = match self.limits.admit(&request) {
             Ok(guard) => guard,
             Err(refusal) => {
                 tracing::warn!(path = request.uri().path(), %refusal, "call refused");
@@ -189,6 +293,13 @@ impl HttpBody for Guarded {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        // No new frame while the connection's socket is write-blocked (see `conn`): a peer
+        // that stopped reading holds back its streams, not the daemon's memory.
+        if let Some(ConnCall(activity)) = &self._guard.connection {
+            if activity.poll_writable(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 

@@ -18,6 +18,7 @@ mod authority;
 pub mod conn;
 pub mod console;
 pub mod limits;
+pub mod tally;
 pub mod web;
 
 use crate::proto;
@@ -26,6 +27,7 @@ use crate::tokens::TokenKey;
 use conn::Conn;
 use limits::{CallLimits, CallLimitsLayer};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
@@ -34,26 +36,58 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
-/// What protects both listeners: call limits and the largest message accepted.
+/// What protects the listeners: call limits (the local socket's and TCP's apart), connection
+/// places, idle deadlines, the descriptors remote callers may hold, and the largest message
+/// accepted.
 #[derive(Clone)]
 pub struct Protection {
-    pub calls: Arc<CallLimits>,
+    /// The local socket's calls (`limits.calls_total`): the agent's own budget.
+    pub local_calls: Arc<CallLimits>,
+    /// TCP's calls (`limits.remote_calls_total`, per peer, per guest).
+    pub remote_calls: Arc<CallLimits>,
     pub message_size: usize,
     pub calls_per_connection: u32,
     /// Places for TCP connections (`limits.tcp_connections`).
     pub tcp_connections: Arc<tokio::sync::Semaphore>,
-    /// Origins allowed to call over gRPC-web from other pages (`web`).
+    /// TCP connections per peer address (`limits.connections_per_peer`).
+    pub connections_per_peer: Arc<tally::Tally<std::net::IpAddr>>,
+    /// A TCP connection with no call for this long is closed (`limits.idle_timeout`).
+    pub idle_timeout: std::time::Duration,
+    /// Descriptors remote callers may hold at once (TCP connections, history readers' log
+    /// files): a share of RLIMIT_NOFILE, so that the daemon's own descriptors (rotations,
+    /// guests reconnecting, the local API) never run out because of them.
+    pub remote_descriptors: Arc<tokio::sync::Semaphore>,
+    remote_descriptors_limit: usize,
+    tcp_limit: usize,
+    /// Origins allowed to call over gRPC-web from other pages (`web`), body limits.
     pub web: web::WebOptions,
 }
 
+/// The share of RLIMIT_NOFILE remote callers may hold: a quarter (docs/operations.md,
+/// "Sizing"); the other three quarters are the guests' and the daemon's own.
+pub fn remote_descriptor_share(nofile: u64) -> usize {
+    usize::try_from(nofile / 4).unwrap_or(usize::MAX).max(16)
+}
+
 impl Protection {
-    pub fn new(limits: &crate::config::Limits) -> Self {
+    pub fn new(limits: &crate::config::Limits, tokens: Arc<TokenKey>) -> Self {
+        let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        let message_size = usize::try_from(limits.message_size.bytes()).unwrap_or(usize::MAX);
+        let share = remote_descriptor_share(nofile);
         Self {
-            calls: CallLimits::new(limits),
-            message_size: limits.message_size.bytes() as usize,
+            local_calls: CallLimits::local(limits),
+            remote_calls: CallLimits::remote(limits, tokens.clone()),
+            message_size,
             calls_per_connection: limits.calls_per_connection,
             tcp_connections: Arc::new(tokio::sync::Semaphore::new(limits.tcp_connections as usize)),
-            web: web::WebOptions::new(limits.message_size.bytes() as usize),
+            connections_per_peer: tally::Tally::new(limits.connections_per_peer),
+            idle_timeout: limits.idle_timeout.get(),
+            remote_descriptors: Arc::new(tokio::sync::Semaphore::new(share)),
+            remote_descriptors_limit: share,
+            tcp_limit: limits.tcp_connections as usize,
+            web: web::WebOptions::new(message_size, limits, tokens),
         }
     }
 
@@ -70,8 +104,20 @@ impl Protection {
     /// most 1 KiB).
     fn server(
         &self,
+        calls: &Arc<CallLimits>,
     ) -> Server<tower::layer::util::Stack<CallLimitsLayer, tower::layer::util::Identity>> {
-        self.builder().layer(CallLimitsLayer(self.calls.clone()))
+        self.builder().layer(CallLimitsLayer(calls.clone()))
+    }
+
+    /// How the console listener admits TCP connections.
+    fn admission(&self, tls: bool) -> Admission {
+        Admission {
+            slots: self.tcp_connections.clone(),
+            per_peer: self.connections_per_peer.clone(),
+            descriptors: self.remote_descriptors.clone(),
+            idle_timeout: self.idle_timeout,
+            tls,
+        }
     }
 
     fn builder(&self) -> Server {
@@ -130,7 +176,7 @@ pub async fn serve_local(
         .build_v1alpha()
         .expect("embedded descriptors are valid");
     protection
-        .server()
+        .server(&protection.local_calls)
         .add_service(health(&[AGENT_SERVICE, CONSOLE_SERVICE]).await)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -175,7 +221,7 @@ pub async fn serve_tcp(
         .accept_http1(true)
         .layer(web::WebLayer(protection.web.clone()))
         .layer(tonic_web::GrpcWebLayer::new())
-        .layer(CallLimitsLayer(protection.calls.clone()))
+        .layer(CallLimitsLayer(protection.remote_calls.clone()))
         .add_service(health(&[CONSOLE_SERVICE]).await)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -183,16 +229,17 @@ pub async fn serve_tcp(
             protection.console(console),
             auth::BearerTokens(tokens),
         ));
-    let slots = protection.tcp_connections.clone();
     match tls {
         None => {
-            let incoming = tcp_incoming(listener, slots, false, |tcp| async move { Ok(tcp) });
+            let incoming = tcp_incoming(listener, protection.admission(false), |tcp| async move {
+                Ok(tcp)
+            });
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
         }
         Some(tls) => {
-            let incoming = tcp_incoming(listener, slots, true, move |tcp| {
+            let incoming = tcp_incoming(listener, protection.admission(true), move |tcp| {
                 let tls = tls.clone();
                 async move { tls.accept(tcp).await }
             });
@@ -217,9 +264,16 @@ pub async fn serve_health(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
-    let incoming = tcp_incoming(listener, slots, false, |tcp| async move { Ok(tcp) });
+    let admission = Admission {
+        slots: slots.clone(),
+        per_peer: tally::Tally::new(u32::MAX),
+        descriptors: slots,
+        idle_timeout: protection.idle_timeout,
+        tls: false,
+    };
+    let incoming = tcp_incoming(listener, admission, |tcp| async move { Ok(tcp) });
     protection
-        .server()
+        .server(&protection.remote_calls)
         .add_service(health(&[CONSOLE_SERVICE]).await)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
@@ -239,14 +293,51 @@ fn keep_alive(tcp: &tokio::net::TcpStream) {
     }
 }
 
+/// What a TCP listener holds every connection to.
+struct Admission {
+    /// `limits.tcp_connections` (the health listener: its own).
+    slots: Arc<tokio::sync::Semaphore>,
+    /// `limits.connections_per_peer`.
+    per_peer: Arc<tally::Tally<std::net::IpAddr>>,
+    /// The descriptors remote callers may hold (a connection is one).
+    descriptors: Arc<tokio::sync::Semaphore>,
+    idle_timeout: std::time::Duration,
+    tls: bool,
+}
+
+impl Admission {
+    /// The connection's places, or the limit that refuses it.
+    fn admit(&self, address: SocketAddr) -> Result<conn::Places, &'static str> {
+        let total = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "limits.tcp_connections")?;
+        let peer = self
+            .per_peer
+            .take(address.ip())
+            .ok_or("limits.connections_per_peer")?;
+        let descriptor = self
+            .descriptors
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "the remote share of RLIMIT_NOFILE")?;
+        Ok(conn::Places {
+            total,
+            peer,
+            descriptor,
+        })
+    }
+}
+
 /// Accepted TCP connections, after `handshake` (TLS, or nothing). Each handshake runs on its
 /// own task, so a client that never finishes one delays nobody; a connection over
-/// `limits.tcp_connections` (handshakes included) is closed at once. The accept loop ends when
-/// the stream is dropped.
+/// `limits.tcp_connections` or `limits.connections_per_peer` (handshakes included), or past
+/// the descriptors remote callers may hold, is closed at once. The accept loop ends when the
+/// stream is dropped.
 fn tcp_incoming<IO, H, F>(
     listener: TcpListener,
-    slots: Arc<tokio::sync::Semaphore>,
-    tls: bool,
+    admission: Admission,
     handshake: H,
 ) -> ReceiverStream<std::io::Result<Conn<IO>>>
 where
@@ -269,19 +360,24 @@ where
                 },
                 _ = ready.closed() => break,
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                refused += 1;
-                if refused.is_power_of_two() {
-                    tracing::warn!(peer = %address, refused, "limits.tcp_connections reached; closing new connections");
+            let places = match admission.admit(address) {
+                Ok(places) => places,
+                Err(limit) => {
+                    refused += 1;
+                    if refused.is_power_of_two() {
+                        tracing::warn!(peer = %address, refused, "{limit} reached; closing new connections");
+                    }
+                    continue;
                 }
-                continue;
             };
             keep_alive(&tcp);
             let (connection, ready) = (handshake(tcp), ready.clone());
+            let (tls, idle_timeout) = (admission.tls, admission.idle_timeout);
             tokio::spawn(async move {
                 match connection.await {
                     Ok(io) => {
-                        let _ = ready.send(Ok(Conn::remote(io, address, tls, slot))).await;
+                        let conn = Conn::remote(io, address, tls, places, idle_timeout);
+                        let _ = ready.send(Ok(conn)).await;
                     }
                     Err(e) => tracing::info!(peer = %address, error = %e, "TLS handshake failed"),
                 }
@@ -289,4 +385,67 @@ where
         }
     });
     ReceiverStream::new(incoming)
+}
+
+/// The protection figures, read at each scrape of `/metrics`: calls in progress per listener,
+/// TCP connections open, descriptors held by remote callers, request body bytes held.
+#[derive(Clone)]
+pub struct ProtectionFigures(Protection);
+
+impl std::fmt::Debug for ProtectionFigures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProtectionFigures")
+    }
+}
+
+impl Protection {
+    /// Its figures, for [`crate::metrics`].
+    pub fn figures(&self) -> ProtectionFigures {
+        ProtectionFigures(self.clone())
+    }
+}
+
+impl prometheus_client::collector::Collector for ProtectionFigures {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let p = &self.0;
+        let share = p.remote_descriptors_limit;
+        let gauges: [(&str, &str, i64); 5] = [
+            (
+                "local_calls_in_progress",
+                "gRPC calls in progress on the local socket",
+                p.local_calls.in_progress().into(),
+            ),
+            (
+                "remote_calls_in_progress",
+                "gRPC calls in progress on TCP",
+                p.remote_calls.in_progress().into(),
+            ),
+            (
+                "tcp_connections_open",
+                "TCP connections open (TLS handshakes included)",
+                i64::try_from(p.tcp_limit - p.tcp_connections.available_permits()).unwrap_or(0),
+            ),
+            (
+                "remote_descriptors_held",
+                "Descriptors held by remote callers (connections, history readers' log files)",
+                i64::try_from(share - p.remote_descriptors.available_permits()).unwrap_or(0),
+            ),
+            (
+                "remote_descriptors_limit",
+                "Descriptors remote callers may hold: a quarter of RLIMIT_NOFILE",
+                i64::try_from(share).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        Ok(())
+    }
 }

@@ -15,7 +15,8 @@
 //! comes from the URL the user was given.
 
 use super::conn::{ConnInfo, Peer};
-use crate::config::{Origin, WebConfig};
+use crate::config::{Limits, Origin, WebConfig};
+use crate::tokens::TokenKey;
 use futures::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
@@ -87,21 +88,66 @@ fn etag(index: usize) -> &'static str {
 }
 
 /// What the web layer needs from the configuration.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WebOptions {
     allowed_origins: Arc<[Origin]>,
     /// Largest gRPC-web request body read over HTTP/1.1.
     body_limit: usize,
+    /// Longest an HTTP/1.1 request body may take (`limits.body_timeout`).
+    body_timeout: std::time::Duration,
+    /// Bytes of HTTP/1.1 request bodies held at once, all connections (`limits.web_body_bytes`).
+    body_bytes: Arc<tokio::sync::Semaphore>,
+    body_bytes_limit: u64,
+    /// Verifies a console call's token before its body is held in memory.
+    tokens: Arc<TokenKey>,
+}
+
+impl std::fmt::Debug for WebOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebOptions")
+            .field("allowed_origins", &self.allowed_origins)
+            .field("body_limit", &self.body_limit)
+            .field("body_timeout", &self.body_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl WebOptions {
     /// No other origin allowed; request bodies bounded for messages of `message_size`
-    /// (`limits.message_size`), base64 (gRPC-web-text) included.
-    pub fn new(message_size: usize) -> Self {
+    /// (`limits.message_size`), base64 (gRPC-web-text) included, and by the body limits of
+    /// `limits`.
+    pub fn new(message_size: usize, limits: &Limits, tokens: Arc<TokenKey>) -> Self {
+        let body_bytes_limit = limits.web_body_bytes.bytes();
         Self {
             allowed_origins: Arc::new([]),
             body_limit: message_size.saturating_mul(4) / 3 + (64 << 10),
+            body_timeout: limits.body_timeout.get(),
+            body_bytes: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(body_bytes_limit)
+                    .unwrap_or(usize::MAX)
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
+            body_bytes_limit,
+            tokens,
         }
+    }
+
+    /// Whether `request` carries a token that may be trusted with memory: a console call
+    /// whose bearer token verifies now. Other services' calls (health, reflection) carry
+    /// none and are small.
+    fn may_hold_body(&self, request: &Request<Body>) -> bool {
+        if !request.uri().path().starts_with(CONSOLE_SERVICE_PREFIX) {
+            return true;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|token| self.tokens.verify(token.trim(), now).is_ok())
     }
 
     /// With the origins of a validated `web` section (one that does not parse is skipped:
@@ -186,32 +232,91 @@ fn is_grpc_web(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc-web"))
 }
 
-/// `request` with its body read into memory, or the response refusing it.
-async fn buffered(request: Request<Body>, limit: usize) -> Result<Request<Body>, Response<Body>> {
+/// Prefix of the console service's paths: its calls need a token.
+const CONSOLE_SERVICE_PREFIX: &str = "/conlog.v1.Console/";
+
+/// A request whose body was read, and the memory places its bytes hold until it is answered.
+struct Buffered {
+    request: Request<Body>,
+    _bytes: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// `request` with its body read (into memory when `keep`, else read and discarded: a call
+/// that will be refused for its token costs no memory), within `options`' size, time and
+/// memory limits, or the response refusing it.
+async fn buffered(
+    request: Request<Body>,
+    options: &WebOptions,
+    keep: bool,
+) -> Result<Buffered, Response<Body>> {
     use http_body_util::BodyExt;
-    let (parts, body) = request.into_parts();
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(Request::from_parts(
-            parts,
-            Body::new(http_body_util::Full::new(collected.to_bytes())),
-        )),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            let mut response = tonic::Status::resource_exhausted(format!(
-                "Limit limits.message_size reached: the request body is over {limit} bytes"
-            ))
-            .into_http::<Body>();
-            if let Some(content_type) = parts.headers.get(header::CONTENT_TYPE) {
-                response
-                    .headers_mut()
-                    .insert(header::CONTENT_TYPE, content_type.clone());
-            }
-            Err(response)
+    let (parts, mut body) = request.into_parts();
+    let grpc_refusal = |status: tonic::Status| {
+        let mut response = status.into_http::<Body>();
+        if let Some(content_type) = parts.headers.get(header::CONTENT_TYPE) {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, content_type.clone());
         }
-        Err(_) => Err(respond(
-            StatusCode::BAD_REQUEST,
-            "the request body could not be read\n",
-        )),
+        response
+    };
+    let deadline = tokio::time::Instant::now() + options.body_timeout;
+    let mut held = bytes::BytesMut::new();
+    let mut permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let mut total = 0usize;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                tracing::debug!(
+                    "an HTTP/1.1 request body did not arrive within limits.body_timeout"
+                );
+                return Err(respond(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body did not arrive within limits.body_timeout\n",
+                ));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(_))) => {
+                return Err(respond(
+                    StatusCode::BAD_REQUEST,
+                    "the request body could not be read\n",
+                ))
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: a gRPC-web request has none worth keeping
+        };
+        total = total.saturating_add(data.len());
+        if total > options.body_limit {
+            return Err(grpc_refusal(tonic::Status::resource_exhausted(format!(
+                "Limit limits.message_size reached: the request body is over {} bytes",
+                options.body_limit
+            ))));
+        }
+        if !keep {
+            continue;
+        }
+        let more = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        match options.body_bytes.clone().try_acquire_many_owned(more) {
+            Ok(more) => match &mut permit {
+                Some(permit) => permit.merge(more),
+                None => permit = Some(more),
+            },
+            Err(_) => {
+                tracing::warn!("limits.web_body_bytes reached; refusing an HTTP/1.1 request");
+                return Err(grpc_refusal(tonic::Status::resource_exhausted(format!(
+                    "Limit limits.web_body_bytes reached: {} bytes of request bodies are held",
+                    options.body_bytes_limit
+                ))));
+            }
+        }
+        held.extend_from_slice(&data);
     }
+    Ok(Buffered {
+        request: Request::from_parts(parts, Body::new(http_body_util::Full::new(held.freeze()))),
+        _bytes: permit,
+    })
 }
 
 fn header_bytes(headers: &HeaderMap) -> usize {
@@ -375,20 +480,23 @@ where
             }
         };
         let buffer = http1 && is_grpc_web(request.headers());
-        let limit = self.options.body_limit;
+        let keep = buffer && self.options.may_hold_body(&request);
+        let options = self.options.clone();
         // The clone that was made ready is the one called (tower's usual swap).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let request = if buffer {
-                match buffered(request, limit).await {
-                    Ok(request) => request,
+            let (request, held) = if buffer {
+                match buffered(request, &options, keep).await {
+                    Ok(Buffered { request, _bytes }) => (request, _bytes),
                     Err(response) => return Ok(response),
                 }
             } else {
-                request
+                (request, None)
             };
             let mut response = inner.call(request).await?;
+            // The body was decoded by now (a gRPC-web call has one request message).
+            drop(held);
             if let Some(origin) = allow_origin {
                 let headers = response.headers_mut();
                 headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
@@ -434,7 +542,10 @@ mod tests {
         let config = WebConfig {
             allowed_origins: origins.iter().map(|o| o.to_string()).collect(),
         };
-        WebLayer(WebOptions::new(4096).with_origins(&config)).layer(Inner)
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = Arc::new(TokenKey::load_or_create(&dir.path().join("token.key")).unwrap());
+        WebLayer(WebOptions::new(4096, &Limits::default(), tokens).with_origins(&config))
+            .layer(Inner)
     }
 
     fn request(method: Method, path: &str, headers: &[(&str, &str)]) -> Request<Body> {

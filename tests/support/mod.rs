@@ -108,6 +108,8 @@ pub struct Daemon {
     child: Option<Child>,
     stderr_path: PathBuf,
     starts: u32,
+    /// RLIMIT_NOFILE (soft and hard) the daemon runs under, through `prlimit`, if set.
+    nofile: Option<u64>,
     /// TCP address of the Console service of the current run.
     pub tcp: SocketAddr,
     /// Address of the metrics endpoint of the current run.
@@ -122,6 +124,15 @@ impl Daemon {
 
     /// Starts a daemon with `config_yaml` as its `--config` file (if any) and extra flags.
     pub async fn start_with(config_yaml: Option<&str>, extra_args: &[&str]) -> Self {
+        Self::start_limited(config_yaml, extra_args, None).await
+    }
+
+    /// The same, under RLIMIT_NOFILE `nofile` (soft and hard, set by `prlimit`) if given.
+    pub async fn start_limited(
+        config_yaml: Option<&str>,
+        extra_args: &[&str],
+        nofile: Option<u64>,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("conlog-test-")
             .tempdir()
@@ -140,6 +151,7 @@ impl Daemon {
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             child: None,
             starts: 0,
+            nofile,
             tcp: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
         };
@@ -149,7 +161,17 @@ impl Daemon {
 
     /// A `conlogd` command on this daemon's directories and config (port 0), not started.
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(conlogd_bin());
+        let mut cmd = match self.nofile {
+            None => Command::new(conlogd_bin()),
+            Some(n) => {
+                // prlimit execs the daemon: the child's pid is the daemon's.
+                let mut cmd = Command::new("prlimit");
+                cmd.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(conlogd_bin());
+                cmd
+            }
+        };
         cmd.arg("--runtime-dir")
             .arg(&self.runtime_dir)
             .arg("--data-dir")
