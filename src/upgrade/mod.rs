@@ -15,6 +15,7 @@
 
 pub mod exec;
 pub mod fds;
+pub mod gate;
 pub mod handover;
 pub mod snapshot;
 
@@ -68,6 +69,8 @@ pub struct State {
     pub listeners: ListenerFds,
     pub streams: Vec<StreamFds>,
     pub handoffs: Vec<HandoffFds>,
+    /// The daemon-wide counters the next image continues from (None from older images).
+    pub counters: Option<crate::metrics::Counters>,
 }
 
 impl State {
@@ -119,6 +122,8 @@ impl State {
             listeners,
             streams,
             handoffs,
+            counters: self.counters,
+            verdicts: true,
         };
         (snapshot, fds)
     }
@@ -179,6 +184,7 @@ impl State {
             listeners,
             streams,
             handoffs,
+            counters: snapshot.counters,
         })
     }
 }
