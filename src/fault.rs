@@ -99,7 +99,11 @@ mod armed {
                 // SIGKILL to oneself is delivered before kill returns; never go on regardless.
                 std::process::abort();
             }
-            Action::Sleep(duration) => std::thread::sleep(duration),
+            Action::Sleep(duration) => {
+                // Tests wait for this line to act while the point holds.
+                eprintln!("conlog: fault point {name} reached: sleeping {duration:?}");
+                std::thread::sleep(duration);
+            }
         }
     }
 
