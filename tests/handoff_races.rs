@@ -302,8 +302,7 @@ async fn handoffs_racing_upgrades_and_takeovers_are_carried_or_refused() {
             }
             Event::Takeover => {
                 let successor = Proc::spawn(&daemon, None);
-                wait_ready_count(&format!("round {n}: takeover"), 1, || successor.stderr())
-                    .await;
+                wait_ready_count(&format!("round {n}: takeover"), 1, || successor.stderr()).await;
                 let status = match &mut serving {
                     Serving::Harness => daemon.wait_exit().await,
                     Serving::Successor(old) => old.wait_exit().await,

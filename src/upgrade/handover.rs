@@ -266,8 +266,15 @@ pub async fn receive(runtime_dir: &Path) -> io::Result<State> {
             )
         })??;
     crate::fault::point("takeover.received");
-    stream.write_all(b"OK\n").await?;
-    if verdicts {
+    let confirmed = stream.write_all(b"OK\n").await;
+    if !verdicts {
+        confirmed?;
+    } else {
+        // Even if the `OK` could not be sent (the daemon gave up and closed), its verdict
+        // waits to be read.
+        if let Err(e) = confirmed {
+            tracing::warn!(error = %e, "cannot confirm the takeover");
+        }
         await_verdict(&mut stream, from_pid).await?;
     }
     Ok(state)
