@@ -249,7 +249,7 @@ async fn handoffs_racing_upgrades_and_takeovers_are_carried_or_refused() {
         let mut agent = agent(&socket).await;
         let pending: Option<proto::CreateLogPipeResponse> = match held {
             Held::Claim => Some(
-                create_pipe(&mut agent, &guest, "qemu", limits.clone())
+                create_pipe(&mut agent, &guest, "qemu", limits)
                     .await
                     .expect("CreateLogPipe"),
             ),
