@@ -340,7 +340,16 @@ async fn await_verdict(stream: &mut UnixStream, pid: u32) -> io::Result<()> {
 }
 
 /// False once `pid` has exited (a zombie has closed every descriptor and writes nothing).
+///
+/// The pid is the one the daemon saw in its own PID namespace. Where the successor runs in
+/// another one (a new Kubernetes pod without `hostPID`), it names nothing or another process:
+/// nothing, or this very process (both are often pid 1 of their container), reads as gone;
+/// another live process reads as alive, and the successor then refuses to take over, which is
+/// the safe side. Only the rare end of stream without a verdict depends on this.
 fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return false;
+    }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => false,
         // The state follows the parenthesised command name, which may contain spaces.
