@@ -9,6 +9,8 @@
 //! own): every `handoff.register` and `handoff.claim` holds its call for [`HOLD_MS`], and every
 //! freeze holds, once the table is taken, for [`FROZEN_MS`] before it execs or sends the state:
 //! without the gate, a held call resumes after the table was carried, and its hand-off is lost.
+//! Each round also checks, from the daemon's own log, that the event began while the call was
+//! held (the window was hit, not missed because the machine was slow).
 
 mod support;
 mod upgrade_common;
@@ -25,7 +27,7 @@ use std::time::{Duration, Instant};
 use support::*;
 use upgrade_common::*;
 
-const HOLD_MS: u64 = 2500;
+const HOLD_MS: u64 = 5000;
 const FROZEN_MS: u64 = 2500;
 
 /// A process serving the runtime directory: the harness's daemon, or a successor.
@@ -128,6 +130,31 @@ async fn wait_more(what: &str, needle: &str, seen: usize, text: impl Fn() -> Str
         );
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// Panics unless, in `text`, the event (`event` line) began after the `seen`-th (0-based)
+/// `needle` (the call held) and before the held call finished (any of `done`).
+fn assert_window_hit(
+    round: usize,
+    text: &str,
+    needle: &str,
+    seen: usize,
+    event: &str,
+    done: &[&str],
+) {
+    let (held_at, _) = text
+        .match_indices(needle)
+        .nth(seen)
+        .unwrap_or_else(|| panic!("round {round}: no held call:\n{text}"));
+    let rest = &text[held_at..];
+    let event_at = rest
+        .find(event)
+        .unwrap_or_else(|| panic!("round {round}: no {event:?} after the held call:\n{rest}"));
+    let done_at = done.iter().filter_map(|d| rest.find(d)).min();
+    assert!(
+        done_at.is_none_or(|done_at| event_at < done_at),
+        "round {round}: the event began only once the held call had finished (window missed):\n{rest}"
+    );
 }
 
 /// A thread writing numbered lines into a handed-out pipe until stopped; it records the first
@@ -284,6 +311,15 @@ async fn handoffs_racing_upgrades_and_takeovers_are_carried_or_refused() {
         .await;
 
         // The call is held inside the daemon now: ask for the event.
+        let event_line = match event {
+            Event::Upgrade => "upgrading in place",
+            Event::Takeover | Event::FailedTakeover => "a successor is taking over",
+        };
+        let done: &[&str] = match held {
+            Held::Create => &["log pipe created"],
+            Held::Claim => &["log pipe handed over", "hand-off refused"],
+        };
+        let held_by: String;
         let ready_before = ready_lines(&text_of(&serving, &daemon)).len();
         match event {
             Event::Upgrade => {
@@ -299,6 +335,7 @@ async fn handoffs_racing_upgrades_and_takeovers_are_carried_or_refused() {
                     text_of(&serving, &daemon)
                 })
                 .await;
+                held_by = text_of(&serving, &daemon);
             }
             Event::Takeover => {
                 let successor = Proc::spawn(&daemon, None);
@@ -308,6 +345,7 @@ async fn handoffs_racing_upgrades_and_takeovers_are_carried_or_refused() {
                     Serving::Successor(old) => old.wait_exit().await,
                 };
                 assert_eq!(status.code(), Some(0), "round {n}: the old daemon exits 0");
+                held_by = text_of(&serving, &daemon);
                 serving = Serving::Successor(successor);
             }
             Event::FailedTakeover => {
@@ -326,13 +364,15 @@ async fn handoffs_racing_upgrades_and_takeovers_are_carried_or_refused() {
                     text_of(&serving, &daemon)
                 })
                 .await;
-                assert!(text_of(&serving, &daemon).contains("takeover failed; serving on"));
+                held_by = text_of(&serving, &daemon);
+                assert!(held_by.contains("takeover failed; serving on"));
             }
         }
         let fd = call
             .await
             .unwrap()
             .unwrap_or_else(|e| panic!("round {n} ({event:?}, {held:?}): {e}"));
+        assert_window_hit(n, &held_by, needle, seen, event_line, done);
         writers.push((guest, Writer::start(&format!("race{n}"), fd)));
     }
 
