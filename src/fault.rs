@@ -6,7 +6,8 @@
 //! `name=action`:
 //!
 //! - `kill`: SIGKILL to this process (exactly what `kill -9` does; nothing is flushed);
-//! - `sleep:MS`: sleep that many milliseconds on the calling thread;
+//! - `sleep:MS`: sleep that many milliseconds on the calling thread (on a tokio worker, after
+//!   handing its other tasks over with `block_in_place`, so that only the caller waits);
 //! - `kill@N` / `sleep:MS@N`: the same, only at the N-th time the point is reached (1-based).
 //!
 //! In a release build [`point`] is an empty inline function: no lookup, no branch, nothing an
@@ -99,7 +100,20 @@ mod armed {
                 // SIGKILL to oneself is delivered before kill returns; never go on regardless.
                 std::process::abort();
             }
-            Action::Sleep(duration) => std::thread::sleep(duration),
+            Action::Sleep(duration) => {
+                // Tests wait for this line to act while the point holds.
+                eprintln!("conlog: fault point {name} reached: sleeping {duration:?}");
+                // On a runtime worker, hand its other tasks to another thread first (tasks
+                // woken onto this worker could not be stolen while it sleeps), so only the
+                // caller is held, as a real delay at this point would hold it.
+                use tokio::runtime::{Handle, RuntimeFlavor};
+                match Handle::try_current() {
+                    Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+                        tokio::task::block_in_place(|| std::thread::sleep(duration))
+                    }
+                    _ => std::thread::sleep(duration),
+                }
+            }
         }
     }
 

@@ -22,6 +22,12 @@
 //!    token) the server sends a line of UTF-8 text starting with `error: ` and no descriptor.
 //! 4. Either way the server then closes the connection. One token per connection.
 //!
+//! While the daemon freezes for an upgrade or a takeover, a token line is answered with
+//! `error: conlogd is upgrading; retry in a moment: connect again with the same token`: the
+//! token is carried to the next image, which serves it (connections that wait in the listening
+//! socket's backlog are carried too and served by the next image). A claim already under way
+//! when the freeze begins is finished first.
+//!
 //! Every connection is served on its own task and holds one descriptor for at most the read
 //! timeout plus about a second, so silent, trickling or garbage-sending clients never delay
 //! another client and leave nothing behind.
@@ -31,6 +37,7 @@
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::upgrade::gate::{Admission, Gate};
 use std::collections::HashMap;
 use std::io::{self, ErrorKind};
 use std::mem::MaybeUninit;
@@ -97,6 +104,8 @@ pub struct Handoffs {
     ttl: Duration,
     max_pending: usize,
     metrics: Arc<Metrics>,
+    /// Closed while the daemon freezes for an upgrade (see [`crate::upgrade::gate`]).
+    gate: Arc<Gate>,
 }
 
 /// A new pipe: the read end (non-blocking, for the stream actor) and the write end (blocking,
@@ -122,17 +131,33 @@ pub fn create_pipe(buffer: usize) -> io::Result<NewPipe> {
 }
 
 impl Handoffs {
-    pub fn new(ttl: Duration, max_pending: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        ttl: Duration,
+        max_pending: usize,
+        metrics: Arc<Metrics>,
+        gate: Arc<Gate>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             pending: Mutex::new(Tokens::default()),
             ttl,
             max_pending,
             metrics,
+            gate,
         })
+    }
+
+    /// Admits a change that an upgrade must carry (a new pipe or stream, a removed guest), to
+    /// be held until its result is in the registry and this table; `UNAVAILABLE` while the
+    /// daemon freezes for an upgrade or a takeover, before anything is created.
+    pub fn admit(&self) -> Result<Admission> {
+        self.gate
+            .enter()
+            .map_err(|closed| Error::Unavailable(closed.to_string()))
     }
 
     /// Keeps `write_end` for the client that presents the returned token.
     pub fn register(&self, guest: &str, stream: &str, write_end: OwnedFd) -> Result<String> {
+        crate::fault::point("handoff.register");
         let token = crate::ids::random_id()
             .map_err(|e| Error::io("cannot generate a hand-off token", e))?;
         let mut pending = self.pending.lock().expect("hand-off table poisoned");
@@ -253,18 +278,37 @@ impl Handoffs {
     }
 
     async fn serve_one(&self, mut stream: UnixStream, read_timeout: Duration) {
+        // Held from the claim until the write end is sent or put back, so a freeze never
+        // carries the table while a claim is half done (see `crate::upgrade::gate`).
+        let mut admission = None;
+        let mut upgrading = false;
         let claimed = match tokio::time::timeout(read_timeout, read_token(&mut stream)).await {
             Err(_) => Err("timed out waiting for the token line".to_owned()),
             Ok(Err(e)) => Err(e),
-            Ok(Ok(token)) => match self.claim(&token) {
-                Ok(pending) => Ok((token, pending)),
-                Err(reason) => Err(reason.to_owned()),
+            Ok(Ok(token)) => match self.gate.enter() {
+                // The token stays valid in the next image: the client connects again.
+                Err(closed) => {
+                    upgrading = true;
+                    Err(format!("{closed}: connect again with the same token"))
+                }
+                Ok(admitted) => {
+                    admission = Some(admitted);
+                    crate::fault::point("handoff.claim");
+                    match self.claim(&token) {
+                        Ok(pending) => Ok((token, pending)),
+                        Err(reason) => Err(reason.to_owned()),
+                    }
+                }
             },
         };
         let (token, pending) = match claimed {
             Ok(claimed) => claimed,
             Err(reason) => {
-                self.metrics.handoff_failures.inc();
+                // A refusal during a freeze is no failure: the token stays valid.
+                drop(admission.take());
+                if !upgrading {
+                    self.metrics.handoff_failures.inc();
+                }
                 tracing::warn!(reason, "hand-off refused");
                 let _ = tokio::time::timeout(REFUSAL_GRACE, refuse(&mut stream, &reason)).await;
                 return;
@@ -282,6 +326,7 @@ impl Handoffs {
                 self.unclaim(token, pending);
             }
         }
+        drop(admission);
     }
 
     /// Puts back a hand-off whose descriptor was not delivered (`sendmsg` with SCM_RIGHTS

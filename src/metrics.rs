@@ -1,8 +1,11 @@
 //! Prometheus metrics and the `/metrics` HTTP endpoint.
 //!
-//! Owns the metric registry and the plain-HTTP listener that exposes it in the Prometheus text
-//! format. Stream actors update counters directly (atomics, no lock on the data path); this
-//! module never touches streams.
+//! Owns the metric registry, the plain-HTTP listener that exposes it in the Prometheus text
+//! format, and the daemon-wide counters' values across images ([`Counters`]): carried exactly in
+//! the upgrade snapshot, and kept in `<data_dir>/state/counters.json` across restarts
+//! ([`Saved`]; which ones and why: docs/operations.md, "Metrics to alert on"). Stream actors
+//! update counters directly (atomics, no lock on the data path); this module never touches
+//! streams.
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -12,6 +15,9 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
@@ -40,6 +46,122 @@ pub struct Metrics {
     pub lagged_clients: Counter,
     /// In-place upgrades and takeovers performed.
     pub upgrades: Counter,
+    /// Upgrades and takeovers that failed (refused binary, failed exec, failed takeover).
+    pub upgrade_failures: Counter,
+}
+
+/// The values of every daemon-wide counter at one instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Counters {
+    pub bytes_logged: u64,
+    pub bytes_dropped: u64,
+    pub rotations: u64,
+    pub handoffs: u64,
+    pub handoff_failures: u64,
+    pub lagged_clients: u64,
+    pub upgrades: u64,
+    pub upgrade_failures: u64,
+}
+
+impl Metrics {
+    /// The counters' values now.
+    pub fn counters(&self) -> Counters {
+        Counters {
+            bytes_logged: self.bytes_logged.get(),
+            bytes_dropped: self.bytes_dropped.get(),
+            rotations: self.rotations.get(),
+            handoffs: self.handoffs.get(),
+            handoff_failures: self.handoff_failures.get(),
+            lagged_clients: self.lagged_clients.get(),
+            upgrades: self.upgrades.get(),
+            upgrade_failures: self.upgrade_failures.get(),
+        }
+    }
+
+    /// Adds the counts of the previous image (or of the run before a restart) to this one's.
+    pub fn continue_from(&self, values: &Counters) {
+        let raise = |counter: &Counter, by: u64| {
+            counter.inc_by(by);
+        };
+        raise(&self.bytes_logged, values.bytes_logged);
+        raise(&self.bytes_dropped, values.bytes_dropped);
+        raise(&self.rotations, values.rotations);
+        raise(&self.handoffs, values.handoffs);
+        raise(&self.handoff_failures, values.handoff_failures);
+        raise(&self.lagged_clients, values.lagged_clients);
+        raise(&self.upgrades, values.upgrades);
+        raise(&self.upgrade_failures, values.upgrade_failures);
+    }
+}
+
+/// The counters kept on disk (`state/counters.json`) for the next fresh start.
+///
+/// `upgrades` and `upgrade_failures` are written (durably) each time they change, before the
+/// new value can be scraped, so they are exact after a crash too. The byte and event counters
+/// change on every write; they are saved only by a clean stop (`at_stop`), which the next start
+/// consumes: a value restored after a crash would be older than what was scraped, and
+/// Prometheus reads a counter that goes down as a reset to zero followed by the whole restored
+/// value as new increase, a false spike; a counter that really restarts at 0 is handled right.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Saved {
+    pub upgrades: u64,
+    pub upgrade_failures: u64,
+    /// Every counter, exact, written by a clean stop; removed by the next start.
+    pub at_stop: Option<Counters>,
+}
+
+impl Saved {
+    /// `state/counters.json` under the state directory.
+    pub fn path_in(state_dir: &Path) -> PathBuf {
+        state_dir.join("counters.json")
+    }
+
+    /// Reads the saved counters; nothing saved (or an unreadable file, which is logged) is
+    /// all zeros.
+    pub fn load(path: &Path) -> Self {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(file = %path.display(), error = %e, "ignoring unreadable saved counters");
+                Self::default()
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Self::default(),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the saved counters");
+                Self::default()
+            }
+        }
+    }
+
+    /// The counters a fresh start continues from.
+    pub fn start_values(&self) -> Counters {
+        let mut values = self.at_stop.unwrap_or_default();
+        values.upgrades = values.upgrades.max(self.upgrades);
+        values.upgrade_failures = values.upgrade_failures.max(self.upgrade_failures);
+        values
+    }
+
+    /// What to keep on disk while `counters` run: the rare counters only.
+    pub fn running(counters: &Counters) -> Self {
+        Self {
+            upgrades: counters.upgrades,
+            upgrade_failures: counters.upgrade_failures,
+            at_stop: None,
+        }
+    }
+
+    /// Writes the file durably (a temporary file, fsync, rename, fsync of the directory).
+    pub fn save(&self, path: &Path) -> io::Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let temporary = path.with_extension("json.tmp");
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(&serde_json::to_vec(self).expect("counters serialize"))?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    }
 }
 
 impl Metrics {
@@ -82,6 +204,11 @@ impl Metrics {
             m.lagged_clients.clone(),
         );
         registry.register("upgrades", "Upgrades and takeovers", m.upgrades.clone());
+        registry.register(
+            "upgrade_failures",
+            "Upgrades and takeovers that failed",
+            m.upgrade_failures.clone(),
+        );
         registry
     }
 }
@@ -138,5 +265,50 @@ fn respond(request: &Request<hyper::body::Incoming>, registry: &Registry) -> Res
             "text/plain",
             format!("{e}\n"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_continue_from_the_previous_image() {
+        let metrics = Metrics::default();
+        metrics.bytes_logged.inc_by(3);
+        let carried = Counters {
+            bytes_logged: 7,
+            upgrades: 3,
+            ..Counters::default()
+        };
+        metrics.continue_from(&carried);
+        let now = metrics.counters();
+        assert_eq!((now.bytes_logged, now.upgrades), (10, 3));
+        assert_eq!(now.upgrade_failures, 0);
+    }
+
+    #[test]
+    fn saved_counters_round_trip_and_a_crash_keeps_only_the_rare_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Saved::path_in(dir.path());
+        assert_eq!(Saved::load(&path), Saved::default());
+        let all = Counters {
+            bytes_logged: 100,
+            upgrades: 2,
+            upgrade_failures: 1,
+            ..Counters::default()
+        };
+        let stopped = Saved {
+            at_stop: Some(all),
+            ..Saved::running(&all)
+        };
+        stopped.save(&path).unwrap();
+        assert_eq!(Saved::load(&path).start_values(), all);
+        Saved::running(&all).save(&path).unwrap();
+        let after_crash = Saved::load(&path).start_values();
+        assert_eq!(after_crash.bytes_logged, 0);
+        assert_eq!((after_crash.upgrades, after_crash.upgrade_failures), (2, 1));
+        std::fs::write(&path, b"{torn").unwrap();
+        assert_eq!(Saved::load(&path), Saved::default());
     }
 }

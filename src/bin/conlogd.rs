@@ -46,7 +46,11 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    // First, before anything opens a descriptor: an upgraded image adopts what it carries and
+    // First of all, before any thread exists (threads inherit the mask): the signals the daemon
+    // handles wait, pending, until its handlers are in place once it serves, so SIGUSR1 or
+    // SIGHUP during a long start-up is acted on then instead of killing it (default action).
+    conlog::upgrade::exec::block_signals();
+    // Then, before anything opens a descriptor: an upgraded image adopts what it carries and
     // closes everything else it inherited.
     let inherited = conlog::upgrade::exec::inherited();
     let args = Args::parse();

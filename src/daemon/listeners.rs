@@ -14,7 +14,7 @@ use super::StartError;
 use crate::config::Config;
 use crate::upgrade::ListenerFds;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -78,10 +78,13 @@ impl Listeners {
     }
 
     /// The carried descriptors of a previous image (or of this one, after an upgrade that
-    /// failed). The health listener follows `config`: see [`follow_health`].
+    /// failed). The health listener follows `config`: see [`follow_health`]. `conlogd.lock`
+    /// names this process from now on (a successor's pid differs from its predecessor's).
     pub fn adopt(fds: ListenerFds, config: &Config) -> Self {
+        let lock = File::from(fds.lock);
+        name_holder(&lock);
         Self {
-            lock: File::from(fds.lock),
+            lock,
             local: UnixListener::from(fds.local),
             fd_sock: UnixListener::from(fds.fd_sock),
             handover: UnixListener::from(fds.handover),
@@ -192,9 +195,20 @@ fn acquire_lock(runtime_dir: &Path, socket_path: &Path) -> Result<File, StartErr
         }
         tracing::info!(socket = %socket_path.display(), "removing stale socket");
     }
-    file.set_len(0).ok();
-    let _ = writeln!(file, "{}", std::process::id());
+    name_holder(&file);
     Ok(file)
+}
+
+/// Writes this process's pid into the (held) lock file, replacing what was there.
+fn name_holder(lock: &File) {
+    use std::os::unix::fs::FileExt;
+    let pid = format!("{}\n", std::process::id());
+    if let Err(e) = lock
+        .set_len(0)
+        .and_then(|()| lock.write_all_at(pid.as_bytes(), 0))
+    {
+        tracing::warn!(error = %e, "cannot write this pid into conlogd.lock");
+    }
 }
 
 /// Binds a UNIX socket with `mode` (and group `group`), replacing a stale file.

@@ -11,18 +11,25 @@
 //!   ([`crate::upgrade::exec`]); if that fails, thaw and serve on.
 //! - a successor on `handover.sock` (one whose hello was exact; anything else is dropped
 //!   without freezing anything): freeze, send the state ([`crate::upgrade::handover`]), exit 0
-//!   once it confirms; if it does not, thaw and serve on.
+//!   once it confirms in time; if it does not, tell it so, thaw and serve on.
+//!
+//! The signals it handles are blocked from the first instruction of `main` until its handlers
+//! exist: one that arrives during start-up (restoring thousands of streams takes a while) waits
+//! and is acted on once serving. A freeze first closes the gate of registry and hand-off changes
+//! ([`crate::upgrade::gate`]) so that everything made by a call in flight is carried. The
+//! daemon-wide counters continue across upgrades, takeovers and restarts
+//! ([`crate::metrics::Saved`]).
 
 mod listeners;
 
 use crate::config::Config;
 use crate::guests::Guests;
 use crate::handoff::Handoffs;
-use crate::metrics::Metrics;
+use crate::metrics::{Counters, Metrics, Saved};
 use crate::server::{self, agent::AgentService, console::ConsoleService, Protection};
 use crate::tls::Tls;
 use crate::tokens::TokenKey;
-use crate::upgrade::{self, exec::Image, handover, State};
+use crate::upgrade::{self, exec::Image, gate::Gate, handover, State};
 use listeners::{tokio_tcp, tokio_unix, Listeners};
 use std::fs;
 use std::io;
@@ -180,16 +187,21 @@ pub async fn run(
     let security = Security::load(&config)?;
     let metrics = Arc::new(Metrics::default());
     let guests = Guests::new(config.clone(), metrics.clone());
+    let gate = Gate::new();
     let handoffs = Handoffs::new(
         config.handoff.token_ttl.get(),
         config.limits.pending_handoffs as usize,
         metrics.clone(),
+        gate.clone(),
     );
-    let (state, mut successor_of) = match start {
-        Start::Fresh => (None, None),
-        Start::Upgraded(state) => (Some(state), None),
+    let counters_file = Saved::path_in(&config.data_dir().join("state"));
+    let (state, mut took_over) = match start {
+        Start::Fresh => (None, false),
+        Start::Upgraded(state) => (Some(state), false),
+        // Returns only once the running daemon has committed to the takeover (or died): from
+        // here on nobody else writes these streams.
         Start::Takeover => match handover::receive(config.runtime_dir()).await {
-            Ok((state, connection)) => (Some(state), Some(connection)),
+            Ok(state) => (Some(state), true),
             // Nobody to take over from (first start on this node): start fresh. Anything else
             // (a daemon that answers but fails the protocol) is an error: two daemons must
             // never serve one runtime directory.
@@ -200,23 +212,29 @@ pub async fn run(
                 ) =>
             {
                 tracing::info!(error = %e, "no running daemon to take over from; starting fresh");
-                (None, None)
+                (None, false)
             }
             Err(e) => return Err(StartError::Takeover(e)),
         },
     };
+    let carried = state.as_ref().map(|state| state.counters);
+    tracing::info!("restoring streams");
+    crate::fault::point("start.restore");
     let mut listeners = match state {
         None => {
             let listeners = Listeners::bind(&config)?;
             guests.restore(Vec::new()).await?;
             listeners
         }
-        Some(state) => thaw(state, &config, &guests, &handoffs).await?,
+        Some(state) => thaw(state, &config, &guests, &handoffs, &gate).await?,
     };
+    // Once this process holds the lock: a daemon refused at start-up must not touch the file.
+    continue_counters(&metrics, carried, &counters_file);
     let (upgrade_tx, mut upgrade_rx) = mpsc::channel::<UpgradeRequest>(4);
     let mut signals = Signals::new();
-    // An upgraded image starts with these signals blocked (see upgrade::exec); its handlers
-    // exist now, so take what is pending. Harmless on a fresh start.
+    // These signals have been blocked since the first instruction of `main` (or across the
+    // exec of an upgrade); the handlers exist now, so take what is pending: it is acted on as
+    // soon as the loop below serves.
     upgrade::exec::unblock_signals();
     loop {
         let mut serving = Serving::start(
@@ -239,22 +257,22 @@ pub async fn run(
             pid = std::process::id(),
             "conlogd ready"
         );
-        if let Some(mut connection) = successor_of.take() {
-            handover::confirm(&mut connection)
-                .await
-                .map_err(StartError::Takeover)?;
+        if std::mem::take(&mut took_over) {
             tracing::info!("took over from the previous daemon");
         }
         notify_systemd("READY=1");
         let event = loop {
             let event = tokio::select! {
+                // In this order when several are pending (signals that arrived during start-up
+                // are all delivered at once): a reload asked for before an upgrade happens first.
+                biased;
                 _ = signals.term.recv() => Event::Stop("SIGTERM"),
                 _ = signals.int.recv() => Event::Stop("SIGINT"),
-                _ = signals.usr1.recv() => Event::Upgrade(None),
                 _ = signals.hup.recv() => {
                     security.reload();
                     continue;
                 }
+                _ = signals.usr1.recv() => Event::Upgrade(None),
                 Some(reply) = upgrade_rx.recv() => Event::Upgrade(Some(reply)),
                 Some(connection) = serving.successors.recv() => Event::Takeover(connection),
             };
@@ -268,6 +286,7 @@ pub async fn run(
                     }
                     Err(why) => {
                         tracing::error!(error = %why, "upgrade refused; serving on");
+                        count_failure(&metrics, &counters_file);
                         if let Some(reply) = reply {
                             let _ = reply.send(Err(why));
                         }
@@ -288,21 +307,35 @@ pub async fn run(
                 for name in ["conlogd.sock", "fd.sock", "handover.sock"] {
                     let _ = fs::remove_file(config.runtime_dir().join(name));
                 }
+                // Every stream has stopped: these values are final, so the next start
+                // continues from them exactly.
+                let counters = metrics.counters();
+                let saved = Saved {
+                    at_stop: Some(counters),
+                    ..Saved::running(&counters)
+                };
+                if let Err(e) = saved.save(&counters_file) {
+                    tracing::warn!(error = %e, "cannot save the counters; the next start counts from 0");
+                }
                 tracing::info!("every log flushed; bye");
                 return Ok(());
             }
             Event::Upgrade(_) => {
                 tracing::info!(binary = %image.path.display(), "upgrading in place");
-                let state = serving.freeze(listeners, &guests, &handoffs).await;
-                metrics.upgrades.inc();
+                let state = serving
+                    .freeze(listeners, &guests, &handoffs, &gate, &metrics)
+                    .await;
                 let (state, error) = upgrade::exec::exec(&image, state);
                 tracing::error!(error = %error, "cannot execute the new binary; serving on");
                 upgrade::exec::unblock_signals();
-                listeners = thaw(state, &config, &guests, &handoffs).await?;
+                count_failure(&metrics, &counters_file);
+                listeners = thaw(state, &config, &guests, &handoffs, &gate).await?;
             }
             Event::Takeover(mut connection) => {
                 tracing::info!("a successor is taking over");
-                let state = serving.freeze(listeners, &guests, &handoffs).await;
+                let state = serving
+                    .freeze(listeners, &guests, &handoffs, &gate, &metrics)
+                    .await;
                 match handover::send(&mut connection, state).await {
                     Ok(()) => {
                         if options.linger_after_handover {
@@ -317,7 +350,8 @@ pub async fn run(
                     }
                     Err((state, e)) => {
                         tracing::error!(error = %e, "takeover failed; serving on");
-                        listeners = thaw(state, &config, &guests, &handoffs).await?;
+                        count_failure(&metrics, &counters_file);
+                        listeners = thaw(state, &config, &guests, &handoffs, &gate).await?;
                     }
                 }
             }
@@ -326,17 +360,52 @@ pub async fn run(
 }
 
 /// Adopts carried state: listeners (the health listener as `config` wants it), pending
-/// hand-offs, and every stream with its descriptors.
+/// hand-offs, and every stream with its descriptors; then admits changes again.
 async fn thaw(
     state: State,
     config: &Config,
     guests: &Guests,
     handoffs: &Handoffs,
+    gate: &Gate,
 ) -> Result<Listeners, StartError> {
     guests.set_going_away(false);
     handoffs.adopt(state.handoffs);
     guests.restore(state.streams).await?;
-    Ok(Listeners::adopt(state.listeners, config))
+    let listeners = Listeners::adopt(state.listeners, config);
+    gate.open();
+    Ok(listeners)
+}
+
+/// Starts the daemon-wide counters where the previous image left them: exactly from an upgrade
+/// snapshot; from `state/counters.json` otherwise (see [`Saved`]: after a clean stop every
+/// counter, after a crash only the upgrade counters). Then keeps the rare counters on disk.
+/// `carried` is `None` on a fresh start, `Some(None)` after an image that carries none.
+fn continue_counters(metrics: &Metrics, carried: Option<Option<Counters>>, file: &std::path::Path) {
+    let saved = Saved::load(file).start_values();
+    let values = match carried {
+        Some(Some(carried)) => carried,
+        // From an image that does not carry counters: the saved ones, this upgrade counted.
+        Some(None) => Counters {
+            upgrades: saved.upgrades + 1,
+            ..saved
+        },
+        None => saved,
+    };
+    metrics.continue_from(&values);
+    if let Err(e) = Saved::running(&metrics.counters()).save(file) {
+        tracing::warn!(file = %file.display(), error = %e, "cannot save the counters");
+    }
+}
+
+/// Counts an upgrade or takeover that failed (on disk first, so no scrape sees a value a
+/// crash would take back).
+fn count_failure(metrics: &Metrics, file: &std::path::Path) {
+    let mut counters = metrics.counters();
+    counters.upgrade_failures += 1;
+    if let Err(e) = Saved::running(&counters).save(file) {
+        tracing::warn!(file = %file.display(), error = %e, "cannot save the counters");
+    }
+    metrics.upgrade_failures.inc();
 }
 
 /// The servers of one period of serving.
@@ -475,22 +544,38 @@ impl Serving {
     }
 
     /// Upgrade: freezes every stream (clients are told to come back), drains the servers and
-    /// collects everything to carry.
-    async fn freeze(mut self, listeners: Listeners, guests: &Guests, handoffs: &Handoffs) -> State {
+    /// collects everything to carry, the counters with this upgrade counted.
+    async fn freeze(
+        mut self,
+        listeners: Listeners,
+        guests: &Guests,
+        handoffs: &Handoffs,
+        gate: &Gate,
+        metrics: &Metrics,
+    ) -> State {
         // Logging goes on while the servers drain (console clients are told to come back so
         // their calls end; idle connections and followers are bounded by the timeout); the
         // streams freeze only after, so the pause of logging is the freeze, exec and restore.
         self.stop_accepting();
+        // Calls that create streams or pipes, or claim them, finish before anything is frozen
+        // (so what they made is carried); later ones are refused with UNAVAILABLE.
+        gate.close().await;
         guests.set_going_away(true);
         guests
             .end_console_clients("conlogd is upgrading; reconnect and resume by offset")
             .await;
         self.drain(UPGRADE_DRAIN_TIMEOUT).await;
         let streams = guests.freeze_all().await;
+        let handoffs = handoffs.take_all();
+        crate::fault::point("upgrade.frozen");
+        // Every stream is frozen: no counter moves any more.
+        let mut counters = metrics.counters();
+        counters.upgrades += 1;
         State {
             listeners: listeners.into_fds(),
             streams,
-            handoffs: handoffs.take_all(),
+            handoffs,
+            counters: Some(counters),
         }
     }
 }

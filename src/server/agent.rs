@@ -150,6 +150,9 @@ impl AgentService {
         names::validate_guest(&request.guest)?;
         let stream = names::stream_or_default(&request.stream, names::DEFAULT_PIPE_STREAM)?;
         let limits = limits_from_proto(request.limits)?;
+        // Until the write end is registered: an upgrade carries the pipe, or refuses the call.
+        let _admitted = self.handoffs.admit()?;
+        crate::fault::point("agent.create_log_pipe");
         let opened = self
             .guests
             .open_stream(&request.guest, stream, StreamKind::Pipe, limits)
@@ -204,6 +207,7 @@ impl AgentService {
         names::validate_guest(&request.guest)?;
         let device = names::stream_or_default(&request.device, names::DEFAULT_CONSOLE_DEVICE)?;
         let limits = limits_from_proto(request.limits)?;
+        let _admitted = self.handoffs.admit()?;
         let opened = self
             .guests
             .open_stream(&request.guest, device, StreamKind::Console, limits)
@@ -227,6 +231,7 @@ impl AgentService {
         request: proto::RemoveGuestRequest,
     ) -> Result<proto::RemoveGuestResponse> {
         names::validate_guest(&request.guest)?;
+        let _admitted = self.handoffs.admit()?;
         self.handoffs.forget_guest(&request.guest);
         let streams_removed = self.guests.remove_guest(&request.guest).await?;
         Ok(proto::RemoveGuestResponse { streams_removed })

@@ -149,8 +149,17 @@ fn block_signals_at_exec(command: &mut Command) {
     }
 }
 
-/// In an upgraded image, once its signal handlers are installed: delivers the signals that
-/// arrived during the exec and lets new ones in.
+/// Blocks the signals the daemon handles in the calling thread (and the threads it starts
+/// later), so that they stay pending until [`unblock_signals`]. Called first thing in `main`;
+/// an upgraded image starts with them blocked already (see [`exec`]).
+pub fn block_signals() {
+    if let Err(e) = handled_signals().thread_block() {
+        eprintln!("conlogd: cannot block signals during start-up: {e}");
+    }
+}
+
+/// Once the signal handlers are installed: delivers the signals that arrived during start-up
+/// or the exec, and lets new ones in.
 pub fn unblock_signals() {
     if let Err(e) = handled_signals().thread_unblock() {
         tracing::warn!(error = %e, "cannot unblock signals");

@@ -16,9 +16,20 @@
 //! 4. daemon → successor: ⌈N / 253⌉ messages, each 4 bytes of data (the little-endian count k,
 //!    1 ≤ k ≤ 253, the kernel's SCM_MAX_FD) with k descriptors attached as SCM_RIGHTS, in
 //!    snapshot order.
-//! 5. successor → daemon: `OK\n` once it serves. The daemon exits 0 without removing any socket.
-//!    On anything else, end of stream, or 30 s of silence, the daemon thaws its state and keeps
-//!    serving; the successor must then exit.
+//! 5. successor → daemon: `OK\n` once it has received and checked the state, before it
+//!    restores, reads or writes anything.
+//! 6. daemon → successor, the verdict: `GO\n` if the `OK` arrived within 30 s of step 2: the
+//!    daemon has committed, will never thaw, and exits 0 without removing any socket (or idles,
+//!    with `--linger-after-handover`). Otherwise (anything else, end of stream, or too late)
+//!    `NO\n`, and the daemon thaws its state and keeps serving.
+//! 7. The successor adopts the state and serves only after `GO`, or after end of stream once
+//!    the daemon's process is gone (it died after sending the state; nobody else holds the
+//!    streams). On `NO`, or end of stream while the daemon still runs, it exits without having
+//!    touched a log. So a takeover that fails never leaves two processes writing one log: the
+//!    daemon writes again only when it has not committed, and then the successor never starts.
+//!
+//! Snapshots of images that predate step 6 have `verdicts: false`: their daemon exits after
+//! the `OK` without a verdict, and the successor proceeds after sending it.
 
 use super::snapshot::{self, Envelope, FORMAT_VERSION};
 use super::State;
@@ -153,8 +164,9 @@ fn peek(stream: &UnixStream) -> io::Result<usize> {
     }
 }
 
-/// Daemon side, steps 3–5: sends the state and waits for the confirmation. On failure the state
-/// comes back so the daemon can thaw it.
+/// Daemon side, steps 3–6: sends the state, waits for the successor's `OK` and gives the
+/// verdict. `Ok` means committed: the caller must exit and never use the state again. On
+/// failure the state comes back so the daemon can thaw it; the successor was told `NO`.
 pub async fn send(stream: &mut UnixStream, state: State) -> Result<(), (State, io::Error)> {
     let (snapshot, carried) = state.into_parts();
     let envelope = Envelope {
@@ -162,12 +174,25 @@ pub async fn send(stream: &mut UnixStream, state: State) -> Result<(), (State, i
         descriptors: carried.len(),
         inherited: None,
     };
-    let result = tokio::time::timeout(TIMEOUT, send_parts(stream, &envelope, &carried)).await;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let result = tokio::time::timeout_at(deadline, send_parts(stream, &envelope, &carried)).await;
     let error = match result {
-        Ok(Ok(())) => return Ok(()),
+        // The deadline is checked once more: an `OK` read after it is refused, so the
+        // successor, which waits longer than that for its verdict, never gives up on a daemon
+        // that commits.
+        Ok(Ok(())) if tokio::time::Instant::now() < deadline => {
+            crate::fault::point("takeover.commit");
+            if let Err(e) = tokio::time::timeout(TIMEOUT, stream.write_all(b"GO\n")).await {
+                tracing::warn!(error = %e, "cannot send the verdict; the successor goes on once this process is gone");
+            }
+            return Ok(());
+        }
+        Ok(Ok(())) => io::Error::new(ErrorKind::TimedOut, "the successor confirmed too late"),
         Ok(Err(e)) => e,
         Err(_) => io::Error::new(ErrorKind::TimedOut, "the successor did not confirm in time"),
     };
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(b"NO\n")).await;
+    let _ = stream.shutdown().await;
     let state =
         State::from_parts(envelope.snapshot, carried).expect("indexes we just made are valid");
     Err((state, error))
@@ -220,9 +245,10 @@ async fn send_batch(stream: &UnixStream, batch: &[OwnedFd]) -> io::Result<()> {
     }
 }
 
-/// Successor side, steps 1 and 3–4: connects and receives the state. Confirm with [`confirm`]
-/// once serving.
-pub async fn receive(runtime_dir: &Path) -> io::Result<(State, UnixStream)> {
+/// Successor side, steps 1 and 3–7: connects, receives the state, confirms it and waits for
+/// the verdict. `Ok` means the state is this process's alone: adopt and serve it. An error
+/// means the running daemon keeps (or may keep) serving: exit without touching a log.
+pub async fn receive(runtime_dir: &Path) -> io::Result<State> {
     let path = runtime_dir.join("handover.sock");
     let mut stream = UnixStream::connect(&path).await.map_err(|e| {
         io::Error::new(
@@ -231,7 +257,7 @@ pub async fn receive(runtime_dir: &Path) -> io::Result<(State, UnixStream)> {
         )
     })?;
     stream.write_all(hello().as_bytes()).await?;
-    let state = tokio::time::timeout(TIMEOUT, receive_parts(&mut stream))
+    let (state, from_pid, verdicts) = tokio::time::timeout(TIMEOUT, receive_parts(&mut stream))
         .await
         .map_err(|_| {
             io::Error::new(
@@ -239,10 +265,104 @@ pub async fn receive(runtime_dir: &Path) -> io::Result<(State, UnixStream)> {
                 "the running daemon did not send its state",
             )
         })??;
-    Ok((state, stream))
+    crate::fault::point("takeover.received");
+    let confirmed = stream.write_all(b"OK\n").await;
+    if !verdicts {
+        confirmed?;
+    } else {
+        // Even if the `OK` could not be sent (the daemon gave up and closed), its verdict
+        // waits to be read.
+        if let Err(e) = confirmed {
+            tracing::warn!(error = %e, "cannot confirm the takeover");
+        }
+        await_verdict(&mut stream, from_pid).await?;
+    }
+    Ok(state)
 }
 
-async fn receive_parts(stream: &mut UnixStream) -> io::Result<State> {
+/// How long the successor waits for the verdict: far longer than the daemon's own deadline
+/// (30 s from step 2, after which it can only say `NO`), so the two never give up on each
+/// other.
+const VERDICT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a daemon that closed the connection without a verdict may take to disappear.
+const EXIT_GRACE: Duration = Duration::from_secs(10);
+
+/// Step 7: `Ok` on `GO`, or on end of stream once the daemon's process `pid` is gone.
+async fn await_verdict(stream: &mut UnixStream, pid: u32) -> io::Result<()> {
+    let mut verdict = Vec::with_capacity(3);
+    let read = async {
+        let mut byte = [0u8; 1];
+        while verdict.len() < 3 {
+            if stream.read(&mut byte).await? == 0 {
+                break;
+            }
+            verdict.push(byte[0]);
+        }
+        io::Result::Ok(())
+    };
+    match tokio::time::timeout(VERDICT_TIMEOUT, read).await {
+        Err(_) => {
+            return Err(io::Error::new(
+                ErrorKind::TimedOut,
+                format!("no verdict from the running daemon (pid {pid}) in {VERDICT_TIMEOUT:?}"),
+            ))
+        }
+        // A reset connection is an end of stream too: whether the daemon is gone decides.
+        Ok(Err(e)) => tracing::warn!(error = %e, "reading the verdict failed"),
+        Ok(Ok(())) => {}
+    }
+    match verdict.as_slice() {
+        b"GO\n" => Ok(()),
+        b"NO\n" => Err(io::Error::other(
+            "the running daemon refused the takeover and serves on",
+        )),
+        [] => {
+            let deadline = tokio::time::Instant::now() + EXIT_GRACE;
+            while process_alive(pid) {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(io::Error::other(format!(
+                        "the running daemon (pid {pid}) closed the takeover without a verdict and still runs"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tracing::warn!(
+                pid,
+                "the previous daemon died before its verdict; taking over"
+            );
+            Ok(())
+        }
+        other => Err(io::Error::other(format!(
+            "unexpected verdict {:?}",
+            String::from_utf8_lossy(other)
+        ))),
+    }
+}
+
+/// False once `pid` has exited (a zombie has closed every descriptor and writes nothing).
+///
+/// The pid is the one the daemon saw in its own PID namespace. Where the successor runs in
+/// another one (a new Kubernetes pod without `hostPID`), it names nothing or another process:
+/// nothing, or this very process (both are often pid 1 of their container), reads as gone;
+/// another live process reads as alive, and the successor then refuses to take over, which is
+/// the safe side. Only the rare end of stream without a verdict depends on this.
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        // The state follows the parenthesised command name, which may contain spaces.
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next()),
+            Some('Z' | 'X') | None
+        ),
+    }
+}
+
+/// The state, the pid of the daemon that sent it, and whether it gives a verdict (step 6).
+async fn receive_parts(stream: &mut UnixStream) -> io::Result<(State, u32, bool)> {
     let mut header = vec![0u8; snapshot::HEADER_LEN];
     stream.read_exact(&mut header).await?;
     let total = snapshot::announced_len(&header).map_err(io::Error::other)?;
@@ -260,7 +380,9 @@ async fn receive_parts(stream: &mut UnixStream) -> io::Result<State> {
     if carried.len() != envelope.descriptors {
         return Err(io::Error::other("more descriptors arrived than announced"));
     }
-    super::State::from_parts(envelope.snapshot, carried).map_err(io::Error::other)
+    let (from_pid, verdicts) = (envelope.snapshot.from_pid, envelope.snapshot.verdicts);
+    let state = super::State::from_parts(envelope.snapshot, carried).map_err(io::Error::other)?;
+    Ok((state, from_pid, verdicts))
 }
 
 async fn receive_batch(stream: &UnixStream) -> io::Result<Vec<OwnedFd>> {
@@ -304,9 +426,4 @@ async fn receive_batch(stream: &UnixStream) -> io::Result<Vec<OwnedFd>> {
         }
         return Ok(fds);
     }
-}
-
-/// Successor side, step 5.
-pub async fn confirm(stream: &mut UnixStream) -> io::Result<()> {
-    stream.write_all(b"OK\n").await
 }

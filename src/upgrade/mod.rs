@@ -6,15 +6,19 @@
 //!   image adopts them. Same pid.
 //! - Takeover ([`handover`]): a new process started with `--takeover` connects to
 //!   `handover.sock`; the running daemon freezes and sends the snapshot and every descriptor
-//!   with SCM_RIGHTS, the new one confirms, and the old one exits 0.
+//!   with SCM_RIGHTS, the new one confirms, the old one commits (a verdict the new one waits
+//!   for before it touches anything) and exits 0.
 //!
 //! In both, if the next image cannot take over, the frozen state is thawed in the running image
-//! and it keeps serving: nothing logged or pending is lost. This module owns the formats and
+//! and it keeps serving: nothing logged or pending is lost. Before a freeze, [`gate`] lets the
+//! calls in flight that create streams or pipes, or claim them, finish (so what they made is
+//! carried) and refuses later ones. The snapshot also carries the daemon-wide counters. This module owns the formats and
 //! transports; freezing and thawing belong to the actors ([`crate::stream`], [`crate::console`])
 //! and the registry ([`crate::guests`]).
 
 pub mod exec;
 pub mod fds;
+pub mod gate;
 pub mod handover;
 pub mod snapshot;
 
@@ -68,6 +72,8 @@ pub struct State {
     pub listeners: ListenerFds,
     pub streams: Vec<StreamFds>,
     pub handoffs: Vec<HandoffFds>,
+    /// The daemon-wide counters the next image continues from (None from older images).
+    pub counters: Option<crate::metrics::Counters>,
 }
 
 impl State {
@@ -119,6 +125,8 @@ impl State {
             listeners,
             streams,
             handoffs,
+            counters: self.counters,
+            verdicts: true,
         };
         (snapshot, fds)
     }
@@ -179,6 +187,7 @@ impl State {
             listeners,
             streams,
             handoffs,
+            counters: snapshot.counters,
         })
     }
 }

@@ -110,6 +110,15 @@ pub struct Snapshot {
     pub listeners: ListenerIndexes,
     pub streams: Vec<StreamEntry>,
     pub handoffs: Vec<HandoffEntry>,
+    /// The daemon-wide counters, the upgrade being made counted. Absent from snapshots of
+    /// images that predate it (the next image then continues from `state/counters.json`);
+    /// ignored by such images. Within format 1 for the reasons given at [`ListenerIndexes`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<crate::metrics::Counters>,
+    /// The sender gives a takeover verdict (see [`super::handover`], step 6). False in
+    /// snapshots of images that predate it.
+    #[serde(default)]
+    pub verdicts: bool,
 }
 
 /// The payload: the snapshot and, for `execve`, the descriptor numbers (which survive exec).
@@ -219,6 +228,8 @@ mod tests {
                     }),
                 }],
                 handoffs: vec![],
+                counters: None,
+                verdicts: true,
             },
             descriptors: 8,
             inherited: Some((3..11).collect()),
@@ -398,6 +409,12 @@ mod tests {
                     listeners,
                     streams,
                     handoffs,
+                    counters: (from_pid % 2 == 0).then(|| crate::metrics::Counters {
+                        bytes_logged: u64::from(from_pid),
+                        upgrades: 1,
+                        ..Default::default()
+                    }),
+                    verdicts: from_pid % 3 == 0,
                 });
             (snapshot, vec(any::<i32>(), 0..40), any::<bool>()).prop_map(
                 |(snapshot, numbers, inherited)| Envelope {

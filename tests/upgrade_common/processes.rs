@@ -59,6 +59,17 @@ impl Successor {
     /// Spawns `conlogd --takeover` with the running daemon's flags, the port-0 flags replaced
     /// by the ports it actually serves (`tcp`, `metrics`).
     pub fn spawn(daemon: &Daemon, tcp: SocketAddr, metrics: SocketAddr) -> Self {
+        Self::spawn_with_faults(daemon, tcp, metrics, None)
+    }
+
+    /// [`Successor::spawn`] with `CONLOG_FAULT_POINTS` set to `faults` (if given) instead of
+    /// what this process's environment says.
+    pub fn spawn_with_faults(
+        daemon: &Daemon,
+        tcp: SocketAddr,
+        metrics: SocketAddr,
+        faults: Option<&str>,
+    ) -> Self {
         let base = daemon.command();
         let mut cmd = Command::new(base.get_program());
         let mut args = base.get_args();
@@ -75,6 +86,9 @@ impl Successor {
                 Some(value) => cmd.env(key, value),
                 None => cmd.env_remove(key),
             };
+        }
+        if let Some(faults) = faults {
+            cmd.env("CONLOG_FAULT_POINTS", faults);
         }
         let dir = tempfile::Builder::new()
             .prefix("conlog-successor-")
