@@ -13,6 +13,11 @@
 //! chunk is never torn or mixed. When a reader has read all it holds it asks again from its
 //! position; if the oldest file offered starts after that position, the bytes in between were
 //! rotated away meanwhile and the reader reports exactly that gap.
+//!
+//! Offsets the daemon handed out without logging their bytes (disk full, a rotation that could
+//! not open its file, a power cut: see [`crate::logfile`]) are gaps too: the actor's segments
+//! skip them, and the reader reports them like rotated-away ranges, so a client's offsets,
+//! `dropped_bytes` and history agree (docs/operations.md, "Durability and crashes").
 
 use crate::error::{Error, Result};
 use crate::guests::Actor;
@@ -21,6 +26,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering::Relaxed;
 use tokio::sync::mpsc;
 
 /// Where a history read starts.
@@ -70,10 +76,13 @@ pub async fn read(
 ) -> Result<mpsc::Receiver<Result<HistoryItem>>> {
     let gone = |e: io::Error| Error::io("cannot open the stream's files", e);
     let offsets = actor.offsets();
+    let dropped_seen = actor.stats().dropped.load(Relaxed);
     let segments = actor.open_segments(0).await.map_err(gone)?;
+    // The published end may lie past the last byte on disk (bytes that could not be logged).
     let end = segments
         .last()
-        .map_or(*offsets.borrow(), |s| s.start + s.len);
+        .map_or(0, |s| s.start + s.len)
+        .max(*offsets.borrow());
     let first = segments.first().map_or(end, |s| s.start);
     let position = match request.start {
         Start::Oldest => first,
@@ -92,6 +101,7 @@ pub async fn read(
         offsets,
         segments: segments.into(),
         last: None,
+        dropped_seen,
         going_away,
         position,
         remaining: request.limit.unwrap_or(u64::MAX),
@@ -108,6 +118,9 @@ struct Reader {
     segments: VecDeque<OpenSegment>,
     /// The last file read to its end, kept open in case it grows.
     last: Option<OpenSegment>,
+    /// The stream's dropped count when the segments were asked for: if it changed, a gap may
+    /// follow them, and growth of `last` is not contiguous.
+    dropped_seen: u64,
     /// Set when the daemon is about to hand over (upgrade): end with "come back".
     going_away: tokio::sync::watch::Receiver<bool>,
     position: u64,
@@ -161,7 +174,10 @@ impl Reader {
                 .min(self.request.chunk_size as u64) as usize;
             let read = segment
                 .file
-                .read_at(&mut buffer[..want], self.position - segment.start)
+                .read_at(
+                    &mut buffer[..want],
+                    segment.file_pos + self.position - segment.start,
+                )
                 .map_err(|e| Error::io("cannot read a log file", e))?;
             if read == 0 {
                 // Shorter than the actor said: cut behind our back. Ask again.
@@ -202,7 +218,7 @@ impl Reader {
                 // Room left in this chunk: complete the character from the next file.
                 Some(next) if read + missing <= self.request.chunk_size => {
                     next.file
-                        .read_exact_at(&mut buffer[read..read + missing], 0)
+                        .read_exact_at(&mut buffer[read..read + missing], next.file_pos)
                         .map_err(|e| Error::io("cannot read a log file", e))?;
                     return Ok(read + missing);
                 }
@@ -234,16 +250,23 @@ impl Reader {
 
     /// If the file we finished has grown past our position, reads on from it: log files are
     /// append-only and a rotated or truncated-away file keeps its bytes while we hold it, so
-    /// whatever it holds beyond the length we were told is exactly the stream's next bytes.
+    /// whatever the current file's last run holds beyond the length we were told is exactly the
+    /// stream's next bytes, unless bytes were dropped since (then a gap may come first, and
+    /// the actor is asked).
     fn grow_last(&mut self) -> Result<bool> {
-        let Some(last) = &mut self.last else {
+        let Some(last) = self.last.as_mut().filter(|l| l.growable) else {
             return Ok(false);
         };
         let len = last
             .file
             .metadata()
             .map_err(|e| Error::io("cannot stat a log file", e))?
-            .len();
+            .len()
+            .saturating_sub(last.file_pos);
+        // Read after the size: bytes seen above were written after any drop counted here.
+        if self.actor.stats().dropped.load(Relaxed) != self.dropped_seen {
+            return Ok(false);
+        }
         if last.start + len <= self.position {
             return Ok(false);
         }
@@ -262,8 +285,15 @@ impl Reader {
                 if self.grow_last()? {
                     return Ok(true);
                 }
+                self.dropped_seen = self.actor.stats().dropped.load(Relaxed);
                 match self.actor.open_segments(self.position).await {
-                    Ok(segments) if !segments.is_empty() => {
+                    // Something at or after our position (bytes, or the start of the current
+                    // run past a gap).
+                    Ok(segments)
+                        if segments.iter().any(|s| {
+                            s.start + s.len > self.position || s.start > self.position
+                        }) =>
+                    {
                         self.segments = segments.into();
                         return Ok(true);
                     }
@@ -272,6 +302,15 @@ impl Reader {
                 }
             }
             if !self.request.follow {
+                if self.position < end {
+                    // Offsets handed out with nothing on disk yet (the log cannot be written).
+                    let gap = HistoryItem::Gap {
+                        from: self.position,
+                        to: end,
+                    };
+                    self.position = end;
+                    let _ = self.sender.send(Ok(gap)).await;
+                }
                 return Ok(false);
             }
             enum Woke {
@@ -309,7 +348,9 @@ fn tail_lines_start(segments: &[OpenSegment], n: u64) -> io::Result<u64> {
         while stop > 0 {
             let start = stop.saturating_sub(block.len() as u64);
             let len = (stop - start) as usize;
-            segment.file.read_exact_at(&mut block[..len], start)?;
+            segment
+                .file
+                .read_exact_at(&mut block[..len], segment.file_pos + start)?;
             for (i, byte) in block[..len].iter().enumerate().rev() {
                 if *byte != b'\n' {
                     skip_final_newline = false;
@@ -370,7 +411,7 @@ pub fn read_range(segments: &[Segment], from: u64, to: u64) -> io::Result<Vec<u8
         let start = from.max(segment.start);
         let stop = to.min(seg_end);
         let mut file = File::open(&segment.path)?;
-        file.seek(SeekFrom::Start(start - segment.start))?;
+        file.seek(SeekFrom::Start(segment.file_pos + start - segment.start))?;
         let wanted = (stop - start) as usize;
         let before = out.len();
         file.take(wanted as u64).read_to_end(&mut out)?;

@@ -1,0 +1,903 @@
+//! One stream's log on disk: append, rotate or truncate at `max_size`, and absolute offsets.
+//!
+//! Owns `<log_dir>/<guest>/<stream>.log`, its backups `.log.1` (newest) … `.log.N`, and the
+//! stream's position record (`<stream>.pos` in the state directory, see [`record`]). It never
+//! reads from a client or a guest and never blocks on anything but the file system.
+//!
+//! Invariants (docs/operations.md, "Durability and crashes"):
+//! - No file of a stream is larger than `max_size` (limits that shrink apply at once), so its
+//!   bytes on disk never exceed `max_size × (max_backups + 1)`.
+//! - The absolute offset (`end`) only grows, across restarts, crashes and power cuts, and an
+//!   offset is never given to two different bytes. Bytes that cannot be logged (disk full, a new
+//!   file that cannot be opened) still take their offsets: they become a [gap](gaps) that
+//!   history reports, and are counted in `dropped`, which the record keeps.
+//! - A rotation is ordered so that a crash at any step is recognised at the next open: the old
+//!   file's bytes are synced (when it becomes a backup), the record saying "a rotation to
+//!   `next_start` is under way" is synced before the file is unlinked or renamed, and the new
+//!   file's directory entry and the record naming its inode are synced before a byte is written
+//!   to it. So an empty file with the old inode (ext4 reuses an unlinked inode) is recognised as
+//!   the new one, and a record is never older than the file layout it describes.
+//! - A gap is recorded before the next byte after it is written, so the bytes a crash leaves in
+//!   a file beyond what the record counted follow its end, and bytes a power cut took from the
+//!   file's tail become a gap up to the recorded end.
+//! - Truncate mode is a rotation that keeps no backup.
+
+mod files;
+mod gaps;
+mod record;
+
+pub use files::{backup_path, backups_of, write_atomically};
+pub use gaps::{Gap, Gaps, Piece};
+pub use record::{Position, POSITION_RECORD_LEN};
+
+use crate::config::LogMode;
+use crate::fault;
+use files::{creating_parent, open_log, remove_if_exists, rename_if_exists, MAX_SCAN};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{self, ErrorKind, Write};
+use std::os::fd::BorrowedFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Gaps remembered on disk at most: past this the oldest file goes (docs/operations.md), so the
+/// record stays within one page (a few hundred bytes per gap at worst).
+pub const MAX_GAPS: usize = 16;
+
+/// How one stream's log is capped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLimits {
+    pub max_size: u64,
+    pub max_backups: u32,
+    pub mode: LogMode,
+}
+
+impl LogLimits {
+    /// Backups kept on disk under these limits.
+    pub fn backups_kept(&self) -> u32 {
+        match self.mode {
+            LogMode::Rotate => self.max_backups,
+            LogMode::Truncate => 0,
+        }
+    }
+
+    /// The most bytes this stream may ever occupy on disk.
+    pub fn disk_cap(&self) -> u64 {
+        self.max_size
+            .saturating_mul(u64::from(self.backups_kept()) + 1)
+    }
+}
+
+/// A run of bytes of one file of a stream: absolute offsets `start .. start + len` are the
+/// file's bytes from `file_pos`. A file split by gaps is several segments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub path: PathBuf,
+    pub start: u64,
+    pub len: u64,
+    pub file_pos: u64,
+    /// The current file's last run, which grows as bytes are logged.
+    pub growable: bool,
+}
+
+/// A [`Segment`] with its file open (shared by the segments of one file), as of when it was
+/// opened.
+#[derive(Debug)]
+pub struct OpenSegment {
+    pub file: Arc<File>,
+    pub start: u64,
+    pub len: u64,
+    pub file_pos: u64,
+    pub growable: bool,
+}
+
+/// The outcome of moving bytes from a pipe into the log.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Moved {
+    /// Bytes taken from the pipe: `logged` reached the file, `dropped` could not be written.
+    Bytes { logged: usize, dropped: usize },
+    /// The pipe has no writer left.
+    Eof,
+}
+
+/// What became of bytes given to [`LogFile::log`]: each took its offset either way.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub struct Written {
+    pub logged: usize,
+    pub dropped: usize,
+}
+
+/// An open, capped log.
+#[derive(Debug)]
+pub struct LogFile {
+    path: PathBuf,
+    /// The position record, overwritten in place. Opened for each save rather than held: saves
+    /// are rare (open, rotation, close, dropped bytes) and a descriptor per stream is what
+    /// limits how many guests a node can serve.
+    position_path: PathBuf,
+    file: Option<File>,
+    /// Inode of `file`; 0 while there is none.
+    inode: u64,
+    limits: LogLimits,
+    /// Offset of the current file's range (its first byte, or the gap it starts with).
+    start: u64,
+    /// Bytes in the current file.
+    size: u64,
+    /// Offset of the next byte: `start + size` plus the gaps since `start`.
+    end: u64,
+    gaps: Gaps,
+    /// Bytes that could not be logged, ever (persisted).
+    dropped: u64,
+    rotations: u64,
+    /// Whether a writer feeds the stream, as persisted in the position record.
+    open: bool,
+    /// `open` as found in the record when this file was opened.
+    was_open: bool,
+    /// The record as last read or written: a save that would not change it is skipped.
+    saved: Option<Position>,
+    /// Length of the record file (a record is never written shorter).
+    record_len: usize,
+    /// The record's directory entry was made durable (once, at the first rotation).
+    record_entry_synced: bool,
+}
+
+impl LogFile {
+    /// Opens (or creates) the log at `path`, continuing the offsets recorded at `position_path`.
+    pub fn open(path: &Path, position_path: &Path, limits: LogLimits) -> io::Result<Self> {
+        // A restart opens thousands of these: a few system calls each, directories created
+        // only when missing (docs/performance.md, "Where the restart time goes").
+        let position_file = creating_parent(position_path, record::open)?;
+        let (found, record_len) = record::read(&position_file, position_path)?;
+        let file = creating_parent(path, open_log)?;
+        let meta = file.metadata()?;
+        let len = meta.len();
+        let mut gaps = found.as_ref().map(|r| r.gaps.clone()).unwrap_or_default();
+        let (start, end) = match &found {
+            // The record describes this file (a rotation under way had not moved it yet).
+            Some(r) if r.inode == meta.ino() && (r.next_start.is_none() || len > 0) => {
+                let counted = r
+                    .end
+                    .saturating_sub(r.start)
+                    .saturating_sub(gaps.within(r.start, r.end));
+                if len >= counted {
+                    // Bytes written after the save (a crash: the page cache kept them).
+                    (r.start, r.end + (len - counted))
+                } else {
+                    // A power cut took the file's tail: those offsets are a gap, never reused.
+                    let lost = counted - len;
+                    let lost_from = gaps
+                        .pieces(r.end, lost)
+                        .and_then(|p| p.first().map(|p| p.start))
+                        .unwrap_or(r.start);
+                    gaps.insert(lost_from, r.end);
+                    (r.start, r.end)
+                }
+            }
+            // Not the recorded file: a rotation's new file (even with the unlinked file's inode:
+            // empty while `next_start` is recorded), or one made behind our back. It follows
+            // every offset recorded.
+            Some(r) => {
+                let start = r.next_start.unwrap_or(0).max(r.start).max(r.end);
+                (start, start + len)
+            }
+            None => {
+                let start = backups_of(path, MAX_SCAN)
+                    .iter()
+                    .map(|(_, size)| size)
+                    .sum();
+                (start, start + len)
+            }
+        };
+        let mut log = Self {
+            path: path.to_owned(),
+            position_path: position_path.to_owned(),
+            file: Some(file),
+            inode: meta.ino(),
+            limits,
+            start,
+            size: len,
+            end,
+            gaps,
+            dropped: found.as_ref().map_or(0, |r| r.dropped),
+            rotations: 0,
+            open: found.as_ref().is_some_and(|r| r.open),
+            was_open: found.as_ref().is_some_and(|r| r.open),
+            saved: found,
+            record_len,
+            record_entry_synced: false,
+        };
+        log.forget_old_gaps();
+        if let Some(record) = log.changed_position(None) {
+            log.write_position(&position_file, record)?;
+        }
+        drop(position_file);
+        log.enforce_limits()?;
+        Ok(log)
+    }
+
+    /// Absolute offset of the next byte (logged or dropped).
+    pub fn end_offset(&self) -> u64 {
+        self.end
+    }
+
+    /// Absolute offset where the current file's range starts.
+    pub fn current_start(&self) -> u64 {
+        self.start
+    }
+
+    /// Bytes that could not be logged, ever (they are gaps in the offsets).
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Path of the current file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> LogLimits {
+        self.limits
+    }
+
+    /// Records whether a writer feeds the stream (persisted, so a crash leaves a trace).
+    pub fn set_open(&mut self, open: bool) -> io::Result<()> {
+        if self.open == open {
+            return Ok(());
+        }
+        self.open = open;
+        self.save_position(None)
+    }
+
+    /// Whether the record said a writer was feeding the stream when this file was opened.
+    pub fn was_open(&self) -> bool {
+        self.was_open
+    }
+
+    /// Rotations done since this file was opened.
+    pub fn rotations(&self) -> u64 {
+        self.rotations
+    }
+
+    /// Changes the limits. When it returns, the new cap holds: an oversized current file is
+    /// rotated away, and backups beyond the new count or larger than the new `max_size` are
+    /// removed with every older one (their offsets become history's leading gap).
+    pub fn set_limits(&mut self, limits: LogLimits) -> io::Result<()> {
+        self.limits = limits;
+        self.enforce_limits()
+    }
+
+    /// Bytes of this stream on disk (current file and backups) and the first offset still there.
+    pub fn disk_usage(&self) -> (u64, u64) {
+        let segments = self.segments();
+        let bytes = segments.iter().map(|s| s.len).sum();
+        (bytes, segments.first().map_or(self.end, |s| s.start))
+    }
+
+    /// The runs of bytes of this stream on disk, oldest first, with their absolute offsets. The
+    /// last one is the current file's growing end (empty if the file is, or ends in a gap).
+    pub fn segments(&self) -> Vec<Segment> {
+        let mut segments = Vec::new();
+        let mut newer_start = self.start;
+        for (path, len) in backups_of(&self.path, self.limits.backups_kept()) {
+            let Some(pieces) = self.gaps.pieces(newer_start, len) else {
+                break;
+            };
+            let Some(first) = pieces.first() else {
+                continue;
+            };
+            newer_start = first.start;
+            segments.extend(pieces.iter().rev().map(|p| segment(&path, p, false)));
+        }
+        segments.reverse();
+        let pieces = self.gaps.pieces(self.end, self.size).unwrap_or_default();
+        let ends_at_end = pieces.last().is_some_and(|p| p.start + p.len == self.end);
+        let last = pieces.len().saturating_sub(1);
+        for (i, piece) in pieces.iter().enumerate() {
+            segments.push(segment(&self.path, piece, ends_at_end && i == last));
+        }
+        if !ends_at_end {
+            segments.push(Segment {
+                path: self.path.clone(),
+                start: self.end,
+                len: 0,
+                file_pos: self.size,
+                growable: true,
+            });
+        }
+        segments
+    }
+
+    /// Opens (read-only) every file holding offsets at or after `from`, oldest first. The
+    /// descriptors stay valid whatever rotations happen later, so a reader outside the owning
+    /// actor reads a consistent snapshot: never a torn or mixed chunk.
+    pub fn open_segments(&self, from: u64) -> io::Result<Vec<OpenSegment>> {
+        let mut open = Vec::new();
+        let mut last: Option<(PathBuf, Arc<File>)> = None;
+        for s in self.segments() {
+            if s.start + s.len <= from && !s.growable {
+                continue;
+            }
+            let file = match &last {
+                Some((path, file)) if *path == s.path => file.clone(),
+                _ => match File::open(&s.path) {
+                    Ok(file) => Arc::new(file),
+                    // A file removed behind our back: its bytes are gone, the reader reports a gap.
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                },
+            };
+            last = Some((s.path, file.clone()));
+            open.push(OpenSegment {
+                file,
+                start: s.start,
+                len: s.len,
+                file_pos: s.file_pos,
+                growable: s.growable,
+            });
+        }
+        Ok(open)
+    }
+
+    /// Appends `data`, rotating whenever the current file is full. On an error, what was
+    /// written before it stays logged; the rest is not accounted (see [`Self::log`]).
+    pub fn append(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let room = self.make_room()?;
+            let n = room.min(data.len() as u64) as usize;
+            let file = self.file.as_mut().expect("make_room opened the file");
+            let written = file.write(&data[..n])?;
+            if written == 0 {
+                return Err(io::Error::new(
+                    ErrorKind::WriteZero,
+                    "log file accepted no bytes",
+                ));
+            }
+            self.size += written as u64;
+            self.end += written as u64;
+            data = &data[written..];
+        }
+        Ok(())
+    }
+
+    /// Logs `data`: what the file system refuses still takes its offsets, as a gap counted in
+    /// `dropped` (never a silent loss). The next call tries the file (or opens it) again.
+    pub fn log(&mut self, data: &[u8]) -> Written {
+        let before = self.end;
+        let result = self.append(data);
+        let logged = (self.end - before) as usize;
+        let dropped = data.len() - logged;
+        if let Err(e) = result {
+            tracing::debug!(path = %self.path.display(), error = %e, dropped, "log write failed");
+            self.skip(dropped as u64);
+        }
+        Written { logged, dropped }
+    }
+
+    /// Gives the next `n` offsets to bytes that were not logged: a gap, recorded at once (so a
+    /// crash cannot hand those offsets out again), and counted as dropped.
+    pub fn skip(&mut self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.gaps.insert(self.end, self.end + n);
+        self.end += n;
+        self.dropped += n;
+        if self.gaps.len() > MAX_GAPS {
+            if let Err(e) = self.shed_gaps() {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the oldest log file");
+            }
+        }
+        if let Err(e) = self.save_position(None) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot record dropped bytes");
+        }
+    }
+
+    /// Moves up to `max` bytes from a non-blocking pipe into the log through `buffer`, cut at
+    /// the room left in the current file. Returns `WouldBlock` when the pipe is empty.
+    ///
+    /// `read` + `write`, not `splice(2)`: splicing into a file holds the pipe's lock while the
+    /// page cache is written, so the guest's next write waits for it; copying lets both run at
+    /// once, and measured faster (docs/performance.md).
+    pub fn move_from_pipe(
+        &mut self,
+        pipe: BorrowedFd<'_>,
+        max: usize,
+        buffer: &mut [u8],
+    ) -> io::Result<Moved> {
+        // A full (or lost) file is only rotated once there is data for the next one (the read
+        // comes first, then the append rotates): rotating on speculation would empty a
+        // truncate-mode file that readers still want.
+        let room = match &self.file {
+            Some(_) if self.size < self.limits.max_size => {
+                (self.limits.max_size - self.size) as usize
+            }
+            _ => max,
+        };
+        let len = max.min(room).min(buffer.len());
+        match rustix::io::read(pipe, &mut buffer[..len]) {
+            Ok(0) => Ok(Moved::Eof),
+            Ok(n) => {
+                let Written { logged, dropped } = self.log(&buffer[..n]);
+                Ok(Moved::Bytes { logged, dropped })
+            }
+            Err(rustix::io::Errno::AGAIN) => Err(ErrorKind::WouldBlock.into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records the end offset (when a stream closes), if it changed since the last save. It
+    /// does not flush the file to stable storage: a restarted daemon reads the same page cache,
+    /// and a power cut loses what the kernel had not yet written back whether the daemon was
+    /// running or not (docs/operations.md, "Durability and crashes").
+    pub fn checkpoint(&mut self) -> io::Result<()> {
+        self.save_position(None)
+    }
+
+    /// Room left in the current file, rotating first if it is full; reopens a file lost to an
+    /// earlier failure.
+    fn make_room(&mut self) -> io::Result<u64> {
+        if self.file.is_none() {
+            self.create_current()?;
+        }
+        if self.size >= self.limits.max_size {
+            self.rotate(self.limits.backups_kept())?;
+        }
+        Ok(self.limits.max_size - self.size)
+    }
+
+    fn enforce_limits(&mut self) -> io::Result<()> {
+        let keep = self.limits.backups_kept();
+        // Only a file over the cap (limits shrank) is rotated now; a full one waits for data.
+        if self.size > self.limits.max_size {
+            self.rotate(keep)?;
+        }
+        let backups = backups_of(&self.path, MAX_SCAN);
+        let cut = backups
+            .iter()
+            .position(|(_, len)| *len > self.limits.max_size)
+            .unwrap_or(backups.len())
+            .min(keep as usize);
+        if cut < backups.len() {
+            files::remove_backups(&self.path, cut as u32 + 1, backups.len() as u32)?;
+        }
+        self.forget_old_gaps();
+        self.save_position(None)
+    }
+
+    /// Removes the oldest file until at most [`MAX_GAPS`] gaps are left to remember.
+    fn shed_gaps(&mut self) -> io::Result<()> {
+        while self.gaps.len() > MAX_GAPS {
+            let backups = backups_of(&self.path, MAX_SCAN).len() as u32;
+            if backups > 0 {
+                files::remove_backups(&self.path, backups, backups)?;
+            } else {
+                // All in the current file: it goes, as in a truncation.
+                self.rotate(0)?;
+            }
+            let before = self.gaps.len();
+            self.forget_old_gaps();
+            if backups == 0 && self.gaps.len() == before {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets gaps older than anything on disk.
+    fn forget_old_gaps(&mut self) {
+        if self.gaps.is_empty() {
+            return;
+        }
+        let first = self.segments().first().map_or(self.start, |s| s.start);
+        self.gaps.forget_before(first.min(self.start));
+    }
+
+    /// Shifts `.log` → `.log.1` → … (or drops the file when `keep` is 0) and starts a new file.
+    /// The order of the steps is what makes a crash at any of them recognisable (module docs).
+    fn rotate(&mut self, keep: u32) -> io::Result<()> {
+        let next_start = self.end;
+        fault::point("logfile.rotate.begin");
+        if keep > 0 {
+            // A backup keeps its offsets only with all its bytes: a shorter one after a power
+            // cut would shift every older one.
+            if let Some(file) = &self.file {
+                file.sync_data()?;
+            }
+        }
+        self.save_position_durably(Some(next_start))?;
+        fault::point("logfile.rotate.recorded");
+        // The old file stays open until it is moved: if a step fails, nothing changed and the
+        // next write tries the rotation again.
+        if keep == 0 {
+            remove_if_exists(&self.path)?;
+        } else {
+            files::remove_backups(&self.path, keep, keep)?;
+            for k in (1..keep).rev() {
+                rename_if_exists(&backup_path(&self.path, k), &backup_path(&self.path, k + 1))?;
+            }
+            rename_if_exists(&self.path, &backup_path(&self.path, 1))?;
+        }
+        fault::point("logfile.rotate.moved");
+        self.file = None;
+        self.inode = 0;
+        self.start = next_start;
+        self.size = 0;
+        self.rotations += 1;
+        self.create_current()
+    }
+
+    /// Opens (creating) the current file; it starts after every offset handed out. Nothing is
+    /// written to it before its directory entry and the record naming it are durable.
+    fn create_current(&mut self) -> io::Result<()> {
+        let file = open_log(&self.path)?;
+        fault::point("logfile.rotate.created");
+        let meta = file.metadata()?;
+        files::sync_parent(&self.path)?;
+        let previous = (self.start, self.size, self.end);
+        // A file recreated behind our back may hold bytes: they follow every offset handed out.
+        self.start = self.end;
+        self.size = meta.len();
+        self.end += meta.len();
+        self.inode = meta.ino();
+        if let Err(e) = self.save_position_durably(None) {
+            (self.start, self.size, self.end) = previous;
+            self.inode = 0;
+            return Err(e);
+        }
+        self.file = Some(file);
+        fault::point("logfile.rotate.done");
+        Ok(())
+    }
+
+    fn save_position(&mut self, next_start: Option<u64>) -> io::Result<()> {
+        match self.changed_position(next_start) {
+            Some(record) => self.write_position(&record::open(&self.position_path)?, record),
+            None => Ok(()),
+        }
+    }
+
+    /// Saves the record and waits until it is on stable storage (rotations only).
+    fn save_position_durably(&mut self, next_start: Option<u64>) -> io::Result<()> {
+        let file = record::open(&self.position_path)?;
+        if let Some(record) = self.changed_position(next_start) {
+            self.write_position(&file, record)?;
+        }
+        file.sync_data()?;
+        if !self.record_entry_synced {
+            files::sync_parent(&self.position_path)?;
+            self.record_entry_synced = true;
+        }
+        Ok(())
+    }
+
+    /// The record to write, or `None` when it would say what was last read or written.
+    fn changed_position(&self, next_start: Option<u64>) -> Option<Position> {
+        let record = self.position(next_start);
+        (self.saved.as_ref() != Some(&record)).then_some(record)
+    }
+
+    /// Writes `record` into the open position record `file`.
+    fn write_position(&mut self, file: &File, record: Position) -> io::Result<()> {
+        self.record_len = record::write(file, &record, self.record_len)?;
+        self.saved = Some(record);
+        Ok(())
+    }
+
+    fn position(&self, next_start: Option<u64>) -> Position {
+        Position {
+            inode: self.inode,
+            start: self.start,
+            next_start,
+            end: self.end,
+            open: self.open,
+            dropped: self.dropped,
+            gaps: self.gaps.clone(),
+        }
+    }
+}
+
+impl Drop for LogFile {
+    fn drop(&mut self) {
+        let _ = self.save_position(None);
+    }
+}
+
+fn segment(path: &Path, piece: &Piece, growable: bool) -> Segment {
+    Segment {
+        path: path.to_owned(),
+        start: piece.start,
+        len: piece.len,
+        file_pos: piece.file_pos,
+        growable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn limits(max_size: u64, max_backups: u32, mode: LogMode) -> LogLimits {
+        LogLimits {
+            max_size,
+            max_backups,
+            mode,
+        }
+    }
+
+    /// Everything still on disk, oldest first, with the offset of its first byte.
+    fn on_disk(log: &LogFile) -> (u64, Vec<u8>) {
+        let mut data = Vec::new();
+        for (path, _) in backups_of(log.path(), log.limits().backups_kept())
+            .iter()
+            .rev()
+        {
+            data.extend(fs::read(path).unwrap());
+        }
+        data.extend(fs::read(log.path()).unwrap());
+        (log.end_offset() - data.len() as u64, data)
+    }
+
+    /// A tiny deterministic generator, so the model test needs no extra crate.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            self.0 >> 33
+        }
+    }
+
+    #[test]
+    fn model_random_writes_match_plain_log() {
+        for (mode, backups) in [
+            (LogMode::Rotate, 3),
+            (LogMode::Rotate, 0),
+            (LogMode::Truncate, 5),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("g/s.log");
+            let pos = dir.path().join("state/s.pos");
+            let lim = limits(4096, backups, mode);
+            let mut log = LogFile::open(&path, &pos, lim).unwrap();
+            let mut model: Vec<u8> = Vec::new();
+            let mut rng = Lcg(7);
+            for round in 0..400 {
+                let len = (rng.next() % 3000) as usize;
+                let chunk: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                log.append(&chunk).unwrap();
+                model.extend(&chunk);
+                if round % 97 == 0 {
+                    // Reopen as after a restart: offsets continue.
+                    drop(log);
+                    log = LogFile::open(&path, &pos, lim).unwrap();
+                }
+                assert_eq!(log.end_offset(), model.len() as u64);
+                let (first, data) = on_disk(&log);
+                assert!(data.len() as u64 <= lim.disk_cap(), "cap exceeded");
+                assert_eq!(
+                    &model[first as usize..],
+                    &data[..],
+                    "disk differs from model"
+                );
+                assert_eq!(log.disk_usage(), (data.len() as u64, first));
+            }
+        }
+    }
+
+    #[test]
+    fn crash_during_rotation_keeps_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.log");
+        let pos = dir.path().join("s.pos");
+        let lim = limits(4096, 2, LogMode::Rotate);
+        let mut log = LogFile::open(&path, &pos, lim).unwrap();
+        log.append(&[b'a'; 4096]).unwrap();
+        // Simulate a crash right after the rename: record says "rotation to 4096 under way",
+        // the current file is gone.
+        log.save_position(Some(4096)).unwrap();
+        fs::rename(&path, backup_path(&path, 1)).unwrap();
+        std::mem::forget(log);
+        let log = LogFile::open(&path, &pos, lim).unwrap();
+        assert_eq!(log.end_offset(), 4096);
+        assert_eq!(log.current_start(), 4096);
+    }
+
+    #[test]
+    fn shrinking_limits_enforce_the_new_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.log");
+        let mut log = LogFile::open(
+            &path,
+            &dir.path().join("p"),
+            limits(4096, 5, LogMode::Rotate),
+        )
+        .unwrap();
+        log.append(&vec![1u8; 4096 * 6]).unwrap();
+        assert_eq!(backups_of(&path, 10).len(), 5);
+        log.set_limits(limits(4096, 1, LogMode::Rotate)).unwrap();
+        assert_eq!(backups_of(&path, 10).len(), 1);
+        assert_eq!(log.end_offset(), 4096 * 6);
+    }
+
+    #[test]
+    fn position_record_is_written_only_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g/s.log");
+        let pos = dir.path().join("state/g/s.pos");
+        let lim = limits(4096, 1, LogMode::Rotate);
+        let mut log = LogFile::open(&path, &pos, lim).unwrap();
+        log.append(b"hello").unwrap();
+        drop(log);
+        let written = fs::read(&pos).unwrap();
+        assert_eq!(written.len(), POSITION_RECORD_LEN);
+        // Mark the record: a later save that rewrote it would change the modification time.
+        let long_ago = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30);
+        let mark = |t| {
+            File::options()
+                .write(true)
+                .open(&pos)
+                .unwrap()
+                .set_modified(t)
+                .unwrap()
+        };
+        let modified = || fs::metadata(&pos).unwrap().modified().unwrap();
+        mark(long_ago);
+        // A restart and a stop with nothing logged in between write nothing.
+        let mut log = LogFile::open(&path, &pos, lim).unwrap();
+        log.checkpoint().unwrap();
+        drop(log);
+        assert_eq!(modified(), long_ago);
+        assert_eq!(fs::read(&pos).unwrap(), written);
+        // New bytes change the end: the next checkpoint records them, and offsets continue.
+        let mut log = LogFile::open(&path, &pos, lim).unwrap();
+        log.append(b" world").unwrap();
+        log.checkpoint().unwrap();
+        assert_ne!(modified(), long_ago);
+        drop(log);
+        let log = LogFile::open(&path, &pos, lim).unwrap();
+        assert_eq!(log.end_offset(), 11);
+    }
+
+    /// Writes a record by hand, as a crash at some step would have left it.
+    fn write_record(pos: &Path, record: &Position) {
+        let file = record::open(pos).unwrap();
+        record::write(&file, record, POSITION_RECORD_LEN).unwrap();
+    }
+
+    #[test]
+    fn an_empty_file_with_the_unlinked_inode_is_the_new_one() {
+        // Truncate mode, crash after the unlink: the new file got the old file's inode (ext4
+        // does that), the record still names it with the rotation under way.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.log");
+        let pos = dir.path().join("s.pos");
+        let lim = limits(4096, 0, LogMode::Truncate);
+        let log = LogFile::open(&path, &pos, lim).unwrap();
+        std::mem::forget(log);
+        let inode = fs::metadata(&path).unwrap().ino();
+        write_record(
+            &pos,
+            &Position {
+                inode,
+                start: 0,
+                next_start: Some(4096),
+                end: 4096,
+                ..Position::default()
+            },
+        );
+        let mut log = LogFile::open(&path, &pos, lim).unwrap();
+        assert_eq!(log.end_offset(), 4096, "offsets never go back");
+        log.append(b"after").unwrap();
+        drop(log);
+        let log = LogFile::open(&path, &pos, lim).unwrap();
+        assert_eq!(log.end_offset(), 4101);
+        assert_eq!(log.segments()[0].start, 4096);
+    }
+
+    #[test]
+    fn a_file_shorter_than_its_record_leaves_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.log");
+        let pos = dir.path().join("s.pos");
+        let lim = limits(1 << 20, 1, LogMode::Rotate);
+        let mut log = LogFile::open(&path, &pos, lim).unwrap();
+        log.append(&[b'x'; 5000]).unwrap();
+        drop(log);
+        // A power cut: the record reached the disk, the last 2000 bytes did not.
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(3000)
+            .unwrap();
+        let mut log = LogFile::open(&path, &pos, lim).unwrap();
+        assert_eq!(log.end_offset(), 5000, "offsets never go back");
+        log.append(b"new").unwrap();
+        let segments = log.segments();
+        let runs: Vec<(u64, u64, u64)> = segments
+            .iter()
+            .map(|s| (s.start, s.len, s.file_pos))
+            .collect();
+        assert_eq!(runs, vec![(0, 3000, 0), (5000, 3, 3000)]);
+        assert!(segments[1].growable && !segments[0].growable);
+        drop(log);
+        let log = LogFile::open(&path, &pos, lim).unwrap();
+        assert_eq!(log.end_offset(), 5003);
+    }
+
+    #[test]
+    fn dropped_bytes_take_offsets_and_are_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.log");
+        let pos = dir.path().join("s.pos");
+        let lim = limits(100, 2, LogMode::Rotate);
+        let mut log = LogFile::open(&path, &pos, lim).unwrap();
+        log.append(&[b'a'; 60]).unwrap();
+        log.skip(30);
+        log.append(&[b'b'; 60]).unwrap(); // 40 fill the file, 20 go to the next
+        log.skip(5);
+        std::mem::forget(log); // a crash: nothing saved at a close
+        let mut log = LogFile::open(&path, &pos, lim).unwrap();
+        assert_eq!(log.end_offset(), 155);
+        assert_eq!(log.dropped(), 35);
+        log.append(b"cc").unwrap();
+        let runs: Vec<(u64, u64, u64)> = log
+            .segments()
+            .iter()
+            .map(|s| (s.start, s.len, s.file_pos))
+            .collect();
+        assert_eq!(
+            runs,
+            vec![(0, 60, 0), (90, 40, 60), (130, 20, 0), (155, 2, 20)]
+        );
+        // Every run reads back what was written at its offsets.
+        let segments = log.segments();
+        let read = |s: &Segment| {
+            let all = fs::read(&s.path).unwrap();
+            all[s.file_pos as usize..(s.file_pos + s.len) as usize].to_vec()
+        };
+        assert_eq!(read(&segments[1]), vec![b'b'; 40]);
+        assert_eq!(read(&segments[3]), b"cc");
+    }
+
+    #[test]
+    fn too_many_gaps_shed_the_oldest_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.log");
+        let pos = dir.path().join("s.pos");
+        let lim = limits(1000, 3, LogMode::Rotate);
+        let mut log = LogFile::open(&path, &pos, lim).unwrap();
+        for _ in 0..200 {
+            log.append(&[b'z'; 10]).unwrap();
+            log.skip(1);
+            assert!(log.gaps.len() <= MAX_GAPS);
+        }
+        assert_eq!(log.end_offset(), 2200);
+        assert!(fs::metadata(&pos).unwrap().len() <= 4096);
+        drop(log);
+        let log = LogFile::open(&path, &pos, lim).unwrap();
+        assert_eq!(log.end_offset(), 2200);
+        assert_eq!(log.dropped(), 200);
+    }
+
+    #[test]
+    fn oversized_backups_go_when_max_size_shrinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.log");
+        let pos = dir.path().join("p");
+        let mut log = LogFile::open(&path, &pos, limits(1 << 16, 4, LogMode::Rotate)).unwrap();
+        log.append(&vec![1u8; (1 << 16) * 4 + 100]).unwrap();
+        log.set_limits(limits(4096, 4, LogMode::Rotate)).unwrap();
+        let (bytes, first) = log.disk_usage();
+        assert!(bytes <= 4096 * 5, "{bytes} bytes on disk");
+        assert_eq!(log.end_offset(), (1 << 16) * 4 + 100);
+        assert!(first >= log.end_offset() - bytes);
+        log.append(&[2u8; 10_000]).unwrap();
+        assert!(log.disk_usage().0 <= 4096 * 5);
+    }
+}
