@@ -11,12 +11,13 @@
 //!   offset is never given to two different bytes. Bytes that cannot be logged (disk full, a new
 //!   file that cannot be opened) still take their offsets: they become a [gap](gaps) that
 //!   history reports, and are counted in `dropped`, which the record keeps.
-//! - A rotation is ordered so that a crash at any step is recognised at the next open: the old
-//!   file's bytes are synced (when it becomes a backup), the record saying "a rotation to
-//!   `next_start` is under way" is synced before the file is unlinked or renamed, and the new
-//!   file's directory entry and the record naming its inode are synced before a byte is written
-//!   to it. So an empty file with the old inode (ext4 reuses an unlinked inode) is recognised as
-//!   the new one, and a record is never older than the file layout it describes.
+//! - A rotation is ordered so that a crash (or a power cut) at any step is recognised at the
+//!   next open: the record saying "a rotation to `next_start` is under way" is synced before
+//!   the file is renamed or unlinked, and when no backup is kept (the new file may get the
+//!   unlinked file's inode: ext4 reuses it) the new file's directory entry and the record naming
+//!   it are synced before a byte is written to it. So the record on disk is never older than
+//!   the last rotation, an empty file with the old inode is the new one, and the recorded end is
+//!   a floor for the offsets.
 //! - A gap is recorded before the next byte after it is written, so the bytes a crash leaves in
 //!   a file beyond what the record counted follow its end, and bytes a power cut took from the
 //!   file's tail become a gap up to the recorded end.
@@ -499,13 +500,8 @@ impl LogFile {
     fn rotate(&mut self, keep: u32) -> io::Result<()> {
         let next_start = self.end;
         fault::point("logfile.rotate.begin");
-        if keep > 0 {
-            // A backup keeps its offsets only with all its bytes: a shorter one after a power
-            // cut would shift every older one.
-            if let Some(file) = &self.file {
-                file.sync_data()?;
-            }
-        }
+        // On disk before the move is: after a power cut this record recognises the moved (or
+        // unlinked) file, and its `end` is the floor of the offsets.
         self.save_position_durably(Some(next_start))?;
         fault::point("logfile.rotate.recorded");
         // The old file stays open until it is moved: if a step fails, nothing changed and the
@@ -528,20 +524,33 @@ impl LogFile {
         self.create_current()
     }
 
-    /// Opens (creating) the current file; it starts after every offset handed out. Nothing is
-    /// written to it before its directory entry and the record naming it are durable.
+    /// Opens (creating) the current file; it starts after every offset handed out.
+    ///
+    /// When no backup is kept the new file may get the unlinked file's inode, so nothing is
+    /// written to it before its directory entry and the record naming it are durable: after a
+    /// power cut, a non-empty file with the recorded inode is then always the recorded file.
+    /// With backups the old inode lives on as `.1`, and the record written before the move
+    /// suffices.
     fn create_current(&mut self) -> io::Result<()> {
+        let durable = self.limits.backups_kept() == 0;
         let file = open_log(&self.path)?;
         fault::point("logfile.rotate.created");
         let meta = file.metadata()?;
-        files::sync_parent(&self.path)?;
+        if durable {
+            files::sync_parent(&self.path)?;
+        }
         let previous = (self.start, self.size, self.end);
         // A file recreated behind our back may hold bytes: they follow every offset handed out.
         self.start = self.end;
         self.size = meta.len();
         self.end += meta.len();
         self.inode = meta.ino();
-        if let Err(e) = self.save_position_durably(None) {
+        let saved = if durable {
+            self.save_position_durably(None)
+        } else {
+            self.save_position(None)
+        };
+        if let Err(e) = saved {
             (self.start, self.size, self.end) = previous;
             self.inode = 0;
             return Err(e);
