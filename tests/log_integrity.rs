@@ -1,7 +1,7 @@
 //! Log integrity under faults, against the real binary: a kill -9 at every step of a rotation
 //! (truncate mode, rotate with no backup, rotate with backups) never moves offsets back nor
 //! gives an offset to two different bytes; neither does a log file shorter than its position
-//! record (a power cut); a shrunk `max_size` holds as soon as the call returns; a rotation whose
+//! record (a power cut), nor a reboot that lost bytes already given offsets; a shrunk `max_size` holds as soon as the call returns; a rotation whose
 //! new file cannot be opened (EMFILE, injected with strace) counts every byte it could not log,
 //! and logging resumes.
 
@@ -268,6 +268,54 @@ async fn a_log_shorter_than_its_record_never_moves_offsets_back() {
     assert_eq!(
         received.data,
         [pattern(0, 10_000), pattern(30_000, 5_000)].concat()
+    );
+}
+
+/// A power cut and a reboot: the log lost bytes that a reader had already been given offsets
+/// for, and the position record is the one of the last sync. The offsets go on after every
+/// offset that may have been handed out (the record's reservation), never at the file's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reboot_offsets_go_on_past_what_may_have_been_handed_out() {
+    let mut daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let lim = limits(1 << 20, 1, LogMode::Rotate);
+    let (_, pipe) = open_pipe(&mut agent, "vm", "qemu", Some(lim)).await;
+    write_and_close(pipe, pattern(0, 30_000)).await;
+    wait_closed(&mut agent, "vm", "qemu", 30_000).await;
+    drop(agent);
+    daemon.stop().await;
+    // What the disk holds after the power cut: the record as synced (another boot), a third of
+    // the bytes.
+    let record = daemon.data_dir().join("state/guests/vm/qemu.pos");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(std::fs::read(&record).unwrap().trim_ascii_end()).unwrap();
+    let reserved = json["reserved"].as_u64().expect("a reservation");
+    assert!(reserved >= 30_000, "{json}");
+    json["boot"] = "00000000-0000-0000-0000-000000000000".into();
+    let mut bytes = serde_json::to_vec(&json).unwrap();
+    bytes.resize(256, b' ');
+    std::fs::write(&record, bytes).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(daemon.log_path("vm", "qemu"))
+        .unwrap()
+        .set_len(10_000)
+        .unwrap();
+
+    daemon.restart().await;
+    let mut agent = daemon.agent().await;
+    let (reply, pipe) = open_pipe(&mut agent, "vm", "qemu", None).await;
+    assert_eq!(
+        reply.offset, reserved,
+        "offsets go on after the reservation"
+    );
+    write_and_close(pipe, pattern(reserved, 5_000)).await;
+    wait_closed(&mut agent, "vm", "qemu", reserved + 5_000).await;
+    let received = history(&daemon, "vm").await;
+    assert_eq!(received.gaps, vec![(10_000, reserved)]);
+    assert_eq!(
+        received.data,
+        [pattern(0, 10_000), pattern(reserved, 5_000)].concat()
     );
 }
 

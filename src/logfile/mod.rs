@@ -130,6 +130,8 @@ pub struct LogFile {
     gaps: Gaps,
     /// Bytes that could not be logged, ever (persisted).
     dropped: u64,
+    /// Offsets below this may be handed out: durable in the record before they are.
+    reserved: u64,
     rotations: u64,
     /// Whether a writer feeds the stream, as persisted in the position record.
     open: bool,
@@ -190,6 +192,18 @@ impl LogFile {
                 (start, start + len)
             }
         };
+        let reserved = found.as_ref().map_or(0, |r| r.reserved);
+        let mut end = end;
+        if found
+            .as_ref()
+            .is_some_and(|r| !r.boot.is_empty() && r.boot != boot_id())
+            && reserved > end
+        {
+            // The machine restarted: offsets up to the reservation may have been handed out
+            // for bytes a power cut lost. They are a gap, never given again.
+            gaps.insert(end, reserved);
+            end = reserved;
+        }
         let mut log = Self {
             path: path.to_owned(),
             position_path: position_path.to_owned(),
@@ -201,6 +215,7 @@ impl LogFile {
             end,
             gaps,
             dropped: found.as_ref().map_or(0, |r| r.dropped),
+            reserved,
             rotations: 0,
             open: found.as_ref().is_some_and(|r| r.open),
             was_open: found.as_ref().is_some_and(|r| r.open),
@@ -347,6 +362,7 @@ impl LogFile {
         while !data.is_empty() {
             let room = self.make_room()?;
             let n = room.min(data.len() as u64) as usize;
+            self.reserve(self.end + n as u64)?;
             let file = self.file.as_mut().expect("make_room opened the file");
             let written = file.write(&data[..n])?;
             if written == 0 {
@@ -381,6 +397,9 @@ impl LogFile {
     pub fn skip(&mut self, n: u64) {
         if n == 0 {
             return;
+        }
+        if let Err(e) = self.reserve(self.end + n) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot reserve offsets");
         }
         self.gaps.insert(self.end, self.end + n);
         self.end += n;
@@ -500,6 +519,8 @@ impl LogFile {
     fn rotate(&mut self, keep: u32) -> io::Result<()> {
         let next_start = self.end;
         fault::point("logfile.rotate.begin");
+        // The new file's offsets are reserved with the same sync.
+        self.reserved = self.reserved.max(next_start + self.limits.max_size);
         // On disk before the move is: after a power cut this record recognises the moved (or
         // unlinked) file, and its `end` is the floor of the offsets.
         self.save_position_durably(Some(next_start))?;
@@ -567,7 +588,23 @@ impl LogFile {
         }
     }
 
-    /// Saves the record and waits until it is on stable storage (rotations only).
+    /// Makes sure offsets below `upto` are reserved (see [`Position::reserved`]): if not, reserves
+    /// a file's worth more, durably. One sync per `max_size` offsets at most, none in the common
+    /// case (a rotation reserves its new file's offsets with its own sync).
+    fn reserve(&mut self, upto: u64) -> io::Result<()> {
+        if upto <= self.reserved {
+            return Ok(());
+        }
+        let before = self.reserved;
+        self.reserved = upto.max(self.end + self.limits.max_size);
+        let result = self.save_position_durably(None);
+        if result.is_err() {
+            self.reserved = before;
+        }
+        result
+    }
+
+    /// Saves the record and waits until it is on stable storage (rotations, reservations).
     fn save_position_durably(&mut self, next_start: Option<u64>) -> io::Result<()> {
         let file = record::open(&self.position_path)?;
         if let Some(record) = self.changed_position(next_start) {
@@ -603,6 +640,8 @@ impl LogFile {
             open: self.open,
             dropped: self.dropped,
             gaps: self.gaps.clone(),
+            reserved: self.reserved,
+            boot: boot_id().to_owned(),
         }
     }
 }
@@ -611,6 +650,17 @@ impl Drop for LogFile {
     fn drop(&mut self) {
         let _ = self.save_position(None);
     }
+}
+
+/// The kernel's boot id (empty if unknown): a record saved under another one may be older than
+/// what was handed out before a power cut.
+fn boot_id() -> &'static str {
+    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|id| id.trim().to_owned())
+            .unwrap_or_default()
+    })
 }
 
 fn segment(path: &Path, piece: &Piece, growable: bool) -> Segment {
@@ -908,5 +958,32 @@ mod tests {
         assert!(first >= log.end_offset() - bytes);
         log.append(&[2u8; 10_000]).unwrap();
         assert!(log.disk_usage().0 <= 4096 * 5);
+    }
+
+    #[test]
+    fn after_a_machine_restart_offsets_go_on_from_the_reservation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.log");
+        let pos = dir.path().join("s.pos");
+        let lim = limits(1 << 20, 1, LogMode::Rotate);
+        let mut log = LogFile::open(&path, &pos, lim).unwrap();
+        log.append(&[b'a'; 3000]).unwrap();
+        drop(log);
+        let file = record::open(&pos).unwrap();
+        let (record, _) = record::read(&file, &pos).unwrap();
+        let mut record = record.unwrap();
+        assert!(record.reserved >= 1 << 20, "{record:?}");
+        // The same boot: a crash of the daemon, the page cache kept everything.
+        let log = LogFile::open(&path, &pos, lim).unwrap();
+        assert_eq!(log.end_offset(), 3000);
+        std::mem::forget(log);
+        // Another boot: bytes handed out after the last save may be lost.
+        record.boot = "another boot".into();
+        write_record(&pos, &record);
+        let mut log = LogFile::open(&path, &pos, lim).unwrap();
+        assert_eq!(log.end_offset(), record.reserved);
+        log.append(b"b").unwrap();
+        let runs: Vec<(u64, u64)> = log.segments().iter().map(|s| (s.start, s.len)).collect();
+        assert_eq!(runs, vec![(0, 3000), (record.reserved, 1)]);
     }
 }

@@ -36,6 +36,14 @@ pub struct Position {
     pub dropped: u64,
     #[serde(default, skip_serializing_if = "Gaps::is_empty")]
     pub gaps: Gaps,
+    /// Offsets below this may have been handed out: it is on stable storage before any of them
+    /// is. After the machine restarted (a power cut may have lost later saves and bytes) the
+    /// offsets go on from here.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reserved: u64,
+    /// The kernel's boot id when the record was saved.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub boot: String,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -102,6 +110,7 @@ mod tests {
         let old = br#"{"inode":12,"start":4096,"end":5000,"open":true}"#;
         let record: Position = serde_json::from_slice(old).unwrap();
         assert_eq!(record.dropped, 0);
+        assert_eq!(record.reserved, 0);
         assert!(record.gaps.is_empty());
         assert_eq!(record.end, 5000);
     }
