@@ -17,7 +17,7 @@
 //! Offsets the daemon handed out without logging their bytes (disk full, a rotation that could
 //! not open its file, a power cut: see [`crate::logfile`]) are gaps too: the actor's segments
 //! skip them, and the reader reports them like rotated-away ranges, so a client's offsets,
-//! `dropped_bytes` and history agree (docs/operations.md, "Durability and crashes").
+//! `dropped_bytes` and history agree (docs/operations.md, "Durability").
 
 use crate::error::{Error, Result};
 use crate::guests::Actor;

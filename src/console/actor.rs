@@ -331,7 +331,7 @@ impl ConsoleActor {
 
     /// Logs `output`, then offers all of it to every client: bytes the log could not take
     /// (disk full) still reach live viewers, at the offsets history reports as a gap
-    /// (docs/operations.md, "Durability and crashes").
+    /// (docs/operations.md, "Durability").
     fn guest_output(&mut self, output: &[u8]) {
         let offset = self.log.end_offset();
         let rotations = self.log.rotations();

@@ -4,7 +4,7 @@
 //! stream's position record (`<stream>.pos` in the state directory, see [`record`]). It never
 //! reads from a client or a guest and never blocks on anything but the file system.
 //!
-//! Invariants (docs/operations.md, "Durability and crashes"):
+//! Invariants (docs/operations.md, "Durability"):
 //! - No file of a stream is larger than `max_size` (limits that shrink apply at once), so its
 //!   bytes on disk never exceed `max_size × (max_backups + 1)`.
 //! - The absolute offset (`end`) only grows, across restarts, crashes and power cuts, and an
@@ -450,7 +450,7 @@ impl LogFile {
     /// Records the end offset (when a stream closes), if it changed since the last save. It
     /// does not flush the file to stable storage: a restarted daemon reads the same page cache,
     /// and a power cut loses what the kernel had not yet written back whether the daemon was
-    /// running or not (docs/operations.md, "Durability and crashes").
+    /// running or not (docs/operations.md, "Durability").
     pub fn checkpoint(&mut self) -> io::Result<()> {
         self.save_position(None)
     }
