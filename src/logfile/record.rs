@@ -132,7 +132,7 @@ mod tests {
                 .insert(n * 1_000_000_000, n * 1_000_000_000 + 10);
         }
         let long = write(&file, &record, POSITION_RECORD_LEN).unwrap();
-        assert!(long > POSITION_RECORD_LEN && long % POSITION_RECORD_LEN == 0);
+        assert!(long > POSITION_RECORD_LEN && long.is_multiple_of(POSITION_RECORD_LEN));
         record.gaps = Gaps::default();
         assert_eq!(write(&file, &record, long).unwrap(), long);
         let (read_back, len) = read(&open(&path).unwrap(), &path).unwrap();
