@@ -391,10 +391,17 @@ fn incomplete_tail(data: &[u8]) -> Option<(usize, usize)> {
 }
 
 /// Reads the last `n` bytes held by `segments` (oldest first). Returns the offset of the first
-/// byte returned and the bytes; fewer than `n` if less is on disk.
+/// byte returned and the bytes; fewer than `n` if less is on disk. The bytes are contiguous:
+/// the tail stops at the last gap (a replay is a run of offsets that follow each other).
 pub fn read_tail(segments: &[Segment], n: u64) -> io::Result<(u64, Vec<u8>)> {
     let end = segments.last().map_or(0, |s| s.start + s.len);
-    let first = segments.first().map_or(end, |s| s.start);
+    let mut first = segments.last().map_or(end, |s| s.start);
+    for pair in segments.windows(2).rev() {
+        if pair[0].start + pair[0].len != pair[1].start {
+            break;
+        }
+        first = pair[0].start;
+    }
     let from = end.saturating_sub(n).max(first);
     Ok((from, read_range(segments, from, end)?))
 }
@@ -491,5 +498,27 @@ mod tests {
             read_range(&segments, 12_000, 12_100).unwrap(),
             &data[12_000..12_100]
         );
+    }
+
+    #[test]
+    fn tail_stops_at_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = LogLimits {
+            max_size: 4096,
+            max_backups: 3,
+            mode: LogMode::Rotate,
+        };
+        let mut log =
+            LogFile::open(&dir.path().join("s.log"), &dir.path().join("s.pos"), limits).unwrap();
+        log.append(&[b'a'; 5000]).unwrap();
+        log.skip(100);
+        log.append(b"after the gap").unwrap();
+        let (from, tail) = read_tail(&log.segments(), 1000).unwrap();
+        assert_eq!(from, 5100);
+        assert_eq!(tail, b"after the gap");
+        // Only a gap at the end: nothing to replay, from the end on.
+        log.skip(10);
+        let (from, tail) = read_tail(&log.segments(), 1000).unwrap();
+        assert_eq!((from, tail.len()), (log.end_offset(), 0));
     }
 }

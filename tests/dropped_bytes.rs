@@ -6,7 +6,7 @@
 mod history_common;
 mod support;
 
-use conlog::proto::{attach::Mode, read_history_request::Start, LogMode};
+use conlog::proto::{self, attach::Mode, read_history_request::Start, LogMode};
 use history_common::*;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -146,18 +146,38 @@ async fn a_full_disk_does_not_blind_live_viewers() {
     assert!(seen == sent.as_slice());
     assert!(viewer.lagged().is_empty(), "{:?}", viewer.lagged());
     let info = wait_offset(&mut agent, "vm", "serial0", sent.len() as u64).await;
-    assert_history_agrees(
-        &history_of(&daemon, "vm", "serial0").await,
-        &sent,
-        info.dropped_bytes,
+    let history = history_of(&daemon, "vm", "serial0").await;
+    assert_history_agrees(&history, &sent, info.dropped_bytes);
+    // A viewer attaching now with a replay gets the bytes after the last gap, at their
+    // offsets, then live output right after them.
+    let mut late = watch(
+        local_channel(&daemon).await,
+        proto::WatchConsoleRequest {
+            replay_bytes: 1 << 20,
+            ..watch_request("vm", Mode::ReadOnly)
+        },
+    )
+    .await
+    .expect("WatchConsole with replay");
+    let replay_from = late.attached.offset;
+    let (_, last_gap_end) = *history.gaps.last().expect("a gap");
+    assert_eq!(replay_from, last_gap_end, "the replay starts after the gap");
+    let more = numbered(3200, 3210);
+    guest.write(&more).await;
+    let sent = [sent, more].concat();
+    let seen = late.wait_output_len(sent.len() as u64 - replay_from).await;
+    assert!(
+        seen == &sent[replay_from as usize..],
+        "replay and live output follow each other"
     );
     let log = std::fs::read(&console.log_path).unwrap();
     assert!(
-        log.ends_with(&numbered(3000, 3200)),
+        log.ends_with(&numbered(3000, 3210)),
         "logging resumed: {info:?}, {:?}",
         String::from_utf8_lossy(&log[log.len().saturating_sub(300)..])
     );
     drop(viewer);
+    drop(late);
     daemon.stop().await;
 }
 
