@@ -1,10 +1,12 @@
 //! Bytes the log cannot take, against the real binary on a tiny tmpfs filled for the test (CI
 //! runs as root): live console viewers still see every byte; the bytes take their offsets, so
 //! clients' offsets, the stream's `dropped_bytes` and the gaps `ReadHistory` reports agree; and
-//! `dropped_bytes` survives an in-place upgrade (SIGUSR1) and a kill -9 with a restart.
+//! `dropped_bytes` survives an in-place upgrade (SIGUSR1), a takeover and a kill -9 with a
+//! restart.
 
 mod history_common;
 mod support;
+mod upgrade_common;
 
 use conlog::proto::{self, attach::Mode, read_history_request::Start, LogMode};
 use history_common::*;
@@ -13,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 use support::*;
+use upgrade_common::Successor;
 
 /// A tmpfs mounted for the duration of a test.
 struct Tmpfs(PathBuf);
@@ -194,8 +197,8 @@ async fn wait_ready_lines(daemon: &Daemon, count: usize) {
     }
 }
 
-/// A stream's `dropped_bytes` is the same after an in-place upgrade and after a kill -9 and a
-/// restart; history's gaps still equal it.
+/// A stream's `dropped_bytes` is the same after an in-place upgrade, a takeover, and a kill -9
+/// and a restart; history's gaps still equal it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_bytes_survive_upgrades_and_crashes() {
     let (mut daemon, tmpfs, _scratch) = daemon_on_tmpfs().await;
@@ -226,11 +229,19 @@ async fn dropped_bytes_survive_upgrades_and_crashes() {
     assert_eq!(info.dropped_bytes, dropped, "after the upgrade: {info:?}");
     assert_eq!(info.offset, 60_000);
 
-    // kill -9 and a restart.
+    // A takeover by a successor (`--takeover`), which then dies with kill -9; a restart.
+    let mut successor = Successor::spawn(&daemon, daemon.tcp, daemon.metrics);
+    successor.wait_ready().await;
+    daemon.wait_exit().await;
+    successor.assert_took_over();
+    let mut agent = daemon.agent().await;
+    let info = find_stream(&mut agent, "vm", "qemu").await.unwrap();
+    assert_eq!(info.dropped_bytes, dropped, "after the takeover: {info:?}");
     drop(pipe);
     wait_closed(&mut agent, "vm", "qemu", 60_000).await;
     drop(agent);
-    daemon.kill().await;
+    successor.signal(rustix::process::Signal::KILL);
+    successor.wait_exit().await;
     daemon.restart().await;
     let mut agent = daemon.agent().await;
     let info = find_stream(&mut agent, "vm", "qemu").await.unwrap();
