@@ -208,6 +208,22 @@ async fn dropped_bytes_survive_upgrades_and_crashes() {
     let sent = pattern(0, 60_000);
     pipe.write_all(&sent[..1000]).unwrap();
     wait_offset(&mut agent, "vm", "qemu", 1000).await;
+    // A reader following the stream live from the start.
+    let mut console = local_console(&daemon).await;
+    let mut follower = open(
+        &mut console,
+        conlog::proto::ReadHistoryRequest {
+            follow: true,
+            ..request("vm", "qemu", Some(Start::FromOffset(0)))
+        },
+    )
+    .await
+    .expect("ReadHistory follow");
+    let mut followed = Received::new(DEFAULT_CHUNK);
+    while followed.position != Some(1000) {
+        let chunk = next(&mut follower).await.unwrap().expect("following");
+        followed.push(&chunk);
+    }
     let filler = tmpfs.fill();
     pipe.write_all(&sent[1000..50_000]).unwrap();
     let info = wait_offset(&mut agent, "vm", "qemu", 50_000).await;
@@ -220,6 +236,13 @@ async fn dropped_bytes_survive_upgrades_and_crashes() {
         info.dropped_bytes, dropped,
         "nothing dropped with space back"
     );
+    // The follower saw the same: the dropped range as a gap, the rest at its offsets.
+    while followed.position != Some(60_000) {
+        let chunk = next(&mut follower).await.unwrap().expect("following");
+        followed.push(&chunk);
+    }
+    assert_history_agrees(&followed, &sent, dropped);
+    drop(follower);
 
     // In-place upgrade: the pipe is carried, and so is the count.
     daemon.signal(rustix::process::Signal::USR1);
