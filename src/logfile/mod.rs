@@ -459,7 +459,7 @@ impl LogFile {
     /// earlier failure.
     fn make_room(&mut self) -> io::Result<u64> {
         if self.file.is_none() {
-            self.create_current()?;
+            self.create_current(self.limits.backups_kept() == 0)?;
         }
         if self.size >= self.limits.max_size {
             self.rotate(self.limits.backups_kept())?;
@@ -542,18 +542,17 @@ impl LogFile {
         self.start = next_start;
         self.size = 0;
         self.rotations += 1;
-        self.create_current()
+        self.create_current(keep == 0)
     }
 
     /// Opens (creating) the current file; it starts after every offset handed out.
     ///
-    /// When no backup is kept the new file may get the unlinked file's inode, so nothing is
+    /// When the old file was unlinked (`durable`) the new one may get its inode, so nothing is
     /// written to it before its directory entry and the record naming it are durable: after a
     /// power cut, a non-empty file with the recorded inode is then always the recorded file.
     /// With backups the old inode lives on as `.1`, and the record written before the move
     /// suffices.
-    fn create_current(&mut self) -> io::Result<()> {
-        let durable = self.limits.backups_kept() == 0;
+    fn create_current(&mut self, durable: bool) -> io::Result<()> {
         let file = open_log(&self.path)?;
         fault::point("logfile.rotate.created");
         let meta = file.metadata()?;
