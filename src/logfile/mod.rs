@@ -1,15 +1,18 @@
 //! One stream's log on disk: append, rotate or truncate at `max_size`, and absolute offsets.
 //!
 //! Owns `<log_dir>/<guest>/<stream>.log`, its backups `.log.1` (newest) … `.log.N`, and the
-//! stream's position record (`<stream>.pos` in the state directory, see [`record`]). It never
-//! reads from a client or a guest and never blocks on anything but the file system.
+//! stream's position record (`<stream>.pos` in the state directory). It never reads from a
+//! client or a guest and never blocks on anything but the file system. One concern per file:
+//! this one appends, rotates and maps files to offsets; `gaps` keeps the offsets without bytes;
+//! `record` the record's format; `recover` where offsets resume at open; `files` the
+//! file-system steps.
 //!
 //! Invariants (docs/operations.md, "Durability"):
 //! - No file of a stream is larger than `max_size` (limits that shrink apply at once), so its
 //!   bytes on disk never exceed `max_size × (max_backups + 1)`.
 //! - The absolute offset (`end`) only grows, across restarts, crashes and power cuts, and an
 //!   offset is never given to two different bytes. Bytes that cannot be logged (disk full, a new
-//!   file that cannot be opened) still take their offsets: they become a [gap](gaps) that
+//!   file that cannot be opened) still take their offsets: they become a gap ([`Gaps`]) that
 //!   history reports, and are counted in `dropped`, which the record keeps.
 //! - A rotation is ordered so that a crash (or a power cut) at any step is recognised at the
 //!   next open: the record saying "a rotation to `next_start` is under way" is synced before
@@ -21,11 +24,18 @@
 //! - A gap is recorded before the next byte after it is written, so the bytes a crash leaves in
 //!   a file beyond what the record counted follow its end, and bytes a power cut took from the
 //!   file's tail become a gap up to the recorded end.
+//! - Offsets are reserved on stable storage a file's worth ahead of those handed out (the
+//!   rotation's sync carries it); the record notes the boot, and after a reboot the offsets go
+//!   on past the reservation, so a power cut never makes an offset a client saw mean other
+//!   bytes.
 //! - Truncate mode is a rotation that keeps no backup.
 
 mod files;
 mod gaps;
 mod record;
+mod recover;
+#[cfg(test)]
+mod tests;
 
 pub use files::{backup_path, backups_of, write_atomically};
 pub use gaps::{Gap, Gaps, Piece};
@@ -34,6 +44,7 @@ pub use record::{Position, POSITION_RECORD_LEN};
 use crate::config::LogMode;
 use crate::fault;
 use files::{creating_parent, open_log, remove_if_exists, rename_if_exists, MAX_SCAN};
+use recover::Resumed;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{self, ErrorKind, Write};
@@ -155,55 +166,13 @@ impl LogFile {
         let file = creating_parent(path, open_log)?;
         let meta = file.metadata()?;
         let len = meta.len();
-        let mut gaps = found.as_ref().map(|r| r.gaps.clone()).unwrap_or_default();
-        let (start, end) = match &found {
-            // The record describes this file (a rotation under way had not moved it yet).
-            Some(r) if r.inode == meta.ino() && (r.next_start.is_none() || len > 0) => {
-                let counted = r
-                    .end
-                    .saturating_sub(r.start)
-                    .saturating_sub(gaps.within(r.start, r.end));
-                if len >= counted {
-                    // Bytes written after the save (a crash: the page cache kept them).
-                    (r.start, r.end + (len - counted))
-                } else {
-                    // A power cut took the file's tail: those offsets are a gap, never reused.
-                    let lost = counted - len;
-                    let lost_from = gaps
-                        .pieces(r.end, lost)
-                        .and_then(|p| p.first().map(|p| p.start))
-                        .unwrap_or(r.start);
-                    gaps.insert(lost_from, r.end);
-                    (r.start, r.end)
-                }
-            }
-            // Not the recorded file: a rotation's new file (even with the unlinked file's inode:
-            // empty while `next_start` is recorded), or one made behind our back. It follows
-            // every offset recorded.
-            Some(r) => {
-                let start = r.next_start.unwrap_or(0).max(r.start).max(r.end);
-                (start, start + len)
-            }
-            None => {
-                let start = backups_of(path, MAX_SCAN)
-                    .iter()
-                    .map(|(_, size)| size)
-                    .sum();
-                (start, start + len)
-            }
-        };
+        let Resumed { start, end, gaps } = recover::resume(found.as_ref(), meta.ino(), len, || {
+            backups_of(path, MAX_SCAN)
+                .iter()
+                .map(|(_, size)| size)
+                .sum()
+        });
         let reserved = found.as_ref().map_or(0, |r| r.reserved);
-        let mut end = end;
-        if found
-            .as_ref()
-            .is_some_and(|r| !r.boot.is_empty() && r.boot != boot_id())
-            && reserved > end
-        {
-            // The machine restarted: offsets up to the reservation may have been handed out
-            // for bytes a power cut lost. They are a gap, never given again.
-            gaps.insert(end, reserved);
-            end = reserved;
-        }
         let mut log = Self {
             path: path.to_owned(),
             position_path: position_path.to_owned(),
@@ -640,7 +609,7 @@ impl LogFile {
             dropped: self.dropped,
             gaps: self.gaps.clone(),
             reserved: self.reserved,
-            boot: boot_id().to_owned(),
+            boot: record::boot_id().to_owned(),
         }
     }
 }
@@ -651,17 +620,6 @@ impl Drop for LogFile {
     }
 }
 
-/// The kernel's boot id (empty if unknown): a record saved under another one may be older than
-/// what was handed out before a power cut.
-fn boot_id() -> &'static str {
-    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    BOOT.get_or_init(|| {
-        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .map(|id| id.trim().to_owned())
-            .unwrap_or_default()
-    })
-}
-
 fn segment(path: &Path, piece: &Piece, growable: bool) -> Segment {
     Segment {
         path: path.to_owned(),
@@ -669,320 +627,5 @@ fn segment(path: &Path, piece: &Piece, growable: bool) -> Segment {
         len: piece.len,
         file_pos: piece.file_pos,
         growable,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::fs;
-
-    fn limits(max_size: u64, max_backups: u32, mode: LogMode) -> LogLimits {
-        LogLimits {
-            max_size,
-            max_backups,
-            mode,
-        }
-    }
-
-    /// Everything still on disk, oldest first, with the offset of its first byte.
-    fn on_disk(log: &LogFile) -> (u64, Vec<u8>) {
-        let mut data = Vec::new();
-        for (path, _) in backups_of(log.path(), log.limits().backups_kept())
-            .iter()
-            .rev()
-        {
-            data.extend(fs::read(path).unwrap());
-        }
-        data.extend(fs::read(log.path()).unwrap());
-        (log.end_offset() - data.len() as u64, data)
-    }
-
-    /// A tiny deterministic generator, so the model test needs no extra crate.
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            self.0 >> 33
-        }
-    }
-
-    #[test]
-    fn model_random_writes_match_plain_log() {
-        for (mode, backups) in [
-            (LogMode::Rotate, 3),
-            (LogMode::Rotate, 0),
-            (LogMode::Truncate, 5),
-        ] {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("g/s.log");
-            let pos = dir.path().join("state/s.pos");
-            let lim = limits(4096, backups, mode);
-            let mut log = LogFile::open(&path, &pos, lim).unwrap();
-            let mut model: Vec<u8> = Vec::new();
-            let mut rng = Lcg(7);
-            for round in 0..400 {
-                let len = (rng.next() % 3000) as usize;
-                let chunk: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
-                log.append(&chunk).unwrap();
-                model.extend(&chunk);
-                if round % 97 == 0 {
-                    // Reopen as after a restart: offsets continue.
-                    drop(log);
-                    log = LogFile::open(&path, &pos, lim).unwrap();
-                }
-                assert_eq!(log.end_offset(), model.len() as u64);
-                let (first, data) = on_disk(&log);
-                assert!(data.len() as u64 <= lim.disk_cap(), "cap exceeded");
-                assert_eq!(
-                    &model[first as usize..],
-                    &data[..],
-                    "disk differs from model"
-                );
-                assert_eq!(log.disk_usage(), (data.len() as u64, first));
-            }
-        }
-    }
-
-    #[test]
-    fn crash_during_rotation_keeps_offsets() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.log");
-        let pos = dir.path().join("s.pos");
-        let lim = limits(4096, 2, LogMode::Rotate);
-        let mut log = LogFile::open(&path, &pos, lim).unwrap();
-        log.append(&[b'a'; 4096]).unwrap();
-        // Simulate a crash right after the rename: record says "rotation to 4096 under way",
-        // the current file is gone.
-        log.save_position(Some(4096)).unwrap();
-        fs::rename(&path, backup_path(&path, 1)).unwrap();
-        std::mem::forget(log);
-        let log = LogFile::open(&path, &pos, lim).unwrap();
-        assert_eq!(log.end_offset(), 4096);
-        assert_eq!(log.current_start(), 4096);
-    }
-
-    #[test]
-    fn shrinking_limits_enforce_the_new_cap() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.log");
-        let mut log = LogFile::open(
-            &path,
-            &dir.path().join("p"),
-            limits(4096, 5, LogMode::Rotate),
-        )
-        .unwrap();
-        log.append(&vec![1u8; 4096 * 6]).unwrap();
-        assert_eq!(backups_of(&path, 10).len(), 5);
-        log.set_limits(limits(4096, 1, LogMode::Rotate)).unwrap();
-        assert_eq!(backups_of(&path, 10).len(), 1);
-        assert_eq!(log.end_offset(), 4096 * 6);
-    }
-
-    #[test]
-    fn position_record_is_written_only_when_it_changes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("g/s.log");
-        let pos = dir.path().join("state/g/s.pos");
-        let lim = limits(4096, 1, LogMode::Rotate);
-        let mut log = LogFile::open(&path, &pos, lim).unwrap();
-        log.append(b"hello").unwrap();
-        drop(log);
-        let written = fs::read(&pos).unwrap();
-        assert_eq!(written.len(), POSITION_RECORD_LEN);
-        // Mark the record: a later save that rewrote it would change the modification time.
-        let long_ago = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30);
-        let mark = |t| {
-            File::options()
-                .write(true)
-                .open(&pos)
-                .unwrap()
-                .set_modified(t)
-                .unwrap()
-        };
-        let modified = || fs::metadata(&pos).unwrap().modified().unwrap();
-        mark(long_ago);
-        // A restart and a stop with nothing logged in between write nothing.
-        let mut log = LogFile::open(&path, &pos, lim).unwrap();
-        log.checkpoint().unwrap();
-        drop(log);
-        assert_eq!(modified(), long_ago);
-        assert_eq!(fs::read(&pos).unwrap(), written);
-        // New bytes change the end: the next checkpoint records them, and offsets continue.
-        let mut log = LogFile::open(&path, &pos, lim).unwrap();
-        log.append(b" world").unwrap();
-        log.checkpoint().unwrap();
-        assert_ne!(modified(), long_ago);
-        drop(log);
-        let log = LogFile::open(&path, &pos, lim).unwrap();
-        assert_eq!(log.end_offset(), 11);
-    }
-
-    /// Writes a record by hand, as a crash at some step would have left it.
-    fn write_record(pos: &Path, record: &Position) {
-        let file = record::open(pos).unwrap();
-        record::write(&file, record, POSITION_RECORD_LEN).unwrap();
-    }
-
-    #[test]
-    fn an_empty_file_with_the_unlinked_inode_is_the_new_one() {
-        // Truncate mode, crash after the unlink: the new file got the old file's inode (ext4
-        // does that), the record still names it with the rotation under way.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.log");
-        let pos = dir.path().join("s.pos");
-        let lim = limits(4096, 0, LogMode::Truncate);
-        let log = LogFile::open(&path, &pos, lim).unwrap();
-        std::mem::forget(log);
-        let inode = fs::metadata(&path).unwrap().ino();
-        write_record(
-            &pos,
-            &Position {
-                inode,
-                start: 0,
-                next_start: Some(4096),
-                end: 4096,
-                ..Position::default()
-            },
-        );
-        let mut log = LogFile::open(&path, &pos, lim).unwrap();
-        assert_eq!(log.end_offset(), 4096, "offsets never go back");
-        log.append(b"after").unwrap();
-        drop(log);
-        let log = LogFile::open(&path, &pos, lim).unwrap();
-        assert_eq!(log.end_offset(), 4101);
-        assert_eq!(log.segments()[0].start, 4096);
-    }
-
-    #[test]
-    fn a_file_shorter_than_its_record_leaves_a_gap() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.log");
-        let pos = dir.path().join("s.pos");
-        let lim = limits(1 << 20, 1, LogMode::Rotate);
-        let mut log = LogFile::open(&path, &pos, lim).unwrap();
-        log.append(&[b'x'; 5000]).unwrap();
-        drop(log);
-        // A power cut: the record reached the disk, the last 2000 bytes did not.
-        fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(3000)
-            .unwrap();
-        let mut log = LogFile::open(&path, &pos, lim).unwrap();
-        assert_eq!(log.end_offset(), 5000, "offsets never go back");
-        log.append(b"new").unwrap();
-        let segments = log.segments();
-        let runs: Vec<(u64, u64, u64)> = segments
-            .iter()
-            .map(|s| (s.start, s.len, s.file_pos))
-            .collect();
-        assert_eq!(runs, vec![(0, 3000, 0), (5000, 3, 3000)]);
-        assert!(segments[1].growable && !segments[0].growable);
-        drop(log);
-        let log = LogFile::open(&path, &pos, lim).unwrap();
-        assert_eq!(log.end_offset(), 5003);
-    }
-
-    #[test]
-    fn dropped_bytes_take_offsets_and_are_remembered() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.log");
-        let pos = dir.path().join("s.pos");
-        let lim = limits(100, 2, LogMode::Rotate);
-        let mut log = LogFile::open(&path, &pos, lim).unwrap();
-        log.append(&[b'a'; 60]).unwrap();
-        log.skip(30);
-        log.append(&[b'b'; 60]).unwrap(); // 40 fill the file, 20 go to the next
-        log.skip(5);
-        std::mem::forget(log); // a crash: nothing saved at a close
-        let mut log = LogFile::open(&path, &pos, lim).unwrap();
-        assert_eq!(log.end_offset(), 155);
-        assert_eq!(log.dropped(), 35);
-        log.append(b"cc").unwrap();
-        let runs: Vec<(u64, u64, u64)> = log
-            .segments()
-            .iter()
-            .map(|s| (s.start, s.len, s.file_pos))
-            .collect();
-        assert_eq!(
-            runs,
-            vec![(0, 60, 0), (90, 40, 60), (130, 20, 0), (155, 2, 20)]
-        );
-        // Every run reads back what was written at its offsets.
-        let segments = log.segments();
-        let read = |s: &Segment| {
-            let all = fs::read(&s.path).unwrap();
-            all[s.file_pos as usize..(s.file_pos + s.len) as usize].to_vec()
-        };
-        assert_eq!(read(&segments[1]), vec![b'b'; 40]);
-        assert_eq!(read(&segments[3]), b"cc");
-    }
-
-    #[test]
-    fn too_many_gaps_shed_the_oldest_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.log");
-        let pos = dir.path().join("s.pos");
-        let lim = limits(1000, 3, LogMode::Rotate);
-        let mut log = LogFile::open(&path, &pos, lim).unwrap();
-        for _ in 0..200 {
-            log.append(&[b'z'; 10]).unwrap();
-            log.skip(1);
-            assert!(log.gaps.len() <= MAX_GAPS);
-        }
-        assert_eq!(log.end_offset(), 2200);
-        assert!(fs::metadata(&pos).unwrap().len() <= 4096);
-        drop(log);
-        let log = LogFile::open(&path, &pos, lim).unwrap();
-        assert_eq!(log.end_offset(), 2200);
-        assert_eq!(log.dropped(), 200);
-    }
-
-    #[test]
-    fn oversized_backups_go_when_max_size_shrinks() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.log");
-        let pos = dir.path().join("p");
-        let mut log = LogFile::open(&path, &pos, limits(1 << 16, 4, LogMode::Rotate)).unwrap();
-        log.append(&vec![1u8; (1 << 16) * 4 + 100]).unwrap();
-        log.set_limits(limits(4096, 4, LogMode::Rotate)).unwrap();
-        let (bytes, first) = log.disk_usage();
-        assert!(bytes <= 4096 * 5, "{bytes} bytes on disk");
-        assert_eq!(log.end_offset(), (1 << 16) * 4 + 100);
-        assert!(first >= log.end_offset() - bytes);
-        log.append(&[2u8; 10_000]).unwrap();
-        assert!(log.disk_usage().0 <= 4096 * 5);
-    }
-
-    #[test]
-    fn after_a_machine_restart_offsets_go_on_from_the_reservation() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.log");
-        let pos = dir.path().join("s.pos");
-        let lim = limits(1 << 20, 1, LogMode::Rotate);
-        let mut log = LogFile::open(&path, &pos, lim).unwrap();
-        log.append(&[b'a'; 3000]).unwrap();
-        drop(log);
-        let file = record::open(&pos).unwrap();
-        let (record, _) = record::read(&file, &pos).unwrap();
-        let mut record = record.unwrap();
-        assert!(record.reserved >= 1 << 20, "{record:?}");
-        // The same boot: a crash of the daemon, the page cache kept everything.
-        let log = LogFile::open(&path, &pos, lim).unwrap();
-        assert_eq!(log.end_offset(), 3000);
-        std::mem::forget(log);
-        // Another boot: bytes handed out after the last save may be lost.
-        record.boot = "another boot".into();
-        write_record(&pos, &record);
-        let mut log = LogFile::open(&path, &pos, lim).unwrap();
-        assert_eq!(log.end_offset(), record.reserved);
-        log.append(b"b").unwrap();
-        let runs: Vec<(u64, u64)> = log.segments().iter().map(|s| (s.start, s.len)).collect();
-        assert_eq!(runs, vec![(0, 3000), (record.reserved, 1)]);
     }
 }

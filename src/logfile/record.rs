@@ -50,6 +50,17 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// The kernel's boot id (empty if unknown): a record saved under another one may be older than
+/// what was handed out before a power cut.
+pub fn boot_id() -> &'static str {
+    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|id| id.trim().to_owned())
+            .unwrap_or_default()
+    })
+}
+
 /// Size of a position record file: the JSON, padded with spaces to a multiple of this (a record
 /// with many gaps takes more, and the file never shrinks so an older, longer record never
 /// leaves a tail behind).
