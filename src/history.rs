@@ -13,6 +13,11 @@
 //! chunk is never torn or mixed. When a reader has read all it holds it asks again from its
 //! position; if the oldest file offered starts after that position, the bytes in between were
 //! rotated away meanwhile and the reader reports exactly that gap.
+//!
+//! Offsets the daemon handed out without logging their bytes (disk full, a rotation that could
+//! not open its file, a power cut: see [`crate::logfile`]) are gaps too: the actor's segments
+//! skip them, and the reader reports them like rotated-away ranges, so a client's offsets,
+//! `dropped_bytes` and history agree (docs/operations.md, "Durability").
 
 use crate::error::{Error, Result};
 use crate::guests::Actor;
@@ -21,6 +26,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering::Relaxed;
 use tokio::sync::mpsc;
 
 /// Where a history read starts.
@@ -72,10 +78,13 @@ pub async fn read(
 ) -> Result<mpsc::Receiver<Result<HistoryItem>>> {
     let gone = |e: io::Error| Error::io("cannot open the stream's files", e);
     let offsets = actor.offsets();
+    let dropped_seen = actor.stats().dropped.load(Relaxed);
     let segments = actor.open_segments(0).await.map_err(gone)?;
+    // The published end may lie past the last byte on disk (bytes that could not be logged).
     let end = segments
         .last()
-        .map_or(*offsets.borrow(), |s| s.start + s.len);
+        .map_or(0, |s| s.start + s.len)
+        .max(*offsets.borrow());
     let first = segments.first().map_or(end, |s| s.start);
     let position = match request.start {
         Start::Oldest => first,
@@ -94,6 +103,7 @@ pub async fn read(
         offsets,
         segments: first_needed(segments, position),
         last: None,
+        dropped_seen,
         going_away,
         position,
         remaining: request.limit.unwrap_or(u64::MAX),
@@ -110,6 +120,9 @@ struct Reader {
     segments: VecDeque<OpenSegment>,
     /// The last file read to its end, kept open in case it grows.
     last: Option<OpenSegment>,
+    /// The stream's dropped count when the segments were asked for: if it changed, a gap may
+    /// follow them, and growth of `last` is not contiguous.
+    dropped_seen: u64,
     /// Set when the daemon is about to hand over (upgrade): end with "come back".
     going_away: tokio::sync::watch::Receiver<bool>,
     position: u64,
@@ -164,7 +177,10 @@ impl Reader {
             let mut buffer = vec![0u8; want + 3];
             let read = segment
                 .file
-                .read_at(&mut buffer[..want], self.position - segment.start)
+                .read_at(
+                    &mut buffer[..want],
+                    segment.file_pos + self.position - segment.start,
+                )
                 .map_err(|e| Error::io("cannot read a log file", e))?;
             if read == 0 {
                 // Shorter than the actor said: cut behind our back. Ask again.
@@ -217,7 +233,7 @@ impl Reader {
                 // Room left in this chunk: complete the character from the next file.
                 Some(next) if read + missing <= self.request.chunk_size => {
                     next.file
-                        .read_exact_at(&mut buffer[read..read + missing], 0)
+                        .read_exact_at(&mut buffer[read..read + missing], next.file_pos)
                         .map_err(|e| Error::io("cannot read a log file", e))?;
                     return Ok(read + missing);
                 }
@@ -249,16 +265,23 @@ impl Reader {
 
     /// If the file we finished has grown past our position, reads on from it: log files are
     /// append-only and a rotated or truncated-away file keeps its bytes while we hold it, so
-    /// whatever it holds beyond the length we were told is exactly the stream's next bytes.
+    /// whatever the current file's last run holds beyond the length we were told is exactly the
+    /// stream's next bytes, unless bytes were dropped since (then a gap may come first, and
+    /// the actor is asked).
     fn grow_last(&mut self) -> Result<bool> {
-        let Some(last) = &mut self.last else {
+        let Some(last) = self.last.as_mut().filter(|l| l.growable) else {
             return Ok(false);
         };
         let len = last
             .file
             .metadata()
             .map_err(|e| Error::io("cannot stat a log file", e))?
-            .len();
+            .len()
+            .saturating_sub(last.file_pos);
+        // Read after the size: bytes seen above were written after any drop counted here.
+        if self.actor.stats().dropped.load(Relaxed) != self.dropped_seen {
+            return Ok(false);
+        }
         if last.start + len <= self.position {
             return Ok(false);
         }
@@ -277,8 +300,15 @@ impl Reader {
                 if self.grow_last()? {
                     return Ok(true);
                 }
+                self.dropped_seen = self.actor.stats().dropped.load(Relaxed);
                 match self.actor.open_segments(self.position).await {
-                    Ok(segments) if !segments.is_empty() => {
+                    // Something at or after our position (bytes, or the start of the current
+                    // run past a gap).
+                    Ok(segments)
+                        if segments.iter().any(|s| {
+                            s.start + s.len > self.position || s.start > self.position
+                        }) =>
+                    {
                         self.segments = first_needed(segments, self.position);
                         // The finished file is not needed once a newer one is open.
                         self.last = None;
@@ -289,6 +319,15 @@ impl Reader {
                 }
             }
             if !self.request.follow {
+                if self.position < end {
+                    // Offsets handed out with nothing on disk yet (the log cannot be written).
+                    let gap = HistoryItem::Gap {
+                        from: self.position,
+                        to: end,
+                    };
+                    self.position = end;
+                    let _ = self.sender.send(Ok(gap)).await;
+                }
                 return Ok(false);
             }
             enum Woke {
@@ -316,7 +355,7 @@ impl Reader {
 fn first_needed(segments: Vec<OpenSegment>, position: u64) -> VecDeque<OpenSegment> {
     segments
         .into_iter()
-        .find(|s| s.start + s.len > position || s.start >= position)
+        .find(|s| s.start + s.len > position || s.start > position)
         .into_iter()
         .collect()
 }
@@ -337,7 +376,9 @@ fn tail_lines_start(segments: &[OpenSegment], n: u64) -> io::Result<u64> {
         while stop > 0 {
             let start = stop.saturating_sub(block.len() as u64);
             let len = (stop - start) as usize;
-            segment.file.read_exact_at(&mut block[..len], start)?;
+            segment
+                .file
+                .read_exact_at(&mut block[..len], segment.file_pos + start)?;
             for (i, byte) in block[..len].iter().enumerate().rev() {
                 if *byte != b'\n' {
                     skip_final_newline = false;
@@ -378,10 +419,17 @@ fn incomplete_tail(data: &[u8]) -> Option<(usize, usize)> {
 }
 
 /// Reads the last `n` bytes held by `segments` (oldest first). Returns the offset of the first
-/// byte returned and the bytes; fewer than `n` if less is on disk.
+/// byte returned and the bytes; fewer than `n` if less is on disk. The bytes are contiguous:
+/// the tail stops at the last gap (a replay is a run of offsets that follow each other).
 pub fn read_tail(segments: &[Segment], n: u64) -> io::Result<(u64, Vec<u8>)> {
     let end = segments.last().map_or(0, |s| s.start + s.len);
-    let first = segments.first().map_or(end, |s| s.start);
+    let mut first = segments.last().map_or(end, |s| s.start);
+    for pair in segments.windows(2).rev() {
+        if pair[0].start + pair[0].len != pair[1].start {
+            break;
+        }
+        first = pair[0].start;
+    }
     let from = end.saturating_sub(n).max(first);
     Ok((from, read_range(segments, from, end)?))
 }
@@ -398,7 +446,7 @@ pub fn read_range(segments: &[Segment], from: u64, to: u64) -> io::Result<Vec<u8
         let start = from.max(segment.start);
         let stop = to.min(seg_end);
         let mut file = File::open(&segment.path)?;
-        file.seek(SeekFrom::Start(start - segment.start))?;
+        file.seek(SeekFrom::Start(segment.file_pos + start - segment.start))?;
         let wanted = (stop - start) as usize;
         let before = out.len();
         file.take(wanted as u64).read_to_end(&mut out)?;
@@ -478,5 +526,27 @@ mod tests {
             read_range(&segments, 12_000, 12_100).unwrap(),
             &data[12_000..12_100]
         );
+    }
+
+    #[test]
+    fn tail_stops_at_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = LogLimits {
+            max_size: 4096,
+            max_backups: 3,
+            mode: LogMode::Rotate,
+        };
+        let mut log =
+            LogFile::open(&dir.path().join("s.log"), &dir.path().join("s.pos"), limits).unwrap();
+        log.append(&[b'a'; 5000]).unwrap();
+        log.skip(100);
+        log.append(b"after the gap").unwrap();
+        let (from, tail) = read_tail(&log.segments(), 1000).unwrap();
+        assert_eq!(from, 5100);
+        assert_eq!(tail, b"after the gap");
+        // Only a gap at the end: nothing to replay, from the end on.
+        log.skip(10);
+        let (from, tail) = read_tail(&log.segments(), 1000).unwrap();
+        assert_eq!((from, tail.len()), (log.end_offset(), 0));
     }
 }

@@ -3,8 +3,10 @@
 //! One task per stream; the rest of the daemon talks to it through [`StreamHandle`] (a bounded
 //! command channel) and reads its counters from [`StreamStats`] (atomics, never a lock). The
 //! actor never waits on anything but its pipes and its own file: guest → log is lossless while
-//! the disk accepts writes; when the disk refuses, bytes are read out of the pipe anyway (so the
-//! guest never blocks) and counted as dropped.
+//! the disk accepts writes; when the disk refuses (or a rotation cannot open its new file),
+//! bytes are read out of the pipe anyway (so the guest never blocks), take their offsets as a
+//! gap that history reports, and are counted as dropped (the count survives restarts, crashes
+//! and upgrades: the log's position record keeps it).
 //!
 //! Several pipes may feed one stream (each `CreateLogPipe` adds one; a writer may also duplicate
 //! its descriptor). Each `splice` moves at most what the pipe holds, and pipe writes of up to
@@ -47,7 +49,7 @@ pub struct StreamStats {
     pub end_offset: AtomicU64,
     /// Pipes (pending hand-offs included) feeding the stream.
     pub writers: AtomicU64,
-    /// Bytes that could not be written.
+    /// Bytes that could not be written, ever (they are gaps in the offsets).
     pub dropped: AtomicU64,
     /// Rotations since the daemon started.
     pub rotations: AtomicU64,
@@ -59,6 +61,15 @@ pub struct StreamStats {
 }
 
 impl StreamStats {
+    /// Counters of a stream whose log is `log`: what it dropped before (recorded) carries on.
+    pub fn for_log(log: &LogFile) -> Self {
+        Self {
+            end_offset: AtomicU64::new(log.end_offset()),
+            dropped: AtomicU64::new(log.dropped()),
+            ..Self::default()
+        }
+    }
+
     /// Counts bytes that could not be logged; warns once when dropping starts.
     pub fn record_dropped(&self, path: &std::path::Path, dropped: u64, metrics: &Metrics) {
         if dropped == 0 {
@@ -117,7 +128,7 @@ impl Figures {
             first_offset,
             bytes_on_disk,
             writers: stats.writers.load(Relaxed),
-            dropped: stats.dropped.load(Relaxed),
+            dropped: log.dropped(),
             rotations: stats.rotations.load(Relaxed),
             ..Self::default()
         }
@@ -174,7 +185,7 @@ fn gone() -> io::Error {
 impl StreamHandle {
     /// Starts the actor that owns `log`.
     pub fn spawn(log: LogFile, metrics: Arc<Metrics>) -> Self {
-        let stats = Arc::new(StreamStats::default());
+        let stats = Arc::new(StreamStats::for_log(&log));
         let (publisher, offsets) = OffsetPublisher::new(stats.clone(), log.end_offset());
         let (commands, receiver) = mpsc::channel(16);
         let actor = StreamActor {
@@ -439,7 +450,8 @@ impl StreamActor {
     }
 }
 
-/// Publishes what one move did: new end offset, logged and dropped bytes.
+/// Publishes what one move did: new end offset (dropped bytes take offsets too), logged and
+/// dropped bytes.
 fn count_moved(
     log: &LogFile,
     stats: &StreamStats,
@@ -448,10 +460,12 @@ fn count_moved(
     logged: usize,
     dropped: usize,
 ) {
+    stats.record_dropped(log.path(), dropped as u64, metrics);
     if logged > 0 {
-        publisher.publish(log.end_offset());
         metrics.bytes_logged.inc_by(logged as u64);
         stats.record_logged(log.path());
     }
-    stats.record_dropped(log.path(), dropped as u64, metrics);
+    if logged + dropped > 0 {
+        publisher.publish(log.end_offset());
+    }
 }

@@ -329,27 +329,22 @@ impl ConsoleActor {
         }
     }
 
-    /// Logs `output`, then offers what was logged to every client.
+    /// Logs `output`, then offers all of it to every client: bytes the log could not take
+    /// (disk full) still reach live viewers, at the offsets history reports as a gap
+    /// (docs/operations.md, "Durability").
     fn guest_output(&mut self, output: &[u8]) {
-        let n = output.len();
         let offset = self.log.end_offset();
         let rotations = self.log.rotations();
-        let result = self.log.append(output);
+        let written = self.log.log(output);
         self.count_rotations(rotations);
-        let logged = (self.log.end_offset() - offset) as usize;
-        if let Err(e) = result {
-            tracing::debug!(console = %self.handle.name, error = %e, "console log write failed");
-            self.handle
-                .stats
-                .record_dropped(self.log.path(), (n - logged) as u64, &self.metrics);
+        let stats = &self.handle.stats;
+        stats.record_dropped(self.log.path(), written.dropped as u64, &self.metrics);
+        if written.logged > 0 {
+            stats.record_logged(self.log.path());
+            self.metrics.bytes_logged.inc_by(written.logged as u64);
         }
-        if logged == 0 {
-            return;
-        }
-        self.handle.stats.record_logged(self.log.path());
         self.publisher.publish(self.log.end_offset());
-        self.metrics.bytes_logged.inc_by(logged as u64);
-        let data = Bytes::copy_from_slice(&output[..logged]);
+        let data = Bytes::copy_from_slice(output);
         let mut gone = Vec::new();
         for (id, client) in &mut self.clients {
             match client.queue.offer(offset, &data) {

@@ -210,7 +210,7 @@ impl ConsoleHandle {
         };
         let (commands, command_rx) = mpsc::channel(64);
         let (input, input_rx) = mpsc::channel(64);
-        let stats = Arc::new(StreamStats::default());
+        let stats = Arc::new(StreamStats::for_log(&log));
         let (publisher, offsets) = OffsetPublisher::new(stats.clone(), log.end_offset());
         let handle = Self {
             commands,

@@ -1,0 +1,100 @@
+//! The file-system steps of a stream's log: names of backups, opening, removing, renaming and
+//! making a directory's entries durable.
+//!
+//! Owns nothing but these helpers: no offsets, no record. Every function does one system call
+//! (or a short, bounded series of them) and reports what the file system said.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, ErrorKind};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// How far past `max_backups` stale backups are looked for.
+pub const MAX_SCAN: u32 = 1000;
+
+/// `<log>.N`.
+pub fn backup_path(path: &Path, n: u32) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
+/// Existing backups `.1 ..= .max` with their sizes, newest first, stopping at the first gap.
+pub fn backups_of(path: &Path, max: u32) -> Vec<(PathBuf, u64)> {
+    let mut found = Vec::new();
+    for n in 1..=max {
+        let backup = backup_path(path, n);
+        match fs::metadata(&backup) {
+            Ok(meta) => found.push((backup, meta.len())),
+            Err(_) => break,
+        }
+    }
+    found
+}
+
+/// Removes backups `.first ..= .last`, oldest (highest number) first, so a crash half-way
+/// leaves `.1 .. .k` without a hole.
+pub fn remove_backups(path: &Path, first: u32, last: u32) -> io::Result<()> {
+    for n in (first..=last).rev() {
+        remove_if_exists(&backup_path(path, n))?;
+    }
+    Ok(())
+}
+
+/// Opens (creating) a log file for appending at its end.
+pub fn open_log(path: &Path) -> io::Result<File> {
+    // Not O_APPEND: splice(2) refuses append-mode files. We are the only writer and keep the
+    // file position at the end ourselves.
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o640)
+        .custom_flags(rustix::fs::OFlags::CLOEXEC.bits() as i32)
+        .open(path)?;
+    io::Seek::seek(&mut file, io::SeekFrom::End(0))?;
+    Ok(file)
+}
+
+/// Opens `path` with `open`, creating its parent directories only if they are missing.
+pub fn creating_parent(path: &Path, open: fn(&Path) -> io::Result<File>) -> io::Result<File> {
+    match open(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            open(path)
+        }
+        result => result,
+    }
+}
+
+/// Makes the entries of the directory holding `path` durable (creations, renames, unlinks).
+pub fn sync_parent(path: &Path) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a crash leaves either
+/// the old or the new content, never a torn one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    fs::write(&tmp, bytes)?;
+    fs::rename(&tmp, path)
+}
+
+pub fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+pub fn rename_if_exists(from: &Path, to: &Path) -> io::Result<()> {
+    match fs::rename(from, to) {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,631 @@
+//! One stream's log on disk: append, rotate or truncate at `max_size`, and absolute offsets.
+//!
+//! Owns `<log_dir>/<guest>/<stream>.log`, its backups `.log.1` (newest) … `.log.N`, and the
+//! stream's position record (`<stream>.pos` in the state directory). It never reads from a
+//! client or a guest and never blocks on anything but the file system. One concern per file:
+//! this one appends, rotates and maps files to offsets; `gaps` keeps the offsets without bytes;
+//! `record` the record's format; `recover` where offsets resume at open; `files` the
+//! file-system steps.
+//!
+//! Invariants (docs/operations.md, "Durability"):
+//! - No file of a stream is larger than `max_size` (limits that shrink apply at once), so its
+//!   bytes on disk never exceed `max_size × (max_backups + 1)`.
+//! - The absolute offset (`end`) only grows, across restarts, crashes and power cuts, and an
+//!   offset is never given to two different bytes. Bytes that cannot be logged (disk full, a new
+//!   file that cannot be opened) still take their offsets: they become a gap ([`Gaps`]) that
+//!   history reports, and are counted in `dropped`, which the record keeps.
+//! - A rotation is ordered so that a crash (or a power cut) at any step is recognised at the
+//!   next open: the record saying "a rotation to `next_start` is under way" is synced before
+//!   the file is renamed or unlinked, and when no backup is kept (the new file may get the
+//!   unlinked file's inode: ext4 reuses it) the new file's directory entry and the record naming
+//!   it are synced before a byte is written to it. So the record on disk is never older than
+//!   the last rotation, an empty file with the old inode is the new one, and the recorded end is
+//!   a floor for the offsets.
+//! - A gap is recorded before the next byte after it is written, so the bytes a crash leaves in
+//!   a file beyond what the record counted follow its end, and bytes a power cut took from the
+//!   file's tail become a gap up to the recorded end.
+//! - Offsets are reserved on stable storage a file's worth ahead of those handed out (the
+//!   rotation's sync carries it); the record notes the boot, and after a reboot the offsets go
+//!   on past the reservation, so a power cut never makes an offset a client saw mean other
+//!   bytes.
+//! - Truncate mode is a rotation that keeps no backup.
+
+mod files;
+mod gaps;
+mod record;
+mod recover;
+#[cfg(test)]
+mod tests;
+
+pub use files::{backup_path, backups_of, write_atomically};
+pub use gaps::{Gap, Gaps, Piece};
+pub use record::{Position, POSITION_RECORD_LEN};
+
+use crate::config::LogMode;
+use crate::fault;
+use files::{creating_parent, open_log, remove_if_exists, rename_if_exists, MAX_SCAN};
+use recover::Resumed;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{self, ErrorKind, Write};
+use std::os::fd::BorrowedFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Gaps remembered on disk at most: past this the oldest file goes (docs/operations.md), so the
+/// record stays within one page (a few hundred bytes per gap at worst).
+pub const MAX_GAPS: usize = 16;
+
+/// How one stream's log is capped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLimits {
+    pub max_size: u64,
+    pub max_backups: u32,
+    pub mode: LogMode,
+}
+
+impl LogLimits {
+    /// Backups kept on disk under these limits.
+    pub fn backups_kept(&self) -> u32 {
+        match self.mode {
+            LogMode::Rotate => self.max_backups,
+            LogMode::Truncate => 0,
+        }
+    }
+
+    /// The most bytes this stream may ever occupy on disk.
+    pub fn disk_cap(&self) -> u64 {
+        self.max_size
+            .saturating_mul(u64::from(self.backups_kept()) + 1)
+    }
+}
+
+/// A run of bytes of one file of a stream: absolute offsets `start .. start + len` are the
+/// file's bytes from `file_pos`. A file split by gaps is several segments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub path: PathBuf,
+    pub start: u64,
+    pub len: u64,
+    pub file_pos: u64,
+    /// The current file's last run, which grows as bytes are logged.
+    pub growable: bool,
+}
+
+/// A [`Segment`] with its file open (shared by the segments of one file), as of when it was
+/// opened.
+#[derive(Debug)]
+pub struct OpenSegment {
+    pub file: Arc<File>,
+    pub start: u64,
+    pub len: u64,
+    pub file_pos: u64,
+    pub growable: bool,
+}
+
+/// The outcome of moving bytes from a pipe into the log.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Moved {
+    /// Bytes taken from the pipe: `logged` reached the file, `dropped` could not be written.
+    Bytes { logged: usize, dropped: usize },
+    /// The pipe has no writer left.
+    Eof,
+}
+
+/// What became of bytes given to [`LogFile::log`]: each took its offset either way.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub struct Written {
+    pub logged: usize,
+    pub dropped: usize,
+}
+
+/// An open, capped log.
+#[derive(Debug)]
+pub struct LogFile {
+    path: PathBuf,
+    /// The position record, overwritten in place. Opened for each save rather than held: saves
+    /// are rare (open, rotation, close, dropped bytes) and a descriptor per stream is what
+    /// limits how many guests a node can serve.
+    position_path: PathBuf,
+    file: Option<File>,
+    /// Inode of `file`; 0 while there is none.
+    inode: u64,
+    limits: LogLimits,
+    /// Offset of the current file's range (its first byte, or the gap it starts with).
+    start: u64,
+    /// Bytes in the current file.
+    size: u64,
+    /// Offset of the next byte: `start + size` plus the gaps since `start`.
+    end: u64,
+    gaps: Gaps,
+    /// Bytes that could not be logged, ever (persisted).
+    dropped: u64,
+    /// Offsets below this may be handed out: durable in the record before they are.
+    reserved: u64,
+    rotations: u64,
+    /// Whether a writer feeds the stream, as persisted in the position record.
+    open: bool,
+    /// `open` as found in the record when this file was opened.
+    was_open: bool,
+    /// The record as last read or written: a save that would not change it is skipped.
+    saved: Option<Position>,
+    /// Length of the record file (a record is never written shorter).
+    record_len: usize,
+    /// The record's directory entry was made durable (once, at the first rotation).
+    record_entry_synced: bool,
+}
+
+impl LogFile {
+    /// Opens (or creates) the log at `path`, continuing the offsets recorded at `position_path`.
+    pub fn open(path: &Path, position_path: &Path, limits: LogLimits) -> io::Result<Self> {
+        // A restart opens thousands of these: a few system calls each, directories created
+        // only when missing (docs/performance.md, "Where the restart time goes").
+        let position_file = creating_parent(position_path, record::open)?;
+        let (found, record_len) = record::read(&position_file, position_path)?;
+        let file = creating_parent(path, open_log)?;
+        let meta = file.metadata()?;
+        let len = meta.len();
+        let Resumed { start, end, gaps } = recover::resume(found.as_ref(), meta.ino(), len, || {
+            backups_of(path, MAX_SCAN)
+                .iter()
+                .map(|(_, size)| size)
+                .sum()
+        });
+        let reserved = found.as_ref().map_or(0, |r| r.reserved);
+        let mut log = Self {
+            path: path.to_owned(),
+            position_path: position_path.to_owned(),
+            file: Some(file),
+            inode: meta.ino(),
+            limits,
+            start,
+            size: len,
+            end,
+            gaps,
+            dropped: found.as_ref().map_or(0, |r| r.dropped),
+            reserved,
+            rotations: 0,
+            open: found.as_ref().is_some_and(|r| r.open),
+            was_open: found.as_ref().is_some_and(|r| r.open),
+            saved: found,
+            record_len,
+            record_entry_synced: false,
+        };
+        log.forget_old_gaps();
+        if let Some(record) = log.changed_position(None) {
+            log.write_position(&position_file, record)?;
+        }
+        drop(position_file);
+        log.enforce_limits()?;
+        Ok(log)
+    }
+
+    /// Absolute offset of the next byte (logged or dropped).
+    pub fn end_offset(&self) -> u64 {
+        self.end
+    }
+
+    /// Absolute offset where the current file's range starts.
+    pub fn current_start(&self) -> u64 {
+        self.start
+    }
+
+    /// Bytes that could not be logged, ever (they are gaps in the offsets).
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Path of the current file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> LogLimits {
+        self.limits
+    }
+
+    /// Records whether a writer feeds the stream (persisted, so a crash leaves a trace).
+    pub fn set_open(&mut self, open: bool) -> io::Result<()> {
+        if self.open == open {
+            return Ok(());
+        }
+        self.open = open;
+        self.save_position(None)
+    }
+
+    /// Whether the record said a writer was feeding the stream when this file was opened.
+    pub fn was_open(&self) -> bool {
+        self.was_open
+    }
+
+    /// Rotations done since this file was opened.
+    pub fn rotations(&self) -> u64 {
+        self.rotations
+    }
+
+    /// Changes the limits. When it returns, the new cap holds: an oversized current file is
+    /// rotated away, and backups beyond the new count or larger than the new `max_size` are
+    /// removed with every older one (their offsets become history's leading gap).
+    pub fn set_limits(&mut self, limits: LogLimits) -> io::Result<()> {
+        self.limits = limits;
+        self.enforce_limits()
+    }
+
+    /// Bytes of this stream on disk (current file and backups) and the first offset still there.
+    pub fn disk_usage(&self) -> (u64, u64) {
+        let segments = self.segments();
+        let bytes = segments.iter().map(|s| s.len).sum();
+        (bytes, segments.first().map_or(self.end, |s| s.start))
+    }
+
+    /// The runs of bytes of this stream on disk, oldest first, with their absolute offsets. The
+    /// last one is the current file's growing end (empty if the file is, or ends in a gap).
+    pub fn segments(&self) -> Vec<Segment> {
+        let mut segments = Vec::new();
+        let mut newer_start = self.start;
+        for (path, len) in backups_of(&self.path, self.limits.backups_kept()) {
+            let Some(pieces) = self.gaps.pieces(newer_start, len) else {
+                break;
+            };
+            let Some(first) = pieces.first() else {
+                continue;
+            };
+            newer_start = first.start;
+            segments.extend(pieces.iter().rev().map(|p| segment(&path, p, false)));
+        }
+        segments.reverse();
+        let pieces = self.gaps.pieces(self.end, self.size).unwrap_or_default();
+        let ends_at_end = pieces.last().is_some_and(|p| p.start + p.len == self.end);
+        let last = pieces.len().saturating_sub(1);
+        for (i, piece) in pieces.iter().enumerate() {
+            segments.push(segment(&self.path, piece, ends_at_end && i == last));
+        }
+        if !ends_at_end {
+            segments.push(Segment {
+                path: self.path.clone(),
+                start: self.end,
+                len: 0,
+                file_pos: self.size,
+                growable: true,
+            });
+        }
+        segments
+    }
+
+    /// Opens (read-only) every file holding offsets at or after `from`, oldest first. The
+    /// descriptors stay valid whatever rotations happen later, so a reader outside the owning
+    /// actor reads a consistent snapshot: never a torn or mixed chunk.
+    pub fn open_segments(&self, from: u64) -> io::Result<Vec<OpenSegment>> {
+        let mut open = Vec::new();
+        let mut last: Option<(PathBuf, Arc<File>)> = None;
+        for s in self.segments() {
+            if s.start + s.len <= from && !s.growable {
+                continue;
+            }
+            let file = match &last {
+                Some((path, file)) if *path == s.path => file.clone(),
+                _ => match File::open(&s.path) {
+                    Ok(file) => Arc::new(file),
+                    // A file removed behind our back: its bytes are gone, the reader reports a gap.
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                },
+            };
+            last = Some((s.path, file.clone()));
+            open.push(OpenSegment {
+                file,
+                start: s.start,
+                len: s.len,
+                file_pos: s.file_pos,
+                growable: s.growable,
+            });
+        }
+        Ok(open)
+    }
+
+    /// Appends `data`, rotating whenever the current file is full. On an error, what was
+    /// written before it stays logged; the rest is not accounted (see [`Self::log`]).
+    pub fn append(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let room = self.make_room()?;
+            let n = room.min(data.len() as u64) as usize;
+            self.reserve(self.end + n as u64)?;
+            let file = self.file.as_mut().expect("make_room opened the file");
+            let written = file.write(&data[..n])?;
+            if written == 0 {
+                return Err(io::Error::new(
+                    ErrorKind::WriteZero,
+                    "log file accepted no bytes",
+                ));
+            }
+            self.size += written as u64;
+            self.end += written as u64;
+            data = &data[written..];
+        }
+        Ok(())
+    }
+
+    /// Logs `data`: what the file system refuses still takes its offsets, as a gap counted in
+    /// `dropped` (never a silent loss). The next call tries the file (or opens it) again.
+    pub fn log(&mut self, data: &[u8]) -> Written {
+        let before = self.end;
+        let result = self.append(data);
+        let logged = (self.end - before) as usize;
+        let dropped = data.len() - logged;
+        if let Err(e) = result {
+            tracing::debug!(path = %self.path.display(), error = %e, dropped, "log write failed");
+            self.skip(dropped as u64);
+        }
+        Written { logged, dropped }
+    }
+
+    /// Gives the next `n` offsets to bytes that were not logged: a gap, recorded at once (so a
+    /// crash cannot hand those offsets out again), and counted as dropped.
+    pub fn skip(&mut self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Err(e) = self.reserve(self.end + n) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot reserve offsets");
+        }
+        self.gaps.insert(self.end, self.end + n);
+        self.end += n;
+        self.dropped += n;
+        if self.gaps.len() > MAX_GAPS {
+            if let Err(e) = self.shed_gaps() {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the oldest log file");
+            }
+        }
+        if let Err(e) = self.save_position(None) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot record dropped bytes");
+        }
+    }
+
+    /// Moves up to `max` bytes from a non-blocking pipe into the log through `buffer`, cut at
+    /// the room left in the current file. Returns `WouldBlock` when the pipe is empty.
+    ///
+    /// `read` + `write`, not `splice(2)`: splicing into a file holds the pipe's lock while the
+    /// page cache is written, so the guest's next write waits for it; copying lets both run at
+    /// once, and measured faster (docs/performance.md).
+    pub fn move_from_pipe(
+        &mut self,
+        pipe: BorrowedFd<'_>,
+        max: usize,
+        buffer: &mut [u8],
+    ) -> io::Result<Moved> {
+        // A full (or lost) file is only rotated once there is data for the next one (the read
+        // comes first, then the append rotates): rotating on speculation would empty a
+        // truncate-mode file that readers still want.
+        let room = match &self.file {
+            Some(_) if self.size < self.limits.max_size => {
+                (self.limits.max_size - self.size) as usize
+            }
+            _ => max,
+        };
+        let len = max.min(room).min(buffer.len());
+        match rustix::io::read(pipe, &mut buffer[..len]) {
+            Ok(0) => Ok(Moved::Eof),
+            Ok(n) => {
+                let Written { logged, dropped } = self.log(&buffer[..n]);
+                Ok(Moved::Bytes { logged, dropped })
+            }
+            Err(rustix::io::Errno::AGAIN) => Err(ErrorKind::WouldBlock.into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records the end offset (when a stream closes), if it changed since the last save. It
+    /// does not flush the file to stable storage: a restarted daemon reads the same page cache,
+    /// and a power cut loses what the kernel had not yet written back whether the daemon was
+    /// running or not (docs/operations.md, "Durability").
+    pub fn checkpoint(&mut self) -> io::Result<()> {
+        self.save_position(None)
+    }
+
+    /// Room left in the current file, rotating first if it is full; reopens a file lost to an
+    /// earlier failure.
+    fn make_room(&mut self) -> io::Result<u64> {
+        if self.file.is_none() {
+            self.create_current(self.limits.backups_kept() == 0)?;
+        }
+        if self.size >= self.limits.max_size {
+            self.rotate(self.limits.backups_kept())?;
+        }
+        Ok(self.limits.max_size - self.size)
+    }
+
+    fn enforce_limits(&mut self) -> io::Result<()> {
+        let keep = self.limits.backups_kept();
+        // Only a file over the cap (limits shrank) is rotated now; a full one waits for data.
+        if self.size > self.limits.max_size {
+            self.rotate(keep)?;
+        }
+        let backups = backups_of(&self.path, MAX_SCAN);
+        let cut = backups
+            .iter()
+            .position(|(_, len)| *len > self.limits.max_size)
+            .unwrap_or(backups.len())
+            .min(keep as usize);
+        if cut < backups.len() {
+            files::remove_backups(&self.path, cut as u32 + 1, backups.len() as u32)?;
+        }
+        self.forget_old_gaps();
+        self.save_position(None)
+    }
+
+    /// Removes the oldest file until at most [`MAX_GAPS`] gaps are left to remember.
+    fn shed_gaps(&mut self) -> io::Result<()> {
+        while self.gaps.len() > MAX_GAPS {
+            let backups = backups_of(&self.path, MAX_SCAN).len() as u32;
+            if backups > 0 {
+                files::remove_backups(&self.path, backups, backups)?;
+            } else {
+                // All in the current file: it goes, as in a truncation.
+                self.rotate(0)?;
+            }
+            let before = self.gaps.len();
+            self.forget_old_gaps();
+            if backups == 0 && self.gaps.len() == before {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets gaps older than anything on disk.
+    fn forget_old_gaps(&mut self) {
+        if self.gaps.is_empty() {
+            return;
+        }
+        let first = self.segments().first().map_or(self.start, |s| s.start);
+        self.gaps.forget_before(first.min(self.start));
+    }
+
+    /// Shifts `.log` → `.log.1` → … (or drops the file when `keep` is 0) and starts a new file.
+    /// The order of the steps is what makes a crash at any of them recognisable (module docs).
+    fn rotate(&mut self, keep: u32) -> io::Result<()> {
+        let next_start = self.end;
+        fault::point("logfile.rotate.begin");
+        // The new file's offsets are reserved with the same sync.
+        self.reserved = self.reserved.max(next_start + self.limits.max_size);
+        // On disk before the move is: after a power cut this record recognises the moved (or
+        // unlinked) file, and its `end` is the floor of the offsets.
+        self.save_position_durably(Some(next_start))?;
+        fault::point("logfile.rotate.recorded");
+        // The old file stays open until it is moved: if a step fails, nothing changed and the
+        // next write tries the rotation again.
+        if keep == 0 {
+            remove_if_exists(&self.path)?;
+        } else {
+            files::remove_backups(&self.path, keep, keep)?;
+            for k in (1..keep).rev() {
+                rename_if_exists(&backup_path(&self.path, k), &backup_path(&self.path, k + 1))?;
+            }
+            rename_if_exists(&self.path, &backup_path(&self.path, 1))?;
+        }
+        fault::point("logfile.rotate.moved");
+        self.file = None;
+        self.inode = 0;
+        self.start = next_start;
+        self.size = 0;
+        self.rotations += 1;
+        self.create_current(keep == 0)
+    }
+
+    /// Opens (creating) the current file; it starts after every offset handed out.
+    ///
+    /// When the old file was unlinked (`durable`) the new one may get its inode, so nothing is
+    /// written to it before its directory entry and the record naming it are durable: after a
+    /// power cut, a non-empty file with the recorded inode is then always the recorded file.
+    /// With backups the old inode lives on as `.1`, and the record written before the move
+    /// suffices.
+    fn create_current(&mut self, durable: bool) -> io::Result<()> {
+        let file = open_log(&self.path)?;
+        fault::point("logfile.rotate.created");
+        let meta = file.metadata()?;
+        if durable {
+            files::sync_parent(&self.path)?;
+        }
+        let previous = (self.start, self.size, self.end);
+        // A file recreated behind our back may hold bytes: they follow every offset handed out.
+        self.start = self.end;
+        self.size = meta.len();
+        self.end += meta.len();
+        self.inode = meta.ino();
+        let saved = if durable {
+            self.save_position_durably(None)
+        } else {
+            self.save_position(None)
+        };
+        if let Err(e) = saved {
+            (self.start, self.size, self.end) = previous;
+            self.inode = 0;
+            return Err(e);
+        }
+        self.file = Some(file);
+        fault::point("logfile.rotate.done");
+        Ok(())
+    }
+
+    fn save_position(&mut self, next_start: Option<u64>) -> io::Result<()> {
+        match self.changed_position(next_start) {
+            Some(record) => self.write_position(&record::open(&self.position_path)?, record),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes sure offsets below `upto` are reserved (see [`Position::reserved`]): if not, reserves
+    /// a file's worth more, durably. One sync per `max_size` offsets at most, none in the common
+    /// case (a rotation reserves its new file's offsets with its own sync).
+    fn reserve(&mut self, upto: u64) -> io::Result<()> {
+        if upto <= self.reserved {
+            return Ok(());
+        }
+        let before = self.reserved;
+        self.reserved = upto.max(self.end + self.limits.max_size);
+        let result = self.save_position_durably(None);
+        if result.is_err() {
+            self.reserved = before;
+        }
+        result
+    }
+
+    /// Saves the record and waits until it is on stable storage (rotations, reservations).
+    fn save_position_durably(&mut self, next_start: Option<u64>) -> io::Result<()> {
+        let file = record::open(&self.position_path)?;
+        if let Some(record) = self.changed_position(next_start) {
+            self.write_position(&file, record)?;
+        }
+        file.sync_data()?;
+        if !self.record_entry_synced {
+            files::sync_parent(&self.position_path)?;
+            self.record_entry_synced = true;
+        }
+        Ok(())
+    }
+
+    /// The record to write, or `None` when it would say what was last read or written.
+    fn changed_position(&self, next_start: Option<u64>) -> Option<Position> {
+        let record = self.position(next_start);
+        (self.saved.as_ref() != Some(&record)).then_some(record)
+    }
+
+    /// Writes `record` into the open position record `file`.
+    fn write_position(&mut self, file: &File, record: Position) -> io::Result<()> {
+        self.record_len = record::write(file, &record, self.record_len)?;
+        self.saved = Some(record);
+        Ok(())
+    }
+
+    fn position(&self, next_start: Option<u64>) -> Position {
+        Position {
+            inode: self.inode,
+            start: self.start,
+            next_start,
+            end: self.end,
+            open: self.open,
+            dropped: self.dropped,
+            gaps: self.gaps.clone(),
+            reserved: self.reserved,
+            boot: record::boot_id().to_owned(),
+        }
+    }
+}
+
+impl Drop for LogFile {
+    fn drop(&mut self) {
+        let _ = self.save_position(None);
+    }
+}
+
+fn segment(path: &Path, piece: &Piece, growable: bool) -> Segment {
+    Segment {
+        path: path.to_owned(),
+        start: piece.start,
+        len: piece.len,
+        file_pos: piece.file_pos,
+        growable,
+    }
+}
