@@ -9,7 +9,7 @@ use super::auth::{self, Caller, Need};
 use super::conn::ConnInfo;
 use crate::console::pacing::InputPacer;
 use crate::console::sessions::{SessionGuard, Sessions};
-use crate::console::{AttachRequest, Attachment, Event, Mode};
+use crate::console::{AttachRequest, Attachment, Event, Mode, MAX_PENDING_INPUT};
 use crate::error::{Error, Result};
 use crate::guests::Guests;
 use crate::history::{self, HistoryItem, HistoryRequest, Start};
@@ -22,8 +22,16 @@ use crate::proto::{
 use crate::tokens::TokenKey;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+
+/// How long an `AttachConsole` call may take to send its attach frame.
+const ATTACH_FRAME_WAIT: Duration = Duration::from_secs(10);
+/// How long `SendConsoleInput` waits for the guest to take its input (docs/operations.md,
+/// "Consoles"): past it, what the guest has not taken is discarded and the call is
+/// `RESOURCE_EXHAUSTED`.
+const INPUT_WAIT: Duration = Duration::from_secs(10);
 
 /// A boxed server stream.
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -241,9 +249,17 @@ impl Console for ConsoleService {
         let label = peer_label(&request);
         let caller = auth::caller(&request);
         let mut inbound = request.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Error::InvalidArgument("The stream ended before its attach frame".into())
-        })?;
+        let first = tokio::time::timeout(ATTACH_FRAME_WAIT, inbound.message())
+            .await
+            .map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "The attach frame must be the first ClientFrame, sent within {}s of the call",
+                    ATTACH_FRAME_WAIT.as_secs()
+                ))
+            })??
+            .ok_or_else(|| {
+                Error::InvalidArgument("The stream ended before its attach frame".into())
+            })?;
         let Some(client_frame::Frame::Attach(a)) = first.frame else {
             return Err(
                 Error::InvalidArgument("The first ClientFrame must be attach".into()).into(),
@@ -281,9 +297,15 @@ impl Console for ConsoleService {
                 };
                 match frame.frame {
                     Some(client_frame::Frame::Input(input)) => {
+                        // The next frame is read only once the guest took this one: a guest
+                        // that does not read stops the client through HTTP/2 flow control.
+                        // Input of a client without the lease, or with no guest, is dropped
+                        // (streams have no per-frame answer); the end of the call (the
+                        // `call_over` branch) withdraws what is not written yet.
                         let bytes = input.data.len();
-                        if console.input(client, input.data).await.is_err() {
-                            break;
+                        tokio::select! {
+                            _ = console.write_input(client, input.data) => {},
+                            _ = &mut call_over => break,
                         }
                         pacer.pace(bytes).await;
                     }
@@ -330,13 +352,40 @@ impl Console for ConsoleService {
         let (guest, device) = session.console.guest_and_device();
         auth::authorize(caller.as_ref(), guest, device, Need::Write)?;
         let bytes = r.data.len();
-        let accepted = session
-            .console
-            .input_checked(session.client, r.data)
-            .await?;
-        session.pacer.lock().await.pace(bytes).await;
+        if bytes > MAX_PENDING_INPUT {
+            return Err(Error::Exhausted(format!(
+                "SendConsoleInput data is {bytes} bytes; at most {MAX_PENDING_INPUT} (64 KiB) of \
+                 console input may wait for the guest: send it in pieces, one call after the other"
+            ))
+            .into());
+        }
+        // One call at a time per session: a second one is refused, never queued, so that the
+        // input of a session reaches the guest in the order of its calls.
+        let Ok(mut pacer) = session.pacer.try_lock() else {
+            return Err(Error::Exhausted(
+                "Another SendConsoleInput call of this session is in progress (one at a time per \
+                 session): send the next input after the previous call returned"
+                    .into(),
+            )
+            .into());
+        };
+        let written = tokio::time::timeout(
+            INPUT_WAIT,
+            session.console.write_input(session.client, r.data),
+        )
+        .await
+        .map_err(|_| {
+            Error::Exhausted(format!(
+                "The guest of console {} has not read its input for {}s (at most \
+                 {MAX_PENDING_INPUT} bytes wait for it); the input of this call that it had not \
+                 taken was discarded",
+                session.console.name,
+                INPUT_WAIT.as_secs()
+            ))
+        })??;
+        pacer.pace(bytes).await;
         Ok(Response::new(SendConsoleInputResponse {
-            accepted_bytes: accepted as u64,
+            accepted_bytes: written as u64,
         }))
     }
 
