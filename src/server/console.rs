@@ -455,3 +455,88 @@ impl Console for ConsoleService {
         ))
     }
 }
+
+/// The path of `SendConsoleInput`, whose request body [`InputBounded`] bounds.
+const SEND_INPUT_PATH: &str = "/conlog.v1.Console/SendConsoleInput";
+/// Most bytes of a `SendConsoleInput` request body: the gRPC frame header, the session id and
+/// at most [`MAX_PENDING_INPUT`] bytes of data, with room to spare.
+const MAX_INPUT_BODY: usize = MAX_PENDING_INPUT + 4096;
+
+/// The Console service with the request body of `SendConsoleInput` bounded while it arrives:
+/// a body over [`MAX_INPUT_BODY`] ends the call with `RESOURCE_EXHAUSTED` as soon as it is
+/// over, so that concurrent input calls each cost at most that much memory before their
+/// handler refuses them, not `limits.message_size`. Other calls pass untouched.
+#[derive(Clone)]
+pub struct InputBounded<S>(pub S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for InputBounded<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for InputBounded<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path() != SEND_INPUT_PATH {
+            return self.0.call(request);
+        }
+        self.0.call(request.map(|body| {
+            tonic::body::Body::new(BoundedBody {
+                inner: body,
+                seen: 0,
+            })
+        }))
+    }
+}
+
+/// A request body that fails once more than [`MAX_INPUT_BODY`] bytes arrived.
+struct BoundedBody {
+    inner: tonic::body::Body,
+    seen: usize,
+}
+
+impl http_body::Body for BoundedBody {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.seen += data.len();
+                if self.seen > MAX_INPUT_BODY {
+                    return std::task::Poll::Ready(Some(Err(Error::Exhausted(format!(
+                        "SendConsoleInput data is over {MAX_PENDING_INPUT} bytes: at most \
+                         {MAX_PENDING_INPUT} (64 KiB) of console input may wait for the guest; \
+                         send it in pieces, one call after the other"
+                    ))
+                    .into())));
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,286 @@
+//! Consoles against misbehaving peers: a second QEMU connecting while the first still has bytes
+//! in flight, and a read-write token holder flooding input at a guest that does not read.
+//!
+//! - The replaced guest connection is drained: every byte its `write` calls accepted is logged,
+//!   in order, before the new connection's bytes; nothing is counted as dropped.
+//! - Console input is never queued: per console one piece of at most 64 KiB waits for the
+//!   guest; other calls are refused at once (`RESOURCE_EXHAUSTED` naming the bound), so the
+//!   daemon's memory stays flat under hundreds of concurrent 1 MiB calls; input of cancelled
+//!   calls or ended streams never reaches the guest, and the writer's keystrokes arrive exactly
+//!   and in order afterwards.
+
+mod support;
+
+use conlog::proto::attach::Mode;
+use std::io::Write;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use support::*;
+use tokio::time::Instant;
+use tonic::Code;
+
+/// Most the daemon's resident memory may grow while the input attack is under way. Every
+/// waiting call holding its 1 MiB (what the daemon did before) is 300 MiB.
+const RSS_GROWTH: u64 = 64 << 20;
+/// The daemon's bound on input waiting for a console's guest (and on one SendConsoleInput).
+const PENDING_INPUT: usize = 64 << 10;
+
+/// Numbered lines `first <n>\n` from `n` on, as one buffer of at least `len` bytes.
+fn numbered(from: &mut u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 32);
+    while out.len() < len {
+        out.extend_from_slice(format!("first {:010}\n", *from).as_bytes());
+        *from += 1;
+    }
+    out
+}
+
+/// QEMU reconnecting while its old connection still holds output in the kernel: the daemon is
+/// stopped (SIGSTOP) while the first connection writes numbered lines until its socket buffer
+/// is full, a second connection arrives and writes, and the daemon continues. Every byte the
+/// first connection's writes accepted is in the log, in order, before the second's bytes; the
+/// first connection is closed (its next write fails); nothing is counted as dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_guest_connection_drains_the_first_in_order() {
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let reply = open_console(&mut agent, "vm-two").await;
+
+    let mut first = StdUnixStream::connect(&reply.guest_socket).unwrap();
+    wait_guest_connected(&mut agent, "vm-two", "serial0", true).await;
+    let mut line = 0;
+    let mut accepted = numbered(&mut line, 10_000);
+    first.write_all(&accepted).unwrap();
+    wait_offset(&mut agent, "vm-two", "serial0", accepted.len() as u64).await;
+
+    // With the daemon stopped, fill the first connection's socket buffer: exactly the bytes
+    // its writes accept are recorded.
+    daemon.signal(rustix::process::Signal::STOP);
+    first.set_nonblocking(true).unwrap();
+    let mut in_kernel = 0;
+    loop {
+        let chunk = numbered(&mut line, 4096);
+        match first.write(&chunk) {
+            Ok(n) => {
+                accepted.extend_from_slice(&chunk[..n]);
+                in_kernel += n;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("first guest write: {e}"),
+        }
+    }
+    assert!(in_kernel >= 16 << 10, "only {in_kernel} bytes fit the socket");
+    let mut second = StdUnixStream::connect(&reply.guest_socket).unwrap();
+    second.write_all(b"second connection\n").unwrap();
+    daemon.signal(rustix::process::Signal::CONT);
+
+    let mut expected = accepted.clone();
+    expected.extend_from_slice(b"second connection\n");
+    let info = wait_offset(&mut agent, "vm-two", "serial0", expected.len() as u64).await;
+    assert_eq!(info.dropped_bytes, 0);
+    assert!(info.guest_connected);
+    let log = read_log(&daemon.log_dir(), "vm-two", "serial0");
+    assert_eq!(log.len(), expected.len());
+    assert!(
+        log == expected,
+        "the log differs from what the first connection's writes accepted followed by the \
+         second's ({in_kernel} bytes were in the first's socket buffer)"
+    );
+    // The first connection is closed: its writes fail now rather than being accepted and lost.
+    first.set_nonblocking(false).unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match first.write(b"late\n") {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "first connection still accepts writes: {other:?}"
+                );
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    }
+    // And the new connection is the guest now.
+    second.write_all(b"still here\n").unwrap();
+    wait_offset(
+        &mut agent,
+        "vm-two",
+        "serial0",
+        expected.len() as u64 + 11,
+    )
+    .await;
+}
+
+/// Sends filler input (`F`) from `session` until the daemon says the guest has stopped taking
+/// it (the socket towards the guest is full). Returns how many filler bytes the daemon
+/// reported written.
+async fn fill_guest_socket(channel: &ConsoleChannel, session: &str) -> u64 {
+    let filler = vec![b'F'; 16 << 10];
+    let mut written = 0;
+    loop {
+        match send_input(channel.clone(), session, &filler).await {
+            Ok(n) => {
+                assert_eq!(n, filler.len() as u64);
+                written += n;
+            }
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(
+                    status.message().contains("has not read its input"),
+                    "{status:?}"
+                );
+                return written;
+            }
+            Err(status) => panic!("filler input: {status:?}"),
+        }
+        assert!(written < 64 << 20, "the guest socket never filled");
+    }
+}
+
+/// Sends `data` from `session`, retrying while an earlier (cancelled) call of the session is
+/// still being torn down by the daemon.
+async fn send_when_free(channel: &ConsoleChannel, session: &str, data: &[u8]) -> u64 {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match send_input(channel.clone(), session, data).await {
+            Ok(n) => return n,
+            Err(status)
+                if status.code() == Code::ResourceExhausted
+                    && status.message().contains("in progress") =>
+            {
+                assert!(Instant::now() < deadline, "{status:?}");
+                tokio::time::sleep(POLL).await;
+            }
+            Err(status) => panic!("input {:?}: {status:?}", String::from_utf8_lossy(data)),
+        }
+    }
+}
+
+/// 300 concurrent 1 MiB and 300 concurrent 64 KiB SendConsoleInput calls from the writer's
+/// session at a guest that does not read: the 1 MiB calls are refused for their size, all but
+/// one 64 KiB call are refused as concurrent, the daemon's RSS grows by less than 64 MiB. Once
+/// the calls are cancelled and the guest reads, none of their bytes reaches it, and the
+/// writer's keystrokes (200 calls) arrive exactly and in order after the filler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_flood_is_bounded_and_cancelled_input_never_reaches_the_guest() {
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let reply = open_console(&mut agent, "vm-in").await;
+    let mut guest = FakeGuest::connect(&reply.guest_socket).await;
+    wait_guest_connected(&mut agent, "vm-in", "serial0", true).await;
+
+    let token = daemon
+        .token("vm-in", "", conlog::proto::Access::ReadWrite, 3600)
+        .await;
+    let channel = with_token(daemon.plain_tcp_channel().await, &token);
+    let watcher = watch(channel.clone(), watch_request("vm-in", Mode::ReadWrite))
+        .await
+        .unwrap();
+    assert!(watcher.attached.writer);
+    let session = watcher.attached.session_id.clone();
+
+    let filler = fill_guest_socket(&channel, &session).await;
+    assert!(filler > 0, "the guest socket took no input at all");
+
+    // The attack: over four connections of their own, so that HTTP/2 does not serialise it.
+    let mut channels = Vec::new();
+    for _ in 0..4 {
+        channels.push(with_token(daemon.plain_tcp_channel().await, &token));
+    }
+    let before = rss_bytes(daemon.pid());
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..600usize {
+        let channel = channels[i % channels.len()].clone();
+        let session = session.clone();
+        let data = if i % 2 == 0 {
+            // Under limits.message_size (1 MiB with the request's other fields).
+            vec![b'X'; (1 << 20) - 1024]
+        } else {
+            vec![b'Y'; PENDING_INPUT]
+        };
+        calls.spawn(async move {
+            let result = channel
+                .console()
+                .send_console_input(conlog::proto::SendConsoleInputRequest {
+                    session_id: session,
+                    data: data.into(),
+                })
+                .await;
+            (i, result)
+        });
+    }
+    let mut max_rss = before;
+    let mut refused = 0;
+    let deadline = Instant::now() + DEADLINE;
+    // Every call but at most one (the piece waiting for the guest) is answered at once.
+    while calls.len() > 1 {
+        let joined =
+            tokio::time::timeout(std::time::Duration::from_millis(50), calls.join_next()).await;
+        max_rss = max_rss.max(rss_bytes(daemon.pid()));
+        assert!(Instant::now() < deadline, "{} calls still waiting", calls.len());
+        let Ok(Some(joined)) = joined else { continue };
+        let (i, result) = joined.unwrap();
+        let status = result.expect_err("input accepted by a guest that does not read");
+        assert_eq!(status.code(), Code::ResourceExhausted, "call {i}: {status:?}");
+        if i % 2 == 0 {
+            assert!(status.message().contains("at most 65536"), "{status:?}");
+        }
+        refused += 1;
+    }
+    max_rss = max_rss.max(rss_bytes(daemon.pid()));
+    assert!(refused >= 599, "only {refused} calls refused");
+    let growth = max_rss.saturating_sub(before);
+    assert!(
+        growth < RSS_GROWTH,
+        "daemon RSS grew by {} MiB under the input flood ({} -> {} MiB)",
+        growth >> 20,
+        before >> 20,
+        max_rss >> 20
+    );
+    eprintln!(
+        "RSS under 600 concurrent input calls: {} -> {} MiB",
+        before >> 20,
+        max_rss >> 20
+    );
+
+    // Cancel what still waits, and wait until the daemon has let go of it: the session takes
+    // a (empty) call again only once the cancelled one has ended.
+    calls.abort_all();
+    while calls.join_next().await.is_some() {}
+    assert_eq!(send_when_free(&channel, &session, b"").await, 0);
+
+    // The guest reads now; the writer types.
+    let keys: Vec<String> = (0..200).map(|i| format!("key {i}\n")).collect();
+    let typist = {
+        let channel = channel.clone();
+        let session = session.clone();
+        let keys = keys.clone();
+        tokio::spawn(async move {
+            for key in &keys {
+                assert_eq!(
+                    send_when_free(&channel, &session, key.as_bytes()).await,
+                    key.len() as u64
+                );
+            }
+        })
+    };
+    let typed = keys.concat();
+    let received = guest
+        .wait_until("every keystroke", |r| r.ends_with(typed.as_bytes()))
+        .await
+        .to_vec();
+    bounded("typist", typist).await.unwrap();
+    let stale = received.len() - typed.len();
+    assert!(
+        received[..stale].iter().all(|&b| b == b'F'),
+        "input other than filler reached the guest before the keystrokes: {:?}",
+        String::from_utf8_lossy(&received[..stale.min(200)])
+    );
+    assert!(
+        stale as u64 >= filler,
+        "filler the daemon reported written is missing ({stale} < {filler})"
+    );
+    // Nothing else arrives later.
+    assert_eq!(guest.read_some(std::time::Duration::from_millis(200)).await, 0);
+    drop(watcher);
+}
