@@ -34,82 +34,82 @@ fn numbered(from: &mut u64, len: usize) -> Vec<u8> {
     out
 }
 
-/// QEMU reconnecting while its old connection still holds output in the kernel: the daemon is
-/// stopped (SIGSTOP) while the first connection writes numbered lines until its socket buffer
-/// is full, a second connection arrives and writes, and the daemon continues. Every byte the
-/// first connection's writes accepted is in the log, in order, before the second's bytes; the
-/// first connection is closed (its next write fails); nothing is counted as dropped.
+/// QEMU reconnecting while its old connection still holds output in the kernel, three times:
+/// each time the daemon is stopped (SIGSTOP) while the current connection writes numbered
+/// lines until its socket buffer is full, a new connection arrives and writes, and the daemon
+/// continues. Every byte the old connection's writes accepted is in the log, in order, before
+/// the new one's bytes; the old connection is closed (its next write fails); nothing is counted
+/// as dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_guest_connection_drains_the_first_in_order() {
     let daemon = Daemon::start().await;
     let mut agent = daemon.agent().await;
     let reply = open_console(&mut agent, "vm-two").await;
 
-    let mut first = StdUnixStream::connect(&reply.guest_socket).unwrap();
+    let mut current = StdUnixStream::connect(&reply.guest_socket).unwrap();
     wait_guest_connected(&mut agent, "vm-two", "serial0", true).await;
     let mut line = 0;
-    let mut accepted = numbered(&mut line, 10_000);
-    first.write_all(&accepted).unwrap();
-    wait_offset(&mut agent, "vm-two", "serial0", accepted.len() as u64).await;
+    let mut expected = numbered(&mut line, 10_000);
+    current.write_all(&expected).unwrap();
+    wait_offset(&mut agent, "vm-two", "serial0", expected.len() as u64).await;
 
-    // With the daemon stopped, fill the first connection's socket buffer: exactly the bytes
-    // its writes accept are recorded.
-    daemon.signal(rustix::process::Signal::STOP);
-    first.set_nonblocking(true).unwrap();
-    let mut in_kernel = 0;
-    loop {
-        let chunk = numbered(&mut line, 4096);
-        match first.write(&chunk) {
-            Ok(n) => {
-                accepted.extend_from_slice(&chunk[..n]);
-                in_kernel += n;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) => panic!("first guest write: {e}"),
-        }
-    }
-    assert!(in_kernel >= 16 << 10, "only {in_kernel} bytes fit the socket");
-    let mut second = StdUnixStream::connect(&reply.guest_socket).unwrap();
-    second.write_all(b"second connection\n").unwrap();
-    daemon.signal(rustix::process::Signal::CONT);
-
-    let mut expected = accepted.clone();
-    expected.extend_from_slice(b"second connection\n");
-    let info = wait_offset(&mut agent, "vm-two", "serial0", expected.len() as u64).await;
-    assert_eq!(info.dropped_bytes, 0);
-    assert!(info.guest_connected);
-    let log = read_log(&daemon.log_dir(), "vm-two", "serial0");
-    assert_eq!(log.len(), expected.len());
-    assert!(
-        log == expected,
-        "the log differs from what the first connection's writes accepted followed by the \
-         second's ({in_kernel} bytes were in the first's socket buffer)"
-    );
-    // The first connection is closed: its writes fail now rather than being accepted and lost.
-    first.set_nonblocking(false).unwrap();
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        match first.write(b"late\n") {
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            other => {
-                assert!(
-                    Instant::now() < deadline,
-                    "first connection still accepts writes: {other:?}"
-                );
-                tokio::time::sleep(POLL).await;
+    for round in 1..=3 {
+        // With the daemon stopped, fill the current connection's socket buffer: exactly the
+        // bytes its writes accept are recorded.
+        daemon.signal(rustix::process::Signal::STOP);
+        current.set_nonblocking(true).unwrap();
+        let mut in_kernel = 0;
+        loop {
+            let chunk = numbered(&mut line, 4096);
+            match current.write(&chunk) {
+                Ok(n) => {
+                    expected.extend_from_slice(&chunk[..n]);
+                    in_kernel += n;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("guest write: {e}"),
             }
         }
+        assert!(in_kernel >= 16 << 10, "only {in_kernel} bytes fit the socket");
+        let mut next = StdUnixStream::connect(&reply.guest_socket).unwrap();
+        let hello = format!("connection {round}\n");
+        next.write_all(hello.as_bytes()).unwrap();
+        expected.extend_from_slice(hello.as_bytes());
+        daemon.signal(rustix::process::Signal::CONT);
+
+        let info = wait_offset(&mut agent, "vm-two", "serial0", expected.len() as u64).await;
+        assert_eq!(info.dropped_bytes, 0);
+        assert!(info.guest_connected);
+        let log = read_log(&daemon.log_dir(), "vm-two", "serial0");
+        assert!(
+            log == expected,
+            "round {round}: the log differs from what the old connection's writes accepted \
+             followed by the new one's ({in_kernel} bytes were in the old one's socket buffer)"
+        );
+        // The old connection is closed: its writes fail now rather than being accepted and
+        // lost.
+        current.set_nonblocking(false).unwrap();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            match current.write(b"late\n") {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                other => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "old connection still accepts writes: {other:?}"
+                    );
+                    tokio::time::sleep(POLL).await;
+                }
+            }
+        }
+        current = next;
     }
-    // And the new connection is the guest now.
-    second.write_all(b"still here\n").unwrap();
-    wait_offset(
-        &mut agent,
-        "vm-two",
-        "serial0",
-        expected.len() as u64 + 11,
-    )
-    .await;
+    // And the last connection is the guest now.
+    current.write_all(b"still here\n").unwrap();
+    expected.extend_from_slice(b"still here\n");
+    wait_offset(&mut agent, "vm-two", "serial0", expected.len() as u64).await;
+    assert!(read_log(&daemon.log_dir(), "vm-two", "serial0") == expected);
 }
 
 /// Sends filler input (`F`) from `session` until the daemon says the guest has stopped taking
