@@ -70,7 +70,10 @@ async fn second_guest_connection_drains_the_first_in_order() {
                 Err(e) => panic!("guest write: {e}"),
             }
         }
-        assert!(in_kernel >= 16 << 10, "only {in_kernel} bytes fit the socket");
+        assert!(
+            in_kernel >= 16 << 10,
+            "only {in_kernel} bytes fit the socket"
+        );
         let mut next = StdUnixStream::connect(&reply.guest_socket).unwrap();
         let hello = format!("connection {round}\n");
         next.write_all(hello.as_bytes()).unwrap();
@@ -217,11 +220,19 @@ async fn input_flood_is_bounded_and_cancelled_input_never_reaches_the_guest() {
         let joined =
             tokio::time::timeout(std::time::Duration::from_millis(50), calls.join_next()).await;
         max_rss = max_rss.max(rss_bytes(daemon.pid()));
-        assert!(Instant::now() < deadline, "{} calls still waiting", calls.len());
+        assert!(
+            Instant::now() < deadline,
+            "{} calls still waiting",
+            calls.len()
+        );
         let Ok(Some(joined)) = joined else { continue };
         let (i, result) = joined.unwrap();
         let status = result.expect_err("input accepted by a guest that does not read");
-        assert_eq!(status.code(), Code::ResourceExhausted, "call {i}: {status:?}");
+        assert_eq!(
+            status.code(),
+            Code::ResourceExhausted,
+            "call {i}: {status:?}"
+        );
         if i % 2 == 0 {
             assert!(status.message().contains("at most 65536"), "{status:?}");
         }
@@ -281,6 +292,159 @@ async fn input_flood_is_bounded_and_cancelled_input_never_reaches_the_guest() {
         "filler the daemon reported written is missing ({stale} < {filler})"
     );
     // Nothing else arrives later.
-    assert_eq!(guest.read_some(std::time::Duration::from_millis(200)).await, 0);
+    assert_eq!(
+        guest.read_some(std::time::Duration::from_millis(200)).await,
+        0
+    );
     drop(watcher);
+}
+
+/// An `AttachConsole` call whose input frames the test sends itself, one at a time.
+struct Writer {
+    frames: Frames,
+    input: tokio::sync::mpsc::Sender<conlog::proto::ClientFrame>,
+}
+
+impl Writer {
+    async fn attach(channel: ConsoleChannel, attach: conlog::proto::Attach) -> Self {
+        let (input, receiver) = tokio::sync::mpsc::channel(1);
+        input.send(attach_frame(attach)).await.unwrap();
+        let response = bounded(
+            "AttachConsole",
+            channel
+                .console()
+                .attach_console(tokio_stream::wrappers::ReceiverStream::new(receiver)),
+        )
+        .await
+        .unwrap();
+        let frames = Frames::start(response.into_inner()).await.unwrap();
+        Self { frames, input }
+    }
+
+    /// Sends 64 KiB frames of `byte` until the daemon stops reading them (the guest does not
+    /// take its input, so flow control stops the stream), so that a piece of this writer's
+    /// input is waiting for the guest when this returns.
+    async fn send_until_stopped(&self, byte: u8) {
+        let frame = input_frame(&vec![byte; 64 << 10]);
+        let mut sent = 0;
+        loop {
+            match tokio::time::timeout(
+                std::time::Duration::from_millis(500),
+                self.input.send(frame.clone()),
+            )
+            .await
+            {
+                Ok(Ok(())) => sent += 1,
+                Ok(Err(_)) => panic!("the AttachConsole stream ended"),
+                Err(_) => break,
+            }
+            assert!(sent < 64, "the daemon keeps reading input nobody takes");
+        }
+    }
+}
+
+/// Input waiting for a guest that does not read ends with its caller: an `AttachConsole`
+/// stream that ends, a `client.sock` connection that closes, and a writer whose lease is taken
+/// with `force` each had a piece waiting; none of it reaches the guest once it reads, and the
+/// new writer's input arrives exactly, right after the filler the guest's socket had taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_of_ended_streams_and_revoked_writers_never_reaches_the_guest() {
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let reply = open_console(&mut agent, "vm-end").await;
+    let mut guest = FakeGuest::connect(&reply.guest_socket).await;
+    wait_guest_connected(&mut agent, "vm-end", "serial0", true).await;
+    let channel = daemon.tcp_channel("vm-end").await;
+    {
+        let filler = watch(channel.clone(), watch_request("vm-end", Mode::ReadWrite))
+            .await
+            .unwrap();
+        fill_guest_socket(&channel, &filler.attached.session_id).await;
+    }
+    wait_clients(&mut agent, "vm-end", "serial0", 0).await;
+
+    // A stream that ends while its input waits. One frame, so that nothing stays in the
+    // client's flow-control window and dropping the call resets the stream; the pause gives
+    // the daemon time to take the frame (without it the test could only pass more easily).
+    let w1 = Writer::attach(channel.clone(), attach("vm-end", Mode::ReadWrite)).await;
+    assert!(w1.frames.attached.writer);
+    w1.input.send(input_frame(&[b'A'; 60_000])).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(w1);
+    wait_clients(&mut agent, "vm-end", "serial0", 0).await;
+
+    // A raw connection that closes while its input waits: it is read only while the guest
+    // takes its input, so its socket fills.
+    let raw = StdUnixStream::connect(&reply.client_socket).unwrap();
+    wait_clients(&mut agent, "vm-end", "serial0", 1).await;
+    raw.set_nonblocking(true).unwrap();
+    let chunk = vec![b'R'; 4096];
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match (&raw).write(&chunk) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("raw client write: {e}"),
+        }
+        assert!(Instant::now() < deadline, "the raw connection never filled");
+        tokio::task::yield_now().await;
+    }
+    drop(raw);
+    wait_clients(&mut agent, "vm-end", "serial0", 0).await;
+
+    // A writer whose lease is taken while its input waits.
+    let w2 = Writer::attach(channel.clone(), attach("vm-end", Mode::ReadWrite)).await;
+    w2.send_until_stopped(b'B').await;
+    let w3 = Writer::attach(
+        channel.clone(),
+        conlog::proto::Attach {
+            force: true,
+            ..attach("vm-end", Mode::ReadWrite)
+        },
+    )
+    .await;
+    assert!(w3.frames.attached.writer);
+
+    // The guest reads; the new writer types.
+    w3.input.send(input_frame(b"done\n")).await.unwrap();
+    let received = guest
+        .wait_until("the new writer's input", |r| r.ends_with(b"done\n"))
+        .await
+        .to_vec();
+    let stale = &received[..received.len() - 5];
+    assert!(
+        stale.iter().all(|&b| b == b'F'),
+        "input of an ended stream, a closed raw connection or a revoked writer reached the \
+         guest: {} A, {} R, {} B bytes",
+        stale.iter().filter(|&&b| b == b'A').count(),
+        stale.iter().filter(|&&b| b == b'R').count(),
+        stale.iter().filter(|&&b| b == b'B').count(),
+    );
+    assert_eq!(
+        guest.read_some(std::time::Duration::from_millis(200)).await,
+        0
+    );
+    drop(w2);
+}
+
+/// An `AttachConsole` call that never sends its attach frame ends with `INVALID_ARGUMENT`
+/// instead of holding its call place forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_console_without_an_attach_frame_is_ended() {
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    open_console(&mut agent, "vm-silent").await;
+    let (_input, receiver) = tokio::sync::mpsc::channel::<conlog::proto::ClientFrame>(1);
+    let status = bounded(
+        "AttachConsole without frames",
+        daemon
+            .tcp_channel("vm-silent")
+            .await
+            .console()
+            .attach_console(tokio_stream::wrappers::ReceiverStream::new(receiver)),
+    )
+    .await
+    .expect_err("an AttachConsole call without frames was served");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("within 10s"), "{status:?}");
 }
