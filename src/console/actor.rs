@@ -294,7 +294,10 @@ impl ConsoleActor {
             self.writer = None;
         }
         if self.writing_of(Some(id)) {
-            self.drop_writing(None);
+            self.drop_writing(Some(Error::Unavailable(format!(
+                "The client left console {}; its input not yet written was discarded",
+                self.handle.name
+            ))));
         }
         self.count_clients();
     }
@@ -360,7 +363,6 @@ impl ConsoleActor {
         if let Err(e) = old.shutdown(std::net::Shutdown::Read) {
             tracing::warn!(console = %self.handle.name, error = %e, "cannot shut down the old guest connection");
         }
-        crate::fault::point("console.drain");
         let mut drained = 0;
         READ_BUFFER.with_borrow_mut(|buffer| {
             while drained < MAX_DRAIN {

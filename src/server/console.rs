@@ -3,7 +3,11 @@
 //! They validate requests, find the console in [`crate::guests`], attach through
 //! [`crate::console`] and map its [`Event`]s to `ServerFrame`s. A console that closes ends the
 //! stream with `UNAVAILABLE` (shutdown, upgrade: reconnect and resume by offset) or `NOT_FOUND`
-//! (removed). `ReadHistory` streams from [`crate::history`].
+//! (removed). `ReadHistory` streams from [`crate::history`]. Console input is written through
+//! [`crate::console::ConsoleHandle::write_input`], which queues nothing: `SendConsoleInput`
+//! takes at most 64 KiB per call (its request body is bounded while it arrives, by
+//! [`InputBounded`]), one call at a time per session, and waits at most 10 s for the guest; an
+//! `AttachConsole` stream reads its next frame only once the guest took the previous one.
 
 use super::auth::{self, Caller, Need};
 use super::conn::ConnInfo;
