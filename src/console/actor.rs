@@ -9,6 +9,7 @@
 use super::clients::{self, ClientQueue, Event, Offer};
 use super::{
     AttachRequest, Command, ConsoleHandle, ConsoleSettings, Input, Mode, MAX_PENDING_INPUT,
+    NO_WRITER,
 };
 use crate::error::{Error, Result};
 use crate::logfile::LogFile;
@@ -201,7 +202,7 @@ impl ConsoleActor {
                     removed: false,
                 });
                 self.clients.clear();
-                self.writer = None;
+                self.set_writer(None);
                 self.count_clients();
                 let _ = done.send(());
             }
@@ -272,7 +273,7 @@ impl ConsoleActor {
                 });
                 tracing::info!(console = %self.handle.name, old = %old.label, new = %request.label, "writer lease taken over");
             }
-            self.writer = Some(id);
+            self.set_writer(Some(id));
         }
         tracing::info!(console = %self.handle.name, client = %request.label, writer = becomes_writer, offset = start, "client attached");
         self.clients.insert(
@@ -291,7 +292,7 @@ impl ConsoleActor {
             tracing::info!(console = %self.handle.name, client = %client.label, "client detached");
         }
         if self.writer == Some(id) {
-            self.writer = None;
+            self.set_writer(None);
         }
         if self.writing_of(Some(id)) {
             self.drop_writing(Some(Error::Unavailable(format!(
@@ -300,6 +301,15 @@ impl ConsoleActor {
             ))));
         }
         self.count_clients();
+    }
+
+    /// Changes the writer lease, and what handles see of it.
+    fn set_writer(&mut self, writer: Option<u64>) {
+        self.writer = writer;
+        self.handle
+            .console
+            .writer
+            .store(writer.unwrap_or(NO_WRITER), Relaxed);
     }
 
     /// Whether the piece being written is client `client`'s.
@@ -496,10 +506,7 @@ impl ConsoleActor {
             self.drop_writing(None);
         }
         let refusal = if self.writer != Some(input.client) {
-            Some(Error::FailedPrecondition(format!(
-                "This client does not hold the writer lease of console {}",
-                self.handle.name
-            )))
+            Some(super::not_writer(&self.handle.name))
         } else if self.guest.is_none() {
             Some(Error::FailedPrecondition(format!(
                 "No guest is connected to console {}; input dropped",

@@ -101,7 +101,13 @@ pub struct ConsoleSettings {
 pub struct ConsoleStats {
     pub clients: AtomicU64,
     pub guest_connected: AtomicBool,
+    /// The client holding the writer lease ([`NO_WRITER`]: none), so that input of anyone
+    /// else is refused without a round trip to the actor (which checks again).
+    pub writer: AtomicU64,
 }
+
+/// [`ConsoleStats::writer`] when nobody holds the lease (client ids start at 1).
+pub(crate) const NO_WRITER: u64 = 0;
 
 /// Socket paths of a console.
 #[derive(Clone, Debug)]
@@ -182,6 +188,12 @@ impl ConsoleHandle {
         // Names never contain '/' (crate::names), so the split is exact.
         self.name.split_once('/').unwrap_or((&self.name, ""))
     }
+}
+
+fn not_writer(name: &str) -> Error {
+    Error::FailedPrecondition(format!(
+        "This client does not hold the writer lease of console {name}"
+    ))
 }
 
 fn gone(name: &str) -> Error {
@@ -283,6 +295,15 @@ impl ConsoleHandle {
     /// still being written. Cancel-safe in the strong sense: dropping the future withdraws what
     /// is not written yet, and none of it reaches the guest later.
     pub async fn write_input(&self, client: u64, data: Bytes) -> Result<usize> {
+        // Watchers' input costs the actor nothing (a READ token may type as fast as it likes).
+        if self
+            .console
+            .writer
+            .load(std::sync::atomic::Ordering::Relaxed)
+            != client
+        {
+            return Err(not_writer(&self.name));
+        }
         let mut rest = data;
         let mut written = 0;
         loop {
