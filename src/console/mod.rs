@@ -15,8 +15,8 @@
 //!   [`MAX_PENDING_INPUT`] bytes, straight from the caller's buffer; its caller waits (in
 //!   [`ConsoleHandle::write_input`]) until the guest's socket took every byte, and only then
 //!   sends the next piece. A slow guest therefore pushes back on the typist (a stream is not read
-//!   further, so HTTP/2 flow control or a full socket stops it; a unary call waits, bounded by
-//!   its caller's deadline) and never on the guest's output. Input that arrives while a piece is
+//!   further, so HTTP/2 flow control or a full socket stops it; a `SendConsoleInput` call waits
+//!   at most 10 s) and never on the guest's output. Input that arrives while a piece is
 //!   being written is refused, not buffered.
 //! - Input ends with its caller: a piece whose caller went away (a cancelled call, an ended
 //!   stream, a closed raw connection), whose client lost the writer lease or detached, or whose
@@ -59,7 +59,7 @@ use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Most bytes of input waiting to be written to a console's guest: the one piece being written
-/// (design.md, section 3; docs/operations.md, "Sizing"). Larger input is written piece by piece.
+/// (docs/operations.md, "Consoles"). Larger input is written piece by piece.
 pub const MAX_PENDING_INPUT: usize = 64 << 10;
 /// Longest UNIX socket path (sun_path is 108 bytes with the terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
