@@ -448,3 +448,84 @@ async fn attach_console_without_an_attach_frame_is_ended() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("within 10s"), "{status:?}");
 }
+
+/// An upgrade ends the input calls in progress, and their input with them: a `SendConsoleInput`
+/// waiting for a guest that does not read fails at the upgrade, and once the upgraded daemon
+/// serves again and the guest reads, none of its bytes reaches the guest; the next writer's
+/// input arrives right after the filler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_waiting_at_an_upgrade_is_discarded_with_its_call() {
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let reply = open_console(&mut agent, "vm-up").await;
+    let mut guest = FakeGuest::connect(&reply.guest_socket).await;
+    wait_guest_connected(&mut agent, "vm-up", "serial0", true).await;
+    let channel = daemon.tcp_channel("vm-up").await;
+    let writer = watch(channel.clone(), watch_request("vm-up", Mode::ReadWrite))
+        .await
+        .unwrap();
+    let session = writer.attached.session_id.clone();
+    fill_guest_socket(&channel, &session).await;
+
+    let waiting = {
+        let channel = channel.clone();
+        let session = session.clone();
+        tokio::spawn(async move { send_input(channel, &session, &[b'X'; PENDING_INPUT]).await })
+    };
+    // The call holds its session (so it reached its handler); the pause lets it reach the
+    // console (without it the test could only pass more easily).
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match send_input(channel.clone(), &session, b"").await {
+            Err(s) if s.message().contains("in progress") => break,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the waiting call never started: {other:?}"
+                );
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    daemon.signal(rustix::process::Signal::USR1);
+    let ended = bounded("the waiting call", waiting).await.unwrap();
+    assert!(
+        ended.is_err(),
+        "input accepted by a guest that does not read: {ended:?}"
+    );
+    drop(writer);
+
+    // The upgraded daemon ("conlogd ready" a second time) serves the same guest connection.
+    let deadline = Instant::now() + DEADLINE;
+    while daemon.stderr().matches("conlogd ready").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no second ready line:\n{}",
+            daemon.stderr()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let mut agent = daemon.agent().await;
+    wait_guest_connected(&mut agent, "vm-up", "serial0", true).await;
+    let channel = daemon.tcp_channel("vm-up").await;
+    let next = watch(channel.clone(), watch_request("vm-up", Mode::ReadWrite))
+        .await
+        .unwrap();
+    assert!(next.attached.writer);
+    let typist = {
+        let session = next.attached.session_id.clone();
+        tokio::spawn(async move { send_when_free(&channel, &session, b"after\n").await })
+    };
+    let received = guest
+        .wait_until("the next writer's input", |r| r.ends_with(b"after\n"))
+        .await
+        .to_vec();
+    assert_eq!(bounded("typist", typist).await.unwrap(), 6);
+    let stale = &received[..received.len() - 6];
+    assert!(
+        stale.iter().all(|&b| b == b'F'),
+        "{} bytes of the call ended by the upgrade reached the guest",
+        stale.iter().filter(|&&b| b == b'X').count()
+    );
+}
