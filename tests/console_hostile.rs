@@ -1,13 +1,16 @@
 //! Consoles against misbehaving peers: a second QEMU connecting while the first still has bytes
-//! in flight, and a read-write token holder flooding input at a guest that does not read.
+//! in flight, read-write token holders flooding input at a guest that does not read, and a
+//! client that never sends its attach frame.
 //!
 //! - The replaced guest connection is drained: every byte its `write` calls accepted is logged,
 //!   in order, before the new connection's bytes; nothing is counted as dropped.
 //! - Console input is never queued: per console one piece of at most 64 KiB waits for the
 //!   guest; other calls are refused at once (`RESOURCE_EXHAUSTED` naming the bound), so the
-//!   daemon's memory stays flat under hundreds of concurrent 1 MiB calls; input of cancelled
-//!   calls or ended streams never reaches the guest, and the writer's keystrokes arrive exactly
-//!   and in order afterwards.
+//!   daemon's memory stays flat under hundreds of concurrent 1 MiB calls.
+//! - Input ends with its caller: a cancelled call, an ended stream, a closed raw connection, a
+//!   writer whose lease is taken, an upgrade; none of that input reaches the guest once it
+//!   reads, and the next writer's keystrokes arrive exactly and in order.
+//! - `AttachConsole` without an attach frame ends after 10 s.
 
 mod support;
 
