@@ -22,6 +22,9 @@ pub enum Error {
     /// A configured limit was hit; `limit` is its config key.
     #[error("Limit {limit} reached ({value})")]
     LimitReached { limit: &'static str, value: u64 },
+    /// A fixed bound that is not a config key was hit (the message names it).
+    #[error("{0}")]
+    Exhausted(String),
     /// A position outside what exists.
     #[error("{0}")]
     OutOfRange(String),
@@ -70,7 +73,9 @@ impl From<Error> for tonic::Status {
                 Status::invalid_argument(error.to_string())
             }
             Error::NotFound(_) => Status::not_found(error.to_string()),
-            Error::LimitReached { .. } => Status::resource_exhausted(error.to_string()),
+            Error::LimitReached { .. } | Error::Exhausted(_) => {
+                Status::resource_exhausted(error.to_string())
+            }
             Error::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
             Error::OutOfRange(_) => Status::out_of_range(error.to_string()),
             Error::Unavailable(_) => Status::unavailable(error.to_string()),

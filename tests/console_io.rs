@@ -163,7 +163,8 @@ async fn writer_input_reaches_the_guest_byte_for_byte() {
         let channel = daemon.tcp_channel("vm-in").await;
         let session_id = watcher.attached.session_id.clone();
         tokio::spawn(async move {
-            for chunk in more.chunks(100_000) {
+            // One call carries at most 64 KiB (the bound on input waiting for the guest).
+            for chunk in more.chunks(64 << 10) {
                 let accepted = send_input(channel.clone(), &session_id, chunk)
                     .await
                     .unwrap();

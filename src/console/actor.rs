@@ -2,25 +2,27 @@
 //!
 //! See the parent module for the backpressure rules. The loop waits on: commands, a QEMU
 //! connection on the guest socket, a raw client on the client socket, guest output, the guest
-//! becoming writable (only while input is pending) and client input (only while there is room
-//! for it).
+//! becoming writable (only while a piece of input is being written), the caller of that piece
+//! going away, and client input (always: a piece that cannot be written at once is answered at
+//! once, so nothing waits in the channel).
 
 use super::clients::{self, ClientQueue, Event, Offer};
 use super::{
     AttachRequest, Command, ConsoleHandle, ConsoleSettings, Input, Mode, MAX_PENDING_INPUT,
+    NO_WRITER,
 };
 use crate::error::{Error, Result};
 use crate::logfile::LogFile;
 use crate::metrics::Metrics;
 use crate::stream::{Figures, OffsetPublisher};
 use crate::upgrade::ConsoleFds;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use std::collections::BTreeMap;
 use std::io::ErrorKind;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// Guest output read at once.
 const READ_CHUNK: usize = 64 << 10;
@@ -38,6 +40,28 @@ struct Client {
     label: String,
 }
 
+/// The one piece of input being written to the guest.
+struct Writing {
+    /// Whose it is; `None` for input carried over an upgrade from an older image (nobody
+    /// waits for it, it is written as before).
+    client: Option<u64>,
+    /// What the guest's socket has not taken yet.
+    data: Bytes,
+    written: usize,
+    /// The caller waiting for the piece; closed when it went away.
+    reply: Option<oneshot::Sender<Result<usize>>>,
+}
+
+impl Writing {
+    fn abandoned(&self) -> bool {
+        self.reply.as_ref().is_some_and(|r| r.is_closed())
+    }
+}
+
+/// Most bytes read from a replaced guest connection: far above any socket send buffer (the
+/// kernel's bound), so only a broken kernel could reach it.
+const MAX_DRAIN: usize = 64 << 20;
+
 pub(super) struct ConsoleActor {
     handle: ConsoleHandle,
     log: LogFile,
@@ -45,7 +69,8 @@ pub(super) struct ConsoleActor {
     guest_listener: UnixListener,
     client_listener: UnixListener,
     guest: Option<UnixStream>,
-    to_guest: BytesMut,
+    /// The piece of input being written (module doc of `console`: nothing else is queued).
+    writing: Option<Writing>,
     clients: BTreeMap<u64, Client>,
     writer: Option<u64>,
     next_id: u64,
@@ -75,7 +100,12 @@ impl ConsoleActor {
             guest_listener,
             client_listener,
             guest,
-            to_guest: BytesMut::from(&pending_input[..]),
+            writing: (!pending_input.is_empty()).then(|| Writing {
+                client: None,
+                data: pending_input.into(),
+                written: 0,
+                reply: None,
+            }),
             clients: BTreeMap::new(),
             writer: None,
             next_id: 1,
@@ -92,8 +122,7 @@ impl ConsoleActor {
     ) {
         loop {
             let connected = self.guest.is_some();
-            let want_input = self.to_guest.len() < MAX_PENDING_INPUT;
-            let want_write = connected && !self.to_guest.is_empty();
+            let want_write = connected && self.writing.is_some();
             // Not biased: a guest flooding output must not starve input or commands, and a
             // fast typist must not starve the guest's output.
             tokio::select! {
@@ -109,14 +138,7 @@ impl ConsoleActor {
                         }
                         return;
                     }
-                    Some(Command::Detach(id)) => {
-                        // What the client typed before it left (already queued: its input is
-                        // sent before its detach) still goes to the guest.
-                        while let Ok(received) = input.try_recv() {
-                            self.take_input(received);
-                        }
-                        self.detach(id);
-                    }
+                    Some(Command::Detach(id)) => self.detach(id),
                     Some(command) => self.handle_command(command),
                     None => {
                         self.close("console handle dropped", false);
@@ -139,7 +161,8 @@ impl ConsoleActor {
                     Ok(()) => self.write_guest(),
                     Err(_) => self.guest_disconnected("guest socket error"),
                 },
-                received = input.recv(), if want_input => {
+                () = abandoned(&mut self.writing) => self.drop_writing(None),
+                received = input.recv() => {
                     if let Some(received) = received {
                         self.take_input(received);
                     }
@@ -170,12 +193,16 @@ impl ConsoleActor {
                 let _ = reply.send(self.log.open_segments(from));
             }
             Command::EndClients(reason, done) => {
+                self.drop_writing(Some(Error::Unavailable(format!(
+                    "Every client of console {} was ended ({reason}); input not yet written was discarded",
+                    self.handle.name
+                ))));
                 self.broadcast(Event::Closed {
                     reason,
                     removed: false,
                 });
                 self.clients.clear();
-                self.writer = None;
+                self.set_writer(None);
                 self.count_clients();
                 let _ = done.send(());
             }
@@ -234,13 +261,19 @@ impl ConsoleActor {
             offset += chunk.len() as u64;
         }
         if becomes_writer {
+            if self.writer.is_some() && self.writing_of(self.writer) {
+                self.drop_writing(Some(Error::FailedPrecondition(format!(
+                    "{} took the writer lease of console {}; input not yet written was discarded",
+                    request.label, self.handle.name
+                ))));
+            }
             if let Some(old) = self.writer.and_then(|old| self.clients.get_mut(&old)) {
                 old.queue.control(Event::WriterRevoked {
                     reason: format!("{} took the writer lease", request.label),
                 });
                 tracing::info!(console = %self.handle.name, old = %old.label, new = %request.label, "writer lease taken over");
             }
-            self.writer = Some(id);
+            self.set_writer(Some(id));
         }
         tracing::info!(console = %self.handle.name, client = %request.label, writer = becomes_writer, offset = start, "client attached");
         self.clients.insert(
@@ -259,9 +292,41 @@ impl ConsoleActor {
             tracing::info!(console = %self.handle.name, client = %client.label, "client detached");
         }
         if self.writer == Some(id) {
-            self.writer = None;
+            self.set_writer(None);
+        }
+        if self.writing_of(Some(id)) {
+            self.drop_writing(Some(Error::Unavailable(format!(
+                "The client left console {}; its input not yet written was discarded",
+                self.handle.name
+            ))));
         }
         self.count_clients();
+    }
+
+    /// Changes the writer lease, and what handles see of it.
+    fn set_writer(&mut self, writer: Option<u64>) {
+        self.writer = writer;
+        self.handle
+            .console
+            .writer
+            .store(writer.unwrap_or(NO_WRITER), Relaxed);
+    }
+
+    /// Whether the piece being written is client `client`'s.
+    fn writing_of(&self, client: Option<u64>) -> bool {
+        client.is_some() && self.writing.as_ref().is_some_and(|w| w.client == client)
+    }
+
+    /// Discards the piece being written (what the guest's socket took stays taken) and tells
+    /// its caller `why`, if it is still waiting.
+    fn drop_writing(&mut self, why: Option<Error>) {
+        let Some(writing) = self.writing.take() else {
+            return;
+        };
+        tracing::debug!(console = %self.handle.name, written = writing.written, discarded = writing.data.len(), "input discarded");
+        if let (Some(reply), Some(why)) = (writing.reply, why) {
+            let _ = reply.send(Err(why));
+        }
     }
 
     fn count_clients(&self) {
@@ -276,19 +341,63 @@ impl ConsoleActor {
     }
 
     fn guest_connected(&mut self, stream: UnixStream) {
-        if self.guest.is_some() {
+        if let Some(old) = self.guest.take() {
             tracing::warn!(console = %self.handle.name, "a new guest connection replaces the current one");
+            self.drain(old, "replaced by a new guest connection");
         }
+        self.drop_writing(Some(Error::Unavailable(format!(
+            "A new guest connection replaced the one of console {}; input not yet written was discarded",
+            self.handle.name
+        ))));
         self.guest = Some(stream);
-        self.to_guest.clear();
         self.handle.console.guest_connected.store(true, Relaxed);
         tracing::info!(console = %self.handle.name, "guest connected");
         self.broadcast(Event::Guest { connected: true });
     }
 
+    /// Logs everything `old` (a guest connection being given up) still holds, then closes it.
+    /// Its reading side is shut down first: from then on the peer's writes fail (`EPIPE`)
+    /// instead of being accepted and lost, so reading to the end gets exactly every byte the
+    /// peer's `write` calls accepted, in order, without waiting (see the module doc of
+    /// `console`). The read goes to the descriptor itself, not through the reactor's readiness,
+    /// which may not have seen the last bytes yet.
+    fn drain(&mut self, old: UnixStream, why: &str) {
+        use std::io::Read;
+        let mut old = match old.into_std() {
+            Ok(old) => old,
+            Err(e) => {
+                tracing::warn!(console = %self.handle.name, error = %e, "cannot drain the old guest connection");
+                return;
+            }
+        };
+        if let Err(e) = old.shutdown(std::net::Shutdown::Read) {
+            tracing::warn!(console = %self.handle.name, error = %e, "cannot shut down the old guest connection");
+        }
+        let mut drained = 0;
+        READ_BUFFER.with_borrow_mut(|buffer| {
+            while drained < MAX_DRAIN {
+                match old.read(buffer) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        drained += n;
+                        self.guest_output(&buffer[..n]);
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    // WouldBlock cannot happen once the reading side is shut down (the queue
+                    // is read, then end of stream); any error ends the drain.
+                    Err(_) => break,
+                }
+            }
+        });
+        tracing::info!(console = %self.handle.name, drained, why, "old guest connection drained and closed");
+    }
+
     fn guest_disconnected(&mut self, why: &str) {
         self.guest = None;
-        self.to_guest.clear();
+        self.drop_writing(Some(Error::Unavailable(format!(
+            "The guest of console {} disconnected ({why}); input not yet written was discarded",
+            self.handle.name
+        ))));
         self.handle.console.guest_connected.store(false, Relaxed);
         tracing::info!(console = %self.handle.name, why, "guest disconnected");
         self.broadcast(Event::Guest { connected: false });
@@ -361,35 +470,71 @@ impl ConsoleActor {
         }
     }
 
+    /// Writes what the guest's socket takes of the piece being written; answers its caller
+    /// once all of it is taken. A piece whose caller went away is discarded first, so none of
+    /// it is written after the caller left.
     fn write_guest(&mut self) {
-        let Some(guest) = &self.guest else { return };
-        match guest.try_write(&self.to_guest) {
-            Ok(n) => self.to_guest.advance(n),
+        if self.writing.as_ref().is_some_and(Writing::abandoned) {
+            self.drop_writing(None);
+        }
+        let (Some(guest), Some(writing)) = (&self.guest, &mut self.writing) else {
+            return;
+        };
+        match guest.try_write(&writing.data) {
+            Ok(n) => {
+                writing.data.advance(n);
+                writing.written += n;
+                if writing.data.is_empty() {
+                    let done = self.writing.take().expect("checked above");
+                    if let Some(reply) = done.reply {
+                        let _ = reply.send(Ok(done.written));
+                    }
+                }
+            }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
             Err(_) => self.guest_disconnected("write error"),
         }
     }
 
     fn take_input(&mut self, input: Input) {
-        let outcome = if self.writer != Some(input.client) {
-            Err(Error::FailedPrecondition(format!(
-                "This client does not hold the writer lease of console {}",
-                self.handle.name
-            )))
+        if self.writing.as_ref().is_some_and(Writing::abandoned) {
+            self.drop_writing(None);
+        }
+        let refusal = if self.writer != Some(input.client) {
+            Some(super::not_writer(&self.handle.name))
         } else if self.guest.is_none() {
-            Err(Error::FailedPrecondition(format!(
+            Some(Error::FailedPrecondition(format!(
                 "No guest is connected to console {}; input dropped",
                 self.handle.name
             )))
+        } else if self.writing.is_some() {
+            // Only a second call of the same writer at once gets here (its calls are otherwise
+            // sequential): refused, so that nothing queues and order is the writer's.
+            Some(Error::Exhausted(format!(
+                "Console {} is still writing earlier input to the guest (at most {MAX_PENDING_INPUT} \
+                 bytes wait for it, one input at a time); send the next input after the previous \
+                 one returned",
+                self.handle.name
+            )))
         } else {
-            self.to_guest.extend_from_slice(&input.data);
-            // Write at once when we can; what remains waits for the socket to be writable.
-            self.write_guest();
-            Ok(input.data.len())
+            None
         };
-        if let Some(reply) = input.reply {
-            let _ = reply.send(outcome);
+        if let Some(refusal) = refusal {
+            let _ = input.reply.send(Err(refusal));
+            return;
         }
+        if input.data.is_empty() {
+            let _ = input.reply.send(Ok(0));
+            return;
+        }
+        self.writing = Some(Writing {
+            client: Some(input.client),
+            data: input.data,
+            written: 0,
+            reply: Some(input.reply),
+        });
+        // Write at once when we can; what remains waits for the socket to be writable.
+        self.write_guest();
     }
 
     fn broadcast(&mut self, event: Event) {
@@ -412,6 +557,13 @@ impl ConsoleActor {
     /// Ends every client with "come back" and returns the sockets (still open,
     /// files still in place) and the input not yet written to the guest.
     fn freeze(mut self) -> Option<ConsoleFds> {
+        // A caller's input ends with its call (the call ends now); only input carried from an
+        // older image, which nobody waits for, is carried on.
+        if self.writing.as_ref().is_some_and(|w| w.client.is_some()) {
+            self.drop_writing(Some(Error::Unavailable(
+                "conlogd is upgrading; input not yet written was discarded".into(),
+            )));
+        }
         self.broadcast(Event::Closed {
             reason: "conlogd is upgrading; reconnect and resume by offset".into(),
             removed: false,
@@ -431,20 +583,19 @@ impl ConsoleActor {
             guest_listener,
             client_listener,
             guest_connection,
-            pending_input: self.to_guest.to_vec(),
+            pending_input: self.writing.map(|w| w.data.to_vec()).unwrap_or_default(),
         })
     }
 
     fn close(&mut self, reason: &str, removed: bool) {
-        // Read what the guest already sent, so nothing it wrote before the close is lost.
-        READ_BUFFER.with_borrow_mut(|buffer| {
-            while let Some(Ok(n)) = self.guest.as_ref().map(|g| g.try_read(buffer)) {
-                if n == 0 {
-                    break;
-                }
-                self.guest_output(&buffer[..n]);
-            }
-        });
+        self.drop_writing(Some(Error::Unavailable(format!(
+            "Console {} is closing ({reason}); input not yet written was discarded",
+            self.handle.name
+        ))));
+        // Log what the guest already sent, so nothing it wrote before the close is lost.
+        if let Some(guest) = self.guest.take() {
+            self.drain(guest, "console closing");
+        }
         self.broadcast(Event::Closed {
             reason: reason.to_owned(),
             removed,
@@ -470,6 +621,14 @@ impl ConsoleActor {
 async fn readable(guest: &Option<UnixStream>) -> std::io::Result<()> {
     match guest {
         Some(stream) => stream.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the caller of the piece being written went away.
+async fn abandoned(writing: &mut Option<Writing>) {
+    match writing.as_mut().and_then(|w| w.reply.as_mut()) {
+        Some(reply) => reply.closed().await,
         None => std::future::pending().await,
     }
 }

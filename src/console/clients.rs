@@ -5,11 +5,14 @@
 //! client is marked lagging and the bytes are skipped. When the queue has drained to half its
 //! bound, the next output is preceded by a [`Event::Lagged`] with the exact missed range, so the
 //! client can fetch it from history. The actor never blocks and a stuck client holds at most its
-//! bound in memory.
+//! bound in memory. Control events are few and small and are queued regardless of the bound,
+//! except the guest's connection state, which a QEMU reconnecting in a loop could repeat without
+//! end: over the bound only its latest value is kept, and it is delivered before anything queued
+//! after it, or once the client has read everything before it.
 
 use bytes::Bytes;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::mpsc;
@@ -48,10 +51,20 @@ impl Event {
     }
 }
 
+/// A guest connection state not queued yet: [`NO_GUEST_STATE`], or 1 + `connected`.
+type GuestState = Arc<AtomicU8>;
+const NO_GUEST_STATE: u8 = 0;
+
+fn guest_state(connected: bool) -> u8 {
+    1 + u8::from(connected)
+}
+
 /// The console's end of a client queue.
 pub struct ClientQueue {
     sender: mpsc::UnboundedSender<Event>,
     queued: Arc<AtomicUsize>,
+    /// The latest guest state that did not fit (see the module doc).
+    guest: GuestState,
     bound: usize,
     /// Offset of the first byte skipped since the client fell behind.
     lagging_since: Option<u64>,
@@ -71,22 +84,42 @@ pub enum Offer {
 pub fn queue(bound: usize) -> (ClientQueue, ClientReceiver) {
     let (sender, receiver) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
+    let guest = GuestState::default();
     (
         ClientQueue {
             sender,
             queued: queued.clone(),
+            guest: guest.clone(),
             bound,
             lagging_since: None,
         },
-        ClientReceiver { receiver, queued },
+        ClientReceiver {
+            receiver,
+            queued,
+            guest,
+        },
     )
 }
 
 impl ClientQueue {
-    /// Queues a control event regardless of the bound (they are few and small). False if the
-    /// client is gone.
+    /// Queues a control event regardless of the bound (they are few and small), except a
+    /// guest state over the bound, which replaces the one kept before. False if the client is
+    /// gone.
     pub fn control(&mut self, event: Event) -> bool {
-        self.push(event)
+        if let Event::Guest { connected } = event {
+            if self.guest.load(SeqCst) != NO_GUEST_STATE
+                || self.queued.load(SeqCst) + CONTROL_COST > self.bound
+            {
+                self.guest.store(guest_state(connected), SeqCst);
+                // The client may have read everything meanwhile and wait for more: then
+                // nothing would wake it for the state kept.
+                if self.queued.load(SeqCst) == 0 {
+                    return self.flush_guest();
+                }
+                return !self.sender.is_closed();
+            }
+        }
+        self.send(event)
     }
 
     /// Offers guest output; never waits.
@@ -96,7 +129,7 @@ impl ClientQueue {
             if queued > self.bound / 2 {
                 return Offer::Skipped(false);
             }
-            if !self.push(Event::Lagged { from, to: offset }) {
+            if !self.send(Event::Lagged { from, to: offset }) {
                 return Offer::Gone;
             }
             self.lagging_since = None;
@@ -105,7 +138,7 @@ impl ClientQueue {
             self.lagging_since = Some(offset);
             return Offer::Skipped(true);
         }
-        if self.push(Event::Output {
+        if self.send(Event::Output {
             offset,
             data: data.clone(),
         }) {
@@ -115,11 +148,26 @@ impl ClientQueue {
         }
     }
 
+    /// Queues `event` after the guest state kept, if any.
+    fn send(&mut self, event: Event) -> bool {
+        self.flush_guest() && self.push(event)
+    }
+
+    /// Queues the guest state kept, if any (the client may have taken it already).
+    fn flush_guest(&mut self) -> bool {
+        match self.guest.swap(NO_GUEST_STATE, SeqCst) {
+            NO_GUEST_STATE => true,
+            state => self.push(Event::Guest {
+                connected: state == guest_state(true),
+            }),
+        }
+    }
+
     fn push(&mut self, event: Event) -> bool {
         let cost = event.cost();
-        self.queued.fetch_add(cost, Relaxed);
+        self.queued.fetch_add(cost, SeqCst);
         if self.sender.send(event).is_err() {
-            self.queued.fetch_sub(cost, Relaxed);
+            self.queued.fetch_sub(cost, SeqCst);
             return false;
         }
         true
@@ -130,6 +178,7 @@ impl ClientQueue {
 pub struct ClientReceiver {
     receiver: mpsc::UnboundedReceiver<Event>,
     queued: Arc<AtomicUsize>,
+    guest: GuestState,
 }
 
 impl ClientReceiver {
@@ -139,11 +188,20 @@ impl ClientReceiver {
     }
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
-        let polled = self.receiver.poll_recv(cx);
-        if let Poll::Ready(Some(event)) = &polled {
-            self.queued.fetch_sub(event.cost(), Relaxed);
+        match self.receiver.poll_recv(cx) {
+            Poll::Ready(Some(event)) => {
+                self.queued.fetch_sub(event.cost(), SeqCst);
+                Poll::Ready(Some(event))
+            }
+            // Everything queued is read: the guest state kept, if any, is the newest news.
+            Poll::Pending => match self.guest.swap(NO_GUEST_STATE, SeqCst) {
+                NO_GUEST_STATE => Poll::Pending,
+                state => Poll::Ready(Some(Event::Guest {
+                    connected: state == guest_state(true),
+                })),
+            },
+            Poll::Ready(None) => Poll::Ready(None),
         }
-        polled
     }
 }
 
@@ -214,5 +272,68 @@ mod tests {
         );
         drop(receiver);
         assert_eq!(queue.offer(2100, &Bytes::from_static(b"y")), Offer::Gone);
+    }
+
+    #[tokio::test]
+    async fn guest_state_over_the_bound_keeps_only_the_latest() {
+        let (mut queue, mut receiver) = queue(1000);
+        let chunk = Bytes::from(vec![b'x'; 900]);
+        assert_eq!(queue.offer(0, &chunk), Offer::Queued);
+        // A QEMU reconnecting in a loop while the client does not read.
+        for i in 0..10_000 {
+            assert!(queue.control(Event::Guest {
+                connected: i % 2 == 1
+            }));
+        }
+        assert!(queue.queued.load(SeqCst) < 1000);
+        assert_eq!(
+            receiver.recv().await.unwrap(),
+            Event::Output {
+                offset: 0,
+                data: chunk.clone()
+            }
+        );
+        // Nothing else queued: the kept state comes next, once.
+        assert_eq!(
+            receiver.recv().await.unwrap(),
+            Event::Guest { connected: true }
+        );
+        // Kept again, then output: the state goes first.
+        assert_eq!(queue.offer(900, &chunk), Offer::Queued);
+        assert!(queue.control(Event::Guest { connected: false }));
+        assert!(queue.control(Event::Guest { connected: true }));
+        assert!(queue.control(Event::Guest { connected: false }));
+        assert_eq!(queue.offer(1800, &chunk), Offer::Skipped(true));
+        assert!(matches!(
+            receiver.recv().await.unwrap(),
+            Event::Output { offset: 900, .. }
+        ));
+        assert_eq!(
+            receiver.recv().await.unwrap(),
+            Event::Guest { connected: false }
+        );
+        assert_eq!(queue.offer(2700, &Bytes::from_static(b"y")), Offer::Queued);
+        assert_eq!(
+            receiver.recv().await.unwrap(),
+            Event::Lagged {
+                from: 1800,
+                to: 2700
+            }
+        );
+        assert!(matches!(
+            receiver.recv().await.unwrap(),
+            Event::Output { offset: 2700, .. }
+        ));
+        // Under the bound, states are queued as they come.
+        assert!(queue.control(Event::Guest { connected: true }));
+        assert!(queue.control(Event::Guest { connected: false }));
+        assert_eq!(
+            receiver.recv().await.unwrap(),
+            Event::Guest { connected: true }
+        );
+        assert_eq!(
+            receiver.recv().await.unwrap(),
+            Event::Guest { connected: false }
+        );
     }
 }

@@ -11,9 +11,26 @@
 //!   is counted as dropped, never retried forever).
 //! - guest → clients: never waits. Each client has a queue bounded in bytes
 //!   ([`clients`]); a client that falls behind is skipped ahead and told the exact gap.
-//! - client → guest: a bounded channel that the actor only reads while the bytes pending for the
-//!   guest are under [`MAX_PENDING_INPUT`], so a slow guest pushes back on the typist through
-//!   HTTP/2 flow control, and never on the guest's output.
+//! - client → guest: nothing is queued. The actor writes one piece of input at a time, at most
+//!   [`MAX_PENDING_INPUT`] bytes, straight from the caller's buffer; its caller waits (in
+//!   [`ConsoleHandle::write_input`]) until the guest's socket took every byte, and only then
+//!   sends the next piece. A slow guest therefore pushes back on the typist (a stream is not read
+//!   further, so HTTP/2 flow control or a full socket stops it; a `SendConsoleInput` call waits
+//!   at most 10 s) and never on the guest's output. Input that arrives while a piece is
+//!   being written is refused, not buffered.
+//! - Input ends with its caller: a piece whose caller went away (a cancelled call, an ended
+//!   stream, a closed raw connection), whose client lost the writer lease or detached, or whose
+//!   guest connection went away is discarded at once; what the guest's socket had already taken
+//!   stays taken, nothing of it is written later. Pieces are written in the order each writer
+//!   sent them, and a writer sends its next piece only after the previous one is written.
+//!
+//! A second QEMU connection to `guest.sock` replaces the first only after the first is drained:
+//! the actor shuts down the reading side of the old connection (from then on the old peer's
+//! writes fail with `EPIPE`; none is accepted and lost), reads what its kernel buffer still holds
+//! to the end and logs it, then reads the new connection. So every byte whose `write` the old
+//! peer saw succeed is logged, in order, before the new connection's first byte; the drain reads
+//! at most the old peer's socket send buffer (`net.core.wmem_max` bounds it) without waiting, so
+//! an old peer that keeps writing cannot delay the switch.
 //!
 //! Only the client holding the writer lease reaches the guest; input from anyone else is
 //! dropped (and refused, for `SendConsoleInput`). This module never touches gRPC types: the
@@ -41,7 +58,8 @@ use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Most bytes of input waiting to be written to the guest before input is no longer read.
+/// Most bytes of input waiting to be written to a console's guest: the one piece being written
+/// (docs/operations.md, "Consoles"). Larger input is written piece by piece.
 pub const MAX_PENDING_INPUT: usize = 64 << 10;
 /// Longest UNIX socket path (sun_path is 108 bytes with the terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -83,7 +101,13 @@ pub struct ConsoleSettings {
 pub struct ConsoleStats {
     pub clients: AtomicU64,
     pub guest_connected: AtomicBool,
+    /// The client holding the writer lease ([`NO_WRITER`]: none), so that input of anyone
+    /// else is refused without a round trip to the actor (which checks again).
+    pub writer: AtomicU64,
 }
+
+/// [`ConsoleStats::writer`] when nobody holds the lease (client ids start at 1).
+pub(crate) const NO_WRITER: u64 = 0;
 
 /// Socket paths of a console.
 #[derive(Clone, Debug)]
@@ -135,12 +159,13 @@ enum Command {
     EndClients(String, oneshot::Sender<()>),
 }
 
-/// Input for the guest from client `client`.
+/// One piece of input (at most [`MAX_PENDING_INPUT`] bytes) for the guest from client `client`.
 struct Input {
     client: u64,
     data: Bytes,
-    /// Set for `SendConsoleInput`, which reports whether the input was taken.
-    reply: Option<oneshot::Sender<Result<usize>>>,
+    /// Answered once the guest's socket took every byte (or the piece was refused or
+    /// discarded); dropping its receiver withdraws what is not written yet.
+    reply: oneshot::Sender<Result<usize>>,
 }
 
 /// A cheap, cloneable handle to a console actor.
@@ -163,6 +188,12 @@ impl ConsoleHandle {
         // Names never contain '/' (crate::names), so the split is exact.
         self.name.split_once('/').unwrap_or((&self.name, ""))
     }
+}
+
+fn not_writer(name: &str) -> Error {
+    Error::FailedPrecondition(format!(
+        "This client does not hold the writer lease of console {name}"
+    ))
 }
 
 fn gone(name: &str) -> Error {
@@ -209,7 +240,9 @@ impl ConsoleHandle {
             }
         };
         let (commands, command_rx) = mpsc::channel(64);
-        let (input, input_rx) = mpsc::channel(64);
+        // Pieces are answered at once unless they become the one being written, so this
+        // channel only holds pieces on their way to that answer.
+        let (input, input_rx) = mpsc::channel(16);
         let stats = Arc::new(StreamStats::for_log(&log));
         let (publisher, offsets) = OffsetPublisher::new(stats.clone(), log.end_offset());
         let handle = Self {
@@ -255,31 +288,40 @@ impl ConsoleHandle {
         })
     }
 
-    /// Sends input of client `client` to the guest; waits while the guest is slow. Input of
-    /// a client that is not the writer is dropped.
-    pub async fn input(&self, client: u64, data: Bytes) -> Result<()> {
-        self.input
-            .send(Input {
-                client,
-                data,
-                reply: None,
-            })
-            .await
-            .map_err(|_| gone(&self.name))
-    }
-
-    /// Like [`input`](Self::input), but reports whether the bytes were taken.
-    pub async fn input_checked(&self, client: u64, data: Bytes) -> Result<usize> {
-        let (reply, answer) = oneshot::channel();
-        self.input
-            .send(Input {
-                client,
-                data,
-                reply: Some(reply),
-            })
-            .await
-            .map_err(|_| gone(&self.name))?;
-        answer.await.map_err(|_| gone(&self.name))?
+    /// Writes input of client `client` to the guest, piece by piece (at most
+    /// [`MAX_PENDING_INPUT`] bytes each), and returns once the guest's socket took every byte.
+    /// Refused (`FAILED_PRECONDITION`) when the client does not hold the writer lease or no
+    /// guest is connected, and (`RESOURCE_EXHAUSTED`) while earlier input of another call is
+    /// still being written. Cancel-safe in the strong sense: dropping the future withdraws what
+    /// is not written yet, and none of it reaches the guest later.
+    pub async fn write_input(&self, client: u64, data: Bytes) -> Result<usize> {
+        // Watchers' input costs the actor nothing (a READ token may type as fast as it likes).
+        if self
+            .console
+            .writer
+            .load(std::sync::atomic::Ordering::Relaxed)
+            != client
+        {
+            return Err(not_writer(&self.name));
+        }
+        let mut rest = data;
+        let mut written = 0;
+        loop {
+            let piece = rest.split_to(rest.len().min(MAX_PENDING_INPUT));
+            let (reply, answer) = oneshot::channel();
+            self.input
+                .send(Input {
+                    client,
+                    data: piece,
+                    reply,
+                })
+                .await
+                .map_err(|_| gone(&self.name))?;
+            written += answer.await.map_err(|_| gone(&self.name))??;
+            if rest.is_empty() {
+                return Ok(written);
+            }
+        }
     }
 
     /// Replaces the log limits.

@@ -3,13 +3,17 @@
 //! They validate requests, find the console in [`crate::guests`], attach through
 //! [`crate::console`] and map its [`Event`]s to `ServerFrame`s. A console that closes ends the
 //! stream with `UNAVAILABLE` (shutdown, upgrade: reconnect and resume by offset) or `NOT_FOUND`
-//! (removed). `ReadHistory` streams from [`crate::history`].
+//! (removed). `ReadHistory` streams from [`crate::history`]. Console input is written through
+//! [`crate::console::ConsoleHandle::write_input`], which queues nothing: `SendConsoleInput`
+//! takes at most 64 KiB per call (its request body is bounded while it arrives, by
+//! [`InputBounded`]), one call at a time per session, and waits at most 10 s for the guest; an
+//! `AttachConsole` stream reads its next frame only once the guest took the previous one.
 
 use super::auth::{self, Caller, Need};
 use super::conn::ConnInfo;
 use crate::console::pacing::InputPacer;
 use crate::console::sessions::{SessionGuard, Sessions};
-use crate::console::{AttachRequest, Attachment, Event, Mode};
+use crate::console::{AttachRequest, Attachment, Event, Mode, MAX_PENDING_INPUT};
 use crate::error::{Error, Result};
 use crate::guests::Guests;
 use crate::history::{self, HistoryItem, HistoryRequest, Start};
@@ -22,8 +26,16 @@ use crate::proto::{
 use crate::tokens::TokenKey;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+
+/// How long an `AttachConsole` call may take to send its attach frame.
+const ATTACH_FRAME_WAIT: Duration = Duration::from_secs(10);
+/// How long `SendConsoleInput` waits for the guest to take its input (docs/operations.md,
+/// "Consoles"): past it, what the guest has not taken is discarded and the call is
+/// `RESOURCE_EXHAUSTED`.
+const INPUT_WAIT: Duration = Duration::from_secs(10);
 
 /// A boxed server stream.
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -267,9 +279,17 @@ impl Console for ConsoleService {
         let label = peer_label(&request);
         let caller = auth::caller(&request);
         let mut inbound = request.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Error::InvalidArgument("The stream ended before its attach frame".into())
-        })?;
+        let first = tokio::time::timeout(ATTACH_FRAME_WAIT, inbound.message())
+            .await
+            .map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "The attach frame must be the first ClientFrame, sent within {}s of the call",
+                    ATTACH_FRAME_WAIT.as_secs()
+                ))
+            })??
+            .ok_or_else(|| {
+                Error::InvalidArgument("The stream ended before its attach frame".into())
+            })?;
         let Some(client_frame::Frame::Attach(a)) = first.frame else {
             return Err(
                 Error::InvalidArgument("The first ClientFrame must be attach".into()).into(),
@@ -307,9 +327,15 @@ impl Console for ConsoleService {
                 };
                 match frame.frame {
                     Some(client_frame::Frame::Input(input)) => {
+                        // The next frame is read only once the guest took this one: a guest
+                        // that does not read stops the client through HTTP/2 flow control.
+                        // Input of a client without the lease, or with no guest, is dropped
+                        // (streams have no per-frame answer); the end of the call (the
+                        // `call_over` branch) withdraws what is not written yet.
                         let bytes = input.data.len();
-                        if console.input(client, input.data).await.is_err() {
-                            break;
+                        tokio::select! {
+                            _ = console.write_input(client, input.data) => {},
+                            _ = &mut call_over => break,
                         }
                         pacer.pace(bytes).await;
                     }
@@ -356,13 +382,40 @@ impl Console for ConsoleService {
         let (guest, device) = session.console.guest_and_device();
         auth::authorize(caller.as_ref(), guest, device, Need::Write)?;
         let bytes = r.data.len();
-        let accepted = session
-            .console
-            .input_checked(session.client, r.data)
-            .await?;
-        session.pacer.lock().await.pace(bytes).await;
+        if bytes > MAX_PENDING_INPUT {
+            return Err(Error::Exhausted(format!(
+                "SendConsoleInput data is {bytes} bytes; at most {MAX_PENDING_INPUT} (64 KiB) of \
+                 console input may wait for the guest: send it in pieces, one call after the other"
+            ))
+            .into());
+        }
+        // One call at a time per session: a second one is refused, never queued, so that the
+        // input of a session reaches the guest in the order of its calls.
+        let Ok(mut pacer) = session.pacer.try_lock() else {
+            return Err(Error::Exhausted(
+                "Another SendConsoleInput call of this session is in progress (one at a time per \
+                 session): send the next input after the previous call returned"
+                    .into(),
+            )
+            .into());
+        };
+        let written = tokio::time::timeout(
+            INPUT_WAIT,
+            session.console.write_input(session.client, r.data),
+        )
+        .await
+        .map_err(|_| {
+            Error::Exhausted(format!(
+                "The guest of console {} has not read its input for {}s (at most \
+                 {MAX_PENDING_INPUT} bytes wait for it); the input of this call that it had not \
+                 taken was discarded",
+                session.console.name,
+                INPUT_WAIT.as_secs()
+            ))
+        })??;
+        pacer.pace(bytes).await;
         Ok(Response::new(SendConsoleInputResponse {
-            accepted_bytes: accepted as u64,
+            accepted_bytes: written as u64,
         }))
     }
 
@@ -434,5 +487,90 @@ impl Console for ConsoleService {
         Ok(Response::new(
             self.revocable(caller.as_ref(), Box::pin(chunks)),
         ))
+    }
+}
+
+/// The path of `SendConsoleInput`, whose request body [`InputBounded`] bounds.
+const SEND_INPUT_PATH: &str = "/conlog.v1.Console/SendConsoleInput";
+/// Most bytes of a `SendConsoleInput` request body: the gRPC frame header, the session id and
+/// at most [`MAX_PENDING_INPUT`] bytes of data, with room to spare.
+const MAX_INPUT_BODY: usize = MAX_PENDING_INPUT + 4096;
+
+/// The Console service with the request body of `SendConsoleInput` bounded while it arrives:
+/// a body over [`MAX_INPUT_BODY`] ends the call with `RESOURCE_EXHAUSTED` as soon as it is
+/// over, so that concurrent input calls each cost at most that much memory before their
+/// handler refuses them, not `limits.message_size`. Other calls pass untouched.
+#[derive(Clone)]
+pub struct InputBounded<S>(pub S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for InputBounded<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for InputBounded<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path() != SEND_INPUT_PATH {
+            return self.0.call(request);
+        }
+        self.0.call(request.map(|body| {
+            tonic::body::Body::new(BoundedBody {
+                inner: body,
+                seen: 0,
+            })
+        }))
+    }
+}
+
+/// A request body that fails once more than [`MAX_INPUT_BODY`] bytes arrived.
+struct BoundedBody {
+    inner: tonic::body::Body,
+    seen: usize,
+}
+
+impl http_body::Body for BoundedBody {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.seen += data.len();
+                if self.seen > MAX_INPUT_BODY {
+                    return std::task::Poll::Ready(Some(Err(Error::Exhausted(format!(
+                        "SendConsoleInput data is over {MAX_PENDING_INPUT} bytes: at most \
+                         {MAX_PENDING_INPUT} (64 KiB) of console input may wait for the guest; \
+                         send it in pieces, one call after the other"
+                    ))
+                    .into())));
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

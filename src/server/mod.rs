@@ -131,9 +131,11 @@ impl Protection {
     fn console(
         &self,
         console: console::ConsoleService,
-    ) -> proto::console_server::ConsoleServer<console::ConsoleService> {
-        proto::console_server::ConsoleServer::new(console)
-            .max_decoding_message_size(self.message_size)
+    ) -> console::InputBounded<proto::console_server::ConsoleServer<console::ConsoleService>> {
+        console::InputBounded(
+            proto::console_server::ConsoleServer::new(console)
+                .max_decoding_message_size(self.message_size),
+        )
     }
 }
 
