@@ -43,13 +43,38 @@ struct Args {
     /// Print the upgrade snapshot format this binary reads and exit (used before an upgrade).
     #[arg(long, hide = true)]
     snapshot_format: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Hold conlogd's descriptors (pipes, consoles, listeners) through its crashes and hand them
+    /// back; listens on keeper.sock in the runtime dir (docs/operations.md, "Crash guarantees").
+    Keeper {
+        /// YAML configuration file (for runtime_dir).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Directory of keeper.sock (conlogd's runtime dir).
+        #[arg(long)]
+        runtime_dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     // First, before anything opens a descriptor: an upgraded image adopts what it carries and
     // closes everything else it inherited.
     let inherited = conlog::upgrade::exec::inherited();
+    // Also before any thread exists: what systemd's descriptor store hands back.
+    conlog::keeper::systemd::take_listen_fds();
     let args = Args::parse();
+    if let Some(Command::Keeper {
+        config,
+        runtime_dir,
+    }) = args.command
+    {
+        return keeper(config, runtime_dir);
+    }
 
     let overrides = Overrides {
         listen: args.listen,
@@ -101,6 +126,24 @@ fn main() -> anyhow::Result<()> {
         eprintln!("conlogd: {e}");
         std::process::exit(1);
     }
+    Ok(())
+}
+
+/// `conlogd keeper`: runs until told to quit or its socket goes away.
+fn keeper(config: Option<PathBuf>, runtime_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        runtime_dir,
+        ..Overrides::default()
+    };
+    let config = match Config::load(config.as_deref(), overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("conlogd keeper: {e}");
+            std::process::exit(2);
+        }
+    };
+    init_tracing(&config);
+    conlog::keeper::server::run(config.runtime_dir())?;
     Ok(())
 }
 
