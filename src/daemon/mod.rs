@@ -204,14 +204,20 @@ pub async fn run(
             Err(e) => return Err(StartError::Takeover(e)),
         },
     };
+    // Crash survival (crate::keeper): what a keeper or systemd's store held through the end of
+    // the previous daemon is adopted by name on a fresh start; carried state wins otherwise.
+    let mut held = crate::keeper::start(&config).await;
     let mut listeners = match state {
         None => {
-            let listeners = Listeners::bind(&config)?;
-            guests.restore(Vec::new()).await?;
+            let listeners = Listeners::bind(&config, &mut held)?;
+            guests.restore(held.take_streams()).await?;
+            handoffs.adopt(held.take_handoffs());
             listeners
         }
         Some(state) => thaw(state, &config, &guests, &handoffs).await?,
     };
+    drop(held);
+    crate::keeper::reconciled();
     let (upgrade_tx, mut upgrade_rx) = mpsc::channel::<UpgradeRequest>(4);
     let mut signals = Signals::new();
     // An upgraded image starts with these signals blocked (see upgrade::exec); its handlers
@@ -284,6 +290,7 @@ pub async fn run(
                 notify_systemd("STOPPING=1");
                 tracing::info!(signal = name, "shutting down");
                 serving.stop(&guests).await;
+                crate::keeper::shutdown().await;
                 for name in ["conlogd.sock", "fd.sock", "handover.sock"] {
                     let _ = fs::remove_file(config.runtime_dir().join(name));
                 }

@@ -80,6 +80,9 @@ pub fn run(runtime_dir: &Path) -> Result<Exit, KeeperError> {
         tracing::info!(dir = %runtime_dir.display(), "another keeper serves this runtime directory");
         return Ok(Exit::AlreadyRunning);
     }
+    // The lock names its holder, for operators (and tests) looking for the keeper.
+    let _ = lock.set_len(0);
+    let _ = std::io::Write::write_all(&mut &lock, format!("{}\n", std::process::id()).as_bytes());
     let socket = socket_path(runtime_dir);
     let listener = bind(&socket).map_err(path_error(&socket))?;
     let inode = fs::metadata(&socket).map_err(path_error(&socket))?.ino();
