@@ -187,6 +187,12 @@ pub async fn run(
     let (state, mut successor_of) = match start {
         Start::Fresh => (None, None),
         Start::Upgraded(state) => (Some(state), None),
+        // A keeper may hold handover.sock for a daemon that died (crate::keeper): with the
+        // lock free there is nobody to take over from.
+        Start::Takeover if crate::keeper::no_daemon_running(config.runtime_dir()) => {
+            tracing::info!("no running daemon to take over from (conlogd.lock is free); starting fresh");
+            (None, None)
+        }
         Start::Takeover => match handover::receive(config.runtime_dir()).await {
             Ok((state, connection)) => (Some(state), Some(connection)),
             // Nobody to take over from (first start on this node): start fresh. Anything else

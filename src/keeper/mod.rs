@@ -48,6 +48,8 @@ use tokio::sync::oneshot;
 
 /// How often the thread checks that the keeper is alive, and retries one that is not.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long a start waits for a keeper busy with a daemon that died.
+const BUSY_PATIENCE: Duration = Duration::from_secs(5);
 /// How long a clean stop waits for the keeper to let go of everything.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -250,6 +252,16 @@ impl Held {
     }
 }
 
+/// True when no daemon holds `conlogd.lock` in `runtime_dir` (it died, or never ran): nobody
+/// to take over from even though a keeper may still hold `handover.sock` for it, and a keeper
+/// still busy with it is about to notice its end.
+pub fn no_daemon_running(runtime_dir: &std::path::Path) -> bool {
+    let Ok(file) = std::fs::File::open(runtime_dir.join("conlogd.lock")) else {
+        return true;
+    };
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+}
+
 /// Connects to what holds the descriptors (starting a keeper if `keeper: auto` and none
 /// answers), takes what it holds for a crashed predecessor, and starts the thread that keeps
 /// it up to date. With `keeper: off`, or if called twice, returns nothing held.
@@ -276,8 +288,24 @@ pub async fn start(config: &Config) -> Held {
             }
             return (Link::Systemd(store), entries);
         }
-        let mut keeper = KeeperLink::new(runtime_dir, spawn);
-        let entries = keeper.connect_and_fetch().unwrap_or_default();
+        let mut keeper = KeeperLink::new(runtime_dir.clone(), spawn);
+        // A keeper still busy with a daemon that died answers "busy" until it notices; with
+        // no daemon holding the lock, it will shortly.
+        let deadline = Instant::now() + BUSY_PATIENCE;
+        let entries = loop {
+            match keeper.connect_and_fetch() {
+                Ok(entries) => break entries,
+                Err(busy)
+                    if busy
+                        && Instant::now() < deadline
+                        && no_daemon_running(&runtime_dir) =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(_) => break Vec::new(),
+            }
+        };
+        keeper.next_attempt = Instant::now();
         (Link::Keeper(keeper), entries)
     })
     .await
@@ -542,6 +570,8 @@ struct KeeperLink {
     next_attempt: Instant,
     /// Why the last attempt failed, to log each new reason once.
     last_error: Option<String>,
+    /// The last attempt found the keeper serving another client.
+    busy: bool,
 }
 
 impl KeeperLink {
@@ -554,22 +584,24 @@ impl KeeperLink {
             child: None,
             next_attempt: Instant::now(),
             last_error: None,
+            busy: false,
         }
     }
 
-    /// At start: connect (or start a keeper) and take what it holds.
-    fn connect_and_fetch(&mut self) -> Option<Vec<(String, OwnedFd)>> {
+    /// At start: connect (or start a keeper) and take what it holds; the error says whether
+    /// the keeper was busy with another client.
+    fn connect_and_fetch(&mut self) -> Result<Vec<(String, OwnedFd)>, bool> {
         if !self.connect() {
-            return None;
+            return Err(self.busy);
         }
         match self.connection.as_ref().map(client::Connection::fetch) {
-            Some(Ok(entries)) => Some(entries),
+            Some(Ok(entries)) => Ok(entries),
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "cannot take back what the keeper holds");
                 self.connection = None;
-                None
+                Err(false)
             }
-            None => None,
+            None => Err(false),
         }
     }
 
@@ -604,8 +636,12 @@ impl KeeperLink {
                 true
             }
             Err(e) => {
+                self.busy = e.kind() == std::io::ErrorKind::ResourceBusy;
                 let text = e.to_string();
-                if self.last_error.as_deref() != Some(text.as_str()) {
+                if self.busy && self.last_error.is_none() {
+                    // Logged only if it lasts (see `start`).
+                    self.last_error = Some(String::new());
+                } else if self.last_error.as_deref() != Some(text.as_str()) {
                     tracing::warn!(socket = %self.socket.display(), error = %text, "no keeper: descriptors are not held until one answers");
                     self.last_error = Some(text);
                 }

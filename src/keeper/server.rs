@@ -155,32 +155,48 @@ fn serve(listener: &OwnedFd, socket: &Path, inode: u64, mut table: Table) -> Exi
         if fs::metadata(socket).map(|m| m.ino()).ok() != Some(inode) {
             return Exit::SocketGone;
         }
+        if client_ready && drain(&mut table, &mut client) {
+            return Exit::Quit;
+        }
+        // After the client's requests: a daemon that died has been noticed before its
+        // successor connects.
         if listener_ready {
+            // Whatever the client sent meanwhile first: a daemon that died is noticed before
+            // its successor is told the keeper is busy.
+            if client.as_ref().is_some_and(has_input) && drain(&mut table, &mut client) {
+                return Exit::Quit;
+            }
             accept(listener, &mut client);
         }
-        if client_ready {
-            let Some(connection) = &client else { continue };
-            match protocol::recv(connection) {
-                Ok(message) => match handle(&mut table, connection, message) {
-                    Ok(true) => return Exit::Quit,
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "client dropped");
-                        let _ = protocol::send(connection, &protocol::error_message(&e), &[]);
-                        client = None;
-                    }
-                },
+    }
+}
+
+/// Serves every request queued on the client (one that died may have left some), and its end;
+/// true when told to quit.
+fn drain(table: &mut Table, client: &mut Option<OwnedFd>) -> bool {
+    while let Some(connection) = client.as_ref() {
+        match protocol::recv(connection) {
+            Ok(message) => match handle(table, connection, message) {
+                Ok(true) => return true,
+                Ok(false) if has_input(connection) => {}
+                Ok(false) => break,
                 Err(e) => {
-                    if e.kind() != io::ErrorKind::UnexpectedEof {
-                        tracing::warn!(error = %e, "client dropped");
-                        let text = format!("protocol error: {e}");
-                        let _ = protocol::send(connection, &protocol::error_message(&text), &[]);
-                    }
-                    client = None;
+                    tracing::warn!(error = %e, "client dropped");
+                    let _ = protocol::send(connection, &protocol::error_message(&e), &[]);
+                    *client = None;
                 }
+            },
+            Err(e) => {
+                if e.kind() != io::ErrorKind::UnexpectedEof {
+                    tracing::warn!(error = %e, "client dropped");
+                    let text = format!("protocol error: {e}");
+                    let _ = protocol::send(connection, &protocol::error_message(&text), &[]);
+                }
+                *client = None;
             }
         }
     }
+    false
 }
 
 /// Accepts one connection: a peer of another uid is closed at once, a second client is told
@@ -226,6 +242,25 @@ fn accept(listener: &OwnedFd, client: &mut Option<OwnedFd>) {
     if protocol::send(&connection, &hello, &[]).is_ok() {
         *client = Some(connection);
     }
+}
+
+/// The poll events of `connection` now.
+fn events(connection: &OwnedFd) -> rustix::event::PollFlags {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let mut fds = [PollFd::new(connection, PollFlags::IN)];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&zero)) {
+        Ok(_) => fds[0].revents(),
+        Err(_) => PollFlags::empty(),
+    }
+}
+
+/// True when a request (or the end) waits on `connection`.
+fn has_input(connection: &OwnedFd) -> bool {
+    !events(connection).is_empty()
 }
 
 /// Serves one request; `Ok(true)` means quit. An error is a protocol error (the connection is
