@@ -60,13 +60,14 @@ pub fn take_passed() -> Vec<(String, OwnedFd)> {
 pub struct Store {
     /// Which file (device, inode) each name holds, to tell a re-registration (stored once by
     /// systemd) from a replacement (remove first).
-    sent: HashMap<String, (u64, u64)>,
+    sent: HashMap<String, (u64, u64, u32)>,
 }
 
-fn identity(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
-    rustix::fs::fstat(fd)
-        .ok()
-        .map(|s| (s.st_dev as u64, s.st_ino as u64))
+/// Which open file `fd` refers to: its inode and access mode (a pipe's two ends differ).
+fn identity(fd: BorrowedFd<'_>) -> Option<(u64, u64, u32)> {
+    let stat = rustix::fs::fstat(fd).ok()?;
+    let mode = rustix::fs::fcntl_getfl(fd).ok()? & rustix::fs::OFlags::RWMODE;
+    Some((stat.st_dev as u64, stat.st_ino as u64, mode.bits()))
 }
 
 impl Store {
