@@ -58,6 +58,13 @@ enum Command {
         /// Directory of keeper.sock (conlogd's runtime dir).
         #[arg(long)]
         runtime_dir: Option<PathBuf>,
+        /// If another keeper serves the directory, wait for it to end and then serve, instead
+        /// of exiting (a keeper container beside another pod's during a rolling update).
+        #[arg(long)]
+        standby: bool,
+        /// Only check that a keeper answers (exit 0) or not (exit 1), for a probe.
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -71,9 +78,11 @@ fn main() -> anyhow::Result<()> {
     if let Some(Command::Keeper {
         config,
         runtime_dir,
+        standby,
+        check,
     }) = args.command
     {
-        return keeper(config, runtime_dir);
+        return keeper(config, runtime_dir, standby, check);
     }
 
     let overrides = Overrides {
@@ -130,7 +139,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `conlogd keeper`: runs until told to quit or its socket goes away.
-fn keeper(config: Option<PathBuf>, runtime_dir: Option<PathBuf>) -> anyhow::Result<()> {
+fn keeper(
+    config: Option<PathBuf>,
+    runtime_dir: Option<PathBuf>,
+    standby: bool,
+    check: bool,
+) -> anyhow::Result<()> {
     let overrides = Overrides {
         runtime_dir,
         ..Overrides::default()
@@ -142,8 +156,15 @@ fn keeper(config: Option<PathBuf>, runtime_dir: Option<PathBuf>) -> anyhow::Resu
             std::process::exit(2);
         }
     };
+    if check {
+        if let Err(e) = conlog::keeper::check(config.runtime_dir()) {
+            eprintln!("conlogd keeper: no keeper answers: {e}");
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     init_tracing(&config);
-    conlog::keeper::server::run(config.runtime_dir())?;
+    conlog::keeper::server::run(config.runtime_dir(), standby)?;
     Ok(())
 }
 

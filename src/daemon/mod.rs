@@ -317,6 +317,7 @@ pub async fn run(
                 let state = serving.freeze(listeners, &guests, &handoffs).await;
                 match handover::send(&mut connection, state).await {
                     Ok(()) => {
+                        crate::keeper::detach().await;
                         if options.linger_after_handover {
                             tracing::info!("handed over to the successor; idle until SIGTERM");
                             tokio::select! {

@@ -116,13 +116,23 @@ pub fn reconciled() {
 
 /// A clean stop: the keeper lets go of everything (a keeper this daemon started exits).
 pub async fn shutdown() {
+    stop(Stop::Finish).await;
+}
+
+/// After a takeover: this process leaves the keeper to its successor (one client at a time)
+/// without letting go of anything; the successor holds everything under the same names.
+pub async fn detach() {
+    stop(Stop::Detach).await;
+}
+
+async fn stop(kind: Stop) {
     let Some(holder) = HOLDER.get() else { return };
     let (done, finished) = oneshot::channel();
     {
         let mut state = holder.lock();
         state.held.clear();
         state.dirty.clear();
-        state.stop = Some(done);
+        state.stop = Some((kind, done));
         holder.wake.notify_one();
     }
     if tokio::time::timeout(SHUTDOWN_TIMEOUT, finished)
@@ -252,6 +262,16 @@ impl Held {
     }
 }
 
+/// Checks that a keeper answers on `runtime_dir`'s `keeper.sock` (serving a client or not),
+/// for a container's probe.
+pub fn check(runtime_dir: &std::path::Path) -> std::io::Result<()> {
+    match client::Connection::connect(&server::socket_path(runtime_dir)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// True when no daemon holds `conlogd.lock` in `runtime_dir` (it died, or never ran): nobody
 /// to take over from even though a keeper may still hold `handover.sock` for it, and a keeper
 /// still busy with it is about to notice its end.
@@ -358,8 +378,16 @@ struct State {
     unclaimed: BTreeSet<String>,
     /// Set by [`reconciled`].
     reconciled: bool,
-    /// A clean stop was asked.
-    stop: Option<oneshot::Sender<()>>,
+    /// A stop was asked.
+    stop: Option<(Stop, oneshot::Sender<()>)>,
+}
+
+/// How the thread ends.
+enum Stop {
+    /// Let go of everything: a clean stop of the daemon.
+    Finish,
+    /// Leave the keeper holding everything for a successor.
+    Detach,
 }
 
 impl Holder {
@@ -404,6 +432,7 @@ impl Holder {
             match link.ensure() {
                 Ensure::Down => {}
                 Ensure::Resync => self.resync(&mut link),
+                Ensure::Up if matches!(stop, Some((Stop::Detach, _))) => {}
                 Ensure::Up => {
                     for (name, fd) in &batch {
                         if let Err(e) = link.apply(name, fd.as_deref().map(AsFd::as_fd)) {
@@ -424,8 +453,11 @@ impl Holder {
                 }
             }
             drop(state);
-            if let Some(done) = stop {
-                link.finish();
+            if let Some((kind, done)) = stop {
+                match kind {
+                    Stop::Finish => link.finish(),
+                    Stop::Detach => link.drop_connection(),
+                }
                 let _ = done.send(());
                 return;
             }

@@ -55,8 +55,11 @@ struct Table {
     cap: usize,
 }
 
-/// Runs the keeper of `runtime_dir` until it is told to quit or its socket goes away.
-pub fn run(runtime_dir: &Path) -> Result<Exit, KeeperError> {
+/// Runs the keeper of `runtime_dir` until it is told to quit or its socket goes away. If
+/// another keeper serves the directory it returns at once, or with `standby` waits until that
+/// one ends and then serves (a new pod's keeper container beside the old pod's, in a rolling
+/// update).
+pub fn run(runtime_dir: &Path, standby: bool) -> Result<Exit, KeeperError> {
     // Its own session: a terminal hang-up or the group of the conlogd that started it does not
     // reach it. Fails harmlessly when it already leads one (PID 1 of a container).
     let _ = rustix::process::setsid();
@@ -77,8 +80,13 @@ pub fn run(runtime_dir: &Path) -> Result<Exit, KeeperError> {
         .open(&lock_path)
         .map_err(path_error(&lock_path))?;
     if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-        tracing::info!(dir = %runtime_dir.display(), "another keeper serves this runtime directory");
-        return Ok(Exit::AlreadyRunning);
+        tracing::info!(dir = %runtime_dir.display(), standby, "another keeper serves this runtime directory");
+        if !standby {
+            return Ok(Exit::AlreadyRunning);
+        }
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| path_error(&lock_path)(e.into()))?;
+        tracing::info!("the other keeper has ended; taking over its socket");
     }
     // The lock names its holder, for operators (and tests) looking for the keeper.
     let _ = lock.set_len(0);
