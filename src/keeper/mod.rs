@@ -670,11 +670,13 @@ impl KeeperLink {
             Err(e) => {
                 self.busy = e.kind() == std::io::ErrorKind::ResourceBusy;
                 let text = e.to_string();
-                if self.busy && self.last_error.is_none() {
-                    // Logged only if it lasts (see `start`).
-                    self.last_error = Some(String::new());
-                } else if self.last_error.as_deref() != Some(text.as_str()) {
-                    tracing::warn!(socket = %self.socket.display(), error = %text, "no keeper: descriptors are not held until one answers");
+                if self.last_error.as_deref() != Some(text.as_str()) {
+                    if self.busy {
+                        // A successor while its predecessor lets go of the keeper (takeover).
+                        tracing::info!(socket = %self.socket.display(), "the keeper serves another daemon; holding once it is free");
+                    } else {
+                        tracing::warn!(socket = %self.socket.display(), error = %text, "no keeper: descriptors are not held until one answers");
+                    }
                     self.last_error = Some(text);
                 }
                 self.next_attempt = Instant::now() + CHECK_EVERY;
