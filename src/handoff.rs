@@ -286,10 +286,14 @@ impl Handoffs {
                 return;
             }
         };
+        // The keeper lets go of the write end before it goes out: a crash after the send
+        // must not leave a second writer that keeps the stream open (crate::keeper).
+        crate::keeper::release(&pending.held_as);
+        let _ = crate::keeper::flushed().await;
         let sent = tokio::time::timeout(read_timeout, send_fd(&stream, &pending.write_end)).await;
         match sent.unwrap_or_else(|_| Err(io::Error::from(ErrorKind::TimedOut))) {
             Ok(()) => {
-                crate::keeper::release(&pending.held_as);
+                crate::fault::point("handoff.sent");
                 self.metrics.handoffs.inc();
                 tracing::info!(guest = %pending.guest, stream = %pending.stream, "log pipe handed over");
             }
@@ -304,6 +308,7 @@ impl Handoffs {
     /// Puts back a hand-off whose descriptor was not delivered (`sendmsg` with SCM_RIGHTS
     /// delivers all or nothing), so its client can try again until the token expires.
     fn unclaim(&self, token: String, pending: Pending) {
+        crate::keeper::hold(&pending.held_as, pending.write_end.as_fd());
         let mut tokens = self.pending.lock().expect("hand-off table poisoned");
         tokens.live.insert(token, pending);
         tokens.expire(Instant::now());

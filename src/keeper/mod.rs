@@ -434,6 +434,9 @@ impl Holder {
                 Ensure::Resync => self.resync(&mut link),
                 Ensure::Up if matches!(stop, Some((Stop::Detach, _))) => {}
                 Ensure::Up => {
+                    if !batch.is_empty() {
+                        crate::fault::point("keeper.apply");
+                    }
                     for (name, fd) in &batch {
                         if let Err(e) = link.apply(name, fd.as_deref().map(AsFd::as_fd)) {
                             tracing::warn!(error = %e, "lost the keeper; holding again once one answers");
