@@ -201,3 +201,91 @@ async fn kill_9_under_load_breaks_no_pipe_and_no_console_connection() {
         tokio::time::sleep(POLL).await;
     }
 }
+
+/// Reconciliation after `kill -9`: held descriptors are matched to the registry by name. A pipe
+/// whose writer finished while conlogd was down is read to its end and closed (not broken); a
+/// console whose QEMU left meanwhile logs what it sent and shows no guest; a stream whose
+/// record is gone (a stale entry) is closed, so its writer sees EPIPE; the others go on. The
+/// daemon also starts with `--takeover` (as in the DaemonSet): with nobody holding
+/// `conlogd.lock` it starts fresh and adopts what the keeper held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_reconciles_held_descriptors_with_the_registry() {
+    let mut daemon = Daemon::start_with(None, &["--takeover"]).await;
+    let mut agent = daemon.agent().await;
+    let (_, mut ended) = open_pipe(&mut agent, "vm-ended", "qemu", None).await;
+    let (_, mut going) = open_pipe(&mut agent, "vm-going", "qemu", None).await;
+    let (_, mut stale) = open_pipe(&mut agent, "vm-stale", "qemu", None).await;
+    let console = open_console(&mut agent, "vm-con").await;
+    let mut guest = UnixStream::connect(&console.guest_socket).unwrap();
+    wait_guest_connected(&mut agent, "vm-con", "serial0", true).await;
+    for pipe in [&mut ended, &mut going, &mut stale] {
+        pipe.write_all(b"before\n").unwrap();
+    }
+    guest.write_all(b"before\n").unwrap();
+    for guest in ["vm-ended", "vm-going", "vm-stale"] {
+        wait_offset(&mut agent, guest, "qemu", 7).await;
+    }
+    wait_offset(&mut agent, "vm-con", "serial0", 7).await;
+    drop(agent);
+
+    daemon.kill().await;
+    ended.write_all(b"while down\n").unwrap();
+    drop(ended);
+    guest.write_all(b"bye\n").unwrap();
+    drop(guest);
+    stale.write_all(b"while down\n").unwrap();
+    std::fs::remove_dir_all(daemon.data_dir().join("state/guests/vm-stale")).unwrap();
+    daemon.restart().await;
+    assert!(
+        daemon.stderr().contains("no running daemon to take over from"),
+        "{}",
+        daemon.stderr()
+    );
+
+    let mut agent = daemon.agent().await;
+    let info = wait_closed(&mut agent, "vm-ended", "qemu", 18).await;
+    assert!(!info.broken, "a pipe that ended while down is not broken: {info:?}");
+    assert_same(
+        "vm-ended",
+        &read_log(&daemon.log_dir(), "vm-ended", "qemu"),
+        b"before\nwhile down\n",
+    );
+    let info = wait_stream(&mut agent, "vm-con", "serial0", "left by its guest", |s| {
+        !s.guest_connected && s.offset == 11
+    })
+    .await;
+    assert!(!info.broken, "{info:?}");
+    assert_same(
+        "vm-con",
+        &read_log(&daemon.log_dir(), "vm-con", "serial0"),
+        b"before\nbye\n",
+    );
+    assert!(
+        find_stream(&mut agent, "vm-stale", "qemu").await.is_none(),
+        "a stream without a record is not restored"
+    );
+    let deadline = Instant::now() + DEADLINE;
+    let error = loop {
+        match stale.write_all(b"x") {
+            Err(e) => break e,
+            Ok(()) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the stale pipe was never closed"
+                );
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    };
+    assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe, "{error}");
+    going.write_all(b"after\n").unwrap();
+    drop(going);
+    let info = wait_closed(&mut agent, "vm-going", "qemu", 13).await;
+    assert!(!info.broken && info.writers == 0, "{info:?}");
+    assert_same(
+        "vm-going",
+        &read_log(&daemon.log_dir(), "vm-going", "qemu"),
+        b"before\nafter\n",
+    );
+    assert_eq!(daemon.stop().await.code(), Some(0));
+}
