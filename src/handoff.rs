@@ -210,7 +210,8 @@ impl Handoffs {
         let mut tokens = self.pending.lock().expect("hand-off table poisoned");
         let now = Instant::now();
         for h in carried {
-            let held_as = crate::keeper::names::handoff(&h.token, &h.guest, &h.stream, h.expires_in);
+            let held_as =
+                crate::keeper::names::handoff(&h.token, &h.guest, &h.stream, h.expires_in);
             crate::keeper::hold(&held_as, h.write_end.as_fd());
             tokens.live.insert(
                 h.token,

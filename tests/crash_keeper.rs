@@ -12,6 +12,7 @@ mod crash_common;
 mod support;
 
 use conlog::proto::LogMode;
+use crash_common::*;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -19,7 +20,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use crash_common::*;
 use support::*;
 
 /// Pipes in the test.
@@ -35,8 +35,14 @@ fn keeper_pid(runtime_dir: &Path) -> Option<u32> {
 
 fn alive(pid: u32) -> bool {
     // A zombie (the keeper's parent may be this test's dead daemon) counts as gone.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
 }
 
 /// Waits (bounded) until a live keeper other than `old` serves `runtime_dir`.
@@ -156,7 +162,11 @@ async fn kill_9_under_load_breaks_no_pipe_and_no_console_connection() {
         assert!(!info.broken, "{guest}: {info:?}");
         let want = written(&outcome.who, outcome.lines);
         let log = read_log(&daemon.log_dir(), &guest, "qemu");
-        assert_eq!(info.offset as usize, log.len(), "{guest}: offsets match the log");
+        assert_eq!(
+            info.offset as usize,
+            log.len(),
+            "{guest}: offsets match the log"
+        );
         let cuts = cuts(&guest, &log, &want);
         assert!(
             cuts.len() <= kills as usize && cuts.iter().all(|c| *c <= PIPE_READ),
@@ -197,7 +207,10 @@ async fn kill_9_under_load_breaks_no_pipe_and_no_console_connection() {
     let keeper = keeper_pid(daemon.runtime_dir());
     let deadline = Instant::now() + DEADLINE;
     while keeper.is_some_and(alive) {
-        assert!(Instant::now() < deadline, "the keeper outlived a clean stop");
+        assert!(
+            Instant::now() < deadline,
+            "the keeper outlived a clean stop"
+        );
         tokio::time::sleep(POLL).await;
     }
 }
@@ -237,14 +250,19 @@ async fn restart_reconciles_held_descriptors_with_the_registry() {
     std::fs::remove_dir_all(daemon.data_dir().join("state/guests/vm-stale")).unwrap();
     daemon.restart().await;
     assert!(
-        daemon.stderr().contains("no running daemon to take over from"),
+        daemon
+            .stderr()
+            .contains("no running daemon to take over from"),
         "{}",
         daemon.stderr()
     );
 
     let mut agent = daemon.agent().await;
     let info = wait_closed(&mut agent, "vm-ended", "qemu", 18).await;
-    assert!(!info.broken, "a pipe that ended while down is not broken: {info:?}");
+    assert!(
+        !info.broken,
+        "a pipe that ended while down is not broken: {info:?}"
+    );
     assert_same(
         "vm-ended",
         &read_log(&daemon.log_dir(), "vm-ended", "qemu"),
@@ -269,10 +287,7 @@ async fn restart_reconciles_held_descriptors_with_the_registry() {
         match stale.write_all(b"x") {
             Err(e) => break e,
             Ok(()) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "the stale pipe was never closed"
-                );
+                assert!(Instant::now() < deadline, "the stale pipe was never closed");
                 tokio::time::sleep(POLL).await;
             }
         }

@@ -182,7 +182,12 @@ struct Run {
 impl Run {
     /// Starts conlogd on `dir` with `$NOTIFY_SOCKET`, passing `passed` as descriptors 3… (the
     /// pid is only known after the fork: a shell sets `LISTEN_PID` to its own and `exec`s).
-    async fn start(dir: &Path, systemd: &FakeSystemd, passed: Vec<(String, OwnedFd)>, n: u32) -> Self {
+    async fn start(
+        dir: &Path,
+        systemd: &FakeSystemd,
+        passed: Vec<(String, OwnedFd)>,
+        n: u32,
+    ) -> Self {
         let stderr = dir.join(format!("conlogd.{n}.stderr"));
         let mut cmd = Command::new("sh");
         cmd.arg("-c")

@@ -230,7 +230,10 @@ fn check_keeper<'a>(
 ) {
     let external = written["keeper"] == "external";
     let Some(keeper) = keeper else {
-        assert!(!external, "{origin}: keeper: external needs a keeper container");
+        assert!(
+            !external,
+            "{origin}: keeper: external needs a keeper container"
+        );
         return;
     };
     assert!(
@@ -239,13 +242,20 @@ fn check_keeper<'a>(
         written["keeper"]
     );
     assert_eq!(keeper["image"], conlogd["image"], "{origin}: keeper image");
-    let args: Vec<&str> = seq(&keeper["args"]).iter().map(|a| str_of(a, "arg")).collect();
+    let args: Vec<&str> = seq(&keeper["args"])
+        .iter()
+        .map(|a| str_of(a, "arg"))
+        .collect();
     let config_arg = seq(&conlogd["args"])
         .iter()
         .map(|a| str_of(a, "arg"))
         .find(|a| a.starts_with("--config="))
         .expect("conlogd's --config");
-    assert_eq!(args.first(), Some(&"keeper"), "{origin}: keeper args {args:?}");
+    assert_eq!(
+        args.first(),
+        Some(&"keeper"),
+        "{origin}: keeper args {args:?}"
+    );
     assert!(
         args.contains(&"--standby") && args.contains(&config_arg),
         "{origin}: the keeper waits for the old pod's (--standby) and reads conlogd's config: {args:?}"
@@ -279,8 +289,16 @@ fn check_keeper<'a>(
         }
     }
     let security = &keeper["securityContext"];
-    assert_eq!(security["allowPrivilegeEscalation"], Value::Bool(false), "{origin}");
-    assert_eq!(security["readOnlyRootFilesystem"], Value::Bool(true), "{origin}");
+    assert_eq!(
+        security["allowPrivilegeEscalation"],
+        Value::Bool(false),
+        "{origin}"
+    );
+    assert_eq!(
+        security["readOnlyRootFilesystem"],
+        Value::Bool(true),
+        "{origin}"
+    );
     assert!(
         seq(&security["capabilities"]["drop"]).contains(&Value::from("ALL")),
         "{origin}: keeper capabilities.drop must be [ALL]"

@@ -120,7 +120,10 @@ fn fetch(socket: &OwnedFd) -> Vec<(String, OwnedFd)> {
 #[test]
 fn keeper_holds_and_hands_back_by_name() {
     let keeper = Keeper::start(None);
-    let mode = std::fs::metadata(keeper.socket()).unwrap().permissions().mode();
+    let mode = std::fs::metadata(keeper.socket())
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "keeper.sock is {mode:o}");
     let client = served(&keeper.socket());
 
@@ -156,7 +159,10 @@ fn keeper_holds_and_hands_back_by_name() {
     assert_eq!(&buffer[..n], b"kept\n");
     drop(entries);
     // Removed: the writer sees EPIPE once nobody holds the read end.
-    assert_eq!(request(&client, &[&[REMOVE], &b"pipe/vm/qemu/1"[..]].concat(), None), [OK]);
+    assert_eq!(
+        request(&client, &[&[REMOVE], &b"pipe/vm/qemu/1"[..]].concat(), None),
+        [OK]
+    );
     assert_eq!(
         rustix::io::write(&write, b"x").unwrap_err(),
         rustix::io::Errno::PIPE
@@ -200,7 +206,13 @@ fn keeper_refuses_other_uids_and_caps_descriptors() {
     );
     let output = run_bounded(
         Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c"])
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+            ])
             .arg(&script),
     );
     assert!(output.status.success(), "{}", describe(&output));

@@ -190,7 +190,9 @@ pub async fn run(
         // A keeper may hold handover.sock for a daemon that died (crate::keeper): with the
         // lock free there is nobody to take over from.
         Start::Takeover if crate::keeper::no_daemon_running(config.runtime_dir()) => {
-            tracing::info!("no running daemon to take over from (conlogd.lock is free); starting fresh");
+            tracing::info!(
+                "no running daemon to take over from (conlogd.lock is free); starting fresh"
+            );
             (None, None)
         }
         Start::Takeover => match handover::receive(config.runtime_dir()).await {

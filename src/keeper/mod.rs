@@ -208,7 +208,11 @@ impl Held {
                 parts.remove(names::GUEST_LISTENER),
                 parts.remove(names::CLIENT_LISTENER),
             ) else {
-                tracing::warn!(guest, device, "closing a console's held descriptors: its listening sockets are missing");
+                tracing::warn!(
+                    guest,
+                    device,
+                    "closing a console's held descriptors: its listening sockets are missing"
+                );
                 continue;
             };
             let entry = streams
@@ -484,7 +488,10 @@ impl Holder {
             if !state.reconciled {
                 state.unclaimed.extend(known.iter().cloned());
             }
-            (state.reconciled, state.held.keys().cloned().collect::<BTreeSet<_>>())
+            (
+                state.reconciled,
+                state.held.keys().cloned().collect::<BTreeSet<_>>(),
+            )
         };
         let mut result = Ok(());
         if reconciled {
@@ -496,7 +503,10 @@ impl Holder {
             result = result.and_then(|()| link.apply(name, Some(fd.as_fd())));
         }
         match result {
-            Ok(()) => tracing::info!(descriptors = held.len(), "the keeper holds every descriptor"),
+            Ok(()) => tracing::info!(
+                descriptors = held.len(),
+                "the keeper holds every descriptor"
+            ),
             Err(e) => {
                 tracing::warn!(error = %e, "lost the keeper while registering; trying again");
                 link.drop_connection();

@@ -152,9 +152,7 @@ pub fn recv(socket: impl AsFd) -> io::Result<Message> {
     {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!(
-                "message of more than {MAX_MESSAGE} bytes or more than one descriptor refused"
-            ),
+            format!("message of more than {MAX_MESSAGE} bytes or more than one descriptor refused"),
         ));
     }
     Ok(Message {
@@ -238,8 +236,12 @@ mod tests {
         // Too long: refused, not truncated silently.
         send(&a, &[b'x'; MAX_MESSAGE], &[]).unwrap();
         assert_eq!(recv(&b).unwrap().bytes.len(), MAX_MESSAGE);
-        rustix::net::send(&a, &[b'x'; MAX_MESSAGE + 10], rustix::net::SendFlags::empty())
-            .unwrap();
+        rustix::net::send(
+            &a,
+            &[b'x'; MAX_MESSAGE + 10],
+            rustix::net::SendFlags::empty(),
+        )
+        .unwrap();
         assert_eq!(
             recv(&b).unwrap_err().kind(),
             io::ErrorKind::InvalidData,

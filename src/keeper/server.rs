@@ -210,14 +210,13 @@ fn drain(table: &mut Table, client: &mut Option<OwnedFd>) -> bool {
 /// Accepts one connection: a peer of another uid is closed at once, a second client is told
 /// the keeper is busy.
 fn accept(listener: &OwnedFd, client: &mut Option<OwnedFd>) {
-    let connection =
-        match rustix::net::accept_with(listener, rustix::net::SocketFlags::CLOEXEC) {
-            Ok(connection) => connection,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                return;
-            }
-        };
+    let connection = match rustix::net::accept_with(listener, rustix::net::SocketFlags::CLOEXEC) {
+        Ok(connection) => connection,
+        Err(e) => {
+            tracing::warn!(error = %e, "accept failed");
+            return;
+        }
+    };
     let ours = rustix::process::getuid();
     match rustix::net::sockopt::socket_peercred(&connection) {
         Ok(peer) if peer.uid == ours => {}

@@ -44,7 +44,9 @@ pub fn take_listen_fds() {
     for (raw, name) in passed {
         match crate::upgrade::fds::adopt(raw) {
             Ok(fd) => adopted.push((name, fd)),
-            Err(e) => eprintln!("conlogd: cannot adopt descriptor {raw} ({name}) from systemd: {e}"),
+            Err(e) => {
+                eprintln!("conlogd: cannot adopt descriptor {raw} ({name}) from systemd: {e}")
+            }
         }
     }
     *PASSED.lock().expect("not poisoned") = adopted;

@@ -21,7 +21,10 @@ pub fn line(who: &str, n: u64) -> String {
 
 /// Lines `0..count` of `who`, as written.
 pub fn written(who: &str, count: u64) -> Vec<u8> {
-    (0..count).map(|n| line(who, n)).collect::<String>().into_bytes()
+    (0..count)
+        .map(|n| line(who, n))
+        .collect::<String>()
+        .into_bytes()
 }
 
 /// What a writer did.
@@ -110,4 +113,3 @@ impl Lcg {
         (self.0 >> 33) % below
     }
 }
-
