@@ -1,7 +1,9 @@
 //! The narrowest window of a log pipe, made deterministic with fault points: conlogd is killed
 //! right after it handed a pipe's write end to its writer, while the keeper is slow to take
-//! what it is given. The pipe's read end must already be held (CreateLogPipe answers only once
-//! it is): after a restart the writer's pipe still works and its bytes are logged.
+//! what it is given. The pipe's read end must already be held (CreateLogPipe answers, and
+//! fd.sock sends the write end, only once the keeper holds what came before): after a restart
+//! the writer's pipe still works and its bytes are logged, and the stream ends as soon as the
+//! writer closes (the keeper let go of the hand-off's write end before it went out).
 //!
 //! Alone in its binary: the fault points are armed through this process's environment, which
 //! the daemon inherits.
