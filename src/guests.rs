@@ -307,7 +307,11 @@ impl Guests {
         let log = LogFile::open(log_path, &self.position_path(guest, stream), limits)
             .map_err(|e| Error::io(format!("cannot open {}", log_path.display()), e))?;
         Ok(match paths {
-            None => Actor::Pipe(StreamHandle::spawn(log, self.metrics.clone())),
+            None => Actor::Pipe(StreamHandle::spawn(
+                log,
+                self.metrics.clone(),
+                crate::keeper::names::pipe_prefix(guest, stream),
+            )),
             Some(paths) => Actor::Console(ConsoleHandle::spawn(
                 guest,
                 stream,

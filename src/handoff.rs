@@ -69,7 +69,9 @@ impl Tokens {
             .map(|(token, _)| token.clone())
             .collect();
         for token in expired {
-            self.live.remove(&token);
+            if let Some(pending) = self.live.remove(&token) {
+                crate::keeper::release(&pending.held_as);
+            }
             self.expired.insert(token, now);
         }
         if self.expired.len() > REMEMBER_EXPIRED {
@@ -92,6 +94,8 @@ struct Pending {
     stream: String,
     write_end: OwnedFd,
     expires: Instant,
+    /// The name the keeper holds the write end under ([`crate::keeper`]).
+    held_as: String,
 }
 
 /// How many expired tokens are remembered, so a late client is told "expired" rather than
@@ -169,6 +173,8 @@ impl Handoffs {
                 value: self.max_pending as u64,
             });
         }
+        let held_as = crate::keeper::names::handoff(&token, guest, stream, self.ttl);
+        crate::keeper::hold(&held_as, write_end.as_fd());
         pending.live.insert(
             token.clone(),
             Pending {
@@ -176,6 +182,7 @@ impl Handoffs {
                 stream: stream.to_owned(),
                 write_end,
                 expires: now + self.ttl,
+                held_as,
             },
         );
         Ok(token)
@@ -228,6 +235,9 @@ impl Handoffs {
         let mut tokens = self.pending.lock().expect("hand-off table poisoned");
         let now = Instant::now();
         for h in carried {
+            let held_as =
+                crate::keeper::names::handoff(&h.token, &h.guest, &h.stream, h.expires_in);
+            crate::keeper::hold(&held_as, h.write_end.as_fd());
             tokens.live.insert(
                 h.token,
                 Pending {
@@ -235,6 +245,7 @@ impl Handoffs {
                     stream: h.stream,
                     write_end: h.write_end,
                     expires: now + h.expires_in,
+                    held_as,
                 },
             );
         }
@@ -246,7 +257,13 @@ impl Handoffs {
             .lock()
             .expect("hand-off table poisoned")
             .live
-            .retain(|_, p| p.guest != guest);
+            .retain(|_, p| {
+                let keep = p.guest != guest;
+                if !keep {
+                    crate::keeper::release(&p.held_as);
+                }
+                keep
+            });
     }
 
     /// Accepts fd.sock clients until the task is dropped; each is served on its own task so
@@ -314,9 +331,14 @@ impl Handoffs {
                 return;
             }
         };
+        // The keeper lets go of the write end before it goes out: a crash after the send
+        // must not leave a second writer that keeps the stream open (crate::keeper).
+        crate::keeper::release(&pending.held_as);
+        let _ = crate::keeper::flushed().await;
         let sent = tokio::time::timeout(read_timeout, send_fd(&stream, &pending.write_end)).await;
         match sent.unwrap_or_else(|_| Err(io::Error::from(ErrorKind::TimedOut))) {
             Ok(()) => {
+                crate::fault::point("handoff.sent");
                 self.metrics.handoffs.inc();
                 tracing::info!(guest = %pending.guest, stream = %pending.stream, "log pipe handed over");
             }
@@ -332,6 +354,7 @@ impl Handoffs {
     /// Puts back a hand-off whose descriptor was not delivered (`sendmsg` with SCM_RIGHTS
     /// delivers all or nothing), so its client can try again until the token expires.
     fn unclaim(&self, token: String, pending: Pending) {
+        crate::keeper::hold(&pending.held_as, pending.write_end.as_fd());
         let mut tokens = self.pending.lock().expect("hand-off table poisoned");
         tokens.live.insert(token, pending);
         tokens.expire(Instant::now());

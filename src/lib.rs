@@ -14,6 +14,7 @@ pub mod guests;
 pub mod handoff;
 pub mod history;
 pub mod ids;
+pub mod keeper;
 pub mod logfile;
 pub mod metrics;
 pub mod names;

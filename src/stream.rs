@@ -183,8 +183,9 @@ fn gone() -> io::Error {
 }
 
 impl StreamHandle {
-    /// Starts the actor that owns `log`.
-    pub fn spawn(log: LogFile, metrics: Arc<Metrics>) -> Self {
+    /// Starts the actor that owns `log`; its pipes are held by the keeper under names starting
+    /// with `held_as` ([`crate::keeper::names::pipe_prefix`]).
+    pub fn spawn(log: LogFile, metrics: Arc<Metrics>, held_as: String) -> Self {
         let stats = Arc::new(StreamStats::for_log(&log));
         let (publisher, offsets) = OffsetPublisher::new(stats.clone(), log.end_offset());
         let (commands, receiver) = mpsc::channel(16);
@@ -192,6 +193,8 @@ impl StreamHandle {
             broken: log.was_open(),
             log,
             pipes: Vec::new(),
+            held_as,
+            held: Vec::new(),
             stats: stats.clone(),
             publisher,
             metrics,
@@ -269,6 +272,10 @@ struct StreamActor {
     /// The pipe was lost when the daemon last stopped, and no new one came since.
     broken: bool,
     pipes: Vec<Receiver>,
+    /// Prefix of the names the keeper holds the pipes under ([`crate::keeper`]).
+    held_as: String,
+    /// The keeper's name of each pipe, index for index.
+    held: Vec<Option<String>>,
     stats: Arc<StreamStats>,
     publisher: OffsetPublisher,
     metrics: Arc<Metrics>,
@@ -306,6 +313,9 @@ impl StreamActor {
                 event = self.pump() => {
                     if let PipeEvent::Finished(index) = event {
                         self.pipes.swap_remove(index);
+                        if let Some(name) = self.held.swap_remove(index) {
+                            crate::keeper::release(&name);
+                        }
                         self.stats.writers.fetch_sub(1, Relaxed);
                         self.metrics.pipe_writers.dec();
                         if self.pipes.is_empty() {
@@ -326,7 +336,12 @@ impl StreamActor {
                 if let Err(e) = self.log.set_open(true) {
                     tracing::warn!(path = %self.log.path().display(), error = %e, "cannot record the open pipe");
                 }
+                let held_as = crate::keeper::names::pipe(&self.held_as, &fd);
                 let result = Receiver::from_owned_fd(fd).map(|fd| {
+                    if let Some(name) = &held_as {
+                        crate::keeper::hold(name, fd.as_fd());
+                    }
+                    self.held.push(held_as);
                     self.pipes.push(fd);
                     self.stats.writers.fetch_add(1, Relaxed);
                     self.metrics.pipe_writers.inc();
@@ -415,6 +430,8 @@ impl StreamActor {
             .collect();
         self.metrics.pipe_writers.dec_by(pipes.len() as i64);
         self.stats.writers.store(0, Relaxed);
+        // Carried to the next image under the same names: the keeper keeps holding them.
+        self.held.clear();
         // No fsync: the next image runs on this host and shares the page cache; the position
         // record is saved when the log is dropped.
         pipes
@@ -444,6 +461,9 @@ impl StreamActor {
         self.metrics.pipe_writers.dec_by(self.pipes.len() as i64);
         self.stats.writers.store(0, Relaxed);
         self.pipes.clear();
+        for name in self.held.drain(..).flatten() {
+            crate::keeper::release(&name);
+        }
         if let Err(e) = self.log.checkpoint() {
             tracing::warn!(path = %self.log.path().display(), error = %e, "cannot record the log position");
         }

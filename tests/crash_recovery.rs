@@ -13,6 +13,10 @@ use std::path::{Path, PathBuf};
 use support::*;
 use upgrade_common::*;
 
+/// These tests cover recovery from the state directory alone, as without a keeper (a crash
+/// then closes every pipe and console connection); tests/crash_keeper.rs covers the keeper.
+const NO_KEEPER: &str = "keeper: off\n";
+
 /// `<data>/state/guests/<guest>/<stream>.<ext>`.
 fn state_file(daemon: &Daemon, guest: &str, stream: &str, ext: &str) -> PathBuf {
     daemon
@@ -66,7 +70,7 @@ async fn new_pipe_continues(daemon: &Daemon, guest: &str, before: &[u8], more: &
 /// reconnects by itself and the log and ReadHistory continue from the old offset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_recovery_after_kill_9() {
-    let mut daemon = Daemon::start().await;
+    let mut daemon = Daemon::start_with(Some(NO_KEEPER), &[]).await;
     let mut agent = daemon.agent().await;
 
     // vm-open rotates (8 KiB files, enough backups to keep everything).
@@ -202,7 +206,7 @@ async fn crash_recovery_after_kill_9() {
 /// files when the agent hands over new pipes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn torn_and_foreign_state_files_do_not_stop_the_daemon() {
-    let mut daemon = Daemon::start().await;
+    let mut daemon = Daemon::start_with(Some(NO_KEEPER), &[]).await;
     let data: Vec<(&str, Vec<u8>)> = ["vm-torn", "vm-foreign", "vm-badpos", "vm-ok"]
         .into_iter()
         .map(|g| (g, lines(g, 200)))
@@ -265,7 +269,7 @@ async fn torn_and_foreign_state_files_do_not_stop_the_daemon() {
 /// reconnects) and its offsets continue from its log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_with_a_foreign_record_can_be_created_again() {
-    let mut daemon = Daemon::start().await;
+    let mut daemon = Daemon::start_with(Some(NO_KEEPER), &[]).await;
     let mut agent = daemon.agent().await;
     let console = open_console(&mut agent, "vm-c2").await;
     let mut guest = FakeGuest::connect(&console.guest_socket).await;
@@ -307,7 +311,7 @@ async fn console_with_a_foreign_record_can_be_created_again() {
 /// everything is back as after a plain restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takeover_after_a_crash_starts_from_the_state_directory() {
-    let mut daemon = Daemon::start().await;
+    let mut daemon = Daemon::start_with(Some(NO_KEEPER), &[]).await;
     let bytes = lines("vm-t", 100);
     logged_and_closed(&daemon, "vm-t", &bytes).await;
     let mut agent = daemon.agent().await;

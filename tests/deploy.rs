@@ -218,6 +218,93 @@ fn daemon_accepts(text: &str, origin: &str) -> Value {
 
 /// What a set of manifests must get right beyond the schemas: the checks a server, a kubelet or
 /// a reader of deploy/README.md would make. Returns the daemon's config the set deploys.
+/// The keeper container: there exactly when the config says `keeper: external`, the same image,
+/// `keeper --standby` with conlogd's config, the runtime directory at conlogd's path, probed
+/// with `--check`, bounded resources and conlogd's confinement.
+fn check_keeper<'a>(
+    origin: &str,
+    written: &Value,
+    conlogd: &Value,
+    keeper: Option<&Value>,
+    volume: &dyn Fn(&str) -> &'a &'a Value,
+) {
+    let external = written["keeper"] == "external";
+    let Some(keeper) = keeper else {
+        assert!(
+            !external,
+            "{origin}: keeper: external needs a keeper container"
+        );
+        return;
+    };
+    assert!(
+        external,
+        "{origin}: a keeper container, but the config says keeper: {:?}",
+        written["keeper"]
+    );
+    assert_eq!(keeper["image"], conlogd["image"], "{origin}: keeper image");
+    let args: Vec<&str> = seq(&keeper["args"])
+        .iter()
+        .map(|a| str_of(a, "arg"))
+        .collect();
+    let config_arg = seq(&conlogd["args"])
+        .iter()
+        .map(|a| str_of(a, "arg"))
+        .find(|a| a.starts_with("--config="))
+        .expect("conlogd's --config");
+    assert_eq!(
+        args.first(),
+        Some(&"keeper"),
+        "{origin}: keeper args {args:?}"
+    );
+    assert!(
+        args.contains(&"--standby") && args.contains(&config_arg),
+        "{origin}: the keeper waits for the old pod's (--standby) and reads conlogd's config: {args:?}"
+    );
+    let runtime_dir = str_of(&written["runtime_dir"], "runtime_dir");
+    let mount = seq(&keeper["volumeMounts"])
+        .iter()
+        .find(|m| m["mountPath"] == runtime_dir)
+        .unwrap_or_else(|| panic!("{origin}: the keeper does not mount {runtime_dir}"));
+    let source = volume(str_of(&mount["name"], "name"));
+    assert_eq!(
+        source["hostPath"]["path"], runtime_dir,
+        "{origin}: the keeper shares conlogd's runtime directory"
+    );
+    for probe in ["readinessProbe", "livenessProbe"] {
+        let command: Vec<&str> = seq(&keeper[probe]["exec"]["command"])
+            .iter()
+            .map(|a| str_of(a, "command"))
+            .collect();
+        assert!(
+            command.contains(&"keeper") && command.contains(&"--check"),
+            "{origin}: keeper {probe}: {command:?}"
+        );
+    }
+    for kind in ["requests", "limits"] {
+        for resource in ["cpu", "memory"] {
+            assert!(
+                !keeper["resources"][kind][resource].is_null(),
+                "{origin}: keeper resources.{kind}.{resource}"
+            );
+        }
+    }
+    let security = &keeper["securityContext"];
+    assert_eq!(
+        security["allowPrivilegeEscalation"],
+        Value::Bool(false),
+        "{origin}"
+    );
+    assert_eq!(
+        security["readOnlyRootFilesystem"],
+        Value::Bool(true),
+        "{origin}"
+    );
+    assert!(
+        seq(&security["capabilities"]["drop"]).contains(&Value::from("ALL")),
+        "{origin}: keeper capabilities.drop must be [ALL]"
+    );
+}
+
 fn check_manifests(objects: &[Value], origin: &str, helm: bool) -> Value {
     let find = |kind: &str| -> Vec<&Value> {
         objects
@@ -315,13 +402,25 @@ fn check_manifests(objects: &[Value], origin: &str, helm: bool) -> Value {
     );
 
     let containers = seq(&pod["containers"]);
-    assert_eq!(containers.len(), 1, "{origin}: one container");
-    let container = &containers[0];
-    assert!(
-        container["ports"].is_null(),
-        "{origin}: a declared container port becomes a hostPort with hostNetwork and blocks \
-         the surge pod of a rolling update"
+    let container = containers
+        .iter()
+        .find(|c| c["name"] == "conlogd")
+        .unwrap_or_else(|| panic!("{origin}: no conlogd container"));
+    // The keeper (config `keeper: external`) is a container of its own, so a restart of the
+    // conlogd container does not end it; anything else is not ours.
+    let keeper = containers.iter().find(|c| c["name"] == "keeper");
+    assert_eq!(
+        containers.len(),
+        1 + usize::from(keeper.is_some()),
+        "{origin}: conlogd and its keeper only"
     );
+    for each in containers {
+        assert!(
+            each["ports"].is_null(),
+            "{origin}: a declared container port becomes a hostPort with hostNetwork and blocks \
+             the surge pod of a rolling update"
+        );
+    }
     for init in seq(&pod["initContainers"]) {
         assert!(init["ports"].is_null(), "{origin}: init container ports");
     }
@@ -407,6 +506,7 @@ fn check_manifests(objects: &[Value], origin: &str, helm: bool) -> Value {
     }
     let grpc_port = port_of(listen);
     let metrics_port = written["metrics"].as_str().map(port_of);
+    check_keeper(origin, &written, container, keeper, &volume);
     // The kubelet's gRPC probes cannot speak TLS and dial the pod's address (the node's, with
     // the host network): they need the plaintext health listener, on a non-loopback address.
     let health = written["health"]

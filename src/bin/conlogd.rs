@@ -43,6 +43,29 @@ struct Args {
     /// Print the upgrade snapshot format this binary reads and exit (used before an upgrade).
     #[arg(long, hide = true)]
     snapshot_format: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Hold conlogd's descriptors (pipes, consoles, listeners) through its crashes and hand them
+    /// back; listens on keeper.sock in the runtime dir (docs/operations.md, "Crash guarantees").
+    Keeper {
+        /// YAML configuration file (for runtime_dir).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Directory of keeper.sock (conlogd's runtime dir).
+        #[arg(long)]
+        runtime_dir: Option<PathBuf>,
+        /// If another keeper serves the directory, wait for it to end and then serve, instead
+        /// of exiting (a keeper container beside another pod's during a rolling update).
+        #[arg(long)]
+        standby: bool,
+        /// Only check that a keeper answers (exit 0) or not (exit 1), for a probe.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,7 +76,18 @@ fn main() -> anyhow::Result<()> {
     // Then, before anything opens a descriptor: an upgraded image adopts what it carries and
     // closes everything else it inherited.
     let inherited = conlog::upgrade::exec::inherited();
+    // Also before any thread exists: what systemd's descriptor store hands back.
+    conlog::keeper::systemd::take_listen_fds();
     let args = Args::parse();
+    if let Some(Command::Keeper {
+        config,
+        runtime_dir,
+        standby,
+        check,
+    }) = args.command
+    {
+        return keeper(config, runtime_dir, standby, check);
+    }
 
     let overrides = Overrides {
         listen: args.listen,
@@ -105,6 +139,36 @@ fn main() -> anyhow::Result<()> {
         eprintln!("conlogd: {e}");
         std::process::exit(1);
     }
+    Ok(())
+}
+
+/// `conlogd keeper`: runs until told to quit or its socket goes away.
+fn keeper(
+    config: Option<PathBuf>,
+    runtime_dir: Option<PathBuf>,
+    standby: bool,
+    check: bool,
+) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        runtime_dir,
+        ..Overrides::default()
+    };
+    let config = match Config::load(config.as_deref(), overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("conlogd keeper: {e}");
+            std::process::exit(2);
+        }
+    };
+    if check {
+        if let Err(e) = conlog::keeper::check(config.runtime_dir()) {
+            eprintln!("conlogd keeper: no keeper answers: {e}");
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
+    init_tracing(&config);
+    conlog::keeper::server::run(config.runtime_dir(), standby)?;
     Ok(())
 }
 

@@ -52,6 +52,24 @@ pub enum LogFormat {
     Json,
 }
 
+/// What keeps the daemon's descriptors through a crash (`keeper`; docs/operations.md, "Crash
+/// guarantees").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeeperMode {
+    /// systemd's descriptor store when started by systemd (`$NOTIFY_SOCKET`), else a keeper
+    /// process that conlogd starts when none answers on `keeper.sock`.
+    #[default]
+    Auto,
+    /// A keeper process started by someone else (a container of the same pod); conlogd
+    /// connects to it and never starts one.
+    External,
+    /// systemd's descriptor store only.
+    Systemd,
+    /// Nothing: a crash closes every pipe and console connection.
+    Off,
+}
+
 /// Default limits of every stream's log; a request may override them per stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -251,6 +269,8 @@ pub struct Config {
     pub limits: Limits,
     /// The console page and gRPC-web on the TCP listener.
     pub web: WebConfig,
+    /// What holds the descriptors through a crash: `auto`, `external`, `systemd` or `off`.
+    pub keeper: KeeperMode,
 }
 
 impl Default for Config {
@@ -274,6 +294,7 @@ impl Default for Config {
             history: HistoryConfig::default(),
             limits: Limits::default(),
             web: WebConfig::default(),
+            keeper: KeeperMode::default(),
         }
     }
 }

@@ -71,6 +71,9 @@ pub(super) struct ConsoleActor {
     guest: Option<UnixStream>,
     /// The piece of input being written (module doc of `console`: nothing else is queued).
     writing: Option<Writing>,
+    /// Resolves once the keeper holds a new guest connection ([`crate::keeper::flushed`]): it
+    /// is not read before, so a crash in between cannot lose what QEMU sent on it.
+    held: Option<tokio::sync::oneshot::Receiver<()>>,
     clients: BTreeMap<u64, Client>,
     writer: Option<u64>,
     next_id: u64,
@@ -106,6 +109,7 @@ impl ConsoleActor {
                 written: 0,
                 reply: None,
             }),
+            held: None,
             clients: BTreeMap::new(),
             writer: None,
             next_id: 1,
@@ -153,7 +157,8 @@ impl ConsoleActor {
                     Ok((stream, _)) => super::raw::spawn(self.handle.clone(), stream, self.settings.input_rate),
                     Err(e) => tracing::warn!(console = %self.handle.name, error = %e, "client accept failed"),
                 },
-                readable = readable(&self.guest) => match readable {
+                _ = keeper_holds(&mut self.held) => self.held = None,
+                readable = readable(&self.guest), if self.held.is_none() => match readable {
                     Ok(()) => self.read_guest(),
                     Err(_) => self.guest_disconnected("guest socket error"),
                 },
@@ -349,6 +354,12 @@ impl ConsoleActor {
             "A new guest connection replaced the one of console {}; input not yet written was discarded",
             self.handle.name
         ))));
+        // The keeper holds the new connection in place of the old one (crate::keeper).
+        crate::keeper::hold(&self.held_as(crate::keeper::names::CONNECTION), {
+            use std::os::fd::AsFd;
+            stream.as_fd()
+        });
+        self.held = Some(crate::keeper::flushed());
         self.guest = Some(stream);
         self.handle.console.guest_connected.store(true, Relaxed);
         tracing::info!(console = %self.handle.name, "guest connected");
@@ -392,7 +403,15 @@ impl ConsoleActor {
         tracing::info!(console = %self.handle.name, drained, why, "old guest connection drained and closed");
     }
 
+    /// The keeper's name of this console's `part` ([`crate::keeper::names::console`]).
+    fn held_as(&self, part: &str) -> String {
+        let (guest, device) = self.handle.guest_and_device();
+        crate::keeper::names::console(guest, device, part)
+    }
+
     fn guest_disconnected(&mut self, why: &str) {
+        crate::keeper::release(&self.held_as(crate::keeper::names::CONNECTION));
+        self.held = None;
         self.guest = None;
         self.drop_writing(Some(Error::Unavailable(format!(
             "The guest of console {} disconnected ({why}); input not yet written was discarded",
@@ -603,6 +622,10 @@ impl ConsoleActor {
         self.clients.clear();
         self.count_clients();
         self.handle.console.guest_connected.store(false, Relaxed);
+        use crate::keeper::names::{CLIENT_LISTENER, CONNECTION, GUEST_LISTENER};
+        for part in [CONNECTION, GUEST_LISTENER, CLIENT_LISTENER] {
+            crate::keeper::release(&self.held_as(part));
+        }
         for path in [
             &self.handle.paths.guest_socket,
             &self.handle.paths.client_socket,
@@ -615,6 +638,16 @@ impl ConsoleActor {
         if let Err(e) = self.log.checkpoint() {
             tracing::warn!(console = %self.handle.name, error = %e, "cannot record the console log position");
         }
+    }
+}
+
+/// Resolves when the keeper holds the new guest connection; never while there is none.
+async fn keeper_holds(held: &mut Option<tokio::sync::oneshot::Receiver<()>>) {
+    match held {
+        Some(receiver) => {
+            let _ = receiver.await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -239,6 +239,13 @@ impl ConsoleHandle {
                 )
             }
         };
+        hold_sockets(
+            guest,
+            device,
+            &guest_listener,
+            &client_listener,
+            guest_connection.as_ref(),
+        );
         let (commands, command_rx) = mpsc::channel(64);
         // Pieces are answered at once unless they become the one being written, so this
         // channel only holds pieces on their way to that answer.
@@ -460,6 +467,33 @@ fn bind(path: &Path) -> Result<UnixListener> {
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
     Ok(listener)
+}
+
+/// Gives the keeper a copy of a console's sockets ([`crate::keeper`]); a connection carried
+/// by an upgrade is held already under the same name.
+fn hold_sockets(
+    guest: &str,
+    device: &str,
+    guest_listener: &UnixListener,
+    client_listener: &UnixListener,
+    connection: Option<&tokio::net::UnixStream>,
+) {
+    use crate::keeper::{hold, names};
+    use std::os::fd::AsFd;
+    hold(
+        &names::console(guest, device, names::GUEST_LISTENER),
+        guest_listener.as_fd(),
+    );
+    hold(
+        &names::console(guest, device, names::CLIENT_LISTENER),
+        client_listener.as_fd(),
+    );
+    if let Some(connection) = connection {
+        hold(
+            &names::console(guest, device, names::CONNECTION),
+            connection.as_fd(),
+        );
+    }
 }
 
 fn listener_from(fd: OwnedFd) -> std::io::Result<UnixListener> {

@@ -40,11 +40,13 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Takes the lock and binds every socket.
-    pub fn bind(config: &Config) -> Result<Self, StartError> {
+    /// Takes the lock and binds every socket, or adopts the one the keeper held through a
+    /// crash of the previous daemon (the TCP ones only at the address `config` wants).
+    pub fn bind(config: &Config, held: &mut crate::keeper::Held) -> Result<Self, StartError> {
         let runtime_dir = config.runtime_dir();
         let socket_path = runtime_dir.join("conlogd.sock");
-        let lock = acquire_lock(runtime_dir, &socket_path)?;
+        let held_local = held.take_listener("local").map(UnixListener::from);
+        let lock = acquire_lock(runtime_dir, &socket_path, held_local.is_some())?;
         let group = resolve_group(config.socket_group.as_deref())?;
         let tcp_error = |what, address: String| {
             move |source| StartError::Bind {
@@ -53,28 +55,54 @@ impl Listeners {
                 source,
             }
         };
-        Ok(Self {
+        let mut unix = |what: &str, path: &Path, group, mode| match held.take_listener(what) {
+            Some(fd) => Ok(UnixListener::from(fd)),
+            None => bind_unix(path, group, mode),
+        };
+        let local = match held_local {
+            Some(listener) => listener,
+            None => bind_unix(&socket_path, group, 0o660)?,
+        };
+        let fd_sock = unix("fd_sock", &runtime_dir.join("fd.sock"), group, 0o660)?;
+        let handover = unix("handover", &runtime_dir.join("handover.sock"), None, 0o600)?;
+        let mut tcp = |what: &'static str, address: SocketAddr| {
+            let carried = held
+                .take_listener(what)
+                .map(std::net::TcpListener::from)
+                .filter(|l| l.local_addr().is_ok_and(|at| same_address(at, address)));
+            match carried {
+                Some(listener) => Ok(listener),
+                None => std::net::TcpListener::bind(address)
+                    .map_err(tcp_error(what, address.to_string())),
+            }
+        };
+        let listeners = Self {
             lock,
-            local: bind_unix(&socket_path, group, 0o660)?,
-            fd_sock: bind_unix(&runtime_dir.join("fd.sock"), group, 0o660)?,
-            handover: bind_unix(&runtime_dir.join("handover.sock"), None, 0o600)?,
-            tcp: std::net::TcpListener::bind(config.listen)
-                .map_err(tcp_error("TCP", config.listen.to_string()))?,
-            metrics: match config.metrics {
-                Some(address) => Some(
-                    std::net::TcpListener::bind(address)
-                        .map_err(tcp_error("metrics", address.to_string()))?,
-                ),
-                None => None,
-            },
-            health: match config.health {
-                Some(address) => Some(
-                    std::net::TcpListener::bind(address)
-                        .map_err(tcp_error("health", address.to_string()))?,
-                ),
-                None => None,
-            },
-        })
+            local,
+            fd_sock,
+            handover,
+            tcp: tcp("tcp", config.listen)?,
+            metrics: config.metrics.map(|a| tcp("metrics", a)).transpose()?,
+            health: config.health.map(|a| tcp("health", a)).transpose()?,
+        };
+        listeners.hold();
+        Ok(listeners)
+    }
+
+    /// Gives the keeper a copy of every listener (see [`crate::keeper`]).
+    fn hold(&self) {
+        use crate::keeper::{hold, names::listener, release};
+        use std::os::fd::AsFd;
+        hold(&listener("local"), self.local.as_fd());
+        hold(&listener("fd_sock"), self.fd_sock.as_fd());
+        hold(&listener("handover"), self.handover.as_fd());
+        hold(&listener("tcp"), self.tcp.as_fd());
+        for (what, socket) in [("metrics", &self.metrics), ("health", &self.health)] {
+            match socket {
+                Some(socket) => hold(&listener(what), socket.as_fd()),
+                None => release(&listener(what)),
+            }
+        }
     }
 
     /// The carried descriptors of a previous image (or of this one, after an upgrade that
@@ -83,7 +111,7 @@ impl Listeners {
     pub fn adopt(fds: ListenerFds, config: &Config) -> Self {
         let lock = File::from(fds.lock);
         name_holder(&lock);
-        Self {
+        let listeners = Self {
             lock,
             local: UnixListener::from(fds.local),
             fd_sock: UnixListener::from(fds.fd_sock),
@@ -91,7 +119,9 @@ impl Listeners {
             tcp: std::net::TcpListener::from(fds.tcp),
             metrics: fds.metrics.map(std::net::TcpListener::from),
             health: follow_health(fds.health.map(std::net::TcpListener::from), config.health),
-        }
+        };
+        listeners.hold();
+        listeners
     }
 
     /// Gives the descriptors up for an upgrade.
@@ -124,10 +154,7 @@ fn follow_health(
         return None;
     };
     let at = carried.as_ref().and_then(|l| l.local_addr().ok());
-    let same = |at: SocketAddr| {
-        at.ip() == wanted.ip() && (wanted.port() == 0 || wanted.port() == at.port())
-    };
-    if at.is_some_and(same) {
+    if at.is_some_and(|at| same_address(at, wanted)) {
         return carried;
     }
     match std::net::TcpListener::bind(wanted) {
@@ -140,6 +167,11 @@ fn follow_health(
             carried
         }
     }
+}
+
+/// True when a listener bound at `at` serves `wanted` (port 0: any port on that address).
+fn same_address(at: SocketAddr, wanted: SocketAddr) -> bool {
+    at.ip() == wanted.ip() && (wanted.port() == 0 || wanted.port() == at.port())
 }
 
 /// A tokio listener sharing the socket of `listener` (the original stays open here).
@@ -157,8 +189,8 @@ pub fn tokio_tcp(listener: &std::net::TcpListener) -> io::Result<tokio::net::Tcp
 }
 
 /// Takes `conlogd.lock` (flock) in the runtime dir, or explains who holds it. A socket left by a
-/// daemon that died is removed once the lock is ours.
-fn acquire_lock(runtime_dir: &Path, socket_path: &Path) -> Result<File, StartError> {
+/// daemon that died is removed once the lock is ours (unless the keeper held it: `adopted`).
+fn acquire_lock(runtime_dir: &Path, socket_path: &Path, adopted: bool) -> Result<File, StartError> {
     let path = runtime_dir.join("conlogd.lock");
     let mut file = OpenOptions::new()
         .read(true)
@@ -186,7 +218,7 @@ fn acquire_lock(runtime_dir: &Path, socket_path: &Path) -> Result<File, StartErr
     }
     // Nobody holds the lock, so any socket here is stale, unless a daemon of an older layout
     // without the lock still answers on it.
-    if socket_path.exists() {
+    if socket_path.exists() && !adopted {
         if std::os::unix::net::UnixStream::connect(socket_path).is_ok() {
             return Err(StartError::AlreadyRunning {
                 pid: String::new(),

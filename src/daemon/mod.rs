@@ -198,6 +198,14 @@ pub async fn run(
     let (state, mut took_over) = match start {
         Start::Fresh => (None, false),
         Start::Upgraded(state) => (Some(state), false),
+        // A keeper may hold handover.sock for a daemon that died (crate::keeper): with the
+        // lock free there is nobody to take over from.
+        Start::Takeover if crate::keeper::no_daemon_running(config.runtime_dir()) => {
+            tracing::info!(
+                "no running daemon to take over from (conlogd.lock is free); starting fresh"
+            );
+            (None, false)
+        }
         // Returns only once the running daemon has committed to the takeover (or died): from
         // here on nobody else writes these streams.
         Start::Takeover => match handover::receive(config.runtime_dir()).await {
@@ -218,16 +226,22 @@ pub async fn run(
         },
     };
     let carried = state.as_ref().map(|state| state.counters);
+    // Crash survival (crate::keeper): what a keeper or systemd's store held through the end of
+    // the previous daemon is adopted by name on a fresh start; carried state wins otherwise.
+    let mut held = crate::keeper::start(&config).await;
     tracing::info!("restoring streams");
     crate::fault::point("start.restore");
     let mut listeners = match state {
         None => {
-            let listeners = Listeners::bind(&config)?;
-            guests.restore(Vec::new()).await?;
+            let listeners = Listeners::bind(&config, &mut held)?;
+            guests.restore(held.take_streams()).await?;
+            handoffs.adopt(held.take_handoffs());
             listeners
         }
         Some(state) => thaw(state, &config, &guests, &handoffs, &gate).await?,
     };
+    drop(held);
+    crate::keeper::reconciled();
     // Once this process holds the lock: a daemon refused at start-up must not touch the file.
     continue_counters(&metrics, carried, &counters_file);
     let (upgrade_tx, mut upgrade_rx) = mpsc::channel::<UpgradeRequest>(4);
@@ -304,6 +318,7 @@ pub async fn run(
                 notify_systemd("STOPPING=1");
                 tracing::info!(signal = name, "shutting down");
                 serving.stop(&guests).await;
+                crate::keeper::shutdown().await;
                 for name in ["conlogd.sock", "fd.sock", "handover.sock"] {
                     let _ = fs::remove_file(config.runtime_dir().join(name));
                 }
@@ -338,6 +353,7 @@ pub async fn run(
                     .await;
                 match handover::send(&mut connection, state).await {
                     Ok(()) => {
+                        crate::keeper::detach().await;
                         if options.linger_after_handover {
                             tracing::info!("handed over to the successor; idle until SIGTERM");
                             tokio::select! {

@@ -170,6 +170,9 @@ impl AgentService {
         let token = self
             .handoffs
             .register(&request.guest, stream, pipe.write_end)?;
+        // The keeper holds the read end and the write end before the token goes out: a crash
+        // after the writer has its end must not break the pipe (crate::keeper).
+        let _ = crate::keeper::flushed().await;
         tracing::info!(guest = %request.guest, stream, offset, "log pipe created");
         Ok(proto::CreateLogPipeResponse {
             handoff_token: token,
