@@ -581,3 +581,43 @@ async fn remote_callers_cannot_take_the_descriptors_rotations_need() {
     open_console(&mut agent, "vm3").await;
     drop(held);
 }
+
+/// One token holder cannot fill a console with watchers: remote clients take at most three
+/// quarters of `limits.clients_per_console`, the rest stays for local clients; and a unary
+/// request body is bounded before its handler runs, whatever `limits.message_size` allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_watchers_leave_places_for_local_clients_and_small_calls_stay_small() {
+    let daemon = Daemon::start_with(Some("limits:\n  clients_per_console: 4\n"), &[]).await;
+    let mut agent = daemon.agent().await;
+    open_console(&mut agent, "vm1").await;
+    let token = daemon.token("vm1", "", Access::Read, 600).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let channel = with_token(daemon.plain_tcp_channel().await, &token);
+        held.push(
+            watch(channel, watch_request("vm1", proto::attach::Mode::ReadOnly))
+                .await
+                .expect("a remote watcher within the share"),
+        );
+    }
+    let channel = with_token(daemon.plain_tcp_channel().await, &token);
+    expect_limit(
+        watch(channel, watch_request("vm1", proto::attach::Mode::ReadOnly)).await,
+        "remote clients' share",
+    );
+    held.push(
+        watch(
+            local_channel(&daemon).await,
+            watch_request("vm1", proto::attach::Mode::ReadOnly),
+        )
+        .await
+        .expect("the local place kept free"),
+    );
+    // A ReadHistory request of 5 KiB is refused for its size before its fields are looked at.
+    let mut big = follow_request("vm1");
+    big.guest = "v".repeat(5000);
+    let channel = with_token(daemon.plain_tcp_channel().await, &token);
+    let refused = channel.console().read_history(big).await;
+    let message = expect_code(refused, Code::ResourceExhausted, "a 5 KiB ReadHistory");
+    assert!(message.contains("over 4096 bytes"), "{message}");
+}

@@ -38,6 +38,7 @@ thread_local! {
 struct Client {
     queue: ClientQueue,
     label: String,
+    remote: bool,
 }
 
 /// The one piece of input being written to the guest.
@@ -224,6 +225,13 @@ impl ConsoleActor {
                 value: self.settings.max_clients as u64,
             });
         }
+        let share = super::remote_client_share(self.settings.max_clients);
+        if request.remote && self.clients.values().filter(|c| c.remote).count() >= share {
+            return Err(Error::LimitReached {
+                limit: "limits.clients_per_console (the remote clients' share: a quarter stays for local clients)",
+                value: share as u64,
+            });
+        }
         let holder = self
             .writer
             .and_then(|id| self.clients.get(&id))
@@ -286,6 +294,7 @@ impl ConsoleActor {
             Client {
                 queue,
                 label: request.label,
+                remote: request.remote,
             },
         );
         self.count_clients();

@@ -84,6 +84,19 @@ pub struct AttachRequest {
     pub replay_bytes: u64,
     /// Who this is, for logs and for the "has a writer" message.
     pub label: String,
+    /// A network client (token holder): remote clients may take only part of
+    /// `limits.clients_per_console` ([`remote_client_share`]).
+    pub remote: bool,
+}
+
+/// Of `max_clients` places on a console, those remote clients may take: a quarter (at least
+/// one) stays for local clients (the agent, `client.sock`, conlogctl on the node), so that one
+/// token holder filling a console with watchers cannot lock the operator out.
+pub fn remote_client_share(max_clients: usize) -> usize {
+    if max_clients < 2 {
+        return max_clients;
+    }
+    max_clients - (max_clients / 4).max(1)
 }
 
 /// Tunables of every console.

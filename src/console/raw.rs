@@ -27,6 +27,7 @@ pub(super) fn spawn(console: ConsoleHandle, stream: UnixStream, input_rate: u64)
             force: false,
             replay_bytes: 0,
             label: label.clone(),
+            remote: false,
         };
         let mut attachment = match console.attach(request).await {
             Ok(attachment) => attachment,

@@ -152,6 +152,7 @@ impl ConsoleService {
                 force: fields.force,
                 replay_bytes: fields.replay_bytes,
                 label,
+                remote: matches!(caller, Some(Caller::Remote(_))),
             })
             .await?;
         Ok((console, attachment))
@@ -496,10 +497,26 @@ const SEND_INPUT_PATH: &str = "/conlog.v1.Console/SendConsoleInput";
 /// at most [`MAX_PENDING_INPUT`] bytes of data, with room to spare.
 const MAX_INPUT_BODY: usize = MAX_PENDING_INPUT + 4096;
 
-/// The Console service with the request body of `SendConsoleInput` bounded while it arrives:
-/// a body over [`MAX_INPUT_BODY`] ends the call with `RESOURCE_EXHAUSTED` as soon as it is
-/// over, so that concurrent input calls each cost at most that much memory before their
-/// handler refuses them, not `limits.message_size`. Other calls pass untouched.
+/// Most bytes of a `WatchConsole` or `ReadHistory` request body: names and numbers only.
+const MAX_SMALL_BODY: usize = 4096;
+
+/// The largest request body a unary Console call may have, by path (`None`: `AttachConsole`,
+/// whose frames are bounded by `limits.message_size` and read one at a time).
+fn body_limit(path: &str) -> Option<usize> {
+    match path {
+        SEND_INPUT_PATH => Some(MAX_INPUT_BODY),
+        "/conlog.v1.Console/WatchConsole" | "/conlog.v1.Console/ReadHistory" => {
+            Some(MAX_SMALL_BODY)
+        }
+        _ => None,
+    }
+}
+
+/// The Console service with the request bodies of its unary calls bounded while they arrive:
+/// a `SendConsoleInput` body over [`MAX_INPUT_BODY`], or a `WatchConsole`/`ReadHistory` body
+/// over [`MAX_SMALL_BODY`], ends the call with `RESOURCE_EXHAUSTED` as soon as it is over, so
+/// that concurrent calls each cost at most that much memory before their handler runs, not
+/// `limits.message_size`. `AttachConsole` passes untouched.
 #[derive(Clone)]
 pub struct InputBounded<S>(pub S);
 
@@ -523,22 +540,28 @@ where
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        if request.uri().path() != SEND_INPUT_PATH {
+        let Some(limit) = body_limit(request.uri().path()) else {
             return self.0.call(request);
-        }
+        };
+        let input = request.uri().path() == SEND_INPUT_PATH;
         self.0.call(request.map(|body| {
             tonic::body::Body::new(BoundedBody {
                 inner: body,
                 seen: 0,
+                limit,
+                input,
             })
         }))
     }
 }
 
-/// A request body that fails once more than [`MAX_INPUT_BODY`] bytes arrived.
+/// A request body that fails once more than `limit` bytes arrived.
 struct BoundedBody {
     inner: tonic::body::Body,
     seen: usize,
+    limit: usize,
+    /// `SendConsoleInput`'s (the refusal says how to send input).
+    input: bool,
 }
 
 impl http_body::Body for BoundedBody {
@@ -553,13 +576,17 @@ impl http_body::Body for BoundedBody {
         if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
                 self.seen += data.len();
-                if self.seen > MAX_INPUT_BODY {
-                    return std::task::Poll::Ready(Some(Err(Error::Exhausted(format!(
-                        "SendConsoleInput data is over {MAX_PENDING_INPUT} bytes: at most \
-                         {MAX_PENDING_INPUT} (64 KiB) of console input may wait for the guest; \
-                         send it in pieces, one call after the other"
-                    ))
-                    .into())));
+                if self.seen > self.limit {
+                    let why = if self.input {
+                        format!(
+                            "SendConsoleInput data is over {MAX_PENDING_INPUT} bytes: at most \
+                             {MAX_PENDING_INPUT} (64 KiB) of console input may wait for the \
+                             guest; send it in pieces, one call after the other"
+                        )
+                    } else {
+                        format!("The request is over {} bytes", self.limit)
+                    };
+                    return std::task::Poll::Ready(Some(Err(Error::Exhausted(why).into())));
                 }
             }
         }
