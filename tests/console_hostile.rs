@@ -169,7 +169,16 @@ async fn send_when_free(channel: &ConsoleChannel, session: &str, data: &[u8]) ->
 /// writer's keystrokes (200 calls) arrive exactly and in order after the filler.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn input_flood_is_bounded_and_cancelled_input_never_reaches_the_guest() {
-    let daemon = Daemon::start().await;
+    // The per-identity call limits would refuse most of the 600 calls first (tests/
+    // hostile_callers.rs); raised here so that the input bound itself is what refuses them.
+    let daemon = Daemon::start_with(
+        Some(
+            "limits:\n  calls_per_guest: 1000\n  calls_per_peer: 1000\n  \
+             remote_calls_total: 2000\n",
+        ),
+        &[],
+    )
+    .await;
     let mut agent = daemon.agent().await;
     let reply = open_console(&mut agent, "vm-in").await;
     let mut guest = FakeGuest::connect(&reply.guest_socket).await;

@@ -614,6 +614,71 @@ async fn mutual_tls_needs_a_client_certificate_from_the_client_ca_and_a_token() 
     assert_tls_mode(&daemon, "mutual");
 }
 
+/// A TLS client that completes its handshake and then sends nothing holds its place only for
+/// `limits.idle_timeout`: with every place taken by such clients, a console client gets in
+/// again once they are closed (docs/operations.md, "What a caller can cost").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_that_send_nothing_after_the_handshake_are_closed_when_idle() {
+    let files = Files::new();
+    let ca = Ca::new("conlog test CA");
+    let server = ca.server();
+    let cert = files.write("server.pem", &server.cert);
+    let key = files.write("server.key", &server.key);
+    let yaml = format!(
+        "{}limits:\n  tcp_connections: 4\n  idle_timeout: 2s\n",
+        tls_yaml(&cert, &key, None, "1h")
+    );
+    let daemon = Daemon::start_with(Some(&yaml), &[]).await;
+    log(&daemon, "vm1", b"hello over TLS\n").await;
+    let token = daemon.token("vm1", "", Access::Read, 3600).await;
+
+    // Four clients finish the handshake and then say nothing: every place is taken.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).expect("the CA certificate");
+    let config = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        let tcp = tokio::net::TcpStream::connect(daemon.tcp).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        silent.push(
+            bounded("a TLS handshake", connector.connect(name, tcp))
+                .await
+                .expect("the handshake completes"),
+        );
+    }
+    // Each is closed by the daemon (end of stream or reset) without having sent anything.
+    for stream in &mut silent {
+        use tokio::io::AsyncReadExt;
+        let mut buffer = [0u8; 64];
+        let read = bounded("the daemon closing an idle TLS connection", async {
+            loop {
+                match stream.read(&mut buffer).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => continue,
+                }
+            }
+        });
+        read.await;
+    }
+    // The places are free: a client is served.
+    Reads {
+        daemon: &daemon,
+        guest: "vm1",
+        token: Some(&token),
+    }
+    .expect_served(endpoint(&daemon, &ca, None), b"hello over TLS\n", "after idle TLS clients")
+    .await;
+}
+
 // 3. Reloading on SIGHUP
 
 /// A `ReadHistory` with `follow` on `guest/qemu` from offset 0.
