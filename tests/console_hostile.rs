@@ -478,6 +478,9 @@ async fn input_waiting_at_an_upgrade_is_discarded_with_its_call() {
         .unwrap();
     let session = writer.attached.session_id.clone();
     fill_guest_socket(&channel, &session).await;
+    // The filler's last call (timed out) may still hold the session for a moment: wait until
+    // an empty call goes through, so the waiting call below is not refused as concurrent.
+    send_when_free(&channel, &session, b"").await;
 
     let waiting = {
         let channel = channel.clone();

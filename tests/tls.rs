@@ -634,7 +634,9 @@ async fn tls_connections_that_send_nothing_after_the_handshake_are_closed_when_i
 
     // Four clients finish the handshake and then say nothing: every place is taken.
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.cert.der().clone()).expect("the CA certificate");
+    roots
+        .add(ca.cert.der().clone())
+        .expect("the CA certificate");
     let config = std::sync::Arc::new(
         rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -675,7 +677,11 @@ async fn tls_connections_that_send_nothing_after_the_handshake_are_closed_when_i
         guest: "vm1",
         token: Some(&token),
     }
-    .expect_served(endpoint(&daemon, &ca, None), b"hello over TLS\n", "after idle TLS clients")
+    .expect_served(
+        endpoint(&daemon, &ca, None),
+        b"hello over TLS\n",
+        "after idle TLS clients",
+    )
     .await;
 }
 

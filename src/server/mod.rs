@@ -265,11 +265,12 @@ pub async fn serve_health(
     max_connections: usize,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    // A budget of its own (connections and their descriptors), so that a flood of console
+    // connections cannot fail the liveness probe.
     let admission = Admission {
-        slots: slots.clone(),
+        slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         per_peer: tally::Tally::new(u32::MAX),
-        descriptors: slots,
+        descriptors: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         idle_timeout: protection.idle_timeout,
         tls: false,
     };
