@@ -326,7 +326,7 @@ impl Handoffs {
                 if !upgrading {
                     self.metrics.handoff_failures.inc();
                 }
-                tracing::warn!(reason, "hand-off refused");
+                crate::limited!(warn, reason, "hand-off refused");
                 let _ = tokio::time::timeout(REFUSAL_GRACE, refuse(&mut stream, &reason)).await;
                 return;
             }

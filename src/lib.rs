@@ -18,6 +18,7 @@ pub mod keeper;
 pub mod logfile;
 pub mod metrics;
 pub mod names;
+pub mod ratelimit;
 pub mod server;
 pub mod stream;
 pub mod tls;

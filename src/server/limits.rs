@@ -238,7 +238,7 @@ where
         let guard = match self.limits.admit(&request) {
             Ok(guard) => guard,
             Err(refusal) => {
-                tracing::warn!(path = request.uri().path(), %refusal, "call refused");
+                crate::limited!(warn, path = request.uri().path(), %refusal, "call refused");
                 let status = Status::from(refusal);
                 return Box::pin(async move { Ok(status.into_http()) });
             }

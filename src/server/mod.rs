@@ -350,13 +350,12 @@ where
 {
     let (ready, incoming) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
-        let mut refused = 0u64;
         loop {
             let (tcp, address) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
-                        tracing::warn!(error = %e, "TCP accept failed");
+                        crate::limited!(warn, error = %e, "TCP accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                         continue;
                     }
@@ -366,10 +365,7 @@ where
             let places = match admission.admit(address) {
                 Ok(places) => places,
                 Err(limit) => {
-                    refused += 1;
-                    if refused.is_power_of_two() {
-                        tracing::warn!(peer = %address, refused, "{limit} reached; closing new connections");
-                    }
+                    crate::limited!(warn, peer = %address, "{limit} reached; closing new connections");
                     continue;
                 }
             };
@@ -382,7 +378,11 @@ where
                         let conn = Conn::remote(io, address, tls, places, idle_timeout);
                         let _ = ready.send(Ok(conn)).await;
                     }
-                    Err(e) => tracing::info!(peer = %address, error = %e, "TLS handshake failed"),
+                    // An operator debugging certificates wants every failure; a flood of them is
+                    // bounded all the same.
+                    Err(e) => {
+                        crate::limited!(burst: 200, info, peer = %address, error = %e, "TLS handshake failed")
+                    }
                 }
             });
         }

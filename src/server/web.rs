@@ -304,7 +304,10 @@ async fn buffered(
                 None => permit = Some(more),
             },
             Err(_) => {
-                tracing::warn!("limits.web_body_bytes reached; refusing an HTTP/1.1 request");
+                crate::limited!(
+                    warn,
+                    "limits.web_body_bytes reached; refusing an HTTP/1.1 request"
+                );
                 return Err(grpc_refusal(tonic::Status::resource_exhausted(format!(
                     "Limit limits.web_body_bytes reached: {} bytes of request bodies are held",
                     options.body_bytes_limit
@@ -456,7 +459,8 @@ where
         let allow_origin = match self.cross(&request) {
             Cross::SameOrigin => None,
             Cross::Refused => {
-                tracing::info!(
+                crate::limited!(
+                    info,
                     origin = ?request.headers().get(header::ORIGIN),
                     path,
                     "refused a request from an origin not in web.allowed_origins"
