@@ -71,11 +71,7 @@ async fn calls_are_limited_per_connection_and_in_total() {
     // Another TCP connection may open calls until TCP's total is reached: 3 + 1 = 4.
     held.push(follower(three.clone(), "vm1").await.unwrap());
     expect_limit(
-        three
-            .clone()
-            .console()
-            .read_history(follow_request("vm1"))
-            .await,
+        three.clone().console().read_history(follow_request("vm1")).await,
         "limits.remote_calls_total",
     );
 
