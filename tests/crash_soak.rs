@@ -522,7 +522,8 @@ impl Follower {
 }
 
 /// A range of written bytes that never reached the log, placed between offsets `lo..=hi` of
-/// the stream (a single offset, unless it lies in a gap of what the follower read).
+/// the stream (a range when it lies in a gap of what the follower read, or when the bytes
+/// around the cut could belong to either side of it).
 #[derive(Debug)]
 struct Loss {
     lo: u64,
@@ -590,9 +591,18 @@ fn losses(what: &str, followed: &Followed, want: &[u8]) -> Vec<Loss> {
                     String::from_utf8_lossy(key)
                 )
             });
+            // Lines differ only in their numbers: the bytes just before the mismatch may
+            // belong to either side of the cut. The cut lies within those `ambiguous` bytes.
+            let ambiguous = bytes[..i]
+                .iter()
+                .rev()
+                .zip(want[..resumed].iter().rev())
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(i);
             let at = *offset + i as u64;
             out.push(Loss {
-                lo: at,
+                lo: at - ambiguous as u64,
                 hi: at,
                 len: resumed - at_want,
             });
@@ -618,6 +628,58 @@ fn losses(what: &str, followed: &Followed, want: &[u8]) -> Vec<Loss> {
         });
     }
     out
+}
+
+/// What history holds now of `guest/stream` from `from` to its end (no follow): `(offset,
+/// bytes)` chunks; gaps are skipped.
+async fn history_now(socket: &Path, guest: &str, stream: &str, from: u64) -> Vec<(u64, Vec<u8>)> {
+    let channel = bounded("connect", conlog::client::connect_local(socket))
+        .await
+        .expect("connect to the local socket");
+    let request = proto::ReadHistoryRequest {
+        guest: guest.into(),
+        stream: stream.into(),
+        start: Some(Start::FromOffset(from)),
+        ..Default::default()
+    };
+    let mut chunks = bounded(
+        "ReadHistory",
+        ConsoleClient::new(channel).read_history(request),
+    )
+    .await
+    .unwrap_or_else(|s| panic!("ReadHistory {guest}: {s:?}"))
+    .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = bounded("a history chunk", chunks.message())
+        .await
+        .unwrap_or_else(|s| panic!("ReadHistory {guest}: {s:?}"))
+    {
+        if chunk.gap.is_none() {
+            out.push((chunk.offset, chunk.data.to_vec()));
+        }
+    }
+    out
+}
+
+/// Checks that what history holds now at each offset is what the follower read there earlier:
+/// no offset was given to two different bytes.
+fn assert_same_offsets(what: &str, followed: &Followed, now: &[(u64, Vec<u8>)]) {
+    for (offset, bytes) in now {
+        let end = offset + bytes.len() as u64;
+        let run = followed
+            .runs
+            .iter()
+            .find(|(at, run)| at <= offset && end <= at + run.len() as u64)
+            .unwrap_or_else(|| {
+                panic!("{what}: history holds {offset}..{end}, which the follower never read")
+            });
+        let from = (offset - run.0) as usize;
+        assert_same(
+            &format!("{what}: history at {offset} against the follower"),
+            bytes,
+            &run.1[from..from + bytes.len()],
+        );
+    }
 }
 
 /// Per event kind: events done, bytes lost, losses.
@@ -853,6 +915,14 @@ async fn soak_of_kills_upgrades_and_takeovers_loses_only_what_was_in_flight() {
             "{}: the follower ends where ListGuests says",
             spec.guest
         );
+        let now = history_now(&socket, spec.guest, spec.stream(), info.first_offset).await;
+        assert_eq!(
+            now.last().map(|(at, b)| at + b.len() as u64),
+            Some(info.offset),
+            "{}: history ends where ListGuests says",
+            spec.guest
+        );
+        assert_same_offsets(spec.guest, &followed, &now);
         let mut want = written(&outcomes[i].who, outcomes[i].lines);
         if spec.kind == Kind::Console {
             want.extend_from_slice(MARKER);
@@ -899,7 +969,7 @@ async fn soak_of_kills_upgrades_and_takeovers_loses_only_what_was_in_flight() {
         total_written += want.len();
         total_lost += lost;
         report.push(format!(
-            "{:>8} ({:?}, {:?} {} KiB x {}): {} bytes written, {} ReadHistory calls, {} gap bytes, lost {:?}",
+            "{:>8} ({:?}, {:?} {} KiB x {}): {} bytes written, {} ReadHistory calls, {} gap bytes, lost (bytes at offset, where in its file) {:?}",
             spec.guest,
             spec.kind,
             spec.mode,
@@ -908,7 +978,10 @@ async fn soak_of_kills_upgrades_and_takeovers_loses_only_what_was_in_flight() {
             want.len(),
             followed.calls,
             gap_bytes,
-            losses.iter().map(|l| l.len).collect::<Vec<_>>()
+            losses
+                .iter()
+                .map(|l| format!("{} at {} (+{})", l.len, l.lo, l.lo % spec.max_size))
+                .collect::<Vec<_>>()
         ));
         if i == VIEWED {
             assert!(
@@ -929,6 +1002,16 @@ async fn soak_of_kills_upgrades_and_takeovers_loses_only_what_was_in_flight() {
         "the viewer saw the guest gone: {progress:?}"
     );
 
+    // Strictly capped: no file over max_size, no more files than max_backups + 1.
+    for spec in &STREAMS {
+        let sizes = log_sizes(&log_dir, spec.guest, spec.stream());
+        assert!(
+            sizes.len() <= spec.max_backups as usize + 1
+                && sizes.iter().all(|(_, size)| *size <= spec.max_size),
+            "{}: files over the caps: {sizes:?}",
+            spec.guest
+        );
+    }
     serving.stop(&mut daemon).await;
     let keeper = keeper_pid(daemon.runtime_dir());
     let deadline = Instant::now() + DEADLINE;
