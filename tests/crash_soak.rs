@@ -191,10 +191,9 @@ impl Size {
 
     /// The events in a seeded random order, the keeper's death in the middle.
     fn schedule(&self, random: &mut Lcg) -> Vec<Event> {
-        let mut events: Vec<Event> = std::iter::repeat(Event::Kill)
-            .take(self.kills)
-            .chain(std::iter::repeat(Event::Upgrade).take(self.upgrades))
-            .chain(std::iter::repeat(Event::Takeover).take(self.takeovers))
+        let mut events: Vec<Event> = std::iter::repeat_n(Event::Kill, self.kills)
+            .chain(std::iter::repeat_n(Event::Upgrade, self.upgrades))
+            .chain(std::iter::repeat_n(Event::Takeover, self.takeovers))
             .collect();
         for i in (1..events.len()).rev() {
             events.swap(i, random.next(i as u64 + 1) as usize);
