@@ -1,5 +1,5 @@
-//! Shared by the crash tests: writers of numbered lines, and the check that a log is what was
-//! written with only whole reads cut out.
+//! Shared by the crash tests: writers of numbered lines, the keeper's pid, and the check that a
+//! log is what was written with only whole reads cut out.
 #![allow(dead_code)]
 
 use std::io::Write;
