@@ -164,7 +164,8 @@ async fn history_data(daemon: &Daemon, guest: &str) -> Vec<(u64, Vec<u8>)> {
 
 /// kill -9 at each step of the first rotation, then a restart: the offset is at least what was
 /// logged before (no offset goes back), the new bytes go after it, and every byte history
-/// returns is the one first logged at its offset (no offset given twice).
+/// returns is the one first logged at its offset (no offset given twice). Nothing is lost: the
+/// rotation comes before the read that needs it, and the keeper kept the pipe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_at_any_step_of_a_rotation_never_moves_offsets_back() {
     for (mode, backups) in [
@@ -196,12 +197,15 @@ async fn a_crash_at_any_step_of_a_rotation_never_moves_offsets_back() {
 
             daemon.restart().await;
             let mut agent = daemon.agent().await;
-            let info = find_stream(&mut agent, "vm", "qemu").await.unwrap();
+            // The keeper kept the pipe: the next daemon logs what it still held and closes it.
+            let info = wait_stream(&mut agent, "vm", "qemu", "closed", |s| !s.open).await;
             assert!(
                 info.offset >= MAX_SIZE,
                 "{what}: offset went back to {} (logged up to {MAX_SIZE})",
                 info.offset
             );
+            // The rotation comes before the read that needs it: a crash inside it loses nothing.
+            assert_eq!(info.offset, 5000, "{what}: bytes lost");
             let (reply, pipe) = open_pipe(&mut agent, "vm", "qemu", None).await;
             assert_eq!(reply.offset, info.offset, "{what}");
             let after = b"written after the crash\n".repeat(20);
@@ -214,7 +218,7 @@ async fn a_crash_at_any_step_of_a_rotation_never_moves_offsets_back() {
             for (offset, data) in history_data(&daemon, "vm").await {
                 for (i, byte) in data.iter().enumerate() {
                     let at = offset + i as u64;
-                    let want = if at < MAX_SIZE {
+                    let want = if at < 5000 {
                         pattern_byte(at)
                     } else if at >= info.offset {
                         after[(at - info.offset) as usize]
@@ -225,7 +229,7 @@ async fn a_crash_at_any_step_of_a_rotation_never_moves_offsets_back() {
                 }
             }
             // What a crash-free rotation keeps is still there.
-            if backups > 0 && info.offset == MAX_SIZE {
+            if backups > 0 {
                 assert_eq!(received.first, Some(0), "{what}: the backup was lost");
             }
             daemon.stop().await;

@@ -435,15 +435,22 @@ impl ConsoleActor {
     /// wake-up often finds several), then logs and forwards it as one chunk: coalescing without
     /// adding latency.
     fn read_guest(&mut self) {
-        if self.guest.is_none() {
+        let Some(guest) = &self.guest else {
             return;
-        }
+        };
+        let rotations = self.log.rotations();
+        self.log.rotate_if_full(std::os::fd::AsFd::as_fd(guest));
+        self.count_rotations(rotations);
+        // A read never runs past the current file: the rotation comes before the next read,
+        // not between a read and its write (docs/operations.md, "Crash guarantees").
+        let room = self.log.room();
         let ended = READ_BUFFER.with_borrow_mut(|buffer| {
             let guest = self.guest.as_ref().expect("checked above");
+            let limit = buffer.len().min(room);
             let mut filled = 0;
             let mut ended = None;
-            while filled < buffer.len() {
-                match guest.try_read(&mut buffer[filled..]) {
+            while filled < limit {
+                match guest.try_read(&mut buffer[filled..limit]) {
                     Ok(0) => {
                         ended = Some("end of stream");
                         break;

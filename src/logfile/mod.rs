@@ -29,6 +29,9 @@
 //!   on past the reservation, so a power cut never makes an offset a client saw mean other
 //!   bytes.
 //! - Truncate mode is a rotation that keeps no backup.
+//! - A rotation comes before the read that needs it, not between a read and its write
+//!   ([`LogFile::rotate_if_full`], reads cut at [`LogFile::room`]): a crash during its syncs
+//!   loses nothing that was read (docs/operations.md, "Crash guarantees").
 
 mod files;
 mod gaps;
@@ -395,16 +398,10 @@ impl LogFile {
         max: usize,
         buffer: &mut [u8],
     ) -> io::Result<Moved> {
-        // A full (or lost) file is only rotated once there is data for the next one (the read
-        // comes first, then the append rotates): rotating on speculation would empty a
-        // truncate-mode file that readers still want.
-        let room = match &self.file {
-            Some(_) if self.size < self.limits.max_size => {
-                (self.limits.max_size - self.size) as usize
-            }
-            _ => max,
-        };
-        let len = max.min(room).min(buffer.len());
+        // A full (or lost) file is only rotated once there is data for the next one: rotating on
+        // speculation would empty a truncate-mode file that readers still want.
+        self.rotate_if_full(pipe);
+        let len = max.min(self.room()).min(buffer.len());
         match rustix::io::read(pipe, &mut buffer[..len]) {
             Ok(0) => Ok(Moved::Eof),
             Ok(n) => {
@@ -413,6 +410,32 @@ impl LogFile {
             }
             Err(rustix::io::Errno::AGAIN) => Err(ErrorKind::WouldBlock.into()),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Rotates a full (or lost) file now if `source` (a pipe or socket) holds bytes to read,
+    /// so that the rotation, whose syncs are the slowest step of a write, lies before the read
+    /// rather than between the read and the write: a crash during it loses nothing
+    /// (docs/operations.md, "Crash guarantees"). Without bytes waiting it does nothing: the
+    /// next append rotates. A failure leaves the file as it was, and the next append tries
+    /// again and counts what it cannot log.
+    pub fn rotate_if_full(&mut self, source: BorrowedFd<'_>) {
+        let full = self.file.is_none() || self.size >= self.limits.max_size;
+        if full && rustix::io::ioctl_fionread(source).is_ok_and(|n| n > 0) {
+            if let Err(e) = self.make_room() {
+                tracing::debug!(path = %self.path.display(), error = %e, "rotation failed");
+            }
+        }
+    }
+
+    /// Bytes the current file takes before the next rotation; `usize::MAX` when the next
+    /// append rotates first (the file is full or lost).
+    pub fn room(&self) -> usize {
+        match &self.file {
+            Some(_) if self.size < self.limits.max_size => {
+                usize::try_from(self.limits.max_size - self.size).unwrap_or(usize::MAX)
+            }
+            _ => usize::MAX,
         }
     }
 

@@ -1,5 +1,5 @@
-//! Shared by the crash tests: writers of numbered lines, and the check that a log is what was
-//! written with only whole reads cut out.
+//! Shared by the crash tests: writers of numbered lines, the keeper's pid, and the check that a
+//! log is what was written with only whole reads cut out.
 #![allow(dead_code)]
 
 use std::io::Write;
@@ -37,7 +37,17 @@ pub struct Outcome {
 
 /// Writes numbered lines into `sink` until `stop`, a batch at a time, paced so the logs stay
 /// within their caps; returns how many lines were written whole.
-pub fn write_lines(who: String, mut sink: impl Write, stop: Arc<AtomicBool>) -> Outcome {
+pub fn write_lines(who: String, sink: impl Write, stop: Arc<AtomicBool>) -> Outcome {
+    write_lines_paced(who, sink, stop, Duration::from_millis(2))
+}
+
+/// [`write_lines`] with `pause` between two batches.
+pub fn write_lines_paced(
+    who: String,
+    mut sink: impl Write,
+    stop: Arc<AtomicBool>,
+    pause: Duration,
+) -> Outcome {
     let mut n = 0;
     while !stop.load(Ordering::Relaxed) {
         let batch: String = (n..n + LINES_PER_WRITE).map(|i| line(&who, i)).collect();
@@ -49,7 +59,7 @@ pub fn write_lines(who: String, mut sink: impl Write, stop: Arc<AtomicBool>) -> 
             };
         }
         n += LINES_PER_WRITE;
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(pause);
     }
     Outcome {
         who,
@@ -112,4 +122,26 @@ impl Lcg {
             .wrapping_add(1442695040888963407);
         (self.0 >> 33) % below
     }
+}
+
+/// The pid in `<runtime_dir>/keeper.lock`.
+pub fn keeper_pid(runtime_dir: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(runtime_dir.join("keeper.lock"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether process `pid` is alive; a zombie (the keeper's parent may be a dead daemon of the
+/// test) counts as gone.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
 }
