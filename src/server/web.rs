@@ -132,12 +132,13 @@ impl WebOptions {
         }
     }
 
-    /// Whether `request` carries a token that may be trusted with memory: a console call
-    /// whose bearer token verifies now. Other services' calls (health, reflection) carry
-    /// none and are small.
-    fn may_hold_body(&self, request: &Request<Body>) -> bool {
+    /// What may be held of `request`'s body: a console call whose bearer token verifies now,
+    /// up to a whole message; another service's call (health, reflection: no token, and
+    /// small), up to [`SMALL_BODY`]; a console call without a valid token, nothing (its body is
+    /// read and discarded).
+    fn allowance(&self, request: &Request<Body>) -> Allowance {
         if !request.uri().path().starts_with(CONSOLE_SERVICE_PREFIX) {
-            return true;
+            return Allowance::Hold(SMALL_BODY);
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -147,7 +148,8 @@ impl WebOptions {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|token| self.tokens.verify(token.trim(), now).is_ok())
+            .filter(|token| self.tokens.verify(token.trim(), now).is_ok())
+            .map_or(Allowance::Discard, |_| Allowance::Hold(self.body_limit))
     }
 
     /// With the origins of a validated `web` section (one that does not parse is skipped:
@@ -235,20 +237,36 @@ fn is_grpc_web(headers: &HeaderMap) -> bool {
 /// Prefix of the console service's paths: its calls need a token.
 const CONSOLE_SERVICE_PREFIX: &str = "/conlog.v1.Console/";
 
+/// Largest body held for a call of another service (health, reflection) over HTTP/1.1.
+const SMALL_BODY: usize = 4096;
+
+/// What may be held in memory of a request body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Allowance {
+    /// Up to this many bytes (more is refused with `RESOURCE_EXHAUSTED`).
+    Hold(usize),
+    /// Nothing: read within the size and time limits, and thrown away.
+    Discard,
+}
+
 /// A request whose body was read, and the memory places its bytes hold until it is answered.
 struct Buffered {
     request: Request<Body>,
     _bytes: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-/// `request` with its body read (into memory when `keep`, else read and discarded: a call
-/// that will be refused for its token costs no memory), within `options`' size, time and
-/// memory limits, or the response refusing it.
+/// `request` with its body read (into memory within `allowance`; a call that will be refused
+/// for its token costs no memory: its body is read and discarded), within `options`' size, time
+/// and memory limits, or the response refusing it.
 async fn buffered(
     request: Request<Body>,
     options: &WebOptions,
-    keep: bool,
+    allowance: Allowance,
 ) -> Result<Buffered, Response<Body>> {
+    let (keep, limit) = match allowance {
+        Allowance::Hold(limit) => (true, limit.min(options.body_limit)),
+        Allowance::Discard => (false, options.body_limit),
+    };
     use http_body_util::BodyExt;
     let (parts, mut body) = request.into_parts();
     let grpc_refusal = |status: tonic::Status| {
@@ -288,10 +306,14 @@ async fn buffered(
             continue; // trailers: a gRPC-web request has none worth keeping
         };
         total = total.saturating_add(data.len());
-        if total > options.body_limit {
+        if total > limit {
+            let what = if limit == options.body_limit {
+                "Limit limits.message_size reached: the"
+            } else {
+                "The"
+            };
             return Err(grpc_refusal(tonic::Status::resource_exhausted(format!(
-                "Limit limits.message_size reached: the request body is over {} bytes",
-                options.body_limit
+                "{what} request body is over {limit} bytes"
             ))));
         }
         if !keep {
@@ -484,14 +506,18 @@ where
             }
         };
         let buffer = http1 && is_grpc_web(request.headers());
-        let keep = buffer && self.options.may_hold_body(&request);
+        let allowance = if buffer {
+            self.options.allowance(&request)
+        } else {
+            Allowance::Discard
+        };
         let options = self.options.clone();
         // The clone that was made ready is the one called (tower's usual swap).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
             let (request, held) = if buffer {
-                match buffered(request, &options, keep).await {
+                match buffered(request, &options, allowance).await {
                     Ok(Buffered { request, _bytes }) => (request, _bytes),
                     Err(response) => return Ok(response),
                 }
