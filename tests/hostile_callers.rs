@@ -29,28 +29,6 @@ async fn channel_from(daemon: &Daemon, from: Ipv4Addr, token: &str) -> ConsoleCh
     with_token(channel, token)
 }
 
-fn follow_request(guest: &str) -> proto::ReadHistoryRequest {
-    proto::ReadHistoryRequest {
-        guest: guest.into(),
-        follow: true,
-        ..Default::default()
-    }
-}
-
-/// A following `ReadHistory` whose first reply arrived (so the call is counted).
-async fn follower(
-    channel: ConsoleChannel,
-    guest: &str,
-) -> Result<tonic::Streaming<proto::HistoryChunk>, tonic::Status> {
-    let mut stream = channel
-        .console()
-        .read_history(follow_request(guest))
-        .await?
-        .into_inner();
-    stream.message().await?;
-    Ok(stream)
-}
-
 fn expect_limit<T: std::fmt::Debug>(result: Result<T, tonic::Status>, limit: &str) {
     let message = expect_code(result, Code::ResourceExhausted, limit);
     assert!(message.contains(limit), "{limit}: {message}");

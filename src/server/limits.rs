@@ -134,14 +134,18 @@ fn token_guest(request: &http::Request<Body>, tokens: &TokenKey) -> Option<Strin
 /// One unit of a counter, given back on drop.
 struct Counted(Arc<AtomicU32>);
 
+/// Adds one to `counter` unless it is at `limit`; whether it did.
+fn increment_below(counter: &AtomicU32, limit: u32) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < limit).then_some(n + 1)
+        })
+        .is_ok()
+}
+
 impl Counted {
     fn take(counter: &Arc<AtomicU32>, limit: u32) -> Option<Self> {
-        counter
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Self(counter.clone()))
+        increment_below(counter, limit).then(|| Self(counter.clone()))
     }
 }
 
@@ -156,13 +160,7 @@ struct ConnCall(Arc<Activity>);
 
 impl ConnCall {
     fn take(activity: &Arc<Activity>, limit: u32) -> Option<Self> {
-        activity
-            .calls
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Self(activity.clone()))
+        increment_below(&activity.calls, limit).then(|| Self(activity.clone()))
     }
 }
 

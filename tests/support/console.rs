@@ -794,3 +794,26 @@ pub async fn send_input(
     .await
     .map(|r| r.into_inner().accepted_bytes)
 }
+
+/// A `ReadHistory` of `guest`'s default stream from the oldest byte, following.
+pub fn follow_request(guest: &str) -> proto::ReadHistoryRequest {
+    proto::ReadHistoryRequest {
+        guest: guest.into(),
+        follow: true,
+        ..Default::default()
+    }
+}
+
+/// A following `ReadHistory` whose first reply arrived (so the call is counted).
+pub async fn follower(
+    channel: ConsoleChannel,
+    guest: &str,
+) -> Result<tonic::Streaming<proto::HistoryChunk>, tonic::Status> {
+    let mut stream = channel
+        .console()
+        .read_history(follow_request(guest))
+        .await?
+        .into_inner();
+    stream.message().await?;
+    Ok(stream)
+}
