@@ -19,7 +19,10 @@
 //!    following `ReadHistory` per stream (from the oldest byte), never reading their socket.
 //! 5. Concurrent `SendConsoleInput` calls of 1 MiB and 64 KiB with READ_WRITE tokens to
 //!    consoles whose guest does not read (its socket was filled first).
-//! 6. All of them at once.
+//! 6. Stalled console watchers: raw HTTP/2 connections with `WatchConsole` READ_ONLY streams
+//!    asking for the largest replay (`consoles.max_replay`) of a console that wrote that much,
+//!    never reading their socket (a tenant's own guest decides what its console prints).
+//! 7. All of them at once.
 //!
 //! For each: the daemon's peak RSS (sampled from `/proc` and `VmHWM`), its descriptors, the
 //! p50/p99 of local `ListGuests` (plus a `CreateLogPipe`, `CreateConsole` and `RemoveGuest` per
@@ -71,6 +74,11 @@ pub const CEILING_MIB: u64 = 256;
 /// Bytes of history each guest holds (in files of [`HISTORY_FILE`]).
 const HISTORY: usize = 1 << 20;
 const HISTORY_FILE: u64 = 256 << 10;
+/// The log pipe's stream (a guest's default history is its console's, which stays empty).
+const HISTORY_STREAM: &str = "qemu";
+/// Console output each guest wrote, and the replay a stalled watcher asks for (the default
+/// `consoles.max_replay`).
+const REPLAY: u64 = 1 << 20;
 /// An HTTP/1.1 body: what is sent and what the headers announce.
 const BODY_SENT: usize = 1_300_000;
 const BODY_ANNOUNCED: usize = 1_400_000;
@@ -334,15 +342,16 @@ fn grpc_web_headers(length: usize, token: Option<&str>) -> String {
     )
 }
 
-/// Attack 1: gRPC-web bodies on every connection the limits allow.
-async fn web_bodies(target: Arc<Target>) -> Held {
+/// Attack 1: gRPC-web bodies on every connection the limits allow, without a token (1a) or
+/// with READ tokens of every guest (1b: held, within `limits.web_body_bytes`).
+async fn web_bodies(target: Arc<Target>, with_token: bool) -> Held {
     let body = Arc::new(vec![0u8; BODY_SENT]);
     let mut set = JoinSet::new();
     for i in 0..target.sizes.connections {
         let (target, body) = (target.clone(), body.clone());
         set.spawn(async move {
             let from = peer(i, target.sizes.peers);
-            let token = (i % 2 == 1).then(|| {
+            let token = with_token.then(|| {
                 let guests = &target.guests;
                 guests[i % guests.len()].read.clone()
             });
@@ -356,8 +365,13 @@ async fn web_bodies(target: Arc<Target>) -> Held {
     }
     let mut held = Held::new(
         format!(
-            "{} HTTP/1.1 bodies of 1.3 MB (half with a READ token)",
-            target.sizes.connections
+            "{} HTTP/1.1 gRPC-web bodies of 1.3 MB (of 1.4 MB announced), {}",
+            target.sizes.connections,
+            if with_token {
+                "READ tokens of every guest"
+            } else {
+                "no token"
+            }
         ),
         "connection",
     );
@@ -447,6 +461,7 @@ async fn shut_out(target: &Target) -> bool {
 fn follow(guest: &str, tail: u64) -> ReadHistoryRequest {
     ReadHistoryRequest {
         guest: guest.into(),
+        stream: HISTORY_STREAM.into(),
         follow: true,
         start: Some(read_history_request::Start::TailBytes(tail)),
         ..Default::default()
@@ -458,15 +473,16 @@ async fn follows_until_refused(client: Remote, guest: String, at_most: usize) ->
     let mut held = Held::new(String::new(), "call");
     for _ in 0..at_most {
         let mut client = client.clone();
-        let opened = async {
+        let opened = tokio::time::timeout(Duration::from_secs(20), async {
             let mut stream = client
                 .read_history(follow(&guest, 4096))
                 .await?
                 .into_inner();
             stream.message().await?;
             Ok::<_, tonic::Status>(stream)
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no first chunk in 20 s")));
         match opened {
             Ok(stream) => {
                 held.units += 1;
@@ -543,24 +559,18 @@ fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
-/// The bytes of a raw HTTP/2 client that opens `streams` following `ReadHistory` calls from
-/// the oldest byte, advertising the largest flow-control windows.
-fn stalled_h2_readers(token: &str, guest: &str, streams: u32) -> Vec<u8> {
+/// The bytes of a raw HTTP/2 client that opens `streams` calls of `path` with `request`,
+/// advertising the largest flow-control windows (and then never reads its socket).
+fn stalled_h2_calls(token: &str, path: &str, request: &[u8], streams: u32) -> Vec<u8> {
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     let mut settings = vec![0, 4];
     settings.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
     frame(&mut out, 4, 0, 0, &settings);
     frame(&mut out, 4, 1, 0, &[]);
     frame(&mut out, 8, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes());
-    let request = ReadHistoryRequest {
-        guest: guest.into(),
-        follow: true,
-        ..Default::default()
-    }
-    .encode_to_vec();
     let mut message = vec![0u8];
     message.extend_from_slice(&u32::try_from(request.len()).expect("small").to_be_bytes());
-    message.extend_from_slice(&request);
+    message.extend_from_slice(request);
     let authorization = format!("Bearer {token}");
     let mut encoder = loona_hpack::Encoder::new();
     for i in 0..streams {
@@ -568,7 +578,7 @@ fn stalled_h2_readers(token: &str, guest: &str, streams: u32) -> Vec<u8> {
         let headers = encoder.encode([
             (&b":method"[..], &b"POST"[..]),
             (b":scheme", b"http"),
-            (b":path", b"/conlog.v1.Console/ReadHistory"),
+            (b":path", path.as_bytes()),
             (b":authority", b"127.0.0.1"),
             (b"content-type", b"application/grpc"),
             (b"te", b"trailers"),
@@ -580,14 +590,65 @@ fn stalled_h2_readers(token: &str, guest: &str, streams: u32) -> Vec<u8> {
     out
 }
 
-/// Attack 4: stalled readers, `limits.calls_per_guest` per guest on one connection each.
-async fn stalled_readers(target: Arc<Target>) -> Held {
+/// Which stalled calls a raw HTTP/2 client makes.
+#[derive(Clone, Copy)]
+enum Stalled {
+    /// Attack 4: following `ReadHistory` from the oldest byte of the guest's log pipe.
+    Readers,
+    /// Attack 7: `WatchConsole` READ_ONLY with the largest replay (`consoles.max_replay`).
+    Watchers,
+}
+
+impl Stalled {
+    fn bytes(self, guest: &Guest, streams: u32) -> Vec<u8> {
+        match self {
+            Self::Readers => {
+                let request = ReadHistoryRequest {
+                    guest: guest.name.clone(),
+                    stream: HISTORY_STREAM.into(),
+                    follow: true,
+                    ..Default::default()
+                };
+                stalled_h2_calls(
+                    &guest.read,
+                    "/conlog.v1.Console/ReadHistory",
+                    &request.encode_to_vec(),
+                    streams,
+                )
+            }
+            Self::Watchers => {
+                let request = WatchConsoleRequest {
+                    guest: guest.name.clone(),
+                    mode: conlog::proto::attach::Mode::ReadOnly.into(),
+                    replay_bytes: REPLAY,
+                    ..Default::default()
+                };
+                stalled_h2_calls(
+                    &guest.read,
+                    "/conlog.v1.Console/WatchConsole",
+                    &request.encode_to_vec(),
+                    streams,
+                )
+            }
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Readers => "follows from the oldest byte",
+            Self::Watchers => "READ_ONLY WatchConsole with a 1 MiB replay",
+        }
+    }
+}
+
+/// Attacks 4 and 7: stalled calls, `limits.calls_per_guest` per guest on one connection each.
+async fn stalled(target: Arc<Target>, kind: Stalled) -> Held {
     let per_guest = target.limits.calls_per_guest;
     let guests = target.sizes.call_guests.min(target.guests.len());
     let mut held = Held::new(
         format!(
-            "stalled readers: {guests} connections × {per_guest} follows from the oldest byte, \
-             windows 2^31, never read"
+            "{guests} raw HTTP/2 connections × {per_guest} {}, windows 2^31, never read",
+            kind.describe()
         ),
         "call",
     );
@@ -595,7 +656,7 @@ async fn stalled_readers(target: Arc<Target>) -> Held {
     for (g, guest) in target.guests.iter().enumerate().take(guests) {
         match connect_from(peer(g, target.sizes.peers), target.tcp).await {
             Ok(mut socket) => {
-                let bytes = stalled_h2_readers(&guest.read, &guest.name, per_guest);
+                let bytes = kind.bytes(guest, per_guest);
                 match socket.write_all(&bytes).await {
                     Ok(()) => held.sockets.push(socket),
                     Err(e) => held.refuse(format!("closed ({})", e.kind())),
@@ -891,7 +952,7 @@ impl Bench<'_> {
         );
         let rss_holding = procfs::rss_kib(pid)?;
         let mut note = String::new();
-        if name.starts_with("2 ") || name.starts_with("6 ") {
+        if name.starts_with("2 ") || name.starts_with("7 ") {
             let locked = self.attackers.block_on(shut_out(&self.target));
             note.push_str(if locked {
                 "a new connection is shut out while they are open"
@@ -996,10 +1057,13 @@ async fn setup_guests(
             .await
             .context("CreateConsole")?
             .into_inner();
-        guest_sockets.push(
-            UnixStream::connect(&console.guest_socket)
-                .with_context(|| format!("connect to {}", console.guest_socket))?,
-        );
+        let guest_socket = UnixStream::connect(&console.guest_socket)
+            .with_context(|| format!("connect to {}", console.guest_socket))?;
+        // Console output for watchers to replay (the guest never reads its input).
+        let output = history.clone();
+        let mut writer = guest_socket.try_clone()?;
+        std::thread::spawn(move || writer.write_all(&output[..REPLAY as usize]));
+        guest_sockets.push(guest_socket);
         let token = |access: Access| {
             let mut agent = agent.clone();
             let guest = name.clone();
@@ -1033,9 +1097,12 @@ async fn setup_guests(
             .guests
             .iter()
             .flat_map(|g| &g.streams)
-            .filter(|s| s.name == "qemu" && s.offset >= HISTORY as u64)
+            .filter(|s| {
+                (s.name == HISTORY_STREAM && s.offset >= HISTORY as u64)
+                    || (s.name == "serial0" && s.offset >= REPLAY)
+            })
             .count();
-        if logged >= count {
+        if logged >= 2 * count {
             break;
         }
         if Instant::now() > deadline {
@@ -1140,36 +1207,49 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
         rounds: 0,
     };
     let mut rows = Vec::new();
-    rows.push(bench.measure("1 web bodies", web_bodies(target.clone()))?);
+    rows.push(bench.measure("1a web bodies, no token", web_bodies(target.clone(), false))?);
+    rows.push(bench.measure(
+        "1b web bodies, READ token",
+        web_bodies(target.clone(), true),
+    )?);
     rows.push(bench.measure("2 idle connections", idle_connections(target.clone()))?);
     rows.push(bench.measure("3 follows", follows(target.clone()))?);
-    rows.push(bench.measure("4 stalled readers", stalled_readers(target.clone()))?);
+    rows.push(bench.measure(
+        "4 stalled readers",
+        stalled(target.clone(), Stalled::Readers),
+    )?);
     rows.push(bench.measure(
         "5 console input",
         input_flood(target.clone(), writers.clone()),
     )?);
+    rows.push(bench.measure(
+        "6 stalled watchers",
+        stalled(target.clone(), Stalled::Watchers),
+    )?);
     let all = {
         let (target, writers) = (target.clone(), writers.clone());
         async move {
-            let (a, b, c, d, e) = tokio::join!(
-                stalled_readers(target.clone()),
+            let (a, b, c, d, e, f, g) = tokio::join!(
+                stalled(target.clone(), Stalled::Watchers),
+                stalled(target.clone(), Stalled::Readers),
                 follows(target.clone()),
                 input_flood(target.clone(), writers),
-                web_bodies(target.clone()),
+                web_bodies(target.clone(), true),
+                web_bodies(target.clone(), false),
                 idle_connections(target.clone()),
             );
             let mut held = Held::new(String::new(), "unit");
-            for part in [a, b, c, d, e] {
+            for part in [a, b, c, d, e, f, g] {
                 held.merge(part);
             }
             // The daemon's own closing of idle connections is attack 2's row; here the bench
             // closes everything.
             held.leave_to_daemon = false;
-            held.what = "attacks 4, 3, 5, 1 and 2 launched together".into();
+            held.what = "attacks 6, 4, 3, 5, 1b, 1a and 2 launched together".into();
             held
         }
     };
-    rows.push(bench.measure("6 all at once", all)?);
+    rows.push(bench.measure("7 all at once", all)?);
     drop(writers);
 
     let mut verdict = Verdict::Correct;
@@ -1258,8 +1338,9 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
             .filter_map(|r| r.per_unit_kib)
             .fold(0.0f64, f64::max)
     };
-    let connection = unit("1 ").max(unit("2 "));
-    let call = unit("3 ").max(unit("4 ")).max(unit("5 "));
+    let connection = unit("1a ").max(unit("2 "));
+    // Attack 5 holds one call per session; its refused calls are transient.
+    let call = unit("3 ").max(unit("4 ")).max(unit("6 "));
     let baseline = rows.first().map_or(0, |r| r.baseline_kib);
     let model_kib = baseline as f64
         + f64::from(limits.tcp_connections) * connection
