@@ -104,6 +104,7 @@ pub struct HostileArgs {
 }
 
 /// How large each attack is.
+#[derive(Clone)]
 struct Sizes {
     /// Guests with history and a console.
     guests: usize,
@@ -881,6 +882,8 @@ struct Row {
     fds_before: usize,
     fds_peak: usize,
     fds_after: Option<usize>,
+    /// RSS once the attack ended (what the allocator kept).
+    rss_after_kib: u64,
     idle: Probe,
     attacked: Probe,
     note: String,
@@ -889,7 +892,7 @@ struct Row {
 /// Everything needed between attacks.
 struct Bench<'a> {
     runtime: &'a Runtime,
-    attackers: Runtime,
+    attackers: &'a Runtime,
     target: Arc<Target>,
     agent: AgentClient<Channel>,
     rounds: usize,
@@ -954,11 +957,16 @@ impl Bench<'_> {
         let mut note = String::new();
         if name.starts_with("2 ") || name.starts_with("7 ") {
             let locked = self.attackers.block_on(shut_out(&self.target));
-            note.push_str(if locked {
-                "a new connection is shut out while they are open"
-            } else {
-                "a new connection still gets in"
-            });
+            let _ = write!(
+                note,
+                "{} ({} TCP connections open by conlog_tcp_connections_open)",
+                if locked {
+                    "a new connection from another address is closed at once while they are open"
+                } else {
+                    "a new connection from another address is not closed within 2 s"
+                },
+                self.target.gauge("conlog_tcp_connections_open")
+            );
         }
         let attacked = self.probe();
         let peak_kib = sampler
@@ -997,6 +1005,7 @@ impl Bench<'_> {
         let fds_after = self.wait_fds(fds_before + 2, DEADLINE);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = fd_sampler.join();
+        let rss_after_kib = procfs::rss_kib(pid)?;
         if fds_after.is_none() {
             eprintln!(
                 "  {name}: descriptors did not come back to {fds_before} within {DEADLINE:?} ({} open)",
@@ -1014,6 +1023,7 @@ impl Bench<'_> {
             fds_before,
             fds_peak: fd_peak.load(std::sync::atomic::Ordering::Relaxed),
             fds_after,
+            rss_after_kib,
             idle,
             attacked,
             note,
@@ -1113,6 +1123,78 @@ async fn setup_guests(
     Ok((guests, guest_sockets))
 }
 
+/// A daemon with the run's guests, tokens and attack 5's writer sessions in place.
+struct Served {
+    daemon: Daemon,
+    target: Arc<Target>,
+    agent: AgentClient<Channel>,
+    writers: Arc<Vec<Writer>>,
+    /// The consoles' guests (they never read).
+    _guest_sockets: Vec<UnixStream>,
+}
+
+impl Served {
+    fn start(
+        runtime: &Runtime,
+        attackers: &Runtime,
+        conlogd: &Path,
+        dir: &Path,
+        sizes: &Sizes,
+    ) -> anyhow::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let daemon = Daemon::start(conlogd, dir)?;
+        let tcp: SocketAddr = daemon.ready_field("tcp")?.parse()?;
+        let metrics: SocketAddr = daemon.ready_field("metrics")?.parse()?;
+        let mut agent = runtime.block_on(daemon.agent())?;
+        let (guests, guest_sockets) = runtime.block_on(setup_guests(&mut agent, sizes.guests))?;
+        let target = Arc::new(Target {
+            tcp,
+            metrics,
+            pid: daemon.pid(),
+            guests,
+            sizes: sizes.clone(),
+            limits: Limits::default(),
+        });
+        // Attack 5's sessions and filled guest sockets, before any measurement.
+        eprintln!(
+            "  filling the guest sockets of {} consoles",
+            sizes.input_guests
+        );
+        let writers: Vec<Writer> = attackers.block_on(async {
+            let mut set = JoinSet::new();
+            for g in 0..sizes.input_guests {
+                set.spawn(writer(target.clone(), g));
+            }
+            let mut writers = Vec::new();
+            while let Some(joined) = set.join_next().await {
+                writers.push(joined??);
+            }
+            anyhow::Ok(writers)
+        })?;
+        Ok(Self {
+            daemon,
+            target,
+            agent,
+            writers: Arc::new(writers),
+            _guest_sockets: guest_sockets,
+        })
+    }
+
+    fn stop(self, runtime: &Runtime) -> anyhow::Result<()> {
+        let Self {
+            daemon,
+            mut agent,
+            writers,
+            ..
+        } = self;
+        drop(writers);
+        runtime.block_on(async {
+            let _ = agent.list_guests(ListGuestsRequest::default()).await;
+        });
+        daemon.stop()
+    }
+}
+
 fn mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
@@ -1133,26 +1215,14 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
             .with_context(|| format!("loopback address {} not usable", peer(i, sizes.peers)))?;
     }
 
-    let daemon = Daemon::start(&conlogd, &scratch.0)?;
-    let pid = daemon.pid();
-    let tcp: SocketAddr = daemon.ready_field("tcp")?.parse()?;
-    let metrics: SocketAddr = daemon.ready_field("metrics")?.parse()?;
-    let mut agent = runtime.block_on(daemon.agent())?;
-    let (guests, _guest_sockets) = runtime.block_on(setup_guests(&mut agent, sizes.guests))?;
+    let first = Served::start(runtime, &attackers, &conlogd, &scratch.0.join("a"), &sizes)?;
+    let pid = first.target.pid;
     let nofile = fs::read_to_string(format!("/proc/{pid}/limits"))
         .unwrap_or_default()
         .lines()
         .find(|l| l.starts_with("Max open files"))
         .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
         .unwrap_or_else(|| "?".into());
-    let target = Arc::new(Target {
-        tcp,
-        metrics,
-        pid,
-        guests,
-        sizes,
-        limits: limits.clone(),
-    });
     println!(
         "hostile callers (issue 14): conlogd at its default limits, {}",
         Machine::probe()
@@ -1170,65 +1240,57 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
         limits.web_body_bytes,
         limits.idle_timeout,
         limits.body_timeout,
-        target.gauge("conlog_remote_descriptors_limit"),
+        first.target.gauge("conlog_remote_descriptors_limit"),
     );
     println!(
-        "  {} guests with {} of history and a console whose guest never reads; attacks from {} \
-         loopback addresses; {} local ListGuests per measurement",
-        target.guests.len(),
+        "  {} guests with {} of history and a console whose guest never reads (16 KiB of input \
+         sent until it stopped taking it); attacks from {} loopback addresses; {} local \
+         ListGuests per measurement; attacks 1-6 on one daemon, 7 on a fresh one",
+        first.target.guests.len(),
         crate::report::size(HISTORY as u64),
-        target.sizes.peers,
-        target.sizes.probes
+        first.target.sizes.peers,
+        first.target.sizes.probes
     );
 
-    // Attack 5's sessions and filled guest sockets, before any measurement.
-    eprintln!(
-        "  filling the guest sockets of {} consoles",
-        target.sizes.input_guests
-    );
-    let writers: Vec<Writer> = attackers.block_on(async {
-        let mut set = JoinSet::new();
-        for g in 0..target.sizes.input_guests {
-            set.spawn(writer(target.clone(), g));
-        }
-        let mut writers = Vec::new();
-        while let Some(joined) = set.join_next().await {
-            writers.push(joined??);
-        }
-        anyhow::Ok(writers)
-    })?;
-    let writers = Arc::new(writers);
-
-    let mut bench = Bench {
-        runtime,
-        attackers,
-        target: target.clone(),
-        agent,
-        rounds: 0,
-    };
     let mut rows = Vec::new();
-    rows.push(bench.measure("1a web bodies, no token", web_bodies(target.clone(), false))?);
-    rows.push(bench.measure(
-        "1b web bodies, READ token",
-        web_bodies(target.clone(), true),
-    )?);
-    rows.push(bench.measure("2 idle connections", idle_connections(target.clone()))?);
-    rows.push(bench.measure("3 follows", follows(target.clone()))?);
-    rows.push(bench.measure(
-        "4 stalled readers",
-        stalled(target.clone(), Stalled::Readers),
-    )?);
-    rows.push(bench.measure(
-        "5 console input",
-        input_flood(target.clone(), writers.clone()),
-    )?);
-    rows.push(bench.measure(
-        "6 stalled watchers",
-        stalled(target.clone(), Stalled::Watchers),
-    )?);
-    let all = {
-        let (target, writers) = (target.clone(), writers.clone());
-        async move {
+    {
+        let (target, writers) = (first.target.clone(), first.writers.clone());
+        let mut bench = Bench {
+            runtime,
+            attackers: &attackers,
+            target: target.clone(),
+            agent: first.agent.clone(),
+            rounds: 0,
+        };
+        rows.push(bench.measure("1a web bodies, no token", web_bodies(target.clone(), false))?);
+        rows.push(bench.measure(
+            "1b web bodies, READ token",
+            web_bodies(target.clone(), true),
+        )?);
+        rows.push(bench.measure("2 idle connections", idle_connections(target.clone()))?);
+        rows.push(bench.measure("3 follows", follows(target.clone()))?);
+        rows.push(bench.measure(
+            "4 stalled readers",
+            stalled(target.clone(), Stalled::Readers),
+        )?);
+        rows.push(bench.measure("5 console input", input_flood(target.clone(), writers))?);
+        rows.push(bench.measure("6 stalled watchers", stalled(target, Stalled::Watchers))?);
+    }
+    first.stop(runtime)?;
+
+    // All at once on a fresh daemon: what the first one's allocator kept from the attacks
+    // before would otherwise hide (or be counted as) this one's growth.
+    let fresh = Served::start(runtime, &attackers, &conlogd, &scratch.0.join("b"), &sizes)?;
+    {
+        let (target, writers) = (fresh.target.clone(), fresh.writers.clone());
+        let mut bench = Bench {
+            runtime,
+            attackers: &attackers,
+            target: target.clone(),
+            agent: fresh.agent.clone(),
+            rounds: 0,
+        };
+        let all = async move {
             let (a, b, c, d, e, f, g) = tokio::join!(
                 stalled(target.clone(), Stalled::Watchers),
                 stalled(target.clone(), Stalled::Readers),
@@ -1247,10 +1309,10 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
             held.leave_to_daemon = false;
             held.what = "attacks 6, 4, 3, 5, 1b, 1a and 2 launched together".into();
             held
-        }
-    };
-    rows.push(bench.measure("7 all at once", all)?);
-    drop(writers);
+        };
+        rows.push(bench.measure("7 all at once", all)?);
+    }
+    fresh.stop(runtime)?;
 
     let mut verdict = Verdict::Correct;
     let mut table = Table::new(&[
@@ -1259,6 +1321,7 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
         "peak RSS MiB",
         "+RSS MiB",
         "KiB/unit",
+        "RSS after MiB",
         "fds before",
         "fds peak",
         "fds after",
@@ -1276,6 +1339,7 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
             mib(row.peak_kib),
             mib(row.peak_kib.saturating_sub(row.baseline_kib)),
             row.per_unit_kib.map_or("-".into(), |k| format!("{k:.0}")),
+            mib(row.rss_after_kib),
             row.fds_before.to_string(),
             row.fds_peak.to_string(),
             row.fds_after.map_or("NOT BACK".into(), |f| f.to_string()),
@@ -1361,10 +1425,5 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
     println!();
     println!("markdown:");
     print!("{}", table.markdown());
-    bench.runtime.block_on(async {
-        let _ = bench.agent.list_guests(ListGuestsRequest::default()).await;
-    });
-    drop(bench);
-    daemon.stop()?;
     Ok(verdict)
 }
