@@ -101,6 +101,10 @@ pub struct HostileArgs {
     /// Local `ListGuests` calls per measurement [default: 200, or 50 with --quick].
     #[arg(long)]
     probes: Option<usize>,
+    /// Replay each stalled watcher of attack 6 asks for [default: 1MiB, `consoles.max_replay`];
+    /// 0 shows what a watcher costs without one.
+    #[arg(long, value_parser = conlog::config::ByteSize::parse)]
+    replay: Option<conlog::config::ByteSize>,
 }
 
 /// How large each attack is.
@@ -118,6 +122,8 @@ struct Sizes {
     input_guests: usize,
     input_calls: usize,
     probes: usize,
+    /// Replay asked for by attack 6's watchers.
+    replay: u64,
     /// Wait for the daemon to close attack 2's connections itself (`limits.idle_timeout`).
     wait_idle_close: bool,
 }
@@ -136,6 +142,7 @@ impl Sizes {
                 input_guests: 2,
                 input_calls: 16,
                 probes: args.probes.unwrap_or(50),
+                replay: args.replay.map_or(REPLAY, |r| r.bytes()),
                 wait_idle_close: false,
             }
         } else {
@@ -148,6 +155,7 @@ impl Sizes {
                 input_guests: call_guests,
                 input_calls: per_guest - 1,
                 probes: args.probes.unwrap_or(200),
+                replay: args.replay.map_or(REPLAY, |r| r.bytes()),
                 wait_idle_close: true,
             }
         }
@@ -601,7 +609,7 @@ enum Stalled {
 }
 
 impl Stalled {
-    fn bytes(self, guest: &Guest, streams: u32) -> Vec<u8> {
+    fn bytes(self, guest: &Guest, streams: u32, replay: u64) -> Vec<u8> {
         match self {
             Self::Readers => {
                 let request = ReadHistoryRequest {
@@ -621,7 +629,7 @@ impl Stalled {
                 let request = WatchConsoleRequest {
                     guest: guest.name.clone(),
                     mode: conlog::proto::attach::Mode::ReadOnly.into(),
-                    replay_bytes: REPLAY,
+                    replay_bytes: replay,
                     ..Default::default()
                 };
                 stalled_h2_calls(
@@ -635,9 +643,10 @@ impl Stalled {
     }
 
     fn describe(self) -> &'static str {
+        // (The replay's size is printed with the run's settings.)
         match self {
             Self::Readers => "follows from the oldest byte",
-            Self::Watchers => "READ_ONLY WatchConsole with a 1 MiB replay",
+            Self::Watchers => "READ_ONLY WatchConsole asking for a replay",
         }
     }
 }
@@ -657,7 +666,7 @@ async fn stalled(target: Arc<Target>, kind: Stalled) -> Held {
     for (g, guest) in target.guests.iter().enumerate().take(guests) {
         match connect_from(peer(g, target.sizes.peers), target.tcp).await {
             Ok(mut socket) => {
-                let bytes = kind.bytes(guest, per_guest);
+                let bytes = kind.bytes(guest, per_guest, target.sizes.replay);
                 match socket.write_all(&bytes).await {
                     Ok(()) => held.sockets.push(socket),
                     Err(e) => held.refuse(format!("closed ({})", e.kind())),
@@ -973,7 +982,8 @@ impl Bench<'_> {
             .finish()
             .max(procfs::status_kib(pid, "VmHWM").unwrap_or(0))
             .max(rss_holding);
-        let per_unit_kib = (held.units > 0)
+        // Mixed units (connections and calls) have no cost per unit.
+        let per_unit_kib = (held.units > 0 && held.unit != "unit")
             .then(|| rss_holding.saturating_sub(baseline_kib) as f64 / held.units as f64);
         let (what, units, unit, refused) = (
             held.what.clone(),
@@ -1245,11 +1255,13 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
     println!(
         "  {} guests with {} of history and a console whose guest never reads (16 KiB of input \
          sent until it stopped taking it); attacks from {} loopback addresses; {} local \
-         ListGuests per measurement; attacks 1-6 on one daemon, 7 on a fresh one",
+         ListGuests per measurement; attack 6's watchers ask for a replay of {}; attacks 1-6 on \
+         one daemon, 7 on a fresh one",
         first.target.guests.len(),
         crate::report::size(HISTORY as u64),
         first.target.sizes.peers,
-        first.target.sizes.probes
+        first.target.sizes.probes,
+        crate::report::size(sizes.replay),
     );
 
     let mut rows = Vec::new();
