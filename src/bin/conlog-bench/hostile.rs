@@ -9,7 +9,7 @@
 //! ones:
 //!
 //! 1. HTTP/1.1 gRPC-web bodies of 1.3 MB (of an announced 1.4 MB), then silence, on every
-//!    connection the limits allow; half without a token, half with a READ token.
+//!    connection the limits allow: (a) without a token, (b) with READ tokens.
 //! 2. Connections filling `limits.tcp_connections` that never make a call: silent, slow-loris
 //!    (a header byte a second), HTTP/2 preface without a stream. Whether a new connection is
 //!    shut out, and (full size) how long the daemon takes to close them all itself.
@@ -22,12 +22,13 @@
 //! 6. Stalled console watchers: raw HTTP/2 connections with `WatchConsole` READ_ONLY streams
 //!    asking for the largest replay (`consoles.max_replay`) of a console that wrote that much,
 //!    never reading their socket (a tenant's own guest decides what its console prints).
-//! 7. All of them at once.
+//! 7. All of them at once, on a fresh daemon (the first one's allocator keeps what the
+//!    attacks before used, which would hide this one's growth).
 //!
 //! For each: the daemon's peak RSS (sampled from `/proc` and `VmHWM`), its descriptors, the
 //! p50/p99 of local `ListGuests` (plus a `CreateLogPipe`, `CreateConsole` and `RemoveGuest` per
 //! measurement) under attack against idle just before, whether every local call succeeded, and
-//! whether descriptors came back to the baseline after. The memory model (docs/performance.md,
+//! whether descriptors came back to the baseline (within 2) after. The memory model (docs/performance.md,
 //! "Hostile callers"): baseline + `tcp_connections` × a connection's cost + `remote_calls_total`
 //! × a call's cost + `web_body_bytes`, with the unit costs measured here. The run is wrong (exit
 //! status 1) when a local call failed, descriptors did not come back, or an attack took the
@@ -116,7 +117,7 @@ struct Sizes {
     peers: usize,
     /// Connections of attacks 1 and 2.
     connections: usize,
-    /// Guests whose tokens attacks 3 and 4 use (each up to `limits.calls_per_guest` calls).
+    /// Guests whose tokens attacks 3, 4 and 6 use (each up to `limits.calls_per_guest` calls).
     call_guests: usize,
     /// Consoles flooded by attack 5 and concurrent calls per console.
     input_guests: usize,
@@ -162,8 +163,9 @@ impl Sizes {
     }
 }
 
+/// The `i`-th attacking address of `peers` (127.0.0.2 up to 127.0.0.201).
 fn peer(i: usize, peers: usize) -> Ipv4Addr {
-    let i = u8::try_from(i % peers.max(1)).unwrap_or(0);
+    let i = u8::try_from(i % peers.clamp(1, 200)).unwrap_or(0);
     Ipv4Addr::new(127, 0, 0, 2 + i)
 }
 
@@ -604,7 +606,8 @@ fn stalled_h2_calls(token: &str, path: &str, request: &[u8], streams: u32) -> Ve
 enum Stalled {
     /// Attack 4: following `ReadHistory` from the oldest byte of the guest's log pipe.
     Readers,
-    /// Attack 7: `WatchConsole` READ_ONLY with the largest replay (`consoles.max_replay`).
+    /// Attack 6: `WatchConsole` READ_ONLY asking for a replay (by default the largest,
+    /// `consoles.max_replay`).
     Watchers,
 }
 
@@ -643,7 +646,6 @@ impl Stalled {
     }
 
     fn describe(self) -> &'static str {
-        // (The replay's size is printed with the run's settings.)
         match self {
             Self::Readers => "follows from the oldest byte",
             Self::Watchers => "READ_ONLY WatchConsole asking for a replay",
@@ -651,7 +653,7 @@ impl Stalled {
     }
 }
 
-/// Attacks 4 and 7: stalled calls, `limits.calls_per_guest` per guest on one connection each.
+/// Attacks 4 and 6: stalled calls, `limits.calls_per_guest` per guest on one connection each.
 async fn stalled(target: Arc<Target>, kind: Stalled) -> Held {
     let per_guest = target.limits.calls_per_guest;
     let guests = target.sizes.call_guests.min(target.guests.len());
