@@ -22,8 +22,11 @@
 //! 6. Stalled console watchers: raw HTTP/2 connections with `WatchConsole` READ_ONLY streams
 //!    asking for the largest replay (`consoles.max_replay`) of a console that wrote that much,
 //!    never reading their socket (a tenant's own guest decides what its console prints).
-//! 7. All of them at once, on a fresh daemon (the first one's allocator keeps what the
+//! 7. All of them (1 to 6) at once, on a fresh daemon (the first one's allocator keeps what the
 //!    attacks before used, which would hide this one's growth).
+//! 8. On a fresh daemon of its own: requests whose gRPC message never completes:
+//!    one `ReadHistory` per raw HTTP/2 connection announcing just under `limits.message_size`
+//!    and sending all of it but the last byte, with READ tokens.
 //!
 //! For each: the daemon's peak RSS (sampled from `/proc` and `VmHWM`), its descriptors, the
 //! p50/p99 of local `ListGuests` (plus a `CreateLogPipe`, `CreateConsole` and `RemoveGuest` per
@@ -697,6 +700,79 @@ async fn stalled(target: Arc<Target>, kind: Stalled) -> Held {
     held
 }
 
+/// Bytes of a partial request: a gRPC message announcing [`PARTIAL_ANNOUNCED`] bytes, all but
+/// the last [`PARTIAL_MISSING`] sent.
+const PARTIAL_ANNOUNCED: usize = 1_000_000;
+const PARTIAL_MISSING: usize = 1;
+
+/// Attack 8: requests whose message never completes. One `ReadHistory` stream per raw HTTP/2
+/// connection, with a READ token; its gRPC message announces just under `limits.message_size`
+/// and arrives but for its last byte, within the windows the daemon advertised (1 MiB), after
+/// which the client sends nothing more and never reads.
+async fn partial_requests(target: Arc<Target>) -> Held {
+    let per_guest = target.limits.calls_per_guest as usize;
+    let guests = target.sizes.call_guests.min(target.guests.len());
+    let connections = (guests * per_guest).min(target.sizes.connections);
+    let mut held = Held::new(
+        format!(
+            "{connections} raw HTTP/2 connections × 1 ReadHistory whose message (announced \
+             {PARTIAL_ANNOUNCED} B) stops 1 byte short, READ tokens, never read"
+        ),
+        "call",
+    );
+    let before = target.gauge("conlog_remote_calls_in_progress");
+    let mut set = JoinSet::new();
+    for c in 0..connections {
+        let target = target.clone();
+        set.spawn(async move {
+            let guest = &target.guests[c / per_guest % target.guests.len()];
+            let mut socket = connect_from(peer(c, target.sizes.peers), target.tcp).await?;
+            let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            frame(&mut out, 4, 0, 0, &[]);
+            frame(&mut out, 4, 1, 0, &[]);
+            let authorization = format!("Bearer {}", guest.read);
+            let headers = loona_hpack::Encoder::new().encode([
+                (&b":method"[..], &b"POST"[..]),
+                (b":scheme", b"http"),
+                (b":path", b"/conlog.v1.Console/ReadHistory"),
+                (b":authority", b"127.0.0.1"),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+                (b"authorization", authorization.as_bytes()),
+            ]);
+            frame(&mut out, 1, 4, 1, &headers);
+            socket.write_all(&out).await?;
+            // The daemon's SETTINGS and WINDOW_UPDATE (1 MiB windows) are sent at once.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut message = vec![0u8];
+            message.extend_from_slice(
+                &u32::try_from(PARTIAL_ANNOUNCED)
+                    .expect("small")
+                    .to_be_bytes(),
+            );
+            message.resize(5 + PARTIAL_ANNOUNCED - PARTIAL_MISSING, b'p');
+            let mut out = Vec::with_capacity(message.len() + 1024);
+            for piece in message.chunks(16_384) {
+                frame(&mut out, 0, 0, 1, piece);
+            }
+            socket.write_all(&out).await?;
+            std::io::Result::Ok(socket)
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok(Ok(socket)) => held.sockets.push(socket),
+            Ok(Err(e)) => held.refuse(format!("closed ({})", e.kind())),
+            Err(e) => held.refuse(format!("task: {e}")),
+        }
+    }
+    // Admitted calls are counted at their headers; wait for the bodies to be taken.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let now = target.gauge("conlog_remote_calls_in_progress") - before;
+    held.units = now.max(0.0) as u64;
+    held
+}
+
 /// A writer session of a console, with the stream that keeps it.
 struct Writer {
     client: Remote,
@@ -1328,6 +1404,20 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
     }
     fresh.stop(runtime)?;
 
+    // Partial requests on a fresh daemon too (the same reason).
+    let third = Served::start(runtime, &attackers, &conlogd, &scratch.0.join("c"), &sizes)?;
+    {
+        let mut bench = Bench {
+            runtime,
+            attackers: &attackers,
+            target: third.target.clone(),
+            agent: third.agent.clone(),
+            rounds: 0,
+        };
+        rows.push(bench.measure("8 partial requests", partial_requests(third.target.clone()))?);
+    }
+    third.stop(runtime)?;
+
     let mut verdict = Verdict::Correct;
     let mut table = Table::new(&[
         "attack",
@@ -1418,7 +1508,7 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
     };
     let connection = unit("1a ").max(unit("2 "));
     // Attack 5 holds one call per session; its refused calls are transient.
-    let call = unit("3 ").max(unit("4 ")).max(unit("6 "));
+    let call = unit("3 ").max(unit("4 ")).max(unit("6 ")).max(unit("8 "));
     let baseline = rows.first().map_or(0, |r| r.baseline_kib);
     let model_kib = baseline as f64
         + f64::from(limits.tcp_connections) * connection
@@ -1434,7 +1524,9 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
         limits.remote_calls_total,
         limits.web_body_bytes,
         model_kib / 1024.0,
-        rows.last().map_or("-".into(), |r| mib(r.peak_kib)),
+        rows.iter()
+            .find(|r| r.name.starts_with("7 "))
+            .map_or("-".into(), |r| mib(r.peak_kib)),
     );
     println!();
     println!("markdown:");
