@@ -72,3 +72,4 @@ cargo run --quiet --bin conlog-bench -- pipe --quick
 cargo run --quiet --bin conlog-bench -- guests --quick
 cargo run --quiet --bin conlog-bench -- console --quick
 cargo run --quiet --bin conlog-bench -- history --quick
+cargo run --quiet --bin conlog-bench -- hostile --quick

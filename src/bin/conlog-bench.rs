@@ -2,7 +2,7 @@
 //! baseline run on the same machine in the same invocation (these machines are shared and noisy,
 //! so only ratios mean something). Figures go to `docs/performance.md`.
 //!
-//! One subcommand per scenario of issue 7; each lives in its own module and uses the shared
+//! One subcommand per scenario of issue 7 (and `hostile`, issue 14's); each lives in its own module and uses the shared
 //! pieces: [`daemon`] (start, stop and observe a `conlogd`), [`procfs`] (memory, CPU, disk and
 //! machine facts from `/proc`), [`data`] (the bytes written and their check) and [`report`]
 //! (medians, tables in text and markdown).
@@ -26,6 +26,8 @@ mod data;
 mod guests;
 #[path = "conlog-bench/history.rs"]
 mod history;
+#[path = "conlog-bench/hostile.rs"]
+mod hostile;
 #[path = "conlog-bench/pipe.rs"]
 mod pipe;
 #[path = "conlog-bench/procfs.rs"]
@@ -96,6 +98,10 @@ enum Scenario {
     /// Many guests and restart (issue 7 scenarios 2 and 6): memory and CPU with N guests, each
     /// with a log pipe and a connected console, 10% writing; restart time with N registered.
     Guests(guests::GuestsArgs),
+    /// Hostile callers (issue 14): each attack on the TCP listener at the daemon's default
+    /// limits, then all at once: daemon RSS, descriptors and local ListGuests latency under
+    /// attack against idle, and the memory ceiling.
+    Hostile(hostile::HostileArgs),
     /// Upgrade pause (issue 5): how long logging stops during an in-place upgrade and during a
     /// takeover, with 1, 100 and 2,000 guests.
     Upgrade(upgrade::UpgradeArgs),
@@ -119,6 +125,7 @@ fn main() -> ExitCode {
         Scenario::History(args) => history::run(&runtime, &cli.common, args),
         Scenario::Upgrade(args) => upgrade::run(&runtime, &cli.common, args),
         Scenario::Guests(args) => guests::run(&runtime, &cli.common, args),
+        Scenario::Hostile(args) => hostile::run(&runtime, &cli.common, args),
     };
     match outcome {
         Ok(report::Verdict::Correct) => ExitCode::SUCCESS,

@@ -122,6 +122,30 @@ impl Daemon {
         Ok(AgentClient::new(channel))
     }
 
+    /// The value of `name=` in its ready line (`tcp`, `metrics`, `tls`, ...).
+    pub fn ready_field(&self, name: &str) -> anyhow::Result<String> {
+        // The ready line reaches the kept tail just after the daemon is reported ready.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let key = format!(" {name}=");
+        loop {
+            let tail = self.stderr_tail();
+            let value = tail
+                .lines()
+                .find(|line| line.contains("conlogd ready"))
+                .and_then(|line| {
+                    let start = line.find(&key)? + key.len();
+                    line[start..].split_whitespace().next().map(str::to_owned)
+                });
+            match value {
+                Some(value) => return Ok(value),
+                None if Instant::now() > deadline => {
+                    bail!("no {name}= in the daemon's ready line; its stderr:\n{tail}")
+                }
+                None => thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
     /// The last lines it printed on stderr.
     pub fn stderr_tail(&self) -> String {
         let tail = self.stderr_tail.lock().expect("stderr tail poisoned");
