@@ -46,16 +46,20 @@ async fn a_full_disk_drops_counts_and_recovers() {
     let _tmpfs = Tmpfs::mount(&logs, "256k");
     let mut daemon = Daemon::start_with(None, &["--log-dir", logs.to_str().unwrap()]).await;
     let mut agent = daemon.agent().await;
+    // The stream's cap (2 × 16 KiB) is far below the tmpfs's 256 KiB, so that a log over its
+    // cap shows after space returns, and above the space left free, so that the disk fills.
+    const MAX_SIZE: u64 = 16 << 10;
+    const CAP: u64 = MAX_SIZE * 2;
     let limits = proto::LogLimits {
-        max_size: Some(64 << 10),
-        max_backups: Some(3),
+        max_size: Some(MAX_SIZE),
+        max_backups: Some(1),
         mode: LogMode::Rotate.into(),
     };
     let (_, mut pipe) = open_pipe(&mut agent, "vm1", "qemu", Some(limits)).await;
 
-    // Leave about 24 KiB free, then write 100 KiB: the writer must never block.
+    // Leave about 12 KiB free, then write 100 KiB: the writer must never block.
     let filler = logs.join("filler");
-    let free = 24 << 10;
+    let free = 12 << 10;
     let fill = (256 << 10) - free - (8 << 10);
     std::fs::write(&filler, vec![0u8; fill]).unwrap();
     let first = pattern(0, 100 << 10);
@@ -85,28 +89,48 @@ async fn a_full_disk_drops_counts_and_recovers() {
         metric(&metrics, "conlog_bytes_dropped_total"),
         Some(info.dropped_bytes as f64)
     );
-    assert!(
-        daemon.stderr().contains("dropping output"),
-        "the episode is reported once"
+    let reports = daemon.stderr().matches("dropping output").count();
+    assert_eq!(
+        reports,
+        1,
+        "the episode is reported once:\n{}",
+        daemon.stderr()
     );
 
     // Space returns: logging resumes with the next bytes, offsets continue.
     std::fs::remove_file(&filler).unwrap();
     let before = info.offset;
-    let second = pattern(1 << 20, 10_000);
+    // Three times the cap: the stream rotates and removes its oldest file as it goes.
+    let second = pattern(1 << 20, 3 * CAP as usize);
     let mut pipe = pipe;
     pipe.write_all(&second).unwrap();
     drop(pipe);
     let info = wait_closed(&mut agent, "vm1", "qemu", before + second.len() as u64).await;
     let on_disk = read_log(&logs, "vm1", "qemu");
+    assert_eq!(on_disk.len() as u64, info.offset - info.first_offset);
     assert!(
-        on_disk.ends_with(&second),
-        "logging resumed with exactly the new bytes"
+        on_disk.len() as u64 > CAP - MAX_SIZE && second.ends_with(&on_disk),
+        "logging resumed with exactly the new bytes ({} on disk)",
+        on_disk.len()
     );
+    assert!(info.bytes_on_disk <= CAP, "the cap holds: {info:?}");
+    let files: u64 = log_sizes(&logs, "vm1", "qemu").iter().map(|f| f.1).sum();
     assert!(
-        info.bytes_on_disk <= (64 << 10) * 4,
-        "the cap holds: {info:?}"
+        files <= CAP,
+        "the cap holds on disk: {:?}",
+        log_sizes(&logs, "vm1", "qemu")
     );
-    assert!(daemon.stderr().contains("logging again"));
+    assert_eq!(
+        daemon.stderr().matches("logging again").count(),
+        1,
+        "{}",
+        daemon.stderr()
+    );
+    assert_eq!(
+        daemon.stderr().matches("dropping output").count(),
+        1,
+        "no second episode:\n{}",
+        daemon.stderr()
+    );
     daemon.stop().await;
 }
