@@ -57,12 +57,14 @@ async fn a_full_disk_drops_counts_and_recovers() {
     };
     let (_, mut pipe) = open_pipe(&mut agent, "vm1", "qemu", Some(limits)).await;
 
-    // Leave about 12 KiB free, then write 100 KiB: the writer must never block.
+    // Leave about 12 KiB free, then write 3 MiB, more than a pipe holds, so the daemon meets
+    // the full disk on many reads: the writer must never block for long, and the episode is
+    // one report however many writes fail.
     let filler = logs.join("filler");
     let free = 12 << 10;
     let fill = (256 << 10) - free - (8 << 10);
     std::fs::write(&filler, vec![0u8; fill]).unwrap();
-    let first = pattern(0, 100 << 10);
+    let first = pattern(0, 3 << 20);
     let written = first.clone();
     let writer = std::thread::spawn(move || {
         pipe.write_all(&written).unwrap();
