@@ -121,9 +121,9 @@ pub fn leaving_image_failure(failure: &str) -> bool {
     let refused = failure.contains("refused") || failure.contains("os error 111");
     let ended = failure.contains("Unavailable")
         || failure.contains("connection closed")
-        || failure.contains("connection reset")
+        || failure.contains("ConnectionReset")
         || failure.contains("os error 104")
-        || failure.contains("broken pipe")
+        || failure.contains("BrokenPipe")
         || failure.contains("os error 32");
     ended && !refused
 }
