@@ -136,3 +136,80 @@ async fn a_full_disk_drops_counts_and_recovers() {
     );
     daemon.stop().await;
 }
+
+/// The same on a console: the guest's writes are never held up, what cannot be written is
+/// counted as dropped and reported once, an attached client gets exactly the bytes logged (at
+/// their offsets: dropped bytes take none), and logging resumes when space returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_on_a_console_drops_counts_and_recovers() {
+    use conlog::proto::attach::Mode;
+    let scratch = tempfile::Builder::new()
+        .prefix("conlog-df-")
+        .tempdir()
+        .unwrap();
+    let logs = scratch.path().join("logs");
+    let _tmpfs = Tmpfs::mount(&logs, "256k");
+    let daemon = Daemon::start_with(None, &["--log-dir", logs.to_str().unwrap()]).await;
+    let mut agent = daemon.agent().await;
+    let limits = proto::LogLimits {
+        max_size: Some(16 << 10),
+        max_backups: Some(1),
+        mode: LogMode::Rotate.into(),
+    };
+    let reply = create_console(&mut agent, "vm1", "", Some(limits))
+        .await
+        .unwrap();
+    let mut guest = FakeGuest::connect(&reply.guest_socket).await;
+    wait_guest_connected(&mut agent, "vm1", DEVICE, true).await;
+    let mut client = Session::attach(local_channel(&daemon).await, attach("vm1", Mode::ReadOnly))
+        .await
+        .unwrap();
+
+    let filler = logs.join("filler");
+    std::fs::write(&filler, vec![0u8; (256 << 10) - (12 << 10) - (8 << 10)]).unwrap();
+    // 1 MiB in 4 KiB writes: each completes (bounded), so the guest is never held up.
+    let first = pattern(0, 1 << 20);
+    for chunk in first.chunks(4096) {
+        guest.write(chunk).await;
+    }
+    let info = wait_stream(&mut agent, "vm1", DEVICE, "done with the burst", |s| {
+        s.offset + s.dropped_bytes == first.len() as u64
+    })
+    .await;
+    assert!(info.dropped_bytes > 0 && info.offset > 0, "{info:?}");
+    let on_disk = read_log(&logs, "vm1", DEVICE);
+    assert!(
+        on_disk == first[info.first_offset as usize..info.offset as usize],
+        "the log holds exactly the bytes before the disk filled"
+    );
+    let seen = client.wait_output_len(info.offset).await.to_vec();
+    assert_same("the client's output", &seen, &first[..info.offset as usize]);
+    assert_eq!(
+        daemon.stderr().matches("dropping output").count(),
+        1,
+        "{}",
+        daemon.stderr()
+    );
+    let (_, metrics) = http_get(daemon.metrics, "/metrics");
+    assert_eq!(
+        metric(&metrics, "conlog_bytes_dropped_total"),
+        Some(info.dropped_bytes as f64)
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let second = pattern(1 << 30, 5000);
+    guest.write(&second).await;
+    let before = info.offset;
+    wait_offset(&mut agent, "vm1", DEVICE, before + second.len() as u64).await;
+    assert!(read_log(&logs, "vm1", DEVICE).ends_with(&second));
+    let seen = client
+        .wait_output_len(before + second.len() as u64)
+        .await
+        .to_vec();
+    assert_same(
+        "the client's output after space returned",
+        &seen[before as usize..],
+        &second,
+    );
+    assert_eq!(daemon.stderr().matches("logging again").count(), 1);
+}
