@@ -358,6 +358,19 @@ mod tests {
         fs::create_dir(&dir_path).unwrap();
         assert!(TokenKey::load_or_create(&dir_path).is_err());
         assert!(dir_path.is_dir());
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "no new key written beside it: {names:?}");
+    }
+
+    #[test]
+    fn the_key_lives_in_the_state_directory() {
+        assert_eq!(
+            TokenKey::path_in(Path::new("/var/lib/conlog/state")),
+            Path::new("/var/lib/conlog/state/token.key")
+        );
     }
 
     /// A key readable by others gets mode 0600; one that is already 0600 keeps it.
