@@ -1211,6 +1211,16 @@ fn print_report(settings: &Settings, machine: &Machine, placement: &str, limit: 
     println!("---- end ----");
 }
 
+/// The verdict on a target set at the issue's guest count, measured with `measured` guests: a
+/// figure extrapolated from fewer guests says so (docs/performance.md labels it the same way).
+fn verdict_at_issue(ok: bool, measured: usize) -> String {
+    if measured >= ISSUE_GUESTS {
+        met(ok).into()
+    } else {
+        format!("{} (extrapolated)", met(ok))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1254,15 +1264,5 @@ mod tests {
         on_cpu(pid).unwrap();
         // The main thread's state: running, or sleeping while the tests run on others.
         assert!(matches!(state(pid), Some('R' | 'S')));
-    }
-}
-
-/// The verdict on a target set at the issue's guest count, measured with `measured` guests: a
-/// figure extrapolated from fewer guests says so (docs/performance.md labels it the same way).
-fn verdict_at_issue(ok: bool, measured: usize) -> String {
-    if measured >= ISSUE_GUESTS {
-        met(ok).into()
-    } else {
-        format!("{} (extrapolated)", met(ok))
     }
 }
