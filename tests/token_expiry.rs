@@ -48,7 +48,10 @@ async fn a_watch_outlives_its_token_until_the_key_is_rotated() {
     // Wait (bounded) until the token has expired by the daemon's clock (the same machine's).
     let deadline = std::time::Instant::now() + DEADLINE;
     while now_unix() <= expiry {
-        assert!(std::time::Instant::now() < deadline, "the clock stands still");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clock stands still"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A new call with the expired token is refused, naming the expiry ...
