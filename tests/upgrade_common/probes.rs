@@ -115,17 +115,19 @@ pub const RECOVERY: Duration = Duration::from_secs(2);
 
 /// Whether a failed attempt (a connect error or a status, as `{:?}`) is the one kind an
 /// upgrade or a takeover may cause: the call or connection landed on the image that is
-/// leaving and was ended (UNAVAILABLE, or the connection closed under it). A refused
-/// connection, a token that stopped working, or any other status is a bug.
+/// leaving and was ended, either with UNAVAILABLE or by the connection closing under it (a
+/// transport error: reset, broken pipe, end of stream, HTTP/2 stream or connection closed).
+/// A refused connection, a token that stopped working, or any other status the daemon
+/// answers is a bug.
 pub fn leaving_image_failure(failure: &str) -> bool {
     let refused = failure.contains("refused") || failure.contains("os error 111");
-    let ended = failure.contains("Unavailable")
-        || failure.contains("connection closed")
-        || failure.contains("ConnectionReset")
-        || failure.contains("os error 104")
-        || failure.contains("BrokenPipe")
-        || failure.contains("os error 32");
-    ended && !refused
+    let unavailable = failure.contains("code: Unavailable");
+    // Statuses made by the client from a transport failure, not answered by the daemon.
+    let transport = failure.contains("tonic::transport::Error")
+        || failure.contains("hyper::Error")
+        || failure.contains("h2 protocol error")
+        || failure.starts_with("connect");
+    (unavailable || transport) && !refused
 }
 
 /// A task calling `ListGuests` on a new connection of the local socket, and `ReadHistory` on
