@@ -73,3 +73,6 @@ cargo run --quiet --bin conlog-bench -- guests --quick
 cargo run --quiet --bin conlog-bench -- console --quick
 cargo run --quiet --bin conlog-bench -- history --quick
 cargo run --quiet --bin conlog-bench -- hostile --quick
+# Fails if a SIGUSR1 does not upgrade or a takeover does not hand over (a pause is then not
+# measured at all).
+cargo run --quiet --bin conlog-bench -- upgrade --quick

@@ -300,6 +300,155 @@ mod tests {
         assert_eq!(key.verify(&forged, 1), Err(TokenError::BadSignature));
     }
 
+    /// A key file written by hand (upper-case hex, surrounded by blanks) is the key its hex
+    /// says: its id is the first 4 bytes of its SHA-256, and tokens name that id.
+    #[test]
+    fn a_key_file_is_read_as_its_hex_digits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.key");
+        let bytes: Vec<u8> = (0..KEY_BYTES as u8)
+            .map(|i| i.wrapping_mul(37) ^ 0xa5)
+            .collect();
+        let hex: String = bytes.iter().map(|b| format!("{b:02X}")).collect();
+        fs::write(&path, format!("  {hex}\n\n")).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        let key = TokenKey::load_or_create(&path).unwrap();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        let id: String = digest.as_ref()[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(key.key_id(), id);
+        let token = key.issue(grant(100));
+        assert_eq!(key.verify(&token, 1).unwrap().key_id, id);
+        // The MAC is HMAC-SHA256 under exactly these bytes.
+        let (signed, mac) = token.rsplit_once('.').unwrap();
+        let hmac = hmac::Key::new(hmac::HMAC_SHA256, &bytes);
+        assert!(hmac::verify(
+            &hmac,
+            signed.as_bytes(),
+            &URL_SAFE_NO_PAD.decode(mac).unwrap()
+        )
+        .is_ok());
+        // The file was left as it was.
+        assert_eq!(fs::read_to_string(&path).unwrap(), format!("  {hex}\n\n"));
+    }
+
+    /// A file that is not 64 hex digits is refused (never replaced: that would revoke every
+    /// token behind the operator's back).
+    #[test]
+    fn a_bad_key_file_is_refused_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.key");
+        for bad in [
+            "0".repeat(63),
+            "0".repeat(65),
+            format!("{}g", "0".repeat(63)),
+            format!("{} 0", "0".repeat(62)),
+            String::new(),
+        ] {
+            fs::write(&path, &bad).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+            let err = TokenKey::load_or_create(&path).err().expect(&bad);
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{bad:?}");
+            assert_eq!(fs::read_to_string(&path).unwrap(), bad);
+        }
+        // A directory where the key should be is an error too, not a new key.
+        let dir_path = dir.path().join("a-directory");
+        fs::create_dir(&dir_path).unwrap();
+        assert!(TokenKey::load_or_create(&dir_path).is_err());
+        assert!(dir_path.is_dir());
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "no new key written beside it: {names:?}");
+    }
+
+    #[test]
+    fn the_key_lives_in_the_state_directory() {
+        assert_eq!(
+            TokenKey::path_in(Path::new("/var/lib/conlog/state")),
+            Path::new("/var/lib/conlog/state/token.key")
+        );
+    }
+
+    /// A key readable by others gets mode 0600; one that is already 0600 keeps it.
+    #[test]
+    fn a_loose_key_file_is_tightened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.key");
+        let first = key(&dir).key_id();
+        for loose in [0o644, 0o640, 0o604, 0o600] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(loose)).unwrap();
+            let again = TokenKey::load_or_create(&path).unwrap();
+            assert_eq!(again.key_id(), first, "the same key");
+            let mode = fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "from {loose:o}");
+        }
+    }
+
+    /// New keys are random (two differ), written as 64 hex digits and a newline; each rotation
+    /// is counted for the calls that watch it, and the id it returns is the key's new id.
+    #[test]
+    fn new_keys_are_random_and_rotations_are_counted() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (first, second) = (key(&a), key(&b));
+        assert_ne!(first.key_id(), second.key_id());
+        let text = fs::read_to_string(a.path().join("token.key")).unwrap();
+        assert_eq!(text.len(), 65, "{text:?}");
+        assert!(text.ends_with('\n') && text[..64].bytes().all(|c| c.is_ascii_hexdigit()));
+        let mut rotations = first.rotations();
+        assert_eq!(*rotations.borrow_and_update(), 0);
+        for n in 1..=2 {
+            let before = first.key_id();
+            let id = first.rotate().unwrap();
+            assert_ne!(id, before);
+            assert_eq!(id, first.key_id());
+            assert!(rotations.has_changed().unwrap());
+            assert_eq!(*rotations.borrow_and_update(), n);
+        }
+        // The rotated key is the one on disk.
+        let reread = TokenKey::load_or_create(&a.path().join("token.key")).unwrap();
+        assert_eq!(reread.key_id(), first.key_id());
+    }
+
+    /// The token's shape is checked before its signature: 1024 bytes at most, a non-empty
+    /// payload; a well-formed token with a wrong MAC is a bad signature.
+    #[test]
+    fn malformed_tokens_are_told_apart_from_bad_signatures() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = key(&dir);
+        let mac = URL_SAFE_NO_PAD.encode([0u8; 32]);
+        let of_len = |len: usize| {
+            let payload = "A".repeat(len - PREFIX.len() - 1 - mac.len());
+            format!("{PREFIX}{payload}.{mac}")
+        };
+        assert_eq!(of_len(MAX_TOKEN_LEN).len(), MAX_TOKEN_LEN);
+        assert_eq!(
+            key.verify(&of_len(MAX_TOKEN_LEN), 0),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            key.verify(&of_len(MAX_TOKEN_LEN + 1), 0),
+            Err(TokenError::Malformed("longer than 1024 bytes"))
+        );
+        assert_eq!(
+            key.verify(&format!("{PREFIX}.{mac}"), 0),
+            Err(TokenError::Malformed(
+                "expected conlog1.<payload>.<signature>"
+            ))
+        );
+        assert_eq!(
+            key.verify(&format!("{PREFIX}x.{mac}"), 0),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            key.verify(&format!("conlog2.x.{mac}"), 0),
+            Err(TokenError::Malformed("it does not start with conlog1."))
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 

@@ -46,19 +46,25 @@ async fn a_full_disk_drops_counts_and_recovers() {
     let _tmpfs = Tmpfs::mount(&logs, "256k");
     let mut daemon = Daemon::start_with(None, &["--log-dir", logs.to_str().unwrap()]).await;
     let mut agent = daemon.agent().await;
+    // The stream's cap (2 × 16 KiB) is far below the tmpfs's 256 KiB, so that a log over its
+    // cap shows after space returns, and above the space left free, so that the disk fills.
+    const MAX_SIZE: u64 = 16 << 10;
+    const CAP: u64 = MAX_SIZE * 2;
     let limits = proto::LogLimits {
-        max_size: Some(64 << 10),
-        max_backups: Some(3),
+        max_size: Some(MAX_SIZE),
+        max_backups: Some(1),
         mode: LogMode::Rotate.into(),
     };
     let (_, mut pipe) = open_pipe(&mut agent, "vm1", "qemu", Some(limits)).await;
 
-    // Leave about 24 KiB free, then write 100 KiB: the writer must never block.
+    // Leave about 12 KiB free, then write 3 MiB, more than a pipe holds, so the daemon meets
+    // the full disk on many reads: the writer must never block for long, and the episode is
+    // one report however many writes fail.
     let filler = logs.join("filler");
-    let free = 24 << 10;
+    let free = 12 << 10;
     let fill = (256 << 10) - free - (8 << 10);
     std::fs::write(&filler, vec![0u8; fill]).unwrap();
-    let first = pattern(0, 100 << 10);
+    let first = pattern(0, 3 << 20);
     let written = first.clone();
     let writer = std::thread::spawn(move || {
         pipe.write_all(&written).unwrap();
@@ -86,28 +92,125 @@ async fn a_full_disk_drops_counts_and_recovers() {
         metric(&metrics, "conlog_bytes_dropped_total"),
         Some(info.dropped_bytes as f64)
     );
-    assert!(
-        daemon.stderr().contains("dropping output"),
-        "the episode is reported once"
+    let reports = daemon.stderr().matches("dropping output").count();
+    assert_eq!(
+        reports,
+        1,
+        "the episode is reported once:\n{}",
+        daemon.stderr()
     );
 
     // Space returns: logging resumes with the next bytes, offsets continue.
     std::fs::remove_file(&filler).unwrap();
     let before = info.offset;
-    let second = pattern(1 << 20, 10_000);
+    // Three times the cap: the stream rotates and removes its oldest file as it goes.
+    let second = pattern(1 << 20, 3 * CAP as usize);
     let mut pipe = pipe;
     pipe.write_all(&second).unwrap();
     drop(pipe);
     let info = wait_closed(&mut agent, "vm1", "qemu", before + second.len() as u64).await;
     let on_disk = read_log(&logs, "vm1", "qemu");
+    assert_eq!(on_disk.len() as u64, info.offset - info.first_offset);
     assert!(
-        on_disk.ends_with(&second),
-        "logging resumed with exactly the new bytes"
+        on_disk.len() as u64 > CAP - MAX_SIZE && second.ends_with(&on_disk),
+        "logging resumed with exactly the new bytes ({} on disk)",
+        on_disk.len()
     );
+    assert!(info.bytes_on_disk <= CAP, "the cap holds: {info:?}");
+    let files: u64 = log_sizes(&logs, "vm1", "qemu").iter().map(|f| f.1).sum();
     assert!(
-        info.bytes_on_disk <= (64 << 10) * 4,
-        "the cap holds: {info:?}"
+        files <= CAP,
+        "the cap holds on disk: {:?}",
+        log_sizes(&logs, "vm1", "qemu")
     );
-    assert!(daemon.stderr().contains("logging again"));
+    assert_eq!(
+        daemon.stderr().matches("logging again").count(),
+        1,
+        "{}",
+        daemon.stderr()
+    );
+    assert_eq!(
+        daemon.stderr().matches("dropping output").count(),
+        1,
+        "no second episode:\n{}",
+        daemon.stderr()
+    );
     daemon.stop().await;
+}
+
+/// The same on a console: the guest's writes are never held up, what cannot be written is
+/// counted as dropped and reported once, an attached client gets exactly the bytes logged (at
+/// their offsets: dropped bytes take none), and logging resumes when space returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_on_a_console_drops_counts_and_recovers() {
+    use conlog::proto::attach::Mode;
+    let scratch = tempfile::Builder::new()
+        .prefix("conlog-df-")
+        .tempdir()
+        .unwrap();
+    let logs = scratch.path().join("logs");
+    let _tmpfs = Tmpfs::mount(&logs, "256k");
+    let daemon = Daemon::start_with(None, &["--log-dir", logs.to_str().unwrap()]).await;
+    let mut agent = daemon.agent().await;
+    let limits = proto::LogLimits {
+        max_size: Some(16 << 10),
+        max_backups: Some(1),
+        mode: LogMode::Rotate.into(),
+    };
+    let reply = create_console(&mut agent, "vm1", "", Some(limits))
+        .await
+        .unwrap();
+    let mut guest = FakeGuest::connect(&reply.guest_socket).await;
+    wait_guest_connected(&mut agent, "vm1", DEVICE, true).await;
+    let mut client = Session::attach(local_channel(&daemon).await, attach("vm1", Mode::ReadOnly))
+        .await
+        .unwrap();
+
+    let filler = logs.join("filler");
+    std::fs::write(&filler, vec![0u8; (256 << 10) - (12 << 10) - (8 << 10)]).unwrap();
+    // 1 MiB in 4 KiB writes: each completes (bounded), so the guest is never held up.
+    let first = pattern(0, 1 << 20);
+    for chunk in first.chunks(4096) {
+        guest.write(chunk).await;
+    }
+    let info = wait_stream(&mut agent, "vm1", DEVICE, "done with the burst", |s| {
+        s.offset + s.dropped_bytes == first.len() as u64
+    })
+    .await;
+    assert!(info.dropped_bytes > 0 && info.offset > 0, "{info:?}");
+    let on_disk = read_log(&logs, "vm1", DEVICE);
+    assert!(
+        on_disk == first[info.first_offset as usize..info.offset as usize],
+        "the log holds exactly the bytes before the disk filled"
+    );
+    let seen = client.wait_output_len(info.offset).await.to_vec();
+    assert_same("the client's output", &seen, &first[..info.offset as usize]);
+    assert_eq!(
+        daemon.stderr().matches("dropping output").count(),
+        1,
+        "{}",
+        daemon.stderr()
+    );
+    let (_, metrics) = http_get(daemon.metrics, "/metrics");
+    assert_eq!(
+        metric(&metrics, "conlog_bytes_dropped_total"),
+        Some(info.dropped_bytes as f64)
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let second = pattern(1 << 30, 5000);
+    guest.write(&second).await;
+    let before = info.offset;
+    wait_offset(&mut agent, "vm1", DEVICE, before + second.len() as u64).await;
+    assert!(read_log(&logs, "vm1", DEVICE).ends_with(&second));
+    let seen = client
+        .wait_output_len(before + second.len() as u64)
+        .await
+        .to_vec();
+    assert_same(
+        "the client's output after space returned",
+        &seen[before as usize..],
+        &second,
+    );
+    assert_eq!(daemon.stderr().matches("logging again").count(), 1);
 }

@@ -46,13 +46,16 @@ fn sample_rss(
 
 /// 250 MiB of history on disk (25 backups of 10 MiB), streamed whole over the UNIX socket and
 /// then over TCP to clients that check and discard each chunk: every byte arrives, in order,
-/// and the daemon's `VmRSS` grows by less than 32 MiB over its level before the reads.
+/// and the daemon's `VmRSS` grows by less than 8 MiB over its level before the reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_250_mib_history_streams_with_flat_daemon_memory() {
     const GUEST: &str = "vm-large";
     const MAX_SIZE: u64 = 10 * MIB;
     const BACKUPS: u32 = 25;
-    const GROWTH: u64 = 32 * MIB;
+    // A few 64 KiB chunks in flight, hyper's HTTP/2 send buffer (400 KiB) and allocator
+    // arenas of the worker threads (1.7 MiB growth measured): below one rotated file
+    // (10 MiB), so a reader that loads a whole file, let alone the history, exceeds it.
+    const GROWTH: u64 = 8 * MIB;
     let total = 250 * MIB + 12_345;
 
     let daemon = Daemon::start().await;

@@ -99,6 +99,7 @@ async fn takeover_loses_no_byte_and_refuses_no_connection() {
                 .map_or_else(|| daemon.stderr(), Successor::stderr)
         );
         successor.assert_took_over();
+        call_probe.wait_served(&format!("after takeover {n}")).await;
         console_reader.wait_attaches(n as u32 + 1).await;
         history_reader.wait_attaches(n as u32 + 1).await;
         let now = wait_list(
@@ -150,6 +151,12 @@ async fn takeover_loses_no_byte_and_refuses_no_connection() {
         &written[1],
     );
     for (what, story) in [("console client", &story), ("follower", &follow_story)] {
+        assert!(
+            story.unexpected_failures().is_empty(),
+            "{what}: reconnection attempts failed otherwise than by landing on the leaving \
+             daemon: {:#?}",
+            story.unexpected_failures()
+        );
         // At least one "come back" per takeover. A client that comes back while the old daemon
         // is still draining is told again (same offset), so more ends are legitimate; the bytes
         // it collected are checked exactly above.
@@ -169,9 +176,10 @@ async fn takeover_loses_no_byte_and_refuses_no_connection() {
         "connections refused during the takeovers ({connects} succeeded): {refused:#?}"
     );
     assert!(
-        calls.refused().is_empty(),
-        "calls refused a connection during the takeovers: {:#?}",
-        calls.refused()
+        calls.unexpected().is_empty(),
+        "calls during the takeovers failed otherwise than by landing on the leaving daemon \
+         (refused, the pre-takeover token refused, another status): {:#?}",
+        calls.unexpected()
     );
     assert!(calls.served > 0, "{calls:?}");
     for (path, ino) in &sockets {
@@ -209,6 +217,9 @@ async fn takeover_loses_no_byte_and_refuses_no_connection() {
 }
 
 const GUESTS: usize = 2000;
+/// Descriptors the successor may hold more or fewer than the old daemon (client connections
+/// being set up or torn down at the two moments they are counted), as in `upgrade.rs`.
+const FD_SLACK: usize = 4;
 const CONSOLES: usize = 200;
 
 fn guest_name(i: usize) -> String {
@@ -313,8 +324,11 @@ async fn takeover_with_2000_guests() {
     let status = daemon.wait_exit().await;
     assert_eq!(status.code(), Some(0), "{}", daemon.stderr());
     let new_fds = open_fds(successor.pid());
+    // The successor holds what the old daemon held: every stream's descriptors (none lost)
+    // and nothing more (none leaked per guest, which 2,000 guests would show), give or take
+    // the few of connections being set up or torn down.
     assert!(
-        new_fds + 10 >= old_fds,
+        new_fds + FD_SLACK >= old_fds && new_fds <= old_fds + FD_SLACK,
         "the successor holds {new_fds} descriptors, the old daemon held {old_fds}: {}",
         describe_fds(successor.pid())
     );

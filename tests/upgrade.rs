@@ -132,6 +132,11 @@ async fn twenty_upgrades_lose_no_byte() {
             Some(pid),
             "upgrade {n}: the pid changed: {ready}"
         );
+        // Calls on new connections (with a token issued before the first upgrade) are served
+        // again at once.
+        call_probe
+            .wait_served(&format!("after upgrade {n} ({how:?})"))
+            .await;
         // Both readers were ended and came back; every stream logs again, the console still
         // has its guest.
         console_reader.wait_attaches(n as u32 + 1).await;
@@ -152,8 +157,10 @@ async fn twenty_upgrades_lose_no_byte() {
         "connections refused during the upgrades ({connects} succeeded): {refused:#?}"
     );
     assert!(
-        calls.refused().is_empty() && calls.served > 0,
-        "calls during the upgrades: {calls:?}"
+        calls.unexpected().is_empty() && calls.served > 0,
+        "calls during the upgrades failed otherwise than by landing on the leaving image \
+         (refused, the pre-upgrade token refused, another status): {:#?}",
+        calls.unexpected()
     );
     // Descriptors of connections that just ended may take a moment to close; descriptors
     // leaked by the upgrades never do.
@@ -216,6 +223,12 @@ async fn twenty_upgrades_lose_no_byte() {
         ("AttachConsole client", &story),
         ("ReadHistory follower", &follow_story),
     ] {
+        assert!(
+            story.unexpected_failures().is_empty(),
+            "{what}: reconnection attempts failed otherwise than by landing on the leaving \
+             image: {:#?}",
+            story.unexpected_failures()
+        );
         // At least one "come back" per upgrade; a client that returns while the old image is
         // still draining is told again (its bytes are checked exactly above).
         assert!(

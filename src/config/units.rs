@@ -172,6 +172,37 @@ mod tests {
         assert_eq!(ByteSize(1500).to_string(), "1500B");
     }
 
+    /// Every unit's factor, and the largest binary unit that divides a value when printing.
+    #[test]
+    fn every_size_unit() {
+        for (text, bytes) in [
+            ("7B", 7),
+            ("64KiB", 64 << 10),
+            ("3GiB", 3 << 30),
+            ("2TiB", 2 << 40),
+            ("5KB", 5_000),
+            ("2GB", 2_000_000_000),
+            ("1TB", 1_000_000_000_000),
+        ] {
+            assert_eq!(
+                ByteSize::parse(text).map(ByteSize::bytes),
+                Ok(bytes),
+                "{text}"
+            );
+        }
+        for (bytes, text) in [
+            (0, "0B"),
+            (1024, "1KiB"),
+            (1536, "1536B"),
+            (3 << 30, "3GiB"),
+            (5 << 40, "5TiB"),
+            ((1 << 30) + (1 << 20), "1025MiB"),
+        ] {
+            assert_eq!(ByteSize(bytes).to_string(), text, "{bytes}");
+            assert_eq!(ByteSize::parse(text), Ok(ByteSize(bytes)), "{text}");
+        }
+    }
+
     #[test]
     fn durations() {
         assert_eq!(
@@ -190,5 +221,18 @@ mod tests {
         assert!(HumanDuration::parse("soon").is_err());
         assert_eq!(HumanDuration(Duration::from_secs(90)).to_string(), "90s");
         assert_eq!(HumanDuration(Duration::from_secs(600)).to_string(), "10m");
+        for (millis, text) in [
+            (0, "0s"),
+            (250, "250ms"),
+            (1500, "1500ms"),
+            (3 * 3_600_000, "3h"),
+            (2 * 86_400_000, "2d"),
+        ] {
+            let duration = HumanDuration(Duration::from_millis(millis));
+            assert_eq!(duration.to_string(), text, "{millis}");
+            if millis > 0 {
+                assert_eq!(HumanDuration::parse(text), Ok(duration), "{text}");
+            }
+        }
     }
 }

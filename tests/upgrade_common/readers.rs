@@ -44,6 +44,17 @@ pub struct Progress {
     pub events: Vec<String>,
 }
 
+impl Progress {
+    /// Failed attempts that an upgrade or a takeover may not cause (see
+    /// [`super::leaving_image_failure`]).
+    pub fn unexpected_failures(&self) -> Vec<&String> {
+        self.failed_attempts
+            .iter()
+            .filter(|e| !super::leaving_image_failure(e))
+            .collect()
+    }
+}
+
 /// A client reading a stream from offset 0 that reconnects by offset whenever its call ends.
 pub struct Reader {
     source: Source,

@@ -13,6 +13,7 @@ use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -31,6 +32,8 @@ pub struct Daemon {
     /// `conlogd.sock`.
     pub socket: PathBuf,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    /// "conlogd ready" lines printed so far: one per start, one more per in-place upgrade.
+    ready_lines: Arc<AtomicUsize>,
 }
 
 impl Daemon {
@@ -66,13 +69,16 @@ impl Daemon {
         let stderr = child.stderr.take().expect("stderr is piped");
         let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_LINES)));
         let (ready_tx, ready_rx) = mpsc::channel();
+        let ready_lines = Arc::new(AtomicUsize::new(0));
         {
             let tail = stderr_tail.clone();
+            let ready_lines = ready_lines.clone();
             thread::spawn(move || {
                 let mut ready = Some(ready_tx);
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
                     if line.contains("conlogd ready") {
+                        ready_lines.fetch_add(1, Ordering::SeqCst);
                         if let Some(ready) = ready.take() {
                             let _ = ready.send(());
                         }
@@ -89,6 +95,7 @@ impl Daemon {
             child: Some(child),
             socket: runtime_dir.join("conlogd.sock"),
             stderr_tail,
+            ready_lines,
         };
         match ready_rx.recv_timeout(READY_TIMEOUT) {
             Ok(()) => Ok(daemon),
@@ -143,6 +150,58 @@ impl Daemon {
                 }
                 None => thread::sleep(Duration::from_millis(10)),
             }
+        }
+    }
+
+    /// Waits until it has printed its `n`-th "conlogd ready" line (the first is its start's,
+    /// each in-place upgrade adds one); an error after `timeout`, or if it exits.
+    pub fn wait_ready_lines(&mut self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.ready_lines.load(Ordering::SeqCst) < n {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "conlogd exited ({status}) before its ready line {n}; its stderr:\n{}",
+                        self.stderr_tail()
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "conlogd printed {} ready lines, not {n}, within {timeout:?}; its stderr:\n{}",
+                    self.ready_lines.load(Ordering::SeqCst),
+                    self.stderr_tail()
+                );
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// Waits until it has exited by itself (after handing over to a successor); an error if it
+    /// exits with a failure or is still running after `timeout`.
+    pub fn wait_exited(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let Some(child) = self.child.as_mut() else {
+            bail!("conlogd was not running");
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                if status.success() {
+                    return Ok(());
+                }
+                bail!(
+                    "conlogd exited with {status}; its stderr:\n{}",
+                    self.stderr_tail()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "conlogd still running after {timeout:?}; its stderr:\n{}",
+                    self.stderr_tail()
+                );
+            }
+            thread::sleep(Duration::from_millis(1));
         }
     }
 

@@ -41,6 +41,8 @@ pub struct UpgradeArgs {
 }
 
 const LINE: usize = 64;
+/// How long an upgrade may take before the run is abandoned.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
 const INTERVAL: Duration = Duration::from_micros(100);
 
 /// Pauses measured for one guest count.
@@ -110,7 +112,7 @@ fn measure(
     guests: usize,
     upgrades: usize,
 ) -> anyhow::Result<(Pauses, bool)> {
-    let daemon = Daemon::start(binary, dir)?;
+    let mut daemon = Daemon::start(binary, dir)?;
     let socket = daemon.socket.clone();
     let mut agent = runtime.block_on(daemon.agent())?;
     let mut idle = Vec::new();
@@ -160,10 +162,15 @@ fn measure(
 
     let mut signals = Vec::new();
     std::thread::sleep(Duration::from_millis(200));
-    for _ in 0..upgrades {
+    for n in 0..upgrades {
         signals.push(Instant::now());
         let pid = rustix::process::Pid::from_raw(daemon.pid() as i32).context("daemon pid")?;
         rustix::process::kill_process(pid, rustix::process::Signal::USR1)?;
+        // The signal must have caused an upgrade (a new image's ready line), or the pause
+        // measured would be that of a refused or ignored signal: none at all.
+        daemon
+            .wait_ready_lines(n + 2, UPGRADE_TIMEOUT)
+            .context("SIGUSR1 did not cause an in-place upgrade")?;
         wait_serving(runtime, &socket, guests).with_context(|| {
             format!(
                 "after an in-place upgrade; conlogd's stderr:\n{}",
@@ -177,6 +184,13 @@ fn measure(
     for _ in 0..upgrades {
         takeover_signals.push(Instant::now());
         let successor = Daemon::start_with(binary, dir, &["--takeover"])?;
+        // The predecessor must have handed over and exited 0, or the pause measured would be
+        // that of a takeover that did not happen.
+        successors
+            .last_mut()
+            .unwrap_or(&mut daemon)
+            .wait_exited(UPGRADE_TIMEOUT)
+            .context("the predecessor did not hand over to the successor")?;
         wait_serving(runtime, &socket, guests).with_context(|| {
             format!(
                 "after a takeover; the successor's stderr:\n{}",
