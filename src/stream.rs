@@ -483,6 +483,9 @@ fn count_moved(
     stats.record_dropped(log.path(), dropped as u64, metrics);
     if logged > 0 {
         metrics.bytes_logged.inc_by(logged as u64);
+    }
+    // A write that dropped part of its bytes is still the episode, not its end.
+    if logged > 0 && dropped == 0 {
         stats.record_logged(log.path());
     }
     if logged + dropped > 0 {

@@ -484,8 +484,11 @@ impl ConsoleActor {
         let stats = &self.handle.stats;
         stats.record_dropped(self.log.path(), written.dropped as u64, &self.metrics);
         if written.logged > 0 {
-            stats.record_logged(self.log.path());
             self.metrics.bytes_logged.inc_by(written.logged as u64);
+        }
+        // A write that dropped part of its bytes is still the episode, not its end.
+        if written.logged > 0 && written.dropped == 0 {
+            stats.record_logged(self.log.path());
         }
         self.publisher.publish(self.log.end_offset());
         let data = Bytes::copy_from_slice(output);
