@@ -873,7 +873,10 @@ async fn soak_of_kills_upgrades_and_takeovers_loses_only_what_was_in_flight() {
         }
     }
     let log_dir = daemon.log_dir();
-    let finished = wait_list(&socket, "every pipe closed, every marker logged", |reply| {
+    // The snapshot a condition was judged on may predate the file read beside it (the marker
+    // may be in the file but not in that snapshot): judge, then take a fresh snapshot, which
+    // the actors answer after every write the file already shows.
+    wait_list(&socket, "every pipe closed, every marker logged", |reply| {
         STREAMS.iter().all(|spec| {
             find(reply, spec.guest, spec.stream()).is_some_and(|s| match spec.kind {
                 Kind::Pipe => !s.open,
@@ -884,6 +887,7 @@ async fn soak_of_kills_upgrades_and_takeovers_loses_only_what_was_in_flight() {
         })
     })
     .await;
+    let finished = list_guests(&socket).await;
     let (samples, went_back) = sampler.finish().await;
     assert!(
         went_back.is_empty(),
