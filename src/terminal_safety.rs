@@ -109,6 +109,22 @@ impl QueryFilter {
         self.raw.len()
     }
 
+    /// Ends filtering: returns the bytes held for an unfinished sequence (they go on in output
+    /// that is not filtered, e.g. live output after a replay) and starts afresh.
+    pub fn take_pending(&mut self) -> Vec<u8> {
+        let mut held = std::mem::take(&mut self.raw);
+        match self.state {
+            State::Osc {
+                esc: true,
+                oversize: false,
+            } => held.push(ESC),
+            State::Osc { oversize: true, .. } | State::DroppedString { .. } => held.clear(),
+            _ => {}
+        }
+        self.reset();
+        held
+    }
+
     fn reset(&mut self) {
         self.state = State::Ground;
         self.raw.clear();
