@@ -75,7 +75,11 @@ impl Tmux {
         let mut args = vec!["send-keys"];
         args.extend_from_slice(keys);
         let output = self.run(&args);
-        assert!(output.status.success(), "tmux send-keys: {}", describe(&output));
+        assert!(
+            output.status.success(),
+            "tmux send-keys: {}",
+            describe(&output)
+        );
     }
 }
 
@@ -143,9 +147,7 @@ async fn replay_in_a_terminal_types_nothing_into_the_guest_but_live_queries_are_
     // Live: the same query is answered, as on a serial line.
     guest.clear_received();
     guest.write(b"\x1b[6n").await;
-    guest
-        .wait_until("a cursor position report", has_cpr)
-        .await;
+    guest.wait_until("a cursor position report", has_cpr).await;
     drop(tmux);
 }
 
@@ -219,7 +221,10 @@ async fn wait_buffer(buffer: &Arc<Mutex<Vec<u8>>>, what: &str, done: impl Fn(&[u
 }
 
 fn count(haystack: &[u8], needle: &[u8]) -> usize {
-    haystack.windows(needle.len()).filter(|w| *w == needle).count()
+    haystack
+        .windows(needle.len())
+        .filter(|w| *w == needle)
+        .count()
 }
 
 /// `history --follow` and `console` across SIGUSR1 and a kill -9 plus restart: the follower
@@ -305,11 +310,52 @@ async fn history_follow_and_console_resume_by_offset_across_upgrade_and_restart(
     );
     let notices = String::from_utf8_lossy(&follow_err.lock().unwrap()).into_owned();
     assert_eq!(count(notices.as_bytes(), b"reconnecting"), 2, "{notices}");
-    assert!(follow.try_wait().unwrap().is_none(), "history -f still runs");
+    assert!(
+        follow.try_wait().unwrap().is_none(),
+        "history -f still runs"
+    );
     assert!(console.try_wait().unwrap().is_none(), "console still runs");
 
     // Leaving: end of piped input, then the drain: status 0.
     drop(console_in);
     let status = bounded("console exits", console.wait()).await.unwrap();
-    assert_eq!(status.code(), Some(0), "console exits 0 when its input ends");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "console exits 0 when its input ends"
+    );
+}
+
+/// Exit statuses: a refused attach or history (unknown guest) is 3 with one clear line; the
+/// statuses are listed in `--help`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_calls_exit_3_with_one_line_and_help_lists_the_statuses() {
+    let daemon = Daemon::start().await;
+    for args in [
+        &["console", "no-such-vm"][..],
+        &["history", "no-such-vm"][..],
+    ] {
+        let mut cmd = Command::new(conlogctl_bin());
+        cmd.arg("--socket")
+            .arg(daemon.socket())
+            .args(args)
+            .stdin(Stdio::null());
+        let output = run_bounded(&mut cmd);
+        assert_eq!(
+            output.status.code(),
+            Some(3),
+            "{args:?}: {}",
+            describe(&output)
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains("no-such-vm"), "{args:?}: {stderr}");
+    }
+    let mut cmd = Command::new(conlogctl_bin());
+    cmd.arg("--help");
+    let output = run_bounded(&mut cmd);
+    let help = String::from_utf8_lossy(&output.stdout);
+    for line in ["3  refused", "4  lost", "5  revoked", "Usage: conlogctl"] {
+        assert!(help.contains(line), "--help lacks {line:?}:\n{help}");
+    }
 }
