@@ -13,9 +13,9 @@ mod terminal;
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
   0  done (console: the user left with Ctrl-], or piped input ended)
-  1  error (bad arguments to conlogd, cannot connect at start, I/O error)
+  1  error (an argument conlogd rejects, cannot connect at start, I/O error)
   2  usage error (command line)
-  3  refused by conlogd (token, permission, unknown guest or device, writer lease held)
+  3  refused by conlogd (token, permission, unknown guest or device, writer lease held, a limit)
   4  lost: the connection to conlogd broke and did not come back within 60 s
      (console and history reconnect and resume by offset until then)
   5  revoked: another client took the console's writer lease (attach with --force to take it back)
@@ -49,9 +49,19 @@ impl Failure {
     }
 }
 
-/// A status answering a request: refused by conlogd (status 3).
+/// A status answering a request: refused by conlogd (status 3) when it denies the caller or
+/// the target (token, permission, unknown guest, lease held, a limit); other statuses (a bad
+/// argument) are plain errors (status 1).
 pub fn refused(status: tonic::Status) -> anyhow::Error {
-    Failure::new(Exit::Refused, status_text(&status)).into()
+    use tonic::Code;
+    match status.code() {
+        Code::Unauthenticated
+        | Code::PermissionDenied
+        | Code::NotFound
+        | Code::FailedPrecondition
+        | Code::ResourceExhausted => Failure::new(Exit::Refused, status_text(&status)).into(),
+        _ => status_error(status),
+    }
 }
 
 /// Command line of conlogd: log pipes, guests, consoles and history.
@@ -217,7 +227,12 @@ async fn local_channel(socket: Option<PathBuf>) -> Result<Channel> {
     let socket = socket.unwrap_or_else(conlog::client::default_socket);
     conlog::client::connect_local(&socket)
         .await
-        .with_context(|| format!("cannot connect to conlogd at {}", socket.display()))
+        .with_context(|| {
+            format!(
+                "cannot connect to conlogd at {} (is conlogd running? pass --socket)",
+                socket.display()
+            )
+        })
 }
 
 /// The channel for Console calls: TCP with --server, else the local socket.
