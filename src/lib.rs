@@ -21,6 +21,7 @@ pub mod names;
 pub mod ratelimit;
 pub mod server;
 pub mod stream;
+pub mod terminal_safety;
 pub mod tls;
 pub mod tokens;
 pub mod upgrade;

@@ -69,6 +69,7 @@ async fn print_config_shows_the_effective_yaml() {
         "idle_timeout: 20s",
         "body_timeout: 10s",
         "web_body_bytes: 16MiB",
+        "remote_replay_bytes: 16MiB",
         "input_rate: 256KiB",
         "message_size: 1MiB",
         "total_log_bytes: 160GiB",

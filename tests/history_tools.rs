@@ -311,7 +311,8 @@ async fn conlogctl_history_writes_the_raw_bytes() {
         );
 
         let output = ctl(&via("nosuch"), &["history", "nosuch"]).await;
-        assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+        // 3: refused (conlogctl --help, "Exit status").
+        assert_eq!(output.status.code(), Some(3), "{}", describe(&output));
         assert!(
             String::from_utf8_lossy(&output.stderr).contains("NotFound"),
             "{}",

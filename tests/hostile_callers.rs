@@ -400,10 +400,18 @@ async fn remote_calls_are_counted_per_peer_and_per_guest_and_never_starve_the_ag
     }
 }
 
-/// A raw HTTP/2 client that opens `streams` following `ReadHistory` calls with `token`,
-/// advertising the largest flow-control windows, and then never reads its socket: the most
-/// a reader can make the daemon hold.
-fn stalled_h2_readers(address: SocketAddr, token: &str, guest: &str, streams: u32) -> TcpStream {
+/// A raw HTTP/2 client that opens `streams` calls of `path` with `token` and the encoded
+/// request `message`, advertising a stream window of `window` bytes, and then never reads its
+/// socket. With `cut`, each request's last `cut` bytes are never sent (nor its end).
+fn raw_h2_calls(
+    address: SocketAddr,
+    token: &str,
+    path: &str,
+    message: &[u8],
+    streams: u32,
+    window: u32,
+    cut: usize,
+) -> TcpStream {
     let mut socket = TcpStream::connect(address).unwrap();
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     let frame = |out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]| {
@@ -413,21 +421,17 @@ fn stalled_h2_readers(address: SocketAddr, token: &str, guest: &str, streams: u3
         out.extend_from_slice(&stream.to_be_bytes());
         out.extend_from_slice(payload);
     };
-    // SETTINGS: INITIAL_WINDOW_SIZE = 2^31 - 1; then the connection window to the maximum.
+    // SETTINGS: INITIAL_WINDOW_SIZE; then the connection window to the maximum.
     let mut settings = vec![0, 4];
-    settings.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    settings.extend_from_slice(&window.to_be_bytes());
     frame(&mut out, 4, 0, 0, &settings);
     frame(&mut out, 4, 1, 0, &[]); // ACK of the server's SETTINGS, read or not
     frame(&mut out, 8, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes());
-    let request = proto::ReadHistoryRequest {
-        guest: guest.into(),
-        follow: true,
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let mut message = vec![0u8];
-    message.extend_from_slice(&u32::try_from(request.len()).unwrap().to_be_bytes());
-    message.extend_from_slice(&request);
+    let mut grpc = vec![0u8];
+    grpc.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    grpc.extend_from_slice(message);
+    grpc.truncate(grpc.len() - cut);
+    let end_stream = if cut == 0 { 1 } else { 0 };
     let authorization = format!("Bearer {token}");
     let mut encoder = loona_hpack::Encoder::new();
     for i in 0..streams {
@@ -435,17 +439,30 @@ fn stalled_h2_readers(address: SocketAddr, token: &str, guest: &str, streams: u3
         let headers = encoder.encode([
             (&b":method"[..], &b"POST"[..]),
             (b":scheme", b"http"),
-            (b":path", b"/conlog.v1.Console/ReadHistory"),
+            (b":path", path.as_bytes()),
             (b":authority", b"127.0.0.1"),
             (b"content-type", b"application/grpc"),
             (b"te", b"trailers"),
             (b"authorization", authorization.as_bytes()),
         ]);
         frame(&mut out, 1, 4, id, &headers);
-        frame(&mut out, 0, 1, id, &message);
+        frame(&mut out, 0, end_stream, id, &grpc);
     }
     socket.write_all(&out).unwrap();
     socket
+}
+
+/// `streams` following `ReadHistory` calls of `guest` that never read, advertising the
+/// largest windows: the most a reader can make the daemon hold.
+fn stalled_h2_readers(address: SocketAddr, token: &str, guest: &str, streams: u32) -> TcpStream {
+    let request = proto::ReadHistoryRequest {
+        guest: guest.into(),
+        follow: true,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let path = "/conlog.v1.Console/ReadHistory";
+    raw_h2_calls(address, token, path, &request, streams, 0x7fff_ffff, 0)
 }
 
 /// Finding 4: a history reader that stops reading costs a fixed amount of memory and at most
@@ -614,4 +631,131 @@ async fn remote_watchers_leave_places_for_local_clients_and_small_calls_stay_sma
     let refused = channel.console().read_history(big).await;
     let message = expect_code(refused, Code::ResourceExhausted, "a 5 KiB ReadHistory");
     assert!(message.contains("over 4096 bytes"), "{message}");
+}
+
+/// `conlog_remote_calls_in_progress` of `daemon`.
+fn remote_calls(daemon: &Daemon) -> f64 {
+    let (_, text) = http_get(daemon.metrics, "/metrics");
+    metric(&text, "conlog_remote_calls_in_progress").unwrap_or(0.0)
+}
+
+/// Watchers that ask for a replay and never read hold it only within
+/// `limits.remote_replay_bytes`: past it, a remote attach gets no replay (its attached frame
+/// says where it starts), a local one is not charged, and the budget comes back when the
+/// watchers go. An `AttachConsole` message over 68 KiB is refused at its header, and a unary
+/// request that never completes is ended after `limits.body_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_incomplete_messages_and_large_frames_are_bounded() {
+    let config = "limits:\n  remote_replay_bytes: 256KiB\n  body_timeout: 1s\n  \
+                  idle_timeout: 60s\nconsoles:\n  max_replay: 128KiB\n";
+    let daemon = Daemon::start_with(Some(config), &[]).await;
+    let mut agent = daemon.agent().await;
+    let reply = open_console(&mut agent, "vm1").await;
+    let mut guest = FakeGuest::connect(&reply.guest_socket).await;
+    wait_guest_connected(&mut agent, "vm1", "serial0", true).await;
+    let printed = pattern(0, 1 << 20);
+    guest.write(&printed).await;
+    wait_offset(&mut agent, "vm1", "serial0", printed.len() as u64).await;
+    let token = daemon.token("vm1", "", Access::Read, 600).await;
+    let end = printed.len() as u64;
+    let replay_request = |replay_bytes: u64| proto::WatchConsoleRequest {
+        guest: "vm1".into(),
+        mode: proto::attach::Mode::ReadOnly.into(),
+        replay_bytes,
+        ..Default::default()
+    };
+
+    // Two watchers with a window of 0 take 128 KiB of replay each and never take it.
+    let holders = {
+        let (address, token) = (daemon.tcp, token.clone());
+        let message = replay_request(128 << 10).encode_to_vec();
+        tokio::task::spawn_blocking(move || {
+            let path = "/conlog.v1.Console/WatchConsole";
+            raw_h2_calls(address, &token, path, &message, 2, 0, 0)
+        })
+        .await
+        .unwrap()
+    };
+    wait_for("the holders to be admitted", || {
+        remote_calls(&daemon) == 2.0
+    })
+    .await;
+    // A remote watcher then gets no replay: it starts live, at the end.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let channel = with_token(daemon.plain_tcp_channel().await, &token);
+        let frames = watch(channel, replay_request(128 << 10)).await.unwrap();
+        if frames.attached.offset == end {
+            break;
+        }
+        assert_eq!(frames.attached.offset, end - (128 << 10));
+        assert!(
+            Instant::now() < deadline,
+            "the replay budget was never used up"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    // A local watcher is not charged.
+    let local = watch(local_channel(&daemon).await, replay_request(128 << 10))
+        .await
+        .unwrap();
+    assert_eq!(local.attached.offset, end - (128 << 10));
+    // The budget comes back when the holders go.
+    drop(holders);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let channel = with_token(daemon.plain_tcp_channel().await, &token);
+        let frames = watch(channel, replay_request(128 << 10)).await.unwrap();
+        if frames.attached.offset == end - (128 << 10) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replay budget never came back"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+
+    // An AttachConsole input frame of 100 KiB (a READ_WRITE token) is refused for its size.
+    let writer = daemon.token("vm1", "", Access::ReadWrite, 600).await;
+    let channel = with_token(daemon.plain_tcp_channel().await, &writer);
+    let mut session = Session::attach(channel, attach("vm1", proto::attach::Mode::ReadWrite))
+        .await
+        .unwrap();
+    session.send(&vec![b'x'; 100 << 10]).await;
+    let status = session.wait_end().await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("AttachConsole message"),
+        "{status:?}"
+    );
+    assert!(
+        !guest.received().contains(&b'x'),
+        "no byte of the refused frame reached the guest"
+    );
+
+    // ReadHistory requests that announce 100 bytes and send 95 are ended after body_timeout.
+    wait_for("no remote call in progress", || {
+        remote_calls(&daemon) == 0.0
+    })
+    .await;
+    let partial = {
+        let (address, token) = (daemon.tcp, token.clone());
+        let message = vec![0u8; 100];
+        tokio::task::spawn_blocking(move || {
+            let path = "/conlog.v1.Console/ReadHistory";
+            raw_h2_calls(address, &token, path, &message, 4, 0x7fff_ffff, 5)
+        })
+        .await
+        .unwrap()
+    };
+    wait_for("the partial requests to be admitted", || {
+        remote_calls(&daemon) == 4.0
+    })
+    .await;
+    wait_for("the partial requests to be ended", || {
+        remote_calls(&daemon) == 0.0
+    })
+    .await;
+    drop(partial);
 }

@@ -45,6 +45,11 @@ pub struct Limits {
     /// HTTP/1.1 gRPC-web request bodies held in memory at once, all connections together
     /// (only after their token was verified).
     pub web_body_bytes: ByteSize,
+    /// Console replay held in memory for remote clients at once, all consoles together: a
+    /// replay is held until its client has taken it, so this bounds what watchers that never
+    /// read can cost. A remote attach gets the replay that fits (its attach reply says where it
+    /// starts).
+    pub remote_replay_bytes: ByteSize,
     /// Bytes per second one writer may type into a console; faster input is paced, not lost.
     pub input_rate: ByteSize,
     /// Largest gRPC message the daemon accepts.
@@ -71,6 +76,7 @@ impl Default for Limits {
             idle_timeout: HumanDuration(Duration::from_secs(20)),
             body_timeout: HumanDuration(Duration::from_secs(10)),
             web_body_bytes: ByteSize(16 << 20),
+            remote_replay_bytes: ByteSize(16 << 20),
             input_rate: ByteSize(256 << 10),
             message_size: ByteSize(1 << 20),
             // 10,000 guests × two streams × the default 2MiB × (1 + 3 backups).

@@ -265,13 +265,25 @@ impl ConsoleActor {
             writer: becomes_writer,
             guest_connected: self.guest.is_some(),
         });
+        // One allocation for the whole replay, shared by its chunks; a remote client's replay
+        // keeps its memory place until the client has taken every chunk.
+        let history = match request.replay_permit.clone() {
+            Some(permit) => Bytes::from_owner(Replay {
+                data: history,
+                _permit: permit,
+            }),
+            None => Bytes::from(history),
+        };
         let mut offset = start;
-        for chunk in history.chunks(READ_CHUNK) {
+        let mut at = 0;
+        while at < history.len() {
+            let end = (at + READ_CHUNK).min(history.len());
             queue.control(Event::Output {
                 offset,
-                data: Bytes::copy_from_slice(chunk),
+                data: history.slice(at..end),
             });
-            offset += chunk.len() as u64;
+            offset += (end - at) as u64;
+            at = end;
         }
         if becomes_writer {
             if self.writer.is_some() && self.writing_of(self.writer) {
@@ -689,5 +701,17 @@ async fn writable(guest: &Option<UnixStream>) -> std::io::Result<()> {
     match guest {
         Some(stream) => stream.writable().await,
         None => std::future::pending().await,
+    }
+}
+
+/// A replay's bytes and the memory place they hold (`limits.remote_replay_bytes`).
+struct Replay {
+    data: Vec<u8>,
+    _permit: std::sync::Arc<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl AsRef<[u8]> for Replay {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
     }
 }

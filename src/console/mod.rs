@@ -87,6 +87,9 @@ pub struct AttachRequest {
     /// A network client (token holder): remote clients may take only part of
     /// `limits.clients_per_console` ([`remote_client_share`]).
     pub remote: bool,
+    /// The memory place of a remote client's replay (`limits.remote_replay_bytes`): held by
+    /// the replayed bytes until the client has taken them.
+    pub replay_permit: Option<std::sync::Arc<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 /// Of `max_clients` places on a console, those remote clients may take: a quarter (at least

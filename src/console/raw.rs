@@ -28,6 +28,7 @@ pub(super) fn spawn(console: ConsoleHandle, stream: UnixStream, input_rate: u64)
             replay_bytes: 0,
             label: label.clone(),
             remote: false,
+            replay_permit: None,
         };
         let mut attachment = match console.attach(request).await {
             Ok(attachment) => attachment,

@@ -466,7 +466,15 @@ impl Serving {
             config.limits.input_rate.bytes(),
             security.tokens.clone(),
         )
-        .with_remote_descriptors(security.protection.remote_descriptors.clone());
+        .with_remote_descriptors(security.protection.remote_descriptors.clone())
+        .with_replay_budget(
+            Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(config.limits.remote_replay_bytes.bytes())
+                    .unwrap_or(usize::MAX)
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
+            config.consoles.max_replay.bytes(),
+        );
         let tcp = tokio_tcp(&listeners.tcp)?;
         let tcp_address = tcp.local_addr()?;
         let mut grpc = vec![

@@ -6,7 +6,7 @@
 //! (removed). `ReadHistory` streams from [`crate::history`]. Console input is written through
 //! [`crate::console::ConsoleHandle::write_input`], which queues nothing: `SendConsoleInput`
 //! takes at most 64 KiB per call (its request body is bounded while it arrives, by
-//! [`InputBounded`]), one call at a time per session, and waits at most 10 s for the guest; an
+//! [`super::bodies::InputBounded`]), one call at a time per session, and waits at most 10 s for the guest; an
 //! `AttachConsole` stream reads its next frame only once the guest took the previous one.
 
 use super::auth::{self, Caller, Need};
@@ -50,6 +50,10 @@ pub struct ConsoleService {
     tokens: Arc<TokenKey>,
     /// The descriptors remote callers may hold: a remote history reader holds one log file.
     remote_descriptors: Option<Arc<tokio::sync::Semaphore>>,
+    /// Replay bytes remote clients may hold at once (`limits.remote_replay_bytes`).
+    replay_budget: Option<Arc<tokio::sync::Semaphore>>,
+    /// The longest replay a console gives (`consoles.max_replay`).
+    max_replay: u64,
 }
 
 impl ConsoleService {
@@ -66,6 +70,56 @@ impl ConsoleService {
             input_rate,
             tokens,
             remote_descriptors: None,
+            replay_budget: None,
+            max_replay: u64::MAX,
+        }
+    }
+
+    /// Remote clients' replays (at most `max_replay` each) take their bytes from `budget`
+    /// (`limits.remote_replay_bytes`).
+    pub fn with_replay_budget(
+        mut self,
+        budget: Arc<tokio::sync::Semaphore>,
+        max_replay: u64,
+    ) -> Self {
+        self.replay_budget = Some(budget);
+        self.max_replay = max_replay;
+        self
+    }
+
+    /// The replay a caller gets of the `wanted` bytes, and the memory place it holds: a local
+    /// caller all of it; a remote one what the budget has room for now (maybe less, maybe
+    /// none: the attach reply's offset says where its replay starts, and the rest is in
+    /// history).
+    fn replay(
+        &self,
+        caller: Option<&Caller>,
+        wanted: u64,
+    ) -> (u64, Option<Arc<tokio::sync::OwnedSemaphorePermit>>) {
+        let (Some(Caller::Remote(_)), Some(budget)) = (caller, &self.replay_budget) else {
+            return (wanted, None);
+        };
+        if wanted == 0 {
+            return (0, None);
+        }
+        let want = u32::try_from(wanted.min(self.max_replay)).unwrap_or(u32::MAX);
+        let fits = u32::try_from(budget.available_permits()).unwrap_or(u32::MAX);
+        let granted = budget
+            .clone()
+            .try_acquire_many_owned(want)
+            .or_else(|_| budget.clone().try_acquire_many_owned(fits.min(want)));
+        match granted {
+            Ok(permit) if permit.num_permits() > 0 => {
+                (permit.num_permits() as u64, Some(Arc::new(permit)))
+            }
+            _ => {
+                crate::limited!(
+                    info,
+                    wanted,
+                    "limits.remote_replay_bytes reached; attaching without a replay"
+                );
+                (0, None)
+            }
         }
     }
 
@@ -146,13 +200,15 @@ impl ConsoleService {
         };
         auth::authorize(caller, &fields.guest, device, need)?;
         let console = self.guests.console(&fields.guest, device).await?;
+        let (replay_bytes, replay_permit) = self.replay(caller, fields.replay_bytes);
         let attachment = console
             .attach(AttachRequest {
                 mode,
                 force: fields.force,
-                replay_bytes: fields.replay_bytes,
+                replay_bytes,
                 label,
                 remote: matches!(caller, Some(Caller::Remote(_))),
+                replay_permit,
             })
             .await?;
         Ok((console, attachment))
@@ -320,7 +376,12 @@ impl Console for ConsoleService {
                     Ok(Some(frame)) => frame,
                     Ok(None) => break,
                     Err(status) => {
-                        if let Some(status) = super::limits::message_size_status(&status) {
+                        // A limit the input broke (message size, or an `AttachConsole`
+                        // message over its bound, `server::bodies`) ends the call with it.
+                        let refusal = super::limits::message_size_status(&status).or_else(|| {
+                            (status.code() == tonic::Code::ResourceExhausted).then_some(status)
+                        });
+                        if let Some(status) = refusal {
                             let _ = fail.send(status);
                         }
                         break;
@@ -488,116 +549,5 @@ impl Console for ConsoleService {
         Ok(Response::new(
             self.revocable(caller.as_ref(), Box::pin(chunks)),
         ))
-    }
-}
-
-/// The path of `SendConsoleInput`, whose request body [`InputBounded`] bounds.
-const SEND_INPUT_PATH: &str = "/conlog.v1.Console/SendConsoleInput";
-/// Most bytes of a `SendConsoleInput` request body: the gRPC frame header, the session id and
-/// at most [`MAX_PENDING_INPUT`] bytes of data, with room to spare.
-const MAX_INPUT_BODY: usize = MAX_PENDING_INPUT + 4096;
-
-/// Most bytes of a `WatchConsole` or `ReadHistory` request body: names and numbers only.
-const MAX_SMALL_BODY: usize = 4096;
-
-/// The largest request body a unary Console call may have, by path (`None`: `AttachConsole`,
-/// whose frames are bounded by `limits.message_size` and read one at a time).
-fn body_limit(path: &str) -> Option<usize> {
-    match path {
-        SEND_INPUT_PATH => Some(MAX_INPUT_BODY),
-        "/conlog.v1.Console/WatchConsole" | "/conlog.v1.Console/ReadHistory" => {
-            Some(MAX_SMALL_BODY)
-        }
-        _ => None,
-    }
-}
-
-/// The Console service with the request bodies of its unary calls bounded while they arrive:
-/// a `SendConsoleInput` body over [`MAX_INPUT_BODY`], or a `WatchConsole`/`ReadHistory` body
-/// over [`MAX_SMALL_BODY`], ends the call with `RESOURCE_EXHAUSTED` as soon as it is over, so
-/// that concurrent calls each cost at most that much memory before their handler runs, not
-/// `limits.message_size`. `AttachConsole` passes untouched.
-#[derive(Clone)]
-pub struct InputBounded<S>(pub S);
-
-impl<S: tonic::server::NamedService> tonic::server::NamedService for InputBounded<S> {
-    const NAME: &'static str = S::NAME;
-}
-
-impl<S> tower::Service<http::Request<tonic::body::Body>> for InputBounded<S>
-where
-    S: tower::Service<http::Request<tonic::body::Body>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let Some(limit) = body_limit(request.uri().path()) else {
-            return self.0.call(request);
-        };
-        let input = request.uri().path() == SEND_INPUT_PATH;
-        self.0.call(request.map(|body| {
-            tonic::body::Body::new(BoundedBody {
-                inner: body,
-                seen: 0,
-                limit,
-                input,
-            })
-        }))
-    }
-}
-
-/// A request body that fails once more than `limit` bytes arrived.
-struct BoundedBody {
-    inner: tonic::body::Body,
-    seen: usize,
-    limit: usize,
-    /// `SendConsoleInput`'s (the refusal says how to send input).
-    input: bool,
-}
-
-impl http_body::Body for BoundedBody {
-    type Data = bytes::Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.seen += data.len();
-                if self.seen > self.limit {
-                    let why = if self.input {
-                        format!(
-                            "SendConsoleInput data is over {MAX_PENDING_INPUT} bytes: at most \
-                             {MAX_PENDING_INPUT} (64 KiB) of console input may wait for the \
-                             guest; send it in pieces, one call after the other"
-                        )
-                    } else {
-                        format!("The request is over {} bytes", self.limit)
-                    };
-                    return std::task::Poll::Ready(Some(Err(Error::Exhausted(why).into())));
-                }
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }

@@ -15,6 +15,7 @@
 pub mod agent;
 pub mod auth;
 mod authority;
+pub mod bodies;
 pub mod conn;
 pub mod console;
 pub mod limits;
@@ -53,6 +54,8 @@ pub struct Protection {
     pub connections_per_peer: Arc<tally::Tally<std::net::IpAddr>>,
     /// A TCP connection with no call for this long is closed (`limits.idle_timeout`).
     pub idle_timeout: std::time::Duration,
+    /// A TCP request body must arrive within this (`limits.body_timeout`).
+    pub body_timeout: std::time::Duration,
     /// Descriptors remote callers may hold at once (TCP connections, history readers' log
     /// files): a share of RLIMIT_NOFILE, so that the daemon's own descriptors (rotations,
     /// guests reconnecting, the local API) never run out because of them.
@@ -84,6 +87,7 @@ impl Protection {
             tcp_connections: Arc::new(tokio::sync::Semaphore::new(limits.tcp_connections as usize)),
             connections_per_peer: tally::Tally::new(limits.connections_per_peer),
             idle_timeout: limits.idle_timeout.get(),
+            body_timeout: limits.body_timeout.get(),
             remote_descriptors: Arc::new(tokio::sync::Semaphore::new(share)),
             remote_descriptors_limit: share,
             tcp_limit: limits.tcp_connections as usize,
@@ -128,14 +132,20 @@ impl Protection {
             .http2_max_header_list_size(web::MAX_HEADER_BYTES as u32)
     }
 
+    /// The Console service for the local socket (`remote: false`) or TCP, its request bodies
+    /// bounded ([`bodies`]).
     fn console(
         &self,
         console: console::ConsoleService,
-    ) -> console::InputBounded<proto::console_server::ConsoleServer<console::ConsoleService>> {
-        console::InputBounded(
-            proto::console_server::ConsoleServer::new(console)
-                .max_decoding_message_size(self.message_size),
-        )
+        remote: bool,
+    ) -> bodies::InputBounded<proto::console_server::ConsoleServer<console::ConsoleService>> {
+        let server = proto::console_server::ConsoleServer::new(console)
+            .max_decoding_message_size(self.message_size);
+        if remote {
+            bodies::InputBounded::remote(server, self.body_timeout)
+        } else {
+            bodies::InputBounded::local(server)
+        }
     }
 }
 
@@ -187,7 +197,7 @@ pub async fn serve_local(
                 .max_decoding_message_size(protection.message_size),
         )
         .add_service(InterceptedService::new(
-            protection.console(console),
+            protection.console(console, false),
             auth::LocalTrust,
         ))
         .serve_with_incoming_shutdown(
@@ -228,7 +238,7 @@ pub async fn serve_tcp(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(InterceptedService::new(
-            protection.console(console),
+            protection.console(console, true),
             auth::BearerTokens(tokens),
         ));
     match tls {

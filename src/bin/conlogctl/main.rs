@@ -10,9 +10,63 @@ use tonic::transport::{Channel, Endpoint};
 
 mod terminal;
 
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0  done (console: the user left with Ctrl-], or piped input ended)
+  1  error (an argument conlogd rejects, cannot connect at start, I/O error)
+  2  usage error (command line)
+  3  refused by conlogd (token, permission, unknown guest or device, writer lease held, a limit)
+  4  lost: the connection to conlogd broke and did not come back within 60 s
+     (console and history reconnect and resume by offset until then)
+  5  revoked: another client took the console's writer lease (attach with --force to take it back)
+  `run` exits with its command's status.
+
+Terminal safety: output shown again (the console's replay, output missed while reconnecting,
+history printed on a terminal) has the escape sequences that make a terminal answer (cursor
+position and device attribute queries, colour queries, ...) removed, so the terminal never types
+answers into the guest or the shell. Live console output and history to a pipe or file are
+byte-exact.";
+
+/// How conlogctl ends (its exit status; see [`EXIT_STATUS_HELP`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Refused = 3,
+    Lost = 4,
+    Revoked = 5,
+}
+
+/// An error with its own exit status.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    exit: Exit,
+    message: String,
+}
+
+impl Failure {
+    pub fn new(exit: Exit, message: String) -> Self {
+        Self { exit, message }
+    }
+}
+
+/// A status answering a request: refused by conlogd (status 3) when it denies the caller or
+/// the target (token, permission, unknown guest, lease held, a limit); other statuses (a bad
+/// argument) are plain errors (status 1).
+pub fn refused(status: tonic::Status) -> anyhow::Error {
+    use tonic::Code;
+    match status.code() {
+        Code::Unauthenticated
+        | Code::PermissionDenied
+        | Code::NotFound
+        | Code::FailedPrecondition
+        | Code::ResourceExhausted => Failure::new(Exit::Refused, status_text(&status)).into(),
+        _ => status_error(status),
+    }
+}
+
 /// Command line of conlogd: log pipes, guests, consoles and history.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "conlogctl", version, about, after_help = EXIT_STATUS_HELP)]
 struct Args {
     /// conlogd's local socket (default: <runtime_dir>/conlogd.sock).
     #[arg(long, global = true)]
@@ -156,8 +210,11 @@ fn main() -> ExitCode {
     match runtime.block_on(run(args)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("conlogctl: {e:#}");
-            ExitCode::from(1)
+            eprintln!("conlogctl: {}", error_text(&e));
+            match e.downcast_ref::<Failure>() {
+                Some(failure) => ExitCode::from(failure.exit as u8),
+                None => ExitCode::from(1),
+            }
         }
     }
 }
@@ -170,7 +227,12 @@ async fn local_channel(socket: Option<PathBuf>) -> Result<Channel> {
     let socket = socket.unwrap_or_else(conlog::client::default_socket);
     conlog::client::connect_local(&socket)
         .await
-        .with_context(|| format!("cannot connect to conlogd at {}", socket.display()))
+        .with_context(|| {
+            format!(
+                "cannot connect to conlogd at {} (is conlogd running? pass --socket)",
+                socket.display()
+            )
+        })
 }
 
 /// The channel for Console calls: TCP with --server, else the local socket.
@@ -227,7 +289,8 @@ async fn run(args: Args) -> Result<ExitCode> {
                 replay: *replay,
                 drain: *drain,
             };
-            terminal::run(console_channel(&args).await?, args.token.clone(), options).await?;
+            let connect: terminal::Connect<'_> = Box::new(|| Box::pin(console_channel(&args)));
+            terminal::run(connect, args.token.clone(), options).await?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::History {
@@ -254,7 +317,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                 limit_bytes: limit.unwrap_or(0),
                 text: false,
             };
-            print_history(console_channel(&args).await?, args.token.clone(), request).await?;
+            print_history(&args, request).await?;
             return Ok(ExitCode::SUCCESS);
         }
         _ => {}
@@ -402,40 +465,140 @@ pub fn with_token<T>(message: T, token: &Option<String>) -> Result<tonic::Reques
     Ok(request)
 }
 
-/// Streams history to stdout; gaps are reported on stderr.
-async fn print_history(
-    channel: Channel,
-    token: Option<String>,
-    request: proto::ReadHistoryRequest,
-) -> Result<()> {
-    use std::io::Write;
-    let mut client = ConsoleClient::new(channel);
-    let mut chunks = client
-        .read_history(with_token(request, &token)?)
-        .await
-        .map_err(status_error)?
-        .into_inner();
+/// Streams history to stdout; gaps are reported on stderr. On a terminal, sequences that make
+/// it answer are removed (see `conlog::terminal_safety`); to a pipe or file the bytes are exact.
+/// A lost connection (upgrade, takeover, restart) is resumed at the next offset not yet printed
+/// after a one-line notice, with the same backoff as `console`.
+async fn print_history(args: &Args, mut request: proto::ReadHistoryRequest) -> Result<()> {
+    use std::io::{IsTerminal, Write};
     let mut stdout = std::io::stdout().lock();
-    while let Some(chunk) = chunks.message().await.map_err(status_error)? {
-        if let Some(gap) = chunk.gap {
-            eprintln!(
-                "[conlog: offsets {}..{} are no longer on disk]",
-                gap.from_offset, gap.to_offset
-            );
+    let mut filter = stdout
+        .is_terminal()
+        .then(conlog::terminal_safety::QueryFilter::new);
+    let mut shown = Vec::new();
+    let limit = request.limit_bytes;
+    let mut printed = 0u64;
+    let mut next: Option<u64> = None;
+    let mut first = true;
+    let mut lost_since: Option<tokio::time::Instant> = None;
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let mut client = ConsoleClient::new(console_channel(args).await?);
+            let chunks = client
+                .read_history(with_token(request.clone(), &args.token)?)
+                .await;
+            Ok::<_, anyhow::Error>(chunks)
         }
-        if stdout
-            .write_all(&chunk.data)
-            .and_then(|()| stdout.flush())
-            .is_err()
-        {
-            break; // stdout closed (e.g. `| head`)
+        .await;
+        let why = match attempt {
+            Err(e) if first => return Err(e),
+            Err(e) => format!("{e:#}"),
+            Ok(Err(status)) if first || !terminal::is_lost(&status) => return Err(refused(status)),
+            Ok(Err(status)) => status_text(&status),
+            Ok(Ok(chunks)) => {
+                let mut chunks = chunks.into_inner();
+                if !first {
+                    eprintln!(
+                        "[conlog: reconnected; resuming at offset {}]",
+                        next.unwrap_or(0)
+                    );
+                }
+                first = false;
+                lost_since = None;
+                backoff = std::time::Duration::from_millis(100);
+                loop {
+                    let chunk = match chunks.message().await {
+                        Ok(Some(chunk)) => chunk,
+                        Ok(None) => return Ok(()),
+                        Err(status) if terminal::is_lost(&status) => break status_text(&status),
+                        Err(status) => return Err(refused(status)),
+                    };
+                    if let Some(gap) = chunk.gap {
+                        eprintln!(
+                            "[conlog: offsets {}..{} are no longer on disk]",
+                            gap.from_offset, gap.to_offset
+                        );
+                    }
+                    // After a reconnect the stream resumes exactly at `next`; never show twice.
+                    let skip = next.map_or(0, |n| n.saturating_sub(chunk.offset)) as usize;
+                    let data = chunk.data.get(skip..).unwrap_or_default();
+                    next = next.max(Some(chunk.offset + chunk.data.len() as u64));
+                    printed += data.len() as u64;
+                    let data = match &mut filter {
+                        Some(filter) => {
+                            shown.clear();
+                            filter.push(data, &mut shown);
+                            &shown[..]
+                        }
+                        None => data,
+                    };
+                    if stdout
+                        .write_all(data)
+                        .and_then(|()| stdout.flush())
+                        .is_err()
+                    {
+                        return Ok(()); // stdout closed (e.g. `| head`)
+                    }
+                }
+            }
+        };
+        if limit > 0 && printed >= limit {
+            return Ok(());
+        }
+        let since = *lost_since.get_or_insert_with(|| {
+            eprintln!("[conlog: connection lost ({why}); reconnecting]");
+            tokio::time::Instant::now()
+        });
+        if since.elapsed() >= terminal::RECONNECT_FOR {
+            return Err(Failure::new(
+                Exit::Lost,
+                format!(
+                    "connection to conlogd lost and not back after {:?}: {why}",
+                    terminal::RECONNECT_FOR
+                ),
+            )
+            .into());
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+        if let Some(next) = next {
+            request.start = Some(proto::read_history_request::Start::FromOffset(next));
+        }
+        if limit > 0 {
+            request.limit_bytes = limit - printed;
         }
     }
-    Ok(())
+}
+
+/// A status as one line: its code and message, without repeating the message's own prefix.
+pub fn status_text(status: &tonic::Status) -> String {
+    let message = status.message().trim();
+    if message.is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        format!("{:?}: {message}", status.code())
+    }
+}
+
+/// An error chain as one line, each cause shown once (tonic and hyper repeat their sources).
+pub fn error_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(cause.trim()) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(cause.trim());
+    }
+    text
 }
 
 pub fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+    anyhow::anyhow!(status_text(&status))
 }
 
 /// Runs `command` with stdout and stderr on `pipe`; returns its exit status (128+signal when

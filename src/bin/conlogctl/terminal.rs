@@ -1,12 +1,30 @@
-//! `conlogctl console`: an interactive console session over `AttachConsole`.
+//! `conlogctl console`: an interactive console session over `AttachConsole`, kept across
+//! upgrades, takeovers and daemon restarts.
 //!
 //! With a terminal on stdin it switches the terminal to raw mode (restored on every exit path
 //! by a guard), forwards keystrokes byte for byte and leaves on `Ctrl-]`. With a pipe on stdin
 //! it sends the pipe's bytes, keeps printing output until a short drain after end of input, and
-//! exits. Output bytes go to stdout unchanged; conlog's own notices go to stderr.
+//! exits. conlog's own notices go to stderr.
+//!
+//! **Replay and live.** conlogctl attaches with `replay_bytes = 0`: the `attached` reply's
+//! offset is then exactly the first live byte. The replay (the `--replay` bytes before it) is
+//! read with `ReadHistory` up to that offset, and so are holes (a `lagged` range, output printed
+//! while reconnecting). Replayed and hole bytes go through
+//! [`conlog::terminal_safety::QueryFilter`] (sequences that make a terminal answer are dropped,
+//! so the operator's terminal never types answers into the guest); live output frames are
+//! written unchanged, so a query the guest prints now is answered as on a serial line.
+//!
+//! **Reconnecting.** When the connection is lost (`UNAVAILABLE` on an upgrade or takeover, a
+//! transport error on a crash) conlogctl prints one notice on stderr and attaches again with a
+//! bounded backoff (100 ms doubling to 2 s, giving up after [`RECONNECT_FOR`] without success),
+//! re-taking the writer lease if it held it, and shows every byte once: from the offset it had
+//! reached, holes filled from history. Keystrokes typed meanwhile are sent after reconnecting.
 
+use crate::{Exit, Failure};
 use anyhow::{Context, Result};
 use conlog::proto::{self, attach, client_frame, console_client::ConsoleClient, server_frame};
+use conlog::terminal_safety::QueryFilter;
+use futures::future::BoxFuture;
 use std::io::{IsTerminal, Read, Write};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -14,6 +32,11 @@ use tonic::transport::Channel;
 
 /// `Ctrl-]`, the escape that ends an interactive session (as in telnet and virsh console).
 const ESCAPE: u8 = 0x1d;
+
+/// How long conlogctl keeps trying to reconnect before giving up.
+pub const RECONNECT_FOR: Duration = Duration::from_secs(60);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Options of a console session.
 pub struct Options {
@@ -24,6 +47,9 @@ pub struct Options {
     pub replay: u64,
     pub drain: Duration,
 }
+
+/// Makes a new channel to the daemon (for each connection attempt).
+pub type Connect<'a> = Box<dyn Fn() -> BoxFuture<'a, Result<Channel>> + 'a>;
 
 /// Puts the terminal in raw mode and restores it when dropped.
 struct RawMode {
@@ -57,38 +83,34 @@ fn notice(interactive: bool, text: &str) {
     eprint!("{newline}[conlog: {text}]{newline}");
 }
 
-/// Runs the session until `Ctrl-]`, end of input plus drain, or the console closing.
-pub async fn run(channel: Channel, token: Option<String>, options: Options) -> Result<()> {
-    let interactive = std::io::stdin().is_terminal();
-    let mut client = ConsoleClient::new(channel);
-    let (frames_tx, frames_rx) = mpsc::channel::<proto::ClientFrame>(16);
-    let mode = if options.read_only {
-        attach::Mode::ReadOnly
-    } else {
-        attach::Mode::ReadWrite
-    };
-    frames_tx
-        .send(proto::ClientFrame {
-            frame: Some(client_frame::Frame::Attach(proto::Attach {
-                guest: options.guest.clone(),
-                device: options.device.clone(),
-                mode: mode.into(),
-                force: options.force,
-                replay_bytes: options.replay,
-            })),
-        })
-        .await
-        .expect("receiver alive");
-    let mut output = client
-        .attach_console(crate::with_token(
-            tokio_stream::wrappers::ReceiverStream::new(frames_rx),
-            &token,
-        )?)
-        .await
-        .map_err(crate::status_error)?
-        .into_inner();
+/// Whether a status means the connection (not the request) failed: worth reconnecting.
+pub fn is_lost(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted
+    )
+}
 
-    // Stdin is read on a plain thread (blocking reads); bytes arrive here.
+/// Where the session is: the next offset to show, and whether it held the writer lease.
+struct Progress {
+    next: Option<u64>,
+    writer: bool,
+}
+
+/// How one connection ended.
+enum End {
+    /// The user left (Ctrl-], or end of piped input and drain).
+    Left,
+    /// The connection was lost: reconnect.
+    Lost(String),
+}
+
+/// Runs the session until `Ctrl-]`, end of input plus drain, or a failure.
+pub async fn run(connect: Connect<'_>, token: Option<String>, options: Options) -> Result<()> {
+    let interactive = std::io::stdin().is_terminal();
+    // Stdin is read on a plain thread (blocking reads); bytes arrive here and wait across
+    // reconnections.
     let (input_tx, mut input_rx) = mpsc::channel::<Vec<u8>>(16);
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin().lock();
@@ -104,76 +126,303 @@ pub async fn run(channel: Channel, token: Option<String>, options: Options) -> R
             }
         }
     });
-
-    let _raw = if interactive {
-        eprintln!(
-            "[conlog: attached to {}/{}; Ctrl-] leaves]",
-            options.guest, options.device
-        );
-        Some(RawMode::enter()?)
-    } else {
-        None
+    let mut session = Session {
+        interactive,
+        token,
+        options,
+        progress: Progress {
+            next: None,
+            writer: false,
+        },
+        input_open: true,
+        drain_until: None,
     };
-    let mut stdout = std::io::stdout().lock();
-    let mut input_open = true;
-    let drain = tokio::time::sleep(Duration::MAX / 4);
-    tokio::pin!(drain);
+    let mut raw = None;
+    let mut first = true;
     loop {
-        tokio::select! {
-            frame = output.message() => {
-                let frame = match frame {
-                    Ok(Some(frame)) => frame,
-                    Ok(None) => break,
-                    Err(status) => {
-                        notice(interactive, &format!("console closed: {}", status.message()));
-                        break;
-                    }
-                };
-                match frame.frame {
-                    Some(server_frame::Frame::Output(out)) => {
-                        stdout.write_all(&out.data)?;
-                        stdout.flush()?;
-                    }
-                    Some(server_frame::Frame::Attached(a)) => {
-                        if !a.writer && !options.read_only {
-                            notice(interactive, "watching only: another client holds the writer lease (use --force to take it)");
-                        }
-                        if !a.guest_connected {
-                            notice(interactive, "the guest is not connected");
-                        }
-                    }
-                    Some(server_frame::Frame::Lagged(l)) => notice(
-                        interactive,
-                        &format!("output {}..{} skipped (too slow); `conlogctl history --from {}` has it", l.from_offset, l.to_offset, l.from_offset),
-                    ),
-                    Some(server_frame::Frame::Guest(g)) => notice(
-                        interactive,
-                        if g.connected { "guest connected" } else { "guest disconnected" },
-                    ),
-                    Some(server_frame::Frame::WriterRevoked(r)) => notice(interactive, &format!("writer lease revoked: {}", r.reason)),
-                    None => {}
-                }
+        let channel = match connect().await {
+            Ok(channel) => channel,
+            Err(e) if first => return Err(e),
+            Err(_) => {
+                session.reconnect_wait(&connect).await?;
+                continue;
             }
-            bytes = input_rx.recv(), if input_open => match bytes {
-                Some(bytes) => {
-                    let bytes = match interactive.then(|| bytes.iter().position(|b| *b == ESCAPE)).flatten() {
-                        Some(at) => {
-                            send_input(&frames_tx, &bytes[..at], options.read_only).await;
-                            break;
-                        }
-                        None => bytes,
-                    };
-                    send_input(&frames_tx, &bytes, options.read_only).await;
+        };
+        let end = session
+            .attach(channel, &mut input_rx, first, &mut raw)
+            .await;
+        first = false;
+        match end? {
+            End::Left => {
+                if interactive {
+                    // The host prompt starts on a fresh line.
+                    drop(raw);
+                    eprintln!();
                 }
-                None => {
-                    input_open = false;
-                    drain.as_mut().reset(tokio::time::Instant::now() + options.drain);
-                }
-            },
-            _ = &mut drain => break,
+                return Ok(());
+            }
+            End::Lost(why) => {
+                notice(
+                    interactive,
+                    &format!("connection lost ({why}); reconnecting"),
+                );
+                session.reconnect_wait(&connect).await?;
+            }
         }
     }
-    Ok(())
+}
+
+struct Session {
+    interactive: bool,
+    token: Option<String>,
+    options: Options,
+    progress: Progress,
+    input_open: bool,
+    drain_until: Option<tokio::time::Instant>,
+}
+
+impl Session {
+    /// Waits with backoff until the daemon accepts connections again (a cheap probe: a new
+    /// channel). Fails with [`Exit::Lost`] after [`RECONNECT_FOR`].
+    async fn reconnect_wait(&mut self, connect: &Connect<'_>) -> Result<()> {
+        let give_up = tokio::time::Instant::now() + RECONNECT_FOR;
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            tokio::time::sleep(backoff).await;
+            let why = match connect().await {
+                Ok(_) => return Ok(()),
+                Err(e) => crate::error_text(&e),
+            };
+            if tokio::time::Instant::now() >= give_up {
+                return Err(Failure::new(
+                    Exit::Lost,
+                    format!(
+                        "connection to conlogd lost and not back after {RECONNECT_FOR:?}: {why}"
+                    ),
+                )
+                .into());
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// One `AttachConsole` call: until the user leaves or the connection is lost.
+    async fn attach(
+        &mut self,
+        channel: Channel,
+        input_rx: &mut mpsc::Receiver<Vec<u8>>,
+        first: bool,
+        raw: &mut Option<RawMode>,
+    ) -> Result<End> {
+        let interactive = self.interactive;
+        let options = &self.options;
+        let mut client = ConsoleClient::new(channel);
+        // A reconnect re-takes the lease if it was held (without force: a client that took it
+        // meanwhile keeps it), else watches.
+        let (mode, force) = if first {
+            let mode = if options.read_only {
+                attach::Mode::ReadOnly
+            } else {
+                attach::Mode::ReadWrite
+            };
+            (mode, options.force)
+        } else if self.progress.writer {
+            (attach::Mode::ReadWrite, false)
+        } else {
+            (attach::Mode::ReadOnly, false)
+        };
+        let (frames_tx, frames_rx) = mpsc::channel::<proto::ClientFrame>(16);
+        frames_tx
+            .send(proto::ClientFrame {
+                frame: Some(client_frame::Frame::Attach(proto::Attach {
+                    guest: options.guest.clone(),
+                    device: options.device.clone(),
+                    mode: mode.into(),
+                    force,
+                    replay_bytes: 0,
+                })),
+            })
+            .await
+            .expect("receiver alive");
+        let call = client
+            .attach_console(crate::with_token(
+                tokio_stream::wrappers::ReceiverStream::new(frames_rx),
+                &self.token,
+            )?)
+            .await;
+        let mut output = match call {
+            Ok(output) => output.into_inner(),
+            Err(status) if !first && is_lost(&status) => {
+                return Ok(End::Lost(status.message().to_string()))
+            }
+            Err(status) => return Err(crate::refused(status)),
+        };
+        if first && interactive {
+            eprintln!(
+                "[conlog: attached to {}/{}; Ctrl-] leaves]",
+                options.guest, options.device
+            );
+            *raw = Some(RawMode::enter()?);
+        }
+        let mut stdout = std::io::stdout().lock();
+        let drain = tokio::time::sleep_until(
+            self.drain_until
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400 * 365)),
+        );
+        tokio::pin!(drain);
+        loop {
+            tokio::select! {
+                frame = output.message() => {
+                    let frame = match frame {
+                        Ok(Some(frame)) => frame,
+                        Ok(None) => return Ok(End::Lost("the console call ended".into())),
+                        Err(status) if is_lost(&status) => return Ok(End::Lost(status.message().to_string())),
+                        Err(status) => return Err(crate::refused(status)),
+                    };
+                    match frame.frame {
+                        Some(server_frame::Frame::Output(out)) => {
+                            let next = self.progress.next.unwrap_or(out.offset);
+                            let end = out.offset + out.data.len() as u64;
+                            if next > out.offset && next < end {
+                                stdout.write_all(&out.data[(next - out.offset) as usize..])?;
+                            } else if next <= out.offset {
+                                if next < out.offset {
+                                    // A hole between frames: shown from history, filtered.
+                                    self.fill(&mut client, next, out.offset, &mut stdout).await?;
+                                }
+                                stdout.write_all(&out.data)?;
+                            }
+                            stdout.flush()?;
+                            self.progress.next = Some(end.max(next));
+                        }
+                        Some(server_frame::Frame::Attached(a)) => {
+                            self.progress.writer = a.writer;
+                            let from = match self.progress.next {
+                                None => a.offset.saturating_sub(options.replay),
+                                Some(next) => next,
+                            };
+                            if from < a.offset {
+                                self.fill(&mut client, from, a.offset, &mut stdout).await?;
+                            }
+                            self.progress.next = Some(a.offset.max(from));
+                            if !first {
+                                notice(interactive, &format!("reconnected at offset {}", a.offset));
+                            }
+                            if !a.writer && mode == attach::Mode::ReadWrite {
+                                notice(interactive, "watching only: another client holds the writer lease (use --force to take it)");
+                            }
+                            if first && !a.guest_connected {
+                                notice(interactive, "the guest is not connected");
+                            }
+                        }
+                        Some(server_frame::Frame::Lagged(l)) => {
+                            // Fill what was skipped from history (filtered like a replay).
+                            let from = self.progress.next.unwrap_or(l.from_offset).max(l.from_offset);
+                            self.fill(&mut client, from, l.to_offset, &mut stdout).await?;
+                            self.progress.next = Some(l.to_offset.max(from));
+                        }
+                        Some(server_frame::Frame::Guest(g)) => notice(
+                            interactive,
+                            if g.connected { "guest connected" } else { "guest disconnected" },
+                        ),
+                        Some(server_frame::Frame::WriterRevoked(r)) => {
+                            self.progress.writer = false;
+                            return Err(Failure::new(
+                                Exit::Revoked,
+                                format!("writer lease revoked: {} (attach again with --force to take it back)", r.reason),
+                            ).into());
+                        }
+                        None => {}
+                    }
+                }
+                bytes = input_rx.recv(), if self.input_open => match bytes {
+                    Some(bytes) => {
+                        let escape = interactive.then(|| bytes.iter().position(|b| *b == ESCAPE)).flatten();
+                        match escape {
+                            Some(at) => {
+                                send_input(&frames_tx, &bytes[..at], options.read_only).await;
+                                // Let the input frame go out before the call ends.
+                                drop(frames_tx);
+                                let _ = tokio::time::timeout(Duration::from_millis(200), output.message()).await;
+                                return Ok(End::Left);
+                            }
+                            None => send_input(&frames_tx, &bytes, options.read_only).await,
+                        }
+                    }
+                    None => {
+                        self.input_open = false;
+                        let until = tokio::time::Instant::now() + options.drain;
+                        self.drain_until = Some(until);
+                        drain.as_mut().reset(until);
+                    }
+                },
+                _ = &mut drain => return Ok(End::Left),
+            }
+        }
+    }
+
+    /// Shows `from..to` from history, with terminal queries removed.
+    async fn fill(
+        &self,
+        client: &mut ConsoleClient<Channel>,
+        from: u64,
+        to: u64,
+        stdout: &mut std::io::StdoutLock<'_>,
+    ) -> Result<()> {
+        let request = proto::ReadHistoryRequest {
+            guest: self.options.guest.clone(),
+            stream: self.options.device.clone(),
+            start: Some(proto::read_history_request::Start::FromOffset(from)),
+            follow: false,
+            limit_bytes: to - from,
+            text: false,
+        };
+        let mut chunks = match client
+            .read_history(crate::with_token(request, &self.token)?)
+            .await
+        {
+            Ok(chunks) => chunks.into_inner(),
+            Err(status) => {
+                notice(
+                    self.interactive,
+                    &format!("output {from}..{to} cannot be shown: {}", status.message()),
+                );
+                return Ok(());
+            }
+        };
+        let mut filter = QueryFilter::new();
+        let mut shown = Vec::new();
+        loop {
+            match chunks.message().await {
+                Ok(Some(chunk)) => {
+                    if let Some(gap) = chunk.gap {
+                        notice(
+                            self.interactive,
+                            &format!(
+                                "offsets {}..{} are no longer on disk",
+                                gap.from_offset, gap.to_offset
+                            ),
+                        );
+                    }
+                    shown.clear();
+                    filter.push(&chunk.data, &mut shown);
+                    stdout.write_all(&shown)?;
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    notice(
+                        self.interactive,
+                        &format!("output up to {to} cannot be shown: {}", status.message()),
+                    );
+                    break;
+                }
+            }
+        }
+        // A sequence cut at the live boundary is completed by live output, unfiltered.
+        stdout.write_all(&filter.take_pending())?;
+        stdout.flush()?;
+        Ok(())
+    }
 }
 
 async fn send_input(frames: &mpsc::Sender<proto::ClientFrame>, bytes: &[u8], read_only: bool) {

@@ -1,0 +1,536 @@
+//! Neutralises the escape sequences that make a terminal answer, in output that is shown again
+//! (a console's replay, history printed on a terminal).
+//!
+//! A guest's shell prints queries (`ESC[6n` after a prompt, device attributes, colour queries);
+//! a terminal answers each one on its input. Live, that answer is the right reply to the guest,
+//! as on a real serial line. Replayed, the same query makes the operator's terminal type an
+//! answer into the guest (or into the operator's own shell after `conlogctl history`). This
+//! module owns the streaming filter ([`QueryFilter`]) that removes those sequences; it never
+//! changes any other byte, and it never decides what is replay and what is live (the caller
+//! does, by offset: see `conlogctl console`).
+//!
+//! Neutralised sequences are **dropped**: a terminal shows nothing for a query, so the screen
+//! looks as it did when the bytes were first printed. Dropped:
+//! - CSI queries: DSR / CPR (`CSI … n`, any prefix), device attributes DA1/DA2/DA3
+//!   (`CSI c`, `CSI > c`, `CSI = c`), DECRQM (`CSI … $ p`), XTVERSION (`CSI > … q`), window
+//!   reports (`CSI 11/13/14/15/16/18/19/20/21 … t`), DECREQTPARM (`CSI … x`), XTSMGRAPHICS
+//!   (`CSI ? … S`), the kitty keyboard query (`CSI ? u`), DECRQTSR / DECRQPSR (`CSI … $ u`,
+//!   `CSI … $ w`), DECRQCRA (`CSI … * y`), XTQMODKEYS (`CSI ? … m`), XTREPORTSGR (`CSI … # |`);
+//!   and malformed CSI sequences (a terminal ignores them).
+//! - `ESC Z` (DECID) and ENQ (0x05, the answerback request).
+//! - Every DCS, APC, PM and SOS string (`ESC P`, `ESC _`, `ESC ^`, `ESC X` … `ESC \`): they
+//!   carry DECRQSS (`DCS $ q`), XTGETTCAP (`DCS + q`), kitty graphics queries and multiplexer
+//!   pass-through wrappers that can carry any query to an outer terminal.
+//! - OSC strings with a query field: a `;`-separated field that is `?` or ends in `=?` (colour
+//!   queries `OSC 4;n;?`, `OSC 10/11/12;?`, the clipboard read `OSC 52;c;?`, kitty's
+//!   `key=?`), iTerm2's `OSC 1337;Report…`/`RequestUpload`, and OSC strings longer than
+//!   [`MAX_STRING`] (never a query a terminal would answer whole, but not worth the risk).
+//!
+//! C0 controls inside a CSI sequence are executed by terminals as they arrive and so are kept
+//! even when the sequence around them is dropped. A sequence split across chunks is held back
+//! (at most [`MAX_STRING`] bytes for an OSC string, [`MAX_CSI`] for a CSI) until it is complete.
+//! 8-bit C1 controls (0x9b, 0x90, …) are not treated as introducers: UTF-8 terminals read them
+//! as parts of characters.
+
+/// Longest OSC string kept (bytes after `ESC ]`); a longer one is dropped whole.
+pub const MAX_STRING: usize = 4096;
+/// Longest CSI sequence kept; a longer one is dropped whole.
+pub const MAX_CSI: usize = 256;
+
+const ESC: u8 = 0x1b;
+const BEL: u8 = 0x07;
+const ENQ: u8 = 0x05;
+const CAN: u8 = 0x18;
+const SUB: u8 = 0x1a;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Ground,
+    /// After ESC; `raw` holds ESC.
+    Escape,
+    /// ESC followed by intermediates (0x20–0x2F); `raw` holds them.
+    EscapeIntermediate,
+    /// After `ESC [`: `raw` holds everything, `seq` the bytes after `ESC [` minus controls.
+    Csi,
+    /// After `ESC ]`: `seq` holds the payload; `raw` the whole string.
+    Osc {
+        esc: bool,
+        oversize: bool,
+    },
+    /// Inside a DCS/APC/PM/SOS string, which is dropped whole; `esc` after an ESC.
+    DroppedString {
+        esc: bool,
+    },
+}
+
+/// A streaming filter: feed chunks with [`QueryFilter::push`], in order.
+#[derive(Debug)]
+pub struct QueryFilter {
+    state: State,
+    raw: Vec<u8>,
+    seq: Vec<u8>,
+    /// C0 controls seen inside the current CSI (kept when it is dropped).
+    controls: Vec<u8>,
+}
+
+impl Default for QueryFilter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl QueryFilter {
+    pub fn new() -> Self {
+        Self {
+            state: State::Ground,
+            raw: Vec::new(),
+            seq: Vec::new(),
+            controls: Vec::new(),
+        }
+    }
+
+    /// Filters `input`, appending what may be shown to `out`. Bytes of an unfinished sequence
+    /// are held until a later call completes it.
+    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        for &byte in input {
+            self.byte(byte, out);
+        }
+    }
+
+    /// Convenience: filters one chunk into a new vector.
+    pub fn filter(&mut self, input: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(input.len());
+        self.push(input, &mut out);
+        out
+    }
+
+    /// Bytes held for an unfinished sequence (not yet shown).
+    pub fn pending(&self) -> usize {
+        self.raw.len()
+    }
+
+    /// Ends filtering: returns the bytes held for an unfinished sequence (they go on in output
+    /// that is not filtered, e.g. live output after a replay) and starts afresh.
+    pub fn take_pending(&mut self) -> Vec<u8> {
+        let mut held = std::mem::take(&mut self.raw);
+        match self.state {
+            State::Osc {
+                esc: true,
+                oversize: false,
+            } => held.push(ESC),
+            State::Osc { oversize: true, .. } | State::DroppedString { .. } => held.clear(),
+            _ => {}
+        }
+        self.reset();
+        held
+    }
+
+    fn reset(&mut self) {
+        self.state = State::Ground;
+        self.raw.clear();
+        self.seq.clear();
+        self.controls.clear();
+    }
+
+    fn start_escape(&mut self) {
+        self.reset();
+        self.state = State::Escape;
+        self.raw.push(ESC);
+    }
+
+    fn byte(&mut self, byte: u8, out: &mut Vec<u8>) {
+        match self.state {
+            State::Ground => match byte {
+                ESC => self.start_escape(),
+                ENQ => {}
+                _ => out.push(byte),
+            },
+            State::Escape | State::EscapeIntermediate => match byte {
+                b'[' if self.state == State::Escape => {
+                    self.raw.push(byte);
+                    self.state = State::Csi;
+                }
+                b']' if self.state == State::Escape => {
+                    self.raw.push(byte);
+                    self.state = State::Osc {
+                        esc: false,
+                        oversize: false,
+                    };
+                }
+                b'P' | b'_' | b'^' | b'X' if self.state == State::Escape => {
+                    self.reset();
+                    self.state = State::DroppedString { esc: false };
+                }
+                b'Z' if self.state == State::Escape => self.reset(),
+                ESC => self.start_escape(),
+                CAN | SUB => self.abort(byte, out),
+                0x20..=0x2f => {
+                    self.raw.push(byte);
+                    self.state = State::EscapeIntermediate;
+                    if self.raw.len() > MAX_CSI {
+                        self.abort_silently();
+                    }
+                }
+                0x00..=0x1f => {
+                    // Executed by the terminal without leaving the escape.
+                    if byte != ENQ {
+                        out.push(byte);
+                    }
+                }
+                _ => {
+                    out.extend_from_slice(&self.raw);
+                    out.push(byte);
+                    self.reset();
+                }
+            },
+            State::Csi => match byte {
+                ESC => {
+                    // Aborts the sequence; the terminal acts on none of it.
+                    out.extend_from_slice(&self.controls);
+                    self.start_escape();
+                }
+                CAN | SUB => {
+                    out.extend_from_slice(&self.controls);
+                    self.abort(byte, out);
+                }
+                0x00..=0x1f => {
+                    if byte != ENQ {
+                        self.raw.push(byte);
+                        self.controls.push(byte);
+                    }
+                }
+                0x40..=0x7e => {
+                    self.seq.push(byte);
+                    self.raw.push(byte);
+                    if self.raw.len() <= MAX_CSI && !csi_is_query(&self.seq) {
+                        out.extend_from_slice(&self.raw);
+                    } else {
+                        out.extend_from_slice(&self.controls);
+                    }
+                    self.reset();
+                }
+                _ => {
+                    // Parameters, intermediates, DEL and anything else: held.
+                    self.seq.push(byte);
+                    self.raw.push(byte);
+                    if self.raw.len() > MAX_CSI {
+                        // Too long to be shown: what is held is dropped, and so is the rest up
+                        // to the final byte (controls inside are still shown).
+                        out.extend_from_slice(&std::mem::take(&mut self.controls));
+                        self.raw.truncate(MAX_CSI + 1);
+                        self.seq.truncate(MAX_CSI + 1);
+                    }
+                }
+            },
+            State::Osc { esc, oversize } => {
+                if esc {
+                    if byte == b'\\' {
+                        self.finish_osc(oversize, &[ESC, b'\\'], out);
+                    } else {
+                        // Aborted: dropped, and a new escape begins.
+                        self.start_escape();
+                        self.byte(byte, out);
+                    }
+                    return;
+                }
+                match byte {
+                    BEL => self.finish_osc(oversize, &[BEL], out),
+                    ESC => {
+                        self.state = State::Osc {
+                            esc: true,
+                            oversize,
+                        }
+                    }
+                    CAN | SUB => self.abort(byte, out),
+                    _ if oversize => {}
+                    _ => {
+                        self.raw.push(byte);
+                        self.seq.push(byte);
+                        if self.seq.len() > MAX_STRING {
+                            self.raw.clear();
+                            self.seq.clear();
+                            self.state = State::Osc {
+                                esc: false,
+                                oversize: true,
+                            };
+                        }
+                    }
+                }
+            }
+            State::DroppedString { esc } => match (esc, byte) {
+                (true, b'\\') => self.reset(),
+                // A doubled ESC is an escaped ESC in a multiplexer's pass-through string.
+                (true, ESC) => self.state = State::DroppedString { esc: false },
+                (true, _) => {
+                    self.start_escape();
+                    self.byte(byte, out);
+                }
+                (false, ESC) => self.state = State::DroppedString { esc: true },
+                (false, CAN | SUB) => self.abort(byte, out),
+                (false, _) => {}
+            },
+        }
+    }
+
+    /// CAN or SUB ends the held sequence without effect: it is dropped and the byte shown (SUB
+    /// shows a substitute character on some terminals, as it did when first printed).
+    fn abort(&mut self, byte: u8, out: &mut Vec<u8>) {
+        out.push(byte);
+        self.reset();
+    }
+
+    fn abort_silently(&mut self) {
+        self.reset();
+    }
+
+    /// Decides a complete OSC string: shown (with its terminator) unless it is a query or
+    /// oversized.
+    fn finish_osc(&mut self, oversize: bool, terminator: &[u8], out: &mut Vec<u8>) {
+        if !oversize && !osc_is_query(&self.seq) {
+            out.extend_from_slice(&self.raw);
+            out.extend_from_slice(terminator);
+        }
+        self.reset();
+    }
+}
+
+/// Whether a complete CSI sequence (the bytes after `ESC [`, controls removed) makes a terminal
+/// answer, or is malformed.
+fn csi_is_query(seq: &[u8]) -> bool {
+    let Some((&last, body)) = seq.split_last() else {
+        return true;
+    };
+    let (prefix, body) = match body.first() {
+        Some(&p @ (b'<' | b'=' | b'>' | b'?')) => (Some(p), &body[1..]),
+        _ => (None, body),
+    };
+    let params_end = body
+        .iter()
+        .position(|b| !matches!(b, b'0'..=b'9' | b';' | b':'))
+        .unwrap_or(body.len());
+    let (params, intermediates) = body.split_at(params_end);
+    if !intermediates.iter().all(|b| (0x20..=0x2f).contains(b)) {
+        return true; // malformed: parameters after intermediates, private bytes inside
+    }
+    let first: Option<u32> = params
+        .split(|b| *b == b';' || *b == b':')
+        .next()
+        .and_then(|p| std::str::from_utf8(p).ok())
+        .and_then(|p| p.parse().ok());
+    match (prefix, intermediates, last) {
+        (_, [], b'n') => true,
+        (None | Some(b'>') | Some(b'='), [], b'c') => true,
+        (_, b"$", b'p') => true,
+        (Some(b'>'), [], b'q') => true,
+        (None, [], b't') => matches!(first, Some(11 | 13 | 14 | 15 | 16 | 18 | 19 | 20 | 21)),
+        (None, [], b'x') => true,
+        (Some(b'?'), [], b'S' | b'u' | b'm') => true,
+        (_, b"$", b'u' | b'w') => true,
+        (_, b"*", b'y') => true,
+        (_, b"#", b'|') => true,
+        _ => false,
+    }
+}
+
+/// Whether an OSC payload (the bytes between `ESC ]` and its terminator) is a query.
+fn osc_is_query(payload: &[u8]) -> bool {
+    if payload.starts_with(b"1337;Report") || payload.starts_with(b"1337;RequestUpload") {
+        return true;
+    }
+    payload
+        .split(|b| *b == b';')
+        .any(|field| field == b"?" || field.ends_with(b"=?"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every split of `input` into two chunks (and byte by byte) gives `expected`.
+    fn check(input: &[u8], expected: &[u8]) {
+        let whole = QueryFilter::new().filter(input);
+        assert_eq!(
+            whole.escape_ascii().to_string(),
+            expected.escape_ascii().to_string(),
+            "input {}",
+            input.escape_ascii()
+        );
+        for at in 0..=input.len() {
+            let mut filter = QueryFilter::new();
+            let mut out = filter.filter(&input[..at]);
+            out.extend(filter.filter(&input[at..]));
+            assert_eq!(
+                out.escape_ascii().to_string(),
+                expected.escape_ascii().to_string(),
+                "input {} split at {at}",
+                input.escape_ascii()
+            );
+        }
+        let mut filter = QueryFilter::new();
+        let mut out = Vec::new();
+        for byte in input {
+            filter.push(std::slice::from_ref(byte), &mut out);
+        }
+        assert_eq!(out, expected, "byte by byte: {}", input.escape_ascii());
+    }
+
+    const QUERIES: &[&[u8]] = &[
+        b"\x1b[6n",
+        b"\x1b[5n",
+        b"\x1b[?6n",
+        b"\x1b[?996n",
+        b"\x1b[c",
+        b"\x1b[0c",
+        b"\x1b[>c",
+        b"\x1b[>0c",
+        b"\x1b[=c",
+        b"\x1b[2$p",
+        b"\x1b[?2004$p",
+        b"\x1b[>0q",
+        b"\x1b[>q",
+        b"\x1b[14t",
+        b"\x1b[18t",
+        b"\x1b[21t",
+        b"\x1b[16t",
+        b"\x1b[x",
+        b"\x1b[1x",
+        b"\x1b[?1;1;0S",
+        b"\x1b[?u",
+        b"\x1b[1$u",
+        b"\x1b[1$w",
+        b"\x1b[1;1;1;1;1*y",
+        b"\x1b[?4m",
+        b"\x1b[1;1;2;2#|",
+        b"\x1bZ",
+        b"\x1bP$qm\x1b\\",
+        b"\x1bP$q\"p\x1b\\",
+        b"\x1bP+q544e\x1b\\",
+        b"\x1bPtmux;\x1b\x1b[6n\x1b\\",
+        b"\x1b_Gi=31,a=q;AAAA\x1b\\",
+        b"\x1b^privacy\x1b\\",
+        b"\x1bXsos\x1b\\",
+        b"\x1b]10;?\x07",
+        b"\x1b]11;?\x1b\\",
+        b"\x1b]12;?\x07",
+        b"\x1b]4;1;?\x07",
+        b"\x1b]4;1;?;2;?\x07",
+        b"\x1b]52;c;?\x07",
+        b"\x1b]21;foreground=?\x1b\\",
+        b"\x1b]1337;ReportCellSize\x07",
+        b"\x05",
+        b"\x1b[6;n",  // parameters are not checked for DSR
+        b"\x1b[6$1n", // malformed
+    ];
+
+    const ORDINARY: &[&[u8]] = &[
+        b"\x1b[0m",
+        b"\x1b[1;31m",
+        b"\x1b[38;2;10;20;30m",
+        b"\x1b[38:5:208m",
+        b"\x1b[H",
+        b"\x1b[10;20H",
+        b"\x1b[2J",
+        b"\x1b[K",
+        b"\x1b[?25l",
+        b"\x1b[?25h",
+        b"\x1b[?1049h",
+        b"\x1b[?2004h",
+        b"\x1b[3A",
+        b"\x1b[1;24r",
+        b"\x1b[2 q", // DECSCUSR, cursor style
+        b"\x1b[s",
+        b"\x1b[u",
+        b"\x1b[8;24;80t", // resize, no reply
+        b"\x1b[22;0t",
+        b"\x1b[S",
+        b"\x1b[>4;1m", // XTMODKEYS set
+        b"\x1b[?1c",   // Linux cursor shape
+        b"\x1b7",
+        b"\x1b8",
+        b"\x1b(B",
+        b"\x1b#8",
+        b"\x1bM",
+        b"\x1b=",
+        b"\x1b>",
+        b"\x1bc",
+        b"\x1b]0;user@host: ~\x07",
+        b"\x1b]2;what?\x1b\\",
+        b"\x1b]8;;https://example.com/?q=1\x1b\\link\x1b]8;;\x1b\\",
+        b"\x1b]4;1;rgb:ff/00/00\x07",
+        b"\x1b]11;#000000\x07",
+        b"\x1b]133;A\x07",
+    ];
+
+    #[test]
+    fn every_query_is_dropped_whole_at_every_split() {
+        for query in QUERIES {
+            let mut input = b"ab".to_vec();
+            input.extend_from_slice(query);
+            input.extend_from_slice(b"cd\r\n");
+            check(&input, b"abcd\r\n");
+        }
+    }
+
+    #[test]
+    fn ordinary_sequences_pass_unchanged_at_every_split() {
+        for sequence in ORDINARY {
+            let mut input = b"x".to_vec();
+            input.extend_from_slice(sequence);
+            input.extend_from_slice(b"y");
+            check(&input, &input);
+        }
+        let text = "plain text, UTF-8 ✓ é, tabs\tand \x07 bells\r\n".as_bytes();
+        check(text, text);
+    }
+
+    #[test]
+    fn a_prompt_with_queries_keeps_its_colours() {
+        check(
+            b"\x1b[1;32muser@vm\x1b[0m:~# \x1b[6n\x1b]11;?\x07ls\r\n",
+            b"\x1b[1;32muser@vm\x1b[0m:~# ls\r\n",
+        );
+    }
+
+    #[test]
+    fn controls_inside_a_dropped_query_are_kept() {
+        // Terminals execute C0 controls inside a CSI sequence and then finish the sequence.
+        check(b"\x1b[6\r\nn", b"\r\n");
+        check(b"\x1b[1\r;31m", b"\x1b[1\r;31m");
+    }
+
+    #[test]
+    fn aborted_sequences_never_hide_a_query() {
+        // An aborted sequence is dropped: held bytes never join later ones into a query.
+        check(b"\x1b[6\x1b[6nn", b"n");
+        check(b"\x1b[6\x18n", b"\x18n");
+        check(b"\x1b]10;?\x1b[6n", b"");
+        check(b"\x1b]0;t\x1b[6nz", b"z");
+        check(b"\x1bP$q\x1b[6nz", b"z");
+        check(b"\x1b\x1b[6n", b"");
+        check(b"\x1b(\x1b[c", b"");
+    }
+
+    #[test]
+    fn oversized_strings_are_dropped_and_bounded() {
+        let mut input = b"\x1b]52;c;".to_vec();
+        input.extend(std::iter::repeat_n(b'A', MAX_STRING * 2));
+        input.extend_from_slice(b"\x07after");
+        let mut filter = QueryFilter::new();
+        let mut out = Vec::new();
+        for chunk in input.chunks(1000) {
+            filter.push(chunk, &mut out);
+            assert!(filter.pending() <= MAX_STRING + 16);
+        }
+        assert_eq!(out, b"after");
+        let mut input = b"\x1b[".to_vec();
+        input.extend(std::iter::repeat_n(b'1', MAX_CSI * 10));
+        input.extend_from_slice(b"nafter");
+        let mut filter = QueryFilter::new();
+        let mut out = Vec::new();
+        for chunk in input.chunks(100) {
+            filter.push(chunk, &mut out);
+            assert!(filter.pending() <= MAX_CSI * 4 + 1);
+        }
+        assert_eq!(out, b"after");
+    }
+}
