@@ -98,7 +98,8 @@ async fn raw_client_socket_writes_if_lease_free_else_watches() {
 }
 
 /// The writer's input reaches the guest byte for byte: 2 MiB in odd-sized AttachConsole input
-/// frames, while the guest does not read at first (the daemon then holds input back instead of
+/// frames (on TCP each at most 64 KiB of data, docs/operations.md "What a caller can cost"),
+/// while the guest does not read at first (the daemon then holds input back instead of
 /// dropping or reordering it), then 1 MiB more through SendConsoleInput.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writer_input_reaches_the_guest_byte_for_byte() {
@@ -126,7 +127,7 @@ async fn writer_input_reaches_the_guest_byte_for_byte() {
                 if sent == data.len() {
                     break;
                 }
-                let size = size.min(data.len() - sent);
+                let size = size.min(64 << 10).min(data.len() - sent);
                 input.send(&data[sent..sent + size]).await;
                 sent += size;
             }

@@ -465,6 +465,12 @@ fn check_manifests(objects: &[Value], origin: &str, helm: bool) -> Value {
         args.contains(&"--takeover"),
         "{origin}: the new pod must take over from the old one (--takeover): {args:?}"
     );
+    // An old pod whose daemon exits after the hand-over is restarted by the kubelet (even with
+    // status 0) and would take the node back: it must stay idle instead (tests/linger.rs).
+    assert!(
+        args.contains(&"--linger-after-handover"),
+        "{origin}: the old pod must linger after handing over (--linger-after-handover): {args:?}"
+    );
     let config_path = args
         .iter()
         .find_map(|a| a.strip_prefix("--config="))
