@@ -44,12 +44,20 @@ impl NotifySocket {
             .unwrap_or_else(|| panic!("no notification ({what}) within {DEADLINE:?}"))
     }
 
+    /// The next state notification: descriptor-store messages (`FDSTORE=1`,
+    /// `FDSTOREREMOVE=1`, the crash keeper's, tested in tests/crash_systemd.rs) are skipped.
     fn try_next(&self, wait: Duration) -> Option<String> {
         let deadline = Instant::now() + wait;
         let mut buffer = [0u8; 4096];
         loop {
             match self.socket.recv(&mut buffer) {
-                Ok(n) => return Some(String::from_utf8_lossy(&buffer[..n]).into_owned()),
+                Ok(n) => {
+                    let text = String::from_utf8_lossy(&buffer[..n]).into_owned();
+                    if text.contains("FDSTORE=1") || text.contains("FDSTOREREMOVE=1") {
+                        continue;
+                    }
+                    return Some(text);
+                }
                 Err(_) if Instant::now() < deadline => continue,
                 Err(_) => return None,
             }
