@@ -796,9 +796,10 @@ async fn qemu_keeps_its_console_connection_through_an_upgrade_and_a_crash() {
     let killed = Instant::now();
     scene.daemon.restart().await;
     let restarted = stream_info(&scene.daemon).await;
-    assert_eq!(
-        restarted.offset,
-        before_crash,
+    // The offset continues from the file; what the guest printed while the daemon was down
+    // waited in the kept connection and is logged after it (so the offset may be further on).
+    assert!(
+        restarted.offset >= before_crash,
         "the offset continues from the file: {restarted:?}\n{}",
         scene.context()
     );
