@@ -9,6 +9,7 @@ musl=x86_64-unknown-linux-musl
 
 need_apt=()
 command -v socat >/dev/null || need_apt+=(socat)
+command -v strace >/dev/null || need_apt+=(strace) # fault injection at one system call (tests/log_integrity.rs, tests/takeover_failure.rs)
 command -v tmux >/dev/null || need_apt+=(tmux) # a terminal that answers queries (tests/conlogctl_terminal.rs)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
