@@ -304,17 +304,15 @@ impl Reader {
                 match self.actor.open_segments(self.position).await {
                     // Something at or after our position (bytes, or the start of the current
                     // run past a gap).
-                    Ok(segments)
-                        if segments.iter().any(|s| {
-                            s.start + s.len > self.position || s.start > self.position
-                        }) =>
-                    {
-                        self.segments = first_needed(segments, self.position);
-                        // The finished file is not needed once a newer one is open.
-                        self.last = None;
-                        return Ok(true);
+                    Ok(segments) => {
+                        let needed = first_needed(segments, self.position);
+                        if !needed.is_empty() {
+                            self.segments = needed;
+                            // The finished file is not needed once a newer one is open.
+                            self.last = None;
+                            return Ok(true);
+                        }
                     }
-                    Ok(_) => {}
                     Err(_) => return self.stream_stopped(),
                 }
             }

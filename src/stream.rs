@@ -470,9 +470,9 @@ impl StreamActor {
     }
 }
 
-/// Publishes what one move did: new end offset (dropped bytes take offsets too), logged and
-/// dropped bytes.
-fn count_moved(
+/// Publishes what one move or write did, for pipes and consoles alike: new end offset (dropped
+/// bytes take offsets too), logged and dropped bytes, the start and end of a disk-full episode.
+pub(crate) fn count_moved(
     log: &LogFile,
     stats: &StreamStats,
     publisher: &OffsetPublisher,

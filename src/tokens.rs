@@ -177,10 +177,18 @@ impl TokenKey {
             .map_err(|_| TokenError::Malformed("payload is not base64url"))?;
         let grant: Grant = serde_json::from_slice(&payload)
             .map_err(|_| TokenError::Malformed("payload is not a grant"))?;
-        if now_unix >= grant.expires_unix {
-            return Err(TokenError::Expired(grant.expires_unix));
-        }
+        grant.check_expiry(now_unix)?;
         Ok(grant)
+    }
+}
+
+impl Grant {
+    /// Refuses the grant at `now_unix` if it has expired.
+    pub fn check_expiry(&self, now_unix: u64) -> Result<(), TokenError> {
+        if now_unix >= self.expires_unix {
+            return Err(TokenError::Expired(self.expires_unix));
+        }
+        Ok(())
     }
 }
 

@@ -493,16 +493,14 @@ impl ConsoleActor {
         let rotations = self.log.rotations();
         let written = self.log.log(output);
         self.count_rotations(rotations);
-        let stats = &self.handle.stats;
-        stats.record_dropped(self.log.path(), written.dropped as u64, &self.metrics);
-        if written.logged > 0 {
-            self.metrics.bytes_logged.inc_by(written.logged as u64);
-        }
-        // A write that dropped part of its bytes is still the episode, not its end.
-        if written.logged > 0 && written.dropped == 0 {
-            stats.record_logged(self.log.path());
-        }
-        self.publisher.publish(self.log.end_offset());
+        crate::stream::count_moved(
+            &self.log,
+            &self.handle.stats,
+            &self.publisher,
+            &self.metrics,
+            written.logged,
+            written.dropped,
+        );
         let data = Bytes::copy_from_slice(output);
         let mut gone = Vec::new();
         for (id, client) in &mut self.clients {

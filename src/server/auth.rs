@@ -41,6 +41,12 @@ impl Interceptor for LocalTrust {
     }
 }
 
+/// A grant whose signature the call limits ([`super::limits`]) already checked for this
+/// request (its expiry is still the interceptor's to judge): the token is verified once per
+/// call.
+#[derive(Clone, Debug)]
+pub struct Signed(pub Grant);
+
 /// TCP's interceptor: `authorization: Bearer <token>` or `UNAUTHENTICATED`.
 #[derive(Clone)]
 pub struct BearerTokens(pub Arc<TokenKey>);
@@ -63,10 +69,14 @@ impl Interceptor for BearerTokens {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let grant = self
-            .0
-            .verify(token.trim(), now)
-            .map_err(|e| Status::unauthenticated(format!("Token refused: {e}")))?;
+        let refused = |e| Status::unauthenticated(format!("Token refused: {e}"));
+        let grant = match request.extensions().get::<Signed>() {
+            Some(Signed(grant)) => {
+                grant.check_expiry(now).map_err(refused)?;
+                grant.clone()
+            }
+            None => self.0.verify(token.trim(), now).map_err(refused)?,
+        };
         request.extensions_mut().insert(Caller::Remote(grant));
         Ok(request)
     }

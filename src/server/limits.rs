@@ -82,7 +82,12 @@ impl CallLimits {
     }
 
     /// Counts one more call, or names the limit it would break.
-    fn admit(&self, request: &http::Request<Body>) -> Result<CallGuard, Error> {
+    /// Counts one more call, or names the limit it would break; on TCP, also the grant of the
+    /// call's token if its signature verifies (for [`super::auth::Signed`]).
+    fn admit(
+        &self,
+        request: &http::Request<Body>,
+    ) -> Result<(CallGuard, Option<crate::tokens::Grant>), Error> {
         let refused = |limit: &'static str, value: u32| Error::LimitReached {
             limit,
             value: value.into(),
@@ -101,7 +106,7 @@ impl CallLimits {
             );
         }
         let Some(remote) = &self.remote else {
-            return Ok(guard);
+            return Ok((guard, None));
         };
         if let Some(ip) = connection.and_then(ConnInfo::remote_ip) {
             guard._peer = Some(
@@ -111,24 +116,25 @@ impl CallLimits {
                     .ok_or_else(|| refused("limits.calls_per_peer", remote.per_peer.limit()))?,
             );
         }
-        if let Some(guest) = token_guest(request, &remote.tokens) {
+        let grant = token_grant(request, &remote.tokens);
+        if let Some(grant) = &grant {
             guard._guest = Some(
                 remote
                     .per_guest
-                    .take(guest)
+                    .take(grant.guest.clone())
                     .ok_or_else(|| refused("limits.calls_per_guest", remote.per_guest.limit()))?,
             );
         }
-        Ok(guard)
+        Ok((guard, grant))
     }
 }
 
-/// The guest of the request's bearer token, if its signature verifies (expiry is the
+/// The grant of the request's bearer token, if its signature verifies (expiry is the
 /// interceptor's to judge: an expired token is charged to its guest like a valid one).
-fn token_guest(request: &http::Request<Body>, tokens: &TokenKey) -> Option<String> {
+fn token_grant(request: &http::Request<Body>, tokens: &TokenKey) -> Option<crate::tokens::Grant> {
     let value = request.headers().get(http::header::AUTHORIZATION)?;
     let token = value.to_str().ok()?.strip_prefix("Bearer ")?.trim();
-    tokens.verify(token, 0).ok().map(|grant| grant.guest)
+    tokens.verify(token, 0).ok()
 }
 
 /// One unit of a counter, given back on drop.
@@ -213,7 +219,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         if request.uri().path().starts_with(HEALTH_PREFIX) {
             // Not limited, but activity of its connection while it runs.
             let guard = CallGuard {
@@ -234,7 +240,12 @@ where
             });
         }
         let guard = match self.limits.admit(&request) {
-            Ok(guard) => guard,
+            Ok((guard, grant)) => {
+                if let Some(grant) = grant {
+                    request.extensions_mut().insert(super::auth::Signed(grant));
+                }
+                guard
+            }
             Err(refusal) => {
                 crate::limited!(warn, path = request.uri().path(), %refusal, "call refused");
                 let status = Status::from(refusal);

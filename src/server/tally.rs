@@ -45,12 +45,14 @@ impl<K: Eq + Hash + Clone> Tally<K> {
     }
 
     /// Places `key` holds now.
+    #[cfg(test)]
     pub fn held(&self, key: &K) -> u32 {
         let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         counts.get(key).copied().unwrap_or(0)
     }
 
     /// Identities holding at least one place.
+    #[cfg(test)]
     pub fn identities(&self) -> usize {
         self.counts.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
