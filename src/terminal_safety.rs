@@ -374,98 +374,49 @@ mod tests {
         assert_eq!(out, expected, "byte by byte: {}", input.escape_ascii());
     }
 
-    const QUERIES: &[&[u8]] = &[
-        b"\x1b[6n",
-        b"\x1b[5n",
-        b"\x1b[?6n",
-        b"\x1b[?996n",
-        b"\x1b[c",
-        b"\x1b[0c",
-        b"\x1b[>c",
-        b"\x1b[>0c",
-        b"\x1b[=c",
-        b"\x1b[2$p",
-        b"\x1b[?2004$p",
-        b"\x1b[>0q",
-        b"\x1b[>q",
-        b"\x1b[14t",
-        b"\x1b[18t",
-        b"\x1b[21t",
-        b"\x1b[16t",
-        b"\x1b[x",
-        b"\x1b[1x",
-        b"\x1b[?1;1;0S",
-        b"\x1b[?u",
-        b"\x1b[1$u",
-        b"\x1b[1$w",
-        b"\x1b[1;1;1;1;1*y",
-        b"\x1b[?4m",
-        b"\x1b[1;1;2;2#|",
-        b"\x1bZ",
-        b"\x1bP$qm\x1b\\",
-        b"\x1bP$q\"p\x1b\\",
-        b"\x1bP+q544e\x1b\\",
-        b"\x1bPtmux;\x1b\x1b[6n\x1b\\",
-        b"\x1b_Gi=31,a=q;AAAA\x1b\\",
-        b"\x1b^privacy\x1b\\",
-        b"\x1bXsos\x1b\\",
-        b"\x1b]10;?\x07",
-        b"\x1b]11;?\x1b\\",
-        b"\x1b]12;?\x07",
-        b"\x1b]4;1;?\x07",
-        b"\x1b]4;1;?;2;?\x07",
-        b"\x1b]52;c;?\x07",
-        b"\x1b]21;foreground=?\x1b\\",
-        b"\x1b]1337;ReportCellSize\x07",
-        b"\x05",
-        b"\x1b[6;n",  // parameters are not checked for DSR
-        b"\x1b[6$1n", // malformed
-    ];
+    /// The shared test vectors (`tests/data/terminal_queries.json`), which the console page's
+    /// filter (`web/src/terminal_safety.ts`) is checked against too.
+    const VECTORS: &str = include_str!("../tests/data/terminal_queries.json");
 
-    const ORDINARY: &[&[u8]] = &[
-        b"\x1b[0m",
-        b"\x1b[1;31m",
-        b"\x1b[38;2;10;20;30m",
-        b"\x1b[38:5:208m",
-        b"\x1b[H",
-        b"\x1b[10;20H",
-        b"\x1b[2J",
-        b"\x1b[K",
-        b"\x1b[?25l",
-        b"\x1b[?25h",
-        b"\x1b[?1049h",
-        b"\x1b[?2004h",
-        b"\x1b[3A",
-        b"\x1b[1;24r",
-        b"\x1b[2 q", // DECSCUSR, cursor style
-        b"\x1b[s",
-        b"\x1b[u",
-        b"\x1b[8;24;80t", // resize, no reply
-        b"\x1b[22;0t",
-        b"\x1b[S",
-        b"\x1b[>4;1m", // XTMODKEYS set
-        b"\x1b[?1c",   // Linux cursor shape
-        b"\x1b7",
-        b"\x1b8",
-        b"\x1b(B",
-        b"\x1b#8",
-        b"\x1bM",
-        b"\x1b=",
-        b"\x1b>",
-        b"\x1bc",
-        b"\x1b]0;user@host: ~\x07",
-        b"\x1b]2;what?\x1b\\",
-        b"\x1b]8;;https://example.com/?q=1\x1b\\link\x1b]8;;\x1b\\",
-        b"\x1b]4;1;rgb:ff/00/00\x07",
-        b"\x1b]11;#000000\x07",
-        b"\x1b]133;A\x07",
-    ];
+    struct Vectors {
+        doc: serde_json::Value,
+    }
+
+    impl Vectors {
+        fn load() -> Self {
+            Self {
+                doc: serde_json::from_str(VECTORS).expect("tests/data/terminal_queries.json"),
+            }
+        }
+
+        /// A list of byte strings (one character per byte).
+        fn list(&self, key: &str) -> Vec<Vec<u8>> {
+            let list = self.doc[key]
+                .as_array()
+                .unwrap_or_else(|| panic!("no {key}"));
+            assert!(!list.is_empty(), "{key} is empty");
+            list.iter().map(bytes).collect()
+        }
+    }
+
+    /// A vector string as bytes: each character is one byte (U+0000..U+00FF).
+    fn bytes(value: &serde_json::Value) -> Vec<u8> {
+        let text = value
+            .as_str()
+            .unwrap_or_else(|| panic!("not a string: {value}"));
+        text.chars()
+            .map(|c| {
+                u8::try_from(u32::from(c))
+                    .unwrap_or_else(|_| panic!("{c:?} is not a byte in {text:?}"))
+            })
+            .collect()
+    }
 
     #[test]
     fn every_query_is_dropped_whole_at_every_split() {
-        for query in QUERIES {
+        for query in Vectors::load().list("queries") {
             let mut input = b"ab".to_vec();
-            input.extend_from_slice(query);
+            input.extend_from_slice(&query);
             input.extend_from_slice(b"cd\r\n");
             check(&input, b"abcd\r\n");
         }
@@ -473,41 +424,29 @@ mod tests {
 
     #[test]
     fn ordinary_sequences_pass_unchanged_at_every_split() {
-        for sequence in ORDINARY {
+        for sequence in Vectors::load().list("ordinary") {
             let mut input = b"x".to_vec();
-            input.extend_from_slice(sequence);
+            input.extend_from_slice(&sequence);
             input.extend_from_slice(b"y");
             check(&input, &input);
         }
-        let text = "plain text, UTF-8 ✓ é, tabs\tand \x07 bells\r\n".as_bytes();
-        check(text, text);
     }
 
     #[test]
-    fn a_prompt_with_queries_keeps_its_colours() {
-        check(
-            b"\x1b[1;32muser@vm\x1b[0m:~# \x1b[6n\x1b]11;?\x07ls\r\n",
-            b"\x1b[1;32muser@vm\x1b[0m:~# ls\r\n",
-        );
+    fn every_case_gives_its_output_at_every_split() {
+        let vectors = Vectors::load();
+        let cases = vectors.doc["cases"].as_array().expect("cases");
+        assert!(!cases.is_empty());
+        for case in cases {
+            check(&bytes(&case["input"]), &bytes(&case["output"]));
+        }
     }
 
     #[test]
-    fn controls_inside_a_dropped_query_are_kept() {
-        // Terminals execute C0 controls inside a CSI sequence and then finish the sequence.
-        check(b"\x1b[6\r\nn", b"\r\n");
-        check(b"\x1b[1\r;31m", b"\x1b[1\r;31m");
-    }
-
-    #[test]
-    fn aborted_sequences_never_hide_a_query() {
-        // An aborted sequence is dropped: held bytes never join later ones into a query.
-        check(b"\x1b[6\x1b[6nn", b"n");
-        check(b"\x1b[6\x18n", b"\x18n");
-        check(b"\x1b]10;?\x1b[6n", b"");
-        check(b"\x1b]0;t\x1b[6nz", b"z");
-        check(b"\x1bP$q\x1b[6nz", b"z");
-        check(b"\x1b\x1b[6n", b"");
-        check(b"\x1b(\x1b[c", b"");
+    fn limits_are_the_shared_ones() {
+        let vectors = Vectors::load();
+        assert_eq!(vectors.doc["limits"]["max_string"], MAX_STRING);
+        assert_eq!(vectors.doc["limits"]["max_csi"], MAX_CSI);
     }
 
     #[test]
