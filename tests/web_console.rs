@@ -10,6 +10,9 @@
 //!   `tests/web/grpc_web_client.mjs`): HTTP/1.1 and HTTP/2, plaintext and TLS, binary and text
 //!   modes, exact bytes, and the token rules of native gRPC.
 //! - The page's committed build (`web/dist`, `web/src/gen`) matches its sources.
+//! - Terminal safety: a read-write page never answers the terminal queries in output it shows
+//!   again (first load, history filled in after a reconnect), answers live ones, and its filter
+//!   meets the test vectors shared with conlogd's (`tests/data/terminal_queries.json`).
 //!
 //! Nothing is installed here: `bash scripts/test.sh` installs `chromium` (apt) and runs `npm ci`
 //! in `web/`; a missing piece fails with the step that installs it.
@@ -142,6 +145,42 @@ async fn committed_page_is_built_from_its_sources() {
         String::from_utf8_lossy(&output.stderr)
     );
     eprintln!("web/build.mjs --check: {:?}", started.elapsed());
+}
+
+/// The page's terminal-query filter (`web/src/terminal_safety.ts`) gives what conlogd's
+/// (`src/terminal_safety.rs`, checked by its unit tests) gives for every shared test vector
+/// (`tests/data/terminal_queries.json`): the two cannot drift apart.
+#[tokio::test]
+async fn page_filter_meets_the_shared_vectors() {
+    require_tools(false);
+    let mut command = Command::new("node");
+    command
+        .arg("test/terminal_safety.test.mjs")
+        .current_dir(repo_dir().join("web"))
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(NODE_DEADLINE, command.output())
+        .await
+        .expect("web/test/terminal_safety.test.mjs still running")
+        .expect("run node web/test/terminal_safety.test.mjs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let counts: Value = serde_json::from_str(stdout.trim()).expect("the test's counts");
+    let vectors: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_dir().join("tests/data/terminal_queries.json")).unwrap(),
+    )
+    .unwrap();
+    for key in ["queries", "ordinary", "cases"] {
+        assert_eq!(
+            counts[key].as_u64(),
+            vectors[key].as_array().map(|a| a.len() as u64),
+            "every {key} vector checked: {counts}"
+        );
+    }
 }
 
 // The page and CORS on the listener
@@ -555,6 +594,24 @@ impl Browser {
             .await;
     }
 
+    /// Holds the page's new requests to `url` (a glob) until [`release`](Self::release).
+    async fn hold(&mut self, page: &str, url: &str) {
+        self.call(json!({"op": "hold", "page": page, "url": url}))
+            .await;
+    }
+
+    /// How many requests [`hold`](Self::hold) holds.
+    async fn held(&mut self, page: &str) -> u64 {
+        let held = self.call(json!({"op": "held", "page": page})).await;
+        held.as_u64().unwrap_or_default()
+    }
+
+    /// Lets the held requests go on, and stops holding.
+    async fn release(&mut self, page: &str, url: &str) {
+        self.call(json!({"op": "release", "page": page, "url": url}))
+            .await;
+    }
+
     async fn exit(mut self) {
         let _ = self.stdin.write_all(b"{\"id\":0,\"op\":\"exit\"}\n").await;
         let _ = tokio::time::timeout(DEADLINE, self.child.wait()).await;
@@ -602,8 +659,8 @@ const LIVE: &str = "document.body.dataset.connection === 'live'";
 async fn console_page_in_headless_chromium() {
     require_tools(true);
     let started = Instant::now();
-    // A small replay: a page reconnecting after an upgrade gets most of what it missed from
-    // history, not from the replay.
+    // The page attaches without a replay and reads what it missed from history; a small
+    // max_replay keeps it honest.
     let daemon = Daemon::start_with(Some("consoles:\n  max_replay: 1KiB\n"), &[]).await;
     let mut agent = daemon.agent().await;
     let console = open_console(&mut agent, GUEST).await;
@@ -833,4 +890,209 @@ async fn expect_typed(guest: &mut FakeGuest, what: &str, line: &str) {
     let want = format!("{line}\r");
     guest.wait_for(want.as_bytes()).await;
     assert_same(what, guest.received(), want.as_bytes());
+}
+
+// Terminal safety in the page
+
+/// What a guest's shell and tools print that makes a terminal answer (docs/operations.md,
+/// "Serial consoles"): xterm.js answers every one of these, and the page would send the answers
+/// to the guest as keystrokes.
+const QUERIES: &[&[u8]] = &[
+    b"\x1b[6n",         // DSR: cursor position report
+    b"\x1b[5n",         // DSR: status
+    b"\x1b[c",          // DA1
+    b"\x1b[>c",         // DA2
+    b"\x1b[=c",         // DA3
+    b"\x1b[?2004$p",    // DECRQM
+    b"\x1bP$qm\x1b\\",  // DECRQSS
+    b"\x1b[>0q",        // XTVERSION
+    b"\x1b]10;?\x07",   // foreground colour
+    b"\x1b]11;?\x1b\\", // background colour
+    b"\x1b]12;?\x07",   // cursor colour
+    b"\x1b[14t",        // window size in pixels
+    b"\x1b[18t",        // text area size in characters
+];
+
+/// Output of a guest's shell with every query of [`QUERIES`] after its prompts: `lines`
+/// lines `<tag> NN` in colour, each followed by queries.
+fn prompts_with_queries(tag: &str, lines: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for line in 0..lines {
+        out.extend(format!("\x1b[1;32m{tag} {line:02}\x1b[0m:~# ").bytes());
+        for query in QUERIES.iter().cycle().skip(line).take(QUERIES.len()) {
+            out.extend_from_slice(query);
+        }
+        out.extend_from_slice(b"ls\r\n");
+    }
+    out
+}
+
+/// Whether `received` is exactly one or more terminal answers: `ESC [ … R` (cursor position)
+/// or `ESC [ ? … c` (device attributes).
+fn answers_only(received: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(received);
+    let mut rest = text.as_ref();
+    if rest.is_empty() {
+        return false;
+    }
+    while let Some(after) = rest.strip_prefix("\x1b[") {
+        let Some(end) = after.find(['R', 'c']) else {
+            return false;
+        };
+        let body = &after[..end];
+        if !body
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b';' || b == b'?')
+        {
+            return false;
+        }
+        rest = &after[end + 1..];
+    }
+    rest.is_empty()
+}
+
+/// A read-write page never answers the queries in what it shows again (the last screen on its
+/// first load, output filled in from history after a reconnect): the guest receives exactly
+/// what was typed on the page. A query the guest prints live is answered by xterm.js, as on a
+/// real serial line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_answers_live_queries_only() {
+    require_tools(true);
+    let daemon = Daemon::start_with(Some("history:\n  chunk_size: 1KiB\n"), &[]).await;
+    let mut agent = daemon.agent().await;
+    let console = open_console(&mut agent, GUEST).await;
+    let mut guest = FakeGuest::connect(&console.guest_socket).await;
+    wait_guest_connected(&mut agent, GUEST, DEVICE, true).await;
+    // Printed before the page attaches: the page shows it from history.
+    let mut before = prompts_with_queries("before", 12);
+    before.extend_from_slice(b"end of boot\r\n");
+    guest.write(&before).await;
+    wait_offset(&mut agent, GUEST, DEVICE, before.len() as u64).await;
+
+    let token = daemon.token(GUEST, DEVICE, Access::ReadWrite, 600).await;
+    let url = format!(
+        "http://{}/console/?guest={GUEST}&device={DEVICE}#token={}",
+        daemon.tcp,
+        url_encode(&token)
+    );
+    let mut browser = Browser::launch().await;
+
+    // 1. The first load: the prompts are shown (colours and all), their queries unanswered.
+    browser.open("rw", &url).await;
+    browser.wait("rw", LIVE).await;
+    browser
+        .wait("rw", "window.conlog.text().includes('end of boot')")
+        .await;
+    let text = browser.text("rw").await;
+    for line in 0..12 {
+        assert!(
+            text.contains(&format!("before {line:02}:~# ls")),
+            "prompt {line} shown without its queries:\n{text}"
+        );
+    }
+    assert_eq!(browser.dataset("rw", "access").await, "read-write");
+    browser.type_line("rw", "typed-on-load").await;
+    expect_typed(
+        &mut guest,
+        "the guest after the page loaded",
+        "typed-on-load",
+    )
+    .await;
+
+    // 2. Live queries are answered, as on a serial line: the cursor position report (DSR) and
+    // the device attributes (DA1).
+    guest.clear_received();
+    guest.write(b"live prompt# \x1b[6n").await;
+    guest
+        .wait_until("xterm.js's cursor position report", |r| r.ends_with(b"R"))
+        .await;
+    assert!(
+        answers_only(guest.received()),
+        "a cursor position report: {:?}",
+        guest.received().escape_ascii().to_string()
+    );
+    guest.clear_received();
+    guest.write(b"\x1b[c").await;
+    guest
+        .wait_until("xterm.js's device attributes", |r| r.ends_with(b"c"))
+        .await;
+    assert!(
+        guest.received().starts_with(b"\x1b[?") && answers_only(guest.received()),
+        "device attributes: {:?}",
+        guest.received().escape_ascii().to_string()
+    );
+    guest.write(b"\r\n").await;
+
+    // 3. Output printed while the page is away (an upgrade; its new attach is held until the
+    // output is logged) is filled in from history when it reconnects: queries unanswered.
+    let watch = "**/conlog.v1.Console/WatchConsole";
+    browser.hold("rw", watch).await;
+    daemon.signal(rustix::process::Signal::USR1);
+    browser
+        .wait("rw", "document.body.dataset.connection === 'reconnecting'")
+        .await;
+    let deadline = Instant::now() + DEADLINE;
+    while daemon.stderr().matches("conlogd ready").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no second ready line:\n{}",
+            daemon.stderr()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    guest.clear_received();
+    let mut away = prompts_with_queries("away", 6);
+    away.extend_from_slice(b"end of away\r\n");
+    guest.write(&away).await;
+    let mut agent = daemon.agent().await;
+    let live = b"live prompt# \x1b[6n\x1b[c\r\n".len();
+    wait_offset(
+        &mut agent,
+        GUEST,
+        DEVICE,
+        (before.len() + live + away.len()) as u64,
+    )
+    .await;
+    let deadline = Instant::now() + DEADLINE;
+    while browser.held("rw").await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the page never tried to reconnect"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    browser.release("rw", watch).await;
+    browser
+        .wait(
+            "rw",
+            "window.conlog.text().includes('end of away') && \
+             window.conlog.session.reconnects >= 1 && document.body.dataset.connection === 'live'",
+        )
+        .await;
+    let fills = browser
+        .eval(
+            "rw",
+            "window.conlog.events.filter(e => e.what === 'history').map(e => e.detail)",
+        )
+        .await;
+    assert!(
+        fills.as_array().is_some_and(|f| !f.is_empty()),
+        "what was printed while away came from history: {fills}"
+    );
+    let text = browser.text("rw").await;
+    for line in 0..6 {
+        assert!(
+            text.contains(&format!("away {line:02}:~# ls")),
+            "prompt {line} printed while away, shown without its queries:\n{text}"
+        );
+    }
+    browser.type_line("rw", "typed-after-reconnect").await;
+    expect_typed(
+        &mut guest,
+        "the guest after the page reconnected",
+        "typed-after-reconnect",
+    )
+    .await;
+    screenshot(&mut browser, "rw", "queries").await;
+    browser.exit().await;
 }

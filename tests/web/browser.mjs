@@ -8,6 +8,9 @@
 //   eval { expr }                the value of a JavaScript expression in the page
 //   type { text } / press { key } / click { selector }
 //   screenshot { path }
+//   hold { url }                 holds the page's new requests to url (a glob) until release
+//   held                         how many requests are held
+//   release { url }              lets the held requests go on, and stops holding
 //   exit
 // Answers: { id, ok: true, value } or { id, ok: false, error }. Page errors and console
 // messages go to stderr.
@@ -37,6 +40,8 @@ const browser = await chromium.launch({
   ],
 });
 const pages = new Map();
+/** Requests held by `hold`, per page. */
+const holds = new Map();
 
 function page(name) {
   const found = pages.get(name);
@@ -80,6 +85,24 @@ async function run(command) {
     case "screenshot":
       await page(command.page).screenshot({ path: command.path });
       return command.path;
+    case "hold": {
+      const held = [];
+      holds.set(command.page, held);
+      await page(command.page).route(command.url, (route) => held.push(route));
+      return null;
+    }
+    case "held":
+      return holds.get(command.page)?.length ?? 0;
+    case "release": {
+      await page(command.page).unroute(command.url);
+      const held = holds.get(command.page) ?? [];
+      holds.delete(command.page);
+      for (const route of held) {
+        // A request the page gave up meanwhile cannot go on; the page retries by itself.
+        await route.continue().catch((e) => console.error(`[${command.page}] release: ${e.message}`));
+      }
+      return held.length;
+    }
     case "exit":
       await browser.close();
       process.exit(0);

@@ -6,10 +6,19 @@
 // reconnect, history read after attaching), output above it first fills the hole from history
 // (a reconnect after an upgrade, a `lagged` skip). So the terminal shows each byte once, in
 // order, whatever the connection does.
+//
+// Terminal safety (docs/operations.md, "Serial consoles"): bytes the terminal shows again — the
+// last screen read from history on the first attach, and every range filled in from history (a
+// reconnect, a `lagged` skip) — go through a QueryFilter, so xterm.js never answers a replayed
+// query (its answers are keystrokes the page would send to the guest). Live output frames are
+// shown unchanged, so a query the guest prints now is answered as on a real serial line. The page
+// attaches with replay_bytes 0: the attached offset is then exactly the first live byte, and
+// everything before it comes from history, filtered.
 
 import { Code, ConnectError, createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { Attach_Mode, Console, type Attached } from "./gen/conlog/v1/console_pb";
+import { QueryFilter } from "./terminal_safety";
 
 export type ConnectionState = "connecting" | "live" | "reconnecting" | "ended";
 export type Access = "unknown" | "read-write" | "read-only";
@@ -39,8 +48,6 @@ export interface Options {
   tailLines: number;
 }
 
-/** Output replayed by the daemon on a reconnect; anything older comes from history. */
-const REPLAY_BYTES = 64n << 10n;
 /** Input kept while (re)connecting; typing more than this is refused with a notice. */
 const MAX_PENDING_INPUT = 64 << 10;
 const FIRST_RETRY_MS = 250;
@@ -81,6 +88,9 @@ export class ConsoleSession {
   private sending = false;
   private attaches = 0;
   private ended = false;
+  /** Filters output shown again (history); holds a sequence cut at the end of a history read
+   * until live output (which completes it, unfiltered) or more history follows. */
+  private readonly replayed = new QueryFilter();
 
   constructor(
     private readonly options: Options,
@@ -167,7 +177,9 @@ export class ConsoleSession {
           device: this.options.device,
           mode,
           force,
-          replayBytes: this.next === undefined ? 0n : REPLAY_BYTES,
+          // No replay: the attached offset is the first live byte; what came before is read
+          // from history, where the page knows it is history (terminal safety, above).
+          replayBytes: 0n,
         },
         { signal: abort.signal },
       );
@@ -244,8 +256,8 @@ export class ConsoleSession {
       this.view.access("read-only", this.readOnly, "");
     }
     if (this.next === undefined) {
-      // First attach: the last screen from history (read after attaching, so it reaches at
-      // least attached.offset), then live output after it.
+      // First attach: the last screen from history up to attached.offset (the first live
+      // byte; history read after attaching reaches at least that far), then live output.
       let end: bigint | undefined;
       const chunks = this.client.readHistory(
         {
@@ -256,14 +268,16 @@ export class ConsoleSession {
         { signal },
       );
       for await (const chunk of chunks) {
+        if (chunk.offset >= attached.offset) break;
         if (chunk.gap) {
           end = chunk.gap.toOffset;
         } else if (chunk.data.length > 0) {
-          this.view.write(chunk.data);
-          end = chunk.offset + BigInt(chunk.data.length);
+          const shown = chunk.data.subarray(0, Number(attached.offset - chunk.offset));
+          this.historic(shown);
+          end = chunk.offset + BigInt(shown.length);
         }
       }
-      this.next = end ?? attached.offset;
+      this.next = end === undefined || end > attached.offset ? attached.offset : end;
     }
     if (attached.offset > this.next) {
       await this.fill(attached.offset, signal);
@@ -273,19 +287,35 @@ export class ConsoleSession {
     void this.flushInput();
   }
 
-  /** Shows output at `offset`: only what the terminal has not shown, after any hole. */
+  /** Shows live output at `offset`: only what the terminal has not shown, after any hole. */
   private async show(offset: bigint, data: Uint8Array, signal: AbortSignal): Promise<void> {
     if (this.next === undefined) this.next = offset;
     if (offset > this.next) await this.fill(offset, signal);
-    this.put(offset, data);
+    this.put(offset, data, false);
   }
 
-  private put(offset: bigint, data: Uint8Array): void {
+  /** Shows the part of `data` (at `offset`) the terminal has not shown yet; `historic` bytes
+   * (read from history) go through the query filter, live ones do not. */
+  private put(offset: bigint, data: Uint8Array, historic: boolean): void {
     const next = this.next ?? offset;
     const end = offset + BigInt(data.length);
     if (end <= next || offset > next) return;
-    this.view.write(data.subarray(Number(next - offset)));
+    const fresh = data.subarray(Number(next - offset));
+    if (historic) {
+      this.historic(fresh);
+    } else {
+      // A sequence cut at the end of history is completed by live output: shown as it comes.
+      const held = this.replayed.takePending();
+      if (held.length) this.view.write(held);
+      this.view.write(fresh);
+    }
     this.next = end;
+  }
+
+  /** Shows bytes read from history, with the sequences that make a terminal answer removed. */
+  private historic(data: Uint8Array): void {
+    const shown = this.replayed.push(data);
+    if (shown.length) this.view.write(shown);
   }
 
   /** Shows [next, to) from history; what is no longer on disk is marked as such. */
@@ -305,7 +335,7 @@ export class ConsoleSession {
       if (chunk.gap) {
         this.skip(chunk.gap.toOffset, "no longer on disk");
       } else {
-        this.put(chunk.offset, chunk.data);
+        this.put(chunk.offset, chunk.data, true);
       }
     }
     this.skip(to, "missing from history");
@@ -313,6 +343,8 @@ export class ConsoleSession {
 
   private skip(to: bigint, why: string): void {
     if (this.next === undefined || to <= this.next) return;
+    // A hole ends any sequence held from before it.
+    this.replayed.takePending();
     this.view.write(`\r\n\x1b[7m[conlog: ${to - this.next} bytes ${why}]\x1b[0m\r\n`);
     this.next = to;
   }
