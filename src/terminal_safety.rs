@@ -29,8 +29,15 @@
 //! C0 controls inside a CSI sequence are executed by terminals as they arrive and so are kept
 //! even when the sequence around them is dropped. A sequence split across chunks is held back
 //! (at most [`MAX_STRING`] bytes for an OSC string, [`MAX_CSI`] for a CSI) until it is complete.
-//! 8-bit C1 controls (0x9b, 0x90, …) are not treated as introducers: UTF-8 terminals read them
-//! as parts of characters.
+//!
+//! C1 controls: a lone 8-bit byte (0x9b, 0x90, …) is not an introducer (UTF-8 terminals read it
+//! as part of a character), but a C1 control *encoded in UTF-8* (`C2 9B` for U+009B CSI, `C2 9D`
+//! OSC, `C2 90` DCS, `C2 98`/`C2 9E`/`C2 9F` SOS/PM/APC, `C2 9C` ST) is one for terminals that
+//! parse code points, xterm.js among them: `C2 9B 6 n` makes xterm.js report the cursor. Those
+//! are judged exactly as their `ESC` forms; `C2 9A` (DECID) is dropped as `ESC Z` is; any other
+//! C1 control ends a held sequence (dropped) and is shown. The same rules are in the console
+//! page's filter (`web/src/terminal_safety.ts`); both meet the test vectors in
+//! `tests/data/terminal_queries.json`.
 
 /// Longest OSC string kept (bytes after `ESC ]`); a longer one is dropped whole.
 pub const MAX_STRING: usize = 4096;
@@ -42,6 +49,17 @@ const BEL: u8 = 0x07;
 const ENQ: u8 = 0x05;
 const CAN: u8 = 0x18;
 const SUB: u8 = 0x1a;
+/// The UTF-8 lead byte of U+0080..U+00BF: `C2 80`..`C2 9F` are the C1 controls.
+const C2: u8 = 0xc2;
+/// C1 controls (the second byte of their UTF-8 form).
+const C1_DCS: u8 = 0x90;
+const C1_SOS: u8 = 0x98;
+const C1_DECID: u8 = 0x9a;
+const C1_CSI: u8 = 0x9b;
+const C1_ST: u8 = 0x9c;
+const C1_OSC: u8 = 0x9d;
+const C1_PM: u8 = 0x9e;
+const C1_APC: u8 = 0x9f;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -71,6 +89,8 @@ pub struct QueryFilter {
     seq: Vec<u8>,
     /// C0 controls seen inside the current CSI (kept when it is dropped).
     controls: Vec<u8>,
+    /// A `C2` byte held: with the next byte it may be a C1 control.
+    c2: bool,
 }
 
 impl Default for QueryFilter {
@@ -86,6 +106,7 @@ impl QueryFilter {
             raw: Vec::new(),
             seq: Vec::new(),
             controls: Vec::new(),
+            c2: false,
         }
     }
 
@@ -106,7 +127,7 @@ impl QueryFilter {
 
     /// Bytes held for an unfinished sequence (not yet shown).
     pub fn pending(&self) -> usize {
-        self.raw.len()
+        self.raw.len() + usize::from(self.c2)
     }
 
     /// Ends filtering: returns the bytes held for an unfinished sequence (they go on in output
@@ -121,6 +142,14 @@ impl QueryFilter {
             State::Osc { oversize: true, .. } | State::DroppedString { .. } => held.clear(),
             _ => {}
         }
+        let dropped = matches!(
+            self.state,
+            State::Osc { oversize: true, .. } | State::DroppedString { .. }
+        );
+        if self.c2 && !dropped {
+            held.push(C2);
+        }
+        self.c2 = false;
         self.reset();
         held
     }
@@ -138,7 +167,62 @@ impl QueryFilter {
         self.raw.push(ESC);
     }
 
+    /// One input byte: a `C2` is held until the next byte says whether the two are a C1
+    /// control.
     fn byte(&mut self, byte: u8, out: &mut Vec<u8>) {
+        if self.c2 {
+            self.c2 = false;
+            if (0x80..=0x9f).contains(&byte) {
+                self.c1(byte, out);
+                return;
+            }
+            self.step(C2, out);
+        }
+        if byte == C2 {
+            self.c2 = true;
+        } else {
+            self.step(byte, out);
+        }
+    }
+
+    /// A C1 control encoded in UTF-8 (`C2 code`), in any state.
+    fn c1(&mut self, code: u8, out: &mut Vec<u8>) {
+        match (self.state, code) {
+            (
+                State::Osc {
+                    esc: false,
+                    oversize,
+                },
+                C1_ST,
+            ) => return self.finish_osc(oversize, &[C2, C1_ST], out),
+            (State::DroppedString { esc: false }, C1_ST) => return self.reset(),
+            _ => {}
+        }
+        // Anything held is aborted (dropped); controls inside a CSI were executed, so shown.
+        if self.state == State::Csi {
+            out.extend_from_slice(&self.controls);
+        }
+        self.reset();
+        match code {
+            C1_CSI => {
+                self.raw.extend_from_slice(&[C2, code]);
+                self.state = State::Csi;
+            }
+            C1_OSC => {
+                self.raw.extend_from_slice(&[C2, code]);
+                self.state = State::Osc {
+                    esc: false,
+                    oversize: false,
+                };
+            }
+            C1_DCS | C1_SOS | C1_PM | C1_APC => self.state = State::DroppedString { esc: false },
+            C1_DECID => {}
+            _ => out.extend_from_slice(&[C2, code]),
+        }
+    }
+
+    /// One byte through the state machine.
+    fn step(&mut self, byte: u8, out: &mut Vec<u8>) {
         match self.state {
             State::Ground => match byte {
                 ESC => self.start_escape(),
@@ -229,7 +313,7 @@ impl QueryFilter {
                     } else {
                         // Aborted: dropped, and a new escape begins.
                         self.start_escape();
-                        self.byte(byte, out);
+                        self.step(byte, out);
                     }
                     return;
                 }
@@ -263,7 +347,7 @@ impl QueryFilter {
                 (true, ESC) => self.state = State::DroppedString { esc: false },
                 (true, _) => {
                     self.start_escape();
-                    self.byte(byte, out);
+                    self.step(byte, out);
                 }
                 (false, ESC) => self.state = State::DroppedString { esc: true },
                 (false, CAN | SUB) => self.abort(byte, out),

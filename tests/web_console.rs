@@ -911,6 +911,11 @@ const QUERIES: &[&[u8]] = &[
     b"\x1b]12;?\x07",   // cursor colour
     b"\x1b[14t",        // window size in pixels
     b"\x1b[18t",        // text area size in characters
+    // C1 controls encoded in UTF-8: xterm.js parses code points (U+009B is CSI, U+009D OSC,
+    // U+0090 DCS, U+009C ST).
+    b"\xc2\x9b6n",
+    b"\xc2\x9d11;?\xc2\x9c",
+    b"\xc2\x90$qm\xc2\x9c",
 ];
 
 /// Output of a guest's shell with every query of [`QUERIES`] after its prompts: `lines`

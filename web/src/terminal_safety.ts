@@ -13,7 +13,9 @@
 // DECRQM, XTVERSION, window reports, …) and malformed CSI, `ESC Z`, ENQ, every DCS/APC/PM/SOS
 // string, and OSC strings with a query field (`?` or `…=?`) are dropped whole; C0 controls
 // inside a dropped CSI are kept (terminals execute them); a sequence split across chunks is held
-// back, bounded by MAX_STRING and MAX_CSI.
+// back, bounded by MAX_STRING and MAX_CSI. C1 controls encoded in UTF-8 (`C2 9B` CSI, `C2 9D`
+// OSC, `C2 90` DCS, …) are introducers too: xterm.js parses code points, so `C2 9B 6 n` makes it
+// report the cursor; they are judged as their ESC forms (a lone 8-bit byte is not).
 
 /** Longest OSC string kept (bytes after `ESC ]`); a longer one is dropped whole. */
 export const MAX_STRING = 4096;
@@ -26,6 +28,16 @@ const ENQ = 0x05;
 const CAN = 0x18;
 const SUB = 0x1a;
 const BACKSLASH = 0x5c;
+/** The UTF-8 lead byte of U+0080..U+00BF: `C2 80`..`C2 9F` are the C1 controls. */
+const C2 = 0xc2;
+const C1_DCS = 0x90;
+const C1_SOS = 0x98;
+const C1_DECID = 0x9a;
+const C1_CSI = 0x9b;
+const C1_ST = 0x9c;
+const C1_OSC = 0x9d;
+const C1_PM = 0x9e;
+const C1_APC = 0x9f;
 
 const enum State {
   Ground,
@@ -94,6 +106,8 @@ export class QueryFilter {
   private readonly seq = new Bytes();
   /** C0 controls seen inside the current CSI (kept when it is dropped). */
   private readonly controls = new Bytes();
+  /** A `C2` byte held: with the next byte it may be a C1 control. */
+  private c2 = false;
   private out = new Bytes();
 
   /** Filters `input`; returns what may be shown. Bytes of an unfinished sequence are held
@@ -106,7 +120,7 @@ export class QueryFilter {
 
   /** Bytes held for an unfinished sequence (not yet shown). */
   get pending(): number {
-    return this.raw.length;
+    return this.raw.length + (this.c2 ? 1 : 0);
   }
 
   /** Ends filtering: returns the bytes held for an unfinished sequence (they go on in output
@@ -115,7 +129,10 @@ export class QueryFilter {
     const held = new Bytes();
     held.extend(this.raw);
     if (this.state === State.Osc && this.esc && !this.oversize) held.push(ESC);
-    if ((this.state === State.Osc && this.oversize) || this.state === State.DroppedString) held.clear();
+    const dropped = (this.state === State.Osc && this.oversize) || this.state === State.DroppedString;
+    if (dropped) held.clear();
+    if (this.c2 && !dropped) held.push(C2);
+    this.c2 = false;
     this.reset();
     return held.view();
   }
@@ -135,7 +152,44 @@ export class QueryFilter {
     this.raw.push(ESC);
   }
 
+  /** One input byte: a `C2` is held until the next byte says whether the two are a C1 control. */
   private byte(byte: number): void {
+    if (this.c2) {
+      this.c2 = false;
+      if (byte >= 0x80 && byte <= 0x9f) {
+        this.c1(byte);
+        return;
+      }
+      this.step(C2);
+    }
+    if (byte === C2) this.c2 = true;
+    else this.step(byte);
+  }
+
+  /** A C1 control encoded in UTF-8 (`C2 code`), in any state. */
+  private c1(code: number): void {
+    if (code === C1_ST && !this.esc) {
+      if (this.state === State.Osc) return this.finishOsc([C2, C1_ST]);
+      if (this.state === State.DroppedString) return this.reset();
+    }
+    // Anything held is aborted (dropped); controls inside a CSI were executed, so shown.
+    if (this.state === State.Csi) this.out.extend(this.controls);
+    this.reset();
+    if (code === C1_CSI) {
+      this.raw.extend([C2, code]);
+      this.state = State.Csi;
+    } else if (code === C1_OSC) {
+      this.raw.extend([C2, code]);
+      this.state = State.Osc;
+    } else if (code === C1_DCS || code === C1_SOS || code === C1_PM || code === C1_APC) {
+      this.state = State.DroppedString;
+    } else if (code !== C1_DECID) {
+      this.out.extend([C2, code]);
+    }
+  }
+
+  /** One byte through the state machine. */
+  private step(byte: number): void {
     const out = this.out;
     switch (this.state) {
       case State.Ground:
@@ -220,7 +274,7 @@ export class QueryFilter {
           } else {
             // Aborted: dropped, and a new escape begins.
             this.startEscape();
-            this.byte(byte);
+            this.step(byte);
           }
           return;
         }
@@ -249,7 +303,7 @@ export class QueryFilter {
             this.esc = false;
           } else {
             this.startEscape();
-            this.byte(byte);
+            this.step(byte);
           }
         } else if (byte === ESC) {
           this.esc = true;
