@@ -894,8 +894,8 @@ async fn expect_typed(guest: &mut FakeGuest, what: &str, line: &str) {
 
 // Terminal safety in the page
 
-/// What a guest's shell and tools print that makes a terminal answer (docs/operations.md,
-/// "Serial consoles"): xterm.js answers every one of these, and the page would send the answers
+/// What a guest's shell and tools print that makes a terminal answer (docs/consoles.md,
+/// "Terminal safety"): xterm.js answers every one of these, and the page would send the answers
 /// to the guest as keystrokes.
 const QUERIES: &[&[u8]] = &[
     b"\x1b[6n",         // DSR: cursor position report

@@ -7,7 +7,7 @@
 // (a reconnect after an upgrade, a `lagged` skip). So the terminal shows each byte once, in
 // order, whatever the connection does.
 //
-// Terminal safety (docs/operations.md, "Serial consoles"): bytes the terminal shows again — the
+// Terminal safety (docs/consoles.md, "Terminal safety"): bytes the terminal shows again — the
 // last screen read from history on the first attach, and every range filled in from history (a
 // reconnect, a `lagged` skip) — go through a QueryFilter, so xterm.js never answers a replayed
 // query (its answers are keystrokes the page would send to the guest). Live output frames are
