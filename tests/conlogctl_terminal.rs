@@ -9,6 +9,7 @@
 //!   guest.
 
 mod support;
+mod upgrade_common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -227,9 +228,21 @@ fn count(haystack: &[u8], needle: &[u8]) -> usize {
         .count()
 }
 
-/// `history --follow` and `console` across SIGUSR1 and a kill -9 plus restart: the follower
-/// prints the stream's bytes exactly once, in order; the console keeps running, says so on
-/// stderr, and input after each reconnect reaches the guest.
+/// How a round of the reconnect test replaces the daemon.
+#[derive(Clone, Copy, Debug)]
+enum Replace {
+    /// SIGUSR1: an in-place upgrade (same pid).
+    Upgrade,
+    /// kill -9, then a new daemon on the same directories.
+    Restart,
+    /// A `conlogd --takeover` successor; the old process exits 0.
+    Takeover,
+}
+
+/// `history --follow` and `console` across SIGUSR1, a kill -9 plus restart and a `--takeover`:
+/// the follower prints the stream's bytes exactly once, in order; the console keeps running,
+/// says so on stderr, re-takes the writer lease, and input after each reconnect reaches the
+/// guest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_follow_and_console_resume_by_offset_across_upgrade_and_restart() {
     let mut daemon = Daemon::start().await;
@@ -271,13 +284,33 @@ async fn history_follow_and_console_resume_by_offset_across_upgrade_and_restart(
     console_in.write_all(b"in-0\n").await.unwrap();
     guest.wait_for(b"in-0\n").await;
 
-    for (round, restart) in [(1, false), (2, true)] {
-        if restart {
-            daemon.kill().await;
-            daemon.restart().await;
-            guest = guest.reconnect().await;
-        } else {
-            daemon.signal(rustix::process::Signal::USR1);
+    let mut successor = None;
+    for (round, how) in [
+        (1, Replace::Upgrade),
+        (2, Replace::Restart),
+        (3, Replace::Takeover),
+    ] {
+        match how {
+            Replace::Upgrade => daemon.signal(rustix::process::Signal::USR1),
+            Replace::Restart => {
+                daemon.kill().await;
+                daemon.restart().await;
+                guest = guest.reconnect().await;
+            }
+            Replace::Takeover => {
+                let mut next =
+                    upgrade_common::Successor::spawn(&daemon, daemon.tcp, daemon.metrics);
+                next.wait_ready().await;
+                let status = daemon.wait_exit().await;
+                assert_eq!(
+                    status.code(),
+                    Some(0),
+                    "the old daemon hands over and exits"
+                );
+                next.assert_took_over();
+                // The guest's connection is carried: it does not reconnect.
+                successor = Some(next);
+            }
         }
         let line = format!("after-{round}\r\n");
         guest.write(line.as_bytes()).await;
@@ -309,7 +342,7 @@ async fn history_follow_and_console_resume_by_offset_across_upgrade_and_restart(
         "the console shows every byte after its attach once, in order"
     );
     let notices = String::from_utf8_lossy(&follow_err.lock().unwrap()).into_owned();
-    assert_eq!(count(notices.as_bytes(), b"reconnecting"), 2, "{notices}");
+    assert_eq!(count(notices.as_bytes(), b"reconnecting"), 3, "{notices}");
     assert!(
         follow.try_wait().unwrap().is_none(),
         "history -f still runs"
@@ -324,6 +357,7 @@ async fn history_follow_and_console_resume_by_offset_across_upgrade_and_restart(
         Some(0),
         "console exits 0 when its input ends"
     );
+    drop(successor);
 }
 
 /// Exit statuses: a refused attach or history (unknown guest) is 3 with one clear line; the

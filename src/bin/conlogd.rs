@@ -1,15 +1,31 @@
 //! `conlogd`: loads the configuration and runs the daemon.
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use conlog::config::{Config, LogFormat, Overrides};
 use conlog::daemon::Start;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tracing_subscriber::EnvFilter;
 
+const SIGNALS_HELP: &str = "\
+Signals:
+  SIGUSR1  upgrade in place: re-execute the binary at its path, carrying every pipe, console and
+           connection (nothing logged or pending is lost; refused up front if the new binary
+           cannot start)
+  SIGHUP   reload the TLS certificate, key and client CA (the rest of the configuration is read
+           at start and at an upgrade)
+  SIGTERM  stop: drain every pipe into its log, remove the sockets, exit 0
+  SIGINT   as SIGTERM
+
+Environment:
+  RUST_LOG  log filter, overrides `log_level` (e.g. RUST_LOG=conlog=debug)
+  NO_COLOR  never colour the log (it is coloured only when stderr is a terminal anyway)
+
+Files: docs/operations.md in the source, or `man conlogd` where the packaging installs it.";
+
 /// Keeps every byte a VM prints in size-capped logs and serves its consoles.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "conlogd", version, about, after_help = SIGNALS_HELP)]
 struct Args {
     /// YAML configuration file (embedded defaults when absent).
     #[arg(long)]
@@ -66,6 +82,19 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Print a shell completion script (for the packaging).
+    #[command(hide = true)]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write conlogd's man pages (conlogd.1, conlogd-keeper.1) into a directory (for the
+    /// packaging).
+    #[command(hide = true)]
+    Man {
+        /// Directory to write into, e.g. /usr/local/share/man/man1.
+        dir: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,14 +108,24 @@ fn main() -> anyhow::Result<()> {
     // Also before any thread exists: what systemd's descriptor store hands back.
     conlog::keeper::systemd::take_listen_fds();
     let args = Args::parse();
-    if let Some(Command::Keeper {
-        config,
-        runtime_dir,
-        standby,
-        check,
-    }) = args.command
-    {
-        return keeper(config, runtime_dir, standby, check);
+    match args.command {
+        Some(Command::Keeper {
+            config,
+            runtime_dir,
+            standby,
+            check,
+        }) => return keeper(config, runtime_dir, standby, check),
+        Some(Command::Completions { shell }) => {
+            let mut command = Args::command();
+            clap_complete::generate(shell, &mut command, "conlogd", &mut std::io::stdout());
+            return Ok(());
+        }
+        Some(Command::Man { dir }) => {
+            std::fs::create_dir_all(&dir)?;
+            clap_mangen::generate_to(Args::command(), &dir)?;
+            return Ok(());
+        }
+        None => {}
     }
 
     let overrides = Overrides {
@@ -177,9 +216,18 @@ fn init_tracing(config: &Config) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour())
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Plain => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// Colour codes only for a person at a terminal: journald, files and pipes get plain text, and
+/// `NO_COLOR` (any non-empty value, https://no-color.org) turns colour off everywhere.
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color && std::io::stderr().is_terminal()
 }

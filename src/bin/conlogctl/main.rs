@@ -1,7 +1,8 @@
 //! `conlogctl`: the command line of conlogd.
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use conlog::names;
 use conlog::proto::{self, agent_client::AgentClient, console_client::ConsoleClient};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -65,27 +66,32 @@ pub fn refused(status: tonic::Status) -> anyhow::Error {
 }
 
 /// Command line of conlogd: log pipes, guests, consoles and history.
+///
+/// Every command talks to conlogd's local socket, except `console` and `history`, which reach
+/// the Console service over TCP instead when given --server.
 #[derive(Parser)]
 #[command(name = "conlogctl", version, about, after_help = EXIT_STATUS_HELP)]
 struct Args {
-    /// conlogd's local socket (default: <runtime_dir>/conlogd.sock).
-    #[arg(long, global = true)]
+    /// conlogd's local socket [default: <runtime_dir>/conlogd.sock, where <runtime_dir> is
+    /// conlogd's runtime directory (`runtime_dir` in its configuration, /run/conlog by default,
+    /// $XDG_RUNTIME_DIR/conlog when not root)].
+    #[arg(long, global = true, help_heading = "Connection")]
     socket: Option<PathBuf>,
-    /// Reach the Console service over TCP instead, e.g. http://127.0.0.1:7770 (console and
-    /// history only).
-    #[arg(long, global = true)]
+    /// Reach the Console service over TCP instead, e.g. https://node1:7770 (`console` and
+    /// `history` only; every other command is local).
+    #[arg(long, global = true, help_heading = "Connection")]
     server: Option<String>,
-    /// Token for --server (sent as `authorization: Bearer <token>`).
-    #[arg(long, global = true)]
+    /// Token for --server (sent as `authorization: Bearer <token>`; see `conlogctl token`).
+    #[arg(long, global = true, help_heading = "Connection")]
     token: Option<String>,
     /// CA certificate (PEM) that signed the server's certificate, for an https:// --server.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Connection")]
     ca: Option<PathBuf>,
     /// Client certificate (PEM) for a server that requires mutual TLS; needs --key.
-    #[arg(long, global = true, requires = "key")]
+    #[arg(long, global = true, requires = "key", help_heading = "Connection")]
     cert: Option<PathBuf>,
     /// Private key (PEM) of --cert.
-    #[arg(long, global = true, requires = "cert")]
+    #[arg(long, global = true, requires = "cert", help_heading = "Connection")]
     key: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
@@ -98,8 +104,8 @@ enum Cmd {
         /// Guest name.
         #[arg(long)]
         guest: String,
-        /// Stream name (default "qemu").
-        #[arg(long, default_value = "")]
+        /// Stream name.
+        #[arg(long, default_value = names::DEFAULT_PIPE_STREAM)]
         stream: String,
         /// Override the stream's file size cap (bytes).
         #[arg(long)]
@@ -118,21 +124,25 @@ enum Cmd {
     Guests {
         /// Only this guest.
         guest: Option<String>,
+        /// Output format: a table for people, or JSON (one object with a `guests` array, the
+        /// fields of the ListGuests reply) for scripts.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
     },
     /// Create (or show) a console; prints the socket path QEMU connects to.
     CreateConsole {
         /// Guest name.
         guest: String,
-        /// Console device (default "serial0").
-        #[arg(long, default_value = "")]
+        /// Console device.
+        #[arg(long, default_value = names::DEFAULT_CONSOLE_DEVICE)]
         device: String,
     },
     /// Attach to a console: a raw terminal (Ctrl-] leaves), or stdin's bytes when it is a pipe.
     Console {
         /// Guest name.
         guest: String,
-        /// Console device (default "serial0").
-        #[arg(long, default_value = "serial0")]
+        /// Console device.
+        #[arg(long, default_value = names::DEFAULT_CONSOLE_DEVICE)]
         device: String,
         /// Watch without taking the writer lease.
         #[arg(long)]
@@ -151,8 +161,8 @@ enum Cmd {
     History {
         /// Guest name.
         guest: String,
-        /// Stream or device (default: serial0 if the guest has that console, else qemu).
-        #[arg(long, default_value = "")]
+        /// Stream or device [default: serial0 if the guest has that console, else qemu].
+        #[arg(long, default_value = "", hide_default_value = true)]
         stream: String,
         /// Start this many bytes before the end.
         #[arg(long, conflicts_with_all = ["tail_lines", "from"])]
@@ -193,6 +203,23 @@ enum Cmd {
         /// Guest name.
         guest: String,
     },
+    /// Print a shell completion script, e.g. `conlogctl completions bash >
+    /// /usr/share/bash-completion/completions/conlogctl`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write conlogctl's man pages (conlogctl.1 and one per command) into a directory.
+    Man {
+        /// Directory to write into, e.g. /usr/local/share/man/man1.
+        dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -203,6 +230,9 @@ enum TokenAccess {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(e) = check_flags(&args) {
+        e.exit();
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -217,6 +247,55 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Refuses connection flags where they do not apply (a usage error, status 2), instead of
+/// silently ignoring them: only `console` and `history` can use the TCP Console service.
+fn check_flags(args: &Args) -> Result<(), clap::Error> {
+    let remote = matches!(args.command, Cmd::Console { .. } | Cmd::History { .. });
+    let offline = matches!(args.command, Cmd::Completions { .. } | Cmd::Man { .. });
+    let given: Vec<&str> = [
+        ("--server", args.server.is_some()),
+        ("--token", args.token.is_some()),
+        ("--ca", args.ca.is_some()),
+        ("--cert", args.cert.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, set)| set.then_some(flag))
+    .collect();
+    let mut command = Args::command();
+    if !remote && !given.is_empty() {
+        return Err(command.error(
+            clap::error::ErrorKind::ArgumentConflict,
+            format!(
+                "{} only applies to `console` and `history`; this command talks to conlogd's \
+                 local socket (see --socket)",
+                given.join(", ")
+            ),
+        ));
+    }
+    if remote && args.server.is_some() && args.socket.is_some() {
+        return Err(command.error(
+            clap::error::ErrorKind::ArgumentConflict,
+            "--socket and --server both name where conlogd is: pass one",
+        ));
+    }
+    if offline && args.socket.is_some() {
+        return Err(command.error(
+            clap::error::ErrorKind::ArgumentConflict,
+            "--socket does not apply: this command does not talk to conlogd",
+        ));
+    }
+    Ok(())
+}
+
+/// Writes conlogctl.1 and conlogctl-<command>.1 for every command into `dir`.
+fn write_man_pages(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let command = Args::command();
+    clap_mangen::generate_to(command, dir)
+        .with_context(|| format!("cannot write man pages into {}", dir.display()))?;
+    Ok(())
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
@@ -320,6 +399,15 @@ async fn run(args: Args) -> Result<ExitCode> {
             print_history(&args, request).await?;
             return Ok(ExitCode::SUCCESS);
         }
+        Cmd::Completions { shell } => {
+            let mut command = Args::command();
+            clap_complete::generate(*shell, &mut command, "conlogctl", &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Man { dir } => {
+            write_man_pages(dir)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         _ => {}
     }
     let mut agent = AgentClient::new(local_channel(args.socket).await?);
@@ -398,7 +486,7 @@ async fn run(args: Args) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Guests { guest } => {
+        Cmd::Guests { guest, output } => {
             let reply = agent
                 .list_guests(proto::ListGuestsRequest {
                     guest: guest.unwrap_or_default(),
@@ -406,7 +494,10 @@ async fn run(args: Args) -> Result<ExitCode> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print_guests(&reply);
+            match output {
+                Output::Table => print_guests(&reply),
+                Output::Json => println!("{}", guests_json(&reply)),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::CreateConsole { guest, device } => {
@@ -435,7 +526,9 @@ async fn run(args: Args) -> Result<ExitCode> {
             println!("conlogd (pid {}) is upgrading in place", reply.pid);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Console { .. } | Cmd::History { .. } => unreachable!("handled above"),
+        Cmd::Console { .. } | Cmd::History { .. } | Cmd::Completions { .. } | Cmd::Man { .. } => {
+            unreachable!("handled above")
+        }
         Cmd::Remove { guest } => {
             let reply = agent
                 .remove_guest(proto::RemoveGuestRequest {
@@ -623,6 +716,65 @@ fn run_attached(pipe: OwnedFd, command: &[String]) -> Result<ExitCode> {
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
+/// The ListGuests reply as JSON: field names as in the API (snake_case), kinds as words, every
+/// field present (zero values included), so scripts need not know protobuf's defaults.
+fn guests_json(reply: &proto::ListGuestsResponse) -> serde_json::Value {
+    use serde_json::json;
+    let guests: Vec<_> = reply
+        .guests
+        .iter()
+        .map(|guest| {
+            let streams: Vec<_> = guest
+                .streams
+                .iter()
+                .map(|s| {
+                    let kind = match proto::StreamKind::try_from(s.kind) {
+                        Ok(proto::StreamKind::Console) => "console",
+                        _ => "pipe",
+                    };
+                    let mode = match proto::LogMode::try_from(s.mode) {
+                        Ok(proto::LogMode::Truncate) => "truncate",
+                        _ => "rotate",
+                    };
+                    json!({
+                        "name": s.name,
+                        "kind": kind,
+                        "state": stream_state(s),
+                        "offset": s.offset,
+                        "first_offset": s.first_offset,
+                        "open": s.open,
+                        "log_path": s.log_path,
+                        "bytes_on_disk": s.bytes_on_disk,
+                        "max_size": s.max_size,
+                        "max_backups": s.max_backups,
+                        "mode": mode,
+                        "writers": s.writers,
+                        "clients": s.clients,
+                        "guest_connected": s.guest_connected,
+                        "dropped_bytes": s.dropped_bytes,
+                        "rotations": s.rotations,
+                        "broken": s.broken,
+                    })
+                })
+                .collect();
+            json!({ "name": guest.name, "streams": streams })
+        })
+        .collect();
+    json!({ "guests": guests })
+}
+
+/// A stream's state in one word, as the table shows it.
+fn stream_state(s: &proto::StreamInfo) -> &'static str {
+    let console = s.kind == proto::StreamKind::Console as i32;
+    match () {
+        _ if s.broken => "broken",
+        _ if console && s.guest_connected => "guest-up",
+        _ if console => "waiting",
+        _ if s.open => "open",
+        _ => "closed",
+    }
+}
+
 fn print_guests(reply: &proto::ListGuestsResponse) {
     println!(
         "{:<24} {:<10} {:<8} {:<8} {:>7} {:>14} {:>12} {:>10}  LOG",
@@ -634,13 +786,7 @@ fn print_guests(reply: &proto::ListGuestsResponse) {
                 Ok(proto::StreamKind::Console) => "console",
                 _ => "pipe",
             };
-            let state = match kind {
-                _ if s.broken => "broken",
-                "console" if s.guest_connected => "guest-up",
-                "console" => "waiting",
-                _ if s.open => "open",
-                _ => "closed",
-            };
+            let state = stream_state(s);
             println!(
                 "{:<24} {:<10} {:<8} {:<8} {:>7} {:>14} {:>12} {:>10}  {}",
                 guest.name,
