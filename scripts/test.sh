@@ -69,7 +69,9 @@ cargo build --bins
 # release (target/x86_64-unknown-linux-musl/release; about 5 minutes on 2 cores when nothing
 # is built yet, a second when nothing changed).
 cargo test --all-targets
-# The benchmark harness at a small size, so it cannot rot (figures are not judged here).
+# The benchmark harness (bench/, a package of the workspace): its own tests, then every scenario
+# at a small size, so it cannot rot (figures are not judged here).
+cargo test --quiet -p conlog-bench
 cargo run --quiet -p conlog-bench -- pipe --quick
 cargo run --quiet -p conlog-bench -- guests --quick
 cargo run --quiet -p conlog-bench -- console --quick

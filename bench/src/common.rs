@@ -8,7 +8,8 @@
 use anyhow::{bail, Context};
 use conlog::proto::agent_client::AgentClient;
 use conlog::proto::{
-    CreateLogPipeRequest, CreateLogPipeResponse, ListGuestsRequest, LogLimits, LogMode, StreamInfo,
+    Access, CreateLogPipeRequest, CreateLogPipeResponse, IssueTokenRequest, ListGuestsRequest,
+    LogLimits, LogMode, StreamInfo,
 };
 use std::fs;
 use std::os::fd::OwnedFd;
@@ -83,6 +84,25 @@ pub async fn create_pipe(
     let fd = conlog::client::receive_pipe(Path::new(&created.fd_socket), &created.handoff_token)
         .context("cannot claim the pipe from fd.sock")?;
     Ok((fd, created))
+}
+
+/// A token for `guest` (every device) with `access`, valid for an hour: what a remote client
+/// of the guest's tenant presents.
+pub async fn issue_token(
+    agent: &mut AgentClient<Channel>,
+    guest: &str,
+    access: Access,
+) -> anyhow::Result<String> {
+    let issued = agent
+        .issue_token(IssueTokenRequest {
+            guest: guest.into(),
+            device: String::new(),
+            access: access.into(),
+            ttl_seconds: 3600,
+        })
+        .await
+        .context("IssueToken failed")?;
+    Ok(issued.into_inner().token)
 }
 
 /// `guest/stream` as `ListGuests` shows it.

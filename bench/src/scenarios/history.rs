@@ -41,7 +41,7 @@ use crate::scenario::{Bench, Scenario};
 use anyhow::{bail, Context};
 use conlog::config::ByteSize;
 use conlog::proto::console_client::ConsoleClient;
-use conlog::proto::{read_history_request::Start, Access, IssueTokenRequest, ReadHistoryRequest};
+use conlog::proto::{read_history_request::Start, Access, ReadHistoryRequest};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -243,18 +243,7 @@ impl Serving {
             if info.offset != total || info.first_offset != 0 || info.dropped_bytes != 0 {
                 bail!("after a restart the stream is {info:?}; expected all {total} bytes");
             }
-            let token = agent
-                .issue_token(IssueTokenRequest {
-                    guest: GUEST.into(),
-                    device: String::new(),
-                    access: Access::Read.into(),
-                    ttl_seconds: 3600,
-                })
-                .await
-                .context("IssueToken")?
-                .into_inner()
-                .token;
-            anyhow::Ok(token)
+            common::issue_token(&mut agent, GUEST, Access::Read).await
         })?;
         Ok(Self {
             pid: daemon.pid(),

@@ -51,8 +51,8 @@ use conlog::proto::agent_client::AgentClient;
 use conlog::proto::console_client::ConsoleClient;
 use conlog::proto::{
     read_history_request, server_frame, Access, CreateConsoleRequest, CreateLogPipeRequest,
-    IssueTokenRequest, ListGuestsRequest, ReadHistoryRequest, RemoveGuestRequest,
-    SendConsoleInputRequest, WatchConsoleRequest,
+    ListGuestsRequest, ReadHistoryRequest, RemoveGuestRequest, SendConsoleInputRequest,
+    WatchConsoleRequest,
 };
 use prost::Message;
 use std::collections::BTreeMap;
@@ -1140,26 +1140,8 @@ async fn setup_guests(
         let mut writer = guest_socket.try_clone()?;
         std::thread::spawn(move || writer.write_all(&output[..REPLAY as usize]));
         guest_sockets.push(guest_socket);
-        let token = |access: Access| {
-            let mut agent = agent.clone();
-            let guest = name.clone();
-            async move {
-                anyhow::Ok(
-                    agent
-                        .issue_token(IssueTokenRequest {
-                            guest,
-                            device: String::new(),
-                            access: access.into(),
-                            ttl_seconds: 3600,
-                        })
-                        .await?
-                        .into_inner()
-                        .token,
-                )
-            }
-        };
-        let read = token(Access::Read).await?;
-        let write = token(Access::ReadWrite).await?;
+        let read = common::issue_token(agent, &name, Access::Read).await?;
+        let write = common::issue_token(agent, &name, Access::ReadWrite).await?;
         guests.push(Guest { name, read, write });
     }
     // Every byte logged before the run starts.
