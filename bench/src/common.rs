@@ -1,5 +1,5 @@
 //! What several scenarios do the same way with a daemon and its files: the scratch directory,
-//! creating and claiming log pipes, reading a stream's counters from `ListGuests`, waiting for
+//! creating and claiming log pipes, creating consoles and connecting their guest, reading a stream's counters from `ListGuests`, waiting for
 //! a stream or a listing, and hanging up before a daemon is stopped.
 //!
 //! Client-side only: nothing here starts or stops a daemon ([`crate::daemon`] does) or times
@@ -8,11 +8,12 @@
 use anyhow::{bail, Context};
 use conlog::proto::agent_client::AgentClient;
 use conlog::proto::{
-    Access, CreateLogPipeRequest, CreateLogPipeResponse, IssueTokenRequest, ListGuestsRequest,
-    LogLimits, LogMode, StreamInfo,
+    Access, CreateConsoleRequest, CreateConsoleResponse, CreateLogPipeRequest,
+    CreateLogPipeResponse, IssueTokenRequest, ListGuestsRequest, LogLimits, LogMode, StreamInfo,
 };
 use std::fs;
 use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -84,6 +85,28 @@ pub async fn create_pipe(
     let fd = conlog::client::receive_pipe(Path::new(&created.fd_socket), &created.handoff_token)
         .context("cannot claim the pipe from fd.sock")?;
     Ok((fd, created))
+}
+
+/// `CreateConsole` for `guest/device` (empty: the default device), its guest socket connected
+/// as QEMU would (the daemon binds it before it answers): the guest's end, and the answer.
+pub async fn create_console(
+    agent: &mut AgentClient<Channel>,
+    guest: &str,
+    device: &str,
+    limits: Option<LogLimits>,
+) -> anyhow::Result<(UnixStream, CreateConsoleResponse)> {
+    let created = agent
+        .create_console(CreateConsoleRequest {
+            guest: guest.into(),
+            device: device.into(),
+            limits,
+        })
+        .await
+        .context("CreateConsole failed")?
+        .into_inner();
+    let guest_end = UnixStream::connect(&created.guest_socket)
+        .with_context(|| format!("cannot connect to {}", created.guest_socket))?;
+    Ok((guest_end, created))
 }
 
 /// A token for `guest` (every device) with `access`, valid for an hour: what a remote client

@@ -177,6 +177,8 @@ mod tests {
         assert_eq!(percentile(&values, 0.99), 99.0);
         assert_eq!(percentile(&values, 1.0), 100.0);
         assert_eq!(percentile(&[3.0, 1.0, 2.0], 0.0), 1.0);
+        // Nearest rank: the smallest value with at least q of them at or below it.
+        assert_eq!(percentile(&[3.0, 1.0, 2.0], 0.5), 2.0);
         assert!(percentile(&[], 0.5).is_nan());
     }
 

@@ -2,7 +2,8 @@
 //! [`Bench`] a scenario is handed: the async runtime, the `conlogd` binary and how to start it,
 //! the scratch directory, the machine, and the choice between `--quick` and full sizes.
 //!
-//! It owns nothing a scenario measures and prints nothing: each scenario prints its own header
+//! It also says how the sides of a comparison take turns ([`alternate`]). It owns nothing a
+//! scenario measures and prints nothing: each scenario prints its own header
 //! and report (with [`crate::report`]), so the figures in docs/performance.md keep their form.
 
 use crate::common::{self, Scratch};
@@ -118,6 +119,15 @@ impl Bench {
     }
 }
 
+/// The sides of a comparison in the order run `run` (from 1) measures them: as given in odd
+/// runs, reversed in even ones, so that slow drift of a shared machine hits every side alike.
+pub fn alternate<T, const N: usize>(run: u32, mut sides: [T; N]) -> [T; N] {
+    if run.is_multiple_of(2) {
+        sides.reverse();
+    }
+    sides
+}
+
 /// Runs `scenario` in a fresh [`Bench`].
 pub fn run<S: Scenario>(scenario: &S, options: &Options) -> anyhow::Result<Verdict> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -136,4 +146,16 @@ pub fn run<S: Scenario>(scenario: &S, options: &Options) -> anyhow::Result<Verdi
         quick: options.quick,
     };
     scenario.run(&bench)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sides_take_turns() {
+        assert_eq!(alternate(1, ['a', 'b', 'c']), ['a', 'b', 'c']);
+        assert_eq!(alternate(2, ['a', 'b', 'c']), ['c', 'b', 'a']);
+        assert_eq!(alternate(3, [true, false]), [true, false]);
+    }
 }

@@ -24,17 +24,17 @@ use crate::common::{self, hang_up, wait_stream, DEADLINE};
 use crate::data::Pattern;
 use crate::procfs::{self, Machine};
 use crate::report::{self, median, met, mib_per_s, percentile, size, Table, Verdict};
-use crate::scenario::{Bench, Scenario};
+use crate::scenario::{alternate, Bench, Scenario};
 use anyhow::{bail, Context};
 use conlog::config::ByteSize;
 use conlog::proto::agent_client::AgentClient;
 use conlog::proto::console_client::ConsoleClient;
 use conlog::proto::server_frame::Frame;
-use conlog::proto::{attach::Mode, client_frame, Attach, ClientFrame, CreateConsoleRequest, Input};
+use conlog::proto::{attach::Mode, client_frame, Attach, ClientFrame, Input};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -142,20 +142,6 @@ fn start(bench: &Bench, config: &str, dir: &Path) -> anyhow::Result<crate::daemo
     bench.start_with(dir, &["--config", config])
 }
 
-/// Connects to a UNIX socket, retrying while it does not exist yet.
-fn connect_retry(path: &Path) -> anyhow::Result<UnixStream> {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        match UnixStream::connect(path) {
-            Ok(stream) => return Ok(stream),
-            Err(e) if Instant::now() > deadline => {
-                bail!("cannot connect to {}: {e}", path.display())
-            }
-            Err(_) => thread::sleep(Duration::from_millis(5)),
-        }
-    }
-}
-
 /// A guest that writes back everything it reads, on its own thread, until EOF.
 fn spawn_echo(mut stream: UnixStream) -> thread::JoinHandle<()> {
     thread::spawn(move || {
@@ -249,12 +235,7 @@ fn run(bench: &Bench, args: &ConsoleArgs) -> anyhow::Result<Verdict> {
     let mut throughputs = Vec::new();
     for run in 1..=settings.runs {
         if settings.latency {
-            let order: [bool; 2] = if run % 2 == 1 {
-                [true, false]
-            } else {
-                [false, true]
-            };
-            for conlog_side in order {
+            for conlog_side in alternate(run, [true, false]) {
                 let dir = scratch.join(format!("latency-{run}-{conlog_side}"));
                 let sample = if conlog_side {
                     latency_conlogd(bench, &config, &dir, &settings)
@@ -347,18 +328,11 @@ async fn attach(
     }
 }
 
-/// Creates the console `bench/serial0` with a bounded log; its guest socket.
-async fn create_console(agent: &mut AgentClient<Channel>) -> anyhow::Result<PathBuf> {
-    let created = agent
-        .create_console(CreateConsoleRequest {
-            guest: GUEST.into(),
-            device: DEVICE.into(),
-            limits: Some(common::rotating(64 << 20, 1)),
-        })
-        .await
-        .context("CreateConsole failed")?
-        .into_inner();
-    Ok(PathBuf::from(created.guest_socket))
+/// Creates the console `bench/serial0` with a bounded log; the guest's end of it.
+async fn create_console(agent: &mut AgentClient<Channel>) -> anyhow::Result<UnixStream> {
+    let limits = common::rotating(64 << 20, 1);
+    let (guest, _) = common::create_console(agent, GUEST, DEVICE, Some(limits)).await?;
+    Ok(guest)
 }
 
 fn latency_conlogd(
@@ -370,8 +344,7 @@ fn latency_conlogd(
     let daemon = start(bench, config, dir)?;
     let micros = bench.runtime.block_on(async {
         let mut agent = daemon.agent().await?;
-        let guest_socket = create_console(&mut agent).await?;
-        let guest = connect_retry(&guest_socket)?;
+        let guest = create_console(&mut agent).await?;
         let echo = spawn_echo(guest.try_clone()?);
         wait_stream(
             &mut agent,
@@ -596,8 +569,7 @@ fn throughput_run(
     let total = settings.size;
     let sample = bench.runtime.block_on(async {
         let mut agent = daemon.agent().await?;
-        let guest_socket = create_console(&mut agent).await?;
-        let guest = connect_retry(&guest_socket)?;
+        let guest = create_console(&mut agent).await?;
         wait_stream(
             &mut agent,
             GUEST,

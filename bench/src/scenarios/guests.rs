@@ -40,7 +40,7 @@ use crate::scenario::{Bench, Scenario};
 use anyhow::{bail, ensure, Context};
 use conlog::config::ByteSize;
 use conlog::proto::agent_client::AgentClient;
-use conlog::proto::{CreateConsoleRequest, GuestInfo, ListGuestsRequest, LogLimits, StreamKind};
+use conlog::proto::{GuestInfo, ListGuestsRequest, LogLimits, StreamKind};
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::os::fd::OwnedFd;
@@ -587,18 +587,7 @@ async fn create_guest(
     limits: &LogLimits,
 ) -> anyhow::Result<GuestEnds> {
     let (fd, pipe) = common::create_pipe(agent, guest, STREAM, Some(*limits)).await?;
-    let console = agent
-        .create_console(CreateConsoleRequest {
-            guest: guest.into(),
-            device: DEVICE.into(),
-            limits: Some(*limits),
-        })
-        .await
-        .context("CreateConsole failed")?
-        .into_inner();
-    // The daemon binds the guest socket before it answers.
-    let connection = UnixStream::connect(&console.guest_socket)
-        .with_context(|| format!("cannot connect to {}", console.guest_socket))?;
+    let (connection, console) = common::create_console(agent, guest, DEVICE, Some(*limits)).await?;
     Ok(GuestEnds {
         name: guest.into(),
         pipe: fd,

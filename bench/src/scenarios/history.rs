@@ -37,7 +37,7 @@ use crate::daemon::Daemon;
 use crate::data::Pattern;
 use crate::procfs::{self, CpuShares, Machine, MachineCpu, RssSampler};
 use crate::report::{self, median, met, mib_per_s, size, Table, Verdict};
-use crate::scenario::{Bench, Scenario};
+use crate::scenario::{alternate, Bench, Scenario};
 use anyhow::{bail, Context};
 use conlog::config::ByteSize;
 use conlog::proto::console_client::ConsoleClient;
@@ -322,12 +322,7 @@ fn run(bench: &Bench, args: &HistoryArgs) -> anyhow::Result<Verdict> {
 
     let mut samples = Vec::new();
     for run in 1..=runs {
-        let order = if run % 2 == 1 {
-            [Target::Local, Target::Tcp, Target::Tls, Target::Socat]
-        } else {
-            [Target::Socat, Target::Tls, Target::Tcp, Target::Local]
-        };
-        for target in order {
+        for target in alternate(run, Target::ALL) {
             if let Some(mode) = target.mode() {
                 if serving.mode != mode {
                     serving.daemon.stop()?;

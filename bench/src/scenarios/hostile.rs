@@ -1124,17 +1124,7 @@ async fn setup_guests(
         let limits = common::rotating(HISTORY_FILE, 8);
         let (fd, _) = common::create_pipe(agent, &name, HISTORY_STREAM, Some(limits)).await?;
         fs::File::from(fd).write_all(&history)?;
-        let console = agent
-            .create_console(CreateConsoleRequest {
-                guest: name.clone(),
-                device: String::new(),
-                limits: None,
-            })
-            .await
-            .context("CreateConsole")?
-            .into_inner();
-        let guest_socket = UnixStream::connect(&console.guest_socket)
-            .with_context(|| format!("connect to {}", console.guest_socket))?;
+        let (guest_socket, _) = common::create_console(agent, &name, "", None).await?;
         // Console output for watchers to replay (the guest never reads its input).
         let output = history.clone();
         let mut writer = guest_socket.try_clone()?;

@@ -22,7 +22,7 @@ use crate::common::{self, hang_up};
 use crate::data::Pattern;
 use crate::procfs::{self, CpuShares, Machine, MachineCpu, RssSampler};
 use crate::report::{self, median, met, mib_per_s, size, Table, Verdict};
-use crate::scenario::{Bench, Scenario};
+use crate::scenario::{alternate, Bench, Scenario};
 use anyhow::{bail, Context};
 use conlog::config::ByteSize;
 use conlog::proto::agent_client::AgentClient;
@@ -208,12 +208,7 @@ fn run(bench: &Bench, args: &PipeArgs) -> anyhow::Result<Verdict> {
 
     let mut samples = Vec::new();
     for run in 1..=settings.runs {
-        let order = if run % 2 == 1 {
-            [Target::Conlogd, Target::Cat]
-        } else {
-            [Target::Cat, Target::Conlogd]
-        };
-        for target in order {
+        for target in alternate(run, [Target::Conlogd, Target::Cat]) {
             let dir = scratch.join(format!("{}-{run}", target.name()));
             let sample = match target {
                 Target::Conlogd => run_conlogd(bench, &dir, &settings, &pattern, run),
