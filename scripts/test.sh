@@ -63,18 +63,20 @@ for tool in buildah systemd-analyze systemd-tmpfiles strip x86_64-linux-musl-gcc
 done
 
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 cargo build --bins
 # Every test, tests/deploy.rs included: it also builds the image's static musl binaries in
 # release (target/x86_64-unknown-linux-musl/release; about 5 minutes on 2 cores when nothing
 # is built yet, a second when nothing changed).
 cargo test --all-targets
-# The benchmark harness at a small size, so it cannot rot (figures are not judged here).
-cargo run --quiet --bin conlog-bench -- pipe --quick
-cargo run --quiet --bin conlog-bench -- guests --quick
-cargo run --quiet --bin conlog-bench -- console --quick
-cargo run --quiet --bin conlog-bench -- history --quick
-cargo run --quiet --bin conlog-bench -- hostile --quick
+# The benchmark harness (bench/, a package of the workspace): its own tests, then every scenario
+# at a small size, so it cannot rot (figures are not judged here).
+cargo test --quiet -p conlog-bench
+cargo run --quiet -p conlog-bench -- pipe --quick
+cargo run --quiet -p conlog-bench -- guests --quick
+cargo run --quiet -p conlog-bench -- console --quick
+cargo run --quiet -p conlog-bench -- history --quick
+cargo run --quiet -p conlog-bench -- hostile --quick
 # Fails if a SIGUSR1 does not upgrade or a takeover does not hand over (a pause is then not
 # measured at all).
-cargo run --quiet --bin conlog-bench -- upgrade --quick
+cargo run --quiet -p conlog-bench -- upgrade --quick

@@ -32,19 +32,16 @@
 //! daemon's VmRSS is sampled every 20 ms during its reads (and its VmHWM reset before); growth
 //! is the peak minus the value before the read.
 
-use crate::console::{version, wait_stream, Scratch};
+use crate::common::{self, hang_up, wait_stream};
 use crate::daemon::Daemon;
 use crate::data::Pattern;
 use crate::procfs::{self, CpuShares, Machine, MachineCpu, RssSampler};
-use crate::report::{median, met, mib_per_s, size, Table, Verdict};
-use crate::Common;
+use crate::report::{self, median, met, mib_per_s, size, Table, Verdict};
+use crate::scenario::{alternate, Bench, Scenario};
 use anyhow::{bail, Context};
 use conlog::config::ByteSize;
 use conlog::proto::console_client::ConsoleClient;
-use conlog::proto::{
-    read_history_request::Start, Access, CreateLogPipeRequest, IssueTokenRequest, LogLimits,
-    LogMode, ReadHistoryRequest,
-};
+use conlog::proto::{read_history_request::Start, Access, ReadHistoryRequest};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -56,7 +53,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::runtime::Runtime;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 const GUEST: &str = "bench";
@@ -78,9 +74,6 @@ pub struct HistoryArgs {
     /// Runs of each side [default: 2, or 1 with --quick].
     #[arg(long)]
     runs: Option<u32>,
-    /// Seconds for CI: --size 64MiB --runs 1 unless given.
-    #[arg(long)]
-    quick: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -214,27 +207,29 @@ impl Serving {
     /// Starts a daemon of `mode` on `dir` (the directories of the daemon that wrote the
     /// history), checks it restored the whole stream, and issues a token.
     fn start(
-        runtime: &Runtime,
-        conlogd: &Path,
+        bench: &Bench,
         dir: &Path,
         mode: Mode,
         tls: &TlsFiles,
         total: u64,
     ) -> anyhow::Result<Self> {
         let daemon = match mode {
-            Mode::Plain => Daemon::start(conlogd, dir)?,
+            Mode::Plain => bench.start(dir)?,
             Mode::Tls => {
                 let config = tls.config.to_string_lossy();
-                Daemon::start_with(conlogd, dir, &["--config", &config])?
+                bench.start_with(dir, &["--config", &config])?
             }
         };
-        let (tcp, tls_field) = ready_fields(&daemon)?;
-        let tcp: SocketAddr = tcp.parse().context("bad tcp= address in the ready line")?;
+        let tcp: SocketAddr = daemon
+            .ready_field("tcp")?
+            .parse()
+            .context("bad tcp= address in the ready line")?;
+        let tls_field = daemon.ready_field("tls")?;
         let expected = if mode == Mode::Tls { "on" } else { "off" };
         if tls_field != expected {
             bail!("a {mode:?} daemon reports tls={tls_field}");
         }
-        let token = runtime.block_on(async {
+        let token = bench.runtime.block_on(async {
             let mut agent = daemon.agent().await?;
             let info = wait_stream(
                 &mut agent,
@@ -248,18 +243,7 @@ impl Serving {
             if info.offset != total || info.first_offset != 0 || info.dropped_bytes != 0 {
                 bail!("after a restart the stream is {info:?}; expected all {total} bytes");
             }
-            let token = agent
-                .issue_token(IssueTokenRequest {
-                    guest: GUEST.into(),
-                    device: String::new(),
-                    access: Access::Read.into(),
-                    ttl_seconds: 3600,
-                })
-                .await
-                .context("IssueToken")?
-                .into_inner()
-                .token;
-            anyhow::Ok(token)
+            common::issue_token(&mut agent, GUEST, Access::Read).await
         })?;
         Ok(Self {
             pid: daemon.pid(),
@@ -271,12 +255,19 @@ impl Serving {
     }
 }
 
+impl Scenario for HistoryArgs {
+    const NAME: &'static str = "history";
+
+    fn run(&self, bench: &Bench) -> anyhow::Result<Verdict> {
+        run(bench, self)
+    }
+}
+
 /// Runs the scenario and prints its report.
-pub fn run(runtime: &Runtime, common: &Common, args: &HistoryArgs) -> anyhow::Result<Verdict> {
-    let total = args
-        .size
-        .map_or(if args.quick { 64 << 20 } else { 1 << 30 }, ByteSize::bytes);
-    let runs = args.runs.unwrap_or(if args.quick { 1 } else { 2 }).max(1);
+fn run(bench: &Bench, args: &HistoryArgs) -> anyhow::Result<Verdict> {
+    let runtime = &bench.runtime;
+    let total = bench.size(args.size.map(ByteSize::bytes), 64 << 20, 1 << 30);
+    let runs = bench.size(args.runs, 1, 2).max(1);
     if total == 0 {
         bail!("--size must be at least 1");
     }
@@ -286,19 +277,9 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HistoryArgs) -> anyhow::Re
             size(MAX_SIZE * u64::from(MAX_BACKUPS))
         );
     }
-    let conlogd = common.conlogd()?;
-    let parent = common.work_parent();
-    let free = procfs::free_bytes(&parent)?;
-    if free < 2 * total {
-        bail!(
-            "not enough free space in {}: {} MiB free, {} MiB needed",
-            parent.display(),
-            free >> 20,
-            (2 * total) >> 20
-        );
-    }
-    let scratch = Scratch::create(&parent, "history")?;
-    let machine = Machine::probe();
+    bench.ensure_free(2 * total, "")?;
+    let scratch = bench.scratch.path();
+    let machine = &bench.machine;
     println!(
         "conlog-bench history: {} of history (rotation at {} keeping {} backups), read from offset 0; {runs} run(s) each side, alternating",
         size(total),
@@ -308,13 +289,13 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HistoryArgs) -> anyhow::Re
     println!("machine: {machine}");
     println!(
         "scratch: {} on {}",
-        scratch.0.display(),
-        procfs::filesystem(&scratch.0)
+        scratch.display(),
+        procfs::filesystem(scratch)
     );
-    println!("conlogd: {} ({})", conlogd.display(), version(&conlogd));
+    println!("conlogd: {}", bench.conlogd_text());
 
-    let dir = scratch.0.join("daemon");
-    let daemon = Daemon::start(&conlogd, &dir)?;
+    let dir = scratch.join("daemon");
+    let daemon = bench.start(&dir)?;
     let pattern = Pattern::new(WRITE_CHUNK);
     let files = runtime.block_on(fill(&daemon, &pattern, total))?;
     // The daemons that serve the reads are started on these directories afterwards.
@@ -327,30 +308,25 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HistoryArgs) -> anyhow::Re
     if !status.success() {
         bail!("cat of the log files failed: {status}");
     }
-    let tls = TlsFiles::create(&scratch.0.join("tls"))?;
+    let tls = TlsFiles::create(&scratch.join("tls"))?;
     println!(
         "{} written and logged in {} files; read by daemons started on them: plaintext (unix, tcp) and TLS (tls), switched when the next target needs the other",
         size(total),
         files.len()
     );
     // Run 1 starts with the UNIX socket.
-    let mut serving = Serving::start(runtime, &conlogd, &dir, Mode::Plain, &tls, total)?;
+    let mut serving = Serving::start(bench, &dir, Mode::Plain, &tls, total)?;
     let mut starts = 1;
     let mut negotiated = None;
     println!();
 
     let mut samples = Vec::new();
     for run in 1..=runs {
-        let order = if run % 2 == 1 {
-            [Target::Local, Target::Tcp, Target::Tls, Target::Socat]
-        } else {
-            [Target::Socat, Target::Tls, Target::Tcp, Target::Local]
-        };
-        for target in order {
+        for target in alternate(run, Target::ALL) {
             if let Some(mode) = target.mode() {
                 if serving.mode != mode {
                     serving.daemon.stop()?;
-                    serving = Serving::start(runtime, &conlogd, &dir, mode, &tls, total)?;
+                    serving = Serving::start(bench, &dir, mode, &tls, total)?;
                     starts += 1;
                 }
                 if mode == Mode::Tls && negotiated.is_none() {
@@ -380,11 +356,7 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HistoryArgs) -> anyhow::Re
                     .map_or(String::new(), |c| format!("connect {:.1} ms  ", c.as_secs_f64() * 1e3)),
                 sample.rss_before_kib,
                 sample.rss_peak_kib,
-                if sample.problems.is_empty() {
-                    "ok".to_owned()
-                } else {
-                    format!("WRONG: {}", sample.problems.join("; "))
-                }
+                report::outcome(&sample.problems)
             );
             samples.push(sample);
         }
@@ -395,45 +367,10 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HistoryArgs) -> anyhow::Re
         negotiated.as_deref().unwrap_or("not probed")
     );
     println!("{starts} daemon start(s) on the filled directories; {tls_text}");
-    print_report(total, runs, &machine, &tls_text, &samples);
-    Ok(if samples.iter().any(|s| !s.problems.is_empty()) {
-        Verdict::Wrong
-    } else {
-        Verdict::Correct
-    })
-}
-
-/// `tcp=` and `tls=` of the daemon's ready line.
-fn ready_fields(daemon: &Daemon) -> anyhow::Result<(String, String)> {
-    // The ready line reaches the kept tail just after the daemon is reported ready.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let stderr = daemon.stderr_tail();
-        let found = stderr
-            .lines()
-            .find(|l| l.contains("conlogd ready"))
-            .context("no ready line in the daemon's stderr")
-            .and_then(|line| Ok((field(line, "tcp")?, field(line, "tls")?)));
-        match found {
-            Ok(fields) => return Ok(fields),
-            Err(e) if Instant::now() > deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
-}
-
-/// The value of `name=VALUE` in a log line.
-fn field(line: &str, name: &str) -> anyhow::Result<String> {
-    let key = format!(" {name}=");
-    let start = line
-        .find(&key)
-        .with_context(|| format!("no {name}= in the ready line"))?
-        + key.len();
-    Ok(line[start..]
-        .split_whitespace()
-        .next()
-        .with_context(|| format!("empty {name}="))?
-        .to_owned())
+    print_report(total, runs, machine, &tls_text, &samples);
+    Ok(Verdict::wrong_if(
+        samples.iter().any(|s| !s.problems.is_empty()),
+    ))
 }
 
 /// One TLS handshake with the daemon, with the client settings tonic uses (rustls, ring
@@ -469,21 +406,8 @@ async fn probe_tls(tcp: SocketAddr, tls: &TlsFiles) -> anyhow::Result<String> {
 /// files, oldest first.
 async fn fill(daemon: &Daemon, pattern: &Pattern, total: u64) -> anyhow::Result<Vec<PathBuf>> {
     let mut agent = daemon.agent().await?;
-    let created = agent
-        .create_log_pipe(CreateLogPipeRequest {
-            guest: GUEST.into(),
-            stream: STREAM.into(),
-            limits: Some(LogLimits {
-                max_size: Some(MAX_SIZE),
-                max_backups: Some(MAX_BACKUPS),
-                mode: LogMode::Rotate.into(),
-            }),
-        })
-        .await
-        .context("CreateLogPipe failed")?
-        .into_inner();
-    let fd = conlog::client::receive_pipe(Path::new(&created.fd_socket), &created.handoff_token)
-        .context("cannot claim the pipe from fd.sock")?;
+    let limits = common::rotating(MAX_SIZE, MAX_BACKUPS);
+    let (fd, created) = common::create_pipe(&mut agent, GUEST, STREAM, Some(limits)).await?;
     let writer = std::thread::spawn({
         let mut file = File::from(fd);
         let pattern = Pattern::new(WRITE_CHUNK);
@@ -629,8 +553,7 @@ async fn run_conlogd(
         problems.push(format!("{next} bytes received of {total}"));
     }
     drop(chunks);
-    drop(client);
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    hang_up(client).await;
     Ok(Sample {
         target,
         seconds,
@@ -808,13 +731,10 @@ fn print_report(total: u64, runs: u32, machine: &Machine, tls: &str, samples: &[
     println!(
         "Other processes kept up to {busiest:.2} CPUs busy during a read (see the runs above)."
     );
-    println!("---- markdown ----");
-    println!(
+    let caption = format!(
         "{} of history in {} rotated files read from offset 0, {runs} run(s) each side, alternating; page cache warm; {tls}; other processes kept up to {busiest:.2} CPUs busy during a read. Machine: {machine}.",
         size(total),
         total.div_ceil(MAX_SIZE)
     );
-    println!();
-    print!("{}", summary.markdown());
-    println!("---- end ----");
+    report::print_markdown(Some(&caption), &[&summary]);
 }

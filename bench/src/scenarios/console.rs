@@ -20,24 +20,21 @@
 //! Everything (daemon, guest thread, 100 clients) shares the machine: on 2 CPUs the clients'
 //! work is taken from the daemon's.
 
-use crate::daemon::Daemon;
+use crate::common::{self, hang_up, wait_stream, DEADLINE};
 use crate::data::Pattern;
 use crate::procfs::{self, Machine};
-use crate::report::{median, met, mib_per_s, size, Table, Verdict};
-use crate::Common;
+use crate::report::{self, median, met, mib_per_s, percentile, size, Table, Verdict};
+use crate::scenario::{alternate, Bench, Scenario};
 use anyhow::{bail, Context};
 use conlog::config::ByteSize;
 use conlog::proto::agent_client::AgentClient;
 use conlog::proto::console_client::ConsoleClient;
 use conlog::proto::server_frame::Frame;
-use conlog::proto::{
-    attach::Mode, client_frame, Attach, ClientFrame, CreateConsoleRequest, Input,
-    ListGuestsRequest, LogLimits, LogMode, StreamInfo,
-};
+use conlog::proto::{attach::Mode, client_frame, Attach, ClientFrame, Input};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -59,8 +56,6 @@ const CLIENT_COUNTS: [usize; 5] = [0, 1, 10, 100, 1000];
 const TARGET_CLIENTS: usize = 100;
 /// HTTP/2 connections the clients are spread over (each under `limits.calls_per_connection`).
 const CHANNELS: usize = 8;
-/// Longest any single wait may take.
-const DEADLINE: Duration = Duration::from_secs(120);
 /// After every byte is logged, how long clients get to catch up.
 const CATCH_UP: Duration = Duration::from_secs(20);
 /// Targets of issue 3.
@@ -82,9 +77,6 @@ pub struct ConsoleArgs {
     /// Runs of each measurement [default: 1].
     #[arg(long, default_value_t = 1)]
     runs: u32,
-    /// Seconds for CI: fewer round trips, 64MiB per throughput run.
-    #[arg(long)]
-    quick: bool,
     /// Only the latency part.
     #[arg(long, conflicts_with = "throughput_only")]
     latency_only: bool,
@@ -132,113 +124,22 @@ impl<W: Write> Write for Paced<W> {
     }
 }
 
-/// A scratch directory removed when dropped.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn create(parent: &Path, name: &str) -> anyhow::Result<Self> {
-        let dir = parent.join(format!("conlog-bench-{name}.{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `guest/stream` as `ListGuests` shows it.
-pub async fn stream_info(
-    agent: &mut AgentClient<Channel>,
-    guest: &str,
-    stream: &str,
-) -> anyhow::Result<StreamInfo> {
-    let guests = agent
-        .list_guests(ListGuestsRequest {
-            guest: guest.into(),
-        })
-        .await
-        .context("ListGuests failed")?
-        .into_inner();
-    guests
-        .guests
-        .into_iter()
-        .flat_map(|g| g.streams)
-        .find(|s| s.name == stream)
-        .with_context(|| format!("{guest}/{stream} is missing from ListGuests"))
-}
-
-/// Polls `ListGuests` every `poll` until `done` holds (bounded by [`DEADLINE`]).
-pub async fn wait_stream(
-    agent: &mut AgentClient<Channel>,
-    guest: &str,
-    stream: &str,
-    poll: Duration,
-    what: &str,
-    done: impl Fn(&StreamInfo) -> bool,
-) -> anyhow::Result<StreamInfo> {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let info = stream_info(agent, guest, stream).await?;
-        if done(&info) {
-            return Ok(info);
-        }
-        if Instant::now() > deadline {
-            bail!("{guest}/{stream}: not {what} after {DEADLINE:?}: {info:?}");
-        }
-        tokio::time::sleep(poll).await;
-    }
-}
-
-/// The conlogd version line, for the report.
-pub fn version(binary: &Path) -> String {
-    Command::new(binary)
-        .arg("--version")
-        .output()
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
 /// `limits.clients_per_console` for the runs (the default, 64, is below 100 clients).
 const CLIENT_LIMIT: u32 = 1024;
 
-/// A wrapper script that execs `binary` with a config raising the client limit (so the pid
-/// stays the daemon's); the shared daemon starter passes no config of its own.
-fn with_client_limit(binary: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
+/// A config file in `dir` raising the client limit, for `--config`.
+fn with_client_limit(dir: &Path) -> anyhow::Result<String> {
     let config = dir.join("conlogd.yaml");
     fs::write(
         &config,
         format!("limits:\n  clients_per_console: {CLIENT_LIMIT}\n"),
     )?;
-    let script = dir.join("conlogd");
-    fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nexec '{}' --config '{}' \"$@\"\n",
-            binary.display(),
-            config.display()
-        ),
-    )?;
-    fs::set_permissions(&script, fs::Permissions::from_mode(0o755))?;
-    Ok(script)
+    Ok(config.to_string_lossy().into_owned())
 }
 
-/// Connects to a UNIX socket, retrying while it does not exist yet.
-fn connect_retry(path: &Path) -> anyhow::Result<UnixStream> {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        match UnixStream::connect(path) {
-            Ok(stream) => return Ok(stream),
-            Err(e) if Instant::now() > deadline => {
-                bail!("cannot connect to {}: {e}", path.display())
-            }
-            Err(_) => thread::sleep(Duration::from_millis(5)),
-        }
-    }
+/// A daemon on `dir` with the config of [`with_client_limit`].
+fn start(bench: &Bench, config: &str, dir: &Path) -> anyhow::Result<crate::daemon::Daemon> {
+    bench.start_with(dir, &["--config", config])
 }
 
 /// A guest that writes back everything it reads, on its own thread, until EOF.
@@ -265,20 +166,9 @@ struct Latencies {
 }
 
 impl Latencies {
-    fn percentile(&self, p: f64) -> f64 {
-        percentile(&self.micros, p)
+    fn percentile(&self, q: f64) -> f64 {
+        percentile(&self.micros, q)
     }
-}
-
-/// The `p`-th percentile (nearest rank) of `values`.
-fn percentile(values: &[f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 /// One throughput run.
@@ -299,16 +189,21 @@ struct Throughput {
     problems: Vec<String>,
 }
 
+impl Scenario for ConsoleArgs {
+    const NAME: &'static str = "console";
+
+    fn run(&self, bench: &Bench) -> anyhow::Result<Verdict> {
+        run(bench, self)
+    }
+}
+
 /// Runs the scenario and prints its report.
-pub fn run(runtime: &Runtime, common: &Common, args: &ConsoleArgs) -> anyhow::Result<Verdict> {
+fn run(bench: &Bench, args: &ConsoleArgs) -> anyhow::Result<Verdict> {
+    let runtime = &bench.runtime;
     let settings = Settings {
-        round_trips: args
-            .round_trips
-            .unwrap_or(if args.quick { 200 } else { 2000 }),
-        warm_up: args.warm_up.unwrap_or(if args.quick { 20 } else { 200 }),
-        size: args
-            .size
-            .map_or(if args.quick { 64 << 20 } else { 1 << 30 }, ByteSize::bytes),
+        round_trips: bench.size(args.round_trips, 200, 2000),
+        warm_up: bench.size(args.warm_up, 20, 200),
+        size: bench.size(args.size.map(ByteSize::bytes), 64 << 20, 1 << 30),
         runs: args.runs.max(1),
         latency: !args.throughput_only,
         throughput: !args.latency_only,
@@ -317,10 +212,9 @@ pub fn run(runtime: &Runtime, common: &Common, args: &ConsoleArgs) -> anyhow::Re
     if settings.round_trips == 0 || settings.size == 0 {
         bail!("--round-trips and --size must be at least 1");
     }
-    let real_conlogd = common.conlogd()?;
-    let scratch = Scratch::create(&common.work_parent(), "console")?;
-    let conlogd = with_client_limit(&real_conlogd, &scratch.0)?;
-    let machine = Machine::probe();
+    let scratch = bench.scratch.path();
+    let config = with_client_limit(scratch)?;
+    let machine = &bench.machine;
     println!(
         "conlog-bench console: latency {} round trips (+{} warm-up) vs socat; throughput {} in {} guest writes with {:?} clients; {} run(s)",
         settings.round_trips,
@@ -332,9 +226,8 @@ pub fn run(runtime: &Runtime, common: &Common, args: &ConsoleArgs) -> anyhow::Re
     );
     println!("machine: {machine} (daemon, guest, clients and socat all share it)");
     println!(
-        "conlogd: {} ({}) with limits.clients_per_console {CLIENT_LIMIT}",
-        real_conlogd.display(),
-        version(&real_conlogd)
+        "conlogd: {} with limits.clients_per_console {CLIENT_LIMIT}",
+        bench.conlogd_text()
     );
     println!();
 
@@ -342,15 +235,10 @@ pub fn run(runtime: &Runtime, common: &Common, args: &ConsoleArgs) -> anyhow::Re
     let mut throughputs = Vec::new();
     for run in 1..=settings.runs {
         if settings.latency {
-            let order: [bool; 2] = if run % 2 == 1 {
-                [true, false]
-            } else {
-                [false, true]
-            };
-            for conlog_side in order {
-                let dir = scratch.0.join(format!("latency-{run}-{conlog_side}"));
+            for conlog_side in alternate(run, [true, false]) {
+                let dir = scratch.join(format!("latency-{run}-{conlog_side}"));
                 let sample = if conlog_side {
-                    latency_conlogd(runtime, &conlogd, &dir, &settings)
+                    latency_conlogd(bench, &config, &dir, &settings)
                 } else {
                     latency_socat(runtime, &dir, &settings)
                 };
@@ -359,17 +247,17 @@ pub fn run(runtime: &Runtime, common: &Common, args: &ConsoleArgs) -> anyhow::Re
                 println!(
                     "run {run} latency {:<7} p50 {:>7.1} µs  p99 {:>7.1} µs  max {:>8.1} µs",
                     sample.target,
-                    sample.percentile(50.0),
-                    sample.percentile(99.0),
-                    sample.percentile(100.0)
+                    sample.percentile(0.5),
+                    sample.percentile(0.99),
+                    sample.percentile(1.0)
                 );
                 latencies.push(sample);
             }
         }
         if settings.throughput {
             for clients in CLIENT_COUNTS {
-                let dir = scratch.0.join(format!("throughput-{run}-{clients}"));
-                let sample = throughput_run(runtime, &conlogd, &dir, &settings, clients);
+                let dir = scratch.join(format!("throughput-{run}-{clients}"));
+                let sample = throughput_run(bench, &config, &dir, &settings, clients);
                 let _ = fs::remove_dir_all(&dir);
                 let sample = sample?;
                 println!(
@@ -383,22 +271,16 @@ pub fn run(runtime: &Runtime, common: &Common, args: &ConsoleArgs) -> anyhow::Re
                     size(sample.lagged_bytes),
                     sample.incomplete,
                     sample.clients_seconds,
-                    if sample.problems.is_empty() {
-                        "ok".to_owned()
-                    } else {
-                        format!("WRONG: {}", sample.problems.join("; "))
-                    }
+                    report::outcome(&sample.problems)
                 );
                 throughputs.push(sample);
             }
         }
     }
-    print_report(&settings, &machine, &latencies, &throughputs);
-    Ok(if throughputs.iter().any(|s| !s.problems.is_empty()) {
-        Verdict::Wrong
-    } else {
-        Verdict::Correct
-    })
+    print_report(&settings, machine, &latencies, &throughputs);
+    Ok(Verdict::wrong_if(
+        throughputs.iter().any(|s| !s.problems.is_empty()),
+    ))
 }
 
 fn input_frame(data: &[u8]) -> ClientFrame {
@@ -446,35 +328,23 @@ async fn attach(
     }
 }
 
-/// Creates the console `bench/serial0` with a bounded log; its guest socket.
-async fn create_console(agent: &mut AgentClient<Channel>) -> anyhow::Result<PathBuf> {
-    let created = agent
-        .create_console(CreateConsoleRequest {
-            guest: GUEST.into(),
-            device: DEVICE.into(),
-            limits: Some(LogLimits {
-                max_size: Some(64 << 20),
-                max_backups: Some(1),
-                mode: LogMode::Rotate.into(),
-            }),
-        })
-        .await
-        .context("CreateConsole failed")?
-        .into_inner();
-    Ok(PathBuf::from(created.guest_socket))
+/// Creates the console `bench/serial0` with a bounded log; the guest's end of it.
+async fn create_console(agent: &mut AgentClient<Channel>) -> anyhow::Result<UnixStream> {
+    let limits = common::rotating(64 << 20, 1);
+    let (guest, _) = common::create_console(agent, GUEST, DEVICE, Some(limits)).await?;
+    Ok(guest)
 }
 
 fn latency_conlogd(
-    runtime: &Runtime,
-    binary: &Path,
+    bench: &Bench,
+    config: &str,
     dir: &Path,
     settings: &Settings,
 ) -> anyhow::Result<Latencies> {
-    let daemon = Daemon::start(binary, dir)?;
-    let micros = runtime.block_on(async {
+    let daemon = start(bench, config, dir)?;
+    let micros = bench.runtime.block_on(async {
         let mut agent = daemon.agent().await?;
-        let guest_socket = create_console(&mut agent).await?;
-        let guest = connect_retry(&guest_socket)?;
+        let guest = create_console(&mut agent).await?;
         let echo = spawn_echo(guest.try_clone()?);
         wait_stream(
             &mut agent,
@@ -525,8 +395,7 @@ fn latency_conlogd(
         drop(frames);
         let _ = guest.shutdown(std::net::Shutdown::Both);
         let _ = echo.join();
-        drop(agent);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        hang_up(agent).await;
         anyhow::Ok(micros)
     })?;
     daemon.stop()?;
@@ -688,20 +557,19 @@ async fn read_client(
 }
 
 fn throughput_run(
-    runtime: &Runtime,
-    binary: &Path,
+    bench: &Bench,
+    config: &str,
     dir: &Path,
     settings: &Settings,
     clients: usize,
 ) -> anyhow::Result<Throughput> {
-    let daemon = Daemon::start(binary, dir)?;
+    let daemon = start(bench, config, dir)?;
     let pid = daemon.pid();
     let pattern = Arc::new(Pattern::new(GUEST_WRITE));
     let total = settings.size;
-    let sample = runtime.block_on(async {
+    let sample = bench.runtime.block_on(async {
         let mut agent = daemon.agent().await?;
-        let guest_socket = create_console(&mut agent).await?;
-        let guest = connect_retry(&guest_socket)?;
+        let guest = create_console(&mut agent).await?;
         wait_stream(
             &mut agent,
             GUEST,
@@ -812,8 +680,7 @@ fn throughput_run(
         }
         drop(senders);
         drop(channels);
-        drop(agent);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        hang_up(agent).await;
 
         let mut problems = Vec::new();
         for (i, r) in results.iter().enumerate() {
@@ -864,8 +731,8 @@ fn print_report(
                 .collect()
         };
         let (c, s) = (pooled("conlogd"), pooled("socat"));
-        let (c50, c99) = (percentile(&c, 50.0), percentile(&c, 99.0));
-        let (s50, s99) = (percentile(&s, 50.0), percentile(&s, 99.0));
+        let (c50, c99) = (percentile(&c, 0.5), percentile(&c, 0.99));
+        let (s50, s99) = (percentile(&s, 0.5), percentile(&s, 0.99));
         summary.row(vec![
             "echo latency p50, µs (conlogd vs socat)".into(),
             format!("{c50:.1}"),
@@ -924,8 +791,7 @@ fn print_report(
     println!();
     print!("{}", summary.text());
     println!();
-    println!("---- markdown ----");
-    println!(
+    let caption = format!(
         "Latency: {} echo round trips (after {} warm-up) per run, pooled over {} run(s); throughput: {} per run in {} guest writes, median of {} run(s). Machine: {machine}.",
         settings.round_trips,
         settings.warm_up,
@@ -934,20 +800,5 @@ fn print_report(
         size(GUEST_WRITE as u64),
         settings.runs
     );
-    println!();
-    print!("{}", summary.markdown());
-    println!("---- end ----");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles() {
-        let values: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&values, 50.0), 50.0);
-        assert_eq!(percentile(&values, 99.0), 99.0);
-        assert_eq!(percentile(&values, 100.0), 100.0);
-    }
+    report::print_markdown(Some(&caption), &[&summary]);
 }

@@ -31,19 +31,16 @@
 //! cannot exceed; N is capped to what fits under it with a margin, and the cap is printed. The
 //! per-guest figures extrapolate to the 10,000 guests of the issue.
 
-use crate::console::{version, Scratch};
+use crate::common::{self, hang_up, Scratch, MAX_MESSAGE};
 use crate::daemon::Daemon;
 use crate::data::Pattern;
 use crate::procfs::{self, Machine, RssSampler};
-use crate::report::{median, met, size, Table, Verdict};
-use crate::Common;
+use crate::report::{self, median, met, mib, size, Table, Verdict};
+use crate::scenario::{Bench, Scenario};
 use anyhow::{bail, ensure, Context};
 use conlog::config::ByteSize;
 use conlog::proto::agent_client::AgentClient;
-use conlog::proto::{
-    CreateConsoleRequest, CreateLogPipeRequest, GuestInfo, ListGuestsRequest, LogLimits, LogMode,
-    StreamKind,
-};
+use conlog::proto::{GuestInfo, ListGuestsRequest, LogLimits, StreamKind};
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::os::fd::OwnedFd;
@@ -77,8 +74,6 @@ const FD_MARGIN: f64 = 256.0;
 const REST: Duration = Duration::from_secs(2);
 /// Longest wait for bytes to be logged or a restarted daemon to list its guests.
 const DEADLINE: Duration = Duration::from_secs(120);
-/// Largest `ListGuests` answer accepted (tens of thousands of streams).
-const MAX_MESSAGE: usize = 256 << 20;
 
 /// Options of `conlog-bench guests`.
 #[derive(clap::Args)]
@@ -115,9 +110,6 @@ pub struct GuestsArgs {
     /// node; else the scratch directory].
     #[arg(long, value_name = "DIR")]
     runtime_parent: Option<PathBuf>,
-    /// Seconds for CI: 200 and 20 guests, 16MiB written once, one restart of each kind.
-    #[arg(long)]
-    quick: bool,
 }
 
 struct Settings {
@@ -131,22 +123,15 @@ struct Settings {
 }
 
 impl Settings {
-    fn from_args(args: &GuestsArgs) -> anyhow::Result<Self> {
-        let quick = args.quick;
+    fn from_args(args: &GuestsArgs, bench: &Bench) -> anyhow::Result<Self> {
         let settings = Self {
-            guests: args
-                .guests
-                .unwrap_or(if quick { 200 } else { ISSUE_GUESTS }),
-            small: args
-                .small
-                .unwrap_or(if quick { 20 } else { VIRTLOGD_GUESTS }),
+            guests: bench.size(args.guests, 200, ISSUE_GUESTS),
+            small: bench.size(args.small, 20, VIRTLOGD_GUESTS),
             writing_percent: args.writing_percent,
-            write_total: args
-                .write_total
-                .map_or(if quick { 16 << 20 } else { 512 << 20 }, ByteSize::bytes),
+            write_total: bench.size(args.write_total.map(ByteSize::bytes), 16 << 20, 512 << 20),
             chunk: usize::try_from(args.chunk.bytes()).context("--chunk too large")?,
-            restarts: args.restarts.unwrap_or(if quick { 1 } else { 3 }),
-            write_runs: args.write_runs.unwrap_or(if quick { 1 } else { 3 }),
+            restarts: bench.size(args.restarts, 1, 3),
+            write_runs: bench.size(args.write_runs, 1, 3),
         };
         ensure!(settings.guests > 0, "--guests must be at least 1");
         ensure!(
@@ -186,11 +171,7 @@ impl Settings {
 
     /// The limits of every stream: one file holds all a stream gets, so nothing rotates.
     fn limits(&self, guests: usize) -> LogLimits {
-        LogLimits {
-            max_size: Some((2 * self.per_stream(guests)).max(2 << 20)),
-            max_backups: Some(1),
-            mode: LogMode::Rotate.into(),
-        }
+        common::rotating((2 * self.per_stream(guests)).max(2 << 20), 1)
     }
 }
 
@@ -210,50 +191,10 @@ impl Footprint {
             rss_kib: procfs::rss_kib(pid)?,
             anon_kib: procfs::status_kib(pid, "RssAnon")?,
             file_kib: procfs::status_kib(pid, "RssFile")?,
-            fds: fs::read_dir(format!("/proc/{pid}/fd"))?.count(),
-            threads: thread_count(pid)?,
+            fds: procfs::open_fds(pid)?,
+            threads: procfs::thread_count(pid)?,
         })
     }
-}
-
-/// `Threads:` of `/proc/PID/status` (not a `kB` field).
-fn thread_count(pid: u32) -> anyhow::Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("Threads:")?.trim().parse().ok())
-        .context("no Threads: in /proc/PID/status")
-}
-
-/// Time the (single-threaded) process has spent on a CPU, to the nanosecond: the first field
-/// of `/proc/PID/schedstat`, readable until the process is reaped.
-fn on_cpu(pid: u32) -> anyhow::Result<Duration> {
-    let schedstat = fs::read_to_string(format!("/proc/{pid}/schedstat"))?;
-    let nanos = schedstat
-        .split_whitespace()
-        .next()
-        .and_then(|field| field.parse().ok())
-        .context("malformed /proc/PID/schedstat")?;
-    Ok(Duration::from_nanos(nanos))
-}
-
-/// The state letter of `/proc/PID/stat` (`R`, `S`, `D`, `Z`…).
-fn state(pid: u32) -> Option<char> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
-/// Raises this process's RLIMIT_NOFILE to its hard limit (the daemon, a child, inherits the
-/// hard limit and raises its own); the hard limit.
-fn descriptor_limit() -> u64 {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut limit = getrlimit(Resource::Nofile);
-    limit.current = limit.maximum;
-    if let Err(e) = setrlimit(Resource::Nofile, limit) {
-        eprintln!("cannot raise RLIMIT_NOFILE to its hard limit: {e}");
-    }
-    let limit = getrlimit(Resource::Nofile);
-    limit.current.unwrap_or(u64::MAX)
 }
 
 /// The most guests that fit under `limit` descriptors for both processes, with the margin.
@@ -314,23 +255,25 @@ impl Run {
     }
 }
 
+impl Scenario for GuestsArgs {
+    const NAME: &'static str = "guests";
+
+    fn run(&self, bench: &Bench) -> anyhow::Result<Verdict> {
+        run(bench, self)
+    }
+}
+
 /// Runs the scenario and prints its report.
-pub fn run(runtime: &Runtime, common: &Common, args: &GuestsArgs) -> anyhow::Result<Verdict> {
-    let settings = Settings::from_args(args)?;
-    let conlogd = common.conlogd()?;
-    let parent = common.work_parent();
-    let free = procfs::free_bytes(&parent)?;
+fn run(bench: &Bench, args: &GuestsArgs) -> anyhow::Result<Verdict> {
+    let settings = Settings::from_args(args, bench)?;
     // The daemon keeps every round's logs; one round of the baseline's files at a time.
-    let needed = (settings.write_runs as u64 + 2) * settings.write_total;
-    ensure!(
-        free >= needed,
-        "not enough free space in {}: {} MiB free, {} MiB needed ((--write-runs + 2) × --write-total)",
-        parent.display(),
-        free >> 20,
-        needed >> 20
-    );
-    let limit = descriptor_limit();
-    let machine = Machine::probe();
+    bench.ensure_free(
+        (settings.write_runs as u64 + 2) * settings.write_total,
+        " ((--write-runs + 2) × --write-total)",
+    )?;
+    let parent = &bench.parent;
+    let limit = procfs::raise_nofile();
+    let machine = &bench.machine;
     println!(
         "conlog-bench guests: {} and {} guests, {}% of them writing {} in all in {} writes; {} restart(s) of each kind",
         settings.guests,
@@ -341,25 +284,25 @@ pub fn run(runtime: &Runtime, common: &Common, args: &GuestsArgs) -> anyhow::Res
         settings.restarts
     );
     println!("machine: {machine}");
-    println!("conlogd: {} ({})", conlogd.display(), version(&conlogd));
+    println!("conlogd: {}", bench.conlogd_text());
     println!("RLIMIT_NOFILE hard limit: {limit} (this process and the daemon raise their soft limit to it)");
-    let scratch = Scratch::create(&parent, "guests")?;
+    let scratch = bench.scratch.path();
     println!(
         "scratch (logs, state): {} on {}",
-        scratch.0.display(),
-        procfs::filesystem(&scratch.0)
+        scratch.display(),
+        procfs::filesystem(scratch)
     );
     let runtime_parent = args.runtime_parent.clone().or_else(|| {
         let shm = PathBuf::from("/dev/shm");
         shm.is_dir().then_some(shm)
     });
     let runtime_scratch = match runtime_parent {
-        Some(dir) if dir != parent => Some(Scratch::create(&dir, "guests-run")?),
+        Some(dir) if dir != *parent => Some(Scratch::create(&dir, "guests-run")?),
         _ => None,
     };
     let places = Places {
-        scratch: scratch.0.clone(),
-        runtime: runtime_scratch.as_ref().map(|s| s.0.clone()),
+        scratch: scratch.to_owned(),
+        runtime: runtime_scratch.as_ref().map(|s| s.path().to_owned()),
     };
     let sockets = places.runtime.as_ref().unwrap_or(&places.scratch);
     println!(
@@ -376,7 +319,7 @@ pub fn run(runtime: &Runtime, common: &Common, args: &GuestsArgs) -> anyhow::Res
             daemon_per_guest,
             settings.writing_percent,
         ));
-        let run = measure(runtime, &conlogd, &places, &settings, small)?;
+        let run = measure(bench, &places, &settings, small)?;
         daemon_per_guest = daemon_per_guest.max(run.fds_per_guest());
         runs.push(run);
     }
@@ -395,19 +338,17 @@ pub fn run(runtime: &Runtime, common: &Common, args: &GuestsArgs) -> anyhow::Res
         settings.guests
     };
     if guests != settings.small || settings.small == 0 {
-        runs.push(measure(runtime, &conlogd, &places, &settings, guests)?);
+        runs.push(measure(bench, &places, &settings, guests)?);
     }
     let placement = format!(
         "logs and state on {}, sockets on {}",
         procfs::filesystem(&places.scratch),
         procfs::filesystem(sockets)
     );
-    print_report(&settings, &machine, &placement, limit, &runs);
-    Ok(if runs.iter().any(|r| !r.problems.is_empty()) {
-        Verdict::Wrong
-    } else {
-        Verdict::Correct
-    })
+    print_report(&settings, machine, &placement, limit, &runs);
+    Ok(Verdict::wrong_if(
+        runs.iter().any(|r| !r.problems.is_empty()),
+    ))
 }
 
 /// Where the daemons' directories go.
@@ -444,16 +385,16 @@ impl Places {
 
 /// Every phase for one guest count, on a fresh daemon in its own directory.
 fn measure(
-    runtime: &Runtime,
-    binary: &Path,
+    bench: &Bench,
     places: &Places,
     settings: &Settings,
     guests: usize,
 ) -> anyhow::Result<Run> {
+    let runtime = &bench.runtime;
     println!("\n== {guests} guests ==");
     let name = format!("guests-{guests}");
     let dir = places.daemon_dir(&name)?;
-    let daemon = Daemon::start(binary, &dir)?;
+    let daemon = bench.start(&dir)?;
     let pid = daemon.pid();
     let mut agent = runtime
         .block_on(daemon.agent())?
@@ -578,17 +519,14 @@ fn measure(
     let after_writes = Footprint::read(pid)?;
 
     // Restarts with every guest registered.
-    runtime.block_on(async move {
-        drop(agent);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    });
+    runtime.block_on(hang_up(agent));
     let mut daemon = Some(daemon);
     let (mut term, mut kill, mut empty_start) = (vec![], vec![], vec![]);
     let (mut stop, mut empty_stop) = (vec![], vec![]);
     for round in 0..settings.restarts {
         let empty_name = format!("empty-{guests}-{round}");
         let empty_dir = places.daemon_dir(&empty_name)?;
-        let (fresh, times) = timed_start(runtime, binary, &empty_dir, 0)?;
+        let (fresh, times) = timed_start(bench, &empty_dir, 0)?;
         let stopping = Instant::now();
         fresh.stop()?;
         empty_stop.push(stopping.elapsed());
@@ -598,11 +536,11 @@ fn measure(
         let stopping = Instant::now();
         daemon.take().context("no daemon")?.stop()?;
         stop.push(stopping.elapsed());
-        let (restarted, times) = timed_start(runtime, binary, &dir, guests)?;
+        let (restarted, times) = timed_start(bench, &dir, guests)?;
         term.push(times);
         // SIGKILL (the daemon's drop) and start again: crash recovery.
         drop(restarted);
-        let (restarted, times) = timed_start(runtime, binary, &dir, guests)?;
+        let (restarted, times) = timed_start(bench, &dir, guests)?;
         kill.push(times);
         daemon = Some(restarted);
     }
@@ -648,29 +586,8 @@ async fn create_guest(
     guest: &str,
     limits: &LogLimits,
 ) -> anyhow::Result<GuestEnds> {
-    let pipe = agent
-        .create_log_pipe(CreateLogPipeRequest {
-            guest: guest.into(),
-            stream: STREAM.into(),
-            limits: Some(*limits),
-        })
-        .await
-        .context("CreateLogPipe failed")?
-        .into_inner();
-    let fd = conlog::client::receive_pipe(Path::new(&pipe.fd_socket), &pipe.handoff_token)
-        .context("cannot claim the pipe from fd.sock")?;
-    let console = agent
-        .create_console(CreateConsoleRequest {
-            guest: guest.into(),
-            device: DEVICE.into(),
-            limits: Some(*limits),
-        })
-        .await
-        .context("CreateConsole failed")?
-        .into_inner();
-    // The daemon binds the guest socket before it answers.
-    let connection = UnixStream::connect(&console.guest_socket)
-        .with_context(|| format!("cannot connect to {}", console.guest_socket))?;
+    let (fd, pipe) = common::create_pipe(agent, guest, STREAM, Some(*limits)).await?;
+    let (connection, console) = common::create_console(agent, guest, DEVICE, Some(*limits)).await?;
     Ok(GuestEnds {
         name: guest.into(),
         pipe: fd,
@@ -882,7 +799,7 @@ async fn run_cats(
         let pid = child.id();
         let deadline = Instant::now() + DEADLINE;
         while !(procfs::command_name(pid).is_ok_and(|name| name == "cat")
-            && state(pid) == Some('S'))
+            && procfs::state(pid) == Some('S'))
         {
             ensure!(
                 Instant::now() < deadline,
@@ -890,7 +807,7 @@ async fn run_cats(
             );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        cpu_before += on_cpu(pid)?;
+        cpu_before += procfs::on_cpu(pid)?;
     }
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -908,12 +825,8 @@ async fn run_cats(
     }
     for mut child in children {
         // Wait without reaping, so its CPU time is still readable.
-        let pid = rustix::process::Pid::from_raw(child.id() as i32).context("bad pid")?;
-        rustix::process::waitid(
-            rustix::process::WaitId::Pid(pid),
-            rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT,
-        )?;
-        cpu_after += on_cpu(child.id())?;
+        procfs::wait_exited_unreaped(child.id())?;
+        cpu_after += procfs::on_cpu(child.id())?;
         let status = child.wait()?;
         ensure!(status.success(), "cat exited with {status}");
     }
@@ -927,44 +840,27 @@ async fn run_cats(
 /// Starts a daemon on `dir` and waits until it lists `guests` guests; the daemon, the time from
 /// spawn to its ready line and to that listing.
 fn timed_start(
-    runtime: &Runtime,
-    binary: &Path,
+    bench: &Bench,
     dir: &Path,
     guests: usize,
 ) -> anyhow::Result<(Daemon, (Duration, Duration))> {
     let spawned = Instant::now();
-    let daemon = Daemon::start(binary, dir)?;
+    let daemon = bench.start(dir)?;
     let ready = spawned.elapsed();
-    let socket = daemon.socket.clone();
-    let listed = runtime.block_on(async {
-        loop {
-            if let Ok(channel) = conlog::client::connect_local(&socket).await {
-                let mut agent = AgentClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
-                if let Ok(reply) = agent.list_guests(ListGuestsRequest::default()).await {
-                    if reply.into_inner().guests.len() == guests {
-                        let listed = spawned.elapsed();
-                        // Let the connection close before the daemon is stopped.
-                        drop(agent);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        return Ok(listed);
-                    }
-                }
-            }
-            if spawned.elapsed() > DEADLINE {
-                bail!("the restarted daemon did not list {guests} guests within {DEADLINE:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+    let poll = Duration::from_millis(1);
+    let listed = bench.runtime.block_on(async {
+        let agent = common::wait_listed(&daemon.socket, guests, poll, spawned + DEADLINE)
+            .await
+            .with_context(|| format!("the restarted daemon, within {DEADLINE:?}"))?;
+        let listed = spawned.elapsed();
+        hang_up(agent).await;
+        anyhow::Ok(listed)
     })?;
     Ok((daemon, (ready, listed)))
 }
 
 fn median_seconds(values: impl Iterator<Item = Duration>) -> f64 {
     median(&values.map(|d| d.as_secs_f64()).collect::<Vec<_>>())
-}
-
-fn mib(kib: u64) -> String {
-    format!("{:.1}", kib as f64 / 1024.0)
 }
 
 fn seconds(value: f64) -> String {
@@ -1192,9 +1088,8 @@ fn print_report(settings: &Settings, machine: &Machine, placement: &str, limit: 
     println!();
     print!("{}", targets.text());
     println!();
-    println!("---- markdown ----");
     let sizes: Vec<String> = runs.iter().map(|r| r.guests.to_string()).collect();
-    println!(
+    let caption = format!(
         "{} guests asked, {} run (RLIMIT_NOFILE hard limit {limit}); {}% writing {} in all in {} writes; \
          {} restart(s) of each kind. Machine: {machine}; {placement}.",
         settings.guests,
@@ -1204,11 +1099,7 @@ fn print_report(settings: &Settings, machine: &Machine, placement: &str, limit: 
         size(settings.chunk as u64),
         settings.restarts
     );
-    println!();
-    print!("{}", memory.markdown());
-    println!();
-    print!("{}", targets.markdown());
-    println!("---- end ----");
+    report::print_markdown(Some(&caption), &[&memory, &targets]);
 }
 
 /// The verdict on a target set at the issue's guest count, measured with `measured` guests: a
@@ -1256,13 +1147,5 @@ mod tests {
         assert_eq!(guests_that_fit(20_000, 6.0, 10), 2957);
         // The bench's share binds when the daemon needs less than it.
         assert_eq!(guests_that_fit(20_000, 1.0, 10), 8065);
-    }
-
-    #[test]
-    fn reads_own_cpu_and_state() {
-        let pid = std::process::id();
-        on_cpu(pid).unwrap();
-        // The main thread's state: running, or sleeping while the tests run on others.
-        assert!(matches!(state(pid), Some('R' | 'S')));
     }
 }

@@ -9,35 +9,27 @@
 //! new one (resolution ≈ the writer's 100 µs). The writer never stops, so every byte must still
 //! be in the log at the end; a run that loses a byte is WRONG.
 
-use crate::console::Scratch;
-use crate::daemon::Daemon;
-use crate::report::{self, Table, Verdict};
-use crate::Common;
+use crate::common;
+use crate::procfs;
+use crate::report::{self, percentile, Table, Verdict};
+use crate::scenario::{Bench, Scenario};
 use anyhow::Context;
-use conlog::proto::{
-    agent_client::AgentClient, CreateLogPipeRequest, ListGuestsRequest, LogLimits, LogMode,
-};
 use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::runtime::Runtime;
-use tonic::transport::Channel;
 
 /// Options of the `upgrade` scenario.
 #[derive(clap::Args)]
 pub struct UpgradeArgs {
-    /// Guest counts to measure.
-    #[arg(long, value_delimiter = ',', default_value = "1,100,2000")]
-    guests: Vec<usize>,
-    /// Upgrades (and takeovers) per guest count.
-    #[arg(long, default_value_t = 20)]
-    upgrades: usize,
-    /// CI smoke run: 1 and 10 guests, 3 upgrades each.
+    /// Guest counts to measure [default: 1,100,2000, or 1,10 with --quick].
+    #[arg(long, value_delimiter = ',')]
+    guests: Option<Vec<usize>>,
+    /// Upgrades (and takeovers) per guest count [default: 20, or 3 with --quick].
     #[arg(long)]
-    quick: bool,
+    upgrades: Option<usize>,
 }
 
 const LINE: usize = 64;
@@ -52,19 +44,27 @@ struct Pauses {
     takeover: Vec<Duration>,
 }
 
-pub fn run(runtime: &Runtime, common: &Common, args: &UpgradeArgs) -> anyhow::Result<Verdict> {
-    let binary = common.conlogd()?;
-    raise_nofile();
-    let (counts, upgrades) = if args.quick {
-        (vec![1, 10], 3)
-    } else {
-        (args.guests.clone(), args.upgrades)
-    };
+impl Scenario for UpgradeArgs {
+    const NAME: &'static str = "upgrade";
+
+    fn run(&self, bench: &Bench) -> anyhow::Result<Verdict> {
+        run(bench, self)
+    }
+}
+
+fn run(bench: &Bench, args: &UpgradeArgs) -> anyhow::Result<Verdict> {
+    procfs::raise_nofile();
+    let counts = bench.size(args.guests.clone(), vec![1, 10], vec![1, 100, 2000]);
+    let upgrades = bench.size(args.upgrades, 3, 20);
+    anyhow::ensure!(upgrades > 0, "--upgrades must be at least 1");
     let mut results = Vec::new();
     let mut verdict = Verdict::Correct;
     for guests in counts {
-        let scratch = Scratch::create(&common.work_parent(), &format!("upgrade-{guests}"))?;
-        let (pauses, correct) = measure(runtime, &binary, &scratch.0, guests, upgrades)?;
+        // A daemon of its own per guest count, its directories removed afterwards.
+        let dir = bench.scratch.path().join(guests.to_string());
+        let measured = measure(bench, &dir, guests, upgrades);
+        let _ = std::fs::remove_dir_all(&dir);
+        let (pauses, correct) = measured?;
         if !correct {
             verdict = Verdict::Wrong;
         }
@@ -93,33 +93,42 @@ pub fn run(runtime: &Runtime, common: &Common, args: &UpgradeArgs) -> anyhow::Re
         }
     }
     println!("{}", table.text());
-    println!("---- markdown ----\n{}---- end ----", table.markdown());
+    report::print_markdown(None, &[&table]);
     Ok(verdict)
 }
 
 /// p50, p99 (nearest rank) and max in milliseconds.
 fn percentiles(samples: &[Duration]) -> (f64, f64, f64) {
-    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-    ms.sort_by(f64::total_cmp);
-    let rank = |q: f64| ms[((q * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
-    (rank(0.5), rank(0.99), *ms.last().unwrap_or(&0.0))
+    let ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    (
+        percentile(&ms, 0.5),
+        percentile(&ms, 0.99),
+        percentile(&ms, 1.0),
+    )
 }
 
 fn measure(
-    runtime: &Runtime,
-    binary: &Path,
+    bench: &Bench,
     dir: &Path,
     guests: usize,
     upgrades: usize,
 ) -> anyhow::Result<(Pauses, bool)> {
-    let mut daemon = Daemon::start(binary, dir)?;
+    let runtime = &bench.runtime;
+    let mut daemon = bench.start(dir)?;
     let socket = daemon.socket.clone();
     let mut agent = runtime.block_on(daemon.agent())?;
+    // Claimed log pipes without rotation: the probe's log stays one file.
+    let mut claim = |guest: &str| -> anyhow::Result<File> {
+        let limits = common::rotating(1 << 30, 0);
+        let (fd, _) =
+            runtime.block_on(common::create_pipe(&mut agent, guest, "qemu", Some(limits)))?;
+        Ok(File::from(fd))
+    };
     let mut idle = Vec::new();
     for i in 1..guests {
-        idle.push(claim(runtime, &mut agent, &format!("idle-{i}"))?);
+        idle.push(claim(&format!("idle-{i}"))?);
     }
-    let probe = claim(runtime, &mut agent, "probe")?;
+    let probe = claim("probe")?;
     let log = dir.join("data/logs/probe/qemu.log");
 
     // The writer: one numbered line every INTERVAL, until told to stop.
@@ -171,7 +180,7 @@ fn measure(
         daemon
             .wait_ready_lines(n + 2, UPGRADE_TIMEOUT)
             .context("SIGUSR1 did not cause an in-place upgrade")?;
-        wait_serving(runtime, &socket, guests).with_context(|| {
+        wait_serving(bench, &socket, guests).with_context(|| {
             format!(
                 "after an in-place upgrade; conlogd's stderr:\n{}",
                 daemon.stderr_tail()
@@ -183,7 +192,7 @@ fn measure(
     let mut successors = Vec::new();
     for _ in 0..upgrades {
         takeover_signals.push(Instant::now());
-        let successor = Daemon::start_with(binary, dir, &["--takeover"])?;
+        let successor = bench.start_with(dir, &["--takeover"])?;
         // The predecessor must have handed over and exited 0, or the pause measured would be
         // that of a takeover that did not happen.
         successors
@@ -191,7 +200,7 @@ fn measure(
             .unwrap_or(&mut daemon)
             .wait_exited(UPGRADE_TIMEOUT)
             .context("the predecessor did not hand over to the successor")?;
-        wait_serving(runtime, &socket, guests).with_context(|| {
+        wait_serving(bench, &socket, guests).with_context(|| {
             format!(
                 "after a takeover; the successor's stderr:\n{}",
                 successor.stderr_tail()
@@ -275,51 +284,12 @@ fn longest_gap(growth: &[Instant], start: Instant, stop: Instant) -> Duration {
 }
 
 /// Waits until the daemon answers on its local socket with every guest listed.
-fn wait_serving(runtime: &Runtime, socket: &Path, guests: usize) -> anyhow::Result<()> {
+fn wait_serving(bench: &Bench, socket: &Path, guests: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let listed = runtime.block_on(async {
-            let channel = conlog::client::connect_local(socket).await.ok()?;
-            let reply = AgentClient::new(channel)
-                .list_guests(ListGuestsRequest::default())
-                .await
-                .ok()?;
-            Some(reply.into_inner().guests.len())
-        });
-        if listed == Some(guests) {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the daemon did not serve again within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// A claimed log pipe of `guest` (no rotation: the probe's log stays one file).
-fn claim(runtime: &Runtime, agent: &mut AgentClient<Channel>, guest: &str) -> anyhow::Result<File> {
-    let request = CreateLogPipeRequest {
-        guest: guest.into(),
-        stream: "qemu".into(),
-        limits: Some(LogLimits {
-            max_size: Some(1 << 30),
-            max_backups: Some(0),
-            mode: LogMode::Rotate.into(),
-        }),
-    };
-    let created = runtime
-        .block_on(agent.create_log_pipe(request))?
-        .into_inner();
-    let fd =
-        conlog::client::receive_pipe(&PathBuf::from(&created.fd_socket), &created.handoff_token)?;
-    Ok(File::from(fd))
-}
-
-/// 2,000 guests hold more descriptors than the default soft limit.
-fn raise_nofile() {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut limit = getrlimit(Resource::Nofile);
-    limit.current = limit.maximum;
-    let _ = setrlimit(Resource::Nofile, limit);
+    let poll = Duration::from_millis(2);
+    bench
+        .runtime
+        .block_on(common::wait_listed(socket, guests, poll, deadline))
+        .context("the daemon did not serve again within 60 s")?;
+    Ok(())
 }

@@ -18,23 +18,21 @@
 //! `max_size × (max_backups + 1)` and at least what rotation must keep, and every byte still
 //! on disk equal to what was written at that offset. The baseline's file is checked too.
 
-use crate::console::Scratch;
-use crate::daemon::Daemon;
+use crate::common::{self, hang_up};
 use crate::data::Pattern;
 use crate::procfs::{self, CpuShares, Machine, MachineCpu, RssSampler};
-use crate::report::{median, met, mib_per_s, size, Table, Verdict};
-use crate::Common;
+use crate::report::{self, median, met, mib_per_s, size, Table, Verdict};
+use crate::scenario::{alternate, Bench, Scenario};
 use anyhow::{bail, Context};
 use conlog::config::ByteSize;
 use conlog::proto::agent_client::AgentClient;
-use conlog::proto::{CreateLogPipeRequest, ListGuestsRequest, LogLimits, LogMode, StreamInfo};
+use conlog::proto::StreamInfo;
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio::runtime::Runtime;
 use tonic::transport::Channel;
 
 const GUEST: &str = "bench";
@@ -71,9 +69,6 @@ pub struct PipeArgs {
     /// Runs of each side [default: 3, or 1 with --quick].
     #[arg(long)]
     runs: Option<u32>,
-    /// A run of seconds for CI: --size 64MiB --runs 1 unless given.
-    #[arg(long)]
-    quick: bool,
     /// Pipe buffer of the baseline's stdin [default: the kernel's, as a shell gives cat]. For
     /// analysis only.
     #[arg(long, value_parser = ByteSize::parse)]
@@ -98,14 +93,13 @@ struct Settings {
 }
 
 impl Settings {
-    fn from_args(args: &PipeArgs) -> anyhow::Result<Self> {
-        let default_size = if args.quick { 64 << 20 } else { 1 << 30 };
+    fn from_args(args: &PipeArgs, bench: &Bench) -> anyhow::Result<Self> {
         let settings = Self {
-            size: args.size.map_or(default_size, ByteSize::bytes),
+            size: bench.size(args.size.map(ByteSize::bytes), 64 << 20, 1 << 30),
             chunk: usize::try_from(args.chunk.bytes()).context("--chunk too large")?,
             max_size: args.max_size.bytes(),
             max_backups: args.max_backups,
-            runs: args.runs.unwrap_or(if args.quick { 1 } else { 3 }),
+            runs: bench.size(args.runs, 1, 3),
             cat_pipe_size: args
                 .cat_pipe_size
                 .map(|s| usize::try_from(s.bytes()))
@@ -170,26 +164,26 @@ impl Sample {
     }
 }
 
-/// Runs the scenario and prints its report.
-pub fn run(runtime: &Runtime, common: &Common, args: &PipeArgs) -> anyhow::Result<Verdict> {
-    let settings = Settings::from_args(args)?;
-    let conlogd = common.conlogd()?;
-    let parent = common.work_parent();
-    let free = procfs::free_bytes(&parent)?;
-    if free < FREE_SPACE_FACTOR * settings.size {
-        bail!(
-            "not enough free space in {}: {} MiB free, {} MiB needed ({}× --size); pass --work-dir or a smaller --size",
-            parent.display(),
-            free >> 20,
-            (FREE_SPACE_FACTOR * settings.size) >> 20,
-            FREE_SPACE_FACTOR
-        );
+impl Scenario for PipeArgs {
+    const NAME: &'static str = "pipe";
+
+    fn run(&self, bench: &Bench) -> anyhow::Result<Verdict> {
+        run(bench, self)
     }
-    let scratch = Scratch::create(&parent, "pipe")?;
+}
+
+/// Runs the scenario and prints its report.
+fn run(bench: &Bench, args: &PipeArgs) -> anyhow::Result<Verdict> {
+    let settings = Settings::from_args(args, bench)?;
+    bench.ensure_free(
+        FREE_SPACE_FACTOR * settings.size,
+        &format!(" ({FREE_SPACE_FACTOR}× --size); pass --work-dir or a smaller --size"),
+    )?;
+    let scratch = bench.scratch.path();
     let pattern = Pattern::new(settings.chunk);
 
-    let machine = Machine::probe();
-    let filesystem = procfs::filesystem(&scratch.0);
+    let machine = &bench.machine;
+    let filesystem = procfs::filesystem(scratch);
     println!(
         "conlog-bench pipe: {} in {} writes; conlogd rotates at {} keeping {} backups; {} run(s) each, alternating",
         size(settings.size),
@@ -199,13 +193,8 @@ pub fn run(runtime: &Runtime, common: &Common, args: &PipeArgs) -> anyhow::Resul
         settings.runs
     );
     println!("machine: {machine}");
-    println!("scratch: {} on {filesystem}", scratch.0.display());
-    let version = Command::new(&conlogd)
-        .arg("--version")
-        .output()
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        .unwrap_or_default();
-    println!("conlogd: {} ({version})", conlogd.display());
+    println!("scratch: {} on {filesystem}", scratch.display());
+    println!("conlogd: {}", bench.conlogd_text());
     let before = MachineCpu::read();
     std::thread::sleep(Duration::from_millis(500));
     let quiet = MachineCpu::read().since(&before);
@@ -219,15 +208,10 @@ pub fn run(runtime: &Runtime, common: &Common, args: &PipeArgs) -> anyhow::Resul
 
     let mut samples = Vec::new();
     for run in 1..=settings.runs {
-        let order = if run % 2 == 1 {
-            [Target::Conlogd, Target::Cat]
-        } else {
-            [Target::Cat, Target::Conlogd]
-        };
-        for target in order {
-            let dir = scratch.0.join(format!("{}-{run}", target.name()));
+        for target in alternate(run, [Target::Conlogd, Target::Cat]) {
+            let dir = scratch.join(format!("{}-{run}", target.name()));
             let sample = match target {
-                Target::Conlogd => run_conlogd(runtime, &conlogd, &dir, &settings, &pattern, run),
+                Target::Conlogd => run_conlogd(bench, &dir, &settings, &pattern, run),
                 Target::Cat => run_cat(&dir, &settings, &pattern, run),
             };
             // 1 GiB per run: never keep a run's files around.
@@ -244,52 +228,33 @@ pub fn run(runtime: &Runtime, common: &Common, args: &PipeArgs) -> anyhow::Resul
                 sample.machine.iowait * 100.0,
                 sample.machine.steal * 100.0,
                 sample.rss_growth_kib(),
-                if sample.problems.is_empty() {
-                    "ok".to_owned()
-                } else {
-                    format!("WRONG: {}", sample.problems.join("; "))
-                }
+                report::outcome(&sample.problems)
             );
             samples.push(sample);
         }
     }
 
-    print_report(&settings, &machine, &filesystem, &samples);
-    let wrong = samples.iter().any(|s| !s.problems.is_empty());
-    Ok(if wrong {
-        Verdict::Wrong
-    } else {
-        Verdict::Correct
-    })
+    print_report(&settings, machine, &filesystem, &samples);
+    Ok(Verdict::wrong_if(
+        samples.iter().any(|s| !s.problems.is_empty()),
+    ))
 }
 
 /// One conlogd run in a fresh daemon whose directories are under `dir`.
 fn run_conlogd(
-    runtime: &Runtime,
-    binary: &Path,
+    bench: &Bench,
     dir: &Path,
     settings: &Settings,
     pattern: &Pattern,
     run: u32,
 ) -> anyhow::Result<Sample> {
-    let daemon = Daemon::start(binary, dir)?;
+    let runtime = &bench.runtime;
+    let daemon = bench.start(dir)?;
     let pid = daemon.pid();
     let mut agent = runtime.block_on(daemon.agent())?;
-    let request = CreateLogPipeRequest {
-        guest: GUEST.into(),
-        stream: STREAM.into(),
-        limits: Some(LogLimits {
-            max_size: Some(settings.max_size),
-            max_backups: Some(settings.max_backups),
-            mode: LogMode::Rotate.into(),
-        }),
-    };
-    let created = runtime
-        .block_on(agent.create_log_pipe(request))
-        .context("CreateLogPipe failed")?
-        .into_inner();
-    let fd = conlog::client::receive_pipe(Path::new(&created.fd_socket), &created.handoff_token)
-        .context("cannot claim the pipe from fd.sock")?;
+    let limits = common::rotating(settings.max_size, settings.max_backups);
+    let (fd, created) =
+        runtime.block_on(common::create_pipe(&mut agent, GUEST, STREAM, Some(limits)))?;
     let pipe_size = rustix::pipe::fcntl_getpipe_size(fd.as_fd())?;
     let mut writer = File::from(fd);
     let observer = match &settings.attach {
@@ -322,12 +287,7 @@ fn run_conlogd(
         observer.finish()?;
     }
     let problems = check_log(&info, Path::new(&created.log_path), settings, pattern)?;
-    // The connection's task runs on the runtime: let it close the socket, or the daemon's
-    // shutdown waits for the call to end (up to its drain timeout).
-    runtime.block_on(async move {
-        drop(agent);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    });
+    runtime.block_on(hang_up(agent));
     daemon.stop()?;
     Ok(Sample {
         target: Target::Conlogd,
@@ -381,19 +341,7 @@ async fn wait_logged(agent: &mut AgentClient<Channel>, size: u64) -> anyhow::Res
     // Closed short of `size` is wrong, but give late bytes a moment before reporting it.
     let mut closed_short_since = None;
     loop {
-        let guests = agent
-            .list_guests(ListGuestsRequest {
-                guest: GUEST.into(),
-            })
-            .await
-            .context("ListGuests failed")?
-            .into_inner();
-        let info = guests
-            .guests
-            .into_iter()
-            .flat_map(|guest| guest.streams)
-            .find(|stream| stream.name == STREAM)
-            .context("the stream is missing from ListGuests")?;
+        let info = common::stream_info(agent, GUEST, STREAM).await?;
         if !info.open && info.offset >= size {
             return Ok(info);
         }
@@ -531,11 +479,7 @@ fn run_cat(dir: &Path, settings: &Settings, pattern: &Pattern, run: u32) -> anyh
     drop(stdin);
     let written = Instant::now();
     // Wait without reaping, so cat's CPU time is still readable.
-    let raw_pid = rustix::process::Pid::from_raw(pid as i32).context("bad pid")?;
-    rustix::process::waitid(
-        rustix::process::WaitId::Pid(raw_pid),
-        rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT,
-    )?;
+    procfs::wait_exited_unreaped(pid)?;
     let done = Instant::now();
     let machine = MachineCpu::read().since(&machine_before);
     let writer_cpu = procfs::cpu_time(std::process::id())?.saturating_sub(writer_before);
@@ -697,8 +641,7 @@ fn print_report(settings: &Settings, machine: &Machine, filesystem: &str, sample
     print!("{}", summary.text());
 
     println!();
-    println!("---- markdown ----");
-    println!(
+    let caption = format!(
         "{} through one log pipe in {} writes, rotation at {} with {} backups, {} run(s) each side, alternating. \
          Machine: {machine}; scratch on {filesystem}.",
         size(settings.size),
@@ -707,9 +650,7 @@ fn print_report(settings: &Settings, machine: &Machine, filesystem: &str, sample
         settings.max_backups,
         settings.runs
     );
-    println!();
-    print!("{}", summary.markdown());
-    println!("---- end ----");
+    report::print_markdown(Some(&caption), &[&summary]);
 }
 
 #[cfg(test)]

@@ -40,19 +40,19 @@
 //! Attack clients run on a runtime of their own (two threads); the local probe runs on the
 //! caller's, so its latency is not the attackers' queueing.
 
-use crate::console::Scratch;
+use crate::common;
 use crate::daemon::Daemon;
-use crate::procfs::{self, Machine, RssSampler};
-use crate::report::{Table, Verdict};
-use crate::Common;
+use crate::procfs::{self, RssSampler};
+use crate::report::{self, mib, percentile, Table, Verdict};
+use crate::scenario::{Bench, Scenario};
 use anyhow::{bail, Context};
 use conlog::config::Limits;
 use conlog::proto::agent_client::AgentClient;
 use conlog::proto::console_client::ConsoleClient;
 use conlog::proto::{
     read_history_request, server_frame, Access, CreateConsoleRequest, CreateLogPipeRequest,
-    IssueTokenRequest, ListGuestsRequest, LogLimits, LogMode, ReadHistoryRequest,
-    RemoveGuestRequest, SendConsoleInputRequest, WatchConsoleRequest,
+    ListGuestsRequest, ReadHistoryRequest, RemoveGuestRequest, SendConsoleInputRequest,
+    WatchConsoleRequest,
 };
 use prost::Message;
 use std::collections::BTreeMap;
@@ -95,13 +95,11 @@ const POLL: Duration = Duration::from_millis(50);
 /// Loopback address of the one well-behaved remote client.
 const PROBE_PEER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 250);
 
-/// Options of `conlog-bench hostile`.
+/// Options of `conlog-bench hostile`. With `--quick`: a few guests, 64 connections and calls
+/// per attack, 50 local calls per measurement, no wait for idle connections to be closed by the
+/// daemon itself.
 #[derive(clap::Args)]
 pub struct HostileArgs {
-    /// Seconds for CI: a few guests, 64 connections and calls per attack, 50 local calls per
-    /// measurement, no wait for idle connections to be closed by the daemon itself.
-    #[arg(long)]
-    quick: bool,
     /// Local `ListGuests` calls per measurement [default: 200, or 50 with --quick].
     #[arg(long)]
     probes: Option<usize>,
@@ -133,11 +131,11 @@ struct Sizes {
 }
 
 impl Sizes {
-    fn new(limits: &Limits, args: &HostileArgs) -> Self {
+    fn new(limits: &Limits, args: &HostileArgs, quick: bool) -> Self {
         let per_guest = limits.calls_per_guest as usize;
         let remote_calls = limits.remote_calls_total as usize;
         let call_guests = remote_calls.div_ceil(per_guest);
-        if args.quick {
+        if quick {
             Self {
                 guests: 3,
                 peers: 2,
@@ -254,7 +252,7 @@ async fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<tokio::
 }
 
 fn open_fds(pid: u32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+    procfs::open_fds(pid).unwrap_or(0)
 }
 
 /// What an attack holds while it is measured; dropping it ends the attack (sockets closed,
@@ -891,14 +889,8 @@ struct Probe {
 }
 
 impl Probe {
-    fn percentile(&self, p: f64) -> f64 {
-        let mut sorted = self.latencies_ms.clone();
-        sorted.sort_by(f64::total_cmp);
-        if sorted.is_empty() {
-            return f64::NAN;
-        }
-        let index = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
-        sorted[index]
+    fn percentile(&self, q: f64) -> f64 {
+        percentile(&self.latencies_ms, q)
     }
 }
 
@@ -977,7 +969,7 @@ struct Row {
 }
 
 /// Everything needed between attacks.
-struct Bench<'a> {
+struct Attacks<'a> {
     runtime: &'a Runtime,
     attackers: &'a Runtime,
     target: Arc<Target>,
@@ -985,7 +977,7 @@ struct Bench<'a> {
     rounds: usize,
 }
 
-impl Bench<'_> {
+impl Attacks<'_> {
     fn probe(&mut self) -> Probe {
         self.rounds += 1;
         let (n, round) = (self.target.sizes.probes, self.rounds);
@@ -1129,59 +1121,17 @@ async fn setup_guests(
     let history: Vec<u8> = (0..HISTORY).map(|i| b'a' + (i % 26) as u8).collect();
     for g in 0..count {
         let name = format!("vm{g:02}");
-        let created = agent
-            .create_log_pipe(CreateLogPipeRequest {
-                guest: name.clone(),
-                stream: "qemu".into(),
-                limits: Some(LogLimits {
-                    max_size: Some(HISTORY_FILE),
-                    max_backups: Some(8),
-                    mode: LogMode::Rotate.into(),
-                }),
-            })
-            .await
-            .context("CreateLogPipe")?
-            .into_inner();
-        let fd =
-            conlog::client::receive_pipe(Path::new(&created.fd_socket), &created.handoff_token)
-                .context("claiming the pipe")?;
+        let limits = common::rotating(HISTORY_FILE, 8);
+        let (fd, _) = common::create_pipe(agent, &name, HISTORY_STREAM, Some(limits)).await?;
         fs::File::from(fd).write_all(&history)?;
-        let console = agent
-            .create_console(CreateConsoleRequest {
-                guest: name.clone(),
-                device: String::new(),
-                limits: None,
-            })
-            .await
-            .context("CreateConsole")?
-            .into_inner();
-        let guest_socket = UnixStream::connect(&console.guest_socket)
-            .with_context(|| format!("connect to {}", console.guest_socket))?;
+        let (guest_socket, _) = common::create_console(agent, &name, "", None).await?;
         // Console output for watchers to replay (the guest never reads its input).
         let output = history.clone();
         let mut writer = guest_socket.try_clone()?;
         std::thread::spawn(move || writer.write_all(&output[..REPLAY as usize]));
         guest_sockets.push(guest_socket);
-        let token = |access: Access| {
-            let mut agent = agent.clone();
-            let guest = name.clone();
-            async move {
-                anyhow::Ok(
-                    agent
-                        .issue_token(IssueTokenRequest {
-                            guest,
-                            device: String::new(),
-                            access: access.into(),
-                            ttl_seconds: 3600,
-                        })
-                        .await?
-                        .into_inner()
-                        .token,
-                )
-            }
-        };
-        let read = token(Access::Read).await?;
-        let write = token(Access::ReadWrite).await?;
+        let read = common::issue_token(agent, &name, Access::Read).await?;
+        let write = common::issue_token(agent, &name, Access::ReadWrite).await?;
         guests.push(Guest { name, read, write });
     }
     // Every byte logged before the run starts.
@@ -1223,14 +1173,14 @@ struct Served {
 
 impl Served {
     fn start(
-        runtime: &Runtime,
+        bench: &Bench,
         attackers: &Runtime,
-        conlogd: &Path,
         dir: &Path,
         sizes: &Sizes,
     ) -> anyhow::Result<Self> {
+        let runtime = &bench.runtime;
         fs::create_dir_all(dir)?;
-        let daemon = Daemon::start(conlogd, dir)?;
+        let daemon = bench.start(dir)?;
         let tcp: SocketAddr = daemon.ready_field("tcp")?.parse()?;
         let metrics: SocketAddr = daemon.ready_field("metrics")?.parse()?;
         let mut agent = runtime.block_on(daemon.agent())?;
@@ -1283,16 +1233,20 @@ impl Served {
     }
 }
 
-fn mib(kib: u64) -> String {
-    format!("{:.1}", kib as f64 / 1024.0)
+impl Scenario for HostileArgs {
+    const NAME: &'static str = "hostile";
+
+    fn run(&self, bench: &Bench) -> anyhow::Result<Verdict> {
+        run(bench, self)
+    }
 }
 
 /// Runs the scenario and prints its report.
-pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Result<Verdict> {
+fn run(bench: &Bench, args: &HostileArgs) -> anyhow::Result<Verdict> {
+    let runtime = &bench.runtime;
     let limits = Limits::default();
-    let sizes = Sizes::new(&limits, args);
-    let conlogd = common.conlogd()?;
-    let scratch = Scratch::create(&common.work_parent(), "hostile")?;
+    let sizes = Sizes::new(&limits, args, bench.quick());
+    let scratch = bench.scratch.path();
     let attackers = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1303,7 +1257,7 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
             .with_context(|| format!("loopback address {} not usable", peer(i, sizes.peers)))?;
     }
 
-    let first = Served::start(runtime, &attackers, &conlogd, &scratch.0.join("a"), &sizes)?;
+    let first = Served::start(bench, &attackers, &scratch.join("a"), &sizes)?;
     let pid = first.target.pid;
     let nofile = fs::read_to_string(format!("/proc/{pid}/limits"))
         .unwrap_or_default()
@@ -1313,7 +1267,7 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
         .unwrap_or_else(|| "?".into());
     println!(
         "hostile callers (issue 14): conlogd at its default limits, {}",
-        Machine::probe()
+        bench.machine
     );
     println!(
         "  limits: tcp_connections {}, connections_per_peer {}, remote_calls_total {}, calls_per_peer {}, \
@@ -1336,16 +1290,16 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
          ListGuests per measurement; attack 6's watchers ask for a replay of {}; attacks 1-6 on \
          one daemon, 7 on a fresh one",
         first.target.guests.len(),
-        crate::report::size(HISTORY as u64),
+        report::size(HISTORY as u64),
         first.target.sizes.peers,
         first.target.sizes.probes,
-        crate::report::size(sizes.replay),
+        report::size(sizes.replay),
     );
 
     let mut rows = Vec::new();
     {
         let (target, writers) = (first.target.clone(), first.writers.clone());
-        let mut bench = Bench {
+        let mut bench = Attacks {
             runtime,
             attackers: &attackers,
             target: target.clone(),
@@ -1370,10 +1324,10 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
 
     // All at once on a fresh daemon: what the first one's allocator kept from the attacks
     // before would otherwise hide (or be counted as) this one's growth.
-    let fresh = Served::start(runtime, &attackers, &conlogd, &scratch.0.join("b"), &sizes)?;
+    let fresh = Served::start(bench, &attackers, &scratch.join("b"), &sizes)?;
     {
         let (target, writers) = (fresh.target.clone(), fresh.writers.clone());
-        let mut bench = Bench {
+        let mut bench = Attacks {
             runtime,
             attackers: &attackers,
             target: target.clone(),
@@ -1405,9 +1359,9 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
     fresh.stop(runtime)?;
 
     // Partial requests on a fresh daemon too (the same reason).
-    let third = Served::start(runtime, &attackers, &conlogd, &scratch.0.join("c"), &sizes)?;
+    let third = Served::start(bench, &attackers, &scratch.join("c"), &sizes)?;
     {
-        let mut bench = Bench {
+        let mut bench = Attacks {
             runtime,
             attackers: &attackers,
             target: third.target.clone(),
@@ -1529,7 +1483,6 @@ pub fn run(runtime: &Runtime, common: &Common, args: &HostileArgs) -> anyhow::Re
             .map_or("-".into(), |r| mib(r.peak_kib)),
     );
     println!();
-    println!("markdown:");
-    print!("{}", table.markdown());
+    report::print_markdown(None, &[&table]);
     Ok(verdict)
 }

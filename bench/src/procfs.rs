@@ -1,7 +1,7 @@
 //! What the harness learns about processes, disks and the machine from `/proc` and `statvfs`.
 //!
 //! Read-only, except [`reset_peak_rss`], which clears a process's `VmHWM` (it only affects what
-//! `/proc` reports).
+//! `/proc` reports), and [`raise_nofile`], which raises this process's own descriptor limit.
 
 use anyhow::Context;
 use std::fs;
@@ -62,6 +62,63 @@ pub fn cpu_time(pid: u32) -> io::Result<Duration> {
     };
     let total = ticks(11)? + ticks(12)?;
     Ok(Duration::from_millis(total * 1000 / CLOCK_TICKS_PER_SECOND))
+}
+
+/// Time the (single-threaded) process has spent on a CPU, to the nanosecond: the first field
+/// of `/proc/PID/schedstat`, readable until the process is reaped.
+pub fn on_cpu(pid: u32) -> anyhow::Result<Duration> {
+    let schedstat = fs::read_to_string(format!("/proc/{pid}/schedstat"))?;
+    let nanos = schedstat
+        .split_whitespace()
+        .next()
+        .and_then(|field| field.parse().ok())
+        .context("malformed /proc/PID/schedstat")?;
+    Ok(Duration::from_nanos(nanos))
+}
+
+/// The state letter of `/proc/PID/stat` (`R`, `S`, `D`, `Z`…).
+pub fn state(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// `Threads:` of `/proc/PID/status` (not a `kB` field).
+pub fn thread_count(pid: u32) -> anyhow::Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:")?.trim().parse().ok())
+        .context("no Threads: in /proc/PID/status")
+}
+
+/// Descriptors the process has open (`/proc/PID/fd`).
+pub fn open_fds(pid: u32) -> io::Result<usize> {
+    Ok(fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// Waits until the child `pid` has exited, without reaping it, so that its CPU times are still
+/// readable in `/proc`.
+pub fn wait_exited_unreaped(pid: u32) -> anyhow::Result<()> {
+    let pid = rustix::process::Pid::from_raw(pid as i32).context("bad pid")?;
+    rustix::process::waitid(
+        rustix::process::WaitId::Pid(pid),
+        rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT,
+    )?;
+    Ok(())
+}
+
+/// Raises this process's RLIMIT_NOFILE to its hard limit (a daemon it starts inherits the hard
+/// limit and raises its own): the hard limit. Thousands of guests hold more descriptors than
+/// the default soft limit.
+pub fn raise_nofile() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = limit.maximum;
+    if let Err(e) = setrlimit(Resource::Nofile, limit) {
+        eprintln!("cannot raise RLIMIT_NOFILE to its hard limit: {e}");
+    }
+    let limit = getrlimit(Resource::Nofile);
+    limit.current.unwrap_or(u64::MAX)
 }
 
 /// The process's command name (`/proc/PID/comm`).
@@ -262,5 +319,10 @@ mod tests {
         cpu_time(pid).unwrap();
         assert!(!command_name(pid).unwrap().is_empty());
         assert_ne!(filesystem(Path::new("/")), "unknown");
+        on_cpu(pid).unwrap();
+        // The main thread's state: running, or sleeping while the tests run on others.
+        assert!(matches!(state(pid), Some('R' | 'S')));
+        assert!(thread_count(pid).unwrap() >= 1);
+        assert!(open_fds(pid).unwrap() >= 3);
     }
 }

@@ -1,5 +1,5 @@
-//! Turning samples into figures: medians, units, and tables printed both for a terminal and as
-//! markdown ready to paste into `docs/performance.md`.
+//! Turning samples into figures: medians, percentiles, units, tables printed both for a
+//! terminal and as markdown ready to paste into `docs/performance.md`, and the verdict.
 
 use std::fmt::Write;
 
@@ -8,6 +8,26 @@ use std::fmt::Write;
 pub enum Verdict {
     Correct,
     Wrong,
+}
+
+impl Verdict {
+    /// [`Wrong`](Self::Wrong) if `wrong`.
+    pub fn wrong_if(wrong: bool) -> Self {
+        if wrong {
+            Self::Wrong
+        } else {
+            Self::Correct
+        }
+    }
+}
+
+/// What a run's line says about it: `ok`, or `WRONG: ` and its problems.
+pub fn outcome(problems: &[String]) -> String {
+    if problems.is_empty() {
+        "ok".to_owned()
+    } else {
+        format!("WRONG: {}", problems.join("; "))
+    }
 }
 
 /// The median of `values` (the mean of the middle two for an even count); NaN when empty.
@@ -21,6 +41,17 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// The `q`-quantile (0 to 1, nearest rank) of `values`; NaN when empty.
+pub fn percentile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
 /// Bytes per second in MiB/s.
 pub fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64 / seconds
@@ -29,6 +60,11 @@ pub fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
 /// `1GiB`, `128KiB`, `1000B`: the shortest exact binary unit.
 pub fn size(bytes: u64) -> String {
     conlog::config::ByteSize(bytes).to_string()
+}
+
+/// KiB as MiB with one decimal.
+pub fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
 }
 
 /// `met` or `MISSED`.
@@ -106,6 +142,23 @@ impl Table {
     }
 }
 
+/// The markdown section of a report, from `---- markdown ----` to `---- end ----`: the caption
+/// (if any) and a blank line, then the tables, a blank line between two.
+pub fn print_markdown(caption: Option<&str>, tables: &[&Table]) {
+    println!("---- markdown ----");
+    if let Some(caption) = caption {
+        println!("{caption}");
+        println!();
+    }
+    for (i, table) in tables.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        print!("{}", table.markdown());
+    }
+    println!("---- end ----");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,6 +168,18 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn percentiles() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&values, 0.5), 50.0);
+        assert_eq!(percentile(&values, 0.99), 99.0);
+        assert_eq!(percentile(&values, 1.0), 100.0);
+        assert_eq!(percentile(&[3.0, 1.0, 2.0], 0.0), 1.0);
+        // Nearest rank: the smallest value with at least q of them at or below it.
+        assert_eq!(percentile(&[3.0, 1.0, 2.0], 0.5), 2.0);
+        assert!(percentile(&[], 0.5).is_nan());
     }
 
     #[test]

@@ -1,0 +1,10 @@
+//! The scenarios, one module each, every one an implementation of
+//! [`Scenario`](crate::scenario::Scenario). Each module's documentation says what it measures,
+//! against which baseline, and what makes a run WRONG.
+
+pub mod console;
+pub mod guests;
+pub mod history;
+pub mod hostile;
+pub mod pipe;
+pub mod upgrade;
