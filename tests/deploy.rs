@@ -1,4 +1,4 @@
-//! The deployment files (issue 9), checked offline, without a cluster or a Docker engine:
+//! The deployment files (deploy/README.md), checked offline, without a cluster or a Docker engine:
 //! - the plain manifests in `deploy/kubernetes/` and the Helm chart in `helm/conlog/` (rendered
 //!   with its default values and with `ci/full-values.yaml`) validate against the Kubernetes
 //!   1.32 schemas (`kubernetes-validate --strict`), pass `yamllint`, `helm lint --strict` and

@@ -322,7 +322,7 @@ async fn follow_across_truncations_gets_every_byte() {
 
 /// Truncate mode with writes that cross the truncation point (the log fills the file, truncates
 /// it and writes the rest), followed by a reader that has read everything written before each
-/// write. A caught-up `tail -f` must not lose bytes to a truncation (issue 4, item 3): the
+/// write. A caught-up `tail -f` must not lose bytes to a truncation (docs/design.md, ReadHistory follow): the
 /// daemon held the full file open when it truncated it, so the reader gets every byte, in
 /// order, no gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

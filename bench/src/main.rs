@@ -39,23 +39,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Log pipe throughput (issue 2, issue 7 scenario 1): N bytes through one log pipe with
+    /// Log pipe throughput (scenario 1): N bytes through one log pipe with
     /// rotation on, against `cat` from a pipe into a file.
     Pipe(pipe::PipeArgs),
-    /// Console latency and throughput (issue 3): echo round trips against socat relaying two
+    /// Console latency and throughput: echo round trips against socat relaying two
     /// UNIX sockets; guest throughput with 0, 1, 10 and 100 attached clients.
     Console(console::ConsoleArgs),
-    /// History streaming (issue 4): ReadHistory of a large rotated log to a client that
+    /// History streaming: ReadHistory of a large rotated log to a client that
     /// discards it, against the same bytes over loopback TCP with socat.
     History(history::HistoryArgs),
-    /// Many guests and restart (issue 7 scenarios 2 and 6): memory and CPU with N guests, each
+    /// Many guests and restart (scenarios 2 and 6): memory and CPU with N guests, each
     /// with a log pipe and a connected console, 10% writing; restart time with N registered.
     Guests(guests::GuestsArgs),
-    /// Hostile callers (issue 14): each attack on the TCP listener at the daemon's default
+    /// Hostile callers: each attack on the TCP listener at the daemon's default
     /// limits, then all at once: daemon RSS, descriptors and local ListGuests latency under
     /// attack against idle, and the memory ceiling.
     Hostile(hostile::HostileArgs),
-    /// Upgrade pause (issue 5): how long logging stops during an in-place upgrade and during a
+    /// Upgrade pause: how long logging stops during an in-place upgrade and during a
     /// takeover, with 1, 100 and 2,000 guests.
     Upgrade(upgrade::UpgradeArgs),
 }

@@ -1,4 +1,4 @@
-//! Scenario `console` (issue 3's benchmark): interactive console latency and guest throughput
+//! Scenario `console` (docs/performance.md, "Console latency and fan-out throughput"): interactive console latency and guest throughput
 //! with attached clients.
 //!
 //! Latency: the bench plays QEMU on the console's guest socket with an echoing guest (a thread
@@ -58,7 +58,7 @@ const TARGET_CLIENTS: usize = 100;
 const CHANNELS: usize = 8;
 /// After every byte is logged, how long clients get to catch up.
 const CATCH_UP: Duration = Duration::from_secs(20);
-/// Targets of issue 3.
+/// Targets (docs/performance.md, "Console latency and fan-out throughput").
 const TARGET_P99_RATIO: f64 = 1.5;
 const TARGET_THROUGHPUT_RATIO: f64 = 0.8;
 
@@ -768,7 +768,7 @@ fn print_report(
                 .map(|t| t.lagged + t.incomplete)
                 .max()
                 .unwrap_or(0);
-            // Issue 7 sets the target at 100 clients; 1,000 is reported as it comes.
+            // The target is set at 100 clients; 1,000 is reported as it comes.
             let targeted = clients == TARGET_CLIENTS;
             summary.row(vec![
                 format!("guest throughput, MiB/s, {clients} clients ({lagged} lagged)"),

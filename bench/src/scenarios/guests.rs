@@ -1,4 +1,4 @@
-//! Scenario `guests` (issue 7 scenarios 2 and 6): many guests on one daemon, and restarting it
+//! Scenario `guests` (docs/performance.md, scenarios 2 and 6): many guests on one daemon, and restarting it
 //! with all of them registered.
 //!
 //! Many guests: a fresh daemon; for each of N guests `CreateLogPipe` (stream `qemu`, write end
@@ -55,9 +55,9 @@ use tonic::transport::Channel;
 
 const STREAM: &str = "qemu";
 const DEVICE: &str = "serial0";
-/// The guest count of issue 7, which per-guest figures are extrapolated to.
+/// The guest count of the targets, which per-guest figures are extrapolated to.
 const ISSUE_GUESTS: usize = 10_000;
-/// Targets of issue 7 scenario 2 and 6.
+/// Targets of scenarios 2 and 6 (docs/performance.md, "Many guests and restart").
 const TARGET_RSS_KIB_AT_ISSUE_GUESTS: f64 = 200.0 * 1024.0;
 const TARGET_KIB_PER_GUEST: f64 = 20.0;
 const VIRTLOGD_KIB: f64 = 17.0 * 1024.0;
@@ -954,7 +954,7 @@ fn print_report(settings: &Settings, machine: &Machine, placement: &str, limit: 
         if n <= VIRTLOGD_GUESTS {
             let rss = r.idle.rss_kib as f64;
             targets.row(vec![
-                "daemon RSS at rest vs virtlogd (17 MiB, issue 7), MiB".into(),
+                "daemon RSS at rest vs virtlogd (17 MiB), MiB".into(),
                 n.to_string(),
                 mib(r.idle.rss_kib),
                 "17.0".into(),

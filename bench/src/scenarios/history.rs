@@ -1,4 +1,4 @@
-//! Scenario `history` (issue 4's benchmark): streaming a large history to a client that
+//! Scenario `history` (docs/performance.md, "History streaming"): streaming a large history to a client that
 //! discards it.
 //!
 //! Setup: a fresh daemon, a log pipe with rotation at 64 MiB keeping 20 backups (so 1 GiB stays
@@ -61,7 +61,7 @@ const MAX_SIZE: u64 = 64 << 20;
 const MAX_BACKUPS: u32 = 20;
 const WRITE_CHUNK: usize = 128 << 10;
 const SAMPLE: Duration = Duration::from_millis(20);
-/// Targets of issue 4.
+/// Targets (docs/performance.md, "History streaming").
 const TARGET_RATIO: f64 = 0.5;
 const TARGET_RSS_GROWTH_KIB: u64 = 4096;
 

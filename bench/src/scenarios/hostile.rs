@@ -1,4 +1,4 @@
-//! Scenario `hostile` (issue 14's benchmark): what hostile remote callers cost a daemon running
+//! Scenario `hostile` (docs/performance.md, "Hostile callers"): what hostile remote callers cost a daemon running
 //! at its **default limits**, and whether the local agent is still served meanwhile.
 //!
 //! One release daemon with no config file (only its directories and ports are the bench's),
@@ -1266,7 +1266,7 @@ fn run(bench: &Bench, args: &HostileArgs) -> anyhow::Result<Verdict> {
         .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
         .unwrap_or_else(|| "?".into());
     println!(
-        "hostile callers (issue 14): conlogd at its default limits, {}",
+        "hostile callers: conlogd at its default limits, {}",
         bench.machine
     );
     println!(

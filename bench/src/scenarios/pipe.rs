@@ -1,4 +1,4 @@
-//! Scenario `pipe` (issue 2's benchmark, issue 7 scenario 1): log pipe throughput.
+//! Scenario `pipe` (docs/performance.md, "Log pipe throughput" and scenario 1): log pipe throughput.
 //!
 //! conlogd: a fresh daemon per run; `CreateLogPipe` with rotation on, the write end claimed
 //! through `fd.sock`, `--size` bytes written in `--chunk` writes, the descriptor closed. The
@@ -43,7 +43,7 @@ const POLL: Duration = Duration::from_millis(1);
 const SAMPLE: Duration = Duration::from_millis(20);
 /// Most time the daemon may need to log the bytes already in its pipe.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
-/// Targets of issue 2.
+/// Targets (docs/performance.md, "Log pipe throughput").
 const TARGET_RATIO: f64 = 0.9;
 const TARGET_RSS_GROWTH_KIB: u64 = 2048;
 /// Below this idle share of the machine's CPU before the runs, warn that others are busy.

@@ -1,4 +1,4 @@
-//! Upgrade pause (issue 5): how long logging stops during an in-place upgrade (SIGUSR1) and
+//! Upgrade pause (docs/performance.md, "Upgrade pause"): how long logging stops during an in-place upgrade (SIGUSR1) and
 //! during a takeover by a successor process, with 1, 100 and 2,000 guests.
 //!
 //! One "probe" guest has a writer printing a 64-byte line every 100 µs into its log pipe; the
