@@ -12,6 +12,7 @@ use crate::handoff::{create_pipe, Handoffs};
 use crate::names;
 use crate::proto::{self, agent_server::Agent};
 use crate::tokens::{Access, Grant, TokenKey};
+use crate::upgrade::trigger::Trigger;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -24,8 +25,8 @@ pub struct AgentService {
     pub handoffs: Arc<Handoffs>,
     /// Absolute path of fd.sock, returned to clients.
     pub fd_socket: PathBuf,
-    /// Where `Upgrade` requests go (the daemon's main loop).
-    pub upgrades: tokio::sync::mpsc::Sender<crate::daemon::UpgradeRequest>,
+    /// Asks the daemon's main loop for an upgrade.
+    pub upgrades: Trigger,
     /// Signs console tokens.
     pub tokens: Arc<TokenKey>,
 }
@@ -309,13 +310,7 @@ impl Agent for AgentService {
         request: Request<proto::UpgradeRequest>,
     ) -> Result<Response<proto::UpgradeResponse>, Status> {
         log_peer(&request, "Upgrade");
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let unavailable =
-            || Error::Unavailable("The daemon is already stopping or upgrading".into());
-        self.upgrades.send(reply).await.map_err(|_| unavailable())?;
-        match answer.await.map_err(|_| unavailable())? {
-            Ok(pid) => Ok(Response::new(proto::UpgradeResponse { pid })),
-            Err(why) => Err(Error::FailedPrecondition(format!("Upgrade refused: {why}")).into()),
-        }
+        let pid = self.upgrades.upgrade().await.map_err(Error::from)?;
+        Ok(Response::new(proto::UpgradeResponse { pid }))
     }
 }

@@ -21,6 +21,7 @@ pub mod fds;
 pub mod gate;
 pub mod handover;
 pub mod snapshot;
+pub mod trigger;
 
 use snapshot::{ConsoleEntry, HandoffEntry, ListenerIndexes, Snapshot, SnapshotError, StreamEntry};
 use std::os::fd::OwnedFd;
