@@ -144,6 +144,7 @@ pub(super) fn continue_counters(metrics: &Metrics, carried: Option<Option<Counte
 
 fn save(saved: &Saved, file: &Path) {
     if let Err(e) = saved.save(file) {
-        tracing::warn!(file = %file.display(), error = %e, "cannot save the counters");
+        // After each refused upgrade too, which a local caller may ask for at will.
+        crate::limited!(warn, file = %file.display(), error = %e, "cannot save the counters");
     }
 }

@@ -31,6 +31,10 @@ pub struct AgentService {
     pub tokens: Arc<TokenKey>,
 }
 
+/// Agent-call log lines per call site and second; a local caller that goes beyond is told
+/// about by `suppressed = N` ([`crate::ratelimit`]).
+const AUDIT_BURST: u64 = crate::ratelimit::Throttle::AUDIT_BURST;
+
 /// Logs who called `method` (pid, uid, gid of the local peer from SO_PEERCRED).
 fn log_peer<T>(request: &Request<T>, method: &'static str) {
     match request
@@ -38,14 +42,16 @@ fn log_peer<T>(request: &Request<T>, method: &'static str) {
         .get::<ConnInfo>()
         .map(|info| &info.peer)
     {
-        Some(Peer::Local { pid, uid, gid }) => tracing::info!(
+        Some(Peer::Local { pid, uid, gid }) => crate::limited!(
+            burst: AUDIT_BURST,
+            info,
             method,
             peer_pid = pid.unwrap_or(-1),
             peer_uid = uid.map_or(-1, i64::from),
             peer_gid = gid.map_or(-1, i64::from),
             "agent call"
         ),
-        _ => tracing::info!(method, "agent call from unidentified peer"),
+        _ => crate::limited!(burst: AUDIT_BURST, info, method, "agent call from unidentified peer"),
     }
 }
 
@@ -174,7 +180,7 @@ impl AgentService {
         // The keeper holds the read end and the write end before the token goes out: a crash
         // after the writer has its end must not break the pipe (crate::keeper).
         let _ = crate::keeper::flushed().await;
-        tracing::info!(guest = %request.guest, stream, offset, "log pipe created");
+        crate::limited!(burst: AUDIT_BURST, info, guest = %request.guest, stream, offset, "log pipe created");
         Ok(proto::CreateLogPipeResponse {
             handoff_token: token,
             fd_socket: self.fd_socket.display().to_string(),
@@ -298,7 +304,8 @@ impl Agent for AgentService {
             .tokens
             .rotate()
             .map_err(|e| Error::io("cannot write a new token key", e))?;
-        tracing::warn!(
+        crate::limited!(
+            warn,
             key_id,
             "token key rotated: every token issued before is revoked"
         );
