@@ -16,8 +16,8 @@
 //!
 //! [`run`] reads as its steps: assemble (directories, TLS and tokens, the empty registry),
 //! receive the carried state (upgrade, takeover), restore, then serve period after period.
-//! A period of serving ([`serving`]) ends in a stop or a hand-over; both hand-overs follow the
-//! one sequence freeze → offer → thaw on failure ([`transfer`]).
+//! A period of serving (`serving.rs`) ends in a stop or a hand-over; both hand-overs follow the
+//! one sequence freeze → offer → thaw on failure (`transfer.rs`).
 //!
 //! The signals it handles are blocked from the first instruction of `main` until its handlers
 //! exist: one that arrives during start-up (restoring thousands of streams takes a while) waits

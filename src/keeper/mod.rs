@@ -10,7 +10,7 @@
 //! - systemd's file descriptor store ([`systemd`]; `keeper: auto` under systemd, or
 //!   `keeper: systemd`).
 //!
-//! This module owns the process-wide [`Holder`]: the owners of descriptors call [`hold`] when
+//! This module owns the process-wide holder: the owners of descriptors call [`hold`] when
 //! one comes into their hands and [`release`] when they close it for good (a stream ends, a
 //! guest is removed, a hand-off is claimed or expires); nothing is released when descriptors
 //! are carried to a next image (upgrade, takeover): the names stay the same. A dedicated

@@ -6,7 +6,8 @@
 //!    30 s, and nothing more until step 5. The daemon reads every connection's hello on a task
 //!    of its own ([`accept`]), so a client that is silent, trickles bytes or sends garbage
 //!    delays neither a real successor nor the daemon's own loop; it is dropped at its first
-//!    wrong byte, at end of stream or after 30 s, and nothing is frozen for it.
+//!    wrong byte, at end of stream or after 30 s, and nothing is frozen for it (its refusal is
+//!    logged at a bounded rate, [`crate::ratelimit`]).
 //! 2. Only if the hello was exact and the successor is still connected with nothing more sent
 //!    ([`check_quiet`]), the daemon freezes every stream (nothing more is read from pipes or
 //!    guests; unread bytes wait in the kernel) and stops its gRPC servers (pending connections
