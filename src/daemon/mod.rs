@@ -337,7 +337,10 @@ impl Daemon {
                 }
                 Wake::Successor(connection) => match handover::check_quiet(&connection).await {
                     Ok(()) => return Event::HandOver(Successor::Process(connection)),
-                    Err(e) => crate::limited!(warn, error = %e, "ignoring a bad takeover request"),
+                    Err(e) => {
+                        let peer_pid = connection.peer_cred().ok().and_then(|c| c.pid());
+                        crate::limited!(warn, peer_pid, error = %e, "ignoring a bad takeover request");
+                    }
                 },
             }
         }
