@@ -107,3 +107,15 @@ impl From<NameError> for tonic::Status {
         Error::from(error).into()
     }
 }
+
+/// An upgrade that did not happen ([`crate::upgrade::trigger`]): refused by the preflight, or
+/// asked for while the daemon was already going away.
+impl From<crate::upgrade::trigger::UpgradeError> for Error {
+    fn from(error: crate::upgrade::trigger::UpgradeError) -> Self {
+        use crate::upgrade::trigger::UpgradeError;
+        match error {
+            UpgradeError::Unavailable => Error::Unavailable(error.to_string()),
+            UpgradeError::Refused(_) => Error::FailedPrecondition(error.to_string()),
+        }
+    }
+}

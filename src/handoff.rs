@@ -46,6 +46,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
+use tracing::Instrument;
 
 /// Longest token line accepted on fd.sock, `\n` included.
 pub const MAX_LINE: usize = 128;
@@ -271,26 +272,33 @@ impl Handoffs {
     pub async fn serve(self: Arc<Self>, listener: UnixListener, read_timeout: Duration) {
         let sweeper = {
             let this = self.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                loop {
-                    tick.tick().await;
-                    this.sweep();
+            tokio::spawn(
+                async move {
+                    let mut tick = tokio::time::interval(Duration::from_secs(1));
+                    loop {
+                        tick.tick().await;
+                        this.sweep();
+                    }
                 }
-            })
+                .instrument(tracing::info_span!("handoff_sweeper")),
+            )
         };
         let _sweeper = AbortOnDrop(sweeper);
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    tracing::warn!(error = %e, "fd.sock accept failed");
+                    crate::limited!(warn, error = %e, "fd.sock accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
             let this = self.clone();
-            tokio::spawn(async move { this.serve_one(stream, read_timeout).await });
+            let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid());
+            tokio::spawn(
+                async move { this.serve_one(stream, read_timeout).await }
+                    .instrument(tracing::info_span!("handoff", peer_pid)),
+            );
         }
     }
 
@@ -340,11 +348,12 @@ impl Handoffs {
             Ok(()) => {
                 crate::fault::point("handoff.sent");
                 self.metrics.handoffs.inc();
-                tracing::info!(guest = %pending.guest, stream = %pending.stream, "log pipe handed over");
+                crate::limited!(burst: crate::ratelimit::Throttle::AUDIT_BURST, info, guest = %pending.guest, stream = %pending.stream, "log pipe handed over");
             }
             Err(e) => {
                 self.metrics.handoff_failures.inc();
-                tracing::warn!(guest = %pending.guest, stream = %pending.stream, error = %e, "hand-off send failed; the token stays valid");
+                // The client can go away at will, and then claim the same token again.
+                crate::limited!(warn, guest = %pending.guest, stream = %pending.stream, error = %e, "hand-off send failed; the token stays valid");
                 self.unclaim(token, pending);
             }
         }

@@ -1,8 +1,21 @@
 //! conlog: keeps every byte a virtual machine prints, in size-capped logs, and serves it live.
 //!
 //! The daemon (`conlogd`) is assembled in [`daemon`]; each other module owns one concern and
-//! says in its doc what it must never do. The only module allowed raw-descriptor `unsafe` code
-//! would opt back in explicitly; today none needs it (descriptors go through `rustix`).
+//! says in its doc what it must never do.
+//!
+//! # Unsafe code
+//!
+//! `unsafe_code` is denied for the whole crate (`[lints]` in Cargo.toml), and every `unsafe`
+//! block carries a `// SAFETY:` comment (`clippy::undocumented_unsafe_blocks`). Descriptors
+//! otherwise go through `rustix` and std's owned types. Exactly these opt back in:
+//! - `upgrade::fds` (the whole module, `#![allow(unsafe_code)]`): `OwnedFd::from_raw_fd`
+//!   on descriptor numbers inherited across `execve` (an in-place upgrade's carried
+//!   descriptors, systemd's descriptor store) and on the strays it closes at start-up. Nothing
+//!   else turns a number into a descriptor; the caller adopts each number once
+//!   (`upgrade::exec::inherited` refuses a snapshot that lists one twice).
+//! - `upgrade::exec` (one function, `block_signals_at_exec`, `#[allow(unsafe_code)]`):
+//!   `CommandExt::pre_exec`, to keep the handled signals blocked across `execve` so a signal
+//!   sent during the exec waits for the new image's handlers.
 
 pub mod client;
 pub mod config;

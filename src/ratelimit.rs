@@ -2,10 +2,11 @@
 //!
 //! Owns [`Throttle`] and the [`limited!`](crate::limited) macro: at most [`Throttle::BURST`]
 //! events per second per call site reach the log, and the first event of the next second says
-//! how many were suppressed meanwhile (`suppressed = N`). Every log line that a remote caller, a local peer
-//! or a guest can cause at will (a refused call, a failed TLS handshake, a refused hand-off)
-//! goes through it, so nobody can fill the node's disk or journal through the daemon's log.
-//! It never decides what to log, only how often.
+//! how many were suppressed meanwhile (`suppressed = N`). Every log line that a remote caller,
+//! a local peer or a guest can cause at will goes through it (a refused call, a failed TLS
+//! handshake, a refused hand-off, a bad takeover request, a refused upgrade, an agent call,
+//! a keeper client dropped), so nobody can fill the node's disk or journal through the
+//! daemon's log. It never decides what to log, only how often.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -28,6 +29,10 @@ fn epoch() -> Instant {
 impl Throttle {
     /// Events logged per call site and second.
     pub const BURST: u64 = 20;
+    /// The burst of audit lines of calls that succeed (an agent call, a pipe created or
+    /// handed over): far above what an agent does when a node starts all its guests at once,
+    /// far below what fills a disk.
+    pub const AUDIT_BURST: u64 = 200;
 
     pub const fn new() -> Self {
         Self {

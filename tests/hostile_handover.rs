@@ -290,3 +290,62 @@ async fn a_successor_leaving_mid_handover_leaves_the_daemon_serving() {
     let (mut successor, _) = scene.take_over().await;
     assert!(successor.stop().await.success(), "{}", successor.stderr());
 }
+
+/// A flood of bad takeover requests (any local peer can send them at will) is logged at a
+/// bounded rate (src/ratelimit.rs): at most a burst of lines per second, and a later line
+/// says how many were left out (`suppressed=N`), so every request is accounted for; the daemon
+/// serves on and a real successor still takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_requests_is_logged_at_a_bounded_rate() {
+    const FLOOD: usize = 500;
+    let mut scene = Scene::start().await;
+    let path = scene.handover_socket();
+    let send = |count: usize| {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            for _ in 0..count {
+                let answer = raw_exchange(&path, b"hello\n", false);
+                assert!(answer.is_empty(), "the daemon answered {answer:?}");
+            }
+        })
+    };
+    send(FLOOD).await.unwrap();
+    let mut sent = FLOOD;
+    // (lines logged, requests they say were left out)
+    let accounted = |text: &str| {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|line| line.contains("ignoring a bad takeover request"))
+            .collect();
+        let left_out: u64 = lines
+            .iter()
+            .map(|line| field::<u64>(line, "suppressed=").unwrap_or(0))
+            .sum();
+        (lines.len(), left_out as usize)
+    };
+    // What was left out is told by the next line logged: keep sending one bad request now
+    // and then until every request is accounted for.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (lines, left_out) = accounted(&scene.daemon.stderr());
+        if lines + left_out >= sent {
+            assert_eq!(lines + left_out, sent, "{}", scene.daemon.stderr());
+            assert!(
+                left_out > 0 && lines < FLOOD / 2,
+                "a flood of {FLOOD} bad requests made {lines} log lines ({left_out} left out)"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{lines} lines and {left_out} left out of {sent} bad requests:\n{}",
+            scene.daemon.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        send(1).await.unwrap();
+        sent += 1;
+    }
+    scene.assert_untouched().await;
+    let (mut successor, _) = scene.take_over().await;
+    assert!(successor.stop().await.success(), "{}", successor.stderr());
+}

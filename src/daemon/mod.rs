@@ -7,11 +7,17 @@
 //! until one of:
 //! - SIGTERM/SIGINT: stop accepting, end console clients and followers with `UNAVAILABLE`, let
 //!   gRPC calls finish (bounded), drain every pipe into its log, sync, remove the sockets, exit.
-//! - SIGUSR1 or `Agent.Upgrade`: check the binary, freeze, `execve` it with the carried state
-//!   ([`crate::upgrade::exec`]); if that fails, thaw and serve on.
+//! - SIGUSR1 or `Agent.Upgrade` (which asks through [`crate::upgrade::trigger`]): check the
+//!   binary, freeze, `execve` it with the carried state ([`crate::upgrade::exec`]); if that
+//!   fails, thaw and serve on.
 //! - a successor on `handover.sock` (one whose hello was exact; anything else is dropped
 //!   without freezing anything): freeze, send the state ([`crate::upgrade::handover`]), exit 0
 //!   once it confirms in time; if it does not, tell it so, thaw and serve on.
+//!
+//! [`run`] reads as its steps: assemble (directories, TLS and tokens, the empty registry),
+//! receive the carried state (upgrade, takeover), restore, then serve period after period.
+//! A period of serving (`serving.rs`) ends in a stop or a hand-over; both hand-overs follow the
+//! one sequence freeze → offer → thaw on failure (`transfer.rs`).
 //!
 //! The signals it handles are blocked from the first instruction of `main` until its handlers
 //! exist: one that arrives during start-up (restoring thousands of streams takes a while) waits
@@ -21,33 +27,27 @@
 //! ([`crate::metrics::Saved`]).
 
 mod listeners;
+mod security;
+mod serving;
+mod transfer;
 
 use crate::config::Config;
 use crate::guests::Guests;
 use crate::handoff::Handoffs;
-use crate::metrics::{Counters, Metrics, Saved};
-use crate::server::{self, agent::AgentService, console::ConsoleService, Protection};
-use crate::tls::Tls;
-use crate::tokens::TokenKey;
+use crate::metrics::{Metrics, Saved};
+use crate::upgrade::trigger::{self, Request, Requests};
 use crate::upgrade::{self, exec::Image, gate::Gate, handover, State};
-use listeners::{tokio_tcp, tokio_unix, Listeners};
+use listeners::Listeners;
+use security::Security;
+use serving::{Serving, Signals};
 use std::fs;
 use std::io;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 use thiserror::Error;
 use tokio::net::UnixStream;
-use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
-
-/// How long gRPC calls may take to finish after a shutdown signal.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long they may take during an upgrade, while writers wait (only short unary calls are
-/// left by then: console clients and followers were ended by the freeze).
-const UPGRADE_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+use tracing::Instrument;
+use transfer::{Handed, Successor};
 
 /// Why the daemon could not start.
 #[derive(Debug, Error)]
@@ -94,52 +94,6 @@ pub fn preflight(config: &Config) -> Result<(), StartError> {
     Security::load(config).map(drop)
 }
 
-/// What guards the listeners; built once, kept across upgrades that fail.
-struct Security {
-    tls: Option<Arc<Tls>>,
-    tokens: Arc<TokenKey>,
-    protection: Protection,
-}
-
-impl Security {
-    fn load(config: &Config) -> Result<Self, StartError> {
-        let path = TokenKey::path_in(&config.data_dir().join("state"));
-        let tokens = TokenKey::load_or_create(&path)
-            .map_err(|source| StartError::TokenKey { path, source })?;
-        let tls = match &config.tls {
-            Some(tls) => Some(Arc::new(Tls::load(tls)?)),
-            None => None,
-        };
-        if config.insecure && tls.is_none() {
-            tracing::warn!(
-                listen = %config.listen,
-                "insecure: true — console traffic and tokens on TCP are not encrypted; \
-                 configure tls.cert and tls.key"
-            );
-        }
-        let tokens = Arc::new(tokens);
-        Ok(Self {
-            tls,
-            protection: Protection::new(&config.limits, tokens.clone()).with_web(&config.web),
-            tokens,
-        })
-    }
-
-    /// SIGHUP: reads the TLS files again; on error the old certificates stay.
-    fn reload(&self) {
-        let Some(tls) = &self.tls else {
-            tracing::info!("SIGHUP: no TLS configured, nothing to reload");
-            return;
-        };
-        match tls.reload() {
-            Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
-            Err(e) => {
-                tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the previous certificates")
-            }
-        }
-    }
-}
-
 /// How this process begins.
 pub enum Start {
     /// Bind everything; restore streams from the state directory.
@@ -159,14 +113,12 @@ pub struct RunOptions {
     pub linger_after_handover: bool,
 }
 
-/// An upgrade request from `Agent.Upgrade`; the answer is this pid, or why not.
-pub type UpgradeRequest = oneshot::Sender<Result<u32, String>>;
-
 /// What ends a period of serving.
-enum Event {
+enum Event<'a> {
+    /// SIGTERM or SIGINT (named).
     Stop(&'static str),
-    Upgrade(Option<UpgradeRequest>),
-    Takeover(UnixStream),
+    /// An upgrade whose binary passed its preflight, or a successor who said an exact hello.
+    HandOver(Successor<'a>),
 }
 
 /// Runs the daemon until it stops or hands over.
@@ -176,40 +128,49 @@ pub async fn run(
     image: Image,
     options: RunOptions,
 ) -> Result<(), StartError> {
-    let config = Arc::new(config);
-    raise_descriptor_limit();
-    for dir in [config.runtime_dir(), config.data_dir(), config.log_dir()] {
-        fs::create_dir_all(dir).map_err(|source| StartError::Directory {
-            path: dir.to_owned(),
-            source,
-        })?;
-    }
-    let security = Security::load(&config)?;
-    let metrics = Arc::new(Metrics::default());
-    let guests = Guests::new(config.clone(), metrics.clone());
-    let gate = Gate::new();
-    let handoffs = Handoffs::new(
-        config.handoff.token_ttl.get(),
-        config.limits.pending_handoffs as usize,
-        metrics.clone(),
-        gate.clone(),
-    );
-    let counters_file = Saved::path_in(&config.data_dir().join("state"));
-    let (state, mut took_over) = match start {
-        Start::Fresh => (None, false),
-        Start::Upgraded(state) => (Some(state), false),
+    let daemon = Daemon::assemble(config)?;
+    let (state, took_over) = receive(&daemon.config, start).await?;
+    let listeners = daemon.restore(state).await?;
+    daemon.serve(listeners, &image, options, took_over).await
+}
+
+/// What lives for the whole process, whichever period of serving it is in.
+struct Daemon {
+    config: Arc<Config>,
+    /// TLS and the token key, kept across upgrades that fail.
+    security: Security,
+    metrics: Arc<Metrics>,
+    /// The registry of streams (frozen and thawed, never rebuilt).
+    guests: Arc<Guests>,
+    /// The pending hand-offs of log pipes.
+    handoffs: Arc<Handoffs>,
+    /// Closed by a freeze, so that every change in flight is carried.
+    gate: Arc<Gate>,
+    /// `state/counters.json`: the counters that survive a crash or a stop.
+    counters_file: PathBuf,
+}
+
+/// Before anything is restored: the carried state, if this process starts from one, and
+/// whether it was taken over from a running daemon.
+async fn receive(config: &Config, start: Start) -> Result<(Option<State>, bool), StartError> {
+    match start {
+        Start::Fresh => Ok((None, false)),
+        Start::Upgraded(state) => Ok((Some(state), false)),
         // A keeper may hold handover.sock for a daemon that died (crate::keeper): with the
         // lock free there is nobody to take over from.
         Start::Takeover if crate::keeper::no_daemon_running(config.runtime_dir()) => {
             tracing::info!(
                 "no running daemon to take over from (conlogd.lock is free); starting fresh"
             );
-            (None, false)
+            Ok((None, false))
         }
         // Returns only once the running daemon has committed to the takeover (or died): from
         // here on nobody else writes these streams.
-        Start::Takeover => match handover::receive(config.runtime_dir()).await {
-            Ok(state) => (Some(state), true),
+        Start::Takeover => match handover::receive(config.runtime_dir())
+            .instrument(tracing::info_span!("takeover"))
+            .await
+        {
+            Ok(state) => Ok((Some(state), true)),
             // Nobody to take over from (first start on this node): start fresh. Anything else
             // (a daemon that answers but fails the protocol) is an error: two daemons must
             // never serve one runtime directory.
@@ -220,407 +181,221 @@ pub async fn run(
                 ) =>
             {
                 tracing::info!(error = %e, "no running daemon to take over from; starting fresh");
-                (None, false)
+                Ok((None, false))
             }
-            Err(e) => return Err(StartError::Takeover(e)),
+            Err(e) => Err(StartError::Takeover(e)),
         },
-    };
-    let carried = state.as_ref().map(|state| state.counters);
-    // Crash survival (crate::keeper): what a keeper or systemd's store held through the end of
-    // the previous daemon is adopted by name on a fresh start; carried state wins otherwise.
-    let mut held = crate::keeper::start(&config).await;
-    tracing::info!("restoring streams");
-    crate::fault::point("start.restore");
-    let mut listeners = match state {
-        None => {
-            let listeners = Listeners::bind(&config, &mut held)?;
-            guests.restore(held.take_streams()).await?;
-            handoffs.adopt(held.take_handoffs());
-            listeners
+    }
+}
+
+impl Daemon {
+    /// Directories, TLS and tokens, and the empty registry and hand-off table.
+    fn assemble(config: Config) -> Result<Self, StartError> {
+        let config = Arc::new(config);
+        raise_descriptor_limit();
+        for dir in [config.runtime_dir(), config.data_dir(), config.log_dir()] {
+            fs::create_dir_all(dir).map_err(|source| StartError::Directory {
+                path: dir.to_owned(),
+                source,
+            })?;
         }
-        Some(state) => thaw(state, &config, &guests, &handoffs, &gate).await?,
-    };
-    drop(held);
-    crate::keeper::reconciled();
-    // Once this process holds the lock: a daemon refused at start-up must not touch the file.
-    continue_counters(&metrics, carried, &counters_file);
-    let (upgrade_tx, mut upgrade_rx) = mpsc::channel::<UpgradeRequest>(4);
-    let mut signals = Signals::new();
-    // These signals have been blocked since the first instruction of `main` (or across the
-    // exec of an upgrade); the handlers exist now, so take what is pending: it is acted on as
-    // soon as the loop below serves.
-    upgrade::exec::unblock_signals();
-    loop {
-        let mut serving = Serving::start(
-            &config,
-            &listeners,
-            &guests,
-            &handoffs,
-            &metrics,
-            upgrade_tx.clone(),
-            &security,
-        )
-        .map_err(StartError::Listen)?;
+        let security = Security::load(&config)?;
+        let metrics = Arc::new(Metrics::default());
+        let guests = Guests::new(config.clone(), metrics.clone());
+        let gate = Gate::new();
+        let handoffs = Handoffs::new(
+            config.handoff.token_ttl.get(),
+            config.limits.pending_handoffs as usize,
+            metrics.clone(),
+            gate.clone(),
+        );
+        let counters_file = Saved::path_in(&config.data_dir().join("state"));
+        Ok(Self {
+            config,
+            security,
+            metrics,
+            guests,
+            handoffs,
+            gate,
+            counters_file,
+        })
+    }
+
+    /// Fills the registry and the hand-off table: from the carried state, or (fresh) by
+    /// binding the listeners and restoring the streams of the state directory. What a keeper
+    /// or systemd's store held through the end of the previous daemon is adopted by name on a
+    /// fresh start (crash survival, [`crate::keeper`]); carried state wins otherwise.
+    async fn restore(&self, state: Option<State>) -> Result<Listeners, StartError> {
+        let carried = state.as_ref().map(|state| state.counters);
+        let mut held = crate::keeper::start(&self.config).await;
+        tracing::info!("restoring streams");
+        crate::fault::point("start.restore");
+        let listeners = match state {
+            None => {
+                let listeners = Listeners::bind(&self.config, &mut held)?;
+                self.guests.restore(held.take_streams()).await?;
+                self.handoffs.adopt(held.take_handoffs());
+                listeners
+            }
+            Some(state) => self.thaw(state).await?,
+        };
+        drop(held);
+        crate::keeper::reconciled();
+        // Once this process holds the lock: a daemon refused at start-up must not touch the file.
+        transfer::continue_counters(&self.metrics, carried, &self.counters_file);
+        Ok(listeners)
+    }
+
+    /// Serves period after period (an upgrade or takeover that fails starts the next one on
+    /// the same listeners) until a stop signal or a successor that took everything.
+    async fn serve(
+        &self,
+        mut listeners: Listeners,
+        image: &Image,
+        options: RunOptions,
+        mut took_over: bool,
+    ) -> Result<(), StartError> {
+        let (upgrades, mut requests) = trigger::channel();
+        let mut signals = Signals::new();
+        // These signals have been blocked since the first instruction of `main` (or across the
+        // exec of an upgrade); the handlers exist now, so take what is pending: it is acted on
+        // as soon as the loop below serves.
+        upgrade::exec::unblock_signals();
+        loop {
+            let mut serving =
+                Serving::start(self, &listeners, upgrades.clone()).map_err(StartError::Listen)?;
+            self.announce_ready(&serving, std::mem::take(&mut took_over))
+                .await;
+            let successor = match self
+                .next_event(&mut serving, &mut signals, &mut requests, image)
+                .await
+            {
+                Event::Stop(signal) => return self.shut_down(serving, signal).await,
+                Event::HandOver(successor) => successor,
+            };
+            listeners = match self.hand_over(serving, listeners, successor).await? {
+                Handed::Back(listeners) => listeners,
+                Handed::Over => return self.leave(&mut signals, options).await,
+            };
+        }
+    }
+
+    async fn announce_ready(&self, serving: &Serving, took_over: bool) {
+        let security = &self.security;
         tracing::info!(
-            socket = %config.runtime_dir().join("conlogd.sock").display(),
+            socket = %self.config.runtime_dir().join("conlogd.sock").display(),
             tcp = %serving.tcp_address,
             tls = %security.tls.as_ref().map_or("off", |t| if t.mutual() { "mutual" } else { "on" }),
             metrics = %serving.metrics_address.map_or("off".into(), |a| a.to_string()),
             health = %serving.health_address.map_or("off".into(), |a| a.to_string()),
-            restored_streams = guests.count().await,
+            restored_streams = self.guests.count().await,
             pid = std::process::id(),
             "conlogd ready"
         );
-        if std::mem::take(&mut took_over) {
+        if took_over {
             tracing::info!("took over from the previous daemon");
         }
         notify_systemd("READY=1");
-        let event = loop {
-            let event = tokio::select! {
+    }
+
+    /// Waits for what ends this period: a stop signal, an upgrade whose binary passed its
+    /// preflight, or a successor that is still quiet after its hello. SIGHUP, refused upgrades
+    /// and bad successors are dealt with here and serving goes on.
+    async fn next_event<'a>(
+        &self,
+        serving: &mut Serving,
+        signals: &mut Signals,
+        requests: &mut Requests,
+        image: &'a Image,
+    ) -> Event<'a> {
+        /// What woke the loop.
+        enum Wake {
+            Stop(&'static str),
+            Reload,
+            Upgrade(Option<Request>),
+            Successor(UnixStream),
+        }
+        loop {
+            let wake = tokio::select! {
                 // In this order when several are pending (signals that arrived during start-up
                 // are all delivered at once): a reload asked for before an upgrade happens first.
                 biased;
-                _ = signals.term.recv() => Event::Stop("SIGTERM"),
-                _ = signals.int.recv() => Event::Stop("SIGINT"),
-                _ = signals.hup.recv() => {
-                    security.reload();
-                    continue;
-                }
-                _ = signals.usr1.recv() => Event::Upgrade(None),
-                Some(reply) = upgrade_rx.recv() => Event::Upgrade(Some(reply)),
-                Some(connection) = serving.successors.recv() => Event::Takeover(connection),
+                _ = signals.term.recv() => Wake::Stop("SIGTERM"),
+                _ = signals.int.recv() => Wake::Stop("SIGINT"),
+                _ = signals.hup.recv() => Wake::Reload,
+                _ = signals.usr1.recv() => Wake::Upgrade(None),
+                Some(request) = requests.recv() => Wake::Upgrade(Some(request)),
+                Some(connection) = serving.successors.recv() => Wake::Successor(connection),
             };
-            match event {
-                Event::Upgrade(reply) => match upgrade::exec::preflight(&image).await {
-                    Ok(()) => {
-                        if let Some(reply) = reply {
-                            let _ = reply.send(Ok(std::process::id()));
-                        }
-                        break Event::Upgrade(None);
+            match wake {
+                Wake::Stop(signal) => return Event::Stop(signal),
+                Wake::Reload => self.security.reload(),
+                Wake::Upgrade(request) => {
+                    if self.preflight(image, request).await {
+                        return Event::HandOver(Successor::Exec(image));
                     }
-                    Err(why) => {
-                        tracing::error!(error = %why, "upgrade refused; serving on");
-                        count_failure(&metrics, &counters_file);
-                        if let Some(reply) = reply {
-                            let _ = reply.send(Err(why));
-                        }
+                }
+                Wake::Successor(connection) => match handover::check_quiet(&connection).await {
+                    Ok(()) => return Event::HandOver(Successor::Process(connection)),
+                    Err(e) => {
+                        let peer_pid = connection.peer_cred().ok().and_then(|c| c.pid());
+                        crate::limited!(warn, peer_pid, error = %e, "ignoring a bad takeover request");
                     }
                 },
-                Event::Takeover(connection) => match handover::check_quiet(&connection).await {
-                    Ok(()) => break Event::Takeover(connection),
-                    Err(e) => tracing::warn!(error = %e, "ignoring a bad takeover request"),
-                },
-                stop => break stop,
             }
+        }
+    }
+
+    /// Runs the new binary's preflight and answers whoever asked (`Agent.Upgrade`): true if
+    /// the upgrade goes ahead.
+    async fn preflight(&self, image: &Image, request: Option<Request>) -> bool {
+        let outcome = upgrade::exec::preflight(image).await;
+        if let Err(why) = &outcome {
+            // Each refusal costs the caller a run of the binary, but a local caller may repeat.
+            crate::limited!(error, error = %why, "upgrade refused; serving on");
+            self.count_failure();
+        }
+        let ahead = outcome.is_ok();
+        if let Some(request) = request {
+            request.answer(outcome.map(|()| std::process::id()));
+        }
+        ahead
+    }
+
+    /// SIGTERM/SIGINT: ends every stream and call, removes the sockets and saves the final
+    /// counters.
+    async fn shut_down(&self, serving: Serving, signal: &'static str) -> Result<(), StartError> {
+        notify_systemd("STOPPING=1");
+        tracing::info!(signal, "shutting down");
+        serving.stop(&self.guests).await;
+        crate::keeper::shutdown().await;
+        for name in ["conlogd.sock", "fd.sock", "handover.sock"] {
+            let _ = fs::remove_file(self.config.runtime_dir().join(name));
+        }
+        // Every stream has stopped: these values are final, so the next start continues from
+        // them exactly.
+        let counters = self.metrics.counters();
+        let saved = Saved {
+            at_stop: Some(counters),
+            ..Saved::running(&counters)
         };
-        match event {
-            Event::Stop(name) => {
-                notify_systemd("STOPPING=1");
-                tracing::info!(signal = name, "shutting down");
-                serving.stop(&guests).await;
-                crate::keeper::shutdown().await;
-                for name in ["conlogd.sock", "fd.sock", "handover.sock"] {
-                    let _ = fs::remove_file(config.runtime_dir().join(name));
-                }
-                // Every stream has stopped: these values are final, so the next start
-                // continues from them exactly.
-                let counters = metrics.counters();
-                let saved = Saved {
-                    at_stop: Some(counters),
-                    ..Saved::running(&counters)
-                };
-                if let Err(e) = saved.save(&counters_file) {
-                    tracing::warn!(error = %e, "cannot save the counters; the next start counts from 0");
-                }
-                tracing::info!("every log flushed; bye");
-                return Ok(());
-            }
-            Event::Upgrade(_) => {
-                tracing::info!(binary = %image.path.display(), "upgrading in place");
-                let state = serving
-                    .freeze(listeners, &guests, &handoffs, &gate, &metrics)
-                    .await;
-                let (state, error) = upgrade::exec::exec(&image, state);
-                tracing::error!(error = %error, "cannot execute the new binary; serving on");
-                upgrade::exec::unblock_signals();
-                count_failure(&metrics, &counters_file);
-                listeners = thaw(state, &config, &guests, &handoffs, &gate).await?;
-            }
-            Event::Takeover(mut connection) => {
-                tracing::info!("a successor is taking over");
-                let state = serving
-                    .freeze(listeners, &guests, &handoffs, &gate, &metrics)
-                    .await;
-                match handover::send(&mut connection, state).await {
-                    Ok(()) => {
-                        crate::keeper::detach().await;
-                        if options.linger_after_handover {
-                            tracing::info!("handed over to the successor; idle until SIGTERM");
-                            tokio::select! {
-                                _ = signals.term.recv() => {}
-                                _ = signals.int.recv() => {}
-                            }
-                        }
-                        tracing::info!("handed over to the successor; bye");
-                        return Ok(());
-                    }
-                    Err((state, e)) => {
-                        tracing::error!(error = %e, "takeover failed; serving on");
-                        count_failure(&metrics, &counters_file);
-                        listeners = thaw(state, &config, &guests, &handoffs, &gate).await?;
-                    }
-                }
-            }
+        if let Err(e) = saved.save(&self.counters_file) {
+            tracing::warn!(error = %e, "cannot save the counters; the next start counts from 0");
         }
+        tracing::info!("every log flushed; bye");
+        Ok(())
     }
-}
 
-/// Adopts carried state: listeners (the health listener as `config` wants it), pending
-/// hand-offs, and every stream with its descriptors; then admits changes again.
-async fn thaw(
-    state: State,
-    config: &Config,
-    guests: &Guests,
-    handoffs: &Handoffs,
-    gate: &Gate,
-) -> Result<Listeners, StartError> {
-    guests.set_going_away(false);
-    handoffs.adopt(state.handoffs);
-    guests.restore(state.streams).await?;
-    let listeners = Listeners::adopt(state.listeners, config);
-    gate.open();
-    Ok(listeners)
-}
-
-/// Starts the daemon-wide counters where the previous image left them: exactly from an upgrade
-/// snapshot; from `state/counters.json` otherwise (see [`Saved`]: after a clean stop every
-/// counter, after a crash only the upgrade counters). Then keeps the rare counters on disk.
-/// `carried` is `None` on a fresh start, `Some(None)` after an image that carries none.
-fn continue_counters(metrics: &Metrics, carried: Option<Option<Counters>>, file: &std::path::Path) {
-    let saved = Saved::load(file).start_values();
-    let values = match carried {
-        Some(Some(carried)) => carried,
-        // From an image that does not carry counters: the saved ones, this upgrade counted.
-        Some(None) => Counters {
-            upgrades: saved.upgrades + 1,
-            ..saved
-        },
-        None => saved,
-    };
-    metrics.continue_from(&values);
-    if let Err(e) = Saved::running(&metrics.counters()).save(file) {
-        tracing::warn!(file = %file.display(), error = %e, "cannot save the counters");
-    }
-}
-
-/// Counts an upgrade or takeover that failed (on disk first, so no scrape sees a value a
-/// crash would take back).
-fn count_failure(metrics: &Metrics, file: &std::path::Path) {
-    let mut counters = metrics.counters();
-    counters.upgrade_failures += 1;
-    if let Err(e) = Saved::running(&counters).save(file) {
-        tracing::warn!(file = %file.display(), error = %e, "cannot save the counters");
-    }
-    metrics.upgrade_failures.inc();
-}
-
-/// The servers of one period of serving.
-struct Serving {
-    stop: watch::Sender<bool>,
-    grpc: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
-    tasks: Vec<JoinHandle<()>>,
-    successors: mpsc::Receiver<UnixStream>,
-    tcp_address: SocketAddr,
-    metrics_address: Option<SocketAddr>,
-    health_address: Option<SocketAddr>,
-}
-
-impl Serving {
-    fn start(
-        config: &Arc<Config>,
-        listeners: &Listeners,
-        guests: &Arc<Guests>,
-        handoffs: &Arc<Handoffs>,
-        metrics: &Arc<Metrics>,
-        upgrades: mpsc::Sender<UpgradeRequest>,
-        security: &Security,
-    ) -> io::Result<Self> {
-        let (stop, stop_rx) = watch::channel(false);
-        let stopped = move || {
-            let mut rx = stop_rx.clone();
-            async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            }
-        };
-        let agent = AgentService {
-            config: config.clone(),
-            guests: guests.clone(),
-            handoffs: handoffs.clone(),
-            fd_socket: config.runtime_dir().join("fd.sock"),
-            upgrades,
-            tokens: security.tokens.clone(),
-        };
-        let console = ConsoleService::new(
-            guests.clone(),
-            config.history.chunk_size.bytes() as usize,
-            config.limits.input_rate.bytes(),
-            security.tokens.clone(),
-        )
-        .with_remote_descriptors(security.protection.remote_descriptors.clone())
-        .with_replay_budget(
-            Arc::new(tokio::sync::Semaphore::new(
-                usize::try_from(config.limits.remote_replay_bytes.bytes())
-                    .unwrap_or(usize::MAX)
-                    .min(tokio::sync::Semaphore::MAX_PERMITS),
-            )),
-            config.consoles.max_replay.bytes(),
-        );
-        let tcp = tokio_tcp(&listeners.tcp)?;
-        let tcp_address = tcp.local_addr()?;
-        let mut grpc = vec![
-            tokio::spawn(server::serve_local(
-                tokio_unix(&listeners.local)?,
-                agent,
-                console.clone(),
-                security.protection.clone(),
-                stopped(),
-            )),
-            tokio::spawn(server::serve_tcp(
-                tcp,
-                console,
-                security.tls.clone(),
-                security.tokens.clone(),
-                security.protection.clone(),
-                stopped(),
-            )),
-        ];
-        let mut health_address = None;
-        if let Some(listener) = &listeners.health {
-            let listener = tokio_tcp(listener)?;
-            health_address = listener.local_addr().ok();
-            grpc.push(tokio::spawn(server::serve_health(
-                listener,
-                security.protection.clone(),
-                config.limits.tcp_connections as usize,
-                stopped(),
-            )));
+    /// After a successor took everything: the keeper lets go, and this process exits (or
+    /// idles until SIGTERM with `--linger-after-handover`).
+    async fn leave(&self, signals: &mut Signals, options: RunOptions) -> Result<(), StartError> {
+        crate::keeper::detach().await;
+        if options.linger_after_handover {
+            tracing::info!("handed over to the successor; idle until SIGTERM");
+            signals.stop().await;
         }
-        let mut tasks = vec![tokio::spawn(handoffs.clone().serve(
-            tokio_unix(&listeners.fd_sock)?,
-            config.handoff.read_timeout.get(),
-        ))];
-        let mut metrics_address = None;
-        if let Some(listener) = &listeners.metrics {
-            let listener = tokio_tcp(listener)?;
-            metrics_address = listener.local_addr().ok();
-            let mut registry = metrics.registry();
-            registry.register_collector(Box::new(security.protection.figures()));
-            tasks.push(tokio::spawn(crate::metrics::serve(
-                listener,
-                Arc::new(registry),
-            )));
-        }
-        let (successor_tx, successors) = mpsc::channel(1);
-        tasks.push(tokio::spawn(handover::accept(
-            tokio_unix(&listeners.handover)?,
-            successor_tx,
-        )));
-        Ok(Self {
-            stop,
-            grpc,
-            tasks,
-            successors,
-            tcp_address,
-            metrics_address,
-            health_address,
-        })
-    }
-
-    /// Stops accepting and ends the background tasks (their listener clones close; the
-    /// originals stay open in [`Listeners`]).
-    fn stop_accepting(&mut self) {
-        let _ = self.stop.send(true);
-        for task in self.tasks.drain(..) {
-            task.abort();
-        }
-    }
-
-    /// Waits (bounded) for the gRPC servers to finish their calls.
-    async fn drain(&mut self, timeout: Duration) {
-        let servers = futures::future::join_all(self.grpc.drain(..));
-        if tokio::time::timeout(timeout, servers).await.is_err() {
-            tracing::warn!("gRPC calls or connections still open after {timeout:?}; closing them");
-        }
-    }
-
-    /// Shutdown: streams close first (consoles end their clients with UNAVAILABLE, followers
-    /// end), so the servers can drain at once; pipes are drained into their logs.
-    async fn stop(mut self, guests: &Guests) {
-        self.stop_accepting();
-        guests
-            .close_all("conlogd is shutting down; reconnect and resume by offset")
-            .await;
-        // No sync to stable storage: the next daemon reads the same page cache, and a power
-        // cut costs what the kernel had not written back whether or not conlogd had stopped.
-        // (`syncfs` was tried: it also flushes every other process's dirty data on the file
-        // system, so a stop took as long as, say, a guest disk image's writeback.)
-        self.drain(DRAIN_TIMEOUT).await;
-    }
-
-    /// Upgrade: freezes every stream (clients are told to come back), drains the servers and
-    /// collects everything to carry, the counters with this upgrade counted.
-    async fn freeze(
-        mut self,
-        listeners: Listeners,
-        guests: &Guests,
-        handoffs: &Handoffs,
-        gate: &Gate,
-        metrics: &Metrics,
-    ) -> State {
-        // Logging goes on while the servers drain (console clients are told to come back so
-        // their calls end; idle connections and followers are bounded by the timeout); the
-        // streams freeze only after, so the pause of logging is the freeze, exec and restore.
-        self.stop_accepting();
-        // Calls that create streams or pipes, or claim them, finish before anything is frozen
-        // (so what they made is carried); later ones are refused with UNAVAILABLE.
-        gate.close().await;
-        guests.set_going_away(true);
-        guests
-            .end_console_clients("conlogd is upgrading; reconnect and resume by offset")
-            .await;
-        self.drain(UPGRADE_DRAIN_TIMEOUT).await;
-        let streams = guests.freeze_all().await;
-        let handoffs = handoffs.take_all();
-        crate::fault::point("upgrade.frozen");
-        // Every stream is frozen: no counter moves any more.
-        let mut counters = metrics.counters();
-        counters.upgrades += 1;
-        State {
-            listeners: listeners.into_fds(),
-            streams,
-            handoffs,
-            counters: Some(counters),
-        }
-    }
-}
-
-/// The signals the daemon acts on.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    usr1: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> Self {
-        let install = |kind| signal(kind).expect("signal handlers install");
-        Self {
-            term: install(SignalKind::terminate()),
-            int: install(SignalKind::interrupt()),
-            usr1: install(SignalKind::user_defined1()),
-            hup: install(SignalKind::hangup()),
-        }
+        tracing::info!("handed over to the successor; bye");
+        Ok(())
     }
 }
 

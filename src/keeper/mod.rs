@@ -10,7 +10,7 @@
 //! - systemd's file descriptor store ([`systemd`]; `keeper: auto` under systemd, or
 //!   `keeper: systemd`).
 //!
-//! This module owns the process-wide [`Holder`]: the owners of descriptors call [`hold`] when
+//! This module owns the process-wide holder: the owners of descriptors call [`hold`] when
 //! one comes into their hands and [`release`] when they close it for good (a stream ends, a
 //! guest is removed, a hand-off is claimed or expires); nothing is released when descriptors
 //! are carried to a next image (upgrade, takeover): the names stay the same. A dedicated
@@ -61,7 +61,10 @@ pub fn hold(name: &str, fd: BorrowedFd<'_>) {
     let Some(holder) = HOLDER.get() else { return };
     match fd.try_clone_to_owned() {
         Ok(copy) => holder.change(name, Some(Arc::new(copy))),
-        Err(e) => tracing::warn!(name, error = %e, "cannot duplicate a descriptor for the keeper"),
+        // Out of descriptors, perhaps because guests and clients hold many: once per change.
+        Err(e) => {
+            crate::limited!(warn, name, error = %e, "cannot duplicate a descriptor for the keeper")
+        }
     }
 }
 
@@ -200,7 +203,8 @@ impl Held {
                         .or_default()
                         .insert(part, fd);
                 }
-                _ => tracing::warn!(name, "closing a held descriptor of unknown name"),
+                // What a keeper (maybe not ours: `keeper: external`) handed back, once per name.
+                _ => crate::limited!(warn, name, "closing a held descriptor of unknown name"),
             }
         }
         for ((guest, device), mut parts) in consoles {
@@ -208,7 +212,8 @@ impl Held {
                 parts.remove(names::GUEST_LISTENER),
                 parts.remove(names::CLIENT_LISTENER),
             ) else {
-                tracing::warn!(
+                crate::limited!(
+                    warn,
                     guest,
                     device,
                     "closing a console's held descriptors: its listening sockets are missing"
@@ -300,7 +305,11 @@ pub async fn start(config: &Config) -> Held {
     };
     let runtime_dir = config.runtime_dir().to_owned();
     let spawn = config.keeper == KeeperMode::Auto;
+    // Every event of the link to the holder, at start and on its thread, is in this span.
+    let span = tracing::info_span!("keeper");
+    let start_span = span.clone();
     let (link, entries) = tokio::task::spawn_blocking(move || {
+        let _entered = start_span.enter();
         if use_systemd {
             if std::env::var_os("FDSTORE").is_none() {
                 tracing::warn!("started by systemd without a descriptor store (FDSTORE is not set): set FileDescriptorStoreMax= in the unit, or nothing survives a crash");
@@ -356,7 +365,7 @@ pub async fn start(config: &Config) -> Held {
     if HOLDER.set(holder.clone()).is_ok() {
         std::thread::Builder::new()
             .name("conlog-keeper".into())
-            .spawn(move || holder.run(link))
+            .spawn(move || span.in_scope(|| holder.run(link)))
             .expect("spawn the keeper thread");
     }
     held

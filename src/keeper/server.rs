@@ -189,14 +189,14 @@ fn drain(table: &mut Table, client: &mut Option<OwnedFd>) -> bool {
                 Ok(false) if has_input(connection) => {}
                 Ok(false) => break,
                 Err(e) => {
-                    tracing::warn!(error = %e, "client dropped");
+                    crate::limited!(warn, error = %e, "client dropped");
                     let _ = protocol::send(connection, &protocol::error_message(&e), &[]);
                     *client = None;
                 }
             },
             Err(e) => {
                 if e.kind() != io::ErrorKind::UnexpectedEof {
-                    tracing::warn!(error = %e, "client dropped");
+                    crate::limited!(warn, error = %e, "client dropped");
                     let text = format!("protocol error: {e}");
                     let _ = protocol::send(connection, &protocol::error_message(&text), &[]);
                 }
@@ -213,7 +213,7 @@ fn accept(listener: &OwnedFd, client: &mut Option<OwnedFd>) {
     let connection = match rustix::net::accept_with(listener, rustix::net::SocketFlags::CLOEXEC) {
         Ok(connection) => connection,
         Err(e) => {
-            tracing::warn!(error = %e, "accept failed");
+            crate::limited!(warn, error = %e, "accept failed");
             return;
         }
     };
@@ -221,7 +221,8 @@ fn accept(listener: &OwnedFd, client: &mut Option<OwnedFd>) {
     match rustix::net::sockopt::socket_peercred(&connection) {
         Ok(peer) if peer.uid == ours => {}
         Ok(peer) => {
-            tracing::warn!(
+            crate::limited!(
+                warn,
                 peer_uid = peer.uid.as_raw(),
                 peer_pid = peer.pid.as_raw_nonzero().get(),
                 "refusing a client of another uid"
@@ -229,7 +230,7 @@ fn accept(listener: &OwnedFd, client: &mut Option<OwnedFd>) {
             return;
         }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot identify a client; refused");
+            crate::limited!(warn, error = %e, "cannot identify a client; refused");
             return;
         }
     }

@@ -12,6 +12,7 @@ use crate::handoff::{create_pipe, Handoffs};
 use crate::names;
 use crate::proto::{self, agent_server::Agent};
 use crate::tokens::{Access, Grant, TokenKey};
+use crate::upgrade::trigger::Trigger;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -24,11 +25,15 @@ pub struct AgentService {
     pub handoffs: Arc<Handoffs>,
     /// Absolute path of fd.sock, returned to clients.
     pub fd_socket: PathBuf,
-    /// Where `Upgrade` requests go (the daemon's main loop).
-    pub upgrades: tokio::sync::mpsc::Sender<crate::daemon::UpgradeRequest>,
+    /// Asks the daemon's main loop for an upgrade.
+    pub upgrades: Trigger,
     /// Signs console tokens.
     pub tokens: Arc<TokenKey>,
 }
+
+/// Agent-call log lines per call site and second; a local caller that goes beyond is told
+/// about by `suppressed = N` ([`crate::ratelimit`]).
+const AUDIT_BURST: u64 = crate::ratelimit::Throttle::AUDIT_BURST;
 
 /// Logs who called `method` (pid, uid, gid of the local peer from SO_PEERCRED).
 fn log_peer<T>(request: &Request<T>, method: &'static str) {
@@ -37,14 +42,16 @@ fn log_peer<T>(request: &Request<T>, method: &'static str) {
         .get::<ConnInfo>()
         .map(|info| &info.peer)
     {
-        Some(Peer::Local { pid, uid, gid }) => tracing::info!(
+        Some(Peer::Local { pid, uid, gid }) => crate::limited!(
+            burst: AUDIT_BURST,
+            info,
             method,
             peer_pid = pid.unwrap_or(-1),
             peer_uid = uid.map_or(-1, i64::from),
             peer_gid = gid.map_or(-1, i64::from),
             "agent call"
         ),
-        _ => tracing::info!(method, "agent call from unidentified peer"),
+        _ => crate::limited!(burst: AUDIT_BURST, info, method, "agent call from unidentified peer"),
     }
 }
 
@@ -173,7 +180,7 @@ impl AgentService {
         // The keeper holds the read end and the write end before the token goes out: a crash
         // after the writer has its end must not break the pipe (crate::keeper).
         let _ = crate::keeper::flushed().await;
-        tracing::info!(guest = %request.guest, stream, offset, "log pipe created");
+        crate::limited!(burst: AUDIT_BURST, info, guest = %request.guest, stream, offset, "log pipe created");
         Ok(proto::CreateLogPipeResponse {
             handoff_token: token,
             fd_socket: self.fd_socket.display().to_string(),
@@ -297,7 +304,8 @@ impl Agent for AgentService {
             .tokens
             .rotate()
             .map_err(|e| Error::io("cannot write a new token key", e))?;
-        tracing::warn!(
+        crate::limited!(
+            warn,
             key_id,
             "token key rotated: every token issued before is revoked"
         );
@@ -309,13 +317,7 @@ impl Agent for AgentService {
         request: Request<proto::UpgradeRequest>,
     ) -> Result<Response<proto::UpgradeResponse>, Status> {
         log_peer(&request, "Upgrade");
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let unavailable =
-            || Error::Unavailable("The daemon is already stopping or upgrading".into());
-        self.upgrades.send(reply).await.map_err(|_| unavailable())?;
-        match answer.await.map_err(|_| unavailable())? {
-            Ok(pid) => Ok(Response::new(proto::UpgradeResponse { pid })),
-            Err(why) => Err(Error::FailedPrecondition(format!("Upgrade refused: {why}")).into()),
-        }
+        let pid = self.upgrades.upgrade().await.map_err(Error::from)?;
+        Ok(Response::new(proto::UpgradeResponse { pid }))
     }
 }

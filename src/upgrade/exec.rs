@@ -8,11 +8,11 @@
 //! read the snapshot after all, it executes that file again, so the previous version restores
 //! its own state.
 
-use super::snapshot::{self, Envelope, FORMAT_VERSION};
+use super::snapshot::{self, Envelope, SnapshotError, FORMAT_VERSION};
 use super::{fds, State};
 use std::ffi::OsString;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -51,8 +51,32 @@ impl Image {
     }
 }
 
+/// Why the binary at an image's path may not be executed for an upgrade.
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    /// It ran but gave no answer in time.
+    #[error("{} did not answer --snapshot-format within 10s", path.display())]
+    Timeout { path: PathBuf },
+    /// It could not be started at all.
+    #[error("cannot run {}: {source}", path.display())]
+    Run { path: PathBuf, source: io::Error },
+    /// It refused the daemon's arguments or config, or reads another snapshot format.
+    #[error(
+        "{} does not start with this daemon's arguments or does not read snapshot format {FORMAT_VERSION} (answered {answer:?}, {status}; {stderr})",
+        path.display()
+    )]
+    Incompatible {
+        path: PathBuf,
+        /// What it printed (trimmed).
+        answer: String,
+        status: std::process::ExitStatus,
+        /// What it said on stderr (trimmed), such as the config key it refused.
+        stderr: String,
+    },
+}
+
 /// Checks that the binary at the image's path starts and reads our snapshot format.
-pub async fn preflight(image: &Image) -> Result<(), String> {
+pub async fn preflight(image: &Image) -> Result<(), PreflightError> {
     // With the daemon's own arguments, so a config the new binary refuses is caught here too.
     let run = tokio::process::Command::new(&image.path)
         .args(&image.args)
@@ -61,29 +85,33 @@ pub async fn preflight(image: &Image) -> Result<(), String> {
         .env_remove(FALLBACK_ENV)
         .kill_on_drop(true)
         .output();
-    let output = match tokio::time::timeout(Duration::from_secs(10), run).await {
-        Err(_) => {
-            return Err(format!(
-                "{} did not answer --snapshot-format within 10s",
-                image.path.display()
-            ))
+    let path = || image.path.clone();
+    let output = match tokio::time::timeout(PREFLIGHT_TIMEOUT, run).await {
+        Err(_) => return Err(PreflightError::Timeout { path: path() }),
+        Ok(Err(source)) => {
+            return Err(PreflightError::Run {
+                path: path(),
+                source,
+            })
         }
-        Ok(Err(e)) => return Err(format!("cannot run {}: {e}", image.path.display())),
         Ok(Ok(output)) => output,
     };
-    let answer = String::from_utf8_lossy(&output.stdout);
-    if output.status.success() && answer.trim() == FORMAT_VERSION.to_string() {
+    let answer = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    if output.status.success() && answer == FORMAT_VERSION.to_string() {
         Ok(())
     } else {
-        Err(format!(
-            "{} does not start with this daemon's arguments or does not read snapshot format {FORMAT_VERSION} (answered {:?}, {}; {})",
-            image.path.display(),
-            answer.trim(),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
+        Err(PreflightError::Incompatible {
+            path: path(),
+            answer,
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
     }
 }
+
+/// How long the new binary may take to answer `--snapshot-format` (named in
+/// [`PreflightError::Timeout`]).
+const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Replaces this process with the image, carrying `state`. Returns only on failure, with the
 /// state intact so the caller can thaw it.
@@ -173,11 +201,48 @@ fn write_memfd(bytes: &[u8]) -> io::Result<OwnedFd> {
     Ok(OwnedFd::from(file))
 }
 
+/// Why an upgraded image cannot use what the previous one carried (it starts from the state
+/// directory instead).
+#[derive(Debug, thiserror::Error)]
+pub enum InheritError {
+    /// The snapshot's environment variable names no descriptor.
+    #[error("{SNAPSHOT_ENV} is not a descriptor number")]
+    NotANumber,
+    /// The snapshot's descriptor is not open.
+    #[error("cannot adopt the snapshot: {0}")]
+    AdoptSnapshot(#[source] io::Error),
+    /// The snapshot could not be read.
+    #[error(transparent)]
+    Read(io::Error),
+    /// The snapshot is damaged, or of another format.
+    #[error(transparent)]
+    Decode(SnapshotError),
+    /// The snapshot lists a descriptor number twice: adopting it twice would give one
+    /// descriptor two owners (closed twice, the second time maybe as another file).
+    #[error("the snapshot lists descriptor {0} more than once")]
+    DuplicateDescriptor(RawFd),
+    /// The snapshot lists the descriptor that holds the snapshot itself.
+    #[error("the snapshot lists descriptor {0}, which holds the snapshot itself")]
+    SnapshotDescriptor(RawFd),
+    /// The descriptors that were not carried could not be closed.
+    #[error(transparent)]
+    CloseStrays(io::Error),
+    /// A carried descriptor is not open.
+    #[error("cannot adopt carried descriptors: {0}")]
+    AdoptCarried(#[source] io::Error),
+    /// A carried descriptor could not be kept from the next exec.
+    #[error(transparent)]
+    CloseOnExec(io::Error),
+    /// The snapshot's indexes do not match the descriptors.
+    #[error(transparent)]
+    Rebuild(SnapshotError),
+}
+
 /// Start-up of an upgraded image: the carried state, if this process was exec'd by an upgrade.
 /// Must run before anything else opens descriptors. An unreadable snapshot first hands over to
 /// the previous image (which wrote it); if that is not possible, the error is returned and the
 /// daemon starts from the state directory instead.
-pub fn inherited() -> Result<Option<State>, String> {
+pub fn inherited() -> Result<Option<State>, InheritError> {
     let Some(raw) = std::env::var_os(SNAPSHOT_ENV) else {
         return Ok(None);
     };
@@ -189,16 +254,17 @@ pub fn inherited() -> Result<Option<State>, String> {
     for name in [SNAPSHOT_ENV, FALLBACK_ENV, FALLBACK_MARK_ENV] {
         std::env::remove_var(name);
     }
-    let raw: i32 = raw
+    let raw: RawFd = raw
         .to_str()
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("{SNAPSHOT_ENV} is not a descriptor number"))?;
-    let memfd = fds::adopt(raw).map_err(|e| format!("cannot adopt the snapshot: {e}"))?;
+        .ok_or(InheritError::NotANumber)?;
+    let memfd = fds::adopt(raw).map_err(InheritError::AdoptSnapshot)?;
     let decoded = read_all(&memfd)
-        .map_err(|e| e.to_string())
-        .and_then(|bytes| snapshot::decode(&bytes).map_err(|e| e.to_string()));
-    let envelope = match decoded {
-        Ok(envelope) => envelope,
+        .map_err(InheritError::Read)
+        .and_then(|bytes| snapshot::decode(&bytes).map_err(InheritError::Decode))
+        .and_then(|envelope| Ok((carried_numbers(&envelope, raw)?, envelope)));
+    let (numbers, envelope) = match decoded {
+        Ok(decoded) => decoded,
         Err(reason) => {
             if let (Some(exe), None) = (fallback, fallback_mark) {
                 eprintln!("conlogd: cannot read the upgrade snapshot ({reason}); handing back to the previous binary");
@@ -213,20 +279,37 @@ pub fn inherited() -> Result<Option<State>, String> {
             return Err(reason);
         }
     };
-    let numbers = envelope.inherited.clone().unwrap_or_default();
-    let keep: Vec<i32> = numbers.iter().copied().chain([raw]).collect();
-    fds::close_inherited_except(&keep).map_err(|e| e.to_string())?;
+    let keep: Vec<RawFd> = numbers.iter().copied().chain([raw]).collect();
+    fds::close_inherited_except(&keep).map_err(InheritError::CloseStrays)?;
+    // Each number is adopted once: `carried_numbers` refused duplicates (the SAFETY argument
+    // of `fds::adopt`).
     let carried = numbers
         .iter()
         .map(|raw| fds::adopt(*raw))
         .collect::<io::Result<Vec<_>>>()
-        .map_err(|e| format!("cannot adopt carried descriptors: {e}"))?;
+        .map_err(InheritError::AdoptCarried)?;
     for fd in &carried {
-        fds::set_inheritable(fd, false).map_err(|e| e.to_string())?;
+        fds::set_inheritable(fd, false).map_err(InheritError::CloseOnExec)?;
     }
     State::from_parts(envelope.snapshot, carried)
         .map(Some)
-        .map_err(|e| e.to_string())
+        .map_err(InheritError::Rebuild)
+}
+
+/// The descriptor numbers an envelope says were carried across `execve`, each listed once
+/// and none of them `snapshot_fd` (the memfd this process adopted already).
+fn carried_numbers(envelope: &Envelope, snapshot_fd: RawFd) -> Result<Vec<RawFd>, InheritError> {
+    let numbers = envelope.inherited.clone().unwrap_or_default();
+    let mut seen = std::collections::HashSet::with_capacity(numbers.len());
+    for &number in &numbers {
+        if number == snapshot_fd {
+            return Err(InheritError::SnapshotDescriptor(number));
+        }
+        if !seen.insert(number) {
+            return Err(InheritError::DuplicateDescriptor(number));
+        }
+    }
+    Ok(numbers)
 }
 
 fn read_all(fd: &impl AsFd) -> io::Result<Vec<u8>> {
@@ -237,4 +320,75 @@ fn read_all(fd: &impl AsFd) -> io::Result<Vec<u8>> {
     let mut bytes = vec![0u8; total];
     file.read_exact_at(&mut bytes, 0)?;
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upgrade::snapshot::{ListenerIndexes, Snapshot};
+
+    fn envelope(inherited: Option<Vec<RawFd>>) -> Envelope {
+        Envelope {
+            snapshot: Snapshot {
+                from_pid: 1,
+                listeners: ListenerIndexes {
+                    lock: 0,
+                    local: 1,
+                    fd_sock: 2,
+                    handover: 3,
+                    tcp: 4,
+                    metrics: None,
+                    health: None,
+                },
+                streams: vec![],
+                handoffs: vec![],
+                counters: None,
+                verdicts: true,
+            },
+            descriptors: inherited.as_ref().map_or(0, Vec::len),
+            inherited,
+        }
+    }
+
+    /// `fds::adopt` may give each number one owner only: a snapshot that lists one twice (or
+    /// lists the snapshot's own memfd) is refused before anything is adopted, naming it.
+    #[test]
+    fn carried_numbers_are_each_listed_once() {
+        assert_eq!(
+            carried_numbers(&envelope(Some(vec![5, 6, 7, 8, 9])), 4).unwrap(),
+            vec![5, 6, 7, 8, 9]
+        );
+        assert!(carried_numbers(&envelope(None), 4).unwrap().is_empty());
+        let twice = carried_numbers(&envelope(Some(vec![5, 6, 7, 6, 9])), 4).unwrap_err();
+        assert!(
+            matches!(twice, InheritError::DuplicateDescriptor(6)),
+            "{twice:?}"
+        );
+        assert_eq!(
+            twice.to_string(),
+            "the snapshot lists descriptor 6 more than once"
+        );
+        let own = carried_numbers(&envelope(Some(vec![5, 4, 7, 8, 9])), 4).unwrap_err();
+        assert!(
+            matches!(own, InheritError::SnapshotDescriptor(4)),
+            "{own:?}"
+        );
+    }
+
+    #[test]
+    fn preflight_refusals_read_as_before() {
+        let path = PathBuf::from("/usr/local/bin/conlogd");
+        assert_eq!(
+            PreflightError::Timeout { path: path.clone() }.to_string(),
+            "/usr/local/bin/conlogd did not answer --snapshot-format within 10s"
+        );
+        assert_eq!(
+            PreflightError::Run {
+                path,
+                source: io::Error::from(io::ErrorKind::NotFound),
+            }
+            .to_string(),
+            "cannot run /usr/local/bin/conlogd: entity not found"
+        );
+    }
 }

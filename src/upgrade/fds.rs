@@ -60,3 +60,61 @@ pub fn set_inheritable(fd: impl AsFd, inheritable: bool) -> io::Result<()> {
     rustix::io::fcntl_setfd(fd, flags)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// The modules of `src/` that opt back in to `unsafe_code`, as `a::b` paths.
+    fn opted_in(dir: &Path, prefix: &str, found: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if name != "bin" {
+                    opted_in(&path, &format!("{prefix}{name}::"), found);
+                }
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let opts_in = text.lines().any(|line| {
+                let line = line.trim_start();
+                line.starts_with("#[allow(unsafe_code)]")
+                    || line.starts_with("#![allow(unsafe_code)]")
+            });
+            if opts_in {
+                found.push(match name.as_str() {
+                    "mod" => prefix.trim_end_matches("::").to_owned(),
+                    _ => format!("{prefix}{name}"),
+                });
+            }
+        }
+    }
+
+    /// lib.rs lists every module that opts back in to `unsafe_code`, and only those.
+    #[test]
+    fn every_unsafe_opt_in_is_listed_in_lib_rs() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut found = Vec::new();
+        opted_in(&src, "", &mut found);
+        found.sort();
+        let lib = std::fs::read_to_string(src.join("lib.rs")).unwrap();
+        let section = lib
+            .split("//! # Unsafe code")
+            .nth(1)
+            .expect("lib.rs has an \"Unsafe code\" section");
+        let mut listed: Vec<String> = section
+            .lines()
+            .skip(1)
+            .take_while(|line| line.starts_with("//!"))
+            .filter_map(|line| line.strip_prefix("//! - `"))
+            .filter_map(|line| line.split('`').next())
+            .map(str::to_owned)
+            .collect();
+        listed.sort();
+        assert_eq!(
+            listed, found,
+            "lib.rs's list of unsafe opt-ins vs the source"
+        );
+    }
+}

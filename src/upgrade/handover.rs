@@ -6,7 +6,8 @@
 //!    30 s, and nothing more until step 5. The daemon reads every connection's hello on a task
 //!    of its own ([`accept`]), so a client that is silent, trickles bytes or sends garbage
 //!    delays neither a real successor nor the daemon's own loop; it is dropped at its first
-//!    wrong byte, at end of stream or after 30 s, and nothing is frozen for it.
+//!    wrong byte, at end of stream or after 30 s, and nothing is frozen for it (its refusal is
+//!    logged at a bounded rate, [`crate::ratelimit`]).
 //! 2. Only if the hello was exact and the successor is still connected with nothing more sent
 //!    ([`check_quiet`]), the daemon freezes every stream (nothing more is read from pipes or
 //!    guests; unread bytes wait in the kernel) and stops its gRPC servers (pending connections
@@ -42,6 +43,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 /// Most descriptors in one SCM_RIGHTS message (the kernel's SCM_MAX_FD).
 pub const BATCH: usize = 253;
@@ -53,32 +55,44 @@ fn hello() -> String {
 }
 
 /// Daemon side, step 1: accepts connections on `handover.sock` until the task is dropped,
-/// reads each one's hello on a task of its own, and passes on only the connections that sent
-/// an exact hello. Dropping this task drops the connections still saying hello.
+/// reads each one's hello on a task of its own (in a span naming the peer's pid), and passes
+/// on only the connections that sent an exact hello. Dropping this task drops the connections
+/// still saying hello. Any local peer can connect at will: what it causes is logged at a
+/// bounded rate ([`crate::limited`]).
 pub async fn accept(listener: UnixListener, successors: mpsc::Sender<UnixStream>) {
     let mut greeting = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((mut stream, _)) => {
-                    greeting.spawn(async move {
-                        let said = read_hello(&mut stream).await;
-                        (stream, said)
-                    });
+                    let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid());
+                    let span = tracing::info_span!("takeover_request", peer_pid);
+                    greeting.spawn(
+                        async move {
+                            match read_hello(&mut stream).await {
+                                Ok(()) => Some(stream),
+                                Err(e) => {
+                                    crate::limited!(warn, error = %e, "ignoring a bad takeover request");
+                                    None
+                                }
+                            }
+                        }
+                        .instrument(span),
+                    );
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "handover.sock accept failed");
+                    crate::limited!(warn, error = %e, "handover.sock accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
             Some(greeted) = greeting.join_next() => match greeted {
-                Ok((stream, Ok(()))) => {
+                Ok(Some(stream)) => {
                     if successors.send(stream).await.is_err() {
                         return;
                     }
                 }
-                Ok((_, Err(e))) => tracing::warn!(error = %e, "ignoring a bad takeover request"),
-                Err(e) => tracing::error!(error = %e, "reading a takeover request failed"),
+                Ok(None) => {}
+                Err(e) => crate::limited!(error, error = %e, "reading a takeover request failed"),
             },
         }
     }

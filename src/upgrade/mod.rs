@@ -12,15 +12,21 @@
 //! In both, if the next image cannot take over, the frozen state is thawed in the running image
 //! and it keeps serving: nothing logged or pending is lost. Before a freeze, [`gate`] lets the
 //! calls in flight that create streams or pipes, or claim them, finish (so what they made is
-//! carried) and refuses later ones. The snapshot also carries the daemon-wide counters. This module owns the formats and
-//! transports; freezing and thawing belong to the actors ([`crate::stream`], [`crate::console`])
-//! and the registry ([`crate::guests`]).
+//! carried) and refuses later ones. The snapshot also carries the daemon-wide counters.
+//! [`trigger`] is how `Agent.Upgrade` asks the daemon's main loop for an in-place upgrade and
+//! learns the outcome (typed: [`trigger::UpgradeError`], [`exec::PreflightError`]).
+//!
+//! This module owns the formats, the transports and the trigger; it imports none of the
+//! modules that use it (daemon, server, keeper, handoff). Freezing and thawing belong to the
+//! pipe and console actors and the registry ([`crate::guests`]); the order freeze → offer →
+//! thaw on failure, shared by both ways, belongs to the daemon (`daemon/transfer.rs`).
 
 pub mod exec;
 pub mod fds;
 pub mod gate;
 pub mod handover;
 pub mod snapshot;
+pub mod trigger;
 
 use snapshot::{ConsoleEntry, HandoffEntry, ListenerIndexes, Snapshot, SnapshotError, StreamEntry};
 use std::os::fd::OwnedFd;
