@@ -6,7 +6,8 @@
 //! state carried by an in-place upgrade, or by taking over from a running daemon. Then it serves
 //! until one of:
 //! - SIGTERM/SIGINT: stop accepting, end console clients and followers with `UNAVAILABLE`, let
-//!   gRPC calls finish (bounded), drain every pipe into its log (no fsync: docs/operations.md "Durability"), remove the sockets, exit.
+//!   gRPC calls finish (bounded), drain every pipe into its log (no fsync: docs/operations.md,
+//!   "Durability"), remove the sockets, exit.
 //! - SIGUSR1 or `Agent.Upgrade` (which asks through [`crate::upgrade::trigger`]): check the
 //!   binary, freeze, `execve` it with the carried state ([`crate::upgrade::exec`]); if that
 //!   fails, thaw and serve on.
