@@ -5,6 +5,7 @@
 //! Needs nothing but the binaries and util-linux's `script` (a terminal for the colour check).
 
 mod support;
+mod upgrade_common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -256,4 +257,35 @@ async fn log_is_coloured_only_on_a_terminal() {
         !no_color.contains(ESC),
         "colour despite NO_COLOR: {no_color:?}"
     );
+}
+
+/// `<runtime_dir>/conlogd.pid` names the serving daemon: written when it serves, the same
+/// after an in-place upgrade, the successor's after a takeover, gone after a clean stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pid_file_names_the_serving_daemon() {
+    let mut daemon = Daemon::start().await;
+    let pid_file = daemon.runtime_dir().join("conlogd.pid");
+    let read = || std::fs::read_to_string(&pid_file).unwrap_or_default();
+    assert_eq!(read(), format!("{}\n", daemon.pid()));
+
+    daemon.signal(rustix::process::Signal::USR1);
+    upgrade_common::wait_ready_count("the upgrade", 2, || daemon.stderr()).await;
+    assert_eq!(
+        read(),
+        format!("{}\n", daemon.pid()),
+        "same pid after SIGUSR1"
+    );
+
+    let mut successor = upgrade_common::Successor::spawn(&daemon, daemon.tcp, daemon.metrics);
+    successor.wait_ready().await;
+    assert_eq!(daemon.wait_exit().await.code(), Some(0));
+    successor.assert_took_over();
+    assert_eq!(
+        read(),
+        format!("{}\n", successor.pid()),
+        "the successor's pid"
+    );
+
+    assert_eq!(successor.stop().await.code(), Some(0));
+    assert!(!pid_file.exists(), "a clean stop removes the pid file");
 }

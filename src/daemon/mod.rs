@@ -43,7 +43,7 @@ use security::Security;
 use serving::{Serving, Signals};
 use std::fs;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
 use tokio::net::UnixStream;
@@ -282,6 +282,10 @@ impl Daemon {
     }
 
     async fn announce_ready(&self, serving: &Serving, took_over: bool) {
+        // Before the ready line: whoever saw it finds the pid file naming this process.
+        if let Err(e) = write_pid_file(self.config.runtime_dir()) {
+            tracing::warn!(error = %e, "cannot write conlogd.pid");
+        }
         let security = &self.security;
         tracing::info!(
             socket = %self.config.runtime_dir().join("conlogd.sock").display(),
@@ -373,6 +377,7 @@ impl Daemon {
         for name in ["conlogd.sock", "fd.sock", "handover.sock"] {
             let _ = fs::remove_file(self.config.runtime_dir().join(name));
         }
+        remove_pid_file(self.config.runtime_dir());
         // Every stream has stopped: these values are final, so the next start continues from
         // them exactly.
         let counters = self.metrics.counters();
@@ -432,4 +437,32 @@ fn raise_descriptor_limit() {
         }
     }
     tracing::debug!(nofile = ?getrlimit(Resource::Nofile).current, "descriptor limit");
+}
+
+/// The file that names the serving daemon's pid (`<runtime_dir>/conlogd.pid`), for signals
+/// from scripts: `kill -HUP "$(cat /run/conlog/conlogd.pid)"` reaches this daemon and not
+/// every `conlogd` on the host (keepers, a lingering predecessor, other instances).
+const PID_FILE: &str = "conlogd.pid";
+
+/// Writes the pid file whenever the daemon starts serving (a start, after an upgrade, after a
+/// takeover, which replaces the predecessor's): written aside and renamed, so a reader never
+/// sees a partial number.
+fn write_pid_file(runtime_dir: &Path) -> std::io::Result<()> {
+    let pid = std::process::id();
+    let aside = runtime_dir.join(format!("{PID_FILE}.{pid}.tmp"));
+    fs::write(&aside, format!("{pid}\n"))?;
+    fs::rename(&aside, runtime_dir.join(PID_FILE)).inspect_err(|_| {
+        let _ = fs::remove_file(&aside);
+    })
+}
+
+/// At a clean stop: removes the pid file if it still names this process (a successor that
+/// took over has written its own).
+fn remove_pid_file(runtime_dir: &Path) {
+    let path = runtime_dir.join(PID_FILE);
+    let ours =
+        fs::read_to_string(&path).is_ok_and(|text| text.trim() == std::process::id().to_string());
+    if ours {
+        let _ = fs::remove_file(path);
+    }
 }
