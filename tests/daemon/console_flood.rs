@@ -52,6 +52,7 @@ fn assert_rss_bounded(before: u64, max: u64, during: &str) {
 /// held up (every write completes) and the daemon's RSS grows by less than 8 MiB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stuck_client_lags_while_the_guest_floods_and_others_get_every_byte() {
+    let _heavy = heavy().await; // one heavy test at a time: support::heavy
     let daemon = Daemon::start_with(Some("consoles:\n  client_queue: 1MiB\n"), &[]).await;
     let mut agent = daemon.agent().await;
     let reply = create_console(

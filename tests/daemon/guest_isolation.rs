@@ -29,7 +29,7 @@ const LINES: usize = 40;
 /// task yielding, not on a second thread) and with the default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_guest_does_not_delay_another_guests_lines() {
-    let _heavy = heavy().await;
+    let _heavy = heavy().await; // one heavy test at a time: support::heavy
     for workers in [Some("1"), None] {
         // Set on the daemon's command only: the tests share this process.
         let env: Vec<_> = workers

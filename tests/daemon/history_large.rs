@@ -49,6 +49,7 @@ fn sample_rss(
 /// and the daemon's `VmRSS` grows by less than 8 MiB over its level before the reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_250_mib_history_streams_with_flat_daemon_memory() {
+    let _heavy = heavy().await; // one heavy test at a time: support::heavy
     const GUEST: &str = "vm-large";
     const MAX_SIZE: u64 = 10 * MIB;
     const BACKUPS: u32 = 25;

@@ -101,7 +101,7 @@ async fn restart_after_sigterm_keeps_files_and_continues_offsets() {
 /// the offset continues from it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_after_sigkill_continues_offsets() {
-    // Without a keeper: the pipe dies with the daemon (tests/crash_keeper.rs: with one).
+    // Without a keeper: the pipe dies with the daemon (tests/faults/crash_keeper.rs: with one).
     let mut daemon = Daemon::start_with(Some("keeper: off\n"), &[]).await;
     let mut agent = daemon.agent().await;
     let (_, mut pipe) = open_pipe(

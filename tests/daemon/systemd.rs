@@ -45,7 +45,7 @@ impl NotifySocket {
     }
 
     /// The next state notification: descriptor-store messages (`FDSTORE=1`,
-    /// `FDSTOREREMOVE=1`, the crash keeper's, tested in tests/crash_systemd.rs) are skipped.
+    /// `FDSTOREREMOVE=1`, the crash keeper's, tested in tests/faults/crash_systemd.rs) are skipped.
     fn try_next(&self, wait: Duration) -> Option<String> {
         let deadline = Instant::now() + wait;
         let mut buffer = [0u8; 4096];

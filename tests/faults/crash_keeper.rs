@@ -5,7 +5,7 @@
 //! waiting in kernel buffers is logged, and the only bytes lost are what a killed process had
 //! read and not yet written: each loss is one contiguous range of at most one read.
 //!
-//! `CONLOG_CRASH_KILLS=100 cargo test --test crash_keeper -- --nocapture` measures the loss
+//! `CONLOG_CRASH_KILLS=100 cargo test --test faults crash_keeper:: -- --nocapture` measures the loss
 //! over 100 kills (docs/operations.md, "Crash guarantees").
 
 use crate::crash_common;

@@ -14,7 +14,7 @@ use support::*;
 use upgrade_common::*;
 
 /// These tests cover recovery from the state directory alone, as without a keeper (a crash
-/// then closes every pipe and console connection); tests/crash_keeper.rs covers the keeper.
+/// then closes every pipe and console connection); tests/faults/crash_keeper.rs covers the keeper.
 const NO_KEEPER: &str = "keeper: off\n";
 
 /// `<data>/state/guests/<guest>/<stream>.<ext>`.

@@ -20,7 +20,7 @@
 //! printed). Events stop being scheduled at the deadline (`CONLOG_SOAK_MINUTES`, 10 by default,
 //! 60 for `full`); the checks run on what was done.
 //!
-//! `CONLOG_SOAK=full cargo test --test crash_soak -- --nocapture` gives the figures in
+//! `CONLOG_SOAK=full cargo test --test faults crash_soak:: -- --nocapture` gives the figures in
 //! docs/operations.md.
 
 use crate::crash_common;
@@ -692,6 +692,7 @@ struct Tally {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn soak_of_kills_upgrades_and_takeovers_loses_only_what_was_in_flight() {
+    let _heavy = heavy().await; // one heavy test at a time: support::heavy
     let size = Size::from_env();
     let mut random = Lcg(size.seed);
     let schedule = size.schedule(&mut random);

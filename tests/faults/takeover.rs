@@ -243,6 +243,7 @@ fn raise_nofile() -> u64 {
 /// takeover lands in its log after the line written before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn takeover_with_2000_guests() {
+    let _heavy = heavy().await; // one heavy test at a time: support::heavy
     let started = Instant::now();
     let nofile = raise_nofile();
     assert!(

@@ -69,6 +69,7 @@ const SMALL: u64 = 64 << 10;
 /// stays; the daemon holds as many descriptors after the upgrades as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_upgrades_lose_no_byte() {
+    let _heavy = heavy().await; // one heavy test at a time: support::heavy
     let started = Instant::now();
     let daemon = Daemon::start().await;
     let socket = daemon.socket();
