@@ -199,36 +199,64 @@ fn keeper_holds_and_hands_back_by_name() {
     assert!(!keeper.socket().exists());
 }
 
-/// Needs `python3` as the other uid's client (the external-tools tier, docs/testing.md "Test
-/// tiers"); the cap is checked in the core tier below.
-#[cfg(feature = "external-tools")]
+/// Names the keeper socket [`other_uid_probe`] connects to; set only on the probe's command.
+const PROBE_SOCKET: &str = "CONLOG_TEST_KEEPER_PROBE_SOCKET";
+
+/// The client of [`keeper_refuses_other_uids`]: run by that test, as uid 65534, from a copy of
+/// this test binary; connects to the keeper's socket and prints what it received (`[]` when
+/// the keeper closed the connection without a greeting). Ignored in a normal run.
+#[test]
+#[ignore = "a helper, run as another uid by keeper_refuses_other_uids"]
+fn other_uid_probe() {
+    let Some(path) = std::env::var_os(PROBE_SOCKET) else {
+        panic!("run only by keeper_refuses_other_uids, which sets {PROBE_SOCKET}");
+    };
+    let socket = protocol::seqpacket().unwrap();
+    rustix::net::connect(&socket, &rustix::net::SocketAddrUnix::new(path).unwrap())
+        .expect("connect to the keeper's socket");
+    rustix::net::sockopt::set_socket_timeout(
+        &socket,
+        rustix::net::sockopt::Timeout::Recv,
+        Some(std::time::Duration::from_secs(10)),
+    )
+    .unwrap();
+    let received = match protocol::recv(&socket) {
+        Ok(message) => message.bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Vec::new(),
+        Err(e) => panic!("no answer and no end from the keeper: {e}"),
+    };
+    // On a line of its own: libtest has just printed the test's name without a newline.
+    println!("\nprobe received: {received:?}");
+}
+
 #[test]
 fn keeper_refuses_other_uids() {
     let keeper = Keeper::start(Some(64));
     // Another uid, even through a socket made reachable for it, gets no greeting.
     std::fs::set_permissions(&keeper.runtime_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(keeper.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
-    let script = format!(
-        "import socket; s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); \
-         s.connect({:?}); s.settimeout(10); print(repr(s.recv(300)))",
-        keeper.socket().display().to_string()
-    );
+    // The client is this binary's `other_uid_probe`, from a copy uid 65534 can execute
+    // wherever the checkout is.
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(copy.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let probe = copy.path().join("probe");
+    std::fs::copy(std::env::current_exe().unwrap(), &probe).unwrap();
+    std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (_, module) = module_path!().split_once("::").expect("crate::module");
     let output = run_bounded(
         Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "/usr/bin/python3",
-                "-c",
-            ])
-            .arg(&script),
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&probe)
+            .args(["--exact", &format!("{module}::other_uid_probe")])
+            .args(["--ignored", "--nocapture", "--test-threads=1"])
+            .env(PROBE_SOCKET, keeper.socket()),
     );
     assert!(output.status.success(), "{}", describe(&output));
-    assert_eq!(
-        String::from_utf8_lossy(&output.stdout).trim(),
-        "b''",
-        "a client of another uid is closed without a greeting"
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        said.lines().any(|line| line == "probe received: []"),
+        "a client of another uid is closed without a greeting: {}",
+        describe(&output)
     );
 }
 
