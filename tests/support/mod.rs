@@ -1,7 +1,10 @@
 //! Shared harness of the integration tests: starts the real `conlogd` on a fresh temporary
 //! directory (loopback, port 0), talks to it over its real sockets and reads its log files.
 //!
-//! Every test binary includes this module with `mod support;` and uses only part of it.
+//! Every test binary includes this module (`#[path = "../support/mod.rs"] mod support;`) and
+//! uses only part of it. The tests of a binary share its process: nothing here touches the
+//! process's environment, rlimits or current directory; what a daemon needs is set on its
+//! command ([`Daemon::start_env`]).
 #![allow(dead_code)]
 
 mod console;
@@ -37,6 +40,16 @@ use tonic::transport::Channel;
 pub const DEADLINE: Duration = Duration::from_secs(30);
 /// Pause between two polls.
 pub const POLL: Duration = Duration::from_millis(20);
+
+/// Serializes the heavy tests of a binary (a gibibyte flood, thousands of guests, a soak, a
+/// 250 MiB history, floods measured against a bound): they ran alone or in pairs when each
+/// file was its own binary; sharing one process, two of them at once on a 2-CPU machine would
+/// stretch the bounds they check. The light tests run beside them as before. Held for the
+/// whole test (an async mutex: it is held across `.await`).
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
+}
 
 /// Adds `authorization: Bearer <token>` to every call (nothing when `None`).
 #[derive(Clone)]
@@ -110,6 +123,9 @@ pub struct Daemon {
     starts: u32,
     /// RLIMIT_NOFILE (soft and hard) the daemon runs under, through `prlimit`, if set.
     nofile: Option<u64>,
+    /// Environment variables set on the daemon's command (its restarts and successors too,
+    /// until changed).
+    pub env: Vec<(String, String)>,
     /// TCP address of the Console service of the current run.
     pub tcp: SocketAddr,
     /// Address of the metrics endpoint of the current run.
@@ -127,11 +143,28 @@ impl Daemon {
         Self::start_limited(config_yaml, extra_args, None).await
     }
 
+    /// Starts a daemon on embedded defaults with environment variables `env` (e.g.
+    /// `CONLOG_FAULT_POINTS`), kept for its restarts until [`Daemon::env`] is changed. Tests
+    /// share their binary's process, so none sets a variable there for the daemon to inherit.
+    pub async fn start_env(env: &[(&str, &str)]) -> Self {
+        Self::start_full(None, &[], None, env).await
+    }
+
     /// The same, under RLIMIT_NOFILE `nofile` (soft and hard, set by `prlimit`) if given.
     pub async fn start_limited(
         config_yaml: Option<&str>,
         extra_args: &[&str],
         nofile: Option<u64>,
+    ) -> Self {
+        Self::start_full(config_yaml, extra_args, nofile, &[]).await
+    }
+
+    /// All of the above: config file, extra flags, RLIMIT_NOFILE and environment.
+    pub async fn start_full(
+        config_yaml: Option<&str>,
+        extra_args: &[&str],
+        nofile: Option<u64>,
+        env: &[(&str, &str)],
     ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("conlog-test-")
@@ -152,6 +185,10 @@ impl Daemon {
             child: None,
             starts: 0,
             nofile,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             tcp: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
         };
@@ -183,6 +220,7 @@ impl Daemon {
         cmd.args(&self.extra_args)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         cmd
     }

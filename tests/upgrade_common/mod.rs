@@ -1,6 +1,6 @@
-//! Helpers of the upgrade, takeover and crash-recovery tests (`tests/upgrade.rs`,
-//! `tests/upgrade_failures.rs`, `tests/takeover.rs`, `tests/crash_recovery.rs`,
-//! `tests/hostile_handover.rs`, `tests/health_listener.rs`):
+//! Helpers of the upgrade, takeover and crash-recovery tests (`tests/faults/upgrade.rs`,
+//! `tests/faults/upgrade_failures.rs`, `tests/faults/takeover.rs`, `tests/faults/crash_recovery.rs`,
+//! `tests/faults/hostile_handover.rs`, `tests/daemon/health_listener.rs`):
 //!
 //! - [`data`]: deterministic numbered lines ([`line`], [`lines`]) pushed continuously into log
 //!   pipes by writer threads ([`PipeWriter`]) and into a console by a fake guest

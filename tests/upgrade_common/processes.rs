@@ -63,7 +63,7 @@ impl Successor {
     }
 
     /// [`Successor::spawn`] with `CONLOG_FAULT_POINTS` set to `faults` (if given) instead of
-    /// what this process's environment says.
+    /// what the daemon's command says (`Daemon::env`).
     pub fn spawn_with_faults(
         daemon: &Daemon,
         tcp: SocketAddr,

@@ -1,4 +1,4 @@
-// Headless Debian Chromium, driven by playwright-core, for tests/web_console.rs: the test
+// Headless Debian Chromium, driven by playwright-core, for tests/external/web_console.rs: the test
 // sends one JSON command per line on stdin and reads one JSON answer per line on stdout, so
 // that the Rust side can drive the fake guest and the daemon between browser steps.
 //

@@ -2,7 +2,7 @@
 // gRPC-web transport (@connectrpc/connect-node) over HTTP/1.1 and HTTP/2, plain or TLS, and a
 // hand-made gRPC-web-text request (base64 bodies, as browsers without binary streaming send).
 // The service comes from the descriptor set the daemon serves (no generated code), so this
-// client shares nothing with the page's. Prints one JSON object for tests/web_console.rs:
+// client shares nothing with the page's. Prints one JSON object for tests/external/web_console.rs:
 //   { reads: [{ httpVersion, data, chunks, offsets }], tail, text, codes }
 // where data, tail and text are base64 of the exact bytes read.
 //

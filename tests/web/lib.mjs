@@ -1,4 +1,4 @@
-// Shared by the Node scripts of tests/web_console.rs. Their packages are web/'s (one lock file,
+// Shared by the Node scripts of tests/external/web_console.rs. Their packages are web/'s (one lock file,
 // installed by `npm ci` in web/, which scripts/test.sh runs); nothing is installed here.
 
 import { existsSync } from "node:fs";

