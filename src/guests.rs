@@ -2,7 +2,10 @@
 //!
 //! Owns the map guest → stream → actor handle, the per-stream record files
 //! (`state/guests/<guest>/<stream>.json`: kind and limits) and the limits on how many guests and
-//! streams exist. It starts and stops stream actors but never touches their data path. The
+//! streams exist. It starts and stops stream actors ([`crate::pipe`], [`crate::console`]) but
+//! never touches their data path: what every stream does (limits, figures, close) goes through
+//! its [`LogHandle`], and only what one kind alone does (adding a pipe, attaching, freezing) looks
+//! at the kind. The
 //! position records (`<stream>.pos`) beside the stream records belong to [`crate::logfile`]; they
 //! are kept when a guest is removed, so a guest created again with the same name continues its
 //! offsets.
@@ -10,10 +13,11 @@
 use crate::config::{Config, LogMode};
 use crate::console::{ConsoleHandle, ConsolePaths, ConsoleSettings};
 use crate::error::{Error, Result};
+use crate::log_owner::{Figures, LogHandle};
 use crate::logfile::{LogFile, LogLimits};
 use crate::metrics::Metrics;
 use crate::names;
-use crate::stream::{Figures, StreamHandle, StreamStats};
+use crate::pipe::PipeHandle;
 use crate::upgrade::{ConsoleFds, StreamFds};
 use futures::future::join_all;
 use futures::StreamExt;
@@ -101,10 +105,11 @@ pub struct StreamSnapshot {
     pub figures: Figures,
 }
 
-/// The actor owning a stream.
+/// The actor owning a stream: what only this kind of stream does (add a pipe; attach a client)
+/// goes through its own handle, what every stream does through [`Actor::log`].
 #[derive(Clone)]
 pub enum Actor {
-    Pipe(StreamHandle),
+    Pipe(PipeHandle),
     Console(ConsoleHandle),
 }
 
@@ -116,52 +121,11 @@ impl Actor {
         }
     }
 
-    /// The stream's counters.
-    pub fn stats(&self) -> &StreamStats {
+    /// The handle to the stream's log, whatever feeds it.
+    pub fn log(&self) -> &LogHandle {
         match self {
-            Actor::Pipe(h) => &h.stats,
-            Actor::Console(h) => &h.stats,
-        }
-    }
-
-    async fn figures(&self) -> std::io::Result<Figures> {
-        match self {
-            Actor::Pipe(h) => h.figures().await,
-            Actor::Console(h) => h.figures().await,
-        }
-    }
-
-    async fn set_limits(&self, limits: LogLimits) -> std::io::Result<()> {
-        match self {
-            Actor::Pipe(h) => h.set_limits(limits).await,
-            Actor::Console(h) => h.set_limits(limits).await,
-        }
-    }
-
-    /// Opens the files holding offsets from `from` on.
-    pub async fn open_segments(
-        &self,
-        from: u64,
-    ) -> std::io::Result<Vec<crate::logfile::OpenSegment>> {
-        match self {
-            Actor::Pipe(h) => h.open_segments(from).await,
-            Actor::Console(h) => h.open_segments(from).await,
-        }
-    }
-
-    /// The end offset, for readers that follow; closed when the stream's actor stops.
-    pub fn offsets(&self) -> tokio::sync::watch::Receiver<u64> {
-        match self {
-            Actor::Pipe(h) => h.offsets.clone(),
-            Actor::Console(h) => h.offsets.clone(),
-        }
-    }
-
-    async fn close(&self, reason: &str, removed: bool) {
-        self.stats().removed.store(removed, Relaxed);
-        match self {
-            Actor::Pipe(h) => h.close().await,
-            Actor::Console(h) => h.close(reason, removed).await,
+            Actor::Pipe(h) => &h.log,
+            Actor::Console(h) => &h.log,
         }
     }
 }
@@ -307,11 +271,7 @@ impl Guests {
         let log = LogFile::open(log_path, &self.position_path(guest, stream), limits)
             .map_err(|e| Error::io(format!("cannot open {}", log_path.display()), e))?;
         Ok(match paths {
-            None => Actor::Pipe(StreamHandle::spawn(
-                log,
-                self.metrics.clone(),
-                crate::keeper::names::pipe_prefix(guest, stream),
-            )),
+            None => Actor::Pipe(PipeHandle::spawn(log, self.metrics.clone(), guest, stream)),
             Some(paths) => Actor::Console(ConsoleHandle::spawn(
                 guest,
                 stream,
@@ -541,6 +501,7 @@ impl Guests {
                 self.check_disk_budget(reserved.saturating_sub(old_cap), new_limits.disk_cap())?;
                 entry
                     .actor
+                    .log()
                     .set_limits(new_limits)
                     .await
                     .map_err(|e| Error::io("cannot apply new limits", e))?;
@@ -575,7 +536,7 @@ impl Guests {
             actor: actor.clone(),
         };
         if let Err(e) = self.write_record(guest, stream, &entry) {
-            actor.close("cannot record the stream", true).await;
+            actor.log().close("cannot record the stream", true).await;
             return Err(e);
         }
         guests
@@ -588,8 +549,8 @@ impl Guests {
     }
 
     /// The stream `guest/name`; with no name, the guest's `serial0` console if it has one,
-    /// else its `qemu` pipe. Returns the stream name chosen.
-    pub async fn stream(&self, guest: &str, name: Option<&str>) -> Result<(String, Actor)> {
+    /// else its `qemu` pipe. Returns the stream name chosen and the handle to its log.
+    pub async fn stream(&self, guest: &str, name: Option<&str>) -> Result<(String, LogHandle)> {
         let guests = self.guests.lock().await;
         let streams = guests
             .get(guest)
@@ -603,7 +564,7 @@ impl Guests {
         };
         streams
             .get(name)
-            .map(|e| (name.to_owned(), e.actor.clone()))
+            .map(|e| (name.to_owned(), e.actor.log().clone()))
             .ok_or_else(|| Error::NotFound(format!("Guest {guest:?} has no stream {name:?}")))
     }
 
@@ -655,6 +616,7 @@ impl Guests {
         for (stream, entry) in &streams {
             entry
                 .actor
+                .log()
                 .close(&format!("guest {guest} was removed"), true)
                 .await;
             let _ = std::fs::remove_file(self.record_path(guest, stream));
@@ -691,10 +653,11 @@ impl Guests {
         // memory that malloc keeps.
         let snapshot = |(name, entry): (String, StreamEntry)| async move {
             // An actor that stopped meanwhile (removed) still shows its last counters.
-            let figures = match entry.actor.figures().await {
+            let log = entry.actor.log();
+            let figures = match log.figures().await {
                 Ok(figures) => figures,
                 Err(_) => Figures {
-                    end_offset: entry.actor.stats().end_offset.load(Relaxed),
+                    end_offset: log.stats.end_offset.load(Relaxed),
                     ..Figures::default()
                 },
             };
@@ -732,7 +695,7 @@ impl Guests {
         let closing = guests
             .values()
             .flat_map(|streams| streams.values())
-            .map(|entry| entry.actor.close(reason, false));
+            .map(|entry| entry.actor.log().close(reason, false));
         join_all(closing).await;
     }
 

@@ -13,7 +13,7 @@
 //! and it keeps serving: nothing logged or pending is lost. Before a freeze, [`gate`] lets the
 //! calls in flight that create streams or pipes, or claim them, finish (so what they made is
 //! carried) and refuses later ones. The snapshot also carries the daemon-wide counters. This module owns the formats and
-//! transports; freezing and thawing belong to the actors ([`crate::stream`], [`crate::console`])
+//! transports; freezing and thawing belong to the actors ([`crate::pipe`], [`crate::console`])
 //! and the registry ([`crate::guests`]).
 
 pub mod exec;
