@@ -4,11 +4,20 @@
 //! (`state/guests/<guest>/<stream>.json`: kind and limits) and the limits on how many guests and
 //! streams exist. It starts and stops stream actors ([`crate::pipe`], [`crate::console`]) but
 //! never touches their data path: what every stream does (limits, figures, close) goes through
-//! its [`LogHandle`], and only what one kind alone does (adding a pipe, attaching, freezing) looks
-//! at the kind. The
-//! position records (`<stream>.pos`) beside the stream records belong to [`crate::logfile`]; they
-//! are kept when a guest is removed, so a guest created again with the same name continues its
-//! offsets.
+//! its [`LogHandle`], and only what one kind alone does (adding a pipe, attaching, freezing)
+//! looks at the kind. The position records (`<stream>.pos`) beside the stream records belong to
+//! [`crate::logfile`]; they are kept when a guest is removed, so a guest created again with the
+//! same name continues its offsets.
+//!
+//! Locking: the map sits under a `std::sync::Mutex` that is never held across an `.await`. A
+//! call decides under it and takes the handles it needs, releases it, and only then waits for
+//! actors (several at once with `join_all`), so a slow actor holds up nobody but its own
+//! callers. A guest being removed stays in the map marked closing until its streams are closed
+//! and its records and sockets removed: lookups and `ListGuests` no longer see it, and
+//! `CreateLogPipe`, `CreateConsole` or `RemoveGuest` in its name wait until the removal is over
+//! and then act as if they came after it (docs/design.md, §3), so nothing is created under a
+//! name whose files are being removed. This module must never await with the lock held, nor
+//! serve a closing guest.
 
 use crate::config::{Config, LogMode};
 use crate::console::{ConsoleHandle, ConsolePaths, ConsoleSettings};

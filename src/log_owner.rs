@@ -414,6 +414,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn reserved_places_deliver_in_the_order_commands_are_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_owner, handle, mut commands) = owner(dir.path());
+        let limits = |max_backups| LogLimits {
+            max_size: 4096,
+            max_backups,
+            mode: LogMode::Rotate,
+        };
+        let first = handle.reserve().await.unwrap();
+        let second = handle.reserve().await.unwrap();
+        // Sent in the other order than reserved: the actor sees them as sent.
+        let answers = [second.set_limits(limits(1)), first.set_limits(limits(2))];
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let Some(Own::Log(LogCommand::SetLimits(limits, reply))) = commands.recv().await else {
+                panic!("expected a change of limits");
+            };
+            seen.push(limits.max_backups);
+            reply.send(Ok(())).unwrap();
+        }
+        assert_eq!(seen, [1, 2]);
+        for answer in answers {
+            answer.await.unwrap();
+        }
+        // A place reserved on a stopped actor cannot be had.
+        drop(commands);
+        assert_eq!(handle.reserve().await.err(), Some(ActorGone));
+    }
+
+    #[tokio::test]
     async fn one_handle_answers_for_any_actor_and_reports_it_gone() {
         let dir = tempfile::tempdir().unwrap();
         let (mut owner, handle, commands) = owner(dir.path());
