@@ -178,6 +178,16 @@ async fn a_guest_being_removed_is_not_resurrected_and_holds_up_no_other_guest() 
     })
     .await;
     drop(guest);
+    // The console's events carry its guest and stream (the actor runs in their span).
+    let log = daemon.stderr();
+    assert!(
+        line_of(
+            &log,
+            &["guest connected", "guest=\"doomed\"", "stream=\"serial0\""]
+        )
+        .is_some(),
+        "no span on the console's events:\n{log}"
+    );
     assert!(daemon.stop().await.success());
     daemon.restart().await;
     assert_eq!(
