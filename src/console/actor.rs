@@ -12,15 +12,12 @@ use super::{
     NO_WRITER,
 };
 use crate::error::{Error, Result};
-use crate::logfile::LogFile;
-use crate::metrics::Metrics;
-use crate::stream::{Figures, OffsetPublisher};
+use crate::log_owner::{Figures, LogOwner};
 use crate::upgrade::ConsoleFds;
 use bytes::{Buf, Bytes};
 use std::collections::BTreeMap;
 use std::io::ErrorKind;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -65,8 +62,8 @@ const MAX_DRAIN: usize = 64 << 20;
 
 pub(super) struct ConsoleActor {
     handle: ConsoleHandle,
-    log: LogFile,
-    publisher: OffsetPublisher,
+    /// The log, its counters and offset publisher (the part every stream actor has).
+    owner: LogOwner,
     guest_listener: UnixListener,
     client_listener: UnixListener,
     guest: Option<UnixStream>,
@@ -79,28 +76,22 @@ pub(super) struct ConsoleActor {
     writer: Option<u64>,
     next_id: u64,
     settings: ConsoleSettings,
-    metrics: Arc<Metrics>,
 }
 
 impl ConsoleActor {
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn start(
+    /// The actor of `handle`'s console; its caller spawns [`ConsoleActor::run`].
+    pub(super) fn new(
         handle: ConsoleHandle,
-        log: LogFile,
-        publisher: OffsetPublisher,
+        owner: LogOwner,
         guest_listener: UnixListener,
         client_listener: UnixListener,
         guest: Option<UnixStream>,
         pending_input: Vec<u8>,
         settings: ConsoleSettings,
-        metrics: Arc<Metrics>,
-        commands: mpsc::Receiver<Command>,
-        input: mpsc::Receiver<Input>,
-    ) {
-        let actor = Self {
+    ) -> Self {
+        Self {
             handle,
-            log,
-            publisher,
+            owner,
             guest_listener,
             client_listener,
             guest,
@@ -115,12 +106,10 @@ impl ConsoleActor {
             writer: None,
             next_id: 1,
             settings,
-            metrics,
-        };
-        tokio::spawn(actor.run(commands, input));
+        }
     }
 
-    async fn run(
+    pub(super) async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut input: mpsc::Receiver<Input>,
@@ -132,10 +121,18 @@ impl ConsoleActor {
             // fast typist must not starve the guest's output.
             tokio::select! {
                 command = commands.recv() => match command {
-                    Some(Command::Close { reason, removed, done }) => {
-                        self.close(&reason, removed);
-                        let _ = done.send(());
-                        return;
+                    Some(Command::Log(command)) => {
+                        let (clients, guest_connected) = (self.clients.len() as u64, self.guest.is_some());
+                        let answered = self.owner.answer(command, |figures| Figures {
+                            clients,
+                            guest_connected,
+                            ..figures
+                        });
+                        if let Some(close) = answered {
+                            self.close(close.reason(), close.removed());
+                            close.done();
+                            return;
+                        }
                     }
                     Some(Command::Freeze(reply)) => {
                         if let Some(fds) = self.freeze() {
@@ -152,11 +149,11 @@ impl ConsoleActor {
                 },
                 accepted = self.guest_listener.accept() => match accepted {
                     Ok((stream, _)) => self.guest_connected(stream),
-                    Err(e) => tracing::warn!(console = %self.handle.name, error = %e, "guest accept failed"),
+                    Err(e) => tracing::warn!(error = %e, "guest accept failed"),
                 },
                 accepted = self.client_listener.accept() => match accepted {
                     Ok((stream, _)) => super::raw::spawn(self.handle.clone(), stream, self.settings.input_rate),
-                    Err(e) => tracing::warn!(console = %self.handle.name, error = %e, "client accept failed"),
+                    Err(e) => tracing::warn!(error = %e, "client accept failed"),
                 },
                 _ = keeper_holds(&mut self.held) => self.held = None,
                 readable = readable(&self.guest), if self.held.is_none() => match readable {
@@ -182,22 +179,6 @@ impl ConsoleActor {
             Command::Attach(request, reply) => {
                 let _ = reply.send(self.attach(request));
             }
-            Command::SetLimits(limits, reply) => {
-                let before = self.log.rotations();
-                let result = self.log.set_limits(limits);
-                self.count_rotations(before);
-                let _ = reply.send(result);
-            }
-            Command::Figures(reply) => {
-                let _ = reply.send(Figures {
-                    clients: self.clients.len() as u64,
-                    guest_connected: self.guest.is_some(),
-                    ..Figures::of(&self.log, &self.handle.stats)
-                });
-            }
-            Command::OpenSegments(from, reply) => {
-                let _ = reply.send(self.log.open_segments(from));
-            }
             Command::EndClients(reason, done) => {
                 self.drop_writing(Some(Error::Unavailable(format!(
                     "Every client of console {} was ended ({reason}); input not yet written was discarded",
@@ -212,7 +193,7 @@ impl ConsoleActor {
                 self.count_clients();
                 let _ = done.send(());
             }
-            Command::Close { .. } | Command::Freeze(_) | Command::Detach(_) => {
+            Command::Log(_) | Command::Freeze(_) | Command::Detach(_) => {
                 unreachable!("handled by run")
             }
         }
@@ -253,12 +234,12 @@ impl ConsoleActor {
         let (mut queue, receiver) = clients::queue(self.settings.client_queue);
         let replay = request.replay_bytes.min(self.settings.max_replay);
         let (start, history) = if replay > 0 {
-            crate::history::read_tail(&self.log.segments(), replay).unwrap_or_else(|e| {
-                tracing::warn!(console = %self.handle.name, error = %e, "cannot read replay");
-                (self.log.end_offset(), Vec::new())
+            crate::logfile::read_tail(&self.owner.log.segments(), replay).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read replay");
+                (self.owner.log.end_offset(), Vec::new())
             })
         } else {
-            (self.log.end_offset(), Vec::new())
+            (self.owner.log.end_offset(), Vec::new())
         };
         queue.control(Event::Attached {
             offset: start,
@@ -296,11 +277,11 @@ impl ConsoleActor {
                 old.queue.control(Event::WriterRevoked {
                     reason: format!("{} took the writer lease", request.label),
                 });
-                tracing::info!(console = %self.handle.name, old = %old.label, new = %request.label, "writer lease taken over");
+                tracing::info!(old = %old.label, new = %request.label, "writer lease taken over");
             }
             self.set_writer(Some(id));
         }
-        tracing::info!(console = %self.handle.name, client = %request.label, writer = becomes_writer, offset = start, "client attached");
+        tracing::info!(client = %request.label, writer = becomes_writer, offset = start, "client attached");
         self.clients.insert(
             id,
             Client {
@@ -315,7 +296,7 @@ impl ConsoleActor {
 
     fn detach(&mut self, id: u64) {
         if let Some(client) = self.clients.remove(&id) {
-            tracing::info!(console = %self.handle.name, client = %client.label, "client detached");
+            tracing::info!(client = %client.label, "client detached");
         }
         if self.writer == Some(id) {
             self.set_writer(None);
@@ -349,7 +330,11 @@ impl ConsoleActor {
         let Some(writing) = self.writing.take() else {
             return;
         };
-        tracing::debug!(console = %self.handle.name, written = writing.written, discarded = writing.data.len(), "input discarded");
+        tracing::debug!(
+            written = writing.written,
+            discarded = writing.data.len(),
+            "input discarded"
+        );
         if let (Some(reply), Some(why)) = (writing.reply, why) {
             let _ = reply.send(Err(why));
         }
@@ -361,14 +346,15 @@ impl ConsoleActor {
             .console
             .clients
             .swap(self.clients.len() as u64, Relaxed);
-        self.metrics
+        self.owner
+            .metrics
             .clients
             .inc_by(self.clients.len() as i64 - before as i64);
     }
 
     fn guest_connected(&mut self, stream: UnixStream) {
         if let Some(old) = self.guest.take() {
-            tracing::warn!(console = %self.handle.name, "a new guest connection replaces the current one");
+            tracing::warn!("a new guest connection replaces the current one");
             self.drain(old, "replaced by a new guest connection");
         }
         self.drop_writing(Some(Error::Unavailable(format!(
@@ -383,7 +369,7 @@ impl ConsoleActor {
         self.held = Some(crate::keeper::flushed());
         self.guest = Some(stream);
         self.handle.console.guest_connected.store(true, Relaxed);
-        tracing::info!(console = %self.handle.name, "guest connected");
+        tracing::info!("guest connected");
         self.broadcast(Event::Guest { connected: true });
     }
 
@@ -398,12 +384,12 @@ impl ConsoleActor {
         let mut old = match old.into_std() {
             Ok(old) => old,
             Err(e) => {
-                tracing::warn!(console = %self.handle.name, error = %e, "cannot drain the old guest connection");
+                tracing::warn!(error = %e, "cannot drain the old guest connection");
                 return;
             }
         };
         if let Err(e) = old.shutdown(std::net::Shutdown::Read) {
-            tracing::warn!(console = %self.handle.name, error = %e, "cannot shut down the old guest connection");
+            tracing::warn!(error = %e, "cannot shut down the old guest connection");
         }
         let mut drained = 0;
         READ_BUFFER.with_borrow_mut(|buffer| {
@@ -421,7 +407,7 @@ impl ConsoleActor {
                 }
             }
         });
-        tracing::info!(console = %self.handle.name, drained, why, "old guest connection drained and closed");
+        tracing::info!(drained, why, "old guest connection drained and closed");
     }
 
     /// The keeper's name of this console's `part` ([`crate::keeper::names::console`]).
@@ -439,7 +425,7 @@ impl ConsoleActor {
             self.handle.name
         ))));
         self.handle.console.guest_connected.store(false, Relaxed);
-        tracing::info!(console = %self.handle.name, why, "guest disconnected");
+        tracing::info!(why, "guest disconnected");
         self.broadcast(Event::Guest { connected: false });
     }
 
@@ -450,12 +436,11 @@ impl ConsoleActor {
         let Some(guest) = &self.guest else {
             return;
         };
-        let rotations = self.log.rotations();
-        self.log.rotate_if_full(std::os::fd::AsFd::as_fd(guest));
-        self.count_rotations(rotations);
+        self.owner
+            .counting_rotations(|log| log.rotate_if_full(std::os::fd::AsFd::as_fd(guest)));
         // A read never runs past the current file: the rotation comes before the next read,
         // not between a read and its write (docs/operations.md, "Crash guarantees").
-        let room = self.log.room();
+        let room = self.owner.log.room();
         let ended = READ_BUFFER.with_borrow_mut(|buffer| {
             let guest = self.guest.as_ref().expect("checked above");
             let limit = buffer.len().min(room);
@@ -489,26 +474,17 @@ impl ConsoleActor {
     /// (disk full) still reach live viewers, at the offsets history reports as a gap
     /// (docs/operations.md, "Durability").
     fn guest_output(&mut self, output: &[u8]) {
-        let offset = self.log.end_offset();
-        let rotations = self.log.rotations();
-        let written = self.log.log(output);
-        self.count_rotations(rotations);
-        crate::stream::count_moved(
-            &self.log,
-            &self.handle.stats,
-            &self.publisher,
-            &self.metrics,
-            written.logged,
-            written.dropped,
-        );
+        let offset = self.owner.log.end_offset();
+        let written = self.owner.counting_rotations(|log| log.log(output));
+        self.owner.count_moved(written.logged, written.dropped);
         let data = Bytes::copy_from_slice(output);
         let mut gone = Vec::new();
         for (id, client) in &mut self.clients {
             match client.queue.offer(offset, &data) {
                 Offer::Queued | Offer::Skipped(false) => {}
                 Offer::Skipped(true) => {
-                    self.metrics.lagged_clients.inc();
-                    tracing::debug!(console = %self.handle.name, client = %client.label, offset, "client lagging");
+                    self.owner.metrics.lagged_clients.inc();
+                    tracing::debug!(client = %client.label, offset, "client lagging");
                 }
                 Offer::Gone => gone.push(*id),
             }
@@ -596,12 +572,6 @@ impl ConsoleActor {
         }
     }
 
-    fn count_rotations(&self, before: u64) {
-        self.handle
-            .stats
-            .record_rotations(self.log.rotations() - before, &self.metrics);
-    }
-
     /// Ends every client with "come back" and returns the sockets (still open,
     /// files still in place) and the input not yet written to the guest.
     fn freeze(mut self) -> Option<ConsoleFds> {
@@ -621,7 +591,7 @@ impl ConsoleActor {
         // No fsync: the next image shares this host's page cache.
         let owned = |result: std::io::Result<std::os::fd::OwnedFd>| {
             result
-                .map_err(|e| tracing::error!(console = %self.handle.name, error = %e, "cannot hand over a console socket"))
+                .map_err(|e| tracing::error!(error = %e, "cannot hand over a console socket"))
                 .ok()
         };
         let guest_listener = owned(self.guest_listener.into_std().map(Into::into))?;
@@ -664,9 +634,7 @@ impl ConsoleActor {
         if let Some(dir) = self.handle.paths.guest_socket.parent() {
             let _ = std::fs::remove_dir(dir);
         }
-        if let Err(e) = self.log.checkpoint() {
-            tracing::warn!(console = %self.handle.name, error = %e, "cannot record the console log position");
-        }
+        self.owner.checkpoint();
     }
 }
 

@@ -230,6 +230,7 @@ impl AgentService {
             client_socket: handle.paths.client_socket.display().to_string(),
             log_path: opened.log_path.display().to_string(),
             offset: handle
+                .log
                 .stats
                 .end_offset
                 .load(std::sync::atomic::Ordering::Relaxed),
