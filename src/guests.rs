@@ -20,9 +20,9 @@
 //! serve a closing guest.
 
 use crate::config::{Config, LogMode};
+use crate::console::ConsoleError;
 use crate::console::{ConsoleHandle, ConsolePaths, ConsoleSettings};
-use crate::error::{Error, Result};
-use crate::log_owner::{Figures, LogHandle, Reserved};
+use crate::log_owner::{ActorGone, Figures, LogError, LogHandle, Reserved};
 use crate::logfile::{LogFile, LogLimits};
 use crate::metrics::Metrics;
 use crate::names;
@@ -37,7 +37,85 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use thiserror::Error;
 use tokio::sync::watch;
+
+/// What the registry refuses or fails at. The mapping to status codes is `crate::error`'s.
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    /// No guest of that name (or it is being removed).
+    #[error("No guest named {0:?}")]
+    UnknownGuest(String),
+    /// The guest has no stream of that name.
+    #[error("Guest {guest:?} has no stream {stream:?}")]
+    UnknownStream { guest: String, stream: String },
+    /// The guest has no console of that name.
+    #[error("Guest {guest:?} has no console {device:?}")]
+    UnknownConsole { guest: String, device: String },
+    /// The stream exists with the other kind (a pipe asked for as a console, or the reverse).
+    #[error("{guest}/{stream} is a {}, not a {}", found.noun(), wanted.noun())]
+    KindMismatch {
+        guest: String,
+        stream: String,
+        found: StreamKind,
+        wanted: StreamKind,
+    },
+    /// Requested limits below the smallest log size.
+    #[error("limits.max_size must be at least {min} bytes (got {got})")]
+    MaxSizeTooSmall { min: u64, got: u64 },
+    /// Requested limits above the most backups.
+    #[error("limits.max_backups must be at most {max} (got {got})")]
+    TooManyBackups { max: u32, got: u32 },
+    /// A configured limit was hit; `limit` is its config key.
+    #[error("Limit {limit} reached ({value})")]
+    LimitReached { limit: &'static str, value: u64 },
+    /// The console could not be started (its socket paths, its sockets).
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    /// The stream's actor stopped while it was being asked (a concurrent removal or shutdown).
+    #[error(transparent)]
+    Gone(#[from] ActorGone),
+    /// An operating-system call failed; `context` says what was being done (it may name a host
+    /// path: never shown to a remote client).
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RegistryError {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// What a failed command to a stream's log means: its actor is gone, or `context` failed.
+    fn log(context: &str, error: LogError) -> Self {
+        match error {
+            LogError::Gone(gone) => Self::Gone(gone),
+            LogError::Io(source) => Self::io(context, source),
+        }
+    }
+}
+
+/// What registry operations return.
+pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+/// Why a stream record on disk cannot be used.
+#[derive(Debug, Error)]
+enum RecordError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("more than {0} bytes is too large for a stream record")]
+    TooLarge(u64),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
 
 /// What feeds a stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,18 +156,16 @@ impl LimitsOverride {
             mode: self.mode.unwrap_or(base.mode),
         };
         if limits.max_size < crate::config::MIN_MAX_SIZE {
-            return Err(Error::InvalidArgument(format!(
-                "limits.max_size must be at least {} bytes (got {})",
-                crate::config::MIN_MAX_SIZE,
-                limits.max_size
-            )));
+            return Err(RegistryError::MaxSizeTooSmall {
+                min: crate::config::MIN_MAX_SIZE,
+                got: limits.max_size,
+            });
         }
         if limits.max_backups > crate::config::MAX_BACKUPS {
-            return Err(Error::InvalidArgument(format!(
-                "limits.max_backups must be at most {} (got {})",
-                crate::config::MAX_BACKUPS,
-                limits.max_backups
-            )));
+            return Err(RegistryError::TooManyBackups {
+                max: crate::config::MAX_BACKUPS,
+                got: limits.max_backups,
+            });
         }
         Ok(limits)
     }
@@ -157,7 +233,7 @@ async fn adopt_pipes(actor: &Actor, pipes: Vec<OwnedFd>) -> Result<()> {
             handle
                 .add_pipe(pipe)
                 .await
-                .map_err(|e| Error::io("cannot adopt a carried pipe", e))?;
+                .map_err(|e| RegistryError::log("cannot adopt a carried pipe", e))?;
         }
     }
     Ok(())
@@ -205,9 +281,12 @@ enum Next {
     /// Its limits change: reserve a place on its actor's channel, then decide again.
     Reserve(LogHandle),
     /// The change of limits was sent: wait for the actor's answer.
-    Apply(BoxFuture<'static, std::io::Result<()>>, Stream),
+    Apply(
+        BoxFuture<'static, std::result::Result<(), LogError>>,
+        Stream,
+    ),
     /// The new stream could not be recorded: close its actor and fail.
-    Abandon(Actor, Error),
+    Abandon(Actor, RegistryError),
 }
 
 pub struct Guests {
@@ -262,7 +341,7 @@ impl Guests {
     fn check_disk_budget(&self, reserved: u64, new_cap: u64) -> Result<()> {
         let budget = self.config.limits.total_log_bytes.bytes();
         if reserved.saturating_add(new_cap) > budget {
-            return Err(Error::LimitReached {
+            return Err(RegistryError::LimitReached {
                 limit: "limits.total_log_bytes",
                 value: budget,
             });
@@ -325,7 +404,7 @@ impl Guests {
             StreamKind::Pipe => None,
         };
         let log = LogFile::open(log_path, &self.position_path(guest, stream), limits)
-            .map_err(|e| Error::io(format!("cannot open {}", log_path.display()), e))?;
+            .map_err(|e| RegistryError::io(format!("cannot open {}", log_path.display()), e))?;
         Ok(match paths {
             None => Actor::Pipe(PipeHandle::spawn(log, self.metrics.clone(), guest, stream)),
             Some(paths) => Actor::Console(ConsoleHandle::spawn(
@@ -351,7 +430,12 @@ impl Guests {
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries.flatten().collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(Error::io(format!("cannot read {}", dir.display()), e)),
+            Err(e) => {
+                return Err(RegistryError::io(
+                    format!("cannot read {}", dir.display()),
+                    e,
+                ))
+            }
         };
         // Every record to restore, with what the previous image carried for it.
         let mut work = Vec::new();
@@ -465,7 +549,7 @@ impl Guests {
                 // record are still there. It comes back as a closed pipe with default limits.
                 let log_path = self.log_path(guest, stream);
                 if !log_path.exists() {
-                    return Err(Error::io(
+                    return Err(RegistryError::io(
                         format!(
                             "refusing {} ({why}); no log file to restore from",
                             record_path.display()
@@ -577,16 +661,13 @@ impl Guests {
                 Next::Done(stream) => return Ok(stream),
                 Next::Wait(closing) => removal_over(closing).await,
                 Next::Reserve(log) => {
-                    let place = log
-                        .reserve()
-                        .await
-                        .map_err(|e| Error::io("cannot apply new limits", e.into()))?;
+                    let place = log.reserve().await.map_err(RegistryError::Gone)?;
                     reserved = Some((log, place));
                 }
                 Next::Apply(answer, stream) => {
                     answer
                         .await
-                        .map_err(|e| Error::io("cannot apply new limits", e))?;
+                        .map_err(|e| RegistryError::log("cannot apply new limits", e))?;
                     return Ok(stream);
                 }
                 Next::Abandon(actor, error) => {
@@ -626,11 +707,12 @@ impl Guests {
             .and_then(|g| g.streams.get_mut(stream))
         {
             if entry.actor.kind() != kind {
-                return Err(Error::FailedPrecondition(format!(
-                    "{guest}/{stream} is a {}, not a {}",
-                    entry.actor.kind().noun(),
-                    kind.noun()
-                )));
+                return Err(RegistryError::KindMismatch {
+                    guest: guest.to_owned(),
+                    stream: stream.to_owned(),
+                    found: entry.actor.kind(),
+                    wanted: kind,
+                });
             }
             let found = Stream {
                 actor: entry.actor.clone(),
@@ -659,14 +741,14 @@ impl Guests {
         }
         let limits = limits.apply(self.default_limits())?;
         if !guests.contains_key(guest) && guest_count >= self.config.limits.guests as usize {
-            return Err(Error::LimitReached {
+            return Err(RegistryError::LimitReached {
                 limit: "limits.guests",
                 value: self.config.limits.guests.into(),
             });
         }
         let streams = guests.get(guest).map_or(0, |g| g.streams.len());
         if streams >= self.config.limits.streams_per_guest as usize {
-            return Err(Error::LimitReached {
+            return Err(RegistryError::LimitReached {
                 limit: "limits.streams_per_guest",
                 value: self.config.limits.streams_per_guest.into(),
             });
@@ -712,7 +794,10 @@ impl Guests {
         streams
             .get(name)
             .map(|e| (name.to_owned(), e.actor.log().clone()))
-            .ok_or_else(|| Error::NotFound(format!("Guest {guest:?} has no stream {name:?}")))
+            .ok_or_else(|| RegistryError::UnknownStream {
+                guest: guest.to_owned(),
+                stream: name.to_owned(),
+            })
     }
 
     /// The streams of `guest`, unless it does not exist or is being removed.
@@ -725,7 +810,7 @@ impl Guests {
             .get(guest)
             .filter(|g| g.open())
             .map(|g| &g.streams)
-            .ok_or_else(|| Error::NotFound(format!("No guest named {guest:?}")))
+            .ok_or_else(|| RegistryError::UnknownGuest(guest.to_owned()))
     }
 
     /// How many streams exist (of guests not being removed).
@@ -743,12 +828,16 @@ impl Guests {
         let streams = self.open_guest(&guests, guest)?;
         match streams.get(device).map(|e| &e.actor) {
             Some(Actor::Console(handle)) => Ok(handle.clone()),
-            Some(Actor::Pipe(_)) => Err(Error::FailedPrecondition(format!(
-                "{guest}/{device} is a log pipe, not a console"
-            ))),
-            None => Err(Error::NotFound(format!(
-                "Guest {guest:?} has no console {device:?}"
-            ))),
+            Some(Actor::Pipe(_)) => Err(RegistryError::KindMismatch {
+                guest: guest.to_owned(),
+                stream: device.to_owned(),
+                found: StreamKind::Pipe,
+                wanted: StreamKind::Console,
+            }),
+            None => Err(RegistryError::UnknownConsole {
+                guest: guest.to_owned(),
+                device: device.to_owned(),
+            }),
         }
     }
 
@@ -761,11 +850,11 @@ impl Guests {
         let path = self.record_path(guest, stream);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
-                .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+                .map_err(|e| RegistryError::io(format!("cannot create {}", dir.display()), e))?;
         }
         let bytes = serde_json::to_vec_pretty(&record).expect("stream record serializes");
         crate::logfile::write_atomically(&path, &bytes)
-            .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
+            .map_err(|e| RegistryError::io(format!("cannot write {}", path.display()), e))
     }
 
     /// Closes every stream of `guest` (draining pipes, removing console sockets) and forgets
@@ -780,7 +869,7 @@ impl Guests {
                 let mut guests = self.registry();
                 let entry = guests
                     .get_mut(guest)
-                    .ok_or_else(|| Error::NotFound(format!("No guest named {guest:?}")))?;
+                    .ok_or_else(|| RegistryError::UnknownGuest(guest.to_owned()))?;
                 match &entry.closing {
                     Some(closing) => closing.clone(),
                     None => {
@@ -805,7 +894,7 @@ impl Guests {
         };
         tokio::spawn(removal.run(streams))
             .await
-            .map_err(|e| Error::io("the removal failed", std::io::Error::other(e)))
+            .map_err(|e| RegistryError::io("the removal failed", std::io::Error::other(e)))
     }
 
     /// Snapshots of every guest (or only `filter`), sorted by name.
@@ -936,19 +1025,16 @@ impl Drop for Removal {
 }
 
 /// Reads and parses a stream record; the error says what is wrong with it.
-fn read_record(path: &Path) -> std::result::Result<StreamRecord, String> {
+fn read_record(path: &Path) -> std::result::Result<StreamRecord, RecordError> {
     const MAX_RECORD: u64 = 64 << 10;
     // `take` rather than `fs::read`: no size query first (a restart reads thousands).
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let file = std::fs::File::open(path)?;
     let mut bytes = Vec::with_capacity(1024);
-    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_RECORD + 1), &mut bytes)
-        .map_err(|e| e.to_string())?;
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_RECORD + 1), &mut bytes)?;
     if bytes.len() as u64 > MAX_RECORD {
-        return Err(format!(
-            "more than {MAX_RECORD} bytes is too large for a stream record"
-        ));
+        return Err(RecordError::TooLarge(MAX_RECORD));
     }
-    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+    Ok(serde_json::from_slice(&bytes)?)
 }
 
 /// `<stream>.json` → `stream`, for valid stream names only.

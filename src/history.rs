@@ -20,14 +20,45 @@
 //! skip them, and the reader reports them like rotated-away ranges, so a client's offsets,
 //! `dropped_bytes` and history agree (docs/operations.md, "Durability").
 
-use crate::error::{Error, Result};
-use crate::log_owner::LogHandle;
+use crate::log_owner::{LogError, LogHandle};
 use crate::logfile::OpenSegment;
 use std::collections::VecDeque;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering::Relaxed;
+use thiserror::Error;
 use tokio::sync::mpsc;
+
+/// What a history read refuses or fails at. The mapping to status codes is `crate::error`'s.
+#[derive(Debug, Error)]
+pub enum HistoryError {
+    /// A start offset past the end of a read that does not follow.
+    #[error(
+        "from_offset {offset} is beyond the end of the stream ({end}); use follow to wait for it"
+    )]
+    BeyondEnd { offset: u64, end: u64 },
+    /// The stream's actor stopped while the daemon goes away (shutdown or upgrade): the client
+    /// resumes from `position` later.
+    #[error("conlogd is going away; resume with from_offset {position}")]
+    GoingAway { position: u64 },
+    /// The stream's actor could not open its files for the reader (or is gone).
+    #[error("cannot open the stream's files")]
+    Open(#[source] LogError),
+    /// Reading an open log file failed; `context` says what was being done.
+    #[error("{context}")]
+    Io {
+        context: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What history reads return.
+pub type Result<T, E = HistoryError> = std::result::Result<T, E>;
+
+fn io_error(context: &'static str) -> impl FnOnce(io::Error) -> HistoryError {
+    move |source| HistoryError::Io { context, source }
+}
 
 /// Where a history read starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,10 +107,9 @@ pub async fn read(
     request: HistoryRequest,
     going_away: tokio::sync::watch::Receiver<bool>,
 ) -> Result<mpsc::Receiver<Result<HistoryItem>>> {
-    let gone = |e: io::Error| Error::io("cannot open the stream's files", e);
     let offsets = actor.offsets.clone();
     let dropped_seen = actor.stats.dropped.load(Relaxed);
-    let segments = actor.open_segments(0).await.map_err(gone)?;
+    let segments = actor.open_segments(0).await.map_err(HistoryError::Open)?;
     // The published end may lie past the last byte on disk (bytes that could not be logged).
     let end = segments
         .last()
@@ -89,13 +119,13 @@ pub async fn read(
     let position = match request.start {
         Start::Oldest => first,
         Start::Offset(offset) if offset > end && !request.follow => {
-            return Err(Error::OutOfRange(format!(
-                "from_offset {offset} is beyond the end of the stream ({end}); use follow to wait for it"
-            )))
+            return Err(HistoryError::BeyondEnd { offset, end })
         }
         Start::Offset(offset) => offset,
         Start::TailBytes(n) => end.saturating_sub(n).max(first),
-        Start::TailLines(n) => tail_lines_start(&segments, n).map_err(gone)?,
+        Start::TailLines(n) => {
+            tail_lines_start(&segments, n).map_err(|e| HistoryError::Open(LogError::Io(e)))?
+        }
     };
     let (sender, receiver) = mpsc::channel(QUEUE);
     let reader = Reader {
@@ -181,7 +211,7 @@ impl Reader {
                     &mut buffer[..want],
                     segment.file_pos + self.position - segment.start,
                 )
-                .map_err(|e| Error::io("cannot read a log file", e))?;
+                .map_err(io_error("cannot read a log file"))?;
             if read == 0 {
                 // Shorter than the actor said: cut behind our back. Ask again.
                 self.segments.pop_front();
@@ -234,7 +264,7 @@ impl Reader {
                 Some(next) if read + missing <= self.request.chunk_size => {
                     next.file
                         .read_exact_at(&mut buffer[read..read + missing], next.file_pos)
-                        .map_err(|e| Error::io("cannot read a log file", e))?;
+                        .map_err(io_error("cannot read a log file"))?;
                     return Ok(read + missing);
                 }
                 // No room: the next chunk starts with this character and completes it.
@@ -252,10 +282,9 @@ impl Reader {
         if self.actor.stats.removed.load(Relaxed) {
             return Ok(false);
         }
-        Err(Error::Unavailable(format!(
-            "conlogd is going away; resume with from_offset {}",
-            self.position
-        )))
+        Err(HistoryError::GoingAway {
+            position: self.position,
+        })
     }
 
     /// If the file we finished has grown past our position, reads on from it: log files are
@@ -270,7 +299,7 @@ impl Reader {
         let len = last
             .file
             .metadata()
-            .map_err(|e| Error::io("cannot stat a log file", e))?
+            .map_err(io_error("cannot stat a log file"))?
             .len()
             .saturating_sub(last.file_pos);
         // Read after the size: bytes seen above were written after any drop counted here.

@@ -11,12 +11,12 @@
 //!
 //! This module never touches a stream's source (pipe or socket), never spawns a task, and never
 //! blocks: the actors own their data path and their loop. A handle whose actor stopped answers
-//! [`ActorGone`].
+//! [`ActorGone`]; what the log itself failed at is [`LogError::Io`].
 
 use crate::logfile::{LogFile, LogLimits, OpenSegment};
 use crate::metrics::Metrics;
 use futures::future::BoxFuture;
-use std::io::{self, ErrorKind};
+use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -28,10 +28,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 #[error("The stream's actor has stopped")]
 pub struct ActorGone;
 
-impl From<ActorGone> for io::Error {
-    fn from(gone: ActorGone) -> Self {
-        io::Error::new(ErrorKind::BrokenPipe, gone)
-    }
+/// What a command to a stream's log can fail at: its actor is gone, or the log's files refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error(transparent)]
+    Gone(#[from] ActorGone),
+    /// A rotation, truncation or open the new limits or a reader needed failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
 }
 
 /// Counters of one stream, readable without asking the actor.
@@ -199,10 +203,10 @@ pub struct Reserved(Box<dyn FnOnce(LogCommand) + Send>);
 impl Reserved {
     /// Sends a change of limits now; the returned future answers once the actor applied it.
     /// Dropping the future does not withdraw the change.
-    pub fn set_limits(self, limits: LogLimits) -> BoxFuture<'static, io::Result<()>> {
+    pub fn set_limits(self, limits: LogLimits) -> BoxFuture<'static, Result<(), LogError>> {
         let (reply, answer) = oneshot::channel();
         (self.0)(LogCommand::SetLimits(limits, reply));
-        Box::pin(async move { answer.await.map_err(|_| ActorGone)? })
+        Box::pin(async move { Ok(answer.await.map_err(|_| ActorGone)??) })
     }
 }
 
@@ -228,7 +232,7 @@ impl LogHandle {
     }
 
     /// Replaces the stream's limits.
-    pub async fn set_limits(&self, limits: LogLimits) -> io::Result<()> {
+    pub async fn set_limits(&self, limits: LogLimits) -> Result<(), LogError> {
         self.reserve().await?.set_limits(limits).await
     }
 
@@ -244,14 +248,15 @@ impl LogHandle {
     }
 
     /// The stream's figures at one instant.
-    pub async fn figures(&self) -> io::Result<Figures> {
-        Ok(self.ask(LogCommand::Figures).await?)
+    pub async fn figures(&self) -> Result<Figures, ActorGone> {
+        self.ask(LogCommand::Figures).await
     }
 
     /// Opens the files holding offsets from `from` on (see [`LogFile::open_segments`]).
-    pub async fn open_segments(&self, from: u64) -> io::Result<Vec<OpenSegment>> {
-        self.ask(|reply| LogCommand::OpenSegments(from, reply))
-            .await?
+    pub async fn open_segments(&self, from: u64) -> Result<Vec<OpenSegment>, LogError> {
+        Ok(self
+            .ask(|reply| LogCommand::OpenSegments(from, reply))
+            .await??)
     }
 
     /// Drains the stream's source, tells its clients `reason`, syncs the log and stops the
@@ -468,11 +473,11 @@ mod tests {
         handle.close("test over", true).await;
         actor.await.unwrap();
         assert!(handle.stats.removed.load(Relaxed));
-        let gone = handle.figures().await.unwrap_err();
-        assert_eq!(gone.kind(), ErrorKind::BrokenPipe);
-        assert!(gone
-            .get_ref()
-            .is_some_and(|inner| inner.downcast_ref::<ActorGone>().is_some()));
+        assert_eq!(handle.figures().await.unwrap_err(), ActorGone);
+        assert!(matches!(
+            handle.open_segments(0).await,
+            Err(LogError::Gone(ActorGone))
+        ));
         // Closing a stopped actor returns at once.
         handle.close("again", false).await;
     }

@@ -17,7 +17,7 @@
 //! This module never touches a console, a client or the registry; its task runs in a span
 //! naming its guest and stream, so its events carry them.
 
-use crate::log_owner::{ActorGone, Figures, LogCommand, LogHandle, LogOwner};
+use crate::log_owner::{ActorGone, Figures, LogCommand, LogError, LogHandle, LogOwner};
 use crate::logfile::{LogFile, Moved};
 use crate::metrics::Metrics;
 use std::future::poll_fn;
@@ -103,13 +103,13 @@ impl PipeHandle {
 
     /// Adds a pipe read end (made non-blocking by the caller); returns the offset its first
     /// byte will get.
-    pub async fn add_pipe(&self, read_end: OwnedFd) -> io::Result<u64> {
+    pub async fn add_pipe(&self, read_end: OwnedFd) -> Result<u64, LogError> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::AddPipe(read_end, reply))
             .await
             .map_err(|_| ActorGone)?;
-        answer.await.map_err(|_| ActorGone)?
+        Ok(answer.await.map_err(|_| ActorGone)??)
     }
 
     /// Stops the actor without reading further and returns its pipes' read ends (for an

@@ -7,11 +7,8 @@
 //! once, so nothing waits in the channel).
 
 use super::clients::{self, ClientQueue, Event, Offer};
-use super::{
-    AttachRequest, Command, ConsoleHandle, ConsoleSettings, Input, Mode, MAX_PENDING_INPUT,
-    NO_WRITER,
-};
-use crate::error::{Error, Result};
+use super::{AttachRequest, Command, ConsoleHandle, ConsoleSettings, Input, Mode, NO_WRITER};
+use super::{ConsoleError, Result};
 use crate::log_owner::{Figures, LogOwner};
 use crate::upgrade::ConsoleFds;
 use bytes::{Buf, Bytes};
@@ -180,10 +177,10 @@ impl ConsoleActor {
                 let _ = reply.send(self.attach(request));
             }
             Command::EndClients(reason, done) => {
-                self.drop_writing(Some(Error::Unavailable(format!(
-                    "Every client of console {} was ended ({reason}); input not yet written was discarded",
-                    self.handle.name
-                ))));
+                self.drop_writing(Some(ConsoleError::ClientsEnded {
+                    console: self.handle.name.clone(),
+                    reason: reason.clone(),
+                }));
                 self.broadcast(Event::Closed {
                     reason,
                     removed: false,
@@ -201,14 +198,14 @@ impl ConsoleActor {
 
     fn attach(&mut self, request: AttachRequest) -> Result<(u64, clients::ClientReceiver)> {
         if self.clients.len() >= self.settings.max_clients {
-            return Err(Error::LimitReached {
+            return Err(ConsoleError::LimitReached {
                 limit: "limits.clients_per_console",
                 value: self.settings.max_clients as u64,
             });
         }
         let share = super::remote_client_share(self.settings.max_clients);
         if request.remote && self.clients.values().filter(|c| c.remote).count() >= share {
-            return Err(Error::LimitReached {
+            return Err(ConsoleError::LimitReached {
                 limit: "limits.clients_per_console (the remote clients' share: a quarter stays for local clients)",
                 value: share as u64,
             });
@@ -223,10 +220,10 @@ impl ConsoleActor {
             (Mode::ReadWrite, None) => true,
             (Mode::ReadWrite, Some(_)) if request.force => true,
             (Mode::ReadWrite, Some(holder)) => {
-                return Err(Error::FailedPrecondition(format!(
-                "Console {} has a writer ({holder}); attach READ_ONLY, or set force to take over",
-                self.handle.name
-            )))
+                return Err(ConsoleError::WriterHeld {
+                    console: self.handle.name.clone(),
+                    holder: holder.clone(),
+                })
             }
         };
         let id = self.next_id;
@@ -268,10 +265,10 @@ impl ConsoleActor {
         }
         if becomes_writer {
             if self.writer.is_some() && self.writing_of(self.writer) {
-                self.drop_writing(Some(Error::FailedPrecondition(format!(
-                    "{} took the writer lease of console {}; input not yet written was discarded",
-                    request.label, self.handle.name
-                ))));
+                self.drop_writing(Some(ConsoleError::LeaseTaken {
+                    by: request.label.clone(),
+                    console: self.handle.name.clone(),
+                }));
             }
             if let Some(old) = self.writer.and_then(|old| self.clients.get_mut(&old)) {
                 old.queue.control(Event::WriterRevoked {
@@ -302,10 +299,7 @@ impl ConsoleActor {
             self.set_writer(None);
         }
         if self.writing_of(Some(id)) {
-            self.drop_writing(Some(Error::Unavailable(format!(
-                "The client left console {}; its input not yet written was discarded",
-                self.handle.name
-            ))));
+            self.drop_writing(Some(ConsoleError::ClientLeft(self.handle.name.clone())));
         }
         self.count_clients();
     }
@@ -326,7 +320,7 @@ impl ConsoleActor {
 
     /// Discards the piece being written (what the guest's socket took stays taken) and tells
     /// its caller `why`, if it is still waiting.
-    fn drop_writing(&mut self, why: Option<Error>) {
+    fn drop_writing(&mut self, why: Option<ConsoleError>) {
         let Some(writing) = self.writing.take() else {
             return;
         };
@@ -357,10 +351,7 @@ impl ConsoleActor {
             tracing::warn!("a new guest connection replaces the current one");
             self.drain(old, "replaced by a new guest connection");
         }
-        self.drop_writing(Some(Error::Unavailable(format!(
-            "A new guest connection replaced the one of console {}; input not yet written was discarded",
-            self.handle.name
-        ))));
+        self.drop_writing(Some(ConsoleError::GuestReplaced(self.handle.name.clone())));
         // The keeper holds the new connection in place of the old one (crate::keeper).
         crate::keeper::hold(&self.held_as(crate::keeper::names::CONNECTION), {
             use std::os::fd::AsFd;
@@ -420,10 +411,10 @@ impl ConsoleActor {
         crate::keeper::release(&self.held_as(crate::keeper::names::CONNECTION));
         self.held = None;
         self.guest = None;
-        self.drop_writing(Some(Error::Unavailable(format!(
-            "The guest of console {} disconnected ({why}); input not yet written was discarded",
-            self.handle.name
-        ))));
+        self.drop_writing(Some(ConsoleError::GuestLeft {
+            console: self.handle.name.clone(),
+            why: why.to_string(),
+        }));
         self.handle.console.guest_connected.store(false, Relaxed);
         tracing::info!(why, "guest disconnected");
         self.broadcast(Event::Guest { connected: false });
@@ -527,19 +518,11 @@ impl ConsoleActor {
         let refusal = if self.writer != Some(input.client) {
             Some(super::not_writer(&self.handle.name))
         } else if self.guest.is_none() {
-            Some(Error::FailedPrecondition(format!(
-                "No guest is connected to console {}; input dropped",
-                self.handle.name
-            )))
+            Some(ConsoleError::NoGuest(self.handle.name.clone()))
         } else if self.writing.is_some() {
             // Only a second call of the same writer at once gets here (its calls are otherwise
             // sequential): refused, so that nothing queues and order is the writer's.
-            Some(Error::Exhausted(format!(
-                "Console {} is still writing earlier input to the guest (at most {MAX_PENDING_INPUT} \
-                 bytes wait for it, one input at a time); send the next input after the previous \
-                 one returned",
-                self.handle.name
-            )))
+            Some(ConsoleError::StillWriting(self.handle.name.clone()))
         } else {
             None
         };
@@ -578,9 +561,7 @@ impl ConsoleActor {
         // A caller's input ends with its call (the call ends now); only input carried from an
         // older image, which nobody waits for, is carried on.
         if self.writing.as_ref().is_some_and(|w| w.client.is_some()) {
-            self.drop_writing(Some(Error::Unavailable(
-                "conlogd is upgrading; input not yet written was discarded".into(),
-            )));
+            self.drop_writing(Some(ConsoleError::Upgrading));
         }
         self.broadcast(Event::Closed {
             reason: "conlogd is upgrading; reconnect and resume by offset".into(),
@@ -606,10 +587,10 @@ impl ConsoleActor {
     }
 
     fn close(&mut self, reason: &str, removed: bool) {
-        self.drop_writing(Some(Error::Unavailable(format!(
-            "Console {} is closing ({reason}); input not yet written was discarded",
-            self.handle.name
-        ))));
+        self.drop_writing(Some(ConsoleError::ClosedWhileWriting {
+            console: self.handle.name.clone(),
+            reason: reason.to_owned(),
+        }));
         // Log what the guest already sent, so nothing it wrote before the close is lost.
         if let Some(guest) = self.guest.take() {
             self.drain(guest, "console closing");

@@ -43,13 +43,14 @@
 
 mod actor;
 pub mod clients;
+mod error;
 pub mod pacing;
 mod raw;
 pub mod sessions;
 
 pub use clients::{ClientReceiver, Event};
+pub use error::ConsoleError;
 
-use crate::error::{Error, Result};
 use crate::log_owner::{LogCommand, LogHandle, LogOwner};
 use crate::logfile::LogFile;
 use crate::metrics::Metrics;
@@ -128,6 +129,9 @@ pub struct ConsoleStats {
     pub writer: AtomicU64,
 }
 
+/// What console operations return.
+pub type Result<T, E = ConsoleError> = std::result::Result<T, E>;
+
 /// [`ConsoleStats::writer`] when nobody holds the lease (client ids start at 1).
 pub(crate) const NO_WRITER: u64 = 0;
 
@@ -150,11 +154,11 @@ impl ConsolePaths {
         for path in [&paths.guest_socket, &paths.client_socket] {
             let shown = path.display().to_string();
             if shown.len() > MAX_SOCKET_PATH {
-                return Err(Error::InvalidArgument(format!(
-                    "Console socket path {shown} is {} bytes; UNIX sockets allow {MAX_SOCKET_PATH}: \
-                     use a shorter runtime_dir, guest or device name",
-                    shown.len()
-                )));
+                return Err(ConsoleError::SocketPathTooLong {
+                    len: shown.len(),
+                    path: shown,
+                    max: MAX_SOCKET_PATH,
+                });
             }
         }
         Ok(paths)
@@ -212,14 +216,12 @@ impl ConsoleHandle {
     }
 }
 
-fn not_writer(name: &str) -> Error {
-    Error::FailedPrecondition(format!(
-        "This client does not hold the writer lease of console {name}"
-    ))
+fn not_writer(name: &Arc<str>) -> ConsoleError {
+    ConsoleError::NotWriter(name.clone())
 }
 
-fn gone(name: &str) -> Error {
-    Error::Unavailable(format!("Console {name} is closing"))
+fn gone(name: &Arc<str>) -> ConsoleError {
+    ConsoleError::Closing(name.clone())
 }
 
 impl ConsoleHandle {
@@ -236,7 +238,7 @@ impl ConsoleHandle {
         inherited: Option<ConsoleFds>,
     ) -> Result<Self> {
         let adopt = |e| {
-            Error::io(
+            ConsoleError::io(
                 format!("cannot adopt the sockets of console {guest}/{device}"),
                 e,
             )
@@ -409,7 +411,7 @@ fn create_socket_dir(socket: &Path) -> Result<()> {
     let Some(dir) = socket.parent() else {
         return Ok(());
     };
-    let io = |e| Error::io(format!("cannot create {}", dir.display()), e);
+    let io = |e| ConsoleError::io(format!("cannot create {}", dir.display()), e);
     match std::fs::create_dir(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
@@ -423,7 +425,7 @@ fn create_socket_dir(socket: &Path) -> Result<()> {
 /// Binds a console socket (mode 0660) in its existing directory, replacing a stale file: one
 /// `bind` in the common case.
 fn bind(path: &Path) -> Result<UnixListener> {
-    let io = |e| Error::io(format!("cannot bind {}", path.display()), e);
+    let io = |e| ConsoleError::io(format!("cannot bind {}", path.display()), e);
     let listener = match UnixListener::bind(path) {
         Ok(listener) => listener,
         // A socket left by a daemon that did not stop cleanly (the state lock says no

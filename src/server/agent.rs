@@ -9,6 +9,7 @@ use crate::config::{Config, LogMode};
 use crate::error::{Error, Result};
 use crate::guests::{Actor, Guests, LimitsOverride, StreamKind, StreamSnapshot};
 use crate::handoff::{create_pipe, Handoffs};
+use crate::log_owner::LogError;
 use crate::names;
 use crate::proto::{self, agent_server::Agent};
 use crate::tokens::{Access, Grant, TokenKey};
@@ -169,10 +170,10 @@ impl AgentService {
         };
         let pipe = create_pipe(self.config.handoff.pipe_buffer.bytes() as usize)
             .map_err(|e| Error::io("cannot create a pipe", e))?;
-        let offset = handle
-            .add_pipe(pipe.read_end)
-            .await
-            .map_err(|e| Error::io("cannot attach the pipe to its stream", e))?;
+        let offset = handle.add_pipe(pipe.read_end).await.map_err(|e| match e {
+            LogError::Io(e) => Error::io("cannot attach the pipe to its stream", e),
+            gone => Error::Log(gone),
+        })?;
         // If this fails the write end is dropped here and the stream sees end-of-file.
         let token = self
             .handoffs
