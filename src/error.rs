@@ -138,6 +138,8 @@ fn code_of(error: &(dyn StdError + 'static)) -> Option<Code> {
             | ConsoleError::Upgrading
             | ConsoleError::ClosedWhileWriting { .. } => Some(Code::Unavailable),
             ConsoleError::UnknownSession => Some(Code::NotFound),
+            ConsoleError::Ended { removed: true, .. } => Some(Code::NotFound),
+            ConsoleError::Ended { removed: false, .. } => Some(Code::Unavailable),
             ConsoleError::Io { .. } => None,
         };
     }

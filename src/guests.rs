@@ -25,7 +25,7 @@ use crate::console::{ConsoleHandle, ConsolePaths, ConsoleSettings};
 use crate::log_owner::{ActorGone, Figures, LogError, LogHandle, Reserved};
 use crate::logfile::{LogFile, LogLimits};
 use crate::metrics::Metrics;
-use crate::names;
+use crate::names::{self, GuestName, StreamName};
 use crate::pipe::PipeHandle;
 use crate::upgrade::{ConsoleFds, StreamFds};
 use futures::future::{join_all, BoxFuture};
@@ -441,7 +441,8 @@ impl Guests {
         let mut work = Vec::new();
         for guest_dir in entries {
             let guest = guest_dir.file_name().to_string_lossy().into_owned();
-            if names::validate_guest(&guest).is_err() {
+            // Only what the naming rules allow is restored (anything else was not made here).
+            if GuestName::parse(guest.as_str()).is_err() {
                 continue;
             }
             let Ok(files) = std::fs::read_dir(guest_dir.path()) else {
@@ -650,11 +651,12 @@ impl Guests {
     /// removed, waits until the removal is over and then creates it anew (its offsets continue).
     pub async fn open_stream(
         &self,
-        guest: &str,
-        stream: &str,
+        guest: &GuestName,
+        stream: &StreamName,
         kind: StreamKind,
         limits: LimitsOverride,
     ) -> Result<Stream> {
+        let (guest, stream) = (guest.as_str(), stream.as_str());
         let mut reserved = None;
         loop {
             match self.decide_open(guest, stream, kind, limits, reserved.take())? {
@@ -781,11 +783,16 @@ impl Guests {
 
     /// The stream `guest/name`; with no name, the guest's `serial0` console if it has one,
     /// else its `qemu` pipe. Returns the stream name chosen and the handle to its log.
-    pub async fn stream(&self, guest: &str, name: Option<&str>) -> Result<(String, LogHandle)> {
+    pub async fn stream(
+        &self,
+        guest: &GuestName,
+        name: Option<&StreamName>,
+    ) -> Result<(String, LogHandle)> {
+        let guest = guest.as_str();
         let guests = self.registry();
         let streams = self.open_guest(&guests, guest)?;
         let name = match name {
-            Some(name) => name,
+            Some(name) => name.as_str(),
             None if streams.contains_key(names::DEFAULT_CONSOLE_DEVICE) => {
                 names::DEFAULT_CONSOLE_DEVICE
             }
@@ -823,7 +830,8 @@ impl Guests {
     }
 
     /// The console `guest/device`.
-    pub async fn console(&self, guest: &str, device: &str) -> Result<ConsoleHandle> {
+    pub async fn console(&self, guest: &GuestName, device: &StreamName) -> Result<ConsoleHandle> {
+        let (guest, device) = (guest.as_str(), device.as_str());
         let guests = self.registry();
         let streams = self.open_guest(&guests, guest)?;
         match streams.get(device).map(|e| &e.actor) {
@@ -863,7 +871,8 @@ impl Guests {
     /// again) waits until it is forgotten, so nothing is created under a name whose sockets and
     /// records are being removed. The removal runs on its own task: a caller that goes away
     /// does not leave it half done.
-    pub async fn remove_guest(self: &Arc<Self>, guest: &str) -> Result<u32> {
+    pub async fn remove_guest(self: &Arc<Self>, guest: &GuestName) -> Result<u32> {
+        let guest = guest.as_str();
         let (done, streams) = loop {
             let closing = {
                 let mut guests = self.registry();
@@ -898,7 +907,11 @@ impl Guests {
     }
 
     /// Snapshots of every guest (or only `filter`), sorted by name.
-    pub async fn list(&self, filter: Option<&str>) -> Result<Vec<(String, Vec<StreamSnapshot>)>> {
+    pub async fn list(
+        &self,
+        filter: Option<&GuestName>,
+    ) -> Result<Vec<(String, Vec<StreamSnapshot>)>> {
+        let filter = filter.map(GuestName::as_str);
         let entries: Vec<(String, Vec<(String, StreamEntry)>)> = {
             let guests = self.registry();
             if let Some(name) = filter {
@@ -1040,6 +1053,5 @@ fn read_record(path: &Path) -> std::result::Result<StreamRecord, RecordError> {
 /// `<stream>.json` → `stream`, for valid stream names only.
 fn record_stream_name(path: &Path) -> Option<String> {
     let name = path.file_name()?.to_str()?.strip_suffix(".json")?;
-    names::validate_stream(name).ok()?;
-    Some(name.to_owned())
+    StreamName::parse(name).ok().map(String::from)
 }

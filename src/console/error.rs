@@ -78,6 +78,11 @@ pub enum ConsoleError {
     /// The console closed while input was being written.
     #[error("Console {console} is closing ({reason}); input not yet written was discarded")]
     ClosedWhileWriting { console: Arc<str>, reason: String },
+    /// The console ended a client's stream and said why: it was removed with its guest
+    /// (`removed`: it will not come back), or it closed, froze for an upgrade, or ended every
+    /// client (come back later, resume by offset).
+    #[error("{reason}")]
+    Ended { reason: String, removed: bool },
     /// No live session has that id (`SendConsoleInput` with a session of `WatchConsole`).
     #[error("No console session with that id; it ends when its WatchConsole stream ends")]
     UnknownSession,
