@@ -220,7 +220,10 @@ mod tests {
         let chosen = StreamName::or_default("", DEFAULT_PIPE_STREAM).unwrap();
         assert_eq!(&*chosen, "qemu");
         assert!(StreamName::or_default("", "Bad").is_err());
-        assert_eq!(StreamName::or_default("ttys1", "qemu").unwrap().as_str(), "ttys1");
+        assert_eq!(
+            StreamName::or_default("ttys1", "qemu").unwrap().as_str(),
+            "ttys1"
+        );
     }
 
     mod properties {

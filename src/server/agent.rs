@@ -174,9 +174,7 @@ impl AgentService {
             gone => Error::Log(gone),
         })?;
         // If this fails the write end is dropped here and the stream sees end-of-file.
-        let token = self
-            .handoffs
-            .register(&guest, &stream, pipe.write_end)?;
+        let token = self.handoffs.register(&guest, &stream, pipe.write_end)?;
         // The keeper holds the read end and the write end before the token goes out: a crash
         // after the writer has its end must not break the pipe (crate::keeper).
         let _ = crate::keeper::flushed().await;
