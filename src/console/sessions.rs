@@ -56,7 +56,7 @@ impl Sessions {
             .expect("sessions poisoned")
             .get(id)
             .cloned()
-            .ok_or_else(|| ConsoleError::UnknownSession)
+            .ok_or(ConsoleError::UnknownSession)
     }
 }
 
