@@ -117,7 +117,9 @@ fn code_of(error: &(dyn StdError + 'static)) -> Option<Code> {
             RegistryError::LimitReached { .. } => Some(Code::ResourceExhausted),
             RegistryError::Console(e) => code_of(e),
             RegistryError::Gone(e) => code_of(e),
-            RegistryError::Io { .. } => None,
+            RegistryError::Unrestorable { .. }
+            | RegistryError::Removal(_)
+            | RegistryError::Io { .. } => None,
         };
     }
     if let Some(error) = error.downcast_ref::<ConsoleError>() {

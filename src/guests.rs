@@ -75,6 +75,16 @@ pub enum RegistryError {
     /// The stream's actor stopped while it was being asked (a concurrent removal or shutdown).
     #[error(transparent)]
     Gone(#[from] ActorGone),
+    /// A stream record cannot be used, and no log file is there to restore the stream from.
+    #[error("refusing {} ({source}); no log file to restore from", path.display())]
+    Unrestorable {
+        path: PathBuf,
+        #[source]
+        source: RecordError,
+    },
+    /// The task removing a guest panicked.
+    #[error("the removal failed")]
+    Removal(#[source] tokio::task::JoinError),
     /// An operating-system call failed; `context` says what was being done (it may name a host
     /// path: never shown to a remote client).
     #[error("{context}")]
@@ -108,7 +118,7 @@ pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
 /// Why a stream record on disk cannot be used.
 #[derive(Debug, Error)]
-enum RecordError {
+pub enum RecordError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("more than {0} bytes is too large for a stream record")]
@@ -550,13 +560,10 @@ impl Guests {
                 // record are still there. It comes back as a closed pipe with default limits.
                 let log_path = self.log_path(guest, stream);
                 if !log_path.exists() {
-                    return Err(RegistryError::io(
-                        format!(
-                            "refusing {} ({why}); no log file to restore from",
-                            record_path.display()
-                        ),
-                        std::io::Error::other(why),
-                    ));
+                    return Err(RegistryError::Unrestorable {
+                        path: record_path.to_owned(),
+                        source: why,
+                    });
                 }
                 tracing::error!(
                     file = %record_path.display(),
@@ -903,7 +910,7 @@ impl Guests {
         };
         tokio::spawn(removal.run(streams))
             .await
-            .map_err(|e| RegistryError::io("the removal failed", std::io::Error::other(e)))
+            .map_err(RegistryError::Removal)
     }
 
     /// Snapshots of every guest (or only `filter`), sorted by name.
