@@ -527,7 +527,7 @@ impl Guests {
                     restored += 1;
                 }
                 Err(e) => {
-                    tracing::warn!(guest, stream, error = %crate::error::error_chain(&e), "cannot restore stream")
+                    tracing::warn!(guest, stream, error = %with_causes(&e), "cannot restore stream")
                 }
             }
         }
@@ -1042,6 +1042,19 @@ impl Drop for Removal {
         }
         self.guests.update_gauges(&guests);
     }
+}
+
+/// "error: cause: its cause", for the operator's log (the registry does not depend on the
+/// gRPC edge, whose `crate::error::error_chain` does the same for calls).
+fn with_causes(error: &RegistryError) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }
 
 /// Reads and parses a stream record; the error says what is wrong with it.
