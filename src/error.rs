@@ -4,7 +4,7 @@
 //! [`RegistryError`] (guests and streams), [`ConsoleError`] (writer lease, input, sessions),
 //! [`HistoryError`] (start positions, a daemon going away), [`HandoffError`], [`UpgradeError`],
 //! [`NameError`], and [`ActorGone`] for any stream whose actor has stopped. The handlers in
-//! `server` return [`Error`], which carries one of those or a refusal the edge itself decided
+//! `server` return [`Error`](enum@Error), which carries one of those or a refusal the edge itself decided
 //! (a malformed request field, credentials, call and body limits: the variants named after
 //! their status). [`status`] picks the code: it walks the error's source chain (as
 //! linkerd2-proxy's errors module does) to the first error that decides one, so a domain

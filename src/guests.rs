@@ -18,6 +18,10 @@
 //! and then act as if they came after it (docs/design.md, §3), so nothing is created under a
 //! name whose files are being removed. This module must never await with the lock held, nor
 //! serve a closing guest.
+//!
+//! Its public methods take names already parsed at the edge ([`GuestName`], [`StreamName`]),
+//! and what it refuses or fails at is a [`RegistryError`]; it never names a status code
+//! (`crate::error` maps them).
 
 use crate::config::{Config, LogMode};
 use crate::console::ConsoleError;

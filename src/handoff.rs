@@ -36,6 +36,7 @@
 //! `msg, fds, _, _ = socket.recv_fds(sock, 1024, 1)` and checks `msg == b"\0" and fds`.
 
 use crate::metrics::Metrics;
+use crate::names::{GuestName, StreamName};
 use crate::upgrade::gate::{Admission, Gate};
 use std::collections::HashMap;
 use std::io::{self, ErrorKind};
@@ -160,10 +161,11 @@ impl Handoffs {
     /// Keeps `write_end` for the client that presents the returned token.
     pub fn register(
         &self,
-        guest: &str,
-        stream: &str,
+        guest: &GuestName,
+        stream: &StreamName,
         write_end: OwnedFd,
     ) -> Result<String, HandoffError> {
+        let (guest, stream) = (guest.as_str(), stream.as_str());
         crate::fault::point("handoff.register");
         let token = crate::ids::random_id().map_err(HandoffError::Token)?;
         let mut pending = self.pending.lock().expect("hand-off table poisoned");
@@ -254,7 +256,8 @@ impl Handoffs {
     }
 
     /// Forgets the pending hand-offs of a guest (it was removed).
-    pub fn forget_guest(&self, guest: &str) {
+    pub fn forget_guest(&self, guest: &GuestName) {
+        let guest = guest.as_str();
         self.pending
             .lock()
             .expect("hand-off table poisoned")

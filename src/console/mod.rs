@@ -34,7 +34,8 @@
 //!
 //! Only the client holding the writer lease reaches the guest; input from anyone else is
 //! dropped (and refused, for `SendConsoleInput`). This module never touches gRPC types: the
-//! server maps [`Event`]s to frames. It never looks up the registry or history: what every
+//! server maps [`Event`]s to frames, and what a console refuses or fails at is a
+//! [`ConsoleError`] that `crate::error` maps to a status. It never looks up the registry or history: what every
 //! stream answers about its log (limits, figures, segments, close) is [`crate::log_owner`]'s,
 //! embedded in the handle ([`ConsoleHandle::log`]) and answered by the actor through its
 //! [`LogOwner`]; the replay reads the log's own segments ([`crate::logfile::read_tail`]). The
