@@ -1,49 +1,70 @@
-//! The daemon's error type and its single mapping to gRPC status codes.
+//! The one mapping from what went wrong to a gRPC status.
 //!
-//! Every handler returns [`Error`]; [`From<Error> for tonic::Status`] is the only place where a
-//! status code is chosen. Internal errors are logged with their whole source chain here and the
-//! client gets a short message without host details.
+//! Domain modules say what went wrong in their own words and know nothing of gRPC:
+//! [`RegistryError`] (guests and streams), [`ConsoleError`] (writer lease, input, sessions),
+//! [`HistoryError`] (start positions, a daemon going away), [`HandoffError`], [`UpgradeError`],
+//! [`NameError`], and [`ActorGone`] for any stream whose actor has stopped. The handlers in
+//! `server` return [`Error`](enum@Error), which carries one of those or a refusal the edge itself decided
+//! (a malformed request field, credentials, call and body limits: the variants named after
+//! their status). [`status`] picks the code: it walks the error's source chain (as
+//! linkerd2-proxy's errors module does) to the first error that decides one, so a domain
+//! error wrapped in context keeps its meaning.
+//!
+//! Internal errors (an operating-system call that failed, with a context that may name host
+//! paths) never reach the client: it gets a short fixed message, and the whole chain is logged,
+//! rate-limited, since any caller can cause one.
 
+use crate::console::ConsoleError;
+use crate::guests::RegistryError;
+use crate::handoff::HandoffError;
+use crate::history::HistoryError;
+use crate::log_owner::{ActorGone, LogError};
 use crate::names::NameError;
+use crate::upgrade::trigger::UpgradeError;
+use std::error::Error as StdError;
 use thiserror::Error;
+use tonic::{Code, Status};
 
-/// Everything that can go wrong while serving a request.
+/// What an internal error tells the client: nothing about the host.
+pub const INTERNAL_MESSAGE: &str = "Internal error in conlogd; its log has the details";
+
+/// Everything a handler can fail with: a domain error, or a refusal decided at the edge.
 #[derive(Debug, Error)]
 pub enum Error {
     /// A name broke its rule (design section 2).
     #[error(transparent)]
     Name(#[from] NameError),
-    /// A request field is malformed or out of range.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    #[error(transparent)]
+    History(#[from] HistoryError),
+    #[error(transparent)]
+    Handoff(#[from] HandoffError),
+    #[error(transparent)]
+    Upgrade(#[from] UpgradeError),
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The edge: a request field is malformed or out of range.
     #[error("{0}")]
     InvalidArgument(String),
-    /// The named guest or stream does not exist.
-    #[error("{0}")]
-    NotFound(String),
-    /// A configured limit was hit; `limit` is its config key.
+    /// The edge: a configured per-caller limit was hit; `limit` is its config key.
     #[error("Limit {limit} reached ({value})")]
     LimitReached { limit: &'static str, value: u64 },
-    /// A fixed bound that is not a config key was hit (the message names it).
+    /// The edge: a fixed bound on a call that is not a config key (the message names it).
     #[error("{0}")]
     Exhausted(String),
-    /// A position outside what exists.
-    #[error("{0}")]
-    OutOfRange(String),
-    /// The request conflicts with the current state.
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// No valid credentials: no token, a bad signature, an expired token.
+    /// The edge: no valid credentials (no token, a bad signature, an expired token).
     #[error("{0}")]
     Unauthenticated(String),
-    /// Valid credentials that do not cover the request.
+    /// The edge: valid credentials that do not cover the request.
     #[error("{0}")]
     PermissionDenied(String),
-    /// The daemon is going away (shutdown or upgrade); retry.
-    #[error("{0}")]
-    Unavailable(String),
     /// The RPC is part of the API but not served yet.
     #[error("{0} is not implemented yet")]
     Unimplemented(&'static str),
-    /// An operating-system call failed.
+    /// An operating-system call of a handler failed (internal).
     #[error("{context}")]
     Io {
         context: String,
@@ -62,36 +83,125 @@ impl Error {
     }
 }
 
-/// The result type of the daemon's operations.
+/// The result type of the handlers.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-impl From<Error> for tonic::Status {
-    fn from(error: Error) -> Self {
-        use tonic::Status;
-        match &error {
-            Error::Name(_) | Error::InvalidArgument(_) => {
-                Status::invalid_argument(error.to_string())
+/// The code `error` itself decides, or `None` when its source decides (a wrapper adding
+/// context). [`Code::Internal`] for failures of the host, not of the request.
+fn code_of(error: &(dyn StdError + 'static)) -> Option<Code> {
+    if let Some(error) = error.downcast_ref::<Error>() {
+        return match error {
+            Error::Name(_) | Error::InvalidArgument(_) => Some(Code::InvalidArgument),
+            Error::Registry(e) => code_of(e),
+            Error::Console(e) => code_of(e),
+            Error::History(e) => code_of(e),
+            Error::Handoff(e) => code_of(e),
+            Error::Upgrade(e) => code_of(e),
+            Error::Log(e) => code_of(e),
+            Error::LimitReached { .. } | Error::Exhausted(_) => Some(Code::ResourceExhausted),
+            Error::Unauthenticated(_) => Some(Code::Unauthenticated),
+            Error::PermissionDenied(_) => Some(Code::PermissionDenied),
+            Error::Unimplemented(_) => Some(Code::Unimplemented),
+            Error::Io { .. } => None,
+        };
+    }
+    if let Some(error) = error.downcast_ref::<RegistryError>() {
+        return match error {
+            RegistryError::UnknownGuest(_)
+            | RegistryError::UnknownStream { .. }
+            | RegistryError::UnknownConsole { .. } => Some(Code::NotFound),
+            RegistryError::KindMismatch { .. } => Some(Code::FailedPrecondition),
+            RegistryError::MaxSizeTooSmall { .. } | RegistryError::TooManyBackups { .. } => {
+                Some(Code::InvalidArgument)
             }
-            Error::NotFound(_) => Status::not_found(error.to_string()),
-            Error::LimitReached { .. } | Error::Exhausted(_) => {
-                Status::resource_exhausted(error.to_string())
+            RegistryError::LimitReached { .. } => Some(Code::ResourceExhausted),
+            RegistryError::Console(e) => code_of(e),
+            RegistryError::Gone(e) => code_of(e),
+            RegistryError::Unrestorable { .. }
+            | RegistryError::Removal(_)
+            | RegistryError::Io { .. } => None,
+        };
+    }
+    if let Some(error) = error.downcast_ref::<ConsoleError>() {
+        return match error {
+            ConsoleError::SocketPathTooLong { .. } => Some(Code::InvalidArgument),
+            ConsoleError::LimitReached { .. } | ConsoleError::StillWriting(_) => {
+                Some(Code::ResourceExhausted)
             }
-            Error::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
-            Error::OutOfRange(_) => Status::out_of_range(error.to_string()),
-            Error::Unavailable(_) => Status::unavailable(error.to_string()),
-            Error::Unauthenticated(_) => Status::unauthenticated(error.to_string()),
-            Error::PermissionDenied(_) => Status::permission_denied(error.to_string()),
-            Error::Unimplemented(_) => Status::unimplemented(error.to_string()),
-            Error::Io { .. } => {
-                tracing::error!(error = %error_chain(&error), "internal error");
-                Status::internal(error.to_string())
-            }
+            ConsoleError::WriterHeld { .. }
+            | ConsoleError::NotWriter(_)
+            | ConsoleError::LeaseTaken { .. }
+            | ConsoleError::NoGuest(_) => Some(Code::FailedPrecondition),
+            ConsoleError::Closing(_)
+            | ConsoleError::ClientsEnded { .. }
+            | ConsoleError::ClientLeft(_)
+            | ConsoleError::GuestReplaced(_)
+            | ConsoleError::GuestLeft { .. }
+            | ConsoleError::Upgrading
+            | ConsoleError::ClosedWhileWriting { .. } => Some(Code::Unavailable),
+            ConsoleError::UnknownSession => Some(Code::NotFound),
+            ConsoleError::Ended { removed: true, .. } => Some(Code::NotFound),
+            ConsoleError::Ended { removed: false, .. } => Some(Code::Unavailable),
+            ConsoleError::Io { .. } => None,
+        };
+    }
+    if let Some(error) = error.downcast_ref::<HistoryError>() {
+        return match error {
+            HistoryError::BeyondEnd { .. } => Some(Code::OutOfRange),
+            HistoryError::GoingAway { .. } => Some(Code::Unavailable),
+            HistoryError::Open(_) | HistoryError::Io { .. } => None,
+        };
+    }
+    if let Some(error) = error.downcast_ref::<HandoffError>() {
+        return match error {
+            HandoffError::Upgrading(_) => Some(Code::Unavailable),
+            HandoffError::LimitReached { .. } => Some(Code::ResourceExhausted),
+            HandoffError::Token(_) => None,
+        };
+    }
+    if let Some(error) = error.downcast_ref::<UpgradeError>() {
+        return Some(match error {
+            UpgradeError::Unavailable => Code::Unavailable,
+            UpgradeError::Refused(_) => Code::FailedPrecondition,
+        });
+    }
+    if let Some(error) = error.downcast_ref::<LogError>() {
+        return match error {
+            LogError::Gone(e) => code_of(e),
+            LogError::Io(_) => None,
+        };
+    }
+    if error.is::<ActorGone>() {
+        // The stream was closed, removed or frozen for an upgrade meanwhile: come back later.
+        return Some(Code::Unavailable);
+    }
+    if error.is::<NameError>() {
+        return Some(Code::InvalidArgument);
+    }
+    if let Some(error) = error.downcast_ref::<std::io::Error>() {
+        // An I/O error carrying a domain error (`io::Error::other`): that one decides.
+        return error.get_ref().and_then(|inner| code_of(inner));
+    }
+    None
+}
+
+/// The status `error` stands for: the first error in its source chain that decides a code,
+/// with its own message; [`Code::Internal`] (logged with the whole chain, rate-limited, and
+/// told the client as [`INTERNAL_MESSAGE`]) when none does.
+pub fn status(error: &(dyn StdError + 'static)) -> Status {
+    let mut level = Some(error);
+    while let Some(current) = level {
+        match code_of(current) {
+            Some(code) => return Status::new(code, current.to_string()),
+            None => level = current.source(),
         }
     }
+    crate::limited!(error, error = %error_chain(error), "internal error");
+    Status::internal(INTERNAL_MESSAGE)
 }
 
 /// "outer: inner: innermost", for logs.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(error: &(dyn StdError + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(inner) = source {
@@ -102,20 +212,81 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-impl From<NameError> for tonic::Status {
-    fn from(error: NameError) -> Self {
-        Error::from(error).into()
-    }
+/// `?` from a handler: every error type a handler meets maps through [`status`].
+macro_rules! into_status {
+    ($($error:ty),+) => {$(
+        impl From<$error> for Status {
+            fn from(error: $error) -> Self {
+                status(&error)
+            }
+        }
+    )+};
 }
 
-/// An upgrade that did not happen ([`crate::upgrade::trigger`]): refused by the preflight, or
-/// asked for while the daemon was already going away.
-impl From<crate::upgrade::trigger::UpgradeError> for Error {
-    fn from(error: crate::upgrade::trigger::UpgradeError) -> Self {
-        use crate::upgrade::trigger::UpgradeError;
-        match error {
-            UpgradeError::Unavailable => Error::Unavailable(error.to_string()),
-            UpgradeError::Refused(_) => Error::FailedPrecondition(error.to_string()),
+into_status!(
+    Error,
+    NameError,
+    RegistryError,
+    ConsoleError,
+    HistoryError,
+    HandoffError,
+    UpgradeError,
+    LogError,
+    ActorGone
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(path: &str) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::PermissionDenied, path.to_owned())
+    }
+
+    #[test]
+    fn internal_errors_tell_the_client_nothing_of_the_host() {
+        let errors: Vec<Box<dyn StdError + 'static>> = vec![
+            Box::new(Error::io(
+                "cannot open /var/log/conlog/vm1/qemu.log",
+                io("/x"),
+            )),
+            Box::new(RegistryError::io(
+                "cannot write /var/lib/conlog/state",
+                io("/y"),
+            )),
+            Box::new(ConsoleError::io(
+                "cannot bind /run/conlog/consoles/vm1",
+                io("/z"),
+            )),
+            Box::new(HistoryError::Open(LogError::Io(io("/var/log/conlog/vm1")))),
+        ];
+        for error in errors {
+            let status = status(error.as_ref());
+            assert_eq!(status.code(), Code::Internal, "{error}");
+            assert_eq!(status.message(), INTERNAL_MESSAGE);
+            assert!(!status.message().contains('/'));
         }
+    }
+
+    #[test]
+    fn domain_errors_keep_their_code_and_message_through_wrappers() {
+        let unknown = RegistryError::UnknownGuest("vm1".into());
+        let status = Status::from(Error::from(unknown));
+        assert_eq!(status.code(), Code::NotFound);
+        assert_eq!(status.message(), "No guest named \"vm1\"");
+        // A domain error carried inside an I/O error and context still decides.
+        let carried = Error::io("the removal failed", std::io::Error::other(ActorGone));
+        assert_eq!(Status::from(carried).code(), Code::Unavailable);
+        let gone = HistoryError::Open(LogError::Gone(ActorGone));
+        assert_eq!(Status::from(gone).code(), Code::Unavailable);
+        let held = RegistryError::Console(ConsoleError::NotWriter("vm1/serial0".into()));
+        let status = Status::from(held);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            status.message(),
+            "This client does not hold the writer lease of console vm1/serial0"
+        );
+        let far = HistoryError::BeyondEnd { offset: 9, end: 3 };
+        assert_eq!(Status::from(far).code(), Code::OutOfRange);
     }
 }

@@ -2,20 +2,37 @@
 //!
 //! Owns the map guest → stream → actor handle, the per-stream record files
 //! (`state/guests/<guest>/<stream>.json`: kind and limits) and the limits on how many guests and
-//! streams exist. It starts and stops stream actors but never touches their data path. The
-//! position records (`<stream>.pos`) beside the stream records belong to [`crate::logfile`]; they
-//! are kept when a guest is removed, so a guest created again with the same name continues its
-//! offsets.
+//! streams exist. It starts and stops stream actors ([`crate::pipe`], [`crate::console`]) but
+//! never touches their data path: what every stream does (limits, figures, close) goes through
+//! its [`LogHandle`], and only what one kind alone does (adding a pipe, attaching, freezing)
+//! looks at the kind. The position records (`<stream>.pos`) beside the stream records belong to
+//! [`crate::logfile`]; they are kept when a guest is removed, so a guest created again with the
+//! same name continues its offsets.
+//!
+//! Locking: the map sits under a `std::sync::Mutex` that is never held across an `.await`. A
+//! call decides under it and takes the handles it needs, releases it, and only then waits for
+//! actors (several at once with `join_all`), so a slow actor holds up nobody but its own
+//! callers. A guest being removed stays in the map marked closing until its streams are closed
+//! and its records and sockets removed: lookups and `ListGuests` no longer see it, and
+//! `CreateLogPipe`, `CreateConsole` or `RemoveGuest` in its name wait until the removal is over
+//! and then act as if they came after it (docs/design.md, §3), so nothing is created under a
+//! name whose files are being removed. This module must never await with the lock held, nor
+//! serve a closing guest.
+//!
+//! Its public methods take names already parsed at the edge ([`GuestName`], [`StreamName`]),
+//! and what it refuses or fails at is a [`RegistryError`]; it never names a status code
+//! (`crate::error` maps them).
 
 use crate::config::{Config, LogMode};
+use crate::console::ConsoleError;
 use crate::console::{ConsoleHandle, ConsolePaths, ConsoleSettings};
-use crate::error::{Error, Result};
+use crate::log_owner::{ActorGone, Figures, LogError, LogHandle, Reserved};
 use crate::logfile::{LogFile, LogLimits};
 use crate::metrics::Metrics;
-use crate::names;
-use crate::stream::{Figures, StreamHandle, StreamStats};
+use crate::names::{self, GuestName, StreamName};
+use crate::pipe::PipeHandle;
 use crate::upgrade::{ConsoleFds, StreamFds};
-use futures::future::join_all;
+use futures::future::{join_all, BoxFuture};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -23,8 +40,96 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
-use tokio::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use thiserror::Error;
+use tokio::sync::watch;
+
+/// What the registry refuses or fails at. The mapping to status codes is `crate::error`'s.
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    /// No guest of that name (or it is being removed).
+    #[error("No guest named {0:?}")]
+    UnknownGuest(String),
+    /// The guest has no stream of that name.
+    #[error("Guest {guest:?} has no stream {stream:?}")]
+    UnknownStream { guest: String, stream: String },
+    /// The guest has no console of that name.
+    #[error("Guest {guest:?} has no console {device:?}")]
+    UnknownConsole { guest: String, device: String },
+    /// The stream exists with the other kind (a pipe asked for as a console, or the reverse).
+    #[error("{guest}/{stream} is a {}, not a {}", found.noun(), wanted.noun())]
+    KindMismatch {
+        guest: String,
+        stream: String,
+        found: StreamKind,
+        wanted: StreamKind,
+    },
+    /// Requested limits below the smallest log size.
+    #[error("limits.max_size must be at least {min} bytes (got {got})")]
+    MaxSizeTooSmall { min: u64, got: u64 },
+    /// Requested limits above the most backups.
+    #[error("limits.max_backups must be at most {max} (got {got})")]
+    TooManyBackups { max: u32, got: u32 },
+    /// A configured limit was hit; `limit` is its config key.
+    #[error("Limit {limit} reached ({value})")]
+    LimitReached { limit: &'static str, value: u64 },
+    /// The console could not be started (its socket paths, its sockets).
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    /// The stream's actor stopped while it was being asked (a concurrent removal or shutdown).
+    #[error(transparent)]
+    Gone(#[from] ActorGone),
+    /// A stream record cannot be used, and no log file is there to restore the stream from.
+    #[error("refusing {} ({source}); no log file to restore from", path.display())]
+    Unrestorable {
+        path: PathBuf,
+        #[source]
+        source: RecordError,
+    },
+    /// The task removing a guest panicked.
+    #[error("the removal failed")]
+    Removal(#[source] tokio::task::JoinError),
+    /// An operating-system call failed; `context` says what was being done (it may name a host
+    /// path: never shown to a remote client).
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RegistryError {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// What a failed command to a stream's log means: its actor is gone, or `context` failed.
+    fn log(context: &str, error: LogError) -> Self {
+        match error {
+            LogError::Gone(gone) => Self::Gone(gone),
+            LogError::Io(source) => Self::io(context, source),
+        }
+    }
+}
+
+/// What registry operations return.
+pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+/// Why a stream record on disk cannot be used.
+#[derive(Debug, Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("more than {0} bytes is too large for a stream record")]
+    TooLarge(u64),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
 
 /// What feeds a stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,18 +170,16 @@ impl LimitsOverride {
             mode: self.mode.unwrap_or(base.mode),
         };
         if limits.max_size < crate::config::MIN_MAX_SIZE {
-            return Err(Error::InvalidArgument(format!(
-                "limits.max_size must be at least {} bytes (got {})",
-                crate::config::MIN_MAX_SIZE,
-                limits.max_size
-            )));
+            return Err(RegistryError::MaxSizeTooSmall {
+                min: crate::config::MIN_MAX_SIZE,
+                got: limits.max_size,
+            });
         }
         if limits.max_backups > crate::config::MAX_BACKUPS {
-            return Err(Error::InvalidArgument(format!(
-                "limits.max_backups must be at most {} (got {})",
-                crate::config::MAX_BACKUPS,
-                limits.max_backups
-            )));
+            return Err(RegistryError::TooManyBackups {
+                max: crate::config::MAX_BACKUPS,
+                got: limits.max_backups,
+            });
         }
         Ok(limits)
     }
@@ -101,10 +204,11 @@ pub struct StreamSnapshot {
     pub figures: Figures,
 }
 
-/// The actor owning a stream.
+/// The actor owning a stream: what only this kind of stream does (add a pipe; attach a client)
+/// goes through its own handle, what every stream does through [`Actor::log`].
 #[derive(Clone)]
 pub enum Actor {
-    Pipe(StreamHandle),
+    Pipe(PipeHandle),
     Console(ConsoleHandle),
 }
 
@@ -116,52 +220,11 @@ impl Actor {
         }
     }
 
-    /// The stream's counters.
-    pub fn stats(&self) -> &StreamStats {
+    /// The handle to the stream's log, whatever feeds it.
+    pub fn log(&self) -> &LogHandle {
         match self {
-            Actor::Pipe(h) => &h.stats,
-            Actor::Console(h) => &h.stats,
-        }
-    }
-
-    async fn figures(&self) -> std::io::Result<Figures> {
-        match self {
-            Actor::Pipe(h) => h.figures().await,
-            Actor::Console(h) => h.figures().await,
-        }
-    }
-
-    async fn set_limits(&self, limits: LogLimits) -> std::io::Result<()> {
-        match self {
-            Actor::Pipe(h) => h.set_limits(limits).await,
-            Actor::Console(h) => h.set_limits(limits).await,
-        }
-    }
-
-    /// Opens the files holding offsets from `from` on.
-    pub async fn open_segments(
-        &self,
-        from: u64,
-    ) -> std::io::Result<Vec<crate::logfile::OpenSegment>> {
-        match self {
-            Actor::Pipe(h) => h.open_segments(from).await,
-            Actor::Console(h) => h.open_segments(from).await,
-        }
-    }
-
-    /// The end offset, for readers that follow; closed when the stream's actor stops.
-    pub fn offsets(&self) -> tokio::sync::watch::Receiver<u64> {
-        match self {
-            Actor::Pipe(h) => h.offsets.clone(),
-            Actor::Console(h) => h.offsets.clone(),
-        }
-    }
-
-    async fn close(&self, reason: &str, removed: bool) {
-        self.stats().removed.store(removed, Relaxed);
-        match self {
-            Actor::Pipe(h) => h.close().await,
-            Actor::Console(h) => h.close(reason, removed).await,
+            Actor::Pipe(h) => &h.log,
+            Actor::Console(h) => &h.log,
         }
     }
 }
@@ -184,27 +247,70 @@ async fn adopt_pipes(actor: &Actor, pipes: Vec<OwnedFd>) -> Result<()> {
             handle
                 .add_pipe(pipe)
                 .await
-                .map_err(|e| Error::io("cannot adopt a carried pipe", e))?;
+                .map_err(|e| RegistryError::log("cannot adopt a carried pipe", e))?;
         }
     }
     Ok(())
 }
 
-/// Guest → stream → entry.
-type Registry = BTreeMap<String, BTreeMap<String, StreamEntry>>;
+/// One guest's streams, and whether it is being removed.
+struct GuestEntry {
+    streams: BTreeMap<String, StreamEntry>,
+    /// `Some` while [`Guests::remove_guest`] closes the streams (the guest is "closing"): it is
+    /// gone for lookups, and a call that would create or remove in its name waits until this
+    /// receiver's sender is dropped, which happens once the guest is forgotten.
+    closing: Option<watch::Receiver<()>>,
+}
 
-/// The sum of every stream's disk cap.
+impl GuestEntry {
+    fn open(&self) -> bool {
+        self.closing.is_none()
+    }
+}
+
+/// Guest → its streams.
+type Registry = BTreeMap<String, GuestEntry>;
+
+/// The sum of every stream's disk cap (a closing guest's streams still hold theirs).
 fn reserved_disk(guests: &Registry) -> u64 {
     guests
         .values()
-        .flat_map(|streams| streams.values())
+        .flat_map(|guest| guest.streams.values())
         .map(|entry| entry.limits.disk_cap())
         .fold(0, u64::saturating_add)
+}
+
+/// Waits until the removal that `closing` belongs to is over.
+async fn removal_over(mut closing: watch::Receiver<()>) {
+    // Nothing is ever sent: the remover drops its sender when it is done.
+    let _ = closing.changed().await;
+}
+
+/// What [`Guests::open_stream`] does next, decided under the registry lock.
+enum Next {
+    /// The stream, as asked for.
+    Done(Stream),
+    /// The guest is being removed: wait, then decide again.
+    Wait(watch::Receiver<()>),
+    /// Its limits change: reserve a place on its actor's channel, then decide again.
+    Reserve(LogHandle),
+    /// The change of limits was sent: wait for the actor's answer.
+    Apply(
+        BoxFuture<'static, std::result::Result<(), LogError>>,
+        Stream,
+    ),
+    /// The new stream could not be recorded: close its actor and fail.
+    Abandon(Actor, RegistryError),
 }
 
 pub struct Guests {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    /// Guest → stream → entry. A `std::sync::Mutex`, not tokio's: it is held only to decide and
+    /// to take or put handles (a few map operations, and the stream record written when a
+    /// stream is created or its limits change), never across an `.await`; actor round trips are
+    /// made after it is released, so one slow actor never holds up another guest's lookup
+    /// (the reasoning of mini-redis's `Db`).
     guests: Mutex<Registry>,
     /// True while the daemon is about to hand its streams over (an upgrade): readers that follow
     /// history end with `UNAVAILABLE` so the gRPC servers can drain before the freeze.
@@ -227,6 +333,13 @@ impl Guests {
         })
     }
 
+    /// The registry, locked for a few instructions; never held across an `.await`. A panic
+    /// under the lock leaves the map consistent (every change is one map operation), so a
+    /// poisoned lock is used as it is.
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.guests.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Announces (or, after a failed upgrade, withdraws) that the streams are about to go.
     pub fn set_going_away(&self, going: bool) {
         self.going_away.send_replace(going);
@@ -242,7 +355,7 @@ impl Guests {
     fn check_disk_budget(&self, reserved: u64, new_cap: u64) -> Result<()> {
         let budget = self.config.limits.total_log_bytes.bytes();
         if reserved.saturating_add(new_cap) > budget {
-            return Err(Error::LimitReached {
+            return Err(RegistryError::LimitReached {
                 limit: "limits.total_log_bytes",
                 value: budget,
             });
@@ -305,13 +418,9 @@ impl Guests {
             StreamKind::Pipe => None,
         };
         let log = LogFile::open(log_path, &self.position_path(guest, stream), limits)
-            .map_err(|e| Error::io(format!("cannot open {}", log_path.display()), e))?;
+            .map_err(|e| RegistryError::io(format!("cannot open {}", log_path.display()), e))?;
         Ok(match paths {
-            None => Actor::Pipe(StreamHandle::spawn(
-                log,
-                self.metrics.clone(),
-                crate::keeper::names::pipe_prefix(guest, stream),
-            )),
+            None => Actor::Pipe(PipeHandle::spawn(log, self.metrics.clone(), guest, stream)),
             Some(paths) => Actor::Console(ConsoleHandle::spawn(
                 guest,
                 stream,
@@ -335,13 +444,19 @@ impl Guests {
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries.flatten().collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(Error::io(format!("cannot read {}", dir.display()), e)),
+            Err(e) => {
+                return Err(RegistryError::io(
+                    format!("cannot read {}", dir.display()),
+                    e,
+                ))
+            }
         };
         // Every record to restore, with what the previous image carried for it.
         let mut work = Vec::new();
         for guest_dir in entries {
             let guest = guest_dir.file_name().to_string_lossy().into_owned();
-            if names::validate_guest(&guest).is_err() {
+            // Only what the naming rules allow is restored (anything else was not made here).
+            if GuestName::parse(guest.as_str()).is_err() {
                 continue;
             }
             let Ok(files) = std::fs::read_dir(guest_dir.path()) else {
@@ -385,20 +500,38 @@ impl Guests {
                     .collect()
             })
         });
+        // The carried pipes are adopted by every actor at once, before the registry is locked.
+        let adopted = join_all(
+            started
+                .into_iter()
+                .map(|(guest, stream, started)| async move {
+                    let adopted = match started {
+                        Ok((entry, pipes)) => {
+                            adopt_pipes(&entry.actor, pipes).await.map(|()| entry)
+                        }
+                        Err(e) => Err(e),
+                    };
+                    (guest, stream, adopted)
+                }),
+        )
+        .await;
         let mut restored = 0;
-        let mut guests = self.guests.lock().await;
-        for (guest, stream, started) in started {
-            let adopted = match started {
-                Ok((entry, pipes)) => adopt_pipes(&entry.actor, pipes).await.map(|()| entry),
-                Err(e) => Err(e),
-            };
+        let mut guests = self.registry();
+        for (guest, stream, adopted) in adopted {
             match adopted {
                 Ok(entry) => {
-                    guests.entry(guest).or_default().insert(stream, entry);
+                    guests
+                        .entry(guest)
+                        .or_insert_with(|| GuestEntry {
+                            streams: BTreeMap::new(),
+                            closing: None,
+                        })
+                        .streams
+                        .insert(stream, entry);
                     restored += 1;
                 }
                 Err(e) => {
-                    tracing::warn!(guest, stream, error = %crate::error::error_chain(&e), "cannot restore stream")
+                    tracing::warn!(guest, stream, error = %with_causes(&e), "cannot restore stream")
                 }
             }
         }
@@ -431,13 +564,10 @@ impl Guests {
                 // record are still there. It comes back as a closed pipe with default limits.
                 let log_path = self.log_path(guest, stream);
                 if !log_path.exists() {
-                    return Err(Error::io(
-                        format!(
-                            "refusing {} ({why}); no log file to restore from",
-                            record_path.display()
-                        ),
-                        std::io::Error::other(why),
-                    ));
+                    return Err(RegistryError::Unrestorable {
+                        path: record_path.to_owned(),
+                        source: why,
+                    });
                 }
                 tracing::error!(
                     file = %record_path.display(),
@@ -481,92 +611,164 @@ impl Guests {
     /// Ends every console client (before an upgrade, so the gRPC servers can drain while the
     /// streams still log).
     pub async fn end_console_clients(&self, reason: &str) {
-        let guests = self.guests.lock().await;
-        for entry in guests.values().flat_map(|s| s.values()) {
-            if let Actor::Console(handle) = &entry.actor {
-                handle.end_clients(reason).await;
-            }
-        }
+        let consoles: Vec<ConsoleHandle> = self
+            .registry()
+            .values()
+            .flat_map(|guest| guest.streams.values())
+            .filter_map(|entry| match &entry.actor {
+                Actor::Console(handle) => Some(handle.clone()),
+                Actor::Pipe(_) => None,
+            })
+            .collect();
+        join_all(consoles.iter().map(|console| console.end_clients(reason))).await;
     }
 
-    /// Freezes every stream for an upgrade and forgets them: returns what each carries.
+    /// Freezes every stream for an upgrade and forgets them: returns what each carries. A guest
+    /// being removed is left to its remover (the upgrade gate lets a removal finish before a
+    /// freeze, so there is none in practice).
     pub async fn freeze_all(&self) -> Vec<StreamFds> {
-        let mut guests = self.guests.lock().await;
-        let mut frozen = Vec::new();
-        for (guest, streams) in std::mem::take(&mut *guests) {
-            for (stream, entry) in streams {
-                let (pipes, console) = match &entry.actor {
-                    Actor::Pipe(handle) => (handle.freeze().await, None),
-                    Actor::Console(handle) => (Vec::new(), handle.freeze().await),
-                };
-                frozen.push(StreamFds {
-                    guest: guest.clone(),
-                    stream,
-                    pipes,
-                    console,
-                });
+        let taken: Vec<(String, String, Actor)> = {
+            let mut guests = self.registry();
+            let mut taken = Vec::new();
+            for (guest, entry) in std::mem::take(&mut *guests) {
+                if !entry.open() {
+                    guests.insert(guest, entry);
+                    continue;
+                }
+                for (stream, stream_entry) in entry.streams {
+                    taken.push((guest.clone(), stream, stream_entry.actor));
+                }
             }
-        }
-        self.update_gauges(&guests);
-        frozen
+            self.update_gauges(&guests);
+            taken
+        };
+        join_all(taken.into_iter().map(|(guest, stream, actor)| async move {
+            let (pipes, console) = match &actor {
+                Actor::Pipe(handle) => (handle.freeze().await, None),
+                Actor::Console(handle) => (Vec::new(), handle.freeze().await),
+            };
+            StreamFds {
+                guest,
+                stream,
+                pipes,
+                console,
+            }
+        }))
+        .await
     }
 
     /// Returns the stream `guest/stream` of `kind`, creating it (and the guest) if needed.
-    /// Limits given for an existing stream replace its current ones.
+    /// Limits given for an existing stream replace its current ones. While the guest is being
+    /// removed, waits until the removal is over and then creates it anew (its offsets continue).
     pub async fn open_stream(
+        &self,
+        guest: &GuestName,
+        stream: &StreamName,
+        kind: StreamKind,
+        limits: LimitsOverride,
+    ) -> Result<Stream> {
+        let (guest, stream) = (guest.as_str(), stream.as_str());
+        let mut reserved = None;
+        loop {
+            match self.decide_open(guest, stream, kind, limits, reserved.take())? {
+                Next::Done(stream) => return Ok(stream),
+                Next::Wait(closing) => removal_over(closing).await,
+                Next::Reserve(log) => {
+                    let place = log.reserve().await.map_err(RegistryError::Gone)?;
+                    reserved = Some((log, place));
+                }
+                Next::Apply(answer, stream) => {
+                    answer
+                        .await
+                        .map_err(|e| RegistryError::log("cannot apply new limits", e))?;
+                    return Ok(stream);
+                }
+                Next::Abandon(actor, error) => {
+                    actor.log().close("cannot record the stream", true).await;
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    /// One step of [`Guests::open_stream`], under the registry lock. A change of limits is sent
+    /// through a place reserved on the actor's channel beforehand (`reserved`), so it goes out
+    /// under the lock, in the order the entry and its record are updated: concurrent changes
+    /// reach the actor in the order they are recorded.
+    fn decide_open(
         &self,
         guest: &str,
         stream: &str,
         kind: StreamKind,
         limits: LimitsOverride,
-    ) -> Result<Stream> {
-        let mut guests = self.guests.lock().await;
+        reserved: Option<(LogHandle, Reserved)>,
+    ) -> Result<Next> {
+        let mut guests = self.registry();
+        if let Some(closing) = guests.get(guest).and_then(|g| g.closing.clone()) {
+            return Ok(Next::Wait(closing));
+        }
         let guest_count = guests.len();
         // The caps are summed (O(streams)) only when one may change: a new stream or new limits,
         // not for the common request that finds its stream as it is.
-        let unchanged =
-            limits.is_empty() && guests.get(guest).is_some_and(|g| g.contains_key(stream));
-        let reserved = if unchanged { 0 } else { reserved_disk(&guests) };
-        if let Some(entry) = guests.get_mut(guest).and_then(|g| g.get_mut(stream)) {
+        let unchanged = limits.is_empty()
+            && guests
+                .get(guest)
+                .is_some_and(|g| g.streams.contains_key(stream));
+        let reserved_bytes = if unchanged { 0 } else { reserved_disk(&guests) };
+        if let Some(entry) = guests
+            .get_mut(guest)
+            .and_then(|g| g.streams.get_mut(stream))
+        {
             if entry.actor.kind() != kind {
-                return Err(Error::FailedPrecondition(format!(
-                    "{guest}/{stream} is a {}, not a {}",
-                    entry.actor.kind().noun(),
-                    kind.noun()
-                )));
+                return Err(RegistryError::KindMismatch {
+                    guest: guest.to_owned(),
+                    stream: stream.to_owned(),
+                    found: entry.actor.kind(),
+                    wanted: kind,
+                });
             }
-            if !limits.is_empty() {
-                let new_limits = limits.apply(entry.limits)?;
-                let old_cap = entry.limits.disk_cap();
-                self.check_disk_budget(reserved.saturating_sub(old_cap), new_limits.disk_cap())?;
-                entry
-                    .actor
-                    .set_limits(new_limits)
-                    .await
-                    .map_err(|e| Error::io("cannot apply new limits", e))?;
-                entry.limits = new_limits;
-                self.write_record(guest, stream, entry)?;
-            }
-            return Ok(Stream {
+            let found = Stream {
                 actor: entry.actor.clone(),
                 log_path: entry.log_path.clone(),
-            });
+            };
+            if limits.is_empty() {
+                return Ok(Next::Done(found));
+            }
+            let new_limits = limits.apply(entry.limits)?;
+            let old_cap = entry.limits.disk_cap();
+            self.check_disk_budget(
+                reserved_bytes.saturating_sub(old_cap),
+                new_limits.disk_cap(),
+            )?;
+            let place = match reserved {
+                // Reserved on this very actor (not one the stream had before a removal).
+                Some((log, place)) if log.same_actor(entry.actor.log()) => place,
+                _ => return Ok(Next::Reserve(entry.actor.log().clone())),
+            };
+            // The log takes new limits even when enforcing them fails (a rotation error is
+            // returned, and the next write retries), so entry and record follow at once.
+            let answer = place.set_limits(new_limits);
+            entry.limits = new_limits;
+            self.write_record(guest, stream, entry)?;
+            return Ok(Next::Apply(answer, found));
         }
         let limits = limits.apply(self.default_limits())?;
         if !guests.contains_key(guest) && guest_count >= self.config.limits.guests as usize {
-            return Err(Error::LimitReached {
+            return Err(RegistryError::LimitReached {
                 limit: "limits.guests",
                 value: self.config.limits.guests.into(),
             });
         }
-        let streams = guests.get(guest).map_or(0, |g| g.len());
+        let streams = guests.get(guest).map_or(0, |g| g.streams.len());
         if streams >= self.config.limits.streams_per_guest as usize {
-            return Err(Error::LimitReached {
+            return Err(RegistryError::LimitReached {
                 limit: "limits.streams_per_guest",
                 value: self.config.limits.streams_per_guest.into(),
             });
         }
-        self.check_disk_budget(reserved, limits.disk_cap())?;
+        self.check_disk_budget(reserved_bytes, limits.disk_cap())?;
+        // Opening the log and binding the sockets are system calls, not awaits: done under the
+        // lock, so that two calls cannot both create the stream.
         let log_path = self.log_path(guest, stream);
         let actor = self.start_actor(guest, stream, kind, &log_path, limits, None)?;
         let entry = StreamEntry {
@@ -575,27 +777,33 @@ impl Guests {
             actor: actor.clone(),
         };
         if let Err(e) = self.write_record(guest, stream, &entry) {
-            actor.close("cannot record the stream", true).await;
-            return Err(e);
+            return Ok(Next::Abandon(actor, e));
         }
         guests
             .entry(guest.to_owned())
-            .or_default()
+            .or_insert_with(|| GuestEntry {
+                streams: BTreeMap::new(),
+                closing: None,
+            })
+            .streams
             .insert(stream.to_owned(), entry);
         self.update_gauges(&guests);
         tracing::info!(guest, stream, kind = kind.noun(), log = %log_path.display(), "stream created");
-        Ok(Stream { actor, log_path })
+        Ok(Next::Done(Stream { actor, log_path }))
     }
 
     /// The stream `guest/name`; with no name, the guest's `serial0` console if it has one,
-    /// else its `qemu` pipe. Returns the stream name chosen.
-    pub async fn stream(&self, guest: &str, name: Option<&str>) -> Result<(String, Actor)> {
-        let guests = self.guests.lock().await;
-        let streams = guests
-            .get(guest)
-            .ok_or_else(|| Error::NotFound(format!("No guest named {guest:?}")))?;
+    /// else its `qemu` pipe. Returns the stream name chosen and the handle to its log.
+    pub async fn stream(
+        &self,
+        guest: &GuestName,
+        name: Option<&StreamName>,
+    ) -> Result<(String, LogHandle)> {
+        let guest = guest.as_str();
+        let guests = self.registry();
+        let streams = self.open_guest(&guests, guest)?;
         let name = match name {
-            Some(name) => name,
+            Some(name) => name.as_str(),
             None if streams.contains_key(names::DEFAULT_CONSOLE_DEVICE) => {
                 names::DEFAULT_CONSOLE_DEVICE
             }
@@ -603,29 +811,52 @@ impl Guests {
         };
         streams
             .get(name)
-            .map(|e| (name.to_owned(), e.actor.clone()))
-            .ok_or_else(|| Error::NotFound(format!("Guest {guest:?} has no stream {name:?}")))
+            .map(|e| (name.to_owned(), e.actor.log().clone()))
+            .ok_or_else(|| RegistryError::UnknownStream {
+                guest: guest.to_owned(),
+                stream: name.to_owned(),
+            })
     }
 
-    /// How many streams exist.
+    /// The streams of `guest`, unless it does not exist or is being removed.
+    fn open_guest<'a>(
+        &self,
+        guests: &'a Registry,
+        guest: &str,
+    ) -> Result<&'a BTreeMap<String, StreamEntry>> {
+        guests
+            .get(guest)
+            .filter(|g| g.open())
+            .map(|g| &g.streams)
+            .ok_or_else(|| RegistryError::UnknownGuest(guest.to_owned()))
+    }
+
+    /// How many streams exist (of guests not being removed).
     pub async fn count(&self) -> usize {
-        self.guests.lock().await.values().map(|s| s.len()).sum()
+        self.registry()
+            .values()
+            .filter(|g| g.open())
+            .map(|g| g.streams.len())
+            .sum()
     }
 
     /// The console `guest/device`.
-    pub async fn console(&self, guest: &str, device: &str) -> Result<ConsoleHandle> {
-        let guests = self.guests.lock().await;
-        let streams = guests
-            .get(guest)
-            .ok_or_else(|| Error::NotFound(format!("No guest named {guest:?}")))?;
+    pub async fn console(&self, guest: &GuestName, device: &StreamName) -> Result<ConsoleHandle> {
+        let (guest, device) = (guest.as_str(), device.as_str());
+        let guests = self.registry();
+        let streams = self.open_guest(&guests, guest)?;
         match streams.get(device).map(|e| &e.actor) {
             Some(Actor::Console(handle)) => Ok(handle.clone()),
-            Some(Actor::Pipe(_)) => Err(Error::FailedPrecondition(format!(
-                "{guest}/{device} is a log pipe, not a console"
-            ))),
-            None => Err(Error::NotFound(format!(
-                "Guest {guest:?} has no console {device:?}"
-            ))),
+            Some(Actor::Pipe(_)) => Err(RegistryError::KindMismatch {
+                guest: guest.to_owned(),
+                stream: device.to_owned(),
+                found: StreamKind::Pipe,
+                wanted: StreamKind::Console,
+            }),
+            None => Err(RegistryError::UnknownConsole {
+                guest: guest.to_owned(),
+                device: device.to_owned(),
+            }),
         }
     }
 
@@ -638,47 +869,71 @@ impl Guests {
         let path = self.record_path(guest, stream);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
-                .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+                .map_err(|e| RegistryError::io(format!("cannot create {}", dir.display()), e))?;
         }
         let bytes = serde_json::to_vec_pretty(&record).expect("stream record serializes");
         crate::logfile::write_atomically(&path, &bytes)
-            .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
+            .map_err(|e| RegistryError::io(format!("cannot write {}", path.display()), e))
     }
 
     /// Closes every stream of `guest` (draining pipes, removing console sockets) and forgets
-    /// it. Logs stay on disk.
-    pub async fn remove_guest(&self, guest: &str) -> Result<u32> {
-        let mut guests = self.guests.lock().await;
-        let Some(streams) = guests.remove(guest) else {
-            return Err(Error::NotFound(format!("No guest named {guest:?}")));
+    /// it. Logs stay on disk. The guest is marked closing first, under the lock: from then on
+    /// lookups do not find it, and a call that would create a stream in its name (or remove it
+    /// again) waits until it is forgotten, so nothing is created under a name whose sockets and
+    /// records are being removed. The removal runs on its own task: a caller that goes away
+    /// does not leave it half done.
+    pub async fn remove_guest(self: &Arc<Self>, guest: &GuestName) -> Result<u32> {
+        let guest = guest.as_str();
+        let (done, streams) = loop {
+            let closing = {
+                let mut guests = self.registry();
+                let entry = guests
+                    .get_mut(guest)
+                    .ok_or_else(|| RegistryError::UnknownGuest(guest.to_owned()))?;
+                match &entry.closing {
+                    Some(closing) => closing.clone(),
+                    None => {
+                        let (done, closing) = watch::channel(());
+                        entry.closing = Some(closing);
+                        let streams: Vec<(String, Actor)> = entry
+                            .streams
+                            .iter()
+                            .map(|(name, e)| (name.clone(), e.actor.clone()))
+                            .collect();
+                        break (done, streams);
+                    }
+                }
+            };
+            // Removed by another call meanwhile: then it is not found (as if after it).
+            removal_over(closing).await;
         };
-        for (stream, entry) in &streams {
-            entry
-                .actor
-                .close(&format!("guest {guest} was removed"), true)
-                .await;
-            let _ = std::fs::remove_file(self.record_path(guest, stream));
-        }
-        let _ = std::fs::remove_dir(self.config.runtime_dir().join("consoles").join(guest));
-        self.update_gauges(&guests);
-        tracing::info!(guest, streams = streams.len(), "guest removed");
-        Ok(streams.len() as u32)
+        let removal = Removal {
+            guests: self.clone(),
+            guest: guest.to_owned(),
+            _done: done,
+        };
+        tokio::spawn(removal.run(streams))
+            .await
+            .map_err(RegistryError::Removal)
     }
 
     /// Snapshots of every guest (or only `filter`), sorted by name.
-    pub async fn list(&self, filter: Option<&str>) -> Result<Vec<(String, Vec<StreamSnapshot>)>> {
+    pub async fn list(
+        &self,
+        filter: Option<&GuestName>,
+    ) -> Result<Vec<(String, Vec<StreamSnapshot>)>> {
+        let filter = filter.map(GuestName::as_str);
         let entries: Vec<(String, Vec<(String, StreamEntry)>)> = {
-            let guests = self.guests.lock().await;
+            let guests = self.registry();
             if let Some(name) = filter {
-                if !guests.contains_key(name) {
-                    return Err(Error::NotFound(format!("No guest named {name:?}")));
-                }
+                self.open_guest(&guests, name)?;
             }
             guests
                 .iter()
-                .filter(|(name, _)| filter.is_none_or(|f| f == name.as_str()))
-                .map(|(name, streams)| {
-                    let streams = streams
+                .filter(|(name, guest)| guest.open() && filter.is_none_or(|f| f == name.as_str()))
+                .map(|(name, guest)| {
+                    let streams = guest
+                        .streams
                         .iter()
                         .map(|(s, e)| (s.clone(), e.clone()))
                         .collect();
@@ -691,10 +946,11 @@ impl Guests {
         // memory that malloc keeps.
         let snapshot = |(name, entry): (String, StreamEntry)| async move {
             // An actor that stopped meanwhile (removed) still shows its last counters.
-            let figures = match entry.actor.figures().await {
+            let log = entry.actor.log();
+            let figures = match log.figures().await {
                 Ok(figures) => figures,
                 Err(_) => Figures {
-                    end_offset: entry.actor.stats().end_offset.load(Relaxed),
+                    end_offset: log.stats.end_offset.load(Relaxed),
                     ..Figures::default()
                 },
             };
@@ -728,41 +984,98 @@ impl Guests {
 
     /// Drains and closes every stream (shutdown); consoles tell their clients `reason`.
     pub async fn close_all(&self, reason: &str) {
-        let guests = self.guests.lock().await;
-        let closing = guests
+        let logs: Vec<LogHandle> = self
+            .registry()
             .values()
-            .flat_map(|streams| streams.values())
-            .map(|entry| entry.actor.close(reason, false));
-        join_all(closing).await;
+            .flat_map(|guest| guest.streams.values())
+            .map(|entry| entry.actor.log().clone())
+            .collect();
+        join_all(logs.iter().map(|log| log.close(reason, false))).await;
     }
 
-    fn update_gauges(&self, guests: &BTreeMap<String, BTreeMap<String, StreamEntry>>) {
+    fn update_gauges(&self, guests: &Registry) {
         self.metrics.guests.set(guests.len() as i64);
         self.metrics
             .streams
-            .set(guests.values().map(|s| s.len() as i64).sum());
+            .set(guests.values().map(|g| g.streams.len() as i64).sum());
     }
 }
 
+/// A guest being removed: closes its streams, removes their records and sockets, then forgets
+/// the guest. Dropping it (done, or a panic) forgets the guest and then wakes the calls waiting
+/// for the removal, so a closing guest never stays closing.
+struct Removal {
+    guests: Arc<Guests>,
+    guest: String,
+    /// Dropped after the guest is forgotten: wakes the calls waiting for the removal.
+    _done: watch::Sender<()>,
+}
+
+impl Removal {
+    async fn run(self, streams: Vec<(String, Actor)>) -> u32 {
+        let guest = &self.guest;
+        // Tests hold a removal here, its guest marked closing, to race other calls with it.
+        crate::fault::point("guests.remove.closing");
+        let reason = format!("guest {guest} was removed");
+        join_all(
+            streams
+                .iter()
+                .map(|(_, actor)| actor.log().close(&reason, true)),
+        )
+        .await;
+        for (stream, _) in &streams {
+            let _ = std::fs::remove_file(self.guests.record_path(guest, stream));
+        }
+        let _ = std::fs::remove_dir(
+            self.guests
+                .config
+                .runtime_dir()
+                .join("consoles")
+                .join(guest),
+        );
+        tracing::info!(guest, streams = streams.len(), "guest removed");
+        streams.len() as u32
+    }
+}
+
+impl Drop for Removal {
+    fn drop(&mut self) {
+        let mut guests = self.guests.registry();
+        if guests.get(&self.guest).is_some_and(|g| !g.open()) {
+            guests.remove(&self.guest);
+        }
+        self.guests.update_gauges(&guests);
+    }
+}
+
+/// "error: cause: its cause", for the operator's log (the registry does not depend on the
+/// gRPC edge, whose `crate::error::error_chain` does the same for calls).
+fn with_causes(error: &RegistryError) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
+
 /// Reads and parses a stream record; the error says what is wrong with it.
-fn read_record(path: &Path) -> std::result::Result<StreamRecord, String> {
+fn read_record(path: &Path) -> std::result::Result<StreamRecord, RecordError> {
     const MAX_RECORD: u64 = 64 << 10;
     // `take` rather than `fs::read`: no size query first (a restart reads thousands).
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let file = std::fs::File::open(path)?;
     let mut bytes = Vec::with_capacity(1024);
-    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_RECORD + 1), &mut bytes)
-        .map_err(|e| e.to_string())?;
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_RECORD + 1), &mut bytes)?;
     if bytes.len() as u64 > MAX_RECORD {
-        return Err(format!(
-            "more than {MAX_RECORD} bytes is too large for a stream record"
-        ));
+        return Err(RecordError::TooLarge(MAX_RECORD));
     }
-    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+    Ok(serde_json::from_slice(&bytes)?)
 }
 
 /// `<stream>.json` → `stream`, for valid stream names only.
 fn record_stream_name(path: &Path) -> Option<String> {
     let name = path.file_name()?.to_str()?.strip_suffix(".json")?;
-    names::validate_stream(name).ok()?;
-    Some(name.to_owned())
+    StreamName::parse(name).ok().map(String::from)
 }

@@ -35,8 +35,8 @@
 //! A Python agent does: `sock.sendall(token.encode() + b"\n")`, then
 //! `msg, fds, _, _ = socket.recv_fds(sock, 1024, 1)` and checks `msg == b"\0" and fds`.
 
-use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::names::{GuestName, StreamName};
 use crate::upgrade::gate::{Admission, Gate};
 use std::collections::HashMap;
 use std::io::{self, ErrorKind};
@@ -154,22 +154,25 @@ impl Handoffs {
     /// Admits a change that an upgrade must carry (a new pipe or stream, a removed guest), to
     /// be held until its result is in the registry and this table; `UNAVAILABLE` while the
     /// daemon freezes for an upgrade or a takeover, before anything is created.
-    pub fn admit(&self) -> Result<Admission> {
-        self.gate
-            .enter()
-            .map_err(|closed| Error::Unavailable(closed.to_string()))
+    pub fn admit(&self) -> Result<Admission, HandoffError> {
+        Ok(self.gate.enter()?)
     }
 
     /// Keeps `write_end` for the client that presents the returned token.
-    pub fn register(&self, guest: &str, stream: &str, write_end: OwnedFd) -> Result<String> {
+    pub fn register(
+        &self,
+        guest: &GuestName,
+        stream: &StreamName,
+        write_end: OwnedFd,
+    ) -> Result<String, HandoffError> {
+        let (guest, stream) = (guest.as_str(), stream.as_str());
         crate::fault::point("handoff.register");
-        let token = crate::ids::random_id()
-            .map_err(|e| Error::io("cannot generate a hand-off token", e))?;
+        let token = crate::ids::random_id().map_err(HandoffError::Token)?;
         let mut pending = self.pending.lock().expect("hand-off table poisoned");
         let now = Instant::now();
         pending.expire(now);
         if pending.live.len() >= self.max_pending {
-            return Err(Error::LimitReached {
+            return Err(HandoffError::LimitReached {
                 limit: "limits.pending_handoffs",
                 value: self.max_pending as u64,
             });
@@ -253,7 +256,8 @@ impl Handoffs {
     }
 
     /// Forgets the pending hand-offs of a guest (it was removed).
-    pub fn forget_guest(&self, guest: &str) {
+    pub fn forget_guest(&self, guest: &GuestName) {
+        let guest = guest.as_str();
         self.pending
             .lock()
             .expect("hand-off table poisoned")
@@ -309,7 +313,7 @@ impl Handoffs {
         let mut upgrading = false;
         let claimed = match tokio::time::timeout(read_timeout, read_token(&mut stream)).await {
             Err(_) => Err("timed out waiting for the token line".to_owned()),
-            Ok(Err(e)) => Err(e),
+            Ok(Err(e)) => Err(e.to_string()),
             Ok(Ok(token)) => match self.gate.enter() {
                 // The token stays valid in the next image: the client connects again.
                 Err(closed) => {
@@ -383,6 +387,32 @@ async fn refuse(stream: &mut UnixStream, reason: &str) {
     while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
 }
 
+/// What registering a hand-off refuses or fails at. The mapping to status codes is
+/// `crate::error`'s.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    /// The daemon is freezing for an upgrade or a takeover: nothing new is admitted.
+    #[error(transparent)]
+    Upgrading(#[from] crate::upgrade::gate::Closed),
+    /// `limits.pending_handoffs` hand-offs wait for their clients already.
+    #[error("Limit {limit} reached ({value})")]
+    LimitReached { limit: &'static str, value: u64 },
+    /// No random token could be had.
+    #[error("cannot generate a hand-off token")]
+    Token(#[source] io::Error),
+}
+
+/// Why no token was read from an `fd.sock` connection (the text after `error: ` on the wire).
+#[derive(Debug, thiserror::Error)]
+enum TokenError {
+    #[error("read failed: {0}")]
+    Read(#[source] io::Error),
+    #[error("connection closed before the token line ended")]
+    Closed,
+    #[error(transparent)]
+    Line(#[from] LineError),
+}
+
 /// Why a token line was refused (the text after `error: ` on the wire).
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LineError {
@@ -421,7 +451,7 @@ pub fn parse_token_line(received: &[u8]) -> std::result::Result<Option<&str>, Li
 }
 
 /// Reads one token line (see [`parse_token_line`]).
-async fn read_token(stream: &mut UnixStream) -> std::result::Result<String, String> {
+async fn read_token(stream: &mut UnixStream) -> Result<String, TokenError> {
     let mut received = [0u8; MAX_LINE];
     let mut len = 0;
     loop {
@@ -429,15 +459,15 @@ async fn read_token(stream: &mut UnixStream) -> std::result::Result<String, Stri
         let n = stream
             .read(&mut received[len..])
             .await
-            .map_err(|e| format!("read failed: {e}"))?;
+            .map_err(TokenError::Read)?;
         if n == 0 {
-            return Err("connection closed before the token line ended".into());
+            return Err(TokenError::Closed);
         }
         len += n;
         match parse_token_line(&received[..len]) {
             Ok(Some(token)) => return Ok(token.to_owned()),
             Ok(None) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -1,10 +1,11 @@
-//! Reading a stream's bytes back from its files on disk by absolute offset: `ReadHistory`
-//! and console replay.
+//! Reading a stream's bytes back from its files on disk by absolute offset: `ReadHistory`.
 //!
-//! Owns the mapping from absolute offsets to the rotated files that hold them, start-position
-//! resolution (`from_offset`, `tail_bytes`, `tail_lines`), and following a stream live. It only
-//! reads; it never writes, renames or deletes a log file, and it never holds more than one chunk
-//! per reader in memory (plus a small bounded queue towards the client).
+//! Owns start-position resolution (`from_offset`, `tail_bytes`, `tail_lines`), walking the
+//! rotated files that hold a run of offsets, UTF-8 boundaries, and following a stream live. It
+//! knows a stream only through its [`LogHandle`] (never the registry, a pipe or a console). It
+//! only reads; it never writes, renames or deletes a log file, and it never holds more than one
+//! chunk per reader in memory (plus a small bounded queue towards the client). The console's
+//! replay reads its own segments ([`crate::logfile::read_tail`]).
 //!
 //! Consistency under rotation: a reader never opens log files by path itself. It asks the
 //! stream's actor for [`OpenSegment`]s, descriptors opened by the actor between two of its own
@@ -19,15 +20,45 @@
 //! skip them, and the reader reports them like rotated-away ranges, so a client's offsets,
 //! `dropped_bytes` and history agree (docs/operations.md, "Durability").
 
-use crate::error::{Error, Result};
-use crate::guests::Actor;
-use crate::logfile::{OpenSegment, Segment};
+use crate::log_owner::{LogError, LogHandle};
+use crate::logfile::OpenSegment;
 use std::collections::VecDeque;
-use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering::Relaxed;
+use thiserror::Error;
 use tokio::sync::mpsc;
+
+/// What a history read refuses or fails at. The mapping to status codes is `crate::error`'s.
+#[derive(Debug, Error)]
+pub enum HistoryError {
+    /// A start offset past the end of a read that does not follow.
+    #[error(
+        "from_offset {offset} is beyond the end of the stream ({end}); use follow to wait for it"
+    )]
+    BeyondEnd { offset: u64, end: u64 },
+    /// The stream's actor stopped while the daemon goes away (shutdown or upgrade): the client
+    /// resumes from `position` later.
+    #[error("conlogd is going away; resume with from_offset {position}")]
+    GoingAway { position: u64 },
+    /// The stream's actor could not open its files for the reader (or is gone).
+    #[error("cannot open the stream's files")]
+    Open(#[source] LogError),
+    /// Reading an open log file failed; `context` says what was being done.
+    #[error("{context}")]
+    Io {
+        context: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What history reads return.
+pub type Result<T, E = HistoryError> = std::result::Result<T, E>;
+
+fn io_error(context: &'static str) -> impl FnOnce(io::Error) -> HistoryError {
+    move |source| HistoryError::Io { context, source }
+}
 
 /// Where a history read starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,17 +100,16 @@ pub enum HistoryItem {
 /// and HTTP/2 flow control holds the rest back on disk, not in memory.
 const QUEUE: usize = 1;
 
-/// Starts a history read of `actor`'s stream. Errors about the start position are returned
-/// here, before anything is streamed.
+/// Starts a history read of the stream whose log `actor` owns. Errors about the start position
+/// are returned here, before anything is streamed.
 pub async fn read(
-    actor: Actor,
+    actor: LogHandle,
     request: HistoryRequest,
     going_away: tokio::sync::watch::Receiver<bool>,
 ) -> Result<mpsc::Receiver<Result<HistoryItem>>> {
-    let gone = |e: io::Error| Error::io("cannot open the stream's files", e);
-    let offsets = actor.offsets();
-    let dropped_seen = actor.stats().dropped.load(Relaxed);
-    let segments = actor.open_segments(0).await.map_err(gone)?;
+    let offsets = actor.offsets.clone();
+    let dropped_seen = actor.stats.dropped.load(Relaxed);
+    let segments = actor.open_segments(0).await.map_err(HistoryError::Open)?;
     // The published end may lie past the last byte on disk (bytes that could not be logged).
     let end = segments
         .last()
@@ -89,13 +119,13 @@ pub async fn read(
     let position = match request.start {
         Start::Oldest => first,
         Start::Offset(offset) if offset > end && !request.follow => {
-            return Err(Error::OutOfRange(format!(
-                "from_offset {offset} is beyond the end of the stream ({end}); use follow to wait for it"
-            )))
+            return Err(HistoryError::BeyondEnd { offset, end })
         }
         Start::Offset(offset) => offset,
         Start::TailBytes(n) => end.saturating_sub(n).max(first),
-        Start::TailLines(n) => tail_lines_start(&segments, n).map_err(gone)?,
+        Start::TailLines(n) => {
+            tail_lines_start(&segments, n).map_err(|e| HistoryError::Open(LogError::Io(e)))?
+        }
     };
     let (sender, receiver) = mpsc::channel(QUEUE);
     let reader = Reader {
@@ -115,7 +145,7 @@ pub async fn read(
 }
 
 struct Reader {
-    actor: Actor,
+    actor: LogHandle,
     offsets: tokio::sync::watch::Receiver<u64>,
     segments: VecDeque<OpenSegment>,
     /// The last file read to its end, kept open in case it grows.
@@ -181,7 +211,7 @@ impl Reader {
                     &mut buffer[..want],
                     segment.file_pos + self.position - segment.start,
                 )
-                .map_err(|e| Error::io("cannot read a log file", e))?;
+                .map_err(io_error("cannot read a log file"))?;
             if read == 0 {
                 // Shorter than the actor said: cut behind our back. Ask again.
                 self.segments.pop_front();
@@ -234,7 +264,7 @@ impl Reader {
                 Some(next) if read + missing <= self.request.chunk_size => {
                     next.file
                         .read_exact_at(&mut buffer[read..read + missing], next.file_pos)
-                        .map_err(|e| Error::io("cannot read a log file", e))?;
+                        .map_err(io_error("cannot read a log file"))?;
                     return Ok(read + missing);
                 }
                 // No room: the next chunk starts with this character and completes it.
@@ -249,18 +279,12 @@ impl Reader {
     /// The stream's actor stopped: a removed stream ends the read; a daemon going away (shutdown
     /// or upgrade) is `UNAVAILABLE`, so the client resumes from its offset later.
     fn stream_stopped(&self) -> Result<bool> {
-        if self
-            .actor
-            .stats()
-            .removed
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if self.actor.stats.removed.load(Relaxed) {
             return Ok(false);
         }
-        Err(Error::Unavailable(format!(
-            "conlogd is going away; resume with from_offset {}",
-            self.position
-        )))
+        Err(HistoryError::GoingAway {
+            position: self.position,
+        })
     }
 
     /// If the file we finished has grown past our position, reads on from it: log files are
@@ -275,11 +299,11 @@ impl Reader {
         let len = last
             .file
             .metadata()
-            .map_err(|e| Error::io("cannot stat a log file", e))?
+            .map_err(io_error("cannot stat a log file"))?
             .len()
             .saturating_sub(last.file_pos);
         // Read after the size: bytes seen above were written after any drop counted here.
-        if self.actor.stats().dropped.load(Relaxed) != self.dropped_seen {
+        if self.actor.stats.dropped.load(Relaxed) != self.dropped_seen {
             return Ok(false);
         }
         if last.start + len <= self.position {
@@ -300,7 +324,7 @@ impl Reader {
                 if self.grow_last()? {
                     return Ok(true);
                 }
-                self.dropped_seen = self.actor.stats().dropped.load(Relaxed);
+                self.dropped_seen = self.actor.stats.dropped.load(Relaxed);
                 match self.actor.open_segments(self.position).await {
                     // Something at or after our position (bytes, or the start of the current
                     // run past a gap).
@@ -416,45 +440,6 @@ fn incomplete_tail(data: &[u8]) -> Option<(usize, usize)> {
     None
 }
 
-/// Reads the last `n` bytes held by `segments` (oldest first). Returns the offset of the first
-/// byte returned and the bytes; fewer than `n` if less is on disk. The bytes are contiguous:
-/// the tail stops at the last gap (a replay is a run of offsets that follow each other).
-pub fn read_tail(segments: &[Segment], n: u64) -> io::Result<(u64, Vec<u8>)> {
-    let end = segments.last().map_or(0, |s| s.start + s.len);
-    let mut first = segments.last().map_or(end, |s| s.start);
-    for pair in segments.windows(2).rev() {
-        if pair[0].start + pair[0].len != pair[1].start {
-            break;
-        }
-        first = pair[0].start;
-    }
-    let from = end.saturating_sub(n).max(first);
-    Ok((from, read_range(segments, from, end)?))
-}
-
-/// Reads the bytes of offsets `from .. to` from `segments`. A segment that turns out shorter
-/// than described (truncated behind our back) ends the read early.
-pub fn read_range(segments: &[Segment], from: u64, to: u64) -> io::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(to.saturating_sub(from) as usize);
-    for segment in segments {
-        let seg_end = segment.start + segment.len;
-        if seg_end <= from || segment.start >= to {
-            continue;
-        }
-        let start = from.max(segment.start);
-        let stop = to.min(seg_end);
-        let mut file = File::open(&segment.path)?;
-        file.seek(SeekFrom::Start(segment.file_pos + start - segment.start))?;
-        let wanted = (stop - start) as usize;
-        let before = out.len();
-        file.take(wanted as u64).read_to_end(&mut out)?;
-        if out.len() - before < wanted {
-            break;
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,53 +483,4 @@ mod tests {
     }
     use crate::config::LogMode;
     use crate::logfile::{LogFile, LogLimits};
-
-    #[test]
-    fn tail_spans_rotated_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let limits = LogLimits {
-            max_size: 4096,
-            max_backups: 3,
-            mode: LogMode::Rotate,
-        };
-        let mut log =
-            LogFile::open(&dir.path().join("s.log"), &dir.path().join("s.pos"), limits).unwrap();
-        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
-        log.append(&data).unwrap();
-        let segments = log.segments();
-        assert_eq!(segments.len(), 4);
-        let (from, tail) = read_tail(&segments, 5000).unwrap();
-        assert_eq!(from, 15_000);
-        assert_eq!(tail, &data[15_000..]);
-        // More than is on disk: everything from the oldest byte.
-        let (from, all) = read_tail(&segments, 1 << 20).unwrap();
-        assert_eq!(from, segments[0].start);
-        assert_eq!(all, &data[from as usize..]);
-        assert_eq!(
-            read_range(&segments, 12_000, 12_100).unwrap(),
-            &data[12_000..12_100]
-        );
-    }
-
-    #[test]
-    fn tail_stops_at_a_gap() {
-        let dir = tempfile::tempdir().unwrap();
-        let limits = LogLimits {
-            max_size: 4096,
-            max_backups: 3,
-            mode: LogMode::Rotate,
-        };
-        let mut log =
-            LogFile::open(&dir.path().join("s.log"), &dir.path().join("s.pos"), limits).unwrap();
-        log.append(&[b'a'; 5000]).unwrap();
-        log.skip(100);
-        log.append(b"after the gap").unwrap();
-        let (from, tail) = read_tail(&log.segments(), 1000).unwrap();
-        assert_eq!(from, 5100);
-        assert_eq!(tail, b"after the gap");
-        // Only a gap at the end: nothing to replay, from the end on.
-        log.skip(10);
-        let (from, tail) = read_tail(&log.segments(), 1000).unwrap();
-        assert_eq!((from, tail.len()), (log.end_offset(), 0));
-    }
 }

@@ -28,6 +28,78 @@ pub struct NameError {
     pub rule: &'static str,
 }
 
+/// A guest name that obeys [`GUEST_RULE`]: made only by [`GuestName::parse`], so a
+/// `GuestName` inside the daemon is never invalid. Handlers parse the names of a request at
+/// the edge and pass these inward.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GuestName(String);
+
+/// A stream or device name that obeys [`STREAM_RULE`]: made only by [`StreamName::parse`] (or
+/// [`StreamName::or_default`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamName(String);
+
+impl GuestName {
+    /// `name`, if it obeys [`GUEST_RULE`].
+    pub fn parse(name: impl Into<String>) -> Result<Self, NameError> {
+        let name = name.into();
+        validate_guest(&name)?;
+        Ok(Self(name))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl StreamName {
+    /// `name`, if it obeys [`STREAM_RULE`].
+    pub fn parse(name: impl Into<String>) -> Result<Self, NameError> {
+        let name = name.into();
+        validate_stream(&name)?;
+        Ok(Self(name))
+    }
+
+    /// `name`, or `default` when it is empty (see [`stream_or_default`]).
+    pub fn or_default(name: impl Into<String>, default: &str) -> Result<Self, NameError> {
+        let name = name.into();
+        if name.is_empty() {
+            Self::parse(default)
+        } else {
+            Self::parse(name)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+macro_rules! name_as_str {
+    ($($name:ty),+) => {$(
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(name: $name) -> String {
+                name.0
+            }
+        }
+    )+};
+}
+
+name_as_str!(GuestName, StreamName);
+
 /// Checks a guest name: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`.
 pub fn validate_guest(name: &str) -> Result<(), NameError> {
     let ok = matches_rule(
@@ -138,6 +210,20 @@ mod tests {
             assert!(validate_stream(bad).is_err(), "{bad}");
         }
         assert_eq!(stream_or_default("", "qemu"), Ok("qemu"));
+    }
+
+    #[test]
+    fn newtypes_exist_only_valid() {
+        assert_eq!(GuestName::parse("vm1").unwrap().as_str(), "vm1");
+        assert_eq!(GuestName::parse("../x").unwrap_err().rule, GUEST_RULE);
+        assert_eq!(StreamName::parse("Serial0").unwrap_err().rule, STREAM_RULE);
+        let chosen = StreamName::or_default("", DEFAULT_PIPE_STREAM).unwrap();
+        assert_eq!(&*chosen, "qemu");
+        assert!(StreamName::or_default("", "Bad").is_err());
+        assert_eq!(
+            StreamName::or_default("ttys1", "qemu").unwrap().as_str(),
+            "ttys1"
+        );
     }
 
     mod properties {

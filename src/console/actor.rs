@@ -7,20 +7,14 @@
 //! once, so nothing waits in the channel).
 
 use super::clients::{self, ClientQueue, Event, Offer};
-use super::{
-    AttachRequest, Command, ConsoleHandle, ConsoleSettings, Input, Mode, MAX_PENDING_INPUT,
-    NO_WRITER,
-};
-use crate::error::{Error, Result};
-use crate::logfile::LogFile;
-use crate::metrics::Metrics;
-use crate::stream::{Figures, OffsetPublisher};
+use super::{AttachRequest, Command, ConsoleHandle, ConsoleSettings, Input, Mode, NO_WRITER};
+use super::{ConsoleError, Result};
+use crate::log_owner::{Figures, LogOwner};
 use crate::upgrade::ConsoleFds;
 use bytes::{Buf, Bytes};
 use std::collections::BTreeMap;
 use std::io::ErrorKind;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -65,8 +59,8 @@ const MAX_DRAIN: usize = 64 << 20;
 
 pub(super) struct ConsoleActor {
     handle: ConsoleHandle,
-    log: LogFile,
-    publisher: OffsetPublisher,
+    /// The log, its counters and offset publisher (the part every stream actor has).
+    owner: LogOwner,
     guest_listener: UnixListener,
     client_listener: UnixListener,
     guest: Option<UnixStream>,
@@ -79,28 +73,22 @@ pub(super) struct ConsoleActor {
     writer: Option<u64>,
     next_id: u64,
     settings: ConsoleSettings,
-    metrics: Arc<Metrics>,
 }
 
 impl ConsoleActor {
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn start(
+    /// The actor of `handle`'s console; its caller spawns [`ConsoleActor::run`].
+    pub(super) fn new(
         handle: ConsoleHandle,
-        log: LogFile,
-        publisher: OffsetPublisher,
+        owner: LogOwner,
         guest_listener: UnixListener,
         client_listener: UnixListener,
         guest: Option<UnixStream>,
         pending_input: Vec<u8>,
         settings: ConsoleSettings,
-        metrics: Arc<Metrics>,
-        commands: mpsc::Receiver<Command>,
-        input: mpsc::Receiver<Input>,
-    ) {
-        let actor = Self {
+    ) -> Self {
+        Self {
             handle,
-            log,
-            publisher,
+            owner,
             guest_listener,
             client_listener,
             guest,
@@ -115,12 +103,10 @@ impl ConsoleActor {
             writer: None,
             next_id: 1,
             settings,
-            metrics,
-        };
-        tokio::spawn(actor.run(commands, input));
+        }
     }
 
-    async fn run(
+    pub(super) async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut input: mpsc::Receiver<Input>,
@@ -132,10 +118,18 @@ impl ConsoleActor {
             // fast typist must not starve the guest's output.
             tokio::select! {
                 command = commands.recv() => match command {
-                    Some(Command::Close { reason, removed, done }) => {
-                        self.close(&reason, removed);
-                        let _ = done.send(());
-                        return;
+                    Some(Command::Log(command)) => {
+                        let (clients, guest_connected) = (self.clients.len() as u64, self.guest.is_some());
+                        let answered = self.owner.answer(command, |figures| Figures {
+                            clients,
+                            guest_connected,
+                            ..figures
+                        });
+                        if let Some(close) = answered {
+                            self.close(close.reason(), close.removed());
+                            close.done();
+                            return;
+                        }
                     }
                     Some(Command::Freeze(reply)) => {
                         if let Some(fds) = self.freeze() {
@@ -152,11 +146,11 @@ impl ConsoleActor {
                 },
                 accepted = self.guest_listener.accept() => match accepted {
                     Ok((stream, _)) => self.guest_connected(stream),
-                    Err(e) => tracing::warn!(console = %self.handle.name, error = %e, "guest accept failed"),
+                    Err(e) => tracing::warn!(error = %e, "guest accept failed"),
                 },
                 accepted = self.client_listener.accept() => match accepted {
                     Ok((stream, _)) => super::raw::spawn(self.handle.clone(), stream, self.settings.input_rate),
-                    Err(e) => tracing::warn!(console = %self.handle.name, error = %e, "client accept failed"),
+                    Err(e) => tracing::warn!(error = %e, "client accept failed"),
                 },
                 _ = keeper_holds(&mut self.held) => self.held = None,
                 readable = readable(&self.guest), if self.held.is_none() => match readable {
@@ -182,27 +176,11 @@ impl ConsoleActor {
             Command::Attach(request, reply) => {
                 let _ = reply.send(self.attach(request));
             }
-            Command::SetLimits(limits, reply) => {
-                let before = self.log.rotations();
-                let result = self.log.set_limits(limits);
-                self.count_rotations(before);
-                let _ = reply.send(result);
-            }
-            Command::Figures(reply) => {
-                let _ = reply.send(Figures {
-                    clients: self.clients.len() as u64,
-                    guest_connected: self.guest.is_some(),
-                    ..Figures::of(&self.log, &self.handle.stats)
-                });
-            }
-            Command::OpenSegments(from, reply) => {
-                let _ = reply.send(self.log.open_segments(from));
-            }
             Command::EndClients(reason, done) => {
-                self.drop_writing(Some(Error::Unavailable(format!(
-                    "Every client of console {} was ended ({reason}); input not yet written was discarded",
-                    self.handle.name
-                ))));
+                self.drop_writing(Some(ConsoleError::ClientsEnded {
+                    console: self.handle.name.clone(),
+                    reason: reason.clone(),
+                }));
                 self.broadcast(Event::Closed {
                     reason,
                     removed: false,
@@ -212,7 +190,7 @@ impl ConsoleActor {
                 self.count_clients();
                 let _ = done.send(());
             }
-            Command::Close { .. } | Command::Freeze(_) | Command::Detach(_) => {
+            Command::Log(_) | Command::Freeze(_) | Command::Detach(_) => {
                 unreachable!("handled by run")
             }
         }
@@ -220,14 +198,14 @@ impl ConsoleActor {
 
     fn attach(&mut self, request: AttachRequest) -> Result<(u64, clients::ClientReceiver)> {
         if self.clients.len() >= self.settings.max_clients {
-            return Err(Error::LimitReached {
+            return Err(ConsoleError::LimitReached {
                 limit: "limits.clients_per_console",
                 value: self.settings.max_clients as u64,
             });
         }
         let share = super::remote_client_share(self.settings.max_clients);
         if request.remote && self.clients.values().filter(|c| c.remote).count() >= share {
-            return Err(Error::LimitReached {
+            return Err(ConsoleError::LimitReached {
                 limit: "limits.clients_per_console (the remote clients' share: a quarter stays for local clients)",
                 value: share as u64,
             });
@@ -242,10 +220,10 @@ impl ConsoleActor {
             (Mode::ReadWrite, None) => true,
             (Mode::ReadWrite, Some(_)) if request.force => true,
             (Mode::ReadWrite, Some(holder)) => {
-                return Err(Error::FailedPrecondition(format!(
-                "Console {} has a writer ({holder}); attach READ_ONLY, or set force to take over",
-                self.handle.name
-            )))
+                return Err(ConsoleError::WriterHeld {
+                    console: self.handle.name.clone(),
+                    holder: holder.clone(),
+                })
             }
         };
         let id = self.next_id;
@@ -253,12 +231,12 @@ impl ConsoleActor {
         let (mut queue, receiver) = clients::queue(self.settings.client_queue);
         let replay = request.replay_bytes.min(self.settings.max_replay);
         let (start, history) = if replay > 0 {
-            crate::history::read_tail(&self.log.segments(), replay).unwrap_or_else(|e| {
-                tracing::warn!(console = %self.handle.name, error = %e, "cannot read replay");
-                (self.log.end_offset(), Vec::new())
+            crate::logfile::read_tail(&self.owner.log.segments(), replay).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read replay");
+                (self.owner.log.end_offset(), Vec::new())
             })
         } else {
-            (self.log.end_offset(), Vec::new())
+            (self.owner.log.end_offset(), Vec::new())
         };
         queue.control(Event::Attached {
             offset: start,
@@ -287,20 +265,20 @@ impl ConsoleActor {
         }
         if becomes_writer {
             if self.writer.is_some() && self.writing_of(self.writer) {
-                self.drop_writing(Some(Error::FailedPrecondition(format!(
-                    "{} took the writer lease of console {}; input not yet written was discarded",
-                    request.label, self.handle.name
-                ))));
+                self.drop_writing(Some(ConsoleError::LeaseTaken {
+                    by: request.label.clone(),
+                    console: self.handle.name.clone(),
+                }));
             }
             if let Some(old) = self.writer.and_then(|old| self.clients.get_mut(&old)) {
                 old.queue.control(Event::WriterRevoked {
                     reason: format!("{} took the writer lease", request.label),
                 });
-                tracing::info!(console = %self.handle.name, old = %old.label, new = %request.label, "writer lease taken over");
+                tracing::info!(old = %old.label, new = %request.label, "writer lease taken over");
             }
             self.set_writer(Some(id));
         }
-        tracing::info!(console = %self.handle.name, client = %request.label, writer = becomes_writer, offset = start, "client attached");
+        tracing::info!(client = %request.label, writer = becomes_writer, offset = start, "client attached");
         self.clients.insert(
             id,
             Client {
@@ -315,16 +293,13 @@ impl ConsoleActor {
 
     fn detach(&mut self, id: u64) {
         if let Some(client) = self.clients.remove(&id) {
-            tracing::info!(console = %self.handle.name, client = %client.label, "client detached");
+            tracing::info!(client = %client.label, "client detached");
         }
         if self.writer == Some(id) {
             self.set_writer(None);
         }
         if self.writing_of(Some(id)) {
-            self.drop_writing(Some(Error::Unavailable(format!(
-                "The client left console {}; its input not yet written was discarded",
-                self.handle.name
-            ))));
+            self.drop_writing(Some(ConsoleError::ClientLeft(self.handle.name.clone())));
         }
         self.count_clients();
     }
@@ -345,11 +320,15 @@ impl ConsoleActor {
 
     /// Discards the piece being written (what the guest's socket took stays taken) and tells
     /// its caller `why`, if it is still waiting.
-    fn drop_writing(&mut self, why: Option<Error>) {
+    fn drop_writing(&mut self, why: Option<ConsoleError>) {
         let Some(writing) = self.writing.take() else {
             return;
         };
-        tracing::debug!(console = %self.handle.name, written = writing.written, discarded = writing.data.len(), "input discarded");
+        tracing::debug!(
+            written = writing.written,
+            discarded = writing.data.len(),
+            "input discarded"
+        );
         if let (Some(reply), Some(why)) = (writing.reply, why) {
             let _ = reply.send(Err(why));
         }
@@ -361,20 +340,18 @@ impl ConsoleActor {
             .console
             .clients
             .swap(self.clients.len() as u64, Relaxed);
-        self.metrics
+        self.owner
+            .metrics
             .clients
             .inc_by(self.clients.len() as i64 - before as i64);
     }
 
     fn guest_connected(&mut self, stream: UnixStream) {
         if let Some(old) = self.guest.take() {
-            tracing::warn!(console = %self.handle.name, "a new guest connection replaces the current one");
+            tracing::warn!("a new guest connection replaces the current one");
             self.drain(old, "replaced by a new guest connection");
         }
-        self.drop_writing(Some(Error::Unavailable(format!(
-            "A new guest connection replaced the one of console {}; input not yet written was discarded",
-            self.handle.name
-        ))));
+        self.drop_writing(Some(ConsoleError::GuestReplaced(self.handle.name.clone())));
         // The keeper holds the new connection in place of the old one (crate::keeper).
         crate::keeper::hold(&self.held_as(crate::keeper::names::CONNECTION), {
             use std::os::fd::AsFd;
@@ -383,7 +360,7 @@ impl ConsoleActor {
         self.held = Some(crate::keeper::flushed());
         self.guest = Some(stream);
         self.handle.console.guest_connected.store(true, Relaxed);
-        tracing::info!(console = %self.handle.name, "guest connected");
+        tracing::info!("guest connected");
         self.broadcast(Event::Guest { connected: true });
     }
 
@@ -398,12 +375,12 @@ impl ConsoleActor {
         let mut old = match old.into_std() {
             Ok(old) => old,
             Err(e) => {
-                tracing::warn!(console = %self.handle.name, error = %e, "cannot drain the old guest connection");
+                tracing::warn!(error = %e, "cannot drain the old guest connection");
                 return;
             }
         };
         if let Err(e) = old.shutdown(std::net::Shutdown::Read) {
-            tracing::warn!(console = %self.handle.name, error = %e, "cannot shut down the old guest connection");
+            tracing::warn!(error = %e, "cannot shut down the old guest connection");
         }
         let mut drained = 0;
         READ_BUFFER.with_borrow_mut(|buffer| {
@@ -421,7 +398,7 @@ impl ConsoleActor {
                 }
             }
         });
-        tracing::info!(console = %self.handle.name, drained, why, "old guest connection drained and closed");
+        tracing::info!(drained, why, "old guest connection drained and closed");
     }
 
     /// The keeper's name of this console's `part` ([`crate::keeper::names::console`]).
@@ -434,12 +411,12 @@ impl ConsoleActor {
         crate::keeper::release(&self.held_as(crate::keeper::names::CONNECTION));
         self.held = None;
         self.guest = None;
-        self.drop_writing(Some(Error::Unavailable(format!(
-            "The guest of console {} disconnected ({why}); input not yet written was discarded",
-            self.handle.name
-        ))));
+        self.drop_writing(Some(ConsoleError::GuestLeft {
+            console: self.handle.name.clone(),
+            why: why.to_string(),
+        }));
         self.handle.console.guest_connected.store(false, Relaxed);
-        tracing::info!(console = %self.handle.name, why, "guest disconnected");
+        tracing::info!(why, "guest disconnected");
         self.broadcast(Event::Guest { connected: false });
     }
 
@@ -450,12 +427,11 @@ impl ConsoleActor {
         let Some(guest) = &self.guest else {
             return;
         };
-        let rotations = self.log.rotations();
-        self.log.rotate_if_full(std::os::fd::AsFd::as_fd(guest));
-        self.count_rotations(rotations);
+        self.owner
+            .counting_rotations(|log| log.rotate_if_full(std::os::fd::AsFd::as_fd(guest)));
         // A read never runs past the current file: the rotation comes before the next read,
         // not between a read and its write (docs/operations.md, "Crash guarantees").
-        let room = self.log.room();
+        let room = self.owner.log.room();
         let ended = READ_BUFFER.with_borrow_mut(|buffer| {
             let guest = self.guest.as_ref().expect("checked above");
             let limit = buffer.len().min(room);
@@ -489,26 +465,17 @@ impl ConsoleActor {
     /// (disk full) still reach live viewers, at the offsets history reports as a gap
     /// (docs/operations.md, "Durability").
     fn guest_output(&mut self, output: &[u8]) {
-        let offset = self.log.end_offset();
-        let rotations = self.log.rotations();
-        let written = self.log.log(output);
-        self.count_rotations(rotations);
-        crate::stream::count_moved(
-            &self.log,
-            &self.handle.stats,
-            &self.publisher,
-            &self.metrics,
-            written.logged,
-            written.dropped,
-        );
+        let offset = self.owner.log.end_offset();
+        let written = self.owner.counting_rotations(|log| log.log(output));
+        self.owner.count_moved(written.logged, written.dropped);
         let data = Bytes::copy_from_slice(output);
         let mut gone = Vec::new();
         for (id, client) in &mut self.clients {
             match client.queue.offer(offset, &data) {
                 Offer::Queued | Offer::Skipped(false) => {}
                 Offer::Skipped(true) => {
-                    self.metrics.lagged_clients.inc();
-                    tracing::debug!(console = %self.handle.name, client = %client.label, offset, "client lagging");
+                    self.owner.metrics.lagged_clients.inc();
+                    tracing::debug!(client = %client.label, offset, "client lagging");
                 }
                 Offer::Gone => gone.push(*id),
             }
@@ -551,19 +518,11 @@ impl ConsoleActor {
         let refusal = if self.writer != Some(input.client) {
             Some(super::not_writer(&self.handle.name))
         } else if self.guest.is_none() {
-            Some(Error::FailedPrecondition(format!(
-                "No guest is connected to console {}; input dropped",
-                self.handle.name
-            )))
+            Some(ConsoleError::NoGuest(self.handle.name.clone()))
         } else if self.writing.is_some() {
             // Only a second call of the same writer at once gets here (its calls are otherwise
             // sequential): refused, so that nothing queues and order is the writer's.
-            Some(Error::Exhausted(format!(
-                "Console {} is still writing earlier input to the guest (at most {MAX_PENDING_INPUT} \
-                 bytes wait for it, one input at a time); send the next input after the previous \
-                 one returned",
-                self.handle.name
-            )))
+            Some(ConsoleError::StillWriting(self.handle.name.clone()))
         } else {
             None
         };
@@ -596,21 +555,13 @@ impl ConsoleActor {
         }
     }
 
-    fn count_rotations(&self, before: u64) {
-        self.handle
-            .stats
-            .record_rotations(self.log.rotations() - before, &self.metrics);
-    }
-
     /// Ends every client with "come back" and returns the sockets (still open,
     /// files still in place) and the input not yet written to the guest.
     fn freeze(mut self) -> Option<ConsoleFds> {
         // A caller's input ends with its call (the call ends now); only input carried from an
         // older image, which nobody waits for, is carried on.
         if self.writing.as_ref().is_some_and(|w| w.client.is_some()) {
-            self.drop_writing(Some(Error::Unavailable(
-                "conlogd is upgrading; input not yet written was discarded".into(),
-            )));
+            self.drop_writing(Some(ConsoleError::Upgrading));
         }
         self.broadcast(Event::Closed {
             reason: "conlogd is upgrading; reconnect and resume by offset".into(),
@@ -621,7 +572,7 @@ impl ConsoleActor {
         // No fsync: the next image shares this host's page cache.
         let owned = |result: std::io::Result<std::os::fd::OwnedFd>| {
             result
-                .map_err(|e| tracing::error!(console = %self.handle.name, error = %e, "cannot hand over a console socket"))
+                .map_err(|e| tracing::error!(error = %e, "cannot hand over a console socket"))
                 .ok()
         };
         let guest_listener = owned(self.guest_listener.into_std().map(Into::into))?;
@@ -636,10 +587,10 @@ impl ConsoleActor {
     }
 
     fn close(&mut self, reason: &str, removed: bool) {
-        self.drop_writing(Some(Error::Unavailable(format!(
-            "Console {} is closing ({reason}); input not yet written was discarded",
-            self.handle.name
-        ))));
+        self.drop_writing(Some(ConsoleError::ClosedWhileWriting {
+            console: self.handle.name.clone(),
+            reason: reason.to_owned(),
+        }));
         // Log what the guest already sent, so nothing it wrote before the close is lost.
         if let Some(guest) = self.guest.take() {
             self.drain(guest, "console closing");
@@ -664,9 +615,7 @@ impl ConsoleActor {
         if let Some(dir) = self.handle.paths.guest_socket.parent() {
             let _ = std::fs::remove_dir(dir);
         }
-        if let Err(e) = self.log.checkpoint() {
-            tracing::warn!(console = %self.handle.name, error = %e, "cannot record the console log position");
-        }
+        self.owner.checkpoint();
     }
 }
 

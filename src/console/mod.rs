@@ -34,20 +34,27 @@
 //!
 //! Only the client holding the writer lease reaches the guest; input from anyone else is
 //! dropped (and refused, for `SendConsoleInput`). This module never touches gRPC types: the
-//! server maps [`Event`]s to frames.
+//! server maps [`Event`]s to frames, and what a console refuses or fails at is a
+//! [`ConsoleError`] that `crate::error` maps to a status. It never looks up the registry or history: what every
+//! stream answers about its log (limits, figures, segments, close) is [`crate::log_owner`]'s,
+//! embedded in the handle ([`ConsoleHandle::log`]) and answered by the actor through its
+//! [`LogOwner`]; the replay reads the log's own segments ([`crate::logfile::read_tail`]). The
+//! actor and its raw clients run in a span naming the guest and stream, so their events carry
+//! them.
 
 mod actor;
 pub mod clients;
+mod error;
 pub mod pacing;
 mod raw;
 pub mod sessions;
 
 pub use clients::{ClientReceiver, Event};
+pub use error::ConsoleError;
 
-use crate::error::{Error, Result};
-use crate::logfile::{LogFile, LogLimits, OpenSegment};
+use crate::log_owner::{LogCommand, LogHandle, LogOwner};
+use crate::logfile::LogFile;
 use crate::metrics::Metrics;
-use crate::stream::{Figures, OffsetPublisher, StreamStats};
 use crate::upgrade::ConsoleFds;
 use bytes::Bytes;
 use std::os::fd::OwnedFd;
@@ -56,7 +63,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use tokio::net::UnixListener;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 /// Most bytes of input waiting to be written to a console's guest: the one piece being written
 /// (docs/operations.md, "Consoles"). Larger input is written piece by piece.
@@ -122,6 +130,9 @@ pub struct ConsoleStats {
     pub writer: AtomicU64,
 }
 
+/// What console operations return.
+pub type Result<T, E = ConsoleError> = std::result::Result<T, E>;
+
 /// [`ConsoleStats::writer`] when nobody holds the lease (client ids start at 1).
 pub(crate) const NO_WRITER: u64 = 0;
 
@@ -144,11 +155,11 @@ impl ConsolePaths {
         for path in [&paths.guest_socket, &paths.client_socket] {
             let shown = path.display().to_string();
             if shown.len() > MAX_SOCKET_PATH {
-                return Err(Error::InvalidArgument(format!(
-                    "Console socket path {shown} is {} bytes; UNIX sockets allow {MAX_SOCKET_PATH}: \
-                     use a shorter runtime_dir, guest or device name",
-                    shown.len()
-                )));
+                return Err(ConsoleError::SocketPathTooLong {
+                    len: shown.len(),
+                    path: shown,
+                    max: MAX_SOCKET_PATH,
+                });
             }
         }
         Ok(paths)
@@ -161,18 +172,19 @@ enum Command {
         oneshot::Sender<Result<(u64, ClientReceiver)>>,
     ),
     Detach(u64),
-    SetLimits(LogLimits, oneshot::Sender<std::io::Result<()>>),
-    Figures(oneshot::Sender<Figures>),
-    OpenSegments(u64, oneshot::Sender<std::io::Result<Vec<OpenSegment>>>),
-    Close {
-        reason: String,
-        removed: bool,
-        done: oneshot::Sender<()>,
-    },
+    /// What every stream answers (a close tells every client why, closes the sockets, removing
+    /// their files, and syncs the log).
+    Log(LogCommand),
     /// Stop (clients are told to come back), keep the sockets open and hand them back.
     Freeze(oneshot::Sender<ConsoleFds>),
     /// End every client's stream (they are told why), keep serving the guest.
     EndClients(String, oneshot::Sender<()>),
+}
+
+impl From<LogCommand> for Command {
+    fn from(command: LogCommand) -> Self {
+        Command::Log(command)
+    }
 }
 
 /// One piece of input (at most [`MAX_PENDING_INPUT`] bytes) for the guest from client `client`.
@@ -191,9 +203,8 @@ pub struct ConsoleHandle {
     input: mpsc::Sender<Input>,
     /// `guest/device`, for messages.
     pub name: Arc<str>,
-    pub stats: Arc<StreamStats>,
-    /// The end offset, for readers that follow; closed when the actor stops.
-    pub offsets: watch::Receiver<u64>,
+    /// The log commands, counters and end offset every stream has.
+    pub log: LogHandle,
     pub console: Arc<ConsoleStats>,
     pub paths: Arc<ConsolePaths>,
 }
@@ -206,14 +217,12 @@ impl ConsoleHandle {
     }
 }
 
-fn not_writer(name: &str) -> Error {
-    Error::FailedPrecondition(format!(
-        "This client does not hold the writer lease of console {name}"
-    ))
+fn not_writer(name: &Arc<str>) -> ConsoleError {
+    ConsoleError::NotWriter(name.clone())
 }
 
-fn gone(name: &str) -> Error {
-    Error::Unavailable(format!("Console {name} is closing"))
+fn gone(name: &Arc<str>) -> ConsoleError {
+    ConsoleError::Closing(name.clone())
 }
 
 impl ConsoleHandle {
@@ -230,7 +239,7 @@ impl ConsoleHandle {
         inherited: Option<ConsoleFds>,
     ) -> Result<Self> {
         let adopt = |e| {
-            Error::io(
+            ConsoleError::io(
                 format!("cannot adopt the sockets of console {guest}/{device}"),
                 e,
             )
@@ -266,29 +275,28 @@ impl ConsoleHandle {
         // Pieces are answered at once unless they become the one being written, so this
         // channel only holds pieces on their way to that answer.
         let (input, input_rx) = mpsc::channel(16);
-        let stats = Arc::new(StreamStats::for_log(&log));
-        let (publisher, offsets) = OffsetPublisher::new(stats.clone(), log.end_offset());
+        let (owner, log) = LogOwner::new(log, metrics, commands.clone());
         let handle = Self {
             commands,
             input,
             name: format!("{guest}/{device}").into(),
-            stats: stats.clone(),
-            offsets,
+            log,
             console: Arc::new(ConsoleStats::default()),
             paths: Arc::new(paths),
         };
-        actor::ConsoleActor::start(
+        let actor = actor::ConsoleActor::new(
             handle.clone(),
-            log,
-            publisher,
+            owner,
             guest_listener,
             client_listener,
             guest_connection,
             pending_input,
             settings,
-            metrics,
-            command_rx,
-            input_rx,
+        );
+        tokio::spawn(
+            actor
+                .run(command_rx, input_rx)
+                .instrument(tracing::info_span!("console", guest, stream = device)),
         );
         Ok(handle)
     }
@@ -347,41 +355,6 @@ impl ConsoleHandle {
         }
     }
 
-    /// Replaces the log limits.
-    pub async fn set_limits(&self, limits: LogLimits) -> std::io::Result<()> {
-        let (reply, answer) = oneshot::channel();
-        let closed = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "console has stopped");
-        self.commands
-            .send(Command::SetLimits(limits, reply))
-            .await
-            .map_err(|_| closed())?;
-        answer.await.map_err(|_| closed())?
-    }
-
-    /// The console's figures at one instant.
-    pub async fn figures(&self) -> std::io::Result<Figures> {
-        let (reply, answer) = oneshot::channel();
-        let closed = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "console has stopped");
-        self.commands
-            .send(Command::Figures(reply))
-            .await
-            .map_err(|_| closed())?;
-        answer.await.map_err(|_| closed())
-    }
-
-    /// Opens the files holding offsets from `from` on (see [`LogFile::open_segments`]).
-    pub async fn open_segments(&self, from: u64) -> std::io::Result<Vec<OpenSegment>> {
-        let (reply, answer) = oneshot::channel();
-        let closed = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "console has stopped");
-        self.commands
-            .send(Command::OpenSegments(from, reply))
-            .await
-            .map_err(|_| closed())?;
-        answer.await.map_err(|_| closed())?
-    }
-
-    /// Stops the actor for an upgrade and returns its sockets and pending input. Clients end
-    /// with `UNAVAILABLE` and resume by offset; the socket files stay.
     /// Ends every attached client (gRPC streams end with `UNAVAILABLE`, raw connections close)
     /// while the guest stays connected and logged; new clients may still attach.
     pub async fn end_clients(&self, reason: &str) {
@@ -396,24 +369,12 @@ impl ConsoleHandle {
         }
     }
 
+    /// Stops the actor for an upgrade and returns its sockets and pending input. Clients end
+    /// with `UNAVAILABLE` and resume by offset; the socket files stay.
     pub async fn freeze(&self) -> Option<ConsoleFds> {
         let (reply, answer) = oneshot::channel();
         self.commands.send(Command::Freeze(reply)).await.ok()?;
         answer.await.ok()
-    }
-
-    /// Tells every client why, closes the sockets (removing their files), syncs the log and
-    /// stops the actor. `removed` says the console will not come back.
-    pub async fn close(&self, reason: &str, removed: bool) {
-        let (done, finished) = oneshot::channel();
-        let command = Command::Close {
-            reason: reason.to_owned(),
-            removed,
-            done,
-        };
-        if self.commands.send(command).await.is_ok() {
-            let _ = finished.await;
-        }
     }
 }
 
@@ -451,7 +412,7 @@ fn create_socket_dir(socket: &Path) -> Result<()> {
     let Some(dir) = socket.parent() else {
         return Ok(());
     };
-    let io = |e| Error::io(format!("cannot create {}", dir.display()), e);
+    let io = |e| ConsoleError::io(format!("cannot create {}", dir.display()), e);
     match std::fs::create_dir(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
@@ -465,7 +426,7 @@ fn create_socket_dir(socket: &Path) -> Result<()> {
 /// Binds a console socket (mode 0660) in its existing directory, replacing a stale file: one
 /// `bind` in the common case.
 fn bind(path: &Path) -> Result<UnixListener> {
-    let io = |e| Error::io(format!("cannot bind {}", path.display()), e);
+    let io = |e| ConsoleError::io(format!("cannot bind {}", path.display()), e);
     let listener = match UnixListener::bind(path) {
         Ok(listener) => listener,
         // A socket left by a daemon that did not stop cleanly (the state lock says no

@@ -15,9 +15,10 @@ use std::pin::Pin;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-/// Serves one raw connection on its own task.
+/// Serves one raw connection on its own task, in the span of the console's actor that accepted
+/// it (so its events name the guest and stream).
 pub(super) fn spawn(console: ConsoleHandle, stream: UnixStream, input_rate: u64) {
-    tokio::spawn(async move {
+    let task = async move {
         let label = match stream.peer_cred() {
             Ok(cred) => format!("client.sock pid {}", cred.pid().unwrap_or(-1)),
             Err(_) => "client.sock".to_owned(),
@@ -91,8 +92,9 @@ pub(super) fn spawn(console: ConsoleHandle, stream: UnixStream, input_rate: u64)
                 },
             }
         }
-        tracing::debug!(console = %console.name, client = %label, "raw client gone");
-    });
+        tracing::debug!(client = %label, "raw client gone");
+    };
+    tokio::spawn(tracing::Instrument::in_current_span(task));
 }
 
 /// True when the peer has closed both directions (POLLHUP).

@@ -7,7 +7,7 @@
 
 use super::pacing::InputPacer;
 use super::ConsoleHandle;
-use crate::error::{Error, Result};
+use super::{ConsoleError, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -33,8 +33,8 @@ impl Sessions {
         client: u64,
         input_rate: u64,
     ) -> Result<SessionGuard> {
-        let id =
-            crate::ids::random_id().map_err(|e| Error::io("cannot generate a session id", e))?;
+        let id = crate::ids::random_id()
+            .map_err(|e| ConsoleError::io("cannot generate a session id", e))?;
         self.sessions.lock().expect("sessions poisoned").insert(
             id.clone(),
             Session {
@@ -56,12 +56,7 @@ impl Sessions {
             .expect("sessions poisoned")
             .get(id)
             .cloned()
-            .ok_or_else(|| {
-                Error::NotFound(
-                    "No console session with that id; it ends when its WatchConsole stream ends"
-                        .into(),
-                )
-            })
+            .ok_or(ConsoleError::UnknownSession)
     }
 }
 

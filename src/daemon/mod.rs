@@ -71,7 +71,7 @@ pub enum StartError {
     Group(String),
     /// Restoring the registry failed.
     #[error("Cannot restore state: {0}")]
-    Restore(#[from] crate::error::Error),
+    Restore(#[from] crate::guests::RegistryError),
     /// A gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),

@@ -5,7 +5,7 @@
 //! client or a guest and never blocks on anything but the file system. One concern per file:
 //! this one appends, rotates and maps files to offsets; `gaps` keeps the offsets without bytes;
 //! `record` the record's format; `recover` where offsets resume at open; `files` the
-//! file-system steps.
+//! file-system steps; `read` reads ranges back from segments (console replay).
 //!
 //! Invariants (docs/operations.md, "Durability"):
 //! - No file of a stream is larger than `max_size` (limits that shrink apply at once), so its
@@ -35,6 +35,7 @@
 
 mod files;
 mod gaps;
+mod read;
 mod record;
 mod recover;
 #[cfg(test)]
@@ -42,6 +43,7 @@ mod tests;
 
 pub use files::{backup_path, backups_of, write_atomically};
 pub use gaps::{Gap, Gaps, Piece};
+pub use read::{read_range, read_tail};
 pub use record::{Position, POSITION_RECORD_LEN};
 
 use crate::config::LogMode;

@@ -9,7 +9,8 @@ use crate::config::{Config, LogMode};
 use crate::error::{Error, Result};
 use crate::guests::{Actor, Guests, LimitsOverride, StreamKind, StreamSnapshot};
 use crate::handoff::{create_pipe, Handoffs};
-use crate::names;
+use crate::log_owner::LogError;
+use crate::names::{self, GuestName, StreamName};
 use crate::proto::{self, agent_server::Agent};
 use crate::tokens::{Access, Grant, TokenKey};
 use crate::upgrade::trigger::Trigger;
@@ -109,12 +110,11 @@ fn stream_info(s: StreamSnapshot) -> proto::StreamInfo {
 
 impl AgentService {
     fn issue_token(&self, request: proto::IssueTokenRequest) -> Result<proto::IssueTokenResponse> {
-        names::validate_guest(&request.guest)?;
+        let guest = GuestName::parse(request.guest)?;
         let device = if request.device.is_empty() {
             None
         } else {
-            names::validate_stream(&request.device)?;
-            Some(request.device)
+            Some(StreamName::parse(request.device)?)
         };
         let access = match proto::Access::try_from(request.access) {
             Ok(proto::Access::Read) => Access::Read,
@@ -138,8 +138,8 @@ impl AgentService {
             .map_or(0, |d| d.as_secs());
         let expires_unix = now + request.ttl_seconds;
         let token = self.tokens.issue(Grant {
-            guest: request.guest,
-            device,
+            guest: guest.into(),
+            device: device.map(String::from),
             access,
             expires_unix,
             key_id: String::new(),
@@ -154,33 +154,31 @@ impl AgentService {
         &self,
         request: proto::CreateLogPipeRequest,
     ) -> Result<proto::CreateLogPipeResponse> {
-        names::validate_guest(&request.guest)?;
-        let stream = names::stream_or_default(&request.stream, names::DEFAULT_PIPE_STREAM)?;
+        let guest = GuestName::parse(request.guest)?;
+        let stream = StreamName::or_default(request.stream, names::DEFAULT_PIPE_STREAM)?;
         let limits = limits_from_proto(request.limits)?;
         // Until the write end is registered: an upgrade carries the pipe, or refuses the call.
         let _admitted = self.handoffs.admit()?;
         crate::fault::point("agent.create_log_pipe");
         let opened = self
             .guests
-            .open_stream(&request.guest, stream, StreamKind::Pipe, limits)
+            .open_stream(&guest, &stream, StreamKind::Pipe, limits)
             .await?;
         let (Actor::Pipe(handle), log_path) = (opened.actor, opened.log_path) else {
             unreachable!("open_stream returns the kind asked for");
         };
         let pipe = create_pipe(self.config.handoff.pipe_buffer.bytes() as usize)
             .map_err(|e| Error::io("cannot create a pipe", e))?;
-        let offset = handle
-            .add_pipe(pipe.read_end)
-            .await
-            .map_err(|e| Error::io("cannot attach the pipe to its stream", e))?;
+        let offset = handle.add_pipe(pipe.read_end).await.map_err(|e| match e {
+            LogError::Io(e) => Error::io("cannot attach the pipe to its stream", e),
+            gone => Error::Log(gone),
+        })?;
         // If this fails the write end is dropped here and the stream sees end-of-file.
-        let token = self
-            .handoffs
-            .register(&request.guest, stream, pipe.write_end)?;
+        let token = self.handoffs.register(&guest, &stream, pipe.write_end)?;
         // The keeper holds the read end and the write end before the token goes out: a crash
         // after the writer has its end must not break the pipe (crate::keeper).
         let _ = crate::keeper::flushed().await;
-        crate::limited!(burst: AUDIT_BURST, info, guest = %request.guest, stream, offset, "log pipe created");
+        crate::limited!(burst: AUDIT_BURST, info, guest = %guest, stream = %stream, offset, "log pipe created");
         Ok(proto::CreateLogPipeResponse {
             handoff_token: token,
             fd_socket: self.fd_socket.display().to_string(),
@@ -194,11 +192,12 @@ impl AgentService {
         &self,
         request: proto::ListGuestsRequest,
     ) -> Result<proto::ListGuestsResponse> {
-        let filter = (!request.guest.is_empty()).then_some(request.guest.as_str());
-        if let Some(name) = filter {
-            names::validate_guest(name)?;
-        }
-        let guests = self.guests.list(filter).await?;
+        let filter = if request.guest.is_empty() {
+            None
+        } else {
+            Some(GuestName::parse(request.guest)?)
+        };
+        let guests = self.guests.list(filter.as_ref()).await?;
         Ok(proto::ListGuestsResponse {
             guests: guests
                 .into_iter()
@@ -214,13 +213,13 @@ impl AgentService {
         &self,
         request: proto::CreateConsoleRequest,
     ) -> Result<proto::CreateConsoleResponse> {
-        names::validate_guest(&request.guest)?;
-        let device = names::stream_or_default(&request.device, names::DEFAULT_CONSOLE_DEVICE)?;
+        let guest = GuestName::parse(request.guest)?;
+        let device = StreamName::or_default(request.device, names::DEFAULT_CONSOLE_DEVICE)?;
         let limits = limits_from_proto(request.limits)?;
         let _admitted = self.handoffs.admit()?;
         let opened = self
             .guests
-            .open_stream(&request.guest, device, StreamKind::Console, limits)
+            .open_stream(&guest, &device, StreamKind::Console, limits)
             .await?;
         let Actor::Console(handle) = opened.actor else {
             unreachable!("open_stream returns the kind asked for");
@@ -230,6 +229,7 @@ impl AgentService {
             client_socket: handle.paths.client_socket.display().to_string(),
             log_path: opened.log_path.display().to_string(),
             offset: handle
+                .log
                 .stats
                 .end_offset
                 .load(std::sync::atomic::Ordering::Relaxed),
@@ -240,10 +240,10 @@ impl AgentService {
         &self,
         request: proto::RemoveGuestRequest,
     ) -> Result<proto::RemoveGuestResponse> {
-        names::validate_guest(&request.guest)?;
+        let guest = GuestName::parse(request.guest)?;
         let _admitted = self.handoffs.admit()?;
-        self.handoffs.forget_guest(&request.guest);
-        let streams_removed = self.guests.remove_guest(&request.guest).await?;
+        self.handoffs.forget_guest(&guest);
+        let streams_removed = self.guests.remove_guest(&guest).await?;
         Ok(proto::RemoveGuestResponse { streams_removed })
     }
 }

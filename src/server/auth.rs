@@ -54,22 +54,25 @@ pub struct BearerTokens(pub Arc<TokenKey>);
 impl Interceptor for BearerTokens {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let header = request.metadata().get("authorization").ok_or_else(|| {
-            Status::unauthenticated(
+            Status::from(Error::Unauthenticated(
                 "This call needs an `authorization: Bearer <token>` header; the node's agent \
-                 issues tokens (Agent.IssueToken, `conlogctl token`)",
-            )
+                 issues tokens (Agent.IssueToken, `conlogctl token`)"
+                    .to_owned(),
+            ))
         })?;
         let token = header
             .to_str()
             .ok()
             .and_then(|value| value.strip_prefix("Bearer "))
             .ok_or_else(|| {
-                Status::unauthenticated("The authorization header must be `Bearer <token>`")
+                Status::from(Error::Unauthenticated(
+                    "The authorization header must be `Bearer <token>`".to_owned(),
+                ))
             })?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let refused = |e| Status::unauthenticated(format!("Token refused: {e}"));
+        let refused = |e| Status::from(Error::Unauthenticated(format!("Token refused: {e}")));
         let grant = match request.extensions().get::<Signed>() {
             Some(Signed(grant)) => {
                 grant.check_expiry(now).map_err(refused)?;

@@ -13,11 +13,11 @@ use super::auth::{self, Caller, Need};
 use super::conn::ConnInfo;
 use crate::console::pacing::InputPacer;
 use crate::console::sessions::{SessionGuard, Sessions};
-use crate::console::{AttachRequest, Attachment, Event, Mode, MAX_PENDING_INPUT};
+use crate::console::{AttachRequest, Attachment, ConsoleError, Event, Mode, MAX_PENDING_INPUT};
 use crate::error::{Error, Result};
 use crate::guests::Guests;
 use crate::history::{self, HistoryItem, HistoryRequest, Start};
-use crate::names;
+use crate::names::{self, GuestName, StreamName};
 use crate::proto::{
     self, attach, client_frame, console_server::Console, read_history_request, server_frame,
     ClientFrame, HistoryChunk, ReadHistoryRequest, SendConsoleInputRequest,
@@ -139,10 +139,12 @@ impl ConsoleService {
             return Ok(None);
         };
         share.clone().try_acquire_owned().map(Some).map_err(|_| {
-            Status::resource_exhausted(
+            Error::Exhausted(
                 "Limit reached: remote callers hold their share of RLIMIT_NOFILE (a quarter); \
-                 try again when other calls end",
+                 try again when other calls end"
+                    .to_owned(),
             )
+            .into()
         })
     }
 
@@ -165,9 +167,10 @@ impl ConsoleService {
                 tokio::select! {
                     item = stream.next() => item.map(|item| (item, Some((stream, rotations)))),
                     _ = rotations.changed() => Some((
-                        Err(Status::unauthenticated(
-                            "The token key was rotated: this call's token is revoked",
-                        )),
+                        Err(Error::Unauthenticated(
+                            "The token key was rotated: this call's token is revoked".to_owned(),
+                        )
+                        .into()),
                         None,
                     )),
                 }
@@ -181,8 +184,8 @@ impl ConsoleService {
         label: String,
         caller: Option<&Caller>,
     ) -> Result<(crate::console::ConsoleHandle, Attachment)> {
-        names::validate_guest(&fields.guest)?;
-        let device = names::stream_or_default(&fields.device, names::DEFAULT_CONSOLE_DEVICE)?;
+        let guest = GuestName::parse(fields.guest)?;
+        let device = StreamName::or_default(fields.device, names::DEFAULT_CONSOLE_DEVICE)?;
         let mode = match attach::Mode::try_from(fields.mode) {
             Ok(attach::Mode::ReadWrite) => Mode::ReadWrite,
             Ok(attach::Mode::ReadOnly | attach::Mode::Unspecified) => Mode::ReadOnly,
@@ -198,8 +201,8 @@ impl ConsoleService {
         } else {
             Need::Read
         };
-        auth::authorize(caller, &fields.guest, device, need)?;
-        let console = self.guests.console(&fields.guest, device).await?;
+        auth::authorize(caller, &guest, &device, need)?;
+        let console = self.guests.console(&guest, &device).await?;
         let (replay_bytes, replay_permit) = self.replay(caller, fields.replay_bytes);
         let attachment = console
             .attach(AttachRequest {
@@ -255,14 +258,9 @@ fn frame(event: Event, session_id: &str) -> std::result::Result<ServerFrame, Sta
         Event::WriterRevoked { reason } => {
             server_frame::Frame::WriterRevoked(proto::WriterRevoked { reason })
         }
-        Event::Closed {
-            reason,
-            removed: true,
-        } => return Err(Status::not_found(reason)),
-        Event::Closed {
-            reason,
-            removed: false,
-        } => return Err(Status::unavailable(reason)),
+        Event::Closed { reason, removed } => {
+            return Err(ConsoleError::Ended { reason, removed }.into())
+        }
     };
     Ok(ServerFrame { frame: Some(frame) })
 }
@@ -487,19 +485,20 @@ impl Console for ConsoleService {
     ) -> Result<Response<Self::ReadHistoryStream>, Status> {
         let caller = auth::caller(&request);
         let r = request.into_inner();
-        names::validate_guest(&r.guest)?;
+        let guest = GuestName::parse(r.guest)?;
         let stream = if r.stream.is_empty() {
             // A token limited to one device reads that device by default.
             auth::granted_device(caller.as_ref())
+                .map(StreamName::parse)
+                .transpose()?
         } else {
-            names::validate_stream(&r.stream)?;
-            Some(r.stream.as_str())
+            Some(StreamName::parse(r.stream)?)
         };
         // The guest is checked before it is looked up: a token for another guest learns
         // nothing, not even whether this one exists.
-        auth::authorize_guest(caller.as_ref(), &r.guest)?;
-        let (stream_name, actor) = self.guests.stream(&r.guest, stream).await?;
-        auth::authorize(caller.as_ref(), &r.guest, &stream_name, Need::Read)?;
+        auth::authorize_guest(caller.as_ref(), &guest)?;
+        let (stream_name, actor) = self.guests.stream(&guest, stream.as_ref()).await?;
+        auth::authorize(caller.as_ref(), &guest, &stream_name, Need::Read)?;
         let descriptor = self.remote_descriptor(caller.as_ref())?;
         let start = match r.start {
             None => Start::Oldest,

@@ -276,7 +276,9 @@ fn rename_too_large(headers: &mut http::HeaderMap) {
     }
 }
 
-/// The status a too-large message should have been reported with, if `status` is one.
+/// The status a too-large message should have been reported with, if `status` is one. Built
+/// here, not in `crate::error`: it rewrites a status tonic's transport already chose (its
+/// decoder's `OUT_OF_RANGE`), which no error of ours stands behind.
 pub fn message_size_status(status: &Status) -> Option<Status> {
     (status.code() == tonic::Code::OutOfRange
         && status.message().contains("message length too large"))

@@ -4,8 +4,12 @@
 //! health and reflection of the whole API; TCP serves `Console`, health and reflection of the
 //! console API only, so the `Agent` service cannot be called or even discovered over the
 //! network. Handlers live in [`agent`] and [`console`] and do no work of their own beyond
-//! validating requests and calling the owning module. The single `Error → Status` mapping is
-//! in [`crate::error`]. On TCP every `Console` call needs a bearer token ([`auth`]); on both,
+//! validating requests (names are parsed here into [`crate::names::GuestName`] and
+//! [`crate::names::StreamName`] and passed inward as such) and calling the owning module. The
+//! single mapping from errors to statuses is in [`crate::error`]; a refusal the edge decides
+//! (a request field, credentials, a call or body limit) is an [`crate::error::Error`] variant
+//! mapped there too. The one status built here is [`limits::message_size_status`], which
+//! renames a status tonic's transport chose. On TCP every `Console` call needs a bearer token ([`auth`]); on both,
 //! calls in progress and message sizes are limited ([`limits`]). TCP also speaks gRPC-web
 //! (binary and text, over HTTP/1.1 or HTTP/2) and serves the console page at `/console/`
 //! ([`web`]); its layers run, outermost first: [`web::WebLayer`] (page, CORS), tonic-web's

@@ -16,6 +16,7 @@
 
 use super::conn::{ConnInfo, Peer};
 use crate::config::{Limits, Origin, WebConfig};
+use crate::error::Error;
 use crate::tokens::TokenKey;
 use futures::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -312,9 +313,9 @@ async fn buffered(
             } else {
                 "The"
             };
-            return Err(grpc_refusal(tonic::Status::resource_exhausted(format!(
-                "{what} request body is over {limit} bytes"
-            ))));
+            return Err(grpc_refusal(
+                Error::Exhausted(format!("{what} request body is over {limit} bytes")).into(),
+            ));
         }
         if !keep {
             continue;
@@ -330,10 +331,13 @@ async fn buffered(
                     warn,
                     "limits.web_body_bytes reached; refusing an HTTP/1.1 request"
                 );
-                return Err(grpc_refusal(tonic::Status::resource_exhausted(format!(
-                    "Limit limits.web_body_bytes reached: {} bytes of request bodies are held",
-                    options.body_bytes_limit
-                ))));
+                return Err(grpc_refusal(
+                    Error::Exhausted(format!(
+                        "Limit limits.web_body_bytes reached: {} bytes of request bodies are held",
+                        options.body_bytes_limit
+                    ))
+                    .into(),
+                ));
             }
         }
         held.extend_from_slice(&data);

@@ -18,8 +18,9 @@
 //!
 //! This module owns the formats, the transports and the trigger; it imports none of the
 //! modules that use it (daemon, server, keeper, handoff). Freezing and thawing belong to the
-//! pipe and console actors and the registry ([`crate::guests`]); the order freeze → offer →
-//! thaw on failure, shared by both ways, belongs to the daemon (`daemon/transfer.rs`).
+//! pipe and console actors ([`crate::pipe`], [`crate::console`]) and the registry
+//! ([`crate::guests`]); the order freeze → offer → thaw on failure, shared by both ways, belongs
+//! to the daemon (`daemon/transfer.rs`).
 
 pub mod exec;
 pub mod fds;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Largest single read of a pipe stream (`stream.rs`, `COPY_BUFFER_LEN`).
+/// Largest single read of a pipe stream (`pipe.rs`, `COPY_BUFFER_LEN`).
 pub const PIPE_READ: usize = 128 << 10;
 /// Largest single read of a console (`console/actor.rs`, `READ_CHUNK`).
 pub const CONSOLE_READ: usize = 64 << 10;

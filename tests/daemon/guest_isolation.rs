@@ -18,7 +18,7 @@ use support::*;
 const FLOOD: u64 = 1 << 30;
 /// Most of the flood that may go by while one quiet line waits. The quiet stream's task waits
 /// at most for the flooder's turn in progress (a task moves at most 8 MiB per wake,
-/// `BUDGET_PER_WAKE` in src/stream.rs) and the test sees the line by polling the file from a
+/// `BUDGET_PER_WAKE` in src/pipe.rs) and the test sees the line by polling the file from a
 /// thread of a shared 2-CPU machine (up to 33 MiB measured); a starved stream waits for what
 /// is left of the whole gibibyte.
 const MAX_WAIT: u64 = FLOOD / 8;

@@ -497,3 +497,38 @@ async fn unix_socket_and_tcp_serve_the_same_history() {
     )
     .await;
 }
+
+/// An internal error on a remote call reaches the client as `INTERNAL` with a short message
+/// that names nothing of the host, and the daemon's log has the whole chain. Provoked for
+/// real: the oldest backup is replaced by a directory behind the daemon's back (root ignores
+/// file modes, a directory does not read): opening it works, reading it fails with `EISDIR`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_internal_error_tells_a_remote_client_nothing_of_the_host() {
+    let daemon = rotated().await;
+    let oldest = log_files(&daemon.log_dir(), "vm1", "qemu")
+        .into_iter()
+        .next()
+        .expect("a backup");
+    std::fs::remove_file(&oldest).unwrap();
+    std::fs::create_dir(&oldest).unwrap();
+    let mut tcp = tcp_console(&daemon, "vm1").await;
+    let status = expect_error(&mut tcp, request("vm1", "qemu", None), Code::Internal).await;
+    assert_eq!(status.message(), conlog::error::INTERNAL_MESSAGE);
+    let root = daemon.data_dir().to_string_lossy().into_owned();
+    for host in [root.as_str(), "/", "os error"] {
+        assert!(!status.message().contains(host), "{host:?} in {status:?}");
+    }
+    // The operator learns what happened, with the cause.
+    wait_until("the internal error in the daemon's log", || {
+        let log = daemon.stderr();
+        log.contains("internal error") && log.contains("cannot read a log file: Is a directory")
+    })
+    .await;
+    // Bytes still readable are served as before: the current file from its first offset.
+    let chunks = read_ok(
+        &mut tcp,
+        request("vm1", "qemu", Some(Start::FromOffset(TOTAL - 100))),
+    )
+    .await;
+    assert_eq!(Received::of(&chunks, DEFAULT_CHUNK).position, Some(TOTAL));
+}

@@ -1,0 +1,484 @@
+//! What every stream actor is as the owner of one log, and the one handle through which the
+//! rest of the daemon asks it about that log.
+//!
+//! A stream is fed by log pipes (`pipe`) or by a serial console (`console`); either way one
+//! actor task owns it. Whatever feeds it, the actor answers the same [`LogCommand`]s: replace
+//! the limits, take its figures, open its segments for a reader, close. [`LogHandle`] sends
+//! them and reads the stream's counters ([`StreamStats`]) and end offset without a round trip.
+//! The registry (`guests`) and history readers (`history`) hold only this handle, so they never
+//! depend on what feeds a stream. [`LogOwner`] is the actor's side: the log, its counters and
+//! offset publisher, the one place that answers those commands and counts what a write did.
+//!
+//! This module never touches a stream's source (pipe or socket), never spawns a task, and never
+//! blocks: the actors own their data path and their loop. A handle whose actor stopped answers
+//! [`ActorGone`]; what the log itself failed at is [`LogError::Io`].
+
+use crate::logfile::{LogFile, LogLimits, OpenSegment};
+use crate::metrics::Metrics;
+use futures::future::BoxFuture;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// The actor owning a stream has stopped (closed, frozen for an upgrade, or removed): it
+/// answers nothing any more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("The stream's actor has stopped")]
+pub struct ActorGone;
+
+/// What a command to a stream's log can fail at: its actor is gone, or the log's files refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error(transparent)]
+    Gone(#[from] ActorGone),
+    /// A rotation, truncation or open the new limits or a reader needed failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Counters of one stream, readable without asking the actor.
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    /// Absolute offset of the next byte (bytes ever logged).
+    pub end_offset: AtomicU64,
+    /// Pipes (pending hand-offs included) feeding the stream.
+    pub writers: AtomicU64,
+    /// Bytes that could not be written, ever (they are gaps in the offsets).
+    pub dropped: AtomicU64,
+    /// Rotations since the daemon started.
+    pub rotations: AtomicU64,
+    /// Set before the actor stops if the stream was removed (rather than the daemon stopping),
+    /// so readers following it can tell "ended" from "come back later".
+    pub removed: AtomicBool,
+    /// Bytes are being dropped (the disk refuses writes); for one warning per episode.
+    pub dropping: AtomicBool,
+}
+
+impl StreamStats {
+    /// Counters of a stream whose log is `log`: what it dropped before (recorded) carries on.
+    pub fn for_log(log: &LogFile) -> Self {
+        Self {
+            end_offset: AtomicU64::new(log.end_offset()),
+            dropped: AtomicU64::new(log.dropped()),
+            ..Self::default()
+        }
+    }
+
+    /// Counts bytes that could not be logged; warns once when dropping starts.
+    pub fn record_dropped(&self, path: &Path, dropped: u64, metrics: &Metrics) {
+        if dropped == 0 {
+            return;
+        }
+        let total = self.dropped.fetch_add(dropped, Relaxed) + dropped;
+        metrics.bytes_dropped.inc_by(dropped);
+        if !self.dropping.swap(true, Relaxed) {
+            tracing::warn!(log = %path.display(), total_dropped = total, "cannot write the log (disk full?): dropping output, the guest keeps running");
+        }
+    }
+
+    /// Counts rotations done by the stream's log.
+    pub fn record_rotations(&self, delta: u64, metrics: &Metrics) {
+        if delta > 0 {
+            self.rotations.fetch_add(delta, Relaxed);
+            metrics.rotations.inc_by(delta);
+        }
+    }
+
+    /// Notes that a write succeeded; reports the end of a dropping episode.
+    pub fn record_logged(&self, path: &Path) {
+        if self.dropping.swap(false, Relaxed) {
+            tracing::info!(log = %path.display(), total_dropped = self.dropped.load(Relaxed), "logging again");
+        }
+    }
+}
+
+/// A consistent view of a stream's figures, taken by its actor at one instant.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Figures {
+    /// Bytes ever logged.
+    pub end_offset: u64,
+    /// Oldest byte still on disk.
+    pub first_offset: u64,
+    /// Current file plus backups.
+    pub bytes_on_disk: u64,
+    /// Pipes feeding the stream (pipes), or 0.
+    pub writers: u64,
+    pub dropped: u64,
+    pub rotations: u64,
+    /// Attached clients (consoles), or 0.
+    pub clients: u64,
+    /// QEMU connected (consoles).
+    pub guest_connected: bool,
+    /// The writer was lost when the daemon stopped; no new pipe since.
+    pub broken: bool,
+}
+
+impl Figures {
+    /// The figures every stream has, from its log and counters.
+    pub fn of(log: &LogFile, stats: &StreamStats) -> Self {
+        let (bytes_on_disk, first_offset) = log.disk_usage();
+        Self {
+            end_offset: log.end_offset(),
+            first_offset,
+            bytes_on_disk,
+            writers: stats.writers.load(Relaxed),
+            dropped: log.dropped(),
+            rotations: stats.rotations.load(Relaxed),
+            ..Self::default()
+        }
+    }
+}
+
+/// What every stream actor answers about its log. An actor's own command type wraps these
+/// (`From<LogCommand>`), so both travel on its one bounded channel, in order.
+pub enum LogCommand {
+    SetLimits(LogLimits, oneshot::Sender<io::Result<()>>),
+    Figures(oneshot::Sender<Figures>),
+    OpenSegments(u64, oneshot::Sender<io::Result<Vec<OpenSegment>>>),
+    /// Stop: see [`Close`].
+    Close(Close),
+}
+
+/// A request to close a stream, handed back to its actor's loop by [`LogOwner::answer`]: the
+/// actor drains what its source still holds, tells its clients `reason`, syncs the log, stops,
+/// and then calls [`Close::done`].
+pub struct Close {
+    /// Boxed: a close is rare, and every command on an actor's channel is as large as its
+    /// largest kind (the channel allocates room for 32 of them per stream at creation).
+    why: Box<Why>,
+    done: oneshot::Sender<()>,
+}
+
+struct Why {
+    reason: String,
+    removed: bool,
+}
+
+impl Close {
+    /// Why, for the clients of a console.
+    pub fn reason(&self) -> &str {
+        &self.why.reason
+    }
+
+    /// The stream will not come back (its guest was removed).
+    pub fn removed(&self) -> bool {
+        self.why.removed
+    }
+
+    /// Tells the closer that the actor has stopped.
+    pub fn done(self) {
+        let _ = self.done.send(());
+    }
+}
+
+/// The part of an actor's command channel a [`LogHandle`] sees: it can post log commands, and
+/// knows nothing else of the actor's command type.
+trait Mailbox: Send + Sync {
+    fn post(&self, command: LogCommand) -> BoxFuture<'_, Result<(), ActorGone>>;
+    fn reserve(&self) -> BoxFuture<'_, Result<Reserved, ActorGone>>;
+}
+
+impl<C: From<LogCommand> + Send + 'static> Mailbox for mpsc::Sender<C> {
+    fn post(&self, command: LogCommand) -> BoxFuture<'_, Result<(), ActorGone>> {
+        Box::pin(async move { self.send(command.into()).await.map_err(|_| ActorGone) })
+    }
+
+    fn reserve(&self) -> BoxFuture<'_, Result<Reserved, ActorGone>> {
+        Box::pin(async move {
+            let place = self.clone().reserve_owned().await.map_err(|_| ActorGone)?;
+            Ok(Reserved(Box::new(move |command: LogCommand| {
+                place.send(command.into());
+            })))
+        })
+    }
+}
+
+/// A place reserved on an actor's channel ([`LogHandle::reserve`]). A command sent through it
+/// does not wait, so it may be sent under a (synchronous) lock: commands sent under one lock
+/// reach the actor in the order the lock was taken, and the actor applies them in that order.
+pub struct Reserved(Box<dyn FnOnce(LogCommand) + Send>);
+
+impl Reserved {
+    /// Sends a change of limits now; the returned future answers once the actor applied it.
+    /// Dropping the future does not withdraw the change.
+    pub fn set_limits(self, limits: LogLimits) -> BoxFuture<'static, Result<(), LogError>> {
+        let (reply, answer) = oneshot::channel();
+        (self.0)(LogCommand::SetLimits(limits, reply));
+        Box::pin(async move { Ok(answer.await.map_err(|_| ActorGone)??) })
+    }
+}
+
+/// A cheap, cloneable handle to the actor owning a stream's log, whatever feeds the stream.
+#[derive(Clone)]
+pub struct LogHandle {
+    commands: Arc<dyn Mailbox>,
+    /// The stream's counters.
+    pub stats: Arc<StreamStats>,
+    /// The end offset, for readers that follow; closed when the actor stops.
+    pub offsets: watch::Receiver<u64>,
+}
+
+impl LogHandle {
+    /// Sends a command and waits for its answer.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<T>) -> LogCommand,
+    ) -> Result<T, ActorGone> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.post(command(reply)).await?;
+        answer.await.map_err(|_| ActorGone)
+    }
+
+    /// Replaces the stream's limits.
+    pub async fn set_limits(&self, limits: LogLimits) -> Result<(), LogError> {
+        self.reserve().await?.set_limits(limits).await
+    }
+
+    /// Reserves a place on the actor's channel (waiting while it is full), for a command to be
+    /// sent later without waiting.
+    pub async fn reserve(&self) -> Result<Reserved, ActorGone> {
+        self.commands.reserve().await
+    }
+
+    /// Whether `other` reaches the same actor (not another one started under the same name).
+    pub fn same_actor(&self, other: &LogHandle) -> bool {
+        Arc::ptr_eq(&self.stats, &other.stats)
+    }
+
+    /// The stream's figures at one instant.
+    pub async fn figures(&self) -> Result<Figures, ActorGone> {
+        self.ask(LogCommand::Figures).await
+    }
+
+    /// Opens the files holding offsets from `from` on (see [`LogFile::open_segments`]).
+    pub async fn open_segments(&self, from: u64) -> Result<Vec<OpenSegment>, LogError> {
+        Ok(self
+            .ask(|reply| LogCommand::OpenSegments(from, reply))
+            .await??)
+    }
+
+    /// Drains the stream's source, tells its clients `reason`, syncs the log and stops the
+    /// actor; `removed` says the stream will not come back (readers following it end). Returns
+    /// at once if the actor has stopped already.
+    pub async fn close(&self, reason: &str, removed: bool) {
+        self.stats.removed.store(removed, Relaxed);
+        let _ = self
+            .ask(|done| {
+                LogCommand::Close(Close {
+                    why: Box::new(Why {
+                        reason: reason.to_owned(),
+                        removed,
+                    }),
+                    done,
+                })
+            })
+            .await;
+    }
+}
+
+/// The actor's side of its log: the log file, its counters and offset publisher. Answers the
+/// [`LogCommand`]s and counts what each write did, the same way for every kind of stream.
+pub struct LogOwner {
+    pub log: LogFile,
+    pub stats: Arc<StreamStats>,
+    publisher: watch::Sender<u64>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl LogOwner {
+    /// The owner of `log`, and the handle that reaches it through `commands`, the channel
+    /// whose receiver the actor reads.
+    pub fn new<C: From<LogCommand> + Send + 'static>(
+        log: LogFile,
+        metrics: Arc<Metrics>,
+        commands: mpsc::Sender<C>,
+    ) -> (Self, LogHandle) {
+        let stats = Arc::new(StreamStats::for_log(&log));
+        let (publisher, offsets) = watch::channel(log.end_offset());
+        let handle = LogHandle {
+            commands: Arc::new(commands),
+            stats: stats.clone(),
+            offsets,
+        };
+        let owner = Self {
+            log,
+            stats,
+            publisher,
+            metrics,
+        };
+        (owner, handle)
+    }
+
+    /// Answers `command`; `figures` adds what only this kind of actor knows (clients, a lost
+    /// writer). A [`Close`] is not answered: it is handed back, and the actor must stop.
+    pub fn answer(
+        &mut self,
+        command: LogCommand,
+        figures: impl FnOnce(Figures) -> Figures,
+    ) -> Option<Close> {
+        match command {
+            LogCommand::SetLimits(limits, reply) => {
+                // Tests hold one actor here to show that nobody else waits for it.
+                crate::fault::point("log_owner.set_limits");
+                let result = self.counting_rotations(|log| log.set_limits(limits));
+                let _ = reply.send(result);
+            }
+            LogCommand::Figures(reply) => {
+                let _ = reply.send(figures(Figures::of(&self.log, &self.stats)));
+            }
+            LogCommand::OpenSegments(from, reply) => {
+                let _ = reply.send(self.log.open_segments(from));
+            }
+            LogCommand::Close(close) => return Some(close),
+        }
+        None
+    }
+
+    /// Runs `step` on the log and counts the rotations it did.
+    pub fn counting_rotations<R>(&mut self, step: impl FnOnce(&mut LogFile) -> R) -> R {
+        let before = self.log.rotations();
+        let result = step(&mut self.log);
+        self.stats
+            .record_rotations(self.log.rotations() - before, &self.metrics);
+        result
+    }
+
+    /// Publishes what one move or write did, for pipes and consoles alike: new end offset
+    /// (dropped bytes take offsets too), logged and dropped bytes, the start and end of a
+    /// disk-full episode.
+    pub fn count_moved(&self, logged: usize, dropped: usize) {
+        let path = self.log.path();
+        self.stats
+            .record_dropped(path, dropped as u64, &self.metrics);
+        if logged > 0 {
+            self.metrics.bytes_logged.inc_by(logged as u64);
+        }
+        // A write that dropped part of its bytes is still the episode, not its end.
+        if logged > 0 && dropped == 0 {
+            self.stats.record_logged(path);
+        }
+        if logged + dropped > 0 {
+            self.publish();
+        }
+    }
+
+    /// Announces the log's end offset to the counters and to readers following the stream.
+    pub fn publish(&self) {
+        let end = self.log.end_offset();
+        self.stats.end_offset.store(end, Relaxed);
+        self.publisher.send_replace(end);
+    }
+
+    /// Records the log's position (at a close), warning if it cannot.
+    pub fn checkpoint(&mut self) {
+        if let Err(e) = self.log.checkpoint() {
+            tracing::warn!(path = %self.log.path().display(), error = %e, "cannot record the log position");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LogMode;
+
+    /// An actor's own command type, as pipe and console have.
+    enum Own {
+        Log(LogCommand),
+    }
+
+    impl From<LogCommand> for Own {
+        fn from(command: LogCommand) -> Self {
+            Own::Log(command)
+        }
+    }
+
+    fn owner(dir: &Path) -> (LogOwner, LogHandle, mpsc::Receiver<Own>) {
+        let limits = LogLimits {
+            max_size: 4096,
+            max_backups: 2,
+            mode: LogMode::Rotate,
+        };
+        let log = LogFile::open(&dir.join("s.log"), &dir.join("s.pos"), limits).unwrap();
+        let (sender, receiver) = mpsc::channel(4);
+        let (owner, handle) = LogOwner::new(log, Arc::new(Metrics::default()), sender);
+        (owner, handle, receiver)
+    }
+
+    /// A minimal actor: answers log commands until closed.
+    async fn serve(mut owner: LogOwner, mut commands: mpsc::Receiver<Own>) {
+        while let Some(Own::Log(command)) = commands.recv().await {
+            if let Some(close) = owner.answer(command, |f| Figures { clients: 7, ..f }) {
+                owner.checkpoint();
+                close.done();
+                return;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn reserved_places_deliver_in_the_order_commands_are_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_owner, handle, mut commands) = owner(dir.path());
+        let limits = |max_backups| LogLimits {
+            max_size: 4096,
+            max_backups,
+            mode: LogMode::Rotate,
+        };
+        let first = handle.reserve().await.unwrap();
+        let second = handle.reserve().await.unwrap();
+        // Sent in the other order than reserved: the actor sees them as sent.
+        let answers = [second.set_limits(limits(1)), first.set_limits(limits(2))];
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let Some(Own::Log(LogCommand::SetLimits(limits, reply))) = commands.recv().await else {
+                panic!("expected a change of limits");
+            };
+            seen.push(limits.max_backups);
+            reply.send(Ok(())).unwrap();
+        }
+        assert_eq!(seen, [1, 2]);
+        for answer in answers {
+            answer.await.unwrap();
+        }
+        // A place reserved on a stopped actor cannot be had.
+        drop(commands);
+        assert_eq!(handle.reserve().await.err(), Some(ActorGone));
+    }
+
+    #[tokio::test]
+    async fn one_handle_answers_for_any_actor_and_reports_it_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut owner, handle, commands) = owner(dir.path());
+        let wrote = owner.log.log(&[b'a'; 10_000]);
+        owner.count_moved(wrote.logged, wrote.dropped);
+        assert_eq!(*handle.offsets.borrow(), 10_000);
+        assert_eq!(handle.stats.end_offset.load(Relaxed), 10_000);
+        let actor = tokio::spawn(serve(owner, commands));
+        let figures = handle.figures().await.unwrap();
+        assert_eq!((figures.end_offset, figures.clients), (10_000, 7));
+        let segments = handle.open_segments(0).await.unwrap();
+        assert_eq!(segments.last().map(|s| s.start + s.len), Some(10_000));
+        handle
+            .set_limits(LogLimits {
+                max_size: 4096,
+                max_backups: 0,
+                mode: LogMode::Rotate,
+            })
+            .await
+            .unwrap();
+        assert!(handle.figures().await.unwrap().bytes_on_disk <= 4096);
+        handle.close("test over", true).await;
+        actor.await.unwrap();
+        assert!(handle.stats.removed.load(Relaxed));
+        assert_eq!(handle.figures().await.unwrap_err(), ActorGone);
+        assert!(matches!(
+            handle.open_segments(0).await,
+            Err(LogError::Gone(ActorGone))
+        ));
+        // Closing a stopped actor returns at once.
+        handle.close("again", false).await;
+    }
+}

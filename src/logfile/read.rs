@@ -1,0 +1,120 @@
+//! Reading offsets back from a stream's segments: pure functions of [`Segment`]s, for the
+//! console's replay.
+//!
+//! Owns turning "the last N bytes" and "offsets `from .. to`" into bytes read from the files
+//! that held them when the segments were taken. It only opens and reads files; it never writes,
+//! renames or deletes one, never asks an actor anything, and reads at most the range asked for.
+
+use super::Segment;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+
+/// Reads the last `n` bytes held by `segments` (oldest first). Returns the offset of the first
+/// byte returned and the bytes; fewer than `n` if less is on disk. The bytes are contiguous:
+/// the tail stops at the last gap (a replay is a run of offsets that follow each other).
+pub fn read_tail(segments: &[Segment], n: u64) -> io::Result<(u64, Vec<u8>)> {
+    let end = segments.last().map_or(0, |s| s.start + s.len);
+    let mut first = segments.last().map_or(end, |s| s.start);
+    for pair in segments.windows(2).rev() {
+        if pair[0].start + pair[0].len != pair[1].start {
+            break;
+        }
+        first = pair[0].start;
+    }
+    let from = end.saturating_sub(n).max(first);
+    Ok((from, read_range(segments, from, end)?))
+}
+
+/// Reads the bytes of offsets `from .. to` from `segments`. A segment that turns out shorter
+/// than described (truncated behind our back) ends the read early.
+pub fn read_range(segments: &[Segment], from: u64, to: u64) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(to.saturating_sub(from) as usize);
+    for segment in segments {
+        let seg_end = segment.start + segment.len;
+        if seg_end <= from || segment.start >= to {
+            continue;
+        }
+        let start = from.max(segment.start);
+        let stop = to.min(seg_end);
+        let mut file = File::open(&segment.path)?;
+        file.seek(SeekFrom::Start(segment.file_pos + start - segment.start))?;
+        let wanted = (stop - start) as usize;
+        let before = out.len();
+        file.take(wanted as u64).read_to_end(&mut out)?;
+        if out.len() - before < wanted {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LogMode;
+    use crate::logfile::{LogFile, LogLimits};
+
+    fn small_log(dir: &std::path::Path) -> LogFile {
+        let limits = LogLimits {
+            max_size: 4096,
+            max_backups: 3,
+            mode: LogMode::Rotate,
+        };
+        LogFile::open(&dir.join("s.log"), &dir.join("s.pos"), limits).unwrap()
+    }
+
+    #[test]
+    fn tail_spans_rotated_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = small_log(dir.path());
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        log.append(&data).unwrap();
+        let segments = log.segments();
+        assert_eq!(segments.len(), 4);
+        let (from, tail) = read_tail(&segments, 5000).unwrap();
+        assert_eq!(from, 15_000);
+        assert_eq!(tail, &data[15_000..]);
+        // More than is on disk: everything from the oldest byte.
+        let (from, all) = read_tail(&segments, 1 << 20).unwrap();
+        assert_eq!(from, segments[0].start);
+        assert_eq!(all, &data[from as usize..]);
+        assert_eq!(
+            read_range(&segments, 12_000, 12_100).unwrap(),
+            &data[12_000..12_100]
+        );
+    }
+
+    #[test]
+    fn tail_stops_at_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = small_log(dir.path());
+        log.append(&[b'a'; 5000]).unwrap();
+        log.skip(100);
+        log.append(b"after the gap").unwrap();
+        let (from, tail) = read_tail(&log.segments(), 1000).unwrap();
+        assert_eq!(from, 5100);
+        assert_eq!(tail, b"after the gap");
+        // Only a gap at the end: nothing to replay, from the end on.
+        log.skip(10);
+        let (from, tail) = read_tail(&log.segments(), 1000).unwrap();
+        assert_eq!((from, tail.len()), (log.end_offset(), 0));
+    }
+
+    #[test]
+    fn a_range_cut_behind_our_back_ends_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = small_log(dir.path());
+        log.append(&[b'x'; 3000]).unwrap();
+        let segments = log.segments();
+        // The file is truncated after the segments were taken: the read stops at its end.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segments[0].path)
+            .unwrap()
+            .set_len(1000)
+            .unwrap();
+        assert_eq!(read_range(&segments, 500, 3000).unwrap(), vec![b'x'; 500]);
+        // A range outside every segment reads nothing.
+        assert!(read_range(&segments, 5000, 6000).unwrap().is_empty());
+    }
+}
