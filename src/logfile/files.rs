@@ -98,3 +98,46 @@ pub fn rename_if_exists(from: &Path, to: &Path) -> io::Result<()> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_writes_replace_the_content_and_leave_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        write_atomically(&path, b"first").unwrap();
+        write_atomically(&path, b"second").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"second");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("f")]);
+    }
+
+    #[test]
+    fn only_a_missing_file_is_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        remove_if_exists(&missing).unwrap();
+        rename_if_exists(&missing, &dir.path().join("other")).unwrap();
+        // A directory where a log file should be: unlinking or replacing it must fail loudly.
+        let sub = dir.path().join("sub");
+        fs::create_dir(&sub).unwrap();
+        fs::write(sub.join("inside"), b"x").unwrap();
+        let file = dir.path().join("file");
+        fs::write(&file, b"x").unwrap();
+        let kind = |r: io::Result<()>| r.unwrap_err().kind();
+        assert_eq!(kind(remove_if_exists(&sub)), ErrorKind::IsADirectory);
+        assert!(sub.join("inside").exists());
+        assert_eq!(kind(rename_if_exists(&file, &sub)), ErrorKind::IsADirectory);
+        assert_eq!(fs::read(&file).unwrap(), b"x");
+        // An existing file goes, and is moved.
+        rename_if_exists(&file, &dir.path().join("moved")).unwrap();
+        assert!(!file.exists());
+        remove_if_exists(&dir.path().join("moved")).unwrap();
+        assert!(!dir.path().join("moved").exists());
+    }
+}

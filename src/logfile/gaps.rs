@@ -148,6 +148,17 @@ mod tests {
     }
 
     #[test]
+    fn forgetting_keeps_the_gaps_that_end_after_the_offset() {
+        let mut gaps = Gaps::default();
+        gaps.insert(10, 20);
+        gaps.insert(30, 40);
+        gaps.forget_before(20);
+        assert_eq!(gaps.0, vec![Gap(30, 40)], "a gap ending at the offset goes");
+        gaps.forget_before(39);
+        assert_eq!(gaps.0, vec![Gap(30, 40)], "a gap ending after it stays");
+    }
+
+    #[test]
     fn pieces_skip_gaps() {
         let mut gaps = Gaps::default();
         assert_eq!(gaps.pieces(100, 10), Some(vec![piece(90, 0, 10)]));

@@ -332,7 +332,13 @@ impl LogFile {
 
     /// Appends `data`, rotating whenever the current file is full. On an error, what was
     /// written before it stays logged; the rest is not accounted (see [`Self::log`]).
-    pub fn append(&mut self, mut data: &[u8]) -> io::Result<()> {
+    pub fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        self.append_counting(data, &mut 0)
+    }
+
+    /// [`Self::append`], adding to `logged` the bytes of `data` written. Not the growth of
+    /// `end`: a file recreated behind our back brings bytes that take offsets too.
+    fn append_counting(&mut self, mut data: &[u8], logged: &mut usize) -> io::Result<()> {
         while !data.is_empty() {
             let room = self.make_room()?;
             let n = room.min(data.len() as u64) as usize;
@@ -347,6 +353,7 @@ impl LogFile {
             }
             self.size += written as u64;
             self.end += written as u64;
+            *logged += written;
             data = &data[written..];
         }
         Ok(())
@@ -355,9 +362,8 @@ impl LogFile {
     /// Logs `data`: what the file system refuses still takes its offsets, as a gap counted in
     /// `dropped` (never a silent loss). The next call tries the file (or opens it) again.
     pub fn log(&mut self, data: &[u8]) -> Written {
-        let before = self.end;
-        let result = self.append(data);
-        let logged = (self.end - before) as usize;
+        let mut logged = 0;
+        let result = self.append_counting(data, &mut logged);
         let dropped = data.len() - logged;
         if let Err(e) = result {
             tracing::debug!(path = %self.path.display(), error = %e, dropped, "log write failed");

@@ -150,4 +150,58 @@ mod tests {
         assert_eq!(read_back, Some(record));
         assert_eq!(len, long);
     }
+
+    #[test]
+    fn a_record_omits_what_is_at_its_default() {
+        // Fields at their default are left out: the record stays small and reads the same in
+        // versions that predate them.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.pos");
+        let file = open(&path).unwrap();
+        let mut record = Position {
+            inode: 1,
+            start: 2,
+            end: 3,
+            ..Position::default()
+        };
+        write(&file, &record, 0).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.trim_ascii_end(), br#"{"inode":1,"start":2,"end":3}"#);
+        record.dropped = 7;
+        record.reserved = 9;
+        write(&file, &record, 0).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(
+            bytes.trim_ascii_end(),
+            br#"{"inode":1,"start":2,"end":3,"dropped":7,"reserved":9}"#
+        );
+    }
+
+    #[test]
+    fn every_record_length_reads_back_and_fills_whole_pages() {
+        // The JSON and its newline must fit: a JSON of exactly a page takes two.
+        let dir = tempfile::tempdir().unwrap();
+        for n in 0..2 * POSITION_RECORD_LEN {
+            let path = dir.path().join(format!("{n}.pos"));
+            let file = open(&path).unwrap();
+            let record = Position {
+                inode: 1,
+                boot: "b".repeat(n),
+                ..Position::default()
+            };
+            let json = serde_json::to_vec(&record).unwrap().len();
+            let len = write(&file, &record, 0).unwrap();
+            assert_eq!(len, (json / POSITION_RECORD_LEN + 1) * POSITION_RECORD_LEN);
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), len as u64);
+            assert_eq!(read(&file, &path).unwrap(), (Some(record), len));
+        }
+    }
+
+    #[test]
+    fn the_boot_id_is_the_kernels() {
+        let id = boot_id();
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+        assert_eq!(id, kernel.trim());
+        assert_eq!(id.len(), 36, "a UUID: {id}");
+    }
 }

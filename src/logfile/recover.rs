@@ -147,6 +147,21 @@ mod tests {
     }
 
     #[test]
+    fn a_file_made_behind_our_back_follows_every_recorded_offset() {
+        // Another inode and no rotation under way: someone replaced the file. Its bytes take
+        // offsets after the recorded end, never the recorded ones.
+        assert_eq!(
+            resumed(&record(7, 0, None, 4000), 9, 10),
+            (4000, 4010, vec![])
+        );
+        // A rotation was under way and the new file already holds bytes.
+        assert_eq!(
+            resumed(&record(7, 0, Some(4096), 4096), 9, 10),
+            (4096, 4106, vec![])
+        );
+    }
+
+    #[test]
     fn without_a_record_the_backups_tell_the_start() {
         let r = resume_on(None, 7, 10, || 8192, BOOT);
         assert_eq!((r.start, r.end), (8192, 8202));

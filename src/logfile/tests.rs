@@ -311,3 +311,324 @@ fn after_a_machine_restart_offsets_go_on_from_the_reservation() {
     let runs: Vec<(u64, u64)> = log.segments().iter().map(|s| (s.start, s.len)).collect();
     assert_eq!(runs, vec![(0, 3000), (record.reserved, 1)]);
 }
+
+/// The position record as it is on disk now.
+fn record_on_disk(pos: &Path) -> Position {
+    let file = record::open(pos).unwrap();
+    record::read(&file, pos).unwrap().0.expect("a record")
+}
+
+/// Start, length, position in the file and growth of each segment.
+fn runs(log: &LogFile) -> Vec<(u64, u64, u64, bool)> {
+    log.segments()
+        .iter()
+        .map(|s| (s.start, s.len, s.file_pos, s.growable))
+        .collect()
+}
+
+#[test]
+fn whether_a_writer_fed_the_stream_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.log");
+    let pos = dir.path().join("s.pos");
+    let lim = limits(100, 1, LogMode::Rotate);
+    let mut log = LogFile::open(&path, &pos, lim).unwrap();
+    assert!(!log.was_open());
+    log.set_open(true).unwrap();
+    assert!(
+        record_on_disk(&pos).open,
+        "recorded at once, before a crash"
+    );
+    std::mem::forget(log);
+    let mut log = LogFile::open(&path, &pos, lim).unwrap();
+    assert!(log.was_open());
+    log.set_open(false).unwrap();
+    assert!(!record_on_disk(&pos).open);
+    drop(log);
+    let log = LogFile::open(&path, &pos, lim).unwrap();
+    assert!(!log.was_open());
+}
+
+#[test]
+fn a_full_file_rotates_before_the_read_that_needs_it() {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.log");
+    let pos = dir.path().join("s.pos");
+    let mut log = LogFile::open(&path, &pos, limits(100, 2, LogMode::Rotate)).unwrap();
+    let (mut reader, mut writer) = std::io::pipe().unwrap();
+    let mut buffer = [0u8; 4096];
+    log.append(&[b'a'; 60]).unwrap();
+    assert_eq!(log.room(), 40);
+    // Room left: nothing rotates, bytes waiting or not.
+    log.rotate_if_full(reader.as_fd());
+    writer.write_all(b"x").unwrap();
+    log.rotate_if_full(reader.as_fd());
+    assert_eq!((log.rotations(), log.current_start()), (0, 0));
+    // Full: the next append would rotate first.
+    log.append(&[b'b'; 40]).unwrap();
+    assert_eq!(log.room(), usize::MAX);
+    assert_eq!(log.rotations(), 0, "a full file waits for data");
+    // Full, nothing waiting: still no rotation.
+    reader.read_exact(&mut buffer[..1]).unwrap();
+    log.rotate_if_full(reader.as_fd());
+    assert_eq!((log.rotations(), log.current_start()), (0, 0));
+    assert_eq!(fs::metadata(&path).unwrap().len(), 100);
+    // Full with bytes waiting: rotated now, before they are read.
+    writer.write_all(&[b'c'; 150]).unwrap();
+    log.rotate_if_full(reader.as_fd());
+    assert_eq!((log.rotations(), log.current_start()), (1, 100));
+    assert_eq!(backups_of(&path, 10), vec![(backup_path(&path, 1), 100)]);
+    assert_eq!(fs::metadata(&path).unwrap().len(), 0);
+    assert_eq!(log.room(), 100);
+    let record = record_on_disk(&pos);
+    assert_eq!(
+        (record.inode, record.start, record.next_start, record.end),
+        (fs::metadata(&path).unwrap().ino(), 100, None, 100)
+    );
+    assert_eq!(record.reserved, 200, "the new file's offsets are reserved");
+    // Reads are cut at the room left; the next one rotates first.
+    let bytes = |logged| Moved::Bytes { logged, dropped: 0 };
+    let mut moved = || {
+        log.move_from_pipe(reader.as_fd(), 1000, &mut buffer)
+            .unwrap()
+    };
+    assert_eq!(moved(), bytes(100));
+    assert_eq!(moved(), bytes(50));
+    drop(writer);
+    assert_eq!(moved(), Moved::Eof);
+    assert_eq!((log.rotations(), log.end_offset()), (2, 250));
+    let mut expected = vec![b'a'; 60];
+    expected.extend([b'b'; 40]);
+    expected.extend([b'c'; 150]);
+    assert_eq!(on_disk(&log), (0, expected));
+}
+
+#[test]
+fn refused_bytes_become_a_gap_and_a_recreated_file_follows_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let guest = dir.path().join("g");
+    let path = guest.join("s.log");
+    let pos = dir.path().join("state/s.pos");
+    let mut log = LogFile::open(&path, &pos, limits(10, 1, LogMode::Rotate)).unwrap();
+    let written = |logged, dropped| Written { logged, dropped };
+    assert_eq!(log.log(b"0123456789"), written(10, 0));
+    // The guest's directory vanishes: the rotation cannot create the new file.
+    fs::remove_dir_all(&guest).unwrap();
+    assert_eq!(log.log(b"abc"), written(0, 3));
+    assert_eq!((log.end_offset(), log.dropped()), (13, 3));
+    let record = record_on_disk(&pos);
+    assert_eq!(
+        (record.inode, record.start, record.end, record.dropped),
+        (0, 10, 13, 3),
+        "no file, and the refused offsets taken"
+    );
+    assert_eq!(
+        record.gaps.iter().copied().collect::<Vec<_>>(),
+        vec![Gap(10, 13)]
+    );
+    // Someone recreates the file with bytes in it: they follow every offset handed out.
+    fs::create_dir(&guest).unwrap();
+    fs::write(&path, b"behind!").unwrap();
+    assert_eq!(log.log(b"z"), written(1, 0));
+    assert_eq!((log.current_start(), log.end_offset()), (13, 21));
+    assert_eq!(fs::read(&path).unwrap(), b"behind!z");
+    assert_eq!(runs(&log), vec![(13, 8, 0, true)]);
+    drop(log);
+    let log = LogFile::open(&path, &pos, limits(10, 1, LogMode::Rotate)).unwrap();
+    assert_eq!((log.end_offset(), log.dropped()), (21, 3));
+}
+
+#[test]
+fn offsets_are_reserved_on_disk_before_they_are_handed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.log");
+    let pos = dir.path().join("s.pos");
+    let mut log = LogFile::open(&path, &pos, limits(100, 1, LogMode::Rotate)).unwrap();
+    log.append(&[b'a'; 60]).unwrap();
+    // A file's worth reserved before the first byte; the end is saved later.
+    let record = record_on_disk(&pos);
+    assert_eq!((record.end, record.reserved), (0, 100));
+    // A gap longer than a file reserves up to its end.
+    log.skip(500);
+    let record = record_on_disk(&pos);
+    assert_eq!(
+        (record.end, record.dropped, record.reserved),
+        (560, 500, 560)
+    );
+    assert_eq!(
+        record.gaps.iter().copied().collect::<Vec<_>>(),
+        vec![Gap(60, 560)]
+    );
+    assert_eq!(record.boot, record::boot_id());
+}
+
+#[test]
+fn an_oversized_current_file_goes_when_max_size_shrinks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.log");
+    let mut log = LogFile::open(
+        &path,
+        &dir.path().join("p"),
+        limits(1000, 2, LogMode::Rotate),
+    )
+    .unwrap();
+    log.append(&[b'a'; 600]).unwrap();
+    log.set_limits(limits(500, 2, LogMode::Rotate)).unwrap();
+    // Rotated to `.1`, which is over the new size too: gone.
+    assert_eq!(backups_of(&path, 10), vec![]);
+    assert_eq!(fs::metadata(&path).unwrap().len(), 0);
+    assert_eq!(
+        (log.rotations(), log.current_start(), log.end_offset()),
+        (1, 600, 600)
+    );
+    assert_eq!(log.disk_usage(), (0, 600));
+}
+
+#[test]
+fn a_full_file_is_not_emptied_before_data_comes() {
+    // Truncate mode: rotating a full file at a restart or a limits change would empty what
+    // readers still want.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.log");
+    let pos = dir.path().join("p");
+    let lim = limits(100, 3, LogMode::Truncate);
+    let mut log = LogFile::open(&path, &pos, lim).unwrap();
+    log.append(&[b'a'; 100]).unwrap();
+    log.set_limits(lim).unwrap();
+    assert_eq!((log.rotations(), log.disk_usage()), (0, (100, 0)));
+    drop(log);
+    let mut log = LogFile::open(&path, &pos, lim).unwrap();
+    assert_eq!((log.current_start(), log.disk_usage()), (0, (100, 0)));
+    log.append(b"b").unwrap();
+    assert_eq!((log.rotations(), log.disk_usage()), (1, (1, 100)));
+    assert_eq!(fs::read(&path).unwrap(), b"b");
+}
+
+/// Appends `n` rounds of 5 bytes and a 1-byte gap.
+fn bytes_and_gaps(log: &mut LogFile, n: usize) {
+    for _ in 0..n {
+        log.append(&[b'g'; 5]).unwrap();
+        log.skip(1);
+    }
+}
+
+#[test]
+fn shedding_gaps_removes_only_the_oldest_files_it_needs_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let lim = limits(100, 3, LogMode::Rotate);
+    // The oldest file holds one gap, the current one the 16 others: the oldest goes.
+    let path = dir.path().join("one.log");
+    let mut log = LogFile::open(&path, &dir.path().join("one.pos"), lim).unwrap();
+    log.append(&[b'a'; 10]).unwrap();
+    log.skip(1);
+    log.append(&[b'a'; 90]).unwrap();
+    bytes_and_gaps(&mut log, 16);
+    assert_eq!(backups_of(&path, 10), vec![]);
+    assert_eq!(log.gaps.len(), MAX_GAPS);
+    assert_eq!((log.current_start(), log.end_offset()), (101, 197));
+    assert_eq!(log.disk_usage(), (80, 101));
+    // The oldest file holds no gap: it goes, and so does the next, which holds one.
+    let path = dir.path().join("two.log");
+    let mut log = LogFile::open(&path, &dir.path().join("two.pos"), lim).unwrap();
+    log.append(&[b'a'; 110]).unwrap();
+    log.skip(1);
+    log.append(&[b'a'; 90]).unwrap();
+    assert_eq!(backups_of(&path, 10).len(), 1);
+    bytes_and_gaps(&mut log, 16);
+    assert_eq!(backups_of(&path, 10), vec![]);
+    assert_eq!(log.gaps.len(), MAX_GAPS);
+    assert_eq!((log.current_start(), log.end_offset()), (201, 297));
+    assert_eq!(log.disk_usage(), (80, 201));
+}
+
+#[test]
+fn gaps_a_power_cut_adds_are_shed_at_the_next_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.log");
+    let pos = dir.path().join("s.pos");
+    let lim = limits(1 << 20, 1, LogMode::Rotate);
+    let mut log = LogFile::open(&path, &pos, lim).unwrap();
+    bytes_and_gaps(&mut log, MAX_GAPS);
+    log.append(&[b'g'; 5]).unwrap();
+    drop(log);
+    // The power cut took the last 2 bytes: one more gap, past the limit.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(83)
+        .unwrap();
+    let mut log = LogFile::open(&path, &pos, lim).unwrap();
+    assert_eq!((log.gaps.len(), log.end_offset()), (MAX_GAPS + 1, 101));
+    log.append(b"h").unwrap();
+    log.skip(1);
+    // All in the current file: it goes, as in a truncation, and with it every gap.
+    assert_eq!(log.gaps.len(), 0);
+    assert_eq!((log.current_start(), log.end_offset()), (103, 103));
+    assert_eq!(fs::metadata(&path).unwrap().len(), 0);
+}
+
+#[test]
+fn open_segments_opens_the_files_holding_the_offsets_asked_for() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.log");
+    let mut log = LogFile::open(
+        &path,
+        &dir.path().join("p"),
+        limits(100, 2, LogMode::Rotate),
+    )
+    .unwrap();
+    let data: Vec<u8> = (0..265u32).map(|i| i as u8).collect();
+    log.append(&data[..250]).unwrap();
+    log.skip(5);
+    log.append(&data[255..]).unwrap();
+    let open = log.open_segments(0).unwrap();
+    let found: Vec<_> = open
+        .iter()
+        .map(|s| (s.start, s.len, s.file_pos, s.growable))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (0, 100, 0, false),
+            (100, 100, 0, false),
+            (200, 50, 0, false),
+            (255, 10, 50, true)
+        ]
+    );
+    for s in &open {
+        let mut bytes = vec![0; s.len as usize];
+        s.file.read_exact_at(&mut bytes, s.file_pos).unwrap();
+        assert_eq!(bytes, data[s.start as usize..(s.start + s.len) as usize]);
+    }
+    assert!(
+        Arc::ptr_eq(&open[2].file, &open[3].file),
+        "one file, opened once"
+    );
+    assert!(!Arc::ptr_eq(&open[1].file, &open[2].file));
+    let starts = |from| -> Vec<u64> {
+        log.open_segments(from)
+            .unwrap()
+            .iter()
+            .map(|s| s.start)
+            .collect()
+    };
+    assert_eq!(starts(99), vec![0, 100, 200, 255]);
+    assert_eq!(starts(100), vec![100, 200, 255]);
+    assert_eq!(starts(150), vec![100, 200, 255]);
+    assert_eq!(starts(250), vec![255]);
+    assert_eq!(starts(1000), vec![255], "the growing end is always offered");
+    // The current file removed behind our back: its bytes are gone, the rest is offered.
+    fs::remove_file(&path).unwrap();
+    assert_eq!(starts(0), vec![0, 100]);
+    // A file that cannot be opened for another reason is an error, not a gap.
+    std::os::unix::fs::symlink("s.log", &path).unwrap();
+    let error = log.open_segments(0).unwrap_err();
+    assert_eq!(
+        error.raw_os_error(),
+        Some(rustix::io::Errno::LOOP.raw_os_error())
+    );
+}
