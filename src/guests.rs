@@ -12,7 +12,9 @@
 //! Locking: the map sits under a `std::sync::Mutex` that is never held across an `.await`. A
 //! call decides under it and takes the handles it needs, releases it, and only then waits for
 //! actors (several at once with `join_all`), so a slow actor holds up nobody but its own
-//! callers. A guest being removed stays in the map marked closing until its streams are closed
+//! callers. Changes that write to disk (creating a stream, new limits, marking a guest closing)
+//! are serialized by a second, async lock held only over their synchronous steps, so that a
+//! slow disk holds up other changes but never a lookup. A guest being removed stays in the map marked closing until its streams are closed
 //! and its records and sockets removed: lookups and `ListGuests` no longer see it, and
 //! `CreateLogPipe`, `CreateConsole` or `RemoveGuest` in its name wait until the removal is over
 //! and then act as if they came after it (docs/design.md, §3), so nothing is created under a
@@ -286,21 +288,30 @@ async fn removal_over(mut closing: watch::Receiver<()>) {
     let _ = closing.changed().await;
 }
 
+/// What [`Guests::create`] made.
+enum Created {
+    Stream(Stream),
+    /// The stream's record could not be written: its actor must be closed.
+    Unrecorded(Actor, RegistryError),
+}
+
 /// What [`Guests::open_stream`] does next, decided under the registry lock.
 enum Next {
     /// The stream, as asked for.
     Done(Stream),
     /// The guest is being removed: wait, then decide again.
     Wait(watch::Receiver<()>),
+    /// A change is needed: take `changes`, then decide again.
+    Change,
     /// Its limits change: reserve a place on its actor's channel, then decide again.
     Reserve(LogHandle),
-    /// The change of limits was sent: wait for the actor's answer.
+    /// The change of limits was sent: record the entry, then wait for the actor's answer.
     Apply(
         BoxFuture<'static, std::result::Result<(), LogError>>,
-        Stream,
+        StreamEntry,
     ),
-    /// The new stream could not be recorded: close its actor and fail.
-    Abandon(Actor, RegistryError),
+    /// Create the stream with these limits (checked).
+    Create(LogLimits),
 }
 
 pub struct Guests {
@@ -312,6 +323,12 @@ pub struct Guests {
     /// made after it is released, so one slow actor never holds up another guest's lookup
     /// (the reasoning of mini-redis's `Db`).
     guests: Mutex<Registry>,
+    /// Serializes the changes of the registry that write to disk: creating a stream (opening
+    /// its log, binding its sockets, syncing its record), changing limits (syncing the record),
+    /// and marking a guest closing. Held only over synchronous work, never across an actor
+    /// round trip; a tokio mutex so that a change waiting for another yields its thread, and
+    /// lookups never take it (they see the registry lock only, held for a few instructions).
+    changes: tokio::sync::Mutex<()>,
     /// True while the daemon is about to hand its streams over (an upgrade): readers that follow
     /// history end with `UNAVAILABLE` so the gRPC servers can drain before the freeze.
     going_away: tokio::sync::watch::Sender<bool>,
@@ -329,6 +346,7 @@ impl Guests {
             config,
             metrics,
             guests: Mutex::new(BTreeMap::new()),
+            changes: tokio::sync::Mutex::new(()),
             going_away: tokio::sync::watch::Sender::new(false),
         })
     }
@@ -668,40 +686,69 @@ impl Guests {
         limits: LimitsOverride,
     ) -> Result<Stream> {
         let (guest, stream) = (guest.as_str(), stream.as_str());
+        let mut changing = None;
         let mut reserved = None;
         loop {
-            match self.decide_open(guest, stream, kind, limits, reserved.take())? {
+            let next = self.decide_open(
+                guest,
+                stream,
+                kind,
+                limits,
+                changing.is_some(),
+                &mut reserved,
+            )?;
+            match next {
                 Next::Done(stream) => return Ok(stream),
-                Next::Wait(closing) => removal_over(closing).await,
+                Next::Wait(closing) => {
+                    changing = None;
+                    removal_over(closing).await;
+                }
+                Next::Change => changing = Some(self.changes.lock().await),
                 Next::Reserve(log) => {
+                    changing = None;
                     let place = log.reserve().await.map_err(RegistryError::Gone)?;
                     reserved = Some((log, place));
                 }
-                Next::Apply(answer, stream) => {
+                Next::Apply(answer, entry) => {
+                    // Still under `changes`: records are written in the order the actor
+                    // receives the changes.
+                    self.write_record(guest, stream, &entry)?;
+                    drop(changing);
                     answer
                         .await
                         .map_err(|e| RegistryError::log("cannot apply new limits", e))?;
-                    return Ok(stream);
+                    return Ok(Stream {
+                        actor: entry.actor,
+                        log_path: entry.log_path,
+                    });
                 }
-                Next::Abandon(actor, error) => {
-                    actor.log().close("cannot record the stream", true).await;
-                    return Err(error);
+                Next::Create(limits) => {
+                    let created = self.create(guest, stream, kind, limits);
+                    drop(changing);
+                    return match created? {
+                        Created::Stream(stream) => Ok(stream),
+                        Created::Unrecorded(actor, error) => {
+                            actor.log().close("cannot record the stream", true).await;
+                            Err(error)
+                        }
+                    };
                 }
             }
         }
     }
 
-    /// One step of [`Guests::open_stream`], under the registry lock. A change of limits is sent
-    /// through a place reserved on the actor's channel beforehand (`reserved`), so it goes out
-    /// under the lock, in the order the entry and its record are updated: concurrent changes
-    /// reach the actor in the order they are recorded.
+    /// One step of [`Guests::open_stream`], under the registry lock. A change (a new stream,
+    /// new limits) is decided only while the caller holds `changes` (`changing`); a change of
+    /// limits is sent through a place reserved on the actor's channel beforehand (`reserved`),
+    /// so that it goes out in the order the entry is updated and its record written.
     fn decide_open(
         &self,
         guest: &str,
         stream: &str,
         kind: StreamKind,
         limits: LimitsOverride,
-        reserved: Option<(LogHandle, Reserved)>,
+        changing: bool,
+        reserved: &mut Option<(LogHandle, Reserved)>,
     ) -> Result<Next> {
         let mut guests = self.registry();
         if let Some(closing) = guests.get(guest).and_then(|g| g.closing.clone()) {
@@ -727,12 +774,11 @@ impl Guests {
                     wanted: kind,
                 });
             }
-            let found = Stream {
-                actor: entry.actor.clone(),
-                log_path: entry.log_path.clone(),
-            };
             if limits.is_empty() {
-                return Ok(Next::Done(found));
+                return Ok(Next::Done(Stream {
+                    actor: entry.actor.clone(),
+                    log_path: entry.log_path.clone(),
+                }));
             }
             let new_limits = limits.apply(entry.limits)?;
             let old_cap = entry.limits.disk_cap();
@@ -740,17 +786,22 @@ impl Guests {
                 reserved_bytes.saturating_sub(old_cap),
                 new_limits.disk_cap(),
             )?;
-            let place = match reserved {
-                // Reserved on this very actor (not one the stream had before a removal).
-                Some((log, place)) if log.same_actor(entry.actor.log()) => place,
-                _ => return Ok(Next::Reserve(entry.actor.log().clone())),
-            };
+            // Reserved on this very actor (not one the stream had before a removal)?
+            if !reserved
+                .as_ref()
+                .is_some_and(|(log, _)| log.same_actor(entry.actor.log()))
+            {
+                return Ok(Next::Reserve(entry.actor.log().clone()));
+            }
+            if !changing {
+                return Ok(Next::Change);
+            }
+            let (_, place) = reserved.take().expect("checked above");
             // The log takes new limits even when enforcing them fails (a rotation error is
-            // returned, and the next write retries), so entry and record follow at once.
+            // returned, and the next write retries), so the entry and its record follow at once.
             let answer = place.set_limits(new_limits);
             entry.limits = new_limits;
-            self.write_record(guest, stream, entry)?;
-            return Ok(Next::Apply(answer, found));
+            return Ok(Next::Apply(answer, entry.clone()));
         }
         let limits = limits.apply(self.default_limits())?;
         if !guests.contains_key(guest) && guest_count >= self.config.limits.guests as usize {
@@ -767,8 +818,23 @@ impl Guests {
             });
         }
         self.check_disk_budget(reserved_bytes, limits.disk_cap())?;
-        // Opening the log and binding the sockets are system calls, not awaits: done under the
-        // lock, so that two calls cannot both create the stream.
+        Ok(if changing {
+            Next::Create(limits)
+        } else {
+            Next::Change
+        })
+    }
+
+    /// Creates a stream decided by [`Guests::decide_open`]; the caller holds `changes`, so
+    /// nothing else is created, changed or marked closing meanwhile. Opening the log, binding
+    /// the sockets and syncing the record happen without the registry lock.
+    fn create(
+        &self,
+        guest: &str,
+        stream: &str,
+        kind: StreamKind,
+        limits: LogLimits,
+    ) -> Result<Created> {
         let log_path = self.log_path(guest, stream);
         let actor = self.start_actor(guest, stream, kind, &log_path, limits, None)?;
         let entry = StreamEntry {
@@ -777,8 +843,9 @@ impl Guests {
             actor: actor.clone(),
         };
         if let Err(e) = self.write_record(guest, stream, &entry) {
-            return Ok(Next::Abandon(actor, e));
+            return Ok(Created::Unrecorded(actor, e));
         }
+        let mut guests = self.registry();
         guests
             .entry(guest.to_owned())
             .or_insert_with(|| GuestEntry {
@@ -788,8 +855,9 @@ impl Guests {
             .streams
             .insert(stream.to_owned(), entry);
         self.update_gauges(&guests);
+        drop(guests);
         tracing::info!(guest, stream, kind = kind.noun(), log = %log_path.display(), "stream created");
-        Ok(Next::Done(Stream { actor, log_path }))
+        Ok(Created::Stream(Stream { actor, log_path }))
     }
 
     /// The stream `guest/name`; with no name, the guest's `serial0` console if it has one,
@@ -885,6 +953,8 @@ impl Guests {
     pub async fn remove_guest(self: &Arc<Self>, guest: &GuestName) -> Result<u32> {
         let guest = guest.as_str();
         let (done, streams) = loop {
+            // Not while a stream is being created: it would land in a closing guest.
+            let changing = self.changes.lock().await;
             let closing = {
                 let mut guests = self.registry();
                 let entry = guests
@@ -904,6 +974,7 @@ impl Guests {
                     }
                 }
             };
+            drop(changing);
             // Removed by another call meanwhile: then it is not found (as if after it).
             removal_over(closing).await;
         };

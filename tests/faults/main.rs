@@ -28,6 +28,7 @@ mod keeper;
 mod linger;
 mod log_integrity;
 mod power_cut;
+mod registry_races;
 mod startup_signals;
 mod takeover;
 mod takeover_verdict;

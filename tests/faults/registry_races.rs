@@ -1,8 +1,8 @@
 //! The registry against the real binary: no call waits behind another guest's actor, and a
 //! guest being removed cannot be brought back half-way.
 //!
-//! Two fault points hold an actor round trip for [`HOLD_MS`] (armed for every daemon of this
-//! binary, which is why both tests arm the same set): `guests.remove.closing` holds a
+//! Two fault points hold an actor round trip for [`HOLD_MS`] (both armed, through the daemon's
+//! environment, for the daemons of these tests): `guests.remove.closing` holds a
 //! `RemoveGuest` once its guest is marked closing, before its streams are closed;
 //! `log_owner.set_limits` holds a stream's actor inside a change of its limits. While one is
 //! held, the tests serve another guest and check that the held call has not finished yet: the
@@ -11,7 +11,7 @@
 //! racing the removal would bind sockets that the removal then deletes, and its record would be
 //! removed too.
 
-mod support;
+use crate::support;
 
 use conlog::proto::{self, attach::Mode, LogMode};
 use std::io::Write;
@@ -21,13 +21,9 @@ use tonic::Code;
 /// How long a fault point holds its call: far longer than serving another guest takes.
 const HOLD_MS: u64 = 8000;
 
-/// Arms both fault points for the daemons this process starts (the same value in every test,
-/// so tests running at once agree).
-fn arm() {
-    std::env::set_var(
-        "CONLOG_FAULT_POINTS",
-        format!("guests.remove.closing=sleep:{HOLD_MS},log_owner.set_limits=sleep:{HOLD_MS}"),
-    );
+/// Both fault points, for the daemon's environment.
+fn armed() -> String {
+    format!("guests.remove.closing=sleep:{HOLD_MS},log_owner.set_limits=sleep:{HOLD_MS}")
 }
 
 /// Waits until the daemon's log says `point` was reached.
@@ -98,8 +94,7 @@ fn line_of(log: &str, parts: &[&str]) -> Option<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_being_removed_is_not_resurrected_and_holds_up_no_other_guest() {
-    arm();
-    let mut daemon = Daemon::start().await;
+    let mut daemon = Daemon::start_env(&[("CONLOG_FAULT_POINTS", &armed())]).await;
     let mut agent = daemon.agent().await;
     open_console(&mut agent, "doomed").await;
     logged_pipe(&daemon, "doomed", b"old output\n", None).await;
@@ -202,8 +197,7 @@ async fn a_guest_being_removed_is_not_resurrected_and_holds_up_no_other_guest() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_actor_holds_up_no_other_guest() {
-    arm();
-    let daemon = Daemon::start().await;
+    let daemon = Daemon::start_env(&[("CONLOG_FAULT_POINTS", &armed())]).await;
     let mut agent = daemon.agent().await;
     logged_pipe(
         &daemon,
