@@ -481,6 +481,89 @@ mod tests {
             segments[0].start
         );
     }
+
+    /// A log of `max_size` files in `dir` (rotating, 3 backups).
+    fn log_in(dir: &std::path::Path, max_size: u64) -> LogFile {
+        let limits = LogLimits {
+            max_size,
+            max_backups: 3,
+            mode: LogMode::Rotate,
+        };
+        LogFile::open(&dir.join("s.log"), &dir.join("s.pos"), limits).unwrap()
+    }
+
+    /// (start, len, file_pos) of what `first_needed` keeps for `position`.
+    fn kept(log: &LogFile, position: u64) -> Vec<(u64, u64, u64)> {
+        first_needed(log.open_segments(0).unwrap(), position)
+            .iter()
+            .map(|s| (s.start, s.len, s.file_pos))
+            .collect()
+    }
+
+    #[test]
+    fn a_reader_holds_the_file_of_its_position_or_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = log_in(dir.path(), 4096);
+        log.append(&[b'x'; 10_000]).unwrap();
+        // Files: 0..4096, 4096..8192, 8192..10000.
+        assert_eq!(kept(&log, 0), [(0, 4096, 0)]);
+        assert_eq!(kept(&log, 4095), [(0, 4096, 0)]);
+        assert_eq!(kept(&log, 4096), [(4096, 4096, 0)]);
+        assert_eq!(kept(&log, 9999), [(8192, 1808, 0)]);
+        // At the end: nothing to read yet.
+        assert_eq!(kept(&log, 10_000), []);
+        // Rotated away (three backups keep 4 files of 4 KiB): the oldest file still on disk.
+        log.append(&[b'y'; 8000]).unwrap();
+        let oldest = log.open_segments(0).unwrap()[0].start;
+        assert_eq!(oldest, 4096);
+        assert_eq!(kept(&log, 100), [(4096, 4096, 0)]);
+        // A position inside a gap: the segment after the gap, which starts inside its file.
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = log_in(dir.path(), 4096);
+        log.append(&[b'a'; 100]).unwrap();
+        log.skip(50);
+        log.append(&[b'b'; 100]).unwrap();
+        assert_eq!(kept(&log, 99), [(0, 100, 0)]);
+        assert_eq!(kept(&log, 120), [(150, 100, 100)]);
+        assert_eq!(kept(&log, 150), [(150, 100, 100)]);
+    }
+
+    /// Counted back across 64 KiB read blocks, and in a segment that starts inside its file
+    /// (after a gap): the offset is exact.
+    #[test]
+    fn tail_lines_reads_back_across_blocks_and_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = log_in(dir.path(), 1 << 20);
+        let head = "h".repeat(1000) + "\n";
+        log.append(head.as_bytes()).unwrap();
+        log.skip(7);
+        let text: String = (0..30_000).map(|i| format!("line {i:05}\n")).collect();
+        log.append(text.as_bytes()).unwrap();
+        let segments = log.open_segments(0).unwrap();
+        let after_gap = head.len() as u64 + 7;
+        assert_eq!(segments.len(), 2);
+        assert_eq!(
+            (segments[1].start, segments[1].file_pos),
+            (after_gap, head.len() as u64)
+        );
+        // 11 bytes a line: 12,000 lines are 132,000 bytes back, past two 64 KiB blocks.
+        for n in [1, 5_000, 6_000, 12_000, 29_999] {
+            let start = tail_lines_start(&segments, n).unwrap();
+            let line = 30_000 - n;
+            let expected = after_gap + 11 * line;
+            assert_eq!(start, expected, "{n} lines");
+            let at = usize::try_from(start - after_gap).unwrap();
+            assert_eq!(&text[at..at + 11], format!("line {line:05}\n"), "{n} lines");
+        }
+        // The text's first line starts just after the head's newline: in the gap, which the
+        // reader then reports as such.
+        assert_eq!(
+            tail_lines_start(&segments, 30_000).unwrap(),
+            head.len() as u64
+        );
+        // One more: the head's line, in the segment before the gap.
+        assert_eq!(tail_lines_start(&segments, 30_001).unwrap(), 0);
+    }
     use crate::config::LogMode;
     use crate::logfile::{LogFile, LogLimits};
 }
