@@ -27,7 +27,7 @@ use crate::logfile::{LogFile, LogLimits};
 use crate::metrics::Metrics;
 use crate::names;
 use crate::pipe::PipeHandle;
-use crate::upgrade::{ConsoleFds, StreamFds};
+use crate::upgrade::{FrozenConsole, FrozenStream};
 use futures::future::{join_all, BoxFuture};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -315,7 +315,7 @@ impl Guests {
         kind: StreamKind,
         log_path: &Path,
         limits: LogLimits,
-        carried_console: Option<ConsoleFds>,
+        carried_console: Option<FrozenConsole>,
     ) -> Result<Actor> {
         // Check what can be refused before anything is created on disk.
         let paths = match kind {
@@ -342,8 +342,8 @@ impl Guests {
 
     /// Brings back every stream recorded in the state directory: consoles listen again at the
     /// same paths, pipes come back closed.
-    pub async fn restore(&self, inherited: Vec<StreamFds>) -> Result<usize> {
-        let mut inherited: HashMap<(String, String), StreamFds> = inherited
+    pub async fn restore(&self, inherited: Vec<FrozenStream>) -> Result<usize> {
+        let mut inherited: HashMap<(String, String), FrozenStream> = inherited
             .into_iter()
             .map(|fds| ((fds.guest.clone(), fds.stream.clone()), fds))
             .collect();
@@ -454,7 +454,7 @@ impl Guests {
         guest: &str,
         stream: &str,
         record_path: &Path,
-        carried: Option<StreamFds>,
+        carried: Option<FrozenStream>,
     ) -> Result<(StreamEntry, Vec<OwnedFd>)> {
         let mut repaired = false;
         let record = match read_record(record_path) {
@@ -530,7 +530,7 @@ impl Guests {
     /// Freezes every stream for an upgrade and forgets them: returns what each carries. A guest
     /// being removed is left to its remover (the upgrade gate lets a removal finish before a
     /// freeze, so there is none in practice).
-    pub async fn freeze_all(&self) -> Vec<StreamFds> {
+    pub async fn freeze_all(&self) -> Vec<FrozenStream> {
         let taken: Vec<(String, String, Actor)> = {
             let mut guests = self.registry();
             let mut taken = Vec::new();
@@ -551,7 +551,7 @@ impl Guests {
                 Actor::Pipe(handle) => (handle.freeze().await, None),
                 Actor::Console(handle) => (Vec::new(), handle.freeze().await),
             };
-            StreamFds {
+            FrozenStream {
                 guest,
                 stream,
                 pipes,

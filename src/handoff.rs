@@ -213,15 +213,16 @@ impl Handoffs {
             .expire(Instant::now());
     }
 
-    /// Takes every pending hand-off (for an upgrade), with the time each has left.
-    pub fn take_all(&self) -> Vec<crate::upgrade::HandoffFds> {
+    /// Freezes every pending hand-off (for an upgrade or a takeover): takes them, with the time
+    /// each has left, for the next image to [`adopt`](Self::adopt).
+    pub fn freeze(&self) -> Vec<crate::upgrade::FrozenHandoff> {
         let mut tokens = self.pending.lock().expect("hand-off table poisoned");
         let now = Instant::now();
         tokens.expire(now);
         tokens
             .live
             .drain()
-            .map(|(token, p)| crate::upgrade::HandoffFds {
+            .map(|(token, p)| crate::upgrade::FrozenHandoff {
                 token,
                 guest: p.guest,
                 stream: p.stream,
@@ -232,7 +233,7 @@ impl Handoffs {
     }
 
     /// Takes over pending hand-offs carried by an upgrade; their tokens stay valid.
-    pub fn adopt(&self, carried: Vec<crate::upgrade::HandoffFds>) {
+    pub fn adopt(&self, carried: Vec<crate::upgrade::FrozenHandoff>) {
         let mut tokens = self.pending.lock().expect("hand-off table poisoned");
         let now = Instant::now();
         for h in carried {

@@ -12,7 +12,7 @@
 
 use super::StartError;
 use crate::config::Config;
-use crate::upgrade::ListenerFds;
+use crate::upgrade::FrozenListeners;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::net::SocketAddr;
@@ -108,7 +108,7 @@ impl Listeners {
     /// The carried descriptors of a previous image (or of this one, after an upgrade that
     /// failed). The health listener follows `config`: see [`follow_health`]. `conlogd.lock`
     /// names this process from now on (a successor's pid differs from its predecessor's).
-    pub fn adopt(fds: ListenerFds, config: &Config) -> Self {
+    pub fn adopt(fds: FrozenListeners, config: &Config) -> Self {
         let lock = File::from(fds.lock);
         name_holder(&lock);
         let listeners = Self {
@@ -124,9 +124,9 @@ impl Listeners {
         listeners
     }
 
-    /// Gives the descriptors up for an upgrade.
-    pub fn into_fds(self) -> ListenerFds {
-        ListenerFds {
+    /// Gives the descriptors up for an upgrade or a takeover (adopted again by [`Listeners::adopt`]).
+    pub fn freeze(self) -> FrozenListeners {
+        FrozenListeners {
             lock: OwnedFd::from(self.lock),
             local: OwnedFd::from(self.local),
             fd_sock: OwnedFd::from(self.fd_sock),

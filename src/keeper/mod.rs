@@ -38,7 +38,7 @@ pub mod server;
 pub mod systemd;
 
 use crate::config::{Config, KeeperMode};
-use crate::upgrade::{ConsoleFds, HandoffFds, StreamFds};
+use crate::upgrade::{FrozenConsole, FrozenHandoff, FrozenStream};
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -171,8 +171,8 @@ impl Held {
 
     /// Every stream's pipes and console sockets. A console comes back only with both its
     /// listening sockets (anything else of it is closed).
-    pub fn take_streams(&mut self) -> Vec<StreamFds> {
-        let mut streams: BTreeMap<(String, String), StreamFds> = BTreeMap::new();
+    pub fn take_streams(&mut self) -> Vec<FrozenStream> {
+        let mut streams: BTreeMap<(String, String), FrozenStream> = BTreeMap::new();
         let mut consoles: BTreeMap<(String, String), BTreeMap<String, OwnedFd>> = BTreeMap::new();
         let taken: Vec<String> = self
             .entries
@@ -185,7 +185,7 @@ impl Held {
             match names::parse(&name) {
                 Some(names::Parsed::Pipe { guest, stream }) => streams
                     .entry((guest.clone(), stream.clone()))
-                    .or_insert_with(|| StreamFds {
+                    .or_insert_with(|| FrozenStream {
                         guest,
                         stream,
                         pipes: Vec::new(),
@@ -222,13 +222,13 @@ impl Held {
             };
             let entry = streams
                 .entry((guest.clone(), device.clone()))
-                .or_insert_with(|| StreamFds {
+                .or_insert_with(|| FrozenStream {
                     guest,
                     stream: device,
                     pipes: Vec::new(),
                     console: None,
                 });
-            entry.console = Some(ConsoleFds {
+            entry.console = Some(FrozenConsole {
                 guest_listener,
                 client_listener,
                 guest_connection: parts.remove(names::CONNECTION),
@@ -239,7 +239,7 @@ impl Held {
     }
 
     /// Pending hand-offs that have not expired (expired ones are closed).
-    pub fn take_handoffs(&mut self) -> Vec<HandoffFds> {
+    pub fn take_handoffs(&mut self) -> Vec<FrozenHandoff> {
         let taken: Vec<String> = self
             .entries
             .keys()
@@ -257,7 +257,7 @@ impl Held {
             }) = names::parse(&name)
             {
                 if !expires_in.is_zero() {
-                    handoffs.push(HandoffFds {
+                    handoffs.push(FrozenHandoff {
                         token,
                         guest,
                         stream,

@@ -33,7 +33,7 @@
 //! the `OK` without a verdict, and the successor proceeds after sending it.
 
 use super::snapshot::{self, Envelope, FORMAT_VERSION};
-use super::State;
+use super::FrozenDaemon;
 use std::io::{self, ErrorKind, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
@@ -181,8 +181,11 @@ fn peek(stream: &UnixStream) -> io::Result<usize> {
 /// Daemon side, steps 3–6: sends the state, waits for the successor's `OK` and gives the
 /// verdict. `Ok` means committed: the caller must exit and never use the state again. On
 /// failure the state comes back so the daemon can thaw it; the successor was told `NO`.
-pub async fn send(stream: &mut UnixStream, state: State) -> Result<(), (State, io::Error)> {
-    let (snapshot, carried) = state.into_parts();
+pub async fn send(
+    stream: &mut UnixStream,
+    state: FrozenDaemon,
+) -> Result<(), (FrozenDaemon, io::Error)> {
+    let (snapshot, carried) = state.index();
     let envelope = Envelope {
         snapshot,
         descriptors: carried.len(),
@@ -208,7 +211,7 @@ pub async fn send(stream: &mut UnixStream, state: State) -> Result<(), (State, i
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(b"NO\n")).await;
     let _ = stream.shutdown().await;
     let state =
-        State::from_parts(envelope.snapshot, carried).expect("indexes we just made are valid");
+        FrozenDaemon::resolve(envelope.snapshot, carried).expect("indexes we just made are valid");
     Err((state, error))
 }
 
@@ -262,7 +265,7 @@ async fn send_batch(stream: &UnixStream, batch: &[OwnedFd]) -> io::Result<()> {
 /// Successor side, steps 1 and 3–7: connects, receives the state, confirms it and waits for
 /// the verdict. `Ok` means the state is this process's alone: adopt and serve it. An error
 /// means the running daemon keeps (or may keep) serving: exit without touching a log.
-pub async fn receive(runtime_dir: &Path) -> io::Result<State> {
+pub async fn receive(runtime_dir: &Path) -> io::Result<FrozenDaemon> {
     let path = runtime_dir.join("handover.sock");
     let mut stream = UnixStream::connect(&path).await.map_err(|e| {
         io::Error::new(
@@ -376,7 +379,7 @@ fn process_alive(pid: u32) -> bool {
 }
 
 /// The state, the pid of the daemon that sent it, and whether it gives a verdict (step 6).
-async fn receive_parts(stream: &mut UnixStream) -> io::Result<(State, u32, bool)> {
+async fn receive_parts(stream: &mut UnixStream) -> io::Result<(FrozenDaemon, u32, bool)> {
     let mut header = vec![0u8; snapshot::HEADER_LEN];
     stream.read_exact(&mut header).await?;
     let total = snapshot::announced_len(&header).map_err(io::Error::other)?;
@@ -395,7 +398,8 @@ async fn receive_parts(stream: &mut UnixStream) -> io::Result<(State, u32, bool)
         return Err(io::Error::other("more descriptors arrived than announced"));
     }
     let (from_pid, verdicts) = (envelope.snapshot.from_pid, envelope.snapshot.verdicts);
-    let state = super::State::from_parts(envelope.snapshot, carried).map_err(io::Error::other)?;
+    let state =
+        super::FrozenDaemon::resolve(envelope.snapshot, carried).map_err(io::Error::other)?;
     Ok((state, from_pid, verdicts))
 }
 
