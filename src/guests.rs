@@ -300,7 +300,7 @@ impl Guests {
 
     fn console_settings(&self) -> ConsoleSettings {
         ConsoleSettings {
-            client_queue: self.config.consoles.client_queue.bytes() as usize,
+            client_queue: self.config.consoles.client_queue.bytes_usize(),
             max_replay: self.config.consoles.max_replay.bytes(),
             max_clients: self.config.limits.clients_per_console as usize,
             input_rate: self.config.limits.input_rate.bytes(),
@@ -881,10 +881,15 @@ impl Guests {
     }
 
     fn update_gauges(&self, guests: &Registry) {
-        self.metrics.guests.set(guests.len() as i64);
         self.metrics
-            .streams
-            .set(guests.values().map(|g| g.streams.len() as i64).sum());
+            .guests
+            .set(crate::metrics::gauge_value(guests.len()));
+        self.metrics.streams.set(
+            guests
+                .values()
+                .map(|g| crate::metrics::gauge_value(g.streams.len()))
+                .sum(),
+        );
     }
 }
 
@@ -921,7 +926,8 @@ impl Removal {
                 .join(guest),
         );
         tracing::info!(guest, streams = streams.len(), "guest removed");
-        streams.len() as u32
+        // At most `streams_per_guest` (a u32).
+        u32::try_from(streams.len()).unwrap_or(u32::MAX)
     }
 }
 

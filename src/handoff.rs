@@ -505,7 +505,7 @@ mod tests {
         vec(any::<u16>(), len).prop_map(|raw| {
             raw.into_iter()
                 .map(|r| {
-                    let value = (r >> 4) as u8;
+                    let value = (r >> 4).to_le_bytes()[0];
                     match r % 16 {
                         0 => b'\n',
                         1 => b'\r',

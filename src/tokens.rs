@@ -314,7 +314,8 @@ mod tests {
     fn a_key_file_is_read_as_its_hex_digits() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token.key");
-        let bytes: Vec<u8> = (0..KEY_BYTES as u8)
+        let bytes: Vec<u8> = (0u8..)
+            .take(KEY_BYTES)
             .map(|i| i.wrapping_mul(37) ^ 0xa5)
             .collect();
         let hex: String = bytes.iter().map(|b| format!("{b:02X}")).collect();

@@ -1,5 +1,9 @@
 //! Console input and output paths against the real `conlogd` with a fake guest: raw
 //! `client.sock` connections (and `socat`), guest reconnects, and replay of recent output.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 mod support;
 

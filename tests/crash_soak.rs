@@ -22,6 +22,11 @@
 //!
 //! `CONLOG_SOAK=full cargo test --test crash_soak -- --nocapture` gives the figures in
 //! docs/operations.md.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 mod crash_common;
 mod support;

@@ -13,6 +13,10 @@
 //! The tools are found on PATH, or where `HELM`, `KUBERNETES_VALIDATE`, `YAMLLINT`, `CHECKOV` and
 //! `BUILDAH` point. A missing tool fails the test and names the package to install (see
 //! deploy/README.md, "Validation"); nothing is skipped.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use serde_yaml::{Mapping, Value};
 use std::collections::BTreeSet;

@@ -6,6 +6,10 @@
 //!
 //! The streams are log pipes with `max_size` 4096 and 3 backups: 30 000 bytes written leave
 //! offsets 16 384 .. 30 000 on disk in four files, so every read crosses file boundaries.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 mod history_common;
 mod support;

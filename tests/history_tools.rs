@@ -1,6 +1,10 @@
 //! `ReadHistory` through the tools operators use: `grpcurl` (1.8, on PATH) printing readable
 //! text over the UNIX socket and over TCP, and `conlogctl history` writing the raw bytes to
 //! stdout (UNIX socket and `--server`), with `--follow` ending when the guest is removed.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 mod history_common;
 mod support;

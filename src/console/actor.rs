@@ -346,10 +346,9 @@ impl ConsoleActor {
             .console
             .clients
             .swap(self.clients.len() as u64, Relaxed);
-        self.owner
-            .metrics
-            .clients
-            .inc_by(self.clients.len() as i64 - before as i64);
+        self.owner.metrics.clients.inc_by(
+            crate::metrics::gauge_value(self.clients.len()) - crate::metrics::gauge_value(before),
+        );
     }
 
     fn guest_connected(&mut self, stream: UnixStream) {

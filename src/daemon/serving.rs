@@ -77,7 +77,7 @@ impl Serving {
         };
         let console = ConsoleService::new(
             guests.clone(),
-            config.history.chunk_size.bytes() as usize,
+            config.history.chunk_size.bytes_usize(),
             config.limits.input_rate.bytes(),
             security.tokens.clone(),
         )

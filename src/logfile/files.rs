@@ -50,7 +50,7 @@ pub fn open_log(path: &Path) -> io::Result<File> {
         .create(true)
         .truncate(false)
         .mode(0o640)
-        .custom_flags(rustix::fs::OFlags::CLOEXEC.bits() as i32)
+        .custom_flags(rustix::fs::OFlags::CLOEXEC.bits().cast_signed())
         .open(path)?;
     io::Seek::seek(&mut file, io::SeekFrom::End(0))?;
     Ok(file)

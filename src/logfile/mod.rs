@@ -39,6 +39,10 @@ mod read;
 mod record;
 mod recover;
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test data of known, small sizes"
+)]
 mod tests;
 
 pub use files::{backup_path, backups_of, write_atomically};
@@ -335,7 +339,7 @@ impl LogFile {
     pub fn append(&mut self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             let room = self.make_room()?;
-            let n = room.min(data.len() as u64) as usize;
+            let n = usize::try_from(room).map_or(data.len(), |room| room.min(data.len()));
             self.reserve(self.end + n as u64)?;
             let file = self.file.as_mut().expect("make_room opened the file");
             let written = file.write(&data[..n])?;
@@ -357,7 +361,8 @@ impl LogFile {
     pub fn log(&mut self, data: &[u8]) -> Written {
         let before = self.end;
         let result = self.append(data);
-        let logged = (self.end - before) as usize;
+        // At most `data.len()`.
+        let logged = usize::try_from(self.end - before).unwrap_or(data.len());
         let dropped = data.len() - logged;
         if let Err(e) = result {
             tracing::debug!(path = %self.path.display(), error = %e, dropped, "log write failed");
@@ -474,7 +479,9 @@ impl LogFile {
             .unwrap_or(backups.len())
             .min(keep as usize);
         if cut < backups.len() {
-            files::remove_backups(&self.path, cut as u32 + 1, backups.len() as u32)?;
+            // Both at most MAX_SCAN (a u32).
+            let count = |n: usize| u32::try_from(n).unwrap_or(MAX_SCAN);
+            files::remove_backups(&self.path, count(cut) + 1, count(backups.len()))?;
         }
         self.forget_old_gaps();
         self.save_position(None)
@@ -483,7 +490,8 @@ impl LogFile {
     /// Removes the oldest file until at most [`MAX_GAPS`] gaps are left to remember.
     fn shed_gaps(&mut self) -> io::Result<()> {
         while self.gaps.len() > MAX_GAPS {
-            let backups = backups_of(&self.path, MAX_SCAN).len() as u32;
+            // At most MAX_SCAN (a u32).
+            let backups = u32::try_from(backups_of(&self.path, MAX_SCAN).len()).unwrap_or(MAX_SCAN);
             if backups > 0 {
                 files::remove_backups(&self.path, backups, backups)?;
             } else {

@@ -74,7 +74,7 @@ pub fn open(path: &Path) -> io::Result<File> {
         .create(true)
         .truncate(false)
         .mode(0o640)
-        .custom_flags(rustix::fs::OFlags::CLOEXEC.bits() as i32)
+        .custom_flags(rustix::fs::OFlags::CLOEXEC.bits().cast_signed())
         .open(path)
 }
 

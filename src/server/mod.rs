@@ -129,7 +129,7 @@ impl Protection {
             .max_concurrent_streams(self.calls_per_connection.saturating_mul(2))
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-            .http2_max_header_list_size(web::MAX_HEADER_BYTES as u32)
+            .http2_max_header_list_size(u32::try_from(web::MAX_HEADER_BYTES).unwrap_or(u32::MAX))
     }
 
     /// The Console service for the local socket (`remote: false`) or TCP, its request bodies

@@ -237,7 +237,9 @@ async fn send_parts(
 
 async fn send_batch(stream: &UnixStream, batch: &[OwnedFd]) -> io::Result<()> {
     use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
-    let count = (batch.len() as u32).to_le_bytes();
+    let count = u32::try_from(batch.len())
+        .map_err(|_| io::Error::other("too many descriptors for one batch"))?
+        .to_le_bytes();
     let borrowed: Vec<_> = batch.iter().map(|fd| fd.as_fd()).collect();
     let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(BATCH))];
     loop {

@@ -115,7 +115,8 @@ pub fn announced_len(header: &[u8]) -> Result<usize, SnapshotError> {
     if len > MAX_PAYLOAD {
         return Err(SnapshotError::TooLarge(len));
     }
-    Ok(HEADER + len as usize)
+    let len = usize::try_from(len).map_err(|_| SnapshotError::TooLarge(len))?;
+    Ok(HEADER + len)
 }
 
 /// Decodes and verifies an envelope: exactly the announced length, intact, well formed, and
