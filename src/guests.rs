@@ -302,7 +302,7 @@ impl Guests {
         ConsoleSettings {
             client_queue: self.config.consoles.client_queue.bytes_usize(),
             max_replay: self.config.consoles.max_replay.bytes(),
-            max_clients: self.config.limits.clients_per_console as usize,
+            max_clients: self.config.limits.max_clients_per_console(),
             input_rate: self.config.limits.input_rate.bytes(),
         }
     }
@@ -658,14 +658,14 @@ impl Guests {
             return Ok(Next::Apply(answer, found));
         }
         let limits = limits.apply(self.default_limits())?;
-        if !guests.contains_key(guest) && guest_count >= self.config.limits.guests as usize {
+        if !guests.contains_key(guest) && guest_count >= self.config.limits.max_guests() {
             return Err(Error::LimitReached {
                 limit: "limits.guests",
                 value: self.config.limits.guests.into(),
             });
         }
         let streams = guests.get(guest).map_or(0, |g| g.streams.len());
-        if streams >= self.config.limits.streams_per_guest as usize {
+        if streams >= self.config.limits.max_streams_per_guest() {
             return Err(Error::LimitReached {
                 limit: "limits.streams_per_guest",
                 value: self.config.limits.streams_per_guest.into(),

@@ -209,7 +209,7 @@ impl Daemon {
         let gate = Gate::new();
         let handoffs = Handoffs::new(
             config.handoff.token_ttl.get(),
-            config.limits.pending_handoffs as usize,
+            config.limits.max_pending_handoffs(),
             metrics.clone(),
             gate.clone(),
         );

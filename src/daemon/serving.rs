@@ -123,7 +123,7 @@ impl Serving {
                 server::serve_health(
                     listener,
                     security.protection.clone(),
-                    config.limits.tcp_connections as usize,
+                    config.limits.max_tcp_connections(),
                     stopped(),
                 )
                 .instrument(span("health")),

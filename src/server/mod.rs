@@ -84,13 +84,13 @@ impl Protection {
             remote_calls: CallLimits::remote(limits, tokens.clone()),
             message_size,
             calls_per_connection: limits.calls_per_connection,
-            tcp_connections: Arc::new(tokio::sync::Semaphore::new(limits.tcp_connections as usize)),
+            tcp_connections: Arc::new(tokio::sync::Semaphore::new(limits.max_tcp_connections())),
             connections_per_peer: tally::Tally::new(limits.connections_per_peer),
             idle_timeout: limits.idle_timeout.get(),
             body_timeout: limits.body_timeout.get(),
             remote_descriptors: Arc::new(tokio::sync::Semaphore::new(share)),
             remote_descriptors_limit: share,
-            tcp_limit: limits.tcp_connections as usize,
+            tcp_limit: limits.max_tcp_connections(),
             web: web::WebOptions::new(message_size, limits, tokens),
         }
     }
