@@ -19,24 +19,24 @@
 
 pub mod client;
 pub mod config;
-pub mod console;
+pub(crate) mod console;
 pub mod daemon;
-pub mod error;
-pub mod fault;
-pub mod guests;
-pub mod handoff;
-pub mod history;
-pub mod ids;
+pub(crate) mod error;
+pub(crate) mod fault;
+pub(crate) mod guests;
+pub(crate) mod handoff;
+pub(crate) mod history;
+pub(crate) mod ids;
 pub mod keeper;
-pub mod log_owner;
+pub(crate) mod log_owner;
 pub mod logfile;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod names;
-pub mod pipe;
-pub mod ratelimit;
-pub mod server;
+pub(crate) mod pipe;
+pub(crate) mod ratelimit;
+pub(crate) mod server;
 pub mod terminal_safety;
-pub mod tls;
+pub(crate) mod tls;
 pub mod tokens;
 pub mod upgrade;
 
