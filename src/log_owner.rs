@@ -228,6 +228,7 @@ impl LogHandle {
     }
 
     /// Replaces the stream's limits.
+    #[cfg(test)]
     pub async fn set_limits(&self, limits: LogLimits) -> io::Result<()> {
         self.reserve().await?.set_limits(limits).await
     }

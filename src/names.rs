@@ -12,9 +12,9 @@ pub const DEFAULT_PIPE_STREAM: &str = "qemu";
 pub const DEFAULT_CONSOLE_DEVICE: &str = "serial0";
 
 /// Rule for guest names, as shown to clients.
-pub const GUEST_RULE: &str = "guest names match [A-Za-z0-9][A-Za-z0-9._-]{0,63}";
+pub(crate) const GUEST_RULE: &str = "guest names match [A-Za-z0-9][A-Za-z0-9._-]{0,63}";
 /// Rule for stream and device names, as shown to clients.
-pub const STREAM_RULE: &str = "stream and device names match [a-z0-9][a-z0-9_-]{0,31}";
+pub(crate) const STREAM_RULE: &str = "stream and device names match [a-z0-9][a-z0-9_-]{0,31}";
 
 /// A name that breaks its rule.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -29,7 +29,7 @@ pub struct NameError {
 }
 
 /// Checks a guest name: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`.
-pub fn validate_guest(name: &str) -> Result<(), NameError> {
+pub(crate) fn validate_guest(name: &str) -> Result<(), NameError> {
     let ok = matches_rule(
         name,
         64,
@@ -48,7 +48,7 @@ pub fn validate_guest(name: &str) -> Result<(), NameError> {
 }
 
 /// Checks a stream or device name: `[a-z0-9][a-z0-9_-]{0,31}`.
-pub fn validate_stream(name: &str) -> Result<(), NameError> {
+pub(crate) fn validate_stream(name: &str) -> Result<(), NameError> {
     let lower_or_digit = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
     let ok = matches_rule(name, 32, lower_or_digit, |c| {
         lower_or_digit(c) || matches!(c, b'_' | b'-')
@@ -65,7 +65,7 @@ pub fn validate_stream(name: &str) -> Result<(), NameError> {
 }
 
 /// Returns `name`, or `default` when it is empty, after validating it as a stream name.
-pub fn stream_or_default<'a>(name: &'a str, default: &'a str) -> Result<&'a str, NameError> {
+pub(crate) fn stream_or_default<'a>(name: &'a str, default: &'a str) -> Result<&'a str, NameError> {
     let name = if name.is_empty() { default } else { name };
     validate_stream(name)?;
     Ok(name)

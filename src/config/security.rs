@@ -89,27 +89,27 @@ impl Default for Limits {
 /// A `u32` always fits a `usize` on the targets conlog runs on; saturating all the same.
 impl Limits {
     /// `guests`, as a count.
-    pub fn max_guests(&self) -> usize {
+    pub(crate) fn max_guests(&self) -> usize {
         count(self.guests)
     }
 
     /// `streams_per_guest`, as a count.
-    pub fn max_streams_per_guest(&self) -> usize {
+    pub(crate) fn max_streams_per_guest(&self) -> usize {
         count(self.streams_per_guest)
     }
 
     /// `pending_handoffs`, as a count.
-    pub fn max_pending_handoffs(&self) -> usize {
+    pub(crate) fn max_pending_handoffs(&self) -> usize {
         count(self.pending_handoffs)
     }
 
     /// `clients_per_console`, as a count.
-    pub fn max_clients_per_console(&self) -> usize {
+    pub(crate) fn max_clients_per_console(&self) -> usize {
         count(self.clients_per_console)
     }
 
     /// `tcp_connections`, as a count.
-    pub fn max_tcp_connections(&self) -> usize {
+    pub(crate) fn max_tcp_connections(&self) -> usize {
         count(self.tcp_connections)
     }
 

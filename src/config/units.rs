@@ -56,7 +56,7 @@ impl ByteSize {
 
     /// The value in bytes as a buffer length. Saturating: lossless on 64-bit targets, and on
     /// narrower ones a size beyond the address space could not be allocated anyway.
-    pub fn bytes_usize(self) -> usize {
+    pub(crate) fn bytes_usize(self) -> usize {
         usize::try_from(self.0).unwrap_or(usize::MAX)
     }
 }

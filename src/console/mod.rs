@@ -379,6 +379,7 @@ impl ConsoleHandle {
 pub struct Attachment {
     pub id: u64,
     pub events: ClientReceiver,
+    #[allow(dead_code, reason = "held for its Drop, which detaches the client")]
     pub guard: DetachGuard,
 }
 

@@ -27,7 +27,7 @@ const RESERVED_FDS: u64 = 32;
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The socket of the keeper serving `runtime_dir`.
-pub fn socket_path(runtime_dir: &Path) -> PathBuf {
+pub(crate) fn socket_path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("keeper.sock")
 }
 

@@ -12,7 +12,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 /// Reads the last `n` bytes held by `segments` (oldest first). Returns the offset of the first
 /// byte returned and the bytes; fewer than `n` if less is on disk. The bytes are contiguous:
 /// the tail stops at the last gap (a replay is a run of offsets that follow each other).
-pub fn read_tail(segments: &[Segment], n: u64) -> io::Result<(u64, Vec<u8>)> {
+pub(crate) fn read_tail(segments: &[Segment], n: u64) -> io::Result<(u64, Vec<u8>)> {
     let end = segments.last().map_or(0, |s| s.start + s.len);
     let mut first = segments.last().map_or(end, |s| s.start);
     for pair in segments.windows(2).rev() {
@@ -27,7 +27,7 @@ pub fn read_tail(segments: &[Segment], n: u64) -> io::Result<(u64, Vec<u8>)> {
 
 /// Reads the bytes of offsets `from .. to` from `segments`. A segment that turns out shorter
 /// than described (truncated behind our back) ends the read early.
-pub fn read_range(segments: &[Segment], from: u64, to: u64) -> io::Result<Vec<u8>> {
+pub(crate) fn read_range(segments: &[Segment], from: u64, to: u64) -> io::Result<Vec<u8>> {
     // Only a capacity hint.
     let mut out = Vec::with_capacity(usize::try_from(to.saturating_sub(from)).unwrap_or(0));
     for segment in segments {

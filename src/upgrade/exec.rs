@@ -20,11 +20,11 @@ use std::process::Command;
 use std::time::Duration;
 
 /// Names the memfd holding the snapshot.
-pub const SNAPSHOT_ENV: &str = "CONLOG_SNAPSHOT_FD";
+pub(crate) const SNAPSHOT_ENV: &str = "CONLOG_SNAPSHOT_FD";
 /// Names the descriptor of the previous image's binary.
-pub const FALLBACK_ENV: &str = "CONLOG_FALLBACK_EXE_FD";
+pub(crate) const FALLBACK_ENV: &str = "CONLOG_FALLBACK_EXE_FD";
 /// Set when the previous image is executed again as a fallback.
-pub const FALLBACK_MARK_ENV: &str = "CONLOG_UPGRADE_FALLBACK";
+pub(crate) const FALLBACK_MARK_ENV: &str = "CONLOG_UPGRADE_FALLBACK";
 
 /// What to execute for an upgrade, captured at start-up.
 pub struct Image {
@@ -53,7 +53,7 @@ impl Image {
 
 /// Why the binary at an image's path may not be executed for an upgrade.
 #[derive(Debug, thiserror::Error)]
-pub enum PreflightError {
+pub(crate) enum PreflightError {
     /// It ran but gave no answer in time.
     #[error("{} did not answer --snapshot-format within 10s", path.display())]
     Timeout { path: PathBuf },
@@ -76,7 +76,7 @@ pub enum PreflightError {
 }
 
 /// Checks that the binary at the image's path starts and reads our snapshot format.
-pub async fn preflight(image: &Image) -> Result<(), PreflightError> {
+pub(crate) async fn preflight(image: &Image) -> Result<(), PreflightError> {
     // With the daemon's own arguments, so a config the new binary refuses is caught here too.
     let run = tokio::process::Command::new(&image.path)
         .args(&image.args)
@@ -115,7 +115,7 @@ const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Replaces this process with the image, carrying `state`. Returns only on failure, with the
 /// state intact so the caller can thaw it.
-pub fn exec(image: &Image, state: FrozenDaemon) -> (FrozenDaemon, io::Error) {
+pub(crate) fn exec(image: &Image, state: FrozenDaemon) -> (FrozenDaemon, io::Error) {
     let (snapshot, carried) = state.index();
     let numbers = carried.iter().map(|fd| fd.as_raw_fd()).collect();
     let envelope = Envelope {
@@ -188,7 +188,7 @@ pub fn block_signals() {
 
 /// Once the signal handlers are installed: delivers the signals that arrived during start-up
 /// or the exec, and lets new ones in.
-pub fn unblock_signals() {
+pub(crate) fn unblock_signals() {
     if let Err(e) = handled_signals().thread_unblock() {
         tracing::warn!(error = %e, "cannot unblock signals");
     }

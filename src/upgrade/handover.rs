@@ -46,7 +46,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 /// Most descriptors in one SCM_RIGHTS message (the kernel's SCM_MAX_FD).
-pub const BATCH: usize = 253;
+pub(crate) const BATCH: usize = 253;
 /// How long either side waits for the other.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -59,7 +59,7 @@ fn hello() -> String {
 /// on only the connections that sent an exact hello. Dropping this task drops the connections
 /// still saying hello. Any local peer can connect at will: what it causes is logged at a
 /// bounded rate ([`crate::limited`]).
-pub async fn accept(listener: UnixListener, successors: mpsc::Sender<UnixStream>) {
+pub(crate) async fn accept(listener: UnixListener, successors: mpsc::Sender<UnixStream>) {
     let mut greeting = JoinSet::new();
     loop {
         tokio::select! {
@@ -137,7 +137,7 @@ async fn read_hello(stream: &mut UnixStream) -> io::Result<()> {
 /// Daemon side, between steps 1 and 2: the successor must still be connected and must not
 /// have sent anything after its hello. Checked right before freezing, so a client that said
 /// hello and then more, or went away, freezes nothing.
-pub async fn check_quiet(stream: &UnixStream) -> io::Result<()> {
+pub(crate) async fn check_quiet(stream: &UnixStream) -> io::Result<()> {
     // A peer that sends its hello and then closes or keeps talking shows it within moments; a
     // real successor stays silent until it has the state. The grace is taken while the daemon
     // still serves, so it lengthens no pause. The whole grace is waited for: readiness left
@@ -181,7 +181,7 @@ fn peek(stream: &UnixStream) -> io::Result<usize> {
 /// Daemon side, steps 3–6: sends the state, waits for the successor's `OK` and gives the
 /// verdict. `Ok` means committed: the caller must exit and never use the state again. On
 /// failure the state comes back so the daemon can thaw it; the successor was told `NO`.
-pub async fn send(
+pub(crate) async fn send(
     stream: &mut UnixStream,
     state: FrozenDaemon,
 ) -> Result<(), (FrozenDaemon, io::Error)> {
@@ -267,7 +267,7 @@ async fn send_batch(stream: &UnixStream, batch: &[OwnedFd]) -> io::Result<()> {
 /// Successor side, steps 1 and 3–7: connects, receives the state, confirms it and waits for
 /// the verdict. `Ok` means the state is this process's alone: adopt and serve it. An error
 /// means the running daemon keeps (or may keep) serving: exit without touching a log.
-pub async fn receive(runtime_dir: &Path) -> io::Result<FrozenDaemon> {
+pub(crate) async fn receive(runtime_dir: &Path) -> io::Result<FrozenDaemon> {
     let path = runtime_dir.join("handover.sock");
     let mut stream = UnixStream::connect(&path).await.map_err(|e| {
         io::Error::new(

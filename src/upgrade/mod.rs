@@ -49,11 +49,11 @@
 //! to the daemon (`daemon/transfer.rs`).
 
 pub mod exec;
-pub mod fds;
-pub mod gate;
-pub mod handover;
+pub(crate) mod fds;
+pub(crate) mod gate;
+pub(crate) mod handover;
 pub mod snapshot;
-pub mod trigger;
+pub(crate) mod trigger;
 
 use serde::{Deserialize, Serialize};
 use snapshot::{Snapshot, SnapshotError};
@@ -177,7 +177,7 @@ impl<F> FrozenListeners<F> {
 
 impl FrozenDaemon {
     /// The snapshot and the descriptors it indexes.
-    pub fn index(self) -> (Snapshot, Vec<OwnedFd>) {
+    pub(crate) fn index(self) -> (Snapshot, Vec<OwnedFd>) {
         let mut fds = Vec::new();
         let mut push = |fd: OwnedFd| -> Result<usize, std::convert::Infallible> {
             fds.push(fd);
@@ -202,7 +202,7 @@ impl FrozenDaemon {
     }
 
     /// Rebuilds the frozen daemon from a snapshot and the descriptors that came with it.
-    pub fn resolve(snapshot: Snapshot, fds: Vec<OwnedFd>) -> Result<Self, SnapshotError> {
+    pub(crate) fn resolve(snapshot: Snapshot, fds: Vec<OwnedFd>) -> Result<Self, SnapshotError> {
         let mut slots: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
         let mut take = |i: usize| -> Result<OwnedFd, SnapshotError> {
             slots
@@ -232,12 +232,17 @@ mod millis {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
-    pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(
+        duration: &Duration,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
         // A token lives for minutes: far below u64::MAX milliseconds; saturate all the same.
         serializer.serialize_u64(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Duration, D::Error> {
         u64::deserialize(deserializer).map(Duration::from_millis)
     }
 }

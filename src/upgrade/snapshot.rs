@@ -21,11 +21,11 @@ use std::os::fd::RawFd;
 use thiserror::Error;
 
 /// The first bytes of every snapshot.
-pub const MAGIC: &[u8; 8] = b"CONLOGSN";
+pub(crate) const MAGIC: &[u8; 8] = b"CONLOGSN";
 /// The snapshot format this image writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 /// Largest payload accepted (a snapshot of 10,000 guests is a few MiB).
-pub const MAX_PAYLOAD: u64 = 256 << 20;
+pub(crate) const MAX_PAYLOAD: u64 = 256 << 20;
 const HEADER: usize = 8 + 4 + 8 + 4;
 
 /// Why a snapshot was refused.
@@ -56,7 +56,7 @@ pub enum SnapshotError {
 
 /// Everything the next image needs beyond the state directory.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// Pid of the image that wrote it (for logs).
     pub from_pid: u32,
     /// Each descriptor is an index into the list that travels beside the snapshot.
@@ -76,7 +76,7 @@ pub struct Snapshot {
 
 /// The payload: the snapshot and, for `execve`, the descriptor numbers (which survive exec).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Envelope {
+pub(crate) struct Envelope {
     pub snapshot: Snapshot,
     /// How many descriptors travel with the snapshot.
     pub descriptors: usize,
@@ -85,7 +85,7 @@ pub struct Envelope {
 }
 
 /// Encodes an envelope with its header.
-pub fn encode(envelope: &Envelope) -> Vec<u8> {
+pub(crate) fn encode(envelope: &Envelope) -> Vec<u8> {
     let payload = serde_json::to_vec(envelope).expect("snapshot serializes");
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.extend_from_slice(MAGIC);
@@ -97,7 +97,7 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
 }
 
 /// The total length announced by a header (to know how much to read), after checking it.
-pub fn announced_len(header: &[u8]) -> Result<usize, SnapshotError> {
+pub(crate) fn announced_len(header: &[u8]) -> Result<usize, SnapshotError> {
     if header.len() < HEADER {
         return Err(SnapshotError::Truncated {
             have: header.len(),
@@ -122,7 +122,7 @@ pub fn announced_len(header: &[u8]) -> Result<usize, SnapshotError> {
 /// Decodes and verifies an envelope: exactly the announced length, intact, well formed, and
 /// with as many inherited descriptor numbers (if any) as descriptors announced. Whether the
 /// indexes point at descriptors that arrived is checked by [`super::FrozenDaemon::resolve`].
-pub fn decode(bytes: &[u8]) -> Result<Envelope, SnapshotError> {
+pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, SnapshotError> {
     let total = announced_len(bytes)?;
     if bytes.len() < total {
         return Err(SnapshotError::Truncated {
@@ -151,7 +151,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, SnapshotError> {
 }
 
 /// The header length, for readers that read it first.
-pub const HEADER_LEN: usize = HEADER;
+pub(crate) const HEADER_LEN: usize = HEADER;
 
 #[cfg(test)]
 mod tests {
@@ -352,7 +352,7 @@ mod tests {
                 })
         }
 
-        pub fn envelope() -> impl Strategy<Value = Envelope> {
+        pub(crate) fn envelope() -> impl Strategy<Value = Envelope> {
             let snapshot = (
                 any::<u32>(),
                 listeners(),
