@@ -3,6 +3,17 @@
 //! The daemon (`conlogd`) is assembled in [`daemon`]; each other module owns one concern and
 //! says in its doc what it must never do.
 //!
+//! # Public API
+//!
+//! Only what `conlogd`, `conlogctl`, the bench (`conlog-bench`) and the integration tests use
+//! is `pub`: [`proto`], [`client`] (connecting, receiving hand-off pipes), [`config`] (loading,
+//! [`config::ByteSize`], [`config::HumanDuration`], [`config::Limits`]), [`daemon::run`] and
+//! [`daemon::preflight`], [`upgrade::exec`]'s start-up steps and the snapshot format version,
+//! [`keeper`]'s server, check, systemd hand-over and wire protocol, [`logfile::backup_path`]
+//! and [`logfile::backups_of`], [`names`]' defaults, [`terminal_safety::QueryFilter`] and
+//! [`tokens`]' key and grants. Everything else is `pub(crate)`, so the compiler reports code
+//! nothing uses.
+//!
 //! # Unsafe code
 //!
 //! `unsafe_code` is denied for the whole crate (`[lints]` in Cargo.toml), and every `unsafe`

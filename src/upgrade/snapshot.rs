@@ -230,6 +230,37 @@ mod tests {
         ));
     }
 
+    /// The frozen types carry descriptor indexes in the same JSON as the index structs of
+    /// older images did (same field names, the time left in whole milliseconds), so images on
+    /// either side of that change read each other's snapshots.
+    #[test]
+    fn frozen_types_keep_the_format_1_field_names() {
+        let handoff = FrozenHandoff {
+            token: "t".into(),
+            guest: "vm1".into(),
+            stream: "qemu".into(),
+            write_end: 3usize,
+            expires_in: std::time::Duration::from_millis(1500),
+        };
+        assert_eq!(
+            serde_json::to_value(&handoff).unwrap(),
+            serde_json::json!({
+                "token": "t", "guest": "vm1", "stream": "qemu",
+                "write_end": 3, "expires_in_ms": 1500
+            })
+        );
+        let console = serde_json::json!({
+            "guest_listener": 5, "client_listener": 6,
+            "guest_connection": null, "pending_input": [108, 115]
+        });
+        let stream: FrozenStream<usize> = serde_json::from_value(serde_json::json!({
+            "guest": "vm1", "stream": "serial0", "pipes": [1, 2], "console": console
+        }))
+        .unwrap();
+        assert_eq!(stream.pipes, vec![1, 2]);
+        assert_eq!(stream.console.unwrap().pending_input, b"ls");
+    }
+
     /// A snapshot written before the health listener existed (same format version) is read
     /// as having none, and one that has it is still read by a decoder that does not know the
     /// field (serde ignores unknown fields of these structs).
