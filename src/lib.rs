@@ -28,6 +28,11 @@
 //!   `CommandExt::pre_exec`, to keep the handled signals blocked across `execve` so a signal
 //!   sent during the exec waits for the new image's handlers.
 
+#![allow(
+    rustdoc::private_intra_doc_links,
+    reason = "module docs are for maintainers, who read them with --document-private-items"
+)]
+
 pub mod client;
 pub mod config;
 pub(crate) mod console;
