@@ -33,7 +33,7 @@ use crate::logfile::{LogFile, LogLimits};
 use crate::metrics::Metrics;
 use crate::names::{self, GuestName, StreamName};
 use crate::pipe::PipeHandle;
-use crate::upgrade::{ConsoleFds, StreamFds};
+use crate::upgrade::{FrozenConsole, FrozenStream};
 use futures::future::{join_all, BoxFuture};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -411,9 +411,9 @@ impl Guests {
 
     fn console_settings(&self) -> ConsoleSettings {
         ConsoleSettings {
-            client_queue: self.config.consoles.client_queue.bytes() as usize,
+            client_queue: self.config.consoles.client_queue.bytes_usize(),
             max_replay: self.config.consoles.max_replay.bytes(),
-            max_clients: self.config.limits.clients_per_console as usize,
+            max_clients: self.config.limits.max_clients_per_console(),
             input_rate: self.config.limits.input_rate.bytes(),
         }
     }
@@ -426,7 +426,7 @@ impl Guests {
         kind: StreamKind,
         log_path: &Path,
         limits: LogLimits,
-        carried_console: Option<ConsoleFds>,
+        carried_console: Option<FrozenConsole>,
     ) -> Result<Actor> {
         // Check what can be refused before anything is created on disk.
         let paths = match kind {
@@ -453,8 +453,8 @@ impl Guests {
 
     /// Brings back every stream recorded in the state directory: consoles listen again at the
     /// same paths, pipes come back closed.
-    pub async fn restore(&self, inherited: Vec<StreamFds>) -> Result<usize> {
-        let mut inherited: HashMap<(String, String), StreamFds> = inherited
+    pub async fn restore(&self, inherited: Vec<FrozenStream>) -> Result<usize> {
+        let mut inherited: HashMap<(String, String), FrozenStream> = inherited
             .into_iter()
             .map(|fds| ((fds.guest.clone(), fds.stream.clone()), fds))
             .collect();
@@ -571,7 +571,7 @@ impl Guests {
         guest: &str,
         stream: &str,
         record_path: &Path,
-        carried: Option<StreamFds>,
+        carried: Option<FrozenStream>,
     ) -> Result<(StreamEntry, Vec<OwnedFd>)> {
         let mut repaired = false;
         let record = match read_record(record_path) {
@@ -644,7 +644,7 @@ impl Guests {
     /// Freezes every stream for an upgrade and forgets them: returns what each carries. A guest
     /// being removed is left to its remover (the upgrade gate lets a removal finish before a
     /// freeze, so there is none in practice).
-    pub async fn freeze_all(&self) -> Vec<StreamFds> {
+    pub async fn freeze_all(&self) -> Vec<FrozenStream> {
         let taken: Vec<(String, String, Actor)> = {
             let mut guests = self.registry();
             let mut taken = Vec::new();
@@ -665,7 +665,7 @@ impl Guests {
                 Actor::Pipe(handle) => (handle.freeze().await, None),
                 Actor::Console(handle) => (Vec::new(), handle.freeze().await),
             };
-            StreamFds {
+            FrozenStream {
                 guest,
                 stream,
                 pipes,
@@ -804,14 +804,14 @@ impl Guests {
             return Ok(Next::Apply(answer, entry.clone()));
         }
         let limits = limits.apply(self.default_limits())?;
-        if !guests.contains_key(guest) && guest_count >= self.config.limits.guests as usize {
+        if !guests.contains_key(guest) && guest_count >= self.config.limits.max_guests() {
             return Err(RegistryError::LimitReached {
                 limit: "limits.guests",
                 value: self.config.limits.guests.into(),
             });
         }
         let streams = guests.get(guest).map_or(0, |g| g.streams.len());
-        if streams >= self.config.limits.streams_per_guest as usize {
+        if streams >= self.config.limits.max_streams_per_guest() {
             return Err(RegistryError::LimitReached {
                 limit: "limits.streams_per_guest",
                 value: self.config.limits.streams_per_guest.into(),
@@ -1065,10 +1065,15 @@ impl Guests {
     }
 
     fn update_gauges(&self, guests: &Registry) {
-        self.metrics.guests.set(guests.len() as i64);
         self.metrics
-            .streams
-            .set(guests.values().map(|g| g.streams.len() as i64).sum());
+            .guests
+            .set(crate::metrics::gauge_value(guests.len()));
+        self.metrics.streams.set(
+            guests
+                .values()
+                .map(|g| crate::metrics::gauge_value(g.streams.len()))
+                .sum(),
+        );
     }
 }
 
@@ -1105,7 +1110,8 @@ impl Removal {
                 .join(guest),
         );
         tracing::info!(guest, streams = streams.len(), "guest removed");
-        streams.len() as u32
+        // At most `streams_per_guest` (a u32).
+        u32::try_from(streams.len()).unwrap_or(u32::MAX)
     }
 }
 

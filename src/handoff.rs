@@ -216,15 +216,16 @@ impl Handoffs {
             .expire(Instant::now());
     }
 
-    /// Takes every pending hand-off (for an upgrade), with the time each has left.
-    pub fn take_all(&self) -> Vec<crate::upgrade::HandoffFds> {
+    /// Freezes every pending hand-off (for an upgrade or a takeover): takes them, with the time
+    /// each has left, for the next image to [`adopt`](Self::adopt).
+    pub fn freeze(&self) -> Vec<crate::upgrade::FrozenHandoff> {
         let mut tokens = self.pending.lock().expect("hand-off table poisoned");
         let now = Instant::now();
         tokens.expire(now);
         tokens
             .live
             .drain()
-            .map(|(token, p)| crate::upgrade::HandoffFds {
+            .map(|(token, p)| crate::upgrade::FrozenHandoff {
                 token,
                 guest: p.guest,
                 stream: p.stream,
@@ -235,7 +236,7 @@ impl Handoffs {
     }
 
     /// Takes over pending hand-offs carried by an upgrade; their tokens stay valid.
-    pub fn adopt(&self, carried: Vec<crate::upgrade::HandoffFds>) {
+    pub fn adopt(&self, carried: Vec<crate::upgrade::FrozenHandoff>) {
         let mut tokens = self.pending.lock().expect("hand-off table poisoned");
         let now = Instant::now();
         for h in carried {
@@ -534,7 +535,7 @@ mod tests {
         vec(any::<u16>(), len).prop_map(|raw| {
             raw.into_iter()
                 .map(|r| {
-                    let value = (r >> 4) as u8;
+                    let value = (r >> 4).to_le_bytes()[0];
                     match r % 16 {
                         0 => b'\n',
                         1 => b'\r',

@@ -200,9 +200,9 @@ impl Reader {
                 }
                 continue;
             }
-            let want = (seg_end - self.position)
-                .min(self.remaining)
-                .min(self.request.chunk_size as u64) as usize;
+            // At most `chunk_size`, a usize.
+            let want = usize::try_from((seg_end - self.position).min(self.remaining))
+                .map_or(self.request.chunk_size, |n| n.min(self.request.chunk_size));
             // A buffer per chunk, sent as it is: nothing is kept between chunks.
             let mut buffer = vec![0u8; want + 3];
             let read = segment
@@ -397,7 +397,8 @@ fn tail_lines_start(segments: &[OpenSegment], n: u64) -> io::Result<u64> {
         let mut stop = segment.len;
         while stop > 0 {
             let start = stop.saturating_sub(block.len() as u64);
-            let len = (stop - start) as usize;
+            // At most the block's length.
+            let len = usize::try_from(stop - start).unwrap_or(block.len());
             segment
                 .file
                 .read_exact_at(&mut block[..len], segment.file_pos + start)?;
@@ -467,11 +468,11 @@ mod tests {
         let text: String = (0..2000).map(|i| format!("line {i}\n")).collect();
         log.append(text.as_bytes()).unwrap();
         let segments = log.open_segments(0).unwrap();
-        let start = tail_lines_start(&segments, 3).unwrap() as usize;
+        let start = usize::try_from(tail_lines_start(&segments, 3).unwrap()).unwrap();
         assert_eq!(&text[start..], "line 1997\nline 1998\nline 1999\n");
         log.append(b"partial").unwrap();
         let segments = log.open_segments(0).unwrap();
-        let start = tail_lines_start(&segments, 2).unwrap() as usize;
+        let start = usize::try_from(tail_lines_start(&segments, 2).unwrap()).unwrap();
         let all = format!("{text}partial");
         assert_eq!(&all[start..], "line 1999\npartial");
         assert_eq!(tail_lines_start(&segments, 0).unwrap(), all.len() as u64);

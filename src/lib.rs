@@ -3,6 +3,17 @@
 //! The daemon (`conlogd`) is assembled in [`daemon`]; each other module owns one concern and
 //! says in its doc what it must never do.
 //!
+//! # Public API
+//!
+//! Only what `conlogd`, `conlogctl`, the bench (`conlog-bench`) and the integration tests use
+//! is `pub`: [`proto`], [`client`] (connecting, receiving hand-off pipes), [`config`] (loading,
+//! [`config::ByteSize`], [`config::HumanDuration`], [`config::Limits`]), [`daemon::run`] and
+//! [`daemon::preflight`], [`upgrade::exec`]'s start-up steps and the snapshot format version,
+//! [`keeper`]'s server, check, systemd hand-over and wire protocol, [`logfile::backup_path`]
+//! and [`logfile::backups_of`], [`names`]' defaults, [`terminal_safety::QueryFilter`] and
+//! [`tokens`]' key and grants. Everything else is `pub(crate)`, so the compiler reports code
+//! nothing uses.
+//!
 //! # Unsafe code
 //!
 //! `unsafe_code` is denied for the whole crate (`[lints]` in Cargo.toml), and every `unsafe`
@@ -17,26 +28,31 @@
 //!   `CommandExt::pre_exec`, to keep the handled signals blocked across `execve` so a signal
 //!   sent during the exec waits for the new image's handlers.
 
+#![allow(
+    rustdoc::private_intra_doc_links,
+    reason = "module docs are for maintainers, who read them with --document-private-items"
+)]
+
 pub mod client;
 pub mod config;
-pub mod console;
+pub(crate) mod console;
 pub mod daemon;
-pub mod error;
-pub mod fault;
-pub mod guests;
-pub mod handoff;
-pub mod history;
-pub mod ids;
+pub(crate) mod error;
+pub(crate) mod fault;
+pub(crate) mod guests;
+pub(crate) mod handoff;
+pub(crate) mod history;
+pub(crate) mod ids;
 pub mod keeper;
-pub mod log_owner;
+pub(crate) mod log_owner;
 pub mod logfile;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod names;
-pub mod pipe;
-pub mod ratelimit;
-pub mod server;
+pub(crate) mod pipe;
+pub(crate) mod ratelimit;
+pub(crate) mod server;
 pub mod terminal_safety;
-pub mod tls;
+pub(crate) mod tls;
 pub mod tokens;
 pub mod upgrade;
 

@@ -232,6 +232,7 @@ impl LogHandle {
     }
 
     /// Replaces the stream's limits.
+    #[cfg(test)]
     pub async fn set_limits(&self, limits: LogLimits) -> Result<(), LogError> {
         self.reserve().await?.set_limits(limits).await
     }

@@ -64,6 +64,12 @@ pub struct Counters {
     pub upgrade_failures: u64,
 }
 
+/// A count (a length, a number of clients) as a gauge value, saturating: no count in this
+/// daemon comes near `i64::MAX`.
+pub fn gauge_value(count: impl TryInto<i64>) -> i64 {
+    count.try_into().unwrap_or(i64::MAX)
+}
+
 impl Metrics {
     /// The counters' values now.
     pub fn counters(&self) -> Counters {

@@ -12,9 +12,9 @@ pub const DEFAULT_PIPE_STREAM: &str = "qemu";
 pub const DEFAULT_CONSOLE_DEVICE: &str = "serial0";
 
 /// Rule for guest names, as shown to clients.
-pub const GUEST_RULE: &str = "guest names match [A-Za-z0-9][A-Za-z0-9._-]{0,63}";
+pub(crate) const GUEST_RULE: &str = "guest names match [A-Za-z0-9][A-Za-z0-9._-]{0,63}";
 /// Rule for stream and device names, as shown to clients.
-pub const STREAM_RULE: &str = "stream and device names match [a-z0-9][a-z0-9_-]{0,31}";
+pub(crate) const STREAM_RULE: &str = "stream and device names match [a-z0-9][a-z0-9_-]{0,31}";
 
 /// A name that breaks its rule.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -60,7 +60,7 @@ impl StreamName {
         Ok(Self(name))
     }
 
-    /// `name`, or `default` when it is empty (see [`stream_or_default`]).
+    /// `name`, or `default` when it is empty.
     pub fn or_default(name: impl Into<String>, default: &str) -> Result<Self, NameError> {
         let name = name.into();
         if name.is_empty() {
@@ -101,7 +101,7 @@ macro_rules! name_as_str {
 name_as_str!(GuestName, StreamName);
 
 /// Checks a guest name: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`.
-pub fn validate_guest(name: &str) -> Result<(), NameError> {
+pub(crate) fn validate_guest(name: &str) -> Result<(), NameError> {
     let ok = matches_rule(
         name,
         64,
@@ -120,7 +120,7 @@ pub fn validate_guest(name: &str) -> Result<(), NameError> {
 }
 
 /// Checks a stream or device name: `[a-z0-9][a-z0-9_-]{0,31}`.
-pub fn validate_stream(name: &str) -> Result<(), NameError> {
+pub(crate) fn validate_stream(name: &str) -> Result<(), NameError> {
     let lower_or_digit = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
     let ok = matches_rule(name, 32, lower_or_digit, |c| {
         lower_or_digit(c) || matches!(c, b'_' | b'-')
@@ -134,13 +134,6 @@ pub fn validate_stream(name: &str) -> Result<(), NameError> {
             rule: STREAM_RULE,
         })
     }
-}
-
-/// Returns `name`, or `default` when it is empty, after validating it as a stream name.
-pub fn stream_or_default<'a>(name: &'a str, default: &'a str) -> Result<&'a str, NameError> {
-    let name = if name.is_empty() { default } else { name };
-    validate_stream(name)?;
-    Ok(name)
 }
 
 fn matches_rule(
@@ -209,7 +202,15 @@ mod tests {
         ] {
             assert!(validate_stream(bad).is_err(), "{bad}");
         }
-        assert_eq!(stream_or_default("", "qemu"), Ok("qemu"));
+        assert_eq!(
+            StreamName::or_default("", "qemu").map(|n| n.as_str().to_owned()),
+            Ok("qemu".to_owned())
+        );
+        assert_eq!(
+            StreamName::or_default("serial1", "qemu").map(|n| n.as_str().to_owned()),
+            Ok("serial1".to_owned())
+        );
+        assert!(StreamName::or_default("Bad", "qemu").is_err());
     }
 
     #[test]

@@ -256,7 +256,10 @@ impl PipeActor {
             .drain(..)
             .filter_map(|pipe| pipe.into_nonblocking_fd().ok())
             .collect();
-        self.owner.metrics.pipe_writers.dec_by(pipes.len() as i64);
+        self.owner
+            .metrics
+            .pipe_writers
+            .dec_by(crate::metrics::gauge_value(pipes.len()));
         self.owner.stats.writers.store(0, Relaxed);
         // Carried to the next image under the same names: the keeper keeps holding them.
         self.held.clear();
@@ -282,7 +285,7 @@ impl PipeActor {
         self.owner
             .metrics
             .pipe_writers
-            .dec_by(self.pipes.len() as i64);
+            .dec_by(crate::metrics::gauge_value(self.pipes.len()));
         self.owner.stats.writers.store(0, Relaxed);
         self.pipes.clear();
         for name in self.held.drain(..).flatten() {

@@ -43,6 +43,7 @@ impl Throttle {
 
     /// `Some(suppressed)` if this event may be logged (with how many were left out before it),
     /// `None` if it is to be left out.
+    #[cfg(test)]
     pub fn admit(&self) -> Option<u64> {
         self.admit_burst(Self::BURST)
     }

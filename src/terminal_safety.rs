@@ -40,9 +40,9 @@
 //! `tests/data/terminal_queries.json`.
 
 /// Longest OSC string kept (bytes after `ESC ]`); a longer one is dropped whole.
-pub const MAX_STRING: usize = 4096;
+pub(crate) const MAX_STRING: usize = 4096;
 /// Longest CSI sequence kept; a longer one is dropped whole.
-pub const MAX_CSI: usize = 256;
+pub(crate) const MAX_CSI: usize = 256;
 
 const ESC: u8 = 0x1b;
 const BEL: u8 = 0x07;
@@ -119,14 +119,16 @@ impl QueryFilter {
     }
 
     /// Convenience: filters one chunk into a new vector.
-    pub fn filter(&mut self, input: &[u8]) -> Vec<u8> {
+    #[cfg(test)]
+    pub(crate) fn filter(&mut self, input: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(input.len());
         self.push(input, &mut out);
         out
     }
 
     /// Bytes held for an unfinished sequence (not yet shown).
-    pub fn pending(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn pending(&self) -> usize {
         self.raw.len() + usize::from(self.c2)
     }
 

@@ -25,7 +25,7 @@ use thiserror::Error;
 
 const PREFIX: &str = "conlog1.";
 /// Longest token accepted; anything longer is refused before any work.
-pub const MAX_TOKEN_LEN: usize = 1024;
+pub(crate) const MAX_TOKEN_LEN: usize = 1024;
 const KEY_BYTES: usize = 32;
 
 /// What a token lets its bearer do on one guest.
@@ -58,7 +58,7 @@ pub struct Grant {
 
 /// Why a token was refused (all `UNAUTHENTICATED`).
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum TokenError {
+pub(crate) enum TokenError {
     #[error("the token is malformed: {0}")]
     Malformed(&'static str),
     #[error("the token's signature does not match (forged, or its key was rotated)")]
@@ -96,7 +96,7 @@ pub struct TokenKey {
 
 impl TokenKey {
     /// Where the key of a daemon with state directory `state_dir` lives.
-    pub fn path_in(state_dir: &Path) -> PathBuf {
+    pub(crate) fn path_in(state_dir: &Path) -> PathBuf {
         state_dir.join("token.key")
     }
 
@@ -135,7 +135,7 @@ impl TokenKey {
 
     /// Replaces the key on disk and in memory; every token issued so far stops working.
     /// Returns the new key id.
-    pub fn rotate(&self) -> io::Result<String> {
+    pub(crate) fn rotate(&self) -> io::Result<String> {
         let bytes = write_new_key(&self.path)?;
         let key = Key::from_bytes(&bytes);
         let id = key.id.clone();
@@ -145,12 +145,13 @@ impl TokenKey {
     }
 
     /// Changes when the key is rotated.
-    pub fn rotations(&self) -> tokio::sync::watch::Receiver<u64> {
+    pub(crate) fn rotations(&self) -> tokio::sync::watch::Receiver<u64> {
         self.rotations.subscribe()
     }
 
     /// The id of the current key.
-    pub fn key_id(&self) -> String {
+    #[cfg(test)]
+    pub(crate) fn key_id(&self) -> String {
         self.key.read().expect("token key poisoned").id.clone()
     }
 
@@ -165,7 +166,7 @@ impl TokenKey {
     }
 
     /// Checks `token`'s signature and expiry at `now_unix` and returns its grant.
-    pub fn verify(&self, token: &str, now_unix: u64) -> Result<Grant, TokenError> {
+    pub(crate) fn verify(&self, token: &str, now_unix: u64) -> Result<Grant, TokenError> {
         let (signed, mac) = split_token(token)?;
         {
             let key = self.key.read().expect("token key poisoned");
@@ -184,7 +185,7 @@ impl TokenKey {
 
 impl Grant {
     /// Refuses the grant at `now_unix` if it has expired.
-    pub fn check_expiry(&self, now_unix: u64) -> Result<(), TokenError> {
+    pub(crate) fn check_expiry(&self, now_unix: u64) -> Result<(), TokenError> {
         if now_unix >= self.expires_unix {
             return Err(TokenError::Expired(self.expires_unix));
         }
@@ -314,7 +315,8 @@ mod tests {
     fn a_key_file_is_read_as_its_hex_digits() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token.key");
-        let bytes: Vec<u8> = (0..KEY_BYTES as u8)
+        let bytes: Vec<u8> = (0u8..)
+            .take(KEY_BYTES)
             .map(|i| i.wrapping_mul(37) ^ 0xa5)
             .collect();
         let hex: String = bytes.iter().map(|b| format!("{b:02X}")).collect();

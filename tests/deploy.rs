@@ -16,6 +16,10 @@
 //!
 //! Its own test tier (docs/testing.md "Test tiers"): built only with `--features deploy`, which
 //! `bash scripts/test.sh` always enables.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use serde_yaml::{Mapping, Value};
 use std::collections::BTreeSet;

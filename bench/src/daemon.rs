@@ -216,7 +216,10 @@ impl Daemon {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        if let Some(pid) = i32::try_from(child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
         let deadline = Instant::now() + STOP_TIMEOUT;

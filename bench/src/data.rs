@@ -39,7 +39,8 @@ impl Pattern {
         let mut line = 0u64;
         while bytes.len() < MIN_PERIOD {
             line += 1;
-            let source = SOURCES[(rng.next() % SOURCES.len() as u64) as usize];
+            let pick = rng.next() % SOURCES.len() as u64;
+            let source = SOURCES[usize::try_from(pick).expect("below the number of sources")];
             let _ = write!(
                 bytes,
                 "[{:5}.{:06}] {source}: line {line} ",
@@ -69,8 +70,8 @@ impl Pattern {
         assert!(chunk > 0 && chunk <= self.max_write, "chunk out of range");
         let mut offset = 0u64;
         while offset < size {
-            let len = (size - offset).min(chunk as u64) as usize;
-            let start = (offset % self.period as u64) as usize;
+            let len = usize::try_from(size - offset).map_or(chunk, |rest| rest.min(chunk));
+            let start = usize::try_from(offset % self.period as u64).expect("below the period");
             out.write_all(&self.bytes[start..start + len])?;
             offset += len as u64;
         }
@@ -83,7 +84,7 @@ impl Pattern {
         let mut checked = 0usize;
         while checked < data.len() {
             let at = offset + checked as u64;
-            let start = (at % self.period as u64) as usize;
+            let start = usize::try_from(at % self.period as u64).expect("below the period");
             let len = (data.len() - checked).min(self.period - start);
             let want = &self.bytes[start..start + len];
             let got = &data[checked..checked + len];

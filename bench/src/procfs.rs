@@ -99,7 +99,10 @@ pub fn open_fds(pid: u32) -> io::Result<usize> {
 /// Waits until the child `pid` has exited, without reaping it, so that its CPU times are still
 /// readable in `/proc`.
 pub fn wait_exited_unreaped(pid: u32) -> anyhow::Result<()> {
-    let pid = rustix::process::Pid::from_raw(pid as i32).context("bad pid")?;
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .context("bad pid")?;
     rustix::process::waitid(
         rustix::process::WaitId::Pid(pid),
         rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT,

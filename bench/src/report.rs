@@ -42,6 +42,10 @@ pub fn median(values: &[f64]) -> f64 {
 }
 
 /// The `q`-quantile (0 to 1, nearest rank) of `values`; NaN when empty.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "a rank from a fraction of the length, within 0..=len"
+)]
 pub fn percentile(values: &[f64], q: f64) -> f64 {
     if values.is_empty() {
         return f64::NAN;

@@ -7,7 +7,8 @@
 mod security;
 mod units;
 
-pub use security::{Limits, TlsConfig, TokenConfig};
+pub use security::Limits;
+pub(crate) use security::{TlsConfig, TokenConfig};
 
 pub use units::{ByteSize, HumanDuration};
 
@@ -161,7 +162,7 @@ pub struct WebConfig {
 
 /// A web origin: scheme, host and port (the scheme's default port when none is written).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Origin {
+pub(crate) struct Origin {
     pub scheme: &'static str,
     pub host: String,
     pub port: u16,
@@ -170,7 +171,7 @@ pub struct Origin {
 impl Origin {
     /// Parses `http://host[:port]` or `https://host[:port]` (what browsers send in `Origin`):
     /// no path, no user, no trailing slash. Host names are compared without case.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         let (scheme, rest) = if let Some(rest) = text.strip_prefix("https://") {
             ("https", rest)
         } else if let Some(rest) = text.strip_prefix("http://") {
@@ -191,7 +192,7 @@ impl Origin {
     }
 
     /// The origin of a request made with `scheme` to `authority` (a `Host` header).
-    pub fn with_authority(scheme: &'static str, authority: &str) -> Option<Self> {
+    pub(crate) fn with_authority(scheme: &'static str, authority: &str) -> Option<Self> {
         let authority: http::uri::Authority = authority.parse().ok()?;
         let host = authority.host();
         if host.is_empty() || authority.as_str().contains('@') {
@@ -310,13 +311,13 @@ pub struct Overrides {
 }
 
 /// Smallest `max_size` accepted: one page, so that a file always holds a useful amount.
-pub const MIN_MAX_SIZE: u64 = 4096;
+pub(crate) const MIN_MAX_SIZE: u64 = 4096;
 /// Largest number of backups accepted.
-pub const MAX_BACKUPS: u32 = 1000;
+pub(crate) const MAX_BACKUPS: u32 = 1000;
 
 impl Config {
     /// Parses YAML text; `origin` names it in errors (a file path or "embedded defaults").
-    pub fn from_yaml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+    pub(crate) fn from_yaml(text: &str, origin: &str) -> Result<Self, ConfigError> {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
@@ -370,7 +371,7 @@ impl Config {
     }
 
     /// Fills unset directories with design section 2's defaults for this user.
-    pub fn resolve_paths(&mut self) {
+    pub(crate) fn resolve_paths(&mut self) {
         let root = rustix::process::geteuid().is_root();
         let env_dir = |name: &str| {
             std::env::var_os(name)
@@ -502,14 +503,14 @@ impl Config {
     }
 
     /// The resolved data directory.
-    pub fn data_dir(&self) -> &Path {
+    pub(crate) fn data_dir(&self) -> &Path {
         self.data_dir
             .as_deref()
             .expect("paths resolved by Config::load")
     }
 
     /// The resolved log directory.
-    pub fn log_dir(&self) -> &Path {
+    pub(crate) fn log_dir(&self) -> &Path {
         self.log_dir
             .as_deref()
             .expect("paths resolved by Config::load")

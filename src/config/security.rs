@@ -85,7 +85,34 @@ impl Default for Limits {
     }
 }
 
+/// The limits that bound what is held in memory, as the `usize` counts they are compared with.
+/// A `u32` always fits a `usize` on the targets conlog runs on; saturating all the same.
 impl Limits {
+    /// `guests`, as a count.
+    pub(crate) fn max_guests(&self) -> usize {
+        count(self.guests)
+    }
+
+    /// `streams_per_guest`, as a count.
+    pub(crate) fn max_streams_per_guest(&self) -> usize {
+        count(self.streams_per_guest)
+    }
+
+    /// `pending_handoffs`, as a count.
+    pub(crate) fn max_pending_handoffs(&self) -> usize {
+        count(self.pending_handoffs)
+    }
+
+    /// `clients_per_console`, as a count.
+    pub(crate) fn max_clients_per_console(&self) -> usize {
+        count(self.clients_per_console)
+    }
+
+    /// `tcp_connections`, as a count.
+    pub(crate) fn max_tcp_connections(&self) -> usize {
+        count(self.tcp_connections)
+    }
+
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         for (key, limit) in [
             ("limits.guests", self.guests),
@@ -212,4 +239,9 @@ impl TokenConfig {
         }
         Ok(())
     }
+}
+
+/// A limit as a count of things in memory.
+fn count(limit: u32) -> usize {
+    usize::try_from(limit).unwrap_or(usize::MAX)
 }

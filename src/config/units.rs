@@ -53,6 +53,12 @@ impl ByteSize {
     pub fn bytes(self) -> u64 {
         self.0
     }
+
+    /// The value in bytes as a buffer length. Saturating: lossless on 64-bit targets, and on
+    /// narrower ones a size beyond the address space could not be allocated anyway.
+    pub(crate) fn bytes_usize(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
 }
 
 impl fmt::Display for ByteSize {
@@ -105,7 +111,7 @@ impl HumanDuration {
 
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let millis = self.0.as_millis() as u64;
+        let millis = u64::try_from(self.0.as_millis()).unwrap_or(u64::MAX);
         for (name, factor) in DURATION_UNITS {
             if millis >= factor && millis.is_multiple_of(factor) {
                 return write!(f, "{}{name}", millis / factor);

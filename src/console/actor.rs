@@ -10,7 +10,7 @@ use super::clients::{self, ClientQueue, Event, Offer};
 use super::{AttachRequest, Command, ConsoleHandle, ConsoleSettings, Input, Mode, NO_WRITER};
 use super::{ConsoleError, Result};
 use crate::log_owner::{Figures, LogOwner};
-use crate::upgrade::ConsoleFds;
+use crate::upgrade::FrozenConsole;
 use bytes::{Buf, Bytes};
 use std::collections::BTreeMap;
 use std::io::ErrorKind;
@@ -340,10 +340,9 @@ impl ConsoleActor {
             .console
             .clients
             .swap(self.clients.len() as u64, Relaxed);
-        self.owner
-            .metrics
-            .clients
-            .inc_by(self.clients.len() as i64 - before as i64);
+        self.owner.metrics.clients.inc_by(
+            crate::metrics::gauge_value(self.clients.len()) - crate::metrics::gauge_value(before),
+        );
     }
 
     fn guest_connected(&mut self, stream: UnixStream) {
@@ -557,7 +556,7 @@ impl ConsoleActor {
 
     /// Ends every client with "come back" and returns the sockets (still open,
     /// files still in place) and the input not yet written to the guest.
-    fn freeze(mut self) -> Option<ConsoleFds> {
+    fn freeze(mut self) -> Option<FrozenConsole> {
         // A caller's input ends with its call (the call ends now); only input carried from an
         // older image, which nobody waits for, is carried on.
         if self.writing.as_ref().is_some_and(|w| w.client.is_some()) {
@@ -578,7 +577,7 @@ impl ConsoleActor {
         let guest_listener = owned(self.guest_listener.into_std().map(Into::into))?;
         let client_listener = owned(self.client_listener.into_std().map(Into::into))?;
         let guest_connection = self.guest.and_then(|g| owned(g.into_std().map(Into::into)));
-        Some(ConsoleFds {
+        Some(FrozenConsole {
             guest_listener,
             client_listener,
             guest_connection,

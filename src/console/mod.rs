@@ -55,7 +55,7 @@ pub use error::ConsoleError;
 use crate::log_owner::{LogCommand, LogHandle, LogOwner};
 use crate::logfile::LogFile;
 use crate::metrics::Metrics;
-use crate::upgrade::ConsoleFds;
+use crate::upgrade::FrozenConsole;
 use bytes::Bytes;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
@@ -176,7 +176,7 @@ enum Command {
     /// their files, and syncs the log).
     Log(LogCommand),
     /// Stop (clients are told to come back), keep the sockets open and hand them back.
-    Freeze(oneshot::Sender<ConsoleFds>),
+    Freeze(oneshot::Sender<FrozenConsole>),
     /// End every client's stream (they are told why), keep serving the guest.
     EndClients(String, oneshot::Sender<()>),
 }
@@ -227,7 +227,7 @@ fn gone(name: &Arc<str>) -> ConsoleError {
 
 impl ConsoleHandle {
     /// Binds the console's sockets and starts its actor.
-    /// With `inherited` (an upgrade), the carried sockets are used instead of binding new ones,
+    /// With `frozen` (an upgrade), it adopts the carried sockets instead of binding new ones,
     /// so QEMU's connection and the listening sockets stay the same.
     pub fn spawn(
         guest: &str,
@@ -236,7 +236,7 @@ impl ConsoleHandle {
         log: LogFile,
         settings: ConsoleSettings,
         metrics: Arc<Metrics>,
-        inherited: Option<ConsoleFds>,
+        frozen: Option<FrozenConsole>,
     ) -> Result<Self> {
         let adopt = |e| {
             ConsoleError::io(
@@ -244,7 +244,7 @@ impl ConsoleHandle {
                 e,
             )
         };
-        let (guest_listener, client_listener, guest_connection, pending_input) = match inherited {
+        let (guest_listener, client_listener, guest_connection, pending_input) = match frozen {
             Some(fds) => (
                 listener_from(fds.guest_listener).map_err(adopt)?,
                 listener_from(fds.client_listener).map_err(adopt)?,
@@ -371,7 +371,7 @@ impl ConsoleHandle {
 
     /// Stops the actor for an upgrade and returns its sockets and pending input. Clients end
     /// with `UNAVAILABLE` and resume by offset; the socket files stay.
-    pub async fn freeze(&self) -> Option<ConsoleFds> {
+    pub async fn freeze(&self) -> Option<FrozenConsole> {
         let (reply, answer) = oneshot::channel();
         self.commands.send(Command::Freeze(reply)).await.ok()?;
         answer.await.ok()
@@ -382,6 +382,7 @@ impl ConsoleHandle {
 pub struct Attachment {
     pub id: u64,
     pub events: ClientReceiver,
+    #[allow(dead_code, reason = "held for its Drop, which detaches the client")]
     pub guard: DetachGuard,
 }
 

@@ -12,7 +12,7 @@
 
 use super::StartError;
 use crate::config::Config;
-use crate::upgrade::ListenerFds;
+use crate::upgrade::FrozenListeners;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::net::SocketAddr;
@@ -22,7 +22,7 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 
 /// The lock and the listening sockets of the daemon.
-pub struct Listeners {
+pub(crate) struct Listeners {
     /// `conlogd.lock`, flock'ed: whoever holds it is the daemon of this runtime directory.
     pub lock: File,
     /// `conlogd.sock`: the local gRPC API.
@@ -42,7 +42,10 @@ pub struct Listeners {
 impl Listeners {
     /// Takes the lock and binds every socket, or adopts the one the keeper held through a
     /// crash of the previous daemon (the TCP ones only at the address `config` wants).
-    pub fn bind(config: &Config, held: &mut crate::keeper::Held) -> Result<Self, StartError> {
+    pub(crate) fn bind(
+        config: &Config,
+        held: &mut crate::keeper::Held,
+    ) -> Result<Self, StartError> {
         let runtime_dir = config.runtime_dir();
         let socket_path = runtime_dir.join("conlogd.sock");
         let held_local = held.take_listener("local").map(UnixListener::from);
@@ -108,7 +111,7 @@ impl Listeners {
     /// The carried descriptors of a previous image (or of this one, after an upgrade that
     /// failed). The health listener follows `config`: see [`follow_health`]. `conlogd.lock`
     /// names this process from now on (a successor's pid differs from its predecessor's).
-    pub fn adopt(fds: ListenerFds, config: &Config) -> Self {
+    pub(crate) fn adopt(fds: FrozenListeners, config: &Config) -> Self {
         let lock = File::from(fds.lock);
         name_holder(&lock);
         let listeners = Self {
@@ -124,9 +127,9 @@ impl Listeners {
         listeners
     }
 
-    /// Gives the descriptors up for an upgrade.
-    pub fn into_fds(self) -> ListenerFds {
-        ListenerFds {
+    /// Gives the descriptors up for an upgrade or a takeover (adopted again by [`Listeners::adopt`]).
+    pub(crate) fn freeze(self) -> FrozenListeners {
+        FrozenListeners {
             lock: OwnedFd::from(self.lock),
             local: OwnedFd::from(self.local),
             fd_sock: OwnedFd::from(self.fd_sock),
@@ -175,14 +178,14 @@ fn same_address(at: SocketAddr, wanted: SocketAddr) -> bool {
 }
 
 /// A tokio listener sharing the socket of `listener` (the original stays open here).
-pub fn tokio_unix(listener: &UnixListener) -> io::Result<tokio::net::UnixListener> {
+pub(crate) fn tokio_unix(listener: &UnixListener) -> io::Result<tokio::net::UnixListener> {
     let clone = listener.try_clone()?;
     clone.set_nonblocking(true)?;
     tokio::net::UnixListener::from_std(clone)
 }
 
 /// A tokio listener sharing the socket of `listener`.
-pub fn tokio_tcp(listener: &std::net::TcpListener) -> io::Result<tokio::net::TcpListener> {
+pub(crate) fn tokio_tcp(listener: &std::net::TcpListener) -> io::Result<tokio::net::TcpListener> {
     let clone = listener.try_clone()?;
     clone.set_nonblocking(true)?;
     tokio::net::TcpListener::from_std(clone)

@@ -37,7 +37,7 @@ use crate::guests::Guests;
 use crate::handoff::Handoffs;
 use crate::metrics::{Metrics, Saved};
 use crate::upgrade::trigger::{self, Request, Requests};
-use crate::upgrade::{self, exec::Image, gate::Gate, handover, State};
+use crate::upgrade::{self, exec::Image, gate::Gate, handover, FrozenDaemon};
 use listeners::Listeners;
 use security::Security;
 use serving::{Serving, Signals};
@@ -100,7 +100,7 @@ pub enum Start {
     /// Bind everything; restore streams from the state directory.
     Fresh,
     /// `execve`'d by an upgrade: adopt the carried state.
-    Upgraded(State),
+    Upgraded(FrozenDaemon),
     /// Take over from the daemon serving the runtime directory (`--takeover`).
     Takeover,
 }
@@ -153,7 +153,10 @@ struct Daemon {
 
 /// Before anything is restored: the carried state, if this process starts from one, and
 /// whether it was taken over from a running daemon.
-async fn receive(config: &Config, start: Start) -> Result<(Option<State>, bool), StartError> {
+async fn receive(
+    config: &Config,
+    start: Start,
+) -> Result<(Option<FrozenDaemon>, bool), StartError> {
     match start {
         Start::Fresh => Ok((None, false)),
         Start::Upgraded(state) => Ok((Some(state), false)),
@@ -206,7 +209,7 @@ impl Daemon {
         let gate = Gate::new();
         let handoffs = Handoffs::new(
             config.handoff.token_ttl.get(),
-            config.limits.pending_handoffs as usize,
+            config.limits.max_pending_handoffs(),
             metrics.clone(),
             gate.clone(),
         );
@@ -226,7 +229,7 @@ impl Daemon {
     /// binding the listeners and restoring the streams of the state directory. What a keeper
     /// or systemd's store held through the end of the previous daemon is adopted by name on a
     /// fresh start (crash survival, [`crate::keeper`]); carried state wins otherwise.
-    async fn restore(&self, state: Option<State>) -> Result<Listeners, StartError> {
+    async fn restore(&self, state: Option<FrozenDaemon>) -> Result<Listeners, StartError> {
         let carried = state.as_ref().map(|state| state.counters);
         let mut held = crate::keeper::start(&self.config).await;
         tracing::info!("restoring streams");

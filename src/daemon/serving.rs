@@ -9,7 +9,7 @@ use super::listeners::{tokio_tcp, tokio_unix, Listeners};
 use super::Daemon;
 use crate::guests::Guests;
 use crate::server::{self, agent::AgentService, console::ConsoleService};
-use crate::upgrade::{handover, trigger::Trigger, State};
+use crate::upgrade::{handover, trigger::Trigger, FrozenDaemon};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -77,7 +77,7 @@ impl Serving {
         };
         let console = ConsoleService::new(
             guests.clone(),
-            config.history.chunk_size.bytes() as usize,
+            config.history.chunk_size.bytes_usize(),
             config.limits.input_rate.bytes(),
             security.tokens.clone(),
         )
@@ -123,7 +123,7 @@ impl Serving {
                 server::serve_health(
                     listener,
                     security.protection.clone(),
-                    config.limits.tcp_connections as usize,
+                    config.limits.max_tcp_connections(),
                     stopped(),
                 )
                 .instrument(span("health")),
@@ -197,7 +197,7 @@ impl Serving {
 
     /// Upgrade or takeover: freezes every stream (clients are told to come back), drains the
     /// servers and collects everything to carry, the counters with this upgrade counted.
-    pub(super) async fn freeze(mut self, listeners: Listeners, daemon: &Daemon) -> State {
+    pub(super) async fn freeze(mut self, listeners: Listeners, daemon: &Daemon) -> FrozenDaemon {
         let Daemon {
             guests,
             handoffs,
@@ -218,13 +218,13 @@ impl Serving {
             .await;
         self.drain(UPGRADE_DRAIN_TIMEOUT).await;
         let streams = guests.freeze_all().await;
-        let handoffs = handoffs.take_all();
+        let handoffs = handoffs.freeze();
         crate::fault::point("upgrade.frozen");
         // Every stream is frozen: no counter moves any more.
         let mut counters = metrics.counters();
         counters.upgrades += 1;
-        State {
-            listeners: listeners.into_fds(),
+        FrozenDaemon {
+            listeners: listeners.freeze(),
             streams,
             handoffs,
             counters: Some(counters),

@@ -11,7 +11,7 @@ use super::listeners::Listeners;
 use super::serving::Serving;
 use super::{Daemon, StartError};
 use crate::metrics::{Counters, Metrics, Saved};
-use crate::upgrade::{self, exec::Image, handover, State};
+use crate::upgrade::{self, exec::Image, handover, FrozenDaemon};
 use std::io;
 use std::path::Path;
 use tokio::net::UnixStream;
@@ -61,7 +61,7 @@ impl Successor<'_> {
 
     /// Offers the state: `Ok` once the successor has it (never returned by an exec, which
     /// replaces this process when it succeeds); on failure the state comes back intact.
-    async fn offer(self, state: State) -> Result<(), (State, io::Error)> {
+    async fn offer(self, state: FrozenDaemon) -> Result<(), (FrozenDaemon, io::Error)> {
         match self {
             Self::Exec(image) => {
                 let (state, error) = upgrade::exec::exec(image, state);
@@ -104,7 +104,7 @@ impl Daemon {
 
     /// Adopts carried state: listeners (the health listener as the config wants it), pending
     /// hand-offs, and every stream with its descriptors; then admits changes again.
-    pub(super) async fn thaw(&self, state: State) -> Result<Listeners, StartError> {
+    pub(super) async fn thaw(&self, state: FrozenDaemon) -> Result<Listeners, StartError> {
         self.guests.set_going_away(false);
         self.handoffs.adopt(state.handoffs);
         self.guests.restore(state.streams).await?;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 const START_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A served connection to the keeper.
-pub struct Connection {
+pub(crate) struct Connection {
     socket: OwnedFd,
 }
 
@@ -27,7 +27,7 @@ fn refused(bytes: &[u8]) -> io::Error {
 impl Connection {
     /// Connects and reads the greeting. A keeper serving another client answers
     /// `ResourceBusy`; none listening is `NotFound` or `ConnectionRefused`.
-    pub fn connect(path: &Path) -> io::Result<Self> {
+    pub(crate) fn connect(path: &Path) -> io::Result<Self> {
         let socket = protocol::seqpacket()?;
         let address = rustix::net::SocketAddrUnix::new(path)?;
         rustix::net::connect(&socket, &address)?;
@@ -61,27 +61,27 @@ impl Connection {
     }
 
     /// Stores `fd` as `name` (replacing what was held under it).
-    pub fn store(&self, name: &str, fd: BorrowedFd<'_>) -> io::Result<()> {
+    pub(crate) fn store(&self, name: &str, fd: BorrowedFd<'_>) -> io::Result<()> {
         self.request(&[&[STORE], name.as_bytes()].concat(), &[fd])
     }
 
     /// Closes what is held as `name`.
-    pub fn remove(&self, name: &str) -> io::Result<()> {
+    pub(crate) fn remove(&self, name: &str) -> io::Result<()> {
         self.request(&[&[REMOVE], name.as_bytes()].concat(), &[])
     }
 
     /// Closes everything held.
-    pub fn clear(&self) -> io::Result<()> {
+    pub(crate) fn clear(&self) -> io::Result<()> {
         self.request(&[CLEAR], &[])
     }
 
     /// Closes everything held and ends the keeper.
-    pub fn quit(&self) -> io::Result<()> {
+    pub(crate) fn quit(&self) -> io::Result<()> {
         self.request(&[QUIT], &[])
     }
 
     /// Duplicates of everything held, by name.
-    pub fn fetch(&self) -> io::Result<Vec<(String, OwnedFd)>> {
+    pub(crate) fn fetch(&self) -> io::Result<Vec<(String, OwnedFd)>> {
         protocol::send(&self.socket, &[FETCH], &[])?;
         let mut entries = Vec::new();
         loop {
@@ -108,7 +108,7 @@ impl Connection {
     }
 
     /// False once the keeper has closed its side (it never sends unsolicited messages).
-    pub fn alive(&self) -> bool {
+    pub(crate) fn alive(&self) -> bool {
         use rustix::event::{poll, PollFd, PollFlags};
         let mut fds = [PollFd::new(&self.socket, PollFlags::IN)];
         let zero = rustix::event::Timespec {
@@ -125,7 +125,7 @@ impl Connection {
 
 /// Starts `conlogd keeper` for `runtime_dir`, detached in its own session (it calls `setsid`
 /// itself), and waits until it answers. The caller reaps the returned child.
-pub fn spawn(runtime_dir: &Path) -> io::Result<(Child, Connection)> {
+pub(crate) fn spawn(runtime_dir: &Path) -> io::Result<(Child, Connection)> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .arg("keeper")

@@ -32,13 +32,13 @@
 //! This module never reads or writes a held descriptor.
 
 mod client;
-pub mod names;
+pub(crate) mod names;
 pub mod protocol;
 pub mod server;
 pub mod systemd;
 
 use crate::config::{Config, KeeperMode};
-use crate::upgrade::{ConsoleFds, HandoffFds, StreamFds};
+use crate::upgrade::{FrozenConsole, FrozenHandoff, FrozenStream};
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -57,7 +57,7 @@ static HOLDER: OnceLock<Arc<Holder>> = OnceLock::new();
 
 /// Holds `fd` as `name` (replacing what was held under it). Returns at once; see [`flushed`].
 /// Does nothing when no keeper is configured.
-pub fn hold(name: &str, fd: BorrowedFd<'_>) {
+pub(crate) fn hold(name: &str, fd: BorrowedFd<'_>) {
     let Some(holder) = HOLDER.get() else { return };
     match fd.try_clone_to_owned() {
         Ok(copy) => holder.change(name, Some(Arc::new(copy))),
@@ -69,7 +69,7 @@ pub fn hold(name: &str, fd: BorrowedFd<'_>) {
 }
 
 /// Stops holding `name` (the keeper closes its copy).
-pub fn release(name: &str) {
+pub(crate) fn release(name: &str) {
     if let Some(holder) = HOLDER.get() {
         holder.change(name, None);
     }
@@ -78,7 +78,7 @@ pub fn release(name: &str) {
 /// Resolves once every [`hold`] and [`release`] made before the call has reached the keeper,
 /// or at once when there is no keeper or it is unreachable (conlogd never waits for a keeper
 /// that is down; it registers everything again when one is back).
-pub fn flushed() -> oneshot::Receiver<()> {
+pub(crate) fn flushed() -> oneshot::Receiver<()> {
     let (done, receiver) = oneshot::channel();
     match HOLDER.get() {
         Some(holder) => {
@@ -96,7 +96,7 @@ pub fn flushed() -> oneshot::Receiver<()> {
 
 /// The daemon has adopted what it wanted from [`Held`]: every name held for the previous
 /// process that was not held again since is released.
-pub fn reconciled() {
+pub(crate) fn reconciled() {
     let Some(holder) = HOLDER.get() else { return };
     let mut state = holder.lock();
     state.reconciled = true;
@@ -118,13 +118,13 @@ pub fn reconciled() {
 }
 
 /// A clean stop: the keeper lets go of everything (a keeper this daemon started exits).
-pub async fn shutdown() {
+pub(crate) async fn shutdown() {
     stop(Stop::Finish).await;
 }
 
 /// After a takeover: this process leaves the keeper to its successor (one client at a time)
 /// without letting go of anything; the successor holds everything under the same names.
-pub async fn detach() {
+pub(crate) async fn detach() {
     stop(Stop::Detach).await;
 }
 
@@ -149,30 +149,30 @@ async fn stop(kind: Stop) {
 /// What was held for a crashed predecessor, by name, until the daemon adopts it. What is
 /// left when this is dropped is closed here (and released by [`reconciled`]).
 #[derive(Default)]
-pub struct Held {
+pub(crate) struct Held {
     entries: BTreeMap<String, OwnedFd>,
 }
 
 impl Held {
     /// How many descriptors came back.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
 
     /// True when nothing came back.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
     /// The daemon-wide listener `what` (see [`names::listener`]).
-    pub fn take_listener(&mut self, what: &str) -> Option<OwnedFd> {
+    pub(crate) fn take_listener(&mut self, what: &str) -> Option<OwnedFd> {
         self.entries.remove(&names::listener(what))
     }
 
     /// Every stream's pipes and console sockets. A console comes back only with both its
     /// listening sockets (anything else of it is closed).
-    pub fn take_streams(&mut self) -> Vec<StreamFds> {
-        let mut streams: BTreeMap<(String, String), StreamFds> = BTreeMap::new();
+    pub(crate) fn take_streams(&mut self) -> Vec<FrozenStream> {
+        let mut streams: BTreeMap<(String, String), FrozenStream> = BTreeMap::new();
         let mut consoles: BTreeMap<(String, String), BTreeMap<String, OwnedFd>> = BTreeMap::new();
         let taken: Vec<String> = self
             .entries
@@ -185,7 +185,7 @@ impl Held {
             match names::parse(&name) {
                 Some(names::Parsed::Pipe { guest, stream }) => streams
                     .entry((guest.clone(), stream.clone()))
-                    .or_insert_with(|| StreamFds {
+                    .or_insert_with(|| FrozenStream {
                         guest,
                         stream,
                         pipes: Vec::new(),
@@ -222,13 +222,13 @@ impl Held {
             };
             let entry = streams
                 .entry((guest.clone(), device.clone()))
-                .or_insert_with(|| StreamFds {
+                .or_insert_with(|| FrozenStream {
                     guest,
                     stream: device,
                     pipes: Vec::new(),
                     console: None,
                 });
-            entry.console = Some(ConsoleFds {
+            entry.console = Some(FrozenConsole {
                 guest_listener,
                 client_listener,
                 guest_connection: parts.remove(names::CONNECTION),
@@ -239,7 +239,7 @@ impl Held {
     }
 
     /// Pending hand-offs that have not expired (expired ones are closed).
-    pub fn take_handoffs(&mut self) -> Vec<HandoffFds> {
+    pub(crate) fn take_handoffs(&mut self) -> Vec<FrozenHandoff> {
         let taken: Vec<String> = self
             .entries
             .keys()
@@ -257,7 +257,7 @@ impl Held {
             }) = names::parse(&name)
             {
                 if !expires_in.is_zero() {
-                    handoffs.push(HandoffFds {
+                    handoffs.push(FrozenHandoff {
                         token,
                         guest,
                         stream,
@@ -284,7 +284,7 @@ pub fn check(runtime_dir: &std::path::Path) -> std::io::Result<()> {
 /// True when no daemon holds `conlogd.lock` in `runtime_dir` (it died, or never ran): nobody
 /// to take over from even though a keeper may still hold `handover.sock` for it, and a keeper
 /// still busy with it is about to notice its end.
-pub fn no_daemon_running(runtime_dir: &std::path::Path) -> bool {
+pub(crate) fn no_daemon_running(runtime_dir: &std::path::Path) -> bool {
     let Ok(file) = std::fs::File::open(runtime_dir.join("conlogd.lock")) else {
         return true;
     };
@@ -294,7 +294,7 @@ pub fn no_daemon_running(runtime_dir: &std::path::Path) -> bool {
 /// Connects to what holds the descriptors (starting a keeper if `keeper: auto` and none
 /// answers), takes what it holds for a crashed predecessor, and starts the thread that keeps
 /// it up to date. With `keeper: off`, or if called twice, returns nothing held.
-pub async fn start(config: &Config) -> Held {
+pub(crate) async fn start(config: &Config) -> Held {
     if config.keeper == KeeperMode::Off || HOLDER.get().is_some() {
         return Held::default();
     }

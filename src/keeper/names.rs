@@ -15,35 +15,35 @@ use std::os::fd::AsFd;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A console's listener for QEMU.
-pub const GUEST_LISTENER: &str = "guest-listener";
+pub(crate) const GUEST_LISTENER: &str = "guest-listener";
 /// A console's listener for raw clients.
-pub const CLIENT_LISTENER: &str = "client-listener";
+pub(crate) const CLIENT_LISTENER: &str = "client-listener";
 /// QEMU's connection to a console.
-pub const CONNECTION: &str = "connection";
+pub(crate) const CONNECTION: &str = "connection";
 
 /// `listener/<what>`.
-pub fn listener(what: &str) -> String {
+pub(crate) fn listener(what: &str) -> String {
     format!("listener/{what}")
 }
 
 /// `pipe/<guest>/<stream>/<inode>`; `None` if the pipe cannot be identified.
-pub fn pipe(prefix: &str, fd: impl AsFd) -> Option<String> {
+pub(crate) fn pipe(prefix: &str, fd: impl AsFd) -> Option<String> {
     let stat = rustix::fs::fstat(fd).ok()?;
     Some(format!("{prefix}/{}", stat.st_ino))
 }
 
 /// `pipe/<guest>/<stream>`: the prefix of a stream's pipe names.
-pub fn pipe_prefix(guest: &str, stream: &str) -> String {
+pub(crate) fn pipe_prefix(guest: &str, stream: &str) -> String {
     format!("pipe/{guest}/{stream}")
 }
 
 /// `console/<guest>/<device>/<part>`.
-pub fn console(guest: &str, device: &str, part: &str) -> String {
+pub(crate) fn console(guest: &str, device: &str, part: &str) -> String {
     format!("console/{guest}/{device}/{part}")
 }
 
 /// `handoff/<token>/<guest>/<stream>/<expiry>`, the expiry `expires_in` from now.
-pub fn handoff(token: &str, guest: &str, stream: &str, expires_in: Duration) -> String {
+pub(crate) fn handoff(token: &str, guest: &str, stream: &str, expires_in: Duration) -> String {
     let expiry = SystemTime::now()
         .checked_add(expires_in)
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -53,7 +53,7 @@ pub fn handoff(token: &str, guest: &str, stream: &str, expires_in: Duration) -> 
 
 /// A held name, read back.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Parsed {
+pub(crate) enum Parsed {
     Listener(String),
     Pipe {
         guest: String,
@@ -74,7 +74,7 @@ pub enum Parsed {
 }
 
 /// Reads a name back; `None` for anything this image does not know (closed as stale).
-pub fn parse(name: &str) -> Option<Parsed> {
+pub(crate) fn parse(name: &str) -> Option<Parsed> {
     let parts: Vec<&str> = name.split('/').collect();
     let stream_ok = |guest: &str, stream: &str| {
         names::validate_guest(guest).is_ok() && names::validate_stream(stream).is_ok()

@@ -42,16 +42,16 @@ use std::time::Duration;
 /// The greeting after `0x00`.
 pub const HELLO: &[u8] = b"CONLOG-KEEPER 1";
 /// Longest message, either way.
-pub const MAX_MESSAGE: usize = 256;
+pub(crate) const MAX_MESSAGE: usize = 256;
 /// Longest descriptor name.
-pub const MAX_NAME: usize = 255;
+pub(crate) const MAX_NAME: usize = 255;
 /// How long either side waits for the other to take a message.
-pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub const OK: u8 = 0x00;
 pub const ERROR: u8 = 0x01;
 pub const ENTRY: u8 = 0x02;
-pub const STORE: u8 = b'S';
+pub(crate) const STORE: u8 = b'S';
 pub const REMOVE: u8 = b'R';
 pub const FETCH: u8 = b'F';
 pub const CLEAR: u8 = b'C';
@@ -59,7 +59,7 @@ pub const QUIT: u8 = b'Q';
 
 /// Why a name cannot be held.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum NameError {
+pub(crate) enum NameError {
     #[error("empty descriptor name")]
     Empty,
     #[error("descriptor name longer than {MAX_NAME} bytes")]
@@ -69,7 +69,7 @@ pub enum NameError {
 }
 
 /// Checks a name against the rule in the module doc.
-pub fn check_name(name: &[u8]) -> Result<&str, NameError> {
+pub(crate) fn check_name(name: &[u8]) -> Result<&str, NameError> {
     if name.is_empty() {
         return Err(NameError::Empty);
     }
@@ -173,7 +173,7 @@ pub fn seqpacket() -> io::Result<OwnedFd> {
 }
 
 /// Sets the send timeout of `socket` to [`SEND_TIMEOUT`].
-pub fn bound_sends(socket: impl AsFd) -> io::Result<()> {
+pub(crate) fn bound_sends(socket: impl AsFd) -> io::Result<()> {
     rustix::net::sockopt::set_socket_timeout(
         socket,
         rustix::net::sockopt::Timeout::Send,
@@ -183,7 +183,7 @@ pub fn bound_sends(socket: impl AsFd) -> io::Result<()> {
 }
 
 /// `0x01 text`, cut to fit one message.
-pub fn error_message(text: &str) -> Vec<u8> {
+pub(crate) fn error_message(text: &str) -> Vec<u8> {
     let mut bytes = vec![ERROR];
     let mut end = text.len().min(MAX_MESSAGE - 1);
     while !text.is_char_boundary(end) {

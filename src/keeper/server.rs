@@ -27,7 +27,7 @@ const RESERVED_FDS: u64 = 32;
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The socket of the keeper serving `runtime_dir`.
-pub fn socket_path(runtime_dir: &Path) -> PathBuf {
+pub(crate) fn socket_path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("keeper.sock")
 }
 
@@ -117,7 +117,7 @@ fn descriptor_cap() -> usize {
         let _ = setrlimit(Resource::Nofile, limit);
     }
     let soft = getrlimit(Resource::Nofile).current.unwrap_or(1 << 20);
-    soft.saturating_sub(RESERVED_FDS).min(usize::MAX as u64) as usize
+    usize::try_from(soft.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX)
 }
 
 /// Binds `keeper.sock` with mode 0600 from the start (umask), replacing a stale file.
@@ -317,7 +317,9 @@ fn handle(table: &mut Table, client: &OwnedFd, message: Message) -> Result<bool,
                 protocol::send(client, &entry, &[fd.as_fd()]).map_err(|e| e.to_string())?;
             }
             let mut done = vec![OK];
-            done.extend_from_slice(&(table.held.len() as u32).to_le_bytes());
+            // Bounded by the descriptor limit.
+            let held = u32::try_from(table.held.len()).unwrap_or(u32::MAX);
+            done.extend_from_slice(&held.to_le_bytes());
             reply(&done)?;
         }
         CLEAR => {

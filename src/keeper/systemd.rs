@@ -23,7 +23,7 @@ use std::sync::Mutex;
 static PASSED: Mutex<Vec<(String, OwnedFd)>> = Mutex::new(Vec::new());
 
 /// True when a service manager listens for notifications.
-pub fn available() -> bool {
+pub(crate) fn available() -> bool {
     std::env::var_os("NOTIFY_SOCKET").is_some()
 }
 
@@ -53,13 +53,13 @@ pub fn take_listen_fds() {
 }
 
 /// What systemd passed at start (once).
-pub fn take_passed() -> Vec<(String, OwnedFd)> {
+pub(crate) fn take_passed() -> Vec<(String, OwnedFd)> {
     std::mem::take(&mut *PASSED.lock().expect("not poisoned"))
 }
 
 /// The store's side of the keeper thread.
 #[derive(Default)]
-pub struct Store {
+pub(crate) struct Store {
     /// Which file (device, inode) each name holds, to tell a re-registration (stored once by
     /// systemd) from a replacement (remove first).
     sent: HashMap<String, (u64, u64, u32)>,
@@ -74,19 +74,19 @@ fn identity(fd: BorrowedFd<'_>) -> Option<(u64, u64, u32)> {
 
 impl Store {
     /// Names systemd passed at start are believed held with these descriptors.
-    pub fn believe(&mut self, name: &str, fd: impl AsFd) {
+    pub(crate) fn believe(&mut self, name: &str, fd: impl AsFd) {
         if let Some(id) = identity(fd.as_fd()) {
             self.sent.insert(name.to_owned(), id);
         }
     }
 
     /// Every name sent and not removed.
-    pub fn names(&self) -> Vec<String> {
+    pub(crate) fn names(&self) -> Vec<String> {
         self.sent.keys().cloned().collect()
     }
 
     /// `FDSTORE=1`.
-    pub fn store(&mut self, name: &str, fd: BorrowedFd<'_>) -> io::Result<()> {
+    pub(crate) fn store(&mut self, name: &str, fd: BorrowedFd<'_>) -> io::Result<()> {
         use sd_notify::NotifyState::{Custom, FdName, FdStore};
         let id = identity(fd);
         match (self.sent.get(name), id) {
@@ -102,7 +102,7 @@ impl Store {
     }
 
     /// `FDSTOREREMOVE=1`.
-    pub fn remove(&mut self, name: &str) -> io::Result<()> {
+    pub(crate) fn remove(&mut self, name: &str) -> io::Result<()> {
         use sd_notify::NotifyState::{FdName, FdStoreRemove};
         self.sent.remove(name);
         sd_notify::notify(&[FdStoreRemove, FdName(name)])

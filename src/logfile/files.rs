@@ -10,7 +10,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// How far past `max_backups` stale backups are looked for.
-pub const MAX_SCAN: u32 = 1000;
+pub(crate) const MAX_SCAN: u32 = 1000;
 
 /// `<log>.N`.
 pub fn backup_path(path: &Path, n: u32) -> PathBuf {
@@ -34,7 +34,7 @@ pub fn backups_of(path: &Path, max: u32) -> Vec<(PathBuf, u64)> {
 
 /// Removes backups `.first ..= .last`, oldest (highest number) first, so a crash half-way
 /// leaves `.1 .. .k` without a hole.
-pub fn remove_backups(path: &Path, first: u32, last: u32) -> io::Result<()> {
+pub(crate) fn remove_backups(path: &Path, first: u32, last: u32) -> io::Result<()> {
     for n in (first..=last).rev() {
         remove_if_exists(&backup_path(path, n))?;
     }
@@ -42,7 +42,7 @@ pub fn remove_backups(path: &Path, first: u32, last: u32) -> io::Result<()> {
 }
 
 /// Opens (creating) a log file for appending at its end.
-pub fn open_log(path: &Path) -> io::Result<File> {
+pub(crate) fn open_log(path: &Path) -> io::Result<File> {
     // Not O_APPEND: splice(2) refuses append-mode files. We are the only writer and keep the
     // file position at the end ourselves.
     let mut file = OpenOptions::new()
@@ -50,14 +50,17 @@ pub fn open_log(path: &Path) -> io::Result<File> {
         .create(true)
         .truncate(false)
         .mode(0o640)
-        .custom_flags(rustix::fs::OFlags::CLOEXEC.bits() as i32)
+        .custom_flags(rustix::fs::OFlags::CLOEXEC.bits().cast_signed())
         .open(path)?;
     io::Seek::seek(&mut file, io::SeekFrom::End(0))?;
     Ok(file)
 }
 
 /// Opens `path` with `open`, creating its parent directories only if they are missing.
-pub fn creating_parent(path: &Path, open: fn(&Path) -> io::Result<File>) -> io::Result<File> {
+pub(crate) fn creating_parent(
+    path: &Path,
+    open: fn(&Path) -> io::Result<File>,
+) -> io::Result<File> {
     match open(path) {
         Err(e) if e.kind() == ErrorKind::NotFound => {
             if let Some(dir) = path.parent() {
@@ -70,14 +73,14 @@ pub fn creating_parent(path: &Path, open: fn(&Path) -> io::Result<File>) -> io::
 }
 
 /// Makes the entries of the directory holding `path` durable (creations, renames, unlinks).
-pub fn sync_parent(path: &Path) -> io::Result<()> {
+pub(crate) fn sync_parent(path: &Path) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     File::open(dir)?.sync_all()
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so a crash leaves either
 /// the old or the new content, never a torn one.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -85,14 +88,14 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     fs::rename(&tmp, path)
 }
 
-pub fn remove_if_exists(path: &Path) -> io::Result<()> {
+pub(crate) fn remove_if_exists(path: &Path) -> io::Result<()> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
 }
 
-pub fn rename_if_exists(from: &Path, to: &Path) -> io::Result<()> {
+pub(crate) fn rename_if_exists(from: &Path, to: &Path) -> io::Result<()> {
     match fs::rename(from, to) {
         Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
         _ => Ok(()),

@@ -11,12 +11,12 @@ use serde::{Deserialize, Serialize};
 
 /// A gap: offsets `.0` (inclusive) to `.1` (exclusive).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Gap(pub u64, pub u64);
+pub(crate) struct Gap(pub u64, pub u64);
 
 /// A contiguous run of a file's bytes: absolute offsets `start .. start + len` are the file's
 /// bytes `file_pos .. file_pos + len`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Piece {
+pub(crate) struct Piece {
     pub start: u64,
     pub file_pos: u64,
     pub len: u64,
@@ -25,24 +25,25 @@ pub struct Piece {
 /// Sorted, disjoint, non-adjacent gaps.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct Gaps(Vec<Gap>);
+pub(crate) struct Gaps(Vec<Gap>);
 
 impl Gaps {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.0.len()
     }
 
     /// The gaps, oldest first.
-    pub fn iter(&self) -> impl Iterator<Item = &Gap> {
+    #[cfg(test)]
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Gap> {
         self.0.iter()
     }
 
     /// Marks `from .. to` as a gap, merging it with the gaps it touches.
-    pub fn insert(&mut self, from: u64, to: u64) {
+    pub(crate) fn insert(&mut self, from: u64, to: u64) {
         if from >= to {
             return;
         }
@@ -59,7 +60,7 @@ impl Gaps {
     }
 
     /// Offsets of gaps inside `from .. to`.
-    pub fn within(&self, from: u64, to: u64) -> u64 {
+    pub(crate) fn within(&self, from: u64, to: u64) -> u64 {
         self.0
             .iter()
             .map(|g| g.1.min(to).saturating_sub(g.0.max(from)))
@@ -67,14 +68,14 @@ impl Gaps {
     }
 
     /// Forgets the gaps that end at or before `offset` (nothing on disk is older than them).
-    pub fn forget_before(&mut self, offset: u64) {
+    pub(crate) fn forget_before(&mut self, offset: u64) {
         self.0.retain(|g| g.1 > offset);
     }
 
     /// Where the `len` bytes of a file whose range ends at `end` sit, oldest first: walking
     /// back from `end`, the gaps are skipped. `None` if that would go below offset 0 (a file
     /// larger than the offsets before it: a state no crash of this code leaves).
-    pub fn pieces(&self, end: u64, len: u64) -> Option<Vec<Piece>> {
+    pub(crate) fn pieces(&self, end: u64, len: u64) -> Option<Vec<Piece>> {
         let mut pieces = Vec::new();
         let mut cursor = end;
         let mut remaining = len;

@@ -39,12 +39,19 @@ mod read;
 mod record;
 mod recover;
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test data of known, small sizes"
+)]
 mod tests;
 
-pub use files::{backup_path, backups_of, write_atomically};
-pub use gaps::{Gap, Gaps, Piece};
-pub use read::{read_range, read_tail};
-pub use record::{Position, POSITION_RECORD_LEN};
+pub(crate) use files::write_atomically;
+pub use files::{backup_path, backups_of};
+pub(crate) use gaps::{Gaps, Piece};
+pub(crate) use read::read_tail;
+pub(crate) use record::Position;
+#[cfg(test)]
+use record::POSITION_RECORD_LEN;
 
 use crate::config::LogMode;
 use crate::fault;
@@ -60,11 +67,11 @@ use std::sync::Arc;
 
 /// Gaps remembered on disk at most: past this the oldest file goes (docs/operations.md), so the
 /// record stays within one page (a few hundred bytes per gap at worst).
-pub const MAX_GAPS: usize = 16;
+pub(crate) const MAX_GAPS: usize = 16;
 
 /// How one stream's log is capped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogLimits {
+pub(crate) struct LogLimits {
     pub max_size: u64,
     pub max_backups: u32,
     pub mode: LogMode,
@@ -72,7 +79,7 @@ pub struct LogLimits {
 
 impl LogLimits {
     /// Backups kept on disk under these limits.
-    pub fn backups_kept(&self) -> u32 {
+    pub(crate) fn backups_kept(&self) -> u32 {
         match self.mode {
             LogMode::Rotate => self.max_backups,
             LogMode::Truncate => 0,
@@ -80,7 +87,7 @@ impl LogLimits {
     }
 
     /// The most bytes this stream may ever occupy on disk.
-    pub fn disk_cap(&self) -> u64 {
+    pub(crate) fn disk_cap(&self) -> u64 {
         self.max_size
             .saturating_mul(u64::from(self.backups_kept()) + 1)
     }
@@ -89,7 +96,7 @@ impl LogLimits {
 /// A run of bytes of one file of a stream: absolute offsets `start .. start + len` are the
 /// file's bytes from `file_pos`. A file split by gaps is several segments.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Segment {
+pub(crate) struct Segment {
     pub path: PathBuf,
     pub start: u64,
     pub len: u64,
@@ -101,7 +108,7 @@ pub struct Segment {
 /// A [`Segment`] with its file open (shared by the segments of one file), as of when it was
 /// opened.
 #[derive(Debug)]
-pub struct OpenSegment {
+pub(crate) struct OpenSegment {
     pub file: Arc<File>,
     pub start: u64,
     pub len: u64,
@@ -111,7 +118,7 @@ pub struct OpenSegment {
 
 /// The outcome of moving bytes from a pipe into the log.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Moved {
+pub(crate) enum Moved {
     /// Bytes taken from the pipe: `logged` reached the file, `dropped` could not be written.
     Bytes { logged: usize, dropped: usize },
     /// The pipe has no writer left.
@@ -120,14 +127,14 @@ pub enum Moved {
 
 /// What became of bytes given to [`LogFile::log`]: each took its offset either way.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
-pub struct Written {
+pub(crate) struct Written {
     pub logged: usize,
     pub dropped: usize,
 }
 
 /// An open, capped log.
 #[derive(Debug)]
-pub struct LogFile {
+pub(crate) struct LogFile {
     path: PathBuf,
     /// The position record, overwritten in place. Opened for each save rather than held: saves
     /// are rare (open, rotation, close, dropped bytes) and a descriptor per stream is what
@@ -163,7 +170,7 @@ pub struct LogFile {
 
 impl LogFile {
     /// Opens (or creates) the log at `path`, continuing the offsets recorded at `position_path`.
-    pub fn open(path: &Path, position_path: &Path, limits: LogLimits) -> io::Result<Self> {
+    pub(crate) fn open(path: &Path, position_path: &Path, limits: LogLimits) -> io::Result<Self> {
         // A restart opens thousands of these: a few system calls each, directories created
         // only when missing (docs/performance.md, "Where the restart time goes").
         let position_file = creating_parent(position_path, record::open)?;
@@ -207,32 +214,34 @@ impl LogFile {
     }
 
     /// Absolute offset of the next byte (logged or dropped).
-    pub fn end_offset(&self) -> u64 {
+    pub(crate) fn end_offset(&self) -> u64 {
         self.end
     }
 
     /// Absolute offset where the current file's range starts.
-    pub fn current_start(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn current_start(&self) -> u64 {
         self.start
     }
 
     /// Bytes that could not be logged, ever (they are gaps in the offsets).
-    pub fn dropped(&self) -> u64 {
+    pub(crate) fn dropped(&self) -> u64 {
         self.dropped
     }
 
     /// Path of the current file.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// The limits in force.
-    pub fn limits(&self) -> LogLimits {
+    #[cfg(test)]
+    pub(crate) fn limits(&self) -> LogLimits {
         self.limits
     }
 
     /// Records whether a writer feeds the stream (persisted, so a crash leaves a trace).
-    pub fn set_open(&mut self, open: bool) -> io::Result<()> {
+    pub(crate) fn set_open(&mut self, open: bool) -> io::Result<()> {
         if self.open == open {
             return Ok(());
         }
@@ -241,25 +250,25 @@ impl LogFile {
     }
 
     /// Whether the record said a writer was feeding the stream when this file was opened.
-    pub fn was_open(&self) -> bool {
+    pub(crate) fn was_open(&self) -> bool {
         self.was_open
     }
 
     /// Rotations done since this file was opened.
-    pub fn rotations(&self) -> u64 {
+    pub(crate) fn rotations(&self) -> u64 {
         self.rotations
     }
 
     /// Changes the limits. When it returns, the new cap holds: an oversized current file is
     /// rotated away, and backups beyond the new count or larger than the new `max_size` are
     /// removed with every older one (their offsets become history's leading gap).
-    pub fn set_limits(&mut self, limits: LogLimits) -> io::Result<()> {
+    pub(crate) fn set_limits(&mut self, limits: LogLimits) -> io::Result<()> {
         self.limits = limits;
         self.enforce_limits()
     }
 
     /// Bytes of this stream on disk (current file and backups) and the first offset still there.
-    pub fn disk_usage(&self) -> (u64, u64) {
+    pub(crate) fn disk_usage(&self) -> (u64, u64) {
         let segments = self.segments();
         let bytes = segments.iter().map(|s| s.len).sum();
         (bytes, segments.first().map_or(self.end, |s| s.start))
@@ -267,7 +276,7 @@ impl LogFile {
 
     /// The runs of bytes of this stream on disk, oldest first, with their absolute offsets. The
     /// last one is the current file's growing end (empty if the file is, or ends in a gap).
-    pub fn segments(&self) -> Vec<Segment> {
+    pub(crate) fn segments(&self) -> Vec<Segment> {
         let mut segments = Vec::new();
         let mut newer_start = self.start;
         for (path, len) in backups_of(&self.path, self.limits.backups_kept()) {
@@ -302,7 +311,7 @@ impl LogFile {
     /// Opens (read-only) every file holding offsets at or after `from`, oldest first. The
     /// descriptors stay valid whatever rotations happen later, so a reader outside the owning
     /// actor reads a consistent snapshot: never a torn or mixed chunk.
-    pub fn open_segments(&self, from: u64) -> io::Result<Vec<OpenSegment>> {
+    pub(crate) fn open_segments(&self, from: u64) -> io::Result<Vec<OpenSegment>> {
         let mut open = Vec::new();
         let mut last: Option<(PathBuf, Arc<File>)> = None;
         for s in self.segments() {
@@ -332,7 +341,8 @@ impl LogFile {
 
     /// Appends `data`, rotating whenever the current file is full. On an error, what was
     /// written before it stays logged; the rest is not accounted (see [`Self::log`]).
-    pub fn append(&mut self, data: &[u8]) -> io::Result<()> {
+    #[cfg(test)]
+    pub(crate) fn append(&mut self, data: &[u8]) -> io::Result<()> {
         self.append_counting(data, &mut 0)
     }
 
@@ -341,7 +351,7 @@ impl LogFile {
     fn append_counting(&mut self, mut data: &[u8], logged: &mut usize) -> io::Result<()> {
         while !data.is_empty() {
             let room = self.make_room()?;
-            let n = room.min(data.len() as u64) as usize;
+            let n = usize::try_from(room).map_or(data.len(), |room| room.min(data.len()));
             self.reserve(self.end + n as u64)?;
             let file = self.file.as_mut().expect("make_room opened the file");
             let written = file.write(&data[..n])?;
@@ -361,7 +371,7 @@ impl LogFile {
 
     /// Logs `data`: what the file system refuses still takes its offsets, as a gap counted in
     /// `dropped` (never a silent loss). The next call tries the file (or opens it) again.
-    pub fn log(&mut self, data: &[u8]) -> Written {
+    pub(crate) fn log(&mut self, data: &[u8]) -> Written {
         let mut logged = 0;
         let result = self.append_counting(data, &mut logged);
         let dropped = data.len() - logged;
@@ -374,7 +384,7 @@ impl LogFile {
 
     /// Gives the next `n` offsets to bytes that were not logged: a gap, recorded at once (so a
     /// crash cannot hand those offsets out again), and counted as dropped.
-    pub fn skip(&mut self, n: u64) {
+    pub(crate) fn skip(&mut self, n: u64) {
         if n == 0 {
             return;
         }
@@ -400,7 +410,7 @@ impl LogFile {
     /// `read` + `write`, not `splice(2)`: splicing into a file holds the pipe's lock while the
     /// page cache is written, so the guest's next write waits for it; copying lets both run at
     /// once, and measured faster (docs/performance.md).
-    pub fn move_from_pipe(
+    pub(crate) fn move_from_pipe(
         &mut self,
         pipe: BorrowedFd<'_>,
         max: usize,
@@ -427,7 +437,7 @@ impl LogFile {
     /// (docs/operations.md, "Crash guarantees"). Without bytes waiting it does nothing: the
     /// next append rotates. A failure leaves the file as it was, and the next append tries
     /// again and counts what it cannot log.
-    pub fn rotate_if_full(&mut self, source: BorrowedFd<'_>) {
+    pub(crate) fn rotate_if_full(&mut self, source: BorrowedFd<'_>) {
         let full = self.file.is_none() || self.size >= self.limits.max_size;
         if full && rustix::io::ioctl_fionread(source).is_ok_and(|n| n > 0) {
             if let Err(e) = self.make_room() {
@@ -438,7 +448,7 @@ impl LogFile {
 
     /// Bytes the current file takes before the next rotation; `usize::MAX` when the next
     /// append rotates first (the file is full or lost).
-    pub fn room(&self) -> usize {
+    pub(crate) fn room(&self) -> usize {
         match &self.file {
             Some(_) if self.size < self.limits.max_size => {
                 usize::try_from(self.limits.max_size - self.size).unwrap_or(usize::MAX)
@@ -451,7 +461,7 @@ impl LogFile {
     /// does not flush the file to stable storage: a restarted daemon reads the same page cache,
     /// and a power cut loses what the kernel had not yet written back whether the daemon was
     /// running or not (docs/operations.md, "Durability").
-    pub fn checkpoint(&mut self) -> io::Result<()> {
+    pub(crate) fn checkpoint(&mut self) -> io::Result<()> {
         self.save_position(None)
     }
 
@@ -480,7 +490,9 @@ impl LogFile {
             .unwrap_or(backups.len())
             .min(keep as usize);
         if cut < backups.len() {
-            files::remove_backups(&self.path, cut as u32 + 1, backups.len() as u32)?;
+            // Both at most MAX_SCAN (a u32).
+            let count = |n: usize| u32::try_from(n).unwrap_or(MAX_SCAN);
+            files::remove_backups(&self.path, count(cut) + 1, count(backups.len()))?;
         }
         self.forget_old_gaps();
         self.save_position(None)
@@ -489,7 +501,8 @@ impl LogFile {
     /// Removes the oldest file until at most [`MAX_GAPS`] gaps are left to remember.
     fn shed_gaps(&mut self) -> io::Result<()> {
         while self.gaps.len() > MAX_GAPS {
-            let backups = backups_of(&self.path, MAX_SCAN).len() as u32;
+            // At most MAX_SCAN (a u32).
+            let backups = u32::try_from(backups_of(&self.path, MAX_SCAN).len()).unwrap_or(MAX_SCAN);
             if backups > 0 {
                 files::remove_backups(&self.path, backups, backups)?;
             } else {

@@ -12,7 +12,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 /// Reads the last `n` bytes held by `segments` (oldest first). Returns the offset of the first
 /// byte returned and the bytes; fewer than `n` if less is on disk. The bytes are contiguous:
 /// the tail stops at the last gap (a replay is a run of offsets that follow each other).
-pub fn read_tail(segments: &[Segment], n: u64) -> io::Result<(u64, Vec<u8>)> {
+pub(crate) fn read_tail(segments: &[Segment], n: u64) -> io::Result<(u64, Vec<u8>)> {
     let end = segments.last().map_or(0, |s| s.start + s.len);
     let mut first = segments.last().map_or(end, |s| s.start);
     for pair in segments.windows(2).rev() {
@@ -27,8 +27,9 @@ pub fn read_tail(segments: &[Segment], n: u64) -> io::Result<(u64, Vec<u8>)> {
 
 /// Reads the bytes of offsets `from .. to` from `segments`. A segment that turns out shorter
 /// than described (truncated behind our back) ends the read early.
-pub fn read_range(segments: &[Segment], from: u64, to: u64) -> io::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(to.saturating_sub(from) as usize);
+pub(crate) fn read_range(segments: &[Segment], from: u64, to: u64) -> io::Result<Vec<u8>> {
+    // Only a capacity hint.
+    let mut out = Vec::with_capacity(usize::try_from(to.saturating_sub(from)).unwrap_or(0));
     for segment in segments {
         let seg_end = segment.start + segment.len;
         if seg_end <= from || segment.start >= to {
@@ -38,10 +39,10 @@ pub fn read_range(segments: &[Segment], from: u64, to: u64) -> io::Result<Vec<u8
         let stop = to.min(seg_end);
         let mut file = File::open(&segment.path)?;
         file.seek(SeekFrom::Start(segment.file_pos + start - segment.start))?;
-        let wanted = (stop - start) as usize;
+        let wanted = stop - start;
         let before = out.len();
-        file.take(wanted as u64).read_to_end(&mut out)?;
-        if out.len() - before < wanted {
+        file.take(wanted).read_to_end(&mut out)?;
+        if u64::try_from(out.len() - before).is_ok_and(|read| read < wanted) {
             break;
         }
     }
@@ -77,7 +78,7 @@ mod tests {
         // More than is on disk: everything from the oldest byte.
         let (from, all) = read_tail(&segments, 1 << 20).unwrap();
         assert_eq!(from, segments[0].start);
-        assert_eq!(all, &data[from as usize..]);
+        assert_eq!(all, &data[usize::try_from(from).unwrap()..]);
         assert_eq!(
             read_range(&segments, 12_000, 12_100).unwrap(),
             &data[12_000..12_100]

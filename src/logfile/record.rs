@@ -21,7 +21,7 @@ use std::path::Path;
 /// files. `gaps` are the offsets handed out without bytes on disk, as far back as the oldest
 /// file still there; `dropped` counts every byte that could not be logged, ever.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Position {
+pub(crate) struct Position {
     pub inode: u64,
     pub start: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -52,7 +52,7 @@ fn is_zero(n: &u64) -> bool {
 
 /// The kernel's boot id (empty if unknown): a record saved under another one may be older than
 /// what was handed out before a power cut.
-pub fn boot_id() -> &'static str {
+pub(crate) fn boot_id() -> &'static str {
     static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BOOT.get_or_init(|| {
         std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -64,22 +64,22 @@ pub fn boot_id() -> &'static str {
 /// Size of a position record file: the JSON, padded with spaces to a multiple of this (a record
 /// with many gaps takes more, and the file never shrinks so an older, longer record never
 /// leaves a tail behind).
-pub const POSITION_RECORD_LEN: usize = 256;
+pub(crate) const POSITION_RECORD_LEN: usize = 256;
 
 /// Opens (creating) the position record for in-place updates.
-pub fn open(path: &Path) -> io::Result<File> {
+pub(crate) fn open(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o640)
-        .custom_flags(rustix::fs::OFlags::CLOEXEC.bits() as i32)
+        .custom_flags(rustix::fs::OFlags::CLOEXEC.bits().cast_signed())
         .open(path)
 }
 
 /// Reads the open position record (empty or unreadable: none) and the record file's length.
-pub fn read(file: &File, path: &Path) -> io::Result<(Option<Position>, usize)> {
+pub(crate) fn read(file: &File, path: &Path) -> io::Result<(Option<Position>, usize)> {
     // Not `read_to_end` on the file itself: that asks for the size first (one more system
     // call per stream at a restart) for a record of 256 bytes.
     let mut bytes = Vec::with_capacity(POSITION_RECORD_LEN + 1);
@@ -99,7 +99,7 @@ pub fn read(file: &File, path: &Path) -> io::Result<(Option<Position>, usize)> {
 /// Writes `record` over the record file at offset 0 in one `pwrite`, padded to at least
 /// `min_len` bytes; returns the length written. No temporary file, no rename, no block freed
 /// per save; a process crash cannot tear a single write.
-pub fn write(file: &File, record: &Position, min_len: usize) -> io::Result<usize> {
+pub(crate) fn write(file: &File, record: &Position, min_len: usize) -> io::Result<usize> {
     let mut bytes = serde_json::to_vec(record)?;
     let len = (bytes.len() + 1)
         .div_ceil(POSITION_RECORD_LEN)

@@ -10,7 +10,7 @@ use super::record::{boot_id, Position};
 
 /// Where the offsets resume.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Resumed {
+pub(crate) struct Resumed {
     /// Offset of the current file's range.
     pub start: u64,
     /// Offset of the next byte.
@@ -20,7 +20,7 @@ pub struct Resumed {
 
 /// Resumes from `found` (the record, if any) and the current file (`inode`, `len` bytes);
 /// `backups` sums the backups' sizes when there is no record (a stream from before records).
-pub fn resume(
+pub(crate) fn resume(
     found: Option<&Position>,
     inode: u64,
     len: u64,

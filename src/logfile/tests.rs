@@ -1,5 +1,6 @@
 //! Tests of the log against a model and of its recovery from crashes and power cuts.
 
+use super::gaps::Gap;
 use super::*;
 use std::fs;
 

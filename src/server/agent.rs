@@ -99,8 +99,9 @@ fn stream_info(s: StreamSnapshot) -> proto::StreamInfo {
         max_size: s.limits.max_size,
         max_backups: s.limits.max_backups,
         mode: mode.into(),
-        writers: f.writers as u32,
-        clients: f.clients as u32,
+        // Saturating: pipes and clients are bounded by the limits.
+        writers: u32::try_from(f.writers).unwrap_or(u32::MAX),
+        clients: u32::try_from(f.clients).unwrap_or(u32::MAX),
         guest_connected: f.guest_connected,
         dropped_bytes: f.dropped,
         rotations: f.rotations,
@@ -167,7 +168,7 @@ impl AgentService {
         let (Actor::Pipe(handle), log_path) = (opened.actor, opened.log_path) else {
             unreachable!("open_stream returns the kind asked for");
         };
-        let pipe = create_pipe(self.config.handoff.pipe_buffer.bytes() as usize)
+        let pipe = create_pipe(self.config.handoff.pipe_buffer.bytes_usize())
             .map_err(|e| Error::io("cannot create a pipe", e))?;
         let offset = handle.add_pipe(pipe.read_end).await.map_err(|e| match e {
             LogError::Io(e) => Error::io("cannot attach the pipe to its stream", e),
@@ -184,7 +185,7 @@ impl AgentService {
             fd_socket: self.fd_socket.display().to_string(),
             log_path: log_path.display().to_string(),
             offset,
-            expires_in_ms: self.handoffs.ttl().as_millis() as u64,
+            expires_in_ms: u64::try_from(self.handoffs.ttl().as_millis()).unwrap_or(u64::MAX),
         })
     }
 

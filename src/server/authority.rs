@@ -108,14 +108,7 @@ impl AuthorityFix {
                 // Not something we understand: hand it on as it came and stop rewriting.
                 self.passthrough = true;
                 let mut original = BytesMut::with_capacity(FRAME_HEADER + length);
-                original.put_slice(&[
-                    (length >> 16) as u8,
-                    (length >> 8) as u8,
-                    length as u8,
-                    kind,
-                    flags,
-                ]);
-                original.put_u32(stream_id);
+                put_frame_header(&mut original, length, kind, flags, stream_id);
                 original.put(frame);
                 self.ready.put(original);
             }
@@ -226,6 +219,10 @@ impl AuthorityFix {
     }
 }
 
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "the 24-bit HTTP/2 frame length, split into its three bytes"
+)]
 fn put_frame_header(out: &mut BytesMut, length: usize, kind: u8, flags: u8, stream_id: u32) {
     out.put_slice(&[
         (length >> 16) as u8,

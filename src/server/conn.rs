@@ -174,6 +174,10 @@ impl ConnInfo {
 
 /// What a TCP connection holds while it is open: its places under `limits.tcp_connections`
 /// and `limits.connections_per_peer`, given back when it closes.
+#[allow(
+    dead_code,
+    reason = "every field is held for its Drop, which gives the place back"
+)]
 pub struct Places {
     pub total: OwnedSemaphorePermit,
     pub peer: super::tally::Place<IpAddr>,

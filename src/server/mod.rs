@@ -88,13 +88,13 @@ impl Protection {
             remote_calls: CallLimits::remote(limits, tokens.clone()),
             message_size,
             calls_per_connection: limits.calls_per_connection,
-            tcp_connections: Arc::new(tokio::sync::Semaphore::new(limits.tcp_connections as usize)),
+            tcp_connections: Arc::new(tokio::sync::Semaphore::new(limits.max_tcp_connections())),
             connections_per_peer: tally::Tally::new(limits.connections_per_peer),
             idle_timeout: limits.idle_timeout.get(),
             body_timeout: limits.body_timeout.get(),
             remote_descriptors: Arc::new(tokio::sync::Semaphore::new(share)),
             remote_descriptors_limit: share,
-            tcp_limit: limits.tcp_connections as usize,
+            tcp_limit: limits.max_tcp_connections(),
             web: web::WebOptions::new(message_size, limits, tokens),
         }
     }
@@ -133,7 +133,7 @@ impl Protection {
             .max_concurrent_streams(self.calls_per_connection.saturating_mul(2))
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-            .http2_max_header_list_size(web::MAX_HEADER_BYTES as u32)
+            .http2_max_header_list_size(u32::try_from(web::MAX_HEADER_BYTES).unwrap_or(u32::MAX))
     }
 
     /// The Console service for the local socket (`remote: false`) or TCP, its request bodies

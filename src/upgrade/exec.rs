@@ -9,7 +9,7 @@
 //! its own state.
 
 use super::snapshot::{self, Envelope, SnapshotError, FORMAT_VERSION};
-use super::{fds, State};
+use super::{fds, FrozenDaemon};
 use std::ffi::OsString;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -20,11 +20,11 @@ use std::process::Command;
 use std::time::Duration;
 
 /// Names the memfd holding the snapshot.
-pub const SNAPSHOT_ENV: &str = "CONLOG_SNAPSHOT_FD";
+pub(crate) const SNAPSHOT_ENV: &str = "CONLOG_SNAPSHOT_FD";
 /// Names the descriptor of the previous image's binary.
-pub const FALLBACK_ENV: &str = "CONLOG_FALLBACK_EXE_FD";
+pub(crate) const FALLBACK_ENV: &str = "CONLOG_FALLBACK_EXE_FD";
 /// Set when the previous image is executed again as a fallback.
-pub const FALLBACK_MARK_ENV: &str = "CONLOG_UPGRADE_FALLBACK";
+pub(crate) const FALLBACK_MARK_ENV: &str = "CONLOG_UPGRADE_FALLBACK";
 
 /// What to execute for an upgrade, captured at start-up.
 pub struct Image {
@@ -76,7 +76,7 @@ pub enum PreflightError {
 }
 
 /// Checks that the binary at the image's path starts and reads our snapshot format.
-pub async fn preflight(image: &Image) -> Result<(), PreflightError> {
+pub(crate) async fn preflight(image: &Image) -> Result<(), PreflightError> {
     // With the daemon's own arguments, so a config the new binary refuses is caught here too.
     let run = tokio::process::Command::new(&image.path)
         .args(&image.args)
@@ -115,8 +115,8 @@ const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Replaces this process with the image, carrying `state`. Returns only on failure, with the
 /// state intact so the caller can thaw it.
-pub fn exec(image: &Image, state: State) -> (State, io::Error) {
-    let (snapshot, carried) = state.into_parts();
+pub(crate) fn exec(image: &Image, state: FrozenDaemon) -> (FrozenDaemon, io::Error) {
+    let (snapshot, carried) = state.index();
     let numbers = carried.iter().map(|fd| fd.as_raw_fd()).collect();
     let envelope = Envelope {
         snapshot,
@@ -148,7 +148,7 @@ pub fn exec(image: &Image, state: State) -> (State, io::Error) {
         let _ = fds::set_inheritable(fd, false);
     }
     let state =
-        State::from_parts(envelope.snapshot, carried).expect("indexes we just made are valid");
+        FrozenDaemon::resolve(envelope.snapshot, carried).expect("indexes we just made are valid");
     (state, error)
 }
 
@@ -188,7 +188,7 @@ pub fn block_signals() {
 
 /// Once the signal handlers are installed: delivers the signals that arrived during start-up
 /// or the exec, and lets new ones in.
-pub fn unblock_signals() {
+pub(crate) fn unblock_signals() {
     if let Err(e) = handled_signals().thread_unblock() {
         tracing::warn!(error = %e, "cannot unblock signals");
     }
@@ -242,7 +242,7 @@ pub enum InheritError {
 /// Must run before anything else opens descriptors. An unreadable snapshot first hands over to
 /// the previous image (which wrote it); if that is not possible, the error is returned and the
 /// daemon starts from the state directory instead.
-pub fn inherited() -> Result<Option<State>, InheritError> {
+pub fn inherited() -> Result<Option<FrozenDaemon>, InheritError> {
     let Some(raw) = std::env::var_os(SNAPSHOT_ENV) else {
         return Ok(None);
     };
@@ -291,7 +291,7 @@ pub fn inherited() -> Result<Option<State>, InheritError> {
     for fd in &carried {
         fds::set_inheritable(fd, false).map_err(InheritError::CloseOnExec)?;
     }
-    State::from_parts(envelope.snapshot, carried)
+    FrozenDaemon::resolve(envelope.snapshot, carried)
         .map(Some)
         .map_err(InheritError::Rebuild)
 }
@@ -325,13 +325,13 @@ fn read_all(fd: &impl AsFd) -> io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upgrade::snapshot::{ListenerIndexes, Snapshot};
+    use crate::upgrade::{snapshot::Snapshot, FrozenListeners};
 
     fn envelope(inherited: Option<Vec<RawFd>>) -> Envelope {
         Envelope {
             snapshot: Snapshot {
                 from_pid: 1,
-                listeners: ListenerIndexes {
+                listeners: FrozenListeners {
                     lock: 0,
                     local: 1,
                     fd_sock: 2,

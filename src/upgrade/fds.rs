@@ -10,7 +10,7 @@ use std::io;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 
 /// Takes ownership of inherited descriptor `raw`, after checking it is open.
-pub fn adopt(raw: RawFd) -> io::Result<OwnedFd> {
+pub(crate) fn adopt(raw: RawFd) -> io::Result<OwnedFd> {
     if raw <= 2 {
         return Err(io::Error::other(format!(
             "descriptor {raw} is a standard stream, not a carried one"
@@ -27,7 +27,7 @@ pub fn adopt(raw: RawFd) -> io::Result<OwnedFd> {
 }
 
 /// Closes every inherited descriptor above 2 except `keep` (the carried ones).
-pub fn close_inherited_except(keep: &[RawFd]) -> io::Result<()> {
+pub(crate) fn close_inherited_except(keep: &[RawFd]) -> io::Result<()> {
     let keep: HashSet<RawFd> = keep.iter().copied().collect();
     let mut stray = Vec::new();
     for entry in std::fs::read_dir("/proc/self/fd")? {
@@ -51,7 +51,7 @@ pub fn close_inherited_except(keep: &[RawFd]) -> io::Result<()> {
 }
 
 /// Makes a descriptor survive (or not) `execve`.
-pub fn set_inheritable(fd: impl AsFd, inheritable: bool) -> io::Result<()> {
+pub(crate) fn set_inheritable(fd: impl AsFd, inheritable: bool) -> io::Result<()> {
     let flags = if inheritable {
         rustix::io::FdFlags::empty()
     } else {

@@ -23,7 +23,7 @@ const WAIT_WARNING: Duration = Duration::from_secs(5);
 
 /// The gate of registry and hand-off changes.
 #[derive(Default)]
-pub struct Gate {
+pub(crate) struct Gate {
     lock: Arc<RwLock<()>>,
     /// Held while the gate is closed.
     closed: Mutex<Option<OwnedRwLockWriteGuard<()>>>,
@@ -31,7 +31,7 @@ pub struct Gate {
 
 /// A change in progress; the gate cannot close until it is dropped.
 #[must_use = "the change is admitted only while this is held"]
-pub struct Admission {
+pub(crate) struct Admission {
     _guard: OwnedRwLockReadGuard<()>,
 }
 
@@ -41,12 +41,12 @@ pub struct Admission {
 pub struct Closed;
 
 impl Gate {
-    pub fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self::default())
     }
 
     /// Admits a change, or refuses it at once while a freeze is closing or has closed the gate.
-    pub fn enter(&self) -> Result<Admission, Closed> {
+    pub(crate) fn enter(&self) -> Result<Admission, Closed> {
         // tokio's RwLock is fair: once a writer (the freeze) waits, no reader gets in.
         self.lock
             .clone()
@@ -56,7 +56,7 @@ impl Gate {
     }
 
     /// Closes the gate: refuses new changes and waits until every admitted one has finished.
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         let acquire = self.lock.clone().write_owned();
         tokio::pin!(acquire);
         let guard = loop {
@@ -69,12 +69,13 @@ impl Gate {
     }
 
     /// Reopens the gate (the upgrade failed; this image serves on).
-    pub fn open(&self) {
+    pub(crate) fn open(&self) {
         self.closed.lock().expect("gate poisoned").take();
     }
 
     /// True while closed (or closing).
-    pub fn is_closed(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_closed(&self) -> bool {
         self.lock.try_read().is_err()
     }
 }

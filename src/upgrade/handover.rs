@@ -33,7 +33,7 @@
 //! the `OK` without a verdict, and the successor proceeds after sending it.
 
 use super::snapshot::{self, Envelope, FORMAT_VERSION};
-use super::State;
+use super::FrozenDaemon;
 use std::io::{self, ErrorKind, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
@@ -46,7 +46,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 /// Most descriptors in one SCM_RIGHTS message (the kernel's SCM_MAX_FD).
-pub const BATCH: usize = 253;
+pub(crate) const BATCH: usize = 253;
 /// How long either side waits for the other.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -59,7 +59,7 @@ fn hello() -> String {
 /// on only the connections that sent an exact hello. Dropping this task drops the connections
 /// still saying hello. Any local peer can connect at will: what it causes is logged at a
 /// bounded rate ([`crate::limited`]).
-pub async fn accept(listener: UnixListener, successors: mpsc::Sender<UnixStream>) {
+pub(crate) async fn accept(listener: UnixListener, successors: mpsc::Sender<UnixStream>) {
     let mut greeting = JoinSet::new();
     loop {
         tokio::select! {
@@ -137,7 +137,7 @@ async fn read_hello(stream: &mut UnixStream) -> io::Result<()> {
 /// Daemon side, between steps 1 and 2: the successor must still be connected and must not
 /// have sent anything after its hello. Checked right before freezing, so a client that said
 /// hello and then more, or went away, freezes nothing.
-pub async fn check_quiet(stream: &UnixStream) -> io::Result<()> {
+pub(crate) async fn check_quiet(stream: &UnixStream) -> io::Result<()> {
     // A peer that sends its hello and then closes or keeps talking shows it within moments; a
     // real successor stays silent until it has the state. The grace is taken while the daemon
     // still serves, so it lengthens no pause. The whole grace is waited for: readiness left
@@ -181,8 +181,11 @@ fn peek(stream: &UnixStream) -> io::Result<usize> {
 /// Daemon side, steps 3–6: sends the state, waits for the successor's `OK` and gives the
 /// verdict. `Ok` means committed: the caller must exit and never use the state again. On
 /// failure the state comes back so the daemon can thaw it; the successor was told `NO`.
-pub async fn send(stream: &mut UnixStream, state: State) -> Result<(), (State, io::Error)> {
-    let (snapshot, carried) = state.into_parts();
+pub(crate) async fn send(
+    stream: &mut UnixStream,
+    state: FrozenDaemon,
+) -> Result<(), (FrozenDaemon, io::Error)> {
+    let (snapshot, carried) = state.index();
     let envelope = Envelope {
         snapshot,
         descriptors: carried.len(),
@@ -208,7 +211,7 @@ pub async fn send(stream: &mut UnixStream, state: State) -> Result<(), (State, i
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(b"NO\n")).await;
     let _ = stream.shutdown().await;
     let state =
-        State::from_parts(envelope.snapshot, carried).expect("indexes we just made are valid");
+        FrozenDaemon::resolve(envelope.snapshot, carried).expect("indexes we just made are valid");
     Err((state, error))
 }
 
@@ -234,7 +237,9 @@ async fn send_parts(
 
 async fn send_batch(stream: &UnixStream, batch: &[OwnedFd]) -> io::Result<()> {
     use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
-    let count = (batch.len() as u32).to_le_bytes();
+    let count = u32::try_from(batch.len())
+        .map_err(|_| io::Error::other("too many descriptors for one batch"))?
+        .to_le_bytes();
     let borrowed: Vec<_> = batch.iter().map(|fd| fd.as_fd()).collect();
     let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(BATCH))];
     loop {
@@ -262,7 +267,7 @@ async fn send_batch(stream: &UnixStream, batch: &[OwnedFd]) -> io::Result<()> {
 /// Successor side, steps 1 and 3–7: connects, receives the state, confirms it and waits for
 /// the verdict. `Ok` means the state is this process's alone: adopt and serve it. An error
 /// means the running daemon keeps (or may keep) serving: exit without touching a log.
-pub async fn receive(runtime_dir: &Path) -> io::Result<State> {
+pub(crate) async fn receive(runtime_dir: &Path) -> io::Result<FrozenDaemon> {
     let path = runtime_dir.join("handover.sock");
     let mut stream = UnixStream::connect(&path).await.map_err(|e| {
         io::Error::new(
@@ -376,7 +381,7 @@ fn process_alive(pid: u32) -> bool {
 }
 
 /// The state, the pid of the daemon that sent it, and whether it gives a verdict (step 6).
-async fn receive_parts(stream: &mut UnixStream) -> io::Result<(State, u32, bool)> {
+async fn receive_parts(stream: &mut UnixStream) -> io::Result<(FrozenDaemon, u32, bool)> {
     let mut header = vec![0u8; snapshot::HEADER_LEN];
     stream.read_exact(&mut header).await?;
     let total = snapshot::announced_len(&header).map_err(io::Error::other)?;
@@ -395,7 +400,8 @@ async fn receive_parts(stream: &mut UnixStream) -> io::Result<(State, u32, bool)
         return Err(io::Error::other("more descriptors arrived than announced"));
     }
     let (from_pid, verdicts) = (envelope.snapshot.from_pid, envelope.snapshot.verdicts);
-    let state = super::State::from_parts(envelope.snapshot, carried).map_err(io::Error::other)?;
+    let state =
+        super::FrozenDaemon::resolve(envelope.snapshot, carried).map_err(io::Error::other)?;
     Ok((state, from_pid, verdicts))
 }
 

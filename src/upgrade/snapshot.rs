@@ -15,16 +15,17 @@
 //! Everything else the new image needs (limits, offsets, positions) is on disk already, in the
 //! state directory, so the snapshot stays small.
 
+use super::{FrozenHandoff, FrozenListeners, FrozenStream};
 use serde::{Deserialize, Serialize};
 use std::os::fd::RawFd;
 use thiserror::Error;
 
 /// The first bytes of every snapshot.
-pub const MAGIC: &[u8; 8] = b"CONLOGSN";
+pub(crate) const MAGIC: &[u8; 8] = b"CONLOGSN";
 /// The snapshot format this image writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 /// Largest payload accepted (a snapshot of 10,000 guests is a few MiB).
-pub const MAX_PAYLOAD: u64 = 256 << 20;
+pub(crate) const MAX_PAYLOAD: u64 = 256 << 20;
 const HEADER: usize = 8 + 4 + 8 + 4;
 
 /// Why a snapshot was refused.
@@ -53,66 +54,18 @@ pub enum SnapshotError {
     },
 }
 
-/// Indexes of the daemon-wide descriptors.
-///
-/// `health` came after format 1 was first written, and stays within format 1 on purpose: an
-/// image that predates it reads a snapshot without the field as "no health listener" (the
-/// next image binds one if its config asks), and an older image ignores the field (serde skips
-/// unknown fields here) and closes the descriptor it does not adopt. Neither side is refused,
-/// so upgrades and takeovers work in both directions across that change.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ListenerIndexes {
-    pub lock: usize,
-    pub local: usize,
-    pub fd_sock: usize,
-    pub handover: usize,
-    pub tcp: usize,
-    pub metrics: Option<usize>,
-    /// The plaintext health listener (config `health`), if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health: Option<usize>,
-}
-
-/// One stream's carried descriptors.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct StreamEntry {
-    pub guest: String,
-    pub stream: String,
-    /// Pipe read ends feeding the stream.
-    pub pipes: Vec<usize>,
-    pub console: Option<ConsoleEntry>,
-}
-
-/// A console's carried descriptors and the input not yet written to the guest.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ConsoleEntry {
-    pub guest_listener: usize,
-    pub client_listener: usize,
-    pub guest_connection: Option<usize>,
-    pub pending_input: Vec<u8>,
-}
-
-/// A log pipe whose write end has not been claimed yet.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct HandoffEntry {
-    pub token: String,
-    pub guest: String,
-    pub stream: String,
-    pub write_end: usize,
-    pub expires_in_ms: u64,
-}
-
 /// Everything the next image needs beyond the state directory.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// Pid of the image that wrote it (for logs).
     pub from_pid: u32,
-    pub listeners: ListenerIndexes,
-    pub streams: Vec<StreamEntry>,
-    pub handoffs: Vec<HandoffEntry>,
+    /// Each descriptor is an index into the list that travels beside the snapshot.
+    pub listeners: FrozenListeners<usize>,
+    pub streams: Vec<FrozenStream<usize>>,
+    pub handoffs: Vec<FrozenHandoff<usize>>,
     /// The daemon-wide counters, the upgrade being made counted. Absent from snapshots of
     /// images that predate it (the next image then continues from `state/counters.json`);
-    /// ignored by such images. Within format 1 for the reasons given at [`ListenerIndexes`].
+    /// ignored by such images. Within format 1 for the reasons given at [`FrozenListeners`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counters: Option<crate::metrics::Counters>,
     /// The sender gives a takeover verdict (see [`super::handover`], step 6). False in
@@ -123,7 +76,7 @@ pub struct Snapshot {
 
 /// The payload: the snapshot and, for `execve`, the descriptor numbers (which survive exec).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Envelope {
+pub(crate) struct Envelope {
     pub snapshot: Snapshot,
     /// How many descriptors travel with the snapshot.
     pub descriptors: usize,
@@ -132,7 +85,7 @@ pub struct Envelope {
 }
 
 /// Encodes an envelope with its header.
-pub fn encode(envelope: &Envelope) -> Vec<u8> {
+pub(crate) fn encode(envelope: &Envelope) -> Vec<u8> {
     let payload = serde_json::to_vec(envelope).expect("snapshot serializes");
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.extend_from_slice(MAGIC);
@@ -144,7 +97,7 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
 }
 
 /// The total length announced by a header (to know how much to read), after checking it.
-pub fn announced_len(header: &[u8]) -> Result<usize, SnapshotError> {
+pub(crate) fn announced_len(header: &[u8]) -> Result<usize, SnapshotError> {
     if header.len() < HEADER {
         return Err(SnapshotError::Truncated {
             have: header.len(),
@@ -162,13 +115,14 @@ pub fn announced_len(header: &[u8]) -> Result<usize, SnapshotError> {
     if len > MAX_PAYLOAD {
         return Err(SnapshotError::TooLarge(len));
     }
-    Ok(HEADER + len as usize)
+    let len = usize::try_from(len).map_err(|_| SnapshotError::TooLarge(len))?;
+    Ok(HEADER + len)
 }
 
 /// Decodes and verifies an envelope: exactly the announced length, intact, well formed, and
 /// with as many inherited descriptor numbers (if any) as descriptors announced. Whether the
-/// indexes point at descriptors that arrived is checked by [`super::State::from_parts`].
-pub fn decode(bytes: &[u8]) -> Result<Envelope, SnapshotError> {
+/// indexes point at descriptors that arrived is checked by [`super::FrozenDaemon::resolve`].
+pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, SnapshotError> {
     let total = announced_len(bytes)?;
     if bytes.len() < total {
         return Err(SnapshotError::Truncated {
@@ -197,17 +151,18 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, SnapshotError> {
 }
 
 /// The header length, for readers that read it first.
-pub const HEADER_LEN: usize = HEADER;
+pub(crate) const HEADER_LEN: usize = HEADER;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upgrade::FrozenConsole;
 
     fn envelope() -> Envelope {
         Envelope {
             snapshot: Snapshot {
                 from_pid: 7,
-                listeners: ListenerIndexes {
+                listeners: FrozenListeners {
                     lock: 0,
                     local: 1,
                     fd_sock: 2,
@@ -216,11 +171,11 @@ mod tests {
                     metrics: None,
                     health: None,
                 },
-                streams: vec![StreamEntry {
+                streams: vec![FrozenStream {
                     guest: "vm1".into(),
                     stream: "serial0".into(),
                     pipes: vec![],
-                    console: Some(ConsoleEntry {
+                    console: Some(FrozenConsole {
                         guest_listener: 5,
                         client_listener: 6,
                         guest_connection: Some(7),
@@ -275,6 +230,37 @@ mod tests {
         ));
     }
 
+    /// The frozen types carry descriptor indexes in the same JSON as the index structs of
+    /// older images did (same field names, the time left in whole milliseconds), so images on
+    /// either side of that change read each other's snapshots.
+    #[test]
+    fn frozen_types_keep_the_format_1_field_names() {
+        let handoff = FrozenHandoff {
+            token: "t".into(),
+            guest: "vm1".into(),
+            stream: "qemu".into(),
+            write_end: 3usize,
+            expires_in: std::time::Duration::from_millis(1500),
+        };
+        assert_eq!(
+            serde_json::to_value(&handoff).unwrap(),
+            serde_json::json!({
+                "token": "t", "guest": "vm1", "stream": "qemu",
+                "write_end": 3, "expires_in_ms": 1500
+            })
+        );
+        let console = serde_json::json!({
+            "guest_listener": 5, "client_listener": 6,
+            "guest_connection": null, "pending_input": [108, 115]
+        });
+        let stream: FrozenStream<usize> = serde_json::from_value(serde_json::json!({
+            "guest": "vm1", "stream": "serial0", "pipes": [1, 2], "console": console
+        }))
+        .unwrap();
+        assert_eq!(stream.pipes, vec![1, 2]);
+        assert_eq!(stream.console.unwrap().pending_input, b"ls");
+    }
+
     /// A snapshot written before the health listener existed (same format version) is read
     /// as having none, and one that has it is still read by a decoder that does not know the
     /// field (serde ignores unknown fields of these structs).
@@ -321,7 +307,7 @@ mod tests {
             0usize..600
         }
 
-        fn listeners() -> impl Strategy<Value = ListenerIndexes> {
+        fn listeners() -> impl Strategy<Value = FrozenListeners<usize>> {
             (
                 index(),
                 index(),
@@ -332,7 +318,7 @@ mod tests {
                 option::of(index()),
             )
                 .prop_map(|(lock, local, fd_sock, handover, tcp, metrics, health)| {
-                    ListenerIndexes {
+                    FrozenListeners {
                         lock,
                         local,
                         fd_sock,
@@ -344,7 +330,7 @@ mod tests {
                 })
         }
 
-        fn console() -> impl Strategy<Value = ConsoleEntry> {
+        fn console() -> impl Strategy<Value = FrozenConsole<usize>> {
             (
                 index(),
                 index(),
@@ -353,7 +339,7 @@ mod tests {
             )
                 .prop_map(
                     |(guest_listener, client_listener, guest_connection, pending_input)| {
-                        ConsoleEntry {
+                        FrozenConsole {
                             guest_listener,
                             client_listener,
                             guest_connection,
@@ -363,14 +349,14 @@ mod tests {
                 )
         }
 
-        fn stream() -> impl Strategy<Value = StreamEntry> {
+        fn stream() -> impl Strategy<Value = FrozenStream<usize>> {
             (
                 ".{0,12}",
                 "[a-z0-9_-]{1,8}",
                 vec(index(), 0..4),
                 option::of(console()),
             )
-                .prop_map(|(guest, stream, pipes, console)| StreamEntry {
+                .prop_map(|(guest, stream, pipes, console)| FrozenStream {
                     guest,
                     stream,
                     pipes,
@@ -378,7 +364,7 @@ mod tests {
                 })
         }
 
-        fn handoff() -> impl Strategy<Value = HandoffEntry> {
+        fn handoff() -> impl Strategy<Value = FrozenHandoff<usize>> {
             (
                 "[0-9a-f]{32}",
                 ".{0,12}",
@@ -387,17 +373,17 @@ mod tests {
                 any::<u64>(),
             )
                 .prop_map(|(token, guest, stream, write_end, expires_in_ms)| {
-                    HandoffEntry {
+                    FrozenHandoff {
                         token,
                         guest,
                         stream,
                         write_end,
-                        expires_in_ms,
+                        expires_in: std::time::Duration::from_millis(expires_in_ms),
                     }
                 })
         }
 
-        pub fn envelope() -> impl Strategy<Value = Envelope> {
+        pub(crate) fn envelope() -> impl Strategy<Value = Envelope> {
             let snapshot = (
                 any::<u32>(),
                 listeners(),

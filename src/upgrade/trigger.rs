@@ -29,18 +29,18 @@ pub enum UpgradeError {
 
 /// Asks for an upgrade (cloned into every handler that may).
 #[derive(Clone, Debug)]
-pub struct Trigger(mpsc::Sender<Request>);
+pub(crate) struct Trigger(mpsc::Sender<Request>);
 
 /// The main loop's side: the upgrades asked for.
 #[derive(Debug)]
-pub struct Requests(mpsc::Receiver<Request>);
+pub(crate) struct Requests(mpsc::Receiver<Request>);
 
 /// One upgrade asked for, waiting for its answer.
 #[derive(Debug)]
-pub struct Request(oneshot::Sender<Result<u32, PreflightError>>);
+pub(crate) struct Request(oneshot::Sender<Result<u32, PreflightError>>);
 
 /// A connected trigger and its requests.
-pub fn channel() -> (Trigger, Requests) {
+pub(crate) fn channel() -> (Trigger, Requests) {
     let (tx, rx) = mpsc::channel(PENDING);
     (Trigger(tx), Requests(rx))
 }
@@ -48,7 +48,7 @@ pub fn channel() -> (Trigger, Requests) {
 impl Trigger {
     /// Asks for an upgrade and waits for the answer: the pid of the daemon that goes on to
     /// execute the new binary (its own), or why not.
-    pub async fn upgrade(&self) -> Result<u32, UpgradeError> {
+    pub(crate) async fn upgrade(&self) -> Result<u32, UpgradeError> {
         let (reply, answer) = oneshot::channel();
         self.0
             .send(Request(reply))
@@ -63,14 +63,14 @@ impl Trigger {
 
 impl Requests {
     /// The next request; `None` once every [`Trigger`] is gone.
-    pub async fn recv(&mut self) -> Option<Request> {
+    pub(crate) async fn recv(&mut self) -> Option<Request> {
         self.0.recv().await
     }
 }
 
 impl Request {
     /// Answers the caller (who may have gone away meanwhile: then nobody hears it).
-    pub fn answer(self, outcome: Result<u32, PreflightError>) {
+    pub(crate) fn answer(self, outcome: Result<u32, PreflightError>) {
         let _ = self.0.send(outcome);
     }
 }

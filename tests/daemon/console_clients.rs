@@ -1,5 +1,9 @@
 //! Console clients against the real `conlogd` with a fake guest: fan-out to 20 clients, the
 //! writer lease over AttachConsole, and WatchConsole sessions with SendConsoleInput.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::support;
 

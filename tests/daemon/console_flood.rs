@@ -1,6 +1,10 @@
 //! A guest flooding 100 MiB while one client is stuck: the stuck client is skipped ahead and
 //! told the exact gap, while a normal client and the log get every byte and the daemon's memory
 //! stays bounded.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::support;
 

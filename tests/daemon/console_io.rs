@@ -1,6 +1,10 @@
 //! Console input and output paths against the real `conlogd` with a fake guest: raw
 //! `client.sock` connections (and a `socat`-like client), guest reconnects, and replay of recent
 //! output.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::support;
 

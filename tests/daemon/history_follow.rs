@@ -1,6 +1,10 @@
 //! `Console.ReadHistory` with `follow: true` against the real `conlogd`: live reading across
 //! many rotations and truncations, exact gap reports when a reader falls behind a stream that
 //! keeps one backup, and the end of a follow (RemoveGuest, the client leaving).
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::history_common;
 use crate::support;

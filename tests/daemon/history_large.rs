@@ -1,6 +1,10 @@
 //! A large history (250 MiB: 25 rotated files of 10 MiB and the current one) streamed whole
 //! with `ReadHistory`, checked chunk by chunk, while the daemon's resident memory is sampled:
 //! it must stay flat, i.e. the history is streamed from disk, never held in memory.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::history_common;
 use crate::support;

@@ -1,6 +1,10 @@
 //! `ReadHistory` with `text: true` against the real `conlogd`: with 1 KiB chunks over
 //! multibyte UTF-8, each chunk is whole characters, so its `text` has no U+FFFD, and the data
 //! concatenated is exactly what was written.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::history_common;
 use crate::support;

@@ -2,6 +2,10 @@
 //! text over the UNIX socket and over TCP, and `conlogctl history` writing the raw bytes to
 //! stdout (UNIX socket and `--server`), with `--follow` ending when the guest is removed. The
 //! grpcurl test is in the external-tools tier (docs/testing.md "Test tiers").
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::history_common;
 use crate::support;

@@ -1,5 +1,9 @@
 //! The daemon's lifecycle against the real binary: restarts after SIGTERM and SIGKILL keep
 //! files and continue offsets, SIGTERM flushes pipes, and one daemon per runtime directory.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::support;
 

@@ -2,6 +2,10 @@
 //! takeover and a clean restart; after a crash the upgrade counters continue and the byte
 //! counters start again from 0 (docs/operations.md, "Metrics to alert on"). `conlogd.lock`
 //! names whichever process serves.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::support;
 use crate::upgrade_common;

@@ -1,5 +1,9 @@
 //! Node protection limits: each refusal is `RESOURCE_EXHAUSTED` naming its config key, nothing
 //! already logged is touched, and the limit frees up again when the load goes away.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::support;
 

@@ -1,5 +1,9 @@
 //! Log pipes end to end against the real `conlogd`: rotation and the disk cap under odd-sized
 //! writes, truncate mode, several writers on one stream, and a stream continued by a new pipe.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::support;
 

@@ -7,6 +7,10 @@
 //! refused. Clients are tonic channels with `ClientTlsConfig` and `conlogctl --server https://`.
 //! Nothing listens anywhere but on loopback: the non-loopback cases only check that the daemon
 //! refuses to start, or use `--print-config`.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::history_common;
 use crate::support;

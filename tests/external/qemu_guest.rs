@@ -9,6 +9,10 @@
 //! which fetches two .deb files from Debian's registry the first time. QEMU itself must be
 //! installed: Debian's `qemu-system-x86` (scripts/test.sh installs it). Without it this test fails,
 //! it does not skip.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::support;
 

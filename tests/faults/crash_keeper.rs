@@ -7,6 +7,11 @@
 //!
 //! `CONLOG_CRASH_KILLS=100 cargo test --test faults crash_keeper:: -- --nocapture` measures the loss
 //! over 100 kills (docs/operations.md, "Crash guarantees").
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::crash_common;
 use crate::support;

@@ -22,6 +22,11 @@
 //!
 //! `CONLOG_SOAK=full cargo test --test faults crash_soak:: -- --nocapture` gives the figures in
 //! docs/operations.md.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::crash_common;
 use crate::support;

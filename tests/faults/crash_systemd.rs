@@ -10,6 +10,11 @@
 //! A log pipe and a console guest write numbered lines across three `kill -9`s: no EPIPE, the
 //! console connection is never closed, every byte is logged but what a killed process had
 //! read (at most one read per kill). Streams that end leave the store; a clean stop empties it.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::crash_common;
 use crate::support;

@@ -1,6 +1,10 @@
 //! Disk full: the guest keeps running, dropped bytes are counted and reported, the log file is
 //! never corrupted nor over its cap, and logging resumes when space returns. The log directory
 //! is a real, tiny tmpfs mounted for the test (CI runs as root).
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::support;
 

@@ -3,6 +3,10 @@
 //! clients' offsets, the stream's `dropped_bytes` and the gaps `ReadHistory` reports agree; and
 //! `dropped_bytes` survives an in-place upgrade (SIGUSR1), a takeover and a kill -9 with a
 //! restart.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::history_common;
 use crate::support;

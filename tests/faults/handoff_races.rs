@@ -11,6 +11,10 @@
 //! without the gate, a held call resumes after the table was carried, and its hand-off is lost.
 //! Each round also checks, from the daemon's own log, that the event began while the call was
 //! held (the window was hit, not missed because the machine was slow).
+#![allow(
+    clippy::cast_possible_wrap,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::support;
 use crate::upgrade_common;

@@ -3,6 +3,10 @@
 //! that leaves in the middle of the hand-over. None of them stops the daemon or leaves it
 //! half handed over: it keeps logging and serving, and a real `conlogd --takeover` afterwards
 //! (or meanwhile) still takes over with every stream and pending hand-off.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::support;
 use crate::upgrade_common;

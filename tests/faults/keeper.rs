@@ -2,6 +2,10 @@
 //! than conlogd would speak it: mode 0600, one client at a time, its own uid only, names and
 //! message sizes checked, a cap on descriptors from RLIMIT_NOFILE, descriptors handed back
 //! intact, and it ends when told to or when its socket goes away.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::support;
 

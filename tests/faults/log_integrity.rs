@@ -4,6 +4,10 @@
 //! record (a power cut), nor a reboot that lost bytes already given offsets; a shrunk `max_size` holds as soon as the call returns; a rotation whose
 //! new file cannot be opened (EMFILE, injected with strace) counts every byte it could not log,
 //! and logging resumes.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::history_common;
 use crate::support;

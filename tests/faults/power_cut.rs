@@ -3,6 +3,10 @@
 //! promise is that offsets survive it: "the position records are checked against the files on
 //! the next start, and an absolute offset never goes back". Simulated by truncating the log
 //! file of a stopped daemon (its record says 1000 bytes, the file holds 600).
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::support;
 

@@ -1,6 +1,10 @@
 //! SIGUSR1 and SIGHUP that arrive while the daemon starts (here: while a successor restores
 //! what it took over) wait, pending, and are acted on once it serves: the daemon survives,
 //! reloads, then upgrades in place, and the stream it carries loses nothing.
+#![allow(
+    clippy::cast_possible_wrap,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::support;
 use crate::upgrade_common;

@@ -1,6 +1,10 @@
 //! Takeover by a successor (`conlogd --takeover`) against the real binary: no byte lost and no
 //! connection refused while writers, a guest and clients are busy; and the same with 2,000
 //! guests, whose descriptors travel in many SCM_RIGHTS batches.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::support;
 use crate::upgrade_common;

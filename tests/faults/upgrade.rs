@@ -2,6 +2,11 @@
 //! `Agent.Upgrade`, `conlogctl upgrade`) while writers push into log pipes and a guest prints
 //! on a console lose no byte and leak no descriptor, and readers resume by offset without a
 //! gap. Upgrades that must not happen are in `upgrade_failures.rs`.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::support;
 use crate::upgrade_common;

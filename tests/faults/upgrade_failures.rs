@@ -1,6 +1,10 @@
 //! In-place upgrades that must not happen, against the real binary: the binary at the daemon's
 //! path is broken, reads another snapshot format, or refuses the (changed) config file: the
 //! upgrade is refused up front by the preflight and the daemon serves on.
+#![allow(
+    clippy::cast_possible_wrap,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 
 use crate::support;
 use crate::upgrade_common;

@@ -1,6 +1,10 @@
 //! Helpers of the `ReadHistory` tests (`tests/history*.rs`): Console clients over the UNIX
 //! socket and TCP, requests, reading a reply with deadlines, and checking that a sequence of
 //! `HistoryChunk`s is contiguous, exact and well formed.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes, offsets and pids in tests are small numbers"
+)]
 #![allow(dead_code)]
 
 use crate::support::*;

@@ -359,7 +359,7 @@ fn latency_conlogd(
         let (input, mut frames, mut next) = attach(channel, Mode::ReadWrite).await?;
         let mut micros = Vec::with_capacity(settings.round_trips);
         for i in 0..settings.warm_up + settings.round_trips {
-            let byte = b'a' + (i % 26) as u8;
+            let byte = b"abcdefghijklmnopqrstuvwxyz"[i % 26];
             let start = Instant::now();
             input
                 .send(input_frame(&[byte]))
@@ -445,7 +445,7 @@ fn latency_socat(runtime: &Runtime, dir: &Path, settings: &Settings) -> anyhow::
         let mut micros = Vec::with_capacity(settings.round_trips);
         let mut buffer = [0u8; 1];
         for i in 0..settings.warm_up + settings.round_trips {
-            let byte = b'a' + (i % 26) as u8;
+            let byte = b"abcdefghijklmnopqrstuvwxyz"[i % 26];
             let start = Instant::now();
             client.write_all(&[byte]).await?;
             client.read_exact(&mut buffer).await?;
@@ -520,7 +520,8 @@ async fn read_client(
                 }
                 // Only the bytes below `total` are the pattern's (then the guest's trailer).
                 let len = out.data.len() as u64;
-                let ours = (total - next).min(len) as usize;
+                let ours =
+                    usize::try_from((total - next).min(len)).expect("at most the chunk's length");
                 if let Err(at) = pattern.check(out.offset, &out.data[..ours]) {
                     result
                         .problems

@@ -198,6 +198,10 @@ impl Footprint {
 }
 
 /// The most guests that fit under `limit` descriptors for both processes, with the margin.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "a count estimated in floating point, at least 0"
+)]
 fn guests_that_fit(limit: u64, daemon_per_guest: f64, writing_percent: usize) -> usize {
     let usable = limit as f64 * (1.0 - FD_MARGIN_SHARE) - FD_MARGIN;
     // The baseline's cats add one stdin end per written stream to ours.
@@ -450,7 +454,7 @@ fn measure(
         settings.write_runs
     );
     let pattern = Pattern::new(settings.chunk);
-    let mut data = Vec::with_capacity(per_stream as usize);
+    let mut data = Vec::with_capacity(usize::try_from(per_stream).unwrap_or(0));
     pattern.write(&mut data, per_stream, settings.chunk)?;
     let data: Arc<[u8]> = data.into();
     let cat_dir = dir.join("cat");

@@ -448,7 +448,7 @@ async fn fill(daemon: &Daemon, pattern: &Pattern, total: u64) -> anyhow::Result<
         bail!("{on_disk} bytes in the log files, {total} written");
     }
     // Spot-check the files against what was written.
-    let mut first = vec![0u8; (1 << 20).min(total as usize)];
+    let mut first = vec![0u8; usize::try_from(total).map_or(1 << 20, |total| total.min(1 << 20))];
     File::open(&files[0])?.read_exact(&mut first)?;
     if let Err(at) = pattern.check(0, &first) {
         bail!("byte at offset {at} on disk differs from the byte written");

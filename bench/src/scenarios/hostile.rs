@@ -686,12 +686,12 @@ async fn stalled(target: Arc<Target>, kind: Stalled) -> Held {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let now = target.gauge("conlog_remote_calls_in_progress") - before;
         if now >= wanted || now == last || Instant::now() > deadline {
-            held.units = now.max(0.0) as u64;
+            held.units = count(now);
             break;
         }
         last = now;
     }
-    let refused = (wanted as u64).saturating_sub(held.units);
+    let refused = count(wanted).saturating_sub(held.units);
     if refused > 0 {
         held.refuse(format!("not admitted (limits; unread answers) ×{refused}"));
     }
@@ -767,7 +767,7 @@ async fn partial_requests(target: Arc<Target>) -> Held {
     // Admitted calls are counted at their headers; wait for the bodies to be taken.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let now = target.gauge("conlog_remote_calls_in_progress") - before;
-    held.units = now.max(0.0) as u64;
+    held.units = count(now);
     held
 }
 
@@ -1118,7 +1118,9 @@ async fn setup_guests(
 ) -> anyhow::Result<(Vec<Guest>, Vec<UnixStream>)> {
     let mut guests = Vec::new();
     let mut guest_sockets = Vec::new();
-    let history: Vec<u8> = (0..HISTORY).map(|i| b'a' + (i % 26) as u8).collect();
+    let history: Vec<u8> = (0..HISTORY)
+        .map(|i| b"abcdefghijklmnopqrstuvwxyz"[i % 26])
+        .collect();
     for g in 0..count {
         let name = format!("vm{g:02}");
         let limits = common::rotating(HISTORY_FILE, 8);
@@ -1128,7 +1130,9 @@ async fn setup_guests(
         // Console output for watchers to replay (the guest never reads its input).
         let output = history.clone();
         let mut writer = guest_socket.try_clone()?;
-        std::thread::spawn(move || writer.write_all(&output[..REPLAY as usize]));
+        std::thread::spawn(move || {
+            writer.write_all(&output[..usize::try_from(REPLAY).expect("1 MiB")])
+        });
         guest_sockets.push(guest_socket);
         let read = common::issue_token(agent, &name, Access::Read).await?;
         let write = common::issue_token(agent, &name, Access::ReadWrite).await?;
@@ -1485,4 +1489,13 @@ fn run(bench: &Bench, args: &HostileArgs) -> anyhow::Result<Verdict> {
     println!();
     report::print_markdown(None, &[&table]);
     Ok(verdict)
+}
+
+/// A gauge's value (or a number of calls computed from gauges) as a count; negative is 0.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "gauges hold whole numbers far below u64::MAX"
+)]
+fn count(value: f64) -> u64 {
+    value.max(0.0) as u64
 }

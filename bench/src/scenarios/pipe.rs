@@ -327,7 +327,10 @@ impl Observer {
 
     /// Interrupts it (tracers print their summary on SIGINT) and waits for it.
     fn finish(mut self) -> anyhow::Result<()> {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.0.id() as i32) {
+        if let Some(pid) = i32::try_from(self.0.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
         }
         self.0.wait()?;
@@ -654,6 +657,7 @@ fn print_report(settings: &Settings, machine: &Machine, filesystem: &str, sample
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation, reason = "test sizes of a few MiB")]
 mod tests {
     use super::*;
     use std::path::PathBuf;

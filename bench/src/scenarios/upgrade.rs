@@ -173,7 +173,10 @@ fn measure(
     std::thread::sleep(Duration::from_millis(200));
     for n in 0..upgrades {
         signals.push(Instant::now());
-        let pid = rustix::process::Pid::from_raw(daemon.pid() as i32).context("daemon pid")?;
+        let pid = i32::try_from(daemon.pid())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .context("daemon pid")?;
         rustix::process::kill_process(pid, rustix::process::Signal::USR1)?;
         // The signal must have caused an upgrade (a new image's ready line), or the pause
         // measured would be that of a refused or ignored signal: none at all.

@@ -614,7 +614,8 @@ async fn print_history(args: &Args, mut request: proto::ReadHistoryRequest) -> R
                         );
                     }
                     // After a reconnect the stream resumes exactly at `next`; never show twice.
-                    let skip = next.map_or(0, |n| n.saturating_sub(chunk.offset)) as usize;
+                    let skip = next.map_or(0, |n| n.saturating_sub(chunk.offset));
+                    let skip = usize::try_from(skip).unwrap_or(usize::MAX);
                     let data = chunk.data.get(skip..).unwrap_or_default();
                     next = next.max(Some(chunk.offset + chunk.data.len() as u64));
                     printed += data.len() as u64;

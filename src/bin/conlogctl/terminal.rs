@@ -284,7 +284,9 @@ impl Session {
                             let next = self.progress.next.unwrap_or(out.offset);
                             let end = out.offset + out.data.len() as u64;
                             if next > out.offset && next < end {
-                                stdout.write_all(&out.data[(next - out.offset) as usize..])?;
+                                // Below the chunk's length (checked above).
+                                let skip = usize::try_from(next - out.offset).unwrap_or(out.data.len());
+                                stdout.write_all(&out.data[skip..])?;
                             } else if next <= out.offset {
                                 if next < out.offset {
                                     // A hole between frames: shown from history, filtered.
