@@ -118,4 +118,32 @@ mod tests {
         // A range outside every segment reads nothing.
         assert!(read_range(&segments, 5000, 6000).unwrap().is_empty());
     }
+
+    /// A cut file ends the read even when a later file holds the rest of the range: what is
+    /// returned is always a run of offsets that follow each other.
+    #[test]
+    fn a_cut_file_is_not_followed_by_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = small_log(dir.path());
+        log.append(&[b'x'; 4096]).unwrap();
+        log.append(&[b'y'; 1000]).unwrap();
+        let segments = log.segments();
+        assert_eq!(segments.len(), 2);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segments[0].path)
+            .unwrap()
+            .set_len(1000)
+            .unwrap();
+        assert_eq!(read_range(&segments, 500, 5096).unwrap(), vec![b'x'; 500]);
+        // A range that starts past the cut reads nothing, not the next file's bytes; one that
+        // starts in the next file reads it.
+        let past_the_cut = read_range(&segments, 4000, 4200).unwrap();
+        assert_eq!(
+            past_the_cut.len(),
+            0,
+            "offsets 1000.. of the cut file are gone"
+        );
+        assert_eq!(read_range(&segments, 4096, 4200).unwrap(), vec![b'y'; 104]);
+    }
 }
