@@ -81,7 +81,7 @@ fn since_epoch(now: Instant) -> u64 {
 }
 
 impl Activity {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             calls: AtomicU32::new(0),
             idle_since: AtomicU64::new(since_epoch(Instant::now())),

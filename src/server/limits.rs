@@ -322,3 +322,116 @@ impl HttpBody for Guarded {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::conn::{Activity, Peer};
+    use crate::tokens::{Access, Grant};
+    use std::net::SocketAddr;
+
+    fn request(
+        peer: [u8; 4],
+        connection: &Arc<Activity>,
+        token: Option<&str>,
+    ) -> http::Request<Body> {
+        let mut request = http::Request::new(Body::empty());
+        request.extensions_mut().insert(ConnInfo {
+            peer: Peer::Remote {
+                address: SocketAddr::from((peer, 40_000)),
+                tls: false,
+            },
+            activity: connection.clone(),
+        });
+        if let Some(token) = token {
+            let value = format!("Bearer {token}").parse().unwrap();
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, value);
+        }
+        request
+    }
+
+    /// The config key a call was refused by, or "admitted".
+    fn outcome(result: &Result<(CallGuard, Option<crate::tokens::Grant>), Error>) -> &'static str {
+        match result {
+            Ok(_) => "admitted",
+            Err(Error::LimitReached { limit, .. }) => limit,
+            Err(e) => panic!("not a limit: {e}"),
+        }
+    }
+
+    /// Each remote limit refuses exactly at its value, names its key, gives back every place
+    /// a refused call took, and a token charges its guest only if its signature verifies.
+    #[test]
+    fn each_remote_limit_is_counted_and_given_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Arc::new(TokenKey::load_or_create(&dir.path().join("token.key")).unwrap());
+        let limits = Limits {
+            calls_per_connection: 2,
+            remote_calls_total: 4,
+            calls_per_peer: 3,
+            calls_per_guest: 1,
+            ..Limits::default()
+        };
+        let calls = CallLimits::remote(&limits, key.clone());
+        let token = key.issue(Grant {
+            guest: "vm1".into(),
+            device: None,
+            access: Access::Read,
+            expires_unix: u64::MAX,
+            key_id: String::new(),
+        });
+        let (a, b, c, d) = (
+            Arc::new(Activity::new()),
+            Arc::new(Activity::new()),
+            Arc::new(Activity::new()),
+            Arc::new(Activity::new()),
+        );
+
+        let first = calls.admit(&request([10, 0, 0, 1], &a, Some(&token)));
+        assert_eq!(outcome(&first), "admitted");
+        assert_eq!(
+            first.as_ref().unwrap().1.as_ref().map(|g| g.guest.as_str()),
+            Some("vm1")
+        );
+        // The guest's one place is taken, whoever calls with its token.
+        let refused = calls.admit(&request([10, 0, 0, 2], &b, Some(&token)));
+        assert_eq!(outcome(&refused), "limits.calls_per_guest");
+        drop(refused);
+        assert_eq!(
+            calls.in_progress(),
+            1,
+            "a refused call gives its places back"
+        );
+        assert_eq!(b.calls.load(Ordering::Relaxed), 0);
+        // A token whose signature does not verify charges its peer only.
+        let forged = format!("{}A{}", &token[..token.len() - 1], "");
+        let unsigned = calls.admit(&request([10, 0, 0, 2], &b, Some(&forged)));
+        assert_eq!(outcome(&unsigned), "admitted");
+        assert!(unsigned.as_ref().unwrap().1.is_none());
+        // Two calls per connection.
+        let second = calls.admit(&request([10, 0, 0, 1], &a, None));
+        assert_eq!(outcome(&second), "admitted");
+        let third_on_a = calls.admit(&request([10, 0, 0, 1], &a, None));
+        assert_eq!(outcome(&third_on_a), "limits.calls_per_connection");
+        drop(third_on_a);
+        // Three per peer address, across its connections; four in all.
+        let on_c = calls.admit(&request([10, 0, 0, 1], &c, None));
+        assert_eq!(outcome(&on_c), "admitted");
+        assert_eq!(calls.in_progress(), 4);
+        let over_total = calls.admit(&request([10, 0, 0, 9], &d, None));
+        assert_eq!(outcome(&over_total), "limits.remote_calls_total");
+        drop(over_total);
+        drop(unsigned);
+        let over_peer = calls.admit(&request([10, 0, 0, 1], &c, None));
+        assert_eq!(outcome(&over_peer), "limits.calls_per_peer");
+        drop(over_peer);
+        assert_eq!(c.calls.load(Ordering::Relaxed), 1);
+        // The guest's place comes back with its call.
+        drop(first);
+        let again = calls.admit(&request([10, 0, 0, 2], &b, Some(&token)));
+        assert_eq!(outcome(&again), "admitted");
+        assert_eq!(calls.in_progress(), 3, "second, on_c and again");
+    }
+}
