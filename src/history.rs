@@ -377,7 +377,8 @@ impl Reader {
 fn first_needed(segments: Vec<OpenSegment>, position: u64) -> VecDeque<OpenSegment> {
     segments
         .into_iter()
-        .find(|s| s.start + s.len > position || s.start > position)
+        // Also true of a file that starts after `position` (rotated away).
+        .find(|s| s.start + s.len > position)
         .into_iter()
         .collect()
 }

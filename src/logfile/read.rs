@@ -146,4 +146,25 @@ mod tests {
         );
         assert_eq!(read_range(&segments, 4096, 4200).unwrap(), vec![b'y'; 104]);
     }
+
+    /// The same when the cut file is not the first one read.
+    #[test]
+    fn a_cut_middle_file_ends_the_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = small_log(dir.path());
+        log.append(&[b'x'; 4096]).unwrap();
+        log.append(&[b'y'; 4096]).unwrap();
+        log.append(&[b'z'; 500]).unwrap();
+        let segments = log.segments();
+        assert_eq!(segments.len(), 3);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segments[1].path)
+            .unwrap()
+            .set_len(1000)
+            .unwrap();
+        let mut expected = vec![b'x'; 4096];
+        expected.extend_from_slice(&[b'y'; 1000]);
+        assert_eq!(read_range(&segments, 0, 8692).unwrap(), expected);
+    }
 }
