@@ -8,7 +8,7 @@
 
 use super::clients::{self, ClientQueue, Event, Offer};
 use super::{AttachRequest, Command, ConsoleHandle, ConsoleSettings, Input, Mode, NO_WRITER};
-use super::{ConsoleError, Result};
+use super::{ClientInfo, ConsoleError, Result};
 use crate::log_owner::{Figures, LogOwner};
 use crate::upgrade::FrozenConsole;
 use bytes::{Buf, Bytes};
@@ -189,6 +189,17 @@ impl ConsoleActor {
                 self.set_writer(None);
                 self.count_clients();
                 let _ = done.send(());
+            }
+            Command::Clients(reply) => {
+                let clients = self
+                    .clients
+                    .iter()
+                    .map(|(id, client)| ClientInfo {
+                        label: client.label.clone(),
+                        writer: self.writer == Some(*id),
+                    })
+                    .collect();
+                let _ = reply.send(clients);
             }
             Command::Log(_) | Command::Freeze(_) | Command::Detach(_) => {
                 unreachable!("handled by run")

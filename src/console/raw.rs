@@ -20,7 +20,11 @@ use tokio::net::UnixStream;
 pub(super) fn spawn(console: ConsoleHandle, stream: UnixStream, input_rate: u64) {
     let task = async move {
         let label = match stream.peer_cred() {
-            Ok(cred) => format!("client.sock pid {}", cred.pid().unwrap_or(-1)),
+            Ok(cred) => format!(
+                "client.sock pid {} uid {}",
+                cred.pid().unwrap_or(-1),
+                cred.uid()
+            ),
             Err(_) => "client.sock".to_owned(),
         };
         let request = AttachRequest {

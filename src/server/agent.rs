@@ -88,6 +88,7 @@ fn stream_info(s: StreamSnapshot) -> proto::StreamInfo {
         StreamKind::Console => (proto::StreamKind::Console, true),
     };
     let f = s.figures;
+    let writer = s.clients.iter().find(|c| c.writer).map(|c| c.label.clone());
     proto::StreamInfo {
         name: s.name,
         kind: kind.into(),
@@ -106,6 +107,8 @@ fn stream_info(s: StreamSnapshot) -> proto::StreamInfo {
         dropped_bytes: f.dropped,
         rotations: f.rotations,
         broken: f.broken,
+        writer: writer.unwrap_or_default(),
+        attached: s.clients.into_iter().map(|c| c.label).collect(),
     }
 }
 

@@ -166,6 +166,11 @@ impl ConnInfo {
                 address,
                 tls: false,
             } => format!("grpc {address}"),
+            Peer::Local {
+                pid: Some(pid),
+                uid: Some(uid),
+                ..
+            } => format!("grpc local pid {pid} uid {uid}"),
             Peer::Local { pid: Some(pid), .. } => format!("grpc local pid {pid}"),
             Peer::Local { pid: None, .. } => "grpc local".to_owned(),
         }

@@ -235,6 +235,22 @@ fn peer_label<T>(request: &Request<T>) -> String {
         .map_or_else(|| "grpc client".to_owned(), ConnInfo::label)
 }
 
+/// A remote caller's label with its token's access ("… token read-write"): who an operator
+/// sees attached in `ListGuests`. Tokens carry no user name; the address and the access are
+/// what the daemon knows.
+fn with_access(label: String, caller: Option<&auth::Caller>) -> String {
+    match caller {
+        Some(auth::Caller::Remote(grant)) => {
+            let access = match grant.access {
+                crate::tokens::Access::Read => "read",
+                crate::tokens::Access::ReadWrite => "read-write",
+            };
+            format!("{label} token {access}")
+        }
+        _ => label,
+    }
+}
+
 fn frame(event: Event, session_id: &str) -> std::result::Result<ServerFrame, Status> {
     let frame = match event {
         Event::Attached {
@@ -331,8 +347,8 @@ impl Console for ConsoleService {
         &self,
         request: Request<Streaming<ClientFrame>>,
     ) -> Result<Response<Self::AttachConsoleStream>, Status> {
-        let label = peer_label(&request);
         let caller = auth::caller(&request);
+        let label = with_access(peer_label(&request), caller.as_ref());
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(ATTACH_FRAME_WAIT, inbound.message())
             .await
@@ -414,8 +430,11 @@ impl Console for ConsoleService {
         &self,
         request: Request<WatchConsoleRequest>,
     ) -> Result<Response<Self::WatchConsoleStream>, Status> {
-        let label = format!("{} (watch session)", peer_label(&request));
         let caller = auth::caller(&request);
+        let label = format!(
+            "{} (watch session)",
+            with_access(peer_label(&request), caller.as_ref())
+        );
         let r = request.into_inner();
         let fields = AttachFields {
             guest: r.guest,

@@ -288,3 +288,78 @@ async fn the_pid_file_names_the_serving_daemon() {
     assert_eq!(successor.stop().await.code(), Some(0));
     assert!(!pid_file.exists(), "a clean stop removes the pid file");
 }
+
+/// `ListGuests` (and `conlogctl guests`) name who holds a console's writer lease and who is
+/// attached: a local gRPC writer by pid and uid, a raw `client.sock` watcher by pid and uid, a
+/// remote watcher by address and its token's access. Detaching shows at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_name_the_writer_and_the_attached_clients() {
+    use conlog::proto::attach::Mode;
+    let mut daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let console = open_console(&mut agent, "vm-who").await;
+    let me = std::process::id();
+    let uid = rustix::process::getuid().as_raw();
+
+    let writer = Session::attach(
+        local_channel(&daemon).await,
+        attach("vm-who", Mode::ReadWrite),
+    )
+    .await
+    .expect("local writer");
+    wait_clients(&mut agent, "vm-who", "serial0", 1).await;
+    // A raw client asks for the lease if free: it is held, so this one watches.
+    let raw = tokio::net::UnixStream::connect(&console.client_socket)
+        .await
+        .expect("client.sock");
+    wait_clients(&mut agent, "vm-who", "serial0", 2).await;
+    let token = daemon
+        .token("vm-who", "", conlog::proto::Access::Read, 600)
+        .await;
+    let remote = Session::attach(
+        with_token(daemon.plain_tcp_channel().await, &token),
+        attach("vm-who", Mode::ReadOnly),
+    )
+    .await
+    .expect("remote watcher");
+    let info = wait_clients(&mut agent, "vm-who", "serial0", 3).await;
+
+    assert_eq!(
+        info.writer,
+        format!("grpc local pid {me} uid {uid}"),
+        "{info:?}"
+    );
+    assert_eq!(info.attached.len(), 3, "{info:?}");
+    assert_eq!(info.attached[0], info.writer, "in attach order: {info:?}");
+    assert_eq!(info.attached[1], format!("client.sock pid {me} uid {uid}"));
+    assert!(
+        info.attached[2].starts_with("grpc 127.0.0.1:")
+            && info.attached[2].ends_with(" token read"),
+        "{info:?}"
+    );
+
+    let out = run_bounded(conlogctl(&daemon).args(["guests", "vm-who", "-o", "json"]));
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let stream = &value["guests"][0]["streams"][0];
+    assert_eq!(stream["writer"], info.writer.as_str(), "{value}");
+    assert_eq!(
+        stream["attached"].as_array().map(Vec::len),
+        Some(3),
+        "{value}"
+    );
+    let table = run_bounded(conlogctl(&daemon).args(["guests", "vm-who"]));
+    let text = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(
+        text.contains(&format!("    writer:  grpc local pid {me} uid {uid}\n")),
+        "{text}"
+    );
+    assert_eq!(text.matches("    watcher: ").count(), 2, "{text}");
+
+    // The writer leaves: nobody holds the lease, two watchers remain.
+    drop(writer);
+    let info = wait_clients(&mut agent, "vm-who", "serial0", 2).await;
+    assert_eq!(info.writer, "", "{info:?}");
+    assert_eq!(info.attached.len(), 2, "{info:?}");
+    drop((raw, remote));
+    daemon.stop().await;
+}

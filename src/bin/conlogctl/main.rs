@@ -755,6 +755,8 @@ fn guests_json(reply: &proto::ListGuestsResponse) -> serde_json::Value {
                         "dropped_bytes": s.dropped_bytes,
                         "rotations": s.rotations,
                         "broken": s.broken,
+                        "writer": s.writer,
+                        "attached": s.attached,
                     })
                 })
                 .collect();
@@ -800,6 +802,19 @@ fn print_guests(reply: &proto::ListGuestsResponse) {
                 s.max_size,
                 s.log_path
             );
+            // Consoles: who is attached, the writer lease's holder first (once, even if a
+            // watcher has the same label).
+            let mut writer_shown = s.writer.is_empty();
+            if !writer_shown {
+                println!("    writer:  {}", s.writer);
+            }
+            for client in &s.attached {
+                if !writer_shown && *client == s.writer {
+                    writer_shown = true;
+                    continue;
+                }
+                println!("    watcher: {client}");
+            }
         }
     }
 }
