@@ -363,3 +363,59 @@ async fn guests_name_the_writer_and_the_attached_clients() {
     drop((raw, remote));
     daemon.stop().await;
 }
+
+/// `create-console --print` renders what connects a guest's serial port to the console: the
+/// path, QEMU's arguments in both spellings (`reconnect-ms=` from 9.2, `reconnect=` before), and
+/// a libvirt `<serial>` element on port N for `serialN` — all naming the socket conlogd made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_console_prints_the_qemu_and_libvirt_wiring() {
+    let mut daemon = Daemon::start().await;
+    let print = |device: &str, what: &str| {
+        let out = run_bounded(conlogctl(&daemon).args([
+            "create-console",
+            "vm-wire",
+            "--device",
+            device,
+            "--print",
+            what,
+        ]));
+        assert!(out.status.success(), "{}", describe(&out));
+        String::from_utf8(out.stdout).expect("UTF-8")
+    };
+    let path = print("serial1", "path");
+    let path = path.trim_end();
+    let mut agent = daemon.agent().await;
+    let info = find_stream(&mut agent, "vm-wire", "serial1")
+        .await
+        .expect("the console exists");
+    assert_eq!(info.kind, conlog::proto::StreamKind::Console as i32);
+    assert!(
+        path.ends_with("/consoles/vm-wire/serial1.guest.sock"),
+        "{path}"
+    );
+    assert_socket(path);
+    assert_eq!(
+        print("serial1", "qemu"),
+        format!(
+            "-chardev socket,id=conlog-serial1,path={path},reconnect-ms=1000 \
+             -serial chardev:conlog-serial1\n"
+        )
+    );
+    assert_eq!(
+        print("serial1", "qemu-legacy"),
+        format!(
+            "-chardev socket,id=conlog-serial1,path={path},reconnect=1 \
+             -serial chardev:conlog-serial1\n"
+        )
+    );
+    assert_eq!(
+        print("serial1", "libvirt"),
+        format!(
+            "<serial type='unix'>\n  <source mode='connect' path='{path}'>\n    \
+             <reconnect enabled='yes' timeout='1'/>\n  </source>\n  \
+             <target port='1'/>\n</serial>\n"
+        )
+    );
+    assert!(print("serial0", "libvirt").contains("<target port='0'/>"));
+    daemon.stop().await;
+}

@@ -109,18 +109,32 @@ struct Qemu {
     _dir: tempfile::TempDir,
 }
 
+/// The QEMU arguments that wire the guest's serial port to its console, as `conlogctl
+/// create-console --print qemu-legacy` renders them (the installed QEMU is older than 9.2):
+/// QEMU boots with exactly what an operator would paste.
+fn rendered_wiring(daemon: &Daemon, guest_socket: &Path) -> Vec<String> {
+    let out = run_bounded(
+        Command::new(conlogctl_bin())
+            .arg("--socket")
+            .arg(daemon.socket())
+            .args(["create-console", GUEST, "--device", DEVICE])
+            .args(["--print", "qemu-legacy"]),
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = String::from_utf8(out.stdout).expect("UTF-8");
+    let socket = guest_socket.to_str().expect("UTF-8 socket path");
+    assert!(text.contains(&format!("path={socket},")), "{text}");
+    text.split_whitespace().map(str::to_owned).collect()
+}
+
 impl Qemu {
-    fn start(kernel: &Path, initrd: &Path, guest_socket: &Path) -> Self {
+    fn start(kernel: &Path, initrd: &Path, wiring: &[String]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("conlog-qemu-")
             .tempdir()
             .expect("temporary directory");
         let output = dir.path().join("qemu.out");
         let file = std::fs::File::create(&output).expect("QEMU output file");
-        let chardev = format!(
-            "socket,id=s0,path={},reconnect=1",
-            guest_socket.to_str().expect("UTF-8 socket path")
-        );
         let child = Command::new(QEMU)
             .args(["-M", "pc", "-accel", "tcg", "-m", "256"])
             .args(["-nographic", "-nodefaults", "-no-reboot"])
@@ -129,7 +143,7 @@ impl Qemu {
             .arg("-initrd")
             .arg(initrd)
             .args(["-append", "console=ttyS0 panic=-1"])
-            .args(["-chardev", &chardev, "-serial", "chardev:s0"])
+            .args(wiring)
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -429,7 +443,8 @@ async fn real_qemu_guest_boots_logs_and_runs_typed_commands() {
     };
 
     let qemu_started = Instant::now();
-    scene.qemu = Some(Qemu::start(&kernel, &initrd, &guest_socket));
+    let wiring = rendered_wiring(&scene.daemon, &guest_socket);
+    scene.qemu = Some(Qemu::start(&kernel, &initrd, &wiring));
     scene
         .wait("guest connected frame on both clients", DEADLINE, |s| {
             s.clients
@@ -730,7 +745,8 @@ async fn qemu_keeps_its_console_connection_through_an_upgrade_and_a_crash() {
         clients: Vec::new(),
     };
     let first = attach_writer(&mut scene, "first writer").await;
-    scene.qemu = Some(Qemu::start(&kernel, &initrd, &guest_socket));
+    let wiring = rendered_wiring(&scene.daemon, &guest_socket);
+    scene.qemu = Some(Qemu::start(&kernel, &initrd, &wiring));
     scene
         .wait("the shell prompt", BOOT_DEADLINE, |s| {
             s.client_has(first, PROMPT)

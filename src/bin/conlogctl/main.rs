@@ -129,13 +129,19 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
-    /// Create (or show) a console; prints the socket path QEMU connects to.
+    /// Create (or show) a console; prints the socket path QEMU connects to, or the QEMU
+    /// arguments or libvirt XML that connect a serial port to it.
     CreateConsole {
         /// Guest name.
         guest: String,
-        /// Console device.
+        /// Console device (serialN is the guest's Nth serial port in the XML).
         #[arg(long, default_value = names::DEFAULT_CONSOLE_DEVICE)]
         device: String,
+        /// What to print: the guest socket's path; QEMU's -chardev/-serial arguments (`qemu`:
+        /// QEMU 9.2 and later, reconnect-ms=; `qemu-legacy`: before 9.2, reconnect=); or a
+        /// libvirt <serial> element for the domain's <devices>.
+        #[arg(long, value_enum, default_value = "path")]
+        print: Wiring,
     },
     /// Attach to a console: a raw terminal (Ctrl-] leaves), or stdin's bytes when it is a pipe.
     Console {
@@ -217,6 +223,14 @@ enum Cmd {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum Wiring {
+    Path,
+    Qemu,
+    QemuLegacy,
+    Libvirt,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum Output {
     Table,
     Json,
@@ -245,6 +259,38 @@ fn main() -> ExitCode {
                 Some(failure) => ExitCode::from(failure.exit as u8),
                 None => ExitCode::from(1),
             }
+        }
+    }
+}
+
+/// How a guest's serial port connects to the console socket `path` (docs/consoles.md): QEMU
+/// is the client and reconnects every second; `serialN` is port N.
+fn wiring(print: Wiring, device: &str, path: &str) -> String {
+    // QEMU ids start with a letter; device names may start with a digit.
+    let id = format!("conlog-{device}");
+    let port: u32 = device
+        .strip_prefix("serial")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    match print {
+        Wiring::Path => path.to_owned(),
+        Wiring::Qemu => {
+            format!("-chardev socket,id={id},path={path},reconnect-ms=1000 -serial chardev:{id}")
+        }
+        Wiring::QemuLegacy => {
+            format!("-chardev socket,id={id},path={path},reconnect=1 -serial chardev:{id}")
+        }
+        Wiring::Libvirt => {
+            let path = path
+                .replace('&', "&amp;")
+                .replace('\'', "&apos;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;");
+            format!(
+                "<serial type='unix'>\n  <source mode='connect' path='{path}'>\n    \
+                 <reconnect enabled='yes' timeout='1'/>\n  </source>\n  \
+                 <target port='{port}'/>\n</serial>"
+            )
         }
     }
 }
@@ -500,17 +546,26 @@ async fn run(args: Args) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::CreateConsole { guest, device } => {
+        Cmd::CreateConsole {
+            guest,
+            device,
+            print,
+        } => {
             let reply = agent
                 .create_console(proto::CreateConsoleRequest {
                     guest,
-                    device,
+                    device: device.clone(),
                     limits: None,
                 })
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            println!("{}", reply.guest_socket);
+            let device = if device.is_empty() {
+                names::DEFAULT_CONSOLE_DEVICE
+            } else {
+                device.as_str()
+            };
+            println!("{}", wiring(print, device, &reply.guest_socket));
             eprintln!(
                 "client socket: {}\nlog: {}",
                 reply.client_socket, reply.log_path
