@@ -193,7 +193,9 @@ async fn startup_log(env: &[(&str, &str)], terminal: bool) -> String {
     );
     let mut command = if terminal {
         let mut cmd = Command::new("script");
-        cmd.args(["-q", "-f", "-e", "-c", &conlogd])
+        // `exec`: whatever $SHELL runs the command (bash execs a lone command by itself, dash
+        // does not), conlogd is script's child, the process the test signals.
+        cmd.args(["-q", "-f", "-e", "-c", &format!("exec {conlogd}")])
             .arg(&typescript)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
