@@ -204,8 +204,6 @@ pub struct StreamSnapshot {
     pub limits: LogLimits,
     /// Taken by the stream's actor at one instant.
     pub figures: Figures,
-    /// Consoles: the attached clients, the writer marked.
-    pub clients: Vec<crate::console::ClientInfo>,
 }
 
 /// The actor owning a stream: what only this kind of stream does (add a pipe; attach a client)
@@ -1033,10 +1031,6 @@ impl Guests {
                 log_path: entry.log_path,
                 limits: entry.limits,
                 figures,
-                clients: match &entry.actor {
-                    Actor::Console(console) => console.clients().await,
-                    Actor::Pipe(_) => Vec::new(),
-                },
             }
         };
         let mut guests = Vec::with_capacity(entries.len());

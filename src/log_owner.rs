@@ -94,8 +94,17 @@ impl StreamStats {
     }
 }
 
+/// A client attached to a console, as `ListGuests` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attached {
+    /// Who it is: the local peer's pid and uid, or the remote address and its token's access.
+    pub label: String,
+    /// It holds the writer lease.
+    pub writer: bool,
+}
+
 /// A consistent view of a stream's figures, taken by its actor at one instant.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Figures {
     /// Bytes ever logged.
     pub end_offset: u64,
@@ -107,8 +116,8 @@ pub struct Figures {
     pub writers: u64,
     pub dropped: u64,
     pub rotations: u64,
-    /// Attached clients (consoles), or 0.
-    pub clients: u64,
+    /// Attached clients (consoles) in attach order; none for pipes.
+    pub attached: Vec<Attached>,
     /// QEMU connected (consoles).
     pub guest_connected: bool,
     /// The writer was lost when the daemon stopped; no new pipe since.
@@ -411,7 +420,13 @@ mod tests {
     /// A minimal actor: answers log commands until closed.
     async fn serve(mut owner: LogOwner, mut commands: mpsc::Receiver<Own>) {
         while let Some(Own::Log(command)) = commands.recv().await {
-            if let Some(close) = owner.answer(command, |f| Figures { clients: 7, ..f }) {
+            if let Some(close) = owner.answer(command, |f| Figures {
+                attached: vec![Attached {
+                    label: "a client".into(),
+                    writer: true,
+                }],
+                ..f
+            }) {
                 owner.checkpoint();
                 close.done();
                 return;
@@ -459,7 +474,14 @@ mod tests {
         assert_eq!(handle.stats.end_offset.load(Relaxed), 10_000);
         let actor = tokio::spawn(serve(owner, commands));
         let figures = handle.figures().await.unwrap();
-        assert_eq!((figures.end_offset, figures.clients), (10_000, 7));
+        assert_eq!(figures.end_offset, 10_000);
+        assert_eq!(
+            figures.attached,
+            [Attached {
+                label: "a client".into(),
+                writer: true
+            }]
+        );
         let segments = handle.open_segments(0).await.unwrap();
         assert_eq!(segments.last().map(|s| s.start + s.len), Some(10_000));
         handle

@@ -8,8 +8,8 @@
 
 use super::clients::{self, ClientQueue, Event, Offer};
 use super::{AttachRequest, Command, ConsoleHandle, ConsoleSettings, Input, Mode, NO_WRITER};
-use super::{ClientInfo, ConsoleError, Result};
-use crate::log_owner::{Figures, LogOwner};
+use super::{ConsoleError, Result};
+use crate::log_owner::{Attached, Figures, LogOwner};
 use crate::upgrade::FrozenConsole;
 use bytes::{Buf, Bytes};
 use std::collections::BTreeMap;
@@ -119,9 +119,16 @@ impl ConsoleActor {
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(Command::Log(command)) => {
-                        let (clients, guest_connected) = (self.clients.len() as u64, self.guest.is_some());
+                        let (clients, writer) = (&self.clients, self.writer);
+                        let guest_connected = self.guest.is_some();
                         let answered = self.owner.answer(command, |figures| Figures {
-                            clients,
+                            attached: clients
+                                .iter()
+                                .map(|(id, client)| Attached {
+                                    label: client.label.clone(),
+                                    writer: writer == Some(*id),
+                                })
+                                .collect(),
                             guest_connected,
                             ..figures
                         });
@@ -189,17 +196,6 @@ impl ConsoleActor {
                 self.set_writer(None);
                 self.count_clients();
                 let _ = done.send(());
-            }
-            Command::Clients(reply) => {
-                let clients = self
-                    .clients
-                    .iter()
-                    .map(|(id, client)| ClientInfo {
-                        label: client.label.clone(),
-                        writer: self.writer == Some(*id),
-                    })
-                    .collect();
-                let _ = reply.send(clients);
             }
             Command::Log(_) | Command::Freeze(_) | Command::Detach(_) => {
                 unreachable!("handled by run")

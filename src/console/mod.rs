@@ -179,17 +179,6 @@ enum Command {
     Freeze(oneshot::Sender<FrozenConsole>),
     /// End every client's stream (they are told why), keep serving the guest.
     EndClients(String, oneshot::Sender<()>),
-    /// Who is attached, and who holds the writer lease.
-    Clients(oneshot::Sender<Vec<ClientInfo>>),
-}
-
-/// An attached client as `ListGuests` shows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClientInfo {
-    /// Who it is: the local peer's pid and uid, or the remote address and its token's access.
-    pub label: String,
-    /// It holds the writer lease.
-    pub writer: bool,
 }
 
 impl From<LogCommand> for Command {
@@ -378,15 +367,6 @@ impl ConsoleHandle {
         {
             let _ = finished.await;
         }
-    }
-
-    /// The attached clients, in the order they attached (empty if the actor has stopped).
-    pub async fn clients(&self) -> Vec<ClientInfo> {
-        let (reply, answer) = oneshot::channel();
-        if self.commands.send(Command::Clients(reply)).await.is_err() {
-            return Vec::new();
-        }
-        answer.await.unwrap_or_default()
     }
 
     /// Stops the actor for an upgrade and returns its sockets and pending input. Clients end

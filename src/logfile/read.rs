@@ -64,6 +64,16 @@ mod tests {
         LogFile::open(&dir.join("s.log"), &dir.join("s.pos"), limits).unwrap()
     }
 
+    /// Truncates a log file behind the log's back.
+    fn cut(path: &std::path::Path, len: u64) {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+    }
+
     #[test]
     fn tail_spans_rotated_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -108,12 +118,7 @@ mod tests {
         log.append(&[b'x'; 3000]).unwrap();
         let segments = log.segments();
         // The file is truncated after the segments were taken: the read stops at its end.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&segments[0].path)
-            .unwrap()
-            .set_len(1000)
-            .unwrap();
+        cut(&segments[0].path, 1000);
         assert_eq!(read_range(&segments, 500, 3000).unwrap(), vec![b'x'; 500]);
         // A range outside every segment reads nothing.
         assert!(read_range(&segments, 5000, 6000).unwrap().is_empty());
@@ -129,12 +134,7 @@ mod tests {
         log.append(&[b'y'; 1000]).unwrap();
         let segments = log.segments();
         assert_eq!(segments.len(), 2);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&segments[0].path)
-            .unwrap()
-            .set_len(1000)
-            .unwrap();
+        cut(&segments[0].path, 1000);
         assert_eq!(read_range(&segments, 500, 5096).unwrap(), vec![b'x'; 500]);
         // A range that starts past the cut reads nothing, not the next file's bytes; one that
         // starts in the next file reads it.
@@ -157,12 +157,7 @@ mod tests {
         log.append(&[b'z'; 500]).unwrap();
         let segments = log.segments();
         assert_eq!(segments.len(), 3);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&segments[1].path)
-            .unwrap()
-            .set_len(1000)
-            .unwrap();
+        cut(&segments[1].path, 1000);
         let mut expected = vec![b'x'; 4096];
         expected.extend_from_slice(&[b'y'; 1000]);
         assert_eq!(read_range(&segments, 0, 8692).unwrap(), expected);

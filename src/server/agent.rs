@@ -88,7 +88,11 @@ fn stream_info(s: StreamSnapshot) -> proto::StreamInfo {
         StreamKind::Console => (proto::StreamKind::Console, true),
     };
     let f = s.figures;
-    let writer = s.clients.iter().find(|c| c.writer).map(|c| c.label.clone());
+    let writer = f
+        .attached
+        .iter()
+        .find(|c| c.writer)
+        .map(|c| c.label.clone());
     proto::StreamInfo {
         name: s.name,
         kind: kind.into(),
@@ -102,13 +106,13 @@ fn stream_info(s: StreamSnapshot) -> proto::StreamInfo {
         mode: mode.into(),
         // Saturating: pipes and clients are bounded by the limits.
         writers: u32::try_from(f.writers).unwrap_or(u32::MAX),
-        clients: u32::try_from(f.clients).unwrap_or(u32::MAX),
+        clients: u32::try_from(f.attached.len()).unwrap_or(u32::MAX),
         guest_connected: f.guest_connected,
         dropped_bytes: f.dropped,
         rotations: f.rotations,
         broken: f.broken,
         writer: writer.unwrap_or_default(),
-        attached: s.clients.into_iter().map(|c| c.label).collect(),
+        attached: f.attached.into_iter().map(|c| c.label).collect(),
     }
 }
 

@@ -784,17 +784,13 @@ fn guests_json(reply: &proto::ListGuestsResponse) -> serde_json::Value {
                 .streams
                 .iter()
                 .map(|s| {
-                    let kind = match proto::StreamKind::try_from(s.kind) {
-                        Ok(proto::StreamKind::Console) => "console",
-                        _ => "pipe",
-                    };
                     let mode = match proto::LogMode::try_from(s.mode) {
                         Ok(proto::LogMode::Truncate) => "truncate",
                         _ => "rotate",
                     };
                     json!({
                         "name": s.name,
-                        "kind": kind,
+                        "kind": kind_name(s),
                         "state": stream_state(s),
                         "offset": s.offset,
                         "first_offset": s.first_offset,
@@ -821,9 +817,17 @@ fn guests_json(reply: &proto::ListGuestsResponse) -> serde_json::Value {
     json!({ "guests": guests })
 }
 
+/// A stream's kind in one word.
+fn kind_name(s: &proto::StreamInfo) -> &'static str {
+    match proto::StreamKind::try_from(s.kind) {
+        Ok(proto::StreamKind::Console) => "console",
+        _ => "pipe",
+    }
+}
+
 /// A stream's state in one word, as the table shows it.
 fn stream_state(s: &proto::StreamInfo) -> &'static str {
-    let console = s.kind == proto::StreamKind::Console as i32;
+    let console = kind_name(s) == "console";
     match () {
         _ if s.broken => "broken",
         _ if console && s.guest_connected => "guest-up",
@@ -840,10 +844,7 @@ fn print_guests(reply: &proto::ListGuestsResponse) {
     );
     for guest in &reply.guests {
         for s in &guest.streams {
-            let kind = match proto::StreamKind::try_from(s.kind) {
-                Ok(proto::StreamKind::Console) => "console",
-                _ => "pipe",
-            };
+            let kind = kind_name(s);
             let state = stream_state(s);
             println!(
                 "{:<24} {:<10} {:<8} {:<8} {:>7} {:>14} {:>12} {:>10}  {}",
