@@ -482,15 +482,24 @@ async fn input_waiting_at_an_upgrade_is_discarded_with_its_call() {
     // an empty call goes through, so the waiting call below is not refused as concurrent.
     send_when_free(&channel, &session, b"").await;
 
-    let waiting = {
+    let start_waiting = || {
         let channel = channel.clone();
         let session = session.clone();
         tokio::spawn(async move { send_input(channel, &session, &[b'X'; PENDING_INPUT]).await })
     };
+    let mut waiting = start_waiting();
     // The call holds its session (so it reached its handler); the pause lets it reach the
-    // console (without it the test could only pass more easily).
+    // console (without it the test could only pass more easily). A probe that reaches the
+    // session first makes the waiting call itself the one refused as concurrent: then it is
+    // sent again, so the race between the two calls decides nothing.
     let deadline = Instant::now() + DEADLINE;
     loop {
+        if waiting.is_finished() {
+            match (&mut waiting).await.unwrap() {
+                Err(s) if s.message().contains("in progress") => waiting = start_waiting(),
+                other => panic!("the waiting call ended before the upgrade: {other:?}"),
+            }
+        }
         match send_input(channel.clone(), &session, b"").await {
             Err(s) if s.message().contains("in progress") => break,
             other => {
