@@ -456,6 +456,77 @@ async fn with_the_index_off_no_index_file_is_written() {
     assert_eq!(read_log(&daemon.log_dir(), GUEST, "qemu"), data);
 }
 
+/// kill -9 after a rotation moved the log to `.log.1` and before its index followed: at the
+/// next start the index is moved after it (it describes `.log.1`, not the new file), so every
+/// index still describes its own file, and no byte is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_between_moving_a_log_and_its_index_is_repaired_at_start() {
+    let mut daemon = Daemon::start_full(
+        Some(NO_KEEPER),
+        &[],
+        None,
+        &[("CONLOG_FAULT_POINTS", "logfile.rotate.index=kill@2")],
+    )
+    .await;
+    let mut agent = daemon.agent().await;
+    let lim = limits(4096, 2, LogMode::Rotate);
+    let (_, mut pipe) = open_pipe(&mut agent, GUEST, "qemu", Some(lim)).await;
+    let data = lines(0, 400);
+    let mut sent = 0;
+    for chunk in data.chunks(700) {
+        if pipe.write_all(chunk).is_err() {
+            break;
+        }
+        sent += chunk.len();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if daemon
+            .stderr()
+            .contains("fault point logfile.rotate.index reached")
+        {
+            break;
+        }
+    }
+    daemon.wait_exit().await;
+    assert!(sent > 0);
+    drop(pipe);
+    let log = daemon.log_path(GUEST, "qemu");
+    // The crash left the moved file's index as the current one.
+    let stale = IndexFile::open(Arc::new(File::open(index_path(&log)).unwrap()))
+        .unwrap()
+        .unwrap();
+    let one = log.with_extension("log.1");
+    assert!(!index_path(&one).exists());
+    daemon.env.clear();
+    daemon.restart().await;
+    let moved = IndexFile::open(Arc::new(File::open(index_path(&one)).unwrap()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(moved.base_offset(), stale.base_offset());
+    let mut agent = daemon.agent().await;
+    let info = find_stream(&mut agent, GUEST, "qemu").await.unwrap();
+    // Each index's base is its file's first offset.
+    let mut start = info.first_offset;
+    for file in log_files(&daemon.log_dir(), GUEST, "qemu") {
+        if let Ok(index) = File::open(index_path(&file)) {
+            let index = IndexFile::open(Arc::new(index)).unwrap().unwrap();
+            assert_eq!(index.base_offset(), start, "{}", file.display());
+        }
+        start += std::fs::metadata(&file).unwrap().len();
+    }
+    assert_eq!(start, info.offset);
+    let on_disk = read_log(&daemon.log_dir(), GUEST, "qemu");
+    assert_same(
+        "log files",
+        &on_disk,
+        &data[info.first_offset as usize..info.offset as usize],
+    );
+    assert_ordered(
+        &entries_on_disk(&daemon.log_dir(), GUEST, "qemu"),
+        info.offset,
+    );
+    daemon.stop().await;
+}
+
 /// Attach fields taking the writer lease from whoever holds it.
 fn proto_attach_forced(guest: &str) -> conlog::proto::Attach {
     conlog::proto::Attach {
