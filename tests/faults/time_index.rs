@@ -112,14 +112,19 @@ async fn indexes_rotate_with_their_logs_and_the_disk_stays_within_the_cap() {
             }
         })
     };
-    // Continuous output (writes 30 ms apart, an entry each 100 ms) with quiet pauses: many
-    // entries per file, over a dozen rotations.
+    // Continuous output (writes 30 ms apart, an entry each 100 ms) with quiet pauses, and a
+    // second writer coming and going (two events) at each write: indexes of hundreds of bytes
+    // per file, over a dozen rotations.
     let data = lines(0, 3000);
     let mut written = 0;
     for (i, chunk) in data.chunks(1500).enumerate() {
         pipe.write_all(chunk).unwrap();
         written += chunk.len() as u64;
         wait_offset(&mut agent, GUEST, "qemu", written).await;
+        let (_, other) = open_pipe(&mut agent, GUEST, "qemu", None).await;
+        wait_stream(&mut agent, GUEST, "qemu", "fed twice", |s| s.writers == 2).await;
+        drop(other);
+        wait_stream(&mut agent, GUEST, "qemu", "fed once", |s| s.writers == 1).await;
         let pause = if i % 10 == 9 { 1100 } else { 30 };
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
@@ -175,6 +180,21 @@ async fn indexes_rotate_with_their_logs_and_the_disk_stays_within_the_cap() {
         start += std::fs::metadata(log).unwrap().len();
     }
     assert_ordered(&entries_on_disk(&daemon.log_dir(), GUEST, "qemu"), written);
+    // Fewer backups: the removed files' indexes go with them, and the new cap holds at once.
+    create_pipe(
+        &mut agent,
+        GUEST,
+        "qemu",
+        Some(limits(MAX_SIZE, 1, LogMode::Rotate)),
+    )
+    .await
+    .expect("new limits");
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 4, "two logs and their indexes: {names:?}");
+    assert!(dir_bytes(&dir) <= 2 * MAX_SIZE);
 }
 
 /// kill -9 between a log write and its index entry (`index.append`): after the restart every
