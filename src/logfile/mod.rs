@@ -314,11 +314,13 @@ impl LogFile {
         let now = clock::now();
         let planned = self.index.plan_event(self.end, now, kind, detail);
         if self.size + self.index.len() + planned.len() > self.limits.max_size {
-            self.index
-                .skipped("no room left for the event in the current log file");
+            self.index.skipped(
+                &self.path,
+                "no room left for the event in the current log file",
+            );
             return;
         }
-        self.index.commit(planned, now, false);
+        self.index.commit(&self.path, planned, now, false);
     }
 
     /// Records that the daemon (re)opened this log: `daemon started` with how (a fresh start
@@ -448,7 +450,7 @@ impl LogFile {
             }
             // Tests kill the daemon between the log write and its index entry.
             fault::point("index.append");
-            self.index.commit(planned, now, true);
+            self.index.commit(&self.path, planned, now, true);
             self.size += written as u64;
             self.end += written as u64;
             *logged += written;
