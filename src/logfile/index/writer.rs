@@ -356,7 +356,11 @@ impl Writer {
             Err(e) => {
                 self.failed(log, "cannot write the time index", &e);
                 // The next entry starts the file again (or after what is there).
-                self.len = fs::metadata(&path).map_or(0, |m| m.len());
+                // Only a regular file is an index (a directory in its place is not).
+                self.len = fs::symlink_metadata(&path)
+                    .ok()
+                    .filter(fs::Metadata::is_file)
+                    .map_or(0, |m| m.len());
                 if self.len > 0 && (self.len < HEADER_LEN || (self.len - HEADER_LEN) % SLOT != 0) {
                     let cut = if self.len < HEADER_LEN {
                         0
