@@ -136,6 +136,45 @@ fn entries_follow_the_rule_for_bursts_continuous_and_sparse_output() {
 }
 
 #[test]
+fn one_write_never_adds_more_than_the_room_kept_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = writer(dir.path());
+    assert!(write(&mut w, 0, at(0)));
+    // A new file (header), a clock stepped back as far as it can go (the longest detail) and
+    // a clock record: the most a write adds.
+    w.w.start_file(100);
+    let back = Now {
+        wall_ns: i64::MIN / 2,
+        mono_ns: at(5000).mono_ns,
+    };
+    let planned = w.plan_write(100, back);
+    assert!(
+        planned.len() <= writer::WRITE_ENTRY_MAX,
+        "{}",
+        planned.len()
+    );
+    assert_eq!(writer::WRITE_ENTRY_MAX, 224, "docs/design.md states it");
+    assert_eq!(w.write_reserve(), 224);
+}
+
+#[test]
+fn events_are_rate_limited_except_the_daemons_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = writer(dir.path());
+    let admitted = (0..100)
+        .filter(|_| w.w.admit_event(K::WriterChanged, at(0)))
+        .count();
+    assert_eq!(admitted, 20, "the burst");
+    assert!(w.w.admit_event(K::DaemonStopped, at(0)));
+    assert!(!w.w.admit_event(K::GuestConnected, at(100)));
+    // Five a second after that.
+    let later = (0..100)
+        .filter(|_| w.w.admit_event(K::WriterChanged, at(1000)))
+        .count();
+    assert_eq!(later, 5);
+}
+
+#[test]
 fn no_index_is_written_when_turned_off_or_before_the_first_byte() {
     let dir = tempfile::tempdir().unwrap();
     let w = writer(dir.path());

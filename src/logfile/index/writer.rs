@@ -24,6 +24,11 @@ const CONTINUOUS_NS: u64 = 100_000_000;
 const STEP_NS: i64 = 1_000_000;
 /// `wall - mono` moving this much since the last clock record writes a new one.
 const DRIFT_NS: i64 = 10_000_000;
+/// Events a stream may record at once, and per second after that: a client taking and
+/// leaving the writer lease in a loop must not fill the index (and so shorten the history the
+/// cap keeps) faster than this.
+const EVENT_BURST: u64 = 20;
+const EVENTS_PER_SECOND: u64 = 5;
 /// Longest detail of a `clock stepped` event (bytes).
 const STEP_DETAIL: usize = 64;
 /// The most bytes one log write adds to the index: a header, a `clock stepped` event and a
@@ -74,6 +79,10 @@ pub(crate) struct Writer {
     stepped: bool,
     /// The current index ended with `daemon stopped` when it was opened.
     ended_stopped: bool,
+    /// Events that may still be recorded now (see [`Writer::admit_event`]), and when the
+    /// budget was last refilled (monotonic ns).
+    event_budget: u64,
+    budget_at: u64,
     /// Index writes that failed, not yet reported.
     failures: u64,
 }
@@ -110,6 +119,8 @@ impl Writer {
             clock_offset: None,
             stepped: false,
             ended_stopped: false,
+            event_budget: EVENT_BURST,
+            budget_at: 0,
             failures: 0,
         };
         if let Err(e) = writer.recover(log, backups) {
@@ -247,6 +258,26 @@ impl Writer {
             };
         }
         self.plan(offset, now, None)
+    }
+
+    /// Whether an event of `kind` may be recorded now: at most [`EVENT_BURST`] at once and
+    /// [`EVENTS_PER_SECOND`] after that, so what clients can trigger cannot fill the index. The
+    /// daemon's own starts and stops are always recorded (they are rare, and tell a restart
+    /// after a crash from one after a stop).
+    pub(crate) fn admit_event(&mut self, kind: EventKind, now: Now) -> bool {
+        if matches!(kind, EventKind::DaemonStarted | EventKind::DaemonStopped) {
+            return true;
+        }
+        let earned = now.mono_ns.saturating_sub(self.budget_at) * EVENTS_PER_SECOND / 1_000_000_000;
+        if earned > 0 {
+            self.event_budget = (self.event_budget + earned).min(EVENT_BURST);
+            self.budget_at = now.mono_ns;
+        }
+        if self.event_budget == 0 {
+            return false;
+        }
+        self.event_budget -= 1;
+        true
     }
 
     /// What recording `kind` at `offset` now adds to the index.
