@@ -71,6 +71,9 @@ pub enum Start {
     TailBytes(u64),
     /// The last N lines, counting `\n` (a final line without one counts too).
     TailLines(u64),
+    /// The first byte logged at or after this time (ns since the Unix epoch, UTC), found in
+    /// the time index (docs/design.md, "Time index").
+    Time(i64),
 }
 
 /// A history read.
@@ -84,6 +87,52 @@ pub struct HistoryRequest {
     pub chunk_size: usize,
     /// Cut chunks at UTF-8 character boundaries where possible (for text rendering).
     pub utf8_boundaries: bool,
+    /// Stop before the first byte logged after this time (ns, UTC); a follow ends when the
+    /// wall clock passes it.
+    pub until: Option<i64>,
+    /// One line per chunk (a line longer than a chunk: several).
+    pub lines: bool,
+    /// Index events as their own items, in order with the bytes.
+    pub events: bool,
+    /// Every index entry that gives a time to a chunk's bytes, with the chunk.
+    pub marks: bool,
+    /// The time of each chunk's first byte.
+    pub times: bool,
+}
+
+impl HistoryRequest {
+    /// Whether any time feature is asked for: only then is the index read (and only then do
+    /// items carry times), so that other reads stay exactly what they were.
+    pub fn timed(&self) -> bool {
+        matches!(self.start, Start::Time(_))
+            || self.until.is_some()
+            || self.lines
+            || self.events
+            || self.marks
+            || self.times
+    }
+}
+
+/// The time of a byte, from the index entry covering it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Time {
+    /// The offset of the entry (at or before the byte).
+    pub offset: u64,
+    /// Nanoseconds since the Unix epoch, UTC (clamped: never below an earlier entry's).
+    pub unix_nanos: i64,
+    /// Written while the wall clock was behind a time already recorded (a backwards step).
+    pub approximate: bool,
+}
+
+/// Something the index recorded between two bytes of the stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// The on-disk kind code (the same numbers as `HistoryEvent.Kind`).
+    pub kind: u8,
+    /// It happened before the byte at this offset was logged.
+    pub offset: u64,
+    pub unix_nanos: i64,
+    pub detail: String,
 }
 
 /// One item of a history stream.
@@ -91,8 +140,17 @@ pub struct HistoryRequest {
 pub enum HistoryItem {
     /// Offsets `from .. to` are no longer on disk.
     Gap { from: u64, to: u64 },
-    /// Bytes at an absolute offset.
-    Data { offset: u64, data: Vec<u8> },
+    /// Bytes at an absolute offset; with a timed request, the time of the first byte (when
+    /// the index knows it) and, with `marks`, the entries giving times to the bytes: the one
+    /// covering the first byte, then those inside.
+    Data {
+        offset: u64,
+        data: Vec<u8>,
+        time: Option<Time>,
+        marks: Vec<Time>,
+    },
+    /// An index event (with `events`).
+    Event(Event),
 }
 
 /// Chunks buffered towards a slow client before the reader waits. One: a reader that stops
@@ -126,6 +184,7 @@ pub async fn read(
         Start::TailLines(n) => {
             tail_lines_start(&segments, n).map_err(|e| HistoryError::Open(LogError::Io(e)))?
         }
+        Start::Time(_) => first,
     };
     let (sender, receiver) = mpsc::channel(QUEUE);
     let reader = Reader {
@@ -237,6 +296,8 @@ impl Reader {
             let item = HistoryItem::Data {
                 offset: self.position,
                 data: buffer,
+                time: None,
+                marks: Vec::new(),
             };
             self.position += take as u64;
             self.remaining = self.remaining.saturating_sub(take as u64);
