@@ -22,12 +22,15 @@
 
 use crate::log_owner::{LogError, LogHandle};
 use crate::logfile::OpenSegment;
+use by_time::{Found, Plan, Times};
 use std::collections::VecDeque;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering::Relaxed;
 use thiserror::Error;
 use tokio::sync::mpsc;
+
+mod by_time;
 
 /// What a history read refuses or fails at. The mapping to status codes is `crate::error`'s.
 #[derive(Debug, Error)]
@@ -37,6 +40,12 @@ pub enum HistoryError {
         "from_offset {offset} is beyond the end of the stream ({end}); use follow to wait for it"
     )]
     BeyondEnd { offset: u64, end: u64 },
+    /// A `since_time` after everything logged, in a read that does not follow.
+    #[error(
+        "nothing was logged at or after since_time {since} (the newest byte is older); use \
+         follow to wait for it"
+    )]
+    AfterNewest { since: String },
     /// The stream's actor stopped while the daemon goes away (shutdown or upgrade): the client
     /// resumes from `position` later.
     #[error("conlogd is going away; resume with from_offset {position}")]
@@ -174,6 +183,8 @@ pub async fn read(
         .map_or(0, |s| s.start + s.len)
         .max(*offsets.borrow());
     let first = segments.first().map_or(end, |s| s.start);
+    // A follow from a time nothing was logged at yet: from the end, once an entry reaches it.
+    let mut since_pending = None;
     let position = match request.start {
         Start::Oldest => first,
         Start::Offset(offset) if offset > end && !request.follow => {
@@ -184,14 +195,36 @@ pub async fn read(
         Start::TailLines(n) => {
             tail_lines_start(&segments, n).map_err(|e| HistoryError::Open(LogError::Io(e)))?
         }
-        Start::Time(_) => first,
+        Start::Time(t) => match by_time::find(&segments, t).map_err(io_error("cannot read a time index"))? {
+            Found::At(offset) => offset.clamp(first, end),
+            Found::Older => first,
+            Found::Newer if request.follow => {
+                since_pending = Some(t);
+                end
+            }
+            Found::Newer => {
+                return Err(HistoryError::AfterNewest {
+                    since: rfc3339(t),
+                })
+            }
+        },
     };
+    let until_passed = request
+        .until
+        .is_some_and(|until| until <= crate::clock::now().wall_ns);
     let (sender, receiver) = mpsc::channel(QUEUE);
     let reader = Reader {
         actor,
         offsets,
-        segments: first_needed(segments, position),
+        segments: first_needed(segments, position, request.timed()),
         last: None,
+        times: Times::default(),
+        since: match request.start {
+            Start::Time(t) => Some(t),
+            _ => None,
+        },
+        since_pending,
+        until_passed,
         dropped_seen,
         going_away,
         position,
@@ -209,6 +242,15 @@ struct Reader {
     segments: VecDeque<OpenSegment>,
     /// The last file read to its end, kept open in case it grows.
     last: Option<OpenSegment>,
+    /// The index of the file being read (timed requests only).
+    times: Times,
+    /// The request's `since_time`: events before it are not sent.
+    since: Option<i64>,
+    /// A follow from a time nothing had been logged at: bytes are passed over until the
+    /// index reaches it.
+    since_pending: Option<i64>,
+    /// The wall clock passed `until`: a follow ends at the end of what is logged.
+    until_passed: bool,
     /// The stream's dropped count when the segments were asked for: if it changed, a gap may
     /// follow them, and growth of `last` is not contiguous.
     dropped_seen: u64,
@@ -241,25 +283,38 @@ impl Reader {
                 continue;
             };
             let seg_end = segment.start + segment.len;
-            if self.position >= seg_end {
-                // Keep the file open: it may still grow (it was the current one), and then the
-                // next bytes come from it without asking the actor.
-                self.last = self.segments.pop_front();
-                continue;
-            }
-            if self.position < segment.start {
-                // Our position was rotated away between two snapshots.
-                let gap = HistoryItem::Gap {
-                    from: self.position,
-                    to: segment.start,
-                };
-                self.position = segment.start;
-                if self.sender.send(Ok(gap)).await.is_err() {
-                    return Ok(());
+            let timed = self.request.timed();
+            if timed && self.position >= segment.start {
+                self.times
+                    .enter(segment, self.position)
+                    .map_err(io_error("cannot read a time index"))?;
+                if let Some(since) = self.since_pending.filter(|_| self.position < seg_end) {
+                    match self
+                        .times
+                        .seek_time(since)
+                        .map_err(io_error("cannot read a time index"))?
+                    {
+                        Some(offset) => {
+                            self.since_pending = None;
+                            self.position = self.position.max(offset);
+                        }
+                        // Logged before `since`, all of it: passed over.
+                        None => self.position = seg_end,
+                    }
+                    continue;
                 }
-                continue;
+                let event = self
+                    .times
+                    .before(self.position, self.request.events, self.since)
+                    .map_err(io_error("cannot read a time index"))?;
+                if let Some(event) = event {
+                    if self.sender.send(Ok(HistoryItem::Event(event))).await.is_err() {
+                        return Ok(());
+                    }
+                    continue;
+                }
             }
-            // At most `chunk_size`, a usize.
+            if self.position >= seg_end {            // At most `chunk_size`, a usize.
             let want = usize::try_from((seg_end - self.position).min(self.remaining))
                 .map_or(self.request.chunk_size, |n| n.min(self.request.chunk_size));
             // A buffer per chunk, sent as it is: nothing is kept between chunks.
@@ -283,8 +338,11 @@ impl Reader {
                 // The character goes on in the next file: open it now (it is read next
                 // anyway), so that it can be completed.
                 if let Ok(next) = self.actor.open_segments(seg_end).await {
-                    self.segments
-                        .extend(next.into_iter().find(|s| s.start == seg_end));
+                    self.segments.extend(
+                        next.into_iter()
+                            .find(|s| s.start == seg_end)
+                            .map(|s| without_index(s, timed)),
+                    );
                 }
             }
             let take = if self.request.utf8_boundaries {
@@ -292,16 +350,46 @@ impl Reader {
             } else {
                 read
             };
+            let mut end = self.position + take as u64;
+            if self.request.lines {
+                if let Some(newline) = buffer[..take].iter().position(|b| *b == b'\n') {
+                    end = self.position + newline as u64 + 1;
+                }
+            }
+            let plan = if timed {
+                self.times
+                    .plan(
+                        self.position,
+                        end,
+                        self.request.until,
+                        self.request.events,
+                        self.request.marks,
+                    )
+                    .map_err(io_error("cannot read a time index"))?
+            } else {
+                Plan {
+                    end,
+                    ..Plan::default()
+                }
+            };
+            // At most `take`.
+            let take = usize::try_from(plan.end - self.position).unwrap_or(take);
+            if take == 0 {
+                if plan.stop {
+                    return Ok(());
+                }
+                continue;
+            }
             buffer.truncate(take);
             let item = HistoryItem::Data {
                 offset: self.position,
                 data: buffer,
-                time: None,
-                marks: Vec::new(),
+                time: plan.time,
+                marks: plan.marks,
             };
             self.position += take as u64;
             self.remaining = self.remaining.saturating_sub(take as u64);
-            if self.sender.send(Ok(item)).await.is_err() {
+            if self.sender.send(Ok(item)).await.is_err() || plan.stop {
                 return Ok(());
             }
         }
@@ -357,6 +445,10 @@ impl Reader {
         let Some(last) = self.last.as_mut().filter(|l| l.growable) else {
             return Ok(false);
         };
+        // A file's index is created at its first entry: ask the actor for it.
+        if self.request.timed() && last.index.is_none() {
+            return Ok(false);
+        }
         let len = last
             .file
             .metadata()
@@ -390,7 +482,8 @@ impl Reader {
                     // Something at or after our position (bytes, or the start of the current
                     // run past a gap).
                     Ok(segments) => {
-                        let needed = first_needed(segments, self.position);
+                        let needed =
+                            first_needed(segments, self.position, self.request.timed());
                         if !needed.is_empty() {
                             self.segments = needed;
                             // The finished file is not needed once a newer one is open.
@@ -401,7 +494,7 @@ impl Reader {
                     Err(_) => return self.stream_stopped(),
                 }
             }
-            if !self.request.follow {
+            if !self.request.follow || self.until_passed {
                 if self.position < end {
                     // Offsets handed out with nothing on disk yet (the log cannot be written).
                     let gap = HistoryItem::Gap {
@@ -417,14 +510,22 @@ impl Reader {
                 Data,
                 Stopped,
                 ClientGone,
+                UntilPassed,
             }
+            // The wall clock passes `until` (a clock step moves it; the next wake-up checks).
+            let until = self.request.until.map(|until| {
+                let left = until.saturating_sub(crate::clock::now().wall_ns);
+                std::time::Duration::from_nanos(u64::try_from(left).unwrap_or(0))
+            });
             let woke = tokio::select! {
                 changed = self.offsets.changed() => if changed.is_ok() { Woke::Data } else { Woke::Stopped },
                 _ = self.sender.closed() => Woke::ClientGone,
                 _ = self.going_away.wait_for(|going| *going) => Woke::Stopped,
+                _ = tokio::time::sleep(until.unwrap_or_default()), if until.is_some() => Woke::UntilPassed,
             };
             match woke {
                 Woke::Data => {}
+                Woke::UntilPassed => self.until_passed = true,
                 Woke::Stopped => return self.stream_stopped(),
                 Woke::ClientGone => return Ok(false),
             }
@@ -434,14 +535,40 @@ impl Reader {
 
 /// Of the files the actor opened, the one holding `position` (or the first after it, when
 /// `position` was rotated away): a reader holds one log file open at a time and asks again
-/// for the next when it is done, so its descriptors do not grow with `max_backups`.
-fn first_needed(segments: Vec<OpenSegment>, position: u64) -> VecDeque<OpenSegment> {
+/// for the next when it is done, so its descriptors do not grow with `max_backups`. A timed
+/// reader also holds that file's index (two descriptors, counted as such for remote callers);
+/// another lets it go.
+fn first_needed(
+    segments: Vec<OpenSegment>,
+    position: u64,
+    timed: bool,
+) -> VecDeque<OpenSegment> {
     segments
         .into_iter()
         // Also true of a file that starts after `position` (rotated away).
         .find(|s| s.start + s.len > position)
+        .map(|s| without_index(s, timed))
         .into_iter()
         .collect()
+}
+
+/// `segment`, holding its index only if the read is timed.
+fn without_index(mut segment: OpenSegment, timed: bool) -> OpenSegment {
+    if !timed {
+        segment.index = None;
+    }
+    segment
+}
+
+/// `2026-12-05T03:12:07.123456789Z`, for messages.
+fn rfc3339(unix_nanos: i64) -> String {
+    ::time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_nanos))
+        .ok()
+        .and_then(|t| {
+            t.format(&::time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{unix_nanos} ns"))
 }
 
 /// The offset just after the `n`-th `\n` counted back from the end (a trailing `\n` ends the
