@@ -314,7 +314,25 @@ impl Reader {
                     continue;
                 }
             }
-            if self.position >= seg_end {            // At most `chunk_size`, a usize.
+            if self.position >= seg_end {
+                // Keep the file open: it may still grow (it was the current one), and then the
+                // next bytes come from it without asking the actor.
+                self.last = self.segments.pop_front();
+                continue;
+            }
+            if self.position < segment.start {
+                // Our position was rotated away between two snapshots.
+                let gap = HistoryItem::Gap {
+                    from: self.position,
+                    to: segment.start,
+                };
+                self.position = segment.start;
+                if self.sender.send(Ok(gap)).await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+            // At most `chunk_size`, a usize.
             let want = usize::try_from((seg_end - self.position).min(self.remaining))
                 .map_or(self.request.chunk_size, |n| n.min(self.request.chunk_size));
             // A buffer per chunk, sent as it is: nothing is kept between chunks.
