@@ -150,6 +150,7 @@ fn code_of(error: &(dyn StdError + 'static)) -> Option<Code> {
             HistoryError::BeyondEnd { .. } | HistoryError::AfterNewest { .. } => {
                 Some(Code::OutOfRange)
             }
+            HistoryError::NoTimeIndex => Some(Code::FailedPrecondition),
             HistoryError::GoingAway { .. } => Some(Code::Unavailable),
             HistoryError::Open(_) | HistoryError::Io { .. } => None,
         };

@@ -46,6 +46,12 @@ pub enum HistoryError {
          follow to wait for it"
     )]
     AfterNewest { since: String },
+    /// A time asked of a stream whose files have no time index.
+    #[error(
+        "this stream has no time index (logs.time_index is off for it, or its bytes were logged \
+         by a conlogd without one): read it by offset"
+    )]
+    NoTimeIndex,
     /// The stream's actor stopped while the daemon goes away (shutdown or upgrade): the client
     /// resumes from `position` later.
     #[error("conlogd is going away; resume with from_offset {position}")]
@@ -195,19 +201,18 @@ pub async fn read(
         Start::TailLines(n) => {
             tail_lines_start(&segments, n).map_err(|e| HistoryError::Open(LogError::Io(e)))?
         }
-        Start::Time(t) => match by_time::find(&segments, t).map_err(io_error("cannot read a time index"))? {
-            Found::At(offset) => offset.clamp(first, end),
-            Found::Older => first,
-            Found::Newer if request.follow => {
-                since_pending = Some(t);
-                end
+        Start::Time(t) => {
+            match by_time::find(&segments, t).map_err(io_error("cannot read a time index"))? {
+                Found::At(offset) => offset.clamp(first, end),
+                Found::Older => first,
+                Found::Newer if request.follow => {
+                    since_pending = Some(t);
+                    end
+                }
+                Found::Newer => return Err(HistoryError::AfterNewest { since: rfc3339(t) }),
+                Found::Unindexed => return Err(HistoryError::NoTimeIndex),
             }
-            Found::Newer => {
-                return Err(HistoryError::AfterNewest {
-                    since: rfc3339(t),
-                })
-            }
-        },
+        }
     };
     let until_passed = request
         .until
@@ -308,7 +313,12 @@ impl Reader {
                     .before(self.position, self.request.events, self.since)
                     .map_err(io_error("cannot read a time index"))?;
                 if let Some(event) = event {
-                    if self.sender.send(Ok(HistoryItem::Event(event))).await.is_err() {
+                    if self
+                        .sender
+                        .send(Ok(HistoryItem::Event(event)))
+                        .await
+                        .is_err()
+                    {
                         return Ok(());
                     }
                     continue;
@@ -500,8 +510,7 @@ impl Reader {
                     // Something at or after our position (bytes, or the start of the current
                     // run past a gap).
                     Ok(segments) => {
-                        let needed =
-                            first_needed(segments, self.position, self.request.timed());
+                        let needed = first_needed(segments, self.position, self.request.timed());
                         if !needed.is_empty() {
                             self.segments = needed;
                             // The finished file is not needed once a newer one is open.
@@ -556,11 +565,7 @@ impl Reader {
 /// for the next when it is done, so its descriptors do not grow with `max_backups`. A timed
 /// reader also holds that file's index (two descriptors, counted as such for remote callers);
 /// another lets it go.
-fn first_needed(
-    segments: Vec<OpenSegment>,
-    position: u64,
-    timed: bool,
-) -> VecDeque<OpenSegment> {
+fn first_needed(segments: Vec<OpenSegment>, position: u64, timed: bool) -> VecDeque<OpenSegment> {
     segments
         .into_iter()
         // Also true of a file that starts after `position` (rotated away).

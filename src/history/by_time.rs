@@ -27,6 +27,8 @@ pub(super) enum Found {
     Older,
     /// After every entry: nothing logged at or after it yet.
     Newer,
+    /// The stream has bytes but none of its files has an index.
+    Unindexed,
 }
 
 /// The first entry whose time is at or after `t` in the files of `segments` (offset order).
@@ -39,6 +41,14 @@ pub(super) fn find(segments: &[OpenSegment], t: i64) -> io::Result<Found> {
                 files.push(index);
             }
         }
+    }
+    if files.is_empty() {
+        let logged = segments.iter().any(|s| s.len > 0);
+        return Ok(if logged {
+            Found::Unindexed
+        } else {
+            Found::Newer
+        });
     }
     // The number of files created at or before `t`: times never go back, so a partition.
     // An unreadable header counts as old (it holds no time to find).
@@ -115,7 +125,13 @@ impl Times {
         self.file = segment.index.clone();
         self.cursor = None;
         self.covering = None;
-        let Some(index) = self.file.clone().map(IndexFile::open).transpose()?.flatten() else {
+        let Some(index) = self
+            .file
+            .clone()
+            .map(IndexFile::open)
+            .transpose()?
+            .flatten()
+        else {
             return Ok(());
         };
         self.covering = index.mark_at(position)?;
@@ -158,7 +174,7 @@ impl Times {
                         offset: event.offset,
                         unix_nanos: event.wall_ns,
                         detail: event.detail,
-                    }))
+                    }));
                 }
                 _ => {}
             }
@@ -250,10 +266,5 @@ impl Times {
             }
         }
         Ok(None)
-    }
-
-    /// Whether the reader follows an index at all (its file has one).
-    pub fn indexed(&self) -> bool {
-        self.cursor.is_some()
     }
 }
