@@ -115,6 +115,7 @@ pub(crate) struct OpenSegment {
     pub file: Arc<File>,
     /// The file's time index ([`index::IndexFile::open`] reads it), if it has one; opened
     /// right after `file`, so it covers at least what `file` held then.
+    #[allow(dead_code, reason = "read by history's time queries")]
     pub index: Option<Arc<File>>,
     pub start: u64,
     pub len: u64,

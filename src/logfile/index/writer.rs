@@ -42,6 +42,8 @@ pub(crate) enum StartKind {
     Upgraded,
     /// A takeover (`--takeover`).
     TakenOver,
+    /// The same process again, after an upgrade or takeover it started failed.
+    Resumed,
 }
 
 /// The index state of one stream's current log file.
@@ -451,6 +453,7 @@ pub(crate) fn start_detail(kind: StartKind, crashed: bool) -> String {
         StartKind::Fresh => "started",
         StartKind::Upgraded => "upgraded",
         StartKind::TakenOver => "taken over",
+        StartKind::Resumed => "resumed after a failed hand-over",
     };
     format!("{what} (conlogd {})", env!("CARGO_PKG_VERSION"))
 }
