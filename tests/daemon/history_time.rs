@@ -514,7 +514,10 @@ async fn events_come_in_order_with_the_bytes() {
             _ => None,
         })
         .unwrap();
-    assert!(writer.contains("uid="), "writer label {writer:?}");
+    assert!(
+        writer.contains("local") && writer.contains("uid"),
+        "writer label {writer:?}"
+    );
     // Without `events`, the same bytes in the same chunks as always.
     let plain = read_ok(&mut client, request(VM, "serial0", None)).await;
     assert!(plain.iter().all(|c| c.event.is_none()));
