@@ -707,7 +707,7 @@ mod tests {
 
     /// (start, len, file_pos) of what `first_needed` keeps for `position`.
     fn kept(log: &LogFile, position: u64) -> Vec<(u64, u64, u64)> {
-        first_needed(log.open_segments(0).unwrap(), position)
+        first_needed(log.open_segments(0).unwrap(), position, false)
             .iter()
             .map(|s| (s.start, s.len, s.file_pos))
             .collect()

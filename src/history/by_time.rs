@@ -268,3 +268,78 @@ impl Times {
         Ok(None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Now;
+    use crate::logfile::index::{index_path, Writer};
+
+    const SECOND: i64 = 1_000_000_000;
+
+    /// A day from now: later than the log files' mtimes, where the writer's clamp starts.
+    fn t0() -> i64 {
+        crate::clock::now().wall_ns + 86_400 * SECOND
+    }
+
+    /// Five log files of 1000 offsets each; file `i` was written at `t0 + 10 s × i + j s` at
+    /// offsets `1000 i + 100 j` (j = 0, 1, 2): an entry each (a quiet second before each).
+    /// File 2 has no index (logged with the index off).
+    fn files(dir: &std::path::Path, t0: i64) -> Vec<OpenSegment> {
+        (0..5u64)
+            .map(|i| {
+                let log = dir.join(format!("s.log.{i}"));
+                std::fs::write(&log, vec![b'x'; 1000]).unwrap();
+                let base = 1000 * i;
+                let mut writer = Writer::open(&log, base, 0, i != 2);
+                writer.start_file(base);
+                for j in 0..3 {
+                    let seconds = 10 * i + j;
+                    let now = Now {
+                        wall_ns: t0 + i64::try_from(seconds).unwrap() * SECOND,
+                        mono_ns: seconds * 1_000_000_000,
+                    };
+                    let planned = writer.plan_write(base + 100 * j, now);
+                    writer.commit(planned, now, true);
+                }
+                OpenSegment {
+                    file: Arc::new(File::open(&log).unwrap()),
+                    start: base,
+                    len: 1000,
+                    file_pos: 0,
+                    growable: i == 4,
+                    index: File::open(index_path(&log)).ok().map(Arc::new),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_time_is_found_in_its_file_or_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = t0();
+        let segments = files(dir.path(), t0);
+        assert!(segments[2].index.is_none() && segments[1].index.is_some());
+        let at = |seconds: i64, nanos: i64| find(&segments, t0 + seconds * SECOND + nanos).unwrap();
+        // Exactly at an entry, just after one, inside a quiet gap.
+        assert_eq!(at(0, 0), Found::At(0));
+        assert_eq!(at(1, 0), Found::At(100));
+        assert_eq!(at(1, 1), Found::At(200));
+        assert_eq!(at(12, 0), Found::At(1200));
+        assert_eq!(at(30, 0), Found::At(3000));
+        // After the last entry of a file: the next file's first (also across the file
+        // without an index, which counts as older).
+        assert_eq!(at(2, 1), Found::At(1000));
+        assert_eq!(at(5, 0), Found::At(1000));
+        assert_eq!(at(13, 0), Found::At(3000));
+        assert_eq!(at(25, 0), Found::At(3000));
+        assert_eq!(at(42, 0), Found::At(4200));
+        // Before everything, after everything.
+        assert_eq!(at(-1, 0), Found::Older);
+        assert_eq!(at(0, -1), Found::Older);
+        assert_eq!(at(42, 1), Found::Newer);
+        // Only files without an index: nothing to find in the bytes.
+        assert_eq!(find(&segments[2..3], t0).unwrap(), Found::Unindexed);
+        assert_eq!(find(&[], t0).unwrap(), Found::Newer);
+    }
+}
