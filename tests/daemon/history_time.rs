@@ -559,13 +559,23 @@ async fn follow_from_a_past_or_future_time_and_until_a_time() {
     let past = open(&mut client, follow(since(written.bursts[2].start), None))
         .await
         .unwrap();
-    let future_since = now_ns() + QUIET.as_nanos() as i64 / 2;
+    let future_since = now_ns() + QUIET.as_nanos() as i64;
     let future = open(&mut client, follow(since(future_since), None))
         .await
         .unwrap();
     // Ends by itself once the clock passes `until`, before burst 4 is written.
     let until = future_since;
     let bounded = open(&mut client, follow(None, Some(until))).await.unwrap();
+    // Logged before `future_since`: the follower from that time passes over it.
+    let early = b"early line\n";
+    write_now(&mut pipe, early);
+    written.data.extend_from_slice(early);
+    let mut agent = daemon.agent().await;
+    wait_offset(&mut agent, GUEST, "qemu", written.end()).await;
+    assert!(
+        now_ns() < future_since,
+        "the machine took more than {QUIET:?} to log a line"
+    );
     let before = written.end();
     // Burst 4 comes after QUIET: after `future_since`.
     write_bursts(&daemon, "qemu", &mut pipe, &mut written, 2).await;
