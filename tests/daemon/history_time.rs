@@ -577,6 +577,19 @@ async fn follow_from_a_past_or_future_time_and_until_a_time() {
         "the machine took more than {QUIET:?} to log a line"
     );
     let before = written.end();
+    // The bounded follow: everything up to `until`, then the end of the call (OK) once the
+    // clock passed it, with nothing written after it.
+    let mut chunks = bounded;
+    let mut got = Received::new(DEFAULT_CHUNK);
+    while let Some(chunk) = next(&mut chunks).await.expect("the follow ends with OK") {
+        got.push(&chunk);
+    }
+    assert!(
+        now_ns() >= until,
+        "ended before the clock passed until_time"
+    );
+    assert_eq!(got.first, Some(0));
+    assert_eq!(got.position, Some(before));
     // Burst 4 comes after QUIET: after `future_since`.
     write_bursts(&daemon, "qemu", &mut pipe, &mut written, 2).await;
     assert!(written.bursts[4].start > future_since);
@@ -605,18 +618,6 @@ async fn follow_from_a_past_or_future_time_and_until_a_time() {
     );
     assert!(got.data == written.bytes(written.bursts[4].from, end));
 
-    // The bounded follow: everything up to `until`, then the end of the call (OK).
-    let mut chunks = bounded;
-    let mut got = Received::new(DEFAULT_CHUNK);
-    while let Some(chunk) = next(&mut chunks).await.expect("the follow ends with OK") {
-        got.push(&chunk);
-    }
-    assert!(
-        now_ns() >= until,
-        "ended before the clock passed until_time"
-    );
-    assert_eq!(got.first, Some(0));
-    assert_eq!(got.position, Some(before), "bytes logged after until_time");
     // What was written after it is found from it.
     let later = read_ok(&mut client, timed(since(until), None)).await;
     assert_eq!(later.first().map(|c| c.offset), Some(before));
