@@ -147,7 +147,10 @@ fn code_of(error: &(dyn StdError + 'static)) -> Option<Code> {
     }
     if let Some(error) = error.downcast_ref::<HistoryError>() {
         return match error {
-            HistoryError::BeyondEnd { .. } => Some(Code::OutOfRange),
+            HistoryError::BeyondEnd { .. } | HistoryError::AfterNewest { .. } => {
+                Some(Code::OutOfRange)
+            }
+            HistoryError::NoTimeIndex => Some(Code::FailedPrecondition),
             HistoryError::GoingAway { .. } => Some(Code::Unavailable),
             HistoryError::Open(_) | HistoryError::Io { .. } => None,
         };

@@ -30,6 +30,7 @@ mod history;
 mod history_follow;
 mod history_large;
 mod history_text;
+mod history_time;
 mod history_tools;
 mod hostile_callers;
 mod hostile_guest;

@@ -23,6 +23,7 @@ mod disk_full;
 mod dropped_bytes;
 mod handoff_carried;
 mod handoff_races;
+mod history_time;
 mod hostile_handover;
 mod keeper;
 mod linger;

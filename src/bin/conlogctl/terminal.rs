@@ -377,7 +377,7 @@ impl Session {
             start: Some(proto::read_history_request::Start::FromOffset(from)),
             follow: false,
             limit_bytes: to - from,
-            text: false,
+            ..Default::default()
         };
         let mut chunks = match client
             .read_history(crate::with_token(request, &self.token)?)
