@@ -111,7 +111,9 @@ fn code_of(error: &(dyn StdError + 'static)) -> Option<Code> {
             | RegistryError::UnknownStream { .. }
             | RegistryError::UnknownConsole { .. } => Some(Code::NotFound),
             RegistryError::KindMismatch { .. } => Some(Code::FailedPrecondition),
-            RegistryError::MaxSizeTooSmall { .. } | RegistryError::TooManyBackups { .. } => {
+            RegistryError::MaxSizeTooSmall { .. }
+            | RegistryError::TooManyBackups { .. }
+            | RegistryError::MaxAgeTooLong { .. } => {
                 Some(Code::InvalidArgument)
             }
             RegistryError::LimitReached { .. } => Some(Code::ResourceExhausted),
