@@ -1085,6 +1085,13 @@ impl Guests {
     ) -> Result<(String, LogHandle, Option<crate::tombstone::Tombstone>)> {
         let guest = guest.as_str();
         let dir = self.guest_log_dir(guest);
+        // Being removed: gone for every lookup until the removal is over (docs/design.md §3).
+        let removing = self.registry().get(guest).is_some_and(|g| {
+            !g.open() || name.is_some_and(|n| g.closing_streams.contains_key(n.as_str()))
+        });
+        if removing {
+            return Err(RegistryError::UnknownGuest(guest.to_owned()));
+        }
         let name = match name {
             Some(name) => name.as_str(),
             None => {
