@@ -118,31 +118,52 @@ async fn a_crash_while_removed_retention_deletes_is_finished_at_the_next_start()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_created_again_during_the_deletion_waits_and_keeps_its_logs() {
-    const GUEST: &str = "vm-again";
+    created_again_during_the_deletion("vm-again", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_created_again_during_its_deletion_waits_and_keeps_its_logs() {
+    created_again_during_the_deletion("vm-again-one", true).await;
+}
+
+/// Removes `guest` (or only its `qemu` stream, the guest keeping another) with `delete_logs`,
+/// held in the middle of the deletion, and creates `qemu` again meanwhile.
+async fn created_again_during_the_deletion(guest: &str, one_stream: bool) {
     let daemon = Daemon::start_env(&[(
         "CONLOG_FAULT_POINTS",
         "guests.remove.delete_logs=sleep:1000",
     )])
     .await;
-    five_files(&daemon, GUEST).await;
+    five_files(&daemon, guest).await;
+    let mut agent = daemon.agent().await;
+    if one_stream {
+        let (_, pipe) = open_pipe(&mut agent, guest, "other", None).await;
+        drop(pipe);
+    }
     let remove = tokio::spawn({
         let mut agent = daemon.agent().await;
-        async move { agent.remove_guest(remove_request(GUEST, true)).await }
+        let request = RemoveGuestRequest {
+            stream: if one_stream { "qemu".into() } else { String::new() },
+            ..remove_request(guest, true)
+        };
+        async move { agent.remove_guest(request).await }
     });
     wait_point(&daemon, "guests.remove.delete_logs").await;
     // Created again while the old logs are being deleted: it waits for the removal.
-    let mut agent = daemon.agent().await;
-    let (reply, mut pipe) = open_pipe(&mut agent, GUEST, "qemu", None).await;
+    let (reply, mut pipe) = open_pipe(&mut agent, guest, "qemu", None).await;
     let removed = bounded("RemoveGuest", remove).await.unwrap().unwrap();
     assert_eq!(removed.into_inner().logs_deleted, 5);
     assert_eq!(reply.offset, TOTAL as u64, "after every offset handed out");
     write_now(&mut pipe, b"the new guest\n");
-    wait_offset(&mut agent, GUEST, "qemu", TOTAL as u64 + 14).await;
-    assert_eq!(read_log(&daemon.log_dir(), GUEST, "qemu"), b"the new guest\n");
+    wait_offset(&mut agent, guest, "qemu", TOTAL as u64 + 14).await;
+    assert_eq!(read_log(&daemon.log_dir(), guest, "qemu"), b"the new guest\n");
     let mut local = local_console(&daemon).await;
-    let chunks = read_ok(&mut local, request(GUEST, "qemu", Some(Start::FromOffset(0)))).await;
+    let chunks = read_ok(&mut local, request(guest, "qemu", Some(Start::FromOffset(0)))).await;
     let gap = chunks[0].gap.clone().expect("the deleted range is a gap");
     assert_eq!((gap.from_offset, gap.to_offset), (0, TOTAL as u64));
     assert_eq!(chunks[1].data, b"the new guest\n".as_slice());
+    if one_stream {
+        assert!(find_stream(&mut agent, guest, "other").await.is_some());
+    }
     drop(pipe);
 }
