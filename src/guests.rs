@@ -6,16 +6,21 @@
 //! never touches their data path: what every stream does (limits, figures, close) goes through
 //! its [`LogHandle`], and only what one kind alone does (adding a pipe, attaching, freezing)
 //! looks at the kind. The position records (`<stream>.pos`) beside the stream records belong to
-//! [`crate::logfile`]; they are kept when a guest is removed, so a guest created again with the
-//! same name continues its offsets.
+//! [`crate::logfile`]; they are kept when a guest is removed (even when its logs are deleted),
+//! so a guest created again with the same name continues its offsets. Removal is per guest or
+//! per stream ([`Guests::remove`]); a removed stream's logs stay with a tombstone
+//! ([`crate::tombstone`]) and are read through a read-only view ([`Guests::removed_stream`]),
+//! or are deleted (at once with `delete_logs`, or later by [`crate::retention`] through
+//! [`Guests::delete_removed`], under the same lock that creating a stream takes).
 //!
 //! Locking: the map sits under a `std::sync::Mutex` that is never held across an `.await`. A
 //! call decides under it and takes the handles it needs, releases it, and only then waits for
 //! actors (several at once with `join_all`), so a slow actor holds up nobody but its own
 //! callers. Changes that write to disk (creating a stream, new limits, marking a guest closing)
 //! are serialized by a second, async lock held only over their synchronous steps, so that a
-//! slow disk holds up other changes but never a lookup. A guest being removed stays in the map marked closing until its streams are closed
-//! and its records and sockets removed: lookups and `ListGuests` no longer see it, and
+//! slow disk holds up other changes but never a lookup. A guest being removed stays in the map
+//! marked closing (a single stream being removed, in its guest's `closing_streams`) until its
+//! streams are closed and its logs, records and sockets removed: lookups and `ListGuests` no longer see it, and
 //! `CreateLogPipe`, `CreateConsole` or `RemoveGuest` in its name wait until the removal is over
 //! and then act as if they came after it (docs/design.md, §3), so nothing is created under a
 //! name whose files are being removed. This module must never await with the lock held, nor
@@ -1128,7 +1133,12 @@ impl Guests {
     /// `removed_unix` (its tombstone says so, nothing created it again, nothing is removing it),
     /// with its tombstone, and the guest's log directory if that leaves it empty. Runs under
     /// `changes`, so no stream of that name is created meanwhile. Returns the log files deleted.
-    pub async fn delete_removed(&self, guest: &str, stream: &str, removed_unix: u64) -> Result<u32> {
+    pub async fn delete_removed(
+        &self,
+        guest: &str,
+        stream: &str,
+        removed_unix: u64,
+    ) -> Result<u32> {
         let _changing = self.changes.lock().await;
         {
             let guests = self.registry();
@@ -1148,11 +1158,20 @@ impl Guests {
         let log_path = self.log_path(guest, stream);
         let deleted = crate::logfile::delete_stream_files(&log_path)
             .map_err(|e| RegistryError::io(format!("cannot delete {}", log_path.display()), e))?;
-        crate::tombstone::remove(&dir, stream)
-            .map_err(|e| RegistryError::io(format!("cannot remove the tombstone in {}", dir.display()), e))?;
+        crate::tombstone::remove(&dir, stream).map_err(|e| {
+            RegistryError::io(
+                format!("cannot remove the tombstone in {}", dir.display()),
+                e,
+            )
+        })?;
         // Only if nothing else is left in it.
         let _ = std::fs::remove_dir(&dir);
-        tracing::info!(guest, stream, files = deleted, "deleted the logs of a removed stream (logs.removed_retention)");
+        tracing::info!(
+            guest,
+            stream,
+            files = deleted,
+            "deleted the logs of a removed stream (logs.removed_retention)"
+        );
         Ok(deleted)
     }
 
@@ -1315,8 +1334,8 @@ impl Removal {
             if self.delete_logs {
                 crate::fault::point("guests.remove.delete_logs");
                 let log_path = self.guests.log_path(guest, stream);
-                removed.logs_deleted += crate::logfile::delete_stream_files(&log_path)
-                    .map_err(|e| {
+                removed.logs_deleted +=
+                    crate::logfile::delete_stream_files(&log_path).map_err(|e| {
                         RegistryError::io(format!("cannot delete {}", log_path.display()), e)
                     })?;
                 crate::tombstone::remove(&dir, stream).map_err(|e| {
@@ -1340,8 +1359,18 @@ impl Removal {
                 .join(guest),
         );
         match &self.stream {
-            None => tracing::info!(guest, streams = removed.streams, logs_deleted = removed.logs_deleted, "guest removed"),
-            Some(stream) => tracing::info!(guest, stream, logs_deleted = removed.logs_deleted, "stream removed"),
+            None => tracing::info!(
+                guest,
+                streams = removed.streams,
+                logs_deleted = removed.logs_deleted,
+                "guest removed"
+            ),
+            Some(stream) => tracing::info!(
+                guest,
+                stream,
+                logs_deleted = removed.logs_deleted,
+                "stream removed"
+            ),
         }
         Ok(removed)
     }

@@ -5,7 +5,10 @@
 //! client or a guest and never blocks on anything but the file system. One concern per file:
 //! this one appends, rotates and maps files to offsets; `gaps` keeps the offsets without bytes;
 //! `record` the record's format; `recover` where offsets resume at open; `files` the
-//! file-system steps; `read` reads ranges back from segments (console replay).
+//! file-system steps; `read` reads ranges back from segments (console replay); `view` maps the
+//! files of a stream nobody writes any more (a removed one) for history, read-only. Age
+//! retention ([`LogFile::expire`]) deletes the rotated files older than `max_age`, never the
+//! current one.
 //!
 //! Invariants (docs/operations.md, "Durability"):
 //! - No file of a stream is larger than `max_size` (limits that shrink apply at once), so its
@@ -38,23 +41,23 @@ mod gaps;
 mod read;
 mod record;
 mod recover;
-mod view;
 #[cfg(test)]
 #[allow(
     clippy::cast_possible_truncation,
     reason = "test data of known, small sizes"
 )]
 mod tests;
+mod view;
 
-pub(crate) use files::write_atomically;
 pub(crate) use files::delete_stream_files;
+pub(crate) use files::write_atomically;
 pub use files::{backup_path, backups_of};
-pub(crate) use view::LogView;
 pub(crate) use gaps::{Gaps, Piece};
 pub(crate) use read::read_tail;
 pub(crate) use record::Position;
 #[cfg(test)]
 use record::POSITION_RECORD_LEN;
+pub(crate) use view::LogView;
 
 use crate::config::LogMode;
 use crate::fault;

@@ -96,7 +96,9 @@ impl LogView {
                 dropped: found.map_or(0, |r| r.dropped),
             }));
         }
-        Err(io::Error::other("the log files kept changing while being read"))
+        Err(io::Error::other(
+            "the log files kept changing while being read",
+        ))
     }
 
     /// Offset after the stream's last byte.

@@ -141,7 +141,10 @@ async fn bad_values_are_one_line_errors() {
         ("logs:\n  max_backups: -1\n", &["max_backups", "line 2"]),
         ("handoff:\n  token_ttl: soon\n", &["token_ttl", "soon"]),
         ("handoff:\n  token_ttl: 0s\n", &["handoff.token_ttl"]),
-        ("logs:\n  max_age: 1500ms\n", &["logs.max_age", "whole seconds"]),
+        (
+            "logs:\n  max_age: 1500ms\n",
+            &["logs.max_age", "whole seconds"],
+        ),
         (
             "logs:\n  removed_retention: 4000d\n",
             &["logs.removed_retention", "3650d"],

@@ -95,7 +95,11 @@ async fn removing_one_device_leaves_the_others_working() {
 
     let removed = remove(&daemon, GUEST, "serial0", false).await.unwrap();
     assert_eq!((removed.streams_removed, removed.logs_deleted), (1, 0));
-    assert_eq!(guest0.wait_eof().await, b"", "serial0's guest connection is closed");
+    assert_eq!(
+        guest0.wait_eof().await,
+        b"",
+        "serial0's guest connection is closed"
+    );
     assert!(!std::path::Path::new(&first.guest_socket).exists());
     assert!(find_stream(&mut agent, GUEST, "serial0").await.is_none());
 
@@ -146,6 +150,7 @@ async fn removing_one_device_leaves_the_others_working() {
 async fn delete_logs_while_a_reader_follows() {
     const GUEST: &str = "vm-del";
     const TOTAL: u64 = 5 * 4096 + 1000;
+    const LEN: usize = 5 * 4096 + 1000;
     let daemon = Daemon::start().await;
     let mut agent = daemon.agent().await;
     let (_, mut pipe) = open_pipe(
@@ -155,7 +160,7 @@ async fn delete_logs_while_a_reader_follows() {
         Some(limits(4096, 9, LogMode::Rotate)),
     )
     .await;
-    write_now(&mut pipe, &pattern(0, TOTAL as usize));
+    write_now(&mut pipe, &pattern(0, LEN));
     wait_offset(&mut agent, GUEST, "qemu", TOTAL).await;
     // Index files beside the logs (as the time index writes them) go with them.
     let dir = daemon.log_dir().join(GUEST);
@@ -207,7 +212,7 @@ async fn history_of_a_removed_guest() {
     let daemon = Daemon::start().await;
     let data = pattern(0, TOTAL);
     let info = logged_stream(&daemon, GUEST, "qemu", 4096, 1, LogMode::Rotate, &data).await;
-    let oldest = info.first_offset as usize;
+    let oldest = usize::try_from(info.first_offset).unwrap();
     assert_eq!(oldest, 2 * 4096, "rotated away at the cap");
     let mut local = local_console(&daemon).await;
     let before = history_of(&mut local, GUEST, "qemu", Some(Start::FromOffset(0))).await;
@@ -222,7 +227,10 @@ async fn history_of_a_removed_guest() {
 
     // Locally: the same chunks as before the removal.
     let after = history_of(&mut local, GUEST, "qemu", Some(Start::FromOffset(0))).await;
-    assert_eq!((after.gaps.clone(), after.position), (before.gaps, before.position));
+    assert_eq!(
+        (after.gaps.clone(), after.position),
+        (before.gaps, before.position)
+    );
     assert!(after.data == before.data);
     let again = history_of(&mut local, GUEST, "", Some(Start::TailBytes(100))).await;
     assert_eq!((again.first, again.data), (tail.first, tail.data));
@@ -268,7 +276,12 @@ async fn history_of_a_removed_guest() {
     assert!(got.data == data[oldest..]);
     // A token for another guest learns nothing.
     let mut other = with_token(daemon.plain_tcp_channel().await, &other_token).console();
-    expect_error(&mut other, request(GUEST, "qemu", None), Code::PermissionDenied).await;
+    expect_error(
+        &mut other,
+        request(GUEST, "qemu", None),
+        Code::PermissionDenied,
+    )
+    .await;
     // A token issued after the removal (the name may be another tenant's by then) is refused.
     let removed_at: u64 = {
         let text = std::fs::read_to_string(&tombstone).unwrap();
@@ -285,8 +298,16 @@ async fn history_of_a_removed_guest() {
     .await;
     let late_token = daemon.token(GUEST, "", Access::Read, 600).await;
     let mut late = with_token(daemon.plain_tcp_channel().await, &late_token).console();
-    let status = expect_error(&mut late, request(GUEST, "qemu", None), Code::PermissionDenied).await;
-    assert!(status.message().contains("issued before its removal"), "{status:?}");
+    let status = expect_error(
+        &mut late,
+        request(GUEST, "qemu", None),
+        Code::PermissionDenied,
+    )
+    .await;
+    assert!(
+        status.message().contains("issued before its removal"),
+        "{status:?}"
+    );
 
     // Never existed: as before.
     expect_error(&mut local, request("vm-never", "", None), Code::NotFound).await;
@@ -309,7 +330,16 @@ async fn conlogctl_removes_a_device_and_deletes_its_logs() {
     create_console(&mut agent, GUEST, "serial0", None)
         .await
         .unwrap();
-    logged_stream(&daemon, GUEST, "qemu", 4096, 2, LogMode::Rotate, &pattern(0, 5000)).await;
+    logged_stream(
+        &daemon,
+        GUEST,
+        "qemu",
+        4096,
+        2,
+        LogMode::Rotate,
+        &pattern(0, 5000),
+    )
+    .await;
     let ctl = |args: &[&str]| {
         std::process::Command::new(conlogctl_bin())
             .arg("--socket")
@@ -321,7 +351,10 @@ async fn conlogctl_removes_a_device_and_deletes_its_logs() {
     let output = ctl(&["remove", GUEST, "--stream", "qemu", "--delete-logs"]);
     assert!(output.status.success(), "{output:?}");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains("removed vm-ctl/qemu; 2 log files deleted"), "{stdout}");
+    assert!(
+        stdout.contains("removed vm-ctl/qemu; 2 log files deleted"),
+        "{stdout}"
+    );
     assert_eq!(files_of(&daemon, GUEST), ["serial0.log"]);
     assert!(find_stream(&mut agent, GUEST, "serial0").await.is_some());
     let output = ctl(&["remove", GUEST, "--device", "serial0"]);

@@ -87,7 +87,10 @@ async fn age_retention_deletes_exactly_the_old_rotated_files() {
     assert!(!daemon.log_dir().join("vm-age/qemu.log.3.idx").exists());
     // The stream that turned the age off keeps its files.
     assert_eq!(
-        find_stream(&mut agent, "vm-age", "keep").await.unwrap().first_offset,
+        find_stream(&mut agent, "vm-age", "keep")
+            .await
+            .unwrap()
+            .first_offset,
         0
     );
     assert_eq!(log_file_names(&daemon.log_dir(), "vm-age", "keep").len(), 5);
@@ -107,7 +110,7 @@ async fn age_retention_deletes_exactly_the_old_rotated_files() {
         ),
     )
     .await;
-    let gap = chunks[0].gap.clone().expect("a gap first");
+    let gap = chunks[0].gap.expect("a gap first");
     assert_eq!((gap.from_offset, gap.to_offset), (100, 2 * 4096));
 
     // The current file is never expired, however old; the next rotated file goes once old.
@@ -125,7 +128,10 @@ async fn age_retention_deletes_exactly_the_old_rotated_files() {
         log_file_names(&daemon.log_dir(), "vm-age", "qemu"),
         ["qemu.log"]
     );
-    assert_eq!(read_log(&daemon.log_dir(), "vm-age", "qemu"), data[4 * 4096..]);
+    assert_eq!(
+        read_log(&daemon.log_dir(), "vm-age", "qemu"),
+        data[4 * 4096..]
+    );
 
     // Bad input names the rule.
     let status = create_pipe(
@@ -140,7 +146,10 @@ async fn age_retention_deletes_exactly_the_old_rotated_files() {
     .await
     .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert!(status.message().contains("limits.max_age_seconds"), "{status:?}");
+    assert!(
+        status.message().contains("limits.max_age_seconds"),
+        "{status:?}"
+    );
 }
 
 /// Rewrites the tombstones in `<log_dir>/<guest>` as if the removal was `age` ago.
@@ -181,7 +190,16 @@ async fn removed_retention_deletes_after_the_time_and_not_before() {
     let daemon = start("logs:\n  removed_retention: 1h\n").await;
     let mut agent = daemon.agent().await;
     for guest in ["vm-old", "vm-new", "vm-back", "vm-marker"] {
-        logged_stream(&daemon, guest, "qemu", 4096, 2, LogMode::Rotate, &pattern(0, 9000)).await;
+        logged_stream(
+            &daemon,
+            guest,
+            "qemu",
+            4096,
+            2,
+            LogMode::Rotate,
+            &pattern(0, 9000),
+        )
+        .await;
         remove(&daemon, guest).await;
     }
     // Created again: the tombstone goes with the creation.

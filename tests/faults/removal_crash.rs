@@ -42,7 +42,11 @@ async fn a_crash_in_the_middle_of_delete_logs_is_finished_by_a_second_call() {
         Daemon::start_env(&[("CONLOG_FAULT_POINTS", "logfile.delete.file=kill@2")]).await;
     let data = five_files(&daemon, GUEST).await;
     let mut agent = daemon.agent().await;
-    let result = bounded("RemoveGuest", agent.remove_guest(remove_request(GUEST, true))).await;
+    let result = bounded(
+        "RemoveGuest",
+        agent.remove_guest(remove_request(GUEST, true)),
+    )
+    .await;
     assert!(result.is_err(), "the daemon was killed: {result:?}");
     let status = daemon.wait_exit().await;
     assert!(status.code().is_none(), "killed, not {status}");
@@ -55,10 +59,16 @@ async fn a_crash_in_the_middle_of_delete_logs_is_finished_by_a_second_call() {
     daemon.restart().await;
     // Still recorded (the records go after the files): restored with what is left, exact.
     let mut agent = daemon.agent().await;
-    let info = find_stream(&mut agent, GUEST, "qemu").await.expect("restored");
+    let info = find_stream(&mut agent, GUEST, "qemu")
+        .await
+        .expect("restored");
     assert_eq!((info.first_offset, info.offset), (2 * 4096, TOTAL as u64));
     let mut local = local_console(&daemon).await;
-    let chunks = read_ok(&mut local, request(GUEST, "qemu", Some(Start::FromOffset(0)))).await;
+    let chunks = read_ok(
+        &mut local,
+        request(GUEST, "qemu", Some(Start::FromOffset(0))),
+    )
+    .await;
     let mut got = Received::new(DEFAULT_CHUNK);
     for chunk in &chunks {
         assert_pattern(chunk.offset, got.push(chunk));
@@ -143,7 +153,11 @@ async fn created_again_during_the_deletion(guest: &str, one_stream: bool) {
     let remove = tokio::spawn({
         let mut agent = daemon.agent().await;
         let request = RemoveGuestRequest {
-            stream: if one_stream { "qemu".into() } else { String::new() },
+            stream: if one_stream {
+                "qemu".into()
+            } else {
+                String::new()
+            },
             ..remove_request(guest, true)
         };
         async move { agent.remove_guest(request).await }
@@ -156,10 +170,17 @@ async fn created_again_during_the_deletion(guest: &str, one_stream: bool) {
     assert_eq!(reply.offset, TOTAL as u64, "after every offset handed out");
     write_now(&mut pipe, b"the new guest\n");
     wait_offset(&mut agent, guest, "qemu", TOTAL as u64 + 14).await;
-    assert_eq!(read_log(&daemon.log_dir(), guest, "qemu"), b"the new guest\n");
+    assert_eq!(
+        read_log(&daemon.log_dir(), guest, "qemu"),
+        b"the new guest\n"
+    );
     let mut local = local_console(&daemon).await;
-    let chunks = read_ok(&mut local, request(guest, "qemu", Some(Start::FromOffset(0)))).await;
-    let gap = chunks[0].gap.clone().expect("the deleted range is a gap");
+    let chunks = read_ok(
+        &mut local,
+        request(guest, "qemu", Some(Start::FromOffset(0))),
+    )
+    .await;
+    let gap = chunks[0].gap.expect("the deleted range is a gap");
     assert_eq!((gap.from_offset, gap.to_offset), (0, TOTAL as u64));
     assert_eq!(chunks[1].data, b"the new guest\n".as_slice());
     if one_stream {

@@ -621,7 +621,9 @@ async fn run(args: Args) -> Result<ExitCode> {
             if delete_logs {
                 println!("removed {what}; {} log files deleted", reply.logs_deleted);
             } else {
-                println!("removed {what}; its logs stay on disk (conlogctl history still reads them)");
+                println!(
+                    "removed {what}; its logs stay on disk (conlogctl history still reads them)"
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
