@@ -261,15 +261,31 @@ async fn history_of_a_removed_guest() {
     }
     assert_eq!(followed.position, Some(TOTAL as u64));
     // conlogctl, locally.
-    let output = std::process::Command::new(conlogctl_bin())
-        .arg("--socket")
-        .arg(daemon.socket())
-        .args(["history", GUEST, "--stream", "qemu", "--tail-bytes", "50"])
-        .output()
-        .unwrap();
+    let mut cmd = std::process::Command::new(conlogctl_bin());
+    cmd.arg("--socket").arg(daemon.socket()).args([
+        "history",
+        GUEST,
+        "--stream",
+        "qemu",
+        "--tail-bytes",
+        "50",
+    ]);
+    let output = run_bounded_async(cmd).await;
     assert!(output.status.success(), "{output:?}");
     assert!(output.stdout == data[TOTAL - 50..]);
 
+    // conlogctl over TCP, with a token issued before the removal.
+    let mut cmd = std::process::Command::new(conlogctl_bin());
+    cmd.args([
+        "--server",
+        &format!("http://{}", daemon.tcp),
+        "--token",
+        &read_token,
+    ])
+    .args(["history", GUEST, "--tail-bytes", "60"]);
+    let output = run_bounded_async(cmd).await;
+    assert!(output.status.success(), "{}", describe(&output));
+    assert!(output.stdout == data[TOTAL - 60..]);
     // With a token issued before the removal.
     let mut remote = with_token(daemon.plain_tcp_channel().await, &read_token).console();
     let got = history_of(&mut remote, GUEST, "qemu", None).await;
@@ -308,6 +324,18 @@ async fn history_of_a_removed_guest() {
         status.message().contains("issued before its removal"),
         "{status:?}"
     );
+    let mut cmd = std::process::Command::new(conlogctl_bin());
+    cmd.args([
+        "--server",
+        &format!("http://{}", daemon.tcp),
+        "--token",
+        &late_token,
+    ])
+    .args(["history", GUEST]);
+    let output = run_bounded_async(cmd).await;
+    // 3: refused (conlogctl --help, "Exit status").
+    assert_eq!(output.status.code(), Some(3), "{}", describe(&output));
+    assert!(output.stdout.is_empty());
 
     // Never existed: as before.
     expect_error(&mut local, request("vm-never", "", None), Code::NotFound).await;
@@ -341,12 +369,9 @@ async fn conlogctl_removes_a_device_and_deletes_its_logs() {
     )
     .await;
     let ctl = |args: &[&str]| {
-        std::process::Command::new(conlogctl_bin())
-            .arg("--socket")
-            .arg(daemon.socket())
-            .args(args)
-            .output()
-            .unwrap()
+        let mut cmd = std::process::Command::new(conlogctl_bin());
+        cmd.arg("--socket").arg(daemon.socket()).args(args);
+        run_bounded(&mut cmd)
     };
     let output = ctl(&["remove", GUEST, "--stream", "qemu", "--delete-logs"]);
     assert!(output.status.success(), "{output:?}");
