@@ -146,7 +146,9 @@ impl Figures {
 /// What every stream actor answers about its log. An actor's own command type wraps these
 /// (`From<LogCommand>`), so both travel on its one bounded channel, in order.
 pub enum LogCommand {
-    SetLimits(LogLimits, oneshot::Sender<io::Result<()>>),
+    /// Boxed, as [`Close`] is: a change of limits is rare, and every command is as large as
+    /// the largest kind.
+    SetLimits(Box<LogLimits>, oneshot::Sender<io::Result<()>>),
     Figures(oneshot::Sender<Figures>),
     OpenSegments(u64, oneshot::Sender<io::Result<Vec<OpenSegment>>>),
     /// Delete the rotated files older than the stream's `max_age` (age retention); answers
@@ -255,7 +257,7 @@ impl Reserved {
     /// Dropping the future does not withdraw the change.
     pub fn set_limits(self, limits: LogLimits) -> BoxFuture<'static, Result<(), LogError>> {
         let (reply, answer) = oneshot::channel();
-        (self.0)(LogCommand::SetLimits(limits, reply));
+        (self.0)(LogCommand::SetLimits(Box::new(limits), reply));
         Box::pin(async move { Ok(answer.await.map_err(|_| ActorGone)??) })
     }
 }
@@ -396,6 +398,7 @@ impl LogOwner {
     ) -> Option<Close> {
         match command {
             LogCommand::SetLimits(limits, reply) => {
+                let limits = *limits;
                 // Tests hold one actor here to show that nobody else waits for it.
                 crate::fault::point("log_owner.set_limits");
                 let result = self.counting_rotations(|log| log.set_limits(limits));
