@@ -20,11 +20,11 @@
 //! are serialized by a second, async lock held only over their synchronous steps, so that a
 //! slow disk holds up other changes but never a lookup. A guest being removed stays in the map
 //! marked closing (a single stream being removed, in its guest's `closing_streams`) until its
-//! streams are closed and its logs, records and sockets removed: lookups and `ListGuests` no longer see it, and
-//! `CreateLogPipe`, `CreateConsole` or `RemoveGuest` in its name wait until the removal is over
-//! and then act as if they came after it (docs/design.md, §3), so nothing is created under a
-//! name whose files are being removed. This module must never await with the lock held, nor
-//! serve a closing guest.
+//! streams are closed and its logs, records and sockets removed: lookups and `ListGuests` no
+//! longer see it, and `CreateLogPipe`, `CreateConsole` or `RemoveGuest` in its name wait until
+//! the removal is over and then act as if they came after it (docs/design.md, §3), so nothing
+//! is created under a name whose files are being removed. This module must never await with
+//! the lock held, nor serve a closing guest.
 //!
 //! Its public methods take names already parsed at the edge ([`GuestName`], [`StreamName`]),
 //! and what it refuses or fails at is a [`RegistryError`]; it never names a status code

@@ -8,7 +8,8 @@
 //!
 //! `conlog1.<payload>.<mac>`: `payload` is base64url (no padding) of a JSON object
 //! `{"g": guest, "d": device or null, "a": "read" | "read-write", "e": expiry (Unix seconds),
-//! "k": key id, "i": issue time (Unix seconds; absent in tokens from before it was added)}`, `mac` is base64url of HMAC-SHA256(key, `conlog1.<payload>`). The MAC is checked
+//! "k": key id, "i": issue time (Unix seconds; absent in tokens from before it was added)}`,
+//! `mac` is base64url of HMAC-SHA256(key, `conlog1.<payload>`). The MAC is checked
 //! before anything of the payload is decoded, so unsigned bytes are never parsed. Rotating the
 //! key revokes every token at once.
 
