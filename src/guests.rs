@@ -1015,9 +1015,16 @@ impl Guests {
             let changing = self.changes.lock().await;
             let closing = {
                 let mut guests = self.registry();
-                let entry = guests
-                    .get_mut(guest)
-                    .ok_or_else(|| RegistryError::UnknownGuest(guest.to_owned()))?;
+                let Some(entry) = guests.get_mut(guest) else {
+                    drop(guests);
+                    if !delete_logs {
+                        return Err(RegistryError::UnknownGuest(guest.to_owned()));
+                    }
+                    // Removed before: what it left on disk goes (still under `changes`).
+                    let result = self.delete_left_logs(guest, stream, &[]);
+                    drop(changing);
+                    return result;
+                };
                 let pending = match (&entry.closing, stream) {
                     (Some(closing), _) => Some(closing.clone()),
                     (None, Some(stream)) => entry.closing_streams.get(stream).cloned(),
@@ -1028,10 +1035,17 @@ impl Guests {
                     None => {
                         if let Some(stream) = stream {
                             if !entry.streams.contains_key(stream) {
-                                return Err(RegistryError::UnknownStream {
-                                    guest: guest.to_owned(),
-                                    stream: stream.to_owned(),
-                                });
+                                if !delete_logs {
+                                    return Err(RegistryError::UnknownStream {
+                                        guest: guest.to_owned(),
+                                        stream: stream.to_owned(),
+                                    });
+                                }
+                                let live: Vec<String> = entry.streams.keys().cloned().collect();
+                                drop(guests);
+                                let result = self.delete_left_logs(guest, Some(stream), &live);
+                                drop(changing);
+                                return result;
                             }
                         }
                         let (done, closing) = watch::channel(());
@@ -1076,6 +1090,58 @@ impl Guests {
         tokio::spawn(removal.run(streams, waits))
             .await
             .map_err(RegistryError::Removal)?
+    }
+
+    /// Deletes the logs that removed streams of `guest` left on disk: those of `stream`, or of
+    /// every stream with files in the guest's log directory but `live` (with their tombstones),
+    /// then the directory if that empties it. The caller holds `changes` (nothing of the name
+    /// is created meanwhile) and has checked that `stream` is not live. Unknown if there were
+    /// no such logs.
+    fn delete_left_logs(
+        &self,
+        guest: &str,
+        stream: Option<&str>,
+        live: &[String],
+    ) -> Result<Removed> {
+        let dir = self.guest_log_dir(guest);
+        let streams = match stream {
+            Some(stream) => vec![stream.to_owned()],
+            None => streams_on_disk(&dir)
+                .into_iter()
+                .filter(|s| !live.contains(s))
+                .collect(),
+        };
+        let mut removed = Removed::default();
+        let mut found = false;
+        for stream in &streams {
+            let log_path = self.log_path(guest, stream);
+            found |= crate::tombstone::path(&dir, stream).exists();
+            let deleted = crate::logfile::delete_stream_files(&log_path).map_err(|e| {
+                RegistryError::io(format!("cannot delete {}", log_path.display()), e)
+            })?;
+            found |= deleted > 0;
+            removed.logs_deleted += deleted;
+            crate::tombstone::remove(&dir, stream).map_err(|e| {
+                RegistryError::io(format!("cannot remove a tombstone in {}", dir.display()), e)
+            })?;
+        }
+        if !found {
+            return Err(match stream {
+                Some(stream) => RegistryError::UnknownStream {
+                    guest: guest.to_owned(),
+                    stream: stream.to_owned(),
+                },
+                None => RegistryError::UnknownGuest(guest.to_owned()),
+            });
+        }
+        // Only if nothing else is left in it.
+        let _ = std::fs::remove_dir(&dir);
+        tracing::info!(
+            guest,
+            files = removed.logs_deleted,
+            "deleted the logs of removed streams"
+        );
+        Ok(removed)
     }
 
     /// A read-only handle on the logs of `guest`'s stream `name` (default: `serial0` if it has
@@ -1347,6 +1413,20 @@ impl Removal {
             }
             let _ = std::fs::remove_file(self.guests.record_path(guest, stream));
         }
+        if self.delete_logs && self.stream.is_none() {
+            // The guest's logs are every log in its directory: also those its streams removed
+            // before left (the guest is closing: nothing is created there meanwhile).
+            for stream in streams_on_disk(&dir) {
+                let log_path = self.guests.log_path(guest, &stream);
+                removed.logs_deleted +=
+                    crate::logfile::delete_stream_files(&log_path).map_err(|e| {
+                        RegistryError::io(format!("cannot delete {}", log_path.display()), e)
+                    })?;
+                crate::tombstone::remove(&dir, &stream).map_err(|e| {
+                    RegistryError::io(format!("cannot remove a tombstone in {}", dir.display()), e)
+                })?;
+            }
+        }
         if self.delete_logs {
             // Only if nothing else is left in it (another stream's logs, a tombstone).
             let _ = std::fs::remove_dir(&dir);
@@ -1397,6 +1477,29 @@ impl Drop for Removal {
         }
         self.guests.update_gauges(&guests);
     }
+}
+
+/// The names of the streams with files (logs, their indexes, tombstones) in a guest's log
+/// directory `dir`: `<stream>.log`, `<stream>.log.N`, `<stream>.log[.N].idx`,
+/// `<stream>.removed`. Names that are not valid stream names are left out.
+fn streams_on_disk(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut streams: Vec<String> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let stem = match name.strip_suffix(".removed") {
+                Some(stem) => stem,
+                None => name.split_once(".log").map(|(stem, _)| stem)?,
+            };
+            StreamName::parse(stem).ok().map(String::from)
+        })
+        .collect();
+    streams.sort();
+    streams.dedup();
+    streams
 }
 
 /// "error: cause: its cause", for the operator's log (the registry does not depend on the

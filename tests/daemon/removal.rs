@@ -57,7 +57,8 @@ fn files_of(daemon: &Daemon, guest: &str) -> Vec<String> {
 }
 
 /// Removing one console leaves the guest's other console and its watcher working; history of
-/// the removed device still reads its log; removing the last stream removes the guest.
+/// the removed device still reads its log; removing the last stream removes the guest (with
+/// `delete_logs`, every log in its directory).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_one_device_leaves_the_others_working() {
     const GUEST: &str = "vm-dev";
@@ -126,9 +127,11 @@ async fn removing_one_device_leaves_the_others_working() {
     let removed = remove(&daemon, GUEST, "serial0", false).await.unwrap();
     assert_eq!(removed.streams_removed, 1);
 
-    // The last stream: the guest goes, the watcher is told.
-    let removed = remove(&daemon, GUEST, "serial1", false).await.unwrap();
-    assert_eq!(removed.streams_removed, 1);
+    // The last stream: the guest goes, the watcher is told; with delete_logs every log in the
+    // guest's directory goes, that of the device removed before included.
+    let removed = remove(&daemon, GUEST, "serial1", true).await.unwrap();
+    assert_eq!((removed.streams_removed, removed.logs_deleted), (1, 2));
+    assert!(!daemon.log_dir().join(GUEST).exists());
     let status = watcher.wait_end().await;
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     let listed = agent
@@ -349,7 +352,9 @@ async fn history_of_a_removed_guest() {
     drop(pipe);
 }
 
-/// `conlogctl remove G --device D --delete-logs` removes one device and deletes its logs.
+/// `conlogctl remove G --stream S --delete-logs` removes one stream and deletes its logs, the
+/// guest's other device going on; `--device D` removes the last one (the guest goes, the log
+/// stays); `remove G --delete-logs` then deletes the logs the removed guest left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conlogctl_removes_a_device_and_deletes_its_logs() {
     const GUEST: &str = "vm-ctl";
@@ -388,4 +393,17 @@ async fn conlogctl_removes_a_device_and_deletes_its_logs() {
     assert!(stdout.contains("its logs stay on disk"), "{stdout}");
     assert!(find_stream(&mut agent, GUEST, "serial0").await.is_none());
     assert_eq!(files_of(&daemon, GUEST), ["serial0.log", "serial0.removed"]);
+    // Removed already: --delete-logs deletes what it left, then it is not found.
+    let output = ctl(&["remove", GUEST, "--delete-logs"]);
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("1 log files deleted"), "{stdout}");
+    assert!(!daemon.log_dir().join(GUEST).exists());
+    let output = ctl(&["remove", GUEST, "--delete-logs"]);
+    assert!(!output.status.success(), "{}", describe(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("NotFound"),
+        "{}",
+        describe(&output)
+    );
 }
