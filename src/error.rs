@@ -113,7 +113,8 @@ fn code_of(error: &(dyn StdError + 'static)) -> Option<Code> {
             RegistryError::KindMismatch { .. } => Some(Code::FailedPrecondition),
             RegistryError::MaxSizeTooSmall { .. }
             | RegistryError::MaxSizeTooLarge { .. }
-            | RegistryError::TooManyBackups { .. } => Some(Code::InvalidArgument),
+            | RegistryError::TooManyBackups { .. }
+            | RegistryError::MaxAgeTooLong { .. } => Some(Code::InvalidArgument),
             RegistryError::LimitReached { .. } => Some(Code::ResourceExhausted),
             RegistryError::Console(e) => code_of(e),
             RegistryError::Gone(e) => code_of(e),

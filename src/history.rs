@@ -674,6 +674,7 @@ mod tests {
             max_size: 4096,
             max_backups: 3,
             mode: LogMode::Rotate,
+            max_age: 0,
         };
         let mut log =
             LogFile::open(&dir.path().join("s.log"), &dir.path().join("s.pos"), limits).unwrap();
@@ -701,6 +702,7 @@ mod tests {
             max_size,
             max_backups: 3,
             mode: LogMode::Rotate,
+            max_age: 0,
         };
         LogFile::open(&dir.join("s.log"), &dir.join("s.pos"), limits).unwrap()
     }

@@ -52,10 +52,12 @@ pub(crate) mod metrics;
 pub mod names;
 pub(crate) mod pipe;
 pub(crate) mod ratelimit;
+pub(crate) mod retention;
 pub(crate) mod server;
 pub mod terminal_safety;
 pub(crate) mod tls;
 pub mod tokens;
+pub(crate) mod tombstone;
 pub mod upgrade;
 
 /// Generated protobuf types and gRPC stubs of `conlog.v1`, and the descriptor sets served by

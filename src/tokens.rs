@@ -8,7 +8,8 @@
 //!
 //! `conlog1.<payload>.<mac>`: `payload` is base64url (no padding) of a JSON object
 //! `{"g": guest, "d": device or null, "a": "read" | "read-write", "e": expiry (Unix seconds),
-//! "k": key id}`, `mac` is base64url of HMAC-SHA256(key, `conlog1.<payload>`). The MAC is checked
+//! "k": key id, "i": issue time (Unix seconds; absent in tokens from before it was added)}`,
+//! `mac` is base64url of HMAC-SHA256(key, `conlog1.<payload>`). The MAC is checked
 //! before anything of the payload is decoded, so unsigned bytes are never parsed. Rotating the
 //! key revokes every token at once.
 
@@ -54,6 +55,11 @@ pub struct Grant {
     /// Id of the key that signed it (which rotation it belongs to).
     #[serde(rename = "k")]
     pub key_id: String,
+    /// Unix seconds when it was issued (set by [`TokenKey::issue`]); tokens from before this
+    /// field have none. Only a token issued before a guest was removed reads its logs after
+    /// (docs/operations.md, "Retention").
+    #[serde(rename = "i", default, skip_serializing_if = "Option::is_none")]
+    pub issued_unix: Option<u64>,
 }
 
 /// Why a token was refused (all `UNAUTHENTICATED`).
@@ -155,10 +161,17 @@ impl TokenKey {
         self.key.read().expect("token key poisoned").id.clone()
     }
 
-    /// Signs a token for `grant` (its `key_id` is replaced by the current key's).
+    /// Signs a token for `grant` (its `key_id` is replaced by the current key's, and its issue
+    /// time, if unset, is now).
     pub fn issue(&self, mut grant: Grant) -> String {
         let key = self.key.read().expect("token key poisoned");
         grant.key_id = key.id.clone();
+        grant.issued_unix = grant.issued_unix.or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs())
+        });
         let payload = serde_json::to_vec(&grant).expect("grants serialize");
         let signed = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(payload));
         let mac = hmac::sign(&key.hmac, signed.as_bytes());
@@ -263,6 +276,7 @@ mod tests {
             access: Access::Read,
             expires_unix,
             key_id: String::new(),
+            issued_unix: None,
         }
     }
 

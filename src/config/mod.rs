@@ -85,6 +85,12 @@ pub struct LogDefaults {
     /// was logged and what happened around it. Off, no index file is written and history has
     /// no times for what is logged meanwhile.
     pub time_index: bool,
+    /// Rotated files whose newest byte is older than this are deleted (checked at start and
+    /// hourly); `0s`: off, only the size cap removes files (docs/operations.md, "Retention").
+    pub max_age: HumanDuration,
+    /// The logs of a removed guest (or stream) are deleted this long after the removal;
+    /// `0s`: off, they stay until deleted by hand or by `RemoveGuest` with `delete_logs`.
+    pub removed_retention: HumanDuration,
 }
 
 impl Default for LogDefaults {
@@ -94,6 +100,8 @@ impl Default for LogDefaults {
             max_backups: 3,
             mode: LogMode::Rotate,
             time_index: true,
+            max_age: HumanDuration(Duration::ZERO),
+            removed_retention: HumanDuration(Duration::ZERO),
         }
     }
 }
@@ -321,6 +329,8 @@ pub(crate) const MIN_MAX_SIZE: u64 = 4096;
 pub(crate) const MAX_MAX_SIZE: u64 = 1 << 40;
 /// Largest number of backups accepted.
 pub(crate) const MAX_BACKUPS: u32 = 1000;
+/// Longest `max_age` (and `logs.removed_retention`) accepted, in seconds: ten years.
+pub(crate) const MAX_AGE_SECONDS: u64 = 10 * 365 * 86_400;
 
 impl Config {
     /// Parses YAML text; `origin` names it in errors (a file path or "embedded defaults").
@@ -443,6 +453,17 @@ impl Config {
                     self.logs.max_backups
                 ),
             );
+        }
+        for (key, age) in [
+            ("logs.max_age", self.logs.max_age),
+            ("logs.removed_retention", self.logs.removed_retention),
+        ] {
+            if age.get().subsec_nanos() != 0 || age.get().as_secs() > MAX_AGE_SECONDS {
+                return value(
+                    key,
+                    format!("must be whole seconds up to 3650d, or 0s for off (got {age})"),
+                );
+            }
         }
         if self.handoff.token_ttl.get().is_zero() {
             return value("handoff.token_ttl", "must be longer than 0s".into());

@@ -148,6 +148,14 @@ impl Serving {
                 crate::metrics::serve(listener, Arc::new(registry)).instrument(span("metrics")),
             ));
         }
+        tasks.push(tokio::spawn(
+            crate::retention::run(
+                guests.clone(),
+                config.log_dir().to_owned(),
+                config.logs.removed_retention.get(),
+            )
+            .instrument(span("retention")),
+        ));
         let (successor_tx, successors) = mpsc::channel(1);
         tasks.push(tokio::spawn(
             handover::accept(tokio_unix(&listeners.handover)?, successor_tx)

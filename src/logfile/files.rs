@@ -63,6 +63,37 @@ pub(crate) fn index_len(log: &Path) -> u64 {
         .map_or(0, |m| m.len())
 }
 
+/// Removes a log file and the index beside it; true if the log file was there.
+pub(crate) fn remove_log_file(path: &Path) -> io::Result<bool> {
+    let existed = match fs::remove_file(path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
+    remove_if_exists(&super::index::index_path(path))?;
+    Ok(existed)
+}
+
+/// Deletes every file of the stream whose current file is `path`: its backups oldest first,
+/// then the current file, each with its index, so that a crash half-way leaves `.1 .. .k` and
+/// the current file without a hole (and a second call finishes the job). Returns how many log
+/// files were deleted. The caller makes sure no writer has the stream open; readers that hold
+/// a file keep reading it (an unlinked file keeps its bytes while open).
+pub(crate) fn delete_stream_files(path: &Path) -> io::Result<u32> {
+    let mut deleted = 0;
+    let backups = backups_of(path, MAX_SCAN);
+    for (backup, _) in backups.iter().rev() {
+        if remove_log_file(backup)? {
+            deleted += 1;
+        }
+        crate::fault::point("logfile.delete.file");
+    }
+    if remove_log_file(path)? {
+        deleted += 1;
+    }
+    Ok(deleted)
+}
+
 /// Opens (creating) a log file for appending at its end.
 pub(crate) fn open_log(path: &Path) -> io::Result<File> {
     // Not O_APPEND: splice(2) refuses append-mode files. We are the only writer and keep the

@@ -60,6 +60,7 @@ mod tests {
             max_size: 4096,
             max_backups: 3,
             mode: LogMode::Rotate,
+            max_age: 0,
         };
         LogFile::open(&dir.join("s.log"), &dir.join("s.pos"), limits).unwrap()
     }

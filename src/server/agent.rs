@@ -75,6 +75,7 @@ fn limits_from_proto(limits: Option<proto::LogLimits>) -> Result<LimitsOverride>
         max_size: limits.max_size,
         max_backups: limits.max_backups,
         mode,
+        max_age: limits.max_age_seconds,
     })
 }
 
@@ -151,6 +152,7 @@ impl AgentService {
             access,
             expires_unix,
             key_id: String::new(),
+            issued_unix: None,
         });
         Ok(proto::IssueTokenResponse {
             token,
@@ -249,10 +251,24 @@ impl AgentService {
         request: proto::RemoveGuestRequest,
     ) -> Result<proto::RemoveGuestResponse> {
         let guest = GuestName::parse(request.guest)?;
+        let stream = if request.stream.is_empty() {
+            None
+        } else {
+            Some(StreamName::parse(request.stream)?)
+        };
         let _admitted = self.handoffs.admit()?;
-        self.handoffs.forget_guest(&guest);
-        let streams_removed = self.guests.remove_guest(&guest).await?;
-        Ok(proto::RemoveGuestResponse { streams_removed })
+        match &stream {
+            Some(stream) => self.handoffs.forget_stream(&guest, stream),
+            None => self.handoffs.forget_guest(&guest),
+        }
+        let removed = self
+            .guests
+            .remove(&guest, stream.as_ref(), request.delete_logs)
+            .await?;
+        Ok(proto::RemoveGuestResponse {
+            streams_removed: removed.streams,
+            logs_deleted: removed.logs_deleted,
+        })
     }
 }
 

@@ -15,7 +15,7 @@ use crate::console::pacing::InputPacer;
 use crate::console::sessions::{SessionGuard, Sessions};
 use crate::console::{AttachRequest, Attachment, ConsoleError, Event, Mode, MAX_PENDING_INPUT};
 use crate::error::{Error, Result};
-use crate::guests::Guests;
+use crate::guests::{Guests, RegistryError};
 use crate::history::{self, HistoryItem, HistoryRequest, Start};
 use crate::names::{self, GuestName, StreamName};
 use crate::proto::{
@@ -605,8 +605,32 @@ impl Console for ConsoleService {
         // The guest is checked before it is looked up: a token for another guest learns
         // nothing, not even whether this one exists.
         auth::authorize_guest(caller.as_ref(), &guest)?;
-        let (stream_name, actor) = self.guests.stream(&guest, stream.as_ref()).await?;
-        auth::authorize(caller.as_ref(), &guest, &stream_name, Need::Read)?;
+        let (_, actor) = match self.guests.stream(&guest, stream.as_ref()).await {
+            Ok((name, actor)) => {
+                auth::authorize(caller.as_ref(), &guest, &name, Need::Read)?;
+                (name, actor)
+            }
+            // No live stream: a removed one's logs are read while they are on disk.
+            Err(
+                missing @ (RegistryError::UnknownGuest(_) | RegistryError::UnknownStream { .. }),
+            ) => {
+                let (name, actor, tombstone) = self
+                    .guests
+                    .removed_stream(&guest, stream.as_ref())
+                    .map_err(|e| match e {
+                        RegistryError::Io { .. } => e,
+                        _ => missing,
+                    })?;
+                auth::authorize_removed(
+                    caller.as_ref(),
+                    &guest,
+                    &name,
+                    tombstone.map(|t| t.removed_unix),
+                )?;
+                (name, actor)
+            }
+            Err(e) => return Err(e.into()),
+        };
         let start = match r.start {
             None => Start::Oldest,
             Some(read_history_request::Start::FromOffset(offset)) => Start::Offset(offset),

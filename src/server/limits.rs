@@ -381,6 +381,7 @@ mod tests {
             access: Access::Read,
             expires_unix: u64::MAX,
             key_id: String::new(),
+            issued_unix: None,
         });
         let (a, b, c, d) = (
             Arc::new(Activity::new()),

@@ -41,6 +41,8 @@ mod limits;
 mod log_pipes;
 mod metrics_alerts;
 mod permissions;
+mod removal;
+mod retention;
 mod services;
 mod systemd;
 mod tls;

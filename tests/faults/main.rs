@@ -30,6 +30,7 @@ mod linger;
 mod log_integrity;
 mod power_cut;
 mod registry_races;
+mod removal_crash;
 mod startup_signals;
 mod takeover;
 mod takeover_verdict;

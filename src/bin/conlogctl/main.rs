@@ -228,10 +228,22 @@ enum Cmd {
     RotateTokenKey,
     /// Upgrade conlogd in place (re-exec its binary; same as SIGUSR1).
     Upgrade,
-    /// Close every stream of a guest and forget it (its logs stay).
+    /// Close every stream of a guest, or one of them, and forget it. Its logs stay on disk
+    /// (and `history` still reads them) unless --delete-logs.
     Remove {
         /// Guest name.
         guest: String,
+        /// Only this device (console) of the guest; the others keep working. Removing the
+        /// last one removes the guest.
+        #[arg(long, conflicts_with = "stream")]
+        device: Option<String>,
+        /// Only this log stream of the guest (same as --device: streams and devices share
+        /// one namespace).
+        #[arg(long)]
+        stream: Option<String>,
+        /// Also delete the removed streams' log files (current, rotated and their indexes).
+        #[arg(long)]
+        delete_logs: bool,
     },
     /// Print a shell completion script, e.g. `conlogctl completions bash >
     /// /usr/share/bash-completion/completions/conlogctl`.
@@ -527,6 +539,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                     } else {
                         0
                     },
+                    max_age_seconds: None,
                 }
             });
             let reply = agent
@@ -636,18 +649,34 @@ async fn run(args: Args) -> Result<ExitCode> {
         Cmd::Console { .. } | Cmd::History { .. } | Cmd::Completions { .. } | Cmd::Man { .. } => {
             unreachable!("handled above")
         }
-        Cmd::Remove { guest } => {
+        Cmd::Remove {
+            guest,
+            device,
+            stream,
+            delete_logs,
+        } => {
+            let stream = device.or(stream).unwrap_or_default();
             let reply = agent
                 .remove_guest(proto::RemoveGuestRequest {
                     guest: guest.clone(),
+                    stream: stream.clone(),
+                    delete_logs,
                 })
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            println!(
-                "removed {guest} ({} streams); its logs stay on disk",
-                reply.streams_removed
-            );
+            let what = if stream.is_empty() {
+                format!("{guest} ({} streams)", reply.streams_removed)
+            } else {
+                format!("{guest}/{stream}")
+            };
+            if delete_logs {
+                println!("removed {what}; {} log files deleted", reply.logs_deleted);
+            } else {
+                println!(
+                    "removed {what}; its logs stay on disk (conlogctl history still reads them)"
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file conlog/v1/common.proto.
  */
 export const file_conlog_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("ChZjb25sb2cvdjEvY29tbW9uLnByb3RvEgljb25sb2cudjEiewoJTG9nTGltaXRzEhUKCG1heF9zaXplGAEgASgESACIAQESGAoLbWF4X2JhY2t1cHMYAiABKA1IAYgBARIgCgRtb2RlGAMgASgOMhIuY29ubG9nLnYxLkxvZ01vZGVCCwoJX21heF9zaXplQg4KDF9tYXhfYmFja3VwcypPCgdMb2dNb2RlEhgKFExPR19NT0RFX1VOU1BFQ0lGSUVEEAASEwoPTE9HX01PREVfUk9UQVRFEAESFQoRTE9HX01PREVfVFJVTkNBVEUQAio6CgZBY2Nlc3MSFgoSQUNDRVNTX1VOU1BFQ0lGSUVEEAASCAoEUkVBRBABEg4KClJFQURfV1JJVEUQAmIGcHJvdG8z");
+  fileDesc("ChZjb25sb2cvdjEvY29tbW9uLnByb3RvEgljb25sb2cudjEirQEKCUxvZ0xpbWl0cxIVCghtYXhfc2l6ZRgBIAEoBEgAiAEBEhgKC21heF9iYWNrdXBzGAIgASgNSAGIAQESIAoEbW9kZRgDIAEoDjISLmNvbmxvZy52MS5Mb2dNb2RlEhwKD21heF9hZ2Vfc2Vjb25kcxgEIAEoBEgCiAEBQgsKCV9tYXhfc2l6ZUIOCgxfbWF4X2JhY2t1cHNCEgoQX21heF9hZ2Vfc2Vjb25kcypPCgdMb2dNb2RlEhgKFExPR19NT0RFX1VOU1BFQ0lGSUVEEAASEwoPTE9HX01PREVfUk9UQVRFEAESFQoRTE9HX01PREVfVFJVTkNBVEUQAio6CgZBY2Nlc3MSFgoSQUNDRVNTX1VOU1BFQ0lGSUVEEAASCAoEUkVBRBABEg4KClJFQURfV1JJVEUQAmIGcHJvdG8z");
 
 /**
  * Per-stream override of the configured log limits. Unset fields keep the default
@@ -39,6 +39,14 @@ export type LogLimits = Message<"conlog.v1.LogLimits"> & {
    * @generated from field: conlog.v1.LogMode mode = 3;
    */
   mode: LogMode;
+
+  /**
+   * Rotated files whose newest byte is older than this are deleted (checked at start and at
+   * least hourly); 0 turns age retention off for the stream. Unset: logs.max_age.
+   *
+   * @generated from field: optional uint64 max_age_seconds = 4;
+   */
+  maxAgeSeconds?: bigint | undefined;
 };
 
 /**
