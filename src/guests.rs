@@ -27,7 +27,7 @@
 
 use crate::config::{Config, LogMode};
 use crate::console::ConsoleError;
-use crate::console::{ConsoleHandle, ConsolePaths, ConsoleSettings};
+use crate::console::{ConsoleHandle, ConsolePaths, ConsoleSettings, Protocol};
 use crate::log_owner::{ActorGone, Figures, LogError, LogHandle, Reserved};
 use crate::logfile::{LogFile, LogLimits};
 use crate::metrics::Metrics;
@@ -65,6 +65,18 @@ pub enum RegistryError {
         stream: String,
         found: StreamKind,
         wanted: StreamKind,
+    },
+    /// A console asked for with another protocol than the one it was created with.
+    #[error(
+        "Console {guest}/{device} speaks {} on its guest socket, not {}; remove the guest \
+         to create it anew",
+        found.name(), wanted.name()
+    )]
+    ProtocolMismatch {
+        guest: String,
+        device: String,
+        found: Protocol,
+        wanted: Protocol,
     },
     /// Requested limits below the smallest log size.
     #[error("limits.max_size must be at least {min} bytes (got {got})")]
@@ -193,6 +205,13 @@ struct StreamRecord {
     kind: StreamKind,
     limits: LogLimits,
     log_path: PathBuf,
+    /// A console's guest socket protocol (absent in records of older images: raw).
+    #[serde(default, skip_serializing_if = "is_raw")]
+    protocol: Protocol,
+}
+
+fn is_raw(protocol: &Protocol) -> bool {
+    *protocol == Protocol::Raw
 }
 
 /// A point-in-time view of one stream, for `ListGuests`.
@@ -427,6 +446,7 @@ impl Guests {
         log_path: &Path,
         limits: LogLimits,
         carried_console: Option<FrozenConsole>,
+        protocol: Protocol,
     ) -> Result<Actor> {
         // Check what can be refused before anything is created on disk.
         let paths = match kind {
@@ -447,6 +467,7 @@ impl Guests {
                 self.console_settings(),
                 self.metrics.clone(),
                 carried_console,
+                protocol,
             )?),
         })
     }
@@ -603,6 +624,9 @@ impl Guests {
                     },
                     limits: self.default_limits(),
                     log_path,
+                    // A guessed raw console answers a break with a clear refusal; a guessed
+                    // telnet one could swallow guest bytes.
+                    protocol: Protocol::Raw,
                 }
             }
         };
@@ -614,6 +638,7 @@ impl Guests {
             &record.log_path,
             record.limits,
             console,
+            record.protocol,
         )?;
         let entry = StreamEntry {
             log_path: record.log_path.clone(),
@@ -676,7 +701,8 @@ impl Guests {
     }
 
     /// Returns the stream `guest/stream` of `kind`, creating it (and the guest) if needed.
-    /// Limits given for an existing stream replace its current ones. While the guest is being
+    /// Limits given for an existing stream replace its current ones. A console is created with
+    /// `protocol` (raw if `None`); an existing one with another protocol is refused. While the guest is being
     /// removed, waits until the removal is over and then creates it anew (its offsets continue).
     pub async fn open_stream(
         &self,
@@ -684,6 +710,7 @@ impl Guests {
         stream: &StreamName,
         kind: StreamKind,
         limits: LimitsOverride,
+        protocol: Option<Protocol>,
     ) -> Result<Stream> {
         let (guest, stream) = (guest.as_str(), stream.as_str());
         let mut changing = None;
@@ -694,6 +721,7 @@ impl Guests {
                 stream,
                 kind,
                 limits,
+                protocol,
                 changing.is_some(),
                 &mut reserved,
             )?;
@@ -723,7 +751,8 @@ impl Guests {
                     });
                 }
                 Next::Create(limits) => {
-                    let created = self.create(guest, stream, kind, limits);
+                    let created =
+                        self.create(guest, stream, kind, limits, protocol.unwrap_or_default());
                     drop(changing);
                     return match created? {
                         Created::Stream(stream) => Ok(stream),
@@ -747,6 +776,7 @@ impl Guests {
         stream: &str,
         kind: StreamKind,
         limits: LimitsOverride,
+        protocol: Option<Protocol>,
         changing: bool,
         reserved: &mut Option<(LogHandle, Reserved)>,
     ) -> Result<Next> {
@@ -773,6 +803,16 @@ impl Guests {
                     found: entry.actor.kind(),
                     wanted: kind,
                 });
+            }
+            if let (Actor::Console(handle), Some(wanted)) = (&entry.actor, protocol) {
+                if handle.protocol != wanted {
+                    return Err(RegistryError::ProtocolMismatch {
+                        guest: guest.to_owned(),
+                        device: stream.to_owned(),
+                        found: handle.protocol,
+                        wanted,
+                    });
+                }
             }
             if limits.is_empty() {
                 return Ok(Next::Done(Stream {
@@ -834,9 +874,10 @@ impl Guests {
         stream: &str,
         kind: StreamKind,
         limits: LogLimits,
+        protocol: Protocol,
     ) -> Result<Created> {
         let log_path = self.log_path(guest, stream);
-        let actor = self.start_actor(guest, stream, kind, &log_path, limits, None)?;
+        let actor = self.start_actor(guest, stream, kind, &log_path, limits, None, protocol)?;
         let entry = StreamEntry {
             log_path: log_path.clone(),
             limits,
@@ -933,6 +974,10 @@ impl Guests {
             kind: entry.actor.kind(),
             limits: entry.limits,
             log_path: entry.log_path.clone(),
+            protocol: match &entry.actor {
+                Actor::Console(handle) => handle.protocol,
+                Actor::Pipe(_) => Protocol::Raw,
+            },
         };
         let path = self.record_path(guest, stream);
         if let Some(dir) = path.parent() {

@@ -7,6 +7,8 @@
 //! once, so nothing waits in the channel).
 
 use super::clients::{self, ClientQueue, Event, Offer};
+use super::telnet::{self, GuestDecoder};
+use super::Protocol;
 use super::{AttachRequest, Command, ConsoleHandle, ConsoleSettings, Input, Mode, NO_WRITER};
 use super::{ConsoleError, Result};
 use crate::log_owner::{Attached, Figures, LogOwner};
@@ -40,9 +42,13 @@ struct Writing {
     /// Whose it is; `None` for input carried over an upgrade from an older image (nobody
     /// waits for it, it is written as before).
     client: Option<u64>,
-    /// What the guest's socket has not taken yet.
+    /// What the guest's socket has not taken yet (wire bytes).
     data: Bytes,
-    written: usize,
+    /// The caller's bytes the piece stands for (what its reply counts).
+    counted: usize,
+    /// A telnet console wrote the first byte of a two-byte sequence (`IAC IAC`, `IAC BREAK`)
+    /// last: the next byte written must be its second, even if the piece is discarded.
+    half: bool,
     /// The caller waiting for the piece; closed when it went away.
     reply: Option<oneshot::Sender<Result<usize>>>,
 }
@@ -66,6 +72,8 @@ pub(super) struct ConsoleActor {
     guest: Option<UnixStream>,
     /// The piece of input being written (module doc of `console`: nothing else is queued).
     writing: Option<Writing>,
+    /// A telnet console's view of the current connection's output (`None`: raw).
+    decoder: Option<GuestDecoder>,
     /// Resolves once the keeper holds a new guest connection ([`crate::keeper::flushed`]): it
     /// is not read before, so a crash in between cannot lose what QEMU sent on it.
     held: Option<tokio::sync::oneshot::Receiver<()>>,
@@ -84,8 +92,10 @@ impl ConsoleActor {
         client_listener: UnixListener,
         guest: Option<UnixStream>,
         pending_input: Vec<u8>,
+        decoder: Option<GuestDecoder>,
         settings: ConsoleSettings,
     ) -> Self {
+        let telnet = handle.protocol == Protocol::Telnet;
         Self {
             handle,
             owner,
@@ -94,10 +104,14 @@ impl ConsoleActor {
             guest,
             writing: (!pending_input.is_empty()).then(|| Writing {
                 client: None,
+                counted: 0,
                 data: pending_input.into(),
-                written: 0,
+                half: false,
                 reply: None,
             }),
+            // A carried connection continues where the previous image was; one without a
+            // known state may still be in QEMU's opening commands.
+            decoder: telnet.then(|| decoder.unwrap_or_default()),
             held: None,
             clients: BTreeMap::new(),
             writer: None,
@@ -249,6 +263,7 @@ impl ConsoleActor {
             offset: start,
             writer: becomes_writer,
             guest_connected: self.guest.is_some(),
+            serial_break: self.handle.protocol == Protocol::Telnet,
         });
         // One allocation for the whole replay, shared by its chunks; a remote client's replay
         // keeps its memory place until the client has taken every chunk.
@@ -326,16 +341,23 @@ impl ConsoleActor {
     }
 
     /// Discards the piece being written (what the guest's socket took stays taken) and tells
-    /// its caller `why`, if it is still waiting.
+    /// its caller `why`, if it is still waiting. A telnet sequence half written is completed
+    /// first (its second byte stays to be written, owned by nobody): cut, it would make the
+    /// guest's side swallow the next input as a command.
     fn drop_writing(&mut self, why: Option<ConsoleError>) {
-        let Some(writing) = self.writing.take() else {
+        let Some(mut writing) = self.writing.take() else {
             return;
         };
-        tracing::debug!(
-            written = writing.written,
-            discarded = writing.data.len(),
-            "input discarded"
-        );
+        tracing::debug!(discarded = writing.data.len(), "input discarded");
+        if writing.half && self.guest.is_some() {
+            self.writing = Some(Writing {
+                client: None,
+                data: writing.data.split_to(1),
+                counted: 0,
+                half: true,
+                reply: None,
+            });
+        }
         if let (Some(reply), Some(why)) = (writing.reply, why) {
             let _ = reply.send(Err(why));
         }
@@ -358,6 +380,12 @@ impl ConsoleActor {
             self.drain(old, "replaced by a new guest connection");
         }
         self.drop_writing(Some(ConsoleError::GuestReplaced(self.handle.name.clone())));
+        // Nothing of the old connection's input goes to the new one.
+        self.writing = None;
+        // Each connection opens with QEMU's option commands again.
+        if let Some(decoder) = &mut self.decoder {
+            *decoder = GuestDecoder::default();
+        }
         // The keeper holds the new connection in place of the old one (crate::keeper).
         crate::keeper::hold(&self.held_as(crate::keeper::names::CONNECTION), {
             use std::os::fd::AsFd;
@@ -395,7 +423,7 @@ impl ConsoleActor {
                     Ok(0) => break,
                     Ok(n) => {
                         drained += n;
-                        self.guest_output(&buffer[..n]);
+                        self.guest_bytes(&buffer[..n]);
                     }
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     // WouldBlock cannot happen once the reading side is shut down (the queue
@@ -421,6 +449,7 @@ impl ConsoleActor {
             console: self.handle.name.clone(),
             why: why.to_string(),
         }));
+        self.writing = None;
         self.handle.console.guest_connected.store(false, Relaxed);
         tracing::info!(why, "guest disconnected");
         self.broadcast(Event::Guest { connected: false });
@@ -458,12 +487,26 @@ impl ConsoleActor {
                 }
             }
             if filled > 0 {
-                self.guest_output(&buffer[..filled]);
+                self.guest_bytes(&buffer[..filled]);
             }
             ended
         });
         if let Some(why) = ended {
             self.guest_disconnected(why);
+        }
+    }
+
+    /// Logs and offers what the guest printed in `read` (bytes read from its connection): all
+    /// of it on a raw socket; on a telnet one, all but QEMU's opening commands.
+    fn guest_bytes(&mut self, read: &[u8]) {
+        let Some(decoder) = &mut self.decoder else {
+            return self.guest_output(read);
+        };
+        let (held, rest) = decoder.filter(read);
+        for output in [&held[..], rest] {
+            if !output.is_empty() {
+                self.guest_output(output);
+            }
         }
     }
 
@@ -503,12 +546,14 @@ impl ConsoleActor {
         };
         match guest.try_write(&writing.data) {
             Ok(n) => {
+                if self.decoder.is_some() {
+                    writing.half = telnet::ends_half(writing.half, &writing.data[..n]);
+                }
                 writing.data.advance(n);
-                writing.written += n;
                 if writing.data.is_empty() {
                     let done = self.writing.take().expect("checked above");
                     if let Some(reply) = done.reply {
-                        let _ = reply.send(Ok(done.written));
+                        let _ = reply.send(Ok(done.counted));
                     }
                 }
             }
@@ -543,7 +588,8 @@ impl ConsoleActor {
         self.writing = Some(Writing {
             client: Some(input.client),
             data: input.data,
-            written: 0,
+            counted: input.counted,
+            half: false,
             reply: Some(input.reply),
         });
         // Write at once when we can; what remains waits for the socket to be writable.
@@ -589,6 +635,7 @@ impl ConsoleActor {
             client_listener,
             guest_connection,
             pending_input: self.writing.map(|w| w.data.to_vec()).unwrap_or_default(),
+            telnet: self.decoder,
         })
     }
 

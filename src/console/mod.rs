@@ -32,6 +32,11 @@
 //! at most the old peer's socket send buffer (`net.core.wmem_max` bounds it) without waiting, so
 //! an old peer that keeps writing cannot delay the switch.
 //!
+//! A console whose guest socket speaks telnet ([`Protocol::Telnet`], QEMU's `telnet=on`) strips
+//! QEMU's opening option commands from each connection's output, doubles 0xFF in input and
+//! carries a serial BREAK ([`ConsoleHandle::send_break`]); its log holds exactly what the guest
+//! printed, as with a raw socket ([`telnet`]). A raw console refuses a break.
+//!
 //! Only the client holding the writer lease reaches the guest; input from anyone else is
 //! dropped (and refused, for `SendConsoleInput`). This module never touches gRPC types: the
 //! server maps [`Event`]s to frames, and what a console refuses or fails at is a
@@ -48,9 +53,11 @@ mod error;
 pub mod pacing;
 mod raw;
 pub mod sessions;
+pub mod telnet;
 
 pub use clients::{ClientReceiver, Event};
 pub use error::ConsoleError;
+pub use telnet::Protocol;
 
 use crate::log_owner::{LogCommand, LogHandle, LogOwner};
 use crate::logfile::LogFile;
@@ -190,7 +197,10 @@ impl From<LogCommand> for Command {
 /// One piece of input (at most [`MAX_PENDING_INPUT`] bytes) for the guest from client `client`.
 struct Input {
     client: u64,
+    /// Wire bytes, in the console's framing.
     data: Bytes,
+    /// The caller's bytes these are (what the reply counts).
+    counted: usize,
     /// Answered once the guest's socket took every byte (or the piece was refused or
     /// discarded); dropping its receiver withdraws what is not written yet.
     reply: oneshot::Sender<Result<usize>>,
@@ -207,6 +217,8 @@ pub struct ConsoleHandle {
     pub log: LogHandle,
     pub console: Arc<ConsoleStats>,
     pub paths: Arc<ConsolePaths>,
+    /// What the guest socket speaks (fixed for the console's life).
+    pub protocol: Protocol,
 }
 
 impl ConsoleHandle {
@@ -237,6 +249,7 @@ impl ConsoleHandle {
         settings: ConsoleSettings,
         metrics: Arc<Metrics>,
         frozen: Option<FrozenConsole>,
+        protocol: Protocol,
     ) -> Result<Self> {
         let adopt = |e| {
             ConsoleError::io(
@@ -244,6 +257,7 @@ impl ConsoleHandle {
                 e,
             )
         };
+        let decoder = frozen.as_ref().and_then(|fds| fds.telnet.clone());
         let (guest_listener, client_listener, guest_connection, pending_input) = match frozen {
             Some(fds) => (
                 listener_from(fds.guest_listener).map_err(adopt)?,
@@ -283,6 +297,7 @@ impl ConsoleHandle {
             log,
             console: Arc::new(ConsoleStats::default()),
             paths: Arc::new(paths),
+            protocol,
         };
         let actor = actor::ConsoleActor::new(
             handle.clone(),
@@ -291,6 +306,7 @@ impl ConsoleHandle {
             client_listener,
             guest_connection,
             pending_input,
+            decoder,
             settings,
         );
         tokio::spawn(
@@ -338,21 +354,56 @@ impl ConsoleHandle {
         let mut rest = data;
         let mut written = 0;
         loop {
-            let piece = rest.split_to(rest.len().min(MAX_PENDING_INPUT));
-            let (reply, answer) = oneshot::channel();
-            self.input
-                .send(Input {
-                    client,
-                    data: piece,
-                    reply,
-                })
-                .await
-                .map_err(|_| gone(&self.name))?;
-            written += answer.await.map_err(|_| gone(&self.name))??;
+            let piece = match self.protocol {
+                Protocol::Raw => rest.split_to(rest.len().min(MAX_PENDING_INPUT)),
+                // Escaped, a piece stays within MAX_PENDING_INPUT too.
+                Protocol::Telnet => rest.split_to(telnet::fitting(&rest, MAX_PENDING_INPUT)),
+            };
+            let counted = piece.len();
+            let data = match self.protocol {
+                Protocol::Raw => piece,
+                Protocol::Telnet => telnet::escape(piece),
+            };
+            written += self.send_piece(client, data, counted).await?;
             if rest.is_empty() {
                 return Ok(written);
             }
         }
+    }
+
+    /// Sends a serial BREAK to the guest for client `client`, under the same rules as
+    /// [`ConsoleHandle::write_input`]; refused (`FAILED_PRECONDITION`) by a console whose guest
+    /// socket is raw, which cannot carry one.
+    pub async fn send_break(&self, client: u64) -> Result<()> {
+        if self.protocol != Protocol::Telnet {
+            return Err(ConsoleError::NoBreak(self.name.clone()));
+        }
+        if self
+            .console
+            .writer
+            .load(std::sync::atomic::Ordering::Relaxed)
+            != client
+        {
+            return Err(not_writer(&self.name));
+        }
+        self.send_piece(client, Bytes::from_static(&telnet::BREAK), 0)
+            .await
+            .map(drop)
+    }
+
+    /// Hands one piece of wire bytes to the actor and waits until the guest took it.
+    async fn send_piece(&self, client: u64, data: Bytes, counted: usize) -> Result<usize> {
+        let (reply, answer) = oneshot::channel();
+        self.input
+            .send(Input {
+                client,
+                data,
+                counted,
+                reply,
+            })
+            .await
+            .map_err(|_| gone(&self.name))?;
+        answer.await.map_err(|_| gone(&self.name))?
     }
 
     /// Ends every attached client (gRPC streams end with `UNAVAILABLE`, raw connections close)

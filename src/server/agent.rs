@@ -7,6 +7,7 @@
 use super::conn::{ConnInfo, Peer};
 use crate::config::{Config, LogMode};
 use crate::error::{Error, Result};
+use crate::console::Protocol;
 use crate::guests::{Actor, Guests, LimitsOverride, StreamKind, StreamSnapshot};
 use crate::handoff::{create_pipe, Handoffs};
 use crate::log_owner::LogError;
@@ -170,7 +171,7 @@ impl AgentService {
         crate::fault::point("agent.create_log_pipe");
         let opened = self
             .guests
-            .open_stream(&guest, &stream, StreamKind::Pipe, limits)
+            .open_stream(&guest, &stream, StreamKind::Pipe, limits, None)
             .await?;
         let (Actor::Pipe(handle), log_path) = (opened.actor, opened.log_path) else {
             unreachable!("open_stream returns the kind asked for");
@@ -224,10 +225,21 @@ impl AgentService {
         let guest = GuestName::parse(request.guest)?;
         let device = StreamName::or_default(request.device, names::DEFAULT_CONSOLE_DEVICE)?;
         let limits = limits_from_proto(request.limits)?;
+        let protocol = match proto::ConsoleProtocol::try_from(request.protocol) {
+            Ok(proto::ConsoleProtocol::Unspecified) => None,
+            Ok(proto::ConsoleProtocol::Raw) => Some(Protocol::Raw),
+            Ok(proto::ConsoleProtocol::Telnet) => Some(Protocol::Telnet),
+            Err(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "protocol {} is not a ConsoleProtocol (RAW = 1, TELNET = 2)",
+                    request.protocol
+                )))
+            }
+        };
         let _admitted = self.handoffs.admit()?;
         let opened = self
             .guests
-            .open_stream(&guest, &device, StreamKind::Console, limits)
+            .open_stream(&guest, &device, StreamKind::Console, limits, protocol)
             .await?;
         let Actor::Console(handle) = opened.actor else {
             unreachable!("open_stream returns the kind asked for");
@@ -236,6 +248,10 @@ impl AgentService {
             guest_socket: handle.paths.guest_socket.display().to_string(),
             client_socket: handle.paths.client_socket.display().to_string(),
             log_path: opened.log_path.display().to_string(),
+            protocol: match handle.protocol {
+                Protocol::Raw => proto::ConsoleProtocol::Raw,
+                Protocol::Telnet => proto::ConsoleProtocol::Telnet,
+            } as i32,
             offset: handle
                 .log
                 .stats

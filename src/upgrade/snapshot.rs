@@ -180,6 +180,7 @@ mod tests {
                         client_listener: 6,
                         guest_connection: Some(7),
                         pending_input: b"ls\n".to_vec(),
+                        telnet: None,
                     }),
                 }],
                 handoffs: vec![],
@@ -344,6 +345,7 @@ mod tests {
                             client_listener,
                             guest_connection,
                             pending_input,
+                            telnet: None,
                         }
                     },
                 )

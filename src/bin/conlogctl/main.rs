@@ -13,7 +13,7 @@ mod terminal;
 
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
-  0  done (console: the user left with Ctrl-], or piped input ended)
+  0  done (console: the user left with Ctrl-] then q, or piped input ended)
   1  error (an argument conlogd rejects, cannot connect at start, I/O error)
   2  usage error (command line)
   3  refused by conlogd (token, permission, unknown guest or device, writer lease held, a limit)
@@ -142,8 +142,14 @@ enum Cmd {
         /// libvirt <serial> element for the domain's <devices>.
         #[arg(long, value_enum, default_value = "path")]
         print: Wiring,
+        /// Speak telnet on the guest socket (QEMU's telnet=on), so that the console can send a
+        /// serial BREAK (magic SysRq). Fixed when the console is created; --print renders it.
+        #[arg(long)]
+        telnet: bool,
     },
-    /// Attach to a console: a raw terminal (Ctrl-] leaves), or stdin's bytes when it is a pipe.
+    /// Attach to a console: a raw terminal, or stdin's bytes when it is a pipe. Keys after
+    /// Ctrl-]: q (or .) leaves, b sends a serial BREAK (magic SysRq; telnet consoles only),
+    /// Ctrl-] sends Ctrl-] itself.
     Console {
         /// Guest name.
         guest: String,
@@ -265,9 +271,10 @@ fn main() -> ExitCode {
 
 /// How a guest's serial port connects to the console socket `path` (docs/consoles.md): QEMU
 /// is the client and reconnects every second; `serialN` is port N.
-fn wiring(print: Wiring, device: &str, path: &str) -> String {
+fn wiring(print: Wiring, device: &str, path: &str, telnet: bool) -> String {
     // QEMU ids start with a letter; device names may start with a digit.
     let id = format!("conlog-{device}");
+    let telnet = if telnet { ",telnet=on" } else { "" };
     let port: u32 = device
         .strip_prefix("serial")
         .and_then(|n| n.parse().ok())
@@ -275,10 +282,10 @@ fn wiring(print: Wiring, device: &str, path: &str) -> String {
     match print {
         Wiring::Path => path.to_owned(),
         Wiring::Qemu => {
-            format!("-chardev socket,id={id},path={path},reconnect-ms=1000 -serial chardev:{id}")
+            format!("-chardev socket,id={id},path={path}{telnet},reconnect-ms=1000 -serial chardev:{id}")
         }
         Wiring::QemuLegacy => {
-            format!("-chardev socket,id={id},path={path},reconnect=1 -serial chardev:{id}")
+            format!("-chardev socket,id={id},path={path}{telnet},reconnect=1 -serial chardev:{id}")
         }
         Wiring::Libvirt => {
             let path = path
@@ -550,12 +557,18 @@ async fn run(args: Args) -> Result<ExitCode> {
             guest,
             device,
             print,
+            telnet,
         } => {
             let reply = agent
                 .create_console(proto::CreateConsoleRequest {
                     guest,
                     device: device.clone(),
                     limits: None,
+                    protocol: if telnet {
+                        proto::ConsoleProtocol::Telnet as i32
+                    } else {
+                        proto::ConsoleProtocol::Unspecified as i32
+                    },
                 })
                 .await
                 .map_err(status_error)?
@@ -565,7 +578,14 @@ async fn run(args: Args) -> Result<ExitCode> {
             } else {
                 device.as_str()
             };
-            println!("{}", wiring(print, device, &reply.guest_socket));
+            let telnet = reply.protocol == proto::ConsoleProtocol::Telnet as i32;
+            if telnet && matches!(print, Wiring::Libvirt) {
+                bail!(
+                    "console {device} speaks telnet, and libvirt has no telnet option for a UNIX \
+                     socket serial port: use --print qemu (docs/consoles.md, \"Serial BREAK\")"
+                );
+            }
+            println!("{}", wiring(print, device, &reply.guest_socket, telnet));
             eprintln!(
                 "client socket: {}\nlog: {}",
                 reply.client_socket, reply.log_path
