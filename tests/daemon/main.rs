@@ -17,6 +17,7 @@ mod auth;
 mod cli;
 mod config;
 mod config_sources;
+mod console_break;
 mod console_clients;
 mod console_flood;
 mod console_hostile;

@@ -403,6 +403,7 @@ async fn real_qemu_guest_boots_logs_and_runs_typed_commands() {
             guest: GUEST.into(),
             device: DEVICE.into(),
             limits: None,
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|s| panic!("CreateConsole: {s:?}"))
@@ -732,6 +733,7 @@ async fn qemu_keeps_its_console_connection_through_an_upgrade_and_a_crash() {
             guest: GUEST.into(),
             device: DEVICE.into(),
             limits: None,
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|s| panic!("CreateConsole: {s:?}"))
