@@ -625,7 +625,7 @@ impl Guests {
                     limits: self.default_limits(),
                     log_path,
                     // A guessed raw console answers a break with a clear refusal; a guessed
-                    // telnet one could swallow guest bytes.
+                    // mux one would type Ctrl-A twice into a guest whose QEMU has no mux.
                     protocol: Protocol::Raw,
                 }
             }

@@ -7,7 +7,7 @@
 //! once, so nothing waits in the channel).
 
 use super::clients::{self, ClientQueue, Event, Offer};
-use super::telnet::{self, GuestDecoder};
+use super::mux;
 use super::Protocol;
 use super::{AttachRequest, Command, ConsoleHandle, ConsoleSettings, Input, Mode, NO_WRITER};
 use super::{ConsoleError, Result};
@@ -46,7 +46,7 @@ struct Writing {
     data: Bytes,
     /// The caller's bytes the piece stands for (what its reply counts).
     counted: usize,
-    /// A telnet console wrote the first byte of a two-byte sequence (`IAC IAC`, `IAC BREAK`)
+    /// A mux console wrote the first byte of a two-byte sequence (`Ctrl-A Ctrl-A`, `Ctrl-A b`)
     /// last: the next byte written must be its second, even if the piece is discarded.
     half: bool,
     /// The caller waiting for the piece; closed when it went away.
@@ -72,8 +72,8 @@ pub(super) struct ConsoleActor {
     guest: Option<UnixStream>,
     /// The piece of input being written (module doc of `console`: nothing else is queued).
     writing: Option<Writing>,
-    /// A telnet console's view of the current connection's output (`None`: raw).
-    decoder: Option<GuestDecoder>,
+    /// Input is in QEMU's mux framing ([`mux`]).
+    mux: bool,
     /// Resolves once the keeper holds a new guest connection ([`crate::keeper::flushed`]): it
     /// is not read before, so a crash in between cannot lose what QEMU sent on it.
     held: Option<tokio::sync::oneshot::Receiver<()>>,
@@ -92,10 +92,9 @@ impl ConsoleActor {
         client_listener: UnixListener,
         guest: Option<UnixStream>,
         pending_input: Vec<u8>,
-        decoder: Option<GuestDecoder>,
         settings: ConsoleSettings,
     ) -> Self {
-        let telnet = handle.protocol == Protocol::Telnet;
+        let mux = handle.protocol == Protocol::Mux;
         Self {
             handle,
             owner,
@@ -109,9 +108,7 @@ impl ConsoleActor {
                 half: false,
                 reply: None,
             }),
-            // A carried connection continues where the previous image was; one without a
-            // known state may still be in QEMU's opening commands.
-            decoder: telnet.then(|| decoder.unwrap_or_default()),
+            mux,
             held: None,
             clients: BTreeMap::new(),
             writer: None,
@@ -263,7 +260,7 @@ impl ConsoleActor {
             offset: start,
             writer: becomes_writer,
             guest_connected: self.guest.is_some(),
-            serial_break: self.handle.protocol == Protocol::Telnet,
+            serial_break: self.mux,
         });
         // One allocation for the whole replay, shared by its chunks; a remote client's replay
         // keeps its memory place until the client has taken every chunk.
@@ -341,9 +338,9 @@ impl ConsoleActor {
     }
 
     /// Discards the piece being written (what the guest's socket took stays taken) and tells
-    /// its caller `why`, if it is still waiting. A telnet sequence half written is completed
-    /// first (its second byte stays to be written, owned by nobody): cut, it would make the
-    /// guest's side swallow the next input as a command.
+    /// its caller `why`, if it is still waiting. A mux sequence half written is completed
+    /// first (its second byte stays to be written, owned by nobody): cut, QEMU would take the
+    /// next byte of input as one of its commands.
     fn drop_writing(&mut self, why: Option<ConsoleError>) {
         let Some(mut writing) = self.writing.take() else {
             return;
@@ -382,10 +379,6 @@ impl ConsoleActor {
         self.drop_writing(Some(ConsoleError::GuestReplaced(self.handle.name.clone())));
         // Nothing of the old connection's input goes to the new one.
         self.writing = None;
-        // Each connection opens with QEMU's option commands again.
-        if let Some(decoder) = &mut self.decoder {
-            *decoder = GuestDecoder::default();
-        }
         // The keeper holds the new connection in place of the old one (crate::keeper).
         crate::keeper::hold(&self.held_as(crate::keeper::names::CONNECTION), {
             use std::os::fd::AsFd;
@@ -423,7 +416,7 @@ impl ConsoleActor {
                     Ok(0) => break,
                     Ok(n) => {
                         drained += n;
-                        self.guest_bytes(&buffer[..n]);
+                        self.guest_output(&buffer[..n]);
                     }
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     // WouldBlock cannot happen once the reading side is shut down (the queue
@@ -487,26 +480,12 @@ impl ConsoleActor {
                 }
             }
             if filled > 0 {
-                self.guest_bytes(&buffer[..filled]);
+                self.guest_output(&buffer[..filled]);
             }
             ended
         });
         if let Some(why) = ended {
             self.guest_disconnected(why);
-        }
-    }
-
-    /// Logs and offers what the guest printed in `read` (bytes read from its connection): all
-    /// of it on a raw socket; on a telnet one, all but QEMU's opening commands.
-    fn guest_bytes(&mut self, read: &[u8]) {
-        let Some(decoder) = &mut self.decoder else {
-            return self.guest_output(read);
-        };
-        let (held, rest) = decoder.filter(read);
-        for output in [&held[..], rest] {
-            if !output.is_empty() {
-                self.guest_output(output);
-            }
         }
     }
 
@@ -546,8 +525,8 @@ impl ConsoleActor {
         };
         match guest.try_write(&writing.data) {
             Ok(n) => {
-                if self.decoder.is_some() {
-                    writing.half = telnet::ends_half(writing.half, &writing.data[..n]);
+                if self.mux {
+                    writing.half = mux::ends_half(writing.half, &writing.data[..n]);
                 }
                 writing.data.advance(n);
                 if writing.data.is_empty() {
@@ -635,7 +614,6 @@ impl ConsoleActor {
             client_listener,
             guest_connection,
             pending_input: self.writing.map(|w| w.data.to_vec()).unwrap_or_default(),
-            telnet: self.decoder,
         })
     }
 

@@ -29,7 +29,7 @@ pub enum Event {
         offset: u64,
         writer: bool,
         guest_connected: bool,
-        /// The console can carry a serial BREAK (its guest socket speaks telnet).
+        /// The console can carry a serial BREAK (created with the mux protocol).
         serial_break: bool,
     },
     /// Guest output at an absolute offset.

@@ -54,8 +54,8 @@ pub enum ConsoleError {
     /// A serial BREAK asked of a console whose guest socket is raw.
     #[error(
         "Console {0} cannot carry a serial BREAK: its guest socket is raw; create the console \
-         with the telnet protocol (conlogctl create-console --telnet) and give QEMU's chardev \
-         telnet=on (docs/consoles.md, \"Serial BREAK\")"
+         with the mux protocol (conlogctl create-console --mux) and give QEMU's chardev mux=on \
+         (docs/consoles.md, \"Serial BREAK\")"
     )]
     NoBreak(Arc<str>),
     /// The console's actor has stopped (closed, removed or frozen).

@@ -32,10 +32,10 @@
 //! at most the old peer's socket send buffer (`net.core.wmem_max` bounds it) without waiting, so
 //! an old peer that keeps writing cannot delay the switch.
 //!
-//! A console whose guest socket speaks telnet ([`Protocol::Telnet`], QEMU's `telnet=on`) strips
-//! QEMU's opening option commands from each connection's output, doubles 0xFF in input and
-//! carries a serial BREAK ([`ConsoleHandle::send_break`]); its log holds exactly what the guest
-//! printed, as with a raw socket ([`telnet`]). A raw console refuses a break.
+//! A console whose QEMU chardev has `mux=on` ([`Protocol::Mux`]) doubles Ctrl-A in input (so no
+//! keystroke reaches QEMU's own commands) and carries a serial BREAK as `Ctrl-A b`
+//! ([`ConsoleHandle::send_break`], [`mux`]); output is logged as with a raw socket. A raw console
+//! refuses a break.
 //!
 //! Only the client holding the writer lease reaches the guest; input from anyone else is
 //! dropped (and refused, for `SendConsoleInput`). This module never touches gRPC types: the
@@ -53,11 +53,11 @@ mod error;
 pub mod pacing;
 mod raw;
 pub mod sessions;
-pub mod telnet;
+pub mod mux;
 
 pub use clients::{ClientReceiver, Event};
 pub use error::ConsoleError;
-pub use telnet::Protocol;
+pub use mux::Protocol;
 
 use crate::log_owner::{LogCommand, LogHandle, LogOwner};
 use crate::logfile::LogFile;
@@ -257,7 +257,6 @@ impl ConsoleHandle {
                 e,
             )
         };
-        let decoder = frozen.as_ref().and_then(|fds| fds.telnet.clone());
         let (guest_listener, client_listener, guest_connection, pending_input) = match frozen {
             Some(fds) => (
                 listener_from(fds.guest_listener).map_err(adopt)?,
@@ -306,7 +305,6 @@ impl ConsoleHandle {
             client_listener,
             guest_connection,
             pending_input,
-            decoder,
             settings,
         );
         tokio::spawn(
@@ -357,12 +355,12 @@ impl ConsoleHandle {
             let piece = match self.protocol {
                 Protocol::Raw => rest.split_to(rest.len().min(MAX_PENDING_INPUT)),
                 // Escaped, a piece stays within MAX_PENDING_INPUT too.
-                Protocol::Telnet => rest.split_to(telnet::fitting(&rest, MAX_PENDING_INPUT)),
+                Protocol::Mux => rest.split_to(mux::fitting(&rest, MAX_PENDING_INPUT)),
             };
             let counted = piece.len();
             let data = match self.protocol {
                 Protocol::Raw => piece,
-                Protocol::Telnet => telnet::escape(piece),
+                Protocol::Mux => mux::escape(piece),
             };
             written += self.send_piece(client, data, counted).await?;
             if rest.is_empty() {
@@ -375,7 +373,7 @@ impl ConsoleHandle {
     /// [`ConsoleHandle::write_input`]; refused (`FAILED_PRECONDITION`) by a console whose guest
     /// socket is raw, which cannot carry one.
     pub async fn send_break(&self, client: u64) -> Result<()> {
-        if self.protocol != Protocol::Telnet {
+        if self.protocol != Protocol::Mux {
             return Err(ConsoleError::NoBreak(self.name.clone()));
         }
         if self
@@ -386,7 +384,7 @@ impl ConsoleHandle {
         {
             return Err(not_writer(&self.name));
         }
-        self.send_piece(client, Bytes::from_static(&telnet::BREAK), 0)
+        self.send_piece(client, Bytes::from_static(&mux::BREAK), 0)
             .await
             .map(drop)
     }

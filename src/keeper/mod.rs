@@ -233,7 +233,6 @@ impl Held {
                 client_listener,
                 guest_connection: parts.remove(names::CONNECTION),
                 pending_input: Vec::new(),
-                telnet: None,
             });
         }
         streams.into_values().collect()

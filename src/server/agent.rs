@@ -228,10 +228,10 @@ impl AgentService {
         let protocol = match proto::ConsoleProtocol::try_from(request.protocol) {
             Ok(proto::ConsoleProtocol::Unspecified) => None,
             Ok(proto::ConsoleProtocol::Raw) => Some(Protocol::Raw),
-            Ok(proto::ConsoleProtocol::Telnet) => Some(Protocol::Telnet),
+            Ok(proto::ConsoleProtocol::Mux) => Some(Protocol::Mux),
             Err(_) => {
                 return Err(Error::InvalidArgument(format!(
-                    "protocol {} is not a ConsoleProtocol (RAW = 1, TELNET = 2)",
+                    "protocol {} is not a ConsoleProtocol (RAW = 1, MUX = 2)",
                     request.protocol
                 )))
             }
@@ -250,7 +250,7 @@ impl AgentService {
             log_path: opened.log_path.display().to_string(),
             protocol: match handle.protocol {
                 Protocol::Raw => proto::ConsoleProtocol::Raw,
-                Protocol::Telnet => proto::ConsoleProtocol::Telnet,
+                Protocol::Mux => proto::ConsoleProtocol::Mux,
             } as i32,
             offset: handle
                 .log

@@ -67,13 +67,8 @@ pub struct FrozenConsole<F = OwnedFd> {
     pub guest_listener: F,
     pub client_listener: F,
     pub guest_connection: Option<F>,
-    /// Wire bytes (already in the console's framing).
+    /// Wire bytes (already in the console's framing, `crate::console::mux`).
     pub pending_input: Vec<u8>,
-    /// Where a telnet console's connection is in QEMU's opening commands
-    /// ([`crate::console::telnet`]); absent (older images, raw consoles, a crash) means
-    /// "maybe still in them".
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub telnet: Option<crate::console::telnet::GuestDecoder>,
 }
 
 /// A frozen stream: its pipe read ends, or its console.
@@ -136,7 +131,6 @@ impl<F> FrozenConsole<F> {
             client_listener: f(self.client_listener)?,
             guest_connection: self.guest_connection.map(&mut *f).transpose()?,
             pending_input: self.pending_input,
-            telnet: self.telnet,
         })
     }
 }

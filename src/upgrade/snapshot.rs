@@ -180,7 +180,6 @@ mod tests {
                         client_listener: 6,
                         guest_connection: Some(7),
                         pending_input: b"ls\n".to_vec(),
-                        telnet: None,
                     }),
                 }],
                 handoffs: vec![],
@@ -345,8 +344,7 @@ mod tests {
                             client_listener,
                             guest_connection,
                             pending_input,
-                            telnet: None,
-                        }
+                            }
                     },
                 )
         }

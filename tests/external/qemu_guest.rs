@@ -312,6 +312,28 @@ impl Client {
             .unwrap_or_else(|_| panic!("the input stream of {} is closed", self.name));
     }
 
+    /// Sends `data` as one input frame (any bytes, 0xFF included).
+    async fn type_bytes(&self, data: &[u8]) {
+        self.input
+            .send(ClientFrame {
+                frame: Some(client_frame::Frame::Input(proto::Input {
+                    data: data.to_vec().into(),
+                })),
+            })
+            .await
+            .unwrap_or_else(|_| panic!("the input stream of {} is closed", self.name));
+    }
+
+    /// Sends a serial BREAK.
+    async fn send_break(&self) {
+        self.input
+            .send(ClientFrame {
+                frame: Some(client_frame::Frame::SerialBreak(proto::SerialBreak {})),
+            })
+            .await
+            .unwrap_or_else(|_| panic!("the input stream of {} is closed", self.name));
+    }
+
     fn snapshot<T>(&self, f: impl FnOnce(&Transcript) -> T) -> T {
         f(&self.seen.lock().unwrap())
     }
@@ -878,4 +900,120 @@ async fn qemu_keeps_its_console_connection_through_an_upgrade_and_a_crash() {
          the guest was served again {reconnected:.1?} after the kill, {total} bytes logged, test {:.1?}",
         started.elapsed(),
     );
+}
+
+/// A serial BREAK reaches a real guest (docs/consoles.md, "Serial BREAK"): the console is created
+/// with the telnet protocol, QEMU boots with what `conlogctl create-console --print qemu-legacy`
+/// renders for it (`telnet=on`), and after `echo 1 > /proc/sys/kernel/sysrq` a BREAK followed by
+/// `h` makes the kernel print the SysRq help on the console. Through telnet the log stays
+/// exactly what the guest printed (0xFF bytes included, none of QEMU's option commands) and a
+/// 0xFF typed reaches the guest as one 0xFF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_break_makes_a_real_guest_show_the_sysrq_help() {
+    require_qemu();
+    let (kernel, initrd) = build_guest().await;
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let console = agent
+        .create_console(proto::CreateConsoleRequest {
+            guest: GUEST.into(),
+            device: DEVICE.into(),
+            protocol: proto::ConsoleProtocol::Telnet as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("CreateConsole: {s:?}"))
+        .into_inner();
+    drop(agent);
+    let guest_socket = PathBuf::from(&console.guest_socket);
+    let wiring = rendered_wiring(&daemon, &guest_socket);
+    assert!(
+        wiring.iter().any(|a| a.contains(",telnet=on,")),
+        "the existing console's protocol is rendered: {wiring:?}"
+    );
+    let mut scene = Scene {
+        log_path: daemon.log_path(GUEST, DEVICE),
+        daemon,
+        qemu: None,
+        clients: Vec::new(),
+    };
+    let writer = attach_writer(&mut scene, "writer").await;
+    assert!(
+        scene.clients[writer].attached.serial_break,
+        "{:?}",
+        scene.clients[writer].attached
+    );
+    scene.qemu = Some(Qemu::start(&kernel, &initrd, &wiring));
+    scene
+        .wait("the shell prompt", BOOT_DEADLINE, |s| {
+            s.client_has(writer, PROMPT)
+        })
+        .await;
+    run_command(
+        &mut scene,
+        writer,
+        "echo 1 > /proc/sys/kernel/sysrq; echo sysrq-$(cat /proc/sys/kernel/sysrq)-on",
+        "sysrq-1-on",
+    )
+    .await;
+
+    // Guest output with 0xFF bytes: logged as printed.
+    run_command(
+        &mut scene,
+        writer,
+        r"printf 'ff:\377\377:\373\001:\377:end-%d\n' $((5*5))",
+        "end-25",
+    )
+    .await;
+    // A 0xFF typed: the guest reads one 0xFF (unescaped, QEMU would swallow it and two more).
+    scene.clients[writer]
+        .type_bytes(b"head -c 3 | od -An -tx1\n")
+        .await;
+    scene.clients[writer].type_bytes(b"\xffA\n").await;
+    scene
+        .wait("od's dump of the typed bytes", COMMAND_DEADLINE, |s| {
+            s.client_has(writer, "ff 41 0a")
+        })
+        .await;
+
+    // BREAK, then h: the SysRq help.
+    scene.clients[writer].send_break().await;
+    scene.clients[writer].type_bytes(b"h").await;
+    scene
+        .wait("the SysRq help after BREAK h", COMMAND_DEADLINE, |s| {
+            s.client_has(writer, "sysrq: HELP")
+        })
+        .await;
+    // The shell did not get the h: the next command runs alone.
+    run_command(&mut scene, writer, "echo after-$((6*6))", "after-36").await;
+
+    let log = scene.log();
+    let text = String::from_utf8_lossy(&log);
+    assert!(text.contains("sysrq: HELP"), "{}", scene.context());
+    assert!(
+        contains(&log, b"ff:\xff\xff:\xfb\x01:\xff:end-25"),
+        "the guest's 0xFF bytes are logged as printed\n{}",
+        scene.context()
+    );
+    assert!(
+        !contains(&log, &[255, 251, 1, 255, 251, 3]),
+        "QEMU's telnet option commands reached the log\n{}",
+        scene.context()
+    );
+    assert!(
+        text.starts_with(|c: char| c != '\u{fffd}'),
+        "the log starts with the guest's first byte, not telnet: {:?}",
+        &log[..log.len().min(16)]
+    );
+    scene.clients[writer].snapshot(|t| {
+        assert!(t.problems.is_empty(), "{}", scene.context());
+        assert!(
+            log.starts_with(&t.data),
+            "the client received what the log holds\n{}",
+            scene.context()
+        );
+    });
+    for client in &scene.clients {
+        client.task.abort();
+    }
 }

@@ -34,7 +34,7 @@ export interface View {
   guest(connected: boolean): void;
   access(access: Access, reason: ReadOnlyReason | null, detail: string): void;
   /** Whether this page may send a serial BREAK now (it holds the keyboard of a console whose
-   * guest socket speaks telnet). */
+   * QEMU chardev has mux=on). */
   serialBreak(available: boolean): void;
   notice(text: string): void;
   /** What the session did, for diagnostics (`window.conlog.events`). */

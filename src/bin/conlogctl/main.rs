@@ -13,7 +13,7 @@ mod terminal;
 
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
-  0  done (console: the user left with Ctrl-] then q, or piped input ended)
+  0  done (console: the user left with Ctrl-] and a key other than b, or piped input ended)
   1  error (an argument conlogd rejects, cannot connect at start, I/O error)
   2  usage error (command line)
   3  refused by conlogd (token, permission, unknown guest or device, writer lease held, a limit)
@@ -142,14 +142,15 @@ enum Cmd {
         /// libvirt <serial> element for the domain's <devices>.
         #[arg(long, value_enum, default_value = "path")]
         print: Wiring,
-        /// Speak telnet on the guest socket (QEMU's telnet=on), so that the console can send a
-        /// serial BREAK (magic SysRq). Fixed when the console is created; --print renders it.
+        /// QEMU's chardev has mux=on, so that the console can send a serial BREAK (magic
+        /// SysRq): conlogd escapes Ctrl-A in input and sends Ctrl-A b for a break. Fixed when the
+        /// console is created; --print renders it.
         #[arg(long)]
-        telnet: bool,
+        mux: bool,
     },
     /// Attach to a console: a raw terminal, or stdin's bytes when it is a pipe. Keys after
-    /// Ctrl-]: q (or .) leaves, b sends a serial BREAK (magic SysRq; telnet consoles only),
-    /// Ctrl-] sends Ctrl-] itself.
+    /// Ctrl-]: b sends a serial BREAK (magic SysRq; consoles created with --mux), any other
+    /// key leaves.
     Console {
         /// Guest name.
         guest: String,
@@ -271,10 +272,10 @@ fn main() -> ExitCode {
 
 /// How a guest's serial port connects to the console socket `path` (docs/consoles.md): QEMU
 /// is the client and reconnects every second; `serialN` is port N.
-fn wiring(print: Wiring, device: &str, path: &str, telnet: bool) -> String {
+fn wiring(print: Wiring, device: &str, path: &str, mux: bool) -> String {
     // QEMU ids start with a letter; device names may start with a digit.
     let id = format!("conlog-{device}");
-    let telnet = if telnet { ",telnet=on" } else { "" };
+    let mux = if mux { ",mux=on" } else { "" };
     let port: u32 = device
         .strip_prefix("serial")
         .and_then(|n| n.parse().ok())
@@ -282,10 +283,10 @@ fn wiring(print: Wiring, device: &str, path: &str, telnet: bool) -> String {
     match print {
         Wiring::Path => path.to_owned(),
         Wiring::Qemu => {
-            format!("-chardev socket,id={id},path={path}{telnet},reconnect-ms=1000 -serial chardev:{id}")
+            format!("-chardev socket,id={id},path={path}{mux},reconnect-ms=1000 -serial chardev:{id}")
         }
         Wiring::QemuLegacy => {
-            format!("-chardev socket,id={id},path={path}{telnet},reconnect=1 -serial chardev:{id}")
+            format!("-chardev socket,id={id},path={path}{mux},reconnect=1 -serial chardev:{id}")
         }
         Wiring::Libvirt => {
             let path = path
@@ -557,15 +558,15 @@ async fn run(args: Args) -> Result<ExitCode> {
             guest,
             device,
             print,
-            telnet,
+            mux,
         } => {
             let reply = agent
                 .create_console(proto::CreateConsoleRequest {
                     guest,
                     device: device.clone(),
                     limits: None,
-                    protocol: if telnet {
-                        proto::ConsoleProtocol::Telnet as i32
+                    protocol: if mux {
+                        proto::ConsoleProtocol::Mux as i32
                     } else {
                         proto::ConsoleProtocol::Unspecified as i32
                     },
@@ -578,14 +579,16 @@ async fn run(args: Args) -> Result<ExitCode> {
             } else {
                 device.as_str()
             };
-            let telnet = reply.protocol == proto::ConsoleProtocol::Telnet as i32;
-            if telnet && matches!(print, Wiring::Libvirt) {
+            let mux = reply.protocol == proto::ConsoleProtocol::Mux as i32;
+            if mux && matches!(print, Wiring::Libvirt) {
                 bail!(
-                    "console {device} speaks telnet, and libvirt has no telnet option for a UNIX \
-                     socket serial port: use --print qemu (docs/consoles.md, \"Serial BREAK\")"
+                    "console {device} is a mux console, and libvirt's <serial> has no mux \
+                     option: use --print qemu, or a raw console and `virsh qemu-monitor-command \
+                     --hmp DOMAIN 'chardev-send-break charserial0'` for a break \
+                     (docs/consoles.md, \"Serial BREAK\")"
                 );
             }
-            println!("{}", wiring(print, device, &reply.guest_socket, telnet));
+            println!("{}", wiring(print, device, &reply.guest_socket, mux));
             eprintln!(
                 "client socket: {}\nlog: {}",
                 reply.client_socket, reply.log_path

@@ -3,8 +3,8 @@
 //!
 //! With a terminal on stdin it switches the terminal to raw mode (restored on every exit path
 //! by a guard) and forwards keystrokes byte for byte, except `Ctrl-]` and the key after it:
-//! `b` sends a serial BREAK (a magic SysRq key follows; only consoles whose guest socket speaks
-//! telnet carry one, as the `attached` reply says), any other key leaves. With a pipe on stdin
+//! `b` sends a serial BREAK (a magic SysRq key follows; only consoles created with the mux
+//! protocol carry one, as the `attached` reply says), any other key leaves. With a pipe on stdin
 //! it sends the pipe's bytes, keeps printing output until a short drain after end of input, and
 //! exits. conlog's own notices go to stderr.
 //!
@@ -400,7 +400,7 @@ impl Session {
                                 Key::Input(bytes) => send_input(&frames_tx, &bytes, options.read_only).await,
                                 Key::Escape => notice(interactive, "b: send a serial BREAK; any other key leaves"),
                                 Key::Break if !self.progress.writer => notice(interactive, "watching only: a serial BREAK needs the writer lease (use --force to take it)"),
-                                Key::Break if !self.progress.serial_break => notice(interactive, "this console cannot carry a serial BREAK: its guest socket is raw (create it with --telnet and give QEMU telnet=on; docs/consoles.md)"),
+                                Key::Break if !self.progress.serial_break => notice(interactive, "this console cannot carry a serial BREAK: its guest socket is raw (create it with --mux and give QEMU's chardev mux=on; docs/consoles.md)"),
                                 Key::Break => {
                                     let frame = proto::ClientFrame {
                                         frame: Some(client_frame::Frame::SerialBreak(proto::SerialBreak {})),

@@ -128,8 +128,9 @@ export const ResizeSchema: GenMessage<Resize> = /*@__PURE__*/
 
 /**
  * A serial BREAK (Linux: with `echo 1 > /proc/sys/kernel/sysrq`, the next key is a magic SysRq
- * key). Only the writer may send one, and only on a console whose guest socket speaks telnet
- * (CreateConsoleRequest.protocol); elsewhere the call ends with FAILED_PRECONDITION.
+ * key). Only the writer may send one, and only on a console created with the MUX protocol
+ * (CreateConsoleRequest.protocol; QEMU's chardev has mux=on); elsewhere FAILED_PRECONDITION
+ * (it ends an AttachConsole call).
  *
  * @generated from message conlog.v1.SerialBreak
  */
@@ -215,7 +216,7 @@ export type Attached = Message<"conlog.v1.Attached"> & {
   guestConnected: boolean;
 
   /**
-   * this console can carry a serial BREAK (its guest socket speaks telnet)
+   * this console can carry a serial BREAK (created with the MUX protocol)
    *
    * @generated from field: bool serial_break = 5;
    */
