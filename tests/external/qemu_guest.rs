@@ -903,11 +903,11 @@ async fn qemu_keeps_its_console_connection_through_an_upgrade_and_a_crash() {
 }
 
 /// A serial BREAK reaches a real guest (docs/consoles.md, "Serial BREAK"): the console is created
-/// with the telnet protocol, QEMU boots with what `conlogctl create-console --print qemu-legacy`
-/// renders for it (`telnet=on`), and after `echo 1 > /proc/sys/kernel/sysrq` a BREAK followed by
-/// `h` makes the kernel print the SysRq help on the console. Through telnet the log stays
-/// exactly what the guest printed (0xFF bytes included, none of QEMU's option commands) and a
-/// 0xFF typed reaches the guest as one 0xFF.
+/// with the mux protocol, QEMU boots with what `conlogctl create-console --print qemu-legacy`
+/// renders for it (`mux=on`), and after `echo 1 > /proc/sys/kernel/sysrq` a BREAK followed by
+/// `h` makes the kernel print the SysRq help on the console. Through the mux, the log stays
+/// exactly what the guest printed, and keys that are QEMU's mux commands (`Ctrl-A x` quits
+/// QEMU, `Ctrl-A h` prints QEMU's help) reach the guest as typed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_serial_break_makes_a_real_guest_show_the_sysrq_help() {
     require_qemu();
@@ -918,7 +918,7 @@ async fn a_serial_break_makes_a_real_guest_show_the_sysrq_help() {
         .create_console(proto::CreateConsoleRequest {
             guest: GUEST.into(),
             device: DEVICE.into(),
-            protocol: proto::ConsoleProtocol::Telnet as i32,
+            protocol: proto::ConsoleProtocol::Mux as i32,
             ..Default::default()
         })
         .await
@@ -928,7 +928,7 @@ async fn a_serial_break_makes_a_real_guest_show_the_sysrq_help() {
     let guest_socket = PathBuf::from(&console.guest_socket);
     let wiring = rendered_wiring(&daemon, &guest_socket);
     assert!(
-        wiring.iter().any(|a| a.contains(",telnet=on,")),
+        wiring.iter().any(|a| a.contains(",mux=on,")),
         "the existing console's protocol is rendered: {wiring:?}"
     );
     let mut scene = Scene {
@@ -957,22 +957,23 @@ async fn a_serial_break_makes_a_real_guest_show_the_sysrq_help() {
     )
     .await;
 
-    // Guest output with 0xFF bytes: logged as printed.
+    // Guest output with Ctrl-A and 0xFF: logged as printed.
     run_command(
         &mut scene,
         writer,
-        r"printf 'ff:\377\377:\373\001:\377:end-%d\n' $((5*5))",
+        r"printf 'ctl:\001x\001b\377:end-%d\n' $((5*5))",
         "end-25",
     )
     .await;
-    // A 0xFF typed: the guest reads one 0xFF (unescaped, QEMU would swallow it and two more).
+    // QEMU's mux commands typed: the guest reads them as keys (od shows 01 78 01 68 0a), and
+    // QEMU neither quits nor prints its help.
     scene.clients[writer]
-        .type_bytes(b"head -c 3 | od -An -tx1\n")
+        .type_bytes(b"head -c 5 | od -An -tx1\n")
         .await;
-    scene.clients[writer].type_bytes(b"\xffA\n").await;
+    scene.clients[writer].type_bytes(b"\x01x\x01h\n").await;
     scene
-        .wait("od's dump of the typed bytes", COMMAND_DEADLINE, |s| {
-            s.client_has(writer, "ff 41 0a")
+        .wait("od's dump of the typed keys", COMMAND_DEADLINE, |s| {
+            s.client_has(writer, "01 78 01 68 0a")
         })
         .await;
 
@@ -991,20 +992,16 @@ async fn a_serial_break_makes_a_real_guest_show_the_sysrq_help() {
     let text = String::from_utf8_lossy(&log);
     assert!(text.contains("sysrq: HELP"), "{}", scene.context());
     assert!(
-        contains(&log, b"ff:\xff\xff:\xfb\x01:\xff:end-25"),
-        "the guest's 0xFF bytes are logged as printed\n{}",
+        contains(&log, b"ctl:\x01x\x01b\xff:end-25"),
+        "the guest's bytes are logged as printed\n{}",
         scene.context()
     );
     assert!(
-        !contains(&log, &[255, 251, 1, 255, 251, 3]),
-        "QEMU's telnet option commands reached the log\n{}",
+        !text.contains("C-a h") && !text.contains("QEMU: Terminated"),
+        "a typed key ran a QEMU mux command\n{}",
         scene.context()
     );
-    assert!(
-        text.starts_with(|c: char| c != '\u{fffd}'),
-        "the log starts with the guest's first byte, not telnet: {:?}",
-        &log[..log.len().min(16)]
-    );
+    assert!(scene.qemu.as_mut().unwrap().exited().is_none(), "QEMU runs");
     scene.clients[writer].snapshot(|t| {
         assert!(t.problems.is_empty(), "{}", scene.context());
         assert!(
