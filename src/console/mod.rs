@@ -50,10 +50,10 @@
 mod actor;
 pub mod clients;
 mod error;
+pub mod mux;
 pub mod pacing;
 mod raw;
 pub mod sessions;
-pub mod mux;
 
 pub use clients::{ClientReceiver, Event};
 pub use error::ConsoleError;

@@ -6,8 +6,8 @@
 
 use super::conn::{ConnInfo, Peer};
 use crate::config::{Config, LogMode};
-use crate::error::{Error, Result};
 use crate::console::Protocol;
+use crate::error::{Error, Result};
 use crate::guests::{Actor, Guests, LimitsOverride, StreamKind, StreamSnapshot};
 use crate::handoff::{create_pipe, Handoffs};
 use crate::log_owner::LogError;

@@ -344,7 +344,7 @@ mod tests {
                             client_listener,
                             guest_connection,
                             pending_input,
-                            }
+                        }
                     },
                 )
         }

@@ -70,7 +70,10 @@ async fn wait_log(daemon: &Daemon, guest: &str, expected: &[u8]) {
     loop {
         let log = std::fs::read(&path).unwrap_or_default();
         if log.len() >= expected.len() {
-            assert_eq!(log, expected, "the log of {guest} differs from the guest's output");
+            assert_eq!(
+                log, expected,
+                "the log of {guest} differs from the guest's output"
+            );
             return;
         }
         assert!(Instant::now() < until, "the log of {guest} holds {log:?}");
@@ -180,7 +183,11 @@ async fn input_is_escaped_and_only_the_writer_sends_a_break() {
     let message = expect_code(refused, Code::FailedPrecondition, "a watcher's break");
     assert!(message.contains("writer lease"), "{message}");
     guest.read_some(Duration::from_millis(200)).await;
-    assert_eq!(guest.received(), expected, "the watcher's break reached QEMU");
+    assert_eq!(
+        guest.received(),
+        expected,
+        "the watcher's break reached QEMU"
+    );
 
     // The log is still exactly the guest's output (input is never logged).
     wait_log(&daemon, "mx1", printed).await;
@@ -289,7 +296,11 @@ async fn a_raw_console_refuses_a_break_and_says_why() {
             ..Default::default()
         })
         .await;
-    let message = expect_code(refused, Code::FailedPrecondition, "a break on a raw console");
+    let message = expect_code(
+        refused,
+        Code::FailedPrecondition,
+        "a break on a raw console",
+    );
     for needle in ["raw", "mux=on", "--mux"] {
         assert!(message.contains(needle), "{needle:?} missing: {message}");
     }
@@ -309,7 +320,10 @@ async fn a_raw_console_refuses_a_break_and_says_why() {
 
     let other = create(&mut agent, "raw1", proto::ConsoleProtocol::Mux).await;
     let message = expect_code(other, Code::FailedPrecondition, "another protocol");
-    assert!(message.contains("raw") && message.contains("mux"), "{message}");
+    assert!(
+        message.contains("raw") && message.contains("mux"),
+        "{message}"
+    );
     let again = create(&mut agent, "raw1", proto::ConsoleProtocol::Raw)
         .await
         .expect("the same protocol again");

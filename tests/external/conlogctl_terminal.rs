@@ -187,7 +187,8 @@ async fn ctrl_bracket_b_sends_a_serial_break_where_the_console_carries_one() {
     tmux.keys(&["-l", "h"]);
     // Ctrl-] alone: a hint, then the b in a read of its own.
     tmux.keys(&["C-]"]);
-    tmux.wait_screen("b: send a serial BREAK; any other key leaves").await;
+    tmux.wait_screen("b: send a serial BREAK; any other key leaves")
+        .await;
     tmux.keys(&["b"]);
     tmux.keys(&["-l", "s"]);
     let wire = b"ls\x01\x01\x01bh\x01bs";
@@ -200,14 +201,19 @@ async fn ctrl_bracket_b_sends_a_serial_break_where_the_console_carries_one() {
     tmux.keys(&["C-]", "q"]);
     tmux.wait_screen("MUX-EXIT-0").await;
 
-    tmux.wait_screen("[conlog: attached to vm-raw/serial0").await;
+    tmux.wait_screen("[conlog: attached to vm-raw/serial0")
+        .await;
     wait_clients(&mut agent, "vm-raw", DEVICE, 1).await;
     tmux.keys(&["C-]", "b"]);
     tmux.wait_screen("cannot carry a serial BREAK").await;
     tmux.keys(&["-l", "ok"]);
     raw_guest.wait_for(b"ok").await;
     raw_guest.read_some(Duration::from_millis(300)).await;
-    assert_eq!(raw_guest.received(), b"ok", "nothing but the keys reached the guest");
+    assert_eq!(
+        raw_guest.received(),
+        b"ok",
+        "nothing but the keys reached the guest"
+    );
     tmux.keys(&["C-]", "."]);
     tmux.wait_screen("RAW-EXIT-0").await;
     drop(tmux);

@@ -283,7 +283,9 @@ fn wiring(print: Wiring, device: &str, path: &str, mux: bool) -> String {
     match print {
         Wiring::Path => path.to_owned(),
         Wiring::Qemu => {
-            format!("-chardev socket,id={id},path={path}{mux},reconnect-ms=1000 -serial chardev:{id}")
+            format!(
+                "-chardev socket,id={id},path={path}{mux},reconnect-ms=1000 -serial chardev:{id}"
+            )
         }
         Wiring::QemuLegacy => {
             format!("-chardev socket,id={id},path={path}{mux},reconnect=1 -serial chardev:{id}")

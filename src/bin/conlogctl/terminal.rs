@@ -520,11 +520,17 @@ mod tests {
                 Key::Input(b"x".to_vec())
             ]
         );
-        assert_eq!(keys(&mut escaped, b"ab\x1d"), [Key::Input(b"ab".to_vec()), Key::Escape]);
+        assert_eq!(
+            keys(&mut escaped, b"ab\x1d"),
+            [Key::Input(b"ab".to_vec()), Key::Escape]
+        );
         assert!(escaped);
         assert_eq!(keys(&mut escaped, b"b\x1d"), [Key::Break, Key::Escape]);
         assert_eq!(keys(&mut escaped, b"qrest"), [Key::Leave]);
         assert!(!escaped);
-        assert_eq!(keys(&mut escaped, b"a\x1d.b"), [Key::Input(b"a".to_vec()), Key::Leave]);
+        assert_eq!(
+            keys(&mut escaped, b"a\x1d.b"),
+            [Key::Input(b"a".to_vec()), Key::Leave]
+        );
     }
 }
