@@ -336,6 +336,8 @@ enum Next {
 pub struct Guests {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    /// The gid of `consoles.socket_group`, resolved at start.
+    console_group: Option<u32>,
     /// Guest → stream → entry. A `std::sync::Mutex`, not tokio's: it is held only to decide and
     /// to take or put handles (a few map operations, and the stream record written when a
     /// stream is created or its limits change), never across an `.await`; actor round trips are
@@ -360,10 +362,15 @@ pub struct Stream {
 }
 
 impl Guests {
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        console_group: Option<u32>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config,
             metrics,
+            console_group,
             guests: Mutex::new(BTreeMap::new()),
             changes: tokio::sync::Mutex::new(()),
             going_away: tokio::sync::watch::Sender::new(false),
@@ -434,6 +441,7 @@ impl Guests {
             max_replay: self.config.consoles.max_replay.bytes(),
             max_clients: self.config.limits.max_clients_per_console(),
             input_rate: self.config.limits.input_rate.bytes(),
+            socket_group: self.console_group,
         }
     }
 

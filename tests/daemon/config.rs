@@ -141,6 +141,14 @@ async fn bad_values_are_one_line_errors() {
         ("handoff:\n  token_ttl: 0s\n", &["handoff.token_ttl"]),
         ("listen: not-an-address\n", &["listen", "line 1"]),
         ("insecure: maybe\n", &["insecure", "line 1"]),
+        (
+            "consoles:\n  socket_group: no-such-group-conlog\n",
+            &[
+                "consoles.socket_group",
+                "no-such-group-conlog",
+                "/etc/group",
+            ],
+        ),
     ] {
         let output = conlogd(Some(yaml), &["--listen", "127.0.0.1:0"]).await;
         let text = one_line_error(&output);

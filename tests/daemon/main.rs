@@ -20,6 +20,7 @@ mod config_sources;
 mod console_break;
 mod console_clients;
 mod console_flood;
+mod console_group;
 mod console_hostile;
 mod console_io;
 mod console_lifecycle;
