@@ -110,7 +110,9 @@ fn code_of(error: &(dyn StdError + 'static)) -> Option<Code> {
             RegistryError::UnknownGuest(_)
             | RegistryError::UnknownStream { .. }
             | RegistryError::UnknownConsole { .. } => Some(Code::NotFound),
-            RegistryError::KindMismatch { .. } => Some(Code::FailedPrecondition),
+            RegistryError::KindMismatch { .. } | RegistryError::ProtocolMismatch { .. } => {
+                Some(Code::FailedPrecondition)
+            }
             RegistryError::MaxSizeTooSmall { .. }
             | RegistryError::MaxSizeTooLarge { .. }
             | RegistryError::TooManyBackups { .. }
@@ -132,7 +134,8 @@ fn code_of(error: &(dyn StdError + 'static)) -> Option<Code> {
             ConsoleError::WriterHeld { .. }
             | ConsoleError::NotWriter(_)
             | ConsoleError::LeaseTaken { .. }
-            | ConsoleError::NoGuest(_) => Some(Code::FailedPrecondition),
+            | ConsoleError::NoGuest(_)
+            | ConsoleError::NoBreak(_) => Some(Code::FailedPrecondition),
             ConsoleError::Closing(_)
             | ConsoleError::ClientsEnded { .. }
             | ConsoleError::ClientLeft(_)

@@ -32,7 +32,7 @@
 
 use crate::config::{Config, LogMode};
 use crate::console::ConsoleError;
-use crate::console::{ConsoleHandle, ConsolePaths, ConsoleSettings};
+use crate::console::{ConsoleHandle, ConsolePaths, ConsoleSettings, Protocol};
 use crate::log_owner::{ActorGone, Figures, LogError, LogHandle, Reserved};
 use crate::logfile::index::StartKind;
 use crate::logfile::{LogFile, LogLimits};
@@ -71,6 +71,18 @@ pub enum RegistryError {
         stream: String,
         found: StreamKind,
         wanted: StreamKind,
+    },
+    /// A console asked for with another protocol than the one it was created with.
+    #[error(
+        "Console {guest}/{device} speaks {} on its guest socket, not {}; remove the guest \
+         to create it anew",
+        found.name(), wanted.name()
+    )]
+    ProtocolMismatch {
+        guest: String,
+        device: String,
+        found: Protocol,
+        wanted: Protocol,
     },
     /// Requested limits below the smallest log size.
     #[error("limits.max_size must be at least {min} bytes (got {got})")]
@@ -223,6 +235,13 @@ struct StreamRecord {
     kind: StreamKind,
     limits: LogLimits,
     log_path: PathBuf,
+    /// A console's guest socket protocol (absent in records of older images: raw).
+    #[serde(default, skip_serializing_if = "is_raw")]
+    protocol: Protocol,
+}
+
+fn is_raw(protocol: &Protocol) -> bool {
+    *protocol == Protocol::Raw
 }
 
 /// A point-in-time view of one stream, for `ListGuests`.
@@ -367,6 +386,8 @@ enum Next {
 pub struct Guests {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    /// The gid of `consoles.socket_group`, resolved at start.
+    console_group: Option<u32>,
     /// Guest → stream → entry. A `std::sync::Mutex`, not tokio's: it is held only to decide and
     /// to take or put handles (a few map operations, and the stream record written when a
     /// stream is created or its limits change), never across an `.await`; actor round trips are
@@ -391,10 +412,15 @@ pub struct Stream {
 }
 
 impl Guests {
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        console_group: Option<u32>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config,
             metrics,
+            console_group,
             guests: Mutex::new(BTreeMap::new()),
             changes: tokio::sync::Mutex::new(()),
             going_away: tokio::sync::watch::Sender::new(false),
@@ -471,6 +497,7 @@ impl Guests {
             max_replay: self.config.consoles.max_replay.bytes(),
             max_clients: self.config.limits.max_clients_per_console(),
             input_rate: self.config.limits.input_rate.bytes(),
+            socket_group: self.console_group,
         }
     }
 
@@ -484,6 +511,7 @@ impl Guests {
         limits: LogLimits,
         carried_console: Option<FrozenConsole>,
         restored: Option<StartKind>,
+        protocol: Protocol,
     ) -> Result<Actor> {
         // Check what can be refused before anything is created on disk.
         let paths = match kind {
@@ -508,6 +536,7 @@ impl Guests {
                 self.console_settings(),
                 self.metrics.clone(),
                 carried_console,
+                protocol,
             )?),
         })
     }
@@ -663,6 +692,9 @@ impl Guests {
                     },
                     limits: self.default_limits(),
                     log_path,
+                    // A guessed raw console answers a break with a clear refusal; a guessed
+                    // mux one would type Ctrl-A twice into a guest whose QEMU has no mux.
+                    protocol: Protocol::Raw,
                 }
             }
         };
@@ -675,6 +707,7 @@ impl Guests {
             record.limits,
             console,
             Some(start),
+            record.protocol,
         )?;
         let entry = StreamEntry {
             log_path: record.log_path.clone(),
@@ -737,7 +770,8 @@ impl Guests {
     }
 
     /// Returns the stream `guest/stream` of `kind`, creating it (and the guest) if needed.
-    /// Limits given for an existing stream replace its current ones. While the guest is being
+    /// Limits given for an existing stream replace its current ones. A console is created with
+    /// `protocol` (raw if `None`); an existing one with another protocol is refused. While the guest is being
     /// removed, waits until the removal is over and then creates it anew (its offsets continue).
     pub async fn open_stream(
         &self,
@@ -745,6 +779,7 @@ impl Guests {
         stream: &StreamName,
         kind: StreamKind,
         limits: LimitsOverride,
+        protocol: Option<Protocol>,
     ) -> Result<Stream> {
         let (guest, stream) = (guest.as_str(), stream.as_str());
         let mut changing = None;
@@ -755,6 +790,7 @@ impl Guests {
                 stream,
                 kind,
                 limits,
+                protocol,
                 changing.is_some(),
                 &mut reserved,
             )?;
@@ -784,7 +820,8 @@ impl Guests {
                     });
                 }
                 Next::Create(limits) => {
-                    let created = self.create(guest, stream, kind, limits);
+                    let created =
+                        self.create(guest, stream, kind, limits, protocol.unwrap_or_default());
                     drop(changing);
                     return match created? {
                         Created::Stream(stream) => Ok(stream),
@@ -808,6 +845,7 @@ impl Guests {
         stream: &str,
         kind: StreamKind,
         limits: LimitsOverride,
+        protocol: Option<Protocol>,
         changing: bool,
         reserved: &mut Option<(LogHandle, Reserved)>,
     ) -> Result<Next> {
@@ -838,6 +876,16 @@ impl Guests {
                     found: entry.actor.kind(),
                     wanted: kind,
                 });
+            }
+            if let (Actor::Console(handle), Some(wanted)) = (&entry.actor, protocol) {
+                if handle.protocol != wanted {
+                    return Err(RegistryError::ProtocolMismatch {
+                        guest: guest.to_owned(),
+                        device: stream.to_owned(),
+                        found: handle.protocol,
+                        wanted,
+                    });
+                }
             }
             if limits.is_empty() {
                 return Ok(Next::Done(Stream {
@@ -899,9 +947,11 @@ impl Guests {
         stream: &str,
         kind: StreamKind,
         limits: LogLimits,
+        protocol: Protocol,
     ) -> Result<Created> {
         let log_path = self.log_path(guest, stream);
-        let actor = self.start_actor(guest, stream, kind, &log_path, limits, None, None)?;
+        let actor =
+            self.start_actor(guest, stream, kind, &log_path, limits, None, None, protocol)?;
         let entry = StreamEntry {
             log_path: log_path.clone(),
             limits,
@@ -1000,6 +1050,10 @@ impl Guests {
             kind: entry.actor.kind(),
             limits: entry.limits,
             log_path: entry.log_path.clone(),
+            protocol: match &entry.actor {
+                Actor::Console(handle) => handle.protocol,
+                Actor::Pipe(_) => Protocol::Raw,
+            },
         };
         let path = self.record_path(guest, stream);
         if let Some(dir) = path.parent() {

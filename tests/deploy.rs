@@ -549,16 +549,21 @@ fn check_manifests(objects: &[Value], origin: &str, helm: bool) -> Value {
         );
         assert_eq!(source["hostPath"]["type"], "DirectoryOrCreate", "{origin}");
     }
-    if let Some(group) = written["socket_group"].as_str() {
+    for (key, group) in [
+        ("socket_group", &written["socket_group"]),
+        ("consoles.socket_group", &written["consoles"]["socket_group"]),
+    ] {
+        let Some(group) = group.as_str() else {
+            continue;
+        };
         let gid: u64 = group
             .parse()
-            .unwrap_or_else(|_| panic!("{origin}: socket_group must be a number in the image"));
+            .unwrap_or_else(|_| panic!("{origin}: {key} must be a number in the image"));
         assert!(
             seq(&pod["securityContext"]["supplementalGroups"])
                 .iter()
                 .any(|g| int(g) == Some(gid)),
-            "{origin}: socket_group {gid} must be a supplemental group (conlogd keeps no \
-             CAP_CHOWN)"
+            "{origin}: {key} {gid} must be a supplemental group (conlogd keeps no CAP_CHOWN)"
         );
     }
 

@@ -136,6 +136,10 @@ pub struct ConsoleConfig {
     pub client_queue: ByteSize,
     /// Most recent output replayed to a client that attaches.
     pub max_replay: ByteSize,
+    /// Group (name or number) given the consoles' guest sockets (mode 0660) and their
+    /// directories (mode 0750), so that QEMU running as another user in that group can connect
+    /// (libvirt's `libvirt-qemu` in `kvm`); `null`: conlogd's own group, as for every other file.
+    pub socket_group: Option<String>,
 }
 
 impl Default for ConsoleConfig {
@@ -143,6 +147,7 @@ impl Default for ConsoleConfig {
         Self {
             client_queue: ByteSize(1 << 20),
             max_replay: ByteSize(1 << 20),
+            socket_group: None,
         }
     }
 }

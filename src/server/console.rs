@@ -7,7 +7,10 @@
 //! [`crate::console::ConsoleHandle::write_input`], which queues nothing: `SendConsoleInput`
 //! takes at most 64 KiB per call (its request body is bounded while it arrives, by
 //! [`super::bodies::InputBounded`]), one call at a time per session, and waits at most 10 s for the guest; an
-//! `AttachConsole` stream reads its next frame only once the guest took the previous one.
+//! `AttachConsole` stream reads its next frame only once the guest took the previous one. A
+//! serial BREAK is input like any other (`ClientFrame.serial_break`,
+//! `SendConsoleInputRequest.serial_break`): the writer's only; a console that cannot carry one
+//! answers `FAILED_PRECONDITION` (it ends an `AttachConsole` call, which has no other answer).
 
 use super::auth::{self, Caller, Need};
 use super::conn::ConnInfo;
@@ -262,11 +265,13 @@ fn frame(event: Event, session_id: &str) -> std::result::Result<ServerFrame, Sta
             offset,
             writer,
             guest_connected,
+            serial_break,
         } => server_frame::Frame::Attached(proto::Attached {
             offset,
             writer,
             session_id: session_id.to_owned(),
             guest_connected,
+            serial_break,
         }),
         Event::Output { offset, data } => {
             server_frame::Frame::Output(proto::Output { offset, data })
@@ -504,6 +509,19 @@ impl Console for ConsoleService {
                         }
                         pacer.pace(bytes).await;
                     }
+                    Some(client_frame::Frame::SerialBreak(_)) => {
+                        // Like input: a watcher's is dropped; one the console cannot carry
+                        // ends the call with the reason.
+                        let sent = tokio::select! {
+                            sent = console.send_break(client) => sent,
+                            _ = &mut call_over => break,
+                        };
+                        if let Err(e @ ConsoleError::NoBreak(_)) = sent {
+                            let _ = fail.send(Error::from(e).into());
+                            break;
+                        }
+                        pacer.pace(1).await;
+                    }
                     Some(client_frame::Frame::Resize(_)) | None => {}
                     Some(client_frame::Frame::Attach(_)) => {
                         tracing::debug!(console = %console.name, "ignoring a second attach frame");
@@ -581,6 +599,18 @@ impl Console for ConsoleService {
                 INPUT_WAIT.as_secs()
             ))
         })??;
+        if r.serial_break {
+            tokio::time::timeout(INPUT_WAIT, session.console.send_break(session.client))
+                .await
+                .map_err(|_| {
+                    Error::Exhausted(format!(
+                        "The guest of console {} has not read its input for {}s; the serial \
+                         BREAK was not sent",
+                        session.console.name,
+                        INPUT_WAIT.as_secs()
+                    ))
+                })??;
+        }
         pacer.pace(bytes).await;
         Ok(Response::new(SendConsoleInputResponse {
             accepted_bytes: written as u64,

@@ -1177,5 +1177,75 @@ async fn console_page_opens_at_a_time_and_shows_line_times() {
         live.as_str().unwrap_or_default().ends_with("(received)"),
         "{live}"
     );
+}
+
+/// The page's Send BREAK button (docs/consoles.md, "Serial BREAK"): shown while the page holds
+/// the keyboard of a mux console, it sends `Ctrl-A b` after what was typed before it (a Ctrl-A
+/// typed is escaped); hidden for a read-only token and on a raw console, which cannot carry a
+/// break.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn break_button_sends_a_serial_break_on_a_mux_console() {
+    require_tools(true);
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let mux = agent
+        .create_console(proto::CreateConsoleRequest {
+            guest: GUEST.into(),
+            protocol: proto::ConsoleProtocol::Mux as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("CreateConsole mux")
+        .into_inner();
+    let raw = open_console(&mut agent, "vm-web-raw").await;
+    let mut guest = FakeGuest::connect(&mux.guest_socket).await;
+    let _raw_guest = FakeGuest::connect(&raw.guest_socket).await;
+    wait_guest_connected(&mut agent, GUEST, DEVICE, true).await;
+    let url = |guest: &str, token: &str| {
+        format!(
+            "http://{}/console/?guest={guest}&device={DEVICE}#token={}",
+            daemon.tcp,
+            url_encode(token)
+        )
+    };
+    let mut browser = Browser::launch().await;
+    let hidden = "document.getElementById('break').hidden";
+
+    let read_write = daemon.token(GUEST, DEVICE, Access::ReadWrite, 600).await;
+    browser.open("rw", &url(GUEST, &read_write)).await;
+    browser.wait("rw", LIVE).await;
+    browser.wait("rw", &format!("!{hidden}")).await;
+    browser.click("rw", "#terminal").await;
+    browser.type_text("rw", "ls").await;
+    browser.press("rw", "Control+a").await;
+    browser.click("rw", "#break").await;
+    browser.type_text("rw", "h").await;
+    let wire = b"ls\x01\x01\x01bh";
+    guest.wait_len(wire.len()).await;
+    guest.read_some(Duration::from_millis(300)).await;
+    assert_same("typed and a break, read by QEMU", guest.received(), wire);
+    let events = browser
+        .eval(
+            "rw",
+            "JSON.stringify(window.conlog.events.map((e) => e.what))",
+        )
+        .await;
+    assert!(
+        events.as_str().is_some_and(|e| e.contains("break")),
+        "{events}"
+    );
+
+    let read = daemon.token(GUEST, DEVICE, Access::Read, 600).await;
+    browser.open("ro", &url(GUEST, &read)).await;
+    browser.wait("ro", LIVE).await;
+    assert_eq!(browser.eval("ro", hidden).await, true, "read-only token");
+
+    let raw_token = daemon
+        .token("vm-web-raw", DEVICE, Access::ReadWrite, 600)
+        .await;
+    browser.open("raw", &url("vm-web-raw", &raw_token)).await;
+    browser.wait("raw", LIVE).await;
+    assert_eq!(browser.dataset("raw", "access").await, "read-write");
+    assert_eq!(browser.eval("raw", hidden).await, true, "raw console");
     browser.exit().await;
 }

@@ -103,6 +103,7 @@ function start(): void {
   const guestBadge = element("guest");
   const access = element("access");
   const takeover = element<HTMLButtonElement>("takeover");
+  const sendBreak = element<HTMLButtonElement>("break");
   const banner = element("banner");
   const lineTime = element("linetime");
   const notice = element("notice");
@@ -219,6 +220,9 @@ function start(): void {
       takeover.hidden = level !== "read-only" || reason === "token";
       log(`access:${level}`, reason ? `${reason}: ${detail}` : detail);
     },
+    serialBreak(available) {
+      sendBreak.hidden = !available;
+    },
     notice(text) {
       notice.textContent = text;
       notice.hidden = false;
@@ -255,6 +259,10 @@ function start(): void {
   area.addEventListener("mouseleave", () => (lineTime.hidden = true));
   terminal.onData((text) => session.input(encoder.encode(text)));
   terminal.onBinary((text) => session.input(binary(text)));
+  sendBreak.addEventListener("click", () => {
+    session.serialBreak();
+    terminal.focus();
+  });
   takeover.addEventListener("click", () => {
     session.takeOver();
     terminal.focus();

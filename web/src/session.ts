@@ -50,6 +50,9 @@ export interface View {
   connection(state: ConnectionState, detail: string): void;
   guest(connected: boolean): void;
   access(access: Access, reason: ReadOnlyReason | null, detail: string): void;
+  /** Whether this page may send a serial BREAK now (it holds the keyboard of a console whose
+   * QEMU chardev has mux=on). */
+  serialBreak(available: boolean): void;
   notice(text: string): void;
   /** What the session did, for diagnostics (`window.conlog.events`). */
   event(what: string, detail: string): void;
@@ -94,6 +97,8 @@ function timeAt(marks: Marks, offset: bigint, chunk: HistoryChunk): LineTime | n
 /** Input kept while (re)connecting; typing more than this is refused with a notice. */
 const MAX_PENDING_INPUT = 64 << 10;
 const FIRST_RETRY_MS = 250;
+/** A serial BREAK among the pending input. */
+const BREAK = Symbol("serial BREAK");
 const LAST_RETRY_MS = 5000;
 
 /** How one WatchConsole call ended. */
@@ -126,7 +131,10 @@ export class ConsoleSession {
   private force = false;
   private current: AbortController | null = null;
   private restart = false;
-  private pending: Uint8Array[] = [];
+  /** Input and serial BREAKs not sent yet, in the order they were asked for. */
+  private pending: (Uint8Array | typeof BREAK)[] = [];
+  /** The console can carry a serial BREAK (from the attached reply). */
+  private canBreak = false;
   private pendingBytes = 0;
   private sending = false;
   private attaches = 0;
@@ -192,6 +200,20 @@ export class ConsoleSession {
     this.current?.abort();
   }
 
+  /** A serial BREAK, sent after the input typed before it. */
+  serialBreak(): void {
+    if (this.readOnly) {
+      this.view.notice("Read-only: the serial BREAK was not sent");
+      return;
+    }
+    if (!this.canBreak) {
+      this.view.notice("This console cannot carry a serial BREAK: its guest socket is raw");
+      return;
+    }
+    this.pending.push(BREAK);
+    void this.flushInput();
+  }
+
   /** Keystrokes from the terminal. */
   input(data: Uint8Array): void {
     if (this.readOnly) {
@@ -247,6 +269,7 @@ export class ConsoleSession {
             // Watch on; take the keyboard back only when asked (takeOver), not at a reconnect.
             this.writer = false;
             this.wantWrite = false;
+            this.view.serialBreak(false);
             this.setReadOnly("revoked", frame.value.reason || "another client took the keyboard");
             break;
         }
@@ -285,12 +308,15 @@ export class ConsoleSession {
       this.current = null;
       this.sessionId = "";
       this.writer = false;
+      this.view.serialBreak(false);
     }
   }
 
   private async attached(attached: Attached, signal: AbortSignal): Promise<void> {
     this.sessionId = attached.sessionId;
     this.writer = attached.writer;
+    this.canBreak = attached.serialBreak;
+    this.view.serialBreak(attached.writer && attached.serialBreak);
     this.view.guest(attached.guestConnected);
     if (attached.writer) {
       this.readOnly = null;
@@ -451,6 +477,7 @@ export class ConsoleSession {
   private setReadOnly(reason: ReadOnlyReason, detail: string): void {
     this.readOnly = reason;
     this.view.access("read-only", reason, detail);
+    this.view.serialBreak(false);
     if (this.pending.length) {
       this.view.notice(`Read-only: ${this.pendingBytes} bytes of input were not sent`);
       this.pending = [];
@@ -464,19 +491,25 @@ export class ConsoleSession {
     this.sending = true;
     try {
       while (this.pending.length && this.sessionId && this.writer) {
-        const batch = concat(this.pending);
-        this.pending = [];
-        this.pendingBytes = 0;
+        // Input up to the first BREAK, sent with it in one call (the break goes after the data).
+        const upTo = this.pending.indexOf(BREAK);
+        const taken = this.pending.splice(0, upTo < 0 ? this.pending.length : upTo + 1);
+        const serialBreak = upTo >= 0;
+        const batch = concat(taken.filter((part): part is Uint8Array => part !== BREAK));
+        this.pendingBytes -= batch.length;
         try {
-          await this.client.sendConsoleInput({ sessionId: this.sessionId, data: batch });
+          await this.client.sendConsoleInput({ sessionId: this.sessionId, data: batch, serialBreak });
+          if (serialBreak) this.view.event("break", "serial BREAK sent");
         } catch (e) {
           const error = ConnectError.from(e);
           const message = error.rawMessage || Code[error.code];
           if (error.code === Code.NotFound) {
             // The session ended with its stream; the next attach sends it.
-            this.pending.unshift(batch);
+            this.pending.unshift(...taken);
             this.pendingBytes += batch.length;
             break;
+          } else if (serialBreak && error.code === Code.FailedPrecondition && message.includes("serial BREAK")) {
+            this.view.notice(`The serial BREAK was not sent: ${message}`);
           } else if (error.code === Code.PermissionDenied) {
             this.wantWrite = false;
             this.setReadOnly("token", message);

@@ -14,7 +14,7 @@ mod times;
 
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
-  0  done (console: the user left with Ctrl-], or piped input ended)
+  0  done (console: the user left with Ctrl-] and a key other than b, or piped input ended)
   1  error (an argument conlogd rejects, cannot connect at start, I/O error)
   2  usage error (command line)
   3  refused by conlogd (token, permission, unknown guest or device, writer lease held, a limit)
@@ -143,8 +143,15 @@ enum Cmd {
         /// libvirt <serial> element for the domain's <devices>.
         #[arg(long, value_enum, default_value = "path")]
         print: Wiring,
+        /// QEMU's chardev has mux=on, so that the console can send a serial BREAK (magic
+        /// SysRq): conlogd escapes Ctrl-A in input and sends Ctrl-A b for a break. Fixed when the
+        /// console is created; --print renders it.
+        #[arg(long)]
+        mux: bool,
     },
-    /// Attach to a console: a raw terminal (Ctrl-] leaves), or stdin's bytes when it is a pipe.
+    /// Attach to a console: a raw terminal, or stdin's bytes when it is a pipe. Keys after
+    /// Ctrl-]: b sends a serial BREAK (magic SysRq; consoles created with --mux), any other
+    /// key leaves.
     Console {
         /// Guest name.
         guest: String,
@@ -301,9 +308,10 @@ fn main() -> ExitCode {
 
 /// How a guest's serial port connects to the console socket `path` (docs/consoles.md): QEMU
 /// is the client and reconnects every second; `serialN` is port N.
-fn wiring(print: Wiring, device: &str, path: &str) -> String {
+fn wiring(print: Wiring, device: &str, path: &str, mux: bool) -> String {
     // QEMU ids start with a letter; device names may start with a digit.
     let id = format!("conlog-{device}");
+    let mux = if mux { ",mux=on" } else { "" };
     let port: u32 = device
         .strip_prefix("serial")
         .and_then(|n| n.parse().ok())
@@ -311,10 +319,12 @@ fn wiring(print: Wiring, device: &str, path: &str) -> String {
     match print {
         Wiring::Path => path.to_owned(),
         Wiring::Qemu => {
-            format!("-chardev socket,id={id},path={path},reconnect-ms=1000 -serial chardev:{id}")
+            format!(
+                "-chardev socket,id={id},path={path}{mux},reconnect-ms=1000 -serial chardev:{id}"
+            )
         }
         Wiring::QemuLegacy => {
-            format!("-chardev socket,id={id},path={path},reconnect=1 -serial chardev:{id}")
+            format!("-chardev socket,id={id},path={path}{mux},reconnect=1 -serial chardev:{id}")
         }
         Wiring::Libvirt => {
             let path = path
@@ -615,12 +625,18 @@ async fn run(args: Args) -> Result<ExitCode> {
             guest,
             device,
             print,
+            mux,
         } => {
             let reply = agent
                 .create_console(proto::CreateConsoleRequest {
                     guest,
                     device: device.clone(),
                     limits: None,
+                    protocol: if mux {
+                        proto::ConsoleProtocol::Mux as i32
+                    } else {
+                        proto::ConsoleProtocol::Unspecified as i32
+                    },
                 })
                 .await
                 .map_err(status_error)?
@@ -630,7 +646,16 @@ async fn run(args: Args) -> Result<ExitCode> {
             } else {
                 device.as_str()
             };
-            println!("{}", wiring(print, device, &reply.guest_socket));
+            let mux = reply.protocol == proto::ConsoleProtocol::Mux as i32;
+            if mux && matches!(print, Wiring::Libvirt) {
+                bail!(
+                    "console {device} is a mux console, and libvirt's <serial> has no mux \
+                     option: use --print qemu, or a raw console and `virsh qemu-monitor-command \
+                     --hmp DOMAIN 'chardev-send-break charserial0'` for a break \
+                     (docs/consoles.md, \"Serial BREAK\")"
+                );
+            }
+            println!("{}", wiring(print, device, &reply.guest_socket, mux));
             eprintln!(
                 "client socket: {}\nlog: {}",
                 reply.client_socket, reply.log_path
