@@ -151,6 +151,7 @@ impl AgentService {
             access,
             expires_unix,
             key_id: String::new(),
+            node: None,
         });
         Ok(proto::IssueTokenResponse {
             token,

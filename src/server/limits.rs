@@ -17,7 +17,7 @@ use super::conn::{Activity, ConnInfo};
 use super::tally::{Place, Tally};
 use crate::config::Limits;
 use crate::error::Error;
-use crate::tokens::TokenKey;
+use crate::tokens::Verify;
 use futures::future::BoxFuture;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use std::net::IpAddr;
@@ -45,7 +45,7 @@ pub struct CallLimits {
 struct RemoteLimits {
     per_peer: Arc<Tally<IpAddr>>,
     per_guest: Arc<Tally<String>>,
-    tokens: Arc<TokenKey>,
+    tokens: Arc<dyn Verify>,
 }
 
 impl CallLimits {
@@ -62,7 +62,7 @@ impl CallLimits {
 
     /// TCP's limits (`limits.remote_calls_total`, per peer, per guest); `tokens` tells which
     /// guest a call's token is for.
-    pub fn remote(limits: &Limits, tokens: Arc<TokenKey>) -> Arc<Self> {
+    pub(crate) fn remote(limits: &Limits, tokens: Arc<dyn Verify>) -> Arc<Self> {
         Arc::new(Self {
             per_connection: limits.calls_per_connection,
             total_key: "limits.remote_calls_total",
@@ -116,12 +116,12 @@ impl CallLimits {
                     .ok_or_else(|| refused("limits.calls_per_peer", remote.per_peer.limit()))?,
             );
         }
-        let grant = token_grant(request, &remote.tokens);
+        let grant = token_grant(request, remote.tokens.as_ref());
         if let Some(grant) = &grant {
             guard._guest = Some(
                 remote
                     .per_guest
-                    .take(grant.guest.clone())
+                    .take(grant.scope())
                     .ok_or_else(|| refused("limits.calls_per_guest", remote.per_guest.limit()))?,
             );
         }
@@ -131,7 +131,7 @@ impl CallLimits {
 
 /// The grant of the request's bearer token, if its signature verifies (expiry is the
 /// interceptor's to judge: an expired token is charged to its guest like a valid one).
-fn token_grant(request: &http::Request<Body>, tokens: &TokenKey) -> Option<crate::tokens::Grant> {
+fn token_grant(request: &http::Request<Body>, tokens: &dyn Verify) -> Option<crate::tokens::Grant> {
     let value = request.headers().get(http::header::AUTHORIZATION)?;
     let token = value.to_str().ok()?.strip_prefix("Bearer ")?.trim();
     tokens.verify(token, 0).ok()
@@ -327,7 +327,7 @@ impl HttpBody for Guarded {
 mod tests {
     use super::*;
     use crate::server::conn::{Activity, Peer};
-    use crate::tokens::{Access, Grant};
+    use crate::tokens::{Access, Grant, TokenKey};
     use std::net::SocketAddr;
 
     fn request(
@@ -381,6 +381,7 @@ mod tests {
             access: Access::Read,
             expires_unix: u64::MAX,
             key_id: String::new(),
+            node: None,
         });
         let (a, b, c, d) = (
             Arc::new(Activity::new()),
