@@ -39,6 +39,7 @@ pub(crate) mod console;
 pub mod daemon;
 pub(crate) mod error;
 pub(crate) mod fault;
+pub mod gateway;
 pub(crate) mod guests;
 pub(crate) mod handoff;
 pub(crate) mod history;
