@@ -62,6 +62,14 @@ impl Upstreams {
             node: node.to_owned(),
             reason: format!("its endpoint is not usable: {e}"),
         };
+        // The connect timeout covers the TLS handshake too (tonic applies it around the whole
+        // connector only for a connector given this way): a node whose process is gone but
+        // whose listener is still held (by its keeper, during a restart) accepts TCP and
+        // never answers the handshake.
+        let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_keepalive(Some(Duration::from_secs(60)));
         let channel = Endpoint::from_shared(format!("https://{node}"))
             .map_err(|e| unusable(&e))?
             .connect_timeout(self.connect_timeout)
@@ -69,10 +77,9 @@ impl Upstreams {
             .initial_connection_window_size(self.window.saturating_mul(16))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20))
-            .tcp_keepalive(Some(Duration::from_secs(60)))
             .tls_config(self.tls.clone())
             .map_err(|e| unusable(&e))?
-            .connect_lazy();
+            .connect_with_connector_lazy(tcp);
         let mut channels = self.channels.lock().expect("channels poisoned");
         if channels.len() < MAX_NODES {
             // Another call may have made one meanwhile: keep the first, so calls share it.
