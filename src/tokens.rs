@@ -115,8 +115,10 @@ pub struct TokenKey {
     /// Counts rotations, so that calls made with older tokens can end when one happens.
     rotations: tokio::sync::watch::Sender<u64>,
     /// This node's Console endpoint (`node.advertise`), once its listener is bound: the node
-    /// claim of the tokens it issues, and the only one it accepts.
-    node: RwLock<Option<String>>,
+    /// claim of the tokens it issues; and whether a token naming another node is refused
+    /// (`console.require_gateway`: without it, a token keeps working after the node's endpoint
+    /// changed, as before the claim existed).
+    node: RwLock<Option<(String, bool)>>,
 }
 
 impl TokenKey {
@@ -159,10 +161,10 @@ impl TokenKey {
         })
     }
 
-    /// Sets this node's Console endpoint: tokens issued from now on name it, and tokens naming
-    /// another node are refused.
-    pub(crate) fn set_node(&self, node: String) {
-        *self.node.write().expect("token node poisoned") = Some(node);
+    /// Sets this node's Console endpoint: tokens issued from now on name it; with `enforce`,
+    /// tokens naming another node are refused.
+    pub(crate) fn set_node(&self, node: String, enforce: bool) {
+        *self.node.write().expect("token node poisoned") = Some((node, enforce));
     }
 
     /// Reads the key file again (SIGHUP): a key provisioned from outside (a gateway's cluster
@@ -214,7 +216,7 @@ impl TokenKey {
     /// Signs a token for `grant` (its `key_id` is replaced by the current key's, its node
     /// claim by this node's endpoint when that is set).
     pub fn issue(&self, mut grant: Grant) -> String {
-        if let Some(node) = self.node.read().expect("token node poisoned").clone() {
+        if let Some((node, _)) = self.node.read().expect("token node poisoned").clone() {
             grant.node = Some(node);
         }
         let key = self.key.read().expect("token key poisoned");
@@ -239,7 +241,7 @@ impl TokenKey {
         let grant: Grant = serde_json::from_slice(&payload)
             .map_err(|_| TokenError::Malformed("payload is not a grant"))?;
         grant.check_expiry(now_unix)?;
-        if let (Some(claim), Some(own)) = (
+        if let (Some(claim), Some((own, true))) = (
             &grant.node,
             self.node.read().expect("token node poisoned").as_ref(),
         ) {
@@ -662,16 +664,16 @@ mod tests {
         );
     }
 
-    /// Tokens name the node that issued them once it knows its endpoint; a node refuses a
-    /// token naming another, and still accepts tokens that name none (issued before the claim
-    /// existed).
+    /// Tokens name the node that issued them once it knows its endpoint; a node that enforces
+    /// the claim refuses a token naming another, and every node still accepts tokens that name
+    /// none (issued before the claim existed); one that does not enforce it accepts both.
     #[test]
     fn the_node_claim_is_issued_and_checked() {
         let dir = tempfile::tempdir().unwrap();
         let key = key(&dir);
         let unclaimed = key.issue(grant(100));
         assert_eq!(key.verify(&unclaimed, 1).unwrap().node, None);
-        key.set_node("node-a:7770".into());
+        key.set_node("node-a:7770".into(), true);
         let claimed = key.issue(grant(100));
         assert_eq!(
             key.verify(&claimed, 1).unwrap().node.as_deref(),
@@ -679,11 +681,14 @@ mod tests {
         );
         assert!(key.verify(&unclaimed, 1).is_ok());
         let other = TokenKey::load_or_create(&dir.path().join("token.key")).unwrap();
-        other.set_node("node-b:7770".into());
+        other.set_node("node-b:7770".into(), false);
+        assert!(other.verify(&claimed, 1).is_ok(), "not enforced");
+        other.set_node("node-b:7770".into(), true);
         assert_eq!(
             other.verify(&claimed, 1),
             Err(TokenError::OtherNode("node-a:7770".into()))
         );
+        assert!(other.verify(&unclaimed, 1).is_ok());
     }
 
     /// The gateway verifies a node's token with the key it derives from the cluster key and
@@ -701,7 +706,7 @@ mod tests {
             fs::write(&path, cluster.node_key_file(name).unwrap()).unwrap();
             fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
             let key = TokenKey::load_or_create(&path).unwrap();
-            key.set_node(claim.into());
+            key.set_node(claim.into(), true);
             key
         };
         let a = node("a:1", "a:1");

@@ -282,7 +282,8 @@ impl NodeConfig {
 pub struct ConsoleServiceConfig {
     /// Remote callers must come through the gateway: they must present a client certificate
     /// signed by `tls.client_ca` (which must then be the CA of the gateway's client
-    /// certificates and sign nothing else), and the node still verifies every token itself.
+    /// certificates and sign nothing else); the node still verifies every token itself and
+    /// also refuses tokens that name another node.
     pub require_gateway: bool,
 }
 

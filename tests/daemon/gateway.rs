@@ -543,10 +543,32 @@ async fn a_node_that_is_down_is_unavailable_naming_it() {
     let gateway = Gateway::start(&pki, "1s").await;
     let mut guest = console_with_guest(&up, "vm1").await;
     guest.write(b"still here\n").await;
+    let mut dying = console_with_guest(&down, "vm1").await;
+    dying.write(b"last words\n").await;
     let token_down = down.token("vm1", "", Access::Read, 600).await;
     let token_up = up.token("vm1", "", Access::Read, 600).await;
     let name = endpoint_of(&down);
+    let (_, mut follow) = read_history(pki.client(gateway.address, &token_down).await, "vm1", 0, 11)
+        .await
+        .expect("a follow through the gateway");
     down.kill().await;
+
+    // The follow in progress ends with UNAVAILABLE naming the node, not a reset.
+    let ended = bounded("the follow ends", async {
+        loop {
+            match follow.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("a follow on a dead node ended cleanly"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert!(
+        ended.message().contains(&format!("Node {name} ended the stream")),
+        "{ended:?}"
+    );
 
     let refused = read_history(pki.client(gateway.address, &token_down).await, "vm1", 0, 1).await;
     let (code, message) = code_of(&refused).expect("served by a dead node");
@@ -606,6 +628,20 @@ async fn require_gateway_refuses_direct_callers_without_the_gateway_certificate(
     read_history(with_token(channel, &token), "vm1", 0, 8)
         .await
         .expect("served with the gateway's certificate");
+
+    // The node checks the node claim itself: a token of its own key naming another node is
+    // refused even with the gateway's certificate.
+    let elsewhere = signed_with(
+        &node.data_dir().join("state/token.key"),
+        grant("vm1", Some("127.0.0.1:1".into()), now() + 600),
+    );
+    let channel = bounded("connect as the gateway", pki.endpoint(node.tcp, true).connect())
+        .await
+        .unwrap();
+    let refused = read_history(with_token(channel, &elsewhere), "vm1", 0, 1).await;
+    let (code, message) = code_of(&refused).expect("a token for another node was served");
+    assert_eq!(code, Code::Unauthenticated);
+    assert!(message.contains("not this one"), "{message}");
 
     // Without tls.client_ca the setting is refused at start.
     let config = pki.write(
