@@ -470,13 +470,20 @@ async fn a_token_reaches_its_own_nodes_guest_through_any_gateway_and_nothing_els
 
     // Not B's guest: A's token with its claim changed to B, or a token signed with A's key
     // that claims B, is refused at the gateway.
+    // The same claiming an endpoint where nothing listens: had the gateway opened anything
+    // upstream before verifying, these would be UNAVAILABLE.
     let forged = with_node_claim(&token_a, &endpoint_of(&b));
     let a_key = a.data_dir().join("state/token.key");
     let cross_signed = signed_with(&a_key, grant("vm1", Some(endpoint_of(&b)), now() + 600));
+    let nowhere = "127.0.0.1:1";
+    let forged_nowhere = with_node_claim(&token_a, nowhere);
+    let cross_nowhere = signed_with(&a_key, grant("vm1", Some(nowhere.into()), now() + 600));
     let unclaimed = signed_with(&a_key, grant("vm1", None, now() + 600));
     for (token, what, expected) in [
         (&forged, "a changed node claim", "signature"),
         (&cross_signed, "A's key claiming B", "signature"),
+        (&forged_nowhere, "a claim changed to nowhere", "signature"),
+        (&cross_nowhere, "A's key claiming nowhere", "signature"),
         (&unclaimed, "no node claim", "names no node"),
     ] {
         let refused = read_history(pki.client(g1.address, token).await, "vm1", 0, 1).await;
@@ -513,11 +520,19 @@ async fn expired_tokens_and_a_rotated_cluster_key_are_refused_at_the_gateway() {
     guest.write(b"hello\n").await;
     let key = node.data_dir().join("state/token.key");
 
-    let expired = signed_with(&key, grant("vm1", Some(endpoint_of(&node)), now() - 10));
-    let refused = read_history(pki.client(gateway.address, &expired).await, "vm1", 0, 1).await;
-    let (code, message) = code_of(&refused).expect("an expired token was served");
-    assert_eq!(code, Code::Unauthenticated);
-    assert!(message.contains("expired"), "{message}");
+    // Expired, for this node and for an endpoint where nothing listens (had the gateway gone
+    // upstream with it, that one would be UNAVAILABLE).
+    let nowhere = "127.0.0.1:1";
+    let nowhere_key = pki.write("nowhere.key", &pki.node_key(nowhere));
+    for expired in [
+        signed_with(&key, grant("vm1", Some(endpoint_of(&node)), now() - 10)),
+        signed_with(&nowhere_key, grant("vm1", Some(nowhere.into()), now() - 10)),
+    ] {
+        let refused = read_history(pki.client(gateway.address, &expired).await, "vm1", 0, 1).await;
+        let (code, message) = code_of(&refused).expect("an expired token was served");
+        assert_eq!(code, Code::Unauthenticated, "{message}");
+        assert!(message.contains("expired"), "{message}");
+    }
 
     let token = node.token("vm1", "", Access::Read, 600).await;
     read_history(pki.client(gateway.address, &token).await, "vm1", 0, 6)
