@@ -763,3 +763,98 @@ async fn a_killed_gateway_replica_costs_a_reconnect_and_nothing_else() {
     session.send(b"after\n").await;
     guest.wait_for(b"after\n").await;
 }
+
+/// One HTTP/1.1 request over TLS to `address` (trusting the server CA); the raw response, read
+/// until the server closes (`connection: close`).
+async fn https_http1(pki: &Pki, address: SocketAddr, request: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.server_ca.cert.der().clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    bounded("an HTTP/1.1 exchange", async {
+        let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        tls.write_all(request).await.unwrap();
+        let mut response = Vec::new();
+        let _ = tls.read_to_end(&mut response).await;
+        response
+    })
+    .await
+}
+
+/// The body of an HTTP/1.1 response (after the blank line).
+fn body_of(response: &[u8]) -> &[u8] {
+    let at = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a header block");
+    &response[at + 4..]
+}
+
+/// A gRPC-web (binary, HTTP/1.1) `ReadHistory` of `vm1` from offset 0, with `token` if any.
+fn grpc_web_read_history(token: Option<&str>) -> Vec<u8> {
+    use prost::Message;
+    let message = ReadHistoryRequest {
+        guest: "vm1".into(),
+        start: Some(Start::FromOffset(0)),
+        limit_bytes: 64,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    let mut request = format!(
+        "POST /conlog.v1.Console/ReadHistory HTTP/1.1\r\nhost: localhost\r\n\
+         content-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\n{auth}\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    request
+}
+
+/// A gateway serves what a node serves to a browser: the same `/console/` page, and gRPC-web
+/// over HTTP/1.1 forwarded like native gRPC (a token needed, the node's bytes returned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_page_and_grpc_web_are_served_through_the_gateway() {
+    let pki = Pki::new();
+    let node = pki.node(false).await;
+    let gateway = Gateway::start(&pki, "3s").await;
+    let mut guest = console_with_guest(&node, "vm1").await;
+    guest.write(b"seen from a browser\n").await;
+    let token = node.token("vm1", "", Access::Read, 600).await;
+
+    let page = b"GET /console/ HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n";
+    let from_node = https_http1(&pki, node.tcp, page).await;
+    let from_gateway = https_http1(&pki, gateway.address, page).await;
+    assert!(
+        from_gateway.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&from_gateway)
+    );
+    assert!(!body_of(&from_gateway).is_empty());
+    assert!(body_of(&from_gateway) == body_of(&from_node), "not the node's page");
+
+    let served = https_http1(&pki, gateway.address, &grpc_web_read_history(Some(&token))).await;
+    let text = String::from_utf8_lossy(&served);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(contains(&served, b"seen from a browser\n"), "{text}");
+    assert!(text.contains("grpc-status:0"), "{text}");
+
+    let refused = https_http1(&pki, gateway.address, &grpc_web_read_history(None)).await;
+    let text = String::from_utf8_lossy(&refused);
+    assert!(text.contains("grpc-status: 16") || text.contains("grpc-status:16"), "{text}");
+    assert!(!contains(&refused, b"seen from a browser"), "{text}");
+}
