@@ -11,7 +11,8 @@
 //! [`daemon::preflight`], [`upgrade::exec`]'s start-up steps and the snapshot format version,
 //! [`keeper`]'s server, check, systemd hand-over and wire protocol, [`logfile::backup_path`]
 //! and [`logfile::backups_of`], [`names`]' defaults, [`terminal_safety::QueryFilter`] and
-//! [`tokens`]' key and grants. Everything else is `pub(crate)`, so the compiler reports code
+//! [`tokens`]' keys (a node's, and the gateway's cluster key) and grants, and [`gateway`]
+//! (`conlog-gateway`'s configuration and [`gateway::run`]). Everything else is `pub(crate)`, so the compiler reports code
 //! nothing uses.
 //!
 //! # Unsafe code
