@@ -711,7 +711,10 @@ mod tests {
         };
         let a = node("a:1", "a:1");
         let token = a.issue(grant(100));
-        assert_eq!(cluster.verify(&token, 1).unwrap().node.as_deref(), Some("a:1"));
+        assert_eq!(
+            cluster.verify(&token, 1).unwrap().node.as_deref(),
+            Some("a:1")
+        );
         assert_eq!(cluster.verify(&token, 100), Err(TokenError::Expired(100)));
         // Node b's key claiming to be a.
         let b_as_a = node("b:1", "a:1");
@@ -728,8 +731,12 @@ mod tests {
         fs::rename(&fresh, &cluster_path).unwrap();
         assert_eq!(cluster.verify(&token, 1), Err(TokenError::BadSignature));
         // The node takes its newly derived key on reload, as a rotation.
-        let mut rotations = a.rotations();
-        fs::write(dir.path().join("a:1.key"), cluster.node_key_file("a:1").unwrap()).unwrap();
+        let rotations = a.rotations();
+        fs::write(
+            dir.path().join("a:1.key"),
+            cluster.node_key_file("a:1").unwrap(),
+        )
+        .unwrap();
         assert!(a.reload().unwrap());
         assert!(rotations.has_changed().unwrap());
         assert!(!a.reload().unwrap(), "the same key again is no rotation");

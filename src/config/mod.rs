@@ -519,7 +519,11 @@ impl Config {
         self.web.validate()?;
         self.node.validate()?;
         if self.console.require_gateway
-            && self.tls.as_ref().and_then(|t| t.client_ca.as_ref()).is_none()
+            && self
+                .tls
+                .as_ref()
+                .and_then(|t| t.client_ca.as_ref())
+                .is_none()
         {
             return value(
                 "console.require_gateway",

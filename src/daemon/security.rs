@@ -46,9 +46,13 @@ impl Security {
     /// rotation when it differs.
     pub(super) fn reload(&self) {
         match self.tokens.reload() {
-            Ok(true) => tracing::warn!("SIGHUP: token key replaced from its file: every token issued before is revoked"),
+            Ok(true) => tracing::warn!(
+                "SIGHUP: token key replaced from its file: every token issued before is revoked"
+            ),
             Ok(false) => tracing::info!("SIGHUP: token key unchanged"),
-            Err(e) => tracing::error!(error = %e, "SIGHUP: cannot read the token key; keeping the current one"),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: cannot read the token key; keeping the current one")
+            }
         }
         let Some(tls) = &self.tls else {
             tracing::info!("SIGHUP: no TLS configured, nothing to reload");

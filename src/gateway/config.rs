@@ -4,7 +4,9 @@
 //! Owns the schema, its defaults and the validation of every value. It never opens the files
 //! it names; [`super::run`] does.
 
-use crate::config::{ByteSize, ConfigError, HumanDuration, Limits, LogFormat, TlsConfig, WebConfig};
+use crate::config::{
+    ByteSize, ConfigError, HumanDuration, Limits, LogFormat, TlsConfig, WebConfig,
+};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -197,8 +199,14 @@ impl GatewayConfig {
         let l = &self.limits;
         for (key, limit) in [
             ("gateway.limits.tcp_connections", l.tcp_connections),
-            ("gateway.limits.connections_per_peer", l.connections_per_peer),
-            ("gateway.limits.calls_per_connection", l.calls_per_connection),
+            (
+                "gateway.limits.connections_per_peer",
+                l.connections_per_peer,
+            ),
+            (
+                "gateway.limits.calls_per_connection",
+                l.calls_per_connection,
+            ),
             ("gateway.limits.calls_total", l.calls_total),
             ("gateway.limits.calls_per_peer", l.calls_per_peer),
             ("gateway.limits.calls_per_guest", l.calls_per_guest),

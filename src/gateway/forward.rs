@@ -106,13 +106,14 @@ impl Forward {
             .headers_mut()
             .insert("te", http::HeaderValue::from_static("trailers"));
         drop(_entered);
-        let response = channel
-            .oneshot(request)
-            .await
-            .map_err(|e| GatewayError::NodeUnavailable {
-                node: node.clone(),
-                reason: error_chain(&e),
-            })?;
+        let response =
+            channel
+                .oneshot(request)
+                .await
+                .map_err(|e| GatewayError::NodeUnavailable {
+                    node: node.clone(),
+                    reason: error_chain(&e),
+                })?;
         Ok(response.map(|inner| {
             Body::new(UpstreamBody {
                 inner,

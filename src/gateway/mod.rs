@@ -51,13 +51,14 @@ pub enum GatewayError {
 
 /// Runs the gateway until SIGTERM or SIGINT; SIGHUP reloads the public certificate.
 pub async fn run(config: GatewayConfig) -> Result<(), GatewayError> {
-    let keys = Arc::new(ClusterKey::load(&config.cluster_key).map_err(|source| {
-        GatewayError::File {
-            what: "gateway.cluster_key",
-            path: config.cluster_key.display().to_string(),
-            source,
-        }
-    })?);
+    let keys =
+        Arc::new(
+            ClusterKey::load(&config.cluster_key).map_err(|source| GatewayError::File {
+                what: "gateway.cluster_key",
+                path: config.cluster_key.display().to_string(),
+                source,
+            })?,
+        );
     let tls = Arc::new(Tls::load(&config.tls)?);
     let upstreams = Arc::new(upstream::Upstreams::new(&config.upstream)?);
     let limits = config.limits.as_node_limits();

@@ -40,7 +40,10 @@ impl Upstreams {
     /// Reads the certificate files of `config`.
     pub(crate) fn new(config: &UpstreamConfig) -> Result<Self, GatewayError> {
         let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read("gateway.upstream.ca", &config.ca)?))
+            .ca_certificate(Certificate::from_pem(read(
+                "gateway.upstream.ca",
+                &config.ca,
+            )?))
             .identity(Identity::from_pem(
                 read("gateway.upstream.cert", &config.cert)?,
                 read("gateway.upstream.key", &config.key)?,
@@ -83,10 +86,7 @@ impl Upstreams {
         let mut channels = self.channels.lock().expect("channels poisoned");
         if channels.len() < MAX_NODES {
             // Another call may have made one meanwhile: keep the first, so calls share it.
-            return Ok(channels
-                .entry(node.to_owned())
-                .or_insert(channel)
-                .clone());
+            return Ok(channels.entry(node.to_owned()).or_insert(channel).clone());
         }
         Ok(channel)
     }

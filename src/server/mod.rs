@@ -77,7 +77,10 @@ pub fn remote_descriptor_share(nofile: u64) -> usize {
 }
 
 impl Protection {
-    pub(crate) fn new(limits: &crate::config::Limits, tokens: Arc<dyn crate::tokens::Verify>) -> Self {
+    pub(crate) fn new(
+        limits: &crate::config::Limits,
+        tokens: Arc<dyn crate::tokens::Verify>,
+    ) -> Self {
         let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
             .current
             .unwrap_or(u64::MAX);

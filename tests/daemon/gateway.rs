@@ -51,15 +51,19 @@ impl Ca {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let key = KeyPair::generate().expect("CA key");
         let cert = params.self_signed(&key).expect("self-signed CA");
         Self { cert, key }
     }
 
     fn leaf(&self, name: &str, sans: &[&str], usage: ExtendedKeyUsagePurpose) -> Leaf {
-        let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .expect("leaf params");
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("leaf params");
         params.distinguished_name.push(DnType::CommonName, name);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![usage];
@@ -100,11 +104,9 @@ impl Pki {
         );
         pki.write("server.pem", &server.cert);
         pki.write("server.key", &server.key);
-        let client = pki.client_ca.leaf(
-            "conlog-gateway",
-            &[],
-            ExtendedKeyUsagePurpose::ClientAuth,
-        );
+        let client = pki
+            .client_ca
+            .leaf("conlog-gateway", &[], ExtendedKeyUsagePurpose::ClientAuth);
         pki.write("gateway-client.pem", &client.cert);
         pki.write("gateway-client.key", &client.key);
         pki.write("cluster.key", &format!("{}\n", "5a".repeat(32)));
@@ -422,9 +424,13 @@ async fn a_token_reaches_its_own_nodes_guest_through_any_gateway_and_nothing_els
     watched.wait_output(b"from node A\n").await;
     assert!(!contains(&watched.output, b"node B"));
     let session = watched.attached.session_id.clone();
-    let accepted = send_input(pki.client(g2.address, &token_a).await, &session, b"typed at A\n")
-        .await
-        .expect("SendConsoleInput through the other gateway");
+    let accepted = send_input(
+        pki.client(g2.address, &token_a).await,
+        &session,
+        b"typed at A\n",
+    )
+    .await
+    .expect("SendConsoleInput through the other gateway");
     assert_eq!(accepted, 11);
     a_vm1.wait_for(b"typed at A\n").await;
     drop(watched);
@@ -448,7 +454,10 @@ async fn a_token_reaches_its_own_nodes_guest_through_any_gateway_and_nothing_els
         .expect("ReadHistory through the gateway");
     assert_eq!(&data, b"from node A\necho back\n");
     a_vm1.write(b"live\n").await;
-    let live = bounded("a live chunk", stream.message()).await.unwrap().unwrap();
+    let live = bounded("a live chunk", stream.message())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((live.offset, &live.data[..]), (22, &b"live\n"[..]));
     drop(stream);
 
@@ -460,7 +469,11 @@ async fn a_token_reaches_its_own_nodes_guest_through_any_gateway_and_nothing_els
 
     // Not the other guest of A (the node re-checks the token's guest).
     let refused = read_history(pki.client(g1.address, &token_a).await, "vm2", 0, 1).await;
-    assert_eq!(code_of(&refused).map(|c| c.0), Some(Code::PermissionDenied), "{refused:?}");
+    assert_eq!(
+        code_of(&refused).map(|c| c.0),
+        Some(Code::PermissionDenied),
+        "{refused:?}"
+    );
     let refused = watch(
         pki.client(g1.address, &token_a).await,
         watch_request("vm2", Mode::ReadWrite),
@@ -563,9 +576,10 @@ async fn a_node_that_is_down_is_unavailable_naming_it() {
     let token_down = down.token("vm1", "", Access::Read, 600).await;
     let token_up = up.token("vm1", "", Access::Read, 600).await;
     let name = endpoint_of(&down);
-    let (_, mut follow) = read_history(pki.client(gateway.address, &token_down).await, "vm1", 0, 11)
-        .await
-        .expect("a follow through the gateway");
+    let (_, mut follow) =
+        read_history(pki.client(gateway.address, &token_down).await, "vm1", 0, 11)
+            .await
+            .expect("a follow through the gateway");
     down.kill().await;
 
     // The follow in progress ends with UNAVAILABLE naming the node, not a reset.
@@ -581,14 +595,19 @@ async fn a_node_that_is_down_is_unavailable_naming_it() {
     .await;
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
     assert!(
-        ended.message().contains(&format!("Node {name} ended the stream")),
+        ended
+            .message()
+            .contains(&format!("Node {name} ended the stream")),
         "{ended:?}"
     );
 
     let refused = read_history(pki.client(gateway.address, &token_down).await, "vm1", 0, 1).await;
     let (code, message) = code_of(&refused).expect("served by a dead node");
     assert_eq!(code, Code::Unavailable, "{message}");
-    assert!(message.contains(&format!("Node {name} is unavailable")), "{message}");
+    assert!(
+        message.contains(&format!("Node {name} is unavailable")),
+        "{message}"
+    );
 
     // An address where nothing answers (TEST-NET-1, RFC 5737): the connect timeout decides.
     let silent = "192.0.2.1:7770";
@@ -596,13 +615,21 @@ async fn a_node_that_is_down_is_unavailable_naming_it() {
     let token_silent = signed_with(&key_file, grant("vm1", Some(silent.into()), now() + 600));
     let refused = tokio::time::timeout(
         DEADLINE / 2,
-        read_history(pki.client(gateway.address, &token_silent).await, "vm1", 0, 1),
+        read_history(
+            pki.client(gateway.address, &token_silent).await,
+            "vm1",
+            0,
+            1,
+        ),
     )
     .await
     .unwrap_or_else(|_| panic!("no answer; the gateway's log:\n{}", gateway.log()));
     let (code, message) = code_of(&refused).expect("served by nobody");
     assert_eq!(code, Code::Unavailable, "{message}");
-    assert!(message.contains("Node 192.0.2.1:7770 is unavailable"), "{message}");
+    assert!(
+        message.contains("Node 192.0.2.1:7770 is unavailable"),
+        "{message}"
+    );
 
     let (data, _) = read_history(pki.client(gateway.address, &token_up).await, "vm1", 0, 11)
         .await
@@ -637,9 +664,12 @@ async fn require_gateway_refuses_direct_callers_without_the_gateway_certificate(
         panic!("a direct call without the gateway's certificate was served");
     }
     // With the gateway's certificate (as the gateway itself) it is served.
-    let channel = bounded("connect as the gateway", pki.endpoint(node.tcp, true).connect())
-        .await
-        .expect("the gateway's certificate is accepted");
+    let channel = bounded(
+        "connect as the gateway",
+        pki.endpoint(node.tcp, true).connect(),
+    )
+    .await
+    .expect("the gateway's certificate is accepted");
     read_history(with_token(channel, &token), "vm1", 0, 8)
         .await
         .expect("served with the gateway's certificate");
@@ -650,9 +680,12 @@ async fn require_gateway_refuses_direct_callers_without_the_gateway_certificate(
         &node.data_dir().join("state/token.key"),
         grant("vm1", Some("127.0.0.1:1".into()), now() + 600),
     );
-    let channel = bounded("connect as the gateway", pki.endpoint(node.tcp, true).connect())
-        .await
-        .unwrap();
+    let channel = bounded(
+        "connect as the gateway",
+        pki.endpoint(node.tcp, true).connect(),
+    )
+    .await
+    .unwrap();
     let refused = read_history(with_token(channel, &elsewhere), "vm1", 0, 1).await;
     let (code, message) = code_of(&refused).expect("a token for another node was served");
     assert_eq!(code, Code::Unauthenticated);
@@ -661,7 +694,10 @@ async fn require_gateway_refuses_direct_callers_without_the_gateway_certificate(
     // Without tls.client_ca the setting is refused at start.
     let config = pki.write(
         "no-client-ca.yaml",
-        &format!("{}console:\n  require_gateway: true\n", pki.node_yaml(false)),
+        &format!(
+            "{}console:\n  require_gateway: true\n",
+            pki.node_yaml(false)
+        ),
     );
     let output = Command::new(conlogd_bin())
         .arg("--config")
@@ -688,13 +724,16 @@ async fn a_killed_gateway_replica_costs_a_reconnect_and_nothing_else() {
     let g2 = Gateway::start(&pki, "3s").await;
     let mut guest = console_with_guest(&node, "vm1").await;
     let token = node.token("vm1", "", Access::ReadWrite, 600).await;
-    let first: Vec<u8> = (0..4000u32).flat_map(|i| format!("line {i}\n").into_bytes()).collect();
+    let first: Vec<u8> = (0..4000u32)
+        .flat_map(|i| format!("line {i}\n").into_bytes())
+        .collect();
     guest.write(&first).await;
 
     // A follower and a writer, both through gateway 1.
-    let (mut followed, follow) = read_history(pki.client(g1.address, &token).await, "vm1", 0, first.len())
-        .await
-        .expect("follow through gateway 1");
+    let (mut followed, follow) =
+        read_history(pki.client(g1.address, &token).await, "vm1", 0, first.len())
+            .await
+            .expect("follow through gateway 1");
     let mut session = Session::attach(
         pki.client(g1.address, &token).await,
         attach("vm1", Mode::ReadWrite),
@@ -708,7 +747,9 @@ async fn a_killed_gateway_replica_costs_a_reconnect_and_nothing_else() {
 
     g1.kill();
     // Output the client misses while it reconnects.
-    let second: Vec<u8> = (0..3000u32).flat_map(|i| format!("more {i}\n").into_bytes()).collect();
+    let second: Vec<u8> = (0..3000u32)
+        .flat_map(|i| format!("more {i}\n").into_bytes())
+        .collect();
     guest.write(&second).await;
 
     // Both calls end with an error (the connection to gateway 1 is gone), never a clean end.
@@ -723,7 +764,10 @@ async fn a_killed_gateway_replica_costs_a_reconnect_and_nothing_else() {
         }
     })
     .await;
-    assert!(ended.is_some(), "a follow through a dead gateway ended cleanly");
+    assert!(
+        ended.is_some(),
+        "a follow through a dead gateway ended cleanly"
+    );
     let status = session.wait_end().await;
     assert_ne!(status.code(), Code::Ok);
 
@@ -742,7 +786,10 @@ async fn a_killed_gateway_replica_costs_a_reconnect_and_nothing_else() {
     let mut expected = first.clone();
     expected.extend_from_slice(&second);
     assert_eq!(followed.len(), expected.len());
-    assert!(followed == expected, "the followed bytes differ from the guest's output");
+    assert!(
+        followed == expected,
+        "the followed bytes differ from the guest's output"
+    );
 
     // The writer re-attaches with a replay and takes what it missed from its offset.
     let mut again = attach("vm1", Mode::ReadWrite);
@@ -845,7 +892,10 @@ async fn the_console_page_and_grpc_web_are_served_through_the_gateway() {
         String::from_utf8_lossy(&from_gateway)
     );
     assert!(!body_of(&from_gateway).is_empty());
-    assert!(body_of(&from_gateway) == body_of(&from_node), "not the node's page");
+    assert!(
+        body_of(&from_gateway) == body_of(&from_node),
+        "not the node's page"
+    );
 
     let served = https_http1(&pki, gateway.address, &grpc_web_read_history(Some(&token))).await;
     let text = String::from_utf8_lossy(&served);
@@ -855,6 +905,9 @@ async fn the_console_page_and_grpc_web_are_served_through_the_gateway() {
 
     let refused = https_http1(&pki, gateway.address, &grpc_web_read_history(None)).await;
     let text = String::from_utf8_lossy(&refused);
-    assert!(text.contains("grpc-status: 16") || text.contains("grpc-status:16"), "{text}");
+    assert!(
+        text.contains("grpc-status: 16") || text.contains("grpc-status:16"),
+        "{text}"
+    );
     assert!(!contains(&refused, b"seen from a browser"), "{text}");
 }
