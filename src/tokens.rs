@@ -319,6 +319,8 @@ pub struct ClusterKey {
     /// The key as last read, and the file version it came from. Held for a copy, never across
     /// an `.await`.
     current: std::sync::Mutex<(FileStamp, Option<Vec<u8>>)>,
+    /// Counts changes of the file, so that calls in progress re-check their token.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl ClusterKey {
@@ -329,7 +331,19 @@ impl ClusterKey {
         Ok(Self {
             path: path.to_owned(),
             current: std::sync::Mutex::new((at, Some(key))),
+            changes: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Changes when the key file changed (seen by a verification or by [`Self::check`]).
+    pub(crate) fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Looks at the file now (the gateway does every second), so that calls in progress learn
+    /// of a new key even when no new call arrives.
+    pub(crate) fn check(&self) {
+        let _ = self.bytes();
     }
 
     /// The current key bytes, read again if the file changed.
@@ -344,6 +358,7 @@ impl ClusterKey {
                 tracing::info!(path = %self.path.display(), "cluster key changed: tokens of the previous key are refused");
             }
             *current = (at, fresh.ok());
+            self.changes.send_modify(|n| *n += 1);
         }
         current
             .1

@@ -7,7 +7,8 @@
 //! arrives; the response comes back the same way. Messages are never decoded, so fields a
 //! newer node adds pass through, and the gateway's memory per stream is what HTTP/2 flow
 //! control lets in (docs/gateway.md, "Backpressure"). A node that cannot be reached, or that
-//! breaks a stream, ends the call with `UNAVAILABLE` naming it. It never decides which guest
+//! breaks a stream, ends the call with `UNAVAILABLE` naming it; a call whose token the cluster
+//! key no longer verifies (the key was replaced) ends with `UNAUTHENTICATED`. It never decides which guest
 //! or device a token may touch: the node re-verifies the token and does.
 
 use super::upstream::Upstreams;
@@ -92,6 +93,7 @@ impl Forward {
         mut request: http::Request<Body>,
     ) -> Result<http::Response<Body>, Refusal> {
         let grant = self.authenticate(&request)?;
+        let grant_token = request.headers().get("authorization").cloned();
         let node = grant
             .node
             .clone()
@@ -114,10 +116,16 @@ impl Forward {
                     node: node.clone(),
                     reason: error_chain(&e),
                 })?;
+        let recheck = Recheck {
+            changes: tokio_stream::wrappers::WatchStream::from_changes(self.keys.changes()),
+            token: token_of(&grant_token),
+            keys: self.keys.clone(),
+        };
         Ok(response.map(|inner| {
             Body::new(UpstreamBody {
                 inner,
                 node: node.into(),
+                recheck,
                 done: false,
             })
         }))
@@ -154,6 +162,42 @@ impl Forward {
     }
 }
 
+/// The bearer token of an `authorization` header value.
+fn token_of(header: &Option<http::HeaderValue>) -> String {
+    header
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// What a call in progress needs to check its token again when the cluster key changes.
+struct Recheck {
+    changes: tokio_stream::wrappers::WatchStream<u64>,
+    token: String,
+    keys: Arc<ClusterKey>,
+}
+
+impl Recheck {
+    /// Why the call must end now, if the key changed and no longer verifies its token.
+    fn poll_revoked(&mut self, cx: &mut Context<'_>) -> Option<Error> {
+        use futures::Stream;
+        while let Poll::Ready(Some(_)) = Pin::new(&mut self.changes).poll_next(cx) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if let Err(e) = self.keys.verify(&self.token, now) {
+                return Some(Error::Unauthenticated(format!(
+                    "Token refused: {e} (the cluster key changed during the call)"
+                )));
+            }
+        }
+        None
+    }
+}
+
 /// An error and its sources, on one line.
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
@@ -172,7 +216,17 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 struct UpstreamBody {
     inner: Body,
     node: Arc<str>,
+    /// Ends the call when the cluster key changes and no longer verifies its token (the
+    /// inner body is dropped with the call, which cancels it at the node).
+    recheck: Recheck,
     done: bool,
+}
+
+/// A status as the trailers that end a response.
+fn trailers(status: &Status) -> Frame<Bytes> {
+    let mut trailers = http::HeaderMap::new();
+    let _ = status.add_header(&mut trailers);
+    Frame::trailers(trailers)
 }
 
 impl HttpBody for UpstreamBody {
@@ -186,6 +240,11 @@ impl HttpBody for UpstreamBody {
         if self.done {
             return Poll::Ready(None);
         }
+        if let Some(revoked) = self.recheck.poll_revoked(cx) {
+            self.done = true;
+            crate::limited!(info, node = %self.node, "call ended: its token no longer verifies");
+            return Poll::Ready(Some(Ok(trailers(&crate::error::status(&revoked)))));
+        }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Err(e))) => {
                 self.done = true;
@@ -194,9 +253,7 @@ impl HttpBody for UpstreamBody {
                     reason: e.message().to_owned(),
                 };
                 crate::limited!(info, error = %broken, "upstream stream broken");
-                let mut trailers = http::HeaderMap::new();
-                let _ = crate::error::status(&broken).add_header(&mut trailers);
-                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                Poll::Ready(Some(Ok(trailers(&crate::error::status(&broken)))))
             }
             other => other,
         }

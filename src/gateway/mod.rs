@@ -75,6 +75,7 @@ pub async fn run(config: GatewayConfig) -> Result<(), GatewayError> {
             address: config.listen,
             source,
         })?;
+    tokio::spawn(watch_key(keys.clone()));
     let console = InputBounded::remote(
         forward::Forward::new(keys, upstreams),
         limits.body_timeout.get(),
@@ -98,6 +99,19 @@ pub async fn run(config: GatewayConfig) -> Result<(), GatewayError> {
     .await?;
     tracing::info!("conlog-gateway stopped");
     Ok(())
+}
+
+/// How often the cluster key file is looked at between calls.
+const KEY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Looks at the cluster key file every [`KEY_CHECK_INTERVAL`]: a new key ends the calls in
+/// progress whose token it no longer verifies ([`forward`]).
+async fn watch_key(keys: Arc<ClusterKey>) {
+    let mut every = tokio::time::interval(KEY_CHECK_INTERVAL);
+    loop {
+        every.tick().await;
+        keys.check();
+    }
 }
 
 /// SIGTERM/SIGINT stop the gateway; SIGHUP reloads its public certificate.

@@ -523,7 +523,7 @@ async fn a_token_reaches_its_own_nodes_guest_through_any_gateway_and_nothing_els
 
 /// Expired tokens, and every token once the cluster key is replaced, are refused at the
 /// gateway (the node, still on its old key, would have served them: the refusal is the
-/// gateway's).
+/// gateway's); a call in progress ends when the new key no longer verifies its token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_tokens_and_a_rotated_cluster_key_are_refused_at_the_gateway() {
     let pki = Pki::new();
@@ -548,11 +548,24 @@ async fn expired_tokens_and_a_rotated_cluster_key_are_refused_at_the_gateway() {
     }
 
     let token = node.token("vm1", "", Access::Read, 600).await;
-    read_history(pki.client(gateway.address, &token).await, "vm1", 0, 6)
+    let (_, mut follow) = read_history(pki.client(gateway.address, &token).await, "vm1", 0, 6)
         .await
         .expect("a valid token is served");
 
     pki.write("cluster.key", &format!("{}\n", "a7".repeat(32)));
+    // The follow in progress ends, with no new call to the gateway.
+    let ended = bounded("the follow ends", async {
+        loop {
+            match follow.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the follow ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    assert!(ended.message().contains("cluster key changed"), "{ended:?}");
     let refused = read_history(pki.client(gateway.address, &token).await, "vm1", 0, 1).await;
     let (code, message) = code_of(&refused).expect("a token of the old cluster key was served");
     assert_eq!(code, Code::Unauthenticated);
@@ -882,6 +895,10 @@ async fn the_console_page_and_grpc_web_are_served_through_the_gateway() {
     let mut guest = console_with_guest(&node, "vm1").await;
     guest.write(b"seen from a browser\n").await;
     let token = node.token("vm1", "", Access::Read, 600).await;
+    // Logged before the gRPC-web read, which does not follow.
+    read_history(pki.client(node.tcp, &token).await, "vm1", 0, 20)
+        .await
+        .unwrap();
 
     let page = b"GET /console/ HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n";
     let from_node = https_http1(&pki, node.tcp, page).await;
