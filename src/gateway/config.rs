@@ -67,8 +67,7 @@ pub struct UpstreamConfig {
     pub stream_window: ByteSize,
 }
 
-/// The gateway's limits; hitting one is `RESOURCE_EXHAUSTED` naming it (as `limits.<name>`,
-/// the node's names, since the same layer counts them).
+/// The gateway's limits; hitting one is `RESOURCE_EXHAUSTED` naming it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayLimits {

@@ -62,7 +62,7 @@ pub async fn run(config: GatewayConfig) -> Result<(), GatewayError> {
     let tls = Arc::new(Tls::load(&config.tls)?);
     let upstreams = Arc::new(upstream::Upstreams::new(&config.upstream)?);
     let limits = config.limits.as_node_limits();
-    let protection = Protection::new(&limits, keys.clone()).with_web(&config.web);
+    let protection = Protection::for_gateway(&limits, keys.clone()).with_web(&config.web);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| GatewayError::Listen {

@@ -31,9 +31,35 @@ use tower::{Layer, Service};
 
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 
+/// The config keys a listener's call limits are named by when they refuse a call.
+pub(crate) struct LimitKeys {
+    pub total: &'static str,
+    pub per_connection: &'static str,
+    pub per_peer: &'static str,
+    pub per_guest: &'static str,
+}
+
+/// A node's TCP listener.
+const NODE_REMOTE_KEYS: LimitKeys = LimitKeys {
+    total: "limits.remote_calls_total",
+    per_connection: "limits.calls_per_connection",
+    per_peer: "limits.calls_per_peer",
+    per_guest: "limits.calls_per_guest",
+};
+
+/// `conlog-gateway`'s listener (docs/gateway.md, "Limits and deadlines").
+pub(crate) const GATEWAY_KEYS: LimitKeys = LimitKeys {
+    total: "gateway.limits.calls_total",
+    per_connection: "gateway.limits.calls_per_connection",
+    per_peer: "gateway.limits.calls_per_peer",
+    per_guest: "gateway.limits.calls_per_guest",
+};
+
 /// The counters and limits of one listener's calls.
 pub struct CallLimits {
     per_connection: u32,
+    /// The config key of the per-connection limit.
+    per_connection_key: &'static str,
     /// The config key of the listener's total.
     total_key: &'static str,
     total_limit: u32,
@@ -44,7 +70,9 @@ pub struct CallLimits {
 
 struct RemoteLimits {
     per_peer: Arc<Tally<IpAddr>>,
+    per_peer_key: &'static str,
     per_guest: Arc<Tally<String>>,
+    per_guest_key: &'static str,
     tokens: Arc<dyn Verify>,
 }
 
@@ -53,6 +81,7 @@ impl CallLimits {
     pub fn local(limits: &Limits) -> Arc<Self> {
         Arc::new(Self {
             per_connection: limits.calls_per_connection,
+            per_connection_key: "limits.calls_per_connection",
             total_key: "limits.calls_total",
             total_limit: limits.calls_total,
             total: Arc::new(AtomicU32::new(0)),
@@ -63,14 +92,26 @@ impl CallLimits {
     /// TCP's limits (`limits.remote_calls_total`, per peer, per guest); `tokens` tells which
     /// guest a call's token is for.
     pub(crate) fn remote(limits: &Limits, tokens: Arc<dyn Verify>) -> Arc<Self> {
+        Self::remote_named(limits, tokens, &NODE_REMOTE_KEYS)
+    }
+
+    /// The same, refusing calls in the name of `keys`.
+    pub(crate) fn remote_named(
+        limits: &Limits,
+        tokens: Arc<dyn Verify>,
+        keys: &'static LimitKeys,
+    ) -> Arc<Self> {
         Arc::new(Self {
             per_connection: limits.calls_per_connection,
-            total_key: "limits.remote_calls_total",
+            per_connection_key: keys.per_connection,
+            total_key: keys.total,
             total_limit: limits.remote_calls_total,
             total: Arc::new(AtomicU32::new(0)),
             remote: Some(RemoteLimits {
                 per_peer: Tally::new(limits.calls_per_peer),
+                per_peer_key: keys.per_peer,
                 per_guest: Tally::new(limits.calls_per_guest),
+                per_guest_key: keys.per_guest,
                 tokens,
             }),
         })
@@ -102,7 +143,7 @@ impl CallLimits {
         if let Some(info) = connection {
             guard.connection = Some(
                 ConnCall::take(&info.activity, self.per_connection)
-                    .ok_or_else(|| refused("limits.calls_per_connection", self.per_connection))?,
+                    .ok_or_else(|| refused(self.per_connection_key, self.per_connection))?,
             );
         }
         let Some(remote) = &self.remote else {
@@ -113,7 +154,7 @@ impl CallLimits {
                 remote
                     .per_peer
                     .take(ip)
-                    .ok_or_else(|| refused("limits.calls_per_peer", remote.per_peer.limit()))?,
+                    .ok_or_else(|| refused(remote.per_peer_key, remote.per_peer.limit()))?,
             );
         }
         let grant = token_grant(request, remote.tokens.as_ref());
@@ -122,7 +163,7 @@ impl CallLimits {
                 remote
                     .per_guest
                     .take(grant.scope())
-                    .ok_or_else(|| refused("limits.calls_per_guest", remote.per_guest.limit()))?,
+                    .ok_or_else(|| refused(remote.per_guest_key, remote.per_guest.limit()))?,
             );
         }
         Ok((guard, grant))

@@ -102,6 +102,16 @@ impl Protection {
         }
     }
 
+    /// `conlog-gateway`'s: the same layers, its call limits named `gateway.limits.*`.
+    pub(crate) fn for_gateway(
+        limits: &crate::config::Limits,
+        tokens: Arc<dyn crate::tokens::Verify>,
+    ) -> Self {
+        let mut protection = Self::new(limits, tokens.clone());
+        protection.remote_calls = CallLimits::remote_named(limits, tokens, &limits::GATEWAY_KEYS);
+        protection
+    }
+
     /// The same, with the `web` section's allowed origins for the TCP listener.
     pub fn with_web(mut self, config: &crate::config::WebConfig) -> Self {
         self.web = self.web.with_origins(config);

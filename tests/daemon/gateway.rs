@@ -239,9 +239,14 @@ struct Gateway {
 
 impl Gateway {
     async fn start(pki: &Pki, connect_timeout: &str) -> Self {
+        Self::start_with(pki, connect_timeout, "").await
+    }
+
+    /// With `extra` (more keys of the `gateway:` section, indented by two) in its config.
+    async fn start_with(pki: &Pki, connect_timeout: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("gateway.yaml");
-        std::fs::write(&config, pki.gateway_yaml(connect_timeout)).unwrap();
+        std::fs::write(&config, pki.gateway_yaml(connect_timeout) + extra).unwrap();
         let stderr = dir.path().join("stderr");
         let child = Command::new(gateway_bin())
             .arg("--config")
@@ -927,4 +932,64 @@ async fn the_console_page_and_grpc_web_are_served_through_the_gateway() {
         "{text}"
     );
     assert!(!contains(&refused, b"seen from a browser"), "{text}");
+}
+
+/// The gateway's own limits, like a node's: calls with the tokens of one guest (of one node),
+/// refused naming the gateway's key and given back when the call ends; a connection with no
+/// call is closed after `gateway.limits.idle_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_limits_calls_per_guest_and_closes_idle_connections() {
+    let pki = Pki::new();
+    let node = pki.node(false).await;
+    let gateway = Gateway::start_with(
+        &pki,
+        "3s",
+        "  limits:\n    calls_per_guest: 1\n    idle_timeout: 1s\n",
+    )
+    .await;
+    let mut vm1 = console_with_guest(&node, "vm1").await;
+    let mut vm2 = console_with_guest(&node, "vm2").await;
+    vm1.write(b"one\n").await;
+    vm2.write(b"two\n").await;
+    let (first, second) = (
+        node.token("vm1", "", Access::Read, 600).await,
+        node.token("vm1", "", Access::Read, 600).await,
+    );
+    let other = node.token("vm2", "", Access::Read, 600).await;
+
+    let (_, follow) = read_history(pki.client(gateway.address, &first).await, "vm1", 0, 4)
+        .await
+        .expect("the first call");
+    let refused = read_history(pki.client(gateway.address, &second).await, "vm1", 0, 4).await;
+    let (code, message) = code_of(&refused).expect("a second call of the guest was served");
+    assert_eq!(code, Code::ResourceExhausted, "{message}");
+    assert!(
+        message.contains("gateway.limits.calls_per_guest"),
+        "{message}"
+    );
+    read_history(pki.client(gateway.address, &other).await, "vm2", 0, 4)
+        .await
+        .expect("another guest's call");
+
+    // The place comes back when the call ends.
+    drop(follow);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match read_history(pki.client(gateway.address, &second).await, "vm1", 0, 4).await {
+            Ok(_) => break,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(Instant::now() < deadline, "the place never came back");
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    }
+
+    // A TLS connection that sends nothing is closed (bounded by DEADLINE, not a timing).
+    let response = https_http1(&pki, gateway.address, b"").await;
+    assert!(
+        response.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&response)
+    );
 }
