@@ -13,6 +13,9 @@ struct Args {
     /// The gateway's config file (a `gateway:` section; docs/operations.md).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Prints the effective configuration (every key, defaults filled in) and exits.
+    #[arg(long)]
+    print_config: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -43,6 +46,10 @@ fn main() -> anyhow::Result<()> {
         .config
         .context("--config FILE is required (the gateway has no defaults for its certificates)")?;
     let config = GatewayConfig::load(&path)?;
+    if args.print_config {
+        print!("{}", config.to_yaml());
+        return Ok(());
+    }
     init_tracing(&config);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(conlog::gateway::run(config))?;

@@ -26,6 +26,10 @@ pub struct GatewayConfig {
     /// Where clients reach the Console service (gRPC, gRPC-web and `/console/`), over TLS.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Plaintext gRPC listener serving only `grpc.health.v1.Health` (for the kubelet's
+    /// probes, which cannot speak TLS); `null` disables it.
+    #[serde(default)]
+    pub health: Option<SocketAddr>,
     /// The public certificate (always TLS); `client_ca` here would make clients present one.
     pub tls: TlsConfig,
     /// How the gateway calls nodes: mutual TLS.
@@ -166,7 +170,24 @@ impl GatewayConfig {
         Ok(file.gateway)
     }
 
+    /// The effective configuration as YAML (`--print-config`): every key, defaults filled in.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(&GatewayFile {
+            gateway: self.clone(),
+        })
+        .expect("the config serializes")
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
+        if self
+            .health
+            .is_some_and(|h| h == self.listen && h.port() != 0)
+        {
+            return refuse(
+                "gateway.health",
+                format!("must differ from gateway.listen ({})", self.listen),
+            );
+        }
         self.tls.validate()?;
         for (key, path) in [
             ("gateway.upstream.ca", &self.upstream.ca),

@@ -82,18 +82,45 @@ pub async fn run(config: GatewayConfig) -> Result<(), GatewayError> {
     );
     let window = u32::try_from(config.upstream.stream_window.bytes()).unwrap_or(u32::MAX);
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let when_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
+    let health = match config.health {
+        None => None,
+        Some(at) => {
+            let listener =
+                tokio::net::TcpListener::bind(at)
+                    .await
+                    .map_err(|source| GatewayError::Listen {
+                        address: at,
+                        source,
+                    })?;
+            let bound = listener.local_addr().ok();
+            let serving = crate::server::serve_health(
+                listener,
+                protection.clone(),
+                usize::try_from(config.limits.tcp_connections).unwrap_or(usize::MAX),
+                when_stopped(),
+            );
+            tokio::spawn(serving.instrument(tracing::info_span!("health")));
+            bound
+        }
+    };
     tokio::spawn(signals(tls.clone(), stop));
-    tracing::info!(tcp = %address, "conlog-gateway ready");
-    let mut stopped = stopped;
+    match health {
+        Some(health) => tracing::info!(tcp = %address, %health, "conlog-gateway ready"),
+        None => tracing::info!(tcp = %address, "conlog-gateway ready"),
+    }
     crate::server::serve_console_tcp(
         listener,
         console,
         Some(tls),
         Some(window),
         protection,
-        async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        },
+        when_stopped(),
     )
     .instrument(tracing::info_span!("gateway"))
     .await?;

@@ -993,3 +993,57 @@ async fn the_gateway_limits_calls_per_guest_and_closes_idle_connections() {
         String::from_utf8_lossy(&response)
     );
 }
+
+/// The plaintext health listener (for the kubelet's probes) answers `conlog.v1.Console`, and
+/// `--print-config` prints every key with its default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_answers_health_in_plaintext_and_prints_its_config() {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let pki = Pki::new();
+    let gateway = Gateway::start_with(&pki, "3s", "  health: 127.0.0.1:0\n").await;
+    let log = gateway.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("conlog-gateway ready"))
+        .unwrap();
+    let at = line.find("health=").expect("health= in the ready line") + 7;
+    let health: SocketAddr = line[at..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let channel = bounded(
+        "connect to health",
+        Endpoint::from_shared(format!("http://{health}"))
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let status = bounded(
+        "Health.Check",
+        HealthClient::new(channel).check(HealthCheckRequest {
+            service: "conlog.v1.Console".into(),
+        }),
+    )
+    .await
+    .expect("served")
+    .into_inner()
+    .status;
+    assert_eq!(status, 1, "SERVING");
+
+    let config = pki.write("printed.yaml", &pki.gateway_yaml("3s"));
+    let output = Command::new(gateway_bin())
+        .arg("--config")
+        .arg(&config)
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let printed: serde_yaml::Value = serde_yaml::from_slice(&output.stdout).unwrap();
+    let gateway = &printed["gateway"];
+    assert_eq!(gateway["upstream"]["stream_window"], "256KiB");
+    assert_eq!(gateway["limits"]["calls_per_guest"], 64);
+    assert_eq!(gateway["health"], serde_yaml::Value::Null);
+}
