@@ -178,6 +178,13 @@ fn code_of(error: &(dyn StdError + 'static)) -> Option<Code> {
             LogError::Io(_) => None,
         };
     }
+    if let Some(error) = error.downcast_ref::<crate::gateway::GatewayError>() {
+        use crate::gateway::GatewayError as G;
+        return match error {
+            G::NodeUnavailable { .. } | G::StreamBroken { .. } => Some(Code::Unavailable),
+            G::File { .. } | G::Tls(_) | G::Listen { .. } | G::Serve(_) => None,
+        };
+    }
     if error.is::<ActorGone>() {
         // The stream was closed, removed or frozen for an upgrade meanwhile: come back later.
         return Some(Code::Unavailable);

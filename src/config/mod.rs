@@ -246,6 +246,65 @@ impl WebConfig {
     }
 }
 
+/// This node as a gateway reaches it (docs/gateway.md).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// The Console endpoint (`host:port`) a gateway reaches this node at, named in every token
+    /// the node issues (the token's node claim). `null`: the TCP listener's address, or this
+    /// host's name and the listener's port when it listens on every address.
+    pub advertise: Option<String>,
+}
+
+impl NodeConfig {
+    /// `node.advertise`, or the default for a TCP listener bound at `listener`.
+    pub(crate) fn advertise_for(&self, listener: SocketAddr) -> String {
+        if let Some(advertise) = &self.advertise {
+            return advertise.clone();
+        }
+        if listener.ip().is_unspecified() {
+            // The host's name (with hostNetwork in Kubernetes, the node's).
+            if let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+                if !name.trim().is_empty() {
+                    return format!("{}:{}", name.trim(), listener.port());
+                }
+            }
+        }
+        listener.to_string()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let Some(advertise) = &self.advertise else {
+            return Ok(());
+        };
+        let parsed: Option<http::uri::Authority> = advertise.parse().ok();
+        let ok = parsed.is_some_and(|a| {
+            a.port_u16().is_some() && !a.host().is_empty() && !a.as_str().contains('@')
+        });
+        if !ok {
+            return Err(ConfigError::Value {
+                key: "node.advertise",
+                message: format!(
+                    "must be host:port, the node's Console endpoint as a gateway reaches it, \
+                     like node17.example.com:7770 (got {advertise:?})"
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The Console service on TCP.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleServiceConfig {
+    /// Remote callers must come through the gateway: they must present a client certificate
+    /// signed by `tls.client_ca` (which must then be the CA of the gateway's client
+    /// certificates and sign nothing else); the node still verifies every token itself and
+    /// also refuses tokens that name another node.
+    pub require_gateway: bool,
+}
+
 /// The effective configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -290,6 +349,10 @@ pub struct Config {
     pub web: WebConfig,
     /// What holds the descriptors through a crash: `auto`, `external`, `systemd` or `off`.
     pub keeper: KeeperMode,
+    /// This node as a gateway reaches it.
+    pub node: NodeConfig,
+    /// The Console service on TCP.
+    pub console: ConsoleServiceConfig,
 }
 
 impl Default for Config {
@@ -314,6 +377,8 @@ impl Default for Config {
             limits: Limits::default(),
             web: WebConfig::default(),
             keeper: KeeperMode::default(),
+            node: NodeConfig::default(),
+            console: ConsoleServiceConfig::default(),
         }
     }
 }
@@ -491,6 +556,21 @@ impl Config {
             tls.validate()?;
         }
         self.web.validate()?;
+        self.node.validate()?;
+        if self.console.require_gateway
+            && self
+                .tls
+                .as_ref()
+                .and_then(|t| t.client_ca.as_ref())
+                .is_none()
+        {
+            return value(
+                "console.require_gateway",
+                "needs tls.cert, tls.key and tls.client_ca (the CA of the gateway's client \
+                 certificates): remote callers are told apart by their certificate"
+                    .into(),
+            );
+        }
         if self.consoles.client_queue.bytes() < 4096 {
             return value(
                 "consoles.client_queue",

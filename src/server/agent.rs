@@ -154,6 +154,7 @@ impl AgentService {
             expires_unix,
             key_id: String::new(),
             issued_unix: None,
+            node: None,
         });
         Ok(proto::IssueTokenResponse {
             token,

@@ -25,6 +25,7 @@ mod console_hostile;
 mod console_io;
 mod console_lifecycle;
 mod consoles;
+mod gateway;
 mod guest_isolation;
 mod handoff;
 mod health_listener;
