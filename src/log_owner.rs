@@ -242,6 +242,8 @@ impl Mailbox for Removed {
             LogCommand::Expire(reply) => {
                 let _ = reply.send(Ok(0));
             }
+            // Nothing happens to a removed stream that its history could show.
+            LogCommand::Event(_) => {}
             LogCommand::Close(close) => close.done(),
         }
         Box::pin(std::future::ready(Ok(())))

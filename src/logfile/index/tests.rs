@@ -437,6 +437,7 @@ mod with_the_log {
                 max_size: 4096,
                 max_backups: backups,
                 mode,
+                max_age: 0,
             };
             let open = || {
                 let mut log = LogFile::open(&path, &pos, limits).unwrap();
@@ -508,6 +509,7 @@ mod with_the_log {
             max_size: 1 << 20,
             max_backups: 1,
             mode: LogMode::Rotate,
+            max_age: 0,
         };
         let mut log = LogFile::open(&path, &dir.path().join("s.pos"), limits).unwrap();
         log.set_time_index(true);
@@ -563,6 +565,7 @@ mod with_the_log {
             max_size: 4096,
             max_backups: 1,
             mode: LogMode::Rotate,
+            max_age: 0,
         };
         let mut log =
             LogFile::open(&dir.path().join("s.log"), &dir.path().join("s.pos"), limits).unwrap();
