@@ -551,7 +551,10 @@ fn check_manifests(objects: &[Value], origin: &str, helm: bool) -> Value {
     }
     for (key, group) in [
         ("socket_group", &written["socket_group"]),
-        ("consoles.socket_group", &written["consoles"]["socket_group"]),
+        (
+            "consoles.socket_group",
+            &written["consoles"]["socket_group"],
+        ),
     ] {
         let Some(group) = group.as_str() else {
             continue;

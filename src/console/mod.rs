@@ -117,7 +117,7 @@ pub fn remote_client_share(max_clients: usize) -> usize {
     max_clients - (max_clients / 4).max(1)
 }
 
-/// Tunables of every console.
+/// What a console starts with: the tunables of every console, and its own protocol.
 #[derive(Clone, Copy, Debug)]
 pub struct ConsoleSettings {
     pub client_queue: usize,
@@ -127,6 +127,8 @@ pub struct ConsoleSettings {
     pub input_rate: u64,
     /// The gid given the guest socket and its directories (`consoles.socket_group`).
     pub socket_group: Option<u32>,
+    /// What this console's guest socket speaks (fixed for its life).
+    pub protocol: Protocol,
 }
 
 /// Counters of a console readable without asking the actor.
@@ -251,7 +253,6 @@ impl ConsoleHandle {
         settings: ConsoleSettings,
         metrics: Arc<Metrics>,
         frozen: Option<FrozenConsole>,
-        protocol: Protocol,
     ) -> Result<Self> {
         let adopt = |e| {
             ConsoleError::io(
@@ -308,7 +309,7 @@ impl ConsoleHandle {
             log,
             console: Arc::new(ConsoleStats::default()),
             paths: Arc::new(paths),
-            protocol,
+            protocol: settings.protocol,
         };
         let actor = actor::ConsoleActor::new(
             handle.clone(),
