@@ -54,6 +54,14 @@ fn target_dir() -> PathBuf {
         .to_owned()
 }
 
+/// One QEMU guest at a time in this binary: each boots under TCG, and two or three at once
+/// beside the other external tests on a 2-CPU machine stretch boots and commands past their
+/// deadlines. Held for the whole test.
+async fn one_guest_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static QEMU_GUEST: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    QEMU_GUEST.lock().await
+}
+
 /// Fails (does not skip) when QEMU is missing, naming what to install.
 fn require_qemu() {
     match Command::new(QEMU).arg("--version").output() {
@@ -415,6 +423,7 @@ impl Scene {
 async fn real_qemu_guest_boots_logs_and_runs_typed_commands() {
     let started = Instant::now();
     require_qemu();
+    let _one = one_guest_at_a_time().await;
     let (kernel, initrd) = build_guest().await;
     let built = started.elapsed();
 
@@ -746,6 +755,7 @@ async fn run_command(scene: &mut Scene, index: usize, command: &str, answer: &st
 async fn qemu_keeps_its_console_connection_through_an_upgrade_and_a_crash() {
     let started = Instant::now();
     require_qemu();
+    let _one = one_guest_at_a_time().await;
     let (kernel, initrd) = build_guest().await;
 
     let daemon = Daemon::start().await;
@@ -911,6 +921,7 @@ async fn qemu_keeps_its_console_connection_through_an_upgrade_and_a_crash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_serial_break_makes_a_real_guest_show_the_sysrq_help() {
     require_qemu();
+    let _one = one_guest_at_a_time().await;
     let (kernel, initrd) = build_guest().await;
     let daemon = Daemon::start().await;
     let mut agent = daemon.agent().await;
