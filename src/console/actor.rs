@@ -351,7 +351,7 @@ impl ConsoleActor {
             return;
         };
         tracing::debug!(discarded = writing.data.len(), "input discarded");
-        if writing.half && self.guest.is_some() {
+        if writing.half && self.guest.is_some() && !writing.data.is_empty() {
             self.writing = Some(Writing {
                 client: None,
                 data: writing.data.split_to(1),

@@ -37,6 +37,10 @@
 //! ([`ConsoleHandle::send_break`], [`mux`]); output is logged as with a raw socket. A raw console
 //! refuses a break.
 //!
+//! Sockets are mode 0660, conlogd's; with `consoles.socket_group` the guest socket and its
+//! directories (0750) belong to that group instead, also when carried from another image (so a
+//! QEMU of another user in that group can connect). `client.sock` is never given away.
+//!
 //! Only the client holding the writer lease reaches the guest; input from anyone else is
 //! dropped (and refused, for `SendConsoleInput`). This module never touches gRPC types: the
 //! server maps [`Event`]s to frames, and what a console refuses or fails at is a
