@@ -117,7 +117,9 @@ impl LogView {
     /// offsets are a gap to the reader, never other bytes.
     pub(crate) fn open_segments(&self, from: u64) -> io::Result<Vec<OpenSegment>> {
         let mut open = Vec::new();
-        let mut last: Option<(&Path, Option<(Arc<File>, Option<Arc<File>>)>)> = None;
+        // The last file opened (or found replaced), with its index.
+        type Opened = Option<(Arc<File>, Option<Arc<File>>)>;
+        let mut last: Option<(&Path, Opened)> = None;
         for (s, inode) in &self.segments {
             if s.start + s.len <= from || s.len == 0 {
                 continue;
