@@ -1241,6 +1241,54 @@ impl Guests {
         Ok(deleted)
     }
 
+    /// Deletes the files of `guest`'s stream `stream` older than `cutoff` if no stream of that
+    /// name is live or being removed (a live stream's actor expires its own files, never its
+    /// current one): a removed stream's logs, or logs left by something else, age like
+    /// virtlogd's closed logs. When none is left, its tombstone and (if empty) the guest's log
+    /// directory go too. Runs under `changes`, so the name is not created meanwhile. Returns
+    /// the log files deleted.
+    pub async fn expire_unwritten(
+        &self,
+        guest: &str,
+        stream: &str,
+        cutoff: std::time::SystemTime,
+    ) -> Result<u32> {
+        let live = |guests: &Registry| {
+            guests.get(guest).is_some_and(|entry| {
+                entry.closing.is_some()
+                    || entry.streams.contains_key(stream)
+                    || entry.closing_streams.contains_key(stream)
+            })
+        };
+        // Most streams the sweep asks about are live: answered without waiting for `changes`.
+        if live(&self.registry()) {
+            return Ok(0);
+        }
+        let _changing = self.changes.lock().await;
+        if live(&self.registry()) {
+            return Ok(0);
+        }
+        let log_path = self.log_path(guest, stream);
+        let (deleted, none_left) = crate::logfile::expire_unwritten(&log_path, cutoff)
+            .map_err(|e| RegistryError::io(format!("cannot delete {}", log_path.display()), e))?;
+        if none_left {
+            let dir = self.guest_log_dir(guest);
+            crate::tombstone::remove(&dir, stream).map_err(|e| {
+                RegistryError::io(format!("cannot remove a tombstone in {}", dir.display()), e)
+            })?;
+            let _ = std::fs::remove_dir(&dir);
+        }
+        if deleted > 0 {
+            tracing::info!(
+                guest,
+                stream,
+                files = deleted,
+                "deleted the files of a removed stream older than logs.max_age"
+            );
+        }
+        Ok(deleted)
+    }
+
     /// Asks every stream with a `max_age` to delete its rotated files older than that; returns
     /// how many files went. Streams are asked a few at a time, never under the lock.
     pub async fn expire_all(&self) -> u32 {
@@ -1482,7 +1530,7 @@ impl Drop for Removal {
 /// The names of the streams with files (logs, their indexes, tombstones) in a guest's log
 /// directory `dir`: `<stream>.log`, `<stream>.log.N`, `<stream>.log[.N].idx`,
 /// `<stream>.removed`. Names that are not valid stream names are left out.
-fn streams_on_disk(dir: &Path) -> Vec<String> {
+pub(crate) fn streams_on_disk(dir: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };

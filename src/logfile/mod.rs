@@ -49,9 +49,9 @@ mod recover;
 mod tests;
 mod view;
 
-pub(crate) use files::delete_stream_files;
 pub(crate) use files::write_atomically;
 pub use files::{backup_path, backups_of};
+pub(crate) use files::{delete_stream_files, expire_unwritten};
 pub(crate) use gaps::{Gaps, Piece};
 pub(crate) use read::read_tail;
 pub(crate) use record::Position;

@@ -49,7 +49,11 @@ fn expiry_deletes_the_old_rotated_files_with_their_indexes_and_never_the_current
         ..limits(4096, 5, LogMode::Rotate)
     })
     .unwrap();
-    assert_eq!(log.expire(now).unwrap(), 0, "expired when the limits were set");
+    assert_eq!(
+        log.expire(now).unwrap(),
+        0,
+        "expired when the limits were set"
+    );
     assert!(path.exists(), "the current file is never expired");
     assert!(backup_path(&path, 1).exists());
     assert!(files::index_path(&backup_path(&path, 1)).exists());

@@ -224,3 +224,53 @@ async fn removed_retention_deletes_after_the_time_and_not_before() {
     assert_eq!(reply.offset, 9000);
     drop(pipe);
 }
+
+/// With `logs.max_age: 1h`, the files of a removed guest age too, its newest included (nobody
+/// writes it any more), as virtlogd's `max_age_days` deletes the logs of guests that are not
+/// running: a removed guest whose every file is old goes entirely (tombstone and directory); one
+/// whose oldest file alone is old loses that file, and its history then starts with a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn age_retention_deletes_the_old_files_of_removed_guests() {
+    let daemon = start("logs:\n  max_age: 1h\n").await;
+    let data = pattern(0, 9000);
+    // Files: .2 (0..4096), .1 (4096..8192), current (8192..9000).
+    for guest in ["vm-all-old", "vm-part-old"] {
+        logged_stream(&daemon, guest, "qemu", 4096, 2, LogMode::Rotate, &data).await;
+        remove(&daemon, guest).await;
+    }
+    for n in 1..=2 {
+        age_file(&backup(&daemon, "vm-all-old", "qemu", n), 3 * HOUR);
+    }
+    age_file(&daemon.log_path("vm-all-old", "qemu"), 2 * HOUR);
+    age_file(&backup(&daemon, "vm-part-old", "qemu", 2), 2 * HOUR);
+    let all_old = daemon.log_dir().join("vm-all-old");
+    wait_until("the old removed guest's logs deleted", || !all_old.exists()).await;
+    let oldest = backup(&daemon, "vm-part-old", "qemu", 2);
+    wait_until("the old file of the removed guest deleted", || {
+        !oldest.exists()
+    })
+    .await;
+    assert_eq!(
+        log_file_names(&daemon.log_dir(), "vm-part-old", "qemu"),
+        ["qemu.log.1", "qemu.log"]
+    );
+    assert!(daemon.log_dir().join("vm-part-old/qemu.removed").exists());
+    let mut local = local_console(&daemon).await;
+    let chunks = read_ok(
+        &mut local,
+        request(
+            "vm-part-old",
+            "qemu",
+            Some(proto::read_history_request::Start::FromOffset(0)),
+        ),
+    )
+    .await;
+    let gap = chunks[0].gap.expect("a gap first");
+    assert_eq!((gap.from_offset, gap.to_offset), (0, 4096));
+    let mut got = Received::new(DEFAULT_CHUNK);
+    for chunk in &chunks {
+        assert_pattern(chunk.offset, got.push(chunk));
+    }
+    assert_eq!(got.position, Some(9000));
+    expect_error(&mut local, request("vm-all-old", "", None), Code::NotFound).await;
+}
