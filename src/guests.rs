@@ -1444,20 +1444,29 @@ impl Removal {
             streams: u32::try_from(streams.len()).unwrap_or(u32::MAX),
             logs_deleted: 0,
         };
+        // A deletion that fails (the file system refuses) leaves that stream's logs with a
+        // tombstone, as a removal without `delete_logs` would: the removal itself goes on, and
+        // `delete_logs` again (or `logs.removed_retention`) deletes what is left.
+        let mut failed = None;
         for (stream, _) in &streams {
-            if self.delete_logs {
+            let deleted = if self.delete_logs {
                 crate::fault::point("guests.remove.delete_logs");
-                let log_path = self.guests.log_path(guest, stream);
-                removed.logs_deleted +=
-                    crate::logfile::delete_stream_files(&log_path).map_err(|e| {
-                        RegistryError::io(format!("cannot delete {}", log_path.display()), e)
-                    })?;
-                crate::tombstone::remove(&dir, stream).map_err(|e| {
-                    RegistryError::io(format!("cannot remove a tombstone in {}", dir.display()), e)
-                })?;
-            } else if let Err(e) = crate::tombstone::write(&dir, stream, self.stream.is_none()) {
-                // The logs stay readable; only the retention and token checks lack the time.
-                tracing::warn!(guest, stream, error = %e, "cannot write the tombstone of a removed stream");
+                self.delete_logs_of(stream)
+            } else {
+                Ok(0)
+            };
+            match deleted {
+                Ok(n) if self.delete_logs => removed.logs_deleted += n,
+                result => {
+                    if let Err(e) = result {
+                        failed.get_or_insert(e);
+                    }
+                    if let Err(e) = crate::tombstone::write(&dir, stream, self.stream.is_none()) {
+                        // The logs stay readable; only the retention and token checks lack
+                        // the removal time.
+                        tracing::warn!(guest, stream, error = %e, "cannot write the tombstone of a removed stream");
+                    }
+                }
             }
             let _ = std::fs::remove_file(self.guests.record_path(guest, stream));
         }
@@ -1465,14 +1474,12 @@ impl Removal {
             // The guest's logs are every log in its directory: also those its streams removed
             // before left (the guest is closing: nothing is created there meanwhile).
             for stream in streams_on_disk(&dir) {
-                let log_path = self.guests.log_path(guest, &stream);
-                removed.logs_deleted +=
-                    crate::logfile::delete_stream_files(&log_path).map_err(|e| {
-                        RegistryError::io(format!("cannot delete {}", log_path.display()), e)
-                    })?;
-                crate::tombstone::remove(&dir, &stream).map_err(|e| {
-                    RegistryError::io(format!("cannot remove a tombstone in {}", dir.display()), e)
-                })?;
+                match self.delete_logs_of(&stream) {
+                    Ok(n) => removed.logs_deleted += n,
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
             }
         }
         if self.delete_logs {
@@ -1486,6 +1493,9 @@ impl Removal {
                 .join("consoles")
                 .join(guest),
         );
+        if let Some(e) = failed {
+            return Err(e);
+        }
         match &self.stream {
             None => tracing::info!(
                 guest,
@@ -1501,6 +1511,20 @@ impl Removal {
             ),
         }
         Ok(removed)
+    }
+}
+
+impl Removal {
+    /// Deletes the log files of `stream` and its tombstone; how many log files went.
+    fn delete_logs_of(&self, stream: &str) -> Result<u32> {
+        let dir = self.guests.guest_log_dir(&self.guest);
+        let log_path = self.guests.log_path(&self.guest, stream);
+        let deleted = crate::logfile::delete_stream_files(&log_path)
+            .map_err(|e| RegistryError::io(format!("cannot delete {}", log_path.display()), e))?;
+        crate::tombstone::remove(&dir, stream).map_err(|e| {
+            RegistryError::io(format!("cannot remove a tombstone in {}", dir.display()), e)
+        })?;
+        Ok(deleted)
     }
 }
 

@@ -407,3 +407,41 @@ async fn conlogctl_removes_a_device_and_deletes_its_logs() {
         describe(&output)
     );
 }
+
+/// A deletion the file system refuses (here a directory where a rotated file should be) is
+/// `INTERNAL`, and the removal still happens: the guest is gone (also after a restart), its
+/// logs stay with a tombstone, and `delete_logs` again, once the obstacle is gone, deletes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_deletion_still_removes_the_guest_and_can_be_finished() {
+    const GUEST: &str = "vm-refused";
+    let mut daemon = Daemon::start().await;
+    logged_stream(
+        &daemon,
+        GUEST,
+        "qemu",
+        4096,
+        5,
+        LogMode::Rotate,
+        &pattern(0, 9000),
+    )
+    .await;
+    let obstacle = daemon.log_dir().join(GUEST).join("qemu.log.3");
+    std::fs::create_dir(&obstacle).unwrap();
+    std::fs::write(obstacle.join("inside"), b"x").unwrap();
+    let status = remove(&daemon, GUEST, "", true).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    let mut agent = daemon.agent().await;
+    assert!(find_stream(&mut agent, GUEST, "qemu").await.is_none());
+    assert!(daemon.log_dir().join(GUEST).join("qemu.removed").exists());
+    assert!(daemon.stop().await.success());
+    daemon.restart().await;
+    let mut agent = daemon.agent().await;
+    assert!(
+        find_stream(&mut agent, GUEST, "qemu").await.is_none(),
+        "not restored"
+    );
+    std::fs::remove_dir_all(&obstacle).unwrap();
+    let removed = remove(&daemon, GUEST, "", true).await.unwrap();
+    assert_eq!((removed.streams_removed, removed.logs_deleted), (0, 3));
+    assert!(!daemon.log_dir().join(GUEST).exists());
+}
