@@ -32,8 +32,9 @@
 
 use crate::config::{Config, LogMode};
 use crate::console::ConsoleError;
-use crate::console::{ConsoleHandle, ConsolePaths, ConsoleSettings};
+use crate::console::{ConsoleHandle, ConsolePaths, ConsoleSettings, Protocol};
 use crate::log_owner::{ActorGone, Figures, LogError, LogHandle, Reserved};
+use crate::logfile::index::StartKind;
 use crate::logfile::{LogFile, LogLimits};
 use crate::metrics::Metrics;
 use crate::names::{self, GuestName, StreamName};
@@ -71,9 +72,24 @@ pub enum RegistryError {
         found: StreamKind,
         wanted: StreamKind,
     },
+    /// A console asked for with another protocol than the one it was created with.
+    #[error(
+        "Console {guest}/{device} speaks {} on its guest socket, not {}; remove the guest \
+         to create it anew",
+        found.name(), wanted.name()
+    )]
+    ProtocolMismatch {
+        guest: String,
+        device: String,
+        found: Protocol,
+        wanted: Protocol,
+    },
     /// Requested limits below the smallest log size.
     #[error("limits.max_size must be at least {min} bytes (got {got})")]
     MaxSizeTooSmall { min: u64, got: u64 },
+    /// Requested limits above the largest log size (the time index's offsets).
+    #[error("limits.max_size must be at most {max} bytes (got {got})")]
+    MaxSizeTooLarge { max: u64, got: u64 },
     /// Requested limits above the most backups.
     #[error("limits.max_backups must be at most {max} (got {got})")]
     TooManyBackups { max: u32, got: u32 },
@@ -197,6 +213,12 @@ impl LimitsOverride {
                 got: limits.max_size,
             });
         }
+        if limits.max_size > crate::config::MAX_MAX_SIZE {
+            return Err(RegistryError::MaxSizeTooLarge {
+                max: crate::config::MAX_MAX_SIZE,
+                got: limits.max_size,
+            });
+        }
         if limits.max_backups > crate::config::MAX_BACKUPS {
             return Err(RegistryError::TooManyBackups {
                 max: crate::config::MAX_BACKUPS,
@@ -213,6 +235,13 @@ struct StreamRecord {
     kind: StreamKind,
     limits: LogLimits,
     log_path: PathBuf,
+    /// A console's guest socket protocol (absent in records of older images: raw).
+    #[serde(default, skip_serializing_if = "is_raw")]
+    protocol: Protocol,
+}
+
+fn is_raw(protocol: &Protocol) -> bool {
+    *protocol == Protocol::Raw
 }
 
 /// A point-in-time view of one stream, for `ListGuests`.
@@ -357,6 +386,8 @@ enum Next {
 pub struct Guests {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    /// The gid of `consoles.socket_group`, resolved at start.
+    console_group: Option<u32>,
     /// Guest → stream → entry. A `std::sync::Mutex`, not tokio's: it is held only to decide and
     /// to take or put handles (a few map operations, and the stream record written when a
     /// stream is created or its limits change), never across an `.await`; actor round trips are
@@ -381,10 +412,15 @@ pub struct Stream {
 }
 
 impl Guests {
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        console_group: Option<u32>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config,
             metrics,
+            console_group,
             guests: Mutex::new(BTreeMap::new()),
             changes: tokio::sync::Mutex::new(()),
             going_away: tokio::sync::watch::Sender::new(false),
@@ -461,6 +497,7 @@ impl Guests {
             max_replay: self.config.consoles.max_replay.bytes(),
             max_clients: self.config.limits.max_clients_per_console(),
             input_rate: self.config.limits.input_rate.bytes(),
+            socket_group: self.console_group,
         }
     }
 
@@ -473,6 +510,8 @@ impl Guests {
         log_path: &Path,
         limits: LogLimits,
         carried_console: Option<FrozenConsole>,
+        restored: Option<StartKind>,
+        protocol: Protocol,
     ) -> Result<Actor> {
         // Check what can be refused before anything is created on disk.
         let paths = match kind {
@@ -481,8 +520,12 @@ impl Guests {
             }
             StreamKind::Pipe => None,
         };
-        let log = LogFile::open(log_path, &self.position_path(guest, stream), limits)
+        let mut log = LogFile::open(log_path, &self.position_path(guest, stream), limits)
             .map_err(|e| RegistryError::io(format!("cannot open {}", log_path.display()), e))?;
+        log.set_time_index(self.config.logs.time_index);
+        if let Some(start) = restored {
+            log.note_start(start);
+        }
         Ok(match paths {
             None => Actor::Pipe(PipeHandle::spawn(log, self.metrics.clone(), guest, stream)),
             Some(paths) => Actor::Console(ConsoleHandle::spawn(
@@ -493,13 +536,14 @@ impl Guests {
                 self.console_settings(),
                 self.metrics.clone(),
                 carried_console,
+                protocol,
             )?),
         })
     }
 
     /// Brings back every stream recorded in the state directory: consoles listen again at the
     /// same paths, pipes come back closed.
-    pub async fn restore(&self, inherited: Vec<FrozenStream>) -> Result<usize> {
+    pub async fn restore(&self, inherited: Vec<FrozenStream>, start: StartKind) -> Result<usize> {
         let mut inherited: HashMap<(String, String), FrozenStream> = inherited
             .into_iter()
             .map(|fds| ((fds.guest.clone(), fds.stream.clone()), fds))
@@ -552,7 +596,8 @@ impl Guests {
                         batch
                             .into_iter()
                             .map(|(guest, stream, path, carried)| {
-                                let started = self.restore_stream(&guest, &stream, &path, carried);
+                                let started =
+                                    self.restore_stream(&guest, &stream, &path, carried, start);
                                 (guest, stream, started)
                             })
                             .collect::<Vec<_>>()
@@ -615,6 +660,7 @@ impl Guests {
         stream: &str,
         record_path: &Path,
         carried: Option<FrozenStream>,
+        start: StartKind,
     ) -> Result<(StreamEntry, Vec<OwnedFd>)> {
         let mut repaired = false;
         let record = match read_record(record_path) {
@@ -646,6 +692,9 @@ impl Guests {
                     },
                     limits: self.default_limits(),
                     log_path,
+                    // A guessed raw console answers a break with a clear refusal; a guessed
+                    // mux one would type Ctrl-A twice into a guest whose QEMU has no mux.
+                    protocol: Protocol::Raw,
                 }
             }
         };
@@ -657,6 +706,8 @@ impl Guests {
             &record.log_path,
             record.limits,
             console,
+            Some(start),
+            record.protocol,
         )?;
         let entry = StreamEntry {
             log_path: record.log_path.clone(),
@@ -719,7 +770,8 @@ impl Guests {
     }
 
     /// Returns the stream `guest/stream` of `kind`, creating it (and the guest) if needed.
-    /// Limits given for an existing stream replace its current ones. While the guest is being
+    /// Limits given for an existing stream replace its current ones. A console is created with
+    /// `protocol` (raw if `None`); an existing one with another protocol is refused. While the guest is being
     /// removed, waits until the removal is over and then creates it anew (its offsets continue).
     pub async fn open_stream(
         &self,
@@ -727,6 +779,7 @@ impl Guests {
         stream: &StreamName,
         kind: StreamKind,
         limits: LimitsOverride,
+        protocol: Option<Protocol>,
     ) -> Result<Stream> {
         let (guest, stream) = (guest.as_str(), stream.as_str());
         let mut changing = None;
@@ -737,6 +790,7 @@ impl Guests {
                 stream,
                 kind,
                 limits,
+                protocol,
                 changing.is_some(),
                 &mut reserved,
             )?;
@@ -766,7 +820,8 @@ impl Guests {
                     });
                 }
                 Next::Create(limits) => {
-                    let created = self.create(guest, stream, kind, limits);
+                    let created =
+                        self.create(guest, stream, kind, limits, protocol.unwrap_or_default());
                     drop(changing);
                     return match created? {
                         Created::Stream(stream) => Ok(stream),
@@ -790,6 +845,7 @@ impl Guests {
         stream: &str,
         kind: StreamKind,
         limits: LimitsOverride,
+        protocol: Option<Protocol>,
         changing: bool,
         reserved: &mut Option<(LogHandle, Reserved)>,
     ) -> Result<Next> {
@@ -820,6 +876,16 @@ impl Guests {
                     found: entry.actor.kind(),
                     wanted: kind,
                 });
+            }
+            if let (Actor::Console(handle), Some(wanted)) = (&entry.actor, protocol) {
+                if handle.protocol != wanted {
+                    return Err(RegistryError::ProtocolMismatch {
+                        guest: guest.to_owned(),
+                        device: stream.to_owned(),
+                        found: handle.protocol,
+                        wanted,
+                    });
+                }
             }
             if limits.is_empty() {
                 return Ok(Next::Done(Stream {
@@ -881,9 +947,11 @@ impl Guests {
         stream: &str,
         kind: StreamKind,
         limits: LogLimits,
+        protocol: Protocol,
     ) -> Result<Created> {
         let log_path = self.log_path(guest, stream);
-        let actor = self.start_actor(guest, stream, kind, &log_path, limits, None)?;
+        let actor =
+            self.start_actor(guest, stream, kind, &log_path, limits, None, None, protocol)?;
         let entry = StreamEntry {
             log_path: log_path.clone(),
             limits,
@@ -982,6 +1050,10 @@ impl Guests {
             kind: entry.actor.kind(),
             limits: entry.limits,
             log_path: entry.log_path.clone(),
+            protocol: match &entry.actor {
+                Actor::Console(handle) => handle.protocol,
+                Actor::Pipe(_) => Protocol::Raw,
+            },
         };
         let path = self.record_path(guest, stream);
         if let Some(dir) = path.parent() {

@@ -9,9 +9,12 @@
 //! is `pub`: [`proto`], [`client`] (connecting, receiving hand-off pipes), [`config`] (loading,
 //! [`config::ByteSize`], [`config::HumanDuration`], [`config::Limits`]), [`daemon::run`] and
 //! [`daemon::preflight`], [`upgrade::exec`]'s start-up steps and the snapshot format version,
-//! [`keeper`]'s server, check, systemd hand-over and wire protocol, [`logfile::backup_path`]
-//! and [`logfile::backups_of`], [`names`]' defaults, [`terminal_safety::QueryFilter`] and
-//! [`tokens`]' key and grants. Everything else is `pub(crate)`, so the compiler reports code
+//! [`keeper`]'s server, check, systemd hand-over and wire protocol, [`logfile::backup_path`],
+//! [`logfile::backups_of`] and the time index's reader and format ([`logfile::index`], tests
+//! decode index files with it), [`clock::now`], [`names`]' defaults,
+//! [`terminal_safety::QueryFilter`], [`tokens`]' keys (a node's, and the gateway's cluster key)
+//! and grants, and [`gateway`] (`conlog-gateway`'s configuration and [`gateway::run`]).
+//! Everything else is `pub(crate)`, so the compiler reports code
 //! nothing uses.
 //!
 //! # Unsafe code
@@ -34,11 +37,13 @@
 )]
 
 pub mod client;
+pub mod clock;
 pub mod config;
 pub(crate) mod console;
 pub mod daemon;
 pub(crate) mod error;
 pub(crate) mod fault;
+pub mod gateway;
 pub(crate) mod guests;
 pub(crate) mod handoff;
 pub(crate) mod history;

@@ -16,6 +16,7 @@
 //! blocks: the actors own their data path and their loop. A handle whose actor stopped answers
 //! [`ActorGone`]; what the log itself failed at is [`LogError::Io`].
 
+use crate::logfile::index::EventKind;
 use crate::logfile::{LogFile, LogLimits, LogView, OpenSegment};
 use crate::metrics::Metrics;
 use futures::future::BoxFuture;
@@ -151,6 +152,10 @@ pub enum LogCommand {
     SetLimits(Box<LogLimits>, oneshot::Sender<io::Result<()>>),
     Figures(oneshot::Sender<Figures>),
     OpenSegments(u64, oneshot::Sender<io::Result<Vec<OpenSegment>>>),
+    /// Record an event in the time index at the stream's end (see [`LogFile::note_event`]).
+    /// Boxed like [`Close`]: events are rare.
+    #[allow(dead_code, reason = "sent by LogHandle::note_event")]
+    Event(Box<(EventKind, String)>),
     /// Delete the rotated files older than the stream's `max_age` (age retention); answers
     /// how many went.
     Expire(oneshot::Sender<io::Result<u32>>),
@@ -237,6 +242,8 @@ impl Mailbox for Removed {
             LogCommand::Expire(reply) => {
                 let _ = reply.send(Ok(0));
             }
+            // Nothing happens to a removed stream that its history could show.
+            LogCommand::Event(_) => {}
             LogCommand::Close(close) => close.done(),
         }
         Box::pin(std::future::ready(Ok(())))
@@ -337,6 +344,18 @@ impl LogHandle {
             .await??)
     }
 
+    /// Records `kind` (with `detail`) in the stream's time index before its next byte. Does
+    /// not wait for the actor to write it.
+    #[allow(
+        dead_code,
+        reason = "the time index's API for events the daemon notes from outside a stream's actor"
+    )]
+    pub async fn note_event(&self, kind: EventKind, detail: &str) -> Result<(), ActorGone> {
+        self.commands
+            .post(LogCommand::Event(Box::new((kind, detail.to_owned()))))
+            .await
+    }
+
     /// Drains the stream's source, tells its clients `reason`, syncs the log and stops the
     /// actor; `removed` says the stream will not come back (readers following it end). Returns
     /// at once if the actor has stopped already.
@@ -410,6 +429,10 @@ impl LogOwner {
             LogCommand::OpenSegments(from, reply) => {
                 let _ = reply.send(self.log.open_segments(from));
             }
+            LogCommand::Event(event) => {
+                let (kind, detail) = *event;
+                self.note_event(kind, &detail);
+            }
             LogCommand::Expire(reply) => {
                 let result = self.log.expire(std::time::SystemTime::now());
                 if let Ok(n @ 1..) = result {
@@ -420,6 +443,20 @@ impl LogOwner {
             LogCommand::Close(close) => return Some(close),
         }
         None
+    }
+
+    /// Records `kind` in the log's time index, counting a failure to write it.
+    pub fn note_event(&mut self, kind: EventKind, detail: &str) {
+        self.log.note_event(kind, detail);
+        self.count_index_failures();
+    }
+
+    /// Adds the index writes the log failed at to the metric.
+    pub fn count_index_failures(&mut self) {
+        let failed = self.log.take_index_failures();
+        if failed > 0 {
+            self.metrics.index_write_failures.inc_by(failed);
+        }
     }
 
     /// Runs `step` on the log and counts the rotations it did.
@@ -434,7 +471,8 @@ impl LogOwner {
     /// Publishes what one move or write did, for pipes and consoles alike: new end offset
     /// (dropped bytes take offsets too), logged and dropped bytes, the start and end of a
     /// disk-full episode.
-    pub fn count_moved(&self, logged: usize, dropped: usize) {
+    pub fn count_moved(&mut self, logged: usize, dropped: usize) {
+        self.count_index_failures();
         let path = self.log.path();
         self.stats
             .record_dropped(path, dropped as u64, &self.metrics);

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub upgrades: Counter,
     /// Upgrades and takeovers that failed (refused binary, failed exec, failed takeover).
     pub upgrade_failures: Counter,
+    /// Time index entries that could not be written (the log's bytes were).
+    pub index_write_failures: Counter,
 }
 
 /// The values of every daemon-wide counter at one instant.
@@ -62,6 +64,7 @@ pub struct Counters {
     pub lagged_clients: u64,
     pub upgrades: u64,
     pub upgrade_failures: u64,
+    pub index_write_failures: u64,
 }
 
 /// A count (a length, a number of clients) as a gauge value, saturating: no count in this
@@ -82,6 +85,7 @@ impl Metrics {
             lagged_clients: self.lagged_clients.get(),
             upgrades: self.upgrades.get(),
             upgrade_failures: self.upgrade_failures.get(),
+            index_write_failures: self.index_write_failures.get(),
         }
     }
 
@@ -98,6 +102,7 @@ impl Metrics {
         raise(&self.lagged_clients, values.lagged_clients);
         raise(&self.upgrades, values.upgrades);
         raise(&self.upgrade_failures, values.upgrade_failures);
+        raise(&self.index_write_failures, values.index_write_failures);
     }
 }
 
@@ -214,6 +219,11 @@ impl Metrics {
             "upgrade_failures",
             "Upgrades and takeovers that failed",
             m.upgrade_failures.clone(),
+        );
+        registry.register(
+            "index_write_failures",
+            "Time index entries that could not be written (the bytes were logged)",
+            m.index_write_failures.clone(),
         );
         registry
     }

@@ -81,6 +81,10 @@ pub struct LogDefaults {
     pub max_backups: u32,
     /// Rotate or truncate.
     pub mode: LogMode,
+    /// Keep a time index beside each log file (docs/design.md "Time index"): when each byte
+    /// was logged and what happened around it. Off, no index file is written and history has
+    /// no times for what is logged meanwhile.
+    pub time_index: bool,
     /// Rotated files whose newest byte is older than this are deleted (checked at start and
     /// hourly), and any file of a stream nobody writes any more; `0s`: off, only the size cap
     /// removes files (docs/operations.md, "Retention").
@@ -96,6 +100,7 @@ impl Default for LogDefaults {
             max_size: ByteSize(2 << 20),
             max_backups: 3,
             mode: LogMode::Rotate,
+            time_index: true,
             max_age: HumanDuration(Duration::ZERO),
             removed_retention: HumanDuration(Duration::ZERO),
         }
@@ -132,6 +137,10 @@ pub struct ConsoleConfig {
     pub client_queue: ByteSize,
     /// Most recent output replayed to a client that attaches.
     pub max_replay: ByteSize,
+    /// Group (name or number) given the consoles' guest sockets (mode 0660) and their
+    /// directories (mode 0750), so that QEMU running as another user in that group can connect
+    /// (libvirt's `libvirt-qemu` in `kvm`); `null`: conlogd's own group, as for every other file.
+    pub socket_group: Option<String>,
 }
 
 impl Default for ConsoleConfig {
@@ -139,6 +148,7 @@ impl Default for ConsoleConfig {
         Self {
             client_queue: ByteSize(1 << 20),
             max_replay: ByteSize(1 << 20),
+            socket_group: None,
         }
     }
 }
@@ -237,6 +247,65 @@ impl WebConfig {
     }
 }
 
+/// This node as a gateway reaches it (docs/gateway.md).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// The Console endpoint (`host:port`) a gateway reaches this node at, named in every token
+    /// the node issues (the token's node claim). `null`: the TCP listener's address, or this
+    /// host's name and the listener's port when it listens on every address.
+    pub advertise: Option<String>,
+}
+
+impl NodeConfig {
+    /// `node.advertise`, or the default for a TCP listener bound at `listener`.
+    pub(crate) fn advertise_for(&self, listener: SocketAddr) -> String {
+        if let Some(advertise) = &self.advertise {
+            return advertise.clone();
+        }
+        if listener.ip().is_unspecified() {
+            // The host's name (with hostNetwork in Kubernetes, the node's).
+            if let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+                if !name.trim().is_empty() {
+                    return format!("{}:{}", name.trim(), listener.port());
+                }
+            }
+        }
+        listener.to_string()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let Some(advertise) = &self.advertise else {
+            return Ok(());
+        };
+        let parsed: Option<http::uri::Authority> = advertise.parse().ok();
+        let ok = parsed.is_some_and(|a| {
+            a.port_u16().is_some() && !a.host().is_empty() && !a.as_str().contains('@')
+        });
+        if !ok {
+            return Err(ConfigError::Value {
+                key: "node.advertise",
+                message: format!(
+                    "must be host:port, the node's Console endpoint as a gateway reaches it, \
+                     like node17.example.com:7770 (got {advertise:?})"
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The Console service on TCP.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleServiceConfig {
+    /// Remote callers must come through the gateway: they must present a client certificate
+    /// signed by `tls.client_ca` (which must then be the CA of the gateway's client
+    /// certificates and sign nothing else); the node still verifies every token itself and
+    /// also refuses tokens that name another node.
+    pub require_gateway: bool,
+}
+
 /// The effective configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -281,6 +350,10 @@ pub struct Config {
     pub web: WebConfig,
     /// What holds the descriptors through a crash: `auto`, `external`, `systemd` or `off`.
     pub keeper: KeeperMode,
+    /// This node as a gateway reaches it.
+    pub node: NodeConfig,
+    /// The Console service on TCP.
+    pub console: ConsoleServiceConfig,
 }
 
 impl Default for Config {
@@ -305,6 +378,8 @@ impl Default for Config {
             limits: Limits::default(),
             web: WebConfig::default(),
             keeper: KeeperMode::default(),
+            node: NodeConfig::default(),
+            console: ConsoleServiceConfig::default(),
         }
     }
 }
@@ -321,6 +396,8 @@ pub struct Overrides {
 
 /// Smallest `max_size` accepted: one page, so that a file always holds a useful amount.
 pub(crate) const MIN_MAX_SIZE: u64 = 4096;
+/// Largest `max_size` accepted: a time index slot holds offsets within a file in 40 bits.
+pub(crate) const MAX_MAX_SIZE: u64 = 1 << 40;
 /// Largest number of backups accepted.
 pub(crate) const MAX_BACKUPS: u32 = 1000;
 /// Longest `max_age` (and `logs.removed_retention`) accepted, in seconds: ten years.
@@ -433,6 +510,12 @@ impl Config {
                 format!("must be at least 4KiB (got {})", self.logs.max_size),
             );
         }
+        if self.logs.max_size.bytes() > MAX_MAX_SIZE {
+            return value(
+                "logs.max_size",
+                format!("must be at most 1TiB (got {})", self.logs.max_size),
+            );
+        }
         if self.logs.max_backups > MAX_BACKUPS {
             return value(
                 "logs.max_backups",
@@ -474,6 +557,21 @@ impl Config {
             tls.validate()?;
         }
         self.web.validate()?;
+        self.node.validate()?;
+        if self.console.require_gateway
+            && self
+                .tls
+                .as_ref()
+                .and_then(|t| t.client_ca.as_ref())
+                .is_none()
+        {
+            return value(
+                "console.require_gateway",
+                "needs tls.cert, tls.key and tls.client_ca (the CA of the gateway's client \
+                 certificates): remote callers are told apart by their certificate"
+                    .into(),
+            );
+        }
         if self.consoles.client_queue.bytes() < 4096 {
             return value(
                 "consoles.client_queue",

@@ -7,9 +7,12 @@
 //! once, so nothing waits in the channel).
 
 use super::clients::{self, ClientQueue, Event, Offer};
+use super::mux;
+use super::Protocol;
 use super::{AttachRequest, Command, ConsoleHandle, ConsoleSettings, Input, Mode, NO_WRITER};
 use super::{ConsoleError, Result};
 use crate::log_owner::{Attached, Figures, LogOwner};
+use crate::logfile::index::EventKind;
 use crate::upgrade::FrozenConsole;
 use bytes::{Buf, Bytes};
 use std::collections::BTreeMap;
@@ -40,9 +43,13 @@ struct Writing {
     /// Whose it is; `None` for input carried over an upgrade from an older image (nobody
     /// waits for it, it is written as before).
     client: Option<u64>,
-    /// What the guest's socket has not taken yet.
+    /// What the guest's socket has not taken yet (wire bytes).
     data: Bytes,
-    written: usize,
+    /// The caller's bytes the piece stands for (what its reply counts).
+    counted: usize,
+    /// A mux console wrote the first byte of a two-byte sequence (`Ctrl-A Ctrl-A`, `Ctrl-A b`)
+    /// last: the next byte written must be its second, even if the piece is discarded.
+    half: bool,
     /// The caller waiting for the piece; closed when it went away.
     reply: Option<oneshot::Sender<Result<usize>>>,
 }
@@ -66,6 +73,8 @@ pub(super) struct ConsoleActor {
     guest: Option<UnixStream>,
     /// The piece of input being written (module doc of `console`: nothing else is queued).
     writing: Option<Writing>,
+    /// Input is in QEMU's mux framing ([`mux`]).
+    mux: bool,
     /// Resolves once the keeper holds a new guest connection ([`crate::keeper::flushed`]): it
     /// is not read before, so a crash in between cannot lose what QEMU sent on it.
     held: Option<tokio::sync::oneshot::Receiver<()>>,
@@ -86,6 +95,7 @@ impl ConsoleActor {
         pending_input: Vec<u8>,
         settings: ConsoleSettings,
     ) -> Self {
+        let mux = handle.protocol == Protocol::Mux;
         Self {
             handle,
             owner,
@@ -94,10 +104,12 @@ impl ConsoleActor {
             guest,
             writing: (!pending_input.is_empty()).then(|| Writing {
                 client: None,
+                counted: 0,
                 data: pending_input.into(),
-                written: 0,
+                half: false,
                 reply: None,
             }),
+            mux,
             held: None,
             clients: BTreeMap::new(),
             writer: None,
@@ -193,7 +205,7 @@ impl ConsoleActor {
                     removed: false,
                 });
                 self.clients.clear();
-                self.set_writer(None);
+                self.set_writer(None, "", false);
                 self.count_clients();
                 let _ = done.send(());
             }
@@ -249,6 +261,7 @@ impl ConsoleActor {
             offset: start,
             writer: becomes_writer,
             guest_connected: self.guest.is_some(),
+            serial_break: self.mux,
         });
         // One allocation for the whole replay, shared by its chunks; a remote client's replay
         // keeps its memory place until the client has taken every chunk.
@@ -283,7 +296,7 @@ impl ConsoleActor {
                 });
                 tracing::info!(old = %old.label, new = %request.label, "writer lease taken over");
             }
-            self.set_writer(Some(id));
+            self.set_writer(Some(id), &request.label, holder.is_some());
         }
         tracing::info!(client = %request.label, writer = becomes_writer, offset = start, "client attached");
         self.clients.insert(
@@ -303,7 +316,7 @@ impl ConsoleActor {
             tracing::info!(client = %client.label, "client detached");
         }
         if self.writer == Some(id) {
-            self.set_writer(None);
+            self.set_writer(None, "", false);
         }
         if self.writing_of(Some(id)) {
             self.drop_writing(Some(ConsoleError::ClientLeft(self.handle.name.clone())));
@@ -311,8 +324,17 @@ impl ConsoleActor {
         self.count_clients();
     }
 
-    /// Changes the writer lease, and what handles see of it.
-    fn set_writer(&mut self, writer: Option<u64>) {
+    /// Changes the writer lease, and what handles see of it; the time index records the new
+    /// holder's `label` (empty: nobody), and whether it took the lease from another (`forced`).
+    fn set_writer(&mut self, writer: Option<u64>, label: &str, forced: bool) {
+        if self.writer != writer {
+            let detail = if forced {
+                format!("{label} (forced)")
+            } else {
+                label.to_owned()
+            };
+            self.owner.note_event(EventKind::WriterChanged, &detail);
+        }
         self.writer = writer;
         self.handle
             .console
@@ -326,16 +348,23 @@ impl ConsoleActor {
     }
 
     /// Discards the piece being written (what the guest's socket took stays taken) and tells
-    /// its caller `why`, if it is still waiting.
+    /// its caller `why`, if it is still waiting. A mux sequence half written is completed
+    /// first (its second byte stays to be written, owned by nobody): cut, QEMU would take the
+    /// next byte of input as one of its commands.
     fn drop_writing(&mut self, why: Option<ConsoleError>) {
-        let Some(writing) = self.writing.take() else {
+        let Some(mut writing) = self.writing.take() else {
             return;
         };
-        tracing::debug!(
-            written = writing.written,
-            discarded = writing.data.len(),
-            "input discarded"
-        );
+        tracing::debug!(discarded = writing.data.len(), "input discarded");
+        if writing.half && self.guest.is_some() {
+            self.writing = Some(Writing {
+                client: None,
+                data: writing.data.split_to(1),
+                counted: 0,
+                half: true,
+                reply: None,
+            });
+        }
         if let (Some(reply), Some(why)) = (writing.reply, why) {
             let _ = reply.send(Err(why));
         }
@@ -355,9 +384,14 @@ impl ConsoleActor {
     fn guest_connected(&mut self, stream: UnixStream) {
         if let Some(old) = self.guest.take() {
             tracing::warn!("a new guest connection replaces the current one");
-            self.drain(old, "replaced by a new guest connection");
+            let why = "replaced by a new guest connection";
+            self.drain(old, why);
+            self.owner.note_event(EventKind::GuestDisconnected, why);
         }
+        self.owner.note_event(EventKind::GuestConnected, "");
         self.drop_writing(Some(ConsoleError::GuestReplaced(self.handle.name.clone())));
+        // Nothing of the old connection's input goes to the new one.
+        self.writing = None;
         // The keeper holds the new connection in place of the old one (crate::keeper).
         crate::keeper::hold(&self.held_as(crate::keeper::names::CONNECTION), {
             use std::os::fd::AsFd;
@@ -421,7 +455,9 @@ impl ConsoleActor {
             console: self.handle.name.clone(),
             why: why.to_string(),
         }));
+        self.writing = None;
         self.handle.console.guest_connected.store(false, Relaxed);
+        self.owner.note_event(EventKind::GuestDisconnected, why);
         tracing::info!(why, "guest disconnected");
         self.broadcast(Event::Guest { connected: false });
     }
@@ -503,12 +539,14 @@ impl ConsoleActor {
         };
         match guest.try_write(&writing.data) {
             Ok(n) => {
+                if self.mux {
+                    writing.half = mux::ends_half(writing.half, &writing.data[..n]);
+                }
                 writing.data.advance(n);
-                writing.written += n;
                 if writing.data.is_empty() {
                     let done = self.writing.take().expect("checked above");
                     if let Some(reply) = done.reply {
-                        let _ = reply.send(Ok(done.written));
+                        let _ = reply.send(Ok(done.counted));
                     }
                 }
             }
@@ -543,7 +581,8 @@ impl ConsoleActor {
         self.writing = Some(Writing {
             client: Some(input.client),
             data: input.data,
-            written: 0,
+            counted: input.counted,
+            half: false,
             reply: Some(input.reply),
         });
         // Write at once when we can; what remains waits for the socket to be writable.
@@ -575,6 +614,8 @@ impl ConsoleActor {
         });
         self.clients.clear();
         self.count_clients();
+        self.owner
+            .note_event(EventKind::DaemonStopped, "handed over to a new conlogd");
         // No fsync: the next image shares this host's page cache.
         let owned = |result: std::io::Result<std::os::fd::OwnedFd>| {
             result
@@ -600,6 +641,8 @@ impl ConsoleActor {
         // Log what the guest already sent, so nothing it wrote before the close is lost.
         if let Some(guest) = self.guest.take() {
             self.drain(guest, "console closing");
+            self.owner
+                .note_event(EventKind::GuestDisconnected, "console closing");
         }
         self.broadcast(Event::Closed {
             reason: reason.to_owned(),
@@ -621,6 +664,7 @@ impl ConsoleActor {
         if let Some(dir) = self.handle.paths.guest_socket.parent() {
             let _ = std::fs::remove_dir(dir);
         }
+        self.owner.note_event(EventKind::DaemonStopped, reason);
         self.owner.checkpoint();
     }
 }

@@ -35,6 +35,7 @@ mod transfer;
 use crate::config::Config;
 use crate::guests::Guests;
 use crate::handoff::Handoffs;
+use crate::logfile::index::StartKind;
 use crate::metrics::{Metrics, Saved};
 use crate::upgrade::trigger::{self, Request, Requests};
 use crate::upgrade::{self, exec::Image, gate::Gate, handover, FrozenDaemon};
@@ -66,9 +67,9 @@ pub enum StartError {
         address: String,
         source: io::Error,
     },
-    /// The socket group does not exist.
-    #[error("Invalid config value socket_group: no group named {0:?}")]
-    Group(String),
+    /// A socket group (config key `key`) does not exist.
+    #[error("Invalid config value {key}: no group named {name:?} (give a group name from /etc/group or a number)")]
+    Group { key: &'static str, name: String },
     /// Restoring the registry failed.
     #[error("Cannot restore state: {0}")]
     Restore(#[from] crate::guests::RegistryError),
@@ -131,7 +132,12 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let daemon = Daemon::assemble(config)?;
     let (state, took_over) = receive(&daemon.config, start).await?;
-    let listeners = daemon.restore(state).await?;
+    let start = match (&state, took_over) {
+        (None, _) => StartKind::Fresh,
+        (Some(_), false) => StartKind::Upgraded,
+        (Some(_), true) => StartKind::TakenOver,
+    };
+    let listeners = daemon.restore(state, start).await?;
     daemon.serve(listeners, &image, options, took_over).await
 }
 
@@ -205,7 +211,11 @@ impl Daemon {
         }
         let security = Security::load(&config)?;
         let metrics = Arc::new(Metrics::default());
-        let guests = Guests::new(config.clone(), metrics.clone());
+        let console_group = listeners::resolve_group(
+            config.consoles.socket_group.as_deref(),
+            "consoles.socket_group",
+        )?;
+        let guests = Guests::new(config.clone(), metrics.clone(), console_group);
         let gate = Gate::new();
         let handoffs = Handoffs::new(
             config.handoff.token_ttl.get(),
@@ -229,7 +239,11 @@ impl Daemon {
     /// binding the listeners and restoring the streams of the state directory. What a keeper
     /// or systemd's store held through the end of the previous daemon is adopted by name on a
     /// fresh start (crash survival, [`crate::keeper`]); carried state wins otherwise.
-    async fn restore(&self, state: Option<FrozenDaemon>) -> Result<Listeners, StartError> {
+    async fn restore(
+        &self,
+        state: Option<FrozenDaemon>,
+        start: StartKind,
+    ) -> Result<Listeners, StartError> {
         let carried = state.as_ref().map(|state| state.counters);
         let mut held = crate::keeper::start(&self.config).await;
         tracing::info!("restoring streams");
@@ -237,11 +251,11 @@ impl Daemon {
         let listeners = match state {
             None => {
                 let listeners = Listeners::bind(&self.config, &mut held)?;
-                self.guests.restore(held.take_streams()).await?;
+                self.guests.restore(held.take_streams(), start).await?;
                 self.handoffs.adopt(held.take_handoffs());
                 listeners
             }
-            Some(state) => self.thaw(state).await?,
+            Some(state) => self.thaw(state, start).await?,
         };
         drop(held);
         crate::keeper::reconciled();

@@ -92,6 +92,11 @@ impl Serving {
         );
         let tcp = tokio_tcp(&listeners.tcp)?;
         let tcp_address = tcp.local_addr()?;
+        let advertise = config.node.advertise_for(tcp_address);
+        tracing::info!(%advertise, require_gateway = config.console.require_gateway, "node claim of the tokens issued here");
+        security
+            .tokens
+            .set_node(advertise, config.console.require_gateway);
         let mut grpc = vec![
             tokio::spawn(
                 server::serve_local(

@@ -32,20 +32,35 @@ pub fn backups_of(path: &Path, max: u32) -> Vec<(PathBuf, u64)> {
     found
 }
 
-/// Removes backups `.first ..= .last`, oldest (highest number) first, so a crash half-way
-/// leaves `.1 .. .k` without a hole.
+/// Removes backups `.first ..= .last` and their indexes, oldest (highest number) first, so a
+/// crash half-way leaves `.1 .. .k` without a hole. A log goes before its index: a crash
+/// between the two leaves an orphan index (removed at the next open), never a log without
+/// the times it had.
 pub(crate) fn remove_backups(path: &Path, first: u32, last: u32) -> io::Result<()> {
     for n in (first..=last).rev() {
-        remove_if_exists(&backup_path(path, n))?;
+        let backup = backup_path(path, n);
+        remove_if_exists(&backup)?;
+        remove_if_exists(&super::index::index_path(&backup))?;
     }
     Ok(())
 }
 
-/// `<log file>.idx`: the index kept beside a log file (current or rotated), which goes with it.
-pub(crate) fn index_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".idx");
-    PathBuf::from(name)
+/// Moves backup `.k` and its index to `.k+1`.
+pub(crate) fn shift_backup(path: &Path, k: u32) -> io::Result<()> {
+    let (from, to) = (backup_path(path, k), backup_path(path, k + 1));
+    rename_if_exists(&from, &to)?;
+    rename_if_exists(
+        &super::index::index_path(&from),
+        &super::index::index_path(&to),
+    )
+}
+
+/// Bytes of the index of the log file at `log` (0 if it has none).
+pub(crate) fn index_len(log: &Path) -> u64 {
+    fs::symlink_metadata(super::index::index_path(log))
+        .ok()
+        .filter(fs::Metadata::is_file)
+        .map_or(0, |m| m.len())
 }
 
 /// Removes a log file and the index beside it; true if the log file was there.
@@ -55,7 +70,7 @@ pub(crate) fn remove_log_file(path: &Path) -> io::Result<bool> {
         Err(e) if e.kind() == ErrorKind::NotFound => false,
         Err(e) => return Err(e),
     };
-    remove_if_exists(&index_path(path))?;
+    remove_if_exists(&super::index::index_path(path))?;
     Ok(existed)
 }
 

@@ -31,9 +31,6 @@ fn expiry_deletes_the_old_rotated_files_with_their_indexes_and_never_the_current
     log.append(&[b'x'; 4096 * 4 + 100]).unwrap();
     // Files: .4 (0..4096), .3, .2, .1 (12288..16384), current (16384..16484).
     let hour = std::time::Duration::from_secs(3600);
-    for n in 1..=4 {
-        fs::write(files::index_path(&backup_path(&path, n)), b"idx").unwrap();
-    }
     age_file(&path, 10 * hour);
     age_file(&backup_path(&path, 1), hour / 2);
     age_file(&backup_path(&path, 2), 2 * hour);
@@ -43,6 +40,11 @@ fn expiry_deletes_the_old_rotated_files_with_their_indexes_and_never_the_current
     let now = std::time::SystemTime::now();
     // Off: nothing goes.
     assert_eq!(log.expire(now).unwrap(), 0);
+    // Index files beside the backups (empty: a full file and its index together stay within
+    // max_size).
+    for n in 1..=4 {
+        fs::write(index::index_path(&backup_path(&path, n)), b"").unwrap();
+    }
     // New limits with an age hold when they are set.
     log.set_limits(LogLimits {
         max_age: 3600,
@@ -56,10 +58,10 @@ fn expiry_deletes_the_old_rotated_files_with_their_indexes_and_never_the_current
     );
     assert!(path.exists(), "the current file is never expired");
     assert!(backup_path(&path, 1).exists());
-    assert!(files::index_path(&backup_path(&path, 1)).exists());
+    assert!(index::index_path(&backup_path(&path, 1)).exists());
     for n in 2..=4 {
         assert!(!backup_path(&path, n).exists());
-        assert!(!files::index_path(&backup_path(&path, n)).exists());
+        assert!(!index::index_path(&backup_path(&path, n)).exists());
     }
     // The offsets stay: the oldest byte on disk is .1's first, history's leading gap before.
     assert_eq!(log.disk_usage(), (4096 + 100, 3 * 4096));

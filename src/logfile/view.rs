@@ -117,7 +117,7 @@ impl LogView {
     /// offsets are a gap to the reader, never other bytes.
     pub(crate) fn open_segments(&self, from: u64) -> io::Result<Vec<OpenSegment>> {
         let mut open = Vec::new();
-        let mut last: Option<(&Path, Option<Arc<File>>)> = None;
+        let mut last: Option<(&Path, Option<(Arc<File>, Option<Arc<File>>)>)> = None;
         for (s, inode) in &self.segments {
             if s.start + s.len <= from || s.len == 0 {
                 continue;
@@ -126,7 +126,15 @@ impl LogView {
                 Some((path, file)) if *path == s.path.as_path() => file.clone(),
                 _ => {
                     let file = match File::open(&s.path) {
-                        Ok(file) if file.metadata()?.ino() == *inode => Some(Arc::new(file)),
+                        Ok(file) if file.metadata()?.ino() == *inode => {
+                            // After the log: whatever the log held then, its index covers.
+                            let index = match File::open(super::index::index_path(&s.path)) {
+                                Ok(index) => Some(Arc::new(index)),
+                                Err(e) if e.kind() == ErrorKind::NotFound => None,
+                                Err(e) => return Err(e),
+                            };
+                            Some((Arc::new(file), index))
+                        }
                         Ok(_) => None,
                         Err(e) if e.kind() == ErrorKind::NotFound => None,
                         Err(e) => return Err(e),
@@ -135,9 +143,10 @@ impl LogView {
                     file
                 }
             };
-            let Some(file) = file else { continue };
+            let Some((file, index)) = file else { continue };
             open.push(OpenSegment {
                 file,
+                index,
                 start: s.start,
                 len: s.len,
                 file_pos: s.file_pos,

@@ -6,6 +6,7 @@
 
 use super::conn::{ConnInfo, Peer};
 use crate::config::{Config, LogMode};
+use crate::console::Protocol;
 use crate::error::{Error, Result};
 use crate::guests::{Actor, Guests, LimitsOverride, StreamKind, StreamSnapshot};
 use crate::handoff::{create_pipe, Handoffs};
@@ -153,6 +154,7 @@ impl AgentService {
             expires_unix,
             key_id: String::new(),
             issued_unix: None,
+            node: None,
         });
         Ok(proto::IssueTokenResponse {
             token,
@@ -172,7 +174,7 @@ impl AgentService {
         crate::fault::point("agent.create_log_pipe");
         let opened = self
             .guests
-            .open_stream(&guest, &stream, StreamKind::Pipe, limits)
+            .open_stream(&guest, &stream, StreamKind::Pipe, limits, None)
             .await?;
         let (Actor::Pipe(handle), log_path) = (opened.actor, opened.log_path) else {
             unreachable!("open_stream returns the kind asked for");
@@ -226,10 +228,21 @@ impl AgentService {
         let guest = GuestName::parse(request.guest)?;
         let device = StreamName::or_default(request.device, names::DEFAULT_CONSOLE_DEVICE)?;
         let limits = limits_from_proto(request.limits)?;
+        let protocol = match proto::ConsoleProtocol::try_from(request.protocol) {
+            Ok(proto::ConsoleProtocol::Unspecified) => None,
+            Ok(proto::ConsoleProtocol::Raw) => Some(Protocol::Raw),
+            Ok(proto::ConsoleProtocol::Mux) => Some(Protocol::Mux),
+            Err(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "protocol {} is not a ConsoleProtocol (RAW = 1, MUX = 2)",
+                    request.protocol
+                )))
+            }
+        };
         let _admitted = self.handoffs.admit()?;
         let opened = self
             .guests
-            .open_stream(&guest, &device, StreamKind::Console, limits)
+            .open_stream(&guest, &device, StreamKind::Console, limits, protocol)
             .await?;
         let Actor::Console(handle) = opened.actor else {
             unreachable!("open_stream returns the kind asked for");
@@ -238,6 +251,10 @@ impl AgentService {
             guest_socket: handle.paths.guest_socket.display().to_string(),
             client_socket: handle.paths.client_socket.display().to_string(),
             log_path: opened.log_path.display().to_string(),
+            protocol: match handle.protocol {
+                Protocol::Raw => proto::ConsoleProtocol::Raw,
+                Protocol::Mux => proto::ConsoleProtocol::Mux,
+            } as i32,
             offset: handle
                 .log
                 .stats

@@ -76,6 +76,7 @@ fn signed(key: &TokenKey, expires_unix: u64) -> String {
         expires_unix,
         key_id: String::new(),
         issued_unix: None,
+        node: None,
     })
 }
 

@@ -152,6 +152,14 @@ async fn bad_values_are_one_line_errors() {
         ("logs:\n  max_age: old\n", &["max_age", "old"]),
         ("listen: not-an-address\n", &["listen", "line 1"]),
         ("insecure: maybe\n", &["insecure", "line 1"]),
+        (
+            "consoles:\n  socket_group: no-such-group-conlog\n",
+            &[
+                "consoles.socket_group",
+                "no-such-group-conlog",
+                "/etc/group",
+            ],
+        ),
     ] {
         let output = conlogd(Some(yaml), &["--listen", "127.0.0.1:0"]).await;
         let text = one_line_error(&output);

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file conlog/v1/console.proto.
  */
 export const file_conlog_v1_console: GenFile = /*@__PURE__*/
-  fileDesc("Chdjb25sb2cvdjEvY29uc29sZS5wcm90bxIJY29ubG9nLnYxIq8BCgZBdHRhY2gSDQoFZ3Vlc3QYASABKAkSDgoGZGV2aWNlGAIgASgJEiQKBG1vZGUYAyABKA4yFi5jb25sb2cudjEuQXR0YWNoLk1vZGUSDQoFZm9yY2UYBCABKAgSFAoMcmVwbGF5X2J5dGVzGAUgASgEIjsKBE1vZGUSFAoQTU9ERV9VTlNQRUNJRklFRBAAEg0KCVJFQURfT05MWRABEg4KClJFQURfV1JJVEUQAiIVCgVJbnB1dBIMCgRkYXRhGAEgASgMIiQKBlJlc2l6ZRIMCgRjb2xzGAEgASgNEgwKBHJvd3MYAiABKA0igwEKC0NsaWVudEZyYW1lEiMKBmF0dGFjaBgBIAEoCzIRLmNvbmxvZy52MS5BdHRhY2hIABIhCgVpbnB1dBgCIAEoCzIQLmNvbmxvZy52MS5JbnB1dEgAEiMKBnJlc2l6ZRgDIAEoCzIRLmNvbmxvZy52MS5SZXNpemVIAEIHCgVmcmFtZSJXCghBdHRhY2hlZBIOCgZvZmZzZXQYASABKAQSDgoGd3JpdGVyGAIgASgIEhIKCnNlc3Npb25faWQYAyABKAkSFwoPZ3Vlc3RfY29ubmVjdGVkGAQgASgIIiYKBk91dHB1dBIOCgZvZmZzZXQYASABKAQSDAoEZGF0YRgCIAEoDCIwCgZMYWdnZWQSEwoLZnJvbV9vZmZzZXQYASABKAQSEQoJdG9fb2Zmc2V0GAIgASgEIh8KCkd1ZXN0U3RhdGUSEQoJY29ubmVjdGVkGAEgASgIIh8KDVdyaXRlclJldm9rZWQSDgoGcmVhc29uGAEgASgJIuUBCgtTZXJ2ZXJGcmFtZRInCghhdHRhY2hlZBgBIAEoCzITLmNvbmxvZy52MS5BdHRhY2hlZEgAEiMKBm91dHB1dBgCIAEoCzIRLmNvbmxvZy52MS5PdXRwdXRIABIjCgZsYWdnZWQYAyABKAsyES5jb25sb2cudjEuTGFnZ2VkSAASJgoFZ3Vlc3QYBCABKAsyFS5jb25sb2cudjEuR3Vlc3RTdGF0ZUgAEjIKDndyaXRlcl9yZXZva2VkGAUgASgLMhguY29ubG9nLnYxLldyaXRlclJldm9rZWRIAEIHCgVmcmFtZSJ/ChNXYXRjaENvbnNvbGVSZXF1ZXN0Eg0KBWd1ZXN0GAEgASgJEg4KBmRldmljZRgCIAEoCRIkCgRtb2RlGAMgASgOMhYuY29ubG9nLnYxLkF0dGFjaC5Nb2RlEg0KBWZvcmNlGAQgASgIEhQKDHJlcGxheV9ieXRlcxgFIAEoBCI7ChdTZW5kQ29uc29sZUlucHV0UmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEgwKBGRhdGEYAiABKAwiMgoYU2VuZENvbnNvbGVJbnB1dFJlc3BvbnNlEhYKDmFjY2VwdGVkX2J5dGVzGAEgASgEIrIBChJSZWFkSGlzdG9yeVJlcXVlc3QSDQoFZ3Vlc3QYASABKAkSDgoGc3RyZWFtGAIgASgJEhUKC2Zyb21fb2Zmc2V0GAMgASgESAASFAoKdGFpbF9ieXRlcxgEIAEoBEgAEhQKCnRhaWxfbGluZXMYBSABKARIABIOCgZmb2xsb3cYBiABKAgSEwoLbGltaXRfYnl0ZXMYByABKAQSDAoEdGV4dBgIIAEoCEIHCgVzdGFydCItCgNHYXASEwoLZnJvbV9vZmZzZXQYASABKAQSEQoJdG9fb2Zmc2V0GAIgASgEIlcKDEhpc3RvcnlDaHVuaxIOCgZvZmZzZXQYASABKAQSDAoEZGF0YRgCIAEoDBIMCgR0ZXh0GAMgASgJEhsKA2dhcBgEIAEoCzIOLmNvbmxvZy52MS5HYXAyvgIKB0NvbnNvbGUSQwoNQXR0YWNoQ29uc29sZRIWLmNvbmxvZy52MS5DbGllbnRGcmFtZRoWLmNvbmxvZy52MS5TZXJ2ZXJGcmFtZSgBMAESSAoMV2F0Y2hDb25zb2xlEh4uY29ubG9nLnYxLldhdGNoQ29uc29sZVJlcXVlc3QaFi5jb25sb2cudjEuU2VydmVyRnJhbWUwARJbChBTZW5kQ29uc29sZUlucHV0EiIuY29ubG9nLnYxLlNlbmRDb25zb2xlSW5wdXRSZXF1ZXN0GiMuY29ubG9nLnYxLlNlbmRDb25zb2xlSW5wdXRSZXNwb25zZRJHCgtSZWFkSGlzdG9yeRIdLmNvbmxvZy52MS5SZWFkSGlzdG9yeVJlcXVlc3QaFy5jb25sb2cudjEuSGlzdG9yeUNodW5rMAFiBnByb3RvMw", [file_conlog_v1_common]);
+  fileDesc("Chdjb25sb2cvdjEvY29uc29sZS5wcm90bxIJY29ubG9nLnYxIq8BCgZBdHRhY2gSDQoFZ3Vlc3QYASABKAkSDgoGZGV2aWNlGAIgASgJEiQKBG1vZGUYAyABKA4yFi5jb25sb2cudjEuQXR0YWNoLk1vZGUSDQoFZm9yY2UYBCABKAgSFAoMcmVwbGF5X2J5dGVzGAUgASgEIjsKBE1vZGUSFAoQTU9ERV9VTlNQRUNJRklFRBAAEg0KCVJFQURfT05MWRABEg4KClJFQURfV1JJVEUQAiIVCgVJbnB1dBIMCgRkYXRhGAEgASgMIiQKBlJlc2l6ZRIMCgRjb2xzGAEgASgNEgwKBHJvd3MYAiABKA0iDQoLU2VyaWFsQnJlYWsiswEKC0NsaWVudEZyYW1lEiMKBmF0dGFjaBgBIAEoCzIRLmNvbmxvZy52MS5BdHRhY2hIABIhCgVpbnB1dBgCIAEoCzIQLmNvbmxvZy52MS5JbnB1dEgAEiMKBnJlc2l6ZRgDIAEoCzIRLmNvbmxvZy52MS5SZXNpemVIABIuCgxzZXJpYWxfYnJlYWsYBCABKAsyFi5jb25sb2cudjEuU2VyaWFsQnJlYWtIAEIHCgVmcmFtZSJtCghBdHRhY2hlZBIOCgZvZmZzZXQYASABKAQSDgoGd3JpdGVyGAIgASgIEhIKCnNlc3Npb25faWQYAyABKAkSFwoPZ3Vlc3RfY29ubmVjdGVkGAQgASgIEhQKDHNlcmlhbF9icmVhaxgFIAEoCCImCgZPdXRwdXQSDgoGb2Zmc2V0GAEgASgEEgwKBGRhdGEYAiABKAwiMAoGTGFnZ2VkEhMKC2Zyb21fb2Zmc2V0GAEgASgEEhEKCXRvX29mZnNldBgCIAEoBCIfCgpHdWVzdFN0YXRlEhEKCWNvbm5lY3RlZBgBIAEoCCIfCg1Xcml0ZXJSZXZva2VkEg4KBnJlYXNvbhgBIAEoCSLlAQoLU2VydmVyRnJhbWUSJwoIYXR0YWNoZWQYASABKAsyEy5jb25sb2cudjEuQXR0YWNoZWRIABIjCgZvdXRwdXQYAiABKAsyES5jb25sb2cudjEuT3V0cHV0SAASIwoGbGFnZ2VkGAMgASgLMhEuY29ubG9nLnYxLkxhZ2dlZEgAEiYKBWd1ZXN0GAQgASgLMhUuY29ubG9nLnYxLkd1ZXN0U3RhdGVIABIyCg53cml0ZXJfcmV2b2tlZBgFIAEoCzIYLmNvbmxvZy52MS5Xcml0ZXJSZXZva2VkSABCBwoFZnJhbWUifwoTV2F0Y2hDb25zb2xlUmVxdWVzdBINCgVndWVzdBgBIAEoCRIOCgZkZXZpY2UYAiABKAkSJAoEbW9kZRgDIAEoDjIWLmNvbmxvZy52MS5BdHRhY2guTW9kZRINCgVmb3JjZRgEIAEoCBIUCgxyZXBsYXlfYnl0ZXMYBSABKAQiUQoXU2VuZENvbnNvbGVJbnB1dFJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIMCgRkYXRhGAIgASgMEhQKDHNlcmlhbF9icmVhaxgDIAEoCCIyChhTZW5kQ29uc29sZUlucHV0UmVzcG9uc2USFgoOYWNjZXB0ZWRfYnl0ZXMYASABKAQisgEKElJlYWRIaXN0b3J5UmVxdWVzdBINCgVndWVzdBgBIAEoCRIOCgZzdHJlYW0YAiABKAkSFQoLZnJvbV9vZmZzZXQYAyABKARIABIUCgp0YWlsX2J5dGVzGAQgASgESAASFAoKdGFpbF9saW5lcxgFIAEoBEgAEg4KBmZvbGxvdxgGIAEoCBITCgtsaW1pdF9ieXRlcxgHIAEoBBIMCgR0ZXh0GAggASgIQgcKBXN0YXJ0Ii0KA0dhcBITCgtmcm9tX29mZnNldBgBIAEoBBIRCgl0b19vZmZzZXQYAiABKAQiVwoMSGlzdG9yeUNodW5rEg4KBm9mZnNldBgBIAEoBBIMCgRkYXRhGAIgASgMEgwKBHRleHQYAyABKAkSGwoDZ2FwGAQgASgLMg4uY29ubG9nLnYxLkdhcDK+AgoHQ29uc29sZRJDCg1BdHRhY2hDb25zb2xlEhYuY29ubG9nLnYxLkNsaWVudEZyYW1lGhYuY29ubG9nLnYxLlNlcnZlckZyYW1lKAEwARJICgxXYXRjaENvbnNvbGUSHi5jb25sb2cudjEuV2F0Y2hDb25zb2xlUmVxdWVzdBoWLmNvbmxvZy52MS5TZXJ2ZXJGcmFtZTABElsKEFNlbmRDb25zb2xlSW5wdXQSIi5jb25sb2cudjEuU2VuZENvbnNvbGVJbnB1dFJlcXVlc3QaIy5jb25sb2cudjEuU2VuZENvbnNvbGVJbnB1dFJlc3BvbnNlEkcKC1JlYWRIaXN0b3J5Eh0uY29ubG9nLnYxLlJlYWRIaXN0b3J5UmVxdWVzdBoXLmNvbmxvZy52MS5IaXN0b3J5Q2h1bmswAWIGcHJvdG8z", [file_conlog_v1_common]);
 
 /**
  * @generated from message conlog.v1.Attach
@@ -127,6 +127,24 @@ export const ResizeSchema: GenMessage<Resize> = /*@__PURE__*/
   messageDesc(file_conlog_v1_console, 2);
 
 /**
+ * A serial BREAK (Linux: with `echo 1 > /proc/sys/kernel/sysrq`, the next key is a magic SysRq
+ * key). Only the writer may send one, and only on a console created with the MUX protocol
+ * (CreateConsoleRequest.protocol; QEMU's chardev has mux=on); elsewhere FAILED_PRECONDITION
+ * (it ends an AttachConsole call).
+ *
+ * @generated from message conlog.v1.SerialBreak
+ */
+export type SerialBreak = Message<"conlog.v1.SerialBreak"> & {
+};
+
+/**
+ * Describes the message conlog.v1.SerialBreak.
+ * Use `create(SerialBreakSchema)` to create a new message.
+ */
+export const SerialBreakSchema: GenMessage<SerialBreak> = /*@__PURE__*/
+  messageDesc(file_conlog_v1_console, 3);
+
+/**
  * @generated from message conlog.v1.ClientFrame
  */
 export type ClientFrame = Message<"conlog.v1.ClientFrame"> & {
@@ -151,6 +169,12 @@ export type ClientFrame = Message<"conlog.v1.ClientFrame"> & {
      */
     value: Resize;
     case: "resize";
+  } | {
+    /**
+     * @generated from field: conlog.v1.SerialBreak serial_break = 4;
+     */
+    value: SerialBreak;
+    case: "serialBreak";
   } | { case: undefined; value?: undefined };
 };
 
@@ -159,7 +183,7 @@ export type ClientFrame = Message<"conlog.v1.ClientFrame"> & {
  * Use `create(ClientFrameSchema)` to create a new message.
  */
 export const ClientFrameSchema: GenMessage<ClientFrame> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 3);
+  messageDesc(file_conlog_v1_console, 4);
 
 /**
  * @generated from message conlog.v1.Attached
@@ -190,6 +214,13 @@ export type Attached = Message<"conlog.v1.Attached"> & {
    * @generated from field: bool guest_connected = 4;
    */
   guestConnected: boolean;
+
+  /**
+   * this console can carry a serial BREAK (created with the MUX protocol)
+   *
+   * @generated from field: bool serial_break = 5;
+   */
+  serialBreak: boolean;
 };
 
 /**
@@ -197,7 +228,7 @@ export type Attached = Message<"conlog.v1.Attached"> & {
  * Use `create(AttachedSchema)` to create a new message.
  */
 export const AttachedSchema: GenMessage<Attached> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 4);
+  messageDesc(file_conlog_v1_console, 5);
 
 /**
  * @generated from message conlog.v1.Output
@@ -219,7 +250,7 @@ export type Output = Message<"conlog.v1.Output"> & {
  * Use `create(OutputSchema)` to create a new message.
  */
 export const OutputSchema: GenMessage<Output> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 5);
+  messageDesc(file_conlog_v1_console, 6);
 
 /**
  * @generated from message conlog.v1.Lagged
@@ -245,7 +276,7 @@ export type Lagged = Message<"conlog.v1.Lagged"> & {
  * Use `create(LaggedSchema)` to create a new message.
  */
 export const LaggedSchema: GenMessage<Lagged> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 6);
+  messageDesc(file_conlog_v1_console, 7);
 
 /**
  * @generated from message conlog.v1.GuestState
@@ -262,7 +293,7 @@ export type GuestState = Message<"conlog.v1.GuestState"> & {
  * Use `create(GuestStateSchema)` to create a new message.
  */
 export const GuestStateSchema: GenMessage<GuestState> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 7);
+  messageDesc(file_conlog_v1_console, 8);
 
 /**
  * @generated from message conlog.v1.WriterRevoked
@@ -279,7 +310,7 @@ export type WriterRevoked = Message<"conlog.v1.WriterRevoked"> & {
  * Use `create(WriterRevokedSchema)` to create a new message.
  */
 export const WriterRevokedSchema: GenMessage<WriterRevoked> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 8);
+  messageDesc(file_conlog_v1_console, 9);
 
 /**
  * @generated from message conlog.v1.ServerFrame
@@ -326,7 +357,7 @@ export type ServerFrame = Message<"conlog.v1.ServerFrame"> & {
  * Use `create(ServerFrameSchema)` to create a new message.
  */
 export const ServerFrameSchema: GenMessage<ServerFrame> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 9);
+  messageDesc(file_conlog_v1_console, 10);
 
 /**
  * @generated from message conlog.v1.WatchConsoleRequest
@@ -363,7 +394,7 @@ export type WatchConsoleRequest = Message<"conlog.v1.WatchConsoleRequest"> & {
  * Use `create(WatchConsoleRequestSchema)` to create a new message.
  */
 export const WatchConsoleRequestSchema: GenMessage<WatchConsoleRequest> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 10);
+  messageDesc(file_conlog_v1_console, 11);
 
 /**
  * @generated from message conlog.v1.SendConsoleInputRequest
@@ -378,6 +409,14 @@ export type SendConsoleInputRequest = Message<"conlog.v1.SendConsoleInputRequest
    * @generated from field: bytes data = 2;
    */
   data: Uint8Array;
+
+  /**
+   * Send a serial BREAK after `data` (see SerialBreak); FAILED_PRECONDITION on a console that
+   * cannot carry one.
+   *
+   * @generated from field: bool serial_break = 3;
+   */
+  serialBreak: boolean;
 };
 
 /**
@@ -385,7 +424,7 @@ export type SendConsoleInputRequest = Message<"conlog.v1.SendConsoleInputRequest
  * Use `create(SendConsoleInputRequestSchema)` to create a new message.
  */
 export const SendConsoleInputRequestSchema: GenMessage<SendConsoleInputRequest> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 11);
+  messageDesc(file_conlog_v1_console, 12);
 
 /**
  * @generated from message conlog.v1.SendConsoleInputResponse
@@ -402,7 +441,7 @@ export type SendConsoleInputResponse = Message<"conlog.v1.SendConsoleInputRespon
  * Use `create(SendConsoleInputResponseSchema)` to create a new message.
  */
 export const SendConsoleInputResponseSchema: GenMessage<SendConsoleInputResponse> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 12);
+  messageDesc(file_conlog_v1_console, 13);
 
 /**
  * @generated from message conlog.v1.ReadHistoryRequest
@@ -476,7 +515,7 @@ export type ReadHistoryRequest = Message<"conlog.v1.ReadHistoryRequest"> & {
  * Use `create(ReadHistoryRequestSchema)` to create a new message.
  */
 export const ReadHistoryRequestSchema: GenMessage<ReadHistoryRequest> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 13);
+  messageDesc(file_conlog_v1_console, 14);
 
 /**
  * @generated from message conlog.v1.Gap
@@ -502,7 +541,7 @@ export type Gap = Message<"conlog.v1.Gap"> & {
  * Use `create(GapSchema)` to create a new message.
  */
 export const GapSchema: GenMessage<Gap> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 14);
+  messageDesc(file_conlog_v1_console, 15);
 
 /**
  * @generated from message conlog.v1.HistoryChunk
@@ -536,7 +575,7 @@ export type HistoryChunk = Message<"conlog.v1.HistoryChunk"> & {
  * Use `create(HistoryChunkSchema)` to create a new message.
  */
 export const HistoryChunkSchema: GenMessage<HistoryChunk> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 15);
+  messageDesc(file_conlog_v1_console, 16);
 
 /**
  * @generated from service conlog.v1.Console
