@@ -891,7 +891,8 @@ fn grpc_web_read_history(token: Option<&str>) -> Vec<u8> {
 }
 
 /// A gateway serves what a node serves to a browser: the same `/console/` page, and gRPC-web
-/// over HTTP/1.1 forwarded like native gRPC (a token needed, the node's bytes returned).
+/// over HTTP/1.1 forwarded like native gRPC (a token needed, the node's bytes returned); and
+/// `conlogctl --server` works against it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_page_and_grpc_web_are_served_through_the_gateway() {
     let pki = Pki::new();
@@ -924,6 +925,29 @@ async fn the_console_page_and_grpc_web_are_served_through_the_gateway() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(contains(&served, b"seen from a browser\n"), "{text}");
     assert!(text.contains("grpc-status:0"), "{text}");
+
+    // conlogctl --server works against a gateway as against a node.
+    let output = tokio::task::spawn_blocking({
+        let (ca, server) = (
+            pki.path("server-ca.pem"),
+            format!("https://localhost:{}", gateway.address.port()),
+        );
+        let token = token.clone();
+        move || {
+            Command::new(conlogctl_bin())
+                .args([
+                    "history", "vm1", "--limit", "20", "--server", &server, "--token", &token,
+                ])
+                .arg("--ca")
+                .arg(ca)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(output.stdout, b"seen from a browser\n");
 
     let refused = https_http1(&pki, gateway.address, &grpc_web_read_history(None)).await;
     let text = String::from_utf8_lossy(&refused);
