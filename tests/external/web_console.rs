@@ -404,6 +404,32 @@ async fn grpc_web_from_node_over_tls() {
     check_report(&report, &data, &["1.1", "2"], false);
 }
 
+/// The same through `conlog-gateway` (docs/gateway.md) in front of a node: a browser's client
+/// cannot tell it from the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_through_a_gateway() {
+    require_tools(false);
+    let pki = Pki::new();
+    let daemon = pki.node_with(false, "history:\n  chunk_size: 1KiB\n").await;
+    let gateway = Gateway::start(&pki, "3s").await;
+    let (data, tokens) = printed_console(&daemon).await;
+    let report = node(
+        "grpc_web_client.mjs",
+        &json!({
+            "baseUrl": format!("https://localhost:{}", gateway.address.port()),
+            "guest": GUEST,
+            "device": DEVICE,
+            "descriptorSet": descriptor_set(pki.dir.path()),
+            "tokens": tokens,
+            "ca": pki.path("server-ca.pem"),
+            "httpVersions": ["1.1", "2"],
+            "text": false,
+        }),
+    )
+    .await;
+    check_report(&report, &data, &["1.1", "2"], false);
+}
+
 /// A CA and a server certificate for `localhost` signed by it, as PEM files in `dir`:
 /// (ca, cert, key).
 fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {

@@ -152,7 +152,13 @@ impl Pki {
 
     /// A node with its token key derived from the cluster key (written, then SIGHUP).
     pub async fn node(&self, require_gateway: bool) -> Daemon {
-        let daemon = Daemon::start_with(Some(&self.node_yaml(require_gateway)), &[]).await;
+        self.node_with(require_gateway, "").await
+    }
+
+    /// The same, with more of conlogd's config (`extra`, top-level YAML keys).
+    pub async fn node_with(&self, require_gateway: bool, extra: &str) -> Daemon {
+        let yaml = self.node_yaml(require_gateway) + extra;
+        let daemon = Daemon::start_with(Some(&yaml), &[]).await;
         let state = daemon.data_dir().join("state");
         let partial = state.join("token.key.provisioned");
         std::fs::write(&partial, self.node_key(&endpoint_of(&daemon))).unwrap();
