@@ -27,8 +27,10 @@ use tonic::body::Body;
 use tonic::Status;
 use tower::ServiceExt;
 
-/// Request headers that belong to the client's connection, not to the call.
-const HOP_BY_HOP: [&str; 7] = [
+/// Request headers not forwarded: those of the client's connection, not of the call; and the
+/// browser's `Origin` and cookies, which the gateway's own web layer judged (a node would see
+/// the gateway's page as a foreign origin and refuse the call).
+const NOT_FORWARDED: [&str; 9] = [
     "host",
     "connection",
     "keep-alive",
@@ -36,6 +38,8 @@ const HOP_BY_HOP: [&str; 7] = [
     "transfer-encoding",
     "upgrade",
     "te",
+    "origin",
+    "cookie",
 ];
 
 /// The forwarding Console service.
@@ -101,7 +105,7 @@ impl Forward {
         let span = tracing::info_span!("forward", node = %node, guest = %grant.guest, path = request.uri().path());
         let _entered = span.enter();
         let channel = self.upstreams.channel(&node)?;
-        for name in HOP_BY_HOP {
+        for name in NOT_FORWARDED {
             request.headers_mut().remove(name);
         }
         request

@@ -587,8 +587,9 @@ fn body_of(response: &[u8]) -> &[u8] {
     &response[at + 4..]
 }
 
-/// A gRPC-web (binary, HTTP/1.1) `ReadHistory` of `vm1` from offset 0, with `token` if any.
-fn grpc_web_read_history(token: Option<&str>) -> Vec<u8> {
+/// A gRPC-web (binary, HTTP/1.1) `ReadHistory` of `vm1` from offset 0, with `token` if any, as
+/// the page served by `page_port` on localhost sends it (with its `Origin`).
+fn grpc_web_read_history(token: Option<&str>, page_port: u16) -> Vec<u8> {
     use prost::Message;
     let message = ReadHistoryRequest {
         guest: "vm1".into(),
@@ -602,7 +603,8 @@ fn grpc_web_read_history(token: Option<&str>) -> Vec<u8> {
     body.extend_from_slice(&message);
     let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
     let mut request = format!(
-        "POST /conlog.v1.Console/ReadHistory HTTP/1.1\r\nhost: localhost\r\n\
+        "POST /conlog.v1.Console/ReadHistory HTTP/1.1\r\nhost: localhost:{page_port}\r\n\
+         origin: https://localhost:{page_port}\r\n\
          content-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\n{auth}\
          content-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
@@ -642,7 +644,12 @@ async fn the_console_page_and_grpc_web_are_served_through_the_gateway() {
         "not the node's page"
     );
 
-    let served = https_http1(&pki, gateway.address, &grpc_web_read_history(Some(&token))).await;
+    let served = https_http1(
+        &pki,
+        gateway.address,
+        &grpc_web_read_history(Some(&token), gateway.address.port()),
+    )
+    .await;
     let text = String::from_utf8_lossy(&served);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(contains(&served, b"seen from a browser\n"), "{text}");
@@ -671,7 +678,12 @@ async fn the_console_page_and_grpc_web_are_served_through_the_gateway() {
     assert!(output.status.success(), "{output:?}");
     assert_eq!(output.stdout, b"seen from a browser\n");
 
-    let refused = https_http1(&pki, gateway.address, &grpc_web_read_history(None)).await;
+    let refused = https_http1(
+        &pki,
+        gateway.address,
+        &grpc_web_read_history(None, gateway.address.port()),
+    )
+    .await;
     let text = String::from_utf8_lossy(&refused);
     assert!(
         text.contains("grpc-status: 16") || text.contains("grpc-status:16"),
