@@ -303,7 +303,8 @@ async fn expired_tokens_and_a_rotated_cluster_key_are_refused_at_the_gateway() {
 }
 
 /// A node that is down, or an address that does not answer, is `UNAVAILABLE` naming the node,
-/// within the connect timeout; the other nodes are served meanwhile.
+/// within the connect timeout, for new calls and for streams in progress; the other nodes are
+/// served meanwhile; once the node is back, the same token resumes by offset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_is_down_is_unavailable_naming_it() {
     let pki = Pki::new();
@@ -375,6 +376,16 @@ async fn a_node_that_is_down_is_unavailable_naming_it() {
         .await
         .expect("the node that is up is served");
     assert_eq!(&data, b"still here\n");
+
+    // The node restarts (its keeper kept its listener, so its endpoint is the same): the same
+    // token resumes through the gateway from the offset it had, the guest's console kept.
+    down.restart().await;
+    assert_eq!(endpoint_of(&down), name, "the restarted node kept its port");
+    dying.write(b"back\n").await;
+    let (data, _) = read_history(pki.client(gateway.address, &token_down).await, "vm1", 11, 5)
+        .await
+        .expect("the restarted node is served again");
+    assert_eq!(&data, b"back\n");
 }
 
 /// With `console.require_gateway` a node refuses a direct caller without the gateway's client
