@@ -119,7 +119,7 @@ fn code_of<T>(result: &Result<T, tonic::Status>) -> Option<(Code, String)> {
         .map(|s| (s.code(), s.message().to_owned()))
 }
 
-/// Two nodes with a guest `vm1` each (and `vm2` on node A), two gateways: each node's token
+/// Three nodes with a guest `vm1` each (and `vm2` on node A), two gateways: each node's token
 /// reaches its own node's guest through either gateway — WatchConsole with replay and
 /// SendConsoleInput, AttachConsole typing, ReadHistory following — and nothing else: not the
 /// other guest of its node, not the same-named guest of the other node, not with its node
@@ -127,7 +127,11 @@ fn code_of<T>(result: &Result<T, tonic::Status>) -> Option<(Code, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_reaches_its_own_nodes_guest_through_any_gateway_and_nothing_else() {
     let pki = Pki::new();
-    let (a, b) = (pki.node(false).await, pki.node(false).await);
+    let (a, b, c) = (
+        pki.node(false).await,
+        pki.node(false).await,
+        pki.node(false).await,
+    );
     let (g1, g2) = (
         Gateway::start(&pki, "3s").await,
         Gateway::start(&pki, "3s").await,
@@ -135,8 +139,10 @@ async fn a_token_reaches_its_own_nodes_guest_through_any_gateway_and_nothing_els
     let mut a_vm1 = console_with_guest(&a, "vm1").await;
     let mut a_vm2 = console_with_guest(&a, "vm2").await;
     let mut b_vm1 = console_with_guest(&b, "vm1").await;
+    let mut c_vm1 = console_with_guest(&c, "vm1").await;
     a_vm1.write(b"from node A\n").await;
     b_vm1.write(b"from node B\n").await;
+    c_vm1.write(b"from node C\n").await;
     a_vm2.write(b"the other guest of A\n").await;
 
     let token_a = a.token("vm1", "", Access::ReadWrite, 600).await;
@@ -188,11 +194,18 @@ async fn a_token_reaches_its_own_nodes_guest_through_any_gateway_and_nothing_els
     assert_eq!((live.offset, &live.data[..]), (22, &b"live\n"[..]));
     drop(stream);
 
-    // B's token reaches B's vm1.
+    // B's token reaches B's vm1, C's C's, through either gateway.
     let (data, _) = read_history(pki.client(g2.address, &token_b).await, "vm1", 0, 12)
         .await
         .expect("node B's history");
     assert_eq!(&data, b"from node B\n");
+    let token_c = c.token("vm1", "", Access::Read, 600).await;
+    for gateway in [&g1, &g2] {
+        let (data, _) = read_history(pki.client(gateway.address, &token_c).await, "vm1", 0, 12)
+            .await
+            .expect("node C's history");
+        assert_eq!(&data, b"from node C\n");
+    }
 
     // Not the other guest of A (the node re-checks the token's guest).
     let refused = read_history(pki.client(g1.address, &token_a).await, "vm2", 0, 1).await;
