@@ -425,16 +425,18 @@ impl Writer {
     }
 
     fn append(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
-        let mut file = OpenOptions::new()
-            .append(true)
+        let mut options = OpenOptions::new();
+        if self.len == 0 {
+            // A new index; anything left at its path (by a failed write) is not this file's.
+            options.write(true).truncate(true);
+        } else {
+            options.append(true);
+        }
+        let mut file = options
             .create(true)
             .mode(0o640)
             .custom_flags(rustix::fs::OFlags::CLOEXEC.bits().cast_signed())
             .open(path)?;
-        if self.len == 0 && file.metadata()?.len() != 0 {
-            // A file left behind (by a failed write): start it again.
-            file.set_len(0)?;
-        }
         file.write_all(bytes)
     }
 
