@@ -57,7 +57,10 @@ pub(crate) fn shift_backup(path: &Path, k: u32) -> io::Result<()> {
 
 /// Bytes of the index of the log file at `log` (0 if it has none).
 pub(crate) fn index_len(log: &Path) -> u64 {
-    fs::metadata(super::index::index_path(log)).map_or(0, |m| m.len())
+    fs::symlink_metadata(super::index::index_path(log))
+        .ok()
+        .filter(fs::Metadata::is_file)
+        .map_or(0, |m| m.len())
 }
 
 /// Opens (creating) a log file for appending at its end.

@@ -1,15 +1,19 @@
 //! One stream's log on disk: append, rotate or truncate at `max_size`, and absolute offsets.
 //!
-//! Owns `<log_dir>/<guest>/<stream>.log`, its backups `.log.1` (newest) … `.log.N`, and the
-//! stream's position record (`<stream>.pos` in the state directory). It never reads from a
-//! client or a guest and never blocks on anything but the file system. One concern per file:
-//! this one appends, rotates and maps files to offsets; `gaps` keeps the offsets without bytes;
-//! `record` the record's format; `recover` where offsets resume at open; `files` the
-//! file-system steps; `read` reads ranges back from segments (console replay).
+//! Owns `<log_dir>/<guest>/<stream>.log`, its backups `.log.1` (newest) … `.log.N`, their time
+//! indexes (`.log.idx`, `.log.N.idx`, renamed and removed with them), and the stream's position
+//! record (`<stream>.pos` in the state directory). It never reads from a client or a guest and
+//! never blocks on anything but the file system. One concern per file: this one appends,
+//! rotates and maps files to offsets; `gaps` keeps the offsets without bytes; `record` the
+//! record's format; `recover` where offsets resume at open; `files` the file-system steps;
+//! `read` reads ranges back from segments (console replay); `index` the time index (format,
+//! writer, reader), which never changes a byte of a log.
 //!
 //! Invariants (docs/operations.md, "Durability"):
-//! - No file of a stream is larger than `max_size` (limits that shrink apply at once), so its
-//!   bytes on disk never exceed `max_size × (max_backups + 1)`.
+//! - No file of a stream together with its time index is larger than `max_size` (limits that
+//!   shrink apply at once), so its bytes on disk never exceed `max_size × (max_backups + 1)`.
+//!   A file rotates when it has less room left than the entries of one write may take, so an
+//!   entry always lands in the index of the file that received its byte.
 //! - The absolute offset (`end`) only grows, across restarts, crashes and power cuts, and an
 //!   offset is never given to two different bytes. Bytes that cannot be logged (disk full, a new
 //!   file that cannot be opened) still take their offsets: they become a gap ([`Gaps`]) that
@@ -308,17 +312,25 @@ impl LogFile {
     }
 
     /// Records `kind` in the index before the byte at the end offset. An event that does not
-    /// fit in the current file's pair (log and index at most `max_size`) is left out and
-    /// counted as an index failure: the log's bytes come first.
+    /// fit in the current file's pair (log and index at most `max_size`), or that comes over
+    /// the stream's event rate (docs/design.md, "Time index"), is left out and counted as an
+    /// index failure: the log's bytes come first.
     pub fn note_event(&mut self, kind: EventKind, detail: &str) {
         let now = clock::now();
-        let planned = self.index.plan_event(self.end, now, kind, detail);
-        if self.size + self.index.len() + planned.len() > self.limits.max_size {
+        if !self.index.admit_event(kind, now) {
             self.index
-                .skipped("no room left for the event in the current log file");
+                .skipped(&self.path, "too many events: over the stream's event rate");
             return;
         }
-        self.index.commit(planned, now, false);
+        let planned = self.index.plan_event(self.end, now, kind, detail);
+        if self.size + self.index.len() + planned.len() > self.limits.max_size {
+            self.index.skipped(
+                &self.path,
+                "no room left for the event in the current log file",
+            );
+            return;
+        }
+        self.index.commit(&self.path, planned, now, false);
     }
 
     /// Records that the daemon (re)opened this log: `daemon started` with how (a fresh start
@@ -448,7 +460,7 @@ impl LogFile {
             }
             // Tests kill the daemon between the log write and its index entry.
             fault::point("index.append");
-            self.index.commit(planned, now, true);
+            self.index.commit(&self.path, planned, now, true);
             self.size += written as u64;
             self.end += written as u64;
             *logged += written;
@@ -539,14 +551,17 @@ impl LogFile {
     /// append rotates first (the file is full or lost).
     pub(crate) fn room(&self) -> usize {
         match &self.file {
-            Some(_) if !self.pair_full() => usize::try_from(self.pair_room()).unwrap_or(usize::MAX),
+            Some(_) if !self.pair_full() => {
+                usize::try_from(self.pair_room() - self.index.write_reserve()).unwrap_or(usize::MAX)
+            }
             _ => usize::MAX,
         }
     }
 
-    /// The current file and its index hold `max_size` bytes (or more: limits shrank).
+    /// The current file and its index hold `max_size` bytes (or more: limits shrank), less the
+    /// room kept for the index entries of a write ([`index::Writer::write_reserve`]).
     fn pair_full(&self) -> bool {
-        self.size + self.index.len() >= self.limits.max_size
+        self.size + self.index.len() + self.index.write_reserve() >= self.limits.max_size
     }
 
     /// Bytes the current file and its index may still take.

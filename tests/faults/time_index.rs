@@ -112,14 +112,19 @@ async fn indexes_rotate_with_their_logs_and_the_disk_stays_within_the_cap() {
             }
         })
     };
-    // Continuous output (writes 30 ms apart, an entry each 100 ms) with quiet pauses: many
-    // entries per file, over a dozen rotations.
+    // Continuous output (writes 30 ms apart, an entry each 100 ms) with quiet pauses, and a
+    // second writer coming and going (two events) at each write: indexes of hundreds of bytes
+    // per file, over a dozen rotations.
     let data = lines(0, 3000);
     let mut written = 0;
     for (i, chunk) in data.chunks(1500).enumerate() {
         pipe.write_all(chunk).unwrap();
         written += chunk.len() as u64;
         wait_offset(&mut agent, GUEST, "qemu", written).await;
+        let (_, other) = open_pipe(&mut agent, GUEST, "qemu", None).await;
+        wait_stream(&mut agent, GUEST, "qemu", "fed twice", |s| s.writers == 2).await;
+        drop(other);
+        wait_stream(&mut agent, GUEST, "qemu", "fed once", |s| s.writers == 1).await;
         let pause = if i % 10 == 9 { 1100 } else { 30 };
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
@@ -175,6 +180,21 @@ async fn indexes_rotate_with_their_logs_and_the_disk_stays_within_the_cap() {
         start += std::fs::metadata(log).unwrap().len();
     }
     assert_ordered(&entries_on_disk(&daemon.log_dir(), GUEST, "qemu"), written);
+    // Fewer backups: the removed files' indexes go with them, and the new cap holds at once.
+    create_pipe(
+        &mut agent,
+        GUEST,
+        "qemu",
+        Some(limits(MAX_SIZE, 1, LogMode::Rotate)),
+    )
+    .await
+    .expect("new limits");
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 4, "two logs and their indexes: {names:?}");
+    assert!(dir_bytes(&dir) <= 2 * MAX_SIZE);
 }
 
 /// kill -9 between a log write and its index entry (`index.append`): after the restart every
@@ -454,6 +474,109 @@ async fn with_the_index_off_no_index_file_is_written() {
         .collect();
     assert_eq!(names, [daemon.log_path(GUEST, "qemu")]);
     assert_eq!(read_log(&daemon.log_dir(), GUEST, "qemu"), data);
+}
+
+/// kill -9 after a rotation moved the log to `.log.1` and before its index followed: at the
+/// next start the index is moved after it (it describes `.log.1`, not the new file), so every
+/// index still describes its own file, and no byte is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_between_moving_a_log_and_its_index_is_repaired_at_start() {
+    let mut daemon = Daemon::start_full(
+        Some(NO_KEEPER),
+        &[],
+        None,
+        &[("CONLOG_FAULT_POINTS", "logfile.rotate.index=kill@2")],
+    )
+    .await;
+    let mut agent = daemon.agent().await;
+    let lim = limits(4096, 2, LogMode::Rotate);
+    let (_, mut pipe) = open_pipe(&mut agent, GUEST, "qemu", Some(lim)).await;
+    let data = lines(0, 400);
+    let mut sent = 0;
+    for chunk in data.chunks(700) {
+        if pipe.write_all(chunk).is_err() {
+            break;
+        }
+        sent += chunk.len();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if daemon
+            .stderr()
+            .contains("fault point logfile.rotate.index reached")
+        {
+            break;
+        }
+    }
+    daemon.wait_exit().await;
+    assert!(sent > 0);
+    drop(pipe);
+    let log = daemon.log_path(GUEST, "qemu");
+    // The crash left the moved file's index as the current one.
+    let stale = IndexFile::open(Arc::new(File::open(index_path(&log)).unwrap()))
+        .unwrap()
+        .unwrap();
+    let one = log.with_extension("log.1");
+    assert!(!index_path(&one).exists());
+    daemon.env.clear();
+    daemon.restart().await;
+    let moved = IndexFile::open(Arc::new(File::open(index_path(&one)).unwrap()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(moved.base_offset(), stale.base_offset());
+    let mut agent = daemon.agent().await;
+    let info = find_stream(&mut agent, GUEST, "qemu").await.unwrap();
+    // Each index's base is its file's first offset.
+    let mut start = info.first_offset;
+    for file in log_files(&daemon.log_dir(), GUEST, "qemu") {
+        if let Ok(index) = File::open(index_path(&file)) {
+            let index = IndexFile::open(Arc::new(index)).unwrap().unwrap();
+            assert_eq!(index.base_offset(), start, "{}", file.display());
+        }
+        start += std::fs::metadata(&file).unwrap().len();
+    }
+    assert_eq!(start, info.offset);
+    let on_disk = read_log(&daemon.log_dir(), GUEST, "qemu");
+    assert_same(
+        "log files",
+        &on_disk,
+        &data[info.first_offset as usize..info.offset as usize],
+    );
+    assert_ordered(
+        &entries_on_disk(&daemon.log_dir(), GUEST, "qemu"),
+        info.offset,
+    );
+    daemon.stop().await;
+}
+
+/// An index that cannot be written (a directory stands where it should be) costs the stream
+/// its times, never a byte: the failures are counted in `conlog_index_write_failures_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_write_failures_are_counted_and_cost_no_byte() {
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let (_, mut pipe) = open_pipe(&mut agent, GUEST, "qemu", None).await;
+    let log = daemon.log_path(GUEST, "qemu");
+    // The pipe's opening was recorded: that index goes, a directory takes its place.
+    std::fs::remove_file(index_path(&log)).unwrap();
+    std::fs::create_dir(index_path(&log)).unwrap();
+    // Three bursts after quiet seconds: each is due an entry that cannot be written.
+    let data = lines(0, 300);
+    for chunk in data.chunks(3500) {
+        pipe.write_all(chunk).unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    drop(pipe);
+    let info = wait_closed(&mut agent, GUEST, "qemu", data.len() as u64).await;
+    assert_eq!(info.dropped_bytes, 0);
+    let text = tokio::task::spawn_blocking({
+        let metrics = daemon.metrics;
+        move || http_get(metrics, "/metrics").1
+    })
+    .await
+    .unwrap();
+    let failures = metric(&text, "conlog_index_write_failures_total").expect("the metric");
+    assert!(failures >= 3.0, "{failures}");
+    assert_eq!(std::fs::read(&log).unwrap(), data);
+    assert!(daemon.stderr().contains("cannot write the time index"));
 }
 
 /// Attach fields taking the writer lease from whoever holds it.
