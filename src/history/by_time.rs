@@ -300,7 +300,7 @@ mod tests {
                         mono_ns: seconds * 1_000_000_000,
                     };
                     let planned = writer.plan_write(base + 100 * j, now);
-                    writer.commit(planned, now, true);
+                    writer.commit(&log, planned, now, true);
                 }
                 OpenSegment {
                     file: Arc::new(File::open(&log).unwrap()),
