@@ -803,3 +803,51 @@ async fn conlogctl_shows_events() {
         "{stdout}"
     );
 }
+
+/// A reader by time holds its log file and that file's index, and both count against the
+/// remote callers' share of descriptors; a reader by offset lets the index go and counts one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_by_time_holds_and_counts_two_descriptors() {
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let (_, mut pipe) = open_pipe(&mut agent, GUEST, "qemu", None).await;
+    write_now(&mut pipe, b"one line\n");
+    wait_offset(&mut agent, GUEST, "qemu", 9).await;
+    let token = daemon
+        .token(GUEST, "", conlog::proto::Access::Read, 600)
+        .await;
+    let channel = with_token(daemon.plain_tcp_channel().await, &token);
+    let held = || {
+        let (_, text) = http_get(daemon.metrics, "/metrics");
+        metric(&text, "conlog_remote_descriptors_held").unwrap_or(-1.0)
+    };
+    let log_dir = daemon.log_dir().join(GUEST);
+    let (pid, before) = (daemon.pid(), held());
+    let files = fds_under(pid, &log_dir);
+    for (lines, descriptors) in [(false, 1), (true, 2)] {
+        let mut stream = channel
+            .clone()
+            .console()
+            .read_history(ReadHistoryRequest {
+                follow: true,
+                lines,
+                ..request(GUEST, "qemu", None)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        next(&mut stream).await.unwrap().expect("the line");
+        assert_eq!(held(), before + f64::from(descriptors), "lines: {lines}");
+        assert_eq!(
+            fds_under(pid, &log_dir),
+            files + descriptors as usize,
+            "lines: {lines}: {}",
+            describe_fds(pid)
+        );
+        drop(stream);
+        wait_until("the reader's descriptors given back", || {
+            held() == before && fds_under(pid, &log_dir) == files
+        })
+        .await;
+    }
+}
