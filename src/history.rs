@@ -1,11 +1,15 @@
 //! Reading a stream's bytes back from its files on disk by absolute offset: `ReadHistory`.
 //!
-//! Owns start-position resolution (`from_offset`, `tail_bytes`, `tail_lines`), walking the
-//! rotated files that hold a run of offsets, UTF-8 boundaries, and following a stream live. It
-//! knows a stream only through its [`LogHandle`] (never the registry, a pipe or a console). It
-//! only reads; it never writes, renames or deletes a log file, and it never holds more than one
-//! chunk per reader in memory (plus a small bounded queue towards the client). The console's
-//! replay reads its own segments ([`crate::logfile::read_tail`]).
+//! Owns start-position resolution (`from_offset`, `tail_bytes`, `tail_lines`, and `since_time`
+//! through [`by_time`]), walking the rotated files that hold a run of offsets, UTF-8
+//! boundaries, following a stream live, and, for a read by time, the times, index entries and
+//! events that go with the bytes and where `until_time` ends a read (docs/design.md, "History
+//! by time"). It knows a stream only through its [`LogHandle`] (never the registry, a pipe or a
+//! console). It only reads; it never writes, renames or deletes a log file or an index, and it
+//! never holds more than one chunk per reader in memory (plus, for a read by time, one 4 KiB
+//! page of the index, and a small bounded queue towards the client). A read that asks for no
+//! time never reads an index and gets exactly the chunks it got before the index existed. The
+//! console's replay reads its own segments ([`crate::logfile::read_tail`]).
 //!
 //! Consistency under rotation: a reader never opens log files by path itself. It asks the
 //! stream's actor for [`OpenSegment`]s, descriptors opened by the actor between two of its own
