@@ -155,6 +155,13 @@ impl StreamKind {
     }
 }
 
+/// A stream brought back by a start of the daemon: how it started, and the console the
+/// previous image carried for it (if any).
+struct Restored {
+    start: StartKind,
+    console: Option<FrozenConsole>,
+}
+
 /// A client's optional override of the default limits.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LimitsOverride {
@@ -428,7 +435,9 @@ impl Guests {
         }
     }
 
-    /// Opens the log and starts the actor of a stream.
+    /// Opens the log and starts the actor of a stream; a `restored` one (after a start of the
+    /// daemon) records how the daemon started in its time index and takes up what the previous
+    /// image carried for its console.
     fn start_actor(
         &self,
         guest: &str,
@@ -436,8 +445,7 @@ impl Guests {
         kind: StreamKind,
         log_path: &Path,
         limits: LogLimits,
-        carried_console: Option<FrozenConsole>,
-        restored: Option<StartKind>,
+        restored: Option<Restored>,
     ) -> Result<Actor> {
         // Check what can be refused before anything is created on disk.
         let paths = match kind {
@@ -449,9 +457,10 @@ impl Guests {
         let mut log = LogFile::open(log_path, &self.position_path(guest, stream), limits)
             .map_err(|e| RegistryError::io(format!("cannot open {}", log_path.display()), e))?;
         log.set_time_index(self.config.logs.time_index);
-        if let Some(start) = restored {
-            log.note_start(start);
-        }
+        let carried_console = restored.and_then(|r| {
+            log.note_start(r.start);
+            r.console
+        });
         Ok(match paths {
             None => Actor::Pipe(PipeHandle::spawn(log, self.metrics.clone(), guest, stream)),
             Some(paths) => Actor::Console(ConsoleHandle::spawn(
@@ -630,8 +639,7 @@ impl Guests {
             record.kind,
             &record.log_path,
             record.limits,
-            console,
-            Some(start),
+            Some(Restored { start, console }),
         )?;
         let entry = StreamEntry {
             log_path: record.log_path.clone(),
@@ -854,7 +862,7 @@ impl Guests {
         limits: LogLimits,
     ) -> Result<Created> {
         let log_path = self.log_path(guest, stream);
-        let actor = self.start_actor(guest, stream, kind, &log_path, limits, None, None)?;
+        let actor = self.start_actor(guest, stream, kind, &log_path, limits, None)?;
         let entry = StreamEntry {
             log_path: log_path.clone(),
             limits,

@@ -1,5 +1,9 @@
 //! The index as the writer leaves it and readers see it: the entry rule under a fake clock,
 //! lookups landing on continuation slots, torn tails, clock steps.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test data of known, small sizes"
+)]
 
 use super::format::{entry, EventKind as K, HEADER_LEN, KIND_TIME};
 use super::*;

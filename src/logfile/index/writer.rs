@@ -29,6 +29,9 @@ const DRIFT_NS: i64 = 10_000_000;
 /// cap keeps) faster than this.
 const EVENT_BURST: u64 = 20;
 const EVENTS_PER_SECOND: u64 = 5;
+/// How many indexes past the last backup are looked for as orphans at open (a crash leaves
+/// at most the ones of the backups it was removing).
+const ORPHAN_SCAN: u32 = 20;
 /// Longest detail of a `clock stepped` event (bytes).
 const STEP_DETAIL: usize = 64;
 /// The most bytes one log write adds to the index: a header, a `clock stepped` event and a
@@ -132,7 +135,7 @@ impl Writer {
     fn recover(&mut self, log: &Path, backups: u32) -> io::Result<()> {
         // Orphans: a crash between removing the oldest backups and their indexes.
         let mut n = backups + 1;
-        while n <= backups + MAX_CONTINUATIONS as u32 {
+        while n <= backups + ORPHAN_SCAN {
             let orphan = index_path(&super::super::backup_path(log, n));
             match fs::remove_file(&orphan) {
                 Ok(()) => n += 1,
@@ -392,7 +395,9 @@ impl Writer {
                     .ok()
                     .filter(fs::Metadata::is_file)
                     .map_or(0, |m| m.len());
-                if self.len > 0 && (self.len < HEADER_LEN || (self.len - HEADER_LEN) % SLOT != 0) {
+                if self.len > 0
+                    && (self.len < HEADER_LEN || !(self.len - HEADER_LEN).is_multiple_of(SLOT))
+                {
                     let cut = if self.len < HEADER_LEN {
                         0
                     } else {
@@ -467,7 +472,7 @@ fn read_tail(path: &Path) -> io::Result<Option<Tail>> {
 /// The header and the last whole entry of `file`; `None` if the header is unreadable.
 fn tail_of(file: &File) -> io::Result<Option<Tail>> {
     let len = file.metadata()?.len();
-    let mut b = [0u8; HEADER_LEN as usize];
+    let mut b = [0u8; super::format::HEADER_BYTES];
     if len < HEADER_LEN {
         return Ok(None);
     }
