@@ -851,3 +851,83 @@ async fn a_reader_by_time_holds_and_counts_two_descriptors() {
         .await;
     }
 }
+
+/// The daemon's wall clock steps back 5 s (its test clock): history shows a `clock stepped`
+/// event before the first byte logged after it, that line's time stays at the step's moment
+/// (never before the lines logged earlier) and is marked approximate, and `conlogctl
+/// --timestamps` prints it with a `~`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_stepped_back_shows_as_an_event_and_approximate_times() {
+    let scratch = tempfile::tempdir().unwrap();
+    let clock = scratch.path().join("clock");
+    std::fs::write(&clock, "0").unwrap();
+    let daemon = Daemon::start_env(&[("CONLOG_TEST_CLOCK", clock.to_str().unwrap())]).await;
+    let mut agent = daemon.agent().await;
+    let (_, mut pipe) = open_pipe(&mut agent, GUEST, "qemu", None).await;
+    write_now(&mut pipe, b"before the step\n");
+    wait_offset(&mut agent, GUEST, "qemu", 16).await;
+    std::fs::write(&clock, "-5000000000").unwrap();
+    // A quiet second (the next write gets an entry), longer than the clock file's re-read.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    write_now(&mut pipe, b"after the step\n");
+    wait_offset(&mut agent, GUEST, "qemu", 31).await;
+
+    let mut client = local_console(&daemon).await;
+    let chunks = read_ok(
+        &mut client,
+        ReadHistoryRequest {
+            lines: true,
+            events: true,
+            marks: true,
+            ..timed(None, None)
+        },
+    )
+    .await;
+    let step = chunks
+        .iter()
+        .position(|c| {
+            c.event
+                .as_ref()
+                .is_some_and(|e| e.kind == Kind::ClockStepped as i32)
+        })
+        .unwrap_or_else(|| panic!("no clock stepped event: {chunks:?}"));
+    let event = chunks[step].event.as_ref().unwrap();
+    assert_eq!(event.offset, 16, "{event:?}");
+    assert!(event.detail.contains("stepped back"), "{event:?}");
+    let before = chunks
+        .iter()
+        .find(|c| c.offset == 0 && c.event.is_none())
+        .unwrap();
+    let after = chunks[step + 1..]
+        .iter()
+        .find(|c| c.offset == 16 && c.event.is_none())
+        .unwrap_or_else(|| panic!("the line after the step follows the event: {chunks:?}"));
+    assert!(!before.marks[0].approximate);
+    assert!(after.marks[0].approximate, "{after:?}");
+    assert!(
+        ns_of(after.time.as_ref().unwrap()) >= ns_of(before.time.as_ref().unwrap()),
+        "times went back"
+    );
+
+    let mut cmd = Command::new(conlogctl_bin());
+    cmd.args([
+        "--socket",
+        daemon.socket().to_str().unwrap(),
+        "history",
+        GUEST,
+    ])
+    .args(["--timestamps"]);
+    let output = run_bounded(&mut cmd);
+    assert!(output.status.success(), "{}", describe(&output));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        !lines[0].starts_with('~') && lines[0].ends_with(" before the step"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with('~') && lines[1].ends_with(" after the step"),
+        "{stdout}"
+    );
+}
