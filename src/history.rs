@@ -914,5 +914,43 @@ mod tests {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(next(&mut items).is_err(), "nothing more, nothing twice");
+
+        // The same file given again (new descriptors, after bytes and a drop at its end): an
+        // event already sent at the position it is entered again at is not sent twice.
+        let change: Box<dyn FnOnce(&mut crate::log_owner::LogOwner) + Send> = Box::new(|owner| {
+            owner.log.append(b"ghi\n").unwrap();
+            owner.log.note_event(EventKind::GuestConnected, "back");
+            owner.count_moved(4, 0);
+        });
+        assert!(changes.send(Own::Change(change)).await.is_ok());
+        // The reader reads 13..17 and sends `guest connected` at 17 (it waits there then).
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let change: Box<dyn FnOnce(&mut crate::log_owner::LogOwner) + Send> = Box::new(|owner| {
+            owner.log.append(b"jkl\n").unwrap();
+            owner.log.skip(2);
+            owner.count_moved(4, 2);
+        });
+        // A drop: the reader asks the actor again, and gets the file again from 17.
+        assert!(changes.send(Own::Change(change)).await.is_ok());
+        let mut got = Vec::new();
+        while got.len() < 4 {
+            let item = tokio::time::timeout(std::time::Duration::from_secs(10), items.recv())
+                .await
+                .unwrap_or_else(|_| panic!("the follower stopped after {got:?}"))
+                .unwrap()
+                .unwrap();
+            got.push(item);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        while let Ok(item) = next(&mut items) {
+            got.push(item);
+        }
+        let connected = got
+            .iter()
+            .filter(
+                |i| matches!(i, HistoryItem::Event(e) if e.kind == EventKind::GuestConnected as u8),
+            )
+            .count();
+        assert_eq!(connected, 1, "{got:?}");
     }
 }
