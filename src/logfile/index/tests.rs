@@ -89,53 +89,75 @@ fn marks(ix: &IndexFile) -> Vec<(u64, i64)> {
 fn entries_follow_the_rule_for_bursts_continuous_and_sparse_output() {
     let dir = tempfile::tempdir().unwrap();
     let mut w = writer(dir.path());
+    // Fast continuous output: 5 KiB every 50 ms.
+    const K: u64 = 5 << 10;
     assert!(write(&mut w, 0, at(0)), "the first write of a file");
     assert!(
-        !write(&mut w, 10, at(50)),
+        !write(&mut w, K, at(50)),
         "continuous, 50 ms after the entry"
     );
     assert!(
-        write(&mut w, 20, at(100)),
-        "continuous, 100 ms after the entry"
+        write(&mut w, 2 * K, at(100)),
+        "continuous, 100 ms and 10 KiB after the entry"
     );
-    assert!(!write(&mut w, 30, at(150)));
-    assert!(!write(&mut w, 40, at(199)));
+    assert!(!write(&mut w, 3 * K, at(150)));
+    assert!(!write(&mut w, 4 * K, at(199)));
     assert!(
-        write(&mut w, 50, at(250)),
+        write(&mut w, 5 * K, at(250)),
         "writes < 100 ms apart, 150 ms after the entry"
     );
     // Sparse writes (≥ 100 ms apart, < 1 s): no entry until a second since the last one.
-    assert!(!write(&mut w, 60, at(500)));
-    assert!(!write(&mut w, 70, at(900)));
-    assert!(write(&mut w, 80, at(1250)), "a second since the last entry");
+    assert!(!write(&mut w, 6 * K, at(500)));
+    assert!(!write(&mut w, 7 * K, at(900)));
+    assert!(
+        write(&mut w, 8 * K, at(1250)),
+        "a second since the last entry"
+    );
     // A quiet second: the burst after it gets an exact entry.
-    assert!(write(&mut w, 90, at(2250)));
-    assert!(!write(&mut w, 95, at(2260)));
+    assert!(write(&mut w, 9 * K, at(2250)));
+    assert!(!write(&mut w, 9 * K + 100, at(2260)));
+    // Slow continuous output (100 bytes each 50 ms): under 2 KiB, entries only each second.
+    let mut offset = 9 * K + 200;
+    let mut entries = Vec::new();
+    for i in 0..60u64 {
+        if write(&mut w, offset, at(2300 + i * 50)) {
+            entries.push(i);
+        }
+        offset += 100;
+    }
+    assert_eq!(
+        entries,
+        [19, 39, 59],
+        "one a second (the first is 950 ms after 2260)"
+    );
     let ix = index(dir.path());
     assert_eq!(ix.base_offset(), 0);
     assert_eq!(ix.first_time(), at(0).wall_ns);
     let ms = |m: u64| at(m).wall_ns;
     assert_eq!(
-        marks(&ix),
+        marks(&ix)[..5],
         [
             (0, ms(0)),
-            (20, ms(100)),
-            (50, ms(250)),
-            (80, ms(1250)),
-            (90, ms(2250))
+            (2 * K, ms(100)),
+            (5 * K, ms(250)),
+            (8 * K, ms(1250)),
+            (9 * K, ms(2250))
         ]
     );
     // Each byte's time is its mark's, and within the stated resolution of the true time.
     assert_eq!(ix.mark_at(0).unwrap().unwrap().wall_ns, ms(0));
-    assert_eq!(ix.mark_at(19).unwrap().unwrap().offset, 0);
-    assert_eq!(ix.mark_at(49).unwrap().unwrap().wall_ns, ms(100));
-    assert_eq!(ix.mark_at(95).unwrap().unwrap().offset, 90);
-    assert_eq!(ix.mark_at(1 << 30).unwrap().unwrap().offset, 90);
-    assert_eq!(ix.last_time().unwrap(), Some(ms(2250)));
-    // Cost: the header, one clock record (3 slots), four time marks.
+    assert_eq!(ix.mark_at(2 * K - 1).unwrap().unwrap().offset, 0);
+    assert_eq!(ix.mark_at(5 * K - 1).unwrap().unwrap().wall_ns, ms(100));
+    assert_eq!(ix.mark_at(9 * K + 50).unwrap().unwrap().offset, 9 * K);
+    assert_eq!(
+        ix.mark_at(1 << 30).unwrap().unwrap().wall_ns,
+        ms(2300 + 59 * 50)
+    );
+    assert_eq!(ix.last_time().unwrap(), Some(ms(2300 + 59 * 50)));
+    // Cost: the header, one clock record (3 slots), seven time marks.
     assert_eq!(
         fs::metadata(dir.path().join("s.log.idx")).unwrap().len(),
-        HEADER_LEN + 7 * 16
+        HEADER_LEN + 10 * 16
     );
 }
 
