@@ -686,6 +686,20 @@ async fn bad_times_are_refused_naming_the_field() {
     .await;
     assert_eq!(chunks.len(), 1);
     assert!(chunks[0].time.is_none() && chunks[0].data == b"x\n"[..]);
+    // conlogctl --timestamps: `- ` for the unknown time, and it says why.
+    let mut cmd = Command::new(conlogctl_bin());
+    cmd.args([
+        "--socket",
+        daemon.socket().to_str().unwrap(),
+        "history",
+        GUEST,
+    ])
+    .arg("--timestamps");
+    let output = run_bounded(&mut cmd);
+    assert!(output.status.success(), "{}", describe(&output));
+    assert_eq!(output.stdout, b"- x\n");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no times in conlogd's reply"), "{stderr}");
 }
 
 /// `conlogctl history --since/--until --timestamps` prints each line of the window with its
@@ -741,6 +755,8 @@ async fn conlogctl_prints_a_window_with_timestamps() {
     }
     assert_eq!(lines, expected.lines().count(), "{stdout}");
     assert_eq!(stdout.lines().count(), lines);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("no times"), "{stderr}");
     // A relative --since (the last hour): everything; raw bytes without --timestamps.
     let output = run(&["--since".to_owned(), "1h".to_owned()]);
     assert!(output.status.success(), "{}", describe(&output));
