@@ -732,7 +732,8 @@ export type HistoryChunk = Message<"conlog.v1.HistoryChunk"> & {
   gap?: Gap | undefined;
 
   /**
-   * The time of the chunk's first byte (only when the request asked for times, above).
+   * The time of the chunk's first byte (only when the request asked for times, above); on an
+   * event frame, the event's time.
    *
    * @generated from field: google.protobuf.Timestamp time = 5;
    */
