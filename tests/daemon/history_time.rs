@@ -686,6 +686,24 @@ async fn bad_times_are_refused_naming_the_field() {
     .await;
     assert_eq!(chunks.len(), 1);
     assert!(chunks[0].time.is_none() && chunks[0].data == b"x\n"[..]);
+    // A follow from a time not reached yet, on a stream without an index: its first bytes
+    // cannot be placed in time, and the call says so.
+    let (_, mut empty) = open_pipe(&mut agent, GUEST, "empty", None).await;
+    let mut waiting = open(
+        &mut client,
+        ReadHistoryRequest {
+            follow: true,
+            ..request(GUEST, "empty", since(now_ns() + 3_600_000_000_000))
+        },
+    )
+    .await
+    .expect("a follow from a future time waits");
+    write_now(&mut empty, b"y\n");
+    let status = next(&mut waiting)
+        .await
+        .expect_err("no time for these bytes");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("time index"), "{status:?}");
     // conlogctl --timestamps: `- ` for the unknown time, and it says why.
     let mut cmd = Command::new(conlogctl_bin());
     cmd.args([
