@@ -65,7 +65,7 @@ pub(crate) mod writer;
 pub use format::EventKind;
 pub use reader::{IndexCursor, IndexEntry, IndexEvent, IndexFile, TimeMark};
 pub use writer::index_path;
-pub(crate) use writer::{start_detail, Planned, StartKind, Writer};
+pub(crate) use writer::{remove_orphans, start_detail, Planned, StartKind, Writer};
 
 #[cfg(test)]
 mod tests;

@@ -30,9 +30,9 @@ struct W {
 }
 
 impl W {
-    fn open(log: &Path, start: u64, backups: u32, enabled: bool) -> Self {
+    fn open(log: &Path, start: u64, enabled: bool) -> Self {
         Self {
-            w: Writer::open(log, start, backups, enabled),
+            w: Writer::open(log, start, enabled),
             log: log.to_owned(),
         }
     }
@@ -50,7 +50,7 @@ impl std::ops::Deref for W {
 }
 
 fn writer(dir: &Path) -> W {
-    W::open(&dir.join("s.log"), 0, 0, true)
+    W::open(&dir.join("s.log"), 0, true)
 }
 
 /// Writes at `offset` at time `now` as `LogFile` does; whether an entry was due.
@@ -206,7 +206,7 @@ fn no_index_is_written_when_turned_off_or_before_the_first_byte() {
     let w = writer(dir.path());
     assert!(!dir.path().join("s.log.idx").exists());
     assert_eq!(w.len(), 0);
-    let mut w = W::open(&dir.path().join("s.log"), 0, 0, false);
+    let mut w = W::open(&dir.path().join("s.log"), 0, false);
     assert!(!w.enabled());
     assert!(!write(&mut w, 0, at(0)));
     w.commit_at(w.plan_event(0, at(1), K::GuestConnected, "x"), at(1), false);
@@ -337,7 +337,7 @@ fn the_writer_cuts_a_torn_tail_and_resumes_the_clamp() {
     assert_eq!(ix.last_time().unwrap(), Some(at(5000).wall_ns));
     assert_eq!(entries(&ix, 0).len(), 2);
     // The writer cuts it, and never stores a time below what is there.
-    let mut w = W::open(&dir.path().join("s.log"), 0, 0, true);
+    let mut w = W::open(&dir.path().join("s.log"), 0, true);
     assert_eq!(fs::metadata(&path).unwrap().len(), good);
     assert_eq!(w.len(), good);
     assert!(!w.ended_stopped());
@@ -354,27 +354,28 @@ fn the_writer_cuts_a_torn_tail_and_resumes_the_clamp() {
 fn an_index_of_another_file_is_moved_to_its_backup_or_removed_and_orphans_go() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("s.log");
-    let mut w = W::open(&log, 0, 0, true);
+    let mut w = W::open(&log, 0, true);
     assert!(write(&mut w, 0, at(0)));
     // A crash after `.log` became `.log.1`, before its index followed.
     fs::write(dir.path().join("s.log.1"), b"x").unwrap();
     fs::write(dir.path().join("s.log.2.idx"), b"orphan").unwrap();
     fs::write(dir.path().join("s.log.3.idx"), b"orphan").unwrap();
-    let w = W::open(&log, 100, 1, true);
+    let w = W::open(&log, 100, true);
+    remove_orphans(&log, 1).unwrap();
     assert_eq!(w.len(), 0);
     assert!(!dir.path().join("s.log.idx").exists());
     assert!(dir.path().join("s.log.1.idx").exists());
     assert!(!dir.path().join("s.log.2.idx").exists());
     assert!(!dir.path().join("s.log.3.idx").exists());
     // Without a backup to own it, it goes.
-    let mut w = W::open(&log, 100, 1, true);
+    let mut w = W::open(&log, 100, true);
     assert!(write(&mut w, 100, at(0)));
     drop(w);
-    W::open(&log, 200, 0, true);
+    W::open(&log, 200, true);
     assert!(!dir.path().join("s.log.idx").exists());
     // A header that does not check: removed.
     fs::write(dir.path().join("s.log.idx"), [1u8; 80]).unwrap();
-    W::open(&log, 200, 0, true);
+    W::open(&log, 200, true);
     assert!(!dir.path().join("s.log.idx").exists());
 }
 
@@ -382,21 +383,21 @@ fn an_index_of_another_file_is_moved_to_its_backup_or_removed_and_orphans_go() {
 fn a_clean_stop_is_recognised_at_the_next_open() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("s.log");
-    let mut w = W::open(&log, 0, 0, true);
+    let mut w = W::open(&log, 0, true);
     assert!(write(&mut w, 0, at(0)));
     w.commit_at(
         w.plan_event(5, at(10), K::DaemonStopped, "stop"),
         at(10),
         false,
     );
-    assert!(W::open(&log, 0, 0, true).ended_stopped());
-    let mut w = W::open(&log, 0, 0, true);
+    assert!(W::open(&log, 0, true).ended_stopped());
+    let mut w = W::open(&log, 0, true);
     w.commit_at(
         w.plan_event(5, at(20), K::DaemonStarted, "started"),
         at(20),
         false,
     );
-    assert!(!W::open(&log, 0, 0, true).ended_stopped());
+    assert!(!W::open(&log, 0, true).ended_stopped());
     assert_eq!(
         start_detail(StartKind::Fresh, true).split(" (").next(),
         Some("restarted after a crash")

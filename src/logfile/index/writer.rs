@@ -117,9 +117,9 @@ impl Planned {
 impl Writer {
     /// The index of the current log file `log` (starting at offset `start`), recovered: a torn
     /// tail is cut, an index left by a crash mid-rotation is moved to `.1.idx` or removed,
-    /// orphans of removed backups are deleted, and the clamp resumes from the newest time
-    /// stored. `backups` is how many backups the log has.
-    pub(crate) fn open(log: &Path, start: u64, backups: u32, enabled: bool) -> Self {
+    /// and the clamp resumes from the newest time stored. Indexes of removed backups are
+    /// [`remove_orphans`]' to remove.
+    pub(crate) fn open(log: &Path, start: u64, enabled: bool) -> Self {
         let mut writer = Self {
             enabled,
             base: start,
@@ -135,29 +135,22 @@ impl Writer {
             budget_at: 0,
             failures: 0,
         };
-        if let Err(e) = writer.recover(log, backups) {
+        if let Err(e) = writer.recover(log) {
             writer.failed(log, "cannot recover the time index", &e);
         }
         writer
     }
 
-    fn recover(&mut self, log: &Path, backups: u32) -> io::Result<()> {
-        // Orphans: a crash between removing the oldest backups and their indexes.
-        let mut n = backups + 1;
-        while n <= backups + ORPHAN_SCAN {
-            let orphan = index_path(&super::super::backup_path(log, n));
-            match fs::remove_file(&orphan) {
-                Ok(()) => n += 1,
-                Err(e) if e.kind() == ErrorKind::NotFound => break,
-                Err(e) => return Err(e),
-            }
-        }
+    fn recover(&mut self, log: &Path) -> io::Result<()> {
         let path = index_path(log);
         if let Some(tail) = self.open_tail(&path)? {
             if tail.header.base_offset != self.base {
                 // Left by a crash between moving `.log` to `.log.1` and moving its index.
                 let one = index_path(&super::super::backup_path(log, 1));
-                if backups >= 1 && tail.header.base_offset < self.base && !one.exists() {
+                if tail.header.base_offset < self.base
+                    && !one.exists()
+                    && super::super::backup_path(log, 1).exists()
+                {
                     fs::rename(&path, &one)?;
                 } else {
                     fs::remove_file(&path)?;
@@ -171,12 +164,10 @@ impl Writer {
             }
         }
         // No current index: the newest backup's, else the log file's mtime.
-        if backups >= 1 {
-            let one = index_path(&super::super::backup_path(log, 1));
-            if let Ok(Some(tail)) = read_tail(&one) {
-                self.hw = tail.last_time.unwrap_or(tail.header.hw_start);
-                return Ok(());
-            }
+        let one = index_path(&super::super::backup_path(log, 1));
+        if let Ok(Some(tail)) = read_tail(&one) {
+            self.hw = tail.last_time.unwrap_or(tail.header.hw_start);
+            return Ok(());
         }
         if let Ok(meta) = fs::metadata(log) {
             if meta.len() > 0 {
@@ -513,6 +504,19 @@ fn tail_of(file: &File) -> io::Result<Option<Tail>> {
         tail.last_event = EventKind::from_code(slots[head].kind);
     }
     Ok(Some(tail))
+}
+
+/// Removes the indexes of backups past the last one (`backups` of them are left): a crash
+/// between removing the oldest backups and their indexes leaves them.
+pub(crate) fn remove_orphans(log: &Path, backups: u32) -> io::Result<()> {
+    for n in backups + 1..=backups + ORPHAN_SCAN {
+        match fs::remove_file(index_path(&super::super::backup_path(log, n))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// `DaemonStarted`'s detail for a start of kind `kind` (`crashed`: the index did not end with
