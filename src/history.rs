@@ -298,6 +298,10 @@ impl Reader {
                     .enter(segment, self.position)
                     .map_err(io_error("cannot read a time index"))?;
                 if let Some(since) = self.since_pending.filter(|_| self.position < seg_end) {
+                    if segment.index.is_none() {
+                        // Bytes without times cannot be placed after `since`.
+                        return Err(HistoryError::NoTimeIndex);
+                    }
                     match self
                         .times
                         .seek_time(since)
