@@ -856,7 +856,10 @@ async fn a_reader_by_time_holds_and_counts_two_descriptors() {
         metric(&text, "conlog_remote_descriptors_held").unwrap_or(-1.0)
     };
     let log_dir = daemon.log_dir().join(GUEST);
-    let (pid, before) = (daemon.pid(), held());
+    // The connection's own place, once the daemon accepted it (the only remote caller).
+    let before = 1.0;
+    wait_until("the connection counted", || held() == before).await;
+    let pid = daemon.pid();
     let files = fds_under(pid, &log_dir);
     for (lines, descriptors) in [(false, 1), (true, 2)] {
         let mut stream = channel
