@@ -1,11 +1,15 @@
 //! Reading a stream's bytes back from its files on disk by absolute offset: `ReadHistory`.
 //!
-//! Owns start-position resolution (`from_offset`, `tail_bytes`, `tail_lines`), walking the
-//! rotated files that hold a run of offsets, UTF-8 boundaries, and following a stream live. It
-//! knows a stream only through its [`LogHandle`] (never the registry, a pipe or a console). It
-//! only reads; it never writes, renames or deletes a log file, and it never holds more than one
-//! chunk per reader in memory (plus a small bounded queue towards the client). The console's
-//! replay reads its own segments ([`crate::logfile::read_tail`]).
+//! Owns start-position resolution (`from_offset`, `tail_bytes`, `tail_lines`, and `since_time`
+//! through [`by_time`]), walking the rotated files that hold a run of offsets, UTF-8
+//! boundaries, following a stream live, and, for a read by time, the times, index entries and
+//! events that go with the bytes and where `until_time` ends a read (docs/design.md, "History
+//! by time"). It knows a stream only through its [`LogHandle`] (never the registry, a pipe or a
+//! console). It only reads; it never writes, renames or deletes a log file or an index, and it
+//! never holds more than one chunk per reader in memory (plus, for a read by time, one 4 KiB
+//! page of the index, and a small bounded queue towards the client). A read that asks for no
+//! time never reads an index and gets exactly the chunks it got before the index existed. The
+//! console's replay reads its own segments ([`crate::logfile::read_tail`]).
 //!
 //! Consistency under rotation: a reader never opens log files by path itself. It asks the
 //! stream's actor for [`OpenSegment`]s, descriptors opened by the actor between two of its own
@@ -294,6 +298,10 @@ impl Reader {
                     .enter(segment, self.position)
                     .map_err(io_error("cannot read a time index"))?;
                 if let Some(since) = self.since_pending.filter(|_| self.position < seg_end) {
+                    if segment.index.is_none() {
+                        // Bytes without times cannot be placed after `since`.
+                        return Err(HistoryError::NoTimeIndex);
+                    }
                     match self
                         .times
                         .seek_time(since)
@@ -331,6 +339,25 @@ impl Reader {
                 continue;
             }
             if self.position < segment.start {
+                // Events recorded at our position before the gap are in the index of the
+                // file read so far (still followed): they come before it.
+                if timed {
+                    let event = self
+                        .times
+                        .before(self.position, self.request.events, self.since)
+                        .map_err(io_error("cannot read a time index"))?;
+                    if let Some(event) = event {
+                        if self
+                            .sender
+                            .send(Ok(HistoryItem::Event(event)))
+                            .await
+                            .is_err()
+                        {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                }
                 // Our position was rotated away between two snapshots.
                 let gap = HistoryItem::Gap {
                     from: self.position,
@@ -781,4 +808,155 @@ mod tests {
     }
     use crate::config::LogMode;
     use crate::logfile::{LogFile, LogLimits};
+
+    /// The test actor's commands: the log's, and a change made to the log by the test.
+    enum Own {
+        Log(crate::log_owner::LogCommand),
+        Change(Box<dyn FnOnce(&mut crate::log_owner::LogOwner) + Send>),
+    }
+
+    impl From<crate::log_owner::LogCommand> for Own {
+        fn from(command: crate::log_owner::LogCommand) -> Self {
+            Own::Log(command)
+        }
+    }
+
+    /// A stream actor in this process: answers log commands and applies changes.
+    fn actor(log: LogFile) -> (LogHandle, mpsc::Sender<Own>) {
+        let (sender, mut commands) = mpsc::channel::<Own>(4);
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
+        let (mut owner, handle) = crate::log_owner::LogOwner::new(log, metrics, sender.clone());
+        tokio::spawn(async move {
+            while let Some(command) = commands.recv().await {
+                match command {
+                    Own::Log(command) => {
+                        if let Some(close) = owner.answer(command, |f| f) {
+                            close.done();
+                            return;
+                        }
+                    }
+                    Own::Change(change) => {
+                        change(&mut owner);
+                        owner.publish();
+                    }
+                }
+            }
+        });
+        (handle, sender)
+    }
+
+    /// A follower by time waiting at the end of the current file: the guest disconnects
+    /// there, then bytes are dropped (a gap) and more logged. The follower gets the
+    /// disconnect and the drop (recorded in the index of the file it was reading) before the
+    /// gap, once each, then the bytes after it.
+    #[tokio::test]
+    async fn events_at_a_gap_come_before_it_once() {
+        use crate::logfile::index::EventKind;
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = log_in(dir.path(), 1 << 20);
+        log.set_time_index(true);
+        log.append(b"abc\n").unwrap();
+        let (handle, changes) = actor(log);
+        let (_going, going_away) = tokio::sync::watch::channel(false);
+        let request = HistoryRequest {
+            start: Start::Oldest,
+            follow: true,
+            limit: None,
+            chunk_size: 1024,
+            utf8_boundaries: false,
+            until: None,
+            lines: false,
+            events: true,
+            marks: false,
+            times: false,
+        };
+        let mut items = read(handle, request, going_away).await.unwrap();
+        let next = |items: &mut mpsc::Receiver<Result<HistoryItem>>| {
+            let item = items.try_recv();
+            item.map(|i| i.unwrap())
+        };
+        let first = items.recv().await.unwrap().unwrap();
+        assert!(
+            matches!(first, HistoryItem::Data { offset: 0, .. }),
+            "{first:?}"
+        );
+        // The reader waits at offset 4 now.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let change: Box<dyn FnOnce(&mut crate::log_owner::LogOwner) + Send> = Box::new(|owner| {
+            owner.log.note_event(EventKind::GuestDisconnected, "gone");
+            owner.log.skip(5);
+            owner.count_moved(0, 5);
+            owner.log.append(b"def\n").unwrap();
+            owner.count_moved(4, 0);
+        });
+        assert!(changes.send(Own::Change(change)).await.is_ok());
+        let mut got = Vec::new();
+        while got.len() < 4 {
+            let item = tokio::time::timeout(std::time::Duration::from_secs(10), items.recv())
+                .await
+                .unwrap_or_else(|_| panic!("the follower stopped after {got:?}"))
+                .unwrap()
+                .unwrap();
+            got.push(item);
+        }
+        let kinds: Vec<String> = got
+            .iter()
+            .map(|i| match i {
+                HistoryItem::Event(e) => format!("event {} at {}", e.kind, e.offset),
+                HistoryItem::Gap { from, to } => format!("gap {from}..{to}"),
+                HistoryItem::Data { offset, data, .. } => {
+                    format!("data {offset} {}", String::from_utf8_lossy(data))
+                }
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                format!("event {} at 4", EventKind::GuestDisconnected as u8),
+                format!("event {} at 4", EventKind::BytesDropped as u8),
+                "gap 4..9".to_owned(),
+                "data 9 def\n".to_owned(),
+            ]
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(next(&mut items).is_err(), "nothing more, nothing twice");
+
+        // The same file given again (new descriptors, after bytes and a drop at its end): an
+        // event already sent at the position it is entered again at is not sent twice.
+        let change: Box<dyn FnOnce(&mut crate::log_owner::LogOwner) + Send> = Box::new(|owner| {
+            owner.log.append(b"ghi\n").unwrap();
+            owner.log.note_event(EventKind::GuestConnected, "back");
+            owner.count_moved(4, 0);
+        });
+        assert!(changes.send(Own::Change(change)).await.is_ok());
+        // The reader reads 13..17 and sends `guest connected` at 17 (it waits there then).
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let change: Box<dyn FnOnce(&mut crate::log_owner::LogOwner) + Send> = Box::new(|owner| {
+            owner.log.append(b"jkl\n").unwrap();
+            owner.log.skip(2);
+            owner.count_moved(4, 2);
+        });
+        // A drop: the reader asks the actor again, and gets the file again from 17.
+        assert!(changes.send(Own::Change(change)).await.is_ok());
+        let mut got = Vec::new();
+        while got.len() < 4 {
+            let item = tokio::time::timeout(std::time::Duration::from_secs(10), items.recv())
+                .await
+                .unwrap_or_else(|_| panic!("the follower stopped after {got:?}"))
+                .unwrap()
+                .unwrap();
+            got.push(item);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        while let Ok(item) = next(&mut items) {
+            got.push(item);
+        }
+        let connected = got
+            .iter()
+            .filter(
+                |i| matches!(i, HistoryItem::Event(e) if e.kind == EventKind::GuestConnected as u8),
+            )
+            .count();
+        assert_eq!(connected, 1, "{got:?}");
+    }
 }

@@ -1,5 +1,5 @@
 //! History by time: finding where `since_time` starts, and the times and events that go with
-//! a reader's chunks (docs/design.md, "Time index").
+//! a reader's chunks (docs/design.md, "History by time").
 //!
 //! Owns the lookup of a time in a stream's index files ([`find`]: a binary search over the
 //! files by their header time, then over one file's slots: O(log F + log E) `pread`s, never a

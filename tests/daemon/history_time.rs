@@ -686,6 +686,38 @@ async fn bad_times_are_refused_naming_the_field() {
     .await;
     assert_eq!(chunks.len(), 1);
     assert!(chunks[0].time.is_none() && chunks[0].data == b"x\n"[..]);
+    // A follow from a time not reached yet, on a stream without an index: its first bytes
+    // cannot be placed in time, and the call says so.
+    let (_, mut empty) = open_pipe(&mut agent, GUEST, "empty", None).await;
+    let mut waiting = open(
+        &mut client,
+        ReadHistoryRequest {
+            follow: true,
+            ..request(GUEST, "empty", since(now_ns() + 3_600_000_000_000))
+        },
+    )
+    .await
+    .expect("a follow from a future time waits");
+    write_now(&mut empty, b"y\n");
+    let status = next(&mut waiting)
+        .await
+        .expect_err("no time for these bytes");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("time index"), "{status:?}");
+    // conlogctl --timestamps: `- ` for the unknown time, and it says why.
+    let mut cmd = Command::new(conlogctl_bin());
+    cmd.args([
+        "--socket",
+        daemon.socket().to_str().unwrap(),
+        "history",
+        GUEST,
+    ])
+    .arg("--timestamps");
+    let output = run_bounded(&mut cmd);
+    assert!(output.status.success(), "{}", describe(&output));
+    assert_eq!(output.stdout, b"- x\n");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no times in conlogd's reply"), "{stderr}");
 }
 
 /// `conlogctl history --since/--until --timestamps` prints each line of the window with its
@@ -741,6 +773,8 @@ async fn conlogctl_prints_a_window_with_timestamps() {
     }
     assert_eq!(lines, expected.lines().count(), "{stdout}");
     assert_eq!(stdout.lines().count(), lines);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("no times"), "{stderr}");
     // A relative --since (the last hour): everything; raw bytes without --timestamps.
     let output = run(&["--since".to_owned(), "1h".to_owned()]);
     assert!(output.status.success(), "{}", describe(&output));
@@ -800,6 +834,137 @@ async fn conlogctl_shows_events() {
         lines[hello..]
             .iter()
             .any(|l| l.contains("guest disconnected")),
+        "{stdout}"
+    );
+}
+
+/// A reader by time holds its log file and that file's index, and both count against the
+/// remote callers' share of descriptors; a reader by offset lets the index go and counts one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_by_time_holds_and_counts_two_descriptors() {
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let (_, mut pipe) = open_pipe(&mut agent, GUEST, "qemu", None).await;
+    write_now(&mut pipe, b"one line\n");
+    wait_offset(&mut agent, GUEST, "qemu", 9).await;
+    let token = daemon
+        .token(GUEST, "", conlog::proto::Access::Read, 600)
+        .await;
+    let channel = with_token(daemon.plain_tcp_channel().await, &token);
+    let held = || {
+        let (_, text) = http_get(daemon.metrics, "/metrics");
+        metric(&text, "conlog_remote_descriptors_held").unwrap_or(-1.0)
+    };
+    let log_dir = daemon.log_dir().join(GUEST);
+    // The connection's own place, once the daemon accepted it (the only remote caller).
+    let before = 1.0;
+    wait_until("the connection counted", || held() == before).await;
+    let pid = daemon.pid();
+    let files = fds_under(pid, &log_dir);
+    for (lines, descriptors) in [(false, 1), (true, 2)] {
+        let mut stream = channel
+            .clone()
+            .console()
+            .read_history(ReadHistoryRequest {
+                follow: true,
+                lines,
+                ..request(GUEST, "qemu", None)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        next(&mut stream).await.unwrap().expect("the line");
+        assert_eq!(held(), before + f64::from(descriptors), "lines: {lines}");
+        assert_eq!(
+            fds_under(pid, &log_dir),
+            files + descriptors as usize,
+            "lines: {lines}: {}",
+            describe_fds(pid)
+        );
+        drop(stream);
+        wait_until("the reader's descriptors given back", || {
+            held() == before && fds_under(pid, &log_dir) == files
+        })
+        .await;
+    }
+}
+
+/// The daemon's wall clock steps back 5 s (its test clock): history shows a `clock stepped`
+/// event before the first byte logged after it, that line's time stays at the step's moment
+/// (never before the lines logged earlier) and is marked approximate, and `conlogctl
+/// --timestamps` prints it with a `~`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_stepped_back_shows_as_an_event_and_approximate_times() {
+    let scratch = tempfile::tempdir().unwrap();
+    let clock = scratch.path().join("clock");
+    std::fs::write(&clock, "0").unwrap();
+    let daemon = Daemon::start_env(&[("CONLOG_TEST_CLOCK", clock.to_str().unwrap())]).await;
+    let mut agent = daemon.agent().await;
+    let (_, mut pipe) = open_pipe(&mut agent, GUEST, "qemu", None).await;
+    write_now(&mut pipe, b"before the step\n");
+    wait_offset(&mut agent, GUEST, "qemu", 16).await;
+    std::fs::write(&clock, "-5000000000").unwrap();
+    // A quiet second (the next write gets an entry), longer than the clock file's re-read.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    write_now(&mut pipe, b"after the step\n");
+    wait_offset(&mut agent, GUEST, "qemu", 31).await;
+
+    let mut client = local_console(&daemon).await;
+    let chunks = read_ok(
+        &mut client,
+        ReadHistoryRequest {
+            lines: true,
+            events: true,
+            marks: true,
+            ..timed(None, None)
+        },
+    )
+    .await;
+    let step = chunks
+        .iter()
+        .position(|c| {
+            c.event
+                .as_ref()
+                .is_some_and(|e| e.kind == Kind::ClockStepped as i32)
+        })
+        .unwrap_or_else(|| panic!("no clock stepped event: {chunks:?}"));
+    let event = chunks[step].event.as_ref().unwrap();
+    assert_eq!(event.offset, 16, "{event:?}");
+    assert!(event.detail.contains("stepped back"), "{event:?}");
+    let before = chunks
+        .iter()
+        .find(|c| c.offset == 0 && c.event.is_none())
+        .unwrap();
+    let after = chunks[step + 1..]
+        .iter()
+        .find(|c| c.offset == 16 && c.event.is_none())
+        .unwrap_or_else(|| panic!("the line after the step follows the event: {chunks:?}"));
+    assert!(!before.marks[0].approximate);
+    assert!(after.marks[0].approximate, "{after:?}");
+    assert!(
+        ns_of(after.time.as_ref().unwrap()) >= ns_of(before.time.as_ref().unwrap()),
+        "times went back"
+    );
+
+    let mut cmd = Command::new(conlogctl_bin());
+    cmd.args([
+        "--socket",
+        daemon.socket().to_str().unwrap(),
+        "history",
+        GUEST,
+    ])
+    .args(["--timestamps"]);
+    let output = run_bounded(&mut cmd);
+    assert!(output.status.success(), "{}", describe(&output));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        !lines[0].starts_with('~') && lines[0].ends_with(" before the step"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with('~') && lines[1].ends_with(" after the step"),
         "{stdout}"
     );
 }

@@ -295,6 +295,12 @@ function start(): void {
     },
   };
   terminal.focus();
+  if (params.get("since") && parseSince(params.get("since")) === undefined) {
+    view.notice(
+      `since=${params.get("since")} is neither a duration (10m, 2h) nor an RFC 3339 time ` +
+        "(2026-12-05T03:12:00Z): showing the last screen",
+    );
+  }
   void session.run();
 }
 

@@ -205,14 +205,21 @@ async fn measure(daemon: &Daemon, calls: u32, duration: Duration) -> anyhow::Res
         bail!("the stream has no usable times ({oldest_time}..{newest_time})");
     }
     let span = u64::try_from(newest_time - oldest_time)?;
+    println!(
+        "times on disk: {:.3} s from the oldest byte's to the newest's",
+        span as f64 / 1e9
+    );
     let mut random = Random(0x2545_F491_4F6C_DD1D);
     let (mut since, mut offset) = (Vec::new(), Vec::new());
     let (mut since_reads, mut offset_reads) = (Vec::new(), Vec::new());
     let mut problems = Vec::new();
     for _ in 0..calls {
         let t = oldest_time + i64::try_from(random.below(span))?;
-        let (chunks, took, reads) =
-            first_chunk(&mut client, pid, Start::SinceTime(timestamp(t))).await?;
+        let (chunks, took, reads) = first_chunk(&mut client, pid, Start::SinceTime(timestamp(t)))
+            .await
+            .with_context(|| {
+                format!("since_time {t} (times on disk {oldest_time}..={newest_time})")
+            })?;
         since.push(took.as_secs_f64() * 1e6);
         since_reads.push(reads as f64);
         let at = chunks[0].offset;

@@ -794,6 +794,14 @@ async fn print_history(
     let mut at_line_start = true;
     // The last event printed (offset, time): after a reconnect it may come again.
     let mut last_event: Option<(u64, i64)> = None;
+    // A conlogd without the time index ignores the new fields: its chunks have no time. Said
+    // once, at the first data chunk, when the request needed times.
+    let mut checked_times = !(output.timestamps
+        || request.until_time.is_some()
+        || matches!(
+            request.start,
+            Some(proto::read_history_request::Start::SinceTime(_))
+        ));
     let limit = request.limit_bytes;
     let mut printed = 0u64;
     let mut next: Option<u64> = None;
@@ -849,7 +857,7 @@ async fn print_history(
                             Some(EventsTo::Inline) => {
                                 let newline = if at_line_start { "" } else { "\n" };
                                 at_line_start = true;
-                                write!(stdout, "{newline}{line}\n").and_then(|()| stdout.flush())
+                                writeln!(stdout, "{newline}{line}").and_then(|()| stdout.flush())
                             }
                             _ => {
                                 eprintln!("{line}");
@@ -860,6 +868,16 @@ async fn print_history(
                             return Ok(());
                         }
                         continue;
+                    }
+                    if !checked_times && !chunk.data.is_empty() {
+                        checked_times = true;
+                        if chunk.time.is_none() {
+                            eprintln!(
+                                "[conlog: no times in conlogd's reply: it predates the time index, \
+                                 or these bytes were logged without one; --since/--until may \
+                                 not have applied]"
+                            );
+                        }
                     }
                     // After a reconnect the stream resumes exactly at `next`; never show twice.
                     let skip = next.map_or(0, |n| n.saturating_sub(chunk.offset));
