@@ -34,6 +34,7 @@
 )]
 
 pub mod client;
+pub(crate) mod compress;
 pub mod config;
 pub(crate) mod console;
 pub mod daemon;

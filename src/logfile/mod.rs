@@ -38,6 +38,7 @@ mod gaps;
 mod read;
 mod record;
 mod recover;
+pub(crate) mod seekable;
 #[cfg(test)]
 #[allow(
     clippy::cast_possible_truncation,
