@@ -1,0 +1,375 @@
+//! Compression as one stream's log sees it (docs/design.md §6, "Compressed backups"): rotated
+//! files raw (`.N`) or compressed (`.N.zst`), the disk budget they share, the jobs handed to
+//! the node's worker ([`crate::compress`]) and installing what it made.
+//!
+//! Owns the `compress` setting's meaning for one log, the listing of backups with their raw
+//! and disk lengths, keeping rotated files by disk bytes, disk reservations of compressions
+//! under way, and the install step (a rename and an unlink on the actor, no sync: the staged
+//! file was synced by the worker). It never compresses or decompresses (the worker and
+//! [`super::seekable`] do), never waits for the worker, and never removes the current file.
+
+use super::seekable::{self, Header};
+use super::{backup_path, files, LogFile, Segment};
+use crate::compress::Outcome;
+use crate::config::LogMode;
+use crate::fault;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashSet};
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Whether a stream's rotated files are compressed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Rotated files stay as they are (and `max_backups` counts them).
+    #[default]
+    None,
+    /// Rotated files are compressed with zstd in the seekable format, and kept by disk bytes.
+    Zstd,
+}
+
+/// A rotated file of a stream, as found on disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Backup {
+    pub n: u32,
+    /// `.N`, or `.N.zst` when compressed.
+    pub path: PathBuf,
+    /// Raw bytes it holds; `None` for a compressed file whose header cannot be read (it is
+    /// the last listed: the files older than it cannot be placed).
+    pub raw_len: Option<u64>,
+    /// Its bytes on disk (without its index).
+    pub disk_len: u64,
+    pub inode: u64,
+    pub compressed: bool,
+}
+
+/// Backups `.1 ..= .max`, raw or compressed, newest first: up to the first missing number,
+/// and up to (including) a compressed file whose header is unreadable. A raw `.N` is taken
+/// over a `.N.zst` beside it (an install a crash interrupted: the raw file is still the one
+/// counted until recovery).
+pub(crate) fn backups(log: &Path, max: u32) -> Vec<Backup> {
+    let mut found = Vec::new();
+    for n in 1..=max {
+        let raw = backup_path(log, n);
+        if let Ok(meta) = fs::metadata(&raw) {
+            found.push(Backup {
+                n,
+                path: raw,
+                raw_len: Some(meta.len()),
+                disk_len: meta.len(),
+                inode: meta.ino(),
+                compressed: false,
+            });
+            continue;
+        }
+        let zst = seekable::zst_path(log, n);
+        let Ok(file) = File::open(&zst) else {
+            break;
+        };
+        let Ok(meta) = file.metadata() else {
+            break;
+        };
+        let raw_len = seekable::read_header(&file).ok().map(|h| h.raw_len);
+        found.push(Backup {
+            n,
+            path: zst,
+            raw_len,
+            disk_len: meta.len(),
+            inode: meta.ino(),
+            compressed: true,
+        });
+        if raw_len.is_none() {
+            break;
+        }
+    }
+    found
+}
+
+/// Whether `path` is a compressed log file (by its name).
+pub(crate) fn is_compressed(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "zst")
+}
+
+/// The log file (`.N`) a possibly compressed path stands for: indexes are named after it.
+pub(crate) fn raw_name(path: &Path) -> PathBuf {
+    if is_compressed(path) {
+        path.with_extension("")
+    } else {
+        path.to_owned()
+    }
+}
+
+/// How many of the newest backups (their disk bytes, newest first) fit beside `fixed` bytes
+/// within `budget`.
+pub(crate) fn fitting(disk: &[u64], fixed: u64, budget: u64) -> usize {
+    let mut used = fixed;
+    for (i, bytes) in disk.iter().enumerate() {
+        used = used.saturating_add(*bytes);
+        if used > budget {
+            return i;
+        }
+    }
+    disk.len()
+}
+
+/// A rotated file to compress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct JobSpec {
+    pub start: u64,
+    pub inode: u64,
+    pub raw_len: u64,
+}
+
+/// What a log remembers about compressions.
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    /// Disk bytes granted to compressions under way (their temporary and staged files).
+    staging: u64,
+    /// Inodes of raw files whose compression did not pay: left raw until the next start.
+    not_worth: HashSet<u64>,
+    /// Start offsets of files handed to the worker whose job has not ended.
+    queued: BTreeSet<u64>,
+}
+
+impl LogFile {
+    /// Whether rotated files are compressed and kept by disk bytes (rotate mode only:
+    /// truncate mode keeps no rotated file).
+    pub(crate) fn by_bytes(&self) -> bool {
+        self.limits.compress == Compression::Zstd && self.limits.mode == LogMode::Rotate
+    }
+
+    /// How far backups are looked for: `max_backups` when counted, the scan bound when kept
+    /// by bytes.
+    pub(crate) fn backup_scan(&self) -> u32 {
+        if self.by_bytes() {
+            files::MAX_SCAN
+        } else {
+            self.limits.backups_kept()
+        }
+    }
+
+    /// Backups with the absolute offset of their first byte, newest first (as
+    /// [`Self::segments`] places them).
+    pub(crate) fn placed_backups(&self) -> Vec<(Backup, u64)> {
+        let mut placed = Vec::new();
+        let mut newer_start = self.start;
+        for backup in backups(&self.path, self.backup_scan()) {
+            let Some(len) = backup.raw_len else {
+                break;
+            };
+            let Some(pieces) = self.gaps.pieces(newer_start, len) else {
+                break;
+            };
+            let Some(first) = pieces.first() else {
+                continue;
+            };
+            newer_start = first.start;
+            placed.push((backup, first.start));
+        }
+        placed
+    }
+
+    /// Disk bytes of a backup and its index.
+    fn with_index(backup: &Backup) -> u64 {
+        backup.disk_len + files::index_len(&raw_name(&backup.path))
+    }
+
+    /// Bytes counted against the budget: the current pair at its most (`max_size`), every
+    /// backup with its index, and compressions under way.
+    fn used_by_bytes(&self, backups: &[Backup]) -> u64 {
+        self.limits.max_size
+            + backups.iter().map(Self::with_index).sum::<u64>()
+            + self.compression.staging
+    }
+
+    /// Removes the oldest backups until, beside `fixed` more bytes, everything fits in the
+    /// budget; the one starting at `spare` (being compressed) is never removed. Returns
+    /// whether it fits.
+    pub(crate) fn make_disk_room(&mut self, fixed: u64, spare: Option<u64>) -> io::Result<bool> {
+        loop {
+            let backups = backups(&self.path, files::MAX_SCAN);
+            if self.used_by_bytes(&backups) + fixed <= self.limits.disk_cap() {
+                return Ok(true);
+            }
+            let Some(oldest) = backups.last() else {
+                return Ok(false);
+            };
+            if spare.is_some() {
+                let placed = self.placed_backups();
+                if placed
+                    .last()
+                    .is_some_and(|(b, start)| b.n == oldest.n && Some(*start) == spare)
+                {
+                    return Ok(false);
+                }
+            }
+            files::remove_backups(&self.path, oldest.n, oldest.n)?;
+            self.forget_old_gaps();
+        }
+    }
+
+    /// Keeps, of the backups, the newest that fit beside the file being rotated (`rotated`
+    /// bytes with its index), shifts them up by one and returns how many there are: the
+    /// rotation by bytes.
+    pub(crate) fn shift_by_bytes(&mut self, rotated: u64) -> io::Result<u32> {
+        let backups = backups(&self.path, files::MAX_SCAN);
+        let disk: Vec<u64> = backups.iter().map(Self::with_index).collect();
+        let fixed = self.limits.max_size + rotated + self.compression.staging;
+        // At most MAX_SCAN - 1 so the shifted numbers stay within the scan.
+        let kept = fitting(&disk, fixed, self.limits.disk_cap()).min(files::MAX_SCAN as usize - 1);
+        if let Some(last) = backups.last() {
+            let kept = u32::try_from(kept).unwrap_or(files::MAX_SCAN);
+            if kept < last.n {
+                files::remove_backups(&self.path, kept + 1, last.n)?;
+            }
+            for k in (1..=kept.min(last.n)).rev() {
+                files::shift_backup(&self.path, k)?;
+            }
+            return Ok(kept.min(last.n));
+        }
+        Ok(0)
+    }
+
+    /// Raw backups not yet handed to the worker, oldest first; they count as handed.
+    pub(crate) fn compression_jobs(&mut self) -> Vec<JobSpec> {
+        if !self.by_bytes() {
+            return Vec::new();
+        }
+        let mut jobs: Vec<JobSpec> = self
+            .placed_backups()
+            .into_iter()
+            .filter(|(b, start)| {
+                !b.compressed
+                    && !self.compression.not_worth.contains(&b.inode)
+                    && !self.compression.queued.contains(start)
+            })
+            .map(|(b, start)| JobSpec {
+                start,
+                inode: b.inode,
+                raw_len: b.disk_len,
+            })
+            .collect();
+        jobs.reverse();
+        self.compression.queued.extend(jobs.iter().map(|j| j.start));
+        jobs
+    }
+
+    /// A job could not be handed to the worker (queue full): it is offered again later.
+    pub(crate) fn job_not_taken(&mut self, start: u64) {
+        self.compression.queued.remove(&start);
+    }
+
+    /// Raw bytes of rotated files waiting to be compressed.
+    pub(crate) fn compression_backlog(&self) -> u64 {
+        if !self.by_bytes() {
+            return 0;
+        }
+        backups(&self.path, files::MAX_SCAN)
+            .iter()
+            .filter(|b| !b.compressed && !self.compression.not_worth.contains(&b.inode))
+            .map(|b| b.disk_len)
+            .sum()
+    }
+
+    /// Opens the raw backup starting at `start` for the worker, if it is still the file with
+    /// `inode`.
+    pub(crate) fn open_for_compression(&self, start: u64, inode: u64) -> Option<(File, Header)> {
+        let (backup, _) = self
+            .placed_backups()
+            .into_iter()
+            .find(|(b, s)| *s == start && b.inode == inode && !b.compressed)?;
+        let file = File::open(&backup.path).ok()?;
+        (file.metadata().ok()?.ino() == inode).then_some((
+            file,
+            Header {
+                first_offset: start,
+                source_inode: inode,
+                ..Header::default()
+            },
+        ))
+    }
+
+    /// Grants `bytes` of disk to the compression of the backup at `start`, removing older
+    /// backups (never that one) if the budget needs it.
+    pub(crate) fn reserve_disk(&mut self, start: u64, bytes: u64) -> bool {
+        match self.make_disk_room(bytes, Some(start)) {
+            Ok(true) => {
+                self.compression.staging += bytes;
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove a backup for room");
+                false
+            }
+        }
+    }
+
+    /// Ends the compression of the backup at `start`: installs a staged file (rename over
+    /// `.N.zst`, then unlink `.N`), or notes why the raw file stays. Gives back `reserved`.
+    pub(crate) fn finish_compression(&mut self, start: u64, inode: u64, outcome: Outcome, reserved: u64) {
+        self.compression.staging = self.compression.staging.saturating_sub(reserved);
+        self.compression.queued.remove(&start);
+        match outcome {
+            Outcome::Staged { path, .. } => {
+                if let Err(e) = self.install(start, inode, &path) {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot install a compressed file; the raw file stays");
+                    let _ = files::remove_if_exists(&path);
+                }
+            }
+            Outcome::NotWorth => {
+                self.compression.not_worth.insert(inode);
+            }
+            Outcome::Refused | Outcome::Stopped | Outcome::Gone | Outcome::Failed(_) => {}
+        }
+    }
+
+    fn install(&mut self, start: u64, inode: u64, staged: &Path) -> io::Result<()> {
+        let found = self
+            .placed_backups()
+            .into_iter()
+            .find(|(b, s)| *s == start && b.inode == inode && !b.compressed);
+        let Some((backup, _)) = found else {
+            // Removed for room (or rotated away) meanwhile.
+            return files::remove_if_exists(staged);
+        };
+        fs::rename(staged, seekable::zst_path(&self.path, backup.n))?;
+        fault::point("compress.installed");
+        files::remove_if_exists(&backup.path)
+    }
+
+    /// Bytes of this stream on disk by file (current pair, backups and their indexes,
+    /// compressions under way), raw bytes of history held, and rotated files kept.
+    pub(crate) fn disk_figures(&self, segments: &[Segment]) -> (u64, u64, u32) {
+        let raw: u64 = segments.iter().map(|s| s.len).sum();
+        let backups = backups(&self.path, self.backup_scan());
+        let disk = self.size + self.index.len() + backups.iter().map(Self::with_index).sum::<u64>() + self.compression.staging;
+        (disk, raw, u32::try_from(backups.len()).unwrap_or(u32::MAX))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fitting_keeps_the_newest_within_the_budget() {
+        assert_eq!(fitting(&[], 10, 100), 0);
+        assert_eq!(fitting(&[30, 30, 30], 10, 100), 3);
+        assert_eq!(fitting(&[30, 30, 30], 11, 100), 2);
+        assert_eq!(fitting(&[95], 10, 100), 0);
+        assert_eq!(fitting(&[u64::MAX, 1], 10, 100), 0);
+    }
+
+    #[test]
+    fn names() {
+        let p = Path::new("/d/s.log.3.zst");
+        assert!(is_compressed(p));
+        assert_eq!(raw_name(p), Path::new("/d/s.log.3"));
+        assert_eq!(raw_name(Path::new("/d/s.log.3")), Path::new("/d/s.log.3"));
+        assert!(!is_compressed(Path::new("/d/s.log")));
+    }
+}
