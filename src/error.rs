@@ -111,9 +111,9 @@ fn code_of(error: &(dyn StdError + 'static)) -> Option<Code> {
             | RegistryError::UnknownStream { .. }
             | RegistryError::UnknownConsole { .. } => Some(Code::NotFound),
             RegistryError::KindMismatch { .. } => Some(Code::FailedPrecondition),
-            RegistryError::MaxSizeTooSmall { .. } | RegistryError::TooManyBackups { .. } => {
-                Some(Code::InvalidArgument)
-            }
+            RegistryError::MaxSizeTooSmall { .. }
+            | RegistryError::MaxSizeTooLarge { .. }
+            | RegistryError::TooManyBackups { .. } => Some(Code::InvalidArgument),
             RegistryError::LimitReached { .. } => Some(Code::ResourceExhausted),
             RegistryError::Console(e) => code_of(e),
             RegistryError::Gone(e) => code_of(e),

@@ -69,6 +69,9 @@ pub enum RegistryError {
     /// Requested limits below the smallest log size.
     #[error("limits.max_size must be at least {min} bytes (got {got})")]
     MaxSizeTooSmall { min: u64, got: u64 },
+    /// Requested limits above the largest log size (the time index's offsets).
+    #[error("limits.max_size must be at most {max} bytes (got {got})")]
+    MaxSizeTooLarge { max: u64, got: u64 },
     /// Requested limits above the most backups.
     #[error("limits.max_backups must be at most {max} (got {got})")]
     TooManyBackups { max: u32, got: u32 },
@@ -174,6 +177,12 @@ impl LimitsOverride {
         if limits.max_size < crate::config::MIN_MAX_SIZE {
             return Err(RegistryError::MaxSizeTooSmall {
                 min: crate::config::MIN_MAX_SIZE,
+                got: limits.max_size,
+            });
+        }
+        if limits.max_size > crate::config::MAX_MAX_SIZE {
+            return Err(RegistryError::MaxSizeTooLarge {
+                max: crate::config::MAX_MAX_SIZE,
                 got: limits.max_size,
             });
         }
@@ -435,8 +444,9 @@ impl Guests {
             }
             StreamKind::Pipe => None,
         };
-        let log = LogFile::open(log_path, &self.position_path(guest, stream), limits)
+        let mut log = LogFile::open(log_path, &self.position_path(guest, stream), limits)
             .map_err(|e| RegistryError::io(format!("cannot open {}", log_path.display()), e))?;
+        log.set_time_index(self.config.logs.time_index);
         Ok(match paths {
             None => Actor::Pipe(PipeHandle::spawn(log, self.metrics.clone(), guest, stream)),
             Some(paths) => Actor::Console(ConsoleHandle::spawn(

@@ -9,8 +9,9 @@
 //! is `pub`: [`proto`], [`client`] (connecting, receiving hand-off pipes), [`config`] (loading,
 //! [`config::ByteSize`], [`config::HumanDuration`], [`config::Limits`]), [`daemon::run`] and
 //! [`daemon::preflight`], [`upgrade::exec`]'s start-up steps and the snapshot format version,
-//! [`keeper`]'s server, check, systemd hand-over and wire protocol, [`logfile::backup_path`]
-//! and [`logfile::backups_of`], [`names`]' defaults, [`terminal_safety::QueryFilter`] and
+//! [`keeper`]'s server, check, systemd hand-over and wire protocol, [`logfile::backup_path`],
+//! [`logfile::backups_of`] and the time index's reader and format ([`logfile::index`], tests
+//! decode index files with it), [`clock::now`], [`names`]' defaults, [`terminal_safety::QueryFilter`] and
 //! [`tokens`]' key and grants. Everything else is `pub(crate)`, so the compiler reports code
 //! nothing uses.
 //!
@@ -34,6 +35,7 @@
 )]
 
 pub mod client;
+pub mod clock;
 pub(crate) mod compress;
 pub mod config;
 pub(crate) mod console;

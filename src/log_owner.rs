@@ -13,6 +13,7 @@
 //! blocks: the actors own their data path and their loop. A handle whose actor stopped answers
 //! [`ActorGone`]; what the log itself failed at is [`LogError::Io`].
 
+use crate::logfile::index::EventKind;
 use crate::logfile::{LogFile, LogLimits, OpenSegment};
 use crate::metrics::Metrics;
 use futures::future::BoxFuture;
@@ -146,6 +147,9 @@ pub enum LogCommand {
     SetLimits(LogLimits, oneshot::Sender<io::Result<()>>),
     Figures(oneshot::Sender<Figures>),
     OpenSegments(u64, oneshot::Sender<io::Result<Vec<OpenSegment>>>),
+    /// Record an event in the time index at the stream's end (see [`LogFile::note_event`]).
+    /// Boxed like [`Close`]: events are rare.
+    Event(Box<(EventKind, String)>),
     /// Stop: see [`Close`].
     Close(Close),
 }
@@ -269,6 +273,14 @@ impl LogHandle {
             .await??)
     }
 
+    /// Records `kind` (with `detail`) in the stream's time index before its next byte. Does
+    /// not wait for the actor to write it.
+    pub async fn note_event(&self, kind: EventKind, detail: &str) -> Result<(), ActorGone> {
+        self.commands
+            .post(LogCommand::Event(Box::new((kind, detail.to_owned()))))
+            .await
+    }
+
     /// Drains the stream's source, tells its clients `reason`, syncs the log and stops the
     /// actor; `removed` says the stream will not come back (readers following it end). Returns
     /// at once if the actor has stopped already.
@@ -341,9 +353,27 @@ impl LogOwner {
             LogCommand::OpenSegments(from, reply) => {
                 let _ = reply.send(self.log.open_segments(from));
             }
+            LogCommand::Event(event) => {
+                let (kind, detail) = *event;
+                self.note_event(kind, &detail);
+            }
             LogCommand::Close(close) => return Some(close),
         }
         None
+    }
+
+    /// Records `kind` in the log's time index, counting a failure to write it.
+    pub fn note_event(&mut self, kind: EventKind, detail: &str) {
+        self.log.note_event(kind, detail);
+        self.count_index_failures();
+    }
+
+    /// Adds the index writes the log failed at to the metric.
+    pub fn count_index_failures(&mut self) {
+        let failed = self.log.take_index_failures();
+        if failed > 0 {
+            self.metrics.index_write_failures.inc_by(failed);
+        }
     }
 
     /// Runs `step` on the log and counts the rotations it did.
@@ -358,7 +388,8 @@ impl LogOwner {
     /// Publishes what one move or write did, for pipes and consoles alike: new end offset
     /// (dropped bytes take offsets too), logged and dropped bytes, the start and end of a
     /// disk-full episode.
-    pub fn count_moved(&self, logged: usize, dropped: usize) {
+    pub fn count_moved(&mut self, logged: usize, dropped: usize) {
+        self.count_index_failures();
         let path = self.log.path();
         self.stats
             .record_dropped(path, dropped as u64, &self.metrics);

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub upgrades: Counter,
     /// Upgrades and takeovers that failed (refused binary, failed exec, failed takeover).
     pub upgrade_failures: Counter,
+    /// Time index entries that could not be written (the log's bytes were).
+    pub index_write_failures: Counter,
 }
 
 /// The values of every daemon-wide counter at one instant.
@@ -214,6 +216,11 @@ impl Metrics {
             "upgrade_failures",
             "Upgrades and takeovers that failed",
             m.upgrade_failures.clone(),
+        );
+        registry.register(
+            "index_write_failures",
+            "Time index entries that could not be written (the bytes were logged)",
+            m.index_write_failures.clone(),
         );
         registry
     }

@@ -81,6 +81,10 @@ pub struct LogDefaults {
     pub max_backups: u32,
     /// Rotate or truncate.
     pub mode: LogMode,
+    /// Keep a time index beside each log file (docs/design.md "Time index"): when each byte
+    /// was logged and what happened around it. Off, no index file is written and history has
+    /// no times for what is logged meanwhile.
+    pub time_index: bool,
 }
 
 impl Default for LogDefaults {
@@ -89,6 +93,7 @@ impl Default for LogDefaults {
             max_size: ByteSize(2 << 20),
             max_backups: 3,
             mode: LogMode::Rotate,
+            time_index: true,
         }
     }
 }
@@ -312,6 +317,8 @@ pub struct Overrides {
 
 /// Smallest `max_size` accepted: one page, so that a file always holds a useful amount.
 pub(crate) const MIN_MAX_SIZE: u64 = 4096;
+/// Largest `max_size` accepted: a time index slot holds offsets within a file in 40 bits.
+pub(crate) const MAX_MAX_SIZE: u64 = 1 << 40;
 /// Largest number of backups accepted.
 pub(crate) const MAX_BACKUPS: u32 = 1000;
 
@@ -420,6 +427,12 @@ impl Config {
             return value(
                 "logs.max_size",
                 format!("must be at least 4KiB (got {})", self.logs.max_size),
+            );
+        }
+        if self.logs.max_size.bytes() > MAX_MAX_SIZE {
+            return value(
+                "logs.max_size",
+                format!("must be at most 1TiB (got {})", self.logs.max_size),
             );
         }
         if self.logs.max_backups > MAX_BACKUPS {

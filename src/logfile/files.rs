@@ -32,13 +32,32 @@ pub fn backups_of(path: &Path, max: u32) -> Vec<(PathBuf, u64)> {
     found
 }
 
-/// Removes backups `.first ..= .last`, oldest (highest number) first, so a crash half-way
-/// leaves `.1 .. .k` without a hole.
+/// Removes backups `.first ..= .last` and their indexes, oldest (highest number) first, so a
+/// crash half-way leaves `.1 .. .k` without a hole. A log goes before its index: a crash
+/// between the two leaves an orphan index (removed at the next open), never a log without
+/// the times it had.
 pub(crate) fn remove_backups(path: &Path, first: u32, last: u32) -> io::Result<()> {
     for n in (first..=last).rev() {
-        remove_if_exists(&backup_path(path, n))?;
+        let backup = backup_path(path, n);
+        remove_if_exists(&backup)?;
+        remove_if_exists(&super::index::index_path(&backup))?;
     }
     Ok(())
+}
+
+/// Moves backup `.k` and its index to `.k+1`.
+pub(crate) fn shift_backup(path: &Path, k: u32) -> io::Result<()> {
+    let (from, to) = (backup_path(path, k), backup_path(path, k + 1));
+    rename_if_exists(&from, &to)?;
+    rename_if_exists(
+        &super::index::index_path(&from),
+        &super::index::index_path(&to),
+    )
+}
+
+/// Bytes of the index of the log file at `log` (0 if it has none).
+pub(crate) fn index_len(log: &Path) -> u64 {
+    fs::metadata(super::index::index_path(log)).map_or(0, |m| m.len())
 }
 
 /// Opens (creating) a log file for appending at its end.

@@ -35,6 +35,7 @@
 
 mod files;
 mod gaps;
+pub mod index;
 mod read;
 mod record;
 mod recover;
@@ -54,9 +55,11 @@ pub(crate) use record::Position;
 #[cfg(test)]
 use record::POSITION_RECORD_LEN;
 
+use crate::clock;
 use crate::config::LogMode;
 use crate::fault;
 use files::{creating_parent, open_log, remove_if_exists, rename_if_exists, MAX_SCAN};
+use index::{EventKind, StartKind};
 use recover::Resumed;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -111,6 +114,9 @@ pub(crate) struct Segment {
 #[derive(Debug)]
 pub(crate) struct OpenSegment {
     pub file: Arc<File>,
+    /// The file's time index ([`index::IndexFile::open`] reads it), if it has one; opened
+    /// right after `file`, so it covers at least what `file` held then.
+    pub index: Option<Arc<File>>,
     pub start: u64,
     pub len: u64,
     pub file_pos: u64,
@@ -167,6 +173,9 @@ pub(crate) struct LogFile {
     record_len: usize,
     /// The record's directory entry was made durable (once, at the first rotation).
     record_entry_synced: bool,
+    /// The current file's time index (a log file and its index together are at most
+    /// `max_size`).
+    index: index::Writer,
 }
 
 impl LogFile {
@@ -186,6 +195,8 @@ impl LogFile {
                 .sum()
         });
         let reserved = found.as_ref().map_or(0, |r| r.reserved);
+        // At most MAX_SCAN (a u32).
+        let backups = u32::try_from(backups_of(path, MAX_SCAN).len()).unwrap_or(MAX_SCAN);
         let mut log = Self {
             path: path.to_owned(),
             position_path: position_path.to_owned(),
@@ -204,6 +215,8 @@ impl LogFile {
             saved: found,
             record_len,
             record_entry_synced: false,
+            // Off until the owner turns it on (`logs.time_index`, [`Self::set_time_index`]).
+            index: index::Writer::open(path, start, backups, false),
         };
         log.forget_old_gaps();
         if let Some(record) = log.changed_position(None) {
@@ -268,11 +281,60 @@ impl LogFile {
         self.enforce_limits()
     }
 
-    /// Bytes of this stream on disk (current file and backups) and the first offset still there.
+    /// Bytes of this stream on disk (current file and backups, with their indexes) and the
+    /// first offset still there.
     pub(crate) fn disk_usage(&self) -> (u64, u64) {
         let segments = self.segments();
-        let bytes = segments.iter().map(|s| s.len).sum();
+        let mut files: Vec<&Path> = segments.iter().map(|s| s.path.as_path()).collect();
+        files.dedup();
+        let indexes: u64 = files
+            .iter()
+            .map(|p| {
+                if *p == self.path {
+                    self.index.len()
+                } else {
+                    files::index_len(p)
+                }
+            })
+            .sum();
+        let bytes = segments.iter().map(|s| s.len).sum::<u64>() + indexes;
         (bytes, segments.first().map_or(self.end, |s| s.start))
+    }
+
+    /// Turns the time index on or off (`logs.time_index`); off, no index is written (those
+    /// on disk stay with their logs).
+    pub(crate) fn set_time_index(&mut self, enabled: bool) {
+        self.index.set_enabled(enabled);
+    }
+
+    /// Records `kind` in the index before the byte at the end offset. An event that does not
+    /// fit in the current file's pair (log and index at most `max_size`) is left out and
+    /// counted as an index failure: the log's bytes come first.
+    pub fn note_event(&mut self, kind: EventKind, detail: &str) {
+        let now = clock::now();
+        let planned = self.index.plan_event(self.end, now, kind, detail);
+        if self.size + self.index.len() + planned.len() > self.limits.max_size {
+            self.index
+                .skipped("no room left for the event in the current log file");
+            return;
+        }
+        self.index.commit(planned, now, false);
+    }
+
+    /// Records that the daemon (re)opened this log: `daemon started` with how (a fresh start
+    /// whose index did not end with `daemon stopped` is a restart after a crash).
+    pub(crate) fn note_start(&mut self, kind: StartKind) {
+        let crashed =
+            kind == StartKind::Fresh && self.index.len() > 0 && !self.index.ended_stopped();
+        self.note_event(
+            EventKind::DaemonStarted,
+            &index::start_detail(kind, crashed),
+        );
+    }
+
+    /// Index writes that failed since the last call.
+    pub(crate) fn take_index_failures(&mut self) -> u64 {
+        self.index.take_failures()
     }
 
     /// The runs of bytes of this stream on disk, oldest first, with their absolute offsets. The
@@ -314,23 +376,32 @@ impl LogFile {
     /// actor reads a consistent snapshot: never a torn or mixed chunk.
     pub(crate) fn open_segments(&self, from: u64) -> io::Result<Vec<OpenSegment>> {
         let mut open = Vec::new();
-        let mut last: Option<(PathBuf, Arc<File>)> = None;
+        let mut last: Option<(PathBuf, Arc<File>, Option<Arc<File>>)> = None;
         for s in self.segments() {
             if s.start + s.len <= from && !s.growable {
                 continue;
             }
-            let file = match &last {
-                Some((path, file)) if *path == s.path => file.clone(),
+            let (file, index) = match &last {
+                Some((path, file, index)) if *path == s.path => (file.clone(), index.clone()),
                 _ => match File::open(&s.path) {
-                    Ok(file) => Arc::new(file),
+                    Ok(file) => {
+                        // After the log: whatever the log held then, its index covers.
+                        let index = match File::open(index::index_path(&s.path)) {
+                            Ok(index) => Some(Arc::new(index)),
+                            Err(e) if e.kind() == ErrorKind::NotFound => None,
+                            Err(e) => return Err(e),
+                        };
+                        (Arc::new(file), index)
+                    }
                     // A file removed behind our back: its bytes are gone, the reader reports a gap.
                     Err(e) if e.kind() == ErrorKind::NotFound => continue,
                     Err(e) => return Err(e),
                 },
             };
-            last = Some((s.path, file.clone()));
+            last = Some((s.path, file.clone(), index.clone()));
             open.push(OpenSegment {
                 file,
+                index,
                 start: s.start,
                 len: s.len,
                 file_pos: s.file_pos,
@@ -351,8 +422,21 @@ impl LogFile {
     /// `end`: a file recreated behind our back brings bytes that take offsets too.
     fn append_counting(&mut self, mut data: &[u8], logged: &mut usize) -> io::Result<()> {
         while !data.is_empty() {
-            let room = self.make_room()?;
-            let n = usize::try_from(room).map_or(data.len(), |room| room.min(data.len()));
+            let now = clock::now();
+            let mut room = self.make_room()?;
+            // The entry goes into the index of the file that receives the byte, and the pair
+            // must hold it and at least one byte.
+            let mut planned = self.index.plan_write(self.end, now);
+            if planned.len() >= room {
+                self.rotate(self.limits.backups_kept())?;
+                room = self.pair_room();
+                planned = self.index.plan_write(self.end, now);
+                if planned.len() >= room {
+                    planned = index::Planned::default();
+                }
+            }
+            let n = usize::try_from(room - planned.len())
+                .map_or(data.len(), |room| room.min(data.len()));
             self.reserve(self.end + n as u64)?;
             let file = self.file.as_mut().expect("make_room opened the file");
             let written = file.write(&data[..n])?;
@@ -362,6 +446,9 @@ impl LogFile {
                     "log file accepted no bytes",
                 ));
             }
+            // Tests kill the daemon between the log write and its index entry.
+            fault::point("index.append");
+            self.index.commit(planned, now, true);
             self.size += written as u64;
             self.end += written as u64;
             *logged += written;
@@ -392,6 +479,7 @@ impl LogFile {
         if let Err(e) = self.reserve(self.end + n) {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot reserve offsets");
         }
+        self.note_event(EventKind::BytesDropped, &format!("{n} bytes"));
         self.gaps.insert(self.end, self.end + n);
         self.end += n;
         self.dropped += n;
@@ -439,7 +527,7 @@ impl LogFile {
     /// next append rotates. A failure leaves the file as it was, and the next append tries
     /// again and counts what it cannot log.
     pub(crate) fn rotate_if_full(&mut self, source: BorrowedFd<'_>) {
-        let full = self.file.is_none() || self.size >= self.limits.max_size;
+        let full = self.file.is_none() || self.pair_full();
         if full && rustix::io::ioctl_fionread(source).is_ok_and(|n| n > 0) {
             if let Err(e) = self.make_room() {
                 tracing::debug!(path = %self.path.display(), error = %e, "rotation failed");
@@ -451,11 +539,21 @@ impl LogFile {
     /// append rotates first (the file is full or lost).
     pub(crate) fn room(&self) -> usize {
         match &self.file {
-            Some(_) if self.size < self.limits.max_size => {
-                usize::try_from(self.limits.max_size - self.size).unwrap_or(usize::MAX)
-            }
+            Some(_) if !self.pair_full() => usize::try_from(self.pair_room()).unwrap_or(usize::MAX),
             _ => usize::MAX,
         }
+    }
+
+    /// The current file and its index hold `max_size` bytes (or more: limits shrank).
+    fn pair_full(&self) -> bool {
+        self.size + self.index.len() >= self.limits.max_size
+    }
+
+    /// Bytes the current file and its index may still take.
+    fn pair_room(&self) -> u64 {
+        self.limits
+            .max_size
+            .saturating_sub(self.size + self.index.len())
     }
 
     /// Records the end offset (when a stream closes), if it changed since the last save. It
@@ -472,22 +570,22 @@ impl LogFile {
         if self.file.is_none() {
             self.create_current(self.limits.backups_kept() == 0)?;
         }
-        if self.size >= self.limits.max_size {
+        if self.pair_full() {
             self.rotate(self.limits.backups_kept())?;
         }
-        Ok(self.limits.max_size - self.size)
+        Ok(self.pair_room())
     }
 
     fn enforce_limits(&mut self) -> io::Result<()> {
         let keep = self.limits.backups_kept();
         // Only a file over the cap (limits shrank) is rotated now; a full one waits for data.
-        if self.size > self.limits.max_size {
+        if self.size + self.index.len() > self.limits.max_size {
             self.rotate(keep)?;
         }
         let backups = backups_of(&self.path, MAX_SCAN);
         let cut = backups
             .iter()
-            .position(|(_, len)| *len > self.limits.max_size)
+            .position(|(path, len)| *len + files::index_len(path) > self.limits.max_size)
             .unwrap_or(backups.len())
             .min(keep as usize);
         if cut < backups.len() {
@@ -541,14 +639,18 @@ impl LogFile {
         fault::point("logfile.rotate.recorded");
         // The old file stays open until it is moved: if a step fails, nothing changed and the
         // next write tries the rotation again.
+        let index = index::index_path(&self.path);
         if keep == 0 {
             remove_if_exists(&self.path)?;
+            remove_if_exists(&index)?;
         } else {
             files::remove_backups(&self.path, keep, keep)?;
             for k in (1..keep).rev() {
-                rename_if_exists(&backup_path(&self.path, k), &backup_path(&self.path, k + 1))?;
+                files::shift_backup(&self.path, k)?;
             }
             rename_if_exists(&self.path, &backup_path(&self.path, 1))?;
+            fault::point("logfile.rotate.index");
+            rename_if_exists(&index, &index::index_path(&backup_path(&self.path, 1)))?;
         }
         fault::point("logfile.rotate.moved");
         self.file = None;
@@ -590,6 +692,7 @@ impl LogFile {
             return Err(e);
         }
         self.file = Some(file);
+        self.index.start_file(self.start);
         fault::point("logfile.rotate.done");
         Ok(())
     }
