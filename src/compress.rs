@@ -15,14 +15,6 @@
 //! already durable stays for the next image's recovery. [`Pool::resume`] undoes a pause (a
 //! failed upgrade).
 
-#![cfg_attr(
-    not(test),
-    allow(
-        dead_code,
-        reason = "the stream actors use it once compression is wired in"
-    )
-)]
-
 use crate::logfile::seekable::{self, Control, Header, Settings, Staged};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -41,8 +33,8 @@ pub(crate) trait Owner: Send + Sync {
     /// Opens the rotated file holding offset `start` read-only, if it is still the raw file
     /// with inode `inode`; with the header fields the stream knows (offset, inode, times).
     fn open(&self, start: u64, inode: u64) -> Option<(File, Header)>;
-    /// Grants `bytes` more disk room for the file being written, or refuses.
-    fn reserve(&self, bytes: u64) -> bool;
+    /// Grants `bytes` more disk room for the compression of the file at `start`, or refuses.
+    fn reserve(&self, start: u64, bytes: u64) -> bool;
     /// Ends the job: installs a staged file, or gives its `reserved` room back.
     fn finish(&self, job: &Job, outcome: Outcome, reserved: u64);
 }
@@ -94,7 +86,16 @@ pub(crate) struct PoolConfig {
     pub queue: usize,
 }
 
-/// Counters for the metrics.
+/// The node's metrics the worker keeps up to date (`conlog_compression_backlog_bytes`,
+/// `conlog_compressed_bytes_{in,out}_total`).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PoolMetrics {
+    pub backlog: prometheus_client::metrics::gauge::Gauge,
+    pub bytes_in: prometheus_client::metrics::counter::Counter,
+    pub bytes_out: prometheus_client::metrics::counter::Counter,
+}
+
+/// Counters of the worker.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     /// Raw bytes of the files compressed and installed.
@@ -130,6 +131,7 @@ struct Shared {
     backlog: AtomicU64,
     stats: Stats,
     config: PoolConfig,
+    metrics: PoolMetrics,
 }
 
 #[derive(Debug, Default)]
@@ -147,7 +149,7 @@ pub(crate) struct QueueFull(#[allow(dead_code, reason = "handed back to the call
 
 impl Pool {
     /// Starts `config.threads` workers.
-    pub(crate) fn start(config: PoolConfig) -> io::Result<Self> {
+    pub(crate) fn start(config: PoolConfig, metrics: PoolMetrics) -> io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
@@ -155,6 +157,7 @@ impl Pool {
             backlog: AtomicU64::new(0),
             stats: Stats::default(),
             config,
+            metrics,
         });
         let mut threads = Vec::with_capacity(config.threads);
         for i in 0..config.threads {
@@ -175,9 +178,7 @@ impl Pool {
             self.shared.stats.queue_full.fetch_add(1, Ordering::Relaxed);
             return Err(QueueFull(job));
         }
-        self.shared
-            .backlog
-            .fetch_add(job.raw_len, Ordering::Relaxed);
+        self.shared.add_backlog(job.raw_len, true);
         state.queue.push_back(job);
         self.shared.changed.notify_one();
         Ok(())
@@ -220,6 +221,7 @@ impl Pool {
     }
 
     /// Raw bytes queued or being compressed on this node.
+    #[cfg(test)]
     pub(crate) fn backlog_bytes(&self) -> u64 {
         self.shared.backlog.load(Ordering::Relaxed)
     }
@@ -230,6 +232,7 @@ impl Pool {
         self.shared.lock().queue.len()
     }
 
+    #[cfg(test)]
     pub(crate) fn stats(&self) -> &Stats {
         &self.shared.stats
     }
@@ -250,6 +253,18 @@ impl Drop for Pool {
 }
 
 impl Shared {
+    /// Counts `bytes` into (`more`) or out of the backlog, and shows it.
+    fn add_backlog(&self, bytes: u64, more: bool) {
+        let now = if more {
+            self.backlog.fetch_add(bytes, Ordering::Relaxed) + bytes
+        } else {
+            self.backlog.fetch_sub(bytes, Ordering::Relaxed) - bytes
+        };
+        self.metrics
+            .backlog
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A worker that panicked left the queue consistent (it is only pushed and popped).
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -301,6 +316,8 @@ fn work(shared: &Shared) {
             Outcome::Staged { disk_len, .. } => {
                 stats.bytes_in.fetch_add(job.raw_len, Ordering::Relaxed);
                 stats.bytes_out.fetch_add(*disk_len, Ordering::Relaxed);
+                shared.metrics.bytes_in.inc_by(job.raw_len);
+                shared.metrics.bytes_out.inc_by(*disk_len);
             }
             Outcome::NotWorth => _ = stats.not_worth.fetch_add(1, Ordering::Relaxed),
             Outcome::Refused => _ = stats.refused.fetch_add(1, Ordering::Relaxed),
@@ -316,7 +333,7 @@ fn work(shared: &Shared) {
         if stopped && !state.stopping {
             state.queue.push_front(job);
         } else {
-            shared.backlog.fetch_sub(job.raw_len, Ordering::Relaxed);
+            shared.add_backlog(job.raw_len, false);
         }
         shared.changed.notify_all();
     }
@@ -326,12 +343,13 @@ fn work(shared: &Shared) {
 struct JobControl<'a> {
     shared: &'a Shared,
     owner: &'a dyn Owner,
+    start: u64,
     reserved: u64,
 }
 
 impl Control for JobControl<'_> {
     fn reserve(&mut self, bytes: u64) -> bool {
-        let granted = self.owner.reserve(bytes);
+        let granted = self.owner.reserve(self.start, bytes);
         if granted {
             self.reserved += bytes;
         }
@@ -356,6 +374,7 @@ fn run(
     let mut control = JobControl {
         shared,
         owner: job.owner.as_ref(),
+        start: job.start,
         reserved: 0,
     };
     let result = seekable::stage(
@@ -432,7 +451,7 @@ mod tests {
                 },
             ))
         }
-        fn reserve(&self, bytes: u64) -> bool {
+        fn reserve(&self, _start: u64, bytes: u64) -> bool {
             if let Some(gate) = &self.gate {
                 gate.lock().unwrap().recv().unwrap();
             }
@@ -500,7 +519,7 @@ mod tests {
         let raw = text(100_000);
         std::fs::write(backup_path(&log, 1), &raw).unwrap();
         let owner = TestOwner::new(log.clone(), None, u64::MAX);
-        let pool = Pool::start(config(4)).unwrap();
+        let pool = Pool::start(config(4), PoolMetrics::default()).unwrap();
         pool.submit(job(&owner)).unwrap();
         assert_eq!(owner.wait_for(1), vec!["staged"]);
         assert_eq!(names(dir.path()), vec!["s.log.1.zst"]);
@@ -536,7 +555,7 @@ mod tests {
         let log = dir.path().join("s.log");
         std::fs::write(backup_path(&log, 1), text(100_000)).unwrap();
         let owner = TestOwner::new(log.clone(), None, 0);
-        let pool = Pool::start(config(4)).unwrap();
+        let pool = Pool::start(config(4), PoolMetrics::default()).unwrap();
         pool.submit(job(&owner)).unwrap();
         assert_eq!(owner.wait_for(1), vec!["Refused"]);
         assert_eq!(names(dir.path()), vec!["s.log.1"]);
@@ -548,7 +567,7 @@ mod tests {
         let log = dir.path().join("s.log");
         std::fs::write(backup_path(&log, 1), text(10_000)).unwrap();
         let owner = TestOwner::new(log, None, u64::MAX);
-        let pool = Pool::start(config(2)).unwrap();
+        let pool = Pool::start(config(2), PoolMetrics::default()).unwrap();
         pool.pause();
         pool.submit(job(&owner)).unwrap();
         pool.submit(job(&owner)).unwrap();
@@ -567,7 +586,7 @@ mod tests {
         std::fs::write(backup_path(&log, 1), &raw).unwrap();
         let (open_gate, gate) = mpsc::channel();
         let owner = TestOwner::new(log.clone(), Some(gate), u64::MAX);
-        let pool = Pool::start(config(4)).unwrap();
+        let pool = Pool::start(config(4), PoolMetrics::default()).unwrap();
         pool.submit(job(&owner)).unwrap();
         // The worker is inside the job, waiting for its first reservation.
         let deadline = Instant::now() + Duration::from_secs(30);

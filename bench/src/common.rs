@@ -62,6 +62,7 @@ pub fn rotating(max_size: u64, max_backups: u32) -> LogLimits {
         max_size: Some(max_size),
         max_backups: Some(max_backups),
         mode: LogMode::Rotate.into(),
+        compress: None,
     }
 }
 

@@ -10,26 +10,15 @@
 
 use super::seekable::{self, Header};
 use super::{backup_path, files, LogFile, Segment};
-use crate::compress::Outcome;
-use crate::config::LogMode;
+use crate::compress::{Outcome, Pool};
+use crate::config::{Compression, LogMode};
 use crate::fault;
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-
-/// Whether a stream's rotated files are compressed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    /// Rotated files stay as they are (and `max_backups` counts them).
-    #[default]
-    None,
-    /// Rotated files are compressed with zstd in the seekable format, and kept by disk bytes.
-    Zstd,
-}
+use std::sync::Arc;
 
 /// A rotated file of a stream, as found on disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,6 +104,22 @@ pub(crate) fn fitting(disk: &[u64], fixed: u64, budget: u64) -> usize {
     disk.len()
 }
 
+/// What a stream holds on disk ([`LogFile::usage`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Usage {
+    /// Disk bytes: current file, backups raw or compressed, their indexes, and compressions
+    /// under way.
+    pub disk: u64,
+    /// Raw bytes of history those hold.
+    pub raw: u64,
+    /// The oldest offset on disk.
+    pub first: u64,
+    /// Rotated files kept.
+    pub backups: u32,
+    /// Raw bytes of rotated files waiting to be compressed.
+    pub backlog: u64,
+}
+
 /// A rotated file to compress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct JobSpec {
@@ -132,9 +137,21 @@ pub(crate) struct State {
     not_worth: HashSet<u64>,
     /// Start offsets of files handed to the worker whose job has not ended.
     queued: BTreeSet<u64>,
+    /// The node's worker, until the stream's actor takes it ([`LogFile::take_compressor`]).
+    pool: Option<Arc<Pool>>,
 }
 
 impl LogFile {
+    /// Gives the node's compression worker to whoever will own this log (its actor).
+    pub(crate) fn set_compressor(&mut self, pool: Option<Arc<Pool>>) {
+        self.compression.pool = pool;
+    }
+
+    /// Takes the worker given with [`Self::set_compressor`].
+    pub(crate) fn take_compressor(&mut self) -> Option<Arc<Pool>> {
+        self.compression.pool.take()
+    }
+
     /// Whether rotated files are compressed and kept by disk bytes (rotate mode only:
     /// truncate mode keeps no rotated file).
     pub(crate) fn by_bytes(&self) -> bool {
@@ -310,7 +327,13 @@ impl LogFile {
 
     /// Ends the compression of the backup at `start`: installs a staged file (rename over
     /// `.N.zst`, then unlink `.N`), or notes why the raw file stays. Gives back `reserved`.
-    pub(crate) fn finish_compression(&mut self, start: u64, inode: u64, outcome: Outcome, reserved: u64) {
+    pub(crate) fn finish_compression(
+        &mut self,
+        start: u64,
+        inode: u64,
+        outcome: Outcome,
+        reserved: u64,
+    ) {
         self.compression.staging = self.compression.staging.saturating_sub(reserved);
         self.compression.queued.remove(&start);
         match outcome {
@@ -346,7 +369,10 @@ impl LogFile {
     pub(crate) fn disk_figures(&self, segments: &[Segment]) -> (u64, u64, u32) {
         let raw: u64 = segments.iter().map(|s| s.len).sum();
         let backups = backups(&self.path, self.backup_scan());
-        let disk = self.size + self.index.len() + backups.iter().map(Self::with_index).sum::<u64>() + self.compression.staging;
+        let disk = self.size
+            + self.index.len()
+            + backups.iter().map(Self::with_index).sum::<u64>()
+            + self.compression.staging;
         (disk, raw, u32::try_from(backups.len()).unwrap_or(u32::MAX))
     }
 }
@@ -362,6 +388,166 @@ mod tests {
         assert_eq!(fitting(&[30, 30, 30], 11, 100), 2);
         assert_eq!(fitting(&[95], 10, 100), 0);
         assert_eq!(fitting(&[u64::MAX, 1], 10, 100), 0);
+    }
+
+    use crate::logfile::seekable::{Control, Settings, Staged};
+    use crate::logfile::LogLimits;
+
+    const MAX: u64 = 16 << 10;
+
+    fn log(dir: &Path, compress: Compression) -> LogFile {
+        let limits = LogLimits {
+            max_size: MAX,
+            max_backups: 3,
+            mode: LogMode::Rotate,
+            compress,
+        };
+        LogFile::open(&dir.join("s.log"), &dir.join("s.pos"), limits).unwrap()
+    }
+
+    /// Grants room from the log, as the actor does for the worker.
+    struct Granting<'a> {
+        log: &'a mut LogFile,
+        start: u64,
+        reserved: u64,
+    }
+
+    impl Control for Granting<'_> {
+        fn reserve(&mut self, bytes: u64) -> bool {
+            let granted = self.log.reserve_disk(self.start, bytes);
+            if granted {
+                self.reserved += bytes;
+            }
+            granted
+        }
+        fn keep_going(&self) -> bool {
+            true
+        }
+    }
+
+    /// Runs every compression job of `log` now, as the worker would.
+    fn compress_all(log: &mut LogFile) -> usize {
+        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        let jobs = log.compression_jobs();
+        for job in &jobs {
+            let (file, header) = log.open_for_compression(job.start, job.inode).unwrap();
+            let path = log.path().to_owned();
+            let mut control = Granting {
+                log: &mut *log,
+                start: job.start,
+                reserved: 0,
+            };
+            let settings = Settings {
+                level: 3,
+                frame_size: 4096,
+            };
+            let staged =
+                seekable::stage(&file, &path, header, settings, &mut c, &mut control).unwrap();
+            let reserved = control.reserved;
+            let outcome = match staged {
+                Staged::Done { path, disk_len } => Outcome::Staged { path, disk_len },
+                Staged::NotWorth => Outcome::NotWorth,
+                Staged::Refused => Outcome::Refused,
+                Staged::Stopped => Outcome::Stopped,
+            };
+            log.finish_compression(job.start, job.inode, outcome, reserved);
+        }
+        jobs.len()
+    }
+
+    fn read_all(log: &LogFile) -> (u64, Vec<u8>) {
+        let segments = log.open_segments(0).unwrap();
+        let first = segments.first().map_or(0, |s| s.start);
+        let mut out = Vec::new();
+        let mut at = first;
+        for s in &segments {
+            assert_eq!(s.start, at, "no gap");
+            while at < s.start + s.len {
+                let bytes = s.read_at(at, 5000).unwrap();
+                assert!(!bytes.is_empty());
+                at += bytes.len() as u64;
+                out.extend_from_slice(&bytes);
+            }
+        }
+        (first, out)
+    }
+
+    fn text(from: u64, len: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut i = from;
+        while out.len() < len {
+            out.extend_from_slice(
+                format!("line {i} of the console, value {}\n", i % 97).as_bytes(),
+            );
+            i += 1;
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Text across many rotations, compressed after each: every byte reads back exactly,
+    /// the disk total never exceeds the budget, and more rotated files are kept than
+    /// `max_backups` (the budget is in disk bytes).
+    #[test]
+    fn compressed_rotations_keep_every_byte_within_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = log(dir.path(), Compression::Zstd);
+        let mut data = Vec::new();
+        for round in 0..60u64 {
+            let piece = if round % 10 == 7 {
+                // Random bytes: not worth compressing, kept raw.
+                (0..5000u64)
+                    .map(|i| {
+                        (i.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(round) >> 56) as u8
+                    })
+                    .collect()
+            } else {
+                text(round * 1000, 7000)
+            };
+            log.append(&piece).unwrap();
+            data.extend_from_slice(&piece);
+            compress_all(&mut log);
+            let usage = log.usage();
+            assert!(
+                usage.disk <= log.limits.disk_cap(),
+                "round {round}: {usage:?}"
+            );
+            let on_disk: u64 = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("s.log"))
+                .map(|e| e.metadata().unwrap().len())
+                .sum();
+            assert!(
+                on_disk <= log.limits.disk_cap(),
+                "round {round}: {on_disk} on disk"
+            );
+            let (first, bytes) = read_all(&log);
+            assert!(
+                bytes == data[first as usize..],
+                "round {round}: bytes differ"
+            );
+            assert_eq!(usage.raw, bytes.len() as u64);
+        }
+        let usage = log.usage();
+        assert!(usage.backups > 3, "{usage:?}");
+        assert!(usage.raw > log.limits.disk_cap(), "{usage:?}");
+        assert_eq!(usage.backlog, 0, "{usage:?}");
+        // A restart finds the same files and offsets.
+        drop(log);
+        let log = self::log(dir.path(), Compression::Zstd);
+        let (first, bytes) = read_all(&log);
+        assert!(bytes == data[first as usize..]);
+    }
+
+    /// Compression off: nothing is compressed, the count of backups holds.
+    #[test]
+    fn without_compression_nothing_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = log(dir.path(), Compression::None);
+        log.append(&text(0, 100_000)).unwrap();
+        assert_eq!(compress_all(&mut log), 0);
+        assert_eq!(log.usage().backups, 3);
     }
 
     #[test]

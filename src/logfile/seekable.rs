@@ -53,16 +53,7 @@
 //! and unlink the raw `.N`. [`recover`] (run when a log is opened) applies [`decide`], whose
 //! table makes exactly one copy of every rotated file count after a crash at any step.
 
-#![cfg_attr(
-    not(test),
-    allow(
-        dead_code,
-        reason = "the stream actors use it once compression is wired in"
-    )
-)]
-
 use crate::fault;
-use bytes::Bytes;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -96,8 +87,14 @@ pub(crate) const MIN_FRAME_SIZE: u32 = 4 << 10;
 pub(crate) const MAX_FRAME_SIZE: u32 = 1 << 20;
 /// The seek table format's own limit on frames.
 const MAX_FRAMES: u64 = 1 << 27;
-/// Disk room is asked for in steps of this many bytes while a file is written.
+/// Disk room is asked for in steps of at most this many bytes while a file is written, and
+/// of an eighth of the raw file at most, so a small budget is never over-asked.
 pub(crate) const RESERVE_STEP: u64 = 256 << 10;
+
+/// The reservation step for a raw file of `raw_len` bytes.
+pub(crate) fn reserve_step(raw_len: u64) -> u64 {
+    (raw_len / 8).clamp(4096, RESERVE_STEP)
+}
 
 /// What makes a file on disk not a valid compressed log file.
 #[derive(Debug, Error)]
@@ -331,6 +328,7 @@ impl SeekTable {
     }
 
     /// Data frames.
+    #[cfg(test)]
     pub(crate) fn frames(&self) -> usize {
         self.frames.len()
     }
@@ -350,7 +348,7 @@ pub(crate) fn read_at(
     table: &SeekTable,
     pos: u64,
     len: usize,
-) -> Result<Bytes, ReadError> {
+) -> Result<Vec<u8>, ReadError> {
     if pos >= table.raw_len() {
         return Err(ReadError::Beyond(pos));
     }
@@ -387,9 +385,12 @@ pub(crate) fn read_at(
             Err(e) => Err(corrupt(e.to_string())),
         }
     })?;
+    let mut raw = raw;
     let skip = usize::try_from(pos - from).expect("within a frame");
-    let end = raw.len().min(skip.saturating_add(len));
-    Ok(Bytes::from(raw).slice(skip..end))
+    raw.truncate(skip.saturating_add(len));
+    // Only the first read of a reader starts mid-frame.
+    raw.drain(..skip);
+    Ok(raw)
 }
 
 /// How files are compressed.
@@ -527,13 +528,14 @@ fn write_frames(
     compressor.set_parameter(CParameter::ContentSizeFlag(true))?;
     let frame_size = settings.frame_size as usize;
     let mut reserved = 0u64;
+    let step = reserve_step(header.raw_len);
     let mut written = 0u64;
     let mut room = |control: &mut dyn Control, written: u64, more: u64| -> bool {
         while written + more > reserved {
-            if !control.reserve(RESERVE_STEP) {
+            if !control.reserve(step) {
                 return false;
             }
-            reserved += RESERVE_STEP;
+            reserved += step;
         }
         true
     };

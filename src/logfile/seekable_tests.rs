@@ -185,7 +185,7 @@ fn refused_room_and_stops_leave_no_file() {
     let source = File::open(backup_path(&log, 1)).unwrap();
     let mut c = zstd::bulk::Compressor::new(3).unwrap();
     let mut grant = Grant {
-        limit: RESERVE_STEP,
+        limit: reserve_step(100 * u64::from(FRAME)),
         ..Grant::all()
     };
     let outcome = stage(

@@ -553,11 +553,12 @@ impl Console for ConsoleService {
                     data: data.into(),
                     gap: None,
                 }),
-                Ok(HistoryItem::Gap { from, to }) => Ok(HistoryChunk {
+                Ok(HistoryItem::Gap { from, to, reason }) => Ok(HistoryChunk {
                     offset: to,
                     gap: Some(proto::Gap {
                         from_offset: from,
                         to_offset: to,
+                        reason,
                     }),
                     ..Default::default()
                 }),

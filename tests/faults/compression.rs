@@ -136,8 +136,7 @@ async fn wait_compressed(daemon: &Daemon) -> proto::StreamInfo {
     .await;
     wait_until("no compression under way", || {
         let names = names(&dir);
-        names.iter().any(|n| n.ends_with(".zst"))
-            && !names.iter().any(|n| n.contains(".log.c"))
+        names.iter().any(|n| n.ends_with(".zst")) && !names.iter().any(|n| n.contains(".log.c"))
     })
     .await;
     info
@@ -212,13 +211,19 @@ async fn compressed_history_is_byte_exact_by_offset_tail_and_follow_and_stays_un
         write_now(&mut pipe, chunk);
         written += chunk.len() as u64;
         while following.position.unwrap_or(0) + (512 << 10) < written {
-            let chunk = next(&mut followed).await.unwrap().expect("a following read goes on");
+            let chunk = next(&mut followed)
+                .await
+                .unwrap()
+                .expect("a following read goes on");
             following.push(&chunk);
         }
     }
     drop(pipe);
     while following.position != Some(data.len() as u64) {
-        let chunk = next(&mut followed).await.unwrap().expect("a following read goes on");
+        let chunk = next(&mut followed)
+            .await
+            .unwrap()
+            .expect("a following read goes on");
         following.push(&chunk);
     }
     // A reader follows faster than compression and rotation remove: no gap, every byte.
@@ -228,7 +233,10 @@ async fn compressed_history_is_byte_exact_by_offset_tail_and_follow_and_stays_un
     let info = wait_compressed(&daemon).await;
     let (max, samples) = sampler.finish();
     assert!(samples > 10, "the sampler ran");
-    assert!(max <= CAP, "{max} bytes on disk at one sample, over the cap {CAP}");
+    assert!(
+        max <= CAP,
+        "{max} bytes on disk at one sample, over the cap {CAP}"
+    );
     assert!(info.bytes_on_disk <= CAP, "{info:?}");
     // The same disk budget holds more history than raw files could.
     assert!(
@@ -257,13 +265,21 @@ async fn compressed_history_is_byte_exact_by_offset_tail_and_follow_and_stays_un
     }
     // Tail bytes and tail lines.
     for n in [1u64, 70_000, 300_000, 2 << 20] {
-        let chunks = read_ok(&mut client, request(GUEST, STREAM, Some(Start::TailBytes(n)))).await;
+        let chunks = read_ok(
+            &mut client,
+            request(GUEST, STREAM, Some(Start::TailBytes(n))),
+        )
+        .await;
         let got = Received::of(&chunks, DEFAULT_CHUNK);
         let from = (data.len() as u64 - n).max(first) as usize;
         assert_same(&format!("tail {n}"), &got.data, &data[from..]);
     }
     for n in [1usize, 100, 5_000, 30_000] {
-        let chunks = read_ok(&mut client, request(GUEST, STREAM, Some(Start::TailLines(n as u64)))).await;
+        let chunks = read_ok(
+            &mut client,
+            request(GUEST, STREAM, Some(Start::TailLines(n as u64))),
+        )
+        .await;
         let got = Received::of(&chunks, DEFAULT_CHUNK);
         let from = model_tail_lines(&data, first as usize, n);
         assert_same(&format!("tail {n} lines"), &got.data, &data[from..]);
@@ -292,14 +308,13 @@ impl Lcg {
 /// byte reads back, and compression finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_at_any_step_of_a_compression_leaves_exactly_one_copy() {
-    for point in ["compress.frame=kill@2", "compress.staged=kill", "compress.installed=kill"] {
-        let mut daemon = Daemon::start_full(
-            Some(CONFIG),
-            &[],
-            None,
-            &[("CONLOG_FAULT_POINTS", point)],
-        )
-        .await;
+    for point in [
+        "compress.frame=kill@2",
+        "compress.staged=kill",
+        "compress.installed=kill",
+    ] {
+        let mut daemon =
+            Daemon::start_full(Some(CONFIG), &[], None, &[("CONLOG_FAULT_POINTS", point)]).await;
         let mut agent = daemon.agent().await;
         let (_, mut pipe) = open_pipe(&mut agent, GUEST, STREAM, Some(zstd_limits())).await;
         let data = mixed(1);
@@ -307,7 +322,10 @@ async fn a_kill_at_any_step_of_a_compression_leaves_exactly_one_copy() {
         // before is logged (page cache), and the writer sees a broken pipe afterwards.
         let _ = std::io::Write::write_all(&mut pipe, &data[..(MAX_SIZE as usize * 2)]);
         let status = daemon.wait_exit().await;
-        assert!(status.code().is_none(), "{point}: killed, not exited: {status}");
+        assert!(
+            status.code().is_none(),
+            "{point}: killed, not exited: {status}"
+        );
         assert!(daemon.stderr().contains("reached: SIGKILL"), "{point}");
         daemon.env.clear();
         daemon.restart().await;
@@ -342,7 +360,9 @@ async fn an_upgrade_during_a_compression_pauses_it_and_loses_nothing() {
             .contains("fault point compress.frame reached: sleeping")
     })
     .await;
-    assert!(names(&guest_dir(&daemon)).iter().any(|n| n.ends_with(".tmp")));
+    assert!(names(&guest_dir(&daemon))
+        .iter()
+        .any(|n| n.ends_with(".tmp")));
     daemon.signal(rustix::process::Signal::USR1);
     wait_ready_count("the upgrade", 2, || daemon.stderr()).await;
     write_now(&mut pipe, &data[(MAX_SIZE as usize * 2)..]);
@@ -408,11 +428,19 @@ async fn a_corrupted_frame_is_a_gap_with_a_reason() {
     assert_eq!(position, data.len() as u64);
     assert_eq!(gaps.len(), 1, "{gaps:?}");
     let (from, to, reason) = &gaps[0];
-    assert_eq!((*from, *to), (info.first_offset, info.first_offset + (64 << 10)));
+    assert_eq!(
+        (*from, *to),
+        (info.first_offset, info.first_offset + (64 << 10))
+    );
     assert!(
         reason.contains("corrupted compressed frame") && reason.contains(&oldest),
         "{reason}"
     );
     // The daemon is fine and says so once.
-    assert_eq!(read_ok(&mut client, request(GUEST, STREAM, None)).await.len(), chunks.len());
+    assert_eq!(
+        read_ok(&mut client, request(GUEST, STREAM, None))
+            .await
+            .len(),
+        chunks.len()
+    );
 }

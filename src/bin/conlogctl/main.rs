@@ -475,6 +475,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                     } else {
                         0
                     },
+                    compress: None,
                 }
             });
             let reply = agent

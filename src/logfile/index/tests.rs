@@ -372,6 +372,7 @@ mod with_the_log {
                 max_size: 4096,
                 max_backups: backups,
                 mode,
+                compress: crate::logfile::Compression::None,
             };
             let open = || {
                 let mut log = LogFile::open(&path, &pos, limits).unwrap();
@@ -443,6 +444,7 @@ mod with_the_log {
             max_size: 1 << 20,
             max_backups: 1,
             mode: LogMode::Rotate,
+            compress: crate::logfile::Compression::None,
         };
         let mut log = LogFile::open(&path, &dir.path().join("s.pos"), limits).unwrap();
         log.set_time_index(true);
