@@ -38,17 +38,19 @@ fn sample() -> Vec<u8> {
     std::fs::read(repo_dir().join("tests/data/console-sample.txt")).expect("the console sample")
 }
 
-/// Text and random bytes: `text_copies` of the sample, 512 KiB of the random test pattern, the
-/// sample again.
-fn mixed(text_copies: usize) -> Vec<u8> {
+/// Text and random bytes: `before` copies of the sample, 512 KiB of the random test pattern,
+/// `after` copies of the sample.
+fn mixed(before: usize, after: usize) -> Vec<u8> {
     let text = sample();
     let mut data = Vec::new();
-    for _ in 0..text_copies {
+    for _ in 0..before {
         data.extend_from_slice(&text);
     }
     let at = data.len() as u64;
     data.extend_from_slice(&pattern(at, 512 << 10));
-    data.extend_from_slice(&text);
+    for _ in 0..after {
+        data.extend_from_slice(&text);
+    }
     data
 }
 
@@ -202,9 +204,12 @@ async fn compressed_history_is_byte_exact_by_offset_tail_and_follow_and_stays_un
     let mut follow = request(GUEST, STREAM, Some(Start::FromOffset(0)));
     follow.follow = true;
     let mut followed = open(&mut client, follow).await.unwrap();
-    let data = mixed(4);
+    let data = mixed(2, 3);
     // Written in 64 KiB pieces, the follower kept within 512 KiB of the writer (it reads as
     // fast as it can; the pacing only keeps a loaded machine from rotating its position away).
+    // The first 1.5 MiB as a burst, faster than the worker compresses (raw files stay, the
+    // oldest go first, the cap holds); the rest waiting for the worker after each file, as a
+    // guest printing slower than the worker compresses.
     let mut following = Received::new(DEFAULT_CHUNK);
     let mut written = 0u64;
     for chunk in data.chunks(64 << 10) {
@@ -216,6 +221,12 @@ async fn compressed_history_is_byte_exact_by_offset_tail_and_follow_and_stays_un
                 .unwrap()
                 .expect("a following read goes on");
             following.push(&chunk);
+        }
+        if written > 3 * (512 << 10) && written % MAX_SIZE == 0 {
+            wait_stream(&mut agent, GUEST, STREAM, "compressed", |s| {
+                s.offset == written && s.compression_backlog_bytes == 0
+            })
+            .await;
         }
     }
     drop(pipe);
@@ -317,7 +328,7 @@ async fn a_kill_at_any_step_of_a_compression_leaves_exactly_one_copy() {
             Daemon::start_full(Some(CONFIG), &[], None, &[("CONLOG_FAULT_POINTS", point)]).await;
         let mut agent = daemon.agent().await;
         let (_, mut pipe) = open_pipe(&mut agent, GUEST, STREAM, Some(zstd_limits())).await;
-        let data = mixed(1);
+        let data = mixed(1, 1);
         // The daemon dies at the fault point during the first compression; what was written
         // before is logged (page cache), and the writer sees a broken pipe afterwards.
         let _ = std::io::Write::write_all(&mut pipe, &data[..(MAX_SIZE as usize * 2)]);
@@ -352,7 +363,7 @@ async fn an_upgrade_during_a_compression_pauses_it_and_loses_nothing() {
     .await;
     let mut agent = daemon.agent().await;
     let (_, mut pipe) = open_pipe(&mut agent, GUEST, STREAM, Some(zstd_limits())).await;
-    let data = mixed(2);
+    let data = mixed(1, 1);
     write_now(&mut pipe, &data[..(MAX_SIZE as usize * 2)]);
     wait_until("the first compression holds after a frame", || {
         daemon
@@ -385,7 +396,7 @@ async fn a_corrupted_frame_is_a_gap_with_a_reason() {
     let daemon = Daemon::start_with(Some(CONFIG), &[]).await;
     let mut agent = daemon.agent().await;
     let (_, pipe) = open_pipe(&mut agent, GUEST, STREAM, Some(zstd_limits())).await;
-    let data = mixed(1);
+    let data = mixed(1, 1);
     write_and_close(pipe, data.clone()).await;
     wait_closed(&mut agent, GUEST, STREAM, data.len() as u64).await;
     let info = wait_compressed(&daemon).await;
