@@ -2,7 +2,7 @@
 //!
 //! Owns a few OS threads (`compression.threads`, each at `nice 19`), a bounded queue of jobs
 //! (`compression.queue`), the pause an upgrade needs, and the node's compression backlog
-//! (docs/design.md §6, "Compressed backups"). A job names a rotated file by the absolute
+//! (docs/design.md "Compressed backups"). A job names a rotated file by the absolute
 //! offset of its first byte and its inode; everything about the stream goes through the job's
 //! [`Owner`] (the stream's actor): opening the raw file, disk room, and installing the result.
 //! The worker never renames or removes a log file itself, never holds a lock while it

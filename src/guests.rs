@@ -348,7 +348,7 @@ pub struct Guests {
     /// True while the daemon is about to hand its streams over (an upgrade): readers that follow
     /// history end with `UNAVAILABLE` so the gRPC servers can drain before the freeze.
     going_away: tokio::sync::watch::Sender<bool>,
-    /// The node's compression worker (docs/design.md §6), shared by every stream; `None` if
+    /// The node's compression worker (docs/design.md "Compressed backups"), shared by every stream; `None` if
     /// its threads could not start (rotated files then stay raw).
     compression: Option<Arc<crate::compress::Pool>>,
 }

@@ -168,7 +168,7 @@ pub enum LogCommand {
     Close(Close),
 }
 
-/// What the node's compression worker asks of a stream's actor (docs/design.md §6): thin
+/// What the node's compression worker asks of a stream's actor (docs/design.md "Compressed backups"): thin
 /// wrappers over [`LogFile`]'s compression steps, answered between two writes.
 pub enum CompressionCommand {
     /// Open the raw rotated file starting at `start`, if it is still the one with `inode`.

@@ -96,7 +96,7 @@ pub struct LogDefaults {
     /// was logged and what happened around it. Off, no index file is written and history has
     /// no times for what is logged meanwhile.
     pub time_index: bool,
-    /// Compress rotated files (`none` or `zstd`; docs/design.md §6, "Compressed backups"):
+    /// Compress rotated files (`none` or `zstd`; docs/design.md "Compressed backups"):
     /// with `zstd`, `max_size × (max_backups + 1)` is a budget in disk bytes and as many
     /// rotated files are kept as fit.
     pub compress: Compression,

@@ -1,4 +1,4 @@
-//! Compression as one stream's log sees it (docs/design.md §6, "Compressed backups"): rotated
+//! Compression as one stream's log sees it (docs/design.md "Compressed backups"): rotated
 //! files raw (`.N`) or compressed (`.N.zst`), the disk budget they share, the jobs handed to
 //! the node's worker ([`crate::compress`]) and installing what it made.
 //!

@@ -80,7 +80,7 @@ pub(crate) const MAX_GAPS: usize = 16;
 pub(crate) struct LogLimits {
     pub max_size: u64,
     /// Rotated files kept; with compression, the budget `max_size × (max_backups + 1)` in
-    /// disk bytes, as many rotated files kept as fit (docs/design.md §6).
+    /// disk bytes, as many rotated files kept as fit (docs/design.md "Compressed backups").
     pub max_backups: u32,
     pub mode: LogMode,
     /// Whether rotated files are compressed (records written before it existed: none).
@@ -681,7 +681,7 @@ impl LogFile {
             remove_if_exists(&index)?;
         } else {
             if self.by_bytes() {
-                // As many as fit in the budget beside the file rotated now (docs/design.md §6).
+                // As many as fit in the budget beside the file rotated now (docs/design.md "Compressed backups").
                 self.shift_by_bytes(self.size + self.index.len())?;
             } else {
                 files::remove_backups(&self.path, keep, keep)?;

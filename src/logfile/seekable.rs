@@ -4,7 +4,7 @@
 //! Owns the bytes of `<stream>.log.N.zst` (and of the staged `<stream>.log.c<START>.zst` and
 //! the temporary `<stream>.log.c<START>.tmp` a compression goes through), the mapping from a
 //! raw position in the rotated file to the one frame holding it, and the decision of what a
-//! crash left behind (docs/design.md §6, "Compressed backups"). It never decides *when* a file
+//! crash left behind (docs/design.md "Compressed backups"). It never decides *when* a file
 //! is compressed or installed (`crate::compress` and the stream's actor do), never renames or
 //! removes anything but these files, and never trusts a file on disk to be well formed:
 //! parsing allocates at most what the file's own length allows, and a malformed file is an
@@ -472,7 +472,7 @@ pub(crate) fn stage(
             let Wrote::Done(disk_len) = wrote else {
                 return Ok(wrote);
             };
-            // Random data: a frame's overhead is all it would change (docs/design.md §6).
+            // Random data: a frame's overhead is all it would change (docs/design.md "Compressed backups").
             if disk_len >= raw_len - raw_len / 64 {
                 return Ok(Wrote::NotWorth);
             }
@@ -639,7 +639,7 @@ pub(crate) enum Action {
     Rename(Name, Name),
 }
 
-/// What to do with what a crash left (the table in docs/design.md §6), in order:
+/// What to do with what a crash left (the table in docs/design.md "Compressed backups"), in order:
 ///
 /// | found | meaning | action |
 /// | --- | --- | --- |

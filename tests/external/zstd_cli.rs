@@ -25,7 +25,18 @@ async fn zstd_d_restores_every_rotated_file() {
     let sample = std::fs::read(repo_dir().join("tests/data/console-sample.txt")).unwrap();
     let mut data = sample.clone();
     data.extend_from_slice(&sample);
-    write_and_close(pipe, data.clone()).await;
+    // A file at a time, as fast as the worker compresses (a burst faster than that keeps
+    // rotated files raw, and the oldest go first).
+    let mut pipe = pipe;
+    for (i, piece) in data.chunks(256 << 10).enumerate() {
+        std::io::Write::write_all(&mut pipe, piece).unwrap();
+        let written = ((i + 1) * (256 << 10)).min(data.len()) as u64;
+        wait_stream(&mut agent, "vm1", "qemu", "compressed", |s| {
+            s.offset == written && s.compression_backlog_bytes == 0
+        })
+        .await;
+    }
+    drop(pipe);
     let info = wait_stream(&mut agent, "vm1", "qemu", "compressed", |s| {
         s.offset == data.len() as u64 && s.compression_backlog_bytes == 0 && !s.open
     })

@@ -1,4 +1,4 @@
-//! Compressed rotated logs against the real binary (docs/design.md §6, "Compressed backups"):
+//! Compressed rotated logs against the real binary (docs/design.md "Compressed backups"):
 //! every byte readable by offset, tail and follow across raw and compressed files; the disk
 //! total never over the cap; a kill -9 at each step of a compression, then a restart, leaves
 //! exactly one copy of every rotated file; an upgrade during a paused compression loses

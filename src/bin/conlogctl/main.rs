@@ -664,10 +664,17 @@ async fn print_history(args: &Args, mut request: proto::ReadHistoryRequest) -> R
                         Err(status) => return Err(refused(status)),
                     };
                     if let Some(gap) = chunk.gap {
-                        eprintln!(
-                            "[conlog: offsets {}..{} are no longer on disk]",
-                            gap.from_offset, gap.to_offset
-                        );
+                        if gap.reason.is_empty() {
+                            eprintln!(
+                                "[conlog: offsets {}..{} are no longer on disk]",
+                                gap.from_offset, gap.to_offset
+                            );
+                        } else {
+                            eprintln!(
+                                "[conlog: offsets {}..{} cannot be read: {}]",
+                                gap.from_offset, gap.to_offset, gap.reason
+                            );
+                        }
                     }
                     // After a reconnect the stream resumes exactly at `next`; never show twice.
                     let skip = next.map_or(0, |n| n.saturating_sub(chunk.offset));
@@ -798,6 +805,9 @@ fn guests_json(reply: &proto::ListGuestsResponse) -> serde_json::Value {
                         "open": s.open,
                         "log_path": s.log_path,
                         "bytes_on_disk": s.bytes_on_disk,
+                        "raw_bytes": s.raw_bytes,
+                        "backups": s.backups,
+                        "compression_backlog_bytes": s.compression_backlog_bytes,
                         "max_size": s.max_size,
                         "max_backups": s.max_backups,
                         "mode": mode,
