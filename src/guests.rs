@@ -29,6 +29,7 @@ use crate::config::{Config, LogMode};
 use crate::console::ConsoleError;
 use crate::console::{ConsoleHandle, ConsolePaths, ConsoleSettings};
 use crate::log_owner::{ActorGone, Figures, LogError, LogHandle, Reserved};
+use crate::logfile::index::StartKind;
 use crate::logfile::{Compression, LogFile, LogLimits};
 use crate::metrics::Metrics;
 use crate::names::{self, GuestName, StreamName};
@@ -473,6 +474,7 @@ impl Guests {
         log_path: &Path,
         limits: LogLimits,
         carried_console: Option<FrozenConsole>,
+        restored: Option<StartKind>,
     ) -> Result<Actor> {
         // Check what can be refused before anything is created on disk.
         let paths = match kind {
@@ -484,6 +486,9 @@ impl Guests {
         let mut log = LogFile::open(log_path, &self.position_path(guest, stream), limits)
             .map_err(|e| RegistryError::io(format!("cannot open {}", log_path.display()), e))?;
         log.set_time_index(self.config.logs.time_index);
+        if let Some(start) = restored {
+            log.note_start(start);
+        }
         log.set_compressor(self.compression.clone());
         Ok(match paths {
             None => Actor::Pipe(PipeHandle::spawn(log, self.metrics.clone(), guest, stream)),
@@ -501,7 +506,7 @@ impl Guests {
 
     /// Brings back every stream recorded in the state directory: consoles listen again at the
     /// same paths, pipes come back closed.
-    pub async fn restore(&self, inherited: Vec<FrozenStream>) -> Result<usize> {
+    pub async fn restore(&self, inherited: Vec<FrozenStream>, start: StartKind) -> Result<usize> {
         let mut inherited: HashMap<(String, String), FrozenStream> = inherited
             .into_iter()
             .map(|fds| ((fds.guest.clone(), fds.stream.clone()), fds))
@@ -554,7 +559,8 @@ impl Guests {
                         batch
                             .into_iter()
                             .map(|(guest, stream, path, carried)| {
-                                let started = self.restore_stream(&guest, &stream, &path, carried);
+                                let started =
+                                    self.restore_stream(&guest, &stream, &path, carried, start);
                                 (guest, stream, started)
                             })
                             .collect::<Vec<_>>()
@@ -620,6 +626,7 @@ impl Guests {
         stream: &str,
         record_path: &Path,
         carried: Option<FrozenStream>,
+        start: StartKind,
     ) -> Result<(StreamEntry, Vec<OwnedFd>)> {
         let mut repaired = false;
         let record = match read_record(record_path) {
@@ -662,6 +669,7 @@ impl Guests {
             &record.log_path,
             record.limits,
             console,
+            Some(start),
         )?;
         let entry = StreamEntry {
             log_path: record.log_path.clone(),
@@ -893,7 +901,7 @@ impl Guests {
         limits: LogLimits,
     ) -> Result<Created> {
         let log_path = self.log_path(guest, stream);
-        let actor = self.start_actor(guest, stream, kind, &log_path, limits, None)?;
+        let actor = self.start_actor(guest, stream, kind, &log_path, limits, None, None)?;
         let entry = StreamEntry {
             log_path: log_path.clone(),
             limits,

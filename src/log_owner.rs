@@ -161,6 +161,7 @@ pub enum LogCommand {
     OpenSegments(u64, oneshot::Sender<io::Result<Vec<OpenSegment>>>),
     /// Record an event in the time index at the stream's end (see [`LogFile::note_event`]).
     /// Boxed like [`Close`]: events are rare.
+    #[allow(dead_code, reason = "sent by LogHandle::note_event")]
     Event(Box<(EventKind, String)>),
     /// From the compression worker (boxed: rare).
     Compression(Box<CompressionCommand>),
@@ -377,6 +378,10 @@ impl LogHandle {
 
     /// Records `kind` (with `detail`) in the stream's time index before its next byte. Does
     /// not wait for the actor to write it.
+    #[allow(
+        dead_code,
+        reason = "the time index's API for events the daemon notes from outside a stream's actor"
+    )]
     pub async fn note_event(&self, kind: EventKind, detail: &str) -> Result<(), ActorGone> {
         self.commands
             .post(LogCommand::Event(Box::new((kind, detail.to_owned()))))

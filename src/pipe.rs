@@ -18,6 +18,7 @@
 //! naming its guest and stream, so its events carry them.
 
 use crate::log_owner::{ActorGone, Figures, LogCommand, LogError, LogHandle, LogOwner};
+use crate::logfile::index::EventKind;
 use crate::logfile::{LogFile, Moved};
 use crate::metrics::Metrics;
 use std::future::poll_fn;
@@ -157,7 +158,7 @@ impl PipeActor {
                             .owner
                             .answer(command, |figures| Figures { broken, ..figures });
                         if let Some(close) = answered {
-                            self.shutdown();
+                            self.shutdown(close.reason());
                             close.done();
                             return;
                         }
@@ -167,7 +168,7 @@ impl PipeActor {
                         return;
                     }
                     None => {
-                        self.shutdown();
+                        self.shutdown("pipe handle dropped");
                         return;
                     }
                 },
@@ -179,6 +180,8 @@ impl PipeActor {
                         }
                         self.owner.stats.writers.fetch_sub(1, Relaxed);
                         self.owner.metrics.pipe_writers.dec();
+                        let left = self.pipes.len();
+                        self.owner.note_event(EventKind::PipeClosed, &format!("{left} writers left"));
                         if self.pipes.is_empty() {
                             if let Err(e) = self.owner.log.set_open(false) {
                                 tracing::warn!(path = %self.owner.log.path().display(), error = %e, "cannot record the closed pipe");
@@ -204,6 +207,9 @@ impl PipeActor {
             self.pipes.push(fd);
             self.owner.stats.writers.fetch_add(1, Relaxed);
             self.owner.metrics.pipe_writers.inc();
+            let writers = self.pipes.len();
+            self.owner
+                .note_event(EventKind::PipeOpened, &format!("{writers} writers"));
             self.owner.log.end_offset()
         })
     }
@@ -263,13 +269,16 @@ impl PipeActor {
         self.owner.stats.writers.store(0, Relaxed);
         // Carried to the next image under the same names: the keeper keeps holding them.
         self.held.clear();
+        self.owner
+            .note_event(EventKind::DaemonStopped, "handed over to a new conlogd");
         // No fsync: the next image runs on this host and shares the page cache; the position
         // record is saved when the log is dropped.
         pipes
     }
 
-    /// Moves whatever the pipes still hold into the log, then syncs it.
-    fn shutdown(&mut self) {
+    /// Moves whatever the pipes still hold into the log, records the stop (`why`) in the time
+    /// index, then syncs it.
+    fn shutdown(&mut self, why: &str) {
         for pipe in &self.pipes {
             loop {
                 let moved = self
@@ -291,6 +300,7 @@ impl PipeActor {
         for name in self.held.drain(..).flatten() {
             crate::keeper::release(&name);
         }
+        self.owner.note_event(EventKind::DaemonStopped, why);
         self.owner.checkpoint();
     }
 }

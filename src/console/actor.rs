@@ -10,6 +10,7 @@ use super::clients::{self, ClientQueue, Event, Offer};
 use super::{AttachRequest, Command, ConsoleHandle, ConsoleSettings, Input, Mode, NO_WRITER};
 use super::{ConsoleError, Result};
 use crate::log_owner::{Attached, Figures, LogOwner};
+use crate::logfile::index::EventKind;
 use crate::upgrade::FrozenConsole;
 use bytes::{Buf, Bytes};
 use std::collections::BTreeMap;
@@ -193,7 +194,7 @@ impl ConsoleActor {
                     removed: false,
                 });
                 self.clients.clear();
-                self.set_writer(None);
+                self.set_writer(None, "", false);
                 self.count_clients();
                 let _ = done.send(());
             }
@@ -283,7 +284,7 @@ impl ConsoleActor {
                 });
                 tracing::info!(old = %old.label, new = %request.label, "writer lease taken over");
             }
-            self.set_writer(Some(id));
+            self.set_writer(Some(id), &request.label, holder.is_some());
         }
         tracing::info!(client = %request.label, writer = becomes_writer, offset = start, "client attached");
         self.clients.insert(
@@ -303,7 +304,7 @@ impl ConsoleActor {
             tracing::info!(client = %client.label, "client detached");
         }
         if self.writer == Some(id) {
-            self.set_writer(None);
+            self.set_writer(None, "", false);
         }
         if self.writing_of(Some(id)) {
             self.drop_writing(Some(ConsoleError::ClientLeft(self.handle.name.clone())));
@@ -311,8 +312,17 @@ impl ConsoleActor {
         self.count_clients();
     }
 
-    /// Changes the writer lease, and what handles see of it.
-    fn set_writer(&mut self, writer: Option<u64>) {
+    /// Changes the writer lease, and what handles see of it; the time index records the new
+    /// holder's `label` (empty: nobody), and whether it took the lease from another (`forced`).
+    fn set_writer(&mut self, writer: Option<u64>, label: &str, forced: bool) {
+        if self.writer != writer {
+            let detail = if forced {
+                format!("{label} (forced)")
+            } else {
+                label.to_owned()
+            };
+            self.owner.note_event(EventKind::WriterChanged, &detail);
+        }
         self.writer = writer;
         self.handle
             .console
@@ -355,8 +365,11 @@ impl ConsoleActor {
     fn guest_connected(&mut self, stream: UnixStream) {
         if let Some(old) = self.guest.take() {
             tracing::warn!("a new guest connection replaces the current one");
-            self.drain(old, "replaced by a new guest connection");
+            let why = "replaced by a new guest connection";
+            self.drain(old, why);
+            self.owner.note_event(EventKind::GuestDisconnected, why);
         }
+        self.owner.note_event(EventKind::GuestConnected, "");
         self.drop_writing(Some(ConsoleError::GuestReplaced(self.handle.name.clone())));
         // The keeper holds the new connection in place of the old one (crate::keeper).
         crate::keeper::hold(&self.held_as(crate::keeper::names::CONNECTION), {
@@ -422,6 +435,7 @@ impl ConsoleActor {
             why: why.to_string(),
         }));
         self.handle.console.guest_connected.store(false, Relaxed);
+        self.owner.note_event(EventKind::GuestDisconnected, why);
         tracing::info!(why, "guest disconnected");
         self.broadcast(Event::Guest { connected: false });
     }
@@ -575,6 +589,8 @@ impl ConsoleActor {
         });
         self.clients.clear();
         self.count_clients();
+        self.owner
+            .note_event(EventKind::DaemonStopped, "handed over to a new conlogd");
         // No fsync: the next image shares this host's page cache.
         let owned = |result: std::io::Result<std::os::fd::OwnedFd>| {
             result
@@ -600,6 +616,8 @@ impl ConsoleActor {
         // Log what the guest already sent, so nothing it wrote before the close is lost.
         if let Some(guest) = self.guest.take() {
             self.drain(guest, "console closing");
+            self.owner
+                .note_event(EventKind::GuestDisconnected, "console closing");
         }
         self.broadcast(Event::Closed {
             reason: reason.to_owned(),
@@ -621,6 +639,7 @@ impl ConsoleActor {
         if let Some(dir) = self.handle.paths.guest_socket.parent() {
             let _ = std::fs::remove_dir(dir);
         }
+        self.owner.note_event(EventKind::DaemonStopped, reason);
         self.owner.checkpoint();
     }
 }

@@ -35,6 +35,7 @@ mod transfer;
 use crate::config::Config;
 use crate::guests::Guests;
 use crate::handoff::Handoffs;
+use crate::logfile::index::StartKind;
 use crate::metrics::{Metrics, Saved};
 use crate::upgrade::trigger::{self, Request, Requests};
 use crate::upgrade::{self, exec::Image, gate::Gate, handover, FrozenDaemon};
@@ -131,7 +132,12 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let daemon = Daemon::assemble(config)?;
     let (state, took_over) = receive(&daemon.config, start).await?;
-    let listeners = daemon.restore(state).await?;
+    let start = match (&state, took_over) {
+        (None, _) => StartKind::Fresh,
+        (Some(_), false) => StartKind::Upgraded,
+        (Some(_), true) => StartKind::TakenOver,
+    };
+    let listeners = daemon.restore(state, start).await?;
     daemon.serve(listeners, &image, options, took_over).await
 }
 
@@ -229,7 +235,11 @@ impl Daemon {
     /// binding the listeners and restoring the streams of the state directory. What a keeper
     /// or systemd's store held through the end of the previous daemon is adopted by name on a
     /// fresh start (crash survival, [`crate::keeper`]); carried state wins otherwise.
-    async fn restore(&self, state: Option<FrozenDaemon>) -> Result<Listeners, StartError> {
+    async fn restore(
+        &self,
+        state: Option<FrozenDaemon>,
+        start: StartKind,
+    ) -> Result<Listeners, StartError> {
         let carried = state.as_ref().map(|state| state.counters);
         let mut held = crate::keeper::start(&self.config).await;
         tracing::info!("restoring streams");
@@ -237,11 +247,11 @@ impl Daemon {
         let listeners = match state {
             None => {
                 let listeners = Listeners::bind(&self.config, &mut held)?;
-                self.guests.restore(held.take_streams()).await?;
+                self.guests.restore(held.take_streams(), start).await?;
                 self.handoffs.adopt(held.take_handoffs());
                 listeners
             }
-            Some(state) => self.thaw(state).await?,
+            Some(state) => self.thaw(state, start).await?,
         };
         drop(held);
         crate::keeper::reconciled();

@@ -10,6 +10,7 @@
 use super::listeners::Listeners;
 use super::serving::Serving;
 use super::{Daemon, StartError};
+use crate::logfile::index::StartKind;
 use crate::metrics::{Counters, Metrics, Saved};
 use crate::upgrade::{self, exec::Image, handover, FrozenDaemon};
 use std::io;
@@ -94,7 +95,7 @@ impl Daemon {
                     // A successor (a local peer on handover.sock) can fail at will.
                     crate::limited!(error, error = %error, "{failure}");
                     self.count_failure();
-                    Ok(Handed::Back(self.thaw(state).await?))
+                    Ok(Handed::Back(self.thaw(state, StartKind::Resumed).await?))
                 }
             }
         }
@@ -104,10 +105,14 @@ impl Daemon {
 
     /// Adopts carried state: listeners (the health listener as the config wants it), pending
     /// hand-offs, and every stream with its descriptors; then admits changes again.
-    pub(super) async fn thaw(&self, state: FrozenDaemon) -> Result<Listeners, StartError> {
+    pub(super) async fn thaw(
+        &self,
+        state: FrozenDaemon,
+        start: StartKind,
+    ) -> Result<Listeners, StartError> {
         self.guests.set_going_away(false);
         self.handoffs.adopt(state.handoffs);
-        self.guests.restore(state.streams).await?;
+        self.guests.restore(state.streams, start).await?;
         let listeners = Listeners::adopt(state.listeners, &self.config);
         self.gate.open();
         Ok(listeners)

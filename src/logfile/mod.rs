@@ -126,6 +126,7 @@ pub(crate) struct OpenSegment {
     pub body: Body,
     /// The file's time index ([`index::IndexFile::open`] reads it), if it has one; opened
     /// right after `file`, so it covers at least what `file` held then.
+    #[allow(dead_code, reason = "read by history's time queries")]
     pub index: Option<Arc<File>>,
     pub start: u64,
     pub len: u64,
@@ -567,14 +568,17 @@ impl LogFile {
     /// append rotates first (the file is full or lost).
     pub(crate) fn room(&self) -> usize {
         match &self.file {
-            Some(_) if !self.pair_full() => usize::try_from(self.pair_room()).unwrap_or(usize::MAX),
+            Some(_) if !self.pair_full() => {
+                usize::try_from(self.pair_room() - self.index.write_reserve()).unwrap_or(usize::MAX)
+            }
             _ => usize::MAX,
         }
     }
 
-    /// The current file and its index hold `max_size` bytes (or more: limits shrank).
+    /// The current file and its index hold `max_size` bytes (or more: limits shrank), less the
+    /// room kept for the index entries of a write ([`index::Writer::write_reserve`]).
     fn pair_full(&self) -> bool {
-        self.size + self.index.len() >= self.limits.max_size
+        self.size + self.index.len() + self.index.write_reserve() >= self.limits.max_size
     }
 
     /// Bytes the current file and its index may still take.

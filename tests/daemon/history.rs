@@ -27,7 +27,7 @@ const OLDEST: u64 = (TOTAL / MAX_SIZE - BACKUPS as u64) * MAX_SIZE;
 
 /// A daemon with `vm1/qemu` holding `pattern(0, TOTAL)`, of which `OLDEST..TOTAL` is on disk.
 async fn rotated() -> Daemon {
-    let daemon = Daemon::start().await;
+    let daemon = Daemon::start_with(Some(NO_TIME_INDEX), &[]).await;
     let info = logged_stream(
         &daemon,
         "vm1",
@@ -205,7 +205,7 @@ fn text_lines(total: usize, final_newline: bool) -> Vec<u8> {
 /// crossing file boundaries: the reply is exactly the last N lines, or everything on disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_lines_counts_newlines_across_files() {
-    let daemon = Daemon::start().await;
+    let daemon = Daemon::start_with(Some(NO_TIME_INDEX), &[]).await;
     let mut client = local_console(&daemon).await;
     for (stream, final_newline) in [("complete", true), ("partial", false)] {
         let data = text_lines(TOTAL as usize, final_newline);

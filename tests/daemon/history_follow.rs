@@ -87,7 +87,7 @@ async fn follow_across_40_rotations_gets_every_byte() {
     const GUEST: &str = "vm-follow";
     let total = 40 * MAX_SIZE + 1000;
     let late = 100_001;
-    let daemon = Daemon::start().await;
+    let daemon = Daemon::start_with(Some(NO_TIME_INDEX), &[]).await;
     let mut agent = daemon.agent().await;
     let (_, pipe) = open_pipe(
         &mut agent,
@@ -290,7 +290,7 @@ async fn lock_step(
 async fn follow_across_truncations_gets_every_byte() {
     const GUEST: &str = "vm-trunc";
     let total = 40 * MAX_SIZE + 100;
-    let daemon = Daemon::start().await;
+    let daemon = Daemon::start_with(Some(NO_TIME_INDEX), &[]).await;
     let mut agent = daemon.agent().await;
     let (_, mut pipe) = open_pipe(
         &mut agent,

@@ -63,7 +63,7 @@ async fn a_250_mib_history_streams_with_flat_daemon_memory() {
     const GROWTH: u64 = 8 * MIB;
     let total = 250 * MIB + 12_345;
 
-    let daemon = Daemon::start().await;
+    let daemon = Daemon::start_with(Some(NO_TIME_INDEX), &[]).await;
     let mut agent = daemon.agent().await;
     let (_, pipe) = open_pipe(
         &mut agent,

@@ -32,7 +32,7 @@ const STREAM: &str = "qemu";
 /// same offset, a new pipe continues at that offset, and the file holds everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_after_sigterm_keeps_files_and_continues_offsets() {
-    let mut daemon = Daemon::start().await;
+    let mut daemon = Daemon::start_with(Some(NO_TIME_INDEX), &[]).await;
     let small = Some(limits(4096, 2, LogMode::Rotate));
     let mut agent = daemon.agent().await;
     let (_, pipe) = open_pipe(&mut agent, GUEST, STREAM, small).await;

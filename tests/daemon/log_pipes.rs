@@ -80,7 +80,7 @@ async fn rotation_keeps_the_tail_in_order_and_never_exceeds_the_cap() {
     // 50 × max_size plus a remainder, so that the current file ends part-full.
     let total = 50 * MAX_SIZE + 777;
 
-    let daemon = Daemon::start().await;
+    let daemon = Daemon::start_with(Some(NO_TIME_INDEX), &[]).await;
     let mut agent = daemon.agent().await;
     let (reply, pipe) = open_pipe(
         &mut agent,
@@ -159,7 +159,7 @@ async fn truncate_mode_keeps_one_file_with_the_tail() {
     const MAX_SIZE: u64 = 8192;
     let total = 50 * MAX_SIZE + 1234;
 
-    let daemon = Daemon::start().await;
+    let daemon = Daemon::start_with(Some(NO_TIME_INDEX), &[]).await;
     let mut agent = daemon.agent().await;
     let (reply, pipe) = open_pipe(
         &mut agent,

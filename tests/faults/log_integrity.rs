@@ -332,11 +332,13 @@ async fn after_a_reboot_offsets_go_on_past_what_may_have_been_handed_out() {
     );
 }
 
-/// Bytes of all of a stream's files on disk.
+/// Bytes of all of a stream's files on disk, their time indexes included.
 fn bytes_on_disk(daemon: &Daemon, guest: &str) -> u64 {
-    log_sizes(&daemon.log_dir(), guest, "qemu")
+    log_files(&daemon.log_dir(), guest, "qemu")
         .iter()
-        .map(|(_, size)| size)
+        .flat_map(|log| [log.clone(), conlog::logfile::index::index_path(log)])
+        .filter_map(|path| std::fs::metadata(path).ok())
+        .map(|m| m.len())
         .sum()
 }
 

@@ -33,5 +33,6 @@ mod registry_races;
 mod startup_signals;
 mod takeover;
 mod takeover_verdict;
+mod time_index;
 mod upgrade;
 mod upgrade_failures;

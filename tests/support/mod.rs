@@ -38,6 +38,10 @@ use tonic::transport::Channel;
 
 /// How long anything the daemon does may take before a test gives up.
 pub const DEADLINE: Duration = Duration::from_secs(30);
+/// A config without the time index, for tests whose arithmetic counts files of exactly
+/// `max_size` log bytes: with it (the default) a log file and its index share `max_size`
+/// (docs/design.md, "Time index"), so each file holds a little less.
+pub const NO_TIME_INDEX: &str = "logs:\n  time_index: false\n";
 /// Pause between two polls.
 pub const POLL: Duration = Duration::from_millis(20);
 

@@ -490,4 +490,43 @@ mod with_the_log {
             matches!(last, IndexEntry::Event(e) if e.detail.starts_with("restarted after a crash"))
         );
     }
+
+    /// A read cut at `room()` (as pipes and consoles read) is written without a rotation in
+    /// between, whatever entries its write adds: the crash guarantee of docs/operations.md.
+    #[test]
+    fn a_write_cut_at_the_room_left_never_rotates_before_it_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = LogLimits {
+            max_size: 4096,
+            max_backups: 1,
+            mode: LogMode::Rotate,
+            compress: crate::logfile::Compression::None,
+        };
+        let mut log =
+            LogFile::open(&dir.path().join("s.log"), &dir.path().join("s.pos"), limits).unwrap();
+        log.set_time_index(true);
+        let mut seed = 3u64;
+        for round in 0..400 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let want = usize::try_from((seed >> 33) % 3000).unwrap() + 1;
+            let room = log.room();
+            let before = log.rotations();
+            let n = want.min(room);
+            log.append(&vec![b'r'; n]).unwrap();
+            if room != usize::MAX {
+                assert_eq!(
+                    log.rotations(),
+                    before,
+                    "round {round}: rotated inside a write of {n}"
+                );
+            }
+            if round % 50 == 0 {
+                // An entry is due at the next write.
+                std::thread::sleep(std::time::Duration::from_millis(110));
+            }
+        }
+        assert!(log.rotations() > 50);
+    }
 }

@@ -24,6 +24,13 @@ const CONTINUOUS_NS: u64 = 100_000_000;
 const STEP_NS: i64 = 1_000_000;
 /// `wall - mono` moving this much since the last clock record writes a new one.
 const DRIFT_NS: i64 = 10_000_000;
+/// Longest detail of a `clock stepped` event (bytes).
+const STEP_DETAIL: usize = 64;
+/// The most bytes one log write adds to the index: a header, a `clock stepped` event and a
+/// clock record (which is then the write's entry).
+pub(crate) const WRITE_ENTRY_MAX: u64 = HEADER_LEN
+    + SLOT * (1 + (2 + STEP_DETAIL as u64).div_ceil(super::format::CONTINUATION_PAYLOAD as u64))
+    + 3 * SLOT;
 
 /// `<log>.idx` for a log file (current or backup) at `log`.
 pub fn index_path(log: &Path) -> PathBuf {
@@ -42,6 +49,8 @@ pub(crate) enum StartKind {
     Upgraded,
     /// A takeover (`--takeover`).
     TakenOver,
+    /// The same process again, after an upgrade or takeover it started failed.
+    Resumed,
 }
 
 /// The index state of one stream's current log file.
@@ -181,6 +190,16 @@ impl Writer {
         self.len
     }
 
+    /// Room a log file keeps for the entries of its next write (nothing when off): a read
+    /// cut at the room left is then never followed by a rotation before its write.
+    pub(crate) fn write_reserve(&self) -> u64 {
+        if self.enabled {
+            WRITE_ENTRY_MAX
+        } else {
+            0
+        }
+    }
+
     /// Whether entries are written.
     #[cfg(test)]
     pub(crate) fn enabled(&self) -> bool {
@@ -267,11 +286,13 @@ impl Writer {
         }
         let mut stepped = self.stepped && clamped;
         if !self.stepped && now.wall_ns < hw - STEP_NS {
-            let detail = format!(
+            let mut detail = format!(
                 "wall clock stepped back {} (to {})",
                 seconds(hw - now.wall_ns),
                 now.wall_ns
             );
+            // ASCII: any cut is on a character boundary.
+            detail.truncate(STEP_DETAIL);
             bytes.extend(entry(
                 hw,
                 delta,
@@ -451,6 +472,7 @@ pub(crate) fn start_detail(kind: StartKind, crashed: bool) -> String {
         StartKind::Fresh => "started",
         StartKind::Upgraded => "upgraded",
         StartKind::TakenOver => "taken over",
+        StartKind::Resumed => "resumed after a failed hand-over",
     };
     format!("{what} (conlogd {})", env!("CARGO_PKG_VERSION"))
 }
