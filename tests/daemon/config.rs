@@ -141,6 +141,17 @@ async fn bad_values_are_one_line_errors() {
         ("handoff:\n  token_ttl: 0s\n", &["handoff.token_ttl"]),
         ("listen: not-an-address\n", &["listen", "line 1"]),
         ("insecure: maybe\n", &["insecure", "line 1"]),
+        (
+            "logs:\n  compress: gzip\n",
+            &["gzip", "none", "zstd", "line 2"],
+        ),
+        (
+            "compression:\n  frame_size: 4KiB\n",
+            &["compression.frame_size", "64KiB", "1MiB"],
+        ),
+        ("compression:\n  level: 22\n", &["compression.level", "19"]),
+        ("compression:\n  threads: 0\n", &["compression.threads"]),
+        ("compression:\n  queue: 0\n", &["compression.queue"]),
     ] {
         let output = conlogd(Some(yaml), &["--listen", "127.0.0.1:0"]).await;
         let text = one_line_error(&output);

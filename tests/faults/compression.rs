@@ -455,3 +455,58 @@ async fn a_corrupted_frame_is_a_gap_with_a_reason() {
         chunks.len()
     );
 }
+
+/// A console whose history is compressed: a watcher's replay (up to 1 MiB, across compressed
+/// and raw files) is exactly the last bytes the guest printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_replay_reads_compressed_files() {
+    let daemon = Daemon::start_with(Some(CONFIG), &[]).await;
+    let mut agent = daemon.agent().await;
+    let console = create_console(&mut agent, GUEST, "serial0", Some(zstd_limits()))
+        .await
+        .unwrap();
+    let mut guest = SocketPeer::connect(&console.guest_socket).await;
+    wait_guest_connected(&mut agent, GUEST, "serial0", true).await;
+    let text = sample();
+    let mut printed = 0u64;
+    for piece in text.chunks(MAX_SIZE as usize) {
+        guest.write(piece).await;
+        printed += piece.len() as u64;
+        wait_stream(&mut agent, GUEST, "serial0", "compressed", |s| {
+            s.offset == printed && s.compression_backlog_bytes == 0
+        })
+        .await;
+    }
+    let info = find_stream(&mut agent, GUEST, "serial0").await.unwrap();
+    assert!(info.backups >= 3, "{info:?}");
+    let compressed = std::fs::read_dir(guest_dir(&daemon))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("serial0.log.") && n.ends_with(".zst"))
+        .count();
+    assert!(compressed >= 3, "{compressed} compressed files");
+    let mut request = watch_request(GUEST, proto::attach::Mode::ReadOnly);
+    request.device = "serial0".into();
+    request.replay_bytes = 700_000;
+    let mut frames = watch(local_channel(&daemon).await, request).await.unwrap();
+    let from = text.len() - 700_000;
+    assert_eq!(frames.attached.offset, from as u64, "{:?}", frames.attached);
+    let replay = frames.wait_output_len(700_000).await.to_vec();
+    assert_same("replay", &replay, &text[from..]);
+}
+
+/// A compression setting that is not one of the enum's values is refused, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_compression_is_invalid_argument() {
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let limits = proto::LogLimits {
+        compress: Some(9),
+        ..limits(MAX_SIZE, MAX_BACKUPS, LogMode::Rotate)
+    };
+    let status = create_pipe(&mut agent, GUEST, STREAM, Some(limits))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("limits.compress"), "{status:?}");
+}
