@@ -378,6 +378,10 @@ impl LogFile {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test data of known, small sizes"
+)]
 mod tests {
     use super::*;
 

@@ -400,7 +400,9 @@ impl LogFile {
     /// fails is served as a gap with the reason ([`Body::Unreadable`]).
     pub(crate) fn open_segments(&self, from: u64) -> io::Result<Vec<OpenSegment>> {
         let mut open = Vec::new();
-        let mut last: Option<(PathBuf, Arc<File>, Option<Arc<File>>, Body)> = None;
+        // The file last opened (segments of one file share it): path, log, index, body.
+        type Opened = (PathBuf, Arc<File>, Option<Arc<File>>, Body);
+        let mut last: Option<Opened> = None;
         for s in self.segments() {
             if s.start + s.len <= from && !s.growable {
                 continue;

@@ -3,6 +3,10 @@
 //! conlog (docs/operations.md, "Compressed backups").
 //!
 //! When `zstd` is not on PATH the test fails and says so: it is never skipped.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes and offsets in tests are small numbers"
+)]
 
 use crate::support;
 
