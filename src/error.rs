@@ -110,10 +110,13 @@ fn code_of(error: &(dyn StdError + 'static)) -> Option<Code> {
             RegistryError::UnknownGuest(_)
             | RegistryError::UnknownStream { .. }
             | RegistryError::UnknownConsole { .. } => Some(Code::NotFound),
-            RegistryError::KindMismatch { .. } => Some(Code::FailedPrecondition),
+            RegistryError::KindMismatch { .. } | RegistryError::ProtocolMismatch { .. } => {
+                Some(Code::FailedPrecondition)
+            }
             RegistryError::MaxSizeTooSmall { .. }
             | RegistryError::MaxSizeTooLarge { .. }
-            | RegistryError::TooManyBackups { .. } => Some(Code::InvalidArgument),
+            | RegistryError::TooManyBackups { .. }
+            | RegistryError::MaxAgeTooLong { .. } => Some(Code::InvalidArgument),
             RegistryError::LimitReached { .. } => Some(Code::ResourceExhausted),
             RegistryError::Console(e) => code_of(e),
             RegistryError::Gone(e) => code_of(e),
@@ -131,7 +134,8 @@ fn code_of(error: &(dyn StdError + 'static)) -> Option<Code> {
             ConsoleError::WriterHeld { .. }
             | ConsoleError::NotWriter(_)
             | ConsoleError::LeaseTaken { .. }
-            | ConsoleError::NoGuest(_) => Some(Code::FailedPrecondition),
+            | ConsoleError::NoGuest(_)
+            | ConsoleError::NoBreak(_) => Some(Code::FailedPrecondition),
             ConsoleError::Closing(_)
             | ConsoleError::ClientsEnded { .. }
             | ConsoleError::ClientLeft(_)
@@ -147,7 +151,10 @@ fn code_of(error: &(dyn StdError + 'static)) -> Option<Code> {
     }
     if let Some(error) = error.downcast_ref::<HistoryError>() {
         return match error {
-            HistoryError::BeyondEnd { .. } => Some(Code::OutOfRange),
+            HistoryError::BeyondEnd { .. } | HistoryError::AfterNewest { .. } => {
+                Some(Code::OutOfRange)
+            }
+            HistoryError::NoTimeIndex => Some(Code::FailedPrecondition),
             HistoryError::GoingAway { .. } => Some(Code::Unavailable),
             HistoryError::Open(_) | HistoryError::Io { .. } => None,
         };
@@ -169,6 +176,13 @@ fn code_of(error: &(dyn StdError + 'static)) -> Option<Code> {
         return match error {
             LogError::Gone(e) => code_of(e),
             LogError::Io(_) => None,
+        };
+    }
+    if let Some(error) = error.downcast_ref::<crate::gateway::GatewayError>() {
+        use crate::gateway::GatewayError as G;
+        return match error {
+            G::NodeUnavailable { .. } | G::StreamBroken { .. } => Some(Code::Unavailable),
+            G::File { .. } | G::Tls(_) | G::Listen { .. } | G::Serve(_) => None,
         };
     }
     if error.is::<ActorGone>() {

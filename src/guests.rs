@@ -6,20 +6,25 @@
 //! never touches their data path: what every stream does (limits, figures, close) goes through
 //! its [`LogHandle`], and only what one kind alone does (adding a pipe, attaching, freezing)
 //! looks at the kind. The position records (`<stream>.pos`) beside the stream records belong to
-//! [`crate::logfile`]; they are kept when a guest is removed, so a guest created again with the
-//! same name continues its offsets.
+//! [`crate::logfile`]; they are kept when a guest is removed (even when its logs are deleted),
+//! so a guest created again with the same name continues its offsets. Removal is per guest or
+//! per stream ([`Guests::remove`]); a removed stream's logs stay with a tombstone
+//! ([`crate::tombstone`]) and are read through a read-only view ([`Guests::removed_stream`]),
+//! or are deleted (at once with `delete_logs`, or later by [`crate::retention`] through
+//! [`Guests::delete_removed`], under the same lock that creating a stream takes).
 //!
 //! Locking: the map sits under a `std::sync::Mutex` that is never held across an `.await`. A
 //! call decides under it and takes the handles it needs, releases it, and only then waits for
 //! actors (several at once with `join_all`), so a slow actor holds up nobody but its own
 //! callers. Changes that write to disk (creating a stream, new limits, marking a guest closing)
 //! are serialized by a second, async lock held only over their synchronous steps, so that a
-//! slow disk holds up other changes but never a lookup. A guest being removed stays in the map marked closing until its streams are closed
-//! and its records and sockets removed: lookups and `ListGuests` no longer see it, and
-//! `CreateLogPipe`, `CreateConsole` or `RemoveGuest` in its name wait until the removal is over
-//! and then act as if they came after it (docs/design.md, §3), so nothing is created under a
-//! name whose files are being removed. This module must never await with the lock held, nor
-//! serve a closing guest.
+//! slow disk holds up other changes but never a lookup. A guest being removed stays in the map
+//! marked closing (a single stream being removed, in its guest's `closing_streams`) until its
+//! streams are closed and its logs, records and sockets removed: lookups and `ListGuests` no
+//! longer see it, and `CreateLogPipe`, `CreateConsole` or `RemoveGuest` in its name wait until
+//! the removal is over and then act as if they came after it (docs/design.md, §3), so nothing
+//! is created under a name whose files are being removed. This module must never await with
+//! the lock held, nor serve a closing guest.
 //!
 //! Its public methods take names already parsed at the edge ([`GuestName`], [`StreamName`]),
 //! and what it refuses or fails at is a [`RegistryError`]; it never names a status code
@@ -27,7 +32,7 @@
 
 use crate::config::{Config, LogMode};
 use crate::console::ConsoleError;
-use crate::console::{ConsoleHandle, ConsolePaths, ConsoleSettings};
+use crate::console::{ConsoleHandle, ConsolePaths, ConsoleSettings, Protocol};
 use crate::log_owner::{ActorGone, Figures, LogError, LogHandle, Reserved};
 use crate::logfile::index::StartKind;
 use crate::logfile::{Compression, LogFile, LogLimits};
@@ -67,6 +72,18 @@ pub enum RegistryError {
         found: StreamKind,
         wanted: StreamKind,
     },
+    /// A console asked for with another protocol than the one it was created with.
+    #[error(
+        "Console {guest}/{device} speaks {} on its guest socket, not {}; remove the guest \
+         to create it anew",
+        found.name(), wanted.name()
+    )]
+    ProtocolMismatch {
+        guest: String,
+        device: String,
+        found: Protocol,
+        wanted: Protocol,
+    },
     /// Requested limits below the smallest log size.
     #[error("limits.max_size must be at least {min} bytes (got {got})")]
     MaxSizeTooSmall { min: u64, got: u64 },
@@ -76,6 +93,9 @@ pub enum RegistryError {
     /// Requested limits above the most backups.
     #[error("limits.max_backups must be at most {max} (got {got})")]
     TooManyBackups { max: u32, got: u32 },
+    /// Requested limits with an age beyond the longest.
+    #[error("limits.max_age_seconds must be at most {max} (ten years; 0 turns age retention off; got {got})")]
+    MaxAgeTooLong { max: u64, got: u64 },
     /// A configured limit was hit; `limit` is its config key.
     #[error("Limit {limit} reached ({value})")]
     LimitReached { limit: &'static str, value: u64 },
@@ -162,6 +182,8 @@ pub struct LimitsOverride {
     pub max_backups: Option<u32>,
     pub mode: Option<LogMode>,
     pub compress: Option<Compression>,
+    /// Seconds; 0 turns age retention off for the stream.
+    pub max_age: Option<u64>,
 }
 
 impl LimitsOverride {
@@ -171,6 +193,7 @@ impl LimitsOverride {
             && self.max_backups.is_none()
             && self.mode.is_none()
             && self.compress.is_none()
+            && self.max_age.is_none()
     }
 
     fn apply(&self, base: LogLimits) -> Result<LogLimits> {
@@ -179,7 +202,14 @@ impl LimitsOverride {
             max_backups: self.max_backups.unwrap_or(base.max_backups),
             mode: self.mode.unwrap_or(base.mode),
             compress: self.compress.unwrap_or(base.compress),
+            max_age: self.max_age.unwrap_or(base.max_age),
         };
+        if limits.max_age > crate::config::MAX_AGE_SECONDS {
+            return Err(RegistryError::MaxAgeTooLong {
+                max: crate::config::MAX_AGE_SECONDS,
+                got: limits.max_age,
+            });
+        }
         if limits.max_size < crate::config::MIN_MAX_SIZE {
             return Err(RegistryError::MaxSizeTooSmall {
                 min: crate::config::MIN_MAX_SIZE,
@@ -208,6 +238,13 @@ struct StreamRecord {
     kind: StreamKind,
     limits: LogLimits,
     log_path: PathBuf,
+    /// A console's guest socket protocol (absent in records of older images: raw).
+    #[serde(default, skip_serializing_if = "is_raw")]
+    protocol: Protocol,
+}
+
+fn is_raw(protocol: &Protocol) -> bool {
+    *protocol == Protocol::Raw
 }
 
 /// A point-in-time view of one stream, for `ListGuests`.
@@ -279,12 +316,32 @@ struct GuestEntry {
     /// gone for lookups, and a call that would create or remove in its name waits until this
     /// receiver's sender is dropped, which happens once the guest is forgotten.
     closing: Option<watch::Receiver<()>>,
+    /// Streams being removed one by one ([`Guests::remove`] with a stream): gone from
+    /// `streams`, and a call that would create one of them waits, as for a closing guest.
+    closing_streams: BTreeMap<String, watch::Receiver<()>>,
 }
 
 impl GuestEntry {
+    fn new() -> Self {
+        Self {
+            streams: BTreeMap::new(),
+            closing: None,
+            closing_streams: BTreeMap::new(),
+        }
+    }
+
     fn open(&self) -> bool {
         self.closing.is_none()
     }
+}
+
+/// What [`Guests::remove`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// Streams closed and forgotten.
+    pub streams: u32,
+    /// Log files deleted (current and rotated files; indexes not counted).
+    pub logs_deleted: u32,
 }
 
 /// Guest → its streams.
@@ -334,6 +391,8 @@ enum Next {
 pub struct Guests {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    /// The gid of `consoles.socket_group`, resolved at start.
+    console_group: Option<u32>,
     /// Guest → stream → entry. A `std::sync::Mutex`, not tokio's: it is held only to decide and
     /// to take or put handles (a few map operations, and the stream record written when a
     /// stream is created or its limits change), never across an `.await`; actor round trips are
@@ -361,7 +420,11 @@ pub struct Stream {
 }
 
 impl Guests {
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        console_group: Option<u32>,
+    ) -> Arc<Self> {
         let settings = &config.compression;
         let compression = crate::compress::Pool::start(crate::compress::PoolConfig {
             threads: settings.threads,
@@ -380,6 +443,7 @@ impl Guests {
         Arc::new(Self {
             config,
             metrics,
+            console_group,
             guests: Mutex::new(BTreeMap::new()),
             changes: tokio::sync::Mutex::new(()),
             going_away: tokio::sync::watch::Sender::new(false),
@@ -439,6 +503,11 @@ impl Guests {
         self.state_dir().join(guest).join(format!("{stream}.pos"))
     }
 
+    /// `<log_dir>/<guest>`: a guest's logs and its removed streams' tombstones.
+    pub fn guest_log_dir(&self, guest: &str) -> PathBuf {
+        self.config.log_dir().join(guest)
+    }
+
     /// The log path of a stream: `<log_dir>/<guest>/<stream>.log`.
     pub fn log_path(&self, guest: &str, stream: &str) -> PathBuf {
         self.config
@@ -453,6 +522,7 @@ impl Guests {
             max_backups: self.config.logs.max_backups,
             mode: self.config.logs.mode,
             compress: self.config.logs.compress,
+            max_age: self.config.logs.max_age.get().as_secs(),
         }
     }
 
@@ -462,6 +532,7 @@ impl Guests {
             max_replay: self.config.consoles.max_replay.bytes(),
             max_clients: self.config.limits.max_clients_per_console(),
             input_rate: self.config.limits.input_rate.bytes(),
+            socket_group: self.console_group,
         }
     }
 
@@ -475,6 +546,7 @@ impl Guests {
         limits: LogLimits,
         carried_console: Option<FrozenConsole>,
         restored: Option<StartKind>,
+        protocol: Protocol,
     ) -> Result<Actor> {
         // Check what can be refused before anything is created on disk.
         let paths = match kind {
@@ -500,6 +572,7 @@ impl Guests {
                 self.console_settings(),
                 self.metrics.clone(),
                 carried_console,
+                protocol,
             )?),
         })
     }
@@ -594,10 +667,7 @@ impl Guests {
                 Ok(entry) => {
                     guests
                         .entry(guest)
-                        .or_insert_with(|| GuestEntry {
-                            streams: BTreeMap::new(),
-                            closing: None,
-                        })
+                        .or_insert_with(GuestEntry::new)
                         .streams
                         .insert(stream, entry);
                     restored += 1;
@@ -658,6 +728,9 @@ impl Guests {
                     },
                     limits: self.default_limits(),
                     log_path,
+                    // A guessed raw console answers a break with a clear refusal; a guessed
+                    // mux one would type Ctrl-A twice into a guest whose QEMU has no mux.
+                    protocol: Protocol::Raw,
                 }
             }
         };
@@ -670,6 +743,7 @@ impl Guests {
             record.limits,
             console,
             Some(start),
+            record.protocol,
         )?;
         let entry = StreamEntry {
             log_path: record.log_path.clone(),
@@ -741,7 +815,8 @@ impl Guests {
     }
 
     /// Returns the stream `guest/stream` of `kind`, creating it (and the guest) if needed.
-    /// Limits given for an existing stream replace its current ones. While the guest is being
+    /// Limits given for an existing stream replace its current ones. A console is created with
+    /// `protocol` (raw if `None`); an existing one with another protocol is refused. While the guest is being
     /// removed, waits until the removal is over and then creates it anew (its offsets continue).
     pub async fn open_stream(
         &self,
@@ -749,6 +824,7 @@ impl Guests {
         stream: &StreamName,
         kind: StreamKind,
         limits: LimitsOverride,
+        protocol: Option<Protocol>,
     ) -> Result<Stream> {
         let (guest, stream) = (guest.as_str(), stream.as_str());
         let mut changing = None;
@@ -759,6 +835,7 @@ impl Guests {
                 stream,
                 kind,
                 limits,
+                protocol,
                 changing.is_some(),
                 &mut reserved,
             )?;
@@ -788,7 +865,8 @@ impl Guests {
                     });
                 }
                 Next::Create(limits) => {
-                    let created = self.create(guest, stream, kind, limits);
+                    let created =
+                        self.create(guest, stream, kind, limits, protocol.unwrap_or_default());
                     drop(changing);
                     return match created? {
                         Created::Stream(stream) => Ok(stream),
@@ -812,11 +890,16 @@ impl Guests {
         stream: &str,
         kind: StreamKind,
         limits: LimitsOverride,
+        protocol: Option<Protocol>,
         changing: bool,
         reserved: &mut Option<(LogHandle, Reserved)>,
     ) -> Result<Next> {
         let mut guests = self.registry();
-        if let Some(closing) = guests.get(guest).and_then(|g| g.closing.clone()) {
+        if let Some(closing) = guests.get(guest).and_then(|g| {
+            g.closing
+                .clone()
+                .or_else(|| g.closing_streams.get(stream).cloned())
+        }) {
             return Ok(Next::Wait(closing));
         }
         let guest_count = guests.len();
@@ -838,6 +921,16 @@ impl Guests {
                     found: entry.actor.kind(),
                     wanted: kind,
                 });
+            }
+            if let (Actor::Console(handle), Some(wanted)) = (&entry.actor, protocol) {
+                if handle.protocol != wanted {
+                    return Err(RegistryError::ProtocolMismatch {
+                        guest: guest.to_owned(),
+                        device: stream.to_owned(),
+                        found: handle.protocol,
+                        wanted,
+                    });
+                }
             }
             if limits.is_empty() {
                 return Ok(Next::Done(Stream {
@@ -899,9 +992,11 @@ impl Guests {
         stream: &str,
         kind: StreamKind,
         limits: LogLimits,
+        protocol: Protocol,
     ) -> Result<Created> {
         let log_path = self.log_path(guest, stream);
-        let actor = self.start_actor(guest, stream, kind, &log_path, limits, None, None)?;
+        let actor =
+            self.start_actor(guest, stream, kind, &log_path, limits, None, None, protocol)?;
         let entry = StreamEntry {
             log_path: log_path.clone(),
             limits,
@@ -910,13 +1005,15 @@ impl Guests {
         if let Err(e) = self.write_record(guest, stream, &entry) {
             return Ok(Created::Unrecorded(actor, e));
         }
+        // Created again: the logs are this stream's, not a removed one's (docs/operations.md,
+        // "Retention").
+        if let Err(e) = crate::tombstone::cancel(&self.guest_log_dir(guest), stream) {
+            tracing::warn!(guest, stream, error = %e, "cannot cancel the tombstone of a removed stream");
+        }
         let mut guests = self.registry();
         guests
             .entry(guest.to_owned())
-            .or_insert_with(|| GuestEntry {
-                streams: BTreeMap::new(),
-                closing: None,
-            })
+            .or_insert_with(GuestEntry::new)
             .streams
             .insert(stream.to_owned(), entry);
         self.update_gauges(&guests);
@@ -998,6 +1095,10 @@ impl Guests {
             kind: entry.actor.kind(),
             limits: entry.limits,
             log_path: entry.log_path.clone(),
+            protocol: match &entry.actor {
+                Actor::Console(handle) => handle.protocol,
+                Actor::Pipe(_) => Protocol::Raw,
+            },
         };
         let path = self.record_path(guest, stream);
         if let Some(dir) = path.parent() {
@@ -1010,32 +1111,85 @@ impl Guests {
     }
 
     /// Closes every stream of `guest` (draining pipes, removing console sockets) and forgets
-    /// it. Logs stay on disk. The guest is marked closing first, under the lock: from then on
-    /// lookups do not find it, and a call that would create a stream in its name (or remove it
-    /// again) waits until it is forgotten, so nothing is created under a name whose sockets and
-    /// records are being removed. The removal runs on its own task: a caller that goes away
-    /// does not leave it half done.
-    pub async fn remove_guest(self: &Arc<Self>, guest: &GuestName) -> Result<u32> {
+    /// it, or only its stream `stream` (the others keep working; removing the last one removes
+    /// the guest). Logs stay on disk with a tombstone saying when they were removed, unless
+    /// `delete_logs`: then they are deleted, oldest first, before the streams' records, so that a
+    /// crash half-way leaves the stream recorded and a second call finishes the job. What is
+    /// removed is marked closing first, under the lock: from then on lookups do not find it, and
+    /// a call that would create it (or remove it again) waits until the removal is over, so
+    /// nothing is created under a name whose files are being removed. The removal runs on its
+    /// own task: a caller that goes away does not leave it half done.
+    pub async fn remove(
+        self: &Arc<Self>,
+        guest: &GuestName,
+        stream: Option<&StreamName>,
+        delete_logs: bool,
+    ) -> Result<Removed> {
         let guest = guest.as_str();
-        let (done, streams) = loop {
+        let stream = stream.map(StreamName::as_str);
+        let (done, streams, waits, whole) = loop {
             // Not while a stream is being created: it would land in a closing guest.
             let changing = self.changes.lock().await;
             let closing = {
                 let mut guests = self.registry();
-                let entry = guests
-                    .get_mut(guest)
-                    .ok_or_else(|| RegistryError::UnknownGuest(guest.to_owned()))?;
-                match &entry.closing {
-                    Some(closing) => closing.clone(),
+                let Some(entry) = guests.get_mut(guest) else {
+                    drop(guests);
+                    if !delete_logs {
+                        return Err(RegistryError::UnknownGuest(guest.to_owned()));
+                    }
+                    // Removed before: what it left on disk goes (still under `changes`).
+                    let result = self.delete_left_logs(guest, stream, &[]);
+                    drop(changing);
+                    return result;
+                };
+                let pending = match (&entry.closing, stream) {
+                    (Some(closing), _) => Some(closing.clone()),
+                    (None, Some(stream)) => entry.closing_streams.get(stream).cloned(),
+                    (None, None) => None,
+                };
+                match pending {
+                    Some(closing) => closing,
                     None => {
+                        if let Some(stream) = stream {
+                            if !entry.streams.contains_key(stream) {
+                                if !delete_logs {
+                                    return Err(RegistryError::UnknownStream {
+                                        guest: guest.to_owned(),
+                                        stream: stream.to_owned(),
+                                    });
+                                }
+                                let live: Vec<String> = entry.streams.keys().cloned().collect();
+                                drop(guests);
+                                let result = self.delete_left_logs(guest, Some(stream), &live);
+                                drop(changing);
+                                return result;
+                            }
+                        }
                         let (done, closing) = watch::channel(());
-                        entry.closing = Some(closing);
-                        let streams: Vec<(String, Actor)> = entry
-                            .streams
-                            .iter()
-                            .map(|(name, e)| (name.clone(), e.actor.clone()))
-                            .collect();
-                        break (done, streams);
+                        // Removing the last stream (none other being removed) removes the guest.
+                        let whole = stream.is_none()
+                            || (entry.streams.len() == 1 && entry.closing_streams.is_empty());
+                        let taken: Vec<(String, Actor)> = if whole {
+                            entry.closing = Some(closing);
+                            entry
+                                .streams
+                                .iter()
+                                .map(|(name, e)| (name.clone(), e.actor.clone()))
+                                .collect()
+                        } else {
+                            let name = stream.expect("a stream when not whole").to_owned();
+                            let removed = entry.streams.remove(&name).expect("checked above");
+                            entry.closing_streams.insert(name.clone(), closing);
+                            vec![(name, removed.actor)]
+                        };
+                        // A whole removal finishes the single-stream removals under way first.
+                        let waits: Vec<watch::Receiver<()>> = if whole {
+                            entry.closing_streams.values().cloned().collect()
+                        } else {
+                            Vec::new()
+                        };
+                        self.update_gauges(&guests);
+                        break (done, taken, waits, whole);
                     }
                 }
             };
@@ -1046,11 +1200,189 @@ impl Guests {
         let removal = Removal {
             guests: self.clone(),
             guest: guest.to_owned(),
+            stream: (!whole).then(|| streams[0].0.clone()),
+            delete_logs,
             _done: done,
         };
-        tokio::spawn(removal.run(streams))
+        tokio::spawn(removal.run(streams, waits))
             .await
-            .map_err(RegistryError::Removal)
+            .map_err(RegistryError::Removal)?
+    }
+
+    /// Deletes the logs that removed streams of `guest` left on disk: those of `stream`, or of
+    /// every stream with files in the guest's log directory but `live` (with their tombstones),
+    /// then the directory if that empties it. The caller holds `changes` (nothing of the name
+    /// is created meanwhile) and has checked that `stream` is not live. Unknown if there were
+    /// no such logs.
+    fn delete_left_logs(
+        &self,
+        guest: &str,
+        stream: Option<&str>,
+        live: &[String],
+    ) -> Result<Removed> {
+        let dir = self.guest_log_dir(guest);
+        let streams = match stream {
+            Some(stream) => vec![stream.to_owned()],
+            None => streams_on_disk(&dir)
+                .into_iter()
+                .filter(|s| !live.contains(s))
+                .collect(),
+        };
+        let mut removed = Removed::default();
+        let mut found = false;
+        for stream in &streams {
+            let log_path = self.log_path(guest, stream);
+            found |= crate::tombstone::path(&dir, stream).exists();
+            let deleted = crate::logfile::delete_stream_files(&log_path).map_err(|e| {
+                RegistryError::io(format!("cannot delete {}", log_path.display()), e)
+            })?;
+            found |= deleted > 0;
+            removed.logs_deleted += deleted;
+            crate::tombstone::remove(&dir, stream).map_err(|e| {
+                RegistryError::io(format!("cannot remove a tombstone in {}", dir.display()), e)
+            })?;
+        }
+        if !found {
+            return Err(match stream {
+                Some(stream) => RegistryError::UnknownStream {
+                    guest: guest.to_owned(),
+                    stream: stream.to_owned(),
+                },
+                None => RegistryError::UnknownGuest(guest.to_owned()),
+            });
+        }
+        // Only if nothing else is left in it.
+        let _ = std::fs::remove_dir(&dir);
+        tracing::info!(
+            guest,
+            files = removed.logs_deleted,
+            "deleted the logs of removed streams"
+        );
+        Ok(removed)
+    }
+
+    /// A read-only handle on the logs of `guest`'s stream `name` (default: `serial0` if it has
+    /// logs, else `qemu`) when no live stream has that name: a removed guest or stream whose
+    /// logs are still on disk. Returns the stream's name, the handle and its tombstone (none if
+    /// the logs were left by something else than a removal, e.g. an older conlogd). Unknown
+    /// (as [`Guests::stream`] says) when there are no such logs.
+    pub fn removed_stream(
+        &self,
+        guest: &GuestName,
+        name: Option<&StreamName>,
+    ) -> Result<(String, LogHandle, Option<crate::tombstone::Tombstone>)> {
+        let guest = guest.as_str();
+        let dir = self.guest_log_dir(guest);
+        // Being removed: gone for every lookup until the removal is over (docs/design.md §3).
+        let removing = self.registry().get(guest).is_some_and(|g| {
+            !g.open() || name.is_some_and(|n| g.closing_streams.contains_key(n.as_str()))
+        });
+        if removing {
+            return Err(RegistryError::UnknownGuest(guest.to_owned()));
+        }
+        let name = match name {
+            Some(name) => name.as_str(),
+            None => {
+                let console = self.log_path(guest, names::DEFAULT_CONSOLE_DEVICE);
+                if console.exists() || crate::logfile::backup_path(&console, 1).exists() {
+                    names::DEFAULT_CONSOLE_DEVICE
+                } else {
+                    names::DEFAULT_PIPE_STREAM
+                }
+            }
+        };
+        let unknown = || {
+            if dir.is_dir() {
+                RegistryError::UnknownStream {
+                    guest: guest.to_owned(),
+                    stream: name.to_owned(),
+                }
+            } else {
+                RegistryError::UnknownGuest(guest.to_owned())
+            }
+        };
+        let log_path = self.log_path(guest, name);
+        let view = crate::logfile::LogView::open(&log_path, &self.position_path(guest, name))
+            .map_err(|e| RegistryError::io(format!("cannot read {}", log_path.display()), e))?
+            .ok_or_else(unknown)?;
+        Ok((
+            name.to_owned(),
+            LogHandle::removed(view),
+            crate::tombstone::read(&dir, name),
+        ))
+    }
+
+    /// Deletes the logs of `guest`'s removed stream `stream` if it is still removed since
+    /// `removed_unix` (its tombstone says so, nothing created it again, nothing is removing it),
+    /// with its tombstone, and the guest's log directory if that leaves it empty. Runs under
+    /// `changes`, so no stream of that name is created meanwhile. Returns the log files deleted.
+    pub async fn delete_removed(
+        &self,
+        guest: &str,
+        stream: &str,
+        removed_unix: u64,
+    ) -> Result<u32> {
+        let _changing = self.changes.lock().await;
+        {
+            let guests = self.registry();
+            if let Some(entry) = guests.get(guest) {
+                if entry.closing.is_some()
+                    || entry.streams.contains_key(stream)
+                    || entry.closing_streams.contains_key(stream)
+                {
+                    return Ok(0);
+                }
+            }
+        }
+        let dir = self.guest_log_dir(guest);
+        if crate::tombstone::read(&dir, stream).map(|t| t.removed_unix) != Some(removed_unix) {
+            return Ok(0);
+        }
+        let log_path = self.log_path(guest, stream);
+        let deleted = crate::logfile::delete_stream_files(&log_path)
+            .map_err(|e| RegistryError::io(format!("cannot delete {}", log_path.display()), e))?;
+        crate::tombstone::remove(&dir, stream).map_err(|e| {
+            RegistryError::io(
+                format!("cannot remove the tombstone in {}", dir.display()),
+                e,
+            )
+        })?;
+        // Only if nothing else is left in it.
+        let _ = std::fs::remove_dir(&dir);
+        tracing::info!(
+            guest,
+            stream,
+            files = deleted,
+            "deleted the logs of a removed stream (logs.removed_retention)"
+        );
+        Ok(deleted)
+    }
+
+    /// Asks every stream with a `max_age` to delete its rotated files older than that; returns
+    /// how many files went. Streams are asked a few at a time, never under the lock.
+    pub async fn expire_all(&self) -> u32 {
+        let logs: Vec<LogHandle> = self
+            .registry()
+            .values()
+            .filter(|g| g.open())
+            .flat_map(|guest| guest.streams.values())
+            .filter(|entry| entry.limits.max_age > 0)
+            .map(|entry| entry.actor.log().clone())
+            .collect();
+        futures::stream::iter(logs)
+            .map(|log| async move {
+                match log.expire().await {
+                    Ok(n) => n,
+                    Err(LogError::Gone(_)) => 0,
+                    Err(LogError::Io(e)) => {
+                        tracing::warn!(error = %e, "cannot delete expired log files");
+                        0
+                    }
+                }
+            })
+            .buffer_unordered(LIST_CONCURRENCY)
+            .fold(0, |total, n| async move { total + n })
+            .await
     }
 
     /// Snapshots of every guest (or only `filter`), sorted by name.
@@ -1142,30 +1474,79 @@ impl Guests {
     }
 }
 
-/// A guest being removed: closes its streams, removes their records and sockets, then forgets
-/// the guest. Dropping it (done, or a panic) forgets the guest and then wakes the calls waiting
-/// for the removal, so a closing guest never stays closing.
+/// A guest (or one stream of it) being removed: closes its streams, keeps or deletes their
+/// logs, removes their records and sockets, then forgets them. Dropping it (done, or a panic)
+/// forgets what it removed and then wakes the calls waiting for the removal, so nothing stays
+/// closing.
 struct Removal {
     guests: Arc<Guests>,
     guest: String,
+    /// The one stream removed, or `None` for the whole guest.
+    stream: Option<String>,
+    delete_logs: bool,
     /// Dropped after the guest is forgotten: wakes the calls waiting for the removal.
     _done: watch::Sender<()>,
 }
 
 impl Removal {
-    async fn run(self, streams: Vec<(String, Actor)>) -> u32 {
+    async fn run(
+        self,
+        streams: Vec<(String, Actor)>,
+        waits: Vec<watch::Receiver<()>>,
+    ) -> Result<Removed> {
         let guest = &self.guest;
         // Tests hold a removal here, its guest marked closing, to race other calls with it.
         crate::fault::point("guests.remove.closing");
-        let reason = format!("guest {guest} was removed");
+        join_all(waits.into_iter().map(removal_over)).await;
+        let reason = match &self.stream {
+            None => format!("guest {guest} was removed"),
+            Some(stream) => format!("{guest}/{stream} was removed"),
+        };
         join_all(
             streams
                 .iter()
                 .map(|(_, actor)| actor.log().close(&reason, true)),
         )
         .await;
+        let dir = self.guests.guest_log_dir(guest);
+        let mut removed = Removed {
+            streams: u32::try_from(streams.len()).unwrap_or(u32::MAX),
+            logs_deleted: 0,
+        };
         for (stream, _) in &streams {
+            if self.delete_logs {
+                crate::fault::point("guests.remove.delete_logs");
+                let log_path = self.guests.log_path(guest, stream);
+                removed.logs_deleted +=
+                    crate::logfile::delete_stream_files(&log_path).map_err(|e| {
+                        RegistryError::io(format!("cannot delete {}", log_path.display()), e)
+                    })?;
+                crate::tombstone::remove(&dir, stream).map_err(|e| {
+                    RegistryError::io(format!("cannot remove a tombstone in {}", dir.display()), e)
+                })?;
+            } else if let Err(e) = crate::tombstone::write(&dir, stream, self.stream.is_none()) {
+                // The logs stay readable; only the retention and token checks lack the time.
+                tracing::warn!(guest, stream, error = %e, "cannot write the tombstone of a removed stream");
+            }
             let _ = std::fs::remove_file(self.guests.record_path(guest, stream));
+        }
+        if self.delete_logs && self.stream.is_none() {
+            // The guest's logs are every log in its directory: also those its streams removed
+            // before left (the guest is closing: nothing is created there meanwhile).
+            for stream in streams_on_disk(&dir) {
+                let log_path = self.guests.log_path(guest, &stream);
+                removed.logs_deleted +=
+                    crate::logfile::delete_stream_files(&log_path).map_err(|e| {
+                        RegistryError::io(format!("cannot delete {}", log_path.display()), e)
+                    })?;
+                crate::tombstone::remove(&dir, &stream).map_err(|e| {
+                    RegistryError::io(format!("cannot remove a tombstone in {}", dir.display()), e)
+                })?;
+            }
+        }
+        if self.delete_logs {
+            // Only if nothing else is left in it (another stream's logs, a tombstone).
+            let _ = std::fs::remove_dir(&dir);
         }
         let _ = std::fs::remove_dir(
             self.guests
@@ -1174,20 +1555,68 @@ impl Removal {
                 .join("consoles")
                 .join(guest),
         );
-        tracing::info!(guest, streams = streams.len(), "guest removed");
-        // At most `streams_per_guest` (a u32).
-        u32::try_from(streams.len()).unwrap_or(u32::MAX)
+        match &self.stream {
+            None => tracing::info!(
+                guest,
+                streams = removed.streams,
+                logs_deleted = removed.logs_deleted,
+                "guest removed"
+            ),
+            Some(stream) => tracing::info!(
+                guest,
+                stream,
+                logs_deleted = removed.logs_deleted,
+                "stream removed"
+            ),
+        }
+        Ok(removed)
     }
 }
 
 impl Drop for Removal {
     fn drop(&mut self) {
         let mut guests = self.guests.registry();
-        if guests.get(&self.guest).is_some_and(|g| !g.open()) {
-            guests.remove(&self.guest);
+        match &self.stream {
+            None => {
+                if guests.get(&self.guest).is_some_and(|g| !g.open()) {
+                    guests.remove(&self.guest);
+                }
+            }
+            Some(stream) => {
+                let forget = guests.get_mut(&self.guest).is_some_and(|g| {
+                    g.closing_streams.remove(stream);
+                    g.open() && g.streams.is_empty() && g.closing_streams.is_empty()
+                });
+                if forget {
+                    guests.remove(&self.guest);
+                }
+            }
         }
         self.guests.update_gauges(&guests);
     }
+}
+
+/// The names of the streams with files (logs, their indexes, tombstones) in a guest's log
+/// directory `dir`: `<stream>.log`, `<stream>.log.N`, `<stream>.log[.N].idx`,
+/// `<stream>.removed`. Names that are not valid stream names are left out.
+fn streams_on_disk(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut streams: Vec<String> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let stem = match name.strip_suffix(".removed") {
+                Some(stem) => stem,
+                None => name.split_once(".log").map(|(stem, _)| stem)?,
+            };
+            StreamName::parse(stem).ok().map(String::from)
+        })
+        .collect();
+    streams.sort();
+    streams.dedup();
+    streams
 }
 
 /// "error: cause: its cause", for the operator's log (the registry does not depend on the

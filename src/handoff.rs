@@ -258,13 +258,22 @@ impl Handoffs {
 
     /// Forgets the pending hand-offs of a guest (it was removed).
     pub fn forget_guest(&self, guest: &GuestName) {
+        self.forget(guest, None);
+    }
+
+    /// Forgets the pending hand-offs of one stream of a guest (it is being removed).
+    pub fn forget_stream(&self, guest: &GuestName, stream: &StreamName) {
+        self.forget(guest, Some(stream.as_str()));
+    }
+
+    fn forget(&self, guest: &GuestName, stream: Option<&str>) {
         let guest = guest.as_str();
         self.pending
             .lock()
             .expect("hand-off table poisoned")
             .live
             .retain(|_, p| {
-                let keep = p.guest != guest;
+                let keep = p.guest != guest || stream.is_some_and(|s| p.stream != s);
                 if !keep {
                     crate::keeper::release(&p.held_as);
                 }

@@ -22,11 +22,14 @@
 
 use crate::log_owner::{LogError, LogHandle};
 use crate::logfile::{OpenSegment, SegmentError};
+use by_time::{Found, Plan, Times};
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use thiserror::Error;
 use tokio::sync::mpsc;
+
+mod by_time;
 
 /// What a history read refuses or fails at. The mapping to status codes is `crate::error`'s.
 #[derive(Debug, Error)]
@@ -36,6 +39,18 @@ pub enum HistoryError {
         "from_offset {offset} is beyond the end of the stream ({end}); use follow to wait for it"
     )]
     BeyondEnd { offset: u64, end: u64 },
+    /// A `since_time` after everything logged, in a read that does not follow.
+    #[error(
+        "nothing was logged at or after since_time {since} (the newest byte is older); use \
+         follow to wait for it"
+    )]
+    AfterNewest { since: String },
+    /// A time asked of a stream whose files have no time index.
+    #[error(
+        "this stream has no time index (logs.time_index is off for it, or its bytes were logged \
+         by a conlogd without one): read it by offset"
+    )]
+    NoTimeIndex,
     /// The stream's actor stopped while the daemon goes away (shutdown or upgrade): the client
     /// resumes from `position` later.
     #[error("conlogd is going away; resume with from_offset {position}")]
@@ -70,6 +85,9 @@ pub enum Start {
     TailBytes(u64),
     /// The last N lines, counting `\n` (a final line without one counts too).
     TailLines(u64),
+    /// The first byte logged at or after this time (ns since the Unix epoch, UTC), found in
+    /// the time index (docs/design.md, "Time index").
+    Time(i64),
 }
 
 /// A history read.
@@ -83,6 +101,52 @@ pub struct HistoryRequest {
     pub chunk_size: usize,
     /// Cut chunks at UTF-8 character boundaries where possible (for text rendering).
     pub utf8_boundaries: bool,
+    /// Stop before the first byte logged after this time (ns, UTC); a follow ends when the
+    /// wall clock passes it.
+    pub until: Option<i64>,
+    /// One line per chunk (a line longer than a chunk: several).
+    pub lines: bool,
+    /// Index events as their own items, in order with the bytes.
+    pub events: bool,
+    /// Every index entry that gives a time to a chunk's bytes, with the chunk.
+    pub marks: bool,
+    /// The time of each chunk's first byte.
+    pub times: bool,
+}
+
+impl HistoryRequest {
+    /// Whether any time feature is asked for: only then is the index read (and only then do
+    /// items carry times), so that other reads stay exactly what they were.
+    pub fn timed(&self) -> bool {
+        matches!(self.start, Start::Time(_))
+            || self.until.is_some()
+            || self.lines
+            || self.events
+            || self.marks
+            || self.times
+    }
+}
+
+/// The time of a byte, from the index entry covering it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Time {
+    /// The offset of the entry (at or before the byte).
+    pub offset: u64,
+    /// Nanoseconds since the Unix epoch, UTC (clamped: never below an earlier entry's).
+    pub unix_nanos: i64,
+    /// Written while the wall clock was behind a time already recorded (a backwards step).
+    pub approximate: bool,
+}
+
+/// Something the index recorded between two bytes of the stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// The on-disk kind code (the same numbers as `HistoryEvent.Kind`).
+    pub kind: u8,
+    /// It happened before the byte at this offset was logged.
+    pub offset: u64,
+    pub unix_nanos: i64,
+    pub detail: String,
 }
 
 /// One item of a history stream.
@@ -91,8 +155,17 @@ pub enum HistoryItem {
     /// Offsets `from .. to` are no longer on disk; `reason` says why when it is not a
     /// rotation (or bytes never logged): empty otherwise.
     Gap { from: u64, to: u64, reason: String },
-    /// Bytes at an absolute offset.
-    Data { offset: u64, data: Vec<u8> },
+    /// Bytes at an absolute offset; with a timed request, the time of the first byte (when
+    /// the index knows it) and, with `marks`, the entries giving times to the bytes: the one
+    /// covering the first byte, then those inside.
+    Data {
+        offset: u64,
+        data: Vec<u8>,
+        time: Option<Time>,
+        marks: Vec<Time>,
+    },
+    /// An index event (with `events`).
+    Event(Event),
 }
 
 /// Chunks buffered towards a slow client before the reader waits. One: a reader that stops
@@ -116,6 +189,8 @@ pub async fn read(
         .map_or(0, |s| s.start + s.len)
         .max(*offsets.borrow());
     let first = segments.first().map_or(end, |s| s.start);
+    // A follow from a time nothing was logged at yet: from the end, once an entry reaches it.
+    let mut since_pending = None;
     let position = match request.start {
         Start::Oldest => first,
         Start::Offset(offset) if offset > end && !request.follow => {
@@ -126,13 +201,35 @@ pub async fn read(
         Start::TailLines(n) => {
             tail_lines_start(&segments, n).map_err(|e| HistoryError::Open(LogError::Io(e)))?
         }
+        Start::Time(t) => {
+            match by_time::find(&segments, t).map_err(io_error("cannot read a time index"))? {
+                Found::At(offset) => offset.clamp(first, end),
+                Found::Older => first,
+                Found::Newer if request.follow => {
+                    since_pending = Some(t);
+                    end
+                }
+                Found::Newer => return Err(HistoryError::AfterNewest { since: rfc3339(t) }),
+                Found::Unindexed => return Err(HistoryError::NoTimeIndex),
+            }
+        }
     };
+    let until_passed = request
+        .until
+        .is_some_and(|until| until <= crate::clock::now().wall_ns);
     let (sender, receiver) = mpsc::channel(QUEUE);
     let reader = Reader {
         actor,
         offsets,
-        segments: first_needed(segments, position),
+        segments: first_needed(segments, position, request.timed()),
         last: None,
+        times: Times::default(),
+        since: match request.start {
+            Start::Time(t) => Some(t),
+            _ => None,
+        },
+        since_pending,
+        until_passed,
         dropped_seen,
         going_away,
         position,
@@ -150,6 +247,15 @@ struct Reader {
     segments: VecDeque<OpenSegment>,
     /// The last file read to its end, kept open in case it grows.
     last: Option<OpenSegment>,
+    /// The index of the file being read (timed requests only).
+    times: Times,
+    /// The request's `since_time`: events before it are not sent.
+    since: Option<i64>,
+    /// A follow from a time nothing had been logged at: bytes are passed over until the
+    /// index reaches it.
+    since_pending: Option<i64>,
+    /// The wall clock passed `until`: a follow ends at the end of what is logged.
+    until_passed: bool,
     /// The stream's dropped count when the segments were asked for: if it changed, a gap may
     /// follow them, and growth of `last` is not contiguous.
     dropped_seen: u64,
@@ -182,6 +288,42 @@ impl Reader {
                 continue;
             };
             let seg_end = segment.start + segment.len;
+            let timed = self.request.timed();
+            if timed && self.position >= segment.start {
+                self.times
+                    .enter(segment, self.position)
+                    .map_err(io_error("cannot read a time index"))?;
+                if let Some(since) = self.since_pending.filter(|_| self.position < seg_end) {
+                    match self
+                        .times
+                        .seek_time(since)
+                        .map_err(io_error("cannot read a time index"))?
+                    {
+                        Some(offset) => {
+                            self.since_pending = None;
+                            self.position = self.position.max(offset);
+                        }
+                        // Logged before `since`, all of it: passed over.
+                        None => self.position = seg_end,
+                    }
+                    continue;
+                }
+                let event = self
+                    .times
+                    .before(self.position, self.request.events, self.since)
+                    .map_err(io_error("cannot read a time index"))?;
+                if let Some(event) = event {
+                    if self
+                        .sender
+                        .send(Ok(HistoryItem::Event(event)))
+                        .await
+                        .is_err()
+                    {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
             if self.position >= seg_end {
                 // Keep the file open: it may still grow (it was the current one), and then the
                 // next bytes come from it without asking the actor.
@@ -227,6 +369,11 @@ impl Reader {
                 Err(SegmentError::Io(e)) => return Err(io_error("cannot read a log file")(e)),
             };
             let read = buffer.len();
+            if read == 0 {
+                // Shorter than the actor said: cut behind our back. Ask again.
+                self.segments.pop_front();
+                continue;
+            }
             let cut_at_file_end = self.position + read as u64 == seg_end
                 && self.segments.len() == 1
                 && incomplete_tail(&buffer[..read]).is_some();
@@ -234,8 +381,11 @@ impl Reader {
                 // The character goes on in the next file: open it now (it is read next
                 // anyway), so that it can be completed.
                 if let Ok(next) = self.actor.open_segments(seg_end).await {
-                    self.segments
-                        .extend(next.into_iter().find(|s| s.start == seg_end));
+                    self.segments.extend(
+                        next.into_iter()
+                            .find(|s| s.start == seg_end)
+                            .map(|s| without_index(s, timed)),
+                    );
                 }
             }
             let take = if self.request.utf8_boundaries {
@@ -243,14 +393,46 @@ impl Reader {
             } else {
                 read
             };
+            let mut end = self.position + take as u64;
+            if self.request.lines {
+                if let Some(newline) = buffer[..take].iter().position(|b| *b == b'\n') {
+                    end = self.position + newline as u64 + 1;
+                }
+            }
+            let plan = if timed {
+                self.times
+                    .plan(
+                        self.position,
+                        end,
+                        self.request.until,
+                        self.request.events,
+                        self.request.marks,
+                    )
+                    .map_err(io_error("cannot read a time index"))?
+            } else {
+                Plan {
+                    end,
+                    ..Plan::default()
+                }
+            };
+            // At most `take`.
+            let take = usize::try_from(plan.end - self.position).unwrap_or(take);
+            if take == 0 {
+                if plan.stop {
+                    return Ok(());
+                }
+                continue;
+            }
             buffer.truncate(take);
             let item = HistoryItem::Data {
                 offset: self.position,
                 data: buffer,
+                time: plan.time,
+                marks: plan.marks,
             };
             self.position += take as u64;
             self.remaining = self.remaining.saturating_sub(take as u64);
-            if self.sender.send(Ok(item)).await.is_err() {
+            if self.sender.send(Ok(item)).await.is_err() || plan.stop {
                 return Ok(());
             }
         }
@@ -315,6 +497,10 @@ impl Reader {
         let Some(last) = self.last.as_mut().filter(|l| l.growable) else {
             return Ok(false);
         };
+        // A file's index is created at its first entry: ask the actor for it.
+        if self.request.timed() && last.index.is_none() {
+            return Ok(false);
+        }
         let len = last
             .file
             .metadata()
@@ -348,7 +534,7 @@ impl Reader {
                     // Something at or after our position (bytes, or the start of the current
                     // run past a gap).
                     Ok(segments) => {
-                        let needed = first_needed(segments, self.position);
+                        let needed = first_needed(segments, self.position, self.request.timed());
                         if !needed.is_empty() {
                             self.segments = needed;
                             // The finished file is not needed once a newer one is open.
@@ -359,7 +545,7 @@ impl Reader {
                     Err(_) => return self.stream_stopped(),
                 }
             }
-            if !self.request.follow {
+            if !self.request.follow || self.until_passed {
                 if self.position < end {
                     // Offsets handed out with nothing on disk yet (the log cannot be written).
                     let gap = HistoryItem::Gap {
@@ -376,14 +562,22 @@ impl Reader {
                 Data,
                 Stopped,
                 ClientGone,
+                UntilPassed,
             }
+            // The wall clock passes `until` (a clock step moves it; the next wake-up checks).
+            let until = self.request.until.map(|until| {
+                let left = until.saturating_sub(crate::clock::now().wall_ns);
+                std::time::Duration::from_nanos(u64::try_from(left).unwrap_or(0))
+            });
             let woke = tokio::select! {
                 changed = self.offsets.changed() => if changed.is_ok() { Woke::Data } else { Woke::Stopped },
                 _ = self.sender.closed() => Woke::ClientGone,
                 _ = self.going_away.wait_for(|going| *going) => Woke::Stopped,
+                _ = tokio::time::sleep(until.unwrap_or_default()), if until.is_some() => Woke::UntilPassed,
             };
             match woke {
                 Woke::Data => {}
+                Woke::UntilPassed => self.until_passed = true,
                 Woke::Stopped => return self.stream_stopped(),
                 Woke::ClientGone => return Ok(false),
             }
@@ -393,14 +587,36 @@ impl Reader {
 
 /// Of the files the actor opened, the one holding `position` (or the first after it, when
 /// `position` was rotated away): a reader holds one log file open at a time and asks again
-/// for the next when it is done, so its descriptors do not grow with `max_backups`.
-fn first_needed(segments: Vec<OpenSegment>, position: u64) -> VecDeque<OpenSegment> {
+/// for the next when it is done, so its descriptors do not grow with `max_backups`. A timed
+/// reader also holds that file's index (two descriptors, counted as such for remote callers);
+/// another lets it go.
+fn first_needed(segments: Vec<OpenSegment>, position: u64, timed: bool) -> VecDeque<OpenSegment> {
     segments
         .into_iter()
         // Also true of a file that starts after `position` (rotated away).
         .find(|s| s.start + s.len > position)
+        .map(|s| without_index(s, timed))
         .into_iter()
         .collect()
+}
+
+/// `segment`, holding its index only if the read is timed.
+fn without_index(mut segment: OpenSegment, timed: bool) -> OpenSegment {
+    if !timed {
+        segment.index = None;
+    }
+    segment
+}
+
+/// `2026-12-05T03:12:07.123456789Z`, for messages.
+fn rfc3339(unix_nanos: i64) -> String {
+    ::time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_nanos))
+        .ok()
+        .and_then(|t| {
+            t.format(&::time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{unix_nanos} ns"))
 }
 
 /// The offset just after the `n`-th `\n` counted back from the end (a trailing `\n` ends the
@@ -500,6 +716,7 @@ mod tests {
             max_backups: 3,
             mode: LogMode::Rotate,
             compress: crate::logfile::Compression::None,
+            max_age: 0,
         };
         let mut log =
             LogFile::open(&dir.path().join("s.log"), &dir.path().join("s.pos"), limits).unwrap();
@@ -528,13 +745,14 @@ mod tests {
             max_backups: 3,
             mode: LogMode::Rotate,
             compress: crate::logfile::Compression::None,
+            max_age: 0,
         };
         LogFile::open(&dir.join("s.log"), &dir.join("s.pos"), limits).unwrap()
     }
 
     /// (start, len, file_pos) of what `first_needed` keeps for `position`.
     fn kept(log: &LogFile, position: u64) -> Vec<(u64, u64, u64)> {
-        first_needed(log.open_segments(0).unwrap(), position)
+        first_needed(log.open_segments(0).unwrap(), position, false)
             .iter()
             .map(|s| (s.start, s.len, s.file_pos))
             .collect()

@@ -11,8 +11,10 @@
 //! [`daemon::preflight`], [`upgrade::exec`]'s start-up steps and the snapshot format version,
 //! [`keeper`]'s server, check, systemd hand-over and wire protocol, [`logfile::backup_path`],
 //! [`logfile::backups_of`] and the time index's reader and format ([`logfile::index`], tests
-//! decode index files with it), [`clock::now`], [`names`]' defaults, [`terminal_safety::QueryFilter`] and
-//! [`tokens`]' key and grants. Everything else is `pub(crate)`, so the compiler reports code
+//! decode index files with it), [`clock::now`], [`names`]' defaults,
+//! [`terminal_safety::QueryFilter`], [`tokens`]' keys (a node's, and the gateway's cluster key)
+//! and grants, and [`gateway`] (`conlog-gateway`'s configuration and [`gateway::run`]).
+//! Everything else is `pub(crate)`, so the compiler reports code
 //! nothing uses.
 //!
 //! # Unsafe code
@@ -42,6 +44,7 @@ pub(crate) mod console;
 pub mod daemon;
 pub(crate) mod error;
 pub(crate) mod fault;
+pub mod gateway;
 pub(crate) mod guests;
 pub(crate) mod handoff;
 pub(crate) mod history;
@@ -53,10 +56,12 @@ pub(crate) mod metrics;
 pub mod names;
 pub(crate) mod pipe;
 pub(crate) mod ratelimit;
+pub(crate) mod retention;
 pub(crate) mod server;
 pub mod terminal_safety;
 pub(crate) mod tls;
 pub mod tokens;
+pub(crate) mod tombstone;
 pub mod upgrade;
 
 /// Generated protobuf types and gRPC stubs of `conlog.v1`, and the descriptor sets served by

@@ -3,11 +3,14 @@
 //!
 //! A stream is fed by log pipes (`pipe`) or by a serial console (`console`); either way one
 //! actor task owns it. Whatever feeds it, the actor answers the same [`LogCommand`]s: replace
-//! the limits, take its figures, open its segments for a reader, close. [`LogHandle`] sends
+//! the limits, take its figures, open its segments for a reader, delete what is older than its
+//! `max_age`, close. [`LogHandle`] sends
 //! them and reads the stream's counters ([`StreamStats`]) and end offset without a round trip.
 //! The registry (`guests`) and history readers (`history`) hold only this handle, so they never
 //! depend on what feeds a stream. [`LogOwner`] is the actor's side: the log, its counters and
 //! offset publisher, the one place that answers those commands and counts what a write did.
+//! A removed stream's files are read through the same handle ([`LogHandle::removed`]), answered
+//! from a read-only [`LogView`] with no actor at all.
 //!
 //! This module never touches a stream's source (pipe or socket), never spawns a task, and never
 //! blocks: the actors own their data path and their loop. A handle whose actor stopped answers
@@ -16,7 +19,7 @@
 use crate::compress::{self, Outcome, Pool};
 use crate::logfile::index::EventKind;
 use crate::logfile::seekable::Header;
-use crate::logfile::{LogFile, LogLimits, OpenSegment};
+use crate::logfile::{LogFile, LogLimits, LogView, OpenSegment};
 use crate::metrics::Metrics;
 use futures::future::BoxFuture;
 use std::fs::File;
@@ -156,7 +159,9 @@ impl Figures {
 /// What every stream actor answers about its log. An actor's own command type wraps these
 /// (`From<LogCommand>`), so both travel on its one bounded channel, in order.
 pub enum LogCommand {
-    SetLimits(LogLimits, oneshot::Sender<io::Result<()>>),
+    /// Boxed, as [`Close`] is: a change of limits is rare, and every command is as large as
+    /// the largest kind.
+    SetLimits(Box<LogLimits>, oneshot::Sender<io::Result<()>>),
     Figures(oneshot::Sender<Figures>),
     OpenSegments(u64, oneshot::Sender<io::Result<Vec<OpenSegment>>>),
     /// Record an event in the time index at the stream's end (see [`LogFile::note_event`]).
@@ -165,6 +170,9 @@ pub enum LogCommand {
     Event(Box<(EventKind, String)>),
     /// From the compression worker (boxed: rare).
     Compression(Box<CompressionCommand>),
+    /// Delete the rotated files older than the stream's `max_age` (age retention); answers
+    /// how many went.
+    Expire(oneshot::Sender<io::Result<u32>>),
     /// Stop: see [`Close`].
     Close(Close),
 }
@@ -311,6 +319,43 @@ impl<C: From<LogCommand> + Send + 'static> Mailbox for mpsc::Sender<C> {
     }
 }
 
+/// The "actor" of a removed stream: its files' view, answering at once.
+struct Removed(LogView);
+
+impl Mailbox for Removed {
+    fn post(&self, command: LogCommand) -> BoxFuture<'_, Result<(), ActorGone>> {
+        match command {
+            LogCommand::OpenSegments(from, reply) => {
+                let _ = reply.send(self.0.open_segments(from));
+            }
+            LogCommand::Figures(reply) => {
+                let segments = self.0.open_segments(0).unwrap_or_default();
+                let _ = reply.send(Figures {
+                    end_offset: self.0.end_offset(),
+                    first_offset: segments.first().map_or(self.0.end_offset(), |s| s.start),
+                    bytes_on_disk: segments.iter().map(|s| s.len).sum(),
+                    dropped: self.0.dropped(),
+                    ..Figures::default()
+                });
+            }
+            LogCommand::SetLimits(_, reply) => {
+                let _ = reply.send(Err(io::Error::other("the stream was removed")));
+            }
+            LogCommand::Expire(reply) => {
+                let _ = reply.send(Ok(0));
+            }
+            // Nothing is written to a removed stream, nor compressed (a dropped reply is "no").
+            LogCommand::Event(_) | LogCommand::Compression(_) => {}
+            LogCommand::Close(close) => close.done(),
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn reserve(&self) -> BoxFuture<'_, Result<Reserved, ActorGone>> {
+        Box::pin(std::future::ready(Err(ActorGone)))
+    }
+}
+
 /// A place reserved on an actor's channel ([`LogHandle::reserve`]). A command sent through it
 /// does not wait, so it may be sent under a (synchronous) lock: commands sent under one lock
 /// reach the actor in the order the lock was taken, and the actor applies them in that order.
@@ -321,7 +366,7 @@ impl Reserved {
     /// Dropping the future does not withdraw the change.
     pub fn set_limits(self, limits: LogLimits) -> BoxFuture<'static, Result<(), LogError>> {
         let (reply, answer) = oneshot::channel();
-        (self.0)(LogCommand::SetLimits(limits, reply));
+        (self.0)(LogCommand::SetLimits(Box::new(limits), reply));
         Box::pin(async move { Ok(answer.await.map_err(|_| ActorGone)??) })
     }
 }
@@ -357,6 +402,31 @@ impl LogHandle {
     /// sent later without waiting.
     pub async fn reserve(&self) -> Result<Reserved, ActorGone> {
         self.commands.reserve().await
+    }
+
+    /// A handle on the files of a stream nobody writes any more (a removed guest or stream),
+    /// for history: it answers segments and figures from `view`, its end never moves, and a
+    /// reader that follows it ends at its end (the stream counts as removed). It changes
+    /// nothing on disk; limits and age retention are refused or do nothing.
+    pub fn removed(view: LogView) -> Self {
+        let stats = Arc::new(StreamStats {
+            end_offset: AtomicU64::new(view.end_offset()),
+            dropped: AtomicU64::new(view.dropped()),
+            removed: AtomicBool::new(true),
+            ..StreamStats::default()
+        });
+        // The sender goes at once: followers see the stream closed.
+        let (_, offsets) = watch::channel(view.end_offset());
+        Self {
+            commands: Arc::new(Removed(view)),
+            stats,
+            offsets,
+        }
+    }
+
+    /// Deletes the stream's rotated files older than its `max_age`; how many went.
+    pub async fn expire(&self) -> Result<u32, LogError> {
+        Ok(self.ask(LogCommand::Expire).await??)
     }
 
     /// Whether `other` reaches the same actor (not another one started under the same name).
@@ -461,6 +531,7 @@ impl LogOwner {
     ) -> Option<Close> {
         match command {
             LogCommand::SetLimits(limits, reply) => {
+                let limits = *limits;
                 // Tests hold one actor here to show that nobody else waits for it.
                 crate::fault::point("log_owner.set_limits");
                 let result = self.counting_rotations(|log| log.set_limits(limits));
@@ -500,6 +571,13 @@ impl LogOwner {
                     reserved,
                 } => self.log.finish_compression(start, inode, outcome, reserved),
             },
+            LogCommand::Expire(reply) => {
+                let result = self.log.expire(std::time::SystemTime::now());
+                if let Ok(n @ 1..) = result {
+                    tracing::info!(log = %self.log.path().display(), files = n, "deleted rotated files older than max_age");
+                }
+                let _ = reply.send(result);
+            }
             LogCommand::Close(close) => return Some(close),
         }
         None
@@ -608,6 +686,7 @@ mod tests {
             max_backups: 2,
             mode: LogMode::Rotate,
             compress: crate::logfile::Compression::None,
+            max_age: 0,
         };
         let log = LogFile::open(&dir.join("s.log"), &dir.join("s.pos"), limits).unwrap();
         let (sender, receiver) = mpsc::channel(4);
@@ -641,6 +720,7 @@ mod tests {
             max_backups,
             mode: LogMode::Rotate,
             compress: crate::logfile::Compression::None,
+            max_age: 0,
         };
         let first = handle.reserve().await.unwrap();
         let second = handle.reserve().await.unwrap();
@@ -689,6 +769,7 @@ mod tests {
                 max_backups: 0,
                 mode: LogMode::Rotate,
                 compress: crate::logfile::Compression::None,
+                max_age: 0,
             })
             .await
             .unwrap();

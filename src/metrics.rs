@@ -70,6 +70,7 @@ pub struct Counters {
     pub lagged_clients: u64,
     pub upgrades: u64,
     pub upgrade_failures: u64,
+    pub index_write_failures: u64,
 }
 
 /// A count (a length, a number of clients) as a gauge value, saturating: no count in this
@@ -90,6 +91,7 @@ impl Metrics {
             lagged_clients: self.lagged_clients.get(),
             upgrades: self.upgrades.get(),
             upgrade_failures: self.upgrade_failures.get(),
+            index_write_failures: self.index_write_failures.get(),
         }
     }
 
@@ -106,6 +108,7 @@ impl Metrics {
         raise(&self.lagged_clients, values.lagged_clients);
         raise(&self.upgrades, values.upgrades);
         raise(&self.upgrade_failures, values.upgrade_failures);
+        raise(&self.index_write_failures, values.index_write_failures);
     }
 }
 

@@ -8,9 +8,17 @@
 //!
 //! `conlog1.<payload>.<mac>`: `payload` is base64url (no padding) of a JSON object
 //! `{"g": guest, "d": device or null, "a": "read" | "read-write", "e": expiry (Unix seconds),
-//! "k": key id}`, `mac` is base64url of HMAC-SHA256(key, `conlog1.<payload>`). The MAC is checked
-//! before anything of the payload is decoded, so unsigned bytes are never parsed. Rotating the
-//! key revokes every token at once.
+//! "k": key id, "i": issue time (Unix seconds; absent in tokens from before it was added), "n":
+//! node}`, `mac` is base64url of HMAC-SHA256(key, `conlog1.<payload>`). The MAC is checked
+//! before anything of the payload is decoded, so unsigned bytes are never parsed at a node.
+//! Rotating the key revokes every token at once.
+//!
+//! `n` (optional; tokens issued before it existed have none) is the node claim: the Console
+//! endpoint (`host:port`, config `node.advertise`) of the node that issued the token. A node
+//! refuses a token that names another node. Behind a gateway (docs/gateway.md), each node's key
+//! is derived from one cluster key and the node's endpoint ([`node_key`]); the gateway holds the
+//! cluster key ([`ClusterKey`]), reads `n` first (within the 1 KiB bound), derives that node's
+//! key and checks the MAC with it before it trusts or acts on anything in the token.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -54,6 +62,14 @@ pub struct Grant {
     /// Id of the key that signed it (which rotation it belongs to).
     #[serde(rename = "k")]
     pub key_id: String,
+    /// Unix seconds when it was issued (set by [`TokenKey::issue`]); tokens from before this
+    /// field have none. Only a token issued before a guest was removed reads its logs after
+    /// (docs/operations.md, "Retention").
+    #[serde(rename = "i", default, skip_serializing_if = "Option::is_none")]
+    pub issued_unix: Option<u64>,
+    /// The Console endpoint (`host:port`) of the node that issued it, if it says.
+    #[serde(rename = "n", default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Why a token was refused (all `UNAUTHENTICATED`).
@@ -65,6 +81,18 @@ pub(crate) enum TokenError {
     BadSignature,
     #[error("the token expired at {0} (Unix time)")]
     Expired(u64),
+    #[error("the token was issued by node {0:?}, not this one")]
+    OtherNode(String),
+    #[error("the token names no node (issue it on a node with node.advertise set)")]
+    NoNode,
+    #[error("the cluster key cannot be read ({0}); every token is refused until it can")]
+    NoClusterKey(String),
+}
+
+/// Checks a token's signature and expiry: a node's [`TokenKey`], a gateway's [`ClusterKey`].
+pub(crate) trait Verify: Send + Sync + 'static {
+    /// The token's grant, if its signature matches and it has not expired at `now_unix`.
+    fn verify(&self, token: &str, now_unix: u64) -> Result<Grant, TokenError>;
 }
 
 struct Key {
@@ -92,6 +120,11 @@ pub struct TokenKey {
     key: RwLock<Key>,
     /// Counts rotations, so that calls made with older tokens can end when one happens.
     rotations: tokio::sync::watch::Sender<u64>,
+    /// This node's Console endpoint (`node.advertise`), once its listener is bound: the node
+    /// claim of the tokens it issues; and whether a token naming another node is refused
+    /// (`console.require_gateway`: without it, a token keeps working after the node's endpoint
+    /// changed, as before the claim existed).
+    node: RwLock<Option<(String, bool)>>,
 }
 
 impl TokenKey {
@@ -130,7 +163,38 @@ impl TokenKey {
             path: path.to_owned(),
             key: RwLock::new(Key::from_bytes(&bytes)),
             rotations: tokio::sync::watch::Sender::new(0),
+            node: RwLock::new(None),
         })
+    }
+
+    /// Sets this node's Console endpoint: tokens issued from now on name it; with `enforce`,
+    /// tokens naming another node are refused.
+    pub(crate) fn set_node(&self, node: String, enforce: bool) {
+        *self.node.write().expect("token node poisoned") = Some((node, enforce));
+    }
+
+    /// Reads the key file again (SIGHUP): a key provisioned from outside (a gateway's cluster
+    /// key, docs/gateway.md) takes effect, and if it differs from the current one it is a
+    /// rotation (every older token stops working, calls made with them end). Returns whether
+    /// the key changed. A file that is not a key leaves the current key in place.
+    pub(crate) fn reload(&self) -> io::Result<bool> {
+        let text = fs::read(&self.path)?;
+        let bytes = decode_key_file(&text).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a token key", self.path.display()),
+            )
+        })?;
+        let key = Key::from_bytes(&bytes);
+        {
+            let mut current = self.key.write().expect("token key poisoned");
+            if current.id == key.id {
+                return Ok(false);
+            }
+            *current = key;
+        }
+        self.rotations.send_modify(|n| *n += 1);
+        Ok(true)
     }
 
     /// Replaces the key on disk and in memory; every token issued so far stops working.
@@ -155,10 +219,20 @@ impl TokenKey {
         self.key.read().expect("token key poisoned").id.clone()
     }
 
-    /// Signs a token for `grant` (its `key_id` is replaced by the current key's).
+    /// Signs a token for `grant` (its `key_id` is replaced by the current key's, its issue
+    /// time, if unset, is now, and its node claim is this node's endpoint when that is set).
     pub fn issue(&self, mut grant: Grant) -> String {
+        if let Some((node, _)) = self.node.read().expect("token node poisoned").clone() {
+            grant.node = Some(node);
+        }
         let key = self.key.read().expect("token key poisoned");
         grant.key_id = key.id.clone();
+        grant.issued_unix = grant.issued_unix.or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs())
+        });
         let payload = serde_json::to_vec(&grant).expect("grants serialize");
         let signed = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(payload));
         let mac = hmac::sign(&key.hmac, signed.as_bytes());
@@ -179,11 +253,168 @@ impl TokenKey {
         let grant: Grant = serde_json::from_slice(&payload)
             .map_err(|_| TokenError::Malformed("payload is not a grant"))?;
         grant.check_expiry(now_unix)?;
+        if let (Some(claim), Some((own, true))) = (
+            &grant.node,
+            self.node.read().expect("token node poisoned").as_ref(),
+        ) {
+            if claim != own {
+                return Err(TokenError::OtherNode(claim.clone()));
+            }
+        }
+        Ok(grant)
+    }
+}
+
+impl Verify for TokenKey {
+    fn verify(&self, token: &str, now_unix: u64) -> Result<Grant, TokenError> {
+        TokenKey::verify(self, token, now_unix)
+    }
+}
+
+/// Node `node`'s token key, derived from the cluster key: HMAC-SHA256(cluster key,
+/// `"conlog node token key v1\0" + node`). Whoever holds one node's key can sign only that
+/// node's tokens; whoever holds the cluster key (the gateway, the provisioning) can derive all.
+pub fn node_key(cluster: &[u8], node: &str) -> [u8; KEY_BYTES] {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, cluster);
+    let tag = hmac::sign(&key, format!("conlog node token key v1\0{node}").as_bytes());
+    let mut out = [0u8; KEY_BYTES];
+    out.copy_from_slice(&tag.as_ref()[..KEY_BYTES]);
+    out
+}
+
+/// `bytes` as the text of a key file (64 hex digits and a newline).
+pub fn key_file_text(bytes: &[u8]) -> String {
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}\n")
+}
+
+/// Reads a key file (the cluster key: 64 hex digits, like a node's).
+pub fn read_key_file(path: &Path) -> io::Result<Vec<u8>> {
+    let text = fs::read(path)?;
+    decode_key_file(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is not a key ({} hex digits expected)",
+                path.display(),
+                KEY_BYTES * 2
+            ),
+        )
+    })
+}
+
+/// What identifies a version of a file: a replaced file (rename, a Kubernetes Secret's symlink
+/// swap) or a rewritten one differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    inode: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+fn stamp(path: &Path) -> io::Result<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path)?;
+    Ok(FileStamp {
+        inode: meta.ino(),
+        len: meta.len(),
+        modified: meta.modified().ok(),
+    })
+}
+
+/// The gateway's cluster key (docs/gateway.md, "Keys"): verifies every node's tokens by
+/// deriving the node's key from the token's node claim. The file is checked (one `stat`) at
+/// every verification and read again when it changed, so replacing it revokes every token at
+/// the next call; a file that cannot be read or is not a key refuses every token (fail closed).
+pub struct ClusterKey {
+    path: PathBuf,
+    /// The key as last read, and the file version it came from. Held for a copy, never across
+    /// an `.await`.
+    current: std::sync::Mutex<(FileStamp, Option<Vec<u8>>)>,
+    /// Counts changes of the file, so that calls in progress re-check their token.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl ClusterKey {
+    /// Reads the key at `path`; an error if it cannot be used now.
+    pub fn load(path: &Path) -> io::Result<Self> {
+        let at = stamp(path)?;
+        let key = read_key_file(path)?;
+        Ok(Self {
+            path: path.to_owned(),
+            current: std::sync::Mutex::new((at, Some(key))),
+            changes: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    /// Changes when the key file changed (seen by a verification or by [`Self::check`]).
+    pub(crate) fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Looks at the file now (the gateway does every second), so that calls in progress learn
+    /// of a new key even when no new call arrives.
+    pub(crate) fn check(&self) {
+        let _ = self.bytes();
+    }
+
+    /// The current key bytes, read again if the file changed.
+    fn bytes(&self) -> Result<Vec<u8>, TokenError> {
+        let at = stamp(&self.path).map_err(|e| TokenError::NoClusterKey(e.to_string()))?;
+        let mut current = self.current.lock().expect("cluster key poisoned");
+        if current.0 != at {
+            let fresh = read_key_file(&self.path);
+            if let Err(e) = &fresh {
+                crate::limited!(error, path = %self.path.display(), error = %e, "cluster key unusable; refusing every token");
+            } else {
+                tracing::info!(path = %self.path.display(), "cluster key changed: tokens of the previous key are refused");
+            }
+            *current = (at, fresh.ok());
+            self.changes.send_modify(|n| *n += 1);
+        }
+        current
+            .1
+            .clone()
+            .ok_or_else(|| TokenError::NoClusterKey("not a key".into()))
+    }
+
+    /// The key file text of node `node` (for `conlog-gateway node-key`).
+    pub fn node_key_file(&self, node: &str) -> io::Result<String> {
+        let cluster = self
+            .bytes()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        Ok(key_file_text(&node_key(&cluster, node)))
+    }
+}
+
+impl Verify for ClusterKey {
+    /// Reads the node claim (base64url and JSON of at most 1 KiB: nothing in it is trusted
+    /// yet), derives that node's key and checks the MAC with it, then the expiry.
+    fn verify(&self, token: &str, now_unix: u64) -> Result<Grant, TokenError> {
+        let (signed, mac) = split_token(token)?;
+        let payload = URL_SAFE_NO_PAD
+            .decode(&signed[PREFIX.len()..])
+            .map_err(|_| TokenError::Malformed("payload is not base64url"))?;
+        let grant: Grant = serde_json::from_slice(&payload)
+            .map_err(|_| TokenError::Malformed("payload is not a grant"))?;
+        let node = grant.node.as_deref().ok_or(TokenError::NoNode)?;
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &node_key(&self.bytes()?, node));
+        hmac::verify(&key, signed.as_bytes(), &mac).map_err(|_| TokenError::BadSignature)?;
+        grant.check_expiry(now_unix)?;
         Ok(grant)
     }
 }
 
 impl Grant {
+    /// What the per-guest call limit counts this grant under: its guest, on its node when the
+    /// token names one (a gateway serves many nodes' guests of the same name).
+    pub(crate) fn scope(&self) -> String {
+        match &self.node {
+            Some(node) => format!("{}@{node}", self.guest),
+            None => self.guest.clone(),
+        }
+    }
+
     /// Refuses the grant at `now_unix` if it has expired.
     pub(crate) fn check_expiry(&self, now_unix: u64) -> Result<(), TokenError> {
         if now_unix >= self.expires_unix {
@@ -263,6 +494,8 @@ mod tests {
             access: Access::Read,
             expires_unix,
             key_id: String::new(),
+            issued_unix: None,
+            node: None,
         }
     }
 
@@ -457,6 +690,92 @@ mod tests {
             key.verify(&format!("conlog2.x.{mac}"), 0),
             Err(TokenError::Malformed("it does not start with conlog1."))
         );
+    }
+
+    /// Tokens name the node that issued them once it knows its endpoint; a node that enforces
+    /// the claim refuses a token naming another, and every node still accepts tokens that name
+    /// none (issued before the claim existed); one that does not enforce it accepts both.
+    #[test]
+    fn the_node_claim_is_issued_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = key(&dir);
+        let unclaimed = key.issue(grant(100));
+        assert_eq!(key.verify(&unclaimed, 1).unwrap().node, None);
+        key.set_node("node-a:7770".into(), true);
+        let claimed = key.issue(grant(100));
+        assert_eq!(
+            key.verify(&claimed, 1).unwrap().node.as_deref(),
+            Some("node-a:7770")
+        );
+        assert!(key.verify(&unclaimed, 1).is_ok());
+        let other = TokenKey::load_or_create(&dir.path().join("token.key")).unwrap();
+        other.set_node("node-b:7770".into(), false);
+        assert!(other.verify(&claimed, 1).is_ok(), "not enforced");
+        other.set_node("node-b:7770".into(), true);
+        assert_eq!(
+            other.verify(&claimed, 1),
+            Err(TokenError::OtherNode("node-a:7770".into()))
+        );
+        assert!(other.verify(&unclaimed, 1).is_ok());
+    }
+
+    /// The gateway verifies a node's token with the key it derives from the cluster key and
+    /// the token's node claim: a token whose claim was changed, or signed by another node's
+    /// key, is a bad signature; replacing the cluster key revokes every token; a node reloads
+    /// a provisioned key as a rotation.
+    #[test]
+    fn the_cluster_key_verifies_each_nodes_tokens_and_rotates() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster_path = dir.path().join("cluster.key");
+        fs::write(&cluster_path, key_file_text(&[7u8; KEY_BYTES])).unwrap();
+        let cluster = ClusterKey::load(&cluster_path).unwrap();
+        let node = |name: &str, claim: &str| {
+            let path = dir.path().join(format!("{name}.key"));
+            fs::write(&path, cluster.node_key_file(name).unwrap()).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+            let key = TokenKey::load_or_create(&path).unwrap();
+            key.set_node(claim.into(), true);
+            key
+        };
+        let a = node("a:1", "a:1");
+        let token = a.issue(grant(100));
+        assert_eq!(
+            cluster.verify(&token, 1).unwrap().node.as_deref(),
+            Some("a:1")
+        );
+        assert_eq!(cluster.verify(&token, 100), Err(TokenError::Expired(100)));
+        // Node b's key claiming to be a.
+        let b_as_a = node("b:1", "a:1");
+        assert_eq!(
+            cluster.verify(&b_as_a.issue(grant(100)), 1),
+            Err(TokenError::BadSignature)
+        );
+        // No claim: the gateway cannot route it.
+        let plain = key(&dir).issue(grant(100));
+        assert_eq!(cluster.verify(&plain, 1), Err(TokenError::NoNode));
+        // A new cluster key (written beside and renamed, as a Secret update is).
+        let fresh = dir.path().join("cluster.key.new");
+        fs::write(&fresh, key_file_text(&[9u8; KEY_BYTES])).unwrap();
+        fs::rename(&fresh, &cluster_path).unwrap();
+        assert_eq!(cluster.verify(&token, 1), Err(TokenError::BadSignature));
+        // The node takes its newly derived key on reload, as a rotation.
+        let rotations = a.rotations();
+        fs::write(
+            dir.path().join("a:1.key"),
+            cluster.node_key_file("a:1").unwrap(),
+        )
+        .unwrap();
+        assert!(a.reload().unwrap());
+        assert!(rotations.has_changed().unwrap());
+        assert!(!a.reload().unwrap(), "the same key again is no rotation");
+        assert_eq!(a.verify(&token, 1), Err(TokenError::BadSignature));
+        assert!(cluster.verify(&a.issue(grant(100)), 1).is_ok());
+        // An unusable cluster key refuses everything.
+        fs::write(&cluster_path, "garbage").unwrap();
+        assert!(matches!(
+            cluster.verify(&a.issue(grant(100)), 1),
+            Err(TokenError::NoClusterKey(_))
+        ));
     }
 
     proptest! {

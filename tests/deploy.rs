@@ -33,6 +33,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 const CONLOGD: &str = env!("CARGO_BIN_EXE_conlogd");
+const GATEWAY: &str = env!("CARGO_BIN_EXE_conlog-gateway");
 /// The Kubernetes release whose schemas the manifests must satisfy.
 const KUBERNETES_VERSION: &str = "1.32.0";
 /// The namespace of the plain manifests, and the one the chart is rendered into.
@@ -221,6 +222,240 @@ fn daemon_accepts(text: &str, origin: &str) -> Value {
         String::from_utf8_lossy(&output.stderr)
     );
     yaml(&String::from_utf8_lossy(&output.stdout), "--print-config")
+}
+
+/// Whether `object` belongs to conlog-gateway (docs/gateway.md) rather than the daemon.
+fn is_gateway(object: &Value) -> bool {
+    object["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"
+}
+
+/// The gateway's objects: a Deployment of at least two replicas whose config the real
+/// `conlog-gateway` accepts as its effective configuration (every key), its files from
+/// read-only Secret mounts, gRPC probes on its health port, bounded resources and the daemon's
+/// confinement (without root); a Service, a PodDisruptionBudget, a HorizontalPodAutoscaler and
+/// a NetworkPolicy that select its pods, and ports that are its own.
+fn check_gateway(objects: &[Value], origin: &str) {
+    let find = |kind: &str| -> Vec<&Value> {
+        objects
+            .iter()
+            .filter(|o| o["kind"].as_str() == Some(kind) && is_gateway(o))
+            .collect()
+    };
+    let one = |kind: &str| -> &Value {
+        let found = find(kind);
+        assert_eq!(found.len(), 1, "{origin}: one gateway {kind}");
+        found[0]
+    };
+    let deployment = one("Deployment");
+    let spec = &deployment["spec"];
+    let pod_labels = &spec["template"]["metadata"]["labels"];
+    assert!(
+        selects(&spec["selector"]["matchLabels"], pod_labels),
+        "{origin}: the gateway Deployment's selector does not match its pods"
+    );
+    assert!(
+        int(&spec["replicas"]).is_some_and(|n| n >= 2),
+        "{origin}: replicas"
+    );
+    assert_eq!(
+        int(&spec["strategy"]["rollingUpdate"]["maxUnavailable"]),
+        Some(0),
+        "{origin}: a roll keeps every replica serving"
+    );
+    let pod = &spec["template"]["spec"];
+    assert_eq!(
+        pod["automountServiceAccountToken"],
+        Value::Bool(false),
+        "{origin}"
+    );
+    assert_eq!(
+        pod["securityContext"]["runAsNonRoot"],
+        Value::Bool(true),
+        "{origin}"
+    );
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+        "{origin}"
+    );
+    let containers = seq(&pod["containers"]);
+    assert_eq!(containers.len(), 1, "{origin}: the gateway container only");
+    let container = &containers[0];
+    let args: Vec<&str> = seq(&container["args"])
+        .iter()
+        .map(|a| str_of(a, "arg"))
+        .collect();
+    let config_path = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--config="))
+        .unwrap_or_else(|| panic!("{origin}: no --config=FILE in {args:?}"));
+    let volumes = seq(&pod["volumes"]);
+    let mounts = seq(&container["volumeMounts"]);
+    // The volume mounted at the directory of `file`, read-only.
+    let volume_of = |file: &str| -> &Value {
+        let (dir, _) = file.rsplit_once('/').expect("absolute path");
+        let mount = mounts
+            .iter()
+            .find(|m| m["mountPath"] == dir)
+            .unwrap_or_else(|| panic!("{origin}: {file}: nothing mounted at {dir}"));
+        assert_eq!(mount["readOnly"], Value::Bool(true), "{origin}: {dir}");
+        volumes
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap_or_else(|| panic!("{origin}: {dir}: no volume {:?}", mount["name"]))
+    };
+    let (_, config_file) = config_path.rsplit_once('/').unwrap();
+    let config_map_name = str_of(&volume_of(config_path)["configMap"]["name"], "configMap");
+    let config_map = find("ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == config_map_name)
+        .unwrap_or_else(|| panic!("{origin}: no gateway ConfigMap {config_map_name}"));
+    let text = str_of(&config_map["data"][config_file], "the gateway config");
+
+    // Accepted by the real gateway, and its effective configuration verbatim.
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("gateway.yaml");
+    fs::write(&path, text).expect("write config");
+    let output = Command::new(GATEWAY)
+        .arg("--config")
+        .arg(&path)
+        .arg("--print-config")
+        .output()
+        .expect("run conlog-gateway");
+    assert!(
+        output.status.success(),
+        "conlog-gateway refuses the config of {origin}:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let written = yaml(text, origin);
+    let effective = yaml(&String::from_utf8_lossy(&output.stdout), "--print-config");
+    assert_eq!(
+        written, effective,
+        "{origin}: the gateway config is not its effective one"
+    );
+    let config = &written["gateway"];
+
+    // Its files come from Secrets, under the names the Secret has.
+    for key in [
+        "tls.cert",
+        "tls.key",
+        "upstream.ca",
+        "upstream.cert",
+        "upstream.key",
+        "cluster_key",
+    ] {
+        let value = key.split('.').fold(config, |v, k| &v[k]);
+        let file = str_of(value, key);
+        let secret = &volume_of(file)["secret"];
+        assert!(
+            secret["secretName"].is_string(),
+            "{origin}: {key} {file} not in a Secret"
+        );
+        let (_, name) = file.rsplit_once('/').unwrap();
+        let names: Vec<&str> = match secret["items"].as_sequence() {
+            Some(items) => items.iter().map(|i| str_of(&i["path"], "path")).collect(),
+            None => vec!["tls.crt", "tls.key", "ca.crt"],
+        };
+        assert!(
+            names.contains(&name),
+            "{origin}: {key} {file}: the Secret has no {name}"
+        );
+    }
+
+    let listen = port_of(str_of(&config["listen"], "gateway.listen"));
+    let health = port_of(str_of(&config["health"], "gateway.health (for the probes)"));
+    for (probe, service) in [
+        ("startupProbe", None),
+        ("readinessProbe", Some("conlog.v1.Console")),
+        ("livenessProbe", None),
+    ] {
+        let grpc = &container[probe]["grpc"];
+        assert_eq!(
+            int(&grpc["port"]),
+            Some(health),
+            "{origin}: gateway {probe} port"
+        );
+        assert_eq!(
+            grpc["service"].as_str(),
+            service,
+            "{origin}: gateway {probe}"
+        );
+    }
+    for kind in ["requests", "limits"] {
+        for resource in ["cpu", "memory"] {
+            assert!(
+                !container["resources"][kind][resource].is_null(),
+                "{origin}: gateway resources.{kind}.{resource}"
+            );
+        }
+    }
+    let security = &container["securityContext"];
+    assert_eq!(
+        security["allowPrivilegeEscalation"],
+        Value::Bool(false),
+        "{origin}"
+    );
+    assert_eq!(
+        security["readOnlyRootFilesystem"],
+        Value::Bool(true),
+        "{origin}"
+    );
+    assert!(
+        seq(&security["capabilities"]["drop"]).contains(&Value::from("ALL")),
+        "{origin}: the gateway drops every capability"
+    );
+    assert!(
+        seq(&security["capabilities"]["add"]).is_empty(),
+        "{origin}: the gateway needs no capability"
+    );
+
+    let service = one("Service");
+    assert!(
+        selects(&service["spec"]["selector"], pod_labels),
+        "{origin}: the gateway Service selects no gateway pod"
+    );
+    for port in seq(&service["spec"]["ports"]) {
+        assert_eq!(
+            int(&port["targetPort"]),
+            Some(listen),
+            "{origin}: gateway Service port"
+        );
+    }
+    let budget = one("PodDisruptionBudget");
+    assert!(
+        selects(&budget["spec"]["selector"]["matchLabels"], pod_labels),
+        "{origin}: the PodDisruptionBudget selects no gateway pod"
+    );
+    let autoscaler = one("HorizontalPodAutoscaler");
+    assert_eq!(
+        autoscaler["spec"]["scaleTargetRef"]["name"], deployment["metadata"]["name"],
+        "{origin}: the autoscaler scales another Deployment"
+    );
+    assert!(
+        int(&autoscaler["spec"]["minReplicas"]).is_some_and(|n| n >= 2),
+        "{origin}: at least two replicas"
+    );
+    let policy = one("NetworkPolicy");
+    assert!(
+        selects(&policy["spec"]["podSelector"]["matchLabels"], pod_labels),
+        "{origin}: the NetworkPolicy selects no gateway pod"
+    );
+    let ingress_ports: Vec<u64> = seq(&policy["spec"]["ingress"])
+        .iter()
+        .flat_map(|rule| seq(&rule["ports"]).iter().filter_map(|p| int(&p["port"])))
+        .collect();
+    assert!(
+        ingress_ports.contains(&listen),
+        "{origin}: clients cannot reach the gateway"
+    );
+    let egress_ports: BTreeSet<u64> = seq(&policy["spec"]["egress"])
+        .iter()
+        .flat_map(|rule| seq(&rule["ports"]).iter().filter_map(|p| int(&p["port"])))
+        .collect();
+    assert_eq!(
+        egress_ports,
+        BTreeSet::from([53, 7770]),
+        "{origin}: the gateway may reach the nodes' Console port and DNS only"
+    );
 }
 
 /// What a set of manifests must get right beyond the schemas: the checks a server, a kubelet or
@@ -549,16 +784,24 @@ fn check_manifests(objects: &[Value], origin: &str, helm: bool) -> Value {
         );
         assert_eq!(source["hostPath"]["type"], "DirectoryOrCreate", "{origin}");
     }
-    if let Some(group) = written["socket_group"].as_str() {
+    for (key, group) in [
+        ("socket_group", &written["socket_group"]),
+        (
+            "consoles.socket_group",
+            &written["consoles"]["socket_group"],
+        ),
+    ] {
+        let Some(group) = group.as_str() else {
+            continue;
+        };
         let gid: u64 = group
             .parse()
-            .unwrap_or_else(|_| panic!("{origin}: socket_group must be a number in the image"));
+            .unwrap_or_else(|_| panic!("{origin}: {key} must be a number in the image"));
         assert!(
             seq(&pod["securityContext"]["supplementalGroups"])
                 .iter()
                 .any(|g| int(g) == Some(gid)),
-            "{origin}: socket_group {gid} must be a supplemental group (conlogd keeps no \
-             CAP_CHOWN)"
+            "{origin}: {key} {gid} must be a supplemental group (conlogd keeps no CAP_CHOWN)"
         );
     }
 
@@ -644,8 +887,12 @@ fn check_manifests(objects: &[Value], origin: &str, helm: bool) -> Value {
         );
     }
 
-    // Services select the daemon's pods and point at its ports.
-    let services = find("Service");
+    // Services select the daemon's pods and point at its ports (the gateway's are checked by
+    // `check_gateway`).
+    let services: Vec<&Value> = find("Service")
+        .into_iter()
+        .filter(|s| !is_gateway(s))
+        .collect();
     assert!(!services.is_empty(), "{origin}: a Service for clients");
     for service in &services {
         let name = kind_name(service);
@@ -795,6 +1042,7 @@ fn plain_manifests_are_valid_and_hold_together() {
     let namespace = objects.iter().find(|o| o["kind"] == "Namespace").unwrap();
     assert_eq!(namespace["metadata"]["name"], NAMESPACE);
     let config = check_manifests(&objects, "deploy/kubernetes", false);
+    check_gateway(&objects, "deploy/kubernetes");
     assert_eq!(config["listen"], "0.0.0.0:7770");
     assert_eq!(config["health"], "0.0.0.0:7772");
     assert_eq!(

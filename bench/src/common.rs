@@ -63,6 +63,7 @@ pub fn rotating(max_size: u64, max_backups: u32) -> LogLimits {
         max_backups: Some(max_backups),
         mode: LogMode::Rotate.into(),
         compress: None,
+        max_age_seconds: None,
     }
 }
 

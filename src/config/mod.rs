@@ -96,6 +96,12 @@ pub struct LogDefaults {
     /// was logged and what happened around it. Off, no index file is written and history has
     /// no times for what is logged meanwhile.
     pub time_index: bool,
+    /// Rotated files whose newest byte is older than this are deleted (checked at start and
+    /// hourly); `0s`: off, only the size cap removes files (docs/operations.md, "Retention").
+    pub max_age: HumanDuration,
+    /// The logs of a removed guest (or stream) are deleted this long after the removal;
+    /// `0s`: off, they stay until deleted by hand or by `RemoveGuest` with `delete_logs`.
+    pub removed_retention: HumanDuration,
     /// Compress rotated files (`none` or `zstd`; docs/design.md "Compressed backups"):
     /// with `zstd`, `max_size × (max_backups + 1)` is a budget in disk bytes and as many
     /// rotated files are kept as fit.
@@ -109,6 +115,8 @@ impl Default for LogDefaults {
             max_backups: 3,
             mode: LogMode::Rotate,
             time_index: true,
+            max_age: HumanDuration(Duration::ZERO),
+            removed_retention: HumanDuration(Duration::ZERO),
             compress: Compression::None,
         }
     }
@@ -171,6 +179,10 @@ pub struct ConsoleConfig {
     pub client_queue: ByteSize,
     /// Most recent output replayed to a client that attaches.
     pub max_replay: ByteSize,
+    /// Group (name or number) given the consoles' guest sockets (mode 0660) and their
+    /// directories (mode 0750), so that QEMU running as another user in that group can connect
+    /// (libvirt's `libvirt-qemu` in `kvm`); `null`: conlogd's own group, as for every other file.
+    pub socket_group: Option<String>,
 }
 
 impl Default for ConsoleConfig {
@@ -178,6 +190,7 @@ impl Default for ConsoleConfig {
         Self {
             client_queue: ByteSize(1 << 20),
             max_replay: ByteSize(1 << 20),
+            socket_group: None,
         }
     }
 }
@@ -276,6 +289,65 @@ impl WebConfig {
     }
 }
 
+/// This node as a gateway reaches it (docs/gateway.md).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// The Console endpoint (`host:port`) a gateway reaches this node at, named in every token
+    /// the node issues (the token's node claim). `null`: the TCP listener's address, or this
+    /// host's name and the listener's port when it listens on every address.
+    pub advertise: Option<String>,
+}
+
+impl NodeConfig {
+    /// `node.advertise`, or the default for a TCP listener bound at `listener`.
+    pub(crate) fn advertise_for(&self, listener: SocketAddr) -> String {
+        if let Some(advertise) = &self.advertise {
+            return advertise.clone();
+        }
+        if listener.ip().is_unspecified() {
+            // The host's name (with hostNetwork in Kubernetes, the node's).
+            if let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+                if !name.trim().is_empty() {
+                    return format!("{}:{}", name.trim(), listener.port());
+                }
+            }
+        }
+        listener.to_string()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let Some(advertise) = &self.advertise else {
+            return Ok(());
+        };
+        let parsed: Option<http::uri::Authority> = advertise.parse().ok();
+        let ok = parsed.is_some_and(|a| {
+            a.port_u16().is_some() && !a.host().is_empty() && !a.as_str().contains('@')
+        });
+        if !ok {
+            return Err(ConfigError::Value {
+                key: "node.advertise",
+                message: format!(
+                    "must be host:port, the node's Console endpoint as a gateway reaches it, \
+                     like node17.example.com:7770 (got {advertise:?})"
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The Console service on TCP.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleServiceConfig {
+    /// Remote callers must come through the gateway: they must present a client certificate
+    /// signed by `tls.client_ca` (which must then be the CA of the gateway's client
+    /// certificates and sign nothing else); the node still verifies every token itself and
+    /// also refuses tokens that name another node.
+    pub require_gateway: bool,
+}
+
 /// The effective configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -322,6 +394,10 @@ pub struct Config {
     pub web: WebConfig,
     /// What holds the descriptors through a crash: `auto`, `external`, `systemd` or `off`.
     pub keeper: KeeperMode,
+    /// This node as a gateway reaches it.
+    pub node: NodeConfig,
+    /// The Console service on TCP.
+    pub console: ConsoleServiceConfig,
 }
 
 impl Default for Config {
@@ -347,6 +423,8 @@ impl Default for Config {
             limits: Limits::default(),
             web: WebConfig::default(),
             keeper: KeeperMode::default(),
+            node: NodeConfig::default(),
+            console: ConsoleServiceConfig::default(),
         }
     }
 }
@@ -367,6 +445,8 @@ pub(crate) const MIN_MAX_SIZE: u64 = 4096;
 pub(crate) const MAX_MAX_SIZE: u64 = 1 << 40;
 /// Largest number of backups accepted.
 pub(crate) const MAX_BACKUPS: u32 = 1000;
+/// Longest `max_age` (and `logs.removed_retention`) accepted, in seconds: ten years.
+pub(crate) const MAX_AGE_SECONDS: u64 = 10 * 365 * 86_400;
 
 impl Config {
     /// Parses YAML text; `origin` names it in errors (a file path or "embedded defaults").
@@ -490,6 +570,17 @@ impl Config {
                 ),
             );
         }
+        for (key, age) in [
+            ("logs.max_age", self.logs.max_age),
+            ("logs.removed_retention", self.logs.removed_retention),
+        ] {
+            if age.get().subsec_nanos() != 0 || age.get().as_secs() > MAX_AGE_SECONDS {
+                return value(
+                    key,
+                    format!("must be whole seconds up to 3650d, or 0s for off (got {age})"),
+                );
+            }
+        }
         if self.handoff.token_ttl.get().is_zero() {
             return value("handoff.token_ttl", "must be longer than 0s".into());
         }
@@ -511,6 +602,21 @@ impl Config {
             tls.validate()?;
         }
         self.web.validate()?;
+        self.node.validate()?;
+        if self.console.require_gateway
+            && self
+                .tls
+                .as_ref()
+                .and_then(|t| t.client_ca.as_ref())
+                .is_none()
+        {
+            return value(
+                "console.require_gateway",
+                "needs tls.cert, tls.key and tls.client_ca (the CA of the gateway's client \
+                 certificates): remote callers are told apart by their certificate"
+                    .into(),
+            );
+        }
         if self.consoles.client_queue.bytes() < 4096 {
             return value(
                 "consoles.client_queue",

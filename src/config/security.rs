@@ -193,7 +193,7 @@ fn default_handshake_timeout() -> HumanDuration {
 }
 
 impl TlsConfig {
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let files = [
             ("tls.cert", Some(&self.cert)),
             ("tls.key", Some(&self.key)),

@@ -7,6 +7,8 @@
 //! once, so nothing waits in the channel).
 
 use super::clients::{self, ClientQueue, Event, Offer};
+use super::mux;
+use super::Protocol;
 use super::{AttachRequest, Command, ConsoleHandle, ConsoleSettings, Input, Mode, NO_WRITER};
 use super::{ConsoleError, Result};
 use crate::log_owner::{Attached, Figures, LogOwner};
@@ -41,9 +43,13 @@ struct Writing {
     /// Whose it is; `None` for input carried over an upgrade from an older image (nobody
     /// waits for it, it is written as before).
     client: Option<u64>,
-    /// What the guest's socket has not taken yet.
+    /// What the guest's socket has not taken yet (wire bytes).
     data: Bytes,
-    written: usize,
+    /// The caller's bytes the piece stands for (what its reply counts).
+    counted: usize,
+    /// A mux console wrote the first byte of a two-byte sequence (`Ctrl-A Ctrl-A`, `Ctrl-A b`)
+    /// last: the next byte written must be its second, even if the piece is discarded.
+    half: bool,
     /// The caller waiting for the piece; closed when it went away.
     reply: Option<oneshot::Sender<Result<usize>>>,
 }
@@ -67,6 +73,8 @@ pub(super) struct ConsoleActor {
     guest: Option<UnixStream>,
     /// The piece of input being written (module doc of `console`: nothing else is queued).
     writing: Option<Writing>,
+    /// Input is in QEMU's mux framing ([`mux`]).
+    mux: bool,
     /// Resolves once the keeper holds a new guest connection ([`crate::keeper::flushed`]): it
     /// is not read before, so a crash in between cannot lose what QEMU sent on it.
     held: Option<tokio::sync::oneshot::Receiver<()>>,
@@ -87,6 +95,7 @@ impl ConsoleActor {
         pending_input: Vec<u8>,
         settings: ConsoleSettings,
     ) -> Self {
+        let mux = handle.protocol == Protocol::Mux;
         Self {
             handle,
             owner,
@@ -95,10 +104,12 @@ impl ConsoleActor {
             guest,
             writing: (!pending_input.is_empty()).then(|| Writing {
                 client: None,
+                counted: 0,
                 data: pending_input.into(),
-                written: 0,
+                half: false,
                 reply: None,
             }),
+            mux,
             held: None,
             clients: BTreeMap::new(),
             writer: None,
@@ -250,6 +261,7 @@ impl ConsoleActor {
             offset: start,
             writer: becomes_writer,
             guest_connected: self.guest.is_some(),
+            serial_break: self.mux,
         });
         // One allocation for the whole replay, shared by its chunks; a remote client's replay
         // keeps its memory place until the client has taken every chunk.
@@ -336,16 +348,23 @@ impl ConsoleActor {
     }
 
     /// Discards the piece being written (what the guest's socket took stays taken) and tells
-    /// its caller `why`, if it is still waiting.
+    /// its caller `why`, if it is still waiting. A mux sequence half written is completed
+    /// first (its second byte stays to be written, owned by nobody): cut, QEMU would take the
+    /// next byte of input as one of its commands.
     fn drop_writing(&mut self, why: Option<ConsoleError>) {
-        let Some(writing) = self.writing.take() else {
+        let Some(mut writing) = self.writing.take() else {
             return;
         };
-        tracing::debug!(
-            written = writing.written,
-            discarded = writing.data.len(),
-            "input discarded"
-        );
+        tracing::debug!(discarded = writing.data.len(), "input discarded");
+        if writing.half && self.guest.is_some() {
+            self.writing = Some(Writing {
+                client: None,
+                data: writing.data.split_to(1),
+                counted: 0,
+                half: true,
+                reply: None,
+            });
+        }
         if let (Some(reply), Some(why)) = (writing.reply, why) {
             let _ = reply.send(Err(why));
         }
@@ -371,6 +390,8 @@ impl ConsoleActor {
         }
         self.owner.note_event(EventKind::GuestConnected, "");
         self.drop_writing(Some(ConsoleError::GuestReplaced(self.handle.name.clone())));
+        // Nothing of the old connection's input goes to the new one.
+        self.writing = None;
         // The keeper holds the new connection in place of the old one (crate::keeper).
         crate::keeper::hold(&self.held_as(crate::keeper::names::CONNECTION), {
             use std::os::fd::AsFd;
@@ -434,6 +455,7 @@ impl ConsoleActor {
             console: self.handle.name.clone(),
             why: why.to_string(),
         }));
+        self.writing = None;
         self.handle.console.guest_connected.store(false, Relaxed);
         self.owner.note_event(EventKind::GuestDisconnected, why);
         tracing::info!(why, "guest disconnected");
@@ -517,12 +539,14 @@ impl ConsoleActor {
         };
         match guest.try_write(&writing.data) {
             Ok(n) => {
+                if self.mux {
+                    writing.half = mux::ends_half(writing.half, &writing.data[..n]);
+                }
                 writing.data.advance(n);
-                writing.written += n;
                 if writing.data.is_empty() {
                     let done = self.writing.take().expect("checked above");
                     if let Some(reply) = done.reply {
-                        let _ = reply.send(Ok(done.written));
+                        let _ = reply.send(Ok(done.counted));
                     }
                 }
             }
@@ -557,7 +581,8 @@ impl ConsoleActor {
         self.writing = Some(Writing {
             client: Some(input.client),
             data: input.data,
-            written: 0,
+            counted: input.counted,
+            half: false,
             reply: Some(input.reply),
         });
         // Write at once when we can; what remains waits for the socket to be writable.

@@ -29,6 +29,8 @@ pub enum Event {
         offset: u64,
         writer: bool,
         guest_connected: bool,
+        /// The console can carry a serial BREAK (created with the mux protocol).
+        serial_break: bool,
     },
     /// Guest output at an absolute offset.
     Output { offset: u64, data: Bytes },

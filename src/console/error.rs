@@ -51,6 +51,13 @@ pub enum ConsoleError {
          one returned"
     )]
     StillWriting(Arc<str>),
+    /// A serial BREAK asked of a console whose guest socket is raw.
+    #[error(
+        "Console {0} cannot carry a serial BREAK: its guest socket is raw; create the console \
+         with the mux protocol (conlogctl create-console --mux) and give QEMU's chardev mux=on \
+         (docs/consoles.md, \"Serial BREAK\")"
+    )]
+    NoBreak(Arc<str>),
     /// The console's actor has stopped (closed, removed or frozen).
     #[error("Console {0} is closing")]
     Closing(Arc<str>),

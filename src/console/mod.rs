@@ -32,6 +32,11 @@
 //! at most the old peer's socket send buffer (`net.core.wmem_max` bounds it) without waiting, so
 //! an old peer that keeps writing cannot delay the switch.
 //!
+//! A console whose QEMU chardev has `mux=on` ([`Protocol::Mux`]) doubles Ctrl-A in input (so no
+//! keystroke reaches QEMU's own commands) and carries a serial BREAK as `Ctrl-A b`
+//! ([`ConsoleHandle::send_break`], [`mux`]); output is logged as with a raw socket. A raw console
+//! refuses a break.
+//!
 //! Only the client holding the writer lease reaches the guest; input from anyone else is
 //! dropped (and refused, for `SendConsoleInput`). This module never touches gRPC types: the
 //! server maps [`Event`]s to frames, and what a console refuses or fails at is a
@@ -45,12 +50,14 @@
 mod actor;
 pub mod clients;
 mod error;
+pub mod mux;
 pub mod pacing;
 mod raw;
 pub mod sessions;
 
 pub use clients::{ClientReceiver, Event};
 pub use error::ConsoleError;
+pub use mux::Protocol;
 
 use crate::log_owner::{LogCommand, LogHandle, LogOwner};
 use crate::logfile::LogFile;
@@ -118,6 +125,8 @@ pub struct ConsoleSettings {
     pub max_clients: usize,
     /// Bytes per second one writer may type (`limits.input_rate`).
     pub input_rate: u64,
+    /// The gid given the guest socket and its directories (`consoles.socket_group`).
+    pub socket_group: Option<u32>,
 }
 
 /// Counters of a console readable without asking the actor.
@@ -190,7 +199,10 @@ impl From<LogCommand> for Command {
 /// One piece of input (at most [`MAX_PENDING_INPUT`] bytes) for the guest from client `client`.
 struct Input {
     client: u64,
+    /// Wire bytes, in the console's framing.
     data: Bytes,
+    /// The caller's bytes these are (what the reply counts).
+    counted: usize,
     /// Answered once the guest's socket took every byte (or the piece was refused or
     /// discarded); dropping its receiver withdraws what is not written yet.
     reply: oneshot::Sender<Result<usize>>,
@@ -207,6 +219,8 @@ pub struct ConsoleHandle {
     pub log: LogHandle,
     pub console: Arc<ConsoleStats>,
     pub paths: Arc<ConsolePaths>,
+    /// What the guest socket speaks (fixed for the console's life).
+    pub protocol: Protocol,
 }
 
 impl ConsoleHandle {
@@ -237,6 +251,7 @@ impl ConsoleHandle {
         settings: ConsoleSettings,
         metrics: Arc<Metrics>,
         frozen: Option<FrozenConsole>,
+        protocol: Protocol,
     ) -> Result<Self> {
         let adopt = |e| {
             ConsoleError::io(
@@ -244,6 +259,7 @@ impl ConsoleHandle {
                 e,
             )
         };
+        let carried = frozen.is_some();
         let (guest_listener, client_listener, guest_connection, pending_input) = match frozen {
             Some(fds) => (
                 listener_from(fds.guest_listener).map_err(adopt)?,
@@ -255,15 +271,24 @@ impl ConsoleHandle {
                 fds.pending_input,
             ),
             None => {
-                create_socket_dir(&paths.guest_socket)?;
+                create_socket_dir(&paths.guest_socket, settings.socket_group)?;
                 (
-                    bind(&paths.guest_socket)?,
-                    bind(&paths.client_socket)?,
+                    bind(&paths.guest_socket, settings.socket_group)?,
+                    bind(&paths.client_socket, None)?,
                     None,
                     Vec::new(),
                 )
             }
         };
+        if carried && regroup(&paths, settings.socket_group) {
+            // Carried sockets kept the group they were given; a changed config gives the new
+            // one to them and their directories.
+            let dir = paths.guest_socket.parent();
+            for dir in [dir.and_then(Path::parent), dir].into_iter().flatten() {
+                give_dir_to_group(dir, settings.socket_group)?;
+            }
+            give_to_group(&paths.guest_socket, settings.socket_group)?;
+        }
         hold_sockets(
             guest,
             device,
@@ -283,6 +308,7 @@ impl ConsoleHandle {
             log,
             console: Arc::new(ConsoleStats::default()),
             paths: Arc::new(paths),
+            protocol,
         };
         let actor = actor::ConsoleActor::new(
             handle.clone(),
@@ -338,21 +364,56 @@ impl ConsoleHandle {
         let mut rest = data;
         let mut written = 0;
         loop {
-            let piece = rest.split_to(rest.len().min(MAX_PENDING_INPUT));
-            let (reply, answer) = oneshot::channel();
-            self.input
-                .send(Input {
-                    client,
-                    data: piece,
-                    reply,
-                })
-                .await
-                .map_err(|_| gone(&self.name))?;
-            written += answer.await.map_err(|_| gone(&self.name))??;
+            let piece = match self.protocol {
+                Protocol::Raw => rest.split_to(rest.len().min(MAX_PENDING_INPUT)),
+                // Escaped, a piece stays within MAX_PENDING_INPUT too.
+                Protocol::Mux => rest.split_to(mux::fitting(&rest, MAX_PENDING_INPUT)),
+            };
+            let counted = piece.len();
+            let data = match self.protocol {
+                Protocol::Raw => piece,
+                Protocol::Mux => mux::escape(piece),
+            };
+            written += self.send_piece(client, data, counted).await?;
             if rest.is_empty() {
                 return Ok(written);
             }
         }
+    }
+
+    /// Sends a serial BREAK to the guest for client `client`, under the same rules as
+    /// [`ConsoleHandle::write_input`]; refused (`FAILED_PRECONDITION`) by a console whose guest
+    /// socket is raw, which cannot carry one.
+    pub async fn send_break(&self, client: u64) -> Result<()> {
+        if self.protocol != Protocol::Mux {
+            return Err(ConsoleError::NoBreak(self.name.clone()));
+        }
+        if self
+            .console
+            .writer
+            .load(std::sync::atomic::Ordering::Relaxed)
+            != client
+        {
+            return Err(not_writer(&self.name));
+        }
+        self.send_piece(client, Bytes::from_static(&mux::BREAK), 0)
+            .await
+            .map(drop)
+    }
+
+    /// Hands one piece of wire bytes to the actor and waits until the guest took it.
+    async fn send_piece(&self, client: u64, data: Bytes, counted: usize) -> Result<usize> {
+        let (reply, answer) = oneshot::channel();
+        self.input
+            .send(Input {
+                client,
+                data,
+                counted,
+                reply,
+            })
+            .await
+            .map_err(|_| gone(&self.name))?;
+        answer.await.map_err(|_| gone(&self.name))?
     }
 
     /// Ends every attached client (gRPC streams end with `UNAVAILABLE`, raw connections close)
@@ -408,25 +469,66 @@ impl Drop for DetachGuard {
 }
 
 /// Creates the directory of a console's sockets: one `mkdir` when its parent exists (a stop
-/// removes it, so a restart creates thousands).
-fn create_socket_dir(socket: &Path) -> Result<()> {
+/// removes it, so a restart creates thousands). With a socket group, the directory and
+/// `consoles/` above it are given to that group, mode 0750, when created: its members can reach
+/// the guest sockets whatever conlogd's umask.
+fn create_socket_dir(socket: &Path, group: Option<u32>) -> Result<()> {
     let Some(dir) = socket.parent() else {
         return Ok(());
     };
     let io = |e| ConsoleError::io(format!("cannot create {}", dir.display()), e);
     match std::fs::create_dir(dir) {
-        Ok(()) => Ok(()),
+        Ok(()) => give_dir_to_group(dir, group),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).map_err(io)
+            std::fs::create_dir_all(dir).map_err(io)?;
+            if let Some(consoles) = dir.parent() {
+                give_dir_to_group(consoles, group)?;
+            }
+            give_dir_to_group(dir, group)
         }
         Err(e) => Err(io(e)),
     }
 }
 
-/// Binds a console socket (mode 0660) in its existing directory, replacing a stale file: one
-/// `bind` in the common case.
-fn bind(path: &Path) -> Result<UnixListener> {
+/// `dir` to `group` with mode 0750 (nothing without a group).
+fn give_dir_to_group(dir: &Path, group: Option<u32>) -> Result<()> {
+    if group.is_none() {
+        return Ok(());
+    }
+    give_to_group(dir, group)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
+        .map_err(|e| ConsoleError::io(format!("cannot set the mode of {}", dir.display()), e))
+}
+
+/// Changes the group of `path` (not its owner); nothing without a group.
+fn give_to_group(path: &Path, group: Option<u32>) -> Result<()> {
+    let Some(gid) = group else {
+        return Ok(());
+    };
+    rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid))).map_err(|e| {
+        ConsoleError::io(
+            format!(
+                "cannot give {} to group {gid} (consoles.socket_group)",
+                path.display()
+            ),
+            e.into(),
+        )
+    })
+}
+
+/// Whether a carried guest socket (an upgrade, a takeover, a crash) must be given the
+/// configured group: when one is configured and the socket has another.
+fn regroup(paths: &ConsolePaths, group: Option<u32>) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    group.is_some_and(|gid| {
+        std::fs::metadata(&paths.guest_socket).is_ok_and(|meta| meta.gid() != gid)
+    })
+}
+
+/// Binds a console socket (mode 0660, given to `group` if any) in its existing directory,
+/// replacing a stale file: one `bind` in the common case.
+fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener> {
     let io = |e| ConsoleError::io(format!("cannot bind {}", path.display()), e);
     let listener = match UnixListener::bind(path) {
         Ok(listener) => listener,
@@ -438,12 +540,13 @@ fn bind(path: &Path) -> Result<UnixListener> {
         }
         // The directory went away meanwhile (the guest's last other console closed).
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            create_socket_dir(path)?;
+            create_socket_dir(path, group)?;
             UnixListener::bind(path).map_err(io)?
         }
         Err(e) => return Err(io(e)),
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
+    give_to_group(path, group)?;
     Ok(listener)
 }
 

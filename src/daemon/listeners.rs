@@ -50,7 +50,7 @@ impl Listeners {
         let socket_path = runtime_dir.join("conlogd.sock");
         let held_local = held.take_listener("local").map(UnixListener::from);
         let lock = acquire_lock(runtime_dir, &socket_path, held_local.is_some())?;
-        let group = resolve_group(config.socket_group.as_deref())?;
+        let group = resolve_group(config.socket_group.as_deref(), "socket_group")?;
         let tcp_error = |what, address: String| {
             move |source| StartError::Bind {
                 what,
@@ -266,8 +266,11 @@ fn bind_unix(path: &Path, group: Option<u32>, mode: u32) -> Result<UnixListener,
     Ok(listener)
 }
 
-/// A group name or number → gid.
-fn resolve_group(group: Option<&str>) -> Result<Option<u32>, StartError> {
+/// A group name or number (config key `key`) → gid.
+pub(crate) fn resolve_group(
+    group: Option<&str>,
+    key: &'static str,
+) -> Result<Option<u32>, StartError> {
     let Some(group) = group else {
         return Ok(None);
     };
@@ -285,5 +288,8 @@ fn resolve_group(group: Option<&str>) -> Result<Option<u32>, StartError> {
         })
         .next()
         .map(Some)
-        .ok_or_else(|| StartError::Group(group.to_owned()))
+        .ok_or_else(|| StartError::Group {
+            key,
+            name: group.to_owned(),
+        })
 }

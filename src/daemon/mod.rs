@@ -67,9 +67,9 @@ pub enum StartError {
         address: String,
         source: io::Error,
     },
-    /// The socket group does not exist.
-    #[error("Invalid config value socket_group: no group named {0:?}")]
-    Group(String),
+    /// A socket group (config key `key`) does not exist.
+    #[error("Invalid config value {key}: no group named {name:?} (give a group name from /etc/group or a number)")]
+    Group { key: &'static str, name: String },
     /// Restoring the registry failed.
     #[error("Cannot restore state: {0}")]
     Restore(#[from] crate::guests::RegistryError),
@@ -211,7 +211,11 @@ impl Daemon {
         }
         let security = Security::load(&config)?;
         let metrics = Arc::new(Metrics::default());
-        let guests = Guests::new(config.clone(), metrics.clone());
+        let console_group = listeners::resolve_group(
+            config.consoles.socket_group.as_deref(),
+            "consoles.socket_group",
+        )?;
+        let guests = Guests::new(config.clone(), metrics.clone(), console_group);
         let gate = Gate::new();
         let handoffs = Handoffs::new(
             config.handoff.token_ttl.get(),

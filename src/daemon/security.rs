@@ -41,8 +41,19 @@ impl Security {
         })
     }
 
-    /// SIGHUP: reads the TLS files again; on error the old certificates stay.
+    /// SIGHUP: reads the TLS files and the token key again; on error the old ones stay. A
+    /// token key provisioned from outside (docs/gateway.md, "Keys") takes effect here, as a
+    /// rotation when it differs.
     pub(super) fn reload(&self) {
+        match self.tokens.reload() {
+            Ok(true) => tracing::warn!(
+                "SIGHUP: token key replaced from its file: every token issued before is revoked"
+            ),
+            Ok(false) => tracing::info!("SIGHUP: token key unchanged"),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: cannot read the token key; keeping the current one")
+            }
+        }
         let Some(tls) = &self.tls else {
             tracing::info!("SIGHUP: no TLS configured, nothing to reload");
             return;

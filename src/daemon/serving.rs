@@ -92,6 +92,11 @@ impl Serving {
         );
         let tcp = tokio_tcp(&listeners.tcp)?;
         let tcp_address = tcp.local_addr()?;
+        let advertise = config.node.advertise_for(tcp_address);
+        tracing::info!(%advertise, require_gateway = config.console.require_gateway, "node claim of the tokens issued here");
+        security
+            .tokens
+            .set_node(advertise, config.console.require_gateway);
         let mut grpc = vec![
             tokio::spawn(
                 server::serve_local(
@@ -148,6 +153,14 @@ impl Serving {
                 crate::metrics::serve(listener, Arc::new(registry)).instrument(span("metrics")),
             ));
         }
+        tasks.push(tokio::spawn(
+            crate::retention::run(
+                guests.clone(),
+                config.log_dir().to_owned(),
+                config.logs.removed_retention.get(),
+            )
+            .instrument(span("retention")),
+        ));
         let (successor_tx, successors) = mpsc::channel(1);
         tasks.push(tokio::spawn(
             handover::accept(tokio_unix(&listeners.handover)?, successor_tx)

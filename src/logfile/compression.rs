@@ -405,6 +405,7 @@ mod tests {
             max_backups: 3,
             mode: LogMode::Rotate,
             compress,
+            max_age: 0,
         };
         LogFile::open(&dir.join("s.log"), &dir.join("s.pos"), limits).unwrap()
     }

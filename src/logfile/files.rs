@@ -60,8 +60,44 @@ pub(crate) fn shift_backup(path: &Path, k: u32) -> io::Result<()> {
 /// Bytes of the index of the log file at `log` (0 if it has none); a compressed `.N.zst`
 /// keeps the index of `.N`.
 pub(crate) fn index_len(log: &Path) -> u64 {
-    fs::metadata(super::index::index_path(&super::compression::raw_name(log)))
+    fs::symlink_metadata(super::index::index_path(&super::compression::raw_name(log)))
+        .ok()
+        .filter(fs::Metadata::is_file)
         .map_or(0, |m| m.len())
+}
+
+/// Removes a log file (raw or compressed) and the index beside it; true if the log file was
+/// there.
+pub(crate) fn remove_log_file(path: &Path) -> io::Result<bool> {
+    let existed = match fs::remove_file(path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
+    remove_if_exists(&super::index::index_path(&super::compression::raw_name(
+        path,
+    )))?;
+    Ok(existed)
+}
+
+/// Deletes every file of the stream whose current file is `path`: its backups oldest first,
+/// then the current file, each with its index, so that a crash half-way leaves `.1 .. .k` and
+/// the current file without a hole (and a second call finishes the job). Returns how many log
+/// files were deleted. The caller makes sure no writer has the stream open; readers that hold
+/// a file keep reading it (an unlinked file keeps its bytes while open).
+pub(crate) fn delete_stream_files(path: &Path) -> io::Result<u32> {
+    let mut deleted = 0;
+    let backups = backups_of(path, MAX_SCAN);
+    for (backup, _) in backups.iter().rev() {
+        if remove_log_file(backup)? {
+            deleted += 1;
+        }
+        crate::fault::point("logfile.delete.file");
+    }
+    if remove_log_file(path)? {
+        deleted += 1;
+    }
+    Ok(deleted)
 }
 
 /// Opens (creating) a log file for appending at its end.

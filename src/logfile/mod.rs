@@ -1,15 +1,21 @@
 //! One stream's log on disk: append, rotate or truncate at `max_size`, and absolute offsets.
 //!
-//! Owns `<log_dir>/<guest>/<stream>.log`, its backups `.log.1` (newest) … `.log.N`, and the
-//! stream's position record (`<stream>.pos` in the state directory). It never reads from a
-//! client or a guest and never blocks on anything but the file system. One concern per file:
-//! this one appends, rotates and maps files to offsets; `gaps` keeps the offsets without bytes;
-//! `record` the record's format; `recover` where offsets resume at open; `files` the
-//! file-system steps; `read` reads ranges back from segments (console replay).
+//! Owns `<log_dir>/<guest>/<stream>.log`, its backups `.log.1` (newest) … `.log.N`, their time
+//! indexes (`.log.idx`, `.log.N.idx`, renamed and removed with them), and the stream's position
+//! record (`<stream>.pos` in the state directory). It never reads from a client or a guest and
+//! never blocks on anything but the file system. One concern per file: this one appends,
+//! rotates and maps files to offsets; `gaps` keeps the offsets without bytes; `record` the
+//! record's format; `recover` where offsets resume at open; `files` the file-system steps;
+//! `read` reads ranges back from segments (console replay); `index` the time index (format,
+//! writer, reader), which never changes a byte of a log; `view` maps the files of a stream
+//! nobody writes any more (a removed one) for history, read-only. Age retention
+//! ([`LogFile::expire`]) deletes the rotated files older than `max_age`, never the current one.
 //!
 //! Invariants (docs/operations.md, "Durability"):
-//! - No file of a stream is larger than `max_size` (limits that shrink apply at once), so its
-//!   bytes on disk never exceed `max_size × (max_backups + 1)`.
+//! - No file of a stream together with its time index is larger than `max_size` (limits that
+//!   shrink apply at once), so its bytes on disk never exceed `max_size × (max_backups + 1)`.
+//!   A file rotates when it has less room left than the entries of one write may take, so an
+//!   entry always lands in the index of the file that received its byte.
 //! - The absolute offset (`end`) only grows, across restarts, crashes and power cuts, and an
 //!   offset is never given to two different bytes. Bytes that cannot be logged (disk full, a new
 //!   file that cannot be opened) still take their offsets: they become a gap ([`Gaps`]) that
@@ -47,8 +53,10 @@ pub(crate) mod seekable;
     reason = "test data of known, small sizes"
 )]
 mod tests;
+mod view;
 
 pub(crate) use crate::config::Compression;
+pub(crate) use files::delete_stream_files;
 pub(crate) use files::write_atomically;
 pub use files::{backup_path, backups_of};
 pub(crate) use gaps::{Gaps, Piece};
@@ -56,6 +64,7 @@ pub(crate) use read::{read_tail, Body, SegmentError};
 pub(crate) use record::Position;
 #[cfg(test)]
 use record::POSITION_RECORD_LEN;
+pub(crate) use view::LogView;
 
 use crate::clock;
 use crate::config::LogMode;
@@ -86,6 +95,14 @@ pub(crate) struct LogLimits {
     /// Whether rotated files are compressed (records written before it existed: none).
     #[serde(default)]
     pub compress: Compression,
+    /// Seconds: rotated files whose newest byte (their mtime) is older are deleted
+    /// ([`LogFile::expire`]); 0 keeps them until the size cap pushes them out.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_age: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl LogLimits {
@@ -243,6 +260,10 @@ impl LogFile {
         }
         drop(position_file);
         log.enforce_limits()?;
+        // Age retention is checked at start, then by the daemon's periodic sweep.
+        if let Err(e) = log.expire(std::time::SystemTime::now()) {
+            tracing::warn!(path = %log.path.display(), error = %e, "cannot delete expired log files");
+        }
         Ok(log)
     }
 
@@ -330,17 +351,25 @@ impl LogFile {
     }
 
     /// Records `kind` in the index before the byte at the end offset. An event that does not
-    /// fit in the current file's pair (log and index at most `max_size`) is left out and
-    /// counted as an index failure: the log's bytes come first.
+    /// fit in the current file's pair (log and index at most `max_size`), or that comes over
+    /// the stream's event rate (docs/design.md, "Time index"), is left out and counted as an
+    /// index failure: the log's bytes come first.
     pub fn note_event(&mut self, kind: EventKind, detail: &str) {
         let now = clock::now();
-        let planned = self.index.plan_event(self.end, now, kind, detail);
-        if self.size + self.index.len() + planned.len() > self.limits.max_size {
+        if !self.index.admit_event(kind, now) {
             self.index
-                .skipped("no room left for the event in the current log file");
+                .skipped(&self.path, "too many events: over the stream's event rate");
             return;
         }
-        self.index.commit(planned, now, false);
+        let planned = self.index.plan_event(self.end, now, kind, detail);
+        if self.size + self.index.len() + planned.len() > self.limits.max_size {
+            self.index.skipped(
+                &self.path,
+                "no room left for the event in the current log file",
+            );
+            return;
+        }
+        self.index.commit(&self.path, planned, now, false);
     }
 
     /// Records that the daemon (re)opened this log: `daemon started` with how (a fresh start
@@ -362,35 +391,12 @@ impl LogFile {
     /// The runs of bytes of this stream on disk, oldest first, with their absolute offsets. The
     /// last one is the current file's growing end (empty if the file is, or ends in a gap).
     pub(crate) fn segments(&self) -> Vec<Segment> {
-        let mut segments = Vec::new();
-        let mut newer_start = self.start;
-        for (path, len) in backups_of(&self.path, self.backup_scan()) {
-            let Some(pieces) = self.gaps.pieces(newer_start, len) else {
-                break;
-            };
-            let Some(first) = pieces.first() else {
-                continue;
-            };
-            newer_start = first.start;
-            segments.extend(pieces.iter().rev().map(|p| segment(&path, p, false)));
-        }
-        segments.reverse();
-        let pieces = self.gaps.pieces(self.end, self.size).unwrap_or_default();
-        let ends_at_end = pieces.last().is_some_and(|p| p.start + p.len == self.end);
-        let last = pieces.len().saturating_sub(1);
-        for (i, piece) in pieces.iter().enumerate() {
-            segments.push(segment(&self.path, piece, ends_at_end && i == last));
-        }
-        if !ends_at_end {
-            segments.push(Segment {
-                path: self.path.clone(),
-                start: self.end,
-                len: 0,
-                file_pos: self.size,
-                growable: true,
-            });
-        }
-        segments
+        segments_of(
+            &self.path,
+            backups_of(&self.path, self.backup_scan()),
+            &self.gaps,
+            (self.start, self.size, self.end),
+        )
     }
 
     /// Opens (read-only) every file holding offsets at or after `from`, oldest first. The
@@ -399,47 +405,41 @@ impl LogFile {
     /// A compressed file's seek table is read and validated here, once per file: one that
     /// fails is served as a gap with the reason ([`Body::Unreadable`]).
     pub(crate) fn open_segments(&self, from: u64) -> io::Result<Vec<OpenSegment>> {
-        let mut open = Vec::new();
-        // The file last opened (segments of one file share it): path, log, index, body.
-        type Opened = (PathBuf, Arc<File>, Option<Arc<File>>, Body);
-        let mut last: Option<Opened> = None;
-        for s in self.segments() {
-            if s.start + s.len <= from && !s.growable {
-                continue;
-            }
-            let (file, index, body) = match &last {
-                Some((path, file, index, body)) if *path == s.path => {
-                    (file.clone(), index.clone(), body.clone())
-                }
-                _ => match File::open(&s.path) {
-                    Ok(file) => {
-                        // After the log: whatever the log held then, its index covers.
-                        let index_path = index::index_path(&compression::raw_name(&s.path));
-                        let index = match File::open(index_path) {
-                            Ok(index) => Some(Arc::new(index)),
-                            Err(e) if e.kind() == ErrorKind::NotFound => None,
-                            Err(e) => return Err(e),
-                        };
-                        let body = Body::of(&file, &s.path);
-                        (Arc::new(file), index, body)
-                    }
-                    // A file removed behind our back: its bytes are gone, the reader reports a gap.
-                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                },
-            };
-            last = Some((s.path, file.clone(), index.clone(), body.clone()));
-            open.push(OpenSegment {
-                file,
-                body,
-                index,
-                start: s.start,
-                len: s.len,
-                file_pos: s.file_pos,
-                growable: s.growable,
-            });
+        open_segments_of(self.segments(), from)
+    }
+
+    /// Deletes the rotated files whose newest byte is older than `limits.max_age` seconds
+    /// before `now` (a rotated file is renamed, never rewritten, so its mtime is the time of its
+    /// newest byte), never the current file. A backup older than the age goes with every older
+    /// one (`.k ..= .N`), so the backups never have a hole, and the offsets they held become
+    /// history's leading gap, as after a rotation. Returns how many files went.
+    pub(crate) fn expire(&mut self, now: std::time::SystemTime) -> io::Result<u32> {
+        if self.limits.max_age == 0 {
+            return Ok(0);
         }
-        Ok(open)
+        let Some(cutoff) = now.checked_sub(std::time::Duration::from_secs(self.limits.max_age))
+        else {
+            return Ok(0);
+        };
+        let backups = backups_of(&self.path, MAX_SCAN);
+        let expired = backups.iter().position(|(path, _)| {
+            std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|modified| modified < cutoff)
+        });
+        let Some(first) = expired else {
+            return Ok(0);
+        };
+        // Both at most MAX_SCAN (a u32).
+        let count = |n: usize| u32::try_from(n).unwrap_or(MAX_SCAN);
+        fault::point("logfile.expire.begin");
+        // Oldest first (no hole if a step fails), each with its index.
+        for (backup, _) in backups[first..].iter().rev() {
+            files::remove_log_file(backup)?;
+        }
+        self.forget_old_gaps();
+        self.save_position(None)?;
+        Ok(count(backups.len() - first))
     }
 
     /// Appends `data`, rotating whenever the current file is full. On an error, what was
@@ -479,7 +479,7 @@ impl LogFile {
             }
             // Tests kill the daemon between the log write and its index entry.
             fault::point("index.append");
-            self.index.commit(planned, now, true);
+            self.index.commit(&self.path, planned, now, true);
             self.size += written as u64;
             self.end += written as u64;
             *logged += written;
@@ -813,6 +813,94 @@ impl Drop for LogFile {
     fn drop(&mut self) {
         let _ = self.save_position(None);
     }
+}
+
+/// The runs of bytes of a stream on disk, oldest first: the current file at `path` holds
+/// `size` bytes of the offsets `start .. end` (the rest are `gaps`), its `backups` (path and
+/// length, newest first) the offsets before. Shared by the writer ([`LogFile`]) and the
+/// read-only [`LogView`].
+fn segments_of(
+    path: &Path,
+    backups: Vec<(PathBuf, u64)>,
+    gaps: &Gaps,
+    (start, size, end): (u64, u64, u64),
+) -> Vec<Segment> {
+    let mut segments = Vec::new();
+    let mut newer_start = start;
+    for (backup, len) in backups {
+        let Some(pieces) = gaps.pieces(newer_start, len) else {
+            break;
+        };
+        let Some(first) = pieces.first() else {
+            continue;
+        };
+        newer_start = first.start;
+        segments.extend(pieces.iter().rev().map(|p| segment(&backup, p, false)));
+    }
+    segments.reverse();
+    let pieces = gaps.pieces(end, size).unwrap_or_default();
+    let ends_at_end = pieces.last().is_some_and(|p| p.start + p.len == end);
+    let last = pieces.len().saturating_sub(1);
+    for (i, piece) in pieces.iter().enumerate() {
+        segments.push(segment(path, piece, ends_at_end && i == last));
+    }
+    if !ends_at_end {
+        segments.push(Segment {
+            path: path.to_owned(),
+            start: end,
+            len: 0,
+            file_pos: size,
+            growable: true,
+        });
+    }
+    segments
+}
+
+/// Opens (read-only) the files of `segments` holding offsets at or after `from`.
+fn open_segments_of(segments: Vec<Segment>, from: u64) -> io::Result<Vec<OpenSegment>> {
+    let mut open = Vec::new();
+    // The file last opened (segments of one file share it): path, log, index, body.
+    type Opened = (PathBuf, Arc<File>, Option<Arc<File>>, Body);
+    let mut last: Option<Opened> = None;
+    for s in segments {
+        if s.start + s.len <= from && !s.growable {
+            continue;
+        }
+        let (file, index, body) = match &last {
+            Some((path, file, index, body)) if *path == s.path => {
+                (file.clone(), index.clone(), body.clone())
+            }
+            _ => match File::open(&s.path) {
+                Ok(file) => {
+                    // After the log: whatever the log held then, its index covers. A
+                    // compressed `.N.zst` keeps the index of `.N`.
+                    let index_path = index::index_path(&compression::raw_name(&s.path));
+                    let index = match File::open(index_path) {
+                        Ok(index) => Some(Arc::new(index)),
+                        Err(e) if e.kind() == ErrorKind::NotFound => None,
+                        Err(e) => return Err(e),
+                    };
+                    // A compressed file's table is read and validated here, once per file.
+                    let body = Body::of(&file, &s.path);
+                    (Arc::new(file), index, body)
+                }
+                // A file removed behind our back: its bytes are gone, the reader reports a gap.
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            },
+        };
+        last = Some((s.path, file.clone(), index.clone(), body.clone()));
+        open.push(OpenSegment {
+            file,
+            body,
+            index,
+            start: s.start,
+            len: s.len,
+            file_pos: s.file_pos,
+            growable: s.growable,
+        });
+    }
+    Ok(open)
 }
 
 fn segment(path: &Path, piece: &Piece, growable: bool) -> Segment {

@@ -181,6 +181,7 @@ mod tests {
             max_backups: 3,
             mode: LogMode::Rotate,
             compress: crate::logfile::Compression::None,
+            max_age: 0,
         };
         LogFile::open(&dir.join("s.log"), &dir.join("s.pos"), limits).unwrap()
     }

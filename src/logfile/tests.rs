@@ -10,7 +10,60 @@ fn limits(max_size: u64, max_backups: u32, mode: LogMode) -> LogLimits {
         max_backups,
         mode,
         compress: crate::logfile::Compression::None,
+        max_age: 0,
     }
+}
+
+/// Sets a file's mtime to `age` ago.
+fn age_file(path: &Path, age: std::time::Duration) {
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - age)
+        .unwrap();
+}
+
+#[test]
+fn expiry_deletes_the_old_rotated_files_with_their_indexes_and_never_the_current_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pos) = (dir.path().join("s.log"), dir.path().join("s.pos"));
+    let mut log = LogFile::open(&path, &pos, limits(4096, 5, LogMode::Rotate)).unwrap();
+    log.append(&[b'x'; 4096 * 4 + 100]).unwrap();
+    // Files: .4 (0..4096), .3, .2, .1 (12288..16384), current (16384..16484).
+    let hour = std::time::Duration::from_secs(3600);
+    for n in 1..=4 {
+        fs::write(index::index_path(&backup_path(&path, n)), b"idx").unwrap();
+    }
+    age_file(&path, 10 * hour);
+    age_file(&backup_path(&path, 1), hour / 2);
+    age_file(&backup_path(&path, 2), 2 * hour);
+    // Younger than .2 by mtime but older by its data: it goes with every older file.
+    age_file(&backup_path(&path, 3), hour / 4);
+    age_file(&backup_path(&path, 4), 3 * hour);
+    let now = std::time::SystemTime::now();
+    // Off: nothing goes.
+    assert_eq!(log.expire(now).unwrap(), 0);
+    log.set_limits(LogLimits {
+        max_age: 3600,
+        ..limits(4096, 5, LogMode::Rotate)
+    })
+    .unwrap();
+    assert_eq!(log.expire(now).unwrap(), 3);
+    assert!(path.exists(), "the current file is never expired");
+    assert!(backup_path(&path, 1).exists());
+    assert!(index::index_path(&backup_path(&path, 1)).exists());
+    for n in 2..=4 {
+        assert!(!backup_path(&path, n).exists());
+        assert!(!index::index_path(&backup_path(&path, n)).exists());
+    }
+    // The offsets stay: the oldest byte on disk is .1's first, history's leading gap before.
+    assert_eq!(log.disk_usage(), (4096 + 100, 3 * 4096));
+    assert_eq!(log.end_offset(), 4 * 4096 + 100);
+    drop(log);
+    let log = LogFile::open(&path, &pos, limits(4096, 5, LogMode::Rotate)).unwrap();
+    assert_eq!(log.disk_usage(), (4096 + 100, 3 * 4096));
+    assert_eq!(log.end_offset(), 4 * 4096 + 100);
 }
 
 /// Everything still on disk, oldest first, with the offset of its first byte.

@@ -6,6 +6,7 @@
 
 use super::conn::{ConnInfo, Peer};
 use crate::config::{Config, LogMode};
+use crate::console::Protocol;
 use crate::error::{Error, Result};
 use crate::guests::{Actor, Guests, LimitsOverride, StreamKind, StreamSnapshot};
 use crate::handoff::{create_pipe, Handoffs};
@@ -88,6 +89,7 @@ fn limits_from_proto(limits: Option<proto::LogLimits>) -> Result<LimitsOverride>
         max_backups: limits.max_backups,
         mode,
         compress,
+        max_age: limits.max_age_seconds,
     })
 }
 
@@ -167,6 +169,8 @@ impl AgentService {
             access,
             expires_unix,
             key_id: String::new(),
+            issued_unix: None,
+            node: None,
         });
         Ok(proto::IssueTokenResponse {
             token,
@@ -186,7 +190,7 @@ impl AgentService {
         crate::fault::point("agent.create_log_pipe");
         let opened = self
             .guests
-            .open_stream(&guest, &stream, StreamKind::Pipe, limits)
+            .open_stream(&guest, &stream, StreamKind::Pipe, limits, None)
             .await?;
         let (Actor::Pipe(handle), log_path) = (opened.actor, opened.log_path) else {
             unreachable!("open_stream returns the kind asked for");
@@ -240,10 +244,21 @@ impl AgentService {
         let guest = GuestName::parse(request.guest)?;
         let device = StreamName::or_default(request.device, names::DEFAULT_CONSOLE_DEVICE)?;
         let limits = limits_from_proto(request.limits)?;
+        let protocol = match proto::ConsoleProtocol::try_from(request.protocol) {
+            Ok(proto::ConsoleProtocol::Unspecified) => None,
+            Ok(proto::ConsoleProtocol::Raw) => Some(Protocol::Raw),
+            Ok(proto::ConsoleProtocol::Mux) => Some(Protocol::Mux),
+            Err(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "protocol {} is not a ConsoleProtocol (RAW = 1, MUX = 2)",
+                    request.protocol
+                )))
+            }
+        };
         let _admitted = self.handoffs.admit()?;
         let opened = self
             .guests
-            .open_stream(&guest, &device, StreamKind::Console, limits)
+            .open_stream(&guest, &device, StreamKind::Console, limits, protocol)
             .await?;
         let Actor::Console(handle) = opened.actor else {
             unreachable!("open_stream returns the kind asked for");
@@ -252,6 +267,10 @@ impl AgentService {
             guest_socket: handle.paths.guest_socket.display().to_string(),
             client_socket: handle.paths.client_socket.display().to_string(),
             log_path: opened.log_path.display().to_string(),
+            protocol: match handle.protocol {
+                Protocol::Raw => proto::ConsoleProtocol::Raw,
+                Protocol::Mux => proto::ConsoleProtocol::Mux,
+            } as i32,
             offset: handle
                 .log
                 .stats
@@ -265,10 +284,24 @@ impl AgentService {
         request: proto::RemoveGuestRequest,
     ) -> Result<proto::RemoveGuestResponse> {
         let guest = GuestName::parse(request.guest)?;
+        let stream = if request.stream.is_empty() {
+            None
+        } else {
+            Some(StreamName::parse(request.stream)?)
+        };
         let _admitted = self.handoffs.admit()?;
-        self.handoffs.forget_guest(&guest);
-        let streams_removed = self.guests.remove_guest(&guest).await?;
-        Ok(proto::RemoveGuestResponse { streams_removed })
+        match &stream {
+            Some(stream) => self.handoffs.forget_stream(&guest, stream),
+            None => self.handoffs.forget_guest(&guest),
+        }
+        let removed = self
+            .guests
+            .remove(&guest, stream.as_ref(), request.delete_logs)
+            .await?;
+        Ok(proto::RemoveGuestResponse {
+            streams_removed: removed.streams,
+            logs_deleted: removed.logs_deleted,
+        })
     }
 }
 

@@ -140,6 +140,30 @@ pub fn authorize(
     Ok(())
 }
 
+/// Checks that `caller` may read the logs of `guest`'s stream `device` that was removed at
+/// the time its tombstone records: a local caller always may; a token only if it grants that
+/// stream and was issued no later than the second of the removal. A token issued after it may
+/// be meant for a guest created again under the name (another tenant's), so it never reads
+/// what the removed one left; nor does a token that carries no issue time, nor any token when
+/// the removal time is unknown (logs left without a tombstone).
+pub fn authorize_removed(
+    caller: Option<&Caller>,
+    guest: &str,
+    device: &str,
+    removed_unix: Option<u64>,
+) -> Result<(), Error> {
+    authorize(caller, guest, device, Need::Read)?;
+    let Some(Caller::Remote(grant)) = caller else {
+        return Ok(());
+    };
+    match (grant.issued_unix, removed_unix) {
+        (Some(issued), Some(removed)) if issued <= removed => Ok(()),
+        _ => Err(Error::PermissionDenied(format!(
+            "{guest}/{device} was removed; only a token issued before its removal reads its logs"
+        ))),
+    }
+}
+
 /// The device a token is limited to, if any (the default stream of a history read).
 pub fn granted_device(caller: Option<&Caller>) -> Option<&str> {
     match caller {

@@ -7,7 +7,10 @@
 //! [`crate::console::ConsoleHandle::write_input`], which queues nothing: `SendConsoleInput`
 //! takes at most 64 KiB per call (its request body is bounded while it arrives, by
 //! [`super::bodies::InputBounded`]), one call at a time per session, and waits at most 10 s for the guest; an
-//! `AttachConsole` stream reads its next frame only once the guest took the previous one.
+//! `AttachConsole` stream reads its next frame only once the guest took the previous one. A
+//! serial BREAK is input like any other (`ClientFrame.serial_break`,
+//! `SendConsoleInputRequest.serial_break`): the writer's only; a console that cannot carry one
+//! answers `FAILED_PRECONDITION` (it ends an `AttachConsole` call, which has no other answer).
 
 use super::auth::{self, Caller, Need};
 use super::conn::ConnInfo;
@@ -15,7 +18,7 @@ use crate::console::pacing::InputPacer;
 use crate::console::sessions::{SessionGuard, Sessions};
 use crate::console::{AttachRequest, Attachment, ConsoleError, Event, Mode, MAX_PENDING_INPUT};
 use crate::error::{Error, Result};
-use crate::guests::Guests;
+use crate::guests::{Guests, RegistryError};
 use crate::history::{self, HistoryItem, HistoryRequest, Start};
 use crate::names::{self, GuestName, StreamName};
 use crate::proto::{
@@ -130,22 +133,27 @@ impl ConsoleService {
         self
     }
 
-    /// A remote caller's place for one more descriptor, or the refusal naming the limit.
-    fn remote_descriptor(
+    /// A remote caller's places for `count` more descriptors, or the refusal naming the limit.
+    fn remote_descriptors(
         &self,
         caller: Option<&Caller>,
+        count: u32,
     ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Status> {
         let (Some(Caller::Remote(_)), Some(share)) = (caller, &self.remote_descriptors) else {
             return Ok(None);
         };
-        share.clone().try_acquire_owned().map(Some).map_err(|_| {
-            Error::Exhausted(
-                "Limit reached: remote callers hold their share of RLIMIT_NOFILE (a quarter); \
+        share
+            .clone()
+            .try_acquire_many_owned(count)
+            .map(Some)
+            .map_err(|_| {
+                Error::Exhausted(
+                    "Limit reached: remote callers hold their share of RLIMIT_NOFILE (a quarter); \
                  try again when other calls end"
-                    .to_owned(),
-            )
-            .into()
-        })
+                        .to_owned(),
+                )
+                .into()
+            })
     }
 
     /// `stream`, ended with `UNAUTHENTICATED` if the token key is rotated while it runs and
@@ -257,11 +265,13 @@ fn frame(event: Event, session_id: &str) -> std::result::Result<ServerFrame, Sta
             offset,
             writer,
             guest_connected,
+            serial_break,
         } => server_frame::Frame::Attached(proto::Attached {
             offset,
             writer,
             session_id: session_id.to_owned(),
             guest_connected,
+            serial_break,
         }),
         Event::Output { offset, data } => {
             server_frame::Frame::Output(proto::Output { offset, data })
@@ -335,6 +345,90 @@ fn frames(
             Some((item, held))
         }
     }))
+}
+
+/// The latest time a request may name: what nanoseconds since the epoch in an `i64` can hold.
+const LATEST_SECONDS: i64 = i64::MAX / 1_000_000_000;
+
+/// A request's timestamp as nanoseconds since the Unix epoch, or `INVALID_ARGUMENT` naming the
+/// field and the rule it breaks.
+fn unix_nanos(field: &str, time: &prost_types::Timestamp) -> Result<i64> {
+    if !(0..1_000_000_000).contains(&time.nanos) {
+        return Err(Error::InvalidArgument(format!(
+            "{field}.nanos is {}: it must be in 0..=999999999",
+            time.nanos
+        )));
+    }
+    if !(0..LATEST_SECONDS).contains(&time.seconds) {
+        return Err(Error::InvalidArgument(format!(
+            "{field}.seconds is {}: times must lie between 1970-01-01T00:00:00Z and \
+             2262-04-11T23:47:15Z (seconds 0..{LATEST_SECONDS})",
+            time.seconds
+        )));
+    }
+    Ok(time.seconds * 1_000_000_000 + i64::from(time.nanos))
+}
+
+/// A time for the wire.
+fn timestamp(unix_nanos: i64) -> prost_types::Timestamp {
+    let nanos = unix_nanos.rem_euclid(1_000_000_000);
+    prost_types::Timestamp {
+        seconds: unix_nanos.div_euclid(1_000_000_000),
+        // Below 10^9.
+        nanos: i32::try_from(nanos).unwrap_or_default(),
+    }
+}
+
+/// A history item as the frame a client receives. Nothing the request did not ask for is set:
+/// an old client's frames are byte for byte what they were before the time index.
+fn chunk(item: HistoryItem, text: bool) -> HistoryChunk {
+    match item {
+        HistoryItem::Data {
+            offset,
+            data,
+            time,
+            marks,
+        } => HistoryChunk {
+            offset,
+            text: if text {
+                String::from_utf8_lossy(&data).into_owned()
+            } else {
+                String::new()
+            },
+            data: data.into(),
+            gap: None,
+            time: time.map(|t| timestamp(t.unix_nanos)),
+            event: None,
+            marks: marks
+                .into_iter()
+                .map(|m| proto::TimeMark {
+                    offset: m.offset,
+                    unix_nanos: m.unix_nanos,
+                    approximate: m.approximate,
+                })
+                .collect(),
+        },
+        HistoryItem::Gap { from, to, reason } => HistoryChunk {
+            offset: to,
+            gap: Some(proto::Gap {
+                from_offset: from,
+                to_offset: to,
+                reason,
+            }),
+            ..Default::default()
+        },
+        HistoryItem::Event(event) => HistoryChunk {
+            offset: event.offset,
+            time: Some(timestamp(event.unix_nanos)),
+            event: Some(proto::HistoryEvent {
+                kind: i32::from(event.kind),
+                offset: event.offset,
+                time: Some(timestamp(event.unix_nanos)),
+                detail: event.detail,
+            }),
+            ..Default::default()
+        },
+    }
 }
 
 #[tonic::async_trait]
@@ -415,6 +509,19 @@ impl Console for ConsoleService {
                         }
                         pacer.pace(bytes).await;
                     }
+                    Some(client_frame::Frame::SerialBreak(_)) => {
+                        // Like input: a watcher's is dropped; one the console cannot carry
+                        // ends the call with the reason.
+                        let sent = tokio::select! {
+                            sent = console.send_break(client) => sent,
+                            _ = &mut call_over => break,
+                        };
+                        if let Err(e @ ConsoleError::NoBreak(_)) = sent {
+                            let _ = fail.send(Error::from(e).into());
+                            break;
+                        }
+                        pacer.pace(1).await;
+                    }
                     Some(client_frame::Frame::Resize(_)) | None => {}
                     Some(client_frame::Frame::Attach(_)) => {
                         tracing::debug!(console = %console.name, "ignoring a second attach frame");
@@ -492,6 +599,18 @@ impl Console for ConsoleService {
                 INPUT_WAIT.as_secs()
             ))
         })??;
+        if r.serial_break {
+            tokio::time::timeout(INPUT_WAIT, session.console.send_break(session.client))
+                .await
+                .map_err(|_| {
+                    Error::Exhausted(format!(
+                        "The guest of console {} has not read its input for {}s; the serial \
+                         BREAK was not sent",
+                        session.console.name,
+                        INPUT_WAIT.as_secs()
+                    ))
+                })??;
+        }
         pacer.pace(bytes).await;
         Ok(Response::new(SendConsoleInputResponse {
             accepted_bytes: written as u64,
@@ -516,54 +635,76 @@ impl Console for ConsoleService {
         // The guest is checked before it is looked up: a token for another guest learns
         // nothing, not even whether this one exists.
         auth::authorize_guest(caller.as_ref(), &guest)?;
-        let (stream_name, actor) = self.guests.stream(&guest, stream.as_ref()).await?;
-        auth::authorize(caller.as_ref(), &guest, &stream_name, Need::Read)?;
-        let descriptor = self.remote_descriptor(caller.as_ref())?;
+        let (_, actor) = match self.guests.stream(&guest, stream.as_ref()).await {
+            Ok((name, actor)) => {
+                auth::authorize(caller.as_ref(), &guest, &name, Need::Read)?;
+                (name, actor)
+            }
+            // No live stream: a removed one's logs are read while they are on disk.
+            Err(
+                missing @ (RegistryError::UnknownGuest(_) | RegistryError::UnknownStream { .. }),
+            ) => {
+                let (name, actor, tombstone) = self
+                    .guests
+                    .removed_stream(&guest, stream.as_ref())
+                    .map_err(|e| match e {
+                        RegistryError::Io { .. } => e,
+                        _ => missing,
+                    })?;
+                auth::authorize_removed(
+                    caller.as_ref(),
+                    &guest,
+                    &name,
+                    tombstone.map(|t| t.removed_unix),
+                )?;
+                (name, actor)
+            }
+            Err(e) => return Err(e.into()),
+        };
         let start = match r.start {
             None => Start::Oldest,
             Some(read_history_request::Start::FromOffset(offset)) => Start::Offset(offset),
             Some(read_history_request::Start::TailBytes(n)) => Start::TailBytes(n),
             Some(read_history_request::Start::TailLines(n)) => Start::TailLines(n),
+            Some(read_history_request::Start::SinceTime(t)) => {
+                Start::Time(unix_nanos("since_time", &t)?)
+            }
         };
+        let until = r
+            .until_time
+            .as_ref()
+            .map(|t| unix_nanos("until_time", t))
+            .transpose()?;
+        if let (Start::Time(since), Some(until)) = (start, until) {
+            if until < since {
+                return Err(Error::InvalidArgument(
+                    "until_time is before since_time: nothing can lie between them".into(),
+                )
+                .into());
+            }
+        }
+        let request = HistoryRequest {
+            start,
+            follow: r.follow,
+            limit: (r.limit_bytes > 0).then_some(r.limit_bytes),
+            chunk_size: self.history_chunk,
+            utf8_boundaries: r.text,
+            until,
+            lines: r.lines,
+            events: r.events,
+            marks: r.marks,
+            times: r.times,
+        };
+        // A timed reader holds the log file and its index (docs/operations.md, "Sizing").
+        let descriptors = if request.timed() { 2 } else { 1 };
+        let descriptor = self.remote_descriptors(caller.as_ref(), descriptors)?;
         let going_away = self.guests.going_away();
-        let items = history::read(
-            actor,
-            HistoryRequest {
-                start,
-                follow: r.follow,
-                limit: (r.limit_bytes > 0).then_some(r.limit_bytes),
-                chunk_size: self.history_chunk,
-                utf8_boundaries: r.text,
-            },
-            going_away,
-        )
-        .await?;
+        let items = history::read(actor, request, going_away).await?;
         let text = r.text;
         let chunks = tokio_stream::wrappers::ReceiverStream::new(items).map(move |item| {
             // Held as long as the stream is.
             let _descriptor = &descriptor;
-            match item {
-                Ok(HistoryItem::Data { offset, data }) => Ok(HistoryChunk {
-                    offset,
-                    text: if text {
-                        String::from_utf8_lossy(&data).into_owned()
-                    } else {
-                        String::new()
-                    },
-                    data: data.into(),
-                    gap: None,
-                }),
-                Ok(HistoryItem::Gap { from, to, reason }) => Ok(HistoryChunk {
-                    offset: to,
-                    gap: Some(proto::Gap {
-                        from_offset: from,
-                        to_offset: to,
-                        reason,
-                    }),
-                    ..Default::default()
-                }),
-                Err(e) => Err(Status::from(e)),
-            }
+            item.map(|item| chunk(item, text)).map_err(Status::from)
         });
         Ok(Response::new(
             self.revocable(caller.as_ref(), Box::pin(chunks)),

@@ -17,7 +17,7 @@ use super::conn::{Activity, ConnInfo};
 use super::tally::{Place, Tally};
 use crate::config::Limits;
 use crate::error::Error;
-use crate::tokens::TokenKey;
+use crate::tokens::Verify;
 use futures::future::BoxFuture;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use std::net::IpAddr;
@@ -31,9 +31,35 @@ use tower::{Layer, Service};
 
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 
+/// The config keys a listener's call limits are named by when they refuse a call.
+pub(crate) struct LimitKeys {
+    pub total: &'static str,
+    pub per_connection: &'static str,
+    pub per_peer: &'static str,
+    pub per_guest: &'static str,
+}
+
+/// A node's TCP listener.
+const NODE_REMOTE_KEYS: LimitKeys = LimitKeys {
+    total: "limits.remote_calls_total",
+    per_connection: "limits.calls_per_connection",
+    per_peer: "limits.calls_per_peer",
+    per_guest: "limits.calls_per_guest",
+};
+
+/// `conlog-gateway`'s listener (docs/gateway.md, "Limits and deadlines").
+pub(crate) const GATEWAY_KEYS: LimitKeys = LimitKeys {
+    total: "gateway.limits.calls_total",
+    per_connection: "gateway.limits.calls_per_connection",
+    per_peer: "gateway.limits.calls_per_peer",
+    per_guest: "gateway.limits.calls_per_guest",
+};
+
 /// The counters and limits of one listener's calls.
 pub struct CallLimits {
     per_connection: u32,
+    /// The config key of the per-connection limit.
+    per_connection_key: &'static str,
     /// The config key of the listener's total.
     total_key: &'static str,
     total_limit: u32,
@@ -44,8 +70,10 @@ pub struct CallLimits {
 
 struct RemoteLimits {
     per_peer: Arc<Tally<IpAddr>>,
+    per_peer_key: &'static str,
     per_guest: Arc<Tally<String>>,
-    tokens: Arc<TokenKey>,
+    per_guest_key: &'static str,
+    tokens: Arc<dyn Verify>,
 }
 
 impl CallLimits {
@@ -53,6 +81,7 @@ impl CallLimits {
     pub fn local(limits: &Limits) -> Arc<Self> {
         Arc::new(Self {
             per_connection: limits.calls_per_connection,
+            per_connection_key: "limits.calls_per_connection",
             total_key: "limits.calls_total",
             total_limit: limits.calls_total,
             total: Arc::new(AtomicU32::new(0)),
@@ -62,15 +91,27 @@ impl CallLimits {
 
     /// TCP's limits (`limits.remote_calls_total`, per peer, per guest); `tokens` tells which
     /// guest a call's token is for.
-    pub fn remote(limits: &Limits, tokens: Arc<TokenKey>) -> Arc<Self> {
+    pub(crate) fn remote(limits: &Limits, tokens: Arc<dyn Verify>) -> Arc<Self> {
+        Self::remote_named(limits, tokens, &NODE_REMOTE_KEYS)
+    }
+
+    /// The same, refusing calls in the name of `keys`.
+    pub(crate) fn remote_named(
+        limits: &Limits,
+        tokens: Arc<dyn Verify>,
+        keys: &'static LimitKeys,
+    ) -> Arc<Self> {
         Arc::new(Self {
             per_connection: limits.calls_per_connection,
-            total_key: "limits.remote_calls_total",
+            per_connection_key: keys.per_connection,
+            total_key: keys.total,
             total_limit: limits.remote_calls_total,
             total: Arc::new(AtomicU32::new(0)),
             remote: Some(RemoteLimits {
                 per_peer: Tally::new(limits.calls_per_peer),
+                per_peer_key: keys.per_peer,
                 per_guest: Tally::new(limits.calls_per_guest),
+                per_guest_key: keys.per_guest,
                 tokens,
             }),
         })
@@ -102,7 +143,7 @@ impl CallLimits {
         if let Some(info) = connection {
             guard.connection = Some(
                 ConnCall::take(&info.activity, self.per_connection)
-                    .ok_or_else(|| refused("limits.calls_per_connection", self.per_connection))?,
+                    .ok_or_else(|| refused(self.per_connection_key, self.per_connection))?,
             );
         }
         let Some(remote) = &self.remote else {
@@ -113,16 +154,16 @@ impl CallLimits {
                 remote
                     .per_peer
                     .take(ip)
-                    .ok_or_else(|| refused("limits.calls_per_peer", remote.per_peer.limit()))?,
+                    .ok_or_else(|| refused(remote.per_peer_key, remote.per_peer.limit()))?,
             );
         }
-        let grant = token_grant(request, &remote.tokens);
+        let grant = token_grant(request, remote.tokens.as_ref());
         if let Some(grant) = &grant {
             guard._guest = Some(
                 remote
                     .per_guest
-                    .take(grant.guest.clone())
-                    .ok_or_else(|| refused("limits.calls_per_guest", remote.per_guest.limit()))?,
+                    .take(grant.scope())
+                    .ok_or_else(|| refused(remote.per_guest_key, remote.per_guest.limit()))?,
             );
         }
         Ok((guard, grant))
@@ -131,7 +172,7 @@ impl CallLimits {
 
 /// The grant of the request's bearer token, if its signature verifies (expiry is the
 /// interceptor's to judge: an expired token is charged to its guest like a valid one).
-fn token_grant(request: &http::Request<Body>, tokens: &TokenKey) -> Option<crate::tokens::Grant> {
+fn token_grant(request: &http::Request<Body>, tokens: &dyn Verify) -> Option<crate::tokens::Grant> {
     let value = request.headers().get(http::header::AUTHORIZATION)?;
     let token = value.to_str().ok()?.strip_prefix("Bearer ")?.trim();
     tokens.verify(token, 0).ok()
@@ -327,7 +368,7 @@ impl HttpBody for Guarded {
 mod tests {
     use super::*;
     use crate::server::conn::{Activity, Peer};
-    use crate::tokens::{Access, Grant};
+    use crate::tokens::{Access, Grant, TokenKey};
     use std::net::SocketAddr;
 
     fn request(
@@ -381,6 +422,8 @@ mod tests {
             access: Access::Read,
             expires_unix: u64::MAX,
             key_id: String::new(),
+            issued_unix: None,
+            node: None,
         });
         let (a, b, c, d) = (
             Arc::new(Activity::new()),

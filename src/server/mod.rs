@@ -77,7 +77,10 @@ pub fn remote_descriptor_share(nofile: u64) -> usize {
 }
 
 impl Protection {
-    pub fn new(limits: &crate::config::Limits, tokens: Arc<TokenKey>) -> Self {
+    pub(crate) fn new(
+        limits: &crate::config::Limits,
+        tokens: Arc<dyn crate::tokens::Verify>,
+    ) -> Self {
         let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
             .current
             .unwrap_or(u64::MAX);
@@ -97,6 +100,16 @@ impl Protection {
             tcp_limit: limits.max_tcp_connections(),
             web: web::WebOptions::new(message_size, limits, tokens),
         }
+    }
+
+    /// `conlog-gateway`'s: the same layers, its call limits named `gateway.limits.*`.
+    pub(crate) fn for_gateway(
+        limits: &crate::config::Limits,
+        tokens: Arc<dyn crate::tokens::Verify>,
+    ) -> Self {
+        let mut protection = Self::new(limits, tokens.clone());
+        protection.remote_calls = CallLimits::remote_named(limits, tokens, &limits::GATEWAY_KEYS);
+        protection
     }
 
     /// The same, with the `web` section's allowed origins for the TCP listener.
@@ -226,6 +239,39 @@ pub async fn serve_tcp(
     protection: Protection,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    let service = InterceptedService::new(
+        protection.console(console, true),
+        auth::BearerTokens(tokens),
+    );
+    serve_console_tcp(listener, service, tls, None, protection, shutdown).await
+}
+
+/// Serves `console` (a `conlog.v1.Console` service: the node's, or the gateway's forwarder)
+/// on TCP the way a node does: the same layers (page, gRPC-web, call limits), health,
+/// reflection of the console API, connection admission and idle deadlines. `stream_window`
+/// sets HTTP/2's per-stream receive window (`None`: hyper's default).
+pub(crate) async fn serve_console_tcp<S, B>(
+    listener: TcpListener,
+    console: S,
+    tls: Option<Arc<Tls>>,
+    stream_window: Option<u32>,
+    protection: Protection,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let reflection_v1 = reflection(proto::CONSOLE_FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("embedded descriptors are valid");
@@ -234,6 +280,7 @@ pub async fn serve_tcp(
         .expect("embedded descriptors are valid");
     let router = protection
         .builder()
+        .initial_stream_window_size(stream_window)
         .accept_http1(true)
         .layer(web::WebLayer(protection.web.clone()))
         .layer(tonic_web::GrpcWebLayer::new())
@@ -241,10 +288,7 @@ pub async fn serve_tcp(
         .add_service(health(&[CONSOLE_SERVICE]).await)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(InterceptedService::new(
-            protection.console(console, true),
-            auth::BearerTokens(tokens),
-        ));
+        .add_service(console);
     match tls {
         None => {
             let incoming = tcp_incoming(listener, protection.admission(false), |tcp| async move {

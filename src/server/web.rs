@@ -17,7 +17,7 @@
 use super::conn::{ConnInfo, Peer};
 use crate::config::{Limits, Origin, WebConfig};
 use crate::error::Error;
-use crate::tokens::TokenKey;
+use crate::tokens::Verify;
 use futures::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
@@ -100,7 +100,7 @@ pub struct WebOptions {
     body_bytes: Arc<tokio::sync::Semaphore>,
     body_bytes_limit: u64,
     /// Verifies a console call's token before its body is held in memory.
-    tokens: Arc<TokenKey>,
+    tokens: Arc<dyn Verify>,
 }
 
 impl std::fmt::Debug for WebOptions {
@@ -117,7 +117,7 @@ impl WebOptions {
     /// No other origin allowed; request bodies bounded for messages of `message_size`
     /// (`limits.message_size`), base64 (gRPC-web-text) included, and by the body limits of
     /// `limits`.
-    pub fn new(message_size: usize, limits: &Limits, tokens: Arc<TokenKey>) -> Self {
+    pub(crate) fn new(message_size: usize, limits: &Limits, tokens: Arc<dyn Verify>) -> Self {
         let body_bytes_limit = limits.web_body_bytes.bytes();
         Self {
             allowed_origins: Arc::new([]),
@@ -548,6 +548,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokens::TokenKey;
     use std::convert::Infallible;
 
     /// Answers every request with 200 and `x-inner: yes`.

@@ -75,6 +75,8 @@ fn signed(key: &TokenKey, expires_unix: u64) -> String {
         access: tokens::Access::ReadWrite,
         expires_unix,
         key_id: String::new(),
+        issued_unix: None,
+        node: None,
     })
 }
 

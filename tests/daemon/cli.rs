@@ -419,5 +419,47 @@ async fn create_console_prints_the_qemu_and_libvirt_wiring() {
         )
     );
     assert!(print("serial0", "libvirt").contains("<target port='0'/>"));
+
+    // A mux console (serial BREAK): created with --mux, rendered with mux=on also when shown
+    // again without it; libvirt's <serial> cannot say mux=on, so that is refused with what to do.
+    let mux = |args: &[&str]| {
+        run_bounded(
+            conlogctl(&daemon)
+                .args(["create-console", "vm-wire", "--device", "serial2"])
+                .args(args),
+        )
+    };
+    let created = mux(&["--mux", "--print", "qemu"]);
+    assert!(created.status.success(), "{}", describe(&created));
+    let text = String::from_utf8(created.stdout).expect("UTF-8");
+    assert!(
+        text.starts_with("-chardev socket,id=conlog-serial2,path=")
+            && text.contains("serial2.guest.sock,mux=on,reconnect-ms=1000 "),
+        "{text}"
+    );
+    let again = mux(&["--print", "qemu-legacy"]);
+    let text = String::from_utf8(again.stdout).expect("UTF-8");
+    assert!(text.contains(",mux=on,reconnect=1 "), "{text}");
+    let libvirt = mux(&["--print", "libvirt"]);
+    assert_eq!(libvirt.status.code(), Some(1), "{}", describe(&libvirt));
+    let error = String::from_utf8_lossy(&libvirt.stderr);
+    assert!(
+        error.contains("mux") && error.contains("chardev-send-break"),
+        "{error}"
+    );
+    // serial1 stays raw: asking it for mux is refused.
+    let refused = run_bounded(conlogctl(&daemon).args([
+        "create-console",
+        "vm-wire",
+        "--device",
+        "serial1",
+        "--mux",
+    ]));
+    assert!(!refused.status.success(), "{}", describe(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("remove the guest"),
+        "{}",
+        describe(&refused)
+    );
     daemon.stop().await;
 }

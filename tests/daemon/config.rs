@@ -52,6 +52,8 @@ async fn print_config_shows_the_effective_yaml() {
         "max_size: 2MiB",
         "max_backups: 3",
         "mode: rotate",
+        "max_age: 0s",
+        "removed_retention: 0s",
         "token_ttl: 30s",
         "listen: 127.0.0.1:0",
         // Every limit of design section 4, with its default.
@@ -139,6 +141,15 @@ async fn bad_values_are_one_line_errors() {
         ("logs:\n  max_backups: -1\n", &["max_backups", "line 2"]),
         ("handoff:\n  token_ttl: soon\n", &["token_ttl", "soon"]),
         ("handoff:\n  token_ttl: 0s\n", &["handoff.token_ttl"]),
+        (
+            "logs:\n  max_age: 1500ms\n",
+            &["logs.max_age", "whole seconds"],
+        ),
+        (
+            "logs:\n  removed_retention: 4000d\n",
+            &["logs.removed_retention", "3650d"],
+        ),
+        ("logs:\n  max_age: old\n", &["max_age", "old"]),
         ("listen: not-an-address\n", &["listen", "line 1"]),
         ("insecure: maybe\n", &["insecure", "line 1"]),
         (
@@ -152,6 +163,14 @@ async fn bad_values_are_one_line_errors() {
         ("compression:\n  level: 22\n", &["compression.level", "19"]),
         ("compression:\n  threads: 0\n", &["compression.threads"]),
         ("compression:\n  queue: 0\n", &["compression.queue"]),
+        (
+            "consoles:\n  socket_group: no-such-group-conlog\n",
+            &[
+                "consoles.socket_group",
+                "no-such-group-conlog",
+                "/etc/group",
+            ],
+        ),
     ] {
         let output = conlogd(Some(yaml), &["--listen", "127.0.0.1:0"]).await;
         let text = one_line_error(&output);

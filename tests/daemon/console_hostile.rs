@@ -219,6 +219,7 @@ async fn input_flood_is_bounded_and_cancelled_input_never_reaches_the_guest() {
                 .send_console_input(conlog::proto::SendConsoleInputRequest {
                     session_id: session,
                     data: data.into(),
+                    ..Default::default()
                 })
                 .await;
             (i, result)

@@ -342,6 +342,7 @@ async fn remove_guest_ends_clients_with_not_found_and_keeps_the_log() {
     let removed = agent
         .remove_guest(proto::RemoveGuestRequest {
             guest: "vm-r".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -170,6 +170,7 @@ async fn bad_names_and_limits_are_invalid_arguments() {
             max_backups: None,
             mode: 7,
             compress: None,
+            max_age_seconds: None,
         }),
     )
     .await

@@ -357,8 +357,8 @@ async fn caught_up_follower_loses_nothing_when_a_write_crosses_a_truncation() {
 }
 
 /// `RemoveGuest` ends every follower of the guest's streams with OK: one that is caught up,
-/// one waiting for an offset not yet written, one over TCP; afterwards the guest is
-/// `NOT_FOUND`.
+/// one waiting for an offset not yet written, one over TCP; afterwards a follow of the removed
+/// guest reads its logs and ends at their end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_ends_cleanly_when_the_guest_is_removed() {
     const GUEST: &str = "vm-remove";
@@ -409,6 +409,7 @@ async fn follow_ends_cleanly_when_the_guest_is_removed() {
     agent
         .remove_guest(conlog::proto::RemoveGuestRequest {
             guest: GUEST.into(),
+            ..Default::default()
         })
         .await
         .expect("RemoveGuest");
@@ -424,7 +425,13 @@ async fn follow_ends_cleanly_when_the_guest_is_removed() {
             }
         }
     }
-    expect_error(&mut local, follow(GUEST, "qemu", None), Code::NotFound).await;
+    // Its logs stay on disk: a follow of the removed guest reads them and ends at their end.
+    let mut chunks = open(&mut local, follow(GUEST, "qemu", None)).await.unwrap();
+    let mut got = Received::new(DEFAULT_CHUNK);
+    while let Some(chunk) = next(&mut chunks).await.unwrap() {
+        assert_pattern(chunk.offset, got.push(&chunk));
+    }
+    assert_eq!((got.first, got.position), (Some(0), Some(10_000)));
     drop(pipe);
 }
 

@@ -393,6 +393,7 @@ async fn conlogctl_history_follow_ends_when_the_guest_is_removed() {
     agent
         .remove_guest(conlog::proto::RemoveGuestRequest {
             guest: GUEST.into(),
+            ..Default::default()
         })
         .await
         .expect("RemoveGuest");

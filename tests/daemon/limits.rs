@@ -285,6 +285,7 @@ async fn the_sum_of_log_caps_is_bounded() {
     agent
         .remove_guest(proto::RemoveGuestRequest {
             guest: "vm2".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

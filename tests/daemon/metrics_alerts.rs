@@ -185,6 +185,7 @@ async fn agent_remove(socket: &std::path::Path, guest: &str) {
         .await
         .remove_guest(proto::RemoveGuestRequest {
             guest: guest.into(),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|s| panic!("RemoveGuest {guest}: {s:?}"));

@@ -152,6 +152,73 @@ async fn replay_in_a_terminal_types_nothing_into_the_guest_but_live_queries_are_
     drop(tmux);
 }
 
+/// The keys after Ctrl-] in a real terminal: `b` sends a serial BREAK (`Ctrl-A b` on a mux
+/// console), also when it comes in a read of its own after a hint; Ctrl-A typed is escaped;
+/// on a raw console `b` only shows why there is no break and the session goes on; any other key
+/// after Ctrl-] leaves with status 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_bracket_b_sends_a_serial_break_where_the_console_carries_one() {
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let mux = agent
+        .create_console(conlog::proto::CreateConsoleRequest {
+            guest: "vm-brk".into(),
+            protocol: conlog::proto::ConsoleProtocol::Mux as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("CreateConsole mux")
+        .into_inner();
+    let raw = open_console(&mut agent, "vm-raw").await;
+    let mut mux_guest = FakeGuest::connect(&mux.guest_socket).await;
+    let mut raw_guest = FakeGuest::connect(&raw.guest_socket).await;
+    let dir = tempfile::tempdir().unwrap();
+    let command = format!(
+        "{bin} --socket {socket} console vm-brk; echo MUX-EXIT-$?; \
+         {bin} --socket {socket} console vm-raw; echo RAW-EXIT-$?; sleep 60",
+        bin = conlogctl_bin(),
+        socket = daemon.socket().display()
+    );
+    let tmux = Tmux::start(dir.path(), &command);
+    tmux.wait_screen("Ctrl-] then b sends a serial BREAK").await;
+    wait_clients(&mut agent, "vm-brk", DEVICE, 1).await;
+    tmux.keys(&["-l", "ls"]);
+    tmux.keys(&["C-a", "C-]", "b"]);
+    tmux.keys(&["-l", "h"]);
+    // Ctrl-] alone: a hint, then the b in a read of its own.
+    tmux.keys(&["C-]"]);
+    tmux.wait_screen("b: send a serial BREAK; any other key leaves")
+        .await;
+    tmux.keys(&["b"]);
+    tmux.keys(&["-l", "s"]);
+    let wire = b"ls\x01\x01\x01bh\x01bs";
+    mux_guest.wait_len(wire.len()).await;
+    mux_guest.read_some(Duration::from_millis(300)).await;
+    assert_eq!(
+        mux_guest.received().escape_ascii().to_string(),
+        wire.escape_ascii().to_string()
+    );
+    tmux.keys(&["C-]", "q"]);
+    tmux.wait_screen("MUX-EXIT-0").await;
+
+    tmux.wait_screen("[conlog: attached to vm-raw/serial0")
+        .await;
+    wait_clients(&mut agent, "vm-raw", DEVICE, 1).await;
+    tmux.keys(&["C-]", "b"]);
+    tmux.wait_screen("cannot carry a serial BREAK").await;
+    tmux.keys(&["-l", "ok"]);
+    raw_guest.wait_for(b"ok").await;
+    raw_guest.read_some(Duration::from_millis(300)).await;
+    assert_eq!(
+        raw_guest.received(),
+        b"ok",
+        "nothing but the keys reached the guest"
+    );
+    tmux.keys(&["C-]", "."]);
+    tmux.wait_screen("RAW-EXIT-0").await;
+    drop(tmux);
+}
+
 /// `conlogctl history` on a terminal does not make the terminal answer into the shell that runs
 /// it; to a pipe it stays byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

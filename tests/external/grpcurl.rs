@@ -145,3 +145,82 @@ async fn unix_socket_list_guests_shows_offsets() {
     assert!(stream.get("open").is_none_or(|v| v == false), "{reply}");
     assert_eq!(stream["kind"], "STREAM_KIND_PIPE", "{reply}");
 }
+
+/// `ReadHistory` by time as the README shows it: `since_time` and `until_time` as RFC 3339
+/// strings, `lines` for one line per message, each with its `time`; over the UNIX socket
+/// through reflection (which must carry `google/protobuf/timestamp.proto`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_history_by_time_with_rfc3339_strings() {
+    use std::io::Write;
+    let rfc = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let (_, mut pipe) = open_pipe(&mut agent, "vm-grpcurl", "qemu", None).await;
+    pipe.write_all(b"before 1\nbefore 2\n").unwrap();
+    wait_offset(&mut agent, "vm-grpcurl", "qemu", 18).await;
+    // More than the index's quiet second: the next line has an entry of its own.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let since = time::OffsetDateTime::now_utc();
+    pipe.write_all(b"after 1\nafter 2\n").unwrap();
+    wait_offset(&mut agent, "vm-grpcurl", "qemu", 34).await;
+    let until = time::OffsetDateTime::now_utc();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    pipe.write_all(b"later\n").unwrap();
+    wait_offset(&mut agent, "vm-grpcurl", "qemu", 40).await;
+
+    let socket = daemon.socket();
+    let request = serde_json::json!({
+        "guest": "vm-grpcurl",
+        "since_time": rfc(since),
+        "until_time": rfc(until),
+        "lines": true,
+    })
+    .to_string();
+    let output = run_grpcurl(&[
+        "-plaintext",
+        "-unix",
+        "-d",
+        &request,
+        socket.to_str().unwrap(),
+        "conlog.v1.Console/ReadHistory",
+    ])
+    .await;
+    assert!(
+        output.status.success(),
+        "{}\n--- conlogd ---\n{}",
+        describe(&output),
+        daemon.stderr()
+    );
+    let messages: Vec<serde_json::Value> = serde_json::Deserializer::from_slice(&output.stdout)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("grpcurl output is not JSON ({e}): {}", describe(&output)));
+    use base64::Engine;
+    let lines: Vec<(String, String)> = messages
+        .iter()
+        .map(|m| {
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(m["data"].as_str().unwrap())
+                .unwrap();
+            (
+                String::from_utf8(data).unwrap(),
+                m["time"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        lines.iter().map(|(l, _)| l.as_str()).collect::<Vec<_>>(),
+        ["after 1\n", "after 2\n"],
+        "{messages:?}"
+    );
+    assert_eq!(messages[0]["offset"], "18", "{messages:?}");
+    for (line, time) in &lines {
+        let time =
+            time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|e| panic!("{line:?}: time {time:?}: {e}"));
+        assert!(since <= time && time <= until, "{line:?} at {time}");
+    }
+}

@@ -312,6 +312,28 @@ impl Client {
             .unwrap_or_else(|_| panic!("the input stream of {} is closed", self.name));
     }
 
+    /// Sends `data` as one input frame (any bytes, 0xFF included).
+    async fn type_bytes(&self, data: &[u8]) {
+        self.input
+            .send(ClientFrame {
+                frame: Some(client_frame::Frame::Input(proto::Input {
+                    data: data.to_vec().into(),
+                })),
+            })
+            .await
+            .unwrap_or_else(|_| panic!("the input stream of {} is closed", self.name));
+    }
+
+    /// Sends a serial BREAK.
+    async fn send_break(&self) {
+        self.input
+            .send(ClientFrame {
+                frame: Some(client_frame::Frame::SerialBreak(proto::SerialBreak {})),
+            })
+            .await
+            .unwrap_or_else(|_| panic!("the input stream of {} is closed", self.name));
+    }
+
     fn snapshot<T>(&self, f: impl FnOnce(&Transcript) -> T) -> T {
         f(&self.seen.lock().unwrap())
     }
@@ -403,6 +425,7 @@ async fn real_qemu_guest_boots_logs_and_runs_typed_commands() {
             guest: GUEST.into(),
             device: DEVICE.into(),
             limits: None,
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|s| panic!("CreateConsole: {s:?}"))
@@ -732,6 +755,7 @@ async fn qemu_keeps_its_console_connection_through_an_upgrade_and_a_crash() {
             guest: GUEST.into(),
             device: DEVICE.into(),
             limits: None,
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|s| panic!("CreateConsole: {s:?}"))
@@ -876,4 +900,117 @@ async fn qemu_keeps_its_console_connection_through_an_upgrade_and_a_crash() {
          the guest was served again {reconnected:.1?} after the kill, {total} bytes logged, test {:.1?}",
         started.elapsed(),
     );
+}
+
+/// A serial BREAK reaches a real guest (docs/consoles.md, "Serial BREAK"): the console is created
+/// with the mux protocol, QEMU boots with what `conlogctl create-console --print qemu-legacy`
+/// renders for it (`mux=on`), and after `echo 1 > /proc/sys/kernel/sysrq` a BREAK followed by
+/// `h` makes the kernel print the SysRq help on the console. Through the mux, the log stays
+/// exactly what the guest printed, and keys that are QEMU's mux commands (`Ctrl-A x` quits
+/// QEMU, `Ctrl-A h` prints QEMU's help) reach the guest as typed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_break_makes_a_real_guest_show_the_sysrq_help() {
+    require_qemu();
+    let (kernel, initrd) = build_guest().await;
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let console = agent
+        .create_console(proto::CreateConsoleRequest {
+            guest: GUEST.into(),
+            device: DEVICE.into(),
+            protocol: proto::ConsoleProtocol::Mux as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("CreateConsole: {s:?}"))
+        .into_inner();
+    drop(agent);
+    let guest_socket = PathBuf::from(&console.guest_socket);
+    let wiring = rendered_wiring(&daemon, &guest_socket);
+    assert!(
+        wiring.iter().any(|a| a.contains(",mux=on,")),
+        "the existing console's protocol is rendered: {wiring:?}"
+    );
+    let mut scene = Scene {
+        log_path: daemon.log_path(GUEST, DEVICE),
+        daemon,
+        qemu: None,
+        clients: Vec::new(),
+    };
+    let writer = attach_writer(&mut scene, "writer").await;
+    assert!(
+        scene.clients[writer].attached.serial_break,
+        "{:?}",
+        scene.clients[writer].attached
+    );
+    scene.qemu = Some(Qemu::start(&kernel, &initrd, &wiring));
+    scene
+        .wait("the shell prompt", BOOT_DEADLINE, |s| {
+            s.client_has(writer, PROMPT)
+        })
+        .await;
+    run_command(
+        &mut scene,
+        writer,
+        "echo 1 > /proc/sys/kernel/sysrq; echo sysrq-$(cat /proc/sys/kernel/sysrq)-on",
+        "sysrq-1-on",
+    )
+    .await;
+
+    // Guest output with Ctrl-A and 0xFF: logged as printed.
+    run_command(
+        &mut scene,
+        writer,
+        r"printf 'ctl:\001x\001b\377:end-%d\n' $((5*5))",
+        "end-25",
+    )
+    .await;
+    // QEMU's mux commands typed: the guest reads them as keys (od shows 01 78 01 68 0a), and
+    // QEMU neither quits nor prints its help.
+    scene.clients[writer]
+        .type_bytes(b"head -c 5 | od -An -tx1\n")
+        .await;
+    scene.clients[writer].type_bytes(b"\x01x\x01h\n").await;
+    scene
+        .wait("od's dump of the typed keys", COMMAND_DEADLINE, |s| {
+            s.client_has(writer, "01 78 01 68 0a")
+        })
+        .await;
+
+    // BREAK, then h: the SysRq help.
+    scene.clients[writer].send_break().await;
+    scene.clients[writer].type_bytes(b"h").await;
+    scene
+        .wait("the SysRq help after BREAK h", COMMAND_DEADLINE, |s| {
+            s.client_has(writer, "sysrq: HELP")
+        })
+        .await;
+    // The shell did not get the h: the next command runs alone.
+    run_command(&mut scene, writer, "echo after-$((6*6))", "after-36").await;
+
+    let log = scene.log();
+    let text = String::from_utf8_lossy(&log);
+    assert!(text.contains("sysrq: HELP"), "{}", scene.context());
+    assert!(
+        contains(&log, b"ctl:\x01x\x01b\xff:end-25"),
+        "the guest's bytes are logged as printed\n{}",
+        scene.context()
+    );
+    assert!(
+        !text.contains("C-a h") && !text.contains("QEMU: Terminated"),
+        "a typed key ran a QEMU mux command\n{}",
+        scene.context()
+    );
+    assert!(scene.qemu.as_mut().unwrap().exited().is_none(), "QEMU runs");
+    scene.clients[writer].snapshot(|t| {
+        assert!(t.problems.is_empty(), "{}", scene.context());
+        assert!(
+            log.starts_with(&t.data),
+            "the client received what the log holds\n{}",
+            scene.context()
+        );
+    });
+    for client in &scene.clients {
+        client.task.abort();
+    }
 }

@@ -1101,3 +1101,151 @@ async fn page_answers_live_queries_only() {
     screenshot(&mut browser, "rw", "queries").await;
     browser.exit().await;
 }
+
+/// The page opened with `since=` (an RFC 3339 time) shows history from the first line logged
+/// at or after it, not before; the time of a line shows in the status bar when the mouse is
+/// over it, and is the time that line was logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_page_opens_at_a_time_and_shows_line_times() {
+    require_tools(true);
+    let rfc = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let console = open_console(&mut agent, GUEST).await;
+    let mut guest = FakeGuest::connect(&console.guest_socket).await;
+    wait_guest_connected(&mut agent, GUEST, DEVICE, true).await;
+    let early = b"early 1\r\nearly 2\r\n";
+    guest.write(early).await;
+    wait_offset(&mut agent, GUEST, DEVICE, early.len() as u64).await;
+    // More than the index's quiet second: the next line has an entry of its own.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let since = time::OffsetDateTime::now_utc();
+    let later = b"later 1\r\nlater 2\r\n";
+    guest.write(later).await;
+    wait_offset(
+        &mut agent,
+        GUEST,
+        DEVICE,
+        (early.len() + later.len()) as u64,
+    )
+    .await;
+    let logged = time::OffsetDateTime::now_utc();
+
+    let token = daemon.token(GUEST, DEVICE, Access::Read, 600).await;
+    let url = format!(
+        "http://{}/console/?guest={GUEST}&device={DEVICE}&since={}#token={}",
+        daemon.tcp,
+        url_encode(&rfc(since)),
+        url_encode(&token)
+    );
+    let mut browser = Browser::launch().await;
+    browser.open("t", &url).await;
+    browser.wait("t", LIVE).await;
+    let text = browser.text("t").await;
+    assert_eq!(text, "later 1\nlater 2", "history from the time asked");
+    // The time of row 0, as the status bar shows it when the mouse is over it.
+    let shown = browser
+        .eval(
+            "t",
+            "(() => { const r = document.querySelector('#terminal .xterm-screen').getBoundingClientRect(); \
+             document.getElementById('terminal').dispatchEvent(new MouseEvent('mousemove', \
+             {clientX: r.left + 5, clientY: r.top + 2, bubbles: true})); \
+             const t = document.getElementById('linetime'); return t.hidden ? '' : t.textContent; })()",
+        )
+        .await;
+    let shown = shown.as_str().unwrap_or_default().to_owned();
+    assert_eq!(
+        browser.eval("t", "window.conlog.timeOfRow(0)").await,
+        shown.as_str()
+    );
+    let at = time::OffsetDateTime::parse(&shown, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("status bar time {shown:?}: {e}"));
+    assert!(
+        since <= at && at <= logged,
+        "{shown} not within {since}..{logged}"
+    );
+    // Live output: the time it arrived, marked as such.
+    guest.write(b"live 1\r\n").await;
+    browser
+        .wait("t", "window.conlog.text().includes('live 1')")
+        .await;
+    let live = browser.eval("t", "window.conlog.timeOfRow(2)").await;
+    assert!(
+        live.as_str().unwrap_or_default().ends_with("(received)"),
+        "{live}"
+    );
+}
+
+/// The page's Send BREAK button (docs/consoles.md, "Serial BREAK"): shown while the page holds
+/// the keyboard of a mux console, it sends `Ctrl-A b` after what was typed before it (a Ctrl-A
+/// typed is escaped); hidden for a read-only token and on a raw console, which cannot carry a
+/// break.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn break_button_sends_a_serial_break_on_a_mux_console() {
+    require_tools(true);
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let mux = agent
+        .create_console(proto::CreateConsoleRequest {
+            guest: GUEST.into(),
+            protocol: proto::ConsoleProtocol::Mux as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("CreateConsole mux")
+        .into_inner();
+    let raw = open_console(&mut agent, "vm-web-raw").await;
+    let mut guest = FakeGuest::connect(&mux.guest_socket).await;
+    let _raw_guest = FakeGuest::connect(&raw.guest_socket).await;
+    wait_guest_connected(&mut agent, GUEST, DEVICE, true).await;
+    let url = |guest: &str, token: &str| {
+        format!(
+            "http://{}/console/?guest={guest}&device={DEVICE}#token={}",
+            daemon.tcp,
+            url_encode(token)
+        )
+    };
+    let mut browser = Browser::launch().await;
+    let hidden = "document.getElementById('break').hidden";
+
+    let read_write = daemon.token(GUEST, DEVICE, Access::ReadWrite, 600).await;
+    browser.open("rw", &url(GUEST, &read_write)).await;
+    browser.wait("rw", LIVE).await;
+    browser.wait("rw", &format!("!{hidden}")).await;
+    browser.click("rw", "#terminal").await;
+    browser.type_text("rw", "ls").await;
+    browser.press("rw", "Control+a").await;
+    browser.click("rw", "#break").await;
+    browser.type_text("rw", "h").await;
+    let wire = b"ls\x01\x01\x01bh";
+    guest.wait_len(wire.len()).await;
+    guest.read_some(Duration::from_millis(300)).await;
+    assert_same("typed and a break, read by QEMU", guest.received(), wire);
+    let events = browser
+        .eval(
+            "rw",
+            "JSON.stringify(window.conlog.events.map((e) => e.what))",
+        )
+        .await;
+    assert!(
+        events.as_str().is_some_and(|e| e.contains("break")),
+        "{events}"
+    );
+
+    let read = daemon.token(GUEST, DEVICE, Access::Read, 600).await;
+    browser.open("ro", &url(GUEST, &read)).await;
+    browser.wait("ro", LIVE).await;
+    assert_eq!(browser.eval("ro", hidden).await, true, "read-only token");
+
+    let raw_token = daemon
+        .token("vm-web-raw", DEVICE, Access::ReadWrite, 600)
+        .await;
+    browser.open("raw", &url("vm-web-raw", &raw_token)).await;
+    browser.wait("raw", LIVE).await;
+    assert_eq!(browser.dataset("raw", "access").await, "read-write");
+    assert_eq!(browser.eval("raw", hidden).await, true, "raw console");
+    browser.exit().await;
+}

@@ -349,6 +349,7 @@ async fn systemd_store_keeps_pipes_and_consoles_through_kill_9() {
     agent
         .remove_guest(conlog::proto::RemoveGuestRequest {
             guest: "vm-c".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -106,6 +106,7 @@ async fn a_guest_being_removed_is_not_resurrected_and_holds_up_no_other_guest() 
             agent
                 .remove_guest(proto::RemoveGuestRequest {
                     guest: "doomed".into(),
+                    ..Default::default()
                 })
                 .await
         }

@@ -547,6 +547,38 @@ async fn a_kill_between_moving_a_log_and_its_index_is_repaired_at_start() {
     daemon.stop().await;
 }
 
+/// An index that cannot be written (a directory stands where it should be) costs the stream
+/// its times, never a byte: the failures are counted in `conlog_index_write_failures_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_write_failures_are_counted_and_cost_no_byte() {
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let (_, mut pipe) = open_pipe(&mut agent, GUEST, "qemu", None).await;
+    let log = daemon.log_path(GUEST, "qemu");
+    // The pipe's opening was recorded: that index goes, a directory takes its place.
+    std::fs::remove_file(index_path(&log)).unwrap();
+    std::fs::create_dir(index_path(&log)).unwrap();
+    // Three bursts after quiet seconds: each is due an entry that cannot be written.
+    let data = lines(0, 300);
+    for chunk in data.chunks(3500) {
+        pipe.write_all(chunk).unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    drop(pipe);
+    let info = wait_closed(&mut agent, GUEST, "qemu", data.len() as u64).await;
+    assert_eq!(info.dropped_bytes, 0);
+    let text = tokio::task::spawn_blocking({
+        let metrics = daemon.metrics;
+        move || http_get(metrics, "/metrics").1
+    })
+    .await
+    .unwrap();
+    let failures = metric(&text, "conlog_index_write_failures_total").expect("the metric");
+    assert!(failures >= 3.0, "{failures}");
+    assert_eq!(std::fs::read(&log).unwrap(), data);
+    assert!(daemon.stderr().contains("cannot write the time index"));
+}
+
 /// Attach fields taking the writer lease from whoever holds it.
 fn proto_attach_forced(guest: &str) -> conlog::proto::Attach {
     conlog::proto::Attach {

@@ -57,6 +57,7 @@ pub async fn create_console(
             guest: guest.into(),
             device: device.into(),
             limits,
+            ..Default::default()
         }),
     )
     .await
@@ -198,6 +199,11 @@ impl SocketPeer {
                 Err(_) => tokio::time::sleep(POLL).await,
             }
         }
+    }
+
+    /// The connected socket (for socket options and ioctls).
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
     }
 
     /// The socket path this peer connected to.
@@ -789,6 +795,7 @@ pub async fn send_input(
             .send_console_input(proto::SendConsoleInputRequest {
                 session_id: session_id.into(),
                 data: data.to_vec().into(),
+                ..Default::default()
             }),
     )
     .await

@@ -20,6 +20,7 @@ pub fn limits(max_size: u64, max_backups: u32, mode: proto::LogMode) -> proto::L
         max_backups: Some(max_backups),
         mode: mode.into(),
         compress: None,
+        max_age_seconds: None,
     }
 }
 

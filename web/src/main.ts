@@ -1,6 +1,9 @@
 // The console page: a terminal for one guest's console device, from the URL
 // `/console/?guest=G&device=D&token=T` (or the same parameters in the fragment, `#token=T`,
-// which the browser never sends to a server; the fragment wins).
+// which the browser never sends to a server; the fragment wins). `&since=WHEN` opens history
+// at a time: an RFC 3339 time (2026-12-05T03:12:00Z) or a duration back from now (10m, 2h).
+// The time of the line under the mouse shows in the status bar (docs/consoles.md, "Times on
+// the page").
 
 import "@xterm/xterm/css/xterm.css";
 import "./console.css";
@@ -10,9 +13,11 @@ import {
   ConsoleSession,
   type Access,
   type ConnectionState,
+  type LineTime,
   type ReadOnlyReason,
   type View,
 } from "./session";
+import type { IMarker } from "@xterm/xterm";
 
 /** A page event, for the curious (and the tests): `window.conlog.events`. */
 interface PageEvent {
@@ -29,6 +34,8 @@ declare global {
       events: PageEvent[];
       /** The terminal's scrollback and screen as text, one line per row. */
       text(): string;
+      /** The time shown for buffer row `row` (as in the status bar), or null if unknown. */
+      timeOfRow(row: number): string | null;
     };
   }
 }
@@ -51,6 +58,35 @@ function element<T extends HTMLElement>(id: string): T {
 
 const encoder = new TextEncoder();
 
+const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
+
+/** `since=` as nanoseconds since the epoch: `10m` back from now, or an RFC 3339 time (the
+ * seconds may be left out). Undefined if absent or not understood. */
+function parseSince(text: string | null): bigint | undefined {
+  if (!text) return undefined;
+  const duration = /^(\d+)(ms|s|m|h|d)$/.exec(text.trim());
+  if (duration) {
+    return BigInt(Date.now() - Number(duration[1]) * DURATION_UNITS[duration[2]]) * 1_000_000n;
+  }
+  const match = /^(\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2})(:\d{2}(\.\d+)?)?([Zz]|[+-]\d{2}:\d{2})$/.exec(text.trim());
+  if (!match) return undefined;
+  const ms = Date.parse(`${match[1]}${match[2] ? match[2].slice(0, 3) : ":00"}${match[4]}`);
+  if (Number.isNaN(ms)) return undefined;
+  // Fractions of a second to the nanosecond.
+  const fraction = (match[3] ?? ".").slice(1).padEnd(9, "0").slice(0, 9);
+  return BigInt(ms) * 1_000_000n + BigInt(fraction);
+}
+
+/** `2026-12-05T03:12:07.123456789Z`, with `~` when approximate and a note for live lines. */
+function formatTime(time: LineTime): string {
+  const ms = time.nanos / 1_000_000n;
+  const iso = new Date(Number(ms)).toISOString();
+  const digits = (time.nanos % 1_000_000_000n).toString().padStart(9, "0");
+  const text = `${iso.slice(0, 19)}.${digits}Z`;
+  if (time.live) return `${text} (received)`;
+  return time.approximate ? `~${text}` : text;
+}
+
 function binary(text: string): Uint8Array {
   return Uint8Array.from(text, (c) => c.charCodeAt(0) & 0xff);
 }
@@ -67,7 +103,9 @@ function start(): void {
   const guestBadge = element("guest");
   const access = element("access");
   const takeover = element<HTMLButtonElement>("takeover");
+  const sendBreak = element<HTMLButtonElement>("break");
   const banner = element("banner");
+  const lineTime = element("linetime");
   const notice = element("notice");
   const events: PageEvent[] = [];
   const log = (what: string, detail: string) => {
@@ -106,6 +144,17 @@ function start(): void {
     return;
   }
 
+  /** Where lines start in the buffer (a marker follows its row as the terminal scrolls) and
+   * when they were logged; as many as the scrollback holds. */
+  const lineTimes: { marker: IMarker; time: LineTime | null }[] = [];
+  const timeOfRow = (row: number): LineTime | null | undefined => {
+    for (let i = lineTimes.length - 1; i >= 0; i--) {
+      const { marker, time } = lineTimes[i];
+      if (!marker.isDisposed && marker.line <= row) return time;
+    }
+    return undefined;
+  };
+
   const terminal = new Terminal({
     cursorBlink: true,
     scrollback: 10_000,
@@ -125,6 +174,17 @@ function start(): void {
   const view: View = {
     write(data) {
       terminal.write(data);
+    },
+    lineTime(time) {
+      // After what was written before has been parsed: the cursor is where this line starts.
+      terminal.write("", () => {
+        const marker = terminal.registerMarker(0);
+        if (!marker) return;
+        lineTimes.push({ marker, time });
+        while (lineTimes.length && (lineTimes[0].marker.isDisposed || lineTimes.length > 10_000)) {
+          lineTimes.shift()?.marker.dispose();
+        }
+      });
     },
     connection(next, detail) {
       state = next;
@@ -160,6 +220,9 @@ function start(): void {
       takeover.hidden = level !== "read-only" || reason === "token";
       log(`access:${level}`, reason ? `${reason}: ${detail}` : detail);
     },
+    serialBreak(available) {
+      sendBreak.hidden = !available;
+    },
     notice(text) {
       notice.textContent = text;
       notice.hidden = false;
@@ -178,11 +241,28 @@ function start(): void {
       device,
       token,
       tailLines: Math.max(terminal.rows, 24),
+      since: parseSince(params.get("since")),
     },
     view,
   );
+  // The time of the line under the mouse, in the status bar.
+  area.addEventListener("mousemove", (event) => {
+    const screen = area.querySelector(".xterm-screen");
+    if (!screen) return;
+    const rect = screen.getBoundingClientRect();
+    const row = Math.floor(((event.clientY - rect.top) / rect.height) * terminal.rows);
+    if (row < 0 || row >= terminal.rows) return;
+    const time = timeOfRow(row + terminal.buffer.active.viewportY);
+    lineTime.hidden = time === undefined;
+    lineTime.textContent = time ? formatTime(time) : "time unknown";
+  });
+  area.addEventListener("mouseleave", () => (lineTime.hidden = true));
   terminal.onData((text) => session.input(encoder.encode(text)));
   terminal.onBinary((text) => session.input(binary(text)));
+  sendBreak.addEventListener("click", () => {
+    session.serialBreak();
+    terminal.focus();
+  });
   takeover.addEventListener("click", () => {
     session.takeOver();
     terminal.focus();
@@ -208,6 +288,10 @@ function start(): void {
       }
       while (lines.length && lines[lines.length - 1] === "") lines.pop();
       return lines.join("\n");
+    },
+    timeOfRow(row) {
+      const time = timeOfRow(row);
+      return time ? formatTime(time) : null;
     },
   };
   terminal.focus();

@@ -14,10 +14,15 @@
 // shown unchanged, so a query the guest prints now is answered as on a real serial line. The page
 // attaches with replay_bytes 0: the attached offset is then exactly the first live byte, and
 // everything before it comes from history, filtered.
+//
+// Times (docs/consoles.md, "Times on the page"): history is read with `marks`, so every byte
+// read back has the time conlogd's index gives it (the entry covering it); the session tells
+// the view the time of each line start before the line's bytes. Live output has no index time
+// on the wire: its lines get the browser's clock when they arrive, flagged as such.
 
 import { Code, ConnectError, createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
-import { Attach_Mode, Console, type Attached } from "./gen/conlog/v1/console_pb";
+import { Attach_Mode, Console, type Attached, type HistoryChunk } from "./gen/conlog/v1/console_pb";
 import { QueryFilter } from "./terminal_safety";
 
 export type ConnectionState = "connecting" | "live" | "reconnecting" | "ended";
@@ -26,13 +31,28 @@ export type Access = "unknown" | "read-write" | "read-only";
  * taken from this page. */
 export type ReadOnlyReason = "token" | "held" | "revoked";
 
+/** When a line was logged. */
+export interface LineTime {
+  /** Nanoseconds since the Unix epoch, UTC. */
+  nanos: bigint;
+  /** From conlogd's index, recorded while the wall clock was behind (a backwards step). */
+  approximate: boolean;
+  /** Not from the index: the browser's clock when live output arrived. */
+  live: boolean;
+}
+
 /** What the session shows; the page implements it. */
 export interface View {
   /** Bytes (or a conlog notice) for the terminal. */
   write(data: Uint8Array | string): void;
+  /** The next bytes written start a line logged at `time` (null: unknown). */
+  lineTime(time: LineTime | null): void;
   connection(state: ConnectionState, detail: string): void;
   guest(connected: boolean): void;
   access(access: Access, reason: ReadOnlyReason | null, detail: string): void;
+  /** Whether this page may send a serial BREAK now (it holds the keyboard of a console whose
+   * QEMU chardev has mux=on). */
+  serialBreak(available: boolean): void;
   notice(text: string): void;
   /** What the session did, for diagnostics (`window.conlog.events`). */
   event(what: string, detail: string): void;
@@ -46,11 +66,39 @@ export interface Options {
   token: string;
   /** Lines of history shown before live output. */
   tailLines: number;
+  /** Open at this time (nanoseconds since the Unix epoch): history from the first byte logged
+   * at or after it (at most `SINCE_BYTES`), then the last screen and live output. */
+  since?: bigint;
+}
+
+/** The most history shown from `since` before the last screen: the terminal keeps 10,000
+ * lines, a longer read would only scroll out. */
+const SINCE_BYTES = 2n << 20n;
+
+/** A chunk's index entries (the first covers its first byte), as line times. */
+type Marks = HistoryChunk["marks"];
+
+function timeAt(marks: Marks, offset: bigint, chunk: HistoryChunk): LineTime | null {
+  let found: LineTime | null = null;
+  for (const mark of marks) {
+    if (mark.offset > offset) break;
+    found = { nanos: mark.unixNanos, approximate: mark.approximate, live: false };
+  }
+  if (!found && chunk.time) {
+    found = {
+      nanos: chunk.time.seconds * 1_000_000_000n + BigInt(chunk.time.nanos),
+      approximate: false,
+      live: false,
+    };
+  }
+  return found;
 }
 
 /** Input kept while (re)connecting; typing more than this is refused with a notice. */
 const MAX_PENDING_INPUT = 64 << 10;
 const FIRST_RETRY_MS = 250;
+/** A serial BREAK among the pending input. */
+const BREAK = Symbol("serial BREAK");
 const LAST_RETRY_MS = 5000;
 
 /** How one WatchConsole call ended. */
@@ -83,7 +131,10 @@ export class ConsoleSession {
   private force = false;
   private current: AbortController | null = null;
   private restart = false;
-  private pending: Uint8Array[] = [];
+  /** Input and serial BREAKs not sent yet, in the order they were asked for. */
+  private pending: (Uint8Array | typeof BREAK)[] = [];
+  /** The console can carry a serial BREAK (from the attached reply). */
+  private canBreak = false;
   private pendingBytes = 0;
   private sending = false;
   private attaches = 0;
@@ -91,6 +142,8 @@ export class ConsoleSession {
   /** Filters output shown again (history); holds a sequence cut at the end of a history read
    * until live output (which completes it, unfiltered) or more history follows. */
   private readonly replayed = new QueryFilter();
+  /** Whether the next byte shown starts a line (its time is then given to the view). */
+  private atLineStart = true;
 
   constructor(
     private readonly options: Options,
@@ -145,6 +198,20 @@ export class ConsoleSession {
     this.force = true;
     this.restart = true;
     this.current?.abort();
+  }
+
+  /** A serial BREAK, sent after the input typed before it. */
+  serialBreak(): void {
+    if (this.readOnly) {
+      this.view.notice("Read-only: the serial BREAK was not sent");
+      return;
+    }
+    if (!this.canBreak) {
+      this.view.notice("This console cannot carry a serial BREAK: its guest socket is raw");
+      return;
+    }
+    this.pending.push(BREAK);
+    void this.flushInput();
   }
 
   /** Keystrokes from the terminal. */
@@ -202,6 +269,7 @@ export class ConsoleSession {
             // Watch on; take the keyboard back only when asked (takeOver), not at a reconnect.
             this.writer = false;
             this.wantWrite = false;
+            this.view.serialBreak(false);
             this.setReadOnly("revoked", frame.value.reason || "another client took the keyboard");
             break;
         }
@@ -240,12 +308,15 @@ export class ConsoleSession {
       this.current = null;
       this.sessionId = "";
       this.writer = false;
+      this.view.serialBreak(false);
     }
   }
 
   private async attached(attached: Attached, signal: AbortSignal): Promise<void> {
     this.sessionId = attached.sessionId;
     this.writer = attached.writer;
+    this.canBreak = attached.serialBreak;
+    this.view.serialBreak(attached.writer && attached.serialBreak);
     this.view.guest(attached.guestConnected);
     if (attached.writer) {
       this.readOnly = null;
@@ -256,28 +327,30 @@ export class ConsoleSession {
       this.view.access("read-only", this.readOnly, "");
     }
     if (this.next === undefined) {
+      if (this.options.since !== undefined) await this.openAt(this.options.since, attached.offset, signal);
       // First attach: the last screen from history up to attached.offset (the first live
       // byte; history read after attaching reaches at least that far), then live output.
-      let end: bigint | undefined;
       const chunks = this.client.readHistory(
         {
           guest: this.options.guest,
           stream: this.options.device,
           start: { case: "tailLines", value: BigInt(this.options.tailLines) },
+          marks: true,
         },
         { signal },
       );
       for await (const chunk of chunks) {
         if (chunk.offset >= attached.offset) break;
         if (chunk.gap) {
-          end = chunk.gap.toOffset;
+          // Before anything was shown it is only where the last screen starts.
+          if (this.next !== undefined) this.skip(chunk.gap.toOffset, "no longer on disk");
         } else if (chunk.data.length > 0) {
           const shown = chunk.data.subarray(0, Number(attached.offset - chunk.offset));
-          this.historic(shown);
-          end = chunk.offset + BigInt(shown.length);
+          if (this.next !== undefined && chunk.offset > this.next) this.skip(chunk.offset, "not shown (see conlogctl history)");
+          this.put(chunk.offset, shown, true, chunk);
         }
       }
-      this.next = end === undefined || end > attached.offset ? attached.offset : end;
+      if (this.next === undefined || this.next > attached.offset) this.next = attached.offset;
     }
     if (attached.offset > this.next) {
       await this.fill(attached.offset, signal);
@@ -287,27 +360,77 @@ export class ConsoleSession {
     void this.flushInput();
   }
 
+  /** Shows history from the first byte logged at or after `since` (at most SINCE_BYTES of
+   * it, before `to`). */
+  private async openAt(since: bigint, to: bigint, signal: AbortSignal): Promise<void> {
+    this.view.event("history", `opening at ${since} ns`);
+    const chunks = this.client.readHistory(
+      {
+        guest: this.options.guest,
+        stream: this.options.device,
+        start: {
+          case: "sinceTime",
+          value: { seconds: since / 1_000_000_000n, nanos: Number(since % 1_000_000_000n) },
+        },
+        limitBytes: SINCE_BYTES,
+        marks: true,
+      },
+      { signal },
+    );
+    try {
+      for await (const chunk of chunks) {
+        if (chunk.offset >= to) break;
+        if (chunk.gap) {
+          if (this.next !== undefined) this.skip(chunk.gap.toOffset, "no longer on disk");
+        } else if (chunk.data.length > 0) {
+          this.put(chunk.offset, chunk.data.subarray(0, Number(to - chunk.offset)), true, chunk);
+        }
+      }
+    } catch (e) {
+      const error = ConnectError.from(e);
+      if (error.code !== Code.OutOfRange) throw e;
+      // Nothing logged at or after that time yet: the last screen and live output follow.
+      this.view.notice(`Nothing was logged at or after that time: ${error.rawMessage}`);
+    }
+  }
+
   /** Shows live output at `offset`: only what the terminal has not shown, after any hole. */
   private async show(offset: bigint, data: Uint8Array, signal: AbortSignal): Promise<void> {
     if (this.next === undefined) this.next = offset;
     if (offset > this.next) await this.fill(offset, signal);
-    this.put(offset, data, false);
+    this.put(offset, data, false, null);
   }
 
   /** Shows the part of `data` (at `offset`) the terminal has not shown yet; `historic` bytes
-   * (read from history) go through the query filter, live ones do not. */
-  private put(offset: bigint, data: Uint8Array, historic: boolean): void {
+   * (read from history, `chunk`) go through the query filter, live ones do not. */
+  private put(offset: bigint, data: Uint8Array, historic: boolean, chunk: HistoryChunk | null): void {
     const next = this.next ?? offset;
     const end = offset + BigInt(data.length);
     if (end <= next || offset > next) return;
-    const fresh = data.subarray(Number(next - offset));
-    if (historic) {
-      this.historic(fresh);
-    } else {
+    let at = next;
+    let rest = data.subarray(Number(next - offset));
+    if (!historic) {
       // A sequence cut at the end of history is completed by live output: shown as it comes.
       const held = this.replayed.takePending();
       if (held.length) this.view.write(held);
-      this.view.write(fresh);
+    }
+    const arrived = BigInt(Date.now()) * 1_000_000n;
+    while (rest.length) {
+      const newline = rest.indexOf(0x0a);
+      const line = newline < 0 ? rest : rest.subarray(0, newline + 1);
+      if (this.atLineStart) {
+        this.view.lineTime(
+          chunk ? timeAt(chunk.marks, at, chunk) : { nanos: arrived, approximate: false, live: true },
+        );
+      }
+      if (historic) {
+        this.historic(line);
+      } else {
+        this.view.write(line);
+      }
+      this.atLineStart = line[line.length - 1] === 0x0a;
+      at += BigInt(line.length);
+      rest = rest.subarray(line.length);
     }
     this.next = end;
   }
@@ -328,6 +451,7 @@ export class ConsoleSession {
         stream: this.options.device,
         start: { case: "fromOffset", value: from },
         limitBytes: to - from,
+        marks: true,
       },
       { signal },
     );
@@ -335,7 +459,7 @@ export class ConsoleSession {
       if (chunk.gap) {
         this.skip(chunk.gap.toOffset, "no longer on disk");
       } else {
-        this.put(chunk.offset, chunk.data, true);
+        this.put(chunk.offset, chunk.data, true, chunk);
       }
     }
     this.skip(to, "missing from history");
@@ -346,12 +470,14 @@ export class ConsoleSession {
     // A hole ends any sequence held from before it.
     this.replayed.takePending();
     this.view.write(`\r\n\x1b[7m[conlog: ${to - this.next} bytes ${why}]\x1b[0m\r\n`);
+    this.atLineStart = true;
     this.next = to;
   }
 
   private setReadOnly(reason: ReadOnlyReason, detail: string): void {
     this.readOnly = reason;
     this.view.access("read-only", reason, detail);
+    this.view.serialBreak(false);
     if (this.pending.length) {
       this.view.notice(`Read-only: ${this.pendingBytes} bytes of input were not sent`);
       this.pending = [];
@@ -365,19 +491,25 @@ export class ConsoleSession {
     this.sending = true;
     try {
       while (this.pending.length && this.sessionId && this.writer) {
-        const batch = concat(this.pending);
-        this.pending = [];
-        this.pendingBytes = 0;
+        // Input up to the first BREAK, sent with it in one call (the break goes after the data).
+        const upTo = this.pending.indexOf(BREAK);
+        const taken = this.pending.splice(0, upTo < 0 ? this.pending.length : upTo + 1);
+        const serialBreak = upTo >= 0;
+        const batch = concat(taken.filter((part): part is Uint8Array => part !== BREAK));
+        this.pendingBytes -= batch.length;
         try {
-          await this.client.sendConsoleInput({ sessionId: this.sessionId, data: batch });
+          await this.client.sendConsoleInput({ sessionId: this.sessionId, data: batch, serialBreak });
+          if (serialBreak) this.view.event("break", "serial BREAK sent");
         } catch (e) {
           const error = ConnectError.from(e);
           const message = error.rawMessage || Code[error.code];
           if (error.code === Code.NotFound) {
             // The session ended with its stream; the next attach sends it.
-            this.pending.unshift(batch);
+            this.pending.unshift(...taken);
             this.pendingBytes += batch.length;
             break;
+          } else if (serialBreak && error.code === Code.FailedPrecondition && message.includes("serial BREAK")) {
+            this.view.notice(`The serial BREAK was not sent: ${message}`);
           } else if (error.code === Code.PermissionDenied) {
             this.wantWrite = false;
             this.setReadOnly("token", message);

@@ -74,6 +74,17 @@ pub struct HistoryArgs {
     /// Runs of each side [default: 2, or 1 with --quick].
     #[arg(long)]
     runs: Option<u32>,
+    /// Instead: time to the first byte of `since_time` reads on a stream holding its full
+    /// default history (docs/performance.md, "History by time").
+    #[arg(long)]
+    since_time: bool,
+    /// With --since-time: calls of each kind [default: 500, or 50 with --quick].
+    #[arg(long, requires = "since_time")]
+    calls: Option<u32>,
+    /// With --since-time: how long the history is written over [default: 60s, or 10s with
+    /// --quick].
+    #[arg(long, requires = "since_time", value_parser = conlog::config::HumanDuration::parse)]
+    duration: Option<conlog::config::HumanDuration>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -259,6 +270,15 @@ impl Scenario for HistoryArgs {
     const NAME: &'static str = "history";
 
     fn run(&self, bench: &Bench) -> anyhow::Result<Verdict> {
+        if self.since_time {
+            let calls = bench.size(self.calls, 50, 500).max(1);
+            let duration = bench.size(
+                self.duration.map(|d| d.get()),
+                Duration::from_secs(10),
+                Duration::from_secs(60),
+            );
+            return super::history_since::run(bench, calls, duration);
+        }
         run(bench, self)
     }
 }

@@ -943,7 +943,13 @@ async fn probe(agent: &mut AgentClient<Channel>, n: usize, round: usize) -> Prob
     {
         probe.failures.push(format!("CreateConsole: {s:?}"));
     }
-    if let Err(s) = agent.remove_guest(RemoveGuestRequest { guest }).await {
+    if let Err(s) = agent
+        .remove_guest(RemoveGuestRequest {
+            guest,
+            ..Default::default()
+        })
+        .await
+    {
         probe.failures.push(format!("RemoveGuest: {s:?}"));
     }
     probe

@@ -5,6 +5,7 @@
 pub mod console;
 pub mod guests;
 pub mod history;
+pub mod history_since;
 pub mod hostile;
 pub mod pipe;
 pub mod upgrade;

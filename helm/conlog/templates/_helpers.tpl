@@ -141,16 +141,17 @@ starting, or the probes from reaching it, fail here with a message instead.
 {{- end }}
 
 {{/*
-Supplementary groups of the pod: the values' list, plus socket_group when it is a number, so that
-conlogd may give conlogd.sock and fd.sock to that group without CAP_CHOWN.
+Supplementary groups of the pod: the values' list, plus socket_group and consoles.socket_group
+when they are numbers, so that conlogd may give conlogd.sock and fd.sock, and the guest sockets,
+to those groups without CAP_CHOWN.
 */}}
 {{- define "conlog.supplementalGroups" -}}
 {{- $groups := list }}
 {{- range .Values.podSecurityContext.supplementalGroups }}
 {{- $groups = append $groups (int64 .) }}
 {{- end }}
-{{- with .Values.config.socket_group }}
-{{- if regexMatch "^[0-9]+$" (toString .) }}
+{{- range list .Values.config.socket_group (.Values.config.consoles | default dict).socket_group }}
+{{- if and . (regexMatch "^[0-9]+$" (toString .)) }}
 {{- $groups = append $groups (int64 .) }}
 {{- end }}
 {{- end }}

@@ -10,10 +10,11 @@ use std::process::{Command, ExitCode, Stdio};
 use tonic::transport::{Channel, Endpoint};
 
 mod terminal;
+mod times;
 
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
-  0  done (console: the user left with Ctrl-], or piped input ended)
+  0  done (console: the user left with Ctrl-] and a key other than b, or piped input ended)
   1  error (an argument conlogd rejects, cannot connect at start, I/O error)
   2  usage error (command line)
   3  refused by conlogd (token, permission, unknown guest or device, writer lease held, a limit)
@@ -142,8 +143,15 @@ enum Cmd {
         /// libvirt <serial> element for the domain's <devices>.
         #[arg(long, value_enum, default_value = "path")]
         print: Wiring,
+        /// QEMU's chardev has mux=on, so that the console can send a serial BREAK (magic
+        /// SysRq): conlogd escapes Ctrl-A in input and sends Ctrl-A b for a break. Fixed when the
+        /// console is created; --print renders it.
+        #[arg(long)]
+        mux: bool,
     },
-    /// Attach to a console: a raw terminal (Ctrl-] leaves), or stdin's bytes when it is a pipe.
+    /// Attach to a console: a raw terminal, or stdin's bytes when it is a pipe. Keys after
+    /// Ctrl-]: b sends a serial BREAK (magic SysRq; consoles created with --mux), any other
+    /// key leaves.
     Console {
         /// Guest name.
         guest: String,
@@ -171,14 +179,37 @@ enum Cmd {
         #[arg(long, default_value = "", hide_default_value = true)]
         stream: String,
         /// Start this many bytes before the end.
-        #[arg(long, conflicts_with_all = ["tail_lines", "from"])]
+        #[arg(long, conflicts_with_all = ["tail_lines", "from", "since"])]
         tail_bytes: Option<u64>,
         /// Start this many lines before the end.
-        #[arg(long, conflicts_with = "from")]
+        #[arg(long, conflicts_with_all = ["from", "since"])]
         tail_lines: Option<u64>,
         /// Start at this absolute offset.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "since")]
         from: Option<u64>,
+        /// Start at the first byte logged at or after this time: a duration back from now
+        /// (10m, 2h, 1d) or an RFC 3339 time (2026-12-05T03:00:00Z; the seconds may be left
+        /// out). Times are known to the time index's resolution (100 ms while output flows,
+        /// 1 s otherwise). Needs a conlogd with the time index.
+        #[arg(long, value_name = "WHEN")]
+        since: Option<String>,
+        /// Stop before the first byte logged after this time (same forms as --since); with
+        /// --follow, stop when the clock passes it.
+        #[arg(long, value_name = "WHEN")]
+        until: Option<String>,
+        /// Prefix each line with the time it was logged, RFC 3339 in UTC with nanoseconds
+        /// (`2026-12-05T03:12:07.123456789Z `, like kubectl logs --timestamps); `~` before the
+        /// time marks one recorded while the wall clock was behind (stepped back); `-` where
+        /// the time is unknown (bytes logged before the time index existed).
+        #[arg(long)]
+        timestamps: bool,
+        /// Show what happened to the stream (guest connected or disconnected, writer changed,
+        /// conlogd started, upgraded or stopped, bytes dropped, clock stepped) in order with
+        /// the bytes, as `[conlog: TIME what (detail)]` lines: on stderr (default), or inline
+        /// in the output (--events=inline).
+        #[arg(long, value_enum, value_name = "WHERE", num_args = 0..=1, require_equals = true,
+              default_missing_value = "stderr")]
+        events: Option<EventsTo>,
         /// Keep printing new output, like tail -f.
         #[arg(short, long)]
         follow: bool,
@@ -204,10 +235,22 @@ enum Cmd {
     RotateTokenKey,
     /// Upgrade conlogd in place (re-exec its binary; same as SIGUSR1).
     Upgrade,
-    /// Close every stream of a guest and forget it (its logs stay).
+    /// Close every stream of a guest, or one of them, and forget it. Its logs stay on disk
+    /// (and `history` still reads them) unless --delete-logs.
     Remove {
         /// Guest name.
         guest: String,
+        /// Only this device (console) of the guest; the others keep working. Removing the
+        /// last one removes the guest.
+        #[arg(long, conflicts_with = "stream")]
+        device: Option<String>,
+        /// Only this log stream of the guest (same as --device: streams and devices share
+        /// one namespace).
+        #[arg(long)]
+        stream: Option<String>,
+        /// Also delete the removed streams' log files (current, rotated and their indexes).
+        #[arg(long)]
+        delete_logs: bool,
     },
     /// Print a shell completion script, e.g. `conlogctl completions bash >
     /// /usr/share/bash-completion/completions/conlogctl`.
@@ -265,9 +308,10 @@ fn main() -> ExitCode {
 
 /// How a guest's serial port connects to the console socket `path` (docs/consoles.md): QEMU
 /// is the client and reconnects every second; `serialN` is port N.
-fn wiring(print: Wiring, device: &str, path: &str) -> String {
+fn wiring(print: Wiring, device: &str, path: &str, mux: bool) -> String {
     // QEMU ids start with a letter; device names may start with a digit.
     let id = format!("conlog-{device}");
+    let mux = if mux { ",mux=on" } else { "" };
     let port: u32 = device
         .strip_prefix("serial")
         .and_then(|n| n.parse().ok())
@@ -275,10 +319,12 @@ fn wiring(print: Wiring, device: &str, path: &str) -> String {
     match print {
         Wiring::Path => path.to_owned(),
         Wiring::Qemu => {
-            format!("-chardev socket,id={id},path={path},reconnect-ms=1000 -serial chardev:{id}")
+            format!(
+                "-chardev socket,id={id},path={path}{mux},reconnect-ms=1000 -serial chardev:{id}"
+            )
         }
         Wiring::QemuLegacy => {
-            format!("-chardev socket,id={id},path={path},reconnect=1 -serial chardev:{id}")
+            format!("-chardev socket,id={id},path={path}{mux},reconnect=1 -serial chardev:{id}")
         }
         Wiring::Libvirt => {
             let path = path
@@ -424,14 +470,32 @@ async fn run(args: Args) -> Result<ExitCode> {
             tail_bytes,
             tail_lines,
             from,
+            since,
+            until,
+            timestamps,
+            events,
             follow,
             limit,
         } => {
             use conlog::proto::read_history_request::Start;
-            let start = match (tail_bytes, tail_lines, from) {
-                (Some(n), _, _) => Some(Start::TailBytes(*n)),
-                (_, Some(n), _) => Some(Start::TailLines(*n)),
-                (_, _, Some(offset)) => Some(Start::FromOffset(*offset)),
+            let now = times::now_nanos();
+            let when = |flag: &str, text: &Option<String>| {
+                text.as_deref()
+                    .map(|text| times::parse_when(text, now))
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+            };
+            let (since, until) = (when("since", since)?, when("until", until)?);
+            if let (Some(since), Some(until)) = (since, until) {
+                if until < since {
+                    bail!("--until is before --since");
+                }
+            }
+            let start = match (tail_bytes, tail_lines, from, since) {
+                (Some(n), _, _, _) => Some(Start::TailBytes(*n)),
+                (_, Some(n), _, _) => Some(Start::TailLines(*n)),
+                (_, _, Some(offset), _) => Some(Start::FromOffset(*offset)),
+                (_, _, _, Some(since)) => Some(Start::SinceTime(times::timestamp(since))),
                 _ => None,
             };
             let request = proto::ReadHistoryRequest {
@@ -441,8 +505,18 @@ async fn run(args: Args) -> Result<ExitCode> {
                 follow: *follow,
                 limit_bytes: limit.unwrap_or(0),
                 text: false,
+                until_time: until.map(times::timestamp),
+                lines: *timestamps,
+                events: events.is_some(),
+                // The entry covering each line says whether its time is approximate.
+                marks: *timestamps,
+                times: false,
             };
-            print_history(&args, request).await?;
+            let output = HistoryOutput {
+                timestamps: *timestamps,
+                events: *events,
+            };
+            print_history(&args, request, output).await?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Completions { shell } => {
@@ -476,6 +550,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                         0
                     },
                     compress: None,
+                    max_age_seconds: None,
                 }
             });
             let reply = agent
@@ -551,12 +626,18 @@ async fn run(args: Args) -> Result<ExitCode> {
             guest,
             device,
             print,
+            mux,
         } => {
             let reply = agent
                 .create_console(proto::CreateConsoleRequest {
                     guest,
                     device: device.clone(),
                     limits: None,
+                    protocol: if mux {
+                        proto::ConsoleProtocol::Mux as i32
+                    } else {
+                        proto::ConsoleProtocol::Unspecified as i32
+                    },
                 })
                 .await
                 .map_err(status_error)?
@@ -566,7 +647,16 @@ async fn run(args: Args) -> Result<ExitCode> {
             } else {
                 device.as_str()
             };
-            println!("{}", wiring(print, device, &reply.guest_socket));
+            let mux = reply.protocol == proto::ConsoleProtocol::Mux as i32;
+            if mux && matches!(print, Wiring::Libvirt) {
+                bail!(
+                    "console {device} is a mux console, and libvirt's <serial> has no mux \
+                     option: use --print qemu, or a raw console and `virsh qemu-monitor-command \
+                     --hmp DOMAIN 'chardev-send-break charserial0'` for a break \
+                     (docs/consoles.md, \"Serial BREAK\")"
+                );
+            }
+            println!("{}", wiring(print, device, &reply.guest_socket, mux));
             eprintln!(
                 "client socket: {}\nlog: {}",
                 reply.client_socket, reply.log_path
@@ -585,18 +675,34 @@ async fn run(args: Args) -> Result<ExitCode> {
         Cmd::Console { .. } | Cmd::History { .. } | Cmd::Completions { .. } | Cmd::Man { .. } => {
             unreachable!("handled above")
         }
-        Cmd::Remove { guest } => {
+        Cmd::Remove {
+            guest,
+            device,
+            stream,
+            delete_logs,
+        } => {
+            let stream = device.or(stream).unwrap_or_default();
             let reply = agent
                 .remove_guest(proto::RemoveGuestRequest {
                     guest: guest.clone(),
+                    stream: stream.clone(),
+                    delete_logs,
                 })
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            println!(
-                "removed {guest} ({} streams); its logs stay on disk",
-                reply.streams_removed
-            );
+            let what = if stream.is_empty() {
+                format!("{guest} ({} streams)", reply.streams_removed)
+            } else {
+                format!("{guest}/{stream}")
+            };
+            if delete_logs {
+                println!("removed {what}; {} log files deleted", reply.logs_deleted);
+            } else {
+                println!(
+                    "removed {what}; its logs stay on disk (conlogctl history still reads them)"
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -614,17 +720,73 @@ pub fn with_token<T>(message: T, token: &Option<String>) -> Result<tonic::Reques
     Ok(request)
 }
 
+/// Where `history --events` prints events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum EventsTo {
+    /// On stderr, so that stdout keeps exactly the guest's bytes.
+    Stderr,
+    /// In the output, each on a line of its own.
+    Inline,
+}
+
+/// How `history` decorates what it prints.
+#[derive(Clone, Copy, Debug)]
+struct HistoryOutput {
+    timestamps: bool,
+    events: Option<EventsTo>,
+}
+
+/// An event frame as one line: `[conlog: 2026-12-05T03:12:07.123456789Z guest disconnected
+/// (guest socket closed)]`.
+fn event_line(event: &proto::HistoryEvent) -> String {
+    let kind = proto::history_event::Kind::try_from(event.kind).map_or_else(
+        |_| format!("event {}", event.kind),
+        |k| k.as_str_name().to_lowercase().replace('_', " "),
+    );
+    let time = event.time.as_ref().map_or_else(
+        || "-".to_owned(),
+        |t| times::format_time(times::nanos_of(t)),
+    );
+    if event.detail.is_empty() {
+        format!("[conlog: {time} {kind}]")
+    } else {
+        format!("[conlog: {time} {kind} ({})]", event.detail)
+    }
+}
+
+/// The `--timestamps` prefix of a line starting at `offset` in `chunk`: the time of the index
+/// entry covering it (the chunk's marks start with the one covering its first byte).
+fn line_prefix(chunk: &proto::HistoryChunk, offset: u64) -> String {
+    let covering = chunk.marks.iter().take_while(|m| m.offset <= offset).last();
+    let (nanos, approximate) = match (covering, &chunk.time) {
+        (Some(mark), _) => (mark.unix_nanos, mark.approximate),
+        (None, Some(time)) => (times::nanos_of(time), false),
+        (None, None) => return "- ".to_owned(),
+    };
+    let tilde = if approximate { "~" } else { "" };
+    format!("{tilde}{} ", times::format_time(nanos))
+}
+
 /// Streams history to stdout; gaps are reported on stderr. On a terminal, sequences that make
-/// it answer are removed (see `conlog::terminal_safety`); to a pipe or file the bytes are exact.
-/// A lost connection (upgrade, takeover, restart) is resumed at the next offset not yet printed
-/// after a one-line notice, with the same backoff as `console`.
-async fn print_history(args: &Args, mut request: proto::ReadHistoryRequest) -> Result<()> {
+/// it answer are removed (see `conlog::terminal_safety`); to a pipe or file the bytes are exact
+/// (unless `--timestamps` or `--events=inline` add to them). A lost connection (upgrade,
+/// takeover, restart) is resumed at the next offset not yet printed after a one-line notice,
+/// with the same backoff as `console`.
+async fn print_history(
+    args: &Args,
+    mut request: proto::ReadHistoryRequest,
+    output: HistoryOutput,
+) -> Result<()> {
     use std::io::{IsTerminal, Write};
     let mut stdout = std::io::stdout().lock();
     let mut filter = stdout
         .is_terminal()
         .then(conlog::terminal_safety::QueryFilter::new);
     let mut shown = Vec::new();
+    // Whether the next byte printed starts a line (for --timestamps and inline events).
+    let mut at_line_start = true;
+    // The last event printed (offset, time): after a reconnect it may come again.
+    let mut last_event: Option<(u64, i64)> = None;
     let limit = request.limit_bytes;
     let mut printed = 0u64;
     let mut next: Option<u64> = None;
@@ -663,7 +825,7 @@ async fn print_history(args: &Args, mut request: proto::ReadHistoryRequest) -> R
                         Err(status) if terminal::is_lost(&status) => break status_text(&status),
                         Err(status) => return Err(refused(status)),
                     };
-                    if let Some(gap) = chunk.gap {
+                    if let Some(gap) = &chunk.gap {
                         if gap.reason.is_empty() {
                             eprintln!(
                                 "[conlog: offsets {}..{} are no longer on disk]",
@@ -676,25 +838,64 @@ async fn print_history(args: &Args, mut request: proto::ReadHistoryRequest) -> R
                             );
                         }
                     }
+                    if let Some(event) = &chunk.event {
+                        let key = (event.offset, event.time.as_ref().map_or(0, times::nanos_of));
+                        if last_event.is_some_and(|last| key <= last) {
+                            continue;
+                        }
+                        last_event = Some(key);
+                        let line = event_line(event);
+                        let written = match output.events {
+                            Some(EventsTo::Inline) => {
+                                let newline = if at_line_start { "" } else { "\n" };
+                                at_line_start = true;
+                                write!(stdout, "{newline}{line}\n").and_then(|()| stdout.flush())
+                            }
+                            _ => {
+                                eprintln!("{line}");
+                                Ok(())
+                            }
+                        };
+                        if written.is_err() {
+                            return Ok(());
+                        }
+                        continue;
+                    }
                     // After a reconnect the stream resumes exactly at `next`; never show twice.
                     let skip = next.map_or(0, |n| n.saturating_sub(chunk.offset));
                     let skip = usize::try_from(skip).unwrap_or(usize::MAX);
                     let data = chunk.data.get(skip..).unwrap_or_default();
                     next = next.max(Some(chunk.offset + chunk.data.len() as u64));
                     printed += data.len() as u64;
-                    let data = match &mut filter {
-                        Some(filter) => {
-                            shown.clear();
-                            filter.push(data, &mut shown);
-                            &shown[..]
+                    // With --timestamps, each line start gets the time of the entry covering
+                    // it (conlogd sends one line per chunk; an older one may send several).
+                    let mut at = chunk.offset + skip as u64;
+                    let mut rest = data;
+                    let mut written = Ok(());
+                    while !rest.is_empty() && written.is_ok() {
+                        let end = rest
+                            .iter()
+                            .position(|b| *b == b'\n')
+                            .map_or(rest.len(), |i| i + 1);
+                        let (line, after) = rest.split_at(end);
+                        let ends_line = line.last() == Some(&b'\n');
+                        if output.timestamps && at_line_start {
+                            written = stdout.write_all(line_prefix(&chunk, at).as_bytes());
                         }
-                        None => data,
-                    };
-                    if stdout
-                        .write_all(data)
-                        .and_then(|()| stdout.flush())
-                        .is_err()
-                    {
+                        let line = match &mut filter {
+                            Some(filter) => {
+                                shown.clear();
+                                filter.push(line, &mut shown);
+                                &shown[..]
+                            }
+                            None => line,
+                        };
+                        written = written.and_then(|()| stdout.write_all(line));
+                        at_line_start = ends_line;
+                        at += end as u64;
+                        rest = after;
+                    }
+                    if written.and_then(|()| stdout.flush()).is_err() {
                         return Ok(()); // stdout closed (e.g. `| head`)
                     }
                 }

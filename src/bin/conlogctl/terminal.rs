@@ -2,7 +2,9 @@
 //! upgrades, takeovers and daemon restarts.
 //!
 //! With a terminal on stdin it switches the terminal to raw mode (restored on every exit path
-//! by a guard), forwards keystrokes byte for byte and leaves on `Ctrl-]`. With a pipe on stdin
+//! by a guard) and forwards keystrokes byte for byte, except `Ctrl-]` and the key after it:
+//! `b` sends a serial BREAK (a magic SysRq key follows; only consoles created with the mux
+//! protocol carry one, as the `attached` reply says), any other key leaves. With a pipe on stdin
 //! it sends the pipe's bytes, keeps printing output until a short drain after end of input, and
 //! exits. conlog's own notices go to stderr.
 //!
@@ -30,8 +32,54 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-/// `Ctrl-]`, the escape that ends an interactive session (as in telnet and virsh console).
+/// `Ctrl-]`, the escape key (as in telnet and virsh console): the key after it is a command.
 const ESCAPE: u8 = 0x1d;
+/// After [`ESCAPE`]: send a serial BREAK.
+const BREAK_KEY: u8 = b'b';
+
+/// What keys typed on the terminal mean.
+#[derive(Debug, PartialEq, Eq)]
+enum Key {
+    /// Bytes for the guest.
+    Input(Vec<u8>),
+    /// `Ctrl-]` then `b`.
+    Break,
+    /// `Ctrl-]` then any other key.
+    Leave,
+    /// `Ctrl-]` was the last key typed: the next one says what it means.
+    Escape,
+}
+
+/// Splits what the terminal sent into keys; `escaped` carries a `Ctrl-]` typed last across
+/// reads.
+fn keys(escaped: &mut bool, bytes: &[u8]) -> Vec<Key> {
+    let mut keys = Vec::new();
+    let mut input = Vec::new();
+    for &byte in bytes {
+        if std::mem::take(escaped) {
+            if !input.is_empty() {
+                keys.push(Key::Input(std::mem::take(&mut input)));
+            }
+            if byte == BREAK_KEY {
+                keys.push(Key::Break);
+            } else {
+                keys.push(Key::Leave);
+                return keys;
+            }
+        } else if byte == ESCAPE {
+            *escaped = true;
+        } else {
+            input.push(byte);
+        }
+    }
+    if !input.is_empty() {
+        keys.push(Key::Input(input));
+    }
+    if *escaped {
+        keys.push(Key::Escape);
+    }
+    keys
+}
 
 /// How long conlogctl keeps trying to reconnect before giving up.
 pub const RECONNECT_FOR: Duration = Duration::from_secs(60);
@@ -96,6 +144,8 @@ pub fn is_lost(status: &tonic::Status) -> bool {
 struct Progress {
     next: Option<u64>,
     writer: bool,
+    /// The console can carry a serial BREAK (from its `attached` reply).
+    serial_break: bool,
 }
 
 /// How one connection ended.
@@ -133,7 +183,9 @@ pub async fn run(connect: Connect<'_>, token: Option<String>, options: Options) 
         progress: Progress {
             next: None,
             writer: false,
+            serial_break: false,
         },
+        escaped: false,
         input_open: true,
         drain_until: None,
     };
@@ -179,6 +231,8 @@ struct Session {
     progress: Progress,
     input_open: bool,
     drain_until: Option<tokio::time::Instant>,
+    /// `Ctrl-]` was typed last.
+    escaped: bool,
 }
 
 impl Session {
@@ -259,7 +313,7 @@ impl Session {
         };
         if first && interactive {
             eprintln!(
-                "[conlog: attached to {}/{}; Ctrl-] leaves]",
+                "[conlog: attached to {}/{}; Ctrl-] then q leaves, Ctrl-] then b sends a serial BREAK]",
                 options.guest, options.device
             );
             *raw = Some(RawMode::enter()?);
@@ -299,6 +353,7 @@ impl Session {
                         }
                         Some(server_frame::Frame::Attached(a)) => {
                             self.progress.writer = a.writer;
+                            self.progress.serial_break = a.serial_break;
                             let from = match self.progress.next {
                                 None => a.offset.saturating_sub(options.replay),
                                 Some(next) => next,
@@ -338,17 +393,27 @@ impl Session {
                     }
                 }
                 bytes = input_rx.recv(), if self.input_open => match bytes {
+                    Some(bytes) if !interactive => send_input(&frames_tx, &bytes, options.read_only).await,
                     Some(bytes) => {
-                        let escape = interactive.then(|| bytes.iter().position(|b| *b == ESCAPE)).flatten();
-                        match escape {
-                            Some(at) => {
-                                send_input(&frames_tx, &bytes[..at], options.read_only).await;
-                                // Let the input frame go out before the call ends.
-                                drop(frames_tx);
-                                let _ = tokio::time::timeout(Duration::from_millis(200), output.message()).await;
-                                return Ok(End::Left);
+                        for key in keys(&mut self.escaped, &bytes) {
+                            match key {
+                                Key::Input(bytes) => send_input(&frames_tx, &bytes, options.read_only).await,
+                                Key::Escape => notice(interactive, "b: send a serial BREAK; any other key leaves"),
+                                Key::Break if !self.progress.writer => notice(interactive, "watching only: a serial BREAK needs the writer lease (use --force to take it)"),
+                                Key::Break if !self.progress.serial_break => notice(interactive, "this console cannot carry a serial BREAK: its guest socket is raw (create it with --mux and give QEMU's chardev mux=on; docs/consoles.md)"),
+                                Key::Break => {
+                                    let frame = proto::ClientFrame {
+                                        frame: Some(client_frame::Frame::SerialBreak(proto::SerialBreak {})),
+                                    };
+                                    let _ = frames_tx.send(frame).await;
+                                }
+                                Key::Leave => {
+                                    // Let the input frame go out before the call ends.
+                                    drop(frames_tx);
+                                    let _ = tokio::time::timeout(Duration::from_millis(200), output.message()).await;
+                                    return Ok(End::Left);
+                                }
                             }
-                            None => send_input(&frames_tx, &bytes, options.read_only).await,
                         }
                     }
                     None => {
@@ -377,7 +442,7 @@ impl Session {
             start: Some(proto::read_history_request::Start::FromOffset(from)),
             follow: false,
             limit_bytes: to - from,
-            text: false,
+            ..Default::default()
         };
         let mut chunks = match client
             .read_history(crate::with_token(request, &self.token)?)
@@ -437,4 +502,35 @@ async fn send_input(frames: &mpsc::Sender<proto::ClientFrame>, bytes: &[u8], rea
         })),
     };
     let _ = frames.send(frame).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_after_the_escape_key_are_commands_even_across_reads() {
+        let mut escaped = false;
+        assert_eq!(
+            keys(&mut escaped, b"ls\x1db\x1dbx"),
+            [
+                Key::Input(b"ls".to_vec()),
+                Key::Break,
+                Key::Break,
+                Key::Input(b"x".to_vec())
+            ]
+        );
+        assert_eq!(
+            keys(&mut escaped, b"ab\x1d"),
+            [Key::Input(b"ab".to_vec()), Key::Escape]
+        );
+        assert!(escaped);
+        assert_eq!(keys(&mut escaped, b"b\x1d"), [Key::Break, Key::Escape]);
+        assert_eq!(keys(&mut escaped, b"qrest"), [Key::Leave]);
+        assert!(!escaped);
+        assert_eq!(
+            keys(&mut escaped, b"a\x1d.b"),
+            [Key::Input(b"a".to_vec()), Key::Leave]
+        );
+    }
 }

@@ -59,7 +59,7 @@
 
 mod format;
 mod reader;
-mod writer;
+pub(crate) mod writer;
 
 pub use format::EventKind;
 pub use reader::{IndexCursor, IndexEntry, IndexEvent, IndexFile, TimeMark};

@@ -19,15 +19,41 @@ fn at(ms: u64) -> Now {
     }
 }
 
-fn writer(dir: &Path) -> Writer {
-    Writer::open(&dir.join("s.log"), 0, 0, true)
+/// A writer with the path of its log, as `LogFile` holds it.
+struct W {
+    w: Writer,
+    log: std::path::PathBuf,
+}
+
+impl W {
+    fn open(log: &Path, start: u64, backups: u32, enabled: bool) -> Self {
+        Self {
+            w: Writer::open(log, start, backups, enabled),
+            log: log.to_owned(),
+        }
+    }
+
+    fn commit_at(&mut self, planned: Planned, now: Now, wrote: bool) {
+        self.w.commit(&self.log, planned, now, wrote);
+    }
+}
+
+impl std::ops::Deref for W {
+    type Target = Writer;
+    fn deref(&self) -> &Writer {
+        &self.w
+    }
+}
+
+fn writer(dir: &Path) -> W {
+    W::open(&dir.join("s.log"), 0, 0, true)
 }
 
 /// Writes at `offset` at time `now` as `LogFile` does; whether an entry was due.
-fn write(w: &mut Writer, offset: u64, now: Now) -> bool {
+fn write(w: &mut W, offset: u64, now: Now) -> bool {
     let planned = w.plan_write(offset, now);
     let due = planned.len() > 0;
-    w.commit(planned, now, true);
+    w.commit_at(planned, now, true);
     due
 }
 
@@ -110,15 +136,54 @@ fn entries_follow_the_rule_for_bursts_continuous_and_sparse_output() {
 }
 
 #[test]
+fn one_write_never_adds_more_than_the_room_kept_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = writer(dir.path());
+    assert!(write(&mut w, 0, at(0)));
+    // A new file (header), a clock stepped back as far as it can go (the longest detail) and
+    // a clock record: the most a write adds.
+    w.w.start_file(100);
+    let back = Now {
+        wall_ns: i64::MIN / 2,
+        mono_ns: at(5000).mono_ns,
+    };
+    let planned = w.plan_write(100, back);
+    assert!(
+        planned.len() <= writer::WRITE_ENTRY_MAX,
+        "{}",
+        planned.len()
+    );
+    assert_eq!(writer::WRITE_ENTRY_MAX, 224, "docs/design.md states it");
+    assert_eq!(w.write_reserve(), 224);
+}
+
+#[test]
+fn events_are_rate_limited_except_the_daemons_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = writer(dir.path());
+    let admitted = (0..100)
+        .filter(|_| w.w.admit_event(K::WriterChanged, at(0)))
+        .count();
+    assert_eq!(admitted, 20, "the burst");
+    assert!(w.w.admit_event(K::DaemonStopped, at(0)));
+    assert!(!w.w.admit_event(K::GuestConnected, at(100)));
+    // Five a second after that.
+    let later = (0..100)
+        .filter(|_| w.w.admit_event(K::WriterChanged, at(1000)))
+        .count();
+    assert_eq!(later, 5);
+}
+
+#[test]
 fn no_index_is_written_when_turned_off_or_before_the_first_byte() {
     let dir = tempfile::tempdir().unwrap();
     let w = writer(dir.path());
     assert!(!dir.path().join("s.log.idx").exists());
     assert_eq!(w.len(), 0);
-    let mut w = Writer::open(&dir.path().join("s.log"), 0, 0, false);
+    let mut w = W::open(&dir.path().join("s.log"), 0, 0, false);
     assert!(!w.enabled());
     assert!(!write(&mut w, 0, at(0)));
-    w.commit(w.plan_event(0, at(1), K::GuestConnected, "x"), at(1), false);
+    w.commit_at(w.plan_event(0, at(1), K::GuestConnected, "x"), at(1), false);
     assert!(!dir.path().join("s.log.idx").exists());
 }
 
@@ -131,7 +196,7 @@ fn searches_by_time_land_on_heads_never_on_continuations() {
     for i in 0..50u64 {
         let now = at(i * 1000);
         if i % 3 == 1 {
-            w.commit(
+            w.commit_at(
                 w.plan_event(i * 100, now, K::WriterChanged, &label),
                 now,
                 false,
@@ -246,7 +311,7 @@ fn the_writer_cuts_a_torn_tail_and_resumes_the_clamp() {
     assert_eq!(ix.last_time().unwrap(), Some(at(5000).wall_ns));
     assert_eq!(entries(&ix, 0).len(), 2);
     // The writer cuts it, and never stores a time below what is there.
-    let mut w = Writer::open(&dir.path().join("s.log"), 0, 0, true);
+    let mut w = W::open(&dir.path().join("s.log"), 0, 0, true);
     assert_eq!(fs::metadata(&path).unwrap().len(), good);
     assert_eq!(w.len(), good);
     assert!(!w.ended_stopped());
@@ -263,27 +328,27 @@ fn the_writer_cuts_a_torn_tail_and_resumes_the_clamp() {
 fn an_index_of_another_file_is_moved_to_its_backup_or_removed_and_orphans_go() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("s.log");
-    let mut w = Writer::open(&log, 0, 0, true);
+    let mut w = W::open(&log, 0, 0, true);
     assert!(write(&mut w, 0, at(0)));
     // A crash after `.log` became `.log.1`, before its index followed.
     fs::write(dir.path().join("s.log.1"), b"x").unwrap();
     fs::write(dir.path().join("s.log.2.idx"), b"orphan").unwrap();
     fs::write(dir.path().join("s.log.3.idx"), b"orphan").unwrap();
-    let w = Writer::open(&log, 100, 1, true);
+    let w = W::open(&log, 100, 1, true);
     assert_eq!(w.len(), 0);
     assert!(!dir.path().join("s.log.idx").exists());
     assert!(dir.path().join("s.log.1.idx").exists());
     assert!(!dir.path().join("s.log.2.idx").exists());
     assert!(!dir.path().join("s.log.3.idx").exists());
     // Without a backup to own it, it goes.
-    let mut w = Writer::open(&log, 100, 1, true);
+    let mut w = W::open(&log, 100, 1, true);
     assert!(write(&mut w, 100, at(0)));
     drop(w);
-    Writer::open(&log, 200, 0, true);
+    W::open(&log, 200, 0, true);
     assert!(!dir.path().join("s.log.idx").exists());
     // A header that does not check: removed.
     fs::write(dir.path().join("s.log.idx"), [1u8; 80]).unwrap();
-    Writer::open(&log, 200, 0, true);
+    W::open(&log, 200, 0, true);
     assert!(!dir.path().join("s.log.idx").exists());
 }
 
@@ -291,21 +356,21 @@ fn an_index_of_another_file_is_moved_to_its_backup_or_removed_and_orphans_go() {
 fn a_clean_stop_is_recognised_at_the_next_open() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("s.log");
-    let mut w = Writer::open(&log, 0, 0, true);
+    let mut w = W::open(&log, 0, 0, true);
     assert!(write(&mut w, 0, at(0)));
-    w.commit(
+    w.commit_at(
         w.plan_event(5, at(10), K::DaemonStopped, "stop"),
         at(10),
         false,
     );
-    assert!(Writer::open(&log, 0, 0, true).ended_stopped());
-    let mut w = Writer::open(&log, 0, 0, true);
-    w.commit(
+    assert!(W::open(&log, 0, 0, true).ended_stopped());
+    let mut w = W::open(&log, 0, 0, true);
+    w.commit_at(
         w.plan_event(5, at(20), K::DaemonStarted, "started"),
         at(20),
         false,
     );
-    assert!(!Writer::open(&log, 0, 0, true).ended_stopped());
+    assert!(!W::open(&log, 0, 0, true).ended_stopped());
     assert_eq!(
         start_detail(StartKind::Fresh, true).split(" (").next(),
         Some("restarted after a crash")
@@ -373,6 +438,7 @@ mod with_the_log {
                 max_backups: backups,
                 mode,
                 compress: crate::logfile::Compression::None,
+                max_age: 0,
             };
             let open = || {
                 let mut log = LogFile::open(&path, &pos, limits).unwrap();
@@ -445,6 +511,7 @@ mod with_the_log {
             max_backups: 1,
             mode: LogMode::Rotate,
             compress: crate::logfile::Compression::None,
+            max_age: 0,
         };
         let mut log = LogFile::open(&path, &dir.path().join("s.pos"), limits).unwrap();
         log.set_time_index(true);
@@ -501,6 +568,7 @@ mod with_the_log {
             max_backups: 1,
             mode: LogMode::Rotate,
             compress: crate::logfile::Compression::None,
+            max_age: 0,
         };
         let mut log =
             LogFile::open(&dir.path().join("s.log"), &dir.path().join("s.pos"), limits).unwrap();

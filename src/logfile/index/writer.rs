@@ -2,7 +2,7 @@
 //! wall clock that steps back, events, and recovery of the file at open.
 //!
 //! Owns [`Writer`], the state [`super::super::LogFile`] keeps for its index: a few numbers, no
-//! descriptor (each append is open + one `write` + close, docs/design.md "Time index"). It
+//! path (the log's gives it) and no descriptor (each append is open + one `write` + close, docs/design.md "Time index"). It
 //! never touches a log file and never fails a log write: an index write that fails is counted
 //! ([`Writer::take_failures`]) and logged rate-limited, and the log goes on without it.
 
@@ -24,6 +24,11 @@ const CONTINUOUS_NS: u64 = 100_000_000;
 const STEP_NS: i64 = 1_000_000;
 /// `wall - mono` moving this much since the last clock record writes a new one.
 const DRIFT_NS: i64 = 10_000_000;
+/// Events a stream may record at once, and per second after that: a client taking and
+/// leaving the writer lease in a loop must not fill the index (and so shorten the history the
+/// cap keeps) faster than this.
+const EVENT_BURST: u64 = 20;
+const EVENTS_PER_SECOND: u64 = 5;
 /// Longest detail of a `clock stepped` event (bytes).
 const STEP_DETAIL: usize = 64;
 /// The most bytes one log write adds to the index: a header, a `clock stepped` event and a
@@ -58,8 +63,6 @@ pub(crate) enum StartKind {
 pub(crate) struct Writer {
     /// Whether entries are written (`logs.time_index`).
     enabled: bool,
-    /// The current file's index path.
-    path: PathBuf,
     /// Absolute offset the current log file starts at (its index's `base_offset`).
     base: u64,
     /// Bytes in the current index file (0: it does not exist yet).
@@ -76,6 +79,10 @@ pub(crate) struct Writer {
     stepped: bool,
     /// The current index ended with `daemon stopped` when it was opened.
     ended_stopped: bool,
+    /// Events that may still be recorded now (see [`Writer::admit_event`]), and when the
+    /// budget was last refilled (monotonic ns).
+    event_budget: u64,
+    budget_at: u64,
     /// Index writes that failed, not yet reported.
     failures: u64,
 }
@@ -102,10 +109,8 @@ impl Writer {
     /// orphans of removed backups are deleted, and the clamp resumes from the newest time
     /// stored. `backups` is how many backups the log has.
     pub(crate) fn open(log: &Path, start: u64, backups: u32, enabled: bool) -> Self {
-        let path = index_path(log);
         let mut writer = Self {
             enabled,
-            path,
             base: start,
             len: 0,
             hw: i64::MIN,
@@ -114,10 +119,12 @@ impl Writer {
             clock_offset: None,
             stepped: false,
             ended_stopped: false,
+            event_budget: EVENT_BURST,
+            budget_at: 0,
             failures: 0,
         };
         if let Err(e) = writer.recover(log, backups) {
-            writer.failed("cannot recover the time index", &e);
+            writer.failed(log, "cannot recover the time index", &e);
         }
         writer
     }
@@ -133,14 +140,15 @@ impl Writer {
                 Err(e) => return Err(e),
             }
         }
-        if let Some(tail) = self.open_tail(&self.path.clone())? {
+        let path = index_path(log);
+        if let Some(tail) = self.open_tail(&path)? {
             if tail.header.base_offset != self.base {
                 // Left by a crash between moving `.log` to `.log.1` and moving its index.
                 let one = index_path(&super::super::backup_path(log, 1));
                 if backups >= 1 && tail.header.base_offset < self.base && !one.exists() {
-                    fs::rename(&self.path, &one)?;
+                    fs::rename(&path, &one)?;
                 } else {
-                    fs::remove_file(&self.path)?;
+                    fs::remove_file(&path)?;
                 }
                 self.len = 0;
             } else {
@@ -252,6 +260,26 @@ impl Writer {
         self.plan(offset, now, None)
     }
 
+    /// Whether an event of `kind` may be recorded now: at most [`EVENT_BURST`] at once and
+    /// [`EVENTS_PER_SECOND`] after that, so what clients can trigger cannot fill the index. The
+    /// daemon's own starts and stops are always recorded (they are rare, and tell a restart
+    /// after a crash from one after a stop).
+    pub(crate) fn admit_event(&mut self, kind: EventKind, now: Now) -> bool {
+        if matches!(kind, EventKind::DaemonStarted | EventKind::DaemonStopped) {
+            return true;
+        }
+        let earned = now.mono_ns.saturating_sub(self.budget_at) * EVENTS_PER_SECOND / 1_000_000_000;
+        if earned > 0 {
+            self.event_budget = (self.event_budget + earned).min(EVENT_BURST);
+            self.budget_at = now.mono_ns;
+        }
+        if self.event_budget == 0 {
+            return false;
+        }
+        self.event_budget -= 1;
+        true
+    }
+
     /// What recording `kind` at `offset` now adds to the index.
     pub(crate) fn plan_event(
         &self,
@@ -339,7 +367,7 @@ impl Writer {
 
     /// Appends what `plan` holds (one `write`), after the log write it was planned for (if
     /// `wrote`), and takes the state it leaves. A failure is counted, never returned.
-    pub(crate) fn commit(&mut self, planned: Planned, now: Now, wrote: bool) {
+    pub(crate) fn commit(&mut self, log: &Path, planned: Planned, now: Now, wrote: bool) {
         if wrote {
             self.last_write = Some(now.mono_ns);
         }
@@ -353,12 +381,17 @@ impl Writer {
         if planned.bytes.is_empty() {
             return;
         }
-        match self.append(&planned.bytes) {
+        let path = index_path(log);
+        match self.append(&path, &planned.bytes) {
             Ok(()) => self.len += planned.len(),
             Err(e) => {
-                self.failed("cannot write the time index", &e);
+                self.failed(log, "cannot write the time index", &e);
                 // The next entry starts the file again (or after what is there).
-                self.len = fs::metadata(&self.path).map_or(0, |m| m.len());
+                // Only a regular file is an index (a directory in its place is not).
+                self.len = fs::symlink_metadata(&path)
+                    .ok()
+                    .filter(fs::Metadata::is_file)
+                    .map_or(0, |m| m.len());
                 if self.len > 0 && (self.len < HEADER_LEN || (self.len - HEADER_LEN) % SLOT != 0) {
                     let cut = if self.len < HEADER_LEN {
                         0
@@ -367,7 +400,7 @@ impl Writer {
                     };
                     if OpenOptions::new()
                         .write(true)
-                        .open(&self.path)
+                        .open(&path)
                         .and_then(|f| f.set_len(cut))
                         .is_ok()
                     {
@@ -375,20 +408,20 @@ impl Writer {
                     }
                 }
                 if self.len == 0 {
-                    let _ = fs::remove_file(&self.path);
+                    let _ = fs::remove_file(&path);
                     self.clock_offset = None;
                 }
             }
         }
     }
 
-    fn append(&self, bytes: &[u8]) -> io::Result<()> {
+    fn append(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
         let mut file = OpenOptions::new()
             .append(true)
             .create(true)
             .mode(0o640)
             .custom_flags(rustix::fs::OFlags::CLOEXEC.bits().cast_signed())
-            .open(&self.path)?;
+            .open(path)?;
         if self.len == 0 && file.metadata()?.len() != 0 {
             // A file left behind (by a failed write): start it again.
             file.set_len(0)?;
@@ -397,14 +430,14 @@ impl Writer {
     }
 
     /// Counts an entry left out (no room in the pair), logged rate-limited.
-    pub(crate) fn skipped(&mut self, why: &str) {
+    pub(crate) fn skipped(&mut self, log: &Path, why: &str) {
         self.failures += 1;
-        crate::limited!(debug, index = %self.path.display(), "time index entry left out: {why}");
+        crate::limited!(debug, log = %log.display(), "time index entry left out: {why}");
     }
 
-    fn failed(&mut self, what: &str, e: &io::Error) {
+    fn failed(&mut self, log: &Path, what: &str, e: &io::Error) {
         self.failures += 1;
-        crate::limited!(warn, index = %self.path.display(), error = %e, "{what}");
+        crate::limited!(warn, index = %index_path(log).display(), error = %e, "{what}");
     }
 }
 

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file conlog/v1/common.proto.
  */
 export const file_conlog_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("ChZjb25sb2cvdjEvY29tbW9uLnByb3RvEgljb25sb2cudjEitwEKCUxvZ0xpbWl0cxIVCghtYXhfc2l6ZRgBIAEoBEgAiAEBEhgKC21heF9iYWNrdXBzGAIgASgNSAGIAQESIAoEbW9kZRgDIAEoDjISLmNvbmxvZy52MS5Mb2dNb2RlEi0KCGNvbXByZXNzGAUgASgOMhYuY29ubG9nLnYxLkNvbXByZXNzaW9uSAKIAQFCCwoJX21heF9zaXplQg4KDF9tYXhfYmFja3Vwc0ILCglfY29tcHJlc3MqTwoHTG9nTW9kZRIYChRMT0dfTU9ERV9VTlNQRUNJRklFRBAAEhMKD0xPR19NT0RFX1JPVEFURRABEhUKEUxPR19NT0RFX1RSVU5DQVRFEAIqVgoLQ29tcHJlc3Npb24SGwoXQ09NUFJFU1NJT05fVU5TUEVDSUZJRUQQABIUChBDT01QUkVTU0lPTl9OT05FEAESFAoQQ09NUFJFU1NJT05fWlNURBACKjoKBkFjY2VzcxIWChJBQ0NFU1NfVU5TUEVDSUZJRUQQABIICgRSRUFEEAESDgoKUkVBRF9XUklURRACYgZwcm90bzM");
+  fileDesc("ChZjb25sb2cvdjEvY29tbW9uLnByb3RvEgljb25sb2cudjEi6QEKCUxvZ0xpbWl0cxIVCghtYXhfc2l6ZRgBIAEoBEgAiAEBEhgKC21heF9iYWNrdXBzGAIgASgNSAGIAQESIAoEbW9kZRgDIAEoDjISLmNvbmxvZy52MS5Mb2dNb2RlEhwKD21heF9hZ2Vfc2Vjb25kcxgEIAEoBEgCiAEBEi0KCGNvbXByZXNzGAUgASgOMhYuY29ubG9nLnYxLkNvbXByZXNzaW9uSAOIAQFCCwoJX21heF9zaXplQg4KDF9tYXhfYmFja3Vwc0ISChBfbWF4X2FnZV9zZWNvbmRzQgsKCV9jb21wcmVzcypPCgdMb2dNb2RlEhgKFExPR19NT0RFX1VOU1BFQ0lGSUVEEAASEwoPTE9HX01PREVfUk9UQVRFEAESFQoRTE9HX01PREVfVFJVTkNBVEUQAipWCgtDb21wcmVzc2lvbhIbChdDT01QUkVTU0lPTl9VTlNQRUNJRklFRBAAEhQKEENPTVBSRVNTSU9OX05PTkUQARIUChBDT01QUkVTU0lPTl9aU1REEAIqOgoGQWNjZXNzEhYKEkFDQ0VTU19VTlNQRUNJRklFRBAAEggKBFJFQUQQARIOCgpSRUFEX1dSSVRFEAJiBnByb3RvMw");
 
 /**
  * Per-stream override of the configured log limits. Unset fields keep the default
@@ -42,6 +42,14 @@ export type LogLimits = Message<"conlog.v1.LogLimits"> & {
    * @generated from field: conlog.v1.LogMode mode = 3;
    */
   mode: LogMode;
+
+  /**
+   * Rotated files whose newest byte is older than this are deleted (checked at start and at
+   * least hourly); 0 turns age retention off for the stream. Unset: logs.max_age.
+   *
+   * @generated from field: optional uint64 max_age_seconds = 4;
+   */
+  maxAgeSeconds?: bigint | undefined;
 
   /**
    * rotated files compressed (zstd) or not
@@ -93,7 +101,7 @@ export const LogModeSchema: GenEnum<LogMode> = /*@__PURE__*/
   enumDesc(file_conlog_v1_common, 0);
 
 /**
- * Whether a stream's rotated files are compressed (docs/design.md §6, "Compressed backups").
+ * Whether a stream's rotated files are compressed (docs/design.md "Compressed backups").
  *
  * @generated from enum conlog.v1.Compression
  */

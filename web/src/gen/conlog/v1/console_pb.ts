@@ -8,13 +8,15 @@
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import { file_conlog_v1_common } from "./common_pb";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file conlog/v1/console.proto.
  */
 export const file_conlog_v1_console: GenFile = /*@__PURE__*/
-  fileDesc("Chdjb25sb2cvdjEvY29uc29sZS5wcm90bxIJY29ubG9nLnYxIq8BCgZBdHRhY2gSDQoFZ3Vlc3QYASABKAkSDgoGZGV2aWNlGAIgASgJEiQKBG1vZGUYAyABKA4yFi5jb25sb2cudjEuQXR0YWNoLk1vZGUSDQoFZm9yY2UYBCABKAgSFAoMcmVwbGF5X2J5dGVzGAUgASgEIjsKBE1vZGUSFAoQTU9ERV9VTlNQRUNJRklFRBAAEg0KCVJFQURfT05MWRABEg4KClJFQURfV1JJVEUQAiIVCgVJbnB1dBIMCgRkYXRhGAEgASgMIiQKBlJlc2l6ZRIMCgRjb2xzGAEgASgNEgwKBHJvd3MYAiABKA0igwEKC0NsaWVudEZyYW1lEiMKBmF0dGFjaBgBIAEoCzIRLmNvbmxvZy52MS5BdHRhY2hIABIhCgVpbnB1dBgCIAEoCzIQLmNvbmxvZy52MS5JbnB1dEgAEiMKBnJlc2l6ZRgDIAEoCzIRLmNvbmxvZy52MS5SZXNpemVIAEIHCgVmcmFtZSJXCghBdHRhY2hlZBIOCgZvZmZzZXQYASABKAQSDgoGd3JpdGVyGAIgASgIEhIKCnNlc3Npb25faWQYAyABKAkSFwoPZ3Vlc3RfY29ubmVjdGVkGAQgASgIIiYKBk91dHB1dBIOCgZvZmZzZXQYASABKAQSDAoEZGF0YRgCIAEoDCIwCgZMYWdnZWQSEwoLZnJvbV9vZmZzZXQYASABKAQSEQoJdG9fb2Zmc2V0GAIgASgEIh8KCkd1ZXN0U3RhdGUSEQoJY29ubmVjdGVkGAEgASgIIh8KDVdyaXRlclJldm9rZWQSDgoGcmVhc29uGAEgASgJIuUBCgtTZXJ2ZXJGcmFtZRInCghhdHRhY2hlZBgBIAEoCzITLmNvbmxvZy52MS5BdHRhY2hlZEgAEiMKBm91dHB1dBgCIAEoCzIRLmNvbmxvZy52MS5PdXRwdXRIABIjCgZsYWdnZWQYAyABKAsyES5jb25sb2cudjEuTGFnZ2VkSAASJgoFZ3Vlc3QYBCABKAsyFS5jb25sb2cudjEuR3Vlc3RTdGF0ZUgAEjIKDndyaXRlcl9yZXZva2VkGAUgASgLMhguY29ubG9nLnYxLldyaXRlclJldm9rZWRIAEIHCgVmcmFtZSJ/ChNXYXRjaENvbnNvbGVSZXF1ZXN0Eg0KBWd1ZXN0GAEgASgJEg4KBmRldmljZRgCIAEoCRIkCgRtb2RlGAMgASgOMhYuY29ubG9nLnYxLkF0dGFjaC5Nb2RlEg0KBWZvcmNlGAQgASgIEhQKDHJlcGxheV9ieXRlcxgFIAEoBCI7ChdTZW5kQ29uc29sZUlucHV0UmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEgwKBGRhdGEYAiABKAwiMgoYU2VuZENvbnNvbGVJbnB1dFJlc3BvbnNlEhYKDmFjY2VwdGVkX2J5dGVzGAEgASgEIrIBChJSZWFkSGlzdG9yeVJlcXVlc3QSDQoFZ3Vlc3QYASABKAkSDgoGc3RyZWFtGAIgASgJEhUKC2Zyb21fb2Zmc2V0GAMgASgESAASFAoKdGFpbF9ieXRlcxgEIAEoBEgAEhQKCnRhaWxfbGluZXMYBSABKARIABIOCgZmb2xsb3cYBiABKAgSEwoLbGltaXRfYnl0ZXMYByABKAQSDAoEdGV4dBgIIAEoCEIHCgVzdGFydCI9CgNHYXASEwoLZnJvbV9vZmZzZXQYASABKAQSEQoJdG9fb2Zmc2V0GAIgASgEEg4KBnJlYXNvbhgDIAEoCSJXCgxIaXN0b3J5Q2h1bmsSDgoGb2Zmc2V0GAEgASgEEgwKBGRhdGEYAiABKAwSDAoEdGV4dBgDIAEoCRIbCgNnYXAYBCABKAsyDi5jb25sb2cudjEuR2FwMr4CCgdDb25zb2xlEkMKDUF0dGFjaENvbnNvbGUSFi5jb25sb2cudjEuQ2xpZW50RnJhbWUaFi5jb25sb2cudjEuU2VydmVyRnJhbWUoATABEkgKDFdhdGNoQ29uc29sZRIeLmNvbmxvZy52MS5XYXRjaENvbnNvbGVSZXF1ZXN0GhYuY29ubG9nLnYxLlNlcnZlckZyYW1lMAESWwoQU2VuZENvbnNvbGVJbnB1dBIiLmNvbmxvZy52MS5TZW5kQ29uc29sZUlucHV0UmVxdWVzdBojLmNvbmxvZy52MS5TZW5kQ29uc29sZUlucHV0UmVzcG9uc2USRwoLUmVhZEhpc3RvcnkSHS5jb25sb2cudjEuUmVhZEhpc3RvcnlSZXF1ZXN0GhcuY29ubG9nLnYxLkhpc3RvcnlDaHVuazABYgZwcm90bzM", [file_conlog_v1_common]);
+  fileDesc("Chdjb25sb2cvdjEvY29uc29sZS5wcm90bxIJY29ubG9nLnYxIq8BCgZBdHRhY2gSDQoFZ3Vlc3QYASABKAkSDgoGZGV2aWNlGAIgASgJEiQKBG1vZGUYAyABKA4yFi5jb25sb2cudjEuQXR0YWNoLk1vZGUSDQoFZm9yY2UYBCABKAgSFAoMcmVwbGF5X2J5dGVzGAUgASgEIjsKBE1vZGUSFAoQTU9ERV9VTlNQRUNJRklFRBAAEg0KCVJFQURfT05MWRABEg4KClJFQURfV1JJVEUQAiIVCgVJbnB1dBIMCgRkYXRhGAEgASgMIiQKBlJlc2l6ZRIMCgRjb2xzGAEgASgNEgwKBHJvd3MYAiABKA0iDQoLU2VyaWFsQnJlYWsiswEKC0NsaWVudEZyYW1lEiMKBmF0dGFjaBgBIAEoCzIRLmNvbmxvZy52MS5BdHRhY2hIABIhCgVpbnB1dBgCIAEoCzIQLmNvbmxvZy52MS5JbnB1dEgAEiMKBnJlc2l6ZRgDIAEoCzIRLmNvbmxvZy52MS5SZXNpemVIABIuCgxzZXJpYWxfYnJlYWsYBCABKAsyFi5jb25sb2cudjEuU2VyaWFsQnJlYWtIAEIHCgVmcmFtZSJtCghBdHRhY2hlZBIOCgZvZmZzZXQYASABKAQSDgoGd3JpdGVyGAIgASgIEhIKCnNlc3Npb25faWQYAyABKAkSFwoPZ3Vlc3RfY29ubmVjdGVkGAQgASgIEhQKDHNlcmlhbF9icmVhaxgFIAEoCCImCgZPdXRwdXQSDgoGb2Zmc2V0GAEgASgEEgwKBGRhdGEYAiABKAwiMAoGTGFnZ2VkEhMKC2Zyb21fb2Zmc2V0GAEgASgEEhEKCXRvX29mZnNldBgCIAEoBCIfCgpHdWVzdFN0YXRlEhEKCWNvbm5lY3RlZBgBIAEoCCIfCg1Xcml0ZXJSZXZva2VkEg4KBnJlYXNvbhgBIAEoCSLlAQoLU2VydmVyRnJhbWUSJwoIYXR0YWNoZWQYASABKAsyEy5jb25sb2cudjEuQXR0YWNoZWRIABIjCgZvdXRwdXQYAiABKAsyES5jb25sb2cudjEuT3V0cHV0SAASIwoGbGFnZ2VkGAMgASgLMhEuY29ubG9nLnYxLkxhZ2dlZEgAEiYKBWd1ZXN0GAQgASgLMhUuY29ubG9nLnYxLkd1ZXN0U3RhdGVIABIyCg53cml0ZXJfcmV2b2tlZBgFIAEoCzIYLmNvbmxvZy52MS5Xcml0ZXJSZXZva2VkSABCBwoFZnJhbWUifwoTV2F0Y2hDb25zb2xlUmVxdWVzdBINCgVndWVzdBgBIAEoCRIOCgZkZXZpY2UYAiABKAkSJAoEbW9kZRgDIAEoDjIWLmNvbmxvZy52MS5BdHRhY2guTW9kZRINCgVmb3JjZRgEIAEoCBIUCgxyZXBsYXlfYnl0ZXMYBSABKAQiUQoXU2VuZENvbnNvbGVJbnB1dFJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIMCgRkYXRhGAIgASgMEhQKDHNlcmlhbF9icmVhaxgDIAEoCCIyChhTZW5kQ29uc29sZUlucHV0UmVzcG9uc2USFgoOYWNjZXB0ZWRfYnl0ZXMYASABKAQi0QIKElJlYWRIaXN0b3J5UmVxdWVzdBINCgVndWVzdBgBIAEoCRIOCgZzdHJlYW0YAiABKAkSFQoLZnJvbV9vZmZzZXQYAyABKARIABIUCgp0YWlsX2J5dGVzGAQgASgESAASFAoKdGFpbF9saW5lcxgFIAEoBEgAEjAKCnNpbmNlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wSAASDgoGZm9sbG93GAYgASgIEhMKC2xpbWl0X2J5dGVzGAcgASgEEgwKBHRleHQYCCABKAgSLgoKdW50aWxfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFbGluZXMYCyABKAgSDgoGZXZlbnRzGAwgASgIEg0KBW1hcmtzGA0gASgIEg0KBXRpbWVzGA4gASgIQgcKBXN0YXJ0Ij0KA0dhcBITCgtmcm9tX29mZnNldBgBIAEoBBIRCgl0b19vZmZzZXQYAiABKAQSDgoGcmVhc29uGAMgASgJIkMKCFRpbWVNYXJrEg4KBm9mZnNldBgBIAEoBBISCgp1bml4X25hbm9zGAIgASgDEhMKC2FwcHJveGltYXRlGAMgASgIIvcCCgxIaXN0b3J5RXZlbnQSKgoEa2luZBgBIAEoDjIcLmNvbmxvZy52MS5IaXN0b3J5RXZlbnQuS2luZBIOCgZvZmZzZXQYAiABKAQSKAoEdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGZGV0YWlsGAQgASgJIvABCgRLaW5kEhQKEEtJTkRfVU5TUEVDSUZJRUQQABITCg9HVUVTVF9DT05ORUNURUQQAhIWChJHVUVTVF9ESVNDT05ORUNURUQQAxISCg5XUklURVJfQ0hBTkdFRBAEEg8KC1BJUEVfT1BFTkVEEAUSDwoLUElQRV9DTE9TRUQQBhISCg5EQUVNT05fU1RBUlRFRBAHEhIKDkRBRU1PTl9TVE9QUEVEEAgSEQoNQllURVNfRFJPUFBFRBAJEhEKDUNMT0NLX1NURVBQRUQQChIPCgtNSUdSQVRFRF9JThALEhAKDE1JR1JBVEVEX09VVBAMIs0BCgxIaXN0b3J5Q2h1bmsSDgoGb2Zmc2V0GAEgASgEEgwKBGRhdGEYAiABKAwSDAoEdGV4dBgDIAEoCRIbCgNnYXAYBCABKAsyDi5jb25sb2cudjEuR2FwEigKBHRpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKBWV2ZW50GAYgASgLMhcuY29ubG9nLnYxLkhpc3RvcnlFdmVudBIiCgVtYXJrcxgHIAMoCzITLmNvbmxvZy52MS5UaW1lTWFyazK+AgoHQ29uc29sZRJDCg1BdHRhY2hDb25zb2xlEhYuY29ubG9nLnYxLkNsaWVudEZyYW1lGhYuY29ubG9nLnYxLlNlcnZlckZyYW1lKAEwARJICgxXYXRjaENvbnNvbGUSHi5jb25sb2cudjEuV2F0Y2hDb25zb2xlUmVxdWVzdBoWLmNvbmxvZy52MS5TZXJ2ZXJGcmFtZTABElsKEFNlbmRDb25zb2xlSW5wdXQSIi5jb25sb2cudjEuU2VuZENvbnNvbGVJbnB1dFJlcXVlc3QaIy5jb25sb2cudjEuU2VuZENvbnNvbGVJbnB1dFJlc3BvbnNlEkcKC1JlYWRIaXN0b3J5Eh0uY29ubG9nLnYxLlJlYWRIaXN0b3J5UmVxdWVzdBoXLmNvbmxvZy52MS5IaXN0b3J5Q2h1bmswAWIGcHJvdG8z", [file_conlog_v1_common, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message conlog.v1.Attach
@@ -127,6 +129,24 @@ export const ResizeSchema: GenMessage<Resize> = /*@__PURE__*/
   messageDesc(file_conlog_v1_console, 2);
 
 /**
+ * A serial BREAK (Linux: with `echo 1 > /proc/sys/kernel/sysrq`, the next key is a magic SysRq
+ * key). Only the writer may send one, and only on a console created with the MUX protocol
+ * (CreateConsoleRequest.protocol; QEMU's chardev has mux=on); elsewhere FAILED_PRECONDITION
+ * (it ends an AttachConsole call).
+ *
+ * @generated from message conlog.v1.SerialBreak
+ */
+export type SerialBreak = Message<"conlog.v1.SerialBreak"> & {
+};
+
+/**
+ * Describes the message conlog.v1.SerialBreak.
+ * Use `create(SerialBreakSchema)` to create a new message.
+ */
+export const SerialBreakSchema: GenMessage<SerialBreak> = /*@__PURE__*/
+  messageDesc(file_conlog_v1_console, 3);
+
+/**
  * @generated from message conlog.v1.ClientFrame
  */
 export type ClientFrame = Message<"conlog.v1.ClientFrame"> & {
@@ -151,6 +171,12 @@ export type ClientFrame = Message<"conlog.v1.ClientFrame"> & {
      */
     value: Resize;
     case: "resize";
+  } | {
+    /**
+     * @generated from field: conlog.v1.SerialBreak serial_break = 4;
+     */
+    value: SerialBreak;
+    case: "serialBreak";
   } | { case: undefined; value?: undefined };
 };
 
@@ -159,7 +185,7 @@ export type ClientFrame = Message<"conlog.v1.ClientFrame"> & {
  * Use `create(ClientFrameSchema)` to create a new message.
  */
 export const ClientFrameSchema: GenMessage<ClientFrame> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 3);
+  messageDesc(file_conlog_v1_console, 4);
 
 /**
  * @generated from message conlog.v1.Attached
@@ -190,6 +216,13 @@ export type Attached = Message<"conlog.v1.Attached"> & {
    * @generated from field: bool guest_connected = 4;
    */
   guestConnected: boolean;
+
+  /**
+   * this console can carry a serial BREAK (created with the MUX protocol)
+   *
+   * @generated from field: bool serial_break = 5;
+   */
+  serialBreak: boolean;
 };
 
 /**
@@ -197,7 +230,7 @@ export type Attached = Message<"conlog.v1.Attached"> & {
  * Use `create(AttachedSchema)` to create a new message.
  */
 export const AttachedSchema: GenMessage<Attached> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 4);
+  messageDesc(file_conlog_v1_console, 5);
 
 /**
  * @generated from message conlog.v1.Output
@@ -219,7 +252,7 @@ export type Output = Message<"conlog.v1.Output"> & {
  * Use `create(OutputSchema)` to create a new message.
  */
 export const OutputSchema: GenMessage<Output> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 5);
+  messageDesc(file_conlog_v1_console, 6);
 
 /**
  * @generated from message conlog.v1.Lagged
@@ -245,7 +278,7 @@ export type Lagged = Message<"conlog.v1.Lagged"> & {
  * Use `create(LaggedSchema)` to create a new message.
  */
 export const LaggedSchema: GenMessage<Lagged> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 6);
+  messageDesc(file_conlog_v1_console, 7);
 
 /**
  * @generated from message conlog.v1.GuestState
@@ -262,7 +295,7 @@ export type GuestState = Message<"conlog.v1.GuestState"> & {
  * Use `create(GuestStateSchema)` to create a new message.
  */
 export const GuestStateSchema: GenMessage<GuestState> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 7);
+  messageDesc(file_conlog_v1_console, 8);
 
 /**
  * @generated from message conlog.v1.WriterRevoked
@@ -279,7 +312,7 @@ export type WriterRevoked = Message<"conlog.v1.WriterRevoked"> & {
  * Use `create(WriterRevokedSchema)` to create a new message.
  */
 export const WriterRevokedSchema: GenMessage<WriterRevoked> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 8);
+  messageDesc(file_conlog_v1_console, 9);
 
 /**
  * @generated from message conlog.v1.ServerFrame
@@ -326,7 +359,7 @@ export type ServerFrame = Message<"conlog.v1.ServerFrame"> & {
  * Use `create(ServerFrameSchema)` to create a new message.
  */
 export const ServerFrameSchema: GenMessage<ServerFrame> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 9);
+  messageDesc(file_conlog_v1_console, 10);
 
 /**
  * @generated from message conlog.v1.WatchConsoleRequest
@@ -363,7 +396,7 @@ export type WatchConsoleRequest = Message<"conlog.v1.WatchConsoleRequest"> & {
  * Use `create(WatchConsoleRequestSchema)` to create a new message.
  */
 export const WatchConsoleRequestSchema: GenMessage<WatchConsoleRequest> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 10);
+  messageDesc(file_conlog_v1_console, 11);
 
 /**
  * @generated from message conlog.v1.SendConsoleInputRequest
@@ -378,6 +411,14 @@ export type SendConsoleInputRequest = Message<"conlog.v1.SendConsoleInputRequest
    * @generated from field: bytes data = 2;
    */
   data: Uint8Array;
+
+  /**
+   * Send a serial BREAK after `data` (see SerialBreak); FAILED_PRECONDITION on a console that
+   * cannot carry one.
+   *
+   * @generated from field: bool serial_break = 3;
+   */
+  serialBreak: boolean;
 };
 
 /**
@@ -385,7 +426,7 @@ export type SendConsoleInputRequest = Message<"conlog.v1.SendConsoleInputRequest
  * Use `create(SendConsoleInputRequestSchema)` to create a new message.
  */
 export const SendConsoleInputRequestSchema: GenMessage<SendConsoleInputRequest> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 11);
+  messageDesc(file_conlog_v1_console, 12);
 
 /**
  * @generated from message conlog.v1.SendConsoleInputResponse
@@ -402,7 +443,7 @@ export type SendConsoleInputResponse = Message<"conlog.v1.SendConsoleInputRespon
  * Use `create(SendConsoleInputResponseSchema)` to create a new message.
  */
 export const SendConsoleInputResponseSchema: GenMessage<SendConsoleInputResponse> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 12);
+  messageDesc(file_conlog_v1_console, 13);
 
 /**
  * @generated from message conlog.v1.ReadHistoryRequest
@@ -447,6 +488,17 @@ export type ReadHistoryRequest = Message<"conlog.v1.ReadHistoryRequest"> & {
      */
     value: bigint;
     case: "tailLines";
+  } | {
+    /**
+     * The first byte logged at or after this time (to the time index's resolution,
+     * docs/design.md "Time index"): older than everything on disk → the oldest byte; newer
+     * than everything → like a from_offset at the end (with follow: waits for it). Needs a
+     * conlogd that knows it: an older one ignores it and reads from the oldest byte.
+     *
+     * @generated from field: google.protobuf.Timestamp since_time = 9;
+     */
+    value: Timestamp;
+    case: "sinceTime";
   } | { case: undefined; value?: undefined };
 
   /**
@@ -469,6 +521,42 @@ export type ReadHistoryRequest = Message<"conlog.v1.ReadHistoryRequest"> & {
    * @generated from field: bool text = 8;
    */
   text: boolean;
+
+  /**
+   * Stop before the first byte logged after this time (a follow then ends when the clock
+   * passes it). Not before since_time.
+   *
+   * @generated from field: google.protobuf.Timestamp until_time = 10;
+   */
+  untilTime?: Timestamp | undefined;
+
+  /**
+   * one line per chunk (a line longer than a chunk: several), each with its time
+   *
+   * @generated from field: bool lines = 11;
+   */
+  lines: boolean;
+
+  /**
+   * HistoryEvent frames (guest connected, writer changed, ...) in order with the bytes
+   *
+   * @generated from field: bool events = 12;
+   */
+  events: boolean;
+
+  /**
+   * every time index entry inside each chunk, in HistoryChunk.marks
+   *
+   * @generated from field: bool marks = 13;
+   */
+  marks: boolean;
+
+  /**
+   * HistoryChunk.time on every data chunk (implied by since_time and 10–13)
+   *
+   * @generated from field: bool times = 14;
+   */
+  times: boolean;
 };
 
 /**
@@ -476,7 +564,7 @@ export type ReadHistoryRequest = Message<"conlog.v1.ReadHistoryRequest"> & {
  * Use `create(ReadHistoryRequestSchema)` to create a new message.
  */
 export const ReadHistoryRequestSchema: GenMessage<ReadHistoryRequest> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 13);
+  messageDesc(file_conlog_v1_console, 14);
 
 /**
  * @generated from message conlog.v1.Gap
@@ -509,7 +597,152 @@ export type Gap = Message<"conlog.v1.Gap"> & {
  * Use `create(GapSchema)` to create a new message.
  */
 export const GapSchema: GenMessage<Gap> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 14);
+  messageDesc(file_conlog_v1_console, 15);
+
+/**
+ * The time of the byte at `offset` and of the following bytes up to the next mark.
+ *
+ * @generated from message conlog.v1.TimeMark
+ */
+export type TimeMark = Message<"conlog.v1.TimeMark"> & {
+  /**
+   * @generated from field: uint64 offset = 1;
+   */
+  offset: bigint;
+
+  /**
+   * nanoseconds since the Unix epoch, UTC
+   *
+   * @generated from field: int64 unix_nanos = 2;
+   */
+  unixNanos: bigint;
+
+  /**
+   * The wall clock had stepped back: this time is the step's moment, not the byte's.
+   *
+   * @generated from field: bool approximate = 3;
+   */
+  approximate: boolean;
+};
+
+/**
+ * Describes the message conlog.v1.TimeMark.
+ * Use `create(TimeMarkSchema)` to create a new message.
+ */
+export const TimeMarkSchema: GenMessage<TimeMark> = /*@__PURE__*/
+  messageDesc(file_conlog_v1_console, 16);
+
+/**
+ * Something that happened to the stream, between two of its bytes (nothing is written into
+ * the log itself).
+ *
+ * @generated from message conlog.v1.HistoryEvent
+ */
+export type HistoryEvent = Message<"conlog.v1.HistoryEvent"> & {
+  /**
+   * @generated from field: conlog.v1.HistoryEvent.Kind kind = 1;
+   */
+  kind: HistoryEvent_Kind;
+
+  /**
+   * it happened before the byte at this offset was logged
+   *
+   * @generated from field: uint64 offset = 2;
+   */
+  offset: bigint;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp time = 3;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * e.g. "restarted after a crash", the new writer, the reason of a disconnect
+   *
+   * @generated from field: string detail = 4;
+   */
+  detail: string;
+};
+
+/**
+ * Describes the message conlog.v1.HistoryEvent.
+ * Use `create(HistoryEventSchema)` to create a new message.
+ */
+export const HistoryEventSchema: GenMessage<HistoryEvent> = /*@__PURE__*/
+  messageDesc(file_conlog_v1_console, 17);
+
+/**
+ * The numbers are the time index's on-disk kind codes.
+ *
+ * @generated from enum conlog.v1.HistoryEvent.Kind
+ */
+export enum HistoryEvent_Kind {
+  /**
+   * @generated from enum value: KIND_UNSPECIFIED = 0;
+   */
+  KIND_UNSPECIFIED = 0,
+
+  /**
+   * @generated from enum value: GUEST_CONNECTED = 2;
+   */
+  GUEST_CONNECTED = 2,
+
+  /**
+   * @generated from enum value: GUEST_DISCONNECTED = 3;
+   */
+  GUEST_DISCONNECTED = 3,
+
+  /**
+   * @generated from enum value: WRITER_CHANGED = 4;
+   */
+  WRITER_CHANGED = 4,
+
+  /**
+   * @generated from enum value: PIPE_OPENED = 5;
+   */
+  PIPE_OPENED = 5,
+
+  /**
+   * @generated from enum value: PIPE_CLOSED = 6;
+   */
+  PIPE_CLOSED = 6,
+
+  /**
+   * @generated from enum value: DAEMON_STARTED = 7;
+   */
+  DAEMON_STARTED = 7,
+
+  /**
+   * @generated from enum value: DAEMON_STOPPED = 8;
+   */
+  DAEMON_STOPPED = 8,
+
+  /**
+   * @generated from enum value: BYTES_DROPPED = 9;
+   */
+  BYTES_DROPPED = 9,
+
+  /**
+   * @generated from enum value: CLOCK_STEPPED = 10;
+   */
+  CLOCK_STEPPED = 10,
+
+  /**
+   * @generated from enum value: MIGRATED_IN = 11;
+   */
+  MIGRATED_IN = 11,
+
+  /**
+   * @generated from enum value: MIGRATED_OUT = 12;
+   */
+  MIGRATED_OUT = 12,
+}
+
+/**
+ * Describes the enum conlog.v1.HistoryEvent.Kind.
+ */
+export const HistoryEvent_KindSchema: GenEnum<HistoryEvent_Kind> = /*@__PURE__*/
+  enumDesc(file_conlog_v1_console, 17, 0);
 
 /**
  * @generated from message conlog.v1.HistoryChunk
@@ -536,6 +769,27 @@ export type HistoryChunk = Message<"conlog.v1.HistoryChunk"> & {
    * @generated from field: conlog.v1.Gap gap = 4;
    */
   gap?: Gap | undefined;
+
+  /**
+   * The time of the chunk's first byte (only when the request asked for times, above).
+   *
+   * @generated from field: google.protobuf.Timestamp time = 5;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * an event frame (events): offset = event.offset, no data
+   *
+   * @generated from field: conlog.v1.HistoryEvent event = 6;
+   */
+  event?: HistoryEvent | undefined;
+
+  /**
+   * (marks) the index entries at offsets inside this chunk
+   *
+   * @generated from field: repeated conlog.v1.TimeMark marks = 7;
+   */
+  marks: TimeMark[];
 };
 
 /**
@@ -543,7 +797,7 @@ export type HistoryChunk = Message<"conlog.v1.HistoryChunk"> & {
  * Use `create(HistoryChunkSchema)` to create a new message.
  */
 export const HistoryChunkSchema: GenMessage<HistoryChunk> = /*@__PURE__*/
-  messageDesc(file_conlog_v1_console, 15);
+  messageDesc(file_conlog_v1_console, 18);
 
 /**
  * @generated from service conlog.v1.Console

@@ -1,0 +1,270 @@
+//! The gateway's configuration: the `gateway:` section of `conlog-gateway --config FILE`
+//! (docs/gateway.md, "Configuration"; every key in docs/operations.md).
+//!
+//! Owns the schema, its defaults and the validation of every value. It never opens the files
+//! it names; [`super::run`] does.
+
+use crate::config::{
+    ByteSize, ConfigError, HumanDuration, Limits, LogFormat, TlsConfig, WebConfig,
+};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The file: one `gateway:` section.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFile {
+    pub gateway: GatewayConfig,
+}
+
+/// The gateway's settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Where clients reach the Console service (gRPC, gRPC-web and `/console/`), over TLS.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Plaintext gRPC listener serving only `grpc.health.v1.Health` (for the kubelet's
+    /// probes, which cannot speak TLS); `null` disables it.
+    #[serde(default)]
+    pub health: Option<SocketAddr>,
+    /// The public certificate (always TLS); `client_ca` here would make clients present one.
+    pub tls: TlsConfig,
+    /// How the gateway calls nodes: mutual TLS.
+    pub upstream: UpstreamConfig,
+    /// The cluster key (64 hex digits) every node's token key is derived from.
+    pub cluster_key: PathBuf,
+    /// What one caller, and all together, may hold.
+    #[serde(default)]
+    pub limits: GatewayLimits,
+    /// Other origins allowed to call with gRPC-web.
+    #[serde(default)]
+    pub web: WebConfig,
+    /// `plain` or `json` diagnostics on stderr.
+    #[serde(default = "default_log_format")]
+    pub log_format: LogFormat,
+    /// Diagnostics filter (overridden by `RUST_LOG`).
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+/// Mutual TLS towards the nodes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// CA bundle that signed the nodes' server certificates (which must name the node's
+    /// `node.advertise` host).
+    pub ca: PathBuf,
+    /// The gateway's client certificate chain (nodes with `console.require_gateway` demand it).
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// How long connecting to a node may take before a call gets `UNAVAILABLE` naming it.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// HTTP/2 receive window of each stream, both towards the client and towards the node:
+    /// what the gateway holds of one stream in each direction at most (docs/gateway.md,
+    /// "Backpressure").
+    #[serde(default = "default_stream_window")]
+    pub stream_window: ByteSize,
+}
+
+/// The gateway's limits; hitting one is `RESOURCE_EXHAUSTED` naming it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayLimits {
+    /// TCP connections open at once (TLS handshakes included).
+    pub tcp_connections: u32,
+    /// TCP connections open at once from one peer address.
+    pub connections_per_peer: u32,
+    /// Calls in progress on one connection.
+    pub calls_per_connection: u32,
+    /// Calls in progress together.
+    pub calls_total: u32,
+    /// Calls in progress from one peer address.
+    pub calls_per_peer: u32,
+    /// Calls in progress with tokens of one guest (of one node).
+    pub calls_per_guest: u32,
+    /// A connection with no call in progress is closed after this long.
+    pub idle_timeout: HumanDuration,
+    /// Longest an HTTP/1.1 gRPC-web request body (or a unary one) may take to arrive.
+    pub body_timeout: HumanDuration,
+    /// HTTP/1.1 gRPC-web request bodies held at once, all connections together.
+    pub web_body_bytes: ByteSize,
+    /// Largest gRPC-web request message accepted over HTTP/1.1 (native gRPC messages are
+    /// forwarded as they come; the node enforces its own `limits.message_size`).
+    pub message_size: ByteSize,
+}
+
+impl Default for GatewayLimits {
+    fn default() -> Self {
+        let node = Limits::default();
+        Self {
+            tcp_connections: 4096,
+            connections_per_peer: node.connections_per_peer,
+            calls_per_connection: node.calls_per_connection,
+            calls_total: 4096,
+            calls_per_peer: node.calls_per_peer,
+            calls_per_guest: node.calls_per_guest,
+            idle_timeout: node.idle_timeout,
+            body_timeout: node.body_timeout,
+            web_body_bytes: node.web_body_bytes,
+            message_size: node.message_size,
+        }
+    }
+}
+
+impl GatewayLimits {
+    /// The same limits in the node's terms, for the layers the gateway shares with a node.
+    pub(crate) fn as_node_limits(&self) -> Limits {
+        Limits {
+            tcp_connections: self.tcp_connections,
+            connections_per_peer: self.connections_per_peer,
+            calls_per_connection: self.calls_per_connection,
+            remote_calls_total: self.calls_total,
+            calls_per_peer: self.calls_per_peer,
+            calls_per_guest: self.calls_per_guest,
+            idle_timeout: self.idle_timeout,
+            body_timeout: self.body_timeout,
+            web_body_bytes: self.web_body_bytes,
+            message_size: self.message_size,
+            ..Limits::default()
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7780))
+}
+fn default_log_format() -> LogFormat {
+    LogFormat::Plain
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3))
+}
+fn default_stream_window() -> ByteSize {
+    ByteSize(256 << 10)
+}
+
+fn refuse<T>(key: &'static str, message: String) -> Result<T, ConfigError> {
+    Err(ConfigError::Value { key, message })
+}
+
+impl GatewayConfig {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let file: GatewayFile = serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse {
+            origin: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        file.gateway.validate()?;
+        Ok(file.gateway)
+    }
+
+    /// The effective configuration as YAML (`--print-config`): every key, defaults filled in.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(&GatewayFile {
+            gateway: self.clone(),
+        })
+        .expect("the config serializes")
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self
+            .health
+            .is_some_and(|h| h == self.listen && h.port() != 0)
+        {
+            return refuse(
+                "gateway.health",
+                format!("must differ from gateway.listen ({})", self.listen),
+            );
+        }
+        self.tls.validate()?;
+        for (key, path) in [
+            ("gateway.upstream.ca", &self.upstream.ca),
+            ("gateway.upstream.cert", &self.upstream.cert),
+            ("gateway.upstream.key", &self.upstream.key),
+            ("gateway.cluster_key", &self.cluster_key),
+        ] {
+            if !path.is_absolute() {
+                return refuse(
+                    key,
+                    format!("must be an absolute path (got {})", path.display()),
+                );
+            }
+        }
+        let timeout = self.upstream.connect_timeout;
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&timeout.get()) {
+            return refuse(
+                "gateway.upstream.connect_timeout",
+                format!("must be between 100ms and 60s (got {timeout})"),
+            );
+        }
+        let window = self.upstream.stream_window;
+        if !((16 << 10)..=(16 << 20)).contains(&window.bytes()) {
+            return refuse(
+                "gateway.upstream.stream_window",
+                format!("must be between 16KiB and 16MiB (got {window})"),
+            );
+        }
+        let l = &self.limits;
+        for (key, limit) in [
+            ("gateway.limits.tcp_connections", l.tcp_connections),
+            (
+                "gateway.limits.connections_per_peer",
+                l.connections_per_peer,
+            ),
+            (
+                "gateway.limits.calls_per_connection",
+                l.calls_per_connection,
+            ),
+            ("gateway.limits.calls_total", l.calls_total),
+            ("gateway.limits.calls_per_peer", l.calls_per_peer),
+            ("gateway.limits.calls_per_guest", l.calls_per_guest),
+        ] {
+            if limit == 0 {
+                return refuse(key, "must be at least 1".into());
+            }
+        }
+        for (key, timeout) in [
+            ("gateway.limits.idle_timeout", l.idle_timeout),
+            ("gateway.limits.body_timeout", l.body_timeout),
+        ] {
+            if timeout.get() < Duration::from_secs(1) {
+                return refuse(key, format!("must be at least 1s (got {timeout})"));
+            }
+        }
+        if !(4096..=(64 << 20)).contains(&l.message_size.bytes()) {
+            return refuse(
+                "gateway.limits.message_size",
+                format!("must be between 4KiB and 64MiB (got {})", l.message_size),
+            );
+        }
+        let largest_body = l.message_size.bytes().saturating_mul(4) / 3 + (64 << 10);
+        if l.web_body_bytes.bytes() < largest_body {
+            return refuse(
+                "gateway.limits.web_body_bytes",
+                format!(
+                    "must hold one request of gateway.limits.message_size as base64, at least {largest_body}B (got {})",
+                    l.web_body_bytes
+                ),
+            );
+        }
+        for origin in &self.web.allowed_origins {
+            crate::config::Origin::parse(origin).map_err(|message| ConfigError::Value {
+                key: "gateway.web.allowed_origins",
+                message,
+            })?;
+        }
+        Ok(())
+    }
+}

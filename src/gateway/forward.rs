@@ -1,0 +1,269 @@
+//! The gateway's `conlog.v1.Console` service: every call is forwarded, undecoded, to the node
+//! its token names.
+//!
+//! Owns what happens to one call: the bearer token is verified with the cluster key (before
+//! anything is opened upstream), the node claim picks the channel, and the HTTP/2 request —
+//! headers, the gRPC-framed message bytes, the client's half-close — goes to the node as it
+//! arrives; the response comes back the same way. Messages are never decoded, so fields a
+//! newer node adds pass through, and the gateway's memory per stream is what HTTP/2 flow
+//! control lets in (docs/gateway.md, "Backpressure"). A node that cannot be reached, or that
+//! breaks a stream, ends the call with `UNAVAILABLE` naming it; a call whose token the cluster
+//! key no longer verifies (the key was replaced) ends with `UNAUTHENTICATED`. It never decides which guest
+//! or device a token may touch: the node re-verifies the token and does.
+
+use super::upstream::Upstreams;
+use super::GatewayError;
+use crate::error::Error;
+use crate::server::auth::Signed;
+use crate::tokens::{ClusterKey, Grant, Verify};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tonic::body::Body;
+use tonic::Status;
+use tower::ServiceExt;
+
+/// Request headers that belong to the client's connection, not to the call.
+const HOP_BY_HOP: [&str; 7] = [
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+];
+
+/// The forwarding Console service.
+#[derive(Clone)]
+pub(crate) struct Forward {
+    keys: Arc<ClusterKey>,
+    upstreams: Arc<Upstreams>,
+}
+
+impl Forward {
+    pub(crate) fn new(keys: Arc<ClusterKey>, upstreams: Arc<Upstreams>) -> Self {
+        Self { keys, upstreams }
+    }
+}
+
+impl tonic::server::NamedService for Forward {
+    const NAME: &'static str = "conlog.v1.Console";
+}
+
+impl tower::Service<http::Request<Body>> for Forward {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            Ok(match this.forward(request).await {
+                Ok(response) => response,
+                Err(refusal) => {
+                    crate::limited!(info, %refusal, "call refused at the gateway");
+                    crate::error::status(&refusal).into_http()
+                }
+            })
+        })
+    }
+}
+
+/// Why a call was not forwarded.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("{0}")]
+    Edge(#[from] Error),
+    #[error("{0}")]
+    Gateway(#[from] GatewayError),
+}
+
+impl Forward {
+    async fn forward(
+        &self,
+        mut request: http::Request<Body>,
+    ) -> Result<http::Response<Body>, Refusal> {
+        let grant = self.authenticate(&request)?;
+        let grant_token = request.headers().get("authorization").cloned();
+        let node = grant
+            .node
+            .clone()
+            .ok_or_else(|| Error::Unauthenticated("Token refused: it names no node".into()))?;
+        let span = tracing::info_span!("forward", node = %node, guest = %grant.guest, path = request.uri().path());
+        let _entered = span.enter();
+        let channel = self.upstreams.channel(&node)?;
+        for name in HOP_BY_HOP {
+            request.headers_mut().remove(name);
+        }
+        request
+            .headers_mut()
+            .insert("te", http::HeaderValue::from_static("trailers"));
+        drop(_entered);
+        let response =
+            channel
+                .oneshot(request)
+                .await
+                .map_err(|e| GatewayError::NodeUnavailable {
+                    node: node.clone(),
+                    reason: error_chain(&e),
+                })?;
+        let recheck = Recheck {
+            changes: tokio_stream::wrappers::WatchStream::from_changes(self.keys.changes()),
+            token: token_of(&grant_token),
+            keys: self.keys.clone(),
+        };
+        Ok(response.map(|inner| {
+            Body::new(UpstreamBody {
+                inner,
+                node: node.into(),
+                recheck,
+                done: false,
+            })
+        }))
+    }
+
+    /// The call's grant: its bearer token verified with the cluster key (once per call: the
+    /// call limits already checked the signature when they could) and not expired.
+    fn authenticate(&self, request: &http::Request<Body>) -> Result<Grant, Error> {
+        let header = request.headers().get("authorization").ok_or_else(|| {
+            Error::Unauthenticated(
+                "This call needs an `authorization: Bearer <token>` header; the node's agent \
+                 issues tokens (Agent.IssueToken, `conlogctl token`)"
+                    .to_owned(),
+            )
+        })?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Error::Unauthenticated("The authorization header must be `Bearer <token>`".into())
+            })?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let refused = |e| Error::Unauthenticated(format!("Token refused: {e}"));
+        match request.extensions().get::<Signed>() {
+            Some(Signed(grant)) => {
+                grant.check_expiry(now).map_err(refused)?;
+                Ok(grant.clone())
+            }
+            None => self.keys.verify(token.trim(), now).map_err(refused),
+        }
+    }
+}
+
+/// The bearer token of an `authorization` header value.
+fn token_of(header: &Option<http::HeaderValue>) -> String {
+    header
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// What a call in progress needs to check its token again when the cluster key changes.
+struct Recheck {
+    changes: tokio_stream::wrappers::WatchStream<u64>,
+    token: String,
+    keys: Arc<ClusterKey>,
+}
+
+impl Recheck {
+    /// Why the call must end now, if the key changed and no longer verifies its token.
+    fn poll_revoked(&mut self, cx: &mut Context<'_>) -> Option<Error> {
+        use futures::Stream;
+        while let Poll::Ready(Some(_)) = Pin::new(&mut self.changes).poll_next(cx) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if let Err(e) = self.keys.verify(&self.token, now) {
+                return Some(Error::Unauthenticated(format!(
+                    "Token refused: {e} (the cluster key changed during the call)"
+                )));
+            }
+        }
+        None
+    }
+}
+
+/// An error and its sources, on one line.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// A node's response body: passed through frame by frame; if the node's stream breaks (the
+/// node died, the connection dropped), the call ends with `UNAVAILABLE` naming the node in
+/// its trailers instead of a reset, so clients resume by offset as after a node's upgrade.
+struct UpstreamBody {
+    inner: Body,
+    node: Arc<str>,
+    /// Ends the call when the cluster key changes and no longer verifies its token (the
+    /// inner body is dropped with the call, which cancels it at the node).
+    recheck: Recheck,
+    done: bool,
+}
+
+/// A status as the trailers that end a response.
+fn trailers(status: &Status) -> Frame<Bytes> {
+    let mut trailers = http::HeaderMap::new();
+    let _ = status.add_header(&mut trailers);
+    Frame::trailers(trailers)
+}
+
+impl HttpBody for UpstreamBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some(revoked) = self.recheck.poll_revoked(cx) {
+            self.done = true;
+            crate::limited!(info, node = %self.node, "call ended: its token no longer verifies");
+            return Poll::Ready(Some(Ok(trailers(&crate::error::status(&revoked)))));
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                self.done = true;
+                let broken = GatewayError::StreamBroken {
+                    node: self.node.to_string(),
+                    reason: e.message().to_owned(),
+                };
+                crate::limited!(info, error = %broken, "upstream stream broken");
+                Poll::Ready(Some(Ok(trailers(&crate::error::status(&broken)))))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

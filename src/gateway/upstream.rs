@@ -1,0 +1,99 @@
+//! Connections to the nodes: one HTTP/2 channel per node over mutual TLS, made on first use.
+//!
+//! Owns the table of channels (keyed by the node claim of verified tokens, so only nodes the
+//! cluster key vouches for ever get an entry) and how each is made: the gateway's client
+//! certificate, the nodes' CA, the connect timeout, and the per-stream HTTP/2 window that
+//! bounds what the gateway holds of a stream towards the node. It never reads a token and
+//! never decides who may call.
+
+use super::config::UpstreamConfig;
+use super::GatewayError;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// Most nodes kept in the table; a call to a node beyond it gets a channel of its own (its
+/// connection ends with the call). Verified claims name real nodes only, so this bounds a
+/// fleet, not an attacker.
+const MAX_NODES: usize = 16_384;
+
+/// The channels to the nodes.
+pub(crate) struct Upstreams {
+    tls: ClientTlsConfig,
+    connect_timeout: Duration,
+    window: u32,
+    /// Channels by node endpoint (`host:port`). A std mutex held to look up or insert, never
+    /// across an `.await` (channels connect lazily, on their first call).
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+fn read(what: &'static str, path: &std::path::Path) -> Result<String, GatewayError> {
+    std::fs::read_to_string(path).map_err(|source| GatewayError::File {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl Upstreams {
+    /// Reads the certificate files of `config`.
+    pub(crate) fn new(config: &UpstreamConfig) -> Result<Self, GatewayError> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(
+                "gateway.upstream.ca",
+                &config.ca,
+            )?))
+            .identity(Identity::from_pem(
+                read("gateway.upstream.cert", &config.cert)?,
+                read("gateway.upstream.key", &config.key)?,
+            ));
+        Ok(Self {
+            tls,
+            connect_timeout: config.connect_timeout.get(),
+            window: u32::try_from(config.upstream_window()).unwrap_or(u32::MAX),
+            channels: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The channel to `node` (`host:port`, from a verified token).
+    pub(crate) fn channel(&self, node: &str) -> Result<Channel, GatewayError> {
+        if let Some(channel) = self.channels.lock().expect("channels poisoned").get(node) {
+            return Ok(channel.clone());
+        }
+        let unusable = |e: &dyn std::fmt::Display| GatewayError::NodeUnavailable {
+            node: node.to_owned(),
+            reason: format!("its endpoint is not usable: {e}"),
+        };
+        // The connect timeout covers the TLS handshake too (tonic applies it around the whole
+        // connector only for a connector given this way): a node whose process is gone but
+        // whose listener is still held (by its keeper, during a restart) accepts TCP and
+        // never answers the handshake.
+        let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_keepalive(Some(Duration::from_secs(60)));
+        let channel = Endpoint::from_shared(format!("https://{node}"))
+            .map_err(|e| unusable(&e))?
+            .connect_timeout(self.connect_timeout)
+            .initial_stream_window_size(self.window)
+            .initial_connection_window_size(self.window.saturating_mul(16))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .tls_config(self.tls.clone())
+            .map_err(|e| unusable(&e))?
+            .connect_with_connector_lazy(tcp);
+        let mut channels = self.channels.lock().expect("channels poisoned");
+        if channels.len() < MAX_NODES {
+            // Another call may have made one meanwhile: keep the first, so calls share it.
+            return Ok(channels.entry(node.to_owned()).or_insert(channel).clone());
+        }
+        Ok(channel)
+    }
+}
+
+impl UpstreamConfig {
+    fn upstream_window(&self) -> u64 {
+        self.stream_window.bytes()
+    }
+}

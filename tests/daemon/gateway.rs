@@ -1,0 +1,1049 @@
+//! `conlog-gateway` against real binaries on loopback (docs/gateway.md): conlogd nodes on
+//! their own ports with TLS, gateway replicas in front of them, tonic clients through a
+//! gateway.
+//!
+//! Every node's token key is derived from one cluster key (`conlog-gateway node-key`, then
+//! SIGHUP, as an operator's provisioning does); certificates are made here with `rcgen`: one CA
+//! for the servers (nodes and gateways, `localhost` and `127.0.0.1`), one for the gateway's
+//! client certificate.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes and offsets in tests are small numbers"
+)]
+
+use crate::support;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use conlog::proto::{
+    attach::Mode, console_client::ConsoleClient, read_history_request::Start, Access,
+    ReadHistoryRequest,
+};
+use conlog::tokens::{Grant, TokenKey};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use support::*;
+use tempfile::TempDir;
+use tokio::time::Instant;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::Code;
+
+// Certificates and keys
+
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+struct Leaf {
+    cert: String,
+    key: String,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().expect("CA key");
+        let cert = params.self_signed(&key).expect("self-signed CA");
+        Self { cert, key }
+    }
+
+    fn leaf(&self, name: &str, sans: &[&str], usage: ExtendedKeyUsagePurpose) -> Leaf {
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("leaf params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("sign the leaf");
+        Leaf {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+}
+
+/// The files of one fleet: CAs, leaves, the cluster key.
+struct Pki {
+    dir: TempDir,
+    server_ca: Ca,
+    client_ca: Ca,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let pki = Self {
+            dir: tempfile::Builder::new()
+                .prefix("conlog-gateway-")
+                .tempdir()
+                .expect("temporary directory"),
+            server_ca: Ca::new("conlog test servers"),
+            client_ca: Ca::new("conlog test gateway clients"),
+        };
+        pki.write("server-ca.pem", &pki.server_ca.cert.pem());
+        pki.write("client-ca.pem", &pki.client_ca.cert.pem());
+        let server = pki.server_ca.leaf(
+            "conlog test server",
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        pki.write("server.pem", &server.cert);
+        pki.write("server.key", &server.key);
+        let client = pki
+            .client_ca
+            .leaf("conlog-gateway", &[], ExtendedKeyUsagePurpose::ClientAuth);
+        pki.write("gateway-client.pem", &client.cert);
+        pki.write("gateway-client.key", &client.key);
+        pki.write("cluster.key", &format!("{}\n", "5a".repeat(32)));
+        pki
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        // Beside, then renamed: a reader never sees half a file.
+        let path = self.path(name);
+        let partial = self.path(&format!("{name}.partial"));
+        std::fs::write(&partial, text).expect("write a file");
+        std::fs::rename(&partial, &path).expect("rename a file");
+        path
+    }
+
+    /// A node's config: TLS, and with `require_gateway` mutual TLS with the gateway's CA.
+    fn node_yaml(&self, require_gateway: bool) -> String {
+        let mut yaml = format!(
+            "tls:\n  cert: {}\n  key: {}\n",
+            self.path("server.pem").display(),
+            self.path("server.key").display()
+        );
+        if require_gateway {
+            yaml.push_str(&format!(
+                "  client_ca: {}\nconsole:\n  require_gateway: true\n",
+                self.path("client-ca.pem").display()
+            ));
+        }
+        yaml
+    }
+
+    fn gateway_yaml(&self, connect_timeout: &str) -> String {
+        format!(
+            "gateway:\n  listen: 127.0.0.1:0\n  tls:\n    cert: {}\n    key: {}\n  upstream:\n    \
+             ca: {}\n    cert: {}\n    key: {}\n    connect_timeout: {connect_timeout}\n  \
+             cluster_key: {}\n",
+            self.path("server.pem").display(),
+            self.path("server.key").display(),
+            self.path("server-ca.pem").display(),
+            self.path("gateway-client.pem").display(),
+            self.path("gateway-client.key").display(),
+            self.path("cluster.key").display(),
+        )
+    }
+
+    /// `conlog-gateway node-key` for `node`.
+    fn node_key(&self, node: &str) -> String {
+        let output = Command::new(gateway_bin())
+            .arg("node-key")
+            .arg("--cluster-key")
+            .arg(self.path("cluster.key"))
+            .args(["--node", node])
+            .output()
+            .expect("run conlog-gateway node-key");
+        assert!(output.status.success(), "node-key: {output:?}");
+        String::from_utf8(output.stdout).expect("a key is text")
+    }
+
+    /// A node with its token key derived from the cluster key (written, then SIGHUP).
+    async fn node(&self, require_gateway: bool) -> Daemon {
+        let daemon = Daemon::start_with(Some(&self.node_yaml(require_gateway)), &[]).await;
+        let state = daemon.data_dir().join("state");
+        let partial = state.join("token.key.provisioned");
+        std::fs::write(&partial, self.node_key(&endpoint_of(&daemon))).unwrap();
+        std::fs::rename(&partial, state.join("token.key")).unwrap();
+        daemon.signal(rustix::process::Signal::HUP);
+        wait_until("the node took its provisioned key", || {
+            daemon.stderr().contains("token key replaced from its file")
+        })
+        .await;
+        daemon
+    }
+
+    /// A client endpoint to `address` trusting the server CA, with the gateway's client
+    /// certificate if `as_gateway`.
+    fn endpoint(&self, address: SocketAddr, as_gateway: bool) -> Endpoint {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.server_ca.cert.pem()))
+            .domain_name("localhost");
+        if as_gateway {
+            tls = tls.identity(Identity::from_pem(
+                std::fs::read_to_string(self.path("gateway-client.pem")).unwrap(),
+                std::fs::read_to_string(self.path("gateway-client.key")).unwrap(),
+            ));
+        }
+        Endpoint::from_shared(format!("https://{address}"))
+            .unwrap()
+            .connect_timeout(DEADLINE)
+            .tls_config(tls)
+            .unwrap()
+    }
+
+    /// A Console client to `address` with `token` on every call (a new connection).
+    async fn client(&self, address: SocketAddr, token: &str) -> ConsoleChannel {
+        let channel = bounded("connect", self.endpoint(address, false).connect())
+            .await
+            .unwrap_or_else(|e| panic!("connect to {address}: {e}"));
+        with_token(channel, token)
+    }
+}
+
+fn gateway_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_conlog-gateway")
+}
+
+/// The Console endpoint a node advertises by default: its TCP listener's address.
+fn endpoint_of(daemon: &Daemon) -> String {
+    daemon.tcp.to_string()
+}
+
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not after {DEADLINE:?}");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A running `conlog-gateway`.
+struct Gateway {
+    child: Option<Child>,
+    stderr: PathBuf,
+    address: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Gateway {
+    async fn start(pki: &Pki, connect_timeout: &str) -> Self {
+        Self::start_with(pki, connect_timeout, "").await
+    }
+
+    /// With `extra` (more keys of the `gateway:` section, indented by two) in its config.
+    async fn start_with(pki: &Pki, connect_timeout: &str, extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("gateway.yaml");
+        std::fs::write(&config, pki.gateway_yaml(connect_timeout) + extra).unwrap();
+        let stderr = dir.path().join("stderr");
+        let child = Command::new(gateway_bin())
+            .arg("--config")
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(File::create(&stderr).unwrap())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn conlog-gateway");
+        let mut gateway = Self {
+            child: Some(child),
+            stderr,
+            address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let text = gateway.log();
+            if let Some(line) = text.lines().find(|l| l.contains("conlog-gateway ready")) {
+                let at = line.find("tcp=").expect("tcp= in the ready line") + 4;
+                gateway.address = line[at..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .expect("an address");
+                return gateway;
+            }
+            if let Some(status) = gateway.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("conlog-gateway exited ({status}):\n{text}");
+            }
+            assert!(Instant::now() < deadline, "gateway not ready:\n{text}");
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash or a lost pod would.
+    fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A token signed with `key_file`'s key (a copy is read, the node's file is left alone) for
+/// `grant`.
+fn signed_with(key_file: &Path, grant: Grant) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("token.key");
+    std::fs::copy(key_file, &copy).unwrap();
+    TokenKey::load_or_create(&copy).unwrap().issue(grant)
+}
+
+fn grant(guest: &str, node: Option<String>, expires_unix: u64) -> Grant {
+    Grant {
+        guest: guest.into(),
+        device: None,
+        access: conlog::tokens::Access::ReadWrite,
+        expires_unix,
+        key_id: String::new(),
+        node,
+    }
+}
+
+/// `token` with its node claim replaced (the signature kept).
+fn with_node_claim(token: &str, node: &str) -> String {
+    let mut parts = token.split('.');
+    let (prefix, payload, mac) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+    );
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    json["n"] = node.into();
+    let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&json).unwrap());
+    format!("{prefix}.{payload}.{mac}")
+}
+
+/// A console `guest` on `daemon` with a fake guest connected to it.
+async fn console_with_guest(daemon: &Daemon, guest: &str) -> FakeGuest {
+    let mut agent = daemon.agent().await;
+    let created = open_console(&mut agent, guest).await;
+    let peer = FakeGuest::connect(&created.guest_socket).await;
+    wait_guest_connected(&mut agent, guest, DEVICE, true).await;
+    peer
+}
+
+/// `ReadHistory` of `guest` through `channel` from `from`, following, until `len` bytes
+/// arrived; the bytes.
+async fn read_history(
+    channel: ConsoleChannel,
+    guest: &str,
+    from: u64,
+    len: usize,
+) -> Result<(Vec<u8>, tonic::Streaming<conlog::proto::HistoryChunk>), tonic::Status> {
+    let mut stream = bounded(
+        "ReadHistory",
+        ConsoleClient::new(channel).read_history(ReadHistoryRequest {
+            guest: guest.into(),
+            start: Some(Start::FromOffset(from)),
+            follow: true,
+            ..Default::default()
+        }),
+    )
+    .await?
+    .into_inner();
+    let mut data = Vec::new();
+    let mut next = from;
+    while data.len() < len {
+        let chunk = bounded("a history chunk", stream.message())
+            .await?
+            .expect("the follow ended early");
+        assert!(chunk.gap.is_none(), "a gap: {chunk:?}");
+        assert_eq!(chunk.offset, next, "chunks are contiguous");
+        next += chunk.data.len() as u64;
+        data.extend_from_slice(&chunk.data);
+    }
+    Ok((data, stream))
+}
+
+fn code_of<T>(result: &Result<T, tonic::Status>) -> Option<(Code, String)> {
+    result
+        .as_ref()
+        .err()
+        .map(|s| (s.code(), s.message().to_owned()))
+}
+
+/// Two nodes with a guest `vm1` each (and `vm2` on node A), two gateways: each node's token
+/// reaches its own node's guest through either gateway — WatchConsole with replay and
+/// SendConsoleInput, AttachConsole typing, ReadHistory following — and nothing else: not the
+/// other guest of its node, not the same-named guest of the other node, not with its node
+/// claim changed, not signed by one node's key for another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_reaches_its_own_nodes_guest_through_any_gateway_and_nothing_else() {
+    let pki = Pki::new();
+    let (a, b) = (pki.node(false).await, pki.node(false).await);
+    let (g1, g2) = (
+        Gateway::start(&pki, "3s").await,
+        Gateway::start(&pki, "3s").await,
+    );
+    let mut a_vm1 = console_with_guest(&a, "vm1").await;
+    let mut a_vm2 = console_with_guest(&a, "vm2").await;
+    let mut b_vm1 = console_with_guest(&b, "vm1").await;
+    a_vm1.write(b"from node A\n").await;
+    b_vm1.write(b"from node B\n").await;
+    a_vm2.write(b"the other guest of A\n").await;
+
+    let token_a = a.token("vm1", "", Access::ReadWrite, 600).await;
+    let token_b = b.token("vm1", "", Access::ReadWrite, 600).await;
+
+    // WatchConsole with replay through gateway 1, input through gateway 2's SendConsoleInput.
+    let mut request = watch_request("vm1", Mode::ReadWrite);
+    request.replay_bytes = 4096;
+    let mut watched = watch(pki.client(g1.address, &token_a).await, request)
+        .await
+        .expect("WatchConsole through the gateway");
+    watched.wait_output(b"from node A\n").await;
+    assert!(!contains(&watched.output, b"node B"));
+    let session = watched.attached.session_id.clone();
+    let accepted = send_input(
+        pki.client(g2.address, &token_a).await,
+        &session,
+        b"typed at A\n",
+    )
+    .await
+    .expect("SendConsoleInput through the other gateway");
+    assert_eq!(accepted, 11);
+    a_vm1.wait_for(b"typed at A\n").await;
+    drop(watched);
+
+    // AttachConsole through gateway 2: typing reaches A's vm1, output comes back.
+    let mut attach_request = attach("vm1", Mode::ReadWrite);
+    attach_request.force = true;
+    let mut session = Session::attach(pki.client(g2.address, &token_a).await, attach_request)
+        .await
+        .expect("AttachConsole through the gateway");
+    assert!(session.attached.writer);
+    session.send(b"attached typing\n").await;
+    a_vm1.wait_for(b"attached typing\n").await;
+    a_vm1.write(b"echo back\n").await;
+    session.wait_output(b"echo back\n").await;
+    drop(session);
+
+    // ReadHistory following through gateway 1: A's log only, live bytes too.
+    let (data, mut stream) = read_history(pki.client(g1.address, &token_a).await, "vm1", 0, 22)
+        .await
+        .expect("ReadHistory through the gateway");
+    assert_eq!(&data, b"from node A\necho back\n");
+    a_vm1.write(b"live\n").await;
+    let live = bounded("a live chunk", stream.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((live.offset, &live.data[..]), (22, &b"live\n"[..]));
+    drop(stream);
+
+    // B's token reaches B's vm1.
+    let (data, _) = read_history(pki.client(g2.address, &token_b).await, "vm1", 0, 12)
+        .await
+        .expect("node B's history");
+    assert_eq!(&data, b"from node B\n");
+
+    // Not the other guest of A (the node re-checks the token's guest).
+    let refused = read_history(pki.client(g1.address, &token_a).await, "vm2", 0, 1).await;
+    assert_eq!(
+        code_of(&refused).map(|c| c.0),
+        Some(Code::PermissionDenied),
+        "{refused:?}"
+    );
+    let refused = watch(
+        pki.client(g1.address, &token_a).await,
+        watch_request("vm2", Mode::ReadWrite),
+    )
+    .await;
+    assert_eq!(code_of(&refused).map(|c| c.0), Some(Code::PermissionDenied));
+
+    // Not B's guest: A's token with its claim changed to B, or a token signed with A's key
+    // that claims B, is refused at the gateway.
+    // The same claiming an endpoint where nothing listens: had the gateway opened anything
+    // upstream before verifying, these would be UNAVAILABLE.
+    let forged = with_node_claim(&token_a, &endpoint_of(&b));
+    let a_key = a.data_dir().join("state/token.key");
+    let cross_signed = signed_with(&a_key, grant("vm1", Some(endpoint_of(&b)), now() + 600));
+    let nowhere = "127.0.0.1:1";
+    let forged_nowhere = with_node_claim(&token_a, nowhere);
+    let cross_nowhere = signed_with(&a_key, grant("vm1", Some(nowhere.into()), now() + 600));
+    let unclaimed = signed_with(&a_key, grant("vm1", None, now() + 600));
+    for (token, what, expected) in [
+        (&forged, "a changed node claim", "signature"),
+        (&cross_signed, "A's key claiming B", "signature"),
+        (&forged_nowhere, "a claim changed to nowhere", "signature"),
+        (&cross_nowhere, "A's key claiming nowhere", "signature"),
+        (&unclaimed, "no node claim", "names no node"),
+    ] {
+        let refused = read_history(pki.client(g1.address, token).await, "vm1", 0, 1).await;
+        let (code, message) = code_of(&refused).unwrap_or_else(|| panic!("{what} was served"));
+        assert_eq!(code, Code::Unauthenticated, "{what}: {message}");
+        assert!(message.contains(expected), "{what}: {message}");
+        let session = Session::attach(
+            pki.client(g2.address, token).await,
+            attach("vm1", Mode::ReadWrite),
+        )
+        .await;
+        assert_eq!(
+            session.err().map(|s| s.code()),
+            Some(Code::Unauthenticated),
+            "{what}"
+        );
+    }
+    // Nothing of it reached B's guest or A's other guest.
+    b_vm1.read_some(std::time::Duration::from_millis(200)).await;
+    assert!(b_vm1.received().is_empty(), "{:?}", b_vm1.received());
+    a_vm2.read_some(std::time::Duration::from_millis(200)).await;
+    assert!(a_vm2.received().is_empty());
+}
+
+/// Expired tokens, and every token once the cluster key is replaced, are refused at the
+/// gateway (the node, still on its old key, would have served them: the refusal is the
+/// gateway's); a call in progress ends when the new key no longer verifies its token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_tokens_and_a_rotated_cluster_key_are_refused_at_the_gateway() {
+    let pki = Pki::new();
+    let node = pki.node(false).await;
+    let gateway = Gateway::start(&pki, "3s").await;
+    let mut guest = console_with_guest(&node, "vm1").await;
+    guest.write(b"hello\n").await;
+    let key = node.data_dir().join("state/token.key");
+
+    // Expired, for this node and for an endpoint where nothing listens (had the gateway gone
+    // upstream with it, that one would be UNAVAILABLE).
+    let nowhere = "127.0.0.1:1";
+    let nowhere_key = pki.write("nowhere.key", &pki.node_key(nowhere));
+    for expired in [
+        signed_with(&key, grant("vm1", Some(endpoint_of(&node)), now() - 10)),
+        signed_with(&nowhere_key, grant("vm1", Some(nowhere.into()), now() - 10)),
+    ] {
+        let refused = read_history(pki.client(gateway.address, &expired).await, "vm1", 0, 1).await;
+        let (code, message) = code_of(&refused).expect("an expired token was served");
+        assert_eq!(code, Code::Unauthenticated, "{message}");
+        assert!(message.contains("expired"), "{message}");
+    }
+
+    let token = node.token("vm1", "", Access::Read, 600).await;
+    let (_, mut follow) = read_history(pki.client(gateway.address, &token).await, "vm1", 0, 6)
+        .await
+        .expect("a valid token is served");
+
+    pki.write("cluster.key", &format!("{}\n", "a7".repeat(32)));
+    // The follow in progress ends, with no new call to the gateway.
+    let ended = bounded("the follow ends", async {
+        loop {
+            match follow.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the follow ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    assert!(ended.message().contains("cluster key changed"), "{ended:?}");
+    let refused = read_history(pki.client(gateway.address, &token).await, "vm1", 0, 1).await;
+    let (code, message) = code_of(&refused).expect("a token of the old cluster key was served");
+    assert_eq!(code, Code::Unauthenticated);
+    assert!(message.contains("signature"), "{message}");
+    // The node itself still takes it directly: the gateway refused it.
+    let direct = read_history(pki.client(node.tcp, &token).await, "vm1", 0, 6).await;
+    assert!(direct.is_ok(), "{direct:?}");
+}
+
+/// A node that is down, or an address that does not answer, is `UNAVAILABLE` naming the node,
+/// within the connect timeout; the other nodes are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_is_down_is_unavailable_naming_it() {
+    let pki = Pki::new();
+    let (mut down, up) = (pki.node(false).await, pki.node(false).await);
+    let gateway = Gateway::start(&pki, "1s").await;
+    let mut guest = console_with_guest(&up, "vm1").await;
+    guest.write(b"still here\n").await;
+    let mut dying = console_with_guest(&down, "vm1").await;
+    dying.write(b"last words\n").await;
+    let token_down = down.token("vm1", "", Access::Read, 600).await;
+    let token_up = up.token("vm1", "", Access::Read, 600).await;
+    let name = endpoint_of(&down);
+    let (_, mut follow) =
+        read_history(pki.client(gateway.address, &token_down).await, "vm1", 0, 11)
+            .await
+            .expect("a follow through the gateway");
+    down.kill().await;
+
+    // The follow in progress ends with UNAVAILABLE naming the node, not a reset.
+    let ended = bounded("the follow ends", async {
+        loop {
+            match follow.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("a follow on a dead node ended cleanly"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert!(
+        ended
+            .message()
+            .contains(&format!("Node {name} ended the stream")),
+        "{ended:?}"
+    );
+
+    let refused = read_history(pki.client(gateway.address, &token_down).await, "vm1", 0, 1).await;
+    let (code, message) = code_of(&refused).expect("served by a dead node");
+    assert_eq!(code, Code::Unavailable, "{message}");
+    assert!(
+        message.contains(&format!("Node {name} is unavailable")),
+        "{message}"
+    );
+
+    // An address where nothing answers (TEST-NET-1, RFC 5737): the connect timeout decides.
+    let silent = "192.0.2.1:7770";
+    let key_file = pki.write("silent.key", &pki.node_key(silent));
+    let token_silent = signed_with(&key_file, grant("vm1", Some(silent.into()), now() + 600));
+    let refused = tokio::time::timeout(
+        DEADLINE / 2,
+        read_history(
+            pki.client(gateway.address, &token_silent).await,
+            "vm1",
+            0,
+            1,
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no answer; the gateway's log:\n{}", gateway.log()));
+    let (code, message) = code_of(&refused).expect("served by nobody");
+    assert_eq!(code, Code::Unavailable, "{message}");
+    assert!(
+        message.contains("Node 192.0.2.1:7770 is unavailable"),
+        "{message}"
+    );
+
+    let (data, _) = read_history(pki.client(gateway.address, &token_up).await, "vm1", 0, 11)
+        .await
+        .expect("the node that is up is served");
+    assert_eq!(&data, b"still here\n");
+}
+
+/// With `console.require_gateway` a node refuses a direct caller without the gateway's client
+/// certificate (whatever its token), serves the gateway, and refuses to start without
+/// `tls.client_ca`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_gateway_refuses_direct_callers_without_the_gateway_certificate() {
+    let pki = Pki::new();
+    let node = pki.node(true).await;
+    let gateway = Gateway::start(&pki, "3s").await;
+    let mut guest = console_with_guest(&node, "vm1").await;
+    guest.write(b"private\n").await;
+    let token = node.token("vm1", "", Access::Read, 600).await;
+
+    let (data, _) = read_history(pki.client(gateway.address, &token).await, "vm1", 0, 8)
+        .await
+        .expect("served through the gateway");
+    assert_eq!(&data, b"private\n");
+
+    // Directly, with the token but no client certificate: the TLS handshake fails.
+    let direct = async {
+        let channel = pki.endpoint(node.tcp, false).connect().await?;
+        let result = read_history(with_token(channel, &token), "vm1", 0, 1).await;
+        Ok::<_, tonic::transport::Error>(result.map(|_| ()))
+    };
+    if let Ok(Ok(())) = bounded("a direct call", direct).await {
+        panic!("a direct call without the gateway's certificate was served");
+    }
+    // With the gateway's certificate (as the gateway itself) it is served.
+    let channel = bounded(
+        "connect as the gateway",
+        pki.endpoint(node.tcp, true).connect(),
+    )
+    .await
+    .expect("the gateway's certificate is accepted");
+    read_history(with_token(channel, &token), "vm1", 0, 8)
+        .await
+        .expect("served with the gateway's certificate");
+
+    // The node checks the node claim itself: a token of its own key naming another node is
+    // refused even with the gateway's certificate.
+    let elsewhere = signed_with(
+        &node.data_dir().join("state/token.key"),
+        grant("vm1", Some("127.0.0.1:1".into()), now() + 600),
+    );
+    let channel = bounded(
+        "connect as the gateway",
+        pki.endpoint(node.tcp, true).connect(),
+    )
+    .await
+    .unwrap();
+    let refused = read_history(with_token(channel, &elsewhere), "vm1", 0, 1).await;
+    let (code, message) = code_of(&refused).expect("a token for another node was served");
+    assert_eq!(code, Code::Unauthenticated);
+    assert!(message.contains("not this one"), "{message}");
+
+    // Without tls.client_ca the setting is refused at start.
+    let config = pki.write(
+        "no-client-ca.yaml",
+        &format!(
+            "{}console:\n  require_gateway: true\n",
+            pki.node_yaml(false)
+        ),
+    );
+    let output = Command::new(conlogd_bin())
+        .arg("--config")
+        .arg(&config)
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("console.require_gateway") && stderr.contains("tls.client_ca"),
+        "{stderr}"
+    );
+}
+
+/// A gateway replica killed in the middle of a following ReadHistory and an AttachConsole
+/// costs the client a reconnect to the other replica and nothing else: resumed by offset,
+/// every byte arrives once, and the writer lease is taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_replica_costs_a_reconnect_and_nothing_else() {
+    let pki = Pki::new();
+    let node = pki.node(false).await;
+    let mut g1 = Gateway::start(&pki, "3s").await;
+    let g2 = Gateway::start(&pki, "3s").await;
+    let mut guest = console_with_guest(&node, "vm1").await;
+    let token = node.token("vm1", "", Access::ReadWrite, 600).await;
+    let first: Vec<u8> = (0..4000u32)
+        .flat_map(|i| format!("line {i}\n").into_bytes())
+        .collect();
+    guest.write(&first).await;
+
+    // A follower and a writer, both through gateway 1.
+    let (mut followed, follow) =
+        read_history(pki.client(g1.address, &token).await, "vm1", 0, first.len())
+            .await
+            .expect("follow through gateway 1");
+    let mut session = Session::attach(
+        pki.client(g1.address, &token).await,
+        attach("vm1", Mode::ReadWrite),
+    )
+    .await
+    .expect("attach through gateway 1");
+    assert!(session.attached.writer);
+    session.send(b"before\n").await;
+    guest.wait_for(b"before\n").await;
+    let attached_end = session.next_offset;
+
+    g1.kill();
+    // Output the client misses while it reconnects.
+    let second: Vec<u8> = (0..3000u32)
+        .flat_map(|i| format!("more {i}\n").into_bytes())
+        .collect();
+    guest.write(&second).await;
+
+    // Both calls end with an error (the connection to gateway 1 is gone), never a clean end.
+    let mut follow = follow;
+    let ended = bounded("the follow ends", async {
+        loop {
+            match follow.message().await {
+                Ok(Some(chunk)) => followed.extend_from_slice(&chunk.data),
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_some(),
+        "a follow through a dead gateway ended cleanly"
+    );
+    let status = session.wait_end().await;
+    assert_ne!(status.code(), Code::Ok);
+
+    // Resume through gateway 2 from the offset reached.
+    let resume_at = followed.len() as u64;
+    let total = first.len() + second.len();
+    let (rest, _) = read_history(
+        pki.client(g2.address, &token).await,
+        "vm1",
+        resume_at,
+        total - followed.len(),
+    )
+    .await
+    .expect("resume through gateway 2");
+    followed.extend_from_slice(&rest);
+    let mut expected = first.clone();
+    expected.extend_from_slice(&second);
+    assert_eq!(followed.len(), expected.len());
+    assert!(
+        followed == expected,
+        "the followed bytes differ from the guest's output"
+    );
+
+    // The writer re-attaches with a replay and takes what it missed from its offset.
+    let mut again = attach("vm1", Mode::ReadWrite);
+    again.force = true;
+    again.replay_bytes = 1 << 20;
+    let mut session = Session::attach(pki.client(g2.address, &token).await, again)
+        .await
+        .expect("re-attach through gateway 2");
+    assert!(session.attached.writer, "the writer lease is taken again");
+    assert!(
+        session.attached.offset <= attached_end,
+        "the replay starts at {} after the old session's end {attached_end}",
+        session.attached.offset
+    );
+    session.wait_offset(total as u64).await;
+    let skip = (attached_end - session.attached.offset) as usize;
+    assert!(session.output[skip..] == expected[attached_end as usize..]);
+    session.send(b"after\n").await;
+    guest.wait_for(b"after\n").await;
+}
+
+/// One HTTP/1.1 request over TLS to `address` (trusting the server CA); the raw response, read
+/// until the server closes (`connection: close`).
+async fn https_http1(pki: &Pki, address: SocketAddr, request: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.server_ca.cert.der().clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    bounded("an HTTP/1.1 exchange", async {
+        let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        tls.write_all(request).await.unwrap();
+        let mut response = Vec::new();
+        let _ = tls.read_to_end(&mut response).await;
+        response
+    })
+    .await
+}
+
+/// The body of an HTTP/1.1 response (after the blank line).
+fn body_of(response: &[u8]) -> &[u8] {
+    let at = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a header block");
+    &response[at + 4..]
+}
+
+/// A gRPC-web (binary, HTTP/1.1) `ReadHistory` of `vm1` from offset 0, with `token` if any.
+fn grpc_web_read_history(token: Option<&str>) -> Vec<u8> {
+    use prost::Message;
+    let message = ReadHistoryRequest {
+        guest: "vm1".into(),
+        start: Some(Start::FromOffset(0)),
+        limit_bytes: 64,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    let mut request = format!(
+        "POST /conlog.v1.Console/ReadHistory HTTP/1.1\r\nhost: localhost\r\n\
+         content-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\n{auth}\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    request
+}
+
+/// A gateway serves what a node serves to a browser: the same `/console/` page, and gRPC-web
+/// over HTTP/1.1 forwarded like native gRPC (a token needed, the node's bytes returned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_page_and_grpc_web_are_served_through_the_gateway() {
+    let pki = Pki::new();
+    let node = pki.node(false).await;
+    let gateway = Gateway::start(&pki, "3s").await;
+    let mut guest = console_with_guest(&node, "vm1").await;
+    guest.write(b"seen from a browser\n").await;
+    let token = node.token("vm1", "", Access::Read, 600).await;
+    // Logged before the gRPC-web read, which does not follow.
+    read_history(pki.client(node.tcp, &token).await, "vm1", 0, 20)
+        .await
+        .unwrap();
+
+    let page = b"GET /console/ HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n";
+    let from_node = https_http1(&pki, node.tcp, page).await;
+    let from_gateway = https_http1(&pki, gateway.address, page).await;
+    assert!(
+        from_gateway.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&from_gateway)
+    );
+    assert!(!body_of(&from_gateway).is_empty());
+    assert!(
+        body_of(&from_gateway) == body_of(&from_node),
+        "not the node's page"
+    );
+
+    let served = https_http1(&pki, gateway.address, &grpc_web_read_history(Some(&token))).await;
+    let text = String::from_utf8_lossy(&served);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(contains(&served, b"seen from a browser\n"), "{text}");
+    assert!(text.contains("grpc-status:0"), "{text}");
+
+    let refused = https_http1(&pki, gateway.address, &grpc_web_read_history(None)).await;
+    let text = String::from_utf8_lossy(&refused);
+    assert!(
+        text.contains("grpc-status: 16") || text.contains("grpc-status:16"),
+        "{text}"
+    );
+    assert!(!contains(&refused, b"seen from a browser"), "{text}");
+}
+
+/// The gateway's own limits, like a node's: calls with the tokens of one guest (of one node),
+/// refused naming the gateway's key and given back when the call ends; a connection with no
+/// call is closed after `gateway.limits.idle_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_limits_calls_per_guest_and_closes_idle_connections() {
+    let pki = Pki::new();
+    let node = pki.node(false).await;
+    let gateway = Gateway::start_with(
+        &pki,
+        "3s",
+        "  limits:\n    calls_per_guest: 1\n    idle_timeout: 1s\n",
+    )
+    .await;
+    let mut vm1 = console_with_guest(&node, "vm1").await;
+    let mut vm2 = console_with_guest(&node, "vm2").await;
+    vm1.write(b"one\n").await;
+    vm2.write(b"two\n").await;
+    let (first, second) = (
+        node.token("vm1", "", Access::Read, 600).await,
+        node.token("vm1", "", Access::Read, 600).await,
+    );
+    let other = node.token("vm2", "", Access::Read, 600).await;
+
+    let (_, follow) = read_history(pki.client(gateway.address, &first).await, "vm1", 0, 4)
+        .await
+        .expect("the first call");
+    let refused = read_history(pki.client(gateway.address, &second).await, "vm1", 0, 4).await;
+    let (code, message) = code_of(&refused).expect("a second call of the guest was served");
+    assert_eq!(code, Code::ResourceExhausted, "{message}");
+    assert!(
+        message.contains("gateway.limits.calls_per_guest"),
+        "{message}"
+    );
+    read_history(pki.client(gateway.address, &other).await, "vm2", 0, 4)
+        .await
+        .expect("another guest's call");
+
+    // The place comes back when the call ends.
+    drop(follow);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match read_history(pki.client(gateway.address, &second).await, "vm1", 0, 4).await {
+            Ok(_) => break,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(Instant::now() < deadline, "the place never came back");
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    }
+
+    // A TLS connection that sends nothing is closed (bounded by DEADLINE, not a timing).
+    let response = https_http1(&pki, gateway.address, b"").await;
+    assert!(
+        response.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&response)
+    );
+}
+
+/// The plaintext health listener (for the kubelet's probes) answers `conlog.v1.Console`, and
+/// `--print-config` prints every key with its default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_answers_health_in_plaintext_and_prints_its_config() {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let pki = Pki::new();
+    let gateway = Gateway::start_with(&pki, "3s", "  health: 127.0.0.1:0\n").await;
+    let log = gateway.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("conlog-gateway ready"))
+        .unwrap();
+    let at = line.find("health=").expect("health= in the ready line") + 7;
+    let health: SocketAddr = line[at..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let channel = bounded(
+        "connect to health",
+        Endpoint::from_shared(format!("http://{health}"))
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let status = bounded(
+        "Health.Check",
+        HealthClient::new(channel).check(HealthCheckRequest {
+            service: "conlog.v1.Console".into(),
+        }),
+    )
+    .await
+    .expect("served")
+    .into_inner()
+    .status;
+    assert_eq!(status, 1, "SERVING");
+
+    let config = pki.write("printed.yaml", &pki.gateway_yaml("3s"));
+    let output = Command::new(gateway_bin())
+        .arg("--config")
+        .arg(&config)
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let printed: serde_yaml::Value = serde_yaml::from_slice(&output.stdout).unwrap();
+    let gateway = &printed["gateway"];
+    assert_eq!(gateway["upstream"]["stream_window"], "256KiB");
+    assert_eq!(gateway["limits"]["calls_per_guest"], 64);
+    assert_eq!(gateway["health"], serde_yaml::Value::Null);
+}
