@@ -330,6 +330,7 @@ fn grant(guest: &str, node: Option<String>, expires_unix: u64) -> Grant {
         expires_unix,
         key_id: String::new(),
         node,
+        issued_unix: None,
     }
 }
 

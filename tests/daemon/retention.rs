@@ -110,7 +110,7 @@ async fn age_retention_deletes_exactly_the_old_rotated_files() {
         ),
     )
     .await;
-    let gap = chunks[0].gap.expect("a gap first");
+    let gap = chunks[0].gap.clone().expect("a gap first");
     assert_eq!((gap.from_offset, gap.to_offset), (100, 2 * 4096));
 
     // The current file is never expired, however old; the next rotated file goes once old.

@@ -180,7 +180,7 @@ async fn created_again_during_the_deletion(guest: &str, one_stream: bool) {
         request(guest, "qemu", Some(Start::FromOffset(0))),
     )
     .await;
-    let gap = chunks[0].gap.expect("the deleted range is a gap");
+    let gap = chunks[0].gap.clone().expect("the deleted range is a gap");
     assert_eq!((gap.from_offset, gap.to_offset), (0, TOTAL as u64));
     assert_eq!(chunks[1].data, b"the new guest\n".as_slice());
     if one_stream {
