@@ -476,6 +476,9 @@ pub(crate) fn stage(
             if disk_len >= raw_len - raw_len / 64 {
                 return Ok(Wrote::NotWorth);
             }
+            // The raw file's mtime is its newest byte's time: age retention reads it
+            // (docs/operations.md, "Retention"), so the compressed file keeps it.
+            out.set_modified(source.metadata()?.modified()?)?;
             out.sync_data()?;
             fs::rename(&tmp, &staged)?;
             super::files::sync_parent(&staged)?;

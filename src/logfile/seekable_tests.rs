@@ -119,9 +119,12 @@ fn read_all(file: &File, table: &SeekTable) -> Vec<u8> {
 fn round_trip_by_frame_and_by_any_position() {
     let dir = tempfile::tempdir().unwrap();
     let raw = text(10 * FRAME as usize + 123);
-    let (_, path) = staged(dir.path(), &raw, 5000);
+    let (log, path) = staged(dir.path(), &raw, 5000);
     let file = File::open(&path).unwrap();
     let table = SeekTable::read(&file).unwrap();
+    // The raw file's mtime (its newest byte's time) carries over, for age retention.
+    let mtime = |p: &Path| fs::metadata(p).unwrap().modified().unwrap();
+    assert_eq!(mtime(&path), mtime(&backup_path(&log, 1)));
     assert_eq!(table.raw_len(), raw.len() as u64);
     assert_eq!(table.frames(), 11);
     assert_eq!(table.header.first_offset, 5000);
