@@ -85,6 +85,14 @@ fn settings() -> Settings {
 fn staged(dir: &Path, raw: &[u8], start: u64) -> (PathBuf, PathBuf) {
     let log = dir.join("s.log");
     fs::write(backup_path(&log, 1), raw).unwrap();
+    // Its newest byte an hour old.
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    File::options()
+        .write(true)
+        .open(backup_path(&log, 1))
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
     let source = File::open(backup_path(&log, 1)).unwrap();
     let header = Header {
         first_offset: start,
