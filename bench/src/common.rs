@@ -102,6 +102,7 @@ pub async fn create_console(
             guest: guest.into(),
             device: device.into(),
             limits,
+            ..Default::default()
         })
         .await
         .context("CreateConsole failed")?
