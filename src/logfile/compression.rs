@@ -312,6 +312,15 @@ impl LogFile {
     /// Grants `bytes` of disk to the compression of the backup at `start`, removing older
     /// backups (never that one) if the budget needs it.
     pub(crate) fn reserve_disk(&mut self, start: u64, bytes: u64) -> bool {
+        // A file removed meanwhile (for room, or a shrunk limit) gets no room: nothing older
+        // is removed for a compression that cannot be installed.
+        let raw_there = self
+            .placed_backups()
+            .iter()
+            .any(|(b, s)| *s == start && !b.compressed);
+        if !raw_there {
+            return false;
+        }
         match self.make_disk_room(bytes, Some(start)) {
             Ok(true) => {
                 self.compression.staging += bytes;
@@ -543,6 +552,30 @@ mod tests {
         let log = self::log(dir.path(), Compression::Zstd);
         let (first, bytes) = read_all(&log);
         assert!(bytes == data[first as usize..]);
+    }
+
+    /// Room is granted only for a raw rotated file still there, and a grant that does not fit
+    /// removes the oldest files but never the one being compressed.
+    #[test]
+    fn reservations_remove_the_oldest_but_never_their_own_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = log(dir.path(), Compression::Zstd);
+        log.append(&text(0, 4 * MAX as usize)).unwrap();
+        let placed = log.placed_backups();
+        assert_eq!(placed.len(), 3);
+        let (newest, oldest) = (placed[0].1, placed[2].1);
+        // A file that is not there (removed meanwhile): no room, nothing removed.
+        assert!(!log.reserve_disk(newest + 1, 1));
+        assert_eq!(log.placed_backups().len(), 3);
+        // The budget is full (3 raw backups + the current file at max_size): the oldest goes.
+        assert!(log.reserve_disk(newest, 4096));
+        assert_eq!(log.placed_backups().len(), 2);
+        // For the oldest itself, nothing older can go: refused, and it stays.
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = self::log(dir.path(), Compression::Zstd);
+        log.append(&text(0, 4 * MAX as usize)).unwrap();
+        assert!(!log.reserve_disk(oldest, 4096));
+        assert_eq!(log.placed_backups().len(), 3);
     }
 
     /// Compression off: nothing is compressed, the count of backups holds.
