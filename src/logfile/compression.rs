@@ -578,6 +578,89 @@ mod tests {
         assert_eq!(log.placed_backups().len(), 3);
     }
 
+    /// The model: random text and random bytes, drops (gaps), compressions at random moments
+    /// (some files stay raw a while), reopenings: every byte on disk reads back as written at
+    /// its offset, offsets hold across reopenings, and the disk never exceeds the budget.
+    #[test]
+    fn model_with_compressions_interleaved_matches_plain_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, pos) = (dir.path().join("s.log"), dir.path().join("s.pos"));
+        let mut log = log(dir.path(), Compression::Zstd);
+        // None: the offset was dropped (a gap).
+        let mut model: Vec<Option<u8>> = Vec::new();
+        let mut x = 99u64;
+        let mut next = |below: u64| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (x >> 33) % below
+        };
+        for round in 0..300u64 {
+            match next(10) {
+                0 => {
+                    let n = 1 + next(200);
+                    log.skip(n);
+                    model.extend(std::iter::repeat_n(None, n as usize));
+                }
+                1 => {
+                    let piece: Vec<u8> = (0..next(9000)).map(|_| next(256) as u8).collect();
+                    log.append(&piece).unwrap();
+                    model.extend(piece.iter().map(|b| Some(*b)));
+                }
+                2 | 3 => {
+                    compress_all(&mut log);
+                }
+                4 if round % 7 == 0 => {
+                    drop(log);
+                    log = LogFile::open(&path, &pos, limits_zstd()).unwrap();
+                }
+                _ => {
+                    let piece = text(round * 777, next(12_000) as usize);
+                    log.append(&piece).unwrap();
+                    model.extend(piece.iter().map(|b| Some(*b)));
+                }
+            }
+            assert_eq!(log.end_offset(), model.len() as u64, "round {round}");
+            let on_disk: u64 = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("s.log"))
+                .map(|e| e.metadata().unwrap().len())
+                .sum();
+            assert!(
+                on_disk <= log.limits.disk_cap(),
+                "round {round}: {on_disk} on disk"
+            );
+            for s in log.open_segments(0).unwrap() {
+                let mut at = s.start;
+                while at < s.start + s.len {
+                    let bytes = s.read_at(at, 5000).unwrap();
+                    assert!(!bytes.is_empty(), "round {round}: short at {at}");
+                    for (i, b) in bytes.iter().enumerate() {
+                        assert_eq!(
+                            Some(*b),
+                            model[at as usize + i],
+                            "round {round}: byte {}",
+                            at as usize + i
+                        );
+                    }
+                    at += bytes.len() as u64;
+                }
+            }
+        }
+        assert!(log.usage().backups > 3, "{:?}", log.usage());
+    }
+
+    fn limits_zstd() -> LogLimits {
+        LogLimits {
+            max_size: MAX,
+            max_backups: 3,
+            mode: LogMode::Rotate,
+            compress: Compression::Zstd,
+            max_age: 0,
+        }
+    }
+
     /// Compression off: nothing is compressed, the count of backups holds.
     #[test]
     fn without_compression_nothing_changes() {
