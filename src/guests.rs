@@ -232,6 +232,15 @@ impl LimitsOverride {
     }
 }
 
+/// What [`Guests::open_stream`] was asked for.
+#[derive(Clone, Copy)]
+struct Wanted {
+    kind: StreamKind,
+    limits: LimitsOverride,
+    /// A console's protocol (`None`: raw for a new one, as it is for an existing one).
+    protocol: Option<Protocol>,
+}
+
 /// The persisted description of a stream.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct StreamRecord {
@@ -533,29 +542,28 @@ impl Guests {
             max_clients: self.config.limits.max_clients_per_console(),
             input_rate: self.config.limits.input_rate.bytes(),
             socket_group: self.console_group,
+            protocol: Protocol::Raw,
         }
     }
 
-    /// Opens the log and starts the actor of a stream.
+    /// Opens the log and starts the actor of the stream `record` describes.
     fn start_actor(
         &self,
         guest: &str,
         stream: &str,
-        kind: StreamKind,
-        log_path: &Path,
-        limits: LogLimits,
+        record: &StreamRecord,
         carried_console: Option<FrozenConsole>,
         restored: Option<StartKind>,
-        protocol: Protocol,
     ) -> Result<Actor> {
+        let log_path = &record.log_path;
         // Check what can be refused before anything is created on disk.
-        let paths = match kind {
+        let paths = match record.kind {
             StreamKind::Console => {
                 Some(ConsolePaths::new(self.config.runtime_dir(), guest, stream)?)
             }
             StreamKind::Pipe => None,
         };
-        let mut log = LogFile::open(log_path, &self.position_path(guest, stream), limits)
+        let mut log = LogFile::open(log_path, &self.position_path(guest, stream), record.limits)
             .map_err(|e| RegistryError::io(format!("cannot open {}", log_path.display()), e))?;
         log.set_time_index(self.config.logs.time_index);
         if let Some(start) = restored {
@@ -569,10 +577,12 @@ impl Guests {
                 stream,
                 paths,
                 log,
-                self.console_settings(),
+                ConsoleSettings {
+                    protocol: record.protocol,
+                    ..self.console_settings()
+                },
                 self.metrics.clone(),
                 carried_console,
-                protocol,
             )?),
         })
     }
@@ -735,16 +745,7 @@ impl Guests {
             }
         };
         let (pipes, console) = carried.map_or((Vec::new(), None), |c| (c.pipes, c.console));
-        let actor = self.start_actor(
-            guest,
-            stream,
-            record.kind,
-            &record.log_path,
-            record.limits,
-            console,
-            Some(start),
-            record.protocol,
-        )?;
+        let actor = self.start_actor(guest, stream, &record, console, Some(start))?;
         let entry = StreamEntry {
             log_path: record.log_path.clone(),
             limits: record.limits,
@@ -830,15 +831,13 @@ impl Guests {
         let mut changing = None;
         let mut reserved = None;
         loop {
-            let next = self.decide_open(
-                guest,
-                stream,
+            let wanted = Wanted {
                 kind,
                 limits,
                 protocol,
-                changing.is_some(),
-                &mut reserved,
-            )?;
+            };
+            let next =
+                self.decide_open(guest, stream, &wanted, changing.is_some(), &mut reserved)?;
             match next {
                 Next::Done(stream) => return Ok(stream),
                 Next::Wait(closing) => {
@@ -888,12 +887,15 @@ impl Guests {
         &self,
         guest: &str,
         stream: &str,
-        kind: StreamKind,
-        limits: LimitsOverride,
-        protocol: Option<Protocol>,
+        wanted: &Wanted,
         changing: bool,
         reserved: &mut Option<(LogHandle, Reserved)>,
     ) -> Result<Next> {
+        let Wanted {
+            kind,
+            limits,
+            protocol,
+        } = *wanted;
         let mut guests = self.registry();
         if let Some(closing) = guests.get(guest).and_then(|g| {
             g.closing
@@ -995,8 +997,13 @@ impl Guests {
         protocol: Protocol,
     ) -> Result<Created> {
         let log_path = self.log_path(guest, stream);
-        let actor =
-            self.start_actor(guest, stream, kind, &log_path, limits, None, None, protocol)?;
+        let record = StreamRecord {
+            kind,
+            limits,
+            log_path: log_path.clone(),
+            protocol,
+        };
+        let actor = self.start_actor(guest, stream, &record, None, None)?;
         let entry = StreamEntry {
             log_path: log_path.clone(),
             limits,

@@ -58,6 +58,11 @@ impl Writing {
     fn abandoned(&self) -> bool {
         self.reply.as_ref().is_some_and(|r| r.is_closed())
     }
+
+    /// Only the second byte of a pair whose input was discarded (owned by nobody).
+    fn completes_pair(&self) -> bool {
+        self.client.is_none() && self.half
+    }
 }
 
 /// Most bytes read from a replaced guest connection: far above any socket send buffer (the
@@ -356,7 +361,7 @@ impl ConsoleActor {
             return;
         };
         tracing::debug!(discarded = writing.data.len(), "input discarded");
-        if writing.half && self.guest.is_some() {
+        if writing.half && self.guest.is_some() && !writing.data.is_empty() {
             self.writing = Some(Writing {
                 client: None,
                 data: writing.data.split_to(1),
@@ -563,7 +568,7 @@ impl ConsoleActor {
             Some(super::not_writer(&self.handle.name))
         } else if self.guest.is_none() {
             Some(ConsoleError::NoGuest(self.handle.name.clone()))
-        } else if self.writing.is_some() {
+        } else if self.writing.as_ref().is_some_and(|w| !w.completes_pair()) {
             // Only a second call of the same writer at once gets here (its calls are otherwise
             // sequential): refused, so that nothing queues and order is the writer's.
             Some(ConsoleError::StillWriting(self.handle.name.clone()))
@@ -574,15 +579,21 @@ impl ConsoleActor {
             let _ = input.reply.send(Err(refusal));
             return;
         }
-        if input.data.is_empty() {
+        if input.data.is_empty() && self.writing.is_none() {
             let _ = input.reply.send(Ok(0));
             return;
         }
+        // The second byte of a pair cut when earlier input was discarded goes first, with this
+        // input, rather than refusing it.
+        let (data, half) = match self.writing.take() {
+            Some(rest) => ([&rest.data[..], &input.data[..]].concat().into(), rest.half),
+            None => (input.data, false),
+        };
         self.writing = Some(Writing {
             client: Some(input.client),
-            data: input.data,
+            data,
             counted: input.counted,
-            half: false,
+            half,
             reply: Some(input.reply),
         });
         // Write at once when we can; what remains waits for the socket to be writable.

@@ -37,6 +37,10 @@
 //! ([`ConsoleHandle::send_break`], [`mux`]); output is logged as with a raw socket. A raw console
 //! refuses a break.
 //!
+//! Sockets are mode 0660, conlogd's; with `consoles.socket_group` the guest socket and its
+//! directories (0750) belong to that group instead, also when carried from another image (so a
+//! QEMU of another user in that group can connect). `client.sock` is never given away.
+//!
 //! Only the client holding the writer lease reaches the guest; input from anyone else is
 //! dropped (and refused, for `SendConsoleInput`). This module never touches gRPC types: the
 //! server maps [`Event`]s to frames, and what a console refuses or fails at is a
@@ -117,7 +121,7 @@ pub fn remote_client_share(max_clients: usize) -> usize {
     max_clients - (max_clients / 4).max(1)
 }
 
-/// Tunables of every console.
+/// What a console starts with: the tunables of every console, and its own protocol.
 #[derive(Clone, Copy, Debug)]
 pub struct ConsoleSettings {
     pub client_queue: usize,
@@ -127,6 +131,8 @@ pub struct ConsoleSettings {
     pub input_rate: u64,
     /// The gid given the guest socket and its directories (`consoles.socket_group`).
     pub socket_group: Option<u32>,
+    /// What this console's guest socket speaks (fixed for its life).
+    pub protocol: Protocol,
 }
 
 /// Counters of a console readable without asking the actor.
@@ -251,7 +257,6 @@ impl ConsoleHandle {
         settings: ConsoleSettings,
         metrics: Arc<Metrics>,
         frozen: Option<FrozenConsole>,
-        protocol: Protocol,
     ) -> Result<Self> {
         let adopt = |e| {
             ConsoleError::io(
@@ -308,7 +313,7 @@ impl ConsoleHandle {
             log,
             console: Arc::new(ConsoleStats::default()),
             paths: Arc::new(paths),
-            protocol,
+            protocol: settings.protocol,
         };
         let actor = actor::ConsoleActor::new(
             handle.clone(),

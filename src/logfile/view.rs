@@ -118,7 +118,7 @@ impl LogView {
     /// offsets are a gap to the reader, never other bytes.
     pub(crate) fn open_segments(&self, from: u64) -> io::Result<Vec<OpenSegment>> {
         let mut open = Vec::new();
-        // The file last opened (segments of one file share it), with its index and body.
+        // The last file opened (or found replaced), with its index and body.
         type Opened = Option<(Arc<File>, Option<Arc<File>>, Body)>;
         let mut last: Option<(&Path, Opened)> = None;
         for (s, inode) in &self.segments {

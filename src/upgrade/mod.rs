@@ -67,7 +67,6 @@ pub struct FrozenConsole<F = OwnedFd> {
     pub guest_listener: F,
     pub client_listener: F,
     pub guest_connection: Option<F>,
-    /// Wire bytes (already in the console's framing, `crate::console::mux`).
     pub pending_input: Vec<u8>,
 }
 

@@ -447,6 +447,27 @@ async fn create_console_prints_the_qemu_and_libvirt_wiring() {
         error.contains("mux") && error.contains("chardev-send-break"),
         "{error}"
     );
+    let nothing = run_bounded(conlogctl(&daemon).args([
+        "create-console",
+        "vm-wire",
+        "--device",
+        "serial3",
+        "--mux",
+        "--print",
+        "libvirt",
+    ]));
+    assert_eq!(nothing.status.code(), Some(1), "{}", describe(&nothing));
+    assert!(
+        String::from_utf8_lossy(&nothing.stderr).contains("no console was created"),
+        "{}",
+        describe(&nothing)
+    );
+    assert!(
+        find_stream(&mut agent, "vm-wire", "serial3")
+            .await
+            .is_none(),
+        "--mux --print libvirt creates nothing"
+    );
     // serial1 stays raw: asking it for mux is refused.
     let refused = run_bounded(conlogctl(&daemon).args([
         "create-console",

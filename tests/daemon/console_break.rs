@@ -201,7 +201,8 @@ fn queued(guest: &FakeGuest) -> u64 {
 
 /// Input discarded while QEMU does not read (the writer leaves with its input half written,
 /// the socket full) never leaves QEMU inside a Ctrl-A sequence: whatever the cut, the next
-/// writer's keys reach the guest and run no QEMU command. Each round cuts a flood of Ctrl-A at a
+/// writer's keys (typed while the socket is still full, so they queue behind the rest of the
+/// cut pair) reach the guest and run no QEMU command. Each round cuts a flood of Ctrl-A at a
 /// different place (the kernel decides where a write stops; each round moves the pairs, so that
 /// many rounds cut inside a pair: an implementation that left the pair cut
 /// is caught with near certainty, and a correct one passes whatever the cuts).
@@ -246,11 +247,17 @@ async fn discarded_input_never_leaves_a_sequence_half_written() {
             };
             last = now;
         }
-        // The writer leaves: what is not written is discarded.
-        drop(writer);
+        // The writer leaves: what is not written is discarded. The next one types at once,
+        // while the socket is still full: its key goes after the rest of a cut pair.
         sender.abort();
+        drop(writer);
+        let typist = Session::attach(channel.clone(), take_lease("mx2"))
+            .await
+            .expect("attach the typist");
+        typist.send(b"k").await;
         // QEMU reads everything now.
         while guest.read_some(Duration::from_millis(300)).await > 0 {}
+        drop(typist);
     }
     let writer = Session::attach(channel.clone(), take_lease("mx2"))
         .await
@@ -267,6 +274,11 @@ async fn discarded_input_never_leaves_a_sequence_half_written() {
     });
     assert!(keys.ends_with(b"Zx"), "the last keys reached the guest");
     assert_eq!(breaks, 1);
+    assert_eq!(
+        keys.iter().filter(|&&k| k == b'k').count(),
+        24,
+        "every typist's key reached the guest"
+    );
 }
 
 /// A raw console cannot carry a break: the attached reply says so, `SendConsoleInput` and

@@ -54,6 +54,14 @@ fn target_dir() -> PathBuf {
         .to_owned()
 }
 
+/// One QEMU guest at a time in this binary: each boots under TCG, and two or three at once
+/// beside the other external tests on a 2-CPU machine stretch boots and commands past their
+/// deadlines. Held for the whole test.
+async fn one_guest_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static QEMU_GUEST: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    QEMU_GUEST.lock().await
+}
+
 /// Fails (does not skip) when QEMU is missing, naming what to install.
 fn require_qemu() {
     match Command::new(QEMU).arg("--version").output() {
@@ -415,6 +423,7 @@ impl Scene {
 async fn real_qemu_guest_boots_logs_and_runs_typed_commands() {
     let started = Instant::now();
     require_qemu();
+    let _one = one_guest_at_a_time().await;
     let (kernel, initrd) = build_guest().await;
     let built = started.elapsed();
 
@@ -746,6 +755,7 @@ async fn run_command(scene: &mut Scene, index: usize, command: &str, answer: &st
 async fn qemu_keeps_its_console_connection_through_an_upgrade_and_a_crash() {
     let started = Instant::now();
     require_qemu();
+    let _one = one_guest_at_a_time().await;
     let (kernel, initrd) = build_guest().await;
 
     let daemon = Daemon::start().await;
@@ -911,6 +921,7 @@ async fn qemu_keeps_its_console_connection_through_an_upgrade_and_a_crash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_serial_break_makes_a_real_guest_show_the_sysrq_help() {
     require_qemu();
+    let _one = one_guest_at_a_time().await;
     let (kernel, initrd) = build_guest().await;
     let daemon = Daemon::start().await;
     let mut agent = daemon.agent().await;
@@ -1010,6 +1021,71 @@ async fn a_serial_break_makes_a_real_guest_show_the_sysrq_help() {
             scene.context()
         );
     });
+    for client in &scene.clients {
+        client.task.abort();
+    }
+}
+
+/// Why a BREAK needs `mux=on` (docs/consoles.md, "Serial BREAK"): QEMU's socket chardev as a
+/// client ignores `telnet=on`. It sends no option negotiation (the log starts with the guest's
+/// own output) and passes `IAC IAC` and `IAC BREAK` to the guest as plain bytes, so telnet
+/// cannot carry a BREAK to a QEMU that connects to conlogd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_as_a_client_ignores_telnet() {
+    require_qemu();
+    let _one = one_guest_at_a_time().await;
+    let (kernel, initrd) = build_guest().await;
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let console = agent
+        .create_console(proto::CreateConsoleRequest {
+            guest: GUEST.into(),
+            device: DEVICE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("CreateConsole: {s:?}"))
+        .into_inner();
+    drop(agent);
+    let guest_socket = PathBuf::from(&console.guest_socket);
+    let wiring: Vec<String> = rendered_wiring(&daemon, &guest_socket)
+        .into_iter()
+        .map(|arg| arg.replace(",reconnect=1", ",telnet=on,reconnect=1"))
+        .collect();
+    assert!(
+        wiring.iter().any(|a| a.contains(",telnet=on,")),
+        "{wiring:?}"
+    );
+    let mut scene = Scene {
+        log_path: daemon.log_path(GUEST, DEVICE),
+        daemon,
+        qemu: None,
+        clients: Vec::new(),
+    };
+    let writer = attach_writer(&mut scene, "writer").await;
+    scene.qemu = Some(Qemu::start(&kernel, &initrd, &wiring));
+    scene
+        .wait("the shell prompt", BOOT_DEADLINE, |s| {
+            s.client_has(writer, PROMPT)
+        })
+        .await;
+    scene.clients[writer]
+        .type_bytes(b"head -c 6 | od -An -tx1\n")
+        .await;
+    scene.clients[writer]
+        .type_bytes(b"\xff\xff\xff\xf3A\n")
+        .await;
+    scene
+        .wait("od's dump of the typed bytes", COMMAND_DEADLINE, |s| {
+            s.client_has(writer, "ff ff ff f3 41 0a")
+        })
+        .await;
+    let log = scene.log();
+    assert!(
+        !log.starts_with(&[255]),
+        "QEMU sent telnet options: {:?}",
+        &log[..log.len().min(16)]
+    );
     for client in &scene.clients {
         client.task.abort();
     }

@@ -628,6 +628,14 @@ async fn run(args: Args) -> Result<ExitCode> {
             print,
             mux,
         } => {
+            if mux && matches!(print, Wiring::Libvirt) {
+                bail!(
+                    "--mux with --print libvirt: libvirt's <serial> has no mux option, so no \
+                     console was created; use --print qemu, or a raw console and `virsh \
+                     qemu-monitor-command --hmp DOMAIN 'chardev-send-break charserial0'` for a \
+                     break (docs/consoles.md, \"Serial BREAK\")"
+                );
+            }
             let reply = agent
                 .create_console(proto::CreateConsoleRequest {
                     guest,
