@@ -1365,6 +1365,54 @@ impl Guests {
         Ok(deleted)
     }
 
+    /// Deletes the files of `guest`'s stream `stream` older than `cutoff` if no stream of that
+    /// name is live or being removed (a live stream's actor expires its own files, never its
+    /// current one): a removed stream's logs, or logs left by something else, age like
+    /// virtlogd's closed logs. When none is left, its tombstone and (if empty) the guest's log
+    /// directory go too. Runs under `changes`, so the name is not created meanwhile. Returns
+    /// the log files deleted.
+    pub async fn expire_unwritten(
+        &self,
+        guest: &str,
+        stream: &str,
+        cutoff: std::time::SystemTime,
+    ) -> Result<u32> {
+        let live = |guests: &Registry| {
+            guests.get(guest).is_some_and(|entry| {
+                entry.closing.is_some()
+                    || entry.streams.contains_key(stream)
+                    || entry.closing_streams.contains_key(stream)
+            })
+        };
+        // Most streams the sweep asks about are live: answered without waiting for `changes`.
+        if live(&self.registry()) {
+            return Ok(0);
+        }
+        let _changing = self.changes.lock().await;
+        if live(&self.registry()) {
+            return Ok(0);
+        }
+        let log_path = self.log_path(guest, stream);
+        let (deleted, none_left) = crate::logfile::expire_unwritten(&log_path, cutoff)
+            .map_err(|e| RegistryError::io(format!("cannot delete {}", log_path.display()), e))?;
+        if none_left {
+            let dir = self.guest_log_dir(guest);
+            crate::tombstone::remove(&dir, stream).map_err(|e| {
+                RegistryError::io(format!("cannot remove a tombstone in {}", dir.display()), e)
+            })?;
+            let _ = std::fs::remove_dir(&dir);
+        }
+        if deleted > 0 {
+            tracing::info!(
+                guest,
+                stream,
+                files = deleted,
+                "deleted the files of a removed stream older than logs.max_age"
+            );
+        }
+        Ok(deleted)
+    }
+
     /// Asks every stream with a `max_age` to delete its rotated files older than that; returns
     /// how many files went. Streams are asked a few at a time, never under the lock.
     pub async fn expire_all(&self) -> u32 {
@@ -1520,20 +1568,29 @@ impl Removal {
             streams: u32::try_from(streams.len()).unwrap_or(u32::MAX),
             logs_deleted: 0,
         };
+        // A deletion that fails (the file system refuses) leaves that stream's logs with a
+        // tombstone, as a removal without `delete_logs` would: the removal itself goes on, and
+        // `delete_logs` again (or `logs.removed_retention`) deletes what is left.
+        let mut failed = None;
         for (stream, _) in &streams {
-            if self.delete_logs {
+            let deleted = if self.delete_logs {
                 crate::fault::point("guests.remove.delete_logs");
-                let log_path = self.guests.log_path(guest, stream);
-                removed.logs_deleted +=
-                    crate::logfile::delete_stream_files(&log_path).map_err(|e| {
-                        RegistryError::io(format!("cannot delete {}", log_path.display()), e)
-                    })?;
-                crate::tombstone::remove(&dir, stream).map_err(|e| {
-                    RegistryError::io(format!("cannot remove a tombstone in {}", dir.display()), e)
-                })?;
-            } else if let Err(e) = crate::tombstone::write(&dir, stream, self.stream.is_none()) {
-                // The logs stay readable; only the retention and token checks lack the time.
-                tracing::warn!(guest, stream, error = %e, "cannot write the tombstone of a removed stream");
+                self.delete_logs_of(stream)
+            } else {
+                Ok(0)
+            };
+            match deleted {
+                Ok(n) if self.delete_logs => removed.logs_deleted += n,
+                result => {
+                    if let Err(e) = result {
+                        failed.get_or_insert(e);
+                    }
+                    if let Err(e) = crate::tombstone::write(&dir, stream, self.stream.is_none()) {
+                        // The logs stay readable; only the retention and token checks lack
+                        // the removal time.
+                        tracing::warn!(guest, stream, error = %e, "cannot write the tombstone of a removed stream");
+                    }
+                }
             }
             let _ = std::fs::remove_file(self.guests.record_path(guest, stream));
         }
@@ -1541,14 +1598,12 @@ impl Removal {
             // The guest's logs are every log in its directory: also those its streams removed
             // before left (the guest is closing: nothing is created there meanwhile).
             for stream in streams_on_disk(&dir) {
-                let log_path = self.guests.log_path(guest, &stream);
-                removed.logs_deleted +=
-                    crate::logfile::delete_stream_files(&log_path).map_err(|e| {
-                        RegistryError::io(format!("cannot delete {}", log_path.display()), e)
-                    })?;
-                crate::tombstone::remove(&dir, &stream).map_err(|e| {
-                    RegistryError::io(format!("cannot remove a tombstone in {}", dir.display()), e)
-                })?;
+                match self.delete_logs_of(&stream) {
+                    Ok(n) => removed.logs_deleted += n,
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
             }
         }
         if self.delete_logs {
@@ -1562,6 +1617,9 @@ impl Removal {
                 .join("consoles")
                 .join(guest),
         );
+        if let Some(e) = failed {
+            return Err(e);
+        }
         match &self.stream {
             None => tracing::info!(
                 guest,
@@ -1577,6 +1635,20 @@ impl Removal {
             ),
         }
         Ok(removed)
+    }
+}
+
+impl Removal {
+    /// Deletes the log files of `stream` and its tombstone; how many log files went.
+    fn delete_logs_of(&self, stream: &str) -> Result<u32> {
+        let dir = self.guests.guest_log_dir(&self.guest);
+        let log_path = self.guests.log_path(&self.guest, stream);
+        let deleted = crate::logfile::delete_stream_files(&log_path)
+            .map_err(|e| RegistryError::io(format!("cannot delete {}", log_path.display()), e))?;
+        crate::tombstone::remove(&dir, stream).map_err(|e| {
+            RegistryError::io(format!("cannot remove a tombstone in {}", dir.display()), e)
+        })?;
+        Ok(deleted)
     }
 }
 
@@ -1606,7 +1678,7 @@ impl Drop for Removal {
 /// The names of the streams with files (logs, their indexes, tombstones) in a guest's log
 /// directory `dir`: `<stream>.log`, `<stream>.log.N`, `<stream>.log[.N].idx`,
 /// `<stream>.removed`. Names that are not valid stream names are left out.
-fn streams_on_disk(dir: &Path) -> Vec<String> {
+pub(crate) fn streams_on_disk(dir: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };

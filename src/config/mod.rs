@@ -97,7 +97,8 @@ pub struct LogDefaults {
     /// no times for what is logged meanwhile.
     pub time_index: bool,
     /// Rotated files whose newest byte is older than this are deleted (checked at start and
-    /// hourly); `0s`: off, only the size cap removes files (docs/operations.md, "Retention").
+    /// hourly), and any file of a stream nobody writes any more; `0s`: off, only the size cap
+    /// removes files (docs/operations.md, "Retention").
     pub max_age: HumanDuration,
     /// The logs of a removed guest (or stream) are deleted this long after the removal;
     /// `0s`: off, they stay until deleted by hand or by `RemoveGuest` with `delete_logs`.

@@ -157,6 +157,7 @@ impl Serving {
             crate::retention::run(
                 guests.clone(),
                 config.log_dir().to_owned(),
+                config.logs.max_age.get(),
                 config.logs.removed_retention.get(),
             )
             .instrument(span("retention")),

@@ -100,6 +100,40 @@ pub(crate) fn delete_stream_files(path: &Path) -> io::Result<u32> {
     Ok(deleted)
 }
 
+/// Deletes the files of a stream that nobody writes (a removed one) whose newest byte (their
+/// mtime: nothing rewrites them) is older than `cutoff`: the first such file, newest first from
+/// the current one, goes with every older one, oldest first, each with its index. Returns how
+/// many log files went and whether none is left.
+pub(crate) fn expire_unwritten(
+    path: &Path,
+    cutoff: std::time::SystemTime,
+) -> io::Result<(u32, bool)> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    if fs::symlink_metadata(path).is_ok() {
+        files.push(path.to_owned());
+    }
+    files.extend(
+        backups_of(path, MAX_SCAN)
+            .into_iter()
+            .map(|(backup, _)| backup),
+    );
+    let old = |file: &PathBuf| {
+        fs::metadata(file)
+            .and_then(|m| m.modified())
+            .is_ok_and(|modified| modified < cutoff)
+    };
+    let Some(first) = files.iter().position(old) else {
+        return Ok((0, files.is_empty()));
+    };
+    let mut deleted = 0;
+    for file in files[first..].iter().rev() {
+        if remove_log_file(file)? {
+            deleted += 1;
+        }
+    }
+    Ok((deleted, first == 0))
+}
+
 /// Opens (creating) a log file for appending at its end.
 pub(crate) fn open_log(path: &Path) -> io::Result<File> {
     // Not O_APPEND: splice(2) refuses append-mode files. We are the only writer and keep the

@@ -56,9 +56,9 @@ mod tests;
 mod view;
 
 pub(crate) use crate::config::Compression;
-pub(crate) use files::delete_stream_files;
 pub(crate) use files::write_atomically;
 pub use files::{backup_path, backups_of};
+pub(crate) use files::{delete_stream_files, expire_unwritten};
 pub(crate) use gaps::{Gaps, Piece};
 pub(crate) use read::{read_tail, Body, SegmentError};
 pub(crate) use record::Position;
@@ -314,11 +314,14 @@ impl LogFile {
     }
 
     /// Changes the limits. When it returns, the new cap holds: an oversized current file is
-    /// rotated away, and backups beyond the new count or larger than the new `max_size` are
-    /// removed with every older one (their offsets become history's leading gap).
+    /// rotated away, and backups beyond the new count or larger than the new `max_size` (or
+    /// older than the new `max_age`) are removed with every older one (their offsets become
+    /// history's leading gap).
     pub(crate) fn set_limits(&mut self, limits: LogLimits) -> io::Result<()> {
         self.limits = limits;
-        self.enforce_limits()
+        self.enforce_limits()?;
+        // A new `max_age` holds at once too.
+        self.expire(std::time::SystemTime::now()).map(|_| ())
     }
 
     /// Bytes of this stream on disk (current file and backups, with their indexes) and the

@@ -23,6 +23,10 @@ use std::sync::Arc;
 /// stream of the same name is created again and rotates at that very moment).
 const SNAPSHOT_ATTEMPTS: usize = 5;
 
+/// A log file the view opened, with its time index if it has one and its body (raw or
+/// compressed); `None` for a file that is no longer the one mapped.
+type Opened = (Arc<File>, Option<Arc<File>>, Body);
+
 /// The files of a stream nobody writes, mapped to offsets as they were when the view opened.
 #[derive(Debug)]
 pub(crate) struct LogView {
@@ -118,9 +122,7 @@ impl LogView {
     /// offsets are a gap to the reader, never other bytes.
     pub(crate) fn open_segments(&self, from: u64) -> io::Result<Vec<OpenSegment>> {
         let mut open = Vec::new();
-        // The last file opened (or found replaced), with its index and body.
-        type Opened = Option<(Arc<File>, Option<Arc<File>>, Body)>;
-        let mut last: Option<(&Path, Opened)> = None;
+        let mut last: Option<(&Path, Option<Opened>)> = None;
         for (s, inode) in &self.segments {
             if s.start + s.len <= from || s.len == 0 {
                 continue;

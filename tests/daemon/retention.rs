@@ -31,8 +31,12 @@ fn backup(daemon: &Daemon, guest: &str, stream: &str, n: u32) -> std::path::Path
     path.into()
 }
 
-async fn start(config: &str) -> Daemon {
-    Daemon::start_full(Some(config), &[], None, &[FAST_SWEEP]).await
+/// A daemon with `logs` settings `logs_yaml` (indented lines under `logs:`), the sweep every
+/// 100 ms, and no time index: a log file then holds exactly `max_size` bytes, so the offsets
+/// of each file are known (an index shares its file's `max_size`).
+async fn start(logs_yaml: &str) -> Daemon {
+    let config = format!("logs:\n  time_index: false\n{logs_yaml}");
+    Daemon::start_full(Some(&config), &[], None, &[FAST_SWEEP]).await
 }
 
 /// With `logs.max_age: 1h`, the rotated files older than an hour go (and every older one with
@@ -41,7 +45,7 @@ async fn start(config: &str) -> Daemon {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn age_retention_deletes_exactly_the_old_rotated_files() {
     const TOTAL: usize = 4 * 4096 + 100;
-    let daemon = start("logs:\n  max_age: 1h\n").await;
+    let daemon = start("  max_age: 1h\n").await;
     let mut agent = daemon.agent().await;
     let data = pattern(0, TOTAL);
     // Files: .4 (0..4096) .3 .2 .1 (12288..16384), current (16384..16484).
@@ -187,7 +191,7 @@ async fn remove(daemon: &Daemon, guest: &str) {
 /// them whatever its old tombstone said.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_retention_deletes_after_the_time_and_not_before() {
-    let daemon = start("logs:\n  removed_retention: 1h\n").await;
+    let daemon = start("  removed_retention: 1h\n").await;
     let mut agent = daemon.agent().await;
     for guest in ["vm-old", "vm-new", "vm-back", "vm-marker"] {
         logged_stream(
@@ -223,4 +227,54 @@ async fn removed_retention_deletes_after_the_time_and_not_before() {
     let (reply, pipe) = open_pipe(&mut agent, "vm-old", "qemu", None).await;
     assert_eq!(reply.offset, 9000);
     drop(pipe);
+}
+
+/// With `logs.max_age: 1h`, the files of a removed guest age too, its newest included (nobody
+/// writes it any more), as virtlogd's `max_age_days` deletes the logs of guests that are not
+/// running: a removed guest whose every file is old goes entirely (tombstone and directory); one
+/// whose oldest file alone is old loses that file, and its history then starts with a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn age_retention_deletes_the_old_files_of_removed_guests() {
+    let daemon = start("  max_age: 1h\n").await;
+    let data = pattern(0, 9000);
+    // Files: .2 (0..4096), .1 (4096..8192), current (8192..9000).
+    for guest in ["vm-all-old", "vm-part-old"] {
+        logged_stream(&daemon, guest, "qemu", 4096, 2, LogMode::Rotate, &data).await;
+        remove(&daemon, guest).await;
+    }
+    for n in 1..=2 {
+        age_file(&backup(&daemon, "vm-all-old", "qemu", n), 3 * HOUR);
+    }
+    age_file(&daemon.log_path("vm-all-old", "qemu"), 2 * HOUR);
+    age_file(&backup(&daemon, "vm-part-old", "qemu", 2), 2 * HOUR);
+    let all_old = daemon.log_dir().join("vm-all-old");
+    wait_until("the old removed guest's logs deleted", || !all_old.exists()).await;
+    let oldest = backup(&daemon, "vm-part-old", "qemu", 2);
+    wait_until("the old file of the removed guest deleted", || {
+        !oldest.exists()
+    })
+    .await;
+    assert_eq!(
+        log_file_names(&daemon.log_dir(), "vm-part-old", "qemu"),
+        ["qemu.log.1", "qemu.log"]
+    );
+    assert!(daemon.log_dir().join("vm-part-old/qemu.removed").exists());
+    let mut local = local_console(&daemon).await;
+    let chunks = read_ok(
+        &mut local,
+        request(
+            "vm-part-old",
+            "qemu",
+            Some(proto::read_history_request::Start::FromOffset(0)),
+        ),
+    )
+    .await;
+    let gap = chunks[0].gap.clone().expect("a gap first");
+    assert_eq!((gap.from_offset, gap.to_offset), (0, 4096));
+    let mut got = Received::new(DEFAULT_CHUNK);
+    for chunk in &chunks {
+        assert_pattern(chunk.offset, got.push(chunk));
+    }
+    assert_eq!(got.position, Some(9000));
+    expect_error(&mut local, request("vm-all-old", "", None), Code::NotFound).await;
 }
