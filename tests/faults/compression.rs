@@ -510,3 +510,41 @@ async fn an_unknown_compression_is_invalid_argument() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("limits.compress"), "{status:?}");
 }
+
+/// The time index stays beside a compressed file (`.N.idx` next to `.N.zst`): history with
+/// times gives every chunk of compressed history its time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_history_keeps_its_times() {
+    let daemon = Daemon::start_with(Some(CONFIG), &[]).await;
+    let mut agent = daemon.agent().await;
+    let (_, mut pipe) = open_pipe(&mut agent, GUEST, STREAM, Some(zstd_limits())).await;
+    let text = sample();
+    let mut written = 0u64;
+    for piece in text.chunks(MAX_SIZE as usize) {
+        write_now(&mut pipe, piece);
+        written += piece.len() as u64;
+        wait_stream(&mut agent, GUEST, STREAM, "compressed", |s| {
+            s.offset == written && s.compression_backlog_bytes == 0
+        })
+        .await;
+    }
+    let dir = guest_dir(&daemon);
+    let names = names(&dir);
+    assert!(
+        names.iter().any(|n| n.ends_with(".zst"))
+            && names.iter().any(|n| n.ends_with(".1.idx")),
+        "{names:?}"
+    );
+    let mut client = local_console(&daemon).await;
+    let mut req = request(GUEST, STREAM, None);
+    req.times = true;
+    let chunks = read_ok(&mut client, req).await;
+    let got = Received::of(&chunks, DEFAULT_CHUNK);
+    assert_same("history", &got.data, &text[got.first.unwrap() as usize..]);
+    let untimed: Vec<u64> = chunks
+        .iter()
+        .filter(|c| c.gap.is_none() && c.time.is_none())
+        .map(|c| c.offset)
+        .collect();
+    assert!(untimed.is_empty(), "chunks without a time at {untimed:?}");
+}
