@@ -334,6 +334,7 @@ impl Mailbox for Removed {
                     end_offset: self.0.end_offset(),
                     first_offset: segments.first().map_or(self.0.end_offset(), |s| s.start),
                     bytes_on_disk: segments.iter().map(|s| s.len).sum(),
+                    raw_bytes: segments.iter().map(|s| s.len).sum(),
                     dropped: self.0.dropped(),
                     ..Figures::default()
                 });
