@@ -61,6 +61,10 @@ pub enum Error {
     /// The edge: valid credentials that do not cover the request.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The edge: what the call needs is not there now; come back later (a gateway's node that
+    /// cannot be reached, or whose stream broke).
+    #[error("{0}")]
+    Unavailable(String),
     /// The RPC is part of the API but not served yet.
     #[error("{0} is not implemented yet")]
     Unimplemented(&'static str),
@@ -102,6 +106,7 @@ fn code_of(error: &(dyn StdError + 'static)) -> Option<Code> {
             Error::Unauthenticated(_) => Some(Code::Unauthenticated),
             Error::PermissionDenied(_) => Some(Code::PermissionDenied),
             Error::Unimplemented(_) => Some(Code::Unimplemented),
+            Error::Unavailable(_) => Some(Code::Unavailable),
             Error::Io { .. } => None,
         };
     }
@@ -176,13 +181,6 @@ fn code_of(error: &(dyn StdError + 'static)) -> Option<Code> {
         return match error {
             LogError::Gone(e) => code_of(e),
             LogError::Io(_) => None,
-        };
-    }
-    if let Some(error) = error.downcast_ref::<crate::gateway::GatewayError>() {
-        use crate::gateway::GatewayError as G;
-        return match error {
-            G::NodeUnavailable { .. } | G::StreamBroken { .. } => Some(Code::Unavailable),
-            G::File { .. } | G::Tls(_) | G::Listen { .. } | G::Serve(_) => None,
         };
     }
     if error.is::<ActorGone>() {

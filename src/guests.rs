@@ -175,6 +175,13 @@ impl StreamKind {
     }
 }
 
+/// A stream brought back by a start of the daemon: how it started, and the console the
+/// previous image carried for it (if any).
+struct Restored {
+    start: StartKind,
+    console: Option<FrozenConsole>,
+}
+
 /// A client's optional override of the default limits.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LimitsOverride {
@@ -546,14 +553,15 @@ impl Guests {
         }
     }
 
-    /// Opens the log and starts the actor of the stream `record` describes.
+    /// Opens the log and starts the actor of the stream `record` describes; a `restored` one
+    /// (after a start of the daemon) records how the daemon started in its time index and takes
+    /// up what the previous image carried for its console.
     fn start_actor(
         &self,
         guest: &str,
         stream: &str,
         record: &StreamRecord,
-        carried_console: Option<FrozenConsole>,
-        restored: Option<StartKind>,
+        restored: Option<Restored>,
     ) -> Result<Actor> {
         let log_path = &record.log_path;
         // Check what can be refused before anything is created on disk.
@@ -566,9 +574,10 @@ impl Guests {
         let mut log = LogFile::open(log_path, &self.position_path(guest, stream), record.limits)
             .map_err(|e| RegistryError::io(format!("cannot open {}", log_path.display()), e))?;
         log.set_time_index(self.config.logs.time_index);
-        if let Some(start) = restored {
-            log.note_start(start);
-        }
+        let carried_console = restored.and_then(|r| {
+            log.note_start(r.start);
+            r.console
+        });
         log.set_compressor(self.compression.clone());
         Ok(match paths {
             None => Actor::Pipe(PipeHandle::spawn(log, self.metrics.clone(), guest, stream)),
@@ -745,7 +754,7 @@ impl Guests {
             }
         };
         let (pipes, console) = carried.map_or((Vec::new(), None), |c| (c.pipes, c.console));
-        let actor = self.start_actor(guest, stream, &record, console, Some(start))?;
+        let actor = self.start_actor(guest, stream, &record, Some(Restored { start, console }))?;
         let entry = StreamEntry {
             log_path: record.log_path.clone(),
             limits: record.limits,
@@ -1003,7 +1012,7 @@ impl Guests {
             log_path: log_path.clone(),
             protocol,
         };
-        let actor = self.start_actor(guest, stream, &record, None, None)?;
+        let actor = self.start_actor(guest, stream, &record, None)?;
         let entry = StreamEntry {
             log_path: log_path.clone(),
             limits,

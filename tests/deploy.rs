@@ -233,8 +233,9 @@ fn is_gateway(object: &Value) -> bool {
 /// `conlog-gateway` accepts as its effective configuration (every key), its files from
 /// read-only Secret mounts, gRPC probes on its health port, bounded resources and the daemon's
 /// confinement (without root); a Service, a PodDisruptionBudget, a HorizontalPodAutoscaler and
-/// a NetworkPolicy that select its pods, and ports that are its own.
-fn check_gateway(objects: &[Value], origin: &str) {
+/// a NetworkPolicy that select its pods, and ports that are its own; its pods may reach the
+/// nodes' Console port (`node_port`, the daemon's `listen`) and DNS only.
+fn check_gateway(objects: &[Value], origin: &str, node_port: u64) {
     let find = |kind: &str| -> Vec<&Value> {
         objects
             .iter()
@@ -453,7 +454,7 @@ fn check_gateway(objects: &[Value], origin: &str) {
         .collect();
     assert_eq!(
         egress_ports,
-        BTreeSet::from([53, 7770]),
+        BTreeSet::from([53, node_port]),
         "{origin}: the gateway may reach the nodes' Console port and DNS only"
     );
 }
@@ -1042,7 +1043,11 @@ fn plain_manifests_are_valid_and_hold_together() {
     let namespace = objects.iter().find(|o| o["kind"] == "Namespace").unwrap();
     assert_eq!(namespace["metadata"]["name"], NAMESPACE);
     let config = check_manifests(&objects, "deploy/kubernetes", false);
-    check_gateway(&objects, "deploy/kubernetes");
+    check_gateway(
+        &objects,
+        "deploy/kubernetes",
+        port_of(str_of(&config["listen"], "listen")),
+    );
     assert_eq!(config["listen"], "0.0.0.0:7770");
     assert_eq!(config["health"], "0.0.0.0:7772");
     assert_eq!(
@@ -1084,6 +1089,16 @@ fn check_chart(values: Option<&Path>) -> Value {
     let rendered = render(values);
     let objects = documents(&rendered, &origin);
     let config = check_manifests(&objects, &origin, true);
+    // The gateway: off by default, on in the full values.
+    let gateway = objects.iter().any(is_gateway);
+    assert_eq!(gateway, values.is_some(), "{origin}: the gateway's objects");
+    if gateway {
+        check_gateway(
+            &objects,
+            &origin,
+            port_of(str_of(&config["listen"], "listen")),
+        );
+    }
 
     let dir = tempfile::tempdir().expect("temporary directory");
     let file = dir.path().join("rendered.yaml");

@@ -763,6 +763,20 @@ mod tests {
             err.contains("logs.max_size") && err.contains("4KiB"),
             "{err}"
         );
+        // A time index slot holds offsets within a file in 40 bits.
+        let mut config = Config::from_yaml("logs:\n  max_size: 2TiB\n", "t").unwrap();
+        config.resolve_paths();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("logs.max_size") && err.contains("1TiB"),
+            "{err}"
+        );
+        let mut config = Config::from_yaml("logs:\n  max_size: 1TiB\n", "t").unwrap();
+        config.resolve_paths();
+        config.validate().unwrap();
+        assert!(config.logs.time_index, "on by default");
+        let off = Config::from_yaml("logs:\n  time_index: false\n", "t").unwrap();
+        assert!(!off.logs.time_index);
 
         let mut config = Config::from_yaml("listen: 0.0.0.0:7770\n", "t").unwrap();
         config.resolve_paths();

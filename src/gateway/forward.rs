@@ -27,8 +27,10 @@ use tonic::body::Body;
 use tonic::Status;
 use tower::ServiceExt;
 
-/// Request headers that belong to the client's connection, not to the call.
-const HOP_BY_HOP: [&str; 7] = [
+/// Request headers not forwarded: those of the client's connection, not of the call; and the
+/// browser's `Origin` and cookies, which the gateway's own web layer judged (a node would see
+/// the gateway's page as a foreign origin and refuse the call).
+const NOT_FORWARDED: [&str; 9] = [
     "host",
     "connection",
     "keep-alive",
@@ -36,6 +38,8 @@ const HOP_BY_HOP: [&str; 7] = [
     "transfer-encoding",
     "upgrade",
     "te",
+    "origin",
+    "cookie",
 ];
 
 /// The forwarding Console service.
@@ -78,20 +82,16 @@ impl tower::Service<http::Request<Body>> for Forward {
     }
 }
 
-/// Why a call was not forwarded.
-#[derive(Debug, thiserror::Error)]
-enum Refusal {
-    #[error("{0}")]
-    Edge(#[from] Error),
-    #[error("{0}")]
-    Gateway(#[from] GatewayError),
+/// A gateway error as the status its caller gets (`UNAVAILABLE`, the message naming the node).
+fn unavailable(error: GatewayError) -> Error {
+    Error::Unavailable(error.to_string())
 }
 
 impl Forward {
     async fn forward(
         &self,
         mut request: http::Request<Body>,
-    ) -> Result<http::Response<Body>, Refusal> {
+    ) -> Result<http::Response<Body>, Error> {
         let grant = self.authenticate(&request)?;
         let grant_token = request.headers().get("authorization").cloned();
         let node = grant
@@ -100,22 +100,20 @@ impl Forward {
             .ok_or_else(|| Error::Unauthenticated("Token refused: it names no node".into()))?;
         let span = tracing::info_span!("forward", node = %node, guest = %grant.guest, path = request.uri().path());
         let _entered = span.enter();
-        let channel = self.upstreams.channel(&node)?;
-        for name in HOP_BY_HOP {
+        let channel = self.upstreams.channel(&node).map_err(unavailable)?;
+        for name in NOT_FORWARDED {
             request.headers_mut().remove(name);
         }
         request
             .headers_mut()
             .insert("te", http::HeaderValue::from_static("trailers"));
         drop(_entered);
-        let response =
-            channel
-                .oneshot(request)
-                .await
-                .map_err(|e| GatewayError::NodeUnavailable {
-                    node: node.clone(),
-                    reason: error_chain(&e),
-                })?;
+        let response = channel.oneshot(request).await.map_err(|e| {
+            unavailable(GatewayError::NodeUnavailable {
+                node: node.clone(),
+                reason: error_chain(&e),
+            })
+        })?;
         let recheck = Recheck {
             changes: tokio_stream::wrappers::WatchStream::from_changes(self.keys.changes()),
             token: token_of(&grant_token),
@@ -253,7 +251,9 @@ impl HttpBody for UpstreamBody {
                     reason: e.message().to_owned(),
                 };
                 crate::limited!(info, error = %broken, "upstream stream broken");
-                Poll::Ready(Some(Ok(trailers(&crate::error::status(&broken)))))
+                Poll::Ready(Some(Ok(trailers(&crate::error::status(&unavailable(
+                    broken,
+                ))))))
             }
             other => other,
         }

@@ -22,7 +22,8 @@ use std::sync::Arc;
 use thiserror::Error;
 use tracing::Instrument;
 
-/// What the gateway can fail at; [`crate::error`] maps the call-time ones to statuses.
+/// What the gateway can fail at; a call's failures reach its caller as
+/// [`crate::error::Error::Unavailable`] with this message.
 #[derive(Debug, Error)]
 pub enum GatewayError {
     /// The node a token names cannot be reached (refused, timed out, a TLS failure).

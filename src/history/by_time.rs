@@ -291,7 +291,7 @@ mod tests {
                 let log = dir.join(format!("s.log.{i}"));
                 std::fs::write(&log, vec![b'x'; 1000]).unwrap();
                 let base = 1000 * i;
-                let mut writer = Writer::open(&log, base, 0, i != 2);
+                let mut writer = Writer::open(&log, base, i != 2);
                 writer.start_file(base);
                 for j in 0..3 {
                     let seconds = 10 * i + j;

@@ -230,8 +230,6 @@ impl LogFile {
                 .sum()
         });
         let reserved = found.as_ref().map_or(0, |r| r.reserved);
-        // At most MAX_SCAN (a u32).
-        let backups = u32::try_from(backups_of(path, MAX_SCAN).len()).unwrap_or(MAX_SCAN);
         let mut log = Self {
             path: path.to_owned(),
             position_path: position_path.to_owned(),
@@ -251,7 +249,7 @@ impl LogFile {
             record_len,
             record_entry_synced: false,
             // Off until the owner turns it on (`logs.time_index`, [`Self::set_time_index`]).
-            index: index::Writer::open(path, start, backups, false),
+            index: index::Writer::open(path, start, false),
             compression: compression::State::default(),
         };
         log.forget_old_gaps();
@@ -259,7 +257,9 @@ impl LogFile {
             log.write_position(&position_file, record)?;
         }
         drop(position_file);
-        log.enforce_limits()?;
+        // Limits do not change across a restart (a stream's record keeps them): under them
+        // every pair was within `max_size` when written, so only the log files are measured.
+        log.enforce_limits(false)?;
         // Age retention is checked at start, then by the daemon's periodic sweep.
         if let Err(e) = log.expire(std::time::SystemTime::now()) {
             tracing::warn!(path = %log.path.display(), error = %e, "cannot delete expired log files");
@@ -319,7 +319,7 @@ impl LogFile {
     /// history's leading gap).
     pub(crate) fn set_limits(&mut self, limits: LogLimits) -> io::Result<()> {
         self.limits = limits;
-        self.enforce_limits()?;
+        self.enforce_limits(true)?;
         // A new `max_age` holds at once too.
         self.expire(std::time::SystemTime::now()).map(|_| ())
     }
@@ -613,16 +613,24 @@ impl LogFile {
         Ok(self.pair_room())
     }
 
-    fn enforce_limits(&mut self) -> io::Result<()> {
+    /// Applies the limits to the files on disk; `indexes`: measure each backup with its index
+    /// (the limits changed), not only its log.
+    fn enforce_limits(&mut self, indexes: bool) -> io::Result<()> {
         let keep = self.limits.backups_kept();
         // Only a file over the cap (limits shrank) is rotated now; a full one waits for data.
         if self.size + self.index.len() > self.limits.max_size {
             self.rotate(keep)?;
         }
         let backups = backups_of(&self.path, MAX_SCAN);
+        // At most MAX_SCAN (a u32).
+        let count = |n: usize| u32::try_from(n).unwrap_or(MAX_SCAN);
+        index::remove_orphans(&self.path, count(backups.len()))?;
         let cut = backups
             .iter()
-            .position(|(path, len)| *len + files::index_len(path) > self.limits.max_size)
+            .position(|(path, len)| {
+                let index = if indexes { files::index_len(path) } else { 0 };
+                *len + index > self.limits.max_size
+            })
             .unwrap_or(backups.len())
             // Kept by bytes (below), not counted, when compressed.
             .min(if self.by_bytes() {
@@ -631,8 +639,6 @@ impl LogFile {
                 keep as usize
             });
         if cut < backups.len() {
-            // Both at most MAX_SCAN (a u32).
-            let count = |n: usize| u32::try_from(n).unwrap_or(MAX_SCAN);
             files::remove_backups(&self.path, count(cut) + 1, count(backups.len()))?;
         }
         if self.by_bytes() {

@@ -20,291 +20,13 @@ use conlog::proto::{
     ReadHistoryRequest,
 };
 use conlog::tokens::{Grant, TokenKey};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
-use std::fs::File;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use support::*;
-use tempfile::TempDir;
 use tokio::time::Instant;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Endpoint;
 use tonic::Code;
-
-// Certificates and keys
-
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-struct Leaf {
-    cert: String,
-    key: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().expect("CA key");
-        let cert = params.self_signed(&key).expect("self-signed CA");
-        Self { cert, key }
-    }
-
-    fn leaf(&self, name: &str, sans: &[&str], usage: ExtendedKeyUsagePurpose) -> Leaf {
-        let mut params =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .expect("leaf params");
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![usage];
-        let key = KeyPair::generate().expect("leaf key");
-        let cert = params
-            .signed_by(&key, &self.cert, &self.key)
-            .expect("sign the leaf");
-        Leaf {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-}
-
-/// The files of one fleet: CAs, leaves, the cluster key.
-struct Pki {
-    dir: TempDir,
-    server_ca: Ca,
-    client_ca: Ca,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let pki = Self {
-            dir: tempfile::Builder::new()
-                .prefix("conlog-gateway-")
-                .tempdir()
-                .expect("temporary directory"),
-            server_ca: Ca::new("conlog test servers"),
-            client_ca: Ca::new("conlog test gateway clients"),
-        };
-        pki.write("server-ca.pem", &pki.server_ca.cert.pem());
-        pki.write("client-ca.pem", &pki.client_ca.cert.pem());
-        let server = pki.server_ca.leaf(
-            "conlog test server",
-            &["localhost", "127.0.0.1"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        );
-        pki.write("server.pem", &server.cert);
-        pki.write("server.key", &server.key);
-        let client = pki
-            .client_ca
-            .leaf("conlog-gateway", &[], ExtendedKeyUsagePurpose::ClientAuth);
-        pki.write("gateway-client.pem", &client.cert);
-        pki.write("gateway-client.key", &client.key);
-        pki.write("cluster.key", &format!("{}\n", "5a".repeat(32)));
-        pki
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        // Beside, then renamed: a reader never sees half a file.
-        let path = self.path(name);
-        let partial = self.path(&format!("{name}.partial"));
-        std::fs::write(&partial, text).expect("write a file");
-        std::fs::rename(&partial, &path).expect("rename a file");
-        path
-    }
-
-    /// A node's config: TLS, and with `require_gateway` mutual TLS with the gateway's CA.
-    fn node_yaml(&self, require_gateway: bool) -> String {
-        let mut yaml = format!(
-            "tls:\n  cert: {}\n  key: {}\n",
-            self.path("server.pem").display(),
-            self.path("server.key").display()
-        );
-        if require_gateway {
-            yaml.push_str(&format!(
-                "  client_ca: {}\nconsole:\n  require_gateway: true\n",
-                self.path("client-ca.pem").display()
-            ));
-        }
-        yaml
-    }
-
-    fn gateway_yaml(&self, connect_timeout: &str) -> String {
-        format!(
-            "gateway:\n  listen: 127.0.0.1:0\n  tls:\n    cert: {}\n    key: {}\n  upstream:\n    \
-             ca: {}\n    cert: {}\n    key: {}\n    connect_timeout: {connect_timeout}\n  \
-             cluster_key: {}\n",
-            self.path("server.pem").display(),
-            self.path("server.key").display(),
-            self.path("server-ca.pem").display(),
-            self.path("gateway-client.pem").display(),
-            self.path("gateway-client.key").display(),
-            self.path("cluster.key").display(),
-        )
-    }
-
-    /// `conlog-gateway node-key` for `node`.
-    fn node_key(&self, node: &str) -> String {
-        let output = Command::new(gateway_bin())
-            .arg("node-key")
-            .arg("--cluster-key")
-            .arg(self.path("cluster.key"))
-            .args(["--node", node])
-            .output()
-            .expect("run conlog-gateway node-key");
-        assert!(output.status.success(), "node-key: {output:?}");
-        String::from_utf8(output.stdout).expect("a key is text")
-    }
-
-    /// A node with its token key derived from the cluster key (written, then SIGHUP).
-    async fn node(&self, require_gateway: bool) -> Daemon {
-        let daemon = Daemon::start_with(Some(&self.node_yaml(require_gateway)), &[]).await;
-        let state = daemon.data_dir().join("state");
-        let partial = state.join("token.key.provisioned");
-        std::fs::write(&partial, self.node_key(&endpoint_of(&daemon))).unwrap();
-        std::fs::rename(&partial, state.join("token.key")).unwrap();
-        daemon.signal(rustix::process::Signal::HUP);
-        wait_until("the node took its provisioned key", || {
-            daemon.stderr().contains("token key replaced from its file")
-        })
-        .await;
-        daemon
-    }
-
-    /// A client endpoint to `address` trusting the server CA, with the gateway's client
-    /// certificate if `as_gateway`.
-    fn endpoint(&self, address: SocketAddr, as_gateway: bool) -> Endpoint {
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(self.server_ca.cert.pem()))
-            .domain_name("localhost");
-        if as_gateway {
-            tls = tls.identity(Identity::from_pem(
-                std::fs::read_to_string(self.path("gateway-client.pem")).unwrap(),
-                std::fs::read_to_string(self.path("gateway-client.key")).unwrap(),
-            ));
-        }
-        Endpoint::from_shared(format!("https://{address}"))
-            .unwrap()
-            .connect_timeout(DEADLINE)
-            .tls_config(tls)
-            .unwrap()
-    }
-
-    /// A Console client to `address` with `token` on every call (a new connection).
-    async fn client(&self, address: SocketAddr, token: &str) -> ConsoleChannel {
-        let channel = bounded("connect", self.endpoint(address, false).connect())
-            .await
-            .unwrap_or_else(|e| panic!("connect to {address}: {e}"));
-        with_token(channel, token)
-    }
-}
-
-fn gateway_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_conlog-gateway")
-}
-
-/// The Console endpoint a node advertises by default: its TCP listener's address.
-fn endpoint_of(daemon: &Daemon) -> String {
-    daemon.tcp.to_string()
-}
-
-async fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not after {DEADLINE:?}");
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// A running `conlog-gateway`.
-struct Gateway {
-    child: Option<Child>,
-    stderr: PathBuf,
-    address: SocketAddr,
-    _dir: TempDir,
-}
-
-impl Gateway {
-    async fn start(pki: &Pki, connect_timeout: &str) -> Self {
-        Self::start_with(pki, connect_timeout, "").await
-    }
-
-    /// With `extra` (more keys of the `gateway:` section, indented by two) in its config.
-    async fn start_with(pki: &Pki, connect_timeout: &str, extra: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("gateway.yaml");
-        std::fs::write(&config, pki.gateway_yaml(connect_timeout) + extra).unwrap();
-        let stderr = dir.path().join("stderr");
-        let child = Command::new(gateway_bin())
-            .arg("--config")
-            .arg(&config)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(File::create(&stderr).unwrap())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .expect("spawn conlog-gateway");
-        let mut gateway = Self {
-            child: Some(child),
-            stderr,
-            address: SocketAddr::from(([127, 0, 0, 1], 0)),
-            _dir: dir,
-        };
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let text = gateway.log();
-            if let Some(line) = text.lines().find(|l| l.contains("conlog-gateway ready")) {
-                let at = line.find("tcp=").expect("tcp= in the ready line") + 4;
-                gateway.address = line[at..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .parse()
-                    .expect("an address");
-                return gateway;
-            }
-            if let Some(status) = gateway.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("conlog-gateway exited ({status}):\n{text}");
-            }
-            assert!(Instant::now() < deadline, "gateway not ready:\n{text}");
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// SIGKILL, as a crash or a lost pod would.
-    fn kill(&mut self) {
-        let mut child = self.child.take().expect("running");
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 fn now() -> u64 {
     std::time::SystemTime::now()
@@ -398,7 +120,7 @@ fn code_of<T>(result: &Result<T, tonic::Status>) -> Option<(Code, String)> {
         .map(|s| (s.code(), s.message().to_owned()))
 }
 
-/// Two nodes with a guest `vm1` each (and `vm2` on node A), two gateways: each node's token
+/// Three nodes with a guest `vm1` each (and `vm2` on node A), two gateways: each node's token
 /// reaches its own node's guest through either gateway — WatchConsole with replay and
 /// SendConsoleInput, AttachConsole typing, ReadHistory following — and nothing else: not the
 /// other guest of its node, not the same-named guest of the other node, not with its node
@@ -406,7 +128,11 @@ fn code_of<T>(result: &Result<T, tonic::Status>) -> Option<(Code, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_reaches_its_own_nodes_guest_through_any_gateway_and_nothing_else() {
     let pki = Pki::new();
-    let (a, b) = (pki.node(false).await, pki.node(false).await);
+    let (a, b, c) = (
+        pki.node(false).await,
+        pki.node(false).await,
+        pki.node(false).await,
+    );
     let (g1, g2) = (
         Gateway::start(&pki, "3s").await,
         Gateway::start(&pki, "3s").await,
@@ -414,8 +140,10 @@ async fn a_token_reaches_its_own_nodes_guest_through_any_gateway_and_nothing_els
     let mut a_vm1 = console_with_guest(&a, "vm1").await;
     let mut a_vm2 = console_with_guest(&a, "vm2").await;
     let mut b_vm1 = console_with_guest(&b, "vm1").await;
+    let mut c_vm1 = console_with_guest(&c, "vm1").await;
     a_vm1.write(b"from node A\n").await;
     b_vm1.write(b"from node B\n").await;
+    c_vm1.write(b"from node C\n").await;
     a_vm2.write(b"the other guest of A\n").await;
 
     let token_a = a.token("vm1", "", Access::ReadWrite, 600).await;
@@ -467,11 +195,18 @@ async fn a_token_reaches_its_own_nodes_guest_through_any_gateway_and_nothing_els
     assert_eq!((live.offset, &live.data[..]), (22, &b"live\n"[..]));
     drop(stream);
 
-    // B's token reaches B's vm1.
+    // B's token reaches B's vm1, C's C's, through either gateway.
     let (data, _) = read_history(pki.client(g2.address, &token_b).await, "vm1", 0, 12)
         .await
         .expect("node B's history");
     assert_eq!(&data, b"from node B\n");
+    let token_c = c.token("vm1", "", Access::Read, 600).await;
+    for gateway in [&g1, &g2] {
+        let (data, _) = read_history(pki.client(gateway.address, &token_c).await, "vm1", 0, 12)
+            .await
+            .expect("node C's history");
+        assert_eq!(&data, b"from node C\n");
+    }
 
     // Not the other guest of A (the node re-checks the token's guest).
     let refused = read_history(pki.client(g1.address, &token_a).await, "vm2", 0, 1).await;
@@ -582,7 +317,8 @@ async fn expired_tokens_and_a_rotated_cluster_key_are_refused_at_the_gateway() {
 }
 
 /// A node that is down, or an address that does not answer, is `UNAVAILABLE` naming the node,
-/// within the connect timeout; the other nodes are served meanwhile.
+/// within the connect timeout, for new calls and for streams in progress; the other nodes are
+/// served meanwhile; once the node is back, the same token resumes by offset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_is_down_is_unavailable_naming_it() {
     let pki = Pki::new();
@@ -654,6 +390,16 @@ async fn a_node_that_is_down_is_unavailable_naming_it() {
         .await
         .expect("the node that is up is served");
     assert_eq!(&data, b"still here\n");
+
+    // The node restarts (its keeper kept its listener, so its endpoint is the same): the same
+    // token resumes through the gateway from the offset it had, the guest's console kept.
+    down.restart().await;
+    assert_eq!(endpoint_of(&down), name, "the restarted node kept its port");
+    dying.write(b"back\n").await;
+    let (data, _) = read_history(pki.client(gateway.address, &token_down).await, "vm1", 11, 5)
+        .await
+        .expect("the restarted node is served again");
+    assert_eq!(&data, b"back\n");
 }
 
 /// With `console.require_gateway` a node refuses a direct caller without the gateway's client
@@ -866,8 +612,9 @@ fn body_of(response: &[u8]) -> &[u8] {
     &response[at + 4..]
 }
 
-/// A gRPC-web (binary, HTTP/1.1) `ReadHistory` of `vm1` from offset 0, with `token` if any.
-fn grpc_web_read_history(token: Option<&str>) -> Vec<u8> {
+/// A gRPC-web (binary, HTTP/1.1) `ReadHistory` of `vm1` from offset 0, with `token` if any, as
+/// the page served by `page_port` on localhost sends it (with its `Origin`).
+fn grpc_web_read_history(token: Option<&str>, page_port: u16) -> Vec<u8> {
     use prost::Message;
     let message = ReadHistoryRequest {
         guest: "vm1".into(),
@@ -881,7 +628,8 @@ fn grpc_web_read_history(token: Option<&str>) -> Vec<u8> {
     body.extend_from_slice(&message);
     let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
     let mut request = format!(
-        "POST /conlog.v1.Console/ReadHistory HTTP/1.1\r\nhost: localhost\r\n\
+        "POST /conlog.v1.Console/ReadHistory HTTP/1.1\r\nhost: localhost:{page_port}\r\n\
+         origin: https://localhost:{page_port}\r\n\
          content-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\n{auth}\
          content-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
@@ -892,7 +640,8 @@ fn grpc_web_read_history(token: Option<&str>) -> Vec<u8> {
 }
 
 /// A gateway serves what a node serves to a browser: the same `/console/` page, and gRPC-web
-/// over HTTP/1.1 forwarded like native gRPC (a token needed, the node's bytes returned).
+/// over HTTP/1.1 forwarded like native gRPC (a token needed, the node's bytes returned); and
+/// `conlogctl --server` works against it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_page_and_grpc_web_are_served_through_the_gateway() {
     let pki = Pki::new();
@@ -920,13 +669,46 @@ async fn the_console_page_and_grpc_web_are_served_through_the_gateway() {
         "not the node's page"
     );
 
-    let served = https_http1(&pki, gateway.address, &grpc_web_read_history(Some(&token))).await;
+    let served = https_http1(
+        &pki,
+        gateway.address,
+        &grpc_web_read_history(Some(&token), gateway.address.port()),
+    )
+    .await;
     let text = String::from_utf8_lossy(&served);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(contains(&served, b"seen from a browser\n"), "{text}");
     assert!(text.contains("grpc-status:0"), "{text}");
 
-    let refused = https_http1(&pki, gateway.address, &grpc_web_read_history(None)).await;
+    // conlogctl --server works against a gateway as against a node.
+    let output = tokio::task::spawn_blocking({
+        let (ca, server) = (
+            pki.path("server-ca.pem"),
+            format!("https://localhost:{}", gateway.address.port()),
+        );
+        let token = token.clone();
+        move || {
+            Command::new(conlogctl_bin())
+                .args([
+                    "history", "vm1", "--limit", "20", "--server", &server, "--token", &token,
+                ])
+                .arg("--ca")
+                .arg(ca)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(output.stdout, b"seen from a browser\n");
+
+    let refused = https_http1(
+        &pki,
+        gateway.address,
+        &grpc_web_read_history(None, gateway.address.port()),
+    )
+    .await;
     let text = String::from_utf8_lossy(&refused);
     assert!(
         text.contains("grpc-status: 16") || text.contains("grpc-status:16"),

@@ -224,3 +224,94 @@ async fn read_history_by_time_with_rfc3339_strings() {
         assert!(since <= time && time <= until, "{line:?} at {time}");
     }
 }
+
+/// Through `conlog-gateway` (docs/gateway.md), grpcurl sees what it sees at a node: reflection
+/// lists the Console service and health and not the Agent, and `ReadHistory` with a node's
+/// token returns that node's bytes (as text, `text: true`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_gateway_grpcurl_sees_a_node() {
+    let pki = Pki::new();
+    let node = pki.node(false).await;
+    let gateway = Gateway::start(&pki, "3s").await;
+    let mut agent = node.agent().await;
+    let created = open_console(&mut agent, "vm1").await;
+    let mut guest = FakeGuest::connect(&created.guest_socket).await;
+    wait_guest_connected(&mut agent, "vm1", DEVICE, true).await;
+    guest.write(b"hello grpcurl\n").await;
+    let token = node
+        .token("vm1", "", conlog::proto::Access::Read, 600)
+        .await;
+    // Logged before the read, which does not follow.
+    let mut direct = pki.client(node.tcp, &token).await.console();
+    let mut stream = direct
+        .read_history(conlog::proto::ReadHistoryRequest {
+            guest: "vm1".into(),
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    bounded("the bytes logged", stream.message()).await.unwrap();
+    drop(stream);
+
+    let ca = pki.path("server-ca.pem");
+    let address = format!("localhost:{}", gateway.address.port());
+    let base = ["-cacert", ca.to_str().unwrap()];
+    let output = run_grpcurl(&[&base[..], &[address.as_str(), "list"]].concat()).await;
+    assert!(output.status.success(), "{}", describe(&output));
+    let services = lines(&output);
+    assert!(
+        services.iter().any(|s| s == "conlog.v1.Console"),
+        "{services:?}"
+    );
+    assert!(
+        services.iter().any(|s| s == "grpc.health.v1.Health"),
+        "{services:?}"
+    );
+    assert!(
+        !services.iter().any(|s| s == "conlog.v1.Agent"),
+        "{services:?}"
+    );
+
+    let header = format!("authorization: Bearer {token}");
+    let output = run_grpcurl(
+        &[
+            &base[..],
+            &[
+                "-H",
+                &header,
+                "-d",
+                r#"{"guest": "vm1", "limit_bytes": 14, "text": true}"#,
+                address.as_str(),
+                "conlog.v1.Console/ReadHistory",
+            ],
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(output.status.success(), "{}", describe(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains(r#""text": "hello grpcurl\n""#), "{text}");
+
+    // Without the token: refused at the gateway.
+    let output = run_grpcurl(
+        &[
+            &base[..],
+            &[
+                "-d",
+                r#"{"guest": "vm1"}"#,
+                address.as_str(),
+                "conlog.v1.Console/ReadHistory",
+            ],
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("Unauthenticated"),
+        "{}",
+        describe(&output)
+    );
+}

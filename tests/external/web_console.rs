@@ -404,6 +404,75 @@ async fn grpc_web_from_node_over_tls() {
     check_report(&report, &data, &["1.1", "2"], false);
 }
 
+/// The same through `conlog-gateway` (docs/gateway.md) in front of a node: a browser's client
+/// cannot tell it from the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_through_a_gateway() {
+    require_tools(false);
+    let pki = Pki::new();
+    let daemon = pki.node_with(false, "history:\n  chunk_size: 1KiB\n").await;
+    let gateway = Gateway::start(&pki, "3s").await;
+    let (data, tokens) = printed_console(&daemon).await;
+    let report = node(
+        "grpc_web_client.mjs",
+        &json!({
+            "baseUrl": format!("https://localhost:{}", gateway.address.port()),
+            "guest": GUEST,
+            "device": DEVICE,
+            "descriptorSet": descriptor_set(pki.dir.path()),
+            "tokens": tokens,
+            "ca": pki.path("server-ca.pem"),
+            "httpVersions": ["1.1", "2"],
+            "text": false,
+        }),
+    )
+    .await;
+    check_report(&report, &data, &["1.1", "2"], false);
+}
+
+/// The console page served by a gateway (docs/gateway.md) in headless Chromium: history then
+/// live output of the node's guest, and typing that reaches it, as from a node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_page_through_a_gateway_in_headless_chromium() {
+    require_tools(true);
+    let pki = Pki::new();
+    let daemon = pki.node(false).await;
+    let gateway = Gateway::start(&pki, "3s").await;
+    let mut agent = daemon.agent().await;
+    let console = open_console(&mut agent, GUEST).await;
+    let mut guest = FakeGuest::connect(&console.guest_socket).await;
+    wait_guest_connected(&mut agent, GUEST, DEVICE, true).await;
+    guest.write(b"booted behind the gateway\r\n").await;
+    wait_offset(&mut agent, GUEST, DEVICE, 27).await;
+    let token = daemon.token(GUEST, DEVICE, Access::ReadWrite, 600).await;
+    let url = format!(
+        "https://localhost:{}/console/?guest={GUEST}&device={DEVICE}#token={}",
+        gateway.address.port(),
+        url_encode(&token)
+    );
+    let mut browser = Browser::launch().await;
+    browser.open_insecure("gw", &url).await;
+    browser.wait("gw", LIVE).await;
+    browser
+        .wait(
+            "gw",
+            "window.conlog.text().includes('booted behind the gateway')",
+        )
+        .await;
+    guest.write(b"live through it\r\n").await;
+    browser
+        .wait("gw", "window.conlog.text().includes('live through it')")
+        .await;
+    browser.click("gw", "#terminal").await;
+    browser.type_text("gw", "typed").await;
+    guest.wait_len(5).await;
+    assert_same(
+        "typed in the page, through the gateway",
+        guest.received(),
+        b"typed",
+    );
+}
+
 /// A CA and a server certificate for `localhost` signed by it, as PEM files in `dir`:
 /// (ca, cert, key).
 fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
@@ -514,6 +583,12 @@ impl Browser {
 
     async fn open(&mut self, page: &str, url: &str) {
         self.call(json!({"op": "open", "page": page, "url": url}))
+            .await;
+    }
+
+    /// Opens `url` served with a certificate the browser does not know (the test's CA).
+    async fn open_insecure(&mut self, page: &str, url: &str) {
+        self.call(json!({"op": "open", "page": page, "url": url, "insecure": true}))
             .await;
     }
 

@@ -531,8 +531,7 @@ async fn compressed_history_keeps_its_times() {
     let dir = guest_dir(&daemon);
     let names = names(&dir);
     assert!(
-        names.iter().any(|n| n.ends_with(".zst"))
-            && names.iter().any(|n| n.ends_with(".1.idx")),
+        names.iter().any(|n| n.ends_with(".zst")) && names.iter().any(|n| n.ends_with(".1.idx")),
         "{names:?}"
     );
     let mut client = local_console(&daemon).await;

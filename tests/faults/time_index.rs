@@ -579,6 +579,28 @@ async fn index_write_failures_are_counted_and_cost_no_byte() {
     assert!(daemon.stderr().contains("cannot write the time index"));
 }
 
+/// A stream's `max_size` above 1 TiB (the index's 40-bit offsets) is refused with
+/// `INVALID_ARGUMENT` naming the rule, and nothing is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_max_size_above_one_tebibyte_is_refused() {
+    let daemon = Daemon::start().await;
+    let mut agent = daemon.agent().await;
+    let status = create_pipe(
+        &mut agent,
+        GUEST,
+        "qemu",
+        Some(limits((1 << 40) + 1, 1, LogMode::Rotate)),
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("limits.max_size must be at most"),
+        "{status:?}"
+    );
+    assert!(find_stream(&mut agent, GUEST, "qemu").await.is_none());
+}
+
 /// Attach fields taking the writer lease from whoever holds it.
 fn proto_attach_forced(guest: &str) -> conlog::proto::Attach {
     conlog::proto::Attach {

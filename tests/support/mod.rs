@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 mod console;
+mod gateway;
 mod pipes;
 mod process;
 mod slow;
@@ -15,6 +16,8 @@ mod slow;
 // Not every test binary uses every helper.
 #[allow(unused_imports)]
 pub use console::*;
+#[allow(unused_imports)]
+pub use gateway::*;
 #[allow(unused_imports)]
 pub use pipes::*;
 #[allow(unused_imports)]

@@ -52,7 +52,11 @@ function page(name) {
 async function run(command) {
   switch (command.op) {
     case "open": {
-      const context = await browser.newContext({ viewport: { width: 1000, height: 640 } });
+      // `insecure`: a page served with a certificate of the test's own CA (a gateway's).
+      const context = await browser.newContext({
+        viewport: { width: 1000, height: 640 },
+        ignoreHTTPSErrors: command.insecure === true,
+      });
       const opened = await context.newPage();
       opened.on("pageerror", (e) => console.error(`[${command.page}] page error: ${e.message}`));
       opened.on("console", (m) => console.error(`[${command.page}] console.${m.type()}: ${m.text()}`));

@@ -64,6 +64,8 @@ const SAMPLE: Duration = Duration::from_millis(20);
 /// Targets (docs/performance.md, "History streaming").
 const TARGET_RATIO: f64 = 0.5;
 const TARGET_RSS_GROWTH_KIB: u64 = 4096;
+/// Through the gateway against direct TLS to the node (docs/gateway.md).
+const GATEWAY_RATIO: f64 = 0.7;
 
 /// Options of `conlog-bench history`.
 #[derive(clap::Args)]
@@ -92,17 +94,26 @@ enum Target {
     Local,
     Tcp,
     Tls,
+    /// Through a `conlog-gateway` (TLS to it, mutual TLS to the TLS daemon; docs/gateway.md).
+    Gateway,
     Socat,
 }
 
 impl Target {
-    const ALL: [Target; 4] = [Target::Local, Target::Tcp, Target::Tls, Target::Socat];
+    const ALL: [Target; 5] = [
+        Target::Local,
+        Target::Tcp,
+        Target::Tls,
+        Target::Gateway,
+        Target::Socat,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Target::Local => "conlogd unix",
             Target::Tcp => "conlogd tcp",
             Target::Tls => "conlogd tls",
+            Target::Gateway => "gateway tls",
             Target::Socat => "cat→socat tcp",
         }
     }
@@ -111,7 +122,7 @@ impl Target {
     fn mode(self) -> Option<Mode> {
         match self {
             Target::Local | Target::Tcp => Some(Mode::Plain),
-            Target::Tls => Some(Mode::Tls),
+            Target::Tls | Target::Gateway => Some(Mode::Tls),
             Target::Socat => None,
         }
     }
@@ -152,6 +163,10 @@ struct TlsFiles {
     ca_der: rustls::pki_types::CertificateDer<'static>,
     /// The daemon's config file enabling TLS with the server certificate.
     config: PathBuf,
+    /// The gateway's config (its certificate and its client identity are the server's; the
+    /// daemon asks for no client certificate) and the cluster key it names.
+    gateway_config: PathBuf,
+    cluster_key: PathBuf,
 }
 
 impl TlsFiles {
@@ -196,10 +211,26 @@ impl TlsFiles {
                 key_path.display()
             ),
         )?;
+        let cluster_key = dir.join("cluster.key");
+        fs::write(&cluster_key, format!("{}\n", "5a".repeat(32)))?;
+        let gateway_config = dir.join("gateway.yaml");
+        fs::write(
+            &gateway_config,
+            format!(
+                "gateway:\n  listen: 127.0.0.1:0\n  tls:\n    cert: {cert}\n    key: {key}\n  \
+                 upstream:\n    ca: {ca}\n    cert: {cert}\n    key: {key}\n  cluster_key: {cluster}\n",
+                cert = cert_path.display(),
+                key = key_path.display(),
+                ca = dir.join("ca.pem").display(),
+                cluster = cluster_key.display(),
+            ),
+        )?;
         Ok(Self {
             ca_pem: ca.pem(),
             ca_der: ca.der().clone(),
             config,
+            gateway_config,
+            cluster_key,
         })
     }
 }
@@ -212,6 +243,82 @@ struct Serving {
     tcp: SocketAddr,
     /// A read token for the guest, issued by this daemon.
     token: String,
+    /// The TLS daemon's gateway.
+    gateway: Option<GatewayProcess>,
+}
+
+/// A running `conlog-gateway` and its address; killed on drop.
+struct GatewayProcess(std::process::Child, SocketAddr);
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Gives the TLS daemon serving `dir` on `tcp` the token key derived from the cluster key for
+/// its endpoint (docs/gateway.md, "Keys"), through its key file and SIGHUP, and starts a
+/// `conlog-gateway` beside its binary in front of it; its process and address.
+fn start_gateway(
+    bench: &Bench,
+    daemon: &Daemon,
+    dir: &Path,
+    tcp: SocketAddr,
+    tls: &TlsFiles,
+) -> anyhow::Result<GatewayProcess> {
+    use std::io::BufRead;
+    let key =
+        conlog::tokens::ClusterKey::load(&tls.cluster_key)?.node_key_file(&tcp.to_string())?;
+    let state = dir.join("data/state");
+    fs::write(state.join("token.key.provisioned"), key)?;
+    fs::rename(state.join("token.key.provisioned"), state.join("token.key"))?;
+    let hup = Command::new("kill")
+        .args(["-HUP", &daemon.pid().to_string()])
+        .status()?;
+    if !hup.success() {
+        bail!("kill -HUP failed: {hup}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !daemon.stderr_tail().contains("token key replaced") {
+        if Instant::now() > deadline {
+            bail!(
+                "the daemon did not take its provisioned key:\n{}",
+                daemon.stderr_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let binary = bench.conlogd.with_file_name("conlog-gateway");
+    let mut child = Command::new(&binary)
+        .arg("--config")
+        .arg(&tls.gateway_config)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    let mut lines = std::io::BufReader::new(child.stderr.take().expect("piped")).lines();
+    let address: SocketAddr = loop {
+        let Some(line) = lines.next() else {
+            bail!("conlog-gateway exited before it was ready");
+        };
+        let line = line?;
+        if let Some(at) = line.find(" tcp=") {
+            if line.contains("conlog-gateway ready") {
+                break line[at + 5..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .parse()?;
+            }
+        }
+    };
+    // Keep reading its diagnostics, so that it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(GatewayProcess(child, address))
 }
 
 impl Serving {
@@ -240,7 +347,7 @@ impl Serving {
         if tls_field != expected {
             bail!("a {mode:?} daemon reports tls={tls_field}");
         }
-        let token = bench.runtime.block_on(async {
+        bench.runtime.block_on(async {
             let mut agent = daemon.agent().await?;
             let info = wait_stream(
                 &mut agent,
@@ -254,6 +361,15 @@ impl Serving {
             if info.offset != total || info.first_offset != 0 || info.dropped_bytes != 0 {
                 bail!("after a restart the stream is {info:?}; expected all {total} bytes");
             }
+            Ok(())
+        })?;
+        let gateway = match mode {
+            Mode::Tls => Some(start_gateway(bench, &daemon, dir, tcp, tls)?),
+            Mode::Plain => None,
+        };
+        // Issued after the key was provisioned: a token of the key the gateway derives.
+        let token = bench.runtime.block_on(async {
+            let mut agent = daemon.agent().await?;
             common::issue_token(&mut agent, GUEST, Access::Read).await
         })?;
         Ok(Self {
@@ -262,6 +378,7 @@ impl Serving {
             mode,
             tcp,
             token,
+            gateway,
         })
     }
 }
@@ -484,11 +601,27 @@ async fn run_conlogd(
     pattern: &Pattern,
     total: u64,
 ) -> anyhow::Result<Sample> {
-    let (pid, tcp) = (serving.pid, serving.tcp);
+    let (pid, mut tcp) = (serving.pid, serving.tcp);
+    // Through the gateway, the CPU figures are the daemon's and the gateway's together.
+    let gateway_pid = match (target, &serving.gateway) {
+        (Target::Gateway, Some(GatewayProcess(child, address))) => {
+            tcp = *address;
+            Some(child.id())
+        }
+        (Target::Gateway, None) => bail!("no gateway runs"),
+        _ => None,
+    };
+    let cpu_of = move || -> anyhow::Result<Duration> {
+        let mut cpu = procfs::cpu_time(pid)?;
+        if let Some(gateway) = gateway_pid {
+            cpu += procfs::cpu_time(gateway)?;
+        }
+        Ok(cpu)
+    };
     let connecting = Instant::now();
     let channel = match target {
         Target::Local => conlog::client::connect_local(&serving.daemon.socket).await?,
-        Target::Tls => Endpoint::from_shared(format!("https://{tcp}"))?
+        Target::Tls | Target::Gateway => Endpoint::from_shared(format!("https://{tcp}"))?
             .tls_config(
                 ClientTlsConfig::new()
                     .ca_certificate(Certificate::from_pem(&tls.ca_pem))
@@ -520,7 +653,7 @@ async fn run_conlogd(
     tokio::time::sleep(Duration::from_millis(50)).await;
     procfs::reset_peak_rss(pid)?;
     let rss_before_kib = procfs::rss_kib(pid)?;
-    let cpu_before = procfs::cpu_time(pid)?;
+    let cpu_before = cpu_of()?;
     let client_cpu_before = procfs::cpu_time(std::process::id())?;
     let sampler = RssSampler::start(pid, SAMPLE);
     let machine_before = MachineCpu::read();
@@ -564,7 +697,7 @@ async fn run_conlogd(
     }
     let seconds = start.elapsed().as_secs_f64();
     let machine = MachineCpu::read().since(&machine_before);
-    let cpu = procfs::cpu_time(pid)?.saturating_sub(cpu_before);
+    let cpu = cpu_of()?.saturating_sub(cpu_before);
     let client_cpu = procfs::cpu_time(std::process::id())?.saturating_sub(client_cpu_before);
     let peak = sampler
         .finish()
@@ -720,21 +853,24 @@ fn print_report(total: u64, runs: u32, machine: &Machine, tls: &str, samples: &[
             format!("{:.2}", cpu(target)),
             format!("{:.2}", client_cpu(target)),
             format!("{:.2}×", value / base),
-            if matches!(target, Target::Tcp | Target::Tls) {
+            if matches!(target, Target::Tcp | Target::Tls | Target::Gateway) {
                 format!("{:.2}×", value / plain)
             } else {
                 String::new()
             },
-            if target == Target::Local {
-                format!("≥ {TARGET_RATIO}×, RSS flat")
-            } else {
-                String::new()
+            match target {
+                Target::Local => format!("≥ {TARGET_RATIO}×, RSS flat"),
+                Target::Gateway => format!("≥ {GATEWAY_RATIO}× conlogd tls"),
+                _ => String::new(),
             },
-            if target == Target::Local {
-                met(value / base >= TARGET_RATIO && growth(Target::Local) <= TARGET_RSS_GROWTH_KIB)
+            match target {
+                Target::Local => {
+                    met(value / base >= TARGET_RATIO
+                        && growth(Target::Local) <= TARGET_RSS_GROWTH_KIB)
                     .into()
-            } else {
-                String::new()
+                }
+                Target::Gateway => met(value / mib(Target::Tls) >= GATEWAY_RATIO).into(),
+                _ => String::new(),
             },
             if conlog {
                 growth(target).to_string()
@@ -746,7 +882,7 @@ fn print_report(total: u64, runs: u32, machine: &Machine, tls: &str, samples: &[
     println!();
     print!("{}", summary.text());
     println!();
-    println!("CPU: the daemon's (cat + socat for the baseline); client: this process (the baseline's reader thread).");
+    println!("CPU: the daemon's (cat + socat for the baseline; the daemon's and the gateway's through the gateway); client: this process (the baseline's reader thread).");
     let busiest = samples.iter().map(|s| s.others).fold(0.0, f64::max);
     println!(
         "Other processes kept up to {busiest:.2} CPUs busy during a read (see the runs above)."

@@ -10,12 +10,15 @@
 //! with the kernel's default buffer, as a shell would give it; the same bytes written the same
 //! way; the clock runs from the first write until `cat` has exited.
 //!
-//! The two alternate (conlogd first in odd runs, cat first in even ones, so slow drift of a
+//! With `--without-index-too` a third side runs conlogd with `logs.time_index: false`, so the
+//! time index's cost is measured in the same run (docs/performance.md, "Time index").
+//!
+//! The sides alternate (conlogd first in odd runs, cat first in even ones, so slow drift of a
 //! shared machine hits both alike); the medians are compared. Neither side syncs to disk: both
 //! measure the path into the page cache, as a guest printing does.
 //!
-//! Every conlogd run is checked: offset = size, no byte dropped, total bytes on disk within
-//! `max_size × (max_backups + 1)` and at least what rotation must keep, and every byte still
+//! Every conlogd run is checked: offset = size, no byte dropped, total bytes on disk (time
+//! indexes included) within `max_size × (max_backups + 1)` and at least what rotation must keep, and every byte still
 //! on disk equal to what was written at that offset. The baseline's file is checked too.
 
 use crate::common::{self, hang_up};
@@ -48,6 +51,9 @@ const TARGET_RATIO: f64 = 0.9;
 const TARGET_RSS_GROWTH_KIB: u64 = 2048;
 /// Below this idle share of the machine's CPU before the runs, warn that others are busy.
 const BUSY_WARNING: f64 = 0.8;
+/// Room a log file keeps for the time index entries of one write (docs/design.md, "Time
+/// index").
+const INDEX_WRITE_RESERVE: u64 = 224;
 /// Free space required, as a multiple of `--size`.
 const FREE_SPACE_FACTOR: u64 = 3;
 
@@ -79,6 +85,10 @@ pub struct PipeArgs {
     /// taken with it attached are not the daemon's.
     #[arg(long, value_name = "COMMAND")]
     attach: Option<String>,
+    /// Also run conlogd with `logs.time_index: false` (a third side, alternating with the
+    /// others), to compare the cost of the time index in the same run.
+    #[arg(long)]
+    without_index_too: bool,
 }
 
 /// The resolved parameters of one invocation.
@@ -90,6 +100,7 @@ struct Settings {
     runs: u32,
     cat_pipe_size: Option<usize>,
     attach: Option<String>,
+    without_index_too: bool,
 }
 
 impl Settings {
@@ -106,6 +117,7 @@ impl Settings {
                 .transpose()
                 .context("--cat-pipe-size too large")?,
             attach: args.attach.clone(),
+            without_index_too: args.without_index_too,
         };
         if settings.size == 0 || settings.runs == 0 {
             bail!("--size and --runs must be at least 1");
@@ -125,6 +137,8 @@ impl Settings {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Target {
     Conlogd,
+    /// conlogd with `logs.time_index: false`.
+    NoIndex,
     Cat,
 }
 
@@ -132,6 +146,7 @@ impl Target {
     fn name(self) -> &'static str {
         match self {
             Target::Conlogd => "conlogd",
+            Target::NoIndex => "no-index",
             Target::Cat => "cat",
         }
     }
@@ -208,10 +223,15 @@ fn run(bench: &Bench, args: &PipeArgs) -> anyhow::Result<Verdict> {
 
     let mut samples = Vec::new();
     for run in 1..=settings.runs {
-        for target in alternate(run, [Target::Conlogd, Target::Cat]) {
+        for target in alternate(run, [Target::Conlogd, Target::NoIndex, Target::Cat]) {
+            if target == Target::NoIndex && !settings.without_index_too {
+                continue;
+            }
             let dir = scratch.join(format!("{}-{run}", target.name()));
             let sample = match target {
-                Target::Conlogd => run_conlogd(bench, &dir, &settings, &pattern, run),
+                Target::Conlogd | Target::NoIndex => {
+                    run_conlogd(bench, &dir, &settings, &pattern, run, target)
+                }
                 Target::Cat => run_cat(&dir, &settings, &pattern, run),
             };
             // 1 GiB per run: never keep a run's files around.
@@ -247,9 +267,17 @@ fn run_conlogd(
     settings: &Settings,
     pattern: &Pattern,
     run: u32,
+    target: Target,
 ) -> anyhow::Result<Sample> {
     let runtime = &bench.runtime;
-    let daemon = bench.start(dir)?;
+    let daemon = if target == Target::NoIndex {
+        fs::create_dir_all(dir)?;
+        let config = dir.join("config.yaml");
+        fs::write(&config, "logs:\n  time_index: false\n")?;
+        bench.start_with(dir, &["--config", &config.to_string_lossy()])?
+    } else {
+        bench.start(dir)?
+    };
     let pid = daemon.pid();
     let mut agent = runtime.block_on(daemon.agent())?;
     let limits = common::rotating(settings.max_size, settings.max_backups);
@@ -290,7 +318,7 @@ fn run_conlogd(
     runtime.block_on(hang_up(agent));
     daemon.stop()?;
     Ok(Sample {
-        target: Target::Conlogd,
+        target,
         run,
         seconds: (done - start).as_secs_f64(),
         drain: done - written,
@@ -389,11 +417,15 @@ fn check_log(
         .context("log path has no file name")?
         .to_string_lossy()
         .into_owned();
-    let mut in_dir = 0u64;
+    let (mut in_dir, mut indexes) = (0u64, 0u64);
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
-        if entry.file_name().to_string_lossy().starts_with(&file_name) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&file_name) {
             in_dir += entry.metadata()?.len();
+            if name.ends_with(".idx") {
+                indexes += entry.metadata()?.len();
+            }
         }
     }
     if in_dir > settings.disk_cap() {
@@ -417,15 +449,24 @@ fn check_log(
     }
     data.extend(fs::read(log_path)?);
     let on_disk = data.len() as u64;
-    if on_disk != in_dir {
+    if on_disk + indexes != in_dir {
         problems.push(format!(
-            "{in_dir} bytes in the stream's files, {on_disk} in .log and its numbered backups"
+            "{in_dir} bytes in the stream's files, {on_disk} in .log and its numbered backups \
+             and {indexes} in their time indexes"
         ));
     }
-    // Full backups plus the current file: at least max_backups × max_size once rotated.
+    // Full backups plus the current file: at least max_backups × max_size once rotated, less
+    // what the time indexes take of each file (and the room each keeps for one write's
+    // entries, docs/design.md "Time index").
+    let kept_for_entries = if indexes > 0 {
+        INDEX_WRITE_RESERVE * (u64::from(settings.max_backups) + 1)
+    } else {
+        0
+    };
     let must_keep = settings
         .size
-        .min(settings.max_size * u64::from(settings.max_backups));
+        .min(settings.max_size * u64::from(settings.max_backups))
+        .saturating_sub(indexes + kept_for_entries);
     if on_disk < must_keep {
         problems.push(format!(
             "only {on_disk} bytes kept on disk, rotation should keep at least {must_keep}"
@@ -608,6 +649,33 @@ fn print_report(settings: &Settings, machine: &Machine, filesystem: &str, sample
         format!("≥ {TARGET_RATIO:.1}×"),
         met(ratio >= TARGET_RATIO).to_owned(),
     ]);
+    if of(Target::NoIndex).next().is_some() {
+        let (off_mib, off_lo, off_hi) = throughput(Target::NoIndex);
+        summary.row(vec![
+            format!("throughput without the time index, MiB/s (median; {off_lo:.0}–{off_hi:.0})"),
+            format!("{off_mib:.0}"),
+            format!("{cat_mib:.0}"),
+            format!("{:.2}×", off_mib / cat_mib),
+            String::new(),
+            String::new(),
+        ]);
+        summary.row(vec![
+            "time index on / off, throughput".to_owned(),
+            format!("{:.2}×", daemon_mib / off_mib),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+        summary.row(vec![
+            "CPU per GiB without the time index, s (median)".to_owned(),
+            format!("{:.2}", cpu_per_gib(Target::NoIndex)),
+            format!("{cat_cpu:.2}"),
+            format!("{:.2}×", cpu_per_gib(Target::NoIndex) / cat_cpu),
+            String::new(),
+            String::new(),
+        ]);
+    }
     summary.row(vec![
         "throughput range, MiB/s".to_owned(),
         format!("{daemon_lo:.0}–{daemon_hi:.0}"),
@@ -671,6 +739,7 @@ mod tests {
             runs: 1,
             cat_pipe_size: None,
             attach: None,
+            without_index_too: false,
         }
     }
 

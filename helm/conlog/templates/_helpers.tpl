@@ -157,3 +157,31 @@ to those groups without CAP_CHOWN.
 {{- end }}
 {{- toYaml (uniq $groups) }}
 {{- end }}
+
+{{/* Labels that select conlog-gateway's pods (docs/gateway.md). */}}
+{{- define "conlog.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: {{ include "conlog.name" . }}-gateway
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels of every conlog-gateway object. */}}
+{{- define "conlog.gatewayLabels" -}}
+helm.sh/chart: {{ include "conlog.chart" . }}
+{{ include "conlog.gatewaySelectorLabels" . }}
+app.kubernetes.io/component: gateway
+app.kubernetes.io/part-of: conlog
+app.kubernetes.io/version: {{ .Values.gateway.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* conlog-gateway's image reference. */}}
+{{- define "conlog.gatewayImage" -}}
+{{- if .Values.gateway.image.digest }}
+{{- printf "%s@%s" .Values.gateway.image.repository .Values.gateway.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.gateway.image.repository (.Values.gateway.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}

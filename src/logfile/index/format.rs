@@ -10,7 +10,9 @@ use std::io;
 pub(crate) const MAGIC: &[u8; 8] = b"CLOGIDX1";
 pub(crate) const VERSION: u16 = 1;
 /// Bytes of the header (4 slots).
-pub(crate) const HEADER_LEN: u64 = 64;
+pub(crate) const HEADER_BYTES: usize = 64;
+/// The same as a file length.
+pub(crate) const HEADER_LEN: u64 = HEADER_BYTES as u64;
 /// Bytes of a slot.
 pub(crate) const SLOT: u64 = 16;
 /// Payload bytes carried by one continuation slot (bytes 0..13; 13 is the kind, 14..16 check).
@@ -110,8 +112,8 @@ pub(crate) struct Header {
 }
 
 impl Header {
-    pub(crate) fn encode(&self) -> [u8; HEADER_LEN as usize] {
-        let mut b = [0u8; HEADER_LEN as usize];
+    pub(crate) fn encode(&self) -> [u8; HEADER_BYTES] {
+        let mut b = [0u8; HEADER_BYTES];
         b[0..8].copy_from_slice(MAGIC);
         b[8..10].copy_from_slice(&VERSION.to_le_bytes());
         b[10..12].copy_from_slice(&16u16.to_le_bytes());
@@ -127,7 +129,7 @@ impl Header {
 
     /// The header in `b`, or `None` if it is not one this version reads.
     pub(crate) fn decode(b: &[u8]) -> Option<Self> {
-        let b: &[u8; HEADER_LEN as usize] = b.get(..HEADER_LEN as usize)?.try_into().ok()?;
+        let b: &[u8; HEADER_BYTES] = b.get(..HEADER_BYTES)?.try_into().ok()?;
         let crc = u32::from_le_bytes(b[60..64].try_into().ok()?);
         if &b[0..8] != MAGIC
             || u16::from_le_bytes([b[8], b[9]]) != VERSION
@@ -390,6 +392,10 @@ fn head_before(
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test data of known, small sizes"
+)]
 mod tests {
     use super::*;
 

@@ -7,8 +7,8 @@
 //! page and one pending entry.
 
 use super::format::{
-    continuations_needed, decode_slot, good_slots, payload_of, EventKind, Header, Slot, HEADER_LEN,
-    KIND_CLOCK, KIND_TIME, MAX_CONTINUATIONS, SLOT,
+    continuations_needed, decode_slot, good_slots, payload_of, EventKind, Header, Slot,
+    HEADER_BYTES, HEADER_LEN, KIND_CLOCK, KIND_TIME, MAX_CONTINUATIONS, SLOT,
 };
 use std::fs::File;
 use std::io;
@@ -72,9 +72,9 @@ pub struct IndexFile {
 impl IndexFile {
     /// `None` if the file is empty or its header is invalid.
     pub fn open(file: Arc<File>) -> io::Result<Option<IndexFile>> {
-        let mut b = [0u8; HEADER_LEN as usize];
-        match read_exact_or_short(&file, HEADER_LEN as usize, 0, &mut b)? {
-            n if n < HEADER_LEN as usize => Ok(None),
+        let mut b = [0u8; HEADER_BYTES];
+        match read_exact_or_short(&file, HEADER_BYTES, 0, &mut b)? {
+            n if n < HEADER_BYTES => Ok(None),
             _ => Ok(Header::decode(&b).map(|header| IndexFile { file, header })),
         }
     }

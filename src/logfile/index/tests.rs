@@ -1,5 +1,9 @@
 //! The index as the writer leaves it and readers see it: the entry rule under a fake clock,
 //! lookups landing on continuation slots, torn tails, clock steps.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test data of known, small sizes"
+)]
 
 use super::format::{entry, EventKind as K, HEADER_LEN, KIND_TIME};
 use super::*;
@@ -26,9 +30,9 @@ struct W {
 }
 
 impl W {
-    fn open(log: &Path, start: u64, backups: u32, enabled: bool) -> Self {
+    fn open(log: &Path, start: u64, enabled: bool) -> Self {
         Self {
-            w: Writer::open(log, start, backups, enabled),
+            w: Writer::open(log, start, enabled),
             log: log.to_owned(),
         }
     }
@@ -46,7 +50,7 @@ impl std::ops::Deref for W {
 }
 
 fn writer(dir: &Path) -> W {
-    W::open(&dir.join("s.log"), 0, 0, true)
+    W::open(&dir.join("s.log"), 0, true)
 }
 
 /// Writes at `offset` at time `now` as `LogFile` does; whether an entry was due.
@@ -85,53 +89,75 @@ fn marks(ix: &IndexFile) -> Vec<(u64, i64)> {
 fn entries_follow_the_rule_for_bursts_continuous_and_sparse_output() {
     let dir = tempfile::tempdir().unwrap();
     let mut w = writer(dir.path());
+    // Fast continuous output: 5 KiB every 50 ms.
+    const K: u64 = 5 << 10;
     assert!(write(&mut w, 0, at(0)), "the first write of a file");
     assert!(
-        !write(&mut w, 10, at(50)),
+        !write(&mut w, K, at(50)),
         "continuous, 50 ms after the entry"
     );
     assert!(
-        write(&mut w, 20, at(100)),
-        "continuous, 100 ms after the entry"
+        write(&mut w, 2 * K, at(100)),
+        "continuous, 100 ms and 10 KiB after the entry"
     );
-    assert!(!write(&mut w, 30, at(150)));
-    assert!(!write(&mut w, 40, at(199)));
+    assert!(!write(&mut w, 3 * K, at(150)));
+    assert!(!write(&mut w, 4 * K, at(199)));
     assert!(
-        write(&mut w, 50, at(250)),
+        write(&mut w, 5 * K, at(250)),
         "writes < 100 ms apart, 150 ms after the entry"
     );
     // Sparse writes (≥ 100 ms apart, < 1 s): no entry until a second since the last one.
-    assert!(!write(&mut w, 60, at(500)));
-    assert!(!write(&mut w, 70, at(900)));
-    assert!(write(&mut w, 80, at(1250)), "a second since the last entry");
+    assert!(!write(&mut w, 6 * K, at(500)));
+    assert!(!write(&mut w, 7 * K, at(900)));
+    assert!(
+        write(&mut w, 8 * K, at(1250)),
+        "a second since the last entry"
+    );
     // A quiet second: the burst after it gets an exact entry.
-    assert!(write(&mut w, 90, at(2250)));
-    assert!(!write(&mut w, 95, at(2260)));
+    assert!(write(&mut w, 9 * K, at(2250)));
+    assert!(!write(&mut w, 9 * K + 100, at(2260)));
+    // Slow continuous output (100 bytes each 50 ms): under 2 KiB, entries only each second.
+    let mut offset = 9 * K + 200;
+    let mut entries = Vec::new();
+    for i in 0..60u64 {
+        if write(&mut w, offset, at(2300 + i * 50)) {
+            entries.push(i);
+        }
+        offset += 100;
+    }
+    assert_eq!(
+        entries,
+        [19, 39, 59],
+        "one a second (the first is 950 ms after 2260)"
+    );
     let ix = index(dir.path());
     assert_eq!(ix.base_offset(), 0);
     assert_eq!(ix.first_time(), at(0).wall_ns);
     let ms = |m: u64| at(m).wall_ns;
     assert_eq!(
-        marks(&ix),
+        marks(&ix)[..5],
         [
             (0, ms(0)),
-            (20, ms(100)),
-            (50, ms(250)),
-            (80, ms(1250)),
-            (90, ms(2250))
+            (2 * K, ms(100)),
+            (5 * K, ms(250)),
+            (8 * K, ms(1250)),
+            (9 * K, ms(2250))
         ]
     );
     // Each byte's time is its mark's, and within the stated resolution of the true time.
     assert_eq!(ix.mark_at(0).unwrap().unwrap().wall_ns, ms(0));
-    assert_eq!(ix.mark_at(19).unwrap().unwrap().offset, 0);
-    assert_eq!(ix.mark_at(49).unwrap().unwrap().wall_ns, ms(100));
-    assert_eq!(ix.mark_at(95).unwrap().unwrap().offset, 90);
-    assert_eq!(ix.mark_at(1 << 30).unwrap().unwrap().offset, 90);
-    assert_eq!(ix.last_time().unwrap(), Some(ms(2250)));
-    // Cost: the header, one clock record (3 slots), four time marks.
+    assert_eq!(ix.mark_at(2 * K - 1).unwrap().unwrap().offset, 0);
+    assert_eq!(ix.mark_at(5 * K - 1).unwrap().unwrap().wall_ns, ms(100));
+    assert_eq!(ix.mark_at(9 * K + 50).unwrap().unwrap().offset, 9 * K);
+    assert_eq!(
+        ix.mark_at(1 << 30).unwrap().unwrap().wall_ns,
+        ms(2300 + 59 * 50)
+    );
+    assert_eq!(ix.last_time().unwrap(), Some(ms(2300 + 59 * 50)));
+    // Cost: the header, one clock record (3 slots), seven time marks.
     assert_eq!(
         fs::metadata(dir.path().join("s.log.idx")).unwrap().len(),
-        HEADER_LEN + 7 * 16
+        HEADER_LEN + 10 * 16
     );
 }
 
@@ -180,7 +206,7 @@ fn no_index_is_written_when_turned_off_or_before_the_first_byte() {
     let w = writer(dir.path());
     assert!(!dir.path().join("s.log.idx").exists());
     assert_eq!(w.len(), 0);
-    let mut w = W::open(&dir.path().join("s.log"), 0, 0, false);
+    let mut w = W::open(&dir.path().join("s.log"), 0, false);
     assert!(!w.enabled());
     assert!(!write(&mut w, 0, at(0)));
     w.commit_at(w.plan_event(0, at(1), K::GuestConnected, "x"), at(1), false);
@@ -311,7 +337,7 @@ fn the_writer_cuts_a_torn_tail_and_resumes_the_clamp() {
     assert_eq!(ix.last_time().unwrap(), Some(at(5000).wall_ns));
     assert_eq!(entries(&ix, 0).len(), 2);
     // The writer cuts it, and never stores a time below what is there.
-    let mut w = W::open(&dir.path().join("s.log"), 0, 0, true);
+    let mut w = W::open(&dir.path().join("s.log"), 0, true);
     assert_eq!(fs::metadata(&path).unwrap().len(), good);
     assert_eq!(w.len(), good);
     assert!(!w.ended_stopped());
@@ -328,27 +354,28 @@ fn the_writer_cuts_a_torn_tail_and_resumes_the_clamp() {
 fn an_index_of_another_file_is_moved_to_its_backup_or_removed_and_orphans_go() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("s.log");
-    let mut w = W::open(&log, 0, 0, true);
+    let mut w = W::open(&log, 0, true);
     assert!(write(&mut w, 0, at(0)));
     // A crash after `.log` became `.log.1`, before its index followed.
     fs::write(dir.path().join("s.log.1"), b"x").unwrap();
     fs::write(dir.path().join("s.log.2.idx"), b"orphan").unwrap();
     fs::write(dir.path().join("s.log.3.idx"), b"orphan").unwrap();
-    let w = W::open(&log, 100, 1, true);
+    let w = W::open(&log, 100, true);
+    remove_orphans(&log, 1).unwrap();
     assert_eq!(w.len(), 0);
     assert!(!dir.path().join("s.log.idx").exists());
     assert!(dir.path().join("s.log.1.idx").exists());
     assert!(!dir.path().join("s.log.2.idx").exists());
     assert!(!dir.path().join("s.log.3.idx").exists());
     // Without a backup to own it, it goes.
-    let mut w = W::open(&log, 100, 1, true);
+    let mut w = W::open(&log, 100, true);
     assert!(write(&mut w, 100, at(0)));
     drop(w);
-    W::open(&log, 200, 0, true);
+    W::open(&log, 200, true);
     assert!(!dir.path().join("s.log.idx").exists());
     // A header that does not check: removed.
     fs::write(dir.path().join("s.log.idx"), [1u8; 80]).unwrap();
-    W::open(&log, 200, 0, true);
+    W::open(&log, 200, true);
     assert!(!dir.path().join("s.log.idx").exists());
 }
 
@@ -356,21 +383,21 @@ fn an_index_of_another_file_is_moved_to_its_backup_or_removed_and_orphans_go() {
 fn a_clean_stop_is_recognised_at_the_next_open() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("s.log");
-    let mut w = W::open(&log, 0, 0, true);
+    let mut w = W::open(&log, 0, true);
     assert!(write(&mut w, 0, at(0)));
     w.commit_at(
         w.plan_event(5, at(10), K::DaemonStopped, "stop"),
         at(10),
         false,
     );
-    assert!(W::open(&log, 0, 0, true).ended_stopped());
-    let mut w = W::open(&log, 0, 0, true);
+    assert!(W::open(&log, 0, true).ended_stopped());
+    let mut w = W::open(&log, 0, true);
     w.commit_at(
         w.plan_event(5, at(20), K::DaemonStarted, "started"),
         at(20),
         false,
     );
-    assert!(!W::open(&log, 0, 0, true).ended_stopped());
+    assert!(!W::open(&log, 0, true).ended_stopped());
     assert_eq!(
         start_detail(StartKind::Fresh, true).split(" (").next(),
         Some("restarted after a crash")

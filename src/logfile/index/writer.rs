@@ -20,6 +20,10 @@ use std::path::{Path, PathBuf};
 const QUIET_NS: u64 = 1_000_000_000;
 /// Spacing of entries while output is continuous (writes less than this apart).
 const CONTINUOUS_NS: u64 = 100_000_000;
+/// Bytes logged since the last entry before continuous output gets another one at
+/// [`CONTINUOUS_NS`]: an entry (16 bytes) then covers at least 2 KiB, so continuous output at
+/// any rate costs the index under 1% of its bytes (below 20 KiB/s entries come each second).
+const CONTINUOUS_BYTES: u64 = 2048;
 /// A wall clock this far behind the highest time stored is a step back (an event).
 const STEP_NS: i64 = 1_000_000;
 /// `wall - mono` moving this much since the last clock record writes a new one.
@@ -29,6 +33,9 @@ const DRIFT_NS: i64 = 10_000_000;
 /// cap keeps) faster than this.
 const EVENT_BURST: u64 = 20;
 const EVENTS_PER_SECOND: u64 = 5;
+/// How many indexes past the last backup are looked for as orphans at open (a crash leaves
+/// at most the ones of the backups it was removing).
+const ORPHAN_SCAN: u32 = 20;
 /// Longest detail of a `clock stepped` event (bytes).
 const STEP_DETAIL: usize = 64;
 /// The most bytes one log write adds to the index: a header, a `clock stepped` event and a
@@ -71,6 +78,8 @@ pub(crate) struct Writer {
     hw: i64,
     /// Monotonic time of the last entry in the current file (`None`: none yet).
     last_entry: Option<u64>,
+    /// Offset of the last entry in the current file.
+    last_entry_offset: u64,
     /// Monotonic time of the last log write.
     last_write: Option<u64>,
     /// `wall - mono` at the last clock record.
@@ -91,6 +100,8 @@ pub(crate) struct Writer {
 #[derive(Debug, Default)]
 pub(crate) struct Planned {
     pub bytes: Vec<u8>,
+    /// Offset of the entry.
+    offset: u64,
     hw: i64,
     clock_offset: Option<i64>,
     stepped: bool,
@@ -106,15 +117,16 @@ impl Planned {
 impl Writer {
     /// The index of the current log file `log` (starting at offset `start`), recovered: a torn
     /// tail is cut, an index left by a crash mid-rotation is moved to `.1.idx` or removed,
-    /// orphans of removed backups are deleted, and the clamp resumes from the newest time
-    /// stored. `backups` is how many backups the log has.
-    pub(crate) fn open(log: &Path, start: u64, backups: u32, enabled: bool) -> Self {
+    /// and the clamp resumes from the newest time stored. Indexes of removed backups are
+    /// [`remove_orphans`]' to remove.
+    pub(crate) fn open(log: &Path, start: u64, enabled: bool) -> Self {
         let mut writer = Self {
             enabled,
             base: start,
             len: 0,
             hw: i64::MIN,
             last_entry: None,
+            last_entry_offset: 0,
             last_write: None,
             clock_offset: None,
             stepped: false,
@@ -123,29 +135,22 @@ impl Writer {
             budget_at: 0,
             failures: 0,
         };
-        if let Err(e) = writer.recover(log, backups) {
+        if let Err(e) = writer.recover(log) {
             writer.failed(log, "cannot recover the time index", &e);
         }
         writer
     }
 
-    fn recover(&mut self, log: &Path, backups: u32) -> io::Result<()> {
-        // Orphans: a crash between removing the oldest backups and their indexes.
-        let mut n = backups + 1;
-        while n <= backups + MAX_CONTINUATIONS as u32 {
-            let orphan = index_path(&super::super::backup_path(log, n));
-            match fs::remove_file(&orphan) {
-                Ok(()) => n += 1,
-                Err(e) if e.kind() == ErrorKind::NotFound => break,
-                Err(e) => return Err(e),
-            }
-        }
+    fn recover(&mut self, log: &Path) -> io::Result<()> {
         let path = index_path(log);
         if let Some(tail) = self.open_tail(&path)? {
             if tail.header.base_offset != self.base {
                 // Left by a crash between moving `.log` to `.log.1` and moving its index.
                 let one = index_path(&super::super::backup_path(log, 1));
-                if backups >= 1 && tail.header.base_offset < self.base && !one.exists() {
+                if tail.header.base_offset < self.base
+                    && !one.exists()
+                    && super::super::backup_path(log, 1).exists()
+                {
                     fs::rename(&path, &one)?;
                 } else {
                     fs::remove_file(&path)?;
@@ -159,12 +164,10 @@ impl Writer {
             }
         }
         // No current index: the newest backup's, else the log file's mtime.
-        if backups >= 1 {
-            let one = index_path(&super::super::backup_path(log, 1));
-            if let Ok(Some(tail)) = read_tail(&one) {
-                self.hw = tail.last_time.unwrap_or(tail.header.hw_start);
-                return Ok(());
-            }
+        let one = index_path(&super::super::backup_path(log, 1));
+        if let Ok(Some(tail)) = read_tail(&one) {
+            self.hw = tail.last_time.unwrap_or(tail.header.hw_start);
+            return Ok(());
         }
         if let Ok(meta) = fs::metadata(log) {
             if meta.len() > 0 {
@@ -248,7 +251,9 @@ impl Writer {
         let due = self.last_entry.is_none()
             || since(self.last_write) >= QUIET_NS
             || since(self.last_entry) >= QUIET_NS
-            || (since(self.last_entry) >= CONTINUOUS_NS && since(self.last_write) < CONTINUOUS_NS);
+            || (since(self.last_entry) >= CONTINUOUS_NS
+                && since(self.last_write) < CONTINUOUS_NS
+                && offset.saturating_sub(self.last_entry_offset) >= CONTINUOUS_BYTES);
         if !due {
             return Planned {
                 hw: self.hw,
@@ -358,6 +363,7 @@ impl Writer {
         }
         Planned {
             bytes,
+            offset,
             hw,
             clock_offset,
             stepped,
@@ -378,6 +384,7 @@ impl Writer {
         self.stepped = planned.stepped;
         self.clock_offset = planned.clock_offset;
         self.last_entry = Some(now.mono_ns);
+        self.last_entry_offset = planned.offset;
         if planned.bytes.is_empty() {
             return;
         }
@@ -392,7 +399,9 @@ impl Writer {
                     .ok()
                     .filter(fs::Metadata::is_file)
                     .map_or(0, |m| m.len());
-                if self.len > 0 && (self.len < HEADER_LEN || (self.len - HEADER_LEN) % SLOT != 0) {
+                if self.len > 0
+                    && (self.len < HEADER_LEN || !(self.len - HEADER_LEN).is_multiple_of(SLOT))
+                {
                     let cut = if self.len < HEADER_LEN {
                         0
                     } else {
@@ -416,16 +425,18 @@ impl Writer {
     }
 
     fn append(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
-        let mut file = OpenOptions::new()
-            .append(true)
+        let mut options = OpenOptions::new();
+        if self.len == 0 {
+            // A new index; anything left at its path (by a failed write) is not this file's.
+            options.write(true).truncate(true);
+        } else {
+            options.append(true);
+        }
+        let mut file = options
             .create(true)
             .mode(0o640)
             .custom_flags(rustix::fs::OFlags::CLOEXEC.bits().cast_signed())
             .open(path)?;
-        if self.len == 0 && file.metadata()?.len() != 0 {
-            // A file left behind (by a failed write): start it again.
-            file.set_len(0)?;
-        }
         file.write_all(bytes)
     }
 
@@ -467,7 +478,7 @@ fn read_tail(path: &Path) -> io::Result<Option<Tail>> {
 /// The header and the last whole entry of `file`; `None` if the header is unreadable.
 fn tail_of(file: &File) -> io::Result<Option<Tail>> {
     let len = file.metadata()?.len();
-    let mut b = [0u8; HEADER_LEN as usize];
+    let mut b = [0u8; super::format::HEADER_BYTES];
     if len < HEADER_LEN {
         return Ok(None);
     }
@@ -495,6 +506,19 @@ fn tail_of(file: &File) -> io::Result<Option<Tail>> {
         tail.last_event = EventKind::from_code(slots[head].kind);
     }
     Ok(Some(tail))
+}
+
+/// Removes the indexes of backups past the last one (`backups` of them are left): a crash
+/// between removing the oldest backups and their indexes leaves them.
+pub(crate) fn remove_orphans(log: &Path, backups: u32) -> io::Result<()> {
+    for n in backups + 1..=backups + ORPHAN_SCAN {
+        match fs::remove_file(index_path(&super::super::backup_path(log, n))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// `DaemonStarted`'s detail for a start of kind `kind` (`crashed`: the index did not end with
