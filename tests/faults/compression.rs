@@ -222,7 +222,7 @@ async fn compressed_history_is_byte_exact_by_offset_tail_and_follow_and_stays_un
                 .expect("a following read goes on");
             following.push(&chunk);
         }
-        if written > 3 * (512 << 10) && written % MAX_SIZE == 0 {
+        if written > 3 * (512 << 10) && written.is_multiple_of(MAX_SIZE) {
             wait_stream(&mut agent, GUEST, STREAM, "compressed", |s| {
                 s.offset == written && s.compression_backlog_bytes == 0
             })

@@ -857,7 +857,7 @@ async fn print_history(
                             Some(EventsTo::Inline) => {
                                 let newline = if at_line_start { "" } else { "\n" };
                                 at_line_start = true;
-                                write!(stdout, "{newline}{line}\n").and_then(|()| stdout.flush())
+                                writeln!(stdout, "{newline}{line}").and_then(|()| stdout.flush())
                             }
                             _ => {
                                 eprintln!("{line}");
