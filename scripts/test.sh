@@ -11,6 +11,7 @@ need_apt=()
 command -v socat >/dev/null || need_apt+=(socat) # the console benchmark's baseline relay
 command -v strace >/dev/null || need_apt+=(strace) # fault injection at one system call (tests/faults/log_integrity.rs, tests/external/takeover_failure.rs)
 command -v tmux >/dev/null || need_apt+=(tmux) # a terminal that answers queries (tests/external/conlogctl_terminal.rs)
+command -v zstd >/dev/null || need_apt+=(zstd) # operators read compressed rotated logs with it (tests/external/zstd_cli.rs)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 # The deployment validation (tests/deploy.rs, see deploy/README.md "Validation"): buildah builds
@@ -70,7 +71,7 @@ cargo clippy --workspace --all-targets "${features[@]}" -- -D warnings
 cargo build --bins "${features[@]}"
 # Every test of every tier (docs/testing.md "Test tiers"): the core tier (what plain `cargo test`
 # runs: nothing but Rust and util-linux), `external-tools` (tmux, grpcurl, python3 with grpcio,
-# QEMU, Chromium with node, strace: installed above) and `deploy` (tests/deploy.rs; it also
+# QEMU, Chromium with node, strace, zstd: installed above) and `deploy` (tests/deploy.rs; it also
 # builds the image's static musl binaries in release, target/x86_64-unknown-linux-musl/release:
 # about 5 minutes on 2 cores when nothing is built yet, a second when nothing changed). Inside a
 # tier a missing tool fails its test, never skips it.

@@ -35,7 +35,7 @@ use crate::console::ConsoleError;
 use crate::console::{ConsoleHandle, ConsolePaths, ConsoleSettings, Protocol};
 use crate::log_owner::{ActorGone, Figures, LogError, LogHandle, Reserved};
 use crate::logfile::index::StartKind;
-use crate::logfile::{LogFile, LogLimits};
+use crate::logfile::{Compression, LogFile, LogLimits};
 use crate::metrics::Metrics;
 use crate::names::{self, GuestName, StreamName};
 use crate::pipe::PipeHandle;
@@ -188,6 +188,7 @@ pub struct LimitsOverride {
     pub max_size: Option<u64>,
     pub max_backups: Option<u32>,
     pub mode: Option<LogMode>,
+    pub compress: Option<Compression>,
     /// Seconds; 0 turns age retention off for the stream.
     pub max_age: Option<u64>,
 }
@@ -198,6 +199,7 @@ impl LimitsOverride {
         self.max_size.is_none()
             && self.max_backups.is_none()
             && self.mode.is_none()
+            && self.compress.is_none()
             && self.max_age.is_none()
     }
 
@@ -206,6 +208,7 @@ impl LimitsOverride {
             max_size: self.max_size.unwrap_or(base.max_size),
             max_backups: self.max_backups.unwrap_or(base.max_backups),
             mode: self.mode.unwrap_or(base.mode),
+            compress: self.compress.unwrap_or(base.compress),
             max_age: self.max_age.unwrap_or(base.max_age),
         };
         if limits.max_age > crate::config::MAX_AGE_SECONDS {
@@ -306,6 +309,8 @@ struct StreamEntry {
 /// All guests of this daemon.
 /// Streams whose figures `list` asks for at once.
 const LIST_CONCURRENCY: usize = 64;
+/// How long a hand-over waits for the compression worker to stop after its frame.
+const COMPRESSION_PAUSE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Gives a restored pipe stream the read ends the previous image carried for it.
 async fn adopt_pipes(actor: &Actor, pipes: Vec<OwnedFd>) -> Result<()> {
@@ -419,6 +424,9 @@ pub struct Guests {
     /// True while the daemon is about to hand its streams over (an upgrade): readers that follow
     /// history end with `UNAVAILABLE` so the gRPC servers can drain before the freeze.
     going_away: tokio::sync::watch::Sender<bool>,
+    /// The node's compression worker (docs/design.md "Compressed backups"), shared by every stream; `None` if
+    /// its threads could not start (rotated files then stay raw).
+    compression: Option<Arc<crate::compress::Pool>>,
 }
 
 /// A stream that was asked for: its actor and log path.
@@ -433,6 +441,21 @@ impl Guests {
         metrics: Arc<Metrics>,
         console_group: Option<u32>,
     ) -> Arc<Self> {
+        let settings = &config.compression;
+        let compression = crate::compress::Pool::start(crate::compress::PoolConfig {
+            threads: settings.threads,
+            level: settings.level,
+            // At most 1 MiB (validated).
+            frame_size: u32::try_from(settings.frame_size.bytes()).unwrap_or(1 << 20),
+            queue: settings.queue,
+        }, crate::compress::PoolMetrics {
+            backlog: metrics.compression_backlog_bytes.clone(),
+            bytes_in: metrics.compressed_bytes_in.clone(),
+            bytes_out: metrics.compressed_bytes_out.clone(),
+        })
+        .map_err(|e| tracing::error!(error = %e, "cannot start the compression worker: rotated files stay raw"))
+        .ok()
+        .map(Arc::new);
         Arc::new(Self {
             config,
             metrics,
@@ -440,6 +463,7 @@ impl Guests {
             guests: Mutex::new(BTreeMap::new()),
             changes: tokio::sync::Mutex::new(()),
             going_away: tokio::sync::watch::Sender::new(false),
+            compression,
         })
     }
 
@@ -453,6 +477,16 @@ impl Guests {
     /// Announces (or, after a failed upgrade, withdraws) that the streams are about to go.
     pub fn set_going_away(&self, going: bool) {
         self.going_away.send_replace(going);
+        // The compression worker stops between frames while the streams go (an upgrade
+        // carries no job: the next image finds raw rotated files again), and resumes if they
+        // stay (a failed upgrade).
+        if let Some(pool) = &self.compression {
+            if going {
+                pool.pause();
+            } else {
+                pool.resume();
+            }
+        }
     }
 
     /// For readers: becomes true when the daemon is about to hand its streams over.
@@ -503,6 +537,7 @@ impl Guests {
             max_size: self.config.logs.max_size.bytes(),
             max_backups: self.config.logs.max_backups,
             mode: self.config.logs.mode,
+            compress: self.config.logs.compress,
             max_age: self.config.logs.max_age.get().as_secs(),
         }
     }
@@ -543,6 +578,7 @@ impl Guests {
             log.note_start(r.start);
             r.console
         });
+        log.set_compressor(self.compression.clone());
         Ok(match paths {
             None => Actor::Pipe(PipeHandle::spawn(log, self.metrics.clone(), guest, stream)),
             Some(paths) => Actor::Console(ConsoleHandle::spawn(
@@ -749,6 +785,15 @@ impl Guests {
     /// being removed is left to its remover (the upgrade gate lets a removal finish before a
     /// freeze, so there is none in practice).
     pub async fn freeze_all(&self) -> Vec<FrozenStream> {
+        if let Some(pool) = self.compression.clone() {
+            // Paused since `set_going_away`: wait for the frame under way (the actors answer
+            // the worker until they freeze).
+            pool.pause();
+            let idle = tokio::task::spawn_blocking(move || pool.wait_idle(COMPRESSION_PAUSE))
+                .await
+                .unwrap_or(false);
+            tracing::info!(idle, "compression paused for the hand-over");
+        }
         let taken: Vec<(String, String, Actor)> = {
             let mut guests = self.registry();
             let mut taken = Vec::new();

@@ -25,11 +25,10 @@
 //! `dropped_bytes` and history agree (docs/operations.md, "Durability").
 
 use crate::log_owner::{LogError, LogHandle};
-use crate::logfile::OpenSegment;
+use crate::logfile::{OpenSegment, SegmentError};
 use by_time::{Found, Plan, Times};
 use std::collections::VecDeque;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering::Relaxed;
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -157,8 +156,9 @@ pub struct Event {
 /// One item of a history stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HistoryItem {
-    /// Offsets `from .. to` are no longer on disk.
-    Gap { from: u64, to: u64 },
+    /// Offsets `from .. to` are no longer on disk; `reason` says why when it is not a
+    /// rotation (or bytes never logged): empty otherwise.
+    Gap { from: u64, to: u64, reason: String },
     /// Bytes at an absolute offset; with a timed request, the time of the first byte (when
     /// the index knows it) and, with `marks`, the entries giving times to the bytes: the one
     /// covering the first byte, then those inside.
@@ -362,6 +362,7 @@ impl Reader {
                 let gap = HistoryItem::Gap {
                     from: self.position,
                     to: segment.start,
+                    reason: String::new(),
                 };
                 self.position = segment.start;
                 if self.sender.send(Ok(gap)).await.is_err() {
@@ -372,15 +373,29 @@ impl Reader {
             // At most `chunk_size`, a usize.
             let want = usize::try_from((seg_end - self.position).min(self.remaining))
                 .map_or(self.request.chunk_size, |n| n.min(self.request.chunk_size));
-            // A buffer per chunk, sent as it is: nothing is kept between chunks.
-            let mut buffer = vec![0u8; want + 3];
-            let read = segment
-                .file
-                .read_at(
-                    &mut buffer[..want],
-                    segment.file_pos + self.position - segment.start,
-                )
-                .map_err(io_error("cannot read a log file"))?;
+            // A buffer per chunk, sent as it is: nothing is kept between chunks. A compressed
+            // file gives at most the rest of one frame.
+            let mut buffer = match segment.read_at(self.position, want) {
+                Ok(buffer) => buffer,
+                Err(SegmentError::Lost { from, to, reason }) => {
+                    // A corrupted compressed frame: its offsets are a gap with the reason,
+                    // and the read goes on after it.
+                    crate::limited!(warn, reason = %reason, "history met a corrupted compressed frame: reported as a gap");
+                    let to = to.max(self.position + 1).min(seg_end);
+                    let gap = HistoryItem::Gap {
+                        from: self.position.max(from),
+                        to,
+                        reason,
+                    };
+                    self.position = to;
+                    if self.sender.send(Ok(gap)).await.is_err() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Err(SegmentError::Io(e)) => return Err(io_error("cannot read a log file")(e)),
+            };
+            let read = buffer.len();
             if read == 0 {
                 // Shorter than the actor said: cut behind our back. Ask again.
                 self.segments.pop_front();
@@ -401,7 +416,7 @@ impl Reader {
                 }
             }
             let take = if self.request.utf8_boundaries {
-                self.whole_characters(&mut buffer, read, seg_end)?
+                self.whole_characters(&mut buffer, seg_end)
             } else {
                 read
             };
@@ -454,9 +469,10 @@ impl Reader {
     /// Adjusts a chunk of `read` bytes at our position so it ends on a character boundary: an
     /// incomplete character at the end of a file is completed from the next file (a log file
     /// can end mid-character), one in the middle of a file is left for the next chunk.
-    fn whole_characters(&self, buffer: &mut [u8], read: usize, seg_end: u64) -> Result<usize> {
-        let Some((have, missing)) = incomplete_tail(&buffer[..read]) else {
-            return Ok(read);
+    fn whole_characters(&self, buffer: &mut Vec<u8>, seg_end: u64) -> usize {
+        let read = buffer.len();
+        let Some((have, missing)) = incomplete_tail(buffer) else {
+            return read;
         };
         if self.position + read as u64 == seg_end {
             let next = self
@@ -464,20 +480,28 @@ impl Reader {
                 .get(1)
                 .filter(|next| next.start == seg_end && next.len >= missing as u64);
             match next {
-                // Room left in this chunk: complete the character from the next file.
+                // Room left in this chunk: complete the character from the next file (if it
+                // reads: a frame it cannot decompress leaves the character as it is).
                 Some(next) if read + missing <= self.request.chunk_size => {
-                    next.file
-                        .read_exact_at(&mut buffer[read..read + missing], next.file_pos)
-                        .map_err(io_error("cannot read a log file"))?;
-                    return Ok(read + missing);
+                    if let Ok(rest) = next.read_at(next.start, missing) {
+                        if rest.len() == missing {
+                            buffer.extend_from_slice(&rest);
+                            return read + missing;
+                        }
+                    }
+                    return read;
                 }
                 // No room: the next chunk starts with this character and completes it.
-                Some(_) if read > have => return Ok(read - have),
+                Some(_) if read > have => return read - have,
                 // The rest of the character is not written yet (or never will be).
-                _ => return Ok(read),
+                _ => return read,
             }
         }
-        Ok(if read > have { read - have } else { read })
+        if read > have {
+            read - have
+        } else {
+            read
+        }
     }
 
     /// The stream's actor stopped: a removed stream ends the read; a daemon going away (shutdown
@@ -554,6 +578,7 @@ impl Reader {
                     let gap = HistoryItem::Gap {
                         from: self.position,
                         to: end,
+                        reason: String::new(),
                     };
                     self.position = end;
                     let _ = self.sender.send(Ok(gap)).await;
@@ -631,17 +656,33 @@ fn tail_lines_start(segments: &[OpenSegment], n: u64) -> io::Result<u64> {
     }
     let mut found = 0;
     let mut skip_final_newline = true;
-    let mut block = vec![0u8; 64 << 10];
+    let block = 64 << 10;
     for segment in segments.iter().rev() {
         let mut stop = segment.len;
         while stop > 0 {
-            let start = stop.saturating_sub(block.len() as u64);
-            // At most the block's length.
-            let len = usize::try_from(stop - start).unwrap_or(block.len());
-            segment
-                .file
-                .read_exact_at(&mut block[..len], segment.file_pos + start)?;
-            for (i, byte) in block[..len].iter().enumerate().rev() {
+            let start = stop.saturating_sub(block as u64);
+            // A compressed file reads a frame at a time: the block is read in pieces.
+            let mut bytes = Vec::with_capacity(block);
+            let mut at = start;
+            while at < stop {
+                // At most `block`, a usize.
+                let left = usize::try_from(stop - at).unwrap_or(block);
+                match segment.read_at(segment.start + at, left) {
+                    Ok(piece) if !piece.is_empty() => {
+                        at += piece.len() as u64;
+                        bytes.extend_from_slice(&piece);
+                    }
+                    Ok(_) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    // A lost frame holds no line end anyone can read: counted as none.
+                    Err(SegmentError::Lost { to, .. }) => {
+                        let to = (to - segment.start).clamp(at + 1, stop);
+                        bytes.resize(bytes.len() + usize::try_from(to - at).unwrap_or(0), 0);
+                        at = to;
+                    }
+                    Err(SegmentError::Io(e)) => return Err(e),
+                }
+            }
+            for (i, byte) in bytes.iter().enumerate().rev() {
                 if *byte != b'\n' {
                     skip_final_newline = false;
                     continue;
@@ -701,6 +742,7 @@ mod tests {
             max_size: 4096,
             max_backups: 3,
             mode: LogMode::Rotate,
+            compress: crate::logfile::Compression::None,
             max_age: 0,
         };
         let mut log =
@@ -729,6 +771,7 @@ mod tests {
             max_size,
             max_backups: 3,
             mode: LogMode::Rotate,
+            compress: crate::logfile::Compression::None,
             max_age: 0,
         };
         LogFile::open(&dir.join("s.log"), &dir.join("s.pos"), limits).unwrap()

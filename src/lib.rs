@@ -38,6 +38,7 @@
 
 pub mod client;
 pub mod clock;
+pub(crate) mod compress;
 pub mod config;
 pub(crate) mod console;
 pub mod daemon;

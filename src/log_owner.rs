@@ -16,12 +16,15 @@
 //! blocks: the actors own their data path and their loop. A handle whose actor stopped answers
 //! [`ActorGone`]; what the log itself failed at is [`LogError::Io`].
 
+use crate::compress::{self, Outcome, Pool};
 use crate::logfile::index::EventKind;
+use crate::logfile::seekable::Header;
 use crate::logfile::{LogFile, LogLimits, LogView, OpenSegment};
 use crate::metrics::Metrics;
 use futures::future::BoxFuture;
+use std::fs::File;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -114,8 +117,14 @@ pub struct Figures {
     pub end_offset: u64,
     /// Oldest byte still on disk.
     pub first_offset: u64,
-    /// Current file plus backups.
+    /// Current file plus backups (compressed or not), their indexes, compressions under way.
     pub bytes_on_disk: u64,
+    /// Raw bytes of history those hold.
+    pub raw_bytes: u64,
+    /// Rotated files kept.
+    pub backups: u32,
+    /// Raw bytes of rotated files waiting to be compressed.
+    pub compression_backlog: u64,
     /// Pipes feeding the stream (pipes), or 0.
     pub writers: u64,
     pub dropped: u64,
@@ -131,11 +140,14 @@ pub struct Figures {
 impl Figures {
     /// The figures every stream has, from its log and counters.
     pub fn of(log: &LogFile, stats: &StreamStats) -> Self {
-        let (bytes_on_disk, first_offset) = log.disk_usage();
+        let usage = log.usage();
         Self {
             end_offset: log.end_offset(),
-            first_offset,
-            bytes_on_disk,
+            first_offset: usage.first,
+            bytes_on_disk: usage.disk,
+            raw_bytes: usage.raw,
+            backups: usage.backups,
+            compression_backlog: usage.backlog,
             writers: stats.writers.load(Relaxed),
             dropped: log.dropped(),
             rotations: stats.rotations.load(Relaxed),
@@ -156,11 +168,101 @@ pub enum LogCommand {
     /// Boxed like [`Close`]: events are rare.
     #[allow(dead_code, reason = "sent by LogHandle::note_event")]
     Event(Box<(EventKind, String)>),
+    /// From the compression worker (boxed: rare).
+    Compression(Box<CompressionCommand>),
     /// Delete the rotated files older than the stream's `max_age` (age retention); answers
     /// how many went.
     Expire(oneshot::Sender<io::Result<u32>>),
     /// Stop: see [`Close`].
     Close(Close),
+}
+
+/// What the node's compression worker asks of a stream's actor (docs/design.md "Compressed backups"): thin
+/// wrappers over [`LogFile`]'s compression steps, answered between two writes.
+pub enum CompressionCommand {
+    /// Open the raw rotated file starting at `start`, if it is still the one with `inode`.
+    Open {
+        start: u64,
+        inode: u64,
+        reply: oneshot::Sender<Option<(File, Header)>>,
+    },
+    /// Grant `bytes` of disk to the compression of the file at `start` (or refuse).
+    Reserve {
+        start: u64,
+        bytes: u64,
+        reply: oneshot::Sender<bool>,
+    },
+    /// The compression of the file at `start` ended: install, or keep the raw file.
+    Finish {
+        start: u64,
+        inode: u64,
+        outcome: Outcome,
+        reserved: u64,
+    },
+}
+
+/// A stream as the compression worker reaches it: through its actor's channel, from a worker
+/// thread. A weak sender, so that pending jobs never keep a stopped actor's channel open.
+struct StreamCompression<C> {
+    log_path: PathBuf,
+    commands: mpsc::WeakSender<C>,
+}
+
+impl<C: From<LogCommand> + Send + 'static> StreamCompression<C> {
+    /// Sends a command and waits for the answer, blocking the worker thread (never a
+    /// runtime thread); `None` if the actor has stopped.
+    fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> CompressionCommand) -> Option<T> {
+        let sender = self.commands.upgrade()?;
+        let (reply, answer) = oneshot::channel();
+        futures::executor::block_on(async move {
+            let command = LogCommand::Compression(Box::new(command(reply)));
+            sender.send(command.into()).await.ok()?;
+            answer.await.ok()
+        })
+    }
+}
+
+impl<C: From<LogCommand> + Send + 'static> compress::Owner for StreamCompression<C> {
+    fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    fn open(&self, start: u64, inode: u64) -> Option<(File, Header)> {
+        self.ask(|reply| CompressionCommand::Open {
+            start,
+            inode,
+            reply,
+        })
+        .flatten()
+    }
+
+    fn reserve(&self, start: u64, bytes: u64) -> bool {
+        self.ask(|reply| CompressionCommand::Reserve {
+            start,
+            bytes,
+            reply,
+        })
+        .unwrap_or(false)
+    }
+
+    fn finish(&self, job: &compress::Job, outcome: Outcome, reserved: u64) {
+        // An actor gone leaves a staged file to the next open's recovery.
+        if let Some(sender) = self.commands.upgrade() {
+            let command = LogCommand::Compression(Box::new(CompressionCommand::Finish {
+                start: job.start,
+                inode: job.inode,
+                outcome,
+                reserved,
+            }));
+            let _ = futures::executor::block_on(sender.send(command.into()));
+        }
+    }
+}
+
+/// A stream's link to the node's compression worker.
+struct Compressing {
+    pool: Arc<Pool>,
+    owner: Arc<dyn compress::Owner>,
 }
 
 /// A request to close a stream, handed back to its actor's loop by [`LogOwner::answer`]: the
@@ -232,6 +334,7 @@ impl Mailbox for Removed {
                     end_offset: self.0.end_offset(),
                     first_offset: segments.first().map_or(self.0.end_offset(), |s| s.start),
                     bytes_on_disk: segments.iter().map(|s| s.len).sum(),
+                    raw_bytes: segments.iter().map(|s| s.len).sum(),
                     dropped: self.0.dropped(),
                     ..Figures::default()
                 });
@@ -242,8 +345,8 @@ impl Mailbox for Removed {
             LogCommand::Expire(reply) => {
                 let _ = reply.send(Ok(0));
             }
-            // Nothing happens to a removed stream that its history could show.
-            LogCommand::Event(_) => {}
+            // Nothing is written to a removed stream, nor compressed (a dropped reply is "no").
+            LogCommand::Event(_) | LogCommand::Compression(_) => {}
             LogCommand::Close(close) => close.done(),
         }
         Box::pin(std::future::ready(Ok(())))
@@ -382,16 +485,25 @@ pub struct LogOwner {
     pub stats: Arc<StreamStats>,
     publisher: watch::Sender<u64>,
     pub metrics: Arc<Metrics>,
+    /// The worker that compresses this stream's rotated files, if the node has one.
+    compressing: Option<Compressing>,
 }
 
 impl LogOwner {
     /// The owner of `log`, and the handle that reaches it through `commands`, the channel
     /// whose receiver the actor reads.
     pub fn new<C: From<LogCommand> + Send + 'static>(
-        log: LogFile,
+        mut log: LogFile,
         metrics: Arc<Metrics>,
         commands: mpsc::Sender<C>,
     ) -> (Self, LogHandle) {
+        let compressing = log.take_compressor().map(|pool| Compressing {
+            pool,
+            owner: Arc::new(StreamCompression {
+                log_path: log.path().to_owned(),
+                commands: commands.downgrade(),
+            }),
+        });
         let stats = Arc::new(StreamStats::for_log(&log));
         let (publisher, offsets) = watch::channel(log.end_offset());
         let handle = LogHandle {
@@ -399,12 +511,15 @@ impl LogOwner {
             stats: stats.clone(),
             offsets,
         };
-        let owner = Self {
+        let mut owner = Self {
             log,
             stats,
             publisher,
             metrics,
+            compressing,
         };
+        // Raw rotated files of a compressed stream, left by a restart, upgrade or a full queue.
+        owner.submit_compressions();
         (owner, handle)
     }
 
@@ -421,6 +536,8 @@ impl LogOwner {
                 // Tests hold one actor here to show that nobody else waits for it.
                 crate::fault::point("log_owner.set_limits");
                 let result = self.counting_rotations(|log| log.set_limits(limits));
+                // Compression may have been turned on.
+                self.submit_compressions();
                 let _ = reply.send(result);
             }
             LogCommand::Figures(reply) => {
@@ -433,6 +550,28 @@ impl LogOwner {
                 let (kind, detail) = *event;
                 self.note_event(kind, &detail);
             }
+            LogCommand::Compression(command) => match *command {
+                CompressionCommand::Open {
+                    start,
+                    inode,
+                    reply,
+                } => {
+                    let _ = reply.send(self.log.open_for_compression(start, inode));
+                }
+                CompressionCommand::Reserve {
+                    start,
+                    bytes,
+                    reply,
+                } => {
+                    let _ = reply.send(self.log.reserve_disk(start, bytes));
+                }
+                CompressionCommand::Finish {
+                    start,
+                    inode,
+                    outcome,
+                    reserved,
+                } => self.log.finish_compression(start, inode, outcome, reserved),
+            },
             LogCommand::Expire(reply) => {
                 let result = self.log.expire(std::time::SystemTime::now());
                 if let Ok(n @ 1..) = result {
@@ -443,6 +582,26 @@ impl LogOwner {
             LogCommand::Close(close) => return Some(close),
         }
         None
+    }
+
+    /// Hands the raw rotated files of a compressed stream to the worker, oldest first; a full
+    /// queue leaves them raw (within the cap) until the next rotation offers them again.
+    pub fn submit_compressions(&mut self) {
+        let Some(compressing) = &self.compressing else {
+            return;
+        };
+        for spec in self.log.compression_jobs() {
+            let job = compress::Job {
+                owner: compressing.owner.clone(),
+                start: spec.start,
+                inode: spec.inode,
+                raw_len: spec.raw_len,
+            };
+            if let Err(compress::QueueFull(job)) = compressing.pool.submit(job) {
+                crate::limited!(warn, log = %self.log.path().display(), "compression queue full: rotated files stay raw for now");
+                self.log.job_not_taken(job.start);
+            }
+        }
     }
 
     /// Records `kind` in the log's time index, counting a failure to write it.
@@ -463,8 +622,11 @@ impl LogOwner {
     pub fn counting_rotations<R>(&mut self, step: impl FnOnce(&mut LogFile) -> R) -> R {
         let before = self.log.rotations();
         let result = step(&mut self.log);
-        self.stats
-            .record_rotations(self.log.rotations() - before, &self.metrics);
+        let rotated = self.log.rotations() - before;
+        self.stats.record_rotations(rotated, &self.metrics);
+        if rotated > 0 {
+            self.submit_compressions();
+        }
         result
     }
 
@@ -524,6 +686,7 @@ mod tests {
             max_size: 4096,
             max_backups: 2,
             mode: LogMode::Rotate,
+            compress: crate::logfile::Compression::None,
             max_age: 0,
         };
         let log = LogFile::open(&dir.join("s.log"), &dir.join("s.pos"), limits).unwrap();
@@ -557,6 +720,7 @@ mod tests {
             max_size: 4096,
             max_backups,
             mode: LogMode::Rotate,
+            compress: crate::logfile::Compression::None,
             max_age: 0,
         };
         let first = handle.reserve().await.unwrap();
@@ -605,6 +769,7 @@ mod tests {
                 max_size: 4096,
                 max_backups: 0,
                 mode: LogMode::Rotate,
+                compress: crate::logfile::Compression::None,
                 max_age: 0,
             })
             .await

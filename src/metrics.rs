@@ -50,6 +50,12 @@ pub struct Metrics {
     pub upgrade_failures: Counter,
     /// Time index entries that could not be written (the log's bytes were).
     pub index_write_failures: Counter,
+    /// Raw bytes of rotated files queued for (or being) compressed on this node.
+    pub compression_backlog_bytes: Gauge,
+    /// Raw bytes of rotated files compressed and installed.
+    pub compressed_bytes_in: Counter,
+    /// Disk bytes of the compressed files that replaced them.
+    pub compressed_bytes_out: Counter,
 }
 
 /// The values of every daemon-wide counter at one instant.
@@ -224,6 +230,21 @@ impl Metrics {
             "index_write_failures",
             "Time index entries that could not be written (the bytes were logged)",
             m.index_write_failures.clone(),
+        );
+        registry.register(
+            "compression_backlog_bytes",
+            "Raw bytes of rotated files waiting for (or in) compression",
+            m.compression_backlog_bytes.clone(),
+        );
+        registry.register(
+            "compressed_bytes_in",
+            "Raw bytes of rotated files compressed",
+            m.compressed_bytes_in.clone(),
+        );
+        registry.register(
+            "compressed_bytes_out",
+            "Disk bytes those became",
+            m.compressed_bytes_out.clone(),
         );
         registry
     }

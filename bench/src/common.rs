@@ -62,6 +62,7 @@ pub fn rotating(max_size: u64, max_backups: u32) -> LogLimits {
         max_size: Some(max_size),
         max_backups: Some(max_backups),
         mode: LogMode::Rotate.into(),
+        compress: None,
         max_age_seconds: None,
     }
 }
@@ -101,6 +102,7 @@ pub async fn create_console(
             guest: guest.into(),
             device: device.into(),
             limits,
+            ..Default::default()
         })
         .await
         .context("CreateConsole failed")?

@@ -25,7 +25,7 @@ mod report;
 mod scenario;
 mod scenarios;
 
-use scenarios::{console, guests, history, hostile, pipe, upgrade};
+use scenarios::{compress, console, guests, history, hostile, pipe, upgrade};
 
 /// Benchmarks conlogd from outside against a baseline measured in the same run.
 #[derive(Parser)]
@@ -55,6 +55,10 @@ enum Command {
     /// limits, then all at once: daemon RSS, descriptors and local ListGuests latency under
     /// attack against idle, and the memory ceiling.
     Hostile(hostile::HostileArgs),
+    /// Compressed history: depth per disk byte on console text and random bytes, daemon
+    /// CPU per GiB, ReadHistory deep in compressed against raw history, time to first byte,
+    /// pipe throughput with compression off, on, and cat.
+    Compress(compress::CompressArgs),
     /// Upgrade pause: how long logging stops during an in-place upgrade and during a
     /// takeover, with 1, 100 and 2,000 guests.
     Upgrade(upgrade::UpgradeArgs),
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
         Command::Upgrade(args) => scenario::run(args, options),
         Command::Guests(args) => scenario::run(args, options),
         Command::Hostile(args) => scenario::run(args, options),
+        Command::Compress(args) => scenario::run(args, options),
     };
     match outcome {
         Ok(report::Verdict::Correct) => ExitCode::SUCCESS,

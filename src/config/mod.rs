@@ -45,6 +45,17 @@ pub enum LogMode {
     Truncate,
 }
 
+/// Whether a stream's rotated files are compressed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Rotated files stay as they are (and `max_backups` counts them).
+    #[default]
+    None,
+    /// Rotated files are compressed with zstd in the seekable format, and kept by disk bytes.
+    Zstd,
+}
+
 /// Format of the daemon's own diagnostics on stderr.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -92,6 +103,10 @@ pub struct LogDefaults {
     /// The logs of a removed guest (or stream) are deleted this long after the removal;
     /// `0s`: off, they stay until deleted by hand or by `RemoveGuest` with `delete_logs`.
     pub removed_retention: HumanDuration,
+    /// Compress rotated files (`none` or `zstd`; docs/design.md "Compressed backups"):
+    /// with `zstd`, `max_size × (max_backups + 1)` is a budget in disk bytes and as many
+    /// rotated files are kept as fit.
+    pub compress: Compression,
 }
 
 impl Default for LogDefaults {
@@ -103,6 +118,34 @@ impl Default for LogDefaults {
             time_index: true,
             max_age: HumanDuration(Duration::ZERO),
             removed_retention: HumanDuration(Duration::ZERO),
+            compress: Compression::None,
+        }
+    }
+}
+
+/// The node's compression worker (`logs.compress: zstd` streams).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressionConfig {
+    /// Worker threads (at `nice 19`), shared by every stream of the node.
+    pub threads: usize,
+    /// zstd level (1–19).
+    pub level: i32,
+    /// Raw bytes per independent frame: what a read from any offset decompresses at most
+    /// before its first byte (64KiB–1MiB).
+    pub frame_size: ByteSize,
+    /// Rotated files waiting for the worker at most; past it a file stays raw until the next
+    /// start (the cap still holds).
+    pub queue: usize,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        Self {
+            threads: 1,
+            level: 3,
+            frame_size: ByteSize(64 << 10),
+            queue: 1024,
         }
     }
 }
@@ -344,6 +387,8 @@ pub struct Config {
     pub consoles: ConsoleConfig,
     /// History reads.
     pub history: HistoryConfig,
+    /// The compression worker.
+    pub compression: CompressionConfig,
     /// Node protection limits.
     pub limits: Limits,
     /// The console page and gRPC-web on the TCP listener.
@@ -375,6 +420,7 @@ impl Default for Config {
             handoff: HandoffConfig::default(),
             consoles: ConsoleConfig::default(),
             history: HistoryConfig::default(),
+            compression: CompressionConfig::default(),
             limits: Limits::default(),
             web: WebConfig::default(),
             keeper: KeeperMode::default(),
@@ -584,6 +630,39 @@ impl Config {
                 format!(
                     "must be between 1KiB and 4MiB (got {})",
                     self.history.chunk_size
+                ),
+            );
+        }
+        if !(1..=64).contains(&self.compression.threads) {
+            return value(
+                "compression.threads",
+                format!(
+                    "must be between 1 and 64 (got {})",
+                    self.compression.threads
+                ),
+            );
+        }
+        if !(1..=19).contains(&self.compression.level) {
+            return value(
+                "compression.level",
+                format!("must be between 1 and 19 (got {})", self.compression.level),
+            );
+        }
+        if !((64 << 10)..=(1 << 20)).contains(&self.compression.frame_size.bytes()) {
+            return value(
+                "compression.frame_size",
+                format!(
+                    "must be between 64KiB and 1MiB (got {})",
+                    self.compression.frame_size
+                ),
+            );
+        }
+        if !(1..=1_000_000).contains(&self.compression.queue) {
+            return value(
+                "compression.queue",
+                format!(
+                    "must be between 1 and 1000000 (got {})",
+                    self.compression.queue
                 ),
             );
         }

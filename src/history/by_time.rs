@@ -304,6 +304,7 @@ mod tests {
                 }
                 OpenSegment {
                     file: Arc::new(File::open(&log).unwrap()),
+                    body: crate::logfile::Body::Raw,
                     start: base,
                     len: 1000,
                     file_pos: 0,

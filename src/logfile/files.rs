@@ -19,17 +19,14 @@ pub fn backup_path(path: &Path, n: u32) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Existing backups `.1 ..= .max` with their sizes, newest first, stopping at the first gap.
+/// Existing backups `.1 ..= .max` (each `.N`, or `.N.zst` when compressed) with the raw bytes
+/// they hold, newest first, stopping at the first gap (and at a compressed file whose header
+/// cannot be read: what is older cannot be placed).
 pub fn backups_of(path: &Path, max: u32) -> Vec<(PathBuf, u64)> {
-    let mut found = Vec::new();
-    for n in 1..=max {
-        let backup = backup_path(path, n);
-        match fs::metadata(&backup) {
-            Ok(meta) => found.push((backup, meta.len())),
-            Err(_) => break,
-        }
-    }
-    found
+    super::compression::backups(path, max)
+        .into_iter()
+        .map_while(|b| Some((b.path, b.raw_len?)))
+        .collect()
 }
 
 /// Removes backups `.first ..= .last` and their indexes, oldest (highest number) first, so a
@@ -40,37 +37,46 @@ pub(crate) fn remove_backups(path: &Path, first: u32, last: u32) -> io::Result<(
     for n in (first..=last).rev() {
         let backup = backup_path(path, n);
         remove_if_exists(&backup)?;
+        remove_if_exists(&super::seekable::zst_path(path, n))?;
         remove_if_exists(&super::index::index_path(&backup))?;
     }
     Ok(())
 }
 
-/// Moves backup `.k` and its index to `.k+1`.
+/// Moves backup `.k` (raw or compressed) and its index to `.k+1`.
 pub(crate) fn shift_backup(path: &Path, k: u32) -> io::Result<()> {
     let (from, to) = (backup_path(path, k), backup_path(path, k + 1));
     rename_if_exists(&from, &to)?;
+    rename_if_exists(
+        &super::seekable::zst_path(path, k),
+        &super::seekable::zst_path(path, k + 1),
+    )?;
     rename_if_exists(
         &super::index::index_path(&from),
         &super::index::index_path(&to),
     )
 }
 
-/// Bytes of the index of the log file at `log` (0 if it has none).
+/// Bytes of the index of the log file at `log` (0 if it has none); a compressed `.N.zst`
+/// keeps the index of `.N`.
 pub(crate) fn index_len(log: &Path) -> u64 {
-    fs::symlink_metadata(super::index::index_path(log))
+    fs::symlink_metadata(super::index::index_path(&super::compression::raw_name(log)))
         .ok()
         .filter(fs::Metadata::is_file)
         .map_or(0, |m| m.len())
 }
 
-/// Removes a log file and the index beside it; true if the log file was there.
+/// Removes a log file (raw or compressed) and the index beside it; true if the log file was
+/// there.
 pub(crate) fn remove_log_file(path: &Path) -> io::Result<bool> {
     let existed = match fs::remove_file(path) {
         Ok(()) => true,
         Err(e) if e.kind() == ErrorKind::NotFound => false,
         Err(e) => return Err(e),
     };
-    remove_if_exists(&super::index::index_path(path))?;
+    remove_if_exists(&super::index::index_path(&super::compression::raw_name(
+        path,
+    )))?;
     Ok(existed)
 }
 

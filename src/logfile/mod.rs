@@ -39,12 +39,14 @@
 //!   ([`LogFile::rotate_if_full`], reads cut at [`LogFile::room`]): a crash during its syncs
 //!   loses nothing that was read (docs/operations.md, "Crash guarantees").
 
+pub(crate) mod compression;
 mod files;
 mod gaps;
 pub mod index;
 mod read;
 mod record;
 mod recover;
+pub(crate) mod seekable;
 #[cfg(test)]
 #[allow(
     clippy::cast_possible_truncation,
@@ -53,11 +55,12 @@ mod recover;
 mod tests;
 mod view;
 
+pub(crate) use crate::config::Compression;
 pub(crate) use files::write_atomically;
 pub use files::{backup_path, backups_of};
 pub(crate) use files::{delete_stream_files, expire_unwritten};
 pub(crate) use gaps::{Gaps, Piece};
-pub(crate) use read::read_tail;
+pub(crate) use read::{read_tail, Body, SegmentError};
 pub(crate) use record::Position;
 #[cfg(test)]
 use record::POSITION_RECORD_LEN;
@@ -85,8 +88,13 @@ pub(crate) const MAX_GAPS: usize = 16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct LogLimits {
     pub max_size: u64,
+    /// Rotated files kept; with compression, the budget `max_size × (max_backups + 1)` in
+    /// disk bytes, as many rotated files kept as fit (docs/design.md "Compressed backups").
     pub max_backups: u32,
     pub mode: LogMode,
+    /// Whether rotated files are compressed (records written before it existed: none).
+    #[serde(default)]
+    pub compress: Compression,
     /// Seconds: rotated files whose newest byte (their mtime) is older are deleted
     /// ([`LogFile::expire`]); 0 keeps them until the size cap pushes them out.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -130,6 +138,9 @@ pub(crate) struct Segment {
 #[derive(Debug)]
 pub(crate) struct OpenSegment {
     pub file: Arc<File>,
+    /// How the file holds its bytes: raw, or compressed with its validated seek table (read
+    /// them with [`OpenSegment::read_at`]).
+    pub body: Body,
     /// The file's time index ([`index::IndexFile::open`] reads it), if it has one; opened
     /// right after `file`, so it covers at least what `file` held then.
     #[allow(dead_code, reason = "read by history's time queries")]
@@ -193,6 +204,8 @@ pub(crate) struct LogFile {
     /// The current file's time index (a log file and its index together are at most
     /// `max_size`).
     index: index::Writer,
+    /// Compressions of rotated files: reservations, jobs handed out.
+    compression: compression::State,
 }
 
 impl LogFile {
@@ -203,6 +216,11 @@ impl LogFile {
         let position_file = creating_parent(position_path, record::open)?;
         let (found, record_len) = record::read(&position_file, position_path)?;
         let file = creating_parent(path, open_log)?;
+        // Before the backups are listed: what a crash left of a compression is put in order
+        // (one copy of each rotated file counts).
+        if let Err(e) = seekable::recover(path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot recover interrupted compressions");
+        }
         let meta = file.metadata()?;
         let len = meta.len();
         let Resumed { start, end, gaps } = recover::resume(found.as_ref(), meta.ino(), len, || {
@@ -232,6 +250,7 @@ impl LogFile {
             record_entry_synced: false,
             // Off until the owner turns it on (`logs.time_index`, [`Self::set_time_index`]).
             index: index::Writer::open(path, start, false),
+            compression: compression::State::default(),
         };
         log.forget_old_gaps();
         if let Some(record) = log.changed_position(None) {
@@ -307,22 +326,25 @@ impl LogFile {
 
     /// Bytes of this stream on disk (current file and backups, with their indexes) and the
     /// first offset still there.
+    #[cfg(test)]
     pub(crate) fn disk_usage(&self) -> (u64, u64) {
+        let usage = self.usage();
+        (usage.disk, usage.first)
+    }
+
+    /// What this stream holds on disk: disk bytes (current file, backups raw or compressed,
+    /// their indexes, compressions under way), the raw bytes of history they hold, the first
+    /// offset, rotated files kept, and raw bytes waiting to be compressed.
+    pub(crate) fn usage(&self) -> compression::Usage {
         let segments = self.segments();
-        let mut files: Vec<&Path> = segments.iter().map(|s| s.path.as_path()).collect();
-        files.dedup();
-        let indexes: u64 = files
-            .iter()
-            .map(|p| {
-                if *p == self.path {
-                    self.index.len()
-                } else {
-                    files::index_len(p)
-                }
-            })
-            .sum();
-        let bytes = segments.iter().map(|s| s.len).sum::<u64>() + indexes;
-        (bytes, segments.first().map_or(self.end, |s| s.start))
+        let (disk, raw, backups) = self.disk_figures(&segments);
+        compression::Usage {
+            disk,
+            raw,
+            first: segments.first().map_or(self.end, |s| s.start),
+            backups,
+            backlog: self.compression_backlog(),
+        }
     }
 
     /// Turns the time index on or off (`logs.time_index`); off, no index is written (those
@@ -374,7 +396,7 @@ impl LogFile {
     pub(crate) fn segments(&self) -> Vec<Segment> {
         segments_of(
             &self.path,
-            backups_of(&self.path, self.limits.backups_kept()),
+            backups_of(&self.path, self.backup_scan()),
             &self.gaps,
             (self.start, self.size, self.end),
         )
@@ -383,6 +405,8 @@ impl LogFile {
     /// Opens (read-only) every file holding offsets at or after `from`, oldest first. The
     /// descriptors stay valid whatever rotations happen later, so a reader outside the owning
     /// actor reads a consistent snapshot: never a torn or mixed chunk.
+    /// A compressed file's seek table is read and validated here, once per file: one that
+    /// fails is served as a gap with the reason ([`Body::Unreadable`]).
     pub(crate) fn open_segments(&self, from: u64) -> io::Result<Vec<OpenSegment>> {
         open_segments_of(self.segments(), from)
     }
@@ -608,9 +632,17 @@ impl LogFile {
                 *len + index > self.limits.max_size
             })
             .unwrap_or(backups.len())
-            .min(keep as usize);
+            // Kept by bytes (below), not counted, when compressed.
+            .min(if self.by_bytes() {
+                backups.len()
+            } else {
+                keep as usize
+            });
         if cut < backups.len() {
             files::remove_backups(&self.path, count(cut) + 1, count(backups.len()))?;
+        }
+        if self.by_bytes() {
+            self.make_disk_room(0, None)?;
         }
         self.forget_old_gaps();
         self.save_position(None)
@@ -663,9 +695,14 @@ impl LogFile {
             remove_if_exists(&self.path)?;
             remove_if_exists(&index)?;
         } else {
-            files::remove_backups(&self.path, keep, keep)?;
-            for k in (1..keep).rev() {
-                files::shift_backup(&self.path, k)?;
+            if self.by_bytes() {
+                // As many as fit in the budget beside the file rotated now (docs/design.md "Compressed backups").
+                self.shift_by_bytes(self.size + self.index.len())?;
+            } else {
+                files::remove_backups(&self.path, keep, keep)?;
+                for k in (1..keep).rev() {
+                    files::shift_backup(&self.path, k)?;
+                }
             }
             rename_if_exists(&self.path, &backup_path(&self.path, 1))?;
             fault::point("logfile.rotate.index");
@@ -831,31 +868,40 @@ fn segments_of(
 /// Opens (read-only) the files of `segments` holding offsets at or after `from`.
 fn open_segments_of(segments: Vec<Segment>, from: u64) -> io::Result<Vec<OpenSegment>> {
     let mut open = Vec::new();
-    let mut last: Option<(PathBuf, Arc<File>, Option<Arc<File>>)> = None;
+    // The file last opened (segments of one file share it): path, log, index, body.
+    type Opened = (PathBuf, Arc<File>, Option<Arc<File>>, Body);
+    let mut last: Option<Opened> = None;
     for s in segments {
         if s.start + s.len <= from && !s.growable {
             continue;
         }
-        let (file, index) = match &last {
-            Some((path, file, index)) if *path == s.path => (file.clone(), index.clone()),
+        let (file, index, body) = match &last {
+            Some((path, file, index, body)) if *path == s.path => {
+                (file.clone(), index.clone(), body.clone())
+            }
             _ => match File::open(&s.path) {
                 Ok(file) => {
-                    // After the log: whatever the log held then, its index covers.
-                    let index = match File::open(index::index_path(&s.path)) {
+                    // After the log: whatever the log held then, its index covers. A
+                    // compressed `.N.zst` keeps the index of `.N`.
+                    let index_path = index::index_path(&compression::raw_name(&s.path));
+                    let index = match File::open(index_path) {
                         Ok(index) => Some(Arc::new(index)),
                         Err(e) if e.kind() == ErrorKind::NotFound => None,
                         Err(e) => return Err(e),
                     };
-                    (Arc::new(file), index)
+                    // A compressed file's table is read and validated here, once per file.
+                    let body = Body::of(&file, &s.path);
+                    (Arc::new(file), index, body)
                 }
                 // A file removed behind our back: its bytes are gone, the reader reports a gap.
                 Err(e) if e.kind() == ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             },
         };
-        last = Some((s.path, file.clone(), index.clone()));
+        last = Some((s.path, file.clone(), index.clone(), body.clone()));
         open.push(OpenSegment {
             file,
+            body,
             index,
             start: s.start,
             len: s.len,

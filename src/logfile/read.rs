@@ -1,13 +1,111 @@
-//! Reading offsets back from a stream's segments: pure functions of [`Segment`]s, for the
-//! console's replay.
+//! Reading offsets back from a stream's files, raw or compressed: [`OpenSegment::read_at`]
+//! for history readers, and pure functions of [`Segment`]s for the console's replay.
 //!
 //! Owns turning "the last N bytes" and "offsets `from .. to`" into bytes read from the files
-//! that held them when the segments were taken. It only opens and reads files; it never writes,
-//! renames or deletes one, never asks an actor anything, and reads at most the range asked for.
+//! that held them when the segments were taken, and telling a raw file from a compressed one
+//! ([`Body`]). It only opens and reads files; it never writes, renames or deletes one, never
+//! asks an actor anything, and reads at most the range asked for (a compressed file: at most
+//! one frame decompressed before the first byte returned).
 
-use super::Segment;
+use super::compression::is_compressed;
+use super::seekable::{self, SeekTable};
+use super::{OpenSegment, Segment};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// How a log file holds its bytes.
+#[derive(Clone, Debug)]
+pub(crate) enum Body {
+    /// As logged.
+    Raw,
+    /// Compressed, with its validated seek table and its file name (for reasons).
+    Zstd(Arc<SeekTable>, Arc<str>),
+    /// Compressed, but its table is unreadable: every offset it held is lost, for this reason.
+    Unreadable(Arc<str>),
+}
+
+impl Body {
+    /// The body of the file at `path`, open as `file`: a `.zst` file's table is validated.
+    pub(crate) fn of(file: &File, path: &Path) -> Self {
+        if !is_compressed(path) {
+            return Body::Raw;
+        }
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        match SeekTable::read(file) {
+            Ok(table) => Body::Zstd(Arc::new(table), name.into()),
+            Err(e) => Body::Unreadable(format!("unreadable compressed file {name}: {e}").into()),
+        }
+    }
+}
+
+/// What reading a segment can fail at.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SegmentError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// Offsets `from .. to` cannot be read back (a corrupted compressed frame): a gap with
+    /// this reason; the rest of the file reads on.
+    #[error("{reason}")]
+    Lost { from: u64, to: u64, reason: String },
+}
+
+impl OpenSegment {
+    /// Reads up to `len` bytes at absolute offset `offset` (inside this segment). Fewer when
+    /// the file turns out shorter (cut behind our back: nothing at all then), and, compressed,
+    /// never past the end of the frame holding `offset`, so that a sequential reader
+    /// decompresses every frame once.
+    pub(crate) fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, SegmentError> {
+        let end = self.start + self.len;
+        // At most `len`, a usize.
+        let len = usize::try_from(end.saturating_sub(offset)).map_or(len, |left| left.min(len));
+        let pos = self.file_pos + offset.saturating_sub(self.start);
+        match &self.body {
+            Body::Raw => {
+                let mut buffer = vec![0u8; len];
+                let read = self.file.read_at(&mut buffer, pos)?;
+                buffer.truncate(read);
+                Ok(buffer)
+            }
+            Body::Zstd(table, name) => {
+                seekable::read_at(&self.file, table, pos, len).map_err(|e| self.lost(e, name))
+            }
+            Body::Unreadable(reason) => Err(SegmentError::Lost {
+                from: self.start,
+                to: end,
+                reason: reason.to_string(),
+            }),
+        }
+    }
+
+    /// A frame that cannot be read, as the offsets of this segment it held.
+    fn lost(&self, e: seekable::ReadError, name: &str) -> SegmentError {
+        match e {
+            seekable::ReadError::Io(e) => SegmentError::Io(e),
+            seekable::ReadError::Beyond(_) => SegmentError::Io(io::ErrorKind::UnexpectedEof.into()),
+            seekable::ReadError::Corrupt {
+                frame,
+                from,
+                to,
+                reason,
+            } => {
+                let at = |raw: u64| {
+                    (self.start + raw.saturating_sub(self.file_pos))
+                        .clamp(self.start, self.start + self.len)
+                };
+                SegmentError::Lost {
+                    from: at(from),
+                    to: at(to),
+                    reason: format!(
+                        "corrupted compressed frame in {name} (frame {frame}): {reason}"
+                    ),
+                }
+            }
+        }
+    }
+}
 
 /// Reads the last `n` bytes held by `segments` (oldest first). Returns the offset of the first
 /// byte returned and the bytes; fewer than `n` if less is on disk. The bytes are contiguous:
@@ -37,11 +135,33 @@ pub(crate) fn read_range(segments: &[Segment], from: u64, to: u64) -> io::Result
         }
         let start = from.max(segment.start);
         let stop = to.min(seg_end);
-        let mut file = File::open(&segment.path)?;
-        file.seek(SeekFrom::Start(segment.file_pos + start - segment.start))?;
         let wanted = stop - start;
         let before = out.len();
-        file.take(wanted).read_to_end(&mut out)?;
+        let file = File::open(&segment.path)?;
+        let pos = segment.file_pos + start - segment.start;
+        if is_compressed(&segment.path) {
+            // A corrupted frame ends the read like a cut file: what is returned is always a
+            // run of offsets that follow each other.
+            let Ok(table) = SeekTable::read(&file) else {
+                break;
+            };
+            let mut at = pos;
+            while at < pos + wanted {
+                // At most `wanted`, a capacity hint's size.
+                let left = usize::try_from(pos + wanted - at).unwrap_or(usize::MAX);
+                match seekable::read_at(&file, &table, at, left) {
+                    Ok(bytes) if !bytes.is_empty() => {
+                        at += bytes.len() as u64;
+                        out.extend_from_slice(&bytes);
+                    }
+                    _ => break,
+                }
+            }
+        } else {
+            let mut file = file;
+            file.seek(SeekFrom::Start(pos))?;
+            (&mut file).take(wanted).read_to_end(&mut out)?;
+        }
         if u64::try_from(out.len() - before).is_ok_and(|read| read < wanted) {
             break;
         }
@@ -60,6 +180,7 @@ mod tests {
             max_size: 4096,
             max_backups: 3,
             mode: LogMode::Rotate,
+            compress: crate::logfile::Compression::None,
             max_age: 0,
         };
         LogFile::open(&dir.join("s.log"), &dir.join("s.pos"), limits).unwrap()

@@ -9,6 +9,7 @@ fn limits(max_size: u64, max_backups: u32, mode: LogMode) -> LogLimits {
         max_size,
         max_backups,
         mode,
+        compress: crate::logfile::Compression::None,
         max_age: 0,
     }
 }

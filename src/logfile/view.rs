@@ -9,9 +9,10 @@
 //! position record), and its segments never grow: a stream created again under the same name
 //! is read through its own writer, not through a view.
 
+use super::compression::raw_name;
 use super::files::{backup_path, MAX_SCAN};
 use super::recover::{self, Resumed};
-use super::{record, segments_of, OpenSegment, Segment};
+use super::{record, segments_of, Body, OpenSegment, Segment};
 use std::fs::File;
 use std::io::{self, ErrorKind};
 use std::os::unix::fs::MetadataExt;
@@ -22,9 +23,9 @@ use std::sync::Arc;
 /// stream of the same name is created again and rotates at that very moment).
 const SNAPSHOT_ATTEMPTS: usize = 5;
 
-/// A log file the view opened, with its time index if it has one (`None` for a file that is
-/// no longer the one mapped).
-type Opened = (Arc<File>, Option<Arc<File>>);
+/// A log file the view opened, with its time index if it has one and its body (raw or
+/// compressed); `None` for a file that is no longer the one mapped.
+type Opened = (Arc<File>, Option<Arc<File>>, Body);
 
 /// The files of a stream nobody writes, mapped to offsets as they were when the view opened.
 #[derive(Debug)]
@@ -131,13 +132,15 @@ impl LogView {
                 _ => {
                     let file = match File::open(&s.path) {
                         Ok(file) if file.metadata()?.ino() == *inode => {
-                            // After the log: whatever the log held then, its index covers.
-                            let index = match File::open(super::index::index_path(&s.path)) {
+                            // After the log, as the actor opens them; `.N.zst` keeps `.N`'s.
+                            let index_path = super::index::index_path(&raw_name(&s.path));
+                            let index = match File::open(index_path) {
                                 Ok(index) => Some(Arc::new(index)),
                                 Err(e) if e.kind() == ErrorKind::NotFound => None,
                                 Err(e) => return Err(e),
                             };
-                            Some((Arc::new(file), index))
+                            let body = Body::of(&file, &s.path);
+                            Some((Arc::new(file), index, body))
                         }
                         Ok(_) => None,
                         Err(e) if e.kind() == ErrorKind::NotFound => None,
@@ -147,9 +150,12 @@ impl LogView {
                     file
                 }
             };
-            let Some((file, index)) = file else { continue };
+            let Some((file, index, body)) = file else {
+                continue;
+            };
             open.push(OpenSegment {
                 file,
+                body,
                 index,
                 start: s.start,
                 len: s.len,
@@ -177,6 +183,7 @@ mod tests {
             max_backups: 2,
             mode: LogMode::Rotate,
             max_age: 0,
+            compress: crate::logfile::Compression::None,
         };
         let mut log = LogFile::open(&path, &pos, limits).unwrap();
         log.append(&[b'a'; 5000]).unwrap();

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::guests::{Actor, Guests, LimitsOverride, StreamKind, StreamSnapshot};
 use crate::handoff::{create_pipe, Handoffs};
 use crate::log_owner::LogError;
+use crate::logfile::Compression;
 use crate::names::{self, GuestName, StreamName};
 use crate::proto::{self, agent_server::Agent};
 use crate::tokens::{Access, Grant, TokenKey};
@@ -72,10 +73,22 @@ fn limits_from_proto(limits: Option<proto::LogLimits>) -> Result<LimitsOverride>
             )))
         }
     };
+    let compress = match limits.compress.map(proto::Compression::try_from) {
+        None | Some(Ok(proto::Compression::Unspecified)) => None,
+        Some(Ok(proto::Compression::None)) => Some(Compression::None),
+        Some(Ok(proto::Compression::Zstd)) => Some(Compression::Zstd),
+        Some(Err(_)) => {
+            return Err(Error::InvalidArgument(format!(
+                "limits.compress {} is not a Compression (NONE = 1, ZSTD = 2)",
+                limits.compress.unwrap_or_default()
+            )))
+        }
+    };
     Ok(LimitsOverride {
         max_size: limits.max_size,
         max_backups: limits.max_backups,
         mode,
+        compress,
         max_age: limits.max_age_seconds,
     })
 }
@@ -115,6 +128,9 @@ fn stream_info(s: StreamSnapshot) -> proto::StreamInfo {
         broken: f.broken,
         writer: writer.unwrap_or_default(),
         attached: f.attached.into_iter().map(|c| c.label).collect(),
+        raw_bytes: f.raw_bytes,
+        backups: f.backups,
+        compression_backlog_bytes: f.compression_backlog,
     }
 }
 

@@ -408,12 +408,12 @@ fn chunk(item: HistoryItem, text: bool) -> HistoryChunk {
                 })
                 .collect(),
         },
-        HistoryItem::Gap { from, to } => HistoryChunk {
+        HistoryItem::Gap { from, to, reason } => HistoryChunk {
             offset: to,
             gap: Some(proto::Gap {
                 from_offset: from,
                 to_offset: to,
-                reason: String::new(),
+                reason,
             }),
             ..Default::default()
         },

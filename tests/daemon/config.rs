@@ -153,6 +153,17 @@ async fn bad_values_are_one_line_errors() {
         ("listen: not-an-address\n", &["listen", "line 1"]),
         ("insecure: maybe\n", &["insecure", "line 1"]),
         (
+            "logs:\n  compress: gzip\n",
+            &["gzip", "none", "zstd", "line 2"],
+        ),
+        (
+            "compression:\n  frame_size: 4KiB\n",
+            &["compression.frame_size", "64KiB", "1MiB"],
+        ),
+        ("compression:\n  level: 22\n", &["compression.level", "19"]),
+        ("compression:\n  threads: 0\n", &["compression.threads"]),
+        ("compression:\n  queue: 0\n", &["compression.queue"]),
+        (
             "consoles:\n  socket_group: no-such-group-conlog\n",
             &[
                 "consoles.socket_group",

@@ -169,6 +169,7 @@ async fn bad_names_and_limits_are_invalid_arguments() {
             max_size: None,
             max_backups: None,
             mode: 7,
+            compress: None,
             max_age_seconds: None,
         }),
     )

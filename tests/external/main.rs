@@ -1,6 +1,6 @@
 //! The external-tools tier: the daemon against real third-party programs — `tmux` as a
 //! terminal, `grpcurl`, Python's `grpcio`, QEMU booting a guest, headless Chromium driven by
-//! `node`/`playwright-core`, and `strace --inject` (docs/testing.md "Test tiers"). Built only
+//! `node`/`playwright-core`, `strace --inject`, and the `zstd` CLI (docs/testing.md "Test tiers"). Built only
 //! with `--features external-tools`, which `bash scripts/test.sh` (the README's test command)
 //! always enables after installing these tools; inside the tier a missing tool fails its test
 //! with a message naming it, it is never skipped.
@@ -16,3 +16,4 @@ mod python_agent;
 mod qemu_guest;
 mod takeover_failure;
 mod web_console;
+mod zstd_cli;

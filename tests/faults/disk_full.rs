@@ -58,6 +58,7 @@ async fn a_full_disk_drops_counts_and_recovers() {
         max_size: Some(MAX_SIZE),
         max_backups: Some(1),
         mode: LogMode::Rotate.into(),
+        compress: None,
         max_age_seconds: None,
     };
     let (_, mut pipe) = open_pipe(&mut agent, "vm1", "qemu", Some(limits)).await;
@@ -167,6 +168,7 @@ async fn a_full_disk_on_a_console_drops_counts_and_recovers() {
         max_size: Some(16 << 10),
         max_backups: Some(1),
         mode: LogMode::Rotate.into(),
+        compress: None,
         max_age_seconds: None,
     };
     let reply = create_console(&mut agent, "vm1", "", Some(limits))

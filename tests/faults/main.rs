@@ -14,6 +14,7 @@ mod support;
 #[path = "../upgrade_common/mod.rs"]
 mod upgrade_common;
 
+mod compression;
 mod crash_keeper;
 mod crash_keeper_fault;
 mod crash_recovery;

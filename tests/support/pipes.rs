@@ -19,6 +19,7 @@ pub fn limits(max_size: u64, max_backups: u32, mode: proto::LogMode) -> proto::L
         max_size: Some(max_size),
         max_backups: Some(max_backups),
         mode: mode.into(),
+        compress: None,
         max_age_seconds: None,
     }
 }

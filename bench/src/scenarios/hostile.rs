@@ -809,6 +809,7 @@ async fn writer(target: Arc<Target>, g: usize) -> anyhow::Result<Writer> {
             .send_console_input(SendConsoleInputRequest {
                 session_id: session.clone(),
                 data: filler.clone(),
+                ..Default::default()
             })
             .await;
         match sent {
@@ -854,6 +855,7 @@ async fn input_flood(target: Arc<Target>, writers: Arc<Vec<Writer>>) -> Held {
                     .send_console_input(SendConsoleInputRequest {
                         session_id: writer.session.clone(),
                         data,
+                        ..Default::default()
                     })
                     .await;
                 let _ = done_tx.send(outcome.map(|_| ()).map_err(|s| limit_named(&s)));
@@ -938,6 +940,7 @@ async fn probe(agent: &mut AgentClient<Channel>, n: usize, round: usize) -> Prob
             guest: guest.clone(),
             device: String::new(),
             limits: None,
+            ..Default::default()
         })
         .await
     {

@@ -2,6 +2,7 @@
 //! [`Scenario`](crate::scenario::Scenario). Each module's documentation says what it measures,
 //! against which baseline, and what makes a run WRONG.
 
+pub mod compress;
 pub mod console;
 pub mod guests;
 pub mod history;

@@ -549,6 +549,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                     } else {
                         0
                     },
+                    compress: None,
                     max_age_seconds: None,
                 }
             });
@@ -841,10 +842,17 @@ async fn print_history(
                         Err(status) => return Err(refused(status)),
                     };
                     if let Some(gap) = &chunk.gap {
-                        eprintln!(
-                            "[conlog: offsets {}..{} are no longer on disk]",
-                            gap.from_offset, gap.to_offset
-                        );
+                        if gap.reason.is_empty() {
+                            eprintln!(
+                                "[conlog: offsets {}..{} are no longer on disk]",
+                                gap.from_offset, gap.to_offset
+                            );
+                        } else {
+                            eprintln!(
+                                "[conlog: offsets {}..{} cannot be read: {}]",
+                                gap.from_offset, gap.to_offset, gap.reason
+                            );
+                        }
                     }
                     if let Some(event) = &chunk.event {
                         let key = (event.offset, event.time.as_ref().map_or(0, times::nanos_of));
@@ -1024,6 +1032,9 @@ fn guests_json(reply: &proto::ListGuestsResponse) -> serde_json::Value {
                         "open": s.open,
                         "log_path": s.log_path,
                         "bytes_on_disk": s.bytes_on_disk,
+                        "raw_bytes": s.raw_bytes,
+                        "backups": s.backups,
+                        "compression_backlog_bytes": s.compression_backlog_bytes,
                         "max_size": s.max_size,
                         "max_backups": s.max_backups,
                         "mode": mode,

@@ -464,6 +464,7 @@ mod with_the_log {
                 max_size: 4096,
                 max_backups: backups,
                 mode,
+                compress: crate::logfile::Compression::None,
                 max_age: 0,
             };
             let open = || {
@@ -536,6 +537,7 @@ mod with_the_log {
             max_size: 1 << 20,
             max_backups: 1,
             mode: LogMode::Rotate,
+            compress: crate::logfile::Compression::None,
             max_age: 0,
         };
         let mut log = LogFile::open(&path, &dir.path().join("s.pos"), limits).unwrap();
@@ -592,6 +594,7 @@ mod with_the_log {
             max_size: 4096,
             max_backups: 1,
             mode: LogMode::Rotate,
+            compress: crate::logfile::Compression::None,
             max_age: 0,
         };
         let mut log =

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file conlog/v1/common.proto.
  */
 export const file_conlog_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("ChZjb25sb2cvdjEvY29tbW9uLnByb3RvEgljb25sb2cudjEirQEKCUxvZ0xpbWl0cxIVCghtYXhfc2l6ZRgBIAEoBEgAiAEBEhgKC21heF9iYWNrdXBzGAIgASgNSAGIAQESIAoEbW9kZRgDIAEoDjISLmNvbmxvZy52MS5Mb2dNb2RlEhwKD21heF9hZ2Vfc2Vjb25kcxgEIAEoBEgCiAEBQgsKCV9tYXhfc2l6ZUIOCgxfbWF4X2JhY2t1cHNCEgoQX21heF9hZ2Vfc2Vjb25kcypPCgdMb2dNb2RlEhgKFExPR19NT0RFX1VOU1BFQ0lGSUVEEAASEwoPTE9HX01PREVfUk9UQVRFEAESFQoRTE9HX01PREVfVFJVTkNBVEUQAio6CgZBY2Nlc3MSFgoSQUNDRVNTX1VOU1BFQ0lGSUVEEAASCAoEUkVBRBABEg4KClJFQURfV1JJVEUQAmIGcHJvdG8z");
+  fileDesc("ChZjb25sb2cvdjEvY29tbW9uLnByb3RvEgljb25sb2cudjEi6QEKCUxvZ0xpbWl0cxIVCghtYXhfc2l6ZRgBIAEoBEgAiAEBEhgKC21heF9iYWNrdXBzGAIgASgNSAGIAQESIAoEbW9kZRgDIAEoDjISLmNvbmxvZy52MS5Mb2dNb2RlEhwKD21heF9hZ2Vfc2Vjb25kcxgEIAEoBEgCiAEBEi0KCGNvbXByZXNzGAUgASgOMhYuY29ubG9nLnYxLkNvbXByZXNzaW9uSAOIAQFCCwoJX21heF9zaXplQg4KDF9tYXhfYmFja3Vwc0ISChBfbWF4X2FnZV9zZWNvbmRzQgsKCV9jb21wcmVzcypPCgdMb2dNb2RlEhgKFExPR19NT0RFX1VOU1BFQ0lGSUVEEAASEwoPTE9HX01PREVfUk9UQVRFEAESFQoRTE9HX01PREVfVFJVTkNBVEUQAipWCgtDb21wcmVzc2lvbhIbChdDT01QUkVTU0lPTl9VTlNQRUNJRklFRBAAEhQKEENPTVBSRVNTSU9OX05PTkUQARIUChBDT01QUkVTU0lPTl9aU1REEAIqOgoGQWNjZXNzEhYKEkFDQ0VTU19VTlNQRUNJRklFRBAAEggKBFJFQUQQARIOCgpSRUFEX1dSSVRFEAJiBnByb3RvMw");
 
 /**
  * Per-stream override of the configured log limits. Unset fields keep the default
@@ -29,13 +29,16 @@ export type LogLimits = Message<"conlog.v1.LogLimits"> & {
   maxSize?: bigint | undefined;
 
   /**
-   * rotated files kept (rotate mode)
+   * rotated files kept (rotate mode); compressed: the disk
    *
    * @generated from field: optional uint32 max_backups = 2;
    */
   maxBackups?: number | undefined;
 
   /**
+   * budget is max_size × (max_backups + 1), as many rotated
+   * files kept as fit
+   *
    * @generated from field: conlog.v1.LogMode mode = 3;
    */
   mode: LogMode;
@@ -47,6 +50,13 @@ export type LogLimits = Message<"conlog.v1.LogLimits"> & {
    * @generated from field: optional uint64 max_age_seconds = 4;
    */
   maxAgeSeconds?: bigint | undefined;
+
+  /**
+   * rotated files compressed (zstd) or not
+   *
+   * @generated from field: optional conlog.v1.Compression compress = 5;
+   */
+  compress?: Compression | undefined;
 };
 
 /**
@@ -91,6 +101,38 @@ export const LogModeSchema: GenEnum<LogMode> = /*@__PURE__*/
   enumDesc(file_conlog_v1_common, 0);
 
 /**
+ * Whether a stream's rotated files are compressed (docs/design.md "Compressed backups").
+ *
+ * @generated from enum conlog.v1.Compression
+ */
+export enum Compression {
+  /**
+   * use the daemon's configured default
+   *
+   * @generated from enum value: COMPRESSION_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * @generated from enum value: COMPRESSION_NONE = 1;
+   */
+  NONE = 1,
+
+  /**
+   * zstd seekable format, readable with plain `zstd -d`
+   *
+   * @generated from enum value: COMPRESSION_ZSTD = 2;
+   */
+  ZSTD = 2,
+}
+
+/**
+ * Describes the enum conlog.v1.Compression.
+ */
+export const CompressionSchema: GenEnum<Compression> = /*@__PURE__*/
+  enumDesc(file_conlog_v1_common, 1);
+
+/**
  * Access level of a remote console token.
  *
  * @generated from enum conlog.v1.Access
@@ -120,5 +162,5 @@ export enum Access {
  * Describes the enum conlog.v1.Access.
  */
 export const AccessSchema: GenEnum<Access> = /*@__PURE__*/
-  enumDesc(file_conlog_v1_common, 1);
+  enumDesc(file_conlog_v1_common, 2);
 
