@@ -946,7 +946,7 @@ mod tests {
             .iter()
             .map(|i| match i {
                 HistoryItem::Event(e) => format!("event {} at {}", e.kind, e.offset),
-                HistoryItem::Gap { from, to } => format!("gap {from}..{to}"),
+                HistoryItem::Gap { from, to, .. } => format!("gap {from}..{to}"),
                 HistoryItem::Data { offset, data, .. } => {
                     format!("data {offset} {}", String::from_utf8_lossy(data))
                 }
