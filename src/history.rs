@@ -271,11 +271,40 @@ struct Reader {
     sender: mpsc::Sender<Result<HistoryItem>>,
 }
 
+/// What [`Reader::send_event_at`] did.
+enum Sent {
+    Nothing,
+    Event,
+    ClientGone,
+}
+
 impl Reader {
     async fn run(mut self) {
         if let Err(e) = self.pump().await {
             let _ = self.sender.send(Err(e)).await;
         }
+    }
+
+    /// Sends the next event the index holds at `position`, if any (the `events` option decides
+    /// which are sent, `since` passes over older ones). Takes the fields it needs, not `self`:
+    /// the caller holds the current segment.
+    async fn send_event_at(
+        times: &mut Times,
+        sender: &mpsc::Sender<Result<HistoryItem>>,
+        position: u64,
+        request: &HistoryRequest,
+        since: Option<i64>,
+    ) -> Result<Sent> {
+        let event = times
+            .before(position, request.events, since)
+            .map_err(io_error("cannot read a time index"))?;
+        let Some(event) = event else {
+            return Ok(Sent::Nothing);
+        };
+        if sender.send(Ok(HistoryItem::Event(event))).await.is_err() {
+            return Ok(Sent::ClientGone);
+        }
+        Ok(Sent::Event)
     }
 
     /// Streams until the limit, the end (without follow), the client leaving, or the stream
@@ -316,20 +345,18 @@ impl Reader {
                     }
                     continue;
                 }
-                let event = self
-                    .times
-                    .before(self.position, self.request.events, self.since)
-                    .map_err(io_error("cannot read a time index"))?;
-                if let Some(event) = event {
-                    if self
-                        .sender
-                        .send(Ok(HistoryItem::Event(event)))
-                        .await
-                        .is_err()
-                    {
-                        return Ok(());
-                    }
-                    continue;
+                match Self::send_event_at(
+                    &mut self.times,
+                    &self.sender,
+                    self.position,
+                    &self.request,
+                    self.since,
+                )
+                .await?
+                {
+                    Sent::Nothing => {}
+                    Sent::Event => continue,
+                    Sent::ClientGone => return Ok(()),
                 }
             }
             if self.position >= seg_end {
@@ -342,20 +369,18 @@ impl Reader {
                 // Events recorded at our position before the gap are in the index of the
                 // file read so far (still followed): they come before it.
                 if timed {
-                    let event = self
-                        .times
-                        .before(self.position, self.request.events, self.since)
-                        .map_err(io_error("cannot read a time index"))?;
-                    if let Some(event) = event {
-                        if self
-                            .sender
-                            .send(Ok(HistoryItem::Event(event)))
-                            .await
-                            .is_err()
-                        {
-                            return Ok(());
-                        }
-                        continue;
+                    match Self::send_event_at(
+                        &mut self.times,
+                        &self.sender,
+                        self.position,
+                        &self.request,
+                        self.since,
+                    )
+                    .await?
+                    {
+                        Sent::Nothing => {}
+                        Sent::Event => continue,
+                        Sent::ClientGone => return Ok(()),
                     }
                 }
                 // Our position was rotated away between two snapshots.
