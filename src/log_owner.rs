@@ -164,10 +164,6 @@ pub enum LogCommand {
     SetLimits(Box<LogLimits>, oneshot::Sender<io::Result<()>>),
     Figures(oneshot::Sender<Figures>),
     OpenSegments(u64, oneshot::Sender<io::Result<Vec<OpenSegment>>>),
-    /// Record an event in the time index at the stream's end (see [`LogFile::note_event`]).
-    /// Boxed like [`Close`]: events are rare.
-    #[allow(dead_code, reason = "sent by LogHandle::note_event")]
-    Event(Box<(EventKind, String)>),
     /// From the compression worker (boxed: rare).
     Compression(Box<CompressionCommand>),
     /// Delete the rotated files older than the stream's `max_age` (age retention); answers
@@ -346,7 +342,7 @@ impl Mailbox for Removed {
                 let _ = reply.send(Ok(0));
             }
             // Nothing is written to a removed stream, nor compressed (a dropped reply is "no").
-            LogCommand::Event(_) | LogCommand::Compression(_) => {}
+            LogCommand::Compression(_) => {}
             LogCommand::Close(close) => close.done(),
         }
         Box::pin(std::future::ready(Ok(())))
@@ -447,18 +443,6 @@ impl LogHandle {
             .await??)
     }
 
-    /// Records `kind` (with `detail`) in the stream's time index before its next byte. Does
-    /// not wait for the actor to write it.
-    #[allow(
-        dead_code,
-        reason = "the time index's API for events the daemon notes from outside a stream's actor"
-    )]
-    pub async fn note_event(&self, kind: EventKind, detail: &str) -> Result<(), ActorGone> {
-        self.commands
-            .post(LogCommand::Event(Box::new((kind, detail.to_owned()))))
-            .await
-    }
-
     /// Drains the stream's source, tells its clients `reason`, syncs the log and stops the
     /// actor; `removed` says the stream will not come back (readers following it end). Returns
     /// at once if the actor has stopped already.
@@ -545,10 +529,6 @@ impl LogOwner {
             }
             LogCommand::OpenSegments(from, reply) => {
                 let _ = reply.send(self.log.open_segments(from));
-            }
-            LogCommand::Event(event) => {
-                let (kind, detail) = *event;
-                self.note_event(kind, &detail);
             }
             LogCommand::Compression(command) => match *command {
                 CompressionCommand::Open {

@@ -394,9 +394,9 @@ impl ConsoleActor {
             self.owner.note_event(EventKind::GuestDisconnected, why);
         }
         self.owner.note_event(EventKind::GuestConnected, "");
+        // Nothing of the old connection's input goes to the new one (the guest is taken, so
+        // no half-written pair is kept for it).
         self.drop_writing(Some(ConsoleError::GuestReplaced(self.handle.name.clone())));
-        // Nothing of the old connection's input goes to the new one.
-        self.writing = None;
         // The keeper holds the new connection in place of the old one (crate::keeper).
         crate::keeper::hold(&self.held_as(crate::keeper::names::CONNECTION), {
             use std::os::fd::AsFd;
@@ -460,7 +460,6 @@ impl ConsoleActor {
             console: self.handle.name.clone(),
             why: why.to_string(),
         }));
-        self.writing = None;
         self.handle.console.guest_connected.store(false, Relaxed);
         self.owner.note_event(EventKind::GuestDisconnected, why);
         tracing::info!(why, "guest disconnected");

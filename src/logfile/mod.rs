@@ -143,7 +143,6 @@ pub(crate) struct OpenSegment {
     pub body: Body,
     /// The file's time index ([`index::IndexFile::open`] reads it), if it has one; opened
     /// right after `file`, so it covers at least what `file` held then.
-    #[allow(dead_code, reason = "read by history's time queries")]
     pub index: Option<Arc<File>>,
     pub start: u64,
     pub len: u64,
@@ -365,7 +364,7 @@ impl LogFile {
             return;
         }
         let planned = self.index.plan_event(self.end, now, kind, detail);
-        if self.size + self.index.len() + planned.len() > self.limits.max_size {
+        if planned.len() > self.pair_room() {
             self.index.skipped(
                 &self.path,
                 "no room left for the event in the current log file",
@@ -457,17 +456,14 @@ impl LogFile {
     fn append_counting(&mut self, mut data: &[u8], logged: &mut usize) -> io::Result<()> {
         while !data.is_empty() {
             let now = clock::now();
-            let mut room = self.make_room()?;
-            // The entry goes into the index of the file that receives the byte, and the pair
-            // must hold it and at least one byte.
+            let room = self.make_room()?;
+            // The entry goes into the index of the file that receives the byte. `make_room`
+            // leaves at least the write reserve (more than one write's entries) in the pair, so
+            // the entry and a byte fit; only a pair smaller than that (a `max_size` config and
+            // limits refuse) leaves the entry out rather than the byte.
             let mut planned = self.index.plan_write(self.end, now);
             if planned.len() >= room {
-                self.rotate(self.limits.backups_kept())?;
-                room = self.pair_room();
-                planned = self.index.plan_write(self.end, now);
-                if planned.len() >= room {
-                    planned = index::Planned::default();
-                }
+                planned = index::Planned::default();
             }
             let n = usize::try_from(room - planned.len())
                 .map_or(data.len(), |room| room.min(data.len()));

@@ -255,12 +255,8 @@ impl Writer {
                 && since(self.last_write) < CONTINUOUS_NS
                 && offset.saturating_sub(self.last_entry_offset) >= CONTINUOUS_BYTES);
         if !due {
-            return Planned {
-                hw: self.hw,
-                clock_offset: self.clock_offset,
-                stepped: self.stepped,
-                ..Planned::default()
-            };
+            // No entry: `commit` reads nothing else of it.
+            return Planned::default();
         }
         self.plan(offset, now, None)
     }
@@ -395,10 +391,7 @@ impl Writer {
                 self.failed(log, "cannot write the time index", &e);
                 // The next entry starts the file again (or after what is there).
                 // Only a regular file is an index (a directory in its place is not).
-                self.len = fs::symlink_metadata(&path)
-                    .ok()
-                    .filter(fs::Metadata::is_file)
-                    .map_or(0, |m| m.len());
+                self.len = super::super::files::index_len(log);
                 if self.len > 0
                     && (self.len < HEADER_LEN || !(self.len - HEADER_LEN).is_multiple_of(SLOT))
                 {
