@@ -470,11 +470,15 @@ mod tests {
     }
 
     fn read_all(log: &LogFile) -> (u64, Vec<u8>) {
-        let segments = log.open_segments(0).unwrap();
+        read_segments(&log.open_segments(0).unwrap())
+    }
+
+    /// Every byte of `segments` (which must follow each other), and the offset of the first.
+    fn read_segments(segments: &[crate::logfile::OpenSegment]) -> (u64, Vec<u8>) {
         let first = segments.first().map_or(0, |s| s.start);
         let mut out = Vec::new();
         let mut at = first;
-        for s in &segments {
+        for s in segments {
             assert_eq!(s.start, at, "no gap");
             while at < s.start + s.len {
                 let bytes = s.read_at(at, 5000).unwrap();
@@ -556,6 +560,38 @@ mod tests {
 
     /// Room is granted only for a raw rotated file still there, and a grant that does not fit
     /// removes the oldest files but never the one being compressed.
+    /// The files a removed stream left (no writer: a read-only view) read back exactly as their
+    /// writer read them, compressed backups included.
+    #[test]
+    fn a_view_of_compressed_files_reads_what_the_writer_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = log(dir.path(), Compression::Zstd);
+        for round in 0..12u64 {
+            log.append(&text(round * 1000, 7000)).unwrap();
+            compress_all(&mut log);
+        }
+        let compressed = backups(log.path(), files::MAX_SCAN)
+            .iter()
+            .filter(|b| b.compressed)
+            .count();
+        assert!(compressed >= 2, "{compressed} compressed backups");
+        let written = read_all(&log);
+        let path = log.path().to_owned();
+        drop(log);
+        let view = super::super::view::LogView::open(&path, &dir.path().join("s.pos"))
+            .unwrap()
+            .unwrap();
+        let (first, viewed) = read_segments(&view.open_segments(0).unwrap());
+        assert_eq!(
+            first, written.0,
+            "the view starts where the writer's history does"
+        );
+        assert!(
+            viewed == written.1,
+            "the view's bytes differ from the writer's"
+        );
+    }
+
     #[test]
     fn reservations_remove_the_oldest_but_never_their_own_file() {
         let dir = tempfile::tempdir().unwrap();

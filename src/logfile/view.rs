@@ -9,8 +9,8 @@
 //! position record), and its segments never grow: a stream created again under the same name
 //! is read through its own writer, not through a view.
 
-use super::compression::raw_name;
-use super::files::{backup_path, MAX_SCAN};
+use super::compression::{self, raw_name};
+use super::files::MAX_SCAN;
 use super::recover::{self, Resumed};
 use super::{record, segments_of, Body, OpenSegment, Segment};
 use std::fs::File;
@@ -37,8 +37,9 @@ pub(crate) struct LogView {
     dropped: u64,
 }
 
-/// The current file and its backups, newest first: (path, inode, length); the current file is
-/// first, with inode 0 if missing.
+/// The current file and its backups, newest first: (path, inode, raw length); the current file
+/// is first, with inode 0 if missing. Backups are listed as the writer lists them (raw `.N` or
+/// compressed `.N.zst`, [`compression::backups`]), up to the first that cannot be placed.
 type Listing = Vec<(PathBuf, u64, u64)>;
 
 fn list(path: &Path) -> io::Result<Listing> {
@@ -48,13 +49,11 @@ fn list(path: &Path) -> io::Result<Listing> {
         Err(e) if e.kind() == ErrorKind::NotFound => found.push((path.to_owned(), 0, 0)),
         Err(e) => return Err(e),
     }
-    for n in 1..=MAX_SCAN {
-        let backup = backup_path(path, n);
-        match std::fs::metadata(&backup) {
-            Ok(meta) => found.push((backup, meta.ino(), meta.len())),
-            Err(_) => break,
-        }
-    }
+    found.extend(
+        compression::backups(path, MAX_SCAN)
+            .into_iter()
+            .map_while(|b| Some((b.path, b.inode, b.raw_len?))),
+    );
     Ok(found)
 }
 
