@@ -542,6 +542,16 @@ async fn events_come_in_order_with_the_bytes() {
             .is_none_or(|e| ns_of(e.time.as_ref().unwrap()) >= since)),
         "{later:?}"
     );
+    // ... and those after it are (the check above holds for an empty answer too).
+    let kinds_at = |kind: Kind, offset: u64| {
+        later.iter().any(|c| {
+            c.event
+                .as_ref()
+                .is_some_and(|e| e.kind == kind as i32 && e.offset == offset)
+        })
+    };
+    assert!(kinds_at(Kind::WriterChanged, 4), "{later:?}");
+    assert!(kinds_at(Kind::GuestDisconnected, 8), "{later:?}");
 }
 
 /// `follow` from a past time reads on live; from a future time it passes over what is logged

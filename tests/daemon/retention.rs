@@ -105,6 +105,9 @@ async fn age_retention_deletes_exactly_the_old_rotated_files() {
         assert_pattern(chunk.offset, got.push(&chunk));
     }
     assert_eq!(got.first, Some(2 * 4096));
+    // ... and every byte after it, to the end.
+    assert_eq!(got.position, Some(TOTAL as u64));
+    assert_eq!(got.bytes, (TOTAL - 2 * 4096) as u64);
     let chunks = read_ok(
         &mut local,
         request(
