@@ -104,12 +104,6 @@ pub(crate) struct Stats {
     pub bytes_out: AtomicU64,
     /// Jobs refused by a full queue.
     pub queue_full: AtomicU64,
-    /// Files left raw because compressing them would not pay.
-    pub not_worth: AtomicU64,
-    /// Files left raw for want of disk room.
-    pub refused: AtomicU64,
-    /// Jobs that failed on an I/O error.
-    pub failed: AtomicU64,
 }
 
 /// The pool of worker threads.
@@ -319,13 +313,10 @@ fn work(shared: &Shared) {
                 shared.metrics.bytes_in.inc_by(job.raw_len);
                 shared.metrics.bytes_out.inc_by(*disk_len);
             }
-            Outcome::NotWorth => _ = stats.not_worth.fetch_add(1, Ordering::Relaxed),
-            Outcome::Refused => _ = stats.refused.fetch_add(1, Ordering::Relaxed),
             Outcome::Failed(e) => {
-                stats.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(log = %job.owner.log_path().display(), start = job.start, error = %e, "compression failed; the file stays raw");
             }
-            Outcome::Stopped | Outcome::Gone => {}
+            Outcome::NotWorth | Outcome::Refused | Outcome::Stopped | Outcome::Gone => {}
         }
         job.owner.finish(&job, outcome, reserved);
         let mut state = shared.lock();

@@ -725,6 +725,11 @@ pub(crate) fn scan(log: &Path) -> io::Result<Found> {
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(found),
         Err(e) => return Err(e),
     };
+    let validity = |path: &Path| -> Option<u64> {
+        let file = File::open(path).ok()?;
+        SeekTable::read(&file).ok().map(|t| t.header.source_inode)
+    };
+    let mut zst_paths = Vec::new();
     for entry in entries {
         let entry = entry?;
         let file_name = entry.file_name();
@@ -734,16 +739,14 @@ pub(crate) fn scan(log: &Path) -> io::Result<Found> {
         let Ok(rest) = std::str::from_utf8(rest) else {
             continue;
         };
-        let validity = |path: &Path| -> Option<u64> {
-            let file = File::open(path).ok()?;
-            SeekTable::read(&file).ok().map(|t| t.header.source_inode)
-        };
         if let Some(n) = number(rest) {
             if let Ok(meta) = entry.metadata() {
                 found.raw.insert(n, meta.ino());
             }
         } else if let Some(n) = rest.strip_suffix(".zst").and_then(number) {
-            found.zst.insert(n, validity(&entry.path()));
+            // Checked below, only where a raw file of that number is beside it.
+            found.zst.insert(n, None);
+            zst_paths.push((n, entry.path()));
         } else if let Some(start) = rest
             .strip_prefix('c')
             .and_then(|r| r.strip_suffix(".zst"))
@@ -756,6 +759,13 @@ pub(crate) fn scan(log: &Path) -> io::Result<Found> {
             .and_then(offset)
         {
             found.tmp.push(start);
+        }
+    }
+    // A `.N.zst` is read (its seek table checked, its source inode taken) only when the raw
+    // `.N` is still there: only then does recovery need to know whether it replaces it.
+    for (n, path) in zst_paths {
+        if found.raw.contains_key(&n) {
+            found.zst.insert(n, validity(&path));
         }
     }
     Ok(found)
