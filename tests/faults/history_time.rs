@@ -26,24 +26,6 @@ const GUEST: &str = "vm-time";
 /// More than the index's quiet second: each burst starts with an entry of its own.
 const QUIET: Duration = Duration::from_millis(1500);
 
-fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64
-}
-
-fn ts(ns: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ns.div_euclid(1_000_000_000),
-        nanos: ns.rem_euclid(1_000_000_000) as i32,
-    }
-}
-
-fn ns_of(t: &prost_types::Timestamp) -> i64 {
-    t.seconds * 1_000_000_000 + i64::from(t.nanos)
-}
-
 /// A burst's first offset and the test's clock just before it was written.
 struct Burst {
     from: u64,

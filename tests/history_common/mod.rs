@@ -316,3 +316,24 @@ pub fn model_tail_lines(data: &[u8], oldest: usize, n: usize) -> usize {
     };
     start.max(oldest)
 }
+
+/// The wall clock now, in nanoseconds since the Unix epoch (what the time index stores).
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+/// `ns` (since the Unix epoch) as the proto's timestamp.
+pub fn ts(ns: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ns.div_euclid(1_000_000_000),
+        nanos: ns.rem_euclid(1_000_000_000) as i32,
+    }
+}
+
+/// A proto timestamp in nanoseconds since the Unix epoch.
+pub fn ns_of(t: &prost_types::Timestamp) -> i64 {
+    t.seconds * 1_000_000_000 + i64::from(t.nanos)
+}
