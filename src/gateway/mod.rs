@@ -103,7 +103,7 @@ pub async fn run(config: GatewayConfig) -> Result<(), GatewayError> {
             let serving = crate::server::serve_health(
                 listener,
                 protection.clone(),
-                usize::try_from(config.limits.tcp_connections).unwrap_or(usize::MAX),
+                limits.max_tcp_connections(),
                 when_stopped(),
             );
             tokio::spawn(serving.instrument(tracing::info_span!("health")));

@@ -51,7 +51,7 @@ impl Upstreams {
         Ok(Self {
             tls,
             connect_timeout: config.connect_timeout.get(),
-            window: u32::try_from(config.upstream_window()).unwrap_or(u32::MAX),
+            window: u32::try_from(config.stream_window.bytes()).unwrap_or(u32::MAX),
             channels: Mutex::new(HashMap::new()),
         })
     }
@@ -89,11 +89,5 @@ impl Upstreams {
             return Ok(channels.entry(node.to_owned()).or_insert(channel).clone());
         }
         Ok(channel)
-    }
-}
-
-impl UpstreamConfig {
-    fn upstream_window(&self) -> u64 {
-        self.stream_window.bytes()
     }
 }
