@@ -7,7 +7,8 @@
 //!
 //! Only what `conlogd`, `conlogctl`, the bench (`conlog-bench`) and the integration tests use
 //! is `pub`: [`proto`], [`client`] (connecting, receiving hand-off pipes), [`config`] (loading,
-//! [`config::ByteSize`], [`config::HumanDuration`], [`config::Limits`]), [`daemon::run`] and
+//! [`config::ByteSize`], [`config::HumanDuration`], [`config::Limits`], the binaries'
+//! diagnostics [`config::LogFormat::init_tracing`]), [`daemon::run`] and
 //! [`daemon::preflight`], [`upgrade::exec`]'s start-up steps and the snapshot format version,
 //! [`keeper`]'s server, check, systemd hand-over and wire protocol, [`logfile::backup_path`],
 //! [`logfile::backups_of`] and the time index's reader and format ([`logfile::index`], tests

@@ -2,10 +2,8 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use conlog::config::LogFormat;
 use conlog::gateway::config::GatewayConfig;
 use std::path::PathBuf;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(version, about = "One conlog Console endpoint for a fleet of nodes")]
@@ -50,23 +48,8 @@ fn main() -> anyhow::Result<()> {
         print!("{}", config.to_yaml());
         return Ok(());
     }
-    init_tracing(&config);
+    config.log_format.init_tracing(&config.log_level);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(conlog::gateway::run(config))?;
     Ok(())
-}
-
-fn init_tracing(config: &GatewayConfig) {
-    use std::io::IsTerminal;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
-    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(!no_color && std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }

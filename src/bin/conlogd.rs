@@ -1,11 +1,10 @@
 //! `conlogd`: loads the configuration and runs the daemon.
 
 use clap::{CommandFactory, Parser};
-use conlog::config::{Config, LogFormat, Overrides};
+use conlog::config::{Config, Overrides};
 use conlog::daemon::Start;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use tracing_subscriber::EnvFilter;
 
 const SIGNALS_HELP: &str = "\
 Signals:
@@ -153,7 +152,7 @@ fn main() -> anyhow::Result<()> {
         print!("{}", config.to_yaml());
         return Ok(());
     }
-    init_tracing(&config);
+    config.log_format.init_tracing(&config.log_level);
     let start = match inherited {
         Ok(Some(state)) => Start::Upgraded(state),
         Ok(None) if args.takeover => Start::Takeover,
@@ -206,28 +205,7 @@ fn keeper(
         }
         return Ok(());
     }
-    init_tracing(&config);
+    config.log_format.init_tracing(&config.log_level);
     conlog::keeper::server::run(config.runtime_dir(), standby)?;
     Ok(())
-}
-
-fn init_tracing(config: &Config) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour())
-        .with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
-/// Colour codes only for a person at a terminal: journald, files and pipes get plain text, and
-/// `NO_COLOR` (any non-empty value, https://no-color.org) turns colour off everywhere.
-fn colour() -> bool {
-    use std::io::IsTerminal;
-    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-    !no_color && std::io::stderr().is_terminal()
 }

@@ -64,6 +64,27 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// Sends the process's own diagnostics to stderr in this format, filtered by `RUST_LOG`, or
+    /// else by `level`. Colour codes only for a person at a terminal: journald, files and pipes
+    /// get plain text, and `NO_COLOR` (any non-empty value, <https://no-color.org>) turns colour
+    /// off everywhere. Shared by `conlogd` and `conlog-gateway`.
+    pub fn init_tracing(self, level: &str) {
+        use std::io::IsTerminal;
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(!no_color && std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr);
+        match self {
+            Self::Plain => builder.init(),
+            Self::Json => builder.json().init(),
+        }
+    }
+}
+
 /// What keeps the daemon's descriptors through a crash (`keeper`; docs/operations.md, "Crash
 /// guarantees").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
