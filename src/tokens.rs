@@ -225,18 +225,7 @@ impl TokenKey {
         if let Some((node, _)) = self.node.read().expect("token node poisoned").clone() {
             grant.node = Some(node);
         }
-        let key = self.key.read().expect("token key poisoned");
-        grant.key_id = key.id.clone();
-        grant.issued_unix = grant.issued_unix.or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()
-                .map(|d| d.as_secs())
-        });
-        let payload = serde_json::to_vec(&grant).expect("grants serialize");
-        let signed = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(payload));
-        let mac = hmac::sign(&key.hmac, signed.as_bytes());
-        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(mac.as_ref()))
+        sign(&self.key.read().expect("token key poisoned"), grant)
     }
 
     /// Checks `token`'s signature and expiry at `now_unix` and returns its grant.
@@ -269,6 +258,22 @@ impl Verify for TokenKey {
     fn verify(&self, token: &str, now_unix: u64) -> Result<Grant, TokenError> {
         TokenKey::verify(self, token, now_unix)
     }
+}
+
+/// `grant` signed with `key` (its `key_id` replaced by the key's, its issue time, if unset,
+/// now).
+fn sign(key: &Key, mut grant: Grant) -> String {
+    grant.key_id = key.id.clone();
+    grant.issued_unix = grant.issued_unix.or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs())
+    });
+    let payload = serde_json::to_vec(&grant).expect("grants serialize");
+    let signed = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(payload));
+    let mac = hmac::sign(&key.hmac, signed.as_bytes());
+    format!("{signed}.{}", URL_SAFE_NO_PAD.encode(mac.as_ref()))
 }
 
 /// Node `node`'s token key, derived from the cluster key: HMAC-SHA256(cluster key,
@@ -376,6 +381,15 @@ impl ClusterKey {
             .1
             .clone()
             .ok_or_else(|| TokenError::NoClusterKey("not a key".into()))
+    }
+
+    /// A token for `grant` signed with the key of the node its claim names, as that node
+    /// would issue it: the gateway's own read-only watch of a console it fans out
+    /// (docs/gateway.md, "Fan-out").
+    pub(crate) fn issue(&self, grant: Grant) -> Result<String, TokenError> {
+        let node = grant.node.as_deref().ok_or(TokenError::NoNode)?;
+        let key = Key::from_bytes(&node_key(&self.bytes()?, node));
+        Ok(sign(&key, grant))
     }
 
     /// The key file text of node `node` (for `conlog-gateway node-key`).

@@ -39,6 +39,10 @@ pub struct GatewayConfig {
     /// What one caller, and all together, may hold.
     #[serde(default)]
     pub limits: GatewayLimits,
+    /// Read-only watchers of one console sharing one upstream stream (docs/gateway.md,
+    /// "Fan-out").
+    #[serde(default)]
+    pub fanout: FanoutConfig,
     /// Other origins allowed to call with gRPC-web.
     #[serde(default)]
     pub web: WebConfig,
@@ -112,6 +116,40 @@ impl Default for GatewayLimits {
             body_timeout: node.body_timeout,
             web_body_bytes: node.web_body_bytes,
             message_size: node.message_size,
+        }
+    }
+}
+
+/// Fan-out of read-only watchers (docs/gateway.md, "Fan-out").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FanoutConfig {
+    /// Read-only `WatchConsole` and `AttachConsole` calls share one upstream stream per
+    /// console; `false` forwards each call on its own, like every other call.
+    pub enabled: bool,
+    /// Shared upstream streams open at once on this replica.
+    pub streams: u32,
+    /// Watchers of one shared stream.
+    pub watchers_per_stream: u32,
+    /// Recent output each shared stream keeps for late watchers' `replay_bytes` (a longer
+    /// replay gets these bytes; `attached.offset` says where they start).
+    pub replay_bytes: ByteSize,
+    /// Output queued for one watcher that does not read, before it is skipped ahead and told
+    /// the gap (`lagged`), as `consoles.client_queue` on a node.
+    pub watcher_queue: ByteSize,
+    /// How long a shared stream stays open after its last watcher left.
+    pub linger: HumanDuration,
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            streams: 1024,
+            watchers_per_stream: 1024,
+            replay_bytes: ByteSize(256 << 10),
+            watcher_queue: ByteSize(1 << 20),
+            linger: HumanDuration(Duration::from_secs(5)),
         }
     }
 }
@@ -257,6 +295,33 @@ impl GatewayConfig {
                     "must hold one request of gateway.limits.message_size as base64, at least {largest_body}B (got {})",
                     l.web_body_bytes
                 ),
+            );
+        }
+        let f = &self.fanout;
+        for (key, limit) in [
+            ("gateway.fanout.streams", f.streams),
+            ("gateway.fanout.watchers_per_stream", f.watchers_per_stream),
+        ] {
+            if limit == 0 {
+                return refuse(key, "must be at least 1".into());
+            }
+        }
+        if f.replay_bytes.bytes() > (64 << 20) {
+            return refuse(
+                "gateway.fanout.replay_bytes",
+                format!("must be at most 64MiB (got {})", f.replay_bytes),
+            );
+        }
+        if !(4096..=(64 << 20)).contains(&f.watcher_queue.bytes()) {
+            return refuse(
+                "gateway.fanout.watcher_queue",
+                format!("must be between 4KiB and 64MiB (got {})", f.watcher_queue),
+            );
+        }
+        if f.linger.get() > Duration::from_secs(600) {
+            return refuse(
+                "gateway.fanout.linger",
+                format!("must be at most 10m (got {})", f.linger),
             );
         }
         for origin in &self.web.allowed_origins {

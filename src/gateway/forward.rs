@@ -2,15 +2,18 @@
 //! its token names.
 //!
 //! Owns what happens to one call: the bearer token is verified with the cluster key (before
-//! anything is opened upstream), the node claim picks the channel, and the HTTP/2 request —
+//! anything is opened upstream), a read-only watch goes to [`super::fanout`] (which decodes
+//! its first message and serves it from a stream shared with the other watchers of that
+//! console), the node claim picks the channel, and the HTTP/2 request —
 //! headers, the gRPC-framed message bytes, the client's half-close — goes to the node as it
-//! arrives; the response comes back the same way. Messages are never decoded, so fields a
+//! arrives; the response comes back the same way. Forwarded messages are never decoded, so fields a
 //! newer node adds pass through, and the gateway's memory per stream is what HTTP/2 flow
 //! control lets in (docs/gateway.md, "Backpressure"). A node that cannot be reached, or that
 //! breaks a stream, ends the call with `UNAVAILABLE` naming it; a call whose token the cluster
 //! key no longer verifies (the key was replaced) ends with `UNAUTHENTICATED`. It never decides which guest
 //! or device a token may touch: the node re-verifies the token and does.
 
+use super::fanout::{Fanout, Routed};
 use super::upstream::Upstreams;
 use super::GatewayError;
 use crate::error::Error;
@@ -47,11 +50,22 @@ const NOT_FORWARDED: [&str; 9] = [
 pub(crate) struct Forward {
     keys: Arc<ClusterKey>,
     upstreams: Arc<Upstreams>,
+    /// Read-only watches are served from shared streams ([`super::fanout`]).
+    fanout: Arc<Fanout>,
 }
 
 impl Forward {
-    pub(crate) fn new(keys: Arc<ClusterKey>, upstreams: Arc<Upstreams>) -> Self {
-        Self { keys, upstreams }
+    pub(crate) fn new(
+        keys: Arc<ClusterKey>,
+        upstreams: Arc<Upstreams>,
+        fanout: &super::config::FanoutConfig,
+    ) -> Self {
+        let fanout = Fanout::new(fanout, keys.clone(), upstreams.clone());
+        Self {
+            keys,
+            upstreams,
+            fanout,
+        }
     }
 }
 
@@ -90,7 +104,7 @@ fn unavailable(error: GatewayError) -> Error {
 impl Forward {
     async fn forward(
         &self,
-        mut request: http::Request<Body>,
+        request: http::Request<Body>,
     ) -> Result<http::Response<Body>, Error> {
         let grant = self.authenticate(&request)?;
         let grant_token = request.headers().get("authorization").cloned();
@@ -98,6 +112,14 @@ impl Forward {
             .node
             .clone()
             .ok_or_else(|| Error::Unauthenticated("Token refused: it names no node".into()))?;
+        let mut request = match self
+            .fanout
+            .route(request, &grant, token_of(&grant_token), &node)
+            .await
+        {
+            Routed::Served(response) => return Ok(response),
+            Routed::Forward(request) => request,
+        };
         let span = tracing::info_span!("forward", node = %node, guest = %grant.guest, path = request.uri().path());
         let _entered = span.enter();
         let channel = self.upstreams.channel(&node).map_err(unavailable)?;

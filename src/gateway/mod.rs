@@ -5,12 +5,14 @@
 //! as a node's listener does (the same layers from [`crate::server`]: page, gRPC-web, call
 //! limits, connection admission, idle deadlines, request body bounds), with [`forward`] in
 //! place of the node's handlers. It serves nothing of the Agent API and keeps no state beyond
-//! its open calls, so replicas share nothing. It never decodes a Console message.
+//! its open calls, so replicas share nothing. It decodes no Console message but the first of a
+//! watch ([`fanout`]).
 //!
 //! Modules: [`config`] (the `gateway:` section), [`upstream`] (channels to the nodes),
-//! [`forward`] (one call, token to node).
+//! [`forward`] (one call, token to node), [`fanout`] (read-only watchers sharing one stream).
 
 pub mod config;
+mod fanout;
 mod forward;
 mod upstream;
 
@@ -78,7 +80,7 @@ pub async fn run(config: GatewayConfig) -> Result<(), GatewayError> {
         })?;
     tokio::spawn(watch_key(keys.clone()));
     let console = InputBounded::remote(
-        forward::Forward::new(keys, upstreams),
+        forward::Forward::new(keys, upstreams, &config.fanout),
         limits.body_timeout.get(),
     );
     let window = u32::try_from(config.upstream.stream_window.bytes()).unwrap_or(u32::MAX);

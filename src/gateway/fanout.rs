@@ -1,0 +1,1119 @@
+//! Fan-out at the edge: read-only watchers of one console through this replica share one
+//! upstream stream (docs/gateway.md, "Fan-out").
+//!
+//! Owns the table of shared streams, keyed by (node, guest, device), and everything a watcher
+//! of one gets. A call is fanned out when it is `WatchConsole`, or `AttachConsole` whose first
+//! `ClientFrame` is an attach, with mode `READ_ONLY` (or unspecified) and no `force`; every
+//! other call, and a request this module cannot read (compressed, malformed, too slow), goes
+//! back to [`super::forward`] with its body intact and is forwarded as it came.
+//!
+//! One task owns each shared stream: the upstream `WatchConsole` (read-only, opened with a
+//! token the gateway signs itself for that guest and device with the node's key derived from
+//! the cluster key, valid 60 s: a node checks expiry when a call starts, so the stream outlives
+//! it exactly as a watcher's does; its key's rotation ends it, as it ends every watcher), a ring
+//! of the last `gateway.fanout.replay_bytes` of output (filled first by the upstream's own
+//! replay), and one queue per watcher: [`crate::console::clients`], the node's own queues, so a
+//! watcher that does not read is skipped ahead and told the exact gap (`lagged`) exactly as on
+//! a node, and never delays the shared stream or another watcher. A late watcher gets its
+//! `attached` (the offset of its first byte), the ring's last `replay_bytes` (at most the ring:
+//! `attached.offset` says where they start, older bytes are in `ReadHistory`) and then the live
+//! output, the guest's connection state and gaps as the node sends them. The stream ends for
+//! every watcher with the node's status (removed: `NOT_FOUND`; shutdown, upgrade, a node lost:
+//! `UNAVAILABLE` naming it; resume by offset), after each watcher has taken what was queued for
+//! it. The upstream closes `gateway.fanout.linger` after its last watcher left.
+//!
+//! Each watcher's own token is verified when its call starts ([`super::forward`]), and here for
+//! the guest and device it asks for; when the cluster key changes, a watcher whose token no
+//! longer verifies ends with `UNAUTHENTICATED` (an expired token does not end an open watch,
+//! as on a node), and so does the shared stream whose own token no longer verifies. The
+//! per-identity call limits count a watcher like any call (the layers in front of
+//! [`super::forward`]). It never forwards a byte of a watcher's input upstream: a read-only
+//! watcher's input is read, paced like a node's and dropped, as a node drops it.
+
+use super::config::FanoutConfig;
+use super::upstream::Upstreams;
+use super::GatewayError;
+use crate::console::clients::{self, ClientQueue, ClientReceiver, Event, Offer};
+use crate::console::pacing::InputPacer;
+use crate::error::Error;
+use crate::names::{self, GuestName, StreamName};
+use crate::proto::{self, attach, client_frame, server_frame, ServerFrame};
+use crate::server::auth::{self, Caller, Need};
+use crate::tokens::{Access, ClusterKey, Grant, TokenError, Verify};
+use bytes::{BufMut, Bytes, BytesMut};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use prost::Message;
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tonic::body::Body;
+use tonic::Status;
+use tracing::Instrument;
+
+const WATCH_PATH: &str = "/conlog.v1.Console/WatchConsole";
+const ATTACH_PATH: &str = "/conlog.v1.Console/AttachConsole";
+/// How long an `AttachConsole` call may take to send its first frame before it is forwarded
+/// as it is (the node then applies its own wait).
+const FIRST_FRAME_WAIT: Duration = Duration::from_secs(10);
+/// Most bytes read of a request to find its first message (an attach frame is far smaller;
+/// the body bounds of `server::bodies` end larger ones before).
+const FIRST_FRAME_MAX: usize = crate::server::bodies::MAX_INPUT_BODY + 5;
+/// How long a watcher waits for its shared stream to answer (open included).
+const JOIN_WAIT: Duration = Duration::from_secs(20);
+/// How long opening the upstream may take (after the connect timeout of the channel).
+const OPEN_WAIT: Duration = Duration::from_secs(15);
+/// Validity of the gateway's own upstream token (checked by the node when the call starts).
+const OWN_TOKEN_TTL: u64 = 60;
+/// Joins waiting for a shared stream's task.
+const JOIN_QUEUE: usize = 64;
+/// Attempts to join when the stream found is retiring at that moment.
+const JOIN_ATTEMPTS: usize = 3;
+
+/// What a shared stream is of.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct StreamKey {
+    node: String,
+    guest: String,
+    device: String,
+}
+
+/// A shared stream as the table knows it.
+struct Entry {
+    /// Tells an entry from a later one of the same key.
+    id: u64,
+    joins: mpsc::Sender<Join>,
+    leaves: mpsc::UnboundedSender<u64>,
+    /// Watchers counted in (incremented before a join is sent, decremented when its call
+    /// ends), so a stream retires only when no join is on its way.
+    watchers: u32,
+}
+
+/// The fan-out of one gateway replica.
+pub(crate) struct Fanout {
+    config: FanoutConfig,
+    keys: Arc<ClusterKey>,
+    upstreams: Arc<Upstreams>,
+    /// The shared streams. A std mutex held to look up, count or remove an entry, never
+    /// across an `.await`.
+    streams: Mutex<HashMap<StreamKey, Entry>>,
+    next_id: AtomicU64,
+    /// Bytes per second a read-only watcher's input is read at (a node's
+    /// `limits.input_rate` default), before it is dropped.
+    input_rate: u64,
+}
+
+/// What [`Fanout::route`] did with a call.
+pub(crate) enum Routed {
+    /// Served from a shared stream (or refused).
+    Served(http::Response<Body>),
+    /// Not a read-only watch: forward it (its body as it arrived).
+    Forward(http::Request<Body>),
+}
+
+/// The attach fields of a read-only watch.
+struct Fields {
+    guest: String,
+    device: String,
+    replay_bytes: u64,
+    /// `WatchConsole` (its `attached` carries the session id) or `AttachConsole`.
+    watch: bool,
+}
+
+impl Fanout {
+    pub(crate) fn new(
+        config: &FanoutConfig,
+        keys: Arc<ClusterKey>,
+        upstreams: Arc<Upstreams>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            config: config.clone(),
+            keys,
+            upstreams,
+            streams: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            input_rate: crate::config::Limits::default().input_rate.bytes(),
+        })
+    }
+
+    /// Serves `request` (of a verified `grant` and its `token`, for `node`) from a shared
+    /// stream if it is a read-only watch; otherwise hands it back to be forwarded.
+    pub(crate) async fn route(
+        self: &Arc<Self>,
+        request: http::Request<Body>,
+        grant: &Grant,
+        token: String,
+        node: &str,
+    ) -> Routed {
+        let watch = match request.uri().path() {
+            WATCH_PATH => true,
+            ATTACH_PATH => false,
+            _ => return Routed::Forward(request),
+        };
+        if !self.config.enabled || compressed(&request) {
+            return Routed::Forward(request);
+        }
+        let (parts, body) = request.into_parts();
+        let (read, rest) = match first_message(body, watch).await {
+            Ok(found) => found,
+            Err(status) => return Routed::Served(status.into_http()),
+        };
+        let Some(fields) = read_only_watch(&read, watch) else {
+            let body = Body::new(Prefixed {
+                prefix: Some(read),
+                rest,
+            });
+            return Routed::Forward(http::Request::from_parts(parts, body));
+        };
+        match self.watch(grant, token, node, fields, rest).await {
+            Ok(response) => Routed::Served(response),
+            Err(refusal) => {
+                crate::limited!(info, code = ?refusal.code(), message = refusal.message(), "watch refused at the gateway");
+                Routed::Served(refusal.into_http())
+            }
+        }
+    }
+
+    async fn watch(
+        self: &Arc<Self>,
+        grant: &Grant,
+        token: String,
+        node: &str,
+        fields: Fields,
+        rest: Body,
+    ) -> Result<http::Response<Body>, Status> {
+        let guest = GuestName::parse(fields.guest)?;
+        let device = StreamName::or_default(fields.device, names::DEFAULT_CONSOLE_DEVICE)?;
+        auth::authorize(
+            Some(&Caller::Remote(grant.clone())),
+            &guest,
+            &device,
+            Need::Read,
+        )?;
+        let key = StreamKey {
+            node: node.to_owned(),
+            guest: guest.as_str().to_owned(),
+            device: device.as_str().to_owned(),
+        };
+        for _ in 0..JOIN_ATTEMPTS {
+            let (joins, leave) = self.enter(&key)?;
+            let (reply, replied) = oneshot::channel();
+            let join = Join {
+                watcher: leave.watcher,
+                replay_bytes: fields.replay_bytes,
+                reply,
+            };
+            if joins.send(join).await.is_err() {
+                continue;
+            }
+            match tokio::time::timeout(JOIN_WAIT, replied).await {
+                Ok(Ok(Ok(joined))) => {
+                    return Ok(self.respond(joined, leave, fields.watch, token, rest))
+                }
+                Ok(Ok(Err(status))) => return Err(status),
+                // The stream retired or was revoked as this watcher joined: a new one.
+                Ok(Err(_)) => continue,
+                Err(_) => {
+                    return Err(Error::Unavailable(
+                        GatewayError::NodeUnavailable {
+                            node: node.to_owned(),
+                            reason: format!(
+                                "its console stream did not open within {}s",
+                                JOIN_WAIT.as_secs()
+                            ),
+                        }
+                        .to_string(),
+                    )
+                    .into())
+                }
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "The shared stream of console {}/{} on node {node} ended while this call joined it; \
+             call again",
+            key.guest, key.device
+        ))
+        .into())
+    }
+
+    /// Counts a watcher in on the stream of `key`, starting one if there is none.
+    fn enter(self: &Arc<Self>, key: &StreamKey) -> Result<(mpsc::Sender<Join>, Leave), Error> {
+        let watcher = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut streams = self.streams.lock().expect("fan-out table poisoned");
+        if let Some(entry) = streams.get_mut(key) {
+            if entry.watchers >= self.config.watchers_per_stream {
+                return Err(Error::LimitReached {
+                    limit: "gateway.fanout.watchers_per_stream",
+                    value: u64::from(self.config.watchers_per_stream),
+                });
+            }
+            entry.watchers += 1;
+            let leave = Leave {
+                fanout: self.clone(),
+                key: key.clone(),
+                stream: entry.id,
+                watcher,
+                leaves: entry.leaves.clone(),
+            };
+            return Ok((entry.joins.clone(), leave));
+        }
+        if streams.len() >= self.config.streams as usize {
+            return Err(Error::LimitReached {
+                limit: "gateway.fanout.streams",
+                value: u64::from(self.config.streams),
+            });
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (joins, joins_rx) = mpsc::channel(JOIN_QUEUE);
+        let (leaves, leaves_rx) = mpsc::unbounded_channel();
+        streams.insert(
+            key.clone(),
+            Entry {
+                id,
+                joins: joins.clone(),
+                leaves: leaves.clone(),
+                watchers: 1,
+            },
+        );
+        let span = tracing::info_span!("fanout", node = %key.node, guest = %key.guest, device = %key.device);
+        let shared = Shared {
+            fanout: self.clone(),
+            key: key.clone(),
+            id,
+            own_token: String::new(),
+            watchers: HashMap::new(),
+            ring: Ring::new(self.config.replay_bytes.bytes()),
+            session_id: String::new(),
+            serial_break: false,
+            guest_connected: false,
+            ended: Arc::new(OnceLock::new()),
+            revoked: None,
+        };
+        tokio::spawn(shared.run(joins_rx, leaves_rx).instrument(span));
+        Ok((
+            joins,
+            Leave {
+                fanout: self.clone(),
+                key: key.clone(),
+                stream: id,
+                watcher,
+                leaves,
+            },
+        ))
+    }
+
+    /// The response of a watcher that joined.
+    fn respond(
+        &self,
+        joined: Joined,
+        leave: Leave,
+        watch: bool,
+        token: String,
+        rest: Body,
+    ) -> http::Response<Body> {
+        let (input, input_failed) = if watch {
+            (None, None)
+        } else {
+            // A read-only attach's input is read (paced) and dropped, as a node does; a limit
+            // it breaks ends the call with it. It stops with the response.
+            let (stop, stopped) = oneshot::channel();
+            let (fail, failed) = oneshot::channel();
+            tokio::spawn(drain(rest, self.input_rate, stopped, fail));
+            (Some(stop), Some(failed))
+        };
+        let mut changes = self.keys.changes();
+        changes.mark_unchanged();
+        let body = WatcherBody {
+            receiver: joined.receiver,
+            session_id: if watch {
+                joined.session_id
+            } else {
+                String::new()
+            },
+            ended: joined.ended,
+            token,
+            keys: self.keys.clone(),
+            changes: tokio_stream::wrappers::WatchStream::from_changes(changes),
+            input_failed,
+            _input: input,
+            _leave: leave,
+            done: false,
+        };
+        let mut response = http::Response::new(Body::new(body));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        response
+    }
+}
+
+/// Whether the request's messages may be compressed (then they are forwarded undecoded).
+fn compressed(request: &http::Request<Body>) -> bool {
+    request
+        .headers()
+        .get("grpc-encoding")
+        .is_some_and(|v| v.as_bytes() != b"identity")
+}
+
+/// Reads `body` until its first gRPC message is complete (or it ended, broke, grew past
+/// [`FIRST_FRAME_MAX`] or, for `AttachConsole`, took [`FIRST_FRAME_WAIT`]); the bytes read and
+/// the rest of the body. A broken body (a bound of `server::bodies`) is its status.
+async fn first_message(mut body: Body, watch: bool) -> Result<(Bytes, Body), Status> {
+    let mut read = BytesMut::new();
+    let reading = async {
+        while !complete(&read) && read.len() < FIRST_FRAME_MAX {
+            match body.frame().await {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => read.extend_from_slice(&data),
+                    // Trailers before a message: nothing to read here.
+                    Err(_) => break,
+                },
+                Some(Err(status)) => return Err(status),
+                None => break,
+            }
+        }
+        Ok(())
+    };
+    if watch {
+        // A unary body is bounded in time by `server::bodies`.
+        reading.await?;
+    } else if let Ok(result) = tokio::time::timeout(FIRST_FRAME_WAIT, reading).await {
+        result?;
+    }
+    Ok((read.freeze(), body))
+}
+
+/// Whether `read` holds a whole gRPC message.
+fn complete(read: &[u8]) -> bool {
+    read.len() >= 5 && read.len() - 5 >= u32::from_be_bytes([read[1], read[2], read[3], read[4]]) as usize
+}
+
+/// The watch `read` asks for, if it is a whole uncompressed message of a read-only watch.
+fn read_only_watch(read: &Bytes, watch: bool) -> Option<Fields> {
+    if !complete(read) || read[0] != 0 {
+        return None;
+    }
+    let len = u32::from_be_bytes([read[1], read[2], read[3], read[4]]) as usize;
+    let message = read.slice(5..5 + len);
+    let (guest, device, mode, force, replay_bytes) = if watch {
+        let r = proto::WatchConsoleRequest::decode(message).ok()?;
+        (r.guest, r.device, r.mode, r.force, r.replay_bytes)
+    } else {
+        let frame = proto::ClientFrame::decode(message).ok()?;
+        let Some(client_frame::Frame::Attach(a)) = frame.frame else {
+            return None;
+        };
+        (a.guest, a.device, a.mode, a.force, a.replay_bytes)
+    };
+    let read_only = matches!(
+        attach::Mode::try_from(mode),
+        Ok(attach::Mode::ReadOnly | attach::Mode::Unspecified)
+    );
+    (read_only && !force).then_some(Fields {
+        guest,
+        device,
+        replay_bytes,
+        watch,
+    })
+}
+
+/// A request body of which `prefix` was read already.
+struct Prefixed {
+    prefix: Option<Bytes>,
+    rest: Body,
+}
+
+impl HttpBody for Prefixed {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if let Some(prefix) = self.prefix.take().filter(|p| !p.is_empty()) {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.as_ref().is_none_or(Bytes::is_empty) && self.rest.is_end_stream()
+    }
+}
+
+/// Reads a read-only attach's input until the call ends, at `rate` bytes per second, and
+/// drops it; a bound the input broke (`RESOURCE_EXHAUSTED` from `server::bodies`) goes to
+/// `fail`.
+async fn drain(
+    mut rest: Body,
+    rate: u64,
+    mut stopped: oneshot::Receiver<()>,
+    fail: oneshot::Sender<Status>,
+) {
+    let mut pacer = InputPacer::new(rate);
+    loop {
+        let frame = tokio::select! {
+            frame = rest.frame() => frame,
+            _ = &mut stopped => return,
+        };
+        match frame {
+            Some(Ok(frame)) => {
+                let bytes = frame.data_ref().map_or(0, Bytes::len);
+                tokio::select! {
+                    () = pacer.pace(bytes) => {}
+                    _ = &mut stopped => return,
+                }
+            }
+            Some(Err(status)) => {
+                if status.code() == tonic::Code::ResourceExhausted {
+                    let _ = fail.send(status);
+                }
+                return;
+            }
+            None => return,
+        }
+    }
+}
+
+/// Counts a watcher out of its stream when its call ends.
+struct Leave {
+    fanout: Arc<Fanout>,
+    key: StreamKey,
+    stream: u64,
+    watcher: u64,
+    leaves: mpsc::UnboundedSender<u64>,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        let mut streams = self.fanout.streams.lock().expect("fan-out table poisoned");
+        if let Some(entry) = streams.get_mut(&self.key) {
+            if entry.id == self.stream {
+                entry.watchers = entry.watchers.saturating_sub(1);
+            }
+        }
+        drop(streams);
+        let _ = self.leaves.send(self.watcher);
+    }
+}
+
+/// A watcher asking to join a shared stream.
+struct Join {
+    watcher: u64,
+    replay_bytes: u64,
+    reply: oneshot::Sender<Result<Joined, Status>>,
+}
+
+/// What a watcher that joined receives from.
+struct Joined {
+    receiver: ClientReceiver,
+    session_id: String,
+    /// The status the shared stream ended with, once it did.
+    ended: Arc<OnceLock<Status>>,
+}
+
+/// The recent output of a shared stream: contiguous chunks ending at `end`.
+struct Ring {
+    chunks: VecDeque<(u64, Bytes)>,
+    held: u64,
+    end: u64,
+    cap: u64,
+}
+
+impl Ring {
+    fn new(cap: u64) -> Self {
+        Self {
+            chunks: VecDeque::new(),
+            held: 0,
+            end: 0,
+            cap,
+        }
+    }
+
+    /// Forgets everything: the next byte is at `end`.
+    fn reset(&mut self, end: u64) {
+        self.chunks.clear();
+        self.held = 0;
+        self.end = end;
+    }
+
+    /// Appends the chunk at `self.end`, dropping the oldest bytes over the cap.
+    fn push(&mut self, data: &Bytes) {
+        self.chunks.push_back((self.end, data.clone()));
+        self.held += data.len() as u64;
+        self.end += data.len() as u64;
+        while self.held > self.cap {
+            let over = self.held - self.cap;
+            let Some((offset, front)) = self.chunks.pop_front() else {
+                break;
+            };
+            let len = front.len() as u64;
+            if len <= over {
+                self.held -= len;
+            } else {
+                // Below `len`, a usize.
+                let cut = usize::try_from(over).unwrap_or(front.len());
+                self.chunks.push_front((offset + over, front.slice(cut..)));
+                self.held -= over;
+            }
+        }
+    }
+
+    /// The last `wanted` bytes (at most what it holds): where they start, and the chunks.
+    fn tail(&self, wanted: u64) -> (u64, Vec<(u64, Bytes)>) {
+        let start = self.end - wanted.min(self.held);
+        let mut out = Vec::new();
+        for (offset, data) in &self.chunks {
+            let end = offset + data.len() as u64;
+            if end <= start {
+                continue;
+            }
+            if *offset < start {
+                let cut = usize::try_from(start - offset).unwrap_or(data.len());
+                out.push((start, data.slice(cut..)));
+            } else {
+                out.push((*offset, data.clone()));
+            }
+        }
+        (start, out)
+    }
+}
+
+/// One watcher's queue, as the shared stream's task holds it.
+struct Watcher {
+    queue: ClientQueue,
+    /// Its queue skipped output since it last took some: its own `lagged` will cover a gap
+    /// of the shared stream too.
+    lagging: bool,
+}
+
+/// The task of one shared stream (see the module doc).
+struct Shared {
+    fanout: Arc<Fanout>,
+    key: StreamKey,
+    id: u64,
+    /// The gateway's own token of the upstream call.
+    own_token: String,
+    watchers: HashMap<u64, Watcher>,
+    ring: Ring,
+    /// From the upstream's `attached`.
+    session_id: String,
+    serial_break: bool,
+    /// The guest's connection state as last told.
+    guest_connected: bool,
+    ended: Arc<OnceLock<Status>>,
+    /// Set when the stream's own token stopped verifying while a watcher joined.
+    revoked: Option<Status>,
+}
+
+impl Shared {
+    async fn run(mut self, mut joins: mpsc::Receiver<Join>, mut leaves: mpsc::UnboundedReceiver<u64>) {
+        let end = self.serve(&mut joins, &mut leaves).await;
+        let Some(status) = end else {
+            tracing::info!("shared stream closed: its last watcher left");
+            return;
+        };
+        tracing::info!(code = ?status.code(), message = status.message(), "shared stream ended");
+        self.remove_entry(false);
+        let _ = self.ended.set(status);
+        // Every watcher takes what was queued for it, then the status.
+        self.watchers.clear();
+        // Joins on their way are dropped: they try a new stream.
+        joins.close();
+    }
+
+    /// Runs the stream; the status it ended with, or `None` when it retired (no watchers).
+    async fn serve(
+        &mut self,
+        joins: &mut mpsc::Receiver<Join>,
+        leaves: &mut mpsc::UnboundedReceiver<u64>,
+    ) -> Option<Status> {
+        let mut upstream = match self.open().await {
+            Ok(upstream) => upstream,
+            Err(status) => return Some(status),
+        };
+        let mut changes = self.fanout.keys.changes();
+        changes.mark_unchanged();
+        let linger = self.fanout.config.linger.get();
+        let mut retire_at: Option<tokio::time::Instant> = None;
+        loop {
+            if let Some(revoked) = self.revoked.take() {
+                return Some(revoked);
+            }
+            let retire = async {
+                match retire_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                message = upstream.message() => match message {
+                    Ok(Some(frame)) => self.upstream_frame(frame),
+                    Ok(None) => return Some(self.node_status(Status::unknown("the stream ended without a status"), false)),
+                    Err(status) => return Some(self.node_status(status, false)),
+                },
+                Some(join) = joins.recv() => {
+                    self.join(join);
+                    retire_at = None;
+                }
+                Some(watcher) = leaves.recv() => {
+                    self.watchers.remove(&watcher);
+                    if self.counted() == 0 {
+                        retire_at = Some(tokio::time::Instant::now() + linger);
+                    }
+                }
+                () = retire => {
+                    if self.remove_entry(true) {
+                        return None;
+                    }
+                    retire_at = None;
+                }
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return Some(Status::unavailable("The gateway is stopping"));
+                    }
+                    if let Some(revoked) = self.own_token_revoked() {
+                        return Some(revoked);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Watchers counted in on this stream's entry.
+    fn counted(&self) -> u32 {
+        let streams = self.fanout.streams.lock().expect("fan-out table poisoned");
+        streams
+            .get(&self.key)
+            .filter(|e| e.id == self.id)
+            .map_or(0, |e| e.watchers)
+    }
+
+    /// Removes this stream's entry from the table (with `only_if_idle`, only if no watcher is
+    /// counted in); whether it did.
+    fn remove_entry(&self, only_if_idle: bool) -> bool {
+        let mut streams = self.fanout.streams.lock().expect("fan-out table poisoned");
+        match streams.get(&self.key) {
+            Some(e) if e.id == self.id && (!only_if_idle || e.watchers == 0) => {
+                streams.remove(&self.key);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Opens the upstream watch with the gateway's own token and reads its `attached`.
+    async fn open(&mut self) -> Result<tonic::Streaming<ServerFrame>, Status> {
+        let node = self.key.node.clone();
+        let now = now_unix();
+        let grant = Grant {
+            guest: self.key.guest.clone(),
+            device: Some(self.key.device.clone()),
+            access: Access::Read,
+            expires_unix: now + OWN_TOKEN_TTL,
+            key_id: String::new(),
+            issued_unix: None,
+            node: Some(node.clone()),
+        };
+        self.own_token = self.fanout.keys.issue(grant).map_err(|e| {
+            crate::error::status(&Error::Unauthenticated(format!("Token refused: {e}")))
+        })?;
+        let channel = self.fanout.upstreams.channel(&node).map_err(|e| {
+            crate::error::status(&Error::Unavailable(e.to_string()))
+        })?;
+        let mut request = tonic::Request::new(proto::WatchConsoleRequest {
+            guest: self.key.guest.clone(),
+            device: self.key.device.clone(),
+            mode: attach::Mode::ReadOnly.into(),
+            force: false,
+            replay_bytes: self.ring.cap,
+        });
+        let bearer = format!("Bearer {}", self.own_token);
+        request.metadata_mut().insert(
+            "authorization",
+            bearer
+                .parse()
+                .map_err(|_| Status::internal("the gateway's token is not a header value"))?,
+        );
+        let mut client = proto::console_client::ConsoleClient::new(channel);
+        let opening = async {
+            let mut stream = client.watch_console(request).await?.into_inner();
+            let first = stream.message().await?;
+            Ok::<_, Status>((stream, first))
+        };
+        let (stream, first) = match tokio::time::timeout(OPEN_WAIT, opening).await {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(status)) => return Err(self.node_status(status, true)),
+            Err(_) => {
+                return Err(self.node_status(
+                    Status::unavailable(format!(
+                        "no answer within {}s",
+                        OPEN_WAIT.as_secs()
+                    )),
+                    true,
+                ))
+            }
+        };
+        let Some(ServerFrame {
+            frame: Some(server_frame::Frame::Attached(attached)),
+        }) = first
+        else {
+            return Err(self.node_status(
+                Status::unknown("its first frame is not attached"),
+                true,
+            ));
+        };
+        self.session_id = attached.session_id;
+        self.serial_break = attached.serial_break;
+        self.guest_connected = attached.guest_connected;
+        self.ring.reset(attached.offset);
+        tracing::info!(offset = attached.offset, "shared stream opened");
+        Ok(stream)
+    }
+
+    /// A status from the node as the watchers get it: the node's own (it ended the call) as
+    /// it is; a transport failure as `UNAVAILABLE` naming the node.
+    fn node_status(&self, status: Status, opening: bool) -> Status {
+        use std::error::Error as _;
+        let transport = status.source().is_some()
+            || matches!(status.code(), tonic::Code::Unknown | tonic::Code::Cancelled);
+        if !transport {
+            return status;
+        }
+        let node = self.key.node.clone();
+        let reason = status.message().to_owned();
+        let error = if opening {
+            GatewayError::NodeUnavailable { node, reason }
+        } else {
+            GatewayError::StreamBroken { node, reason }
+        };
+        crate::error::status(&Error::Unavailable(error.to_string()))
+    }
+
+    /// Why the stream must end now, if the cluster key changed and no longer verifies its own
+    /// token (its expiry does not matter: the node checked it when the call started).
+    fn own_token_revoked(&self) -> Option<Status> {
+        match self.fanout.keys.verify(&self.own_token, now_unix()) {
+            Ok(_) | Err(TokenError::Expired(_)) => None,
+            Err(e) => Some(crate::error::status(&Error::Unauthenticated(format!(
+                "Token refused: {e} (the cluster key changed during the call)"
+            )))),
+        }
+    }
+
+    fn join(&mut self, join: Join) {
+        if let Some(revoked) = self.own_token_revoked() {
+            // Out of the table now, so the joining watcher (whose reply is dropped) opens a
+            // new stream with a new token.
+            self.remove_entry(false);
+            self.revoked = Some(revoked);
+            return;
+        }
+        let (mut queue, receiver) = clients::queue(self.watcher_queue());
+        let (start, replay) = self.ring.tail(join.replay_bytes);
+        queue.control(Event::Attached {
+            offset: start,
+            writer: false,
+            guest_connected: self.guest_connected,
+            serial_break: self.serial_break,
+        });
+        for (offset, data) in replay {
+            queue.control(Event::Output { offset, data });
+        }
+        let joined = Joined {
+            receiver,
+            session_id: self.session_id.clone(),
+            ended: self.ended.clone(),
+        };
+        if join.reply.send(Ok(joined)).is_ok() {
+            self.watchers.insert(
+                join.watcher,
+                Watcher {
+                    queue,
+                    lagging: false,
+                },
+            );
+        }
+    }
+
+    fn watcher_queue(&self) -> usize {
+        usize::try_from(self.fanout.config.watcher_queue.bytes()).unwrap_or(usize::MAX)
+    }
+
+    fn upstream_frame(&mut self, frame: ServerFrame) {
+        match frame.frame {
+            Some(server_frame::Frame::Output(output)) => {
+                if output.data.is_empty() {
+                    return;
+                }
+                if output.offset != self.ring.end {
+                    // Not expected of a node (it reports gaps with `lagged`): a gap all the same.
+                    self.gap(self.ring.end, output.offset);
+                }
+                self.ring.push(&output.data);
+                self.watchers
+                    .retain(|_, w| match w.queue.offer(output.offset, &output.data) {
+                        Offer::Queued => {
+                            w.lagging = false;
+                            true
+                        }
+                        Offer::Skipped(_) => {
+                            w.lagging = true;
+                            true
+                        }
+                        Offer::Gone => false,
+                    });
+            }
+            Some(server_frame::Frame::Lagged(lagged)) => {
+                // The gateway itself fell behind the node.
+                crate::limited!(warn, from = lagged.from_offset, to = lagged.to_offset, "shared stream lagged at the node");
+                self.gap(lagged.from_offset, lagged.to_offset);
+            }
+            Some(server_frame::Frame::Guest(state)) => {
+                self.guest_connected = state.connected;
+                self.watchers.retain(|_, w| {
+                    w.queue.control(Event::Guest {
+                        connected: state.connected,
+                    })
+                });
+            }
+            // A read-only watch holds no lease; a second attached is not a node's.
+            Some(
+                server_frame::Frame::WriterRevoked(_) | server_frame::Frame::Attached(_),
+            )
+            | None => {}
+        }
+    }
+
+    /// The shared stream missed `from .. to`: every watcher that is not already skipping
+    /// is told so (one that is will be told its own, larger, gap).
+    fn gap(&mut self, from: u64, to: u64) {
+        self.ring.reset(to);
+        if to <= from {
+            return;
+        }
+        self.watchers.retain(|_, w| {
+            w.lagging || w.queue.control(Event::Lagged { from, to })
+        });
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// One watcher's response: its queue's events as gRPC messages, ended by the shared stream's
+/// status, by its token's revocation, or by a bound its input broke.
+struct WatcherBody {
+    receiver: ClientReceiver,
+    session_id: String,
+    ended: Arc<OnceLock<Status>>,
+    token: String,
+    keys: Arc<ClusterKey>,
+    changes: tokio_stream::wrappers::WatchStream<u64>,
+    input_failed: Option<oneshot::Receiver<Status>>,
+    /// Dropped with the response: stops the input reader.
+    _input: Option<oneshot::Sender<()>>,
+    /// Dropped with the response: counts the watcher out.
+    _leave: Leave,
+    done: bool,
+}
+
+impl WatcherBody {
+    fn end(&mut self, status: &Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.done = true;
+        let mut trailers = http::HeaderMap::new();
+        let _ = status.add_header(&mut trailers);
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    /// Whether the cluster key changed and no longer verifies this watcher's token.
+    fn poll_revoked(&mut self, cx: &mut Context<'_>) -> Option<Status> {
+        use futures::Stream;
+        while let Poll::Ready(Some(_)) = Pin::new(&mut self.changes).poll_next(cx) {
+            match self.keys.verify(&self.token, now_unix()) {
+                Ok(_) | Err(TokenError::Expired(_)) => {}
+                Err(e) => {
+                    return Some(crate::error::status(&Error::Unauthenticated(format!(
+                        "Token refused: {e} (the cluster key changed during the call)"
+                    ))))
+                }
+            }
+        }
+        None
+    }
+}
+
+/// `event` as a gRPC message (length-prefixed, uncompressed `ServerFrame`).
+fn message(event: Event, session_id: &str) -> Option<Bytes> {
+    let frame = match event {
+        Event::Attached {
+            offset,
+            writer,
+            guest_connected,
+            serial_break,
+        } => server_frame::Frame::Attached(proto::Attached {
+            offset,
+            writer,
+            session_id: session_id.to_owned(),
+            guest_connected,
+            serial_break,
+        }),
+        Event::Output { offset, data } => {
+            server_frame::Frame::Output(proto::Output { offset, data })
+        }
+        Event::Lagged { from, to } => server_frame::Frame::Lagged(proto::Lagged {
+            from_offset: from,
+            to_offset: to,
+        }),
+        Event::Guest { connected } => server_frame::Frame::Guest(proto::GuestState { connected }),
+        Event::WriterRevoked { .. } | Event::Closed { .. } => return None,
+    };
+    let frame = ServerFrame { frame: Some(frame) };
+    let len = frame.encoded_len();
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    buf.put_u32(u32::try_from(len).ok()?);
+    frame.encode(&mut buf).ok()?;
+    Some(buf.freeze())
+}
+
+impl HttpBody for WatcherBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        use futures::Stream;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some(revoked) = self.poll_revoked(cx) {
+            crate::limited!(info, "watcher ended: its token no longer verifies");
+            return self.end(&revoked);
+        }
+        if let Some(failed) = self.input_failed.as_mut() {
+            match std::future::Future::poll(Pin::new(failed), cx) {
+                Poll::Ready(Ok(status)) => return self.end(&status),
+                Poll::Ready(Err(_)) => self.input_failed = None,
+                Poll::Pending => {}
+            }
+        }
+        loop {
+            match Pin::new(&mut self.receiver).poll_next(cx) {
+                Poll::Ready(Some(event)) => {
+                    if let Some(bytes) = message(event, &self.session_id) {
+                        return Poll::Ready(Some(Ok(Frame::data(bytes))));
+                    }
+                }
+                Poll::Ready(None) => {
+                    let status = self.ended.get().cloned().unwrap_or_else(|| {
+                        Status::unavailable("The gateway's shared stream ended; resume by offset")
+                    });
+                    return self.end(&status);
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(n: usize, fill: u8) -> Bytes {
+        Bytes::from(vec![fill; n])
+    }
+
+    #[test]
+    fn the_ring_keeps_the_last_bytes_and_serves_any_tail_of_them() {
+        let mut ring = Ring::new(10);
+        ring.reset(100);
+        ring.push(&bytes(4, b'a'));
+        ring.push(&bytes(4, b'b'));
+        assert_eq!(ring.tail(0), (108, vec![]));
+        assert_eq!(ring.tail(5), (103, vec![(103, bytes(1, b'a')), (104, bytes(4, b'b'))]));
+        ring.push(&bytes(6, b'c'));
+        // 14 bytes pushed, 10 kept: the first 4 'a' are gone.
+        assert_eq!(ring.held, 10);
+        let (start, chunks) = ring.tail(100);
+        assert_eq!(start, 104);
+        assert_eq!(chunks, vec![(104, bytes(4, b'b')), (108, bytes(6, b'c'))]);
+        ring.push(&bytes(7, b'd'));
+        let (start, chunks) = ring.tail(10);
+        assert_eq!((start, chunks), (111, vec![(111, bytes(3, b'c')), (114, bytes(7, b'd'))]));
+        // One chunk larger than the ring: its tail only.
+        ring.push(&bytes(25, b'e'));
+        assert_eq!(ring.tail(100), (136, vec![(136, bytes(10, b'e'))]));
+        ring.reset(500);
+        assert_eq!(ring.tail(100), (500, vec![]));
+    }
+
+    fn grpc(message: &impl Message) -> Bytes {
+        let mut buf = BytesMut::new();
+        buf.put_u8(0);
+        buf.put_u32(message.encoded_len() as u32);
+        message.encode(&mut buf).unwrap();
+        buf.freeze()
+    }
+
+    #[test]
+    fn only_read_only_watches_fan_out() {
+        let watch = |mode: attach::Mode, force: bool| proto::WatchConsoleRequest {
+            guest: "vm1".into(),
+            mode: mode.into(),
+            force,
+            replay_bytes: 7,
+            ..Default::default()
+        };
+        let fields = read_only_watch(&grpc(&watch(attach::Mode::ReadOnly, false)), true).unwrap();
+        assert_eq!((fields.guest.as_str(), fields.replay_bytes), ("vm1", 7));
+        assert!(read_only_watch(&grpc(&watch(attach::Mode::Unspecified, false)), true).is_some());
+        assert!(read_only_watch(&grpc(&watch(attach::Mode::ReadWrite, false)), true).is_none());
+        assert!(read_only_watch(&grpc(&watch(attach::Mode::ReadOnly, true)), true).is_none());
+        let mut invalid = watch(attach::Mode::ReadOnly, false);
+        invalid.mode = 9;
+        assert!(read_only_watch(&grpc(&invalid), true).is_none());
+        // Half a message, or a compressed one: forwarded.
+        let whole = grpc(&watch(attach::Mode::ReadOnly, false));
+        assert!(read_only_watch(&whole.slice(..whole.len() - 1), true).is_none());
+        let mut flagged = whole.to_vec();
+        flagged[0] = 1;
+        assert!(read_only_watch(&Bytes::from(flagged), true).is_none());
+
+        let attach_frame = |mode: attach::Mode| proto::ClientFrame {
+            frame: Some(client_frame::Frame::Attach(proto::Attach {
+                guest: "vm1".into(),
+                mode: mode.into(),
+                ..Default::default()
+            })),
+        };
+        assert!(read_only_watch(&grpc(&attach_frame(attach::Mode::ReadOnly)), false).is_some());
+        assert!(read_only_watch(&grpc(&attach_frame(attach::Mode::ReadWrite)), false).is_none());
+        let input = proto::ClientFrame {
+            frame: Some(client_frame::Frame::Input(proto::Input {
+                data: Bytes::from_static(b"x"),
+            })),
+        };
+        assert!(read_only_watch(&grpc(&input), false).is_none());
+    }
+}
