@@ -135,7 +135,8 @@ pub struct FanoutConfig {
     /// replay gets these bytes; `attached.offset` says where they start).
     pub replay_bytes: ByteSize,
     /// Output queued for one watcher that does not read, before it is skipped ahead and told
-    /// the gap (`lagged`), as `consoles.client_queue` on a node.
+    /// the gap (`lagged`), as `consoles.client_queue` on a node (at least 128 KiB: two of a
+    /// node's output chunks).
     pub watcher_queue: ByteSize,
     /// How long a shared stream stays open after its last watcher left.
     pub linger: HumanDuration,
@@ -312,10 +313,14 @@ impl GatewayConfig {
                 format!("must be at most 64MiB (got {})", f.replay_bytes),
             );
         }
-        if !(4096..=(64 << 20)).contains(&f.watcher_queue.bytes()) {
+        // A node sends output in chunks of up to 64 KiB: a queue must hold two.
+        if !((128 << 10)..=(64 << 20)).contains(&f.watcher_queue.bytes()) {
             return refuse(
                 "gateway.fanout.watcher_queue",
-                format!("must be between 4KiB and 64MiB (got {})", f.watcher_queue),
+                format!(
+                    "must be between 128KiB (two of a node's 64KiB output chunks) and 64MiB (got {})",
+                    f.watcher_queue
+                ),
             );
         }
         if f.linger.get() > Duration::from_secs(600) {

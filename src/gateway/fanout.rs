@@ -11,13 +11,15 @@
 //! token the gateway signs itself for that guest and device with the node's key derived from
 //! the cluster key, valid 60 s: a node checks expiry when a call starts, so the stream outlives
 //! it exactly as a watcher's does; its key's rotation ends it, as it ends every watcher), a ring
-//! of the last `gateway.fanout.replay_bytes` of output (filled first by the upstream's own
-//! replay), and one queue per watcher: [`crate::console::clients`], the node's own queues, so a
+//! of the last `gateway.fanout.replay_bytes` of output, and one queue per watcher: [`crate::console::clients`], the node's own queues, so a
 //! watcher that does not read is skipped ahead and told the exact gap (`lagged`) exactly as on
-//! a node, and never delays the shared stream or another watcher. A late watcher gets its
-//! `attached` (the offset of its first byte), the ring's last `replay_bytes` (at most the ring:
-//! `attached.offset` says where they start, older bytes are in `ReadHistory`) and then the live
-//! output, the guest's connection state and gaps as the node sends them. The stream ends for
+//! a node, and never delays the shared stream or another watcher. The upstream asks the node
+//! for a ring's worth of replay, and learns where the node's log ended (a `ReadHistory` of its
+//! last byte) so that watchers are admitted only once that replay is in the ring: every
+//! watcher, the first or a late one, gets its `attached` (the offset of its first byte), the
+//! last `replay_bytes` before the end (at most `gateway.fanout.replay_bytes`; `attached.offset`
+//! says where they start, older bytes are in `ReadHistory`), then the live output, the guest's
+//! connection state and gaps as the node sends them. The stream ends for
 //! every watcher with the node's status (removed: `NOT_FOUND`; shutdown, upgrade, a node lost:
 //! `UNAVAILABLE` naming it; resume by offset), after each watcher has taken what was queued for
 //! it. The upstream closes `gateway.fanout.linger` after its last watcher left.
@@ -292,6 +294,8 @@ impl Fanout {
             guest_connected: false,
             ended: Arc::new(OnceLock::new()),
             revoked: None,
+            replayed_to: 0,
+            waiting: Vec::new(),
         };
         tokio::spawn(shared.run(joins_rx, leaves_rx).instrument(span));
         Ok((
@@ -390,7 +394,8 @@ async fn first_message(mut body: Body, watch: bool) -> Result<(Bytes, Body), Sta
 
 /// Whether `read` holds a whole gRPC message.
 fn complete(read: &[u8]) -> bool {
-    read.len() >= 5 && read.len() - 5 >= u32::from_be_bytes([read[1], read[2], read[3], read[4]]) as usize
+    read.len() >= 5
+        && read.len() - 5 >= u32::from_be_bytes([read[1], read[2], read[3], read[4]]) as usize
 }
 
 /// The watch `read` asks for, if it is a whole uncompressed message of a read-only watch.
@@ -610,10 +615,18 @@ struct Shared {
     ended: Arc<OnceLock<Status>>,
     /// Set when the stream's own token stopped verifying while a watcher joined.
     revoked: Option<Status>,
+    /// Where the node's log ended just after the upstream attached: the upstream's replay is
+    /// in once the ring reaches it, and joins wait in `waiting` until then.
+    replayed_to: u64,
+    waiting: Vec<Join>,
 }
 
 impl Shared {
-    async fn run(mut self, mut joins: mpsc::Receiver<Join>, mut leaves: mpsc::UnboundedReceiver<u64>) {
+    async fn run(
+        mut self,
+        mut joins: mpsc::Receiver<Join>,
+        mut leaves: mpsc::UnboundedReceiver<u64>,
+    ) {
         let end = self.serve(&mut joins, &mut leaves).await;
         let Some(status) = end else {
             tracing::info!("shared stream closed: its last watcher left");
@@ -621,6 +634,9 @@ impl Shared {
         };
         tracing::info!(code = ?status.code(), message = status.message(), "shared stream ended");
         self.remove_entry(false);
+        for join in self.waiting.drain(..) {
+            let _ = join.reply.send(Err(status.clone()));
+        }
         let _ = self.ended.set(status);
         // Every watcher takes what was queued for it, then the status.
         self.watchers.clear();
@@ -634,10 +650,25 @@ impl Shared {
         joins: &mut mpsc::Receiver<Join>,
         leaves: &mut mpsc::UnboundedReceiver<u64>,
     ) -> Option<Status> {
+        let first = loop {
+            tokio::select! {
+                Some(join) = joins.recv() => break join,
+                Some(_) = leaves.recv() => {
+                    if self.remove_entry(true) {
+                        return None;
+                    }
+                }
+                else => return None,
+            }
+        };
         let mut upstream = match self.open().await {
             Ok(upstream) => upstream,
-            Err(status) => return Some(status),
+            Err(status) => {
+                let _ = first.reply.send(Err(status.clone()));
+                return Some(status);
+            }
         };
+        self.admit(first);
         let mut changes = self.fanout.keys.changes();
         changes.mark_unchanged();
         let linger = self.fanout.config.linger.get();
@@ -654,12 +685,19 @@ impl Shared {
             };
             tokio::select! {
                 message = upstream.message() => match message {
-                    Ok(Some(frame)) => self.upstream_frame(frame),
+                    Ok(Some(frame)) => {
+                        self.upstream_frame(frame);
+                        if self.ring.end >= self.replayed_to {
+                            for join in std::mem::take(&mut self.waiting) {
+                                self.join(join);
+                            }
+                        }
+                    }
                     Ok(None) => return Some(self.node_status(Status::unknown("the stream ended without a status"), false)),
                     Err(status) => return Some(self.node_status(status, false)),
                 },
                 Some(join) = joins.recv() => {
-                    self.join(join);
+                    self.admit(join);
                     retire_at = None;
                 }
                 Some(watcher) = leaves.recv() => {
@@ -708,7 +746,9 @@ impl Shared {
         }
     }
 
-    /// Opens the upstream watch with the gateway's own token and reads its `attached`.
+    /// Opens the upstream watch with the gateway's own token, asking for a ring's worth of
+    /// replay, reads its `attached`, and learns where the node's log ended then
+    /// ([`Self::replayed_to`]).
     async fn open(&mut self) -> Result<tonic::Streaming<ServerFrame>, Status> {
         let node = self.key.node.clone();
         let now = now_unix();
@@ -724,9 +764,11 @@ impl Shared {
         self.own_token = self.fanout.keys.issue(grant).map_err(|e| {
             crate::error::status(&Error::Unauthenticated(format!("Token refused: {e}")))
         })?;
-        let channel = self.fanout.upstreams.channel(&node).map_err(|e| {
-            crate::error::status(&Error::Unavailable(e.to_string()))
-        })?;
+        let channel = self
+            .fanout
+            .upstreams
+            .channel(&node)
+            .map_err(|e| crate::error::status(&Error::Unavailable(e.to_string())))?;
         let mut request = tonic::Request::new(proto::WatchConsoleRequest {
             guest: self.key.guest.clone(),
             device: self.key.device.clone(),
@@ -752,10 +794,7 @@ impl Shared {
             Ok(Err(status)) => return Err(self.node_status(status, true)),
             Err(_) => {
                 return Err(self.node_status(
-                    Status::unavailable(format!(
-                        "no answer within {}s",
-                        OPEN_WAIT.as_secs()
-                    )),
+                    Status::unavailable(format!("no answer within {}s", OPEN_WAIT.as_secs())),
                     true,
                 ))
             }
@@ -764,17 +803,75 @@ impl Shared {
             frame: Some(server_frame::Frame::Attached(attached)),
         }) = first
         else {
-            return Err(self.node_status(
-                Status::unknown("its first frame is not attached"),
-                true,
-            ));
+            return Err(self.node_status(Status::unknown("its first frame is not attached"), true));
         };
         self.session_id = attached.session_id;
         self.serial_break = attached.serial_break;
         self.guest_connected = attached.guest_connected;
         self.ring.reset(attached.offset);
-        tracing::info!(offset = attached.offset, "shared stream opened");
+        self.replayed_to = match self.log_end().await {
+            Ok(end) => end,
+            Err(status) => {
+                crate::limited!(warn, code = ?status.code(), message = status.message(),
+                    "cannot learn the end of the node's log: late watchers get what the ring holds");
+                0
+            }
+        };
+        tracing::info!(
+            offset = attached.offset,
+            end = self.replayed_to,
+            "shared stream opened"
+        );
         Ok(stream)
+    }
+
+    /// The end offset of the console's log now, from a `ReadHistory` of its last byte: the
+    /// upstream's replay (queued by the node when it attached, before anything live) ends no
+    /// later.
+    async fn log_end(&self) -> Result<u64, Status> {
+        let channel = self
+            .fanout
+            .upstreams
+            .channel(&self.key.node)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut request = tonic::Request::new(proto::ReadHistoryRequest {
+            guest: self.key.guest.clone(),
+            stream: self.key.device.clone(),
+            start: Some(proto::read_history_request::Start::TailBytes(1)),
+            ..Default::default()
+        });
+        let bearer = format!("Bearer {}", self.own_token);
+        request.metadata_mut().insert(
+            "authorization",
+            bearer
+                .parse()
+                .map_err(|_| Status::internal("the gateway's token is not a header value"))?,
+        );
+        let mut client = proto::console_client::ConsoleClient::new(channel);
+        let reading = async {
+            let mut chunks = client.read_history(request).await?.into_inner();
+            let mut end = 0;
+            while let Some(chunk) = chunks.message().await? {
+                end = end.max(chunk.offset + chunk.data.len() as u64);
+                if let Some(gap) = chunk.gap {
+                    end = end.max(gap.to_offset);
+                }
+            }
+            Ok(end)
+        };
+        tokio::time::timeout(OPEN_WAIT, reading)
+            .await
+            .map_err(|_| Status::unavailable("no answer"))?
+    }
+
+    /// Serves `join` once the ring holds the upstream's replay (so a watcher's replay is
+    /// counted back from the node's end, as on a node), or keeps it until then.
+    fn admit(&mut self, join: Join) {
+        if self.ring.end >= self.replayed_to {
+            self.join(join);
+        } else {
+            self.waiting.push(join);
+        }
     }
 
     /// A status from the node as the watchers get it: the node's own (it ended the call) as
@@ -872,7 +969,12 @@ impl Shared {
             }
             Some(server_frame::Frame::Lagged(lagged)) => {
                 // The gateway itself fell behind the node.
-                crate::limited!(warn, from = lagged.from_offset, to = lagged.to_offset, "shared stream lagged at the node");
+                crate::limited!(
+                    warn,
+                    from = lagged.from_offset,
+                    to = lagged.to_offset,
+                    "shared stream lagged at the node"
+                );
                 self.gap(lagged.from_offset, lagged.to_offset);
             }
             Some(server_frame::Frame::Guest(state)) => {
@@ -884,9 +986,7 @@ impl Shared {
                 });
             }
             // A read-only watch holds no lease; a second attached is not a node's.
-            Some(
-                server_frame::Frame::WriterRevoked(_) | server_frame::Frame::Attached(_),
-            )
+            Some(server_frame::Frame::WriterRevoked(_) | server_frame::Frame::Attached(_))
             | None => {}
         }
     }
@@ -898,9 +998,8 @@ impl Shared {
         if to <= from {
             return;
         }
-        self.watchers.retain(|_, w| {
-            w.lagging || w.queue.control(Event::Lagged { from, to })
-        });
+        self.watchers
+            .retain(|_, w| w.lagging || w.queue.control(Event::Lagged { from, to }));
     }
 }
 
@@ -1051,7 +1150,10 @@ mod tests {
         ring.push(&bytes(4, b'a'));
         ring.push(&bytes(4, b'b'));
         assert_eq!(ring.tail(0), (108, vec![]));
-        assert_eq!(ring.tail(5), (103, vec![(103, bytes(1, b'a')), (104, bytes(4, b'b'))]));
+        assert_eq!(
+            ring.tail(5),
+            (103, vec![(103, bytes(1, b'a')), (104, bytes(4, b'b'))])
+        );
         ring.push(&bytes(6, b'c'));
         // 14 bytes pushed, 10 kept: the first 4 'a' are gone.
         assert_eq!(ring.held, 10);
@@ -1060,7 +1162,10 @@ mod tests {
         assert_eq!(chunks, vec![(104, bytes(4, b'b')), (108, bytes(6, b'c'))]);
         ring.push(&bytes(7, b'd'));
         let (start, chunks) = ring.tail(10);
-        assert_eq!((start, chunks), (111, vec![(111, bytes(3, b'c')), (114, bytes(7, b'd'))]));
+        assert_eq!(
+            (start, chunks),
+            (111, vec![(111, bytes(3, b'c')), (114, bytes(7, b'd'))])
+        );
         // One chunk larger than the ring: its tail only.
         ring.push(&bytes(25, b'e'));
         assert_eq!(ring.tail(100), (136, vec![(136, bytes(10, b'e'))]));

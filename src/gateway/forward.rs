@@ -102,10 +102,7 @@ fn unavailable(error: GatewayError) -> Error {
 }
 
 impl Forward {
-    async fn forward(
-        &self,
-        request: http::Request<Body>,
-    ) -> Result<http::Response<Body>, Error> {
+    async fn forward(&self, request: http::Request<Body>) -> Result<http::Response<Body>, Error> {
         let grant = self.authenticate(&request)?;
         let grant_token = request.headers().get("authorization").cloned();
         let node = grant

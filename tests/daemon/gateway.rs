@@ -71,15 +71,6 @@ fn with_node_claim(token: &str, node: &str) -> String {
     format!("{prefix}.{payload}.{mac}")
 }
 
-/// A console `guest` on `daemon` with a fake guest connected to it.
-async fn console_with_guest(daemon: &Daemon, guest: &str) -> FakeGuest {
-    let mut agent = daemon.agent().await;
-    let created = open_console(&mut agent, guest).await;
-    let peer = FakeGuest::connect(&created.guest_socket).await;
-    wait_guest_connected(&mut agent, guest, DEVICE, true).await;
-    peer
-}
-
 /// `ReadHistory` of `guest` through `channel` from `from`, following, until `len` bytes
 /// arrived; the bytes.
 async fn read_history(
@@ -111,13 +102,6 @@ async fn read_history(
         data.extend_from_slice(&chunk.data);
     }
     Ok((data, stream))
-}
-
-fn code_of<T>(result: &Result<T, tonic::Status>) -> Option<(Code, String)> {
-    result
-        .as_ref()
-        .err()
-        .map(|s| (s.code(), s.message().to_owned()))
 }
 
 /// Three nodes with a guest `vm1` each (and `vm2` on node A), two gateways: each node's token
@@ -210,17 +194,17 @@ async fn a_token_reaches_its_own_nodes_guest_through_any_gateway_and_nothing_els
 
     // Not the other guest of A (the node re-checks the token's guest).
     let refused = read_history(pki.client(g1.address, &token_a).await, "vm2", 0, 1).await;
-    assert_eq!(
-        code_of(&refused).map(|c| c.0),
-        Some(Code::PermissionDenied),
-        "{refused:?}"
-    );
+    expect_code(refused, Code::PermissionDenied, "the other guest of A");
     let refused = watch(
         pki.client(g1.address, &token_a).await,
         watch_request("vm2", Mode::ReadWrite),
     )
     .await;
-    assert_eq!(code_of(&refused).map(|c| c.0), Some(Code::PermissionDenied));
+    expect_code(
+        refused,
+        Code::PermissionDenied,
+        "a watch of the other guest of A",
+    );
 
     // Not B's guest: A's token with its claim changed to B, or a token signed with A's key
     // that claims B, is refused at the gateway.
@@ -241,8 +225,7 @@ async fn a_token_reaches_its_own_nodes_guest_through_any_gateway_and_nothing_els
         (&unclaimed, "no node claim", "names no node"),
     ] {
         let refused = read_history(pki.client(g1.address, token).await, "vm1", 0, 1).await;
-        let (code, message) = code_of(&refused).unwrap_or_else(|| panic!("{what} was served"));
-        assert_eq!(code, Code::Unauthenticated, "{what}: {message}");
+        let message = expect_code(refused, Code::Unauthenticated, what);
         assert!(message.contains(expected), "{what}: {message}");
         let session = Session::attach(
             pki.client(g2.address, token).await,
@@ -283,8 +266,7 @@ async fn expired_tokens_and_a_rotated_cluster_key_are_refused_at_the_gateway() {
         signed_with(&nowhere_key, grant("vm1", Some(nowhere.into()), now() - 10)),
     ] {
         let refused = read_history(pki.client(gateway.address, &expired).await, "vm1", 0, 1).await;
-        let (code, message) = code_of(&refused).expect("an expired token was served");
-        assert_eq!(code, Code::Unauthenticated, "{message}");
+        let message = expect_code(refused, Code::Unauthenticated, "an expired token");
         assert!(message.contains("expired"), "{message}");
     }
 
@@ -308,8 +290,11 @@ async fn expired_tokens_and_a_rotated_cluster_key_are_refused_at_the_gateway() {
     assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
     assert!(ended.message().contains("cluster key changed"), "{ended:?}");
     let refused = read_history(pki.client(gateway.address, &token).await, "vm1", 0, 1).await;
-    let (code, message) = code_of(&refused).expect("a token of the old cluster key was served");
-    assert_eq!(code, Code::Unauthenticated);
+    let message = expect_code(
+        refused,
+        Code::Unauthenticated,
+        "a token of the old cluster key",
+    );
     assert!(message.contains("signature"), "{message}");
     // The node itself still takes it directly: the gateway refused it.
     let direct = read_history(pki.client(node.tcp, &token).await, "vm1", 0, 6).await;
@@ -357,8 +342,7 @@ async fn a_node_that_is_down_is_unavailable_naming_it() {
     );
 
     let refused = read_history(pki.client(gateway.address, &token_down).await, "vm1", 0, 1).await;
-    let (code, message) = code_of(&refused).expect("served by a dead node");
-    assert_eq!(code, Code::Unavailable, "{message}");
+    let message = expect_code(refused, Code::Unavailable, "a call to a dead node");
     assert!(
         message.contains(&format!("Node {name} is unavailable")),
         "{message}"
@@ -379,8 +363,7 @@ async fn a_node_that_is_down_is_unavailable_naming_it() {
     )
     .await
     .unwrap_or_else(|_| panic!("no answer; the gateway's log:\n{}", gateway.log()));
-    let (code, message) = code_of(&refused).expect("served by nobody");
-    assert_eq!(code, Code::Unavailable, "{message}");
+    let message = expect_code(refused, Code::Unavailable, "a call to nobody");
     assert!(
         message.contains("Node 192.0.2.1:7770 is unavailable"),
         "{message}"
@@ -452,8 +435,7 @@ async fn require_gateway_refuses_direct_callers_without_the_gateway_certificate(
     .await
     .unwrap();
     let refused = read_history(with_token(channel, &elsewhere), "vm1", 0, 1).await;
-    let (code, message) = code_of(&refused).expect("a token for another node was served");
-    assert_eq!(code, Code::Unauthenticated);
+    let message = expect_code(refused, Code::Unauthenticated, "a token for another node");
     assert!(message.contains("not this one"), "{message}");
 
     // Without tls.client_ca the setting is refused at start.
@@ -574,42 +556,6 @@ async fn a_killed_gateway_replica_costs_a_reconnect_and_nothing_else() {
     assert!(session.output[skip..] == expected[attached_end as usize..]);
     session.send(b"after\n").await;
     guest.wait_for(b"after\n").await;
-}
-
-/// One HTTP/1.1 request over TLS to `address` (trusting the server CA); the raw response, read
-/// until the server closes (`connection: close`).
-async fn https_http1(pki: &Pki, address: SocketAddr, request: &[u8]) -> Vec<u8> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.server_ca.cert.der().clone()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    bounded("an HTTP/1.1 exchange", async {
-        let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-        let mut tls = connector.connect(name, tcp).await.unwrap();
-        tls.write_all(request).await.unwrap();
-        let mut response = Vec::new();
-        let _ = tls.read_to_end(&mut response).await;
-        response
-    })
-    .await
-}
-
-/// The body of an HTTP/1.1 response (after the blank line).
-fn body_of(response: &[u8]) -> &[u8] {
-    let at = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a header block");
-    &response[at + 4..]
 }
 
 /// A gRPC-web (binary, HTTP/1.1) `ReadHistory` of `vm1` from offset 0, with `token` if any, as
@@ -744,8 +690,11 @@ async fn the_gateway_limits_calls_per_guest_and_closes_idle_connections() {
         .await
         .expect("the first call");
     let refused = read_history(pki.client(gateway.address, &second).await, "vm1", 0, 4).await;
-    let (code, message) = code_of(&refused).expect("a second call of the guest was served");
-    assert_eq!(code, Code::ResourceExhausted, "{message}");
+    let message = expect_code(
+        refused,
+        Code::ResourceExhausted,
+        "a second call of the guest",
+    );
     assert!(
         message.contains("gateway.limits.calls_per_guest"),
         "{message}"

@@ -26,6 +26,7 @@ mod console_io;
 mod console_lifecycle;
 mod consoles;
 mod gateway;
+mod gateway_fanout;
 mod guest_isolation;
 mod handoff;
 mod health_listener;

@@ -741,6 +741,13 @@ impl SessionInput {
     }
 }
 
+impl Session {
+    /// Its frames alone; its input half is closed.
+    pub fn into_frames(self) -> Frames {
+        self.frames
+    }
+}
+
 impl Deref for Session {
     type Target = Frames;
 

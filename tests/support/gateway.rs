@@ -2,7 +2,10 @@
 //! servers, nodes and gateways, for `localhost` and `127.0.0.1`; one for the gateway's client
 //! certificate), a cluster key, nodes whose token key is derived from it, and gateway processes.
 
-use super::{bounded, with_token, ConsoleChannel, Daemon, DEADLINE, POLL};
+use super::{
+    bounded, open_console, wait_guest_connected, with_token, ConsoleChannel, Daemon, FakeGuest,
+    DEADLINE, DEVICE, POLL,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -203,6 +206,15 @@ pub fn gateway_bin() -> &'static str {
     env!("CARGO_BIN_EXE_conlog-gateway")
 }
 
+/// A console `guest` on `daemon` with a fake guest connected to it.
+pub async fn console_with_guest(daemon: &Daemon, guest: &str) -> FakeGuest {
+    let mut agent = daemon.agent().await;
+    let created = open_console(&mut agent, guest).await;
+    let peer = FakeGuest::connect(&created.guest_socket).await;
+    wait_guest_connected(&mut agent, guest, DEVICE, true).await;
+    peer
+}
+
 /// The Console endpoint a node advertises by default: its TCP listener's address.
 pub fn endpoint_of(daemon: &Daemon) -> String {
     daemon.tcp.to_string()
@@ -214,6 +226,42 @@ async fn poll_until(what: &str, done: impl Fn() -> bool) {
         assert!(Instant::now() < deadline, "{what}: not after {DEADLINE:?}");
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// One HTTP/1.1 request over TLS to `address` (trusting the server CA); the raw response, read
+/// until the server closes (`connection: close`).
+pub async fn https_http1(pki: &Pki, address: SocketAddr, request: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.server_ca.cert.der().clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    bounded("an HTTP/1.1 exchange", async {
+        let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        tls.write_all(request).await.unwrap();
+        let mut response = Vec::new();
+        let _ = tls.read_to_end(&mut response).await;
+        response
+    })
+    .await
+}
+
+/// The body of an HTTP/1.1 response (after the blank line).
+pub fn body_of(response: &[u8]) -> &[u8] {
+    let at = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a header block");
+    &response[at + 4..]
 }
 
 /// A running `conlog-gateway`.
