@@ -899,7 +899,8 @@ impl Shared {
         match self.fanout.keys.verify(&self.own_token, now_unix()) {
             Ok(_) | Err(TokenError::Expired(_)) => None,
             Err(e) => Some(crate::error::status(&Error::Unauthenticated(format!(
-                "Token refused: {e} (the cluster key changed during the call)"
+                "The gateway's own token of this console's shared stream is refused: {e} (the \
+                 cluster key changed)"
             )))),
         }
     }
