@@ -84,6 +84,7 @@ cargo run --quiet -p conlog-bench "${features[@]}" -- guests --quick
 cargo run --quiet -p conlog-bench "${features[@]}" -- console --quick
 cargo run --quiet -p conlog-bench "${features[@]}" -- history --quick
 cargo run --quiet -p conlog-bench "${features[@]}" -- hostile --quick
+cargo run --quiet -p conlog-bench "${features[@]}" -- gateway-watchers --quick
 # Fails if a SIGUSR1 does not upgrade or a takeover does not hand over (a pause is then not
 # measured at all).
 cargo run --quiet -p conlog-bench "${features[@]}" -- upgrade --quick
