@@ -531,3 +531,57 @@ fn dechunk(body: &[u8]) -> Vec<u8> {
         rest = &rest[start + size + 2..];
     }
 }
+
+/// `gateway.fanout.*` have their defaults (`--print-config`), and a value out of range is
+/// refused at start naming its key and the rule.
+#[test]
+fn fanout_settings_have_defaults_and_bad_values_are_refused_naming_the_key() {
+    let pki = Pki::new();
+    let print = |extra: &str| {
+        let config = pki.write("fanout.yaml", &(pki.gateway_yaml("3s") + extra));
+        std::process::Command::new(gateway_bin())
+            .arg("--config")
+            .arg(&config)
+            .arg("--print-config")
+            .output()
+            .unwrap()
+    };
+    let output = print("");
+    assert!(output.status.success(), "{output:?}");
+    let printed: serde_yaml::Value = serde_yaml::from_slice(&output.stdout).unwrap();
+    let fanout = &printed["gateway"]["fanout"];
+    assert_eq!(fanout["enabled"], true);
+    assert_eq!(fanout["streams"], 1024);
+    assert_eq!(fanout["watchers_per_stream"], 1024);
+    assert_eq!(fanout["replay_bytes"], "256KiB");
+    assert_eq!(fanout["watcher_queue"], "1MiB");
+    assert_eq!(fanout["linger"], "5s");
+    for (extra, key, rule) in [
+        ("    streams: 0\n", "gateway.fanout.streams", "at least 1"),
+        (
+            "    watchers_per_stream: 0\n",
+            "gateway.fanout.watchers_per_stream",
+            "at least 1",
+        ),
+        (
+            "    watcher_queue: 64KiB\n",
+            "gateway.fanout.watcher_queue",
+            "128KiB",
+        ),
+        (
+            "    replay_bytes: 65MiB\n",
+            "gateway.fanout.replay_bytes",
+            "at most 64MiB",
+        ),
+        ("    linger: 11m\n", "gateway.fanout.linger", "at most 10m"),
+        ("    fan_in: true\n", "fan_in", "unknown field"),
+    ] {
+        let output = print(&format!("  fanout:\n{extra}"));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{extra}: accepted");
+        assert!(
+            stderr.contains(key) && stderr.contains(rule),
+            "{extra}: {stderr}"
+        );
+    }
+}
