@@ -243,22 +243,14 @@ impl GatewayConfig {
                 return refuse(key, format!("must be at least 1s (got {timeout})"));
             }
         }
-        if !(4096..=(64 << 20)).contains(&l.message_size.bytes()) {
-            return refuse(
+        crate::config::validate_message_bounds(
+            l.message_size,
+            l.web_body_bytes,
+            [
                 "gateway.limits.message_size",
-                format!("must be between 4KiB and 64MiB (got {})", l.message_size),
-            );
-        }
-        let largest_body = l.message_size.bytes().saturating_mul(4) / 3 + (64 << 10);
-        if l.web_body_bytes.bytes() < largest_body {
-            return refuse(
                 "gateway.limits.web_body_bytes",
-                format!(
-                    "must hold one request of gateway.limits.message_size as base64, at least {largest_body}B (got {})",
-                    l.web_body_bytes
-                ),
-            );
-        }
+            ],
+        )?;
         for origin in &self.web.allowed_origins {
             crate::config::Origin::parse(origin).map_err(|message| ConfigError::Value {
                 key: "gateway.web.allowed_origins",
