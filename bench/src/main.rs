@@ -25,7 +25,7 @@ mod report;
 mod scenario;
 mod scenarios;
 
-use scenarios::{compress, console, guests, history, hostile, pipe, upgrade};
+use scenarios::{compress, console, gateway, guests, history, hostile, pipe, upgrade};
 
 /// Benchmarks conlogd from outside against a baseline measured in the same run.
 #[derive(Parser)]
@@ -59,6 +59,10 @@ enum Command {
     /// CPU per GiB, ReadHistory deep in compressed against raw history, time to first byte,
     /// pipe throughput with compression off, on, and cat.
     Compress(compress::CompressArgs),
+    /// conlog-gateway against direct calls to the node, same run: ReadHistory throughput
+    /// and CPU per GiB of node, gateway and client; console echo latency p50/p99; the
+    /// gateway's memory and CPU at rest and per active session.
+    Gateway(gateway::GatewayArgs),
     /// Upgrade pause: how long logging stops during an in-place upgrade and during a
     /// takeover, with 1, 100 and 2,000 guests.
     Upgrade(upgrade::UpgradeArgs),
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         Command::Guests(args) => scenario::run(args, options),
         Command::Hostile(args) => scenario::run(args, options),
         Command::Compress(args) => scenario::run(args, options),
+        Command::Gateway(args) => scenario::run(args, options),
     };
     match outcome {
         Ok(report::Verdict::Correct) => ExitCode::SUCCESS,

@@ -148,7 +148,7 @@ fn default_connect_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(3))
 }
 fn default_stream_window() -> ByteSize {
-    ByteSize(256 << 10)
+    ByteSize(1 << 20)
 }
 
 fn refuse<T>(key: &'static str, message: String) -> Result<T, ConfigError> {

@@ -24,6 +24,7 @@ pub mod agent;
 pub mod auth;
 mod authority;
 pub mod bodies;
+pub mod coalesce;
 pub mod conn;
 pub mod console;
 pub mod limits;
@@ -74,6 +75,8 @@ pub struct Protection {
     pub web: web::WebOptions,
     /// The names refusals give these limits (a node's `limits.*`, a gateway's own).
     pub(crate) keys: &'static limits::LimitKeys,
+    /// Whether writes to HTTP/2 clients over TLS are coalesced ([`coalesce`]): a gateway's.
+    pub(crate) coalesce_writes: bool,
 }
 
 /// The share of RLIMIT_NOFILE remote callers may hold: a quarter (docs/operations.md,
@@ -106,6 +109,7 @@ impl Protection {
             tcp_limit: limits.max_tcp_connections(),
             web: web::WebOptions::new(message_size, limits, tokens, &limits::NODE_KEYS),
             keys: &limits::NODE_KEYS,
+            coalesce_writes: false,
         }
     }
 
@@ -124,6 +128,7 @@ impl Protection {
             &limits::GATEWAY_KEYS,
         );
         protection.keys = &limits::GATEWAY_KEYS;
+        protection.coalesce_writes = true;
         protection
     }
 
@@ -315,9 +320,15 @@ where
                 .await
         }
         Some(tls) => {
+            let coalesce = protection.coalesce_writes;
             let incoming = tcp_incoming(listener, protection.admission(true), move |tcp| {
                 let tls = tls.clone();
-                async move { tls.accept(tcp).await }
+                async move {
+                    let io = tls.accept(tcp).await?;
+                    // HTTP/2 only: HTTP/1.1 buffers its writes itself.
+                    let h2 = io.get_ref().1.alpn_protocol() == Some(b"h2");
+                    Ok(coalesce::Coalesce::new(io, coalesce && h2))
+                }
             });
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)

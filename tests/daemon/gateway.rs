@@ -826,7 +826,7 @@ async fn the_gateway_answers_health_in_plaintext_and_prints_its_config() {
     assert!(output.status.success(), "{output:?}");
     let printed: serde_yaml::Value = serde_yaml::from_slice(&output.stdout).unwrap();
     let gateway = &printed["gateway"];
-    assert_eq!(gateway["upstream"]["stream_window"], "256KiB");
+    assert_eq!(gateway["upstream"]["stream_window"], "1MiB");
     assert_eq!(gateway["limits"]["calls_per_guest"], 64);
     assert_eq!(gateway["health"], serde_yaml::Value::Null);
 }

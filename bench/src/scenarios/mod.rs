@@ -4,6 +4,7 @@
 
 pub mod compress;
 pub mod console;
+pub mod gateway;
 pub mod guests;
 pub mod history;
 pub mod history_since;
