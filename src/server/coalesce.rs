@@ -13,8 +13,9 @@
 //! bytes wait for one more turn of their own connection's task, never for a timer or for
 //! another peer.
 //!
-//! Bounds: at most [`CAP`] bytes per connection, allocated while bytes are held and freed
-//! when they are written; a write that finds the buffer full waits for TLS to take it, so a
+//! Bounds: at most [`CAP`] bytes per connection, allocated when bytes come and kept while
+//! they keep coming (allocating it for every batch cost page faults), freed at the second
+//! flush in a row with nothing to write; a write that finds the buffer full waits for TLS to take it, so a
 //! peer that stops reading is held back by TCP exactly as without the wrapper. It never
 //! looks at the bytes it holds.
 
@@ -34,6 +35,10 @@ pub struct Coalesce<IO> {
     written: usize,
     /// Whether bytes were accepted since the last flush that was put off.
     fresh: bool,
+    /// Flushes in a row that found nothing to write: the buffer is freed at the second (a
+    /// streaming connection keeps it from one batch to the next; a quiet one gives it back
+    /// by its next HTTP/2 keepalive ping at the latest).
+    idle_flushes: u8,
 }
 
 impl<IO> Coalesce<IO> {
@@ -45,6 +50,7 @@ impl<IO> Coalesce<IO> {
             held: Vec::new(),
             written: 0,
             fresh: false,
+            idle_flushes: 0,
         }
     }
 
@@ -55,7 +61,7 @@ impl<IO> Coalesce<IO> {
 }
 
 impl<IO: AsyncWrite + Unpin> Coalesce<IO> {
-    /// Hands every held byte to `io`; then frees the buffer.
+    /// Hands every held byte to `io` (the buffer is kept for the next ones).
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         while self.written < self.held.len() {
             let n = std::task::ready!(
@@ -66,7 +72,7 @@ impl<IO: AsyncWrite + Unpin> Coalesce<IO> {
             }
             self.written += n;
         }
-        self.held = Vec::new();
+        self.held.clear();
         self.written = 0;
         Poll::Ready(Ok(()))
     }
@@ -144,10 +150,18 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
             if this.fresh && this.held.len() < CAP {
                 // Put off once: the task runs again at once and flushes then at the latest.
                 this.fresh = false;
+                this.idle_flushes = 0;
                 cx.waker().wake_by_ref();
                 return Poll::Ready(Ok(()));
             }
-            std::task::ready!(this.poll_drain(cx))?;
+            if this.held.is_empty() {
+                this.idle_flushes = this.idle_flushes.saturating_add(1);
+                if this.idle_flushes >= 2 {
+                    this.held = Vec::new();
+                }
+            } else {
+                std::task::ready!(this.poll_drain(cx))?;
+            }
             this.fresh = false;
         }
         Pin::new(&mut this.io).poll_flush(cx)
@@ -156,6 +170,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
         std::task::ready!(this.poll_drain(cx))?;
+        this.held = Vec::new();
         Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
@@ -244,5 +259,25 @@ mod tests {
         io.flush().await.unwrap();
         far.read_exact(&mut byte).await.unwrap();
         assert_eq!(&byte, b"echo");
+    }
+
+    #[tokio::test]
+    async fn the_buffer_is_kept_while_bytes_flow_and_freed_when_they_stop() {
+        let (near, _far) = tokio::io::duplex(1 << 20);
+        let mut io = Coalesce::new(near, true);
+        for _ in 0..3 {
+            io.write_all(&[7; 1000]).await.unwrap();
+            io.flush().await.unwrap(); // put off
+            io.flush().await.unwrap(); // written
+            assert_eq!(io.held.capacity(), CAP, "kept between batches");
+        }
+        io.flush().await.unwrap();
+        assert_eq!(
+            io.held.capacity(),
+            CAP,
+            "one flush with nothing new keeps it"
+        );
+        io.flush().await.unwrap();
+        assert_eq!(io.held.capacity(), 0, "the second frees it");
     }
 }
