@@ -2,9 +2,10 @@
 //!
 //! Owns the table of channels (keyed by the node claim of verified tokens, so only nodes the
 //! cluster key vouches for ever get an entry) and how each is made: the gateway's client
-//! certificate, the nodes' CA, the connect timeout, and the per-stream HTTP/2 window that
-//! bounds what the gateway holds of a stream towards the node. It never reads a token and
-//! never decides who may call.
+//! certificate, the nodes' CA, the connect timeout, the per-stream HTTP/2 window that
+//! bounds what the gateway holds of a stream towards the node, the largest frame it accepts
+//! and the read buffer beneath TLS (docs/gateway.md, "Forwarding and backpressure"). It never
+//! reads a token and never decides who may call.
 
 use super::config::UpstreamConfig;
 use super::GatewayError;

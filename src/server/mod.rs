@@ -16,8 +16,8 @@
 //! translation into gRPC, [`limits::CallLimitsLayer`], then the services behind their
 //! interceptors, so a gRPC-web call is a gRPC call by the time limits and tokens see it.
 //! `conlog-gateway` ([`crate::gateway`]) serves its forwarding Console service through the
-//! same TCP composition ([`serve_console_tcp`]), with its own limits' names
-//! ([`Protection::for_gateway`]); tokens are checked through [`crate::tokens::Verify`], a node's
+//! same TCP composition ([`serve_console_tcp`]), with its own limits' names and its writes to
+//! HTTP/2 clients over TLS coalesced ([`Protection::for_gateway`], [`coalesce`]); tokens are checked through [`crate::tokens::Verify`], a node's
 //! key or the gateway's cluster key.
 
 pub mod agent;
