@@ -25,7 +25,9 @@ mod report;
 mod scenario;
 mod scenarios;
 
-use scenarios::{compress, console, gateway_watchers, guests, history, hostile, pipe, upgrade};
+use scenarios::{
+    compress, console, gateway, gateway_watchers, guests, history, hostile, pipe, upgrade,
+};
 
 /// Benchmarks conlogd from outside against a baseline measured in the same run.
 #[derive(Parser)]
@@ -63,6 +65,10 @@ enum Command {
     /// the node serves, who got every byte, gateway memory per watcher; the same watchers
     /// straight at the node as the baseline.
     GatewayWatchers(gateway_watchers::GatewayWatchersArgs),
+    /// conlog-gateway against direct calls to the node, same run: ReadHistory throughput
+    /// and CPU per GiB of node, gateway and client; console echo latency p50/p99; the
+    /// gateway's memory and CPU at rest and per active session.
+    Gateway(gateway::GatewayArgs),
     /// Upgrade pause: how long logging stops during an in-place upgrade and during a
     /// takeover, with 1, 100 and 2,000 guests.
     Upgrade(upgrade::UpgradeArgs),
@@ -80,6 +86,7 @@ fn main() -> ExitCode {
         Command::Hostile(args) => scenario::run(args, options),
         Command::Compress(args) => scenario::run(args, options),
         Command::GatewayWatchers(args) => scenario::run(args, options),
+        Command::Gateway(args) => scenario::run(args, options),
     };
     match outcome {
         Ok(report::Verdict::Correct) => ExitCode::SUCCESS,

@@ -8,7 +8,7 @@ mod security;
 mod units;
 
 pub use security::Limits;
-pub(crate) use security::{TlsConfig, TokenConfig};
+pub(crate) use security::{largest_web_body, validate_message_bounds, TlsConfig, TokenConfig};
 
 pub use units::{ByteSize, HumanDuration};
 

@@ -82,6 +82,7 @@ pub async fn run(config: GatewayConfig) -> Result<(), GatewayError> {
     let console = InputBounded::remote(
         forward::Forward::new(keys, upstreams, &config.fanout),
         limits.body_timeout.get(),
+        protection.keys.body_timeout,
     );
     let window = u32::try_from(config.upstream.stream_window.bytes()).unwrap_or(u32::MAX);
     let (stop, stopped) = tokio::sync::watch::channel(false);

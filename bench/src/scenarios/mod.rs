@@ -4,6 +4,7 @@
 
 pub mod compress;
 pub mod console;
+pub mod gateway;
 pub mod gateway_watchers;
 pub mod guests;
 pub mod history;
