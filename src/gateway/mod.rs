@@ -8,10 +8,12 @@
 //! its open calls, so replicas share nothing. It never decodes a Console message.
 //!
 //! Modules: [`config`] (the `gateway:` section), [`upstream`] (channels to the nodes),
-//! [`forward`] (one call, token to node).
+//! [`forward`] (one call, token to node), [`migrate`] (a call following its guest to another
+//! node).
 
 pub mod config;
 mod forward;
+mod migrate;
 mod upstream;
 
 use crate::server::{bodies::InputBounded, Protection};
