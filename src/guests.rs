@@ -1135,11 +1135,15 @@ impl Guests {
     /// a call that would create it (or remove it again) waits until the removal is over, so
     /// nothing is created under a name whose files are being removed. The removal runs on its
     /// own task: a caller that goes away does not leave it half done.
+    /// `moved_to`: the guest live-migrated to that node (its Console endpoint): its streams'
+    /// histories record MIGRATED_OUT, their clients get the moved status and their tombstones
+    /// keep the redirect (docs/design.md, "Live migration").
     pub async fn remove(
         self: &Arc<Self>,
         guest: &GuestName,
         stream: Option<&StreamName>,
         delete_logs: bool,
+        moved_to: Option<String>,
     ) -> Result<Removed> {
         let guest = guest.as_str();
         let stream = stream.map(StreamName::as_str);
@@ -1218,6 +1222,7 @@ impl Guests {
             guest: guest.to_owned(),
             stream: (!whole).then(|| streams[0].0.clone()),
             delete_logs,
+            moved_to,
             _done: done,
         };
         tokio::spawn(removal.run(streams, waits))
@@ -1326,6 +1331,12 @@ impl Guests {
             LogHandle::removed(view),
             crate::tombstone::read(&dir, name),
         ))
+    }
+
+    /// Where `guest`'s stream `stream` moved to, if it was removed with `moved_to` and is not
+    /// live again (its tombstone keeps the redirect, docs/design.md "Live migration").
+    pub fn moved(&self, guest: &GuestName, stream: &StreamName) -> Option<crate::migration::Moved> {
+        crate::tombstone::read(&self.guest_log_dir(guest.as_str()), stream.as_str())?.moved()
     }
 
     /// Deletes the logs of `guest`'s removed stream `stream` if it is still removed since
@@ -1548,6 +1559,8 @@ struct Removal {
     /// The one stream removed, or `None` for the whole guest.
     stream: Option<String>,
     delete_logs: bool,
+    /// The guest moved to this node.
+    moved_to: Option<String>,
     /// Dropped after the guest is forgotten: wakes the calls waiting for the removal.
     _done: watch::Sender<()>,
 }
@@ -1566,12 +1579,25 @@ impl Removal {
             None => format!("guest {guest} was removed"),
             Some(stream) => format!("{guest}/{stream} was removed"),
         };
-        join_all(
-            streams
-                .iter()
-                .map(|(_, actor)| actor.log().close(&reason, true)),
-        )
-        .await;
+        match &self.moved_to {
+            None => {
+                join_all(
+                    streams
+                        .iter()
+                        .map(|(_, actor)| actor.log().close(&reason, true)),
+                )
+                .await;
+            }
+            Some(to) => {
+                let reason = format!("guest {guest} moved to {to}");
+                join_all(
+                    streams
+                        .iter()
+                        .map(|(_, actor)| actor.log().close_moved(&reason, to)),
+                )
+                .await;
+            }
+        }
         let dir = self.guests.guest_log_dir(guest);
         let mut removed = Removed {
             streams: u32::try_from(streams.len()).unwrap_or(u32::MAX),
@@ -1594,7 +1620,16 @@ impl Removal {
                     if let Err(e) = result {
                         failed.get_or_insert(e);
                     }
-                    if let Err(e) = crate::tombstone::write(&dir, stream, self.stream.is_none()) {
+                    let moved = self.moved_to.as_ref().and_then(|to| {
+                        let (_, actor) = streams.iter().find(|(name, _)| name == stream)?;
+                        Some(crate::migration::Moved {
+                            to: to.clone(),
+                            offset: actor.log().stats.end_offset.load(Relaxed),
+                        })
+                    });
+                    if let Err(e) =
+                        crate::tombstone::write(&dir, stream, self.stream.is_none(), moved.as_ref())
+                    {
                         // The logs stay readable; only the retention and token checks lack
                         // the removal time.
                         tracing::warn!(guest, stream, error = %e, "cannot write the tombstone of a removed stream");

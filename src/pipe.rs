@@ -17,7 +17,7 @@
 //! This module never touches a console, a client or the registry; its task runs in a span
 //! naming its guest and stream, so its events carry them.
 
-use crate::log_owner::{ActorGone, Figures, LogCommand, LogError, LogHandle, LogOwner};
+use crate::log_owner::{ActorGone, Figures, ImportStep, LogCommand, LogError, LogHandle, LogOwner};
 use crate::logfile::index::EventKind;
 use crate::logfile::{LogFile, Moved};
 use crate::metrics::Metrics;
@@ -152,13 +152,20 @@ impl PipeActor {
                     Some(Command::AddPipe(fd, reply)) => {
                         let _ = reply.send(self.add_pipe(fd));
                     }
+                    Some(Command::Log(LogCommand::Import(step, reply))) => {
+                        let ended = matches!(*step, ImportStep::End { .. });
+                        let _ = reply.send(self.owner.import(*step).map(|_| self.owner.log.end_offset()));
+                        if ended {
+                            self.import_ended();
+                        }
+                    }
                     Some(Command::Log(command)) => {
                         let broken = self.broken;
                         let answered = self
                             .owner
                             .answer(command, |figures| Figures { broken, ..figures });
                         if let Some(close) = answered {
-                            self.shutdown(close.reason());
+                            self.shutdown(close.reason(), close.moved_to());
                             close.done();
                             return;
                         }
@@ -168,11 +175,15 @@ impl PipeActor {
                         return;
                     }
                     None => {
-                        self.shutdown("pipe handle dropped");
+                        self.shutdown("pipe handle dropped", None);
                         return;
                     }
                 },
-                event = self.pump() => {
+                () = switchover(self.owner.hold_deadline()) => {
+                    self.owner.end_import("the switchover timeout passed before the source's stream was done; the source's later bytes are not here");
+                    self.import_ended();
+                }
+                event = self.pump(), if !self.owner.holding() => {
                     if let PipeEvent::Finished(index) = event {
                         self.pipes.swap_remove(index);
                         if let Some(name) = self.held.swap_remove(index) {
@@ -208,8 +219,15 @@ impl PipeActor {
             self.owner.stats.writers.fetch_add(1, Relaxed);
             self.owner.metrics.pipe_writers.inc();
             let writers = self.pipes.len();
-            self.owner
-                .note_event(EventKind::PipeOpened, &format!("{writers} writers"));
+            // While an import holds the output, the event comes after the imported bytes.
+            if self.owner.guest_arrived() {
+                if let Some(hold) = self.owner.hold.as_mut() {
+                    hold.connected_pending = true;
+                }
+            } else {
+                self.owner
+                    .note_event(EventKind::PipeOpened, &format!("{writers} writers"));
+            }
             self.owner.log.end_offset()
         })
     }
@@ -276,9 +294,23 @@ impl PipeActor {
         pipes
     }
 
+    /// An import ended (its last step, or the switchover timeout): a pipe handed over while it
+    /// held the output is recorded now, after the imported bytes.
+    fn import_ended(&mut self) {
+        if !self.pipes.is_empty() {
+            let writers = self.pipes.len();
+            self.owner
+                .note_event(EventKind::PipeOpened, &format!("{writers} writers"));
+        }
+    }
+
     /// Moves whatever the pipes still hold into the log, records the stop (`why`) in the time
-    /// index, then syncs it.
-    fn shutdown(&mut self, why: &str) {
+    /// index (and the move, if the stream moved to another node), then syncs it.
+    fn shutdown(&mut self, why: &str, moved_to: Option<&str>) {
+        // What the pipes hold comes after whatever was imported.
+        if self.owner.holding() {
+            self.owner.end_import("the stream closed during the import");
+        }
         for pipe in &self.pipes {
             loop {
                 let moved = self
@@ -300,10 +332,23 @@ impl PipeActor {
         for name in self.held.drain(..).flatten() {
             crate::keeper::release(&name);
         }
+        if let Some(to) = moved_to {
+            let end = self.owner.log.end_offset();
+            self.owner
+                .note_event(EventKind::MigratedOut, &format!("to {to} at offset {end}"));
+        }
         self.owner.note_event(EventKind::DaemonStopped, why);
         self.owner.checkpoint();
     }
 }
+/// Resolves at an import's switchover deadline; never without one.
+pub(crate) async fn switchover(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// A stream's command channel allocates room for 32 commands when it is created, so a

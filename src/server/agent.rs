@@ -131,6 +131,9 @@ fn stream_info(s: StreamSnapshot) -> proto::StreamInfo {
         raw_bytes: f.raw_bytes,
         backups: f.backups,
         compression_backlog_bytes: f.compression_backlog,
+        // A live stream has not moved (a moved one is removed, and not listed).
+        moved_to: String::new(),
+        migrating_from: f.migrating_from,
     }
 }
 
@@ -289,6 +292,20 @@ impl AgentService {
         } else {
             Some(StreamName::parse(request.stream)?)
         };
+        let moved_to = if request.moved_to.is_empty() {
+            None
+        } else {
+            if request.delete_logs {
+                return Err(Error::InvalidArgument(
+                    "moved_to keeps the logs (the destination imports them, clients are                      redirected): it cannot go with delete_logs"
+                        .into(),
+                ));
+            }
+            Some(crate::migration::parse_endpoint(
+                "moved_to",
+                &request.moved_to,
+            )?)
+        };
         let _admitted = self.handoffs.admit()?;
         match &stream {
             Some(stream) => self.handoffs.forget_stream(&guest, stream),
@@ -296,7 +313,7 @@ impl AgentService {
         }
         let removed = self
             .guests
-            .remove(&guest, stream.as_ref(), request.delete_logs)
+            .remove(&guest, stream.as_ref(), request.delete_logs, moved_to)
             .await?;
         Ok(proto::RemoveGuestResponse {
             streams_removed: removed.streams,

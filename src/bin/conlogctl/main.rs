@@ -570,6 +570,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                     guest,
                     stream,
                     limits,
+                    migrate_from: None,
                 })
                 .await
                 .map_err(status_error)?
@@ -658,6 +659,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                     } else {
                         proto::ConsoleProtocol::Unspecified as i32
                     },
+                    migrate_from: None,
                 })
                 .await
                 .map_err(status_error)?
@@ -707,6 +709,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                     guest: guest.clone(),
                     stream: stream.clone(),
                     delete_logs,
+                    moved_to: String::new(),
                 })
                 .await
                 .map_err(status_error)?
