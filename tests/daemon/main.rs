@@ -43,6 +43,7 @@ mod lifecycle_counters;
 mod limits;
 mod log_pipes;
 mod metrics_alerts;
+mod migration_clients;
 mod permissions;
 mod removal;
 mod retention;

@@ -1,0 +1,519 @@
+//! Clients that stay attached while their guest live-migrates (docs/operations.md, "When a
+//! guest moves"; docs/gateway.md, "Following moves"): real conlogd nodes with TLS on loopback,
+//! a real gateway, a fake guest printing numbered lines that moves at a random line (the
+//! destination's agent creates the console with `migrate_from`, the source's agent calls
+//! `RemoveGuest(moved_to)`, the source connection closes, a new fake guest continues the
+//! numbering on the destination). Every client must see every line exactly once, in order.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes and offsets in tests are small numbers"
+)]
+
+use crate::support;
+
+use conlog::proto::{
+    self, agent_client::AgentClient, attach::Mode, server_frame::Frame, Access, ServerFrame,
+};
+use std::process::Stdio;
+use support::*;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+const GUEST: &str = "mover";
+/// Lines the guest prints in all.
+const LINES: usize = 150;
+
+fn line(n: usize) -> String {
+    format!("line {n:06}\n")
+}
+
+/// Every line, in order: what each client must have seen.
+fn all_lines() -> Vec<u8> {
+    (0..LINES).flat_map(|n| line(n).into_bytes()).collect()
+}
+
+/// A random number in `low..high` (the move points; printed, so a failure can be re-read).
+fn random_in(low: usize, high: usize) -> usize {
+    let mut bytes = [0u8; 8];
+    rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).unwrap();
+    low + (u64::from_le_bytes(bytes) % (high - low) as u64) as usize
+}
+
+/// `count` nodes (their token keys derived from one cluster key) that import from each other
+/// (`migration.ca`: the nodes' server CA), and a gateway in front of them.
+async fn fleet(count: usize) -> (Pki, Vec<Daemon>, Gateway) {
+    let pki = Pki::new();
+    let extra = format!(
+        "migration:\n  ca: {}\n",
+        pki.path("server-ca.pem").display()
+    );
+    let mut nodes = Vec::new();
+    for _ in 0..count {
+        nodes.push(pki.node_with(false, &extra).await);
+    }
+    let gateway = Gateway::start(&pki, "3s").await;
+    (pki, nodes, gateway)
+}
+
+/// What the guest driver needs of a node.
+#[derive(Clone)]
+struct Node {
+    agent: AgentClient<Channel>,
+    endpoint: String,
+}
+
+async fn node_of(daemon: &Daemon) -> Node {
+    Node {
+        agent: daemon.agent().await,
+        endpoint: endpoint_of(daemon),
+    }
+}
+
+/// The console of [`GUEST`] on `nodes[0]` with a fake guest connected.
+async fn first_guest(node: &Node) -> FakeGuest {
+    let mut agent = node.agent.clone();
+    let created = open_console(&mut agent, GUEST).await;
+    let guest = FakeGuest::connect(&created.guest_socket).await;
+    wait_guest_connected(&mut agent, GUEST, DEVICE, true).await;
+    guest
+}
+
+/// Moves [`GUEST`] from `from` to `to` as the agents of a live migration do; returns the
+/// destination's guest socket.
+async fn migrate(from: &Node, to: &Node) -> String {
+    let token = bounded(
+        "IssueToken",
+        from.agent.clone().issue_token(proto::IssueTokenRequest {
+            guest: GUEST.into(),
+            device: String::new(),
+            access: Access::Read.into(),
+            ttl_seconds: 600,
+        }),
+    )
+    .await
+    .expect("IssueToken at the source")
+    .into_inner()
+    .token;
+    let created = bounded(
+        "CreateConsole with migrate_from",
+        to.agent
+            .clone()
+            .create_console(proto::CreateConsoleRequest {
+                guest: GUEST.into(),
+                migrate_from: Some(proto::MigrateFrom {
+                    node: from.endpoint.clone(),
+                    token,
+                    offset: 0,
+                }),
+                ..Default::default()
+            }),
+    )
+    .await
+    .expect("CreateConsole with migrate_from at the destination")
+    .into_inner();
+    bounded(
+        "RemoveGuest moved_to",
+        from.agent.clone().remove_guest(proto::RemoveGuestRequest {
+            guest: GUEST.into(),
+            moved_to: to.endpoint.clone(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("RemoveGuest moved_to at the source");
+    created.guest_socket
+}
+
+/// Prints [`LINES`] numbered lines, a few milliseconds apart, moving to the next node before
+/// each line number in `moves_at`; returns the guest on the last node.
+fn drive(
+    mut guest: FakeGuest,
+    nodes: Vec<Node>,
+    moves_at: Vec<usize>,
+) -> tokio::task::JoinHandle<FakeGuest> {
+    tokio::spawn(async move {
+        let mut on = 0;
+        for n in 0..LINES {
+            if moves_at.contains(&n) {
+                let socket = migrate(&nodes[on], &nodes[on + 1]).await;
+                drop(guest); // the source's guest connection closes
+                on += 1;
+                guest = FakeGuest::connect(&socket).await;
+            }
+            guest.write(line(n).as_bytes()).await;
+            tokio::time::sleep(std::time::Duration::from_millis(4)).await;
+        }
+        guest
+    })
+}
+
+/// Reads `ServerFrame`s until every line arrived: offsets contiguous, no lag, every line once.
+/// Returns the `attached` frames seen (one per node) and the bytes.
+async fn read_frames(
+    stream: &mut tonic::Streaming<ServerFrame>,
+    who: &str,
+) -> Vec<proto::Attached> {
+    let want = all_lines();
+    let mut got = Vec::new();
+    let mut attached = Vec::new();
+    let mut next: Option<u64> = None;
+    let deadline = Instant::now() + DEADLINE;
+    while got.len() < want.len() {
+        assert!(
+            Instant::now() < deadline,
+            "{who}: only {:?} after {DEADLINE:?}",
+            String::from_utf8_lossy(&got)
+        );
+        let frame = bounded(who, stream.message())
+            .await
+            .unwrap_or_else(|s| {
+                panic!(
+                    "{who}: the stream ended with {s:?} after {:?}",
+                    String::from_utf8_lossy(&got)
+                )
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "{who}: the stream ended after {:?}",
+                    String::from_utf8_lossy(&got)
+                )
+            });
+        match frame.frame {
+            Some(Frame::Attached(a)) => {
+                next.get_or_insert(a.offset);
+                attached.push(a);
+            }
+            Some(Frame::Output(out)) => {
+                assert_eq!(
+                    Some(out.offset),
+                    next,
+                    "{who}: output out of place after {:?}",
+                    String::from_utf8_lossy(&got)
+                );
+                next = Some(out.offset + out.data.len() as u64);
+                got.extend_from_slice(&out.data);
+            }
+            Some(Frame::Lagged(l)) => panic!("{who}: lagged {l:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&want),
+        "{who}: every line once, in order"
+    );
+    attached
+}
+
+/// Reads a following `ReadHistory` until every line arrived, contiguous and once.
+async fn read_chunks(stream: &mut tonic::Streaming<proto::HistoryChunk>, who: &str) {
+    let want = all_lines();
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        let chunk = bounded(who, stream.message())
+            .await
+            .unwrap_or_else(|s| {
+                panic!(
+                    "{who}: the stream ended with {s:?} after {:?}",
+                    String::from_utf8_lossy(&got)
+                )
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "{who}: the stream ended after {:?}",
+                    String::from_utf8_lossy(&got)
+                )
+            });
+        assert!(chunk.gap.is_none(), "{who}: a gap {chunk:?}");
+        if chunk.data.is_empty() {
+            continue; // an event
+        }
+        assert_eq!(
+            chunk.offset,
+            got.len() as u64,
+            "{who}: chunks are contiguous"
+        );
+        got.extend_from_slice(&chunk.data);
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&want),
+        "{who}: every line once, in order"
+    );
+}
+
+/// Through the gateway, across moves at random lines (`hops` moves, over `hops + 1` nodes):
+/// an attached READ_WRITE client, a watcher and a history follower each see every line once
+/// and in order; the writer keeps the lease and types on the last node.
+async fn through_the_gateway(hops: usize) {
+    let (pki, daemons, gateway) = fleet(hops + 1).await;
+    let mut nodes = Vec::new();
+    for daemon in &daemons {
+        nodes.push(node_of(daemon).await);
+    }
+    let guest = first_guest(&nodes[0]).await;
+    let token = daemons[0].token(GUEST, "", Access::ReadWrite, 600).await;
+    let mut moves_at = Vec::new();
+    for hop in 0..hops {
+        let span = LINES / hops;
+        moves_at.push(random_in(hop * span + 10, (hop + 1) * span - 10));
+    }
+    eprintln!("moving at lines {moves_at:?}");
+
+    let (input_tx, input_rx) = tokio::sync::mpsc::channel(8);
+    input_tx
+        .send(attach_frame(attach(GUEST, Mode::ReadWrite)))
+        .await
+        .unwrap();
+    let mut writer_stream = bounded(
+        "AttachConsole",
+        pki.client(gateway.address, &token)
+            .await
+            .console()
+            .attach_console(tokio_stream::wrappers::ReceiverStream::new(input_rx)),
+    )
+    .await
+    .expect("AttachConsole through the gateway")
+    .into_inner();
+    let mut watcher = bounded(
+        "WatchConsole",
+        pki.client(gateway.address, &token)
+            .await
+            .console()
+            .watch_console(watch_request(GUEST, Mode::ReadOnly)),
+    )
+    .await
+    .expect("WatchConsole through the gateway")
+    .into_inner();
+    let mut history = bounded(
+        "ReadHistory",
+        pki.client(gateway.address, &token)
+            .await
+            .console()
+            .read_history(follow_request(GUEST)),
+    )
+    .await
+    .expect("ReadHistory through the gateway")
+    .into_inner();
+
+    let driver = drive(guest, nodes, moves_at);
+    let (attached, watched, ()) = tokio::join!(
+        read_frames(&mut writer_stream, "the attached writer"),
+        read_frames(&mut watcher, "the watcher"),
+        read_chunks(&mut history, "the history follower"),
+    );
+    let mut last = bounded("the guest driver", driver).await.expect("driver");
+    assert_eq!(
+        attached.len(),
+        hops + 1,
+        "one attached frame per node: {attached:?}"
+    );
+    assert!(
+        attached.iter().all(|a| a.writer),
+        "the lease followed: {attached:?}"
+    );
+    assert_eq!(watched.len(), hops + 1, "{watched:?}");
+    assert!(
+        watched.iter().all(|a| !a.writer),
+        "a watcher stays one: {watched:?}"
+    );
+    input_tx
+        .send(input_frame(b"typed on the last node\n"))
+        .await
+        .unwrap();
+    last.wait_for(b"typed on the last node\n").await;
+    let log = gateway.log();
+    assert!(log.contains("following a moved stream"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_gateway_clients_see_every_line_once_across_a_move() {
+    let _heavy = heavy().await;
+    through_the_gateway(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_gateway_clients_follow_a_chain_of_moves() {
+    let _heavy = heavy().await;
+    through_the_gateway(2).await;
+}
+
+/// `conlogctl` with `--server` at the source: `args` (after the connection flags), stdout to a
+/// file.
+fn conlogctl(
+    pki: &Pki,
+    daemon: &Daemon,
+    token: &str,
+    out: &std::path::Path,
+    args: &[&str],
+) -> std::process::Child {
+    std::process::Command::new(conlogctl_bin())
+        .args(["--server", &format!("https://{}", endpoint_of(daemon))])
+        .arg("--ca")
+        .arg(pki.path("server-ca.pem"))
+        .args(["--token", token])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(out).unwrap())
+        .stderr(std::fs::File::create(out.with_extension("stderr")).unwrap())
+        .spawn()
+        .expect("spawn conlogctl")
+}
+
+/// Waits (bounded) until `path` holds every line; kills `child`; returns its stderr.
+async fn wait_all_lines(
+    child: &mut std::process::Child,
+    path: &std::path::Path,
+    who: &str,
+) -> String {
+    let want = all_lines();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let got = std::fs::read(path).unwrap_or_default();
+        let stderr = std::fs::read_to_string(path.with_extension("stderr")).unwrap_or_default();
+        if got.len() >= want.len() {
+            let _ = child.kill();
+            let _ = child.wait();
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(&want),
+                "{who}: every line once, in order; stderr: {stderr}"
+            );
+            return stderr;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "{who} exited ({status}) after {:?}; stderr: {stderr}",
+                String::from_utf8_lossy(&got)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{who}: only {:?} after {DEADLINE:?}; stderr: {stderr}",
+            String::from_utf8_lossy(&got)
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Directly at the source: `conlogctl history --follow` and a watching `conlogctl console`
+/// follow the redirect to the new node with the same token, every line once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conlogctl_follows_the_redirect_of_a_direct_source() {
+    let _heavy = heavy().await;
+    let (pki, daemons, _gateway) = fleet(2).await;
+    let nodes = vec![node_of(&daemons[0]).await, node_of(&daemons[1]).await];
+    let guest = first_guest(&nodes[0]).await;
+    let token = daemons[0].token(GUEST, "", Access::ReadWrite, 600).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (history_out, console_out) = (dir.path().join("history"), dir.path().join("console"));
+    let mut history = conlogctl(
+        &pki,
+        &daemons[0],
+        &token,
+        &history_out,
+        &["history", GUEST, "--follow"],
+    );
+    let mut console = conlogctl(
+        &pki,
+        &daemons[0],
+        &token,
+        &console_out,
+        &["console", GUEST, "--read-only", "--replay", "0"],
+    );
+    // Both are connected before the guest prints (the console shows what comes after it).
+    wait_clients(&mut nodes[0].agent.clone(), GUEST, DEVICE, 1).await;
+    let moves_at = vec![random_in(10, LINES - 10)];
+    eprintln!("moving at line {moves_at:?}");
+    let driver = drive(guest, nodes.clone(), moves_at);
+    let stderr = wait_all_lines(&mut history, &history_out, "conlogctl history --follow").await;
+    assert!(
+        stderr.contains(&format!("guest moved to {}; following", nodes[1].endpoint)),
+        "{stderr}"
+    );
+    let stderr = wait_all_lines(&mut console, &console_out, "conlogctl console --read-only").await;
+    assert!(
+        stderr.contains(&format!("guest moved to {}; following", nodes[1].endpoint)),
+        "{stderr}"
+    );
+    bounded("the guest driver", driver).await.expect("driver");
+}
+
+/// A loop (A names B, B names A, at the same offset) is an error naming both, for conlogctl
+/// and through the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_loop_is_an_error_naming_both_nodes() {
+    let _heavy = heavy().await;
+    let (pki, daemons, gateway) = fleet(2).await;
+    let nodes = vec![node_of(&daemons[0]).await, node_of(&daemons[1]).await];
+    let mut guest = first_guest(&nodes[0]).await;
+    guest.write(b"before the loop\n").await;
+    let token = daemons[0].token(GUEST, "", Access::ReadWrite, 600).await;
+    migrate(&nodes[0], &nodes[1]).await;
+    drop(guest);
+    // B hands it back to A without a byte of its own: B names A at the offset A names B.
+    bounded(
+        "RemoveGuest moved_to back",
+        nodes[1]
+            .agent
+            .clone()
+            .remove_guest(proto::RemoveGuestRequest {
+                guest: GUEST.into(),
+                moved_to: nodes[0].endpoint.clone(),
+                ..Default::default()
+            }),
+    )
+    .await
+    .expect("RemoveGuest moved_to at B");
+    let (a, b) = (&nodes[0].endpoint, &nodes[1].endpoint);
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("history");
+    let mut child = conlogctl(
+        &pki,
+        &daemons[0],
+        &token,
+        &out,
+        &["history", GUEST, "--follow", "--from", "16"],
+    );
+    let status = bounded("conlogctl ends", async {
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await;
+    let stderr = std::fs::read_to_string(out.with_extension("stderr")).unwrap();
+    assert_eq!(status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("loop") && stderr.contains(a.as_str()) && stderr.contains(b.as_str()),
+        "{stderr}"
+    );
+
+    let mut stream = pki
+        .client(gateway.address, &token)
+        .await
+        .console()
+        .read_history(follow_request(GUEST))
+        .await
+        .map(|r| r.into_inner());
+    let status = match &mut stream {
+        Err(status) => status.clone(),
+        Ok(stream) => loop {
+            match bounded("history through the gateway", stream.message()).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the call ended without an error"),
+                Err(status) => break status,
+            }
+        },
+    };
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("loop")
+            && status.message().contains(a.as_str())
+            && status.message().contains(b.as_str()),
+        "{status:?}"
+    );
+}
