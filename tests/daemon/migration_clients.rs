@@ -11,140 +11,18 @@
 
 use crate::support;
 
-use conlog::proto::{
-    self, agent_client::AgentClient, attach::Mode, server_frame::Frame, Access, ServerFrame,
-};
+use conlog::proto::{self, attach::Mode, server_frame::Frame, Access, ServerFrame};
 use std::process::Stdio;
 use support::*;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
-const GUEST: &str = "mover";
+const GUEST: &str = MIGRATING_GUEST;
 /// Lines the guest prints in all.
 const LINES: usize = 150;
 
-fn line(n: usize) -> String {
-    format!("line {n:06}\n")
-}
-
 /// Every line, in order: what each client must have seen.
 fn all_lines() -> Vec<u8> {
-    (0..LINES).flat_map(|n| line(n).into_bytes()).collect()
-}
-
-/// A random number in `low..high` (the move points; printed, so a failure can be re-read).
-fn random_in(low: usize, high: usize) -> usize {
-    let mut bytes = [0u8; 8];
-    rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).unwrap();
-    low + (u64::from_le_bytes(bytes) % (high - low) as u64) as usize
-}
-
-/// `count` nodes (their token keys derived from one cluster key) that import from each other
-/// (`migration.ca`: the nodes' server CA), and a gateway in front of them.
-async fn fleet(count: usize) -> (Pki, Vec<Daemon>, Gateway) {
-    let pki = Pki::new();
-    let extra = format!(
-        "migration:\n  ca: {}\n",
-        pki.path("server-ca.pem").display()
-    );
-    let mut nodes = Vec::new();
-    for _ in 0..count {
-        nodes.push(pki.node_with(false, &extra).await);
-    }
-    let gateway = Gateway::start(&pki, "3s").await;
-    (pki, nodes, gateway)
-}
-
-/// What the guest driver needs of a node.
-#[derive(Clone)]
-struct Node {
-    agent: AgentClient<Channel>,
-    endpoint: String,
-}
-
-async fn node_of(daemon: &Daemon) -> Node {
-    Node {
-        agent: daemon.agent().await,
-        endpoint: endpoint_of(daemon),
-    }
-}
-
-/// The console of [`GUEST`] on `nodes[0]` with a fake guest connected.
-async fn first_guest(node: &Node) -> FakeGuest {
-    let mut agent = node.agent.clone();
-    let created = open_console(&mut agent, GUEST).await;
-    let guest = FakeGuest::connect(&created.guest_socket).await;
-    wait_guest_connected(&mut agent, GUEST, DEVICE, true).await;
-    guest
-}
-
-/// Moves [`GUEST`] from `from` to `to` as the agents of a live migration do; returns the
-/// destination's guest socket.
-async fn migrate(from: &Node, to: &Node) -> String {
-    let token = bounded(
-        "IssueToken",
-        from.agent.clone().issue_token(proto::IssueTokenRequest {
-            guest: GUEST.into(),
-            device: String::new(),
-            access: Access::Read.into(),
-            ttl_seconds: 600,
-        }),
-    )
-    .await
-    .expect("IssueToken at the source")
-    .into_inner()
-    .token;
-    let created = bounded(
-        "CreateConsole with migrate_from",
-        to.agent
-            .clone()
-            .create_console(proto::CreateConsoleRequest {
-                guest: GUEST.into(),
-                migrate_from: Some(proto::MigrateFrom {
-                    node: from.endpoint.clone(),
-                    token,
-                    offset: 0,
-                }),
-                ..Default::default()
-            }),
-    )
-    .await
-    .expect("CreateConsole with migrate_from at the destination")
-    .into_inner();
-    bounded(
-        "RemoveGuest moved_to",
-        from.agent.clone().remove_guest(proto::RemoveGuestRequest {
-            guest: GUEST.into(),
-            moved_to: to.endpoint.clone(),
-            ..Default::default()
-        }),
-    )
-    .await
-    .expect("RemoveGuest moved_to at the source");
-    created.guest_socket
-}
-
-/// Prints [`LINES`] numbered lines, a few milliseconds apart, moving to the next node before
-/// each line number in `moves_at`; returns the guest on the last node.
-fn drive(
-    mut guest: FakeGuest,
-    nodes: Vec<Node>,
-    moves_at: Vec<usize>,
-) -> tokio::task::JoinHandle<FakeGuest> {
-    tokio::spawn(async move {
-        let mut on = 0;
-        for n in 0..LINES {
-            if moves_at.contains(&n) {
-                let socket = migrate(&nodes[on], &nodes[on + 1]).await;
-                drop(guest); // the source's guest connection closes
-                on += 1;
-                guest = FakeGuest::connect(&socket).await;
-            }
-            guest.write(line(n).as_bytes()).await;
-            tokio::time::sleep(std::time::Duration::from_millis(4)).await;
-        }
-        guest
-    })
+    numbered_lines(LINES)
 }
 
 /// Reads `ServerFrame`s until every line arrived: offsets contiguous, no lag, every line once.
@@ -246,12 +124,12 @@ async fn read_chunks(stream: &mut tonic::Streaming<proto::HistoryChunk>, who: &s
 /// an attached READ_WRITE client, a watcher and a history follower each see every line once
 /// and in order; the writer keeps the lease and types on the last node.
 async fn through_the_gateway(hops: usize) {
-    let (pki, daemons, gateway) = fleet(hops + 1).await;
+    let (pki, daemons, gateway) = migration_fleet(hops + 1).await;
     let mut nodes = Vec::new();
     for daemon in &daemons {
-        nodes.push(node_of(daemon).await);
+        nodes.push(MigrationNode::of(daemon).await);
     }
-    let guest = first_guest(&nodes[0]).await;
+    let guest = first_migrating_guest(&nodes[0]).await;
     let token = daemons[0].token(GUEST, "", Access::ReadWrite, 600).await;
     let mut moves_at = Vec::new();
     for hop in 0..hops {
@@ -296,7 +174,7 @@ async fn through_the_gateway(hops: usize) {
     .expect("ReadHistory through the gateway")
     .into_inner();
 
-    let driver = drive(guest, nodes, moves_at);
+    let driver = drive_guest(guest, nodes, moves_at, LINES);
     let (attached, watched, ()) = tokio::join!(
         read_frames(&mut writer_stream, "the attached writer"),
         read_frames(&mut watcher, "the watcher"),
@@ -401,9 +279,12 @@ async fn wait_all_lines(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conlogctl_follows_the_redirect_of_a_direct_source() {
     let _heavy = heavy().await;
-    let (pki, daemons, _gateway) = fleet(2).await;
-    let nodes = vec![node_of(&daemons[0]).await, node_of(&daemons[1]).await];
-    let guest = first_guest(&nodes[0]).await;
+    let (pki, daemons, _gateway) = migration_fleet(2).await;
+    let nodes = vec![
+        MigrationNode::of(&daemons[0]).await,
+        MigrationNode::of(&daemons[1]).await,
+    ];
+    let guest = first_migrating_guest(&nodes[0]).await;
     let token = daemons[0].token(GUEST, "", Access::ReadWrite, 600).await;
     let dir = tempfile::tempdir().unwrap();
     let (history_out, console_out) = (dir.path().join("history"), dir.path().join("console"));
@@ -425,7 +306,7 @@ async fn conlogctl_follows_the_redirect_of_a_direct_source() {
     wait_clients(&mut nodes[0].agent.clone(), GUEST, DEVICE, 1).await;
     let moves_at = vec![random_in(10, LINES - 10)];
     eprintln!("moving at line {moves_at:?}");
-    let driver = drive(guest, nodes.clone(), moves_at);
+    let driver = drive_guest(guest, nodes.clone(), moves_at, LINES);
     let stderr = wait_all_lines(&mut history, &history_out, "conlogctl history --follow").await;
     assert!(
         stderr.contains(&format!("guest moved to {}; following", nodes[1].endpoint)),
@@ -444,12 +325,15 @@ async fn conlogctl_follows_the_redirect_of_a_direct_source() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_loop_is_an_error_naming_both_nodes() {
     let _heavy = heavy().await;
-    let (pki, daemons, gateway) = fleet(2).await;
-    let nodes = vec![node_of(&daemons[0]).await, node_of(&daemons[1]).await];
-    let mut guest = first_guest(&nodes[0]).await;
-    guest.write(b"before the loop\n").await;
+    let (pki, daemons, gateway) = migration_fleet(2).await;
+    let nodes = vec![
+        MigrationNode::of(&daemons[0]).await,
+        MigrationNode::of(&daemons[1]).await,
+    ];
+    let mut guest = first_migrating_guest(&nodes[0]).await;
+    guest.write(b"before the loop\r\n").await;
     let token = daemons[0].token(GUEST, "", Access::ReadWrite, 600).await;
-    migrate(&nodes[0], &nodes[1]).await;
+    migrate_guest(&nodes[0], &nodes[1]).await;
     drop(guest);
     // B hands it back to A without a byte of its own: B names A at the offset A names B.
     bounded(
@@ -474,7 +358,7 @@ async fn a_redirect_loop_is_an_error_naming_both_nodes() {
         &daemons[0],
         &token,
         &out,
-        &["history", GUEST, "--follow", "--from", "16"],
+        &["history", GUEST, "--follow", "--from", "17"],
     );
     let status = bounded("conlogctl ends", async {
         loop {
