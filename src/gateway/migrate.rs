@@ -590,8 +590,7 @@ fn fields(mut buf: &[u8]) -> Vec<(u32, u64, &[u8])> {
 fn decode_limit(framed: &[u8]) -> u64 {
     fields(framed.get(5..).unwrap_or_default())
         .into_iter()
-        .filter(|(number, _, bytes)| *number == 7 && bytes.is_empty())
-        .last()
+        .rfind(|(number, _, bytes)| *number == 7 && bytes.is_empty())
         .map_or(0, |(_, value, _)| value)
 }
 
@@ -619,15 +618,14 @@ enum Seen {
 }
 
 fn server_frame(payload: &[u8]) -> Seen {
-    let Some((number, _, inner)) = fields(payload).into_iter().last() else {
+    let Some((number, _, inner)) = fields(payload).pop() else {
         return Seen::Other;
     };
     let inner = fields(inner);
     let varint = |n: u32| {
         inner
             .iter()
-            .filter(|(number, _, bytes)| *number == n && bytes.is_empty())
-            .last()
+            .rfind(|(number, _, bytes)| *number == n && bytes.is_empty())
             .map_or(0, |(_, value, _)| *value)
     };
     match number {
@@ -639,8 +637,7 @@ fn server_frame(payload: &[u8]) -> Seen {
             offset: varint(1),
             len: inner
                 .iter()
-                .filter(|(n, _, _)| *n == 2)
-                .last()
+                .rfind(|(n, _, _)| *n == 2)
                 .map_or(0, |(_, len, _)| *len),
         },
         3 => Seen::Lagged { to: varint(2) },

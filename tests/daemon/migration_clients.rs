@@ -326,7 +326,7 @@ async fn conlogctl_follows_the_redirect_of_a_direct_source() {
 async fn a_redirect_loop_is_an_error_naming_both_nodes() {
     let _heavy = heavy().await;
     let (pki, daemons, gateway) = migration_fleet(2).await;
-    let nodes = vec![
+    let nodes = [
         MigrationNode::of(&daemons[0]).await,
         MigrationNode::of(&daemons[1]).await,
     ];
