@@ -63,6 +63,10 @@ pub(crate) const MAX_RESPONSE_MESSAGE: usize = (4 << 20) + 5;
 /// (`limits.max_replay`, `limits.remote_replay_bytes`); beyond, a `Lagged` says what is missing.
 const REPLAY_ON_MOVE: u64 = 1 << 20;
 
+/// How long the first request message may take (a node waits as long for an attach frame;
+/// unary bodies are also bounded by `limits.body_timeout`).
+const FIRST_MESSAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The trailer naming the node a stream moved to.
 pub(crate) const MOVED_TO: &str = "conlog-moved-to";
 /// The trailer with the destination's first offset.
@@ -129,14 +133,23 @@ pub(crate) async fn open(
     };
     let (parts, body) = request.into_parts();
     let mut client = Messages::new(body, MAX_REQUEST_MESSAGE);
-    let first = match kind {
-        Kind::Attach => client.next().await,
-        _ => client.whole().await,
+    let first = async {
+        match kind {
+            Kind::Attach => client.next().await,
+            _ => client.whole().await,
+        }
     };
-    let first = match first {
-        Ok(Some(first)) => first,
-        Ok(None) => Bytes::new(),
-        Err(status) => return Ok(status.into_http()),
+    let first = match tokio::time::timeout(FIRST_MESSAGE_WAIT, first).await {
+        Ok(Ok(Some(first))) => first,
+        Ok(Ok(None)) => Bytes::new(),
+        Ok(Err(status)) => return Ok(status.into_http()),
+        Err(_) => {
+            return Ok(Status::invalid_argument(format!(
+                "The call's first message must come within {}s of the call",
+                FIRST_MESSAGE_WAIT.as_secs()
+            ))
+            .into_http())
+        }
     };
     let span = tracing::info_span!("follow", path = parts.uri.path());
     let mut call = Call {
