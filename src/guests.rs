@@ -562,6 +562,7 @@ impl Guests {
         stream: &str,
         record: &StreamRecord,
         restored: Option<Restored>,
+        import: Option<std::time::Duration>,
     ) -> Result<Actor> {
         let log_path = &record.log_path;
         // Check what can be refused before anything is created on disk.
@@ -579,6 +580,11 @@ impl Guests {
             r.console
         });
         log.set_compressor(self.compression.clone());
+        // An import holds the guest's output back from the start (docs/design.md, "Live
+        // migration"), at most this switchover timeout once the guest has output waiting.
+        if let Some(switchover) = import {
+            log.begin_import(switchover);
+        }
         Ok(match paths {
             None => Actor::Pipe(PipeHandle::spawn(log, self.metrics.clone(), guest, stream)),
             Some(paths) => Actor::Console(ConsoleHandle::spawn(
@@ -754,7 +760,13 @@ impl Guests {
             }
         };
         let (pipes, console) = carried.map_or((Vec::new(), None), |c| (c.pipes, c.console));
-        let actor = self.start_actor(guest, stream, &record, Some(Restored { start, console }))?;
+        let actor = self.start_actor(
+            guest,
+            stream,
+            &record,
+            Some(Restored { start, console }),
+            None,
+        )?;
         let entry = StreamEntry {
             log_path: record.log_path.clone(),
             limits: record.limits,
@@ -835,6 +847,7 @@ impl Guests {
         kind: StreamKind,
         limits: LimitsOverride,
         protocol: Option<Protocol>,
+        import: Option<std::time::Duration>,
     ) -> Result<Stream> {
         let (guest, stream) = (guest.as_str(), stream.as_str());
         let mut changing = None;
@@ -873,8 +886,14 @@ impl Guests {
                     });
                 }
                 Next::Create(limits) => {
-                    let created =
-                        self.create(guest, stream, kind, limits, protocol.unwrap_or_default());
+                    let created = self.create(
+                        guest,
+                        stream,
+                        kind,
+                        limits,
+                        protocol.unwrap_or_default(),
+                        import,
+                    );
                     drop(changing);
                     return match created? {
                         Created::Stream(stream) => Ok(stream),
@@ -1004,6 +1023,7 @@ impl Guests {
         kind: StreamKind,
         limits: LogLimits,
         protocol: Protocol,
+        import: Option<std::time::Duration>,
     ) -> Result<Created> {
         let log_path = self.log_path(guest, stream);
         let record = StreamRecord {
@@ -1012,7 +1032,7 @@ impl Guests {
             log_path: log_path.clone(),
             protocol,
         };
-        let actor = self.start_actor(guest, stream, &record, None)?;
+        let actor = self.start_actor(guest, stream, &record, None, import)?;
         let entry = StreamEntry {
             log_path: log_path.clone(),
             limits,
@@ -1331,6 +1351,13 @@ impl Guests {
             LogHandle::removed(view),
             crate::tombstone::read(&dir, name),
         ))
+    }
+
+    /// The disk cap of the live stream `guest/stream` (what its files keep at most).
+    pub fn disk_cap(&self, guest: &GuestName, stream: &StreamName) -> Option<u64> {
+        let guests = self.registry();
+        let entry = guests.get(guest.as_str())?.streams.get(stream.as_str())?;
+        Some(entry.limits.disk_cap())
     }
 
     /// Where `guest`'s stream `stream` moved to, if it was removed with `moved_to` and is not

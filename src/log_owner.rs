@@ -222,8 +222,8 @@ pub struct ImportOver;
 pub struct Hold {
     /// `migration.switchover_timeout`.
     pub switchover: std::time::Duration,
-    /// The switchover deadline, once the destination's guest is there (connected, or a pipe
-    /// handed over): past it, the import ends and the guest's output is logged.
+    /// The switchover deadline, once the destination's guest has output waiting: past it, the
+    /// import ends and the guest's output is logged.
     pub deadline: Option<tokio::time::Instant>,
     /// The guest connected while held: its event is recorded after the imported bytes.
     pub connected_pending: bool,
@@ -671,16 +671,31 @@ impl LogOwner {
         self.hold.as_ref().and_then(|h| h.deadline)
     }
 
-    /// The destination's guest arrived while the import holds its output: the switchover
-    /// deadline starts now (once). Returns whether the output is held.
+    /// The guest connected (or a pipe was handed over) while an import holds its output:
+    /// its event is recorded after the imported bytes. Returns whether the output is held.
     pub fn guest_arrived(&mut self) -> bool {
         let Some(hold) = self.hold.as_mut() else {
             return false;
         };
-        if hold.deadline.is_none() {
-            hold.deadline = Some(tokio::time::Instant::now() + hold.switchover);
-        }
+        hold.connected_pending = true;
         true
+    }
+
+    /// Whether the actor should watch for held output: an import holds it and its switchover
+    /// deadline has not started.
+    pub fn awaiting_output(&self) -> bool {
+        self.hold.as_ref().is_some_and(|h| h.deadline.is_none())
+    }
+
+    /// The guest's first output is waiting while the import holds it: the switchover deadline
+    /// starts now (once), so the guest waits at most `migration.switchover_timeout`.
+    pub fn output_waiting(&mut self) {
+        if let Some(hold) = self.hold.as_mut() {
+            if hold.deadline.is_none() {
+                hold.deadline = Some(tokio::time::Instant::now() + hold.switchover);
+                tracing::info!(log = %self.log.path().display(), "guest output waits for the import's switchover");
+            }
+        }
     }
 
     /// Applies one import step. `Ok(Some(..))`: the offset and bytes newly logged (for live

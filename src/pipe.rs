@@ -141,6 +141,8 @@ enum PipeEvent {
     Progress,
     /// Pipe `index` has no writer left (or failed).
     Finished(usize),
+    /// An import holds the output back, and some is waiting.
+    Held,
 }
 
 impl PipeActor {
@@ -154,10 +156,11 @@ impl PipeActor {
                     }
                     Some(Command::Log(LogCommand::Import(step, reply))) => {
                         let ended = matches!(*step, ImportStep::End { .. });
-                        let _ = reply.send(self.owner.import(*step).map(|_| self.owner.log.end_offset()));
-                        if ended {
+                        let result = self.owner.import(*step).map(|_| self.owner.log.end_offset());
+                        if ended && result.is_ok() {
                             self.import_ended();
                         }
+                        let _ = reply.send(result);
                     }
                     Some(Command::Log(command)) => {
                         let broken = self.broken;
@@ -183,7 +186,10 @@ impl PipeActor {
                     self.owner.end_import("the switchover timeout passed before the source's stream was done; the source's later bytes are not here");
                     self.import_ended();
                 }
-                event = self.pump(), if !self.owner.holding() => {
+                event = self.pump_unless_held() => {
+                    if let PipeEvent::Held = event {
+                        self.owner.output_waiting();
+                    }
                     if let PipeEvent::Finished(index) = event {
                         self.pipes.swap_remove(index);
                         if let Some(name) = self.held.swap_remove(index) {
@@ -220,16 +226,25 @@ impl PipeActor {
             self.owner.metrics.pipe_writers.inc();
             let writers = self.pipes.len();
             // While an import holds the output, the event comes after the imported bytes.
-            if self.owner.guest_arrived() {
-                if let Some(hold) = self.owner.hold.as_mut() {
-                    hold.connected_pending = true;
-                }
-            } else {
+            if !self.owner.guest_arrived() {
                 self.owner
                     .note_event(EventKind::PipeOpened, &format!("{writers} writers"));
             }
             self.owner.log.end_offset()
         })
+    }
+
+    /// [`Self::pump`], unless an import holds the output back: then only tells once that
+    /// some is waiting (the switchover deadline starts), and waits for the import to end.
+    async fn pump_unless_held(&mut self) -> PipeEvent {
+        if !self.owner.holding() {
+            return self.pump().await;
+        }
+        if self.owner.awaiting_output() {
+            any_readable(&self.pipes).await;
+            return PipeEvent::Held;
+        }
+        std::future::pending().await
     }
 
     /// Waits until some pipe is readable and moves its bytes into the log.
@@ -341,6 +356,21 @@ impl PipeActor {
         self.owner.checkpoint();
     }
 }
+/// Resolves once any of `pipes` has bytes to read (or broke); never without pipes.
+async fn any_readable(pipes: &[Receiver]) {
+    if pipes.is_empty() {
+        return std::future::pending().await;
+    }
+    poll_fn(|cx| {
+        if pipes.iter().any(|pipe| pipe.poll_read_ready(cx).is_ready()) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+}
+
 /// Resolves at an import's switchover deadline; never without one.
 pub(crate) async fn switchover(deadline: Option<tokio::time::Instant>) {
     match deadline {

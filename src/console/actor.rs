@@ -186,7 +186,8 @@ impl ConsoleActor {
                 }
                 // An import holds the guest's output back until it ends (docs/design.md, "Live
                 // migration"): what the guest sends meanwhile waits in its socket.
-                readable = readable(&self.guest), if self.held.is_none() && !self.owner.holding() => match readable {
+                readable = readable(&self.guest), if self.held.is_none() && (!self.owner.holding() || self.owner.awaiting_output()) => match readable {
+                    Ok(()) if self.owner.holding() => self.owner.output_waiting(),
                     Ok(()) => self.read_guest(),
                     Err(_) => self.guest_disconnected("guest socket error"),
                 },
@@ -403,12 +404,8 @@ impl ConsoleActor {
             self.drain(old, why);
             self.owner.note_event(EventKind::GuestDisconnected, why);
         }
-        if self.owner.guest_arrived() {
-            // The event comes after the imported bytes, when the import ends.
-            if let Some(hold) = self.owner.hold.as_mut() {
-                hold.connected_pending = true;
-            }
-        } else {
+        // While an import holds the output, the event comes after the imported bytes.
+        if !self.owner.guest_arrived() {
             self.owner.note_event(EventKind::GuestConnected, "");
         }
         // Nothing of the old connection's input goes to the new one (the guest is taken, so

@@ -74,6 +74,7 @@ impl Serving {
             fd_socket: config.runtime_dir().join("fd.sock"),
             upgrades,
             tokens: security.tokens.clone(),
+            importer: Arc::new(crate::migration::import::Importer::new(&config.migration)),
         };
         let console = ConsoleService::new(
             guests.clone(),

@@ -8,6 +8,8 @@
 //! stream's actor does, through [`crate::log_owner::ImportStep`]) and never decides what a
 //! removal keeps (`guests`, `tombstone`).
 
+pub(crate) mod import;
+
 use crate::error::Error;
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};

@@ -12,6 +12,7 @@ use crate::guests::{Actor, Guests, LimitsOverride, StreamKind, StreamSnapshot};
 use crate::handoff::{create_pipe, Handoffs};
 use crate::log_owner::LogError;
 use crate::logfile::Compression;
+use crate::migration::import::{Import, Importer, Source};
 use crate::names::{self, GuestName, StreamName};
 use crate::proto::{self, agent_server::Agent};
 use crate::tokens::{Access, Grant, TokenKey};
@@ -32,6 +33,8 @@ pub struct AgentService {
     pub upgrades: Trigger,
     /// Signs console tokens.
     pub tokens: Arc<TokenKey>,
+    /// Imports streams of guests that live-migrate here.
+    pub importer: Arc<Importer>,
 }
 
 /// Agent-call log lines per call site and second; a local caller that goes beyond is told
@@ -138,6 +141,65 @@ fn stream_info(s: StreamSnapshot) -> proto::StreamInfo {
 }
 
 impl AgentService {
+    /// The checked `migrate_from` of a create call and a place for its import; `None` without
+    /// one. A stream with `migrate_from` is created by it: one that exists already is refused,
+    /// unless it is importing from that very node (the call is repeated: nothing new starts).
+    async fn migration(
+        &self,
+        guest: &GuestName,
+        stream: &StreamName,
+        from: Option<proto::MigrateFrom>,
+    ) -> Result<Option<(Source, tokio::sync::OwnedSemaphorePermit)>> {
+        let Some(from) = from else {
+            return Ok(None);
+        };
+        let source = Source::parse(from)?;
+        if let Ok((_, live)) = self.guests.stream(guest, Some(stream)).await {
+            let importing = live
+                .stats
+                .migrating_from
+                .lock()
+                .map(|from| from.clone())
+                .unwrap_or_default();
+            if importing == source.node {
+                return Ok(None);
+            }
+            return Err(Error::InvalidArgument(format!(
+                "{guest}/{stream} already exists on this node: migrate_from creates the stream                  (remove it first, with delete_logs to abort a migration)"
+            )));
+        }
+        let place = self.importer.admit()?;
+        Ok(Some((source, place)))
+    }
+
+    /// Starts importing the created stream `guest/stream` from `source`.
+    #[allow(clippy::too_many_arguments, reason = "one call site per stream kind")]
+    fn start_import(
+        &self,
+        guest: &GuestName,
+        stream: &StreamName,
+        source: Source,
+        place: tokio::sync::OwnedSemaphorePermit,
+        log: crate::log_owner::LogHandle,
+        console: bool,
+        guest_here: Arc<dyn Fn() -> bool + Send + Sync>,
+    ) {
+        let cap = self.guests.disk_cap(guest, stream).unwrap_or(u64::MAX);
+        crate::limited!(burst: AUDIT_BURST, info, guest = %guest, stream = %stream, from = %source.node, "importing a migrating guest's stream");
+        self.importer.spawn(
+            Import {
+                guest: guest.to_string(),
+                stream: stream.to_string(),
+                source,
+                log,
+                guest_here,
+                console,
+                cap,
+            },
+            place,
+        );
+    }
+
     fn issue_token(&self, request: proto::IssueTokenRequest) -> Result<proto::IssueTokenResponse> {
         let guest = GuestName::parse(request.guest)?;
         let device = if request.device.is_empty() {
@@ -188,16 +250,40 @@ impl AgentService {
         let guest = GuestName::parse(request.guest)?;
         let stream = StreamName::or_default(request.stream, names::DEFAULT_PIPE_STREAM)?;
         let limits = limits_from_proto(request.limits)?;
+        let migrate = self
+            .migration(&guest, &stream, request.migrate_from)
+            .await?;
         // Until the write end is registered: an upgrade carries the pipe, or refuses the call.
         let _admitted = self.handoffs.admit()?;
         crate::fault::point("agent.create_log_pipe");
         let opened = self
             .guests
-            .open_stream(&guest, &stream, StreamKind::Pipe, limits, None)
+            .open_stream(
+                &guest,
+                &stream,
+                StreamKind::Pipe,
+                limits,
+                None,
+                migrate
+                    .as_ref()
+                    .map(|_| self.config.migration.switchover_timeout.get()),
+            )
             .await?;
         let (Actor::Pipe(handle), log_path) = (opened.actor, opened.log_path) else {
             unreachable!("open_stream returns the kind asked for");
         };
+        if let Some((source, place)) = migrate {
+            let stats = handle.log.stats.clone();
+            self.start_import(
+                &guest,
+                &stream,
+                source,
+                place,
+                handle.log.clone(),
+                false,
+                Arc::new(move || stats.writers.load(std::sync::atomic::Ordering::Relaxed) > 0),
+            );
+        }
         let pipe = create_pipe(self.config.handoff.pipe_buffer.bytes_usize())
             .map_err(|e| Error::io("cannot create a pipe", e))?;
         let offset = handle.add_pipe(pipe.read_end).await.map_err(|e| match e {
@@ -258,14 +344,42 @@ impl AgentService {
                 )))
             }
         };
+        let migrate = self
+            .migration(&guest, &device, request.migrate_from)
+            .await?;
         let _admitted = self.handoffs.admit()?;
         let opened = self
             .guests
-            .open_stream(&guest, &device, StreamKind::Console, limits, protocol)
+            .open_stream(
+                &guest,
+                &device,
+                StreamKind::Console,
+                limits,
+                protocol,
+                migrate
+                    .as_ref()
+                    .map(|_| self.config.migration.switchover_timeout.get()),
+            )
             .await?;
         let Actor::Console(handle) = opened.actor else {
             unreachable!("open_stream returns the kind asked for");
         };
+        if let Some((source, place)) = migrate {
+            let console = handle.console.clone();
+            self.start_import(
+                &guest,
+                &device,
+                source,
+                place,
+                handle.log.clone(),
+                true,
+                Arc::new(move || {
+                    console
+                        .guest_connected
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                }),
+            );
+        }
         Ok(proto::CreateConsoleResponse {
             guest_socket: handle.paths.guest_socket.display().to_string(),
             client_socket: handle.paths.client_socket.display().to_string(),

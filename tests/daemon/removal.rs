@@ -24,7 +24,7 @@ async fn remove(
             guest: guest.into(),
             stream: stream.into(),
             delete_logs,
-            moved_to: String::new(),
+            ..Default::default()
         }),
     )
     .await

@@ -36,7 +36,7 @@ pub async fn create_pipe(
             guest: guest.into(),
             stream: stream.into(),
             limits,
-            migrate_from: None,
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())
