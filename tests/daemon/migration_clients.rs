@@ -134,7 +134,7 @@ async fn through_the_gateway(hops: usize) {
     let mut moves_at = Vec::new();
     for hop in 0..hops {
         let span = LINES / hops;
-        moves_at.push(random_in(hop * span + 10, (hop + 1) * span - 10));
+        moves_at.push(random_between(hop * span + 10, (hop + 1) * span - 10));
     }
     eprintln!("moving at lines {moves_at:?}");
 
@@ -304,7 +304,7 @@ async fn conlogctl_follows_the_redirect_of_a_direct_source() {
     );
     // Both are connected before the guest prints (the console shows what comes after it).
     wait_clients(&mut nodes[0].agent.clone(), GUEST, DEVICE, 1).await;
-    let moves_at = vec![random_in(10, LINES - 10)];
+    let moves_at = vec![random_between(10, LINES - 10)];
     eprintln!("moving at line {moves_at:?}");
     let driver = drive_guest(guest, nodes.clone(), moves_at, LINES);
     let stderr = wait_all_lines(&mut history, &history_out, "conlogctl history --follow").await;
@@ -335,6 +335,7 @@ async fn a_redirect_loop_is_an_error_naming_both_nodes() {
     let token = daemons[0].token(GUEST, "", Access::ReadWrite, 600).await;
     migrate_guest(&nodes[0], &nodes[1]).await;
     drop(guest);
+    crate::migration_common::wait_imported(&daemons[1], GUEST, DEVICE, 17).await;
     // B hands it back to A without a byte of its own: B names A at the offset A names B.
     bounded(
         "RemoveGuest moved_to back",

@@ -60,7 +60,7 @@ async fn console_pages_follow_a_guest_that_moves() {
     browser.wait("direct", LIVE).await;
     browser.wait("gateway", LIVE).await;
 
-    let moved_at = random_in(20, LINES - 20);
+    let moved_at = random_between(20, LINES - 20);
     eprintln!("moving at line {moved_at}");
     let driver = drive_guest(guest, nodes.clone(), vec![moved_at], LINES);
     let last = format!("line {:06}", LINES - 1);

@@ -28,7 +28,7 @@ pub fn numbered_lines(count: usize) -> Vec<u8> {
 }
 
 /// A random number in `low..high` (move points; tests print them).
-pub fn random_in(low: usize, high: usize) -> usize {
+pub fn random_between(low: usize, high: usize) -> usize {
     let mut bytes = [0u8; 8];
     rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).unwrap();
     let span = u64::try_from(high - low).unwrap();

@@ -825,6 +825,8 @@ async fn print_history(
     let mut lost_since: Option<tokio::time::Instant> = None;
     let mut backoff = std::time::Duration::from_millis(100);
     let mut route = conlog::client::Route::new(args.server.clone());
+    // The last attempt ended with a move (its own notice; no "reconnected" one).
+    let mut moved = false;
     loop {
         let server = route.server().map(str::to_owned);
         let attempt = async {
@@ -840,13 +842,14 @@ async fn print_history(
             Err(e) => format!("{e:#}"),
             Ok(Err(status)) if conlog::client::moved_of(&status).is_some() => {
                 follow_move(&mut route, &status, &mut request, next)?;
+                moved = true;
                 continue;
             }
             Ok(Err(status)) if first || !terminal::is_lost(&status) => return Err(refused(status)),
             Ok(Err(status)) => status_text(&status),
             Ok(Ok(chunks)) => {
                 let mut chunks = chunks.into_inner();
-                if !first {
+                if !first && !std::mem::take(&mut moved) {
                     eprintln!(
                         "[conlog: reconnected; resuming at offset {}]",
                         next.unwrap_or(0)
@@ -867,6 +870,7 @@ async fn print_history(
                                 request.limit_bytes = limit - printed;
                             }
                             follow_move(&mut route, &status, &mut request, next)?;
+                            moved = true;
                             break String::new();
                         }
                         Err(status) if terminal::is_lost(&status) => break status_text(&status),
