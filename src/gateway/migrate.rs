@@ -29,7 +29,9 @@
 //! take a second `Attached` as a reconnect. When the new node's first byte is above the
 //! client's offset (the bytes between are not in its replay), a `Lagged` frame naming the
 //! range goes before that `Attached`. A call that has delivered nothing yet is sent again
-//! unchanged. `SendConsoleInput` is sent again unchanged.
+//! unchanged. `SendConsoleInput` is sent again unchanged; it names only a session, so the
+//! session ids of followed calls are registered with their new node while the call lasts
+//! ([`sessions`]) and input for them goes there directly.
 //!
 //! Bounded: at most [`MAX_MOVES`] moves per call; the next moved status reaches the client as
 //! the node sent it. A move back to a node the call left at the same offset is a loop: the
@@ -158,11 +160,17 @@ pub(crate) async fn open(
         client_open: kind == Kind::Attach,
         follow: Follow {
             kind,
+            node: match kind {
+                Kind::Input => input_session(&first)
+                    .and_then(|session| sessions::node_of(&session))
+                    .unwrap_or(node),
+                _ => node,
+            },
             first,
-            node,
             moves: 0,
             left: Vec::new(),
             at: Position::default(),
+            session: None,
         },
     };
     let (mut response, mut input) = call.attempt().await?;
@@ -242,6 +250,61 @@ struct Follow {
     /// The nodes the call left, with the offset it left them at (loops).
     left: Vec<(String, u64)>,
     at: Position,
+    /// The session id the current node gave the call after a move, while it is registered in
+    /// [`sessions`].
+    session: Option<String>,
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            sessions::ended(&session);
+        }
+    }
+}
+
+/// Where the sessions of calls that followed a move are: `SendConsoleInput` names only a
+/// session id, so the token's node (the old one) cannot say the session moved. A followed
+/// `WatchConsole`/`AttachConsole` registers its new session id with its node while its call
+/// lasts; `SendConsoleInput` for that id goes there. At most [`MAX_MOVED_SESSIONS`] entries
+/// (beyond, input for a further moved session goes to the token's node, which answers
+/// `NOT_FOUND`; clients then attach again). Only routing: the node checks the token.
+mod sessions {
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, Mutex};
+
+    /// Most sessions registered at once.
+    pub(super) const MAX_MOVED_SESSIONS: usize = 65_536;
+
+    /// Session id → node. A std mutex held for one map operation, never across an `.await`.
+    static SESSIONS: LazyLock<Mutex<HashMap<String, String>>> =
+        LazyLock::new(|| Mutex::new(HashMap::new()));
+
+    /// Registers `session` at `node` in place of `previous`; the id registered, if any.
+    pub(super) fn moved(session: &str, node: &str, previous: Option<String>) -> Option<String> {
+        let mut sessions = SESSIONS.lock().expect("sessions poisoned");
+        if let Some(previous) = previous {
+            sessions.remove(&previous);
+        }
+        if session.is_empty() || sessions.len() >= MAX_MOVED_SESSIONS {
+            return None;
+        }
+        sessions.insert(session.to_owned(), node.to_owned());
+        Some(session.to_owned())
+    }
+
+    pub(super) fn ended(session: &str) {
+        SESSIONS.lock().expect("sessions poisoned").remove(session);
+    }
+
+    /// The node a moved session is on.
+    pub(super) fn node_of(session: &str) -> Option<String> {
+        SESSIONS
+            .lock()
+            .expect("sessions poisoned")
+            .get(session)
+            .cloned()
+    }
 }
 
 type Sender = mpsc::Sender<Result<Frame<Bytes>, Status>>;
@@ -471,8 +534,15 @@ impl Follow {
                 vec![message]
             }
             Kind::Watch | Kind::Attach => match server_frame(&payload) {
-                Seen::Attached { offset, writer } => {
+                Seen::Attached {
+                    offset,
+                    writer,
+                    session,
+                } => {
                     at.writer = writer;
+                    if self.moves > 0 {
+                        self.session = sessions::moved(&session, &self.node, self.session.take());
+                    }
                     let mut out = Vec::new();
                     if at.reattaching {
                         at.reattaching = false;
@@ -607,6 +677,14 @@ fn decode_limit(framed: &[u8]) -> u64 {
         .map_or(0, |(_, value, _)| value)
 }
 
+/// `SendConsoleInputRequest.session_id` (field 1) of a gRPC-framed request.
+fn input_session(framed: &[u8]) -> Option<String> {
+    fields(framed.get(5..)?)
+        .into_iter()
+        .rfind(|(number, _, _)| *number == 1)
+        .map(|(_, _, bytes)| String::from_utf8_lossy(bytes).into_owned())
+}
+
 /// A `HistoryChunk`'s offset (1) and data length (2).
 fn history_chunk(payload: &[u8]) -> (u64, u64) {
     let (mut offset, mut len) = (0, 0);
@@ -623,9 +701,18 @@ fn history_chunk(payload: &[u8]) -> (u64, u64) {
 /// What a `ServerFrame` is, as far as following needs.
 #[derive(Debug, PartialEq, Eq)]
 enum Seen {
-    Attached { offset: u64, writer: bool },
-    Output { offset: u64, len: u64 },
-    Lagged { to: u64 },
+    Attached {
+        offset: u64,
+        writer: bool,
+        session: String,
+    },
+    Output {
+        offset: u64,
+        len: u64,
+    },
+    Lagged {
+        to: u64,
+    },
     Revoked,
     Other,
 }
@@ -645,6 +732,11 @@ fn server_frame(payload: &[u8]) -> Seen {
         1 => Seen::Attached {
             offset: varint(1),
             writer: varint(2) != 0,
+            session: inner
+                .iter()
+                .rfind(|(n, _, _)| *n == 3)
+                .map(|(_, _, bytes)| String::from_utf8_lossy(bytes).into_owned())
+                .unwrap_or_default(),
         },
         2 => Seen::Output {
             offset: varint(1),
@@ -773,6 +865,7 @@ mod tests {
             moves: 1,
             left: Vec::new(),
             at: Position::default(),
+            session: None,
         }
     }
 
@@ -901,6 +994,48 @@ mod tests {
             call.inspect(attached(9, false)),
             vec![lagged, attached(9, false)]
         );
+    }
+
+    #[test]
+    fn sessions_of_followed_calls_route_their_input_while_the_call_lasts() {
+        let mut call = call(Kind::Watch, grpc_frame(b""));
+        call.moves = 0;
+        let attached = |session: &str| {
+            encode(&ServerFrame {
+                frame: Some(server_frame::Frame::Attached(crate::proto::Attached {
+                    offset: 0,
+                    writer: true,
+                    session_id: session.into(),
+                    ..Default::default()
+                })),
+            })
+        };
+        call.inspect(attached("at-a-1"));
+        assert_eq!(
+            sessions::node_of("at-a-1"),
+            None,
+            "not moved: the token's node"
+        );
+        call.inspect(output(0, b"x"));
+        assert!(matches!(
+            call.redirect(Moved {
+                to: "b:2".into(),
+                offset: 1
+            }),
+            Redirect::Follow
+        ));
+        call.inspect(attached("at-b-1"));
+        assert_eq!(sessions::node_of("at-b-1").as_deref(), Some("b:2"));
+        let request = crate::proto::SendConsoleInputRequest {
+            session_id: "at-b-1".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            input_session(&grpc_frame(&request.encode_to_vec())).as_deref(),
+            Some("at-b-1")
+        );
+        drop(call);
+        assert_eq!(sessions::node_of("at-b-1"), None, "gone with its call");
     }
 
     #[test]
