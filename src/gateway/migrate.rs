@@ -22,8 +22,8 @@
 //! The request on the new node starts where the client is: `ReadHistory` gets `from_offset`
 //! (and the rest of `limit_bytes`) appended to the encoded request (protobuf's last field wins,
 //! oneof included); `WatchConsole` and the `Attach` frame get `replay_bytes` (so output logged
-//! on the new node before the re-attach is not missed), `force`, and `READ_WRITE` when the call
-//! held the writer lease (so the lease follows). `Output` below the client's offset is dropped
+//! on the new node before the re-attach is not missed), and `READ_WRITE` with `force` when the
+//! call held the writer lease (so the lease follows), else `READ_ONLY`. `Output` below the client's offset is dropped
 //! (or cut at it). The new node's `Attached` frame is passed on: it carries the new
 //! `session_id` (`SendConsoleInput` needs it) and whether the lease was kept; clients already
 //! take a second `Attached` as a reconnect. When the new node's first byte is above the
@@ -593,13 +593,14 @@ impl Follow {
     }
 }
 
-/// `replay_bytes`, `force` and, with the lease, `mode = READ_WRITE`, appended to an encoded
+/// `replay_bytes`, `force` and `mode` (`READ_WRITE` with the lease, else `READ_ONLY`), appended to an encoded
 /// `WatchConsoleRequest` or `Attach` (the same field numbers).
 fn reattach_fields(message: &mut BytesMut, writer: bool) {
-    if writer {
-        encode_key(3, WireType::Varint, message);
-        encode_varint(2, message);
-    }
+    // The lease stays where it was: the writer takes it back (force), every other client
+    // re-attaches read-only, so that a client that asked for the lease and was refused it
+    // cannot win it at the new node by re-attaching first.
+    encode_key(3, WireType::Varint, message);
+    encode_varint(if writer { 2 } else { 1 }, message);
     encode_key(4, WireType::Varint, message);
     encode_varint(u64::from(writer), message);
     encode_key(5, WireType::Varint, message);
@@ -895,7 +896,7 @@ mod tests {
             frame: Some(crate::proto::client_frame::Frame::Attach(Attach {
                 guest: "g".into(),
                 device: "serial0".into(),
-                mode: 1,
+                mode: 2,
                 force: true,
                 replay_bytes: 0,
             })),

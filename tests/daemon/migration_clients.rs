@@ -174,7 +174,41 @@ async fn through_the_gateway(hops: usize) {
     .expect("ReadHistory through the gateway")
     .into_inner();
 
-    let driver = drive_guest(guest, nodes, moves_at, LINES);
+    // At each switch a client of the destination takes the free lease there: the writer must
+    // take it back (force), the watcher must not take it.
+    let holders = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let endpoints: std::collections::HashMap<String, tonic::transport::Endpoint> = daemons
+        .iter()
+        .map(|d| (endpoint_of(d), pki.endpoint(d.tcp, false)))
+        .collect();
+    let hook: SwitchHook = {
+        let holders = holders.clone();
+        std::sync::Arc::new(move |to: MigrationNode| {
+            let (holders, endpoint) = (holders.clone(), endpoints[&to.endpoint].clone());
+            Box::pin(async move {
+                let token = to
+                    .agent
+                    .clone()
+                    .issue_token(proto::IssueTokenRequest {
+                        guest: GUEST.into(),
+                        device: String::new(),
+                        access: Access::ReadWrite.into(),
+                        ttl_seconds: 600,
+                    })
+                    .await
+                    .expect("IssueToken at the destination")
+                    .into_inner()
+                    .token;
+                let channel = with_token(endpoint.connect().await.expect("connect"), &token);
+                let holder = Session::attach(channel, attach(GUEST, Mode::ReadWrite))
+                    .await
+                    .expect("attach at the destination");
+                assert!(holder.attached.writer, "{:?}", holder.attached);
+                holders.lock().await.push(holder);
+            })
+        })
+    };
+    let driver = drive_guest(guest, nodes, moves_at, LINES, Some(hook));
     let (attached, watched, ()) = tokio::join!(
         read_frames(&mut writer_stream, "the attached writer"),
         read_frames(&mut watcher, "the watcher"),
@@ -195,6 +229,9 @@ async fn through_the_gateway(hops: usize) {
         watched.iter().all(|a| !a.writer),
         "a watcher stays one: {watched:?}"
     );
+    for holder in holders.lock().await.iter_mut() {
+        holder.wait_revoked().await;
+    }
     input_tx
         .send(input_frame(b"typed on the last node\n"))
         .await
@@ -306,7 +343,7 @@ async fn conlogctl_follows_the_redirect_of_a_direct_source() {
     wait_clients(&mut nodes[0].agent.clone(), GUEST, DEVICE, 1).await;
     let moves_at = vec![random_between(10, LINES - 10)];
     eprintln!("moving at line {moves_at:?}");
-    let driver = drive_guest(guest, nodes.clone(), moves_at, LINES);
+    let driver = drive_guest(guest, nodes.clone(), moves_at, LINES, None);
     let stderr = wait_all_lines(&mut history, &history_out, "conlogctl history --follow").await;
     assert!(
         stderr.contains(&format!("guest moved to {}; following", nodes[1].endpoint)),

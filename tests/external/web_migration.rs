@@ -62,7 +62,7 @@ async fn console_pages_follow_a_guest_that_moves() {
 
     let moved_at = random_between(20, LINES - 20);
     eprintln!("moving at line {moved_at}");
-    let driver = drive_guest(guest, nodes.clone(), vec![moved_at], LINES);
+    let driver = drive_guest(guest, nodes.clone(), vec![moved_at], LINES, None);
     let last = format!("line {:06}", LINES - 1);
     let to = &nodes[1].endpoint;
     browser

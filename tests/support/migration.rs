@@ -77,9 +77,24 @@ pub async fn first_migrating_guest(node: &MigrationNode) -> FakeGuest {
     guest
 }
 
+/// Something a test does at a switch, after the destination created the console and before
+/// the source's agent removes the guest (given the destination).
+pub type SwitchHook =
+    std::sync::Arc<dyn Fn(MigrationNode) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
 /// Moves [`MIGRATING_GUEST`] from `from` to `to` as a live migration's agents do; returns the
 /// destination's guest socket.
 pub async fn migrate_guest(from: &MigrationNode, to: &MigrationNode) -> String {
+    migrate_guest_with(from, to, None).await
+}
+
+/// [`migrate_guest`], running `hook` between the destination's create and the source's
+/// removal.
+pub async fn migrate_guest_with(
+    from: &MigrationNode,
+    to: &MigrationNode,
+    hook: Option<&SwitchHook>,
+) -> String {
     let token = bounded(
         "IssueToken",
         from.agent.clone().issue_token(proto::IssueTokenRequest {
@@ -110,6 +125,9 @@ pub async fn migrate_guest(from: &MigrationNode, to: &MigrationNode) -> String {
     .await
     .expect("CreateConsole with migrate_from at the destination")
     .into_inner();
+    if let Some(hook) = hook {
+        hook(to.clone()).await;
+    }
     bounded(
         "RemoveGuest moved_to",
         from.agent.clone().remove_guest(proto::RemoveGuestRequest {
@@ -124,18 +142,20 @@ pub async fn migrate_guest(from: &MigrationNode, to: &MigrationNode) -> String {
 }
 
 /// Prints lines `0..lines`, a few milliseconds apart, moving to the next of `nodes` before
-/// each line number in `moves_at`; returns the guest on the last node.
+/// each line number in `moves_at` (running `hook` at each switch); returns the guest on the
+/// last node.
 pub fn drive_guest(
     mut guest: FakeGuest,
     nodes: Vec<MigrationNode>,
     moves_at: Vec<usize>,
     lines: usize,
+    hook: Option<SwitchHook>,
 ) -> tokio::task::JoinHandle<FakeGuest> {
     tokio::spawn(async move {
         let mut on = 0;
         for n in 0..lines {
             if moves_at.contains(&n) {
-                let socket = migrate_guest(&nodes[on], &nodes[on + 1]).await;
+                let socket = migrate_guest_with(&nodes[on], &nodes[on + 1], hook.as_ref()).await;
                 drop(guest); // the source's guest connection closes
                 on += 1;
                 guest = FakeGuest::connect(&socket).await;
