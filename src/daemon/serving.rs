@@ -76,6 +76,8 @@ impl Serving {
             tokens: security.tokens.clone(),
             importer: Arc::new(crate::migration::import::Importer::new(&config.migration)),
         };
+        // Imports under way when the daemon last stopped continue.
+        agent.importer.resume(&guests);
         let console = ConsoleService::new(
             guests.clone(),
             config.history.chunk_size.bytes_usize(),
