@@ -11,7 +11,10 @@
 //! per stream ([`Guests::remove`]); a removed stream's logs stay with a tombstone
 //! ([`crate::tombstone`]) and are read through a read-only view ([`Guests::removed_stream`]),
 //! or are deleted (at once with `delete_logs`, or later by [`crate::retention`] through
-//! [`Guests::delete_removed`], under the same lock that creating a stream takes).
+//! [`Guests::delete_removed`], under the same lock that creating a stream takes). A removal
+//! with `moved_to` (live migration) keeps the redirect in the tombstones ([`Guests::moved`]);
+//! a stream created by an import holds its guest's output from the start, and one restored
+//! with an import under way (its marker, [`Guests::import_marker`]) is handed to the importer.
 //!
 //! Locking: the map sits under a `std::sync::Mutex` that is never held across an `.await`. A
 //! call decides under it and takes the handles it needs, releases it, and only then waits for

@@ -77,7 +77,11 @@ impl Serving {
             importer: Arc::new(crate::migration::import::Importer::new(&config.migration)),
         };
         // Imports under way when the daemon last stopped continue.
-        agent.importer.resume(&guests);
+        agent.importer.resume(guests);
+        // Tokens of the nodes guests migrated from are checked there.
+        security.protection.remote_calls.set_foreign(Arc::new(
+            crate::migration::tokens::ForeignTokens::new(agent.importer.clone()),
+        ));
         let console = ConsoleService::new(
             guests.clone(),
             config.history.chunk_size.bytes_usize(),

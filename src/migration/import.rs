@@ -41,6 +41,9 @@ const MAX_TOKEN: usize = 4096;
 pub struct Importer {
     config: MigrationConfig,
     places: Arc<Semaphore>,
+    /// The guests imported here and where from (their tokens are checked there,
+    /// [`super::tokens`]).
+    pub imported: super::tokens::Imported,
 }
 
 /// Where a stream is imported from (a checked `MigrateFrom`).
@@ -108,6 +111,45 @@ impl Importer {
         Self {
             config: config.clone(),
             places: Arc::new(Semaphore::new(config.max_imports as usize)),
+            imported: super::tokens::Imported::default(),
+        }
+    }
+
+    /// Asks `node` whether `token` is good for `guest` (`device`): a `ReadHistory` from past
+    /// any end, which that node answers `OUT_OF_RANGE` (or with the moved status) only after
+    /// checking the token as for any call; its refusal, or `UNAVAILABLE` when it cannot be
+    /// asked.
+    pub async fn ask_source(
+        &self,
+        node: &str,
+        guest: &str,
+        device: Option<&str>,
+        token: &str,
+    ) -> Result<(), tonic::Status> {
+        let channel = self
+            .connect(node)
+            .await
+            .map_err(tonic::Status::unavailable)?;
+        let mut request = tonic::Request::new(proto::ReadHistoryRequest {
+            guest: guest.to_owned(),
+            stream: device.unwrap_or_default().to_owned(),
+            start: Some(read_history_request::Start::FromOffset(u64::MAX)),
+            ..Default::default()
+        });
+        let bearer = MetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| tonic::Status::unauthenticated("the token is not a header value"))?;
+        request.metadata_mut().insert("authorization", bearer);
+        let answer = tokio::time::timeout(
+            self.config.connect_timeout.get(),
+            ConsoleClient::new(channel).read_history(request),
+        )
+        .await
+        .map_err(|_| tonic::Status::unavailable("no answer within migration.connect_timeout"))?;
+        match answer {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == tonic::Code::OutOfRange => Ok(()),
+            Err(status) if moved_of(&status).is_some() => Ok(()),
+            Err(status) => Err(status),
         }
     }
 
@@ -185,6 +227,7 @@ impl Importer {
         if let Ok(mut from) = import.log.stats.migrating_from.lock() {
             from.clone_from(&import.source.node);
         }
+        self.imported.insert(&import.guest, &import.source.node);
         let marker = Marker {
             node: import.source.node.clone(),
             token: import.source.token.clone(),

@@ -3,7 +3,9 @@
 //! They validate requests, find the console in [`crate::guests`], attach through
 //! [`crate::console`] and map its [`Event`]s to `ServerFrame`s. A console that closes ends the
 //! stream with `UNAVAILABLE` (shutdown, upgrade: reconnect and resume by offset) or `NOT_FOUND`
-//! (removed). `ReadHistory` streams from [`crate::history`]. Console input is written through
+//! (removed), or with the moved status of a stream that live-migrated away
+//! ([`crate::migration::moved_status`]: at once for a new call, after every byte for a live
+//! one). `ReadHistory` streams from [`crate::history`]. Console input is written through
 //! [`crate::console::ConsoleHandle::write_input`], which queues nothing: `SendConsoleInput`
 //! takes at most 64 KiB per call (its request body is bounded while it arrives, by
 //! [`super::bodies::InputBounded`]), one call at a time per session, and waits at most 10 s for the guest; an
