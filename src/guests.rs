@@ -11,7 +11,10 @@
 //! per stream ([`Guests::remove`]); a removed stream's logs stay with a tombstone
 //! ([`crate::tombstone`]) and are read through a read-only view ([`Guests::removed_stream`]),
 //! or are deleted (at once with `delete_logs`, or later by [`crate::retention`] through
-//! [`Guests::delete_removed`], under the same lock that creating a stream takes).
+//! [`Guests::delete_removed`], under the same lock that creating a stream takes). A removal
+//! with `moved_to` (live migration) keeps the redirect in the tombstones ([`Guests::moved`]);
+//! a stream created by an import holds its guest's output from the start, and one restored
+//! with an import under way (its marker, [`Guests::import_marker`]) is handed to the importer.
 //!
 //! Locking: the map sits under a `std::sync::Mutex` that is never held across an `.await`. A
 //! call decides under it and takes the handles it needs, releases it, and only then waits for
@@ -427,6 +430,9 @@ pub struct Guests {
     /// The node's compression worker (docs/design.md "Compressed backups"), shared by every stream; `None` if
     /// its threads could not start (rotated files then stay raw).
     compression: Option<Arc<crate::compress::Pool>>,
+    /// Streams restored with an import under way (its marker, [`Guests::import_marker`]): the
+    /// importer resumes them ([`Guests::take_pending_imports`]).
+    pending_imports: Mutex<Vec<(String, String, Actor)>>,
 }
 
 /// A stream that was asked for: its actor and log path.
@@ -464,7 +470,27 @@ impl Guests {
             changes: tokio::sync::Mutex::new(()),
             going_away: tokio::sync::watch::Sender::new(false),
             compression,
+            pending_imports: Mutex::new(Vec::new()),
         })
+    }
+
+    /// `state/guests/<guest>/<stream>.import`: the record of an import under way (what it
+    /// imports from; [`crate::migration::import`] writes and removes it), so that a restart,
+    /// upgrade or takeover resumes it.
+    pub fn import_marker(&self, guest: &str, stream: &str) -> PathBuf {
+        self.state_dir()
+            .join(guest)
+            .join(format!("{stream}.import"))
+    }
+
+    /// The streams restored with an import under way, once.
+    pub fn take_pending_imports(&self) -> Vec<(String, String, Actor)> {
+        std::mem::take(
+            &mut *self
+                .pending_imports
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     /// The registry, locked for a few instructions; never held across an `.await`. A panic
@@ -760,13 +786,21 @@ impl Guests {
             }
         };
         let (pipes, console) = carried.map_or((Vec::new(), None), |c| (c.pipes, c.console));
+        // An import was under way: it resumes, and the guest's output is held again meanwhile.
+        let importing = self.import_marker(guest, stream).exists();
         let actor = self.start_actor(
             guest,
             stream,
             &record,
             Some(Restored { start, console }),
-            None,
+            importing.then(|| self.config.migration.switchover_timeout.get()),
         )?;
+        if importing {
+            self.pending_imports
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((guest.to_owned(), stream.to_owned(), actor.clone()));
+        }
         let entry = StreamEntry {
             log_path: record.log_path.clone(),
             limits: record.limits,
@@ -1664,6 +1698,8 @@ impl Removal {
                 }
             }
             let _ = std::fs::remove_file(self.guests.record_path(guest, stream));
+            // An import under way ends with its stream (an aborted migration).
+            let _ = std::fs::remove_file(self.guests.import_marker(guest, stream));
         }
         if self.delete_logs && self.stream.is_none() {
             // The guest's logs are every log in its directory: also those its streams removed

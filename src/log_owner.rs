@@ -10,7 +10,10 @@
 //! depend on what feeds a stream. [`LogOwner`] is the actor's side: the log, its counters and
 //! offset publisher, the one place that answers those commands and counts what a write did.
 //! A removed stream's files are read through the same handle ([`LogHandle::removed`]), answered
-//! from a read-only [`LogView`] with no actor at all.
+//! from a read-only [`LogView`] with no actor at all. A stream imported from another node (live
+//! migration, docs/design.md) takes the import's [`ImportStep`]s through the same channel, and
+//! its owner holds the guest's output back ([`Hold`]) until the import ends; a stream that moved
+//! away is closed with [`LogHandle::close_moved`].
 //!
 //! This module never touches a stream's source (pipe or socket), never spawns a task, and never
 //! blocks: the actors own their data path and their loop. A handle whose actor stopped answers

@@ -25,7 +25,7 @@ mod report;
 mod scenario;
 mod scenarios;
 
-use scenarios::{compress, console, guests, history, hostile, pipe, upgrade};
+use scenarios::{compress, console, guests, history, hostile, migration, pipe, upgrade};
 
 /// Benchmarks conlogd from outside against a baseline measured in the same run.
 #[derive(Parser)]
@@ -51,6 +51,9 @@ enum Command {
     /// Many guests and restart (scenarios 2 and 6): memory and CPU with N guests, each
     /// with a log pipe and a connected console, 10% writing; restart time with N registered.
     Guests(guests::GuestsArgs),
+    /// Live migration: import throughput against ReadHistory over TLS, and the
+    /// switchover pause (the source's last byte to the destination's first byte on a watcher).
+    Migration(migration::MigrationArgs),
     /// Hostile callers: each attack on the TCP listener at the daemon's default
     /// limits, then all at once: daemon RSS, descriptors and local ListGuests latency under
     /// attack against idle, and the memory ceiling.
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Command::Upgrade(args) => scenario::run(args, options),
         Command::Guests(args) => scenario::run(args, options),
         Command::Hostile(args) => scenario::run(args, options),
+        Command::Migration(args) => scenario::run(args, options),
         Command::Compress(args) => scenario::run(args, options),
     };
     match outcome {

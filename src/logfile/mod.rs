@@ -8,7 +8,8 @@
 //! record's format; `recover` where offsets resume at open; `files` the file-system steps;
 //! `read` reads ranges back from segments (console replay); `index` the time index (format,
 //! writer, reader), which never changes a byte of a log; `view` maps the files of a stream
-//! nobody writes any more (a removed one) for history, read-only. Age retention
+//! nobody writes any more (a removed one) for history, read-only; `import` logs bytes, time
+//! marks and events imported from another node at their source offsets (live migration). Age retention
 //! ([`LogFile::expire`]) deletes the rotated files older than `max_age`, never the current one.
 //!
 //! Invariants (docs/operations.md, "Durability"):

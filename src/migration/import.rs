@@ -41,6 +41,9 @@ const MAX_TOKEN: usize = 4096;
 pub struct Importer {
     config: MigrationConfig,
     places: Arc<Semaphore>,
+    /// The guests imported here and where from (their tokens are checked there,
+    /// [`super::tokens`]).
+    pub imported: super::tokens::Imported,
 }
 
 /// Where a stream is imported from (a checked `MigrateFrom`).
@@ -89,6 +92,18 @@ pub struct Import {
     pub console: bool,
     /// Offsets the destination keeps (its cap): the most imported.
     pub cap: u64,
+    /// The record of the import under way (`state/guests/<guest>/<stream>.import`), so that a
+    /// restart resumes it; removed when it ends.
+    pub marker: std::path::PathBuf,
+}
+
+/// What the marker of an import under way holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Marker {
+    node: String,
+    token: String,
+    #[serde(default)]
+    offset: u64,
 }
 
 impl Importer {
@@ -96,6 +111,45 @@ impl Importer {
         Self {
             config: config.clone(),
             places: Arc::new(Semaphore::new(config.max_imports as usize)),
+            imported: super::tokens::Imported::default(),
+        }
+    }
+
+    /// Asks `node` whether `token` is good for `guest` (`device`): a `ReadHistory` from past
+    /// any end, which that node answers `OUT_OF_RANGE` (or with the moved status) only after
+    /// checking the token as for any call; its refusal, or `UNAVAILABLE` when it cannot be
+    /// asked.
+    pub async fn ask_source(
+        &self,
+        node: &str,
+        guest: &str,
+        device: Option<&str>,
+        token: &str,
+    ) -> Result<(), tonic::Status> {
+        let channel = self
+            .connect(node)
+            .await
+            .map_err(tonic::Status::unavailable)?;
+        let mut request = tonic::Request::new(proto::ReadHistoryRequest {
+            guest: guest.to_owned(),
+            stream: device.unwrap_or_default().to_owned(),
+            start: Some(read_history_request::Start::FromOffset(u64::MAX)),
+            ..Default::default()
+        });
+        let bearer = MetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| tonic::Status::unauthenticated("the token is not a header value"))?;
+        request.metadata_mut().insert("authorization", bearer);
+        let answer = tokio::time::timeout(
+            self.config.connect_timeout.get(),
+            ConsoleClient::new(channel).read_history(request),
+        )
+        .await
+        .map_err(|_| tonic::Status::unavailable("no answer within migration.connect_timeout"))?;
+        match answer {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == tonic::Code::OutOfRange => Ok(()),
+            Err(status) if moved_of(&status).is_some() => Ok(()),
+            Err(status) => Err(status),
         }
     }
 
@@ -167,10 +221,22 @@ impl Importer {
         .map_err(|e| crate::error::error_chain(&e))
     }
 
-    /// Runs `import` on its own task, holding `place` until it is over.
-    pub fn spawn(self: &Arc<Self>, import: Import, place: OwnedSemaphorePermit) {
+    /// Runs `import` on its own task, holding `place` (if any) until it is over; its marker
+    /// records it meanwhile.
+    pub fn spawn(self: &Arc<Self>, import: Import, place: Option<OwnedSemaphorePermit>) {
         if let Ok(mut from) = import.log.stats.migrating_from.lock() {
             from.clone_from(&import.source.node);
+        }
+        self.imported.insert(&import.guest, &import.source.node);
+        let marker = Marker {
+            node: import.source.node.clone(),
+            token: import.source.token.clone(),
+            offset: import.source.offset,
+        };
+        let bytes = serde_json::to_vec(&marker).expect("markers serialize");
+        if let Err(e) = crate::logfile::write_atomically(&import.marker, &bytes) {
+            // The import runs; only a restart would not resume it.
+            tracing::warn!(path = %import.marker.display(), error = %e, "cannot record the import under way");
         }
         let importer = self.clone();
         let span = tracing::info_span!("import", guest = %import.guest, stream = %import.stream, from = %import.source.node);
@@ -181,9 +247,69 @@ impl Importer {
                 let detail = importer.run(&import).await;
                 // Refused if the actor ended the import already (switchover timeout, close).
                 let _ = log.import(ImportStep::End { detail }).await;
+                if let Err(e) = std::fs::remove_file(&import.marker) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(path = %import.marker.display(), error = %e, "cannot remove the record of an import");
+                    }
+                }
             },
             span,
         ));
+    }
+
+    /// Resumes the imports that were under way when the daemon last stopped (restart, upgrade,
+    /// takeover): each continues from its stream's end. One whose marker cannot be read ends
+    /// at once (MIGRATED_IN says why).
+    pub fn resume(self: &Arc<Self>, guests: &crate::guests::Guests) {
+        for (guest, stream, actor) in guests.take_pending_imports() {
+            let marker = guests.import_marker(&guest, &stream);
+            let log = actor.log().clone();
+            let read = std::fs::read(&marker)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<Marker>(&bytes).ok());
+            let Some(read) = read else {
+                tracing::warn!(
+                    guest,
+                    stream,
+                    "the record of an import under way is unreadable: the import ends"
+                );
+                tokio::spawn(async move {
+                    let _ = log
+                        .import(ImportStep::End {
+                            detail: "the record of the import was lost in a restart".into(),
+                        })
+                        .await;
+                    let _ = std::fs::remove_file(&marker);
+                });
+                continue;
+            };
+            let guest_here = guest_here(&actor);
+            let cap = crate::names::GuestName::parse(guest.as_str())
+                .ok()
+                .zip(crate::names::StreamName::parse(stream.as_str()).ok())
+                .and_then(|(g, s)| guests.disk_cap(&g, &s))
+                .unwrap_or(u64::MAX);
+            tracing::info!(guest, stream, from = %read.node, "resuming an import after a restart");
+            // Admitted before the restart: it runs even if the places are taken.
+            let place = self.places.clone().try_acquire_owned().ok();
+            self.spawn(
+                Import {
+                    guest,
+                    stream,
+                    source: Source {
+                        node: read.node,
+                        token: read.token,
+                        offset: read.offset,
+                    },
+                    log,
+                    guest_here,
+                    console: matches!(actor, crate::guests::Actor::Console(_)),
+                    cap,
+                    marker,
+                },
+                place,
+            );
+        }
     }
 
     /// Imports until the source's stream is done; returns what MIGRATED_IN says.
@@ -409,6 +535,21 @@ enum Ended {
     SourceGuestLeft,
     /// The actor ended the import (switchover timeout, the stream closed).
     ByActor,
+}
+
+/// Whether the guest of `actor`'s stream is on this node: its console connected, or a pipe
+/// handed over.
+pub fn guest_here(actor: &crate::guests::Actor) -> Arc<dyn Fn() -> bool + Send + Sync> {
+    match actor {
+        crate::guests::Actor::Console(handle) => {
+            let console = handle.console.clone();
+            Arc::new(move || console.guest_connected.load(Relaxed))
+        }
+        crate::guests::Actor::Pipe(handle) => {
+            let stats = handle.log.stats.clone();
+            Arc::new(move || stats.writers.load(Relaxed) > 0)
+        }
+    }
 }
 
 /// A status from the source: the moved status ends the import; anything else is an error.

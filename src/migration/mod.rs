@@ -6,9 +6,11 @@
 //! history over the node-to-node connection and handing it to the stream's actor, which logs it
 //! at the source's offsets before its own guest's output. It never writes a log itself (the
 //! stream's actor does, through [`crate::log_owner::ImportStep`]) and never decides what a
-//! removal keeps (`guests`, `tombstone`).
+//! removal keeps (`guests`, `tombstone`). A token the source issued for an imported guest is
+//! checked by asking the source ([`tokens`]).
 
 pub(crate) mod import;
+pub(crate) mod tokens;
 
 use crate::error::Error;
 use tonic::metadata::MetadataValue;

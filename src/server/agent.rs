@@ -172,19 +172,19 @@ impl AgentService {
         Ok(Some((source, place)))
     }
 
-    /// Starts importing the created stream `guest/stream` from `source`.
-    #[allow(clippy::too_many_arguments, reason = "one call site per stream kind")]
+    /// Starts importing the created stream `guest/stream` (fed by `actor`) from `source`.
     fn start_import(
         &self,
         guest: &GuestName,
         stream: &StreamName,
         source: Source,
         place: tokio::sync::OwnedSemaphorePermit,
-        log: crate::log_owner::LogHandle,
-        console: bool,
-        guest_here: Arc<dyn Fn() -> bool + Send + Sync>,
+        actor: &Actor,
     ) {
         let cap = self.guests.disk_cap(guest, stream).unwrap_or(u64::MAX);
+        let (log, console) = (actor.log().clone(), matches!(actor, Actor::Console(_)));
+        let guest_here = crate::migration::import::guest_here(actor);
+        let marker = self.guests.import_marker(guest.as_str(), stream.as_str());
         crate::limited!(burst: AUDIT_BURST, info, guest = %guest, stream = %stream, from = %source.node, "importing a migrating guest's stream");
         self.importer.spawn(
             Import {
@@ -195,8 +195,9 @@ impl AgentService {
                 guest_here,
                 console,
                 cap,
+                marker,
             },
-            place,
+            Some(place),
         );
     }
 
@@ -273,16 +274,7 @@ impl AgentService {
             unreachable!("open_stream returns the kind asked for");
         };
         if let Some((source, place)) = migrate {
-            let stats = handle.log.stats.clone();
-            self.start_import(
-                &guest,
-                &stream,
-                source,
-                place,
-                handle.log.clone(),
-                false,
-                Arc::new(move || stats.writers.load(std::sync::atomic::Ordering::Relaxed) > 0),
-            );
+            self.start_import(&guest, &stream, source, place, &Actor::Pipe(handle.clone()));
         }
         let pipe = create_pipe(self.config.handoff.pipe_buffer.bytes_usize())
             .map_err(|e| Error::io("cannot create a pipe", e))?;
@@ -365,19 +357,12 @@ impl AgentService {
             unreachable!("open_stream returns the kind asked for");
         };
         if let Some((source, place)) = migrate {
-            let console = handle.console.clone();
             self.start_import(
                 &guest,
                 &device,
                 source,
                 place,
-                handle.log.clone(),
-                true,
-                Arc::new(move || {
-                    console
-                        .guest_connected
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                }),
+                &Actor::Console(handle.clone()),
             );
         }
         Ok(proto::CreateConsoleResponse {

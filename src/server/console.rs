@@ -3,7 +3,9 @@
 //! They validate requests, find the console in [`crate::guests`], attach through
 //! [`crate::console`] and map its [`Event`]s to `ServerFrame`s. A console that closes ends the
 //! stream with `UNAVAILABLE` (shutdown, upgrade: reconnect and resume by offset) or `NOT_FOUND`
-//! (removed). `ReadHistory` streams from [`crate::history`]. Console input is written through
+//! (removed), or with the moved status of a stream that live-migrated away
+//! ([`crate::migration::moved_status`]: at once for a new call, after every byte for a live
+//! one). `ReadHistory` streams from [`crate::history`]. Console input is written through
 //! [`crate::console::ConsoleHandle::write_input`], which queues nothing: `SendConsoleInput`
 //! takes at most 64 KiB per call (its request body is bounded while it arrives, by
 //! [`super::bodies::InputBounded`]), one call at a time per session, and waits at most 10 s for the guest; an
@@ -212,7 +214,7 @@ impl ConsoleService {
         } else {
             Need::Read
         };
-        auth::authorize(caller, &guest, &device, need).map_err(Error::from)?;
+        auth::authorize(caller, &guest, &device, need)?;
         let console = match self.guests.console(&guest, &device).await {
             Ok(console) => console,
             Err(
@@ -350,12 +352,13 @@ fn console_names(console: &crate::console::ConsoleHandle) -> (String, String) {
 /// `until_time`) or with an error ends as it did.
 fn ending_moved(
     chunks: BoxStream<HistoryChunk>,
-    start: u64,
+    start: Option<u64>,
     names: (String, String),
     moved: impl FnOnce() -> Option<Moved> + Send + 'static,
 ) -> BoxStream<HistoryChunk> {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-    let position = Arc::new(AtomicU64::new(start));
+    // A read that is not from an explicit offset and gets no byte started at the end.
+    let position = Arc::new(AtomicU64::new(start.unwrap_or(u64::MAX)));
     let failed = Arc::new(AtomicBool::new(false));
     let (seen, errored) = (position.clone(), failed.clone());
     let chunks = futures::StreamExt::inspect(chunks, move |item| match item {
@@ -365,7 +368,10 @@ fn ending_moved(
                 None if chunk.event.is_some() => return,
                 None => chunk.offset + chunk.data.len() as u64,
             };
-            seen.fetch_max(end, Relaxed);
+            // The first chunk places an open start; later ones move it on.
+            let _ = seen.fetch_update(Relaxed, Relaxed, |at| {
+                Some(if at == u64::MAX { end } else { at.max(end) })
+            });
         }
         Err(_) => errored.store(true, Relaxed),
     });
@@ -819,8 +825,8 @@ impl Console for ConsoleService {
             })
         };
         let start = match start {
-            Start::Offset(offset) => offset,
-            _ => 0,
+            Start::Offset(offset) => Some(offset),
+            _ => None,
         };
         let chunks = ending_moved(Box::pin(chunks), start, (guest.to_string(), name), moved);
         Ok(Response::new(self.revocable(caller.as_ref(), chunks)))

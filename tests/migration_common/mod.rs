@@ -59,10 +59,15 @@ impl Fleet {
         Self { pki: Pki::new() }
     }
 
-    /// A node's config: TLS, `migration.ca` (the fleet's server CA), `extra` YAML keys.
+    /// A node's config: TLS, `migration.ca` (the fleet's server CA), `extra` YAML keys (an
+    /// `extra` starting with `migration:` adds to that section).
     pub fn yaml(&self, extra: &str) -> String {
+        let (more, extra) = match extra.strip_prefix("migration:\n") {
+            Some(more) => (more, ""),
+            None => ("", extra),
+        };
         format!(
-            "{}migration:\n  ca: {}\n  switchover_timeout: 20s\n  connect_timeout: 2s\n{extra}",
+            "{}migration:\n  ca: {}\n  switchover_timeout: 20s\n  connect_timeout: 2s\n{more}{extra}",
             self.pki.node_yaml(false),
             self.pki.path("server-ca.pem").display()
         )
