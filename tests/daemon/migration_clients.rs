@@ -120,6 +120,47 @@ async fn read_chunks(stream: &mut tonic::Streaming<proto::HistoryChunk>, who: &s
     );
 }
 
+/// At each switch a client of the destination takes the free writer lease there (so a client
+/// that held the lease must take it back with force after the move): the hook, and the
+/// holders' sessions.
+type Holders = std::sync::Arc<tokio::sync::Mutex<Vec<Session>>>;
+
+fn lease_holders(pki: &Pki, daemons: &[Daemon]) -> (SwitchHook, Holders) {
+    let holders: Holders = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let endpoints: std::collections::HashMap<String, tonic::transport::Endpoint> = daemons
+        .iter()
+        .map(|d| (endpoint_of(d), pki.endpoint(d.tcp, false)))
+        .collect();
+    let hook: SwitchHook = {
+        let holders = holders.clone();
+        std::sync::Arc::new(move |to: MigrationNode| {
+            let (holders, endpoint) = (holders.clone(), endpoints[&to.endpoint].clone());
+            Box::pin(async move {
+                let token = to
+                    .agent
+                    .clone()
+                    .issue_token(proto::IssueTokenRequest {
+                        guest: GUEST.into(),
+                        device: String::new(),
+                        access: Access::ReadWrite.into(),
+                        ttl_seconds: 600,
+                    })
+                    .await
+                    .expect("IssueToken at the destination")
+                    .into_inner()
+                    .token;
+                let channel = with_token(endpoint.connect().await.expect("connect"), &token);
+                let holder = Session::attach(channel, attach(GUEST, Mode::ReadWrite))
+                    .await
+                    .expect("attach at the destination");
+                assert!(holder.attached.writer, "{:?}", holder.attached);
+                holders.lock().await.push(holder);
+            })
+        })
+    };
+    (hook, holders)
+}
+
 /// Through the gateway, across moves at random lines (`hops` moves, over `hops + 1` nodes):
 /// an attached READ_WRITE client, a watcher and a history follower each see every line once
 /// and in order; the writer keeps the lease and types on the last node.
@@ -174,40 +215,7 @@ async fn through_the_gateway(hops: usize) {
     .expect("ReadHistory through the gateway")
     .into_inner();
 
-    // At each switch a client of the destination takes the free lease there: the writer must
-    // take it back (force), the watcher must not take it.
-    let holders = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::new()));
-    let endpoints: std::collections::HashMap<String, tonic::transport::Endpoint> = daemons
-        .iter()
-        .map(|d| (endpoint_of(d), pki.endpoint(d.tcp, false)))
-        .collect();
-    let hook: SwitchHook = {
-        let holders = holders.clone();
-        std::sync::Arc::new(move |to: MigrationNode| {
-            let (holders, endpoint) = (holders.clone(), endpoints[&to.endpoint].clone());
-            Box::pin(async move {
-                let token = to
-                    .agent
-                    .clone()
-                    .issue_token(proto::IssueTokenRequest {
-                        guest: GUEST.into(),
-                        device: String::new(),
-                        access: Access::ReadWrite.into(),
-                        ttl_seconds: 600,
-                    })
-                    .await
-                    .expect("IssueToken at the destination")
-                    .into_inner()
-                    .token;
-                let channel = with_token(endpoint.connect().await.expect("connect"), &token);
-                let holder = Session::attach(channel, attach(GUEST, Mode::ReadWrite))
-                    .await
-                    .expect("attach at the destination");
-                assert!(holder.attached.writer, "{:?}", holder.attached);
-                holders.lock().await.push(holder);
-            })
-        })
-    };
+    let (hook, holders) = lease_holders(&pki, &daemons);
     let driver = drive_guest(guest, nodes, moves_at, LINES, Some(hook));
     let (attached, watched, ()) = tokio::join!(
         read_frames(&mut writer_stream, "the attached writer"),
@@ -281,14 +289,20 @@ async fn wait_all_lines(
     path: &std::path::Path,
     who: &str,
 ) -> String {
+    let stderr = wait_lines(child, path, who).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    stderr
+}
+
+/// Waits (bounded) until `path` holds every line (exactly); returns `child`'s stderr.
+async fn wait_lines(child: &mut std::process::Child, path: &std::path::Path, who: &str) -> String {
     let want = all_lines();
     let deadline = Instant::now() + DEADLINE;
     loop {
         let got = std::fs::read(path).unwrap_or_default();
         let stderr = std::fs::read_to_string(path.with_extension("stderr")).unwrap_or_default();
         if got.len() >= want.len() {
-            let _ = child.kill();
-            let _ = child.wait();
             assert_eq!(
                 String::from_utf8_lossy(&got),
                 String::from_utf8_lossy(&want),
@@ -324,7 +338,11 @@ async fn conlogctl_follows_the_redirect_of_a_direct_source() {
     let guest = first_migrating_guest(&nodes[0]).await;
     let token = daemons[0].token(GUEST, "", Access::ReadWrite, 600).await;
     let dir = tempfile::tempdir().unwrap();
-    let (history_out, console_out) = (dir.path().join("history"), dir.path().join("console"));
+    let (history_out, console_out, writer_out) = (
+        dir.path().join("history"),
+        dir.path().join("console"),
+        dir.path().join("writer"),
+    );
     let mut history = conlogctl(
         &pki,
         &daemons[0],
@@ -339,11 +357,19 @@ async fn conlogctl_follows_the_redirect_of_a_direct_source() {
         &console_out,
         &["console", GUEST, "--read-only", "--replay", "0"],
     );
-    // Both are connected before the guest prints (the console shows what comes after it).
-    wait_clients(&mut nodes[0].agent.clone(), GUEST, DEVICE, 1).await;
+    let mut writer = conlogctl(
+        &pki,
+        &daemons[0],
+        &token,
+        &writer_out,
+        &["console", GUEST, "--replay", "0"],
+    );
+    // All are connected before the guest prints (the consoles show what comes after it).
+    wait_clients(&mut nodes[0].agent.clone(), GUEST, DEVICE, 2).await;
+    let (hook, holders) = lease_holders(&pki, &daemons);
     let moves_at = vec![random_between(10, LINES - 10)];
     eprintln!("moving at line {moves_at:?}");
-    let driver = drive_guest(guest, nodes.clone(), moves_at, LINES, None);
+    let driver = drive_guest(guest, nodes.clone(), moves_at, LINES, Some(hook));
     let stderr = wait_all_lines(&mut history, &history_out, "conlogctl history --follow").await;
     assert!(
         stderr.contains(&format!("guest moved to {}; following", nodes[1].endpoint)),
@@ -354,7 +380,22 @@ async fn conlogctl_follows_the_redirect_of_a_direct_source() {
         stderr.contains(&format!("guest moved to {}; following", nodes[1].endpoint)),
         "{stderr}"
     );
-    bounded("the guest driver", driver).await.expect("driver");
+    // The writer took its lease back on the destination and types there.
+    let mut last = bounded("the guest driver", driver).await.expect("driver");
+    wait_lines(&mut writer, &writer_out, "conlogctl console (writer)").await;
+    for holder in holders.lock().await.iter_mut() {
+        holder.wait_revoked().await;
+    }
+    use std::io::Write;
+    writer
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"typed by conlogctl\n")
+        .unwrap();
+    last.wait_for(b"typed by conlogctl\n").await;
+    let _ = writer.kill();
+    let _ = writer.wait();
 }
 
 /// A loop (A names B, B names A, at the same offset) is an error naming both, for conlogctl
