@@ -5,7 +5,8 @@
 //! as a node's listener does (the same layers from [`crate::server`]: page, gRPC-web, call
 //! limits, connection admission, idle deadlines, request body bounds), with [`forward`] in
 //! place of the node's handlers. It serves nothing of the Agent API and keeps no state beyond
-//! its open calls, so replicas share nothing. It never decodes a Console message.
+//! its open calls, so replicas share nothing. It never decodes a Console message
+//! beyond the offsets that following a guest to another node needs ([`migrate`]).
 //!
 //! Modules: [`config`] (the `gateway:` section), [`upstream`] (channels to the nodes),
 //! [`forward`] (one call, token to node), [`migrate`] (a call following its guest to another

@@ -35,6 +35,9 @@ async fn read_frames(
     let mut got = Vec::new();
     let mut attached = Vec::new();
     let mut next: Option<u64> = None;
+    // The longest wait between two output frames: the pause the move cost this client
+    // (printed, never asserted: the machine is noisy).
+    let (mut last_output, mut longest) = (None::<Instant>, std::time::Duration::ZERO);
     let deadline = Instant::now() + DEADLINE;
     while got.len() < want.len() {
         assert!(
@@ -62,6 +65,10 @@ async fn read_frames(
                 attached.push(a);
             }
             Some(Frame::Output(out)) => {
+                if let Some(at) = last_output {
+                    longest = longest.max(at.elapsed());
+                }
+                last_output = Some(Instant::now());
                 assert_eq!(
                     Some(out.offset),
                     next,
@@ -80,6 +87,7 @@ async fn read_frames(
         String::from_utf8_lossy(&want),
         "{who}: every line once, in order"
     );
+    eprintln!("{who}: longest pause between output frames {longest:?}");
     attached
 }
 
