@@ -10,6 +10,10 @@
 //! offsets as a gap that history reports, and are counted as dropped (the count survives
 //! restarts, crashes and upgrades: the log's position record keeps it).
 //!
+//! A stream created by a live migration's import (docs/design.md, "Live migration") does not
+//! read its pipes until the import ends (its last step, or `migration.switchover_timeout` after
+//! the first byte waiting): the imported bytes come first, and the guest waits at most that long.
+//!
 //! Several pipes may feed one stream (each `CreateLogPipe` adds one; a writer may also duplicate
 //! its descriptor). Each `splice` moves at most what the pipe holds, and pipe writes of up to
 //! `PIPE_BUF` bytes are atomic, so lines of different writers are not torn.

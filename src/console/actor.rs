@@ -4,7 +4,9 @@
 //! connection on the guest socket, a raw client on the client socket, guest output, the guest
 //! becoming writable (only while a piece of input is being written), the caller of that piece
 //! going away, and client input (always: a piece that cannot be written at once is answered at
-//! once, so nothing waits in the channel).
+//! once, so nothing waits in the channel). While a live migration's import runs into the console
+//! (docs/design.md, "Live migration"), guest output is not read: only its first waiting byte is
+//! noticed (it starts the switchover deadline), and imported bytes reach the clients instead.
 
 use super::clients::{self, ClientQueue, Event, Offer};
 use super::mux;
