@@ -488,3 +488,38 @@ async fn a_redirect_loop_is_an_error_naming_both_nodes() {
         "{status:?}"
     );
 }
+
+/// Over the local socket (no --server: no TLS settings or token to take along) conlogctl does
+/// not follow; it says where the guest went and how to continue there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conlogctl_over_the_local_socket_says_how_to_continue() {
+    let _heavy = heavy().await;
+    let (_pki, daemons, _gateway) = migration_fleet(2).await;
+    let nodes = [
+        MigrationNode::of(&daemons[0]).await,
+        MigrationNode::of(&daemons[1]).await,
+    ];
+    let mut guest = first_migrating_guest(&nodes[0]).await;
+    guest.write(b"before the move\r\n").await;
+    migrate_guest(&nodes[0], &nodes[1]).await;
+    drop(guest);
+    let output = tokio::process::Command::new(conlogctl_bin())
+        .arg("--socket")
+        .arg(daemons[0].socket())
+        .args(["history", GUEST, "--follow", "--from", "17"])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = bounded("conlogctl ends", output)
+        .await
+        .expect("run conlogctl");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    let b = &nodes[1].endpoint;
+    assert!(
+        stderr.contains(&format!("guest moved to {b}"))
+            && stderr.contains(&format!("--server https://{b}"))
+            && stderr.contains("--from 17"),
+        "{stderr}"
+    );
+}
