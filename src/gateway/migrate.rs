@@ -407,7 +407,7 @@ impl Call {
         mut client: Messages,
         tx: Sender,
     ) {
-        let mut messages = Messages::buffer(MAX_RESPONSE_MESSAGE);
+        let mut responses = Responses::default();
         loop {
             tokio::select! {
                 _ = tx.closed() => return,
@@ -428,20 +428,16 @@ impl Call {
                             continue;
                         }
                         Ok(data) => {
-                            messages.push(data);
-                            loop {
-                                let message = match messages.take() {
-                                    Ok(Some(message)) => message,
-                                    Ok(None) => break,
-                                    Err(status) => {
-                                        let _ = tx.send(Ok(trailers(&status))).await;
-                                        return;
-                                    }
-                                };
-                                for out in self.follow.inspect(message) {
-                                    if tx.send(Ok(Frame::data(out))).await.is_err() {
-                                        return;
-                                    }
+                            let pieces = match responses.push(data, &mut self.follow) {
+                                Ok(pieces) => pieces,
+                                Err(status) => {
+                                    let _ = tx.send(Ok(trailers(&status))).await;
+                                    return;
+                                }
+                            };
+                            for piece in pieces {
+                                if tx.send(Ok(Frame::data(piece))).await.is_err() {
+                                    return;
                                 }
                             }
                             continue;
@@ -477,7 +473,7 @@ impl Call {
                         if !parts.headers.contains_key("grpc-status") {
                             upstream = body;
                             input = sender;
-                            messages = Messages::buffer(MAX_RESPONSE_MESSAGE);
+                            responses = Responses::default();
                             break;
                         }
                         // Trailers-only: moved on again, or refused.
@@ -513,6 +509,41 @@ impl Call {
 }
 
 impl Follow {
+    /// Learns where a large message is from its first payload bytes, as [`Self::inspect`]
+    /// would from all of it, before any move (nothing is dropped or cut then); false when
+    /// they do not say (it is then collected whole).
+    fn track(&mut self, head: &[u8]) -> bool {
+        let located = |fields: &[(u32, u64, &[u8])]| match fields {
+            [(1, offset, b), (2, len, _), ..] if b.is_empty() => Some((*offset, *len)),
+            _ => None,
+        };
+        let at = &mut self.at;
+        match self.kind {
+            Kind::History => {
+                let Some((offset, len)) = located(&head_fields(head)) else {
+                    return false;
+                };
+                let end = offset + len;
+                at.next = Some(at.next.map_or(end, |n| n.max(end)));
+                at.delivered += len;
+                true
+            }
+            Kind::Watch | Kind::Attach => {
+                let top = head_fields(head);
+                let Some((2, _, inner)) = top.first().copied() else {
+                    return false;
+                };
+                let Some((offset, len)) = located(&head_fields(inner)) else {
+                    return false;
+                };
+                let end = offset + len;
+                at.next = Some(at.next.map_or(end, |n| n.max(end)));
+                true
+            }
+            Kind::Input => false,
+        }
+    }
+
     /// One response message (gRPC prefix included) as what the client gets for it.
     fn inspect(&mut self, message: Bytes) -> Vec<Bytes> {
         if message.first() != Some(&0) {
@@ -641,7 +672,17 @@ fn status_headers(headers: &http::HeaderMap) -> http::HeaderMap {
 
 /// The fields of an encoded message: (number, varint value or the bytes of a length-delimited
 /// field). Stops at the first malformed field.
-fn fields(mut buf: &[u8]) -> Vec<(u32, u64, &[u8])> {
+fn fields(buf: &[u8]) -> Vec<(u32, u64, &[u8])> {
+    fields_of(buf, false)
+}
+
+/// [`fields`] of the first bytes of a message: a length-delimited field cut short is listed
+/// with its full length and the bytes there are, and ends the list.
+fn head_fields(buf: &[u8]) -> Vec<(u32, u64, &[u8])> {
+    fields_of(buf, true)
+}
+
+fn fields_of(mut buf: &[u8], cut_ok: bool) -> Vec<(u32, u64, &[u8])> {
     let mut out = Vec::new();
     while !buf.is_empty() {
         let Ok((number, wire)) = decode_key(&mut buf) else {
@@ -656,9 +697,15 @@ fn fields(mut buf: &[u8]) -> Vec<(u32, u64, &[u8])> {
                 let Ok(len) = decode_varint(&mut buf) else {
                     break;
                 };
-                let Some(len) = usize::try_from(len).ok().filter(|l| *l <= buf.len()) else {
+                let Some(len) = usize::try_from(len).ok() else {
                     break;
                 };
+                if len > buf.len() {
+                    if cut_ok {
+                        out.push((number, len as u64, buf));
+                    }
+                    break;
+                }
                 out.push((number, len as u64, &buf[..len]));
                 buf.advance(len);
             }
@@ -762,6 +809,112 @@ fn output_data(payload: &Bytes) -> Bytes {
     }
 }
 
+/// Payload bytes of a response message looked at before it is passed on.
+const HEAD: usize = 64;
+/// Response messages up to this size (payload) are collected whole before they are looked at.
+const SMALL: usize = 1024;
+
+/// A node's response messages as they pass. Until the call moved, a large message whose first
+/// bytes say where it is (a `HistoryChunk`'s or `Output`'s offset and data length, which
+/// encoders write first) is passed on piece by piece as it arrives, never copied; others, and
+/// every message after a move (where output may be dropped or cut), are collected whole and
+/// looked at by [`Follow::inspect`].
+#[derive(Default)]
+struct Responses {
+    part: Part,
+}
+
+enum Part {
+    /// A message's prefix and first payload bytes, being collected.
+    Head(BytesMut),
+    /// The rest of a message being passed on: bytes left.
+    Rest(usize),
+    /// A whole message being collected, and its length (prefix included).
+    Whole(BytesMut, usize),
+}
+
+impl Default for Part {
+    fn default() -> Self {
+        Part::Head(BytesMut::new())
+    }
+}
+
+impl Responses {
+    /// What the client gets for `data`, the next bytes of the response.
+    fn push(&mut self, mut data: Bytes, follow: &mut Follow) -> Result<Vec<Bytes>, Status> {
+        let mut out = Vec::new();
+        loop {
+            match &mut self.part {
+                Part::Rest(left) => {
+                    if data.is_empty() {
+                        break;
+                    }
+                    let n = (*left).min(data.len());
+                    out.push(data.split_to(n));
+                    *left -= n;
+                    if *left == 0 {
+                        self.part = Part::default();
+                    }
+                }
+                Part::Whole(buffer, total) => {
+                    let n = (*total - buffer.len()).min(data.len());
+                    buffer.extend_from_slice(&data.split_to(n));
+                    if buffer.len() < *total {
+                        break;
+                    }
+                    let message = std::mem::take(buffer).freeze();
+                    self.part = Part::default();
+                    out.extend(follow.inspect(message));
+                }
+                Part::Head(head) => {
+                    let n = 5usize.saturating_sub(head.len()).min(data.len());
+                    head.extend_from_slice(&data.split_to(n));
+                    if head.len() < 5 {
+                        break;
+                    }
+                    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+                    if len + 5 > MAX_RESPONSE_MESSAGE {
+                        return Err(Status::resource_exhausted(format!(
+                            "A message of {len} bytes is over the gateway's limit for a call \
+                             it follows across nodes ({} bytes)",
+                            MAX_RESPONSE_MESSAGE - 5
+                        )));
+                    }
+                    let want = 5 + len.min(HEAD);
+                    let n = (want - head.len()).min(data.len());
+                    head.extend_from_slice(&data.split_to(n));
+                    if head.len() < want {
+                        break;
+                    }
+                    let head = std::mem::take(head);
+                    let passes = len > SMALL
+                        && head[0] == 0
+                        && follow.at.floor.is_none()
+                        && follow.track(&head[5..]);
+                    let rest = 5 + len - head.len();
+                    self.part = match (passes, rest) {
+                        (true, 0) | (false, 0) => {
+                            let head = head.freeze();
+                            if passes {
+                                out.push(head);
+                            } else {
+                                out.extend(follow.inspect(head));
+                            }
+                            Part::default()
+                        }
+                        (true, rest) => {
+                            out.push(head.freeze());
+                            Part::Rest(rest)
+                        }
+                        (false, _) => Part::Whole(head, 5 + len),
+                    };
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// gRPC messages out of a body's data frames, each whole (prefix included), at most `max`
 /// bytes each.
 struct Messages {
@@ -774,14 +927,6 @@ impl Messages {
     fn new(body: Body, max: usize) -> Self {
         Self {
             body: Some(body),
-            buffer: BytesMut::new(),
-            max,
-        }
-    }
-
-    fn buffer(max: usize) -> Self {
-        Self {
-            body: None,
             buffer: BytesMut::new(),
             max,
         }
@@ -1037,6 +1182,96 @@ mod tests {
         );
         drop(call);
         assert_eq!(sessions::node_of("at-b-1"), None, "gone with its call");
+    }
+
+    /// `stream` fed in pieces of `sizes` (cycled) through [`Responses`]: the bytes out.
+    fn through(call: &mut Follow, stream: &[u8], sizes: &[usize]) -> Vec<u8> {
+        through_counted(call, stream, sizes).0
+    }
+
+    /// [`through`], and how many pieces came out.
+    fn through_counted(call: &mut Follow, stream: &[u8], sizes: &[usize]) -> (Vec<u8>, usize) {
+        let mut responses = Responses::default();
+        let mut out = Vec::new();
+        let mut pieces = 0;
+        let mut at = 0;
+        for size in sizes.iter().cycle() {
+            if at >= stream.len() {
+                break;
+            }
+            let end = (at + size).min(stream.len());
+            for piece in responses
+                .push(Bytes::copy_from_slice(&stream[at..end]), call)
+                .unwrap()
+            {
+                pieces += 1;
+                out.extend_from_slice(&piece);
+            }
+            at = end;
+        }
+        (out, pieces)
+    }
+
+    #[test]
+    fn large_messages_pass_in_pieces_and_are_tracked_as_whole_ones_would_be() {
+        let big = vec![b'x'; 5000];
+        let chunk = |offset: u64, data: &[u8]| {
+            grpc_frame(
+                &crate::proto::HistoryChunk {
+                    offset,
+                    data: Bytes::copy_from_slice(data),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            )
+        };
+        // Offset 0 has no offset field (proto3): collected whole; the others pass in pieces.
+        let history: Vec<u8> = [
+            chunk(0, &big),
+            chunk(5000, b"small"),
+            chunk(5005, &big),
+            chunk(10005, &big),
+        ]
+        .concat();
+        for sizes in [&[1usize][..], &[7, 3000, 11], &[16384], &[5, 64, 2]] {
+            let mut call = call(Kind::History, grpc_frame(b""));
+            call.moves = 0;
+            assert_eq!(through(&mut call, &history, sizes), history, "{sizes:?}");
+            assert_eq!((call.at.next, call.at.delivered), (Some(15005), 15005));
+        }
+        // Byte by byte, the large messages with an offset field pass as they come.
+        let mut follow = call(Kind::History, grpc_frame(b""));
+        follow.moves = 0;
+        let (_, pieces) = through_counted(&mut follow, &history, &[1]);
+        assert!(
+            pieces > 9000,
+            "{pieces} pieces: large messages were collected"
+        );
+        let frames: Vec<u8> = [
+            attached(0, true),
+            output(0, &big),
+            output(5000, b"abc"),
+            output(5003, &big),
+        ]
+        .concat();
+        for sizes in [&[1usize][..], &[9, 4096], &[100_000]] {
+            let mut call = call(Kind::Attach, grpc_frame(b""));
+            call.moves = 0;
+            assert_eq!(through(&mut call, &frames, sizes), frames, "{sizes:?}");
+            assert_eq!(call.at.next, Some(10003));
+            assert!(call.at.writer);
+            // After a move, what the client has is dropped, even from large messages.
+            assert!(matches!(
+                call.redirect(Moved {
+                    to: "b:2".into(),
+                    offset: 10003
+                }),
+                Redirect::Follow
+            ));
+            let again = [attached(0, true), output(0, &big), output(10003, b"new")].concat();
+            let shown = through(&mut call, &again, sizes);
+            assert_eq!(shown, [attached(0, true), output(10003, b"new")].concat());
+        }
     }
 
     #[test]

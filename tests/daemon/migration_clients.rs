@@ -523,3 +523,100 @@ async fn conlogctl_over_the_local_socket_says_how_to_continue() {
         "{stderr}"
     );
 }
+
+/// Large output (messages the gateway passes on in pieces before a move, and collects whole
+/// after it): a history follower and an attached client through the gateway get every byte
+/// once across a move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_gateway_large_output_arrives_once_across_a_move() {
+    let _heavy = heavy().await;
+    let (pki, daemons, gateway) = migration_fleet(2).await;
+    let nodes = [
+        MigrationNode::of(&daemons[0]).await,
+        MigrationNode::of(&daemons[1]).await,
+    ];
+    let mut guest = first_migrating_guest(&nodes[0]).await;
+    let token = daemons[0].token(GUEST, "", Access::ReadWrite, 600).await;
+    // Bytes that say where they are: a 7-digit position every 8 bytes.
+    let blob = |from: usize, len: usize| -> Vec<u8> {
+        (from / 8..(from + len) / 8)
+            .flat_map(|i| format!("{:07}\n", i * 8).into_bytes())
+            .collect()
+    };
+    const HALF: usize = 256 << 10;
+    let (input_tx, input_rx) = tokio::sync::mpsc::channel(8);
+    input_tx
+        .send(attach_frame(attach(GUEST, Mode::ReadWrite)))
+        .await
+        .unwrap();
+    let mut attached = bounded(
+        "AttachConsole",
+        pki.client(gateway.address, &token)
+            .await
+            .console()
+            .attach_console(tokio_stream::wrappers::ReceiverStream::new(input_rx)),
+    )
+    .await
+    .expect("AttachConsole through the gateway")
+    .into_inner();
+    guest.write(&blob(0, HALF)).await;
+    wait_offset(&mut nodes[0].agent.clone(), GUEST, DEVICE, HALF as u64).await;
+    let mut history = bounded(
+        "ReadHistory",
+        pki.client(gateway.address, &token)
+            .await
+            .console()
+            .read_history(follow_request(GUEST)),
+    )
+    .await
+    .expect("ReadHistory through the gateway")
+    .into_inner();
+    let socket = migrate_guest(&nodes[0], &nodes[1]).await;
+    drop(guest);
+    let mut guest = FakeGuest::connect(&socket).await;
+    guest.write(&blob(HALF, HALF)).await;
+    let want = blob(0, 2 * HALF);
+
+    let history_bytes = async {
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let chunk = bounded("a history chunk", history.message())
+                .await
+                .expect("history through the gateway")
+                .expect("the follow ended early");
+            assert!(chunk.gap.is_none(), "{chunk:?}");
+            if chunk.data.is_empty() {
+                continue;
+            }
+            assert_eq!(chunk.offset, got.len() as u64, "chunks are contiguous");
+            got.extend_from_slice(&chunk.data);
+        }
+        got
+    };
+    let attached_bytes = async {
+        let mut got = Vec::new();
+        let mut next = None;
+        while got.len() < want.len() {
+            let frame = bounded("a server frame", attached.message())
+                .await
+                .expect("attach through the gateway")
+                .expect("the attach ended early");
+            match frame.frame {
+                Some(Frame::Attached(a)) => {
+                    next.get_or_insert(a.offset);
+                }
+                Some(Frame::Output(out)) => {
+                    assert_eq!(Some(out.offset), next, "output in place");
+                    next = Some(out.offset + out.data.len() as u64);
+                    got.extend_from_slice(&out.data);
+                }
+                Some(Frame::Lagged(l)) => panic!("lagged {l:?}"),
+                _ => {}
+            }
+        }
+        got
+    };
+    let (history_bytes, attached_bytes) = tokio::join!(history_bytes, attached_bytes);
+    assert!(history_bytes == want, "history: not every byte once");
+    assert!(attached_bytes == want, "attach: not every byte once");
+}
