@@ -514,7 +514,7 @@ impl Follow {
     /// they do not say (it is then collected whole).
     fn track(&mut self, head: &[u8]) -> bool {
         let located = |fields: &[(u32, u64, &[u8])]| match fields {
-            [(1, offset, b), (2, len, _), ..] if b.is_empty() => Some((*offset, *len)),
+            [(1, offset, []), (2, len, _), ..] => Some((*offset, *len)),
             _ => None,
         };
         let at = &mut self.at;
