@@ -13,11 +13,14 @@
 //!   4 KiB and [`MAX_INPUT_BODY`]), the `Attach` frame of `AttachConsole`; at most
 //!   [`MAX_REQUEST_MESSAGE`] bytes per call. Later `AttachConsole` messages (input) are passed
 //!   on whole and not kept: input that reached the old node after the guest left is lost.
-//! - each response message, one at a time (at most [`MAX_RESPONSE_MESSAGE`] bytes; HTTP/2 flow
-//!   control holds the rest at the node), read just far enough to know the offsets: a
-//!   `HistoryChunk`'s offset and data length; a `ServerFrame`'s `Attached` (offset, writer),
-//!   `Output` (offset, data length), `Lagged` (to) and `WriterRevoked`. Everything else passes
-//!   as it came, unknown fields included.
+//! - of each response message, read just far enough to know the offsets: a `HistoryChunk`'s
+//!   offset and data length; a `ServerFrame`'s `Attached` (offset, writer, session id), `Output`
+//!   (offset, data length), `Lagged` (to) and `WriterRevoked`. Before a move a large message
+//!   is looked at by its first [`HEAD`] bytes and passed on in pieces as it arrives (no copy);
+//!   small ones, and every message after a move (where output is dropped or cut), are
+//!   collected whole, one at a time (at most [`MAX_RESPONSE_MESSAGE`] bytes; HTTP/2 flow
+//!   control holds the rest at the node). Everything else passes as it came, unknown fields
+//!   included.
 //!
 //! The request on the new node starts where the client is: `ReadHistory` gets `from_offset`
 //! (and the rest of `limit_bytes`) appended to the encoded request (protobuf's last field wins,
