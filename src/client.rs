@@ -1,5 +1,7 @@
 //! Client-side helpers shared by `conlogctl`, the benchmark harness and the tests: a gRPC
-//! channel over the local UNIX socket, and the client half of the `fd.sock` hand-off.
+//! channel over the local UNIX socket, the client half of the `fd.sock` hand-off, and following
+//! a guest that moved to another node ([`moved_of`], [`Route`]; docs/operations.md, "When a
+//! guest moves").
 //!
 //! Owns nothing of the daemon; it speaks the same wire protocols as any external client.
 
