@@ -26,7 +26,8 @@ mod scenario;
 mod scenarios;
 
 use scenarios::{
-    compress, console, gateway, gateway_watchers, guests, history, hostile, pipe, upgrade,
+    compress, console, gateway, gateway_watchers, guests, history, hostile, migration, pipe,
+    upgrade,
 };
 
 /// Benchmarks conlogd from outside against a baseline measured in the same run.
@@ -53,6 +54,9 @@ enum Command {
     /// Many guests and restart (scenarios 2 and 6): memory and CPU with N guests, each
     /// with a log pipe and a connected console, 10% writing; restart time with N registered.
     Guests(guests::GuestsArgs),
+    /// Live migration: import throughput against ReadHistory over TLS, and the
+    /// switchover pause (the source's last byte to the destination's first byte on a watcher).
+    Migration(migration::MigrationArgs),
     /// Hostile callers: each attack on the TCP listener at the daemon's default
     /// limits, then all at once: daemon RSS, descriptors and local ListGuests latency under
     /// attack against idle, and the memory ceiling.
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
         Command::Upgrade(args) => scenario::run(args, options),
         Command::Guests(args) => scenario::run(args, options),
         Command::Hostile(args) => scenario::run(args, options),
+        Command::Migration(args) => scenario::run(args, options),
         Command::Compress(args) => scenario::run(args, options),
         Command::GatewayWatchers(args) => scenario::run(args, options),
         Command::Gateway(args) => scenario::run(args, options),

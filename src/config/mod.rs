@@ -4,9 +4,11 @@
 //! value. It never opens sockets or files other than the config file itself; the daemon takes a
 //! validated [`Config`] and trusts it.
 
+mod migration;
 mod security;
 mod units;
 
+pub use migration::MigrationConfig;
 pub use security::Limits;
 pub(crate) use security::{largest_web_body, validate_message_bounds, TlsConfig, TokenConfig};
 
@@ -418,6 +420,8 @@ pub struct Config {
     pub keeper: KeeperMode,
     /// This node as a gateway reaches it.
     pub node: NodeConfig,
+    /// Importing guests' streams from other nodes (live migration).
+    pub migration: MigrationConfig,
     /// The Console service on TCP.
     pub console: ConsoleServiceConfig,
 }
@@ -447,6 +451,7 @@ impl Default for Config {
             keeper: KeeperMode::default(),
             node: NodeConfig::default(),
             console: ConsoleServiceConfig::default(),
+            migration: MigrationConfig::default(),
         }
     }
 }
@@ -625,6 +630,7 @@ impl Config {
         }
         self.web.validate()?;
         self.node.validate()?;
+        self.migration.validate()?;
         if self.console.require_gateway
             && self
                 .tls

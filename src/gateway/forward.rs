@@ -28,7 +28,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tonic::body::Body;
 use tonic::Status;
-use tower::ServiceExt;
 
 /// Request headers not forwarded: those of the client's connection, not of the call; and the
 /// browser's `Origin` and cookies, which the gateway's own web layer judged (a node would see
@@ -119,7 +118,6 @@ impl Forward {
         };
         let span = tracing::info_span!("forward", node = %node, guest = %grant.guest, path = request.uri().path());
         let _entered = span.enter();
-        let channel = self.upstreams.channel(&node).map_err(unavailable)?;
         for name in NOT_FORWARDED {
             request.headers_mut().remove(name);
         }
@@ -127,12 +125,11 @@ impl Forward {
             .headers_mut()
             .insert("te", http::HeaderValue::from_static("trailers"));
         drop(_entered);
-        let response = channel.oneshot(request).await.map_err(|e| {
-            unavailable(GatewayError::NodeUnavailable {
-                node: node.clone(),
-                reason: error_chain(&e),
-            })
-        })?;
+        // Opened on the token's node; a moved status is followed to the guest's new node
+        // (docs/gateway.md, "Following moves").
+        let response = super::migrate::open(request, node.clone(), self.upstreams.clone())
+            .await
+            .map_err(unavailable)?;
         let recheck = Recheck {
             changes: tokio_stream::wrappers::WatchStream::from_changes(self.keys.changes()),
             token: grant_token,
@@ -182,7 +179,7 @@ impl Recheck {
 }
 
 /// An error and its sources, on one line.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {

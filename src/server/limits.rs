@@ -95,6 +95,9 @@ struct RemoteLimits {
     per_guest: Arc<Tally<String>>,
     per_guest_key: &'static str,
     tokens: Arc<dyn Verify>,
+    /// Tokens of the nodes this node's guests migrated from, checked there (set once the
+    /// importer exists; docs/design.md, "Live migration").
+    foreign: std::sync::RwLock<Option<Arc<crate::migration::tokens::ForeignTokens>>>,
 }
 
 impl CallLimits {
@@ -134,8 +137,47 @@ impl CallLimits {
                 per_guest: Tally::new(limits.calls_per_guest),
                 per_guest_key: keys.per_guest,
                 tokens,
+                foreign: std::sync::RwLock::new(None),
             }),
         })
+    }
+
+    /// Tokens of other nodes for guests imported here are checked by `foreign`.
+    pub(crate) fn set_foreign(&self, foreign: Arc<crate::migration::tokens::ForeignTokens>) {
+        if let Some(remote) = &self.remote {
+            *remote
+                .foreign
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(foreign);
+        }
+    }
+
+    /// The checker and the claimed grant of a request whose token did not verify here but
+    /// names the node its guest was imported from.
+    fn foreign_candidate(
+        &self,
+        request: &http::Request<Body>,
+    ) -> Option<(
+        Arc<crate::migration::tokens::ForeignTokens>,
+        String,
+        crate::tokens::Grant,
+    )> {
+        let foreign = self
+            .remote
+            .as_ref()?
+            .foreign
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()?;
+        let value = request.headers().get(http::header::AUTHORIZATION)?;
+        let token = value
+            .to_str()
+            .ok()?
+            .strip_prefix("Bearer ")?
+            .trim()
+            .to_owned();
+        let grant = foreign.candidate(&token)?;
+        Some((foreign, token, grant))
     }
 
     /// Calls in progress on this listener.
@@ -269,7 +311,7 @@ pub struct CallLimitsService<S> {
 
 impl<S> Service<http::Request<Body>> for CallLimitsService<S>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>> + Send,
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = http::Response<Body>;
@@ -301,12 +343,34 @@ where
             });
         }
         let guard = match self.limits.admit(&request) {
-            Ok((guard, grant)) => {
-                if let Some(grant) = grant {
-                    request.extensions_mut().insert(super::auth::Signed(grant));
-                }
+            Ok((guard, Some(grant))) => {
+                request.extensions_mut().insert(super::auth::Signed(grant));
                 guard
             }
+            Ok((guard, None)) => match self.limits.foreign_candidate(&request) {
+                // A token of the node its guest migrated from: that node checks it first.
+                Some((foreign, token, claimed)) => {
+                    let mut inner = self.inner.clone();
+                    std::mem::swap(&mut self.inner, &mut inner);
+                    return Box::pin(async move {
+                        match foreign.check(&token, claimed).await {
+                            Ok(grant) => {
+                                request.extensions_mut().insert(super::auth::Signed(grant));
+                            }
+                            Err(status) => return Ok(status.into_http()),
+                        }
+                        let mut response = inner.call(request).await?;
+                        rename_too_large(response.headers_mut());
+                        Ok(response.map(|body| {
+                            Body::new(Guarded {
+                                inner: body,
+                                _guard: guard,
+                            })
+                        }))
+                    });
+                }
+                None => guard,
+            },
             Err(refusal) => {
                 crate::limited!(warn, path = request.uri().path(), %refusal, "call refused");
                 let status = Status::from(refusal);

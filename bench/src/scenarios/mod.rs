@@ -10,5 +10,6 @@ pub mod guests;
 pub mod history;
 pub mod history_since;
 pub mod hostile;
+pub mod migration;
 pub mod pipe;
 pub mod upgrade;
