@@ -331,6 +331,12 @@ async fn switchover(a: &Node, b: &Node, n: u32) -> anyhow::Result<(f64, Vec<Stri
         .await?
         .into_inner();
     let mut g2 = UnixStream::connect(&on_b.guest_socket)?;
+    // B has imported A's first line (its offset is A's end).
+    common::wait_stream(&mut agent_b, &guest, "serial0", POLL, "at A's end", |s| {
+        s.offset == 13
+    })
+    .await?;
+    // Attached once B has A's first line: it sees A's last byte and B's first, nothing else.
     let local = conlog::client::connect_local(&b.daemon.socket).await?;
     let mut watch = ConsoleClient::new(local)
         .watch_console(WatchConsoleRequest {
@@ -340,11 +346,6 @@ async fn switchover(a: &Node, b: &Node, n: u32) -> anyhow::Result<(f64, Vec<Stri
         })
         .await?
         .into_inner();
-    // B has imported A's first line (its offset is A's end).
-    common::wait_stream(&mut agent_b, &guest, "serial0", POLL, "at A's end", |s| {
-        s.offset == 13
-    })
-    .await?;
     let started = Instant::now();
     g1.write_all(b"A")?;
     drop(g1);
