@@ -420,10 +420,10 @@ pub struct Config {
     pub keeper: KeeperMode,
     /// This node as a gateway reaches it.
     pub node: NodeConfig,
-    /// Importing guests' streams from other nodes (live migration).
-    pub migration: MigrationConfig,
     /// The Console service on TCP.
     pub console: ConsoleServiceConfig,
+    /// Importing guests' streams from other nodes (live migration).
+    pub migration: MigrationConfig,
 }
 
 impl Default for Config {

@@ -458,6 +458,12 @@ where
                 }
             };
             keep_alive(&tcp);
+            // gRPC writes whole frames: a small one (console output, a trailer) goes out at
+            // once instead of waiting for the peer's delayed ACK (docs/performance.md, "Live
+            // migration").
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
             let (connection, ready) = (handshake(tcp), ready.clone());
             let (tls, idle) = (
                 admission.tls,

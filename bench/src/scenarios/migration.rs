@@ -10,8 +10,13 @@
 //!   and leaves, B's guest writes one byte at once (held), A's agent says the guest moved; the
 //!   pause is from A's last byte to B's watcher receiving B's byte.
 //!
-//! WRONG when B's history is not A's bytes at A's offsets, or B's watcher gets anything else
-//! than A's last byte followed by B's.
+//! WRONG when B does not hold exactly A's offsets once the import is over (the bytes
+//! themselves are checked by tests/daemon/migration.rs), or B's watcher gets anything else than
+//! A's last byte followed by B's.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "sizes below 1 MiB and remainders of 37"
+)]
 
 use crate::common::{self, rotating};
 use crate::daemon::Daemon;
@@ -331,6 +336,12 @@ async fn switchover(a: &Node, b: &Node, n: u32) -> anyhow::Result<(f64, Vec<Stri
         .await?
         .into_inner();
     let mut g2 = UnixStream::connect(&on_b.guest_socket)?;
+    // B has imported A's first line (its offset is A's end).
+    common::wait_stream(&mut agent_b, &guest, "serial0", POLL, "at A's end", |s| {
+        s.offset == 13
+    })
+    .await?;
+    // Attached once B has A's first line: it sees A's last byte and B's first, nothing else.
     let local = conlog::client::connect_local(&b.daemon.socket).await?;
     let mut watch = ConsoleClient::new(local)
         .watch_console(WatchConsoleRequest {
@@ -340,11 +351,6 @@ async fn switchover(a: &Node, b: &Node, n: u32) -> anyhow::Result<(f64, Vec<Stri
         })
         .await?
         .into_inner();
-    // B has imported A's first line (its offset is A's end).
-    common::wait_stream(&mut agent_b, &guest, "serial0", POLL, "at A's end", |s| {
-        s.offset == 13
-    })
-    .await?;
     let started = Instant::now();
     g1.write_all(b"A")?;
     drop(g1);
