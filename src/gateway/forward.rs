@@ -110,7 +110,7 @@ impl Forward {
             .ok_or_else(|| Error::Unauthenticated("Token refused: it names no node".into()))?;
         let mut request = match self
             .fanout
-            .route(request, &grant, token_of(&grant_token), &node)
+            .route(request, &grant, grant_token.clone(), &node)
             .await
         {
             Routed::Served(response) => return Ok(response),
