@@ -553,6 +553,12 @@ impl LogFile {
         // speculation would empty a truncate-mode file that readers still want.
         self.rotate_if_full(pipe);
         let len = max.min(self.room()).min(buffer.len());
+        // Compressed: room in the disk budget is made before the read too (removing the oldest
+        // rotated files), so a crash there loses nothing read (docs/operations.md, "Crash
+        // guarantees"); the write then finds it made. A failure here is tried again there.
+        if self.file.is_some() {
+            let _ = self.fit_on_disk(len as u64 + self.index.write_reserve());
+        }
         match rustix::io::read(pipe, &mut buffer[..len]) {
             Ok(0) => Ok(Moved::Eof),
             Ok(n) => {
