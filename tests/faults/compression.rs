@@ -586,12 +586,13 @@ async fn feed_slowly(
     .await
 }
 
-/// Depth: with compression on, the same disk budget holds at least twice the raw bytes of
-/// history that the same limits hold without it, on the console sample (docs/design.md
+/// Depth: with compression on, the same disk budget holds at least 2.5× the raw bytes of
+/// history that the same limits hold without it, on the console sample (about 3.3× here;
+/// counting the current file at `max_size`, as before, gives 1.99×) (docs/design.md
 /// "Compressed backups": the raw files take a small share of the budget, the rest holds
 /// compressed history). Both streams are fed the same text the same way in one daemon.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_budget_holds_at_least_twice_the_history_compressed() {
+async fn the_same_budget_holds_far_more_history_compressed() {
     let daemon = Daemon::start_with(Some(CONFIG), &[]).await;
     let text = sample();
     let mut data = Vec::new();
@@ -610,7 +611,7 @@ async fn the_same_budget_holds_at_least_twice_the_history_compressed() {
     assert!(raw.bytes_on_disk <= CAP && compressed.bytes_on_disk <= CAP);
     let depth = compressed.raw_bytes as f64 / raw.raw_bytes as f64;
     assert!(
-        depth >= 2.0,
+        depth >= 2.5,
         "compressed history {} bytes in {} disk bytes ({} files), raw history {} bytes in {}: {depth:.2}×",
         compressed.raw_bytes,
         compressed.bytes_on_disk,
