@@ -3,7 +3,9 @@
 //! the node's worker ([`crate::compress`]) and installing what it made.
 //!
 //! Owns the `compress` setting's meaning for one log, the listing of backups with their raw
-//! and disk lengths, keeping rotated files by disk bytes, disk reservations of compressions
+//! and disk lengths (listed once, then kept in [`LogFile`] by every step that changes them),
+//! the rotation size with compression, keeping rotated files by disk bytes (the writer removes
+//! the oldest when a read or write would cross the budget), disk reservations of compressions
 //! under way, and the install step (a rename and an unlink on the actor, no sync: the staged
 //! file was synced by the worker). It never compresses or decompresses (the worker and
 //! [`super::seekable`] do), never waits for the worker, and never removes the current file.

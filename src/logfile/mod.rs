@@ -14,6 +14,10 @@
 //! Invariants (docs/operations.md, "Durability"):
 //! - No file of a stream together with its time index is larger than `max_size` (limits that
 //!   shrink apply at once), so its bytes on disk never exceed `max_size × (max_backups + 1)`.
+//!   With compression that product is a budget in disk bytes, checked before every read from a
+//!   pipe and every write ([`compression`]: the current file at its size, rotated files as
+//!   kept in [`LogFile`], compressions under way), and the current file rotates at
+//!   [`LogFile::rotate_size`].
 //!   A file rotates when it has less room left than the entries of one write may take, so an
 //!   entry always lands in the index of the file that received its byte.
 //! - The absolute offset (`end`) only grows, across restarts, crashes and power cuts, and an
