@@ -332,7 +332,10 @@ mod tests {
         let now = metrics.counters();
         assert_eq!((now.bytes_logged, now.upgrades), (10, 3));
         // The compression worker's counters carry on like the others.
-        assert_eq!((now.compressed_bytes_in, now.compressed_bytes_out), (50, 10));
+        assert_eq!(
+            (now.compressed_bytes_in, now.compressed_bytes_out),
+            (50, 10)
+        );
         assert_eq!(now.upgrade_failures, 0);
     }
 
