@@ -201,10 +201,12 @@ impl LogFile {
         self.backups.iter().map(Backup::disk).sum()
     }
 
-    /// The current pair as the budget counts it when room is granted to the worker: at the
-    /// size it rotates at (it may grow to it before the next rotation), or larger if it is.
-    fn current_at_most(&self) -> u64 {
-        (self.size + self.index.len()).max(self.rotate_size())
+    /// Whether `bytes` more for compressions under way still leave the current pair room to
+    /// grow to its rotation size with every rotated file removed: the writer can then always
+    /// make room by removing rotated files alone ([`Self::fit_on_disk`]).
+    fn writer_keeps_room(&self, bytes: u64) -> bool {
+        let pair = (self.size + self.index.len()).max(self.rotate_size());
+        pair + self.compression.staging + bytes <= self.limits.disk_cap()
     }
 
     /// Removes the oldest backups until `counted` bytes (the current pair as the caller counts
@@ -237,8 +239,8 @@ impl LogFile {
     /// Makes room in the budget for `more` bytes of the current pair (a write and its index
     /// entries), removing the oldest rotated files: the budget counts the current file at its
     /// actual size, so the write path is where it grows (docs/design.md "Compressed
-    /// backups"). By the grant rule ([`Self::reserve_disk`]) the current pair at its rotation
-    /// size and the compressions under way always fit, so removing backups always suffices.
+    /// backups"). By the grant rule ([`Self::writer_keeps_room`]) the current pair at its
+    /// rotation size and the compressions under way always fit, so removing backups suffices.
     pub(crate) fn fit_on_disk(&mut self, more: u64) -> io::Result<()> {
         if !self.by_bytes() {
             return Ok(());
@@ -313,8 +315,9 @@ impl LogFile {
     }
 
     /// Grants `bytes` of disk to the compression of the backup at `start`, removing older
-    /// backups (never that one) if the budget needs it. The current pair counts at its
-    /// rotation size here, so that it can always grow to it by removing backups alone.
+    /// backups (never that one) if the budget needs it. The current pair counts at its actual
+    /// size (bytes not yet written take no history away), and a grant never leaves the
+    /// writer without room to grow it to its rotation size ([`Self::writer_keeps_room`]).
     pub(crate) fn reserve_disk(&mut self, start: u64, bytes: u64) -> bool {
         // A file removed meanwhile (for room, or a shrunk limit) gets no room: nothing older
         // is removed for a compression that cannot be installed.
@@ -325,7 +328,10 @@ impl LogFile {
         if !raw_there {
             return false;
         }
-        match self.make_disk_room(self.current_at_most() + bytes, Some(start)) {
+        if !self.writer_keeps_room(bytes) {
+            return false;
+        }
+        match self.make_disk_room(self.size + self.index.len() + bytes, Some(start)) {
             Ok(true) => {
                 self.compression.staging += bytes;
                 true

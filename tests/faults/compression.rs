@@ -663,6 +663,7 @@ async fn the_cap_holds_at_every_sample_with_the_worker_held_or_running() {
         if held {
             assert_numbered(&guest_dir(&daemon));
         } else {
+            wait_compressed(&daemon).await;
             assert_one_copy_each(&guest_dir(&daemon));
         }
     }
