@@ -71,6 +71,9 @@ pub struct Counters {
     pub upgrades: u64,
     pub upgrade_failures: u64,
     pub index_write_failures: u64,
+    /// Raw bytes compressed and installed, and the disk bytes they became.
+    pub compressed_bytes_in: u64,
+    pub compressed_bytes_out: u64,
 }
 
 /// A count (a length, a number of clients) as a gauge value, saturating: no count in this
@@ -92,6 +95,8 @@ impl Metrics {
             upgrades: self.upgrades.get(),
             upgrade_failures: self.upgrade_failures.get(),
             index_write_failures: self.index_write_failures.get(),
+            compressed_bytes_in: self.compressed_bytes_in.get(),
+            compressed_bytes_out: self.compressed_bytes_out.get(),
         }
     }
 
@@ -109,6 +114,8 @@ impl Metrics {
         raise(&self.upgrades, values.upgrades);
         raise(&self.upgrade_failures, values.upgrade_failures);
         raise(&self.index_write_failures, values.index_write_failures);
+        raise(&self.compressed_bytes_in, values.compressed_bytes_in);
+        raise(&self.compressed_bytes_out, values.compressed_bytes_out);
     }
 }
 
@@ -313,14 +320,22 @@ mod tests {
     fn counters_continue_from_the_previous_image() {
         let metrics = Metrics::default();
         metrics.bytes_logged.inc_by(3);
+        metrics.compressed_bytes_out.inc_by(1);
         let carried = Counters {
             bytes_logged: 7,
             upgrades: 3,
+            compressed_bytes_in: 50,
+            compressed_bytes_out: 9,
             ..Counters::default()
         };
         metrics.continue_from(&carried);
         let now = metrics.counters();
         assert_eq!((now.bytes_logged, now.upgrades), (10, 3));
+        // The compression worker's counters carry on like the others.
+        assert_eq!(
+            (now.compressed_bytes_in, now.compressed_bytes_out),
+            (50, 10)
+        );
         assert_eq!(now.upgrade_failures, 0);
     }
 

@@ -3,7 +3,9 @@
 //! the node's worker ([`crate::compress`]) and installing what it made.
 //!
 //! Owns the `compress` setting's meaning for one log, the listing of backups with their raw
-//! and disk lengths, keeping rotated files by disk bytes, disk reservations of compressions
+//! and disk lengths (listed once, then kept in [`LogFile`] by every step that changes them),
+//! the rotation size with compression, keeping rotated files by disk bytes (the writer removes
+//! the oldest when a read or write would cross the budget), disk reservations of compressions
 //! under way, and the install step (a rename and an unlink on the actor, no sync: the staged
 //! file was synced by the worker). It never compresses or decompresses (the worker and
 //! [`super::seekable`] do), never waits for the worker, and never removes the current file.
@@ -20,7 +22,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// A rotated file of a stream, as found on disk.
+/// A rotated file of a stream, as found on disk (or as [`LogFile`] keeps it since).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Backup {
     pub n: u32,
@@ -31,8 +33,21 @@ pub(crate) struct Backup {
     pub raw_len: Option<u64>,
     /// Its bytes on disk (without its index).
     pub disk_len: u64,
+    /// Bytes of its time index (0 without one).
+    pub index_len: u64,
     pub inode: u64,
-    pub compressed: bool,
+}
+
+impl Backup {
+    /// Whether it is compressed (by its name).
+    pub(crate) fn compressed(&self) -> bool {
+        is_compressed(&self.path)
+    }
+
+    /// Its disk bytes with its index.
+    pub(crate) fn disk(&self) -> u64 {
+        self.disk_len + self.index_len
+    }
 }
 
 /// Backups `.1 ..= .max`, raw or compressed, newest first: up to the first missing number,
@@ -43,14 +58,15 @@ pub(crate) fn backups(log: &Path, max: u32) -> Vec<Backup> {
     let mut found = Vec::new();
     for n in 1..=max {
         let raw = backup_path(log, n);
+        let index_len = files::index_len(&raw);
         if let Ok(meta) = fs::metadata(&raw) {
             found.push(Backup {
                 n,
                 path: raw,
                 raw_len: Some(meta.len()),
                 disk_len: meta.len(),
+                index_len,
                 inode: meta.ino(),
-                compressed: false,
             });
             continue;
         }
@@ -67,8 +83,8 @@ pub(crate) fn backups(log: &Path, max: u32) -> Vec<Backup> {
             path: zst,
             raw_len,
             disk_len: meta.len(),
+            index_len,
             inode: meta.ino(),
-            compressed: true,
         });
         if raw_len.is_none() {
             break;
@@ -91,18 +107,16 @@ pub(crate) fn raw_name(path: &Path) -> PathBuf {
     }
 }
 
-/// How many of the newest backups (their disk bytes, newest first) fit beside `fixed` bytes
-/// within `budget`.
-pub(crate) fn fitting(disk: &[u64], fixed: u64, budget: u64) -> usize {
-    let mut used = fixed;
-    for (i, bytes) in disk.iter().enumerate() {
-        used = used.saturating_add(*bytes);
-        if used > budget {
-            return i;
-        }
-    }
-    disk.len()
+/// Size at which the current file rotates when rotated files are compressed: an eighth of the
+/// disk budget, at least [`MIN_ROTATE_SIZE`] (and at most `max_size`), so that a raw file
+/// (the current one, or a rotated one waiting for the worker) takes a small share of the budget
+/// and the rest holds compressed history (docs/design.md "Compressed backups").
+pub(crate) fn rotate_size(max_size: u64, budget: u64) -> u64 {
+    (budget / 8).max(MIN_ROTATE_SIZE).min(max_size)
 }
+
+/// The smallest rotation size with compression: a frame of the default `compression.frame_size`.
+pub(crate) const MIN_ROTATE_SIZE: u64 = 64 << 10;
 
 /// What a stream holds on disk ([`LogFile::usage`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -168,86 +182,77 @@ impl LogFile {
         }
     }
 
-    /// Backups with the absolute offset of their first byte, newest first (as
-    /// [`Self::segments`] places them).
+    /// Backups with the absolute offset of their first byte, newest first, as
+    /// [`Self::segments`] places them (a backup holding no byte is left out).
     pub(crate) fn placed_backups(&self) -> Vec<(Backup, u64)> {
-        let mut placed = Vec::new();
-        let mut newer_start = self.start;
-        for backup in backups(&self.path, self.backup_scan()) {
-            let Some(len) = backup.raw_len else {
-                break;
-            };
-            let Some(pieces) = self.gaps.pieces(newer_start, len) else {
-                break;
-            };
-            let Some(first) = pieces.first() else {
-                continue;
-            };
-            newer_start = first.start;
-            placed.push((backup, first.start));
+        let segments = self.segments();
+        let mut firsts: std::collections::HashMap<&Path, u64> = std::collections::HashMap::new();
+        for s in &segments {
+            firsts.entry(s.path.as_path()).or_insert(s.start);
         }
-        placed
+        self.backups
+            .iter()
+            .filter_map(|b| Some((b.clone(), *firsts.get(b.path.as_path())?)))
+            .collect()
     }
 
-    /// Disk bytes of a backup and its index.
-    fn with_index(backup: &Backup) -> u64 {
-        backup.disk_len + files::index_len(&raw_name(&backup.path))
+    /// Disk bytes of the backups (with their indexes), as kept in [`LogFile`].
+    pub(crate) fn backups_disk(&self) -> u64 {
+        self.backups.iter().map(Backup::disk).sum()
     }
 
-    /// Bytes counted against the budget: the current pair at its most (`max_size`), every
-    /// backup with its index, and compressions under way.
-    fn used_by_bytes(&self, backups: &[Backup]) -> u64 {
-        self.limits.max_size
-            + backups.iter().map(Self::with_index).sum::<u64>()
-            + self.compression.staging
+    /// Whether `bytes` more for compressions under way still leave the current pair room to
+    /// grow to its rotation size with every rotated file removed: the writer can then always
+    /// make room by removing rotated files alone ([`Self::fit_on_disk`]).
+    fn writer_keeps_room(&self, bytes: u64) -> bool {
+        let pair = (self.size + self.index.len()).max(self.rotate_size());
+        pair + self.compression.staging + bytes <= self.limits.disk_cap()
     }
 
-    /// Removes the oldest backups until, beside `fixed` more bytes, everything fits in the
-    /// budget; the one starting at `spare` (being compressed) is never removed. Returns
-    /// whether it fits.
-    pub(crate) fn make_disk_room(&mut self, fixed: u64, spare: Option<u64>) -> io::Result<bool> {
+    /// Removes the oldest backups until `counted` bytes (the current pair as the caller counts
+    /// it, and what it is about to add), the backups and compressions under way fit in the
+    /// budget; the one starting at `spare` (being compressed) is never removed. Returns whether
+    /// it fits. No system call unless a file goes: the backups are known ([`LogFile`]).
+    pub(crate) fn make_disk_room(&mut self, counted: u64, spare: Option<u64>) -> io::Result<bool> {
         loop {
-            let backups = backups(&self.path, files::MAX_SCAN);
-            if self.used_by_bytes(&backups) + fixed <= self.limits.disk_cap() {
+            let used = counted + self.backups_disk() + self.compression.staging;
+            if used <= self.limits.disk_cap() {
                 return Ok(true);
             }
-            let Some(oldest) = backups.last() else {
+            let Some(oldest) = self.backups.last().map(|b| b.n) else {
                 return Ok(false);
             };
-            if spare.is_some() {
-                let placed = self.placed_backups();
-                if placed
+            if spare.is_some()
+                && self
+                    .placed_backups()
                     .last()
-                    .is_some_and(|(b, start)| b.n == oldest.n && Some(*start) == spare)
-                {
-                    return Ok(false);
-                }
+                    .is_some_and(|(b, start)| b.n == oldest && Some(*start) == spare)
+            {
+                return Ok(false);
             }
-            files::remove_backups(&self.path, oldest.n, oldest.n)?;
-            self.forget_old_gaps();
+            self.remove_oldest_backup()?;
+            // Tests kill the daemon right after a file went for room.
+            fault::point("logfile.budget.shed");
         }
     }
 
-    /// Keeps, of the backups, the newest that fit beside the file being rotated (`rotated`
-    /// bytes with its index), shifts them up by one and returns how many there are: the
-    /// rotation by bytes.
-    pub(crate) fn shift_by_bytes(&mut self, rotated: u64) -> io::Result<u32> {
-        let backups = backups(&self.path, files::MAX_SCAN);
-        let disk: Vec<u64> = backups.iter().map(Self::with_index).collect();
-        let fixed = self.limits.max_size + rotated + self.compression.staging;
-        // At most MAX_SCAN - 1 so the shifted numbers stay within the scan.
-        let kept = fitting(&disk, fixed, self.limits.disk_cap()).min(files::MAX_SCAN as usize - 1);
-        if let Some(last) = backups.last() {
-            let kept = u32::try_from(kept).unwrap_or(files::MAX_SCAN);
-            if kept < last.n {
-                files::remove_backups(&self.path, kept + 1, last.n)?;
-            }
-            for k in (1..=kept.min(last.n)).rev() {
-                files::shift_backup(&self.path, k)?;
-            }
-            return Ok(kept.min(last.n));
+    /// Makes room in the budget for `more` bytes of the current pair (a write and its index
+    /// entries), removing the oldest rotated files: the budget counts the current file at its
+    /// actual size, so the write path is where it grows (docs/design.md "Compressed
+    /// backups"). By the grant rule ([`Self::writer_keeps_room`]) the current pair at its
+    /// rotation size and the compressions under way always fit, so removing backups suffices.
+    pub(crate) fn fit_on_disk(&mut self, more: u64) -> io::Result<()> {
+        if !self.by_bytes() {
+            return Ok(());
         }
-        Ok(0)
+        let counted = self.size + self.index.len() + more;
+        if self.make_disk_room(counted, None)? {
+            Ok(())
+        } else {
+            Err(io::Error::other(
+                "no room in the stream's disk budget for the write",
+            ))
+        }
     }
 
     /// Raw backups not yet handed to the worker, oldest first; they count as handed.
@@ -259,7 +264,7 @@ impl LogFile {
             .placed_backups()
             .into_iter()
             .filter(|(b, start)| {
-                !b.compressed
+                !b.compressed()
                     && !self.compression.not_worth.contains(&b.inode)
                     && !self.compression.queued.contains(start)
             })
@@ -284,9 +289,9 @@ impl LogFile {
         if !self.by_bytes() {
             return 0;
         }
-        backups(&self.path, files::MAX_SCAN)
+        self.backups
             .iter()
-            .filter(|b| !b.compressed && !self.compression.not_worth.contains(&b.inode))
+            .filter(|b| !b.compressed() && !self.compression.not_worth.contains(&b.inode))
             .map(|b| b.disk_len)
             .sum()
     }
@@ -297,7 +302,7 @@ impl LogFile {
         let (backup, _) = self
             .placed_backups()
             .into_iter()
-            .find(|(b, s)| *s == start && b.inode == inode && !b.compressed)?;
+            .find(|(b, s)| *s == start && b.inode == inode && !b.compressed())?;
         let file = File::open(&backup.path).ok()?;
         (file.metadata().ok()?.ino() == inode).then_some((
             file,
@@ -310,18 +315,23 @@ impl LogFile {
     }
 
     /// Grants `bytes` of disk to the compression of the backup at `start`, removing older
-    /// backups (never that one) if the budget needs it.
+    /// backups (never that one) if the budget needs it. The current pair counts at its actual
+    /// size (bytes not yet written take no history away), and a grant never leaves the
+    /// writer without room to grow it to its rotation size ([`Self::writer_keeps_room`]).
     pub(crate) fn reserve_disk(&mut self, start: u64, bytes: u64) -> bool {
         // A file removed meanwhile (for room, or a shrunk limit) gets no room: nothing older
         // is removed for a compression that cannot be installed.
         let raw_there = self
             .placed_backups()
             .iter()
-            .any(|(b, s)| *s == start && !b.compressed);
+            .any(|(b, s)| *s == start && !b.compressed());
         if !raw_there {
             return false;
         }
-        match self.make_disk_room(bytes, Some(start)) {
+        if !self.writer_keeps_room(bytes) {
+            return false;
+        }
+        match self.make_disk_room(self.size + self.index.len() + bytes, Some(start)) {
             Ok(true) => {
                 self.compression.staging += bytes;
                 true
@@ -346,10 +356,11 @@ impl LogFile {
         self.compression.staging = self.compression.staging.saturating_sub(reserved);
         self.compression.queued.remove(&start);
         match outcome {
-            Outcome::Staged { path, .. } => {
-                if let Err(e) = self.install(start, inode, &path) {
+            Outcome::Staged { path, disk_len } => {
+                if let Err(e) = self.install(start, inode, &path, disk_len) {
                     tracing::warn!(path = %self.path.display(), error = %e, "cannot install a compressed file; the raw file stays");
                     let _ = files::remove_if_exists(&path);
+                    self.relist();
                 }
             }
             Outcome::NotWorth => {
@@ -359,30 +370,37 @@ impl LogFile {
         }
     }
 
-    fn install(&mut self, start: u64, inode: u64, staged: &Path) -> io::Result<()> {
+    fn install(&mut self, start: u64, inode: u64, staged: &Path, disk_len: u64) -> io::Result<()> {
         let found = self
             .placed_backups()
             .into_iter()
-            .find(|(b, s)| *s == start && b.inode == inode && !b.compressed);
+            .find(|(b, s)| *s == start && b.inode == inode && !b.compressed());
         let Some((backup, _)) = found else {
             // Removed for room (or rotated away) meanwhile.
             return files::remove_if_exists(staged);
         };
-        fs::rename(staged, seekable::zst_path(&self.path, backup.n))?;
+        let zst = seekable::zst_path(&self.path, backup.n);
+        fs::rename(staged, &zst)?;
         fault::point("compress.installed");
-        files::remove_if_exists(&backup.path)
+        files::remove_if_exists(&backup.path)?;
+        if let Some(kept) = self.backups.iter_mut().find(|b| b.n == backup.n) {
+            kept.inode = fs::metadata(&zst).map_or(0, |m| m.ino());
+            kept.path = zst;
+            kept.disk_len = disk_len;
+        }
+        Ok(())
     }
 
     /// Bytes of this stream on disk by file (current pair, backups and their indexes,
     /// compressions under way), raw bytes of history held, and rotated files kept.
     pub(crate) fn disk_figures(&self, segments: &[Segment]) -> (u64, u64, u32) {
         let raw: u64 = segments.iter().map(|s| s.len).sum();
-        let backups = backups(&self.path, self.backup_scan());
-        let disk = self.size
-            + self.index.len()
-            + backups.iter().map(Self::with_index).sum::<u64>()
-            + self.compression.staging;
-        (disk, raw, u32::try_from(backups.len()).unwrap_or(u32::MAX))
+        let disk = self.size + self.index.len() + self.backups_disk() + self.compression.staging;
+        (
+            disk,
+            raw,
+            u32::try_from(self.backups.len()).unwrap_or(u32::MAX),
+        )
     }
 }
 
@@ -395,12 +413,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fitting_keeps_the_newest_within_the_budget() {
-        assert_eq!(fitting(&[], 10, 100), 0);
-        assert_eq!(fitting(&[30, 30, 30], 10, 100), 3);
-        assert_eq!(fitting(&[30, 30, 30], 11, 100), 2);
-        assert_eq!(fitting(&[95], 10, 100), 0);
-        assert_eq!(fitting(&[u64::MAX, 1], 10, 100), 0);
+    fn the_rotation_size_is_an_eighth_of_the_budget_within_bounds() {
+        let mib = 1 << 20;
+        // The default budget, 2 MiB × 4.
+        assert_eq!(rotate_size(2 * mib, 8 * mib), mib);
+        // Never above max_size (no backup), never below a frame unless max_size is.
+        assert_eq!(rotate_size(2 * mib, 2 * mib), MIN_ROTATE_SIZE * 4);
+        assert_eq!(rotate_size(mib, 2 * mib), 256 << 10);
+        assert_eq!(rotate_size(16 << 10, 64 << 10), 16 << 10);
+        assert_eq!(rotate_size(mib, 128 << 10), MIN_ROTATE_SIZE);
     }
 
     use crate::logfile::seekable::{Control, Settings, Staged};
@@ -572,7 +593,7 @@ mod tests {
         }
         let compressed = backups(log.path(), files::MAX_SCAN)
             .iter()
-            .filter(|b| b.compressed)
+            .filter(|b| b.compressed())
             .count();
         assert!(compressed >= 2, "{compressed} compressed backups");
         let written = read_all(&log);

@@ -43,20 +43,6 @@ pub(crate) fn remove_backups(path: &Path, first: u32, last: u32) -> io::Result<(
     Ok(())
 }
 
-/// Moves backup `.k` (raw or compressed) and its index to `.k+1`.
-pub(crate) fn shift_backup(path: &Path, k: u32) -> io::Result<()> {
-    let (from, to) = (backup_path(path, k), backup_path(path, k + 1));
-    rename_if_exists(&from, &to)?;
-    rename_if_exists(
-        &super::seekable::zst_path(path, k),
-        &super::seekable::zst_path(path, k + 1),
-    )?;
-    rename_if_exists(
-        &super::index::index_path(&from),
-        &super::index::index_path(&to),
-    )
-}
-
 /// Bytes of the index of the log file at `log` (0 if it has none); a compressed `.N.zst`
 /// keeps the index of `.N`.
 pub(crate) fn index_len(log: &Path) -> u64 {
@@ -86,18 +72,29 @@ pub(crate) fn remove_log_file(path: &Path) -> io::Result<bool> {
 /// files were deleted. The caller makes sure no writer has the stream open; readers that hold
 /// a file keep reading it (an unlinked file keeps its bytes while open).
 pub(crate) fn delete_stream_files(path: &Path) -> io::Result<u32> {
-    let mut deleted = 0;
-    let backups = backups_of(path, MAX_SCAN);
-    for (backup, _) in backups.iter().rev() {
-        if remove_log_file(backup)? {
-            deleted += 1;
+    let backups: Vec<PathBuf> = backups_of(path, MAX_SCAN)
+        .into_iter()
+        .map(|(backup, _)| backup)
+        .collect();
+    let deleted = remove_oldest_first(&backups, || crate::fault::point("logfile.delete.file"))?;
+    Ok(deleted + u32::from(remove_log_file(path)?))
+}
+
+/// Removes log files (raw or compressed) given newest first, each with its index, oldest
+/// first, so that a crash or an error half-way leaves the newest ones without a hole; calls
+/// `after_each` after each. Returns how many log files were there.
+pub(crate) fn remove_oldest_first(
+    newest_first: &[PathBuf],
+    mut after_each: impl FnMut(),
+) -> io::Result<u32> {
+    let mut removed = 0;
+    for file in newest_first.iter().rev() {
+        if remove_log_file(file)? {
+            removed += 1;
         }
-        crate::fault::point("logfile.delete.file");
+        after_each();
     }
-    if remove_log_file(path)? {
-        deleted += 1;
-    }
-    Ok(deleted)
+    Ok(removed)
 }
 
 /// Deletes the files of a stream that nobody writes (a removed one) whose newest byte (their
@@ -125,12 +122,7 @@ pub(crate) fn expire_unwritten(
     let Some(first) = files.iter().position(old) else {
         return Ok((0, files.is_empty()));
     };
-    let mut deleted = 0;
-    for file in files[first..].iter().rev() {
-        if remove_log_file(file)? {
-            deleted += 1;
-        }
-    }
+    let deleted = remove_oldest_first(&files[first..], || {})?;
     Ok((deleted, first == 0))
 }
 

@@ -15,6 +15,10 @@
 //! Invariants (docs/operations.md, "Durability"):
 //! - No file of a stream together with its time index is larger than `max_size` (limits that
 //!   shrink apply at once), so its bytes on disk never exceed `max_size × (max_backups + 1)`.
+//!   With compression that product is a budget in disk bytes, checked before every read from a
+//!   pipe and every write ([`compression`]: the current file at its size, rotated files as
+//!   kept in [`LogFile`], compressions under way), and the current file rotates at
+//!   [`LogFile::rotate_size`].
 //!   A file rotates when it has less room left than the entries of one write may take, so an
 //!   entry always lands in the index of the file that received its byte.
 //! - The absolute offset (`end`) only grows, across restarts, crashes and power cuts, and an
@@ -211,6 +215,10 @@ pub(crate) struct LogFile {
     /// An import is to run into this log: its owner holds the guest's output back, up to this
     /// switchover timeout once the guest is there ([`import`]).
     import_pending: Option<std::time::Duration>,
+    /// The rotated files, newest first, as listed at open (or when the limits changed) and
+    /// kept up to date by every step that renames, removes or installs one: the budget is
+    /// checked on every write without a system call.
+    backups: Vec<compression::Backup>,
 }
 
 impl LogFile {
@@ -257,7 +265,9 @@ impl LogFile {
             index: index::Writer::open(path, start, false),
             compression: compression::State::default(),
             import_pending: None,
+            backups: Vec::new(),
         };
+        log.relist();
         log.forget_old_gaps();
         if let Some(record) = log.changed_position(None) {
             log.write_position(&position_file, record)?;
@@ -371,7 +381,7 @@ impl LogFile {
             return;
         }
         let planned = self.index.plan_event(self.end, now, kind, detail);
-        if planned.len() > self.pair_room() {
+        if planned.len() > self.pair_room() || self.fit_on_disk(planned.len()).is_err() {
             self.index.skipped(
                 &self.path,
                 "no room left for the event in the current log file",
@@ -402,7 +412,10 @@ impl LogFile {
     pub(crate) fn segments(&self) -> Vec<Segment> {
         segments_of(
             &self.path,
-            backups_of(&self.path, self.backup_scan()),
+            self.backups
+                .iter()
+                .map_while(|b| Some((b.path.clone(), b.raw_len?)))
+                .collect(),
             &self.gaps,
             (self.start, self.size, self.end),
         )
@@ -430,25 +443,28 @@ impl LogFile {
         else {
             return Ok(0);
         };
-        let backups = backups_of(&self.path, MAX_SCAN);
-        let expired = backups.iter().position(|(path, _)| {
-            std::fs::metadata(path)
+        let expired = self.backups.iter().position(|b| {
+            std::fs::metadata(&b.path)
                 .and_then(|m| m.modified())
                 .is_ok_and(|modified| modified < cutoff)
         });
         let Some(first) = expired else {
             return Ok(0);
         };
-        // Both at most MAX_SCAN (a u32).
-        let count = |n: usize| u32::try_from(n).unwrap_or(MAX_SCAN);
         fault::point("logfile.expire.begin");
-        // Oldest first (no hole if a step fails), each with its index.
-        for (backup, _) in backups[first..].iter().rev() {
-            files::remove_log_file(backup)?;
-        }
+        let paths: Vec<PathBuf> = self.backups[first..]
+            .iter()
+            .map(|b| b.path.clone())
+            .collect();
+        let removed = files::remove_oldest_first(&paths, || {});
+        // What is gone is gone, whatever failed after it.
+        self.backups.truncate(first);
+        self.relist_if_err(&removed);
+        removed?;
         self.forget_old_gaps();
         self.save_position(None)?;
-        Ok(count(backups.len() - first))
+        // At most MAX_SCAN (a u32).
+        Ok(u32::try_from(paths.len()).unwrap_or(MAX_SCAN))
     }
 
     /// Appends `data`, rotating whenever the current file is full. On an error, what was
@@ -474,6 +490,8 @@ impl LogFile {
             }
             let n = usize::try_from(room - planned.len())
                 .map_or(data.len(), |room| room.min(data.len()));
+            // Compressed: the budget counts the current file at its size, so it grows here.
+            self.fit_on_disk(planned.len().max(self.index.write_reserve()) + n as u64)?;
             self.reserve(self.end + n as u64)?;
             let file = self.file.as_mut().expect("make_room opened the file");
             let written = file.write(&data[..n])?;
@@ -546,6 +564,12 @@ impl LogFile {
         // speculation would empty a truncate-mode file that readers still want.
         self.rotate_if_full(pipe);
         let len = max.min(self.room()).min(buffer.len());
+        // Compressed: room in the disk budget is made before the read too (removing the oldest
+        // rotated files), so a crash there loses nothing read (docs/operations.md, "Crash
+        // guarantees"); the write then finds it made. A failure here is tried again there.
+        if self.file.is_some() {
+            let _ = self.fit_on_disk(len as u64 + self.index.write_reserve());
+        }
         match rustix::io::read(pipe, &mut buffer[..len]) {
             Ok(0) => Ok(Moved::Eof),
             Ok(n) => {
@@ -586,14 +610,49 @@ impl LogFile {
     /// The current file and its index hold `max_size` bytes (or more: limits shrank), less the
     /// room kept for the index entries of a write ([`index::Writer::write_reserve`]).
     fn pair_full(&self) -> bool {
-        self.size + self.index.len() + self.index.write_reserve() >= self.limits.max_size
+        self.size + self.index.len() + self.index.write_reserve() >= self.rotate_size()
     }
 
     /// Bytes the current file and its index may still take.
     fn pair_room(&self) -> u64 {
-        self.limits
-            .max_size
+        self.rotate_size()
             .saturating_sub(self.size + self.index.len())
+    }
+
+    /// Size of the current pair at which it rotates: `max_size`, or with compression a share
+    /// of the budget ([`compression::rotate_size`]).
+    pub(crate) fn rotate_size(&self) -> u64 {
+        if self.by_bytes() {
+            compression::rotate_size(self.limits.max_size, self.limits.disk_cap())
+        } else {
+            self.limits.max_size
+        }
+    }
+
+    /// Lists the rotated files on disk again (at open, when the limits change, after a step
+    /// that failed half-way).
+    fn relist(&mut self) {
+        self.backups = compression::backups(&self.path, self.backup_scan());
+    }
+
+    /// [`Self::relist`] when `result` is an error: a step failed half-way.
+    fn relist_if_err<T>(&mut self, result: &io::Result<T>) {
+        if result.is_err() {
+            self.relist();
+        }
+    }
+
+    /// Removes the oldest rotated file and its index.
+    fn remove_oldest_backup(&mut self) -> io::Result<()> {
+        let Some(oldest) = self.backups.last().map(|b| b.n) else {
+            return Ok(());
+        };
+        let removed = files::remove_backups(&self.path, oldest, oldest);
+        self.relist_if_err(&removed);
+        removed?;
+        self.backups.pop();
+        self.forget_old_gaps();
+        Ok(())
     }
 
     /// Records the end offset (when a stream closes), if it changed since the last save. It
@@ -644,8 +703,9 @@ impl LogFile {
         if cut < backups.len() {
             files::remove_backups(&self.path, count(cut) + 1, count(backups.len()))?;
         }
+        self.relist();
         if self.by_bytes() {
-            self.make_disk_room(0, None)?;
+            self.make_disk_room(self.size + self.index.len(), None)?;
         }
         self.forget_old_gaps();
         self.save_position(None)
@@ -654,10 +714,9 @@ impl LogFile {
     /// Removes the oldest file until at most [`MAX_GAPS`] gaps are left to remember.
     fn shed_gaps(&mut self) -> io::Result<()> {
         while self.gaps.len() > MAX_GAPS {
-            // At most MAX_SCAN (a u32).
-            let backups = u32::try_from(backups_of(&self.path, MAX_SCAN).len()).unwrap_or(MAX_SCAN);
+            let backups = self.backups.len();
             if backups > 0 {
-                files::remove_backups(&self.path, backups, backups)?;
+                self.remove_oldest_backup()?;
             } else {
                 // All in the current file: it goes, as in a truncation.
                 self.rotate(0)?;
@@ -698,18 +757,32 @@ impl LogFile {
             remove_if_exists(&self.path)?;
             remove_if_exists(&index)?;
         } else {
-            if self.by_bytes() {
-                // As many as fit in the budget beside the file rotated now (docs/design.md "Compressed backups").
-                self.shift_by_bytes(self.size + self.index.len())?;
-            } else {
-                files::remove_backups(&self.path, keep, keep)?;
-                for k in (1..keep).rev() {
-                    files::shift_backup(&self.path, k)?;
-                }
+            let shifted = self.shift_backups(keep);
+            self.relist_if_err(&shifted);
+            shifted?;
+            // Kept as `.1` only if it was there to move (not removed behind our back).
+            let moved = match std::fs::rename(&self.path, backup_path(&self.path, 1)) {
+                Ok(()) => true,
+                Err(e) if e.kind() == ErrorKind::NotFound => false,
+                Err(e) => return Err(e),
+            };
+            if moved {
+                self.backups.insert(
+                    0,
+                    compression::Backup {
+                        n: 1,
+                        path: backup_path(&self.path, 1),
+                        raw_len: Some(self.size),
+                        disk_len: self.size,
+                        index_len: self.index.len(),
+                        inode: self.inode,
+                    },
+                );
             }
-            rename_if_exists(&self.path, &backup_path(&self.path, 1))?;
             fault::point("logfile.rotate.index");
-            rename_if_exists(&index, &index::index_path(&backup_path(&self.path, 1)))?;
+            let moved = rename_if_exists(&index, &index::index_path(&backup_path(&self.path, 1)));
+            self.relist_if_err(&moved);
+            moved?;
         }
         fault::point("logfile.rotate.moved");
         self.file = None;
@@ -718,6 +791,43 @@ impl LogFile {
         self.size = 0;
         self.rotations += 1;
         self.create_current(keep == 0)
+    }
+
+    /// Makes room for a new `.1`: the backups beyond what is kept (`keep - 1` counted; with
+    /// compression, all within the scan: the budget, checked on every write, decides how many
+    /// stay) are removed, oldest first, and the rest move up by one, oldest first.
+    fn shift_backups(&mut self, keep: u32) -> io::Result<()> {
+        let survive = if self.by_bytes() {
+            MAX_SCAN - 1
+        } else {
+            keep - 1
+        };
+        let last = self.backups.last().map_or(0, |b| b.n);
+        // Counted: `.keep` goes whether it was listed or not (as it always did).
+        let highest = if self.by_bytes() {
+            last
+        } else {
+            last.max(keep)
+        };
+        if highest > survive {
+            files::remove_backups(&self.path, survive + 1, highest)?;
+        }
+        self.backups.retain(|b| b.n <= survive);
+        for b in self.backups.iter_mut().rev() {
+            let to = if b.compressed() {
+                seekable::zst_path(&self.path, b.n + 1)
+            } else {
+                backup_path(&self.path, b.n + 1)
+            };
+            rename_if_exists(&b.path, &to)?;
+            rename_if_exists(
+                &index::index_path(&backup_path(&self.path, b.n)),
+                &index::index_path(&backup_path(&self.path, b.n + 1)),
+            )?;
+            b.n += 1;
+            b.path = to;
+        }
+        Ok(())
     }
 
     /// Opens (creating) the current file; it starts after every offset handed out.

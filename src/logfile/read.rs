@@ -11,7 +11,7 @@ use super::compression::is_compressed;
 use super::seekable::{self, SeekTable};
 use super::{OpenSegment, Segment};
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -137,30 +137,31 @@ pub(crate) fn read_range(segments: &[Segment], from: u64, to: u64) -> io::Result
         let stop = to.min(seg_end);
         let wanted = stop - start;
         let before = out.len();
+        // The same reading as history's ([`OpenSegment::read_at`]): a corrupted frame ends
+        // the read like a cut file, so what is returned is always a run of offsets that
+        // follow each other.
         let file = File::open(&segment.path)?;
-        let pos = segment.file_pos + start - segment.start;
-        if is_compressed(&segment.path) {
-            // A corrupted frame ends the read like a cut file: what is returned is always a
-            // run of offsets that follow each other.
-            let Ok(table) = SeekTable::read(&file) else {
-                break;
-            };
-            let mut at = pos;
-            while at < pos + wanted {
-                // At most `wanted`, a capacity hint's size.
-                let left = usize::try_from(pos + wanted - at).unwrap_or(usize::MAX);
-                match seekable::read_at(&file, &table, at, left) {
-                    Ok(bytes) if !bytes.is_empty() => {
-                        at += bytes.len() as u64;
-                        out.extend_from_slice(&bytes);
-                    }
-                    _ => break,
+        let open = OpenSegment {
+            body: Body::of(&file, &segment.path),
+            file: Arc::new(file),
+            index: None,
+            start: segment.start,
+            len: segment.len,
+            file_pos: segment.file_pos,
+            growable: false,
+        };
+        let mut at = start;
+        while at < stop {
+            // At most `wanted`, a capacity hint's size.
+            let left = usize::try_from(stop - at).unwrap_or(usize::MAX);
+            match open.read_at(at, left) {
+                Ok(bytes) if !bytes.is_empty() => {
+                    at += bytes.len() as u64;
+                    out.extend_from_slice(&bytes);
                 }
+                Ok(_) | Err(SegmentError::Lost { .. }) => break,
+                Err(SegmentError::Io(e)) => return Err(e),
             }
-        } else {
-            let mut file = file;
-            file.seek(SeekFrom::Start(pos))?;
-            (&mut file).take(wanted).read_to_end(&mut out)?;
         }
         if u64::try_from(out.len() - before).is_ok_and(|read| read < wanted) {
             break;
