@@ -121,6 +121,8 @@ impl LogFile {
             let reserve = self.index.write_reserve();
             let room = room.saturating_sub(reserve).max(1);
             let n = usize::try_from(room).map_or(data.len(), |room| room.min(data.len()));
+            // Compressed: the budget counts the current file at its size (as for any write).
+            self.fit_on_disk(reserve + n as u64)?;
             self.reserve(self.end + n as u64)?;
             let file = self.file.as_mut().expect("make_room opened the file");
             let written = file.write(&data[..n])?;
