@@ -585,3 +585,40 @@ fn fanout_settings_have_defaults_and_bad_values_are_refused_naming_the_key() {
         );
     }
 }
+
+/// The node shutting down ends every watcher with the node's own status (as a direct watcher
+/// gets it: `UNAVAILABLE`, resume by offset); a watch of a node that is down is `UNAVAILABLE`
+/// naming the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_going_away_ends_watchers_with_its_status_and_a_dead_node_is_named() {
+    let pki = Pki::new();
+    let mut node = pki.node(false).await;
+    let gateway = Gateway::start_with(&pki, "3s", FANOUT).await;
+    let mut guest = console_with_guest(&node, "vm1").await;
+    guest.write(b"hello\n").await;
+    let token = node.token("vm1", "", Access::Read, 600).await;
+    let mut through = read_only(pki.client(gateway.address, &token).await, false, 6).await;
+    let mut direct = read_only(pki.client(node.tcp, &token).await, false, 6).await;
+    through.wait_output(b"hello\n").await;
+    direct.wait_output(b"hello\n").await;
+
+    let endpoint = endpoint_of(&node);
+    node.stop().await;
+    let (from_gateway, from_node) = (through.wait_end().await, direct.wait_end().await);
+    assert_eq!(from_node.code(), Code::Unavailable, "{from_node:?}");
+    assert_eq!(
+        (from_gateway.code(), from_gateway.message()),
+        (from_node.code(), from_node.message())
+    );
+
+    let refused = watch(
+        pki.client(gateway.address, &token).await,
+        watch_request("vm1", Mode::ReadOnly),
+    )
+    .await;
+    let message = expect_code(refused, Code::Unavailable, "a watch of a node that is down");
+    assert!(
+        message.contains(&format!("Node {endpoint} is unavailable")),
+        "{message}"
+    );
+}

@@ -127,6 +127,8 @@ pub(super) struct Shared {
     /// in once the ring reaches it, and joins wait in `waiting` until then.
     replayed_to: u64,
     waiting: Vec<Join>,
+    /// It ended because its own token no longer verifies (the cluster key changed).
+    key_changed: bool,
 }
 
 impl Shared {
@@ -146,6 +148,7 @@ impl Shared {
             revoked: None,
             replayed_to: 0,
             waiting: Vec::new(),
+            key_changed: false,
         }
     }
 
@@ -162,14 +165,21 @@ impl Shared {
         };
         tracing::info!(code = ?status.code(), message = status.message(), "shared stream ended");
         self.remove_entry(false);
-        for join in self.waiting.drain(..) {
-            let _ = join.reply.send(Err(status.clone()));
+        // Joins waiting or on their way get the status too; after a revocation they are
+        // dropped instead, so that each tries a new stream, with a new token.
+        joins.close();
+        let mut joining = std::mem::take(&mut self.waiting);
+        while let Ok(join) = joins.try_recv() {
+            joining.push(join);
+        }
+        for join in joining {
+            if !self.key_changed {
+                let _ = join.reply.send(Err(status.clone()));
+            }
         }
         let _ = self.ended.set(status);
         // Every watcher takes what was queued for it, then the status.
         self.watchers.clear();
-        // Joins on their way are dropped: they try a new stream.
-        joins.close();
     }
 
     /// Runs the stream; the status it ended with, or `None` when it retired (no watchers).
@@ -245,6 +255,7 @@ impl Shared {
                         return Some(Status::unavailable("The gateway is stopping"));
                     }
                     if let Some(revoked) = self.own_token_revoked() {
+                        self.key_changed = true;
                         return Some(revoked);
                     }
                 }
@@ -439,6 +450,7 @@ impl Shared {
             // new stream with a new token.
             self.remove_entry(false);
             self.revoked = Some(revoked);
+            self.key_changed = true;
             return;
         }
         let (mut queue, receiver) = clients::queue(self.watcher_queue());
