@@ -1,5 +1,7 @@
 //! Client-side helpers shared by `conlogctl`, the benchmark harness and the tests: a gRPC
-//! channel over the local UNIX socket, and the client half of the `fd.sock` hand-off.
+//! channel over the local UNIX socket, the client half of the `fd.sock` hand-off, and following
+//! a guest that moved to another node ([`moved_of`], [`Route`]; docs/operations.md, "When a
+//! guest moves").
 //!
 //! Owns nothing of the daemon; it speaks the same wire protocols as any external client.
 
@@ -75,5 +77,182 @@ pub fn receive_handoff_answer(stream: &UnixStream) -> io::Result<OwnedFd> {
                 text.trim().trim_start_matches("error: ")
             )))
         }
+    }
+}
+
+/// The trailer of the moved status naming the node a stream moved to (docs/operations.md,
+/// "When a guest moves").
+pub const MOVED_TO: &str = "conlog-moved-to";
+/// The trailer of the moved status with the offset the new node continues at.
+pub const MOVED_OFFSET: &str = "conlog-moved-offset";
+/// Most moves one command follows.
+pub const MAX_MOVES: usize = 4;
+
+/// A moved status: the stream's guest moved to `to` (`host:port`), which continues it at
+/// byte `offset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    pub to: String,
+    pub offset: u64,
+}
+
+/// The move a status reports, if it is the moved status (`FAILED_PRECONDITION` with the
+/// `conlog-moved-to` and `conlog-moved-offset` trailers).
+pub fn moved_of(status: &tonic::Status) -> Option<Moved> {
+    if status.code() != tonic::Code::FailedPrecondition {
+        return None;
+    }
+    let metadata = status.metadata();
+    let to = metadata.get(MOVED_TO)?.to_str().ok()?.trim().to_owned();
+    let offset = metadata
+        .get(MOVED_OFFSET)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let host_port = !to.is_empty()
+        && to
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
+    host_port.then_some(Moved { to, offset })
+}
+
+/// Why a move cannot be followed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RouteError {
+    #[error(
+        "guest moved to {to} (continue there from offset {offset}); this command reached \
+         conlogd over its local socket: run it again with --server https://{to} --ca CA \
+         --token TOKEN --from {offset}"
+    )]
+    Local { to: String, offset: u64 },
+    #[error("guest moved {moves} times during this command (at most {max} are followed); now at {to}, offset {offset}", max = MAX_MOVES)]
+    TooMany {
+        moves: usize,
+        to: String,
+        offset: u64,
+    },
+    #[error("guest moved in a loop: {from} and {to} each name the other as its new node at offset {offset}")]
+    Loop {
+        from: String,
+        to: String,
+        offset: u64,
+    },
+}
+
+/// Where a Console client connects (its `--server`), and the moves it followed.
+#[derive(Debug, Clone)]
+pub struct Route {
+    server: Option<String>,
+    /// The nodes left, with the offset each said the next one continues at.
+    left: Vec<(String, u64)>,
+}
+
+impl Route {
+    pub fn new(server: Option<String>) -> Self {
+        Self {
+            server,
+            left: Vec::new(),
+        }
+    }
+
+    /// The server URL to connect to now (`None`: the local socket).
+    pub fn server(&self) -> Option<&str> {
+        self.server.as_deref()
+    }
+
+    /// The node connected to now, as `host:port`.
+    fn node(&self) -> String {
+        let server = self.server.as_deref().unwrap_or("the local conlogd");
+        let bare = server.split_once("://").map_or(server, |(_, rest)| rest);
+        bare.trim_end_matches('/').to_owned()
+    }
+
+    /// Moves to where `moved` says, with the same scheme (and so the same TLS settings).
+    pub fn follow(&mut self, moved: &Moved) -> Result<(), RouteError> {
+        let Some(server) = &self.server else {
+            return Err(RouteError::Local {
+                to: moved.to.clone(),
+                offset: moved.offset,
+            });
+        };
+        if self.left.len() >= MAX_MOVES {
+            return Err(RouteError::TooMany {
+                moves: self.left.len() + 1,
+                to: moved.to.clone(),
+                offset: moved.offset,
+            });
+        }
+        if self.left.contains(&(moved.to.clone(), moved.offset)) {
+            return Err(RouteError::Loop {
+                from: self.node(),
+                to: moved.to.clone(),
+                offset: moved.offset,
+            });
+        }
+        let scheme = server
+            .split_once("://")
+            .map_or("https", |(scheme, _)| scheme);
+        let next = format!("{scheme}://{}", moved.to);
+        self.left.push((self.node(), moved.offset));
+        self.server = Some(next);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn moved(to: &str, offset: u64) -> Moved {
+        Moved {
+            to: to.into(),
+            offset,
+        }
+    }
+
+    #[test]
+    fn moved_statuses_are_read_from_trailers() {
+        let mut status = tonic::Status::failed_precondition("guest g serial0 moved to b:2");
+        assert_eq!(moved_of(&status), None);
+        status
+            .metadata_mut()
+            .insert(MOVED_TO, "b:2".parse().unwrap());
+        status
+            .metadata_mut()
+            .insert(MOVED_OFFSET, "77".parse().unwrap());
+        assert_eq!(moved_of(&status), Some(moved("b:2", 77)));
+        let other =
+            tonic::Status::with_metadata(tonic::Code::Unavailable, "x", status.metadata().clone());
+        assert_eq!(moved_of(&other), None, "only FAILED_PRECONDITION");
+    }
+
+    #[test]
+    fn routes_follow_moves_keep_the_scheme_and_stop_at_loops_and_after_four() {
+        let mut route = Route::new(Some("https://a:1".into()));
+        route.follow(&moved("b:2", 10)).unwrap();
+        assert_eq!(route.server(), Some("https://b:2"));
+        assert_eq!(
+            route.follow(&moved("a:1", 10)),
+            Err(RouteError::Loop {
+                from: "b:2".into(),
+                to: "a:1".into(),
+                offset: 10
+            })
+        );
+        // Back to A later (more was logged on B) is a move, not a loop.
+        route.follow(&moved("a:1", 20)).unwrap();
+        route.follow(&moved("c:3", 30)).unwrap();
+        route.follow(&moved("d:4", 40)).unwrap();
+        assert!(matches!(
+            route.follow(&moved("e:5", 50)),
+            Err(RouteError::TooMany { moves: 5, .. })
+        ));
+        let mut local = Route::new(None);
+        assert!(matches!(
+            local.follow(&moved("b:2", 1)),
+            Err(RouteError::Local { .. })
+        ));
     }
 }

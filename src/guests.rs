@@ -11,7 +11,10 @@
 //! per stream ([`Guests::remove`]); a removed stream's logs stay with a tombstone
 //! ([`crate::tombstone`]) and are read through a read-only view ([`Guests::removed_stream`]),
 //! or are deleted (at once with `delete_logs`, or later by [`crate::retention`] through
-//! [`Guests::delete_removed`], under the same lock that creating a stream takes).
+//! [`Guests::delete_removed`], under the same lock that creating a stream takes). A removal
+//! with `moved_to` (live migration) keeps the redirect in the tombstones ([`Guests::moved`]);
+//! a stream created by an import holds its guest's output from the start, and one restored
+//! with an import under way (its marker, [`Guests::import_marker`]) is handed to the importer.
 //!
 //! Locking: the map sits under a `std::sync::Mutex` that is never held across an `.await`. A
 //! call decides under it and takes the handles it needs, releases it, and only then waits for
@@ -427,6 +430,9 @@ pub struct Guests {
     /// The node's compression worker (docs/design.md "Compressed backups"), shared by every stream; `None` if
     /// its threads could not start (rotated files then stay raw).
     compression: Option<Arc<crate::compress::Pool>>,
+    /// Streams restored with an import under way (its marker, [`Guests::import_marker`]): the
+    /// importer resumes them ([`Guests::take_pending_imports`]).
+    pending_imports: Mutex<Vec<(String, String, Actor)>>,
 }
 
 /// A stream that was asked for: its actor and log path.
@@ -464,7 +470,27 @@ impl Guests {
             changes: tokio::sync::Mutex::new(()),
             going_away: tokio::sync::watch::Sender::new(false),
             compression,
+            pending_imports: Mutex::new(Vec::new()),
         })
+    }
+
+    /// `state/guests/<guest>/<stream>.import`: the record of an import under way (what it
+    /// imports from; [`crate::migration::import`] writes and removes it), so that a restart,
+    /// upgrade or takeover resumes it.
+    pub fn import_marker(&self, guest: &str, stream: &str) -> PathBuf {
+        self.state_dir()
+            .join(guest)
+            .join(format!("{stream}.import"))
+    }
+
+    /// The streams restored with an import under way, once.
+    pub fn take_pending_imports(&self) -> Vec<(String, String, Actor)> {
+        std::mem::take(
+            &mut *self
+                .pending_imports
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     /// The registry, locked for a few instructions; never held across an `.await`. A panic
@@ -562,6 +588,7 @@ impl Guests {
         stream: &str,
         record: &StreamRecord,
         restored: Option<Restored>,
+        import: Option<std::time::Duration>,
     ) -> Result<Actor> {
         let log_path = &record.log_path;
         // Check what can be refused before anything is created on disk.
@@ -579,6 +606,11 @@ impl Guests {
             r.console
         });
         log.set_compressor(self.compression.clone());
+        // An import holds the guest's output back from the start (docs/design.md, "Live
+        // migration"), at most this switchover timeout once the guest has output waiting.
+        if let Some(switchover) = import {
+            log.begin_import(switchover);
+        }
         Ok(match paths {
             None => Actor::Pipe(PipeHandle::spawn(log, self.metrics.clone(), guest, stream)),
             Some(paths) => Actor::Console(ConsoleHandle::spawn(
@@ -754,7 +786,21 @@ impl Guests {
             }
         };
         let (pipes, console) = carried.map_or((Vec::new(), None), |c| (c.pipes, c.console));
-        let actor = self.start_actor(guest, stream, &record, Some(Restored { start, console }))?;
+        // An import was under way: it resumes, and the guest's output is held again meanwhile.
+        let importing = self.import_marker(guest, stream).exists();
+        let actor = self.start_actor(
+            guest,
+            stream,
+            &record,
+            Some(Restored { start, console }),
+            importing.then(|| self.config.migration.switchover_timeout.get()),
+        )?;
+        if importing {
+            self.pending_imports
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((guest.to_owned(), stream.to_owned(), actor.clone()));
+        }
         let entry = StreamEntry {
             log_path: record.log_path.clone(),
             limits: record.limits,
@@ -835,6 +881,7 @@ impl Guests {
         kind: StreamKind,
         limits: LimitsOverride,
         protocol: Option<Protocol>,
+        import: Option<std::time::Duration>,
     ) -> Result<Stream> {
         let (guest, stream) = (guest.as_str(), stream.as_str());
         let mut changing = None;
@@ -873,8 +920,14 @@ impl Guests {
                     });
                 }
                 Next::Create(limits) => {
-                    let created =
-                        self.create(guest, stream, kind, limits, protocol.unwrap_or_default());
+                    let created = self.create(
+                        guest,
+                        stream,
+                        kind,
+                        limits,
+                        protocol.unwrap_or_default(),
+                        import,
+                    );
                     drop(changing);
                     return match created? {
                         Created::Stream(stream) => Ok(stream),
@@ -1004,6 +1057,7 @@ impl Guests {
         kind: StreamKind,
         limits: LogLimits,
         protocol: Protocol,
+        import: Option<std::time::Duration>,
     ) -> Result<Created> {
         let log_path = self.log_path(guest, stream);
         let record = StreamRecord {
@@ -1012,7 +1066,7 @@ impl Guests {
             log_path: log_path.clone(),
             protocol,
         };
-        let actor = self.start_actor(guest, stream, &record, None)?;
+        let actor = self.start_actor(guest, stream, &record, None, import)?;
         let entry = StreamEntry {
             log_path: log_path.clone(),
             limits,
@@ -1135,11 +1189,15 @@ impl Guests {
     /// a call that would create it (or remove it again) waits until the removal is over, so
     /// nothing is created under a name whose files are being removed. The removal runs on its
     /// own task: a caller that goes away does not leave it half done.
+    /// `moved_to`: the guest live-migrated to that node (its Console endpoint): its streams'
+    /// histories record MIGRATED_OUT, their clients get the moved status and their tombstones
+    /// keep the redirect (docs/design.md, "Live migration").
     pub async fn remove(
         self: &Arc<Self>,
         guest: &GuestName,
         stream: Option<&StreamName>,
         delete_logs: bool,
+        moved_to: Option<String>,
     ) -> Result<Removed> {
         let guest = guest.as_str();
         let stream = stream.map(StreamName::as_str);
@@ -1218,6 +1276,7 @@ impl Guests {
             guest: guest.to_owned(),
             stream: (!whole).then(|| streams[0].0.clone()),
             delete_logs,
+            moved_to,
             _done: done,
         };
         tokio::spawn(removal.run(streams, waits))
@@ -1326,6 +1385,19 @@ impl Guests {
             LogHandle::removed(view),
             crate::tombstone::read(&dir, name),
         ))
+    }
+
+    /// The disk cap of the live stream `guest/stream` (what its files keep at most).
+    pub fn disk_cap(&self, guest: &GuestName, stream: &StreamName) -> Option<u64> {
+        let guests = self.registry();
+        let entry = guests.get(guest.as_str())?.streams.get(stream.as_str())?;
+        Some(entry.limits.disk_cap())
+    }
+
+    /// Where `guest`'s stream `stream` moved to, if it was removed with `moved_to` and is not
+    /// live again (its tombstone keeps the redirect, docs/design.md "Live migration").
+    pub fn moved(&self, guest: &GuestName, stream: &StreamName) -> Option<crate::migration::Moved> {
+        crate::tombstone::read(&self.guest_log_dir(guest.as_str()), stream.as_str())?.moved()
     }
 
     /// Deletes the logs of `guest`'s removed stream `stream` if it is still removed since
@@ -1548,6 +1620,8 @@ struct Removal {
     /// The one stream removed, or `None` for the whole guest.
     stream: Option<String>,
     delete_logs: bool,
+    /// The guest moved to this node.
+    moved_to: Option<String>,
     /// Dropped after the guest is forgotten: wakes the calls waiting for the removal.
     _done: watch::Sender<()>,
 }
@@ -1566,12 +1640,25 @@ impl Removal {
             None => format!("guest {guest} was removed"),
             Some(stream) => format!("{guest}/{stream} was removed"),
         };
-        join_all(
-            streams
-                .iter()
-                .map(|(_, actor)| actor.log().close(&reason, true)),
-        )
-        .await;
+        match &self.moved_to {
+            None => {
+                join_all(
+                    streams
+                        .iter()
+                        .map(|(_, actor)| actor.log().close(&reason, true)),
+                )
+                .await;
+            }
+            Some(to) => {
+                let reason = format!("guest {guest} moved to {to}");
+                join_all(
+                    streams
+                        .iter()
+                        .map(|(_, actor)| actor.log().close_moved(&reason, to)),
+                )
+                .await;
+            }
+        }
         let dir = self.guests.guest_log_dir(guest);
         let mut removed = Removed {
             streams: u32::try_from(streams.len()).unwrap_or(u32::MAX),
@@ -1594,7 +1681,16 @@ impl Removal {
                     if let Err(e) = result {
                         failed.get_or_insert(e);
                     }
-                    if let Err(e) = crate::tombstone::write(&dir, stream, self.stream.is_none()) {
+                    let moved = self.moved_to.as_ref().and_then(|to| {
+                        let (_, actor) = streams.iter().find(|(name, _)| name == stream)?;
+                        Some(crate::migration::Moved {
+                            to: to.clone(),
+                            offset: actor.log().stats.end_offset.load(Relaxed),
+                        })
+                    });
+                    if let Err(e) =
+                        crate::tombstone::write(&dir, stream, self.stream.is_none(), moved.as_ref())
+                    {
                         // The logs stay readable; only the retention and token checks lack
                         // the removal time.
                         tracing::warn!(guest, stream, error = %e, "cannot write the tombstone of a removed stream");
@@ -1602,6 +1698,8 @@ impl Removal {
                 }
             }
             let _ = std::fs::remove_file(self.guests.record_path(guest, stream));
+            // An import under way ends with its stream (an aborted migration).
+            let _ = std::fs::remove_file(self.guests.import_marker(guest, stream));
         }
         if self.delete_logs && self.stream.is_none() {
             // The guest's logs are every log in its directory: also those its streams removed

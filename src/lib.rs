@@ -54,6 +54,7 @@ pub mod keeper;
 pub(crate) mod log_owner;
 pub mod logfile;
 pub(crate) mod metrics;
+pub mod migration;
 pub mod names;
 pub(crate) mod pipe;
 pub(crate) mod ratelimit;

@@ -10,7 +10,10 @@
 //! depend on what feeds a stream. [`LogOwner`] is the actor's side: the log, its counters and
 //! offset publisher, the one place that answers those commands and counts what a write did.
 //! A removed stream's files are read through the same handle ([`LogHandle::removed`]), answered
-//! from a read-only [`LogView`] with no actor at all.
+//! from a read-only [`LogView`] with no actor at all. A stream imported from another node (live
+//! migration, docs/design.md) takes the import's [`ImportStep`]s through the same channel, and
+//! its owner holds the guest's output back ([`Hold`]) until the import ends; a stream that moved
+//! away is closed with [`LogHandle::close_moved`].
 //!
 //! This module never touches a stream's source (pipe or socket), never spawns a task, and never
 //! blocks: the actors own their data path and their loop. A handle whose actor stopped answers
@@ -61,6 +64,12 @@ pub struct StreamStats {
     pub removed: AtomicBool,
     /// Bytes are being dropped (the disk refuses writes); for one warning per episode.
     pub dropping: AtomicBool,
+    /// Set before the actor stops if the stream moved to another node (the destination's
+    /// endpoint): readers following it end with the moved status (docs/design.md, "Live
+    /// migration").
+    pub moved_to: std::sync::OnceLock<String>,
+    /// The node an import is running from ("" if none), for `ListGuests`.
+    pub migrating_from: std::sync::Mutex<String>,
 }
 
 impl StreamStats {
@@ -135,6 +144,8 @@ pub struct Figures {
     pub guest_connected: bool,
     /// The writer was lost when the daemon stopped; no new pipe since.
     pub broken: bool,
+    /// The node an import is running from ("" if none).
+    pub migrating_from: String,
 }
 
 impl Figures {
@@ -151,6 +162,11 @@ impl Figures {
             writers: stats.writers.load(Relaxed),
             dropped: log.dropped(),
             rotations: stats.rotations.load(Relaxed),
+            migrating_from: stats
+                .migrating_from
+                .lock()
+                .map(|from| from.clone())
+                .unwrap_or_default(),
             ..Self::default()
         }
     }
@@ -171,6 +187,49 @@ pub enum LogCommand {
     Expire(oneshot::Sender<io::Result<u32>>),
     /// Stop: see [`Close`].
     Close(Close),
+    /// A step of an import from another node (boxed: rare); answers the end offset after it,
+    /// or [`ImportOver`] once the import has ended (docs/design.md, "Live migration").
+    Import(Box<ImportStep>, oneshot::Sender<Result<u64, ImportOver>>),
+}
+
+/// What an import from another node hands the stream's actor, in the source's order.
+#[derive(Debug)]
+pub enum ImportStep {
+    /// The source's bytes at their offset, with the source's time marks inside them.
+    Data {
+        offset: u64,
+        data: bytes::Bytes,
+        marks: Vec<crate::logfile::Mark>,
+    },
+    /// The source has nothing for offsets up to `to` (history's gap there).
+    Gap { to: u64 },
+    /// An event of the source's history, at the end offset, with its time.
+    Event {
+        kind: EventKind,
+        unix_nanos: i64,
+        detail: String,
+    },
+    /// The import is over: `detail` goes into the MIGRATED_IN event, and the guest's own
+    /// output is logged from now on.
+    End { detail: String },
+}
+
+/// The import has ended (the switchover timeout passed, or the stream closed): nothing more
+/// is taken from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the import has ended")]
+pub struct ImportOver;
+
+/// A stream's import in progress: the guest's own output is held (not read) until it ends.
+#[derive(Debug, Default)]
+pub struct Hold {
+    /// `migration.switchover_timeout`.
+    pub switchover: std::time::Duration,
+    /// The switchover deadline, once the destination's guest has output waiting: past it, the
+    /// import ends and the guest's output is logged.
+    pub deadline: Option<tokio::time::Instant>,
+    /// The guest connected while held: its event is recorded after the imported bytes.
+    pub connected_pending: bool,
 }
 
 /// What the node's compression worker asks of a stream's actor (docs/design.md "Compressed backups"): thin
@@ -274,6 +333,8 @@ pub struct Close {
 struct Why {
     reason: String,
     removed: bool,
+    /// The stream moved to this node (a removal with `moved_to`).
+    moved_to: Option<String>,
 }
 
 impl Close {
@@ -285,6 +346,11 @@ impl Close {
     /// The stream will not come back (its guest was removed).
     pub fn removed(&self) -> bool {
         self.why.removed
+    }
+
+    /// Where the stream moved to, if it did.
+    pub fn moved_to(&self) -> Option<&str> {
+        self.why.moved_to.as_deref()
     }
 
     /// Tells the closer that the actor has stopped.
@@ -344,6 +410,9 @@ impl Mailbox for Removed {
             // Nothing is written to a removed stream, nor compressed (a dropped reply is "no").
             LogCommand::Compression(_) => {}
             LogCommand::Close(close) => close.done(),
+            LogCommand::Import(_, reply) => {
+                let _ = reply.send(Err(ImportOver));
+            }
         }
         Box::pin(std::future::ready(Ok(())))
     }
@@ -447,6 +516,17 @@ impl LogHandle {
     /// actor; `removed` says the stream will not come back (readers following it end). Returns
     /// at once if the actor has stopped already.
     pub async fn close(&self, reason: &str, removed: bool) {
+        self.close_why(reason, removed, None).await;
+    }
+
+    /// [`Self::close`] of a stream that moved to the node `to` (a removal with `moved_to`):
+    /// its history records MIGRATED_OUT, and its clients get the moved status.
+    pub async fn close_moved(&self, reason: &str, to: &str) {
+        let _ = self.stats.moved_to.set(to.to_owned());
+        self.close_why(reason, true, Some(to.to_owned())).await;
+    }
+
+    async fn close_why(&self, reason: &str, removed: bool, moved_to: Option<String>) {
         self.stats.removed.store(removed, Relaxed);
         let _ = self
             .ask(|done| {
@@ -454,11 +534,20 @@ impl LogHandle {
                     why: Box::new(Why {
                         reason: reason.to_owned(),
                         removed,
+                        moved_to,
                     }),
                     done,
                 })
             })
             .await;
+    }
+
+    /// Hands a step of an import to the actor; the end offset after it, or [`ImportOver`]
+    /// once the import has ended or the actor is gone.
+    pub async fn import(&self, step: ImportStep) -> Result<u64, ImportOver> {
+        self.ask(|reply| LogCommand::Import(Box::new(step), reply))
+            .await
+            .map_err(|_| ImportOver)?
     }
 }
 
@@ -471,6 +560,8 @@ pub struct LogOwner {
     pub metrics: Arc<Metrics>,
     /// The worker that compresses this stream's rotated files, if the node has one.
     compressing: Option<Compressing>,
+    /// An import in progress: the guest's own output waits (docs/design.md, "Live migration").
+    pub hold: Option<Hold>,
 }
 
 impl LogOwner {
@@ -489,6 +580,10 @@ impl LogOwner {
             }),
         });
         let stats = Arc::new(StreamStats::for_log(&log));
+        let hold = log.take_import().map(|switchover| Hold {
+            switchover,
+            ..Hold::default()
+        });
         let (publisher, offsets) = watch::channel(log.end_offset());
         let handle = LogHandle {
             commands: Arc::new(commands),
@@ -501,6 +596,7 @@ impl LogOwner {
             publisher,
             metrics,
             compressing,
+            hold,
         };
         // Raw rotated files of a compressed stream, left by a restart, upgrade or a full queue.
         owner.submit_compressions();
@@ -560,8 +656,108 @@ impl LogOwner {
                 let _ = reply.send(result);
             }
             LogCommand::Close(close) => return Some(close),
+            // An actor that imports handles these before `answer` ([`Self::import`]).
+            LogCommand::Import(_, reply) => {
+                let _ = reply.send(Err(ImportOver));
+            }
         }
         None
+    }
+
+    /// Whether the guest's own output is held back for an import.
+    pub fn holding(&self) -> bool {
+        self.hold.is_some()
+    }
+
+    /// The switchover deadline of the import, if the guest is there.
+    pub fn hold_deadline(&self) -> Option<tokio::time::Instant> {
+        self.hold.as_ref().and_then(|h| h.deadline)
+    }
+
+    /// The guest connected (or a pipe was handed over) while an import holds its output:
+    /// its event is recorded after the imported bytes. Returns whether the output is held.
+    pub fn guest_arrived(&mut self) -> bool {
+        let Some(hold) = self.hold.as_mut() else {
+            return false;
+        };
+        hold.connected_pending = true;
+        true
+    }
+
+    /// Whether the actor should watch for held output: an import holds it and its switchover
+    /// deadline has not started.
+    pub fn awaiting_output(&self) -> bool {
+        self.hold.as_ref().is_some_and(|h| h.deadline.is_none())
+    }
+
+    /// The guest's first output is waiting while the import holds it: the switchover deadline
+    /// starts now (once), so the guest waits at most `migration.switchover_timeout`.
+    pub fn output_waiting(&mut self) {
+        if let Some(hold) = self.hold.as_mut() {
+            if hold.deadline.is_none() {
+                hold.deadline = Some(tokio::time::Instant::now() + hold.switchover);
+                tracing::info!(log = %self.log.path().display(), "guest output waits for the import's switchover");
+            }
+        }
+    }
+
+    /// Applies one import step. `Ok(Some(..))`: the offset and bytes newly logged (for live
+    /// clients); `Ok(None)` for any other step. An `End` step ends the hold.
+    pub fn import(&mut self, step: ImportStep) -> Result<Option<(u64, bytes::Bytes)>, ImportOver> {
+        if self.hold.is_none() {
+            return Err(ImportOver);
+        }
+        let shown = match step {
+            ImportStep::Data {
+                offset,
+                data,
+                marks,
+            } => {
+                let before = self.log.end_offset();
+                let (logged, dropped) =
+                    self.counting_rotations(|log| log.import_data(offset, &data, &marks));
+                self.count_moved(logged, dropped);
+                // What clients have not seen: the bytes past the end before this step.
+                let skip = usize::try_from(before.saturating_sub(offset)).unwrap_or(usize::MAX);
+                (skip < data.len()).then(|| (offset.max(before), data.slice(skip..)))
+            }
+            ImportStep::Gap { to } => {
+                let dropped = self.log.import_skip_to(to);
+                self.count_moved(0, usize::try_from(dropped).unwrap_or(usize::MAX));
+                self.publish();
+                None
+            }
+            ImportStep::Event {
+                kind,
+                unix_nanos,
+                detail,
+            } => {
+                self.log.import_event(kind, unix_nanos, &detail);
+                self.count_index_failures();
+                None
+            }
+            ImportStep::End { detail } => {
+                self.end_import(&detail);
+                None
+            }
+        };
+        Ok(shown)
+    }
+
+    /// Ends the import: MIGRATED_IN with `detail` at the first offset of this node's own
+    /// output, and the guest's output is no longer held. Returns whether the guest connected
+    /// while held (its event is recorded now, after the imported bytes).
+    pub fn end_import(&mut self, detail: &str) -> bool {
+        let Some(hold) = self.hold.take() else {
+            return false;
+        };
+        self.log.note_import_event(EventKind::MigratedIn, detail);
+        self.count_index_failures();
+        if let Ok(mut from) = self.stats.migrating_from.lock() {
+            from.clear();
+        }
+        tracing::info!(log = %self.log.path().display(), offset = self.log.end_offset(), detail, "import ended");
+        hold.connected_pending
     }
 
     /// Hands the raw rotated files of a compressed stream to the worker, oldest first; a full

@@ -10,6 +10,10 @@
 //! offsets as a gap that history reports, and are counted as dropped (the count survives
 //! restarts, crashes and upgrades: the log's position record keeps it).
 //!
+//! A stream created by a live migration's import (docs/design.md, "Live migration") does not
+//! read its pipes until the import ends (its last step, or `migration.switchover_timeout` after
+//! the first byte waiting): the imported bytes come first, and the guest waits at most that long.
+//!
 //! Several pipes may feed one stream (each `CreateLogPipe` adds one; a writer may also duplicate
 //! its descriptor). Each `splice` moves at most what the pipe holds, and pipe writes of up to
 //! `PIPE_BUF` bytes are atomic, so lines of different writers are not torn.
@@ -17,7 +21,7 @@
 //! This module never touches a console, a client or the registry; its task runs in a span
 //! naming its guest and stream, so its events carry them.
 
-use crate::log_owner::{ActorGone, Figures, LogCommand, LogError, LogHandle, LogOwner};
+use crate::log_owner::{ActorGone, Figures, ImportStep, LogCommand, LogError, LogHandle, LogOwner};
 use crate::logfile::index::EventKind;
 use crate::logfile::{LogFile, Moved};
 use crate::metrics::Metrics;
@@ -141,6 +145,8 @@ enum PipeEvent {
     Progress,
     /// Pipe `index` has no writer left (or failed).
     Finished(usize),
+    /// An import holds the output back, and some is waiting.
+    Held,
 }
 
 impl PipeActor {
@@ -152,13 +158,21 @@ impl PipeActor {
                     Some(Command::AddPipe(fd, reply)) => {
                         let _ = reply.send(self.add_pipe(fd));
                     }
+                    Some(Command::Log(LogCommand::Import(step, reply))) => {
+                        let ended = matches!(*step, ImportStep::End { .. });
+                        let result = self.owner.import(*step).map(|_| self.owner.log.end_offset());
+                        if ended && result.is_ok() {
+                            self.import_ended();
+                        }
+                        let _ = reply.send(result);
+                    }
                     Some(Command::Log(command)) => {
                         let broken = self.broken;
                         let answered = self
                             .owner
                             .answer(command, |figures| Figures { broken, ..figures });
                         if let Some(close) = answered {
-                            self.shutdown(close.reason());
+                            self.shutdown(close.reason(), close.moved_to());
                             close.done();
                             return;
                         }
@@ -168,11 +182,18 @@ impl PipeActor {
                         return;
                     }
                     None => {
-                        self.shutdown("pipe handle dropped");
+                        self.shutdown("pipe handle dropped", None);
                         return;
                     }
                 },
-                event = self.pump() => {
+                () = switchover(self.owner.hold_deadline()) => {
+                    self.owner.end_import("the switchover timeout passed before the source's stream was done; the source's later bytes are not here");
+                    self.import_ended();
+                }
+                event = self.pump_unless_held() => {
+                    if let PipeEvent::Held = event {
+                        self.owner.output_waiting();
+                    }
                     if let PipeEvent::Finished(index) = event {
                         self.pipes.swap_remove(index);
                         if let Some(name) = self.held.swap_remove(index) {
@@ -208,10 +229,26 @@ impl PipeActor {
             self.owner.stats.writers.fetch_add(1, Relaxed);
             self.owner.metrics.pipe_writers.inc();
             let writers = self.pipes.len();
-            self.owner
-                .note_event(EventKind::PipeOpened, &format!("{writers} writers"));
+            // While an import holds the output, the event comes after the imported bytes.
+            if !self.owner.guest_arrived() {
+                self.owner
+                    .note_event(EventKind::PipeOpened, &format!("{writers} writers"));
+            }
             self.owner.log.end_offset()
         })
+    }
+
+    /// [`Self::pump`], unless an import holds the output back: then only tells once that
+    /// some is waiting (the switchover deadline starts), and waits for the import to end.
+    async fn pump_unless_held(&mut self) -> PipeEvent {
+        if !self.owner.holding() {
+            return self.pump().await;
+        }
+        if self.owner.awaiting_output() {
+            any_readable(&self.pipes).await;
+            return PipeEvent::Held;
+        }
+        std::future::pending().await
     }
 
     /// Waits until some pipe is readable and moves its bytes into the log.
@@ -276,9 +313,23 @@ impl PipeActor {
         pipes
     }
 
+    /// An import ended (its last step, or the switchover timeout): a pipe handed over while it
+    /// held the output is recorded now, after the imported bytes.
+    fn import_ended(&mut self) {
+        if !self.pipes.is_empty() {
+            let writers = self.pipes.len();
+            self.owner
+                .note_event(EventKind::PipeOpened, &format!("{writers} writers"));
+        }
+    }
+
     /// Moves whatever the pipes still hold into the log, records the stop (`why`) in the time
-    /// index, then syncs it.
-    fn shutdown(&mut self, why: &str) {
+    /// index (and the move, if the stream moved to another node), then syncs it.
+    fn shutdown(&mut self, why: &str, moved_to: Option<&str>) {
+        // What the pipes hold comes after whatever was imported.
+        if self.owner.holding() {
+            self.owner.end_import("the stream closed during the import");
+        }
         for pipe in &self.pipes {
             loop {
                 let moved = self
@@ -300,10 +351,38 @@ impl PipeActor {
         for name in self.held.drain(..).flatten() {
             crate::keeper::release(&name);
         }
+        if let Some(to) = moved_to {
+            let end = self.owner.log.end_offset();
+            self.owner
+                .note_event(EventKind::MigratedOut, &format!("to {to} at offset {end}"));
+        }
         self.owner.note_event(EventKind::DaemonStopped, why);
         self.owner.checkpoint();
     }
 }
+/// Resolves once any of `pipes` has bytes to read (or broke); never without pipes.
+async fn any_readable(pipes: &[Receiver]) {
+    if pipes.is_empty() {
+        return std::future::pending().await;
+    }
+    poll_fn(|cx| {
+        if pipes.iter().any(|pipe| pipe.poll_read_ready(cx).is_ready()) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+}
+
+/// Resolves at an import's switchover deadline; never without one.
+pub(crate) async fn switchover(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// A stream's command channel allocates room for 32 commands when it is created, so a

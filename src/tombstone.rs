@@ -1,7 +1,9 @@
 //! Tombstones: the record, beside a removed stream's logs, of when it was removed.
 //!
 //! Owns the files `<log_dir>/<guest>/<stream>.removed` (a line of JSON:
-//! `{"removed_unix": SECONDS, "with_guest": BOOL}`), written when a stream is removed and its
+//! `{"removed_unix": SECONDS, "with_guest": BOOL}`, and for a stream that live-migrated away
+//! `"moved_to": "HOST:PORT", "moved_offset": N`: the redirect its clients get, docs/design.md
+//! "Live migration"), written when a stream is removed and its
 //! logs stay on disk (docs/design.md §3, `RemoveGuest`; docs/operations.md, "Retention"). They
 //! say two things: when `logs.removed_retention` lets the logs go, and which tokens may still
 //! read them (only a token issued before the removal). Creating the stream again cancels its
@@ -21,13 +23,29 @@ const SUFFIX: &str = ".removed";
 const MAX_LEN: u64 = 4096;
 
 /// When a stream was removed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tombstone {
     /// Unix seconds of the removal.
     pub removed_unix: u64,
     /// The whole guest was removed (creating any stream of the guest cancels it).
     #[serde(default)]
     pub with_guest: bool,
+    /// The stream moved to this node (its Console endpoint)...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
+    /// ... and the destination continues at this offset (the source's end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_offset: Option<u64>,
+}
+
+impl Tombstone {
+    /// The redirect of a stream that moved away.
+    pub fn moved(&self) -> Option<crate::migration::Moved> {
+        Some(crate::migration::Moved {
+            to: self.moved_to.clone()?,
+            offset: self.moved_offset?,
+        })
+    }
 }
 
 /// Unix seconds now.
@@ -42,11 +60,19 @@ pub fn path(guest_dir: &Path, stream: &str) -> PathBuf {
     guest_dir.join(format!("{stream}{SUFFIX}"))
 }
 
-/// Records that `stream` (whose logs are in `guest_dir`) was removed now.
-pub fn write(guest_dir: &Path, stream: &str, with_guest: bool) -> io::Result<()> {
+/// Records that `stream` (whose logs are in `guest_dir`) was removed now; `moved`: it moved
+/// to another node.
+pub fn write(
+    guest_dir: &Path,
+    stream: &str,
+    with_guest: bool,
+    moved: Option<&crate::migration::Moved>,
+) -> io::Result<()> {
     let tombstone = Tombstone {
         removed_unix: now_unix(),
         with_guest,
+        moved_to: moved.map(|m| m.to.clone()),
+        moved_offset: moved.map(|m| m.offset),
     };
     let mut bytes = serde_json::to_vec(&tombstone).expect("tombstones serialize");
     bytes.push(b'\n');
@@ -110,9 +136,15 @@ mod tests {
     fn creating_a_stream_cancels_its_own_and_the_guests_tombstones() {
         let dir = tempfile::tempdir().unwrap();
         let guest = dir.path().join("vm1");
-        write(&guest, "serial1", false).unwrap();
-        write(&guest, "qemu", true).unwrap();
-        write(&guest, "serial0", true).unwrap();
+        write(&guest, "serial1", false, None).unwrap();
+        write(&guest, "qemu", true, None).unwrap();
+        let moved = crate::migration::Moved {
+            to: "node2:7770".into(),
+            offset: 77,
+        };
+        write(&guest, "serial0", true, Some(&moved)).unwrap();
+        assert_eq!(read(&guest, "serial0").unwrap().moved(), Some(moved));
+        assert_eq!(read(&guest, "qemu").unwrap().moved(), None);
         assert_eq!(list(&guest).len(), 3);
         let t = read(&guest, "qemu").unwrap();
         assert!(t.with_guest && t.removed_unix > 0);

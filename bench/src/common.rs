@@ -80,6 +80,7 @@ pub async fn create_pipe(
             guest: guest.into(),
             stream: stream.into(),
             limits,
+            ..Default::default()
         })
         .await
         .context("CreateLogPipe failed")?

@@ -25,7 +25,10 @@ mod report;
 mod scenario;
 mod scenarios;
 
-use scenarios::{compress, console, gateway_watchers, guests, history, hostile, pipe, upgrade};
+use scenarios::{
+    compress, console, gateway, gateway_watchers, guests, history, hostile, migration, pipe,
+    upgrade,
+};
 
 /// Benchmarks conlogd from outside against a baseline measured in the same run.
 #[derive(Parser)]
@@ -51,6 +54,9 @@ enum Command {
     /// Many guests and restart (scenarios 2 and 6): memory and CPU with N guests, each
     /// with a log pipe and a connected console, 10% writing; restart time with N registered.
     Guests(guests::GuestsArgs),
+    /// Live migration: import throughput against ReadHistory over TLS, and the
+    /// switchover pause (the source's last byte to the destination's first byte on a watcher).
+    Migration(migration::MigrationArgs),
     /// Hostile callers: each attack on the TCP listener at the daemon's default
     /// limits, then all at once: daemon RSS, descriptors and local ListGuests latency under
     /// attack against idle, and the memory ceiling.
@@ -63,6 +69,10 @@ enum Command {
     /// the node serves, who got every byte, gateway memory per watcher; the same watchers
     /// straight at the node as the baseline.
     GatewayWatchers(gateway_watchers::GatewayWatchersArgs),
+    /// conlog-gateway against direct calls to the node, same run: ReadHistory throughput
+    /// and CPU per GiB of node, gateway and client; console echo latency p50/p99; the
+    /// gateway's memory and CPU at rest and per active session.
+    Gateway(gateway::GatewayArgs),
     /// Upgrade pause: how long logging stops during an in-place upgrade and during a
     /// takeover, with 1, 100 and 2,000 guests.
     Upgrade(upgrade::UpgradeArgs),
@@ -78,8 +88,10 @@ fn main() -> ExitCode {
         Command::Upgrade(args) => scenario::run(args, options),
         Command::Guests(args) => scenario::run(args, options),
         Command::Hostile(args) => scenario::run(args, options),
+        Command::Migration(args) => scenario::run(args, options),
         Command::Compress(args) => scenario::run(args, options),
         Command::GatewayWatchers(args) => scenario::run(args, options),
+        Command::Gateway(args) => scenario::run(args, options),
     };
     match outcome {
         Ok(report::Verdict::Correct) => ExitCode::SUCCESS,

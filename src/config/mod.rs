@@ -4,11 +4,13 @@
 //! value. It never opens sockets or files other than the config file itself; the daemon takes a
 //! validated [`Config`] and trusts it.
 
+mod migration;
 mod security;
 mod units;
 
+pub use migration::MigrationConfig;
 pub use security::Limits;
-pub(crate) use security::{TlsConfig, TokenConfig};
+pub(crate) use security::{largest_web_body, validate_message_bounds, TlsConfig, TokenConfig};
 
 pub use units::{ByteSize, HumanDuration};
 
@@ -420,6 +422,8 @@ pub struct Config {
     pub node: NodeConfig,
     /// The Console service on TCP.
     pub console: ConsoleServiceConfig,
+    /// Importing guests' streams from other nodes (live migration).
+    pub migration: MigrationConfig,
 }
 
 impl Default for Config {
@@ -447,6 +451,7 @@ impl Default for Config {
             keeper: KeeperMode::default(),
             node: NodeConfig::default(),
             console: ConsoleServiceConfig::default(),
+            migration: MigrationConfig::default(),
         }
     }
 }
@@ -625,6 +630,7 @@ impl Config {
         }
         self.web.validate()?;
         self.node.validate()?;
+        self.migration.validate()?;
         if self.console.require_gateway
             && self
                 .tls

@@ -10,6 +10,38 @@ fn refuse<T>(key: &'static str, message: String) -> Result<T, ConfigError> {
     Err(ConfigError::Value { key, message })
 }
 
+/// The largest HTTP/1.1 gRPC-web request body of one message of `message_size` bytes: the
+/// message as base64 (gRPC-web-text) and 64 KiB of framing.
+pub(crate) fn largest_web_body(message_size: u64) -> u64 {
+    message_size.saturating_mul(4) / 3 + (64 << 10)
+}
+
+/// The rules a node's `limits` and a gateway's `gateway.limits` share: a `message_size`
+/// between 4 KiB and 64 MiB, and a `web_body_bytes` that holds one request body of that
+/// message ([`largest_web_body`]). `keys` names the two settings, in that order.
+pub(crate) fn validate_message_bounds(
+    message_size: ByteSize,
+    web_body_bytes: ByteSize,
+    [size_key, bytes_key]: [&'static str; 2],
+) -> Result<(), ConfigError> {
+    if !(4096..=(64 << 20)).contains(&message_size.bytes()) {
+        return refuse(
+            size_key,
+            format!("must be between 4KiB and 64MiB (got {message_size})"),
+        );
+    }
+    let largest_body = largest_web_body(message_size.bytes());
+    if web_body_bytes.bytes() < largest_body {
+        return refuse(
+            bytes_key,
+            format!(
+                "must hold one request of {size_key} as base64, at least {largest_body}B (got {web_body_bytes})"
+            ),
+        );
+    }
+    Ok(())
+}
+
 /// Limits that protect the node. Hitting one is `RESOURCE_EXHAUSTED` naming it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -137,12 +169,6 @@ impl Limits {
                 format!("must be at least 64B (got {})", self.input_rate),
             );
         }
-        if !(4096..=(64 << 20)).contains(&self.message_size.bytes()) {
-            return refuse(
-                "limits.message_size",
-                format!("must be between 4KiB and 64MiB (got {})", self.message_size),
-            );
-        }
         for (key, timeout) in [
             ("limits.idle_timeout", self.idle_timeout),
             ("limits.body_timeout", self.body_timeout),
@@ -151,17 +177,11 @@ impl Limits {
                 return refuse(key, format!("must be at least 1s (got {timeout})"));
             }
         }
-        // A whole request body of the largest message (base64 included) must fit.
-        let largest_body = self.message_size.bytes().saturating_mul(4) / 3 + (64 << 10);
-        if self.web_body_bytes.bytes() < largest_body {
-            return refuse(
-                "limits.web_body_bytes",
-                format!(
-                    "must hold one request of limits.message_size as base64, at least {largest_body}B (got {})",
-                    self.web_body_bytes
-                ),
-            );
-        }
+        validate_message_bounds(
+            self.message_size,
+            self.web_body_bytes,
+            ["limits.message_size", "limits.web_body_bytes"],
+        )?;
         if self.total_log_bytes.bytes() < super::MIN_MAX_SIZE {
             return refuse(
                 "limits.total_log_bytes",

@@ -4,15 +4,18 @@
 //! connection on the guest socket, a raw client on the client socket, guest output, the guest
 //! becoming writable (only while a piece of input is being written), the caller of that piece
 //! going away, and client input (always: a piece that cannot be written at once is answered at
-//! once, so nothing waits in the channel).
+//! once, so nothing waits in the channel). While a live migration's import runs into the console
+//! (docs/design.md, "Live migration"), guest output is not read: only its first waiting byte is
+//! noticed (it starts the switchover deadline), and imported bytes reach the clients instead.
 
 use super::clients::{self, ClientQueue, Event, Offer};
 use super::mux;
 use super::Protocol;
 use super::{AttachRequest, Command, ConsoleHandle, ConsoleSettings, Input, Mode, NO_WRITER};
 use super::{ConsoleError, Result};
-use crate::log_owner::{Attached, Figures, LogOwner};
+use crate::log_owner::{Attached, Figures, ImportOver, ImportStep, LogCommand, LogOwner};
 use crate::logfile::index::EventKind;
+use crate::migration::Moved;
 use crate::upgrade::FrozenConsole;
 use bytes::{Buf, Bytes};
 use std::collections::BTreeMap;
@@ -135,6 +138,9 @@ impl ConsoleActor {
             // fast typist must not starve the guest's output.
             tokio::select! {
                 command = commands.recv() => match command {
+                    Some(Command::Log(LogCommand::Import(step, reply))) => {
+                        let _ = reply.send(self.import(*step));
+                    }
                     Some(Command::Log(command)) => {
                         let (clients, writer) = (&self.clients, self.writer);
                         let guest_connected = self.guest.is_some();
@@ -150,7 +156,7 @@ impl ConsoleActor {
                             ..figures
                         });
                         if let Some(close) = answered {
-                            self.close(close.reason(), close.removed());
+                            self.close(close.reason(), close.removed(), close.moved_to());
                             close.done();
                             return;
                         }
@@ -164,7 +170,7 @@ impl ConsoleActor {
                     Some(Command::Detach(id)) => self.detach(id),
                     Some(command) => self.handle_command(command),
                     None => {
-                        self.close("console handle dropped", false);
+                        self.close("console handle dropped", false, None);
                         return;
                     }
                 },
@@ -177,7 +183,13 @@ impl ConsoleActor {
                     Err(e) => tracing::warn!(error = %e, "client accept failed"),
                 },
                 _ = keeper_holds(&mut self.held) => self.held = None,
-                readable = readable(&self.guest), if self.held.is_none() => match readable {
+                () = crate::pipe::switchover(self.owner.hold_deadline()) => {
+                    self.end_import("the switchover timeout passed before the source's stream was done; the source's later bytes are not here");
+                }
+                // An import holds the guest's output back until it ends (docs/design.md, "Live
+                // migration"): what the guest sends meanwhile waits in its socket.
+                readable = readable(&self.guest), if self.held.is_none() && (!self.owner.holding() || self.owner.awaiting_output()) => match readable {
+                    Ok(()) if self.owner.holding() => self.owner.output_waiting(),
                     Ok(()) => self.read_guest(),
                     Err(_) => self.guest_disconnected("guest socket error"),
                 },
@@ -208,6 +220,7 @@ impl ConsoleActor {
                 self.broadcast(Event::Closed {
                     reason,
                     removed: false,
+                    moved: None,
                 });
                 self.clients.clear();
                 self.set_writer(None, "", false);
@@ -393,7 +406,10 @@ impl ConsoleActor {
             self.drain(old, why);
             self.owner.note_event(EventKind::GuestDisconnected, why);
         }
-        self.owner.note_event(EventKind::GuestConnected, "");
+        // While an import holds the output, the event comes after the imported bytes.
+        if !self.owner.guest_arrived() {
+            self.owner.note_event(EventKind::GuestConnected, "");
+        }
         // Nothing of the old connection's input goes to the new one (the guest is taken, so
         // no half-written pair is kept for it).
         self.drop_writing(Some(ConsoleError::GuestReplaced(self.handle.name.clone())));
@@ -514,10 +530,14 @@ impl ConsoleActor {
         let offset = self.owner.log.end_offset();
         let written = self.owner.counting_rotations(|log| log.log(output));
         self.owner.count_moved(written.logged, written.dropped);
-        let data = Bytes::copy_from_slice(output);
+        self.offer(offset, &Bytes::copy_from_slice(output));
+    }
+
+    /// Offers bytes logged at `offset` to every client.
+    fn offer(&mut self, offset: u64, data: &Bytes) {
         let mut gone = Vec::new();
         for (id, client) in &mut self.clients {
-            match client.queue.offer(offset, &data) {
+            match client.queue.offer(offset, data) {
                 Offer::Queued | Offer::Skipped(false) => {}
                 Offer::Skipped(true) => {
                     self.owner.metrics.lagged_clients.inc();
@@ -621,6 +641,7 @@ impl ConsoleActor {
         self.broadcast(Event::Closed {
             reason: "conlogd is upgrading; reconnect and resume by offset".into(),
             removed: false,
+            moved: None,
         });
         self.clients.clear();
         self.count_clients();
@@ -643,20 +664,60 @@ impl ConsoleActor {
         })
     }
 
-    fn close(&mut self, reason: &str, removed: bool) {
+    /// Applies an import step; imported bytes reach the attached clients like guest output.
+    fn import(&mut self, step: ImportStep) -> std::result::Result<u64, ImportOver> {
+        let ending = matches!(step, ImportStep::End { .. });
+        let pending = self
+            .owner
+            .hold
+            .as_ref()
+            .is_some_and(|h| h.connected_pending);
+        if let Some((offset, data)) = self.owner.import(step)? {
+            self.offer(offset, &data);
+        }
+        if ending && pending && self.guest.is_some() {
+            self.owner.note_event(EventKind::GuestConnected, "");
+        }
+        Ok(self.owner.log.end_offset())
+    }
+
+    /// Ends the import now (switchover timeout, close): the guest's output is logged from here.
+    fn end_import(&mut self, detail: &str) {
+        if self.owner.end_import(detail) && self.guest.is_some() {
+            self.owner.note_event(EventKind::GuestConnected, "");
+        }
+    }
+
+    fn close(&mut self, reason: &str, removed: bool, moved_to: Option<&str>) {
         self.drop_writing(Some(ConsoleError::ClosedWhileWriting {
             console: self.handle.name.clone(),
             reason: reason.to_owned(),
         }));
+        // What the guest sent during an import comes after the imported bytes.
+        if self.owner.holding() {
+            self.end_import("the console closed during the import");
+        }
         // Log what the guest already sent, so nothing it wrote before the close is lost.
         if let Some(guest) = self.guest.take() {
             self.drain(guest, "console closing");
             self.owner
                 .note_event(EventKind::GuestDisconnected, "console closing");
         }
+        let moved = moved_to.map(|to| {
+            let offset = self.owner.log.end_offset();
+            self.owner.note_event(
+                EventKind::MigratedOut,
+                &format!("to {to} at offset {offset}"),
+            );
+            Moved {
+                to: to.to_owned(),
+                offset,
+            }
+        });
         self.broadcast(Event::Closed {
             reason: reason.to_owned(),
             removed,
+            moved,
         });
         self.clients.clear();
         self.count_clients();

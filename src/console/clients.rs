@@ -40,8 +40,14 @@ pub enum Event {
     Guest { connected: bool },
     /// Another client took the writer lease; this one is a watcher now.
     WriterRevoked { reason: String },
-    /// The console is going away (removed, shutdown or upgrade): the last event.
-    Closed { reason: String, removed: bool },
+    /// The console is going away (removed, moved to another node, shutdown or upgrade): the
+    /// last event.
+    Closed {
+        reason: String,
+        removed: bool,
+        /// Where it moved (a removal with `moved_to`): clients get the moved status.
+        moved: Option<crate::migration::Moved>,
+    },
 }
 
 impl Event {

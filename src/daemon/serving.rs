@@ -74,7 +74,14 @@ impl Serving {
             fd_socket: config.runtime_dir().join("fd.sock"),
             upgrades,
             tokens: security.tokens.clone(),
+            importer: Arc::new(crate::migration::import::Importer::new(&config.migration)),
         };
+        // Imports under way when the daemon last stopped continue.
+        agent.importer.resume(guests);
+        // Tokens of the nodes guests migrated from are checked there.
+        security.protection.remote_calls.set_foreign(Arc::new(
+            crate::migration::tokens::ForeignTokens::new(agent.importer.clone()),
+        ));
         let console = ConsoleService::new(
             guests.clone(),
             config.history.chunk_size.bytes_usize(),

@@ -187,7 +187,7 @@ fn default_connect_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(3))
 }
 fn default_stream_window() -> ByteSize {
-    ByteSize(256 << 10)
+    ByteSize(1 << 20)
 }
 
 fn refuse<T>(key: &'static str, message: String) -> Result<T, ConfigError> {
@@ -282,22 +282,14 @@ impl GatewayConfig {
                 return refuse(key, format!("must be at least 1s (got {timeout})"));
             }
         }
-        if !(4096..=(64 << 20)).contains(&l.message_size.bytes()) {
-            return refuse(
+        crate::config::validate_message_bounds(
+            l.message_size,
+            l.web_body_bytes,
+            [
                 "gateway.limits.message_size",
-                format!("must be between 4KiB and 64MiB (got {})", l.message_size),
-            );
-        }
-        let largest_body = l.message_size.bytes().saturating_mul(4) / 3 + (64 << 10);
-        if l.web_body_bytes.bytes() < largest_body {
-            return refuse(
                 "gateway.limits.web_body_bytes",
-                format!(
-                    "must hold one request of gateway.limits.message_size as base64, at least {largest_body}B (got {})",
-                    l.web_body_bytes
-                ),
-            );
-        }
+            ],
+        )?;
         let f = &self.fanout;
         for (key, limit) in [
             ("gateway.fanout.streams", f.streams),

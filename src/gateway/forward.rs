@@ -17,7 +17,7 @@ use super::fanout::{Fanout, Routed};
 use super::upstream::Upstreams;
 use super::GatewayError;
 use crate::error::Error;
-use crate::server::auth::Signed;
+use crate::server::auth::{bearer_token, verify_bearer};
 use crate::tokens::{ClusterKey, Grant, Verify};
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -28,7 +28,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tonic::body::Body;
 use tonic::Status;
-use tower::ServiceExt;
 
 /// Request headers not forwarded: those of the client's connection, not of the call; and the
 /// browser's `Origin` and cookies, which the gateway's own web layer judged (a node would see
@@ -104,14 +103,14 @@ fn unavailable(error: GatewayError) -> Error {
 impl Forward {
     async fn forward(&self, request: http::Request<Body>) -> Result<http::Response<Body>, Error> {
         let grant = self.authenticate(&request)?;
-        let grant_token = request.headers().get("authorization").cloned();
+        let grant_token = bearer_token(request.headers())?.to_owned();
         let node = grant
             .node
             .clone()
             .ok_or_else(|| Error::Unauthenticated("Token refused: it names no node".into()))?;
         let mut request = match self
             .fanout
-            .route(request, &grant, token_of(&grant_token), &node)
+            .route(request, &grant, grant_token.clone(), &node)
             .await
         {
             Routed::Served(response) => return Ok(response),
@@ -119,7 +118,6 @@ impl Forward {
         };
         let span = tracing::info_span!("forward", node = %node, guest = %grant.guest, path = request.uri().path());
         let _entered = span.enter();
-        let channel = self.upstreams.channel(&node).map_err(unavailable)?;
         for name in NOT_FORWARDED {
             request.headers_mut().remove(name);
         }
@@ -127,15 +125,14 @@ impl Forward {
             .headers_mut()
             .insert("te", http::HeaderValue::from_static("trailers"));
         drop(_entered);
-        let response = channel.oneshot(request).await.map_err(|e| {
-            unavailable(GatewayError::NodeUnavailable {
-                node: node.clone(),
-                reason: error_chain(&e),
-            })
-        })?;
+        // Opened on the token's node; a moved status is followed to the guest's new node
+        // (docs/gateway.md, "Following moves").
+        let response = super::migrate::open(request, node.clone(), self.upstreams.clone())
+            .await
+            .map_err(unavailable)?;
         let recheck = Recheck {
             changes: tokio_stream::wrappers::WatchStream::from_changes(self.keys.changes()),
-            token: token_of(&grant_token),
+            token: grant_token,
             keys: self.keys.clone(),
         };
         Ok(response.map(|inner| {
@@ -149,45 +146,11 @@ impl Forward {
     }
 
     /// The call's grant: its bearer token verified with the cluster key (once per call: the
-    /// call limits already checked the signature when they could) and not expired.
+    /// call limits already checked the signature when they could) and not expired; the same
+    /// check as a node's ([`crate::server::auth::verify_bearer`]).
     fn authenticate(&self, request: &http::Request<Body>) -> Result<Grant, Error> {
-        let header = request.headers().get("authorization").ok_or_else(|| {
-            Error::Unauthenticated(
-                "This call needs an `authorization: Bearer <token>` header; the node's agent \
-                 issues tokens (Agent.IssueToken, `conlogctl token`)"
-                    .to_owned(),
-            )
-        })?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Error::Unauthenticated("The authorization header must be `Bearer <token>`".into())
-            })?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let refused = |e| Error::Unauthenticated(format!("Token refused: {e}"));
-        match request.extensions().get::<Signed>() {
-            Some(Signed(grant)) => {
-                grant.check_expiry(now).map_err(refused)?;
-                Ok(grant.clone())
-            }
-            None => self.keys.verify(token.trim(), now).map_err(refused),
-        }
+        verify_bearer(request.headers(), request.extensions(), self.keys.as_ref())
     }
-}
-
-/// The bearer token of an `authorization` header value.
-fn token_of(header: &Option<http::HeaderValue>) -> String {
-    header
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
 }
 
 /// What a call in progress needs to check its token again when the cluster key changes.
@@ -216,7 +179,7 @@ impl Recheck {
 }
 
 /// An error and its sources, on one line.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {

@@ -6,14 +6,17 @@
 //! limits, connection admission, idle deadlines, request body bounds), with [`forward`] in
 //! place of the node's handlers. It serves nothing of the Agent API and keeps no state beyond
 //! its open calls, so replicas share nothing. It decodes no Console message but the first of a
-//! watch ([`fanout`]).
+//! watch ([`fanout`]) and, to follow a guest to another node, the offsets of a call's messages
+//! ([`migrate`]).
 //!
 //! Modules: [`config`] (the `gateway:` section), [`upstream`] (channels to the nodes),
-//! [`forward`] (one call, token to node), [`fanout`] (read-only watchers sharing one stream).
+//! [`forward`] (one call, token to node), [`fanout`] (read-only watchers sharing one stream),
+//! [`migrate`] (a call following its guest to another node).
 
 pub mod config;
 mod fanout;
 mod forward;
+mod migrate;
 mod upstream;
 
 use crate::server::{bodies::InputBounded, Protection};
@@ -82,6 +85,7 @@ pub async fn run(config: GatewayConfig) -> Result<(), GatewayError> {
     let console = InputBounded::remote(
         forward::Forward::new(keys, upstreams, &config.fanout),
         limits.body_timeout.get(),
+        protection.keys.body_timeout,
     );
     let window = u32::try_from(config.upstream.stream_window.bytes()).unwrap_or(u32::MAX);
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -2,21 +2,33 @@
 //!
 //! Owns the table of channels (keyed by the node claim of verified tokens, so only nodes the
 //! cluster key vouches for ever get an entry) and how each is made: the gateway's client
-//! certificate, the nodes' CA, the connect timeout, and the per-stream HTTP/2 window that
-//! bounds what the gateway holds of a stream towards the node. It never reads a token and
-//! never decides who may call.
+//! certificate, the nodes' CA, the connect timeout, the per-stream HTTP/2 window that
+//! bounds what the gateway holds of a stream towards the node, the largest frame it accepts
+//! and the read buffer beneath TLS (docs/gateway.md, "Forwarding and backpressure"). It never
+//! reads a token and never decides who may call.
 
 use super::config::UpstreamConfig;
 use super::GatewayError;
+use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tower::ServiceExt;
 
 /// Most nodes kept in the table; a call to a node beyond it gets a channel of its own (its
 /// connection ends with the call). Verified claims name real nodes only, so this bounds a
 /// fleet, not an attacker.
 const MAX_NODES: usize = 16_384;
+
+/// Largest HTTP/2 DATA frame the gateway accepts from a node: a node sends each history
+/// chunk (`history.chunk_size`, 64 KiB) as one frame, not four of HTTP/2's default 16 KiB,
+/// so the gateway handles a quarter as many frames (and the node writes a quarter as often).
+/// Within the stream window: never more is held.
+const MAX_FRAME: u32 = 256 << 10;
+
+/// The read buffer beneath the TLS session to a node (one per node connection).
+const READ_BUFFER: usize = 64 << 10;
 
 /// The channels to the nodes.
 pub(crate) struct Upstreams {
@@ -73,11 +85,21 @@ impl Upstreams {
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
         tcp.set_keepalive(Some(Duration::from_secs(60)));
+        // TLS reads the socket 4 KiB at a time; a read buffer beneath it takes the node's
+        // records in reads of up to READ_BUFFER (docs/gateway.md, "Forwarding and
+        // backpressure").
+        let tcp = tcp.map_response(|io| {
+            TokioIo::new(tokio::io::BufReader::with_capacity(
+                READ_BUFFER,
+                io.into_inner(),
+            ))
+        });
         let channel = Endpoint::from_shared(format!("https://{node}"))
             .map_err(|e| unusable(&e))?
             .connect_timeout(self.connect_timeout)
             .initial_stream_window_size(self.window)
             .initial_connection_window_size(self.window.saturating_mul(16))
+            .max_frame_size(MAX_FRAME)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20))
             .tls_config(self.tls.clone())

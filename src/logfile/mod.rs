@@ -8,7 +8,8 @@
 //! record's format; `recover` where offsets resume at open; `files` the file-system steps;
 //! `read` reads ranges back from segments (console replay); `index` the time index (format,
 //! writer, reader), which never changes a byte of a log; `view` maps the files of a stream
-//! nobody writes any more (a removed one) for history, read-only. Age retention
+//! nobody writes any more (a removed one) for history, read-only; `import` logs bytes, time
+//! marks and events imported from another node at their source offsets (live migration). Age retention
 //! ([`LogFile::expire`]) deletes the rotated files older than `max_age`, never the current one.
 //!
 //! Invariants (docs/operations.md, "Durability"):
@@ -42,6 +43,7 @@
 pub(crate) mod compression;
 mod files;
 mod gaps;
+mod import;
 pub mod index;
 mod read;
 mod record;
@@ -60,6 +62,7 @@ pub(crate) use files::write_atomically;
 pub use files::{backup_path, backups_of};
 pub(crate) use files::{delete_stream_files, expire_unwritten};
 pub(crate) use gaps::{Gaps, Piece};
+pub(crate) use import::Mark;
 pub(crate) use read::{read_tail, Body, SegmentError};
 pub(crate) use record::Position;
 #[cfg(test)]
@@ -205,6 +208,9 @@ pub(crate) struct LogFile {
     index: index::Writer,
     /// Compressions of rotated files: reservations, jobs handed out.
     compression: compression::State,
+    /// An import is to run into this log: its owner holds the guest's output back, up to this
+    /// switchover timeout once the guest is there ([`import`]).
+    import_pending: Option<std::time::Duration>,
 }
 
 impl LogFile {
@@ -250,6 +256,7 @@ impl LogFile {
             // Off until the owner turns it on (`logs.time_index`, [`Self::set_time_index`]).
             index: index::Writer::open(path, start, false),
             compression: compression::State::default(),
+            import_pending: None,
         };
         log.forget_old_gaps();
         if let Some(record) = log.changed_position(None) {

@@ -12,6 +12,7 @@ use crate::guests::{Actor, Guests, LimitsOverride, StreamKind, StreamSnapshot};
 use crate::handoff::{create_pipe, Handoffs};
 use crate::log_owner::LogError;
 use crate::logfile::Compression;
+use crate::migration::import::{Import, Importer, Source};
 use crate::names::{self, GuestName, StreamName};
 use crate::proto::{self, agent_server::Agent};
 use crate::tokens::{Access, Grant, TokenKey};
@@ -32,6 +33,8 @@ pub struct AgentService {
     pub upgrades: Trigger,
     /// Signs console tokens.
     pub tokens: Arc<TokenKey>,
+    /// Imports streams of guests that live-migrate here.
+    pub importer: Arc<Importer>,
 }
 
 /// Agent-call log lines per call site and second; a local caller that goes beyond is told
@@ -131,10 +134,73 @@ fn stream_info(s: StreamSnapshot) -> proto::StreamInfo {
         raw_bytes: f.raw_bytes,
         backups: f.backups,
         compression_backlog_bytes: f.compression_backlog,
+        // A live stream has not moved (a moved one is removed, and not listed).
+        moved_to: String::new(),
+        migrating_from: f.migrating_from,
     }
 }
 
 impl AgentService {
+    /// The checked `migrate_from` of a create call and a place for its import; `None` without
+    /// one. A stream with `migrate_from` is created by it: one that exists already is refused,
+    /// unless it is importing from that very node (the call is repeated: nothing new starts).
+    async fn migration(
+        &self,
+        guest: &GuestName,
+        stream: &StreamName,
+        from: Option<proto::MigrateFrom>,
+    ) -> Result<Option<(Source, tokio::sync::OwnedSemaphorePermit)>> {
+        let Some(from) = from else {
+            return Ok(None);
+        };
+        let source = Source::parse(from)?;
+        if let Ok((_, live)) = self.guests.stream(guest, Some(stream)).await {
+            let importing = live
+                .stats
+                .migrating_from
+                .lock()
+                .map(|from| from.clone())
+                .unwrap_or_default();
+            if importing == source.node {
+                return Ok(None);
+            }
+            return Err(Error::InvalidArgument(format!(
+                "{guest}/{stream} already exists on this node: migrate_from creates the stream                  (remove it first, with delete_logs to abort a migration)"
+            )));
+        }
+        let place = self.importer.admit()?;
+        Ok(Some((source, place)))
+    }
+
+    /// Starts importing the created stream `guest/stream` (fed by `actor`) from `source`.
+    fn start_import(
+        &self,
+        guest: &GuestName,
+        stream: &StreamName,
+        source: Source,
+        place: tokio::sync::OwnedSemaphorePermit,
+        actor: &Actor,
+    ) {
+        let cap = self.guests.disk_cap(guest, stream).unwrap_or(u64::MAX);
+        let (log, console) = (actor.log().clone(), matches!(actor, Actor::Console(_)));
+        let guest_here = crate::migration::import::guest_here(actor);
+        let marker = self.guests.import_marker(guest.as_str(), stream.as_str());
+        crate::limited!(burst: AUDIT_BURST, info, guest = %guest, stream = %stream, from = %source.node, "importing a migrating guest's stream");
+        self.importer.spawn(
+            Import {
+                guest: guest.to_string(),
+                stream: stream.to_string(),
+                source,
+                log,
+                guest_here,
+                console,
+                cap,
+                marker,
+            },
+            Some(place),
+        );
+    }
+
     fn issue_token(&self, request: proto::IssueTokenRequest) -> Result<proto::IssueTokenResponse> {
         let guest = GuestName::parse(request.guest)?;
         let device = if request.device.is_empty() {
@@ -185,16 +251,31 @@ impl AgentService {
         let guest = GuestName::parse(request.guest)?;
         let stream = StreamName::or_default(request.stream, names::DEFAULT_PIPE_STREAM)?;
         let limits = limits_from_proto(request.limits)?;
+        let migrate = self
+            .migration(&guest, &stream, request.migrate_from)
+            .await?;
         // Until the write end is registered: an upgrade carries the pipe, or refuses the call.
         let _admitted = self.handoffs.admit()?;
         crate::fault::point("agent.create_log_pipe");
         let opened = self
             .guests
-            .open_stream(&guest, &stream, StreamKind::Pipe, limits, None)
+            .open_stream(
+                &guest,
+                &stream,
+                StreamKind::Pipe,
+                limits,
+                None,
+                migrate
+                    .as_ref()
+                    .map(|_| self.config.migration.switchover_timeout.get()),
+            )
             .await?;
         let (Actor::Pipe(handle), log_path) = (opened.actor, opened.log_path) else {
             unreachable!("open_stream returns the kind asked for");
         };
+        if let Some((source, place)) = migrate {
+            self.start_import(&guest, &stream, source, place, &Actor::Pipe(handle.clone()));
+        }
         let pipe = create_pipe(self.config.handoff.pipe_buffer.bytes_usize())
             .map_err(|e| Error::io("cannot create a pipe", e))?;
         let offset = handle.add_pipe(pipe.read_end).await.map_err(|e| match e {
@@ -255,14 +336,35 @@ impl AgentService {
                 )))
             }
         };
+        let migrate = self
+            .migration(&guest, &device, request.migrate_from)
+            .await?;
         let _admitted = self.handoffs.admit()?;
         let opened = self
             .guests
-            .open_stream(&guest, &device, StreamKind::Console, limits, protocol)
+            .open_stream(
+                &guest,
+                &device,
+                StreamKind::Console,
+                limits,
+                protocol,
+                migrate
+                    .as_ref()
+                    .map(|_| self.config.migration.switchover_timeout.get()),
+            )
             .await?;
         let Actor::Console(handle) = opened.actor else {
             unreachable!("open_stream returns the kind asked for");
         };
+        if let Some((source, place)) = migrate {
+            self.start_import(
+                &guest,
+                &device,
+                source,
+                place,
+                &Actor::Console(handle.clone()),
+            );
+        }
         Ok(proto::CreateConsoleResponse {
             guest_socket: handle.paths.guest_socket.display().to_string(),
             client_socket: handle.paths.client_socket.display().to_string(),
@@ -289,6 +391,20 @@ impl AgentService {
         } else {
             Some(StreamName::parse(request.stream)?)
         };
+        let moved_to = if request.moved_to.is_empty() {
+            None
+        } else {
+            if request.delete_logs {
+                return Err(Error::InvalidArgument(
+                    "moved_to keeps the logs (the destination imports them, clients are                      redirected): it cannot go with delete_logs"
+                        .into(),
+                ));
+            }
+            Some(crate::migration::parse_endpoint(
+                "moved_to",
+                &request.moved_to,
+            )?)
+        };
         let _admitted = self.handoffs.admit()?;
         match &stream {
             Some(stream) => self.handoffs.forget_stream(&guest, stream),
@@ -296,7 +412,7 @@ impl AgentService {
         }
         let removed = self
             .guests
-            .remove(&guest, stream.as_ref(), request.delete_logs)
+            .remove(&guest, stream.as_ref(), request.delete_logs, moved_to)
             .await?;
         Ok(proto::RemoveGuestResponse {
             streams_removed: removed.streams,

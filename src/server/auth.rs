@@ -6,7 +6,7 @@
 //! default is closed. Token signing and format belong to [`crate::tokens`].
 
 use crate::error::Error;
-use crate::tokens::{Access, Grant, TokenKey};
+use crate::tokens::{Access, Grant, TokenKey, Verify};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tonic::service::Interceptor;
@@ -53,35 +53,57 @@ pub struct BearerTokens(pub Arc<TokenKey>);
 
 impl Interceptor for BearerTokens {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let header = request.metadata().get("authorization").ok_or_else(|| {
-            Status::from(Error::Unauthenticated(
-                "This call needs an `authorization: Bearer <token>` header; the node's agent \
-                 issues tokens (Agent.IssueToken, `conlogctl token`)"
-                    .to_owned(),
-            ))
-        })?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::from(Error::Unauthenticated(
-                    "The authorization header must be `Bearer <token>`".to_owned(),
-                ))
-            })?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let refused = |e| Status::from(Error::Unauthenticated(format!("Token refused: {e}")));
-        let grant = match request.extensions().get::<Signed>() {
-            Some(Signed(grant)) => {
-                grant.check_expiry(now).map_err(refused)?;
-                grant.clone()
-            }
-            None => self.0.verify(token.trim(), now).map_err(refused)?,
-        };
+        let grant = verify_bearer(
+            request.metadata().as_ref(),
+            request.extensions(),
+            self.0.as_ref(),
+        )?;
         request.extensions_mut().insert(Caller::Remote(grant));
         Ok(request)
+    }
+}
+
+/// The token of an `authorization: Bearer <token>` header (surrounding blanks trimmed), or
+/// why there is none. The one place the header is parsed: a node's interceptor, its call
+/// limits and gRPC-web body allowance, and the gateway all read tokens with it.
+pub fn bearer_token(headers: &http::HeaderMap) -> Result<&str, Error> {
+    let header = headers.get(http::header::AUTHORIZATION).ok_or_else(|| {
+        Error::Unauthenticated(
+            "This call needs an `authorization: Bearer <token>` header; the node's agent \
+             issues tokens (Agent.IssueToken, `conlogctl token`)"
+                .to_owned(),
+        )
+    })?;
+    header
+        .to_str()
+        .ok()
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| {
+            Error::Unauthenticated("The authorization header must be `Bearer <token>`".to_owned())
+        })
+}
+
+/// The grant of a call's bearer token: verified with `keys` and not expired now. A call
+/// whose signature the call limits already checked ([`Signed`] among its `extensions`) has
+/// only its expiry judged here. A node's interceptor ([`BearerTokens`]) and the gateway's
+/// forwarding service both authenticate with it.
+pub(crate) fn verify_bearer(
+    headers: &http::HeaderMap,
+    extensions: &http::Extensions,
+    keys: &dyn Verify,
+) -> Result<Grant, Error> {
+    let token = bearer_token(headers)?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let refused = |e| Error::Unauthenticated(format!("Token refused: {e}"));
+    match extensions.get::<Signed>() {
+        Some(Signed(grant)) => {
+            grant.check_expiry(now).map_err(refused)?;
+            Ok(grant.clone())
+        }
+        None => keys.verify(token, now).map_err(refused),
     }
 }
 
@@ -169,5 +191,72 @@ pub fn granted_device(caller: Option<&Caller>) -> Option<&str> {
     match caller {
         Some(Caller::Remote(grant)) => grant.device.as_deref(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(value: Option<&str>) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        if let Some(value) = value {
+            headers.insert(http::header::AUTHORIZATION, value.parse().unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn a_bearer_token_is_read_trimmed_and_anything_else_is_refused_saying_why() {
+        assert_eq!(
+            bearer_token(&headers(Some("Bearer  abc.def "))).unwrap(),
+            "abc.def"
+        );
+        let missing = bearer_token(&headers(None)).unwrap_err().to_string();
+        assert!(
+            missing.contains("needs an `authorization: Bearer <token>`"),
+            "{missing}"
+        );
+        for malformed in ["Basic abc", "bearer abc", "Bearerabc"] {
+            let refused = bearer_token(&headers(Some(malformed)))
+                .unwrap_err()
+                .to_string();
+            assert!(refused.contains("must be `Bearer <token>`"), "{refused}");
+        }
+    }
+
+    #[test]
+    fn a_grant_the_call_limits_signed_is_judged_on_expiry_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TokenKey::load_or_create(&dir.path().join("token.key")).unwrap();
+        let grant = |expires_unix| Grant {
+            guest: "vm1".into(),
+            device: None,
+            access: Access::Read,
+            expires_unix,
+            key_id: String::new(),
+            node: None,
+            issued_unix: None,
+        };
+        let far = u64::MAX / 2;
+        let token = key.issue(grant(far));
+        let headers = headers(Some(&format!("Bearer {token}")));
+        let verified = verify_bearer(&headers, &http::Extensions::new(), &key).unwrap();
+        assert_eq!(verified.guest, "vm1");
+        // A forged token with a grant already checked: the checked grant is the one used.
+        let forged = self::headers(Some("Bearer not-a-token"));
+        let mut signed = http::Extensions::new();
+        signed.insert(Signed(grant(far)));
+        assert_eq!(verify_bearer(&forged, &signed, &key).unwrap().guest, "vm1");
+        let mut expired = http::Extensions::new();
+        expired.insert(Signed(grant(1)));
+        let refused = verify_bearer(&headers, &expired, &key)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("Token refused"), "{refused}");
+        let unsigned = verify_bearer(&forged, &http::Extensions::new(), &key)
+            .unwrap_err()
+            .to_string();
+        assert!(unsigned.contains("Token refused"), "{unsigned}");
     }
 }

@@ -47,9 +47,10 @@ fn unary_limit(path: &str) -> Option<usize> {
 #[derive(Clone)]
 pub struct InputBounded<S> {
     inner: S,
-    /// On TCP: how long a unary request body may take, and whether `AttachConsole` messages
-    /// are bounded. `None` on the local socket (trusted callers).
-    remote: Option<Duration>,
+    /// On TCP: how long a unary request body may take (and that setting's name), and
+    /// whether `AttachConsole` messages are bounded. `None` on the local socket (trusted
+    /// callers).
+    remote: Option<(Duration, &'static str)>,
 }
 
 impl<S> InputBounded<S> {
@@ -61,11 +62,11 @@ impl<S> InputBounded<S> {
         }
     }
 
-    /// For TCP, with `limits.body_timeout`.
-    pub fn remote(inner: S, body_timeout: Duration) -> Self {
+    /// For TCP, with `limits.body_timeout` (a gateway's own, named `key`).
+    pub fn remote(inner: S, body_timeout: Duration, key: &'static str) -> Self {
         Self {
             inner,
-            remote: Some(body_timeout),
+            remote: Some((body_timeout, key)),
         }
     }
 }
@@ -93,7 +94,7 @@ where
                 limit,
                 seen: 0,
                 input: path == SEND_INPUT_PATH,
-                deadline: timeout.map(|t| Box::pin(tokio::time::sleep(t))),
+                deadline: timeout.map(|(t, key)| (Box::pin(tokio::time::sleep(t)), key)),
             },
             (None, Some(_)) if path == ATTACH_PATH => Bound::Messages {
                 header: [0; 5],
@@ -115,7 +116,8 @@ enum Bound {
         seen: usize,
         /// `SendConsoleInput`'s (the refusal says how to send input).
         input: bool,
-        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+        /// With the name of the setting it comes from.
+        deadline: Option<(Pin<Box<tokio::time::Sleep>>, &'static str)>,
     },
     /// A stream of gRPC messages, each announcing at most [`MAX_INPUT_BODY`] bytes.
     Messages {
@@ -195,11 +197,10 @@ impl Bound {
     fn poll_late(&mut self, cx: &mut Context<'_>) -> Poll<Status> {
         match self {
             Bound::Unary {
-                deadline: Some(deadline),
+                deadline: Some((deadline, key)),
                 ..
             } => deadline.as_mut().poll(cx).map(|()| {
-                Error::Exhausted("The request did not arrive within limits.body_timeout".to_owned())
-                    .into()
+                Error::Exhausted(format!("The request did not arrive within {key}")).into()
             }),
             _ => Poll::Pending,
         }

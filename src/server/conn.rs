@@ -202,13 +202,16 @@ pub struct Conn<IO> {
 /// The idle deadline of one connection (see the module doc).
 struct IdleTimer {
     timeout: Duration,
+    /// The setting's name (a node's `limits.idle_timeout`, a gateway's own).
+    key: &'static str,
     sleep: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl IdleTimer {
-    fn new(timeout: Duration) -> Self {
+    fn new(timeout: Duration, key: &'static str) -> Self {
         Self {
             timeout,
+            key,
             sleep: Box::pin(tokio::time::sleep(timeout)),
         }
     }
@@ -248,19 +251,19 @@ impl<IO> Conn<IO> {
     }
 
     /// A TCP connection (plain or TLS) from `address`, holding its `places`, closed after
-    /// `idle_timeout` without a call.
+    /// `idle_timeout` without a call (the setting named as given, e.g. `limits.idle_timeout`).
     pub fn remote(
         io: IO,
         address: SocketAddr,
         tls: bool,
         places: Places,
-        idle_timeout: Duration,
+        (idle_timeout, idle_key): (Duration, &'static str),
     ) -> Self {
         Self {
             io,
             info: ConnInfo::new(Peer::Remote { address, tls }),
             _places: Some(places),
-            idle: Some(IdleTimer::new(idle_timeout)),
+            idle: Some(IdleTimer::new(idle_timeout, idle_key)),
         }
     }
 }
@@ -282,10 +285,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Conn<IO> {
         let this = &mut *self;
         if let Some(idle) = &mut this.idle {
             if idle.poll_expired(cx, &this.info.activity).is_ready() {
-                tracing::debug!(peer = %this.info.label(), "closing an idle connection (limits.idle_timeout)");
+                let key = idle.key;
+                tracing::debug!(peer = %this.info.label(), "closing an idle connection ({key})");
                 return Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    "no call for limits.idle_timeout",
+                    format!("no call for {key}"),
                 )));
             }
         }

@@ -3,7 +3,9 @@
 //! They validate requests, find the console in [`crate::guests`], attach through
 //! [`crate::console`] and map its [`Event`]s to `ServerFrame`s. A console that closes ends the
 //! stream with `UNAVAILABLE` (shutdown, upgrade: reconnect and resume by offset) or `NOT_FOUND`
-//! (removed). `ReadHistory` streams from [`crate::history`]. Console input is written through
+//! (removed), or with the moved status of a stream that live-migrated away
+//! ([`crate::migration::moved_status`]: at once for a new call, after every byte for a live
+//! one). `ReadHistory` streams from [`crate::history`]. Console input is written through
 //! [`crate::console::ConsoleHandle::write_input`], which queues nothing: `SendConsoleInput`
 //! takes at most 64 KiB per call (its request body is bounded while it arrives, by
 //! [`super::bodies::InputBounded`]), one call at a time per session, and waits at most 10 s for the guest; an
@@ -20,6 +22,7 @@ use crate::console::{AttachRequest, Attachment, ConsoleError, Event, Mode, MAX_P
 use crate::error::{Error, Result};
 use crate::guests::{Guests, RegistryError};
 use crate::history::{self, HistoryItem, HistoryRequest, Start};
+use crate::migration::{moved_status, Moved};
 use crate::names::{self, GuestName, StreamName};
 use crate::proto::{
     self, attach, client_frame, console_server::Console, read_history_request, server_frame,
@@ -191,9 +194,10 @@ impl ConsoleService {
         fields: AttachFields,
         label: String,
         caller: Option<&Caller>,
-    ) -> Result<(crate::console::ConsoleHandle, Attachment)> {
-        let guest = GuestName::parse(fields.guest)?;
-        let device = StreamName::or_default(fields.device, names::DEFAULT_CONSOLE_DEVICE)?;
+    ) -> Result<(crate::console::ConsoleHandle, Attachment), AttachError> {
+        let guest = GuestName::parse(fields.guest).map_err(Error::from)?;
+        let device = StreamName::or_default(fields.device, names::DEFAULT_CONSOLE_DEVICE)
+            .map_err(Error::from)?;
         let mode = match attach::Mode::try_from(fields.mode) {
             Ok(attach::Mode::ReadWrite) => Mode::ReadWrite,
             Ok(attach::Mode::ReadOnly | attach::Mode::Unspecified) => Mode::ReadOnly,
@@ -201,7 +205,8 @@ impl ConsoleService {
                 return Err(Error::InvalidArgument(format!(
                     "mode {} is not an Attach.Mode (READ_ONLY = 1, READ_WRITE = 2)",
                     fields.mode
-                )))
+                ))
+                .into())
             }
         };
         let need = if mode == Mode::ReadWrite || fields.force {
@@ -210,7 +215,21 @@ impl ConsoleService {
             Need::Read
         };
         auth::authorize(caller, &guest, &device, need)?;
-        let console = self.guests.console(&guest, &device).await?;
+        let console = match self.guests.console(&guest, &device).await {
+            Ok(console) => console,
+            Err(
+                missing @ (RegistryError::UnknownGuest(_)
+                | RegistryError::UnknownStream { .. }
+                | RegistryError::UnknownConsole { .. }),
+            ) => {
+                // A console that moved away answers with where it went.
+                return Err(match self.guests.moved(&guest, &device) {
+                    Some(moved) => AttachError::Moved(moved_status(&guest, &device, &moved)),
+                    None => AttachError::Error(missing.into()),
+                });
+            }
+            Err(e) => return Err(AttachError::Error(e.into())),
+        };
         let (replay_bytes, replay_permit) = self.replay(caller, fields.replay_bytes);
         let attachment = console
             .attach(AttachRequest {
@@ -221,8 +240,31 @@ impl ConsoleService {
                 remote: matches!(caller, Some(Caller::Remote(_))),
                 replay_permit,
             })
-            .await?;
+            .await
+            .map_err(Error::from)?;
         Ok((console, attachment))
+    }
+}
+
+/// Why an attach failed: an error, or the moved status (a status with trailers, which the
+/// error mapping cannot carry).
+enum AttachError {
+    Error(Error),
+    Moved(Status),
+}
+
+impl From<Error> for AttachError {
+    fn from(error: Error) -> Self {
+        AttachError::Error(error)
+    }
+}
+
+impl From<AttachError> for Status {
+    fn from(error: AttachError) -> Self {
+        match error {
+            AttachError::Error(e) => e.into(),
+            AttachError::Moved(status) => status,
+        }
     }
 }
 
@@ -259,7 +301,11 @@ fn with_access(label: String, caller: Option<&auth::Caller>) -> String {
     }
 }
 
-fn frame(event: Event, session_id: &str) -> std::result::Result<ServerFrame, Status> {
+fn frame(
+    event: Event,
+    session_id: &str,
+    names: &(String, String),
+) -> std::result::Result<ServerFrame, Status> {
     let frame = match event {
         Event::Attached {
             offset,
@@ -284,11 +330,63 @@ fn frame(event: Event, session_id: &str) -> std::result::Result<ServerFrame, Sta
         Event::WriterRevoked { reason } => {
             server_frame::Frame::WriterRevoked(proto::WriterRevoked { reason })
         }
-        Event::Closed { reason, removed } => {
-            return Err(ConsoleError::Ended { reason, removed }.into())
-        }
+        Event::Closed {
+            moved: Some(moved), ..
+        } => return Err(moved_status(&names.0, &names.1, &moved)),
+        Event::Closed {
+            reason, removed, ..
+        } => return Err(ConsoleError::Ended { reason, removed }.into()),
     };
     Ok(ServerFrame { frame: Some(frame) })
+}
+
+/// The guest and device names of `console`, for the moved status.
+fn console_names(console: &crate::console::ConsoleHandle) -> (String, String) {
+    let (guest, device) = console.guest_and_device();
+    (guest.to_string(), device.to_string())
+}
+
+/// `chunks`, ended with the moved status of `guest`'s `stream` when the read reached the
+/// stream's end and the stream moved away (`moved`, asked when the read is over: a stream
+/// being followed may move while it is read). A read that ended before the end (a limit,
+/// `until_time`) or with an error ends as it did.
+fn ending_moved(
+    chunks: BoxStream<HistoryChunk>,
+    start: Option<u64>,
+    names: (String, String),
+    moved: impl FnOnce() -> Option<Moved> + Send + 'static,
+) -> BoxStream<HistoryChunk> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    // A read that is not from an explicit offset and gets no byte started at the end.
+    let position = Arc::new(AtomicU64::new(start.unwrap_or(u64::MAX)));
+    let failed = Arc::new(AtomicBool::new(false));
+    let (seen, errored) = (position.clone(), failed.clone());
+    let chunks = futures::StreamExt::inspect(chunks, move |item| match item {
+        Ok(chunk) => {
+            let end = match &chunk.gap {
+                Some(gap) => gap.to_offset,
+                None if chunk.event.is_some() => return,
+                None => chunk.offset + chunk.data.len() as u64,
+            };
+            // The first chunk places an open start; later ones move it on.
+            let _ = seen.fetch_update(Relaxed, Relaxed, |at| {
+                Some(if at == u64::MAX { end } else { at.max(end) })
+            });
+        }
+        Err(_) => errored.store(true, Relaxed),
+    });
+    let tail = futures::StreamExt::filter_map(
+        futures::stream::once(async move {
+            if failed.load(Relaxed) {
+                return None;
+            }
+            let moved = moved()?;
+            (position.load(Relaxed) >= moved.offset)
+                .then(|| Err(moved_status(&names.0, &names.1, &moved)))
+        }),
+        |item| async move { item },
+    );
+    Box::pin(futures::StreamExt::chain(chunks, tail))
 }
 
 /// What a client's response stream keeps alive: its attachment (the lease), its session, and
@@ -304,12 +402,14 @@ struct Held {
 /// The client's frames; everything in [`Held`] lives exactly as long as the stream. A status
 /// from `input_failed` (the client's input broke a limit) ends the stream with it.
 fn frames(
+    names: (String, String),
     attachment: Attachment,
     session: Option<SessionGuard>,
     call: Option<tokio::sync::oneshot::Sender<()>>,
     input_failed: Option<tokio::sync::oneshot::Receiver<Status>>,
 ) -> BoxStream<ServerFrame> {
     let session_id = session.as_ref().map(|s| s.id.clone()).unwrap_or_default();
+    let names = Arc::new(names);
     let held = Held {
         attachment,
         _session: session,
@@ -319,6 +419,7 @@ fn frames(
     };
     Box::pin(futures::stream::unfold(held, move |mut held| {
         let session_id = session_id.clone();
+        let names = names.clone();
         async move {
             if held.finished {
                 return None;
@@ -340,7 +441,7 @@ fn frames(
                 },
                 None => held.attachment.events.recv().await?,
             };
-            let item = frame(event, &session_id);
+            let item = frame(event, &session_id, &names);
             held.finished = item.is_err();
             Some((item, held))
         }
@@ -468,6 +569,7 @@ impl Console for ConsoleService {
             replay_bytes: a.replay_bytes,
         };
         let (console, attachment) = self.attach(fields, label, caller.as_ref()).await?;
+        let names = console_names(&console);
         let client = attachment.id;
         let mut pacer = InputPacer::new(self.input_rate);
         let (fail, input_failed) = tokio::sync::oneshot::channel::<Status>();
@@ -529,7 +631,7 @@ impl Console for ConsoleService {
                 }
             }
         });
-        let frames = frames(attachment, None, Some(ended), Some(input_failed));
+        let frames = frames(names, attachment, None, Some(ended), Some(input_failed));
         Ok(Response::new(self.revocable(caller.as_ref(), frames)))
     }
 
@@ -551,10 +653,11 @@ impl Console for ConsoleService {
             replay_bytes: r.replay_bytes,
         };
         let (console, attachment) = self.attach(fields, label, caller.as_ref()).await?;
+        let names = console_names(&console);
         let session = self
             .sessions
             .open(console, attachment.id, self.input_rate)?;
-        let frames = frames(attachment, Some(session), None, None);
+        let frames = frames(names, attachment, Some(session), None, None);
         Ok(Response::new(self.revocable(caller.as_ref(), frames)))
     }
 
@@ -635,10 +738,10 @@ impl Console for ConsoleService {
         // The guest is checked before it is looked up: a token for another guest learns
         // nothing, not even whether this one exists.
         auth::authorize_guest(caller.as_ref(), &guest)?;
-        let (_, actor) = match self.guests.stream(&guest, stream.as_ref()).await {
+        let (name, actor, moved) = match self.guests.stream(&guest, stream.as_ref()).await {
             Ok((name, actor)) => {
                 auth::authorize(caller.as_ref(), &guest, &name, Need::Read)?;
-                (name, actor)
+                (name, actor, None)
             }
             // No live stream: a removed one's logs are read while they are on disk.
             Err(
@@ -655,9 +758,13 @@ impl Console for ConsoleService {
                     caller.as_ref(),
                     &guest,
                     &name,
-                    tombstone.map(|t| t.removed_unix),
+                    tombstone.as_ref().map(|t| t.removed_unix),
                 )?;
-                (name, actor)
+                // A stream that moved away: its kept history, then the moved status.
+                let moved = tombstone
+                    .as_ref()
+                    .and_then(crate::tombstone::Tombstone::moved);
+                (name, actor, moved)
             }
             Err(e) => return Err(e.into()),
         };
@@ -699,6 +806,7 @@ impl Console for ConsoleService {
         let descriptors = if request.timed() { 2 } else { 1 };
         let descriptor = self.remote_descriptors(caller.as_ref(), descriptors)?;
         let going_away = self.guests.going_away();
+        let stats = actor.stats.clone();
         let items = history::read(actor, request, going_away).await?;
         let text = r.text;
         let chunks = tokio_stream::wrappers::ReceiverStream::new(items).map(move |item| {
@@ -706,8 +814,21 @@ impl Console for ConsoleService {
             let _descriptor = &descriptor;
             item.map(|item| chunk(item, text)).map_err(Status::from)
         });
-        Ok(Response::new(
-            self.revocable(caller.as_ref(), Box::pin(chunks)),
-        ))
+        // A live stream may move while it is followed: asked when the read is over.
+        let moved = move || {
+            moved.or_else(|| {
+                let to = stats.moved_to.get()?;
+                Some(Moved {
+                    to: to.clone(),
+                    offset: stats.end_offset.load(std::sync::atomic::Ordering::Relaxed),
+                })
+            })
+        };
+        let start = match start {
+            Start::Offset(offset) => Some(offset),
+            _ => None,
+        };
+        let chunks = ending_moved(Box::pin(chunks), start, (guest.to_string(), name), moved);
+        Ok(Response::new(self.revocable(caller.as_ref(), chunks)))
     }
 }

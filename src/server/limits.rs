@@ -31,20 +31,35 @@ use tower::{Layer, Service};
 
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 
-/// The config keys a listener's call limits are named by when they refuse a call.
+/// The config keys a TCP listener's limits are named by when they refuse a connection, a
+/// call or a request body: a node's `limits.*`, or `gateway.limits.*` at a gateway, so that a
+/// refusal names the setting of the process that refused.
+#[derive(Debug)]
 pub(crate) struct LimitKeys {
     pub total: &'static str,
     pub per_connection: &'static str,
     pub per_peer: &'static str,
     pub per_guest: &'static str,
+    pub tcp_connections: &'static str,
+    pub connections_per_peer: &'static str,
+    pub idle_timeout: &'static str,
+    pub body_timeout: &'static str,
+    pub message_size: &'static str,
+    pub web_body_bytes: &'static str,
 }
 
 /// A node's TCP listener.
-const NODE_REMOTE_KEYS: LimitKeys = LimitKeys {
+pub(crate) const NODE_KEYS: LimitKeys = LimitKeys {
     total: "limits.remote_calls_total",
     per_connection: "limits.calls_per_connection",
     per_peer: "limits.calls_per_peer",
     per_guest: "limits.calls_per_guest",
+    tcp_connections: "limits.tcp_connections",
+    connections_per_peer: "limits.connections_per_peer",
+    idle_timeout: "limits.idle_timeout",
+    body_timeout: "limits.body_timeout",
+    message_size: "limits.message_size",
+    web_body_bytes: "limits.web_body_bytes",
 };
 
 /// `conlog-gateway`'s listener (docs/gateway.md, "Limits and deadlines").
@@ -53,6 +68,12 @@ pub(crate) const GATEWAY_KEYS: LimitKeys = LimitKeys {
     per_connection: "gateway.limits.calls_per_connection",
     per_peer: "gateway.limits.calls_per_peer",
     per_guest: "gateway.limits.calls_per_guest",
+    tcp_connections: "gateway.limits.tcp_connections",
+    connections_per_peer: "gateway.limits.connections_per_peer",
+    idle_timeout: "gateway.limits.idle_timeout",
+    body_timeout: "gateway.limits.body_timeout",
+    message_size: "gateway.limits.message_size",
+    web_body_bytes: "gateway.limits.web_body_bytes",
 };
 
 /// The counters and limits of one listener's calls.
@@ -74,6 +95,9 @@ struct RemoteLimits {
     per_guest: Arc<Tally<String>>,
     per_guest_key: &'static str,
     tokens: Arc<dyn Verify>,
+    /// Tokens of the nodes this node's guests migrated from, checked there (set once the
+    /// importer exists; docs/design.md, "Live migration").
+    foreign: std::sync::RwLock<Option<Arc<crate::migration::tokens::ForeignTokens>>>,
 }
 
 impl CallLimits {
@@ -92,7 +116,7 @@ impl CallLimits {
     /// TCP's limits (`limits.remote_calls_total`, per peer, per guest); `tokens` tells which
     /// guest a call's token is for.
     pub(crate) fn remote(limits: &Limits, tokens: Arc<dyn Verify>) -> Arc<Self> {
-        Self::remote_named(limits, tokens, &NODE_REMOTE_KEYS)
+        Self::remote_named(limits, tokens, &NODE_KEYS)
     }
 
     /// The same, refusing calls in the name of `keys`.
@@ -113,8 +137,47 @@ impl CallLimits {
                 per_guest: Tally::new(limits.calls_per_guest),
                 per_guest_key: keys.per_guest,
                 tokens,
+                foreign: std::sync::RwLock::new(None),
             }),
         })
+    }
+
+    /// Tokens of other nodes for guests imported here are checked by `foreign`.
+    pub(crate) fn set_foreign(&self, foreign: Arc<crate::migration::tokens::ForeignTokens>) {
+        if let Some(remote) = &self.remote {
+            *remote
+                .foreign
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(foreign);
+        }
+    }
+
+    /// The checker and the claimed grant of a request whose token did not verify here but
+    /// names the node its guest was imported from.
+    fn foreign_candidate(
+        &self,
+        request: &http::Request<Body>,
+    ) -> Option<(
+        Arc<crate::migration::tokens::ForeignTokens>,
+        String,
+        crate::tokens::Grant,
+    )> {
+        let foreign = self
+            .remote
+            .as_ref()?
+            .foreign
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()?;
+        let value = request.headers().get(http::header::AUTHORIZATION)?;
+        let token = value
+            .to_str()
+            .ok()?
+            .strip_prefix("Bearer ")?
+            .trim()
+            .to_owned();
+        let grant = foreign.candidate(&token)?;
+        Some((foreign, token, grant))
     }
 
     /// Calls in progress on this listener.
@@ -173,8 +236,7 @@ impl CallLimits {
 /// The grant of the request's bearer token, if its signature verifies (expiry is the
 /// interceptor's to judge: an expired token is charged to its guest like a valid one).
 fn token_grant(request: &http::Request<Body>, tokens: &dyn Verify) -> Option<crate::tokens::Grant> {
-    let value = request.headers().get(http::header::AUTHORIZATION)?;
-    let token = value.to_str().ok()?.strip_prefix("Bearer ")?.trim();
+    let token = super::auth::bearer_token(request.headers()).ok()?;
     tokens.verify(token, 0).ok()
 }
 
@@ -249,7 +311,7 @@ pub struct CallLimitsService<S> {
 
 impl<S> Service<http::Request<Body>> for CallLimitsService<S>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>> + Send,
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = http::Response<Body>;
@@ -281,12 +343,34 @@ where
             });
         }
         let guard = match self.limits.admit(&request) {
-            Ok((guard, grant)) => {
-                if let Some(grant) = grant {
-                    request.extensions_mut().insert(super::auth::Signed(grant));
-                }
+            Ok((guard, Some(grant))) => {
+                request.extensions_mut().insert(super::auth::Signed(grant));
                 guard
             }
+            Ok((guard, None)) => match self.limits.foreign_candidate(&request) {
+                // A token of the node its guest migrated from: that node checks it first.
+                Some((foreign, token, claimed)) => {
+                    let mut inner = self.inner.clone();
+                    std::mem::swap(&mut self.inner, &mut inner);
+                    return Box::pin(async move {
+                        match foreign.check(&token, claimed).await {
+                            Ok(grant) => {
+                                request.extensions_mut().insert(super::auth::Signed(grant));
+                            }
+                            Err(status) => return Ok(status.into_http()),
+                        }
+                        let mut response = inner.call(request).await?;
+                        rename_too_large(response.headers_mut());
+                        Ok(response.map(|body| {
+                            Body::new(Guarded {
+                                inner: body,
+                                _guard: guard,
+                            })
+                        }))
+                    });
+                }
+                None => guard,
+            },
             Err(refusal) => {
                 crate::limited!(warn, path = request.uri().path(), %refusal, "call refused");
                 let status = Status::from(refusal);

@@ -16,14 +16,15 @@
 //! translation into gRPC, [`limits::CallLimitsLayer`], then the services behind their
 //! interceptors, so a gRPC-web call is a gRPC call by the time limits and tokens see it.
 //! `conlog-gateway` ([`crate::gateway`]) serves its forwarding Console service through the
-//! same TCP composition ([`serve_console_tcp`]), with its own limits' names
-//! ([`Protection::for_gateway`]); tokens are checked through [`crate::tokens::Verify`], a node's
+//! same TCP composition ([`serve_console_tcp`]), with its own limits' names and its writes to
+//! HTTP/2 clients over TLS coalesced ([`Protection::for_gateway`], [`coalesce`]); tokens are checked through [`crate::tokens::Verify`], a node's
 //! key or the gateway's cluster key.
 
 pub mod agent;
 pub mod auth;
 mod authority;
 pub mod bodies;
+pub mod coalesce;
 pub mod conn;
 pub mod console;
 pub mod limits;
@@ -72,6 +73,10 @@ pub struct Protection {
     tcp_limit: usize,
     /// Origins allowed to call over gRPC-web from other pages (`web`), body limits.
     pub web: web::WebOptions,
+    /// The names refusals give these limits (a node's `limits.*`, a gateway's own).
+    pub(crate) keys: &'static limits::LimitKeys,
+    /// Whether writes to HTTP/2 clients over TLS are coalesced ([`coalesce`]): a gateway's.
+    pub(crate) coalesce_writes: bool,
 }
 
 /// The share of RLIMIT_NOFILE remote callers may hold: a quarter (docs/operations.md,
@@ -102,17 +107,28 @@ impl Protection {
             remote_descriptors: Arc::new(tokio::sync::Semaphore::new(share)),
             remote_descriptors_limit: share,
             tcp_limit: limits.max_tcp_connections(),
-            web: web::WebOptions::new(message_size, limits, tokens),
+            web: web::WebOptions::new(message_size, limits, tokens, &limits::NODE_KEYS),
+            keys: &limits::NODE_KEYS,
+            coalesce_writes: false,
         }
     }
 
-    /// `conlog-gateway`'s: the same layers, its call limits named `gateway.limits.*`.
+    /// `conlog-gateway`'s: the same layers, its limits named `gateway.limits.*`.
     pub(crate) fn for_gateway(
         limits: &crate::config::Limits,
         tokens: Arc<dyn crate::tokens::Verify>,
     ) -> Self {
         let mut protection = Self::new(limits, tokens.clone());
-        protection.remote_calls = CallLimits::remote_named(limits, tokens, &limits::GATEWAY_KEYS);
+        protection.remote_calls =
+            CallLimits::remote_named(limits, tokens.clone(), &limits::GATEWAY_KEYS);
+        protection.web = web::WebOptions::new(
+            protection.message_size,
+            limits,
+            tokens,
+            &limits::GATEWAY_KEYS,
+        );
+        protection.keys = &limits::GATEWAY_KEYS;
+        protection.coalesce_writes = true;
         protection
     }
 
@@ -142,6 +158,7 @@ impl Protection {
             descriptors: self.remote_descriptors.clone(),
             idle_timeout: self.idle_timeout,
             tls,
+            keys: self.keys,
         }
     }
 
@@ -163,7 +180,7 @@ impl Protection {
         let server = proto::console_server::ConsoleServer::new(console)
             .max_decoding_message_size(self.message_size);
         if remote {
-            bodies::InputBounded::remote(server, self.body_timeout)
+            bodies::InputBounded::remote(server, self.body_timeout, self.keys.body_timeout)
         } else {
             bodies::InputBounded::local(server)
         }
@@ -303,9 +320,15 @@ where
                 .await
         }
         Some(tls) => {
+            let coalesce = protection.coalesce_writes;
             let incoming = tcp_incoming(listener, protection.admission(true), move |tcp| {
                 let tls = tls.clone();
-                async move { tls.accept(tcp).await }
+                async move {
+                    let io = tls.accept(tcp).await?;
+                    // HTTP/2 only: HTTP/1.1 buffers its writes itself.
+                    let h2 = io.get_ref().1.alpn_protocol() == Some(b"h2");
+                    Ok(coalesce::Coalesce::new(io, coalesce && h2))
+                }
             });
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
@@ -335,6 +358,7 @@ pub async fn serve_health(
         descriptors: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         idle_timeout: protection.idle_timeout,
         tls: false,
+        keys: protection.keys,
     };
     let incoming = tcp_incoming(listener, admission, |tcp| async move { Ok(tcp) });
     protection
@@ -368,6 +392,8 @@ struct Admission {
     descriptors: Arc<tokio::sync::Semaphore>,
     idle_timeout: std::time::Duration,
     tls: bool,
+    /// The names of the limits it refuses connections by.
+    keys: &'static limits::LimitKeys,
 }
 
 impl Admission {
@@ -377,11 +403,11 @@ impl Admission {
             .slots
             .clone()
             .try_acquire_owned()
-            .map_err(|_| "limits.tcp_connections")?;
+            .map_err(|_| self.keys.tcp_connections)?;
         let peer = self
             .per_peer
             .take(address.ip())
-            .ok_or("limits.connections_per_peer")?;
+            .ok_or(self.keys.connections_per_peer)?;
         let descriptor = self
             .descriptors
             .clone()
@@ -432,12 +458,21 @@ where
                 }
             };
             keep_alive(&tcp);
+            // gRPC writes whole frames: a small one (console output, a trailer) goes out at
+            // once instead of waiting for the peer's delayed ACK (docs/performance.md, "Live
+            // migration").
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
             let (connection, ready) = (handshake(tcp), ready.clone());
-            let (tls, idle_timeout) = (admission.tls, admission.idle_timeout);
+            let (tls, idle) = (
+                admission.tls,
+                (admission.idle_timeout, admission.keys.idle_timeout),
+            );
             tokio::spawn(async move {
                 match connection.await {
                     Ok(io) => {
-                        let conn = Conn::remote(io, address, tls, places, idle_timeout);
+                        let conn = Conn::remote(io, address, tls, places, idle);
                         let _ = ready.send(Ok(conn)).await;
                     }
                     // An operator debugging certificates wants every failure; a flood of them is

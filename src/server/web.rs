@@ -15,6 +15,7 @@
 //! comes from the URL the user was given.
 
 use super::conn::{ConnInfo, Peer};
+use super::limits::LimitKeys;
 use crate::config::{Limits, Origin, WebConfig};
 use crate::error::Error;
 use crate::tokens::Verify;
@@ -101,6 +102,8 @@ pub struct WebOptions {
     body_bytes_limit: u64,
     /// Verifies a console call's token before its body is held in memory.
     tokens: Arc<dyn Verify>,
+    /// The names of the limits above, as refusals give them.
+    keys: &'static LimitKeys,
 }
 
 impl std::fmt::Debug for WebOptions {
@@ -117,11 +120,19 @@ impl WebOptions {
     /// No other origin allowed; request bodies bounded for messages of `message_size`
     /// (`limits.message_size`), base64 (gRPC-web-text) included, and by the body limits of
     /// `limits`.
-    pub(crate) fn new(message_size: usize, limits: &Limits, tokens: Arc<dyn Verify>) -> Self {
+    pub(crate) fn new(
+        message_size: usize,
+        limits: &Limits,
+        tokens: Arc<dyn Verify>,
+        keys: &'static LimitKeys,
+    ) -> Self {
         let body_bytes_limit = limits.web_body_bytes.bytes();
         Self {
             allowed_origins: Arc::new([]),
-            body_limit: message_size.saturating_mul(4) / 3 + (64 << 10),
+            body_limit: usize::try_from(crate::config::largest_web_body(
+                u64::try_from(message_size).unwrap_or(u64::MAX),
+            ))
+            .unwrap_or(usize::MAX),
             body_timeout: limits.body_timeout.get(),
             body_bytes: Arc::new(tokio::sync::Semaphore::new(
                 usize::try_from(body_bytes_limit)
@@ -130,6 +141,7 @@ impl WebOptions {
             )),
             body_bytes_limit,
             tokens,
+            keys,
         }
     }
 
@@ -144,12 +156,9 @@ impl WebOptions {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .filter(|token| self.tokens.verify(token.trim(), now).is_ok())
+        super::auth::bearer_token(request.headers())
+            .ok()
+            .filter(|token| self.tokens.verify(token, now).is_ok())
             .map_or(Allowance::Discard, |_| Allowance::Hold(self.body_limit))
     }
 
@@ -286,12 +295,11 @@ async fn buffered(
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => {
-                tracing::debug!(
-                    "an HTTP/1.1 request body did not arrive within limits.body_timeout"
-                );
+                let key = options.keys.body_timeout;
+                tracing::debug!("an HTTP/1.1 request body did not arrive within {key}");
                 return Err(respond(
                     StatusCode::REQUEST_TIMEOUT,
-                    "the request body did not arrive within limits.body_timeout\n",
+                    format!("the request body did not arrive within {key}\n"),
                 ));
             }
             Ok(None) => break,
@@ -309,9 +317,9 @@ async fn buffered(
         total = total.saturating_add(data.len());
         if total > limit {
             let what = if limit == options.body_limit {
-                "Limit limits.message_size reached: the"
+                format!("Limit {} reached: the", options.keys.message_size)
             } else {
-                "The"
+                "The".to_owned()
             };
             return Err(grpc_refusal(
                 Error::Exhausted(format!("{what} request body is over {limit} bytes")).into(),
@@ -327,13 +335,11 @@ async fn buffered(
                 None => permit = Some(more),
             },
             Err(_) => {
-                crate::limited!(
-                    warn,
-                    "limits.web_body_bytes reached; refusing an HTTP/1.1 request"
-                );
+                let key = options.keys.web_body_bytes;
+                crate::limited!(warn, "{key} reached; refusing an HTTP/1.1 request");
                 return Err(grpc_refusal(
                     Error::Exhausted(format!(
-                        "Limit limits.web_body_bytes reached: {} bytes of request bodies are held",
+                        "Limit {key} reached: {} bytes of request bodies are held",
                         options.body_bytes_limit
                     ))
                     .into(),
@@ -355,10 +361,8 @@ fn header_bytes(headers: &HeaderMap) -> usize {
         .sum()
 }
 
-fn respond(status: StatusCode, text: &'static str) -> Response<Body> {
-    let mut response = Response::new(Body::new(http_body_util::Full::new(
-        bytes::Bytes::from_static(text.as_bytes()),
-    )));
+fn respond(status: StatusCode, text: impl Into<bytes::Bytes>) -> Response<Body> {
+    let mut response = Response::new(Body::new(http_body_util::Full::new(text.into())));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -579,8 +583,16 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let tokens = Arc::new(TokenKey::load_or_create(&dir.path().join("token.key")).unwrap());
-        WebLayer(WebOptions::new(4096, &Limits::default(), tokens).with_origins(&config))
-            .layer(Inner)
+        WebLayer(
+            WebOptions::new(
+                4096,
+                &Limits::default(),
+                tokens,
+                &crate::server::limits::NODE_KEYS,
+            )
+            .with_origins(&config),
+        )
+        .layer(Inner)
     }
 
     fn request(method: Method, path: &str, headers: &[(&str, &str)]) -> Request<Body> {

@@ -775,7 +775,103 @@ async fn the_gateway_answers_health_in_plaintext_and_prints_its_config() {
     assert!(output.status.success(), "{output:?}");
     let printed: serde_yaml::Value = serde_yaml::from_slice(&output.stdout).unwrap();
     let gateway = &printed["gateway"];
-    assert_eq!(gateway["upstream"]["stream_window"], "256KiB");
+    assert_eq!(gateway["upstream"]["stream_window"], "1MiB");
     assert_eq!(gateway["limits"]["calls_per_guest"], 64);
     assert_eq!(gateway["health"], serde_yaml::Value::Null);
+}
+
+/// A gRPC-web request over HTTP/1.1 to a gateway (binary, a `ReadHistory` path) with `token`,
+/// announcing `length` body bytes and sending `sent` of them.
+fn grpc_web_body(token: &str, length: usize, sent: usize) -> Vec<u8> {
+    let mut request = format!(
+        "POST /conlog.v1.Console/ReadHistory HTTP/1.1\r\nhost: localhost\r\n\
+         content-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\n\
+         authorization: Bearer {token}\r\ncontent-length: {length}\r\nconnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    request.resize(request.len() + sent, 0);
+    request
+}
+
+/// Refusals at a gateway name the gateway's settings (`gateway.limits.*`), not a node's: an
+/// HTTP/1.1 request body over `message_size`, one that does not arrive within
+/// `body_timeout`, a connection over `connections_per_peer`; and a config whose
+/// `web_body_bytes` cannot hold one message of `message_size` (the rule a node's `limits`
+/// share) is refused naming the gateway's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_at_the_gateway_name_the_gateways_own_limits() {
+    let pki = Pki::new();
+    let node = pki.node(false).await;
+    let gateway = Gateway::start_with(
+        &pki,
+        "3s",
+        "  limits:\n    message_size: 4KiB\n    body_timeout: 1s\n    connections_per_peer: 2\n",
+    )
+    .await;
+    let _guest = console_with_guest(&node, "vm1").await;
+    let token = node.token("vm1", "", Access::Read, 600).await;
+
+    // 4 KiB as base64 and 64 KiB of framing: 70,997 bytes at most.
+    let over = https_http1(
+        &pki,
+        gateway.address,
+        &grpc_web_body(&token, 80 << 10, 80 << 10),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&over);
+    assert!(text.contains("gateway.limits.message_size"), "{text}");
+
+    let late = https_http1(&pki, gateway.address, &grpc_web_body(&token, 100, 10)).await;
+    let text = String::from_utf8_lossy(&late);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        String::from_utf8_lossy(body_of(&late)).contains("gateway.limits.body_timeout"),
+        "{text}"
+    );
+
+    // Connections held open (a TCP connection holds its place from its accept, handshake
+    // included) until the gateway refuses one.
+    let mut held = Vec::new();
+    let deadline = Instant::now() + DEADLINE;
+    while !gateway
+        .log()
+        .contains("limits.connections_per_peer reached")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no connection refused:\n{}",
+            gateway.log()
+        );
+        held.push(
+            tokio::net::TcpStream::connect(gateway.address)
+                .await
+                .unwrap(),
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    assert!(
+        gateway
+            .log()
+            .contains("gateway.limits.connections_per_peer reached"),
+        "{}",
+        gateway.log()
+    );
+    drop(held);
+
+    let mut small = pki.gateway_yaml("3s");
+    small.push_str("  limits:\n    message_size: 1MiB\n    web_body_bytes: 1MiB\n");
+    let config = pki.write("small.yaml", &small);
+    let output = Command::new(gateway_bin())
+        .arg("--config")
+        .arg(&config)
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("gateway.limits.web_body_bytes"), "{stderr}");
+    assert!(
+        stderr.contains("one request of gateway.limits.message_size"),
+        "{stderr}"
+    );
 }

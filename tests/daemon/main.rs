@@ -8,6 +8,8 @@
 
 #[path = "../history_common/mod.rs"]
 mod history_common;
+#[path = "../migration_common/mod.rs"]
+mod migration_common;
 #[path = "../support/mod.rs"]
 mod support;
 #[path = "../upgrade_common/mod.rs"]
@@ -44,6 +46,8 @@ mod lifecycle_counters;
 mod limits;
 mod log_pipes;
 mod metrics_alerts;
+mod migration;
+mod migration_clients;
 mod permissions;
 mod removal;
 mod retention;

@@ -24,6 +24,7 @@ async fn remove(
             guest: guest.into(),
             stream: stream.into(),
             delete_logs,
+            ..Default::default()
         }),
     )
     .await

@@ -16,4 +16,5 @@ mod python_agent;
 mod qemu_guest;
 mod takeover_failure;
 mod web_console;
+mod web_migration;
 mod zstd_cli;

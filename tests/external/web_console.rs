@@ -37,7 +37,7 @@ const NODE_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Fails with the install step when Node, web/node_modules or (for `browser`) Chromium is
 /// missing.
-fn require_tools(browser: bool) {
+pub(crate) fn require_tools(browser: bool) {
     let node = std::process::Command::new("node").arg("--version").output();
     if !node.is_ok_and(|o| o.status.success()) {
         panic!("node is not installed: run `apt-get install -y nodejs npm` (bash scripts/test.sh does)");
@@ -89,7 +89,7 @@ fn base64(value: &Value, what: &str) -> Vec<u8> {
 }
 
 /// `text` with everything but unreserved URL characters percent-encoded.
-fn url_encode(text: &str) -> String {
+pub(crate) fn url_encode(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
@@ -505,7 +505,7 @@ fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 // The page in Chromium
 
 /// Chromium under `tests/web/browser.mjs`, one JSON command per line.
-struct Browser {
+pub(crate) struct Browser {
     child: Child,
     stdin: ChildStdin,
     stdout: Lines<BufReader<ChildStdout>>,
@@ -515,7 +515,7 @@ struct Browser {
 }
 
 impl Browser {
-    async fn launch() -> Self {
+    pub(crate) async fn launch() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let stderr = dir.path().join("browser.stderr");
         let mut child = Command::new("node")
@@ -581,24 +581,24 @@ impl Browser {
         self.answer(id, &what).await
     }
 
-    async fn open(&mut self, page: &str, url: &str) {
+    pub(crate) async fn open(&mut self, page: &str, url: &str) {
         self.call(json!({"op": "open", "page": page, "url": url}))
             .await;
     }
 
     /// Opens `url` served with a certificate the browser does not know (the test's CA).
-    async fn open_insecure(&mut self, page: &str, url: &str) {
+    pub(crate) async fn open_insecure(&mut self, page: &str, url: &str) {
         self.call(json!({"op": "open", "page": page, "url": url, "insecure": true}))
             .await;
     }
 
-    async fn eval(&mut self, page: &str, expr: &str) -> Value {
+    pub(crate) async fn eval(&mut self, page: &str, expr: &str) -> Value {
         self.call(json!({"op": "eval", "page": page, "expr": expr}))
             .await
     }
 
     /// Waits until `until` (JavaScript) holds in `page`; on failure shows the page's state.
-    async fn wait(&mut self, page: &str, until: &str) {
+    pub(crate) async fn wait(&mut self, page: &str, until: &str) {
         let id = self.next_id;
         self.next_id += 1;
         let command = json!({"id": id, "op": "wait", "page": page, "until": until});
@@ -630,7 +630,7 @@ impl Browser {
         }
     }
 
-    async fn text(&mut self, page: &str) -> String {
+    pub(crate) async fn text(&mut self, page: &str) -> String {
         let text = self.eval(page, "window.conlog.text()").await;
         text.as_str().unwrap_or_default().to_owned()
     }
@@ -642,24 +642,24 @@ impl Browser {
         value.as_str().unwrap_or_default().to_owned()
     }
 
-    async fn type_text(&mut self, page: &str, text: &str) {
+    pub(crate) async fn type_text(&mut self, page: &str, text: &str) {
         self.call(json!({"op": "type", "page": page, "text": text}))
             .await;
     }
 
-    async fn press(&mut self, page: &str, key: &str) {
+    pub(crate) async fn press(&mut self, page: &str, key: &str) {
         self.call(json!({"op": "press", "page": page, "key": key}))
             .await;
     }
 
     /// Clicks the page's terminal, types `text` and presses Enter.
-    async fn type_line(&mut self, page: &str, text: &str) {
+    pub(crate) async fn type_line(&mut self, page: &str, text: &str) {
         self.click(page, "#terminal").await;
         self.type_text(page, text).await;
         self.press(page, "Enter").await;
     }
 
-    async fn click(&mut self, page: &str, selector: &str) {
+    pub(crate) async fn click(&mut self, page: &str, selector: &str) {
         self.call(json!({"op": "click", "page": page, "selector": selector}))
             .await;
     }
@@ -687,7 +687,7 @@ impl Browser {
             .await;
     }
 
-    async fn exit(mut self) {
+    pub(crate) async fn exit(mut self) {
         let _ = self.stdin.write_all(b"{\"id\":0,\"op\":\"exit\"}\n").await;
         let _ = tokio::time::timeout(DEADLINE, self.child.wait()).await;
     }
@@ -727,7 +727,7 @@ fn assert_ticks(page: &str, text: &str, last: u32) {
     }
 }
 
-const LIVE: &str = "document.body.dataset.connection === 'live'";
+pub(crate) const LIVE: &str = "document.body.dataset.connection === 'live'";
 
 /// The console page in headless Chromium against the real daemon and a fake guest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,8 @@
 mod crash_common;
 #[path = "../history_common/mod.rs"]
 mod history_common;
+#[path = "../migration_common/mod.rs"]
+mod migration_common;
 #[path = "../support/mod.rs"]
 mod support;
 #[path = "../upgrade_common/mod.rs"]
@@ -29,6 +31,7 @@ mod hostile_handover;
 mod keeper;
 mod linger;
 mod log_integrity;
+mod migration;
 mod power_cut;
 mod registry_races;
 mod removal_crash;

@@ -9,6 +9,7 @@
 
 mod console;
 mod gateway;
+mod migration;
 mod pipes;
 mod process;
 mod slow;
@@ -18,6 +19,8 @@ mod slow;
 pub use console::*;
 #[allow(unused_imports)]
 pub use gateway::*;
+#[allow(unused_imports)]
+pub use migration::*;
 #[allow(unused_imports)]
 pub use pipes::*;
 #[allow(unused_imports)]

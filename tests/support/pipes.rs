@@ -36,6 +36,7 @@ pub async fn create_pipe(
             guest: guest.into(),
             stream: stream.into(),
             limits,
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())

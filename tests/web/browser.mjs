@@ -70,7 +70,15 @@ async function run(command) {
       // page's Content-Security-Policy (no 'unsafe-eval') forbids, as it should.
       const deadline = Date.now() + (command.timeout ?? 20_000);
       for (;;) {
-        if (await page(command.page).evaluate(command.until)) return null;
+        // A page that navigates (a console following its guest to another node) loses its
+        // context mid-evaluate: asked again in the new document.
+        const holds = await page(command.page)
+          .evaluate(command.until)
+          .catch((e) => {
+            if (/context was destroyed|navigat/i.test(String(e))) return false;
+            throw e;
+          });
+        if (holds) return null;
         if (Date.now() > deadline) throw new Error(`still false after ${command.timeout ?? 20_000} ms`);
         await new Promise((resolve) => setTimeout(resolve, 50));
       }

@@ -3,7 +3,9 @@
 // which the browser never sends to a server; the fragment wins). `&since=WHEN` opens history
 // at a time: an RFC 3339 time (2026-12-05T03:12:00Z) or a duration back from now (10m, 2h).
 // The time of the line under the mouse shows in the status bar (docs/consoles.md, "Times on
-// the page").
+// the page"). When the guest moves to another node, a page loaded from a node opens the same
+// console on the new node with `&from=OFFSET` (resume there; docs/operations.md, "When a guest
+// moves"); through a gateway the gateway follows and the page goes on.
 
 import "@xterm/xterm/css/xterm.css";
 import "./console.css";
@@ -48,6 +50,22 @@ function parameters(): URLSearchParams {
     merged.set(key, value);
   }
   return merged;
+}
+
+/** This page on the node `to`: same guest, device and token, resuming at `offset`. */
+function movedPage(to: string, offset: bigint | undefined): string {
+  const url = new URL(location.href);
+  url.host = to;
+  const edit = (params: URLSearchParams) => {
+    params.delete("since");
+    params.delete("from");
+    return params;
+  };
+  const search = edit(new URLSearchParams(url.search));
+  if (offset !== undefined) search.set("from", offset.toString());
+  url.search = search.toString();
+  url.hash = edit(new URLSearchParams(url.hash.replace(/^#/, ""))).toString();
+  return url.href;
 }
 
 function element<T extends HTMLElement>(id: string): T {
@@ -231,6 +249,9 @@ function start(): void {
       noticeTimer = setTimeout(() => (notice.hidden = true), 6000);
     },
     event: log,
+    moved(to, offset) {
+      location.assign(movedPage(to, offset));
+    },
   };
 
   const session = new ConsoleSession(
@@ -242,6 +263,7 @@ function start(): void {
       token,
       tailLines: Math.max(terminal.rows, 24),
       since: parseSince(params.get("since")),
+      from: /^\d{1,20}$/.test(params.get("from") ?? "") ? BigInt(params.get("from") ?? "0") : undefined,
     },
     view,
   );

@@ -56,6 +56,9 @@ export interface View {
   notice(text: string): void;
   /** What the session did, for diagnostics (`window.conlog.events`). */
   event(what: string, detail: string): void;
+  /** The guest moved to the node `to` (`host:port`): open the same console there, resuming
+   * at `offset` (undefined: nothing was shown yet, open it afresh). */
+  moved(to: string, offset: bigint | undefined): void;
 }
 
 export interface Options {
@@ -69,6 +72,19 @@ export interface Options {
   /** Open at this time (nanoseconds since the Unix epoch): history from the first byte logged
    * at or after it (at most `SINCE_BYTES`), then the last screen and live output. */
   since?: bigint;
+  /** Resume at this offset (the page reopened on a guest's new node after a move): no last
+   * screen; history from here up to the first live byte, then live output. */
+  from?: bigint;
+}
+
+/** The node a moved status names and the offset the stream continues at there
+ * (docs/operations.md, "When a guest moves"), or null for any other error. */
+export function movedTo(error: ConnectError): { to: string; offset: bigint } | null {
+  if (error.code !== Code.FailedPrecondition) return null;
+  const to = error.metadata.get("conlog-moved-to")?.trim() ?? "";
+  const offset = error.metadata.get("conlog-moved-offset")?.trim() ?? "";
+  if (!/^[A-Za-z0-9.:_\[\]-]{1,255}$/.test(to) || !/^\d{1,20}$/.test(offset)) return null;
+  return { to, offset: BigInt(offset) };
 }
 
 /** The most history shown from `since` before the last screen: the terminal keeps 10,000
@@ -279,6 +295,14 @@ export class ConsoleSession {
       if (this.restart) return { kind: "again" };
       const error = ConnectError.from(e);
       const message = error.rawMessage || Code[error.code];
+      const moved = movedTo(error);
+      if (moved) {
+        // Loaded from a node: the page goes to the same console on the new node. (Through a
+        // gateway the gateway follows the move and this status never comes.)
+        this.view.event("moved", `guest moved to ${moved.to}; resuming there at ${this.next ?? "the end"}`);
+        this.view.moved(moved.to, this.next);
+        return { kind: "final", message: `The guest moved to ${moved.to}; opening its console there` };
+      }
       if (!attached && mode === Attach_Mode.READ_WRITE) {
         if (error.code === Code.PermissionDenied) {
           // A READ token: watch without the lease.
@@ -325,6 +349,11 @@ export class ConsoleSession {
       this.setReadOnly("held", "watching without the keyboard");
     } else {
       this.view.access("read-only", this.readOnly, "");
+    }
+    if (this.next === undefined && this.options.from !== undefined) {
+      // Reopened after a move: everything before `from` is on the previous page.
+      this.next = this.options.from;
+      this.view.event("history", `resuming at offset ${this.next} after a move`);
     }
     if (this.next === undefined) {
       if (this.options.since !== undefined) await this.openAt(this.options.since, attached.offset, signal);
@@ -503,8 +532,8 @@ export class ConsoleSession {
         } catch (e) {
           const error = ConnectError.from(e);
           const message = error.rawMessage || Code[error.code];
-          if (error.code === Code.NotFound) {
-            // The session ended with its stream; the next attach sends it.
+          if (error.code === Code.NotFound || movedTo(error)) {
+            // The session ended with its stream (or the guest moved): the next attach sends it.
             this.pending.unshift(...taken);
             this.pendingBytes += batch.length;
             break;

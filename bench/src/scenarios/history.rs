@@ -55,11 +55,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-const GUEST: &str = "bench";
-const STREAM: &str = "qemu";
+pub(super) const GUEST: &str = "bench";
+pub(super) const STREAM: &str = "qemu";
 const MAX_SIZE: u64 = 64 << 20;
 const MAX_BACKUPS: u32 = 20;
-const WRITE_CHUNK: usize = 128 << 10;
+pub(super) const WRITE_CHUNK: usize = 128 << 10;
 const SAMPLE: Duration = Duration::from_millis(20);
 /// Targets (docs/performance.md, "History streaming").
 const TARGET_RATIO: f64 = 0.5;
@@ -156,23 +156,23 @@ struct Sample {
 }
 
 /// The certificates of the TLS target, in the scratch directory.
-struct TlsFiles {
+pub(super) struct TlsFiles {
     /// The CA the client trusts (PEM).
-    ca_pem: String,
+    pub(super) ca_pem: String,
     /// The CA as DER, for the handshake probe.
     ca_der: rustls::pki_types::CertificateDer<'static>,
     /// The daemon's config file enabling TLS with the server certificate.
-    config: PathBuf,
+    pub(super) config: PathBuf,
     /// The gateway's config (its certificate and its client identity are the server's; the
     /// daemon asks for no client certificate) and the cluster key it names.
-    gateway_config: PathBuf,
+    pub(super) gateway_config: PathBuf,
     cluster_key: PathBuf,
 }
 
 impl TlsFiles {
     /// A CA and a server certificate for `localhost` and `127.0.0.1` signed by it (ECDSA
     /// P-256 keys, rcgen's default), written to `dir` with a config file naming them.
-    fn create(dir: &Path) -> anyhow::Result<Self> {
+    pub(super) fn create(dir: &Path) -> anyhow::Result<Self> {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         // The config wants absolute paths; --work-dir may be relative.
         let dir = fs::canonicalize(dir)?;
@@ -248,7 +248,7 @@ struct Serving {
 }
 
 /// A running `conlog-gateway` and its address; killed on drop.
-struct GatewayProcess(std::process::Child, SocketAddr);
+pub(super) struct GatewayProcess(pub(super) std::process::Child, pub(super) SocketAddr);
 
 impl Drop for GatewayProcess {
     fn drop(&mut self) {
@@ -260,7 +260,7 @@ impl Drop for GatewayProcess {
 /// Gives the TLS daemon serving `dir` on `tcp` the token key derived from the cluster key for
 /// its endpoint (docs/gateway.md, "Keys"), through its key file and SIGHUP, and starts a
 /// `conlog-gateway` beside its binary in front of it; its process and address.
-fn start_gateway(
+pub(super) fn start_gateway(
     bench: &Bench,
     daemon: &Daemon,
     dir: &Path,
@@ -541,7 +541,11 @@ async fn probe_tls(tcp: SocketAddr, tls: &TlsFiles) -> anyhow::Result<String> {
 
 /// Writes `total` bytes through a new log pipe and waits until they are logged; the stream's
 /// files, oldest first.
-async fn fill(daemon: &Daemon, pattern: &Pattern, total: u64) -> anyhow::Result<Vec<PathBuf>> {
+pub(super) async fn fill(
+    daemon: &Daemon,
+    pattern: &Pattern,
+    total: u64,
+) -> anyhow::Result<Vec<PathBuf>> {
     let mut agent = daemon.agent().await?;
     let limits = common::rotating(MAX_SIZE, MAX_BACKUPS);
     let (fd, created) = common::create_pipe(&mut agent, GUEST, STREAM, Some(limits)).await?;

@@ -922,6 +922,7 @@ async fn probe(agent: &mut AgentClient<Channel>, n: usize, round: usize) -> Prob
             guest: guest.clone(),
             stream: "qemu".into(),
             limits: None,
+            ..Default::default()
         })
         .await
     {

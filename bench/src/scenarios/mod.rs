@@ -4,10 +4,12 @@
 
 pub mod compress;
 pub mod console;
+pub mod gateway;
 pub mod gateway_watchers;
 pub mod guests;
 pub mod history;
 pub mod history_since;
 pub mod hostile;
+pub mod migration;
 pub mod pipe;
 pub mod upgrade;

@@ -27,7 +27,14 @@ Terminal safety: output shown again (the console's replay, output missed while r
 history printed on a terminal) has the escape sequences that make a terminal answer (cursor
 position and device attribute queries, colour queries, ...) removed, so the terminal never types
 answers into the guest or the shell. Live console output and history to a pipe or file are
-byte-exact.";
+byte-exact.
+
+Guests that move: when the guest live-migrates to another node, `console` and `history`
+(--follow) print `[conlog: guest moved to HOST:PORT; following]` on stderr and continue on that
+node with the same token and TLS settings (--ca, --cert) from the offset they had reached,
+every byte once; `console` keeps the writer lease it held. At most 4 moves per run; two nodes
+naming each other at the same offset is an error (status 3) naming both. Over the local
+socket (no --server) a move is an error saying how to continue on the new node.";
 
 /// How conlogctl ends (its exit status; see [`EXIT_STATUS_HELP`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -406,12 +413,13 @@ async fn local_channel(socket: Option<PathBuf>) -> Result<Channel> {
         })
 }
 
-/// The channel for Console calls: TCP with --server, else the local socket.
-async fn console_channel(args: &Args) -> Result<Channel> {
-    let Some(url) = &args.server else {
+/// The channel for Console calls: TCP to `server` (--server, or the node a guest moved to),
+/// else the local socket.
+async fn console_channel(args: &Args, server: Option<&str>) -> Result<Channel> {
+    let Some(url) = server else {
         return local_channel(args.socket.clone()).await;
     };
-    let mut endpoint = Endpoint::from_shared(url.clone())
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("invalid --server URL {url}"))?;
     if url.starts_with("https://") {
         endpoint = endpoint
@@ -460,8 +468,12 @@ async fn run(args: Args) -> Result<ExitCode> {
                 replay: *replay,
                 drain: *drain,
             };
-            let connect: terminal::Connect<'_> = Box::new(|| Box::pin(console_channel(&args)));
-            terminal::run(connect, args.token.clone(), options).await?;
+            let connect: terminal::Connect<'_> = Box::new(|server: Option<String>| {
+                let args = &args;
+                Box::pin(async move { console_channel(args, server.as_deref()).await })
+            });
+            let route = conlog::client::Route::new(args.server.clone());
+            terminal::run(connect, route, args.token.clone(), options).await?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::History {
@@ -558,6 +570,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                     guest,
                     stream,
                     limits,
+                    migrate_from: None,
                 })
                 .await
                 .map_err(status_error)?
@@ -646,6 +659,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                     } else {
                         proto::ConsoleProtocol::Unspecified as i32
                     },
+                    migrate_from: None,
                 })
                 .await
                 .map_err(status_error)?
@@ -695,6 +709,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                     guest: guest.clone(),
                     stream: stream.clone(),
                     delete_logs,
+                    moved_to: String::new(),
                 })
                 .await
                 .map_err(status_error)?
@@ -809,9 +824,13 @@ async fn print_history(
     let mut first = true;
     let mut lost_since: Option<tokio::time::Instant> = None;
     let mut backoff = std::time::Duration::from_millis(100);
+    let mut route = conlog::client::Route::new(args.server.clone());
+    // The last attempt ended with a move (its own notice; no "reconnected" one).
+    let mut moved = false;
     loop {
+        let server = route.server().map(str::to_owned);
         let attempt = async {
-            let mut client = ConsoleClient::new(console_channel(args).await?);
+            let mut client = ConsoleClient::new(console_channel(args, server.as_deref()).await?);
             let chunks = client
                 .read_history(with_token(request.clone(), &args.token)?)
                 .await;
@@ -821,11 +840,16 @@ async fn print_history(
         let why = match attempt {
             Err(e) if first => return Err(e),
             Err(e) => format!("{e:#}"),
+            Ok(Err(status)) if conlog::client::moved_of(&status).is_some() => {
+                follow_move(&mut route, &status, &mut request, next)?;
+                moved = true;
+                continue;
+            }
             Ok(Err(status)) if first || !terminal::is_lost(&status) => return Err(refused(status)),
             Ok(Err(status)) => status_text(&status),
             Ok(Ok(chunks)) => {
                 let mut chunks = chunks.into_inner();
-                if !first {
+                if !first && !std::mem::take(&mut moved) {
                     eprintln!(
                         "[conlog: reconnected; resuming at offset {}]",
                         next.unwrap_or(0)
@@ -838,6 +862,17 @@ async fn print_history(
                     let chunk = match chunks.message().await {
                         Ok(Some(chunk)) => chunk,
                         Ok(None) => return Ok(()),
+                        Err(status) if conlog::client::moved_of(&status).is_some() => {
+                            if limit > 0 && printed >= limit {
+                                return Ok(());
+                            }
+                            if limit > 0 {
+                                request.limit_bytes = limit - printed;
+                            }
+                            follow_move(&mut route, &status, &mut request, next)?;
+                            moved = true;
+                            break String::new();
+                        }
                         Err(status) if terminal::is_lost(&status) => break status_text(&status),
                         Err(status) => return Err(refused(status)),
                     };
@@ -930,6 +965,9 @@ async fn print_history(
         if limit > 0 && printed >= limit {
             return Ok(());
         }
+        if why.is_empty() {
+            continue; // moved: reconnected to the new node at once
+        }
         let since = *lost_since.get_or_insert_with(|| {
             eprintln!("[conlog: connection lost ({why}); reconnecting]");
             tokio::time::Instant::now()
@@ -953,6 +991,26 @@ async fn print_history(
             request.limit_bytes = limit - printed;
         }
     }
+}
+
+/// Follows the moved status `status` (docs/operations.md, "When a guest moves"): a one-line
+/// notice, the route to the new node, and the request resumed at the next offset not yet
+/// printed (unchanged if nothing was: offsets continue on the new node).
+fn follow_move(
+    route: &mut conlog::client::Route,
+    status: &tonic::Status,
+    request: &mut proto::ReadHistoryRequest,
+    next: Option<u64>,
+) -> Result<()> {
+    let moved = conlog::client::moved_of(status).expect("a moved status");
+    route
+        .follow(&moved)
+        .map_err(|e| Failure::new(Exit::Refused, e.to_string()))?;
+    eprintln!("[conlog: guest moved to {}; following]", moved.to);
+    if let Some(next) = next {
+        request.start = Some(proto::read_history_request::Start::FromOffset(next));
+    }
+    Ok(())
 }
 
 /// A status as one line: its code and message, without repeating the message's own prefix.

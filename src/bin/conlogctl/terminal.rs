@@ -21,6 +21,14 @@
 //! bounded backoff (100 ms doubling to 2 s, giving up after [`RECONNECT_FOR`] without success),
 //! re-taking the writer lease if it held it, and shows every byte once: from the offset it had
 //! reached, holes filled from history. Keystrokes typed meanwhile are sent after reconnecting.
+//!
+//! **Moves.** When the guest moved to another node (the moved status, docs/operations.md,
+//! "When a guest moves"), conlogctl prints one notice, attaches on the new node with the same
+//! token and TLS settings, and goes on from the offset it had reached (output below it is
+//! dropped; what the new node's first byte is above it is filled from its history, which
+//! reports a gap if it lacks it). A writer lease held is taken on the new node with force (it
+//! is this session's lease, carried over). At most [`conlog::client::MAX_MOVES`] moves per
+//! run; a loop (two nodes naming each other at one offset) is an error naming both.
 
 use crate::{Exit, Failure};
 use anyhow::{Context, Result};
@@ -96,8 +104,9 @@ pub struct Options {
     pub drain: Duration,
 }
 
-/// Makes a new channel to the daemon (for each connection attempt).
-pub type Connect<'a> = Box<dyn Fn() -> BoxFuture<'a, Result<Channel>> + 'a>;
+/// Makes a new channel to the daemon (for each connection attempt): to the given server URL
+/// (where the guest moved to), or the command line's.
+pub type Connect<'a> = Box<dyn Fn(Option<String>) -> BoxFuture<'a, Result<Channel>> + 'a>;
 
 /// Puts the terminal in raw mode and restores it when dropped.
 struct RawMode {
@@ -146,6 +155,10 @@ struct Progress {
     writer: bool,
     /// The console can carry a serial BREAK (from its `attached` reply).
     serial_break: bool,
+    /// An `attached` reply came (the first attach's mode and force are used until then).
+    attached: bool,
+    /// The guest moved since the last attach: a lease held is re-taken with force.
+    moved: bool,
 }
 
 /// How one connection ended.
@@ -154,10 +167,17 @@ enum End {
     Left,
     /// The connection was lost: reconnect.
     Lost(String),
+    /// The guest moved to another node: attach there.
+    Moved(conlog::client::Moved),
 }
 
 /// Runs the session until `Ctrl-]`, end of input plus drain, or a failure.
-pub async fn run(connect: Connect<'_>, token: Option<String>, options: Options) -> Result<()> {
+pub async fn run(
+    connect: Connect<'_>,
+    route: conlog::client::Route,
+    token: Option<String>,
+    options: Options,
+) -> Result<()> {
     let interactive = std::io::stdin().is_terminal();
     // Stdin is read on a plain thread (blocking reads); bytes arrive here and wait across
     // reconnections.
@@ -184,7 +204,10 @@ pub async fn run(connect: Connect<'_>, token: Option<String>, options: Options) 
             next: None,
             writer: false,
             serial_break: false,
+            attached: false,
+            moved: false,
         },
+        route,
         escaped: false,
         input_open: true,
         drain_until: None,
@@ -192,7 +215,7 @@ pub async fn run(connect: Connect<'_>, token: Option<String>, options: Options) 
     let mut raw = None;
     let mut first = true;
     loop {
-        let channel = match connect().await {
+        let channel = match connect(session.route.server().map(str::to_owned)).await {
             Ok(channel) => channel,
             Err(e) if first => return Err(e),
             Err(_) => {
@@ -213,6 +236,17 @@ pub async fn run(connect: Connect<'_>, token: Option<String>, options: Options) 
                 }
                 return Ok(());
             }
+            End::Moved(moved) => {
+                session
+                    .route
+                    .follow(&moved)
+                    .map_err(|e| Failure::new(Exit::Refused, e.to_string()))?;
+                session.progress.moved = true;
+                notice(
+                    interactive,
+                    &format!("guest moved to {}; following", moved.to),
+                );
+            }
             End::Lost(why) => {
                 notice(
                     interactive,
@@ -226,6 +260,8 @@ pub async fn run(connect: Connect<'_>, token: Option<String>, options: Options) 
 
 struct Session {
     interactive: bool,
+    /// Where to connect: the node the guest is on.
+    route: conlog::client::Route,
     token: Option<String>,
     options: Options,
     progress: Progress,
@@ -243,7 +279,7 @@ impl Session {
         let mut backoff = FIRST_BACKOFF;
         loop {
             tokio::time::sleep(backoff).await;
-            let why = match connect().await {
+            let why = match connect(self.route.server().map(str::to_owned)).await {
                 Ok(_) => return Ok(()),
                 Err(e) => crate::error_text(&e),
             };
@@ -273,7 +309,8 @@ impl Session {
         let mut client = ConsoleClient::new(channel);
         // A reconnect re-takes the lease if it was held (without force: a client that took it
         // meanwhile keeps it), else watches.
-        let (mode, force) = if first {
+        // After a move, a held lease is taken back with force: it is this session's own.
+        let (mode, force) = if !self.progress.attached {
             let mode = if options.read_only {
                 attach::Mode::ReadOnly
             } else {
@@ -281,7 +318,7 @@ impl Session {
             };
             (mode, options.force)
         } else if self.progress.writer {
-            (attach::Mode::ReadWrite, false)
+            (attach::Mode::ReadWrite, self.progress.moved)
         } else {
             (attach::Mode::ReadOnly, false)
         };
@@ -306,12 +343,17 @@ impl Session {
             .await;
         let mut output = match call {
             Ok(output) => output.into_inner(),
+            Err(status) if conlog::client::moved_of(&status).is_some() => {
+                return Ok(End::Moved(
+                    conlog::client::moved_of(&status).expect("moved"),
+                ))
+            }
             Err(status) if !first && is_lost(&status) => {
                 return Ok(End::Lost(status.message().to_string()))
             }
             Err(status) => return Err(crate::refused(status)),
         };
-        if first && interactive {
+        if raw.is_none() && interactive {
             eprintln!(
                 "[conlog: attached to {}/{}; Ctrl-] then q leaves, Ctrl-] then b sends a serial BREAK]",
                 options.guest, options.device
@@ -330,6 +372,9 @@ impl Session {
                     let frame = match frame {
                         Ok(Some(frame)) => frame,
                         Ok(None) => return Ok(End::Lost("the console call ended".into())),
+                        Err(status) if conlog::client::moved_of(&status).is_some() => {
+                            return Ok(End::Moved(conlog::client::moved_of(&status).expect("moved")))
+                        }
                         Err(status) if is_lost(&status) => return Ok(End::Lost(status.message().to_string())),
                         Err(status) => return Err(crate::refused(status)),
                     };
@@ -353,6 +398,8 @@ impl Session {
                         }
                         Some(server_frame::Frame::Attached(a)) => {
                             self.progress.writer = a.writer;
+                            self.progress.attached = true;
+                            self.progress.moved = false;
                             self.progress.serial_break = a.serial_break;
                             let from = match self.progress.next {
                                 None => a.offset.saturating_sub(options.replay),

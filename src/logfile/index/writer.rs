@@ -261,6 +261,15 @@ impl Writer {
         self.plan(offset, now, None)
     }
 
+    /// An entry at `offset` with the time `now` whether or not one is due: a time mark
+    /// imported from another node's index (docs/design.md, "Live migration").
+    pub(crate) fn plan_mark(&self, offset: u64, now: Now) -> Planned {
+        if !self.enabled {
+            return Planned::default();
+        }
+        self.plan(offset, now, None)
+    }
+
     /// Whether an event of `kind` may be recorded now: at most [`EVENT_BURST`] at once and
     /// [`EVENTS_PER_SECOND`] after that, so what clients can trigger cannot fill the index. The
     /// daemon's own starts and stops are always recorded (they are rare, and tell a restart
