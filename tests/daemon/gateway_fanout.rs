@@ -622,3 +622,152 @@ async fn a_node_going_away_ends_watchers_with_its_status_and_a_dead_node_is_name
         "{message}"
     );
 }
+
+/// Reads a watcher's frames until it has `want` (offsets contiguous from its first
+/// `attached`, no gap); the `attached` frames it saw.
+async fn every_line_once(
+    mut stream: tonic::Streaming<proto::ServerFrame>,
+    want: &[u8],
+    who: &str,
+) -> (Vec<proto::Attached>, tonic::Streaming<proto::ServerFrame>) {
+    let (mut got, mut attached, mut next) = (Vec::new(), Vec::new(), None::<u64>);
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while got.len() < want.len() {
+        assert!(Instant::now() < deadline, "{who}: only {} bytes", got.len());
+        let frame = bounded(who, stream.message())
+            .await
+            .unwrap_or_else(|s| panic!("{who}: ended with {s:?} after {} bytes", got.len()))
+            .unwrap_or_else(|| panic!("{who}: ended after {} bytes", got.len()));
+        match frame.frame {
+            Some(Frame::Attached(a)) => {
+                next.get_or_insert(a.offset);
+                attached.push(a);
+            }
+            Some(Frame::Output(out)) => {
+                assert_eq!(Some(out.offset), next, "{who}: output out of place");
+                next = Some(out.offset + out.data.len() as u64);
+                got.extend_from_slice(&out.data);
+            }
+            Some(Frame::Lagged(l)) => panic!("{who}: lagged {l:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(want),
+        "{who}: every line once, in order"
+    );
+    (attached, stream)
+}
+
+/// Several watchers share one stream across a live migration (docs/gateway.md, "Fan-out"):
+/// the shared stream follows the move, each watcher sees every line once and a second
+/// `attached` (the new node's), the new node serves one client, and a watcher arriving after
+/// the move (its token names the old node) joins the followed stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_sharing_a_stream_follow_a_move_together() {
+    const LINES: usize = 120;
+    const WATCHERS: usize = 5;
+    let _heavy = heavy().await;
+    let (pki, daemons, gateway) = migration_fleet(2).await;
+    let nodes = [
+        MigrationNode::of(&daemons[0]).await,
+        MigrationNode::of(&daemons[1]).await,
+    ];
+    let guest = first_migrating_guest(&nodes[0]).await;
+    let token = daemons[0]
+        .token(MIGRATING_GUEST, "", Access::Read, 600)
+        .await;
+    let mut watchers = Vec::new();
+    for _ in 0..WATCHERS {
+        let stream = bounded(
+            "WatchConsole",
+            pki.client(gateway.address, &token)
+                .await
+                .console()
+                .watch_console(watch_request(MIGRATING_GUEST, Mode::ReadOnly)),
+        )
+        .await
+        .expect("WatchConsole through the gateway")
+        .into_inner();
+        watchers.push(stream);
+    }
+    let mut agent_a = nodes[0].agent.clone();
+    wait_clients(&mut agent_a, MIGRATING_GUEST, DEVICE, 1).await;
+
+    let move_at = random_between(20, LINES - 20);
+    eprintln!("moving at line {move_at}");
+    let driver = drive_guest(guest, nodes.to_vec(), vec![move_at], LINES, None);
+    let want = numbered_lines(LINES);
+    let reads = watchers
+        .into_iter()
+        .enumerate()
+        .map(|(n, stream)| {
+            let want = want.clone();
+            tokio::spawn(
+                async move { every_line_once(stream, &want, &format!("watcher {n}")).await },
+            )
+        })
+        .collect::<Vec<_>>();
+    let mut open = Vec::new();
+    for read in reads {
+        let (attached, stream) = read.await.expect("a watcher's reader");
+        assert_eq!(attached.len(), 2, "one attached per node: {attached:?}");
+        assert!(attached.iter().all(|a| !a.writer), "{attached:?}");
+        assert_ne!(
+            attached[0].session_id, attached[1].session_id,
+            "the second attached carries the new node's session"
+        );
+        open.push(stream);
+    }
+    let _guest = bounded("the guest driver", driver).await.expect("driver");
+    let mut agent_b = nodes[1].agent.clone();
+    let info = wait_clients(&mut agent_b, MIGRATING_GUEST, DEVICE, 1).await;
+    assert_eq!(info.clients, 1, "the new node serves one stream: {info:?}");
+
+    // A late watcher with the old node's token joins the followed stream: its replay ends
+    // at the new node's end, and the new node still serves one client.
+    let mut late_request = watch_request(MIGRATING_GUEST, Mode::ReadOnly);
+    late_request.replay_bytes = 64;
+    let mut late = bounded(
+        "a late WatchConsole",
+        pki.client(gateway.address, &token)
+            .await
+            .console()
+            .watch_console(late_request),
+    )
+    .await
+    .expect("a late WatchConsole through the gateway")
+    .into_inner();
+    let Some(Frame::Attached(attached)) = bounded("attached", late.message())
+        .await
+        .expect("attached")
+        .expect("a frame")
+        .frame
+    else {
+        panic!("the late watcher's first frame is not attached");
+    };
+    assert_eq!(attached.offset, want.len() as u64 - 64, "{attached:?}");
+    let mut replay = Vec::new();
+    while replay.len() < 64 {
+        match bounded("replay", late.message())
+            .await
+            .expect("replay")
+            .expect("a frame")
+            .frame
+        {
+            Some(Frame::Output(out)) => replay.extend_from_slice(&out.data),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(replay, want[want.len() - 64..]);
+    let info = wait_clients(&mut agent_b, MIGRATING_GUEST, DEVICE, 1).await;
+    assert_eq!(info.clients, 1, "{info:?}");
+    let log = gateway.log();
+    assert_eq!(
+        log.matches("shared stream following a move").count(),
+        1,
+        "one shared stream followed: {log}"
+    );
+    drop(open);
+}

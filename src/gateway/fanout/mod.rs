@@ -323,11 +323,7 @@ impl Fanout {
         changes.mark_unchanged();
         let body = WatcherBody {
             receiver: joined.receiver,
-            session_id: if watch {
-                joined.session_id
-            } else {
-                String::new()
-            },
+            session: watch.then_some(joined.session),
             ended: joined.ended,
             token,
             keys: self.keys.clone(),
@@ -508,7 +504,8 @@ fn now_unix() -> u64 {
 /// status, by its token's revocation, or by a bound its input broke.
 struct WatcherBody {
     receiver: ClientReceiver,
-    session_id: String,
+    /// The shared stream's session id, for `WatchConsole` (it changes when the guest moves).
+    session: Option<Arc<Mutex<String>>>,
     ended: Arc<OnceLock<Status>>,
     token: String,
     keys: Arc<ClusterKey>,
@@ -606,7 +603,13 @@ impl HttpBody for WatcherBody {
         loop {
             match Pin::new(&mut self.receiver).poll_next(cx) {
                 Poll::Ready(Some(event)) => {
-                    if let Some(bytes) = message(event, &self.session_id) {
+                    let session = match (&event, &self.session) {
+                        (Event::Attached { .. }, Some(session)) => {
+                            session.lock().expect("session poisoned").clone()
+                        }
+                        _ => String::new(),
+                    };
+                    if let Some(bytes) = message(event, &session) {
                         return Poll::Ready(Some(Ok(Frame::data(bytes))));
                     }
                 }
