@@ -769,5 +769,26 @@ async fn watchers_sharing_a_stream_follow_a_move_together() {
         1,
         "one shared stream followed: {log}"
     );
-    drop(open);
+
+    // Every watcher gone, the stream closes; a new one, opened at the old node the token
+    // names, is answered with the moved status at once and follows it too.
+    drop((open, late));
+    wait_clients(&mut agent_b, MIGRATING_GUEST, DEVICE, 0).await;
+    let mut again = watch_request(MIGRATING_GUEST, Mode::ReadOnly);
+    again.replay_bytes = u64::MAX;
+    let reopened = bounded(
+        "a WatchConsole after the move",
+        pki.client(gateway.address, &token)
+            .await
+            .console()
+            .watch_console(again),
+    )
+    .await
+    .expect("a WatchConsole after the move through the gateway")
+    .into_inner();
+    let from_move = &want[..];
+    let (attached, _reopened) = every_line_once(reopened, from_move, "a new watcher").await;
+    assert_eq!(attached.len(), 1, "{attached:?}");
+    let info = wait_clients(&mut agent_b, MIGRATING_GUEST, DEVICE, 1).await;
+    assert_eq!(info.clients, 1, "{info:?}");
 }
