@@ -792,3 +792,75 @@ async fn watchers_sharing_a_stream_follow_a_move_together() {
     let info = wait_clients(&mut agent_b, MIGRATING_GUEST, DEVICE, 1).await;
     assert_eq!(info.clients, 1, "{info:?}");
 }
+
+/// A forwarded call (not fanned out) is judged as a watcher is when the cluster key file
+/// changes: only the key and signature are checked again, so an expired token's follow in
+/// progress goes on when the file is merely rewritten with the same key (as on a node, where
+/// expiry is checked when a call starts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_rewrite_does_not_end_a_forwarded_call_whose_token_expired() {
+    let pki = Pki::new();
+    let node = pki.node(false).await;
+    let gateway = Gateway::start(&pki, "3s").await;
+    let mut guest = console_with_guest(&node, "vm1").await;
+    guest.write(b"hello\n").await;
+    let short = node.token("vm1", "", Access::Read, 1).await;
+    let mut follow = bounded(
+        "ReadHistory",
+        pki.client(gateway.address, &short)
+            .await
+            .console()
+            .read_history(proto::ReadHistoryRequest {
+                guest: "vm1".into(),
+                start: Some(proto::read_history_request::Start::FromOffset(0)),
+                follow: true,
+                ..Default::default()
+            }),
+    )
+    .await
+    .expect("a follow through the gateway")
+    .into_inner();
+    let mut got = Vec::new();
+    let mut read_until = async |follow: &mut tonic::Streaming<proto::HistoryChunk>, want: &[u8]| {
+        while !got.ends_with(want) {
+            let chunk = bounded("a history chunk", follow.message())
+                .await
+                .unwrap_or_else(|s| panic!("the follow ended with {s:?} after {got:?}"))
+                .expect("the follow ended without a status");
+            got.extend_from_slice(&chunk.data);
+        }
+    };
+    read_until(&mut follow, b"hello\n").await;
+    // Expired: a new call with it is refused at the gateway.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let again = watch(
+            pki.client(gateway.address, &short).await,
+            watch_request("vm1", Mode::ReadOnly),
+        )
+        .await;
+        if let Err(status) = again {
+            assert!(status.message().contains("expired"), "{status:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "a 1s token never expired");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // The same key written again: the gateway sees a change of the file.
+    let key = std::fs::read_to_string(pki.path("cluster.key")).unwrap();
+    let seen = gateway.log().matches("cluster key changed").count();
+    pki.write("cluster.key", &key);
+    let deadline = Instant::now() + DEADLINE;
+    while gateway.log().matches("cluster key changed").count() == seen {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never saw the key file change"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The follow goes on: the change was signalled before these bytes were written.
+    guest.write(b"more\n").await;
+    read_until(&mut follow, b"more\n").await;
+    guest.write(b"again\n").await;
+    read_until(&mut follow, b"again\n").await;
+}
