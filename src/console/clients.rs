@@ -255,7 +255,7 @@ mod tests {
     #[tokio::test]
     async fn output_larger_than_a_small_queue_is_offered_in_pieces_with_exact_gaps() {
         let (mut queue, mut receiver) = queue(4096);
-        let chunk = Bytes::from((0..65_536u32).map(|i| i as u8).collect::<Vec<u8>>());
+        let chunk = Bytes::from((0..=255u8).cycle().take(65_536).collect::<Vec<u8>>());
         assert_eq!(queue.offer(0, &chunk), Offer::Skipped(true));
         assert_eq!(queue.offer(65_536, &chunk), Offer::Skipped(false));
         // What fitted of the first chunk, in order from its first byte.
@@ -268,7 +268,9 @@ mod tests {
             assert_eq!(offset, next);
             assert_eq!(
                 data,
-                chunk.slice(offset as usize..offset as usize + data.len())
+                chunk.slice(
+                    usize::try_from(offset).unwrap()..usize::try_from(next).unwrap() + data.len()
+                )
             );
             next += data.len() as u64;
         }

@@ -23,7 +23,10 @@
 //! gaps as the node sends them. The stream ends for every watcher with the node's status
 //! (removed: `NOT_FOUND`; shutdown, upgrade, a node lost: `UNAVAILABLE` naming it; resume by
 //! offset), after each watcher has taken what was queued for it. The upstream closes
-//! `gateway.fanout.linger` after its last watcher left.
+//! `gateway.fanout.linger` after its last watcher left. When the guest moves, the node's moved
+//! status (parsed by [`super::migrate`]) is followed instead: the stream reopens at the node
+//! it names (with a token signed for that node), at most [`super::migrate::MAX_MOVES`] times,
+//! and its watchers stay attached (docs/gateway.md, "Fan-out", "A move").
 //!
 //! Each watcher's own token is verified when its call starts ([`super::forward`]), and here for
 //! the guest and device it asks for; when the cluster key changes, a watcher whose token no
