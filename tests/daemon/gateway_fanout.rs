@@ -666,14 +666,26 @@ async fn every_line_once(
 /// the move (its token names the old node) joins the followed stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchers_sharing_a_stream_follow_a_move_together() {
+    let _heavy = heavy().await;
+    watchers_follow(1).await;
+}
+
+/// The same across a chain of moves (A to B to C): the shared stream's token is signed for
+/// each node it reaches, so no node needs to check another's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_sharing_a_stream_follow_a_chain_of_moves() {
+    let _heavy = heavy().await;
+    watchers_follow(2).await;
+}
+
+async fn watchers_follow(hops: usize) {
     const LINES: usize = 120;
     const WATCHERS: usize = 5;
-    let _heavy = heavy().await;
-    let (pki, daemons, gateway) = migration_fleet(2).await;
-    let nodes = [
-        MigrationNode::of(&daemons[0]).await,
-        MigrationNode::of(&daemons[1]).await,
-    ];
+    let (pki, daemons, gateway) = migration_fleet(hops + 1).await;
+    let mut nodes = Vec::new();
+    for daemon in &daemons {
+        nodes.push(MigrationNode::of(daemon).await);
+    }
     let guest = first_migrating_guest(&nodes[0]).await;
     let token = daemons[0]
         .token(MIGRATING_GUEST, "", Access::Read, 600)
@@ -695,9 +707,12 @@ async fn watchers_sharing_a_stream_follow_a_move_together() {
     let mut agent_a = nodes[0].agent.clone();
     wait_clients(&mut agent_a, MIGRATING_GUEST, DEVICE, 1).await;
 
-    let move_at = random_between(20, LINES - 20);
-    eprintln!("moving at line {move_at}");
-    let driver = drive_guest(guest, nodes.to_vec(), vec![move_at], LINES, None);
+    let span = LINES / hops;
+    let moves_at: Vec<usize> = (0..hops)
+        .map(|hop| random_between(hop * span + 10, (hop + 1) * span - 10))
+        .collect();
+    eprintln!("moving at lines {moves_at:?}");
+    let driver = drive_guest(guest, nodes.clone(), moves_at, LINES, None);
     let want = numbered_lines(LINES);
     let reads = watchers
         .into_iter()
@@ -712,7 +727,11 @@ async fn watchers_sharing_a_stream_follow_a_move_together() {
     let mut open = Vec::new();
     for read in reads {
         let (attached, stream) = read.await.expect("a watcher's reader");
-        assert_eq!(attached.len(), 2, "one attached per node: {attached:?}");
+        assert_eq!(
+            attached.len(),
+            hops + 1,
+            "one attached per node: {attached:?}"
+        );
         assert!(attached.iter().all(|a| !a.writer), "{attached:?}");
         assert_ne!(
             attached[0].session_id, attached[1].session_id,
@@ -721,7 +740,7 @@ async fn watchers_sharing_a_stream_follow_a_move_together() {
         open.push(stream);
     }
     let _guest = bounded("the guest driver", driver).await.expect("driver");
-    let mut agent_b = nodes[1].agent.clone();
+    let mut agent_b = nodes[hops].agent.clone();
     let info = wait_clients(&mut agent_b, MIGRATING_GUEST, DEVICE, 1).await;
     assert_eq!(info.clients, 1, "the new node serves one stream: {info:?}");
 
@@ -766,7 +785,7 @@ async fn watchers_sharing_a_stream_follow_a_move_together() {
     let log = gateway.log();
     assert_eq!(
         log.matches("shared stream following a move").count(),
-        1,
+        hops,
         "one shared stream followed: {log}"
     );
 
