@@ -321,19 +321,7 @@ impl Shared {
     /// move goes back to a node it left at the same offset (a loop: `FAILED_PRECONDITION`);
     /// any other status ends it.
     fn redirect(&mut self, status: Status) -> Result<(), Status> {
-        let Some(moved) = moved_of_status(&status) else {
-            return Err(status);
-        };
-        if self.left.len() >= MAX_MOVES {
-            return Err(status);
-        }
-        if self.left.contains(&(moved.to.clone(), moved.offset)) {
-            return Err(Status::failed_precondition(format!(
-                "The stream moved in a loop between {} and {} at offset {}; ask the nodes' \
-                 operators (each names the other as the guest's new node)",
-                self.node, moved.to, moved.offset
-            )));
-        }
+        let moved = follow(&self.left, &self.node, status)?;
         tracing::info!(from = %self.node, to = %moved.to, offset = moved.offset, "shared stream following a move");
         let from = std::mem::replace(&mut self.node, moved.to);
         self.left.push((from, moved.offset));
@@ -643,9 +631,63 @@ impl Shared {
     }
 }
 
+/// The move to follow for `status`, from `node` after leaving `left`: the moved status's, if
+/// fewer than [`MAX_MOVES`] were followed and it does not go back to a node left at the same
+/// offset (a loop: `FAILED_PRECONDITION` naming both); else the status to end with.
+fn follow(
+    left: &[(String, u64)],
+    node: &str,
+    status: Status,
+) -> Result<super::super::migrate::Moved, Status> {
+    let Some(moved) = moved_of_status(&status) else {
+        return Err(status);
+    };
+    if left.len() >= MAX_MOVES {
+        return Err(status);
+    }
+    if left.contains(&(moved.to.clone(), moved.offset)) {
+        return Err(Status::failed_precondition(format!(
+            "The stream moved in a loop between {node} and {} at offset {}; ask the nodes' \
+             operators (each names the other as the guest's new node)",
+            moved.to, moved.offset
+        )));
+    }
+    Ok(moved)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn moved(to: &str, offset: u64) -> Status {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert("conlog-moved-to", to.parse().unwrap());
+        metadata.insert("conlog-moved-offset", offset.to_string().parse().unwrap());
+        Status::with_metadata(tonic::Code::FailedPrecondition, "moved", metadata)
+    }
+
+    #[test]
+    fn moves_are_followed_at_most_max_moves_times_and_a_loop_ends_the_stream() {
+        let mut left = Vec::new();
+        let got = follow(&left, "a:1", moved("b:2", 5)).unwrap();
+        assert_eq!((got.to.as_str(), got.offset), ("b:2", 5));
+        left.push(("a:1".to_owned(), 5));
+        let looped = follow(&left, "b:2", moved("a:1", 5)).unwrap_err();
+        assert_eq!(looped.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            looped.message().contains("loop between b:2 and a:1"),
+            "{looped:?}"
+        );
+        // Back to a node at a later offset is a new move, not a loop.
+        assert!(follow(&left, "b:2", moved("a:1", 9)).is_ok());
+        while left.len() < MAX_MOVES {
+            left.push((format!("n{}:1", left.len()), 10));
+        }
+        let passed = follow(&left, "z:1", moved("y:1", 99)).unwrap_err();
+        assert_eq!(passed.message(), "moved", "the node's status as it sent it");
+        let other = follow(&[], "a:1", Status::not_found("removed")).unwrap_err();
+        assert_eq!(other.code(), tonic::Code::NotFound);
+    }
 
     fn bytes(n: usize, fill: u8) -> Bytes {
         Bytes::from(vec![fill; n])
