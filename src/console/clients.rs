@@ -130,8 +130,35 @@ impl ClientQueue {
         self.send(event)
     }
 
-    /// Offers guest output; never waits.
+    /// Offers guest output; never waits. Output that could not fit even an empty queue (a
+    /// queue smaller than one of the console's output chunks) is offered in pieces that fit
+    /// once the queue drained to half its bound, so that a client with a small queue still
+    /// gets output and exact `lagged` ranges instead of skipping every chunk.
     pub fn offer(&mut self, offset: u64, data: &Bytes) -> Offer {
+        if data.len() + CONTROL_COST <= self.bound {
+            return self.offer_piece(offset, data);
+        }
+        let piece = (self.bound / 2).saturating_sub(2 * CONTROL_COST).max(1);
+        let (mut last, mut started) = (Offer::Queued, false);
+        let mut at = 0;
+        while at < data.len() {
+            let end = (at + piece).min(data.len());
+            last = self.offer_piece(offset + at as u64, &data.slice(at..end));
+            match last {
+                Offer::Gone => return Offer::Gone,
+                Offer::Skipped(true) => started = true,
+                Offer::Queued | Offer::Skipped(false) => {}
+            }
+            at = end;
+        }
+        match last {
+            Offer::Skipped(_) => Offer::Skipped(started),
+            other => other,
+        }
+    }
+
+    /// Offers one piece of output that can fit.
+    fn offer_piece(&mut self, offset: u64, data: &Bytes) -> Offer {
         let queued = self.queued.load(Relaxed);
         if let Some(from) = self.lagging_since {
             if queued > self.bound / 2 {
@@ -224,6 +251,48 @@ impl Stream for ClientReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn output_larger_than_a_small_queue_is_offered_in_pieces_with_exact_gaps() {
+        let (mut queue, mut receiver) = queue(4096);
+        let chunk = Bytes::from((0..=255u8).cycle().take(65_536).collect::<Vec<u8>>());
+        assert_eq!(queue.offer(0, &chunk), Offer::Skipped(true));
+        assert_eq!(queue.offer(65_536, &chunk), Offer::Skipped(false));
+        // What fitted of the first chunk, in order from its first byte.
+        let mut next = 0;
+        while let Ok(event) = receiver.receiver.try_recv() {
+            receiver.queued.fetch_sub(event.cost(), SeqCst);
+            let Event::Output { offset, data } = event else {
+                panic!("{event:?}");
+            };
+            assert_eq!(offset, next);
+            assert_eq!(
+                data,
+                chunk.slice(
+                    usize::try_from(offset).unwrap()..usize::try_from(next).unwrap() + data.len()
+                )
+            );
+            next += data.len() as u64;
+        }
+        assert!(
+            next > 0,
+            "some of a chunk larger than the queue is delivered"
+        );
+        // Drained: the next output comes after the exact gap, and in pieces too.
+        assert_eq!(queue.offer(131_072, &chunk), Offer::Skipped(true));
+        assert_eq!(
+            receiver.recv().await.unwrap(),
+            Event::Lagged {
+                from: next,
+                to: 131_072
+            }
+        );
+        let Event::Output { offset, data } = receiver.recv().await.unwrap() else {
+            panic!("output after the gap");
+        };
+        assert_eq!(offset, 131_072);
+        assert_eq!(data, chunk.slice(..data.len()));
+    }
 
     #[tokio::test]
     async fn slow_client_is_skipped_and_told_the_exact_gap() {

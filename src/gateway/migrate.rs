@@ -100,9 +100,11 @@ impl Kind {
 
 /// A moved status, from its trailers (or a trailers-only response's headers).
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Moved {
-    to: String,
-    offset: u64,
+pub(crate) struct Moved {
+    /// The node the stream moved to (a bare `host:port`).
+    pub(crate) to: String,
+    /// The new node's first offset.
+    pub(crate) offset: u64,
 }
 
 fn moved_of(headers: &http::HeaderMap) -> Option<Moved> {
@@ -110,6 +112,20 @@ fn moved_of(headers: &http::HeaderMap) -> Option<Moved> {
     if code.trim() != (tonic::Code::FailedPrecondition as i32).to_string() {
         return None;
     }
+    moved_fields(headers)
+}
+
+/// The move a status a tonic client received names, if it is the moved status (the fan-out's
+/// shared streams follow it: docs/gateway.md, "Fan-out").
+pub(crate) fn moved_of_status(status: &Status) -> Option<Moved> {
+    if status.code() != tonic::Code::FailedPrecondition {
+        return None;
+    }
+    moved_fields(&status.metadata().clone().into_headers())
+}
+
+/// The moved trailers' fields, validated.
+fn moved_fields(headers: &http::HeaderMap) -> Option<Moved> {
     let to = headers.get(MOVED_TO)?.to_str().ok()?.trim().to_owned();
     let offset = headers
         .get(MOVED_OFFSET)?

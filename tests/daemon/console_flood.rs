@@ -286,3 +286,44 @@ async fn stuck_client_lags_while_the_guest_floods_and_others_get_every_byte() {
         rss_max >> 20
     );
 }
+
+/// A client queue smaller than one of the console's output chunks (`consoles.client_queue`
+/// may be as small as 4 KiB; chunks are up to 64 KiB): the client still gets output from
+/// within a large write, and every byte it misses in an exact `lagged` range (the session
+/// checks offsets are contiguous across output and gaps), never only gaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_smaller_than_an_output_chunk_gets_output_and_exact_gaps() {
+    let daemon = Daemon::start_with(Some("consoles:\n  client_queue: 4KiB\n"), &[]).await;
+    let mut agent = daemon.agent().await;
+    let reply = open_console(&mut agent, "vm-small").await;
+    let mut guest = FakeGuest::connect(&reply.guest_socket).await;
+    wait_guest_connected(&mut agent, "vm-small", "serial0", true).await;
+    let mut session = Session::attach(
+        local_channel(&daemon).await,
+        attach("vm-small", Mode::ReadOnly),
+    )
+    .await
+    .unwrap();
+    let big = vec![b'a'; 256 << 10];
+    guest.write(&big).await;
+    // A gap at the end of a burst is told with the next output: the guest goes on with small
+    // lines.
+    let ticks = tokio::spawn(async move {
+        loop {
+            guest.write(b"tick\n").await;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    });
+    session.wait_offset(big.len() as u64 + 5).await;
+    ticks.abort();
+    let within = session
+        .chunks
+        .iter()
+        .filter(|(offset, _)| *offset < big.len() as u64)
+        .count();
+    assert!(
+        within > 0,
+        "some output from within the large write arrived, not only gaps: {:?}",
+        session.lagged()
+    );
+}

@@ -585,3 +585,301 @@ fn fanout_settings_have_defaults_and_bad_values_are_refused_naming_the_key() {
         );
     }
 }
+
+/// The node shutting down ends every watcher with the node's own status (as a direct watcher
+/// gets it: `UNAVAILABLE`, resume by offset); a watch of a node that is down is `UNAVAILABLE`
+/// naming the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_going_away_ends_watchers_with_its_status_and_a_dead_node_is_named() {
+    let pki = Pki::new();
+    let mut node = pki.node(false).await;
+    let gateway = Gateway::start_with(&pki, "3s", FANOUT).await;
+    let mut guest = console_with_guest(&node, "vm1").await;
+    guest.write(b"hello\n").await;
+    let token = node.token("vm1", "", Access::Read, 600).await;
+    let mut through = read_only(pki.client(gateway.address, &token).await, false, 6).await;
+    let mut direct = read_only(pki.client(node.tcp, &token).await, false, 6).await;
+    through.wait_output(b"hello\n").await;
+    direct.wait_output(b"hello\n").await;
+
+    let endpoint = endpoint_of(&node);
+    node.stop().await;
+    let (from_gateway, from_node) = (through.wait_end().await, direct.wait_end().await);
+    assert_eq!(from_node.code(), Code::Unavailable, "{from_node:?}");
+    assert_eq!(
+        (from_gateway.code(), from_gateway.message()),
+        (from_node.code(), from_node.message())
+    );
+
+    let refused = watch(
+        pki.client(gateway.address, &token).await,
+        watch_request("vm1", Mode::ReadOnly),
+    )
+    .await;
+    let message = expect_code(refused, Code::Unavailable, "a watch of a node that is down");
+    assert!(
+        message.contains(&format!("Node {endpoint} is unavailable")),
+        "{message}"
+    );
+}
+
+/// Reads a watcher's frames until it has `want` (offsets contiguous from its first
+/// `attached`, no gap); the `attached` frames it saw.
+async fn every_line_once(
+    mut stream: tonic::Streaming<proto::ServerFrame>,
+    want: &[u8],
+    who: &str,
+) -> (Vec<proto::Attached>, tonic::Streaming<proto::ServerFrame>) {
+    let (mut got, mut attached, mut next) = (Vec::new(), Vec::new(), None::<u64>);
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while got.len() < want.len() {
+        assert!(Instant::now() < deadline, "{who}: only {} bytes", got.len());
+        let frame = bounded(who, stream.message())
+            .await
+            .unwrap_or_else(|s| panic!("{who}: ended with {s:?} after {} bytes", got.len()))
+            .unwrap_or_else(|| panic!("{who}: ended after {} bytes", got.len()));
+        match frame.frame {
+            Some(Frame::Attached(a)) => {
+                next.get_or_insert(a.offset);
+                attached.push(a);
+            }
+            Some(Frame::Output(out)) => {
+                assert_eq!(Some(out.offset), next, "{who}: output out of place");
+                next = Some(out.offset + out.data.len() as u64);
+                got.extend_from_slice(&out.data);
+            }
+            Some(Frame::Lagged(l)) => panic!("{who}: lagged {l:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(want),
+        "{who}: every line once, in order"
+    );
+    (attached, stream)
+}
+
+/// Several watchers share one stream across a live migration (docs/gateway.md, "Fan-out"):
+/// the shared stream follows the move, each watcher sees every line once and a second
+/// `attached` (the new node's), the new node serves one client, and a watcher arriving after
+/// the move (its token names the old node) joins the followed stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_sharing_a_stream_follow_a_move_together() {
+    let _heavy = heavy().await;
+    watchers_follow(1).await;
+}
+
+/// The same across a chain of moves (A to B to C): the shared stream's token is signed for
+/// each node it reaches, so no node needs to check another's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_sharing_a_stream_follow_a_chain_of_moves() {
+    let _heavy = heavy().await;
+    watchers_follow(2).await;
+}
+
+async fn watchers_follow(hops: usize) {
+    const LINES: usize = 120;
+    const WATCHERS: usize = 5;
+    let (pki, daemons, gateway) = migration_fleet(hops + 1).await;
+    let mut nodes = Vec::new();
+    for daemon in &daemons {
+        nodes.push(MigrationNode::of(daemon).await);
+    }
+    let guest = first_migrating_guest(&nodes[0]).await;
+    let token = daemons[0]
+        .token(MIGRATING_GUEST, "", Access::Read, 600)
+        .await;
+    let mut watchers = Vec::new();
+    for _ in 0..WATCHERS {
+        let stream = bounded(
+            "WatchConsole",
+            pki.client(gateway.address, &token)
+                .await
+                .console()
+                .watch_console(watch_request(MIGRATING_GUEST, Mode::ReadOnly)),
+        )
+        .await
+        .expect("WatchConsole through the gateway")
+        .into_inner();
+        watchers.push(stream);
+    }
+    let mut agent_a = nodes[0].agent.clone();
+    wait_clients(&mut agent_a, MIGRATING_GUEST, DEVICE, 1).await;
+
+    let span = LINES / hops;
+    let moves_at: Vec<usize> = (0..hops)
+        .map(|hop| random_between(hop * span + 10, (hop + 1) * span - 10))
+        .collect();
+    eprintln!("moving at lines {moves_at:?}");
+    let driver = drive_guest(guest, nodes.clone(), moves_at, LINES, None);
+    let want = numbered_lines(LINES);
+    let reads = watchers
+        .into_iter()
+        .enumerate()
+        .map(|(n, stream)| {
+            let want = want.clone();
+            tokio::spawn(
+                async move { every_line_once(stream, &want, &format!("watcher {n}")).await },
+            )
+        })
+        .collect::<Vec<_>>();
+    let mut open = Vec::new();
+    for read in reads {
+        let (attached, stream) = read.await.expect("a watcher's reader");
+        assert_eq!(
+            attached.len(),
+            hops + 1,
+            "one attached per node: {attached:?}"
+        );
+        assert!(attached.iter().all(|a| !a.writer), "{attached:?}");
+        assert_ne!(
+            attached[0].session_id, attached[1].session_id,
+            "the second attached carries the new node's session"
+        );
+        open.push(stream);
+    }
+    let _guest = bounded("the guest driver", driver).await.expect("driver");
+    let mut agent_b = nodes[hops].agent.clone();
+    let info = wait_clients(&mut agent_b, MIGRATING_GUEST, DEVICE, 1).await;
+    assert_eq!(info.clients, 1, "the new node serves one stream: {info:?}");
+
+    // A late watcher with the old node's token joins the followed stream: its replay ends
+    // at the new node's end, and the new node still serves one client.
+    let mut late_request = watch_request(MIGRATING_GUEST, Mode::ReadOnly);
+    late_request.replay_bytes = 64;
+    let mut late = bounded(
+        "a late WatchConsole",
+        pki.client(gateway.address, &token)
+            .await
+            .console()
+            .watch_console(late_request),
+    )
+    .await
+    .expect("a late WatchConsole through the gateway")
+    .into_inner();
+    let Some(Frame::Attached(attached)) = bounded("attached", late.message())
+        .await
+        .expect("attached")
+        .expect("a frame")
+        .frame
+    else {
+        panic!("the late watcher's first frame is not attached");
+    };
+    assert_eq!(attached.offset, want.len() as u64 - 64, "{attached:?}");
+    let mut replay = Vec::new();
+    while replay.len() < 64 {
+        match bounded("replay", late.message())
+            .await
+            .expect("replay")
+            .expect("a frame")
+            .frame
+        {
+            Some(Frame::Output(out)) => replay.extend_from_slice(&out.data),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(replay, want[want.len() - 64..]);
+    let info = wait_clients(&mut agent_b, MIGRATING_GUEST, DEVICE, 1).await;
+    assert_eq!(info.clients, 1, "{info:?}");
+    let log = gateway.log();
+    assert_eq!(
+        log.matches("shared stream following a move").count(),
+        hops,
+        "one shared stream followed: {log}"
+    );
+
+    // Every watcher gone, the stream closes; a new one, opened at the old node the token
+    // names, is answered with the moved status at once and follows it too.
+    drop((open, late));
+    wait_clients(&mut agent_b, MIGRATING_GUEST, DEVICE, 0).await;
+    let mut again = watch_request(MIGRATING_GUEST, Mode::ReadOnly);
+    again.replay_bytes = u64::MAX;
+    let reopened = bounded(
+        "a WatchConsole after the move",
+        pki.client(gateway.address, &token)
+            .await
+            .console()
+            .watch_console(again),
+    )
+    .await
+    .expect("a WatchConsole after the move through the gateway")
+    .into_inner();
+    let from_move = &want[..];
+    let (attached, _reopened) = every_line_once(reopened, from_move, "a new watcher").await;
+    assert_eq!(attached.len(), 1, "{attached:?}");
+    let info = wait_clients(&mut agent_b, MIGRATING_GUEST, DEVICE, 1).await;
+    assert_eq!(info.clients, 1, "{info:?}");
+}
+
+/// A forwarded call (not fanned out) is judged as a watcher is when the cluster key file
+/// changes: only the key and signature are checked again, so an expired token's follow in
+/// progress goes on when the file is merely rewritten with the same key (as on a node, where
+/// expiry is checked when a call starts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_rewrite_does_not_end_a_forwarded_call_whose_token_expired() {
+    let pki = Pki::new();
+    let node = pki.node(false).await;
+    let gateway = Gateway::start(&pki, "3s").await;
+    let mut guest = console_with_guest(&node, "vm1").await;
+    guest.write(b"hello\n").await;
+    let short = node.token("vm1", "", Access::Read, 1).await;
+    let mut follow = bounded(
+        "ReadHistory",
+        pki.client(gateway.address, &short)
+            .await
+            .console()
+            .read_history(proto::ReadHistoryRequest {
+                guest: "vm1".into(),
+                start: Some(proto::read_history_request::Start::FromOffset(0)),
+                follow: true,
+                ..Default::default()
+            }),
+    )
+    .await
+    .expect("a follow through the gateway")
+    .into_inner();
+    let mut got = Vec::new();
+    let mut read_until = async |follow: &mut tonic::Streaming<proto::HistoryChunk>, want: &[u8]| {
+        while !got.ends_with(want) {
+            let chunk = bounded("a history chunk", follow.message())
+                .await
+                .unwrap_or_else(|s| panic!("the follow ended with {s:?} after {got:?}"))
+                .expect("the follow ended without a status");
+            got.extend_from_slice(&chunk.data);
+        }
+    };
+    read_until(&mut follow, b"hello\n").await;
+    // Expired: a new call with it is refused at the gateway.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let again = watch(
+            pki.client(gateway.address, &short).await,
+            watch_request("vm1", Mode::ReadOnly),
+        )
+        .await;
+        if let Err(status) = again {
+            assert!(status.message().contains("expired"), "{status:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "a 1s token never expired");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // The same key written again: the gateway sees a change of the file.
+    let key = std::fs::read_to_string(pki.path("cluster.key")).unwrap();
+    let seen = gateway.log().matches("cluster key changed").count();
+    pki.write("cluster.key", &key);
+    let deadline = Instant::now() + DEADLINE;
+    while gateway.log().matches("cluster key changed").count() == seen {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never saw the key file change"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The follow goes on: the change was signalled before these bytes were written.
+    guest.write(b"more\n").await;
+    read_until(&mut follow, b"more\n").await;
+    guest.write(b"again\n").await;
+    read_until(&mut follow, b"again\n").await;
+}

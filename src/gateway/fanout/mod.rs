@@ -23,7 +23,10 @@
 //! gaps as the node sends them. The stream ends for every watcher with the node's status
 //! (removed: `NOT_FOUND`; shutdown, upgrade, a node lost: `UNAVAILABLE` naming it; resume by
 //! offset), after each watcher has taken what was queued for it. The upstream closes
-//! `gateway.fanout.linger` after its last watcher left.
+//! `gateway.fanout.linger` after its last watcher left. When the guest moves, the node's moved
+//! status (parsed by [`super::migrate`]) is followed instead: the stream reopens at the node
+//! it names (with a token signed for that node), at most [`super::migrate::MAX_MOVES`] times,
+//! and its watchers stay attached (docs/gateway.md, "Fan-out", "A move").
 //!
 //! Each watcher's own token is verified when its call starts ([`super::forward`]), and here for
 //! the guest and device it asks for; when the cluster key changes, a watcher whose token no
@@ -323,11 +326,7 @@ impl Fanout {
         changes.mark_unchanged();
         let body = WatcherBody {
             receiver: joined.receiver,
-            session_id: if watch {
-                joined.session_id
-            } else {
-                String::new()
-            },
+            session: watch.then_some(joined.session),
             ended: joined.ended,
             token,
             keys: self.keys.clone(),
@@ -508,7 +507,8 @@ fn now_unix() -> u64 {
 /// status, by its token's revocation, or by a bound its input broke.
 struct WatcherBody {
     receiver: ClientReceiver,
-    session_id: String,
+    /// The shared stream's session id, for `WatchConsole` (it changes when the guest moves).
+    session: Option<Arc<Mutex<String>>>,
     ended: Arc<OnceLock<Status>>,
     token: String,
     keys: Arc<ClusterKey>,
@@ -606,7 +606,13 @@ impl HttpBody for WatcherBody {
         loop {
             match Pin::new(&mut self.receiver).poll_next(cx) {
                 Poll::Ready(Some(event)) => {
-                    if let Some(bytes) = message(event, &self.session_id) {
+                    let session = match (&event, &self.session) {
+                        (Event::Attached { .. }, Some(session)) => {
+                            session.lock().expect("session poisoned").clone()
+                        }
+                        _ => String::new(),
+                    };
+                    if let Some(bytes) = message(event, &session) {
                         return Poll::Ready(Some(Ok(Frame::data(bytes))));
                     }
                 }

@@ -4,6 +4,7 @@
 //! ([`crate::console::clients`]) and a full one is skipped ahead. It holds the table's lock
 //! only to count or remove its own entry, never across an `.await`.
 
+use super::super::migrate::{moved_of_status, MAX_MOVES};
 use super::super::GatewayError;
 use super::{now_unix, Fanout, StreamKey, OPEN_WAIT, OWN_TOKEN_TTL};
 use crate::console::clients::{self, ClientQueue, ClientReceiver, Event, Offer};
@@ -12,7 +13,7 @@ use crate::proto::{self, attach, server_frame, ServerFrame};
 use crate::tokens::{Access, Grant, TokenError, Verify};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
@@ -26,7 +27,8 @@ pub(super) struct Join {
 /// What a watcher that joined receives from.
 pub(super) struct Joined {
     pub(super) receiver: ClientReceiver,
-    pub(super) session_id: String,
+    /// The upstream's session id (a new one after each move).
+    pub(super) session: Arc<Mutex<String>>,
     /// The status the shared stream ended with, once it did.
     pub(super) ended: Arc<OnceLock<Status>>,
 }
@@ -106,17 +108,28 @@ struct Watcher {
     lagging: bool,
 }
 
+/// Replay asked of the node a stream moved to: what it logged before the re-attach is sent
+/// again, and the part the watchers already have is dropped here (as [`super::super::migrate`]
+/// does for a forwarded call).
+const REPLAY_ON_MOVE: u64 = 1 << 20;
+
 /// The task of one shared stream (see the module doc).
 pub(super) struct Shared {
     fanout: Arc<Fanout>,
     key: StreamKey,
     id: u64,
+    /// The node serving the stream now: the key's node until the guest moves, then the node
+    /// the moved status named.
+    node: String,
+    /// The nodes the stream left and at which offset (a move back to one at the same offset
+    /// is a loop).
+    left: Vec<(String, u64)>,
     /// The gateway's own token of the upstream call.
     own_token: String,
     watchers: HashMap<u64, Watcher>,
     ring: Ring,
     /// From the upstream's `attached`.
-    session_id: String,
+    session: Arc<Mutex<String>>,
     serial_break: bool,
     /// The guest's connection state as last told.
     guest_connected: bool,
@@ -127,6 +140,8 @@ pub(super) struct Shared {
     /// in once the ring reaches it, and joins wait in `waiting` until then.
     replayed_to: u64,
     waiting: Vec<Join>,
+    /// It ended because its own token no longer verifies (the cluster key changed).
+    key_changed: bool,
 }
 
 impl Shared {
@@ -135,17 +150,20 @@ impl Shared {
         Self {
             ring: Ring::new(fanout.config.replay_bytes.bytes()),
             fanout,
+            node: key.node.clone(),
+            left: Vec::new(),
             key,
             id,
             own_token: String::new(),
             watchers: HashMap::new(),
-            session_id: String::new(),
+            session: Arc::new(Mutex::new(String::new())),
             serial_break: false,
             guest_connected: false,
             ended: Arc::new(OnceLock::new()),
             revoked: None,
             replayed_to: 0,
             waiting: Vec::new(),
+            key_changed: false,
         }
     }
 
@@ -162,14 +180,21 @@ impl Shared {
         };
         tracing::info!(code = ?status.code(), message = status.message(), "shared stream ended");
         self.remove_entry(false);
-        for join in self.waiting.drain(..) {
-            let _ = join.reply.send(Err(status.clone()));
+        // Joins waiting or on their way get the status too; after a revocation they are
+        // dropped instead, so that each tries a new stream, with a new token.
+        joins.close();
+        let mut joining = std::mem::take(&mut self.waiting);
+        while let Ok(join) = joins.try_recv() {
+            joining.push(join);
+        }
+        for join in joining {
+            if !self.key_changed {
+                let _ = join.reply.send(Err(status.clone()));
+            }
         }
         let _ = self.ended.set(status);
         // Every watcher takes what was queued for it, then the status.
         self.watchers.clear();
-        // Joins on their way are dropped: they try a new stream.
-        joins.close();
     }
 
     /// Runs the stream; the status it ended with, or `None` when it retired (no watchers).
@@ -189,7 +214,7 @@ impl Shared {
                 else => return None,
             }
         };
-        let mut upstream = match self.open().await {
+        let mut upstream = match self.open_following(false).await {
             Ok(upstream) => upstream,
             Err(status) => {
                 let _ = first.reply.send(Err(status.clone()));
@@ -222,6 +247,21 @@ impl Shared {
                         }
                     }
                     Ok(None) => return Some(self.node_status(Status::unknown("the stream ended without a status"), false)),
+                    Err(status) if moved_of_status(&status).is_some() => {
+                        // The guest moved: the same stream continues at its new node.
+                        if let Err(status) = self.redirect(status) {
+                            return Some(status);
+                        }
+                        upstream = match self.open_following(true).await {
+                            Ok(upstream) => upstream,
+                            Err(status) => return Some(status),
+                        };
+                        if self.ring.end >= self.replayed_to {
+                            for join in std::mem::take(&mut self.waiting) {
+                                self.join(join);
+                            }
+                        }
+                    }
                     Err(status) => return Some(self.node_status(status, false)),
                 },
                 Some(join) = joins.recv() => {
@@ -245,6 +285,7 @@ impl Shared {
                         return Some(Status::unavailable("The gateway is stopping"));
                     }
                     if let Some(revoked) = self.own_token_revoked() {
+                        self.key_changed = true;
                         return Some(revoked);
                     }
                 }
@@ -274,11 +315,42 @@ impl Shared {
         }
     }
 
-    /// Opens the upstream watch with the gateway's own token, asking for a ring's worth of
-    /// replay, reads its `attached`, and learns where the node's log ended then
-    /// ([`Self::replayed_to`]).
-    async fn open(&mut self) -> Result<tonic::Streaming<ServerFrame>, Status> {
-        let node = self.key.node.clone();
+    /// Decides about a status that ended (or refused) the upstream: the moved status is
+    /// followed (the stream's node becomes the one it names) unless the stream moved
+    /// [`MAX_MOVES`] times already (then it ends with the status as the node sent it) or the
+    /// move goes back to a node it left at the same offset (a loop: `FAILED_PRECONDITION`);
+    /// any other status ends it.
+    fn redirect(&mut self, status: Status) -> Result<(), Status> {
+        let moved = follow(&self.left, &self.node, status)?;
+        tracing::info!(from = %self.node, to = %moved.to, offset = moved.offset, "shared stream following a move");
+        let from = std::mem::replace(&mut self.node, moved.to);
+        self.left.push((from, moved.offset));
+        Ok(())
+    }
+
+    /// [`Self::open`] at the stream's node, following moves (a new stream for a guest that
+    /// moved is answered with the moved status at once).
+    async fn open_following(
+        &mut self,
+        live: bool,
+    ) -> Result<tonic::Streaming<ServerFrame>, Status> {
+        loop {
+            match self.open(live).await {
+                Ok(upstream) => return Ok(upstream),
+                Err(status) => self.redirect(status)?,
+            }
+        }
+    }
+
+    /// Opens the upstream watch at the stream's node with the gateway's own token for that
+    /// node, reads its `attached`, and learns where the node's log ended then
+    /// ([`Self::replayed_to`]). A new stream (`live` false) asks for a ring's worth of replay
+    /// and starts its ring at the node's first offset; a stream that moved (`live`) asks for
+    /// [`REPLAY_ON_MOVE`] and continues at the next byte its watchers expect: replay below it
+    /// is dropped, a first byte above it is a gap (`lagged` with the exact range), and each
+    /// watcher gets the new node's `attached` at that byte, as a reconnect.
+    async fn open(&mut self, live: bool) -> Result<tonic::Streaming<ServerFrame>, Status> {
+        let node = self.node.clone();
         let now = now_unix();
         let grant = Grant {
             guest: self.key.guest.clone(),
@@ -302,7 +374,11 @@ impl Shared {
             device: self.key.device.clone(),
             mode: attach::Mode::ReadOnly.into(),
             force: false,
-            replay_bytes: self.ring.cap,
+            replay_bytes: if live {
+                self.ring.cap.max(REPLAY_ON_MOVE)
+            } else {
+                self.ring.cap
+            },
         });
         let bearer = format!("Bearer {}", self.own_token);
         request.metadata_mut().insert(
@@ -333,10 +409,24 @@ impl Shared {
         else {
             return Err(self.node_status(Status::unknown("its first frame is not attached"), true));
         };
-        self.session_id = attached.session_id;
+        *self.session.lock().expect("session poisoned") = attached.session_id;
         self.serial_break = attached.serial_break;
         self.guest_connected = attached.guest_connected;
-        self.ring.reset(attached.offset);
+        if live {
+            let next = self.ring.end;
+            if attached.offset > next {
+                self.gap(next, attached.offset);
+            }
+            let event = Event::Attached {
+                offset: self.ring.end,
+                writer: false,
+                guest_connected: self.guest_connected,
+                serial_break: self.serial_break,
+            };
+            self.watchers.retain(|_, w| w.queue.control(event.clone()));
+        } else {
+            self.ring.reset(attached.offset);
+        }
         self.replayed_to = match self.log_end().await {
             Ok(end) => end,
             Err(status) => {
@@ -360,7 +450,7 @@ impl Shared {
         let channel = self
             .fanout
             .upstreams
-            .channel(&self.key.node)
+            .channel(&self.node)
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let mut request = tonic::Request::new(proto::ReadHistoryRequest {
             guest: self.key.guest.clone(),
@@ -411,7 +501,7 @@ impl Shared {
         if !transport {
             return status;
         }
-        let node = self.key.node.clone();
+        let node = self.node.clone();
         let reason = status.message().to_owned();
         let error = if opening {
             GatewayError::NodeUnavailable { node, reason }
@@ -439,6 +529,7 @@ impl Shared {
             // new stream with a new token.
             self.remove_entry(false);
             self.revoked = Some(revoked);
+            self.key_changed = true;
             return;
         }
         let (mut queue, receiver) = clients::queue(self.watcher_queue());
@@ -454,7 +545,7 @@ impl Shared {
         }
         let joined = Joined {
             receiver,
-            session_id: self.session_id.clone(),
+            session: self.session.clone(),
             ended: self.ended.clone(),
         };
         if join.reply.send(Ok(joined)).is_ok() {
@@ -475,8 +566,16 @@ impl Shared {
     fn upstream_frame(&mut self, frame: ServerFrame) {
         match frame.frame {
             Some(server_frame::Frame::Output(output)) => {
-                if output.data.is_empty() {
+                let mut output = output;
+                let end = output.offset + output.data.len() as u64;
+                if end <= self.ring.end {
+                    // Empty, or replay of a node the stream moved to that its watchers have.
                     return;
+                }
+                if output.offset < self.ring.end {
+                    let cut = usize::try_from(self.ring.end - output.offset).unwrap_or(0);
+                    output.data = output.data.slice(cut..);
+                    output.offset = self.ring.end;
                 }
                 if output.offset != self.ring.end {
                     // Not expected of a node (it reports gaps with `lagged`): a gap all the same.
@@ -532,9 +631,63 @@ impl Shared {
     }
 }
 
+/// The move to follow for `status`, from `node` after leaving `left`: the moved status's, if
+/// fewer than [`MAX_MOVES`] were followed and it does not go back to a node left at the same
+/// offset (a loop: `FAILED_PRECONDITION` naming both); else the status to end with.
+fn follow(
+    left: &[(String, u64)],
+    node: &str,
+    status: Status,
+) -> Result<super::super::migrate::Moved, Status> {
+    let Some(moved) = moved_of_status(&status) else {
+        return Err(status);
+    };
+    if left.len() >= MAX_MOVES {
+        return Err(status);
+    }
+    if left.contains(&(moved.to.clone(), moved.offset)) {
+        return Err(Status::failed_precondition(format!(
+            "The stream moved in a loop between {node} and {} at offset {}; ask the nodes' \
+             operators (each names the other as the guest's new node)",
+            moved.to, moved.offset
+        )));
+    }
+    Ok(moved)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn moved(to: &str, offset: u64) -> Status {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert("conlog-moved-to", to.parse().unwrap());
+        metadata.insert("conlog-moved-offset", offset.to_string().parse().unwrap());
+        Status::with_metadata(tonic::Code::FailedPrecondition, "moved", metadata)
+    }
+
+    #[test]
+    fn moves_are_followed_at_most_max_moves_times_and_a_loop_ends_the_stream() {
+        let mut left = Vec::new();
+        let got = follow(&left, "a:1", moved("b:2", 5)).unwrap();
+        assert_eq!((got.to.as_str(), got.offset), ("b:2", 5));
+        left.push(("a:1".to_owned(), 5));
+        let looped = follow(&left, "b:2", moved("a:1", 5)).unwrap_err();
+        assert_eq!(looped.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            looped.message().contains("loop between b:2 and a:1"),
+            "{looped:?}"
+        );
+        // Back to a node at a later offset is a new move, not a loop.
+        assert!(follow(&left, "b:2", moved("a:1", 9)).is_ok());
+        while left.len() < MAX_MOVES {
+            left.push((format!("n{}:1", left.len()), 10));
+        }
+        let passed = follow(&left, "z:1", moved("y:1", 99)).unwrap_err();
+        assert_eq!(passed.message(), "moved", "the node's status as it sent it");
+        let other = follow(&[], "a:1", Status::not_found("removed")).unwrap_err();
+        assert_eq!(other.code(), tonic::Code::NotFound);
+    }
 
     fn bytes(n: usize, fill: u8) -> Bytes {
         Bytes::from(vec![fill; n])
