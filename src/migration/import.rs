@@ -125,6 +125,7 @@ impl Importer {
         guest: &str,
         device: Option<&str>,
         token: &str,
+        hops: u32,
     ) -> Result<(), tonic::Status> {
         let channel = self
             .connect(node)
@@ -139,6 +140,9 @@ impl Importer {
         let bearer = MetadataValue::try_from(format!("Bearer {token}"))
             .map_err(|_| tonic::Status::unauthenticated("the token is not a header value"))?;
         request.metadata_mut().insert("authorization", bearer);
+        request
+            .metadata_mut()
+            .insert(super::tokens::HOPS_HEADER, MetadataValue::from(hops));
         let answer = tokio::time::timeout(
             self.config.connect_timeout.get(),
             ConsoleClient::new(channel).read_history(request),

@@ -2,14 +2,16 @@
 //! "Live migration").
 //!
 //! Owns the table of guests this node imported (guest → the node it came from) and the check
-//! of a token that node issued: its signature is that node's, so this node asks that node, over
+//! of a token another node issued: its signature is not this node's, so this node asks the node
+//! the guest came from (which asks its own source for a token of a node before it), over
 //! the node-to-node connection ([`super::import::Importer`]'s TLS), with a `ReadHistory` that
 //! can return no byte (from an offset past any end): the source verifies the token (signature,
 //! expiry, guest, device, its issue time against the move) exactly as for any call of its own,
 //! and answers `OUT_OF_RANGE` or the moved status when it is good. A good answer is cached until
 //! the token expires, at most [`CACHE_TTL`], in a bounded table. Only a token whose (unverified)
-//! node claim names the node this node imported its guest from is ever sent there; any other
-//! token is refused as before, without a call. It never decides what a grant allows (`auth`).
+//! node claim names another node, for a guest imported here, is ever sent, and only to the node
+//! the guest came from (which checks a token of a node before it by asking its own source, a
+//! bounded number of hops); any other token is refused as before, without a call. It never decides what a grant allows (`auth`).
 
 use super::import::Importer;
 use crate::tokens::Grant;
@@ -27,6 +29,10 @@ pub const CACHE_TTL: Duration = Duration::from_secs(60);
 const CACHE_ENTRIES: usize = 4096;
 /// Most guests remembered as imported.
 const IMPORTED_GUESTS: usize = 65_536;
+/// Most nodes a token is passed along to be checked (a chain of moves A → B → C → D).
+pub const MAX_HOPS: u32 = 4;
+/// Request header: how many nodes already passed a token check along (see [`MAX_HOPS`]).
+pub const HOPS_HEADER: &str = "conlog-token-hops";
 /// Longest token looked at (the tokens module's bound).
 const MAX_TOKEN: usize = 1024;
 
@@ -68,18 +74,23 @@ impl ForeignTokens {
         }
     }
 
-    /// The grant `token` claims, if it names the node its guest was imported from (nothing
-    /// of it is verified yet).
+    /// The grant `token` claims, if it names a node and its guest was imported here (nothing
+    /// of it is verified yet): the node the guest came from, or one before it (a chain of
+    /// moves), which that node asks in turn.
     pub fn candidate(&self, token: &str) -> Option<Grant> {
         let grant = unverified_grant(token)?;
-        let node = grant.node.as_deref()?;
-        (self.importer.imported.from(&grant.guest).as_deref() == Some(node)).then_some(grant)
+        grant.node.as_deref()?;
+        self.importer.imported.from(&grant.guest)?;
+        Some(grant)
     }
 
-    /// Asks the node that issued `token` (for `grant`, its claims) whether it is good; the
-    /// grant when it is, or the status the call gets: the source's refusal, or `UNAVAILABLE`
-    /// naming the source when it cannot be asked.
-    pub async fn check(&self, token: &str, grant: Grant) -> Result<Grant, Status> {
+    /// Asks the node the guest was imported from whether `token` (for `grant`, its claims) is
+    /// good — that node checks it as any call of its own: with its key if it issued it, else
+    /// by asking its own source in turn, `hops` counting the nodes already asked along the
+    /// chain (at most [`MAX_HOPS`], so a loop of imports cannot make calls without end). The
+    /// grant when it is good, or the status the call gets: the refusal, or `UNAVAILABLE` naming
+    /// the source when it cannot be asked.
+    pub async fn check(&self, token: &str, grant: Grant, hops: u32) -> Result<Grant, Status> {
         if let Some((cached, until)) = self
             .cache
             .lock()
@@ -90,10 +101,29 @@ impl ForeignTokens {
                 return Ok(cached.clone());
             }
         }
-        let node = grant.node.clone().unwrap_or_default();
+        let issuer = grant.node.clone().unwrap_or_default();
+        let Some(node) = self.importer.imported.from(&grant.guest) else {
+            return Err(Status::unauthenticated(format!(
+                "Token refused: it was issued by node {issuer}, and guest {} was not imported here",
+                grant.guest
+            )));
+        };
+        if hops >= MAX_HOPS {
+            return Err(Status::unauthenticated(format!(
+                "Token refused: issued by node {issuer}, it could not be checked within \
+                 {MAX_HOPS} of guest {}'s previous nodes",
+                grant.guest
+            )));
+        }
         let answer = self
             .importer
-            .ask_source(&node, &grant.guest, grant.device.as_deref(), token)
+            .ask_source(
+                &node,
+                &grant.guest,
+                grant.device.as_deref(),
+                token,
+                hops + 1,
+            )
             .await;
         match answer {
             Ok(()) => {}
@@ -106,16 +136,18 @@ impl ForeignTokens {
                 return Err(Status::new(
                     status.code(),
                     format!(
-                        "node {node}, which issued this token, refused it: {}",
+                        "node {node}, where guest {} was before it moved here, refused this \
+                         token (issued by node {issuer}): {}",
+                        grant.guest,
                         status.message()
                     ),
                 ))
             }
             Err(status) => {
                 return Err(Status::unavailable(format!(
-                    "this token was issued by node {node}, where guest {} was before it moved \
-                     here, and that node cannot check it now ({}); a token from this node's \
-                     agent works",
+                    "this token was issued by node {issuer}; guest {} came here from node \
+                     {node}, which cannot check it now ({}); a token from this node's agent \
+                     works",
                     grant.guest,
                     status.message()
                 )))

@@ -152,8 +152,9 @@ impl CallLimits {
         }
     }
 
-    /// The checker and the claimed grant of a request whose token did not verify here but
-    /// names the node its guest was imported from.
+    /// The checker, the claimed grant and the hop count (`conlog-token-hops`: how many nodes
+    /// already passed the check along) of a request whose token did not verify here, for a
+    /// guest imported here.
     fn foreign_candidate(
         &self,
         request: &http::Request<Body>,
@@ -161,6 +162,7 @@ impl CallLimits {
         Arc<crate::migration::tokens::ForeignTokens>,
         String,
         crate::tokens::Grant,
+        u32,
     )> {
         let foreign = self
             .remote
@@ -169,15 +171,16 @@ impl CallLimits {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()?;
-        let value = request.headers().get(http::header::AUTHORIZATION)?;
-        let token = value
-            .to_str()
+        let token = super::auth::bearer_token(request.headers())
             .ok()?
-            .strip_prefix("Bearer ")?
-            .trim()
             .to_owned();
         let grant = foreign.candidate(&token)?;
-        Some((foreign, token, grant))
+        let hops = request
+            .headers()
+            .get(crate::migration::tokens::HOPS_HEADER)
+            .and_then(|value| value.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
+        Some((foreign, token, grant, hops))
     }
 
     /// Calls in progress on this listener.
@@ -349,11 +352,11 @@ where
             }
             Ok((guard, None)) => match self.limits.foreign_candidate(&request) {
                 // A token of the node its guest migrated from: that node checks it first.
-                Some((foreign, token, claimed)) => {
+                Some((foreign, token, claimed, hops)) => {
                     let mut inner = self.inner.clone();
                     std::mem::swap(&mut self.inner, &mut inner);
                     return Box::pin(async move {
-                        match foreign.check(&token, claimed).await {
+                        match foreign.check(&token, claimed, hops).await {
                             Ok(grant) => {
                                 request.extensions_mut().insert(super::auth::Signed(grant));
                             }
