@@ -73,6 +73,11 @@ pub struct UpstreamConfig {
     /// "Backpressure").
     #[serde(default = "default_stream_window")]
     pub stream_window: ByteSize,
+    /// Calls in progress from this replica to one node. The node connection's HTTP/2 window
+    /// is this many stream windows, so streams that stop reading can never take the window
+    /// of the others (docs/gateway.md, "Forwarding and backpressure").
+    #[serde(default = "default_calls_per_node")]
+    pub calls_per_node: u32,
 }
 
 /// The gateway's limits; hitting one is `RESOURCE_EXHAUSTED` naming it.
@@ -190,6 +195,13 @@ fn default_stream_window() -> ByteSize {
     ByteSize(1 << 20)
 }
 
+fn default_calls_per_node() -> u32 {
+    256
+}
+
+/// HTTP/2's largest flow-control window (RFC 9113, 6.9.1).
+pub(crate) const MAX_HTTP2_WINDOW: u64 = (1 << 31) - 1;
+
 fn refuse<T>(key: &'static str, message: String) -> Result<T, ConfigError> {
     Err(ConfigError::Value { key, message })
 }
@@ -253,6 +265,22 @@ impl GatewayConfig {
             return refuse(
                 "gateway.upstream.stream_window",
                 format!("must be between 16KiB and 16MiB (got {window})"),
+            );
+        }
+        let calls = self.upstream.calls_per_node;
+        if calls == 0 {
+            return refuse(
+                "gateway.upstream.calls_per_node",
+                "must be at least 1".into(),
+            );
+        }
+        if u64::from(calls) * window.bytes() > MAX_HTTP2_WINDOW {
+            return refuse(
+                "gateway.upstream.calls_per_node",
+                format!(
+                    "times gateway.upstream.stream_window must be at most 2GiB - 1, HTTP/2's \
+                     largest window (got {calls} x {window})"
+                ),
             );
         }
         let l = &self.limits;

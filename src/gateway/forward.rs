@@ -18,6 +18,7 @@ use super::upstream::Upstreams;
 use super::GatewayError;
 use crate::error::Error;
 use crate::server::auth::{bearer_token, verify_bearer};
+use crate::server::tally::Place;
 use crate::tokens::{ClusterKey, Grant, TokenError, Verify};
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -118,6 +119,10 @@ impl Forward {
         };
         let span = tracing::info_span!("forward", node = %node, guest = %grant.guest, path = request.uri().path());
         let _entered = span.enter();
+        let place = self.upstreams.place(&node).ok_or(Error::LimitReached {
+            limit: "gateway.upstream.calls_per_node",
+            value: self.upstreams.calls_per_node().into(),
+        })?;
         for name in NOT_FORWARDED {
             request.headers_mut().remove(name);
         }
@@ -141,6 +146,7 @@ impl Forward {
                 node: node.into(),
                 recheck,
                 done: false,
+                _place: place,
             })
         }))
     }
@@ -205,6 +211,9 @@ struct UpstreamBody {
     /// inner body is dropped with the call, which cancels it at the node).
     recheck: Recheck,
     done: bool,
+    /// The call's place among the node's `gateway.upstream.calls_per_node`, given back when
+    /// the response ends or is dropped.
+    _place: Place<String>,
 }
 
 /// A status as the trailers that end a response.

@@ -3,12 +3,16 @@
 //! Owns the table of channels (keyed by the node claim of verified tokens, so only nodes the
 //! cluster key vouches for ever get an entry) and how each is made: the gateway's client
 //! certificate, the nodes' CA, the connect timeout, the per-stream HTTP/2 window that
-//! bounds what the gateway holds of a stream towards the node, the largest frame it accepts
-//! and the read buffer beneath TLS (docs/gateway.md, "Forwarding and backpressure"). It never
-//! reads a token and never decides who may call.
+//! bounds what the gateway holds of a stream towards the node, the connection window (one
+//! stream window for each call the node may carry, `gateway.upstream.calls_per_node`, so that
+//! no set of stalled streams can take the window of the others), the count of calls in
+//! progress per node, the largest frame it accepts and the read buffer beneath TLS
+//! (docs/gateway.md, "Forwarding and backpressure"). It never reads a token and never decides
+//! who may call.
 
-use super::config::UpstreamConfig;
+use super::config::{UpstreamConfig, MAX_HTTP2_WINDOW};
 use super::GatewayError;
+use crate::server::tally::{Place, Tally};
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -35,6 +39,10 @@ pub(crate) struct Upstreams {
     tls: ClientTlsConfig,
     connect_timeout: Duration,
     window: u32,
+    /// The window of a node connection: `window` for each call it may carry.
+    connection_window: u32,
+    /// Calls in progress per node (`gateway.upstream.calls_per_node`).
+    calls: std::sync::Arc<Tally<String>>,
     /// Channels by node endpoint (`host:port`). A std mutex held to look up or insert, never
     /// across an `.await` (channels connect lazily, on their first call).
     channels: Mutex<HashMap<String, Channel>>,
@@ -60,12 +68,30 @@ impl Upstreams {
                 read("gateway.upstream.cert", &config.cert)?,
                 read("gateway.upstream.key", &config.key)?,
             ));
+        let window = u32::try_from(config.stream_window.bytes()).unwrap_or(u32::MAX);
+        // Validated: calls_per_node x stream_window fits HTTP/2's largest window.
+        let connection_window = u64::from(config.calls_per_node) * u64::from(window);
+        let connection_window = u32::try_from(connection_window.min(MAX_HTTP2_WINDOW))
+            .expect("within HTTP/2's largest window");
         Ok(Self {
             tls,
             connect_timeout: config.connect_timeout.get(),
-            window: u32::try_from(config.stream_window.bytes()).unwrap_or(u32::MAX),
+            window,
+            connection_window,
+            calls: Tally::new(config.calls_per_node),
             channels: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A place for one more call to `node`, held until the call ends; `None` when the node
+    /// carries `gateway.upstream.calls_per_node` calls from this replica already.
+    pub(crate) fn place(&self, node: &str) -> Option<Place<String>> {
+        self.calls.take(node.to_owned())
+    }
+
+    /// Most calls in progress to one node (`gateway.upstream.calls_per_node`).
+    pub(crate) fn calls_per_node(&self) -> u32 {
+        self.calls.limit()
     }
 
     /// The channel to `node` (`host:port`, from a verified token).
@@ -98,7 +124,10 @@ impl Upstreams {
             .map_err(|e| unusable(&e))?
             .connect_timeout(self.connect_timeout)
             .initial_stream_window_size(self.window)
-            .initial_connection_window_size(self.window.saturating_mul(16))
+            // As many stream windows as the connection may carry calls: a stream holds at
+            // most its own window, so streams whose clients stopped reading never exhaust
+            // the connection's and stall the others (docs/gateway.md).
+            .initial_connection_window_size(self.connection_window)
             .max_frame_size(MAX_FRAME)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20))

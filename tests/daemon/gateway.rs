@@ -776,8 +776,28 @@ async fn the_gateway_answers_health_in_plaintext_and_prints_its_config() {
     let printed: serde_yaml::Value = serde_yaml::from_slice(&output.stdout).unwrap();
     let gateway = &printed["gateway"];
     assert_eq!(gateway["upstream"]["stream_window"], "1MiB");
+    assert_eq!(gateway["upstream"]["calls_per_node"], 256);
     assert_eq!(gateway["limits"]["calls_per_guest"], 64);
     assert_eq!(gateway["health"], serde_yaml::Value::Null);
+
+    // A node connection's window is calls_per_node stream windows: over HTTP/2's largest
+    // window is refused, naming the key.
+    let config = pki.write(
+        "too-many.yaml",
+        &pki.gateway_yaml("3s\n    calls_per_node: 2048"),
+    );
+    let output = Command::new(gateway_bin())
+        .arg("--config")
+        .arg(&config)
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("gateway.upstream.calls_per_node") && stderr.contains("2GiB"),
+        "{stderr}"
+    );
 }
 
 /// A gRPC-web request over HTTP/1.1 to a gateway (binary, a `ReadHistory` path) with `token`,
@@ -874,4 +894,125 @@ async fn refusals_at_the_gateway_name_the_gateways_own_limits() {
         stderr.contains("one request of gateway.limits.message_size"),
         "{stderr}"
     );
+}
+
+/// Calls in progress from one replica to one node are bounded by
+/// `gateway.upstream.calls_per_node` (over it: `RESOURCE_EXHAUSTED` naming it), another node
+/// is not affected, and the place comes back when a call ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_limits_calls_per_node() {
+    let pki = Pki::new();
+    let (a, b) = (pki.node(false).await, pki.node(false).await);
+    let gateway = Gateway::start_with(&pki, "3s\n    calls_per_node: 1", "").await;
+    let mut on_a = console_with_guest(&a, "vm1").await;
+    let mut other_on_a = console_with_guest(&a, "vm2").await;
+    let mut on_b = console_with_guest(&b, "vm1").await;
+    for guest in [&mut on_a, &mut other_on_a, &mut on_b] {
+        guest.write(b"one\n").await;
+    }
+    let first = a.token("vm1", "", Access::Read, 600).await;
+    let second = a.token("vm2", "", Access::Read, 600).await;
+    let third = b.token("vm1", "", Access::Read, 600).await;
+
+    let (_, follow) = read_history(pki.client(gateway.address, &first).await, "vm1", 0, 4)
+        .await
+        .expect("the first call");
+    let refused = read_history(pki.client(gateway.address, &second).await, "vm2", 0, 4).await;
+    let message = match refused {
+        Ok(_) => panic!("a second call to the node was served"),
+        Err(status) => {
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+            status.message().to_owned()
+        }
+    };
+    assert!(
+        message.contains("gateway.upstream.calls_per_node"),
+        "{message}"
+    );
+    read_history(pki.client(gateway.address, &third).await, "vm1", 0, 4)
+        .await
+        .expect("a call to another node");
+
+    drop(follow);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match read_history(pki.client(gateway.address, &second).await, "vm2", 0, 4).await {
+            Ok(_) => break,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(Instant::now() < deadline, "the place never came back");
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    }
+}
+
+/// One tenant's following `ReadHistory` streams whose client stopped reading cannot stall
+/// another tenant's calls to the same node through the same gateway: the node connection's
+/// window is one stream window per call it may carry (`gateway.upstream.calls_per_node`), so
+/// the stalled streams hold their own windows and never the others' (docs/gateway.md,
+/// "Forwarding and backpressure"). With the old connection window (16 stream windows) the 32
+/// stalled streams here hold all of it and the other tenant's read never gets a byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_that_stop_reading_do_not_stall_other_tenants_on_the_node() {
+    const STALLED: usize = 32;
+    const BACKLOG: usize = 512 << 10;
+    let pki = Pki::new();
+    let node = pki.node(false).await;
+    // The smallest stream window (the next upstream key rides on the connect timeout's line).
+    let gateway = Gateway::start_with(&pki, "3s\n    stream_window: 16KiB", "").await;
+    let mut vm1 = console_with_guest(&node, "vm1").await;
+    let mut vm2 = console_with_guest(&node, "vm2").await;
+    let line: Vec<u8> = (0..1024).map(|i| b'a' + (i % 26) as u8).collect();
+    for _ in 0..BACKLOG / line.len() {
+        vm1.write(&line).await;
+    }
+    vm2.write(b"two\n").await;
+    let tenant = node.token("vm1", "", Access::Read, 600).await;
+    let other = node.token("vm2", "", Access::Read, 600).await;
+    // The backlog is in the log (read once, through the gateway).
+    read_history(
+        pki.client(gateway.address, &tenant).await,
+        "vm1",
+        0,
+        BACKLOG,
+    )
+    .await
+    .expect("the backlog");
+
+    // The tenant's client: one connection, a window far larger than what its streams take,
+    // so every stream stalls at the gateway (each at most its 16 KiB window) and none at
+    // the client's connection.
+    let stalled_client = bounded(
+        "connect",
+        pki.endpoint(gateway.address, false)
+            .initial_stream_window_size(16 << 10)
+            .initial_connection_window_size(16 << 20)
+            .connect(),
+    )
+    .await
+    .expect("connect to the gateway");
+    let stalled_client = with_token(stalled_client, &tenant);
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        // Each stream's first chunk arrived: the node is sending it; then it is held unread.
+        let (_, stream) = read_history(stalled_client.clone(), "vm1", 0, 1)
+            .await
+            .expect("a follow of the backlog");
+        stalled.push(stream);
+    }
+    // Let the stalled streams fill their windows (the outcome asserted does not depend on
+    // how long this takes: with the fix the read below completes whatever they hold).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    // Another tenant's read of the same node through the same gateway completes.
+    for _ in 0..3 {
+        let (data, _) = read_history(pki.client(gateway.address, &other).await, "vm2", 0, 4)
+            .await
+            .expect("another tenant's read");
+        assert_eq!(data, b"two\n");
+    }
+    // And the stalled streams are still there, unread (the read above did not end them).
+    assert_eq!(stalled.len(), STALLED);
+    drop(stalled);
 }

@@ -15,6 +15,10 @@
 //!   (this process: TLS, HTTP/2 and decoding). The connection is made before the clock
 //!   starts; every chunk must start where the previous ended, every 64th is checked against
 //!   the bytes written.
+//! - With `--pin`, the same two reads again in each run with the node and this process (the
+//!   client, all its threads) pinned to CPU 0 and the gateway to CPU 1 (`taskset -a -p` on
+//!   every thread of each process, undone afterwards): a gateway on a machine of its own, as
+//!   deployed, rather than sharing the node's and the client's CPUs. Both ratios are reported.
 //! - Console echo latency: an `AttachConsole` READ_WRITE client sends one byte, the echoing
 //!   guest writes it back, and the clock stops when the `Output` frame holding it arrives;
 //!   `--round-trips` after 50 of warm-up; p50 and p99.
@@ -78,6 +82,10 @@ pub struct GatewayArgs {
     /// The gateway's `gateway.upstream.stream_window` [default: the gateway's default].
     #[arg(long, value_parser = ByteSize::parse)]
     stream_window: Option<ByteSize>,
+    /// Also read with the node and the client pinned to CPU 0 and the gateway to CPU 1 (as
+    /// if the gateway ran on a machine of its own), in the same runs as the unpinned reads.
+    #[arg(long)]
+    pin: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -168,6 +176,8 @@ impl Cpu {
 
 struct ReadSample {
     path: Path,
+    /// Read with the node and the client on CPU 0 and the gateway on CPU 1.
+    pinned: bool,
     seconds: f64,
     bytes: u64,
     cpu: Cpu,
@@ -217,24 +227,49 @@ fn run(bench: &Bench, args: &GatewayArgs) -> anyhow::Result<Verdict> {
         settle
     );
 
+    let all_cpus = if args.pin {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        if cpus < 2 {
+            bail!("--pin needs two CPUs (this process may use {cpus})");
+        }
+        Some(format!("0-{}", cpus - 1))
+    } else {
+        None
+    };
     let mut reads = Vec::new();
     for run in 1..=runs {
-        for path in alternate(run, [Path::Direct, Path::Gateway]) {
-            let sample = bench
-                .runtime
-                .block_on(read_history(&setup, path, &pattern, total))?;
-            let per_gib = |cpu: Duration| cpu.as_secs_f64() * (1u64 << 30) as f64 / total as f64;
-            println!(
-                "run {run} ReadHistory {:<12} {:>7.1} MiB/s  CPU s/GiB: node {:.2}, gateway {:.2}, client {:.2}  {}",
-                path.name(),
-                mib_per_s(sample.bytes, sample.seconds),
-                per_gib(sample.cpu.node),
-                per_gib(sample.cpu.gateway),
-                per_gib(sample.cpu.client),
-                report::outcome(&sample.problems)
-            );
-            problems.extend(sample.problems.iter().cloned());
-            reads.push(sample);
+        let sides = if all_cpus.is_some() {
+            &[false, true][..]
+        } else {
+            &[false][..]
+        };
+        for &pinned in sides {
+            if pinned {
+                pin(&setup, "0", "1")?;
+            }
+            for path in alternate(run, [Path::Direct, Path::Gateway]) {
+                let mut sample = bench
+                    .runtime
+                    .block_on(read_history(&setup, path, &pattern, total))?;
+                sample.pinned = pinned;
+                let per_gib =
+                    |cpu: Duration| cpu.as_secs_f64() * (1u64 << 30) as f64 / total as f64;
+                println!(
+                    "run {run} ReadHistory {:<12}{} {:>7.1} MiB/s  CPU s/GiB: node {:.2}, gateway {:.2}, client {:.2}  {}",
+                    path.name(),
+                    if pinned { " pinned" } else { "" },
+                    mib_per_s(sample.bytes, sample.seconds),
+                    per_gib(sample.cpu.node),
+                    per_gib(sample.cpu.gateway),
+                    per_gib(sample.cpu.client),
+                    report::outcome(&sample.problems)
+                );
+                problems.extend(sample.problems.iter().cloned());
+                reads.push(sample);
+            }
+            if let (true, Some(all)) = (pinned, &all_cpus) {
+                pin(&setup, all, all)?;
+            }
         }
     }
 
@@ -356,6 +391,28 @@ fn start(
     })
 }
 
+/// Sets the CPU affinity of every thread of the node and of this process (the client) to
+/// `node_and_client`, and of the gateway to `gateway` (`taskset` CPU lists).
+fn pin(setup: &Setup, node_and_client: &str, gateway: &str) -> anyhow::Result<()> {
+    for (pid, cpus) in [
+        (setup.daemon.pid(), node_and_client),
+        (std::process::id(), node_and_client),
+        (setup.gateway_pid(), gateway),
+    ] {
+        let output = std::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+            .output()
+            .context("cannot run taskset (util-linux) for --pin")?;
+        if !output.status.success() {
+            bail!(
+                "taskset -a -p -c {cpus} {pid}: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// A guest that writes back everything it reads, on its own thread, until EOF.
 fn spawn_echo(mut stream: UnixStream) {
     std::thread::spawn(move || {
@@ -432,6 +489,7 @@ async fn read_history(
     hang_up(client).await;
     Ok(ReadSample {
         path,
+        pinned: false,
         seconds,
         bytes: next,
         cpu,
@@ -651,22 +709,25 @@ struct Report<'a> {
 fn print_report(r: &Report<'_>) {
     let per_gib =
         |cpu: Duration, bytes: u64| cpu.as_secs_f64() * (1u64 << 30) as f64 / bytes.max(1) as f64;
-    let of = |path: Path| r.reads.iter().filter(move |s| s.path == path);
-    let rate = |path: Path| {
+    let of = |path: Path, pinned: bool| {
+        r.reads
+            .iter()
+            .filter(move |s| s.path == path && s.pinned == pinned)
+    };
+    let rate = |path: Path, pinned: bool| {
         median(
-            &of(path)
+            &of(path, pinned)
                 .map(|s| mib_per_s(s.bytes, s.seconds))
                 .collect::<Vec<_>>(),
         )
     };
-    let cpu = |path: Path, pick: fn(&Cpu) -> Duration| {
+    let cpu = |path: Path, pinned: bool, pick: fn(&Cpu) -> Duration| {
         median(
-            &of(path)
+            &of(path, pinned)
                 .map(|s| per_gib(pick(&s.cpu), s.bytes))
                 .collect::<Vec<_>>(),
         )
     };
-    let direct = rate(Path::Direct);
     let mut reads = Table::new(&[
         "path",
         "MiB/s (median)",
@@ -677,19 +738,35 @@ fn print_report(r: &Report<'_>) {
         "all CPU s/GiB",
         "vs direct",
     ]);
-    for path in [Path::Direct, Path::Gateway] {
+    let sides = if r.reads.iter().any(|s| s.pinned) {
+        &[false, true][..]
+    } else {
+        &[false][..]
+    };
+    for (&pinned, path) in sides
+        .iter()
+        .flat_map(|p| [(p, Path::Direct), (p, Path::Gateway)])
+    {
+        let direct = rate(Path::Direct, pinned);
         let (node, gateway, client) = (
-            cpu(path, |c| c.node),
-            cpu(path, |c| c.gateway),
-            cpu(path, |c| c.client),
+            cpu(path, pinned, |c| c.node),
+            cpu(path, pinned, |c| c.gateway),
+            cpu(path, pinned, |c| c.client),
         );
-        let runs: Vec<String> = of(path)
+        let runs: Vec<String> = of(path, pinned)
             .map(|s| format!("{:.0}", mib_per_s(s.bytes, s.seconds)))
             .collect();
-        let ratio = rate(path) / direct.max(1e-9);
+        let ratio = rate(path, pinned) / direct.max(1e-9);
         reads.row(vec![
-            path.name().into(),
-            format!("{:.0}", rate(path)),
+            if pinned {
+                format!(
+                    "{}, pinned (node + client CPU 0, gateway CPU 1)",
+                    path.name()
+                )
+            } else {
+                format!("{}, shared CPUs", path.name())
+            },
+            format!("{:.0}", rate(path, pinned)),
             runs.join(" / "),
             format!("{node:.2}"),
             format!("{gateway:.2}"),
