@@ -587,3 +587,40 @@ async fn an_import_ends_on_the_source_guests_disconnect() {
         "ended on the source guest's leaving, not the switchover timeout: {migrated_in:?}"
     );
 }
+
+/// Where a guest was imported from outlives the destination's restart: A's token for the guest
+/// still works on B afterwards (checked at A), and B's own token too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sources_tokens_work_at_the_destination_after_it_restarts() {
+    let fleet = Fleet::new();
+    let (a, mut b) = (fleet.node().await, fleet.node().await);
+    let created = open_console(&mut a.agent().await, "vm1").await;
+    let mut g1 = FakeGuest::connect(&created.guest_socket).await;
+    g1.write(&lines(1, 10)).await;
+    let read = a.token("vm1", "", Access::Read, 600).await;
+    wait_offset(
+        &mut a.agent().await,
+        "vm1",
+        DEVICE,
+        lines(1, 10).len() as u64,
+    )
+    .await;
+    let from = migrate_from(&a, "vm1", 0).await;
+    let on_b = create_migrating_console(&b, "vm1", from).await.unwrap();
+    let mut g2 = FakeGuest::connect(&on_b.guest_socket).await;
+    drop(g1);
+    g2.write(&lines(11, 20)).await;
+    remove_moved(&a, "vm1", &b).await;
+    wait_imported(&b, "vm1", DEVICE, lines(1, 20).len() as u64).await;
+    drop(g2);
+
+    // B restarts (its memory of the import is gone); A's token, never shown to B before.
+    b.stop().await;
+    b.restart().await;
+    let history = read_all(fleet.client(&b, &read).await, "vm1", "", None, false).await;
+    history
+        .ended
+        .clone()
+        .expect("A's token reads the guest's history on B after B restarted");
+    assert_lines("B's history with A's token", &history.data(), 1, 20);
+}
