@@ -163,7 +163,15 @@ async fn a_console_migrates_with_every_line_once_and_clients_are_redirected() {
             .collect::<Vec<_>>(),
         [source_end]
     );
-    assert!(stream_info(&a, "vm1", DEVICE).await.is_none());
+    // Listed on A while the redirect is kept: where it went, and where B continues.
+    let listed = stream_info(&a, "vm1", DEVICE)
+        .await
+        .expect("the moved stream is listed on A");
+    assert_eq!(
+        (listed.moved_to.as_str(), listed.offset, listed.open),
+        (endpoint_of(&b).as_str(), source_end, false),
+        "{listed:?}"
+    );
 
     // The redirect is persisted: it survives a restart of the source.
     let mut a = a;
@@ -177,6 +185,10 @@ async fn a_console_migrates_with_every_line_once_and_clients_are_redirected() {
     .await
     .expect_err("WatchConsole on a moved console after a restart");
     assert_moved("a watch after a restart", &refused, &b, source_end, DEVICE);
+    let listed = stream_info(&a, "vm1", DEVICE)
+        .await
+        .expect("the moved stream is listed on A after a restart");
+    assert_eq!(listed.moved_to, endpoint_of(&b), "{listed:?}");
 }
 
 /// A guest's log pipe migrates too: B's pipe stream continues A's offsets; A's pipe closing
