@@ -266,7 +266,7 @@ async fn a_real_qemu_guest_live_migrates_and_its_console_goes_on_on_the_destinat
     assert!(history.gaps().is_empty(), "{:?}", history.gaps());
     let data = history.data();
     let text = String::from_utf8_lossy(&data);
-    let (imported, own) = data.split_at(source_end as usize);
+    let (imported, own) = data.split_at(usize::try_from(source_end).expect("a small offset"));
     let imported = String::from_utf8_lossy(imported);
     let own = String::from_utf8_lossy(own);
     assert!(
