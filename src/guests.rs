@@ -483,6 +483,40 @@ impl Guests {
             .join(format!("{stream}.import"))
     }
 
+    /// `state/guests/<guest>/<stream>.imported`: the node the stream was last imported from,
+    /// kept while the stream exists ([`crate::migration::import`] writes it, a removal deletes
+    /// it), so that the source's tokens for the guest are still checked there after a restart,
+    /// upgrade or takeover (docs/design.md, "Live migration").
+    pub fn imported_record(&self, guest: &str, stream: &str) -> PathBuf {
+        self.state_dir()
+            .join(guest)
+            .join(format!("{stream}.imported"))
+    }
+
+    /// Every `(guest, node)` of the streams' `.imported` records ([`Self::imported_record`]).
+    pub fn imported_records(&self) -> Vec<(String, String)> {
+        let mut found = Vec::new();
+        let Ok(guests) = std::fs::read_dir(self.state_dir()) else {
+            return found;
+        };
+        for guest in guests.flatten() {
+            let Ok(files) = std::fs::read_dir(guest.path()) else {
+                continue;
+            };
+            let Some(name) = guest.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            for file in files.flatten() {
+                if file.path().extension().is_some_and(|e| e == "imported") {
+                    if let Ok(node) = std::fs::read_to_string(file.path()) {
+                        found.push((name.clone(), node.trim().to_owned()));
+                    }
+                }
+            }
+        }
+        found
+    }
+
     /// The streams restored with an import under way, once.
     pub fn take_pending_imports(&self) -> Vec<(String, String, Actor)> {
         std::mem::take(
@@ -1700,6 +1734,7 @@ impl Removal {
             let _ = std::fs::remove_file(self.guests.record_path(guest, stream));
             // An import under way ends with its stream (an aborted migration).
             let _ = std::fs::remove_file(self.guests.import_marker(guest, stream));
+            let _ = std::fs::remove_file(self.guests.imported_record(guest, stream));
         }
         if self.delete_logs && self.stream.is_none() {
             // The guest's logs are every log in its directory: also those its streams removed

@@ -540,6 +540,42 @@ impl Reader {
         })
     }
 
+    /// The stream's end did not move, but the actor announced it: an event was noted at the
+    /// live end (a guest disconnected). Sent now rather than with the next byte, from the index
+    /// of the current file (asked of the actor: it may have been created by this very event).
+    /// False when the client left.
+    async fn events_at_the_end(&mut self) -> Result<bool> {
+        let Ok(segments) = self.actor.open_segments(self.position).await else {
+            // The actor stopped: the next wait says how.
+            return Ok(true);
+        };
+        let Some(current) = segments
+            .into_iter()
+            .rev()
+            .find(|s| s.start <= self.position && s.index.is_some())
+        else {
+            return Ok(true);
+        };
+        self.times
+            .enter(&current, self.position)
+            .map_err(io_error("cannot read a time index"))?;
+        loop {
+            match Self::send_event_at(
+                &mut self.times,
+                &self.sender,
+                self.position,
+                &self.request,
+                self.since,
+            )
+            .await?
+            {
+                Sent::Nothing => return Ok(true),
+                Sent::Event => {}
+                Sent::ClientGone => return Ok(false),
+            }
+        }
+    }
+
     /// If the file we finished has grown past our position, reads on from it: log files are
     /// append-only and a rotated or truncated-away file keeps its bytes while we hold it, so
     /// whatever the current file's last run holds beyond the length we were told is exactly the
@@ -628,7 +664,14 @@ impl Reader {
                 _ = tokio::time::sleep(until.unwrap_or_default()), if until.is_some() => Woke::UntilPassed,
             };
             match woke {
-                Woke::Data => {}
+                Woke::Data => {
+                    if self.request.events
+                        && self.position >= *self.offsets.borrow()
+                        && !self.events_at_the_end().await?
+                    {
+                        return Ok(false);
+                    }
+                }
                 Woke::UntilPassed => self.until_passed = true,
                 Woke::Stopped => return self.stream_stopped(),
                 Woke::ClientGone => return Ok(false),

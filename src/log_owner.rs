@@ -780,10 +780,14 @@ impl LogOwner {
         }
     }
 
-    /// Records `kind` in the log's time index, counting a failure to write it.
+    /// Records `kind` in the log's time index, counting a failure to write it, and wakes the
+    /// readers following the stream: an event at the live end is sent at once, not with the
+    /// next byte (docs/design.md, "Live migration": an import ends on the source guest's
+    /// disconnect).
     pub fn note_event(&mut self, kind: EventKind, detail: &str) {
         self.log.note_event(kind, detail);
         self.count_index_failures();
+        self.publish();
     }
 
     /// Adds the index writes the log failed at to the metric.

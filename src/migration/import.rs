@@ -232,6 +232,11 @@ impl Importer {
             from.clone_from(&import.source.node);
         }
         self.imported.insert(&import.guest, &import.source.node);
+        // Kept while the stream exists: the source's tokens are checked there after a restart.
+        let imported = import.marker.with_extension("imported");
+        if let Err(e) = crate::logfile::write_atomically(&imported, import.source.node.as_bytes()) {
+            tracing::warn!(path = %imported.display(), error = %e, "cannot record where a guest was imported from: its source's tokens stop working here at a restart");
+        }
         let marker = Marker {
             node: import.source.node.clone(),
             token: import.source.token.clone(),
@@ -265,6 +270,10 @@ impl Importer {
     /// takeover): each continues from its stream's end. One whose marker cannot be read ends
     /// at once (MIGRATED_IN says why).
     pub fn resume(self: &Arc<Self>, guests: &crate::guests::Guests) {
+        // Where each guest imported here came from: its source's tokens are checked there.
+        for (guest, node) in guests.imported_records() {
+            self.imported.insert(&guest, &node);
+        }
         for (guest, stream, actor) in guests.take_pending_imports() {
             let marker = guests.import_marker(&guest, &stream);
             let log = actor.log().clone();

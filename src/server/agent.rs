@@ -17,7 +17,7 @@ use crate::names::{self, GuestName, StreamName};
 use crate::proto::{self, agent_server::Agent};
 use crate::tokens::{Access, Grant, TokenKey};
 use crate::upgrade::trigger::Trigger;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -134,10 +134,48 @@ fn stream_info(s: StreamSnapshot) -> proto::StreamInfo {
         raw_bytes: f.raw_bytes,
         backups: f.backups,
         compression_backlog_bytes: f.compression_backlog,
-        // A live stream has not moved (a moved one is removed, and not listed).
+        // A live stream has not moved (a moved one is listed from its tombstone).
         moved_to: String::new(),
         migrating_from: f.migrating_from,
     }
+}
+
+/// The guests with a directory of logs (live, removed or moved streams), by name.
+fn guests_with_logs(guests: &Guests) -> Vec<String> {
+    let Some(log_dir) = guests.guest_log_dir("-").parent().map(Path::to_owned) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(log_dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|name| GuestName::parse(name.as_str()).is_ok())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The streams of `guest` that moved to another node and whose redirect is kept: listed with
+/// `moved_to` and the offset where the destination continues (docs/design.md, "Live migration").
+fn moved_streams(guests: &Guests, guest: &str) -> Vec<proto::StreamInfo> {
+    let mut moved: Vec<proto::StreamInfo> = crate::tombstone::list(&guests.guest_log_dir(guest))
+        .into_iter()
+        .filter_map(|(stream, tombstone)| {
+            let to = tombstone.moved()?;
+            Some(proto::StreamInfo {
+                log_path: guests.log_path(guest, &stream).display().to_string(),
+                name: stream,
+                offset: to.offset,
+                moved_to: to.to,
+                ..Default::default()
+            })
+        })
+        .collect();
+    moved.sort_by(|a, b| a.name.cmp(&b.name));
+    moved
 }
 
 impl AgentService {
@@ -306,16 +344,52 @@ impl AgentService {
         } else {
             Some(GuestName::parse(request.guest)?)
         };
-        let guests = self.guests.list(filter.as_ref()).await?;
-        Ok(proto::ListGuestsResponse {
-            guests: guests
-                .into_iter()
-                .map(|(name, streams)| proto::GuestInfo {
-                    name,
-                    streams: streams.into_iter().map(stream_info).collect(),
-                })
-                .collect(),
-        })
+        let guests = match self.guests.list(filter.as_ref()).await {
+            Ok(guests) => guests,
+            // A guest whose streams all moved away is listed with them.
+            Err(e) => match &filter {
+                Some(guest) if !moved_streams(&self.guests, guest.as_str()).is_empty() => {
+                    Vec::new()
+                }
+                _ => return Err(e.into()),
+            },
+        };
+        let mut listed: Vec<proto::GuestInfo> = guests
+            .into_iter()
+            .map(|(name, streams)| proto::GuestInfo {
+                name,
+                streams: streams.into_iter().map(stream_info).collect(),
+            })
+            .collect();
+        // Streams that moved away, while their redirect is kept (their tombstone: until
+        // `logs.removed_retention` or the stream is created here again).
+        let names: Vec<String> = match &filter {
+            Some(guest) => vec![guest.as_str().to_owned()],
+            None => guests_with_logs(&self.guests),
+        };
+        for name in names {
+            let moved = moved_streams(&self.guests, &name);
+            if moved.is_empty() {
+                continue;
+            }
+            let index = match listed.iter().position(|g| g.name == name) {
+                Some(index) => index,
+                None => {
+                    listed.push(proto::GuestInfo {
+                        name: name.clone(),
+                        streams: Vec::new(),
+                    });
+                    listed.len() - 1
+                }
+            };
+            let streams = &mut listed[index].streams;
+            for info in moved {
+                if !streams.iter().any(|s| s.name == info.name) {
+                    streams.push(info);
+                }
+            }
+        }
+        Ok(proto::ListGuestsResponse { guests: listed })
     }
 
     async fn create_console(

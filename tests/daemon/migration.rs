@@ -163,7 +163,15 @@ async fn a_console_migrates_with_every_line_once_and_clients_are_redirected() {
             .collect::<Vec<_>>(),
         [source_end]
     );
-    assert!(stream_info(&a, "vm1", DEVICE).await.is_none());
+    // Listed on A while the redirect is kept: where it went, and where B continues.
+    let listed = stream_info(&a, "vm1", DEVICE)
+        .await
+        .expect("the moved stream is listed on A");
+    assert_eq!(
+        (listed.moved_to.as_str(), listed.offset, listed.open),
+        (endpoint_of(&b).as_str(), source_end, false),
+        "{listed:?}"
+    );
 
     // The redirect is persisted: it survives a restart of the source.
     let mut a = a;
@@ -177,6 +185,10 @@ async fn a_console_migrates_with_every_line_once_and_clients_are_redirected() {
     .await
     .expect_err("WatchConsole on a moved console after a restart");
     assert_moved("a watch after a restart", &refused, &b, source_end, DEVICE);
+    let listed = stream_info(&a, "vm1", DEVICE)
+        .await
+        .expect("the moved stream is listed on A after a restart");
+    assert_eq!(listed.moved_to, endpoint_of(&b), "{listed:?}");
 }
 
 /// A guest's log pipe migrates too: B's pipe stream continues A's offsets; A's pipe closing
@@ -473,4 +485,154 @@ async fn the_sources_tokens_work_at_the_destination() {
     let own = b.token("vm1", "", Access::Read, 600).await;
     let history = read_all(fleet.client(&b, &own).await, "vm1", "", None, false).await;
     history.ended.clone().expect("B's own token");
+}
+
+/// A history follower with `events` waiting at the live end gets the guest's disconnect as
+/// soon as it is in the history, with no later byte (what lets an import end on the source
+/// guest's leaving; docs/design.md, "Live migration").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_gets_an_event_at_the_live_end_without_a_later_byte() {
+    let node = Fleet::new().node().await;
+    let mut agent = node.agent().await;
+    let created = open_console(&mut agent, "vm1").await;
+    let mut guest = FakeGuest::connect(&created.guest_socket).await;
+    wait_guest_connected(&mut agent, "vm1", DEVICE, true).await;
+    let data = lines(1, 20);
+    guest.write(&data).await;
+    wait_offset(&mut agent, "vm1", DEVICE, data.len() as u64).await;
+
+    let mut chunks = bounded(
+        "ReadHistory follow",
+        local_channel(&node)
+            .await
+            .console()
+            .read_history(proto::ReadHistoryRequest {
+                guest: "vm1".into(),
+                start: Some(Start::FromOffset(0)),
+                follow: true,
+                events: true,
+                ..Default::default()
+            }),
+    )
+    .await
+    .expect("ReadHistory")
+    .into_inner();
+    let mut got = 0;
+    while got < data.len() as u64 {
+        let chunk = bounded("a chunk", chunks.message())
+            .await
+            .expect("ReadHistory")
+            .expect("a chunk");
+        if chunk.event.is_none() && chunk.gap.is_none() {
+            got = chunk.offset + chunk.data.len() as u64;
+        }
+    }
+    // The follower waits at the live end; the guest leaves and prints nothing more.
+    drop(guest);
+    let event = loop {
+        let chunk = bounded(
+            "the disconnect at the live end, with no later byte",
+            chunks.message(),
+        )
+        .await
+        .expect("ReadHistory")
+        .expect("a chunk");
+        assert!(
+            chunk.event.is_some(),
+            "only events after the end: {chunk:?}"
+        );
+        let event = chunk.event.unwrap();
+        if event.kind == Kind::GuestDisconnected as i32 {
+            break event;
+        }
+    };
+    assert_eq!(event.offset, data.len() as u64);
+}
+
+/// The import ends when the source's guest leaves (QEMU on A exits after the switchover) and
+/// B's guest is there, with no `RemoveGuest` from A's agent: B's output is not held until the
+/// switchover timeout, and MIGRATED_IN says why the import ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_ends_on_the_source_guests_disconnect() {
+    let fleet = Fleet::new();
+    let (a, b) = (fleet.node().await, fleet.node().await);
+    let mut agent_a = a.agent().await;
+    let created = open_console(&mut agent_a, "vm1").await;
+    let mut g1 = FakeGuest::connect(&created.guest_socket).await;
+    wait_guest_connected(&mut agent_a, "vm1", DEVICE, true).await;
+    let k = random_in(50, 200);
+    g1.write(&lines(1, k)).await;
+    let source_end = lines(1, k).len() as u64;
+    wait_offset(&mut agent_a, "vm1", DEVICE, source_end).await;
+
+    let from = migrate_from(&a, "vm1", 0).await;
+    let on_b = create_migrating_console(&b, "vm1", from)
+        .await
+        .expect("CreateConsole with migrate_from");
+    let mut g2 = FakeGuest::connect(&on_b.guest_socket).await;
+    wait_guest_connected(&mut b.agent().await, "vm1", DEVICE, true).await;
+    // B's import has all of A's bytes: it waits at A's live end. A's guest leaves there (A's
+    // agent says nothing, no later byte); B's guest prints.
+    wait_stream(
+        &mut b.agent().await,
+        "vm1",
+        DEVICE,
+        "A's bytes imported",
+        |s| s.offset >= source_end,
+    )
+    .await;
+    drop(g1);
+    wait_guest_connected(&mut agent_a, "vm1", DEVICE, false).await;
+    let total = 2 * k;
+    g2.write(&lines(k + 1, total)).await;
+    wait_imported(&b, "vm1", DEVICE, lines(1, total).len() as u64).await;
+
+    let history = whole_history(&b, "vm1", DEVICE).await;
+    history.ended.clone().expect("B's history ends cleanly");
+    assert!(history.gaps().is_empty(), "{:?}", history.gaps());
+    assert_lines("B's history", &history.data(), 1, total);
+    let migrated_in = history.events(Kind::MigratedIn);
+    assert_eq!(migrated_in.len(), 1, "{migrated_in:?}");
+    assert_eq!(migrated_in[0].0, source_end, "{migrated_in:?}");
+    assert!(
+        migrated_in[0].1.contains("the guest left the source"),
+        "ended on the source guest's leaving, not the switchover timeout: {migrated_in:?}"
+    );
+}
+
+/// Where a guest was imported from outlives the destination's restart: A's token for the guest
+/// still works on B afterwards (checked at A), and B's own token too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sources_tokens_work_at_the_destination_after_it_restarts() {
+    let fleet = Fleet::new();
+    let (a, mut b) = (fleet.node().await, fleet.node().await);
+    let created = open_console(&mut a.agent().await, "vm1").await;
+    let mut g1 = FakeGuest::connect(&created.guest_socket).await;
+    g1.write(&lines(1, 10)).await;
+    let read = a.token("vm1", "", Access::Read, 600).await;
+    wait_offset(
+        &mut a.agent().await,
+        "vm1",
+        DEVICE,
+        lines(1, 10).len() as u64,
+    )
+    .await;
+    let from = migrate_from(&a, "vm1", 0).await;
+    let on_b = create_migrating_console(&b, "vm1", from).await.unwrap();
+    let mut g2 = FakeGuest::connect(&on_b.guest_socket).await;
+    drop(g1);
+    g2.write(&lines(11, 20)).await;
+    remove_moved(&a, "vm1", &b).await;
+    wait_imported(&b, "vm1", DEVICE, lines(1, 20).len() as u64).await;
+    drop(g2);
+
+    // B restarts (its memory of the import is gone); A's token, never shown to B before.
+    b.stop().await;
+    b.restart().await;
+    let history = read_all(fleet.client(&b, &read).await, "vm1", "", None, false).await;
+    history
+        .ended
+        .clone()
+        .expect("A's token reads the guest's history on B after B restarted");
+    assert_lines("B's history with A's token", &history.data(), 1, 20);
 }

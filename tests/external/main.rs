@@ -5,6 +5,8 @@
 //! always enables after installing these tools; inside the tier a missing tool fails its test
 //! with a message naming it, it is never skipped.
 
+#[path = "../migration_common/mod.rs"]
+mod migration_common;
 #[path = "../support/mod.rs"]
 mod support;
 #[path = "../upgrade_common/mod.rs"]
@@ -14,6 +16,7 @@ mod conlogctl_terminal;
 mod grpcurl;
 mod python_agent;
 mod qemu_guest;
+mod qemu_migration;
 mod takeover_failure;
 mod web_console;
 mod web_migration;

@@ -28,22 +28,22 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-const QEMU: &str = "qemu-system-x86_64";
+pub(crate) const QEMU: &str = "qemu-system-x86_64";
 const APT_PACKAGES: &str = "qemu-system-x86";
-const GUEST: &str = "qemu-e2e";
-const DEVICE: &str = "serial0";
+pub(crate) const GUEST: &str = "qemu-e2e";
+pub(crate) const DEVICE: &str = "serial0";
 /// Printed by tests/qemu/init before it starts the shell.
-const BANNER: &str = "conlog test guest: init started";
+pub(crate) const BANNER: &str = "conlog test guest: init started";
 /// The shell's prompt (PS1 in tests/qemu/init).
-const PROMPT: &str = "conlog-guest# ";
+pub(crate) const PROMPT: &str = "conlog-guest# ";
 /// A kernel line near the start of every boot.
-const KERNEL_LINE: &str = "Linux version";
+pub(crate) const KERNEL_LINE: &str = "Linux version";
 /// Building the guest the first time downloads about 28 MB.
 const BUILD_DEADLINE: Duration = Duration::from_secs(600);
 /// Boot to a prompt takes a few seconds under TCG; a loaded machine gets plenty more.
-const BOOT_DEADLINE: Duration = Duration::from_secs(120);
+pub(crate) const BOOT_DEADLINE: Duration = Duration::from_secs(120);
 /// A command's round trip once the shell is up.
-const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
+pub(crate) const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The cargo target directory of this build (`<target>/<profile>/deps/<this test>`).
 fn target_dir() -> PathBuf {
@@ -57,13 +57,13 @@ fn target_dir() -> PathBuf {
 /// One QEMU guest at a time in this binary: each boots under TCG, and two or three at once
 /// beside the other external tests on a 2-CPU machine stretch boots and commands past their
 /// deadlines. Held for the whole test.
-async fn one_guest_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+pub(crate) async fn one_guest_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
     static QEMU_GUEST: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     QEMU_GUEST.lock().await
 }
 
 /// Fails (does not skip) when QEMU is missing, naming what to install.
-fn require_qemu() {
+pub(crate) fn require_qemu() {
     match Command::new(QEMU).arg("--version").output() {
         Ok(output) if output.status.success() => {}
         Ok(output) => panic!(
@@ -78,7 +78,7 @@ fn require_qemu() {
 }
 
 /// Runs tests/qemu/build-guest.sh (cached) and returns the kernel and the initramfs.
-async fn build_guest() -> (PathBuf, PathBuf) {
+pub(crate) async fn build_guest() -> (PathBuf, PathBuf) {
     let out = target_dir().join("qemu-guest");
     let script = repo_dir().join("tests/qemu/build-guest.sh");
     let child = tokio::process::Command::new("bash")
@@ -111,7 +111,7 @@ async fn build_guest() -> (PathBuf, PathBuf) {
 }
 
 /// A QEMU process, killed when dropped (also when the test panics).
-struct Qemu {
+pub(crate) struct Qemu {
     child: Option<Child>,
     output: PathBuf,
     _dir: tempfile::TempDir,
@@ -137,6 +137,17 @@ fn rendered_wiring(daemon: &Daemon, guest_socket: &Path) -> Vec<String> {
 
 impl Qemu {
     fn start(kernel: &Path, initrd: &Path, wiring: &[String]) -> Self {
+        Self::start_with(kernel, initrd, "256", wiring)
+    }
+
+    /// Boots the guest with `memory` (QEMU's `-m`) and `wiring` (any further arguments: the
+    /// serial port's chardev, `-incoming`, a monitor).
+    pub(crate) fn start_with(
+        kernel: &Path,
+        initrd: &Path,
+        memory: &str,
+        wiring: &[String],
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("conlog-qemu-")
             .tempdir()
@@ -144,7 +155,7 @@ impl Qemu {
         let output = dir.path().join("qemu.out");
         let file = std::fs::File::create(&output).expect("QEMU output file");
         let child = Command::new(QEMU)
-            .args(["-M", "pc", "-accel", "tcg", "-m", "256"])
+            .args(["-M", "pc", "-accel", "tcg", "-m", memory])
             .args(["-nographic", "-nodefaults", "-no-reboot"])
             .arg("-kernel")
             .arg(kernel)
@@ -165,17 +176,17 @@ impl Qemu {
     }
 
     /// QEMU's own stdout and stderr, for failure messages.
-    fn output(&self) -> String {
+    pub(crate) fn output(&self) -> String {
         std::fs::read_to_string(&self.output).unwrap_or_default()
     }
 
     /// QEMU's exit status, once it has exited.
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
         let child = self.child.as_mut()?;
         child.try_wait().expect("try_wait QEMU")
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -191,7 +202,7 @@ impl Drop for Qemu {
 
 /// What a client received, checked as it arrives.
 #[derive(Default)]
-struct Transcript {
+pub(crate) struct Transcript {
     /// Offset of `data[0]` (from the attached frame).
     start: u64,
     /// Offset the next output frame must have.
@@ -207,7 +218,7 @@ struct Transcript {
 }
 
 impl Transcript {
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.data).into_owned()
     }
 
@@ -244,7 +255,7 @@ impl Transcript {
 }
 
 /// An `AttachConsole` client whose frames are collected by a task.
-struct Client {
+pub(crate) struct Client {
     name: &'static str,
     attached: proto::Attached,
     input: mpsc::Sender<ClientFrame>,
@@ -253,7 +264,11 @@ struct Client {
 }
 
 impl Client {
-    async fn attach(channel: Channel, name: &'static str, mode: proto::attach::Mode) -> Self {
+    pub(crate) async fn attach(
+        channel: Channel,
+        name: &'static str,
+        mode: proto::attach::Mode,
+    ) -> Self {
         let (input, frames) = mpsc::channel(16);
         input
             .send(ClientFrame {
@@ -309,7 +324,7 @@ impl Client {
         }
     }
 
-    async fn type_text(&self, text: &str) {
+    pub(crate) async fn type_text(&self, text: &str) {
         self.input
             .send(ClientFrame {
                 frame: Some(client_frame::Frame::Input(proto::Input {
@@ -342,11 +357,11 @@ impl Client {
             .unwrap_or_else(|_| panic!("the input stream of {} is closed", self.name));
     }
 
-    fn snapshot<T>(&self, f: impl FnOnce(&Transcript) -> T) -> T {
+    pub(crate) fn snapshot<T>(&self, f: impl FnOnce(&Transcript) -> T) -> T {
         f(&self.seen.lock().unwrap())
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         self.snapshot(|t| {
             format!(
                 "--- {}: offsets {}..{}, {} output frames, guest states {:?}, problems {:?}, \
