@@ -85,6 +85,9 @@ cargo run --quiet -p conlog-bench "${features[@]}" -- console --quick
 cargo run --quiet -p conlog-bench "${features[@]}" -- history --quick
 cargo run --quiet -p conlog-bench "${features[@]}" -- hostile --quick
 cargo run --quiet -p conlog-bench "${features[@]}" -- gateway-watchers --quick
+cargo run --quiet -p conlog-bench "${features[@]}" -- gateway --quick
+cargo run --quiet -p conlog-bench "${features[@]}" -- migration --quick
+cargo run --quiet -p conlog-bench "${features[@]}" -- compress --quick
 # Fails if a SIGUSR1 does not upgrade or a takeover does not hand over (a pause is then not
 # measured at all).
 cargo run --quiet -p conlog-bench "${features[@]}" -- upgrade --quick
