@@ -4,7 +4,9 @@
 //! only ever *offers* an event: if the client's queue has room it is queued, otherwise the
 //! client is marked lagging and the bytes are skipped. When the queue has drained to half its
 //! bound, the next output is preceded by a [`Event::Lagged`] with the exact missed range, so the
-//! client can fetch it from history. The actor never blocks and a stuck client holds at most its
+//! client can fetch it from history; a client that has read everything queued gets that report
+//! at once, without waiting for more output (a burst's end would otherwise leave it untold
+//! until the guest prints again). The actor never blocks and a stuck client holds at most its
 //! bound in memory. Control events are few and small and are queued regardless of the bound,
 //! except the guest's connection state, which a QEMU reconnecting in a loop could repeat without
 //! end: over the bound only its latest value is kept, and it is delivered before anything queued
@@ -12,8 +14,8 @@
 
 use bytes::Bytes;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -59,6 +61,19 @@ impl Event {
     }
 }
 
+/// The range a lagging client missed, shared by both ends of its queue: the console extends
+/// it, and whichever end reports it first (the console before the next output that fits, the
+/// client once it has read everything queued) clears it.
+#[derive(Default)]
+struct LagState {
+    /// Offset of the first byte skipped since the client fell behind.
+    since: Option<u64>,
+    /// Offset after the last byte skipped.
+    until: u64,
+}
+
+type Lag = Arc<Mutex<LagState>>;
+
 /// A guest connection state not queued yet: [`NO_GUEST_STATE`], or 1 + `connected`.
 type GuestState = Arc<AtomicU8>;
 const NO_GUEST_STATE: u8 = 0;
@@ -74,8 +89,8 @@ pub struct ClientQueue {
     /// The latest guest state that did not fit (see the module doc).
     guest: GuestState,
     bound: usize,
-    /// Offset of the first byte skipped since the client fell behind.
-    lagging_since: Option<u64>,
+    /// What the client missed since it fell behind, not reported yet.
+    lag: Lag,
 }
 
 /// What happened to an offered output.
@@ -93,18 +108,20 @@ pub fn queue(bound: usize) -> (ClientQueue, ClientReceiver) {
     let (sender, receiver) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
     let guest = GuestState::default();
+    let lag = Lag::default();
     (
         ClientQueue {
             sender,
             queued: queued.clone(),
             guest: guest.clone(),
             bound,
-            lagging_since: None,
+            lag: lag.clone(),
         },
         ClientReceiver {
             receiver,
             queued,
             guest,
+            lag,
         },
     )
 }
@@ -159,18 +176,24 @@ impl ClientQueue {
 
     /// Offers one piece of output that can fit.
     fn offer_piece(&mut self, offset: u64, data: &Bytes) -> Offer {
-        let queued = self.queued.load(Relaxed);
-        if let Some(from) = self.lagging_since {
-            if queued > self.bound / 2 {
+        // Held while queuing too, so the client never reports a lag ahead of output queued
+        // before it (the client takes the lag only with nothing queued).
+        let lag = self.lag.clone();
+        let mut lag = lag.lock().unwrap_or_else(PoisonError::into_inner);
+        let end = offset + data.len() as u64;
+        if let Some(from) = lag.since {
+            if self.queued.load(SeqCst) > self.bound / 2 {
+                lag.until = end;
                 return Offer::Skipped(false);
             }
             if !self.send(Event::Lagged { from, to: offset }) {
                 return Offer::Gone;
             }
-            self.lagging_since = None;
+            lag.since = None;
         }
-        if self.queued.load(Relaxed) + data.len() + CONTROL_COST > self.bound {
-            self.lagging_since = Some(offset);
+        if self.queued.load(SeqCst) + data.len() + CONTROL_COST > self.bound {
+            lag.since = Some(offset);
+            lag.until = end;
             return Offer::Skipped(true);
         }
         if self.send(Event::Output {
@@ -214,9 +237,24 @@ pub struct ClientReceiver {
     receiver: mpsc::UnboundedReceiver<Event>,
     queued: Arc<AtomicUsize>,
     guest: GuestState,
+    lag: Lag,
 }
 
 impl ClientReceiver {
+    /// The range missed, if the client fell behind and has read everything queued since: it
+    /// is reported now rather than with the next output, which may not come for a long time.
+    fn take_lag(&self) -> Option<Event> {
+        let mut lag = self.lag.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.queued.load(SeqCst) != 0 {
+            return None;
+        }
+        let from = lag.since.take()?;
+        Some(Event::Lagged {
+            from,
+            to: lag.until,
+        })
+    }
+
     /// The next event, or `None` when the console dropped this client.
     pub async fn recv(&mut self) -> Option<Event> {
         std::future::poll_fn(|cx| self.poll_event(cx)).await
@@ -228,14 +266,25 @@ impl ClientReceiver {
                 self.queued.fetch_sub(event.cost(), SeqCst);
                 Poll::Ready(Some(event))
             }
-            // Everything queued is read: the guest state kept, if any, is the newest news.
-            Poll::Pending => match self.guest.swap(NO_GUEST_STATE, SeqCst) {
-                NO_GUEST_STATE => Poll::Pending,
-                state => Poll::Ready(Some(Event::Guest {
-                    connected: state == guest_state(true),
-                })),
+            // Everything queued is read: the guest state kept, if any, the newest news, then
+            // a lag not reported yet (the order the console would queue them in).
+            Poll::Pending => match self.take_guest() {
+                Poll::Pending => match self.take_lag() {
+                    Some(lagged) => Poll::Ready(Some(lagged)),
+                    None => Poll::Pending,
+                },
+                ready => ready,
             },
             Poll::Ready(None) => Poll::Ready(None),
+        }
+    }
+
+    fn take_guest(&mut self) -> Poll<Option<Event>> {
+        match self.guest.swap(NO_GUEST_STATE, SeqCst) {
+            NO_GUEST_STATE => Poll::Pending,
+            state => Poll::Ready(Some(Event::Guest {
+                connected: state == guest_state(true),
+            })),
         }
     }
 }
@@ -292,6 +341,41 @@ mod tests {
         };
         assert_eq!(offset, 131_072);
         assert_eq!(data, chunk.slice(..data.len()));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_read_everything_is_told_its_gap_without_more_output() {
+        let (mut queue, mut receiver) = queue(1000);
+        let chunk = Bytes::from(vec![b'x'; 300]);
+        for n in 0..6 {
+            queue.offer(n * 300, &chunk);
+        }
+        for offset in [0, 300] {
+            assert_eq!(
+                receiver.recv().await.unwrap(),
+                Event::Output {
+                    offset,
+                    data: chunk.clone()
+                }
+            );
+        }
+        // The burst is over: nothing more is offered, and the gap is reported anyway.
+        assert_eq!(
+            receiver.recv().await.unwrap(),
+            Event::Lagged {
+                from: 600,
+                to: 1800
+            }
+        );
+        // Reported once: the next output follows on directly.
+        assert_eq!(queue.offer(1800, &chunk), Offer::Queued);
+        assert_eq!(
+            receiver.recv().await.unwrap(),
+            Event::Output {
+                offset: 1800,
+                data: chunk
+            }
+        );
     }
 
     #[tokio::test]

@@ -327,3 +327,30 @@ async fn a_queue_smaller_than_an_output_chunk_gets_output_and_exact_gaps() {
         session.lagged()
     );
 }
+
+/// A client that fell behind during a burst is told what it missed as soon as it has read what
+/// was queued, even if the guest prints nothing more (docs/consoles.md, slow clients): the
+/// report does not wait for the next output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_at_the_end_of_a_burst_is_told_without_more_output() {
+    let daemon = Daemon::start_with(Some("consoles:\n  client_queue: 4KiB\n"), &[]).await;
+    let mut agent = daemon.agent().await;
+    let reply = open_console(&mut agent, "vm-burst").await;
+    let mut guest = FakeGuest::connect(&reply.guest_socket).await;
+    wait_guest_connected(&mut agent, "vm-burst", "serial0", true).await;
+    let mut session = Session::attach(
+        local_channel(&daemon).await,
+        attach("vm-burst", Mode::ReadOnly),
+    )
+    .await
+    .unwrap();
+    let big = vec![b'a'; 256 << 10];
+    guest.write(&big).await;
+    // Nothing more from the guest: every byte of the burst arrives or is reported missing.
+    session.wait_offset(big.len() as u64).await;
+    assert!(
+        !session.lagged().is_empty(),
+        "a 4 KiB queue skipped part of a 256 KiB burst"
+    );
+    drop(guest);
+}
