@@ -135,11 +135,7 @@ impl Forward {
         let response = super::migrate::open(request, node.clone(), self.upstreams.clone())
             .await
             .map_err(unavailable)?;
-        let recheck = Recheck {
-            changes: tokio_stream::wrappers::WatchStream::from_changes(self.keys.changes()),
-            token: grant_token,
-            keys: self.keys.clone(),
-        };
+        let recheck = Recheck::new(self.keys.clone(), grant_token);
         Ok(response.map(|inner| {
             Body::new(UpstreamBody {
                 inner,
@@ -160,15 +156,27 @@ impl Forward {
 }
 
 /// What a call in progress needs to check its token again when the cluster key changes.
-struct Recheck {
+/// Forwarded calls and fanned-out watchers ([`super::fanout`]) both hold one.
+pub(super) struct Recheck {
     changes: tokio_stream::wrappers::WatchStream<u64>,
     token: String,
     keys: Arc<ClusterKey>,
 }
 
 impl Recheck {
+    /// Rechecks `token` with `keys` at each change of the cluster key from now on.
+    pub(super) fn new(keys: Arc<ClusterKey>, token: String) -> Self {
+        let mut changes = keys.changes();
+        changes.mark_unchanged();
+        Self {
+            changes: tokio_stream::wrappers::WatchStream::from_changes(changes),
+            token,
+            keys,
+        }
+    }
+
     /// Why the call must end now, if the key changed and no longer verifies its token.
-    fn poll_revoked(&mut self, cx: &mut Context<'_>) -> Option<Error> {
+    pub(super) fn poll_revoked(&mut self, cx: &mut Context<'_>) -> Option<Error> {
         use futures::Stream;
         while let Poll::Ready(Some(_)) = Pin::new(&mut self.changes).poll_next(cx) {
             let now = std::time::SystemTime::now()
@@ -217,7 +225,7 @@ struct UpstreamBody {
 }
 
 /// A status as the trailers that end a response.
-fn trailers(status: &Status) -> Frame<Bytes> {
+pub(super) fn trailers(status: &Status) -> Frame<Bytes> {
     let mut trailers = http::HeaderMap::new();
     let _ = status.add_header(&mut trailers);
     Frame::trailers(trailers)

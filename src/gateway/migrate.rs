@@ -41,6 +41,7 @@
 //! call ends with `FAILED_PRECONDITION` naming both nodes. It never decides who may call: the
 //! nodes check the token.
 
+use super::forward::trailers;
 use super::upstream::Upstreams;
 use super::GatewayError;
 use crate::proto::{server_frame, Lagged, Output, ServerFrame};
@@ -668,13 +669,6 @@ fn grpc_frame(message: &[u8]) -> Bytes {
 
 fn encode(frame: &ServerFrame) -> Bytes {
     grpc_frame(&frame.encode_to_vec())
-}
-
-/// A status as the trailers that end a response.
-fn trailers(status: &Status) -> Frame<Bytes> {
-    let mut headers = http::HeaderMap::new();
-    let _ = status.add_header(&mut headers);
-    Frame::trailers(headers)
 }
 
 /// The status of a trailers-only response, as trailers.

@@ -301,12 +301,14 @@ fn with_access(label: String, caller: Option<&auth::Caller>) -> String {
     }
 }
 
-fn frame(
+/// `event` as the frame a console client gets, or, for the console's end, how it ended (its
+/// reason, whether the guest was removed, where it moved): that ends the call with a status.
+/// The node's calls and the gateway's shared watches ([`crate::gateway`]) both encode with it.
+pub(crate) fn frame_of(
     event: Event,
     session_id: &str,
-    names: &(String, String),
-) -> std::result::Result<ServerFrame, Status> {
-    let frame = match event {
+) -> std::result::Result<server_frame::Frame, (String, bool, Option<Moved>)> {
+    Ok(match event {
         Event::Attached {
             offset,
             writer,
@@ -331,13 +333,23 @@ fn frame(
             server_frame::Frame::WriterRevoked(proto::WriterRevoked { reason })
         }
         Event::Closed {
-            moved: Some(moved), ..
-        } => return Err(moved_status(&names.0, &names.1, &moved)),
-        Event::Closed {
-            reason, removed, ..
-        } => return Err(ConsoleError::Ended { reason, removed }.into()),
-    };
-    Ok(ServerFrame { frame: Some(frame) })
+            reason,
+            removed,
+            moved,
+        } => return Err((reason, removed, moved)),
+    })
+}
+
+fn frame(
+    event: Event,
+    session_id: &str,
+    names: &(String, String),
+) -> std::result::Result<ServerFrame, Status> {
+    match frame_of(event, session_id) {
+        Ok(frame) => Ok(ServerFrame { frame: Some(frame) }),
+        Err((_, _, Some(moved))) => Err(moved_status(&names.0, &names.1, &moved)),
+        Err((reason, removed, None)) => Err(ConsoleError::Ended { reason, removed }.into()),
+    }
 }
 
 /// The guest and device names of `console`, for the moved status.

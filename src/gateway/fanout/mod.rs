@@ -40,15 +40,16 @@ mod shared;
 
 use self::shared::{Join, Joined, Shared};
 use super::config::FanoutConfig;
+use super::forward::{trailers, Recheck};
 use super::upstream::Upstreams;
 use super::GatewayError;
 use crate::console::clients::{ClientReceiver, Event};
 use crate::console::pacing::InputPacer;
 use crate::error::Error;
 use crate::names::{self, GuestName, StreamName};
-use crate::proto::{self, attach, client_frame, server_frame, ServerFrame};
+use crate::proto::{self, attach, client_frame, ServerFrame};
 use crate::server::auth::{self, Caller, Need};
-use crate::tokens::{ClusterKey, Grant, TokenError, Verify};
+use crate::tokens::{ClusterKey, Grant};
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -322,15 +323,11 @@ impl Fanout {
             tokio::spawn(drain(rest, self.input_rate, stopped, fail));
             (Some(stop), Some(failed))
         };
-        let mut changes = self.keys.changes();
-        changes.mark_unchanged();
         let body = WatcherBody {
             receiver: joined.receiver,
             session: watch.then_some(joined.session),
             ended: joined.ended,
-            token,
-            keys: self.keys.clone(),
-            changes: tokio_stream::wrappers::WatchStream::from_changes(changes),
+            recheck: Recheck::new(self.keys.clone(), token),
             input_failed,
             _input: input,
             _leave: leave,
@@ -510,9 +507,8 @@ struct WatcherBody {
     /// The shared stream's session id, for `WatchConsole` (it changes when the guest moves).
     session: Option<Arc<Mutex<String>>>,
     ended: Arc<OnceLock<Status>>,
-    token: String,
-    keys: Arc<ClusterKey>,
-    changes: tokio_stream::wrappers::WatchStream<u64>,
+    /// Its token, checked again when the cluster key changes (as for a forwarded call).
+    recheck: Recheck,
     input_failed: Option<oneshot::Receiver<Status>>,
     /// Dropped with the response: stops the input reader.
     _input: Option<oneshot::Sender<()>>,
@@ -524,53 +520,14 @@ struct WatcherBody {
 impl WatcherBody {
     fn end(&mut self, status: &Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         self.done = true;
-        let mut trailers = http::HeaderMap::new();
-        let _ = status.add_header(&mut trailers);
-        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-    }
-
-    /// Whether the cluster key changed and no longer verifies this watcher's token.
-    fn poll_revoked(&mut self, cx: &mut Context<'_>) -> Option<Status> {
-        use futures::Stream;
-        while let Poll::Ready(Some(_)) = Pin::new(&mut self.changes).poll_next(cx) {
-            match self.keys.verify(&self.token, now_unix()) {
-                Ok(_) | Err(TokenError::Expired(_)) => {}
-                Err(e) => {
-                    return Some(crate::error::status(&Error::Unauthenticated(format!(
-                        "Token refused: {e} (the cluster key changed during the call)"
-                    ))))
-                }
-            }
-        }
-        None
+        Poll::Ready(Some(Ok(trailers(status))))
     }
 }
 
 /// `event` as a gRPC message (length-prefixed, uncompressed `ServerFrame`).
 fn message(event: Event, session_id: &str) -> Option<Bytes> {
-    let frame = match event {
-        Event::Attached {
-            offset,
-            writer,
-            guest_connected,
-            serial_break,
-        } => server_frame::Frame::Attached(proto::Attached {
-            offset,
-            writer,
-            session_id: session_id.to_owned(),
-            guest_connected,
-            serial_break,
-        }),
-        Event::Output { offset, data } => {
-            server_frame::Frame::Output(proto::Output { offset, data })
-        }
-        Event::Lagged { from, to } => server_frame::Frame::Lagged(proto::Lagged {
-            from_offset: from,
-            to_offset: to,
-        }),
-        Event::Guest { connected } => server_frame::Frame::Guest(proto::GuestState { connected }),
-        Event::WriterRevoked { .. } | Event::Closed { .. } => return None,
-    };
+    // A read-only watcher is never revoked; the end of the console ends the call.
+    let frame = crate::server::console::frame_of(event, session_id).ok()?;
     let frame = ServerFrame { frame: Some(frame) };
     let len = frame.encoded_len();
     let mut buf = BytesMut::with_capacity(5 + len);
@@ -592,9 +549,9 @@ impl HttpBody for WatcherBody {
         if self.done {
             return Poll::Ready(None);
         }
-        if let Some(revoked) = self.poll_revoked(cx) {
+        if let Some(revoked) = self.recheck.poll_revoked(cx) {
             crate::limited!(info, "watcher ended: its token no longer verifies");
-            return self.end(&revoked);
+            return self.end(&crate::error::status(&revoked));
         }
         if let Some(failed) = self.input_failed.as_mut() {
             match std::future::Future::poll(Pin::new(failed), cx) {
