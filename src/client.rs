@@ -80,43 +80,11 @@ pub fn receive_handoff_answer(stream: &UnixStream) -> io::Result<OwnedFd> {
     }
 }
 
-/// The trailer of the moved status naming the node a stream moved to (docs/operations.md,
-/// "When a guest moves").
-pub const MOVED_TO: &str = "conlog-moved-to";
-/// The trailer of the moved status with the offset the new node continues at.
-pub const MOVED_OFFSET: &str = "conlog-moved-offset";
 /// Most moves one command follows.
 pub const MAX_MOVES: usize = 4;
 
-/// A moved status: the stream's guest moved to `to` (`host:port`), which continues it at
-/// byte `offset`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Moved {
-    pub to: String,
-    pub offset: u64,
-}
-
-/// The move a status reports, if it is the moved status (`FAILED_PRECONDITION` with the
-/// `conlog-moved-to` and `conlog-moved-offset` trailers).
-pub fn moved_of(status: &tonic::Status) -> Option<Moved> {
-    if status.code() != tonic::Code::FailedPrecondition {
-        return None;
-    }
-    let metadata = status.metadata();
-    let to = metadata.get(MOVED_TO)?.to_str().ok()?.trim().to_owned();
-    let offset = metadata
-        .get(MOVED_OFFSET)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let host_port = !to.is_empty()
-        && to
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
-    host_port.then_some(Moved { to, offset })
-}
+/// The moved status (docs/operations.md, "When a guest moves"), read as the node writes it.
+pub use crate::migration::{moved_of, Moved, MOVED_OFFSET, MOVED_TO};
 
 /// Why a move cannot be followed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

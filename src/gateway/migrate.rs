@@ -44,6 +44,9 @@
 use super::forward::trailers;
 use super::upstream::Upstreams;
 use super::GatewayError;
+use crate::migration::{moved_of_headers as moved_of, Moved};
+#[cfg(test)]
+use crate::migration::{MOVED_OFFSET, MOVED_TO};
 use crate::proto::{server_frame, Lagged, Output, ServerFrame};
 use crate::server::bodies::MAX_INPUT_BODY;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -73,11 +76,6 @@ const REPLAY_ON_MOVE: u64 = 1 << 20;
 /// unary bodies are also bounded by `limits.body_timeout`).
 const FIRST_MESSAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The trailer naming the node a stream moved to.
-pub(crate) const MOVED_TO: &str = "conlog-moved-to";
-/// The trailer with the destination's first offset.
-pub(crate) const MOVED_OFFSET: &str = "conlog-moved-offset";
-
 /// The calls it follows, by path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -97,51 +95,6 @@ impl Kind {
             _ => None,
         }
     }
-}
-
-/// A moved status, from its trailers (or a trailers-only response's headers).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Moved {
-    /// The node the stream moved to (a bare `host:port`).
-    pub(crate) to: String,
-    /// The new node's first offset.
-    pub(crate) offset: u64,
-}
-
-fn moved_of(headers: &http::HeaderMap) -> Option<Moved> {
-    let code = headers.get("grpc-status")?.to_str().ok()?;
-    if code.trim() != (tonic::Code::FailedPrecondition as i32).to_string() {
-        return None;
-    }
-    moved_fields(headers)
-}
-
-/// The move a status a tonic client received names, if it is the moved status (the fan-out's
-/// shared streams follow it: docs/gateway.md, "Fan-out").
-pub(crate) fn moved_of_status(status: &Status) -> Option<Moved> {
-    if status.code() != tonic::Code::FailedPrecondition {
-        return None;
-    }
-    moved_fields(&status.metadata().clone().into_headers())
-}
-
-/// The moved trailers' fields, validated.
-fn moved_fields(headers: &http::HeaderMap) -> Option<Moved> {
-    let to = headers.get(MOVED_TO)?.to_str().ok()?.trim().to_owned();
-    let offset = headers
-        .get(MOVED_OFFSET)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    // host:port, nothing that would make a different URI.
-    let valid = !to.is_empty()
-        && to.len() <= 255
-        && to
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
-    valid.then_some(Moved { to, offset })
 }
 
 /// Opens `request` on `node`, following moves for the Console calls that can move.

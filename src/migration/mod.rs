@@ -53,15 +53,39 @@ pub fn moved_status(guest: &str, stream: &str, moved: &Moved) -> Status {
     status
 }
 
-/// The redirect a status carries, if it is a moved status.
+/// The redirect a status carries, if it is a moved status naming a bare `host:port`. The one
+/// reading of the moved trailers: the importer, conlogctl and the gateway all use it.
 pub fn moved_of(status: &Status) -> Option<Moved> {
     if status.code() != Code::FailedPrecondition {
         return None;
     }
-    let metadata = status.metadata();
-    let to = metadata.get(MOVED_TO)?.to_str().ok()?.to_owned();
-    let offset = metadata.get(MOVED_OFFSET)?.to_str().ok()?.parse().ok()?;
-    Some(Moved { to, offset })
+    moved_fields(|name| status.metadata().get(name)?.to_str().ok())
+}
+
+/// [`moved_of`] from a response's trailers (or a trailers-only response's headers), as the
+/// gateway sees them.
+pub fn moved_of_headers(headers: &http::HeaderMap) -> Option<Moved> {
+    let code = headers.get("grpc-status")?.to_str().ok()?;
+    if code.trim() != (Code::FailedPrecondition as i32).to_string() {
+        return None;
+    }
+    moved_fields(|name| headers.get(name)?.to_str().ok())
+}
+
+/// The moved trailers' fields, validated: the node a bare `host:port` (nothing that would make
+/// a different URI when a client follows it).
+fn moved_fields<'a>(get: impl Fn(&'static str) -> Option<&'a str>) -> Option<Moved> {
+    let to = get(MOVED_TO)?.trim();
+    let offset = get(MOVED_OFFSET)?.trim().parse().ok()?;
+    let valid = !to.is_empty()
+        && to.len() <= 255
+        && to
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
+    valid.then(|| Moved {
+        to: to.to_owned(),
+        offset,
+    })
 }
 
 /// Longest endpoint accepted.

@@ -4,11 +4,12 @@
 //! ([`crate::console::clients`]) and a full one is skipped ahead. It holds the table's lock
 //! only to count or remove its own entry, never across an `.await`.
 
-use super::super::migrate::{moved_of_status, MAX_MOVES};
+use super::super::migrate::MAX_MOVES;
 use super::super::GatewayError;
 use super::{now_unix, Fanout, StreamKey, OPEN_WAIT, OWN_TOKEN_TTL};
 use crate::console::clients::{self, ClientQueue, ClientReceiver, Event, Offer};
 use crate::error::Error;
+use crate::migration::{moved_of as moved_of_status, Moved};
 use crate::proto::{self, attach, server_frame, ServerFrame};
 use crate::tokens::{Access, Grant, TokenError, Verify};
 use bytes::Bytes;
@@ -634,11 +635,7 @@ impl Shared {
 /// The move to follow for `status`, from `node` after leaving `left`: the moved status's, if
 /// fewer than [`MAX_MOVES`] were followed and it does not go back to a node left at the same
 /// offset (a loop: `FAILED_PRECONDITION` naming both); else the status to end with.
-fn follow(
-    left: &[(String, u64)],
-    node: &str,
-    status: Status,
-) -> Result<super::super::migrate::Moved, Status> {
+fn follow(left: &[(String, u64)], node: &str, status: Status) -> Result<Moved, Status> {
     let Some(moved) = moved_of_status(&status) else {
         return Err(status);
     };
